@@ -1,0 +1,21 @@
+"""Hot-path kernels for afd. Each op has a plain-torch reference beside its Triton kernel.
+
+Kernels know no model and no engine: they take tensors and return tensors.
+Backend choice: ``backend=None`` picks Triton on CUDA tensors (when Triton imports) and the
+torch path elsewhere; ``backend="torch"`` or ``backend="triton"`` forces one.
+"""
+
+from kernels.backend import resolve_backend
+from kernels.fused_moe import fused_moe, grouped_moe
+from kernels.mla_decode import mla_decode_attention
+from kernels.norm import rms_norm
+from kernels.rotary import apply_rotary
+
+__all__ = [
+    "apply_rotary",
+    "fused_moe",
+    "grouped_moe",
+    "mla_decode_attention",
+    "resolve_backend",
+    "rms_norm",
+]
