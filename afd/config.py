@@ -1,0 +1,88 @@
+"""Engine configuration: one frozen dataclass, resolved once from LLM()/server arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.config import ModelConfig, parse_dtype
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Attributes:
+    model: checkpoint folder. dtype / device: what the weights and activations run in.
+    max_model_len: prompt + generated tokens per sequence at most.
+    block_size: tokens per KV block. num_kv_blocks: blocks in this rank's KV pool.
+    max_num_seqs: sequences in one step at most.
+    max_num_batched_tokens: tokens in one step at most; longer prompts are prefilled in chunks.
+    seed: seeds the unseeded samplers, so a whole run is reproducible.
+    """
+
+    model: str
+    dtype: torch.dtype
+    device: str
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    seed: int = 0
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def resolve_engine_config(
+    model: str,
+    model_cfg: ModelConfig,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    block_size: int = 16,
+    num_kv_blocks: int | None = None,
+    kv_cache_memory_gb: float | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = None,
+) -> EngineConfig:
+    for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
+                        ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        _positive(name, value)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
+    if max_model_len is None:
+        max_model_len = min(model_cfg.max_position_embeddings, 8192)
+    if max_model_len > model_cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                         f"max_position_embeddings={model_cfg.max_position_embeddings}")
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(2048, min(max_model_len, 8192))
+    if num_kv_blocks is None:
+        bytes_per_block = (model_cfg.num_layers * block_size * model_cfg.kv_cache_dim
+                           * torch.empty((), dtype=run_dtype).element_size())
+        if kv_cache_memory_gb is None:
+            kv_cache_memory_gb = _default_kv_memory_gb(device)
+        num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30 // bytes_per_block))
+    blocks_per_seq = -(-max_model_len // block_size)
+    if num_kv_blocks < blocks_per_seq:
+        raise ValueError(
+            f"num_kv_blocks={num_kv_blocks} x block_size={block_size} holds fewer tokens than "
+            f"max_model_len={max_model_len}: raise num_kv_blocks (or kv_cache_memory_gb) or lower "
+            "max_model_len")
+    return EngineConfig(model=model, dtype=run_dtype, device=device, max_model_len=max_model_len,
+                        block_size=block_size, num_kv_blocks=num_kv_blocks,
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        seed=seed)
+
+
+def _default_kv_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return 0.6 * free / 2**30
+    return 0.25

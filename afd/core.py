@@ -1,0 +1,80 @@
+"""EngineCore: one attention rank's scheduler, KV pool and model runner, stepping together.
+
+It speaks token ids only (no text); the front end (afd.engine) tokenizes, detokenizes and checks
+stop strings. ``step`` is the loop body every layout runs:
+    plan = schedule(); tokens = execute(plan); update(plan); emit outputs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afd.config import EngineConfig
+from afd.kv_cache import BlockAllocator
+from afd.model_runner import ModelRunner
+from afd.scheduler import Scheduler
+from afd.sequence import CoreOutput, CoreRequest, Sequence
+from models.model import ExpertPath, MoEModel
+
+
+@dataclass
+class CoreStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_free_blocks: int
+    num_preemptions: int  # total since start
+
+
+class EngineCore:
+    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None):
+        self.cfg = cfg
+        self.allocator = BlockAllocator(cfg.num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, cfg, experts)
+        self.seqs: dict[str, Sequence] = {}
+
+    def add_request(self, req: CoreRequest) -> None:
+        if req.request_id in self.seqs:
+            raise ValueError(f"request_id {req.request_id!r} is already running")
+        seq = Sequence(req, self.cfg.max_model_len)
+        self.seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[CoreOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        sampling = [s.seq for s in plan.seqs if s.samples]  # before update() moves the counts
+        tokens = self.runner.execute(plan)
+        self.scheduler.update(plan)
+        outputs = []
+        for seq, token in zip(sampling, tokens):
+            seq.append(token)
+            outputs.append(CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason))
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self.seqs[seq.request_id]
+        return outputs
+
+    def stats(self) -> list[CoreStats]:
+        """One entry per attention rank (here, this one)."""
+        return [CoreStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.allocator.usage,
+            num_free_blocks=self.allocator.num_free,
+            num_preemptions=self.scheduler.num_preemptions,
+        )]
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,197 @@
+"""LLMEngine: the front end over a core (in-process or multi-rank).
+
+It owns text: validates and tokenizes prompts, fans ``n`` completions out into core requests,
+detokenizes their tokens incrementally, matches stop strings (aborting the core request when one
+hits) and assembles vLLM-shaped RequestOutputs. The core speaks token ids only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from afd.config import EngineConfig
+from afd.detokenizer import IncrementalDetokenizer, find_stop
+from afd.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from afd.sampling_params import SamplingParams
+from afd.sequence import CoreOutput, CoreRequest
+from models.config import ModelConfig
+
+
+class CoreClient(Protocol):
+    """What the front end needs from the ranks below it (see afd.core, afd.layouts)."""
+
+    def add_request(self, req: CoreRequest) -> None: ...
+    def abort(self, request_ids: list[str]) -> None: ...
+    def step(self) -> list[CoreOutput]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> list[Any]: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class _Completion:
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion]
+    metrics: RequestMetrics
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def output(self) -> RequestOutput:
+        outs = [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
+                                 c.stop_reason) for c in self.completions]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
+                             self.finished, self.metrics, self.error)
+
+
+def _child_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+class LLMEngine:
+    def __init__(self, tokenizer, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                 core: CoreClient, eos_token_ids: tuple[int, ...] = ()):
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.engine_cfg = engine_cfg
+        self.core = core
+        self.eos_token_ids = eos_token_ids
+        self.requests: dict[str, _Request] = {}
+        self._child: dict[str, tuple[_Request, _Completion]] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- input ----------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
+        """A str, or {"prompt_token_ids": [...]} (optionally with "prompt"), -> (text, ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must be a non-empty string or token id list, got ''")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError("prompt must be a str or a dict with 'prompt_token_ids', got "
+                         f"{type(prompt).__name__}")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_cfg.vocab_size
+        max_len = self.engine_cfg.max_model_len
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens but max_model_len is "
+                             f"{max_len} (prompt plus at least one new token must fit)")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids entry {bad} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validate, tokenize and queue one prompt. Raises ValueError and queues nothing if bad."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
+        for i in range(params.n):
+            comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids,
+                                                         params.skip_special_tokens))
+            req.completions.append(comp)
+            child = params
+            if params.n > 1:
+                child = SamplingParams(**{**params.to_dict(), "n": 1,
+                                          "seed": None if params.seed is None else params.seed + i})
+            cid = _child_id(request_id, i, params.n)
+            self._child[cid] = (req, comp)
+            self.core.add_request(CoreRequest(cid, ids, child, self.eos_token_ids, arrival))
+        self.requests[request_id] = req
+        self.num_prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        cids = [_child_id(request_id, c.index, req.params.n) for c in req.completions]
+        for cid in cids:
+            self._child.pop(cid, None)
+        self.core.abort(cids)
+
+    # ---- output ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one core step; return the (cumulative) output of every request that changed."""
+        changed: dict[str, _Request] = {}
+        now = time.monotonic()
+        for out in self.core.step():
+            entry = self._child.get(out.request_id)
+            if entry is None:
+                continue  # aborted or already stopped by a stop string
+            req, comp = entry
+            self._apply(req, comp, out, now)
+            changed[req.request_id] = req
+        results = []
+        for req in changed.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                del self.requests[req.request_id]
+            results.append(req.output())
+        return results
+
+    def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
+        if out.error is not None:
+            req.error = out.error
+        if out.new_token_ids:
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            comp.token_ids += out.new_token_ids
+            req.metrics.num_generated_tokens = max(req.metrics.num_generated_tokens,
+                                                   len(comp.token_ids))
+            self.num_generation_tokens += len(out.new_token_ids)
+            delta = comp.detok.push(out.new_token_ids)
+            comp.text += delta
+            if req.params.stop and delta:
+                hit = find_stop(comp.text, len(delta), req.params.stop)
+                if hit is not None:
+                    index, stop = hit
+                    keep = index + len(stop) if req.params.include_stop_str_in_output else index
+                    comp.text = comp.text[:keep]
+                    comp.finish_reason, comp.stop_reason = "stop", stop
+        if comp.finish_reason is None and out.finish_reason is not None:
+            comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
+        if comp.finish_reason is not None:
+            cid = _child_id(req.request_id, comp.index, req.params.n)
+            if self._child.pop(cid, None) is not None and out.finish_reason is None:
+                self.core.abort([cid])  # stopped here by a stop string; the core still runs it
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

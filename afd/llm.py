@@ -1,0 +1,169 @@
+"""Offline API: ``LLM(model).generate(prompts, sampling_params)``, vLLM-style."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from afd.config import EngineConfig, resolve_engine_config
+from afd.engine import LLMEngine
+from afd.outputs import RequestOutput
+from afd.sampling_params import SamplingParams
+from models.config import ModelConfig, load_config
+from models.default_model import default_model_path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"no tokenizer files in {path!r}: pass tokenizer=<folder with "
+                         "tokenizer.json> to LLM()")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(path: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+    ids = set(model_cfg.eos_token_ids)
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def build_engine(model: str | None = None, *, tokenizer: str | None = None,
+                 prefill: int = 0, attention: int = 1, ffn: int = 0,
+                 layout_options: dict[str, Any] | None = None, **engine_args: Any) -> LLMEngine:
+    """Load config and tokenizer, start the ranks of the layout, return the front end."""
+    path = os.fspath(model) if model is not None else default_model_path()
+    model_cfg = load_config(path)
+    tok = load_tokenizer(tokenizer or path)
+    engine_cfg = resolve_engine_config(path, model_cfg, **engine_args)
+    core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
+                        **(layout_options or {}))
+    return LLMEngine(tok, model_cfg, engine_cfg, core, eos_token_ids(path, model_cfg, tok))
+
+
+def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: int, attention: int,
+                 ffn: int, **options: Any):
+    """The core client for a layout: in-process for the colocated reference."""
+    for name, value, low in (("prefill", prefill, 0), ("attention", attention, 1), ("ffn", ffn, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if prefill == 0 and attention == 1 and ffn == 0:
+        from afd.core import EngineCore
+        from models.weights import load_model
+
+        model = load_model(engine_cfg.model, "full", dtype=engine_cfg.dtype,
+                           device=engine_cfg.device)
+        return EngineCore(model, engine_cfg)
+    from afd.layouts import start_multi_rank
+
+    return start_multi_rank(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
+                            **options)
+
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """An engine for offline batches.
+
+    LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
+        block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
+        max_num_batched_tokens=None, prefill=0, attention=1, ffn=0, **layout_options)
+
+    ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
+                 prefill: int = 0, attention: int = 1, ffn: int = 0, micro_batches: int = 2,
+                 transport: str = "torch", timeout_s: float = 60.0, **engine_args: Any):
+        self.engine = build_engine(
+            model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
+            layout_options=dict(micro_batches=micro_batches, transport=transport,
+                                timeout_s=timeout_s), **engine_args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.engine_cfg
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the prompts' order.
+
+        Every prompt is validated before any is queued: a bad one raises ValueError and leaves
+        the engine as it was.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        engine = self.engine
+        tokenized = []
+        for prompt, p in zip(prompts, params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+            p.validate()
+            text, ids = engine.tokenize_prompt(prompt)
+            engine.validate(ids, p)
+            tokenized.append({"prompt": text, "prompt_token_ids": ids})
+        order = {}
+        for prompt, p in zip(tokenized, params):
+            rid = str(next(self._ids))
+            order[rid] = len(order)
+            engine.add_request(rid, prompt, p)
+        return self._run(order, use_tqdm)
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        in_tokens = out_tokens = 0
+        try:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        in_tokens += len(out.prompt_token_ids)
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.1f} toks/s, "
+                                            f"output: {out_tokens / elapsed:.1f} toks/s")
+                        bar.update(1)
+        except BaseException:
+            for rid in order:  # leave nothing half-run in the engine
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

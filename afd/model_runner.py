@@ -1,0 +1,69 @@
+"""Turns a scheduler plan into model inputs, runs the forward, samples the next tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from afd.config import EngineConfig
+from afd.kv_cache import allocate_kv_caches
+from afd.sampler import Sampler
+from afd.scheduler import SchedulerOutput
+from models.batch import ForwardBatch
+from models.model import ExpertPath, MoEModel
+
+
+class ModelRunner:
+    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.experts = experts
+        self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks, cfg.block_size,
+                                            cfg.dtype, self.device)
+        self.sampler = Sampler(cfg.seed)
+
+    def prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """Flatten the plan into (input_ids [T], ForwardBatch, logits_index [N]) on the device."""
+        bs = self.cfg.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_index: list[int] = []
+        max_blocks = max(len(s.seq.block_ids) for s in plan.seqs)
+        tables = torch.zeros(len(plan.seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(plan.seqs):
+            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            ids += seq.token_ids[start:start + n]
+            pos = range(start, start + n)
+            positions += pos
+            blocks = seq.block_ids
+            slots += [blocks[p // bs] * bs + p % bs for p in pos]
+            seq_lens.append(start + n)
+            query_lens.append(n)
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if s.samples:
+                logits_index.append(len(ids) - 1)
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        dev = self.device
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            query_lens=query_lens,
+            num_decodes=num_decodes,
+        )
+        return (torch.tensor(ids, dtype=torch.long, device=dev), batch,
+                torch.tensor(logits_index, dtype=torch.long, device=dev))
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> list[int]:
+        """Run one step; returns the sampled token of each sequence that reached its end."""
+        input_ids, batch, logits_index = self.prepare(plan)
+        logits = self.model(input_ids, batch, self.kv_caches, logits_index, self.experts)
+        sampling = [s.seq for s in plan.seqs if s.samples]
+        if not sampling:
+            return []
+        return self.sampler(logits, [q.params for q in sampling], [q.generator for q in sampling])

@@ -1,0 +1,85 @@
+"""Core-side state of one sequence: its tokens, how many are in the KV cache, its blocks."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from afd.outputs import RequestMetrics
+from afd.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CoreRequest:
+    """What the front end hands a core: token ids and sampling rules, no text."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class CoreOutput:
+    """New tokens of one sequence from one step, and whether (and why) it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+
+class Sequence:
+    def __init__(self, req: CoreRequest, max_model_len: int):
+        self.request_id = req.request_id
+        self.token_ids: list[int] = list(req.prompt_token_ids)
+        self.num_prompt_tokens = len(req.prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.block_ids: list[int] = []
+        self.status = Status.WAITING
+        self.params = req.params
+        self.eos_token_ids = () if req.params.ignore_eos else tuple(req.eos_token_ids)
+        self.stop_token_ids = set(req.params.stop_token_ids)
+        limit = max_model_len - self.num_prompt_tokens
+        self.max_output = limit if req.params.max_tokens is None else min(req.params.max_tokens,
+                                                                          limit)
+        self.metrics = RequestMetrics(arrival_time=req.arrival_time)
+        self.generator: torch.Generator | None = None
+        if req.params.seed is not None and not req.params.greedy:
+            self.generator = torch.Generator().manual_seed(req.params.seed)
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append(self, token: int) -> None:
+        """Add a sampled token and decide whether the sequence is done."""
+        self.token_ids.append(token)
+        now = time.monotonic()
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        self.metrics.last_token_time = now
+        self.metrics.num_generated_tokens = self.num_output_tokens
+        if token in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif token in self.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif self.num_output_tokens >= self.max_output:
+            self.finish_reason = "length"

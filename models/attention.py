@@ -1,0 +1,185 @@
+"""Attention over the paged KV cache: DeepSeek MLA and Qwen3 GQA.
+
+Both write this step's keys into the cache first, then attend:
+  * decode sequences (one new token each) in one batched call over their block tables;
+  * prefill chunks one sequence at a time over everything cached so far (causal inside the
+    chunk), so a chunked prompt sees exactly what an unchunked one would.
+
+Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
+  * MLA: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] - normalized latent, then the
+    rotated rope key. The latent is expanded per head only for prefill; decode stays absorbed.
+  * GQA: [2, num_blocks, block_size, num_kv_heads, head_dim] - keys, values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from models.batch import ForwardBatch
+from models.config import ModelConfig
+from models.layers import RMSNorm, linear
+
+
+def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    if cfg.attention == "mla":
+        return (num_blocks, block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q: [Q, H, D]; k: [L, H, D]; v: [L, H, Dv] with the Q queries the last Q of the L positions.
+
+    Returns [Q, H, Dv]. Softmax in fp32, probabilities cast back to q's dtype before the value
+    product (Hugging Face's eager attention does the same).
+    """
+    num_q, num_k = q.shape[0], k.shape[0]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [H, Q, L]
+    q_pos = torch.arange(num_k - num_q, num_k, device=q.device)
+    mask = torch.arange(num_k, device=q.device)[None, :] > q_pos[:, None]  # [Q, L]
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """First ``length`` cached rows of one sequence: cache [NB, BS, ...] -> [length, ...]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    rows = cache[block_table[:num_blocks].long()]  # [n, BS, ...]
+    return rows.reshape(num_blocks * block_size, *cache.shape[2:])[:length]
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3), HF parameter names."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        h, heads = cfg.hidden_size, cfg.num_heads
+        self.num_heads = heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        qk_dim = self.nope + self.rope
+        bias = cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = linear(h, heads * qk_dim, dtype, device)
+        else:
+            self.q_a_proj = linear(h, cfg.q_lora_rank, dtype, device, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, device)
+            self.q_b_proj = linear(cfg.q_lora_rank, heads * qk_dim, dtype, device)
+        self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + self.rope, dtype, device, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, device)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, heads * (self.nope + self.v_dim), dtype, device)
+        self.o_proj = linear(heads * self.v_dim, h, dtype, device, bias=bias)
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm.norm(self.q_a_proj(x)))
+        q = q.view(-1, self.num_heads, self.nope + self.rope)
+        return q[..., : self.nope], q[..., self.nope:]  # [T, H, nope], [T, H, rope]
+
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope:]  # W_UK [H, nope, Dl], W_UV [H, v, Dl]
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] normed activations; cache: this layer's latent cache. Returns [T, hidden]."""
+        q_nope, q_pe = self._queries(x)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm.norm(latent)  # [T, Dl]
+        q_pe = kernels.apply_rotary(q_pe, batch.cos, batch.sin, self.cfg.rope.interleaved)
+        k_pe = kernels.apply_rotary(k_pe[:, None, :], batch.cos, batch.sin,
+                                    self.cfg.rope.interleaved)[:, 0]
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat((latent, k_pe), dim=-1)
+
+        out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
+        nd = batch.num_decodes
+        if nd:
+            w_uk, w_uv = self._absorbed_weights()
+            q_lat = torch.einsum("thn,hnl->thl", q_nope[:nd], w_uk)  # [B, H, Dl]
+            o_lat = kernels.mla_decode_attention(
+                q_lat, q_pe[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
+                self.cfg.attention_scale,
+            )
+            out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
+        for i, start, qlen in batch.prefill_segments():
+            ctx = _gather_context(cache, batch.block_tables[i], int(batch.seq_lens[i]))  # [L, Dl+Dr]
+            kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
+                                                                  self.nope + self.v_dim)
+            k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+            k_rope = ctx[:, None, self.kv_lora_rank:].expand(-1, self.num_heads, -1)
+            k = torch.cat((k_nope, k_rope), dim=-1)
+            q = torch.cat((q_nope[start:start + qlen], q_pe[start:start + qlen]), dim=-1)
+            out[start:start + qlen] = _causal_attention(q, k, v, self.cfg.attention_scale)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3-MoE), HF parameter names."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        bias = cfg.attention_bias
+        self.q_proj = linear(h, cfg.num_heads * d, dtype, device, bias=bias)
+        self.k_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
+        self.v_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
+        self.o_proj = linear(cfg.num_heads * d, h, dtype, device, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
+        k = kernels.apply_rotary(k, batch.cos, batch.sin, interleaved=False)
+        flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
+        flat[0, batch.slot_mapping] = k
+        flat[1, batch.slot_mapping] = v
+
+        group = self.num_heads // self.num_kv_heads
+        scale = self.cfg.attention_scale
+        out = torch.empty_like(q)
+        nd = batch.num_decodes
+        if nd:
+            out[:nd] = _gqa_decode(q[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
+                                   group, scale)
+        for i, start, qlen in batch.prefill_segments():
+            length = int(batch.seq_lens[i])
+            keys = _gather_context(cache[0], batch.block_tables[i], length)
+            values = _gather_context(cache[1], batch.block_tables[i], length)
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            out[start:start + qlen] = _causal_attention(q[start:start + qlen], keys, values, scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+def _gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, group: int, scale: float) -> torch.Tensor:
+    """Batched decode: q [B, H, D] against each sequence's cached K/V. Returns [B, H, D]."""
+    batch, heads, dim = q.shape
+    block_size = cache.shape[2]
+    num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
+    idx = block_tables[:, :num_blocks].long()
+    keys = cache[0][idx].reshape(batch, num_blocks * block_size, -1, dim)  # [B, L, KVH, D]
+    values = cache[1][idx].reshape(batch, num_blocks * block_size, -1, dim)
+    qg = q.view(batch, -1, group, dim)  # [B, KVH, G, D]
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
+    pos = torch.arange(keys.shape[1], device=q.device)
+    scores = scores.masked_fill(pos[None, None, None, :] >= seq_lens[:, None, None, None],
+                                float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(batch, heads, dim)

@@ -1,0 +1,53 @@
+"""Per-forward inputs that the attention layers read: where each token sits in the paged KV cache.
+
+Built by the engine for every step and passed explicitly down the layers (no global context).
+Sequences are ordered decodes first: the first ``num_decodes`` sequences contribute exactly one
+token each (the batched decode path); the rest are prefill chunks (a prompt piece, or a recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, each sequence's blocks (padding: 0)
+    seq_lens: torch.Tensor  # [B] int64, tokens in the cache once this step's are written
+    query_lens: list[int]  # [B] new tokens per sequence this step (python, for slicing)
+    num_decodes: int  # the first num_decodes sequences have query_len 1
+    cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
+    sin: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+    def prefill_segments(self):
+        """Yield (seq index, first token index, query_len) for the prefill sequences."""
+        start = self.num_decodes
+        for i in range(self.num_decodes, self.num_seqs):
+            yield i, start, self.query_lens[i]
+            start += self.query_lens[i]
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        return ForwardBatch(
+            positions=self.positions.to(device, non_blocking=True),
+            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
+            block_tables=self.block_tables.to(device, non_blocking=True),
+            seq_lens=self.seq_lens.to(device, non_blocking=True),
+            query_lens=self.query_lens,
+            num_decodes=self.num_decodes,
+        )

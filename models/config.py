@@ -1,0 +1,338 @@
+"""One frozen model config, built from a checkpoint's ``config.json`` in one place.
+
+Real checkpoints and transformers versions spell the same thing several ways; every alias is
+resolved here so that no other module reads the raw dict:
+
+  * routed experts: ``n_routed_experts`` (DeepSeek), ``num_experts`` (Qwen3-MoE),
+    ``num_local_experts`` (transformers 5)
+  * rope: ``rope_theta`` + ``rope_scaling`` (older files, DeepSeek-V3's own) or
+    ``rope_parameters`` (transformers 5)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding. ``kind`` is "default" or "yarn" (DeepSeek's YaRN with mscale)."""
+
+    dim: int  # rotated dims per head
+    theta: float = 10000.0
+    kind: str = "default"
+    interleaved: bool = False  # DeepSeek pairs (2i, 2i+1); GPT-NeoX/Qwen pairs (i, i + dim/2)
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def inv_freq_and_scale(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [dim/2] (fp32) and the factor cos/sin are multiplied by."""
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim
+        pos_freqs = self.theta**exponents
+        if self.kind == "default":
+            return 1.0 / pos_freqs, 1.0
+        # YaRN: high-frequency dims extrapolate, low-frequency dims interpolate by `factor`,
+        # with a linear ramp between the correction dims found from beta_fast / beta_slow.
+        def correction_dim(rotations: float) -> float:
+            ratio = self.original_max_position_embeddings / (rotations * 2 * math.pi)
+            return self.dim * math.log(ratio) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = (1.0 / (self.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+        scale = self.attention_factor
+        if scale is None:
+            if self.mscale and self.mscale_all_dim:
+                scale = yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+            else:
+                scale = yarn_mscale(self.factor, 1.0)
+        return inv_freq, float(scale)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Block-scaled FP8 weights (DeepSeek-V3 release): ``weight_scale_inv`` per block."""
+
+    block_size: tuple[int, int] = (128, 128)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model code reads about a checkpoint.
+
+    Attributes (attention):
+      attention: "mla" (DeepSeek multi-head latent attention) or "gqa" (Qwen3-MoE)
+      num_heads: query heads; num_kv_heads / head_dim: GQA only
+      q_lora_rank: MLA query low-rank dim, None = a plain q_proj (DeepSeek-V2-Lite)
+      kv_lora_rank: MLA latent dims cached per token; qk_rope_head_dim: rope dims cached beside it
+      qk_nope_head_dim / v_head_dim: per-head dims after expanding the latent
+      qk_norm: RMSNorm on q and k per head (Qwen3)
+    Attributes (feed-forward):
+      num_experts: routed experts (0 = dense model); top_k: experts per token
+      moe_intermediate_size: per routed expert; intermediate_size: dense MLP layers
+      n_shared_experts: DeepSeek shared experts (their MLP width is n_shared * moe_intermediate)
+      scoring: "softmax" or "sigmoid"; topk_method: "greedy", "group_limited_greedy" (V2, group
+      score = max) or "noaux_tc" (V3, group score = sum of top-2, biased by e_score_correction_bias)
+      n_group / topk_group: group-limited routing; norm_topk_prob; routed_scaling_factor
+      moe_layers: indices of layers whose MLP is the routed MoE
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention: str
+    rope: RopeConfig
+    attention_scale: float
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    attention_bias: bool = False
+    qk_norm: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    intermediate_size: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    router_dtype_fp32: bool = False  # DeepSeek routes in fp32 whatever the model dtype
+    moe_layers: tuple[int, ...] = ()
+    dtype: str = "float32"  # the checkpoint's own dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    fp8: Fp8Config | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer: MLA latent + rope key, or K and V for all kv heads."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if raw.get(key) is not None:
+            return raw[key]
+    return default
+
+
+def _rope(raw: dict[str, Any], dim: int, interleaved: bool) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or {})
+    if "rope_type" not in params and raw.get("rope_scaling"):
+        params.update(raw["rope_scaling"])
+    theta = float(_first(params, "rope_theta", default=_first(raw, "rope_theta", default=10000.0)))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "yarn"):
+        raise NotImplementedError(f"rope type {kind!r} is not supported (default and yarn are)")
+    if kind == "default":
+        return RopeConfig(dim=dim, theta=theta, interleaved=interleaved)
+    max_pos = int(raw.get("max_position_embeddings", 4096))
+    original = int(_first(params, "original_max_position_embeddings",
+                          default=_first(raw, "original_max_position_embeddings", default=max_pos)))
+    factor = params.get("factor")
+    return RopeConfig(
+        dim=dim,
+        theta=theta,
+        kind="yarn",
+        interleaved=interleaved,
+        factor=float(factor) if factor is not None else max_pos / original,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _fp8(raw: dict[str, Any]) -> Fp8Config | None:
+    quant = raw.get("quantization_config")
+    if not quant:
+        return None
+    if quant.get("quant_method") != "fp8":
+        raise NotImplementedError(f"quantization {quant.get('quant_method')!r} is not supported "
+                                  "(block-scaled fp8 is)")
+    block = quant.get("weight_block_size") or [128, 128]
+    return Fp8Config(block_size=(int(block[0]), int(block[1])))
+
+
+def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json model_type must be one of {SUPPORTED_MODEL_TYPES}, "
+                         f"got {model_type!r}")
+    hidden = int(raw["hidden_size"])
+    num_heads = int(raw["num_attention_heads"])
+    num_layers = int(raw["num_hidden_layers"])
+    num_experts = int(_first(raw, "n_routed_experts", "num_experts", "num_local_experts", default=0))
+    common: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        intermediate_size=int(raw.get("intermediate_size") or 0),
+        num_experts=num_experts,
+        top_k=int(raw.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        dtype=str(_first(raw, "dtype", "torch_dtype", default="float32")).removeprefix("torch."),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_eos_ids(raw),
+        fp8=_fp8(raw),
+        extra=raw,
+    )
+    if raw.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu is)")
+
+    if model_type == "qwen3_moe":
+        if raw.get("use_sliding_window"):
+            raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
+        head_dim = int(raw.get("head_dim") or hidden // num_heads)
+        step = int(raw.get("decoder_sparse_step", 1) or 1)
+        mlp_only = set(raw.get("mlp_only_layers") or [])
+        moe_layers = tuple(
+            i for i in range(num_layers)
+            if num_experts > 0 and i not in mlp_only and (i + 1) % step == 0
+        )
+        return ModelConfig(
+            **common,
+            attention="gqa",
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=head_dim,
+            qk_norm=True,
+            rope=_rope(raw, head_dim, interleaved=False),
+            attention_scale=head_dim**-0.5,
+            scoring="softmax",
+            topk_method="greedy",
+            moe_layers=moe_layers,
+        )
+
+    # DeepSeek-V2 / V3: multi-head latent attention.
+    rope_dim = int(raw["qk_rope_head_dim"])
+    nope_dim = int(raw["qk_nope_head_dim"])
+    # V2 always interleaves rope pairs; V3 files may say rope_interleave (default true).
+    interleaved = model_type == "deepseek_v2" or bool(raw.get("rope_interleave", True))
+    rope = _rope(raw, rope_dim, interleaved=interleaved)
+    scale = (nope_dim + rope_dim) ** -0.5
+    if rope.kind == "yarn" and rope.mscale_all_dim:
+        m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale = scale * m * m
+    is_v3 = model_type == "deepseek_v3"
+    first_dense = int(raw.get("first_k_dense_replace") or 0)
+    freq = int(raw.get("moe_layer_freq") or 1)
+    moe_layers = tuple(
+        i for i in range(num_layers) if num_experts > 0 and i >= first_dense and i % freq == 0
+    )
+    topk_method = raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
+    scoring = raw.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
+    n_group = int(raw.get("n_group") or 1)
+    if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise NotImplementedError(f"topk_method {topk_method!r} is not supported")
+    if num_experts and num_experts % n_group:
+        raise ValueError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
+    return ModelConfig(
+        **common,
+        attention="mla",
+        num_kv_heads=num_heads,
+        rope=rope,
+        attention_scale=scale,
+        q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
+        kv_lora_rank=int(raw["kv_lora_rank"]),
+        qk_nope_head_dim=nope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(raw["v_head_dim"]),
+        n_shared_experts=int(raw.get("n_shared_experts") or 0),
+        scoring=scoring,
+        topk_method=topk_method,
+        n_group=n_group,
+        topk_group=int(raw.get("topk_group") or 1),
+        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+        router_dtype_fp32=True,
+        moe_layers=moe_layers,
+    )
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read ``<path>/config.json`` (or a path to the json itself)."""
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no config.json at {file!r}: model must be a local HF checkpoint "
+                                "folder (config.json + *.safetensors)")
+    with open(file) as f:
+        return config_from_dict(json.load(f))

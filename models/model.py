@@ -1,0 +1,186 @@
+"""The decoder model, one class for DeepSeek-V2/V3 and Qwen3-MoE, split into role halves.
+
+Each decoder layer is two halves so that later layouts can place them on different ranks:
+
+  attention half (attention ranks): input norm -> attention over the KV cache -> residual ->
+      post-attention norm -> router gate (MoE layers) ; shared experts or the dense MLP
+  FFN half (FFN ranks): the routed experts this rank holds, through ``kernels.fused_moe``
+
+A model is built for a role: "full" (everything, the colocated engine), "attention" (no routed
+experts) or "ffn" (routed experts of the MoE layers only). Parameter names follow Hugging Face's,
+so the loader's name table is mostly the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.attention import GQAttention, MLAttention
+from models.batch import ForwardBatch
+from models.config import ModelConfig
+from models.layers import DenseMLP, RMSNorm, Rotary
+from models.moe import RoutedExperts, Router, Routing
+
+ROLES = ("full", "attention", "ffn")
+
+
+@dataclass
+class AttentionOut:
+    """What a layer's attention half hands on: the FFN input and the residual stream."""
+
+    hidden: torch.Tensor  # [T, H] post-attention-norm activations (the MLP / experts input)
+    residual: torch.Tensor  # [T, H] residual stream after the attention add
+    routing: Routing | None  # None for dense layers
+
+
+class MoEBlock(nn.Module):
+    """HF ``mlp`` of a MoE layer: ``gate`` (router), ``shared_experts``, ``experts``."""
+
+    def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        if role != "ffn":
+            self.gate = Router(cfg, dtype, device)
+            if cfg.n_shared_experts:
+                width = cfg.moe_intermediate_size * cfg.n_shared_experts
+                self.shared_experts = DenseMLP(cfg.hidden_size, width, dtype, device)
+        if role != "attention":
+            ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
+            self.experts = RoutedExperts(cfg, ids, dtype, device)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, role: str, expert_ids: list[int] | None,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.index = index
+        self.is_moe = cfg.is_moe_layer(index)
+        if role != "ffn":
+            attn_cls = MLAttention if cfg.attention == "mla" else GQAttention
+            self.self_attn = attn_cls(cfg, dtype, device)
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            if not self.is_moe:
+                self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        if self.is_moe:
+            self.mlp = MoEBlock(cfg, role, expert_ids, dtype, device)
+
+    # ---- attention half -------------------------------------------------------------------
+    def attention_half(self, x: torch.Tensor, residual: torch.Tensor | None,
+                       batch: ForwardBatch, cache: torch.Tensor) -> AttentionOut:
+        """x: previous layer's MLP output [T, H] (or the embeddings, with residual None)."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        routing = self.mlp.gate(h) if self.is_moe else None
+        return AttentionOut(hidden=h, residual=residual, routing=routing)
+
+    def local_mlp(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The attention side's own MLP work: the dense MLP, or the shared experts (or None)."""
+        if not self.is_moe:
+            return self.mlp(h)
+        shared = getattr(self.mlp, "shared_experts", None)
+        return shared(h) if shared is not None else None
+
+    # ---- FFN half -------------------------------------------------------------------------
+    def ffn_half(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Routed experts held here: h [T, H] -> weighted sum over the held experts, [T, H]."""
+        return self.mlp.experts(h, routing)
+
+
+def merge_mlp(routed: torch.Tensor | None, local: torch.Tensor | None) -> torch.Tensor:
+    """The layer's MLP output: routed + shared (HF's order), or whichever exists."""
+    if routed is None:
+        return local
+    return routed if local is None else routed + local
+
+
+class MoEModel(nn.Module):
+    """HF-named ``model.*`` and ``lm_head`` for the chosen role."""
+
+    def __init__(self, cfg: ModelConfig, role: str = "full", expert_ids: list[int] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        dtype = dtype or cfg.torch_dtype
+        device = torch.device(device or "cpu")
+        self.cfg, self.role, self.dtype, self.device = cfg, role, dtype, device
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, role, expert_ids, dtype, device) for i in range(cfg.num_layers)
+        )
+        if role != "ffn":
+            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                                   device=device)
+            self.model.embed_tokens.requires_grad_(False)
+            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
+                                     device=device)
+            self.lm_head.requires_grad_(False)
+            self.rotary = Rotary(cfg.rope, device)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings and self.role != "ffn":
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Token embeddings [T, H]; also fills the batch's rotary tables for this forward."""
+        batch.cos, batch.sin = self.rotary.cos_sin(batch.positions)
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Final norm over (last MLP output + residual) and the LM head: [N, H] -> [N, V] fp32."""
+        h, _ = self.model.norm(x, residual)
+        return self.lm_head(h).float()
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
+                experts: "ExpertPath | None" = None) -> torch.Tensor:
+        """All layers for one batch; returns logits [len(logits_index), V] fp32.
+
+        ``experts`` carries each MoE layer's routed tokens to the FFN half and back: by default
+        this process's own experts (role "full"); a transport when the experts live on FFN ranks.
+        """
+        experts = experts or LocalExperts(self)
+        x, residual = self.embed(input_ids, batch), None
+        for layer in self.layers:
+            out = layer.attention_half(x, residual, batch, kv_caches[layer.index])
+            if out.routing is None:
+                x = layer.local_mlp(out.hidden)
+            else:
+                handle = experts.dispatch(layer.index, out.hidden, out.routing)  # A -> F
+                shared = layer.local_mlp(out.hidden)  # runs while routed tokens travel
+                x = merge_mlp(experts.combine(handle), shared)  # F -> A
+            residual = out.residual
+        return self.logits(x[logits_index], residual[logits_index])
+
+
+class ExpertPath:
+    """How a MoE layer's routed tokens reach the experts and come back (see afd.transport)."""
+
+    def dispatch(self, layer: int, hidden: torch.Tensor, routing: Routing) -> object:
+        raise NotImplementedError
+
+    def combine(self, handle: object) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalExperts(ExpertPath):
+    """The colocated path: the experts are in this process, so dispatch runs them directly."""
+
+    def __init__(self, model: MoEModel):
+        self.layers = model.layers
+
+    def dispatch(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.layers[layer].ffn_half(hidden, routing)
+
+    def combine(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle

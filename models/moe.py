@@ -1,0 +1,108 @@
+"""Router (on the attention side) and routed experts (on the FFN side) of a MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from models.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens: K logical experts each and their weights."""
+
+    topk_ids: torch.Tensor  # [T, K] int64 logical expert ids
+    topk_weights: torch.Tensor  # [T, K] fp32 (model dtype for Qwen3, as HF does)
+
+
+class Router(nn.Module):
+    """Scores experts and picks top-k, with DeepSeek's group limits and bias correction.
+
+    HF name: ``mlp.gate.weight`` [E, H] (and ``mlp.gate.e_score_correction_bias`` [E] for V3).
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        weight_dtype = torch.float32 if cfg.router_dtype_fp32 else dtype
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size,
+                                               dtype=weight_dtype, device=device),
+                                   requires_grad=False)
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(cfg.num_experts, dtype=torch.float32, device=device),
+                requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        if cfg.router_dtype_fp32:
+            logits = F.linear(h.float(), self.weight.float())  # [T, E] fp32
+        else:
+            logits = F.linear(h, self.weight)
+        if cfg.scoring == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+        choice = scores
+        if cfg.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            choice = self._limit_to_groups(choice)
+        ids = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]  # [T, K]
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        if not cfg.router_dtype_fp32:
+            weights = weights.to(logits.dtype)
+        return Routing(topk_ids=ids, topk_weights=weights)
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep only the experts in the topk_group best groups of n_group."""
+        cfg = self.cfg
+        grouped = choice.view(choice.shape[0], cfg.n_group, -1)  # [T, G, E/G]
+        if cfg.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            fill = float("-inf")
+        else:  # group_limited_greedy (V2)
+            group_scores = grouped.max(dim=-1).values
+            fill = 0.0
+        best = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts one rank holds, stacked for the grouped GEMM.
+
+    ``w13`` [S, 2I, H] (gate rows then up rows) and ``w2`` [S, H, I], one slot per held expert;
+    ``expert_ids[s]`` is slot s's logical expert. HF names ``mlp.experts.{e}.{gate,up,down}_proj``
+    are mapped onto slots by the loader.
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device=None):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.expert_ids = list(expert_ids)
+        slots, i, h = len(expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * i, h, dtype=dtype, device=device),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(slots, h, i, dtype=dtype, device=device),
+                               requires_grad=False)
+        # logical id -> local slot, -1 where this rank holds no copy
+        slot_of = [-1] * cfg.num_experts
+        for slot, e in enumerate(expert_ids):
+            if slot_of[e] < 0:
+                slot_of[e] = slot
+        self.register_buffer("slot_of", torch.tensor(slot_of, device=device), persistent=False)
+        self.holds_all = expert_ids == list(range(cfg.num_experts))
+
+    def forward(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """h [T, H] -> sum over the held experts of weight * expert(h), [T, H]."""
+        ids = routing.topk_ids if self.holds_all else self.slot_of[routing.topk_ids]
+        return kernels.fused_moe(h, self.w13, self.w2, routing.topk_weights, ids)

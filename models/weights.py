@@ -1,0 +1,184 @@
+"""Streaming safetensors loader for HF-named checkpoints, by role.
+
+The name table is declarative: every tensor name a checkpoint may hold maps to a parameter of
+the full model (dense tensors keep their HF name; routed experts ``mlp.experts.{e}.{proj}`` map
+to a slot and half of ``w13`` / ``w2``). A role loads only the names its model has; a name that
+no role knows is an error, and so is any tensor the role needs that the checkpoint lacks.
+Tensors stream one at a time from disk into the parameters: no full state dict in memory.
+
+FP8 block-scaled weights (DeepSeek-V3's release: ``X.weight`` in float8_e4m3fn beside
+``X.weight_scale_inv`` with one fp32 scale per [128, 128] block) are dequantized to the run dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from models.model import MoEModel
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_SCALE_SUFFIX = "_scale_inv"
+
+
+class WeightLoadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: a parameter, optionally a slot and a row range of it."""
+
+    param: str
+    slot: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Map every tensor name to the safetensors file holding it (index file or all shards)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise WeightLoadError(f"no *.safetensors files in {path!r}")
+    names: dict[str, str] = {}
+    for file in files:
+        full = os.path.join(path, file)
+        with safe_open(full, framework="pt") as f:
+            for name in f.keys():
+                names[name] = full
+    return names
+
+
+def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
+    targets: dict[str, list[Target]] = {}
+    inter = model.cfg.moe_intermediate_size
+    for layer in model.layers:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is None:
+            continue
+        prefix = f"model.layers.{layer.index}.mlp.experts"
+        for slot, e in enumerate(experts.expert_ids):
+            base = f"{prefix}.{e}"
+            targets.setdefault(f"{base}.gate_proj.weight", []).append(
+                Target(f"{prefix}.w13", slot, (0, inter)))
+            targets.setdefault(f"{base}.up_proj.weight", []).append(
+                Target(f"{prefix}.w13", slot, (inter, 2 * inter)))
+            targets.setdefault(f"{base}.down_proj.weight", []).append(Target(f"{prefix}.w2", slot))
+    return targets
+
+
+def name_table(model: MoEModel) -> dict[str, list[Target]]:
+    """Checkpoint name -> targets for the tensors this model (role) needs."""
+    table: dict[str, list[Target]] = {}
+    for name, _ in model.named_parameters():
+        if name.endswith(".experts.w13") or name.endswith(".experts.w2"):
+            continue
+        table[name] = [Target(name)]
+    table.update(_expert_targets(model))
+    return table
+
+
+def _is_known(name: str, full_names: set[str], num_layers: int, num_experts: int) -> bool:
+    """True for names some role of this model loads, or that the model deliberately ignores."""
+    if name in full_names:
+        return True
+    m = _EXPERT.match(name)
+    if m:
+        return int(m.group(1)) < num_layers and int(m.group(2)) < num_experts
+    layer = _LAYER.match(name)
+    if layer and int(layer.group(1)) >= num_layers:
+        return True  # extra layers, e.g. DeepSeek-V3's multi-token-prediction layer 61
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                          block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """weight [O, I] float8 and scale_inv [ceil(O/b0), ceil(I/b1)] fp32 -> [O, I] in dtype."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows]
+    scale = scale.repeat_interleave(block[1], 1)[:, :cols]
+    return (weight.float() * scale).to(dtype)
+
+
+def load_weights(model: MoEModel, path: str) -> None:
+    """Fill ``model``'s parameters from the checkpoint at ``path`` (see module docstring)."""
+    cfg = model.cfg
+    files = checkpoint_files(path)
+    full = MoEModel(cfg, "full", dtype=model.dtype, device="meta")
+    full_names = set(name_table(full))
+    unexpected = sorted(
+        n for n in files
+        if not (n.endswith(_SCALE_SUFFIX) and n[: -len(_SCALE_SUFFIX)] in files)
+        and not _is_known(n, full_names, cfg.num_layers, cfg.num_experts)
+    )
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        raise WeightLoadError(f"{len(unexpected)} unexpected tensors in {path!r}: {shown}")
+
+    table = name_table(model)
+    if cfg.tie_word_embeddings:
+        table.pop("lm_head.weight", None)
+    missing = sorted(n for n in table if n not in files)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise WeightLoadError(f"{len(missing)} tensors missing from {path!r} for role "
+                              f"{model.role!r}: {shown}")
+
+    params = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for name in table:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                tensor = _read(f, name, files, cfg.fp8.block_size if cfg.fp8 else None,
+                               model.dtype)
+                for target in table[name]:
+                    _copy_into(params[target.param], target, tensor, name)
+    model.tie_weights()
+
+
+def _read(f, name: str, files: dict[str, str], block: tuple[int, int] | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    tensor = f.get_tensor(name)
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale_name = name + _SCALE_SUFFIX
+        if scale_name not in files:
+            raise WeightLoadError(f"{name} is float8 but {scale_name} is missing")
+        with safe_open(files[scale_name], framework="pt") as g:
+            scale = g.get_tensor(scale_name)
+        tensor = dequantize_fp8_blocks(tensor, scale, block or (128, 128), dtype)
+    return tensor
+
+
+def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
+    dest = param.data
+    if target.slot is not None:
+        dest = dest[target.slot]
+    if target.rows is not None:
+        dest = dest[target.rows[0]: target.rows[1]]
+    if tuple(dest.shape) != tuple(tensor.shape):
+        raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
+                              f"the model's {tuple(dest.shape)} (is config.json right?)")
+    dest.copy_(tensor)
+
+
+def load_model(path: str, role: str = "full", expert_ids: list[int] | None = None,
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoEModel:
+    """Build the model for ``role`` from the checkpoint folder and load its weights."""
+    from models.config import load_config
+
+    cfg = load_config(path)
+    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device)
+    load_weights(model, path)
+    return model.eval()
