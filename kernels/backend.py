@@ -38,11 +38,13 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' requested but triton is not importable; pip install triton")
+        raise RuntimeError(
+            "backend='triton' requested but triton is not importable; pip install triton"
+        )
     if backend == "triton" and tensors and not all(t.is_cuda for t in tensors):
         if not interpreter_enabled():
             raise RuntimeError(
-                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before importing triton, or use backend='torch'"
+                "backend='triton' on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
             )
     return backend

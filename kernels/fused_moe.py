@@ -1,4 +1,4 @@
-"""Routed experts: ``y[t] = sum_k w[t,k] * W2[e] @ (SiLU(W1[e] x) * W3[e] x)`` with ``e = ids[t,k]``.
+"""Routed experts: ``y[t] = sum_k w[t,k] * W2[e] @ (SiLU(W1[e] x) * W3[e] x)``, ``e = ids[t,k]``.
 
 Weights follow the Hugging Face layout (``y = x @ W^T``):
   w13: [E, 2I, H]  rows 0..I-1 are the gate projection (W1), rows I..2I-1 the up projection (W3)
@@ -25,8 +25,8 @@ def _check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[in
                          f"{tuple(w2.shape)}")
     num_experts, two_i, h = w13.shape
     if h != hidden or two_i % 2 or w2.shape != (num_experts, hidden, two_i // 2):
-        raise ValueError(f"weight shapes do not match: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
-                         f"hidden {hidden}")
+        raise ValueError(f"weight shapes do not match: w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}, hidden {hidden}")
     return num_experts, two_i // 2
 
 

@@ -18,7 +18,7 @@ from kernels.backend import resolve_backend
 def apply_rotary_torch(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    """Reference. x: [T, heads, D]; cos, sin: [T, D/2] (fp32). Returns [T, heads, D] in x's dtype."""
+    """Reference. x: [T, heads, D]; cos, sin: [T, D/2] fp32. Returns [T, heads, D] in x's dtype."""
     cos = cos[:, None, :].to(x.dtype)
     sin = sin[:, None, :].to(x.dtype)
     if interleaved:

@@ -1,0 +1,104 @@
+"""Tile configs for the MoE grouped GEMMs: a small table, chosen by a pure function.
+
+The two GEMMs of ``fused_moe`` / ``grouped_moe`` are picked independently:
+  * w13: [m, H] x [H, 2I] per expert, SiLU(gate) * up fused in the epilogue; one program
+    computes ``block_n`` gate columns and the same ``block_n`` up columns, so it streams
+    2*block_n weight rows.
+  * w2:  [m, I] x [I, H] per expert, routing weight fused in the epilogue.
+
+Why the table looks the way it does (Hopper, bf16, DeepSeek-V3 dims H=7168, I=2048):
+  * m <= 64 rows per expert is memory-bound (each weight byte feeds m multiply-adds, well under the
+    ~240 flop/byte ridge of an H100). What matters is streaming every expert's weights once with
+    enough bytes in flight: small block_m (16/32/64, no wasted rows), block_k 128 and 3-4 stages
+    keep ~100 KB of loads in flight per SM, and block_n 64 gives E * I / 64 (w13) and
+    E * H / 64 (w2) programs: 256 / 896 for 8 experts, enough to fill 132 SMs about twice.
+  * m around 128 is still memory-bound but needs ~half the tensor-core rate while streaming, so
+    block_m 128 with 8 warps (two warpgroups of wgmma) covers all of an expert's rows at once and
+    every weight tile is read exactly once.
+  * m > 128 is compute-bound: the largest tiles that fit (128 x 128, two accumulators for w13),
+    block_k 64 and 3 stages for shared memory, group_m swizzling so weights and activations are
+    reused from L2.
+Blocks never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so
+shared memory stays the same. ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs
+each program in numpy, and tests need blocks smaller than their tiny dims to cover the masks.
+Tune by editing the tables; ``bench/kernels.py --sweep`` times alternatives on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One GEMM's launch config. Blocks are powers of two >= 16 (``tl.dot``'s minimum)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8  # m-blocks that walk the n tiles together, for L2 reuse of weight tiles
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    w13: GemmTile
+    w2: GemmTile
+
+
+# (largest rows per expert the row applies to, w13 tile, w2 tile); first match wins.
+GPU_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
+    (16, GemmTile(16, 64, 128, 4, 4), GemmTile(16, 64, 128, 4, 4)),
+    (32, GemmTile(32, 64, 128, 4, 4), GemmTile(32, 64, 128, 4, 4)),
+    (64, GemmTile(64, 64, 128, 4, 3), GemmTile(64, 64, 128, 4, 4)),
+    (128, GemmTile(128, 64, 64, 8, 4), GemmTile(128, 128, 64, 8, 4)),
+    (math.inf, GemmTile(128, 128, 64, 8, 3), GemmTile(128, 128, 64, 8, 4)),
+)
+
+# Under the interpreter: one numpy op per block op, so fewer, larger blocks are faster, but they
+# stay small enough that test shapes exercise partial blocks in every dimension.
+INTERPRETER_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
+    (16, GemmTile(16, 32, 32, 4, 1), GemmTile(16, 32, 32, 4, 1)),
+    (math.inf, GemmTile(32, 32, 32, 4, 1), GemmTile(32, 32, 32, 4, 1)),
+)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def _fit(tile: GemmTile, m: float, n: int, k: int, elem_bytes: int) -> GemmTile:
+    """Shrink a table tile to the problem: no block wider than its (rounded-up) dim."""
+    block_k = tile.block_k // 2 if elem_bytes >= 4 else tile.block_k
+    return replace(
+        tile,
+        block_m=max(16, min(tile.block_m, _pow2_at_least(math.ceil(m)))),
+        block_n=max(16, min(tile.block_n, _pow2_at_least(n))),
+        block_k=max(16, min(block_k, _pow2_at_least(k))),
+    )
+
+
+def select_moe_config(
+    rows_per_expert: float,
+    hidden: int,
+    intermediate: int,
+    elem_bytes: int = 2,
+    interpreter: bool = False,
+) -> MoEConfig:
+    """Tiles for both GEMMs given the mean rows per expert and the dims. Pure: no device queries.
+
+    rows_per_expert: routed (token, slot) pairs or grouped rows divided by the local expert count.
+    hidden: H (w13's K and w2's N); intermediate: I (w13's N per half and w2's K).
+    elem_bytes: activation/weight element size (2 for bf16/fp16, 4 for fp32).
+    """
+    table = INTERPRETER_TABLE if interpreter else GPU_TABLE
+    m = max(rows_per_expert, 1.0)
+    for limit, w13, w2 in table:
+        if m <= limit:
+            return MoEConfig(
+                w13=_fit(w13, m, intermediate, hidden, elem_bytes),
+                w2=_fit(w2, m, hidden, intermediate, elem_bytes),
+            )
+    raise AssertionError("the last table row must cover every m")  # pragma: no cover

@@ -1,0 +1,190 @@
+"""Paged absorbed-MLA decode attention (Triton). Reference: ``kernels.mla_decode``.
+
+One program per (block of BLOCK_H heads, sequence, split of the sequence). It keeps its heads'
+queries in registers and walks its part of the sequence BLOCK_N tokens at a time, following the
+block table, with an online softmax in fp32 (exp2 with the scale folded in). All heads of a
+sequence share one latent row per token, so the head blocks of a sequence are neighbours in the
+grid and read the cache once from HBM between them. With few sequences the sequence is split
+(flash-decoding); each split writes its normalized partial output and log-sum-exp, and a small
+combine kernel merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import dot, dot_mode, interp_bf16, rne_bf16
+
+
+@triton.jit
+def mla_decode_kernel(
+    q_lat_ptr,  # [B, Hq, Dl]
+    q_pe_ptr,  # [B, Hq, Dr]
+    kv_ptr,  # [num_blocks, block_size, Dl + Dr]; a token's row is its latent then its rope key
+    table_ptr,  # [B, max_blocks] block ids
+    seq_lens_ptr,  # [B]
+    out_ptr,  # [B, Hq, Dl] (one split) or [B, Hq, NUM_SPLITS, Dl] fp32 partials
+    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 log2-sum-exp2 of each split (NUM_SPLITS > 1 only)
+    num_heads, d_lat, d_rope, block_size, scale_log2,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_kvb, stride_kvt, stride_tb,
+    stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    DL_PAD: tl.constexpr, DR_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_heads
+    offs_l = tl.arange(0, DL_PAD)
+    offs_r = tl.arange(0, DR_PAD)
+    l_ok = offs_l < d_lat
+    r_ok = offs_r < d_rope
+    q_lat = tl.load(q_lat_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_l[None, :],
+                    mask=h_ok[:, None] & l_ok[None, :], other=0.0)  # [BH, DL]
+    q_pe = tl.load(q_pe_ptr + seq * stride_pb + heads[:, None] * stride_ph + offs_r[None, :],
+                   mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, DR]
+    kv_dtype = kv_ptr.dtype.element_ty
+
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, DL_PAD), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        toks = start + tl.arange(0, BLOCK_N)
+        t_ok = toks < hi
+        block = tl.load(table_ptr + seq * stride_tb + toks // block_size, mask=t_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+        c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
+                    mask=t_ok[:, None] & l_ok[None, :], other=0.0)  # [BN, DL]
+        k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
+                       mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, DR]
+        s = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+        s = dot(q_lat, tl.trans(c), s, DOT_MODE)
+        s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
+        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every chunk has a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [BH, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), c, acc * alpha[:, None], DOT_MODE)
+        m_i = m_new
+
+    # An empty split (short sequence) has l_i = 0: it writes zeros and a -inf lse.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = h_ok[:, None] & l_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_l[None, :]
+        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        o_ptrs = (out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * d_lat
+                  + offs_l[None, :])
+        tl.store(o_ptrs, out, mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=h_ok)
+
+
+@triton.jit
+def mla_combine_kernel(
+    part_ptr,  # [B * Hq, NUM_SPLITS, Dl] fp32
+    lse_ptr,  # [B * Hq, NUM_SPLITS] fp32
+    out_ptr,  # [B * Hq, Dl] contiguous
+    d_lat,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, DL_PAD: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # seq * Hq + head
+    offs_s = tl.arange(0, S_PAD)
+    offs_l = tl.arange(0, DL_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    weight = weight / tl.sum(weight, 0)
+    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s[:, None]) * d_lat + offs_l[None, :],
+                   mask=s_ok[:, None] & (offs_l < d_lat)[None, :], other=0.0)  # [S, DL]
+    out = tl.sum(part * weight[:, None], 0)
+    tl.store(out_ptr + row * d_lat + offs_l,
+             rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=offs_l < d_lat)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
+    """Split the sequence until about two programs per SM, keeping >= 512 tokens per split."""
+    programs = max(1, batch * head_blocks)
+    want = math.ceil(2 * sm_count / programs)
+    return max(1, min(want, max_context // 512, 16))
+
+
+def mla_decode_attention_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning."""
+    batch, num_heads, d_lat = q_lat.shape
+    d_rope = q_pe.shape[-1]
+    if q_pe.shape[:2] != (batch, num_heads) or kv_cache.shape[-1] != d_lat + d_rope:
+        raise ValueError(f"shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, "
+                         f"kv_cache {tuple(kv_cache.shape)} (last dim must be Dl + Dr)")
+    if not q_lat.dtype == q_pe.dtype == kv_cache.dtype:
+        raise ValueError(f"q_lat, q_pe and kv_cache must share a dtype, got {q_lat.dtype}, "
+                         f"{q_pe.dtype}, {kv_cache.dtype}")
+    out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
+    if batch == 0 or num_heads == 0:
+        return out
+    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
+    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
+    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    block_size = kv.shape[1]
+    interp = not q_lat.is_cuda
+    block_h = block_h or max(16, min(32, triton.next_power_of_2(num_heads)))
+    block_n = block_n or (16 if interp else 32)
+    head_blocks = triton.cdiv(num_heads, block_h)
+    if num_splits is None:
+        sms = 4 if interp else _sm_count(q_lat.device.index or 0)
+        num_splits = choose_num_splits(batch, head_blocks, block_tables.shape[1] * block_size, sms)
+    dl_pad = max(16, triton.next_power_of_2(d_lat))
+    dr_pad = max(16, triton.next_power_of_2(d_rope))
+    common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "DL_PAD": dl_pad, "DR_PAD": dr_pad,
+              "DOT_MODE": dot_mode(kv.dtype), "num_warps": 4 if interp or block_h <= 16 else 8,
+              "num_stages": 2}
+    grid = (head_blocks, batch, num_splits)
+    args = (q_lat, q_pe, kv, block_tables, seq_lens)
+    dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
+            q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
+            kv.stride(1), block_tables.stride(0))
+    if num_splits == 1:
+        mla_decode_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
+                                NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
+        return out
+    part = torch.empty(batch, num_heads, num_splits, d_lat, dtype=torch.float32,
+                       device=q_lat.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
+    mla_decode_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
+                            NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
+    mla_combine_kernel[(batch * num_heads,)](
+        part, lse, out, d_lat,
+        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), DL_PAD=dl_pad,
+        INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
+    )
+    return out

@@ -1,0 +1,55 @@
+"""Pieces shared by the Triton kernels (imported only by the ``*_triton`` modules)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import interpreter_enabled
+
+DOT_NATIVE = 0  # bf16/fp16 on tensor cores, fp32 accumulation
+DOT_IEEE = 1  # fp32 operands: tensor cores would silently round them to tf32
+DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its dot multiplies raw bf16 bit patterns
+#                 (triton-lang/triton#11584), so operands go to fp32 first; products of bf16
+#                 values are exact in fp32, so this is the same math as the tensor cores'.
+
+
+def interp_bf16(dtype: torch.dtype) -> bool:
+    """The ``INTERP_BF16`` constexpr: bf16 under TRITON_INTERPRET, whose fp32 -> bf16 cast
+    truncates instead of rounding to nearest; kernels round with ``rne_bf16`` first."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The ``DOT_MODE`` constexpr for operands of ``dtype`` on the current backend."""
+    if dtype == torch.float32:
+        return DOT_IEEE
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return DOT_UPCAST
+    return DOT_NATIVE
+
+
+@triton.jit
+def dot(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation, see ``dot_mode``."""
+    if DOT_MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def rne_bf16(x, INTERP_BF16: tl.constexpr):
+    """fp32 x rounded to the nearest bf16 value (ties to even), still fp32, when INTERP_BF16.
+
+    The GPU's fp32 -> bf16 cast already rounds this way; the interpreter's truncates, which would
+    double the rounding error the tests see. Identity (no code) when INTERP_BF16 is False.
+    """
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
