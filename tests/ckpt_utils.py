@@ -1,0 +1,102 @@
+"""Tiny random HF checkpoints for the oracle tests, built with transformers and saved to disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from models.default_model import default_model_path, random_tensor
+
+VOCAB = 512  # the embedded tokenizer's size, so every checkpoint can share it
+
+BASE_DEEPSEEK = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+    n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32,
+    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=512,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+)
+
+CONFIGS = {
+    # DeepSeek-V3: q_lora, sigmoid + bias-corrected group-limited routing, YaRN with mscale.
+    "deepseek_v3": dict(
+        BASE_DEEPSEEK, q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
+    ),
+    # DeepSeek-V2-Lite shape: no q_lora, softmax greedy top-k, two shared experts.
+    "deepseek_v2_lite": dict(
+        BASE_DEEPSEEK, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
+        routed_scaling_factor=1.0, norm_topk_prob=False,
+    ),
+    # DeepSeek-V2 proper: q_lora and group-limited greedy (group score = max).
+    "deepseek_v2": dict(
+        BASE_DEEPSEEK, q_lora_rank=32, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=16.0, norm_topk_prob=False,
+    ),
+    # Qwen3-MoE: GQA with q/k norm; layer 1 dense through mlp_only_layers.
+    "qwen3_moe": dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[1], max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, rope_theta=10000.0,
+    ),
+}
+
+
+def hf_classes(kind: str):
+    import transformers as tf
+
+    if kind == "deepseek_v3":
+        return tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM
+    if kind.startswith("deepseek_v2"):
+        return tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM
+    return tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """An HF model of ``kind`` with weights scaled so greedy outputs vary (fp32, eval mode)."""
+    config_cls, model_cls = hf_classes(kind)
+    config = config_cls(**{**CONFIGS[kind], **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if tensor.is_floating_point():
+                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
+    return model
+
+
+def save_checkpoint(model, folder: str) -> str:
+    """save_pretrained plus the embedded tokenizer's files."""
+    model.save_pretrained(folder)
+    tok_dir = default_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
+    return folder
+
+
+def mixed_prompts(n: int = 8, seed: int = 1, lengths=None) -> list[list[int]]:
+    """Random token-id prompts of mixed lengths between 1 and 64."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = lengths or [1, 64, 7, 33, 2, 48, 17, 5][:n]
+    return [torch.randint(2, VOCAB, (n_tok,), generator=gen).tolist() for n_tok in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' own greedy generate, EOS ignored: (new tokens, per-step logits [N, V])."""
+    gen_cfg = model.generation_config
+    gen_cfg.eos_token_id = None
+    gen_cfg.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                             do_sample=False, return_dict_in_generate=True, output_logits=True,
+                             generation_config=gen_cfg)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, torch.cat(out.logits, dim=0).float()

@@ -1,0 +1,207 @@
+"""Engine behaviour on the embedded default model: sampling, stops, bad input, KV accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from afd.sampler import Sampler
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(seed=0)
+
+
+def blocks_all_free(llm: LLM) -> bool:
+    alloc = llm.engine.core.allocator
+    return alloc.num_free == alloc.num_blocks and not llm.engine.core.seqs
+
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "Tell me a story", "a"]
+
+
+def test_prompt_forms(llm):
+    ids = llm.get_tokenizer().encode("Hello, my name is")
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    by_str = llm.generate("Hello, my name is", p, use_tqdm=False)
+    by_ids = llm.generate({"prompt_token_ids": ids}, p, use_tqdm=False)
+    by_list = llm.generate(["Hello, my name is", {"prompt_token_ids": ids}], p, use_tqdm=False)
+    assert by_str[0].prompt_token_ids == ids
+    assert by_str[0].outputs[0].token_ids == by_ids[0].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in by_list] == [by_str[0].outputs[0].token_ids] * 2
+    assert by_str[0].prompt == "Hello, my name is"
+
+
+def test_text_is_incremental_decode_of_tokens(llm):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert c.finish_reason == "length" and len(c.token_ids) == 40
+        full = tok.decode(o.prompt_token_ids + c.token_ids, skip_special_tokens=True)
+        prompt_text = tok.decode(o.prompt_token_ids, skip_special_tokens=True)
+        assert full.startswith(prompt_text)
+        tail = full[len(prompt_text):]
+        # the detokenizer holds back only a trailing, still-incomplete character
+        assert tail.startswith(c.text) and set(tail[len(c.text):]) <= {"\ufffd"}
+    assert blocks_all_free(llm)
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llm):
+    p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=24, seed=1234,
+                       ignore_eos=True)
+    alone = llm.generate("Tell me a story", p, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate("Tell me a story", p, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    mixed = llm.generate(["Hello", "Tell me a story", "x y z"], [other, p, other],
+                         use_tqdm=False)[1].outputs[0].token_ids
+    assert alone == again == mixed
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=24, seed=99,
+                                ignore_eos=True)
+    assert llm.generate("Tell me a story", other_seed, use_tqdm=False)[0].outputs[0].token_ids \
+        != alone
+
+
+def test_n_completions(llm):
+    outs = llm.generate("Hello", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12,
+                                                ignore_eos=True), use_tqdm=False)
+    comps = outs[0].outputs
+    assert [c.index for c in comps] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in comps}) > 1, "seeded children should differ"
+    greedy = llm.generate("Hello", SamplingParams(n=2, temperature=0, max_tokens=12),
+                          use_tqdm=False)[0].outputs
+    assert greedy[0].token_ids == greedy[1].token_ids
+    assert blocks_all_free(llm)
+
+
+def test_stop_strings_and_stop_tokens(llm):
+    base = llm.generate("The capital of France is",
+                        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    # choose a stop string from the middle of the greedy text
+    text = base.text
+    stop = text[10:13]
+    assert stop and "\ufffd" not in stop
+    cut = llm.generate("The capital of France is",
+                       SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    keep = llm.generate("The capital of France is",
+                        SamplingParams(temperature=0, max_tokens=40, stop=stop, ignore_eos=True,
+                                       include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert keep.text == text[: text.index(stop) + len(stop)]
+    token = base.token_ids[5]
+    by_id = llm.generate("The capital of France is",
+                         SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[token],
+                                        ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    first = base.token_ids.index(token)
+    assert by_id.token_ids == base.token_ids[: first + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == token
+    assert blocks_all_free(llm)
+
+
+def test_eos_ends_generation_unless_ignored(llm):
+    # Make EOS the greedy choice after a few tokens by declaring the 4th greedy token to be EOS.
+    base = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = (base.token_ids[3],)
+    try:
+        out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason is None
+        assert out.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[3]) + 1]
+        ignored = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10,
+                                                       ignore_eos=True), use_tqdm=False)
+        assert ignored[0].outputs[0].token_ids == base.token_ids
+    finally:
+        engine.eos_token_ids = saved
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-3), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(n=0), "n"),
+])
+def test_bad_sampling_params_raise(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_and_engine_keeps_serving(llm):
+    p = SamplingParams(temperature=0, max_tokens=4)
+    vocab = llm.engine.model_cfg.vocab_size
+    max_len = llm.config.max_model_len
+    cases = [
+        ("", "prompt"),
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [5, vocab]}, "vocabulary"),
+        ({"prompt_token_ids": [5, -1]}, "vocabulary"),
+        ({"prompt_token_ids": [3] * max_len}, "max_model_len"),
+        (12345, "prompt"),
+    ]
+    good = llm.generate("Hello", p, use_tqdm=False)[0].outputs[0].token_ids
+    for prompt, match in cases:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(["Hello", prompt], p, use_tqdm=False)
+        assert blocks_all_free(llm)
+    bad_params = SamplingParams(temperature=0, max_tokens=4)
+    bad_params.temperature = -1.0  # mutated after construction: still caught
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate("Hello", bad_params, use_tqdm=False)
+    assert llm.generate("Hello", p, use_tqdm=False)[0].outputs[0].token_ids == good
+    assert blocks_all_free(llm)
+
+
+def test_max_model_len_caps_output(tmp_path):
+    small = LLM(max_model_len=32, num_kv_blocks=8, block_size=4)
+    out = small.generate({"prompt_token_ids": [5] * 20},
+                         SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_bad_engine_arguments():
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        LLM(num_kv_blocks=2, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(max_model_len=10**7)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(dtype="int3")
+
+
+class TestSampler:
+    def test_filters_that_leave_one_token_are_greedy(self):
+        logits = torch.randn(6, 50)
+        s = Sampler(seed=0)
+        greedy = logits.argmax(-1).tolist()
+        for p in (SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(min_p=1.0),
+                  SamplingParams(temperature=1e-4)):
+            assert s(logits, [p] * 6, [None] * 6) == greedy
+
+    def test_distribution_matches_softmax(self):
+        logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+        s = Sampler(seed=0)
+        p = SamplingParams(temperature=0.7)
+        counts = torch.zeros(4)
+        for _ in range(4000):
+            counts[s(logits, [p], [None])[0]] += 1
+        expected = torch.softmax(logits[0] / 0.7, -1)
+        assert torch.allclose(counts / 4000, expected, atol=0.03)
+
+    def test_top_p_and_top_k_exclude_tail(self):
+        logits = torch.tensor([[3.0, 2.9, 0.0, -5.0]])
+        s = Sampler(seed=0)
+        seen_p = {s(logits, [SamplingParams(top_p=0.6)], [None])[0] for _ in range(300)}
+        seen_k = {s(logits, [SamplingParams(top_k=2)], [None])[0] for _ in range(300)}
+        assert seen_p == {0, 1} and seen_k == {0, 1}
