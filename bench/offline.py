@@ -1,0 +1,140 @@
+"""Offline throughput: one batch through afd and through transformers' generate, same process.
+
+    python bench/offline.py [--model PATH] [--num-prompts 64] [--min-len 16] [--max-len 256]
+                            [--new-tokens 64] [--json out.json]
+
+Prompts are random token ids (seeded) of lengths uniform in [min-len, max-len]; decoding is greedy
+with EOS ignored so both engines generate exactly new-tokens per prompt. transformers runs the
+whole batch left-padded in one generate call. Prints tok/s for both and the ratio; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from afd import LLM, SamplingParams  # noqa: E402
+from models.default_model import default_model_path  # noqa: E402
+
+
+def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [torch.randint(2, vocab, (n_tok,), generator=gen).tolist() for n_tok in lengths]
+
+
+def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None
+            ) -> tuple[float, list[list[int]]]:
+    llm = LLM(path, dtype=dtype, device=device)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    return elapsed, [o.outputs[0].token_ids for o in outs]
+
+
+def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str
+           ) -> tuple[float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    gen_cfg = model.generation_config
+    gen_cfg.eos_token_id = None
+    gen_cfg.pad_token_id = 0
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        warm = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False,
+                              generation_config=gen_cfg)
+        del warm
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             generation_config=gen_cfg)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return elapsed, out[:, width:].tolist()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: embedded tiny)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None, help="where to write the result JSON")
+    args = ap.parse_args()
+
+    path = args.model or default_model_path()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
+    in_tokens = sum(len(p) for p in prompts)
+    out_tokens = args.num_prompts * args.new_tokens
+
+    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device)
+    result = {
+        "model": path, "device": device, "dtype": args.dtype, "num_prompts": args.num_prompts,
+        "input_tokens": in_tokens, "output_tokens": out_tokens, "afd_seconds": afd_s,
+        "afd_output_tok_s": out_tokens / afd_s, "afd_total_tok_s": (in_tokens + out_tokens) / afd_s,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]
+    if not args.skip_hf:
+        hf_s, hf_out = run_hf(path, prompts, args.new_tokens, args.dtype, device)
+        same = sum(a == b for a, b in zip(afd_out, hf_out))
+        result.update(hf_seconds=hf_s, hf_output_tok_s=out_tokens / hf_s,
+                      hf_total_tok_s=(in_tokens + out_tokens) / hf_s, speedup=hf_s / afd_s,
+                      identical_outputs=same)
+        rows.append(("transformers", hf_s, out_tokens / hf_s, (in_tokens + out_tokens) / hf_s))
+    print(f"\n{args.num_prompts} prompts, {in_tokens} prompt tokens, {out_tokens} new tokens, "
+          f"{device}, {args.dtype}")
+    print(f"{'engine':<14}{'seconds':>10}{'out tok/s':>12}{'total tok/s':>13}")
+    for name, secs, otps, ttps in rows:
+        print(f"{name:<14}{secs:>10.2f}{otps:>12.1f}{ttps:>13.1f}")
+    if "speedup" in result:
+        print(f"afd / transformers: {result['speedup']:.2f}x "
+              f"({result['identical_outputs']}/{args.num_prompts} outputs identical; left padding "
+              "changes transformers' float rounding)")
+    out_path = args.json or (os.path.join(os.environ["OUT"], "offline.json")
+                             if os.environ.get("OUT") else None)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

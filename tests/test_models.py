@@ -1,0 +1,179 @@
+"""Config normalization, the role-aware loader, FP8 block-scaled loading."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from afd import LLM, SamplingParams
+from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+from models.config import config_from_dict
+from models.weights import WeightLoadError, load_model
+
+
+@pytest.fixture(scope="module")
+def v3_path(tmp_path_factory):
+    return save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("v3")))
+
+
+def _read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def test_config_aliases():
+    base = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                moe_intermediate_size=16, intermediate_size=32)
+    a = config_from_dict({**base, "num_experts": 8, "rope_theta": 5e5})
+    b = config_from_dict({**base, "num_local_experts": 8,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    assert a == b and a.num_experts == 8 and a.rope.theta == 5e5
+    ds = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=16, intermediate_size=32, kv_lora_rank=16, q_lora_rank=None,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=1024)
+    yarn = {"factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+            "original_max_position_embeddings": 64}
+    old = config_from_dict({**ds, "rope_theta": 1e4, "rope_scaling": {**yarn, "type": "yarn"}})
+    new = config_from_dict({**ds, "rope_parameters": {**yarn, "rope_type": "yarn",
+                                                      "rope_theta": 1e4}})
+    assert old == new and old.rope.kind == "yarn" and old.rope.factor == 40
+    # mscale_all_dim folds into the softmax scale: (0.1 * ln 40 + 1)^2 / sqrt(16)
+    assert old.attention_scale == pytest.approx((0.1 * torch.tensor(40.0).log().item() + 1) ** 2
+                                                / 4)
+    with pytest.raises(ValueError, match="model_type"):
+        config_from_dict({**base, "model_type": "llama"})
+
+
+def test_roles_load_only_their_tensors(v3_path):
+    full = load_model(v3_path, "full")
+    attn = load_model(v3_path, "attention")
+    ffn = load_model(v3_path, "ffn", expert_ids=[6, 1, 3, 1])  # slot 3 is a replica of expert 1
+    attn_names = dict(attn.named_parameters())
+    ffn_names = dict(ffn.named_parameters())
+    assert not any(".experts." in n for n in attn_names)
+    assert all(".mlp.experts.w" in n for n in ffn_names), "FFN role holds experts only"
+    assert "model.embed_tokens.weight" not in ffn_names and "lm_head.weight" not in ffn_names
+    full_params = dict(full.named_parameters())
+    for name, p in attn_names.items():
+        assert torch.equal(p, full_params[name])
+    for name, p in ffn_names.items():
+        ref = full_params[name]
+        assert p.shape[0] == 4
+        assert torch.equal(p, ref[[6, 1, 3, 1]])
+    total = sum(p.numel() for p in full_params.values())
+    assert sum(p.numel() for p in attn_names.values()) < total
+
+
+def test_sharded_checkpoint_and_errors(tmp_path, v3_path):
+    model = build_hf_model("deepseek_v3")
+    sharded = save_checkpoint(model, str(tmp_path / "sharded"))
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    a, b = load_model(v3_path), load_model(sharded)
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+    broken = tmp_path / "broken"
+    os.makedirs(broken)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(v3_path, f)) as src, open(broken / f, "w") as dst:
+            dst.write(src.read())
+    tensors = load_file(os.path.join(v3_path, "model.safetensors"))
+    gone = tensors.pop("model.layers.1.mlp.experts.3.up_proj.weight")
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match="experts.3.up_proj"):
+        load_model(str(broken))
+    # an attention rank never reads the experts, so it does not care
+    load_model(str(broken), "attention")
+    tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = gone
+    tensors["model.layers.0.self_attn.mystery.weight"] = torch.zeros(2)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match="mystery"):
+        load_model(str(broken), "attention")
+
+
+FP8_MAX = 448.0
+
+
+def _quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    scale = torch.empty(nr, nc)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(nr):
+        for j in range(nc):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = tile.abs().max().clamp(min=1e-12) / FP8_MAX
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(q.dtype)
+    return q, scale
+
+
+def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    out = q.float()
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * block:(i + 1) * block, j * block:(j + 1) * block] *= scale[i, j]
+    return out
+
+
+def test_fp8_block_scaled_loading(tmp_path, v3_path):
+    block = 16
+    tensors = load_file(os.path.join(v3_path, "model.safetensors"))
+    fp8, ref = dict(tensors), dict(tensors)
+    quantized = 0
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight"):
+            q, s = _quantize_blocks(w, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            ref[name] = _dequantize_blocks(q, s, block)
+            quantized += 1
+    assert quantized > 20
+    folders = {}
+    for label, data, quant in (("fp8", fp8, True), ("ref", ref, False)):
+        folder = tmp_path / label
+        os.makedirs(folder)
+        cfg = _read_config(v3_path)
+        if quant:
+            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                          "activation_scheme": "dynamic",
+                                          "weight_block_size": [block, block]}
+        with open(folder / "config.json", "w") as f:
+            json.dump(cfg, f)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(v3_path, f)) as src, open(folder / f, "w") as dst:
+                dst.write(src.read())
+        save_file(data, str(folder / "model.safetensors"))
+        folders[label] = str(folder)
+    a, b = load_model(folders["fp8"]), load_model(folders["ref"])
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    # a dequantized weight is not the original: the test would notice a loader that skipped it
+    orig = load_model(v3_path)
+    assert not torch.equal(dict(orig.named_parameters())["model.layers.0.self_attn.o_proj.weight"],
+                           dict(a.named_parameters())["model.layers.0.self_attn.o_proj.weight"])
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    out_fp8 = LLM(folders["fp8"]).generate(prompts, params, use_tqdm=False)
+    out_ref = LLM(folders["ref"]).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out_fp8] == [o.outputs[0].token_ids for o in out_ref]
+
+
+def test_transformers_unaffected_by_our_kernels_package():
+    """Our top-level ``kernels`` shadows HF's hub ``kernels`` name; transformers must not use it."""
+    from transformers.utils import import_utils
+
+    import kernels  # noqa: F401  (ours)
+
+    import_utils.is_kernels_available.cache_clear()
+    assert not import_utils.is_kernels_available()
+    model = build_hf_model("qwen3_moe")
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 4, 5]])).logits
+    assert torch.isfinite(logits).all()
