@@ -65,6 +65,12 @@ def _block_rows(pid_m, counts_ptr, num_experts, num_rows, slab_rows,
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 x rounded to ``dtype``'s precision, kept in fp32 (no-op for fp32)."""
+    return rne_bf16(x, INTERP_BF16).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def moe_w13_kernel(
     x_ptr,  # [num tokens or rows, H] activations, unit stride along H
     w_ptr,  # [E, 2I, H] gate rows then up rows
@@ -116,10 +122,14 @@ def moe_w13_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    act = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up in fp32
+    # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
+    # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
+    # engine's greedy tokens then track the reference's closely.
+    dtype = h_ptr.dtype.element_ty
+    gate = _round(acc_g, dtype, INTERP_BF16)
+    act = _round(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * _round(acc_u, dtype, INTERP_BF16)
     h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(h_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -171,8 +181,11 @@ def moe_w2_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_WEIGHTS:
-        rw = tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * rw[:, None]
+        # As the reference: expert output and routing weight in the output dtype, then multiply.
+        dtype = out_ptr.dtype.element_ty
+        rw = _round(tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32), dtype,
+                    INTERP_BF16)
+        acc = _round(acc, dtype, INTERP_BF16) * rw[:, None]
     acc = tl.where(row_ok[:, None], acc, 0.0)
     out_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, rne_bf16(acc, INTERP_BF16).to(out_ptr.dtype.element_ty),

@@ -1,0 +1,79 @@
+"""Helpers for checking Triton kernels against their torch references.
+
+``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, i.e. when a ``*_triton``
+module is first imported, so a process that has already imported one natively (a GPU test, an
+engine test) cannot switch to the interpreter. ``run_in_interpreter`` therefore runs the cases
+of a test module in a fresh Python with ``TRITON_INTERPRET=1`` and no visible GPU, whatever the
+parent process has imported, and hands back one result dict per case.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    diff = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative-error bound for a kernel against its reference at ``dtype``."""
+    return {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}[dtype]
+
+
+def run_in_interpreter(module_file: str, case_names: list[str], seed: int,
+                       timeout_s: float = 600.0) -> dict[str, dict]:
+    """Call ``<module>.interpreter_case(name, seed)`` for each name in a fresh interpreter process.
+
+    Returns {name: result dict}; a case that raised gets {"error": traceback text}.
+    Raises RuntimeError with the child's output if the process itself fails.
+    """
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.pop("AFD_KERNEL_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "results.json")
+        cmd = [sys.executable, "-c", "from kernels.testing import _worker; _worker()",
+               module_file, out_path, str(seed), *case_names]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=str(_REPO_ROOT))
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            raise RuntimeError(f"interpreter worker failed (rc {proc.returncode}):\n"
+                               f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def _worker() -> None:
+    module_file, out_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    spec = importlib.util.spec_from_file_location("_kernel_cases", module_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results: dict[str, dict] = {}
+    for name in sys.argv[4:]:
+        try:
+            results[name] = module.interpreter_case(name, seed)
+        except Exception:  # noqa: BLE001 - reported per case to the parent
+            results[name] = {"error": traceback.format_exc()}
+    with open(out_path, "w") as f:
+        json.dump(results, f)

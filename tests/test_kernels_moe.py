@@ -1,0 +1,207 @@
+"""Triton fused_moe / grouped_moe against their torch references.
+
+CPU: every case runs under TRITON_INTERPRET=1 in one fresh subprocess (see kernels.testing), on
+fresh random inputs (the seed is printed on failure; AFD_TEST_SEED=<n> replays it).
+GPU (marked ``gpu``): the compiled kernels at realistic shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from kernels.fused_moe import fused_moe, fused_moe_torch, grouped_moe, grouped_moe_torch
+from kernels.testing import rel_err, run_in_interpreter, tolerance
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
+
+
+def moe_weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    # Scaled so activations stay O(1) and bf16 errors are relative to a meaningful output.
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=device) / inter**0.5
+    return w13.to(dtype), w2.to(dtype)
+
+
+def routing(num_tokens: int, num_experts: int, top_k: int, *, skip: float = 0.0,
+            unused: tuple[int, ...] = (), hot: int | None = None,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k distinct experts per token; ``unused`` experts get no token, ``hot`` gets every
+    token's first slot, a ``skip`` fraction of slots is -1."""
+    allowed = torch.tensor([e for e in range(num_experts) if e not in unused])
+    ids = torch.stack([allowed[torch.randperm(len(allowed))[:top_k]] for _ in range(num_tokens)])
+    if hot is not None:
+        for t in range(num_tokens):
+            row = ids[t]
+            row[row == hot] = row[0].item()
+            row[0] = hot
+    ids[torch.rand(ids.shape) < skip] = -1
+    weights = torch.rand(num_tokens, top_k)
+    return ids.to(device), weights.to(device)
+
+
+# name -> (kind, dtype, dict of shape knobs)
+FUSED_CASES = {
+    "ragged_fp32": ("fp32", dict(T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,))),
+    "ragged_bf16": ("bf16", dict(T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,))),
+    "ragged_fp16": ("fp16", dict(T=11, H=48, I=24, E=5, K=2, skip=0.1, unused=(0,))),
+    "one_token_fp32": ("fp32", dict(T=1, H=40, I=24, E=4, K=3)),
+    "one_token_bf16": ("bf16", dict(T=1, H=40, I=24, E=4, K=3)),
+    "e256_top8_fp32": ("fp32", dict(T=5, H=24, I=16, E=256, K=8, skip=0.1)),
+    "e256_top8_bf16": ("bf16", dict(T=5, H=24, I=16, E=256, K=8)),
+    "hot_expert_fp32": ("fp32", dict(T=70, H=40, I=24, E=8, K=2, hot=5, unused=(1, 2))),
+    "all_skipped_fp32": ("fp32", dict(T=4, H=24, I=16, E=4, K=2, skip=1.0)),
+    "bf16_weights_bf16": ("bf16", dict(T=9, H=48, I=40, E=5, K=2, weights_dtype="bf16")),
+    # Explicit tiny tiles: several m-blocks per expert, group_m swizzle, the unmasked-K path
+    # (H and I multiples of block_k) and n tails.
+    "tiles16_even_k_fp32": ("fp32", dict(T=37, H=64, I=48, E=3, K=2, unused=(1,), tile=16)),
+    "tiles16_even_k_bf16": ("bf16", dict(T=37, H=64, I=48, E=3, K=2, tile=16)),
+}
+
+GROUPED_CASES = {
+    "contiguous_fp32": ("fp32", dict(counts=(3, 0, 17, 1, 0, 40), H=56, I=24, weights=True)),
+    "contiguous_bf16": ("bf16", dict(counts=(3, 0, 17, 1, 0, 40), H=56, I=24, weights=False)),
+    "contiguous_int32_counts_fp32": ("fp32", dict(counts=(0, 5, 0), H=24, I=40, weights=True,
+                                                  counts_dtype="int32")),
+    "slab_fp32": ("fp32", dict(counts=(3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True)),
+    "slab_bf16": ("bf16", dict(counts=(3, 0, 20, 1, 17), M=20, H=48, I=40, weights=False)),
+    "slab_empty_fp32": ("fp32", dict(counts=(0, 0), M=7, H=24, I=16, weights=True)),
+}
+
+
+def _tile_config(size: int):
+    from kernels.fused_moe_config import GemmTile, MoEConfig
+
+    tile = GemmTile(size, size, size, num_warps=4, num_stages=2, group_m=2)
+    return MoEConfig(w13=tile, w2=tile)
+
+
+def run_fused_case(knobs: dict, dtype: torch.dtype, device: str, backend: str) -> dict:
+    x = torch.randn(knobs["T"], knobs["H"], device=device).to(dtype)
+    w13, w2 = moe_weights(knobs["E"], knobs["H"], knobs["I"], dtype, device)
+    ids, weights = routing(knobs["T"], knobs["E"], knobs["K"], skip=knobs.get("skip", 0.0),
+                           unused=knobs.get("unused", ()), hot=knobs.get("hot"), device=device)
+    if knobs.get("weights_dtype") == "bf16":
+        weights = weights.to(torch.bfloat16)
+    if "tile" in knobs:
+        from kernels.fused_moe_triton import fused_moe_triton
+
+        out = fused_moe_triton(x, w13, w2, weights, ids, config=_tile_config(knobs["tile"]))
+    else:
+        out = fused_moe(x, w13, w2, weights, ids, backend=backend)
+    ref = fused_moe_torch(x, w13, w2, weights, ids)
+    return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype,
+            "ref_norm": ref.float().norm().item()}
+
+
+def run_grouped_case(knobs: dict, dtype: torch.dtype, device: str, backend: str) -> dict:
+    counts = torch.tensor(knobs["counts"], dtype=getattr(torch, knobs.get("counts_dtype",
+                                                                          "int64")))
+    num_experts = len(knobs["counts"])
+    w13, w2 = moe_weights(num_experts, knobs["H"], knobs["I"], dtype, device)
+    if "M" in knobs:  # padded slabs; padding rows hold garbage that must not leak
+        x = torch.randn(num_experts, knobs["M"], knobs["H"], device=device).to(dtype)
+        weights = torch.rand(num_experts, knobs["M"], device=device)
+    else:
+        x = torch.randn(int(counts.sum()), knobs["H"], device=device).to(dtype)
+        weights = torch.rand(x.shape[0], device=device)
+    weights = weights if knobs["weights"] else None
+    out = grouped_moe(x, counts.to(device), w13, w2, weights, backend=backend)
+    ref = grouped_moe_torch(x, counts, w13, w2, weights)
+    result = {"err": rel_err(out, ref), "tol": tolerance(dtype),
+              "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item()}
+    if "M" in knobs:
+        pad = torch.arange(knobs["M"], device=device)[None, :] >= counts.to(device)[:, None]
+        result["padding_zero"] = bool((out[pad] == 0).all())
+    return result
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    """Entry point of the interpreter subprocess (kernels.testing._worker)."""
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    if name in FUSED_CASES:
+        dtype, knobs = FUSED_CASES[name]
+        return run_fused_case(knobs, DTYPES[dtype], "cpu", "triton")
+    dtype, knobs = GROUPED_CASES[name]
+    return run_grouped_case(knobs, DTYPES[dtype], "cpu", "triton")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict]:
+    return run_in_interpreter(__file__, [*FUSED_CASES, *GROUPED_CASES], SEED)
+
+
+def _check(result: dict, name: str) -> None:
+    assert "error" not in result, f"{name} (seed {SEED}) raised:\n{result['error']}"
+    assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
+    assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
+    assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
+
+
+@pytest.mark.parametrize("name", [*FUSED_CASES, *GROUPED_CASES])
+def test_moe_interpreter(interpreter_results: dict, name: str) -> None:
+    _check(interpreter_results[name], name)
+
+
+def test_all_skipped_gives_zeros(interpreter_results: dict) -> None:
+    # rel_err against an all-zero reference is the absolute error: it must be exactly zero.
+    result = interpreter_results["all_skipped_fp32"]
+    assert result["ref_norm"] == 0.0 and result["err"] == 0.0
+
+
+def test_config_table_is_pure_and_fits() -> None:
+    from kernels.fused_moe_config import GPU_TABLE, select_moe_config
+
+    assert select_moe_config(1, 7168, 2048) == select_moe_config(1, 7168, 2048)
+    for rows in (1, 8, 32, 128, 512, 4096):
+        cfg = select_moe_config(rows, 7168, 2048)
+        for tile in (cfg.w13, cfg.w2):
+            assert all(b >= 16 and b & (b - 1) == 0
+                       for b in (tile.block_m, tile.block_n, tile.block_k))
+    # Tiny dims clamp the blocks; fp32 halves block_k.
+    small = select_moe_config(1000, 24, 40)
+    assert small.w13.block_k == 32 and small.w13.block_n == 64 and small.w2.block_n == 32
+    assert select_moe_config(1, 7168, 2048, elem_bytes=4).w13.block_k == GPU_TABLE[0][1].block_k // 2
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_FUSED = {
+    "v3_dims_128tok_bf16": ("bf16", dict(T=128, H=7168, I=2048, E=8, K=8)),
+    "v3_dims_decode_bf16": ("bf16", dict(T=4, H=7168, I=2048, E=32, K=8, skip=0.1)),
+    "v2lite_dims_bf16": ("bf16", dict(T=300, H=2048, I=1408, E=64, K=6, unused=(7, 9))),
+    "ragged_fp16": ("fp16", dict(T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,))),
+    "ragged_fp32": ("fp32", dict(T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,))),
+    "e256_top8_bf16": ("bf16", dict(T=64, H=512, I=256, E=256, K=8)),
+    "hot_expert_bf16": ("bf16", dict(T=600, H=1024, I=512, E=8, K=2, hot=3)),
+}
+GPU_GROUPED = {
+    "contiguous_bf16": ("bf16", dict(counts=(0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
+                                     weights=True)),
+    "slab_bf16": ("bf16", dict(counts=(0, 128, 3, 77), M=128, H=7168, I=2048, weights=True)),
+    "slab_fp32": ("fp32", dict(counts=(5, 0, 33), M=40, H=1000, I=300, weights=False)),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(GPU_FUSED))
+def test_fused_moe_gpu(name: str) -> None:
+    dtype, knobs = GPU_FUSED[name]
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    _check(run_fused_case(knobs, DTYPES[dtype], "cuda", "triton"), name)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(GPU_GROUPED))
+def test_grouped_moe_gpu(name: str) -> None:
+    dtype, knobs = GPU_GROUPED[name]
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    _check(run_grouped_case(knobs, DTYPES[dtype], "cuda", "triton"), name)
