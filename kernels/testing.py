@@ -55,8 +55,8 @@ def run_in_interpreter(module_file: str, case_names: list[str], seed: int,
         out_path = os.path.join(tmp, "results.json")
         cmd = [sys.executable, "-c", "from kernels.testing import _worker; _worker()",
                module_file, out_path, str(seed), *case_names]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=str(_REPO_ROOT))
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
+                              timeout=timeout_s, cwd=str(_REPO_ROOT))
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(f"interpreter worker failed (rc {proc.returncode}):\n"
                                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -68,6 +68,7 @@ def _worker() -> None:
     module_file, out_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     spec = importlib.util.spec_from_file_location("_kernel_cases", module_file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the module look themselves up here
     spec.loader.exec_module(module)
     results: dict[str, dict] = {}
     for name in sys.argv[4:]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import zlib
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -46,32 +47,61 @@ def routing(num_tokens: int, num_experts: int, top_k: int, *, skip: float = 0.0,
     return ids.to(device), weights.to(device)
 
 
-# name -> (kind, dtype, dict of shape knobs)
+@dataclass(frozen=True)
+class Fused:
+    """fused_moe inputs: T tokens of hidden H, E experts of intermediate I, top-K routing."""
+
+    dtype: str
+    T: int
+    H: int
+    I: int  # expert intermediate size
+    E: int
+    K: int
+    skip: float = 0.0  # fraction of -1 ids
+    unused: tuple[int, ...] = ()  # experts that get no token
+    hot: int | None = None  # expert in every token's top-k (several m-blocks)
+    weights_dtype: str = "fp32"
+    tile: int | None = None  # force square tiles of this size instead of the table
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """grouped_moe inputs: contiguous rows, or [E, M, H] slabs when M is set."""
+
+    dtype: str
+    counts: tuple[int, ...]
+    H: int
+    I: int
+    weights: bool
+    M: int | None = None
+    counts_dtype: str = "int64"
+
+
 FUSED_CASES = {
-    "ragged_fp32": ("fp32", dict(T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,))),
-    "ragged_bf16": ("bf16", dict(T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,))),
-    "ragged_fp16": ("fp16", dict(T=11, H=48, I=24, E=5, K=2, skip=0.1, unused=(0,))),
-    "one_token_fp32": ("fp32", dict(T=1, H=40, I=24, E=4, K=3)),
-    "one_token_bf16": ("bf16", dict(T=1, H=40, I=24, E=4, K=3)),
-    "e256_top8_fp32": ("fp32", dict(T=5, H=24, I=16, E=256, K=8, skip=0.1)),
-    "e256_top8_bf16": ("bf16", dict(T=5, H=24, I=16, E=256, K=8)),
-    "hot_expert_fp32": ("fp32", dict(T=70, H=40, I=24, E=8, K=2, hot=5, unused=(1, 2))),
-    "all_skipped_fp32": ("fp32", dict(T=4, H=24, I=16, E=4, K=2, skip=1.0)),
-    "bf16_weights_bf16": ("bf16", dict(T=9, H=48, I=40, E=5, K=2, weights_dtype="bf16")),
-    # Explicit tiny tiles: several m-blocks per expert, group_m swizzle, the unmasked-K path
-    # (H and I multiples of block_k) and n tails.
-    "tiles16_even_k_fp32": ("fp32", dict(T=37, H=64, I=48, E=3, K=2, unused=(1,), tile=16)),
-    "tiles16_even_k_bf16": ("bf16", dict(T=37, H=64, I=48, E=3, K=2, tile=16)),
+    "ragged_fp32": Fused("fp32", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,)),
+    "ragged_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,)),
+    "ragged_fp16": Fused("fp16", T=11, H=48, I=24, E=5, K=2, skip=0.1, unused=(0,)),
+    "one_token_fp32": Fused("fp32", T=1, H=40, I=24, E=4, K=3),
+    "one_token_bf16": Fused("bf16", T=1, H=40, I=24, E=4, K=3),
+    "e256_top8_fp32": Fused("fp32", T=5, H=24, I=16, E=256, K=8, skip=0.1),
+    "e256_top8_bf16": Fused("bf16", T=5, H=24, I=16, E=256, K=8),
+    "hot_expert_fp32": Fused("fp32", T=70, H=40, I=24, E=8, K=2, hot=5, unused=(1, 2)),
+    "all_skipped_fp32": Fused("fp32", T=4, H=24, I=16, E=4, K=2, skip=1.0),
+    "bf16_weights_bf16": Fused("bf16", T=9, H=48, I=40, E=5, K=2, weights_dtype="bf16"),
+    # Explicit tiny tiles: several m-blocks per expert, group_m swizzle, and the unmasked-K path
+    # (H and I multiples of block_k).
+    "tiles16_even_k_fp32": Fused("fp32", T=37, H=64, I=48, E=3, K=2, unused=(1,), tile=16),
+    "tiles16_even_k_bf16": Fused("bf16", T=37, H=64, I=48, E=3, K=2, tile=16),
 }
 
 GROUPED_CASES = {
-    "contiguous_fp32": ("fp32", dict(counts=(3, 0, 17, 1, 0, 40), H=56, I=24, weights=True)),
-    "contiguous_bf16": ("bf16", dict(counts=(3, 0, 17, 1, 0, 40), H=56, I=24, weights=False)),
-    "contiguous_int32_counts_fp32": ("fp32", dict(counts=(0, 5, 0), H=24, I=40, weights=True,
-                                                  counts_dtype="int32")),
-    "slab_fp32": ("fp32", dict(counts=(3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True)),
-    "slab_bf16": ("bf16", dict(counts=(3, 0, 20, 1, 17), M=20, H=48, I=40, weights=False)),
-    "slab_empty_fp32": ("fp32", dict(counts=(0, 0), M=7, H=24, I=16, weights=True)),
+    "contiguous_fp32": Grouped("fp32", (3, 0, 17, 1, 0, 40), H=56, I=24, weights=True),
+    "contiguous_bf16": Grouped("bf16", (3, 0, 17, 1, 0, 40), H=56, I=24, weights=False),
+    "contiguous_int32_counts_fp32": Grouped("fp32", (0, 5, 0), H=24, I=40, weights=True,
+                                            counts_dtype="int32"),
+    "slab_fp32": Grouped("fp32", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True),
+    "slab_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=False),
+    "slab_empty_fp32": Grouped("fp32", (0, 0), M=7, H=24, I=16, weights=True),
 }
 
 
@@ -82,42 +112,42 @@ def _tile_config(size: int):
     return MoEConfig(w13=tile, w2=tile)
 
 
-def run_fused_case(knobs: dict, dtype: torch.dtype, device: str, backend: str) -> dict:
-    x = torch.randn(knobs["T"], knobs["H"], device=device).to(dtype)
-    w13, w2 = moe_weights(knobs["E"], knobs["H"], knobs["I"], dtype, device)
-    ids, weights = routing(knobs["T"], knobs["E"], knobs["K"], skip=knobs.get("skip", 0.0),
-                           unused=knobs.get("unused", ()), hot=knobs.get("hot"), device=device)
-    if knobs.get("weights_dtype") == "bf16":
-        weights = weights.to(torch.bfloat16)
-    if "tile" in knobs:
+def run_fused_case(case: Fused, device: str) -> dict:
+    dtype = DTYPES[case.dtype]
+    x = torch.randn(case.T, case.H, device=device).to(dtype)
+    w13, w2 = moe_weights(case.E, case.H, case.I, dtype, device)
+    ids, weights = routing(case.T, case.E, case.K, skip=case.skip, unused=case.unused,
+                           hot=case.hot, device=device)
+    weights = weights.to(DTYPES[case.weights_dtype])
+    if case.tile is not None:
         from kernels.fused_moe_triton import fused_moe_triton
 
-        out = fused_moe_triton(x, w13, w2, weights, ids, config=_tile_config(knobs["tile"]))
+        out = fused_moe_triton(x, w13, w2, weights, ids, config=_tile_config(case.tile))
     else:
-        out = fused_moe(x, w13, w2, weights, ids, backend=backend)
+        out = fused_moe(x, w13, w2, weights, ids, backend="triton")
     ref = fused_moe_torch(x, w13, w2, weights, ids)
     return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype,
             "ref_norm": ref.float().norm().item()}
 
 
-def run_grouped_case(knobs: dict, dtype: torch.dtype, device: str, backend: str) -> dict:
-    counts = torch.tensor(knobs["counts"], dtype=getattr(torch, knobs.get("counts_dtype",
-                                                                          "int64")))
-    num_experts = len(knobs["counts"])
-    w13, w2 = moe_weights(num_experts, knobs["H"], knobs["I"], dtype, device)
-    if "M" in knobs:  # padded slabs; padding rows hold garbage that must not leak
-        x = torch.randn(num_experts, knobs["M"], knobs["H"], device=device).to(dtype)
-        weights = torch.rand(num_experts, knobs["M"], device=device)
+def run_grouped_case(case: Grouped, device: str) -> dict:
+    dtype = DTYPES[case.dtype]
+    counts = torch.tensor(case.counts, dtype=getattr(torch, case.counts_dtype))
+    num_experts = len(case.counts)
+    w13, w2 = moe_weights(num_experts, case.H, case.I, dtype, device)
+    if case.M is not None:  # padded slabs; padding rows hold garbage that must not leak
+        x = torch.randn(num_experts, case.M, case.H, device=device).to(dtype)
+        weights = torch.rand(num_experts, case.M, device=device)
     else:
-        x = torch.randn(int(counts.sum()), knobs["H"], device=device).to(dtype)
+        x = torch.randn(int(counts.sum()), case.H, device=device).to(dtype)
         weights = torch.rand(x.shape[0], device=device)
-    weights = weights if knobs["weights"] else None
-    out = grouped_moe(x, counts.to(device), w13, w2, weights, backend=backend)
+    weights = weights if case.weights else None
+    out = grouped_moe(x, counts.to(device), w13, w2, weights, backend="triton")
     ref = grouped_moe_torch(x, counts, w13, w2, weights)
     result = {"err": rel_err(out, ref), "tol": tolerance(dtype),
               "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item()}
-    if "M" in knobs:
-        pad = torch.arange(knobs["M"], device=device)[None, :] >= counts.to(device)[:, None]
+    if case.M is not None:
+        pad = torch.arange(case.M, device=device)[None, :] >= counts.to(device)[:, None]
         result["padding_zero"] = bool((out[pad] == 0).all())
     return result
 
@@ -126,10 +156,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     """Entry point of the interpreter subprocess (kernels.testing._worker)."""
     torch.manual_seed(seed + zlib.crc32(name.encode()))
     if name in FUSED_CASES:
-        dtype, knobs = FUSED_CASES[name]
-        return run_fused_case(knobs, DTYPES[dtype], "cpu", "triton")
-    dtype, knobs = GROUPED_CASES[name]
-    return run_grouped_case(knobs, DTYPES[dtype], "cpu", "triton")
+        return run_fused_case(FUSED_CASES[name], "cpu")
+    return run_grouped_case(GROUPED_CASES[name], "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -167,25 +195,26 @@ def test_config_table_is_pure_and_fits() -> None:
     # Tiny dims clamp the blocks; fp32 halves block_k.
     small = select_moe_config(1000, 24, 40)
     assert small.w13.block_k == 32 and small.w13.block_n == 64 and small.w2.block_n == 32
-    assert select_moe_config(1, 7168, 2048, elem_bytes=4).w13.block_k == GPU_TABLE[0][1].block_k // 2
+    fp32 = select_moe_config(1, 7168, 2048, elem_bytes=4)
+    assert fp32.w13.block_k == GPU_TABLE[0][1].block_k // 2
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GPU_FUSED = {
-    "v3_dims_128tok_bf16": ("bf16", dict(T=128, H=7168, I=2048, E=8, K=8)),
-    "v3_dims_decode_bf16": ("bf16", dict(T=4, H=7168, I=2048, E=32, K=8, skip=0.1)),
-    "v2lite_dims_bf16": ("bf16", dict(T=300, H=2048, I=1408, E=64, K=6, unused=(7, 9))),
-    "ragged_fp16": ("fp16", dict(T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,))),
-    "ragged_fp32": ("fp32", dict(T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,))),
-    "e256_top8_bf16": ("bf16", dict(T=64, H=512, I=256, E=256, K=8)),
-    "hot_expert_bf16": ("bf16", dict(T=600, H=1024, I=512, E=8, K=2, hot=3)),
+    "v3_dims_128tok_bf16": Fused("bf16", T=128, H=7168, I=2048, E=8, K=8),
+    "v3_dims_decode_bf16": Fused("bf16", T=4, H=7168, I=2048, E=32, K=8, skip=0.1),
+    "v2lite_dims_bf16": Fused("bf16", T=300, H=2048, I=1408, E=64, K=6, unused=(7, 9)),
+    "ragged_fp16": Fused("fp16", T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,)),
+    "ragged_fp32": Fused("fp32", T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,)),
+    "e256_top8_bf16": Fused("bf16", T=64, H=512, I=256, E=256, K=8),
+    "hot_expert_bf16": Fused("bf16", T=600, H=1024, I=512, E=8, K=2, hot=3),
 }
 GPU_GROUPED = {
-    "contiguous_bf16": ("bf16", dict(counts=(0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
-                                     weights=True)),
-    "slab_bf16": ("bf16", dict(counts=(0, 128, 3, 77), M=128, H=7168, I=2048, weights=True)),
-    "slab_fp32": ("fp32", dict(counts=(5, 0, 33), M=40, H=1000, I=300, weights=False)),
+    "contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
+                               weights=True),
+    "slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True),
+    "slab_fp32": Grouped("fp32", (5, 0, 33), M=40, H=1000, I=300, weights=False),
 }
 
 
@@ -193,15 +222,13 @@ GPU_GROUPED = {
 @gpu
 @pytest.mark.parametrize("name", list(GPU_FUSED))
 def test_fused_moe_gpu(name: str) -> None:
-    dtype, knobs = GPU_FUSED[name]
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check(run_fused_case(knobs, DTYPES[dtype], "cuda", "triton"), name)
+    _check(run_fused_case(GPU_FUSED[name], "cuda"), name)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", list(GPU_GROUPED))
 def test_grouped_moe_gpu(name: str) -> None:
-    dtype, knobs = GPU_GROUPED[name]
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check(run_grouped_case(knobs, DTYPES[dtype], "cuda", "triton"), name)
+    _check(run_grouped_case(GPU_GROUPED[name], "cuda"), name)
