@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from afd.config import EngineConfig
 from afd.kv_cache import BlockAllocator
 from afd.model_runner import ModelRunner
-from afd.scheduler import Scheduler
+from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
 from models.model import ExpertPath, MoEModel
 
@@ -51,11 +51,12 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[CoreOutput]:
-        plan = self.scheduler.schedule()
-        if plan.empty:
-            return []
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
+        """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
         sampling = [s.seq for s in plan.seqs if s.samples]  # before update() moves the counts
-        tokens = self.runner.execute(plan)
+        tokens = self.runner.execute(plan, micro_batches)
         self.scheduler.update(plan)
         outputs = []
         for seq, token in zip(sampling, tokens):

@@ -7,23 +7,27 @@ import torch
 from afd.config import EngineConfig
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler
-from afd.scheduler import SchedulerOutput
+from afd.pingpong import run_micro_batches, split_evenly
+from afd.scheduler import ScheduledSeq, SchedulerOutput
 from models.batch import ForwardBatch
-from models.model import ExpertPath, MoEModel
+from models.model import ExpertPath, LocalExperts, MoEModel
 
 
 class ModelRunner:
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None):
+        """``experts``: where routed tokens go (None: this process's own experts). With a
+        transport every step is collective: even an empty plan runs a zero-token forward."""
         self.model = model
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.experts = experts
+        self.experts = experts or LocalExperts(model)
+        self.collective = experts is not None
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks, cfg.block_size,
                                             cfg.dtype, self.device)
         self.sampler = Sampler(cfg.seed)
 
-    def prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
-        """Flatten the plan into (input_ids [T], ForwardBatch, logits_index [N]) on the device."""
+    def prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N])."""
         bs = self.cfg.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -31,9 +35,9 @@ class ModelRunner:
         seq_lens: list[int] = []
         query_lens: list[int] = []
         logits_index: list[int] = []
-        max_blocks = max(len(s.seq.block_ids) for s in plan.seqs)
-        tables = torch.zeros(len(plan.seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(plan.seqs):
+        max_blocks = max((len(s.seq.block_ids) for s in seqs), default=1)
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
@@ -59,10 +63,15 @@ class ModelRunner:
                 torch.tensor(logits_index, dtype=torch.long, device=dev))
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[int]:
-        """Run one step; returns the sampled token of each sequence that reached its end."""
-        input_ids, batch, logits_index = self.prepare(plan)
-        logits = self.model(input_ids, batch, self.kv_caches, logits_index, self.experts)
+    def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[int]:
+        """Run one step in ``micro_batches`` ping-ponged parts; returns the sampled token of
+        each sequence that reached its end (in plan order)."""
+        if plan.empty and not self.collective:
+            return []
+        sizes = [s.num_new_tokens for s in plan.seqs]
+        parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
+        inputs = [self.prepare(part) for part in parts]
+        logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, self.experts))
         sampling = [s.seq for s in plan.seqs if s.samples]
         if not sampling:
             return []

@@ -8,8 +8,9 @@ Output, for ``topk_ids`` [T, K] flattened to S = T*K slots (slot s = token s // 
 The GEMMs pad each expert's segment to their own BLOCK_M themselves (see ``moe_gemm_triton``), so
 the two GEMMs can use different block sizes and nothing here depends on a tile config.
 
-Two launches, no host sync, deterministic (no atomics): a count pass writes per-chunk histograms,
-then every chunk's program reads all histograms to find where its slots go.
+Two launches (one when the slots fit one chunk, as in decode), no host sync, deterministic (no
+atomics): a count pass writes per-chunk histograms, then every chunk's program reads all
+histograms to find where its slots go.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _one_hot(ids_ptr, pid, num_slots, num_experts, E_PAD: tl.constexpr, CHUNK: t
     return offs, hit.to(tl.int32)  # [CHUNK], [CHUNK, E_PAD]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def moe_count_kernel(
     ids_ptr,  # [S] int32/int64 expert id per slot
     chunk_counts_ptr,  # [num_chunks, E_PAD] int32 out
@@ -47,7 +48,7 @@ def moe_count_kernel(
     tl.store(chunk_counts_ptr + pid * E_PAD + cols, tl.sum(hit, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "num_chunks"])
 def moe_scatter_kernel(
     ids_ptr,  # [S] int32/int64
     chunk_counts_ptr,  # [num_chunks, E_PAD] int32 from moe_count_kernel
@@ -58,20 +59,25 @@ def moe_scatter_kernel(
     num_chunks,
     E_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,  # one chunk: count here, no moe_count_kernel launch (decode batches)
 ):
     pid = tl.program_id(0)
     offs, hit = _one_hot(ids_ptr, pid, num_slots, num_experts, E_PAD, CHUNK)
     cols = tl.arange(0, E_PAD)
-    # Every program sums all chunk histograms (tiny: num_chunks x E int32 from L2) so that no
-    # third launch or grid-wide barrier is needed.
-    total = tl.zeros([E_PAD], dtype=tl.int32)
-    before = tl.zeros([E_PAD], dtype=tl.int32)  # this expert's slots in earlier chunks
-    for c0 in range(0, num_chunks, CHUNK):
-        rows = c0 + tl.arange(0, CHUNK)
-        tile = tl.load(chunk_counts_ptr + rows[:, None] * E_PAD + cols[None, :],
-                       mask=(rows < num_chunks)[:, None], other=0)  # [CHUNK, E_PAD]
-        total += tl.sum(tile, 0)
-        before += tl.sum(tl.where((rows < pid)[:, None], tile, 0), 0)
+    if SINGLE:
+        total = tl.sum(hit, 0)
+        before = tl.zeros([E_PAD], dtype=tl.int32)
+    else:
+        # Every program sums all chunk histograms (tiny: num_chunks x E int32 from L2) so that
+        # no third launch or grid-wide barrier is needed.
+        total = tl.zeros([E_PAD], dtype=tl.int32)
+        before = tl.zeros([E_PAD], dtype=tl.int32)  # this expert's slots in earlier chunks
+        for c0 in range(0, num_chunks, CHUNK):
+            rows = c0 + tl.arange(0, CHUNK)
+            tile = tl.load(chunk_counts_ptr + rows[:, None] * E_PAD + cols[None, :],
+                           mask=(rows < num_chunks)[:, None], other=0)  # [CHUNK, E_PAD]
+            total += tl.sum(tile, 0)
+            before += tl.sum(tl.where((rows < pid)[:, None], tile, 0), 0)
     if pid == 0:
         tl.store(counts_ptr + cols, total, mask=cols < num_experts)
     base = tl.cumsum(total, 0) - total + before  # [E_PAD] first position of this chunk's slots
@@ -80,19 +86,26 @@ def moe_scatter_kernel(
     tl.store(sorted_slots_ptr + pos, offs, mask=tl.sum(hit, 1) > 0)
 
 
-def align_by_expert(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """flat_ids: [S] int32/int64 contiguous -> (counts [E] int32, sorted_slots [S] int32)."""
+def align_by_expert(flat_ids: torch.Tensor, num_experts: int, *,
+                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat_ids: [S] int32/int64 contiguous -> (counts [E] int32, sorted_slots [S] int32).
+
+    ``chunk`` (a power of two >= 16) overrides the slots per program, for tests.
+    """
     num_slots = flat_ids.numel()
     e_pad = max(16, triton.next_power_of_2(num_experts))
-    chunk = max(16, min(1024, _TILE_ELEMS // e_pad))
+    chunk = chunk or max(16, min(1024, _TILE_ELEMS // e_pad))
     num_chunks = triton.cdiv(num_slots, chunk)
     device = flat_ids.device
-    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_slots = torch.empty(num_slots, dtype=torch.int32, device=device)
-    moe_count_kernel[(num_chunks,)](flat_ids, chunk_counts, num_slots, num_experts,
-                                    E_PAD=e_pad, CHUNK=chunk, num_warps=4)
+    single = num_chunks == 1
+    chunk_counts = counts  # unused placeholder when single
+    if not single:
+        chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
+        moe_count_kernel[(num_chunks,)](flat_ids, chunk_counts, num_slots, num_experts,
+                                        E_PAD=e_pad, CHUNK=chunk, num_warps=4)
     moe_scatter_kernel[(num_chunks,)](flat_ids, chunk_counts, counts, sorted_slots, num_slots,
                                       num_experts, num_chunks, E_PAD=e_pad, CHUNK=chunk,
-                                      num_warps=4)
+                                      SINGLE=single, num_warps=4)
     return counts, sorted_slots

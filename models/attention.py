@@ -81,7 +81,7 @@ class MLAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm.norm(self.q_a_proj(x)))
-        q = q.view(-1, self.num_heads, self.nope + self.rope)
+        q = q.view(x.shape[0], self.num_heads, self.nope + self.rope)
         return q[..., : self.nope], q[..., self.nope:]  # [T, H, nope], [T, H, rope]
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ so the loader's name table is mostly the identity.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -141,32 +142,57 @@ class MoEModel(nn.Module):
         h, _ = self.model.norm(x, residual)
         return self.lm_head(h).float()
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
-                experts: "ExpertPath | None" = None) -> torch.Tensor:
-        """All layers for one batch; returns logits [len(logits_index), V] fp32.
+    def forward_stages(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                       kv_caches: list[torch.Tensor], logits_index: torch.Tensor
+                       ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
+        """All layers for one batch, as a generator that hands each MoE layer's routed tokens out.
 
-        ``experts`` carries each MoE layer's routed tokens to the FFN half and back: by default
-        this process's own experts (role "full"); a transport when the experts live on FFN ranks.
+        It yields ``Dispatch`` (send the routed tokens to the experts; resume with a handle) and
+        then ``Combine`` (resume with the experts' weighted output [T, H]); it returns the logits
+        [len(logits_index), V] fp32. The driver decides where the experts are (this process or
+        FFN ranks) and may interleave several micro-batches' generators (ping-pong).
         """
-        experts = experts or LocalExperts(self)
         x, residual = self.embed(input_ids, batch), None
         for layer in self.layers:
             out = layer.attention_half(x, residual, batch, kv_caches[layer.index])
             if out.routing is None:
                 x = layer.local_mlp(out.hidden)
             else:
-                handle = experts.dispatch(layer.index, out.hidden, out.routing)  # A -> F
+                handle = yield Dispatch(layer.index, out.hidden, out.routing)  # A -> F
                 shared = layer.local_mlp(out.hidden)  # runs while routed tokens travel
-                x = merge_mlp(experts.combine(handle), shared)  # F -> A
+                routed = yield Combine(handle)  # F -> A
+                x = merge_mlp(routed, shared)
             residual = out.residual
         return self.logits(x[logits_index], residual[logits_index])
 
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
+                experts: ExpertPath | None = None) -> torch.Tensor:
+        """One batch through every layer; the experts are this process's own unless given."""
+        stages = self.forward_stages(input_ids, batch, kv_caches, logits_index)
+        return run_stages(stages, experts or LocalExperts(self))
+
+
+@dataclass
+class Dispatch:
+    """A MoE layer's routed tokens, ready to leave for the experts."""
+
+    layer: int
+    hidden: torch.Tensor  # [T, H] post-attention-norm activations
+    routing: Routing
+
+
+@dataclass
+class Combine:
+    """Waiting for the experts' answer to an earlier dispatch."""
+
+    handle: object
+
 
 class ExpertPath:
-    """How a MoE layer's routed tokens reach the experts and come back (see afd.transport)."""
+    """How routed tokens reach the experts and come back (afd.transport holds the real ones)."""
 
-    def dispatch(self, layer: int, hidden: torch.Tensor, routing: Routing) -> object:
+    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> object:
         raise NotImplementedError
 
     def combine(self, handle: object) -> torch.Tensor:
@@ -179,8 +205,37 @@ class LocalExperts(ExpertPath):
     def __init__(self, model: MoEModel):
         self.layers = model.layers
 
-    def dispatch(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
-        return self.layers[layer].ffn_half(hidden, routing)
+    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> torch.Tensor:
+        return self.layers[req.layer].ffn_half(req.hidden, req.routing)
 
     def combine(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+class StageDriver:
+    """Runs one forward generator: dispatches at once whatever it sends out and stops at each
+    Combine, so a caller can interleave several micro-batches (see afd.pingpong)."""
+
+    def __init__(self, stages: Generator, experts: ExpertPath, micro_batch: int = 0):
+        self.stages, self.experts, self.micro_batch = stages, experts, micro_batch
+        self.result: torch.Tensor | None = None
+
+    def advance(self, value: object = None) -> Combine | None:
+        """Resume with ``value``; return the next Combine to wait for, or None at the end."""
+        try:
+            item = self.stages.send(value)
+            while isinstance(item, Dispatch):
+                item = self.stages.send(self.experts.dispatch(item, self.micro_batch))
+            return item
+        except StopIteration as stop:
+            self.result = stop.value
+            return None
+
+
+def run_stages(stages: Generator, experts: ExpertPath) -> torch.Tensor:
+    """Drive one forward generator to the end, one MoE layer at a time."""
+    driver = StageDriver(stages, experts)
+    wait = driver.advance()
+    while wait is not None:
+        wait = driver.advance(experts.combine(wait.handle))
+    return driver.result

@@ -65,7 +65,7 @@ class Router(nn.Module):
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep only the experts in the topk_group best groups of n_group."""
         cfg = self.cfg
-        grouped = choice.view(choice.shape[0], cfg.n_group, -1)  # [T, G, E/G]
+        grouped = choice.view(choice.shape[0], cfg.n_group, cfg.num_experts // cfg.n_group)
         if cfg.topk_method == "noaux_tc":
             group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
             fill = float("-inf")

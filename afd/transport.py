@@ -1,0 +1,170 @@
+"""The attention -> FFN handoff, fused into the MoE all-to-all dispatch and combine.
+
+Attention side (``ExpertPath``): ``dispatch`` sends each (token, expert) pair's activations to the
+FFN rank holding that expert, grouped by the expert's slot there; ``combine`` receives the experts'
+outputs and sums them per token with the routing weights, in expert order, exactly as
+``kernels.fused_moe_torch`` does. FFN side: ``serve`` receives one micro-batch's rows, runs
+``kernels.grouped_moe`` over its local experts (no sort: rows arrive grouped) and sends them back.
+
+The ``torch`` backend is two ``all_to_all_single`` calls per dispatch over the attention+FFN
+group, counts first (so receivers can size buffers), then tokens; combine is one more. FFN ranks
+send nothing on dispatch and attention ranks nothing on combine. Each micro-batch has a process
+group of its own, so micro-batch i's round trip never waits behind micro-batch i+1's collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from afd.placement import ExpertPlacement
+from models.model import Dispatch, ExpertPath
+from models.moe import RoutedExperts
+
+
+@dataclass
+class ExpertGroups:
+    """Who is who in the attention+FFN group: group ranks [0, A) attend, [A, A+F) hold experts."""
+
+    num_attention: int
+    num_ffn: int
+    micro_batch_groups: list  # one ProcessGroup per micro-batch slot
+
+    @property
+    def size(self) -> int:
+        return self.num_attention + self.num_ffn
+
+
+@dataclass
+class DispatchHandle:
+    """An in-flight dispatch, as the attention side needs it back for combine."""
+
+    micro_batch: int
+    layer: int
+    num_tokens: int
+    rows_per_ffn: list[int]  # rows sent to each FFN rank
+    row_token: torch.Tensor  # [R] token of each sent row (send order)
+    row_expert: torch.Tensor  # [R] logical expert of each sent row
+    row_weight: torch.Tensor  # [R] routing weight of each sent row
+    send_buffer: torch.Tensor  # [R, H] kept alive until the send completes
+    work: object | None = None
+
+
+@dataclass
+class ServeState:
+    """An FFN rank's answer in flight (buffers kept alive until the send completes)."""
+
+    buffer: torch.Tensor
+    work: object
+
+
+class TorchTransport(ExpertPath):
+    """Attention-side dispatch/combine over ``torch.distributed.all_to_all_single``."""
+
+    def __init__(self, groups: ExpertGroups, placement: ExpertPlacement, hidden: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.groups, self.placement = groups, placement
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.tables = tuple(t.to(device) for t in placement.lookup_tables())
+        self.slots = placement.max_slots
+
+    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> DispatchHandle:
+        group = self.groups.micro_batch_groups[micro_batch]
+        a, f, s = self.groups.num_attention, self.groups.num_ffn, self.slots
+        ids = req.routing.topk_ids  # [T, K]
+        num_tokens, top_k = ids.shape
+        rank, slot = self.placement.route(ids.clamp(min=0), self.tables)
+        valid = (ids >= 0).flatten()
+        key = torch.where(valid, (rank * s + slot).flatten(), f * s)  # [T*K], invalid last
+        order = torch.argsort(key, stable=True)[: int(valid.sum())]
+        counts = torch.bincount(key[order], minlength=f * s).view(f, s)  # [F, S]
+        send_counts = torch.zeros(self.groups.size, s, dtype=torch.long, device=self.device)
+        send_counts[a:] = counts
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # FFN ranks learn sizes
+
+        row_token = order // top_k
+        rows = counts.sum(dim=1).tolist()
+        send = req.hidden[row_token].contiguous()  # [R, H]
+        empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+        work = dist.all_to_all_single(empty, send, [0] * self.groups.size, [0] * a + rows,
+                                      group=group, async_op=True)
+        return DispatchHandle(micro_batch, req.layer, num_tokens, rows, row_token,
+                              ids.flatten()[order], req.routing.topk_weights.flatten()[order],
+                              send, work)
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        group = self.groups.micro_batch_groups[handle.micro_batch]
+        a = self.groups.num_attention
+        recv = torch.empty(sum(handle.rows_per_ffn), self.hidden, dtype=self.dtype,
+                           device=self.device)
+        empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+        dist.all_to_all_single(recv, empty, [0] * a + handle.rows_per_ffn,
+                               [0] * self.groups.size, group=group)
+        handle.work.wait()
+        return weighted_sum(recv, handle.row_token, handle.row_expert, handle.row_weight,
+                            handle.num_tokens)
+
+
+def weighted_sum(rows: torch.Tensor, row_token: torch.Tensor, row_expert: torch.Tensor,
+                 row_weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[t] = sum over t's rows of weight * row, added in expert order (fp32), like the
+    colocated kernel, so a disaggregated layout reproduces it bit for bit on CPU."""
+    order = torch.argsort(row_expert, stable=True)
+    y = rows[order] * row_weight[order, None].to(rows.dtype)
+    out = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
+    out.index_add_(0, row_token[order], y.float())
+    return out.to(rows.dtype)
+
+
+class TorchExpertServer:
+    """FFN-side loop body for the torch backend: one micro-batch of one MoE layer per ``serve``."""
+
+    def __init__(self, groups: ExpertGroups, placement: ExpertPlacement, hidden: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.groups, self.placement = groups, placement
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.slots = placement.max_slots
+        self.in_flight: list[ServeState] = []
+
+    def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
+        """Receive, compute, send back. Returns how many rows this rank served."""
+        group = self.groups.micro_batch_groups[micro_batch]
+        size, s = self.groups.size, self.slots
+        counts = torch.empty(size, s, dtype=torch.long, device=self.device)
+        dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
+        per_source = counts.sum(dim=1).tolist()
+        x = torch.empty(sum(per_source), self.hidden, dtype=self.dtype, device=self.device)
+        empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+        dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
+        # Rows arrive by source, then slot; the grouped GEMM wants them by slot.
+        by_slot = _group_by_slot(counts)
+        n_slots = len(experts.expert_ids)
+        y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13, experts.w2)
+        back = torch.empty_like(y)
+        back[by_slot] = y
+        work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
+                                      async_op=True)
+        self.in_flight.append(ServeState(back, work))
+        return x.shape[0]
+
+    def drain(self) -> None:
+        """Wait for every answer sent this step (their buffers may then be freed)."""
+        for state in self.in_flight:
+            state.work.wait()
+        self.in_flight.clear()
+
+
+def _group_by_slot(counts: torch.Tensor) -> torch.Tensor:
+    """counts [sources, slots] of rows laid out source-major -> the row order that is slot-major."""
+    flat = counts.flatten()
+    src_start = torch.cumsum(flat, 0) - flat  # where each (source, slot) block begins
+    blocks = torch.arange(counts.numel(), device=counts.device).view(counts.shape).t().flatten()
+    lens = flat[blocks]
+    out_start = torch.cumsum(lens, 0) - lens
+    total = int(flat.sum())
+    return (torch.repeat_interleave(src_start[blocks] - out_start, lens, output_size=total)
+            + torch.arange(total, device=counts.device))
