@@ -64,8 +64,9 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, i
     return num_experts, hidden, two_i // 2
 
 
-def _config(rows: int, num_experts: int, hidden: int, inter: int,
-            dtype: torch.dtype) -> MoEConfig:
+def default_config(rows: int, num_experts: int, hidden: int, inter: int,
+                   dtype: torch.dtype) -> MoEConfig:
+    """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``."""
     return select_moe_config(rows / num_experts, hidden, inter, elem_bytes=dtype.itemsize,
                              interpreter=interpreter_enabled())
 
@@ -90,7 +91,7 @@ def fused_moe_triton(
         return out.zero_()
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     num_slots = num_tokens * top_k
-    cfg = config or _config(num_slots, num_experts, hidden, inter, x.dtype)
+    cfg = config or default_config(num_slots, num_experts, hidden, inter, x.dtype)
     flat_ids = topk_ids.contiguous().view(-1)  # [T*K], slot s = token s // K, choice s % K
     counts, sorted_slots = align_by_expert(flat_ids, num_experts)
     h = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)  # [T*K, I] grouped order
@@ -144,7 +145,7 @@ def grouped_moe_triton(
     counts = expert_counts.to(device=x.device, non_blocking=True)
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
-    cfg = config or _config(num_rows, num_experts, hidden, inter, x.dtype)
+    cfg = config or default_config(num_rows, num_experts, hidden, inter, x.dtype)
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     _launch("w13", cfg.w13, x.dtype, launch_w13, rows, w13, h, counts, None,
             num_rows=num_rows, top_k=1, slab_rows=slab_rows)

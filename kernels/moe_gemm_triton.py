@@ -70,7 +70,12 @@ def _round(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
     return rne_bf16(x, INTERP_BF16).to(dtype).to(tl.float32)
 
 
-@triton.jit
+# Row and block counts change with every batch; specializing on them (divisibility by 16, == 1)
+# would compile a new variant for each pattern mid-serving.
+_RUNTIME_INTS = ["num_rows", "slab_rows", "num_pid_m"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w13_kernel(
     x_ptr,  # [num tokens or rows, H] activations, unit stride along H
     w_ptr,  # [E, 2I, H] gate rows then up rows
@@ -132,7 +137,7 @@ def moe_w13_kernel(
     tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w2_kernel(
     h_ptr,  # [num_rows, I] from moe_w13_kernel
     w_ptr,  # [E, H, I]

@@ -43,9 +43,26 @@ def run_in_interpreter(module_file: str, case_names: list[str], seed: int,
                        timeout_s: float = 600.0) -> dict[str, dict]:
     """Call ``<module>.interpreter_case(name, seed)`` for each name in a fresh interpreter process.
 
-    Returns {name: result dict}; a case that raised gets {"error": traceback text}.
-    Raises RuntimeError with the child's output if the process itself fails.
+    Returns {name: result dict}; a case that raised gets {"error": traceback text}. The
+    interpreter writes through raw pointers, so an out-of-bounds kernel bug can kill the process:
+    then each case is rerun in its own process to say which one did it.
     """
+    try:
+        return _run_worker(module_file, case_names, seed, timeout_s)
+    except RuntimeError as crash:
+        if len(case_names) == 1:
+            return {case_names[0]: {"error": str(crash)}}
+    results = {}
+    for name in case_names:
+        try:
+            results.update(_run_worker(module_file, [name], seed, timeout_s))
+        except RuntimeError as crash:
+            results[name] = {"error": str(crash)}
+    return results
+
+
+def _run_worker(module_file: str, case_names: list[str], seed: int,
+                timeout_s: float) -> dict[str, dict]:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-shot kernel check on a lent GPU: the GPU-marked kernel tests, then bench/kernels.py with a
+# short tile sweep. Logs and JSON land in $OUT (default bench/results/kernels_<date>).
+#
+#   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
+#
+# Expected wall time on an H100: ~1-2 min of tests (mostly Triton compiles), ~3 min of benchmark
+# (SWEEP_BUDGET_S bounds the whole benchmark run, sweep included). Every stage has a timeout and
+# the script always goes on to the next stage, so one failure still leaves the rest of the results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-170}
+export OUT
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET AFD_KERNEL_BACKEND
+export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+start=$(date +%s)
+stamp() { echo "[gpu_kernels $(($(date +%s) - start))s] $*"; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, torch.cuda.get_device_name())" 2>&1
+  echo "commit $AFD_COMMIT"
+} | tee "$OUT/kernels_env.txt"
+
+stamp "GPU kernel tests"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
+  tests/test_kernels_mla.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
+tests_rc=${PIPESTATUS[0]}
+stamp "tests exit code $tests_rc"
+
+stamp "benchmark (writes $OUT/kernels.json)"
+timeout $((SWEEP_BUDGET_S + 150)) python3 bench/kernels.py --sweep --budget-s "$SWEEP_BUDGET_S" \
+  2>&1 | tee "$OUT/kernels_bench.log"
+bench_rc=${PIPESTATUS[0]}
+stamp "benchmark exit code $bench_rc"
+
+echo "tests_rc=$tests_rc bench_rc=$bench_rc elapsed_s=$(($(date +%s) - start))" \
+  | tee "$OUT/kernels_status.txt"
+exit $((tests_rc != 0 || bench_rc != 0))

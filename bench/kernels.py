@@ -1,0 +1,339 @@
+"""Kernel timings on one GPU: the routed-expert GroupGEMM against the roofline, and the other
+hot-path kernels against their torch references.
+
+    python bench/kernels.py [--json out.json] [--sweep] [--budget-s 210]   # CUDA GPU
+    python bench/kernels.py --smoke                                        # CPU, tiny dims
+
+MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
+m = 1..512 tokens per expert, each beside
+  floor       max(bytes / copy bandwidth, flops / bf16 matmul rate), both measured in this run;
+              bytes = the weights of the experts touched + activations in and out
+  loop        one torch matmul pair per expert (grouped_moe_torch)
+  grouped_mm  torch._grouped_mm for w13 and w2 with torch's SiLU*up between (if available)
+for the Triton ``fused_moe`` entry (routing: alignment + GEMMs + top-k sum, K = min(8, E)) and the
+``grouped_moe`` entry (rows already grouped, as on an FFN rank). ``--sweep`` then times other tiles
+for each GEMM until the time budget runs out, to tune ``kernels/fused_moe_config.py``.
+Every case is guarded: a failure is printed and recorded, and the run goes on. Results go to
+``--json`` and to ``$OUT/kernels.json`` when $OUT is set. ``--smoke`` runs tiny dims on the CPU
+under the Triton interpreter to check that the script itself works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.fused_moe import grouped_moe_torch  # noqa: E402
+from kernels.fused_moe_triton import (  # noqa: E402
+    default_config,
+    fused_moe_triton,
+    grouped_moe_triton,
+)
+from kernels.fused_moe_tuning import sweep_moe  # noqa: E402
+from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
+from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
+from kernels.norm import rms_norm_torch  # noqa: E402
+from kernels.norm_triton import rms_norm_triton  # noqa: E402
+from kernels.rotary import apply_rotary_torch  # noqa: E402
+from kernels.rotary_triton import apply_rotary_triton  # noqa: E402
+from kernels.testing import rel_err  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Timer:
+    """Median ms of ``fn``: triton's do_bench on CUDA (L2 flushed between runs), wall clock else."""
+
+    def __init__(self, cuda: bool, rep_ms: int):
+        self.cuda, self.rep_ms = cuda, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=max(10, self.rep_ms // 4),
+                                                 rep=self.rep_ms, return_mode="median"))
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+def guarded(errors: list, label: str, fn, default=None):
+    """Run one case; on failure print and record the error and return ``default``."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one bad case must not end a scarce GPU run
+        log(f"  !! {label}: {type(exc).__name__}: {str(exc)[:300]}")
+        errors.append({"case": label, "error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()[-2000:]})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return default
+
+
+def _copy_bandwidth(timer: Timer, device: str, elems: int) -> float:
+    src = torch.empty(elems, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    return 2 * elems * 2 / (timer(lambda: dst.copy_(src)) * 1e-3)  # read + write, B/s
+
+
+def _matmul_rate(timer: Timer, device: str, n: int) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    return 2 * n**3 / (timer(lambda: a @ b) * 1e-3)
+
+
+def measure_ceilings(timer: Timer, device: str, smoke: bool) -> dict:
+    copy_bw = _copy_bandwidth(timer, device, (1 << 22) if smoke else (1 << 29))  # 1 GiB bf16
+    n = 256 if smoke else 8192
+    rate = _matmul_rate(timer, device, n)
+    log(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s, bf16 {n}^3 matmul {rate / 1e12:.0f} TFLOP/s")
+    return {"copy_bytes_per_s": copy_bw, "matmul_flops_per_s": rate, "matmul_n": n}
+
+
+def grouped_mm_ffn(x: torch.Tensor, offs: torch.Tensor, w13_t: torch.Tensor,
+                   w2_t: torch.Tensor) -> torch.Tensor:
+    """Baseline: torch._grouped_mm for both GEMMs (B given K-major, as its kernels want)."""
+    gate_up = torch._grouped_mm(x, w13_t, offs=offs)  # [N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2_t, offs=offs)  # [N, H]
+
+
+def moe_inputs(num_experts: int, m: int, hidden: int, device: str, w13, w2) -> dict:
+    top_k = min(8, num_experts)
+    rows = m * num_experts
+    tokens = rows // top_k
+    # Token t's slots go to experts (t*K + j) % E: distinct per token, exactly m per expert.
+    ids = (torch.arange(tokens, device=device)[:, None] * top_k
+           + torch.arange(top_k, device=device)[None, :]) % num_experts
+    counts = torch.full((num_experts,), m, dtype=torch.int32)
+    return {
+        "x_tok": torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16),
+        "ids": ids, "weights": torch.rand(tokens, top_k, device=device).softmax(-1),
+        "x_rows": torch.randn(rows, hidden, device=device, dtype=torch.bfloat16),
+        "counts": counts.to(device), "counts_cpu": counts,
+        "offs": torch.cumsum(counts, 0).to(device=device, dtype=torch.int32),
+        "w13": w13, "w2": w2, "top_k": top_k, "tokens": tokens, "rows": rows,
+    }
+
+
+def floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int,
+             inter: int) -> float:
+    weight_bytes = num_experts * 3 * hidden * inter * 2
+    act_bytes = 2 * act_rows * hidden * 2  # in and out, bf16
+    flops = 6 * rows * hidden * inter
+    return 1e3 * max((weight_bytes + act_bytes) / ceil["copy_bytes_per_s"],
+                     flops / ceil["matmul_flops_per_s"])
+
+
+def check_moe(errors: list, device: str, hidden: int, inter: int) -> list:
+    """Triton vs torch on the device before timing anything (bf16, tolerance 1e-2)."""
+    results = []
+    torch.manual_seed(0)
+    for num_experts, m in ((8, 16), (32, 3)):
+        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
+        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        d = moe_inputs(num_experts, m, hidden, device, w13, w2)
+
+        def fused(d=d, w13=w13, w2=w2):
+            from kernels.fused_moe import fused_moe_torch
+
+            out = fused_moe_triton(d["x_tok"], w13, w2, d["weights"], d["ids"])
+            return rel_err(out, fused_moe_torch(d["x_tok"], w13, w2, d["weights"], d["ids"]))
+
+        def grouped(w13=w13, w2=w2, m=m, num_experts=num_experts):
+            counts = torch.randint(0, 2 * m + 1, (num_experts,))
+            counts[0] = 0
+            x = torch.randn(int(counts.sum()), hidden, device=device, dtype=torch.bfloat16)
+            out = grouped_moe_triton(x, counts.to(device), w13, w2)
+            return rel_err(out, grouped_moe_torch(x, counts, w13, w2))
+
+        def gmm(d=d, w13=w13, w2=w2):
+            out = grouped_mm_ffn(d["x_rows"], d["offs"], w13.transpose(1, 2), w2.transpose(1, 2))
+            return rel_err(out, grouped_moe_torch(d["x_rows"], d["counts_cpu"], w13, w2))
+
+        for name, fn in (("fused_moe", fused), ("grouped_moe", grouped), ("_grouped_mm", gmm)):
+            err = guarded(errors, f"check {name} E={num_experts}", fn)
+            ok = err is not None and err < 1e-2
+            log(f"check {name:12s} E={num_experts:3d}: rel err {err}  {'ok' if ok else 'FAIL'}")
+            results.append({"op": name, "experts": num_experts, "rel_err": err, "ok": ok})
+    return results
+
+
+def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
+              experts: tuple[int, ...], ms: tuple[int, ...]) -> list:
+    rows_out = []
+    has_gmm = hasattr(torch, "_grouped_mm")
+    for num_experts in experts:
+        torch.manual_seed(num_experts)
+        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
+        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        for m in ms:
+            d = moe_inputs(num_experts, m, hidden, device, w13, w2)
+            label = f"E={num_experts} m={m}"
+            row = {"experts": num_experts, "m": m, "tokens": d["tokens"], "top_k": d["top_k"],
+                   "config": repr(default_config(d["rows"], num_experts, hidden, inter,
+                                                 torch.bfloat16)),
+                   "floor_ms": floor_ms(ceil, num_experts, d["rows"], d["rows"], hidden, inter),
+                   "floor_fused_ms": floor_ms(ceil, num_experts, d["tokens"], d["rows"], hidden,
+                                              inter)}
+            row["fused_ms"] = guarded(errors, f"fused {label}", lambda d=d: timer(
+                lambda: fused_moe_triton(d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"])))
+            row["grouped_ms"] = guarded(errors, f"grouped {label}", lambda d=d: timer(
+                lambda: grouped_moe_triton(d["x_rows"], d["counts"], d["w13"], d["w2"])))
+            row["loop_ms"] = guarded(errors, f"loop {label}", lambda d=d: timer(
+                lambda: grouped_moe_torch(d["x_rows"], d["counts_cpu"], d["w13"], d["w2"])))
+            row["grouped_mm_ms"] = guarded(errors, f"_grouped_mm {label}", lambda d=d: timer(
+                lambda: grouped_mm_ffn(d["x_rows"], d["offs"], d["w13"].transpose(1, 2),
+                                       d["w2"].transpose(1, 2)))) if has_gmm else None
+            rows_out.append(row)
+            log(format_moe_row(row))
+            del d
+        del w13, w2
+    return rows_out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:5.2f}x" if a and b else "   -  "
+
+
+def _ms(v: float | None) -> str:
+    return f"{v:8.4f}" if v else "     -  "
+
+
+def format_moe_row(r: dict) -> str:
+    ms = _ms
+    return (f"E={r['experts']:3d} m={r['m']:4d} | floor {ms(r['floor_ms'])} | "
+            f"fused {ms(r['fused_ms'])} {_ratio(r['fused_ms'], r['floor_fused_ms'])} | "
+            f"grouped {ms(r['grouped_ms'])} {_ratio(r['grouped_ms'], r['floor_ms'])} | "
+            f"loop {ms(r['loop_ms'])} {_ratio(r['loop_ms'], r['floor_ms'])} | "
+            f"gmm {ms(r['grouped_mm_ms'])} {_ratio(r['grouped_mm_ms'], r['floor_ms'])} | "
+            f"grouped/gmm {_ratio(r['grouped_ms'], r['grouped_mm_ms'])} "
+            f"fused/gmm {_ratio(r['fused_ms'], r['grouped_mm_ms'])}")
+
+
+def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
+    """RMSNorm, rotary and MLA decode: Triton vs the torch reference, and bytes / copy bw."""
+    bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
+    out = []
+    tokens, hidden = (64, 96) if smoke else (4096, 7168)
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    res = torch.randn_like(x)
+    w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
+    norm_bytes = 4 * x.numel() * 2
+    out.append(("rms_norm+residual", f"[{tokens}, {hidden}] bf16", norm_bytes / bw * 1e3,
+                lambda: rms_norm_triton(x, w, 1e-6, res), lambda: rms_norm_torch(x, w, 1e-6, res)))
+    heads, rope = (4, 16) if smoke else (128, 64)
+    q = torch.randn(tokens, heads, rope, device=device, dtype=torch.bfloat16)
+    ang = torch.rand(tokens, rope // 2, device=device)
+    cos, sin = ang.cos(), ang.sin()
+    out.append(("rotary interleaved", f"[{tokens}, {heads}, {rope}] bf16",
+                2 * q.numel() * 2 / bw * 1e3, lambda: apply_rotary_triton(q, cos, sin, True),
+                lambda: apply_rotary_torch(q, cos, sin, True)))
+    batch, heads, d_lat, d_rope, ctx, block = ((2, 16, 32, 16, 64, 16) if smoke
+                                               else (64, 128, 512, 64, 4096, 64))
+    blocks_per_seq = ctx // block
+    kv = torch.randn(batch * blocks_per_seq, block, d_lat + d_rope, device=device,
+                     dtype=torch.bfloat16)
+    tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, -1).int()
+    lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    q_lat = torch.randn(batch, heads, d_lat, device=device, dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, heads, d_rope, device=device, dtype=torch.bfloat16)
+    scale = (d_lat + d_rope) ** -0.5
+    mla_floor = max(kv.numel() * 2 / bw, batch * heads * ctx * 2 * (2 * d_lat + d_rope) / rate)
+    out.append(("mla_decode", f"B={batch} H={heads} {d_lat}+{d_rope} ctx={ctx} block={block}",
+                mla_floor * 1e3,
+                lambda: mla_decode_attention_triton(q_lat, q_pe, kv, tables, lens, scale),
+                lambda: mla_decode_attention_torch(q_lat, q_pe, kv, tables, lens, scale)))
+    rows = []
+    for name, shape, floor, tri, ref in out:
+        def check(tri=tri, ref=ref):
+            a, b = tri(), ref()
+            return rel_err(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
+
+        row = {"op": name, "shape": shape, "floor_ms": floor,
+               "rel_err": guarded(errors, f"check {name}", check),
+               "triton_ms": guarded(errors, f"time {name}", lambda tri=tri: timer(tri)),
+               "torch_ms": guarded(errors, f"time {name} torch", lambda ref=ref: timer(ref))}
+        log(f"{name:18s} {shape:38s} floor {_ms(floor)} | triton {_ms(row['triton_ms'])} "
+            f"{_ratio(row['triton_ms'], floor)} | torch {_ms(row['torch_ms'])} "
+            f"{_ratio(row['torch_ms'], floor)} | torch/triton "
+            f"{_ratio(row['torch_ms'], row['triton_ms'])} | rel err {row['rel_err']}")
+        rows.append(row)
+    return rows
+
+
+def commit_id() -> str:
+    if os.environ.get("AFD_COMMIT"):
+        return os.environ["AFD_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - the GPU box may hold a plain copy without .git
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny dims; runs on CPU")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--sweep", action="store_true", help="time alternative MoE tiles")
+    parser.add_argument("--budget-s", type=float, default=210.0,
+                        help="stop sweeping once the whole run has taken this long")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
+    args = parser.parse_args()
+    start = time.time()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("no CUDA device: run with --smoke for the CPU check of this script")
+    device = "cuda" if cuda else "cpu"
+    hidden, inter = (64, 32) if args.smoke else (7168, 2048)
+    experts, ms = ((4,), (1, 8)) if args.smoke else ((8, 32), (1, 8, 32, 128, 512))
+    timer = Timer(cuda, args.rep_ms)
+    errors: list = []
+    info = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit_id(), "smoke": args.smoke, "hidden": hidden, "intermediate": inter}
+    log(f"{info}")
+    result = {"info": info, "errors": errors}
+    result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
+    result["checks"] = check_moe(errors, device, hidden, inter)
+    log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
+    result["moe"] = bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms)
+    log(f"[{time.time() - start:.0f}s] other kernels")
+    result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
+    if args.sweep:
+        log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
+        sweep_timer = Timer(cuda, max(20, args.rep_ms // 3))
+        result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter, experts, ms,
+                                    deadline=start + args.budget_s, smoke=args.smoke, log=log)
+    result["elapsed_s"] = time.time() - start
+    log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors")
+    paths = [p for p in (args.json, os.environ.get("OUT") and
+                         os.path.join(os.environ["OUT"], "kernels.json")) if p]
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        log(f"wrote {path}")
+    if any(not c["ok"] for c in result["checks"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Tile sweep for the MoE GEMMs: times candidate tiles against the table's choice on the device.
+
+Used by ``bench/kernels.py --sweep``; its output is what to copy into ``fused_moe_config``'s table.
+Each GEMM is timed alone on the grouped (no alignment) path, so w13 and w2 pick independently.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+
+from kernels.fused_moe_config import GemmTile
+from kernels.fused_moe_triton import default_config
+from kernels.moe_gemm_triton import launch_w2, launch_w13
+
+_SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the epilogue
+
+
+def _fits(tile: GemmTile, halves: int) -> bool:
+    per_stage = tile.block_m * tile.block_k + halves * tile.block_k * tile.block_n
+    return tile.num_stages * per_stage * 2 <= _SMEM_BYTES
+
+
+def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
+    """A handful of plausible tiles around rows-per-expert ``m`` for ``gemm`` ("w13" or "w2")."""
+    if smoke:
+        return [GemmTile(16, 16, 16, 4, 1), GemmTile(16, 32, 32, 4, 1)]
+    block_m = max(16, min(128, 1 << max(0, (m - 1).bit_length())))
+    # (block_n, block_k, warps, stages); w13's block_n is per half (gate and up each).
+    if block_m <= 32:
+        shapes = [(32, 128, 4, 4), (64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3),
+                  (64, 256, 4, 3), (128, 64, 4, 4)]
+        block_ms = [block_m]
+    elif block_m == 64:
+        shapes = [(64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3),
+                  (64, 128, 8, 4)]
+        block_ms = [64]
+    else:
+        shapes = [(64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3),
+                  (256, 64, 8, 3), (128, 32, 8, 5)]
+        block_ms = [64, 128]
+    halves = 2 if gemm == "w13" else 1
+    tiles = []
+    for bm in block_ms:
+        for bn, bk, warps, stages in shapes:
+            tile = GemmTile(bm, bn, bk, warps, stages)
+            if _fits(tile, halves) and (gemm == "w2" or bm * bn <= 128 * 128):
+                tiles.append(tile)
+    return tiles
+
+
+def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: int,
+              experts: tuple[int, ...], ms: tuple[int, ...], *, deadline: float,
+              smoke: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Time the table tile and each candidate for w13 and w2 at every (E, m) until ``deadline``
+    (time.time()). Returns one row per (E, m, gemm) with every timing and the best tile."""
+    rows = []
+    for num_experts in experts:
+        w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16)
+        w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16)
+        for m in ms:
+            num_rows = m * num_experts
+            x = torch.randn(num_rows, hidden, device=device, dtype=torch.bfloat16)
+            counts = torch.full((num_experts,), m, dtype=torch.int32, device=device)
+            h = torch.empty(num_rows, inter, device=device, dtype=torch.bfloat16)
+            out = torch.empty_like(x)
+            table = default_config(num_rows, num_experts, hidden, inter, torch.bfloat16)
+            args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "counts": counts}
+            runs = {
+                "w13": (table.w13, lambda t, a=args, n=num_rows: launch_w13(
+                    a["x"], a["w13"], a["h"], a["counts"], None, num_rows=n, top_k=1,
+                    slab_rows=0, tile=t)),
+                "w2": (table.w2, lambda t, a=args, n=num_rows: launch_w2(
+                    a["h"], a["w2"], a["out"], a["counts"], None, None, num_rows=n, slab_rows=0,
+                    tile=t)),
+            }
+            for gemm, (table_tile, launch) in runs.items():
+                timings = []
+                for tile in [table_tile, *candidate_tiles(m, gemm, smoke)]:
+                    if time.time() > deadline:
+                        log("  sweep: time budget reached")
+                        return rows
+                    if any(t["tile"] == repr(tile) for t in timings):
+                        continue
+                    try:
+                        ms_ = timer(lambda launch=launch, tile=tile: launch(tile))
+                    except Exception as exc:  # noqa: BLE001 - a tile that fails is just skipped
+                        errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {tile}",
+                                       "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                       "trace": traceback.format_exc()[-1500:]})
+                        continue
+                    timings.append({"tile": repr(tile), "ms": ms_})
+                if not timings:
+                    continue
+                best = min(timings, key=lambda t: t["ms"])
+                table_ms = timings[0]["ms"] if timings[0]["tile"] == repr(table_tile) else None
+                rows.append({"experts": num_experts, "m": m, "gemm": gemm,
+                             "table_tile": repr(table_tile), "table_ms": table_ms,
+                             "best_tile": best["tile"], "best_ms": best["ms"],
+                             "timings": timings})
+                log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
+                    f"best {best['ms']:.4f} ms with {best['tile']}")
+    return rows
