@@ -121,6 +121,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def default_launch(num_heads: int, on_gpu: bool) -> dict:
+    """Block sizes and warps for ``num_heads`` query heads.
+
+    On a GPU: 32 heads per program (mma.sync; 64 would allow wgmma but its [64, 512] fp32
+    accumulator spills), 32 tokens per step, 8 warps so the accumulator takes 64 registers per
+    thread. The interpreter gets small blocks that keep the tests' masks partial.
+    """
+    block_h = max(16, min(32, triton.next_power_of_2(num_heads)))
+    if not on_gpu:
+        return {"block_h": block_h, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    return {"block_h": block_h, "block_n": 32, "num_warps": 8 if block_h > 16 else 4,
+            "num_stages": 2}
+
+
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
     """Split the sequence until about two programs per SM, keeping >= 512 tokens per split."""
     programs = max(1, batch * head_blocks)
@@ -139,6 +153,7 @@ def mla_decode_attention_triton(
     num_splits: int | None = None,
     block_h: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning."""
     batch, num_heads, d_lat = q_lat.shape
@@ -157,8 +172,9 @@ def mla_decode_attention_triton(
     kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
-    block_h = block_h or max(16, min(32, triton.next_power_of_2(num_heads)))
-    block_n = block_n or (16 if interp else 32)
+    launch = default_launch(num_heads, on_gpu=not interp)
+    block_h = block_h or launch["block_h"]
+    block_n = block_n or launch["block_n"]
     head_blocks = triton.cdiv(num_heads, block_h)
     if num_splits is None:
         sms = 4 if interp else _sm_count(q_lat.device.index or 0)
@@ -166,8 +182,8 @@ def mla_decode_attention_triton(
     dl_pad = max(16, triton.next_power_of_2(d_lat))
     dr_pad = max(16, triton.next_power_of_2(d_rope))
     common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "DL_PAD": dl_pad, "DR_PAD": dr_pad,
-              "DOT_MODE": dot_mode(kv.dtype), "num_warps": 4 if interp or block_h <= 16 else 8,
-              "num_stages": 2}
+              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "num_stages": launch["num_stages"]}
     grid = (head_blocks, batch, num_splits)
     args = (q_lat, q_pe, kv, block_tables, seq_lens)
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),

@@ -1,0 +1,182 @@
+"""Compile the Triton kernels for Hopper (sm_90a) on the CPU, with the configs the launchers use.
+
+No GPU needed: Triton compiles to a cubin with its bundled ptxas. This catches, before any GPU
+time is spent, a table tile that needs more shared memory than an H100 block may have, register
+spills, and main loops that did not get software-pipelined (no cp.async). The signatures mirror
+the launchers': pointers and every int divisible by 16 get Triton's divisibility-16
+specialization, except the ints a kernel marks ``do_not_specialize``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles native kernels; TRITON_INTERPRET is set", allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - internals moved in another Triton version
+    pytest.skip("this Triton has no ASTSource/GPUTarget", allow_module_level=True)
+
+from kernels import mla_decode_triton, moe_align_triton, moe_gemm_triton, norm_triton  # noqa: E402
+from kernels import rotary_triton  # noqa: E402
+from kernels.fused_moe_config import GPU_TABLE  # noqa: E402
+
+MAX_SHARED = 227 * 1024  # per block on H100/H200
+H, I = 7168, 2048  # DeepSeek-V3 expert dims
+
+
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
+    """args: name -> "*dtype" for pointers, an int or a float for scalars."""
+    signature, attrs = {}, {}
+    skip = set(kernel.do_not_specialize)
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, str):
+            signature[name] = value
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name not in skip and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def spill_bytes(compiled) -> int | None:
+    """Per-thread stack bytes (where ptxas spills registers) from cuobjdump, or None when the tool
+    is not available."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool) and not shutil.which("cuobjdump"):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool if os.path.exists(tool) else "cuobjdump",
+                               "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=False).stdout
+    match = re.search(r"STACK:(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def check(compiled, pipelined: bool) -> None:
+    shared = compiled.metadata.shared
+    assert shared <= MAX_SHARED, f"needs {shared} B of shared memory (max {MAX_SHARED})"
+    assert spill_bytes(compiled) in (0, None), "registers spill to the stack"
+    if pipelined:
+        assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
+
+
+def gemm_args(gemm: str, dtype: str, gather: bool, experts: int) -> dict:
+    ptr = f"*{dtype}"
+    dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
+            "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32"}
+    if gemm == "w13":
+        return dims | {"x_ptr": ptr, "w_ptr": ptr, "h_ptr": ptr, "stride_xm": H,
+                       "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I}
+    return dims | {"h_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "weights_ptr": "*fp32",
+                   "stride_hm": I, "stride_we": H * I, "stride_wn": I, "stride_om": H}
+
+
+TABLE_CASES = [(limit, gemm, gather) for limit, _, _ in GPU_TABLE for gemm in ("w13", "w2")
+               for gather in (True, False)]
+
+
+@pytest.mark.parametrize(("limit", "gemm", "gather"), TABLE_CASES)
+def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, gather: bool) -> None:
+    row = next(r for r in GPU_TABLE if r[0] == limit)
+    tile = row[1] if gemm == "w13" else row[2]
+    kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
+    constexprs = {"GATHER": gather, "SLAB": False, "E_PAD": 16, "BLOCK_M": tile.block_m,
+                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
+                  "EVEN_K": True, "DOT_MODE": 0, "INTERP_BF16": False}
+    constexprs |= {"TOP_K": 8} if gemm == "w13" else {"HAS_WEIGHTS": gather}
+    compiled = compile_sm90(kernel, gemm_args(gemm, "bf16", gather, 8), constexprs,
+                            tile.num_warps, tile.num_stages)
+    check(compiled, pipelined=True)
+
+
+def test_moe_slab_and_fp32_variants_compile() -> None:
+    tile = GPU_TABLE[0][2]
+    constexprs = {"GATHER": False, "SLAB": True, "HAS_WEIGHTS": True, "E_PAD": 32,
+                  "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k // 2,
+                  "GROUP_M": 8, "EVEN_K": False, "DOT_MODE": 1, "INTERP_BF16": False}
+    compiled = compile_sm90(moe_gemm_triton.moe_w2_kernel, gemm_args("w2", "fp32", False, 32),
+                            constexprs, tile.num_warps, tile.num_stages)
+    check(compiled, pipelined=True)
+
+
+@pytest.mark.parametrize("experts", [8, 256])
+def test_align_and_sum_compile(experts: int) -> None:
+    e_pad = max(16, triton.next_power_of_2(experts))
+    chunk = max(16, min(1024, moe_align_triton._TILE_ELEMS // e_pad))
+    args = {"ids_ptr": "*i64", "chunk_counts_ptr": "*i32", "counts_ptr": "*i32",
+            "sorted_slots_ptr": "*i32", "num_slots": 4096, "num_experts": experts,
+            "num_chunks": 9}
+    check(compile_sm90(moe_align_triton.moe_count_kernel, args,
+                       {"E_PAD": e_pad, "CHUNK": chunk}, 4), pipelined=False)
+    for single in (True, False):
+        check(compile_sm90(moe_align_triton.moe_scatter_kernel, args,
+                           {"E_PAD": e_pad, "CHUNK": chunk, "SINGLE": single}, 4),
+              pipelined=False)
+    check(compile_sm90(moe_gemm_triton.moe_sum_kernel,
+                       {"buf_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16", "hidden": H,
+                        "num_experts": experts},
+                       {"TOP_K": 8, "BLOCK_H": 1024, "INTERP_BF16": False}, 4), pipelined=False)
+
+
+def test_norm_and_rotary_compile() -> None:
+    check(compile_sm90(norm_triton.rms_norm_kernel,
+                       {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+                        "sum_ptr": "*bf16", "n_cols": H, "eps": 1e-6, "stride_x": H,
+                        "stride_r": H, "stride_o": H, "stride_s": H},
+                       {"HAS_RESIDUAL": True, "BLOCK_D": 8192, "X_INTERP_BF16": False,
+                        "OUT_INTERP_BF16": False}, 16), pipelined=False)
+    check(compile_sm90(rotary_triton.rotary_kernel,
+                       {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                        "out_ptr": "*bf16", "num_heads": 128, "half": 32, "stride_xt": 24576,
+                        "stride_xh": 192, "stride_ct": 32, "stride_st": 32, "stride_ot": 8192,
+                        "stride_oh": 64},
+                       {"INTERLEAVED": True, "BLOCK_H": 64, "BLOCK_D": 32, "INTERP_BF16": False},
+                       4), pipelined=False)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_mla_decode_compiles(splits: int) -> None:
+    heads, d_lat, d_rope, block = 128, 512, 64, 64
+    out = "*bf16" if splits == 1 else "*fp32"
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "out_ptr": out, "lse_ptr": "*fp32", "num_heads": heads,
+            "d_lat": d_lat, "d_rope": d_rope, "block_size": block, "scale_log2": 0.06,
+            "stride_qb": heads * d_lat, "stride_qh": d_lat, "stride_pb": heads * d_rope,
+            "stride_ph": d_rope, "stride_kvb": block * (d_lat + d_rope),
+            "stride_kvt": d_lat + d_rope, "stride_tb": 64, "stride_ob": heads * d_lat * splits,
+            "stride_oh": d_lat * splits}
+    defaults = mla_decode_triton.default_launch(heads, on_gpu=True)
+    constexprs = {"NUM_SPLITS": splits, "BLOCK_H": defaults["block_h"],
+                  "BLOCK_N": defaults["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    check(compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
+                       defaults["num_warps"], defaults["num_stages"]), pipelined=True)
+    if splits > 1:
+        check(compile_sm90(mla_decode_triton.mla_combine_kernel,
+                           {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
+                            "d_lat": d_lat},
+                           {"NUM_SPLITS": splits, "S_PAD": splits, "DL_PAD": d_lat,
+                            "INTERP_BF16": False}, 4), pipelined=False)
