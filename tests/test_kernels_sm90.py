@@ -27,8 +27,13 @@ try:
 except ImportError:  # pragma: no cover - internals moved in another Triton version
     pytest.skip("this Triton has no ASTSource/GPUTarget", allow_module_level=True)
 
-from kernels import mla_decode_triton, moe_align_triton, moe_gemm_triton, norm_triton  # noqa: E402
-from kernels import rotary_triton  # noqa: E402
+from kernels import (  # noqa: E402
+    mla_decode_triton,
+    moe_align_triton,
+    moe_gemm_triton,
+    norm_triton,
+    rotary_triton,
+)
 from kernels.fused_moe_config import GPU_TABLE  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # per block on H100/H200
