@@ -60,8 +60,8 @@ GPU_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
 # Under the interpreter: one numpy op per block op, so fewer, larger blocks are faster, but they
 # stay small enough that test shapes exercise partial blocks in every dimension.
 INTERPRETER_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
-    (16, GemmTile(16, 32, 32, 4, 1), GemmTile(16, 32, 32, 4, 1)),
-    (math.inf, GemmTile(32, 32, 32, 4, 1), GemmTile(32, 32, 32, 4, 1)),
+    (16, GemmTile(16, 64, 64, 4, 1), GemmTile(16, 64, 64, 4, 1)),
+    (math.inf, GemmTile(32, 64, 64, 4, 1), GemmTile(32, 64, 64, 4, 1)),
 )
 
 
