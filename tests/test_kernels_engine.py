@@ -30,14 +30,18 @@ def interpreter_case(name: str, seed: int) -> dict:
     from afd import LLM, SamplingParams
 
     calls = dict.fromkeys(TRITON_ENTRIES.values(), 0)
+
+    def counting(fn, name: str):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
     for module_name, fn_name in TRITON_ENTRIES.items():
         module = importlib.import_module(module_name)
-
-        def counted(*args, _fn=getattr(module, fn_name), _name=fn_name, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-
-        setattr(module, fn_name, counted)  # the public ops import these at call time
+        # The public ops import these at call time, so the module attribute is what they call.
+        setattr(module, fn_name, counting(getattr(module, fn_name), fn_name))
     llm = LLM(seed=seed)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     tokens = {}
