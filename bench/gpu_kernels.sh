@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
-SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-170}
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 export OUT
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"

@@ -278,6 +278,16 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
     return rows
 
 
+def sweep_order(moe_rows: list[dict]) -> list[tuple[int, int]]:
+    """Sizes the sweep should try first: the target range (m <= 128) before m = 512, and inside
+    each, the sizes furthest from the floor first."""
+    def key(r: dict) -> tuple:
+        ratio = (r["grouped_ms"] or float("inf")) / r["floor_ms"]
+        return (r["m"] > 128, -ratio)
+
+    return [(r["experts"], r["m"]) for r in sorted(moe_rows, key=key)]
+
+
 def commit_id() -> str:
     if os.environ.get("AFD_COMMIT"):
         return os.environ["AFD_COMMIT"]
@@ -321,8 +331,9 @@ def main() -> None:
     if args.sweep:
         log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
         sweep_timer = Timer(cuda, max(20, args.rep_ms // 3))
-        result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter, experts, ms,
-                                    deadline=start + args.budget_s, smoke=args.smoke, log=log)
+        result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
+                                    sweep_order(result["moe"]), deadline=start + args.budget_s,
+                                    smoke=args.smoke, log=log)
     result["elapsed_s"] = time.time() - start
     log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors")
     paths = [p for p in (args.json, os.environ.get("OUT") and

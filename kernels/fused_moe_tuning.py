@@ -53,54 +53,65 @@ def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
 
 
 def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: int,
-              experts: tuple[int, ...], ms: tuple[int, ...], *, deadline: float,
-              smoke: bool = False, log: Callable[[str], None] = print) -> list[dict]:
-    """Time the table tile and each candidate for w13 and w2 at every (E, m) until ``deadline``
-    (time.time()). Returns one row per (E, m, gemm) with every timing and the best tile."""
+              cases: list[tuple[int, int]], *, deadline: float, smoke: bool = False,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Time the table tile and each candidate for w13 and w2 at each (experts, m) of ``cases``,
+    in that order, until ``deadline`` (time.time()). Returns one row per (E, m, gemm) with every
+    timing and the best tile."""
     rows = []
-    for num_experts in experts:
-        w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16)
-        w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16)
-        for m in ms:
-            num_rows = m * num_experts
-            x = torch.randn(num_rows, hidden, device=device, dtype=torch.bfloat16)
-            counts = torch.full((num_experts,), m, dtype=torch.int32, device=device)
-            h = torch.empty(num_rows, inter, device=device, dtype=torch.bfloat16)
-            out = torch.empty_like(x)
-            table = default_config(num_rows, num_experts, hidden, inter, torch.bfloat16)
-            args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "counts": counts}
-            runs = {
-                "w13": (table.w13, lambda t, a=args, n=num_rows: launch_w13(
-                    a["x"], a["w13"], a["h"], a["counts"], None, num_rows=n, top_k=1,
-                    slab_rows=0, tile=t)),
-                "w2": (table.w2, lambda t, a=args, n=num_rows: launch_w2(
-                    a["h"], a["w2"], a["out"], a["counts"], None, None, num_rows=n, slab_rows=0,
-                    tile=t)),
-            }
-            for gemm, (table_tile, launch) in runs.items():
-                timings = []
-                for tile in [table_tile, *candidate_tiles(m, gemm, smoke)]:
-                    if time.time() > deadline:
-                        log("  sweep: time budget reached")
-                        return rows
-                    if any(t["tile"] == repr(tile) for t in timings):
-                        continue
-                    try:
-                        ms_ = timer(lambda launch=launch, tile=tile: launch(tile))
-                    except Exception as exc:  # noqa: BLE001 - a tile that fails is just skipped
-                        errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {tile}",
-                                       "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                                       "trace": traceback.format_exc()[-1500:]})
-                        continue
-                    timings.append({"tile": repr(tile), "ms": ms_})
-                if not timings:
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for num_experts, m in cases:
+        if num_experts not in weights:
+            weights.clear()  # one expert count's weights at a time (GBs at real dims)
+            weights[num_experts] = (
+                torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16),
+                torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16))
+        w13, w2 = weights[num_experts]
+        num_rows = m * num_experts
+        x = torch.randn(num_rows, hidden, device=device, dtype=torch.bfloat16)
+        counts = torch.full((num_experts,), m, dtype=torch.int32, device=device)
+        h = torch.empty(num_rows, inter, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        table = default_config(num_rows, num_experts, hidden, inter, torch.bfloat16)
+        args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "counts": counts}
+        runs = {
+            "w13": (table.w13, lambda t, a=args, n=num_rows: launch_w13(
+                a["x"], a["w13"], a["h"], a["counts"], None, num_rows=n, top_k=1,
+                slab_rows=0, tile=t)),
+            "w2": (table.w2, lambda t, a=args, n=num_rows: launch_w2(
+                a["h"], a["w2"], a["out"], a["counts"], None, None, num_rows=n, slab_rows=0,
+                tile=t)),
+        }
+        out_of_time = False
+        for gemm, (table_tile, launch) in runs.items():
+            timings = []
+            for tile in [table_tile, *candidate_tiles(m, gemm, smoke)]:
+                if time.time() > deadline:
+                    out_of_time = True
+                    break
+                if any(t["tile"] == repr(tile) for t in timings):
                     continue
-                best = min(timings, key=lambda t: t["ms"])
-                table_ms = timings[0]["ms"] if timings[0]["tile"] == repr(table_tile) else None
-                rows.append({"experts": num_experts, "m": m, "gemm": gemm,
-                             "table_tile": repr(table_tile), "table_ms": table_ms,
-                             "best_tile": best["tile"], "best_ms": best["ms"],
-                             "timings": timings})
-                log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
-                    f"best {best['ms']:.4f} ms with {best['tile']}")
+                try:
+                    ms_ = timer(lambda launch=launch, tile=tile: launch(tile))
+                except Exception as exc:  # noqa: BLE001 - a tile that fails is just skipped
+                    errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {tile}",
+                                   "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                   "trace": traceback.format_exc()[-1500:]})
+                    continue
+                timings.append({"tile": repr(tile), "ms": ms_})
+            if not timings:
+                continue
+            best = min(timings, key=lambda t: t["ms"])
+            table_ms = timings[0]["ms"] if timings[0]["tile"] == repr(table_tile) else None
+            rows.append({"experts": num_experts, "m": m, "gemm": gemm,
+                         "table_tile": repr(table_tile), "table_ms": table_ms,
+                         "best_tile": best["tile"], "best_ms": best["ms"],
+                         "timings": timings})
+            log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
+                f"best {best['ms']:.4f} ms with {best['tile']}")
+            if out_of_time:
+                break
+        if out_of_time:
+            log("  sweep: time budget reached")
+            break
     return rows
