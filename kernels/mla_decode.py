@@ -35,7 +35,9 @@ def mla_decode_attention_torch(
     block_size = kv_cache.shape[1]
     max_len = int(seq_lens.max()) if batch else 0
     num_blocks = (max_len + block_size - 1) // block_size
-    kv = kv_cache[block_tables[:, :num_blocks].long()].reshape(batch, num_blocks * block_size, -1)
+    # Explicit last dim: with an empty batch, -1 would be ambiguous and reshape would raise.
+    kv = kv_cache[block_tables[:, :num_blocks].long()].reshape(
+        batch, num_blocks * block_size, kv_cache.shape[-1])
     q = torch.cat((q_lat, q_pe), dim=-1)  # [B, H, Dl+Dr]
     scores = torch.matmul(q.float(), kv.float().transpose(1, 2)) * scale  # [B, H, L]
     pos = torch.arange(kv.shape[1], device=kv.device)
