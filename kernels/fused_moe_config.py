@@ -6,17 +6,21 @@ The two GEMMs of ``fused_moe`` / ``grouped_moe`` are picked independently:
     2*block_n weight rows.
   * w2:  [m, I] x [I, H] per expert, routing weight fused in the epilogue.
 
-Why the table looks the way it does (Hopper, bf16, DeepSeek-V3 dims H=7168, I=2048):
-  * m <= 64 rows per expert is memory-bound (each weight byte feeds m multiply-adds, well under the
-    ~240 flop/byte ridge of an H100). What matters is streaming every expert's weights once with
-    enough bytes in flight: small block_m (16/32/64, no wasted rows), block_k 128 and 3-4 stages
-    keep ~100 KB of loads in flight per SM, and block_n 64 gives E * I / 64 (w13) and
-    E * H / 64 (w2) programs: 256 / 896 for 8 experts, enough to fill 132 SMs about twice.
-  * m around 128 is still memory-bound but needs ~half the tensor-core rate while streaming, so
-    block_m 128 with 8 warps (two warpgroups of wgmma) covers all of an expert's rows at once and
-    every weight tile is read exactly once.
-  * m > 128 is compute-bound: the largest tiles that fit (128 x 128, two accumulators for w13),
-    block_k 64 and 3 stages for shared memory, group_m swizzling so weights and activations are
+Why the table looks the way it does (Hopper, bf16, DeepSeek-V3 dims H=7168, I=2048). Every
+tile was compiled for sm_90a (tests/test_kernels_sm90.py) to read off its shared memory and
+registers, hence the CTAs per SM noted beside each row; none spills.
+  * m <= 64 rows per expert is memory-bound: each weight byte feeds m multiply-adds, far under the
+    ~240 flop/byte ridge of an H100. What matters is streaming every expert's weights once with
+    enough bytes in flight (about bandwidth x latency = 3 TB/s x ~1.5 us, so ~5 MB in all):
+    block_m no larger than m, 2-3 CTAs per SM each with 2-3 stages of 20-70 KB of cp.async loads
+    in flight, and block_n 64 for E*I/64 (w13) and E*H/64 (w2) programs: 256 and 896 for 8
+    experts, so every SM has work. (A partial last wave costs little when memory-bound: its
+    CTAs get the bandwidth the others left.) From block_m 64 on, tl.dot runs as wgmma.
+  * m ~ 128 is still memory-bound at 8 experts but needs about half the tensor-core rate while
+    streaming: block_m 128 (one m-block per expert, each weight tile read once), 8 warps = two
+    wgmma warpgroups, and 3 stages so two CTAs share an SM and overlap each other's epilogue.
+  * m > 128 is compute-bound: 128 x 256 output tiles (w13: 128 gate + 128 up columns), block_k
+    64, 3 stages, one CTA of 8 warps per SM, group_m swizzling so weights and activations are
     reused from L2.
 Blocks never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so
 shared memory stays the same. ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs
@@ -50,11 +54,12 @@ class MoEConfig:
 
 # (largest rows per expert the row applies to, w13 tile, w2 tile); first match wins.
 GPU_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
-    (16, GemmTile(16, 64, 128, 4, 4), GemmTile(16, 64, 128, 4, 4)),
-    (32, GemmTile(32, 64, 128, 4, 4), GemmTile(32, 64, 128, 4, 4)),
-    (64, GemmTile(64, 64, 128, 4, 3), GemmTile(64, 64, 128, 4, 4)),
-    (128, GemmTile(128, 64, 64, 8, 4), GemmTile(128, 128, 64, 8, 4)),
-    (math.inf, GemmTile(128, 128, 64, 8, 3), GemmTile(128, 128, 64, 8, 4)),
+    # m      w13 tile (CTAs/SM)                    w2 tile (CTAs/SM)
+    (16, GemmTile(16, 64, 128, 4, 4), GemmTile(16, 64, 128, 4, 4)),  # 2 | 3
+    (32, GemmTile(32, 64, 128, 4, 3), GemmTile(32, 64, 128, 4, 4)),  # 2 | 3
+    (64, GemmTile(64, 64, 64, 4, 4), GemmTile(64, 64, 64, 4, 4)),  # 2 | 3
+    (128, GemmTile(128, 64, 64, 8, 3), GemmTile(128, 128, 64, 8, 3)),  # 2 | 2
+    (math.inf, GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3)),  # 1 | 1
 )
 
 # Under the interpreter: one numpy op per block op, so fewer, larger blocks are faster, but they
