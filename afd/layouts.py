@@ -106,6 +106,8 @@ class MultiRankClient:
                 self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Wait for every rank's hello; keeps what each says it holds in ``rank_info``."""
+        self.rank_info: dict[int, dict] = {}
         ready: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(ready) < self.layout.world_size:
@@ -118,6 +120,7 @@ class MultiRankClient:
             msg = protocol.unpack(self.inbox.recv())
             if msg["t"] == "ready":
                 ready.add(msg["rank"])
+                self.rank_info[msg["rank"]] = msg["info"]
             else:
                 self._handle(msg)
 

@@ -163,8 +163,7 @@ def worker_main(spec: WorkerSpec) -> None:
         except zmq.ZMQError:
             pass
     finally:
-        out.close()
-        ctx.term()
+        ctx.destroy(linger=2000)  # flush what we said, close every socket
         # Skip interpreter teardown: destroying process groups whose peers died can block.
         os._exit(code)
 
@@ -212,7 +211,9 @@ class AttentionWorker:
                                      "outs": outputs, "stats": stats}))
 
     def run(self) -> None:
-        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank}))
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
+        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
+                                     "info": _describe(self.core.runner.model, kv_bytes)}))
         self._send([])
         idle = True
         while True:
@@ -240,13 +241,15 @@ class FFNWorker:
         cfg = spec.engine_cfg
         model = load_model(cfg.model, "ffn", expert_ids=list(spec.placement.slots[index]),
                            dtype=cfg.dtype, device=device)
+        self.model = model
         self.experts = [layer.mlp.experts for layer in model.layers if layer.is_moe]
         self.server = TorchExpertServer(groups.experts, spec.placement, model.cfg.hidden_size,
                                         cfg.dtype, device)
         self.out = out
 
     def run(self) -> None:
-        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank}))
+        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
+                                     "info": _describe(self.model, kv_bytes=0)}))
         with torch.inference_mode():
             while True:
                 vote = torch.zeros(3, dtype=torch.long)
@@ -260,6 +263,13 @@ class FFNWorker:
                     for mb in range(micro_batches):
                         self.server.serve(mb, experts)
                 self.server.drain()
+
+
+def _describe(model, kv_bytes: int) -> dict:
+    """What this rank holds, for the front end's checks and logs."""
+    return {"role": model.role, "params": [n for n, _ in model.named_parameters()],
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "kv_bytes": kv_bytes}
 
 
 def make_transport(spec: WorkerSpec, groups: Groups, hidden: int, dtype: torch.dtype,

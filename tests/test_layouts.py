@@ -1,0 +1,100 @@
+"""Attention/FFN-disaggregated layouts (CPU, gloo): token-exact with the single-process engine,
+each rank holding only its role's tensors, and a dead rank becoming an error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from afd import LLM, SamplingParams
+from afd.layouts import RankFailure
+from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+
+NEW_TOKENS = 24
+
+# (model kind, attention ranks, FFN ranks, micro-batches): every layout with 1 and 2
+# micro-batches on DeepSeek-V3, and every layout once on Qwen3-MoE. 8 experts over 3 FFN ranks
+# do not divide evenly.
+CASES = [
+    ("deepseek_v3", 1, 1, 1), ("deepseek_v3", 1, 1, 2),
+    ("deepseek_v3", 2, 1, 1), ("deepseek_v3", 2, 1, 2),
+    ("deepseek_v3", 1, 2, 1), ("deepseek_v3", 1, 2, 2),
+    ("deepseek_v3", 2, 3, 1), ("deepseek_v3", 2, 3, 2),
+    ("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 1, 1),
+    ("qwen3_moe", 1, 2, 2), ("qwen3_moe", 2, 3, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Checkpoint path and single-process greedy outputs per model kind."""
+    refs = {}
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for kind in ("deepseek_v3", "qwen3_moe"):
+        path = save_checkpoint(build_hf_model(kind), str(tmp_path_factory.mktemp(kind)))
+        outs = LLM(path).generate(prompts, params, use_tqdm=False)
+        refs[kind] = (path, prompts, params, [o.outputs[0].token_ids for o in outs])
+    return refs
+
+
+def check_roles(llm: LLM, attention: int, ffn: int) -> None:
+    info = llm.engine.core.rank_info
+    assert len(info) == attention + ffn
+    for rank, desc in info.items():
+        names = desc["params"]
+        if rank < attention:
+            assert desc["role"] == "attention" and desc["kv_bytes"] > 0
+            assert not any(".mlp.experts." in n for n in names), "attention rank holds experts"
+            assert any("self_attn" in n for n in names)
+        else:
+            assert desc["role"] == "ffn" and desc["kv_bytes"] == 0
+            assert names and all(".mlp.experts.w" in n for n in names), \
+                "FFN rank holds more than routed experts"
+
+
+@pytest.mark.parametrize("kind, attention, ffn, micro_batches", CASES,
+                         ids=[f"{k}-{a}A{f}F-mb{m}" for k, a, f, m in CASES])
+def test_layout_matches_single_process(references, kind, attention, ffn, micro_batches):
+    path, prompts, params, expected = references[kind]
+    llm = LLM(path, attention=attention, ffn=ffn, micro_batches=micro_batches, timeout_s=30)
+    try:
+        check_roles(llm, attention, ffn)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        # the same LLM keeps serving, and every rank's KV pool is empty again
+        again = llm.generate(prompts[:3], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == expected[:3]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                s.num_free_blocks != llm.config.num_kv_blocks for s in llm.engine.core.stats()):
+            llm.engine.core.step()
+        assert all(s.num_free_blocks == llm.config.num_kv_blocks and s.num_running == 0
+                   for s in llm.engine.core.stats())
+    finally:
+        llm.shutdown()
+    assert all(p.poll() is not None for p in llm.engine.core.procs), "rank processes left behind"
+
+
+def test_killed_ffn_rank_is_an_error_not_a_hang(references):
+    path, prompts, _, _ = references["deepseek_v3"]
+    timeout_s = 10
+    llm = LLM(path, attention=1, ffn=2, timeout_s=timeout_s)
+    victim = llm.engine.core.procs[2]  # an FFN rank
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    killer = threading.Timer(1.0, lambda: os.kill(victim.pid, signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as err:
+        llm.generate(prompts, long, use_tqdm=False)
+    elapsed = time.monotonic() - start
+    assert elapsed < timeout_s + 15, f"took {elapsed:.1f}s to notice a dead rank"
+    assert "rank" in str(err.value)
+    for p in llm.engine.core.procs:
+        p.wait(15)  # every other rank is gone too
+    with pytest.raises(RankFailure):  # the engine says it is dead instead of hanging
+        llm.generate(prompts[:1], long, use_tqdm=False)
