@@ -30,7 +30,7 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     seen: dict[str, list[torch.Tensor]] = {}
 
     def recording(logits, params, generators):
-        ids = [s.seq.request_id for s in runner._last_plan.seqs if s.samples]
+        ids = [s.seq.request_id for s in runner._last_seqs if s.samples]
         for rid, row in zip(ids, logits):
             seen.setdefault(rid, []).append(row.clone())
         return sampler_call(logits, params, generators)
@@ -38,9 +38,9 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     sampler_call = sampler.__call__
     original_prepare = runner.prepare
 
-    def prepare(plan):
-        runner._last_plan = plan
-        return original_prepare(plan)
+    def prepare(seqs):
+        runner._last_seqs = seqs
+        return original_prepare(seqs)
 
     runner.prepare = prepare
     runner.sampler = recording
