@@ -275,6 +275,21 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
             f"{_ratio(row['torch_ms'], floor)} | torch/triton "
             f"{_ratio(row['torch_ms'], row['triton_ms'])} | rel err {row['rel_err']}")
         rows.append(row)
+    # A few MLA launch variants (heads per program, tokens per step, warps, splits) to tune
+    # mla_decode_triton.default_launch / choose_num_splits.
+    for bh, bn, warps, splits in ((16, 32, 4, None), (32, 64, 8, None), (16, 64, 4, None),
+                                  (32, 32, 8, 1), (32, 32, 8, 4)):
+        if smoke and bn > 32:
+            continue
+        label = f"mla_decode bh={bh} bn={bn} warps={warps} splits={splits}"
+        ms = guarded(errors, label, lambda bh=bh, bn=bn, warps=warps, splits=splits: timer(
+            lambda: mla_decode_attention_triton(q_lat, q_pe, kv, tables, lens, scale,
+                                                num_splits=splits, block_h=bh, block_n=bn,
+                                                num_warps=warps)))
+        log(f"{label:57s} floor {_ms(mla_floor * 1e3)} | triton {_ms(ms)} "
+            f"{_ratio(ms, mla_floor * 1e3)}")
+        rows.append({"op": label, "shape": out[2][1], "floor_ms": mla_floor * 1e3,
+                     "triton_ms": ms})
     return rows
 
 
