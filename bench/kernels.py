@@ -81,8 +81,11 @@ def guarded(errors: list, label: str, fn, default=None):
         log(f"  !! {label}: {type(exc).__name__}: {str(exc)[:300]}")
         errors.append({"case": label, "error": f"{type(exc).__name__}: {exc}",
                        "trace": traceback.format_exc()[-2000:]})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        try:  # let an asynchronous failure surface here rather than in the next case
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        except Exception as sync_exc:  # noqa: BLE001 - e.g. a sticky illegal-address error
+            log(f"  !! device unusable after {label}: {sync_exc}")
         return default
 
 
@@ -293,6 +296,24 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
     return rows
 
 
+def summarize(moe_rows: list[dict]) -> dict:
+    """The issue's targets: <= 1.10x the floor up to m = 128, faster than _grouped_mm everywhere."""
+    def worst(key: str, floor_key: str, rows: list[dict]) -> float | None:
+        ratios = [r[key] / r[floor_key] for r in rows if r.get(key)]
+        return max(ratios) if ratios else None
+
+    small = [r for r in moe_rows if r["m"] <= 128]
+    out = {"worst_fused_over_floor_m_le_128": worst("fused_ms", "floor_fused_ms", small),
+           "worst_grouped_over_floor_m_le_128": worst("grouped_ms", "floor_ms", small)}
+    for entry in ("fused", "grouped"):
+        pairs = [(r[f"{entry}_ms"], r["grouped_mm_ms"]) for r in moe_rows
+                 if r.get(f"{entry}_ms") and r.get("grouped_mm_ms")]
+        out[f"{entry}_faster_than_grouped_mm_everywhere"] = (
+            all(a < b for a, b in pairs) if pairs else None)
+    log(f"targets: {out}")
+    return out
+
+
 def sweep_order(moe_rows: list[dict]) -> list[tuple[int, int]]:
     """Sizes the sweep should try first: the target range (m <= 128) before m = 512, and inside
     each, the sizes furthest from the floor first."""
@@ -336,29 +357,35 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit_id(), "smoke": args.smoke, "hidden": hidden, "intermediate": inter}
     log(f"{info}")
-    result = {"info": info, "errors": errors}
-    result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-    result["checks"] = check_moe(errors, device, hidden, inter)
-    log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
-    result["moe"] = bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms)
-    log(f"[{time.time() - start:.0f}s] other kernels")
-    result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
-    if args.sweep:
-        log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
-        sweep_timer = Timer(cuda, max(20, args.rep_ms // 3))
-        result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
-                                    sweep_order(result["moe"]), deadline=start + args.budget_s,
-                                    smoke=args.smoke, log=log)
-    result["elapsed_s"] = time.time() - start
-    log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors")
-    paths = [p for p in (args.json, os.environ.get("OUT") and
-                         os.path.join(os.environ["OUT"], "kernels.json")) if p]
-    for path in paths:
+    result = {"info": info, "errors": errors, "checks": [], "moe": []}
+    try:
+        result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
+        result["checks"] = check_moe(errors, device, hidden, inter)
+        log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
+        result["moe"] = bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms)
+        result["summary"] = summarize(result["moe"])
+        log(f"[{time.time() - start:.0f}s] other kernels")
+        result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
+        if args.sweep:
+            log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
+            sweep_timer = Timer(cuda, max(20, args.rep_ms // 3))
+            result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
+                                        sweep_order(result["moe"]),
+                                        deadline=start + args.budget_s, smoke=args.smoke, log=log)
+    finally:  # whatever happened, keep what was measured
+        result["elapsed_s"] = time.time() - start
+        log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors")
+        write_json(result, [args.json, os.environ.get("OUT") and
+                            os.path.join(os.environ["OUT"], "kernels.json")])
+    if any(not c["ok"] for c in result["checks"]):
+        sys.exit(1)
+
+
+def write_json(result: dict, paths: list) -> None:
+    for path in filter(None, paths):
         with open(path, "w") as f:
             json.dump(result, f, indent=1, default=str)
         log(f"wrote {path}")
-    if any(not c["ok"] for c in result["checks"]):
-        sys.exit(1)
 
 
 if __name__ == "__main__":
