@@ -3,6 +3,12 @@
 Kernels know no model and no engine: they take tensors and return tensors.
 Backend choice: ``backend=None`` picks Triton on CUDA tensors (when Triton imports) and the
 torch path elsewhere; ``backend="torch"`` or ``backend="triton"`` forces one.
+
+Layout: each public module (``fused_moe``, ``norm``, ``rotary``, ``mla_decode``) holds the entry
+point and its torch reference; the ``*_triton`` modules hold the ``@triton.jit`` bodies and
+launchers and load on first use (``fused_moe_triton`` composes ``moe_align_triton`` and
+``moe_gemm_triton``). ``fused_moe_config`` is the MoE tile table, ``fused_moe_tuning`` the GPU
+sweep that feeds it, ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
 
 from kernels.backend import resolve_backend
