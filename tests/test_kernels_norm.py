@@ -1,0 +1,83 @@
+"""Triton RMSNorm (with and without the fused residual add) against the torch reference.
+
+CPU cases run under TRITON_INTERPRET=1 in a fresh subprocess (see kernels.testing).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from kernels.norm import rms_norm, rms_norm_torch
+from kernels.testing import rel_err, run_in_interpreter, tolerance
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
+
+# name -> (x dtype, weight dtype, x shape, with residual, strided x)
+CASES = {
+    "fp32_residual": ("fp32", "fp32", (5, 100), True, False),
+    "fp32_plain_3d": ("fp32", "fp32", (2, 3, 96), False, False),
+    "bf16_residual": ("bf16", "bf16", (7, 72), True, False),
+    "bf16_fp32_weight": ("bf16", "fp32", (4, 130), True, False),
+    "fp16_plain": ("fp16", "fp16", (3, 64), False, False),
+    "bf16_strided": ("bf16", "bf16", (6, 48), True, True),
+    "one_row_fp32": ("fp32", "fp32", (1, 7), True, False),
+}
+
+
+def run_case(spec: tuple, device: str, backend: str) -> dict:
+    x_dtype, w_dtype, shape, with_residual, strided = spec
+    dtype = DTYPES[x_dtype]
+    if strided:  # a column slice of a wider tensor, as when the model splits a projection
+        x = torch.randn(*shape[:-1], shape[-1] + 8, device=device).to(dtype)[..., 8:]
+    else:
+        x = torch.randn(shape, device=device).to(dtype)
+    residual = torch.randn(shape, device=device).to(dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(DTYPES[w_dtype])
+    out, summed = rms_norm(x, weight, 1e-6, residual, backend=backend)
+    ref, ref_sum = rms_norm_torch(x, weight, 1e-6, residual)
+    return {"err": max(rel_err(out, ref), rel_err(summed, ref_sum)), "tol": tolerance(dtype),
+            "dtype_ok": out.dtype == ref.dtype and summed.dtype == ref_sum.dtype,
+            "passthrough_ok": with_residual or summed is x}
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    return run_case(CASES[name], "cpu", "triton")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict]:
+    return run_in_interpreter(__file__, list(CASES), SEED)
+
+
+def _check(result: dict, name: str) -> None:
+    assert "error" not in result, f"{name} (seed {SEED}) raised:\n{result['error']}"
+    assert result["dtype_ok"], f"{name}: output dtypes differ from the reference's"
+    assert result["passthrough_ok"], f"{name}: without a residual, x must come back as is"
+    assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rms_norm_interpreter(interpreter_results: dict, name: str) -> None:
+    _check(interpreter_results[name], name)
+
+
+GPU_CASES = {
+    "v3_hidden_bf16": ("bf16", "bf16", (257, 7168), True, False),
+    "kv_lora_bf16": ("bf16", "bf16", (64, 512), False, False),
+    "fp32_residual": ("fp32", "fp32", (33, 1000), True, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_rms_norm_gpu(name: str) -> None:
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    _check(run_case(GPU_CASES[name], "cuda", "triton"), name)

@@ -1,0 +1,79 @@
+"""Triton rotary embedding (interleaved and NeoX pairing) against the torch reference.
+
+CPU cases run under TRITON_INTERPRET=1 in a fresh subprocess (see kernels.testing).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from kernels.rotary import apply_rotary, apply_rotary_torch
+from kernels.testing import rel_err, run_in_interpreter, tolerance
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
+
+# name -> (dtype, T, heads, D, interleaved, view of a wider tensor)
+CASES = {
+    "neox_fp32": ("fp32", 5, 3, 16, False, False),
+    "interleaved_fp32": ("fp32", 5, 3, 16, True, False),
+    "interleaved_bf16_view": ("bf16", 7, 5, 12, True, True),
+    "neox_bf16_view": ("bf16", 7, 5, 12, False, True),
+    "interleaved_fp16": ("fp16", 3, 2, 64, True, False),
+    "one_token_one_head_fp32": ("fp32", 1, 1, 6, True, True),
+}
+
+
+def run_case(spec: tuple, device: str, backend: str) -> dict:
+    name, tokens, heads, dim, interleaved, view = spec
+    dtype = DTYPES[name]
+    if view:  # the q_pe / k_pe slices the model passes: strided over tokens and heads
+        x = torch.randn(tokens, heads + 1, dim + 5, device=device).to(dtype)[:, 1:, 5:]
+    else:
+        x = torch.randn(tokens, heads, dim, device=device).to(dtype)
+    angles = torch.rand(tokens, dim // 2, device=device) * 100
+    cos, sin = angles.cos(), angles.sin()
+    out = apply_rotary(x, cos, sin, interleaved, backend=backend)
+    ref = apply_rotary_torch(x, cos, sin, interleaved)
+    return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype}
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    return run_case(CASES[name], "cpu", "triton")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict]:
+    return run_in_interpreter(__file__, list(CASES), SEED)
+
+
+def _check(result: dict, name: str) -> None:
+    assert "error" not in result, f"{name} (seed {SEED}) raised:\n{result['error']}"
+    assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
+    assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rotary_interpreter(interpreter_results: dict, name: str) -> None:
+    _check(interpreter_results[name], name)
+
+
+GPU_CASES = {
+    "v3_q_pe_bf16": ("bf16", 300, 128, 64, True, True),
+    "qwen_neox_bf16": ("bf16", 300, 32, 128, False, False),
+    "fp32": ("fp32", 17, 3, 64, True, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_rotary_gpu(name: str) -> None:
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    _check(run_case(GPU_CASES[name], "cuda", "triton"), name)
