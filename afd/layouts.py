@@ -55,6 +55,7 @@ class MultiRankClient:
         self.outstanding: dict[str, int] = {}  # request id -> attention rank index
         self.rank_stats = [CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
                            for _ in range(layout.attention)]
+        self.rank_timers: dict[int, dict] = {}  # cumulative stage seconds per rank
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         inbox_port = self.inbox.bind_to_random_port(f"tcp://{LOOPBACK}")
@@ -157,9 +158,12 @@ class MultiRankClient:
         kind = msg["t"]
         if kind == "error":
             self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
+        if kind == "timers":
+            self.rank_timers[msg["rank"]] = msg["timers"]
         if kind != "out":
             return []
         self.rank_stats[msg["attn"]] = protocol.stats_from_wire(msg["stats"])
+        self.rank_timers[msg["rank"]] = msg["timers"]
         outs = []
         for row in msg["outs"]:
             out = protocol.output_from_wire(row)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import kernels
 from afd.placement import ExpertPlacement
+from afd.profiling import StageTimers
 from models.model import Dispatch, ExpertPath
 from models.moe import RoutedExperts
 
@@ -49,8 +50,8 @@ class DispatchHandle:
     row_token: torch.Tensor  # [R] token of each sent row (send order)
     row_expert: torch.Tensor  # [R] logical expert of each sent row
     row_weight: torch.Tensor  # [R] routing weight of each sent row
-    send_buffer: torch.Tensor  # [R, H] kept alive until the send completes
-    work: object | None = None
+    buffers: tuple  # counts and [R, H] rows, kept alive until the sends complete
+    works: list  # the sends in flight
 
 
 @dataclass
@@ -70,8 +71,17 @@ class TorchTransport(ExpertPath):
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.tables = tuple(t.to(device) for t in placement.lookup_tables())
         self.slots = placement.max_slots
+        self.timers = StageTimers()
 
     def dispatch(self, req: Dispatch, micro_batch: int = 0) -> DispatchHandle:
+        with self.timers.time("dispatch"):
+            return self._dispatch(req, micro_batch)
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        with self.timers.time("combine"):
+            return self._combine(handle)
+
+    def _dispatch(self, req: Dispatch, micro_batch: int) -> DispatchHandle:
         group = self.groups.micro_batch_groups[micro_batch]
         a, f, s = self.groups.num_attention, self.groups.num_ffn, self.slots
         ids = req.routing.topk_ids  # [T, K]
@@ -83,9 +93,11 @@ class TorchTransport(ExpertPath):
         counts = torch.bincount(key[order], minlength=f * s).view(f, s)  # [F, S]
         send_counts = torch.zeros(self.groups.size, s, dtype=torch.long, device=self.device)
         send_counts[a:] = counts
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)  # FFN ranks learn sizes
-
+        recv_counts = torch.empty_like(send_counts)  # attention ranks receive zeros: unused
+        # Both sends are async: the attention side needs no answer to dispatch, only FFN ranks
+        # wait on the counts (to size their buffers). The group runs them in issue order.
+        counts_work = dist.all_to_all_single(recv_counts, send_counts, group=group,
+                                             async_op=True)
         row_token = order // top_k
         rows = counts.sum(dim=1).tolist()
         send = req.hidden[row_token].contiguous()  # [R, H]
@@ -94,9 +106,9 @@ class TorchTransport(ExpertPath):
                                       group=group, async_op=True)
         return DispatchHandle(micro_batch, req.layer, num_tokens, rows, row_token,
                               ids.flatten()[order], req.routing.topk_weights.flatten()[order],
-                              send, work)
+                              (send_counts, recv_counts, send), [counts_work, work])
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+    def _combine(self, handle: DispatchHandle) -> torch.Tensor:
         group = self.groups.micro_batch_groups[handle.micro_batch]
         a = self.groups.num_attention
         recv = torch.empty(sum(handle.rows_per_ffn), self.hidden, dtype=self.dtype,
@@ -104,7 +116,8 @@ class TorchTransport(ExpertPath):
         empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
         dist.all_to_all_single(recv, empty, [0] * a + handle.rows_per_ffn,
                                [0] * self.groups.size, group=group)
-        handle.work.wait()
+        for work in handle.works:
+            work.wait()
         return weighted_sum(recv, handle.row_token, handle.row_expert, handle.row_weight,
                             handle.num_tokens)
 
@@ -129,32 +142,38 @@ class TorchExpertServer:
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.slots = placement.max_slots
         self.in_flight: list[ServeState] = []
+        self.timers = StageTimers()
 
     def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
         """Receive, compute, send back. Returns how many rows this rank served."""
         group = self.groups.micro_batch_groups[micro_batch]
         size, s = self.groups.size, self.slots
-        counts = torch.empty(size, s, dtype=torch.long, device=self.device)
-        dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
-        per_source = counts.sum(dim=1).tolist()
-        x = torch.empty(sum(per_source), self.hidden, dtype=self.dtype, device=self.device)
         empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
-        dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
-        # Rows arrive by source, then slot; the grouped GEMM wants them by slot.
-        by_slot = _group_by_slot(counts)
-        n_slots = len(experts.expert_ids)
-        y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13, experts.w2)
-        back = torch.empty_like(y)
-        back[by_slot] = y
-        work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
-                                      async_op=True)
+        with self.timers.time("recv"):  # mostly waiting for the attention ranks
+            counts = torch.empty(size, s, dtype=torch.long, device=self.device)
+            dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
+            per_source = counts.sum(dim=1).tolist()
+            x = torch.empty(sum(per_source), self.hidden, dtype=self.dtype, device=self.device)
+            dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
+        with self.timers.time("experts"):
+            # Rows arrive by source, then slot; the grouped GEMM wants them by slot.
+            by_slot = _group_by_slot(counts)
+            n_slots = len(experts.expert_ids)
+            y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13,
+                                    experts.w2)
+            back = torch.empty_like(y)
+            back[by_slot] = y
+        with self.timers.time("send"):
+            work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
+                                          async_op=True)
         self.in_flight.append(ServeState(back, work))
         return x.shape[0]
 
     def drain(self) -> None:
         """Wait for every answer sent this step (their buffers may then be freed)."""
-        for state in self.in_flight:
-            state.work.wait()
+        with self.timers.time("send"):
+            for state in self.in_flight:
+                state.work.wait()
         self.in_flight.clear()
 
 

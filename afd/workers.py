@@ -28,6 +28,7 @@ from afd import protocol
 from afd.config import EngineConfig
 from afd.core import EngineCore
 from afd.placement import ExpertPlacement
+from afd.profiling import StageTimers
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
 from models.config import parse_dtype
 from models.weights import load_model
@@ -177,8 +178,9 @@ class AttentionWorker:
         cfg = spec.engine_cfg
         model = load_model(cfg.model, "attention", dtype=cfg.dtype, device=device)
         local_cfg = EngineConfig(**{**cfg.__dict__, "device": str(device)})
-        transport = make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
-        self.core = EngineCore(model, local_cfg, experts=transport)
+        self.transport = make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
+        self.core = EngineCore(model, local_cfg, experts=self.transport)
+        self.timers = StageTimers()
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.connect(spec.front_in[index])
         self.stopping = False
@@ -207,8 +209,9 @@ class AttentionWorker:
 
     def _send(self, outputs: list) -> None:
         stats = protocol.stats_to_wire(self.core.stats()[0])
+        timers = {**self.timers.snapshot(), **self.transport.timers.seconds}
         self.out.send(protocol.pack({"t": "out", "rank": self.spec.rank, "attn": self.index,
-                                     "outs": outputs, "stats": stats}))
+                                     "outs": outputs, "stats": stats, "timers": timers}))
 
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
@@ -222,13 +225,16 @@ class AttentionWorker:
             vote = torch.tensor([int(not plan.empty),
                                  min(self.spec.micro_batches, max(1, len(plan.seqs))),
                                  int(self.stopping)])
-            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
+            with self.timers.time("vote"):
+                dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
             has_work, micro_batches, stop = vote.tolist()
             if stop:
                 return
             idle = not has_work
             if has_work:
-                outputs = self.core.execute(plan, micro_batches)
+                with self.timers.time("step"):
+                    outputs = self.core.execute(plan, micro_batches)
+                self.timers.steps += 1
                 self._send([protocol.output_to_wire(o) for o in outputs])
 
 
@@ -243,26 +249,32 @@ class FFNWorker:
                            dtype=cfg.dtype, device=device)
         self.model = model
         self.experts = [layer.mlp.experts for layer in model.layers if layer.is_moe]
-        self.server = TorchExpertServer(groups.experts, spec.placement, model.cfg.hidden_size,
-                                        cfg.dtype, device)
+        self.server = make_expert_server(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
         self.out = out
 
     def run(self) -> None:
         self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
                                      "info": _describe(self.model, kv_bytes=0)}))
+        timers, last_report, dirty = self.server.timers, time.monotonic(), False
         with torch.inference_mode():
             while True:
                 vote = torch.zeros(3, dtype=torch.long)
-                dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
+                with timers.time("vote"):
+                    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
                 has_work, micro_batches, stop = vote.tolist()
                 if stop:
                     return
-                if not has_work:
-                    continue
-                for experts in self.experts:  # same order as the attention ranks' ping-pong
-                    for mb in range(micro_batches):
-                        self.server.serve(mb, experts)
-                self.server.drain()
+                if has_work:
+                    for experts in self.experts:  # same order as the attention ranks' ping-pong
+                        for mb in range(micro_batches):
+                            self.server.serve(mb, experts)
+                    self.server.drain()
+                    timers.steps += 1
+                    dirty = True
+                if dirty and time.monotonic() - last_report > 0.5:
+                    self.out.send(protocol.pack({"t": "timers", "rank": self.spec.rank,
+                                                 "timers": timers.snapshot()}))
+                    last_report, dirty = time.monotonic(), False
 
 
 def _describe(model, kv_bytes: int) -> dict:
@@ -280,6 +292,18 @@ def make_transport(spec: WorkerSpec, groups: Groups, hidden: int, dtype: torch.d
         from afd.deepep import DeepEPTransport
 
         return DeepEPTransport(groups.experts, spec.placement, hidden, dtype, device)
+    raise ValueError(f"transport must be 'torch' or 'deepep', got {spec.transport!r}")
+
+
+def make_expert_server(spec: WorkerSpec, groups: Groups, hidden: int, dtype: torch.dtype,
+                       device: torch.device):
+    """The FFN side of ``spec.transport`` (``make_transport`` builds the attention side)."""
+    if spec.transport == "torch":
+        return TorchExpertServer(groups.experts, spec.placement, hidden, dtype, device)
+    if spec.transport == "deepep":
+        from afd.deepep import DeepEPExpertServer
+
+        return DeepEPExpertServer(groups.experts, spec.placement, hidden, dtype, device)
     raise ValueError(f"transport must be 'torch' or 'deepep', got {spec.transport!r}")
 
 
