@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,9 @@ def resolve_engine_config(
 
 
 def _default_kv_memory_gb(device: str) -> float:
+    """AFD_KV_CACHE_GB, else 60% of free GPU memory, else 0.25 GiB on CPU."""
+    if os.environ.get("AFD_KV_CACHE_GB"):
+        return float(os.environ["AFD_KV_CACHE_GB"])
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return 0.6 * free / 2**30

@@ -132,22 +132,22 @@ def attention_params_per_layer(m: dict) -> float:
 
 
 def load_kernel_table() -> dict | None:
-    """Measured fused_moe timings (H100) if a kernels result is committed."""
-    files = sorted(glob.glob(os.path.join(RESULTS, "kernels_*.json")))
+    """Measured grouped_moe timings (an FFN rank's entry) from a committed bench/kernels.py run."""
+    files = sorted(glob.glob(os.path.join(RESULTS, "kernels_*.json"))
+                   + glob.glob(os.path.join(RESULTS, "kernels_*", "kernels.json")))
     for path in reversed(files):
         try:
             with open(path) as f:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError):
             continue
-        table = {}
-        for row in data.get("moe", []):
-            if row.get("op", "fused_moe") != "fused_moe" or "triton_ms" not in row:
-                continue
-            table[(row["experts"], row["tokens_per_expert"])] = row
+        table = {(row["experts"], row["m"]): row for row in data.get("moe", [])
+                 if row.get("grouped_ms") and row.get("floor_ms")}
         if table:
-            return {"path": path, "rows": table, "copy_bw": data.get("copy_bw_bytes_s"),
-                    "matmul_flops": data.get("matmul_flops_s")}
+            ceil = data.get("ceilings", {})
+            return {"path": os.path.relpath(path), "rows": table,
+                    "copy_bw": ceil.get("copy_bytes_per_s"),
+                    "matmul_flops": ceil.get("matmul_flops_per_s")}
     return None
 
 
@@ -186,7 +186,7 @@ class CostModel:
             rows = self.table["rows"]
             counts = sorted({e for e, _ in rows})
             e = min(counts, key=lambda c: abs(math.log(c / max(local_experts, 1))))
-            pts = sorted((t, r["triton_ms"] / r["floor_ms"]) for (c, t), r in rows.items()
+            pts = sorted((t, r["grouped_ms"] / r["floor_ms"]) for (c, t), r in rows.items()
                          if c == e)
             if m <= pts[0][0]:
                 return pts[0][1]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything this project checks on a lent GPU, in one call (see bench/results/README.md):
+#   1. bench/gpu_kernels.sh: GPU-marked kernel tests + bench/kernels.py (+ tile sweep)
+#   2. the oracle/engine/model tests with the engine on CUDA (fp32, HF reference on CPU)
+#   3. bench/offline.py on CUDA (afd vs transformers generate, embedded model)
+# Writes at most 8 files to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M%S)}
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2}
+export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+start=$(date +%s)
+SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-100} timeout 420 bash bench/gpu_kernels.sh
+echo "[gpu_check $(($(date +%s) - start))s] engine tests on CUDA"
+{
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -x -rs tests/test_oracle.py \
+    tests/test_models.py tests/test_engine.py 2>&1
+  echo "engine_tests_rc=$?"
+  echo "[gpu_check $(($(date +%s) - start))s] offline bench on CUDA"
+  timeout 120 python3 bench/offline.py --device cuda --json "$OUT/offline_cuda.json" 2>&1 \
+    | grep -v "Processed prompts:  "
+  echo "offline_rc=$?"
+} | tee "$OUT/engine_cuda.log"
+echo "[gpu_check $(($(date +%s) - start))s] done"
