@@ -32,7 +32,7 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     def recording(logits, params, generators):
         ids = [s.seq.request_id for s in runner._last_seqs if s.samples]
         for rid, row in zip(ids, logits):
-            seen.setdefault(rid, []).append(row.clone())
+            seen.setdefault(rid, []).append(row.detach().float().cpu())
         return sampler_call(logits, params, generators)
 
     sampler_call = sampler.__call__
