@@ -27,12 +27,18 @@ class CoreStats:
 
 
 class EngineCore:
-    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None):
+    """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
+    (blocks kept, no more steps) until its KV moves to a decode rank (``release``)."""
+
+    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
+                 prefill_only: bool = False):
         self.cfg = cfg
         self.allocator = BlockAllocator(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cfg, experts)
         self.seqs: dict[str, Sequence] = {}
+        self.prefill_only = prefill_only
+        self.newly_parked: list[Sequence] = []
 
     def add_request(self, req: CoreRequest) -> None:
         if req.request_id in self.seqs:
@@ -61,11 +67,29 @@ class EngineCore:
         outputs = []
         for seq, token in zip(sampling, tokens):
             seq.append(token)
-            outputs.append(CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason))
+            out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason)
+            if seq.num_output_tokens == 1 and seq.first_scheduled is not None:
+                out.metrics = {"queue_time": seq.first_scheduled - seq.received}
+            outputs.append(out)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
+            elif self.prefill_only:
+                self.scheduler.park(seq)
+                self.newly_parked.append(seq)
         return outputs
+
+    def release(self, request_id: str) -> Sequence | None:
+        """Free a parked sequence (its KV was sent, or is no longer wanted)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+        return seq
+
+    def add_transferred(self, seq: Sequence) -> None:
+        """A sequence prefilled elsewhere, its KV already in this rank's blocks."""
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add_running(seq)
 
     def stats(self) -> list[CoreStats]:
         """One entry per attention rank (here, this one)."""

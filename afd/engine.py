@@ -166,6 +166,11 @@ class LLMEngine:
     def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
         if out.error is not None:
             req.error = out.error
+        if out.metrics:
+            if "queue_time" in out.metrics:
+                req.metrics.queue_time = out.metrics["queue_time"]
+            if "transfer_time" in out.metrics:
+                req.metrics.transfer_time = out.metrics["transfer_time"]
         if out.new_token_ids:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now

@@ -1,16 +1,20 @@
 """Front-end side of a multi-rank layout: starts the rank processes and talks to them.
 
 ``MultiRankClient`` is the ``CoreClient`` of ``LLMEngine`` when the layout has more than one rank.
-It places each request on an attention rank, forwards aborts, collects tokens, and turns any
-rank's death, error or silence beyond the timeout into a RuntimeError instead of a hang.
+It is the global scheduler: it places each prompt on a prefill rank (or, with no prefill pool, an
+attention rank), hands each finished prefill to a decode attention rank, relays the decode rank's
+"ready to receive" to the prefill rank, forwards aborts to whoever holds a request, collects
+tokens, and turns any rank's death, error or silence beyond the timeout into ``RankFailure``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -20,6 +24,7 @@ from afd import protocol
 from afd.config import EngineConfig
 from afd.core import CoreStats
 from afd.placement import ExpertPlacement
+from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
 from afd.workers import Layout, WorkerSpec
 from models.config import ModelConfig
@@ -35,10 +40,24 @@ def _threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // (world_size + 1))
 
 
+@dataclass
+class _Placed:
+    """Where a request is: its stage and the ranks holding it."""
+
+    request: CoreRequest
+    stage: str  # "prefill", "transfer" or "decode"
+    prefill: int | None = None  # global rank
+    decode: int | None = None  # global rank
+    num_kv_tokens: int = 0
+    first_token: int | None = None  # sampled by the prefill rank
+    admitted: bool = False  # the decode rank has reserved blocks for the transfer
+
+
 class MultiRankClient:
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, layout: Layout, *,
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
-                 placement: ExpertPlacement | None = None, startup_timeout_s: float = 300.0):
+                 placement: ExpertPlacement | None = None, prefill_block_size: int | None = None,
+                 startup_timeout_s: float = 300.0):
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         if not isinstance(micro_batches, int) or micro_batches < 1:
@@ -46,33 +65,46 @@ class MultiRankClient:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.layout, self.timeout_s = layout, timeout_s
-        self.placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)
-        if self.placement.num_ranks != layout.ffn:
-            raise ValueError(f"placement has {self.placement.num_ranks} ranks, layout has "
-                             f"ffn={layout.ffn}")
+        if layout.ffn:
+            placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)
+            if placement.num_ranks != layout.ffn:
+                raise ValueError(f"placement has {placement.num_ranks} ranks, layout has "
+                                 f"ffn={layout.ffn}")
+        self.placement = placement
         self.error: str | None = None
         self.closed = False
-        self.outstanding: dict[str, int] = {}  # request id -> attention rank index
-        self.rank_stats = [CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
-                           for _ in range(layout.attention)]
+        self.placed: dict[str, _Placed] = {}
+        self.tags = itertools.count(1)
+        self.pending_metrics: dict[str, dict] = {}
+        attn_ranks = list(range(layout.prefill, layout.prefill + layout.attention))
+        self.router = RequestRouter(list(range(layout.prefill)), attn_ranks,
+                                    engine_cfg.num_kv_blocks, engine_cfg.block_size)
+        self.rank_stats = {r: CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
+                           for r in attn_ranks}
         self.rank_timers: dict[int, dict] = {}  # cumulative stage seconds per rank
+        self.rank_info: dict[int, dict] = {}  # what each rank says it holds
+
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         inbox_port = self.inbox.bind_to_random_port(f"tcp://{LOOPBACK}")
-        self.outboxes = []
-        for _ in range(layout.attention):
+        self.outboxes: dict[int, zmq.Socket] = {}
+        front_in = []
+        for rank in range(layout.world_size):
+            if layout.role_of(rank)[0] == "ffn":
+                front_in.append("")
+                continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             port = sock.bind_to_random_port(f"tcp://{LOOPBACK}")
-            self.outboxes.append((sock, f"tcp://{LOOPBACK}:{port}"))
+            self.outboxes[rank] = sock
+            front_in.append(f"tcp://{LOOPBACK}:{port}")
         self.store = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
-        specs = [WorkerSpec(rank=r, layout=layout, engine_cfg=engine_cfg,
-                            placement=self.placement, micro_batches=micro_batches,
-                            transport=transport, timeout_s=timeout_s, store_host=LOOPBACK,
-                            store_port=self.store.port,
-                            front_out=f"tcp://{LOOPBACK}:{inbox_port}",
-                            front_in=tuple(addr for _, addr in self.outboxes),
-                            threads=_threads_per_rank(layout.world_size))
+        specs = [WorkerSpec(rank=r, layout=layout, engine_cfg=engine_cfg, placement=placement,
+                            micro_batches=micro_batches, transport=transport,
+                            timeout_s=timeout_s, store_host=LOOPBACK, store_port=self.store.port,
+                            front_out=f"tcp://{LOOPBACK}:{inbox_port}", front_in=tuple(front_in),
+                            threads=_threads_per_rank(layout.world_size),
+                            prefill_block_size=prefill_block_size)
                  for r in range(layout.world_size)]
         # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
         self.procs = [subprocess.Popen([sys.executable, "-m", "afd.workers", "--spec",
@@ -90,7 +122,8 @@ class MultiRankClient:
         self.shutdown()
         raise RankFailure(message)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise RankFailure if any rank has died or the engine already failed."""
         if self.error:
             raise RankFailure(self.error)
         for rank, p in enumerate(self.procs):
@@ -107,8 +140,6 @@ class MultiRankClient:
                 self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Wait for every rank's hello; keeps what each says it holds in ``rank_info``."""
-        self.rank_info: dict[int, dict] = {}
         ready: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(ready) < self.layout.world_size:
@@ -116,7 +147,7 @@ class MultiRankClient:
                 self._fail(f"ranks {sorted(set(range(self.layout.world_size)) - ready)} not "
                            f"ready after {timeout_s:.0f}s")
             if not self.inbox.poll(100):
-                self._check_alive()
+                self.check_alive()
                 continue
             msg = protocol.unpack(self.inbox.recv())
             if msg["t"] == "ready":
@@ -125,58 +156,121 @@ class MultiRankClient:
             else:
                 self._handle(msg)
 
+    def _tell(self, rank: int, msg: dict) -> None:
+        if not self.closed:
+            self.outboxes[rank].send(protocol.pack(msg))
+
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
-        self._check_alive()
-        # place on the attention rank with the fewest requests in flight
-        load = [0] * self.layout.attention
-        for r in self.outstanding.values():
-            load[r] += 1
-        rank = min(range(self.layout.attention), key=lambda i: (load[i], i))
-        self.outstanding[req.request_id] = rank
-        self.outboxes[rank][0].send(protocol.pack({"t": "add",
-                                                   "req": protocol.request_to_wire(req)}))
+        self.check_alive()
+        wire = {"t": "add", "req": protocol.request_to_wire(req)}
+        if self.layout.prefill:
+            rank = self.router.pick_prefill()
+            self.router.prefill[rank].in_flight += 1
+            self.placed[req.request_id] = _Placed(req, "prefill", prefill=rank)
+        else:
+            rank = self.router.pick_attention()
+            self.router.attention[rank].in_flight += 1
+            self.placed[req.request_id] = _Placed(req, "decode", decode=rank)
+        self._tell(rank, wire)
 
     def abort(self, request_ids: list[str]) -> None:
-        by_rank: dict[int, list[str]] = {}
         for rid in request_ids:
-            rank = self.outstanding.pop(rid, None)
-            if rank is not None:
-                by_rank.setdefault(rank, []).append(rid)
-        if self.closed:
-            return
-        for rank, ids in by_rank.items():
-            self.outboxes[rank][0].send(protocol.pack({"t": "abort", "ids": ids}))
+            placed = self._forget(rid)
+            if placed is None:
+                continue
+            for rank in (placed.prefill, placed.decode):
+                if rank is not None:
+                    self._tell(rank, {"t": "abort", "ids": [rid]})
+
+    def _forget(self, rid: str) -> _Placed | None:
+        placed = self.placed.pop(rid, None)
+        if placed is None:
+            return None
+        if placed.stage == "prefill":
+            self.router.prefill[placed.prefill].in_flight -= 1
+        elif placed.stage == "transfer":
+            if not placed.admitted:
+                self.router.admitted(placed.decode, placed.num_kv_tokens)
+            self.router.attention[placed.decode].in_flight -= 1
+        else:
+            self.router.attention[placed.decode].in_flight -= 1
+        return placed
+
+    def drop_transfer(self, request_id: str) -> None:
+        """Fault injection (tests): the prefill rank will never send this request's KV."""
+        for rank in self.router.prefill:
+            self._tell(rank, {"t": "drop", "id": request_id})
 
     def has_unfinished(self) -> bool:
-        return bool(self.outstanding)
+        return bool(self.placed)
 
     def stats(self) -> list[CoreStats]:
-        return list(self.rank_stats)
+        return list(self.rank_stats.values())
 
+    # ---- messages from the ranks ----------------------------------------------------------
     def _handle(self, msg: dict[str, Any]) -> list[CoreOutput]:
-        kind = msg["t"]
+        kind, rank = msg["t"], msg.get("rank")
         if kind == "error":
-            self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
-        if kind == "timers":
-            self.rank_timers[msg["rank"]] = msg["timers"]
+            self._fail(f"{self._describe(rank)} failed: {msg['msg']}")
+        if "timers" in msg:
+            self.rank_timers[rank] = msg["timers"]
+        if kind == "admitted":  # a decode rank has blocks for it: tell the prefill rank to send
+            placed = self.placed.get(msg["id"])
+            if placed is not None:
+                placed.admitted = True
+                self.router.admitted(rank, placed.num_kv_tokens)
+                self._tell(msg["src"], {"t": "send", "id": msg["id"], "dst": rank,
+                                        "tag": msg["tag"]})
+        elif kind == "transferred":
+            placed = self.placed.get(msg["id"])
+            if placed is not None:
+                placed.stage = "decode"
+                self.pending_metrics[msg["id"]] = {"transfer_time": msg["seconds"]}
         if kind != "out":
             return []
-        self.rank_stats[msg["attn"]] = protocol.stats_from_wire(msg["stats"])
-        self.rank_timers[msg["rank"]] = msg["timers"]
-        outs = []
-        for row in msg["outs"]:
-            out = protocol.output_from_wire(row)
-            if out.request_id not in self.outstanding:
-                continue  # aborted meanwhile
-            if out.finish_reason is not None:
-                del self.outstanding[out.request_id]
-            outs.append(out)
-        return outs
+        if rank in self.rank_stats:
+            stats = protocol.stats_from_wire(msg["stats"])
+            self.rank_stats[rank] = stats
+            self.router.report(rank, stats.num_free_blocks, stats.num_running)
+        outs = [self._output(protocol.output_from_wire(row)) for row in msg["outs"]]
+        for rid, num_kv_tokens in msg.get("prefilled", []):
+            self._hand_to_decode(rid, num_kv_tokens)
+        return [o for o in outs if o is not None]
+
+    def _output(self, out: CoreOutput) -> CoreOutput | None:
+        placed = self.placed.get(out.request_id)
+        if placed is None:
+            return None  # aborted meanwhile
+        extra = self.pending_metrics.pop(out.request_id, None)
+        if extra:
+            out.metrics = {**(out.metrics or {}), **extra}
+        if out.finish_reason is not None:
+            self._forget(out.request_id)
+            if placed.stage == "transfer" and placed.prefill is not None:
+                self._tell(placed.prefill, {"t": "release", "id": out.request_id})
+        elif placed.stage == "prefill":
+            placed.first_token = out.new_token_ids[-1]
+        return out
+
+    def _hand_to_decode(self, rid: str, num_kv_tokens: int) -> None:
+        placed = self.placed.get(rid)
+        if placed is None or placed.stage != "prefill":
+            if placed is None:  # aborted while prefilling: the prefill rank frees it
+                for rank in self.router.prefill:
+                    self._tell(rank, {"t": "release", "id": rid})
+            return
+        self.router.prefill[placed.prefill].in_flight -= 1
+        decode = self.router.pick_decode(num_kv_tokens)
+        self.router.attention[decode].in_flight += 1
+        placed.stage, placed.decode, placed.num_kv_tokens = "transfer", decode, num_kv_tokens
+        self._tell(decode, {"t": "pull", "req": protocol.request_to_wire(placed.request),
+                            "first": placed.first_token,
+                            "n": num_kv_tokens, "src": placed.prefill, "tag": next(self.tags)})
 
     def step(self, wait_s: float = 0.05) -> list[CoreOutput]:
         """Whatever tokens arrived, waiting up to ``wait_s`` for the first message."""
-        self._check_alive()
+        self.check_alive()
         outputs: list[CoreOutput] = []
         if self.inbox.poll(int(wait_s * 1000)):
             while True:
@@ -186,16 +280,16 @@ class MultiRankClient:
                     break
                 outputs += self._handle(msg)
             self.last_heard = time.monotonic()
-        elif self.outstanding and time.monotonic() - self.last_heard > self.timeout_s:
-            self._fail(f"no answer from any attention rank for {self.timeout_s:.0f}s with "
-                       f"{len(self.outstanding)} requests in flight")
+        elif self.placed and time.monotonic() - self.last_heard > self.timeout_s:
+            self._fail(f"no answer from any rank for {self.timeout_s:.0f}s with "
+                       f"{len(self.placed)} requests in flight")
         return outputs
 
     def shutdown(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for sock, _ in self.outboxes:
+        for sock in self.outboxes.values():
             try:
                 sock.send(protocol.pack({"t": "shutdown"}), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -207,10 +301,7 @@ class MultiRankClient:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        for sock, _ in self.outboxes:
-            sock.close(0)
-        self.inbox.close(0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
     def __del__(self) -> None:
         try:
@@ -221,9 +312,4 @@ class MultiRankClient:
 
 def start_multi_rank(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: int,
                      attention: int, ffn: int, **options: Any) -> MultiRankClient:
-    if ffn == 0 and attention > 1:
-        raise NotImplementedError("attention > 1 needs ffn >= 1 (data-parallel attention with "
-                                  "colocated experts is not supported)")
-    if prefill:
-        raise NotImplementedError("prefill ranks are not available yet")
     return MultiRankClient(engine_cfg, model_cfg, Layout(prefill, attention, ffn), **options)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from afd.config import EngineConfig, resolve_engine_config
 from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
+from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
@@ -60,6 +61,8 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if prefill == 0 and attention == 1 and ffn == 0:
+        if options.get("placement") is not None:
+            raise ValueError("expert_placement needs ffn >= 1")
         from afd.core import EngineCore
         from models.weights import load_model
 
@@ -80,18 +83,26 @@ class LLM:
 
     LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
-        max_num_batched_tokens=None, prefill=0, attention=1, ffn=0, **layout_options)
+        max_num_batched_tokens=None, prefill=0, attention=1, ffn=0, micro_batches=2,
+        transport="torch", timeout_s=60.0, prefill_block_size=None, expert_placement=None)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
+    ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
+    P+A+F rank processes. ``micro_batches``: ping-pong micro-batches per decode step.
+    ``transport``: "torch" (all_to_all over gloo/NCCL) or "deepep". ``timeout_s``: how long any
+    rank may wait on another before the run fails with RankFailure.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  prefill: int = 0, attention: int = 1, ffn: int = 0, micro_batches: int = 2,
-                 transport: str = "torch", timeout_s: float = 60.0, **engine_args: Any):
+                 transport: str = "torch", timeout_s: float = 60.0,
+                 prefill_block_size: int | None = None,
+                 expert_placement: ExpertPlacement | None = None, **engine_args: Any):
         self.engine = build_engine(
             model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
             layout_options=dict(micro_batches=micro_batches, transport=transport,
-                                timeout_s=timeout_s), **engine_args)
+                                timeout_s=timeout_s, prefill_block_size=prefill_block_size,
+                                placement=expert_placement), **engine_args)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -10,19 +10,17 @@ class RequestMetrics:
     """Per-request timing (seconds, time.monotonic clock) and derived latencies."""
 
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    queue_time: float | None = None  # waiting in a rank's queue before its first step
     transfer_time: float | None = None  # P/D: prompt KV moved from a prefill rank to decode
     num_generated_tokens: int = 0
     num_preemptions: int = 0
 
     @property
     def time_in_queue(self) -> float | None:
-        if self.first_scheduled_time is None:
-            return None
-        return self.first_scheduled_time - self.arrival_time
+        return self.queue_time
 
     @property
     def ttft(self) -> float | None:

@@ -70,6 +70,18 @@ class Scheduler:
         seq.block_ids = []
         seq.status = Status.FINISHED
 
+    def park(self, seq: Sequence) -> None:
+        """Stop stepping a running sequence but keep its blocks (prefill ranks, until transfer)."""
+        self.running.remove(seq)
+        seq.status = Status.PARKED
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose KV arrived from elsewhere, blocks already allocated: decode it next."""
+        seq.status = Status.RUNNING
+        if seq.first_scheduled is None:
+            seq.first_scheduled = time.monotonic()
+        self.running.append(seq)
+
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -98,8 +110,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.block_ids += self.allocator.allocate(need)
             seq.status = Status.RUNNING
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = time.monotonic()
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
             out.seqs.append(ScheduledSeq(seq, n))
             budget -= n

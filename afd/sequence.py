@@ -15,6 +15,7 @@ from afd.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"  # prefilled on a prefill rank, KV held until it moves to a decode rank
     FINISHED = "finished"
 
 
@@ -38,6 +39,7 @@ class CoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    metrics: dict | None = None  # e.g. {"queue_time": s, "transfer_time": s}
 
 
 class Sequence:
@@ -55,6 +57,8 @@ class Sequence:
         self.max_output = limit if req.params.max_tokens is None else min(req.params.max_tokens,
                                                                           limit)
         self.metrics = RequestMetrics(arrival_time=req.arrival_time)
+        self.received = time.monotonic()  # this rank's clock (arrival_time is the front's)
+        self.first_scheduled: float | None = None
         self.generator: torch.Generator | None = None
         if req.params.seed is not None and not req.params.greedy:
             self.generator = torch.Generator().manual_seed(req.params.seed)

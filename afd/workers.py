@@ -26,16 +26,12 @@ import zmq
 
 from afd import protocol
 from afd.config import EngineConfig
-from afd.core import EngineCore
 from afd.placement import ExpertPlacement
-from afd.profiling import StageTimers
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
 from models.config import parse_dtype
-from models.weights import load_model
 
 log = logging.getLogger("afd.worker")
 
-IDLE_POLL_S = 0.01  # how long an idle attention rank waits for requests between step votes
 
 
 @dataclass(frozen=True)
@@ -70,15 +66,16 @@ class WorkerSpec:
     rank: int
     layout: Layout
     engine_cfg: EngineConfig
-    placement: ExpertPlacement
+    placement: ExpertPlacement | None  # None without FFN ranks
     micro_batches: int
     transport: str
     timeout_s: float
     store_host: str
     store_port: int
     front_out: str  # every rank pushes its status and outputs here
-    front_in: tuple[str, ...]  # attention rank i pulls its requests from front_in[i]
+    front_in: tuple[str, ...]  # rank r pulls its requests from front_in[r] ("" for FFN ranks)
     threads: int = 1
+    prefill_block_size: int | None = None  # prefill ranks' KV block size (default: the same)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -91,21 +88,57 @@ class WorkerSpec:
         d["layout"] = Layout(**d["layout"])
         d["engine_cfg"] = EngineConfig(**{**d["engine_cfg"],
                                           "dtype": parse_dtype(d["engine_cfg"]["dtype"])})
-        d["placement"] = ExpertPlacement(d["placement"]["num_experts"],
-                                         tuple(tuple(s) for s in d["placement"]["slots"]))
+        if d["placement"] is not None:
+            d["placement"] = ExpertPlacement(d["placement"]["num_experts"],
+                                             tuple(tuple(s) for s in d["placement"]["slots"]))
         d["front_in"] = tuple(d["front_in"])
         return cls(**d)
 
 
 class Groups:
-    """Process groups every rank creates in the same order (torch.distributed requires it)."""
+    """Process groups every rank creates in the same order (torch.distributed requires it).
+
+    With FFN ranks: ``step`` (the per-step vote) and one group per micro-batch, all over the
+    attention+FFN ranks. Without, attention ranks step independently and need none. KV transfers
+    from prefill ranks are point-to-point on the default group.
+    """
 
     def __init__(self, layout: Layout, micro_batches: int, timeout: datetime.timedelta):
-        ranks = layout.expert_ranks
-        self.step = dist.new_group(ranks, timeout=timeout)
-        self.experts = ExpertGroups(layout.attention, layout.ffn,
-                                    [dist.new_group(ranks, timeout=timeout)
-                                     for _ in range(micro_batches)])
+        self.step = None
+        self.experts: ExpertGroups | None = None
+        if layout.ffn:
+            ranks = layout.expert_ranks
+            self.step = dist.new_group(ranks, timeout=timeout)
+            self.experts = ExpertGroups(layout.attention, layout.ffn,
+                                        [dist.new_group(ranks, timeout=timeout)
+                                         for _ in range(micro_batches)])
+
+
+class ControlLink:
+    """This rank's ZeroMQ sockets to the front end: an inbox of requests, an outbox of results."""
+
+    def __init__(self, ctx: zmq.Context, out: zmq.Socket, inbox_addr: str, rank: int):
+        self.out, self.rank = out, rank
+        self.inbox = ctx.socket(zmq.PULL)
+        self.inbox.connect(inbox_addr)
+
+    def poll(self, timeout_s: float) -> list[dict]:
+        """Every message waiting, after waiting up to ``timeout_s`` for the first."""
+        msgs = []
+        if self.inbox.poll(int(timeout_s * 1000)):
+            while True:
+                try:
+                    msgs.append(protocol.unpack(self.inbox.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        return msgs
+
+    def send(self, msg: dict) -> None:
+        self.out.send(protocol.pack({**msg, "rank": self.rank}))
+
+
+def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineConfig:
+    return EngineConfig(**{**cfg.__dict__, "device": str(device), **changes})
 
 
 def _device(cfg: EngineConfig, local_rank: int) -> torch.device:
@@ -145,13 +178,20 @@ def worker_main(spec: WorkerSpec) -> None:
         dist.init_process_group(backend, store=store, rank=spec.rank,
                                 world_size=spec.layout.world_size, timeout=timeout)
         groups = Groups(spec.layout, spec.micro_batches, timeout)
-        if role == "attention":
-            worker = AttentionWorker(spec, index, groups, device, ctx, out)
-        elif role == "ffn":
-            worker = FFNWorker(spec, index, groups, device, out)
+        if role == "ffn":
+            from afd.rank_ffn import FFNWorker
+
+            FFNWorker(spec, index, groups, device, out).run()
         else:
-            raise NotImplementedError(f"role {role!r} is not available in this layout")
-        worker.run()
+            link = ControlLink(ctx, out, spec.front_in[spec.rank], spec.rank)
+            if role == "attention":
+                from afd.rank_attention import AttentionWorker
+
+                AttentionWorker(spec, index, groups, device, link).run()
+            else:
+                from afd.rank_prefill import PrefillWorker
+
+                PrefillWorker(spec, index, device, link).run()
         out.send(protocol.pack({"t": "bye", "rank": spec.rank}))
     except BaseException as exc:  # report, then die: peers see the error through their timeouts
         code = 1
@@ -169,115 +209,7 @@ def worker_main(spec: WorkerSpec) -> None:
         os._exit(code)
 
 
-class AttentionWorker:
-    """Owns its requests' KV caches, the non-expert weights, router and shared experts."""
-
-    def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
-                 ctx: zmq.Context, out: zmq.Socket):
-        self.spec, self.index, self.groups, self.out = spec, index, groups, out
-        cfg = spec.engine_cfg
-        model = load_model(cfg.model, "attention", dtype=cfg.dtype, device=device)
-        local_cfg = EngineConfig(**{**cfg.__dict__, "device": str(device)})
-        self.transport = make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
-        self.core = EngineCore(model, local_cfg, experts=self.transport)
-        self.timers = StageTimers()
-        self.inbox = ctx.socket(zmq.PULL)
-        self.inbox.connect(spec.front_in[index])
-        self.stopping = False
-
-    def _handle(self, msg: dict) -> None:
-        kind = msg["t"]
-        if kind == "add":
-            req = protocol.request_from_wire(msg["req"])
-            try:
-                self.core.add_request(req)
-            except ValueError as exc:  # e.g. a duplicate id: fail that request only
-                self._send([protocol.output_to_wire(protocol.CoreOutput(
-                    req.request_id, [], "error", None, str(exc)))])
-        elif kind == "abort":
-            self.core.abort(list(msg["ids"]))
-        elif kind == "shutdown":
-            self.stopping = True
-
-    def _poll(self, timeout_s: float) -> None:
-        if self.inbox.poll(int(timeout_s * 1000)):
-            while True:
-                try:
-                    self._handle(protocol.unpack(self.inbox.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
-
-    def _send(self, outputs: list) -> None:
-        stats = protocol.stats_to_wire(self.core.stats()[0])
-        timers = {**self.timers.snapshot(), **self.transport.timers.seconds}
-        self.out.send(protocol.pack({"t": "out", "rank": self.spec.rank, "attn": self.index,
-                                     "outs": outputs, "stats": stats, "timers": timers}))
-
-    def run(self) -> None:
-        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
-        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
-                                     "info": _describe(self.core.runner.model, kv_bytes)}))
-        self._send([])
-        idle = True
-        while True:
-            self._poll(IDLE_POLL_S if idle else 0.0)
-            plan = self.core.scheduler.schedule()
-            vote = torch.tensor([int(not plan.empty),
-                                 min(self.spec.micro_batches, max(1, len(plan.seqs))),
-                                 int(self.stopping)])
-            with self.timers.time("vote"):
-                dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-            has_work, micro_batches, stop = vote.tolist()
-            if stop:
-                return
-            idle = not has_work
-            if has_work:
-                with self.timers.time("step"):
-                    outputs = self.core.execute(plan, micro_batches)
-                self.timers.steps += 1
-                self._send([protocol.output_to_wire(o) for o in outputs])
-
-
-class FFNWorker:
-    """Owns a slice of the routed experts and no KV cache; serves every MoE layer of every step."""
-
-    def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
-                 out: zmq.Socket):
-        self.spec, self.groups = spec, groups
-        cfg = spec.engine_cfg
-        model = load_model(cfg.model, "ffn", expert_ids=list(spec.placement.slots[index]),
-                           dtype=cfg.dtype, device=device)
-        self.model = model
-        self.experts = [layer.mlp.experts for layer in model.layers if layer.is_moe]
-        self.server = make_expert_server(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
-        self.out = out
-
-    def run(self) -> None:
-        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
-                                     "info": _describe(self.model, kv_bytes=0)}))
-        timers, last_report, dirty = self.server.timers, time.monotonic(), False
-        with torch.inference_mode():
-            while True:
-                vote = torch.zeros(3, dtype=torch.long)
-                with timers.time("vote"):
-                    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-                has_work, micro_batches, stop = vote.tolist()
-                if stop:
-                    return
-                if has_work:
-                    for experts in self.experts:  # same order as the attention ranks' ping-pong
-                        for mb in range(micro_batches):
-                            self.server.serve(mb, experts)
-                    self.server.drain()
-                    timers.steps += 1
-                    dirty = True
-                if dirty and time.monotonic() - last_report > 0.5:
-                    self.out.send(protocol.pack({"t": "timers", "rank": self.spec.rank,
-                                                 "timers": timers.snapshot()}))
-                    last_report, dirty = time.monotonic(), False
-
-
-def _describe(model, kv_bytes: int) -> dict:
+def describe(model, kv_bytes: int) -> dict:
     """What this rank holds, for the front end's checks and logs."""
     return {"role": model.role, "params": [n for n, _ in model.named_parameters()],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

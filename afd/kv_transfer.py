@@ -1,0 +1,125 @@
+"""Moving a prompt's KV cache from a prefill rank to a decode attention rank.
+
+The sender gathers the prompt's cached rows (token order, every layer) out of its own blocks
+into one contiguous buffer and sends it with ``torch.distributed.isend``; the receiver, which
+allocated blocks first (admission), receives into a buffer of the same shape and scatters the
+rows into its own block table. Token order on the wire makes the two sides' block sizes
+independent. Each transfer carries its own tag, and every wait has a deadline: a transfer that
+does not finish in time ends its request with an error and frees the blocks on both sides.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from afd.sequence import CoreRequest
+
+
+def token_slots(block_ids: list[int], num_tokens: int, block_size: int,
+                device: torch.device) -> torch.Tensor:
+    """Flat cache slots of the first ``num_tokens`` tokens of a block table. [N] int64."""
+    pos = torch.arange(num_tokens)
+    blocks = torch.tensor(block_ids, dtype=torch.long)[pos // block_size]
+    return (blocks * block_size + pos % block_size).to(device)
+
+
+def _token_view(cache: torch.Tensor) -> torch.Tensor:
+    """A layer cache as rows per token slot: MLA [slots, D]; GQA [2, slots, kvh, hd]."""
+    if cache.dim() == 3:
+        return cache.view(-1, cache.shape[-1])
+    return cache.view(2, -1, *cache.shape[3:])
+
+
+def gather_kv(caches: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+    """Rows of ``slots`` from every layer, stacked: [layers, N, D] (MLA) or [layers, 2, N, ...]."""
+    rows = []
+    for cache in caches:
+        view = _token_view(cache)
+        rows.append(view[slots] if cache.dim() == 3 else view[:, slots])
+    return torch.stack(rows)
+
+
+def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tensor) -> None:
+    """Inverse of gather_kv into another block table."""
+    for cache, rows in zip(caches, data):
+        view = _token_view(cache)
+        if cache.dim() == 3:
+            view[slots] = rows
+        else:
+            view[:, slots] = rows
+
+
+def transfer_shape(caches: list[torch.Tensor], num_tokens: int) -> tuple[int, ...]:
+    cache = caches[0]
+    if cache.dim() == 3:
+        return (len(caches), num_tokens, cache.shape[-1])
+    return (len(caches), 2, num_tokens, *cache.shape[3:])
+
+
+class Completion:
+    """Whether a posted isend/irecv finished. gloo's point-to-point ``Work.is_completed`` never
+    turns true, so a daemon thread blocks in ``wait`` (bounded by the process group's timeout)
+    and flags the outcome for the rank's loop to poll."""
+
+    def __init__(self, work) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+        threading.Thread(target=self._wait, args=(work,), daemon=True,
+                         name="afd-kv-transfer").start()
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait()
+        except Exception as exc:  # timed out or the peer died
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.done.set()
+
+    def is_completed(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+
+@dataclass
+class Pull:
+    """A finished prefill waiting for this decode rank to have room (front -> decode rank)."""
+
+    request: CoreRequest
+    first_token: int
+    num_kv_tokens: int
+    src: int  # global rank of the prefill rank holding the KV
+    tag: int  # torch.distributed tag for this transfer
+
+
+@dataclass
+class Receiving:
+    pull: Pull
+    block_ids: list[int]
+    buffer: torch.Tensor
+    work: Completion
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Sending:
+    request_id: str
+    buffer: torch.Tensor
+    work: Completion
+    started: float = field(default_factory=time.monotonic)
+
+
+def post_send(caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
+              block_size: int, dst: int, tag: int, request_id: str) -> Sending:
+    slots = token_slots(block_ids, num_tokens, block_size, caches[0].device)
+    buffer = gather_kv(caches, slots).contiguous()
+    return Sending(request_id, buffer, Completion(dist.isend(buffer, dst, tag=tag)))
+
+
+def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> Receiving:
+    buffer = torch.empty(transfer_shape(caches, pull.num_kv_tokens), dtype=caches[0].dtype,
+                         device=caches[0].device)
+    return Receiving(pull, block_ids, buffer,
+                     Completion(dist.irecv(buffer, pull.src, tag=pull.tag)))

@@ -1,0 +1,160 @@
+"""A decode attention rank: its requests' KV caches, the non-expert weights, router and shared
+experts (all weights when the layout has no FFN ranks).
+
+Loop: take control messages; admit KV transfers it has room for (P/D); schedule; with FFN ranks,
+vote with every attention and FFN rank on go/stop and the micro-batch count (an idle rank still
+steps, with zero tokens); run the step; send the new tokens to the front end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from afd import protocol
+from afd.core import EngineCore
+from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
+from afd.profiling import StageTimers
+from afd.sequence import CoreOutput, Sequence
+from afd.workers import (ControlLink, Groups, WorkerSpec, describe, local_config,
+                         make_transport)
+from models.weights import load_model
+
+IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between step votes
+
+
+class AttentionWorker:
+    def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
+                 link: ControlLink):
+        self.spec, self.index, self.groups, self.link = spec, index, groups, link
+        cfg = spec.engine_cfg
+        with_ffn = spec.layout.ffn > 0
+        model = load_model(cfg.model, "attention" if with_ffn else "full", dtype=cfg.dtype,
+                           device=device)
+        self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
+                          if with_ffn else None)
+        self.core = EngineCore(model, local_config(cfg, device), experts=self.transport)
+        self.timers = StageTimers()
+        self.stopping = False
+        self.pulls: deque[Pull] = deque()  # finished prefills waiting for room here
+        self.receiving: dict[str, Receiving] = {}
+        self.abandoned: list[Receiving] = []  # timed-out receives: buffers kept while posted
+
+    # ---- control --------------------------------------------------------------------------
+    def _handle(self, msg: dict) -> list[CoreOutput]:
+        kind = msg["t"]
+        if kind == "add":
+            req = protocol.request_from_wire(msg["req"])
+            try:
+                self.core.add_request(req)
+            except ValueError as exc:  # e.g. a duplicate id: fail that request only
+                return [CoreOutput(req.request_id, [], "error", None, str(exc))]
+        elif kind == "pull":
+            self.pulls.append(Pull(protocol.request_from_wire(msg["req"]), msg["first"],
+                                   msg["n"], msg["src"], msg["tag"]))
+        elif kind == "abort":
+            ids = set(msg["ids"])
+            self.core.abort(list(ids))
+            self.pulls = deque(p for p in self.pulls if p.request.request_id not in ids)
+            for rid in ids & set(self.receiving):
+                self._drop_receive(rid)
+        elif kind == "shutdown":
+            self.stopping = True
+        return []
+
+    def _send(self, outputs: list[CoreOutput]) -> None:
+        timers = self.timers.snapshot()
+        if self.transport is not None:
+            timers.update(self.transport.timers.seconds)
+        self.link.send({"t": "out", "attn": self.index, "timers": timers,
+                        "outs": [protocol.output_to_wire(o) for o in outputs],
+                        "stats": protocol.stats_to_wire(self.core.stats()[0])})
+
+    # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
+    def _admit(self) -> None:
+        """Pull transfers in arrival order while their blocks fit, leaving one spare block per
+        running sequence so the decodes already here can grow."""
+        alloc = self.core.allocator
+        while self.pulls:
+            pull = self.pulls[0]
+            need = alloc.blocks_for(pull.num_kv_tokens + 1)
+            if alloc.num_free - need < len(self.core.scheduler.running):
+                return
+            self.pulls.popleft()
+            blocks = alloc.allocate(need)
+            self.receiving[pull.request.request_id] = post_recv(self.core.runner.kv_caches, pull,
+                                                                blocks)
+            self.link.send({"t": "admitted", "id": pull.request.request_id, "tag": pull.tag,
+                            "src": pull.src})
+
+    def _drop_receive(self, rid: str) -> None:
+        recv = self.receiving.pop(rid)
+        self.core.allocator.free(recv.block_ids)
+        self.abandoned.append(recv)
+
+    def _progress_receives(self) -> list[CoreOutput]:
+        failed = []
+        for rid, recv in list(self.receiving.items()):
+            if recv.work.is_completed():
+                del self.receiving[rid]
+                self._start_decoding(recv)
+            elif time.monotonic() - recv.started > self.spec.timeout_s:
+                self._drop_receive(rid)
+                failed.append(CoreOutput(rid, [], "error", None,
+                                         f"KV transfer from rank {recv.pull.src} timed out after "
+                                         f"{self.spec.timeout_s:.0f}s"))
+        self.abandoned = [r for r in self.abandoned if not r.work.done.is_set()]
+        return failed
+
+    def _start_decoding(self, recv: Receiving) -> None:
+        pull, caches = recv.pull, self.core.runner.kv_caches
+        slots = token_slots(recv.block_ids, pull.num_kv_tokens, self.core.cfg.block_size,
+                            caches[0].device)
+        scatter_kv(caches, slots, recv.buffer)
+        seq = Sequence(pull.request, self.core.cfg.max_model_len)
+        seq.token_ids.append(pull.first_token)  # sampled on the prefill rank
+        seq.num_computed_tokens = pull.num_kv_tokens
+        seq.block_ids = recv.block_ids
+        if seq.generator is not None:  # the prefill rank drew once from this seed
+            torch.empty(self.core.runner.model.cfg.vocab_size).exponential_(
+                generator=seq.generator)
+        self.core.add_transferred(seq)
+        self.link.send({"t": "transferred", "id": seq.request_id,
+                        "seconds": time.monotonic() - recv.started})
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
+        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes)})
+        self._send([])
+        idle = True
+        while True:
+            outputs = []
+            for msg in self.link.poll(IDLE_POLL_S if idle else 0.0):
+                outputs += self._handle(msg)
+            self._admit()
+            outputs += self._progress_receives()
+            plan = self.core.scheduler.schedule()
+            if self.groups.step is None:  # no FFN ranks: this rank steps on its own
+                if self.stopping:
+                    return
+                has_work, micro_batches = not plan.empty, 1
+            else:
+                vote = torch.tensor([int(not plan.empty),
+                                     min(self.spec.micro_batches, max(1, len(plan.seqs))),
+                                     int(self.stopping)])
+                with self.timers.time("vote"):
+                    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
+                has_work, micro_batches, stop = vote.tolist()
+                if stop:
+                    return
+            idle = not has_work and not self.receiving
+            if has_work:
+                with self.timers.time("step"):
+                    outputs += self.core.execute(plan, micro_batches)
+                self.timers.steps += 1
+            if outputs or has_work:
+                self._send(outputs)

@@ -1,0 +1,49 @@
+"""An FFN rank: a slice of the routed experts, no KV cache; serves every MoE layer of every step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from afd import protocol
+from afd.workers import Groups, WorkerSpec, describe, make_expert_server
+from models.weights import load_model
+
+
+class FFNWorker:
+    def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
+                 out: zmq.Socket):
+        self.spec, self.groups, self.out = spec, groups, out
+        cfg = spec.engine_cfg
+        self.model = load_model(cfg.model, "ffn", expert_ids=list(spec.placement.slots[index]),
+                                dtype=cfg.dtype, device=device)
+        self.experts = [layer.mlp.experts for layer in self.model.layers if layer.is_moe]
+        self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
+                                         device)
+
+    def run(self) -> None:
+        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
+                                     "info": describe(self.model, kv_bytes=0)}))
+        timers, last_report, dirty = self.server.timers, time.monotonic(), False
+        with torch.inference_mode():
+            while True:
+                vote = torch.zeros(3, dtype=torch.long)  # FFN ranks vote "no work, go on"
+                with timers.time("vote"):
+                    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
+                has_work, micro_batches, stop = vote.tolist()
+                if stop:
+                    return
+                if has_work:
+                    for experts in self.experts:  # the attention ranks' ping-pong order
+                        for mb in range(micro_batches):
+                            self.server.serve(mb, experts)
+                    self.server.drain()
+                    timers.steps += 1
+                    dirty = True
+                if dirty and time.monotonic() - last_report > 0.5:
+                    self.out.send(protocol.pack({"t": "timers", "rank": self.spec.rank,
+                                                 "timers": timers.snapshot()}))
+                    last_report, dirty = time.monotonic(), False

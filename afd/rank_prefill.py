@@ -1,0 +1,90 @@
+"""A prefill rank: runs prompts (chunked when long) on the whole model and samples the first
+token; then holds the prompt's KV until the decode rank the front end chose has room and asks
+for it, and sends it there point-to-point.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from afd import protocol
+from afd.core import EngineCore
+from afd.kv_transfer import Sending, post_send
+from afd.sequence import CoreOutput
+from afd.workers import ControlLink, WorkerSpec, describe, local_config
+
+IDLE_POLL_S = 0.01
+
+
+class PrefillWorker:
+    def __init__(self, spec: WorkerSpec, index: int, device: torch.device, link: ControlLink):
+        from models.weights import load_model
+
+        self.spec, self.index, self.link = spec, index, link
+        cfg = spec.engine_cfg
+        block = spec.prefill_block_size or cfg.block_size
+        tokens = cfg.num_kv_blocks * cfg.block_size  # same capacity, maybe other block size
+        local = local_config(cfg, device, block_size=block, num_kv_blocks=-(-tokens // block))
+        model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device)
+        self.core = EngineCore(model, local, prefill_only=True)
+        self.sending: list[Sending] = []
+        self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)
+        self.stopping = False
+
+    def _handle(self, msg: dict) -> list[CoreOutput]:
+        kind = msg["t"]
+        if kind == "add":
+            req = protocol.request_from_wire(msg["req"])
+            try:
+                self.core.add_request(req)
+            except ValueError as exc:
+                return [CoreOutput(req.request_id, [], "error", None, str(exc))]
+        elif kind == "send":
+            self._send_kv(msg["id"], msg["dst"], msg["tag"])
+        elif kind in ("abort", "release"):
+            for rid in msg.get("ids") or [msg["id"]]:
+                self.core.abort([rid])  # frees blocks whether running, waiting or parked
+        elif kind == "drop":
+            self.drop.add(msg["id"])
+        elif kind == "shutdown":
+            self.stopping = True
+        return []
+
+    def _send_kv(self, rid: str, dst: int, tag: int) -> None:
+        seq = self.core.seqs.get(rid)
+        if seq is None:
+            return  # aborted meanwhile: the decode rank's receive times out and frees its blocks
+        if rid in self.drop:
+            self.drop.discard(rid)  # injected fault: never send
+        else:
+            self.sending.append(post_send(self.core.runner.kv_caches, seq.block_ids,
+                                          seq.num_computed_tokens, self.core.cfg.block_size,
+                                          dst, tag, rid))
+        self.core.release(rid)  # the rows are copied into the send buffer: blocks are free now
+
+    def _progress_sends(self) -> None:
+        now = time.monotonic()
+        self.sending = [s for s in self.sending if not s.work.done.is_set()
+                        and now - s.started < 2 * self.spec.timeout_s]
+
+    def run(self) -> None:
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
+        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes)})
+        idle = True
+        while not self.stopping:
+            outputs = []
+            for msg in self.link.poll(IDLE_POLL_S if idle else 0.0):
+                outputs += self._handle(msg)
+            self._progress_sends()
+            busy = self.core.has_unfinished()
+            if busy:
+                outputs += self.core.step()
+            parked = [[s.request_id, s.num_computed_tokens] for s in self.core.newly_parked]
+            self.core.newly_parked.clear()
+            idle = not busy
+            if outputs or parked:
+                self.link.send({"t": "out", "outs": [protocol.output_to_wire(o) for o in outputs],
+                                "prefilled": parked,
+                                "stats": protocol.stats_to_wire(self.core.stats()[0])})
