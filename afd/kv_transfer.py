@@ -92,6 +92,7 @@ class Pull:
     num_kv_tokens: int
     src: int  # global rank of the prefill rank holding the KV
     tag: int  # torch.distributed tag for this transfer
+    waited: bool = False  # had to wait for blocks at least once
 
 
 @dataclass
@@ -114,7 +115,10 @@ class Sending:
 def post_send(caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
               block_size: int, dst: int, tag: int, request_id: str) -> Sending:
     slots = token_slots(block_ids, num_tokens, block_size, caches[0].device)
-    buffer = gather_kv(caches, slots).contiguous()
+    return send_buffer(gather_kv(caches, slots).contiguous(), dst, tag, request_id)
+
+
+def send_buffer(buffer: torch.Tensor, dst: int, tag: int, request_id: str) -> Sending:
     return Sending(request_id, buffer, Completion(dist.isend(buffer, dst, tag=tag)))
 
 

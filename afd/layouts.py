@@ -81,6 +81,7 @@ class MultiRankClient:
                                     engine_cfg.num_kv_blocks, engine_cfg.block_size)
         self.rank_stats = {r: CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
                            for r in attn_ranks}
+        self.prefill_stats: dict[int, CoreStats] = {}
         self.rank_timers: dict[int, dict] = {}  # cumulative stage seconds per rank
         self.rank_info: dict[int, dict] = {}  # what each rank says it holds
 
@@ -220,8 +221,12 @@ class MultiRankClient:
             if placed is not None:
                 placed.admitted = True
                 self.router.admitted(rank, placed.num_kv_tokens)
-                self._tell(msg["src"], {"t": "send", "id": msg["id"], "dst": rank,
-                                        "tag": msg["tag"]})
+            # even for a request aborted meanwhile: the posted receive must be answered
+            self._tell(msg["src"], {"t": "send", "id": msg["id"], "dst": rank,
+                                    "tag": msg["tag"], "n": msg["n"]})
+        elif kind == "transfer_failed":
+            self._tell(msg["src"], {"t": "cancel", "id": msg["id"], "dst": rank,
+                                    "tag": msg["tag"], "n": msg["n"]})
         elif kind == "transferred":
             placed = self.placed.get(msg["id"])
             if placed is not None:
@@ -229,10 +234,12 @@ class MultiRankClient:
                 self.pending_metrics[msg["id"]] = {"transfer_time": msg["seconds"]}
         if kind != "out":
             return []
+        stats = protocol.stats_from_wire(msg["stats"])
         if rank in self.rank_stats:
-            stats = protocol.stats_from_wire(msg["stats"])
             self.rank_stats[rank] = stats
             self.router.report(rank, stats.num_free_blocks, stats.num_running)
+        else:
+            self.prefill_stats[rank] = stats
         outs = [self._output(protocol.output_from_wire(row)) for row in msg["outs"]]
         for rid, num_kv_tokens in msg.get("prefilled", []):
             self._hand_to_decode(rid, num_kv_tokens)

@@ -41,7 +41,8 @@ class AttentionWorker:
         self.stopping = False
         self.pulls: deque[Pull] = deque()  # finished prefills waiting for room here
         self.receiving: dict[str, Receiving] = {}
-        self.abandoned: list[Receiving] = []  # timed-out receives: buffers kept while posted
+        self.abandoned: list[Receiving] = []  # given-up receives: buffers kept while posted
+        self.transfer_timeout = spec.timeout_s / 2  # leaves time to complete it before gloo's
 
     # ---- control --------------------------------------------------------------------------
     def _handle(self, msg: dict) -> list[CoreOutput]:
@@ -82,13 +83,17 @@ class AttentionWorker:
             pull = self.pulls[0]
             need = alloc.blocks_for(pull.num_kv_tokens + 1)
             if alloc.num_free - need < len(self.core.scheduler.running):
+                if not pull.waited:
+                    pull.waited = True
+                    self.timers.seconds["admission_waits"] = (
+                        self.timers.seconds.get("admission_waits", 0) + 1)
                 return
             self.pulls.popleft()
             blocks = alloc.allocate(need)
             self.receiving[pull.request.request_id] = post_recv(self.core.runner.kv_caches, pull,
                                                                 blocks)
             self.link.send({"t": "admitted", "id": pull.request.request_id, "tag": pull.tag,
-                            "src": pull.src})
+                            "src": pull.src, "n": pull.num_kv_tokens})
 
     def _drop_receive(self, rid: str) -> None:
         recv = self.receiving.pop(rid)
@@ -101,11 +106,16 @@ class AttentionWorker:
             if recv.work.is_completed():
                 del self.receiving[rid]
                 self._start_decoding(recv)
-            elif time.monotonic() - recv.started > self.spec.timeout_s:
+            elif recv.work.done.is_set() or time.monotonic() - recv.started > self.transfer_timeout:
+                # Give up on this request only. The prefill rank is asked to complete the
+                # receive (with zeros if need be) before gloo's own timeout would break the link.
                 self._drop_receive(rid)
+                pull = recv.pull
+                self.link.send({"t": "transfer_failed", "id": rid, "src": pull.src,
+                                "tag": pull.tag, "n": pull.num_kv_tokens})
+                reason = recv.work.error or f"timed out after {self.transfer_timeout:.1f}s"
                 failed.append(CoreOutput(rid, [], "error", None,
-                                         f"KV transfer from rank {recv.pull.src} timed out after "
-                                         f"{self.spec.timeout_s:.0f}s"))
+                                         f"KV transfer from rank {pull.src} failed: {reason}"))
         self.abandoned = [r for r in self.abandoned if not r.work.done.is_set()]
         return failed
 

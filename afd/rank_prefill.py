@@ -11,7 +11,7 @@ import torch
 
 from afd import protocol
 from afd.core import EngineCore
-from afd.kv_transfer import Sending, post_send
+from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
 from afd.workers import ControlLink, WorkerSpec, describe, local_config
 
@@ -31,6 +31,7 @@ class PrefillWorker:
         self.core = EngineCore(model, local, prefill_only=True)
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)
+        self.withheld: dict[str, tuple[str, int, int, int]] = {}  # dropped: (id, dst, tag, n)
         self.stopping = False
 
     def _handle(self, msg: dict) -> list[CoreOutput]:
@@ -42,7 +43,10 @@ class PrefillWorker:
             except ValueError as exc:
                 return [CoreOutput(req.request_id, [], "error", None, str(exc))]
         elif kind == "send":
-            self._send_kv(msg["id"], msg["dst"], msg["tag"])
+            self._send_kv(msg["id"], msg["dst"], msg["tag"], msg["n"])
+        elif kind == "cancel":  # the receiver gave up: complete its receive so gloo stays sane
+            if msg["id"] in self.withheld:
+                self._send_filler(*self.withheld.pop(msg["id"]))
         elif kind in ("abort", "release"):
             for rid in msg.get("ids") or [msg["id"]]:
                 self.core.abort([rid])  # frees blocks whether running, waiting or parked
@@ -52,17 +56,27 @@ class PrefillWorker:
             self.stopping = True
         return []
 
-    def _send_kv(self, rid: str, dst: int, tag: int) -> None:
+    def _send_kv(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
+        """Send a parked prompt's KV. The decode rank has posted its receive, so something of
+        the right shape is always sent: zeros if the request was aborted here meanwhile (the
+        receiver drops them). A gloo receive left unanswered until the process group's timeout
+        would close the connection between the two ranks for good."""
         seq = self.core.seqs.get(rid)
-        if seq is None:
-            return  # aborted meanwhile: the decode rank's receive times out and frees its blocks
-        if rid in self.drop:
-            self.drop.discard(rid)  # injected fault: never send
+        if rid in self.drop:  # injected fault: withhold until the receiver gives up
+            self.drop.discard(rid)
+            self.withheld[rid] = (rid, dst, tag, num_tokens)
+        elif seq is None:
+            self._send_filler(rid, dst, tag, num_tokens)
         else:
             self.sending.append(post_send(self.core.runner.kv_caches, seq.block_ids,
-                                          seq.num_computed_tokens, self.core.cfg.block_size,
-                                          dst, tag, rid))
+                                          num_tokens, self.core.cfg.block_size, dst, tag, rid))
         self.core.release(rid)  # the rows are copied into the send buffer: blocks are free now
+
+    def _send_filler(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
+        caches = self.core.runner.kv_caches
+        self.sending.append(send_buffer(torch.zeros(transfer_shape(caches, num_tokens),
+                                                    dtype=caches[0].dtype,
+                                                    device=caches[0].device), dst, tag, rid))
 
     def _progress_sends(self) -> None:
         now = time.monotonic()
@@ -72,7 +86,7 @@ class PrefillWorker:
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
         self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes)})
-        idle = True
+        idle, reported_free = True, -1
         while not self.stopping:
             outputs = []
             for msg in self.link.poll(IDLE_POLL_S if idle else 0.0):
@@ -84,7 +98,9 @@ class PrefillWorker:
             parked = [[s.request_id, s.num_computed_tokens] for s in self.core.newly_parked]
             self.core.newly_parked.clear()
             idle = not busy
-            if outputs or parked:
+            free = self.core.allocator.num_free
+            if outputs or parked or free != reported_free:  # blocks moved: say so
                 self.link.send({"t": "out", "outs": [protocol.output_to_wire(o) for o in outputs],
                                 "prefilled": parked,
                                 "stats": protocol.stats_to_wire(self.core.stats()[0])})
+                reported_free = free

@@ -1,0 +1,136 @@
+"""Prefill/decode disaggregation (CPU, gloo): token-exact with the single-process engine, KV
+admission under a small decode pool, transfer faults, aborts mid-prefill, a dead prefill pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from afd import LLM, SamplingParams
+from afd.layouts import RankFailure
+from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+
+NEW_TOKENS = 20
+SMALL_POOL = dict(block_size=4, num_kv_blocks=40, max_model_len=112, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("v3")))
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = LLM(path).generate(prompts, params, use_tqdm=False)
+    return path, prompts, params, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def small_pd(reference):
+    """1P+1A+1F whose decode pool holds only a couple of these requests at a time."""
+    llm = LLM(reference[0], prefill=1, attention=1, ffn=1, timeout_s=8, prefill_block_size=8,
+              **SMALL_POOL)
+    yield llm
+    llm.shutdown()
+
+
+def run_until_done(llm: LLM, ids: list[str], limit_s: float = 60) -> dict:
+    done, deadline = {}, time.monotonic() + limit_s
+    while len(done) < len(ids):
+        assert time.monotonic() < deadline, "requests did not finish"
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def wait_all_free(llm: LLM, limit_s: float = 10) -> None:
+    client, total = llm.engine.core, llm.config.num_kv_blocks
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        attn_free = all(s.num_free_blocks == total for s in client.stats())
+        # a prefill rank may use another block size: "no block in use" is what counts
+        prefill_free = client.prefill_stats and all(
+            s.kv_usage == 0.0 and s.num_running == 0 for s in client.prefill_stats.values())
+        if attn_free and prefill_free:
+            return
+        client.step(0.05)
+    pytest.fail(f"KV blocks not freed: decode {client.stats()}, prefill {client.prefill_stats}")
+
+
+@pytest.mark.parametrize("layout", [(1, 2, 2)], ids=["1P2A2F"])
+def test_pd_matches_single_process(reference, layout):
+    path, prompts, params, expected = reference
+    p, a, f = layout
+    llm = LLM(path, prefill=p, attention=a, ffn=f, timeout_s=30)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        wait_all_free(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_small_decode_pool_admission_waits_nothing_lost(small_pd, reference):
+    _, prompts, params, expected = reference
+    outs = small_pd.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    for o in outs:
+        m = o.metrics
+        assert m.ttft is not None and m.ttft > 0 and m.tpot is not None and m.tpot > 0
+        assert m.time_in_queue is not None and m.time_in_queue >= 0
+        assert m.transfer_time is not None and m.transfer_time >= 0
+    timers = small_pd.engine.core.rank_timers[1]  # the decode attention rank
+    assert timers.get("admission_waits", 0) > 0, "the pool was meant to make transfers wait"
+    wait_all_free(small_pd)
+
+
+def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
+    _, prompts, params, expected = reference
+    engine = small_pd.engine
+    engine.core.drop_transfer("victim")
+    engine.add_request("victim", prompts[3], params)
+    for i in (0, 2, 5):
+        engine.add_request(f"ok{i}", prompts[i], params)
+    done = run_until_done(small_pd, ["victim", "ok0", "ok2", "ok5"])
+    victim = done["victim"].outputs[0]
+    assert victim.finish_reason == "error" and "transfer" in (done["victim"].error or "")
+    assert len(victim.token_ids) == 1  # the first token came from the prefill rank
+    for i in (0, 2, 5):
+        assert done[f"ok{i}"].outputs[0].token_ids == expected[i]
+    wait_all_free(small_pd)
+    # and the engine still serves
+    again = small_pd.generate(prompts[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected[:2]
+
+
+def test_abort_mid_prefill_frees_blocks(small_pd):
+    engine = small_pd.engine
+    long_prompt = {"prompt_token_ids": list(range(2, 102))}  # 100 tokens: 7 chunks of 16
+    engine.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=5))
+    client = engine.core
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        client.step(0.01)
+        if any(s.kv_usage > 0 for s in client.prefill_stats.values()):
+            break
+    else:
+        pytest.fail("the prompt never started prefilling")
+    engine.abort_request("long")
+    assert not engine.has_unfinished_requests()
+    wait_all_free(small_pd)
+
+
+def test_dead_prefill_pool_fails_fast(reference):
+    path, prompts, params, _ = reference
+    llm = LLM(path, prefill=1, attention=1, ffn=1, timeout_s=30)
+    prefill_proc = llm.engine.core.procs[0]
+    os.kill(prefill_proc.pid, signal.SIGKILL)
+    prefill_proc.wait(10)
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="prefill"):
+        llm.generate(prompts, params, use_tqdm=False)
+    assert time.monotonic() - start < 5, "a dead prefill pool must fail requests at once"
+    for p in llm.engine.core.procs:
+        p.wait(15)
