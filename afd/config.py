@@ -90,3 +90,12 @@ def _default_kv_memory_gb(device: str) -> float:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return 0.6 * free / 2**30
     return 0.25
+
+
+def engine_config_to_dict(cfg: EngineConfig) -> dict:
+    """Plain data (for JSON between processes)."""
+    return {**cfg.__dict__, "dtype": str(cfg.dtype).removeprefix("torch.")}
+
+
+def engine_config_from_dict(d: dict) -> EngineConfig:
+    return EngineConfig(**{**d, "dtype": parse_dtype(d["dtype"])})

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import ParamError, SamplingParams
 from afd.sequence import CoreOutput, CoreRequest
 from models.config import ModelConfig
 
@@ -83,31 +83,35 @@ class LLMEngine:
         """A str, or {"prompt_token_ids": [...]} (optionally with "prompt"), -> (text, ids)."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must be a non-empty string or token id list, got ''")
+                raise ParamError("prompt", "prompt must be a non-empty string or token id list, "
+                                 "got ''")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
+                raise ParamError("prompt", "prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
-        raise ValueError("prompt must be a str or a dict with 'prompt_token_ids', got "
-                         f"{type(prompt).__name__}")
+        raise ParamError("prompt", "prompt must be a str or a dict with 'prompt_token_ids', "
+                         f"got {type(prompt).__name__}")
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_cfg.vocab_size
         max_len = self.engine_cfg.max_model_len
         if not prompt_token_ids:
-            raise ValueError("prompt is empty: it must hold at least one token")
+            raise ParamError("prompt", "prompt is empty: it must hold at least one token")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+            raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary "
+                             f"[0, {vocab})")
         if len(prompt_token_ids) >= max_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens but max_model_len is "
-                             f"{max_len} (prompt plus at least one new token must fit)")
+            raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens but "
+                             f"max_model_len is {max_len} (prompt plus at least one new token "
+                             "must fit)")
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
-            raise ValueError(f"stop_token_ids entry {bad} is outside the vocabulary [0, {vocab})")
+            raise ParamError("stop_token_ids", f"stop_token_ids entry {bad} is outside the "
+                             f"vocabulary [0, {vocab})")
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:

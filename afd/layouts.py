@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.distributed as dist
@@ -57,7 +58,11 @@ class MultiRankClient:
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, layout: Layout, *,
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
                  placement: ExpertPlacement | None = None, prefill_block_size: int | None = None,
-                 startup_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0,
+                 attach: Callable[[WorkerSpec], None] | None = None):
+        """Starts the P+A+F rank processes itself, or with ``attach`` leaves that to a launcher
+        (torchrun): ``attach`` gets the spec every rank needs (rank -1) once the sockets are
+        bound, and liveness then comes from the ranks' heartbeats instead of process handles."""
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         if not isinstance(micro_batches, int) or micro_batches < 1:
@@ -99,17 +104,24 @@ class MultiRankClient:
             port = sock.bind_to_random_port(f"tcp://{LOOPBACK}")
             self.outboxes[rank] = sock
             front_in.append(f"tcp://{LOOPBACK}:{port}")
-        self.store = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
-        specs = [WorkerSpec(rank=r, layout=layout, engine_cfg=engine_cfg, placement=placement,
-                            micro_batches=micro_batches, transport=transport,
-                            timeout_s=timeout_s, store_host=LOOPBACK, store_port=self.store.port,
-                            front_out=f"tcp://{LOOPBACK}:{inbox_port}", front_in=tuple(front_in),
-                            threads=_threads_per_rank(layout.world_size),
-                            prefill_block_size=prefill_block_size)
-                 for r in range(layout.world_size)]
-        # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
-        self.procs = [subprocess.Popen([sys.executable, "-m", "afd.workers", "--spec",
-                                        s.to_json()]) for s in specs]
+        self.last_seen = {r: time.monotonic() for r in range(layout.world_size)}
+        template = WorkerSpec(rank=-1, layout=layout, engine_cfg=engine_cfg, placement=placement,
+                              micro_batches=micro_batches, transport=transport,
+                              timeout_s=timeout_s, store_host=LOOPBACK, store_port=0,
+                              front_out=f"tcp://{LOOPBACK}:{inbox_port}",
+                              front_in=tuple(front_in),
+                              threads=_threads_per_rank(layout.world_size),
+                              prefill_block_size=prefill_block_size)
+        self.procs: list[subprocess.Popen] = []
+        if attach is not None:
+            attach(template)
+        else:
+            self.store = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
+            # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
+            self.procs = [subprocess.Popen(
+                [sys.executable, "-m", "afd.workers", "--spec",
+                 replace(template, rank=r, store_port=self.store.port).to_json()])
+                for r in range(layout.world_size)]
         self._wait_ready(startup_timeout_s)
         self.last_heard = time.monotonic()
 
@@ -131,6 +143,11 @@ class MultiRankClient:
             if p.poll() is not None:
                 self._drain_errors()
                 self._fail(f"{self._describe(rank)} exited with code {p.returncode}")
+        if not self.procs and self.ready:  # launched elsewhere: judge by heartbeats
+            now = time.monotonic()
+            for rank, seen in self.last_seen.items():
+                if now - seen > self.timeout_s:
+                    self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
 
     def _drain_errors(self) -> None:
         """A dying rank usually says why first; prefer its message to a bare exit code."""
@@ -139,6 +156,8 @@ class MultiRankClient:
             msg = protocol.unpack(self.inbox.recv())
             if msg["t"] == "error":
                 self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
+
+    ready = False
 
     def _wait_ready(self, timeout_s: float) -> None:
         ready: set[int] = set()
@@ -156,6 +175,8 @@ class MultiRankClient:
                 self.rank_info[msg["rank"]] = msg["info"]
             else:
                 self._handle(msg)
+        self.ready = True
+        self.last_seen = {r: time.monotonic() for r in range(self.layout.world_size)}
 
     def _tell(self, rank: int, msg: dict) -> None:
         if not self.closed:
@@ -212,6 +233,8 @@ class MultiRankClient:
     # ---- messages from the ranks ----------------------------------------------------------
     def _handle(self, msg: dict[str, Any]) -> list[CoreOutput]:
         kind, rank = msg["t"], msg.get("rank")
+        if rank is not None:
+            self.last_seen[rank] = time.monotonic()
         if kind == "error":
             self._fail(f"{self._describe(rank)} failed: {msg['msg']}")
         if "timers" in msg:
@@ -308,7 +331,14 @@ class MultiRankClient:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        self.ctx.destroy(linger=0)
+        if not self.procs and self.error is None:  # launched elsewhere: wait for their goodbyes
+            gone: set[int] = set()
+            while len(gone) < self.layout.world_size and time.monotonic() < deadline:
+                if self.inbox.poll(100):
+                    msg = protocol.unpack(self.inbox.recv())
+                    if msg["t"] in ("bye", "error"):
+                        gone.add(msg["rank"])
+        self.ctx.destroy(linger=1000)
 
     def __del__(self) -> None:
         try:

@@ -168,3 +168,5 @@ class AttentionWorker:
                 self.timers.steps += 1
             if outputs or has_work:
                 self._send(outputs)
+            else:
+                self.link.heartbeat()

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
-from afd.workers import Groups, WorkerSpec, describe, make_expert_server
+from afd.workers import HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server
 from models.weights import load_model
 
 
@@ -43,7 +43,8 @@ class FFNWorker:
                     self.server.drain()
                     timers.steps += 1
                     dirty = True
-                if dirty and time.monotonic() - last_report > 0.5:
-                    self.out.send(protocol.pack({"t": "timers", "rank": self.spec.rank,
-                                                 "timers": timers.snapshot()}))
+                # timers when they changed, else a heartbeat, at most every HEARTBEAT_S / 2
+                if time.monotonic() - last_report > HEARTBEAT_S / 2:
+                    msg = {"t": "timers", "timers": timers.snapshot()} if dirty else {"t": "hb"}
+                    self.out.send(protocol.pack({**msg, "rank": self.spec.rank}))
                     last_report, dirty = time.monotonic(), False

@@ -104,3 +104,5 @@ class PrefillWorker:
                                 "prefilled": parked,
                                 "stats": protocol.stats_to_wire(self.core.stats()[0])})
                 reported_free = free
+            else:
+                self.link.heartbeat()

@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+class ParamError(ValueError):
+    """A bad argument: ``param`` names the field (the HTTP server puts it in the error body)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to sample one prompt's completions.
@@ -41,8 +49,8 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, value: Any, limit: str) -> ValueError:
-            return ValueError(f"{name} must be {limit}, got {value!r}")
+        def bad(name: str, value: Any, limit: str) -> ParamError:
+            return ParamError(name, f"{name} must be {limit}, got {value!r}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

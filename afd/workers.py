@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,10 +26,9 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
-from afd.config import EngineConfig
+from afd.config import EngineConfig, engine_config_from_dict, engine_config_to_dict
 from afd.placement import ExpertPlacement
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
-from models.config import parse_dtype
 
 log = logging.getLogger("afd.worker")
 
@@ -76,18 +76,18 @@ class WorkerSpec:
     front_in: tuple[str, ...]  # rank r pulls its requests from front_in[r] ("" for FFN ranks)
     threads: int = 1
     prefill_block_size: int | None = None  # prefill ranks' KV block size (default: the same)
+    local_rank: int | None = None  # which GPU on this node (default: rank)
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["engine_cfg"]["dtype"] = str(self.engine_cfg.dtype).removeprefix("torch.")
+        d["engine_cfg"] = engine_config_to_dict(self.engine_cfg)
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
         d = json.loads(text)
         d["layout"] = Layout(**d["layout"])
-        d["engine_cfg"] = EngineConfig(**{**d["engine_cfg"],
-                                          "dtype": parse_dtype(d["engine_cfg"]["dtype"])})
+        d["engine_cfg"] = engine_config_from_dict(d["engine_cfg"])
         if d["placement"] is not None:
             d["placement"] = ExpertPlacement(d["placement"]["num_experts"],
                                              tuple(tuple(s) for s in d["placement"]["slots"]))
@@ -135,10 +135,21 @@ class ControlLink:
 
     def send(self, msg: dict) -> None:
         self.out.send(protocol.pack({**msg, "rank": self.rank}))
+        self.last_sent = time.monotonic()
+
+    last_sent = 0.0
+
+    def heartbeat(self) -> None:
+        """Tell the front end this rank is alive when it has said nothing for a second."""
+        if time.monotonic() - self.last_sent > HEARTBEAT_S:
+            self.send({"t": "hb"})
 
 
 def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineConfig:
     return EngineConfig(**{**cfg.__dict__, "device": str(device), **changes})
+
+
+HEARTBEAT_S = 1.0
 
 
 def _device(cfg: EngineConfig, local_rank: int) -> torch.device:
@@ -147,7 +158,12 @@ def _device(cfg: EngineConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _watch_parent() -> None:
+def backend_for(device: torch.device) -> str:
+    """NCCL when each rank has its own GPU; gloo on CPU (NCCL refuses two ranks on one GPU)."""
+    return "nccl" if device.type == "cuda" and torch.cuda.device_count() > 1 else "gloo"
+
+
+def watch_parent() -> None:
     """Exit if the front end dies, so no rank outlives the process that started it."""
     parent = os.getppid()
 
@@ -160,9 +176,11 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="afd-parent-watch").start()
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a spawned rank process."""
-    _watch_parent()
+def worker_main(spec: WorkerSpec, init_distributed: bool = True,
+                before_exit: Callable[[], None] | None = None) -> None:
+    """A rank's life: join the process group (unless a launcher such as torchrun already did),
+    run its role until the front end says stop, report any failure, exit."""
+    watch_parent()
     torch.set_num_threads(spec.threads)
     role, index = spec.layout.role_of(spec.rank)
     ctx = zmq.Context()
@@ -172,11 +190,13 @@ def worker_main(spec: WorkerSpec) -> None:
     code = 0
     try:
         timeout = datetime.timedelta(seconds=spec.timeout_s)
-        store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timeout)
-        device = _device(spec.engine_cfg, spec.rank)
-        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() > 1 else "gloo"
-        dist.init_process_group(backend, store=store, rank=spec.rank,
-                                world_size=spec.layout.world_size, timeout=timeout)
+        device = _device(spec.engine_cfg,
+                         spec.rank if spec.local_rank is None else spec.local_rank)
+        if init_distributed:
+            store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False,
+                                  timeout=timeout)
+            dist.init_process_group(backend_for(device), store=store, rank=spec.rank,
+                                    world_size=spec.layout.world_size, timeout=timeout)
         groups = Groups(spec.layout, spec.micro_batches, timeout)
         if role == "ffn":
             from afd.rank_ffn import FFNWorker
@@ -205,6 +225,8 @@ def worker_main(spec: WorkerSpec) -> None:
             pass
     finally:
         ctx.destroy(linger=2000)  # flush what we said, close every socket
+        if before_exit is not None:
+            before_exit()
         # Skip interpreter teardown: destroying process groups whose peers died can block.
         os._exit(code)
 

@@ -1,0 +1,361 @@
+"""The OpenAI-compatible HTTP front end (FastAPI + uvicorn).
+
+Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [DONE]``),
+/v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
+/metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
+
+``python -m afd.api_server`` is the front-end process that ``launch/serve.py`` starts on rank 0:
+it binds the control sockets, tells rank 0 where they are (one ``AFD_FRONT_SPEC`` line on
+stdout), waits for every rank, then serves HTTP. SIGTERM drains: new requests get 503, the ones
+in flight get ``--grace-period`` seconds, then every rank is told to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from afd.async_engine import AsyncEngine, EngineDeadError
+from afd.metrics import ServerMetrics
+from afd.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
+from afd.outputs import RequestOutput
+
+log = logging.getLogger("afd.server")
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
+                 metrics: ServerMetrics):
+        self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
+                                                                    metrics)
+        self.draining = False
+        self.created = int(time.time())
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="afd", docs_url=None, redoc_url=None)
+    app.state.afd = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return _error(APIError(400, "request body is not valid JSON", code="invalid_json"))
+        param = ".".join(loc) or None
+        return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
+                               param=param))
+
+    @app.middleware("http")
+    async def auth_and_drain(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if state.api_key is not None:
+                header = request.headers.get("authorization", "")
+                if header != f"Bearer {state.api_key}":
+                    return _error(APIError(401, "missing or wrong API key (Authorization: Bearer)",
+                                           code="invalid_api_key"))
+            if state.draining and request.method == "POST":
+                return _error(APIError(503, "server is shutting down",
+                                       type="service_unavailable"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok, why = state.engine.healthy()
+        if state.draining:
+            ok, why = False, "draining"
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "detail": why},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cfg = state.engine.engine.engine_cfg
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": state.created, "owned_by": "afd",
+                                            "max_model_len": cfg.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        _check_model(state, body.model)
+        prompts = body.prompts()
+        return await _serve(state, request, body, prompts, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        _check_model(state, body.model)
+        tokenizer = state.engine.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
+                            max_tokens, chat=True)
+
+    return app
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"The model `{model}` does not exist (this server serves "
+                       f"`{state.model_name}`)", param="model", code="model_not_found")
+
+
+async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
+                 max_tokens: int | None, chat: bool) -> Response:
+    engine = state.engine
+    try:
+        params = body.sampling_params(max_tokens)
+        checked = [engine.check_request(p, params) for p in prompts]
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
+    max_len = engine.engine.engine_cfg.max_model_len
+    for _, ids in checked:
+        if max_tokens is not None and len(ids) + max_tokens > max_len:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens "
+                           f"exceeds the context length {max_len}", param="max_tokens")
+    base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params)
+               for i, (text, ids) in enumerate(checked)]
+    n = params.n
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(state, base, streams, n, chat, include_usage),
+                                 media_type="text/event-stream")
+    finals = await _collect(request, streams)
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+    for i, out in enumerate(finals):
+        usage["prompt_tokens"] += len(out.prompt_token_ids)
+        for c in out.outputs:
+            usage["completion_tokens"] += len(c.token_ids)
+            index = i * n + c.index
+            if out.error:
+                raise APIError(500, out.error, type="internal_error")
+            if chat:
+                choices.append({"index": index, "finish_reason": c.finish_reason,
+                                "message": {"role": "assistant", "content": c.text},
+                                "logprobs": None})
+            else:
+                choices.append({"index": index, "text": c.text, "logprobs": None,
+                                "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": state.model_name,
+                         "choices": choices, "usage": usage})
+
+
+async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
+                   ) -> list[RequestOutput]:
+    """Run each stream to its final output; stop them all if the client disconnects."""
+    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.5)
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+        return [t.result() for t in tasks]
+    except EngineDeadError as exc:
+        raise APIError(503, f"engine failed: {exc}", type="service_unavailable") from None
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()  # the stream's finally aborts the request and frees its KV
+        for s in streams:
+            await s.aclose()
+
+
+async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
+               n: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text piece per choice, then [DONE]."""
+    queue: asyncio.Queue = asyncio.Queue()
+    created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    sent_text: dict[int, int] = {}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    open_streams = len(streams)
+
+    def chunk(choices: list[dict]) -> str:
+        return "data: " + json.dumps({"id": base, "object": obj, "created": created,
+                                      "model": state.model_name, "choices": choices}) + "\n\n"
+
+    try:
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "finish_reason": None} for i in range(len(streams) * n)])
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, BaseException):
+                err = APIError(503 if isinstance(item, EngineDeadError) else 500, str(item),
+                               type="service_unavailable")
+                yield "data: " + json.dumps(err.body()) + "\n\n"
+                break
+            choices = []
+            for c in item.outputs:
+                index = i * n + c.index
+                delta = c.text[sent_text.get(index, 0):]
+                sent_text[index] = len(c.text)
+                if not delta and c.finish_reason is None:
+                    continue
+                if chat:
+                    choices.append({"index": index, "delta": {"content": delta},
+                                    "finish_reason": c.finish_reason, "logprobs": None})
+                else:
+                    choices.append({"index": index, "text": delta, "logprobs": None,
+                                    "finish_reason": c.finish_reason})
+            if item.finished:
+                usage["prompt_tokens"] += len(item.prompt_token_ids)
+                usage["completion_tokens"] += sum(len(c.token_ids) for c in item.outputs)
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield "data: " + json.dumps({"id": base, "object": obj, "created": created,
+                                         "model": state.model_name, "choices": [],
+                                         "usage": usage}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()  # client gone or done: abort whatever still runs
+
+
+# ---------------------------------------------------------------------------------------------
+# the front-end process
+# ---------------------------------------------------------------------------------------------
+SPEC_MARKER = "AFD_FRONT_SPEC "
+
+
+def main() -> None:
+    import uvicorn
+
+    from afd.config import engine_config_from_dict
+    from afd.engine import LLMEngine
+    from afd.layouts import MultiRankClient
+    from afd.llm import eos_token_ids, load_tokenizer
+    from afd.workers import Layout, watch_parent
+    from models.config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m afd.api_server")
+    ap.add_argument("--engine-config", required=True, help="EngineConfig as JSON")
+    ap.add_argument("--layout", required=True, help="P,A,F")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--transport", default="torch")
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--grace-period", type=float, default=20.0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    watch_parent()  # rank 0 started us: go when it goes
+
+    engine_cfg = engine_config_from_dict(json.loads(args.engine_config))
+    model_cfg = load_config(engine_cfg.model)
+    tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model)
+    layout = Layout(*(int(x) for x in args.layout.split(",")))
+
+    def publish(template) -> None:
+        print(SPEC_MARKER + template.to_json(), flush=True)
+
+    client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
+                             transport=args.transport, timeout_s=args.timeout, attach=publish)
+    engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
+                       eos_token_ids(engine_cfg.model, model_cfg, tokenizer))
+    name = args.served_model_name or _default_name(engine_cfg.model)
+    metrics = ServerMetrics(name)
+    state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
+                        args.api_key, metrics)
+
+    class Server(uvicorn.Server):
+        def install_signal_handlers(self) -> None:  # ours drain first (below)
+            pass
+
+    server = Server(uvicorn.Config(build_app(state), host=args.host, port=args.port,
+                                   log_level="warning", timeout_graceful_shutdown=5))
+
+    async def drain() -> None:
+        state.draining = True
+        deadline = time.monotonic() + args.grace_period
+        while state.engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        log.info("drained (%d requests still in flight); stopping every rank",
+                 state.engine.num_in_flight)
+        server.should_exit = True
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: None if state.draining
+                                    else asyncio.ensure_future(drain()))
+        log.info("afd serving %s on http://%s:%d (layout P=%d A=%d F=%d); ready", name,
+                 args.host, args.port, layout.prefill, layout.attention, layout.ffn)
+        await server.serve()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        state.engine.shutdown()
+        log.info("front end stopped")
+    sys.exit(0)
+
+
+def _default_name(path: str) -> str:
+    from models.default_model import cache_root
+
+    if path.startswith(cache_root()):
+        return "afd-tiny-deepseek-v3"
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+if __name__ == "__main__":
+    main()

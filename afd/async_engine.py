@@ -1,0 +1,176 @@
+"""AsyncEngine: an LLMEngine stepped by its own thread, for the asyncio HTTP server.
+
+Every engine call happens on the engine thread; the event loop only validates a request (pure
+reads of the tokenizer and config), queues a command, and awaits per-request output queues. So
+the HTTP side never blocks the step loop, and a slow client never slows the ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from afd.engine import LLMEngine
+from afd.metrics import ServerMetrics
+from afd.outputs import RequestOutput
+from afd.sampling_params import SamplingParams
+
+log = logging.getLogger("afd.server")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (or one of its ranks) failed; every request in flight fails with it."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None,
+                 stall_timeout_s: float = 120.0):
+        self.engine = engine
+        self.metrics = metrics
+        self.stall_timeout_s = stall_timeout_s
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.last_token: dict[str, float] = {}  # request id -> when its last token arrived
+        self.tokens_seen: dict[str, int] = {}  # request id -> tokens already counted
+        self.error: str | None = None
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
+        self.thread.start()
+
+    # ---- event-loop side ------------------------------------------------------------------
+    def check_request(self, prompt: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Raise ValueError (the caller's 400) for a bad request; returns (text, token ids)."""
+        params.validate()
+        text, ids = self.engine.tokenize_prompt(prompt)
+        self.engine.validate(ids, params)
+        return text, ids
+
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs as tokens arrive; abort the request if the consumer stops."""
+        if self.error:
+            raise EngineDeadError(self.error)
+        q: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = (asyncio.get_running_loop(), q)
+        self.commands.put(("add", request_id, prompt, params, time.monotonic()))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:  # client went away, or the consumer stopped: free its KV
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.streams)
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.error:
+            return False, self.error
+        if not self.thread.is_alive():
+            return False, "engine thread stopped"
+        if self.streams and time.monotonic() - self.last_progress > self.stall_timeout_s:
+            return False, f"no progress for {self.stall_timeout_s:.0f}s with requests in flight"
+        return True, "ok"
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self.streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _run_commands(self, block_s: float) -> None:
+        try:
+            cmd = self.commands.get(timeout=block_s) if block_s else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if cmd[0] == "add":
+                _, rid, prompt, params, arrival = cmd
+                try:
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    if self.metrics:
+                        self.metrics.prompt_tokens.inc(len(self.engine.requests[rid]
+                                                           .prompt_token_ids))
+                except ValueError as exc:  # checked before queueing; raced with another id
+                    self._deliver(rid, exc)
+            else:
+                self.engine.abort_request(cmd[1])
+                self.last_token.pop(cmd[1], None)
+                self.tokens_seen.pop(cmd[1], None)
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._run_commands(0.0 if engine.has_unfinished_requests() else 0.05)
+                if not engine.has_unfinished_requests():
+                    check = getattr(engine.core, "check_alive", None)
+                    if check:
+                        check()
+                    self._observe_stats()
+                    self.last_progress = time.monotonic()
+                    continue
+                outputs = engine.step()
+                now = time.monotonic()
+                if outputs:
+                    self.last_progress = now
+                for out in outputs:
+                    self._observe(out, now)
+                    self._deliver(out.request_id, out)
+                self._observe_stats()
+        except Exception as exc:  # a rank died or the engine broke: fail everything in flight
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("engine failed: %s", self.error)
+            for rid in list(self.streams):
+                self._deliver(rid, EngineDeadError(self.error))
+
+    def _observe(self, out: RequestOutput, now: float) -> None:
+        if not self.metrics:
+            return
+        rid = out.request_id
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - self.tokens_seen.get(rid, 0)
+        self.metrics.observe_output(out, new, now, self.last_token.get(rid))
+        if out.finished:
+            self.last_token.pop(rid, None)
+            self.tokens_seen.pop(rid, None)
+        else:
+            if new:
+                self.last_token[rid] = now
+            self.tokens_seen[rid] = tokens
+
+    def _observe_stats(self) -> None:
+        if not self.metrics:
+            return
+        stats = self.engine.core.stats()
+        running = sum(s.num_running for s in stats)
+        in_flight = len(self.engine.requests)
+        self.metrics.observe_stats(stats, running, max(0, in_flight - running))

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the serving front end (names follow vLLM's, prefixed ``afd:``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from afd.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0)
+
+
+class ServerMetrics:
+    """One registry per server, so tests can run several in a process."""
+
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.ttft = Histogram("afd:time_to_first_token_seconds", "Time to first token",
+                              labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("afd:inter_token_latency_seconds", "Time between output tokens",
+                             labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("afd:e2e_request_latency_seconds", "Request latency, arrival to "
+                             "last token", labels, buckets=_E2E_BUCKETS, registry=r
+                             ).labels(model_name)
+        self.running = Gauge("afd:num_requests_running", "Requests being decoded", labels,
+                             registry=r).labels(model_name)
+        self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting to be scheduled",
+                             labels, registry=r).labels(model_name)
+        self.kv_usage = Gauge("afd:kv_cache_usage_perc", "KV cache blocks in use, per attention "
+                              "rank (0-1)", labels + ["rank"], registry=r)
+        self.preemptions = Counter("afd:num_preemptions", "Sequences preempted for KV blocks",
+                                   labels, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("afd:prompt_tokens", "Prompt tokens processed", labels,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("afd:generation_tokens", "Tokens generated", labels,
+                                         registry=r).labels(model_name)
+        self.requests = Counter("afd:request_success", "Finished requests by finish reason",
+                                labels + ["finished_reason"], registry=r)
+        self.model_name = model_name
+        self._preemptions_seen = 0
+
+    def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
+                       last_token_time: float | None) -> None:
+        """Record one streamed update of a request (``new_tokens`` arrived at ``now``)."""
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+            if last_token_time is None and out.metrics and out.metrics.ttft is not None:
+                self.ttft.observe(out.metrics.ttft)
+            elif last_token_time is not None:
+                self.itl.observe((now - last_token_time) / new_tokens)
+        if out.finished:
+            if out.metrics is not None:
+                self.e2e.observe(now - out.metrics.arrival_time)
+            for c in out.outputs:
+                self.requests.labels(self.model_name, c.finish_reason or "unknown").inc()
+
+    def observe_stats(self, stats: list, running: int, waiting: int) -> None:
+        """Scheduler state of the attention ranks (CoreStats each)."""
+        self.running.set(running)
+        self.waiting.set(waiting)
+        total_preemptions = 0
+        for i, s in enumerate(stats):
+            self.kv_usage.labels(self.model_name, str(i)).set(s.kv_usage)
+            total_preemptions += s.num_preemptions
+        if total_preemptions > self._preemptions_seen:
+            self.preemptions.inc(total_preemptions - self._preemptions_seen)
+            self._preemptions_seen = total_preemptions

@@ -1,0 +1,178 @@
+"""OpenAI-compatible server over any layout.
+
+    torchrun --nproc-per-node N launch/serve.py [--model PATH] [--prefill P] [--attention A]
+        [--ffn F] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+N = P + A + F (with no flags: the embedded default model on one process). Multi-node works
+through torchrun's own flags (--nnodes, --node-rank, --master-addr ...); --model must then be a
+path every node can read, and --host the address clients reach rank 0's node on.
+
+Every torchrun process becomes one rank (prefill ranks first, then attention, then FFN). Rank 0
+also starts the HTTP front end as a child process (``python -m afd.api_server``), so serving
+HTTP never blocks a step loop; the front end's control-socket addresses reach the other ranks
+through torchrun's store. SIGTERM (to torchrun or any rank) drains in-flight requests for
+--grace-period seconds, then every rank stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from afd.api_server import SPEC_MARKER
+from afd.config import engine_config_to_dict, resolve_engine_config
+from afd.workers import Layout, WorkerSpec, backend_for, worker_main
+from models.config import load_config
+from models.default_model import default_model_path
+
+log = logging.getLogger("afd.launch")
+SPEC_KEY = "afd/front_spec"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--attention", type=int, default=1)
+    ap.add_argument("--ffn", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"))
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds any rank may wait on another before the server fails")
+    ap.add_argument("--grace-period", type=float, default=20.0,
+                    help="seconds SIGTERM lets in-flight requests finish")
+    return ap.parse_args()
+
+
+def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str]:
+    """Start the HTTP front end; return it and the rank spec template it publishes."""
+    cmd = [sys.executable, "-m", "afd.api_server",
+           "--engine-config", json.dumps(engine_config_to_dict(engine_cfg)),
+           "--layout", f"{layout.prefill},{layout.attention},{layout.ffn}",
+           "--host", args.host, "--port", str(args.port),
+           "--micro-batches", str(args.micro_batches), "--transport", args.transport,
+           "--timeout", str(args.timeout), "--grace-period", str(args.grace_period)]
+    for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
+                        ("--served-model-name", args.served_model_name)):
+        if value:
+            cmd += [flag, value]
+    front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    deadline = time.monotonic() + 300
+    for line in front.stdout:  # its first marker line carries the spec; echo anything else
+        if line.startswith(SPEC_MARKER):
+            template = line[len(SPEC_MARKER):].strip()
+            break
+        sys.stdout.write(line)
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError(f"the front end exited before starting (code {front.wait()})")
+
+    def echo() -> None:
+        for line in front.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    threading.Thread(target=echo, daemon=True, name="afd-front-echo").start()
+    return front, template
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = Layout(args.prefill, args.attention, args.ffn)
+    if layout.world_size != world:
+        sys.exit(f"--prefill {args.prefill} + --attention {args.attention} + --ffn {args.ffn} = "
+                 f"{layout.world_size} ranks, but torchrun started {world}: use "
+                 f"--nproc-per-node {layout.world_size} (times --nnodes)")
+    if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    model = args.model or default_model_path()
+    timeout = datetime.timedelta(seconds=max(args.timeout, 300))  # startup included
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout)
+    store = dist.distributed_c10d._get_default_store()
+
+    stopping = threading.Event()
+    front = None
+    if rank == 0:
+        engine_cfg = resolve_engine_config(
+            model, load_config(model), dtype=args.dtype, seed=args.seed,
+            max_model_len=args.max_model_len, block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
+                 layout.prefill, layout.attention, layout.ffn, world, model)
+        front, template = start_front(args, layout, engine_cfg)
+        store.set(SPEC_KEY, template)
+
+        def watch_front() -> None:  # the front end gone means the server is gone
+            front.wait()
+            if not stopping.wait(15):
+                log.error("front end exited (code %s); stopping", front.returncode)
+                os._exit(1)
+
+        threading.Thread(target=watch_front, daemon=True, name="afd-front-watch").start()
+    else:
+        template = store.get(SPEC_KEY).decode()
+
+    def on_term(signum, _frame) -> None:
+        # Drain, don't die: the front end finishes what is in flight, then stops every rank.
+        stopping.set()
+        if front is not None and front.poll() is None:
+            front.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    spec = replace(WorkerSpec.from_json(template), rank=rank, local_rank=local_rank)
+
+    def reap_front() -> None:  # rank 0 leaves no front end behind
+        stopping.set()
+        if front is not None:
+            try:
+                front.wait(30)
+            except subprocess.TimeoutExpired:
+                front.kill()
+                front.wait(5)
+
+    worker_main(spec, init_distributed=False, before_exit=reap_front)  # exits the process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
