@@ -192,10 +192,7 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
         raise APIError(503, f"engine failed: {exc}", type="service_unavailable") from None
     finally:
         for t in tasks:
-            if not t.done():
-                t.cancel()  # the stream's finally aborts the request and frees its KV
-        for s in streams:
-            await s.aclose()
+            t.cancel()  # a cancelled stream's finally aborts its request and frees its KV
 
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
@@ -261,10 +258,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                                          "usage": usage}) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        for t in tasks:
+        for t in tasks:  # client gone (or done): a cancelled stream aborts its request
             t.cancel()
-        for s in streams:
-            await s.aclose()  # client gone or done: abort whatever still runs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,9 +132,9 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._run_commands(0.0 if engine.has_unfinished_requests() else 0.05)
                 if not engine.has_unfinished_requests():
-                    check = getattr(engine.core, "check_alive", None)
-                    if check:
-                        check()
+                    poll = getattr(engine.core, "poll", None)
+                    if poll:  # ranks' reports (stats after an abort, heartbeats, failures)
+                        poll()
                     self._observe_stats()
                     self.last_progress = time.monotonic()
                     continue

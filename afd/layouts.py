@@ -298,6 +298,10 @@ class MultiRankClient:
                             "first": placed.first_token,
                             "n": num_kv_tokens, "src": placed.prefill, "tag": next(self.tags)})
 
+    def poll(self) -> None:
+        """Take the ranks' reports while nothing is in flight (and notice dead ranks)."""
+        self.step(0.0)
+
     def step(self, wait_s: float = 0.05) -> list[CoreOutput]:
         """Whatever tokens arrived, waiting up to ``wait_s`` for the first message."""
         self.check_alive()

@@ -66,7 +66,18 @@ class AttentionWorker:
             self.stopping = True
         return []
 
+    def _load(self) -> tuple[int, int, int]:
+        sched = self.core.scheduler
+        return self.core.allocator.num_free, len(sched.running), len(sched.waiting)
+
+    def _stats_changed(self) -> bool:
+        """Did an abort (or admission) move blocks or queues since the last report?"""
+        return self._load() != self._reported
+
+    _reported: tuple = ()
+
     def _send(self, outputs: list[CoreOutput]) -> None:
+        self._reported = self._load()
         timers = self.timers.snapshot()
         if self.transport is not None:
             timers.update(self.transport.timers.seconds)
@@ -166,7 +177,7 @@ class AttentionWorker:
                 with self.timers.time("step"):
                     outputs += self.core.execute(plan, micro_batches)
                 self.timers.steps += 1
-            if outputs or has_work:
+            if outputs or has_work or self._stats_changed():
                 self._send(outputs)
             else:
                 self.link.heartbeat()

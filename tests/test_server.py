@@ -1,0 +1,267 @@
+"""A real server started with torchrun, driven with the ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from afd import LLM, SamplingParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_KEY = "sk-test-afd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
+               "--port", str(self.port), *flags]
+        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                     f"afd-server-{self.port}.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early: {self.tail()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy in {timeout_s}s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+    def tree(self) -> list[psutil.Process]:
+        return [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(
+            recursive=True)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        procs = self.tree() if self.proc.poll() is None else []
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def single():
+    server = Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pd():
+    server = Server("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
+                    "--timeout", "20", nproc=3)
+    yield server
+    server.stop()
+
+
+def client(server: Server, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process engine's greedy outputs for the prompts used below."""
+    llm = LLM()
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["Hello, my name is", "The capital of France is"]
+    return {p: o.outputs[0].text for p, o in zip(prompts, llm.generate(prompts, params,
+                                                                        use_tqdm=False))}
+
+
+@pytest.mark.parametrize("which", ["single", "pd"])
+def test_completions_chat_streaming(request, which, reference):
+    server = request.getfixturevalue(which)
+    c = client(server, API_KEY)
+    model = c.models.list().data[0].id
+    for prompt, text in reference.items():
+        r = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 12
+        pieces = [ch.choices[0].text for ch in c.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if ch.choices]
+        assert "".join(pieces) == text and len(pieces) > 1
+    chat = c.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                     messages=[{"role": "user", "content": "Hi there"}])
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=model, max_tokens=8, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Hi there"}]) if ch.choices)
+    assert streamed == chat.choices[0].message.content
+
+
+def test_n_and_stop_strings(single, reference):
+    c = client(single)
+    prompt, text = next(iter(reference.items()))
+    r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                             temperature=0.9, n=3, seed=5, extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    stop = text[4:6]
+    cut = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                               temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[:text.index(
+        stop)]
+
+
+BAD = [
+    ({"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": [3] * 5000, "max_tokens": 4}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [5, 10 ** 6]}, 400, "prompt"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "hi", "max_tokens": [1]}, 400, "max_tokens"),
+    ({"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+]
+
+
+def test_bad_inputs_get_openai_errors_and_server_keeps_serving(single, reference):
+    url = single.url + "/v1/completions"
+    for body, status, param in BAD:
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(single.url + "/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400
+    prompt, text = next(iter(reference.items()))
+    r = httpx.post(url, json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                              "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+
+
+def test_api_key(pd):
+    with pytest.raises(openai.AuthenticationError):
+        client(pd, "wrong").models.list()
+    r = httpx.post(pd.url + "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(pd.url + "/health").status_code == 200  # health needs no key
+
+
+def test_metrics_move(single):
+    before = single.metric("afd:generation_tokens_total")
+    prompts_before = single.metric("afd:prompt_tokens_total")
+    client(single).completions.create(model=client(single).models.list().data[0].id,
+                                      prompt="Tell me", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert single.metric("afd:generation_tokens_total") == before + 5
+    assert single.metric("afd:prompt_tokens_total") > prompts_before
+    assert single.metric("afd:time_to_first_token_seconds_count") >= 1
+    assert single.metric("afd:e2e_request_latency_seconds_count") >= 1
+    assert single.metric("afd:inter_token_latency_seconds_count") >= 1
+
+
+@pytest.mark.parametrize("which", ["single", "pd"])
+def test_aborted_stream_frees_kv(request, which):
+    server = request.getfixturevalue(which)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
+                      timeout=30) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks += 1
+                if chunks == 5:
+                    break  # hang up mid-stream
+    assert server.metric("afd:kv_cache_usage_perc") >= 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if (server.metric("afd:kv_cache_usage_perc") == 0
+                and server.metric("afd:num_requests_running") == 0):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the aborted request kept its KV blocks")
+
+
+def test_sigterm_drains_and_leaves_no_process():
+    server = Server("--grace-period", "15")
+    procs = server.tree()
+    assert len(procs) >= 3  # torchrun, rank 0, front end
+    result = {}
+
+    def long_request() -> None:
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"prompt": "a", "max_tokens": 200, "temperature": 0,
+                             "ignore_eos": True})
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert result.get("status") == 200 and result["body"]["usage"]["completion_tokens"] == 200
+    server.proc.wait(60)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != "zombie"
+                                              for p in procs):
+        time.sleep(0.2)
+    alive = [p.pid for p in procs if p.is_running() and p.status() != "zombie"]
+    assert not alive, f"processes left behind: {alive}\n{server.tail()}"
+    server.log.close()
+
+
+def test_dead_rank_makes_health_503(pd):
+    """Runs last on the P/D server: kill its FFN rank."""
+    ranks = [p for p in pd.tree() if "serve.py" in " ".join(p.cmdline()) and p.pid != pd.proc.pid]
+    ffn = max(ranks, key=lambda p: int(p.environ().get("RANK", -1)))
+    assert ffn.environ().get("RANK") == "2"
+    ffn.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(pd.url + "/health", timeout=2)
+            if r.status_code == 503:
+                assert json.loads(r.text)["status"] == "unhealthy"
+                return
+        except httpx.HTTPError:
+            return  # the front end already went down with its ranks: also not healthy
+        time.sleep(0.5)
+    pytest.fail("/health still 200 after a rank died")
