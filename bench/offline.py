@@ -32,19 +32,20 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     return [torch.randint(2, vocab, (n_tok,), generator=gen).tolist() for n_tok in lengths]
 
 
-def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None
-            ) -> tuple[float, list[list[int]]]:
+def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None,
+            full_warmup: bool) -> tuple[float, list[list[int]]]:
     llm = LLM(path, dtype=dtype, device=device)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)  # warm-up
+    warm = prompts if full_warmup else prompts[:4]  # full: every kernel shape compiled first
+    llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     return elapsed, [o.outputs[0].token_ids for o in outs]
 
 
-def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str
-           ) -> tuple[float, list[list[int]]]:
+def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str,
+           full_warmup: bool) -> tuple[float, list[list[int]]]:
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -60,9 +61,10 @@ def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, dev
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
-        warm = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False,
-                              generation_config=gen_cfg)
-        del warm
+        rows = len(prompts) if full_warmup else 2
+        model.generate(ids[:rows], attention_mask=mask[:rows],
+                       max_new_tokens=new_tokens if full_warmup else 2, do_sample=False,
+                       generation_config=gen_cfg)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              generation_config=gen_cfg)
@@ -91,6 +93,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--warmup", choices=["short", "full"], default=None,
+                    help="untimed run first: a few prompts, or the whole batch (default: full on "
+                         "CUDA, where Triton compiles each new kernel shape once; short on CPU)")
     ap.add_argument("--json", default=None, help="where to write the result JSON")
     args = ap.parse_args()
 
@@ -102,18 +107,19 @@ def main() -> None:
     in_tokens = sum(len(p) for p in prompts)
     out_tokens = args.num_prompts * args.new_tokens
 
-    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device)
+    full = (args.warmup or ("full" if device.startswith("cuda") else "short")) == "full"
+    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full)
     result = {
         "model": path, "device": device, "dtype": args.dtype, "num_prompts": args.num_prompts,
         "input_tokens": in_tokens, "output_tokens": out_tokens, "afd_seconds": afd_s,
         "afd_output_tok_s": out_tokens / afd_s, "afd_total_tok_s": (in_tokens + out_tokens) / afd_s,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "warmup": "full" if full else "short",
     }
     rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]
     if not args.skip_hf:
-        hf_s, hf_out = run_hf(path, prompts, args.new_tokens, args.dtype, device)
+        hf_s, hf_out = run_hf(path, prompts, args.new_tokens, args.dtype, device, full)
         same = sum(a == b for a, b in zip(afd_out, hf_out))
         result.update(hf_seconds=hf_s, hf_output_tok_s=out_tokens / hf_s,
                       hf_total_tok_s=(in_tokens + out_tokens) / hf_s, speedup=hf_s / afd_s,

@@ -5,94 +5,39 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from afd import LLM, SamplingParams
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from server_proc import LocalServer, wait_gone  # noqa: E402
+
 API_KEY = "sk-test-afd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
-               "--port", str(self.port), *flags]
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                     f"afd-server-{self.port}.log"), "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early: {self.tail()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not healthy in {timeout_s}s: {self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        with open(self.log.name) as f:
-            return f.read()[-3000:]
-
-    def tree(self) -> list[psutil.Process]:
-        return [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(
-            recursive=True)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
-        procs = self.tree() if self.proc.poll() is None else []
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
 def single():
-    server = Server()
+    server = LocalServer()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def pd():
-    server = Server("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
+    server = LocalServer("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
                     "--timeout", "20", nproc=3)
     yield server
     server.stop()
 
 
-def client(server: Server, key: str = "none") -> openai.OpenAI:
+def client(server: LocalServer, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
 
@@ -221,7 +166,7 @@ def test_aborted_stream_frees_kv(request, which):
 
 
 def test_sigterm_drains_and_leaves_no_process():
-    server = Server("--grace-period", "15")
+    server = LocalServer("--grace-period", "15")
     procs = server.tree()
     assert len(procs) >= 3  # torchrun, rank 0, front end
     result = {}
@@ -239,12 +184,8 @@ def test_sigterm_drains_and_leaves_no_process():
     t.join(60)
     assert result.get("status") == 200 and result["body"]["usage"]["completion_tokens"] == 200
     server.proc.wait(60)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(p.is_running() and p.status() != "zombie"
-                                              for p in procs):
-        time.sleep(0.2)
-    alive = [p.pid for p in procs if p.is_running() and p.status() != "zombie"]
-    assert not alive, f"processes left behind: {alive}\n{server.tail()}"
+    left = [p.pid for p in wait_gone(procs)]
+    assert not left, f"processes left behind: {left}\n{server.tail()}"
     server.log.close()
 
 

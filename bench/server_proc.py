@@ -1,0 +1,98 @@
+"""Start ``launch/serve.py`` under torchrun in a subprocess and wait until it is healthy
+(for bench/soak.py and tests/test_server.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
+               "--port", str(self.port), *flags]
+        self.log = tempfile.NamedTemporaryFile("w", prefix=f"afd-server-{self.port}-",
+                                               suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not healthy in {timeout_s}s:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-chars:]
+
+    def tree(self) -> list[psutil.Process]:
+        """torchrun and everything under it (ranks, the front end)."""
+        root = psutil.Process(self.proc.pid)
+        return [root] + root.children(recursive=True)
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus sample over its labels."""
+        total = 0.0
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, timeout_s: float = 60) -> list[int]:
+        """SIGTERM torchrun; returns the pids still alive afterwards (none, normally)."""
+        procs = self.tree() if self.proc.poll() is None else []
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        left = wait_gone(procs)
+        for p in left:
+            p.kill()
+        self.log.close()
+        return [p.pid for p in left]
+
+
+def wait_gone(procs: list[psutil.Process], timeout_s: float = 10) -> list[psutil.Process]:
+    """Wait for processes to exit; return those still running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(procs):
+        time.sleep(0.2)
+    return _alive(procs)
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
