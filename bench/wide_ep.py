@@ -133,8 +133,7 @@ def attention_params_per_layer(m: dict) -> float:
 
 def load_kernel_table() -> dict | None:
     """Measured grouped_moe timings (an FFN rank's entry) from a committed bench/kernels.py run."""
-    files = sorted(glob.glob(os.path.join(RESULTS, "kernels_*.json"))
-                   + glob.glob(os.path.join(RESULTS, "kernels_*", "kernels.json")))
+    files = sorted(glob.glob(os.path.join(RESULTS, "**", "kernels*.json"), recursive=True))
     for path in reversed(files):
         try:
             with open(path) as f:
