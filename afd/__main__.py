@@ -1,4 +1,4 @@
-"""``python -m afd``: generate completions for a few prompts (the embedded default model by default).
+"""``python -m afd``: complete a few prompts (with the embedded default model unless told).
 
     python -m afd [PROMPT ...] [--model PATH] [--max-tokens 32] [--temperature 0]
                   [--prefill P] [--attention A] [--ffn F]

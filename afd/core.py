@@ -47,6 +47,14 @@ class EngineCore:
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
+    def add_or_refuse(self, req: CoreRequest) -> list[CoreOutput]:
+        """Queue a request from the front end; a bad one (a duplicate id) fails alone."""
+        try:
+            self.add_request(req)
+        except ValueError as exc:
+            return [CoreOutput(req.request_id, [], "error", None, str(exc))]
+        return []
+
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)

@@ -124,8 +124,9 @@ class DeepEPExpertMap:
                            torch.where(valid, ids % self.slots_per_rank, none))
 
     def recv_counts(self, deepep_ids: torch.Tensor) -> torch.Tensor:
-        """deepep_ids [..., K] (-1 ignored) -> [num_ranks, slots_per_rank] int64: rows each rank's local
-        experts receive from these tokens, i.e. the sum over senders of DeepEP's ``recv_count``."""
+        """deepep_ids [..., K] (-1 ignored) -> [num_ranks, slots_per_rank] int64: rows each
+        rank's local experts receive from these tokens, i.e. the sum over senders of DeepEP's
+        ``recv_count``."""
         ids = deepep_ids.flatten().long()
         counts = torch.bincount(ids[ids >= 0], minlength=self.num_experts)
         return counts.view(self.num_ranks, self.slots_per_rank)

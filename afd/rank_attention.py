@@ -48,11 +48,7 @@ class AttentionWorker:
     def _handle(self, msg: dict) -> list[CoreOutput]:
         kind = msg["t"]
         if kind == "add":
-            req = protocol.request_from_wire(msg["req"])
-            try:
-                self.core.add_request(req)
-            except ValueError as exc:  # e.g. a duplicate id: fail that request only
-                return [CoreOutput(req.request_id, [], "error", None, str(exc))]
+            return self.core.add_or_refuse(protocol.request_from_wire(msg["req"]))
         elif kind == "pull":
             self.pulls.append(Pull(protocol.request_from_wire(msg["req"]), msg["first"],
                                    msg["n"], msg["src"], msg["tag"]))

@@ -37,11 +37,7 @@ class PrefillWorker:
     def _handle(self, msg: dict) -> list[CoreOutput]:
         kind = msg["t"]
         if kind == "add":
-            req = protocol.request_from_wire(msg["req"])
-            try:
-                self.core.add_request(req)
-            except ValueError as exc:
-                return [CoreOutput(req.request_id, [], "error", None, str(exc))]
+            return self.core.add_or_refuse(protocol.request_from_wire(msg["req"]))
         elif kind == "send":
             self._send_kv(msg["id"], msg["dst"], msg["tag"], msg["n"])
         elif kind == "cancel":  # the receiver gave up: complete its receive so gloo stays sane

@@ -3,17 +3,24 @@
 # short tile sweep. Logs and JSON land in $OUT (default bench/results/kernels_<date>).
 #
 #   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
+#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, <= ~150 s: the MoE GPU tests, then
+#                                        # bench/kernels.py --quick (checks with each feature on
+#                                        # and off, the MoE table and targets, feature/tile A/B)
 #
 # Expected wall time on an H100: ~1-2 min of tests (mostly Triton compiles), ~3 min of benchmark
 # (SWEEP_BUDGET_S bounds the whole benchmark run, sweep included). Every stage has a timeout and
 # the script always goes on to the next stage, so one failure still leaves the rest of the results.
+# AFD_MOE_PDL=0 / AFD_MOE_TMA=0 / AFD_MOE_INLINE=0 / AFD_MOE_PERSISTENT=0 switch a MoE feature
+# off for a whole run (kernels/fused_moe_config.py: MoEFeatures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
+QUICK=${QUICK:-0}
+QUICK_BUDGET_S=${QUICK_BUDGET_S:-85}
 export OUT
 mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET AFD_KERNEL_BACKEND
 export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 start=$(date +%s)
@@ -23,20 +30,32 @@ stamp() { echo "[gpu_kernels $(($(date +%s) - start))s] $*"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT"
+  echo "commit $AFD_COMMIT quick $QUICK"
+  env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
-stamp "GPU kernel tests"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
-  tests/test_kernels_mla.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
-tests_rc=${PIPESTATUS[0]}
-stamp "tests exit code $tests_rc"
-
-stamp "benchmark (writes $OUT/kernels.json)"
-timeout $((SWEEP_BUDGET_S + 150)) python3 bench/kernels.py --sweep --budget-s "$SWEEP_BUDGET_S" \
-  2>&1 | tee "$OUT/kernels_bench.log"
-bench_rc=${PIPESTATUS[0]}
+if [ "$QUICK" = 1 ]; then
+  stamp "GPU MoE tests"
+  timeout -k 5 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+    tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  stamp "tests exit code $tests_rc"
+  stamp "benchmark --quick (writes $OUT/kernels.json)"
+  timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
+    --budget-s "$QUICK_BUDGET_S" 2>&1 | tee "$OUT/kernels_bench.log"
+  bench_rc=${PIPESTATUS[0]}
+else
+  stamp "GPU kernel tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+    tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
+    tests/test_kernels_mla.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  stamp "tests exit code $tests_rc"
+  stamp "benchmark (writes $OUT/kernels.json)"
+  timeout $((SWEEP_BUDGET_S + 150)) python3 bench/kernels.py --sweep --budget-s "$SWEEP_BUDGET_S" \
+    2>&1 | tee "$OUT/kernels_bench.log"
+  bench_rc=${PIPESTATUS[0]}
+fi
 stamp "benchmark exit code $bench_rc"
 
 echo "tests_rc=$tests_rc bench_rc=$bench_rc elapsed_s=$(($(date +%s) - start))" \

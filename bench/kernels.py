@@ -2,7 +2,8 @@
 hot-path kernels against their torch references.
 
     python bench/kernels.py [--json out.json] [--sweep] [--budget-s 210]   # CUDA GPU
-    python bench/kernels.py --smoke                                        # CPU, tiny dims
+    python bench/kernels.py --quick [--budget-s 100]                       # MoE only, A/B
+    python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
 m = 1..512 tokens per expert, each beside
@@ -13,17 +14,23 @@ m = 1..512 tokens per expert, each beside
 for the Triton ``fused_moe`` entry (routing: alignment + GEMMs + top-k sum, K = min(8, E)) and the
 ``grouped_moe`` entry (rows already grouped, as on an FFN rank). ``--sweep`` then times other tiles
 for each GEMM until the time budget runs out, to tune ``kernels/fused_moe_config.py``.
-Every case is guarded: a failure is printed and recorded, and the run goes on. Results go to
-``--json`` and to ``$OUT/kernels.json`` when $OUT is set. ``--smoke`` runs tiny dims on the CPU
-under the Triton interpreter to check that the script itself works.
+``--quick`` times only the MoE: the checks (each ``MoEFeatures`` switch on and off), the table and
+the targets, then, until the budget runs out, each row again with one feature off (PDL, TMA,
+inline routing) and a few alternative tiles at m = 128 and 512 (``fused_moe_tuning.QUICK_TILES``).
+Every case is guarded: a failure is printed and recorded, and the run goes on; features the
+kernels switched off after a failure are listed. Results go to ``--json`` and to
+``$OUT/kernels.json`` when $OUT is set (also when the run is killed by SIGTERM, e.g. a timeout).
+``--smoke`` runs tiny dims on the CPU under the Triton interpreter to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,14 +43,17 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.fused_moe import grouped_moe_torch  # noqa: E402
+from kernels.fused_moe_config import MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
     default_config,
+    fallback_events,
     fused_moe_triton,
     grouped_moe_triton,
 )
-from kernels.fused_moe_tuning import sweep_moe  # noqa: E402
+from kernels.fused_moe_tuning import quick_tiles, sweep_moe  # noqa: E402
 from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
 from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
+from kernels.moe_align_triton import inline_route_fits  # noqa: E402
 from kernels.norm import rms_norm_torch  # noqa: E402
 from kernels.norm_triton import rms_norm_triton  # noqa: E402
 from kernels.rotary import apply_rotary_torch  # noqa: E402
@@ -144,43 +154,72 @@ def floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int
                      flops / ceil["matmul_flops_per_s"])
 
 
-def check_moe(errors: list, device: str, hidden: int, inter: int) -> list:
-    """Triton vs torch on the device before timing anything (bf16, tolerance 1e-2)."""
-    results = []
+# Feature sets the checks run with: the defaults, then each switch off alone (that path must be
+# right too: it is what a failing feature falls back to).
+FEATURE_SETS = {
+    "default": MoEFeatures(),
+    "no_pdl": MoEFeatures(pdl=False),
+    "no_tma": MoEFeatures(tma=False),
+    "no_inline": MoEFeatures(inline_route=False),
+}  # (persistent tiles only serve m > 128: the m = 256 check covers them)
+
+
+def check_moe(errors: list, device: str, hidden: int, inter: int, results: list) -> list:
+    """Triton vs torch on the device before timing anything (bf16, tolerance 1e-2): decode-sized
+    batches (inline routing) with each feature set, then fused_moe past the inline limit (the
+    aligned route) and grouped_moe past m = 128 (persistent w2). Appends to ``results`` as it
+    goes, so a run stopped early keeps what it checked."""
     torch.manual_seed(0)
-    for num_experts, m in ((8, 16), (32, 3)):
+    cases = [(8, 16, ("fused_moe", "grouped_moe"), FEATURE_SETS),
+             (32, 3, ("fused_moe", "grouped_moe"), FEATURE_SETS),
+             (8, 40, ("fused_moe",), {"default": MoEFeatures()}),
+             (8, 256, ("grouped_moe",), {"default": MoEFeatures()})]
+    for num_experts, m, entries, sets in cases:
         w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
         w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
         d = moe_inputs(num_experts, m, hidden, device, w13, w2)
+        counts = torch.randint(m // 2, 2 * m + 1, (num_experts,))
+        counts[0] = 0
+        x = torch.randn(int(counts.sum()), hidden, device=device, dtype=torch.bfloat16)
+        for label, feats in sets.items():
+            def fused(d=d, w13=w13, w2=w2, feats=feats):
+                from kernels.fused_moe import fused_moe_torch
 
-        def fused(d=d, w13=w13, w2=w2):
-            from kernels.fused_moe import fused_moe_torch
+                out = fused_moe_triton(d["x_tok"], w13, w2, d["weights"], d["ids"],
+                                       features=feats)
+                return rel_err(out, fused_moe_torch(d["x_tok"], w13, w2, d["weights"], d["ids"]))
 
-            out = fused_moe_triton(d["x_tok"], w13, w2, d["weights"], d["ids"])
-            return rel_err(out, fused_moe_torch(d["x_tok"], w13, w2, d["weights"], d["ids"]))
+            def grouped(w13=w13, w2=w2, x=x, counts=counts, feats=feats):
+                out = grouped_moe_triton(x, counts.to(device), w13, w2, features=feats)
+                return rel_err(out, grouped_moe_torch(x, counts, w13, w2))
 
-        def grouped(w13=w13, w2=w2, m=m, num_experts=num_experts):
-            counts = torch.randint(0, 2 * m + 1, (num_experts,))
-            counts[0] = 0
-            x = torch.randn(int(counts.sum()), hidden, device=device, dtype=torch.bfloat16)
-            out = grouped_moe_triton(x, counts.to(device), w13, w2)
-            return rel_err(out, grouped_moe_torch(x, counts, w13, w2))
+            for name in entries:
+                fn = fused if name == "fused_moe" else grouped
+                err = guarded(errors, f"check {name} E={num_experts} m={m} {label}", fn)
+                ok = err is not None and err < 1e-2
+                path = "inline" if name == "fused_moe" and feats.inline_route and \
+                    inline_route_fits(d["rows"], num_experts, 16) else ""
+                log(f"check {name:12s} E={num_experts:3d} m={m:3d} {label:9s} {path:6s}: "
+                    f"rel err {err}  {'ok' if ok else 'FAIL'}")
+                results.append({"op": name, "experts": num_experts, "m": m, "features": label,
+                                "rel_err": err, "ok": ok})
+        if m == 16:
+            def gmm(d=d, w13=w13, w2=w2):
+                out = grouped_mm_ffn(d["x_rows"], d["offs"], w13.transpose(1, 2),
+                                     w2.transpose(1, 2))
+                return rel_err(out, grouped_moe_torch(d["x_rows"], d["counts_cpu"], w13, w2))
 
-        def gmm(d=d, w13=w13, w2=w2):
-            out = grouped_mm_ffn(d["x_rows"], d["offs"], w13.transpose(1, 2), w2.transpose(1, 2))
-            return rel_err(out, grouped_moe_torch(d["x_rows"], d["counts_cpu"], w13, w2))
-
-        for name, fn in (("fused_moe", fused), ("grouped_moe", grouped), ("_grouped_mm", gmm)):
-            err = guarded(errors, f"check {name} E={num_experts}", fn)
-            ok = err is not None and err < 1e-2
-            log(f"check {name:12s} E={num_experts:3d}: rel err {err}  {'ok' if ok else 'FAIL'}")
-            results.append({"op": name, "experts": num_experts, "rel_err": err, "ok": ok})
+            err = guarded(errors, f"check _grouped_mm E={num_experts}", gmm)
+            log(f"check _grouped_mm  E={num_experts:3d}: rel err {err}")
+            results.append({"op": "_grouped_mm", "experts": num_experts, "m": m,
+                            "rel_err": err, "ok": True})  # the baseline is not ours to fail
+        del w13, w2, d, x
     return results
 
 
 def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
-              experts: tuple[int, ...], ms: tuple[int, ...]) -> list:
-    rows_out = []
+              experts: tuple[int, ...], ms: tuple[int, ...], rows_out: list) -> list:
+    """Times each (E, m) into ``rows_out`` (appended as it goes)."""
     has_gmm = hasattr(torch, "_grouped_mm")
     for num_experts in experts:
         torch.manual_seed(num_experts)
@@ -189,9 +228,14 @@ def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, 
         for m in ms:
             d = moe_inputs(num_experts, m, hidden, device, w13, w2)
             label = f"E={num_experts} m={m}"
+            if not rows_out:  # the first timed case runs once untimed: clocks up, kernels loaded
+                guarded(errors, f"warm-up {label}", lambda d=d: timer(lambda: fused_moe_triton(
+                    d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"])))
+            cfg = default_config(d["rows"], num_experts, hidden, inter, torch.bfloat16)
+            inline = inline_route_fits(d["rows"], num_experts,
+                                       max(cfg.w13.block_m, cfg.w2.block_m))
             row = {"experts": num_experts, "m": m, "tokens": d["tokens"], "top_k": d["top_k"],
-                   "config": repr(default_config(d["rows"], num_experts, hidden, inter,
-                                                 torch.bfloat16)),
+                   "config": repr(cfg), "fused_route": "inline" if inline else "sorted",
                    "floor_ms": floor_ms(ceil, num_experts, d["rows"], d["rows"], hidden, inter),
                    "floor_fused_ms": floor_ms(ceil, num_experts, d["tokens"], d["rows"], hidden,
                                               inter)}
@@ -227,7 +271,60 @@ def format_moe_row(r: dict) -> str:
             f"loop {ms(r['loop_ms'])} {_ratio(r['loop_ms'], r['floor_ms'])} | "
             f"gmm {ms(r['grouped_mm_ms'])} {_ratio(r['grouped_mm_ms'], r['floor_ms'])} | "
             f"grouped/gmm {_ratio(r['grouped_ms'], r['grouped_mm_ms'])} "
-            f"fused/gmm {_ratio(r['fused_ms'], r['grouped_mm_ms'])}")
+            f"fused/gmm {_ratio(r['fused_ms'], r['grouped_mm_ms'])} "
+            f"({r.get('fused_route', '?')})")
+
+
+def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: int,
+                   moe_rows: list[dict], deadline: float) -> list:
+    """Each table row again with one ``MoEFeatures`` switch off, to see what each one buys."""
+    out = []
+    variants = {"no_pdl": MoEFeatures(pdl=False), "no_tma": MoEFeatures(tma=False),
+                "no_inline": MoEFeatures(inline_route=False),
+                "no_persistent": MoEFeatures(persistent=False)}
+    weights: dict = {}
+    for base in moe_rows:
+        if time.time() > deadline:
+            log("  feature A/B: time budget reached")
+            break
+        num_experts, m = base["experts"], base["m"]
+        if num_experts not in weights:
+            weights.clear()
+            torch.manual_seed(num_experts)
+            weights[num_experts] = (
+                (torch.randn(num_experts, 2 * inter, hidden, device=device)
+                 / hidden**0.5).bfloat16(),
+                (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16())
+        w13, w2 = weights[num_experts]
+        d = moe_inputs(num_experts, m, hidden, device, w13, w2)
+        row = {"experts": num_experts, "m": m}
+        persistent = "persistent=1" in base.get("config", "")
+        for label, feats in variants.items():
+            if label == "no_persistent" and not persistent:
+                continue  # no persistent tile at this size: same kernels as the default
+            if label != "no_inline":
+                row[f"grouped_{label}_ms"] = guarded(
+                    errors, f"grouped {label} E={num_experts} m={m}", lambda d=d, f=feats: timer(
+                        lambda: grouped_moe_triton(d["x_rows"], d["counts"], d["w13"], d["w2"],
+                                                   features=f)))
+            if label in ("no_pdl", "no_tma") or (label == "no_inline"
+                                                 and base.get("fused_route") == "inline"):
+                row[f"fused_{label}_ms"] = guarded(
+                    errors, f"fused {label} E={num_experts} m={m}", lambda d=d, f=feats: timer(
+                        lambda: fused_moe_triton(d["x_tok"], d["w13"], d["w2"], d["weights"],
+                                                 d["ids"], features=f)))
+        parts = []
+        for entry in ("grouped", "fused"):
+            cells = [f"default {_ms(base.get(f'{entry}_ms'))}"]
+            for label in variants:
+                v = row.get(f"{entry}_{label}_ms")
+                if v is not None:
+                    cells.append(f"{label} {_ms(v)} {_ratio(v, base.get(f'{entry}_ms'))}")
+            parts.append(f"{entry}: " + ", ".join(cells))
+        log(f"E={num_experts:3d} m={m:4d} | " + " | ".join(parts))
+        out.append(row)
+        del d
+    return out
 
 
 def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
@@ -310,6 +407,14 @@ def summarize(moe_rows: list[dict]) -> dict:
                  if r.get(f"{entry}_ms") and r.get("grouped_mm_ms")]
         out[f"{entry}_faster_than_grouped_mm_everywhere"] = (
             all(a < b for a, b in pairs) if pairs else None)
+        floor_key = "floor_fused_ms" if entry == "fused" else "floor_ms"
+        out[f"{entry}_rows_over_1.10x"] = [
+            f"E={r['experts']} m={r['m']}: {r[f'{entry}_ms'] / r[floor_key]:.3f}x" for r in small
+            if r.get(f"{entry}_ms") and r[f"{entry}_ms"] > 1.10 * r[floor_key]]
+        out[f"{entry}_rows_not_faster_than_gmm"] = [
+            f"E={r['experts']} m={r['m']}: {r[f'{entry}_ms'] / r['grouped_mm_ms']:.3f}x"
+            for r in moe_rows if r.get(f"{entry}_ms") and r.get("grouped_mm_ms")
+            and r[f"{entry}_ms"] >= r["grouped_mm_ms"]]
     log(f"targets: {out}")
     return out
 
@@ -339,6 +444,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny dims; runs on CPU")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--sweep", action="store_true", help="time alternative MoE tiles")
+    parser.add_argument("--quick", action="store_true",
+                        help="MoE only: checks, table, targets, then feature and tile A/B")
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="stop sweeping once the whole run has taken this long")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
@@ -358,23 +465,44 @@ def main() -> None:
             "commit": commit_id(), "smoke": args.smoke, "hidden": hidden, "intermediate": inter}
     log(f"{info}")
     result = {"info": info, "errors": errors, "checks": [], "moe": []}
+    # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
+    deadline = start + args.budget_s
     try:
+        result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-        result["checks"] = check_moe(errors, device, hidden, inter)
+        check_moe(errors, device, hidden, inter, result["checks"])
         log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
-        result["moe"] = bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms)
+        bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, result["moe"])
         result["summary"] = summarize(result["moe"])
-        log(f"[{time.time() - start:.0f}s] other kernels")
-        result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
-        if args.sweep:
+        if args.quick:
+            ab_timer = Timer(cuda, max(20, args.rep_ms // 2))
+            log(f"[{time.time() - start:.0f}s] each row with one feature off "
+                f"(ratio to the default)")
+            result["feature_ab"] = bench_features(ab_timer, errors, device, hidden, inter,
+                                                  result["moe"], deadline)
+            log(f"[{time.time() - start:.0f}s] alternative tiles (TMA weight loads)")
+            cases = ([(e, m) for m in (128, 512) for e in experts] if not args.smoke
+                     else [(experts[0], ms[-1])])
+            result["tile_ab"] = sweep_moe(ab_timer, errors, device, hidden, inter, cases,
+                                          deadline=deadline, smoke=args.smoke, tma=cuda,
+                                          candidates=quick_tiles, log=log)
+        else:
+            log(f"[{time.time() - start:.0f}s] other kernels")
+            result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
+        if args.sweep and not args.quick:
             log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
             sweep_timer = Timer(cuda, max(20, args.rep_ms // 3))
             result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
-                                        sweep_order(result["moe"]),
-                                        deadline=start + args.budget_s, smoke=args.smoke, log=log)
+                                        sweep_order(result["moe"]), deadline=deadline,
+                                        smoke=args.smoke, tma=cuda, log=log)
     finally:  # whatever happened, keep what was measured
         result["elapsed_s"] = time.time() - start
-        log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors")
+        result["fallbacks"] = fallback_events()
+        for event in result["fallbacks"]:
+            log(f"  !! fallback: {event}")
+        log(f"[{result['elapsed_s']:.0f}s] done, {len(errors)} errors, "
+            f"{len(result['fallbacks'])} features switched off")
         write_json(result, [args.json, os.environ.get("OUT") and
                             os.path.join(os.environ["OUT"], "kernels.json")])
     if any(not c["ok"] for c in result["checks"]):

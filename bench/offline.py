@@ -21,6 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
 from models.default_model import default_model_path  # noqa: E402
@@ -134,12 +137,7 @@ def main() -> None:
         print(f"afd / transformers: {result['speedup']:.2f}x "
               f"({result['identical_outputs']}/{args.num_prompts} outputs identical; left padding "
               "changes transformers' float rounding)")
-    out_path = args.json or (os.path.join(os.environ["OUT"], "offline.json")
-                             if os.environ.get("OUT") else None)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {out_path}")
+    write_result(result, args.json, "offline.json")
 
 
 if __name__ == "__main__":

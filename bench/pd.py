@@ -12,7 +12,6 @@ requests and TTFT of the long ones, for both layouts, from one run. Layouts are 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
 
@@ -126,13 +128,8 @@ def main() -> None:
               f"{r['short_ttft_ms']['p99']:>10.1f}{r['short_tpot_ms']['median']:>10.1f}"
               f"{r['short_tpot_ms']['p99']:>10.1f}{r['short_itl_ms']['p99']:>9.1f}"
               f"{r['short_itl_ms']['max']:>9.1f}{r['long_ttft_ms']['median']:>15.1f}")
-    out = args.json or (os.path.join(os.environ["OUT"], "pd.json")
-                        if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "rows": rows}, f,
-                      indent=2)
-        print(f"wrote {out}")
+    write_result({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "rows": rows},
+                 args.json, "pd.json")
 
 
 if __name__ == "__main__":

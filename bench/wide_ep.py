@@ -26,6 +26,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import write_result  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -293,12 +296,7 @@ def main() -> None:
     print_model(modelled, source)
     result["modelled"] = {"expert_source": source, "rows": modelled,
                           "published": dict(PUBLISHED)}
-    out = args.json or (os.path.join(os.environ["OUT"], "wide_ep.json")
-                        if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {out}")
+    write_result(result, args.json, "wide_ep.json")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ class MLAttention(nn.Module):
         self.cfg = cfg
         h, heads = cfg.hidden_size, cfg.num_heads
         self.num_heads = heads
-        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         qk_dim = self.nope + self.rope
         bias = cfg.attention_bias
@@ -89,7 +90,7 @@ class MLAttention(nn.Module):
         return w[:, : self.nope], w[:, self.nope:]  # W_UK [H, nope, Dl], W_UV [H, v, Dl]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden] normed activations; cache: this layer's latent cache. Returns [T, hidden]."""
+        """x: [T, hidden] normed activations; cache: this layer's latent cache -> [T, hidden]."""
         q_nope, q_pe = self._queries(x)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm.norm(latent)  # [T, Dl]
@@ -109,7 +110,8 @@ class MLAttention(nn.Module):
             )
             out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
         for i, start, qlen in batch.prefill_segments():
-            ctx = _gather_context(cache, batch.block_tables[i], int(batch.seq_lens[i]))  # [L, Dl+Dr]
+            # [L, Dl+Dr]: everything cached for this sequence, this chunk included
+            ctx = _gather_context(cache, batch.block_tables[i], int(batch.seq_lens[i]))
             kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
                                                                   self.nope + self.v_dim)
             k_nope, v = kv[..., : self.nope], kv[..., self.nope:]

@@ -59,11 +59,13 @@ class RopeConfig:
             high += 0.001
         ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp
-        inv_freq = (1.0 / (self.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+        inv_freq = ((1.0 / (self.factor * pos_freqs)) * (1 - extrapolate)
+                    + (1.0 / pos_freqs) * extrapolate)
         scale = self.attention_factor
         if scale is None:
             if self.mscale and self.mscale_all_dim:
-                scale = yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+                scale = (yarn_mscale(self.factor, self.mscale)
+                         / yarn_mscale(self.factor, self.mscale_all_dim))
             else:
                 scale = yarn_mscale(self.factor, 1.0)
         return inv_freq, float(scale)
@@ -234,7 +236,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     hidden = int(raw["hidden_size"])
     num_heads = int(raw["num_attention_heads"])
     num_layers = int(raw["num_hidden_layers"])
-    num_experts = int(_first(raw, "n_routed_experts", "num_experts", "num_local_experts", default=0))
+    num_experts = int(_first(raw, "n_routed_experts", "num_experts", "num_local_experts",
+                             default=0))
     common: dict[str, Any] = dict(
         model_type=model_type,
         vocab_size=int(raw["vocab_size"]),
@@ -257,7 +260,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         extra=raw,
     )
     if raw.get("hidden_act", "silu") != "silu":
-        raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu is)")
+        raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported "
+                                  "(silu is)")
 
     if model_type == "qwen3_moe":
         if raw.get("use_sliding_window"):

@@ -59,7 +59,9 @@ TINY_DEEPSEEK_V3 = {
     "dtype": "float32",
 }
 
-SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+SPECIAL_TOKENS = [
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -98,7 +100,7 @@ def _byte_alphabet() -> list[str]:
 
 
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
-    """A small deterministic BPE: repeatedly merge the most frequent adjacent pair (ties by text)."""
+    """A small deterministic BPE: merge the most frequent adjacent pair, ties by text."""
     alphabet = _byte_alphabet()
     words = Counter()
     for i, word in enumerate(_CORPUS.split()):

@@ -11,7 +11,8 @@ from models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | None = None):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype,
+                 device: torch.device | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
@@ -47,7 +48,7 @@ class DenseMLP(nn.Module):
 
 
 class Rotary:
-    """cos/sin for the positions of one forward, computed on the fly from the inverse frequencies."""
+    """cos/sin for the positions of one forward, computed on the fly from inv_freq."""
 
     def __init__(self, rope: RopeConfig, device: torch.device):
         inv_freq, self.scale = rope.inv_freq_and_scale()

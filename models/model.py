@@ -63,7 +63,8 @@ class DecoderLayer(nn.Module):
             attn_cls = MLAttention if cfg.attention == "mla" else GQAttention
             self.self_attn = attn_cls(cfg, dtype, device)
             self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                                    device)
             if not self.is_moe:
                 self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         if self.is_moe:

@@ -72,7 +72,7 @@ class Router(nn.Module):
         else:  # group_limited_greedy (V2)
             group_scores = grouped.max(dim=-1).values
             fill = 0.0
-        best = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        best = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]  # [T, tg]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
 
