@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--transport", default="torch")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--grace-period", type=float, default=20.0)
+    ap.add_argument("--control-host", default="127.0.0.1",
+                    help="address the ranks reach this process on (multi-node: not loopback)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
@@ -303,7 +305,8 @@ def main() -> None:
         print(SPEC_MARKER + template.to_json(), flush=True)
 
     client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
-                             transport=args.transport, timeout_s=args.timeout, attach=publish)
+                             transport=args.transport, timeout_s=args.timeout, attach=publish,
+                             control_host=args.control_host)
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer))
     name = args.served_model_name or _default_name(engine_cfg.model)

@@ -59,10 +59,13 @@ class MultiRankClient:
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
                  placement: ExpertPlacement | None = None, prefill_block_size: int | None = None,
                  startup_timeout_s: float = 300.0,
-                 attach: Callable[[WorkerSpec], None] | None = None):
+                 attach: Callable[[WorkerSpec], None] | None = None,
+                 control_host: str = LOOPBACK):
         """Starts the P+A+F rank processes itself, or with ``attach`` leaves that to a launcher
         (torchrun): ``attach`` gets the spec every rank needs (rank -1) once the sockets are
-        bound, and liveness then comes from the ranks' heartbeats instead of process handles."""
+        bound, and liveness then comes from the ranks' heartbeats instead of process handles.
+        ``control_host``: the address the control sockets bind (loopback unless ranks run on
+        other nodes)."""
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         if not isinstance(micro_batches, int) or micro_batches < 1:
@@ -92,7 +95,9 @@ class MultiRankClient:
 
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        inbox_port = self.inbox.bind_to_random_port(f"tcp://{LOOPBACK}")
+        # across nodes: listen on every interface, tell the ranks the address they can reach
+        bind = f"tcp://{control_host}" if control_host == LOOPBACK else "tcp://*"
+        inbox_port = self.inbox.bind_to_random_port(bind)
         self.outboxes: dict[int, zmq.Socket] = {}
         front_in = []
         for rank in range(layout.world_size):
@@ -101,14 +106,14 @@ class MultiRankClient:
                 continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            port = sock.bind_to_random_port(f"tcp://{LOOPBACK}")
+            port = sock.bind_to_random_port(bind)
             self.outboxes[rank] = sock
-            front_in.append(f"tcp://{LOOPBACK}:{port}")
+            front_in.append(f"tcp://{control_host}:{port}")
         self.last_seen = {r: time.monotonic() for r in range(layout.world_size)}
         template = WorkerSpec(rank=-1, layout=layout, engine_cfg=engine_cfg, placement=placement,
                               micro_batches=micro_batches, transport=transport,
                               timeout_s=timeout_s, store_host=LOOPBACK, store_port=0,
-                              front_out=f"tcp://{LOOPBACK}:{inbox_port}",
+                              front_out=f"tcp://{control_host}:{inbox_port}",
                               front_in=tuple(front_in),
                               threads=_threads_per_rank(layout.world_size),
                               prefill_block_size=prefill_block_size)

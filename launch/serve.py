@@ -66,6 +66,9 @@ def parse_args() -> argparse.Namespace:
                     help="seconds any rank may wait on another before the server fails")
     ap.add_argument("--grace-period", type=float, default=20.0,
                     help="seconds SIGTERM lets in-flight requests finish")
+    ap.add_argument("--control-host", default=None,
+                    help="address other nodes reach rank 0 on for control messages (default: "
+                         "127.0.0.1 on one node, torchrun's MASTER_ADDR across nodes)")
     return ap.parse_args()
 
 
@@ -76,7 +79,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--layout", f"{layout.prefill},{layout.attention},{layout.ffn}",
            "--host", args.host, "--port", str(args.port),
            "--micro-batches", str(args.micro_batches), "--transport", args.transport,
-           "--timeout", str(args.timeout), "--grace-period", str(args.grace_period)]
+           "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
+           "--control-host", args.control_host or _control_host()]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--served-model-name", args.served_model_name)):
         if value:
@@ -164,6 +168,13 @@ def main() -> None:
                 front.wait(5)
 
     worker_main(spec, init_distributed=False, before_exit=reap_front)  # exits the process
+
+
+def _control_host() -> str:
+    """Loopback when every rank is on this node; else the rendezvous address of rank 0's node."""
+    one_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) == \
+        os.environ.get("WORLD_SIZE", "1")
+    return "127.0.0.1" if one_node else os.environ["MASTER_ADDR"]
 
 
 def _free_port() -> int:
