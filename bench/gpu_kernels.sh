@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 QUICK=${QUICK:-0}
-QUICK_BUDGET_S=${QUICK_BUDGET_S:-85}
+QUICK_BUDGET_S=${QUICK_BUDGET_S:-80}
 export OUT
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -36,7 +36,7 @@ triton.__version__, torch.cuda.get_device_name())" 2>&1
 
 if [ "$QUICK" = 1 ]; then
   stamp "GPU MoE tests"
-  timeout -k 5 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  timeout -k 5 50 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"

@@ -6,9 +6,11 @@ torch path elsewhere; ``backend="torch"`` or ``backend="triton"`` forces one.
 
 Layout: each public module (``fused_moe``, ``norm``, ``rotary``, ``mla_decode``) holds the entry
 point and its torch reference; the ``*_triton`` modules hold the ``@triton.jit`` bodies and
-launchers and load on first use (``fused_moe_triton`` composes ``moe_align_triton`` and
-``moe_gemm_triton``). ``fused_moe_config`` is the MoE tile table, ``fused_moe_tuning`` the GPU
-sweep that feeds it, ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
+launchers and load on first use (``fused_moe_triton`` composes ``moe_align_triton`` (routing),
+``moe_gemm_triton`` (the two grouped GEMM kernels, built from ``moe_tile_triton``'s main loops
+and epilogues) and ``moe_sum_triton`` (top-k reduction)). ``fused_moe_config`` is the MoE tile
+table and feature switches, ``fused_moe_tuning`` the GPU sweep that feeds it, ``testing`` the
+helpers the tests use (interpreter subprocess, rel. error).
 """
 
 from kernels.backend import resolve_backend

@@ -2,35 +2,44 @@
 
 The two GEMMs of ``fused_moe`` / ``grouped_moe`` are picked independently:
   * w13: [m, H] x [H, 2I] per expert, SiLU(gate) * up fused in the epilogue; one program
-    computes ``block_n`` gate columns and the same ``block_n`` up columns, so it streams
-    2*block_n weight rows.
+    computes ``block_n`` gate columns and the same ``block_n`` up columns with one dot over a
+    [BK, 2*block_n] weight tile, so it streams 2*block_n weight rows.
   * w2:  [m, I] x [I, H] per expert, routing weight fused in the epilogue.
 
 Why the table looks the way it does (Hopper, bf16, DeepSeek-V3 dims H=7168, I=2048). Every
 tile was compiled for sm_90a (tests/test_kernels_sm90.py) to read off its shared memory and
-registers, hence the CTAs per SM noted beside each row; none spills.
+registers, hence the CTAs per SM noted beside each row; none spills. The m <= 32 and m <= 128
+rows take the fastest tiles of the H100 sweep in bench/results/h100_20261126.
   * m <= 64 rows per expert is memory-bound: each weight byte feeds m multiply-adds, far under the
     ~240 flop/byte ridge of an H100. What matters is streaming every expert's weights once with
     enough bytes in flight (about bandwidth x latency = 3 TB/s x ~1.5 us, so ~5 MB in all):
-    block_m no larger than m, 2-3 CTAs per SM each with 2-3 stages of 20-70 KB of cp.async loads
-    in flight, and block_n 64 for E*I/64 (w13) and E*H/64 (w2) programs: 256 and 896 for 8
-    experts, so every SM has work. (A partial last wave costs little when memory-bound: its
-    CTAs get the bandwidth the others left.) From block_m 64 on, tl.dot runs as wgmma.
+    block_m no larger than m, 2-3 CTAs per SM each with 2-3 stages of 20-70 KB in flight, and
+    block_n 64 for E*I/64 (w13) and E*H/64 (w2) programs: 256 and 896 for 8 experts, so every
+    SM has work. (A partial last wave costs little when memory-bound: its CTAs get the bandwidth
+    the others left. The H100 timings agree: at m <= 32 both GEMMs take ~18 us plus the weight
+    bytes at ~3.1 TB/s, for 8 and for 32 experts alike, whatever the tile.) From block_m 64 on,
+    tl.dot runs as wgmma.
   * m ~ 128 is still memory-bound at 8 experts but needs about half the tensor-core rate while
-    streaming: block_m 128 (one m-block per expert, each weight tile read once), 8 warps = two
-    wgmma warpgroups, and 3 stages so two CTAs share an SM and overlap each other's epilogue.
-  * m > 128 is compute-bound: 128 x 256 output tiles (w13: 128 gate + 128 up columns), block_k
-    64, 3 stages, one CTA of 8 warps per SM, group_m swizzling so weights and activations are
-    reused from L2.
-Blocks never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so
-shared memory stays the same. ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs
-each program in numpy, and tests need blocks smaller than their tiny dims to cover the masks.
-Tune by editing the tables; ``bench/kernels.py --sweep`` times alternatives on a GPU.
+    streaming: block_m 128 (one m-block per expert, each weight tile read once) and 8 warps =
+    two wgmma warpgroups; w13 takes block_k 128 (half the k steps, one CTA per SM), w2 3 stages
+    so two CTAs share an SM and overlap each other's epilogue.
+  * m > 128 is compute-bound: 128 x 256 output tiles (w13: 128 gate + 128 up columns, one
+    m64n256 wgmma), block_k 64, 3 stages, one CTA of 8 warps per SM, group_m swizzling so
+    weights and activations are reused from L2. w2 (K = I = 2048, a short k loop) runs
+    persistent on grouped rows: one program per SM loops over the tiles, so each tile's epilogue
+    overlaps the next one's first loads.
+The expert weights are read through TMA descriptors on Hopper (``MoEFeatures.tma``); the smem
+and CTAs per SM are the same as with pointer loads. Blocks never exceed the (power-of-two
+rounded) problem dims, and 4-byte dtypes halve block_k so shared memory stays the same.
+``TRITON_INTERPRET=1`` uses a small table: the interpreter runs each program in numpy, and tests
+need blocks smaller than their tiny dims to cover the masks. Tune by editing the tables;
+``bench/kernels.py --sweep`` times alternatives on a GPU, ``--quick`` a few (QUICK_TILES).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 
@@ -44,6 +53,10 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8  # m-blocks that walk the n tiles together, for L2 reuse of weight tiles
+    # > 0: that many programs per SM loop over the tiles (rows already grouped, as grouped_moe
+    # gets them), so each tile's epilogue overlaps the next one's first loads; 0: one program
+    # per tile.
+    persistent: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,14 +65,47 @@ class MoEConfig:
     w2: GemmTile
 
 
+@dataclass(frozen=True)
+class MoEFeatures:
+    """Launch features of the Triton MoE path. Each one is used only where it applies and can be
+    switched off (A/B timing, tests of both paths, a GPU or Triton build where one misbehaves).
+
+    pdl: programmatic dependent launch between the kernels of one call (sm90+): each kernel's
+         launch overlaps the previous one's tail instead of waiting for the grid to drain.
+    tma: expert weights read through TMA descriptors (sm90+, 16-byte aligned strides) instead
+         of per-thread pointer loads.
+    inline_route: for small batches, the GEMM programs route their own rows and the w2 kernel
+         sums the top-k slots itself: ``fused_moe`` is two launches instead of four.
+    persistent: table tiles marked ``persistent`` run as a few programs per SM looping over the
+         tiles; off, every tile is its own program.
+    """
+
+    pdl: bool = True
+    tma: bool = True
+    inline_route: bool = True
+    persistent: bool = True
+
+    @staticmethod
+    def from_env() -> MoEFeatures:
+        """Defaults, less those switched off by AFD_MOE_PDL=0, AFD_MOE_TMA=0, AFD_MOE_INLINE=0
+        or AFD_MOE_PERSISTENT=0."""
+        def on(name: str) -> bool:
+            return os.environ.get(name, "1") != "0"
+
+        return MoEFeatures(pdl=on("AFD_MOE_PDL"), tma=on("AFD_MOE_TMA"),
+                           inline_route=on("AFD_MOE_INLINE"),
+                           persistent=on("AFD_MOE_PERSISTENT"))
+
+
 # (largest rows per expert the row applies to, w13 tile, w2 tile); first match wins.
 GPU_TABLE: tuple[tuple[float, GemmTile, GemmTile], ...] = (
     # m      w13 tile (CTAs/SM)                    w2 tile (CTAs/SM)
     (16, GemmTile(16, 64, 128, 4, 4), GemmTile(16, 64, 128, 4, 4)),  # 2 | 3
-    (32, GemmTile(32, 64, 128, 4, 3), GemmTile(32, 64, 128, 4, 4)),  # 2 | 3
+    (32, GemmTile(32, 64, 128, 4, 3), GemmTile(32, 128, 128, 4, 3)),  # 2 | 2
     (64, GemmTile(64, 64, 64, 4, 4), GemmTile(64, 64, 64, 4, 4)),  # 2 | 3
-    (128, GemmTile(128, 64, 64, 8, 3), GemmTile(128, 128, 64, 8, 3)),  # 2 | 2
-    (math.inf, GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3)),  # 1 | 1
+    (128, GemmTile(128, 64, 128, 8, 3), GemmTile(128, 128, 64, 8, 3)),  # 1 | 2
+    (math.inf, GemmTile(128, 128, 64, 8, 3),
+     GemmTile(128, 256, 64, 8, 3, persistent=1)),  # 1 | 1
 )
 
 # Under the interpreter: one numpy op per block op, so fewer, larger blocks are faster, but they

@@ -1,42 +1,102 @@
 """Triton backend of ``kernels.fused_moe`` and ``kernels.grouped_moe``.
 
-fused_moe (tokens in natural order, top-k routing), five launches and no host sync:
-  align_by_expert  -> counts [E], sorted_slots [T*K]          (moe_align_triton)
-  moe_w13_kernel   -> h [T*K, I] = SiLU(gate) * up, rows gathered from the tokens
-  moe_w2_kernel    -> buf [T*K, H] = routing weight * h W2^T, rows scattered back to their slot
-  moe_sum_kernel   -> out [T, H] = sum over the K slots of each token, fp32 accumulation
-grouped_moe (rows already grouped by local expert, as an FFN rank receives them) runs the same two
-GEMM kernels on its input in place: no alignment, no reduction.
+fused_moe (tokens in natural order, top-k routing), no host sync:
+  small batches (``moe_align_triton.inline_route_fits``), two launches:
+    moe_w13_kernel -> h [T*K, I] = SiLU(gate) * up, each program routing its own rows from the ids
+    moe_w2_kernel  -> buf [T*K, H] = routing weight * h W2^T, rows scattered back to their slot,
+                      and out [T, H] = sum over each token's K slots (the last program of each
+                      column block reduces it, fp32, in slot order)
+  otherwise, four or five launches:
+    align_by_expert -> counts [E], sorted_slots [T*K]          (moe_align_triton)
+    moe_w13_kernel, moe_w2_kernel as above but reading the sorted slots
+    moe_sum_kernel  -> out [T, H] = sum over the K slots of each token, fp32 accumulation
+grouped_moe (rows already grouped by local expert, as an FFN rank receives them) runs the two GEMM
+kernels on its input in place: no alignment, no reduction.
+
+``MoEFeatures`` (PDL, TMA weight loads, inline routing) apply where the GPU supports them. A
+feature that fails to compile or launch here is switched off for the process, with a warning
+and an entry in ``fallback_events()``, and the call goes on without it.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import replace
 
 import torch
 from triton.runtime.errors import OutOfResources
 
 from kernels.backend import interpreter_enabled
-from kernels.fused_moe_config import GemmTile, MoEConfig, select_moe_config
-from kernels.moe_align_triton import align_by_expert
-from kernels.moe_gemm_triton import launch_sum, launch_w2, launch_w13
+from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
+from kernels.moe_align_triton import align_by_expert, inline_route_fits
+from kernels.moe_gemm_triton import (
+    INLINE,
+    ROWS,
+    SLABS,
+    SORTED,
+    RowGroups,
+    launch_w2,
+    launch_w13,
+    tma_compatible,
+    w2_flags,
+)
+from kernels.moe_sum_triton import launch_sum
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
-# a smaller block_k; what worked is remembered per (tile, dtype) so the failure costs one compile.
+# a smaller block_k; what worked is remembered per (tile, dtype, features) so the failure costs
+# one compile.
 _working_tile: dict[tuple, GemmTile] = {}
+# Features ("pdl", "tma", "inline") that failed on this GPU / Triton build: not tried again.
+_disabled: set[str] = set()
+_events: list[str] = []
+
+
+def fallback_events() -> list[str]:
+    """What was switched off in this process and why (for benchmark and test reports)."""
+    return list(_events)
+
+
+def _disable(feature: str, where: str, exc: Exception) -> None:
+    _disabled.add(feature)
+    event = f"{feature} off after {where} failed: {type(exc).__name__}: {str(exc)[:300]}"
+    _events.append(event)
+    warnings.warn(f"fused_moe: {event}", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
+              w2: torch.Tensor) -> MoEFeatures:
+    """The requested features, less those this device, these weights or earlier failures rule
+    out. The interpreter emulates TMA descriptors (so both load paths are testable on CPU) but
+    not PDL. TMA is for 16-bit weights: fp32 tiles read from its swizzled shared memory into the
+    fp32 (non tensor-core) dot spill registers."""
+    req = requested or MoEFeatures.from_env()
+    hopper = x.is_cuda and _hopper(x.device.index if x.device.index is not None else
+                                   torch.cuda.current_device())
+    return MoEFeatures(
+        pdl=req.pdl and hopper and "pdl" not in _disabled,
+        tma=(req.tma and (hopper or interpreter_enabled()) and "tma" not in _disabled
+             and x.element_size() == 2 and tma_compatible(w13) and tma_compatible(w2)),
+        inline_route=req.inline_route and "inline" not in _disabled,
+        persistent=req.persistent,
+    )
 
 
 def _fallbacks(tile: GemmTile) -> list[GemmTile]:
     out = [tile]
     for stages in range(tile.num_stages - 1, 1, -1):
-        out.append(GemmTile(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, stages,
-                            tile.group_m))
+        out.append(replace(tile, num_stages=stages))
     if tile.block_k > 32:
-        out.append(GemmTile(tile.block_m, tile.block_n, tile.block_k // 2, tile.num_warps, 2,
-                            tile.group_m))
+        out.append(replace(tile, block_k=tile.block_k // 2, num_stages=2))
     return out
 
 
-def _launch(which: str, tile: GemmTile, dtype: torch.dtype, launch, *args, **kwargs) -> None:
-    key = (which, tile, dtype)
+def _launch_tile(key: tuple, tile: GemmTile, launch, *args, **kwargs) -> None:
     if key in _working_tile:
         launch(*args, **kwargs, tile=_working_tile[key])
         return
@@ -49,7 +109,38 @@ def _launch(which: str, tile: GemmTile, dtype: torch.dtype, launch, *args, **kwa
             continue
         _working_tile[key] = candidate
         return
-    raise RuntimeError(f"no fallback of {tile} fits this GPU for the {which} GEMM") from error
+    raise RuntimeError(f"no fallback of {tile} fits this GPU for the {key[0]} GEMM") from error
+
+
+def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, launch, *args,
+            ladder: bool = True, **kwargs) -> None:
+    """Launch one GEMM with the features on; if TMA or PDL fails here (and ``ladder``), again
+    without it."""
+    if tile.persistent and not feats.persistent:
+        tile = replace(tile, persistent=0)
+    tma, pdl = feats.tma, feats.pdl
+    while True:
+        try:
+            _launch_tile((which, tile, dtype, tma, pdl), tile, launch, *args, **kwargs, tma=tma,
+                         pdl=pdl)
+            return
+        except Exception as exc:  # a new path failing must not fail the call
+            if not (ladder and (tma or pdl)):
+                raise
+            feature = "tma" if tma else "pdl"
+            _disable(feature, f"the {which} GEMM", exc)
+            tma, pdl = False, pdl and feature != "pdl"
+
+
+def _with_pdl(where: str, pdl: bool, fn) -> None:
+    """fn(pdl), or fn(False) once PDL has failed for it."""
+    if pdl:
+        try:
+            fn(True)
+            return
+        except Exception as exc:  # noqa: BLE001
+            _disable("pdl", where, exc)
+    fn(False)
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
@@ -67,8 +158,16 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, i
 def default_config(rows: int, num_experts: int, hidden: int, inter: int,
                    dtype: torch.dtype) -> MoEConfig:
     """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``."""
-    return select_moe_config(rows / num_experts, hidden, inter, elem_bytes=dtype.itemsize,
-                             interpreter=interpreter_enabled())
+    return _table_config(rows / num_experts, hidden, inter, dtype.itemsize,
+                         interpreter_enabled())
+
+
+# Host time before the first launch is on the critical path of small batches; the table walk is
+# pure, so each shape is looked up once.
+@functools.lru_cache(maxsize=1024)
+def _table_config(m: float, hidden: int, inter: int, elem_bytes: int,
+                  interpreter: bool) -> MoEConfig:
+    return select_moe_config(m, hidden, inter, elem_bytes=elem_bytes, interpreter=interpreter)
 
 
 def fused_moe_triton(
@@ -79,8 +178,10 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     *,
     config: MoEConfig | None = None,
+    features: MoEFeatures | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``fused_moe_torch``; ``config`` overrides the table (tests, sweeps).
+    """Same contract as ``fused_moe_torch``; ``config`` overrides the tile table and
+    ``features`` the environment's ``MoEFeatures`` (tests, A/B timing).
 
     Expert ids outside [0, E) (including -1) are skipped.
     """
@@ -92,16 +193,38 @@ def fused_moe_triton(
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     num_slots = num_tokens * top_k
     cfg = config or default_config(num_slots, num_experts, hidden, inter, x.dtype)
+    feats = _features(features, x, w13, w2)
     flat_ids = topk_ids.contiguous().view(-1)  # [T*K], slot s = token s // K, choice s % K
-    counts, sorted_slots = align_by_expert(flat_ids, num_experts)
+    weights = topk_weights.contiguous().view(-1)  # [T*K]
     h = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)  # [T*K, I] grouped order
-    _launch("w13", cfg.w13, x.dtype, launch_w13, x, w13, h, counts, sorted_slots,
-            num_rows=num_slots, top_k=top_k, slab_rows=0)
     buf = torch.empty(num_slots, hidden, dtype=x.dtype, device=x.device)  # [T*K, H] slot order
-    _launch("w2", cfg.w2, x.dtype, launch_w2, h, w2, buf, counts, sorted_slots,
-            topk_weights.contiguous().view(-1), num_rows=num_slots, slab_rows=0)
-    launch_sum(buf, flat_ids, out, num_experts, top_k,
-               block_h=128 if interpreter_enabled() else 1024)
+    block_m = max(cfg.w13.block_m, cfg.w2.block_m)
+    if feats.inline_route and inline_route_fits(num_slots, num_experts, block_m):
+        groups = RowGroups(INLINE, num_slots, ids=flat_ids, top_k=top_k)
+        # One counter per w2 n-block; moe_w13_kernel zeroes them (no memset launch).
+        flags = torch.empty(w2_flags(hidden, cfg.w2), dtype=torch.int32, device=x.device)
+        try:
+            _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups, flags=flags,
+                    ladder=False)
+            _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights,
+                    flags=flags, sum_out=out, ladder=False)
+            return out
+        except Exception as exc:  # noqa: BLE001 - redo the call on the aligned path below
+            _disable("inline", "the inline-routed GEMMs", exc)
+    counts, sorted_slots = torch.empty(0), torch.empty(0)
+
+    def align(pdl: bool) -> None:
+        nonlocal counts, sorted_slots
+        counts, sorted_slots = align_by_expert(flat_ids, num_experts, pdl=pdl)
+
+    _with_pdl("align_by_expert", feats.pdl, align)
+    groups = RowGroups(SORTED, num_slots, counts=counts, sorted_slots=sorted_slots,
+                       ids=flat_ids, top_k=top_k)
+    _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups)
+    _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights)
+    block_h = 128 if interpreter_enabled() else 1024
+    _with_pdl("moe_sum", feats.pdl, lambda pdl: launch_sum(buf, flat_ids, out, num_experts,
+                                                             top_k, block_h=block_h, pdl=pdl))
     return out
 
 
@@ -113,6 +236,7 @@ def grouped_moe_triton(
     weights: torch.Tensor | None = None,
     *,
     config: MoEConfig | None = None,
+    features: MoEFeatures | None = None,
 ) -> torch.Tensor:
     """Same contract as ``grouped_moe_torch``: x [N, H] contiguous groups or [E, M, H] slabs.
 
@@ -146,9 +270,10 @@ def grouped_moe_triton(
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
     cfg = config or default_config(num_rows, num_experts, hidden, inter, x.dtype)
+    feats = _features(features, x, w13, w2)
+    groups = RowGroups(SLABS if slab_rows else ROWS, num_rows, counts=counts,
+                       slab_rows=slab_rows)
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
-    _launch("w13", cfg.w13, x.dtype, launch_w13, rows, w13, h, counts, None,
-            num_rows=num_rows, top_k=1, slab_rows=slab_rows)
-    _launch("w2", cfg.w2, x.dtype, launch_w2, h, w2, out, counts, None, weights,
-            num_rows=num_rows, slab_rows=slab_rows)
+    _launch("w13", cfg.w13, x.dtype, feats, launch_w13, rows, w13, h, groups)
+    _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, out, groups, weights)
     return out.view_as(x)

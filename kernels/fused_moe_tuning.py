@@ -14,9 +14,32 @@ import torch
 
 from kernels.fused_moe_config import GemmTile
 from kernels.fused_moe_triton import default_config
-from kernels.moe_gemm_triton import launch_w2, launch_w13
+from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13
 
 _SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the epilogue
+
+# The few tiles a quick GPU check times against the table's at the sizes furthest from their
+# targets: m = 128 (memory-bound, but streaming at half the tensor-core rate) and m = 512
+# (compute-bound). Keyed by (m, gemm); every one compiles for sm_90a without spills
+# (tests/test_kernels_sm90.py).
+QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
+    (128, "w13"): [GemmTile(128, 64, 64, 8, 3), GemmTile(128, 64, 128, 8, 3),
+                   GemmTile(128, 128, 64, 8, 3)],
+    (128, "w2"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3),
+                  GemmTile(64, 128, 64, 4, 4)],
+    (512, "w13"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 128, 64, 8, 4),
+                   GemmTile(128, 128, 64, 8, 3, persistent=1),
+                   GemmTile(128, 128, 64, 8, 4, persistent=1)],
+    (512, "w2"): [GemmTile(128, 256, 64, 8, 3), GemmTile(128, 256, 64, 8, 4),
+                  GemmTile(128, 256, 64, 8, 3, persistent=1),
+                  GemmTile(128, 256, 64, 8, 4, persistent=1), GemmTile(128, 128, 64, 8, 3)],
+}
+
+
+def quick_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
+    if smoke:
+        return [GemmTile(16, 16, 16, 4, 1)]
+    return QUICK_TILES.get((m, gemm), [])
 
 
 def _fits(tile: GemmTile, halves: int) -> bool:
@@ -54,10 +77,12 @@ def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
 
 def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: int,
               cases: list[tuple[int, int]], *, deadline: float, smoke: bool = False,
+              tma: bool = False, candidates: Callable[..., list[GemmTile]] = candidate_tiles,
               log: Callable[[str], None] = print) -> list[dict]:
-    """Time the table tile and each candidate for w13 and w2 at each (experts, m) of ``cases``,
-    in that order, until ``deadline`` (time.time()). Returns one row per (E, m, gemm) with every
-    timing and the best tile."""
+    """Time the table tile and each of ``candidates(m, gemm, smoke)`` for w13 and w2 at each
+    (experts, m) of ``cases``, in that order, until ``deadline`` (time.time()). ``tma``:
+    weights through TMA descriptors. Returns one row per (E, m, gemm) with every timing and the
+    best tile."""
     rows = []
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for num_experts, m in cases:
@@ -73,19 +98,18 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
         h = torch.empty(num_rows, inter, device=device, dtype=torch.bfloat16)
         out = torch.empty_like(x)
         table = default_config(num_rows, num_experts, hidden, inter, torch.bfloat16)
-        args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "counts": counts}
+        groups = RowGroups(ROWS, num_rows, counts=counts)
+        args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "groups": groups}
         runs = {
-            "w13": (table.w13, lambda t, a=args, n=num_rows: launch_w13(
-                a["x"], a["w13"], a["h"], a["counts"], None, num_rows=n, top_k=1,
-                slab_rows=0, tile=t)),
-            "w2": (table.w2, lambda t, a=args, n=num_rows: launch_w2(
-                a["h"], a["w2"], a["out"], a["counts"], None, None, num_rows=n, slab_rows=0,
-                tile=t)),
+            "w13": (table.w13, lambda t, a=args: launch_w13(
+                a["x"], a["w13"], a["h"], a["groups"], tile=t, tma=tma, pdl=False)),
+            "w2": (table.w2, lambda t, a=args: launch_w2(
+                a["h"], a["w2"], a["out"], a["groups"], None, tile=t, tma=tma, pdl=False)),
         }
         out_of_time = False
         for gemm, (table_tile, launch) in runs.items():
             timings = []
-            for tile in [table_tile, *candidate_tiles(m, gemm, smoke)]:
+            for tile in [table_tile, *candidates(m, gemm, smoke)]:
                 if time.time() > deadline:
                     out_of_time = True
                     break

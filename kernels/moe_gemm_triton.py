@@ -1,26 +1,74 @@
 """Grouped GEMMs of the routed experts and the top-k reduction (Triton).
 
-Both GEMMs see rows grouped by expert in one of two layouts and never sort anything:
-  * contiguous (SLAB=False): expert e owns rows [sum(counts[:e]), sum(counts[:e+1])) of a
-    [num_rows, .] matrix. Each program reads the E counts, prefix-sums them and finds its expert
-    and rows itself, so each expert's segment is padded to BLOCK_M implicitly: one expert per
-    m-block, no padded copy, no host sync. The grid is an upper bound on the block count;
-    programs past the last block exit at once.
-  * slabs (SLAB=True): expert e owns rows [e*M, e*M + counts[e]) of an [E*M, .] matrix
-    (DeepEP low-latency layout); the grid is exact.
-With GATHER=True (the ``fused_moe`` path) grouped row p stands for slot ``sorted_slots[p]``: w13
-reads token ``slot // TOP_K`` and w2 writes row ``slot`` of a [T*K, H] buffer, which
-``moe_sum_kernel`` reduces over the K slots of each token in fp32.
+Both GEMMs see rows grouped by expert and never sort anything. ``RowGroups.route`` says how a
+program finds the rows of its m-block:
+  * ROWS:   expert e owns rows [sum(counts[:e]), sum(counts[:e+1])) of a [num_rows, .] matrix.
+            Each program prefix-sums the E counts to find its expert and rows, so each expert's
+            segment is padded to BLOCK_M implicitly: one expert per m-block, no padded copy, no
+            host sync. The grid is an upper bound on the block count; programs past the last
+            block exit at once.
+  * SLABS:  expert e owns rows [e*M, e*M + counts[e]) of an [E*M, .] matrix (DeepEP
+            low-latency layout); the grid is exact and slab padding rows are written as zeros.
+  * SORTED: the ``fused_moe`` path: grouped row p stands for slot ``sorted_slots[p]`` (from
+            ``moe_align_triton.align_by_expert``); w13 reads token ``slot // TOP_K`` and w2
+            writes row ``slot`` of a [T*K, H] buffer, which ``moe_sum_triton`` reduces over the
+            K slots of each token in fp32.
+  * INLINE: as SORTED for small batches, with no other launch: each program routes its own
+            m-block from the ids (``moe_align_triton.route_block``), and the last w2 program to
+            finish an n-block sums the K slots of every token for those columns (same order and
+            precision as ``moe_sum_triton``, so the result is deterministic).
+w13 computes gate and up with one dot: its weight tile is the block_n gate rows and the same
+block_n up rows side by side, split again in the epilogue. With W_TMA the expert weights are read
+through TMA descriptors (Hopper); otherwise, and for the activations, through pointers. With PDL
+each kernel may be launched while the previous one drains (see ``triton_utils.gdc_wait``). A
+persistent tile (``GemmTile.persistent``, ROWS route) launches a few programs per SM that loop
+over the non-empty tiles, so the next tile's loads overlap this tile's epilogue.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.fused_moe_config import GemmTile
-from kernels.triton_utils import dot, dot_mode, interp_bf16, rne_bf16
+from kernels.moe_align_triton import expert_block, route_block
+from kernels.moe_sum_triton import topk_sum_columns
+from kernels.moe_tile_triton import w2_mainloop, w2_store, w13_mainloop, w13_src, w13_store
+from kernels.triton_utils import (
+    dot_mode,
+    gdc_launch_dependents,
+    gdc_wait,
+    interp_bf16,
+    num_sms,
+    pdl_kwargs,
+)
+
+ROWS, SLABS, SORTED, INLINE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Where each expert's rows are, for both GEMMs of one call.
+
+    route: ROWS, SLABS, SORTED or INLINE (module docstring).
+    num_rows: grouped rows (N, E*M for slabs, or T*K slots).
+    counts: [E] int rows per expert on the device (not INLINE).
+    slab_rows: M, the rows of each slab (SLABS).
+    sorted_slots: [T*K] int32 slot ids grouped by expert (SORTED).
+    ids: [T*K] int expert id per slot, -1 = skipped (SORTED reads it in the sum, INLINE routes).
+    top_k: K, slots per token (SORTED, INLINE).
+    """
+
+    route: int
+    num_rows: int
+    counts: torch.Tensor | None = None
+    slab_rows: int = 0
+    sorted_slots: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    top_k: int = 1
 
 
 @triton.jit
@@ -36,244 +84,292 @@ def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(pid_m, counts_ptr, num_experts, num_rows, slab_rows,
-                E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, SLAB: tl.constexpr):
-    """m-block -> (expert, first grouped row, valid rows, writable rows). Rows <= 0: no work."""
-    if SLAB:
+def _block(pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_rows,
+           ROUTE: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
+           BLOCK_M: tl.constexpr):
+    """m-block -> (expert, first grouped row, rows, room, slots, non-empty blocks in all).
+
+    rows <= 0: nothing to compute. room: rows the block writes (slab padding rows as zeros).
+    slots [BLOCK_M]: each row's slot id on the gather routes, its grouped row otherwise.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    if ROUTE == 1:  # SLABS
         blocks_per_slab = tl.cdiv(slab_rows, BLOCK_M)
         expert = pid_m // blocks_per_slab
         local = (pid_m % blocks_per_slab) * BLOCK_M
         count = tl.minimum(tl.load(counts_ptr + expert).to(tl.int32), slab_rows)
         first = expert * slab_rows + local
         rows = count - local
-        room = slab_rows - local  # padding rows of a slab are written as zeros
+        room = slab_rows - local
+        slots = first + offs_m
+        num_blocks = rows  # unused
+    elif ROUTE == 3:  # INLINE
+        expert, first, rows, num_blocks, slots = route_block(
+            ids_ptr, pid_m, num_rows, num_experts, S_PAD, E_PAD, BLOCK_M)
+        room = rows
     else:
         offs_e = tl.arange(0, E_PAD)
         counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(tl.int32)
-        blocks = (counts + BLOCK_M - 1) // BLOCK_M
-        block_end = tl.cumsum(blocks, 0)
-        # Experts whose blocks all come before this one; past the last block this is >= E and
-        # selects no expert below, so count = 0 and rows <= 0.
-        expert = tl.sum((block_end <= pid_m).to(tl.int32), 0)
-        sel = offs_e == expert
-        count = tl.sum(tl.where(sel, counts, 0), 0)
-        local = (pid_m - tl.sum(tl.where(sel, block_end - blocks, 0), 0)) * BLOCK_M
-        first = tl.sum(tl.where(sel, tl.cumsum(counts, 0) - counts, 0), 0) + local
-        rows = tl.minimum(count - local, num_rows - first)  # counts past num_rows are clipped
+        expert, first, rows, _, num_blocks = expert_block(pid_m, counts, num_rows, E_PAD,
+                                                          BLOCK_M)
         room = rows
-    return expert, first, rows, room
+        if ROUTE == 2:  # SORTED
+            slots = tl.load(slots_ptr + first + offs_m, mask=offs_m < rows, other=0)
+        else:
+            slots = first + offs_m
+    return expert, first, rows, room, slots, num_blocks
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """fp32 x rounded to ``dtype``'s precision, kept in fp32 (no-op for fp32)."""
-    return rne_bf16(x, INTERP_BF16).to(dtype).to(tl.float32)
+def _num_blocks(counts_ptr, num_experts, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Non-empty m-blocks of the ROWS / SORTED routes: what a persistent kernel loops over."""
+    offs_e = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(tl.int32)
+    return tl.sum((counts + BLOCK_M - 1) // BLOCK_M, 0)
 
 
 # Row and block counts change with every batch; specializing on them (divisibility by 16, == 1)
 # would compile a new variant for each pattern mid-serving.
-_RUNTIME_INTS = ["num_rows", "slab_rows", "num_pid_m"]
+_RUNTIME_INTS = ["num_rows", "slab_rows", "num_pid_m", "num_tokens", "num_flags"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w13_kernel(
-    x_ptr,  # [num tokens or rows, H] activations, unit stride along H
-    w_ptr,  # [E, 2I, H] gate rows then up rows
+    x_ptr,  # [tokens or rows, H] activations, unit stride along H
+    w,  # [E, 2I, H] gate rows then up rows; with W_TMA a [E, 2, I, H] TMA descriptor
     h_ptr,  # [num_rows, I] out: SiLU(x W1^T) * (x W3^T) per grouped row
-    counts_ptr,  # [E] rows per expert
-    slots_ptr,  # [num_rows] int32 slot ids (GATHER only)
-    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m,
+    counts_ptr,  # [E] rows per expert (not INLINE)
+    slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
+    ids_ptr,  # [num_rows] expert id per slot (INLINE)
+    flags_ptr,  # [num_flags] int32 zeroed here for moe_w2_kernel's top-k sum (INLINE)
+    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_flags,
     stride_xm, stride_we, stride_wn, stride_hm,
-    TOP_K: tl.constexpr, GATHER: tl.constexpr, SLAB: tl.constexpr, E_PAD: tl.constexpr,
+    ROUTE: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
+    gdc_wait(PDL)
+    pid = tl.program_id(0)
+    if ROUTE == 3:  # program 0 zeroes the counters
+        for f0 in range(0, tl.where(pid == 0, num_flags, 0), 128):
+            offs_f = f0 + tl.arange(0, 128)
+            tl.store(flags_ptr + offs_f, tl.zeros((128,), dtype=tl.int32),
+                     mask=offs_f < num_flags)
     num_pid_n = tl.cdiv(inter, BLOCK_N)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    expert, first, rows, _ = _block_rows(pid_m, counts_ptr, num_experts, num_rows, slab_rows,
-                                         E_PAD, BLOCK_M, SLAB)
-    if rows <= 0:
-        return
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < rows
-    pos = first + offs_m  # grouped rows of this block
-    if GATHER:
-        src = tl.load(slots_ptr + pos, mask=row_ok, other=0) // TOP_K
+    if PERSISTENT:
+        # ROWS (or SORTED): the loop visits just the non-empty tiles, so every one runs the
+        # same k loop and Triton can fuse the two loops (the next tile's loads overlap this
+        # tile's epilogue).
+        num_blocks = _num_blocks(counts_ptr, num_experts, E_PAD, BLOCK_M)
+        for tile in tl.range(pid, num_blocks * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _tile_ids(tile, num_blocks, num_pid_n, GROUP_M)
+            expert, first, rows, _, slots, _ = _block(pid_m, counts_ptr, slots_ptr, ids_ptr,
+                                                      num_experts, num_rows, slab_rows, ROUTE,
+                                                      E_PAD, S_PAD, BLOCK_M)
+            src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
+            acc = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
+                               stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+                               EVEN_K, W_TMA, DOT_MODE)
+            w13_store(acc, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
+                      BLOCK_N, INTERP_BF16)
+        gdc_launch_dependents(PDL)
     else:
-        # Padding rows re-read a valid row instead of masking every load; they are never stored.
-        src = tl.where(row_ok, pos, first)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
-    a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    # Gate and up tiles for the same output columns, so the epilogue can combine them.
-    g_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + (offs_n % inter)[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
-    u_ptrs = g_ptrs + inter * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(tl.cdiv(hidden, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            k_ok = offs_k < hidden - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = dot(a, g, acc_g, DOT_MODE)
-        acc_u = dot(a, u, acc_u, DOT_MODE)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
-    # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
-    # engine's greedy tokens then track the reference's closely.
-    dtype = h_ptr.dtype.element_ty
-    gate = _round(acc_g, dtype, INTERP_BF16)
-    act = _round(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * _round(acc_u, dtype, INTERP_BF16)
-    h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(dtype), mask=row_ok[:, None] & n_ok[None, :])
+        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        expert, first, rows, _, slots, _ = _block(pid_m, counts_ptr, slots_ptr, ids_ptr,
+                                                  num_experts, num_rows, slab_rows, ROUTE, E_PAD,
+                                                  S_PAD, BLOCK_M)
+        if rows <= 0:
+            return
+        src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
+        acc = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter, stride_xm,
+                           stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
+                           DOT_MODE)
+        gdc_launch_dependents(PDL)
+        w13_store(acc, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
+                  BLOCK_N, INTERP_BF16)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w2_kernel(
     h_ptr,  # [num_rows, I] from moe_w13_kernel
-    w_ptr,  # [E, H, I]
-    out_ptr,  # [T*K, H] (GATHER) or [num_rows, H] out
-    counts_ptr,  # [E] rows per expert
-    slots_ptr,  # [num_rows] int32 slot ids (GATHER only)
+    w,  # [E, H, I]; with W_TMA a TMA descriptor of it
+    out_ptr,  # [T*K, H] slot rows (SORTED, INLINE) or [num_rows, H] out
+    counts_ptr,  # [E] rows per expert (not INLINE)
+    slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
+    ids_ptr,  # [num_rows] expert id per slot (INLINE)
+    flags_ptr,  # [num flags] int32, zero on entry: finished m-blocks per n-block (INLINE)
     weights_ptr,  # routing weight per output row (HAS_WEIGHTS only)
-    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m,
-    stride_hm, stride_we, stride_wn, stride_om,
-    GATHER: tl.constexpr, SLAB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, E_PAD: tl.constexpr,
+    sum_ptr,  # [T, H] out: the top-k sum (INLINE)
+    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_tokens,
+    stride_hm, stride_we, stride_wn, stride_om, stride_sm,
+    ROUTE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+    S_PAD: tl.constexpr, SUM_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
+    gdc_wait(PDL)
     num_pid_n = tl.cdiv(hidden, BLOCK_N)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    expert, first, rows, room = _block_rows(pid_m, counts_ptr, num_experts, num_rows, slab_rows,
-                                            E_PAD, BLOCK_M, SLAB)
-    if room <= 0:
-        return
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < rows
-    pos = first + offs_m
-    if GATHER:
-        dest = tl.load(slots_ptr + pos, mask=row_ok, other=0)
+    if PERSISTENT:  # ROWS (or SORTED), as in moe_w13_kernel
+        num_blocks = _num_blocks(counts_ptr, num_experts, E_PAD, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_blocks * num_pid_n, tl.num_programs(0),
+                             flatten=True):
+            pid_m, pid_n = _tile_ids(tile, num_blocks, num_pid_n, GROUP_M)
+            expert, first, rows, room, slots, _ = _block(
+                pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_rows, ROUTE,
+                E_PAD, S_PAD, BLOCK_M)
+            acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N,
+                              tl.cdiv(inter, BLOCK_K), num_rows, hidden, inter, stride_hm,
+                              stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
+                              DOT_MODE)
+            w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
+                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
+        gdc_launch_dependents(PDL)
     else:
-        dest = pos
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
-    a_rows = tl.where(row_ok, pos, first).to(tl.int64)  # padding rows re-read a valid row
-    a_ptrs = h_ptr + a_rows[:, None] * stride_hm + offs_k[None, :]  # [BM, BK]
-    b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + (offs_n % hidden)[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # A slab block holding only padding rows skips the weights and just writes zeros.
-    num_k = tl.where(rows > 0, tl.cdiv(inter, BLOCK_K), 0)
-    for k in range(num_k):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k < inter - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = dot(a, b, acc, DOT_MODE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if HAS_WEIGHTS:
-        # As the reference: expert output and routing weight in the output dtype, then multiply.
-        dtype = out_ptr.dtype.element_ty
-        rw = _round(tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32), dtype,
-                    INTERP_BF16)
-        acc = _round(acc, dtype, INTERP_BF16) * rw[:, None]
-    acc = tl.where(row_ok[:, None], acc, 0.0)
-    out_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, rne_bf16(acc, INTERP_BF16).to(out_ptr.dtype.element_ty),
-             mask=(offs_m < room)[:, None] & n_ok[None, :])
+        pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        expert, first, rows, room, slots, num_blocks = _block(
+            pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_rows, ROUTE,
+            E_PAD, S_PAD, BLOCK_M)
+        if room <= 0:
+            if ROUTE == 3:
+                # Every slot skipped: no block will count below, so m-block 0 writes the zero
+                # sums (for any other program the token count is 0: nothing to do).
+                all_skipped = (num_blocks == 0) & (pid_m == 0)
+                topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n,
+                                 tl.where(all_skipped, num_tokens, 0), hidden, num_experts,
+                                 stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N, INTERP_BF16)
+            return
+        # A slab block holding only padding rows skips the weights and just writes zeros.
+        num_k = tl.where(rows > 0, tl.cdiv(inter, BLOCK_K), 0)
+        acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k, num_rows,
+                          hidden, inter, stride_hm, stride_we, stride_wn, BLOCK_M, BLOCK_N,
+                          BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
+        gdc_launch_dependents(PDL)
+        w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
+                 stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
+        if ROUTE == 3:
+            # Count this m-block done for its n-block once every thread's stores are issued
+            # (the barrier; the atomic's release orders them before the count). The program
+            # that counts last sees every block's rows (acquire) and reduces the n-block's
+            # columns over each token's slots.
+            tl.debug_barrier()
+            done = tl.atomic_add(flags_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == num_blocks - 1:
+                topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n, num_tokens, hidden,
+                                 num_experts, stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N,
+                                 INTERP_BF16)
 
 
-@triton.jit
-def moe_sum_kernel(
-    buf_ptr,  # [T*K, H] weighted expert outputs, row = slot
-    ids_ptr,  # [T*K] expert ids; slots with ids outside [0, E) were never written
-    out_ptr,  # [T, H]
-    hidden, num_experts,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, INTERP_BF16: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        slot = token * TOP_K + k
-        e = tl.load(ids_ptr + slot)
-        # A skipped slot reads nothing: its bound drops to 0. (Folding the scalar test into the
-        # bound rather than and-ing it with a vector mask also keeps the interpreter happy.)
-        bound = tl.where((e >= 0) & (e < num_experts), hidden, 0)
-        acc += tl.load(buf_ptr + slot * hidden + offs_h, mask=offs_h < bound,
-                       other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * hidden + offs_h,
-             rne_bf16(acc, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=offs_h < hidden)
-
-
-def _m_blocks(num_rows: int, num_experts: int, slab_rows: int, block_m: int) -> int:
-    if slab_rows:
-        return num_experts * triton.cdiv(slab_rows, block_m)
+def _m_blocks(groups: RowGroups, num_experts: int, block_m: int) -> int:
+    if groups.route == SLABS:
+        return num_experts * triton.cdiv(groups.slab_rows, block_m)
     # Each expert adds at most one partial block; no block is empty, so never more than rows.
-    return min(num_rows, triton.cdiv(num_rows, block_m) + num_experts)
+    return min(groups.num_rows, triton.cdiv(groups.num_rows, block_m) + num_experts)
 
 
-def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, counts: torch.Tensor,
-               slots: torch.Tensor | None, *, num_rows: int, top_k: int, slab_rows: int,
-               tile: GemmTile) -> None:
-    """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e."""
+def _e_pad(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def _s_pad(groups: RowGroups) -> int:
+    return triton.next_power_of_2(groups.num_rows) if groups.route == INLINE else 1
+
+
+def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
+          device: torch.device) -> tuple[bool, tuple[int]]:
+    """(persistent?, grid): ``tile.persistent`` programs per SM on the ROWS route (at most one
+    per tile), else one program per tile. (The SORTED route would work too, but its per-row
+    slots and routing weights push w2's 128x256 tile past 255 registers once the loops fuse.)"""
+    if tile.persistent and groups.route == ROWS:
+        return True, (min(tiles, tile.persistent * num_sms(device)),)
+    return False, (tiles,)
+
+
+def w2_flags(hidden: int, tile: GemmTile) -> int:
+    """Counters the INLINE route needs: one per w2 n-block."""
+    return triton.cdiv(hidden, tile.block_n)
+
+
+def _descriptor(w: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(w, shape, strides, block)
+
+
+def tma_compatible(w: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    return (w.stride(-1) == 1 and w.data_ptr() % 16 == 0
+            and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]))
+
+
+def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowGroups, *,
+               tile: GemmTile, flags: torch.Tensor | None = None, tma: bool = False,
+               pdl: bool = False) -> None:
+    """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e.
+
+    flags: [w2_flags] int32 for the INLINE route (zeroed here). tma: read w13 through a TMA
+    descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter).
+    """
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
-    num_pid_m = _m_blocks(num_rows, num_experts, slab_rows, tile.block_m)
-    grid = (num_pid_m * triton.cdiv(inter, tile.block_n),)
+    num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
+    persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(inter, tile.block_n), x.device)
+    w = w13
+    if tma:
+        w = _descriptor(w13, [num_experts, 2, inter, hidden],
+                        [w13.stride(0), inter * w13.stride(1), w13.stride(1), 1],
+                        [1, 2, tile.block_n, tile.block_k])
+    placeholder = groups.counts if groups.counts is not None else groups.ids
     moe_w13_kernel[grid](
-        x, w13, h, counts, slots if slots is not None else counts,
-        num_experts, num_rows, slab_rows, hidden, inter, num_pid_m,
+        x, w, h, placeholder,
+        groups.sorted_slots if groups.sorted_slots is not None else placeholder,
+        groups.ids if groups.ids is not None else placeholder,
+        flags if flags is not None else placeholder,
+        num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m,
+        flags.numel() if flags is not None else 0,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        TOP_K=top_k, GATHER=slots is not None, SLAB=slab_rows > 0,
-        E_PAD=max(16, triton.next_power_of_2(num_experts)),
+        ROUTE=groups.route, TOP_K=groups.top_k, E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        EVEN_K=hidden % tile.block_k == 0,
+        EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(x.dtype),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 
 
-def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, counts: torch.Tensor,
-              slots: torch.Tensor | None, weights: torch.Tensor | None, *, num_rows: int,
-              slab_rows: int, tile: GemmTile) -> None:
-    """out[dest(p)] = weight * (h[p] W2[e]^T) for every grouped row p of expert e."""
+def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowGroups,
+              weights: torch.Tensor | None, *, tile: GemmTile, flags: torch.Tensor | None = None,
+              sum_out: torch.Tensor | None = None, tma: bool = False, pdl: bool = False) -> None:
+    """out[dest(p)] = weight * (h[p] W2[e]^T) for every grouped row p of expert e.
+
+    INLINE route: flags as zeroed by ``launch_w13``, and sum_out [T, H] receives the top-k sum.
+    """
     num_experts, hidden, inter = w2.shape
-    num_pid_m = _m_blocks(num_rows, num_experts, slab_rows, tile.block_m)
-    grid = (num_pid_m * triton.cdiv(hidden, tile.block_n),)
+    num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
+    persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(hidden, tile.block_n), h.device)
+    w = w2
+    if tma:
+        w = _descriptor(w2, [num_experts, hidden, inter], [w2.stride(0), w2.stride(1), 1],
+                        [1, tile.block_n, tile.block_k])
+    placeholder = groups.counts if groups.counts is not None else groups.ids
+    num_tokens = sum_out.shape[0] if sum_out is not None else 0
     moe_w2_kernel[grid](
-        h, w2, out, counts, slots if slots is not None else counts,
-        weights if weights is not None else counts,
-        num_experts, num_rows, slab_rows, hidden, inter, num_pid_m,
+        h, w, out, placeholder,
+        groups.sorted_slots if groups.sorted_slots is not None else placeholder,
+        groups.ids if groups.ids is not None else placeholder,
+        flags if flags is not None else placeholder,
+        weights if weights is not None else placeholder,
+        sum_out if sum_out is not None else out,
+        num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m, num_tokens,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        GATHER=slots is not None, SLAB=slab_rows > 0, HAS_WEIGHTS=weights is not None,
-        E_PAD=max(16, triton.next_power_of_2(num_experts)),
+        sum_out.stride(0) if sum_out is not None else 0,
+        ROUTE=groups.route, HAS_WEIGHTS=weights is not None, TOP_K=groups.top_k,
+        E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
+        SUM_T=max(1, min(64, 4096 // tile.block_n)),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        EVEN_K=inter % tile.block_k == 0,
+        EVEN_K=inter % tile.block_k == 0, W_TMA=tma, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(h.dtype),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 
 
-def launch_sum(buf: torch.Tensor, flat_ids: torch.Tensor, out: torch.Tensor, num_experts: int,
-               top_k: int, *, block_h: int = 1024) -> None:
-    """out[t] = sum over valid k of buf[t*K + k], accumulated in fp32."""
-    num_tokens, hidden = out.shape
-    block_h = min(block_h, triton.next_power_of_2(hidden))
-    grid = (num_tokens, triton.cdiv(hidden, block_h))
-    moe_sum_kernel[grid](buf, flat_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h,
-                         INTERP_BF16=interp_bf16(out.dtype), num_warps=4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -53,3 +55,39 @@ def rne_bf16(x, INTERP_BF16: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x
+
+
+@triton.jit
+def gdc_wait(PDL: tl.constexpr):
+    """Programmatic dependent launch: block until the previous kernel in the stream has finished
+    and its writes are visible. A kernel launched with PDL may start while its predecessor is
+    still running, so it calls this before touching any global memory (inputs it reads, and
+    outputs whose memory the predecessor may still be using). No code when PDL is False."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def gdc_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch (it waits in ``gdc_wait``): called once a program
+    is past its main loop, so the next grid's launch overlaps this one's epilogue and tail."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_kwargs(pdl: bool) -> dict:
+    """Launch options for a kernel compiled with ``PDL=pdl``."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); 3 under the interpreter or on the CPU,
+    so that persistent kernels' tile loops run more than one iteration in tests."""
+    if device.type != "cuda" or interpreter_enabled():
+        return 3
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())

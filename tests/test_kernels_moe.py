@@ -62,6 +62,8 @@ class Fused:
     hot: int | None = None  # expert in every token's top-k (several m-blocks)
     weights_dtype: str = "fp32"
     tile: int | None = None  # force square tiles of this size instead of the table
+    tma: bool = True  # weights through TMA descriptors where they apply (bf16/fp16, aligned)
+    inline: bool = True  # small batches routed inside the GEMMs (no alignment, no sum launch)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Grouped:
     weights: bool
     M: int | None = None
     counts_dtype: str = "int64"
+    tma: bool = True
+    tile: int | None = None  # force square tiles of this size instead of the table
+    persistent: int = 0  # with ``tile``: programs per SM looping over the tiles
 
 
 FUSED_CASES = {
@@ -92,6 +97,18 @@ FUSED_CASES = {
     # (H and I multiples of block_k).
     "tiles16_even_k_fp32": Fused("fp32", T=37, H=64, I=48, E=3, K=2, unused=(1,), tile=16),
     "tiles16_even_k_bf16": Fused("bf16", T=37, H=64, I=48, E=3, K=2, tile=16),
+    # Each load path and route on its own: pointer loads instead of TMA, the aligned (sorted)
+    # route at sizes the inline route would take, a hot expert spanning several inline m-blocks,
+    # 256 experts inline, and strides TMA cannot take (60 * 2 bytes), which fall back to pointers.
+    "pointer_loads_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, tma=False),
+    "pointer_tiles16_fp16": Fused("fp16", T=37, H=64, I=48, E=3, K=2, tile=16, tma=False),
+    "sorted_route_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
+                               inline=False),
+    "sorted_pointer_fp32": Fused("fp32", T=9, H=40, I=24, E=4, K=3, skip=0.1, inline=False),
+    "inline_hot_expert_bf16": Fused("bf16", T=40, H=48, I=32, E=8, K=2, hot=5, unused=(1,),
+                                    tile=16),
+    "inline_e256_bf16": Fused("bf16", T=2, H=24, I=16, E=256, K=8, skip=0.2),
+    "unaligned_bf16": Fused("bf16", T=7, H=60, I=20, E=4, K=2),
 }
 
 GROUPED_CASES = {
@@ -102,13 +119,23 @@ GROUPED_CASES = {
     "slab_fp32": Grouped("fp32", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True),
     "slab_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=False),
     "slab_empty_fp32": Grouped("fp32", (0, 0), M=7, H=24, I=16, weights=True),
+    "contiguous_pointer_bf16": Grouped("bf16", (3, 0, 17, 1, 0, 40), H=56, I=24, weights=True,
+                                       tma=False),
+    "slab_pointer_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True,
+                                 tma=False),
+    # Persistent programs (3 "SMs" under the interpreter) looping over 16x16 tiles.
+    "persistent_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=56, I=40, weights=True, tile=16,
+                               persistent=1),
+    "persistent_pointer_fp32": Grouped("fp32", (0, 19, 5), H=40, I=24, weights=False, tile=16,
+                                       persistent=2),
 }
 
 
-def _tile_config(size: int):
+def _tile_config(size: int, persistent: int = 0):
     from kernels.fused_moe_config import GemmTile, MoEConfig
 
-    tile = GemmTile(size, size, size, num_warps=4, num_stages=2, group_m=2)
+    tile = GemmTile(size, size, size, num_warps=4, num_stages=2, group_m=2,
+                    persistent=persistent)
     return MoEConfig(w13=tile, w2=tile)
 
 
@@ -119,15 +146,24 @@ def run_fused_case(case: Fused, device: str) -> dict:
     ids, weights = routing(case.T, case.E, case.K, skip=case.skip, unused=case.unused,
                            hot=case.hot, device=device)
     weights = weights.to(DTYPES[case.weights_dtype])
-    if case.tile is not None:
+    if case.tile is not None or not (case.tma and case.inline):
+        from kernels.fused_moe_config import MoEFeatures
         from kernels.fused_moe_triton import fused_moe_triton
 
-        out = fused_moe_triton(x, w13, w2, weights, ids, config=_tile_config(case.tile))
+        out = fused_moe_triton(x, w13, w2, weights, ids,
+                               config=_tile_config(case.tile) if case.tile else None,
+                               features=MoEFeatures(tma=case.tma, inline_route=case.inline))
     else:
         out = fused_moe(x, w13, w2, weights, ids, backend="triton")
     ref = fused_moe_torch(x, w13, w2, weights, ids)
     return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype,
-            "ref_norm": ref.float().norm().item()}
+            "ref_norm": ref.float().norm().item(), "fallbacks": _fallback_events()}
+
+
+def _fallback_events() -> list[str]:
+    from kernels.fused_moe_triton import fallback_events
+
+    return fallback_events()
 
 
 def run_grouped_case(case: Grouped, device: str) -> dict:
@@ -142,10 +178,19 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
         x = torch.randn(int(counts.sum()), case.H, device=device).to(dtype)
         weights = torch.rand(x.shape[0], device=device)
     weights = weights if case.weights else None
-    out = grouped_moe(x, counts.to(device), w13, w2, weights, backend="triton")
+    if case.tma and case.tile is None:
+        out = grouped_moe(x, counts.to(device), w13, w2, weights, backend="triton")
+    else:
+        from kernels.fused_moe_config import MoEFeatures
+        from kernels.fused_moe_triton import grouped_moe_triton
+
+        config = _tile_config(case.tile, case.persistent) if case.tile else None
+        out = grouped_moe_triton(x, counts.to(device), w13, w2, weights, config=config,
+                                 features=MoEFeatures(tma=case.tma))
     ref = grouped_moe_torch(x, counts, w13, w2, weights)
     result = {"err": rel_err(out, ref), "tol": tolerance(dtype),
-              "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item()}
+              "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
+              "fallbacks": _fallback_events()}
     if case.M is not None:
         pad = torch.arange(case.M, device=device)[None, :] >= counts.to(device)[:, None]
         result["padding_zero"] = bool((out[pad] == 0).all())
@@ -175,9 +220,24 @@ def interpreter_case(name: str, seed: int) -> dict:
     torch.manual_seed(seed + zlib.crc32(name.encode()))
     if name in ALIGN_CASES:
         return run_align_case(*ALIGN_CASES[name])
-    if name in FUSED_CASES:
-        return run_fused_case(FUSED_CASES[name], "cpu")
-    return run_grouped_case(GROUPED_CASES[name], "cpu")
+    import kernels.fused_moe_triton as backend
+
+    launches = []  # (route, tma) of each w13 launch: which path the case took
+    launch_w13 = backend.launch_w13
+
+    def recording(*args, **kwargs):
+        launches.append((args[3].route, kwargs["tma"]))
+        return launch_w13(*args, **kwargs)
+
+    backend.launch_w13 = recording
+    try:
+        if name in FUSED_CASES:
+            result = run_fused_case(FUSED_CASES[name], "cpu")
+        else:
+            result = run_grouped_case(GROUPED_CASES[name], "cpu")
+    finally:
+        backend.launch_w13 = launch_w13
+    return result | {"launches": launches}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +247,8 @@ def interpreter_results() -> dict[str, dict]:
 
 def _check(result: dict, name: str) -> None:
     assert "error" not in result, f"{name} (seed {SEED}) raised:\n{result['error']}"
+    # A feature switched off after a failure would hide a broken path behind its fallback.
+    assert not result.get("fallbacks"), f"{name}: fell back: {result['fallbacks']}"
     assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
     assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
     assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
@@ -195,6 +257,45 @@ def _check(result: dict, name: str) -> None:
 @pytest.mark.parametrize("name", [*ALIGN_CASES, *FUSED_CASES, *GROUPED_CASES])
 def test_moe_interpreter(interpreter_results: dict, name: str) -> None:
     _check(interpreter_results[name], name)
+
+
+# The path each case must have taken, (route, TMA weight loads), so the cases above cover both
+# routes of fused_moe and both load paths rather than whatever the defaults pick.
+EXPECTED_PATHS = {
+    "ragged_bf16": ("inline", True), "ragged_fp32": ("inline", False),
+    "e256_top8_bf16": ("sorted", True), "inline_e256_bf16": ("inline", True),
+    "inline_hot_expert_bf16": ("inline", True), "pointer_loads_bf16": ("inline", False),
+    "pointer_tiles16_fp16": ("inline", False), "sorted_route_bf16": ("sorted", True),
+    "sorted_pointer_fp32": ("sorted", False), "unaligned_bf16": ("inline", False),
+    "contiguous_bf16": ("rows", True), "contiguous_pointer_bf16": ("rows", False),
+    "slab_bf16": ("slabs", True), "slab_pointer_bf16": ("slabs", False),
+    "persistent_bf16": ("rows", True), "persistent_pointer_fp32": ("rows", False),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_PATHS))
+def test_moe_case_takes_its_path(interpreter_results: dict, name: str) -> None:
+    from kernels import moe_gemm_triton as g
+
+    routes = {g.ROWS: "rows", g.SLABS: "slabs", g.SORTED: "sorted", g.INLINE: "inline"}
+    taken = [(routes[r], tma) for r, tma in interpreter_results[name]["launches"]]
+    assert taken == [EXPECTED_PATHS[name]], f"{name} took {taken}"
+
+
+def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.fused_moe_config import MoEFeatures
+    from kernels.moe_align_triton import inline_route_fits
+
+    assert inline_route_fits(8, 8, 16) and inline_route_fits(256, 8, 32)  # decode batches
+    assert inline_route_fits(256, 32, 16) and inline_route_fits(32, 256, 16)
+    assert not inline_route_fits(513, 8, 16) and not inline_route_fits(64, 256, 16)
+    assert not inline_route_fits(512, 8, 64)  # m-blocks of 64 rows: too big a selection tile
+    assert MoEFeatures.from_env() == MoEFeatures()
+    monkeypatch.setenv("AFD_MOE_TMA", "0")
+    monkeypatch.setenv("AFD_MOE_INLINE", "0")
+    monkeypatch.setenv("AFD_MOE_PERSISTENT", "0")
+    assert MoEFeatures.from_env() == MoEFeatures(pdl=True, tma=False, inline_route=False,
+                                                 persistent=False)
 
 
 def test_all_skipped_gives_zeros(interpreter_results: dict) -> None:
@@ -235,6 +336,9 @@ GPU_GROUPED = {
                                weights=True),
     "slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True),
     "slab_fp32": Grouped("fp32", (5, 0, 33), M=40, H=1000, I=300, weights=False),
+    # Past m = 128 rows per expert: the persistent w2 of the table's last row.
+    "contiguous_large_bf16": Grouped("bf16", (0, 300, 129, 513, 0, 7, 256, 1), H=7168, I=2048,
+                                     weights=True),
 }
 
 

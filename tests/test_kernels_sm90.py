@@ -31,10 +31,12 @@ from kernels import (  # noqa: E402
     mla_decode_triton,
     moe_align_triton,
     moe_gemm_triton,
+    moe_sum_triton,
     norm_triton,
     rotary_triton,
 )
-from kernels.fused_moe_config import GPU_TABLE  # noqa: E402
+from kernels.fused_moe_config import GPU_TABLE, GemmTile  # noqa: E402
+from kernels.fused_moe_tuning import QUICK_TILES  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # per block on H100/H200
 H, I = 7168, 2048  # DeepSeek-V3 expert dims
@@ -88,43 +90,81 @@ def check(compiled, pipelined: bool) -> None:
         assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
 
 
-def gemm_args(gemm: str, dtype: str, gather: bool, experts: int) -> dict:
+def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool) -> dict:
     ptr = f"*{dtype}"
     dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
-            "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32"}
+            "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32", "ids_ptr": "*i64",
+            "flags_ptr": "*i32"}
+    bn, bk = tile.block_n, tile.block_k
     if gemm == "w13":
-        return dims | {"x_ptr": ptr, "w_ptr": ptr, "h_ptr": ptr, "stride_xm": H,
+        w = f"tensordesc<{dtype}[1, 2, {bn}, {bk}]>" if tma else ptr
+        return dims | {"x_ptr": ptr, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
                        "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I}
-    return dims | {"h_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "weights_ptr": "*fp32",
-                   "stride_hm": I, "stride_we": H * I, "stride_wn": I, "stride_om": H}
+    w = f"tensordesc<{dtype}[1, {bn}, {bk}]>" if tma else ptr
+    return dims | {"h_ptr": ptr, "w": w, "out_ptr": ptr, "weights_ptr": "*fp32",
+                   "sum_ptr": ptr, "num_tokens": 100, "stride_hm": I, "stride_we": H * I,
+                   "stride_wn": I, "stride_om": H, "stride_sm": H}
 
 
-TABLE_CASES = [(limit, gemm, gather) for limit, _, _ in GPU_TABLE for gemm in ("w13", "w2")
-               for gather in (True, False)]
+def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
+                 experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0):
+    kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
+    # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
+    persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
+    constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
+                  "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
+                  "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m, "EVEN_K": even_k,
+                  "W_TMA": tma, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
+                  "INTERP_BF16": False}
+    if gemm == "w2":
+        constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16}
+    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma), constexprs,
+                        tile.num_warps, tile.num_stages)
 
 
-@pytest.mark.parametrize(("limit", "gemm", "gather"), TABLE_CASES)
-def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, gather: bool) -> None:
+ROUTES = {"rows": moe_gemm_triton.ROWS, "sorted": moe_gemm_triton.SORTED,
+          "inline": moe_gemm_triton.INLINE}
+# Every table tile on the routes it serves with TMA weight loads (the default on Hopper), and on
+# the grouped route with pointer loads (the fallback; the routes only change the activation
+# side); INLINE only serves small batches, so only small tiles.
+TABLE_CASES = [(limit, gemm, route, tma) for limit, _, _ in GPU_TABLE for gemm in ("w13", "w2")
+               for route in ROUTES for tma in (True, False)
+               if (route != "inline" or limit <= 32) and (tma or route == "rows")]
+
+
+def check_gemm(compiled, tma: bool) -> None:
+    check(compiled, pipelined=True)
+    ptx = compiled.asm["ptx"]
+    assert ("cp.async.bulk.tensor" in ptx) == tma, "weights are not loaded the way asked"
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+@pytest.mark.parametrize(("limit", "gemm", "route", "tma"), TABLE_CASES)
+def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bool) -> None:
     row = next(r for r in GPU_TABLE if r[0] == limit)
     tile = row[1] if gemm == "w13" else row[2]
-    kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
-    constexprs = {"GATHER": gather, "SLAB": False, "E_PAD": 16, "BLOCK_M": tile.block_m,
-                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
-                  "EVEN_K": True, "DOT_MODE": 0, "INTERP_BF16": False}
-    constexprs |= {"TOP_K": 8} if gemm == "w13" else {"HAS_WEIGHTS": gather}
-    compiled = compile_sm90(kernel, gemm_args(gemm, "bf16", gather, 8), constexprs,
-                            tile.num_warps, tile.num_stages)
-    check(compiled, pipelined=True)
+    # INLINE at the largest batch it takes for this tile (moe_align_triton.inline_route_fits).
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    check_gemm(compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad), tma)
+
+
+@pytest.mark.parametrize(("m", "gemm", "tile"), [(m, gemm, t) for (m, gemm), tiles in
+                                                  QUICK_TILES.items() for t in tiles])
+def test_moe_quick_ab_tiles_fit_hopper(m: int, gemm: str, tile: GemmTile) -> None:
+    # The alternatives bench/kernels.py --quick times, on the grouped route with TMA.
+    check_gemm(compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=True), True)
 
 
 def test_moe_slab_and_fp32_variants_compile() -> None:
     tile = GPU_TABLE[0][2]
-    constexprs = {"GATHER": False, "SLAB": True, "HAS_WEIGHTS": True, "E_PAD": 32,
-                  "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k // 2,
-                  "GROUP_M": 8, "EVEN_K": False, "DOT_MODE": 1, "INTERP_BF16": False}
-    compiled = compile_sm90(moe_gemm_triton.moe_w2_kernel, gemm_args("w2", "fp32", False, 32),
-                            constexprs, tile.num_warps, tile.num_stages)
-    check(compiled, pipelined=True)
+    fp32 = GemmTile(tile.block_m, tile.block_n, tile.block_k // 2, tile.num_warps,
+                    tile.num_stages)
+    for gemm in ("w13", "w2"):
+        # fp32 weights never use TMA (fused_moe_triton._features); bf16 slabs do.
+        check_gemm(compile_gemm(gemm, fp32, route=moe_gemm_triton.SLABS, tma=False,
+                                dtype="fp32", experts=32, even_k=False, dot=1), False)
+        check_gemm(compile_gemm(gemm, tile, route=moe_gemm_triton.SLABS, tma=True,
+                                experts=32, even_k=False), True)
 
 
 @pytest.mark.parametrize("experts", [8, 256])
@@ -135,15 +175,16 @@ def test_align_and_sum_compile(experts: int) -> None:
             "sorted_slots_ptr": "*i32", "num_slots": 4096, "num_experts": experts,
             "num_chunks": 9}
     check(compile_sm90(moe_align_triton.moe_count_kernel, args,
-                       {"E_PAD": e_pad, "CHUNK": chunk}, 4), pipelined=False)
+                       {"E_PAD": e_pad, "CHUNK": chunk, "PDL": True}, 4), pipelined=False)
     for single in (True, False):
         check(compile_sm90(moe_align_triton.moe_scatter_kernel, args,
-                           {"E_PAD": e_pad, "CHUNK": chunk, "SINGLE": single}, 4),
+                           {"E_PAD": e_pad, "CHUNK": chunk, "SINGLE": single, "PDL": True}, 4),
               pipelined=False)
-    check(compile_sm90(moe_gemm_triton.moe_sum_kernel,
+    check(compile_sm90(moe_sum_triton.moe_sum_kernel,
                        {"buf_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16", "hidden": H,
                         "num_experts": experts},
-                       {"TOP_K": 8, "BLOCK_H": 1024, "INTERP_BF16": False}, 4), pipelined=False)
+                       {"TOP_K": 8, "BLOCK_H": 1024, "PDL": True, "INTERP_BF16": False}, 4),
+          pipelined=False)
 
 
 def test_norm_and_rotary_compile() -> None:

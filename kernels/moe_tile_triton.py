@@ -1,0 +1,135 @@
+"""One output tile of each routed-expert GEMM: main loops and epilogues (Triton).
+
+Used by the kernels in ``moe_gemm_triton``, which decide which tiles a program computes (one, or
+a persistent loop of them) and where their rows are. Operands: activation rows through pointers
+(they may be gathered), expert weights through pointers or a TMA descriptor (W_TMA); fp32
+accumulation. The epilogues round where the torch reference materializes a tensor in the
+activation dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import dot, rne_bf16
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 x rounded to ``dtype``'s precision, kept in fp32 (no-op for fp32)."""
+    return rne_bf16(x, INTERP_BF16).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def w13_src(first, rows, slots, num_rows, ROUTE: tl.constexpr, TOP_K: tl.constexpr,
+            BLOCK_M: tl.constexpr):
+    """The activation row each grouped row of the block reads."""
+    if ROUTE >= 2:
+        return slots // TOP_K  # the token of each slot (0 for padding rows)
+    # Padding rows re-read a valid row instead of masking every load; they are never stored.
+    return tl.where(tl.arange(0, BLOCK_M) < rows, slots, tl.minimum(first, num_rows - 1))
+
+
+@triton.jit
+def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we, stride_wn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_MODE: tl.constexpr):
+    """[BM, 2BN] fp32: x rows ``src`` times gate columns n0.. then up columns n0.. (K = H)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    if not W_TMA:
+        # Column c of the [BK, 2*BN] weight tile: gate row n0 + c, then up row I + n0 + c - BN.
+        # Columns past I wrap to valid rows; their results are never stored.
+        cols = tl.arange(0, 2 * BLOCK_N)
+        w_rows = (cols // BLOCK_N) * inter + (n0 + cols % BLOCK_N) % inter
+        b_ptrs = (w + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn
+                  + offs_k[:, None])  # [BK, 2BN]
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(hidden, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[None, :], other=0.0)
+        if W_TMA:
+            # [1, 2, BN, BK] -> [2BN, BK]: gate rows then up rows; zeros past I and past H.
+            b = w.load([expert, 0, n0, k * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[:, None], other=0.0)
+        acc = dot(a, b, acc, DOT_MODE)
+        a_ptrs += BLOCK_K
+        if not W_TMA:
+            b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def w13_store(acc, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr):
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
+    # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
+    # engine's greedy tokens then track the reference's closely.
+    dtype = h_ptr.dtype.element_ty
+    gate = round_to(gate, dtype, INTERP_BF16)
+    act = round_to(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * round_to(up, dtype, INTERP_BF16)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    h_ptrs = h_ptr + (first + offs_m).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(dtype),
+             mask=(offs_m < rows)[:, None] & (offs_n < inter)[None, :])
+
+
+@triton.jit
+def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inter, stride_hm,
+                stride_we, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
+                DOT_MODE: tl.constexpr):
+    """[BM, BN] fp32: h rows first.. (grouped order) times W2[expert] columns n0.. (K = I)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Padding rows re-read a valid row instead of masking every load; they are never stored.
+    a_rows = tl.where(offs_m < rows, first + offs_m, tl.minimum(first, num_rows - 1))
+    a_ptrs = h_ptr + a_rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]  # [BM, BK]
+    if not W_TMA:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        b_ptrs = (w + expert.to(tl.int64) * stride_we
+                  + (offs_n % hidden)[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(num_k):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k < inter - k * BLOCK_K)[None, :], other=0.0)
+        if W_TMA:
+            b = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T  # zeros past H, I
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(offs_k < inter - k * BLOCK_K)[:, None], other=0.0)
+        acc = dot(a, b, acc, DOT_MODE)
+        a_ptrs += BLOCK_K
+        if not W_TMA:
+            b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def w2_store(acc, out_ptr, weights_ptr, dest, rows, room, n0, hidden, stride_om,
+             HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             INTERP_BF16: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < rows
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_WEIGHTS:
+        # As the reference: expert output and routing weight in the output dtype, then multiply.
+        dtype = out_ptr.dtype.element_ty
+        rw = round_to(tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32), dtype,
+                    INTERP_BF16)
+        acc = round_to(acc, dtype, INTERP_BF16) * rw[:, None]
+    acc = tl.where(row_ok[:, None], acc, 0.0)  # slab padding rows are written as zeros
+    out_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, rne_bf16(acc, INTERP_BF16).to(out_ptr.dtype.element_ty),
+             mask=(offs_m < room)[:, None] & (offs_n < hidden)[None, :])
