@@ -58,6 +58,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             query_lens=query_lens,
             num_decodes=num_decodes,
+            context_lens=seq_lens,
         )
         return (torch.tensor(ids, dtype=torch.long, device=dev), batch,
                 torch.tensor(logits_index, dtype=torch.long, device=dev))

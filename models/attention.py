@@ -109,9 +109,9 @@ class MLAttention(nn.Module):
                 self.cfg.attention_scale,
             )
             out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
-        for i, start, qlen in batch.prefill_segments():
+        for i, start, qlen, length in batch.prefill_segments():
             # [L, Dl+Dr]: everything cached for this sequence, this chunk included
-            ctx = _gather_context(cache, batch.block_tables[i], int(batch.seq_lens[i]))
+            ctx = _gather_context(cache, batch.block_tables[i], length)
             kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
                                                                   self.nope + self.v_dim)
             k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
@@ -159,8 +159,7 @@ class GQAttention(nn.Module):
         if nd:
             out[:nd] = _gqa_decode(q[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
                                    group, scale)
-        for i, start, qlen in batch.prefill_segments():
-            length = int(batch.seq_lens[i])
+        for i, start, qlen, length in batch.prefill_segments():
             keys = _gather_context(cache[0], batch.block_tables[i], length)
             values = _gather_context(cache[1], batch.block_tables[i], length)
             keys = keys.repeat_interleave(group, dim=1)

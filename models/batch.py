@@ -20,6 +20,7 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int64, tokens in the cache once this step's are written
     query_lens: list[int]  # [B] new tokens per sequence this step (python, for slicing)
     num_decodes: int  # the first num_decodes sequences have query_len 1
+    context_lens: list[int] | None = None  # seq_lens on the host (no device sync in loops)
     cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
     sin: torch.Tensor | None = None
 
@@ -36,10 +37,12 @@ class ForwardBatch:
         return self.num_decodes
 
     def prefill_segments(self):
-        """Yield (seq index, first token index, query_len) for the prefill sequences."""
+        """Yield (seq index, first token index, query_len, context length) per prefill
+        sequence."""
+        lens = self.context_lens if self.context_lens is not None else self.seq_lens.tolist()
         start = self.num_decodes
         for i in range(self.num_decodes, self.num_seqs):
-            yield i, start, self.query_lens[i]
+            yield i, start, self.query_lens[i], lens[i]
             start += self.query_lens[i]
 
     def to(self, device: torch.device) -> "ForwardBatch":
@@ -50,4 +53,5 @@ class ForwardBatch:
             seq_lens=self.seq_lens.to(device, non_blocking=True),
             query_lens=self.query_lens,
             num_decodes=self.num_decodes,
+            context_lens=self.context_lens,
         )
