@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a lent GPU, in one call (see bench/results/README.md):
-#   1. bench/gpu_kernels.sh: GPU-marked kernel tests + bench/kernels.py (+ tile sweep)
+#   1. bench/gpu_kernels.sh: GPU-marked kernel tests + bench/kernels.py (+ tile sweep;
+#      QUICK=1: MoE checks + table + feature A/B only, ~150 s)
 #   2. the oracle/engine/model tests with the engine on CUDA (fp32, HF reference on CPU)
 #   3. bench/offline.py on CUDA (afd vs transformers generate, embedded model)
 # Writes at most 8 files to $OUT.
@@ -14,7 +15,7 @@ start=$(date +%s)
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-100} timeout 420 bash bench/gpu_kernels.sh
 echo "[gpu_check $(($(date +%s) - start))s] engine tests on CUDA"
 {
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -x -rs tests/test_oracle.py \
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_oracle.py \
     tests/test_models.py tests/test_engine.py 2>&1
   echo "engine_tests_rc=$?"
   echo "[gpu_check $(($(date +%s) - start))s] offline bench on CUDA"
