@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository first: bench/kernels.py must not shadow the kernels package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serving import build_requests, format_result, parse_args, run_benchmark  # noqa: E402

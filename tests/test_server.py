@@ -15,8 +15,9 @@ import pytest
 
 from afd import LLM, SamplingParams
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "bench"))
+# appended, not prepended: bench/kernels.py must not shadow the kernels package
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bench"))
 from server_proc import LocalServer, wait_gone  # noqa: E402
 
 API_KEY = "sk-test-afd"
