@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def tolerance(dtype: torch.dtype) -> float:
     """Relative-error bound for a kernel against its reference at ``dtype``."""
     return {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}[dtype]
+
+
+def seed_case(name: str, seed: int) -> None:
+    """Fresh but reproducible inputs per case: the run's seed mixed with the case's name."""
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+
+
+def check_result(result: dict, name: str, seed: int) -> None:
+    """Assert one case's result dict ({"err", "tol", "dtype_ok"} or {"error"}) passed."""
+    assert "error" not in result, f"{name} (seed {seed}) raised:\n{result['error']}"
+    assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
+    assert result["err"] < result["tol"], f"{name} (seed {seed}): rel err {result['err']:.3g}"
 
 
 def run_in_interpreter(module_file: str, case_names: list[str], seed: int,

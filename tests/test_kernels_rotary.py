@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kernels.rotary import apply_rotary, apply_rotary_torch
-from kernels.testing import rel_err, run_in_interpreter, tolerance
+from kernels.testing import (check_result, rel_err, run_in_interpreter, seed_case,
+                             tolerance)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -44,7 +45,7 @@ def run_case(spec: tuple, device: str, backend: str) -> dict:
 
 
 def interpreter_case(name: str, seed: int) -> dict:
-    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    seed_case(name, seed)
     return run_case(CASES[name], "cpu", "triton")
 
 
@@ -54,9 +55,7 @@ def interpreter_results() -> dict[str, dict]:
 
 
 def _check(result: dict, name: str) -> None:
-    assert "error" not in result, f"{name} (seed {SEED}) raised:\n{result['error']}"
-    assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
-    assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
+    check_result(result, name, SEED)
 
 
 @pytest.mark.parametrize("name", list(CASES))
