@@ -36,10 +36,6 @@ class SchedulerOutput:
     num_preempted: int = 0
 
     @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
-
-    @property
     def empty(self) -> bool:
         return not self.seqs
 

@@ -25,16 +25,8 @@ class ForwardBatch:
     sin: torch.Tensor | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.positions.shape[0])
-
-    @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
 
     def prefill_segments(self):
         """Yield (seq index, first token index, query_len, context length) per prefill
@@ -44,14 +36,3 @@ class ForwardBatch:
         for i in range(self.num_decodes, self.num_seqs):
             yield i, start, self.query_lens[i], lens[i]
             start += self.query_lens[i]
-
-    def to(self, device: torch.device) -> "ForwardBatch":
-        return ForwardBatch(
-            positions=self.positions.to(device, non_blocking=True),
-            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
-            block_tables=self.block_tables.to(device, non_blocking=True),
-            seq_lens=self.seq_lens.to(device, non_blocking=True),
-            query_lens=self.query_lens,
-            num_decodes=self.num_decodes,
-            context_lens=self.context_lens,
-        )

@@ -53,7 +53,6 @@ class Rotary:
     def __init__(self, rope: RopeConfig, device: torch.device):
         inv_freq, self.scale = rope.inv_freq_and_scale()
         self.inv_freq = inv_freq.to(device)
-        self.interleaved = rope.interleaved
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, dim/2]

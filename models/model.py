@@ -93,11 +93,9 @@ class DecoderLayer(nn.Module):
         return self.mlp.experts(h, routing)
 
 
-def merge_mlp(routed: torch.Tensor | None, local: torch.Tensor | None) -> torch.Tensor:
-    """The layer's MLP output: routed + shared (HF's order), or whichever exists."""
-    if routed is None:
-        return local
-    return routed if local is None else routed + local
+def merge_mlp(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """A MoE layer's MLP output: routed + shared experts (HF's order), or routed alone."""
+    return routed if shared is None else routed + shared
 
 
 class MoEModel(nn.Module):
