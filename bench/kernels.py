@@ -2,7 +2,7 @@
 hot-path kernels against their torch references.
 
     python bench/kernels.py [--json out.json] [--sweep] [--budget-s 210]   # CUDA GPU
-    python bench/kernels.py --quick [--budget-s 100]                       # MoE only, A/B
+    python bench/kernels.py --quick [--budget-s 100] [--repeats 3]         # MoE only, A/B
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -255,6 +256,22 @@ def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, 
     return rows_out
 
 
+def median_rows(passes: list[list[dict]]) -> list[dict]:
+    """One row per (E, m): each timing the median over the passes that measured it, plus
+    ``grouped_spread``, the slowest over the fastest pass of grouped_moe (1.0 for one pass)."""
+    out = []
+    for rows in zip(*passes):
+        row = dict(rows[0])
+        for key in row:
+            if key.endswith("_ms") and not key.startswith("floor"):
+                values = sorted(r[key] for r in rows if r.get(key))
+                row[key] = statistics.median(values) if values else None
+        grouped = [r["grouped_ms"] for r in rows if r.get("grouped_ms")]
+        row["grouped_spread"] = max(grouped) / min(grouped) if grouped else None
+        out.append(row)
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:5.2f}x" if a and b else "   -  "
 
@@ -449,6 +466,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="stop sweeping once the whole run has taken this long")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time the MoE table this many times and report each cell's median "
+                             "(one-off slow passes, e.g. a clock dip, then do not set a ratio)")
     args = parser.parse_args()
     start = time.time()
     cuda = torch.cuda.is_available()
@@ -464,7 +484,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit_id(), "smoke": args.smoke, "hidden": hidden, "intermediate": inter}
     log(f"{info}")
-    result = {"info": info, "errors": errors, "checks": [], "moe": []}
+    result = {"info": info, "errors": errors, "checks": [], "moe": [], "moe_passes": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
@@ -473,7 +493,19 @@ def main() -> None:
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
         check_moe(errors, device, hidden, inter, result["checks"])
         log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
-        bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, result["moe"])
+        for rep in range(args.repeats):
+            if rep:
+                log(f"[{time.time() - start:.0f}s] MoE timings, pass {rep + 1} of "
+                    f"{args.repeats}")
+            result["moe_passes"].append([])  # filled as it goes: a killed run keeps it
+            bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms,
+                      result["moe_passes"][-1])
+        result["moe"] = median_rows(result["moe_passes"])
+        if args.repeats > 1:
+            log(f"MoE timings, median of {args.repeats} passes (spread: slowest/fastest pass "
+                f"of grouped_moe)")
+            for row in result["moe"]:
+                log(format_moe_row(row) + f" spread {_ratio(row['grouped_spread'], 1)}")
         result["summary"] = summarize(result["moe"])
         if args.quick:
             ab_timer = Timer(cuda, max(20, args.rep_ms // 2))

@@ -29,7 +29,12 @@ rows take the fastest tiles of the H100 sweep in bench/results/h100_20261126.
     persistent on grouped rows: one program per SM loops over the tiles, so each tile's epilogue
     overlaps the next one's first loads.
 The expert weights are read through TMA descriptors on Hopper (``MoEFeatures.tma``); the smem
-and CTAs per SM are the same as with pointer loads. Blocks never exceed the (power-of-two
+and CTAs per SM are the same as with pointer loads. At m ~ 128 the H100/H200 timings fit "the
+weight stream plus part of the MMA time": one CTA per SM issues its loads and its wgmmas from the
+same warps, so neither runs at its own rate. ``ws`` tiles are the candidate fix (a producer warp
+group for the TMA loads, two consumer warp groups for the MMAs, as DeepGEMM does); they compile
+and warp-specialize for sm_90a with Triton 3.6 and are right under the interpreter, but have not
+been timed, so no table row uses one yet (``fused_moe_tuning.QUICK_TILES`` times them). Blocks never exceed the (power-of-two
 rounded) problem dims, and 4-byte dtypes halve block_k so shared memory stays the same.
 ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs each program in numpy, and tests
 need blocks smaller than their tiny dims to cover the masks. Tune by editing the tables;
@@ -57,6 +62,11 @@ class GemmTile:
     # gets them), so each tile's epilogue overlaps the next one's first loads; 0: one program
     # per tile.
     persistent: int = 0
+    # Warp-specialized k loop with the activations read through TMA as well (Hopper, grouped
+    # rows, TMA weights): with num_warps=4 Triton builds a producer warp group that issues the
+    # loads and two consumer warp groups that run the MMAs, so loads and MMAs stop sharing
+    # issue slots. Where it does not apply the tile runs as if False.
+    ws: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,23 +88,26 @@ class MoEFeatures:
          sums the top-k slots itself: ``fused_moe`` is two launches instead of four.
     persistent: table tiles marked ``persistent`` run as a few programs per SM looping over the
          tiles; off, every tile is its own program.
+    ws: tiles marked ``ws`` warp-specialize their k loop (needs ``tma``); off, they run as
+         plain tiles.
     """
 
     pdl: bool = True
     tma: bool = True
     inline_route: bool = True
     persistent: bool = True
+    ws: bool = True
 
     @staticmethod
     def from_env() -> MoEFeatures:
-        """Defaults, less those switched off by AFD_MOE_PDL=0, AFD_MOE_TMA=0, AFD_MOE_INLINE=0
-        or AFD_MOE_PERSISTENT=0."""
+        """Defaults, less those switched off by AFD_MOE_PDL=0, AFD_MOE_TMA=0, AFD_MOE_INLINE=0,
+        AFD_MOE_PERSISTENT=0 or AFD_MOE_WS=0."""
         def on(name: str) -> bool:
             return os.environ.get(name, "1") != "0"
 
         return MoEFeatures(pdl=on("AFD_MOE_PDL"), tma=on("AFD_MOE_TMA"),
                            inline_route=on("AFD_MOE_INLINE"),
-                           persistent=on("AFD_MOE_PERSISTENT"))
+                           persistent=on("AFD_MOE_PERSISTENT"), ws=on("AFD_MOE_WS"))
 
 
 # (largest rows per expert the row applies to, w13 tile, w2 tile); first match wins.

@@ -84,6 +84,7 @@ def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
              and x.element_size() == 2 and tma_compatible(w13) and tma_compatible(w2)),
         inline_route=req.inline_route and "inline" not in _disabled,
         persistent=req.persistent,
+        ws=req.ws and "ws" not in _disabled,
     )
 
 
@@ -114,10 +115,12 @@ def _launch_tile(key: tuple, tile: GemmTile, launch, *args, **kwargs) -> None:
 
 def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, launch, *args,
             ladder: bool = True, **kwargs) -> None:
-    """Launch one GEMM with the features on; if TMA or PDL fails here (and ``ladder``), again
-    without it."""
+    """Launch one GEMM with the features on; if a warp-specialized tile, TMA or PDL fails here
+    (and ``ladder``), again without it, in that order."""
     if tile.persistent and not feats.persistent:
         tile = replace(tile, persistent=0)
+    if tile.ws and not feats.ws:
+        tile = replace(tile, ws=False)
     tma, pdl = feats.tma, feats.pdl
     while True:
         try:
@@ -125,11 +128,14 @@ def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, 
                          pdl=pdl)
             return
         except Exception as exc:  # a new path failing must not fail the call
-            if not (ladder and (tma or pdl)):
+            if not (ladder and (tile.ws or tma or pdl)):
                 raise
-            feature = "tma" if tma else "pdl"
+            feature = "ws" if tile.ws else "tma" if tma else "pdl"
             _disable(feature, f"the {which} GEMM", exc)
-            tma, pdl = False, pdl and feature != "pdl"
+            if feature == "ws":
+                tile = replace(tile, ws=False)
+            else:
+                tma, pdl = False, pdl and feature != "pdl"
 
 
 def _with_pdl(where: str, pdl: bool, fn) -> None:

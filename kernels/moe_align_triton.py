@@ -133,6 +133,33 @@ def expert_block(pid_m, counts, num_rows, E_PAD: tl.constexpr, BLOCK_M: tl.const
 
 
 @triton.jit
+def expert_block_scan(pid_m, counts_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr):
+    """``expert_block``'s (expert, first, rows, local, blocks) by a scalar loop over the experts'
+    counts instead of vector reductions, for kernels whose k loop is warp-specialized (Triton's
+    Hopper auto-WS pass cannot partition a kernel holding reduce or scan ops). One scalar load
+    per expert: cheap beside the m >= 128 tiles that use it."""
+    expert = num_experts
+    first = 0
+    rows = 0
+    local = 0
+    seen = 0  # blocks of the experts before e
+    row0 = 0  # rows of the experts before e
+    for e in range(num_experts):
+        count = tl.load(counts_ptr + e).to(tl.int32)
+        blocks = (count + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_m >= seen) & (pid_m < seen + blocks)
+        here = (pid_m - seen) * BLOCK_M
+        expert = tl.where(hit, e, expert)
+        local = tl.where(hit, here, local)
+        first = tl.where(hit, row0 + here, first)
+        rows = tl.where(hit, count - here, rows)
+        seen += blocks
+        row0 += count
+    rows = tl.minimum(rows, num_rows - first)  # counts past num_rows are clipped
+    return expert, first, rows, local, seen
+
+
+@triton.jit
 def route_block(ids_ptr, pid_m, num_slots, num_experts, S_PAD: tl.constexpr,
                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """``align_by_expert`` + ``expert_block`` for one m-block, from the routing ids alone.

@@ -22,7 +22,10 @@ block_n up rows side by side, split again in the epilogue. With W_TMA the expert
 through TMA descriptors (Hopper); otherwise, and for the activations, through pointers. With PDL
 each kernel may be launched while the previous one drains (see ``triton_utils.gdc_wait``). A
 persistent tile (``GemmTile.persistent``, ROWS route) launches a few programs per SM that loop
-over the non-empty tiles, so the next tile's loads overlap this tile's epilogue.
+over the non-empty tiles, so the next tile's loads overlap this tile's epilogue. A ``ws`` tile
+(``GemmTile.ws``, ROWS and SLABS routes, with W_TMA) reads the activations through a TMA
+descriptor too and warp-specializes the k loop (Triton's Hopper auto-WS: with num_warps=4 it
+builds a producer warp group for the TMA loads and two consumer warp groups for the MMAs).
 """
 
 from __future__ import annotations
@@ -34,9 +37,17 @@ import triton
 import triton.language as tl
 
 from kernels.fused_moe_config import GemmTile
-from kernels.moe_align_triton import expert_block, route_block
+from kernels.moe_align_triton import expert_block, expert_block_scan, route_block
 from kernels.moe_sum_triton import topk_sum_columns
-from kernels.moe_tile_triton import w2_mainloop, w2_store, w13_mainloop, w13_src, w13_store
+from kernels.moe_tile_triton import (
+    w2_mainloop,
+    w2_mainloop_ws,
+    w2_store,
+    w13_mainloop,
+    w13_mainloop_ws,
+    w13_src,
+    w13_store,
+)
 from kernels.triton_utils import (
     dot_mode,
     gdc_launch_dependents,
@@ -86,11 +97,12 @@ def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _block(pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_rows,
            ROUTE: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
-           BLOCK_M: tl.constexpr):
+           BLOCK_M: tl.constexpr, WS: tl.constexpr = False):
     """m-block -> (expert, first grouped row, rows, room, slots, non-empty blocks in all).
 
     rows <= 0: nothing to compute. room: rows the block writes (slab padding rows as zeros).
     slots [BLOCK_M]: each row's slot id on the gather routes, its grouped row otherwise.
+    WS: no reductions (``expert_block_scan``) on the ROWS route.
     """
     offs_m = tl.arange(0, BLOCK_M)
     if ROUTE == 1:  # SLABS
@@ -107,6 +119,11 @@ def _block(pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_ro
         expert, first, rows, num_blocks, slots = route_block(
             ids_ptr, pid_m, num_rows, num_experts, S_PAD, E_PAD, BLOCK_M)
         room = rows
+    elif WS:  # ROWS
+        expert, first, rows, _, num_blocks = expert_block_scan(pid_m, counts_ptr, num_experts,
+                                                               num_rows, BLOCK_M)
+        room = rows
+        slots = first + offs_m
     else:
         offs_e = tl.arange(0, E_PAD)
         counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(tl.int32)
@@ -146,8 +163,8 @@ def moe_w13_kernel(
     stride_xm, stride_we, stride_wn, stride_hm,
     ROUTE: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
-    DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
+    PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     gdc_wait(PDL)
     pid = tl.program_id(0)
@@ -168,26 +185,31 @@ def moe_w13_kernel(
                                                       num_experts, num_rows, slab_rows, ROUTE,
                                                       E_PAD, S_PAD, BLOCK_M)
             src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
-            acc = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
-                               stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
-                               EVEN_K, W_TMA, DOT_MODE)
-            w13_store(acc, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
+            gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
+                                    stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    EVEN_K, W_TMA, DOT_MODE)
+            w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16)
         gdc_launch_dependents(PDL)
     else:
         pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
         expert, first, rows, _, slots, _ = _block(pid_m, counts_ptr, slots_ptr, ids_ptr,
                                                   num_experts, num_rows, slab_rows, ROUTE, E_PAD,
-                                                  S_PAD, BLOCK_M)
-        if rows <= 0:
-            return
-        src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
-        acc = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter, stride_xm,
-                           stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
-                           DOT_MODE)
-        gdc_launch_dependents(PDL)
-        w13_store(acc, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
-                  BLOCK_N, INTERP_BF16)
+                                                  S_PAD, BLOCK_M, WS)
+        # Blocks with no rows skip everything: an if, not an early return (Hopper auto-WS
+        # only handles structured control flow).
+        if rows > 0:
+            if WS:
+                gate, up = w13_mainloop_ws(x_ptr, w, first, expert, pid_n * BLOCK_N, hidden,
+                                           inter, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
+            else:
+                src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
+                gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
+                                        stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N,
+                                        BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
+            gdc_launch_dependents(PDL)
+            w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
+                      BLOCK_N, INTERP_BF16)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -206,8 +228,8 @@ def moe_w2_kernel(
     ROUTE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
     S_PAD: tl.constexpr, SUM_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
-    DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
+    PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     gdc_wait(PDL)
     num_pid_n = tl.cdiv(hidden, BLOCK_N)
@@ -230,35 +252,39 @@ def moe_w2_kernel(
         pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         expert, first, rows, room, slots, num_blocks = _block(
             pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_rows, ROUTE,
-            E_PAD, S_PAD, BLOCK_M)
-        if room <= 0:
+            E_PAD, S_PAD, BLOCK_M, WS)
+        # An if, not an early return, as in moe_w13_kernel.
+        if room > 0:
+            # A slab block holding only padding rows skips the weights, just writes zeros.
+            num_k = tl.where(rows > 0, tl.cdiv(inter, BLOCK_K), 0)
+            if WS:
+                acc = w2_mainloop_ws(h_ptr, w, first, expert, pid_n * BLOCK_N, num_k, BLOCK_M,
+                                     BLOCK_N, BLOCK_K, DOT_MODE)
+            else:
+                acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k,
+                                  num_rows, hidden, inter, stride_hm, stride_we, stride_wn,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
+            gdc_launch_dependents(PDL)
+            w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
+                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
             if ROUTE == 3:
-                # Every slot skipped: no block will count below, so m-block 0 writes the zero
-                # sums (for any other program the token count is 0: nothing to do).
-                all_skipped = (num_blocks == 0) & (pid_m == 0)
-                topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n,
-                                 tl.where(all_skipped, num_tokens, 0), hidden, num_experts,
-                                 stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N, INTERP_BF16)
-            return
-        # A slab block holding only padding rows skips the weights and just writes zeros.
-        num_k = tl.where(rows > 0, tl.cdiv(inter, BLOCK_K), 0)
-        acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k, num_rows,
-                          hidden, inter, stride_hm, stride_we, stride_wn, BLOCK_M, BLOCK_N,
-                          BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
-        gdc_launch_dependents(PDL)
-        w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
-                 stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
-        if ROUTE == 3:
-            # Count this m-block done for its n-block once every thread's stores are issued
-            # (the barrier; the atomic's release orders them before the count). The program
-            # that counts last sees every block's rows (acquire) and reduces the n-block's
-            # columns over each token's slots.
-            tl.debug_barrier()
-            done = tl.atomic_add(flags_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if done == num_blocks - 1:
-                topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n, num_tokens, hidden,
-                                 num_experts, stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N,
-                                 INTERP_BF16)
+                # Count this m-block done for its n-block once every thread's stores are issued
+                # (the barrier; the atomic's release orders them before the count). The program
+                # that counts last sees every block's rows (acquire) and reduces the n-block's
+                # columns over each token's slots.
+                tl.debug_barrier()
+                done = tl.atomic_add(flags_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+                if done == num_blocks - 1:
+                    topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n, num_tokens, hidden,
+                                     num_experts, stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N,
+                                     INTERP_BF16)
+        elif ROUTE == 3:
+            # Every slot skipped: no block will count below, so m-block 0 writes the zero
+            # sums (for any other program the token count is 0: nothing to do).
+            all_skipped = (num_blocks == 0) & (pid_m == 0)
+            topk_sum_columns(out_ptr, ids_ptr, sum_ptr, pid_n,
+                             tl.where(all_skipped, num_tokens, 0), hidden, num_experts,
+                             stride_om, stride_sm, TOP_K, SUM_T, BLOCK_N, INTERP_BF16)
 
 
 def _m_blocks(groups: RowGroups, num_experts: int, block_m: int) -> int:
@@ -284,6 +310,14 @@ def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
     if tile.persistent and groups.route == ROWS:
         return True, (min(tiles, tile.persistent * num_sms(device)),)
     return False, (tiles,)
+
+
+def warp_specialized(groups: RowGroups, tile: GemmTile, tma: bool, a: torch.Tensor) -> bool:
+    """Warp-specialized k loop: asked by a non-persistent tile (Triton's Hopper auto-WS does not
+    partition the persistent loops), with TMA weight loads, on the routes whose activation rows
+    are contiguous (ROWS, SLABS), with a TMA-compatible activation matrix."""
+    return (bool(tile.ws) and not tile.persistent and tma and groups.route in (ROWS, SLABS)
+            and tma_compatible(a))
 
 
 def w2_flags(hidden: int, tile: GemmTile) -> int:
@@ -315,14 +349,19 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
     inter = two_i // 2
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(inter, tile.block_n), x.device)
-    w = w13
-    if tma:
+    w, a = w13, x
+    ws = warp_specialized(groups, tile, tma, x)
+    if ws:  # gate and up tiles loaded apart (w13_mainloop_ws)
+        a = _descriptor(x, list(x.shape), list(x.stride()), [tile.block_m, tile.block_k])
+        w = _descriptor(w13, list(w13.shape), list(w13.stride()),
+                        [1, tile.block_n, tile.block_k])
+    elif tma:
         w = _descriptor(w13, [num_experts, 2, inter, hidden],
                         [w13.stride(0), inter * w13.stride(1), w13.stride(1), 1],
                         [1, 2, tile.block_n, tile.block_k])
     placeholder = groups.counts if groups.counts is not None else groups.ids
     moe_w13_kernel[grid](
-        x, w, h, placeholder,
+        a, w, h, placeholder,
         groups.sorted_slots if groups.sorted_slots is not None else placeholder,
         groups.ids if groups.ids is not None else placeholder,
         flags if flags is not None else placeholder,
@@ -331,7 +370,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         ROUTE=groups.route, TOP_K=groups.top_k, E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, PERSISTENT=persistent, PDL=pdl,
+        EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(x.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
@@ -347,14 +386,17 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
     num_experts, hidden, inter = w2.shape
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(hidden, tile.block_n), h.device)
-    w = w2
+    w, a = w2, h
     if tma:
         w = _descriptor(w2, [num_experts, hidden, inter], [w2.stride(0), w2.stride(1), 1],
                         [1, tile.block_n, tile.block_k])
+    ws = warp_specialized(groups, tile, tma, h)
+    if ws:
+        a = _descriptor(h, list(h.shape), list(h.stride()), [tile.block_m, tile.block_k])
     placeholder = groups.counts if groups.counts is not None else groups.ids
     num_tokens = sum_out.shape[0] if sum_out is not None else 0
     moe_w2_kernel[grid](
-        h, w, out, placeholder,
+        a, w, out, placeholder,
         groups.sorted_slots if groups.sorted_slots is not None else placeholder,
         groups.ids if groups.ids is not None else placeholder,
         flags if flags is not None else placeholder,
@@ -367,7 +409,7 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         SUM_T=max(1, min(64, 4096 // tile.block_n)),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        EVEN_K=inter % tile.block_k == 0, W_TMA=tma, PERSISTENT=persistent, PDL=pdl,
+        EVEN_K=inter % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(h.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )

@@ -35,7 +35,8 @@ def w13_src(first, rows, slots, num_rows, ROUTE: tl.constexpr, TOP_K: tl.constex
 def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we, stride_wn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_MODE: tl.constexpr):
-    """[BM, 2BN] fp32: x rows ``src`` times gate columns n0.. then up columns n0.. (K = H)."""
+    """Two [BM, BN] fp32: x rows ``src`` times gate columns n0.., and times up columns n0..
+    (K = H), from one dot over a [BK, 2BN] weight tile."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     if not W_TMA:
@@ -62,13 +63,31 @@ def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we,
         a_ptrs += BLOCK_K
         if not W_TMA:
             b_ptrs += BLOCK_K
-    return acc
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
 
 
 @triton.jit
-def w13_store(acc, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.constexpr,
+def w13_mainloop_ws(x, w, first, expert, n0, hidden, inter, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    """``w13_mainloop`` for grouped rows, warp-specialized (``GemmTile.ws``): x [rows, H] and w
+    [E, 2I, H] are TMA descriptors (blocks [BM, BK] and [1, BN, BK]). Rows past the block's own
+    (the next expert's, or zeros past the end) are computed and never stored; gate columns past
+    I read up rows, never stored either. Two dots, one per half: Triton's Hopper auto-WS splits
+    the accumulators across its consumer warp groups and cannot split a reshaped one."""
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(hidden, BLOCK_K), warp_specialize=True):
+        a = x.load([first, k * BLOCK_K])
+        wg = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        wu = w.load([expert, inter + n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        gate = dot(a, wg, gate, DOT_MODE)
+        up = dot(a, wu, up, DOT_MODE)
+    return gate, up
+
+
+@triton.jit
+def w13_store(gate, up, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr):
-    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
     # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
     # engine's greedy tokens then track the reference's closely.
@@ -113,6 +132,19 @@ def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inte
         a_ptrs += BLOCK_K
         if not W_TMA:
             b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def w2_mainloop_ws(h, w, first, expert, n0, num_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    """``w2_mainloop`` warp-specialized, as ``w13_mainloop_ws``: h [rows, I] and w [E, H, I]
+    are TMA descriptors (blocks [BM, BK] and [1, BN, BK])."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, num_k, warp_specialize=True):
+        a = h.load([first, k * BLOCK_K])
+        b = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        acc = dot(a, b, acc, DOT_MODE)
     return acc
 
 

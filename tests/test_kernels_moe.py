@@ -80,6 +80,7 @@ class Grouped:
     tma: bool = True
     tile: int | None = None  # force square tiles of this size instead of the table
     persistent: int = 0  # with ``tile``: programs per SM looping over the tiles
+    ws: bool = False  # with ``tile``: warp-specialized tiles (activations through TMA too)
 
 
 FUSED_CASES = {
@@ -128,14 +129,21 @@ GROUPED_CASES = {
                                persistent=1),
     "persistent_pointer_fp32": Grouped("fp32", (0, 19, 5), H=40, I=24, weights=False, tile=16,
                                        persistent=2),
+    # Warp-specialized tiles: activation blocks read through TMA run into the next expert's rows
+    # and past the last row (zeros); K (56, 40) is no multiple of the block; gate blocks past I
+    # read up rows. None of it may reach the output.
+    "ws_contiguous_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=56, I=40, weights=True,
+                                  tile=16, ws=True),
+    "ws_slab_fp16": Grouped("fp16", (3, 0, 20, 1, 17), M=20, H=56, I=40, weights=False, tile=16,
+                            ws=True),
 }
 
 
-def _tile_config(size: int, persistent: int = 0):
+def _tile_config(size: int, persistent: int = 0, ws: bool = False):
     from kernels.fused_moe_config import GemmTile, MoEConfig
 
     tile = GemmTile(size, size, size, num_warps=4, num_stages=2, group_m=2,
-                    persistent=persistent)
+                    persistent=persistent, ws=ws)
     return MoEConfig(w13=tile, w2=tile)
 
 
@@ -184,7 +192,7 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
         from kernels.fused_moe_config import MoEFeatures
         from kernels.fused_moe_triton import grouped_moe_triton
 
-        config = _tile_config(case.tile, case.persistent) if case.tile else None
+        config = _tile_config(case.tile, case.persistent, case.ws) if case.tile else None
         out = grouped_moe_triton(x, counts.to(device), w13, w2, weights, config=config,
                                  features=MoEFeatures(tma=case.tma))
     ref = grouped_moe_torch(x, counts, w13, w2, weights)
@@ -222,11 +230,14 @@ def interpreter_case(name: str, seed: int) -> dict:
         return run_align_case(*ALIGN_CASES[name])
     import kernels.fused_moe_triton as backend
 
-    launches = []  # (route, tma) of each w13 launch: which path the case took
+    from kernels.moe_gemm_triton import warp_specialized
+
+    launches = []  # (route, tma, ws) of each w13 launch: which path the case took
     launch_w13 = backend.launch_w13
 
     def recording(*args, **kwargs):
-        launches.append((args[3].route, kwargs["tma"]))
+        x, groups, tile, tma = args[0], args[3], kwargs["tile"], kwargs["tma"]
+        launches.append((groups.route, tma, warp_specialized(groups, tile, tma, x)))
         return launch_w13(*args, **kwargs)
 
     backend.launch_w13 = recording
@@ -259,17 +270,20 @@ def test_moe_interpreter(interpreter_results: dict, name: str) -> None:
     _check(interpreter_results[name], name)
 
 
-# The path each case must have taken, (route, TMA weight loads), so the cases above cover both
-# routes of fused_moe and both load paths rather than whatever the defaults pick.
+# The path each case must have taken, (route, TMA weight loads, warp-specialized), so the cases
+# above cover both routes of fused_moe and every load path rather than whatever the defaults
+# pick.
 EXPECTED_PATHS = {
-    "ragged_bf16": ("inline", True), "ragged_fp32": ("inline", False),
-    "e256_top8_bf16": ("sorted", True), "inline_e256_bf16": ("inline", True),
-    "inline_hot_expert_bf16": ("inline", True), "pointer_loads_bf16": ("inline", False),
-    "pointer_tiles16_fp16": ("inline", False), "sorted_route_bf16": ("sorted", True),
-    "sorted_pointer_fp32": ("sorted", False), "unaligned_bf16": ("inline", False),
-    "contiguous_bf16": ("rows", True), "contiguous_pointer_bf16": ("rows", False),
-    "slab_bf16": ("slabs", True), "slab_pointer_bf16": ("slabs", False),
-    "persistent_bf16": ("rows", True), "persistent_pointer_fp32": ("rows", False),
+    "ragged_bf16": ("inline", True, False), "ragged_fp32": ("inline", False, False),
+    "e256_top8_bf16": ("sorted", True, False), "inline_e256_bf16": ("inline", True, False),
+    "inline_hot_expert_bf16": ("inline", True, False),
+    "pointer_loads_bf16": ("inline", False, False),
+    "pointer_tiles16_fp16": ("inline", False, False), "sorted_route_bf16": ("sorted", True, False),
+    "sorted_pointer_fp32": ("sorted", False, False), "unaligned_bf16": ("inline", False, False),
+    "contiguous_bf16": ("rows", True, False), "contiguous_pointer_bf16": ("rows", False, False),
+    "slab_bf16": ("slabs", True, False), "slab_pointer_bf16": ("slabs", False, False),
+    "persistent_bf16": ("rows", True, False), "persistent_pointer_fp32": ("rows", False, False),
+    "ws_contiguous_bf16": ("rows", True, True), "ws_slab_fp16": ("slabs", True, True),
 }
 
 
@@ -278,7 +292,7 @@ def test_moe_case_takes_its_path(interpreter_results: dict, name: str) -> None:
     from kernels import moe_gemm_triton as g
 
     routes = {g.ROWS: "rows", g.SLABS: "slabs", g.SORTED: "sorted", g.INLINE: "inline"}
-    taken = [(routes[r], tma) for r, tma in interpreter_results[name]["launches"]]
+    taken = [(routes[r], tma, ws) for r, tma, ws in interpreter_results[name]["launches"]]
     assert taken == [EXPECTED_PATHS[name]], f"{name} took {taken}"
 
 
@@ -294,8 +308,9 @@ def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("AFD_MOE_TMA", "0")
     monkeypatch.setenv("AFD_MOE_INLINE", "0")
     monkeypatch.setenv("AFD_MOE_PERSISTENT", "0")
+    monkeypatch.setenv("AFD_MOE_WS", "0")
     assert MoEFeatures.from_env() == MoEFeatures(pdl=True, tma=False, inline_route=False,
-                                                 persistent=False)
+                                                 persistent=False, ws=False)
 
 
 def test_all_skipped_gives_zeros(interpreter_results: dict) -> None:
@@ -339,6 +354,11 @@ GPU_GROUPED = {
     # Past m = 128 rows per expert: the persistent w2 of the table's last row.
     "contiguous_large_bf16": Grouped("bf16", (0, 300, 129, 513, 0, 7, 256, 1), H=7168, I=2048,
                                      weights=True),
+    # Warp-specialized tiles (fused_moe_tuning.QUICK_TILES has the 128-row ones the bench times).
+    "ws_contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
+                                  weights=True, tile=64, ws=True),
+    "ws_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True,
+                            tile=64, ws=True),
 }
 
 
@@ -355,4 +375,9 @@ def test_fused_moe_gpu(name: str) -> None:
 @pytest.mark.parametrize("name", list(GPU_GROUPED))
 def test_grouped_moe_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check(run_grouped_case(GPU_GROUPED[name], "cuda"), name)
+    result = run_grouped_case(GPU_GROUPED[name], "cuda")
+    fallbacks = result.get("fallbacks", [])
+    if GPU_GROUPED[name].ws and fallbacks and all(e.startswith("ws off") for e in fallbacks):
+        _check(result | {"fallbacks": []}, name)  # the plain tiles it fell back to are right
+        pytest.skip(f"this Triton did not warp-specialize: {fallbacks[0][:200]}")
+    _check(result, name)

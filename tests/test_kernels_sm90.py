@@ -21,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles native kernels; TRITON_INTERPRET is set", allow_module_level=True)
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -90,18 +91,20 @@ def check(compiled, pipelined: bool) -> None:
         assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
 
 
-def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool) -> dict:
+def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = False) -> dict:
     ptr = f"*{dtype}"
+    a = f"tensordesc<{dtype}[{tile.block_m}, {tile.block_k}]>" if ws else ptr
     dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
             "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32", "ids_ptr": "*i64",
             "flags_ptr": "*i32"}
     bn, bk = tile.block_n, tile.block_k
     if gemm == "w13":
-        w = f"tensordesc<{dtype}[1, 2, {bn}, {bk}]>" if tma else ptr
-        return dims | {"x_ptr": ptr, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
+        w = (f"tensordesc<{dtype}[1, {bn}, {bk}]>" if ws else
+             f"tensordesc<{dtype}[1, 2, {bn}, {bk}]>" if tma else ptr)
+        return dims | {"x_ptr": a, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
                        "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I}
     w = f"tensordesc<{dtype}[1, {bn}, {bk}]>" if tma else ptr
-    return dims | {"h_ptr": ptr, "w": w, "out_ptr": ptr, "weights_ptr": "*fp32",
+    return dims | {"h_ptr": a, "w": w, "out_ptr": ptr, "weights_ptr": "*fp32",
                    "sum_ptr": ptr, "num_tokens": 100, "stride_hm": I, "stride_we": H * I,
                    "stride_wn": I, "stride_om": H, "stride_sm": H}
 
@@ -111,14 +114,16 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
+    ws = tile.ws and not persistent and tma and route in (moe_gemm_triton.ROWS,
+                                                          moe_gemm_triton.SLABS)
     constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
                   "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m, "EVEN_K": even_k,
-                  "W_TMA": tma, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
+                  "W_TMA": tma, "WS": ws, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
                   "INTERP_BF16": False}
     if gemm == "w2":
         constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16}
-    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma), constexprs,
+    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws), constexprs,
                         tile.num_warps, tile.num_stages)
 
 
@@ -132,11 +137,14 @@ TABLE_CASES = [(limit, gemm, route, tma) for limit, _, _ in GPU_TABLE for gemm i
                if (route != "inline" or limit <= 32) and (tma or route == "rows")]
 
 
-def check_gemm(compiled, tma: bool) -> None:
+def check_gemm(compiled, tma: bool, ws: bool = False) -> None:
     check(compiled, pipelined=True)
     ptx = compiled.asm["ptx"]
     assert ("cp.async.bulk.tensor" in ptx) == tma, "weights are not loaded the way asked"
-    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    # The wait is what makes PDL safe; Triton 3.6's auto-WS drops the early trigger, so a
+    # warp-specialized kernel lets the next one launch only when it exits.
+    assert "griddepcontrol.wait" in ptx
+    assert ("griddepcontrol.launch_dependents" in ptx) != ws
 
 
 @pytest.mark.parametrize(("limit", "gemm", "route", "tma"), TABLE_CASES)
@@ -148,11 +156,58 @@ def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bo
     check_gemm(compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad), tma)
 
 
+@triton.jit
+def _ws_probe_kernel(a, b, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=True):
+        acc = tl.dot(a.load([0, k * BLOCK_K]), b.load([0, k * BLOCK_K]).T, acc)
+    offs = tl.arange(0, BLOCK_M)
+    tl.store(c_ptr + offs[:, None] * BLOCK_M + offs[None, :], acc.to(tl.bfloat16))
+
+
+def _warp_specialized(compiled, num_warps: int) -> bool:
+    # Hopper auto-WS adds a producer warp group and gives the consumers more registers.
+    return (compiled.metadata.num_warps == 3 * num_warps
+            and "setmaxnreg" in compiled.asm["ptx"])
+
+
+def _hopper_auto_ws_reason() -> str | None:
+    """None when this Triton warp-specializes a plain TMA GEMM loop for sm_90a (Triton 3.6, the
+    GPU image's, does; 3.9's Hopper pass rejects it), else why not."""
+    desc = "tensordesc<bf16[128, 64]>"
+    try:
+        compiled = compile_sm90(_ws_probe_kernel, {"a": desc, "b": desc, "c_ptr": "*bf16",
+                                                   "K": 4096}, {"BLOCK_M": 128, "BLOCK_K": 64}, 4)
+    except Exception as exc:  # noqa: BLE001 - the reason is reported in the skip
+        return f"Triton {triton.__version__} cannot warp-specialize for sm_90a: " \
+               f"{type(exc).__name__}"
+    if not _warp_specialized(compiled, 4):
+        return f"Triton {triton.__version__} does not warp-specialize for sm_90a"
+    return None
+
+
 @pytest.mark.parametrize(("m", "gemm", "tile"), [(m, gemm, t) for (m, gemm), tiles in
                                                   QUICK_TILES.items() for t in tiles])
 def test_moe_quick_ab_tiles_fit_hopper(m: int, gemm: str, tile: GemmTile) -> None:
     # The alternatives bench/kernels.py --quick times, on the grouped route with TMA.
-    check_gemm(compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=True), True)
+    if tile.ws and (reason := _hopper_auto_ws_reason()):
+        pytest.skip(reason)  # the launcher then runs the tile plain (fused_moe_triton._launch)
+    compiled = compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=True)
+    check_gemm(compiled, True, tile.ws)
+    assert _warp_specialized(compiled, tile.num_warps) == tile.ws
+
+
+def test_ws_tiles_warp_specialize_on_slabs_only_where_asked() -> None:
+    if reason := _hopper_auto_ws_reason():
+        pytest.skip(reason)
+    tile = GemmTile(128, 128, 64, 4, 3, ws=True)
+    for gemm in ("w13", "w2"):
+        slabs = compile_gemm(gemm, tile, route=moe_gemm_triton.SLABS, tma=True, experts=32)
+        check_gemm(slabs, True, ws=True)
+        assert _warp_specialized(slabs, 4)
+        # The gather routes read activations by row index: no TMA, so no WS.
+        assert not _warp_specialized(
+            compile_gemm(gemm, tile, route=moe_gemm_triton.SORTED, tma=True), 4)
 
 
 def test_moe_slab_and_fp32_variants_compile() -> None:
