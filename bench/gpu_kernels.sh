@@ -3,10 +3,11 @@
 # short tile sweep. Logs and JSON land in $OUT (default bench/results/kernels_<date>).
 #
 #   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
-#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, <= ~220 s: the MoE GPU tests, then
-#                                        # bench/kernels.py --quick --repeats 3 (checks with each
-#                                        # feature on and off, the MoE table timed 3 times, its
-#                                        # medians and targets, feature/tile A/B incl. ws tiles)
+#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, <= ~270 s: the MoE GPU tests, then
+#                                        # bench/kernels.py --quick --rounds 3 (checks with each
+#                                        # feature on and off, the MoE table with each cell's
+#                                        # variants timed in turn 3 times, medians and targets,
+#                                        # tile A/B incl. ws tiles, then feature A/B)
 #
 # Expected wall time on an H100: ~1-2 min of tests (mostly Triton compiles), ~3 min of benchmark
 # (SWEEP_BUDGET_S bounds the whole benchmark run, sweep included). Every stage has a timeout and
@@ -19,8 +20,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 QUICK=${QUICK:-0}
-QUICK_BUDGET_S=${QUICK_BUDGET_S:-150}
-REPEATS=${REPEATS:-3}
+QUICK_BUDGET_S=${QUICK_BUDGET_S:-200}
+ROUNDS=${ROUNDS:-3}
 export OUT
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -45,7 +46,7 @@ if [ "$QUICK" = 1 ]; then
   stamp "tests exit code $tests_rc"
   stamp "benchmark --quick (writes $OUT/kernels.json)"
   timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
-    --budget-s "$QUICK_BUDGET_S" --repeats "$REPEATS" 2>&1 | tee "$OUT/kernels_bench.log"
+    --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" 2>&1 | tee "$OUT/kernels_bench.log"
   bench_rc=${PIPESTATUS[0]}
 else
   stamp "GPU kernel tests"

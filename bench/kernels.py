@@ -2,7 +2,7 @@
 hot-path kernels against their torch references.
 
     python bench/kernels.py [--json out.json] [--sweep] [--budget-s 210]   # CUDA GPU
-    python bench/kernels.py --quick [--budget-s 100] [--repeats 3]         # MoE only, A/B
+    python bench/kernels.py --quick [--budget-s 100] [--rounds 3]          # MoE only, A/B
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
@@ -12,11 +12,14 @@ m = 1..512 tokens per expert, each beside
   loop        one torch matmul pair per expert (grouped_moe_torch)
   grouped_mm  torch._grouped_mm for w13 and w2 with torch's SiLU*up between (if available)
 for the Triton ``fused_moe`` entry (routing: alignment + GEMMs + top-k sum, K = min(8, E)) and the
-``grouped_moe`` entry (rows already grouped, as on an FFN rank). ``--sweep`` then times other tiles
-for each GEMM until the time budget runs out, to tune ``kernels/fused_moe_config.py``.
+``grouped_moe`` entry (rows already grouped, as on an FFN rank). The variants of each cell are
+timed in turn, ``--rounds`` times, and each keeps its median (with its slowest/fastest spread):
+ratios then compare timings taken side by side, not minutes apart. ``--sweep`` then times other
+tiles for each GEMM until the time budget runs out, to tune ``kernels/fused_moe_config.py``.
 ``--quick`` times only the MoE: the checks (each ``MoEFeatures`` switch on and off), the table and
-the targets, then, until the budget runs out, each row again with one feature off (PDL, TMA,
-inline routing) and a few alternative tiles at m = 128 and 512 (``fused_moe_tuning.QUICK_TILES``).
+the targets, then, until the budget runs out, a few alternative tiles at m = 32, 128 and 512
+beside the table's (``fused_moe_tuning.QUICK_TILES``), and each row again with the defaults and
+with one feature off (PDL, TMA, inline routing, persistent tiles) side by side.
 Every case is guarded: a failure is printed and recorded, and the run goes on; features the
 kernels switched off after a failure are listed. Results go to ``--json`` and to
 ``$OUT/kernels.json`` when $OUT is set (also when the run is killed by SIGTERM, e.g. a timeout).
@@ -31,7 +34,6 @@ import datetime
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +53,12 @@ from kernels.fused_moe_triton import (  # noqa: E402
     fused_moe_triton,
     grouped_moe_triton,
 )
-from kernels.fused_moe_tuning import quick_tiles, sweep_moe  # noqa: E402
+from kernels.fused_moe_tuning import (  # noqa: E402
+    median_and_spread,
+    quick_tiles,
+    sweep_moe,
+    time_interleaved,
+)
 from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
 from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
 from kernels.moe_align_triton import inline_route_fits  # noqa: E402
@@ -84,20 +91,34 @@ class Timer:
         return (time.perf_counter() - start) * 1e3
 
 
+def record_error(errors: list, label: str, exc: Exception) -> None:
+    """Print and record a failed case (call inside its except block, for the traceback)."""
+    log(f"  !! {label}: {type(exc).__name__}: {str(exc)[:300]}")
+    errors.append({"case": label, "error": f"{type(exc).__name__}: {exc}",
+                   "trace": traceback.format_exc()[-2000:]})
+    try:  # let an asynchronous failure surface here rather than in the next case
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception as sync_exc:  # noqa: BLE001 - e.g. a sticky illegal-address error
+        log(f"  !! device unusable after {label}: {sync_exc}")
+
+
 def guarded(errors: list, label: str, fn, default=None):
     """Run one case; on failure print and record the error and return ``default``."""
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - one bad case must not end a scarce GPU run
-        log(f"  !! {label}: {type(exc).__name__}: {str(exc)[:300]}")
-        errors.append({"case": label, "error": f"{type(exc).__name__}: {exc}",
-                       "trace": traceback.format_exc()[-2000:]})
-        try:  # let an asynchronous failure surface here rather than in the next case
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        except Exception as sync_exc:  # noqa: BLE001 - e.g. a sticky illegal-address error
-            log(f"  !! device unusable after {label}: {sync_exc}")
+        record_error(errors, label, exc)
         return default
+
+
+def timed_in_turn(timer: Timer, errors: list, label: str, fns: dict, rounds: int) -> dict:
+    """{name: (median ms, slowest/fastest)} of each fn of ``fns`` (None: skipped), timed in turn
+    ``rounds`` times (``time_interleaved``); a failing one is recorded and gives (None, None)."""
+    live = {name: fn for name, fn in fns.items() if fn is not None}
+    samples = time_interleaved(timer, live, rounds,
+                               lambda name, exc: record_error(errors, f"{name} {label}", exc))
+    return {name: median_and_spread(samples[name]) for name in live}
 
 
 def _copy_bandwidth(timer: Timer, device: str, elems: int) -> float:
@@ -219,8 +240,10 @@ def check_moe(errors: list, device: str, hidden: int, inter: int, results: list)
 
 
 def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
-              experts: tuple[int, ...], ms: tuple[int, ...], rows_out: list) -> list:
-    """Times each (E, m) into ``rows_out`` (appended as it goes)."""
+              experts: tuple[int, ...], ms: tuple[int, ...], rounds: int, rows_out: list) -> list:
+    """Times each (E, m) into ``rows_out`` (appended as it goes): the four variants of a cell in
+    turn, ``rounds`` times, each keeping its median (``*_ms``) and slowest/fastest
+    (``*_spread``)."""
     has_gmm = hasattr(torch, "_grouped_mm")
     for num_experts in experts:
         torch.manual_seed(num_experts)
@@ -239,37 +262,27 @@ def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, 
                    "config": repr(cfg), "fused_route": "inline" if inline else "sorted",
                    "floor_ms": floor_ms(ceil, num_experts, d["rows"], d["rows"], hidden, inter),
                    "floor_fused_ms": floor_ms(ceil, num_experts, d["tokens"], d["rows"], hidden,
-                                              inter)}
-            row["fused_ms"] = guarded(errors, f"fused {label}", lambda d=d: timer(
-                lambda: fused_moe_triton(d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"])))
-            row["grouped_ms"] = guarded(errors, f"grouped {label}", lambda d=d: timer(
-                lambda: grouped_moe_triton(d["x_rows"], d["counts"], d["w13"], d["w2"])))
-            row["loop_ms"] = guarded(errors, f"loop {label}", lambda d=d: timer(
-                lambda: grouped_moe_torch(d["x_rows"], d["counts_cpu"], d["w13"], d["w2"])))
-            row["grouped_mm_ms"] = guarded(errors, f"_grouped_mm {label}", lambda d=d: timer(
-                lambda: grouped_mm_ffn(d["x_rows"], d["offs"], d["w13"].transpose(1, 2),
-                                       d["w2"].transpose(1, 2)))) if has_gmm else None
+                                              inter), "rounds": rounds}
+            fns = {
+                "fused": lambda d=d: fused_moe_triton(d["x_tok"], d["w13"], d["w2"],
+                                                      d["weights"], d["ids"]),
+                "grouped": lambda d=d: grouped_moe_triton(d["x_rows"], d["counts"], d["w13"],
+                                                          d["w2"]),
+                "loop": lambda d=d: grouped_moe_torch(d["x_rows"], d["counts_cpu"], d["w13"],
+                                                      d["w2"]),
+                "grouped_mm": (lambda d=d: grouped_mm_ffn(
+                    d["x_rows"], d["offs"], d["w13"].transpose(1, 2), d["w2"].transpose(1, 2)))
+                if has_gmm else None,
+            }
+            for name, (median, spread) in timed_in_turn(timer, errors, label, fns,
+                                                        rounds).items():
+                row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
+            row.setdefault("grouped_mm_ms", None)
             rows_out.append(row)
             log(format_moe_row(row))
             del d
         del w13, w2
     return rows_out
-
-
-def median_rows(passes: list[list[dict]]) -> list[dict]:
-    """One row per (E, m): each timing the median over the passes that measured it, plus
-    ``grouped_spread``, the slowest over the fastest pass of grouped_moe (1.0 for one pass)."""
-    out = []
-    for rows in zip(*passes):
-        row = dict(rows[0])
-        for key in row:
-            if key.endswith("_ms") and not key.startswith("floor"):
-                values = sorted(r[key] for r in rows if r.get(key))
-                row[key] = statistics.median(values) if values else None
-        grouped = [r["grouped_ms"] for r in rows if r.get("grouped_ms")]
-        row["grouped_spread"] = max(grouped) / min(grouped) if grouped else None
-        out.append(row)
-    return out
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -289,15 +302,17 @@ def format_moe_row(r: dict) -> str:
             f"gmm {ms(r['grouped_mm_ms'])} {_ratio(r['grouped_mm_ms'], r['floor_ms'])} | "
             f"grouped/gmm {_ratio(r['grouped_ms'], r['grouped_mm_ms'])} "
             f"fused/gmm {_ratio(r['fused_ms'], r['grouped_mm_ms'])} "
-            f"({r.get('fused_route', '?')})")
+            f"({r.get('fused_route', '?')}) spread {_ratio(r.get('grouped_spread'), 1)}")
 
 
 def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: int,
-                   moe_rows: list[dict], deadline: float) -> list:
-    """Each table row again with one ``MoEFeatures`` switch off, to see what each one buys."""
+                   moe_rows: list[dict], deadline: float, rounds: int) -> list:
+    """Each table row again with one ``MoEFeatures`` switch off, to see what each one buys: the
+    defaults and the variants of a row timed in turn (``rounds`` times), so each ratio compares
+    timings taken side by side."""
     out = []
-    variants = {"no_pdl": MoEFeatures(pdl=False), "no_tma": MoEFeatures(tma=False),
-                "no_inline": MoEFeatures(inline_route=False),
+    variants = {"default": MoEFeatures(), "no_pdl": MoEFeatures(pdl=False),
+                "no_tma": MoEFeatures(tma=False), "no_inline": MoEFeatures(inline_route=False),
                 "no_persistent": MoEFeatures(persistent=False)}
     weights: dict = {}
     for base in moe_rows:
@@ -314,29 +329,31 @@ def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: 
                 (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16())
         w13, w2 = weights[num_experts]
         d = moe_inputs(num_experts, m, hidden, device, w13, w2)
-        row = {"experts": num_experts, "m": m}
         persistent = "persistent=1" in base.get("config", "")
+        fns = {}
         for label, feats in variants.items():
             if label == "no_persistent" and not persistent:
                 continue  # no persistent tile at this size: same kernels as the default
             if label != "no_inline":
-                row[f"grouped_{label}_ms"] = guarded(
-                    errors, f"grouped {label} E={num_experts} m={m}", lambda d=d, f=feats: timer(
-                        lambda: grouped_moe_triton(d["x_rows"], d["counts"], d["w13"], d["w2"],
-                                                   features=f)))
-            if label in ("no_pdl", "no_tma") or (label == "no_inline"
-                                                 and base.get("fused_route") == "inline"):
-                row[f"fused_{label}_ms"] = guarded(
-                    errors, f"fused {label} E={num_experts} m={m}", lambda d=d, f=feats: timer(
-                        lambda: fused_moe_triton(d["x_tok"], d["w13"], d["w2"], d["weights"],
-                                                 d["ids"], features=f)))
+                fns[f"grouped_{label}"] = lambda d=d, f=feats: grouped_moe_triton(
+                    d["x_rows"], d["counts"], d["w13"], d["w2"], features=f)
+            if label in ("default", "no_pdl", "no_tma") or (
+                    label == "no_inline" and base.get("fused_route") == "inline"):
+                fns[f"fused_{label}"] = lambda d=d, f=feats: fused_moe_triton(
+                    d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"], features=f)
+        timed = timed_in_turn(timer, errors, f"E={num_experts} m={m}", fns, rounds)
+        row = {"experts": num_experts, "m": m, "rounds": rounds}
         parts = []
         for entry in ("grouped", "fused"):
-            cells = [f"default {_ms(base.get(f'{entry}_ms'))}"]
+            default = timed.get(f"{entry}_default", (None, None))[0]
+            cells = []
             for label in variants:
-                v = row.get(f"{entry}_{label}_ms")
-                if v is not None:
-                    cells.append(f"{label} {_ms(v)} {_ratio(v, base.get(f'{entry}_ms'))}")
+                if f"{entry}_{label}" not in timed:
+                    continue
+                v, spread = timed[f"{entry}_{label}"]
+                row[f"{entry}_{label}_ms"], row[f"{entry}_{label}_spread"] = v, spread
+                ratio = "" if label == "default" else f" {_ratio(v, default)}"
+                cells.append(f"{label} {_ms(v)}{ratio}")
             parts.append(f"{entry}: " + ", ".join(cells))
         log(f"E={num_experts:3d} m={m:4d} | " + " | ".join(parts))
         out.append(row)
@@ -466,9 +483,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="stop sweeping once the whole run has taken this long")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="time the MoE table this many times and report each cell's median "
-                             "(one-off slow passes, e.g. a clock dip, then do not set a ratio)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="time the variants of each cell in turn this many times and keep "
+                             "each one's median (a clock dip or slow stretch then hits all alike)")
     args = parser.parse_args()
     start = time.time()
     cuda = torch.cuda.is_available()
@@ -484,7 +501,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit_id(), "smoke": args.smoke, "hidden": hidden, "intermediate": inter}
     log(f"{info}")
-    result = {"info": info, "errors": errors, "checks": [], "moe": [], "moe_passes": []}
+    result = {"info": info, "errors": errors, "checks": [], "moe": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
@@ -493,32 +510,23 @@ def main() -> None:
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
         check_moe(errors, device, hidden, inter, result["checks"])
         log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
-        for rep in range(args.repeats):
-            if rep:
-                log(f"[{time.time() - start:.0f}s] MoE timings, pass {rep + 1} of "
-                    f"{args.repeats}")
-            result["moe_passes"].append([])  # filled as it goes: a killed run keeps it
-            bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms,
-                      result["moe_passes"][-1])
-        result["moe"] = median_rows(result["moe_passes"])
-        if args.repeats > 1:
-            log(f"MoE timings, median of {args.repeats} passes (spread: slowest/fastest pass "
-                f"of grouped_moe)")
-            for row in result["moe"]:
-                log(format_moe_row(row) + f" spread {_ratio(row['grouped_spread'], 1)}")
+        bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
+                  result["moe"])  # filled as it goes: a killed run keeps it
         result["summary"] = summarize(result["moe"])
         if args.quick:
+            # Tiles first: whether a ws tile beats the table is the open question (issue 3).
             ab_timer = Timer(cuda, max(20, args.rep_ms // 2))
-            log(f"[{time.time() - start:.0f}s] each row with one feature off "
-                f"(ratio to the default)")
-            result["feature_ab"] = bench_features(ab_timer, errors, device, hidden, inter,
-                                                  result["moe"], deadline)
-            log(f"[{time.time() - start:.0f}s] alternative tiles (TMA weight loads)")
-            cases = ([(e, m) for m in (128, 512) for e in experts] if not args.smoke
-                     else [(experts[0], ms[-1])])
+            log(f"[{time.time() - start:.0f}s] alternative tiles beside the table's, in turn "
+                f"(TMA weight loads)")
+            cases = ([(e, m) for m in (128, 32, 512) for e in experts if (e, m) != (32, 32)]
+                     if not args.smoke else [(experts[0], ms[-1])])
             result["tile_ab"] = sweep_moe(ab_timer, errors, device, hidden, inter, cases,
                                           deadline=deadline, smoke=args.smoke, tma=cuda,
-                                          candidates=quick_tiles, log=log)
+                                          candidates=quick_tiles, rounds=args.rounds, log=log)
+            log(f"[{time.time() - start:.0f}s] each row with the defaults and with one feature "
+                f"off, in turn (ratio to the defaults)")
+            result["feature_ab"] = bench_features(ab_timer, errors, device, hidden, inter,
+                                                  result["moe"], deadline, args.rounds)
         else:
             log(f"[{time.time() - start:.0f}s] other kernels")
             result["others"] = bench_others(timer, ceil, errors, device, args.smoke)

@@ -6,6 +6,8 @@ Each GEMM is timed alone on the grouped (no alignment) path, so w13 and w2 pick 
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -19,11 +21,17 @@ from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13
 _SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the epilogue
 
 # The few tiles a quick GPU check times against the table's at the sizes furthest from their
-# targets: m = 128 (memory-bound, but streaming at half the tensor-core rate) and m = 512
-# (compute-bound). Keyed by (m, gemm); every one compiles for sm_90a without spills
-# (tests/test_kernels_sm90.py). The ``ws`` tiles (warp-specialized: with num_warps=4 Triton
-# 3.6 builds a producer and two consumer warp groups, 12 warps) have not been timed yet.
+# targets: m = 32 (memory-bound, 8 experts ~1.11x the floor: more bytes in flight?), m = 128
+# (memory-bound, but streaming at half the tensor-core rate) and m = 512 (compute-bound). Keyed by
+# (m, gemm); every one compiles for sm_90a without spills (tests/test_kernels_sm90.py). The ``ws``
+# tiles (warp-specialized: with num_warps=4 Triton 3.6 builds a producer and two consumer warp
+# groups, 12 warps) have not been timed yet.
 QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
+    (32, "w13"): [GemmTile(32, 64, 128, 4, 4), GemmTile(32, 32, 128, 4, 4),
+                  GemmTile(32, 64, 256, 4, 2), GemmTile(64, 64, 64, 4, 3, ws=True)],
+    (32, "w2"): [GemmTile(32, 128, 128, 4, 4), GemmTile(32, 64, 128, 4, 4),
+                 GemmTile(32, 64, 256, 4, 3), GemmTile(64, 64, 64, 4, 3, ws=True),
+                 GemmTile(64, 128, 64, 4, 3, ws=True)],
     (128, "w13"): [GemmTile(128, 64, 64, 8, 3), GemmTile(128, 64, 128, 8, 3),
                    GemmTile(128, 128, 64, 8, 3), GemmTile(128, 64, 64, 4, 3, ws=True),
                    GemmTile(128, 64, 64, 4, 4, ws=True), GemmTile(128, 128, 64, 4, 3, ws=True)],
@@ -80,17 +88,48 @@ def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
     return tiles
 
 
+def time_interleaved(timer: Callable[[Callable], float], fns: dict[str, Callable],
+                     rounds: int, on_error: Callable[[str, Exception], None]) -> dict[str, list]:
+    """Time each of ``fns`` once per round, in turn, for ``rounds`` rounds, each round starting
+    one further along: a drift of the clocks or a slow stretch of the device (an H200 run showed
+    one-off ~1.8x cells) then falls on every variant alike, so ratios between them hold. A fn
+    that raises goes to ``on_error(name, exc)`` once and is not timed again. Returns each name's
+    timings in ms, in the order taken (empty for one that failed at once)."""
+    samples: dict[str, list] = {name: [] for name in fns}
+    live = list(fns)
+    for r in range(rounds):
+        shift = r % len(live) if live else 0
+        for name in live[shift:] + live[:shift]:
+            try:
+                samples[name].append(timer(fns[name]))
+            except Exception as exc:  # noqa: BLE001 - one bad variant must not end the rest
+                on_error(name, exc)
+                live.remove(name)
+    return samples
+
+
+def median_and_spread(samples: list[float]) -> tuple[float | None, float | None]:
+    """(median, slowest / fastest) of one variant's timings; (None, None) if it has none."""
+    if not samples:
+        return None, None
+    return statistics.median(samples), max(samples) / min(samples)
+
+
 def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: int,
               cases: list[tuple[int, int]], *, deadline: float, smoke: bool = False,
               tma: bool = False, candidates: Callable[..., list[GemmTile]] = candidate_tiles,
-              log: Callable[[str], None] = print) -> list[dict]:
+              rounds: int = 1, log: Callable[[str], None] = print) -> list[dict]:
     """Time the table tile and each of ``candidates(m, gemm, smoke)`` for w13 and w2 at each
     (experts, m) of ``cases``, in that order, until ``deadline`` (time.time()). ``tma``:
-    weights through TMA descriptors. Returns one row per (E, m, gemm) with every timing and the
-    best tile."""
+    weights through TMA descriptors. ``rounds``: the tiles of one GEMM are timed in turn that
+    many times (``time_interleaved``) and each keeps its median. Returns one row per
+    (E, m, gemm) with every timing and the best tile."""
     rows = []
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for num_experts, m in cases:
+        if time.time() > deadline:
+            log("  sweep: time budget reached")
+            break
         if num_experts not in weights:
             weights.clear()  # one expert count's weights at a time (GBs at real dims)
             weights[num_experts] = (
@@ -104,30 +143,28 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
         out = torch.empty_like(x)
         table = default_config(num_rows, num_experts, hidden, inter, torch.bfloat16)
         groups = RowGroups(ROWS, num_rows, counts=counts)
-        args = {"x": x, "w13": w13, "w2": w2, "h": h, "out": out, "groups": groups}
         runs = {
-            "w13": (table.w13, lambda t, a=args: launch_w13(
-                a["x"], a["w13"], a["h"], a["groups"], tile=t, tma=tma, pdl=False)),
-            "w2": (table.w2, lambda t, a=args: launch_w2(
-                a["h"], a["w2"], a["out"], a["groups"], None, tile=t, tma=tma, pdl=False)),
+            "w13": (table.w13, lambda t: launch_w13(x, w13, h, groups, tile=t, tma=tma,
+                                                    pdl=False)),
+            "w2": (table.w2, lambda t: launch_w2(h, w2, out, groups, None, tile=t, tma=tma,
+                                                 pdl=False)),
         }
-        out_of_time = False
         for gemm, (table_tile, launch) in runs.items():
+            tiles = {repr(t): t for t in [table_tile, *candidates(m, gemm, smoke)]}
+
+            def failed(name: str, exc: Exception, gemm=gemm) -> None:
+                errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {name}",
+                               "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                               "trace": traceback.format_exc()[-1500:]})
+
+            samples = time_interleaved(
+                timer, {name: functools.partial(launch, t) for name, t in tiles.items()},
+                rounds, failed)
             timings = []
-            for tile in [table_tile, *candidates(m, gemm, smoke)]:
-                if time.time() > deadline:
-                    out_of_time = True
-                    break
-                if any(t["tile"] == repr(tile) for t in timings):
-                    continue
-                try:
-                    ms_ = timer(lambda launch=launch, tile=tile: launch(tile))
-                except Exception as exc:  # noqa: BLE001 - a tile that fails is just skipped
-                    errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {tile}",
-                                   "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                                   "trace": traceback.format_exc()[-1500:]})
-                    continue
-                timings.append({"tile": repr(tile), "ms": ms_})
+            for name, values in samples.items():
+                ms_, spread = median_and_spread(values)
+                if ms_ is not None:
+                    timings.append({"tile": name, "ms": ms_, "spread": spread})
             if not timings:
                 continue
             best = min(timings, key=lambda t: t["ms"])
@@ -136,11 +173,7 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
                          "table_tile": repr(table_tile), "table_ms": table_ms,
                          "best_tile": best["tile"], "best_ms": best["ms"],
                          "timings": timings})
+            ratio = f" ({best['ms'] / table_ms:.3f}x the table's)" if table_ms else ""
             log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
-                f"best {best['ms']:.4f} ms with {best['tile']}")
-            if out_of_time:
-                break
-        if out_of_time:
-            log("  sweep: time budget reached")
-            break
+                f"best {best['ms']:.4f} ms{ratio} with {best['tile']}")
     return rows

@@ -1,0 +1,80 @@
+"""bench/kernels.py's timing method and a CPU run of the script itself (its GPU runs are scarce:
+a broken script must show here, not on the lent GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels.fused_moe_tuning import median_and_spread, time_interleaved
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_time_interleaved_takes_variants_in_turn_and_drops_a_failing_one() -> None:
+    calls: list[str] = []
+    clock = iter(range(1, 100))
+
+    def timer(fn) -> float:
+        fn()
+        return float(next(clock))
+
+    def variant(name: str, fail_on: int | None = None):
+        def fn() -> None:
+            calls.append(name)
+            if fail_on is not None and calls.count(name) == fail_on:
+                raise RuntimeError(f"{name} broke")
+        return fn
+
+    errors: list[tuple[str, str]] = []
+    samples = time_interleaved(
+        timer, {"a": variant("a"), "b": variant("b", fail_on=2), "c": variant("c")}, 4,
+        lambda name, exc: errors.append((name, str(exc))))
+    # Each round starts one further along; b fails in round 2 and is not timed again.
+    assert calls == ["a", "b", "c", "b", "c", "a", "a", "c", "c", "a"]
+    assert errors == [("b", "b broke")]
+    assert samples == {"a": [1.0, 5.0, 6.0, 9.0], "b": [2.0], "c": [3.0, 4.0, 7.0, 8.0]}
+    assert median_and_spread(samples["a"]) == (5.5, 9.0)
+    assert median_and_spread([]) == (None, None)
+
+
+def test_time_interleaved_gives_a_variant_that_fails_at_once_no_timings() -> None:
+    def broken() -> None:
+        raise ValueError("no")
+
+    errors: list[str] = []
+    samples = time_interleaved(lambda fn: fn() or 1.0, {"x": broken, "y": lambda: None}, 3,
+                               lambda name, exc: errors.append(name))
+    assert samples == {"x": [], "y": [1.0, 1.0, 1.0]}
+    assert errors == ["x"]
+
+
+def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--quick",
+         "--rounds", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    assert result["checks"] and all(c["ok"] for c in result["checks"])
+    for row in result["moe"]:
+        for entry in ("fused", "grouped", "loop"):
+            assert row[f"{entry}_ms"] > 0 and row[f"{entry}_spread"] >= 1.0
+    first = result["feature_ab"][0]
+    assert first["grouped_default_ms"] > 0 and first["grouped_no_pdl_ms"] > 0
+    assert first["fused_default_ms"] > 0
+    for row in result["tile_ab"]:
+        assert row["timings"][0]["tile"] == row["table_tile"] and row["table_ms"] > 0
+        assert len(row["timings"]) > 1  # the candidates beside the table's tile
+    assert {r["gemm"] for r in result["tile_ab"]} == {"w13", "w2"}
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
