@@ -34,8 +34,9 @@ weight stream plus part of the MMA time": one CTA per SM issues its loads and it
 same warps, so neither runs at its own rate. ``ws`` tiles are the candidate fix (a producer warp
 group for the TMA loads, two consumer warp groups for the MMAs, as DeepGEMM does); they compile
 and warp-specialize for sm_90a with Triton 3.6 and are right under the interpreter, but have not
-been timed, so no table row uses one yet (``fused_moe_tuning.QUICK_TILES`` times them). Blocks never exceed the (power-of-two
-rounded) problem dims, and 4-byte dtypes halve block_k so shared memory stays the same.
+been timed, so no table row uses one yet (``fused_moe_tuning.QUICK_TILES`` times them). Blocks
+never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so shared
+memory stays the same.
 ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs each program in numpy, and tests
 need blocks smaller than their tiny dims to cover the masks. Tune by editing the tables;
 ``bench/kernels.py --sweep`` times alternatives on a GPU, ``--quick`` a few (QUICK_TILES).

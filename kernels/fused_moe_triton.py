@@ -40,6 +40,7 @@ from kernels.moe_gemm_triton import (
     launch_w13,
     tma_compatible,
     w2_flags,
+    warp_specialized,
 )
 from kernels.moe_sum_triton import launch_sum
 
@@ -113,19 +114,21 @@ def _launch_tile(key: tuple, tile: GemmTile, launch, *args, **kwargs) -> None:
     raise RuntimeError(f"no fallback of {tile} fits this GPU for the {key[0]} GEMM") from error
 
 
-def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, launch, *args,
+def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, launch,
+            a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, groups: RowGroups, *args,
             ladder: bool = True, **kwargs) -> None:
-    """Launch one GEMM with the features on; if a warp-specialized tile, TMA or PDL fails here
-    (and ``ladder``), again without it, in that order."""
+    """``launch(a, w, out, groups, *args)`` for one GEMM with the features on; if a
+    warp-specialized tile, TMA or PDL fails here (and ``ladder``), again without it, in that
+    order."""
     if tile.persistent and not feats.persistent:
         tile = replace(tile, persistent=0)
-    if tile.ws and not feats.ws:
-        tile = replace(tile, ws=False)
+    if tile.ws and not (feats.ws and warp_specialized(groups, tile, feats.tma, a)):
+        tile = replace(tile, ws=False)  # it runs plain here: a failure is not the ws path's
     tma, pdl = feats.tma, feats.pdl
     while True:
         try:
-            _launch_tile((which, tile, dtype, tma, pdl), tile, launch, *args, **kwargs, tma=tma,
-                         pdl=pdl)
+            _launch_tile((which, tile, dtype, tma, pdl), tile, launch, a, w, out, groups, *args,
+                         **kwargs, tma=tma, pdl=pdl)
             return
         except Exception as exc:  # a new path failing must not fail the call
             if not (ladder and (tile.ws or tma or pdl)):

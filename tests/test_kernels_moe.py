@@ -296,6 +296,37 @@ def test_moe_case_takes_its_path(interpreter_results: dict, name: str) -> None:
     assert taken == [EXPECTED_PATHS[name]], f"{name} took {taken}"
 
 
+@pytest.mark.parametrize(("route", "ws_applies"), [("ROWS", True), ("SORTED", False)])
+def test_fallback_ladder_blames_ws_only_where_it_applies(monkeypatch: pytest.MonkeyPatch,
+                                                         route: str, ws_applies: bool) -> None:
+    # A ws tile on a gather route runs plain: when TMA then fails, TMA is what goes off, not ws.
+    import kernels.fused_moe_triton as backend
+    from kernels import moe_gemm_triton as g
+    from kernels.fused_moe_config import GemmTile, MoEFeatures
+
+    monkeypatch.setattr(backend, "_disabled", set())
+    monkeypatch.setattr(backend, "_events", [])
+    monkeypatch.setattr(backend, "_working_tile", {})
+    calls = []
+
+    def launch(a, w, out, groups, *, tile, tma, pdl):
+        calls.append((tile.ws, tma))
+        if tile.ws or tma:
+            raise RuntimeError("this path broke")
+
+    a = torch.zeros(8, 64, dtype=torch.bfloat16)  # rows TMA can read
+    groups = g.RowGroups(getattr(g, route), 8, counts=torch.tensor([8]))
+    with pytest.warns(RuntimeWarning, match="off after the w13 GEMM failed"):
+        backend._launch("w13", GemmTile(16, 16, 16, 4, 2, ws=True), torch.bfloat16,
+                        MoEFeatures(pdl=False), launch, a, None, None, groups)
+    if ws_applies:
+        assert calls == [(True, True), (False, True), (False, False)]
+        assert backend._disabled == {"ws", "tma"}
+    else:
+        assert calls == [(False, True), (False, False)]
+        assert backend._disabled == {"tma"}
+
+
 def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     from kernels.fused_moe_config import MoEFeatures
     from kernels.moe_align_triton import inline_route_fits
