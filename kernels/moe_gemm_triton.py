@@ -167,6 +167,11 @@ def moe_w13_kernel(
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     gdc_wait(PDL)
+    if WS:
+        # Triton 3.6's Hopper auto-WS drops a trigger placed after the (partitioned) k loop; one
+        # here, outside it, stays. The next kernel then launches once this grid's last programs
+        # have started, and waits in its gdc_wait as always.
+        gdc_launch_dependents(PDL)
     pid = tl.program_id(0)
     if ROUTE == 3:  # program 0 zeroes the counters
         for f0 in range(0, tl.where(pid == 0, num_flags, 0), 128):
@@ -207,7 +212,7 @@ def moe_w13_kernel(
                 gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
                                         stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N,
                                         BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
-            gdc_launch_dependents(PDL)
+                gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16)
 
@@ -232,6 +237,8 @@ def moe_w2_kernel(
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     gdc_wait(PDL)
+    if WS:  # as in moe_w13_kernel
+        gdc_launch_dependents(PDL)
     num_pid_n = tl.cdiv(hidden, BLOCK_N)
     if PERSISTENT:  # ROWS (or SORTED), as in moe_w13_kernel
         num_blocks = _num_blocks(counts_ptr, num_experts, E_PAD, BLOCK_M)
@@ -264,7 +271,7 @@ def moe_w2_kernel(
                 acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k,
                                   num_rows, hidden, inter, stride_hm, stride_we, stride_wn,
                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
-            gdc_launch_dependents(PDL)
+                gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
                      stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
             if ROUTE == 3:
