@@ -21,12 +21,17 @@ from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13
 _SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the epilogue
 
 # The few tiles a quick GPU check times against the table's at the sizes furthest from their
-# targets: m = 32 (memory-bound, 8 experts ~1.11x the floor: more bytes in flight?), m = 128
-# (memory-bound, but streaming at half the tensor-core rate) and m = 512 (compute-bound). Keyed by
-# (m, gemm); every one compiles for sm_90a without spills (tests/test_kernels_sm90.py). The ``ws``
-# tiles (warp-specialized: with num_warps=4 Triton 3.6 builds a producer and two consumer warp
-# groups, 12 warps) have not been timed yet.
+# targets: m = 1 and 32 (memory-bound, 8 experts at 1.10-1.11x the floor: more bytes in flight,
+# or smaller programs for a shorter tail?), m = 128 (memory-bound, but streaming at half the
+# tensor-core rate) and m = 512 (compute-bound). Keyed by (m, gemm); every one compiles for
+# sm_90a without spills (tests/test_kernels_sm90.py). The ``ws`` tiles (warp-specialized: with
+# num_warps=4 Triton 3.6 builds a producer and two consumer warp groups, 12 warps) have not been
+# timed yet.
 QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
+    (1, "w13"): [GemmTile(16, 32, 128, 4, 4), GemmTile(16, 64, 128, 4, 6),
+                 GemmTile(16, 64, 256, 4, 3)],
+    (1, "w2"): [GemmTile(16, 32, 128, 4, 4), GemmTile(16, 64, 128, 4, 6),
+                GemmTile(16, 128, 128, 4, 4)],
     (32, "w13"): [GemmTile(32, 64, 128, 4, 4), GemmTile(32, 32, 128, 4, 4),
                   GemmTile(32, 64, 256, 4, 2), GemmTile(64, 64, 64, 4, 3, ws=True)],
     (32, "w2"): [GemmTile(32, 128, 128, 4, 4), GemmTile(32, 64, 128, 4, 4),
