@@ -3,6 +3,7 @@ a broken script must show here, not on the lent GPU)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,6 +54,47 @@ def test_time_interleaved_gives_a_variant_that_fails_at_once_no_timings() -> Non
     assert errors == ["x"]
 
 
+def _bench_module():
+    # Not importable as "kernels": that is the package it benchmarks.
+    spec = importlib.util.spec_from_file_location("bench_kernels",
+                                                  os.path.join(ROOT, "bench", "kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) -> None:
+    import triton.testing
+
+    bench = _bench_module()
+    seen = []
+
+    def graph(fn, rep, return_mode):
+        seen.append(("graph", rep))
+        if getattr(fn, "capture_fails", False):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 1.0
+
+    def host(fn, warmup, rep, return_mode):
+        seen.append(("host", rep))
+        return 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", graph)
+    monkeypatch.setattr(triton.testing, "do_bench", host)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench.Timer, "graph_failures", [])
+    timer = bench.Timer(cuda=True, rep_ms=100)
+    broken = lambda: None  # noqa: E731
+    broken.capture_fails = True
+    assert timer(lambda: None) == 1.0
+    assert timer(bench.eager(lambda: None)) == 2.0
+    assert timer(broken) == 2.0
+    assert bench.Timer(cuda=True, rep_ms=100, graphs=False)(lambda: None) == 2.0
+    assert seen == [("graph", 10), ("host", 100), ("graph", 10), ("host", 100), ("host", 100)]
+    assert len(bench.Timer.graph_failures) == 1
+    assert "capturing" in bench.Timer.graph_failures[0]
+
+
 def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
     out = tmp_path / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
@@ -65,7 +107,7 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
     assert result["errors"] == []
     assert result["checks"] and all(c["ok"] for c in result["checks"])
     for row in result["moe"]:
-        for entry in ("fused", "grouped", "loop"):
+        for entry in ("fused", "grouped", "grouped_eager", "loop"):
             assert row[f"{entry}_ms"] > 0 and row[f"{entry}_spread"] >= 1.0
     first = result["feature_ab"][0]
     assert first["grouped_default_ms"] > 0 and first["grouped_no_pdl_ms"] > 0
