@@ -66,8 +66,16 @@ class GemmTile:
     # Warp-specialized k loop with the activations read through TMA as well (Hopper, grouped
     # rows, TMA weights): with num_warps=4 Triton builds a producer warp group that issues the
     # loads and two consumer warp groups that run the MMAs, so loads and MMAs stop sharing
-    # issue slots. Where it does not apply the tile runs as if False.
+    # issue slots. Where it does not apply the tile runs as ``plain()``.
     ws: bool = False
+
+    def plain(self) -> GemmTile:
+        """The tile without warp specialization and with the same MMA warps: a ``ws`` tile of
+        num_warps=4 computes with two consumer warp groups (8 warps), so its plain twin gets 8
+        (with 4, a 128-row tile's accumulators would spill)."""
+        if not self.ws:
+            return self
+        return replace(self, ws=False, num_warps=2 * self.num_warps)
 
 
 @dataclass(frozen=True)

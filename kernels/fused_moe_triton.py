@@ -8,7 +8,9 @@ fused_moe (tokens in natural order, top-k routing), no host sync:
                       column block reduces it, fp32, in slot order)
   otherwise, four or five launches:
     align_by_expert -> counts [E], sorted_slots [T*K]          (moe_align_triton)
-    moe_w13_kernel, moe_w2_kernel as above but reading the sorted slots
+    moe_w13_kernel, moe_w2_kernel as above but reading the sorted slots (a warp-specialized
+                      w13 tile reads a grouped copy of the token rows instead: three more
+                      small torch launches)
     moe_sum_kernel  -> out [T, H] = sum over the K slots of each token, fp32 accumulation
 grouped_moe (rows already grouped by local expert, as an FFN rank receives them) runs the two GEMM
 kernels on its input in place: no alignment, no reduction.
@@ -122,8 +124,8 @@ def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, 
     order."""
     if tile.persistent and not feats.persistent:
         tile = replace(tile, persistent=0)
-    if tile.ws and not (feats.ws and warp_specialized(groups, tile, feats.tma, a)):
-        tile = replace(tile, ws=False)  # it runs plain here: a failure is not the ws path's
+    if tile.ws and not (feats.ws and warp_specialized(which, groups, tile, feats.tma, a)):
+        tile = tile.plain()  # it runs plain here: a failure is not the ws path's
     tma, pdl = feats.tma, feats.pdl
     while True:
         try:
@@ -136,7 +138,7 @@ def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, 
             feature = "ws" if tile.ws else "tma" if tma else "pdl"
             _disable(feature, f"the {which} GEMM", exc)
             if feature == "ws":
-                tile = replace(tile, ws=False)
+                tile = tile.plain()
             else:
                 tma, pdl = False, pdl and feature != "pdl"
 
@@ -229,7 +231,17 @@ def fused_moe_triton(
     _with_pdl("align_by_expert", feats.pdl, align)
     groups = RowGroups(SORTED, num_slots, counts=counts, sorted_slots=sorted_slots,
                        ids=flat_ids, top_k=top_k)
-    _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups)
+    rows = RowGroups(ROWS, num_slots, counts=counts)
+    if cfg.w13.ws and feats.ws and warp_specialized("w13", rows, cfg.w13, feats.tma, x):
+        # A warp-specialized w13 reads its rows through TMA, so they must be contiguous: copy
+        # each slot's token row into grouped order first (T*K rows of H, small beside the
+        # weights at the sizes ws tiles serve) and run it on the ROWS route. Entries of
+        # sorted_slots past sum(counts) are unwritten: clamped, they copy rows never stored.
+        src = torch.div(sorted_slots, top_k, rounding_mode="floor").clamp_(0, num_tokens - 1)
+        _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x.index_select(0, src), w13, h,
+                rows)
+    else:
+        _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups)
     _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights)
     block_h = 128 if interpreter_enabled() else 1024
     _with_pdl("moe_sum", feats.pdl, lambda pdl: launch_sum(buf, flat_ids, out, num_experts,

@@ -23,9 +23,10 @@ through TMA descriptors (Hopper); otherwise, and for the activations, through po
 each kernel may be launched while the previous one drains (see ``triton_utils.gdc_wait``). A
 persistent tile (``GemmTile.persistent``, ROWS route) launches a few programs per SM that loop
 over the non-empty tiles, so the next tile's loads overlap this tile's epilogue. A ``ws`` tile
-(``GemmTile.ws``, ROWS and SLABS routes, with W_TMA) reads the activations through a TMA
-descriptor too and warp-specializes the k loop (Triton's Hopper auto-WS: with num_warps=4 it
-builds a producer warp group for the TMA loads and two consumer warp groups for the MMAs).
+(``GemmTile.ws``, with W_TMA, where the activation rows are contiguous: w13 on ROWS and SLABS,
+w2 on those and SORTED) reads the activations through a TMA descriptor too and warp-specializes
+the k loop (Triton's Hopper auto-WS: with num_warps=4 it builds a producer warp group for the
+TMA loads and two consumer warp groups for the MMAs).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _block(pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_ro
 
     rows <= 0: nothing to compute. room: rows the block writes (slab padding rows as zeros).
     slots [BLOCK_M]: each row's slot id on the gather routes, its grouped row otherwise.
-    WS: no reductions (``expert_block_scan``) on the ROWS route.
+    WS: no reductions (``expert_block_scan``) on the ROWS and SORTED routes.
     """
     offs_m = tl.arange(0, BLOCK_M)
     if ROUTE == 1:  # SLABS
@@ -119,11 +120,14 @@ def _block(pid_m, counts_ptr, slots_ptr, ids_ptr, num_experts, num_rows, slab_ro
         expert, first, rows, num_blocks, slots = route_block(
             ids_ptr, pid_m, num_rows, num_experts, S_PAD, E_PAD, BLOCK_M)
         room = rows
-    elif WS:  # ROWS
+    elif WS:  # ROWS, or SORTED for w2
         expert, first, rows, _, num_blocks = expert_block_scan(pid_m, counts_ptr, num_experts,
                                                                num_rows, BLOCK_M)
         room = rows
-        slots = first + offs_m
+        if ROUTE == 2:
+            slots = tl.load(slots_ptr + first + offs_m, mask=offs_m < rows, other=0)
+        else:
+            slots = first + offs_m
     else:
         offs_e = tl.arange(0, E_PAD)
         counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(tl.int32)
@@ -319,11 +323,19 @@ def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
     return False, (tiles,)
 
 
-def warp_specialized(groups: RowGroups, tile: GemmTile, tma: bool, a: torch.Tensor) -> bool:
-    """Warp-specialized k loop: asked by a non-persistent tile (Triton's Hopper auto-WS does not
-    partition the persistent loops), with TMA weight loads, on the routes whose activation rows
-    are contiguous (ROWS, SLABS), with a TMA-compatible activation matrix."""
-    return (bool(tile.ws) and not tile.persistent and tma and groups.route in (ROWS, SLABS)
+# Routes on which each GEMM reads its activation rows contiguously (TMA can load them): w13
+# gathers token rows on SORTED and INLINE; w2 reads h in grouped order on every route but INLINE
+# (whose routing and top-k sum hold reductions the Hopper auto-WS pass rejects).
+_WS_ROUTES = {"w13": (ROWS, SLABS), "w2": (ROWS, SLABS, SORTED)}
+
+
+def warp_specialized(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool,
+                     a: torch.Tensor) -> bool:
+    """Warp-specialized k loop for ``gemm`` ("w13" or "w2"): asked by a non-persistent tile
+    (Triton's Hopper auto-WS does not partition the persistent loops), with TMA weight loads, on
+    a route where that GEMM's activation rows are contiguous, with a TMA-compatible activation
+    matrix ``a``."""
+    return (bool(tile.ws) and not tile.persistent and tma and groups.route in _WS_ROUTES[gemm]
             and tma_compatible(a))
 
 
@@ -354,10 +366,11 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
     """
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
+    ws = warp_specialized("w13", groups, tile, tma, x)
+    tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(inter, tile.block_n), x.device)
     w, a = w13, x
-    ws = warp_specialized(groups, tile, tma, x)
     if ws:  # gate and up tiles loaded apart (w13_mainloop_ws)
         a = _descriptor(x, list(x.shape), list(x.stride()), [tile.block_m, tile.block_k])
         w = _descriptor(w13, list(w13.shape), list(w13.stride()),
@@ -391,13 +404,14 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
     INLINE route: flags as zeroed by ``launch_w13``, and sum_out [T, H] receives the top-k sum.
     """
     num_experts, hidden, inter = w2.shape
+    ws = warp_specialized("w2", groups, tile, tma, h)
+    tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(hidden, tile.block_n), h.device)
     w, a = w2, h
     if tma:
         w = _descriptor(w2, [num_experts, hidden, inter], [w2.stride(0), w2.stride(1), 1],
                         [1, tile.block_n, tile.block_k])
-    ws = warp_specialized(groups, tile, tma, h)
     if ws:
         a = _descriptor(h, list(h.shape), list(h.stride()), [tile.block_m, tile.block_k])
     placeholder = groups.counts if groups.counts is not None else groups.ids

@@ -64,6 +64,7 @@ class Fused:
     tile: int | None = None  # force square tiles of this size instead of the table
     tma: bool = True  # weights through TMA descriptors where they apply (bf16/fp16, aligned)
     inline: bool = True  # small batches routed inside the GEMMs (no alignment, no sum launch)
+    ws: bool = False  # with ``tile``: warp-specialized tiles where they apply
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ FUSED_CASES = {
                                     tile=16),
     "inline_e256_bf16": Fused("bf16", T=2, H=24, I=16, E=256, K=8, skip=0.2),
     "unaligned_bf16": Fused("bf16", T=7, H=60, I=20, E=4, K=2),
+    # Warp-specialized tiles on the sorted route: w13 on a grouped copy of the token rows (the
+    # skipped slots leave sorted_slots' tail unwritten), w2 straight from h; K of both ragged.
+    "ws_sorted_bf16": Fused("bf16", T=29, H=56, I=40, E=6, K=2, skip=0.15, unused=(2,),
+                            inline=False, tile=16, ws=True),
 }
 
 GROUPED_CASES = {
@@ -159,7 +164,7 @@ def run_fused_case(case: Fused, device: str) -> dict:
         from kernels.fused_moe_triton import fused_moe_triton
 
         out = fused_moe_triton(x, w13, w2, weights, ids,
-                               config=_tile_config(case.tile) if case.tile else None,
+                               config=_tile_config(case.tile, ws=case.ws) if case.tile else None,
                                features=MoEFeatures(tma=case.tma, inline_route=case.inline))
     else:
         out = fused_moe(x, w13, w2, weights, ids, backend="triton")
@@ -232,22 +237,25 @@ def interpreter_case(name: str, seed: int) -> dict:
 
     from kernels.moe_gemm_triton import warp_specialized
 
-    launches = []  # (route, tma, ws) of each w13 launch: which path the case took
-    launch_w13 = backend.launch_w13
+    launches = {"w13": [], "w2": []}  # (route, tma, ws) of each launch: the path taken
+    originals = {"w13": backend.launch_w13, "w2": backend.launch_w2}
 
-    def recording(*args, **kwargs):
-        x, groups, tile, tma = args[0], args[3], kwargs["tile"], kwargs["tma"]
-        launches.append((groups.route, tma, warp_specialized(groups, tile, tma, x)))
-        return launch_w13(*args, **kwargs)
+    def recording(gemm: str):
+        def launch(*args, **kwargs):
+            a, groups, tile, tma = args[0], args[3], kwargs["tile"], kwargs["tma"]
+            launches[gemm].append((groups.route, tma,
+                                   warp_specialized(gemm, groups, tile, tma, a)))
+            return originals[gemm](*args, **kwargs)
+        return launch
 
-    backend.launch_w13 = recording
+    backend.launch_w13, backend.launch_w2 = recording("w13"), recording("w2")
     try:
         if name in FUSED_CASES:
             result = run_fused_case(FUSED_CASES[name], "cpu")
         else:
             result = run_grouped_case(GROUPED_CASES[name], "cpu")
     finally:
-        backend.launch_w13 = launch_w13
+        backend.launch_w13, backend.launch_w2 = originals["w13"], originals["w2"]
     return result | {"launches": launches}
 
 
@@ -284,7 +292,13 @@ EXPECTED_PATHS = {
     "slab_bf16": ("slabs", True, False), "slab_pointer_bf16": ("slabs", False, False),
     "persistent_bf16": ("rows", True, False), "persistent_pointer_fp32": ("rows", False, False),
     "ws_contiguous_bf16": ("rows", True, True), "ws_slab_fp16": ("slabs", True, True),
+    # w13 on a grouped copy of the token rows (a gather route cannot feed TMA)
+    "ws_sorted_bf16": ("rows", True, True),
 }
+# w2's path where it differs from w13's: on the sorted route it reads h in grouped order, so a
+# ws tile warp-specializes there too.
+EXPECTED_W2_PATHS = {"ws_sorted_bf16": ("sorted", True, True),
+                     "sorted_route_bf16": ("sorted", True, False)}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_PATHS))
@@ -292,8 +306,11 @@ def test_moe_case_takes_its_path(interpreter_results: dict, name: str) -> None:
     from kernels import moe_gemm_triton as g
 
     routes = {g.ROWS: "rows", g.SLABS: "slabs", g.SORTED: "sorted", g.INLINE: "inline"}
-    taken = [(routes[r], tma, ws) for r, tma, ws in interpreter_results[name]["launches"]]
-    assert taken == [EXPECTED_PATHS[name]], f"{name} took {taken}"
+    for gemm, expected in (("w13", EXPECTED_PATHS), ("w2", EXPECTED_W2_PATHS)):
+        taken = [(routes[r], tma, ws) for r, tma, ws in
+                 interpreter_results[name]["launches"][gemm]]
+        if name in expected:
+            assert taken == [expected[name]], f"{name} took {taken} for {gemm}"
 
 
 @pytest.mark.parametrize(("route", "ws_applies"), [("ROWS", True), ("SORTED", False)])

@@ -114,8 +114,8 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
-    ws = tile.ws and not persistent and tma and route in (moe_gemm_triton.ROWS,
-                                                          moe_gemm_triton.SLABS)
+    ws = tile.ws and not persistent and tma and route in moe_gemm_triton._WS_ROUTES[gemm]
+    tile = tile if ws else tile.plain()  # as the launchers
     constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
                   "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m, "EVEN_K": even_k,
@@ -189,7 +189,12 @@ def _hopper_auto_ws_reason() -> str | None:
 @pytest.mark.parametrize(("m", "gemm", "tile"), [(m, gemm, t) for (m, gemm), tiles in
                                                   QUICK_TILES.items() for t in tiles])
 def test_moe_quick_ab_tiles_fit_hopper(m: int, gemm: str, tile: GemmTile) -> None:
-    # The alternatives bench/kernels.py --quick times, on the grouped route with TMA.
+    # The alternatives bench/kernels.py --quick times, on the grouped route with TMA; a ws
+    # tile's plain twin too, which runs wherever ws does not (and if ws fails to compile).
+    if tile.ws:
+        plain = compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=False)
+        check_gemm(plain, False)
+        assert plain.metadata.num_warps == tile.plain().num_warps == 2 * tile.num_warps
     if tile.ws and (reason := _hopper_auto_ws_reason()):
         pytest.skip(reason)  # the launcher then runs the tile plain (fused_moe_triton._launch)
     compiled = compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=True)
@@ -197,7 +202,7 @@ def test_moe_quick_ab_tiles_fit_hopper(m: int, gemm: str, tile: GemmTile) -> Non
     assert _warp_specialized(compiled, tile.num_warps) == tile.ws
 
 
-def test_ws_tiles_warp_specialize_on_slabs_only_where_asked() -> None:
+def test_ws_tiles_warp_specialize_where_rows_are_contiguous() -> None:
     if reason := _hopper_auto_ws_reason():
         pytest.skip(reason)
     tile = GemmTile(128, 128, 64, 4, 3, ws=True)
@@ -205,9 +210,15 @@ def test_ws_tiles_warp_specialize_on_slabs_only_where_asked() -> None:
         slabs = compile_gemm(gemm, tile, route=moe_gemm_triton.SLABS, tma=True, experts=32)
         check_gemm(slabs, True)
         assert _warp_specialized(slabs, 4)
-        # The gather routes read activations by row index: no TMA, so no WS.
-        assert not _warp_specialized(
-            compile_gemm(gemm, tile, route=moe_gemm_triton.SORTED, tma=True), 4)
+        # On the sorted route w13 gathers token rows by index (no TMA, no WS); w2 reads h in
+        # grouped order and scatters its output rows to their slots: it warp-specializes.
+        sorted_route = compile_gemm(gemm, tile, route=moe_gemm_triton.SORTED, tma=True)
+        check_gemm(sorted_route, True)
+        assert _warp_specialized(sorted_route, 4) == (gemm == "w2")
+        # INLINE routes inside the kernel (reductions the auto-WS pass rejects): never WS.
+        inline = compile_gemm(gemm, GemmTile(16, 64, 64, 4, 3, ws=True),
+                              route=moe_gemm_triton.INLINE, tma=True, s_pad=64)
+        assert not _warp_specialized(inline, 4)
 
 
 def test_moe_slab_and_fp32_variants_compile() -> None:
