@@ -7,7 +7,8 @@
 #                                        # bench/kernels.py --quick --rounds 3 (checks with each
 #                                        # feature on and off, the MoE table with each cell's
 #                                        # variants timed in turn 3 times, medians and targets,
-#                                        # tile A/B incl. ws tiles, then feature A/B)
+#                                        # tile A/B incl. ws tiles, both entries with the
+#                                        # winning tiles, then feature A/B)
 # Timings are device time (CUDA graph replay) unless BENCH_ARGS=--eager; the MoE table also
 # prints grouped_moe as launched from the host (how the earlier bench/results runs timed all).
 #

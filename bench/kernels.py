@@ -21,7 +21,8 @@ slowest/fastest spread): ratios then compare timings taken side by side, not min
 ``kernels/fused_moe_config.py``.
 ``--quick`` times only the MoE: the checks (each ``MoEFeatures`` switch on and off), the table and
 the targets, then, until the budget runs out, a few alternative tiles at m = 1, 32, 128, 512
-beside the table's (``fused_moe_tuning.QUICK_TILES``), and each row again with the defaults and
+beside the table's (``fused_moe_tuning.QUICK_TILES``), both entries with the winners beside the
+table's (what editing the table would give), and each row again with the defaults and
 with one feature off (PDL, TMA, inline routing, persistent tiles) side by side.
 Every case is guarded: a failure is printed and recorded, and the run goes on; features the
 kernels switched off after a failure are listed. Results go to ``--json`` and to
@@ -49,7 +50,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.fused_moe import grouped_moe_torch  # noqa: E402
-from kernels.fused_moe_config import MoEFeatures  # noqa: E402
+from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
     default_config,
     fallback_events,
@@ -392,6 +393,56 @@ def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: 
     return out
 
 
+def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter: int,
+                     tile_ab: list[dict], moe_rows: list[dict], deadline: float,
+                     rounds: int, smoke: bool = False) -> list:
+    """Where the tile A/B found a faster tile than the table's for either GEMM of an (E, m):
+    fused_moe and grouped_moe with those tiles (a config override) beside the table's, in turn,
+    as ratios to the floor: what editing the table would give both entries. ``smoke``: every
+    cell, so the CPU check of this script runs it."""
+    cells: dict[tuple[int, int], dict] = {}
+    for row in tile_ab:
+        cells.setdefault((row["experts"], row["m"]), {})[row["gemm"]] = row
+    floors = {(r["experts"], r["m"]): r for r in moe_rows}
+    out = []
+    for (num_experts, m), gemms in cells.items():
+        if time.time() > deadline:
+            log("  best tiles: time budget reached")
+            break
+        same = all(g["best_tile"] == g["table_tile"] for g in gemms.values())
+        if (same and not smoke) or (num_experts, m) not in floors:
+            continue
+        base = floors[(num_experts, m)]
+        table = default_config(m * num_experts, num_experts, hidden, inter, torch.bfloat16)
+        best = MoEConfig(
+            w13=GemmTile(**gemms["w13"]["best"]) if "w13" in gemms else table.w13,
+            w2=GemmTile(**gemms["w2"]["best"]) if "w2" in gemms else table.w2)
+        torch.manual_seed(num_experts)
+        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
+        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        d = moe_inputs(num_experts, m, hidden, device, w13, w2)
+        fns = {}
+        for label, cfg in (("table", table), ("best", best)):
+            fns[f"grouped_{label}"] = lambda d=d, c=cfg: grouped_moe_triton(
+                d["x_rows"], d["counts"], d["w13"], d["w2"], config=c)
+            fns[f"fused_{label}"] = lambda d=d, c=cfg: fused_moe_triton(
+                d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"], config=c)
+        timed = timed_in_turn(timer, errors, f"best tiles E={num_experts} m={m}", fns, rounds)
+        row = {"experts": num_experts, "m": m, "config": repr(best), "rounds": rounds,
+               "floor_ms": base["floor_ms"], "floor_fused_ms": base["floor_fused_ms"]}
+        for name, (median, spread) in timed.items():
+            row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
+        parts = []
+        for label in ("table", "best"):
+            g, f = row.get(f"grouped_{label}_ms"), row.get(f"fused_{label}_ms")
+            parts.append(f"{label}: grouped {_ms(g)} {_ratio(g, base['floor_ms'])}, fused "
+                         f"{_ms(f)} {_ratio(f, base['floor_fused_ms'])}")
+        log(f"E={num_experts:3d} m={m:4d} | " + " | ".join(parts) + f" | {best}")
+        out.append(row)
+        del d, w13, w2
+    return out
+
+
 def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
     """RMSNorm, rotary and MLA decode: Triton vs the torch reference, and bytes / copy bw."""
     bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
@@ -559,6 +610,11 @@ def main() -> None:
             result["tile_ab"] = sweep_moe(ab_timer, errors, device, hidden, inter, cases,
                                           deadline=deadline, smoke=args.smoke, tma=cuda,
                                           candidates=quick_tiles, rounds=args.rounds, log=log)
+            log(f"[{time.time() - start:.0f}s] the A/B's best tiles in both entries, beside the "
+                f"table's (ratios to the floor)")
+            result["best_tiles"] = bench_best_tiles(ab_timer, errors, device, hidden, inter,
+                                                    result["tile_ab"], result["moe"], deadline,
+                                                    args.rounds, smoke=args.smoke)
             log(f"[{time.time() - start:.0f}s] each row with the defaults and with one feature "
                 f"off, in turn (ratio to the defaults)")
             result["feature_ab"] = bench_features(ab_timer, errors, device, hidden, inter,

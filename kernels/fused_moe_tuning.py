@@ -6,6 +6,7 @@ Each GEMM is timed alone on the grouped (no alignment) path, so w13 and w2 pick 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -177,7 +178,7 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
             rows.append({"experts": num_experts, "m": m, "gemm": gemm,
                          "table_tile": repr(table_tile), "table_ms": table_ms,
                          "best_tile": best["tile"], "best_ms": best["ms"],
-                         "timings": timings})
+                         "best": dataclasses.asdict(tiles[best["tile"]]), "timings": timings})
             ratio = f" ({best['ms'] / table_ms:.3f}x the table's)" if table_ms else ""
             log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
                 f"best {best['ms']:.4f} ms{ratio} with {best['tile']}")
