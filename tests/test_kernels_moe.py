@@ -393,6 +393,9 @@ GPU_FUSED = {
     "ragged_fp32": Fused("fp32", T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,)),
     "e256_top8_bf16": Fused("bf16", T=64, H=512, I=256, E=256, K=8),
     "hot_expert_bf16": Fused("bf16", T=600, H=1024, I=512, E=8, K=2, hot=3),
+    # Warp-specialized tiles on the sorted route (w13 on a grouped copy of the token rows).
+    "ws_sorted_bf16": Fused("bf16", T=600, H=7168, I=2048, E=8, K=2, skip=0.1, inline=False,
+                            tile=64, ws=True),
 }
 GPU_GROUPED = {
     "contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
@@ -415,7 +418,7 @@ GPU_GROUPED = {
 @pytest.mark.parametrize("name", list(GPU_FUSED))
 def test_fused_moe_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check(run_fused_case(GPU_FUSED[name], "cuda"), name)
+    _check_gpu(run_fused_case(GPU_FUSED[name], "cuda"), name, GPU_FUSED[name].ws)
 
 
 @pytest.mark.gpu
@@ -423,9 +426,12 @@ def test_fused_moe_gpu(name: str) -> None:
 @pytest.mark.parametrize("name", list(GPU_GROUPED))
 def test_grouped_moe_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    result = run_grouped_case(GPU_GROUPED[name], "cuda")
+    _check_gpu(run_grouped_case(GPU_GROUPED[name], "cuda"), name, GPU_GROUPED[name].ws)
+
+
+def _check_gpu(result: dict, name: str, ws: bool) -> None:
     fallbacks = result.get("fallbacks", [])
-    if GPU_GROUPED[name].ws and fallbacks and all(e.startswith("ws off") for e in fallbacks):
+    if ws and fallbacks and all(e.startswith("ws off") for e in fallbacks):
         _check(result | {"fallbacks": []}, name)  # the plain tiles it fell back to are right
         pytest.skip(f"this Triton did not warp-specialize: {fallbacks[0][:200]}")
     _check(result, name)
