@@ -47,6 +47,9 @@ if [ "$QUICK" = 1 ]; then
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"
+  stamp "host time per MoE call (writes $OUT/host_overhead.json)"
+  timeout -k 5 60 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 \
+    | tee "$OUT/host_overhead.log"
   stamp "benchmark --quick (writes $OUT/kernels.json)"
   timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
     --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"

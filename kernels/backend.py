@@ -20,7 +20,10 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
 def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its interpreter. Read once: Triton itself reads
+    TRITON_INTERPRET when each @triton.jit function is defined, so it cannot change later."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

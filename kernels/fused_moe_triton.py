@@ -67,6 +67,11 @@ def _disable(feature: str, where: str, exc: Exception) -> None:
     warnings.warn(f"fused_moe: {event}", RuntimeWarning, stacklevel=3)
 
 
+# AFD_MOE_* are read at the first call of the process (every call pays for its launches on the
+# host, and the switches are set before a run, not during one).
+_env_features = functools.cache(MoEFeatures.from_env)
+
+
 @functools.cache
 def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -78,7 +83,7 @@ def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
     out. The interpreter emulates TMA descriptors (so both load paths are testable on CPU) but
     not PDL. TMA is for 16-bit weights: fp32 tiles read from its swizzled shared memory into the
     fp32 (non tensor-core) dot spill registers."""
-    req = requested or MoEFeatures.from_env()
+    req = requested or _env_features()
     hopper = x.is_cuda and _hopper(x.device.index if x.device.index is not None else
                                    torch.cuda.current_device())
     return MoEFeatures(
@@ -232,7 +237,7 @@ def fused_moe_triton(
     groups = RowGroups(SORTED, num_slots, counts=counts, sorted_slots=sorted_slots,
                        ids=flat_ids, top_k=top_k)
     rows = RowGroups(ROWS, num_slots, counts=counts)
-    if cfg.w13.ws and feats.ws and warp_specialized("w13", rows, cfg.w13, feats.tma, x):
+    if feats.ws and warp_specialized("w13", rows, cfg.w13, feats.tma, x):
         # A warp-specialized w13 reads its rows through TMA, so they must be contiguous: copy
         # each slot's token row into grouped order first (T*K rows of H, small beside the
         # weights at the sizes ws tiles serve) and run it on the ROWS route. Entries of

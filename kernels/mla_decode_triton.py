@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot, dot_mode, interp_bf16, rne_bf16
+from kernels.triton_utils import cdiv, dot, dot_mode, interp_bf16, next_pow2, rne_bf16
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def default_launch(num_heads: int, on_gpu: bool) -> dict:
     accumulator spills), 32 tokens per step, 8 warps so the accumulator takes 64 registers per
     thread. The interpreter gets small blocks that keep the tests' masks partial.
     """
-    block_h = max(16, min(32, triton.next_power_of_2(num_heads)))
+    block_h = max(16, min(32, next_pow2(num_heads)))
     if not on_gpu:
         return {"block_h": block_h, "block_n": 16, "num_warps": 4, "num_stages": 1}
     return {"block_h": block_h, "block_n": 32, "num_warps": 8 if block_h > 16 else 4,
@@ -175,12 +175,12 @@ def mla_decode_attention_triton(
     launch = default_launch(num_heads, on_gpu=not interp)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
-    head_blocks = triton.cdiv(num_heads, block_h)
+    head_blocks = cdiv(num_heads, block_h)
     if num_splits is None:
         sms = 4 if interp else _sm_count(q_lat.device.index or 0)
         num_splits = choose_num_splits(batch, head_blocks, block_tables.shape[1] * block_size, sms)
-    dl_pad = max(16, triton.next_power_of_2(d_lat))
-    dr_pad = max(16, triton.next_power_of_2(d_rope))
+    dl_pad = max(16, next_pow2(d_lat))
+    dr_pad = max(16, next_pow2(d_rope))
     common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "DL_PAD": dl_pad, "DR_PAD": dr_pad,
               "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
@@ -200,7 +200,7 @@ def mla_decode_attention_triton(
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
     mla_combine_kernel[(batch * num_heads,)](
         part, lse, out, d_lat,
-        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), DL_PAD=dl_pad,
+        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), DL_PAD=dl_pad,
         INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
     )
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from kernels.triton_utils import cdiv, gdc_launch_dependents, gdc_wait, next_pow2, pdl_kwargs
 
 # One program holds a [CHUNK, E_PAD] one-hot tile; this many elements keeps it in registers.
 _TILE_ELEMS = 8192
@@ -33,12 +33,12 @@ _INLINE_ELEMS = 8192
 
 def inline_route_fits(num_slots: int, num_experts: int, block_m: int) -> bool:
     """Whether GEMM programs can route their own rows (``route_block``) for this batch."""
-    s_pad = triton.next_power_of_2(max(num_slots, 1))
+    s_pad = next_pow2(max(num_slots, 1))
     return s_pad * max(_e_pad(num_experts), block_m) <= _INLINE_ELEMS
 
 
 def _e_pad(num_experts: int) -> int:
-    return max(16, triton.next_power_of_2(num_experts))
+    return max(16, next_pow2(num_experts))
 
 
 @triton.jit
@@ -194,7 +194,7 @@ def align_by_expert(flat_ids: torch.Tensor, num_experts: int, *, chunk: int | No
     num_slots = flat_ids.numel()
     e_pad = _e_pad(num_experts)
     chunk = chunk or max(16, min(1024, _TILE_ELEMS // e_pad))
-    num_chunks = triton.cdiv(num_slots, chunk)
+    num_chunks = cdiv(num_slots, chunk)
     device = flat_ids.device
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_slots = torch.empty(num_slots, dtype=torch.int32, device=device)

@@ -50,10 +50,12 @@ from kernels.moe_tile_triton import (
     w13_store,
 )
 from kernels.triton_utils import (
+    cdiv,
     dot_mode,
     gdc_launch_dependents,
     gdc_wait,
     interp_bf16,
+    next_pow2,
     num_sms,
     pdl_kwargs,
 )
@@ -300,17 +302,17 @@ def moe_w2_kernel(
 
 def _m_blocks(groups: RowGroups, num_experts: int, block_m: int) -> int:
     if groups.route == SLABS:
-        return num_experts * triton.cdiv(groups.slab_rows, block_m)
+        return num_experts * cdiv(groups.slab_rows, block_m)
     # Each expert adds at most one partial block; no block is empty, so never more than rows.
-    return min(groups.num_rows, triton.cdiv(groups.num_rows, block_m) + num_experts)
+    return min(groups.num_rows, cdiv(groups.num_rows, block_m) + num_experts)
 
 
 def _e_pad(num_experts: int) -> int:
-    return max(16, triton.next_power_of_2(num_experts))
+    return max(16, next_pow2(num_experts))
 
 
 def _s_pad(groups: RowGroups) -> int:
-    return triton.next_power_of_2(groups.num_rows) if groups.route == INLINE else 1
+    return next_pow2(groups.num_rows) if groups.route == INLINE else 1
 
 
 def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
@@ -341,7 +343,7 @@ def warp_specialized(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool,
 
 def w2_flags(hidden: int, tile: GemmTile) -> int:
     """Counters the INLINE route needs: one per w2 n-block."""
-    return triton.cdiv(hidden, tile.block_n)
+    return cdiv(hidden, tile.block_n)
 
 
 def _descriptor(w: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
@@ -369,7 +371,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
     ws = warp_specialized("w13", groups, tile, tma, x)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
-    persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(inter, tile.block_n), x.device)
+    persistent, grid = _grid(groups, tile, num_pid_m * cdiv(inter, tile.block_n), x.device)
     w, a = w13, x
     if ws:  # gate and up tiles loaded apart (w13_mainloop_ws)
         a = _descriptor(x, list(x.shape), list(x.stride()), [tile.block_m, tile.block_k])
@@ -407,7 +409,7 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
     ws = warp_specialized("w2", groups, tile, tma, h)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
-    persistent, grid = _grid(groups, tile, num_pid_m * triton.cdiv(hidden, tile.block_n), h.device)
+    persistent, grid = _grid(groups, tile, num_pid_m * cdiv(hidden, tile.block_n), h.device)
     w, a = w2, h
     if tma:
         w = _descriptor(w2, [num_experts, hidden, inter], [w2.stride(0), w2.stride(1), 1],

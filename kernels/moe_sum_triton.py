@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import gdc_wait, interp_bf16, pdl_kwargs, rne_bf16
+from kernels.triton_utils import cdiv, gdc_wait, interp_bf16, next_pow2, pdl_kwargs, rne_bf16
 
 
 @triton.jit
@@ -68,8 +68,8 @@ def launch_sum(buf: torch.Tensor, flat_ids: torch.Tensor, out: torch.Tensor, num
                top_k: int, *, block_h: int = 1024, pdl: bool = False) -> None:
     """out[t] = sum over valid k of buf[t*K + k], accumulated in fp32."""
     num_tokens, hidden = out.shape
-    block_h = min(block_h, triton.next_power_of_2(hidden))
-    grid = (num_tokens, triton.cdiv(hidden, block_h))
+    block_h = min(block_h, next_pow2(hidden))
+    grid = (num_tokens, cdiv(hidden, block_h))
     moe_sum_kernel[grid](buf, flat_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h,
                          PDL=pdl, INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
                          **pdl_kwargs(pdl))

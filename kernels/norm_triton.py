@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interp_bf16, rne_bf16
+from kernels.triton_utils import interp_bf16, next_pow2, rne_bf16
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def rms_norm_triton(
     summed = torch.empty_like(x2) if residual is not None else x2
     if x2.shape[0]:
         res2 = _rows(residual, dim) if residual is not None else x2
-        block_d = triton.next_power_of_2(dim)
+        block_d = next_pow2(dim)
         rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out, summed, dim, eps,
             x2.stride(0), res2.stride(0), out.stride(0), summed.stride(0),

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interp_bf16, rne_bf16
+from kernels.triton_utils import cdiv, interp_bf16, next_pow2, rne_bf16
 
 
 @triton.jit
@@ -70,9 +70,9 @@ def apply_rotary_triton(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 2048 // block_d))
-    grid = (num_tokens, triton.cdiv(num_heads, block_h))
+    block_d = next_pow2(half)
+    block_h = min(next_pow2(num_heads), max(1, 2048 // block_d))
+    grid = (num_tokens, cdiv(num_heads, block_h))
     rotary_kernel[grid](
         x, cos, sin, out, num_heads, half,
         x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),

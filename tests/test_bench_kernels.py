@@ -121,5 +121,15 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
         assert best[key] > 0
 
 
+def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--mock", "--calls",
+         "50", "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["fused_moe_us"] > 0 and result["grouped_moe_us"] > 0
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
