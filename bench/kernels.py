@@ -97,14 +97,27 @@ class Timer:
             import triton.testing
 
             if self.graphs and not getattr(fn, "eager", False):
+                # Outside the capture: compiles, and any failure of fn itself (the caller's to
+                # report, not the graph's), and features switched off on a first failure.
+                fn()
+                torch.cuda.synchronize()
+                switched_off = len(fallback_events())
                 try:
                     # do_bench_cudagraph replays its graph 10 times: rep is per replay.
-                    return float(triton.testing.do_bench_cudagraph(
+                    ms = float(triton.testing.do_bench_cudagraph(
                         fn, rep=max(5, self.rep_ms // 10), return_mode="median"))
                 except Exception as exc:  # noqa: BLE001 - time it eagerly instead
                     self.graph_failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
                     log(f"  !! CUDA graph capture failed, timing eagerly: {exc!s:.200}")
                     torch.cuda.synchronize()
+                else:
+                    if len(fallback_events()) == switched_off:
+                        return ms
+                    # A feature failed inside the capture and is now off for the process: the
+                    # timing mixes paths. Reported; timed again eagerly (now without it).
+                    self.graph_failures.append(
+                        f"feature switched off during capture: {fallback_events()[-1][:200]}")
+                    log(f"  !! {self.graph_failures[-1]}")
             return float(triton.testing.do_bench(fn, warmup=max(10, self.rep_ms // 4),
                                                  rep=self.rep_ms, return_mode="median"))
         fn()
@@ -140,12 +153,15 @@ def guarded(errors: list, label: str, fn, default=None):
         return default
 
 
-def timed_in_turn(timer: Timer, errors: list, label: str, fns: dict, rounds: int) -> dict:
+def timed_in_turn(timer: Timer, errors: list, label: str, fns: dict, rounds: int,
+                  deadline: float | None = None) -> dict:
     """{name: (median ms, slowest/fastest)} of each fn of ``fns`` (None: skipped), timed in turn
-    ``rounds`` times (``time_interleaved``); a failing one is recorded and gives (None, None)."""
+    ``rounds`` times (``time_interleaved``, no new round past ``deadline``); a failing one is
+    recorded and gives (None, None)."""
     live = {name: fn for name, fn in fns.items() if fn is not None}
     samples = time_interleaved(timer, live, rounds,
-                               lambda name, exc: record_error(errors, f"{name} {label}", exc))
+                               lambda name, exc: record_error(errors, f"{name} {label}", exc),
+                               deadline)
     return {name: median_and_spread(samples[name]) for name in live}
 
 
@@ -373,7 +389,7 @@ def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: 
                     label == "no_inline" and base.get("fused_route") == "inline"):
                 fns[f"fused_{label}"] = lambda d=d, f=feats: fused_moe_triton(
                     d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"], features=f)
-        timed = timed_in_turn(timer, errors, f"E={num_experts} m={m}", fns, rounds)
+        timed = timed_in_turn(timer, errors, f"E={num_experts} m={m}", fns, rounds, deadline)
         row = {"experts": num_experts, "m": m, "rounds": rounds}
         parts = []
         for entry in ("grouped", "fused"):
@@ -427,7 +443,8 @@ def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter
                 d["x_rows"], d["counts"], d["w13"], d["w2"], config=c)
             fns[f"fused_{label}"] = lambda d=d, c=cfg: fused_moe_triton(
                 d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"], config=c)
-        timed = timed_in_turn(timer, errors, f"best tiles E={num_experts} m={m}", fns, rounds)
+        timed = timed_in_turn(timer, errors, f"best tiles E={num_experts} m={m}", fns, rounds,
+                              deadline)
         row = {"experts": num_experts, "m": m, "config": repr(best), "rounds": rounds,
                "floor_ms": base["floor_ms"], "floor_fused_ms": base["floor_fused_ms"]}
         for name, (median, spread) in timed.items():
@@ -568,10 +585,13 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true",
                         help="time every call as launched from the host (do_bench, L2 flushed "
                              "before each call) instead of replayed from a CUDA graph")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=None,
                         help="time the variants of each cell in turn this many times and keep "
-                             "each one's median (a clock dip or slow stretch then hits all alike)")
+                             "each one's median (a clock dip or slow stretch then hits all "
+                             "alike); default 3 with --quick, else 1 (leaves time for the rest)")
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 1
     start = time.time()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:

@@ -20,10 +20,9 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
 def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its interpreter. Read once: Triton itself reads
-    TRITON_INTERPRET when each @triton.jit function is defined, so it cannot change later."""
+    """Whether TRITON_INTERPRET is set now. Triton reads it when each @triton.jit function is
+    defined; the ``*_triton`` modules use ``triton_utils.INTERPRETING``, read when they load."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

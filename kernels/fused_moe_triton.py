@@ -29,7 +29,6 @@ from dataclasses import replace
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels.backend import interpreter_enabled
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -43,8 +42,10 @@ from kernels.moe_gemm_triton import (
     tma_compatible,
     w2_flags,
     warp_specialized,
+    ws_wanted,
 )
 from kernels.moe_sum_triton import launch_sum
+from kernels.triton_utils import INTERPRETING
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
 # a smaller block_k; what worked is remembered per (tile, dtype, features) so the failure costs
@@ -88,7 +89,7 @@ def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
                                    torch.cuda.current_device())
     return MoEFeatures(
         pdl=req.pdl and hopper and "pdl" not in _disabled,
-        tma=(req.tma and (hopper or interpreter_enabled()) and "tma" not in _disabled
+        tma=(req.tma and (hopper or INTERPRETING) and "tma" not in _disabled
              and x.element_size() == 2 and tma_compatible(w13) and tma_compatible(w2)),
         inline_route=req.inline_route and "inline" not in _disabled,
         persistent=req.persistent,
@@ -175,7 +176,7 @@ def default_config(rows: int, num_experts: int, hidden: int, inter: int,
                    dtype: torch.dtype) -> MoEConfig:
     """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``."""
     return _table_config(rows / num_experts, hidden, inter, dtype.itemsize,
-                         interpreter_enabled())
+                         INTERPRETING)
 
 
 # Host time before the first launch is on the critical path of small batches; the table walk is
@@ -237,10 +238,12 @@ def fused_moe_triton(
     groups = RowGroups(SORTED, num_slots, counts=counts, sorted_slots=sorted_slots,
                        ids=flat_ids, top_k=top_k)
     rows = RowGroups(ROWS, num_slots, counts=counts)
-    if feats.ws and warp_specialized("w13", rows, cfg.w13, feats.tma, x):
+    if feats.ws and ws_wanted("w13", rows, cfg.w13, feats.tma) and \
+            hidden * x.element_size() % 16 == 0:  # rows of the copy below are TMA-aligned
         # A warp-specialized w13 reads its rows through TMA, so they must be contiguous: copy
-        # each slot's token row into grouped order first (T*K rows of H, small beside the
-        # weights at the sizes ws tiles serve) and run it on the ROWS route. Entries of
+        # each slot's token row into grouped order first (T*K rows of H: small beside the
+        # weights at the m <= ~512 rows per expert ws tiles are for, though a long prefill
+        # with a ws row for its m would copy GBs) and run it on the ROWS route. Entries of
         # sorted_slots past sum(counts) are unwritten: clamped, they copy rows never stored.
         src = torch.div(sorted_slots, top_k, rounding_mode="floor").clamp_(0, num_tokens - 1)
         _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x.index_select(0, src), w13, h,
@@ -248,7 +251,7 @@ def fused_moe_triton(
     else:
         _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups)
     _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights)
-    block_h = 128 if interpreter_enabled() else 1024
+    block_h = 128 if INTERPRETING else 1024
     _with_pdl("moe_sum", feats.pdl, lambda pdl: launch_sum(buf, flat_ids, out, num_experts,
                                                              top_k, block_h=block_h, pdl=pdl))
     return out

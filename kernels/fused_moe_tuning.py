@@ -95,15 +95,19 @@ def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
 
 
 def time_interleaved(timer: Callable[[Callable], float], fns: dict[str, Callable],
-                     rounds: int, on_error: Callable[[str, Exception], None]) -> dict[str, list]:
+                     rounds: int, on_error: Callable[[str, Exception], None],
+                     deadline: float | None = None) -> dict[str, list]:
     """Time each of ``fns`` once per round, in turn, for ``rounds`` rounds, each round starting
     one further along: a drift of the clocks or a slow stretch of the device (an H200 run showed
     one-off ~1.8x cells) then falls on every variant alike, so ratios between them hold. A fn
-    that raises goes to ``on_error(name, exc)`` once and is not timed again. Returns each name's
-    timings in ms, in the order taken (empty for one that failed at once)."""
+    that raises goes to ``on_error(name, exc)`` once and is not timed again. No round after the
+    first starts past ``deadline`` (time.time()). Returns each name's timings in ms, in the
+    order taken (empty for one that failed at once)."""
     samples: dict[str, list] = {name: [] for name in fns}
     live = list(fns)
     for r in range(rounds):
+        if r and deadline is not None and time.time() > deadline:
+            break
         shift = r % len(live) if live else 0
         for name in live[shift:] + live[:shift]:
             try:
@@ -156,6 +160,8 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
                                                  pdl=False)),
         }
         for gemm, (table_tile, launch) in runs.items():
+            if time.time() > deadline:
+                break
             tiles = {repr(t): t for t in [table_tile, *candidates(m, gemm, smoke)]}
 
             def failed(name: str, exc: Exception, gemm=gemm) -> None:
@@ -165,7 +171,7 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
 
             samples = time_interleaved(
                 timer, {name: functools.partial(launch, t) for name, t in tiles.items()},
-                rounds, failed)
+                rounds, failed, deadline)
             timings = []
             for name, values in samples.items():
                 ms_, spread = median_and_spread(values)

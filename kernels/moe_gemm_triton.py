@@ -331,14 +331,18 @@ def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
 _WS_ROUTES = {"w13": (ROWS, SLABS), "w2": (ROWS, SLABS, SORTED)}
 
 
+def ws_wanted(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool) -> bool:
+    """Whether ``gemm`` ("w13" or "w2") warp-specializes, given a TMA-compatible activation
+    matrix: asked by a non-persistent tile (Triton's Hopper auto-WS does not partition the
+    persistent loops), with TMA weight loads, on a route where that GEMM's activation rows are
+    contiguous."""
+    return bool(tile.ws) and not tile.persistent and tma and groups.route in _WS_ROUTES[gemm]
+
+
 def warp_specialized(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool,
                      a: torch.Tensor) -> bool:
-    """Warp-specialized k loop for ``gemm`` ("w13" or "w2"): asked by a non-persistent tile
-    (Triton's Hopper auto-WS does not partition the persistent loops), with TMA weight loads, on
-    a route where that GEMM's activation rows are contiguous, with a TMA-compatible activation
-    matrix ``a``."""
-    return (bool(tile.ws) and not tile.persistent and tma and groups.route in _WS_ROUTES[gemm]
-            and tma_compatible(a))
+    """``ws_wanted`` and the activation matrix ``a`` can be read through TMA."""
+    return ws_wanted(gemm, groups, tile, tma) and tma_compatible(a)
 
 
 def w2_flags(hidden: int, tile: GemmTile) -> int:

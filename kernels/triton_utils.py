@@ -10,6 +10,11 @@ import triton.language as tl
 
 from kernels.backend import interpreter_enabled
 
+# Whether the kernels of the modules importing this one run in Triton's interpreter: read once,
+# as these modules load, which is when Triton reads TRITON_INTERPRET for their @triton.jit
+# functions (and every MoE call asks, so it must not cost an environment lookup).
+INTERPRETING = interpreter_enabled()
+
 DOT_NATIVE = 0  # bf16/fp16 on tensor cores, fp32 accumulation
 DOT_IEEE = 1  # fp32 operands: tensor cores would silently round them to tf32
 DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its dot multiplies raw bf16 bit patterns
@@ -20,14 +25,14 @@ DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its dot multiplies raw bf16 bit p
 def interp_bf16(dtype: torch.dtype) -> bool:
     """The ``INTERP_BF16`` constexpr: bf16 under TRITON_INTERPRET, whose fp32 -> bf16 cast
     truncates instead of rounding to nearest; kernels round with ``rne_bf16`` first."""
-    return dtype == torch.bfloat16 and interpreter_enabled()
+    return dtype == torch.bfloat16 and INTERPRETING
 
 
 def dot_mode(dtype: torch.dtype) -> int:
     """The ``DOT_MODE`` constexpr for operands of ``dtype`` on the current backend."""
     if dtype == torch.float32:
         return DOT_IEEE
-    if dtype == torch.bfloat16 and interpreter_enabled():
+    if dtype == torch.bfloat16 and INTERPRETING:
         return DOT_UPCAST
     return DOT_NATIVE
 
@@ -69,8 +74,10 @@ def gdc_wait(PDL: tl.constexpr):
 
 @triton.jit
 def gdc_launch_dependents(PDL: tl.constexpr):
-    """Let the next kernel in the stream launch (it waits in ``gdc_wait``): called once a program
-    is past its main loop, so the next grid's launch overlaps this one's epilogue and tail."""
+    """Let the next kernel in the stream launch (it waits in ``gdc_wait``) once every program of
+    this grid has called this or exited: called past a program's main loop, so the next grid's
+    launch overlaps this one's epilogue and tail (a warp-specialized kernel calls it at its top:
+    Triton's auto-WS drops it after the partitioned loop)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -99,6 +106,6 @@ def _device_sms(index: int) -> int:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (cached); 3 under the interpreter or on the CPU,
     so that persistent kernels' tile loops run more than one iteration in tests."""
-    if device.type != "cuda" or interpreter_enabled():
+    if device.type != "cuda" or INTERPRETING:
         return 3
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())

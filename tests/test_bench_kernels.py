@@ -52,6 +52,10 @@ def test_time_interleaved_gives_a_variant_that_fails_at_once_no_timings() -> Non
                                lambda name, exc: errors.append(name))
     assert samples == {"x": [], "y": [1.0, 1.0, 1.0]}
     assert errors == ["x"]
+    # Past the deadline: the first round still runs (every variant gets a timing), no other.
+    late = time_interleaved(lambda fn: 1.0, {"y": lambda: None, "z": lambda: None}, 3,
+                            lambda name, exc: None, deadline=0.0)
+    assert late == {"y": [1.0], "z": [1.0]}
 
 
 def _bench_module():
@@ -67,12 +71,14 @@ def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) ->
     import triton.testing
 
     bench = _bench_module()
-    seen = []
+    seen, events = [], []
 
     def graph(fn, rep, return_mode):
         seen.append(("graph", rep))
         if getattr(fn, "capture_fails", False):
             raise RuntimeError("operation not permitted when stream is capturing")
+        if getattr(fn, "feature_fails", False):
+            events.append("pdl off after the w13 GEMM failed: ...")
         return 1.0
 
     def host(fn, warmup, rep, return_mode):
@@ -83,16 +89,24 @@ def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) ->
     monkeypatch.setattr(triton.testing, "do_bench", host)
     monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(bench.Timer, "graph_failures", [])
+    monkeypatch.setattr(bench, "fallback_events", lambda: list(events))
     timer = bench.Timer(cuda=True, rep_ms=100)
-    broken = lambda: None  # noqa: E731
+    calls = []
+    broken = lambda: calls.append("broken")  # noqa: E731
     broken.capture_fails = True
+    switching = lambda: None  # noqa: E731
+    switching.feature_fails = True
     assert timer(lambda: None) == 1.0
     assert timer(bench.eager(lambda: None)) == 2.0
     assert timer(broken) == 2.0
+    assert calls == ["broken"]  # run once outside the capture first (compiles, real failures)
+    assert timer(switching) == 2.0  # a feature went off mid-capture: timed again, eagerly
     assert bench.Timer(cuda=True, rep_ms=100, graphs=False)(lambda: None) == 2.0
-    assert seen == [("graph", 10), ("host", 100), ("graph", 10), ("host", 100), ("host", 100)]
-    assert len(bench.Timer.graph_failures) == 1
+    assert seen == [("graph", 10), ("host", 100), ("graph", 10), ("host", 100),
+                    ("graph", 10), ("host", 100), ("host", 100)]
+    assert len(bench.Timer.graph_failures) == 2
     assert "capturing" in bench.Timer.graph_failures[0]
+    assert "switched off during capture" in bench.Timer.graph_failures[1]
 
 
 def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:

@@ -7,6 +7,7 @@ GPU (marked ``gpu``): the compiled kernels at realistic shapes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import zlib
@@ -228,16 +229,14 @@ def run_align_case(num_slots: int, num_experts: int, chunk: int) -> dict:
     return {"err": 0.0 if ok else 1.0, "tol": 0.5, "dtype_ok": True}
 
 
-def interpreter_case(name: str, seed: int) -> dict:
-    """Entry point of the interpreter subprocess (kernels.testing._worker)."""
-    torch.manual_seed(seed + zlib.crc32(name.encode()))
-    if name in ALIGN_CASES:
-        return run_align_case(*ALIGN_CASES[name])
+@contextlib.contextmanager
+def recorded_launches():
+    """{"w13": [...], "w2": [...]}: (route, tma, ws) of each GEMM launch inside the block."""
     import kernels.fused_moe_triton as backend
 
     from kernels.moe_gemm_triton import warp_specialized
 
-    launches = {"w13": [], "w2": []}  # (route, tma, ws) of each launch: the path taken
+    launches = {"w13": [], "w2": []}
     originals = {"w13": backend.launch_w13, "w2": backend.launch_w2}
 
     def recording(gemm: str):
@@ -250,12 +249,21 @@ def interpreter_case(name: str, seed: int) -> dict:
 
     backend.launch_w13, backend.launch_w2 = recording("w13"), recording("w2")
     try:
+        yield launches
+    finally:
+        backend.launch_w13, backend.launch_w2 = originals["w13"], originals["w2"]
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    """Entry point of the interpreter subprocess (kernels.testing._worker)."""
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    if name in ALIGN_CASES:
+        return run_align_case(*ALIGN_CASES[name])
+    with recorded_launches() as launches:
         if name in FUSED_CASES:
             result = run_fused_case(FUSED_CASES[name], "cpu")
         else:
             result = run_grouped_case(GROUPED_CASES[name], "cpu")
-    finally:
-        backend.launch_w13, backend.launch_w2 = originals["w13"], originals["w2"]
     return result | {"launches": launches}
 
 
@@ -418,7 +426,9 @@ GPU_GROUPED = {
 @pytest.mark.parametrize("name", list(GPU_FUSED))
 def test_fused_moe_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check_gpu(run_fused_case(GPU_FUSED[name], "cuda"), name, GPU_FUSED[name].ws)
+    with recorded_launches() as launches:
+        result = run_fused_case(GPU_FUSED[name], "cuda")
+    _check_gpu(result, launches, name, GPU_FUSED[name].ws)
 
 
 @pytest.mark.gpu
@@ -426,12 +436,16 @@ def test_fused_moe_gpu(name: str) -> None:
 @pytest.mark.parametrize("name", list(GPU_GROUPED))
 def test_grouped_moe_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
-    _check_gpu(run_grouped_case(GPU_GROUPED[name], "cuda"), name, GPU_GROUPED[name].ws)
+    with recorded_launches() as launches:
+        result = run_grouped_case(GPU_GROUPED[name], "cuda")
+    _check_gpu(result, launches, name, GPU_GROUPED[name].ws)
 
 
-def _check_gpu(result: dict, name: str, ws: bool) -> None:
+def _check_gpu(result: dict, launches: dict, name: str, ws: bool) -> None:
     fallbacks = result.get("fallbacks", [])
     if ws and fallbacks and all(e.startswith("ws off") for e in fallbacks):
         _check(result | {"fallbacks": []}, name)  # the plain tiles it fell back to are right
         pytest.skip(f"this Triton did not warp-specialize: {fallbacks[0][:200]}")
     _check(result, name)
+    if ws:  # both GEMMs took the warp-specialized path (a ws launch that failed would fall back)
+        assert all(any(w for *_, w in launches[gemm]) for gemm in ("w13", "w2")), launches
