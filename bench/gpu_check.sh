@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a lent GPU, in one call (see bench/results/README.md):
 #   1. bench/gpu_kernels.sh: GPU-marked kernel tests + bench/kernels.py (+ tile sweep;
-#      QUICK=1: MoE checks + table + feature A/B only, ~150 s)
+#      QUICK=1: MoE tests, host time per call, MoE checks + table + tile/feature A/B, ~5 min)
 #   2. the oracle/engine/model tests with the engine on CUDA (fp32, HF reference on CPU)
 #   3. bench/offline.py on CUDA (afd vs transformers generate, embedded model)
 # Writes at most 8 files to $OUT.
