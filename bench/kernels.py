@@ -49,7 +49,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.fused_moe import grouped_moe_torch  # noqa: E402
+from kernels.fused_moe import fused_moe_torch, grouped_moe_torch  # noqa: E402
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
     default_config,
@@ -249,8 +249,6 @@ def check_moe(errors: list, device: str, hidden: int, inter: int, results: list)
         x = torch.randn(int(counts.sum()), hidden, device=device, dtype=torch.bfloat16)
         for label, feats in sets.items():
             def fused(d=d, w13=w13, w2=w2, feats=feats):
-                from kernels.fused_moe import fused_moe_torch
-
                 out = fused_moe_triton(d["x_tok"], w13, w2, d["weights"], d["ids"],
                                        features=feats)
                 return rel_err(out, fused_moe_torch(d["x_tok"], w13, w2, d["weights"], d["ids"]))
@@ -443,9 +441,19 @@ def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter
                 d["x_rows"], d["counts"], d["w13"], d["w2"], config=c)
             fns[f"fused_{label}"] = lambda d=d, c=cfg: fused_moe_triton(
                 d["x_tok"], d["w13"], d["w2"], d["weights"], d["ids"], config=c)
+        # Right before timed: the winners' outputs against the torch references (bf16, 1e-2).
+        refs = {"grouped": lambda d=d: grouped_moe_torch(d["x_rows"], d["counts_cpu"], d["w13"],
+                                                         d["w2"]),
+                "fused": lambda d=d: fused_moe_torch(d["x_tok"], d["w13"], d["w2"],
+                                                     d["weights"], d["ids"])}
+        errs = {entry: guarded(errors, f"check best tiles {entry} E={num_experts} m={m}",
+                               lambda e=entry: rel_err(fns[f"{e}_best"](), refs[e]()))
+                for entry in refs}
+        ok = all(e is not None and e < 1e-2 for e in errs.values())
         timed = timed_in_turn(timer, errors, f"best tiles E={num_experts} m={m}", fns, rounds,
                               deadline)
         row = {"experts": num_experts, "m": m, "config": repr(best), "rounds": rounds,
+               "rel_err": errs, "ok": ok,
                "floor_ms": base["floor_ms"], "floor_fused_ms": base["floor_fused_ms"]}
         for name, (median, spread) in timed.items():
             row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
@@ -454,7 +462,8 @@ def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter
             g, f = row.get(f"grouped_{label}_ms"), row.get(f"fused_{label}_ms")
             parts.append(f"{label}: grouped {_ms(g)} {_ratio(g, base['floor_ms'])}, fused "
                          f"{_ms(f)} {_ratio(f, base['floor_fused_ms'])}")
-        log(f"E={num_experts:3d} m={m:4d} | " + " | ".join(parts) + f" | {best}")
+        log(f"E={num_experts:3d} m={m:4d} | " + " | ".join(parts) + f" | {best} | "
+            f"{'ok' if ok else 'WRONG'} (rel err {errs})")
         out.append(row)
         del d, w13, w2
     return out

@@ -131,6 +131,7 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
         assert len(row["timings"]) > 1  # the candidates beside the table's tile
     assert {r["gemm"] for r in result["tile_ab"]} == {"w13", "w2"}
     (best,) = result["best_tiles"]  # smoke: run for the one A/B cell even if the table won
+    assert best["ok"] and all(e < 1e-2 for e in best["rel_err"].values())
     for key in ("grouped_table_ms", "grouped_best_ms", "fused_table_ms", "fused_best_ms"):
         assert best[key] > 0
 
