@@ -657,6 +657,13 @@ def main() -> None:
             result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
                                         sweep_order(result["moe"]), deadline=deadline,
                                         smoke=args.smoke, tma=cuda, log=log)
+        # The floor used the ceilings measured at the start; measured again at the end, a drift
+        # (clocks, heat) beyond a few percent says the ratios above carry it too.
+        end = measure_ceilings(timer, device, args.smoke)
+        result["ceilings_end"] = end
+        log(f"ceilings drift over the run (end / start): copy "
+            f"{end['copy_bytes_per_s'] / ceil['copy_bytes_per_s']:.3f}, matmul "
+            f"{end['matmul_flops_per_s'] / ceil['matmul_flops_per_s']:.3f}")
     finally:  # whatever happened, keep what was measured
         result["elapsed_s"] = time.time() - start
         result["fallbacks"] = fallback_events()
