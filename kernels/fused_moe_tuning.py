@@ -38,8 +38,12 @@ QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
     (32, "w2"): [GemmTile(32, 128, 128, 4, 4), GemmTile(32, 64, 128, 4, 4),
                  GemmTile(32, 64, 256, 4, 3), GemmTile(64, 64, 64, 4, 3, ws=True),
                  GemmTile(64, 128, 64, 4, 3, ws=True)],
+    # m = 128 also gets 64-row tiles, 2-3 CTAs of 4 warps per SM: one CTA's loads overlap
+    # another's MMAs (the inter-CTA answer to what ws does inside one), and group_m walks an
+    # expert's two m-blocks together so the second read of each weight tile hits L2.
     (128, "w13"): [GemmTile(128, 64, 64, 8, 3), GemmTile(128, 64, 128, 8, 3),
-                   GemmTile(128, 128, 64, 8, 3), GemmTile(128, 64, 64, 4, 3, ws=True),
+                   GemmTile(128, 128, 64, 8, 3), GemmTile(64, 64, 64, 4, 4),
+                   GemmTile(64, 64, 64, 4, 3), GemmTile(128, 64, 64, 4, 3, ws=True),
                    GemmTile(128, 64, 64, 4, 4, ws=True), GemmTile(128, 128, 64, 4, 3, ws=True)],
     (128, "w2"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3),
                   GemmTile(64, 128, 64, 4, 4), GemmTile(128, 128, 64, 4, 3, ws=True),
