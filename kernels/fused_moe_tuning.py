@@ -95,6 +95,8 @@ def candidate_tiles(m: int, gemm: str, smoke: bool = False) -> list[GemmTile]:
             tile = GemmTile(bm, bn, bk, warps, stages)
             if _fits(tile, halves) and (gemm == "w2" or bm * bn <= 128 * 128):
                 tiles.append(tile)
+    if block_m >= 64:  # and the warp-specialized ones the quick check times (compile-checked)
+        tiles += [t for t in QUICK_TILES[(128 if m <= 128 else 512, gemm)] if t.ws]
     return tiles
 
 
