@@ -70,7 +70,7 @@ from kernels.norm import rms_norm_torch  # noqa: E402
 from kernels.norm_triton import rms_norm_triton  # noqa: E402
 from kernels.rotary import apply_rotary_torch  # noqa: E402
 from kernels.rotary_triton import apply_rotary_triton  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
+from kernels.testing import moe_weights, rel_err  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -241,8 +241,7 @@ def check_moe(errors: list, device: str, hidden: int, inter: int, results: list)
              (8, 40, ("fused_moe",), {"default": MoEFeatures()}),
              (8, 256, ("grouped_moe",), {"default": MoEFeatures()})]
     for num_experts, m, entries, sets in cases:
-        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
-        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        w13, w2 = moe_weights(num_experts, hidden, inter, torch.bfloat16, device)
         d = moe_inputs(num_experts, m, hidden, device, w13, w2)
         counts = torch.randint(m // 2, 2 * m + 1, (num_experts,))
         counts[0] = 0
@@ -289,8 +288,7 @@ def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, 
     has_gmm = hasattr(torch, "_grouped_mm")
     for num_experts in experts:
         torch.manual_seed(num_experts)
-        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
-        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        w13, w2 = moe_weights(num_experts, hidden, inter, torch.bfloat16, device)
         for m in ms:
             d = moe_inputs(num_experts, m, hidden, device, w13, w2)
             label = f"E={num_experts} m={m}"
@@ -369,10 +367,8 @@ def bench_features(timer: Timer, errors: list, device: str, hidden: int, inter: 
         if num_experts not in weights:
             weights.clear()
             torch.manual_seed(num_experts)
-            weights[num_experts] = (
-                (torch.randn(num_experts, 2 * inter, hidden, device=device)
-                 / hidden**0.5).bfloat16(),
-                (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16())
+            weights[num_experts] = moe_weights(num_experts, hidden, inter, torch.bfloat16,
+                                               device)
         w13, w2 = weights[num_experts]
         d = moe_inputs(num_experts, m, hidden, device, w13, w2)
         persistent = "persistent=1" in base.get("config", "")
@@ -432,8 +428,7 @@ def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter
             w13=GemmTile(**gemms["w13"]["best"]) if "w13" in gemms else table.w13,
             w2=GemmTile(**gemms["w2"]["best"]) if "w2" in gemms else table.w2)
         torch.manual_seed(num_experts)
-        w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
-        w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
+        w13, w2 = moe_weights(num_experts, hidden, inter, torch.bfloat16, device)
         d = moe_inputs(num_experts, m, hidden, device, w13, w2)
         fns = {}
         for label, cfg in (("table", table), ("best", best)):

@@ -24,6 +24,15 @@ import torch
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def moe_weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random expert weights (w13 [E, 2I, H], w2 [E, H, I]) for MoE checks and timings, scaled
+    so activations stay O(1) and bf16 errors are relative to a meaningful output."""
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=device) / inter**0.5
+    return w13.to(dtype), w2.to(dtype)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
     if actual.shape != expected.shape:

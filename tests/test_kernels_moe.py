@@ -17,18 +17,10 @@ import pytest
 import torch
 
 from kernels.fused_moe import fused_moe, fused_moe_torch, grouped_moe, grouped_moe_torch
-from kernels.testing import rel_err, run_in_interpreter, tolerance
+from kernels.testing import moe_weights, rel_err, run_in_interpreter, tolerance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
-
-
-def moe_weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    # Scaled so activations stay O(1) and bf16 errors are relative to a meaningful output.
-    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, device=device) / inter**0.5
-    return w13.to(dtype), w2.to(dtype)
 
 
 def routing(num_tokens: int, num_experts: int, top_k: int, *, skip: float = 0.0,
