@@ -238,27 +238,28 @@ def describe(model, kv_bytes: int) -> dict:
             "kv_bytes": kv_bytes}
 
 
+def _transport_classes(name: str) -> tuple[type, type]:
+    """(attention side, FFN side) of the transport called ``name``."""
+    if name == "torch":
+        return TorchTransport, TorchExpertServer
+    if name == "deepep":
+        from afd.deepep import DeepEPExpertServer, DeepEPTransport
+
+        return DeepEPTransport, DeepEPExpertServer
+    raise ValueError(f"transport must be 'torch' or 'deepep', got {name!r}")
+
+
 def make_transport(spec: WorkerSpec, groups: Groups, hidden: int, dtype: torch.dtype,
                    device: torch.device):
-    if spec.transport == "torch":
-        return TorchTransport(groups.experts, spec.placement, hidden, dtype, device)
-    if spec.transport == "deepep":
-        from afd.deepep import DeepEPTransport
-
-        return DeepEPTransport(groups.experts, spec.placement, hidden, dtype, device)
-    raise ValueError(f"transport must be 'torch' or 'deepep', got {spec.transport!r}")
+    attention_side, _ = _transport_classes(spec.transport)
+    return attention_side(groups.experts, spec.placement, hidden, dtype, device)
 
 
 def make_expert_server(spec: WorkerSpec, groups: Groups, hidden: int, dtype: torch.dtype,
                        device: torch.device):
     """The FFN side of ``spec.transport`` (``make_transport`` builds the attention side)."""
-    if spec.transport == "torch":
-        return TorchExpertServer(groups.experts, spec.placement, hidden, dtype, device)
-    if spec.transport == "deepep":
-        from afd.deepep import DeepEPExpertServer
-
-        return DeepEPExpertServer(groups.experts, spec.placement, hidden, dtype, device)
-    raise ValueError(f"transport must be 'torch' or 'deepep', got {spec.transport!r}")
+    _, ffn_side = _transport_classes(spec.transport)
+    return ffn_side(groups.experts, spec.placement, hidden, dtype, device)
 
 
 def main() -> None:
