@@ -18,6 +18,7 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.profiling import StageTimers
+from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
 from afd.workers import (ControlLink, Groups, WorkerSpec, describe, local_config,
                          make_transport)
@@ -136,8 +137,7 @@ class AttentionWorker:
         seq.num_computed_tokens = pull.num_kv_tokens
         seq.block_ids = recv.block_ids
         if seq.generator is not None:  # the prefill rank drew once from this seed
-            torch.empty(self.core.runner.model.cfg.vocab_size).exponential_(
-                generator=seq.generator)
+            draw_step_seed(seq.generator)
         self.core.add_transferred(seq)
         self.link.send({"t": "transferred", "id": seq.request_id,
                         "seconds": time.monotonic() - recv.started})

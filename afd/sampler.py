@@ -1,9 +1,19 @@
 """Next-token sampling for a batch of sequences, each with its own parameters.
 
-Greedy rows take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p
-(in the sorted order), and sampled by the exponential race (argmax of p / q with q ~ Exp(1)),
-which draws from the same distribution as multinomial. A seeded request draws its noise from
-its own generator, so its samples do not depend on what else shares the batch.
+Everything runs on the logits' device; the only host transfer is the sampled ids. Greedy rows
+take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
+sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
+distribution as multinomial. The full-vocabulary sort is paid only when a row asks for top-p
+and some row has no top-k: when every row has one, only the k largest logits are sorted
+(``torch.topk``); top-k in a batch without top-p is a threshold at each row's k-th largest logit
+(ties with it stay), min-p one at a fraction of the largest probability.
+
+Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
+batch took; one draw for all unseeded rows from the sampler's own generator. A seeded request owns
+a CPU generator (``Sequence.generator``); each of its steps takes one 63-bit seed from it
+(``draw_step_seed``) and draws its noise row on the device from a generator seeded with that.
+Its samples therefore depend on neither the rest of the batch nor where its prefill ran (the P/D
+decode rank replays the prefill rank's one draw with ``draw_step_seed``).
 """
 
 from __future__ import annotations
@@ -13,43 +23,91 @@ import torch
 from afd.sampling_params import SamplingParams
 
 
+def draw_step_seed(generator: torch.Generator) -> int:
+    """The seed of one sampling step of a seeded request: what each step takes from its
+    generator."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+
+
 class Sampler:
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}  # unseeded rows' noise
+        self._step: dict[torch.device, torch.Generator] = {}  # reseeded for each seeded row
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
-        """logits: [N, V] fp32, one row per sampling sequence. Returns N token ids."""
-        greedy = torch.tensor([p.greedy for p in params])
-        tokens = logits.argmax(dim=-1).cpu()
-        if bool(greedy.all()):
-            return tokens.tolist()
-        rows = (~greedy).nonzero().flatten().tolist()
-        sampled = self._sample(logits[rows].float().cpu(), [params[i] for i in rows],
-                               [generators[i] for i in rows])
-        tokens[rows] = sampled
+        """logits: [N, V], one row per sampling sequence. Returns N token ids."""
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(rows) == len(params):
+            tokens = self._sample(logits.float(), params, generators)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if rows:
+                index = torch.tensor(rows, device=logits.device)
+                sampled = self._sample(logits.index_select(0, index).float(),
+                                       [params[i] for i in rows], [generators[i] for i in rows])
+                tokens.index_copy_(0, index, sampled)
         return tokens.tolist()
+
+    def _generator(self, table: dict, device: torch.device) -> torch.Generator:
+        gen = table.get(device)
+        if gen is None:
+            gen = table[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return gen
+
+    def _noise(self, shape: torch.Size, device: torch.device,
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        noise = torch.empty(shape, device=device)
+        if any(g is None for g in generators):
+            noise.exponential_(generator=self._generator(self._shared, device))
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                step = self._generator(self._step, device).manual_seed(draw_step_seed(gen))
+                noise[i].exponential_(generator=step)
+        # Exp(1) draws of exactly 0 would turn a zeroed probability into 0/0 = NaN, which
+        # argmax takes as the largest.
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
         n, vocab = logits.shape
-        temp = torch.tensor([p.temperature for p in params])[:, None]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]
-        top_p = torch.tensor([p.top_p for p in params])[:, None]
-        min_p = torch.tensor([p.min_p for p in params])[:, None]
+        dev = logits.device
 
-        sorted_logits, order = torch.sort(logits / temp, dim=-1, descending=True)  # [N, V]
-        rank = torch.arange(vocab)[None, :]
-        sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(before >= top_p, 0.0)
-        # min-p: drop tokens below min_p x the most likely token's probability
-        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+        def column(values: list, dtype: torch.dtype = logits.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)[:, None]
 
-        noise = torch.empty_like(probs)
-        for i, gen in enumerate(generators):
-            noise[i].exponential_(generator=gen or self.generator)
-        choice = (probs / noise).argmax(dim=-1)  # index in sorted order
-        return order.gather(1, choice[:, None])[:, 0]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        k_max = max((k for k in top_k if k < vocab), default=vocab)
+        use_top_p = any(p.top_p < 1 for p in params)
+        scaled = logits / column([p.temperature for p in params])
+        # Noise is drawn per token id, so whichever path below the batch takes, a row's sample
+        # is the same: the paths order the tokens differently, not the race.
+        noise = self._noise(logits.shape, dev, generators)
+        order = None  # the path's token order, when it sorts
+        if max(top_k) < vocab:  # every row cut to its top-k: sort just the k_max largest
+            scaled, order = torch.topk(scaled, k_max, dim=-1)
+        elif use_top_p:  # top-p needs the full sorted order
+            scaled, order = torch.sort(scaled, dim=-1, descending=True)
+        elif k_max < vocab:  # some rows' top-k: a threshold at each one's k-th largest logit
+            kth = torch.topk(scaled, k_max, dim=-1).values.gather(
+                1, column([min(k, k_max) - 1 for k in top_k], torch.long))
+            kth = kth.masked_fill(column([k >= vocab for k in top_k], torch.bool), float("-inf"))
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if order is not None:
+            noise = noise.gather(1, order)
+            if min(top_k) < scaled.shape[1]:  # sorted: top-k is a cut by rank
+                rank = torch.arange(scaled.shape[1], device=dev)[None, :]
+                scaled = scaled.masked_fill(rank >= column(top_k, torch.long), float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        if use_top_p:
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays);
+            # rows without top-p cut nothing
+            before = probs.cumsum(dim=-1) - probs
+            probs = probs.masked_fill(before >= column([p.top_p if p.top_p < 1 else 2.0
+                                                        for p in params]), 0.0)
+        if any(p.min_p > 0 for p in params):  # drop tokens under min_p x the likeliest one's
+            peak = probs[:, :1] if order is not None else probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < column([p.min_p for p in params]) * peak, 0.0)
+        choice = (probs / noise).argmax(dim=-1)
+        return choice if order is None else order.gather(1, choice[:, None])[:, 0]

@@ -205,3 +205,52 @@ class TestSampler:
         seen_p = {s(logits, [SamplingParams(top_p=0.6)], [None])[0] for _ in range(300)}
         seen_k = {s(logits, [SamplingParams(top_k=2)], [None])[0] for _ in range(300)}
         assert seen_p == {0, 1} and seen_k == {0, 1}
+
+    @pytest.mark.parametrize("shared", [None, SamplingParams(top_p=0.99)],
+                             ids=["threshold_path", "sorted_path"])
+    def test_mixed_batch_each_row_its_own_filter(self, shared):
+        """One batch, one filter per row (and a greedy row): each row's samples follow its own
+        renormalized distribution, whether the batch takes the top-k threshold path or, with a
+        top-p row in it, the sorted one."""
+        row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5])
+        logits = row.repeat(5, 1)
+        rows = [SamplingParams(top_k=2), SamplingParams(), SamplingParams(min_p=0.5),
+                SamplingParams(temperature=0), SamplingParams(top_k=3, temperature=2.0)]
+        if shared is not None:
+            rows[1] = shared
+        s, draws = Sampler(seed=0), 3000
+        counts = torch.zeros(5, 6)
+        for _ in range(draws):
+            for i, tok in enumerate(s(logits, rows, [None] * 5)):
+                counts[i, tok] += 1
+        freq = counts / draws
+
+        def renormed(keep: int, temperature: float = 1.0) -> torch.Tensor:
+            p = torch.softmax(row / temperature, -1)
+            p[keep:] = 0
+            return p / p.sum()
+
+        probs = torch.softmax(row, -1)
+        expect_1 = probs if shared is None else renormed(6)  # top_p 0.99 keeps all six here
+        expected = torch.stack([renormed(2), expect_1, renormed(int((probs >= probs[0] / 2).sum())),
+                                torch.eye(6)[0], renormed(3, 2.0)])
+        assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+    @pytest.mark.parametrize("mates", [[], [SamplingParams(temperature=1.0)],
+                                       [SamplingParams(top_p=0.8), SamplingParams(top_k=7)],
+                                       [SamplingParams(top_k=250, top_p=0.5)]],
+                             ids=["alone", "threshold", "full_sort", "top_k_candidates"])
+    def test_seeded_rows_do_not_depend_on_the_batch(self, mates):
+        """The seeded row's 20 samples are the same alone and beside rows that send the batch
+        down each path (top-k threshold, full sort, top-k candidates)."""
+        logits = torch.randn(1 + len(mates), 300, generator=torch.Generator().manual_seed(0))
+        p = SamplingParams(temperature=1.0, top_k=100, min_p=0.01, seed=1)
+
+        def run(rows: list[SamplingParams]) -> list[int]:
+            gen, sampler = torch.Generator().manual_seed(9), Sampler(seed=len(rows))
+            return [sampler(logits[:len(rows)], rows, [gen] + [None] * (len(rows) - 1))[0]
+                    for _ in range(20)]
+
+        alone = run([p])
+        assert len(set(alone)) > 5
+        assert run([p] + mates) == alone

@@ -86,6 +86,21 @@ def test_small_decode_pool_admission_waits_nothing_lost(small_pd, reference):
     wait_all_free(small_pd)
 
 
+def test_seeded_sampling_matches_single_process(small_pd, reference):
+    """A seeded request's first token is sampled on the prefill rank and the rest on the decode
+    rank, which replays the prefill rank's draw from the seed: the tokens are the single-process
+    engine's."""
+    path, prompts, _, _ = reference
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=s, max_tokens=12,
+                             ignore_eos=True) for s in (3, 4, 5)]
+    expected = [o.outputs[0].token_ids
+                for o in LLM(path).generate(prompts[:3], params, use_tqdm=False)]
+    assert len({tuple(t) for t in expected}) == 3
+    outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    wait_all_free(small_pd)
+
+
 def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
     _, prompts, params, expected = reference
     engine = small_pd.engine
