@@ -295,7 +295,8 @@ def grouped_moe_triton(
     out = torch.empty_like(rows)
     if num_rows == 0:
         return out.view_as(x)
-    counts = expert_counts.to(device=x.device, non_blocking=True)
+    # The kernels read counts with unit stride: a strided view is copied.
+    counts = expert_counts.to(device=x.device, non_blocking=True).contiguous().view(-1)
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
     cfg = config or default_config(num_rows, num_experts, hidden, inter, x.dtype)

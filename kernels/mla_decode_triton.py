@@ -185,10 +185,11 @@ def mla_decode_attention_triton(
               "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (head_blocks, batch, num_splits)
-    args = (q_lat, q_pe, kv, block_tables, seq_lens)
+    # The kernel reads a table row and the lengths with unit stride (copies only if not).
+    args = (q_lat, q_pe, kv, block_tables.contiguous(), seq_lens.contiguous())
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
-            kv.stride(1), block_tables.stride(0))
+            kv.stride(1), args[3].stride(0))
     if num_splits == 1:
         mla_decode_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
                                 NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)

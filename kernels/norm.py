@@ -35,6 +35,9 @@ def rms_norm(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm(x [+ residual]) -> (normed [..., D], new residual [..., D])."""
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"residual dtype {residual.dtype} must be x's dtype {x.dtype} (the sum "
+                         "is kept in x's dtype)")
     if resolve_backend(backend, x, weight) == "triton":
         from kernels.norm_triton import rms_norm_triton
 

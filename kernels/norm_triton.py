@@ -65,7 +65,7 @@ def rms_norm_triton(
         res2 = _rows(residual, dim) if residual is not None else x2
         block_d = next_pow2(dim)
         rms_norm_kernel[(x2.shape[0],)](
-            x2, res2, weight, out, summed, dim, eps,
+            x2, res2, weight.contiguous(), out, summed, dim, eps,
             x2.stride(0), res2.stride(0), out.stride(0), summed.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
             X_INTERP_BF16=interp_bf16(x.dtype), OUT_INTERP_BF16=interp_bf16(out_dtype),

@@ -32,10 +32,11 @@ def rotary_kernel(
     d_ok = offs < half
     ok = (heads < num_heads)[:, None] & d_ok[None, :]
     dtype = x_ptr.dtype.element_ty
-    c = _round(tl.load(cos_ptr + token * stride_ct + offs, mask=d_ok, other=0.0), dtype,
-               INTERP_BF16)[None, :]
-    s = _round(tl.load(sin_ptr + token * stride_st + offs, mask=d_ok, other=0.0), dtype,
-               INTERP_BF16)[None, :]
+    # (cos and sin may come in a 16-bit dtype: fp32 before the rounding, which needs 32 bits)
+    c = tl.load(cos_ptr + token * stride_ct + offs, mask=d_ok, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + token * stride_st + offs, mask=d_ok, other=0.0).to(tl.float32)
+    c = _round(c, dtype, INTERP_BF16)[None, :]
+    s = _round(s, dtype, INTERP_BF16)[None, :]
     base = x_ptr + token * stride_xt + heads[:, None] * stride_xh
     if INTERLEAVED:
         first = base + 2 * offs[None, :]

@@ -19,7 +19,8 @@ from kernels.testing import (check_result, rel_err, run_in_interpreter, seed_cas
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
 
-# name -> (dtype, batch, heads, Dl, Dr, block_size, blocks per seq, splits or None, table dtype)
+# name -> (dtype, batch, heads, Dl, Dr, block_size, blocks per seq, splits or None, table dtype
+#          [, strided: a column-major block table and lengths that are a strided view])
 CASES = {
     "one_split_fp32": ("fp32", 3, 5, 24, 8, 4, 5, 1, "int32"),
     "three_splits_fp32": ("fp32", 3, 5, 24, 8, 4, 5, 3, "int64"),
@@ -27,11 +28,12 @@ CASES = {
     "splits_bf16": ("bf16", 2, 16, 32, 16, 16, 4, 2, "int32"),
     "heads_over_block_fp32": ("fp32", 2, 20, 40, 12, 8, 3, None, "int32"),
     "more_splits_than_tokens_fp32": ("fp32", 2, 3, 16, 16, 2, 3, 4, "int32"),
+    "strided_tables_fp32": ("fp32", 3, 4, 24, 8, 4, 10, 2, "int64", True),
 }
 
 
 def make_inputs(spec: tuple, device: str):
-    dtype, batch, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec
+    dtype, batch, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec[:9]
     dtype = DTYPES[dtype]
     num_blocks = batch * max_blocks + 3
     kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(dtype)
@@ -44,6 +46,9 @@ def make_inputs(spec: tuple, device: str):
         seq_lens[1] = max_blocks * block_size  # a full table
     q_lat = torch.randn(batch, heads, d_lat, device=device).to(dtype)
     q_pe = torch.randn(batch, heads, d_rope, device=device).to(dtype)
+    if len(spec) > 9 and spec[9]:
+        tables = tables.t().contiguous().t()
+        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
     return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5
 
 

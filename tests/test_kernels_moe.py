@@ -75,6 +75,7 @@ class Grouped:
     tile: int | None = None  # force square tiles of this size instead of the table
     persistent: int = 0  # with ``tile``: programs per SM looping over the tiles
     ws: bool = False  # with ``tile``: warp-specialized tiles (activations through TMA too)
+    strided_counts: bool = False  # counts as a view with stride 2 (a column of [E, 2])
 
 
 FUSED_CASES = {
@@ -134,6 +135,11 @@ GROUPED_CASES = {
                                   tile=16, ws=True),
     "ws_slab_fp16": Grouped("fp16", (3, 0, 20, 1, 17), M=20, H=56, I=40, weights=False, tile=16,
                             ws=True),
+    # Counts as a strided view (a column of a [E, 2] tensor): the kernels read them densely.
+    "strided_counts_fp32": Grouped("fp32", (3, 0, 7, 2), H=21, I=11, weights=True,
+                                   strided_counts=True),
+    "slab_strided_counts_fp32": Grouped("fp32", (3, 0, 7, 2), M=8, H=21, I=11, weights=True,
+                                        strided_counts=True),
 }
 
 
@@ -184,14 +190,17 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
         x = torch.randn(int(counts.sum()), case.H, device=device).to(dtype)
         weights = torch.rand(x.shape[0], device=device)
     weights = weights if case.weights else None
+    counts_in = counts.to(device)
+    if case.strided_counts:
+        counts_in = torch.stack([counts_in, torch.full_like(counts_in, 99)], 1)[:, 0]
     if case.tma and case.tile is None:
-        out = grouped_moe(x, counts.to(device), w13, w2, weights, backend="triton")
+        out = grouped_moe(x, counts_in, w13, w2, weights, backend="triton")
     else:
         from kernels.fused_moe_config import MoEFeatures
         from kernels.fused_moe_triton import grouped_moe_triton
 
         config = _tile_config(case.tile, case.persistent, case.ws) if case.tile else None
-        out = grouped_moe_triton(x, counts.to(device), w13, w2, weights, config=config,
+        out = grouped_moe_triton(x, counts_in, w13, w2, weights, config=config,
                                  features=MoEFeatures(tma=case.tma))
     ref = grouped_moe_torch(x, counts, w13, w2, weights)
     result = {"err": rel_err(out, ref), "tol": tolerance(dtype),

@@ -19,7 +19,7 @@ from kernels.testing import (check_result, rel_err, run_in_interpreter, seed_cas
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
 
-# name -> (x dtype, weight dtype, x shape, with residual, strided x)
+# name -> (x dtype, weight dtype, x shape, with residual, strided x[, strided weight])
 CASES = {
     "fp32_residual": ("fp32", "fp32", (5, 100), True, False),
     "fp32_plain_3d": ("fp32", "fp32", (2, 3, 96), False, False),
@@ -28,18 +28,20 @@ CASES = {
     "fp16_plain": ("fp16", "fp16", (3, 64), False, False),
     "bf16_strided": ("bf16", "bf16", (6, 48), True, True),
     "one_row_fp32": ("fp32", "fp32", (1, 7), True, False),
+    "strided_weight_fp32": ("fp32", "fp32", (3, 37), True, False, True),
 }
 
 
 def run_case(spec: tuple, device: str, backend: str) -> dict:
-    x_dtype, w_dtype, shape, with_residual, strided = spec
+    x_dtype, w_dtype, shape, with_residual, strided = spec[:5]
     dtype = DTYPES[x_dtype]
     if strided:  # a column slice of a wider tensor, as when the model splits a projection
         x = torch.randn(*shape[:-1], shape[-1] + 8, device=device).to(dtype)[..., 8:]
     else:
         x = torch.randn(shape, device=device).to(dtype)
     residual = torch.randn(shape, device=device).to(dtype) if with_residual else None
-    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(DTYPES[w_dtype])
+    weight = (1 + 0.1 * torch.randn(2 * shape[-1], device=device)).to(DTYPES[w_dtype])
+    weight = weight[::2] if len(spec) > 5 and spec[5] else weight[:shape[-1]]
     out, summed = rms_norm(x, weight, 1e-6, residual, backend=backend)
     ref, ref_sum = rms_norm_torch(x, weight, 1e-6, residual)
     return {"err": max(rel_err(out, ref), rel_err(summed, ref_sum)), "tol": tolerance(dtype),
@@ -80,3 +82,12 @@ GPU_CASES = {
 def test_rms_norm_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
     _check(run_case(GPU_CASES[name], "cuda", "triton"), name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_in_another_dtype_is_refused(backend: str) -> None:
+    """The sum is kept in x's dtype; a residual in another one is a clear error on both paths
+    (it never reaches the kernel)."""
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="residual dtype"):
+        rms_norm(x, torch.ones(8), 1e-6, torch.randn(2, 8), backend=backend)

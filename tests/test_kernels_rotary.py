@@ -19,7 +19,7 @@ from kernels.testing import (check_result, rel_err, run_in_interpreter, seed_cas
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
 
-# name -> (dtype, T, heads, D, interleaved, view of a wider tensor)
+# name -> (dtype, T, heads, D, interleaved, view of a wider tensor[, cos/sin dtype])
 CASES = {
     "neox_fp32": ("fp32", 5, 3, 16, False, False),
     "interleaved_fp32": ("fp32", 5, 3, 16, True, False),
@@ -27,11 +27,12 @@ CASES = {
     "neox_bf16_view": ("bf16", 7, 5, 12, False, True),
     "interleaved_fp16": ("fp16", 3, 2, 64, True, False),
     "one_token_one_head_fp32": ("fp32", 1, 1, 6, True, True),
+    "bf16_cos_sin_bf16": ("bf16", 4, 3, 16, False, False, "bf16"),
 }
 
 
 def run_case(spec: tuple, device: str, backend: str) -> dict:
-    name, tokens, heads, dim, interleaved, view = spec
+    name, tokens, heads, dim, interleaved, view = spec[:6]
     dtype = DTYPES[name]
     if view:  # the q_pe / k_pe slices the model passes: strided over tokens and heads
         x = torch.randn(tokens, heads + 1, dim + 5, device=device).to(dtype)[:, 1:, 5:]
@@ -39,6 +40,8 @@ def run_case(spec: tuple, device: str, backend: str) -> dict:
         x = torch.randn(tokens, heads, dim, device=device).to(dtype)
     angles = torch.rand(tokens, dim // 2, device=device) * 100
     cos, sin = angles.cos(), angles.sin()
+    if len(spec) > 6:
+        cos, sin = cos.to(DTYPES[spec[6]]), sin.to(DTYPES[spec[6]])
     out = apply_rotary(x, cos, sin, interleaved, backend=backend)
     ref = apply_rotary_torch(x, cos, sin, interleaved)
     return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype}
