@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 
 from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.metrics import ServerMetrics
@@ -49,6 +50,31 @@ def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+class AuthAndDrain:
+    """API key and draining checks on /v1/ as plain ASGI middleware: Starlette's
+    ``BaseHTTPMiddleware`` (``@app.middleware``) wraps ``receive`` so that a handler's
+    ``request.is_disconnected()`` never sees the client leave, and a non-streamed request whose
+    client hung up would run to the end, holding its KV blocks."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            error = None
+            key = self.state.api_key
+            if key is not None and Headers(scope=scope).get("authorization", "") != \
+                    f"Bearer {key}":
+                error = APIError(401, "missing or wrong API key (Authorization: Bearer)",
+                                 code="invalid_api_key")
+            elif self.state.draining and scope["method"] == "POST":
+                error = APIError(503, "server is shutting down", type="service_unavailable")
+            if error is not None:
+                await _error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="afd", docs_url=None, redoc_url=None)
     app.state.afd = state
@@ -67,18 +93,7 @@ def build_app(state: ServerState) -> FastAPI:
         return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
                                param=param))
 
-    @app.middleware("http")
-    async def auth_and_drain(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if state.api_key is not None:
-                header = request.headers.get("authorization", "")
-                if header != f"Bearer {state.api_key}":
-                    return _error(APIError(401, "missing or wrong API key (Authorization: Bearer)",
-                                           code="invalid_api_key"))
-            if state.draining and request.method == "POST":
-                return _error(APIError(503, "server is shutting down",
-                                       type="service_unavailable"))
-        return await call_next(request)
+    app.add_middleware(AuthAndDrain, state=state)
 
     @app.get("/health")
     async def health() -> Response:
@@ -115,9 +130,10 @@ def build_app(state: ServerState) -> FastAPI:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else \
+            "max_tokens"
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
-                            max_tokens, chat=True)
+                            getattr(body, field), chat=True, max_tokens_field=field)
 
     return app
 
@@ -129,18 +145,24 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
-                 max_tokens: int | None, chat: bool) -> Response:
+                 max_tokens: int | None, chat: bool,
+                 max_tokens_field: str = "max_tokens") -> Response:
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens)
         checked = [engine.check_request(p, params) for p in prompts]
     except ValueError as exc:
-        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
+        param = getattr(exc, "param", None)
+        message = str(exc)
+        if param == "max_tokens" and max_tokens_field != param:  # name the field sent
+            param, message = max_tokens_field, message.replace("max_tokens", max_tokens_field)
+        raise APIError(400, message, param=param) from None
     max_len = engine.engine.engine_cfg.max_model_len
     for _, ids in checked:
         if max_tokens is not None and len(ids) + max_tokens > max_len:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens "
-                           f"exceeds the context length {max_len}", param="max_tokens")
+            raise APIError(400, f"{max_tokens_field}={max_tokens} plus the prompt's {len(ids)} "
+                           f"tokens exceeds the context length {max_len}",
+                           param=max_tokens_field)
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params)
                for i, (text, ids) in enumerate(checked)]
@@ -212,6 +234,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     sent_text: dict[int, int] = {}
+    finish_sent: set[int] = set()  # choices whose last chunk went out
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     open_streams = len(streams)
 
@@ -236,10 +259,14 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             choices = []
             for c in item.outputs:
                 index = i * n + c.index
+                if index in finish_sent:
+                    continue
                 delta = c.text[sent_text.get(index, 0):]
                 sent_text[index] = len(c.text)
                 if not delta and c.finish_reason is None:
                     continue
+                if c.finish_reason is not None:
+                    finish_sent.add(index)
                 if chat:
                     choices.append({"index": index, "delta": {"content": delta},
                                     "finish_reason": c.finish_reason, "logprobs": None})

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from afd.engine import LLMEngine
+from afd.layouts import RankFailure
 from afd.metrics import ServerMetrics
 from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
@@ -58,6 +59,9 @@ class AsyncEngine:
             raise EngineDeadError(self.error)
         q: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), q)
+        if self.error:  # failed after the check above, possibly without seeing this stream
+            self.streams.pop(request_id, None)
+            raise EngineDeadError(self.error)
         self.commands.put(("add", request_id, prompt, params, time.monotonic()))
         finished = False
         try:
@@ -116,6 +120,11 @@ class AsyncEngine:
                         self.metrics.prompt_tokens.inc(len(self.engine.requests[rid]
                                                            .prompt_token_ids))
                 except ValueError as exc:  # checked before queueing; raced with another id
+                    self._deliver(rid, exc)
+                except RankFailure:
+                    raise  # the engine's failure: _loop fails every request
+                except Exception as exc:  # noqa: BLE001 - this request fails, not the engine
+                    log.exception("could not add request %s", rid)
                     self._deliver(rid, exc)
             else:
                 self.engine.abort_request(cmd[1])

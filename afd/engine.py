@@ -55,8 +55,15 @@ class _Request:
         return all(c.finish_reason is not None for c in self.completions)
 
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
-                                 c.stop_reason) for c in self.completions]
+        # While a completion runs, its last len(longest stop) - 1 characters could be the start
+        # of a stop string that the next token completes (and cuts): they are held back, so
+        # what was shown (streamed) is never taken back.
+        p = self.params
+        hold = 0 if p.include_stop_str_in_output else max(map(len, p.stop), default=1) - 1
+        outs = [CompletionOutput(c.index, c.text if c.finish_reason is not None or not hold
+                                 else c.text[:max(0, len(c.text) - hold)],
+                                 list(c.token_ids), c.finish_reason, c.stop_reason)
+                for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
                              self.finished, self.metrics, self.error)
 
@@ -124,6 +131,7 @@ class LLMEngine:
         self.validate(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
+        children = []
         for i in range(params.n):
             comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids,
                                                          params.skip_special_tokens))
@@ -133,8 +141,18 @@ class LLMEngine:
                 child = SamplingParams(**{**params.to_dict(), "n": 1,
                                           "seed": None if params.seed is None else params.seed + i})
             cid = _child_id(request_id, i, params.n)
-            self._child[cid] = (req, comp)
-            self.core.add_request(CoreRequest(cid, ids, child, self.eos_token_ids, arrival))
+            children.append((cid, comp, CoreRequest(cid, ids, child, self.eos_token_ids, arrival)))
+        added: list[str] = []
+        try:  # all children or none: a failure here must not leave one running, holding KV
+            for cid, comp, core_req in children:
+                self._child[cid] = (req, comp)
+                added.append(cid)
+                self.core.add_request(core_req)
+        except Exception:
+            for cid in added:
+                self._child.pop(cid, None)
+            self.core.abort(added)
+            raise
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
 

@@ -190,7 +190,8 @@ class MultiRankClient:
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
         self.check_alive()
-        wire = {"t": "add", "req": protocol.request_to_wire(req)}
+        # Packed first: a value msgpack cannot carry fails here, before anything is placed.
+        wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(req)})
         if self.layout.prefill:
             rank = self.router.pick_prefill()
             self.router.prefill[rank].in_flight += 1
@@ -199,7 +200,8 @@ class MultiRankClient:
             rank = self.router.pick_attention()
             self.router.attention[rank].in_flight += 1
             self.placed[req.request_id] = _Placed(req, "decode", decode=rank)
-        self._tell(rank, wire)
+        if not self.closed:
+            self.outboxes[rank].send(wire)
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

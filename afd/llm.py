@@ -139,10 +139,15 @@ class LLM:
             engine.validate(ids, p)
             tokenized.append({"prompt": text, "prompt_token_ids": ids})
         order = {}
-        for prompt, p in zip(tokenized, params):
-            rid = str(next(self._ids))
-            order[rid] = len(order)
-            engine.add_request(rid, prompt, p)
+        try:
+            for prompt, p in zip(tokenized, params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, prompt, p)
+                order[rid] = len(order)
+        except BaseException:  # queue all or none
+            for rid in order:
+                engine.abort_request(rid)
+            raise
         return self._run(order, use_tqdm)
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:

@@ -27,6 +27,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of OpenAI's or vLLM's API this server does not implement, each with the values that
+# change nothing (None always does). Any other value is a 400 naming the field rather than an
+# answer that silently ignores it.
+_UNSUPPORTED: dict[str, tuple] = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+    "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
+    "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+}
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by both endpoints (OpenAI's plus vLLM's common extensions)."""
 
@@ -53,6 +64,16 @@ class _SamplingFields(BaseModel):
         """ValueError (-> 400) names the field when a value is out of range."""
         if self.logprobs not in (None, False):
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        sent = {**(self.model_extra or {}), **self.model_dump(include=set(_UNSUPPORTED))}
+        for name, neutral in _UNSUPPORTED.items():
+            value = sent.get(name)
+            if value is not None and value not in neutral:
+                raise APIError(400, f"{name} is not supported by this server (got {value!r})",
+                               param=name)
+        best_of = sent.get("best_of")
+        if best_of is not None and best_of != self.n:
+            raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
+                           "best_of = n)", param="best_of")
         return SamplingParams(
             n=self.n, max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,

@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+INT64_MAX = 2**63 - 1
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (as vLLM)
+MAX_N = 128  # completions per prompt, as OpenAI's API allows
+
+
 class ParamError(ValueError):
     """A bad argument: ``param`` names the field (the HTTP server puts it in the error body)."""
 
@@ -19,7 +24,8 @@ class SamplingParams:
     """How to sample one prompt's completions.
 
     n: completions per prompt. max_tokens: new tokens at most (None: up to the context limit).
-    temperature: 0 means greedy. top_p in (0, 1]; top_k: 0 or -1 disables; min_p in [0, 1].
+    temperature: 0 (or under 1e-5, where logits / temperature can overflow) means greedy; finite.
+    top_p in (0, 1]; top_k: 0 or -1 disables; min_p in [0, 1].
     seed: per-request seed, reproducible whatever else is in the batch.
     stop: strings that end the completion (not included in the text).
     stop_token_ids: token ids that end the completion. ignore_eos: keep going past EOS.
@@ -58,28 +64,32 @@ class SamplingParams:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        if not is_int(self.n) or self.n < 1:
-            raise bad("n", self.n, "an integer >= 1")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+        # Integers are bounded too: each goes through msgpack and torch as a 64-bit integer.
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", self.n, f"an integer in [1, {MAX_N}]")
+        if self.max_tokens is not None and (not is_int(self.max_tokens)
+                                            or not 1 <= self.max_tokens <= INT64_MAX):
             raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not is_num(self.temperature) or not self.temperature >= 0:
-            raise bad("temperature", self.temperature, ">= 0")
+        if not is_num(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise bad("temperature", self.temperature, ">= 0 and finite")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
             raise bad("top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "in [0, 1]")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", self.seed, "an integer or None")
+        if self.seed is not None and (not is_int(self.seed)
+                                      or not -INT64_MAX - 1 <= self.seed <= INT64_MAX - self.n + 1):
+            # completion i of n uses seed + i
+            raise bad("seed", self.seed, f"None or an integer in [-2**63, 2**63 - n] (n={self.n})")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", self.stop, "a non-empty string or a list of them")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

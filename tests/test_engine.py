@@ -132,6 +132,12 @@ def test_eos_ends_generation_unless_ignored(llm):
     (dict(top_k=-3), "top_k"),
     (dict(min_p=2.0), "min_p"),
     (dict(n=0), "n"),
+    (dict(n=129), "n"),
+    (dict(seed=2 ** 64), "seed"),
+    (dict(seed=2 ** 63 - 2, n=3), "seed"),  # completion i uses seed + i
+    (dict(top_k=2 ** 64), "top_k"),
+    (dict(max_tokens=2 ** 64), "max_tokens"),
+    (dict(temperature=float("inf")), "temperature"),
 ])
 def test_bad_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -160,6 +166,58 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llm):
     with pytest.raises(ValueError, match="temperature"):
         llm.generate("Hello", bad_params, use_tqdm=False)
     assert llm.generate("Hello", p, use_tqdm=False)[0].outputs[0].token_ids == good
+    assert blocks_all_free(llm)
+
+
+def test_a_failing_add_queues_nothing(llm, monkeypatch):
+    """If the core refuses the second of n children (or LLM.generate's second prompt), nothing
+    of the request (or the call) stays queued or holds blocks."""
+    engine, real_add = llm.engine, llm.engine.core.add_request
+    calls = []
+
+    def add_then_fail(req):
+        calls.append(req.request_id)
+        if len(calls) == 2:
+            raise RuntimeError("refused")
+        real_add(req)
+
+    monkeypatch.setattr(engine.core, "add_request", add_then_fail)
+    with pytest.raises(RuntimeError, match="refused"):
+        engine.add_request("n3", "Hello", SamplingParams(n=3, max_tokens=4))
+    assert not engine.requests and not engine._child and not engine.core.seqs
+    calls.clear()
+    with pytest.raises(RuntimeError, match="refused"):
+        llm.generate(["Hello", "World"], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not engine.requests and not engine._child and not engine.core.seqs
+    monkeypatch.undo()
+    assert llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    assert blocks_all_free(llm)
+
+
+def test_streamed_text_never_takes_back_a_stop_prefix(llm):
+    """A stop string spanning two tokens: the visible text of every intermediate output is a
+    prefix of the final one (its first character is held back until the stop is ruled out)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    engine.add_request("full", "Tell me a story", params)
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in engine.step()]
+    pieces = [b[len(a):] for a, b in zip([""] + texts, texts)]
+    # a stop made of the last character of one token's text and the first of the next one's
+    bounds = [len(texts[i]) for i in range(len(pieces) - 1) if pieces[i] and pieces[i + 1]]
+    full = texts[-1]
+    stops = [full[b - 1:b + 1] for b in bounds if full.find(full[b - 1:b + 1]) == b - 1]
+    assert stops, pieces
+    stop = stops[0]
+    engine.add_request("cut", "Tell me a story", SamplingParams(
+        temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o.outputs[0].text for o in engine.step()]
+    assert seen[-1] == full[:full.index(stop)]
+    assert all(seen[-1].startswith(t) for t in seen), (stop, seen)
     assert blocks_all_free(llm)
 
 

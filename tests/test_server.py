@@ -88,6 +88,30 @@ def test_n_and_stop_strings(single, reference):
         stop)]
 
 
+def test_streaming_n_and_stop_across_tokens(single, reference):
+    """Streamed text equals the non-streamed text even when a stop string spans two tokens (the
+    stop's first characters are held back until it is ruled out), and each of n choices sends
+    its finish once."""
+    c = client(single)
+    model = c.models.list().data[0].id
+    prompt, text = next(iter(reference.items()))
+    for stop in {text[i:i + 3] for i in range(2, 8)}:
+        kw = dict(model=model, prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True})
+        full = c.completions.create(**kw).choices[0].text
+        assert full == text[:text.index(stop)]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True)
+                           if ch.choices)
+        assert streamed == full, stop
+    finishes: dict[int, int] = {}
+    for ch in c.completions.create(model=model, prompt=prompt, max_tokens=6, n=3, seed=2,
+                                   temperature=1.0, stream=True, extra_body={"ignore_eos": True}):
+        for choice in ch.choices:
+            finishes[choice.index] = finishes.get(choice.index, 0) + (
+                choice.finish_reason is not None)
+    assert finishes == {0: 1, 1: 1, 2: 1}
+
+
 BAD = [
     ({"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
@@ -100,6 +124,18 @@ BAD = [
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "hi", "max_tokens": [1]}, 400, "max_tokens"),
     ({"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+    # integers past 64 bits once took the whole engine down (msgpack / torch overflow)
+    ({"prompt": "hi", "seed": 2 ** 64}, 400, "seed"),
+    ({"prompt": "hi", "seed": 2 ** 63 - 1, "n": 2}, 400, "seed"),
+    ({"prompt": "hi", "top_k": 2 ** 64}, 400, "top_k"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "n": 129}, 400, "n"),
+    # fields the server does not implement are refused, not silently ignored
+    ({"prompt": "hi", "echo": True}, 400, "echo"),
+    ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
 ]
 
 
@@ -114,6 +150,14 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(single, reference
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(single.url + "/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for value in (0, -5):
+        r = httpx.post(single.url + "/v1/chat/completions",
+                       json={**chat, "max_completion_tokens": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    r = httpx.post(url, json={"prompt": "hi", "presence_penalty": 0, "best_of": 1, "echo": False,
+                              "max_tokens": 2})
+    assert r.status_code == 200, r.text  # the values that change nothing are accepted
     prompt, text = next(iter(reference.items()))
     r = httpx.post(url, json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
                               "ignore_eos": True})
@@ -141,20 +185,25 @@ def test_metrics_move(single):
     assert single.metric("afd:inter_token_latency_seconds_count") >= 1
 
 
-@pytest.mark.parametrize("which", ["single", "pd"])
-def test_aborted_stream_frees_kv(request, which):
+@pytest.mark.parametrize(("which", "stream"), [("single", True), ("pd", True),
+                                               ("single", False)])
+def test_aborted_request_frees_kv(request, which, stream):
     server = request.getfixturevalue(which)
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
-                      timeout=30) as r:
-        chunks = 0
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                chunks += 1
-                if chunks == 5:
-                    break  # hang up mid-stream
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0,
+            "stream": stream, "ignore_eos": True}
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
+                          timeout=30) as r:
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if chunks == 5:
+                        break  # hang up mid-stream
+    else:  # the client gives up waiting and closes the connection
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=1.5)
     assert server.metric("afd:kv_cache_usage_perc") >= 0
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -207,3 +256,40 @@ def test_dead_rank_makes_health_503(pd):
             return  # the front end already went down with its ranks: also not healthy
         time.sleep(0.5)
     pytest.fail("/health still 200 after a rank died")
+
+
+def test_a_request_that_fails_to_queue_fails_alone(monkeypatch):
+    """In-process: an unexpected error while the engine thread queues one request is that
+    request's error; the engine thread, and the request beside it, go on."""
+    import asyncio
+
+    from afd.async_engine import AsyncEngine
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+    real_add = llm.engine.add_request
+
+    def add(request_id, *args, **kwargs):
+        if request_id == "bad":
+            raise OverflowError("cannot pack")
+        return real_add(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "add_request", add)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def last(request_id: str):
+        out = None
+        async for out in engine.generate(request_id, "Hello", params):
+            pass
+        return out
+
+    async def both():
+        return await asyncio.gather(last("bad"), last("good"), return_exceptions=True)
+
+    try:
+        bad, good = asyncio.run(both())
+        assert isinstance(bad, OverflowError)
+        assert good.finished and len(good.outputs[0].token_ids) == 3
+        assert engine.healthy() == (True, "ok")
+    finally:
+        engine.shutdown()
