@@ -238,6 +238,10 @@ def test_bad_engine_arguments():
         LLM(dtype="int3")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
 class TestSampler:
     def test_filters_that_leave_one_token_are_greedy(self):
         logits = torch.randn(6, 50)
@@ -264,14 +268,15 @@ class TestSampler:
         seen_k = {s(logits, [SamplingParams(top_k=2)], [None])[0] for _ in range(300)}
         assert seen_p == {0, 1} and seen_k == {0, 1}
 
+    @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("shared", [None, SamplingParams(top_p=0.99)],
                              ids=["threshold_path", "sorted_path"])
-    def test_mixed_batch_each_row_its_own_filter(self, shared):
+    def test_mixed_batch_each_row_its_own_filter(self, shared, device):
         """One batch, one filter per row (and a greedy row): each row's samples follow its own
         renormalized distribution, whether the batch takes the top-k threshold path or, with a
         top-p row in it, the sorted one."""
         row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5])
-        logits = row.repeat(5, 1)
+        logits = row.repeat(5, 1).to(device)
         rows = [SamplingParams(top_k=2), SamplingParams(), SamplingParams(min_p=0.5),
                 SamplingParams(temperature=0), SamplingParams(top_k=3, temperature=2.0)]
         if shared is not None:
@@ -298,10 +303,12 @@ class TestSampler:
                                        [SamplingParams(top_p=0.8), SamplingParams(top_k=7)],
                                        [SamplingParams(top_k=250, top_p=0.5)]],
                              ids=["alone", "threshold", "full_sort", "top_k_candidates"])
-    def test_seeded_rows_do_not_depend_on_the_batch(self, mates):
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_seeded_rows_do_not_depend_on_the_batch(self, mates, device):
         """The seeded row's 20 samples are the same alone and beside rows that send the batch
         down each path (top-k threshold, full sort, top-k candidates)."""
-        logits = torch.randn(1 + len(mates), 300, generator=torch.Generator().manual_seed(0))
+        logits = torch.randn(1 + len(mates), 300,
+                             generator=torch.Generator().manual_seed(0)).to(device)
         p = SamplingParams(temperature=1.0, top_k=100, min_p=0.01, seed=1)
 
         def run(rows: list[SamplingParams]) -> list[int]:
