@@ -7,6 +7,7 @@ hits) and assembles vLLM-shaped RequestOutputs. The core speaks token ids only.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -127,9 +128,21 @@ class LLMEngine:
         params.validate()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        # A request's completions run under ids derived from it ("a" with n=2: "a#0", "a#1"),
+        # and none may be one a running request already goes by.
+        taken = next((cid for i in range(params.n)
+                      if (cid := _child_id(request_id, i, params.n)) in self._child), None)
+        if taken is not None:
+            raise ValueError(f"request_id {request_id!r} collides with {taken!r}, a completion "
+                             "of a running request")
+        if arrival_time is not None and not (isinstance(arrival_time, (int, float))
+                                             and not isinstance(arrival_time, bool)
+                                             and math.isfinite(arrival_time)):
+            raise ParamError("arrival_time", f"arrival_time must be a finite number, got "
+                             f"{arrival_time!r}")
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids, params)
-        arrival = time.monotonic() if arrival_time is None else arrival_time
+        arrival = time.monotonic() if arrival_time is None else float(arrival_time)
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
         children = []
         for i in range(params.n):
@@ -145,9 +158,9 @@ class LLMEngine:
         added: list[str] = []
         try:  # all children or none: a failure here must not leave one running, holding KV
             for cid, comp, core_req in children:
+                self.core.add_request(core_req)
                 self._child[cid] = (req, comp)
                 added.append(cid)
-                self.core.add_request(core_req)
         except Exception:
             for cid in added:
                 self._child.pop(cid, None)

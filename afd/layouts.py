@@ -33,6 +33,9 @@ from models.config import ModelConfig
 LOOPBACK = "127.0.0.1"
 
 
+SEND_TIMEOUT_S = 10.0  # a live rank's socket takes a message at once (1,000 may queue)
+
+
 class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
 
@@ -78,6 +81,9 @@ class MultiRankClient:
             if placement.num_ranks != layout.ffn:
                 raise ValueError(f"placement has {placement.num_ranks} ranks, layout has "
                                  f"ffn={layout.ffn}")
+            if placement.num_experts != model_cfg.num_experts:
+                raise ValueError(f"placement places {placement.num_experts} experts, the model "
+                                 f"has {model_cfg.num_experts}")
         self.placement = placement
         self.error: str | None = None
         self.closed = False
@@ -106,6 +112,7 @@ class MultiRankClient:
                 continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
             port = sock.bind_to_random_port(bind)
             self.outboxes[rank] = sock
             front_in.append(f"tcp://{control_host}:{port}")
@@ -148,11 +155,16 @@ class MultiRankClient:
             if p.poll() is not None:
                 self._drain_errors()
                 self._fail(f"{self._describe(rank)} exited with code {p.returncode}")
-        if not self.procs and self.ready:  # launched elsewhere: judge by heartbeats
-            now = time.monotonic()
-            for rank, seen in self.last_seen.items():
-                if now - seen > self.timeout_s:
-                    self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
+
+    def _check_heartbeats(self) -> None:
+        """Every rank says something at least every second (a heartbeat when it has nothing
+        else); one silent for ``timeout_s`` is wedged or gone, even if its process still exists.
+        Called once the inbox is drained, so a front end that read nothing for a while (an
+        offline LLM between calls) does not take its own idleness for the ranks'."""
+        now = time.monotonic()
+        for rank, seen in self.last_seen.items():
+            if now - seen > self.timeout_s:
+                self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
 
     def _drain_errors(self) -> None:
         """A dying rank usually says why first; prefer its message to a bare exit code."""
@@ -185,7 +197,17 @@ class MultiRankClient:
 
     def _tell(self, rank: int, msg: dict) -> None:
         if not self.closed:
-            self.outboxes[rank].send(protocol.pack(msg))
+            self._send(rank, protocol.pack(msg))
+
+    def _send(self, rank: int, data: bytes) -> None:
+        """A rank that died takes its end of the socket with it, and a send with no peer would
+        wait forever: check first, and give up after the send timeout."""
+        self.check_alive()
+        try:
+            self.outboxes[rank].send(data)
+        except zmq.Again:
+            self.check_alive()
+            self._fail(f"{self._describe(rank)} took no message for {SEND_TIMEOUT_S:.0f}s")
 
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
@@ -201,7 +223,7 @@ class MultiRankClient:
             self.router.attention[rank].in_flight += 1
             self.placed[req.request_id] = _Placed(req, "decode", decode=rank)
         if not self.closed:
-            self.outboxes[rank].send(wire)
+            self._send(rank, wire)
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -213,6 +235,7 @@ class MultiRankClient:
                     self._tell(rank, {"t": "abort", "ids": [rid]})
 
     def _forget(self, rid: str) -> _Placed | None:
+        self.pending_metrics.pop(rid, None)
         placed = self.placed.pop(rid, None)
         if placed is None:
             return None
@@ -324,6 +347,7 @@ class MultiRankClient:
         elif self.placed and time.monotonic() - self.last_heard > self.timeout_s:
             self._fail(f"no answer from any rank for {self.timeout_s:.0f}s with "
                        f"{len(self.placed)} requests in flight")
+        self._check_heartbeats()
         return outputs
 
     def shutdown(self) -> None:

@@ -21,11 +21,11 @@ import datetime
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 
 import torch
@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+FRONT_START_TIMEOUT_S = 300.0
+
+
 def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str]:
     """Start the HTTP front end; return it and the rank spec template it publishes."""
     cmd = [sys.executable, "-m", "afd.api_server",
@@ -86,23 +89,29 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
         if value:
             cmd += [flag, value]
     front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-    deadline = time.monotonic() + 300
-    for line in front.stdout:  # its first marker line carries the spec; echo anything else
-        if line.startswith(SPEC_MARKER):
-            template = line[len(SPEC_MARKER):].strip()
-            break
-        sys.stdout.write(line)
-        if time.monotonic() > deadline:
-            break
-    else:
-        raise RuntimeError(f"the front end exited before starting (code {front.wait()})")
+    spec: queue.Queue = queue.Queue()
 
     def echo() -> None:
+        """Forward the front end's output; hand over the spec line (its first marker line)."""
+        handed = False
         for line in front.stdout:
+            if line.startswith(SPEC_MARKER) and not handed:
+                spec.put(line[len(SPEC_MARKER):].strip())
+                handed = True
+                continue
             sys.stdout.write(line)
             sys.stdout.flush()
+        spec.put(None)  # it exited
 
     threading.Thread(target=echo, daemon=True, name="afd-front-echo").start()
+    try:
+        template = spec.get(timeout=FRONT_START_TIMEOUT_S)
+    except queue.Empty:
+        front.kill()
+        raise RuntimeError(f"the front end printed no rank spec in {FRONT_START_TIMEOUT_S:.0f}s"
+                           ) from None
+    if template is None:
+        raise RuntimeError(f"the front end exited before starting (code {front.wait()})")
     return front, template
 
 

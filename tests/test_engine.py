@@ -195,6 +195,32 @@ def test_a_failing_add_queues_nothing(llm, monkeypatch):
     assert blocks_all_free(llm)
 
 
+def test_request_ids_never_collide_with_completion_ids(llm):
+    """"a" with n=2 runs as "a#0" and "a#1": a new request may not take either id, nor may a
+    request with n > 1 derive one that is taken; the running one is untouched."""
+    engine = llm.engine
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=5, ignore_eos=True)
+    engine.add_request("a", "Hello", params)
+    engine.add_request("b#1", "Hello", SamplingParams(max_tokens=5, ignore_eos=True))
+    with pytest.raises(ValueError, match="collides"):
+        engine.add_request("a#0", "Hello", SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="collides"):
+        engine.add_request("b", "Hello", params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["a", "b#1"]
+    assert [len(c.token_ids) for c in done["a"].outputs] == [5, 5]
+    assert blocks_all_free(llm)
+
+
+@pytest.mark.parametrize("arrival", ["yesterday", float("nan"), True])
+def test_bad_arrival_time_raises(llm, arrival):
+    with pytest.raises(ValueError, match="arrival_time"):
+        llm.engine.add_request("t", "Hello", SamplingParams(max_tokens=2), arrival_time=arrival)
+    assert not llm.engine.requests and blocks_all_free(llm)
+
+
 def test_streamed_text_never_takes_back_a_stop_prefix(llm):
     """A stop string spanning two tokens: the visible text of every intermediate output is a
     prefix of the final one (its first character is held back until the stop is ruled out)."""

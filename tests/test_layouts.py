@@ -98,3 +98,67 @@ def test_killed_ffn_rank_is_an_error_not_a_hang(references):
         p.wait(15)  # every other rank is gone too
     with pytest.raises(RankFailure):  # the engine says it is dead instead of hanging
         llm.generate(prompts[:1], long, use_tqdm=False)
+
+
+def _in_thread(fn, limit_s: float) -> dict:
+    """Run fn in a daemon thread; {"raised": exc} or {"returned": value}, or {} if it hangs."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["returned"] = fn()
+        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+            result["raised"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    return result
+
+
+def _kill_all(llm: LLM) -> None:
+    for p in llm.engine.core.procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def test_wedged_rank_is_an_error_not_a_hang(references):
+    """A rank that is alive but silent (stopped) fails the engine after timeout_s, although
+    its process exists and the other rank keeps sending heartbeats."""
+    path, prompts, params, _ = references["deepseek_v3"]
+    timeout_s = 4
+    llm = LLM(path, attention=2, ffn=0, timeout_s=timeout_s)
+    try:
+        os.kill(llm.engine.core.procs[0].pid, signal.SIGSTOP)
+        result = _in_thread(lambda: llm.generate(prompts, params, use_tqdm=False),
+                            timeout_s + 20)
+        assert isinstance(result.get("raised"), RankFailure), result
+        assert "silent" in str(result["raised"])
+    finally:
+        _kill_all(llm)
+
+
+def test_abort_on_a_dead_rank_is_an_error_not_a_hang(references):
+    """Aborting a request whose rank just died: its socket has no peer left, and a plain send
+    would wait forever."""
+    path, prompts, _, _ = references["deepseek_v3"]
+    llm = LLM(path, attention=2, ffn=0, timeout_s=5)
+    try:
+        engine = llm.engine
+        engine.add_request("r", prompts[0], SamplingParams(max_tokens=300, ignore_eos=True))
+        victim = engine.core.procs[engine.core.placed["r"].decode]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        result = _in_thread(lambda: engine.abort_request("r"), 20)
+        assert isinstance(result.get("raised"), RankFailure), result
+    finally:
+        _kill_all(llm)
+
+
+def test_placement_for_another_model_is_refused_before_start(references):
+    from afd.placement import ExpertPlacement
+
+    path = references["deepseek_v3"][0]
+    with pytest.raises(ValueError, match="experts"):
+        LLM(path, attention=1, ffn=1, expert_placement=ExpertPlacement.balanced(4, 1))
