@@ -3,7 +3,8 @@
 #   1. bench/gpu_kernels.sh: GPU-marked kernel tests + bench/kernels.py (+ tile sweep;
 #      QUICK=1: MoE tests, host time per call, MoE checks + table + tile/feature A/B, ~5 min)
 #   2. the oracle/engine/model tests with the engine on CUDA (fp32, HF reference on CPU)
-#   3. bench/offline.py on CUDA (afd vs transformers generate, embedded model)
+#   3. bench/offline.py on CUDA (afd vs transformers generate, embedded model), then
+#      bench/sampler.py on CUDA (its table in engine_cuda.log)
 # Writes at most 8 files to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +23,8 @@ echo "[gpu_check $(($(date +%s) - start))s] engine tests on CUDA"
   timeout 120 python3 bench/offline.py --device cuda --json "$OUT/offline_cuda.json" 2>&1 \
     | grep -v "Processed prompts:  "
   echo "offline_rc=$?"
+  echo "[gpu_check $(($(date +%s) - start))s] sampler on CUDA (vocabulary 129,280)"
+  timeout 60 python3 bench/sampler.py --device cuda --json /tmp/sampler_cuda.json 2>&1
+  echo "sampler_rc=$?"
 } | tee "$OUT/engine_cuda.log"
 echo "[gpu_check $(($(date +%s) - start))s] done"
