@@ -212,6 +212,10 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
         return [t.result() for t in tasks]
     except EngineDeadError as exc:
         raise APIError(503, f"engine failed: {exc}", type="service_unavailable") from None
+    except ValueError as exc:  # refused when the engine queued it
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
+    except Exception as exc:  # noqa: BLE001 - this request failed alone: OpenAI's error body
+        raise APIError(500, f"{type(exc).__name__}: {exc}", type="internal_error") from None
     finally:
         for t in tasks:
             t.cancel()  # a cancelled stream's finally aborts its request and frees its KV

@@ -33,9 +33,6 @@ from models.config import ModelConfig
 LOOPBACK = "127.0.0.1"
 
 
-SEND_TIMEOUT_S = 10.0  # a live rank's socket takes a message at once (1,000 may queue)
-
-
 class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
 
@@ -112,7 +109,7 @@ class MultiRankClient:
                 continue
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
+            sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
             port = sock.bind_to_random_port(bind)
             self.outboxes[rank] = sock
             front_in.append(f"tcp://{control_host}:{port}")
@@ -201,13 +198,14 @@ class MultiRankClient:
 
     def _send(self, rank: int, data: bytes) -> None:
         """A rank that died takes its end of the socket with it, and a send with no peer would
-        wait forever: check first, and give up after the send timeout."""
+        wait forever: check first, and give up after timeout_s (a live rank's socket takes a
+        message at once unless some 2,000 are queued for it)."""
         self.check_alive()
         try:
             self.outboxes[rank].send(data)
         except zmq.Again:
             self.check_alive()
-            self._fail(f"{self._describe(rank)} took no message for {SEND_TIMEOUT_S:.0f}s")
+            self._fail(f"{self._describe(rank)} took no message for {self.timeout_s:.0f}s")
 
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:

@@ -34,7 +34,10 @@ _UNSUPPORTED: dict[str, tuple] = {
     "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
     "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
-    "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "min_tokens": (0,), "prompt_logprobs": (), "bad_words": ([],), "allowed_token_ids": (),
+    "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
+    "logits_processors": ([],),
 }
 
 

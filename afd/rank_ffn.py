@@ -44,7 +44,13 @@ class FFNWorker:
                     timers.steps += 1
                     dirty = True
                 # timers when they changed, else a heartbeat, at most every HEARTBEAT_S / 2
+                # (dropped if the front end's queue is full: it says nothing a later one won't)
                 if time.monotonic() - last_report > HEARTBEAT_S / 2:
                     msg = {"t": "timers", "timers": timers.snapshot()} if dirty else {"t": "hb"}
-                    self.out.send(protocol.pack({**msg, "rank": self.spec.rank}))
-                    last_report, dirty = time.monotonic(), False
+                    try:
+                        self.out.send(protocol.pack({**msg, "rank": self.spec.rank}),
+                                      zmq.NOBLOCK)
+                        dirty = False
+                    except zmq.Again:
+                        pass
+                    last_report = time.monotonic()

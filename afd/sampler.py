@@ -3,17 +3,20 @@
 Everything runs on the logits' device; the only host transfer is the sampled ids. Greedy rows
 take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
 sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
-distribution as multinomial. The full-vocabulary sort is paid only when a row asks for top-p
-and some row has no top-k: when every row has one, only the k largest logits are sorted
-(``torch.topk``); top-k in a batch without top-p is a threshold at each row's k-th largest logit
-(ties with it stay), min-p one at a fraction of the largest probability.
+distribution as multinomial. Every cut is by value, so ties are treated alike whatever the
+batch: top-k keeps the tokens at or above a row's k-th largest logit, top-p the smallest prefix
+reaching its mass in the order (value descending, token id ascending), min-p the tokens at or
+above a fraction of the largest probability. Only top-p sorts: the whole vocabulary, or, when
+every row has a top-k, just the k_max + 1 largest logits (``torch.topk``) unless ties at some
+row's k-th value reach past them.
 
 Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
-batch took; one draw for all unseeded rows from the sampler's own generator. A seeded request owns
-a CPU generator (``Sequence.generator``); each of its steps takes one 63-bit seed from it
-(``draw_step_seed``) and draws its noise row on the device from a generator seeded with that.
-Its samples therefore depend on neither the rest of the batch nor where its prefill ran (the P/D
-decode rank replays the prefill rank's one draw with ``draw_step_seed``).
+batch took (up to float rounding of the softmax); one draw for all unseeded rows from the
+sampler's own generator. A seeded request owns a CPU generator (``Sequence.generator``); each
+of its steps takes one 63-bit seed from it (``draw_step_seed``) and draws its noise row on the
+device from a generator seeded with that. Its samples therefore depend on neither the rest of
+the batch nor where its prefill ran (the P/D decode rank replays the prefill rank's one draw
+with ``draw_step_seed``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Sampler:
         else:
             tokens = logits.argmax(dim=-1)
             if rows:
-                index = torch.tensor(rows, device=logits.device)
+                index = torch.tensor(rows).to(logits.device, non_blocking=True)
                 sampled = self._sample(logits.index_select(0, index).float(),
                                        [params[i] for i in rows], [generators[i] for i in rows])
                 tokens.index_copy_(0, index, sampled)
@@ -79,30 +82,38 @@ class Sampler:
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         k_max = max((k for k in top_k if k < vocab), default=vocab)
-        use_top_p = any(p.top_p < 1 for p in params)
         scaled = logits / column([p.temperature for p in params])
-        # Noise is drawn per token id, so whichever path below the batch takes, a row's sample
-        # is the same: the paths order the tokens differently, not the race.
+        # Noise is drawn per token id, and every cut below is by value, so whichever path the
+        # batch takes, a row's sample is the same.
         noise = self._noise(logits.shape, dev, generators)
-        order = None  # the path's token order, when it sorts
-        if max(top_k) < vocab:  # every row cut to its top-k: sort just the k_max largest
-            scaled, order = torch.topk(scaled, k_max, dim=-1)
-        elif use_top_p:  # top-p needs the full sorted order
-            scaled, order = torch.sort(scaled, dim=-1, descending=True)
-        elif k_max < vocab:  # some rows' top-k: a threshold at each one's k-th largest logit
-            kth = torch.topk(scaled, k_max, dim=-1).values.gather(
-                1, column([min(k, k_max) - 1 for k in top_k], torch.long))
+        order = None  # token order of the sorted paths: value descending, then token id
+        if any(p.top_p < 1 for p in params):  # top-p needs the sorted order
+            if max(top_k) < vocab:
+                # Every row keeps at most its top-k: sort just the k_max + 1 largest, unless a
+                # row's ties at its k-th value reach past them.
+                vals, idx = torch.topk(scaled, k_max + 1, dim=-1)
+                kth = vals.gather(1, column([k - 1 for k in top_k], torch.long))
+                if not bool((vals[:, -1:] >= kth).any()):
+                    idx, by_id = idx.sort(dim=-1)  # ties in token id order, then by value
+                    scaled, by_value = vals.gather(1, by_id).sort(dim=-1, descending=True,
+                                                                  stable=True)
+                    order = idx.gather(1, by_value)
+            if order is None:
+                scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+            noise = noise.gather(1, order)
+        if k_max < vocab:  # top-k: a threshold at each row's k-th largest logit (ties stay)
+            if order is not None:  # sorted: the k-th column
+                width = scaled.shape[1]
+                kth = scaled.gather(1, column([min(k, width) - 1 for k in top_k], torch.long))
+            else:
+                kth = torch.topk(scaled, k_max, dim=-1).values.gather(
+                    1, column([min(k, k_max) - 1 for k in top_k], torch.long))
             kth = kth.masked_fill(column([k >= vocab for k in top_k], torch.bool), float("-inf"))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if order is not None:
-            noise = noise.gather(1, order)
-            if min(top_k) < scaled.shape[1]:  # sorted: top-k is a cut by rank
-                rank = torch.arange(scaled.shape[1], device=dev)[None, :]
-                scaled = scaled.masked_fill(rank >= column(top_k, torch.long), float("-inf"))
         probs = scaled.softmax(dim=-1)
-        if use_top_p:
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays);
-            # rows without top-p cut nothing
+        if order is not None:
+            # top-p: keep the smallest prefix whose mass reaches top_p (the first token always
+            # stays); rows without top-p cut nothing
             before = probs.cumsum(dim=-1) - probs
             probs = probs.masked_fill(before >= column([p.top_p if p.top_p < 1 else 2.0
                                                         for p in params]), 0.0)

@@ -140,9 +140,16 @@ class ControlLink:
     last_sent = 0.0
 
     def heartbeat(self) -> None:
-        """Tell the front end this rank is alive when it has said nothing for a second."""
+        """Tell the front end this rank is alive when it has said nothing for a second. Dropped
+        when the socket's queue is full (a front end that reads nothing for a long while, as an
+        offline LLM between calls): a later one says the same, and a rank must never block on
+        one."""
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
-            self.send({"t": "hb"})
+            try:
+                self.out.send(protocol.pack({"t": "hb", "rank": self.rank}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            self.last_sent = time.monotonic()
 
 
 def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineConfig:

@@ -345,3 +345,27 @@ class TestSampler:
         alone = run([p])
         assert len(set(alone)) > 5
         assert run([p] + mates) == alone
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("seeded", [SamplingParams(temperature=5.0, top_k=50, seed=1),
+                                        SamplingParams(temperature=5.0, top_k=50, top_p=0.9,
+                                                       seed=1)],
+                             ids=["top_k", "top_k_top_p"])
+    def test_ties_do_not_make_seeded_rows_depend_on_the_batch(self, seeded, device):
+        """bf16 logits tie often, here at the 50th largest value: every path (threshold, top-k
+        candidates, full sort) must keep the same tokens and order ties the same way."""
+        gen = torch.Generator().manual_seed(0)
+        logits = (torch.randn(4, 4000, generator=gen) * 2.5).bfloat16().float().to(device)
+        top = logits[0].topk(51).values
+        assert top[49] == top[50], "the test needs a tie at the k-th value"
+        mates = [[], [SamplingParams(temperature=1.0)], [SamplingParams(top_p=0.5)],
+                 [SamplingParams(top_k=60, top_p=0.5)]]
+
+        def run(rows: list[SamplingParams]) -> list[int]:
+            gen, sampler = torch.Generator().manual_seed(9), Sampler(seed=len(rows))
+            return [sampler(logits[:len(rows)], rows, [gen] + [None] * (len(rows) - 1))[0]
+                    for _ in range(300)]
+
+        alone = run([seeded])
+        for batch in mates[1:]:
+            assert run([seeded] + batch) == alone, batch

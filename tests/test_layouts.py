@@ -162,3 +162,28 @@ def test_placement_for_another_model_is_refused_before_start(references):
     path = references["deepseek_v3"][0]
     with pytest.raises(ValueError, match="experts"):
         LLM(path, attention=1, ffn=1, expert_placement=ExpertPlacement.balanced(4, 1))
+
+
+def test_heartbeats_never_block_a_rank():
+    """A front end that reads nothing for a long while (an offline LLM between calls) lets the
+    rank's queue fill up: heartbeats are then dropped instead of blocking the rank."""
+    import zmq
+
+    from afd.workers import ControlLink
+
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 1)
+    out.setsockopt(zmq.LINGER, 0)
+    out.connect("tcp://127.0.0.1:9")  # nobody there: the one queued message fills the socket
+    link = ControlLink(ctx, out, "tcp://127.0.0.1:9", rank=3)
+
+    def beat() -> None:
+        for _ in range(5):
+            link.last_sent = 0.0
+            link.heartbeat()
+
+    try:
+        assert "returned" in _in_thread(beat, 10)
+    finally:
+        ctx.destroy(linger=0)

@@ -136,6 +136,8 @@ BAD = [
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
+    ({"prompt": "hi", "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
 ]
 
 
@@ -291,5 +293,21 @@ def test_a_request_that_fails_to_queue_fails_alone(monkeypatch):
         assert isinstance(bad, OverflowError)
         assert good.finished and len(good.outputs[0].token_ids) == 3
         assert engine.healthy() == (True, "ok")
+        # and through HTTP (not streamed), an OpenAI error body
+        from afd.api_server import ServerState, build_app
+        from afd.metrics import ServerMetrics
+
+        monkeypatch.setattr(llm.engine, "add_request",
+                            lambda *a, **k: (_ for _ in ()).throw(OverflowError("cannot pack")))
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+
+        async def post() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://test") as http:
+                return await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+
+        r = asyncio.run(post())
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
+        assert "cannot pack" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
