@@ -12,12 +12,15 @@ resolved here so that no other module reads the raw dict:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+log = logging.getLogger("afd.models")
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen3_moe")
 
@@ -307,6 +310,19 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     n_group = int(raw.get("n_group") or 1)
     if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise NotImplementedError(f"topk_method {topk_method!r} is not supported")
+    # transformers' DeepSeek routers hard-code these (V3: sigmoid; V2: softmax, top-k weights
+    # left unnormalized); DeepSeek's reference code, which afd follows, reads them. No
+    # published checkpoint departs from those values; one that does decodes differently here
+    # than in transformers.
+    departs = []
+    if scoring != ("sigmoid" if is_v3 else "softmax"):
+        departs.append(f"scoring_func={scoring!r}")
+    if not is_v3 and raw.get("norm_topk_prob"):
+        departs.append("norm_topk_prob=true")
+    if departs:
+        log.warning("%s sets %s: afd follows DeepSeek's reference code, which reads it; "
+                    "transformers' %s ignores it, so outputs will differ from transformers'",
+                    model_type, ", ".join(departs), model_type)
     if num_experts and num_experts % n_group:
         raise ValueError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
     return ModelConfig(

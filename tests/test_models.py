@@ -50,6 +50,24 @@ def test_config_aliases():
         config_from_dict({**base, "model_type": "llama"})
 
 
+@pytest.mark.parametrize(("changes", "warns"), [
+    ({}, False), ({"scoring_func": "softmax"}, True),
+    ({"model_type": "deepseek_v2"}, False), ({"model_type": "deepseek_v2", "norm_topk_prob": True},
+                                             True),
+    ({"model_type": "deepseek_v2", "scoring_func": "sigmoid"}, True),
+])
+def test_router_keys_transformers_ignores_are_warned_about(caplog, changes, warns):
+    """transformers' DeepSeek routers hard-code what DeepSeek's configs may change; afd follows
+    the config, and says so when it departs from transformers."""
+    ds = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=16, intermediate_size=32, kv_lora_rank=16, q_lora_rank=None,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=1024)
+    with caplog.at_level("WARNING", logger="afd.models"):
+        config_from_dict({**ds, **changes})
+    assert ("transformers" in caplog.text) == warns, caplog.text
+
+
 def test_roles_load_only_their_tensors(v3_path):
     full = load_model(v3_path, "full")
     attn = load_model(v3_path, "attention")
