@@ -127,6 +127,9 @@ def main() -> None:
                       hf_total_tok_s=(in_tokens + out_tokens) / hf_s, speedup=hf_s / afd_s,
                       identical_outputs=same)
         rows.append(("transformers", hf_s, out_tokens / hf_s, (in_tokens + out_tokens) / hf_s))
+        import transformers
+
+        result["transformers"] = transformers.__version__
     print(f"\n{args.num_prompts} prompts, {in_tokens} prompt tokens, {out_tokens} new tokens, "
           f"{device}, {args.dtype}")
     print(f"{'engine':<14}{'seconds':>10}{'out tok/s':>12}{'total tok/s':>13}")
