@@ -10,6 +10,7 @@ tokens, and turns any rank's death, error or silence beyond the timeout into ``R
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import msgpack
 import torch.distributed as dist
 import zmq
 
@@ -29,6 +31,8 @@ from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
 from afd.workers import Layout, WorkerSpec
 from models.config import ModelConfig
+
+log = logging.getLogger("afd.layouts")
 
 LOOPBACK = "127.0.0.1"
 
@@ -163,12 +167,28 @@ class MultiRankClient:
             if now - seen > self.timeout_s:
                 self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
 
+    def _recv(self, flags: int = 0) -> dict[str, Any] | None:
+        """The next control message, or None for one that is not a rank's (bytes that are no
+        control message, or a rank number outside the layout): dropped with a warning, never
+        the engine's death. (Not an authentication: see README on multi-node.)"""
+        data = self.inbox.recv(flags)
+        try:
+            msg = protocol.unpack(data)
+            rank = msg.get("rank")
+            if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool)
+                                         and 0 <= rank < self.layout.world_size):
+                raise ValueError(f"rank {rank!r} is not in the layout")
+        except (ValueError, msgpack.UnpackException) as exc:
+            log.warning("dropped a malformed control message (%d bytes): %s", len(data), exc)
+            return None
+        return msg
+
     def _drain_errors(self) -> None:
         """A dying rank usually says why first; prefer its message to a bare exit code."""
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline and self.inbox.poll(50):
-            msg = protocol.unpack(self.inbox.recv())
-            if msg["t"] == "error":
+            msg = self._recv()
+            if msg is not None and msg["t"] == "error":
                 self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
 
     ready = False
@@ -183,7 +203,9 @@ class MultiRankClient:
             if not self.inbox.poll(100):
                 self.check_alive()
                 continue
-            msg = protocol.unpack(self.inbox.recv())
+            msg = self._recv()
+            if msg is None:
+                continue
             if msg["t"] == "ready":
                 ready.add(msg["rank"])
                 self.rank_info[msg["rank"]] = msg["info"]
@@ -337,10 +359,11 @@ class MultiRankClient:
         if self.inbox.poll(int(wait_s * 1000)):
             while True:
                 try:
-                    msg = protocol.unpack(self.inbox.recv(zmq.NOBLOCK))
+                    msg = self._recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                outputs += self._handle(msg)
+                if msg is not None:
+                    outputs += self._handle(msg)
             self.last_heard = time.monotonic()
         elif self.placed and time.monotonic() - self.last_heard > self.timeout_s:
             self._fail(f"no answer from any rank for {self.timeout_s:.0f}s with "
@@ -368,8 +391,8 @@ class MultiRankClient:
             gone: set[int] = set()
             while len(gone) < self.layout.world_size and time.monotonic() < deadline:
                 if self.inbox.poll(100):
-                    msg = protocol.unpack(self.inbox.recv())
-                    if msg["t"] in ("bye", "error"):
+                    msg = self._recv()
+                    if msg is not None and msg["t"] in ("bye", "error"):
                         gone.add(msg["rank"])
         self.ctx.destroy(linger=1000)
 

@@ -187,3 +187,27 @@ def test_heartbeats_never_block_a_rank():
         assert "returned" in _in_thread(beat, 10)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_malformed_control_messages_are_dropped(references):
+    """Bytes that are no control message, or one naming a rank outside the layout, reaching the
+    front end's inbox are dropped with a warning; the engine goes on serving."""
+    import msgpack
+    import zmq
+
+    path, prompts, params, expected = references["deepseek_v3"]
+    llm = LLM(path, attention=2, ffn=0, timeout_s=20)
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(llm.engine.core.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        for junk in (b"\xc1 not msgpack", msgpack.packb([1, 2]),
+                     msgpack.packb({"t": "error", "rank": 99, "msg": "forged"}),
+                     msgpack.packb({"t": "hb", "rank": "0"})):
+            intruder.send(junk)
+        outs = llm.generate(prompts[:3], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected[:3]
+    finally:
+        ctx.destroy(linger=0)
+        llm.shutdown()
