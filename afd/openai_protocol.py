@@ -31,7 +31,8 @@ class StreamOptions(BaseModel):
 # change nothing (None always does). Any other value is a 400 naming the field rather than an
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "logprobs": (False,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
     "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
     "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
@@ -65,8 +66,6 @@ class _SamplingFields(BaseModel):
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """ValueError (-> 400) names the field when a value is out of range."""
-        if self.logprobs not in (None, False):
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         sent = {**(self.model_extra or {}), **self.model_dump(include=set(_UNSUPPORTED))}
         for name, neutral in _UNSUPPORTED.items():
             value = sent.get(name)

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
-from afd.workers import HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server
+from afd.workers import (HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server,
+                         send_droppable)
 from models.weights import load_model
 
 
@@ -44,13 +45,8 @@ class FFNWorker:
                     timers.steps += 1
                     dirty = True
                 # timers when they changed, else a heartbeat, at most every HEARTBEAT_S / 2
-                # (dropped if the front end's queue is full: it says nothing a later one won't)
                 if time.monotonic() - last_report > HEARTBEAT_S / 2:
                     msg = {"t": "timers", "timers": timers.snapshot()} if dirty else {"t": "hb"}
-                    try:
-                        self.out.send(protocol.pack({**msg, "rank": self.spec.rank}),
-                                      zmq.NOBLOCK)
+                    if send_droppable(self.out, {**msg, "rank": self.spec.rank}):
                         dirty = False
-                    except zmq.Again:
-                        pass
                     last_report = time.monotonic()

@@ -140,16 +140,22 @@ class ControlLink:
     last_sent = 0.0
 
     def heartbeat(self) -> None:
-        """Tell the front end this rank is alive when it has said nothing for a second. Dropped
-        when the socket's queue is full (a front end that reads nothing for a long while, as an
-        offline LLM between calls): a later one says the same, and a rank must never block on
-        one."""
+        """Tell the front end this rank is alive when it has said nothing for a second
+        (``send_droppable``: a rank never blocks on one)."""
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
-            try:
-                self.out.send(protocol.pack({"t": "hb", "rank": self.rank}), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            send_droppable(self.out, {"t": "hb", "rank": self.rank})
             self.last_sent = time.monotonic()
+
+
+def send_droppable(sock: zmq.Socket, msg: dict) -> bool:
+    """Send a message a later one supersedes (heartbeat, timers) without ever blocking: when the
+    front end reads nothing for a long while its queue fills, and the message is dropped.
+    Returns whether it went."""
+    try:
+        sock.send(protocol.pack(msg), zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
 
 
 def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineConfig:
