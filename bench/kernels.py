@@ -595,7 +595,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="stop sweeping once the whole run has taken this long")
     parser.add_argument("--ab-cases", default=None,
-                        help="--quick's tile A/B cases in order, as EXPERTSxM,... (e.g. 32x512,8x128)")
+                        help="--quick tile A/B cases in order: EXPERTSxM,... (32x512,8x128)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
     parser.add_argument("--eager", action="store_true",
                         help="time every call as launched from the host (do_bench, L2 flushed "
