@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One-shot kernel check on a lent GPU: the GPU-marked kernel tests, then bench/kernels.py with a
 # short tile sweep. Logs and JSON land in $OUT (default bench/results/kernels_<date>; QUICK=1
-# writes 6 files, the device tool brings back 8).
+# writes 7 files, the device tool brings back 8).
 #
 #   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
-#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, ~5 min (at most 90+60+255 s): the MoE GPU
+#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, ~6 min (at most 90+60+255+70 s): the MoE GPU
 #                                        # tests, host time per MoE call, then
 #                                        # bench/kernels.py --quick --rounds 3 (checks with each
 #                                        # feature on and off, the MoE table with each cell's
 #                                        # variants timed in turn 3 times, medians and targets,
 #                                        # tile A/B incl. ws tiles, both entries with the
-#                                        # winning tiles, then feature A/B)
+#                                        # winning tiles, then feature A/B), then two ws
+#                                        # probes (bench/ws_probe.py, 30 s each)
 # Timings are device time (CUDA graph replay) unless BENCH_ARGS=--eager; the MoE table also
 # prints grouped_moe as launched from the host (how the earlier bench/results runs timed all).
 #
@@ -55,6 +56,11 @@ if [ "$QUICK" = 1 ]; then
   timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
     --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
   bench_rc=${PIPESTATUS[0]}
+  stamp "ws probes: a 64-row ws tile (runs in the GPU tests) and a 128-row one (hung an H100)"
+  for bm in 64 128; do
+    timeout -k 5 30 python3 bench/ws_probe.py 8 128 "$bm" 2>&1 | tee -a "$OUT/ws_probe.log"
+    echo "ws_probe block_m=$bm exit code ${PIPESTATUS[0]}" | tee -a "$OUT/ws_probe.log"
+  done
 else
   stamp "GPU kernel tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \

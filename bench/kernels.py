@@ -635,6 +635,9 @@ def main() -> None:
         bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                   result["moe"])  # filled as it goes: a killed run keeps it
         result["summary"] = summarize(result["moe"])
+        # Kept now: a later stage can hang the device (a kill -9 skips the finally below).
+        write_json(result, [os.environ.get("OUT") and os.path.join(os.environ["OUT"],
+                                                                   "kernels.json")])
         if args.quick:
             # Tiles first: whether a ws tile beats the table is the open question (issue 3).
             ab_timer = Timer(cuda, max(20, args.rep_ms // 2), graphs=not args.eager)

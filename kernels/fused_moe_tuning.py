@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.fused_moe_config import GemmTile
+from kernels.fused_moe_config import GemmTile, MoEFeatures
 from kernels.fused_moe_triton import default_config
 from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13
 
@@ -27,7 +27,8 @@ _SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the e
 # tensor-core rate) and m = 512 (compute-bound). Keyed by (m, gemm); every one compiles for
 # sm_90a without spills (tests/test_kernels_sm90.py). The ``ws`` tiles (warp-specialized: with
 # num_warps=4 Triton 3.6 builds a producer and two consumer warp groups, 12 warps) have not been
-# timed yet.
+# timed yet; they are 64-row tiles, since 128-row ws tiles hung an H100
+# (moe_gemm_triton.WS_MAX_BLOCK_M).
 QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
     (1, "w13"): [GemmTile(16, 32, 128, 4, 4), GemmTile(16, 64, 128, 4, 6),
                  GemmTile(16, 64, 256, 4, 3)],
@@ -43,19 +44,19 @@ QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
     # expert's two m-blocks together so the second read of each weight tile hits L2.
     (128, "w13"): [GemmTile(128, 64, 64, 8, 3), GemmTile(128, 64, 128, 8, 3),
                    GemmTile(128, 128, 64, 8, 3), GemmTile(64, 64, 64, 4, 4),
-                   GemmTile(64, 64, 64, 4, 3), GemmTile(128, 64, 64, 4, 3, ws=True),
-                   GemmTile(128, 64, 64, 4, 4, ws=True), GemmTile(128, 128, 64, 4, 3, ws=True)],
+                   GemmTile(64, 64, 64, 4, 3), GemmTile(64, 64, 64, 4, 3, ws=True),
+                   GemmTile(64, 64, 64, 4, 4, ws=True)],
     (128, "w2"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3),
-                  GemmTile(64, 128, 64, 4, 4), GemmTile(128, 128, 64, 4, 3, ws=True),
-                  GemmTile(128, 128, 64, 4, 4, ws=True), GemmTile(128, 256, 64, 4, 3, ws=True)],
+                  GemmTile(64, 128, 64, 4, 4), GemmTile(64, 128, 64, 4, 3, ws=True),
+                  GemmTile(64, 128, 64, 4, 4, ws=True)],
     (512, "w13"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 128, 64, 8, 4),
                    GemmTile(128, 128, 64, 8, 3, persistent=1),
                    GemmTile(128, 128, 64, 8, 4, persistent=1),
-                   GemmTile(128, 128, 64, 4, 3, ws=True), GemmTile(128, 128, 64, 4, 4, ws=True)],
+                   GemmTile(64, 128, 64, 4, 3, ws=True)],
     (512, "w2"): [GemmTile(128, 256, 64, 8, 3), GemmTile(128, 256, 64, 8, 4),
                   GemmTile(128, 256, 64, 8, 3, persistent=1),
                   GemmTile(128, 256, 64, 8, 4, persistent=1), GemmTile(128, 128, 64, 8, 3),
-                  GemmTile(128, 256, 64, 4, 3, ws=True), GemmTile(128, 128, 64, 4, 4, ws=True)],
+                  GemmTile(64, 128, 64, 4, 3, ws=True)],
 }
 
 
@@ -141,6 +142,7 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
     many times (``time_interleaved``) and each keeps its median. Returns one row per
     (E, m, gemm) with every timing and the best tile."""
     rows = []
+    ws_on = MoEFeatures.from_env().ws
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for num_experts, m in cases:
         if time.time() > deadline:
@@ -168,7 +170,9 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
         for gemm, (table_tile, launch) in runs.items():
             if time.time() > deadline:
                 break
-            tiles = {repr(t): t for t in [table_tile, *candidates(m, gemm, smoke)]}
+            # AFD_MOE_WS=0 keeps ws tiles out of the sweep too (it calls the launchers itself).
+            tiles = {repr(t): t for t in [table_tile, *candidates(m, gemm, smoke)]
+                     if ws_on or not t.ws}
 
             def failed(name: str, exc: Exception, gemm=gemm) -> None:
                 errors.append({"case": f"sweep {gemm} E={num_experts} m={m} {name}",

@@ -331,12 +331,21 @@ def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
 _WS_ROUTES = {"w13": (ROWS, SLABS), "w2": (ROWS, SLABS, SORTED)}
 
 
+# Largest block_m a ``ws`` tile may have. On an H100 with Triton 3.6 (2026-11-26,
+# bench/results/h100_20261126_b/ws_probe.log) a 128-row ws w13 tile (GemmTile(128, 64, 64, 4, 3,
+# ws=True), hidden 7168) compiled and launched but never finished: the device hung (the tile A/B
+# of two bench runs stalled on 128-row ws tiles too), while the 64-row ws tiles of the GPU tests
+# ran and matched the reference. A larger ws tile runs as its ``plain()`` twin.
+WS_MAX_BLOCK_M = 64
+
+
 def ws_wanted(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool) -> bool:
     """Whether ``gemm`` ("w13" or "w2") warp-specializes, given a TMA-compatible activation
     matrix: asked by a non-persistent tile (Triton's Hopper auto-WS does not partition the
-    persistent loops), with TMA weight loads, on a route where that GEMM's activation rows are
-    contiguous."""
-    return bool(tile.ws) and not tile.persistent and tma and groups.route in _WS_ROUTES[gemm]
+    persistent loops) of at most ``WS_MAX_BLOCK_M`` rows, with TMA weight loads, on a route
+    where that GEMM's activation rows are contiguous."""
+    return (bool(tile.ws) and not tile.persistent and tile.block_m <= WS_MAX_BLOCK_M and tma
+            and groups.route in _WS_ROUTES[gemm])
 
 
 def warp_specialized(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool,

@@ -353,6 +353,23 @@ def test_fallback_ladder_blames_ws_only_where_it_applies(monkeypatch: pytest.Mon
         assert backend._disabled == {"tma"}
 
 
+def test_large_ws_tiles_run_plain() -> None:
+    # A 128-row ws tile hung an H100 (moe_gemm_triton.WS_MAX_BLOCK_M); only 64-row ones
+    # warp-specialize, and the tiles the benchmark times keep to that.
+    from kernels import moe_gemm_triton as g
+    from kernels.fused_moe_config import GemmTile
+    from kernels.fused_moe_tuning import QUICK_TILES, candidate_tiles
+
+    rows = g.RowGroups(g.ROWS, 8, counts=torch.tensor([8]))
+    assert g.ws_wanted("w13", rows, GemmTile(64, 64, 64, 4, 3, ws=True), tma=True)
+    assert not g.ws_wanted("w13", rows, GemmTile(128, 64, 64, 4, 3, ws=True), tma=True)
+    assert not g.ws_wanted("w2", rows, GemmTile(128, 128, 64, 4, 3, ws=True), tma=True)
+    timed = [t for tiles in QUICK_TILES.values() for t in tiles] + [
+        t for m in (1, 32, 64, 128, 512) for gemm in ("w13", "w2")
+        for t in candidate_tiles(m, gemm)]
+    assert [t for t in timed if t.ws] and all(t.block_m <= g.WS_MAX_BLOCK_M for t in timed if t.ws)
+
+
 def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     from kernels.fused_moe_config import MoEFeatures
     from kernels.moe_align_triton import inline_route_fits

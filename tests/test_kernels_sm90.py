@@ -114,7 +114,7 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
-    ws = tile.ws and not persistent and tma and route in moe_gemm_triton._WS_ROUTES[gemm]
+    ws = moe_gemm_triton.ws_wanted(gemm, moe_gemm_triton.RowGroups(route, 1), tile, tma)
     tile = tile if ws else tile.plain()  # as the launchers
     constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
                   "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
@@ -205,8 +205,12 @@ def test_moe_quick_ab_tiles_fit_hopper(m: int, gemm: str, tile: GemmTile) -> Non
 def test_ws_tiles_warp_specialize_where_rows_are_contiguous() -> None:
     if reason := _hopper_auto_ws_reason():
         pytest.skip(reason)
-    tile = GemmTile(128, 128, 64, 4, 3, ws=True)
+    tile = GemmTile(64, 128, 64, 4, 3, ws=True)
     for gemm in ("w13", "w2"):
+        # A 128-row ws tile runs plain (moe_gemm_triton.WS_MAX_BLOCK_M: one hung an H100).
+        big = compile_gemm(gemm, GemmTile(128, 128, 64, 4, 3, ws=True),
+                           route=moe_gemm_triton.ROWS, tma=True)
+        assert not _warp_specialized(big, 4) and big.metadata.num_warps == 8
         slabs = compile_gemm(gemm, tile, route=moe_gemm_triton.SLABS, tma=True, experts=32)
         check_gemm(slabs, True)
         assert _warp_specialized(slabs, 4)
