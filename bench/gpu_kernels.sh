@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot kernel check on a lent GPU: the GPU-marked kernel tests, then bench/kernels.py with a
 # short tile sweep. Logs and JSON land in $OUT (default bench/results/kernels_<date>; QUICK=1
-# writes 7 files, the device tool brings back 8).
+# writes 8 files, the device tool brings back 8).
 #
 #   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
 #   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, ~6 min (at most 90+60+255+70 s): the MoE GPU
@@ -50,8 +50,9 @@ if [ "$QUICK" = 1 ]; then
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"
-  stamp "host time per MoE call (writes $OUT/host_overhead.json)"
-  timeout -k 5 60 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" 2>&1
+  stamp "host time per MoE call (writes $OUT/host_overhead.json, host_profile.txt)"
+  timeout -k 5 60 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" \
+    --profile "$OUT/host_profile.txt" 2>&1
   stamp "benchmark --quick (writes $OUT/kernels.json)"
   timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
     --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"

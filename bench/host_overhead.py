@@ -7,6 +7,8 @@ this on the host; when it exceeds the GPU time of the work queued ahead, the GPU
                                              # below host time, so calls/s = host-bound rate)
     python bench/host_overhead.py --mock     # any machine: the Triton launches replaced by no-ops,
                                              # so only afd's own Python is timed (CPU tensors)
+    python bench/host_overhead.py --profile p.txt   # also where the host time goes: cProfile of
+                                             # each entry's calls, top functions by own time
 
 Prints microseconds per call for each entry, beside ``torch._grouped_mm``'s two GEMMs on the same
 rows (host-bound the same way) where it runs, and writes JSON with ``--json``.
@@ -39,11 +41,35 @@ def per_call_us(fn, calls: int, sync) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def profile(fn, calls: int, sync, top: int = 30) -> str:
+    """cProfile of ``calls`` calls of ``fn`` (after a warm-up): the top functions by own time,
+    then by cumulative time, as pstats prints them."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(20):
+        fn()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mock", action="store_true", help="no-op Triton launches, CPU tensors")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json")
+    parser.add_argument("--profile", help="write a cProfile breakdown of each entry here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.mock
     if not cuda and not args.mock:
@@ -86,6 +112,14 @@ def main() -> None:
         result["grouped_mm_us"] = per_call_us(gmm, args.calls, sync)
     for key, value in result.items():
         print(f"{key}: {value:.1f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.profile:
+        entries = {"fused_moe": lambda: fused_moe_triton(x, w13, w2, weights, ids),
+                   "grouped_moe": lambda: grouped_moe_triton(rows, counts, w13, w2)}
+        with open(args.profile, "w") as f:
+            for name, fn in entries.items():
+                f.write(f"== {name}: {args.calls} calls, {result['device']}\n")
+                f.write(profile(fn, args.calls, sync))
+        print(f"wrote {args.profile}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -42,11 +42,15 @@ QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
     # m = 128 also gets 64-row tiles, 2-3 CTAs of 4 warps per SM: one CTA's loads overlap
     # another's MMAs (the inter-CTA answer to what ws does inside one), and group_m walks an
     # expert's two m-blocks together so the second read of each weight tile hits L2.
+    # Persistent ones too (each tile's epilogue overlaps the next tile's first loads; the
+    # table's w2 past m = 128 is one), untried at m = 128.
     (128, "w13"): [GemmTile(128, 64, 64, 8, 3), GemmTile(128, 64, 128, 8, 3),
+                   GemmTile(128, 64, 128, 8, 3, persistent=1),
                    GemmTile(128, 128, 64, 8, 3), GemmTile(64, 64, 64, 4, 4),
                    GemmTile(64, 64, 64, 4, 3), GemmTile(64, 64, 64, 4, 3, ws=True),
                    GemmTile(64, 64, 64, 4, 4, ws=True)],
     (128, "w2"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 256, 64, 8, 3),
+                  GemmTile(128, 128, 64, 8, 3, persistent=2),
                   GemmTile(64, 128, 64, 4, 4), GemmTile(64, 128, 64, 4, 3, ws=True),
                   GemmTile(64, 128, 64, 4, 4, ws=True)],
     (512, "w13"): [GemmTile(128, 128, 64, 8, 3), GemmTile(128, 128, 64, 8, 4),

@@ -141,10 +141,14 @@ def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:
     out = tmp_path / "host.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--mock", "--calls",
-         "50", "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+         "50", "--json", str(out), "--profile", str(tmp_path / "profile.txt")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["fused_moe_us"] > 0 and result["grouped_moe_us"] > 0
+    profile = (tmp_path / "profile.txt").read_text()
+    for entry in ("fused_moe_triton", "grouped_moe_triton", "launch_w13", "launch_w2"):
+        assert entry in profile
 
 
 if __name__ == "__main__":
