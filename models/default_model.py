@@ -169,7 +169,7 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
         return 0.05 * torch.randn(shape, generator=gen)
     if name.endswith("embed_tokens.weight"):
         return torch.randn(shape, generator=gen)
-    fan_in = shape[-1]
+    fan_in = max(shape[-1], 1)  # empty tensors (zero-width shared experts) too
     return torch.randn(shape, generator=gen) * (1.5 / fan_in**0.5)
 
 

@@ -102,6 +102,13 @@ def _is_known(name: str, full_names: set[str], num_layers: int, num_experts: int
     return name.endswith("rotary_emb.inv_freq")
 
 
+def _is_empty(file: str, name: str) -> bool:
+    """An empty tensor holds no weights: transformers saves zero-width shared experts for a
+    DeepSeek config with ``n_shared_experts: 0``, which this model does not build."""
+    with safe_open(file, framework="pt") as f:
+        return 0 in f.get_slice(name).get_shape()
+
+
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
                           block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """weight [O, I] float8 and scale_inv [ceil(O/b0), ceil(I/b1)] fp32 -> [O, I] in dtype."""
@@ -121,6 +128,7 @@ def load_weights(model: MoEModel, path: str) -> None:
         n for n in files
         if not (n.endswith(_SCALE_SUFFIX) and n[: -len(_SCALE_SUFFIX)] in files)
         and not _is_known(n, full_names, cfg.num_layers, cfg.num_experts)
+        and not _is_empty(files[n], n)
     )
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")

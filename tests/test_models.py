@@ -116,6 +116,22 @@ def test_sharded_checkpoint_and_errors(tmp_path, v3_path):
         load_model(str(broken), "attention")
 
 
+def test_no_shared_experts_loads_and_matches_transformers(tmp_path):
+    # transformers saves zero-width shared experts for n_shared_experts: 0; they hold no
+    # weights, so they load (as nothing) instead of failing as unexpected tensors.
+    from ckpt_utils import hf_greedy
+
+    model = build_hf_model("deepseek_v3", n_shared_experts=0)
+    path = save_checkpoint(model, str(tmp_path / "no_shared"))
+    prompt = mixed_prompts(1)[0]
+    expected, _ = hf_greedy(model, prompt, 8)
+    llm = LLM(path, seed=0)
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids == expected
+
+
 FP8_MAX = 448.0
 
 
