@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import signal
@@ -227,6 +228,18 @@ def floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int
     flops = 6 * rows * hidden * inter
     return 1e3 * max((weight_bytes + act_bytes) / ceil["copy_bytes_per_s"],
                      flops / ceil["matmul_flops_per_s"])
+
+
+def gemm_floor_ms(ceil: dict, gemm: str, num_experts: int, rows: int, hidden: int,
+                  inter: int) -> float:
+    """One GEMM's floor on grouped rows: w13 reads [E, 2I, H] and rows x H, writes rows x I;
+    w2 reads [E, H, I] and rows x I, writes rows x H (bf16)."""
+    n = 2 * inter if gemm == "w13" else hidden
+    k = hidden if gemm == "w13" else inter
+    out = inter if gemm == "w13" else hidden
+    moved = (num_experts * n * k + rows * (k + out)) * 2
+    return 1e3 * max(moved / ceil["copy_bytes_per_s"],
+                     2 * rows * n * k / ceil["matmul_flops_per_s"])
 
 
 # Feature sets the checks run with: the defaults, then each switch off alone (that path must be
@@ -650,7 +663,9 @@ def main() -> None:
                 cases = [tuple(int(v) for v in c.split("x")) for c in args.ab_cases.split(",")]
             result["tile_ab"] = sweep_moe(ab_timer, errors, device, hidden, inter, cases,
                                           deadline=deadline, smoke=args.smoke, tma=cuda,
-                                          candidates=quick_tiles, rounds=args.rounds, log=log)
+                                          candidates=quick_tiles, rounds=args.rounds, log=log,
+                                          floor=functools.partial(gemm_floor_ms, ceil,
+                                                                  hidden=hidden, inter=inter))
             log(f"[{time.time() - start:.0f}s] the A/B's best tiles in both entries, beside the "
                 f"table's (ratios to the floor)")
             result["best_tiles"] = bench_best_tiles(ab_timer, errors, device, hidden, inter,
@@ -668,7 +683,9 @@ def main() -> None:
             sweep_timer = Timer(cuda, max(20, args.rep_ms // 3), graphs=not args.eager)
             result["sweep"] = sweep_moe(sweep_timer, errors, device, hidden, inter,
                                         sweep_order(result["moe"]), deadline=deadline,
-                                        smoke=args.smoke, tma=cuda, log=log)
+                                        smoke=args.smoke, tma=cuda, log=log,
+                                        floor=functools.partial(gemm_floor_ms, ceil,
+                                                                hidden=hidden, inter=inter))
         # The floor used the ceilings measured at the start; measured again at the end, a drift
         # (clocks, heat) beyond a few percent says the ratios above carry it too.
         end = measure_ceilings(timer, device, args.smoke)

@@ -139,12 +139,15 @@ def median_and_spread(samples: list[float]) -> tuple[float | None, float | None]
 def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: int,
               cases: list[tuple[int, int]], *, deadline: float, smoke: bool = False,
               tma: bool = False, candidates: Callable[..., list[GemmTile]] = candidate_tiles,
-              rounds: int = 1, log: Callable[[str], None] = print) -> list[dict]:
+              rounds: int = 1, log: Callable[[str], None] = print,
+              floor: Callable[[str, int, int], float] | None = None) -> list[dict]:
     """Time the table tile and each of ``candidates(m, gemm, smoke)`` for w13 and w2 at each
     (experts, m) of ``cases``, in that order, until ``deadline`` (time.time()). ``tma``:
     weights through TMA descriptors. ``rounds``: the tiles of one GEMM are timed in turn that
-    many times (``time_interleaved``) and each keeps its median. Returns one row per
-    (E, m, gemm) with every timing and the best tile."""
+    many times (``time_interleaved``) and each keeps its median. ``floor(gemm, experts,
+    rows)``: that GEMM's roofline floor in ms, logged as a ratio beside the best tile (which of
+    the two GEMMs is further from its floor). Returns one row per (E, m, gemm) with every timing
+    and the best tile."""
     rows = []
     ws_on = MoEFeatures.from_env().ws
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -200,6 +203,10 @@ def sweep_moe(timer: Callable, errors: list, device: str, hidden: int, inter: in
                          "best_tile": best["tile"], "best_ms": best["ms"],
                          "best": dataclasses.asdict(tiles[best["tile"]]), "timings": timings})
             ratio = f" ({best['ms'] / table_ms:.3f}x the table's)" if table_ms else ""
+            if floor is not None:
+                rows[-1]["floor_ms"] = gemm_floor = floor(gemm, num_experts, num_rows)
+                ratio += (f", table {table_ms / gemm_floor:.2f}x / best "
+                          f"{best['ms'] / gemm_floor:.2f}x its floor") if table_ms else ""
             log(f"  sweep E={num_experts:3d} m={m:4d} {gemm:3s}: table {table_ms} ms, "
                 f"best {best['ms']:.4f} ms{ratio} with {best['tile']}")
     return rows
