@@ -33,8 +33,10 @@ and CTAs per SM are the same as with pointer loads. At m ~ 128 the H100/H200 tim
 weight stream plus part of the MMA time": one CTA per SM issues its loads and its wgmmas from the
 same warps, so neither runs at its own rate. ``ws`` tiles are the candidate fix (a producer warp
 group for the TMA loads, two consumer warp groups for the MMAs, as DeepGEMM does); they compile
-and warp-specialize for sm_90a with Triton 3.6 and are right under the interpreter, but have not
-been timed, so no table row uses one yet (``fused_moe_tuning.QUICK_TILES`` times them). Blocks
+and warp-specialize for sm_90a with Triton 3.6 and are right under the interpreter. 64-row ones
+pass the GPU tests; a 128-row one hung an H100 (it launched and never finished), so ws tiles of
+more than ``moe_gemm_triton.WS_MAX_BLOCK_M`` rows run plain. None has been timed, so no table row
+uses one yet (``fused_moe_tuning.QUICK_TILES`` times the 64-row ones). Blocks
 never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so shared
 memory stays the same.
 ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs each program in numpy, and tests
