@@ -214,7 +214,10 @@ class LLMEngine:
             req.metrics.num_generated_tokens = max(req.metrics.num_generated_tokens,
                                                    len(comp.token_ids))
             self.num_generation_tokens += len(out.new_token_ids)
-            delta = comp.detok.push(out.new_token_ids)
+            text_ids = out.new_token_ids
+            if out.finish_reason == "stop" and not req.params.include_stop_str_in_output:
+                text_ids = text_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
+            delta = comp.detok.push(text_ids)
             comp.text += delta
             if req.params.stop and delta:
                 hit = find_stop(comp.text, len(delta), req.params.stop)

@@ -28,9 +28,10 @@ class SamplingParams:
     top_p in (0, 1]; top_k: 0 or -1 disables; min_p in [0, 1].
     seed: per-request seed, reproducible whatever else is in the batch.
     stop: strings that end the completion (not included in the text).
-    stop_token_ids: token ids that end the completion. ignore_eos: keep going past EOS.
+    stop_token_ids: token ids that end the completion (kept in token_ids; like EOS, their text is
+    not in the output). ignore_eos: keep going past EOS.
     skip_special_tokens: leave special tokens out of the text.
-    include_stop_str_in_output: keep the matched stop string in the text.
+    include_stop_str_in_output: keep the matched stop string (or stop token's text) in the text.
     """
 
     n: int = 1

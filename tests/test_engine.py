@@ -105,6 +105,38 @@ def test_stop_strings_and_stop_tokens(llm):
     assert blocks_all_free(llm)
 
 
+def test_stop_token_text_is_left_out_unless_asked_for(llm):
+    """As in vLLM (and SGLang): a stop token id or EOS ends the completion and stays in
+    token_ids, but its text is not in the output unless include_stop_str_in_output."""
+    tok = llm.get_tokenizer()
+    prompt = "The capital of France is"
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    first = next(i for i, t in enumerate(base.token_ids)
+                 if tok.decode([t]) and base.token_ids.index(t) == i and i >= 3)
+    token = base.token_ids[first]
+    for include in (False, True):
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                  stop_token_ids=[token], ignore_eos=True,
+                                                  include_stop_str_in_output=include),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == base.token_ids[: first + 1] and out.stop_reason == token
+        upto = first + 1 if include else first
+        assert out.text == tok.decode(base.token_ids[:upto]), (include, out.text)
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = (token,)  # EOS, here a token with text, shown as text
+    try:
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                  skip_special_tokens=False),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+        assert out.text == tok.decode(base.token_ids[:first], skip_special_tokens=False)
+    finally:
+        engine.eos_token_ids = saved
+    assert blocks_all_free(llm)
+
+
 def test_eos_ends_generation_unless_ignored(llm):
     # Make EOS the greedy choice after a few tokens by declaring the 4th greedy token to be EOS.
     base = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
