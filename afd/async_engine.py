@@ -37,7 +37,7 @@ class AsyncEngine:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.last_token: dict[str, float] = {}  # request id -> when its last token arrived
-        self.tokens_seen: dict[str, int] = {}  # request id -> tokens already counted
+        self.tokens_seen: dict[str, list[int]] = {}  # request id -> tokens counted, per completion
         self.error: str | None = None
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
@@ -165,14 +165,17 @@ class AsyncEngine:
         if not self.metrics:
             return
         rid = out.request_id
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        new = tokens - self.tokens_seen.get(rid, 0)
-        self.metrics.observe_output(out, new, now, self.last_token.get(rid))
+        tokens = [len(c.token_ids) for c in out.outputs]
+        seen = self.tokens_seen.get(rid) or [0] * len(tokens)
+        new = [t - s for t, s in zip(tokens, seen)]
+        # the n completions step together: the interval spans max(new) tokens, not sum(new)
+        self.metrics.observe_output(out, sum(new), now, self.last_token.get(rid),
+                                    steps=max(new, default=0))
         if out.finished:
             self.last_token.pop(rid, None)
             self.tokens_seen.pop(rid, None)
         else:
-            if new:
+            if any(new):
                 self.last_token[rid] = now
             self.tokens_seen[rid] = tokens
 

@@ -43,14 +43,15 @@ class ServerMetrics:
         self._preemptions_seen = 0
 
     def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
-                       last_token_time: float | None) -> None:
-        """Record one streamed update of a request (``new_tokens`` arrived at ``now``)."""
+                       last_token_time: float | None, steps: int | None = None) -> None:
+        """Record one streamed update of a request (``new_tokens`` arrived at ``now``; ``steps``:
+        the most of them any one of its completions got, the tokens the interval spans)."""
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
             if last_token_time is None and out.metrics and out.metrics.ttft is not None:
                 self.ttft.observe(out.metrics.ttft)
             elif last_token_time is not None:
-                self.itl.observe((now - last_token_time) / new_tokens)
+                self.itl.observe((now - last_token_time) / (steps or new_tokens))
         if out.finished:
             if out.metrics is not None:
                 self.e2e.observe(now - out.metrics.arrival_time)

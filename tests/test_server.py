@@ -311,3 +311,45 @@ def test_a_request_that_fails_to_queue_fails_alone(monkeypatch):
         assert "cannot pack" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
+
+
+class _IdleEngine:
+    """Just enough of an LLMEngine for an AsyncEngine whose outputs a test feeds by hand."""
+
+    requests: dict = {}
+    core = type("Core", (), {"stats": staticmethod(lambda: [])})()
+
+    def has_unfinished_requests(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_inter_token_latency_with_n_completions():
+    """n=2: each step brings one token to each completion, one second apart; the inter-token
+    latency is that second, not a second divided by the n tokens of the step."""
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from afd.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine(_IdleEngine(), metrics)
+    try:
+        times = RequestMetrics(arrival_time=0.0, first_token_time=1.0)
+        for step in range(1, 4):
+            outs = [CompletionOutput(i, "", [7] * step, "length" if step == 3 else None)
+                    for i in range(2)]
+            engine._observe(RequestOutput("r", "p", [1], outs, step == 3, times), float(step))
+    finally:
+        engine.shutdown()
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"model_name": "m"})
+
+    assert sample("afd:generation_tokens_total") == 6
+    assert sample("afd:time_to_first_token_seconds_count") == 1
+    itl_sum, itl_count = (sample("afd:inter_token_latency_seconds_sum"),
+                          sample("afd:inter_token_latency_seconds_count"))
+    assert itl_count >= 2 and itl_sum / itl_count == 1.0, (itl_sum, itl_count)
+
