@@ -184,5 +184,5 @@ class AsyncEngine:
             return
         stats = self.engine.core.stats()
         running = sum(s.num_running for s in stats)
-        in_flight = len(self.engine.requests)
+        in_flight = self.engine.num_unfinished_seqs  # sequences, as ``running`` counts
         self.metrics.observe_stats(stats, running, max(0, in_flight - running))

@@ -236,5 +236,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_unfinished_seqs(self) -> int:
+        """Completions still running or queued (a request with n > 1 counts n)."""
+        return len(self._child)
+
     def shutdown(self) -> None:
         self.core.shutdown()

@@ -317,6 +317,7 @@ class _IdleEngine:
     """Just enough of an LLMEngine for an AsyncEngine whose outputs a test feeds by hand."""
 
     requests: dict = {}
+    num_unfinished_seqs = 0
     core = type("Core", (), {"stats": staticmethod(lambda: [])})()
 
     def has_unfinished_requests(self) -> bool:
@@ -353,3 +354,34 @@ def test_inter_token_latency_with_n_completions():
                           sample("afd:inter_token_latency_seconds_count"))
     assert itl_count >= 2 and itl_sum / itl_count == 1.0, (itl_sum, itl_count)
 
+
+def test_waiting_gauge_counts_sequences_like_running():
+    """num_requests_running counts sequences (each of n completions); waiting must count the
+    same way: with max_num_seqs=2, a request with n=2 running and two more queued is 2 running
+    and 2 waiting."""
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM(max_num_seqs=2)
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine(llm.engine, metrics)
+    engine._stop.set()  # step the engine here, by hand
+    engine.thread.join()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        llm.engine.add_request("a", "Hello", SamplingParams(n=2, temperature=0, max_tokens=8,
+                                                            ignore_eos=True))
+        llm.engine.add_request("b", "Hello", params)
+        llm.engine.add_request("c", "Hello", params)
+        llm.engine.step()
+        engine._observe_stats()
+
+        def sample(name: str) -> float:
+            return metrics.registry.get_sample_value(name, {"model_name": "m"})
+
+        assert sample("afd:num_requests_running") == 2
+        assert sample("afd:num_requests_waiting") == 2
+    finally:
+        for rid in ("a", "b", "c"):
+            llm.engine.abort_request(rid)
+        llm.shutdown()
