@@ -156,6 +156,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         message = str(exc)
         if param == "max_tokens" and max_tokens_field != param:  # name the field sent
             param, message = max_tokens_field, message.replace("max_tokens", max_tokens_field)
+        elif param == "prompt" and chat:  # the prompt a chat request's messages make
+            param, message = "messages", f"messages: {message}"
         raise APIError(400, message, param=param) from None
     max_len = engine.engine.engine_cfg.max_model_len
     for _, ids in checked:

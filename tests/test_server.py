@@ -385,3 +385,37 @@ def test_waiting_gauge_counts_sequences_like_running():
         for rid in ("a", "b", "c"):
             llm.engine.abort_request(rid)
         llm.shutdown()
+
+
+def _asgi_post(app, path: str, body: dict) -> httpx.Response:
+    import asyncio
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test", timeout=60) as http:
+            return await http.post(path, json=body)
+
+    return asyncio.run(post())
+
+
+def test_chat_prompt_errors_name_messages():
+    """A chat request has no `prompt`: a conversation too long for the context is a 400 whose
+    param is `messages`, the field the client sent."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM(max_model_len=64, num_kv_blocks=16)
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        r = _asgi_post(app, "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "hello " * 100}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "64" in err["message"], err
+        r = _asgi_post(app, "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        engine.shutdown()
