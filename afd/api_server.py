@@ -196,6 +196,16 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                          "choices": choices, "usage": usage})
 
 
+def _request_error(exc: Exception) -> APIError:
+    """The error a request's stream raised, as the client's error (streamed or not)."""
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"engine failed: {exc}", type="service_unavailable")
+    if isinstance(exc, ValueError):  # refused when the engine queued it
+        return APIError(400, str(exc), param=getattr(exc, "param", None))
+    # this request failed alone
+    return APIError(500, f"{type(exc).__name__}: {exc}", type="internal_error")
+
+
 async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
                    ) -> list[RequestOutput]:
     """Run each stream to its final output; stop them all if the client disconnects."""
@@ -212,12 +222,8 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
             if await request.is_disconnected():
                 raise asyncio.CancelledError
         return [t.result() for t in tasks]
-    except EngineDeadError as exc:
-        raise APIError(503, f"engine failed: {exc}", type="service_unavailable") from None
-    except ValueError as exc:  # refused when the engine queued it
-        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
-    except Exception as exc:  # noqa: BLE001 - this request failed alone: OpenAI's error body
-        raise APIError(500, f"{type(exc).__name__}: {exc}", type="internal_error") from None
+    except Exception as exc:  # noqa: BLE001 - OpenAI's error body
+        raise _request_error(exc) from None
     finally:
         for t in tasks:
             t.cancel()  # a cancelled stream's finally aborts its request and frees its KV
@@ -258,9 +264,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 open_streams -= 1
                 continue
             if isinstance(item, BaseException):
-                err = APIError(503 if isinstance(item, EngineDeadError) else 500, str(item),
-                               type="service_unavailable")
-                yield "data: " + json.dumps(err.body()) + "\n\n"
+                yield "data: " + json.dumps(_request_error(item).body()) + "\n\n"
                 break
             choices = []
             for c in item.outputs:

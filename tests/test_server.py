@@ -419,3 +419,33 @@ def test_chat_prompt_errors_name_messages():
         assert r.status_code == 200, r.text
     finally:
         engine.shutdown()
+
+
+def test_streamed_request_errors_match_the_unstreamed_ones(monkeypatch):
+    """A request that fails when the engine queues it gets, streamed, the same OpenAI error as
+    unstreamed: an internal error for an unexpected exception (not "service_unavailable", which
+    says the whole server is down), an invalid request for a refused one."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from afd.sampling_params import ParamError
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        for exc, status, kind in [(OverflowError("cannot pack"), 500, "internal_error"),
+                                  (ParamError("seed", "seed is bad"), 400,
+                                   "invalid_request_error")]:
+            monkeypatch.setattr(llm.engine, "add_request",
+                                lambda *a, exc=exc, **k: (_ for _ in ()).throw(exc))
+            body = {"prompt": "hi", "max_tokens": 2}
+            plain = _asgi_post(app, "/v1/completions", body)
+            assert plain.status_code == status and plain.json()["error"]["type"] == kind
+            streamed = _asgi_post(app, "/v1/completions", {**body, "stream": True})
+            events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                      if line.startswith("data: {")]
+            assert [e["error"] for e in events if "error" in e] == [plain.json()["error"]]
+        assert engine.healthy() == (True, "ok")
+    finally:
+        engine.shutdown()
