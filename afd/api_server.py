@@ -31,7 +31,8 @@ from starlette.datastructures import Headers
 
 from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.metrics import ServerMetrics
-from afd.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
+from afd.openai_protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                 StreamOptions)
 from afd.outputs import RequestOutput
 
 log = logging.getLogger("afd.server")
@@ -75,6 +76,10 @@ class AuthAndDrain:
         await self.app(scope, receive, send)
 
 
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions)
+                for name in m.model_fields}
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="afd", docs_url=None, redoc_url=None)
     app.state.afd = state
@@ -86,7 +91,11 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = []
+        for x in first.get("loc", ())[1:]:  # after "body"
+            if isinstance(x, str) and x not in _FIELD_NAMES:
+                break  # a branch of a union ("str", "list[int]"), not a field
+            loc.append(str(x))
         if first.get("type") == "json_invalid":
             return _error(APIError(400, "request body is not valid JSON", code="invalid_json"))
         param = ".".join(loc) or None

@@ -449,3 +449,28 @@ def test_streamed_request_errors_match_the_unstreamed_ones(monkeypatch):
         assert engine.healthy() == (True, "ok")
     finally:
         engine.shutdown()
+
+
+def test_wrong_types_in_union_fields_name_the_field():
+    """`stop` and `prompt` take a string or a list: a wrong type names the field the client
+    sent, not pydantic's branch of the union ("stop.str", "prompt.list[int]")."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    engine = AsyncEngine(_IdleEngine())
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        for path, body, param in [
+                ("/v1/completions", {"prompt": "hi", "stop": [1]}, "stop"),
+                ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
+                ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+                ("/v1/completions", {"prompt": [[1], ["a"]]}, "prompt"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+                 "messages.0.content"),
+                ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]},
+                 "messages.0.role")]:
+            r = _asgi_post(app, path, body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    finally:
+        engine.shutdown()
