@@ -132,13 +132,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        tokenizer = state.engine.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "this model's tokenizer has no chat template", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        text, ids = body.prompt_ids(state.engine.engine.tokenizer)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from afd.sampling_params import SamplingParams
 
@@ -55,7 +57,7 @@ class _SamplingFields(BaseModel):
     n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,6 +74,9 @@ class _SamplingFields(BaseModel):
             if value is not None and value not in neutral:
                 raise APIError(400, f"{name} is not supported by this server (got {value!r})",
                                param=name)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
         best_of = sent.get("best_of")
         if best_of is not None and best_of != self.n:
             raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
@@ -88,7 +93,7 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # no bools, no 5.0
     max_tokens: int | None = 16
     echo: bool = False
     suffix: str | None = None
@@ -129,3 +134,29 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    # vLLM's chat-template fields.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def prompt_ids(self, tokenizer) -> tuple[str, list[int]]:
+        """The conversation through the tokenizer's chat template: (text, token ids)."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template", param="messages")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both "
+                           "be true", param="continue_final_message")
+        extra = self.chat_template_kwargs or {}
+        taken = set(inspect.signature(tokenizer.apply_chat_template).parameters) & set(extra)
+        if taken:  # template variables only, not the call's own arguments
+            raise APIError(400, f"chat_template_kwargs may not set {sorted(taken)}",
+                           param="chat_template_kwargs")
+        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=self.add_generation_prompt,
+                continue_final_message=self.continue_final_message, tokenize=False, **extra)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:  # e.g. no final message
+            raise APIError(400, f"chat template: {exc}", param="messages") from None
+        return text, tokenizer.encode(text, add_special_tokens=self.add_special_tokens)

@@ -474,3 +474,49 @@ def test_wrong_types_in_union_fields_name_the_field():
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     finally:
         engine.shutdown()
+
+
+def test_chat_template_fields_stream_options_and_strict_token_ids():
+    """vLLM's chat-template fields reach the template; a bad combination or template error is a
+    400 naming the field; stream_options without stream is refused (as OpenAI does); token ids
+    must be integers, not booleans or floats."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM()
+    tok = llm.engine.tokenizer
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello the"}]
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+
+        def chat(**fields):
+            body = {"messages": msgs, "max_tokens": 2, "temperature": 0, **fields}
+            return _asgi_post(app, "/v1/chat/completions", body)
+
+        want = tok.apply_chat_template(msgs, continue_final_message=True, tokenize=False)
+        assert want.rstrip().endswith("Hello the")
+        r = chat(add_generation_prompt=False, continue_final_message=True)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(want,
+                                                                     add_special_tokens=False))
+        plain = chat()
+        assert plain.json()["usage"]["prompt_tokens"] != r.json()["usage"]["prompt_tokens"]
+        for fields, param in (({"continue_final_message": True}, "continue_final_message"),
+                              ({"chat_template_kwargs": {"tokenize": True}},
+                               "chat_template_kwargs")):
+            bad = chat(**fields)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        bad = _asgi_post(app, "/v1/completions", {"prompt": "hi", "stream_options":
+                                                  {"include_usage": True}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream_options"
+        for prompt in ([True, 5], [5.0, 6]):
+            bad = _asgi_post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
+        bad = _asgi_post(app, "/v1/completions", {"prompt": "hi", "stop_token_ids": [True]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop_token_ids.0"
+        ok = _asgi_post(app, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    finally:
+        engine.shutdown()
