@@ -152,7 +152,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  max_tokens_field: str = "max_tokens") -> Response:
     engine = state.engine
     try:
-        params = body.sampling_params(max_tokens)
+        params = body.sampling_params(max_tokens, engine.engine.default_sampling)
         checked = [engine.check_request(p, params) for p in prompts]
     except ValueError as exc:
         param = getattr(exc, "param", None)
@@ -314,7 +314,7 @@ def main() -> None:
     from afd.config import engine_config_from_dict
     from afd.engine import LLMEngine
     from afd.layouts import MultiRankClient
-    from afd.llm import eos_token_ids, load_tokenizer
+    from afd.llm import eos_token_ids, generation_defaults, load_tokenizer
     from afd.workers import Layout, watch_parent
     from models.config import load_config
 
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--grace-period", type=float, default=20.0)
     ap.add_argument("--control-host", default="127.0.0.1",
                     help="address the ranks reach this process on (multi-node: not loopback)")
+    ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
@@ -348,7 +349,9 @@ def main() -> None:
                              transport=args.transport, timeout_s=args.timeout, attach=publish,
                              control_host=args.control_host)
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
-                       eos_token_ids(engine_cfg.model, model_cfg, tokenizer))
+                       eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
+                       default_sampling=generation_defaults(engine_cfg.model,
+                                                            args.generation_config))
     name = args.served_model_name or _default_name(engine_cfg.model)
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,

@@ -75,8 +75,11 @@ def _child_id(request_id: str, index: int, n: int) -> str:
 
 class LLMEngine:
     def __init__(self, tokenizer, model_cfg: ModelConfig, engine_cfg: EngineConfig,
-                 core: CoreClient, eos_token_ids: tuple[int, ...] = ()):
+                 core: CoreClient, eos_token_ids: tuple[int, ...] = (),
+                 default_sampling: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
+        # SamplingParams fields a request leaves unset take these (generation_config.json).
+        self.default_sampling = dict(default_sampling or {})
         self.model_cfg = model_cfg
         self.engine_cfg = engine_cfg
         self.core = core
@@ -85,6 +88,9 @@ class LLMEngine:
         self._child: dict[str, tuple[_Request, _Completion]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+
+    def default_params(self) -> SamplingParams:
+        return SamplingParams(**self.default_sampling)
 
     # ---- input ----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
@@ -124,7 +130,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Validate, tokenize and queue one prompt. Raises ValueError and queues nothing if bad."""
-        params = params or SamplingParams()
+        params = params or self.default_params()
         params.validate()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import time
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
+
+log = logging.getLogger("afd.llm")
 
 
 def load_tokenizer(path: str):
@@ -41,17 +44,45 @@ def eos_token_ids(path: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ..
     return tuple(sorted(ids))
 
 
+# generation_config.json keys that become sampling defaults (as vLLM's --generation-config auto)
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json ("auto", as vLLM does by
+    default) or none ("vllm": SamplingParams' own defaults). A request's own values win."""
+    if source not in ("auto", "vllm"):
+        raise ValueError(f"generation_config must be 'auto' or 'vllm', got {source!r}")
+    gen_file = os.path.join(path, "generation_config.json")
+    if source == "vllm" or not os.path.isfile(gen_file):
+        return {}
+    with open(gen_file) as f:
+        gen = json.load(f)
+    defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
+    SamplingParams(**defaults).validate()  # a checkpoint's bad value fails here, named
+    if gen.get("repetition_penalty") not in (None, 1, 1.0):
+        log.warning("generation_config.json sets repetition_penalty=%s, which this engine does "
+                    "not implement: not applied", gen["repetition_penalty"])
+    if defaults:
+        log.info("sampling defaults from %s: %s (generation_config='vllm' ignores them)",
+                 gen_file, defaults)
+    return defaults
+
+
 def build_engine(model: str | None = None, *, tokenizer: str | None = None,
                  prefill: int = 0, attention: int = 1, ffn: int = 0,
-                 layout_options: dict[str, Any] | None = None, **engine_args: Any) -> LLMEngine:
+                 layout_options: dict[str, Any] | None = None, generation_config: str = "auto",
+                 **engine_args: Any) -> LLMEngine:
     """Load config and tokenizer, start the ranks of the layout, return the front end."""
     path = os.fspath(model) if model is not None else default_model_path()
     model_cfg = load_config(path)
     tok = load_tokenizer(tokenizer or path)
+    defaults = generation_defaults(path, generation_config)
     engine_cfg = resolve_engine_config(path, model_cfg, **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
                         **(layout_options or {}))
-    return LLMEngine(tok, model_cfg, engine_cfg, core, eos_token_ids(path, model_cfg, tok))
+    return LLMEngine(tok, model_cfg, engine_cfg, core, eos_token_ids(path, model_cfg, tok),
+                     default_sampling=defaults)
 
 
 def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: int, attention: int,
@@ -84,29 +115,38 @@ class LLM:
     LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
         max_num_batched_tokens=None, prefill=0, attention=1, ffn=0, micro_batches=2,
-        transport="torch", timeout_s=60.0, prefill_block_size=None, expert_placement=None)
+        transport="torch", timeout_s=60.0, prefill_block_size=None, expert_placement=None,
+        generation_config="auto")
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
     P+A+F rank processes. ``micro_batches``: ping-pong micro-batches per decode step.
     ``transport``: "torch" (all_to_all over gloo/NCCL) or "deepep". ``timeout_s``: how long any
-    rank may wait on another before the run fails with RankFailure.
+    rank may wait on another before the run fails with RankFailure. ``generation_config``:
+    "auto" takes temperature/top_p/top_k/min_p defaults from the checkpoint's
+    generation_config.json (as vLLM does), "vllm" uses SamplingParams' own defaults.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  prefill: int = 0, attention: int = 1, ffn: int = 0, micro_batches: int = 2,
                  transport: str = "torch", timeout_s: float = 60.0,
                  prefill_block_size: int | None = None,
-                 expert_placement: ExpertPlacement | None = None, **engine_args: Any):
+                 expert_placement: ExpertPlacement | None = None,
+                 generation_config: str = "auto", **engine_args: Any):
         self.engine = build_engine(
             model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
             layout_options=dict(micro_batches=micro_batches, transport=transport,
                                 timeout_s=timeout_s, prefill_block_size=prefill_block_size,
-                                placement=expert_placement), **engine_args)
+                                placement=expert_placement),
+            generation_config=generation_config, **engine_args)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses when given no sampling_params (generation_config defaults)."""
+        return self.engine.default_params()
 
     @property
     def config(self) -> EngineConfig:
@@ -124,7 +164,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):

@@ -66,8 +66,11 @@ class _SamplingFields(BaseModel):
     logprobs: Any = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """ValueError (-> 400) names the field when a value is out of range."""
+    def sampling_params(self, max_tokens: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """ValueError (-> 400) names the field when a value is out of range. ``defaults``: the
+        engine's values (generation_config.json) for the sampling fields a request leaves
+        unset."""
         sent = {**(self.model_extra or {}), **self.model_dump(include=set(_UNSUPPORTED))}
         for name, neutral in _UNSUPPORTED.items():
             value = sent.get(name)
@@ -81,13 +84,13 @@ class _SamplingFields(BaseModel):
         if best_of is not None and best_of != self.n:
             raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
                            "best_of = n)", param="best_of")
+        values = {**(defaults or {}), **self.model_dump(include={"temperature", "top_p", "top_k",
+                                                                 "min_p"}, exclude_none=True)}
         return SamplingParams(
             n=self.n, max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
+            top_k=values.get("top_k", 0), min_p=values.get("min_p", 0.0), seed=self.seed,
+            stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output)
 

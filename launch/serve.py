@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                    help="auto: sampling defaults from the checkpoint's generation_config.json "
+                         "(as vLLM); vllm: SamplingParams' own defaults")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
     ap.add_argument("--timeout", type=float, default=60.0,
@@ -83,7 +86,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--host", args.host, "--port", str(args.port),
            "--micro-batches", str(args.micro_batches), "--transport", args.transport,
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
-           "--control-host", args.control_host or _control_host()]
+           "--control-host", args.control_host or _control_host(),
+           "--generation-config", args.generation_config]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--served-model-name", args.served_model_name)):
         if value:

@@ -401,3 +401,45 @@ class TestSampler:
         alone = run([seeded])
         for batch in mates[1:]:
             assert run([seeded] + batch) == alone, batch
+
+
+def test_generation_config_gives_sampling_defaults(tmp_path):
+    """As vLLM's --generation-config auto: the checkpoint's generation_config.json sets the
+    sampling defaults (a request's own values win); "vllm" ignores it; a bad value is named."""
+    import json
+    import shutil
+
+    from afd.llm import generation_defaults
+    from afd.openai_protocol import CompletionRequest
+    from models.default_model import default_model_path
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(default_model_path(), path)
+    with open(f"{path}/generation_config.json") as f:
+        gen = json.load(f)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({**gen, "temperature": 0.0, "top_k": 5, "repetition_penalty": 1.0}, f)
+    assert generation_defaults(path) == {"temperature": 0.0, "top_k": 5}
+    assert generation_defaults(path, "vllm") == {}
+    with pytest.raises(ValueError, match="generation_config"):
+        generation_defaults(path, "hf")
+    prompts = ["Hello, my name is", "The capital of France is"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(path)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    defaults = llm.get_default_sampling_params()
+    assert defaults.temperature == 0.0 and defaults.top_k == 5
+    defaults.max_tokens, defaults.ignore_eos = 8, True
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, defaults, use_tqdm=False)]
+    assert got == want
+    # the server's requests: unset fields take the defaults, set ones keep their values
+    params = CompletionRequest(prompt="x").sampling_params(8, llm.engine.default_sampling)
+    assert params.temperature == 0.0 and params.top_k == 5 and params.top_p == 1.0
+    params = CompletionRequest(prompt="x", temperature=0.7, top_k=-1).sampling_params(
+        8, llm.engine.default_sampling)
+    assert params.temperature == 0.7 and params.top_k == -1
+    assert LLM(path, generation_config="vllm").get_default_sampling_params().temperature == 1.0
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({**gen, "top_p": 1.5}, f)
+    with pytest.raises(ValueError, match="top_p"):
+        generation_defaults(path)

@@ -520,3 +520,32 @@ def test_chat_template_fields_stream_options_and_strict_token_ids():
         assert ok.status_code == 200, ok.text
     finally:
         engine.shutdown()
+
+
+def test_requests_take_generation_config_defaults(tmp_path):
+    """A request that sets no temperature gets the checkpoint's generation_config.json one."""
+    import shutil
+
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from models.default_model import default_model_path
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(default_model_path(), path)
+    with open(f"{path}/generation_config.json") as f:
+        gen = json.load(f)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({**gen, "temperature": 0.0}, f)
+    llm = LLM(path)
+    want = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=8,
+                                                            ignore_eos=True), use_tqdm=False)
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        for _ in range(2):
+            r = _asgi_post(app, "/v1/completions", {"prompt": "Hello, my name is", "n": 2,
+                                                    "max_tokens": 8, "ignore_eos": True})
+            assert [c["text"] for c in r.json()["choices"]] == [want[0].outputs[0].text] * 2
+    finally:
+        engine.shutdown()
