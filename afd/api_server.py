@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.metrics import ServerMetrics
@@ -102,6 +103,13 @@ def build_app(state: ServerState) -> FastAPI:
         return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
                                param=param))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes (404) and wrong methods (405) in OpenAI's error body too
+        message = f"{exc.detail} ({request.method} {request.url.path})"
+        return JSONResponse(APIError(exc.status_code, message).body(),
+                            status_code=exc.status_code, headers=exc.headers)
+
     app.add_middleware(AuthAndDrain, state=state)
 
     @app.get("/health")
@@ -116,12 +124,18 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "afd", "max_model_len": state.engine.engine.engine_cfg.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        cfg = state.engine.engine.engine_cfg
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                            "created": state.created, "owned_by": "afd",
-                                            "max_model_len": cfg.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:  # OpenAI's retrieve-model
+        _check_model(state, model)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -549,3 +549,15 @@ def test_requests_take_generation_config_defaults(tmp_path):
             assert [c["text"] for c in r.json()["choices"]] == [want[0].outputs[0].text] * 2
     finally:
         engine.shutdown()
+
+
+def test_retrieve_model_and_unknown_routes_use_openai_errors(single):
+    c = client(single)
+    model = c.models.list().data[0].id
+    assert c.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("no-such-model")
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/completions", 405)):
+        r = httpx.request(method, single.url + path, timeout=30)
+        assert r.status_code == status, r.text
+        assert path in r.json()["error"]["message"], r.text
