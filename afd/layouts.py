@@ -51,6 +51,7 @@ class _Placed:
 
     request: CoreRequest
     stage: str  # "prefill", "transfer" or "decode"
+    wire_id: str = ""  # what the ranks call it: unique to this placement (see add_request)
     prefill: int | None = None  # global rank
     decode: int | None = None  # global rank
     num_kv_tokens: int = 0
@@ -89,6 +90,9 @@ class MultiRankClient:
         self.error: str | None = None
         self.closed = False
         self.placed: dict[str, _Placed] = {}
+        self.by_wire: dict[str, str] = {}  # wire id -> request id, while placed
+        self.placements = itertools.count()
+        self.to_drop: set[str] = set()  # fault injection (tests)
         self.tags = itertools.count(1)
         self.pending_metrics: dict[str, dict] = {}
         attn_ranks = list(range(layout.prefill, layout.prefill + layout.attention))
@@ -232,18 +236,27 @@ class MultiRankClient:
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
         self.check_alive()
+        # The ranks know each placement by an id of its own: a request id can be reused as soon
+        # as its request is aborted, while messages about the old one are still on their way.
+        wire_id = f"{req.request_id}@{next(self.placements)}"
         # Packed first: a value msgpack cannot carry fails here, before anything is placed.
-        wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(req)})
+        wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(
+            replace(req, request_id=wire_id))})
         if self.layout.prefill:
             rank = self.router.pick_prefill()
             self.router.prefill[rank].in_flight += 1
-            self.placed[req.request_id] = _Placed(req, "prefill", prefill=rank)
+            placed = _Placed(req, "prefill", wire_id, prefill=rank)
         else:
             rank = self.router.pick_attention()
             self.router.attention[rank].in_flight += 1
-            self.placed[req.request_id] = _Placed(req, "decode", decode=rank)
+            placed = _Placed(req, "decode", wire_id, decode=rank)
+        self.placed[req.request_id] = placed
+        self.by_wire[wire_id] = req.request_id
         if not self.closed:
             self._send(rank, wire)
+            if req.request_id in self.to_drop:
+                self.to_drop.discard(req.request_id)
+                self._tell(rank, {"t": "drop", "id": wire_id})
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -252,13 +265,19 @@ class MultiRankClient:
                 continue
             for rank in (placed.prefill, placed.decode):
                 if rank is not None:
-                    self._tell(rank, {"t": "abort", "ids": [rid]})
+                    self._tell(rank, {"t": "abort", "ids": [placed.wire_id]})
+
+    def _find(self, wire_id: str) -> _Placed | None:
+        """The placement a rank's message is about; None once it is finished or aborted."""
+        rid = self.by_wire.get(wire_id)
+        return None if rid is None else self.placed.get(rid)
 
     def _forget(self, rid: str) -> _Placed | None:
         self.pending_metrics.pop(rid, None)
         placed = self.placed.pop(rid, None)
         if placed is None:
             return None
+        self.by_wire.pop(placed.wire_id, None)
         if placed.stage == "prefill":
             self.router.prefill[placed.prefill].in_flight -= 1
         elif placed.stage == "transfer":
@@ -270,9 +289,9 @@ class MultiRankClient:
         return placed
 
     def drop_transfer(self, request_id: str) -> None:
-        """Fault injection (tests): the prefill rank will never send this request's KV."""
-        for rank in self.router.prefill:
-            self._tell(rank, {"t": "drop", "id": request_id})
+        """Fault injection (tests): the prefill rank will never send the KV of the request
+        added next under this id."""
+        self.to_drop.add(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.placed)
@@ -290,7 +309,7 @@ class MultiRankClient:
         if "timers" in msg:
             self.rank_timers[rank] = msg["timers"]
         if kind == "admitted":  # a decode rank has blocks for it: tell the prefill rank to send
-            placed = self.placed.get(msg["id"])
+            placed = self._find(msg["id"])
             if placed is not None:
                 placed.admitted = True
                 self.router.admitted(rank, placed.num_kv_tokens)
@@ -301,10 +320,11 @@ class MultiRankClient:
             self._tell(msg["src"], {"t": "cancel", "id": msg["id"], "dst": rank,
                                     "tag": msg["tag"], "n": msg["n"]})
         elif kind == "transferred":
-            placed = self.placed.get(msg["id"])
+            placed = self._find(msg["id"])
             if placed is not None:
                 placed.stage = "decode"
-                self.pending_metrics[msg["id"]] = {"transfer_time": msg["seconds"]}
+                self.pending_metrics[placed.request.request_id] = {
+                    "transfer_time": msg["seconds"]}
         if kind != "out":
             return []
         stats = protocol.stats_from_wire(msg["stats"])
@@ -319,32 +339,34 @@ class MultiRankClient:
         return [o for o in outs if o is not None]
 
     def _output(self, out: CoreOutput) -> CoreOutput | None:
-        placed = self.placed.get(out.request_id)
+        placed = self._find(out.request_id)
         if placed is None:
             return None  # aborted meanwhile
+        out.request_id = placed.request.request_id
         extra = self.pending_metrics.pop(out.request_id, None)
         if extra:
             out.metrics = {**(out.metrics or {}), **extra}
         if out.finish_reason is not None:
             self._forget(out.request_id)
             if placed.stage == "transfer" and placed.prefill is not None:
-                self._tell(placed.prefill, {"t": "release", "id": out.request_id})
+                self._tell(placed.prefill, {"t": "release", "id": placed.wire_id})
         elif placed.stage == "prefill":
             placed.first_token = out.new_token_ids[-1]
         return out
 
-    def _hand_to_decode(self, rid: str, num_kv_tokens: int) -> None:
-        placed = self.placed.get(rid)
+    def _hand_to_decode(self, wire_id: str, num_kv_tokens: int) -> None:
+        placed = self._find(wire_id)
         if placed is None or placed.stage != "prefill":
             if placed is None:  # aborted while prefilling: the prefill rank frees it
                 for rank in self.router.prefill:
-                    self._tell(rank, {"t": "release", "id": rid})
+                    self._tell(rank, {"t": "release", "id": wire_id})
             return
         self.router.prefill[placed.prefill].in_flight -= 1
         decode = self.router.pick_decode(num_kv_tokens)
         self.router.attention[decode].in_flight += 1
         placed.stage, placed.decode, placed.num_kv_tokens = "transfer", decode, num_kv_tokens
-        self._tell(decode, {"t": "pull", "req": protocol.request_to_wire(placed.request),
+        self._tell(decode, {"t": "pull", "req": protocol.request_to_wire(
+                                replace(placed.request, request_id=placed.wire_id)),
                             "first": placed.first_token,
                             "n": num_kv_tokens, "src": placed.prefill, "tag": next(self.tags)})
 

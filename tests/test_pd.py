@@ -149,3 +149,23 @@ def test_dead_prefill_pool_fails_fast(reference):
     assert time.monotonic() - start < 5, "a dead prefill pool must fail requests at once"
     for p in llm.engine.core.procs:
         p.wait(15)
+
+
+def test_request_id_reused_after_abort_gets_only_its_own_tokens(small_pd, reference):
+    """Tokens of an aborted request that were already on their way to the front end belong to
+    it, not to a new request that reuses its id."""
+    _, prompts, params, expected = reference
+    engine = small_pd.engine
+    engine.add_request("x", prompts[3], SamplingParams(temperature=0, max_tokens=70,
+                                                       ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while engine.core.placed["x"].stage != "decode":
+        assert time.monotonic() < deadline, "the request never reached its decode rank"
+        engine.step()
+    time.sleep(0.5)  # the decode rank goes on sending tokens of "x" that nobody reads yet
+    engine.abort_request("x")
+    engine.add_request("x", prompts[2], params)
+    done = run_until_done(small_pd, ["x"])
+    assert done["x"].outputs[0].token_ids == expected[2]
+    assert done["x"].outputs[0].finish_reason == "length"
+    wait_all_free(small_pd)
