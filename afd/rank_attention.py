@@ -85,12 +85,14 @@ class AttentionWorker:
     # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
     def _admit(self) -> None:
         """Pull transfers in arrival order while their blocks fit, leaving one spare block per
-        running sequence so the decodes already here can grow."""
-        alloc = self.core.allocator
+        running sequence so the decodes already here can grow, and while fewer than
+        max_num_seqs sequences run here (counting the transfers under way)."""
+        alloc, running = self.core.allocator, self.core.scheduler.running
         while self.pulls:
             pull = self.pulls[0]
             need = alloc.blocks_for(pull.num_kv_tokens + 1)
-            if alloc.num_free - need < len(self.core.scheduler.running):
+            if (alloc.num_free - need < len(running)
+                    or len(running) + len(self.receiving) >= self.core.cfg.max_num_seqs):
                 if not pull.waited:
                     pull.waited = True
                     self.timers.seconds["admission_waits"] = (

@@ -169,3 +169,27 @@ def test_request_id_reused_after_abort_gets_only_its_own_tokens(small_pd, refere
     assert done["x"].outputs[0].token_ids == expected[2]
     assert done["x"].outputs[0].finish_reason == "length"
     wait_all_free(small_pd)
+
+
+def test_decode_rank_runs_at_most_max_num_seqs(reference):
+    """Transfers are admitted only while the decode rank runs fewer than max_num_seqs
+    sequences, as the single-process engine's scheduler does."""
+    path, prompts, params, expected = reference
+    llm = LLM(path, prefill=1, attention=1, ffn=1, timeout_s=8, max_num_seqs=2, **SMALL_POOL)
+    try:
+        engine, client = llm.engine, llm.engine.core
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        done, most = {}, 0
+        deadline = time.monotonic() + 60
+        while len(done) < len(prompts):
+            assert time.monotonic() < deadline, "requests did not finish"
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+            most = max([most] + [s.num_running for s in client.stats()])
+        assert [done[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
+        assert most <= 2, f"the decode rank ran {most} sequences at once"
+        wait_all_free(llm)
+    finally:
+        llm.shutdown()
