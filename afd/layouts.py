@@ -77,6 +77,11 @@ class MultiRankClient:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if prefill_block_size is not None and (not isinstance(prefill_block_size, int)
+                                               or isinstance(prefill_block_size, bool)
+                                               or prefill_block_size < 1):
+            raise ValueError(f"prefill_block_size must be a positive integer, got "
+                             f"{prefill_block_size!r}")
         self.layout, self.timeout_s = layout, timeout_s
         if layout.ffn:
             placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)

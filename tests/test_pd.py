@@ -193,3 +193,11 @@ def test_decode_rank_runs_at_most_max_num_seqs(reference):
         wait_all_free(llm)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5])
+def test_bad_prefill_block_size_is_a_value_error(reference, bad):
+    """Refused up front, naming the option, instead of a prefill rank that fails (or silently
+    falls back to block_size) after it started."""
+    with pytest.raises(ValueError, match="prefill_block_size"):
+        LLM(reference[0], prefill=1, attention=1, prefill_block_size=bad, timeout_s=8).shutdown()
