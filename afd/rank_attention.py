@@ -18,7 +18,7 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.profiling import StageTimers
-from afd.sampler import draw_step_seed
+from afd.sampler import draw_step_seed, rank_seed
 from afd.sequence import CoreOutput, Sequence
 from afd.workers import (ControlLink, Groups, WorkerSpec, describe, local_config,
                          make_transport)
@@ -37,7 +37,8 @@ class AttentionWorker:
                            device=device)
         self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
                           if with_ffn else None)
-        self.core = EngineCore(model, local_config(cfg, device), experts=self.transport)
+        local = local_config(cfg, device, seed=rank_seed(cfg.seed, spec.rank))
+        self.core = EngineCore(model, local, experts=self.transport)
         self.timers = StageTimers()
         self.stopping = False
         self.pulls: deque[Pull] = deque()  # finished prefills waiting for room here

@@ -12,6 +12,7 @@ import torch
 from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
+from afd.sampler import rank_seed
 from afd.sequence import CoreOutput
 from afd.workers import ControlLink, WorkerSpec, describe, local_config
 
@@ -26,7 +27,8 @@ class PrefillWorker:
         cfg = spec.engine_cfg
         block = spec.prefill_block_size or cfg.block_size
         tokens = cfg.num_kv_blocks * cfg.block_size  # same capacity, maybe other block size
-        local = local_config(cfg, device, block_size=block, num_kv_blocks=-(-tokens // block))
+        local = local_config(cfg, device, block_size=block, num_kv_blocks=-(-tokens // block),
+                             seed=rank_seed(cfg.seed, spec.rank))
         model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device)
         self.core = EngineCore(model, local, prefill_only=True)
         self.sending: list[Sending] = []

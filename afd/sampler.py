@@ -26,6 +26,13 @@ import torch
 from afd.sampling_params import SamplingParams
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The unseeded rows' seed on one rank of a layout: ``seed`` itself on rank 0 (so the
+    single-process engine is unchanged), a different stream on every other rank, or ranks
+    given the same prompt (the children of an n > 1 request) would draw the same noise."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
+
+
 def draw_step_seed(generator: torch.Generator) -> int:
     """The seed of one sampling step of a seeded request: what each step takes from its
     generator."""

@@ -211,3 +211,24 @@ def test_malformed_control_messages_are_dropped(references):
     finally:
         ctx.destroy(linger=0)
         llm.shutdown()
+
+
+@pytest.mark.parametrize("layout", [dict(attention=2), dict(prefill=2, attention=1)],
+                         ids=["2A", "2P1A"])
+def test_unseeded_samples_differ_across_ranks(layout):
+    """Every rank's sampler for unseeded rows started from the same seed, so two ranks given
+    the same prompt drew the same noise: n=2 completions placed on two attention ranks were
+    identical, and two prefill ranks sampled the same first token. Each rank has its own
+    stream."""
+    llm = LLM(timeout_s=30, **layout)
+    try:
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)
+        firsts = []
+        for prompt in ("Hello", "Tell me a story", "a"):
+            comps = llm.generate(prompt, params, use_tqdm=False)[0].outputs
+            firsts.append((comps[0].token_ids[0], comps[1].token_ids[0]))
+            if "prefill" not in layout:
+                assert comps[0].token_ids != comps[1].token_ids, prompt
+        assert any(a != b for a, b in firsts), firsts
+    finally:
+        llm.shutdown()
