@@ -74,6 +74,12 @@ class EngineCore:
         self.scheduler.update(plan)
         outputs = []
         for seq, token in zip(sampling, tokens):
+            if token < 0:  # NaN in its logits: fail this request, not the rank
+                outputs.append(CoreOutput(seq.request_id, [], "error", None,
+                                          "the model's logits hold a NaN"))
+                self.scheduler.finish(seq)
+                del self.seqs[seq.request_id]
+                continue
             seq.append(token)
             out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason)
             if seq.num_output_tokens == 1 and seq.first_scheduled is not None:

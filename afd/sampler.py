@@ -3,12 +3,12 @@
 Everything runs on the logits' device; the only host transfer is the sampled ids. Greedy rows
 take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
 sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
-distribution as multinomial. Every cut is by value, so ties are treated alike whatever the
-batch: top-k keeps the tokens at or above a row's k-th largest logit, top-p the smallest prefix
-reaching its mass in the order (value descending, token id ascending), min-p the tokens at or
-above a fraction of the largest probability. Only top-p sorts: the whole vocabulary, or, when
-every row has a top-k, just the k_max + 1 largest logits (``torch.topk``) unless ties at some
-row's k-th value reach past them.
+distribution as multinomial. A row with a NaN logit gets -1 (the engine fails its request).
+Every cut is by value, so ties are treated alike whatever the batch: top-k keeps the tokens at
+or above a row's k-th largest logit, top-p the smallest prefix reaching its mass in the order
+(value descending, token id ascending), min-p the tokens at or above a fraction of the largest
+probability. Only top-p sorts: the whole vocabulary, or, when every row has a top-k, just the
+k_max + 1 largest logits (``torch.topk``) unless ties at some row's k-th value reach past them.
 
 Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
 batch took (up to float rounding of the softmax); one draw for all unseeded rows from the
@@ -47,7 +47,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
-        """logits: [N, V], one row per sampling sequence. Returns N token ids."""
+        """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
+        whose logits hold a NaN (it has no distribution to sample)."""
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(rows) == len(params):
             tokens = self._sample(logits.float(), params, generators)
@@ -58,7 +59,7 @@ class Sampler:
                 sampled = self._sample(logits.index_select(0, index).float(),
                                        [params[i] for i in rows], [generators[i] for i in rows])
                 tokens.index_copy_(0, index, sampled)
-        return tokens.tolist()
+        return tokens.masked_fill(logits.isnan().any(dim=-1), -1).tolist()
 
     def _generator(self, table: dict, device: torch.device) -> torch.Generator:
         gen = table.get(device)

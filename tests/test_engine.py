@@ -403,6 +403,56 @@ class TestSampler:
             assert run([seeded] + batch) == alone, batch
 
 
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_nan_rows_are_marked_not_sampled(self, device):
+        """A row whose logits hold a NaN has no distribution: it used to come back as token 0
+        (every probability NaN) or the NaN's index (greedy). It is -1 now, the other rows
+        sampled as usual, on each path (threshold, full sort, top-k candidates)."""
+        logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).to(device)
+        logits[1, 7] = float("nan")
+        for mate in (SamplingParams(top_k=5), SamplingParams(top_p=0.5),
+                     SamplingParams(top_k=5, top_p=0.5), SamplingParams(temperature=0)):
+            for nan_row in (SamplingParams(), SamplingParams(temperature=0),
+                            SamplingParams(top_k=3, top_p=0.9)):
+                rows = [SamplingParams(temperature=0), nan_row, mate]
+                tokens = Sampler(seed=0)(logits, rows, [None] * 3)
+                assert tokens[1] == -1 and tokens[0] == int(logits[0].argmax())
+                assert tokens[2] >= 0
+
+
+def test_nan_logits_fail_only_their_request(llm, monkeypatch):
+    """NaN logits end their request with an error instead of a made-up token; the request
+    beside it in the batch is unaffected and the engine keeps serving."""
+    import afd.model_runner
+
+    p = SamplingParams(temperature=0.8, max_tokens=6, seed=3, ignore_eos=True)
+    prompts = ["Hello, my name is", "The capital of France is"]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    real = afd.model_runner.run_micro_batches
+
+    calls = []
+
+    def poisoned(*args):
+        logits = real(*args)
+        if not calls:  # the first step's first sampled row: the first prompt
+            logits[0][0, 3] = float("nan")
+        calls.append(1)
+        return logits
+
+    monkeypatch.setattr(afd.model_runner, "run_micro_batches", poisoned)
+    for params in (p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)):
+        calls.clear()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert outs[0].outputs[0].finish_reason == "error" and outs[0].outputs[0].token_ids == []
+        assert "NaN" in outs[0].error
+        assert outs[1].outputs[0].finish_reason == "length" and outs[1].error is None
+        if params is p:
+            assert outs[1].outputs[0].token_ids == expected[1]
+    monkeypatch.setattr(afd.model_runner, "run_micro_batches", real)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == expected
+    assert blocks_all_free(llm)
+
+
 def test_generation_config_gives_sampling_defaults(tmp_path):
     """As vLLM's --generation-config auto: the checkpoint's generation_config.json sets the
     sampling defaults (a request's own values win); "vllm" ignores it; a bad value is named."""
