@@ -55,6 +55,9 @@ def resolve_engine_config(
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
         _positive(name, value)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        # what torch.Generator.manual_seed takes; found otherwise only at the first sample
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:

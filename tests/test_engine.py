@@ -296,6 +296,14 @@ def test_bad_engine_arguments():
         LLM(dtype="int3")
 
 
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, None, 1.5, True])
+def test_bad_engine_seed_is_named_before_start(seed):
+    """An engine seed torch cannot take used to pass LLM() and fail every sampled request
+    (a multi-rank engine's ranks died) with "Overflow when unpacking long long"."""
+    with pytest.raises(ValueError, match="seed"):
+        LLM(seed=seed)
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
