@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ def resolve_engine_config(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     max_model_len: int | None = None,
     block_size: int = 16,
     num_kv_blocks: int | None = None,
@@ -55,6 +56,8 @@ def resolve_engine_config(
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
         _positive(name, value)
+    if seed is None:  # as vLLM: a random seed, drawn once here for every rank
+        seed = secrets.randbits(63)
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
         # what torch.Generator.manual_seed takes; found otherwise only at the first sample
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")

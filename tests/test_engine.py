@@ -296,12 +296,24 @@ def test_bad_engine_arguments():
         LLM(dtype="int3")
 
 
-@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, None, 1.5, True])
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5, True])
 def test_bad_engine_seed_is_named_before_start(seed):
     """An engine seed torch cannot take used to pass LLM() and fail every sampled request
     (a multi-rank engine's ranks died) with "Overflow when unpacking long long"."""
     with pytest.raises(ValueError, match="seed"):
         LLM(seed=seed)
+
+
+def test_engine_seed_none_is_random():
+    """As vLLM: seed=None draws a seed at start, so unseeded samples differ between engines."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    seeds, outs = set(), set()
+    for _ in range(2):
+        llm = LLM(seed=None)
+        seeds.add(llm.config.seed)
+        outs.add(tuple(llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids))
+        llm.shutdown()
+    assert len(seeds) == 2 and len(outs) == 2
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
