@@ -45,7 +45,7 @@ def eos_token_ids(path: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ..
 
 
 # generation_config.json keys that become sampling defaults (as vLLM's --generation-config auto)
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
@@ -60,9 +60,6 @@ def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
         gen = json.load(f)
     defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
     SamplingParams(**defaults).validate()  # a checkpoint's bad value fails here, named
-    if gen.get("repetition_penalty") not in (None, 1, 1.0):
-        log.warning("generation_config.json sets repetition_penalty=%s, which this engine does "
-                    "not implement: not applied", gen["repetition_penalty"])
     if defaults:
         log.info("sampling defaults from %s: %s (generation_config='vllm' ignores them)",
                  gen_file, defaults)
@@ -123,7 +120,7 @@ class LLM:
     P+A+F rank processes. ``micro_batches``: ping-pong micro-batches per decode step.
     ``transport``: "torch" (all_to_all over gloo/NCCL) or "deepep". ``timeout_s``: how long any
     rank may wait on another before the run fails with RankFailure. ``generation_config``:
-    "auto" takes temperature/top_p/top_k/min_p defaults from the checkpoint's
+    "auto" takes temperature/top_p/top_k/min_p/repetition_penalty defaults from the checkpoint's
     generation_config.json (as vLLM does), "vllm" uses SamplingParams' own defaults.
     """
 

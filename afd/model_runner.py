@@ -76,4 +76,5 @@ class ModelRunner:
         sampling = [s.seq for s in plan.seqs if s.samples]
         if not sampling:
             return []
-        return self.sampler(logits, [q.params for q in sampling], [q.generator for q in sampling])
+        return self.sampler(logits, [q.params for q in sampling], [q.generator for q in sampling],
+                            [(q.token_ids, q.num_prompt_tokens) for q in sampling])

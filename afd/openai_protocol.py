@@ -33,15 +33,20 @@ class StreamOptions(BaseModel):
 # change nothing (None always does). Any other value is a 400 naming the field rather than an
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (False,), "presence_penalty": (0,), "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
-    "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+    "logprobs": (False,), "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,),
+    "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
     "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "min_tokens": (0,), "prompt_logprobs": (), "bad_words": ([],), "allowed_token_ids": (),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "logits_processors": ([],),
 }
+
+
+# Sampling fields a request may leave unset: the engine's default (generation_config.json), else
+# SamplingParams' own.
+_DEFAULTED = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+              "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 
 class _SamplingFields(BaseModel):
@@ -54,6 +59,9 @@ class _SamplingFields(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -84,12 +92,11 @@ class _SamplingFields(BaseModel):
         if best_of is not None and best_of != self.n:
             raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
                            "best_of = n)", param="best_of")
-        values = {**(defaults or {}), **self.model_dump(include={"temperature", "top_p", "top_k",
-                                                                 "min_p"}, exclude_none=True)}
+        values = {**(defaults or {}), **self.model_dump(include=set(_DEFAULTED),
+                                                        exclude_none=True)}
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens,
-            temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
-            top_k=values.get("top_k", 0), min_p=values.get("min_p", 0.0), seed=self.seed,
+            n=self.n, max_tokens=max_tokens, **{k: values.get(k, v) for k, v in
+                                                _DEFAULTED.items()}, seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output)

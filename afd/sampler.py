@@ -39,6 +39,43 @@ def draw_step_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    histories: list[tuple[list[int], int]]) -> torch.Tensor:
+    """The logits with each row's repetition, frequency and presence penalties applied (in that
+    order, as vLLM); rows without penalties are left as they are. Returns a new fp32 tensor."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    vocab, dev = logits.shape[1], logits.device
+    out = logits.float().clone()
+
+    def padded(lists: list[list[int]]) -> torch.Tensor:
+        # token ids padded with ``vocab``, a column past the vocabulary that is cut off below
+        width = max(1, max(len(ids) for ids in lists))
+        table = torch.full((len(lists), width), vocab, dtype=torch.long)
+        for r, ids in enumerate(lists):
+            table[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return table.to(dev, non_blocking=True)
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+
+    hist = [histories[i] for i in rows]
+    outputs = padded([ids[num_prompt:] for ids, num_prompt in hist])
+    counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(
+        1, outputs, torch.ones(outputs.shape, device=dev))[:, :vocab]
+    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev).scatter_(
+        1, padded([ids for ids, _ in hist]), True)[:, :vocab]
+    ps = [params[i] for i in rows]
+    sub = out[rows] if len(rows) < len(params) else out
+    rep = column([p.repetition_penalty for p in ps])
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - column([p.frequency_penalty for p in ps]) * counts
+    sub = sub - column([p.presence_penalty for p in ps]) * (counts > 0)
+    if len(rows) < len(params):
+        out[rows] = sub
+        return out
+    return sub
+
+
 class Sampler:
     def __init__(self, seed: int):
         self.seed = seed
@@ -46,9 +83,13 @@ class Sampler:
         self._step: dict[torch.device, torch.Generator] = {}  # reseeded for each seeded row
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
+                 generators: list[torch.Generator | None],
+                 histories: list[tuple[list[int], int]] | None = None) -> list[int]:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
-        whose logits hold a NaN (it has no distribution to sample)."""
+        whose logits hold a NaN (it has no distribution to sample). histories: each row's
+        (token ids so far, how many of them are the prompt), for the penalties."""
+        if histories is not None and any(p.penalized for p in params):
+            logits = apply_penalties(logits, params, histories)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(rows) == len(params):
             tokens = self._sample(logits.float(), params, generators)

@@ -26,6 +26,10 @@ class SamplingParams:
     n: completions per prompt. max_tokens: new tokens at most (None: up to the context limit).
     temperature: 0 (or under 1e-5, where logits / temperature can overflow) means greedy; finite.
     top_p in (0, 1]; top_k: 0 or -1 disables; min_p in [0, 1].
+    presence_penalty, frequency_penalty in [-2, 2]: subtracted from the logit of every token
+    already in the output, once / once per occurrence (OpenAI's). repetition_penalty > 0: the
+    logit of every token in the prompt or the output is divided by it when positive, multiplied
+    when not (transformers' and vLLM's; 1 is off). Penalties apply before temperature.
     seed: per-request seed, reproducible whatever else is in the batch.
     stop: strings that end the completion (not included in the text).
     stop_token_ids: token ids that end the completion (kept in token_ids; like EOS, their text is
@@ -46,6 +50,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +86,12 @@ class SamplingParams:
             raise bad("top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not -2 <= value <= 2:
+                raise bad(name, value, "in [-2, 2]")
+        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+            raise bad("repetition_penalty", self.repetition_penalty, "> 0 and finite")
         if self.seed is not None and (not is_int(self.seed)
                                       or not -INT64_MAX - 1 <= self.seed <= INT64_MAX - self.n + 1):
             # completion i of n uses seed + i
@@ -91,6 +104,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -33,7 +33,11 @@ CASES = {
     "top_p=0.95": dict(temperature=0.8, top_p=0.95),
     "top_k+top_p+min_p": dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.05),
     "seeded": dict(temperature=1.0, seed=1),
+    # each row with a 1,024-token prompt and 256 output tokens behind it
+    "penalties": dict(temperature=0.8, presence_penalty=0.5, frequency_penalty=0.5,
+                      repetition_penalty=1.1),
 }
+HISTORY = (1024, 256)
 
 
 def time_case(sampler: Sampler, logits: torch.Tensor, params: SamplingParams,
@@ -41,13 +45,15 @@ def time_case(sampler: Sampler, logits: torch.Tensor, params: SamplingParams,
     n = logits.shape[0]
     gens = [torch.Generator().manual_seed(i) if params.seed is not None else None
             for i in range(n)]
-    sampler(logits, [params] * n, gens)  # warm-up
+    vocab, (prompt, out) = logits.shape[1], HISTORY
+    hist = [(torch.randint(vocab, (prompt + out,)).tolist(), prompt) for _ in range(n)]
+    sampler(logits, [params] * n, gens, hist)  # warm-up
     times = []
     for _ in range(reps):
         if logits.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sampler(logits, [params] * n, gens)  # returns host ints: synchronizes
+        sampler(logits, [params] * n, gens, hist)  # returns host ints: synchronizes
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 

@@ -321,6 +321,40 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 
 class TestSampler:
+    def test_penalties_match_a_reference(self):
+        """presence / frequency over the output, repetition over prompt and output (divide a
+        positive logit, multiply a negative one), then greedy; rows without penalties and
+        sampled rows beside them are unchanged."""
+        from afd.sampler import apply_penalties
+
+        torch.manual_seed(0)
+        vocab = 12
+        logits = torch.randn(4, vocab) * 3
+        hist = [([1, 2, 4, 4, 4, 5, 5, 7], 3), ([3, 3, 4], 1), ([1, 2, 4, 4, 4, 5, 5, 7], 3),
+                ([0, 9], 2)]  # row 0's argmax (4) is in its output twice
+        params = [SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.4,
+                                 repetition_penalty=1.8),
+                  SamplingParams(temperature=0, presence_penalty=-1.0),
+                  SamplingParams(temperature=0),
+                  SamplingParams(temperature=0, repetition_penalty=0.5)]
+        want = logits.clone()
+        for row, (p, (ids, num_prompt)) in enumerate(zip(params, hist)):
+            for t in set(ids):
+                v = want[row, t]
+                want[row, t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+            for t in set(ids[num_prompt:]):
+                count = ids[num_prompt:].count(t)
+                want[row, t] -= p.frequency_penalty * count + p.presence_penalty
+        got = apply_penalties(logits, params, hist)
+        assert torch.allclose(got, want) and torch.equal(got[2], logits[2])
+        tokens = Sampler(seed=0)(logits, params, [None] * 4, hist)
+        assert tokens == want.argmax(-1).tolist()
+        assert tokens != logits.argmax(-1).tolist()  # the penalties changed something
+        for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                    dict(repetition_penalty=0), dict(repetition_penalty=float("inf"))):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                SamplingParams(**bad)
+
     def test_filters_that_leave_one_token_are_greedy(self):
         logits = torch.randn(6, 50)
         s = Sampler(seed=0)
@@ -489,7 +523,8 @@ def test_generation_config_gives_sampling_defaults(tmp_path):
         gen = json.load(f)
     with open(f"{path}/generation_config.json", "w") as f:
         json.dump({**gen, "temperature": 0.0, "top_k": 5, "repetition_penalty": 1.0}, f)
-    assert generation_defaults(path) == {"temperature": 0.0, "top_k": 5}
+    assert generation_defaults(path) == {"temperature": 0.0, "top_k": 5,
+                                         "repetition_penalty": 1.0}
     assert generation_defaults(path, "vllm") == {}
     with pytest.raises(ValueError, match="generation_config"):
         generation_defaults(path, "hf")

@@ -95,3 +95,27 @@ def test_chunked_prefill_alone(oracle):
     assert run(llm, prompts) == [tokens for tokens, _ in expected]
     assert llm.engine.core.stats()[0].num_preemptions == 0
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
+def test_repetition_penalty_matches_transformers(kind, tmp_path):
+    """Greedy with repetition_penalty: transformers' RepetitionPenaltyLogitsProcessor over the
+    prompt and the output, token for token."""
+    model = build_hf_model(kind)
+    path = save_checkpoint(model, str(tmp_path / kind))
+    prompts = mixed_prompts(4)
+    gen_cfg = model.generation_config
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id = None, 0
+    expected = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                 repetition_penalty=1.5, generation_config=gen_cfg)
+        expected.append(out[0, len(p):].tolist())
+    plain = [hf_greedy(model, p, 16)[0] for p in prompts]
+    assert expected != plain, "the penalty changed nothing: the test would prove nothing"
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                            repetition_penalty=1.5)
+    outs = LLM(path, seed=0).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                      use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected

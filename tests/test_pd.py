@@ -101,6 +101,20 @@ def test_seeded_sampling_matches_single_process(small_pd, reference):
     wait_all_free(small_pd)
 
 
+def test_penalties_match_single_process(small_pd, reference):
+    """The prefill rank applies the penalties to the first token (prompt only) and the decode
+    rank to the rest (prompt and output): the single-process engine's tokens."""
+    path, prompts, _, _ = reference
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, presence_penalty=1.5,
+                            frequency_penalty=0.5, repetition_penalty=1.3)
+    expected = [o.outputs[0].token_ids
+                for o in LLM(path).generate(prompts[:3], params, use_tqdm=False)]
+    assert expected != [t[:12] for t in reference[3][:3]], "the penalties changed nothing"
+    outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    wait_all_free(small_pd)
+
+
 def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
     _, prompts, params, expected = reference
     engine = small_pd.engine

@@ -133,7 +133,9 @@ BAD = [
     # fields the server does not implement are refused, not silently ignored
     ({"prompt": "hi", "echo": True}, 400, "echo"),
     ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
     ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
