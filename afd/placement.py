@@ -6,6 +6,7 @@ and re-placement after a lost rank are edits to ``slots`` with no change to tran
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,18 @@ class ExpertPlacement:
     slots: tuple[tuple[int, ...], ...]
 
     def __post_init__(self) -> None:
+        num_experts = _as_int(self.num_experts)
+        if num_experts is None or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        try:  # numpy / torch integers (an EPLB table) become ints: the ranks' spec is JSON
+            slots = tuple(tuple(_as_int(e) for e in rank) for rank in self.slots)
+        except TypeError:
+            slots = None
+        if slots is None or any(e is None for rank in slots for e in rank):
+            raise ValueError(f"slots must be one sequence of integer expert ids per FFN rank, "
+                             f"got {self.slots!r}")
+        object.__setattr__(self, "num_experts", num_experts)
+        object.__setattr__(self, "slots", slots)
         held = {e for rank in self.slots for e in rank}
         missing = set(range(self.num_experts)) - held
         if missing:
@@ -45,6 +58,12 @@ class ExpertPlacement:
         if num_experts < num_ranks:
             raise ValueError(f"{num_experts} experts cannot cover {num_ranks} FFN ranks "
                              "(every FFN rank needs at least one expert)")
+        for expert, copies in (replicas or {}).items():
+            e, c = _as_int(expert), _as_int(copies)
+            if e is None or c is None or not (0 <= e < num_experts and 0 <= c < num_ranks):
+                raise ValueError(f"replicas {{{expert!r}: {copies!r}}}: an expert in "
+                                 f"[0, {num_experts}) may have 0 to {num_ranks - 1} extra copies "
+                                 f"(one per other FFN rank)")
         base, extra = divmod(num_experts, num_ranks)
         slots, start = [], 0
         for r in range(num_ranks):
@@ -88,3 +107,13 @@ class ExpertPlacement:
         token = torch.arange(ids.shape[0], device=ids.device)[:, None]
         pick = token % copies.to(ids.device)[ids]
         return rank.to(ids.device)[ids, pick], slot.to(ids.device)[ids, pick]
+
+
+def _as_int(value: object) -> int | None:
+    """An integer (Python, numpy or 0-d torch) as an int; None for anything else (bools too)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

@@ -102,3 +102,29 @@ def test_placement_table():
         ExpertPlacement(4, ((0, 1), (2,)))
     with pytest.raises(ValueError, match="cannot cover"):
         ExpertPlacement.balanced(2, 3)
+
+
+def test_placement_input_validation():
+    """Expert ids built with numpy or torch (an EPLB table) are plain ints in the placement, as
+    the rank processes' JSON spec needs; what cannot be one is a ValueError naming the field."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    for ids in (np.arange(4), torch.arange(4)):
+        p = ExpertPlacement(4, (tuple(ids[:2]), tuple(ids[2:])))
+        assert p.slots == ((0, 1), (2, 3)) and all(type(e) is int for s in p.slots for e in s)
+        json.dumps(asdict(p))
+        assert p.route(torch.tensor([[3, 0]]))[0].tolist() == [[1, 0]]
+    for slots in (((0, 1.0),), ((0, True),), ((0, "1"),), (0, 1)):
+        with pytest.raises(ValueError, match="slots"):
+            ExpertPlacement(2, slots)
+    for num_experts in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="num_experts"):
+            ExpertPlacement(num_experts, ((0,),))
+    # more extra copies than there are other ranks cannot be placed: refused, not dropped
+    assert ExpertPlacement.balanced(4, 3, {0: 2}).lookup_tables()[2][0] == 3
+    for replicas in ({0: 3}, {0: -1}, {4: 1}):
+        with pytest.raises(ValueError, match="replicas"):
+            ExpertPlacement.balanced(4, 3, replicas)
