@@ -88,9 +88,9 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     for name, value, low in (("prefill", prefill, 0), ("attention", attention, 1), ("ffn", ffn, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
+        raise ValueError("expert_placement needs ffn >= 1")
     if prefill == 0 and attention == 1 and ffn == 0:
-        if options.get("placement") is not None:
-            raise ValueError("expert_placement needs ffn >= 1")
         from afd.core import EngineCore
         from models.weights import load_model
 

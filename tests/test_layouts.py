@@ -164,6 +164,17 @@ def test_placement_for_another_model_is_refused_before_start(references):
         LLM(path, attention=1, ffn=1, expert_placement=ExpertPlacement.balanced(4, 1))
 
 
+def test_placement_without_ffn_ranks_is_refused():
+    """Every layout without FFN ranks refuses an expert placement (it would be silently ignored),
+    as the single-process engine does, before any rank starts."""
+    from afd.placement import ExpertPlacement
+
+    placement = ExpertPlacement.balanced(8, 2)
+    for layout in ({"attention": 1}, {"attention": 2}, {"prefill": 1, "attention": 1}):
+        with pytest.raises(ValueError, match="expert_placement needs ffn >= 1"):
+            LLM(expert_placement=placement, timeout_s=5, **layout)
+
+
 def test_heartbeats_never_block_a_rank():
     """A front end that reads nothing for a long while (an offline LLM between calls) lets the
     rank's queue fill up: heartbeats are then dropped instead of blocking the rank."""
