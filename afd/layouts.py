@@ -73,8 +73,11 @@ class MultiRankClient:
         other nodes)."""
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
-        if not isinstance(micro_batches, int) or micro_batches < 1:
+        if (not isinstance(micro_batches, int) or isinstance(micro_batches, bool)
+                or micro_batches < 1):
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        if transport not in ("torch", "deepep"):
+            raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if prefill_block_size is not None and (not isinstance(prefill_block_size, int)

@@ -175,6 +175,16 @@ def test_placement_without_ffn_ranks_is_refused():
             LLM(expert_placement=placement, timeout_s=5, **layout)
 
 
+def test_bad_layout_options_are_refused_before_start():
+    """A misspelt transport, or a bool for micro_batches, is a ValueError naming the option
+    before any rank starts (not a RankFailure from every rank, nor micro_batches=1)."""
+    for options, field in (({"transport": "deep_ep"}, "transport"),
+                            ({"transport": None}, "transport"),
+                            ({"micro_batches": True}, "micro_batches")):
+        with pytest.raises(ValueError, match=field):
+            LLM(attention=1, ffn=1, timeout_s=5, **options)
+
+
 def test_heartbeats_never_block_a_rank():
     """A front end that reads nothing for a long while (an offline LLM between calls) lets the
     rank's queue fill up: heartbeats are then dropped instead of blocking the rank."""
