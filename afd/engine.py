@@ -122,10 +122,12 @@ class LLMEngine:
             raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens but "
                              f"max_model_len is {max_len} (prompt plus at least one new token "
                              "must fit)")
-        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise ParamError("stop_token_ids", f"stop_token_ids entry {bad} is outside the "
-                             f"vocabulary [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "
+                                 f"[0, {vocab})")
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -225,7 +227,7 @@ class LLMEngine:
                 text_ids = text_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
             delta = comp.detok.push(text_ids)
             comp.text += delta
-            if req.params.stop and delta:
+            if req.params.stop and delta and len(comp.token_ids) >= req.params.min_tokens:
                 hit = find_stop(comp.text, len(delta), req.params.stop)
                 if hit is not None:
                     index, stop = hit

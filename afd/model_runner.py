@@ -77,4 +77,5 @@ class ModelRunner:
         if not sampling:
             return []
         return self.sampler(logits, [q.params for q in sampling], [q.generator for q in sampling],
-                            [(q.token_ids, q.num_prompt_tokens) for q in sampling])
+                            [(q.token_ids, q.num_prompt_tokens,
+                              (*q.eos_token_ids, *q.stop_token_ids)) for q in sampling])

@@ -33,11 +33,11 @@ class StreamOptions(BaseModel):
 # change nothing (None always does). Any other value is a 400 naming the field rather than an
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (False,), "logit_bias": ({},), "top_logprobs": (0,), "echo": (False,),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
     "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
     "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-    "min_tokens": (0,), "prompt_logprobs": (), "bad_words": ([],), "allowed_token_ids": (),
+    "prompt_logprobs": (), "bad_words": ([],), "allowed_token_ids": (),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "logits_processors": ([],),
 }
@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token ids as strings
+    min_tokens: int = 0
     n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -92,6 +94,11 @@ class _SamplingFields(BaseModel):
         if best_of is not None and best_of != self.n:
             raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
                            "best_of = n)", param="best_of")
+        try:
+            bias = {int(t): v for t, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {self.logit_bias!r}",
+                           param="logit_bias") from None
         values = {**(defaults or {}), **self.model_dump(include=set(_DEFAULTED),
                                                         exclude_none=True)}
         return SamplingParams(
@@ -99,7 +106,8 @@ class _SamplingFields(BaseModel):
                                                 _DEFAULTED.items()}, seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
+            min_tokens=self.min_tokens)
 
 
 class CompletionRequest(_SamplingFields):

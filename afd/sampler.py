@@ -39,6 +39,28 @@ def draw_step_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
+def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
+               histories: list[tuple]) -> torch.Tensor:
+    """The logits with each row's logit_bias added and, while it has fewer than min_tokens
+    output tokens, its stop ids (histories[i][2]: EOS unless ignored, stop_token_ids) at -inf.
+    Returns a new fp32 tensor."""
+    rows, cols, values = [], [], []
+    for i, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            rows.append(i), cols.append(token), values.append(float(bias))
+        ids, num_prompt = histories[i][0], histories[i][1]
+        if p.min_tokens and len(ids) - num_prompt < p.min_tokens:
+            for token in histories[i][2]:
+                rows.append(i), cols.append(token), values.append(float("-inf"))
+    out = logits.float().clone()
+    if rows:  # token ids were checked against the vocabulary when the request came in
+        dev = logits.device
+        index = (torch.tensor(rows).to(dev, non_blocking=True),
+                 torch.tensor(cols).to(dev, non_blocking=True))
+        out.index_put_(index, torch.tensor(values).to(dev, non_blocking=True), accumulate=True)
+    return out
+
+
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
                     histories: list[tuple[list[int], int]]) -> torch.Tensor:
     """The logits with each row's repetition, frequency and presence penalties applied (in that
@@ -59,11 +81,11 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
         return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
 
     hist = [histories[i] for i in rows]
-    outputs = padded([ids[num_prompt:] for ids, num_prompt in hist])
+    outputs = padded([h[0][h[1]:] for h in hist])
     counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(
         1, outputs, torch.ones(outputs.shape, device=dev))[:, :vocab]
     seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev).scatter_(
-        1, padded([ids for ids, _ in hist]), True)[:, :vocab]
+        1, padded([h[0] for h in hist]), True)[:, :vocab]
     ps = [params[i] for i in rows]
     sub = out[rows] if len(rows) < len(params) else out
     rep = column([p.repetition_penalty for p in ps])
@@ -87,7 +109,10 @@ class Sampler:
                  histories: list[tuple[list[int], int]] | None = None) -> list[int]:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
         whose logits hold a NaN (it has no distribution to sample). histories: each row's
-        (token ids so far, how many of them are the prompt), for the penalties."""
+        (token ids so far, how many of them are the prompt, the ids that would stop it), for
+        the penalties and min_tokens."""
+        if histories is not None and any(p.biased for p in params):
+            logits = apply_bias(logits, params, histories)
         if histories is not None and any(p.penalized for p in params):
             logits = apply_penalties(logits, params, histories)
         rows = [i for i, p in enumerate(params) if not p.greedy]

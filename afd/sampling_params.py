@@ -30,6 +30,9 @@ class SamplingParams:
     already in the output, once / once per occurrence (OpenAI's). repetition_penalty > 0: the
     logit of every token in the prompt or the output is divided by it when positive, multiplied
     when not (transformers' and vLLM's; 1 is off). Penalties apply before temperature.
+    logit_bias: token id -> value in [-100, 100] added to its logit (OpenAI's), before the
+    penalties. min_tokens: until this many tokens are out, EOS (unless ignore_eos) and
+    stop_token_ids cannot be sampled and stop strings do not end the completion (vLLM's).
     seed: per-request seed, reproducible whatever else is in the batch.
     stop: strings that end the completion (not included in the text).
     stop_token_ids: token ids that end the completion (kept in token_ids; like EOS, their text is
@@ -53,6 +56,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +65,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
@@ -92,6 +98,13 @@ class SamplingParams:
                 raise bad(name, value, "in [-2, 2]")
         if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 and finite")
+        if not all(is_int(t) and 0 <= t <= INT64_MAX and is_num(v) and -100 <= v <= 100
+                   for t, v in self.logit_bias.items()):
+            raise bad("logit_bias", self.logit_bias,
+                      "a map of non-negative token ids to values in [-100, 100]")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= (
+                INT64_MAX if self.max_tokens is None else self.max_tokens):
+            raise bad("min_tokens", self.min_tokens, "an integer in [0, max_tokens]")
         if self.seed is not None and (not is_int(self.seed)
                                       or not -INT64_MAX - 1 <= self.seed <= INT64_MAX - self.n + 1):
             # completion i of n uses seed + i
@@ -104,6 +117,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def biased(self) -> bool:
+        """logit_bias or min_tokens may change this row's logits."""
+        return bool(self.logit_bias or self.min_tokens)
 
     @property
     def penalized(self) -> bool:

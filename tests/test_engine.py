@@ -320,6 +320,45 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
+def test_logit_bias_and_min_tokens(llm):
+    """logit_bias moves a token's logit (greedy follows it); min_tokens keeps EOS, stop token
+    ids and stop strings from ending the completion early."""
+    greedy = dict(temperature=0.0, max_tokens=8)
+    base = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    forced = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True,
+                                                  logit_bias={7: 100.0}),
+                          use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == [7] * 8 and base.token_ids != forced.token_ids
+    banned = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True,
+                                                  logit_bias={base.token_ids[0]: -100.0}),
+                          use_tqdm=False)[0].outputs[0]
+    assert banned.token_ids[0] != base.token_ids[0]
+    # a stop token id that greedy decoding reaches second ends it there, unless min_tokens
+    stop = base.token_ids[1]
+    assert stop not in base.token_ids[:1]
+    early = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True,
+                                                 stop_token_ids=[stop]),
+                         use_tqdm=False)[0].outputs[0]
+    assert early.token_ids == base.token_ids[:2] and early.finish_reason == "stop"
+    late = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True, stop_token_ids=[stop],
+                                                min_tokens=5),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(late.token_ids) >= 5 and stop not in late.token_ids[:5]
+    # a stop string inside the first min_tokens tokens' text does not end it either
+    text = base.text
+    string = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True, stop=[text[:3]],
+                                                  min_tokens=8),
+                          use_tqdm=False)[0].outputs[0]
+    assert string.token_ids == base.token_ids
+    for bad in (dict(logit_bias={5: 101}), dict(logit_bias={-1: 1.0}),
+                dict(min_tokens=9, max_tokens=8), dict(min_tokens=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate("Hello", SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)
+
+
 class TestSampler:
     def test_penalties_match_a_reference(self):
         """presence / frequency over the output, repetition over prompt and output (divide a

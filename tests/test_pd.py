@@ -115,6 +115,20 @@ def test_penalties_match_single_process(small_pd, reference):
     wait_all_free(small_pd)
 
 
+def test_logit_bias_and_min_tokens_match_single_process(small_pd, reference):
+    """Both apply on the prefill rank (first token) and the decode rank (the rest)."""
+    path, prompts, _, ref = reference
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                             logit_bias={t[0]: -100.0, t[2]: 5.0}, min_tokens=6,
+                             stop_token_ids=[t[1], t[3]]) for t in ref[:3]]
+    expected = [o.outputs[0].token_ids
+                for o in LLM(path).generate(prompts[:3], params, use_tqdm=False)]
+    assert all(len(t) >= 6 for t in expected) and expected != [t[:12] for t in ref[:3]]
+    outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    wait_all_free(small_pd)
+
+
 def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
     _, prompts, params, expected = reference
     engine = small_pd.engine

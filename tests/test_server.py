@@ -136,9 +136,11 @@ BAD = [
     ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
-    ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"x": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 200}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ({"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
     ({"prompt": "hi", "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
 ]
 
@@ -162,6 +164,14 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(single, reference
     r = httpx.post(url, json={"prompt": "hi", "presence_penalty": 0, "best_of": 1, "echo": False,
                               "max_tokens": 2})
     assert r.status_code == 200, r.text  # the values that change nothing are accepted
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
+                              "logit_bias": {"7": 100}, "min_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    from transformers import AutoTokenizer
+
+    from models.default_model import default_model_path
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    assert r.json()["choices"][0]["text"] == tok.decode([7, 7, 7], skip_special_tokens=True)
     prompt, text = next(iter(reference.items()))
     r = httpx.post(url, json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
                               "ignore_eos": True})
