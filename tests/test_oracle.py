@@ -29,11 +29,11 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     sampler = runner.sampler
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def recording(logits, params, generators):
+    def recording(logits, params, generators, *rest):
         ids = [s.seq.request_id for s in runner._last_seqs if s.samples]
         for rid, row in zip(ids, logits):
             seen.setdefault(rid, []).append(row.detach().float().cpu())
-        return sampler_call(logits, params, generators)
+        return sampler_call(logits, params, generators, *rest)
 
     sampler_call = sampler.__call__
     original_prepare = runner.prepare
