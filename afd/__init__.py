@@ -2,8 +2,9 @@
 (prefill/decode pools; attention ranks apart from expert-parallel FFN ranks)."""
 
 from afd.llm import LLM
-from afd.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput",
+           "SamplingParams"]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 It speaks token ids only (no text); the front end (afd.engine) tokenizes, detokenizes and checks
 stop strings. ``step`` is the loop body every layout runs:
-    plan = schedule(); tokens = execute(plan); update(plan); emit outputs
+    plan = schedule(); sampled = execute(plan); update(plan); emit outputs
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ class EngineCore:
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
         """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
         sampling = [s.seq for s in plan.seqs if s.samples]  # before update() moves the counts
-        tokens = self.runner.execute(plan, micro_batches)
+        sampled = self.runner.execute(plan, micro_batches)
         self.scheduler.update(plan)
         outputs = []
-        for seq, token in zip(sampling, tokens):
+        for seq, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
             if token < 0:  # NaN in its logits: fail this request, not the rank
                 outputs.append(CoreOutput(seq.request_id, [], "error", None,
                                           "the model's logits hold a NaN"))
@@ -81,7 +81,8 @@ class EngineCore:
                 del self.seqs[seq.request_id]
                 continue
             seq.append(token)
-            out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason)
+            out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason,
+                             logprobs=None if logprobs is None else [logprobs])
             if seq.num_output_tokens == 1 and seq.first_scheduled is not None:
                 out.metrics = {"queue_time": seq.first_scheduled - seq.received}
             outputs.append(out)

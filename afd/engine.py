@@ -7,6 +7,7 @@ hits) and assembles vLLM-shaped RequestOutputs. The core speaks token ids only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
-from afd.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampling_params import ParamError, SamplingParams
 from afd.sequence import CoreOutput, CoreRequest
 from models.config import ModelConfig
@@ -39,6 +40,8 @@ class _Completion:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None  # these two only when the request asks for logprobs
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass
@@ -63,7 +66,9 @@ class _Request:
         hold = 0 if p.include_stop_str_in_output else max(map(len, p.stop), default=1) - 1
         outs = [CompletionOutput(c.index, c.text if c.finish_reason is not None or not hold
                                  else c.text[:max(0, len(c.text) - hold)],
-                                 list(c.token_ids), c.finish_reason, c.stop_reason)
+                                 list(c.token_ids), c.finish_reason, c.stop_reason,
+                                 c.cumulative_logprob,
+                                 None if c.logprobs is None else list(c.logprobs))
                 for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
                              self.finished, self.metrics, self.error)
@@ -88,6 +93,7 @@ class LLMEngine:
         self._child: dict[str, tuple[_Request, _Completion]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self._token_text: dict[int, str] = {}  # each token id decoded alone, for logprobs
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(**self.default_sampling)
@@ -156,6 +162,8 @@ class LLMEngine:
         for i in range(params.n):
             comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids,
                                                          params.skip_special_tokens))
+            if params.logprobs is not None:
+                comp.cumulative_logprob, comp.logprobs = 0.0, []
             req.completions.append(comp)
             child = params
             if params.n > 1:
@@ -219,6 +227,8 @@ class LLMEngine:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
             comp.token_ids += out.new_token_ids
+            if comp.logprobs is not None and out.logprobs is not None:
+                self._add_logprobs(comp, out.logprobs)
             req.metrics.num_generated_tokens = max(req.metrics.num_generated_tokens,
                                                    len(comp.token_ids))
             self.num_generation_tokens += len(out.new_token_ids)
@@ -240,6 +250,23 @@ class LLMEngine:
             cid = _child_id(req.request_id, comp.index, req.params.n)
             if self._child.pop(cid, None) is not None and out.finish_reason is None:
                 self.core.abort([cid])  # stopped here by a stop string; the core still runs it
+
+    def _add_logprobs(self, comp: _Completion, steps: list[list]) -> None:
+        """Each new token's [ids, logprobs, sampled rank] (afd.sampler.SamplerOutput) as vLLM's
+        {token id: Logprob}: the sampled token first, then ranks 1..k (a sampled token among
+        them is one entry)."""
+        for ids, logprobs, rank in steps:
+            comp.cumulative_logprob += logprobs[0]
+            comp.logprobs.append({
+                tid: Logprob(lp, r, self.token_text(tid))
+                for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1)))})
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone (vLLM's ``decoded_token``)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -6,7 +6,7 @@ import torch
 
 from afd.config import EngineConfig
 from afd.kv_cache import allocate_kv_caches
-from afd.sampler import Sampler
+from afd.sampler import Sampler, SamplerOutput
 from afd.pingpong import run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
 from models.batch import ForwardBatch
@@ -64,18 +64,20 @@ class ModelRunner:
                 torch.tensor(logits_index, dtype=torch.long, device=dev))
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[int]:
-        """Run one step in ``micro_batches`` ping-ponged parts; returns the sampled token of
-        each sequence that reached its end (in plan order)."""
+    def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> SamplerOutput:
+        """Run one step in ``micro_batches`` ping-ponged parts; returns the sampled token (and
+        logprobs, where asked) of each sequence that reached its end (in plan order)."""
         if plan.empty and not self.collective:
-            return []
+            return SamplerOutput([], [])
         sizes = [s.num_new_tokens for s in plan.seqs]
         parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
         inputs = [self.prepare(part) for part in parts]
         logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, self.experts))
         sampling = [s.seq for s in plan.seqs if s.samples]
         if not sampling:
-            return []
-        return self.sampler(logits, [q.params for q in sampling], [q.generator for q in sampling],
-                            [(q.token_ids, q.num_prompt_tokens,
-                              (*q.eos_token_ids, *q.stop_token_ids)) for q in sampling])
+            return SamplerOutput([], [])
+        return self.sampler.sample(logits, [q.params for q in sampling],
+                                   [q.generator for q in sampling],
+                                   [(q.token_ids, q.num_prompt_tokens,
+                                     (*q.eos_token_ids, *q.stop_token_ids))
+                                    for q in sampling])

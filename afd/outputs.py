@@ -40,12 +40,26 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """One token's log probability under the model's raw distribution, its rank there (1: the
+    likeliest) and its text decoded alone."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # With SamplingParams.logprobs = k: the sum of the sampled tokens' logprobs, and per token
+    # {token id: Logprob} for the sampled token and the k likeliest (k + 1 entries at most).
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass

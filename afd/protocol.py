@@ -39,11 +39,11 @@ def request_from_wire(d: dict[str, Any]) -> CoreRequest:
 
 def output_to_wire(out: CoreOutput) -> list[Any]:
     return [out.request_id, out.new_token_ids, out.finish_reason, out.stop_reason, out.error,
-            out.metrics]
+            out.metrics, out.logprobs]
 
 
 def output_from_wire(row: list[Any]) -> CoreOutput:
-    return CoreOutput(row[0], list(row[1]), row[2], row[3], row[4], row[5])
+    return CoreOutput(row[0], list(row[1]), row[2], row[3], row[4], row[5], row[6])
 
 
 def stats_to_wire(stats: CoreStats) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Next-token sampling for a batch of sequences, each with its own parameters.
 
-Everything runs on the logits' device; the only host transfer is the sampled ids. Greedy rows
+Everything runs on the logits' device; the only host transfer is the sampled ids (with the
+logprobs of the rows that ask for them: ``gather_logprobs``). Greedy rows
 take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
 sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
 distribution as multinomial. A row with a NaN logit gets -1 (the engine fails its request).
@@ -20,6 +21,8 @@ with ``draw_step_seed``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -98,6 +101,47 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     return sub
 
 
+@dataclass
+class SamplerOutput:
+    """tokens: one id per row (-1: NaN logits). logprobs: per row, None unless its params ask
+    (``logprobs`` k), else [token ids, logprobs, rank of the sampled token]: the sampled token
+    first, then the k likeliest in order (ranks 1..k). Plain lists: they cross msgpack as is."""
+
+    tokens: list[int]
+    logprobs: list[list | None]
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                    params: list[SamplingParams]) -> SamplerOutput:
+    """The sampled ``tokens`` [N] with the logprobs their params ask for, from the raw
+    ``logits`` [N, V] (vLLM's default: before penalties, temperature and filters). Only the rows
+    that ask pay for a log_softmax (in fp32); everything comes to the host in one transfer."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    sampled = tokens
+    if len(rows) < len(params):
+        index = torch.tensor(rows).to(logits.device, non_blocking=True)
+        logits, sampled = logits.index_select(0, index), tokens.index_select(0, index)
+    logprobs = logits.float().log_softmax(dim=-1)
+    # A NaN row's -1 reads column 0: its request fails, its logprobs are never looked at.
+    chosen = logprobs.gather(1, sampled.clamp(min=0)[:, None])
+    ranks = (logprobs >= chosen).sum(dim=-1)  # tokens at least as likely, itself included
+    k = max(params[i].logprobs for i in rows)
+    top, top_ids = logprobs.topk(k, dim=-1)
+    # One transfer: ids and ranks are below 2**53, so float64 holds them exactly, beside the
+    # fp32 logprobs.
+    flat = torch.cat([tokens.double(), chosen[:, 0].double(), ranks.double(),
+                      top_ids.double().flatten(), top.double().flatten()]).tolist()
+    n, m = len(params), len(rows)
+    out = SamplerOutput([int(t) for t in flat[:n]], [None] * n)
+    chosen_lp, rank, ids, lps = (flat[n:n + m], flat[n + m:n + 2 * m],
+                                 flat[n + 2 * m:n + 2 * m + m * k], flat[n + 2 * m + m * k:])
+    for r, i in enumerate(rows):
+        want = slice(r * k, r * k + params[i].logprobs)
+        out.logprobs[i] = [[out.tokens[i]] + [int(t) for t in ids[want]],
+                           [chosen_lp[r]] + lps[want], int(rank[r])]
+    return out
+
+
 class Sampler:
     def __init__(self, seed: int):
         self.seed = seed
@@ -106,11 +150,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 histories: list[tuple[list[int], int]] | None = None) -> list[int]:
+                 histories: list[tuple] | None = None) -> list[int]:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
         whose logits hold a NaN (it has no distribution to sample). histories: each row's
         (token ids so far, how many of them are the prompt, the ids that would stop it), for
         the penalties and min_tokens."""
+        return self.sample(logits, params, generators, histories).tokens
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None],
+               histories: list[tuple] | None = None) -> SamplerOutput:
+        """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
+        logits: before logit_bias, penalties, temperature and the filters, as vLLM)."""
+        raw = logits
         if histories is not None and any(p.biased for p in params):
             logits = apply_bias(logits, params, histories)
         if histories is not None and any(p.penalized for p in params):
@@ -125,7 +177,10 @@ class Sampler:
                 sampled = self._sample(logits.index_select(0, index).float(),
                                        [params[i] for i in rows], [generators[i] for i in rows])
                 tokens.index_copy_(0, index, sampled)
-        return tokens.masked_fill(logits.isnan().any(dim=-1), -1).tolist()
+        tokens = tokens.masked_fill(logits.isnan().any(dim=-1), -1)
+        if all(p.logprobs is None for p in params):
+            return SamplerOutput(tokens.tolist(), [None] * len(params))
+        return gather_logprobs(raw, tokens, params)
 
     def _generator(self, table: dict, device: torch.device) -> torch.Generator:
         gen = table.get(device)

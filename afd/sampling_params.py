@@ -9,6 +9,7 @@ from typing import Any
 INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (as vLLM)
 MAX_N = 128  # completions per prompt, as OpenAI's API allows
+MAX_LOGPROBS = 20  # top logprobs per token, vLLM's default max_logprobs (and OpenAI's limit)
 
 
 class ParamError(ValueError):
@@ -39,6 +40,9 @@ class SamplingParams:
     not in the output). ignore_eos: keep going past EOS.
     skip_special_tokens: leave special tokens out of the text.
     include_stop_str_in_output: keep the matched stop string (or stop token's text) in the text.
+    logprobs: None (off) or k in [0, 20]: with each generated token, the logprobs of the sampled
+    token and of the k likeliest ones, from the model's raw distribution (log_softmax of the
+    logits before penalties, temperature and filters, as vLLM's default).
     """
 
     n: int = 1
@@ -58,6 +62,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    logprobs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +118,9 @@ class SamplingParams:
             raise bad("stop", self.stop, "a non-empty string or a list of them")
         if not all(is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
+        if self.logprobs is not None and (not is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

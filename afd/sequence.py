@@ -40,6 +40,9 @@ class CoreOutput:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: dict | None = None  # e.g. {"queue_time": s, "transfer_time": s}
+    # per new token, when its params ask: [token ids, logprobs, rank of the sampled token] with
+    # the sampled token first (afd.sampler.SamplerOutput)
+    logprobs: list[list] | None = None
 
 
 class Sequence:

@@ -100,3 +100,19 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
                              generation_config=gen_cfg)
     tokens = out.sequences[0, len(prompt):].tolist()
     return tokens, torch.cat(out.logits, dim=0).float()
+
+
+def assert_same_outputs(got, want, atol: float = 1e-5) -> None:
+    """Two lists of RequestOutputs: the same tokens and the same logprobs (the same token ids
+    and ranks per step, values within ``atol``)."""
+    for g, w in zip(got, want, strict=True):
+        for gc, wc in zip(g.outputs, w.outputs, strict=True):
+            assert gc.token_ids == wc.token_ids
+            assert (gc.logprobs is None) == (wc.logprobs is None)
+            if wc.logprobs is None:
+                continue
+            assert abs(gc.cumulative_logprob - wc.cumulative_logprob) < atol * len(wc.token_ids)
+            for ge, we in zip(gc.logprobs, wc.logprobs, strict=True):
+                assert list(ge) == list(we)
+                assert [e.rank for e in ge.values()] == [e.rank for e in we.values()]
+                assert max(abs(ge[t].logprob - we[t].logprob) for t in we) < atol, (ge, we)

@@ -170,6 +170,10 @@ def test_eos_ends_generation_unless_ignored(llm):
     (dict(top_k=2 ** 64), "top_k"),
     (dict(max_tokens=2 ** 64), "max_tokens"),
     (dict(temperature=float("inf")), "temperature"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(logprobs=True), "logprobs"),
+    (dict(logprobs=2.0), "logprobs"),
 ])
 def test_bad_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -511,6 +515,91 @@ class TestSampler:
                 tokens = Sampler(seed=0)(logits, rows, [None] * 3)
                 assert tokens[1] == -1 and tokens[0] == int(logits[0].argmax())
                 assert tokens[2] >= 0
+
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_logprobs_are_the_raw_distribution(self, device, monkeypatch):
+        """Rows that ask get the log_softmax of their raw logits (before penalties, temperature
+        and filters): the sampled token's with its rank, then the k likeliest. Only those rows
+        pay for a log_softmax, and asking changes no sample."""
+        logits = (torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+        ref = logits.cpu().log_softmax(dim=-1)
+        top = int(ref[3].argmax())
+        hist = [([1], 1)] * 3 + [([1, top, top], 1), ([1], 1)]  # row 3's argmax is penalized
+        rows = [SamplingParams(temperature=0, logprobs=3),
+                SamplingParams(temperature=0.5, top_k=5, seed=1, logprobs=0),
+                SamplingParams(temperature=1.0),
+                SamplingParams(temperature=0, frequency_penalty=2, presence_penalty=2, logprobs=2),
+                SamplingParams(temperature=2.0, top_p=0.8, logprobs=20)]
+        plain = [SamplingParams(**{**p.to_dict(), "logprobs": None}) for p in rows]
+
+        def run(params: list[SamplingParams]):
+            gens = [torch.Generator().manual_seed(7) if p.seed is not None else None
+                    for p in params]
+            return Sampler(seed=0).sample(logits, params, gens, hist)
+
+        softmaxed = []
+        log_softmax = torch.Tensor.log_softmax
+        monkeypatch.setattr(torch.Tensor, "log_softmax",
+                            lambda t, *a, **k: softmaxed.append(t.shape) or log_softmax(t, *a, **k))
+        without = run(plain)
+        assert softmaxed == [] and without.logprobs == [None] * 5
+        out = run(rows)
+        assert softmaxed == [(4, 40)]
+        assert out.tokens == without.tokens and out.logprobs[2] is None
+        assert out.tokens[3] != top, "the penalty was meant to move row 3 off its argmax"
+        for i, p in enumerate(rows):
+            if p.logprobs is None:
+                continue
+            ids, lps, rank = out.logprobs[i]
+            token, want = out.tokens[i], ref[i].topk(p.logprobs)
+            assert ids == [token] + want.indices.tolist()
+            torch.testing.assert_close(torch.tensor(lps), torch.cat([ref[i, token:token + 1],
+                                                                     want.values]))
+            assert rank == int((ref[i] >= ref[i, token]).sum())
+        assert out.logprobs[0][2] == 1 and out.logprobs[3][2] > 1
+
+    def test_logprobs_cross_the_wire(self):
+        from afd import protocol
+        from afd.sequence import CoreOutput
+
+        out = CoreOutput("r", [5], None, None, logprobs=[[[5, 2, 5], [-0.25, -0.2, -0.25], 2]])
+        back = protocol.output_from_wire(protocol.unpack(protocol.pack(
+            {"t": "out", "o": protocol.output_to_wire(out)}))["o"])
+        assert back == out
+
+
+def test_logprobs_in_a_mixed_batch(llm):
+    """Greedy and sampled rows, with and without logprobs, n > 1: one {token id: Logprob} per
+    generated token holding the sampled token and ranks 1..k, a cumulative_logprob that sums the
+    sampled ones; rows without logprobs have None, and asking changes no token."""
+    tok = llm.get_tokenizer()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
+    common = dict(max_tokens=6, ignore_eos=True)
+    params = [SamplingParams(temperature=0, logprobs=2, **common),
+              SamplingParams(temperature=0.8, seed=3, n=2, logprobs=0, **common),
+              SamplingParams(temperature=0.8, seed=3, **common),
+              SamplingParams(temperature=1.5, top_k=3, logprobs=4, **common)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    assert outs[2].outputs[0].logprobs is None and outs[2].outputs[0].cumulative_logprob is None
+    for out, p in zip(outs, params):
+        if p.logprobs is None:
+            continue
+        for c in out.outputs:
+            assert len(c.logprobs) == len(c.token_ids) == 6
+            assert c.cumulative_logprob == pytest.approx(
+                sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)))
+            for token, entry in zip(c.token_ids, c.logprobs):
+                assert list(entry)[0] == token and len(entry) in (p.logprobs, p.logprobs + 1)
+                top = sorted(entry.values(), key=lambda e: e.rank)[:p.logprobs]
+                assert [e.rank for e in top] == list(range(1, p.logprobs + 1))
+                assert [e.logprob for e in top] == sorted((e.logprob for e in top), reverse=True)
+                assert all(e.decoded_token == tok.decode([t]) for t, e in entry.items())
+                assert entry[token].logprob <= 0 and entry[token].rank >= 1
+                if p.greedy:
+                    assert entry[token].rank == 1
+    assert blocks_all_free(llm)
 
 
 def test_nan_logits_fail_only_their_request(llm, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
-from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import assert_same_outputs, build_hf_model, mixed_prompts, save_checkpoint
 
 NEW_TOKENS = 24
 
@@ -78,6 +78,23 @@ def test_layout_matches_single_process(references, kind, attention, ffn, micro_b
     finally:
         llm.shutdown()
     assert all(p.poll() is not None for p in llm.engine.core.procs), "rank processes left behind"
+
+
+def test_logprobs_match_single_process(references):
+    """Logprobs sampled on two attention ranks (experts on an FFN rank, two micro-batches) are
+    the single-process engine's, rows without logprobs beside them."""
+    path, prompts, _, _ = references["deepseek_v3"]
+    common = dict(max_tokens=8, ignore_eos=True)
+    params = [SamplingParams(temperature=0, logprobs=5, **common),
+              SamplingParams(temperature=0, **common),
+              SamplingParams(temperature=0.8, seed=2, logprobs=2, **common),
+              SamplingParams(temperature=0.8, seed=5, **common)]
+    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
+    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30)
+    try:
+        assert_same_outputs(llm.generate(prompts[:4], params, use_tqdm=False), expected)
+    finally:
+        llm.shutdown()
 
 
 def test_killed_ffn_rank_is_an_error_not_a_hang(references):

@@ -26,16 +26,15 @@ def oracle(request, tmp_path_factory):
 def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
     """Record the logits row each sequence is sampled from, per request id."""
     runner = llm.engine.core.runner
-    sampler = runner.sampler
+    sample = runner.sampler.sample
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def recording(logits, params, generators, *rest):
+    def recording(logits, *args):
         ids = [s.seq.request_id for s in runner._last_seqs if s.samples]
         for rid, row in zip(ids, logits):
             seen.setdefault(rid, []).append(row.detach().float().cpu())
-        return sampler_call(logits, params, generators, *rest)
+        return sample(logits, *args)
 
-    sampler_call = sampler.__call__
     original_prepare = runner.prepare
 
     def prepare(seqs):
@@ -43,7 +42,7 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
         return original_prepare(seqs)
 
     runner.prepare = prepare
-    runner.sampler = recording
+    runner.sampler.sample = recording
     return seen
 
 
@@ -75,6 +74,33 @@ def test_greedy_matches_transformers(oracle):
         rel = (ours - ref_logits).abs().max() / ref_logits.abs().max()
         assert rel < 1e-4, f"{kind} prompt {i}: logits differ by {rel:.2e} relative"
     assert_all_blocks_free(llm)
+
+
+def test_greedy_logprobs_match_transformers(oracle):
+    """The sampled token's logprob and the top-k are transformers' log_softmax of its own
+    logits at every step; greedy picks rank 1."""
+    kind, path, prompts, expected = oracle
+    k = 5
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=k)
+    outs = LLM(path, seed=0).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                      use_tqdm=False)
+    for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, expected)):
+        c = out.outputs[0]
+        assert c.token_ids == ref_tokens and len(c.logprobs) == NEW_TOKENS
+        ref = ref_logits.log_softmax(dim=-1)
+        top = ref.topk(k, dim=-1)
+        for step, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            where = f"{kind} prompt {i} step {step}"
+            assert entry[token].rank == 1, where
+            assert list(entry)[0] == token and len(entry) == k, where
+            assert set(entry) == set(top.indices[step].tolist()), where
+            got = torch.tensor([entry[t].logprob for t in top.indices[step].tolist()])
+            torch.testing.assert_close(got, top.values[step], rtol=0, atol=1e-4, msg=where)
+            assert sorted(e.rank for e in entry.values()) == list(range(1, k + 1)), where
+        sampled = torch.tensor([e[t].logprob for t, e in zip(c.token_ids, c.logprobs)])
+        torch.testing.assert_close(sampled, ref.gather(1, torch.tensor(ref_tokens)[:, None])[:, 0],
+                                   rtol=0, atol=1e-4)
+        assert abs(c.cumulative_logprob - sampled.double().sum().item()) < 1e-6
 
 
 def test_preemption_and_chunking_keep_outputs(oracle):

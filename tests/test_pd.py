@@ -11,7 +11,7 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
-from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import assert_same_outputs, build_hf_model, mixed_prompts, save_checkpoint
 
 NEW_TOKENS = 20
 SMALL_POOL = dict(block_size=4, num_kv_blocks=40, max_model_len=112, max_num_batched_tokens=16)
@@ -126,6 +126,20 @@ def test_logit_bias_and_min_tokens_match_single_process(small_pd, reference):
     assert all(len(t) >= 6 for t in expected) and expected != [t[:12] for t in ref[:3]]
     outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_logprobs_match_single_process(small_pd, reference):
+    """The first token's logprobs come from the prefill rank, the rest from the decode rank
+    (with its FFN rank): the single-process engine's, rows without logprobs beside them."""
+    path, prompts, _, _ = reference
+    common = dict(max_tokens=8, ignore_eos=True)
+    params = [SamplingParams(temperature=0, logprobs=3, **common),
+              SamplingParams(temperature=0.9, top_k=40, seed=3, logprobs=1,
+                             repetition_penalty=1.3, **common),
+              SamplingParams(temperature=0, **common),
+              SamplingParams(temperature=0.7, seed=4, logprobs=0, **common)]
+    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
+    assert_same_outputs(small_pd.generate(prompts[:4], params, use_tqdm=False), expected)
     wait_all_free(small_pd)
 
 
