@@ -34,7 +34,7 @@ from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.metrics import ServerMetrics
 from afd.openai_protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                                  StreamOptions)
-from afd.outputs import RequestOutput
+from afd.outputs import CompletionOutput, RequestOutput
 
 log = logging.getLogger("afd.server")
 
@@ -188,8 +188,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     n = params.n
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, base, streams, n, chat, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
+                                      params.logprobs), media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for i, out in enumerate(finals):
@@ -199,18 +199,52 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             index = i * n + c.index
             if out.error:
                 raise APIError(500, out.error, type="internal_error")
+            logprobs = _logprobs(c, 0, chat, params.logprobs, 0)
             if chat:
                 choices.append({"index": index, "finish_reason": c.finish_reason,
                                 "message": {"role": "assistant", "content": c.text},
-                                "logprobs": None})
+                                "logprobs": logprobs})
             else:
-                choices.append({"index": index, "text": c.text, "logprobs": None,
+                choices.append({"index": index, "text": c.text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": state.model_name,
                          "choices": choices, "usage": usage})
+
+
+def _logprob(value: float) -> float:
+    return max(value, -9999.0)  # JSON has no -inf; OpenAI's (and vLLM's) floor
+
+
+def _logprobs(c: CompletionOutput, start: int, chat: bool, top: int | None,
+              text_offset: int) -> dict | None:
+    """The logprobs of ``c``'s tokens from ``start`` on, in OpenAI's shape: chat's ``content``
+    (each token with its ``top`` likeliest), or the legacy completions' parallel lists (each
+    token's top k and itself; ``text_offset``: where each token's text, decoded alone, starts,
+    counting ``text_offset`` for the tokens before ``start``)."""
+    if c.logprobs is None:
+        return None
+    steps = list(zip(c.token_ids[start:], c.logprobs[start:]))
+    if chat:
+        def entry(lp) -> dict:
+            return {"token": lp.decoded_token, "logprob": _logprob(lp.logprob),
+                    "bytes": list(lp.decoded_token.encode("utf-8", errors="replace"))}
+
+        return {"content": [
+            {**entry(step[token]), "top_logprobs": [
+                entry(lp) for lp in sorted(step.values(), key=lambda lp: lp.rank)[:top]]}
+            for token, step in steps]}
+    offsets = []
+    for token, step in steps:
+        offsets.append(text_offset)
+        text_offset += len(step[token].decoded_token)
+    return {"tokens": [step[token].decoded_token for token, step in steps],
+            "token_logprobs": [_logprob(step[token].logprob) for token, step in steps],
+            "top_logprobs": [{lp.decoded_token: _logprob(lp.logprob) for lp in step.values()}
+                             for _, step in steps],
+            "text_offset": offsets}
 
 
 def _request_error(exc: Exception) -> APIError:
@@ -247,8 +281,10 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
-               n: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per new text piece per choice, then [DONE]."""
+               n: int, chat: bool, include_usage: bool,
+               top_logprobs: int | None) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
+    choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -263,6 +299,10 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}  # with logprobs: the tokens whose logprobs went out
+    # and the length of their texts: streamed text_offsets are the unstreamed ones, even where
+    # a token's text decoded alone is not what the text shows (a partial UTF-8 character)
+    token_chars: dict[int, int] = {}
     finish_sent: set[int] = set()  # choices whose last chunk went out
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     open_streams = len(streams)
@@ -288,17 +328,24 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 index = i * n + c.index
                 if index in finish_sent:
                     continue
+                token_start = sent_tokens.get(index, 0)
                 delta = c.text[sent_text.get(index, 0):]
-                sent_text[index] = len(c.text)
-                if not delta and c.finish_reason is None:
+                new_tokens = c.logprobs is not None and len(c.token_ids) > token_start
+                if not delta and not new_tokens and c.finish_reason is None:
                     continue
+                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                 if c.finish_reason is not None:
                     finish_sent.add(index)
+                logprobs = _logprobs(c, token_start, chat, top_logprobs,
+                                     token_chars.get(index, 0))
+                if logprobs is not None and not chat:
+                    token_chars[index] = (token_chars.get(index, 0)
+                                          + sum(map(len, logprobs["tokens"])))
                 if chat:
                     choices.append({"index": index, "delta": {"content": delta},
-                                    "finish_reason": c.finish_reason, "logprobs": None})
+                                    "finish_reason": c.finish_reason, "logprobs": logprobs})
                 else:
-                    choices.append({"index": index, "text": delta, "logprobs": None,
+                    choices.append({"index": index, "text": delta, "logprobs": logprobs,
                                     "finish_reason": c.finish_reason})
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -33,7 +33,7 @@ class StreamOptions(BaseModel):
 # change nothing (None always does). Any other value is a 400 naming the field rather than an
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "echo": (False,),
     "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
     "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
@@ -73,8 +73,11 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logprobs: Any = None
     user: str | None = None
+
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: how many top logprobs per token (None: none at all)."""
+        raise NotImplementedError
 
     def sampling_params(self, max_tokens: int | None,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -107,7 +110,7 @@ class _SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
-            min_tokens=self.min_tokens)
+            min_tokens=self.min_tokens, logprobs=self.num_logprobs())
 
 
 class CompletionRequest(_SamplingFields):
@@ -115,6 +118,13 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     echo: bool = False
     suffix: str | None = None
+    logprobs: StrictInt | None = None  # legacy: the top k per token (and the sampled one)
+
+    def num_logprobs(self) -> int | None:
+        if (self.model_extra or {}).get("top_logprobs") is not None:
+            raise APIError(400, "top_logprobs is a chat completions field; here logprobs is "
+                           "the number of top logprobs", param="top_logprobs")
+        return self.logprobs  # its bounds are SamplingParams' (a 400 naming logprobs)
 
     def prompts(self) -> list[Any]:
         """One engine prompt per entry: text, or {"prompt_token_ids": [...]}."""
@@ -152,11 +162,22 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
     # vLLM's chat-template fields.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def num_logprobs(self) -> int | None:
+        top = self.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                           f"{top!r}", param="top_logprobs")
+        if top and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        return (top or 0) if self.logprobs else None
 
     def prompt_ids(self, tokenizer) -> tuple[str, list[int]]:
         """The conversation through the tokenizer's chat template: (text, token ids)."""

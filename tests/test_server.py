@@ -135,7 +135,11 @@ BAD = [
     ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
-    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),  # chat's field, not ours
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ({"prompt": "hi", "logit_bias": {"x": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 200}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
@@ -176,6 +180,61 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(single, reference
     r = httpx.post(url, json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
                               "ignore_eos": True})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+
+
+def test_logprobs_both_endpoints_streamed_and_not(single):
+    """/v1/completions' legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset) and
+    chat's logprobs.content hold the engine's logprobs; streamed chunks, joined, equal the
+    unstreamed answer; bad values are a 400 naming the field."""
+    c = client(single)
+    model = c.models.list().data[0].id
+    prompt, k = "Hello, my name is", 3
+    want = LLM().generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                 logprobs=k), use_tqdm=False)[0].outputs[0]
+    kw = dict(model=model, prompt=prompt, max_tokens=8, temperature=0, logprobs=k,
+              extra_body={"ignore_eos": True})
+    lp = c.completions.create(**kw).choices[0].logprobs
+    assert lp.tokens == [e[t].decoded_token for t, e in zip(want.token_ids, want.logprobs)]
+    assert lp.token_logprobs == pytest.approx(
+        [e[t].logprob for t, e in zip(want.token_ids, want.logprobs)], abs=1e-5)
+    # keyed by text, as OpenAI's (and vLLM's): tokens that decode alike share an entry
+    tops = [{x.decoded_token: x.logprob for x in e.values()} for e in want.logprobs]
+    assert [list(top) for top in lp.top_logprobs] == [list(top) for top in tops]
+    assert [v for top in lp.top_logprobs for v in top.values()] == pytest.approx(
+        [v for top in tops for v in top.values()], abs=1e-5)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    chunks = [ch for ch in c.completions.create(**kw, stream=True) if ch.choices]
+    assert len(chunks) > 1
+    for ch in chunks:
+        for key, values in streamed.items():
+            values += getattr(ch.choices[0].logprobs, key)
+    assert streamed == lp.model_dump()
+
+    chat_kw = dict(model=model, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                   messages=[{"role": "user", "content": "Hi there"}])
+    chat = c.chat.completions.create(**chat_kw).choices[0]
+    content = chat.logprobs.content
+    assert len(content) == 6 and "".join(t.token for t in content).startswith(
+        chat.message.content)
+    for t in content:
+        assert t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+    streamed = [t for ch in c.chat.completions.create(**chat_kw, stream=True)
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
+    plain = c.chat.completions.create(**{**chat_kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+    url = single.url + "/v1/chat/completions"
+    messages = chat_kw["messages"]
+    for body, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+                        ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"logprobs": "many"}, "logprobs")):
+        r = httpx.post(url, json={"messages": messages, **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
 def test_api_key(pd):
