@@ -126,6 +126,7 @@ def test_logit_bias_and_min_tokens_match_single_process(small_pd, reference):
     assert all(len(t) >= 6 for t in expected) and expected != [t[:12] for t in ref[:3]]
     outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+    wait_all_free(small_pd)
 
 
 def test_logprobs_match_single_process(small_pd, reference):
