@@ -198,7 +198,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             usage["completion_tokens"] += len(c.token_ids)
             index = i * n + c.index
             if out.error:
-                raise APIError(500, out.error, type="internal_error")
+                raise _output_error(out)
             logprobs = _logprobs(c, 0, chat, params.logprobs, 0)
             if chat:
                 choices.append({"index": index, "finish_reason": c.finish_reason,
@@ -245,6 +245,11 @@ def _logprobs(c: CompletionOutput, start: int, chat: bool, top: int | None,
             "top_logprobs": [{lp.decoded_token: _logprob(lp.logprob) for lp in step.values()}
                              for _, step in steps],
             "text_offset": offsets}
+
+
+def _output_error(out: RequestOutput) -> APIError:
+    """A request the engine ended with an error (RequestOutput.error), as the client's error."""
+    return APIError(500, out.error, type="internal_error")
 
 
 def _request_error(exc: Exception) -> APIError:
@@ -320,8 +325,11 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             if item is None:
                 open_streams -= 1
                 continue
-            if isinstance(item, BaseException):
-                yield "data: " + json.dumps(_request_error(item).body()) + "\n\n"
+            if isinstance(item, BaseException) or item.error:
+                # the error the unstreamed call gets (a failed request: NaN logits, say)
+                error = (_request_error(item) if isinstance(item, BaseException)
+                         else _output_error(item))
+                yield "data: " + json.dumps(error.body()) + "\n\n"
                 break
             choices = []
             for c in item.outputs:
@@ -401,6 +409,7 @@ def main() -> None:
     engine_cfg = engine_config_from_dict(json.loads(args.engine_config))
     model_cfg = load_config(engine_cfg.model)
     tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model)
+    defaults = generation_defaults(engine_cfg.model, args.generation_config)  # before any rank
     layout = Layout(*(int(x) for x in args.layout.split(",")))
 
     def publish(template) -> None:
@@ -411,8 +420,7 @@ def main() -> None:
                              control_host=args.control_host)
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
-                       default_sampling=generation_defaults(engine_cfg.model,
-                                                            args.generation_config))
+                       default_sampling=defaults)
     name = args.served_model_name or _default_name(engine_cfg.model)
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,

@@ -46,7 +46,7 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
                histories: list[tuple]) -> torch.Tensor:
     """The logits with each row's logit_bias added and, while it has fewer than min_tokens
     output tokens, its stop ids (histories[i][2]: EOS unless ignored, stop_token_ids) at -inf.
-    Returns a new fp32 tensor."""
+    Returns a new fp32 tensor, or ``logits`` itself when there is nothing to add."""
     rows, cols, values = [], [], []
     for i, p in enumerate(params):
         for token, bias in (p.logit_bias or {}).items():
@@ -55,12 +55,13 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
         if p.min_tokens and len(ids) - num_prompt < p.min_tokens:
             for token in histories[i][2]:
                 rows.append(i), cols.append(token), values.append(float("-inf"))
+    if not rows:  # e.g. every min_tokens row is past its minimum
+        return logits
     out = logits.float().clone()
-    if rows:  # token ids were checked against the vocabulary when the request came in
-        dev = logits.device
-        index = (torch.tensor(rows).to(dev, non_blocking=True),
-                 torch.tensor(cols).to(dev, non_blocking=True))
-        out.index_put_(index, torch.tensor(values).to(dev, non_blocking=True), accumulate=True)
+    dev = logits.device  # token ids were checked against the vocabulary when the request came in
+    index = (torch.tensor(rows).to(dev, non_blocking=True),
+             torch.tensor(cols).to(dev, non_blocking=True))
+    out.index_put_(index, torch.tensor(values).to(dev, non_blocking=True), accumulate=True)
     return out
 
 

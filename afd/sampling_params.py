@@ -103,8 +103,11 @@ class SamplingParams:
                 raise bad(name, value, "in [-2, 2]")
         if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 and finite")
-        if not all(is_int(t) and 0 <= t <= INT64_MAX and is_num(v) and -100 <= v <= 100
-                   for t, v in self.logit_bias.items()):
+        if self.logit_bias is None:  # set after construction: no bias, as at construction
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict) or not all(
+                is_int(t) and 0 <= t <= INT64_MAX and is_num(v) and -100 <= v <= 100
+                for t, v in self.logit_bias.items()):
             raise bad("logit_bias", self.logit_bias,
                       "a map of non-negative token ids to values in [-100, 100]")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= (

@@ -345,16 +345,31 @@ def test_logit_bias_and_min_tokens(llm):
                                                  stop_token_ids=[stop]),
                          use_tqdm=False)[0].outputs[0]
     assert early.token_ids == base.token_ids[:2] and early.finish_reason == "stop"
-    late = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True, stop_token_ids=[stop],
-                                                min_tokens=5),
+    # with min_tokens it cannot be sampled before then, and ends the completion once it is
+    longer = dict(temperature=0.0, max_tokens=40, ignore_eos=True)
+    free = llm.generate("Hello", SamplingParams(**longer), use_tqdm=False)[0].outputs[0]
+    late = llm.generate("Hello", SamplingParams(**longer, stop_token_ids=[stop], min_tokens=5),
                         use_tqdm=False)[0].outputs[0]
     assert len(late.token_ids) >= 5 and stop not in late.token_ids[:5]
-    # a stop string inside the first min_tokens tokens' text does not end it either
-    text = base.text
-    string = llm.generate("Hello", SamplingParams(**greedy, ignore_eos=True, stop=[text[:3]],
-                                                  min_tokens=8),
+    # a stop id greedy decoding first reaches after min_tokens still ends it there
+    j, t = next((j, t) for j, t in enumerate(free.token_ids) if free.token_ids.index(t) >= 5)
+    ends = llm.generate("Hello", SamplingParams(**longer, stop_token_ids=[t], min_tokens=5),
+                        use_tqdm=False)[0].outputs[0]
+    assert ends.token_ids == free.token_ids[:j + 1] and ends.finish_reason == "stop", ends
+    # a stop string inside the first min_tokens tokens' text does not end it; a later one does
+    text = free.text
+    string = llm.generate("Hello", SamplingParams(**longer, stop=[text[:3]], min_tokens=8),
                           use_tqdm=False)[0].outputs[0]
-    assert string.token_ids == base.token_ids
+    assert string.token_ids == free.token_ids  # text[:3] only occurs at the start
+    later = free.text[len(llm.get_tokenizer().decode(free.token_ids[:10])):][:4]
+    assert later and text.find(later) >= len(text[:3])
+    string = llm.generate("Hello", SamplingParams(**longer, stop=[text[:3], later], min_tokens=8),
+                          use_tqdm=False)[0].outputs[0]
+    assert string.finish_reason == "stop" and string.stop_reason == later, string
+    assert len(string.token_ids) < len(free.token_ids)
+    p = SamplingParams(**greedy)
+    p.logit_bias = None  # set after construction: no bias
+    assert llm.generate("Hello", p, use_tqdm=False)[0].outputs[0].token_ids
     for bad in (dict(logit_bias={5: 101}), dict(logit_bias={-1: 1.0}),
                 dict(min_tokens=9, max_tokens=8), dict(min_tokens=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):

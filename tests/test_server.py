@@ -517,6 +517,28 @@ def test_streamed_request_errors_match_the_unstreamed_ones(monkeypatch):
             events = [json.loads(line[6:]) for line in streamed.text.splitlines()
                       if line.startswith("data: {")]
             assert [e["error"] for e in events if "error" in e] == [plain.json()["error"]]
+        monkeypatch.undo()
+        # a request the engine ends with an error (NaN logits): a 500, streamed or not
+        import afd.model_runner
+
+        real = afd.model_runner.run_micro_batches
+
+        def poisoned(*args):
+            logits = real(*args)
+            logits[0][0, 3] = float("nan")
+            return logits
+
+        monkeypatch.setattr(afd.model_runner, "run_micro_batches", poisoned)
+        body = {"prompt": "hi", "max_tokens": 2}
+        plain = _asgi_post(app, "/v1/completions", body)
+        assert plain.status_code == 500 and "NaN" in plain.json()["error"]["message"]
+        streamed = _asgi_post(app, "/v1/completions", {**body, "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert [e["error"] for e in events if "error" in e] == [plain.json()["error"]]
+        assert not any(c.get("finish_reason") == "error" for e in events
+                       for c in e.get("choices", []))
+        monkeypatch.undo()
         assert engine.healthy() == (True, "ok")
     finally:
         engine.shutdown()
