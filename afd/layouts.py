@@ -78,6 +78,17 @@ class MultiRankClient:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         if transport not in ("torch", "deepep"):
             raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
+        if transport == "deepep" and layout.ffn:
+            from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
+
+            # A step's tokens on an attention rank, unsplit (one prefill chunk is one micro-batch),
+            # must fit DeepEP's fixed receive slabs; found mid-step, it would fail the engine.
+            if engine_cfg.max_num_batched_tokens > most:
+                raise ValueError(
+                    f"transport='deepep' moves at most {most} tokens per rank and micro-batch "
+                    f"(DeepEP's low-latency receive slabs), but a step may hold "
+                    f"max_num_batched_tokens={engine_cfg.max_num_batched_tokens}: set "
+                    f"max_num_batched_tokens <= {most}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if prefill_block_size is not None and (not isinstance(prefill_block_size, int)
