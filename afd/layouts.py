@@ -59,6 +59,26 @@ class _Placed:
     admitted: bool = False  # the decode rank has reserved blocks for the transfer
 
 
+def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
+                         timeout_s: float = 60.0, prefill_block_size: int | None = None,
+                         **_: Any) -> None:
+    """ValueError naming the first bad layout option (every layout checks them, the
+    single-process one too, where they change nothing)."""
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not positive_int(micro_batches):
+        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if transport not in ("torch", "deepep"):
+        raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
+            not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+    if prefill_block_size is not None and not positive_int(prefill_block_size):
+        raise ValueError(f"prefill_block_size must be a positive integer, got "
+                         f"{prefill_block_size!r}")
+
+
 class MultiRankClient:
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, layout: Layout, *,
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
@@ -73,11 +93,8 @@ class MultiRankClient:
         other nodes)."""
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
-        if (not isinstance(micro_batches, int) or isinstance(micro_batches, bool)
-                or micro_batches < 1):
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
-        if transport not in ("torch", "deepep"):
-            raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
+        check_layout_options(micro_batches=micro_batches, transport=transport,
+                             timeout_s=timeout_s, prefill_block_size=prefill_block_size)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
 
@@ -89,13 +106,6 @@ class MultiRankClient:
                     f"(DeepEP's low-latency receive slabs), but a step may hold "
                     f"max_num_batched_tokens={engine_cfg.max_num_batched_tokens}: set "
                     f"max_num_batched_tokens <= {most}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
-        if prefill_block_size is not None and (not isinstance(prefill_block_size, int)
-                                               or isinstance(prefill_block_size, bool)
-                                               or prefill_block_size < 1):
-            raise ValueError(f"prefill_block_size must be a positive integer, got "
-                             f"{prefill_block_size!r}")
         self.layout, self.timeout_s = layout, timeout_s
         if layout.ffn:
             placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)

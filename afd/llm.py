@@ -90,6 +90,9 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
         raise ValueError("expert_placement needs ffn >= 1")
+    from afd.layouts import check_layout_options
+
+    check_layout_options(**options)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         from models.weights import load_model

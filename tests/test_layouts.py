@@ -203,6 +203,13 @@ def test_bad_layout_options_are_refused_before_start():
                             ({"transport": "deepep"}, "max_num_batched_tokens")):
         with pytest.raises(ValueError, match=field):
             LLM(attention=1, ffn=1, timeout_s=5, **options)
+    # the single-process layout checks them too (it uses none of them)
+    for options, field in (({"transport": "deep_ep"}, "transport"),
+                            ({"micro_batches": 0}, "micro_batches"),
+                            ({"timeout_s": 0}, "timeout_s"),
+                            ({"prefill_block_size": 2.5}, "prefill_block_size")):
+        with pytest.raises(ValueError, match=field):
+            LLM(**options)
 
 
 def test_heartbeats_never_block_a_rank():
