@@ -119,7 +119,7 @@ class MultiRankClient:
         self.error: str | None = None
         self.closed = False
         self.placed: dict[str, _Placed] = {}
-        self.by_wire: dict[str, str] = {}  # wire id -> request id, while placed
+        self.by_wire: dict[str, _Placed] = {}  # the same placements, by their wire ids
         self.placements = itertools.count()
         self.to_drop: set[str] = set()  # fault injection (tests)
         self.tags = itertools.count(1)
@@ -280,7 +280,7 @@ class MultiRankClient:
             self.router.attention[rank].in_flight += 1
             placed = _Placed(req, "decode", wire_id, decode=rank)
         self.placed[req.request_id] = placed
-        self.by_wire[wire_id] = req.request_id
+        self.by_wire[wire_id] = placed
         if not self.closed:
             self._send(rank, wire)
             if req.request_id in self.to_drop:
@@ -298,8 +298,7 @@ class MultiRankClient:
 
     def _find(self, wire_id: str) -> _Placed | None:
         """The placement a rank's message is about; None once it is finished or aborted."""
-        rid = self.by_wire.get(wire_id)
-        return None if rid is None else self.placed.get(rid)
+        return self.by_wire.get(wire_id)
 
     def _forget(self, rid: str) -> _Placed | None:
         self.pending_metrics.pop(rid, None)

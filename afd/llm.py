@@ -59,7 +59,7 @@ def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
     with open(gen_file) as f:
         gen = json.load(f)
     defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
-    SamplingParams(**defaults).validate()  # a checkpoint's bad value fails here, named
+    SamplingParams(**defaults)  # a checkpoint's bad value fails here, named
     if defaults:
         log.info("sampling defaults from %s: %s (generation_config='vllm' ignores them)",
                  gen_file, defaults)

@@ -45,8 +45,8 @@ _UNSUPPORTED: dict[str, tuple] = {
 
 # Sampling fields a request may leave unset: the engine's default (generation_config.json), else
 # SamplingParams' own.
-_DEFAULTED = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-              "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_DEFAULTED = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+              "repetition_penalty"}
 
 
 class _SamplingFields(BaseModel):
@@ -102,11 +102,9 @@ class _SamplingFields(BaseModel):
         except ValueError:
             raise APIError(400, f"logit_bias keys must be token ids, got {self.logit_bias!r}",
                            param="logit_bias") from None
-        values = {**(defaults or {}), **self.model_dump(include=set(_DEFAULTED),
-                                                        exclude_none=True)}
+        values = {**(defaults or {}), **self.model_dump(include=_DEFAULTED, exclude_none=True)}
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens, **{k: values.get(k, v) for k, v in
-                                                _DEFAULTED.items()}, seed=self.seed,
+            n=self.n, max_tokens=max_tokens, **values, seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,

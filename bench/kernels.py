@@ -225,9 +225,12 @@ def floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int
              inter: int) -> float:
     weight_bytes = num_experts * 3 * hidden * inter * 2
     act_bytes = 2 * act_rows * hidden * 2  # in and out, bf16
-    flops = 6 * rows * hidden * inter
-    return 1e3 * max((weight_bytes + act_bytes) / ceil["copy_bytes_per_s"],
-                     flops / ceil["matmul_flops_per_s"])
+    return _roofline_ms(ceil, weight_bytes + act_bytes, 6 * rows * hidden * inter)
+
+
+def _roofline_ms(ceil: dict, moved_bytes: float, flops: float) -> float:
+    """The slower of moving the bytes at the copy rate and the flops at the matmul rate."""
+    return 1e3 * max(moved_bytes / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
 
 
 def gemm_floor_ms(ceil: dict, gemm: str, num_experts: int, rows: int, hidden: int,
@@ -237,9 +240,7 @@ def gemm_floor_ms(ceil: dict, gemm: str, num_experts: int, rows: int, hidden: in
     n = 2 * inter if gemm == "w13" else hidden
     k = hidden if gemm == "w13" else inter
     out = inter if gemm == "w13" else hidden
-    moved = (num_experts * n * k + rows * (k + out)) * 2
-    return 1e3 * max(moved / ceil["copy_bytes_per_s"],
-                     2 * rows * n * k / ceil["matmul_flops_per_s"])
+    return _roofline_ms(ceil, (num_experts * n * k + rows * (k + out)) * 2, 2 * rows * n * k)
 
 
 # Feature sets the checks run with: the defaults, then each switch off alone (that path must be
