@@ -20,6 +20,8 @@ class EngineConfig:
     max_num_seqs: sequences in one step at most.
     max_num_batched_tokens: tokens in one step at most; longer prompts are prefilled in chunks.
     seed: seeds the unseeded samplers, so a whole run is reproducible.
+    enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
+    (afd.cuda_graphs), one per batch size in cuda_graph_sizes.
     """
 
     model: str
@@ -31,6 +33,8 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     seed: int = 0
+    enforce_eager: bool = True
+    cuda_graph_sizes: tuple[int, ...] = ()
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -51,11 +55,16 @@ def resolve_engine_config(
     kv_cache_memory_gb: float | None = None,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int | None = None,
+    enforce_eager: bool = True,
+    cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
         _positive(name, value)
+    if not isinstance(enforce_eager, bool):
+        raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
+    graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs)
     if seed is None:  # as vLLM: a random seed, drawn once here for every rank
         seed = secrets.randbits(63)
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
@@ -85,7 +94,20 @@ def resolve_engine_config(
     return EngineConfig(model=model, dtype=run_dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        seed=seed)
+                        seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes)
+
+
+def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:
+    from afd.cuda_graphs import default_sizes
+
+    if sizes is None:
+        return default_sizes(max_num_seqs)
+    if (not isinstance(sizes, (list, tuple)) or not sizes
+            or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= max_num_seqs
+                   for s in sizes)):
+        raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes in "
+                         f"[1, max_num_seqs={max_num_seqs}], got {sizes!r}")
+    return tuple(sorted(set(sizes)))
 
 
 def _default_kv_memory_gb(device: str) -> float:
@@ -104,4 +126,5 @@ def engine_config_to_dict(cfg: EngineConfig) -> dict:
 
 
 def engine_config_from_dict(d: dict) -> EngineConfig:
-    return EngineConfig(**{**d, "dtype": parse_dtype(d["dtype"])})
+    return EngineConfig(**{**d, "dtype": parse_dtype(d["dtype"]),
+                           "cuda_graph_sizes": tuple(d.get("cuda_graph_sizes", ()))})

@@ -35,7 +35,7 @@ class EngineCore:
         self.cfg = cfg
         self.allocator = BlockAllocator(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, cfg, experts)
+        self.runner = ModelRunner(model, cfg, experts, decodes=not prefill_only)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

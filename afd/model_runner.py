@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from afd.config import EngineConfig
+from afd.cuda_graphs import DecodeGraphs, unsupported_reason
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput
 from afd.pingpong import run_micro_batches, split_evenly
@@ -12,19 +15,49 @@ from afd.scheduler import ScheduledSeq, SchedulerOutput
 from models.batch import ForwardBatch
 from models.model import ExpertPath, LocalExperts, MoEModel
 
+log = logging.getLogger("afd.model_runner")
+
 
 class ModelRunner:
-    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None):
+    def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
+                 decodes: bool = True):
         """``experts``: where routed tokens go (None: this process's own experts). With a
-        transport every step is collective: even an empty plan runs a zero-token forward."""
+        transport every step is collective: even an empty plan runs a zero-token forward.
+        ``decodes``: False on a prefill rank (no decode steps, so no CUDA graphs)."""
         self.model = model
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.experts = experts or LocalExperts(model)
         self.collective = experts is not None
-        self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks, cfg.block_size,
-                                            cfg.dtype, self.device)
+        graphs = not cfg.enforce_eager and decodes and self._graphs_apply()
+        # With CUDA graphs the pool has one more block, the padding rows' scratch block, which
+        # the allocator (cfg.num_kv_blocks) never hands out.
+        self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
+                                            cfg.block_size, cfg.dtype, self.device)
+        self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
+
+    def _graphs_apply(self) -> bool:
+        reason = ("experts on FFN ranks (the all_to_all sizes its messages on the host)"
+                  if self.collective else unsupported_reason(self.model))
+        if reason:
+            log.warning("enforce_eager=False: decode steps run eagerly here: %s", reason)
+        return reason is None
+
+    def _build_graphs(self) -> DecodeGraphs | None:
+        capture = self.device.type == "cuda"
+        try:
+            graphs = DecodeGraphs(self.model, self.kv_caches, scratch_block=self.cfg.num_kv_blocks,
+                                  block_size=self.cfg.block_size,
+                                  max_model_len=self.cfg.max_model_len,
+                                  sizes=self.cfg.cuda_graph_sizes, capture=capture)
+        except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager steps
+            log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s",
+                        type(exc).__name__, exc)
+            return None
+        if capture:
+            log.info("captured CUDA graphs of decode steps for batch sizes %s", graphs.sizes)
+        return graphs
 
     def prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N])."""
@@ -70,9 +103,14 @@ class ModelRunner:
         if plan.empty and not self.collective:
             return SamplerOutput([], [])
         sizes = [s.num_new_tokens for s in plan.seqs]
-        parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
-        inputs = [self.prepare(part) for part in parts]
-        logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, self.experts))
+        if self.graphs is not None and micro_batches == 1 and self.graphs.fits(sizes):
+            ids, batch, index = self.prepare(plan.seqs)
+            logits = self.graphs.run(ids, batch)[index]
+        else:
+            parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
+            inputs = [self.prepare(part) for part in parts]
+            logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,
+                                                 self.experts))
         sampling = [s.seq for s in plan.seqs if s.samples]
         if not sampling:
             return SamplerOutput([], [])

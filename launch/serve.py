@@ -60,6 +60,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="run decode steps eagerly (default, for now); --no-enforce-eager "
+                         "captures CUDA graphs of decode steps (MLA models, no FFN ranks)")
+    ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                    help="decode batch sizes to capture (default 1 2 4 8 16 ... up to "
+                         "min(max-num-seqs, 256))")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -145,7 +151,8 @@ def main() -> None:
             model, load_config(model), dtype=args.dtype, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)

@@ -31,6 +31,8 @@ class ForwardBatch:
     def prefill_segments(self):
         """Yield (seq index, first token index, query_len, context length) per prefill
         sequence."""
+        if self.num_decodes == self.num_seqs:
+            return  # decodes only: no host read of seq_lens (a CUDA graph captures this)
         lens = self.context_lens if self.context_lens is not None else self.seq_lens.tolist()
         start = self.num_decodes
         for i in range(self.num_decodes, self.num_seqs):

@@ -1,0 +1,150 @@
+"""CUDA graphs for decode steps: one captured forward per padded batch size.
+
+A decode step of B sequences (one new token each) launches a few hundred kernels from Python;
+with few sequences the GPU waits on the host. Here each batch size in ``sizes`` is captured once
+at start, as vLLM and SGLang do, and a step of B sequences replays the graph of the smallest size
+>= B:
+
+  * the step's inputs are copied into fixed buffers (the graph reads them from there);
+  * rows B..size-1 are dummy sequences: token 0 at position 0, one cached token, their KV written
+    to and read from a scratch block (the KV pool's last block, which the allocator never hands
+    out), so padding never touches a real sequence's cache;
+  * block tables are as wide as ``max_model_len`` allows, so every step fits the captured shapes.
+
+Which steps replay (``fits``): every sequence adds one token, no more than the largest size, one
+micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its messages on the
+host). Models: MLA attention only; GQA decode sizes its gather by the host's longest context.
+
+Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
+and scratch-block logic is then checked against plain eager steps on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from models.batch import ForwardBatch
+from models.model import LocalExperts, MoEModel
+
+log = logging.getLogger("afd.cuda_graphs")
+
+MAX_DEFAULT_SIZE = 256
+
+
+def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, then every multiple of 8 up to min(max_num_seqs, 256), and that cap itself."""
+    cap = min(max_num_seqs, MAX_DEFAULT_SIZE)
+    sizes = {s for s in (1, 2, 4, *range(8, cap + 1, 8)) if s <= cap}
+    return tuple(sorted(sizes | {cap}))
+
+
+def unsupported_reason(model: MoEModel) -> str | None:
+    """Why this model's decode forward cannot be captured, or None."""
+    if model.cfg.attention != "mla":
+        return (f"{model.cfg.attention} attention sizes its decode gather by the longest context "
+                "on the host; only MLA decode is captured")
+    return None
+
+
+@dataclass
+class _Graph:
+    """One captured size: its batch views over the static buffers and its output."""
+
+    size: int
+    batch: ForwardBatch
+    graph: torch.cuda.CUDAGraph | None  # None: run eagerly (no CUDA)
+    logits: torch.Tensor | None  # [size, V] fp32, written by each replay
+
+
+class DecodeGraphs:
+    """Static buffers, the scratch block and one graph per size; ``run`` is one decode step."""
+
+    def __init__(self, model: MoEModel, kv_caches: list[torch.Tensor], *, scratch_block: int,
+                 block_size: int, max_model_len: int, sizes: tuple[int, ...], capture: bool):
+        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
+        self.model, self.kv_caches = model, kv_caches
+        self.sizes = tuple(sorted(set(sizes)))
+        self.max_size = self.sizes[-1]
+        self.block_size = block_size
+        self.scratch_slot = scratch_block * block_size
+        self.width = -(-max_model_len // block_size)  # block-table columns
+        device = kv_caches[0].device
+        n = self.max_size
+        with torch.inference_mode():
+            self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+            self.positions = torch.zeros(n, dtype=torch.long, device=device)
+            self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.long,
+                                           device=device)
+            self.block_tables = torch.full((n, self.width), scratch_block, dtype=torch.int32,
+                                           device=device)
+            self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
+            self.logits_index = torch.arange(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = None
+        if capture:
+            self._capture_all()
+        else:
+            self.graphs = {s: _Graph(s, self._batch(s), None, None) for s in self.sizes}
+
+    def _batch(self, size: int) -> ForwardBatch:
+        # context_lens stays None: MLA decode reads the lengths on the device only.
+        return ForwardBatch(positions=self.positions[:size],
+                            slot_mapping=self.slot_mapping[:size],
+                            block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
+                            query_lens=[1] * size, num_decodes=size)
+
+    def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
+                                  self.logits_index[:size], LocalExperts(self.model))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """Largest size first, all sharing one memory pool (a smaller graph's activations fit in
+        what the larger one reserved). Two eager runs before each capture compile the Triton
+        kernels and settle their fallbacks, so nothing is compiled or retried while capturing;
+        they run on the padding rows alone, which write only the scratch block."""
+        self.pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            batch = self._batch(size)
+            for _ in range(2):
+                self._forward(size, batch)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(size, batch)
+            self.graphs[size] = _Graph(size, batch, graph, logits)
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_seqs: int) -> int:
+        return next(s for s in self.sizes if s >= num_seqs)
+
+    def fits(self, query_lens: list[int]) -> bool:
+        return 0 < len(query_lens) <= self.max_size and all(q == 1 for q in query_lens)
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One decode step: input_ids [B], batch with B one-token sequences -> logits [B, V]
+        fp32. The result is a view of the graph's output: read it before the next ``run``."""
+        num, cols = batch.num_seqs, batch.block_tables.shape[1]
+        entry = self.graphs[self.padded_size(num)]
+        size = entry.size
+        self.input_ids[:num].copy_(input_ids)
+        self.positions[:num].copy_(batch.positions)
+        self.slot_mapping[:num].copy_(batch.slot_mapping)
+        self.seq_lens[:num].copy_(batch.seq_lens)
+        # Columns past a sequence's blocks keep older ids: valid blocks, never read (seq_lens).
+        self.block_tables[:num, :cols].copy_(batch.block_tables)
+        if num < size:  # rows a larger step used go back to padding
+            self.input_ids[num:size].zero_()
+            self.positions[num:size].zero_()
+            self.slot_mapping[num:size].fill_(self.scratch_slot)
+            self.seq_lens[num:size].fill_(1)
+            self.block_tables[num:size, 0].fill_(self.scratch_slot // self.block_size)
+        if entry.graph is None:
+            return self._forward(size, entry.batch)[:num]
+        entry.graph.replay()
+        return entry.logits[:num]

@@ -1,0 +1,259 @@
+"""CUDA graphs of decode steps (afd.cuda_graphs).
+
+On CPU the graph path runs its static buffers and padding eagerly (no capture), so these check
+what capture relies on: padded steps give the tokens of plain eager steps, padding rows touch
+only the scratch block, and the decode forward reads nothing back to the host (a captured
+forward cannot). On a GPU the same engine comparison runs with real graphs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from afd.config import resolve_engine_config
+from afd.cuda_graphs import DecodeGraphs, default_sizes
+from kernels.testing import run_in_interpreter
+from models.config import load_config
+from models.default_model import default_model_path
+
+KV_BLOCKS = 24  # small: finished sequences' blocks are reused, some steps preempt
+
+
+def test_default_sizes():
+    assert default_sizes(256) == (1, 2, 4, *range(8, 257, 8))
+    assert default_sizes(20) == (1, 2, 4, 8, 16, 20)
+    assert default_sizes(1) == (1,)
+    assert default_sizes(1000)[-1] == 256
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(cuda_graph_sizes=[0, 4]), "cuda_graph_sizes"),
+    (dict(cuda_graph_sizes=[4, 300]), "cuda_graph_sizes"),
+    (dict(cuda_graph_sizes=[]), "cuda_graph_sizes"),
+    (dict(cuda_graph_sizes=[True]), "cuda_graph_sizes"),
+    (dict(enforce_eager="no"), "enforce_eager"),
+])
+def test_bad_options_are_named(kwargs, field):
+    path = default_model_path()
+    with pytest.raises(ValueError, match=field):
+        resolve_engine_config(path, load_config(path), **kwargs)
+
+
+def _run(device: str, eager: bool, prompts: list[list[int]], params: list[SamplingParams]):
+    llm = LLM(device=device, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=8,
+              num_kv_blocks=KV_BLOCKS, max_model_len=256, cuda_graph_sizes=[1, 2, 4, 8])
+    runner = llm.engine.core.runner
+    steps = []
+    if runner.graphs is not None:
+        run = runner.graphs.run
+
+        def spy(ids, batch):
+            steps.append((batch.num_seqs, runner.graphs.padded_size(batch.num_seqs)))
+            return run(ids, batch)
+
+        runner.graphs.run = spy
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [[c.token_ids for c in o.outputs] for o in outs]
+    caches = [c.cpu().clone() for c in runner.kv_caches]
+    free = llm.engine.core.allocator.num_free
+    llm.shutdown()
+    return tokens, caches, steps, free, runner.graphs
+
+
+def _workload():
+    gen = torch.Generator().manual_seed(0)
+    # 11 prompts (13 sequences: n=3 on one) with different lengths and output lengths, at most 8
+    # at a time: the decode batch grows and shrinks, so steps land on every size, most padded,
+    # and padding rows follow larger steps whose blocks are by then another sequence's.
+    prompts = [torch.randint(2, 500, (3 + 4 * i,), generator=gen).tolist() for i in range(11)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+              for i in range(11)]
+    params[2] = SamplingParams(temperature=0.8, top_p=0.9, n=3, seed=7, max_tokens=20,
+                               ignore_eos=True)
+    params[5] = SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=25,
+                               ignore_eos=True, repetition_penalty=1.3)
+    return prompts, params
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                        reason="needs a CUDA device (real graph capture)")])])
+def test_graph_steps_match_eager_steps(device):
+    prompts, params = _workload()
+    want, eager_kv, _, _, none = _run(device, True, prompts, params)
+    got, graph_kv, steps, free, graphs = _run(device, False, prompts, params)
+    assert none is None and graphs is not None
+    assert (graphs.graphs[1].graph is not None) == (device == "cuda")
+    assert got == want
+    assert free == KV_BLOCKS  # every real block back, the scratch block never in the pool
+    # the graph path ran, padded and not, at several sizes
+    assert any(n < size for n, size in steps) and any(n == size for n, size in steps)
+    assert len({size for _, size in steps}) >= 4, steps
+    for eager, graph in zip(eager_kv, graph_kv):
+        assert eager.shape[0] == KV_BLOCKS and graph.shape[0] == KV_BLOCKS + 1
+        # real blocks: the same KV (to rounding: padded batches change matmul shapes)
+        torch.testing.assert_close(graph[:KV_BLOCKS], eager, atol=1e-4, rtol=1e-4)
+        assert graph[KV_BLOCKS].abs().sum() > 0  # padding rows wrote their scratch block
+
+
+def test_padding_rows_point_at_the_scratch_block():
+    """Whatever earlier, larger steps left in the static buffers, the rows past a step's
+    sequences read and write only the scratch block, one token long."""
+    from models.batch import ForwardBatch
+
+    cache = torch.zeros(11, 4, 3)  # 10 blocks of 4 slots, block 10 the scratch block
+    graphs = DecodeGraphs(torch.nn.Module(), [cache], scratch_block=10, block_size=4,
+                          max_model_len=16, sizes=(2, 4, 8), capture=False)
+    seen = []
+    graphs._forward = lambda size, batch: seen.append(
+        (size, graphs.input_ids[:size].clone(), graphs.slot_mapping[:size].clone(),
+         graphs.seq_lens[:size].clone(), graphs.block_tables[:size].clone())) or torch.zeros(size, 5)
+    for num in (7, 3, 8, 1, 5):
+        tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
+        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
+                             block_tables=tables, seq_lens=torch.full((num,), 7),
+                             query_lens=[1] * num, num_decodes=num)
+        assert graphs.run(torch.arange(1, num + 1), batch).shape == (num, 5)
+        size, ids, slots, lens, table = seen[-1]
+        assert size == graphs.padded_size(num) == next(s for s in (2, 4, 8) if s >= num)
+        assert ids[:num].tolist() == list(range(1, num + 1)) and not ids[num:].any()
+        assert torch.equal(slots[:num], tables[:, 1].long() * 4 + 2)
+        assert (slots[num:] == 40).all() and (lens[num:] == 1).all() and (lens[:num] == 7).all()
+        assert torch.equal(table[:num, :2], tables) and (table[num:, 0] == 10).all()
+
+
+def test_graphs_only_where_they_apply():
+    """Prefill ranks and layouts with FFN ranks step eagerly; so does enforce_eager (default)."""
+    from afd.core import EngineCore
+    from models.model import LocalExperts
+    from models.weights import load_model
+
+    path = default_model_path()
+    cfg = resolve_engine_config(path, load_config(path), dtype="float32", enforce_eager=False,
+                                num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
+    model = load_model(path, "full", dtype=cfg.dtype, device="cpu")
+    assert EngineCore(model, cfg).runner.graphs.sizes == (1, 2, 4)
+    assert EngineCore(model, cfg, prefill_only=True).runner.graphs is None
+    assert EngineCore(model, cfg, experts=LocalExperts(model)).runner.graphs is None
+    default = resolve_engine_config(path, load_config(path), num_kv_blocks=32, max_model_len=128)
+    assert default.enforce_eager and EngineCore(model, default).runner.graphs is None
+    assert EngineCore(model, default).runner.kv_caches[0].shape[0] == 32
+
+
+# ---- no host reads in the decode forward ---------------------------------------------------
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+SHAPE_FROM_DATA = ("nonzero", "masked_select", "unique", "bincount", "repeat_interleave")
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    """One padded decode forward of the embedded model through the Triton kernels, recording
+    every read of tensor data on the host and every op whose output shape depends on tensor
+    data, outside Triton's own interpreter (which reads tensors to emulate the GPU)."""
+    import os
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import kernels.fused_moe_triton as fmt
+    from afd.kv_cache import allocate_kv_caches
+    from models.weights import load_model
+
+    import kernels.mla_decode_triton as mla
+
+    # "torch": the reference kernels, which do read on the host: the audit must catch them
+    os.environ["AFD_KERNEL_BACKEND"] = "torch" if name == "torch" else "triton"
+    os.environ["AFD_MOE_INLINE"] = "1" if name == "inline" else "0"
+    fmt._env_features.cache_clear()
+    found: list[str] = []
+    calls = {"fused_moe": 0, "mla_decode": 0}
+    for module, fn_name, key in ((fmt, "fused_moe_triton", "fused_moe"),
+                                 (mla, "mla_decode_attention_triton", "mla_decode")):
+        def counted(*args, _fn=getattr(module, fn_name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+        setattr(module, fn_name, counted)
+
+    def ours() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "/triton/" in frame.f_code.co_filename.replace("\\", "/"):
+                return False  # Triton's interpreter reads tensors to emulate the GPU
+            frame = frame.f_back
+        return True
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.__name__.split(".")[0]
+            bool_index = op == "index" and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                for t in (args[1] if len(args) > 1 else ()) if t is not None)
+            if (op in SHAPE_FROM_DATA or bool_index) and ours():
+                found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    originals = {m: getattr(torch.Tensor, m) for m in HOST_READS}
+
+    def watch(method: str):
+        def read(self, *args, **kwargs):
+            if ours():
+                found.append(f"Tensor.{method}")
+            return originals[method](self, *args, **kwargs)
+        return read
+
+    path = default_model_path()
+    model = load_model(path, "full", dtype=torch.float32, device="cpu")
+    caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu")
+    for cache in caches:
+        cache.normal_()
+    graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16, max_model_len=64,
+                          sizes=(4,), capture=False)
+    with torch.inference_mode():  # four sequences of 1-4 blocks (the buffers' own mode)
+        graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
+        graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+    for method in HOST_READS:
+        setattr(torch.Tensor, method, watch(method))
+    try:
+        with torch.inference_mode(), Audit():
+            logits = graphs._forward(4, graphs.graphs[4].batch)
+    finally:
+        for method, fn in originals.items():
+            setattr(torch.Tensor, method, fn)
+    return {"found": found, "finite": bool(torch.isfinite(logits).all()),
+            "shape": list(logits.shape), "calls": calls}
+
+
+def test_decode_forward_reads_nothing_on_the_host():
+    """Through the Triton kernels (MoE routed inline and through the align kernel), a padded
+    decode forward reads no tensor data on the host; through the torch references it does."""
+    results = run_in_interpreter(__file__, ["inline", "aligned", "torch"], seed=0)
+    for route in ("inline", "aligned"):
+        result = results[route]
+        assert "error" not in result, result.get("error")
+        assert result["finite"] and result["shape"][0] == 4
+        assert result["calls"]["fused_moe"] > 0 and result["calls"]["mla_decode"] > 0
+        assert result["found"] == [], (route, result["found"])
+    torch_case = results["torch"]
+    assert torch_case["calls"] == {"fused_moe": 0, "mla_decode": 0}
+    # int(seq_lens.max()) in the MLA reference; the MoE reference's bool mask, bincount, tolist
+    assert {"Tensor.__int__", "aten.index.Tensor", "aten.bincount.default",
+            "Tensor.tolist"} <= set(torch_case["found"]), torch_case["found"]
+
+
+def test_pd_decode_rank_with_graphs_matches_single_process():
+    """A P/D decode rank (no FFN ranks) steps through the graph path; KV moved in from the
+    prefill rank lands in allocator blocks, never in the scratch block."""
+    prompts, params = _workload()
+    prompts, params = prompts[:6], params[:6]  # 8 sequences (n=3 on one), sizes 8 down to 1
+    want = _run("cpu", True, prompts, params)[0]
+    llm = LLM(dtype="float32", seed=3, prefill=1, attention=1, enforce_eager=False,
+              max_num_seqs=8, num_kv_blocks=KV_BLOCKS, max_model_len=256,
+              cuda_graph_sizes=[1, 2, 4, 8], timeout_s=120)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [[c.token_ids for c in o.outputs] for o in outs] == want
