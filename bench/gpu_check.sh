@@ -17,10 +17,10 @@ SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-100} timeout 420 bash bench/gpu_kernels.sh
 echo "[gpu_check $(($(date +%s) - start))s] engine tests on CUDA"
 {
   timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_oracle.py \
-    tests/test_models.py tests/test_engine.py 2>&1
+    tests/test_models.py tests/test_engine.py tests/test_cuda_graphs.py 2>&1
   echo "engine_tests_rc=$?"
   echo "[gpu_check $(($(date +%s) - start))s] offline bench on CUDA"
-  timeout 120 python3 bench/offline.py --device cuda --json "$OUT/offline_cuda.json" 2>&1 \
+  timeout 180 python3 bench/offline.py --device cuda --cuda-graphs --json "$OUT/offline_cuda.json" 2>&1 \
     | grep -v "Processed prompts:  "
   echo "offline_rc=$?"
   echo "[gpu_check $(($(date +%s) - start))s] sampler on CUDA (vocabulary 129,280)"

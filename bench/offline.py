@@ -1,11 +1,13 @@
 """Offline throughput: one batch through afd and through transformers' generate, same process.
 
     python bench/offline.py [--model PATH] [--num-prompts 64] [--min-len 16] [--max-len 256]
-                            [--new-tokens 64] [--json out.json]
+                            [--new-tokens 64] [--cuda-graphs] [--json out.json]
 
 Prompts are random token ids (seeded) of lengths uniform in [min-len, max-len]; decoding is greedy
 with EOS ignored so both engines generate exactly new-tokens per prompt. transformers runs the
 whole batch left-padded in one generate call. Prints tok/s for both and the ratio; writes JSON.
+``--cuda-graphs`` also runs afd with CUDA graphs of decode steps (``enforce_eager=False``) and
+compares its outputs with the eager run's.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 
 def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None,
-            full_warmup: bool) -> tuple[float, list[list[int]]]:
-    llm = LLM(path, dtype=dtype, device=device)
+            full_warmup: bool, eager: bool = True) -> tuple[float, list[list[int]]]:
+    llm = LLM(path, dtype=dtype, device=device, enforce_eager=eager)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     warm = prompts if full_warmup else prompts[:4]  # full: every kernel shape compiled first
     llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    llm.shutdown()  # a second run (--cuda-graphs) sizes its KV pool from what is free
     return elapsed, [o.outputs[0].token_ids for o in outs]
 
 
@@ -98,6 +101,8 @@ def main() -> None:
     ap.add_argument("--warmup", choices=["short", "full"], default=None,
                     help="untimed run first: a few prompts, or the whole batch (default: full on "
                          "CUDA, where Triton compiles each new kernel shape once; short on CPU)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also run afd with CUDA graphs of decode steps (enforce_eager=False)")
     ap.add_argument("--json", default=None, help="where to write the result JSON")
     args = ap.parse_args()
 
@@ -120,6 +125,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "warmup": "full" if full else "short",
     }
     rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]
+    if args.cuda_graphs:
+        g_s, g_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full, eager=False)
+        result.update(graphs_seconds=g_s, graphs_output_tok_s=out_tokens / g_s,
+                      graphs_speedup_vs_eager=afd_s / g_s,
+                      graphs_identical_to_eager=sum(a == b for a, b in zip(g_out, afd_out)))
+        rows.append(("afd graphs", g_s, out_tokens / g_s, (in_tokens + out_tokens) / g_s))
     if not args.skip_hf:
         hf_s, hf_out = run_hf(path, prompts, args.new_tokens, args.dtype, device, full)
         same = sum(a == b for a, b in zip(afd_out, hf_out))
@@ -139,6 +150,9 @@ def main() -> None:
         print(f"afd / transformers: {result['speedup']:.2f}x "
               f"({result['identical_outputs']}/{args.num_prompts} outputs identical; left padding "
               "changes transformers' float rounding)")
+    if args.cuda_graphs:
+        print(f"afd with CUDA graphs / eager: {result['graphs_speedup_vs_eager']:.2f}x "
+              f"({result['graphs_identical_to_eager']}/{args.num_prompts} outputs identical)")
     write_result(result, args.json, "offline.json")
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# CUDA graphs of decode steps on a lent GPU, in one short call (~3 min; run it with
+# timeout_s=300): the graph tests on CUDA (graph replay vs eager steps, token for token), then
+# bench/offline.py with and without graphs (and transformers) on the embedded model.
+# Writes graphs_tests.log, offline_graphs.json and offline_graphs.log to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M%S)}
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2}
+unset TRITON_INTERPRET AFD_KERNEL_BACKEND
+export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+start=$(date +%s)
+stamp() { echo "[gpu_graphs $(($(date +%s) - start))s] $*"; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+stamp "graph tests on CUDA"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py 2>&1 \
+  | tee "$OUT/graphs_tests.log" | tail -15
+stamp "offline: transformers, afd eager, afd with graphs (full warm-up each)"
+timeout 150 python3 bench/offline.py --device cuda --cuda-graphs --json "$OUT/offline_graphs.json" \
+  2>&1 | grep -v "Processed prompts:  " | tee "$OUT/offline_graphs.log"
+stamp "done"
