@@ -114,7 +114,9 @@ class DecodeGraphs:
                 self._forward(size, batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: another thread's CUDA call (none is expected at start) cannot spoil
+            # this capture, and this capture forbids only this thread's unsafe calls
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._forward(size, batch)
             self.graphs[size] = _Graph(size, batch, graph, logits)
         torch.cuda.synchronize()
