@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front end (FastAPI + uvicorn).
 
 Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [DONE]``),
+/tokenize, /detokenize, /version,
 /v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
 /metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
 
@@ -32,8 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.metrics import ServerMetrics
+from pydantic import ValidationError
+
+from afd import __version__
 from afd.openai_protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                 StreamOptions)
+                                 DetokenizeRequest, StreamOptions, TokenizeChatRequest,
+                                 TokenizeCompletionRequest)
 from afd.outputs import CompletionOutput, RequestOutput
 
 log = logging.getLogger("afd.server")
@@ -77,7 +82,8 @@ class AuthAndDrain:
         await self.app(scope, receive, send)
 
 
-_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions)
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions,
+                               TokenizeCompletionRequest, DetokenizeRequest)
                 for name in m.model_fields}
 
 
@@ -152,7 +158,56 @@ def build_app(state: ServerState) -> FastAPI:
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
                             getattr(body, field), chat=True, max_tokens_field=field)
 
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """vLLM's: {"prompt"} or {"messages"} -> the token ids the engine would run."""
+        body = await _json_body(request)
+        kind = TokenizeChatRequest if isinstance(body, dict) and "messages" in body else \
+            TokenizeCompletionRequest
+        req = _validated(kind, body)
+        _check_model(state, req.model)
+        tokenizer = state.engine.engine.tokenizer
+        if isinstance(req, TokenizeChatRequest):
+            ids = req.prompt_ids(tokenizer)[1]
+        else:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        out = {"count": len(ids), "max_model_len": state.engine.engine.engine_cfg.max_model_len,
+               "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        _check_model(state, body.model)
+        vocab = state.engine.engine.model_cfg.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})",
+                           param="tokens")
+        return {"prompt": state.engine.engine.tokenizer.decode(body.tokens)}
+
     return app
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+
+
+def _validated(model, body: Any):
+    """``model`` from a parsed body; a bad field is the same 400 as on the typed routes."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors()]) from None
 
 
 def _check_model(state: ServerState, model: str | None) -> None:

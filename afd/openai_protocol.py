@@ -156,26 +156,14 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplateFields(BaseModel):
+    """A conversation and vLLM's chat-template fields (chat completions and /tokenize)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: StrictInt | None = None
-    # vLLM's chat-template fields.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-
-    def num_logprobs(self) -> int | None:
-        top = self.top_logprobs
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
-                           f"{top!r}", param="top_logprobs")
-        if top and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        return (top or 0) if self.logprobs else None
 
     def prompt_ids(self, tokenizer) -> tuple[str, list[int]]:
         """The conversation through the tokenizer's chat template: (text, token ids)."""
@@ -197,3 +185,46 @@ class ChatCompletionRequest(_SamplingFields):
         except (ValueError, TypeError, jinja2.TemplateError) as exc:  # e.g. no final message
             raise APIError(400, f"chat template: {exc}", param="messages") from None
         return text, tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def num_logprobs(self) -> int | None:
+        top = self.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                           f"{top!r}", param="top_logprobs")
+        if top and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        return (top or 0) if self.logprobs else None
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_ChatTemplateFields):
+    """POST /tokenize with messages: the prompt a chat completion would run (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[StrictInt]

@@ -654,3 +654,41 @@ def test_retrieve_model_and_unknown_routes_use_openai_errors(single):
         r = httpx.request(method, single.url + path, timeout=30)
         assert r.status_code == status, r.text
         assert path in r.json()["error"]["message"], r.text
+
+
+def test_tokenize_detokenize_version(single):
+    """vLLM's /tokenize (prompt or messages), /detokenize and /version."""
+    import afd
+    from afd.llm import load_tokenizer
+    from models.default_model import default_model_path
+
+    tok = load_tokenizer(default_model_path())
+    url = single.url
+    assert httpx.get(f"{url}/version").json() == {"version": afd.__version__}
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "Hello, my name is",
+                                            "return_token_strs": True}).json()
+    ids = tok.encode("Hello, my name is")
+    assert r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] > 0
+    assert r["token_strs"] == tok.convert_ids_to_tokens(ids)
+    plain = httpx.post(f"{url}/tokenize", json={"prompt": "Hello", "add_special_tokens": False})
+    assert plain.json()["tokens"] == tok.encode("Hello", add_special_tokens=False)
+    # messages: exactly the prompt a chat completion runs
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = client(single).chat.completions.create(model=None, max_tokens=2, messages=messages)
+    r = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()
+    assert r["count"] == chat.usage.prompt_tokens and "token_strs" not in r
+    back = httpx.post(f"{url}/detokenize", json={"tokens": ids}).json()
+    assert back == {"prompt": tok.decode(ids)}
+    for path, body, status, param in [
+            ("/detokenize", {"tokens": [0, 10**6]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [1.5]}, 400, "tokens.0"),
+            ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+            ("/tokenize", {"prompt": "x", "max_tokens": 3}, 400, "max_tokens"),
+            ("/tokenize", {"prompt": 7}, 400, "prompt"),
+            ("/tokenize", {"messages": []}, 400, "messages"),
+            ("/tokenize", {}, 400, "prompt")]:
+        r = httpx.post(f"{url}{path}", json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+    bad = httpx.post(f"{url}/tokenize", content=b"{nope", headers={"content-type":
+                                                                     "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
