@@ -118,4 +118,5 @@ class ModelRunner:
                                    [q.generator for q in sampling],
                                    [(q.token_ids, q.num_prompt_tokens,
                                      (*q.eos_token_ids, *q.stop_token_ids))
-                                    for q in sampling])
+                                    for q in sampling],
+                                   [q.penalties for q in sampling])

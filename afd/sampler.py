@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from afd.penalties import PenaltyPool, PenaltyState
 from afd.sampling_params import SamplingParams
 
 
@@ -68,7 +69,10 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
                     histories: list[tuple[list[int], int]]) -> torch.Tensor:
     """The logits with each row's repetition, frequency and presence penalties applied (in that
-    order, as vLLM); rows without penalties are left as they are. Returns a new fp32 tensor."""
+    order, as vLLM); rows without penalties are left as they are. Returns a new fp32 tensor.
+
+    The plain reference, rebuilt from each row's whole history over the whole vocabulary; the
+    sampler keeps per-sequence state instead (``afd.penalties``) and must match this."""
     rows = [i for i, p in enumerate(params) if p.penalized]
     vocab, dev = logits.shape[1], logits.device
     out = logits.float().clone()
@@ -148,26 +152,31 @@ class Sampler:
         self.seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}  # unseeded rows' noise
         self._step: dict[torch.device, torch.Generator] = {}  # reseeded for each seeded row
+        self._penalty_pools: dict[torch.device, PenaltyPool] = {}
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 histories: list[tuple] | None = None) -> list[int]:
+                 histories: list[tuple] | None = None,
+                 penalties: list[PenaltyState | None] | None = None) -> list[int]:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
         whose logits hold a NaN (it has no distribution to sample). histories: each row's
         (token ids so far, how many of them are the prompt, the ids that would stop it), for
-        the penalties and min_tokens."""
-        return self.sample(logits, params, generators, histories).tokens
+        the penalties and min_tokens. penalties: each row's ``PenaltyState``
+        (``Sequence.penalties``), kept between steps so that a penalised row costs the same
+        whatever its history's length (without them, every call counts each history whole)."""
+        return self.sample(logits, params, generators, histories, penalties).tokens
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None],
-               histories: list[tuple] | None = None) -> SamplerOutput:
+               histories: list[tuple] | None = None,
+               penalties: list[PenaltyState | None] | None = None) -> SamplerOutput:
         """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
         logits: before logit_bias, penalties, temperature and the filters, as vLLM)."""
         raw = logits
         if histories is not None and any(p.biased for p in params):
             logits = apply_bias(logits, params, histories)
         if histories is not None and any(p.penalized for p in params):
-            logits = apply_penalties(logits, params, histories)
+            logits = self._penalize(logits, params, histories, penalties, logits is not raw)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(rows) == len(params):
             tokens = self._sample(logits.float(), params, generators)
@@ -182,6 +191,29 @@ class Sampler:
         if all(p.logprobs is None for p in params):
             return SamplerOutput(tokens.tolist(), [None] * len(params))
         return gather_logprobs(raw, tokens, params)
+
+    def _penalize(self, logits: torch.Tensor, params: list[SamplingParams],
+                  histories: list[tuple],
+                  penalties: list[PenaltyState | None] | None, own: bool) -> torch.Tensor:
+        """``logits`` [N, V] penalised, as a new fp32 tensor unless ``own`` (this call's own
+        fp32 copy, from logit_bias: changed in place). Each row's state is brought up to date
+        with the tokens appended since its last step, then only its listed tokens change.
+        Without a state for every penalised row, the reference (``apply_penalties``) counts
+        each history whole."""
+        rows = [i for i, p in enumerate(params) if p.penalized]
+        states = [penalties[i] for i in rows] if penalties is not None else [None]
+        if any(s is None for s in states):
+            return apply_penalties(logits, params, histories)
+        pool = self._penalty_pools.get(logits.device)
+        if pool is None:
+            pool = self._penalty_pools[logits.device] = PenaltyPool(logits.device)
+        pool.fold(states, [histories[i] for i in rows])
+        out = logits.float()
+        if (out is logits and not own) or not out.is_contiguous():
+            # the raw logits stay as they are (they give the logprobs)
+            out = out.clone(memory_format=torch.contiguous_format)
+        pool.apply(out, rows, states, [params[i] for i in rows])
+        return out
 
     def _generator(self, table: dict, device: torch.device) -> torch.Generator:
         gen = table.get(device)

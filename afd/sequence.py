@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from afd.outputs import RequestMetrics
+from afd.penalties import PenaltyState
 from afd.sampling_params import SamplingParams
 
 
@@ -65,6 +66,8 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if req.params.seed is not None and not req.params.greedy:
             self.generator = torch.Generator().manual_seed(req.params.seed)
+        # the sampler's per-step penalty bookkeeping (dropped with the sequence)
+        self.penalties = PenaltyState() if req.params.penalized else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -1,0 +1,178 @@
+"""Repetition, frequency and presence penalties from per-sequence state kept between steps.
+
+A penalised sequence needs two facts per token id: has it been seen (prompt or output: the
+repetition penalty) and how often is it in the output (frequency and presence). Rebuilding them
+from the whole token list every step costs as much as the context is long. Instead each
+penalised sequence owns a ``PenaltyState`` (on its ``Sequence``) that lists the distinct token
+ids it has seen, each with its output count, and folds in only the tokens appended since the
+last step (normally one).
+
+The lists live on the logits' device in a ``PenaltyPool``: fixed-size pages of a flat table
+(like the KV cache's blocks), so a sequence's entries never move as it grows and one step's
+updates for the whole batch are three indexed writes. Applying the penalties touches only the
+listed entries (gather, arithmetic, scatter): per row, its number of distinct tokens, not the
+vocabulary. Memory is 12 bytes per distinct token per sequence (a dense [V] count row would be
+over half a megabyte at DeepSeek-V3's 129,280 ids).
+
+A state's pages go back to the pool when the state is dropped, which is when its sequence is
+(finished, aborted, handed to another rank); nothing else has to remember to free them. The
+token list only grows (preemption recomputes the KV cache, never the tokens), so a state stays
+valid across preemption.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+
+import torch
+
+from afd.sampling_params import SamplingParams
+
+PAGE_SIZE = 256  # distinct tokens per page
+
+
+class PenaltyState:
+    """One sequence's distinct tokens and output counts, in pages of one ``PenaltyPool``.
+
+    slots: token id -> its entry's position in the pool's flat table; folded: how many of the
+    sequence's tokens are counted; pages: the pool pages holding the entries (in order), and
+    page_table, the same ids as a device tensor (rebuilt only when a page is added).
+    """
+
+    def __init__(self) -> None:
+        self.pool: PenaltyPool | None = None
+        self.slots: dict[int, int] = {}
+        self.folded = 0
+        self.pages: list[int] = []
+        self.page_table: torch.Tensor | None = None  # [len(pages)] int64 on the pool's device
+        self.release = lambda: None  # gives the pages back (once); runs when the state is dropped
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.slots)
+
+
+class PenaltyPool:
+    """The entries of every ``PenaltyState`` on one device: ``tokens`` [pages, PAGE_SIZE] int64
+    (a token id per entry) and ``counts`` [pages, PAGE_SIZE] fp32 (its count in the output; 0
+    for a prompt-only token). Grows by doubling; pages of dropped states are reused."""
+
+    def __init__(self, device: torch.device | str, page_size: int = PAGE_SIZE):
+        self.device = torch.device(device)
+        self.page_size = page_size
+        self.tokens = torch.zeros(0, page_size, dtype=torch.long, device=self.device)
+        self.counts = torch.zeros(0, page_size, dtype=torch.float32, device=self.device)
+        self.free: list[int] = []
+
+    @property
+    def num_pages(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - len(self.free)
+
+    def _allocate_page(self) -> int:
+        if not self.free:
+            old = self.num_pages
+            new = max(16, 2 * old)
+            tokens = self.tokens.new_zeros(new, self.page_size)
+            counts = self.counts.new_zeros(new, self.page_size)
+            tokens[:old], counts[:old] = self.tokens, self.counts
+            self.tokens, self.counts = tokens, counts
+            self.free.extend(range(new - 1, old - 1, -1))  # lowest first
+        return self.free.pop()
+
+    def _bind(self, state: PenaltyState) -> None:
+        """Start ``state`` afresh in this pool (first use, or it was another pool's)."""
+        if state.pool is not None:  # it was another pool's: give those pages back now
+            state.release()
+        state.pool, state.slots, state.folded = self, {}, 0
+        state.pages, state.page_table = [], torch.zeros(0, dtype=torch.long, device=self.device)
+        # the finalizer holds the pages list itself, so pages added later are freed too
+        state.release = weakref.finalize(state, self.free.extend, state.pages)
+
+    def fold(self, states: list[PenaltyState], histories: list[tuple]) -> None:
+        """Count the tokens each state has not seen yet (histories[i]: (token ids, number of
+        prompt tokens, ...)): the whole history the first time, then what was appended."""
+        new_pos, new_tok, new_cnt = [], [], []  # entries created now: written whole
+        added: dict[int, int] = {}  # entries that existed before: position -> count to add
+        size = self.page_size
+        for state, (ids, num_prompt, *_) in zip(states, histories):
+            if state.pool is not self or len(ids) < state.folded:
+                self._bind(state)
+            if state.folded == len(ids):
+                continue
+            # the new output tokens' counts, and the new tokens in order of first appearance
+            outputs = Counter(ids[max(state.folded, num_prompt):])
+            num_pages = len(state.pages)
+            for token in dict.fromkeys(ids[state.folded:]):
+                pos = state.slots.get(token)
+                if pos is not None:
+                    if token in outputs:
+                        added[pos] = outputs[token]
+                    continue
+                n = len(state.slots)
+                if n == len(state.pages) * size:
+                    state.pages.append(self._allocate_page())
+                pos = state.slots[token] = state.pages[-1] * size + n % size
+                new_pos.append(pos), new_tok.append(token), new_cnt.append(outputs[token])
+            state.folded = len(ids)
+            if len(state.pages) != num_pages:
+                state.page_table = torch.tensor(state.pages).to(self.device, non_blocking=True)
+        dev = self.device
+        if new_pos:
+            pos = torch.tensor(new_pos).to(dev, non_blocking=True)
+            self.tokens.view(-1).index_copy_(0, pos, torch.tensor(new_tok).to(dev,
+                                                                              non_blocking=True))
+            counts = torch.tensor(new_cnt, dtype=torch.float32).to(dev, non_blocking=True)
+            self.counts.view(-1).index_copy_(0, pos, counts)
+        if added:
+            pos = torch.tensor(list(added)).to(dev, non_blocking=True)
+            counts = torch.tensor(list(added.values()), dtype=torch.float32)
+            self.counts.view(-1).index_add_(0, pos, counts.to(dev, non_blocking=True))
+
+    def apply(self, out: torch.Tensor, rows: list[int], states: list[PenaltyState],
+              params: list[SamplingParams]) -> None:
+        """Penalise rows ``rows`` of ``out`` [N, V] fp32 in place, row rows[r] from states[r]
+        (folded up to date) with params[r]: repetition over every listed token, then
+        frequency and presence by output count, the arithmetic of ``afd.sampler.apply_penalties``
+        on just those entries. Host work is O(rows); device work O(listed entries)."""
+        sizes = [s.num_entries for s in states]
+        total = sum(sizes)
+        if total == 0:
+            return
+        dev, size, vocab = self.device, self.page_size, out.shape[1]
+        assert out.is_contiguous(), "penalised in place through a flat view"
+        # Row r's entries are the first sizes[r] slots of its pages laid end to end, so entry
+        # e's slot is all pages' slots laid end to end, at e plus an offset of its row's.
+        offsets = [p * size - e for p, e in zip(_starts([len(s.pages) for s in states]),
+                                                _starts(sizes))]
+        per_row = torch.tensor([[r * vocab for r in rows], offsets, sizes])  # [3, R]
+        coef = torch.tensor([[p.repetition_penalty for p in params],  # [3, R]
+                             [p.frequency_penalty for p in params],
+                             [p.presence_penalty for p in params]], dtype=torch.float32)
+        per_row, coef = per_row.to(dev, non_blocking=True), coef.to(dev, non_blocking=True)
+        row_start, offset = per_row[:2].repeat_interleave(per_row[2], dim=1,
+                                                          output_size=total)  # [E] each
+        rep, freq, pres = coef.repeat_interleave(per_row[2], dim=1, output_size=total)
+        pages = torch.cat([s.page_table for s in states])  # [P] all rows' pages
+        slots = (pages[:, None] * size + torch.arange(size, device=dev)).view(-1)  # [P * size]
+        pos = slots[torch.arange(total, device=dev) + offset]  # [E] places in the pool
+        counts = self.counts.view(-1)[pos]
+        flat = row_start + self.tokens.view(-1)[pos]  # [E] places in ``out``
+        v = out.view(-1)[flat]
+        v = torch.where(v > 0, v / rep, v * rep)
+        v = v - freq * counts
+        v = v - pres * (counts > 0)
+        out.view(-1).index_copy_(0, flat, v)
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Exclusive prefix sums: where each of consecutive runs of these sizes starts."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += n
+    return out
