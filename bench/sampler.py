@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results_io import write_result  # noqa: E402
 
-from afd.penalties import PenaltyState  # noqa: E402
 from afd.sampler import Sampler  # noqa: E402
 from afd.sampling_params import SamplingParams  # noqa: E402
 
@@ -49,17 +48,23 @@ CASES = {
 
 
 def time_case(sampler: Sampler, logits: torch.Tensor, name: str, params: SamplingParams,
-              reps: int, history: tuple[int, int]) -> float:
+              reps: int, history: tuple[int, int], clock=time.perf_counter) -> float:
     n, vocab = logits.shape
     gens = [torch.Generator().manual_seed(i) if params.seed is not None else None
             for i in range(n)]
     prompt, out = history
     hist = [(torch.randint(vocab, (prompt + out,)).tolist(), prompt) for _ in range(n)]
-    states = [PenaltyState() for _ in range(n)] if name == "penalties" else None
     ps = [params] * n
+    if name == "penalties":
+        from afd.penalties import PenaltyState
 
-    def call() -> None:  # returns host ints: synchronizes
-        sampler(logits, ps, gens, hist, states)
+        states = [PenaltyState() for _ in range(n)]
+
+        def call() -> None:  # returns host ints: synchronizes
+            sampler(logits, ps, gens, hist, states)
+    else:  # (the call an older afd, without kept state, takes too)
+        def call() -> None:
+            sampler(logits, ps, gens, hist)
 
     call()  # warm-up (builds the kept states)
     times = []
@@ -68,9 +73,9 @@ def time_case(sampler: Sampler, logits: torch.Tensor, name: str, params: Samplin
             ids.append(int(torch.randint(vocab, ())))
         if logits.is_cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         call()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -83,26 +88,34 @@ def main() -> None:
     parser.add_argument("--history", type=int, nargs=2, default=[1024, 256],
                         metavar=("PROMPT", "OUTPUT"), help="tokens behind each penalised row")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time, for a CPU shared with other "
+                             "jobs (with OMP_NUM_THREADS=1 it is the time the call computes)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process times host work only: use it with --device cpu")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     sampler = Sampler(seed=0)
     rows = []
-    print(f"sampler ms per call, vocab {args.vocab}, {args.device}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"sampler ms per call ({args.clock} clock), vocab {args.vocab}, {args.device}, "
+          f"{torch.get_num_threads()} threads, history {args.history[0]} + {args.history[1]}")
     print(f"{'case':<28}" + "".join(f"{'batch ' + str(b):>12}" for b in args.batch))
     for name in args.cases:
         params = SamplingParams(**CASES[name])
         cells = []
         for batch in args.batch:
             logits = torch.randn(batch, args.vocab, generator=gen).mul_(3).to(args.device)
-            ms = time_case(sampler, logits, name, params, args.reps, tuple(args.history))
+            ms = time_case(sampler, logits, name, params, args.reps, tuple(args.history),
+                           clock)
             cells.append(ms)
             rows.append({"case": name, "batch": batch, "ms": ms})
         print(f"{name:<28}" + "".join(f"{ms:>12.2f}" for ms in cells))
     write_result({"vocab": args.vocab, "device": args.device, "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "commit": os.environ.get("AFD_COMMIT", "unknown"),
-                  "history": list(args.history), "rows": rows}, args.json, "sampler.json")
+                  "history": list(args.history), "clock": args.clock, "rows": rows},
+                 args.json, "sampler.json")
 
 
 if __name__ == "__main__":
