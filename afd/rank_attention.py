@@ -85,15 +85,26 @@ class AttentionWorker:
 
     # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
     def _admit(self) -> None:
-        """Pull transfers in arrival order while their blocks fit, leaving one spare block per
-        running sequence so the decodes already here can grow, and while fewer than
-        max_num_seqs sequences run here (counting the transfers under way)."""
-        alloc, running = self.core.allocator, self.core.scheduler.running
+        """Pull transfers in arrival order while they fit beside the sequences already here.
+
+        A sequence this rank preempted (blocks freed, to be recomputed from its tokens) comes
+        first, as vLLM and SGLang resume preempted requests before new ones: no pull while one
+        waits, else a steady stream of transfers takes every block its preemption frees and it
+        never resumes. The scheduler resumes it as blocks free up, and one always fits an empty
+        pool (the config checks max_model_len against it), so pulls are delayed, never stopped.
+        A pull also leaves each running sequence the blocks it needs to reach its next token (at
+        least one, so decodes can grow; more for a resumed one mid-recompute). At most
+        max_num_seqs sequences live here: a pull needs running + receiving below it and none
+        waiting, and preemption and resumption only move sequences between running and waiting.
+        """
+        alloc, sched = self.core.allocator, self.core.scheduler
+        keep = sum(max(1, alloc.blocks_for(seq.num_tokens + 1) - len(seq.block_ids))
+                   for seq in sched.running)
         while self.pulls:
             pull = self.pulls[0]
             need = alloc.blocks_for(pull.num_kv_tokens + 1)
-            if (alloc.num_free - need < len(running)
-                    or len(running) + len(self.receiving) >= self.core.cfg.max_num_seqs):
+            if (sched.waiting or alloc.num_free - need < keep
+                    or len(sched.running) + len(self.receiving) >= self.core.cfg.max_num_seqs):
                 if not pull.waited:
                     pull.waited = True
                     self.timers.seconds["admission_waits"] = (

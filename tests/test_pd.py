@@ -83,6 +83,8 @@ def test_small_decode_pool_admission_waits_nothing_lost(small_pd, reference):
         assert m.transfer_time is not None and m.transfer_time >= 0
     timers = small_pd.engine.core.rank_timers[1]  # the decode attention rank
     assert timers.get("admission_waits", 0) > 0, "the pool was meant to make transfers wait"
+    # and to make the decode rank preempt: the recomputed sequences matched above too
+    assert small_pd.engine.core.stats()[0].num_preemptions > 0
     wait_all_free(small_pd)
 
 
