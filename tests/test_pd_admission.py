@@ -26,7 +26,7 @@ from afd.sequence import CoreRequest
 class FakeRunner:
     """Stands in for the model: samples token 1 for every row that samples."""
 
-    def __init__(self, model, cfg, experts=None):
+    def __init__(self, model, cfg, experts=None, decodes=True):
         self.kv_caches = [torch.zeros(1)]
 
     def execute(self, plan, micro_batches: int = 1) -> SamplerOutput:
