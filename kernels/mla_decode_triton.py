@@ -6,7 +6,7 @@ block table, with an online softmax in fp32 (exp2 with the scale folded in). All
 sequence share one latent row per token, so the head blocks of a sequence are neighbours in the
 grid and read the cache once from HBM between them. With few sequences the sequence is split
 (flash-decoding); each split writes its normalized partial output and log-sum-exp, and a small
-combine kernel merges them.
+combine kernel (``triton_utils.combine_splits_kernel``) merges them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cdiv, dot, dot_mode, interp_bf16, next_pow2, rne_bf16
+from kernels.triton_utils import (cdiv, combine_splits_kernel, dot, dot_mode, interp_bf16,
+                                  next_pow2, rne_bf16)
 
 
 @triton.jit
@@ -91,29 +92,6 @@ def mla_decode_kernel(
         tl.store(o_ptrs, out, mask=o_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=h_ok)
-
-
-@triton.jit
-def mla_combine_kernel(
-    part_ptr,  # [B * Hq, NUM_SPLITS, Dl] fp32
-    lse_ptr,  # [B * Hq, NUM_SPLITS] fp32
-    out_ptr,  # [B * Hq, Dl] contiguous
-    d_lat,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, DL_PAD: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # seq * Hq + head
-    offs_s = tl.arange(0, S_PAD)
-    offs_l = tl.arange(0, DL_PAD)
-    s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
-    weight = weight / tl.sum(weight, 0)
-    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s[:, None]) * d_lat + offs_l[None, :],
-                   mask=s_ok[:, None] & (offs_l < d_lat)[None, :], other=0.0)  # [S, DL]
-    out = tl.sum(part * weight[:, None], 0)
-    tl.store(out_ptr + row * d_lat + offs_l,
-             rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=offs_l < d_lat)
 
 
 @functools.cache
@@ -199,9 +177,9 @@ def mla_decode_attention_triton(
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
     mla_decode_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    mla_combine_kernel[(batch * num_heads,)](
+    combine_splits_kernel[(batch * num_heads,)](
         part, lse, out, d_lat,
-        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), DL_PAD=dl_pad,
+        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=dl_pad,
         INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
     )
     return out

@@ -63,6 +63,35 @@ def rne_bf16(x, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
+def combine_splits_kernel(
+    part_ptr,  # [rows, NUM_SPLITS, dim] fp32, each split's output normalized by its own sum
+    lse_ptr,  # [rows, NUM_SPLITS] fp32, each split's log2-sum-exp2 (-inf: an empty split)
+    out_ptr,  # [rows, dim] contiguous
+    dim,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    """Merge the splits of a split-K (flash-decoding) attention: one program per output row
+    (a query head of a sequence), each split weighted by its share of the softmax mass,
+    exp2(lse_s) / sum_s exp2(lse_s). A row whose splits are all empty gets zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < dim
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
+    total = tl.sum(weight, 0)
+    weight = weight / tl.where(total > 0, total, 1.0)
+    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s[:, None]) * dim + offs_d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [S, D]
+    out = tl.sum(part * weight[:, None], 0)
+    tl.store(out_ptr + row * dim + offs_d,
+             rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
 def gdc_wait(PDL: tl.constexpr):
     """Programmatic dependent launch: block until the previous kernel in the stream has finished
     and its writes are visible. A kernel launched with PDL may start while its predecessor is

@@ -35,6 +35,7 @@ from kernels import (  # noqa: E402
     moe_sum_triton,
     norm_triton,
     rotary_triton,
+    triton_utils,
 )
 from kernels.fused_moe_config import GPU_TABLE, GemmTile  # noqa: E402
 from kernels.fused_moe_tuning import QUICK_TILES  # noqa: E402
@@ -291,8 +292,8 @@ def test_mla_decode_compiles(splits: int) -> None:
     check(compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
-        check(compile_sm90(mla_decode_triton.mla_combine_kernel,
+        check(compile_sm90(triton_utils.combine_splits_kernel,
                            {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
-                            "d_lat": d_lat},
-                           {"NUM_SPLITS": splits, "S_PAD": splits, "DL_PAD": d_lat,
+                            "dim": d_lat},
+                           {"NUM_SPLITS": splits, "S_PAD": splits, "D_PAD": d_lat,
                             "INTERP_BF16": False}, 4), pipelined=False)
