@@ -4,17 +4,19 @@ Kernels know no model and no engine: they take tensors and return tensors.
 Backend choice: ``backend=None`` picks Triton on CUDA tensors (when Triton imports) and the
 torch path elsewhere; ``backend="torch"`` or ``backend="triton"`` forces one.
 
-Layout: each public module (``fused_moe``, ``norm``, ``rotary``, ``mla_decode``) holds the entry
-point and its torch reference; the ``*_triton`` modules hold the ``@triton.jit`` bodies and
-launchers and load on first use (``fused_moe_triton`` composes ``moe_align_triton`` (routing),
-``moe_gemm_triton`` (the two grouped GEMM kernels, built from ``moe_tile_triton``'s main loops
-and epilogues) and ``moe_sum_triton`` (top-k reduction)). ``fused_moe_config`` is the MoE tile
-table and feature switches, ``fused_moe_tuning`` the GPU sweep that feeds it, ``testing`` the
-helpers the tests use (interpreter subprocess, rel. error).
+Layout: each public module (``fused_moe``, ``norm``, ``rotary``, ``mla_decode``, ``gqa_decode``)
+holds the entry point and its torch reference; the ``*_triton`` modules hold the ``@triton.jit``
+bodies and launchers and load on first use (``fused_moe_triton`` composes ``moe_align_triton``
+(routing), ``moe_gemm_triton`` (the two grouped GEMM kernels, built from ``moe_tile_triton``'s
+main loops and epilogues) and ``moe_sum_triton`` (top-k reduction)). ``fused_moe_config`` is the
+MoE tile table and feature switches, ``fused_moe_tuning`` the GPU sweep that feeds it,
+``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
+``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
 
 from kernels.backend import resolve_backend
 from kernels.fused_moe import fused_moe, grouped_moe
+from kernels.gqa_decode import gqa_decode_attention
 from kernels.mla_decode import mla_decode_attention
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -22,6 +24,7 @@ from kernels.rotary import apply_rotary
 __all__ = [
     "apply_rotary",
     "fused_moe",
+    "gqa_decode_attention",
     "grouped_moe",
     "mla_decode_attention",
     "resolve_backend",

@@ -1,0 +1,191 @@
+"""Paged GQA decode attention (Triton). Reference: ``kernels.gqa_decode``.
+
+One program per (KV head, sequence, split of the sequence). It holds the G query heads that share
+its KV head as the rows of one [G, D] tile, so each cached key and value is read from memory
+once per group, not once per query head, and both products are tensor-core dots. It walks its
+part of the sequence BLOCK_N tokens at a time through the block table (any block size: each
+token looks its block up), with an online softmax in fp32 (exp2, the scale folded in).
+
+The sequence length is read by the kernel, never by the host, and the split count depends on
+shapes only (batch, KV heads, block-table width, SM count): a CUDA graph can capture a call and
+replay it for any lengths that fit the table. With few sequences x KV heads the sequence is split
+(flash-decoding): each split writes its normalized partial output and log2-sum-exp2, and
+``triton_utils.combine_splits_kernel`` merges them; a split past a short sequence's end writes
+an empty partial that the combine weighs zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import (combine_splits_kernel, dot, dot_mode, interp_bf16, next_pow2,
+                                  rne_bf16)
+
+
+@triton.jit
+def gqa_decode_kernel(
+    q_ptr,  # [B, H, D], query head h = kv_head * group + g
+    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values
+    table_ptr,  # [B, max_blocks] block ids
+    seq_lens_ptr,  # [B] tokens cached per sequence, >= 1
+    out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
+    lse_ptr,  # [B, H, NUM_SPLITS] fp32 log2-sum-exp2 of each split (NUM_SPLITS > 1 only)
+    group, head_dim, block_size, scale_log2,
+    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kvh,
+    stride_tb, stride_tc, stride_sl, stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_ok = offs_g < group
+    d_ok = offs_d < head_dim
+    heads = kv_head * group + offs_g  # [G]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
+    kv_dtype = kv_ptr.dtype.element_ty
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+
+    seq_len = tl.load(seq_lens_ptr + seq * stride_sl).to(tl.int32)
+    # Whole BLOCK_N steps per split, so only a split's last step has masked tokens.
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        toks = start + tl.arange(0, BLOCK_N)
+        t_ok = toks < hi
+        block = tl.load(table_ptr + seq * stride_tb + (toks // block_size) * stride_tc,
+                        mask=t_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0)  # [N, D]
+        s = dot(q, tl.trans(k), tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # [G, N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), v, acc * alpha[:, None], DOT_MODE)
+        m_i = m_new
+
+    # A split past the sequence's end has l_i = 0: it writes zeros and a -inf lse.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = g_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        o_ptrs = (out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * head_dim
+                  + offs_d[None, :])
+        tl.store(o_ptrs, out, mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        num_heads = tl.num_programs(0) * group
+        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=g_ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+MIN_SPLIT_TOKENS = 256  # below this a split's loop is too short to pay for its partial's round trip
+MAX_SPLITS = 64
+
+
+def default_launch(group: int, head_dim: int, on_gpu: bool) -> dict:
+    """Tokens per step, warps and stages.
+
+    On a GPU: 64 tokens per step (a [64, 128] bf16 key tile and its value tile, 32 KiB, two
+    stages in flight), 4 warps, 8 once the [G, D] fp32 accumulator passes 64 registers a thread.
+    The interpreter gets 16 tokens per step, so the tests' masks stay partial.
+    """
+    if not on_gpu:
+        return {"block_n": 16, "num_warps": 4, "num_stages": 1}
+    acc_regs = max(16, next_pow2(group)) * max(16, next_pow2(head_dim)) // 128
+    return {"block_n": 64, "num_warps": 8 if acc_regs > 64 else 4, "num_stages": 2}
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
+    """Split each sequence until about two programs per SM, keeping >= MIN_SPLIT_TOKENS tokens
+    per split of the longest context the block table can hold. Shapes only, never lengths: a
+    CUDA graph replays the count it was captured with."""
+    programs = max(1, batch * kv_heads)
+    want = math.ceil(2 * sm_count / programs)
+    return max(1, min(want, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def gqa_decode_attention_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``gqa_decode_attention_torch``. The keyword knobs are for tests/tuning."""
+    batch, num_heads, head_dim = q.shape
+    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != head_dim
+            or kv_cache.shape[3] == 0 or num_heads % kv_cache.shape[3]):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)} [B, H, D], kv_cache "
+                         f"{tuple(kv_cache.shape)} must be [2, num_blocks, block_size, KVH, D] "
+                         "with H a multiple of KVH")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
+    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)} must have one row per sequence ({batch})")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0 or num_heads == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    block_size, kv_heads = kv.shape[2], kv.shape[3]
+    group = num_heads // kv_heads
+    interp = not q.is_cuda
+    launch = default_launch(group, head_dim, on_gpu=not interp)
+    block_n = block_n or launch["block_n"]
+    if num_splits is None:
+        sms = 4 if interp else _sm_count(q.device.index or 0)
+        num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size, sms)
+    d_pad = max(16, next_pow2(head_dim))
+    common = {"G_PAD": max(16, next_pow2(group)), "BLOCK_N": block_n, "D_PAD": d_pad,
+              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "num_stages": launch["num_stages"]}
+    grid = (kv_heads, batch, num_splits)
+    dims = (group, head_dim, block_size, scale * math.log2(math.e),
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+            block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))
+    if num_splits == 1:
+        gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, out, out, *dims,
+                                out.stride(0), out.stride(1),
+                                NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
+        return out
+    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
+                       device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, part, lse, *dims,
+                            part.stride(0), part.stride(1),
+                            NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
+    combine_splits_kernel[(batch * num_heads,)](
+        part, lse, out, head_dim,
+        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=d_pad,
+        INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
+    )
+    return out
