@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - internals moved in another Triton vers
     pytest.skip("this Triton has no ASTSource/GPUTarget", allow_module_level=True)
 
 from kernels import (  # noqa: E402
+    gqa_decode_triton,
     mla_decode_triton,
     moe_align_triton,
     moe_gemm_triton,
@@ -296,4 +297,35 @@ def test_mla_decode_compiles(splits: int) -> None:
                            {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
                             "dim": d_lat},
                            {"NUM_SPLITS": splits, "S_PAD": splits, "D_PAD": d_lat,
+                            "INTERP_BF16": False}, 4), pipelined=False)
+
+
+@pytest.mark.parametrize(("group", "head_dim", "splits"), [(8, 128, 1), (8, 128, 16), (16, 128, 4),
+                                                           (64, 128, 1), (3, 80, 2)])
+def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
+    # Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16) at head_dim 128, a G=64 group (8 warps),
+    # and an odd group with a padded head_dim.
+    kv_heads, block = 4, 16
+    heads = group * kv_heads
+    row = kv_heads * head_dim
+    out = "*bf16" if splits == 1 else "*fp32"
+    args = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
+            "out_ptr": out, "lse_ptr": "*fp32", "group": group, "head_dim": head_dim,
+            "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
+            "stride_qh": head_dim, "stride_kv": 4096 * block * row, "stride_kvb": block * row,
+            "stride_kvt": row, "stride_kvh": head_dim, "stride_tb": 2048, "stride_tc": 1,
+            "stride_sl": 1, "stride_ob": heads * head_dim * splits,
+            "stride_oh": head_dim * splits}
+    defaults = gqa_decode_triton.default_launch(group, head_dim, on_gpu=True)
+    d_pad = triton.next_power_of_2(head_dim)
+    constexprs = {"NUM_SPLITS": splits, "G_PAD": max(16, triton.next_power_of_2(group)),
+                  "BLOCK_N": defaults["block_n"], "D_PAD": d_pad, "DOT_MODE": 0,
+                  "INTERP_BF16": False}
+    check(compile_sm90(gqa_decode_triton.gqa_decode_kernel, args, constexprs,
+                       defaults["num_warps"], defaults["num_stages"]), pipelined=True)
+    if splits > 1:
+        check(compile_sm90(triton_utils.combine_splits_kernel,
+                           {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
+                            "dim": head_dim},
+                           {"NUM_SPLITS": splits, "S_PAD": max(2, splits), "D_PAD": d_pad,
                             "INTERP_BF16": False}, 4), pipelined=False)
