@@ -158,11 +158,8 @@ class GQAttention(nn.Module):
         out = torch.empty_like(q)
         nd = batch.num_decodes
         if nd:
-            # the longest context from the host copy: no device sync in every layer
-            longest = (max(batch.context_lens[:nd]) if batch.context_lens is not None
-                       else int(batch.seq_lens[:nd].max()))
-            out[:nd] = _gqa_decode(q[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
-                                   longest, group, scale)
+            out[:nd] = kernels.gqa_decode_attention(q[:nd], cache, batch.block_tables[:nd],
+                                                    batch.seq_lens[:nd], scale)
         for i, start, qlen, length in batch.prefill_segments():
             keys = _gather_context(cache[0], batch.block_tables[i], length)
             values = _gather_context(cache[1], batch.block_tables[i], length)
@@ -171,21 +168,3 @@ class GQAttention(nn.Module):
             out[start:start + qlen] = _causal_attention(q[start:start + qlen], keys, values, scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
-
-def _gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                seq_lens: torch.Tensor, longest: int, group: int, scale: float) -> torch.Tensor:
-    """Batched decode: q [B, H, D] against each sequence's cached K/V (the longest holds
-    ``longest`` tokens). Returns [B, H, D]."""
-    batch, heads, dim = q.shape
-    block_size = cache.shape[2]
-    num_blocks = (longest + block_size - 1) // block_size
-    idx = block_tables[:, :num_blocks].long()
-    keys = cache[0][idx].reshape(batch, num_blocks * block_size, -1, dim)  # [B, L, KVH, D]
-    values = cache[1][idx].reshape(batch, num_blocks * block_size, -1, dim)
-    qg = q.view(batch, -1, group, dim)  # [B, KVH, G, D]
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
-    pos = torch.arange(keys.shape[1], device=q.device)
-    scores = scores.masked_fill(pos[None, None, None, :] >= seq_lens[:, None, None, None],
-                                float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(batch, heads, dim)
