@@ -13,7 +13,8 @@ at start, as vLLM and SGLang do, and a step of B sequences replays the graph of 
 
 Which steps replay (``fits``): every sequence adds one token, no more than the largest size, one
 micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its messages on the
-host). Models: MLA attention only; GQA decode sizes its gather by the host's longest context.
+host). Models: MLA and GQA attention, whose decode kernels read the sequence lengths on the
+device and size their grids by shapes only.
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
 and scratch-block logic is then checked against plain eager steps on CPU.
@@ -32,6 +33,9 @@ from models.model import LocalExperts, MoEModel
 log = logging.getLogger("afd.cuda_graphs")
 
 MAX_DEFAULT_SIZE = 256
+# Attention kinds whose decode forward reads no tensor data on the host (tests/test_cuda_graphs.py
+# audits each): kernels.mla_decode_attention and kernels.gqa_decode_attention.
+CAPTURED_ATTENTION = ("mla", "gqa")
 
 
 def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -43,9 +47,9 @@ def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 def unsupported_reason(model: MoEModel) -> str | None:
     """Why this model's decode forward cannot be captured, or None."""
-    if model.cfg.attention != "mla":
-        return (f"{model.cfg.attention} attention sizes its decode gather by the longest context "
-                "on the host; only MLA decode is captured")
+    if model.cfg.attention not in CAPTURED_ATTENTION:
+        return (f"{model.cfg.attention} attention has no decode path known to read nothing on "
+                f"the host; decode steps are captured for {', '.join(CAPTURED_ATTENTION)}")
     return None
 
 
@@ -91,7 +95,7 @@ class DecodeGraphs:
             self.graphs = {s: _Graph(s, self._batch(s), None, None) for s in self.sizes}
 
     def _batch(self, size: int) -> ForwardBatch:
-        # context_lens stays None: MLA decode reads the lengths on the device only.
+        # context_lens stays None: decode attention reads the lengths on the device only.
         return ForwardBatch(positions=self.positions[:size],
                             slot_mapping=self.slot_mapping[:size],
                             block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],

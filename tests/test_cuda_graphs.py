@@ -43,8 +43,9 @@ def test_bad_options_are_named(kwargs, field):
         resolve_engine_config(path, load_config(path), **kwargs)
 
 
-def _run(device: str, eager: bool, prompts: list[list[int]], params: list[SamplingParams]):
-    llm = LLM(device=device, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=8,
+def _run(device: str, eager: bool, prompts: list[list[int]], params: list[SamplingParams],
+         model: str | None = None):
+    llm = LLM(model, device=device, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=8,
               num_kv_blocks=KV_BLOCKS, max_model_len=256, cuda_graph_sizes=[1, 2, 4, 8])
     runner = llm.engine.core.runner
     steps = []
@@ -100,6 +101,27 @@ def test_graph_steps_match_eager_steps(device):
         assert graph[KV_BLOCKS].abs().sum() > 0  # padding rows wrote their scratch block
 
 
+@pytest.fixture(scope="module")
+def qwen3_path(tmp_path_factory) -> str:
+    from ckpt_utils import build_hf_model, save_checkpoint
+
+    return save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path_factory.mktemp("qwen3")))
+
+
+def test_qwen3_graph_steps_match_eager_steps(qwen3_path):
+    """GQA decode (Qwen3-MoE) through the graph path gives the tokens of eager steps."""
+    prompts, params = _workload()
+    prompts, params = prompts[:6], params[:6]  # 8 sequences (n=3 on one), sizes 8 down to 1
+    want, eager_kv, _, _, none = _run("cpu", True, prompts, params, qwen3_path)
+    got, graph_kv, steps, free, graphs = _run("cpu", False, prompts, params, qwen3_path)
+    assert none is None and graphs is not None
+    assert got == want
+    assert free == KV_BLOCKS
+    assert any(n < size for n, size in steps) and len({size for _, size in steps}) >= 3, steps
+    for eager, graph in zip(eager_kv, graph_kv):
+        torch.testing.assert_close(graph[:, :KV_BLOCKS], eager, atol=1e-4, rtol=1e-4)
+
+
 def test_padding_rows_point_at_the_scratch_block():
     """Whatever earlier, larger steps left in the static buffers, the rows past a step's
     sequences read and write only the scratch block, one token long."""
@@ -111,7 +133,8 @@ def test_padding_rows_point_at_the_scratch_block():
     seen = []
     graphs._forward = lambda size, batch: seen.append(
         (size, graphs.input_ids[:size].clone(), graphs.slot_mapping[:size].clone(),
-         graphs.seq_lens[:size].clone(), graphs.block_tables[:size].clone())) or torch.zeros(size, 5)
+         graphs.seq_lens[:size].clone(), graphs.block_tables[:size].clone())
+    ) or torch.zeros(size, 5)
     for num in (7, 3, 8, 1, 5):
         tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
         batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
@@ -151,31 +174,43 @@ SHAPE_FROM_DATA = ("nonzero", "masked_select", "unique", "bincount", "repeat_int
 
 
 def interpreter_case(name: str, seed: int) -> dict:
-    """One padded decode forward of the embedded model through the Triton kernels, recording
-    every read of tensor data on the host and every op whose output shape depends on tensor
-    data, outside Triton's own interpreter (which reads tensors to emulate the GPU)."""
+    """One padded decode forward through the Triton kernels, recording every read of tensor data
+    on the host and every op whose output shape depends on tensor data, outside Triton's own
+    interpreter (which reads tensors to emulate the GPU). Cases: the embedded MLA model with the
+    MoE routed inline or through the align kernel, a tiny Qwen3-MoE (GQA, one KV head for four
+    query heads, a table wide enough that the GQA kernel splits); "*torch": the same through the
+    torch references, which do read on the host: the audit must catch them."""
     import os
+    import tempfile
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import kernels.fused_moe_triton as fmt
+    import kernels.gqa_decode_triton as gqa
+    import kernels.mla_decode_triton as mla
     from afd.kv_cache import allocate_kv_caches
     from models.weights import load_model
 
-    import kernels.mla_decode_triton as mla
-
-    # "torch": the reference kernels, which do read on the host: the audit must catch them
-    os.environ["AFD_KERNEL_BACKEND"] = "torch" if name == "torch" else "triton"
+    qwen = name.startswith("qwen3")
+    os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
     os.environ["AFD_MOE_INLINE"] = "1" if name == "inline" else "0"
     fmt._env_features.cache_clear()
     found: list[str] = []
-    calls = {"fused_moe": 0, "mla_decode": 0}
-    for module, fn_name, key in ((fmt, "fused_moe_triton", "fused_moe"),
-                                 (mla, "mla_decode_attention_triton", "mla_decode")):
+    calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0}
+    counted_fns = ((fmt, "fused_moe_triton", "fused_moe"),
+                   (mla, "mla_decode_attention_triton", "mla_decode"),
+                   (gqa, "gqa_decode_attention_triton", "gqa_decode"))
+    # Patched for this case only (the cases share a process), restored at the end.
+    saved = [(module, fn_name, getattr(module, fn_name)) for module, fn_name, _ in counted_fns]
+    saved.append((gqa, "choose_num_splits", gqa.choose_num_splits))
+    for module, fn_name, key in counted_fns:
         def counted(*args, _fn=getattr(module, fn_name), _key=key, **kwargs):
             calls[_key] += 1
             return _fn(*args, **kwargs)
         setattr(module, fn_name, counted)
+    splits: list[int] = []
+    choose = gqa.choose_num_splits
+    gqa.choose_num_splits = lambda *args: splits.append(choose(*args)) or splits[-1]
 
     def ours() -> bool:
         frame = sys._getframe(2)
@@ -204,13 +239,20 @@ def interpreter_case(name: str, seed: int) -> dict:
             return originals[method](self, *args, **kwargs)
         return read
 
-    path = default_model_path()
+    if qwen:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ckpt_utils import build_hf_model, save_checkpoint
+
+        path = save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1),
+                               tempfile.mkdtemp(prefix="afd_qwen3_"))
+    else:
+        path = default_model_path()
     model = load_model(path, "full", dtype=torch.float32, device="cpu")
     caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu")
     for cache in caches:
         cache.normal_()
-    graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16, max_model_len=64,
-                          sizes=(4,), capture=False)
+    graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16,
+                          max_model_len=1024 if qwen else 64, sizes=(4,), capture=False)
     with torch.inference_mode():  # four sequences of 1-4 blocks (the buffers' own mode)
         graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
         graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
@@ -222,25 +264,34 @@ def interpreter_case(name: str, seed: int) -> dict:
     finally:
         for method, fn in originals.items():
             setattr(torch.Tensor, method, fn)
+        for module, fn_name, fn in saved:
+            setattr(module, fn_name, fn)
     return {"found": found, "finite": bool(torch.isfinite(logits).all()),
-            "shape": list(logits.shape), "calls": calls}
+            "shape": list(logits.shape), "calls": calls, "gqa_splits": splits}
 
 
 def test_decode_forward_reads_nothing_on_the_host():
-    """Through the Triton kernels (MoE routed inline and through the align kernel), a padded
-    decode forward reads no tensor data on the host; through the torch references it does."""
-    results = run_in_interpreter(__file__, ["inline", "aligned", "torch"], seed=0)
-    for route in ("inline", "aligned"):
+    """Through the Triton kernels (MLA with the MoE routed inline and through the align kernel;
+    GQA through its split path), a padded decode forward reads no tensor data on the host;
+    through the torch references it does."""
+    results = run_in_interpreter(__file__, ["inline", "aligned", "torch", "qwen3",
+                                            "qwen3_torch"], seed=0)
+    for route, attention in (("inline", "mla_decode"), ("aligned", "mla_decode"),
+                             ("qwen3", "gqa_decode")):
         result = results[route]
         assert "error" not in result, result.get("error")
         assert result["finite"] and result["shape"][0] == 4
-        assert result["calls"]["fused_moe"] > 0 and result["calls"]["mla_decode"] > 0
+        assert result["calls"]["fused_moe"] > 0 and result["calls"][attention] > 0
         assert result["found"] == [], (route, result["found"])
-    torch_case = results["torch"]
-    assert torch_case["calls"] == {"fused_moe": 0, "mla_decode": 0}
-    # int(seq_lens.max()) in the MLA reference; the MoE reference's bool mask, bincount, tolist
-    assert {"Tensor.__int__", "aten.index.Tensor", "aten.bincount.default",
-            "Tensor.tolist"} <= set(torch_case["found"]), torch_case["found"]
+    assert results["qwen3"]["gqa_splits"] and min(results["qwen3"]["gqa_splits"]) > 1
+    for name in ("torch", "qwen3_torch"):
+        torch_case = results[name]
+        assert "error" not in torch_case, torch_case.get("error")
+        assert torch_case["calls"] == {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0}
+        # int(seq_lens.max()) in the attention references; the MoE reference's bool mask,
+        # bincount, tolist
+        assert {"Tensor.__int__", "aten.index.Tensor", "aten.bincount.default",
+                "Tensor.tolist"} <= set(torch_case["found"]), (name, torch_case["found"])
 
 
 def test_pd_decode_rank_with_graphs_matches_single_process():
