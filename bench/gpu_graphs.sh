@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA graphs of decode steps on a lent GPU, in one short call (~3 min; run it with
-# timeout_s=300): the graph tests on CUDA (graph replay vs eager steps, token for token), then
+# timeout_s=360): the graph tests on CUDA (graph replay vs eager steps, token for token, MLA and
+# Qwen3-MoE GQA), then
 # bench/offline.py with and without graphs (and transformers) on the embedded model.
 # Writes graphs_tests.log, offline_graphs.json and offline_graphs.log to $OUT.
 set -uo pipefail
@@ -14,7 +15,7 @@ start=$(date +%s)
 stamp() { echo "[gpu_graphs $(($(date +%s) - start))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 stamp "graph tests on CUDA"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py 2>&1 \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py 2>&1 \
   | tee "$OUT/graphs_tests.log" | tail -15
 stamp "offline: transformers, afd eager, afd with graphs (full warm-up each)"
 timeout 150 python3 bench/offline.py --device cuda --cuda-graphs --json "$OUT/offline_graphs.json" \

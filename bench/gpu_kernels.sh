@@ -67,7 +67,7 @@ else
   stamp "GPU kernel tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
-    tests/test_kernels_mla.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
+    tests/test_kernels_mla.py tests/test_kernels_gqa.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"
   stamp "benchmark (writes $OUT/kernels.json)"

@@ -66,6 +66,8 @@ from kernels.fused_moe_tuning import (  # noqa: E402
     sweep_moe,
     time_interleaved,
 )
+from kernels.gqa_decode import gqa_decode_attention_torch  # noqa: E402
+from kernels.gqa_decode_triton import gqa_decode_attention_triton  # noqa: E402
 from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
 from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
 from kernels.moe_align_triton import inline_route_fits  # noqa: E402
@@ -521,7 +523,7 @@ def bench_best_tiles(timer: Timer, errors: list, device: str, hidden: int, inter
 
 
 def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
-    """RMSNorm, rotary and MLA decode: Triton vs the torch reference, and bytes / copy bw."""
+    """RMSNorm, rotary, MLA and GQA decode: Triton vs the torch reference, and their floors."""
     bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
     out = []
     tokens, hidden = (64, 96) if smoke else (4096, 7168)
@@ -553,6 +555,14 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
                 mla_floor * 1e3,
                 lambda: mla_decode_attention_triton(q_lat, q_pe, kv, tables, lens, scale),
                 lambda: mla_decode_attention_torch(q_lat, q_pe, kv, tables, lens, scale)))
+    # GQA decode at Qwen3-30B-A3B's attention (32 query heads on 4 KV heads, head_dim 128):
+    # a batch of 4k-token contexts, and one 32k-token sequence (the split-K path).
+    gqa = {}
+    for label, (batch, ctx) in (("gqa_decode", (2, 64) if smoke else (64, 4096)),
+                                ("gqa_decode 1 seq", (1, 96) if smoke else (1, 32768))):
+        gqa[label] = _gqa_inputs(device, batch, ctx, smoke)
+        out.append((label, gqa[label]["shape"], gqa[label]["floor"](ceil),
+                    gqa[label]["run"], eager(gqa[label]["ref"])))
     rows = []
     for name, shape, floor, tri, ref in out:
         def check(tri=tri, ref=ref):
@@ -583,7 +593,43 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
             f"{_ratio(ms, mla_floor * 1e3)}")
         rows.append({"op": label, "shape": out[2][1], "floor_ms": mla_floor * 1e3,
                      "triton_ms": ms})
+    # GQA launch variants (tokens per step, warps, splits) to tune gqa_decode_triton's
+    # default_launch / choose_num_splits.
+    for label, case in gqa.items():
+        for bn, warps, splits in ((32, 4, None), (128, 4, None), (64, 8, None), (64, 4, 1),
+                                  (64, 4, 8), (64, 4, 32)):
+            if smoke and (bn > 32 or splits == 32):
+                continue
+            variant = f"{label} bn={bn} warps={warps} splits={splits}"
+            floor = case["floor"](ceil)
+            ms = guarded(errors, variant, lambda bn=bn, warps=warps, splits=splits, case=case:
+                         timer(lambda: case["run"](num_splits=splits, block_n=bn,
+                                                   num_warps=warps)))
+            log(f"{variant:57s} floor {_ms(floor)} | triton {_ms(ms)} {_ratio(ms, floor)}")
+            rows.append({"op": variant, "shape": case["shape"], "floor_ms": floor,
+                         "triton_ms": ms})
     return rows
+
+
+def _gqa_inputs(device: str, batch: int, ctx: int, smoke: bool) -> dict:
+    """A GQA decode case: bf16 KV in shuffled blocks of 16 tokens, every sequence ``ctx`` long.
+    Its floor reads the K/V of every context once (the cache holds nothing else)."""
+    heads, kv_heads, dim, block = (4, 2, 80, 16) if smoke else (32, 4, 128, 16)
+    blocks_per_seq = ctx // block
+    kv = torch.randn(2, batch * blocks_per_seq, block, kv_heads, dim, device=device,
+                     dtype=torch.bfloat16)
+    tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, -1).int()
+    lens = torch.full((batch,), ctx, device=device, dtype=torch.long)
+    q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
+    scale = dim**-0.5
+    flops = 4 * batch * heads * ctx * dim  # q.k and p.v
+    return {
+        "shape": f"B={batch} H={heads}/{kv_heads} D={dim} ctx={ctx} block={block}",
+        "floor": lambda ceil: _roofline_ms(ceil, kv.numel() * 2, flops),
+        "run": lambda **knobs: gqa_decode_attention_triton(q, kv, tables, lens, scale, **knobs),
+        # reads the longest length on the host: no CUDA graph, timed as launched
+        "ref": lambda: gqa_decode_attention_torch(q, kv, tables, lens, scale),
+    }
 
 
 def summarize(moe_rows: list[dict]) -> dict:

@@ -137,6 +137,38 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
         assert best[key] > 0
 
 
+_OTHERS_SMOKE = """
+import importlib.util, json, sys
+sys.argv.append("--smoke")  # bench/kernels.py then loads the kernels under the interpreter
+spec = importlib.util.spec_from_file_location("bench_kernels", "bench/kernels.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+errors = []
+rows = bench.bench_others(bench.Timer(cuda=False, rep_ms=1),
+                          {"copy_bytes_per_s": 1e11, "matmul_flops_per_s": 1e13}, errors, "cpu",
+                          smoke=True)
+print(json.dumps({"rows": rows, "errors": [e["case"] for e in errors]}))
+"""
+
+
+def test_bench_others_smoke_runs_on_cpu() -> None:
+    """The "other kernels" section (not in --quick): each op checked and timed beside its
+    torch reference, GQA decode included."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", _OTHERS_SMOKE], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == []
+    ops = {row["op"]: row for row in result["rows"]}
+    for op in ("rms_norm+residual", "rotary interleaved", "mla_decode", "gqa_decode",
+               "gqa_decode 1 seq"):
+        row = ops[op]
+        assert row["rel_err"] < 1e-2 and row["triton_ms"] > 0 and row["torch_ms"] > 0, row
+        assert row["floor_ms"] > 0
+    assert any(op.startswith("gqa_decode bn=") for op in ops)
+
+
 def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:
     out = tmp_path / "host.json"
     proc = subprocess.run(

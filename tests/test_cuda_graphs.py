@@ -108,13 +108,17 @@ def qwen3_path(tmp_path_factory) -> str:
     return save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path_factory.mktemp("qwen3")))
 
 
-def test_qwen3_graph_steps_match_eager_steps(qwen3_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                        reason="needs a CUDA device (real graph capture)")])])
+def test_qwen3_graph_steps_match_eager_steps(qwen3_path, device):
     """GQA decode (Qwen3-MoE) through the graph path gives the tokens of eager steps."""
     prompts, params = _workload()
     prompts, params = prompts[:6], params[:6]  # 8 sequences (n=3 on one), sizes 8 down to 1
-    want, eager_kv, _, _, none = _run("cpu", True, prompts, params, qwen3_path)
-    got, graph_kv, steps, free, graphs = _run("cpu", False, prompts, params, qwen3_path)
+    want, eager_kv, _, _, none = _run(device, True, prompts, params, qwen3_path)
+    got, graph_kv, steps, free, graphs = _run(device, False, prompts, params, qwen3_path)
     assert none is None and graphs is not None
+    assert (graphs.graphs[1].graph is not None) == (device == "cuda")
     assert got == want
     assert free == KV_BLOCKS
     assert any(n < size for n, size in steps) and len({size for _, size in steps}) >= 3, steps
