@@ -1,8 +1,9 @@
 """The engine's greedy tokens are the same with every kernel forced to Triton (interpreter).
 
-The embedded tiny DeepSeek-V3 model runs a short batch twice in one TRITON_INTERPRET=1
-subprocess: once with AFD_KERNEL_BACKEND=torch, once with AFD_KERNEL_BACKEND=triton (RMSNorm,
-rotary, MLA decode and fused_moe all through their Triton kernels, which are counted).
+The embedded tiny DeepSeek-V3 model, and a tiny Qwen3-MoE, each run a short batch twice in a
+TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
+AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode and fused_moe all through their
+Triton kernels, which are counted).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ TRITON_ENTRIES = {
     "kernels.norm_triton": "rms_norm_triton",
     "kernels.rotary_triton": "apply_rotary_triton",
     "kernels.mla_decode_triton": "mla_decode_attention_triton",
+    "kernels.gqa_decode_triton": "gqa_decode_attention_triton",
 }
+UNUSED = {"greedy": "gqa_decode_attention_triton", "qwen3": "mla_decode_attention_triton"}
 
 
 def interpreter_case(name: str, seed: int) -> dict:
     import importlib
+    import sys
+    import tempfile
 
     from afd import LLM, SamplingParams
 
@@ -42,7 +47,13 @@ def interpreter_case(name: str, seed: int) -> dict:
         module = importlib.import_module(module_name)
         # The public ops import these at call time, so the module attribute is what they call.
         setattr(module, fn_name, counting(getattr(module, fn_name), fn_name))
-    llm = LLM(seed=seed)
+    path = None
+    if name == "qwen3":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ckpt_utils import build_hf_model, save_checkpoint
+
+        path = save_checkpoint(build_hf_model("qwen3_moe"), tempfile.mkdtemp(prefix="afd_qwen3_"))
+    llm = LLM(path, seed=seed)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
@@ -53,10 +64,13 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-def test_greedy_tokens_match_with_triton_kernels() -> None:
-    result = run_in_interpreter(__file__, ["greedy"], seed=0)["greedy"]
+@pytest.mark.parametrize("name", ["greedy", "qwen3"])
+def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
+    result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
     tokens = result["tokens"]
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
-    assert all(n > 0 for n in result["calls"].values()), result["calls"]
+    calls = result["calls"]
+    assert calls.pop(UNUSED[name]) == 0
+    assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]
