@@ -16,7 +16,6 @@ an empty partial that the combine weighs zero.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_utils import (combine_splits_kernel, dot, dot_mode, interp_bf16, next_pow2,
-                                  rne_bf16)
+                                  num_sms, rne_bf16)
 
 
 @triton.jit
@@ -97,11 +96,6 @@ def gqa_decode_kernel(
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=g_ok)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 MIN_SPLIT_TOKENS = 256  # below this a split's loop is too short to pay for its partial's round trip
 MAX_SPLITS = 64
 
@@ -162,8 +156,8 @@ def gqa_decode_attention_triton(
     launch = default_launch(group, head_dim, on_gpu=not interp)
     block_n = block_n or launch["block_n"]
     if num_splits is None:
-        sms = 4 if interp else _sm_count(q.device.index or 0)
-        num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size, sms)
+        num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size,
+                                       num_sms(q.device))
     d_pad = max(16, next_pow2(head_dim))
     common = {"G_PAD": max(16, next_pow2(group)), "BLOCK_N": block_n, "D_PAD": d_pad,
               "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
