@@ -247,11 +247,11 @@ def interpreter_case(name: str, seed: int) -> dict:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ckpt_utils import build_hf_model, save_checkpoint
 
-        path = save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1),
-                               tempfile.mkdtemp(prefix="afd_qwen3_"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp)
+            model = load_model(path, "full", dtype=torch.float32, device="cpu")
     else:
-        path = default_model_path()
-    model = load_model(path, "full", dtype=torch.float32, device="cpu")
+        model = load_model(default_model_path(), "full", dtype=torch.float32, device="cpu")
     caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu")
     for cache in caches:
         cache.normal_()

@@ -47,19 +47,21 @@ def interpreter_case(name: str, seed: int) -> dict:
         module = importlib.import_module(module_name)
         # The public ops import these at call time, so the module attribute is what they call.
         setattr(module, fn_name, counting(getattr(module, fn_name), fn_name))
-    path = None
-    if name == "qwen3":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from ckpt_utils import build_hf_model, save_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        path = None
+        if name == "qwen3":
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from ckpt_utils import build_hf_model, save_checkpoint
 
-        path = save_checkpoint(build_hf_model("qwen3_moe"), tempfile.mkdtemp(prefix="afd_qwen3_"))
-    llm = LLM(path, seed=seed)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    tokens = {}
-    for backend in ("torch", "triton"):
-        os.environ["AFD_KERNEL_BACKEND"] = backend
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-        tokens[backend] = [o.outputs[0].token_ids for o in outs]
+            path = save_checkpoint(build_hf_model("qwen3_moe"), tmp)
+        llm = LLM(path, seed=seed)
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        tokens = {}
+        for backend in ("torch", "triton"):
+            os.environ["AFD_KERNEL_BACKEND"] = backend
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                use_tqdm=False)
+            tokens[backend] = [o.outputs[0].token_ids for o in outs]
     return {"tokens": tokens, "calls": calls}
 
 
