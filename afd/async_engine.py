@@ -185,4 +185,5 @@ class AsyncEngine:
         stats = self.engine.core.stats()
         running = sum(s.num_running for s in stats)
         in_flight = self.engine.num_unfinished_seqs  # sequences, as ``running`` counts
-        self.metrics.observe_stats(stats, running, max(0, in_flight - running))
+        self.metrics.observe_stats(stats, running, max(0, in_flight - running),
+                                   self.engine.core.prefix_cache_stats())

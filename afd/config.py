@@ -22,6 +22,8 @@ class EngineConfig:
     seed: seeds the unseeded samplers, so a whole run is reproducible.
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes.
+    enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
+        reuse it for later sequences that start with the same tokens (afd.block_pool).
     """
 
     model: str
@@ -35,6 +37,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = True
     cuda_graph_sizes: tuple[int, ...] = ()
+    enable_prefix_caching: bool = True
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -57,6 +60,7 @@ def resolve_engine_config(
     max_num_batched_tokens: int | None = None,
     enforce_eager: bool = True,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
+    enable_prefix_caching: bool = True,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
@@ -65,6 +69,9 @@ def resolve_engine_config(
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs)
+    if not isinstance(enable_prefix_caching, bool):
+        raise ValueError(f"enable_prefix_caching must be True or False, got "
+                         f"{enable_prefix_caching!r}")
     if seed is None:  # as vLLM: a random seed, drawn once here for every rank
         seed = secrets.randbits(63)
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
@@ -94,7 +101,8 @@ def resolve_engine_config(
     return EngineConfig(model=model, dtype=run_dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes)
+                        seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
+                        enable_prefix_caching=enable_prefix_caching)
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from afd.config import EngineConfig
-from afd.kv_cache import BlockAllocator
+from afd.block_pool import BlockPool
 from afd.model_runner import ModelRunner
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
@@ -24,6 +24,23 @@ class CoreStats:
     kv_usage: float  # fraction of KV blocks in use
     num_free_blocks: int
     num_preemptions: int  # total since start
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, total since start
+    prefix_cache_hits: int = 0  # of those, tokens found there
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix cache totals, in tokens, over every rank that admits prompts (vLLM's
+    prefix_cache_queries / prefix_cache_hits): a sequence counts its tokens each time it is
+    admitted (a preempted one again when it comes back), and the hits among them."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @classmethod
+    def total(cls, stats: list[CoreStats]) -> PrefixCacheStats:
+        return cls(sum(s.prefix_cache_queries for s in stats),
+                   sum(s.prefix_cache_hits for s in stats))
 
 
 class EngineCore:
@@ -33,7 +50,7 @@ class EngineCore:
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  prefill_only: bool = False):
         self.cfg = cfg
-        self.allocator = BlockAllocator(cfg.num_kv_blocks, cfg.block_size)
+        self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cfg, experts, decodes=not prefill_only)
         self.seqs: dict[str, Sequence] = {}
@@ -84,7 +101,8 @@ class EngineCore:
             out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason,
                              logprobs=None if logprobs is None else [logprobs])
             if seq.num_output_tokens == 1 and seq.first_scheduled is not None:
-                out.metrics = {"queue_time": seq.first_scheduled - seq.received}
+                out.metrics = {"queue_time": seq.first_scheduled - seq.received,
+                               "num_cached_tokens": seq.num_cached_tokens or 0}
             outputs.append(out)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
@@ -102,7 +120,9 @@ class EngineCore:
         return seq
 
     def add_transferred(self, seq: Sequence) -> None:
-        """A sequence prefilled elsewhere, its KV already in this rank's blocks."""
+        """A sequence prefilled elsewhere, its KV already in this rank's blocks (never put in
+        this rank's prefix cache: what arrived was not computed here)."""
+        seq.cacheable = False
         self.seqs[seq.request_id] = seq
         self.scheduler.add_running(seq)
 
@@ -114,7 +134,16 @@ class EngineCore:
             kv_usage=self.allocator.usage,
             num_free_blocks=self.allocator.num_free,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )]
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats.total(self.stats())
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block; running sequences keep theirs."""
+        self.allocator.reset()
 
     def shutdown(self) -> None:
         pass

@@ -29,6 +29,8 @@ class CoreClient(Protocol):
     def step(self) -> list[CoreOutput]: ...
     def has_unfinished(self) -> bool: ...
     def stats(self) -> list[Any]: ...
+    def prefix_cache_stats(self) -> Any: ...
+    def reset_prefix_cache(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -53,6 +55,7 @@ class _Request:
     completions: list[_Completion]
     metrics: RequestMetrics
     error: str | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,7 +74,7 @@ class _Request:
                                  None if c.logprobs is None else list(c.logprobs))
                 for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
-                             self.finished, self.metrics, self.error)
+                             self.finished, self.metrics, self.error, self.num_cached_tokens)
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:
@@ -222,6 +225,9 @@ class LLMEngine:
                 req.metrics.queue_time = out.metrics["queue_time"]
             if "transfer_time" in out.metrics:
                 req.metrics.transfer_time = out.metrics["transfer_time"]
+            if "num_cached_tokens" in out.metrics:
+                req.num_cached_tokens = max(req.num_cached_tokens or 0,
+                                            out.metrics["num_cached_tokens"])
         if out.new_token_ids:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -267,6 +273,11 @@ class LLMEngine:
         if text is None:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache on every rank (KV of running requests stays theirs)."""
+        self.core.reset_prefix_cache()
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

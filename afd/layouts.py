@@ -25,7 +25,7 @@ import zmq
 
 from afd import protocol
 from afd.config import EngineConfig
-from afd.core import CoreStats
+from afd.core import CoreStats, PrefixCacheStats
 from afd.placement import ExpertPlacement
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
@@ -326,6 +326,17 @@ class MultiRankClient:
 
     def stats(self) -> list[CoreStats]:
         return list(self.rank_stats.values())
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Over the prefill ranks (they admit the prompts in P/D) and the attention ranks, as of
+        each rank's last report."""
+        return PrefixCacheStats.total([*self.prefill_stats.values(), *self.rank_stats.values()])
+
+    def reset_prefix_cache(self) -> None:
+        """Every prefill and attention rank forgets its cached blocks, before it takes any
+        request added after this call (one socket per rank keeps the order)."""
+        for rank in range(self.layout.prefill + self.layout.attention):
+            self._tell(rank, {"t": "reset_prefix_cache"})
 
     # ---- messages from the ranks ----------------------------------------------------------
     def _handle(self, msg: dict[str, Any]) -> list[CoreOutput]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from typing import TYPE_CHECKING
+
 from afd.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from afd.core import PrefixCacheStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -33,6 +38,13 @@ class ServerMetrics:
                               "rank (0-1)", labels + ["rank"], registry=r)
         self.preemptions = Counter("afd:num_preemptions", "Sequences preempted for KV blocks",
                                    labels, registry=r).labels(model_name)
+        self.prefix_cache_queries = Counter(
+            "afd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (each "
+            "admission, readmissions after preemption too)", labels, registry=r
+        ).labels(model_name)
+        self.prefix_cache_hits = Counter(
+            "afd:prefix_cache_hits", "Of the looked-up tokens, those whose KV came from the "
+            "prefix cache", labels, registry=r).labels(model_name)
         self.prompt_tokens = Counter("afd:prompt_tokens", "Prompt tokens processed", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("afd:generation_tokens", "Tokens generated", labels,
@@ -41,6 +53,7 @@ class ServerMetrics:
                                 labels + ["finished_reason"], registry=r)
         self.model_name = model_name
         self._preemptions_seen = 0
+        self._prefix_cache_seen = (0, 0)  # queries, hits
 
     def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
                        last_token_time: float | None, steps: int | None = None) -> None:
@@ -58,8 +71,10 @@ class ServerMetrics:
             for c in out.outputs:
                 self.requests.labels(self.model_name, c.finish_reason or "unknown").inc()
 
-    def observe_stats(self, stats: list, running: int, waiting: int) -> None:
-        """Scheduler state of the attention ranks (CoreStats each)."""
+    def observe_stats(self, stats: list, running: int, waiting: int,
+                      prefix_cache: PrefixCacheStats | None = None) -> None:
+        """Scheduler state of the attention ranks (CoreStats each) and the prefix cache totals
+        of every rank (counters: only what grew since the last call is added)."""
         self.running.set(running)
         self.waiting.set(waiting)
         total_preemptions = 0
@@ -69,3 +84,9 @@ class ServerMetrics:
         if total_preemptions > self._preemptions_seen:
             self.preemptions.inc(total_preemptions - self._preemptions_seen)
             self._preemptions_seen = total_preemptions
+        if prefix_cache is not None:
+            queries, hits = self._prefix_cache_seen
+            self.prefix_cache_queries.inc(max(0, prefix_cache.queries - queries))
+            self.prefix_cache_hits.inc(max(0, prefix_cache.hits - hits))
+            self._prefix_cache_seen = (max(queries, prefix_cache.queries),
+                                       max(hits, prefix_cache.hits))

@@ -71,3 +71,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = field(default=None)  # set when finish_reason is "error"
+    # prompt tokens whose KV came from the prefix cache (the most any completion reused), set
+    # with the first token, as vLLM's
+    num_cached_tokens: int | None = None

@@ -60,6 +60,8 @@ class AttentionWorker:
             self.pulls = deque(p for p in self.pulls if p.request.request_id not in ids)
             for rid in ids & set(self.receiving):
                 self._drop_receive(rid)
+        elif kind == "reset_prefix_cache":
+            self.core.reset_prefix_cache()
         elif kind == "shutdown":
             self.stopping = True
         return []

@@ -50,6 +50,8 @@ class PrefillWorker:
                 self.core.abort([rid])  # frees blocks whether running, waiting or parked
         elif kind == "drop":
             self.drop.add(msg["id"])
+        elif kind == "reset_prefix_cache":
+            self.core.reset_prefix_cache()
         elif kind == "shutdown":
             self.stopping = True
         return []

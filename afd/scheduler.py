@@ -5,6 +5,11 @@ one token, an unfinished prompt takes its next chunk. Waiting sequences then joi
 blocks and max_num_seqs allow, so new prompts are prefilled beside running decodes. When a running
 sequence needs a block and none is free, the most recently arrived running sequence is preempted:
 its blocks are freed and it is recomputed later from its tokens (prompt + output so far).
+
+With prefix caching (afd.block_pool) a sequence being admitted first takes the cached blocks of
+the longest run of its leading full blocks (shared with whoever else holds them) and starts
+computing after them; at least its last token is always computed, for the logits. A block joins
+the cache once every one of its tokens' KV is written (``update``), prompt or generated.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from afd.kv_cache import BlockAllocator
+from afd.block_pool import BlockPool, extend_block_keys
 from afd.sequence import Sequence, Status
 
 
@@ -41,13 +46,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prefix cache, in tokens, over every admission (readmissions after preemption too)
+        self.prefix_cache_queries = 0  # tokens of the sequences admitted
+        self.prefix_cache_hits = 0  # of those, tokens whose KV came from the cache
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -99,12 +107,23 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self.allocator.blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
-            if not self.allocator.can_allocate(need):
+            cached = self._cached_prefix(seq)
+            num_cached = len(cached) * self.allocator.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            need = self.allocator.blocks_for(num_cached + n) - len(cached)
+            # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
+            reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
+            if not self.allocator.can_allocate(need + reclaimed):
                 break
             self.waiting.popleft()
-            seq.block_ids += self.allocator.allocate(need)
+            self.allocator.take(cached)  # before allocate(), which could evict them
+            seq.block_ids = cached + self.allocator.allocate(need)
+            seq.num_computed_tokens, seq.num_cached_blocks = num_cached, len(cached)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
+            if self.allocator.enable_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_cached
             seq.status = Status.RUNNING
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
@@ -113,6 +132,14 @@ class Scheduler:
             budget -= n
         out.seqs.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first, order otherwise kept
         return out
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding ``seq``'s leading full blocks; never all of its tokens."""
+        if not (self.allocator.enable_caching and seq.cacheable):
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.allocator.block_size
+        extend_block_keys(seq.block_keys, seq.token_ids, self.allocator.block_size, max_blocks)
+        return self.allocator.cached_prefix(seq.token_ids, seq.block_keys, max_blocks)
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Get blocks for ``n`` more tokens of ``seq``, preempting later arrivals if needed.
@@ -134,7 +161,8 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_blocks = 0
+        seq.cacheable = True  # recomputed here from its tokens
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -144,3 +172,17 @@ class Scheduler:
         """After the forward: the scheduled tokens are now in the cache."""
         for s in out.seqs:
             s.seq.num_computed_tokens += s.num_new_tokens
+            if self.allocator.enable_caching and s.seq.cacheable:
+                self._cache_full_blocks(s.seq)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks this step filled to the prefix cache."""
+        size = self.allocator.block_size
+        full = seq.num_computed_tokens // size
+        if full <= seq.num_cached_blocks:
+            return
+        extend_block_keys(seq.block_keys, seq.token_ids, size, full)
+        for b in range(seq.num_cached_blocks, full):
+            self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b - 1] if b else b"",
+                                       seq.token_ids[b * size:(b + 1) * size])
+        seq.num_cached_blocks = full

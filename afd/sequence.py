@@ -53,6 +53,14 @@ class Sequence:
         self.num_prompt_tokens = len(req.prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_ids: list[int] = []
+        # prefix cache (afd.block_pool): keys of the full blocks of token_ids (grown on demand),
+        # how many leading blocks of block_ids are in the cache already, and whether this
+        # sequence's KV may be cached at all (not KV received from another rank, which this
+        # rank did not compute)
+        self.block_keys: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.cacheable = True
+        self.num_cached_tokens: int | None = None  # prompt tokens the first admission reused
         self.status = Status.WAITING
         self.params = req.params
         self.eos_token_ids = () if req.params.ignore_eos else tuple(req.eos_token_ids)

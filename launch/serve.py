@@ -66,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes to capture (default 1 2 4 8 16 ... up to "
                          "min(max-num-seqs, 256))")
+    ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                    default=True, help="reuse the KV of full blocks of tokens that a new prompt "
+                    "shares with earlier ones (default on)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -152,7 +155,8 @@ def main() -> None:
             max_model_len=args.max_model_len, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes)
+            enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
+            enable_prefix_caching=args.enable_prefix_caching)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)

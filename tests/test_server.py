@@ -389,7 +389,8 @@ class _IdleEngine:
 
     requests: dict = {}
     num_unfinished_seqs = 0
-    core = type("Core", (), {"stats": staticmethod(lambda: [])})()
+    core = type("Core", (), {"stats": staticmethod(lambda: []),
+                             "prefix_cache_stats": staticmethod(lambda: None)})()
 
     def has_unfinished_requests(self) -> bool:
         return False

@@ -1,0 +1,167 @@
+"""The KV block pool of one rank: reference-counted blocks and the prefix cache over them.
+
+Every block is either owned (ref count >= 1: one or more sequences read it) or free. A free block
+is *empty*, or *cached*: it still holds the KV of a full block of some sequence's tokens, keyed
+by a chained hash, and can be handed to a later sequence whose tokens start the same way
+(automatic prefix caching, as vLLM's ``enable_prefix_caching``). A cached free block is evicted
+(its key dropped) only when an allocation finds no empty block left, least recently used first.
+
+Keys: block ``b`` of a sequence has the content ``key(b - 1) + tokens[b * size:(b + 1) * size]``
+(token ids as little-endian int64) and the key ``sha256(content)``, so a key names the whole
+prefix up to and including its block. The pool keeps each cached block's content and compares it
+on every hit: a hit's own tokens and its parent's key are proven equal, not only hashed equal
+(the parents further up are matched the same way, one block at a time, from the first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
+
+
+def block_content(parent_key: bytes, tokens: Sequence[int]) -> bytes:
+    """What a full block's key hashes: its parent's key (b"" for the first) and its tokens."""
+    return parent_key + struct.pack(f"<{len(tokens)}q", *tokens)
+
+
+def block_key(content: bytes) -> bytes:
+    return hashlib.sha256(content).digest()
+
+
+def extend_block_keys(keys: list[bytes], token_ids: Sequence[int], block_size: int,
+                      num_blocks: int) -> None:
+    """Append the keys of full blocks ``len(keys) .. num_blocks - 1`` of ``token_ids`` to
+    ``keys`` (a sequence keeps its list: tokens are only ever appended, so keys never change)."""
+    for b in range(len(keys), num_blocks):
+        tokens = token_ids[b * block_size:(b + 1) * block_size]
+        keys.append(block_key(block_content(keys[b - 1] if b else b"", tokens)))
+
+
+class BlockPool:
+    """Hands out fixed-size KV blocks by id, counts their owners, and (``enable_caching``)
+    keeps the freed blocks of full, computed token blocks for reuse.
+
+    ``num_free`` counts every block with no owner, cached ones included (they are reclaimed on
+    demand), so ``can_allocate(num_free)`` is always true. With caching off the pool behaves as
+    a plain free list.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self._ref = [0] * num_blocks
+        self._key: list[bytes | None] = [None] * num_blocks  # key of a cached block
+        self._content: list[bytes | None] = [None] * num_blocks  # what that key hashed
+        self._by_key: dict[bytes, int] = {}
+        self._empty: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, LRU first
+
+    # ---- capacity ---------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._empty) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks whose KV is in the prefix cache (owned or not)."""
+        return len(self._by_key)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks owned by a sequence (cached free blocks count as free)."""
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free
+
+    def ref_count(self, block: int) -> int:
+        return self._ref[block]
+
+    # ---- owning and releasing ---------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """``n`` blocks for new KV, each with one owner: empty ones first, then the least
+        recently used cached ones (whose cached content is forgotten)."""
+        if n > self.num_free:
+            raise RuntimeError(f"KV pool exhausted: asked for {n} blocks, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._empty:
+                block = self._empty.popleft()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                self._forget(block)
+            self._ref[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def take(self, blocks: list[int]) -> None:
+        """One more owner for each of ``blocks`` (cached blocks a new sequence reuses)."""
+        for block in blocks:
+            if self._ref[block] == 0:
+                if self._key[block] is None:
+                    raise RuntimeError(f"KV block {block} is free and holds nothing cached")
+                del self._evictable[block]
+            self._ref[block] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """One owner fewer for each block. A block left with none stays cached if it is;
+        the last block goes first, so a sequence's tail is evicted before the prefix it extends."""
+        for block, count in Counter(blocks).items():
+            if self._ref[block] < count:
+                raise RuntimeError(f"KV block {block} freed twice")
+        for block in reversed(blocks):
+            self._ref[block] -= 1
+            if self._ref[block] == 0:
+                if self._key[block] is None:
+                    self._empty.append(block)
+                else:
+                    self._evictable[block] = None
+
+    # ---- the prefix cache -------------------------------------------------------------------
+    def cached_prefix(self, token_ids: Sequence[int], keys: list[bytes],
+                      max_blocks: int) -> list[int]:
+        """The blocks holding the longest run of ``token_ids``' first full blocks, at most
+        ``max_blocks`` (``keys``: those blocks' keys, see extend_block_keys). Owns nothing:
+        ``take`` them to keep them."""
+        if not self.enable_caching:
+            return []
+        size, hits = self.block_size, []
+        for b in range(min(max_blocks, len(keys))):
+            block = self._by_key.get(keys[b])
+            if block is None or self._content[block] != block_content(
+                    keys[b - 1] if b else b"", token_ids[b * size:(b + 1) * size]):
+                break
+            hits.append(block)
+        return hits
+
+    def cache_block(self, block: int, parent_key: bytes, tokens: Sequence[int]) -> None:
+        """Offer an owned block whose ``tokens`` (all ``block_size`` of them) have their KV
+        written. A block already cached, or content another block already holds, is left as is."""
+        if not self.enable_caching or self._key[block] is not None:
+            return
+        assert self._ref[block] > 0 and len(tokens) == self.block_size, (block, len(tokens))
+        content = block_content(parent_key, tokens)
+        key = block_key(content)
+        if key in self._by_key:
+            return
+        self._key[block], self._content[block] = key, content
+        self._by_key[key] = block
+
+    def reset(self) -> None:
+        """Forget every cached block (owned blocks keep their KV and owners)."""
+        for block in self._evictable:
+            self._empty.append(block)
+        self._evictable.clear()
+        self._by_key.clear()
+        self._key = [None] * self.num_blocks
+        self._content = [None] * self.num_blocks
+
+    def _forget(self, block: int) -> None:
+        del self._by_key[self._key[block]]
+        self._key[block] = self._content[block] = None

@@ -1,0 +1,409 @@
+"""Automatic prefix caching: the block pool's ref counts, hash table and LRU eviction; the engine
+giving the same tokens with caching on as with it off (in one batch, one after another, chunked,
+under preemption, n > 1, seeded sampling, multi-rank) while actually reusing blocks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import afd.block_pool as block_pool
+from afd import LLM, SamplingParams
+from afd.block_pool import BlockPool, extend_block_keys
+from afd.scheduler import Scheduler, SchedulerOutput
+from afd.sequence import CoreRequest, Sequence
+from ckpt_utils import build_hf_model, save_checkpoint
+
+# ---- the pool ------------------------------------------------------------------------------
+
+
+def keys_of(tokens: list[int], size: int) -> list[bytes]:
+    keys: list[bytes] = []
+    extend_block_keys(keys, tokens, size, len(tokens) // size)
+    return keys
+
+
+def cache_all(pool: BlockPool, blocks: list[int], tokens: list[int]) -> None:
+    keys, size = keys_of(tokens, pool.block_size), pool.block_size
+    for b, block in enumerate(blocks[:len(keys)]):
+        pool.cache_block(block, keys[b - 1] if b else b"", tokens[b * size:(b + 1) * size])
+
+
+def test_ref_counts_sharing_and_double_free():
+    pool = BlockPool(6, 2)
+    a = pool.allocate(3)
+    assert pool.num_free == 3 and [pool.ref_count(b) for b in a] == [1, 1, 1]
+    pool.take(a[:2])  # a second sequence shares the first two blocks
+    assert [pool.ref_count(b) for b in a] == [2, 2, 1] and pool.num_free == 3
+    pool.free(a)
+    assert [pool.ref_count(b) for b in a] == [1, 1, 0] and pool.num_free == 4
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free([a[2]])
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free([a[0], a[0]])  # one owner left, two frees: nothing is changed
+    assert pool.ref_count(a[0]) == 1
+    pool.free(a[:2])
+    assert pool.num_free == 6 and pool.usage == 0.0
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.allocate(7)
+
+
+def test_hit_needs_equal_tokens_and_prefix():
+    pool = BlockPool(8, 4)
+    tokens = list(range(10, 22))  # three full blocks
+    blocks = pool.allocate(3)
+    cache_all(pool, blocks, tokens)
+    pool.free(blocks)
+    assert pool.num_cached == 3 and pool.num_free == 8
+    assert pool.cached_prefix(tokens, keys_of(tokens, 4), 3) == blocks
+    assert pool.cached_prefix(tokens, keys_of(tokens, 4), 2) == blocks[:2]  # the cap holds
+    other = tokens[:5] + [99] + tokens[6:]  # second block differs: the third cannot match
+    assert pool.cached_prefix(other, keys_of(other, 4), 3) == blocks[:1]
+    shifted = [0] + tokens[1:]  # same later blocks, another first block: nothing
+    assert pool.cached_prefix(shifted, keys_of(shifted, 4), 3) == []
+
+
+def test_a_key_collision_is_not_a_hit(monkeypatch):
+    """Every key equal (a hash collision everywhere): the stored tokens still tell blocks
+    apart, so no other prompt's KV is ever handed out."""
+    monkeypatch.setattr(block_pool, "block_key", lambda content: b"same")
+    pool = BlockPool(4, 2)
+    block = pool.allocate(1)
+    cache_all(pool, block, [5, 6])
+    assert pool.cached_prefix([5, 6, 7], keys_of([5, 6, 7], 2), 1) == block
+    assert pool.cached_prefix([5, 7, 7], keys_of([5, 7, 7], 2), 1) == []
+
+
+def test_eviction_is_least_recently_used_tail_first():
+    pool = BlockPool(6, 1)
+    a, b = pool.allocate(2), pool.allocate(2)
+    cache_all(pool, a, [1, 2])
+    cache_all(pool, b, [3, 4])
+    pool.free(a)
+    pool.free(b)
+    # two empty blocks go first: nothing cached is evicted while they last
+    pool.allocate(2)
+    assert pool.num_cached == 4
+    # then a's blocks (freed earlier), its tail before its head, then b's
+    pool.allocate(1)
+    assert pool.cached_prefix([1, 2, 0], keys_of([1, 2, 0], 1), 2) == a[:1]
+    # reusing b refreshes it: a's head is now the least recently used
+    pool.take(b)
+    pool.free(b)
+    pool.allocate(1)
+    assert pool.cached_prefix([1, 2, 0], keys_of([1, 2, 0], 1), 2) == []
+    assert pool.cached_prefix([3, 4, 0], keys_of([3, 4, 0], 1), 2) == b
+    # an owned cached block is never evicted
+    pool.take(b)
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.allocate(1)
+    assert pool.num_cached == 2
+
+
+def test_duplicate_content_and_reset():
+    pool = BlockPool(4, 2)
+    a, b = pool.allocate(1), pool.allocate(1)
+    cache_all(pool, a, [1, 2])
+    cache_all(pool, b, [1, 2])  # the same content computed twice: the first copy is kept
+    assert pool.num_cached == 1
+    pool.free(b)
+    assert pool.allocate(3)  # b came back empty, a stays owned
+    pool.reset()
+    assert pool.num_cached == 0 and pool.ref_count(a[0]) == 1
+    pool.free(a)
+    assert pool.cached_prefix([1, 2, 3], keys_of([1, 2, 3], 2), 1) == []
+
+
+def test_caching_off_is_a_plain_free_list():
+    pool = BlockPool(4, 2, enable_caching=False)
+    a = pool.allocate(2)
+    cache_all(pool, a, [1, 2, 3, 4])
+    pool.free(a)
+    assert pool.num_cached == 0 and pool.cached_prefix([1, 2, 3], keys_of([1, 2, 3], 2), 1) == []
+
+
+# ---- the scheduler ---------------------------------------------------------------------------
+
+
+def seq_of(rid: str, prompt: list[int]) -> Sequence:
+    return Sequence(CoreRequest(rid, prompt, SamplingParams(max_tokens=4)), max_model_len=64)
+
+
+def step(sched: Scheduler) -> SchedulerOutput:
+    """One step with every sampled token 0 (no model)."""
+    out = sched.schedule()
+    sched.update(out)
+    for s in out.seqs:
+        if s.seq.num_computed_tokens == s.seq.num_tokens:
+            s.seq.append(0)
+    return out
+
+
+def test_blocks_are_cached_only_once_their_kv_is_written():
+    pool = BlockPool(8, 2)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=3)
+    a = seq_of("a", [1, 2, 3, 4, 5])
+    sched.add(a)
+    out = sched.schedule()  # tokens 1..3 are computed this step: one full block
+    assert pool.num_cached == 0, "a block was cached before its KV was written"
+    sched.update(out)
+    assert pool.num_cached == 1
+    step(sched)  # tokens 4, 5: the second block; the first output token follows
+    assert pool.num_cached == 2 and a.num_output_tokens == 1
+    step(sched)  # the output token's KV fills the third block (5, 0)
+    assert pool.num_cached == 3
+    # the same prompt again: four of its five tokens come from the cache, one is computed
+    b = seq_of("b", [1, 2, 3, 4, 5])
+    sched.add(b)
+    out = step(sched)
+    assert b.num_cached_tokens == 4 and [s.num_new_tokens for s in out.seqs if s.seq is b] == [1]
+    assert b.block_ids[:2] == a.block_ids[:2] and pool.ref_count(a.block_ids[0]) == 2
+    for seq in (a, b):
+        sched.finish(seq)
+    assert pool.num_free == pool.num_blocks
+
+
+def test_admission_counts_the_cached_blocks_it_takes():
+    """Cached free blocks are counted free: a sequence reusing them leaves fewer for its own
+    new blocks. Admitting on the free count alone would find the pool exhausted."""
+    pool = BlockPool(4, 2)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=16)
+    a = seq_of("a", [1, 2, 3, 4, 5])
+    sched.add(a)
+    step(sched)
+    sched.finish(a)
+    assert pool.num_cached == 2 and pool.num_free == 4
+    d = seq_of("d", [7])
+    sched.add(d)
+    step(sched)  # d owns one block: 3 free, 2 of them the cached blocks b wants
+    b = seq_of("b", [1, 2, 3, 4, 9, 9, 9])  # 2 cached blocks + 2 new ones: 4 > 3
+    sched.add(b)
+    step(sched)
+    assert b in sched.waiting and not b.block_ids
+    sched.finish(d)
+    step(sched)
+    assert b.num_cached_tokens == 4 and b in sched.running
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def make_prompts() -> list[list[int]]:
+    """Prompts (for block size 16) that share long prefixes."""
+    rng = random.Random(3)
+
+    def draw(n: int) -> list[int]:
+        return [rng.randrange(2, 512) for _ in range(n)]
+
+    shared = draw(80)  # five full blocks
+    first = shared + draw(7)
+    return [
+        first,
+        shared + draw(21),
+        shared[:48] + draw(30),  # three blocks in common
+        shared,  # exactly five blocks: at most four may come from the cache
+        list(first),  # the same prompt twice in one batch
+        draw(40),  # nothing in common
+    ]
+
+
+def as_input(prompts: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def tokens(outs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def no_leak(llm: LLM) -> bool:
+    pool = llm.engine.core.allocator
+    return (pool.num_free == pool.num_blocks and not llm.engine.core.seqs
+            and all(pool.ref_count(b) == 0 for b in range(pool.num_blocks)))
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    """A tiny DeepSeek-V3 checkpoint (smaller than the embedded model: fast steps)."""
+    return save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("v3")))
+
+
+@pytest.fixture(scope="module")
+def off(path):
+    llm = LLM(path, seed=0, enable_prefix_caching=False)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(off):
+    """Greedy outputs of every prompt with caching off."""
+    return tokens(off.generate(as_input(make_prompts()), GREEDY, use_tqdm=False))
+
+
+@pytest.fixture(scope="module")
+def cached_engine(path):
+    llm = LLM(path, seed=0)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture()
+def on(cached_engine):
+    """The caching engine, its cache emptied (each test starts cold)."""
+    cached_engine.reset_prefix_cache()
+    assert cached_engine.engine.core.allocator.num_cached == 0
+    return cached_engine
+
+
+def test_batch_then_one_by_one_equal_caching_off(on, off, reference):
+    prompts = make_prompts()
+    assert tokens(on.generate(as_input(prompts), GREEDY, use_tqdm=False)) == reference
+    assert no_leak(on) and on.engine.core.allocator.num_cached > 0
+    before = on.engine.core.prefix_cache_stats()
+    # one after another: each finds what the batch (and the one before) left in the cache
+    cached = []
+    for prompt, want in zip(prompts, reference):
+        out = on.generate(as_input([prompt]), GREEDY, use_tqdm=False)[0]
+        assert tokens([out]) == [want]
+        cached.append(out.num_cached_tokens)
+    assert cached == [80, 96, 64, 64, 80, 32]
+    stats = on.engine.core.prefix_cache_stats()
+    assert stats.hits - before.hits == sum(cached)
+    assert stats.queries - before.queries == sum(map(len, prompts))
+    assert no_leak(on)
+    # the same through a fresh engine, one by one from the start (no batch first)
+    on.reset_prefix_cache()
+    assert on.engine.core.allocator.num_cached == 0
+    first = on.generate(as_input(prompts[:1]), GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and tokens([first]) == reference[:1]
+
+
+def test_blocks_of_generated_tokens_are_cached(on, off):
+    prompt = make_prompts()[0]  # 87 tokens
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    first = on.generate(as_input([prompt]), params, use_tqdm=False)[0]
+    # 87 prompt + 39 computed output tokens = 126 in the cache: 7 full blocks, 2 past the prompt
+    follow = prompt + first.outputs[0].token_ids[:30]
+    got = on.generate(as_input([follow]), GREEDY, use_tqdm=False)[0]
+    assert got.num_cached_tokens == 112
+    assert tokens([got]) == tokens(off.generate(as_input([follow]), GREEDY, use_tqdm=False))
+    assert no_leak(on)
+
+
+def test_n_and_seeded_sampling_equal_caching_off(on, off):
+    prompts = as_input(make_prompts()[:3])
+    params = [SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=16, ignore_eos=True),
+              SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=16, ignore_eos=True)]
+    want = tokens(off.generate(prompts, params, use_tqdm=False))
+    assert tokens(on.generate(prompts, params, use_tqdm=False)) == want
+    again = on.generate(prompts, params, use_tqdm=False)
+    assert tokens(again) == want and all(o.num_cached_tokens >= 64 for o in again)
+    assert no_leak(on)
+
+
+def test_chunked_prefill_starts_after_the_cached_blocks(path, off, reference):
+    prompts = make_prompts()
+    llm = LLM(path, seed=0, max_num_batched_tokens=16)
+    try:
+        assert tokens(llm.generate(as_input(prompts), GREEDY, use_tqdm=False)) == reference
+        # 16 tokens a step: later prompts are admitted after earlier ones' blocks are cached
+        assert llm.engine.core.prefix_cache_stats().hits > 0
+        outs = llm.generate(as_input(prompts[:2]), GREEDY, use_tqdm=False)
+        assert tokens(outs) == reference[:2] and [o.num_cached_tokens for o in outs] == [80, 96]
+        # n > 1 under chunking: the later completions reuse the first one's prompt blocks
+        params = SamplingParams(n=3, temperature=0.8, seed=2, max_tokens=8, ignore_eos=True)
+        prompt = as_input([prompts[2]])
+        llm.reset_prefix_cache()
+        got = llm.generate(prompt, params, use_tqdm=False)[0]
+        assert got.num_cached_tokens > 0
+        assert tokens([got]) == tokens(off.generate(prompt, params, use_tqdm=False))
+        assert no_leak(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_preempted_sequences_hit_the_cache_when_readmitted(path, monkeypatch):
+    """A pool of 30 blocks of 4 tokens cannot hold these six sequences: later arrivals are
+    preempted, and when they come back their prompt blocks (their own, still cached, or shared)
+    are reused instead of recomputed."""
+    rng = random.Random(7)
+    shared = [rng.randrange(2, 512) for _ in range(24)]
+    prompts = as_input([shared + [rng.randrange(2, 512) for _ in range(k)]
+                        for k in (3, 9, 14, 20, 5, 11)])
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    small = dict(block_size=4, num_kv_blocks=30, max_model_len=112, max_num_batched_tokens=16)
+    plain = LLM(path, seed=0, enable_prefix_caching=False, **small)
+    try:
+        want = tokens(plain.generate(prompts, params, use_tqdm=False))
+        assert plain.engine.core.stats()[0].num_preemptions > 0
+    finally:
+        plain.shutdown()
+    llm = LLM(path, seed=0, **small)
+    sched = llm.engine.core.scheduler
+    lookups = []
+    real = sched._cached_prefix
+
+    def spy(seq):
+        hits = real(seq)
+        lookups.append((seq.metrics.num_preemptions, len(hits)))
+        return hits
+
+    monkeypatch.setattr(sched, "_cached_prefix", spy)
+    try:
+        assert tokens(llm.generate(prompts, params, use_tqdm=False)) == want
+        assert llm.engine.core.stats()[0].num_preemptions > 0
+        assert any(preempted and hits for preempted, hits in lookups), lookups
+        assert no_leak(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_metrics_count_queries_and_hits(on):
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine(on.engine, metrics)
+    engine._stop.set()  # step the engine here, by hand
+    engine.thread.join()
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"model_name": "m"})
+
+    engine._observe_stats()  # what earlier tests counted
+    queries, hits = (sample("afd:prefix_cache_queries_total"),
+                     sample("afd:prefix_cache_hits_total"))
+    prompt = as_input(make_prompts()[:1])
+    for _ in range(2):
+        on.generate(prompt, GREEDY, use_tqdm=False)
+        engine._observe_stats()
+    assert sample("afd:prefix_cache_queries_total") - queries == 2 * 87
+    assert sample("afd:prefix_cache_hits_total") - hits == 80
+
+
+def test_bad_option_is_named():
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        LLM(enable_prefix_caching="yes")
+
+
+@pytest.mark.parametrize("layout", [dict(attention=1, ffn=1), dict(prefill=1, attention=1)],
+                         ids=["1A1F", "1P1A"])
+def test_multi_rank_layout_equals_single_process(path, reference, layout):
+    """Prompts one after another, so each finds the ones before in the cache (on the attention
+    rank, or on the prefill rank that runs the prompts in P/D)."""
+    prompts = make_prompts()[:4]
+    llm = LLM(path, timeout_s=30, **layout)
+    try:
+        outs = [llm.generate(as_input([p]), GREEDY, use_tqdm=False)[0] for p in prompts]
+        assert tokens(outs) == reference[:4]
+        assert [o.num_cached_tokens for o in outs] == [0, 80, 48, 64]
+        assert llm.engine.core.prefix_cache_stats().hits == 80 + 48 + 64
+        llm.reset_prefix_cache()
+        again = llm.generate(as_input(prompts[:1]), GREEDY, use_tqdm=False)[0]
+        assert again.num_cached_tokens == 0 and tokens([again]) == reference[:1]
+    finally:
+        llm.shutdown()
