@@ -201,8 +201,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one core step; return the (cumulative) output of every request that changed."""
         changed: dict[str, _Request] = {}
-        now = time.monotonic()
-        for out in self.core.step():
+        outputs = self.core.step()
+        now = time.monotonic()  # the tokens exist once the step has run (in-process core)
+        for out in outputs:
             entry = self._child.get(out.request_id)
             if entry is None:
                 continue  # aborted or already stopped by a stop string

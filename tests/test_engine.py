@@ -257,6 +257,24 @@ def test_bad_arrival_time_raises(llm, arrival):
     assert not llm.engine.requests and blocks_all_free(llm)
 
 
+def test_ttft_includes_the_step_that_makes_the_first_token(llm, monkeypatch):
+    """The first token exists once its step has run: the front end used to read the clock
+    before stepping the in-process core, so TTFT left out the prefill itself (about 0 for a
+    request alone)."""
+    import time
+
+    core, real_step = llm.engine.core, llm.engine.core.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return real_step()
+
+    monkeypatch.setattr(core, "step", slow_step)
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    assert out.metrics.ttft >= 0.3
+    assert out.metrics.finished_time - out.metrics.first_token_time >= 0.3
+
+
 def test_streamed_text_never_takes_back_a_stop_prefix(llm):
     """A stop string spanning two tokens: the visible text of every intermediate output is a
     prefix of the final one (its first character is held back until the stop is ruled out)."""
