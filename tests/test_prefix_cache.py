@@ -362,6 +362,24 @@ def test_preempted_sequences_hit_the_cache_when_readmitted(path, monkeypatch):
         llm.shutdown()
 
 
+def test_received_kv_is_never_cached(on):
+    """A P/D decode rank's sequence arrives with its prompt's KV already in its blocks
+    (EngineCore.add_transferred): KV this rank did not compute (filler, after an abort that
+    crossed the transfer) must never become a hit, so none of its blocks is cached."""
+    core, pool = on.engine.core, on.engine.core.allocator
+    prompt = make_prompts()[0]  # 87 tokens
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seq = Sequence(CoreRequest("received", prompt, params), core.cfg.max_model_len)
+    seq.token_ids.append(5)  # the first token, sampled on the prefill rank
+    seq.num_computed_tokens = len(prompt)
+    seq.block_ids = pool.allocate(pool.blocks_for(len(prompt) + 1))
+    core.add_transferred(seq)
+    while core.has_unfinished():
+        core.step()
+    assert seq.num_tokens == 99 and pool.num_cached == 0  # six full blocks, none cached
+    assert no_leak(on)
+
+
 def test_metrics_count_queries_and_hits(on):
     from afd.async_engine import AsyncEngine
     from afd.metrics import ServerMetrics
