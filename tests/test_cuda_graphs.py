@@ -312,3 +312,31 @@ def test_pd_decode_rank_with_graphs_matches_single_process():
     finally:
         llm.shutdown()
     assert [[c.token_ids for c in o.outputs] for o in outs] == want
+
+
+def test_graph_steps_with_prefix_cache_hits():
+    """A prompt whose cached prefix leaves one token to compute is a one-token step: it replays
+    a decode graph over the cached blocks. Tokens equal eager steps'."""
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(2, 500, (48,), generator=gen).tolist()
+    prompts = [shared + torch.randint(2, 500, (n,), generator=gen).tolist() for n in (1, 5, 17)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for eager in (True, False):
+        llm = LLM(dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=8,
+                  num_kv_blocks=KV_BLOCKS, max_model_len=256, cuda_graph_sizes=[1, 2, 4, 8])
+        graphs, replays = llm.engine.core.runner.graphs, []
+        if graphs is not None:
+            run = graphs.run
+            graphs.run = lambda ids, batch: replays.append(batch.seq_lens.tolist()) or run(
+                ids, batch)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        # all but the last token cached: every step of this one, its first included, replays
+        before = len(replays)
+        hit = llm.generate({"prompt_token_ids": shared + [7]}, params, use_tqdm=False)[0]
+        assert hit.num_cached_tokens == 48
+        if graphs is not None:
+            assert replays[before:] == [[49 + i] for i in range(12)], replays[before:]
+        results[eager] = [o.outputs[0].token_ids for o in outs + [hit]]
+        llm.shutdown()
+    assert results[False] == results[True]
