@@ -33,6 +33,28 @@ def moe_weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
     return w13.to(dtype), w2.to(dtype)
 
 
+def paged_tables(batch: int, max_blocks: int, block_size: int, table_dtype: str, strided: bool,
+                 device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block tables and lengths for paged decode-attention tests: each sequence owns distinct,
+    shuffled blocks (entries past its length stay valid ids); lengths are random but for the
+    edges: only the current token, a full table, a length ending on a block boundary.
+    ``strided``: a column-major table and lengths that are a strided view. Returns (tables
+    [B, max_blocks], seq_lens [B] int64, number of cache blocks to allocate)."""
+    num_blocks = batch * max_blocks + 3
+    perm = torch.randperm(num_blocks, device=device)[: batch * max_blocks]
+    tables = perm.view(batch, max_blocks).to(getattr(torch, table_dtype))
+    seq_lens = torch.randint(1, max_blocks * block_size + 1, (batch,), device=device)
+    seq_lens[0] = 1
+    if batch > 1:
+        seq_lens[1] = max_blocks * block_size
+    if batch > 2:
+        seq_lens[2] = 2 * block_size
+    if strided:
+        tables = tables.t().contiguous().t()
+        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
+    return tables, seq_lens, num_blocks
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
     if actual.shape != expected.shape:

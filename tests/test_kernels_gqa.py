@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.gqa_decode import gqa_decode_attention, gqa_decode_attention_torch
-from kernels.testing import check_result, rel_err, run_in_interpreter, seed_case, tolerance
+from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
+                             seed_case, tolerance)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -39,21 +40,12 @@ CASES = {
 def make_inputs(spec: tuple, device: str):
     dtype, batch, heads, kv_heads, dim, block_size, max_blocks, _, table_dtype = spec[:9]
     dtype = DTYPES[dtype]
-    num_blocks = batch * max_blocks + 3
+    strided = len(spec) > 9 and spec[9]
+    tables, seq_lens, num_blocks = paged_tables(batch, max_blocks, block_size, table_dtype,
+                                                strided, device)
     kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(dtype)
-    # Each sequence owns distinct, shuffled blocks; table entries past its length stay valid ids.
-    perm = torch.randperm(num_blocks, device=device)[: batch * max_blocks]
-    tables = perm.view(batch, max_blocks).to(getattr(torch, table_dtype))
-    seq_lens = torch.randint(1, max_blocks * block_size + 1, (batch,), device=device)
-    seq_lens[0] = 1  # only the current token
-    if batch > 1:
-        seq_lens[1] = max_blocks * block_size  # a full table
-    if batch > 2:
-        seq_lens[2] = 2 * block_size  # ends on a block boundary
     q = torch.randn(batch, heads, dim, device=device).to(dtype)
-    if len(spec) > 9 and spec[9]:
-        tables = tables.t().contiguous().t()
-        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
+    if strided:
         q = torch.cat([q, torch.zeros_like(q)], -1)[..., :dim]  # head stride 2 * dim
     return q, kv, tables, seq_lens, dim**-0.5
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kernels.mla_decode import mla_decode_attention, mla_decode_attention_torch
-from kernels.testing import (check_result, rel_err, run_in_interpreter, seed_case,
-                             tolerance)
+from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
+                             seed_case, tolerance)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -35,20 +35,11 @@ CASES = {
 def make_inputs(spec: tuple, device: str):
     dtype, batch, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec[:9]
     dtype = DTYPES[dtype]
-    num_blocks = batch * max_blocks + 3
+    tables, seq_lens, num_blocks = paged_tables(batch, max_blocks, block_size, table_dtype,
+                                                len(spec) > 9 and spec[9], device)
     kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(dtype)
-    # Each sequence owns distinct, shuffled blocks; table entries past its length stay valid ids.
-    perm = torch.randperm(num_blocks, device=device)[: batch * max_blocks]
-    tables = perm.view(batch, max_blocks).to(getattr(torch, table_dtype))
-    seq_lens = torch.randint(1, max_blocks * block_size + 1, (batch,), device=device)
-    seq_lens[0] = 1  # a sequence with only its current token
-    if batch > 1:
-        seq_lens[1] = max_blocks * block_size  # a full table
     q_lat = torch.randn(batch, heads, d_lat, device=device).to(dtype)
     q_pe = torch.randn(batch, heads, d_rope, device=device).to(dtype)
-    if len(spec) > 9 and spec[9]:
-        tables = tables.t().contiguous().t()
-        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
     return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5
 
 
