@@ -68,6 +68,14 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def check_combine(splits: int, dim: int, d_pad: int) -> None:
+    """The split-K combine of the decode-attention kernels (MLA, GQA) for ``splits`` splits."""
+    check(compile_sm90(triton_utils.combine_splits_kernel,
+                       {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "dim": dim},
+                       {"NUM_SPLITS": splits, "S_PAD": max(2, triton.next_power_of_2(splits)),
+                        "D_PAD": d_pad, "INTERP_BF16": False}, 4), pipelined=False)
+
+
 def spill_bytes(compiled) -> int | None:
     """Per-thread stack bytes (where ptxas spills registers) from cuobjdump, or None when the tool
     is not available."""
@@ -293,11 +301,7 @@ def test_mla_decode_compiles(splits: int) -> None:
     check(compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
-        check(compile_sm90(triton_utils.combine_splits_kernel,
-                           {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
-                            "dim": d_lat},
-                           {"NUM_SPLITS": splits, "S_PAD": splits, "D_PAD": d_lat,
-                            "INTERP_BF16": False}, 4), pipelined=False)
+        check_combine(splits, d_lat, d_lat)
 
 
 @pytest.mark.parametrize(("group", "head_dim", "splits"), [(8, 128, 1), (8, 128, 16), (16, 128, 4),
@@ -324,8 +328,4 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
     check(compile_sm90(gqa_decode_triton.gqa_decode_kernel, args, constexprs,
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
-        check(compile_sm90(triton_utils.combine_splits_kernel,
-                           {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
-                            "dim": head_dim},
-                           {"NUM_SPLITS": splits, "S_PAD": max(2, splits), "D_PAD": d_pad,
-                            "INTERP_BF16": False}, 4), pipelined=False)
+        check_combine(splits, head_dim, d_pad)
