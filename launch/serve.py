@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                     help="run decode steps eagerly (default, for now); --no-enforce-eager "
-                         "captures CUDA graphs of decode steps (MLA models, no FFN ranks)")
+                         "captures CUDA graphs of decode steps (layouts without FFN ranks)")
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes to capture (default 1 2 4 8 16 ... up to "
                          "min(max-num-seqs, 256))")
