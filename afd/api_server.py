@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front end (FastAPI + uvicorn).
 
 Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [DONE]``),
-/tokenize, /detokenize, /version,
+/tokenize, /detokenize, /version, /reset_prefix_cache (with the API key, as /v1/),
 /v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
 /metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
 
@@ -67,7 +67,8 @@ class AuthAndDrain:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/")
+                                        or scope["path"] == "/reset_prefix_cache"):
             error = None
             key = self.state.api_key
             if key is not None and Headers(scope=scope).get("authorization", "") != \
@@ -158,6 +159,12 @@ def build_app(state: ServerState) -> FastAPI:
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
                             getattr(body, field), chat=True, max_tokens_field=field)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict:
+        """vLLM's: forget every rank's cached prefixes (running requests keep their KV)."""
+        state.engine.reset_prefix_cache()
+        return {"status": "ok"}
+
     @app.get("/version")
     async def version() -> dict:
         return {"version": __version__}
@@ -247,8 +254,10 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                                       params.logprobs), media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+    cached = 0
     for i, out in enumerate(finals):
         usage["prompt_tokens"] += len(out.prompt_token_ids)
+        cached += out.num_cached_tokens or 0
         for c in out.outputs:
             usage["completion_tokens"] += len(c.token_ids)
             index = i * n + c.index
@@ -264,6 +273,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                                 "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    usage["prompt_tokens_details"] = {"cached_tokens": cached}  # prefix-cache hits
     return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": state.model_name,
                          "choices": choices, "usage": usage})
@@ -365,6 +375,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     token_chars: dict[int, int] = {}
     finish_sent: set[int] = set()  # choices whose last chunk went out
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cached = 0
     open_streams = len(streams)
 
     def chunk(choices: list[dict]) -> str:
@@ -413,10 +424,12 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)
                 usage["completion_tokens"] += sum(len(c.token_ids) for c in item.outputs)
+                cached += item.num_cached_tokens or 0
             if choices:
                 yield chunk(choices)
         if include_usage:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
             yield "data: " + json.dumps({"id": base, "object": obj, "created": created,
                                          "model": state.model_name, "choices": [],
                                          "usage": usage}) + "\n\n"

@@ -81,6 +81,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
 
+    def reset_prefix_cache(self) -> None:
+        """Empty every rank's prefix cache (on the engine thread, between steps)."""
+        self.commands.put(("reset_prefix_cache",))
+
     @property
     def num_in_flight(self) -> int:
         return len(self.streams)
@@ -126,6 +130,8 @@ class AsyncEngine:
                 except Exception as exc:  # noqa: BLE001 - this request fails, not the engine
                     log.exception("could not add request %s", rid)
                     self._deliver(rid, exc)
+            elif cmd[0] == "reset_prefix_cache":
+                self.engine.reset_prefix_cache()
             else:
                 self.engine.abort_request(cmd[1])
                 self.last_token.pop(cmd[1], None)

@@ -693,3 +693,22 @@ def test_tokenize_detokenize_version(single):
     bad = httpx.post(f"{url}/tokenize", content=b"{nope", headers={"content-type":
                                                                      "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+
+
+def test_cached_prompt_tokens_in_usage_and_reset(pd):
+    """usage.prompt_tokens_details.cached_tokens counts prefix-cache hits, streamed or not;
+    POST /reset_prefix_cache (API key required) empties the cache."""
+    c = client(pd, API_KEY)
+    prompt = list(range(10, 50))  # 40 tokens: two full 16-token blocks can be reused
+    first = c.completions.create(model=None, prompt=prompt, max_tokens=2)
+    again = c.completions.create(model=None, prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    chunks = list(c.completions.create(model=None, prompt=prompt, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+    assert httpx.post(f"{pd.url}/reset_prefix_cache").status_code == 401
+    r = httpx.post(f"{pd.url}/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200
+    after = c.completions.create(model=None, prompt=prompt, max_tokens=2)
+    assert after.usage.prompt_tokens_details.cached_tokens == 0
