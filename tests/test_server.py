@@ -243,6 +243,9 @@ def test_api_key(pd):
     r = httpx.post(pd.url + "/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(pd.url + "/health").status_code == 200  # health needs no key
+    assert httpx.post(pd.url + "/reset_prefix_cache").status_code == 401
+    assert httpx.post(pd.url + "/reset_prefix_cache",
+                      headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
 
 
 def test_metrics_move(single):
@@ -695,10 +698,10 @@ def test_tokenize_detokenize_version(single):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
 
 
-def test_cached_prompt_tokens_in_usage_and_reset(pd):
+def test_cached_prompt_tokens_in_usage_and_reset(single):
     """usage.prompt_tokens_details.cached_tokens counts prefix-cache hits, streamed or not;
-    POST /reset_prefix_cache (API key required) empties the cache."""
-    c = client(pd, API_KEY)
+    POST /reset_prefix_cache empties the cache (its API key: test_api_key)."""
+    c = client(single)
     prompt = list(range(10, 50))  # 40 tokens: two full 16-token blocks can be reused
     first = c.completions.create(model=None, prompt=prompt, max_tokens=2)
     again = c.completions.create(model=None, prompt=prompt, max_tokens=2)
@@ -707,8 +710,6 @@ def test_cached_prompt_tokens_in_usage_and_reset(pd):
     chunks = list(c.completions.create(model=None, prompt=prompt, max_tokens=2, stream=True,
                                        stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
-    assert httpx.post(f"{pd.url}/reset_prefix_cache").status_code == 401
-    r = httpx.post(f"{pd.url}/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"})
-    assert r.status_code == 200
+    assert httpx.post(f"{single.url}/reset_prefix_cache").status_code == 200
     after = c.completions.create(model=None, prompt=prompt, max_tokens=2)
     assert after.usage.prompt_tokens_details.cached_tokens == 0
