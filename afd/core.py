@@ -142,8 +142,11 @@ class EngineCore:
         return PrefixCacheStats.total(self.stats())
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block; running sequences keep theirs."""
+        """Forget every cached block; running sequences keep theirs, and their full blocks are
+        offered to the cache again at their next step."""
         self.allocator.reset()
+        for seq in self.seqs.values():
+            seq.num_cached_blocks = 0
 
     def shutdown(self) -> None:
         pass

@@ -425,3 +425,21 @@ def test_multi_rank_layout_equals_single_process(path, reference, layout):
         assert again.num_cached_tokens == 0 and tokens([again]) == reference[:1]
     finally:
         llm.shutdown()
+
+
+def test_running_sequences_blocks_are_cached_again_after_a_reset(on):
+    """A reset while a sequence runs forgets its cached blocks, not its future: its full blocks
+    are offered again, so a later prompt with the same prefix still hits."""
+    engine = on.engine
+    prompt = list(range(3, 43))  # 40 tokens; 16-token blocks
+    engine.add_request("a", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()  # the prompt: its two full blocks join the cache
+    assert engine.core.allocator.num_cached == 2
+    on.reset_prefix_cache()
+    assert engine.core.allocator.num_cached == 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    again = on.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 32
+    assert no_leak(on)
