@@ -41,7 +41,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -51,7 +50,9 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
 
+from results_io import commit_id  # noqa: E402
 from kernels.fused_moe import fused_moe_torch, grouped_moe_torch  # noqa: E402
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
@@ -675,16 +676,6 @@ def sweep_order(moe_rows: list[dict]) -> list[tuple[int, int]]:
         return (r["m"] > 128, -ratio)
 
     return [(r["experts"], r["m"]) for r in sorted(moe_rows, key=key)]
-
-
-def commit_id() -> str:
-    if os.environ.get("AFD_COMMIT"):
-        return os.environ["AFD_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - the GPU box may hold a plain copy without .git
-        return "unknown"
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from results_io import write_result  # noqa: E402
+from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
 from models.default_model import default_model_path  # noqa: E402
@@ -79,14 +78,6 @@ def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, dev
     return elapsed, out[:, width:].tolist()
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: embedded tiny)")
@@ -121,7 +112,7 @@ def main() -> None:
         "input_tokens": in_tokens, "output_tokens": out_tokens, "afd_seconds": afd_s,
         "afd_output_tok_s": out_tokens / afd_s, "afd_total_tok_s": (in_tokens + out_tokens) / afd_s,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "commit": git_commit(),
+        "threads": torch.get_num_threads(), "commit": commit_id(),
         "date": time.strftime("%Y-%m-%d"), "warmup": "full" if full else "short",
     }
     rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]

@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from results_io import write_result  # noqa: E402
+from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
 from models.config import load_config  # noqa: E402
@@ -131,12 +130,10 @@ def main() -> None:
         print(f"{label:36s}{off:12.3f}{on:12.3f}{gain:7.2f}x")
     print(f"outputs equal with caching on and off: {same}")
     print(f"sequential num_cached_tokens (on): {runs['on'][0]['num_cached_tokens_sequential']}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
     for r in runs["off"] + runs["on"]:
         r.pop("tokens")
     write_result({
-        "bench": "prefix_cache", "args": vars(args), "model": path, "commit": commit.strip(),
+        "bench": "prefix_cache", "args": vars(args), "model": path, "commit": commit_id(),
         "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
         "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
         "outputs_equal": same, "summary": summary, "runs": runs}, args.json, "prefix_cache.json")
