@@ -140,17 +140,17 @@ class BlockPool:
             hits.append(block)
         return hits
 
-    def cache_block(self, block: int, parent_key: bytes, tokens: Sequence[int]) -> None:
+    def cache_block(self, block: int, key: bytes, parent_key: bytes,
+                    tokens: Sequence[int]) -> None:
         """Offer an owned block whose ``tokens`` (all ``block_size`` of them) have their KV
-        written. A block already cached, or content another block already holds, is left as is."""
+        written; ``key`` is theirs (extend_block_keys made it: not hashed again here). A block
+        already cached, or content another block already holds, is left as is."""
         if not self.enable_caching or self._key[block] is not None:
             return
         assert self._ref[block] > 0 and len(tokens) == self.block_size, (block, len(tokens))
-        content = block_content(parent_key, tokens)
-        key = block_key(content)
         if key in self._by_key:
             return
-        self._key[block], self._content[block] = key, content
+        self._key[block], self._content[block] = key, block_content(parent_key, tokens)
         self._by_key[key] = block
 
     def reset(self) -> None:

@@ -183,6 +183,7 @@ class Scheduler:
             return
         extend_block_keys(seq.block_keys, seq.token_ids, size, full)
         for b in range(seq.num_cached_blocks, full):
-            self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b - 1] if b else b"",
+            self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
+                                       seq.block_keys[b - 1] if b else b"",
                                        seq.token_ids[b * size:(b + 1) * size])
         seq.num_cached_blocks = full

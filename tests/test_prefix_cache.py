@@ -27,7 +27,8 @@ def keys_of(tokens: list[int], size: int) -> list[bytes]:
 def cache_all(pool: BlockPool, blocks: list[int], tokens: list[int]) -> None:
     keys, size = keys_of(tokens, pool.block_size), pool.block_size
     for b, block in enumerate(blocks[:len(keys)]):
-        pool.cache_block(block, keys[b - 1] if b else b"", tokens[b * size:(b + 1) * size])
+        pool.cache_block(block, keys[b], keys[b - 1] if b else b"",
+                         tokens[b * size:(b + 1) * size])
 
 
 def test_ref_counts_sharing_and_double_free():
