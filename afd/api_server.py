@@ -105,7 +105,7 @@ def build_app(state: ServerState) -> FastAPI:
                 break  # a branch of a union ("str", "list[int]"), not a field
             loc.append(str(x))
         if first.get("type") == "json_invalid":
-            return _error(APIError(400, "request body is not valid JSON", code="invalid_json"))
+            return _error(_invalid_json())
         param = ".".join(loc) or None
         return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
                                param=param))
@@ -201,11 +201,17 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
+def _invalid_json() -> APIError:
+    return APIError(400, "request body is not valid JSON", code="invalid_json")
+
+
 async def _json_body(request: Request) -> Any:
+    """A route that picks its body's model itself (/tokenize) parses the JSON here, with the
+    typed routes' error."""
     try:
         return json.loads(await request.body())
     except ValueError:
-        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+        raise _invalid_json() from None
 
 
 def _validated(model, body: Any):

@@ -73,8 +73,8 @@ class DecodeGraphs:
         self.model, self.kv_caches = model, kv_caches
         self.sizes = tuple(sorted(set(sizes)))
         self.max_size = self.sizes[-1]
-        self.block_size = block_size
-        self.scratch_slot = scratch_block * block_size
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size  # its first slot: every padding row's
         self.width = -(-max_model_len // block_size)  # block-table columns
         device = kv_caches[0].device
         n = self.max_size
@@ -149,7 +149,7 @@ class DecodeGraphs:
             self.positions[num:size].zero_()
             self.slot_mapping[num:size].fill_(self.scratch_slot)
             self.seq_lens[num:size].fill_(1)
-            self.block_tables[num:size, 0].fill_(self.scratch_slot // self.block_size)
+            self.block_tables[num:size, 0].fill_(self.scratch_block)
         if entry.graph is None:
             return self._forward(size, entry.batch)[:num]
         entry.graph.replay()
