@@ -22,6 +22,8 @@ class EngineConfig:
     seed: seeds the unseeded samplers, so a whole run is reproducible.
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes.
+    tokenizer: the tokenizer folder (None: the model's); ranks load it only to build
+        structured-output grammars.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
         reuse it for later sequences that start with the same tokens (afd.block_pool).
     """
@@ -38,6 +40,7 @@ class EngineConfig:
     enforce_eager: bool = True
     cuda_graph_sizes: tuple[int, ...] = ()
     enable_prefix_caching: bool = True
+    tokenizer: str | None = None
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -61,6 +64,7 @@ def resolve_engine_config(
     enforce_eager: bool = True,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
     enable_prefix_caching: bool = True,
+    tokenizer: str | None = None,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
@@ -102,7 +106,7 @@ def resolve_engine_config(
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
-                        enable_prefix_caching=enable_prefix_caching)
+                        enable_prefix_caching=enable_prefix_caching, tokenizer=tokenizer)
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:

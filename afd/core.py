@@ -14,6 +14,7 @@ from afd.block_pool import BlockPool
 from afd.model_runner import ModelRunner
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
+from afd.token_masks import NO_TOKEN
 from models.model import ExpertPath, MoEModel
 
 
@@ -56,11 +57,27 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []
+        self._grammars = None  # afd.structured_output.GrammarCompiler, at first use
+
+    def attach_grammar(self, seq: Sequence) -> None:
+        """Give a structured-output sequence its matcher, advanced over the output it already
+        has (a sequence this rank takes over). ParamError if the grammar does not build."""
+        so = seq.params.structured_outputs
+        if so is None:
+            return
+        if self._grammars is None:
+            from afd.structured_output import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.cfg.tokenizer or self.cfg.model,
+                                             self.runner.model.cfg.vocab_size)
+        seq.grammar = self._grammars.state(so, seq.grammar_eos)
+        seq.grammar.replay(seq.token_ids[seq.num_prompt_tokens:])
 
     def add_request(self, req: CoreRequest) -> None:
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
         seq = Sequence(req, self.cfg.max_model_len)
+        self.attach_grammar(seq)
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -91,9 +108,11 @@ class EngineCore:
         self.scheduler.update(plan)
         outputs = []
         for seq, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
-            if token < 0:  # NaN in its logits: fail this request, not the rank
+            if token < 0:  # fail this request, not the rank
                 outputs.append(CoreOutput(seq.request_id, [], "error", None,
-                                          "the model's logits hold a NaN"))
+                                          "structured_outputs, allowed_token_ids and bad_words "
+                                          "leave no token to sample" if token == NO_TOKEN
+                                          else "the model's logits hold a NaN"))
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
                 continue
@@ -121,7 +140,9 @@ class EngineCore:
 
     def add_transferred(self, seq: Sequence) -> None:
         """A sequence prefilled elsewhere, its KV already in this rank's blocks (never put in
-        this rank's prefix cache: what arrived was not computed here)."""
+        this rank's prefix cache: what arrived was not computed here). ParamError if its grammar
+        does not build here (the caller frees its blocks)."""
+        self.attach_grammar(seq)
         seq.cacheable = False
         self.seqs[seq.request_id] = seq
         self.scheduler.add_running(seq)

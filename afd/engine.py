@@ -18,6 +18,8 @@ from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampling_params import ParamError, SamplingParams
 from afd.sequence import CoreOutput, CoreRequest
+from afd.structured_output import check as check_structured_output
+from afd.token_masks import bad_word_sequences
 from models.config import ModelConfig
 
 
@@ -132,11 +134,25 @@ class LLMEngine:
                              f"max_model_len is {max_len} (prompt plus at least one new token "
                              "must fit)")
         for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", params.logit_bias or ())):
+                          ("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "
                                  f"[0, {vocab})")
+        if params.bad_words:
+            bad_word_sequences(self.tokenizer, params.bad_words, vocab)
+        if params.structured_outputs is not None:
+            check_structured_output(params.structured_outputs)
+
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with bad_words_token_ids from its bad_words (what the ranks use); a copy,
+        so the caller's object is left as it was."""
+        ids = (bad_word_sequences(self.tokenizer, params.bad_words, self.model_cfg.vocab_size)
+               if params.bad_words else None)
+        if ids == params.bad_words_token_ids:
+            return params
+        return SamplingParams(**{**params.to_dict(), "bad_words_token_ids": ids})
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -159,6 +175,7 @@ class LLMEngine:
                              f"{arrival_time!r}")
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids, params)
+        params = self._with_bad_word_ids(params)
         arrival = time.monotonic() if arrival_time is None else float(arrival_time)
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
         children = []
@@ -240,7 +257,9 @@ class LLMEngine:
                                                    len(comp.token_ids))
             self.num_generation_tokens += len(out.new_token_ids)
             text_ids = out.new_token_ids
-            if out.finish_reason == "stop" and not req.params.include_stop_str_in_output:
+            stop_token = out.finish_reason == "stop" and (  # not a grammar's last token
+                isinstance(out.stop_reason, int) or text_ids[-1] in self.eos_token_ids)
+            if stop_token and not req.params.include_stop_str_in_output:
                 text_ids = text_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
             delta = comp.detok.push(text_ids)
             comp.text += delta

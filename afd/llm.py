@@ -75,7 +75,7 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
     model_cfg = load_config(path)
     tok = load_tokenizer(tokenizer or path)
     defaults = generation_defaults(path, generation_config)
-    engine_cfg = resolve_engine_config(path, model_cfg, **engine_args)
+    engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
                         **(layout_options or {}))
     return LLMEngine(tok, model_cfg, engine_cfg, core, eos_token_ids(path, model_cfg, tok),

@@ -119,4 +119,5 @@ class ModelRunner:
                                    [(q.token_ids, q.num_prompt_tokens,
                                      (*q.eos_token_ids, *q.stop_token_ids))
                                     for q in sampling],
-                                   [q.penalties for q in sampling])
+                                   [q.penalties for q in sampling],
+                                   [q.grammar for q in sampling])

@@ -129,7 +129,7 @@ class AttentionWorker:
         for rid, recv in list(self.receiving.items()):
             if recv.work.is_completed():
                 del self.receiving[rid]
-                self._start_decoding(recv)
+                failed += self._start_decoding(recv)
             elif recv.work.done.is_set() or time.monotonic() - recv.started > self.transfer_timeout:
                 # Give up on this request only. The prefill rank is asked to complete the
                 # receive (with zeros if need be) before gloo's own timeout would break the link.
@@ -143,7 +143,7 @@ class AttentionWorker:
         self.abandoned = [r for r in self.abandoned if not r.work.done.is_set()]
         return failed
 
-    def _start_decoding(self, recv: Receiving) -> None:
+    def _start_decoding(self, recv: Receiving) -> list[CoreOutput]:
         pull, caches = recv.pull, self.core.runner.kv_caches
         slots = token_slots(recv.block_ids, pull.num_kv_tokens, self.core.cfg.block_size,
                             caches[0].device)
@@ -154,9 +154,15 @@ class AttentionWorker:
         seq.block_ids = recv.block_ids
         if seq.generator is not None:  # the prefill rank drew once from this seed
             draw_step_seed(seq.generator)
-        self.core.add_transferred(seq)
+        try:
+            self.core.add_transferred(seq)
+            failed = []
+        except ValueError as exc:  # its grammar does not build here: this request fails alone
+            self.core.allocator.free(seq.block_ids)
+            failed = [CoreOutput(seq.request_id, [], "error", None, str(exc))]
         self.link.send({"t": "transferred", "id": seq.request_id,
                         "seconds": time.monotonic() - recv.started})
+        return failed
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:

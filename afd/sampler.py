@@ -28,6 +28,7 @@ import torch
 
 from afd.penalties import PenaltyPool, PenaltyState
 from afd.sampling_params import SamplingParams
+from afd.token_masks import NO_TOKEN, apply_bans, apply_grammar_masks, no_token_left
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -157,24 +158,35 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  histories: list[tuple] | None = None,
-                 penalties: list[PenaltyState | None] | None = None) -> list[int]:
+                 penalties: list[PenaltyState | None] | None = None,
+                 grammars: list | None = None) -> list[int]:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
-        whose logits hold a NaN (it has no distribution to sample). histories: each row's
+        whose logits hold a NaN (it has no distribution to sample), -2 (``NO_TOKEN``) for one
+        whose grammar, allowed_token_ids and bad_words leave no token. histories: each row's
         (token ids so far, how many of them are the prompt, the ids that would stop it), for
-        the penalties and min_tokens. penalties: each row's ``PenaltyState``
+        the penalties, min_tokens and bad_words. penalties: each row's ``PenaltyState``
         (``Sequence.penalties``), kept between steps so that a penalised row costs the same
-        whatever its history's length (without them, every call counts each history whole)."""
-        return self.sample(logits, params, generators, histories, penalties).tokens
+        whatever its history's length (without them, every call counts each history whole).
+        grammars: each row's ``GrammarState`` (``Sequence.grammar``) or None."""
+        return self.sample(logits, params, generators, histories, penalties, grammars).tokens
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None],
                histories: list[tuple] | None = None,
-               penalties: list[PenaltyState | None] | None = None) -> SamplerOutput:
+               penalties: list[PenaltyState | None] | None = None,
+               grammars: list | None = None) -> SamplerOutput:
         """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
-        logits: before logit_bias, penalties, temperature and the filters, as vLLM)."""
+        logits: before logit_bias, penalties, temperature and the filters, as vLLM; after the
+        grammar's mask, which vLLM applies before its sampler too)."""
+        constrained = [i for i, p in enumerate(params)
+                       if p.banned or (grammars is not None and grammars[i] is not None)]
+        if grammars is not None and any(g is not None for g in grammars):
+            logits = apply_grammar_masks(logits, grammars)
         raw = logits
         if histories is not None and any(p.biased for p in params):
             logits = apply_bias(logits, params, histories)
+        if histories is not None and any(p.banned for p in params):
+            logits = apply_bans(logits, params, histories, logits is not raw)
         if histories is not None and any(p.penalized for p in params):
             logits = self._penalize(logits, params, histories, penalties, logits is not raw)
         rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -188,6 +200,8 @@ class Sampler:
                                        [params[i] for i in rows], [generators[i] for i in rows])
                 tokens.index_copy_(0, index, sampled)
         tokens = tokens.masked_fill(logits.isnan().any(dim=-1), -1)
+        if constrained:
+            tokens = tokens.masked_fill(no_token_left(logits, constrained), NO_TOKEN)
         if all(p.logprobs is None for p in params):
             return SamplerOutput(tokens.tolist(), [None] * len(params))
         return gather_logprobs(raw, tokens, params)

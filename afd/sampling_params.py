@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -10,6 +11,8 @@ INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (as vLLM)
 MAX_N = 128  # completions per prompt, as OpenAI's API allows
 MAX_LOGPROBS = 20  # top logprobs per token, vLLM's default max_logprobs (and OpenAI's limit)
+MAX_GRAMMAR_CHARS = 100_000  # a structured-output spec (a schema as JSON) travels to every rank
+MAX_BAD_WORDS = 128  # token sequences after tokenization (vLLM's default limit)
 
 
 class ParamError(ValueError):
@@ -18,6 +21,79 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint the output must match (vLLM's ``StructuredOutputsParams``); exactly one of:
+
+    json: a JSON schema (a dict, or its JSON text). regex: a regular expression the whole output
+    matches (Rust ``regex`` syntax). choice: the output is one of these strings. grammar: a
+    context-free grammar, in Lark syntax (llguidance's) or GBNF/EBNF (llama.cpp's and
+    xgrammar's; converted). json_object: True: any JSON object.
+    disable_any_whitespace: JSON without free whitespace between tokens (json, json_object).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def validate(self) -> None:
+        """ParamError("structured_outputs") naming the sub-field; the grammar itself is
+        checked against the grammar library by the engine (``afd.structured_output.check``)."""
+        def bad(message: str) -> ParamError:
+            return ParamError("structured_outputs", f"structured_outputs.{message}")
+
+        set_ = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(set_) != 1:
+            raise ParamError("structured_outputs", "structured_outputs must set exactly one of "
+                             f"{', '.join(_CONSTRAINTS)}; got {set_ or 'none'}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as exc:
+                    raise bad(f"json is not valid JSON: {exc}") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise bad(f"json must be a JSON schema (an object), got {self.json!r:.80}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise bad(f"{name} must be a non-empty string, got {value!r:.80}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) and c
+                                                   for c in self.choice)):
+            raise bad(f"choice must be a non-empty list of non-empty strings, got "
+                      f"{self.choice!r:.80}")
+        if self.json_object is not None and self.json_object is not True:
+            raise bad(f"json_object must be true when set, got {self.json_object!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise bad(f"disable_any_whitespace must be true or false, got "
+                      f"{self.disable_any_whitespace!r}")
+        size = len(json.dumps(asdict(self)))
+        if size > MAX_GRAMMAR_CHARS:
+            raise ParamError("structured_outputs", f"structured_outputs is {size} characters "
+                             f"as JSON; the limit is {MAX_GRAMMAR_CHARS}")
+
+    @classmethod
+    def coerce(cls, value: Any) -> "StructuredOutputsParams":
+        """From itself or a dict of its fields (as it crosses msgpack)."""
+        if isinstance(value, cls):
+            return value
+        names = {f.name for f in fields(cls)}
+        if not isinstance(value, dict) or not set(value) <= names:
+            extra = sorted(set(value) - names) if isinstance(value, dict) else value
+            raise ParamError("structured_outputs", "structured_outputs must be an object with "
+                             f"fields {sorted(names)}; got {extra!r:.80}")
+        return cls(**value)
 
 
 @dataclass
@@ -42,7 +118,15 @@ class SamplingParams:
     include_stop_str_in_output: keep the matched stop string (or stop token's text) in the text.
     logprobs: None (off) or k in [0, 20]: with each generated token, the logprobs of the sampled
     token and of the k likeliest ones, from the model's raw distribution (log_softmax of the
-    logits before penalties, temperature and filters, as vLLM's default).
+    logits before penalties, temperature and filters, as vLLM's default; a structured-output
+    grammar's mask is applied before, as in vLLM).
+    structured_outputs: a ``StructuredOutputsParams`` (or a dict of its fields): the output
+    follows a JSON schema, regex, choice or grammar; it finishes ("stop") when the grammar
+    can go no further.
+    allowed_token_ids: only these token ids may be sampled.
+    bad_words: strings that must not be generated: each is tokenized alone and after a space,
+    and a sequence's last token is banned whenever the output ends with the rest of it
+    (vLLM's). bad_words_token_ids: those sequences, set by the engine from bad_words.
     """
 
     n: int = 1
@@ -63,6 +147,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +159,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias or {})
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:
@@ -124,6 +214,23 @@ class SamplingParams:
         if self.logprobs is not None and (not is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+            self.structured_outputs.validate()
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or not all(is_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", self.allowed_token_ids,
+                      "None or a non-empty list of non-negative token ids")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list) or not all(
+                isinstance(w, str) and w.strip() for w in self.bad_words)):
+            raise bad("bad_words", self.bad_words, "a list of non-blank strings")
+        ids = self.bad_words_token_ids
+        if ids is not None and (not isinstance(ids, list) or len(ids) > MAX_BAD_WORDS
+                                or not all(isinstance(s, list) and s and all(
+                                    is_int(t) and 0 <= t <= INT64_MAX for t in s) for s in ids)):
+            raise bad("bad_words", ids, f"at most {MAX_BAD_WORDS} non-empty token id sequences "
+                      "after tokenization")
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +240,11 @@ class SamplingParams:
     def biased(self) -> bool:
         """logit_bias or min_tokens may change this row's logits."""
         return bool(self.logit_bias or self.min_tokens)
+
+    @property
+    def banned(self) -> bool:
+        """allowed_token_ids or bad_words may ban tokens from this row."""
+        return bool(self.allowed_token_ids or self.bad_words_token_ids)
 
     @property
     def penalized(self) -> bool:

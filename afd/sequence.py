@@ -76,6 +76,11 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(req.params.seed)
         # the sampler's per-step penalty bookkeeping (dropped with the sequence)
         self.penalties = PenaltyState() if req.params.penalized else None
+        # structured output: the grammar's matcher (afd.structured_output.GrammarState), set by
+        # the core of the rank that samples this sequence; it ends in the model's EOS ids,
+        # ignore_eos or not
+        self.grammar = None
+        self.grammar_eos = tuple(req.eos_token_ids)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
@@ -95,9 +100,13 @@ class Sequence:
             self.metrics.first_token_time = now
         self.metrics.last_token_time = now
         self.metrics.num_generated_tokens = self.num_output_tokens
+        if self.grammar is not None:
+            self.grammar.accept(token)
         if token in self.eos_token_ids:
             self.finish_reason = "stop"
         elif token in self.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token
+        elif self.grammar is not None and self.grammar.finished:  # nothing can follow
+            self.finish_reason = "stop"
         elif self.num_output_tokens >= self.max_output:
             self.finish_reason = "length"

@@ -1,0 +1,151 @@
+"""Structured output (guided decoding) through llguidance.
+
+A request's constraint (``StructuredOutputsParams``: JSON schema, regex, choice, grammar or any
+JSON object) becomes an llguidance grammar; each sequence that has one owns a matcher
+(``GrammarState``) that says which tokens may come next (a bitmask the sampler applies to the
+logits) and advances with every token the sequence takes.
+
+Who does what. The front end only checks a constraint (``check``: a ParamError naming
+``structured_outputs``, so a bad schema is a 400, not a rank's problem); it builds no matcher.
+Every rank that samples (the single process, attention ranks, prefill ranks for the first
+token) keeps a ``GrammarCompiler``: the tokenizer as llguidance sees it (built at the first
+constrained request, from the tokenizer folder in the engine config) and, by grammar source,
+the matchers it has built (LRU), so the n completions of a request or a repeated schema build
+once and each sequence gets a cheap copy (``LLMatcher.deep_copy``). A rank that takes over a
+sequence (a P/D decode rank) replays the sequence's output tokens through a fresh matcher;
+preemption keeps the sequence, and its matcher, on the same rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from functools import lru_cache
+
+import llguidance
+import torch
+
+from afd.sampling_params import ParamError, StructuredOutputsParams
+
+log = logging.getLogger("afd.structured_output")
+
+GRAMMAR_CACHE_SIZE = 64  # built matchers kept per rank, by grammar source
+
+
+def constraint_kind(so: StructuredOutputsParams) -> str:
+    return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                if getattr(so, name) is not None)
+
+
+def grammar_source(so: StructuredOutputsParams) -> str:
+    """The llguidance grammar of a constraint (plain text: what a rank builds its matcher
+    from). Raises ParamError when the constraint cannot be turned into one."""
+    try:
+        if so.json is not None or so.json_object:
+            schema = {"type": "object"} if so.json is None else so.json
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                schema if isinstance(schema, str) else json.dumps(schema),
+                defaults={"whitespace_flexible": not so.disable_any_whitespace})
+        if so.regex is not None:
+            return llguidance.LLMatcher.grammar_from_regex(so.regex)
+        if so.choice is not None:
+            return llguidance.grammar_from("choice", so.choice)
+        # Lark as is; GBNF/EBNF (xgrammar's and llama.cpp's syntax) converted to Lark
+        return llguidance.grammar_from("grammar", so.grammar)
+    except (ValueError, TypeError) as exc:
+        raise ParamError("structured_outputs", f"structured_outputs.{constraint_kind(so)} is "
+                         f"invalid: {exc}") from None
+
+
+@lru_cache(maxsize=256)
+def _grammar_error(source: str) -> str | None:
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, None)
+    return messages[0] if is_error else None
+
+
+def check(so: StructuredOutputsParams) -> None:
+    """ParamError("structured_outputs") if the constraint does not compile (a bad schema,
+    regex or grammar), saying why."""
+    error = _grammar_error(grammar_source(so))
+    if error:
+        raise ParamError("structured_outputs", f"structured_outputs.{constraint_kind(so)} is "
+                         f"invalid: {error.strip()}")
+
+
+class GrammarState:
+    """One sequence's matcher: the tokens allowed next, advanced by each token taken."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, words: int):
+        self.matcher = matcher
+        self.words = words  # int32 words of the bitmask: ceil(tokenizer vocabulary / 32)
+
+    def fill(self, row: torch.Tensor) -> None:
+        """Write the allowed-next bitmask into ``row`` ([words] int32, contiguous, on the host).
+        A finished (or failed) matcher allows EOS only."""
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
+
+    def accept(self, token: int) -> None:
+        if self.matcher.is_stopped():
+            return  # e.g. the EOS after a finished grammar
+        if not self.matcher.consume_token(token):  # the mask allowed it: should not happen
+            log.warning("grammar refused token %d: %s", token, self.matcher.get_error())
+
+    def replay(self, tokens: list[int]) -> None:
+        """Bring a fresh matcher up to a sequence's output so far (a rank taking it over)."""
+        for token in tokens:
+            self.accept(token)
+
+    @property
+    def finished(self) -> bool:
+        """The grammar can take no token but EOS: the output is complete."""
+        return self.matcher.is_stopped()
+
+
+class GrammarCompiler:
+    """A rank's matchers, built from the model's tokenizer (loaded on first use)."""
+
+    def __init__(self, tokenizer_path: str, vocab_size: int):
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size  # the logits' width
+        self._hf_tokenizer = None
+        self._tokenizers: dict[tuple[int, ...], llguidance.LLTokenizer] = {}
+        self._built: OrderedDict[tuple[str, tuple[int, ...]], llguidance.LLMatcher] = (
+            OrderedDict())
+
+    def _tokenizer(self, eos: tuple[int, ...]) -> llguidance.LLTokenizer:
+        tok = self._tokenizers.get(eos)
+        if tok is None:
+            import llguidance.hf
+
+            from afd.llm import load_tokenizer
+
+            try:
+                if self._hf_tokenizer is None:
+                    self._hf_tokenizer = load_tokenizer(self.tokenizer_path)
+                tok = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, max(self.vocab_size, len(self._hf_tokenizer)),
+                    eos_token=list(eos) or None)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the rank serves on
+                raise ParamError("structured_outputs", "structured output needs the model's "
+                                 f"tokenizer as a fast (tokenizers) tokenizer: {exc}") from None
+            self._tokenizers[eos] = tok
+        return tok
+
+    def state(self, so: StructuredOutputsParams, eos: tuple[int, ...]) -> GrammarState:
+        """A fresh matcher for one sequence. ParamError if the grammar does not build."""
+        source = grammar_source(so)
+        key = (source, eos)
+        built = self._built.get(key)
+        tok = self._tokenizer(eos)
+        if built is None:
+            built = llguidance.LLMatcher(tok, source, log_level=0)
+            if built.is_error():
+                raise ParamError("structured_outputs", f"structured_outputs."
+                                 f"{constraint_kind(so)} is invalid: {built.get_error()}")
+            self._built[key] = built
+            while len(self._built) > GRAMMAR_CACHE_SIZE:
+                self._built.popitem(last=False)
+        else:
+            self._built.move_to_end(key)
+        return GrammarState(built.deep_copy(), -(-tok.vocab_size // 32))
