@@ -243,6 +243,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             param, message = max_tokens_field, message.replace("max_tokens", max_tokens_field)
         elif param == "prompt" and chat:  # the prompt a chat request's messages make
             param, message = "messages", f"messages: {message}"
+        elif param == "structured_outputs":  # e.g. a schema that does not compile
+            param = body.structured_output_field() or param
         raise APIError(400, message, param=param) from None
     max_len = engine.engine.engine_cfg.max_model_len
     for _, ids in checked:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from afd.sampling_params import MAX_LOGPROBS, SamplingParams
+from afd.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -35,9 +35,8 @@ class StreamOptions(BaseModel):
 _UNSUPPORTED: dict[str, tuple] = {
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},), "tools": ([],), "guided_json": (),
-    "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-    "prompt_logprobs": (), "bad_words": ([],), "allowed_token_ids": (),
+    "tools": ([],),
+    "prompt_logprobs": (),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "logits_processors": ([],),
 }
@@ -74,6 +73,65 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(field sent, StructuredOutputsParams fields) for each structured-output field set."""
+        found = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                found.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON "
+                                   "schema object", param="response_format")
+                found.append(("response_format", {"json": spec["schema"]}))
+            elif kind != "text":
+                raise APIError(400, "response_format.type must be 'text', 'json_object' or "
+                               f"'json_schema', got {kind!r}", param="response_format")
+        if self.structured_outputs is not None:
+            # vLLM clients may send every field, the unused ones as null
+            found.append(("structured_outputs", {k: v for k, v in self.structured_outputs.items()
+                                                 if v is not None}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append((name, {key: value}))
+        if len(found) > 1:
+            raise APIError(400, f"only one structured-output field may be set, got "
+                           f"{', '.join(name for name, _ in found)}", param=found[1][0])
+        return found
+
+    def structured_output_field(self) -> str | None:
+        """The field that carries this request's structured output (errors name it)."""
+        found = self._constraints()
+        return found[0][0] if found else None
+
+    def structured_output(self) -> StructuredOutputsParams | None:
+        found = self._constraints()
+        if not found:
+            return None
+        name, spec = found[0]
+        try:
+            so = StructuredOutputsParams.coerce(spec)
+            so.validate()
+        except ParamError as exc:
+            message = str(exc) if name == "structured_outputs" else f"{name}: {exc}"
+            raise APIError(400, message, param=name) from None
+        return so
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: how many top logprobs per token (None: none at all)."""
@@ -108,7 +166,9 @@ class _SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
-            min_tokens=self.min_tokens, logprobs=self.num_logprobs())
+            min_tokens=self.min_tokens, logprobs=self.num_logprobs(),
+            structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words)
 
 
 class CompletionRequest(_SamplingFields):

@@ -1,0 +1,216 @@
+"""Structured output (llguidance), allowed_token_ids and bad_words on the single-process engine
+and the HTTP server. The embedded model has random weights, so its free text is gibberish: an
+output that still parses shows the grammar's mask at work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import jsonschema
+import msgpack
+import openai
+import pytest
+
+from afd import LLM, SamplingParams
+from afd.sampling_params import ParamError, StructuredOutputsParams as SO
+
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "tags": {"type": "array", "items": {"enum": ["x", "y"]},
+                                  "maxItems": 2}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+REGEX = r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)"
+CHOICE = ["red", "green", "blue"]
+LARK = 'start: "(" NUM ("+" NUM)? ")"\nNUM: /[0-9]{1,3}/'
+GBNF = 'root ::= "x" [0-9] [0-9]? "y"'
+PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+
+def valid(kind: str, text: str) -> bool:
+    if kind == "json":
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+    if kind == "json_object":
+        try:
+            return isinstance(json.loads(text), dict)
+        except ValueError:
+            return False
+    if kind == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if kind == "choice":
+        return text in CHOICE
+    if kind == "lark":
+        return re.fullmatch(r"\([0-9]{1,3}(\+[0-9]{1,3})?\)", text) is not None
+    return re.fullmatch(r"x[0-9]{1,2}y", text) is not None  # gbnf
+
+
+# With free whitespace between JSON tokens (the default, as vLLM's) the random model often
+# spends its tokens on whitespace, so the batch test asks for compact JSON; the server test
+# runs the default.
+CONSTRAINTS = {"json": SO(json=SCHEMA, disable_any_whitespace=True),
+               "json_object": SO(json_object=True), "regex": SO(regex=REGEX),
+               "choice": SO(choice=CHOICE), "lark": SO(grammar=LARK), "gbnf": SO(grammar=GBNF)}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llm = LLM()
+    yield llm
+    llm.shutdown()
+
+
+def test_outputs_follow_the_constraint_greedy_and_sampled(llm):
+    """Every kind, greedy and sampled (n=2), in one batch beside an unconstrained request; each
+    completion parses and finishes "stop" (the grammar's end, or EOS where it may go on)."""
+    params = []
+    for so in CONSTRAINTS.values():
+        params += [SamplingParams(temperature=0, max_tokens=120, structured_outputs=so),
+                   SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=120,
+                                  structured_outputs=so)]
+    params.append(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    prompts = [PROMPTS[i % 2] for i in range(len(params))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    kinds = [k for k in CONSTRAINTS for _ in range(2)]
+    for kind, out in zip(kinds, outs):
+        for c in out.outputs:
+            assert c.finish_reason == "stop" and valid(kind, c.text), (kind, c.text)
+    free = outs[-1].outputs[0]
+    assert not valid("json_object", free.text) and len(free.token_ids) == 8  # gibberish
+    # the unconstrained row is unchanged by its neighbours' masks
+    alone = llm.generate(prompts[-1], params[-1], use_tqdm=False)[0].outputs[0]
+    assert alone.token_ids == free.token_ids
+
+
+def test_max_tokens_cuts_json_early(llm):
+    """max_tokens ends the output where it is: finish_reason "length", not valid JSON."""
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4,
+                                                  structured_outputs=SO(json=SCHEMA)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    assert not valid("json", out.text) and out.text.startswith("{")
+
+
+def test_allowed_token_ids(llm):
+    allowed = [101, 102, 290, 429]
+    outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                 allowed_token_ids=allowed),
+                                  SamplingParams(temperature=1.0, seed=1, n=2, max_tokens=16,
+                                                 ignore_eos=True, allowed_token_ids=allowed)],
+                        use_tqdm=False)
+    for out in outs:
+        for c in out.outputs:
+            assert len(c.token_ids) == 16 and set(c.token_ids) <= set(allowed), c.token_ids
+
+
+def test_bad_words_never_appear(llm):
+    """"ab" is tokens [101, 102] (and " ab" [263, 102]); sampling among 101 and 102 only puts
+    102 after 101 within a few tokens, unless bad_words bans it. A one-token word ("dog", 429)
+    forced by logit_bias never comes out once banned."""
+    tok = llm.get_tokenizer()
+    assert tok.encode("ab", add_special_tokens=False) == [101, 102]
+    common = dict(temperature=1.0, seed=0, max_tokens=24, ignore_eos=True,
+                  allowed_token_ids=[101, 102])
+    free, banned = llm.generate(PROMPTS[:1] * 2, [SamplingParams(**common),
+                                                  SamplingParams(**common, bad_words=["ab"])],
+                                use_tqdm=False)
+
+    def pairs(ids: list[int]) -> set:
+        return set(zip(ids, ids[1:]))
+
+    assert (101, 102) in pairs(free.outputs[0].token_ids)
+    out = banned.outputs[0]
+    assert (101, 102) not in pairs(out.token_ids) and "ab" not in out.text
+    assert len(out.token_ids) == 24
+    forced = dict(temperature=0, max_tokens=10, ignore_eos=True, logit_bias={429: 100})
+    free, banned = llm.generate(PROMPTS[:1] * 2, [SamplingParams(**forced),
+                                                  SamplingParams(**forced, bad_words=["dog"])],
+                                use_tqdm=False)
+    assert 429 in free.outputs[0].token_ids and 429 not in banned.outputs[0].token_ids
+
+
+def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
+    bad = [(dict(structured_outputs=SO(json={"type": "foo"})), "structured_outputs"),
+           (dict(structured_outputs=SO(regex="[a-")), "structured_outputs"),
+           (dict(structured_outputs=SO(grammar="start: nowhere")), "structured_outputs"),
+           (dict(allowed_token_ids=[10**6]), "allowed_token_ids"),
+           (dict(bad_words=[str(i) for i in range(200)]), "bad_words")]  # over 128 sequences
+    for fields, param in bad:
+        with pytest.raises(ParamError) as err:
+            llm.generate(PROMPTS[0], SamplingParams(**fields), use_tqdm=False)
+        assert err.value.param == param, (fields, err.value)
+    for fields in (dict(structured_outputs=SO(regex="a", choice=["b"])),
+                   dict(structured_outputs={"json": SCHEMA, "nope": 1}),
+                   dict(structured_outputs=SO(choice=[])), dict(allowed_token_ids=[]),
+                   dict(bad_words=[" "])):
+        with pytest.raises(ParamError) as err:
+            SamplingParams(**fields)
+        assert err.value.param == next(iter(fields)), (fields, err.value)
+    # masks that leave no token end that request with an error, not the rank or its neighbour
+    dead, fine = llm.generate(PROMPTS, [SamplingParams(allowed_token_ids=[429], bad_words=["dog"]),
+                                        SamplingParams(temperature=0, max_tokens=3,
+                                                       ignore_eos=True)],
+                              use_tqdm=False)
+    assert dead.outputs[0].finish_reason == "error" and "no token" in dead.error
+    assert fine.outputs[0].finish_reason == "length" and len(fine.outputs[0].token_ids) == 3
+
+
+def test_params_cross_msgpack_as_plain_data():
+    p = SamplingParams(structured_outputs=SO(json=SCHEMA), allowed_token_ids=[1, 2],
+                       bad_words=["ab"], bad_words_token_ids=[[101, 102]])
+    wire = msgpack.unpackb(msgpack.packb(p.to_dict()), strict_map_key=False)
+    assert SamplingParams.from_dict(wire) == p
+
+
+def _chat(app, **body):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test", timeout=60) as http:
+            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
+                                   max_retries=0)
+            return await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Describe a person."}], **body)
+
+    return asyncio.run(go())
+
+
+def test_server_response_format_and_errors():
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    engine = AsyncEngine(LLM().engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        fmt = {"type": "json_schema",
+               "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+        r = _chat(app, response_format=fmt, max_tokens=120, temperature=0)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+        r = _chat(app, max_tokens=30, temperature=0, extra_body={"guided_choice": CHOICE})
+        assert r.choices[0].message.content in CHOICE
+        r = _chat(app, max_tokens=30, temperature=0,
+                  extra_body={"structured_outputs": {"regex": REGEX, "json": None}})
+        assert re.fullmatch(REGEX, r.choices[0].message.content)
+        for body, param in (
+                ({"response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+                 "response_format"),
+                ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+                ({"response_format": {"type": "json_object"},
+                  "extra_body": {"guided_regex": "a"}}, "guided_regex"),
+                ({"extra_body": {"bad_words": [""]}}, "bad_words"),
+                ({"extra_body": {"allowed_token_ids": [10**6]}}, "allowed_token_ids")):
+            with pytest.raises(openai.BadRequestError) as err:
+                _chat(app, max_tokens=4, **body)
+            assert err.value.status_code == 400 and err.value.body["param"] == param, err.value
+        r = _chat(app, max_tokens=2)  # still serving
+        assert r.choices[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
