@@ -97,6 +97,38 @@ def test_logprobs_match_single_process(references):
         llm.shutdown()
 
 
+def test_structured_output_matches_single_process(references):
+    """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
+    single-process engine's tokens, greedy and seeded, with allowed_token_ids and bad_words."""
+    import json
+    import re
+
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    path, prompts, _, _ = references["deepseek_v3"]
+    choice = ["red", "green", "blue"]
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
+                  json={"type": "object", "properties": {"n": {"type": "integer"}},
+                        "required": ["n"]}, disable_any_whitespace=True)),
+              SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=20,
+                             structured_outputs=SO(choice=choice)),
+              SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(regex="[0-9]+")),
+              SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
+                             allowed_token_ids=[101, 102], bad_words=["ab"])]
+    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
+    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30)
+    try:
+        outs = llm.generate(prompts[:4], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert_same_outputs(outs, expected)
+    assert json.loads(outs[0].outputs[0].text)["n"] is not None
+    assert all(c.text in choice for c in outs[1].outputs)
+    assert re.fullmatch("[0-9]+", outs[2].outputs[0].text)
+    ids = outs[3].outputs[0].token_ids
+    assert set(ids) <= {101, 102} and (101, 102) not in set(zip(ids, ids[1:]))
+
+
 def test_killed_ffn_rank_is_an_error_not_a_hang(references):
     path, prompts, _, _ = references["deepseek_v3"]
     timeout_s = 10

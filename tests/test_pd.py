@@ -3,7 +3,9 @@ admission under a small decode pool, transfer faults, aborts mid-prefill, a dead
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 
@@ -143,6 +145,31 @@ def test_logprobs_match_single_process(small_pd, reference):
               SamplingParams(temperature=0.7, seed=4, logprobs=0, **common)]
     expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
     assert_same_outputs(small_pd.generate(prompts[:4], params, use_tqdm=False), expected)
+    wait_all_free(small_pd)
+
+
+def test_structured_output_matches_single_process(small_pd, reference):
+    """The prefill rank samples the first token under the grammar, the decode rank replays it
+    into its own matcher and goes on: the single-process engine's tokens, valid output; with
+    allowed_token_ids and bad_words beside them."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    path, prompts, _, _ = reference
+    regex = r"[a-z]{2,5}-[0-9]{1,3}"
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
+                  json={"type": "object", "properties": {"n": {"type": "integer"}},
+                        "required": ["n"]}, disable_any_whitespace=True)),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=20,
+                             structured_outputs=SO(regex=regex)),
+              SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
+                             allowed_token_ids=[101, 102], bad_words=["ab"])]
+    expected = LLM(path).generate(prompts[:3], params, use_tqdm=False)
+    outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
+    assert_same_outputs(outs, expected)
+    assert json.loads(outs[0].outputs[0].text)["n"] is not None
+    assert all(re.fullmatch(regex, c.text) for c in outs[1].outputs)
+    ids = outs[2].outputs[0].token_ids
+    assert set(ids) <= {101, 102} and (101, 102) not in set(zip(ids, ids[1:]))
     wait_all_free(small_pd)
 
 
