@@ -62,7 +62,7 @@ class StructuredOutputsParams:
                     raise bad(f"json is not valid JSON: {exc}") from None
             else:
                 schema = self.json
-            if not isinstance(schema, (dict, bool)):
+            if not isinstance(schema, dict):
                 raise bad(f"json must be a JSON schema (an object), got {self.json!r:.80}")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
