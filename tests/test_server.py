@@ -145,7 +145,9 @@ BAD = [
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ({"prompt": "hi", "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
+    ({"prompt": "hi", "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"prompt": "hi", "structured_outputs": {"regex": "[a-"}}, 400, "structured_outputs"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
 ]
 
 
