@@ -78,7 +78,11 @@ class StructuredOutputsParams:
         if not isinstance(self.disable_any_whitespace, bool):
             raise bad(f"disable_any_whitespace must be true or false, got "
                       f"{self.disable_any_whitespace!r}")
-        size = len(json.dumps(asdict(self)))
+        try:
+            size = len(json.dumps(asdict(self)))
+        except (TypeError, ValueError) as exc:  # it must cross msgpack to the ranks as is
+            raise ParamError("structured_outputs", "structured_outputs must hold plain JSON "
+                             f"data: {exc}") from None
         if size > MAX_GRAMMAR_CHARS:
             raise ParamError("structured_outputs", f"structured_outputs is {size} characters "
                              f"as JSON; the limit is {MAX_GRAMMAR_CHARS}")

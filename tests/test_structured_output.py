@@ -148,6 +148,7 @@ def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
     for fields in (dict(structured_outputs=SO(regex="a", choice=["b"])),
                    dict(structured_outputs={"json": SCHEMA, "nope": 1}),
                    dict(structured_outputs=SO(choice=[])), dict(allowed_token_ids=[]),
+                   dict(structured_outputs=SO(json={"enum": {1, 2}})),
                    dict(bad_words=[" "])):
         with pytest.raises(ParamError) as err:
             SamplingParams(**fields)
