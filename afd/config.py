@@ -26,6 +26,9 @@ class EngineConfig:
         structured-output grammars.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
         reuse it for later sequences that start with the same tokens (afd.block_pool).
+    cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
+        place a prompt on the rank that was sent its longest prefix unless that rank is
+        overloaded (afd.router); False places by load alone. Needs enable_prefix_caching.
     """
 
     model: str
@@ -40,6 +43,7 @@ class EngineConfig:
     enforce_eager: bool = True
     cuda_graph_sizes: tuple[int, ...] = ()
     enable_prefix_caching: bool = True
+    cache_aware_routing: bool = True
     tokenizer: str | None = None
 
 
@@ -64,6 +68,7 @@ def resolve_engine_config(
     enforce_eager: bool = True,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
     enable_prefix_caching: bool = True,
+    cache_aware_routing: bool = True,
     tokenizer: str | None = None,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
@@ -73,9 +78,10 @@ def resolve_engine_config(
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs)
-    if not isinstance(enable_prefix_caching, bool):
-        raise ValueError(f"enable_prefix_caching must be True or False, got "
-                         f"{enable_prefix_caching!r}")
+    for name, flag in (("enable_prefix_caching", enable_prefix_caching),
+                       ("cache_aware_routing", cache_aware_routing)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if seed is None:  # as vLLM: a random seed, drawn once here for every rank
         seed = secrets.randbits(63)
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
@@ -106,7 +112,8 @@ def resolve_engine_config(
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
-                        enable_prefix_caching=enable_prefix_caching, tokenizer=tokenizer)
+                        enable_prefix_caching=enable_prefix_caching,
+                        cache_aware_routing=cache_aware_routing, tokenizer=tokenizer)
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ class CoreStats:
     num_preemptions: int  # total since start
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, total since start
     prefix_cache_hits: int = 0  # of those, tokens found there
+    num_waiting_blocks: int = 0  # KV blocks the waiting sequences need (Scheduler.waiting_blocks)
 
 
 @dataclass
@@ -157,6 +158,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            num_waiting_blocks=self.scheduler.waiting_blocks(),
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

@@ -125,8 +125,10 @@ class MultiRankClient:
         self.tags = itertools.count(1)
         self.pending_metrics: dict[str, dict] = {}
         attn_ranks = list(range(layout.prefill, layout.prefill + layout.attention))
-        self.router = RequestRouter(list(range(layout.prefill)), attn_ranks,
-                                    engine_cfg.num_kv_blocks, engine_cfg.block_size)
+        self.router = RequestRouter(
+            list(range(layout.prefill)), attn_ranks, engine_cfg.num_kv_blocks,
+            engine_cfg.block_size, prefill_block_size=prefill_block_size,
+            cache_aware=engine_cfg.cache_aware_routing and engine_cfg.enable_prefix_caching)
         self.rank_stats = {r: CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
                            for r in attn_ranks}
         self.prefill_stats: dict[int, CoreStats] = {}
@@ -272,11 +274,11 @@ class MultiRankClient:
         wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(
             replace(req, request_id=wire_id))})
         if self.layout.prefill:
-            rank = self.router.pick_prefill()
+            rank = self.router.pick_prefill(req.prompt_token_ids)
             self.router.prefill[rank].in_flight += 1
             placed = _Placed(req, "prefill", wire_id, prefill=rank)
         else:
-            rank = self.router.pick_attention()
+            rank = self.router.pick_attention(req.prompt_token_ids)
             self.router.attention[rank].in_flight += 1
             placed = _Placed(req, "decode", wire_id, decode=rank)
         self.placed[req.request_id] = placed
@@ -334,7 +336,9 @@ class MultiRankClient:
 
     def reset_prefix_cache(self) -> None:
         """Every prefill and attention rank forgets its cached blocks, before it takes any
-        request added after this call (one socket per rank keeps the order)."""
+        request added after this call (one socket per rank keeps the order); so does the
+        router's record of what they hold."""
+        self.router.reset_prefix_cache()
         for rank in range(self.layout.prefill + self.layout.attention):
             self._tell(rank, {"t": "reset_prefix_cache"})
 
@@ -369,7 +373,8 @@ class MultiRankClient:
         stats = protocol.stats_from_wire(msg["stats"])
         if rank in self.rank_stats:
             self.rank_stats[rank] = stats
-            self.router.report(rank, stats.num_free_blocks, stats.num_running)
+            self.router.report(rank, stats.num_free_blocks, stats.num_running,
+                               stats.num_waiting_blocks)
         else:
             self.prefill_stats[rank] = stats
         outs = [self._output(protocol.output_from_wire(row)) for row in msg["outs"]]

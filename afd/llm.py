@@ -114,9 +114,9 @@ class LLM:
 
     LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
-        max_num_batched_tokens=None, enable_prefix_caching=True, prefill=0, attention=1, ffn=0,
-        micro_batches=2, transport="torch", timeout_s=60.0, prefill_block_size=None,
-        expert_placement=None, generation_config="auto")
+        max_num_batched_tokens=None, enable_prefix_caching=True, cache_aware_routing=True,
+        prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch", timeout_s=60.0,
+        prefill_block_size=None, expert_placement=None, generation_config="auto")
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -127,6 +127,8 @@ class LLM:
     generation_config.json (as vLLM does), "vllm" uses SamplingParams' own defaults.
     ``enable_prefix_caching``: reuse the KV of full blocks of earlier prompts (and outputs) that
     a new prompt starts with (``RequestOutput.num_cached_tokens`` says how many tokens it reused).
+    ``cache_aware_routing``: with several prefill or attention ranks, send a prompt to the rank
+    that already ran its longest prefix unless that rank is overloaded (False: by load alone).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,

@@ -64,6 +64,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def waiting_blocks(self) -> int:
+        """KV blocks the waiting sequences need to be admitted, all their tokens counted (a
+        cache hit would save some): on a P/D decode rank, what its preempted sequences need
+        before it admits another transfer."""
+        return sum(self.allocator.blocks_for(seq.num_tokens) for seq in self.waiting)
+
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks and drop it from the queues."""
         if seq.status is Status.RUNNING:

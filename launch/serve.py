@@ -69,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                     default=True, help="reuse the KV of full blocks of tokens that a new prompt "
                     "shares with earlier ones (default on)")
+    ap.add_argument("--cache-aware-routing", action=argparse.BooleanOptionalAction,
+                    default=True, help="with several prefill or attention ranks, send a prompt "
+                    "to the rank that ran its longest prefix unless that rank is overloaded "
+                    "(default on); --no-cache-aware-routing places by load alone")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -156,7 +160,8 @@ def main() -> None:
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
-            enable_prefix_caching=args.enable_prefix_caching, tokenizer=args.tokenizer)
+            enable_prefix_caching=args.enable_prefix_caching,
+            cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)

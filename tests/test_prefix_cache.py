@@ -444,3 +444,27 @@ def test_running_sequences_blocks_are_cached_again_after_a_reset(on):
     again = on.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
     assert again.num_cached_tokens == 32
     assert no_leak(on)
+
+
+def test_two_attention_ranks_send_a_prefix_where_it_is_cached(path, off):
+    """Two prefixes, one on each attention rank; then a batch with each again, in the other
+    order. By load alone each would go to the other rank and miss; cache-aware routing sends
+    each to the rank that computed it. Outputs equal the single-process engine's."""
+    rng = random.Random(7)
+    a, b = ([rng.randrange(2, 512) for _ in range(48)] for _ in range(2))  # 3 blocks each
+    first = [a + [5] * 9, b + [6] * 9]
+    second = [b + [7] * 11, a + [8] * 11]
+    expected = tokens(off.generate(as_input(first + second), GREEDY, use_tqdm=False))
+    llm = LLM(path, attention=2, timeout_s=30)
+    try:
+        outs = llm.generate(as_input(first), GREEDY, use_tqdm=False)
+        outs += llm.generate(as_input(second), GREEDY, use_tqdm=False)
+        assert tokens(outs) == expected
+        assert [o.num_cached_tokens for o in outs] == [0, 0, 48, 48]
+        assert llm.engine.core.prefix_cache_stats().hits == 96
+        llm.reset_prefix_cache()  # the router forgets too: by load, and no hits
+        again = llm.generate(as_input(second), GREEDY, use_tqdm=False)
+        assert [o.num_cached_tokens for o in again] == [0, 0]
+        assert tokens(again) == expected[2:]
+    finally:
+        llm.shutdown()
