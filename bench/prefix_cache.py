@@ -2,6 +2,8 @@
 
     python bench/prefix_cache.py [--model PATH] [--num-prompts 16] [--prefix-len 1024]
                                  [--suffix-len 32] [--new-tokens 16] [--repeats 2] [--json out.json]
+    python bench/prefix_cache.py --attention 2 [--num-prefixes 6] [--rounds 4]
+                                 [--num-kv-blocks N] ...
 
 Every prompt is the same ``prefix-len`` random tokens followed by ``suffix-len`` tokens of its
 own; decoding is greedy with EOS ignored. Two workloads, each with caching off and on (a fresh
@@ -14,6 +16,16 @@ The engines alternate off/on ``repeats`` times. Other work on the machine only e
 so the table shows each figure's best run (the JSON also has the medians and every run); gain:
 how many times better caching on is. The outputs with caching on must equal those with it off,
 token for token (checked).
+
+``--attention A`` (A >= 2: A data-parallel attention ranks, no FFN ranks) instead compares how
+prompts are placed, both engines caching: by load alone (``cache_aware_routing=False``) and
+cache-aware (the default). ``num-prefixes`` prefixes (a system prompt each, say) of
+``prefix-len`` tokens; each of ``rounds`` rounds sends one prompt per prefix, with its own
+``suffix-len`` tokens, in an order drawn anew each round, as one ``generate`` call (they arrive
+together). It reports the prefix cache hit rate (hits / queries, in tokens, over every rank),
+the mean TTFT of every prompt and of rounds 2.., and the wall time. ``--num-kv-blocks`` sizes
+each rank's pool: smaller than every prefix at once, placement by load makes each rank hold all
+of them, and they evict each other. Outputs must be equal under both placements (checked).
 """
 
 from __future__ import annotations
@@ -84,6 +96,102 @@ def run(path: str, caching: bool, prompts: list[list[int]], warmup: list[int],
     }
 
 
+def routing_rounds(args: argparse.Namespace, vocab: int) -> tuple[list[list[list[int]]],
+                                                                    list[list[int]]]:
+    """Per round, one prompt per prefix in that round's order; and one warm-up prompt per
+    rank."""
+    rng = random.Random(args.seed)
+
+    def draw(n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    prefixes = [draw(args.prefix_len) for _ in range(args.num_prefixes)]
+    rounds = []
+    for _ in range(args.rounds):
+        order = list(range(args.num_prefixes))
+        rng.shuffle(order)
+        rounds.append([prefixes[k] + draw(args.suffix_len) for k in order])
+    return rounds, [draw(args.prefix_len + args.suffix_len) for _ in range(args.attention)]
+
+
+def run_routing(path: str, cache_aware: bool, args: argparse.Namespace,
+                rounds: list[list[list[int]]], warmups: list[list[int]],
+                params: SamplingParams, max_model_len: int) -> dict:
+    llm = LLM(path, seed=0, attention=args.attention, cache_aware_routing=cache_aware,
+              max_model_len=max_model_len, num_kv_blocks=args.num_kv_blocks, timeout_s=120)
+    try:
+        llm.generate([{"prompt_token_ids": w} for w in warmups], params, use_tqdm=False)
+        llm.reset_prefix_cache()
+        before = llm.engine.core.prefix_cache_stats()  # the warm-up's queries are not counted
+        outs, walls = [], []
+        for prompts in rounds:
+            start = time.perf_counter()
+            outs.append(llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                     use_tqdm=False))
+            walls.append(time.perf_counter() - start)
+        stats = llm.engine.core.prefix_cache_stats()
+    finally:
+        llm.shutdown()
+    every = [o for r in outs for o in r]
+    queries, hits = stats.queries - before.queries, stats.hits - before.hits
+    return {
+        "hit_rate": hits / queries,
+        "prefix_cache_queries": queries,
+        "prefix_cache_hits": hits,
+        "ttft_mean_s": statistics.mean(o.metrics.ttft for o in every),
+        "ttft_rest_mean_s": statistics.mean(o.metrics.ttft for r in outs[1:] for o in r),
+        "wall_s": sum(walls),
+        "round_wall_s": walls,
+        "num_cached_tokens": [[o.num_cached_tokens for o in r] for r in outs],
+        "tokens": [[o.outputs[0].token_ids for o in r] for r in outs],
+    }
+
+
+def main_routing(args: argparse.Namespace, path: str) -> None:
+    load_at_start = os.getloadavg()
+    rounds, warmups = routing_rounds(args, load_config(path).vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
+    runs: dict[str, list[dict]] = {"load": [], "cache_aware": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            runs[mode].append(run_routing(path, mode == "cache_aware", args, rounds, warmups,
+                                          params, max_len))
+    same = all(r["tokens"] == runs["load"][0]["tokens"] for rs in runs.values() for r in rs)
+    # (label, key, higher is better)
+    keys = [("prefix cache hit rate", "hit_rate", True),
+            ("TTFT mean, every prompt (s)", "ttft_mean_s", False),
+            ("TTFT mean, rounds 2.. (s)", "ttft_rest_mean_s", False),
+            ("wall time (s)", "wall_s", False)]
+    print(f"{args.attention} attention ranks; {args.rounds} rounds x {args.num_prefixes} prompts "
+          f"= {args.prefix_len} tokens of one of {args.num_prefixes} prefixes + "
+          f"{args.suffix_len} own, {args.new_tokens} new tokens, greedy; num_kv_blocks "
+          f"{args.num_kv_blocks or 'default'} per rank; best of {args.repeats} runs each")
+    print(f"{'':32s}{'by load':>12s}{'cache-aware':>13s}{'gain':>8s}")
+    summary = {}
+    for label, key, higher in keys:
+        pick = max if higher else min
+        load, aware = (pick(r[key] for r in runs[m]) for m in runs)
+        gain = aware / load if higher else load / aware
+        summary[key] = {"load": load, "cache_aware": aware, "gain": gain,
+                        "median_load": statistics.median(r[key] for r in runs["load"]),
+                        "median_cache_aware": statistics.median(
+                            r[key] for r in runs["cache_aware"])}
+        print(f"{label:32s}{load:12.3f}{aware:13.3f}{gain:7.2f}x")
+    print(f"outputs equal under both placements: {same}")
+    for mode in runs:
+        print(f"num_cached_tokens per round ({mode}, first run): "
+              f"{runs[mode][0]['num_cached_tokens']}")
+        for r in runs[mode]:
+            r.pop("tokens")
+    write_result({
+        "bench": "prefix_cache_routing", "args": vars(args), "model": path,
+        "commit": commit_id(), "torch": torch.__version__, "host": platform.node(),
+        "cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
+        "loadavg_at_end": os.getloadavg(), "outputs_equal": same, "summary": summary,
+        "runs": runs}, args.json, "prefix_cache_routing.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: embedded tiny)")
@@ -94,8 +202,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", type=int, default=1,
+                    help=">= 2: compare placement by load with cache-aware placement")
+    ap.add_argument("--num-prefixes", type=int, default=6, help="(--attention >= 2)")
+    ap.add_argument("--rounds", type=int, default=4, help="(--attention >= 2)")
+    ap.add_argument("--num-kv-blocks", type=int, default=None,
+                    help="(--attention >= 2) KV blocks per rank")
     args = ap.parse_args()
     path = args.model or default_model_path()
+    if args.attention > 1:
+        main_routing(args, path)
+        return
     load_at_start = os.getloadavg()
     prompts, warmup = make_prompts(args, load_config(path).vocab_size)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
