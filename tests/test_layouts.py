@@ -299,7 +299,8 @@ def test_unseeded_samples_differ_across_ranks(layout):
     """Every rank's sampler for unseeded rows started from the same seed, so two ranks given
     the same prompt drew the same noise: n=2 completions placed on two attention ranks were
     identical, and two prefill ranks sampled the same first token. Each rank has its own
-    stream."""
+    stream. (The prompts are shorter than a KV block, so cache-aware routing, which would put
+    both completions of a longer prompt on one rank, places them by load.)"""
     llm = LLM(timeout_s=30, **layout)
     try:
         params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)

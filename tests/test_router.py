@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from afd.block_pool import BlockPool
 from afd.router import BALANCE_ABS, RequestRouter
 from afd.scheduler import Scheduler
@@ -158,3 +160,10 @@ def test_scheduler_reports_what_its_waiting_sequences_need():
     assert sched.waiting_blocks() == 3 + 2
     sched.schedule()
     assert sched.waiting_blocks() == 0
+
+
+def test_bad_option_is_named():
+    from afd import LLM
+
+    with pytest.raises(ValueError, match="cache_aware_routing"):
+        LLM(cache_aware_routing="yes")
