@@ -102,7 +102,7 @@ class RequestRouter:
         those not overloaded (see BALANCE_ABS); ties, and no match anywhere, go to the fewest
         requests in flight, then the lowest rank. Records the prompt's blocks there."""
         least = min(loads, key=lambda r: (loads[r].in_flight, r))
-        if not self.cache_aware:
+        if not self.cache_aware or len(loads) == 1:  # one rank: nothing to choose, no hashing
             return least
         size = self.prompt_block_size
         keys: list[bytes] = []  # every full block's: the rank caches them all once computed

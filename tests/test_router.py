@@ -99,16 +99,15 @@ def test_an_overloaded_rank_is_passed_over_despite_a_match():
 
 def test_the_record_is_bounded_by_the_ranks_kv_blocks():
     rng = random.Random(4)
-    router = RequestRouter([], [0], num_blocks=10, block_size=SIZE)
+    router = RequestRouter([], [0, 1], num_blocks=10, block_size=SIZE)
     first = draw(rng, 64)  # 4 blocks
-    place(router, first)
-    for _ in range(5):
-        place(router, draw(rng, 32))
+    for prompt in [first] + [draw(rng, 32) for _ in range(5)]:  # 2 blocks each
+        finish(router, place(router, prompt))  # every one to rank 0 (idle ranks, no match)
         assert len(router.records[0].keys) <= 10
-    assert len(router.records[0].keys) == 10
+    assert len(router.records[0].keys) == 10 and not router.records[1].keys
     # least recently placed first, and a prompt's head outlives its tail
     assert router.records[0].matched(_keys(router, first)) == 0
-    router = RequestRouter([], [0], num_blocks=3, block_size=SIZE)
+    router = RequestRouter([], [0, 1], num_blocks=3, block_size=SIZE)
     place(router, first)
     assert router.records[0].matched(_keys(router, first)) == 3
 
