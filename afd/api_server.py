@@ -148,7 +148,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
         prompts = body.prompts()
-        return await _serve(state, request, body, prompts, body.max_tokens, chat=False)
+        return await _serve(state, request, body, prompts, body.engine_max_tokens(), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -256,68 +256,127 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params)
                for i, (text, ids) in enumerate(checked)]
     n = params.n
+    echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
-                                      params.logprobs), media_type="text/event-stream")
+                                      params.logprobs, echo), media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
+    prompt_logprobs = None
     for i, out in enumerate(finals):
         usage["prompt_tokens"] += len(out.prompt_token_ids)
         cached += out.num_cached_tokens or 0
+        if body.prompt_logprobs is not None:
+            prompt_logprobs = _prompt_logprobs_json(out.prompt_logprobs)
         for c in out.outputs:
-            usage["completion_tokens"] += len(c.token_ids)
             index = i * n + c.index
             if out.error:
                 raise _output_error(out)
-            logprobs = _logprobs(c, 0, chat, params.logprobs, 0)
+            usage["completion_tokens"] += 0 if echo is not None and echo.only else len(
+                c.token_ids)
             if chat:
                 choices.append({"index": index, "finish_reason": c.finish_reason,
                                 "message": {"role": "assistant", "content": c.text},
-                                "logprobs": logprobs})
-            else:
-                choices.append({"index": index, "text": c.text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
+                                "logprobs": _chat_logprobs(c, 0, params.logprobs)})
+                continue
+            text, token_ids, entries = echo.completion(out, c)
+            choice = {"index": index, "text": text,
+                      "logprobs": None if entries is None else _completion_logprobs(
+                          token_ids, entries, 0, engine.engine.token_text),
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs
+            choices.append(choice)
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     usage["prompt_tokens_details"] = {"cached_tokens": cached}  # prefix-cache hits
-    return JSONResponse({"id": base, "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": state.model_name,
-                         "choices": choices, "usage": usage})
+    response = {"id": base, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": state.model_name,
+                "choices": choices, "usage": usage}
+    if chat and prompt_logprobs is not None:
+        response["prompt_logprobs"] = prompt_logprobs  # vLLM's place for chat
+    return JSONResponse(response)
+
+
+class _Echo:
+    """A completion request's ``echo``: each choice's text and logprobs start with the prompt's
+    (the first prompt token has no logprob: null). With max_tokens 0 (``echo_only``) the one
+    token the engine sampled is dropped: the prompt alone comes back."""
+
+    def __init__(self, body: CompletionRequest, engine) -> None:
+        self.on, self.only = body.echo, body.echo_only
+        self.logprobs = body.logprobs is not None
+        self.engine = engine
+
+    def prompt_text(self, out: RequestOutput) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        return self.engine.tokenizer.decode(out.prompt_token_ids)  # sent as token ids
+
+    def completion(self, out: RequestOutput, c: CompletionOutput, token_start: int = 0,
+                   text_start: int = 0, head: bool = True
+                   ) -> tuple[str, list[int], list | None]:
+        """(text, token ids, logprob entries or None) of choice ``c`` from its token
+        ``token_start`` and character ``text_start`` on; ``head``: the prompt goes first."""
+        text, token_ids = c.text[text_start:], c.token_ids[token_start:]
+        entries = None if c.logprobs is None else c.logprobs[token_start:]
+        if self.only:
+            text, token_ids, entries = "", [], None if entries is None else []
+        if self.on and head:
+            text = self.prompt_text(out) + text
+            token_ids = out.prompt_token_ids + token_ids
+            if self.logprobs:
+                entries = list(out.prompt_logprobs) + entries
+        return text, token_ids, entries
 
 
 def _logprob(value: float) -> float:
     return max(value, -9999.0)  # JSON has no -inf; OpenAI's (and vLLM's) floor
 
 
-def _logprobs(c: CompletionOutput, start: int, chat: bool, top: int | None,
-              text_offset: int) -> dict | None:
-    """The logprobs of ``c``'s tokens from ``start`` on, in OpenAI's shape: chat's ``content``
-    (each token with its ``top`` likeliest), or the legacy completions' parallel lists (each
-    token's top k and itself; ``text_offset``: where each token's text, decoded alone, starts,
-    counting ``text_offset`` for the tokens before ``start``)."""
+def _prompt_logprobs_json(entries: list[dict | None] | None) -> list | None:
+    """RequestOutput.prompt_logprobs as vLLM's JSON: per prompt token null or {token id:
+    {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {
+        str(t): {"logprob": _logprob(lp.logprob), "rank": lp.rank,
+                 "decoded_token": lp.decoded_token} for t, lp in e.items()} for e in entries]
+
+
+def _chat_logprobs(c: CompletionOutput, start: int, top: int | None) -> dict | None:
+    """The logprobs of ``c``'s tokens from ``start`` on, in chat's ``content`` shape: each
+    token with its ``top`` likeliest."""
     if c.logprobs is None:
         return None
-    steps = list(zip(c.token_ids[start:], c.logprobs[start:]))
-    if chat:
-        def entry(lp) -> dict:
-            return {"token": lp.decoded_token, "logprob": _logprob(lp.logprob),
-                    "bytes": list(lp.decoded_token.encode("utf-8", errors="replace"))}
 
-        return {"content": [
-            {**entry(step[token]), "top_logprobs": [
-                entry(lp) for lp in sorted(step.values(), key=lambda lp: lp.rank)[:top]]}
-            for token, step in steps]}
-    offsets = []
-    for token, step in steps:
-        offsets.append(text_offset)
-        text_offset += len(step[token].decoded_token)
-    return {"tokens": [step[token].decoded_token for token, step in steps],
-            "token_logprobs": [_logprob(step[token].logprob) for token, step in steps],
-            "top_logprobs": [{lp.decoded_token: _logprob(lp.logprob) for lp in step.values()}
-                             for _, step in steps],
-            "text_offset": offsets}
+    def entry(lp) -> dict:
+        return {"token": lp.decoded_token, "logprob": _logprob(lp.logprob),
+                "bytes": list(lp.decoded_token.encode("utf-8", errors="replace"))}
+
+    return {"content": [
+        {**entry(step[token]), "top_logprobs": [
+            entry(lp) for lp in sorted(step.values(), key=lambda lp: lp.rank)[:top]]}
+        for token, step in zip(c.token_ids[start:], c.logprobs[start:])]}
+
+
+def _completion_logprobs(token_ids: list[int], entries: list[dict | None], text_offset: int,
+                         token_text) -> dict:
+    """The legacy completions' parallel lists: each token's text (decoded alone), its logprob,
+    its entry's logprobs (itself and the top k) and ``text_offset``, where its text starts
+    (counting from ``text_offset``). A None entry (the first prompt token, echoed) has null
+    logprobs."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, step in zip(token_ids, entries, strict=True):
+        text = token_text(token) if step is None else step[token].decoded_token
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if step is None else _logprob(step[token].logprob))
+        out["top_logprobs"].append(None if step is None else {
+            lp.decoded_token: _logprob(lp.logprob) for lp in step.values()})
+        out["text_offset"].append(text_offset)
+        text_offset += len(text)
+    return out
 
 
 def _output_error(out: RequestOutput) -> APIError:
@@ -359,10 +418,11 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
-               n: int, chat: bool, include_usage: bool,
-               top_logprobs: int | None) -> AsyncIterator[str]:
+               n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
+               echo: _Echo | None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
-    choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it."""
+    choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
+    echo, a choice's first chunk starts with the prompt (and its logprobs)."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -382,6 +442,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     # a token's text decoded alone is not what the text shows (a partial UTF-8 character)
     token_chars: dict[int, int] = {}
     finish_sent: set[int] = set()  # choices whose last chunk went out
+    echoed: set[int] = set()  # choices whose first chunk went out
+    token_text = state.engine.engine.token_text
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
     open_streams = len(streams)
@@ -410,28 +472,39 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 index = i * n + c.index
                 if index in finish_sent:
                     continue
-                token_start = sent_tokens.get(index, 0)
-                delta = c.text[sent_text.get(index, 0):]
+                head = echo is not None and echo.on and index not in echoed
+                if head and echo.logprobs and item.prompt_logprobs is None:
+                    continue  # they come with the first completion's first token (n > 1)
+                if echo is not None and echo.only and c.finish_reason is None:
+                    continue
+                token_start, text_start = sent_tokens.get(index, 0), sent_text.get(index, 0)
                 new_tokens = c.logprobs is not None and len(c.token_ids) > token_start
-                if not delta and not new_tokens and c.finish_reason is None:
+                if (not head and len(c.text) == text_start and not new_tokens
+                        and c.finish_reason is None):
                     continue
                 sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                echoed.add(index)
                 if c.finish_reason is not None:
                     finish_sent.add(index)
-                logprobs = _logprobs(c, token_start, chat, top_logprobs,
-                                     token_chars.get(index, 0))
-                if logprobs is not None and not chat:
+                if chat:
+                    choices.append({"index": index, "delta": {"content": c.text[text_start:]},
+                                    "finish_reason": c.finish_reason,
+                                    "logprobs": _chat_logprobs(c, token_start, top_logprobs)})
+                    continue
+                text, token_ids, entries = echo.completion(item, c, token_start, text_start,
+                                                           head)
+                logprobs = None
+                if entries is not None:
+                    logprobs = _completion_logprobs(token_ids, entries,
+                                                    token_chars.get(index, 0), token_text)
                     token_chars[index] = (token_chars.get(index, 0)
                                           + sum(map(len, logprobs["tokens"])))
-                if chat:
-                    choices.append({"index": index, "delta": {"content": delta},
-                                    "finish_reason": c.finish_reason, "logprobs": logprobs})
-                else:
-                    choices.append({"index": index, "text": delta, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason})
+                choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason})
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)
-                usage["completion_tokens"] += sum(len(c.token_ids) for c in item.outputs)
+                if echo is None or not echo.only:
+                    usage["completion_tokens"] += sum(len(c.token_ids) for c in item.outputs)
                 cached += item.num_cached_tokens or 0
             if choices:
                 yield chunk(choices)

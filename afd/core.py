@@ -106,6 +106,10 @@ class EngineCore:
         """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
         sampling = [s.seq for s in plan.seqs if s.samples]  # before update() moves the counts
         sampled = self.runner.execute(plan, micro_batches)
+        for s in plan.seqs:
+            scored = sampled.prompt_logprobs.get(s.seq.request_id)
+            if scored is not None:
+                s.seq.add_prompt_logprobs(scored)
         self.scheduler.update(plan)
         outputs = []
         for seq, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
@@ -120,6 +124,8 @@ class EngineCore:
             seq.append(token)
             out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason,
                              logprobs=None if logprobs is None else [logprobs])
+            if seq.num_output_tokens == 1:
+                out.prompt_logprobs = seq.take_prompt_logprobs()
             if seq.num_output_tokens == 1 and seq.first_scheduled is not None:
                 out.metrics = {"queue_time": seq.first_scheduled - seq.received,
                                "num_cached_tokens": seq.num_cached_tokens or 0}
@@ -141,10 +147,12 @@ class EngineCore:
 
     def add_transferred(self, seq: Sequence) -> None:
         """A sequence prefilled elsewhere, its KV already in this rank's blocks (never put in
-        this rank's prefix cache: what arrived was not computed here). ParamError if its grammar
-        does not build here (the caller frees its blocks)."""
+        this rank's prefix cache: what arrived was not computed here). Its prompt logprobs,
+        if asked for, went to the front end from where it was prefilled. ParamError if its
+        grammar does not build here (the caller frees its blocks)."""
         self.attach_grammar(seq)
         seq.cacheable = False
+        seq.skip_prompt_logprobs()
         self.seqs[seq.request_id] = seq
         self.scheduler.add_running(seq)
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from afd.sampler import PromptLogprobs
 from afd.sampling_params import ParamError, SamplingParams
 from afd.sequence import CoreOutput, CoreRequest
 from afd.structured_output import check as check_structured_output
@@ -58,6 +59,7 @@ class _Request:
     metrics: RequestMetrics
     error: str | None = None
     num_cached_tokens: int | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -76,7 +78,8 @@ class _Request:
                                  None if c.logprobs is None else list(c.logprobs))
                 for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
-                             self.finished, self.metrics, self.error, self.num_cached_tokens)
+                             self.finished, self.metrics, self.error, self.num_cached_tokens,
+                             self.prompt_logprobs)
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:
@@ -186,9 +189,11 @@ class LLMEngine:
                 comp.cumulative_logprob, comp.logprobs = 0.0, []
             req.completions.append(comp)
             child = params
-            if params.n > 1:
+            if params.n > 1:  # the prompt's logprobs are the same for all: the first computes them
                 child = SamplingParams(**{**params.to_dict(), "n": 1,
-                                          "seed": None if params.seed is None else params.seed + i})
+                                          "seed": None if params.seed is None else params.seed + i,
+                                          "prompt_logprobs": params.prompt_logprobs if i == 0
+                                          else None})
             cid = _child_id(request_id, i, params.n)
             children.append((cid, comp, CoreRequest(cid, ids, child, self.eos_token_ids, arrival)))
         added: list[str] = []
@@ -246,6 +251,8 @@ class LLMEngine:
             if "num_cached_tokens" in out.metrics:
                 req.num_cached_tokens = max(req.num_cached_tokens or 0,
                                             out.metrics["num_cached_tokens"])
+        if out.prompt_logprobs is not None and req.prompt_logprobs is None:
+            req.prompt_logprobs = self._prompt_logprobs(req.prompt_token_ids, out.prompt_logprobs)
         if out.new_token_ids:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -278,14 +285,27 @@ class LLMEngine:
                 self.core.abort([cid])  # stopped here by a stop string; the core still runs it
 
     def _add_logprobs(self, comp: _Completion, steps: list[list]) -> None:
-        """Each new token's [ids, logprobs, sampled rank] (afd.sampler.SamplerOutput) as vLLM's
-        {token id: Logprob}: the sampled token first, then ranks 1..k (a sampled token among
-        them is one entry)."""
+        """Each new token's [ids, logprobs, sampled rank] (afd.sampler.SamplerOutput)."""
         for ids, logprobs, rank in steps:
             comp.cumulative_logprob += logprobs[0]
-            comp.logprobs.append({
-                tid: Logprob(lp, r, self.token_text(tid))
-                for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1)))})
+            comp.logprobs.append(self._logprob_entry(ids, logprobs, rank))
+
+    def _prompt_logprobs(self, prompt: list[int], scored: PromptLogprobs
+                         ) -> list[dict[int, Logprob] | None]:
+        """vLLM's prompt_logprobs: None for the first prompt token, then one entry per token."""
+        k, out = scored.k, [None]
+        for i, token in enumerate(prompt[1:]):
+            out.append(self._logprob_entry(
+                [token, *scored.top_ids[i * k:(i + 1) * k]],
+                scored.logprobs[i * (k + 1):(i + 1) * (k + 1)], scored.ranks[i]))
+        return out
+
+    def _logprob_entry(self, ids: list[int], logprobs: list[float], rank: int
+                       ) -> dict[int, Logprob]:
+        """One token's logprobs as vLLM's {token id: Logprob}: the token itself first (with
+        ``rank``), then the k likeliest, ranks 1..k (the token among them is one entry)."""
+        return {tid: Logprob(lp, r, self.token_text(tid))
+                for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1)))}
 
     def token_text(self, token_id: int) -> str:
         """One token decoded alone (vLLM's ``decoded_token``)."""

@@ -9,7 +9,7 @@ import torch
 from afd.config import EngineConfig
 from afd.cuda_graphs import DecodeGraphs, unsupported_reason
 from afd.kv_cache import allocate_kv_caches
-from afd.sampler import Sampler, SamplerOutput
+from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
 from models.batch import ForwardBatch
@@ -60,7 +60,10 @@ class ModelRunner:
         return graphs
 
     def prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
-        """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N])."""
+        """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
+
+        logits_index holds, per sequence in order, its rows for prompt logprobs (if it asks)
+        and then its sampling row (if this step reaches its last token)."""
         bs = self.cfg.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -72,6 +75,7 @@ class ModelRunner:
         tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
         for i, s in enumerate(seqs):
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            logits_index += [len(ids) + p - start for p in s.prompt_logprob_positions]
             ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
             positions += pos
@@ -111,13 +115,42 @@ class ModelRunner:
             inputs = [self.prepare(part) for part in parts]
             logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,
                                                  self.experts))
+        logits, prompt_logprobs = self._prompt_logprobs(logits, plan.seqs)
         sampling = [s.seq for s in plan.seqs if s.samples]
         if not sampling:
-            return SamplerOutput([], [])
-        return self.sampler.sample(logits, [q.params for q in sampling],
-                                   [q.generator for q in sampling],
-                                   [(q.token_ids, q.num_prompt_tokens,
-                                     (*q.eos_token_ids, *q.stop_token_ids))
-                                    for q in sampling],
-                                   [q.penalties for q in sampling],
-                                   [q.grammar for q in sampling])
+            return SamplerOutput([], [], prompt_logprobs)
+        out = self.sampler.sample(logits, [q.params for q in sampling],
+                                  [q.generator for q in sampling],
+                                  [(q.token_ids, q.num_prompt_tokens,
+                                    (*q.eos_token_ids, *q.stop_token_ids))
+                                   for q in sampling],
+                                  [q.penalties for q in sampling],
+                                  [q.grammar for q in sampling])
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, logits: torch.Tensor, seqs: list[ScheduledSeq]
+                         ) -> tuple[torch.Tensor, dict]:
+        """Split the step's logits [rows, V] fp32 (in ``prepare``'s order) into the sampling
+        rows and the prompt logprobs of the sequences that ask, per request id."""
+        spans = [s.prompt_logprob_positions for s in seqs]
+        if not any(spans):
+            return logits, {}
+        sample_rows, prompt_rows, targets, runs, owners = [], [], [], [], []
+        row = 0
+        for s, span in zip(seqs, spans):
+            if span:
+                prompt_rows += range(row, row + len(span))
+                targets += s.seq.token_ids[span.start + 1:span.stop + 1]
+                runs.append((len(span), s.seq.params.prompt_logprobs))
+                owners.append(s.seq.request_id)
+                row += len(span)
+            if s.samples:
+                sample_rows.append(row)
+                row += 1
+        dev = logits.device
+        scored = gather_prompt_logprobs(
+            logits[torch.tensor(prompt_rows, device=dev)],
+            torch.tensor(targets, dtype=torch.long, device=dev), runs)
+        return logits[torch.tensor(sample_rows, dtype=torch.long, device=dev)], dict(
+            zip(owners, scored))

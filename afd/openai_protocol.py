@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -33,10 +33,8 @@ class StreamOptions(BaseModel):
 # change nothing (None always does). Any other value is a 400 naming the field rather than an
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
-    "echo": (False,),
     "suffix": ("",),
     "tools": ([],),
-    "prompt_logprobs": (),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "logits_processors": ([],),
 }
@@ -137,13 +135,22 @@ class _SamplingFields(BaseModel):
         """SamplingParams.logprobs: how many top logprobs per token (None: none at all)."""
         raise NotImplementedError
 
+    def num_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs (its bounds are SamplingParams', a 400 naming it)."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs is not available with stream: true (as in "
+                           "vLLM); with echo, a completion's logprobs cover the prompt",
+                           param="prompt_logprobs")
+        return self.prompt_logprobs
+
     def sampling_params(self, max_tokens: int | None,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
         """ValueError (-> 400) names the field when a value is out of range. ``defaults``: the
         engine's values (generation_config.json) for the sampling fields a request leaves
         unset."""
-        sent = {**(self.model_extra or {}), **self.model_dump(include=set(_UNSUPPORTED))}
-        for name, neutral in _UNSUPPORTED.items():
+        unsupported = {**_UNSUPPORTED, **self.unsupported_here}
+        sent = {**(self.model_extra or {}), **self.model_dump(include=set(unsupported))}
+        for name, neutral in unsupported.items():
             value = sent.get(name)
             if value is not None and value not in neutral:
                 raise APIError(400, f"{name} is not supported by this server (got {value!r})",
@@ -168,7 +175,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
             min_tokens=self.min_tokens, logprobs=self.num_logprobs(),
             structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words)
+            bad_words=self.bad_words, prompt_logprobs=self.num_prompt_logprobs())
 
 
 class CompletionRequest(_SamplingFields):
@@ -183,6 +190,27 @@ class CompletionRequest(_SamplingFields):
             raise APIError(400, "top_logprobs is a chat completions field; here logprobs is "
                            "the number of top logprobs", param="top_logprobs")
         return self.logprobs  # its bounds are SamplingParams' (a 400 naming logprobs)
+
+    def num_prompt_logprobs(self) -> int | None:
+        """With echo, the echoed prompt's logprobs: ``logprobs`` unless ``prompt_logprobs``
+        says otherwise (vLLM's rule)."""
+        asked = super().num_prompt_logprobs()
+        return self.logprobs if asked is None and self.echo else asked
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated."""
+        return self.echo and self.max_tokens == 0
+
+    def engine_max_tokens(self) -> int | None:
+        """max_tokens for the engine. 0 is allowed with echo only (OpenAI's legacy way to
+        score a prompt, vLLM's too): the engine then samples one token, which is dropped."""
+        if self.max_tokens == 0:
+            if not self.echo:
+                raise APIError(400, "max_tokens must be an integer >= 1, got 0 (0 is allowed "
+                               "only with echo: true, to score the prompt)", param="max_tokens")
+            return 1
+        return self.max_tokens
 
     def prompts(self) -> list[Any]:
         """One engine prompt per entry: text, or {"prompt_token_ids": [...]}."""
@@ -248,6 +276,8 @@ class _ChatTemplateFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
+    unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,)}
+
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None

@@ -74,3 +74,7 @@ class RequestOutput:
     # prompt tokens whose KV came from the prefix cache (the most any completion reused), set
     # with the first token, as vLLM's
     num_cached_tokens: int | None = None
+    # With SamplingParams.prompt_logprobs = k: one entry per prompt token, None for the first
+    # (nothing before it scores it), then {token id: Logprob} for the prompt token and the k
+    # likeliest at its position (vLLM's shape); set with the first output
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

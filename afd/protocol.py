@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 
 from afd.core import CoreStats
+from afd.sampler import PromptLogprobs
 from afd.sampling_params import SamplingParams
 from afd.sequence import CoreOutput, CoreRequest
 
@@ -39,11 +40,13 @@ def request_from_wire(d: dict[str, Any]) -> CoreRequest:
 
 def output_to_wire(out: CoreOutput) -> list[Any]:
     return [out.request_id, out.new_token_ids, out.finish_reason, out.stop_reason, out.error,
-            out.metrics, out.logprobs]
+            out.metrics, out.logprobs,
+            None if out.prompt_logprobs is None else out.prompt_logprobs.to_wire()]
 
 
 def output_from_wire(row: list[Any]) -> CoreOutput:
-    return CoreOutput(row[0], list(row[1]), row[2], row[3], row[4], row[5], row[6])
+    return CoreOutput(row[0], list(row[1]), row[2], row[3], row[4], row[5], row[6],
+                      None if row[7] is None else PromptLogprobs.from_wire(row[7]))
 
 
 def stats_to_wire(stats: CoreStats) -> dict[str, Any]:

@@ -22,7 +22,7 @@ with ``draw_step_seed``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -108,13 +108,60 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
 
 
 @dataclass
+class PromptLogprobs:
+    """The prompt logprobs of a run of consecutive prompt tokens of one sequence, as flat
+    per-token arrays (they cross msgpack as is). Row i scores one prompt token under the logits
+    of the position before it. k: top logprobs per row (SamplingParams.prompt_logprobs).
+    ranks [N]: the prompt token's rank (1: the likeliest). top_ids [N * k]: the k likeliest ids
+    of each row, best first. logprobs [N * (k + 1)]: per row, the prompt token's logprob, then
+    its k likeliest ones'."""
+
+    k: int
+    ranks: list[int] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def extend(self, other: PromptLogprobs) -> None:
+        self.ranks += other.ranks
+        self.top_ids += other.top_ids
+        self.logprobs += other.logprobs
+
+    def to_wire(self) -> list:
+        return [self.k, self.ranks, self.top_ids, self.logprobs]
+
+    @classmethod
+    def from_wire(cls, row: list) -> PromptLogprobs:
+        return cls(int(row[0]), list(row[1]), list(row[2]), list(row[3]))
+
+
+@dataclass
 class SamplerOutput:
     """tokens: one id per row (-1: NaN logits). logprobs: per row, None unless its params ask
     (``logprobs`` k), else [token ids, logprobs, rank of the sampled token]: the sampled token
-    first, then the k likeliest in order (ranks 1..k). Plain lists: they cross msgpack as is."""
+    first, then the k likeliest in order (ranks 1..k). Plain lists: they cross msgpack as is.
+    prompt_logprobs: per request id, the prompt logprobs this step's logits gave (filled by the
+    model runner for sequences whose params ask for ``prompt_logprobs``)."""
 
     tokens: list[int]
     logprobs: list[list | None]
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+
+
+def score_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row of the raw ``logits`` [M, V] scored in fp32 log_softmax: [M, 2 + 2k] float64 on
+    the logits' device, per row the logprob of ``tokens`` [M] there, that token's rank (tokens
+    at least as likely, itself included), then the ids of the k likeliest and their logprobs.
+    float64 holds ids and ranks (below 2**53) exactly beside the fp32 values, so one transfer
+    brings everything to the host."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    # A NaN row's -1 reads column 0: its request fails, its logprobs are never looked at.
+    chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])
+    ranks = (logprobs >= chosen).sum(dim=-1, keepdim=True)
+    top, top_ids = logprobs.topk(k, dim=-1)
+    return torch.cat([chosen.double(), ranks.double(), top_ids.double(), top.double()], dim=1)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
@@ -127,24 +174,35 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     if len(rows) < len(params):
         index = torch.tensor(rows).to(logits.device, non_blocking=True)
         logits, sampled = logits.index_select(0, index), tokens.index_select(0, index)
-    logprobs = logits.float().log_softmax(dim=-1)
-    # A NaN row's -1 reads column 0: its request fails, its logprobs are never looked at.
-    chosen = logprobs.gather(1, sampled.clamp(min=0)[:, None])
-    ranks = (logprobs >= chosen).sum(dim=-1)  # tokens at least as likely, itself included
     k = max(params[i].logprobs for i in rows)
-    top, top_ids = logprobs.topk(k, dim=-1)
-    # One transfer: ids and ranks are below 2**53, so float64 holds them exactly, beside the
-    # fp32 logprobs.
-    flat = torch.cat([tokens.double(), chosen[:, 0].double(), ranks.double(),
-                      top_ids.double().flatten(), top.double().flatten()]).tolist()
-    n, m = len(params), len(rows)
+    flat = torch.cat([tokens.double(), score_rows(logits, sampled, k).flatten()]).tolist()
+    n, width = len(params), 2 + 2 * k
     out = SamplerOutput([int(t) for t in flat[:n]], [None] * n)
-    chosen_lp, rank, ids, lps = (flat[n:n + m], flat[n + m:n + 2 * m],
-                                 flat[n + 2 * m:n + 2 * m + m * k], flat[n + 2 * m + m * k:])
     for r, i in enumerate(rows):
-        want = slice(r * k, r * k + params[i].logprobs)
-        out.logprobs[i] = [[out.tokens[i]] + [int(t) for t in ids[want]],
-                           [chosen_lp[r]] + lps[want], int(rank[r])]
+        row = flat[n + r * width:n + (r + 1) * width]
+        want = params[i].logprobs
+        out.logprobs[i] = [[out.tokens[i]] + [int(t) for t in row[2:2 + want]],
+                           [row[0]] + row[2 + k:2 + k + want], int(row[1])]
+    return out
+
+
+def gather_prompt_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                           runs: list[tuple[int, int]]) -> list[PromptLogprobs]:
+    """Prompt logprobs of consecutive runs of rows: ``logits`` [M, V] raw, the row of the
+    position before each scored prompt token; ``tokens`` [M] those prompt tokens; ``runs``:
+    (rows, k) per sequence, in row order. The same scoring as the sampled tokens' logprobs
+    (``score_rows``), in one transfer."""
+    k_max = max(k for _, k in runs)
+    table = score_rows(logits, tokens, k_max).tolist()
+    out, start = [], 0
+    for rows, k in runs:
+        run = PromptLogprobs(k)
+        for row in table[start:start + rows]:
+            run.ranks.append(int(row[1]))
+            run.top_ids += [int(t) for t in row[2:2 + k]]
+            run.logprobs += [row[0]] + row[2 + k_max:2 + k_max + k]
+        out.append(run)
+        start += rows
     return out
 
 

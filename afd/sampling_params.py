@@ -131,6 +131,9 @@ class SamplingParams:
     bad_words: strings that must not be generated: each is tokenized alone and after a space,
     and a sequence's last token is banned whenever the output ends with the rest of it
     (vLLM's). bad_words_token_ids: those sequences, set by the engine from bad_words.
+    prompt_logprobs: None (off) or k in [0, 20]: the same for every prompt token after the
+    first (its logprob under the logits of the position before it, and the k likeliest there).
+    A request that asks computes its whole prompt: it takes no KV from the prefix cache.
     """
 
     n: int = 1
@@ -151,6 +154,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -215,9 +219,10 @@ class SamplingParams:
             raise bad("stop", self.stop, "a non-empty string or a list of them")
         if not all(is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
-        if self.logprobs is not None and (not is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, value, f"None or an integer in [0, {MAX_LOGPROBS}]")
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
             self.structured_outputs.validate()

@@ -8,8 +8,10 @@ its blocks are freed and it is recomputed later from its tokens (prompt + output
 
 With prefix caching (afd.block_pool) a sequence being admitted first takes the cached blocks of
 the longest run of its leading full blocks (shared with whoever else holds them) and starts
-computing after them; at least its last token is always computed, for the logits. A block joins
-the cache once every one of its tokens' KV is written (``update``), prompt or generated.
+computing after them; at least its last token is always computed, for the logits. A sequence
+that asks for prompt logprobs takes cached blocks only over positions it has scored already
+(none, the first time): a cached block has no logits. A block joins the cache once every one of
+its tokens' KV is written (``update``), prompt or generated.
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """Does this step reach the sequence's last token (and so sample the next one)?"""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions whose logits this step gives prompt logprobs (the next prompt token's):
+        rows the model computes only for sequences that ask, and each position once, however
+        often its KV is recomputed (after preemption)."""
+        seq = self.seq
+        if not seq.prompt_logprobs_pending:
+            return range(0)
+        # no gap: KV is computed (or taken from the cache) only up to a scored position
+        assert seq.num_computed_tokens <= seq.num_prompt_logprobs
+        start = max(seq.num_computed_tokens, seq.num_prompt_logprobs)
+        end = min(seq.num_computed_tokens + self.num_new_tokens, seq.num_prompt_tokens - 1)
+        return range(start, max(start, end))
 
 
 @dataclass
@@ -144,6 +160,8 @@ class Scheduler:
         if not (self.allocator.enable_caching and seq.cacheable):
             return []
         max_blocks = (seq.num_tokens - 1) // self.allocator.block_size
+        if seq.prompt_logprobs_pending:  # a cached block has no logits: only scored positions
+            max_blocks = min(max_blocks, seq.num_prompt_logprobs // self.allocator.block_size)
         extend_block_keys(seq.block_keys, seq.token_ids, self.allocator.block_size, max_blocks)
         return self.allocator.cached_prefix(seq.token_ids, seq.block_keys, max_blocks)
 

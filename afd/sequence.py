@@ -10,6 +10,7 @@ import torch
 
 from afd.outputs import RequestMetrics
 from afd.penalties import PenaltyState
+from afd.sampler import PromptLogprobs
 from afd.sampling_params import SamplingParams
 
 
@@ -44,6 +45,8 @@ class CoreOutput:
     # per new token, when its params ask: [token ids, logprobs, rank of the sampled token] with
     # the sampled token first (afd.sampler.SamplerOutput)
     logprobs: list[list] | None = None
+    # with the first token, when its params ask for prompt_logprobs: the prompt's, all of them
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Sequence:
@@ -83,6 +86,13 @@ class Sequence:
         self.grammar_eos = tuple(req.eos_token_ids)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # prompt logprobs (params.prompt_logprobs): those of prompt tokens 1..n scored so far,
+        # kept until they leave with the first token. The scheduler takes cached KV only for
+        # positions already scored, since a cached block gives no logits.
+        self.prompt_logprobs: PromptLogprobs | None = None
+        self.num_prompt_logprobs = 0
+        if req.params.prompt_logprobs is not None:
+            self.prompt_logprobs = PromptLogprobs(req.params.prompt_logprobs)
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +101,29 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Does it still need logits at prompt positions (for prompt_logprobs)?"""
+        return (self.params.prompt_logprobs is not None
+                and self.num_prompt_logprobs < self.num_prompt_tokens - 1)
+
+    def add_prompt_logprobs(self, scored: PromptLogprobs) -> None:
+        """Keep the prompt logprobs of the next scored positions (they come in order)."""
+        self.prompt_logprobs.extend(scored)
+        self.num_prompt_logprobs += len(scored)
+
+    def take_prompt_logprobs(self) -> PromptLogprobs | None:
+        """The finished prompt logprobs, once (they leave with the first token)."""
+        if self.prompt_logprobs_pending:
+            return None
+        out, self.prompt_logprobs = self.prompt_logprobs, None
+        return out
+
+    def skip_prompt_logprobs(self) -> None:
+        """Computed elsewhere (a P/D prefill rank): never compute or send them here."""
+        self.num_prompt_logprobs = max(0, self.num_prompt_tokens - 1)
+        self.prompt_logprobs = None
 
     def append(self, token: int) -> None:
         """Add a sampled token and decide whether the sequence is done."""

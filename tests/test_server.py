@@ -131,7 +131,6 @@ BAD = [
     ({"prompt": "hi", "n": 0}, 400, "n"),
     ({"prompt": "hi", "n": 129}, 400, "n"),
     # fields the server does not implement are refused, not silently ignored
-    ({"prompt": "hi", "echo": True}, 400, "echo"),
     ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -139,7 +138,13 @@ BAD = [
     ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ({"prompt": "hi", "logprobs": True}, 400, "logprobs"),
-    ({"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": 1.5}, 400, "prompt_logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    ({"prompt": "hi", "echo": True, "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "hi", "echo": [1]}, 400, "echo"),
     ({"prompt": "hi", "logit_bias": {"x": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 200}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
@@ -236,6 +241,89 @@ def test_logprobs_both_endpoints_streamed_and_not(single):
                         ({"top_logprobs": 2}, "top_logprobs"),
                         ({"logprobs": "many"}, "logprobs")):
         r = httpx.post(url, json={"messages": messages, **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_echo_and_prompt_logprobs(single):
+    """/v1/completions with echo: the prompt's text and logprobs before the completion's (the
+    first prompt token's logprob null, text_offset running on), the same streamed; max_tokens 0
+    scores the prompt alone; lm-eval's loglikelihood request (token-id prompts, echo,
+    max_tokens 1, logprobs 1); vLLM's prompt_logprobs field on completions and chat."""
+    c = client(single)
+    model = c.models.list().data[0].id
+    prompt, k = "Hello, my name is", 2
+    llm = LLM()
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                               logprobs=k, prompt_logprobs=k),
+                        use_tqdm=False)[0]
+    ids, gen = want.prompt_token_ids, want.outputs[0]
+    kw = dict(model=model, prompt=prompt, max_tokens=4, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = c.completions.create(**kw).choices[0]
+    assert plain.text == gen.text
+    assert c.completions.create(**kw, echo=True).choices[0].text == prompt + gen.text
+
+    full = c.completions.create(**kw, echo=True, logprobs=k).choices[0]
+    lp = full.logprobs
+    assert full.text == prompt + gen.text and len(lp.tokens) == len(ids) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    entries = want.prompt_logprobs[1:] + gen.logprobs
+    assert lp.token_logprobs[1:] == pytest.approx(
+        [e[t].logprob for t, e in zip(ids[1:] + gen.token_ids, entries)], abs=1e-5)
+    assert lp.top_logprobs[1:] == [pytest.approx({x.decoded_token: x.logprob
+                                                  for x in e.values()}, abs=1e-5)
+                                   for e in entries]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.tokens[len(ids):] == c.completions.create(**kw, logprobs=k).choices[0].logprobs.tokens
+
+    # streamed: the prompt (and its logprobs) in the first chunk, the whole equal to the above
+    chunks = [ch.choices[0] for ch in c.completions.create(**kw, echo=True, logprobs=k,
+                                                           stream=True) if ch.choices]
+    assert chunks[0].text.startswith(prompt) and len(chunks) > 1
+    assert "".join(ch.text for ch in chunks) == full.text
+    joined = {key: [v for ch in chunks for v in getattr(ch.logprobs, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == lp.model_dump()
+
+    # max_tokens 0: the prompt scored, nothing generated, streamed or not
+    only = c.completions.create(**{**kw, "max_tokens": 0}, echo=True, logprobs=1)
+    assert only.choices[0].text == prompt and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    assert only.choices[0].finish_reason == "length"
+    streamed = [ch.choices[0] for ch in c.completions.create(
+        **{**kw, "max_tokens": 0}, echo=True, stream=True) if ch.choices]
+    assert [ch.text for ch in streamed] == [prompt]
+
+    # lm-eval's local-completions loglikelihood request, two token-id prompts in one call
+    prompts = [ids, ids[:3]]
+    r = c.completions.create(model=model, prompt=prompts, temperature=0, max_tokens=1,
+                             logprobs=1, echo=True, seed=1234)
+    for choice, p in zip(sorted(r.choices, key=lambda ch: ch.index), prompts):
+        got = choice.logprobs.token_logprobs
+        assert len(got) == len(p) + 1 and got[0] is None
+        assert got[1:len(p)] == pytest.approx(lp.token_logprobs[1:len(p)], abs=1e-5)
+    # a token-id prompt echoes as its tokens decoded (special tokens kept, as text_offset)
+    assert r.choices[0].text.startswith(llm.engine.tokenizer.decode(ids))
+
+    # vLLM's prompt_logprobs: on the completion's choice, on the chat response
+    r = c.completions.create(**kw, extra_body={"prompt_logprobs": k})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ids)
+    for entry, ref in zip(got[1:], want.prompt_logprobs[1:]):
+        assert list(entry) == [str(t) for t in ref]
+        assert [e["rank"] for e in entry.values()] == [x.rank for x in ref.values()]
+        assert [e["logprob"] for e in entry.values()] == pytest.approx(
+            [x.logprob for x in ref.values()], abs=1e-5)
+    chat = c.chat.completions.create(model=model, max_tokens=2, temperature=0,
+                                     messages=[{"role": "user", "content": "Hi there"}],
+                                     extra_body={"prompt_logprobs": 0})
+    got = chat.model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == chat.usage.prompt_tokens
+    assert all(len(e) in (1, 2) and min(x["rank"] for x in e.values()) >= 1 for e in got[1:])
+    url = single.url + "/v1/chat/completions"
+    for body, param in (({"echo": True}, "echo"), ({"prompt_logprobs": 21}, "prompt_logprobs")):
+        r = httpx.post(url, json={"messages": [{"role": "user", "content": "Hi"}], **body},
+                       timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
