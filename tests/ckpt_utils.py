@@ -102,17 +102,29 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
     return tokens, torch.cat(out.logits, dim=0).float()
 
 
+def assert_same_logprobs(got, want, atol: float) -> None:
+    """Two lists of {token id: Logprob} (None entries allowed): the same ids and ranks, values
+    within ``atol``."""
+    for ge, we in zip(got, want, strict=True):
+        assert (ge is None) == (we is None)
+        if we is None:
+            continue
+        assert list(ge) == list(we)
+        assert [e.rank for e in ge.values()] == [e.rank for e in we.values()]
+        assert max(abs(ge[t].logprob - we[t].logprob) for t in we) < atol, (ge, we)
+
+
 def assert_same_outputs(got, want, atol: float = 1e-5) -> None:
-    """Two lists of RequestOutputs: the same tokens and the same logprobs (the same token ids
-    and ranks per step, values within ``atol``)."""
+    """Two lists of RequestOutputs: the same tokens and the same logprobs, of the outputs and
+    of the prompts (the same token ids and ranks per step, values within ``atol``)."""
     for g, w in zip(got, want, strict=True):
+        assert (g.prompt_logprobs is None) == (w.prompt_logprobs is None)
+        if w.prompt_logprobs is not None:
+            assert_same_logprobs(g.prompt_logprobs, w.prompt_logprobs, atol)
         for gc, wc in zip(g.outputs, w.outputs, strict=True):
             assert gc.token_ids == wc.token_ids
             assert (gc.logprobs is None) == (wc.logprobs is None)
             if wc.logprobs is None:
                 continue
             assert abs(gc.cumulative_logprob - wc.cumulative_logprob) < atol * len(wc.token_ids)
-            for ge, we in zip(gc.logprobs, wc.logprobs, strict=True):
-                assert list(ge) == list(we)
-                assert [e.rank for e in ge.values()] == [e.rank for e in we.values()]
-                assert max(abs(ge[t].logprob - we[t].logprob) for t in we) < atol, (ge, we)
+            assert_same_logprobs(gc.logprobs, wc.logprobs, atol)

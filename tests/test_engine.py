@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
-from afd.sampler import Sampler
+from afd.sampler import PromptLogprobs, Sampler
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,10 @@ def test_eos_ends_generation_unless_ignored(llm):
     (dict(logprobs=21), "logprobs"),
     (dict(logprobs=True), "logprobs"),
     (dict(logprobs=2.0), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(prompt_logprobs=True), "prompt_logprobs"),
+    (dict(prompt_logprobs=2.0), "prompt_logprobs"),
 ])
 def test_bad_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -597,6 +601,11 @@ class TestSampler:
         from afd.sequence import CoreOutput
 
         out = CoreOutput("r", [5], None, None, logprobs=[[[5, 2, 5], [-0.25, -0.2, -0.25], 2]])
+        back = protocol.output_from_wire(protocol.unpack(protocol.pack(
+            {"t": "out", "o": protocol.output_to_wire(out)}))["o"])
+        assert back == out
+        # prompt logprobs travel as flat per-token arrays: two prompt tokens, k = 1
+        out.prompt_logprobs = PromptLogprobs(1, [3, 1], [7, 9], [-2.5, -0.5, -0.125, -0.125])
         back = protocol.output_from_wire(protocol.unpack(protocol.pack(
             {"t": "out", "o": protocol.output_to_wire(out)}))["o"])
         assert back == out

@@ -82,15 +82,18 @@ def test_layout_matches_single_process(references, kind, attention, ffn, micro_b
 
 def test_logprobs_match_single_process(references):
     """Logprobs sampled on two attention ranks (experts on an FFN rank, two micro-batches) are
-    the single-process engine's, rows without logprobs beside them."""
+    the single-process engine's, rows without logprobs beside them; so are prompt logprobs
+    of prompts prefilled in chunks there."""
     path, prompts, _, _ = references["deepseek_v3"]
     common = dict(max_tokens=8, ignore_eos=True)
     params = [SamplingParams(temperature=0, logprobs=5, **common),
-              SamplingParams(temperature=0, **common),
-              SamplingParams(temperature=0.8, seed=2, logprobs=2, **common),
+              SamplingParams(temperature=0, prompt_logprobs=4, **common),
+              SamplingParams(temperature=0.8, seed=2, logprobs=2, prompt_logprobs=0, **common),
               SamplingParams(temperature=0.8, seed=5, **common)]
     expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
-    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30)
+    assert [len(o.prompt_logprobs or ()) for o in expected] == [0, 64, 7, 0]
+    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30,
+              max_num_batched_tokens=24)
     try:
         assert_same_outputs(llm.generate(prompts[:4], params, use_tqdm=False), expected)
     finally:

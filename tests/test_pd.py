@@ -173,6 +173,21 @@ def test_structured_output_matches_single_process(small_pd, reference):
     wait_all_free(small_pd)
 
 
+def test_prompt_logprobs_come_from_the_prefill_rank(small_pd, reference):
+    """Prompt logprobs, computed on the prefill rank in 16-token chunks (with a decode pool
+    small enough to preempt and recompute there), reach the front end once: the
+    single-process engine's."""
+    path, prompts, _, _ = reference
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=k)
+              for k in (2, 0, 5)]
+    chosen = [prompts[1], prompts[3], prompts[5]]  # 64, 33 and 48 tokens
+    expected = LLM(path).generate(chosen, params, use_tqdm=False)
+    got = small_pd.generate(chosen, params, use_tqdm=False)
+    assert [len(o.prompt_logprobs) for o in got] == [64, 33, 48]
+    assert_same_outputs(got, expected)
+    wait_all_free(small_pd)
+
+
 def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
     _, prompts, params, expected = reference
     engine = small_pd.engine

@@ -306,7 +306,7 @@ def test_echo_and_prompt_logprobs(single):
     assert r.choices[0].text.startswith(llm.engine.tokenizer.decode(ids))
 
     # vLLM's prompt_logprobs: on the completion's choice, on the chat response
-    r = c.completions.create(**kw, extra_body={"prompt_logprobs": k})
+    r = c.completions.create(**{**kw, "extra_body": {"prompt_logprobs": k}})
     got = r.choices[0].model_extra["prompt_logprobs"]
     assert got[0] is None and len(got) == len(ids)
     for entry, ref in zip(got[1:], want.prompt_logprobs[1:]):
