@@ -1,8 +1,8 @@
 """Next-token sampling for a batch of sequences, each with its own parameters.
 
 Everything runs on the logits' device; the only host transfer is the sampled ids (with the
-logprobs of the rows that ask for them: ``gather_logprobs``). Greedy rows
-take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
+logprobs of the rows that ask for them: ``gather_logprobs``; prompt logprobs are scored the
+same way, ``gather_prompt_logprobs``). Greedy rows take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
 sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
 distribution as multinomial. A row with a NaN logit gets -1 (the engine fails its request).
 Every cut is by value, so ties are treated alike whatever the batch: top-k keeps the tokens at
