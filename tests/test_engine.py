@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
-from afd.sampler import PromptLogprobs, Sampler
+from afd.sampler import Sampler
 
 
 @pytest.fixture(scope="module")
@@ -598,6 +598,7 @@ class TestSampler:
 
     def test_logprobs_cross_the_wire(self):
         from afd import protocol
+        from afd.sampler import PromptLogprobs
         from afd.sequence import CoreOutput
 
         out = CoreOutput("r", [5], None, None, logprobs=[[[5, 2, 5], [-0.25, -0.2, -0.25], 2]])
