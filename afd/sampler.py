@@ -2,14 +2,15 @@
 
 Everything runs on the logits' device; the only host transfer is the sampled ids (with the
 logprobs of the rows that ask for them: ``gather_logprobs``; prompt logprobs are scored the
-same way, ``gather_prompt_logprobs``). Greedy rows take the argmax. The others are scaled by temperature, cut by top-k, top-p and min-p, and
-sampled by the exponential race (argmax of p / q with q ~ Exp(1)), which draws from the same
-distribution as multinomial. A row with a NaN logit gets -1 (the engine fails its request).
-Every cut is by value, so ties are treated alike whatever the batch: top-k keeps the tokens at
-or above a row's k-th largest logit, top-p the smallest prefix reaching its mass in the order
-(value descending, token id ascending), min-p the tokens at or above a fraction of the largest
-probability. Only top-p sorts: the whole vocabulary, or, when every row has a top-k, just the
-k_max + 1 largest logits (``torch.topk``) unless ties at some row's k-th value reach past them.
+same way, ``gather_prompt_logprobs``). Greedy rows take the argmax. The others are scaled by
+temperature, cut by top-k, top-p and min-p, and sampled by the exponential race (argmax of
+p / q with q ~ Exp(1)), which draws from the same distribution as multinomial. A row with a NaN
+logit gets -1 (the engine fails its request). Every cut is by value, so ties are treated alike
+whatever the batch: top-k keeps the tokens at or above a row's k-th largest logit, top-p the
+smallest prefix reaching its mass in the order (value descending, token id ascending), min-p
+the tokens at or above a fraction of the largest probability. Only top-p sorts: the whole
+vocabulary, or, when every row has a top-k, just the k_max + 1 largest logits
+(``torch.topk``) unless ties at some row's k-th value reach past them.
 
 Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
 batch took (up to float rounding of the softmax); one draw for all unseeded rows from the
