@@ -71,6 +71,8 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
+
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)
     response_format: dict[str, Any] | None = None
@@ -81,6 +83,9 @@ class _SamplingFields(BaseModel):
     guided_grammar: str | None = None
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
+
+    # fields of this endpoint only that it does not implement (as _UNSUPPORTED)
+    unsupported_here: ClassVar[dict[str, tuple]] = {}
 
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
         """(field sent, StructuredOutputsParams fields) for each structured-output field set."""
