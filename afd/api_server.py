@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,21 +36,41 @@ from afd.metrics import ServerMetrics
 from pydantic import ValidationError
 
 from afd import __version__
-from afd.openai_protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                 DetokenizeRequest, StreamOptions, TokenizeChatRequest,
-                                 TokenizeCompletionRequest)
+from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequest, ChatMessage,
+                                 ChatTool, CompletionRequest, DetokenizeRequest,
+                                 FunctionDefinition, NamedToolChoice, StreamOptions,
+                                 TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
 from afd.outputs import CompletionOutput, RequestOutput
+from afd.tool_parsers import PARSERS, ToolCallStream
 
 log = logging.getLogger("afd.server")
 
 
 class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
-                 metrics: ServerMetrics):
+                 metrics: ServerMetrics, *, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
         self.draining = False
         self.created = int(time.time())
+        if enable_auto_tool_choice and tool_call_parser not in PARSERS:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser, one of "
+                             f"{', '.join(PARSERS)}; got {tool_call_parser!r}")
+        # the parser of tool_choice "auto" (None: "auto" is refused)
+        self.auto_tool_parser = tool_call_parser if enable_auto_tool_choice else None
+        self._special_markers: bool | None = None
+
+    def tool_markers_are_special(self) -> bool:
+        """The auto parser's markers are special tokens of this tokenizer: a request it reads
+        must keep special tokens in its text (vLLM's parsers do the same)."""
+        if self._special_markers is None:
+            tokenizer = self.engine.engine.tokenizer
+            special = {t.content for t in getattr(tokenizer, "added_tokens_decoder",
+                                                  {}).values() if t.special}
+            special |= set(getattr(tokenizer, "all_special_tokens", ()))
+            self._special_markers = bool(special & set(PARSERS[self.auto_tool_parser].markers))
+        return self._special_markers
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -84,7 +104,9 @@ class AuthAndDrain:
 
 
 _FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions,
-                               TokenizeCompletionRequest, DetokenizeRequest)
+                               TokenizeCompletionRequest, DetokenizeRequest, ChatTool,
+                               FunctionDefinition, AssistantToolCall, ToolCallFunction,
+                               NamedToolChoice)
                 for name in m.model_fields}
 
 
@@ -153,11 +175,16 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
+        tool_streams = body.tool_streams(state.auto_tool_parser)
+        if body.tool_mode(state.auto_tool_parser) == "auto" and \
+                state.tool_markers_are_special():
+            body.skip_special_tokens = False
         text, ids = body.prompt_ids(state.engine.engine.tokenizer)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
-                            getattr(body, field), chat=True, max_tokens_field=field)
+                            getattr(body, field), chat=True, max_tokens_field=field,
+                            tool_streams=tool_streams)
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict:
@@ -230,8 +257,8 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
-                 max_tokens: int | None, chat: bool,
-                 max_tokens_field: str = "max_tokens") -> Response:
+                 max_tokens: int | None, chat: bool, max_tokens_field: str = "max_tokens",
+                 tool_streams: Callable[[], ToolCallStream] | None = None) -> Response:
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling)
@@ -260,7 +287,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
-                                      params.logprobs, echo), media_type="text/event-stream")
+                                      params.logprobs, echo, tool_streams),
+                                 media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
@@ -277,8 +305,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             usage["completion_tokens"] += 0 if echo is not None and echo.only else len(
                 c.token_ids)
             if chat:
-                choices.append({"index": index, "finish_reason": c.finish_reason,
-                                "message": {"role": "assistant", "content": c.text},
+                message, finish = _chat_message(c, tool_streams)
+                choices.append({"index": index, "finish_reason": finish, "message": message,
                                 "logprobs": _chat_logprobs(c, 0, params.logprobs)})
                 continue
             text, token_ids, entries = echo.completion(out, c)
@@ -329,6 +357,20 @@ class _Echo:
             if self.logprobs:
                 entries = list(out.prompt_logprobs) + entries
         return text, token_ids, entries
+
+
+def _chat_message(c: CompletionOutput, tool_streams: Callable[[], ToolCallStream] | None
+                  ) -> tuple[dict[str, Any], str | None]:
+    """A chat choice's message and finish_reason: with tools, the calls read out of its text
+    ("tool_calls" when the model ended the answer itself) and the text outside them."""
+    if tool_streams is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    parsed = tool_streams().parse(c.text)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if not parsed.calls:
+        return message, c.finish_reason
+    message["tool_calls"] = [call.to_openai() for call in parsed.calls]
+    return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
 
 
 def _logprob(value: float) -> float:
@@ -419,10 +461,13 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
-               echo: _Echo | None) -> AsyncIterator[str]:
+               echo: _Echo | None, tool_streams: Callable[[], ToolCallStream] | None = None
+               ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
-    echo, a choice's first chunk starts with the prompt (and its logprobs)."""
+    echo, a choice's first chunk starts with the prompt (and its logprobs). With tools, a chat
+    chunk's delta has the new content and call pieces (``tool_calls``) that each choice's
+    reader finds in its text so far."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -444,6 +489,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     finish_sent: set[int] = set()  # choices whose last chunk went out
     echoed: set[int] = set()  # choices whose first chunk went out
     token_text = state.engine.engine.token_text
+    readers: dict[int, ToolCallStream] = {}  # with tools: each choice's reader of calls
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
     open_streams = len(streams)
@@ -487,9 +533,24 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 if c.finish_reason is not None:
                     finish_sent.add(index)
                 if chat:
-                    choices.append({"index": index, "delta": {"content": c.text[text_start:]},
-                                    "finish_reason": c.finish_reason,
-                                    "logprobs": _chat_logprobs(c, token_start, top_logprobs)})
+                    logprobs = _chat_logprobs(c, token_start, top_logprobs)
+                    if tool_streams is None:
+                        choices.append({"index": index, "delta": {"content": c.text[text_start:]},
+                                        "finish_reason": c.finish_reason, "logprobs": logprobs})
+                        continue
+                    reader = readers.setdefault(index, tool_streams())
+                    piece = reader.update(c.text, final=c.finish_reason is not None)
+                    message: dict[str, Any] = {}
+                    if piece.content:
+                        message["content"] = piece.content
+                    if piece.calls:
+                        message["tool_calls"] = [p.to_openai() for p in piece.calls]
+                    finish = c.finish_reason
+                    if finish == "stop" and reader.has_calls:
+                        finish = "tool_calls"
+                    if message or logprobs is not None or finish is not None:
+                        choices.append({"index": index, "delta": message,
+                                        "finish_reason": finish, "logprobs": logprobs})
                     continue
                 text, token_ids, entries = echo.completion(item, c, token_start, text_start,
                                                            head)
@@ -551,7 +612,11 @@ def main() -> None:
     ap.add_argument("--control-host", default="127.0.0.1",
                     help="address the ranks reach this process on (multi-node: not loopback)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"])
+    ap.add_argument("--enable-auto-tool-choice", action="store_true")
+    ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS))
     args = ap.parse_args()
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
 
@@ -573,7 +638,8 @@ def main() -> None:
     name = args.served_model_name or _default_name(engine_cfg.model)
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
-                        args.api_key, metrics)
+                        args.api_key, metrics, tool_call_parser=args.tool_call_parser,
+                        enable_auto_tool_choice=args.enable_auto_tool_choice)
 
     class Server(uvicorn.Server):
         def install_signal_handlers(self) -> None:  # ours drain first (below)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import json
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from afd.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams, StructuredOutputsParams
+from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
+                              named_schema, required_schema)
 
 
 class APIError(Exception):
@@ -34,7 +38,6 @@ class StreamOptions(BaseModel):
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
     "suffix": ("",),
-    "tools": ([],),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "logits_processors": ([],),
 }
@@ -184,6 +187,8 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
+    unsupported_here: ClassVar[dict[str, tuple]] = {"tools": ([],)}  # chat completions have them
+
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # no bools, no 5.0
     max_tokens: int | None = 16
     echo: bool = False
@@ -231,11 +236,60 @@ class CompletionRequest(_SamplingFields):
         return [{"prompt_token_ids": list(x)} for x in p]
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None  # accepted; required/named calls are always enforced
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] | None = None
+
+
+class AssistantToolCall(BaseModel):
+    """A call in an assistant message of the history (as this server returned it)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def for_template(self, as_text: bool) -> dict[str, Any]:
+        """As chat templates take it: arguments a mapping (transformers' convention, and
+        vLLM's; arguments sent as text that is not a JSON object stay text), or with
+        ``as_text`` JSON text (for templates that add them to a string, as DeepSeek-V3's)."""
+        args = self.function.arguments
+        if as_text:
+            args = args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
+        elif isinstance(args, str):
+            try:
+                parsed = json.loads(args) if args.strip() else {}
+            except ValueError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else args
+        elif args is None:
+            args = {}
+        out: dict[str, Any] = {"type": self.type,
+                               "function": {"name": self.function.name, "arguments": args}}
+        if self.id is not None:
+            out["id"] = self.id
+        return out
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this is the result of
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -248,6 +302,18 @@ class ChatMessage(BaseModel):
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
+    def for_template(self, arguments_as_text: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.for_template(arguments_as_text) for c in self.tool_calls]
+            if self.content is None:  # templates test for it (DeepSeek-V3's)
+                out["content"] = None
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
 
 class _ChatTemplateFields(BaseModel):
     """A conversation and vLLM's chat-template fields (chat completions and /tokenize)."""
@@ -257,6 +323,7 @@ class _ChatTemplateFields(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None  # rendered by the template (with any tool_choice)
 
     def prompt_ids(self, tokenizer) -> tuple[str, list[int]]:
         """The conversation through the tokenizer's chat template: (text, token ids)."""
@@ -270,14 +337,33 @@ class _ChatTemplateFields(BaseModel):
         if taken:  # template variables only, not the call's own arguments
             raise APIError(400, f"chat_template_kwargs may not set {sorted(taken)}",
                            param="chat_template_kwargs")
-        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=self.add_generation_prompt,
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+        def render(arguments_as_text: bool) -> str:
+            return tokenizer.apply_chat_template(
+                [m.for_template(arguments_as_text) for m in self.messages], tools=tools,
+                add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message, tokenize=False, **extra)
+
+        try:
+            try:
+                text = render(arguments_as_text=False)
+            except TypeError:  # e.g. DeepSeek-V3's template adds a call's arguments to a str
+                if not any(m.tool_calls for m in self.messages):
+                    raise
+                text = render(arguments_as_text=True)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:  # e.g. no final message
             raise APIError(400, f"chat template: {exc}", param="messages") from None
         return text, tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
@@ -287,6 +373,75 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_mode(self, auto_parser: str | None) -> str | None:
+        """How this request's answer holds tool calls: "auto" (the model's own format, read
+        by ``auto_parser``, the server's --tool-call-parser when --enable-auto-tool-choice is
+        on), "required" or "named" (constrained output), or None (no calls are read; tools,
+        if any, still reach the chat template). tool_choice defaults to "auto" when tools
+        are sent, as in vLLM and OpenAI."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools: send the functions it may call "
+                               "in tools", param="tool_choice")
+            return None
+        choice = "auto" if choice is None else choice
+        if choice == "none":
+            return None
+        if choice == "auto":
+            if auto_parser is None:
+                raise APIError(400, 'tool_choice "auto" (the default when tools are sent) '
+                               "needs a server started with --enable-auto-tool-choice and "
+                               '--tool-call-parser; send tool_choice "none", "required" or a '
+                               "named function instead", param="tool_choice")
+            return "auto"
+        if choice == "required":
+            return "required"
+        names = [t.function.name for t in self.tools]
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names function {choice.function.name!r}, which "
+                           f"is not in tools ({', '.join(names)})", param="tool_choice")
+        return "named"
+
+    def tool_streams(self, auto_parser: str | None) -> Callable[[], ToolCallStream] | None:
+        """A new reader of tool calls for each completion (None: the answer is plain text)."""
+        mode = self.tool_mode(auto_parser)
+        max_calls = 1 if self.parallel_tool_calls is False else None
+        if mode == "auto":
+            fmt = PARSERS[auto_parser]
+            return lambda: MarkerStream(fmt, max_calls)
+        if mode == "required":
+            return lambda: RequiredStream(max_calls)
+        if mode == "named":
+            name = self.tool_choice.function.name
+            return lambda: NamedStream(name)
+        return None
+
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        found = super()._constraints()
+        choice = self.tool_choice
+        if not self.tools or not (choice == "required" or isinstance(choice, NamedToolChoice)):
+            return found
+        if found:
+            raise APIError(400, "tool_choice \"required\" or a named function constrains the "
+                           f"output itself; it cannot be combined with {found[0][0]}",
+                           param="tool_choice")
+        tools = [t.model_dump() for t in self.tools]
+        if choice == "required":
+            try:
+                schema = required_schema(tools, parallel=self.parallel_tool_calls is not False)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="tools") from None
+        else:
+            tool = next((t for t in tools if t["function"]["name"] == choice.function.name),
+                        None)
+            if tool is None:
+                return found  # tool_mode names the error
+            schema = named_schema(tool)
+        return [("tools", {"json": schema})]
 
     def num_logprobs(self) -> int | None:
         top = self.top_logprobs

@@ -532,8 +532,9 @@ def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
 
 def required_schema(tools: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
     """The schema of tool_choice "required" (vLLM's): an array of one or more
-    {"name": a tool's name, "parameters": its schema}; each tool's ``$defs`` are hoisted to
-    the top (a name defined twice differently is a ValueError)."""
+    {"name": a tool's name, "parameters": its schema}, with no other keys (vLLM allows
+    others); each tool's ``$defs`` are hoisted to the top (a name defined twice differently is
+    a ValueError)."""
     defs: dict[str, Any] = {}
     items = []
     for tool in tools:
@@ -544,7 +545,7 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool = True) -> dict[
         items.append({"properties": {"name": {"type": "string",
                                               "enum": [tool["function"]["name"]]},
                                      "parameters": params},
-                      "required": ["name", "parameters"]})
+                      "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": {"type": "object", "anyOf": items}}
     if not parallel:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from afd.api_server import SPEC_MARKER
 from afd.config import engine_config_to_dict, resolve_engine_config
+from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
 from models.config import load_config
 from models.default_model import default_model_path
@@ -76,6 +77,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
+    ap.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help='read tool calls the model writes in its own format (tool_choice '
+                         '"auto", the default when a request sends tools); needs '
+                         "--tool-call-parser")
+    ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                    help="the model's tool-call format: hermes (Qwen3), deepseek_v3, "
+                         "deepseek_v31")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
     ap.add_argument("--timeout", type=float, default=60.0,
@@ -85,7 +93,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--control-host", default=None,
                     help="address other nodes reach rank 0 on for control messages (default: "
                          "127.0.0.1 on one node, torchrun's MASTER_ADDR across nodes)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                 f"{', '.join(sorted(PARSERS))})")
+    return args
 
 
 FRONT_START_TIMEOUT_S = 300.0
@@ -102,9 +114,12 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--control-host", args.control_host or _control_host(),
            "--generation-config", args.generation_config]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
-                        ("--served-model-name", args.served_model_name)):
+                        ("--served-model-name", args.served_model_name),
+                        ("--tool-call-parser", args.tool_call_parser)):
         if value:
             cmd += [flag, value]
+    if args.enable_auto_tool_choice:
+        cmd.append("--enable-auto-tool-choice")
     front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
     spec: queue.Queue = queue.Queue()
 

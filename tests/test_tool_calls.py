@@ -177,3 +177,226 @@ def test_required_schema():
     for bad in ([], [{"name": "c", "parameters": {}}], [{"name": "a", "parameters": {"x": "s"}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the server (in process, the openai client over ASGI)
+# ---------------------------------------------------------------------------------------------
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                            "unit": {"enum": ["C", "F"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+        "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def apps():
+    """Three front ends over one engine: no auto tool choice, hermes and deepseek_v3."""
+    from afd import LLM
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+
+    def app(parser: str | None):
+        return build_app(ServerState(engine, "m", None, ServerMetrics("m"),
+                                     tool_call_parser=parser,
+                                     enable_auto_tool_choice=parser is not None))
+
+    tok = llm.engine.tokenizer
+    # The random model spends its tokens on JSON's free whitespace: the constrained tests
+    # allow only tokens without whitespace (vLLM's allowed_token_ids), so the JSON is compact.
+    compact = [i for i in range(len(tok)) if not any(ch.isspace() for ch in tok.decode([i]))]
+    try:
+        yield {"plain": app(None), "hermes": app("hermes"), "deepseek_v3": app("deepseek_v3"),
+               "tokenizer": tok, "compact": {"allowed_token_ids": compact}}
+    finally:
+        engine.shutdown()
+
+
+def _call(app, fn):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test", timeout=120) as http:
+            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
+                                   max_retries=0)
+            return await fn(c, http)
+
+    return asyncio.run(go())
+
+
+def chat(app, **body):
+    """(the unstreamed response, the streamed one accumulated: content, calls, finish)."""
+    body = {"model": "m", "messages": ASK, "temperature": 0, **body}
+
+    async def both(c, _):
+        plain = await c.chat.completions.create(**body)
+        content, calls, finish = "", {}, None
+        async for chunk in await c.chat.completions.create(**body, stream=True):
+            for choice in chunk.choices:
+                delta = choice.delta
+                content += delta.content or ""
+                for t in delta.tool_calls or []:
+                    if t.id is not None:
+                        assert t.index not in calls and t.type == "function"
+                        calls[t.index] = [t.id, t.function.name, ""]
+                    calls[t.index][2] += t.function.arguments or ""
+                finish = choice.finish_reason or finish
+        return plain, (content or None, [tuple(v) for _, v in sorted(calls.items())], finish)
+
+    return _call(app, both)
+
+
+def _same(plain, streamed) -> None:
+    """The streamed answer adds up to the unstreamed one (call ids aside)."""
+    choice = plain.choices[0]
+    calls = [(t.function.name, t.function.arguments) for t in choice.message.tool_calls or []]
+    assert streamed[0] == choice.message.content
+    assert [(name, args) for _, name, args in streamed[1]] == calls
+    assert streamed[2] == choice.finish_reason
+
+
+def test_required_and_named_tool_choice_give_valid_calls(apps):
+    compact = apps["compact"]
+    for app in (apps["plain"], apps["hermes"]):  # no parser needed
+        plain, streamed = chat(app, tools=TOOLS, tool_choice="required", max_tokens=150,
+                               extra_body=compact)
+        choice = plain.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None and choice.message.tool_calls
+        for t in choice.message.tool_calls:
+            assert t.type == "function" and t.id.startswith("chatcmpl-tool-")
+            jsonschema.validate(json.loads(t.function.arguments), SCHEMAS[t.function.name])
+        _same(plain, streamed)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    plain, streamed = chat(apps["plain"], tools=TOOLS, tool_choice=named, max_tokens=60,
+                           extra_body=compact)
+    choice = plain.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [t] = choice.message.tool_calls
+    assert t.function.name == "get_time"
+    jsonschema.validate(json.loads(t.function.arguments), TIME)
+    _same(plain, streamed)
+    # parallel_tool_calls=false: one call at most
+    plain, _ = chat(apps["plain"], tools=TOOLS, tool_choice="required", max_tokens=150,
+                    parallel_tool_calls=False, extra_body=compact)
+    assert len(plain.choices[0].message.tool_calls) == 1
+
+
+@pytest.mark.parametrize("parser,text,content,calls", [
+    ("hermes", 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+     '"unit": "C"}}\n</tool_call>', "Checking.",
+     [("get_weather", '{"city": "Paris", "unit": "C"}')]),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n"
+     '```json\n{"tz": "UTC"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None,
+     [("get_time", '{"tz": "UTC"}')])])
+def test_auto_tool_choice_reads_the_models_calls(apps, parser, text, content, calls):
+    """The random model writes a call in the parser's format because a structured-output
+    choice makes it: the engine's real output goes through the parser, streamed and not."""
+    force = {"structured_outputs": {"choice": [text]}}
+    plain, streamed = chat(apps[parser], tools=TOOLS, max_tokens=400, extra_body=force)
+    choice = plain.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == content
+    assert [(t.function.name, t.function.arguments) for t in choice.message.tool_calls] == calls
+    _same(plain, streamed)
+    # tool_choice "none": the same text is plain content
+    plain, streamed = chat(apps[parser], tools=TOOLS, tool_choice="none", max_tokens=400,
+                           extra_body=force)
+    assert plain.choices[0].message.content == text and not plain.choices[0].message.tool_calls
+    assert plain.choices[0].finish_reason == "stop"
+    _same(plain, streamed)
+
+
+def _tool_template(call: str) -> str:
+    """A small tool-aware chat template; ``call`` renders one call ``c``."""
+    return (
+        "{% if tools %}TOOLS{% for t in tools %}[{{ t.function.name }} {{ t.function.parameters"
+        " | tojson }}]{% endfor %}|{% endif %}"
+        "{% for m in messages %}"
+        "{% if m.role == 'user' %}<｜User｜>{{ m.content }}"
+        "{% elif m.role == 'assistant' %}<｜Assistant｜>{% if m.content is not none %}"
+        "{{ m.content }}{% endif %}{% for c in m.tool_calls or [] %}<call {{ c.id }}>"
+        + call + "</call>{% endfor %}<｜end▁of▁sentence｜>"
+        "{% elif m.role == 'tool' %}<result {{ m.tool_call_id }}>{{ m.content }}</result>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+# Qwen3's templates take arguments as a mapping (`| tojson`); DeepSeek-V3's add them to a
+# string, which needs them as text.
+TEMPLATES = {"mapping": _tool_template("{{ c.function.name }} {{ c.function.arguments | tojson }}"),
+             "text": _tool_template("{{ c.function.name + ' ' + c.function.arguments }}")}
+
+
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_history_with_tool_calls_renders_through_the_template(apps, kind):
+    """Tools reach the template, and so do an assistant message's tool_calls (arguments as a
+    mapping, or as JSON text for a template that adds them to a string) and a tool message's
+    tool_call_id."""
+    tok = apps["tokenizer"]
+    saved = tok.chat_template
+    tok.chat_template = TEMPLATES[kind]
+    try:
+        for arguments in ('{"city": "Paris", "unit": "C"}', {"city": "Paris", "unit": "C"}):
+            history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+            want = ("TOOLS[get_weather " + json.dumps(WEATHER) + "][get_time " + json.dumps(TIME)
+                    + "]|<｜User｜>What is the weather in Paris?<｜Assistant｜><call call_1>"
+                    'get_weather {"city": "Paris", "unit": "C"}</call><｜end▁of▁sentence｜>'
+                    "<result call_1>18 C</result><｜Assistant｜>")
+
+            async def go(c, http, history=history):
+                r = await http.post("/tokenize", json={"messages": history, "tools": TOOLS})
+                assert r.status_code == 200, r.text
+                answer = await c.chat.completions.create(
+                    model="m", messages=history, tools=TOOLS, tool_choice="none",
+                    max_tokens=2)
+                return r.json()["tokens"], answer
+
+            ids, answer = _call(apps["plain"], go)
+            assert ids == tok.encode(want, add_special_tokens=False), tok.decode(ids)
+            assert answer.usage.prompt_tokens == len(ids)
+    finally:
+        tok.chat_template = saved
+
+
+def test_bad_tool_requests_are_400s_naming_the_field(apps):
+    named = {"type": "function", "function": {"name": "nope"}}
+    bad_schema = [{"type": "function", "function": {"name": "f",
+                                                   "parameters": {"type": "foo"}}}]
+    cases = [
+        (apps["plain"], {"tools": TOOLS}, "tool_choice"),  # "auto" without the flag
+        (apps["plain"], {"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
+        (apps["hermes"], {"tool_choice": "required"}, "tool_choice"),  # no tools
+        (apps["hermes"], {"tools": TOOLS, "tool_choice": named}, "tool_choice"),
+        (apps["hermes"], {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        (apps["hermes"], {"tools": TOOLS, "tool_choice": "required",
+                          "response_format": {"type": "json_object"}}, "tool_choice"),
+        (apps["hermes"], {"tools": bad_schema, "tool_choice": "required"}, "tools"),
+        (apps["hermes"], {"tools": [{"type": "function", "function": {}}]},
+         "tools.0.function.name"),
+    ]
+
+    for app, body, param in cases:
+        async def post(c, http, body=body):
+            return await http.post("/v1/chat/completions",
+                                   json={"messages": ASK, "max_tokens": 2, **body})
+
+        r = _call(app, post)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+    async def completions(c, http):
+        return await http.post("/v1/completions", json={"prompt": "hi", "tools": TOOLS})
+
+    r = _call(apps["hermes"], completions)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    plain, _ = chat(apps["hermes"], max_tokens=2)  # still serving
+    assert plain.choices[0].finish_reason == "length"
