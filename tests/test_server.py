@@ -25,7 +25,7 @@ API_KEY = "sk-test-afd"
 
 @pytest.fixture(scope="module")
 def single():
-    server = LocalServer()
+    server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     yield server
     server.stop()
 
@@ -803,3 +803,18 @@ def test_cached_prompt_tokens_in_usage_and_reset(single):
     assert httpx.post(f"{single.url}/reset_prefix_cache").status_code == 200
     after = c.completions.create(model=None, prompt=prompt, max_tokens=2)
     assert after.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_tool_call_flags_reach_the_front_end(single):
+    """--enable-auto-tool-choice and --tool-call-parser pass through launch/serve.py: a call
+    the model writes in hermes' format (forced by a structured-output choice) comes back in
+    tool_calls (tests/test_tool_calls.py tests the rest in process)."""
+    text = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = client(single).chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "hi"}], tools=tools, max_tokens=60,
+        temperature=0, extra_body={"structured_outputs": {"choice": [text]}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    assert [(t.function.name, t.function.arguments) for t in choice.message.tool_calls] == [
+        ("f", '{"x": 1}')]
