@@ -400,3 +400,26 @@ def test_bad_tool_requests_are_400s_naming_the_field(apps):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     plain, _ = chat(apps["hermes"], max_tokens=2)  # still serving
     assert plain.choices[0].finish_reason == "length"
+
+
+def test_requests_keep_special_tokens_when_the_markers_are_special(apps):
+    """Where the parser's markers are special tokens of the tokenizer, an "auto" request's
+    text keeps special tokens (skip_special_tokens=False), or the markers would vanish."""
+    import copy
+    from types import SimpleNamespace
+
+    from afd.api_server import ServerState
+    from afd.metrics import ServerMetrics
+
+    tok = copy.deepcopy(apps["tokenizer"])
+    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
+
+    def special(parser: str) -> bool:
+        return ServerState(engine, "m", None, ServerMetrics("m"), tool_call_parser=parser,
+                           enable_auto_tool_choice=True).tool_markers_are_special()
+
+    assert not special("hermes") and not special("deepseek_v3")
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    assert special("hermes") and not special("deepseek_v3")
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        ServerState(engine, "m", None, ServerMetrics("m"), enable_auto_tool_choice=True)
