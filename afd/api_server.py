@@ -365,7 +365,11 @@ def _chat_message(c: CompletionOutput, tool_streams: Callable[[], ToolCallStream
     ("tool_calls" when the model ended the answer itself) and the text outside them."""
     if tool_streams is None:
         return {"role": "assistant", "content": c.text}, c.finish_reason
-    parsed = tool_streams().parse(c.text)
+    try:
+        parsed = tool_streams().parse(c.text)
+    except Exception:  # noqa: BLE001 - a reader's bug must not fail the answer
+        log.exception("tool-call reader failed; answering with the plain text")
+        return {"role": "assistant", "content": c.text}, c.finish_reason
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
     if not parsed.calls:
         return message, c.finish_reason
@@ -489,7 +493,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     finish_sent: set[int] = set()  # choices whose last chunk went out
     echoed: set[int] = set()  # choices whose first chunk went out
     token_text = state.engine.engine.token_text
-    readers: dict[int, ToolCallStream] = {}  # with tools: each choice's reader of calls
+    readers: dict[int, ToolCallStream | None] = {}  # with tools: each choice's reader
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
     open_streams = len(streams)
@@ -534,12 +538,19 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                     finish_sent.add(index)
                 if chat:
                     logprobs = _chat_logprobs(c, token_start, top_logprobs)
-                    if tool_streams is None:
+                    if tool_streams is not None and index not in readers:
+                        readers[index] = tool_streams()
+                    reader, piece = readers.get(index), None
+                    if reader is not None:
+                        try:
+                            piece = reader.update(c.text, final=c.finish_reason is not None)
+                        except Exception:  # noqa: BLE001 - a reader's bug must not end the stream
+                            log.exception("tool-call reader failed; streaming the plain text")
+                            readers[index] = None  # from here on this choice streams plain text
+                    if piece is None:  # no tools, or their reader failed
                         choices.append({"index": index, "delta": {"content": c.text[text_start:]},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs})
                         continue
-                    reader = readers.setdefault(index, tool_streams())
-                    piece = reader.update(c.text, final=c.finish_reason is not None)
                     message: dict[str, Any] = {}
                     if piece.content:
                         message["content"] = piece.content

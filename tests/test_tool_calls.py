@@ -423,3 +423,18 @@ def test_requests_keep_special_tokens_when_the_markers_are_special(apps):
     assert special("hermes") and not special("deepseek_v3")
     with pytest.raises(ValueError, match="--tool-call-parser"):
         ServerState(engine, "m", None, ServerMetrics("m"), enable_auto_tool_choice=True)
+
+
+def test_a_failing_reader_leaves_the_plain_text(apps, monkeypatch):
+    """A bug in a tool-call reader costs the request its calls, not its answer: the plain
+    text comes back, streamed or not."""
+    want, _ = chat(apps["hermes"], tools=TOOLS, tool_choice="none", max_tokens=6)
+
+    def broken(self, text, final):
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setattr(MarkerStream, "_advance", broken)
+    plain, streamed = chat(apps["hermes"], tools=TOOLS, max_tokens=6)
+    assert plain.choices[0].message.content == want.choices[0].message.content
+    assert not plain.choices[0].message.tool_calls
+    _same(plain, streamed)
