@@ -9,6 +9,16 @@ Two entries:
   * ``grouped_moe`` - tokens already grouped by local expert with per-expert counts, the layout an
                       FFN rank receives from dispatch; no sort needed.
 The torch functions here are the references the Triton kernels are tested against.
+
+FP8 block-scaled experts (DeepSeek-V3's release format, ``kernels.fp8``), through the optional
+``w13_scale``, ``w2_scale`` and ``block_shape`` [bn, bk] of every entry:
+  w13: [E, 2I, H] float8_e4m3fn, w13_scale: [E, 2 * ceil(I/bn), ceil(H/bk)] fp32 (the gate
+       projection's block rows, then the up projection's: each half keeps its own partial block)
+  w2:  [E, H, I] float8_e4m3fn,  w2_scale:  [E, ceil(H/bn), ceil(I/bk)] fp32
+Activations are quantized per token and group of bk columns before each GEMM (the expert input,
+and h = SiLU(gate) * up in the activation dtype), products accumulate in fp32 with the scales
+applied per K block. The torch reference does the same in fp32: it quantizes and dequantizes
+the activations exactly as the kernels do and multiplies by the dequantized weights.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import resolve_backend
+from kernels.fp8 import FP8_DTYPE, check_block_shape, dequantize_blocks, quant_dequant
 
 
 def _check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[int, int]:
@@ -30,11 +41,75 @@ def _check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[in
     return num_experts, two_i // 2
 
 
+def check_fp8(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+              w2_scale: torch.Tensor | None,
+              block_shape: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """The block shape (bn, bk) when the weights are FP8 with matching scales, None when they
+    are not FP8 (and no scales were given); ValueError naming what is wrong otherwise."""
+    if w13_scale is None and w2_scale is None:
+        if w13.dtype == FP8_DTYPE or w2.dtype == FP8_DTYPE:
+            raise ValueError("float8 expert weights need w13_scale and w2_scale (their block "
+                             "scales, the checkpoint's weight_scale_inv)")
+        return None
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("give both w13_scale and w2_scale, or neither")
+    if w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        raise ValueError(f"w13_scale/w2_scale need float8_e4m3fn weights, got w13 {w13.dtype}, "
+                         f"w2 {w2.dtype}")
+    bn, bk = check_block_shape(block_shape)
+    num_experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    want13 = (num_experts, 2 * -(-inter // bn), -(-hidden // bk))
+    want2 = (num_experts, -(-hidden // bn), -(-inter // bk))
+    if tuple(w13_scale.shape) != want13 or tuple(w2_scale.shape) != want2:
+        raise ValueError(f"for block_shape {[bn, bk]} w13_scale must be {list(want13)} and "
+                         f"w2_scale {list(want2)}, got {list(w13_scale.shape)} and "
+                         f"{list(w2_scale.shape)}")
+    if w13_scale.dtype != torch.float32 or w2_scale.dtype != torch.float32:
+        raise ValueError(f"scales must be float32, got {w13_scale.dtype}, {w2_scale.dtype}")
+    if not (w13_scale.is_contiguous() and w2_scale.is_contiguous()):
+        raise ValueError("w13_scale and w2_scale must be contiguous")
+    return bn, bk
+
+
+def dequantize_w13(w13: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w13 [..., 2I, H] float8 with its scales (gate block rows, then up block rows) -> dtype."""
+    gate, up = w13.chunk(2, dim=-2)
+    gate_s, up_s = scale.chunk(2, dim=-2)
+    return torch.cat([dequantize_blocks(gate, gate_s, block_shape, dtype),
+                      dequantize_blocks(up, up_s, block_shape, dtype)], dim=-2)
+
+
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens: x [M, H], w13 [2I, H], w2 [H, I] -> [M, H] (x's dtype)."""
     gate_up = F.linear(x, w13)  # [M, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w2)
+
+
+def expert_ffn_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                   block_shape: tuple[int, int]) -> torch.Tensor:
+    """``expert_ffn`` for one FP8 expert (w13 [2I, H], w2 [H, I] float8 with their scales): each
+    GEMM in fp32 on quantized-dequantized activations and dequantized weights, its output
+    rounded to x's dtype where ``expert_ffn`` rounds (and the kernels' epilogues do)."""
+    group = block_shape[1]
+    w13_f = dequantize_w13(w13, w13_scale, block_shape)
+    gate_up = F.linear(quant_dequant(x, group), w13_f).to(x.dtype)  # [M, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = F.silu(gate) * up  # [M, I] x's dtype
+    w2_f = dequantize_blocks(w2, w2_scale, block_shape)
+    return F.linear(quant_dequant(h, group), w2_f).to(x.dtype)
+
+
+def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+               w2_scale: torch.Tensor | None, block_shape: tuple[int, int] | None):
+    """fn(x, e): expert e's FFN on rows x, bf16/fp32 or FP8 as the weights are."""
+    block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
+    if block is None:
+        return lambda x, e: expert_ffn(x, w13[e], w2[e])
+    return lambda x, e: expert_ffn_fp8(x, w13[e], w2[e], w13_scale[e], w2_scale[e], block)
 
 
 def fused_moe_torch(
@@ -43,10 +118,14 @@ def fused_moe_torch(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Reference: (token, slot) pairs sorted by expert, one matmul pair per expert with tokens."""
     num_tokens, hidden = hidden_states.shape
     num_experts, _ = _check_weights(w13, w2, hidden)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape)
     top_k = topk_ids.shape[1]
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
@@ -63,7 +142,7 @@ def fused_moe_torch(
         if count == 0:
             continue
         rows = token_of[start:start + count]
-        y = expert_ffn(hidden_states[rows], w13[expert], w2[expert])  # [count, H]
+        y = ffn(hidden_states[rows], expert)  # [count, H]
         y = y * weight_of[start:start + count, None].to(y.dtype)
         out.index_add_(0, rows, y.float())
         start += count
@@ -76,6 +155,9 @@ def grouped_moe_torch(
     w13: torch.Tensor,
     w2: torch.Tensor,
     weights: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Reference for expert-grouped input.
 
@@ -87,6 +169,7 @@ def grouped_moe_torch(
     """
     hidden = x.shape[-1]
     num_experts, _ = _check_weights(w13, w2, hidden)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape)
     counts = expert_counts.tolist()
     if len(counts) != num_experts:
         raise ValueError(f"expert_counts has {len(counts)} entries for {num_experts} experts")
@@ -94,13 +177,13 @@ def grouped_moe_torch(
     if x.dim() == 3:
         for e, c in enumerate(counts):
             if c:
-                y = expert_ffn(x[e, :c], w13[e], w2[e])
+                y = ffn(x[e, :c], e)
                 out[e, :c] = y if weights is None else y * weights[e, :c, None].to(y.dtype)
         return out
     start = 0
     for e, c in enumerate(counts):
         if c:
-            y = expert_ffn(x[start:start + c], w13[e], w2[e])
+            y = ffn(x[start:start + c], e)
             if weights is not None:
                 y = y * weights[start:start + c, None].to(y.dtype)
             out[start:start + c] = y
@@ -118,11 +201,15 @@ def fused_moe(
     topk_ids: torch.Tensor,
     *,
     backend: str | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | list[int] | None = None,
 ) -> torch.Tensor:
     """Routed experts for tokens in natural order.
 
     hidden_states: [T, H] fp32/bf16/fp16
-    w13: [E, 2I, H], w2: [E, H, I] (same dtype as hidden_states)
+    w13: [E, 2I, H], w2: [E, H, I] (same dtype as hidden_states, or float8_e4m3fn with
+    w13_scale, w2_scale and block_shape, default [128, 128]: see the module docstring)
     topk_weights: [T, K] float routing weights; topk_ids: [T, K] int expert ids, -1 = skip
     Returns [T, H] in hidden_states' dtype.
     """
@@ -132,11 +219,14 @@ def fused_moe(
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights "
                          f"{tuple(topk_weights.shape)} must both be [T, K] with T = "
                          f"{hidden_states.shape[0]}")
+    block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     if resolve_backend(backend, hidden_states, w13, w2) == "triton":
         from kernels.fused_moe_triton import fused_moe_triton
 
-        return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids)
-    return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids)
+        return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
+                                w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block)
+    return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                           block)
 
 
 def grouped_moe(
@@ -147,10 +237,16 @@ def grouped_moe(
     weights: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | list[int] | None = None,
 ) -> torch.Tensor:
-    """Routed experts for rows already grouped by local expert (see ``grouped_moe_torch``)."""
+    """Routed experts for rows already grouped by local expert (see ``grouped_moe_torch``);
+    FP8 weights as in ``fused_moe``."""
+    block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     if resolve_backend(backend, x, w13, w2) == "triton":
         from kernels.fused_moe_triton import grouped_moe_triton
 
-        return grouped_moe_triton(x, expert_counts, w13, w2, weights)
-    return grouped_moe_torch(x, expert_counts, w13, w2, weights)
+        return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
+                                  w2_scale=w2_scale, block_shape=block)
+    return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block)

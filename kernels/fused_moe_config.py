@@ -38,7 +38,9 @@ pass the GPU tests; a 128-row one hung an H100 (it launched and never finished),
 more than ``moe_gemm_triton.WS_MAX_BLOCK_M`` rows run plain. None has been timed, so no table row
 uses one yet (``fused_moe_tuning.QUICK_TILES`` times the 64-row ones). Blocks
 never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so shared
-memory stays the same.
+memory stays the same; FP8 weights (1 byte) double it, up to their K block (128 for DeepSeek-V3:
+one scale per K step). The FP8 tiles are the bf16 table's with that block_k: **not tuned or
+timed on a GPU yet**.
 ``TRITON_INTERPRET=1`` uses a small table: the interpreter runs each program in numpy, and tests
 need blocks smaller than their tiny dims to cover the masks. Tune by editing the tables;
 ``bench/kernels.py --sweep`` times alternatives on a GPU, ``--quick`` a few (QUICK_TILES).
@@ -146,7 +148,8 @@ def _pow2_at_least(n: int) -> int:
 
 def _fit(tile: GemmTile, m: float, n: int, k: int, elem_bytes: int) -> GemmTile:
     """Shrink a table tile to the problem: no block wider than its (rounded-up) dim."""
-    block_k = tile.block_k // 2 if elem_bytes >= 4 else tile.block_k
+    # Same bytes per K step whatever the element size: fp32 halves block_k, FP8 doubles it.
+    block_k = {1: 2 * tile.block_k, 4: tile.block_k // 2}.get(elem_bytes, tile.block_k)
     return replace(
         tile,
         block_m=max(16, min(tile.block_m, _pow2_at_least(math.ceil(m)))),
@@ -166,7 +169,7 @@ def select_moe_config(
 
     rows_per_expert: routed (token, slot) pairs or grouped rows divided by the local expert count.
     hidden: H (w13's K and w2's N); intermediate: I (w13's N per half and w2's K).
-    elem_bytes: activation/weight element size (2 for bf16/fp16, 4 for fp32).
+    elem_bytes: weight element size (2 for bf16/fp16, 4 for fp32, 1 for FP8).
     """
     table = INTERPRETER_TABLE if interpreter else GPU_TABLE
     m = max(rows_per_expert, 1.0)

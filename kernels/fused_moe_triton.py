@@ -15,6 +15,10 @@ fused_moe (tokens in natural order, top-k routing), no host sync:
 grouped_moe (rows already grouped by local expert, as an FFN rank receives them) runs the two GEMM
 kernels on its input in place: no alignment, no reduction.
 
+FP8 block-scaled weights (``w13_scale``/``w2_scale``, ``kernels.fp8``): the token rows are
+quantized per K group first (``fp8_triton``, one launch), and h between the GEMMs (one more); the
+GEMMs then read float8 operands and apply the scales per K step.
+
 ``MoEFeatures`` (PDL, TMA weight loads, inline routing) apply where the GPU supports them. A
 feature that fails to compile or launch here is switched off for the process, with a warning
 and an entry in ``fallback_events()``, and the call goes on without it.
@@ -29,6 +33,8 @@ from dataclasses import replace
 import torch
 from triton.runtime.errors import OutOfResources
 
+from kernels.fp8 import FP8_DTYPE, BlockScales
+from kernels.fp8_triton import launch_quant
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -45,7 +51,7 @@ from kernels.moe_gemm_triton import (
     ws_wanted,
 )
 from kernels.moe_sum_triton import launch_sum
-from kernels.triton_utils import INTERPRETING
+from kernels.triton_utils import INTERPRETING, cdiv
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
 # a smaller block_k; what worked is remembered per (tile, dtype, features) so the failure costs
@@ -82,18 +88,18 @@ def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor) -> MoEFeatures:
     """The requested features, less those this device, these weights or earlier failures rule
     out. The interpreter emulates TMA descriptors (so both load paths are testable on CPU) but
-    not PDL. TMA is for 16-bit weights: fp32 tiles read from its swizzled shared memory into the
-    fp32 (non tensor-core) dot spill registers."""
+    not PDL. TMA is for 16-bit and FP8 weights: fp32 tiles read from its swizzled shared memory
+    into the fp32 (non tensor-core) dot spill registers. FP8 weights do not warp-specialize."""
     req = requested or _env_features()
     hopper = x.is_cuda and _hopper(x.device.index if x.device.index is not None else
                                    torch.cuda.current_device())
     return MoEFeatures(
         pdl=req.pdl and hopper and "pdl" not in _disabled,
         tma=(req.tma and (hopper or INTERPRETING) and "tma" not in _disabled
-             and x.element_size() == 2 and tma_compatible(w13) and tma_compatible(w2)),
+             and w13.element_size() <= 2 and tma_compatible(w13) and tma_compatible(w2)),
         inline_route=req.inline_route and "inline" not in _disabled,
         persistent=req.persistent,
-        ws=req.ws and "ws" not in _disabled,
+        ws=req.ws and "ws" not in _disabled and w13.dtype != FP8_DTYPE,
     )
 
 
@@ -160,10 +166,11 @@ def _with_pdl(where: str, pdl: bool, fn) -> None:
     fn(False)
 
 
-def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+           fp8: bool) -> tuple[int, int, int]:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"triton fused_moe supports fp32/bf16/fp16 activations, got {x.dtype}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+    if not fp8 and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"weights must have the activations' dtype {x.dtype}, got w13 "
                          f"{w13.dtype}, w2 {w2.dtype}; cast them once at load time")
     num_experts, two_i, hidden = w13.shape
@@ -173,10 +180,31 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, i
 
 
 def default_config(rows: int, num_experts: int, hidden: int, inter: int,
-                   dtype: torch.dtype) -> MoEConfig:
-    """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``."""
-    return _table_config(rows / num_experts, hidden, inter, dtype.itemsize,
-                         INTERPRETING)
+                   dtype: torch.dtype, group_k: int | None = None) -> MoEConfig:
+    """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``;
+    ``dtype`` is the weights'. FP8 weights (``group_k``: their K block): block_k at most
+    group_k, so each K step reads one scale per row and column."""
+    cfg = _table_config(rows / num_experts, hidden, inter, dtype.itemsize, INTERPRETING)
+    return cfg if group_k is None else _fp8_config(cfg, group_k)
+
+
+@functools.lru_cache(maxsize=256)
+def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
+    def fit(tile: GemmTile) -> GemmTile:
+        return replace(tile.plain(), block_k=min(tile.block_k, group_k))
+
+    return MoEConfig(w13=fit(cfg.w13), w2=fit(cfg.w2))
+
+
+def _quantized(a: torch.Tensor, w_scale: torch.Tensor,
+               block: tuple[int, int]) -> tuple[torch.Tensor, BlockScales]:
+    """a [rows, K] -> (float8 rows, their BlockScales with the weights' ``w_scale``)."""
+    rows, cols = a.shape
+    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=a.device)
+    scale = torch.empty(rows, cdiv(cols, block[1]), dtype=torch.float32, device=a.device)
+    if rows:
+        launch_quant(a, q, scale, block[1])
+    return q, BlockScales(scale, w_scale, block[0], block[1])
 
 
 # Host time before the first launch is on the critical path of small batches; the table walk is
@@ -196,21 +224,34 @@ def fused_moe_triton(
     *,
     config: MoEConfig | None = None,
     features: MoEFeatures | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same contract as ``fused_moe_torch``; ``config`` overrides the tile table and
-    ``features`` the environment's ``MoEFeatures`` (tests, A/B timing).
+    ``features`` the environment's ``MoEFeatures`` (tests, A/B timing). FP8 weights come with
+    their scales and block shape (checked by ``kernels.fused_moe``); tiles then run plain with
+    block_k at most block_shape[1].
 
     Expert ids outside [0, E) (including -1) are skipped.
     """
-    num_experts, hidden, inter = _check(hidden_states, w13, w2)
+    fp8 = w13_scale is not None
+    num_experts, hidden, inter = _check(hidden_states, w13, w2, fp8)
     num_tokens, top_k = topk_ids.shape
     out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     if num_tokens == 0 or top_k == 0:
         return out.zero_()
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     num_slots = num_tokens * top_k
-    cfg = config or default_config(num_slots, num_experts, hidden, inter, x.dtype)
+    block = block_shape if fp8 else None
+    cfg = config or default_config(num_slots, num_experts, hidden, inter, w13.dtype)
+    cfg = _fp8_config(cfg, block[1]) if fp8 else cfg
     feats = _features(features, x, w13, w2)
+    a, scales13 = _quantized(x, w13_scale, block) if fp8 else (x, None)
+
+    def w2_input(h: torch.Tensor) -> tuple[torch.Tensor, BlockScales | None]:
+        return _quantized(h, w2_scale, block) if fp8 else (h, None)
+
     flat_ids = topk_ids.contiguous().view(-1)  # [T*K], slot s = token s // K, choice s % K
     weights = topk_weights.contiguous().view(-1)  # [T*K]
     h = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)  # [T*K, I] grouped order
@@ -221,10 +262,11 @@ def fused_moe_triton(
         # One counter per w2 n-block; moe_w13_kernel zeroes them (no memset launch).
         flags = torch.empty(w2_flags(hidden, cfg.w2), dtype=torch.int32, device=x.device)
         try:
-            _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups, flags=flags,
-                    ladder=False)
-            _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights,
-                    flags=flags, sum_out=out, ladder=False)
+            _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
+                    flags=flags, ladder=False, scales=scales13)
+            h_in, scales2 = w2_input(h)
+            _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
+                    flags=flags, sum_out=out, ladder=False, scales=scales2)
             return out
         except Exception as exc:  # noqa: BLE001 - redo the call on the aligned path below
             _disable("inline", "the inline-routed GEMMs", exc)
@@ -249,8 +291,11 @@ def fused_moe_triton(
         _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x.index_select(0, src), w13, h,
                 rows)
     else:
-        _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x, w13, h, groups)
-    _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, buf, groups, weights)
+        _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
+                scales=scales13)
+    h_in, scales2 = w2_input(h)
+    _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
+            scales=scales2)
     block_h = 128 if INTERPRETING else 1024
     _with_pdl("moe_sum", feats.pdl, lambda pdl: launch_sum(buf, flat_ids, out, num_experts,
                                                              top_k, block_h=block_h, pdl=pdl))
@@ -266,14 +311,19 @@ def grouped_moe_triton(
     *,
     config: MoEConfig | None = None,
     features: MoEFeatures | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same contract as ``grouped_moe_torch``: x [N, H] contiguous groups or [E, M, H] slabs.
+    FP8 weights as in ``fused_moe_triton``.
 
     expert_counts [E] may live on the host or the device; it is never read on the host when it is
     on the device (no sync), so on the device counts summing to more than N are clipped rather
     than reported.
     """
-    num_experts, hidden, inter = _check(x, w13, w2)
+    fp8 = w13_scale is not None
+    num_experts, hidden, inter = _check(x, w13, w2, fp8)
     if expert_counts.numel() != num_experts:
         raise ValueError(f"expert_counts has {expert_counts.numel()} entries for {num_experts} "
                          "experts")
@@ -299,11 +349,17 @@ def grouped_moe_triton(
     counts = expert_counts.to(device=x.device, non_blocking=True).contiguous().view(-1)
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
-    cfg = config or default_config(num_rows, num_experts, hidden, inter, x.dtype)
+    block = block_shape if fp8 else None
+    cfg = config or default_config(num_rows, num_experts, hidden, inter, w13.dtype)
+    cfg = _fp8_config(cfg, block[1]) if fp8 else cfg
     feats = _features(features, x, w13, w2)
     groups = RowGroups(SLABS if slab_rows else ROWS, num_rows, counts=counts,
                        slab_rows=slab_rows)
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
-    _launch("w13", cfg.w13, x.dtype, feats, launch_w13, rows, w13, h, groups)
-    _launch("w2", cfg.w2, x.dtype, feats, launch_w2, h, w2, out, groups, weights)
+    # FP8: every row is quantized, slab padding too (never read: the GEMMs skip those rows).
+    a, scales = _quantized(rows, w13_scale, block) if fp8 else (rows, None)
+    _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups, scales=scales)
+    a, scales = _quantized(h, w2_scale, block) if fp8 else (h, None)
+    _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, a, w2, out, groups, weights,
+            scales=scales)
     return out.view_as(x)

@@ -27,6 +27,10 @@ over the non-empty tiles, so the next tile's loads overlap this tile's epilogue.
 w2 on those and SORTED) reads the activations through a TMA descriptor too and warp-specializes
 the k loop (Triton's Hopper auto-WS: with num_warps=4 it builds a producer warp group for the
 TMA loads and two consumer warp groups for the MMAs).
+With ``BlockScales`` (FP8 block-scaled weights, ``kernels.fp8``) both kernels read float8
+activations (quantized per row and K group by ``fp8_triton``) and float8 weights, and scale each K
+step's product in fp32 (``moe_tile_triton.scaled_dot``); routes, epilogues and outputs are the
+same. FP8 tiles do not warp-specialize (they run ``plain()``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8 import BlockScales
 from kernels.fused_moe_config import GemmTile
 from kernels.moe_align_triton import expert_block, expert_block_scan, route_block
 from kernels.moe_sum_triton import topk_sum_columns
@@ -165,12 +170,15 @@ def moe_w13_kernel(
     slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
     ids_ptr,  # [num_rows] expert id per slot (INLINE)
     flags_ptr,  # [num_flags] int32 zeroed here for moe_w2_kernel's top-k sum (INLINE)
-    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_flags,
-    stride_xm, stride_we, stride_wn, stride_hm,
+    as_ptr,  # FP8: [tokens or rows, ceil(H/GROUP_K)] fp32 scales of x's rows
+    ws_ptr,  # FP8: [E, 2 * scale_rows, ceil(H/GROUP_K)] fp32 weight block scales
+    num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_flags, scale_rows,
+    stride_xm, stride_we, stride_wn, stride_hm, stride_asm, stride_wse, stride_wsn,
     ROUTE: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
 ):
     gdc_wait(PDL)
     if WS:
@@ -197,8 +205,10 @@ def moe_w13_kernel(
                                                       E_PAD, S_PAD, BLOCK_M)
             src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
             gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
-                                    stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
-                                    EVEN_K, W_TMA, DOT_MODE)
+                                    stride_xm, stride_we, stride_wn, as_ptr, ws_ptr,
+                                    stride_asm, stride_wse, stride_wsn, scale_rows, BLOCK_M,
+                                    BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8, GROUP_N,
+                                    GROUP_K)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16)
         gdc_launch_dependents(PDL)
@@ -216,8 +226,10 @@ def moe_w13_kernel(
             else:
                 src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
                 gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
-                                        stride_xm, stride_we, stride_wn, BLOCK_M, BLOCK_N,
-                                        BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
+                                        stride_xm, stride_we, stride_wn, as_ptr, ws_ptr,
+                                        stride_asm, stride_wse, stride_wsn, scale_rows,
+                                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE,
+                                        FP8, GROUP_N, GROUP_K)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16)
@@ -234,13 +246,16 @@ def moe_w2_kernel(
     flags_ptr,  # [num flags] int32, zero on entry: finished m-blocks per n-block (INLINE)
     weights_ptr,  # routing weight per output row (HAS_WEIGHTS only)
     sum_ptr,  # [T, H] out: the top-k sum (INLINE)
+    as_ptr,  # FP8: [num_rows, ceil(I/GROUP_K)] fp32 scales of h's rows
+    ws_ptr,  # FP8: [E, ceil(H/GROUP_N), ceil(I/GROUP_K)] fp32 weight block scales
     num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_tokens,
-    stride_hm, stride_we, stride_wn, stride_om, stride_sm,
+    stride_hm, stride_we, stride_wn, stride_om, stride_sm, stride_asm, stride_wse, stride_wsn,
     ROUTE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
     S_PAD: tl.constexpr, SUM_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
 ):
     gdc_wait(PDL)
     if WS:  # as in moe_w13_kernel
@@ -256,8 +271,9 @@ def moe_w2_kernel(
                 E_PAD, S_PAD, BLOCK_M)
             acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N,
                               tl.cdiv(inter, BLOCK_K), num_rows, hidden, inter, stride_hm,
-                              stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
-                              DOT_MODE)
+                              stride_we, stride_wn, as_ptr, ws_ptr, stride_asm, stride_wse,
+                              stride_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE,
+                              FP8, GROUP_N, GROUP_K)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
                      stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
         gdc_launch_dependents(PDL)
@@ -276,7 +292,9 @@ def moe_w2_kernel(
             else:
                 acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k,
                                   num_rows, hidden, inter, stride_hm, stride_we, stride_wn,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE)
+                                  as_ptr, ws_ptr, stride_asm, stride_wse, stride_wsn,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8,
+                                  GROUP_N, GROUP_K)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
                      stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
@@ -359,6 +377,24 @@ def w2_flags(hidden: int, tile: GemmTile) -> int:
     return cdiv(hidden, tile.block_n)
 
 
+def _scale_args(scales: BlockScales | None, placeholder: torch.Tensor) -> tuple:
+    """The kernels' (as_ptr, ws_ptr): the scales, or any tensor where they are not read."""
+    return (scales.a, scales.w) if scales is not None else (placeholder, placeholder)
+
+
+def _scale_strides(scales: BlockScales | None) -> tuple[int, int, int]:
+    """(stride_asm, stride_wse, stride_wsn); the last K-group stride of both is 1."""
+    if scales is None:
+        return 0, 0, 0
+    return scales.a.stride(0), scales.w.stride(0), scales.w.stride(1)
+
+
+def _fp8_constexprs(scales: BlockScales | None) -> dict:
+    if scales is None:
+        return {}
+    return {"FP8": True, "GROUP_N": scales.group_n, "GROUP_K": scales.group_k}
+
+
 def _descriptor(w: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -373,15 +409,17 @@ def tma_compatible(w: torch.Tensor) -> bool:
 
 def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowGroups, *,
                tile: GemmTile, flags: torch.Tensor | None = None, tma: bool = False,
-               pdl: bool = False) -> None:
+               pdl: bool = False, scales: BlockScales | None = None) -> None:
     """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e.
 
     flags: [w2_flags] int32 for the INLINE route (zeroed here). tma: read w13 through a TMA
-    descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter).
+    descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter). scales: with x and
+    w13 in float8, their block scales (``scales.w`` [E, 2 * ceil(I/group_n), ceil(H/group_k)]);
+    tile.block_k must divide group_k, and ws tiles run plain.
     """
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
-    ws = warp_specialized("w13", groups, tile, tma, x)
+    ws = scales is None and warp_specialized("w13", groups, tile, tma, x)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * cdiv(inter, tile.block_n), x.device)
@@ -400,26 +438,31 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         groups.sorted_slots if groups.sorted_slots is not None else placeholder,
         groups.ids if groups.ids is not None else placeholder,
         flags if flags is not None else placeholder,
+        *_scale_args(scales, placeholder),
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m,
         flags.numel() if flags is not None else 0,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        cdiv(inter, scales.group_n) if scales is not None else 0,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *_scale_strides(scales),
         ROUTE=groups.route, TOP_K=groups.top_k, E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
-        DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(x.dtype),
+        DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(h.dtype),
+        **_fp8_constexprs(scales),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 
 
 def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowGroups,
               weights: torch.Tensor | None, *, tile: GemmTile, flags: torch.Tensor | None = None,
-              sum_out: torch.Tensor | None = None, tma: bool = False, pdl: bool = False) -> None:
+              sum_out: torch.Tensor | None = None, tma: bool = False, pdl: bool = False,
+              scales: BlockScales | None = None) -> None:
     """out[dest(p)] = weight * (h[p] W2[e]^T) for every grouped row p of expert e.
 
     INLINE route: flags as zeroed by ``launch_w13``, and sum_out [T, H] receives the top-k sum.
+    scales: as ``launch_w13``'s, with ``scales.w`` [E, ceil(H/group_n), ceil(I/group_k)].
     """
     num_experts, hidden, inter = w2.shape
-    ws = warp_specialized("w2", groups, tile, tma, h)
+    ws = scales is None and warp_specialized("w2", groups, tile, tma, h)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * cdiv(hidden, tile.block_n), h.device)
@@ -438,15 +481,17 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         flags if flags is not None else placeholder,
         weights if weights is not None else placeholder,
         sum_out if sum_out is not None else out,
+        *_scale_args(scales, placeholder),
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m, num_tokens,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        sum_out.stride(0) if sum_out is not None else 0,
+        sum_out.stride(0) if sum_out is not None else 0, *_scale_strides(scales),
         ROUTE=groups.route, HAS_WEIGHTS=weights is not None, TOP_K=groups.top_k,
         E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         SUM_T=max(1, min(64, 4096 // tile.block_n)),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         EVEN_K=inter % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
-        DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(h.dtype),
+        DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(out.dtype),
+        **_fp8_constexprs(scales),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 

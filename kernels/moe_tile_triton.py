@@ -5,6 +5,11 @@ a persistent loop of them) and where their rows are. Operands: activation rows t
 (they may be gathered), expert weights through pointers or a TMA descriptor (W_TMA); fp32
 accumulation. The epilogues round where the torch reference materializes a tensor in the
 activation dtype.
+
+FP8 (block-scaled e4m3, ``kernels.fp8``): activations and weights are both float8 and each K
+step multiplies its fp32 dot product by the row's activation scale times each column's weight
+block scale before adding it to the accumulator (as vLLM's and SGLang's w8a8 block kernels do);
+BLOCK_K divides GROUP_K, so a step never straddles two scale groups.
 """
 
 from __future__ import annotations
@@ -32,20 +37,42 @@ def w13_src(first, rows, slots, num_rows, ROUTE: tl.constexpr, TOP_K: tl.constex
 
 
 @triton.jit
+def scaled_dot(a, b, acc, k, a_scales, w_scales, FP8: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    """acc + a @ b for K step ``k``; with FP8, a and b are float8 and the step's product is
+    scaled by a_scales[:, group] * w_scales[None, group] (pointer vectors [BM] and [BN], at the
+    first K group)."""
+    if FP8:
+        group = (k * BLOCK_K) // GROUP_K
+        a_s = tl.load(a_scales + group)  # [BM]
+        w_s = tl.load(w_scales + group)  # [BN]
+        return acc + tl.dot(a, b) * (a_s[:, None] * w_s[None, :])
+    return dot(a, b, acc, DOT_MODE)
+
+
+@triton.jit
 def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we, stride_wn,
+                 as_ptr, ws_ptr, stride_asm, stride_wse, stride_wsn, scale_rows,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_MODE: tl.constexpr):
+                 EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_MODE: tl.constexpr,
+                 FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
+                 GROUP_K: tl.constexpr = 128):
     """Two [BM, BN] fp32: x rows ``src`` times gate columns n0.., and times up columns n0..
-    (K = H), from one dot over a [BK, 2BN] weight tile."""
+    (K = H), from one dot over a [BK, 2BN] weight tile. FP8: ``as_ptr`` [rows, H/GROUP_K]
+    scales of x's rows, ``ws_ptr`` [E, 2 * scale_rows, H/GROUP_K] of the weight blocks (gate
+    block rows, then up block rows)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    # Column c of the [BK, 2*BN] weight tile: gate row n0 + c, then up row I + n0 + c - BN.
+    # Columns past I wrap to valid rows; their results are never stored.
+    cols = tl.arange(0, 2 * BLOCK_N)
+    half, col_rows = cols // BLOCK_N, (n0 + cols % BLOCK_N) % inter
     if not W_TMA:
-        # Column c of the [BK, 2*BN] weight tile: gate row n0 + c, then up row I + n0 + c - BN.
-        # Columns past I wrap to valid rows; their results are never stored.
-        cols = tl.arange(0, 2 * BLOCK_N)
-        w_rows = (cols // BLOCK_N) * inter + (n0 + cols % BLOCK_N) % inter
-        b_ptrs = (w + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn
-                  + offs_k[:, None])  # [BK, 2BN]
+        b_ptrs = (w + expert.to(tl.int64) * stride_we + (half * inter + col_rows)[None, :]
+                  * stride_wn + offs_k[:, None])  # [BK, 2BN]
+    a_scales = as_ptr + src.to(tl.int64) * stride_asm  # [BM] (FP8 only)
+    w_scales = (ws_ptr + expert.to(tl.int64) * stride_wse
+                + (half * scale_rows + col_rows // GROUP_N) * stride_wsn)  # [2BN] (FP8 only)
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(hidden, BLOCK_K)):
         if EVEN_K:
@@ -59,7 +86,7 @@ def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we,
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[:, None], other=0.0)
-        acc = dot(a, b, acc, DOT_MODE)
+        acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
         a_ptrs += BLOCK_K
         if not W_TMA:
             b_ptrs += BLOCK_K
@@ -103,19 +130,25 @@ def w13_store(gate, up, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.co
 
 @triton.jit
 def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inter, stride_hm,
-                stride_we, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                stride_we, stride_wn, as_ptr, ws_ptr, stride_asm, stride_wse, stride_wsn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
-                DOT_MODE: tl.constexpr):
-    """[BM, BN] fp32: h rows first.. (grouped order) times W2[expert] columns n0.. (K = I)."""
+                DOT_MODE: tl.constexpr, FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
+                GROUP_K: tl.constexpr = 128):
+    """[BM, BN] fp32: h rows first.. (grouped order) times W2[expert] columns n0.. (K = I).
+    FP8: ``as_ptr`` [num_rows, I/GROUP_K] scales of h's rows, ``ws_ptr`` [E, H/GROUP_N,
+    I/GROUP_K] of the weight blocks."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Padding rows re-read a valid row instead of masking every load; they are never stored.
     a_rows = tl.where(offs_m < rows, first + offs_m, tl.minimum(first, num_rows - 1))
     a_ptrs = h_ptr + a_rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]  # [BM, BK]
+    w_cols = (n0 + tl.arange(0, BLOCK_N)) % hidden  # columns past H wrap, never stored
     if not W_TMA:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
         b_ptrs = (w + expert.to(tl.int64) * stride_we
-                  + (offs_n % hidden)[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
+                  + w_cols[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
+    a_scales = as_ptr + a_rows.to(tl.int64) * stride_asm  # [BM] (FP8 only)
+    w_scales = ws_ptr + expert.to(tl.int64) * stride_wse + (w_cols // GROUP_N) * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(num_k):
         if EVEN_K:
@@ -128,7 +161,7 @@ def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inte
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=(offs_k < inter - k * BLOCK_K)[:, None], other=0.0)
-        acc = dot(a, b, acc, DOT_MODE)
+        acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
         a_ptrs += BLOCK_K
         if not W_TMA:
             b_ptrs += BLOCK_K

@@ -58,6 +58,7 @@ class Fused:
     tma: bool = True  # weights through TMA descriptors where they apply (bf16/fp16, aligned)
     inline: bool = True  # small batches routed inside the GEMMs (no alignment, no sum launch)
     ws: bool = False  # with ``tile``: warp-specialized tiles where they apply
+    fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Grouped:
     persistent: int = 0  # with ``tile``: programs per SM looping over the tiles
     ws: bool = False  # with ``tile``: warp-specialized tiles (activations through TMA too)
     strided_counts: bool = False  # counts as a view with stride 2 (a column of [E, 2])
+    fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
 
 
 FUSED_CASES = {
@@ -109,6 +111,20 @@ FUSED_CASES = {
     # skipped slots leave sorted_slots' tail unwritten), w2 straight from h; K of both ragged.
     "ws_sorted_bf16": Fused("bf16", T=29, H=56, I=40, E=6, K=2, skip=0.15, unused=(2,),
                             inline=False, tile=16, ws=True),
+    # FP8 block-scaled weights (block shape [bn, bk]): partial blocks in both dims of both GEMMs
+    # (H, I not multiples of bn or bk), the default [128, 128] on dims below one block, K steps
+    # smaller than a scale group (tile 16 in groups of 32), TMA and pointer weight loads, both
+    # routes, 256 experts with top-8, one token, every slot skipped.
+    "fp8_ragged_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
+                             fp8=(16, 32)),
+    "fp8_tma_bf16": Fused("bf16", T=11, H=64, I=48, E=5, K=2, fp8=(32, 32)),
+    "fp8_sorted_fp32": Fused("fp32", T=9, H=40, I=24, E=4, K=3, skip=0.1, inline=False,
+                             fp8=(16, 16)),
+    "fp8_one_token_bf16": Fused("bf16", T=1, H=40, I=24, E=4, K=3, fp8=(128, 128)),
+    "fp8_e256_top8_bf16": Fused("bf16", T=5, H=24, I=16, E=256, K=8, skip=0.1, fp8=(128, 128)),
+    "fp8_tiles16_bf16": Fused("bf16", T=37, H=64, I=48, E=3, K=2, unused=(1,), tile=16,
+                              fp8=(32, 32)),
+    "fp8_all_skipped_bf16": Fused("bf16", T=4, H=24, I=16, E=4, K=2, skip=1.0, fp8=(16, 16)),
 }
 
 GROUPED_CASES = {
@@ -140,7 +156,27 @@ GROUPED_CASES = {
                                    strided_counts=True),
     "slab_strided_counts_fp32": Grouped("fp32", (3, 0, 7, 2), M=8, H=21, I=11, weights=True,
                                         strided_counts=True),
+    # FP8 on an FFN rank's layouts: contiguous groups with an empty expert, padded slabs, and
+    # persistent programs; a ws tile asked for runs plain (FP8 does not warp-specialize).
+    "fp8_contiguous_bf16": Grouped("bf16", (3, 0, 17, 1, 0, 40), H=56, I=24, weights=True,
+                                   fp8=(16, 32)),
+    "fp8_slab_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True,
+                             fp8=(32, 16)),
+    "fp8_persistent_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=64, I=48, weights=True,
+                                   tile=16, persistent=1, fp8=(32, 32)),
+    "fp8_ws_asked_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=64, I=48, weights=False,
+                                 tile=16, ws=True, fp8=(16, 32)),
 }
+
+# FP8 tolerances. Against the FP8 reference (tight): both see bit-identical float8 activations,
+# weights and scales, so only the fp32 summation order differs (~1e-7 relative). That can flip
+# a bf16 rounding in an epilogue, or move a value across an fp8 rounding boundary before the w2
+# GEMM: rare, and one element by one fp8 step (1/16 of it) costs ~4e-3 of the output norm at
+# these sizes; the same bound as the bf16 kernels'. Against the unquantized reference (loose,
+# same dequantized weights in fp32/bf16): per-token-group e4m3 activations carry up to 2^-4
+# relative rounding error per element (~2-3% RMS), twice (expert input and h): measured 3-4%.
+FP8_TOL = 1e-2
+FP8_LOOSE_TOL = 0.1
 
 
 def _tile_config(size: int, persistent: int = 0, ws: bool = False):
@@ -151,10 +187,55 @@ def _tile_config(size: int, persistent: int = 0, ws: bool = False):
     return MoEConfig(w13=tile, w2=tile)
 
 
+def fp8_weights(num_experts: int, hidden: int, inter: int, block: tuple[int, int],
+                device: str) -> dict:
+    """Random experts quantized to FP8 blocks: {"w13", "w2", "w13_scale", "w2_scale",
+    "block_shape"} as the entries take them (each projection quantized on its own)."""
+    from kernels.fp8 import quantize_blocks
+
+    w13, w2 = moe_weights(num_experts, hidden, inter, torch.float32, device)
+    (gate, gate_s), (up, up_s) = (quantize_blocks(half, block) for half in w13.chunk(2, dim=1))
+    w2q, w2_s = quantize_blocks(w2, block)
+    return {"w13": torch.cat([gate, up], 1), "w2": w2q, "w13_scale": torch.cat([gate_s, up_s], 1),
+            "w2_scale": w2_s, "block_shape": block}
+
+
+def dequantized(fp8: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 experts' weights in ``dtype`` (what a dequantizing loader holds)."""
+    from kernels.fp8 import dequantize_blocks
+    from kernels.fused_moe import dequantize_w13
+
+    return (dequantize_w13(fp8["w13"], fp8["w13_scale"], fp8["block_shape"], dtype),
+            dequantize_blocks(fp8["w2"], fp8["w2_scale"], fp8["block_shape"], dtype))
+
+
+def _weights(case, num_experts: int, dtype: torch.dtype, device: str
+             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(w13, w2, the FP8 keyword arguments or {})."""
+    if case.fp8 is None:
+        return (*moe_weights(num_experts, case.H, case.I, dtype, device), {})
+    fp8 = fp8_weights(num_experts, case.H, case.I, case.fp8, device)
+    scales = {k: fp8[k] for k in ("w13_scale", "w2_scale", "block_shape")}
+    return fp8["w13"], fp8["w2"], scales
+
+
+def _result(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case, reference,
+            w13: torch.Tensor, w2: torch.Tensor, scales: dict) -> dict:
+    """The result dict of a case; FP8 cases also carry the error of their FP8 reference against
+    the unquantized one (``reference`` called on the dequantized weights)."""
+    result = {"err": rel_err(out, ref), "tol": FP8_TOL if scales else tolerance(dtype),
+              "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
+              "fallbacks": _fallback_events()}
+    if scales:
+        plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype))
+        result["loose_err"] = rel_err(ref, plain)
+    return result
+
+
 def run_fused_case(case: Fused, device: str) -> dict:
     dtype = DTYPES[case.dtype]
     x = torch.randn(case.T, case.H, device=device).to(dtype)
-    w13, w2 = moe_weights(case.E, case.H, case.I, dtype, device)
+    w13, w2, scales = _weights(case, case.E, dtype, device)
     ids, weights = routing(case.T, case.E, case.K, skip=case.skip, unused=case.unused,
                            hot=case.hot, device=device)
     weights = weights.to(DTYPES[case.weights_dtype])
@@ -164,12 +245,13 @@ def run_fused_case(case: Fused, device: str) -> dict:
 
         out = fused_moe_triton(x, w13, w2, weights, ids,
                                config=_tile_config(case.tile, ws=case.ws) if case.tile else None,
-                               features=MoEFeatures(tma=case.tma, inline_route=case.inline))
+                               features=MoEFeatures(tma=case.tma, inline_route=case.inline),
+                               **scales)
     else:
-        out = fused_moe(x, w13, w2, weights, ids, backend="triton")
-    ref = fused_moe_torch(x, w13, w2, weights, ids)
-    return {"err": rel_err(out, ref), "tol": tolerance(dtype), "dtype_ok": out.dtype == ref.dtype,
-            "ref_norm": ref.float().norm().item(), "fallbacks": _fallback_events()}
+        out = fused_moe(x, w13, w2, weights, ids, backend="triton", **scales)
+    ref = fused_moe_torch(x, w13, w2, weights, ids, **scales)
+    return _result(out, ref, dtype, case,
+                   lambda a, b: fused_moe_torch(x, a, b, weights, ids), w13, w2, scales)
 
 
 def _fallback_events() -> list[str]:
@@ -182,7 +264,7 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
     dtype = DTYPES[case.dtype]
     counts = torch.tensor(case.counts, dtype=getattr(torch, case.counts_dtype))
     num_experts = len(case.counts)
-    w13, w2 = moe_weights(num_experts, case.H, case.I, dtype, device)
+    w13, w2, scales = _weights(case, num_experts, dtype, device)
     if case.M is not None:  # padded slabs; padding rows hold garbage that must not leak
         x = torch.randn(num_experts, case.M, case.H, device=device).to(dtype)
         weights = torch.rand(num_experts, case.M, device=device)
@@ -194,18 +276,17 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
     if case.strided_counts:
         counts_in = torch.stack([counts_in, torch.full_like(counts_in, 99)], 1)[:, 0]
     if case.tma and case.tile is None:
-        out = grouped_moe(x, counts_in, w13, w2, weights, backend="triton")
+        out = grouped_moe(x, counts_in, w13, w2, weights, backend="triton", **scales)
     else:
         from kernels.fused_moe_config import MoEFeatures
         from kernels.fused_moe_triton import grouped_moe_triton
 
         config = _tile_config(case.tile, case.persistent, case.ws) if case.tile else None
         out = grouped_moe_triton(x, counts_in, w13, w2, weights, config=config,
-                                 features=MoEFeatures(tma=case.tma))
-    ref = grouped_moe_torch(x, counts, w13, w2, weights)
-    result = {"err": rel_err(out, ref), "tol": tolerance(dtype),
-              "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
-              "fallbacks": _fallback_events()}
+                                 features=MoEFeatures(tma=case.tma), **scales)
+    ref = grouped_moe_torch(x, counts, w13, w2, weights, **scales)
+    result = _result(out, ref, dtype, case,
+                     lambda a, b: grouped_moe_torch(x, counts, a, b, weights), w13, w2, scales)
     if case.M is not None:
         pad = torch.arange(case.M, device=device)[None, :] >= counts.to(device)[:, None]
         result["padding_zero"] = bool((out[pad] == 0).all())
@@ -228,6 +309,26 @@ def run_align_case(num_slots: int, num_experts: int, chunk: int) -> dict:
     ok = torch.equal(counts.long(), torch.bincount(ids[valid], minlength=num_experts)) and \
         torch.equal(slots[: len(expected)].long(), expected)
     return {"err": 0.0 if ok else 1.0, "tol": 0.5, "dtype_ok": True}
+
+
+# name -> (rows, cols, group, dtype): the activation quantization kernel against its reference,
+# bit for bit (scales and float8 values): partial last group, one row, an all-zero group, values
+# spread over nine orders of magnitude (fp8 subnormals, and rounding of every exponent).
+QUANT_CASES = {"fp8_quant_bf16": (37, 200, 32, "bf16"),
+               "fp8_quant_one_row_fp32": (1, 40, 16, "fp32"),
+               "fp8_quant_fp16": (19, 256, 128, "fp16")}
+
+
+def run_quant_case(rows: int, cols: int, group: int, dtype: str) -> dict:
+    from kernels.fp8 import per_token_group_quant, per_token_group_quant_torch
+
+    x = (torch.randn(rows, cols) * torch.logspace(-5, 4, cols)).to(DTYPES[dtype])
+    x[0, :group] = 0
+    q, scale = per_token_group_quant(x, group, backend="triton")
+    q_ref, scale_ref = per_token_group_quant_torch(x, group)
+    same = torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8),
+                                                         q_ref.view(torch.uint8))
+    return {"err": 0.0 if same else 1.0, "tol": 0.5, "dtype_ok": q.dtype == q_ref.dtype}
 
 
 @contextlib.contextmanager
@@ -260,6 +361,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     torch.manual_seed(seed + zlib.crc32(name.encode()))
     if name in ALIGN_CASES:
         return run_align_case(*ALIGN_CASES[name])
+    if name in QUANT_CASES:
+        return run_quant_case(*QUANT_CASES[name])
     with recorded_launches() as launches:
         if name in FUSED_CASES:
             result = run_fused_case(FUSED_CASES[name], "cpu")
@@ -270,7 +373,8 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, [*ALIGN_CASES, *FUSED_CASES, *GROUPED_CASES], SEED)
+    return run_in_interpreter(__file__, [*ALIGN_CASES, *QUANT_CASES, *FUSED_CASES,
+                                         *GROUPED_CASES], SEED)
 
 
 def _check(result: dict, name: str) -> None:
@@ -280,9 +384,12 @@ def _check(result: dict, name: str) -> None:
     assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
     assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
     assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
+    # FP8: the reference itself is within FP8's own error of the unquantized reference.
+    assert result.get("loose_err", 0.0) < FP8_LOOSE_TOL, \
+        f"{name} (seed {SEED}): FP8 reference vs unquantized rel err {result['loose_err']:.3g}"
 
 
-@pytest.mark.parametrize("name", [*ALIGN_CASES, *FUSED_CASES, *GROUPED_CASES])
+@pytest.mark.parametrize("name", [*ALIGN_CASES, *QUANT_CASES, *FUSED_CASES, *GROUPED_CASES])
 def test_moe_interpreter(interpreter_results: dict, name: str) -> None:
     _check(interpreter_results[name], name)
 
@@ -303,6 +410,10 @@ EXPECTED_PATHS = {
     "ws_contiguous_bf16": ("rows", True, True), "ws_slab_fp16": ("slabs", True, True),
     # w13 on a grouped copy of the token rows (a gather route cannot feed TMA)
     "ws_sorted_bf16": ("rows", True, True),
+    "fp8_tma_bf16": ("inline", True, False), "fp8_ragged_bf16": ("inline", False, False),
+    "fp8_sorted_fp32": ("sorted", False, False), "fp8_e256_top8_bf16": ("sorted", False, False),
+    "fp8_persistent_bf16": ("rows", True, False), "fp8_slab_bf16": ("slabs", False, False),
+    "fp8_ws_asked_bf16": ("rows", True, False),  # FP8 tiles run plain
 }
 # w2's path where it differs from w13's: on the sorted route it reads h in grouped order, so a
 # ws tile warp-specializes there too.
@@ -387,6 +498,24 @@ def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch
                                                  persistent=False, ws=False)
 
 
+def test_fp8_entries_check_their_arguments() -> None:
+    fp8 = fp8_weights(3, 40, 24, (16, 32), "cpu")
+    x, ids, weights = torch.randn(2, 40), torch.tensor([[0, 2], [1, -1]]), torch.rand(2, 2)
+    scales = {k: fp8[k] for k in ("w13_scale", "w2_scale", "block_shape")}
+    out = fused_moe(x, fp8["w13"], fp8["w2"], weights, ids, **scales)  # torch on CPU
+    assert out.shape == (2, 40) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="need w13_scale and w2_scale"):
+        fused_moe(x, fp8["w13"], fp8["w2"], weights, ids)
+    with pytest.raises(ValueError, match=r"w13_scale must be \[3, 6, 2\]"):
+        grouped_moe(x, torch.tensor([1, 1, 0]), fp8["w13"], fp8["w2"], None,
+                    **scales | {"block_shape": (8, 32)})
+    with pytest.raises(ValueError, match="block_shape must be"):
+        fused_moe(x, fp8["w13"], fp8["w2"], weights, ids, **scales | {"block_shape": (16, 48)})
+    with pytest.raises(ValueError, match="need float8_e4m3fn weights"):
+        w13, w2 = dequantized(fp8, torch.float32)
+        fused_moe(x, w13, w2, weights, ids, **scales)
+
+
 def test_all_skipped_gives_zeros(interpreter_results: dict) -> None:
     # rel_err against an all-zero reference is the absolute error: it must be exactly zero.
     result = interpreter_results["all_skipped_fp32"]
@@ -422,6 +551,14 @@ GPU_FUSED = {
     # Warp-specialized tiles on the sorted route (w13 on a grouped copy of the token rows).
     "ws_sorted_bf16": Fused("bf16", T=600, H=7168, I=2048, E=8, K=2, skip=0.1, inline=False,
                             tile=64, ws=True),
+    # FP8 block-scaled experts as DeepSeek-V3 ships them ([128, 128] blocks): decode (inline
+    # route), 256 tokens (sorted route), and dims with partial blocks.
+    "fp8_v3_dims_decode_bf16": Fused("bf16", T=4, H=7168, I=2048, E=32, K=8, skip=0.1,
+                                     fp8=(128, 128)),
+    "fp8_v3_dims_256tok_bf16": Fused("bf16", T=256, H=7168, I=2048, E=8, K=8, fp8=(128, 128)),
+    "fp8_ragged_bf16": Fused("bf16", T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,),
+                             fp8=(128, 128)),
+    "fp8_e256_top8_bf16": Fused("bf16", T=64, H=512, I=256, E=256, K=8, fp8=(128, 128)),
 }
 GPU_GROUPED = {
     "contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
@@ -436,6 +573,10 @@ GPU_GROUPED = {
                                   weights=True, tile=64, ws=True),
     "ws_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True,
                             tile=64, ws=True),
+    "fp8_contiguous_large_bf16": Grouped("bf16", (0, 300, 129, 513, 0, 7, 256, 1), H=7168,
+                                         I=2048, weights=True, fp8=(128, 128)),
+    "fp8_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True,
+                             fp8=(128, 128)),
 }
 
 

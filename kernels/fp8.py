@@ -1,0 +1,109 @@
+"""FP8 (e4m3) block scaling, as DeepSeek-V3 releases its weights and as vLLM/SGLang run them.
+
+Weights: ``w`` [N, K] float8_e4m3fn with ``scale`` [ceil(N/bn), ceil(K/bk)] fp32, one per
+[bn, bk] block (the checkpoint's ``weight_scale_inv``: the real weight is ``w * scale``).
+Activations: quantized on the fly per token and per group of ``bk`` columns (1 x bk blocks), so a
+GEMM can apply ``a_scale * w_scale`` once per K block of the fp32 accumulator. The last block of
+a dim that is not a multiple of the block size is partial.
+
+``per_token_group_quant_torch`` is the reference of ``fp8_triton.per_token_group_quant_triton``;
+both produce bit-identical results (same fp32 division, round to nearest even).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.backend import resolve_backend
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+# Floor of a group's absolute maximum: an all-zero group gets a tiny scale, not a division by 0.
+AMAX_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """The scales a block-FP8 GEMM applies per K block (the kernels' FP8 inputs, one GEMM).
+
+    a: [rows, ceil(K/group_k)] fp32, one per activation row and K group.
+    w: [E, scale_rows, ceil(K/group_k)] fp32, one per weight block of each expert (w13: the gate
+       blocks' rows then the up blocks' rows, see ``kernels.fused_moe``).
+    group_n, group_k: the weight block shape (group_k is also the activation group).
+    """
+
+    a: torch.Tensor
+    w: torch.Tensor
+    group_n: int
+    group_k: int
+
+
+def check_block_shape(block_shape: tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    """(bn, bk) from a checkpoint's ``weight_block_size``; (128, 128) when None. bk must be a
+    power of two >= 16: the kernels' K blocks must tile each scale group exactly."""
+    bn, bk = (128, 128) if block_shape is None else (int(block_shape[0]), int(block_shape[1]))
+    if bn < 1 or bk < 16 or bk & (bk - 1):
+        raise ValueError(f"block_shape must be [bn, bk] with bn >= 1 and bk a power of two >= 16, "
+                         f"got {block_shape!r}")
+    return bn, bk
+
+
+def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int],
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w [..., N, K] fp8 and scale [..., ceil(N/bn), ceil(K/bk)] fp32 -> [..., N, K] in dtype."""
+    rows, cols = w.shape[-2:]
+    full = scale.float().repeat_interleave(block_shape[0], -2)[..., :rows, :]
+    full = full.repeat_interleave(block_shape[1], -1)[..., :cols]
+    return (w.float() * full).to(dtype)
+
+
+def quantize_blocks(w: torch.Tensor, block_shape: tuple[int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (fp8 [..., N, K], scale [..., ceil(N/bn), ceil(K/bk)] fp32), each
+    block scaled so its absolute maximum maps to FP8_MAX (how DeepSeek's release was made; for
+    tests and benchmarks)."""
+    bn, bk = block_shape
+    rows, cols = w.shape[-2:]
+    nr, nc = -(-rows // bn), -(-cols // bk)
+    padded = torch.zeros(*w.shape[:-2], nr * bn, nc * bk, dtype=torch.float32, device=w.device)
+    padded[..., :rows, :cols] = w.float()
+    blocks = padded.unflatten(-1, (nc, bk)).unflatten(-3, (nr, bn))  # [..., nr, bn, nc, bk]
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS)  # [..., nr, nc]
+    scale = amax / FP8_MAX
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.flatten(-2).flatten(-3, -2)[..., :rows, :cols].contiguous(), scale
+
+
+def per_token_group_quant_torch(x: torch.Tensor, group: int
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, ceil(K/group)] fp32) with
+    ``x ~= q * scale`` per group: scale = max(amax, AMAX_EPS) / FP8_MAX, q = x / scale rounded
+    to nearest even (the division in fp32)."""
+    rows, cols = x.shape
+    groups = -(-cols // group)
+    padded = torch.zeros(rows, groups * group, dtype=torch.float32, device=x.device)
+    padded[:, :cols] = x.float()
+    padded = padded.view(rows, groups, group)
+    scale = padded.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX  # [M, G]
+    q = (padded / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(rows, -1)[:, :cols].contiguous(), scale
+
+
+def quant_dequant(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] as the FP8 GEMMs see it: quantized per token group, back in fp32."""
+    q, scale = per_token_group_quant_torch(x, group)
+    return dequantize_blocks(q, scale, (1, group))
+
+
+def per_token_group_quant(x: torch.Tensor, group: int, *, backend: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32/bf16/fp16 -> (q [M, K] float8_e4m3fn, scale [M, ceil(K/group)] fp32)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
+    if resolve_backend(backend, x) == "triton":
+        from kernels.fp8_triton import per_token_group_quant_triton
+
+        return per_token_group_quant_triton(x, group)
+    return per_token_group_quant_torch(x, group)
