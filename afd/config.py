@@ -29,6 +29,9 @@ class EngineConfig:
     cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
         place a prompt on the rank that was sent its longest prefix unless that rank is
         overloaded (afd.router); False places by load alone. Needs enable_prefix_caching.
+    quantization: "fp8" when the routed experts of an FP8 checkpoint stay in FP8 on every rank
+        (kernels.fused_moe's w8a8 block path), None when every weight is in ``dtype``. Only the
+        routed experts: attention, dense MLP, shared experts and lm_head are dequantized.
     """
 
     model: str
@@ -45,6 +48,42 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cache_aware_routing: bool = True
     tokenizer: str | None = None
+    quantization: str | None = None
+
+    @property
+    def fp8_experts(self) -> bool:
+        return self.quantization == "fp8"
+
+
+QUANTIZATIONS = (None, "fp8", "dequantize")
+
+
+def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
+                         device: str) -> str | None:
+    """What ``quantization`` (as given to LLM/serve) means for this checkpoint and device:
+    "fp8" (routed experts kept in FP8) or None (every weight dequantized to the run dtype).
+
+    None (the default) follows the checkpoint: an FP8 ``quantization_config`` keeps the experts
+    in FP8 where the MoE runs as Triton kernels (CUDA, unless AFD_KERNEL_BACKEND=torch), and
+    dequantizes them elsewhere (the torch path would dequantize them on every call). "fp8" keeps
+    them in FP8 on any device (on CPU, the FP8 torch reference: slow, for tests); "dequantize"
+    dequantizes everything, as before FP8 experts existed.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "dequantize" or model_cfg.fp8 is None:
+        if quantization == "fp8":
+            raise ValueError("quantization='fp8' needs an FP8 block-scaled checkpoint "
+                             "(quantization_config with quant_method fp8 in config.json); "
+                             "quantizing a bf16 checkpoint on load is not implemented")
+        return None
+    if quantization == "fp8" or model_cfg.num_experts == 0:
+        return "fp8" if model_cfg.num_experts else None
+    from kernels.backend import triton_available
+
+    triton_moe = (device.startswith("cuda") and os.environ.get("AFD_KERNEL_BACKEND") != "torch"
+                  and triton_available())
+    return "fp8" if triton_moe else None
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -70,6 +109,7 @@ def resolve_engine_config(
     enable_prefix_caching: bool = True,
     cache_aware_routing: bool = True,
     tokenizer: str | None = None,
+    quantization: str | None = None,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
@@ -88,6 +128,7 @@ def resolve_engine_config(
         # what torch.Generator.manual_seed takes; found otherwise only at the first sample
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quantization = resolve_quantization(quantization, model_cfg, device)
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:
         max_model_len = min(model_cfg.max_position_embeddings, 8192)
@@ -113,7 +154,8 @@ def resolve_engine_config(
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
                         enable_prefix_caching=enable_prefix_caching,
-                        cache_aware_routing=cache_aware_routing, tokenizer=tokenizer)
+                        cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,
+                        quantization=quantization)
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:

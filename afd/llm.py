@@ -98,7 +98,7 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
         from models.weights import load_model
 
         model = load_model(engine_cfg.model, "full", dtype=engine_cfg.dtype,
-                           device=engine_cfg.device)
+                           device=engine_cfg.device, fp8_experts=engine_cfg.fp8_experts)
         return EngineCore(model, engine_cfg)
     from afd.layouts import start_multi_rank
 
@@ -115,8 +115,9 @@ class LLM:
     LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
         max_num_batched_tokens=None, enable_prefix_caching=True, cache_aware_routing=True,
-        prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch", timeout_s=60.0,
-        prefill_block_size=None, expert_placement=None, generation_config="auto")
+        quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
+        timeout_s=60.0, prefill_block_size=None, expert_placement=None,
+        generation_config="auto")
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -129,6 +130,10 @@ class LLM:
     a new prompt starts with (``RequestOutput.num_cached_tokens`` says how many tokens it reused).
     ``cache_aware_routing``: with several prefill or attention ranks, send a prompt to the rank
     that already ran its longest prefix unless that rank is overloaded (False: by load alone).
+    ``quantization``: None follows the checkpoint (an FP8 block-scaled checkpoint's routed experts
+    stay in FP8 where the MoE runs as Triton kernels, on CUDA; every other weight, and the
+    experts elsewhere, are dequantized to ``dtype``); "fp8" keeps the experts in FP8 on any
+    device; "dequantize" dequantizes every weight (``afd.config.resolve_quantization``).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,

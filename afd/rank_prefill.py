@@ -29,7 +29,8 @@ class PrefillWorker:
         tokens = cfg.num_kv_blocks * cfg.block_size  # same capacity, maybe other block size
         local = local_config(cfg, device, block_size=block, num_kv_blocks=-(-tokens // block),
                              seed=rank_seed(cfg.seed, spec.rank))
-        model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device)
+        model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device,
+                           fp8_experts=cfg.fp8_experts)
         self.core = EngineCore(model, local, prefill_only=True)
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)

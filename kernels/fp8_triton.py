@@ -11,6 +11,9 @@ import triton.language as tl
 from kernels.fp8 import AMAX_EPS, FP8_DTYPE, FP8_MAX
 from kernels.triton_utils import INTERPRETING, cdiv
 
+_AMAX_EPS = tl.constexpr(AMAX_EPS)  # globals a kernel reads must be constexpr
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def rne_fp8e4m3(x, INTERP: tl.constexpr):
@@ -46,9 +49,9 @@ def per_token_group_quant_kernel(
     rows64 = offs_m.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), 1), AMAX_EPS)
-    scale = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))  # [BM]
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX)
+    amax = tl.maximum(tl.max(tl.abs(x), 1), _AMAX_EPS)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, _FP8_MAX, tl.float32))  # [BM]
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX)
     q = rne_fp8e4m3(q, INTERP)
     tl.store(q_ptr + rows64 * stride_q + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m.to(tl.int64) * stride_s + group, scale, mask=row_ok)

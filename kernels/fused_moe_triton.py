@@ -188,12 +188,39 @@ def default_config(rows: int, num_experts: int, hidden: int, inter: int,
     return cfg if group_k is None else _fp8_config(cfg, group_k)
 
 
+# Accumulator elements per thread an FP8 tile may have: its K loop holds each step's dot product
+# beside the accumulator (the scales change every step), two fp32 tiles in registers. Compiled
+# for sm_90a (Triton 3.6), the table's 128 x 256 tiles then spill; at 64 per thread none does,
+# but for the persistent w2 tile (its fused tile loops keep more alive), so FP8 tiles are not
+# persistent.
+_FP8_ACC_PER_THREAD = 64
+
+
+def _config(config: MoEConfig | None, rows: int, num_experts: int, hidden: int, inter: int,
+            dtype: torch.dtype, block: tuple[int, int] | None) -> MoEConfig:
+    """The caller's config or the table's; with FP8 weights (``block``) block_k at most the K
+    block either way (the table's tiles are further fitted, ``_fp8_config``)."""
+    if config is None:
+        return default_config(rows, num_experts, hidden, inter, dtype,
+                              block[1] if block else None)
+    if block is None:
+        return config
+    return MoEConfig(*(replace(t, block_k=min(t.block_k, block[1]))
+                       for t in (config.w13, config.w2)))
+
+
 @functools.lru_cache(maxsize=256)
 def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
-    def fit(tile: GemmTile) -> GemmTile:
-        return replace(tile.plain(), block_k=min(tile.block_k, group_k))
+    """A table config for FP8 weights: plain, not persistent, block_k at most group_k, block_n
+    halved until the accumulator fits ``_FP8_ACC_PER_THREAD`` (w13's is 2 * block_n wide)."""
+    def fit(tile: GemmTile, width: int) -> GemmTile:
+        tile = replace(tile.plain(), block_k=min(tile.block_k, group_k), persistent=0)
+        while (tile.block_n > 16 and tile.block_m * tile.block_n * width
+               > _FP8_ACC_PER_THREAD * 32 * tile.num_warps):
+            tile = replace(tile, block_n=tile.block_n // 2)
+        return tile
 
-    return MoEConfig(w13=fit(cfg.w13), w2=fit(cfg.w2))
+    return MoEConfig(w13=fit(cfg.w13, 2), w2=fit(cfg.w2, 1))
 
 
 def _quantized(a: torch.Tensor, w_scale: torch.Tensor,
@@ -244,8 +271,7 @@ def fused_moe_triton(
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     num_slots = num_tokens * top_k
     block = block_shape if fp8 else None
-    cfg = config or default_config(num_slots, num_experts, hidden, inter, w13.dtype)
-    cfg = _fp8_config(cfg, block[1]) if fp8 else cfg
+    cfg = _config(config, num_slots, num_experts, hidden, inter, w13.dtype, block)
     feats = _features(features, x, w13, w2)
     a, scales13 = _quantized(x, w13_scale, block) if fp8 else (x, None)
 
@@ -350,8 +376,7 @@ def grouped_moe_triton(
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
     block = block_shape if fp8 else None
-    cfg = config or default_config(num_rows, num_experts, hidden, inter, w13.dtype)
-    cfg = _fp8_config(cfg, block[1]) if fp8 else cfg
+    cfg = _config(config, num_rows, num_experts, hidden, inter, w13.dtype, block)
     feats = _features(features, x, w13, w2)
     groups = RowGroups(SLABS if slab_rows else ROWS, num_rows, counts=counts,
                        slab_rows=slab_rows)

@@ -46,7 +46,9 @@ def scaled_dot(a, b, acc, k, a_scales, w_scales, FP8: tl.constexpr, BLOCK_K: tl.
         group = (k * BLOCK_K) // GROUP_K
         a_s = tl.load(a_scales + group)  # [BM]
         w_s = tl.load(w_scales + group)  # [BN]
-        return acc + tl.dot(a, b) * (a_s[:, None] * w_s[None, :])
+        # Scaled element by element: a [BM, BN] tile of a_s * w_s products would hold as many
+        # registers as the accumulator.
+        return acc + tl.dot(a, b) * a_s[:, None] * w_s[None, :]
     return dot(a, b, acc, DOT_MODE)
 
 

@@ -84,6 +84,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                     help="the model's tool-call format: hermes (Qwen3), deepseek_v3, "
                          "deepseek_v31")
+    ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
+                    help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
+                         "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
+                         "keep them in FP8 on any device; dequantize: every weight in --dtype. "
+                         "Other weights are always dequantized")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
     ap.add_argument("--timeout", type=float, default=60.0,
@@ -176,7 +181,8 @@ def main() -> None:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             enable_prefix_caching=args.enable_prefix_caching,
-            cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer)
+            cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
+            quantization=args.quantization)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)

@@ -41,7 +41,7 @@ class MoEBlock(nn.Module):
     """HF ``mlp`` of a MoE layer: ``gate`` (router), ``shared_experts``, ``experts``."""
 
     def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
         super().__init__()
         if role != "ffn":
             self.gate = Router(cfg, dtype, device)
@@ -50,12 +50,13 @@ class MoEBlock(nn.Module):
                 self.shared_experts = DenseMLP(cfg.hidden_size, width, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
-            self.experts = RoutedExperts(cfg, ids, dtype, device)
+            block = cfg.fp8.block_size if fp8_experts else None
+            self.experts = RoutedExperts(cfg, ids, dtype, device, fp8_block=block)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
         super().__init__()
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
             if not self.is_moe:
                 self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         if self.is_moe:
-            self.mlp = MoEBlock(cfg, role, expert_ids, dtype, device)
+            self.mlp = MoEBlock(cfg, role, expert_ids, dtype, device, fp8_experts)
 
     # ---- attention half -------------------------------------------------------------------
     def attention_half(self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -99,19 +100,29 @@ def merge_mlp(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor
 
 
 class MoEModel(nn.Module):
-    """HF-named ``model.*`` and ``lm_head`` for the chosen role."""
+    """HF-named ``model.*`` and ``lm_head`` for the chosen role.
+
+    ``fp8_experts``: keep the routed experts in FP8 with their block scales (``cfg.fp8`` must be
+    set: an FP8 checkpoint); every other weight is in ``dtype``.
+    """
 
     def __init__(self, cfg: ModelConfig, role: str = "full", expert_ids: list[int] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 fp8_experts: bool = False):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if fp8_experts and cfg.fp8 is None:
+            raise ValueError("fp8_experts needs an FP8 checkpoint (quantization_config with "
+                             "quant_method fp8 in config.json)")
         dtype = dtype or cfg.torch_dtype
         device = torch.device(device or "cpu")
         self.cfg, self.role, self.dtype, self.device = cfg, role, dtype, device
+        self.fp8_experts = fp8_experts
         self.model = nn.Module()
         self.model.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, role, expert_ids, dtype, device) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, role, expert_ids, dtype, device, fp8_experts)
+            for i in range(cfg.num_layers)
         )
         if role != "ffn":
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,

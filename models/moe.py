@@ -83,17 +83,34 @@ class RoutedExperts(nn.Module):
     ``w13`` [S, 2I, H] (gate rows then up rows) and ``w2`` [S, H, I], one slot per held expert;
     ``expert_ids[s]`` is slot s's logical expert. HF names ``mlp.experts.{e}.{gate,up,down}_proj``
     are mapped onto slots by the loader.
+
+    ``fp8_block`` [bn, bk] (an FP8 checkpoint's ``weight_block_size``, when the experts are kept
+    in FP8): w13 and w2 are float8_e4m3fn as the checkpoint stores them, beside their block
+    scales ``w13_scale`` [S, 2 * ceil(I/bn), ceil(H/bk)] (gate block rows, then up block rows)
+    and ``w2_scale`` [S, ceil(H/bn), ceil(I/bk)], fp32 (the checkpoint's ``weight_scale_inv``).
     """
 
-    def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device=None,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.expert_ids = list(expert_ids)
+        self.fp8_block = fp8_block
         slots, i, h = len(expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
-        self.w13 = nn.Parameter(torch.empty(slots, 2 * i, h, dtype=dtype, device=device),
+        weight_dtype = torch.float8_e4m3fn if fp8_block else dtype
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * i, h, dtype=weight_dtype, device=device),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(slots, h, i, dtype=dtype, device=device),
+        self.w2 = nn.Parameter(torch.empty(slots, h, i, dtype=weight_dtype, device=device),
                                requires_grad=False)
+        self.fp8_args: dict = {}  # the FP8 keyword arguments of kernels.fused_moe/grouped_moe
+        if fp8_block:
+            bn, bk = fp8_block
+            self.w13_scale = nn.Parameter(torch.empty(slots, 2 * -(-i // bn), -(-h // bk),
+                                                      device=device), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(slots, -(-h // bn), -(-i // bk),
+                                                     device=device), requires_grad=False)
+            self.fp8_args = {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale,
+                             "block_shape": fp8_block}
         # logical id -> local slot, -1 where this rank holds no copy
         slot_of = [-1] * cfg.num_experts
         for slot, e in enumerate(expert_ids):
@@ -105,4 +122,10 @@ class RoutedExperts(nn.Module):
     def forward(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """h [T, H] -> sum over the held experts of weight * expert(h), [T, H]."""
         ids = routing.topk_ids if self.holds_all else self.slot_of[routing.topk_ids]
-        return kernels.fused_moe(h, self.w13, self.w2, routing.topk_weights, ids)
+        return kernels.fused_moe(h, self.w13, self.w2, routing.topk_weights, ids,
+                                 **self.fp8_args)
+
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The held experts on rows grouped by slot (an FFN rank's input): x [N, H] with
+        counts [S], or [S, M, H] slabs; see ``kernels.grouped_moe``."""
+        return kernels.grouped_moe(x, counts, self.w13, self.w2, **self.fp8_args)

@@ -7,7 +7,9 @@ no role knows is an error, and so is any tensor the role needs that the checkpoi
 Tensors stream one at a time from disk into the parameters: no full state dict in memory.
 
 FP8 block-scaled weights (DeepSeek-V3's release: ``X.weight`` in float8_e4m3fn beside
-``X.weight_scale_inv`` with one fp32 scale per [128, 128] block) are dequantized to the run dtype.
+``X.weight_scale_inv`` with one fp32 scale per [128, 128] block) are dequantized to the run dtype,
+except the routed experts' of a model built with ``fp8_experts``: those are copied as they are,
+float8 into ``w13``/``w2`` and their scales into ``w13_scale``/``w2_scale``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
             targets.setdefault(f"{base}.up_proj.weight", []).append(
                 Target(f"{prefix}.w13", slot, (inter, 2 * inter)))
             targets.setdefault(f"{base}.down_proj.weight", []).append(Target(f"{prefix}.w2", slot))
+            if experts.fp8_block:  # the block scales too, gate block rows then up block rows
+                rows = -(-inter // experts.fp8_block[0])
+                targets.setdefault(f"{base}.gate_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (0, rows)))
+                targets.setdefault(f"{base}.up_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (rows, 2 * rows)))
+                targets.setdefault(f"{base}.down_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w2_scale", slot))
     return targets
 
 
@@ -82,7 +92,7 @@ def name_table(model: MoEModel) -> dict[str, list[Target]]:
     """Checkpoint name -> targets for the tensors this model (role) needs."""
     table: dict[str, list[Target]] = {}
     for name, _ in model.named_parameters():
-        if name.endswith(".experts.w13") or name.endswith(".experts.w2"):
+        if re.search(r"\.experts\.(w13|w2)(_scale)?$", name):
             continue
         table[name] = [Target(name)]
     table.update(_expert_targets(model))
@@ -150,8 +160,11 @@ def load_weights(model: MoEModel, path: str) -> None:
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             for name in names:
-                tensor = _read(f, name, files, cfg.fp8.block_size if cfg.fp8 else None,
-                               model.dtype)
+                if params[table[name][0].param].dtype == torch.float8_e4m3fn:
+                    tensor = _read_fp8(f, name)  # kept as stored, its scale read on its own
+                else:
+                    tensor = _read(f, name, files, cfg.fp8.block_size if cfg.fp8 else None,
+                                   model.dtype)
                 for target in table[name]:
                     _copy_into(params[target.param], target, tensor, name)
     model.tie_weights()
@@ -170,6 +183,14 @@ def _read(f, name: str, files: dict[str, str], block: tuple[int, int] | None,
     return tensor
 
 
+def _read_fp8(f, name: str) -> torch.Tensor:
+    tensor = f.get_tensor(name)
+    if tensor.dtype != torch.float8_e4m3fn:
+        raise WeightLoadError(f"{name} is {tensor.dtype}, not float8_e4m3fn: its experts cannot "
+                              "stay in FP8; load with quantization='dequantize'")
+    return tensor
+
+
 def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
     dest = param.data
     if target.slot is not None:
@@ -183,11 +204,13 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
 
 
 def load_model(path: str, role: str = "full", expert_ids: list[int] | None = None,
-               dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoEModel:
-    """Build the model for ``role`` from the checkpoint folder and load its weights."""
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               fp8_experts: bool = False) -> MoEModel:
+    """Build the model for ``role`` from the checkpoint folder and load its weights
+    (``fp8_experts``: routed experts kept in FP8, see ``MoEModel``)."""
     from models.config import load_config
 
     cfg = load_config(path)
-    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device)
+    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts)
     load_weights(model, path)
     return model.eval()

@@ -28,7 +28,10 @@ try:
 except ImportError:  # pragma: no cover - internals moved in another Triton version
     pytest.skip("this Triton has no ASTSource/GPUTarget", allow_module_level=True)
 
+import torch  # noqa: E402
+
 from kernels import (  # noqa: E402
+    fp8_triton,
     gqa_decode_triton,
     mla_decode_triton,
     moe_align_triton,
@@ -39,6 +42,7 @@ from kernels import (  # noqa: E402
     triton_utils,
 )
 from kernels.fused_moe_config import GPU_TABLE, GemmTile  # noqa: E402
+from kernels.fused_moe_triton import default_config  # noqa: E402
 from kernels.fused_moe_tuning import QUICK_TILES  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # per block on H100/H200
@@ -101,39 +105,48 @@ def check(compiled, pipelined: bool) -> None:
         assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
 
 
-def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = False) -> dict:
+def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = False,
+              fp8: bool = False) -> dict:
+    """fp8: float8 e4m3 operands (activations and weights) with their fp32 block scales
+    (DeepSeek-V3's [128, 128] blocks); the outputs stay ``dtype``."""
     ptr = f"*{dtype}"
-    a = f"tensordesc<{dtype}[{tile.block_m}, {tile.block_k}]>" if ws else ptr
+    op = "fp8e4nv" if fp8 else dtype  # operand element type
+    a = f"tensordesc<{op}[{tile.block_m}, {tile.block_k}]>" if ws else f"*{op}"
     dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
             "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32", "ids_ptr": "*i64",
-            "flags_ptr": "*i32"}
+            "flags_ptr": "*i32", "as_ptr": "*fp32", "ws_ptr": "*fp32"}
     bn, bk = tile.block_n, tile.block_k
     if gemm == "w13":
-        w = (f"tensordesc<{dtype}[1, {bn}, {bk}]>" if ws else
-             f"tensordesc<{dtype}[1, 2, {bn}, {bk}]>" if tma else ptr)
+        w = (f"tensordesc<{op}[1, {bn}, {bk}]>" if ws else
+             f"tensordesc<{op}[1, 2, {bn}, {bk}]>" if tma else f"*{op}")
         return dims | {"x_ptr": a, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
-                       "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I}
-    w = f"tensordesc<{dtype}[1, {bn}, {bk}]>" if tma else ptr
+                       "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I,
+                       "scale_rows": I // 128, "stride_asm": H // 128,
+                       "stride_wse": 2 * I // 128 * H // 128, "stride_wsn": H // 128}
+    w = f"tensordesc<{op}[1, {bn}, {bk}]>" if tma else f"*{op}"
     return dims | {"h_ptr": a, "w": w, "out_ptr": ptr, "weights_ptr": "*fp32",
                    "sum_ptr": ptr, "num_tokens": 100, "stride_hm": I, "stride_we": H * I,
-                   "stride_wn": I, "stride_om": H, "stride_sm": H}
+                   "stride_wn": I, "stride_om": H, "stride_sm": H, "stride_asm": I // 128,
+                   "stride_wse": H // 128 * I // 128, "stride_wsn": I // 128}
 
 
 def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
-                 experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0):
+                 experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0,
+                 fp8: bool = False):
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
-    ws = moe_gemm_triton.ws_wanted(gemm, moe_gemm_triton.RowGroups(route, 1), tile, tma)
+    ws = not fp8 and moe_gemm_triton.ws_wanted(gemm, moe_gemm_triton.RowGroups(route, 1), tile,
+                                               tma)
     tile = tile if ws else tile.plain()  # as the launchers
     constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
                   "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m, "EVEN_K": even_k,
                   "W_TMA": tma, "WS": ws, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
-                  "INTERP_BF16": False}
+                  "INTERP_BF16": False, "FP8": fp8, "GROUP_N": 128, "GROUP_K": 128}
     if gemm == "w2":
         constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16}
-    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws), constexprs,
+    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8), constexprs,
                         tile.num_warps, tile.num_stages)
 
 
@@ -164,6 +177,46 @@ def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bo
     # INLINE at the largest batch it takes for this tile (moe_align_triton.inline_route_fits).
     s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
     check_gemm(compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad), tma)
+
+
+def fp8_tile(limit: float, gemm: str) -> GemmTile:
+    """The tile the launchers run for FP8 weights ([128, 128] blocks) at the table row ``limit``
+    (8 experts; m = 512 for the last row)."""
+    rows = 8 * int(min(limit, 512))
+    cfg = default_config(rows, 8, H, I, torch.float8_e4m3fn, group_k=128)
+    return cfg.w13 if gemm == "w13" else cfg.w2
+
+
+FP8_CASES = [(limit, gemm, route, tma) for limit, _, _ in GPU_TABLE for gemm in ("w13", "w2")
+             for route in ROUTES for tma in (True, False)
+             if (route != "inline" or limit <= 32) and (tma or route == "rows")]
+
+
+@pytest.mark.parametrize(("limit", "gemm", "route", "tma"), FP8_CASES)
+def test_moe_fp8_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bool) -> None:
+    # FP8 operands (e4m3 activations and weights, fp32 block scales) with the tiles the table
+    # gives FP8 weights: no spills (kernels.fused_moe_triton._fp8_config), and from 64 rows on
+    # the K loop runs as fp8 wgmma. Smaller tiles use mma.sync (Triton upcasts e4m3 to fp16 for
+    # it: exact), where the weight stream, not the MMA, sets the time.
+    tile = fp8_tile(limit, gemm)
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    compiled = compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad, fp8=True)
+    check_gemm(compiled, tma)
+    ptx = compiled.asm["ptx"]
+    if tile.block_m >= 64:
+        assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx), "no fp8 wgmma"
+    else:
+        assert "mma.sync" in ptx
+
+
+def test_fp8_quant_compiles() -> None:
+    for dtype, group in (("bf16", 128), ("fp32", 128), ("bf16", 64)):
+        check(compile_sm90(fp8_triton.per_token_group_quant_kernel,
+                           {"x_ptr": f"*{dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                            "rows": 4096, "cols": H, "stride_x": H, "stride_q": H,
+                            "stride_s": H // group},
+                           {"GROUP": group, "BLOCK_M": 4096 // group, "INTERP": False}, 4),
+              pipelined=False)
 
 
 @triton.jit

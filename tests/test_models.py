@@ -157,8 +157,15 @@ def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: int) -> torc
     return out
 
 
-def test_fp8_block_scaled_loading(tmp_path, v3_path):
-    block = 16
+FP8_BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def fp8_folders(tmp_path_factory, v3_path) -> dict[str, str]:
+    """The tiny V3 checkpoint with every projection FP8 block-quantized ("fp8"), and the same
+    weights dequantized to fp32 ("ref")."""
+    block = FP8_BLOCK
+    tmp_path = tmp_path_factory.mktemp("fp8")
     tensors = load_file(os.path.join(v3_path, "model.safetensors"))
     fp8, ref = dict(tensors), dict(tensors)
     quantized = 0
@@ -185,6 +192,11 @@ def test_fp8_block_scaled_loading(tmp_path, v3_path):
                 dst.write(src.read())
         save_file(data, str(folder / "model.safetensors"))
         folders[label] = str(folder)
+    return folders
+
+
+def test_fp8_block_scaled_loading(fp8_folders, v3_path):
+    folders = fp8_folders
     a, b = load_model(folders["fp8"]), load_model(folders["ref"])
     for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
@@ -211,3 +223,78 @@ def test_transformers_unaffected_by_our_kernels_package():
     with torch.no_grad():
         logits = model(torch.tensor([[3, 4, 5]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_fp8_experts_stay_fp8(fp8_folders, v3_path):
+    """quantization='fp8' keeps the routed experts in FP8 with their scales (forced on CPU:
+    the FP8 torch reference); everything else loads as the dequantizing loader loads it."""
+    from kernels.fp8 import dequantize_blocks
+    from kernels.fused_moe import dequantize_w13
+
+    folder, block = fp8_folders["fp8"], (FP8_BLOCK, FP8_BLOCK)
+    kept, deq = load_model(folder, fp8_experts=True), load_model(folder)
+    kept_params, deq_params = dict(kept.named_parameters()), dict(deq.named_parameters())
+    moe_layers = [layer.index for layer in kept.layers if layer.is_moe]
+    assert moe_layers
+    for i in moe_layers:
+        prefix = f"model.layers.{i}.mlp.experts"
+        experts = kept.layers[i].mlp.experts
+        assert experts.w13.dtype == experts.w2.dtype == torch.float8_e4m3fn
+        # the same numbers as the dequantized experts, exactly (fp32 model)
+        assert torch.equal(dequantize_w13(experts.w13, experts.w13_scale, block),
+                           deq_params[f"{prefix}.w13"])
+        assert torch.equal(dequantize_blocks(experts.w2, experts.w2_scale, block),
+                           deq_params[f"{prefix}.w2"])
+    rest = [n for n in kept_params if ".mlp.experts." not in n]
+    assert rest and all(torch.equal(kept_params[n], deq_params[n]) for n in rest)
+    # the experts take a quarter of their fp32 bytes, plus one fp32 scale per 16x16 block
+    nbytes = {n: p.numel() * p.element_size() for n, p in kept_params.items()}
+    expert_bytes = sum(v for n, v in nbytes.items() if n.endswith((".w13", ".w2")))
+    assert expert_bytes * 4 == sum(p.numel() * p.element_size() for n, p in deq_params.items()
+                                   if ".mlp.experts." in n)
+
+    # Greedy tokens cannot be asked to match: FP8 activation quantization moves each expert
+    # output by ~4% (tests/test_kernels_moe.py), which on this random 3-layer model shifts
+    # log-probs by up to ~0.45 nats (it can also flip a router's top-k choice for the next
+    # layer), enough to flip its near-ties: two of these four prompts part ways after 10 and 12
+    # tokens. So the log-probs are compared: up to and including the first token where the
+    # outputs part, every top-5 log-prob within 0.6 nats of the dequantized engine's, and the
+    # FP8 engine's choice there within 1 nat of the dequantized engine's best (measured: 0.09
+    # and 0.71). A wrong scale or block mapping moves log-probs by several nats.
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    fp8_llm = LLM(folder, quantization="fp8")
+    assert fp8_llm.config.quantization == "fp8"
+    assert LLM(folder).config.quantization is None  # auto: dequantized on CPU
+    out_fp8 = fp8_llm.generate(prompts, params, use_tqdm=False)
+    out_ref = LLM(folder, quantization="dequantize").generate(prompts, params, use_tqdm=False)
+    for got, want in zip(out_fp8, out_ref):
+        tokens, ref_tokens = got.outputs[0].token_ids, want.outputs[0].token_ids
+        parted = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+        for i in range(len(tokens) if parted is None else parted + 1):
+            mine, ref = got.outputs[0].logprobs[i], want.outputs[0].logprobs[i]
+            common = set(mine) & set(ref)
+            assert common and max(abs(mine[t].logprob - ref[t].logprob) for t in common) < 0.6
+        if parted is not None:
+            best = max(lp.logprob for lp in want.outputs[0].logprobs[parted].values())
+            assert best - want.outputs[0].logprobs[parted][tokens[parted]].logprob < 1.0
+    with pytest.raises(ValueError, match="needs an FP8 block-scaled checkpoint"):
+        LLM(v3_path, quantization="fp8")
+
+
+def test_fp8_experts_on_ffn_ranks(fp8_folders):
+    """FFN ranks keep their slice of the experts in FP8 (grouped_moe's FP8 path) and the
+    disaggregated layout gives the single-process FP8 engine's tokens."""
+    folder = fp8_folders["fp8"]
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = LLM(folder, quantization="fp8").generate(prompts, params, use_tqdm=False)
+    llm = LLM(folder, quantization="fp8", attention=1, ffn=1)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        info = llm.engine.core.rank_info
+        ffn_params = [n for desc in info.values() if desc["role"] == "ffn" for n in desc["params"]]
+        assert any(n.endswith(".experts.w13_scale") for n in ffn_params)
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
