@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from afd.placement import ExpertPlacement
 from afd.profiling import StageTimers
 from afd.transport import ExpertGroups
@@ -341,7 +342,8 @@ class DeepEPExpertServer:
                 use_fp8=False, async_finish=False, return_recv_hook=False)
         with self.timers.time("experts"):
             held = len(experts.expert_ids)  # slots past ``held`` (uneven placements) stay empty
-            y = experts.grouped(x[:held], counts[:held])
+            y = kernels.grouped_moe(x[:held], counts[:held], experts.w13, experts.w2,
+                                    **experts.fp8_args)
             if held < x.shape[0]:
                 x[:held] = y
                 y = x

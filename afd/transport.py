@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import kernels
 from afd.placement import ExpertPlacement
 from afd.profiling import StageTimers
 from models.model import Dispatch, ExpertPath
@@ -158,7 +159,8 @@ class TorchExpertServer:
             # Rows arrive by source, then slot; the grouped GEMM wants them by slot.
             by_slot = _group_by_slot(counts)
             n_slots = len(experts.expert_ids)
-            y = experts.grouped(x[by_slot], counts.sum(dim=0)[:n_slots])
+            y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13,
+                                    experts.w2, **experts.fp8_args)
             back = torch.empty_like(y)
             back[by_slot] = y
         with self.timers.time("send"):

@@ -124,8 +124,3 @@ class RoutedExperts(nn.Module):
         ids = routing.topk_ids if self.holds_all else self.slot_of[routing.topk_ids]
         return kernels.fused_moe(h, self.w13, self.w2, routing.topk_weights, ids,
                                  **self.fp8_args)
-
-    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The held experts on rows grouped by slot (an FFN rank's input): x [N, H] with
-        counts [S], or [S, M, H] slabs; see ``kernels.grouped_moe``."""
-        return kernels.grouped_moe(x, counts, self.w13, self.w2, **self.fp8_args)

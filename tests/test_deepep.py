@@ -236,7 +236,7 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
         emap = DeepEPExpertMap(placement, case.num_attention)
         for layer in range(LAYERS):
             w13, w2 = weights[layer]
-            experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held])
+            experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
             for mb in range(mbs):
                 served = server.serve(mb, experts)
                 expected = sum(int(emap.recv_counts(emap.to_deepep(

@@ -72,7 +72,7 @@ def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
                                        msg=lambda m: f"rank {rank} micro-batch {mb}: {m}")
     else:
         held = list(placement.slots[rank - ATTN])
-        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held])
+        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
         server = TorchExpertServer(groups, placement, H, torch.float32, device)
         served = [server.serve(mb, experts) for mb in range(2)]
         server.drain()
