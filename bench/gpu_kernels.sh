@@ -13,6 +13,12 @@
 #                                        # tile A/B incl. ws tiles, both entries with the
 #                                        # winning tiles, then feature A/B), then two ws
 #                                        # probes (bench/ws_probe.py, 30 s each)
+#   FP8=1 bash bench/gpu_kernels.sh      # FP8 experts only, ~2-3 min: the FP8 GPU tests
+#                                        # (Triton against the FP8 torch reference at
+#                                        # DeepSeek-V3 dims), then bench/kernels.py --fp8-only
+#                                        # (checks, then FP8 fused/grouped beside bf16 fused
+#                                        # and the FP8 floor, E = 8 and 32, m = 1..512)
+# The full and QUICK runs include the FP8 GPU tests and the FP8 table too (after the bf16 one).
 # Timings are device time (CUDA graph replay) unless BENCH_ARGS=--eager; the MoE table also
 # prints grouped_moe as launched from the host (how the earlier bench/results runs timed all).
 #
@@ -26,6 +32,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 QUICK=${QUICK:-0}
+FP8=${FP8:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-300}
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -41,11 +48,21 @@ stamp() { echo "[gpu_kernels $(($(date +%s) - start))s] $*"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT quick $QUICK"
+  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8"
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
-if [ "$QUICK" = 1 ]; then
+if [ "$FP8" = 1 ]; then
+  stamp "FP8 GPU MoE tests"
+  timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k fp8 \
+    tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  stamp "tests exit code $tests_rc"
+  stamp "benchmark --fp8-only (writes $OUT/kernels.json)"
+  timeout -k 5 240 python3 bench/kernels.py --fp8-only --budget-s 200 --rounds "$ROUNDS" \
+    $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
+  bench_rc=${PIPESTATUS[0]}
+elif [ "$QUICK" = 1 ]; then
   stamp "GPU MoE tests"
   timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"

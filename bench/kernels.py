@@ -4,6 +4,7 @@ hot-path kernels against their torch references.
     python bench/kernels.py [--json out.json] [--sweep] [--budget-s 210]   # CUDA GPU
     python bench/kernels.py --quick [--budget-s 100] [--rounds 3]          # MoE only, A/B
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
+    python bench/kernels.py --fp8-only [--smoke]                           # FP8 MoE only
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
 m = 1..512 tokens per expert, each beside
@@ -30,6 +31,15 @@ Every case is guarded: a failure is printed and recorded, and the run goes on; f
 kernels switched off after a failure are listed. Results go to ``--json`` and to
 ``$OUT/kernels.json`` when $OUT is set (also when the run is killed by SIGTERM, e.g. a timeout).
 ``--smoke`` runs tiny dims on the CPU under the Triton interpreter to check the script itself.
+
+FP8 (DeepSeek-V3's release format: e4m3 expert weights with one scale per [128, 128] block,
+activations quantized per token and 128 columns on the fly): after the bf16 table, both entries
+with FP8 weights beside bf16 ``fused_moe`` on the same (dequantized) weights, at the same dims,
+each against its own floor (``floor_fp8``: the weights at 1 byte plus their scales, the matmul
+at the FP8 rate, measured with ``torch._scaled_mm`` where it runs, else taken as twice the bf16
+rate, which is what Hopper's tensor cores give). Checked first on the device: Triton against the
+FP8 torch reference (rel. err < 1e-2) and the FP8 reference against bf16 (< 0.1, FP8's own
+error). ``--fp8-only`` runs just those checks and that table; ``--no-fp8`` skips them.
 """
 
 from __future__ import annotations
@@ -53,7 +63,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
 
 from results_io import commit_id  # noqa: E402
-from kernels.fused_moe import fused_moe_torch, grouped_moe_torch  # noqa: E402
+from kernels.fp8 import dequantize_blocks, quantize_blocks  # noqa: E402
+from kernels.fused_moe import dequantize_w13, fused_moe_torch, grouped_moe_torch  # noqa: E402
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
     default_config,
@@ -184,6 +195,22 @@ def _copy_bandwidth(timer: Timer, device: str, elems: int) -> dict:
     return {"copy_bytes_per_s": max(rates.values()), "copy_ways": rates}
 
 
+def _fp8_matmul_rate(timer: Timer, device: str, n: int) -> float | None:
+    """FP8 (e4m3) matmul rate from torch._scaled_mm at n^3, or None where it does not run."""
+    if device != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return None
+    try:
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=device)
+        ms = timer(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                            out_dtype=torch.bfloat16))
+    except Exception as exc:  # noqa: BLE001 - the floor then assumes twice the bf16 rate
+        log(f"  torch._scaled_mm did not run ({exc!s:.100}): FP8 rate taken as 2x bf16")
+        return None
+    return 2 * n**3 / (ms * 1e-3)
+
+
 def _matmul_rate(timer: Timer, device: str, n: int) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
@@ -194,10 +221,13 @@ def measure_ceilings(timer: Timer, device: str, smoke: bool) -> dict:
     copy = _copy_bandwidth(timer, device, (1 << 22) if smoke else (1 << 29))  # 1 GiB bf16
     n = 256 if smoke else 8192
     rate = _matmul_rate(timer, device, n)
+    fp8_rate = _fp8_matmul_rate(timer, device, n)
     ways = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in copy["copy_ways"].items())
     log(f"ceilings: copy {copy['copy_bytes_per_s'] / 1e12:.2f} TB/s (fastest of: {ways}), "
-        f"bf16 {n}^3 matmul {rate / 1e12:.0f} TFLOP/s")
-    return {**copy, "matmul_flops_per_s": rate, "matmul_n": n}
+        f"bf16 {n}^3 matmul {rate / 1e12:.0f} TFLOP/s, fp8 "
+        + (f"{fp8_rate / 1e12:.0f} TFLOP/s" if fp8_rate else "not measured (2x bf16 assumed)"))
+    return {**copy, "matmul_flops_per_s": rate, "matmul_n": n,
+            "fp8_matmul_flops_per_s": fp8_rate or 2 * rate, "fp8_rate_measured": bool(fp8_rate)}
 
 
 def grouped_mm_ffn(x: torch.Tensor, offs: torch.Tensor, w13_t: torch.Tensor,
@@ -381,6 +411,135 @@ def bench_moe(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, 
             del d
         del w13, w2
     return rows_out
+
+
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
+
+
+def fp8_experts(num_experts: int, hidden: int, inter: int, device: str) -> dict:
+    """Random experts in FP8 blocks ({"w13", "w2", "w13_scale", "w2_scale", "block_shape"}),
+    quantized one expert at a time (DeepSeek-V3 dims in fp32 at once would be GBs), and the
+    same weights dequantized to bf16 ("w13_bf16", "w2_bf16") for the bf16 rows."""
+    out: dict = {k: [] for k in ("w13", "w2", "w13_scale", "w2_scale", "w13_bf16", "w2_bf16")}
+    for _ in range(num_experts):
+        w13, w2 = moe_weights(1, hidden, inter, torch.float32, device)
+        halves = [quantize_blocks(h, FP8_BLOCK) for h in w13[0].chunk(2, dim=0)]
+        q13, s13 = torch.cat([q for q, _ in halves]), torch.cat([s for _, s in halves])
+        q2, s2 = quantize_blocks(w2[0], FP8_BLOCK)
+        out["w13"].append(q13)
+        out["w13_scale"].append(s13)
+        out["w2"].append(q2)
+        out["w2_scale"].append(s2)
+        out["w13_bf16"].append(dequantize_w13(q13, s13, FP8_BLOCK, torch.bfloat16))
+        out["w2_bf16"].append(dequantize_blocks(q2, s2, FP8_BLOCK, torch.bfloat16))
+        del w13, w2
+    return {**{k: torch.stack(v) for k, v in out.items()}, "block_shape": FP8_BLOCK}
+
+
+def fp8_floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int,
+                 inter: int) -> float:
+    """``floor_ms`` with the weights at 1 byte (and one fp32 scale per 128 x 128 block) and
+    the matmul at the FP8 rate; activations in and out stay bf16."""
+    weights = num_experts * 3 * hidden * inter
+    scales = num_experts * 3 * hidden * inter / (FP8_BLOCK[0] * FP8_BLOCK[1]) * 4
+    act_bytes = 2 * act_rows * hidden * 2
+    flops = 6 * rows * hidden * inter
+    return 1e3 * max((weights + scales + act_bytes) / ceil["copy_bytes_per_s"],
+                     flops / ceil["fp8_matmul_flops_per_s"])
+
+
+def check_fp8(errors: list, device: str, hidden: int, inter: int, results: list) -> list:
+    """FP8 Triton against the FP8 torch reference (< 1e-2: same quantized numbers, only the fp32
+    summation order differs) and the FP8 reference against bf16 on the dequantized weights
+    (< 0.1: FP8 activation quantization's own error, ~4%), both entries, decode-sized and past
+    the inline route."""
+    torch.manual_seed(1)
+    for num_experts, m in ((8, 4), (8, 40)):
+        w = fp8_experts(num_experts, hidden, inter, device)
+        scales = {k: w[k] for k in ("w13_scale", "w2_scale", "block_shape")}
+        d = moe_inputs(num_experts, m, hidden, device, w["w13"], w["w2"])
+
+        def fused(d=d, w=w, scales=scales):
+            out = fused_moe_triton(d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"],
+                                   **scales)
+            ref = fused_moe_torch(d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"],
+                                  **scales)
+            plain = fused_moe_torch(d["x_tok"], w["w13_bf16"], w["w2_bf16"], d["weights"],
+                                    d["ids"])
+            return rel_err(out, ref), rel_err(ref, plain)
+
+        def grouped(d=d, w=w, scales=scales):
+            out = grouped_moe_triton(d["x_rows"], d["counts"], w["w13"], w["w2"], **scales)
+            ref = grouped_moe_torch(d["x_rows"], d["counts_cpu"], w["w13"], w["w2"], **scales)
+            plain = grouped_moe_torch(d["x_rows"], d["counts_cpu"], w["w13_bf16"], w["w2_bf16"])
+            return rel_err(out, ref), rel_err(ref, plain)
+
+        for name, fn in (("fused_moe", fused), ("grouped_moe", grouped)):
+            errs = guarded(errors, f"check fp8 {name} E={num_experts} m={m}", fn)
+            ok = errs is not None and errs[0] < 1e-2 and errs[1] < 0.1
+            log(f"check fp8 {name:12s} E={num_experts:3d} m={m:3d}: rel err to the FP8 "
+                f"reference {errs and errs[0]}, FP8 reference to bf16 {errs and errs[1]}  "
+                f"{'ok' if ok else 'FAIL'}")
+            results.append({"op": f"{name} fp8", "experts": num_experts, "m": m,
+                            "rel_err": errs and errs[0], "rel_err_vs_bf16": errs and errs[1],
+                            "ok": ok})
+        del w, d
+    return results
+
+
+def bench_fp8(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
+              experts: tuple[int, ...], ms: tuple[int, ...], rounds: int, deadline: float,
+              rows_out: list) -> list:
+    """FP8 ``fused_moe`` and ``grouped_moe`` beside bf16 ``fused_moe`` on the same weights,
+    timed in turn per (E, m) cell, appended to ``rows_out``; cells past ``deadline`` are
+    skipped (and say so)."""
+    for num_experts in experts:
+        torch.manual_seed(num_experts)
+        w = fp8_experts(num_experts, hidden, inter, device)
+        scales = {k: w[k] for k in ("w13_scale", "w2_scale", "block_shape")}
+        for m in ms:
+            label = f"fp8 E={num_experts} m={m}"
+            if time.time() > deadline:
+                log(f"  {label}: skipped, past the time budget")
+                continue
+            d = moe_inputs(num_experts, m, hidden, device, w["w13"], w["w2"])
+            cfg = default_config(d["rows"], num_experts, hidden, inter, torch.float8_e4m3fn,
+                                 FP8_BLOCK[1])
+            row = {"experts": num_experts, "m": m, "tokens": d["tokens"], "top_k": d["top_k"],
+                   "config": repr(cfg), "rounds": rounds,
+                   "floor_bf16_ms": floor_ms(ceil, num_experts, d["tokens"], d["rows"], hidden,
+                                             inter),
+                   "floor_fp8_ms": fp8_floor_ms(ceil, num_experts, d["tokens"], d["rows"],
+                                                hidden, inter),
+                   "floor_fp8_grouped_ms": fp8_floor_ms(ceil, num_experts, d["rows"], d["rows"],
+                                                        hidden, inter)}
+            fns = {
+                "fused_bf16": lambda d=d, w=w: fused_moe_triton(
+                    d["x_tok"], w["w13_bf16"], w["w2_bf16"], d["weights"], d["ids"]),
+                "fused_fp8": lambda d=d, w=w, s=scales: fused_moe_triton(
+                    d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"], **s),
+                "grouped_fp8": lambda d=d, w=w, s=scales: grouped_moe_triton(
+                    d["x_rows"], d["counts"], w["w13"], w["w2"], **s),
+            }
+            for name, (median, spread) in timed_in_turn(timer, errors, label, fns,
+                                                        rounds).items():
+                row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
+            rows_out.append(row)
+            log(format_fp8_row(row))
+            del d
+        del w
+    return rows_out
+
+
+def format_fp8_row(r: dict) -> str:
+    ms = _ms
+    return (f"fp8 E={r['experts']:3d} m={r['m']:4d} | floor fp8 {ms(r['floor_fp8_ms'])} "
+            f"bf16 {ms(r['floor_bf16_ms'])} | fused fp8 {ms(r.get('fused_fp8_ms'))} "
+            f"{_ratio(r.get('fused_fp8_ms'), r['floor_fp8_ms'])} | fused bf16 "
+            f"{ms(r.get('fused_bf16_ms'))} {_ratio(r.get('fused_bf16_ms'), r['floor_bf16_ms'])} | "
+            f"fp8/bf16 {_ratio(r.get('fused_fp8_ms'), r.get('fused_bf16_ms'))} | grouped fp8 "
+            f"{ms(r.get('grouped_fp8_ms'))} "
+            f"{_ratio(r.get('grouped_fp8_ms'), r['floor_fp8_grouped_ms'])}")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -690,6 +849,9 @@ def main() -> None:
     parser.add_argument("--ab-cases", default=None,
                         help="--quick tile A/B cases in order: EXPERTSxM,... (32x512,8x128)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per case")
+    parser.add_argument("--fp8-only", action="store_true",
+                        help="only the FP8 MoE checks and table (and the ceilings)")
+    parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 MoE rows")
     parser.add_argument("--eager", action="store_true",
                         help="time every call as launched from the host (do_bench, L2 flushed "
                              "before each call) instead of replayed from a CUDA graph")
@@ -716,22 +878,32 @@ def main() -> None:
             "timing": "wall clock" if not cuda else "host-launched (do_bench)" if args.eager
             else "CUDA graph replay (do_bench_cudagraph); grouped_eager_ms host-launched"}
     log(f"{info}")
-    result = {"info": info, "errors": errors, "checks": [], "moe": []}
+    result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
     try:
         result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-        check_moe(errors, device, hidden, inter, result["checks"])
-        log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to gmm)")
-        bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
-                  result["moe"])  # filled as it goes: a killed run keeps it
-        result["summary"] = summarize(result["moe"])
+        if not args.fp8_only:
+            check_moe(errors, device, hidden, inter, result["checks"])
+            log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to "
+                f"gmm)")
+            bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
+                      result["moe"])  # filled as it goes: a killed run keeps it
+            result["summary"] = summarize(result["moe"])
+        if not args.no_fp8:
+            check_fp8(errors, device, hidden, inter, result["checks"])
+            log(f"[{time.time() - start:.0f}s] FP8 MoE timings (block-scaled [128, 128]; each "
+                f"to its own floor)")
+            bench_fp8(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
+                      deadline, result["fp8"])
         # Kept now: a later stage can hang the device (a kill -9 skips the finally below).
         write_json(result, [os.environ.get("OUT") and os.path.join(os.environ["OUT"],
                                                                    "kernels.json")])
-        if args.quick:
+        if args.fp8_only:
+            pass
+        elif args.quick:
             # Tiles first: whether a ws tile beats the table is the open question (issue 3).
             ab_timer = Timer(cuda, max(20, args.rep_ms // 2), graphs=not args.eager)
             log(f"[{time.time() - start:.0f}s] alternative tiles beside the table's, in turn "

@@ -114,7 +114,7 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--quick",
-         "--rounds", "2", "--json", str(out)],
+         "--rounds", "2", "--no-fp8", "--json", str(out)],  # FP8: the test below
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -135,6 +135,27 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
     assert best["ok"] and all(e < 1e-2 for e in best["rel_err"].values())
     for key in ("grouped_table_ms", "grouped_best_ms", "fused_table_ms", "fused_best_ms"):
         assert best[key] > 0
+
+
+def test_bench_kernels_fp8_smoke_runs_on_cpu(tmp_path) -> None:
+    """The FP8 section (what ``FP8=1 bash bench/gpu_kernels.sh`` runs): its device checks and
+    the FP8 table beside bf16, at tiny dims under the interpreter."""
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--fp8-only",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["moe"] == []
+    checks = result["checks"]
+    assert {c["op"] for c in checks} == {"fused_moe fp8", "grouped_moe fp8"}
+    assert all(c["ok"] and 0.0 < c["rel_err_vs_bf16"] < 0.1 for c in checks)
+    assert result["fp8"]
+    for row in result["fp8"]:
+        assert 0 < row["floor_fp8_ms"] < row["floor_bf16_ms"]
+        for entry in ("fused_bf16", "fused_fp8", "grouped_fp8"):
+            assert row[f"{entry}_ms"] > 0
 
 
 _OTHERS_SMOKE = """
