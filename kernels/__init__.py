@@ -10,6 +10,8 @@ bodies and launchers and load on first use (``fused_moe_triton`` composes ``moe_
 (routing), ``moe_gemm_triton`` (the two grouped GEMM kernels, built from ``moe_tile_triton``'s
 main loops and epilogues) and ``moe_sum_triton`` (top-k reduction)). ``fused_moe_config`` is the
 MoE tile table and feature switches, ``fused_moe_tuning`` the GPU sweep that feeds it,
+``fp8`` FP8 block scaling (weights per [bn, bk] block, activations per token group; the
+quantization kernel in ``fp8_triton``), which the MoE GEMMs take for FP8 expert weights,
 ``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
 ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
