@@ -102,15 +102,12 @@ class RoutedExperts(nn.Module):
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(slots, h, i, dtype=weight_dtype, device=device),
                                requires_grad=False)
-        self.fp8_args: dict = {}  # the FP8 keyword arguments of kernels.fused_moe/grouped_moe
         if fp8_block:
             bn, bk = fp8_block
             self.w13_scale = nn.Parameter(torch.empty(slots, 2 * -(-i // bn), -(-h // bk),
                                                       device=device), requires_grad=False)
             self.w2_scale = nn.Parameter(torch.empty(slots, -(-h // bn), -(-i // bk),
                                                      device=device), requires_grad=False)
-            self.fp8_args = {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale,
-                             "block_shape": fp8_block}
         # logical id -> local slot, -1 where this rank holds no copy
         slot_of = [-1] * cfg.num_experts
         for slot, e in enumerate(expert_ids):
@@ -118,6 +115,14 @@ class RoutedExperts(nn.Module):
                 slot_of[e] = slot
         self.register_buffer("slot_of", torch.tensor(slot_of, device=device), persistent=False)
         self.holds_all = expert_ids == list(range(cfg.num_experts))
+
+    @property
+    def fp8_args(self) -> dict:
+        """The FP8 keyword arguments of ``kernels.fused_moe`` / ``grouped_moe`` ({} if none)."""
+        if not self.fp8_block:
+            return {}
+        return {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale,
+                "block_shape": self.fp8_block}
 
     def forward(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """h [T, H] -> sum over the held experts of weight * expert(h), [T, H]."""
