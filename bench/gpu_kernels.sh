@@ -18,7 +18,8 @@
 #                                        # DeepSeek-V3 dims), then bench/kernels.py --fp8-only
 #                                        # (checks, then FP8 fused/grouped beside bf16 fused
 #                                        # and the FP8 floor, E = 8 and 32, m = 1..512)
-# The full and QUICK runs include the FP8 GPU tests and the FP8 table too (after the bf16 one).
+# The full run includes the FP8 GPU tests and the FP8 table too (after the bf16 one); QUICK
+# leaves them to FP8=1, so that its time stays what the plan in bench/results/README.md assumes.
 # Timings are device time (CUDA graph replay) unless BENCH_ARGS=--eager; the MoE table also
 # prints grouped_moe as launched from the host (how the earlier bench/results runs timed all).
 #
@@ -64,7 +65,7 @@ if [ "$FP8" = 1 ]; then
   bench_rc=${PIPESTATUS[0]}
 elif [ "$QUICK" = 1 ]; then
   stamp "GPU MoE tests"
-  timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not fp8" \
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"
@@ -72,7 +73,7 @@ elif [ "$QUICK" = 1 ]; then
   timeout -k 5 60 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" \
     --profile "$OUT/host_profile.txt" 2>&1
   stamp "benchmark --quick (writes $OUT/kernels.json)"
-  timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick \
+  timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick --no-fp8 \
     --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
   bench_rc=${PIPESTATUS[0]}
   stamp "ws probes: a 64-row ws tile (runs in the GPU tests) and a 128-row one (hung an H100)"
