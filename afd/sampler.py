@@ -151,6 +151,9 @@ class SamplerOutput:
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
+SCORE_SLICE = 512  # prompt-logprob rows scored at a time (fp32 log_softmax of [512, V])
+
+
 def score_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
     """Each row of the raw ``logits`` [M, V] scored in fp32 log_softmax: [M, 2 + 2k] float64 on
     the logits' device, per row the logprob of ``tokens`` [M] there, that token's rank (tokens
@@ -192,9 +195,13 @@ def gather_prompt_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     """Prompt logprobs of consecutive runs of rows: ``logits`` [M, V] raw, the row of the
     position before each scored prompt token; ``tokens`` [M] those prompt tokens; ``runs``:
     (rows, k) per sequence, in row order. The same scoring as the sampled tokens' logprobs
-    (``score_rows``), in one transfer."""
+    (``score_rows``), ``SCORE_SLICE`` rows at a time: the log_softmax of a slice, not of every
+    row at once, is what scoring adds to the logits' memory."""
     k_max = max(k for _, k in runs)
-    table = score_rows(logits, tokens, k_max).tolist()
+    table = []
+    for at in range(0, logits.shape[0], SCORE_SLICE):
+        table += score_rows(logits[at:at + SCORE_SLICE], tokens[at:at + SCORE_SLICE],
+                            k_max).tolist()
     out, start = [], 0
     for rows, k in runs:
         run = PromptLogprobs(k)

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from afd.block_pool import BlockPool, extend_block_keys
 from afd.sequence import Sequence, Status
 
+# Prompt positions scored for prompt logprobs per step, over all sequences: each gets a
+# full-vocabulary fp32 logits row (129,280 ids: 0.5 MB), so 2,048 of them are 1.06 GB, where a
+# whole 8,192-token step budget would be 4.2 GB. A prompt that asks is prefilled in chunks of
+# at most this many tokens; others share the step's budget as before.
+MAX_PROMPT_LOGPROB_ROWS = 2048
+
 
 @dataclass
 class ScheduledSeq:
@@ -112,6 +118,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        scored = MAX_PROMPT_LOGPROB_ROWS  # prompt-logprob rows left this step
         scheduled: set[int] = set()
         preemptions_before = self.num_preemptions
         for seq in list(self.running):
@@ -120,10 +127,12 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._reserve(seq, n, scheduled):
+            n, rows = self._limit_scored(seq, n, scored)
+            if n and self._reserve(seq, n, scheduled):
                 out.seqs.append(ScheduledSeq(seq, n))
                 scheduled.add(id(seq))
                 budget -= n
+                scored -= rows
         out.num_preempted = self.num_preemptions - preemptions_before
         # New prompts join only when nothing had to be evicted this step (else they would thrash).
         while (self.waiting and budget > 0 and not out.num_preempted
@@ -132,6 +141,9 @@ class Scheduler:
             cached = self._cached_prefix(seq)
             num_cached = len(cached) * self.allocator.block_size
             n = min(seq.num_tokens - num_cached, budget)
+            n, rows = self._limit_scored(seq, n, scored, num_cached)
+            if not n:
+                break  # its prompt logprobs wait for the next step (first come, first served)
             need = self.allocator.blocks_for(num_cached + n) - len(cached)
             # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
             reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
@@ -152,8 +164,27 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(ScheduledSeq(seq, n))
             budget -= n
+            scored -= rows
         out.seqs.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first, order otherwise kept
         return out
+
+    @staticmethod
+    def _limit_scored(seq: Sequence, n: int, left: int, computed: int | None = None
+                      ) -> tuple[int, int]:
+        """``n`` new tokens for ``seq`` cut so that the prompt positions they score for prompt
+        logprobs fit the ``left`` rows of this step: (tokens, rows scored). ``computed``: its
+        computed tokens once admitted (default: now). (0, 0) when it scores and nothing is
+        left; a chunk that scores nothing (positions scored before a preemption) is not cut."""
+        if not seq.prompt_logprobs_pending:
+            return n, 0
+        start = seq.num_computed_tokens if computed is None else computed
+        # positions start .. start + n - 1; those below num_prompt_logprobs were scored before
+        first = max(start, seq.num_prompt_logprobs)
+        end = min(start + n, seq.num_prompt_tokens - 1)
+        rows = max(0, end - first)
+        if rows <= left:
+            return n, rows
+        return max(0, first + left - start), left
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding ``seq``'s leading full blocks; never all of its tokens."""

@@ -111,3 +111,37 @@ def test_preemption_mid_prompt_neither_loses_nor_repeats(oracle, monkeypatch):
             check(out.prompt_logprobs, prompt, ref)
     alloc = llm.engine.core.allocator
     assert alloc.num_free == alloc.num_blocks and not llm.engine.core.seqs
+
+
+def test_scored_rows_per_step_are_capped(oracle, monkeypatch):
+    """A step scores at most MAX_PROMPT_LOGPROB_ROWS prompt positions over all its sequences
+    (each is a full-vocabulary logits row), scoring SCORE_SLICE rows at a time: prompts that
+    ask are prefilled in smaller chunks, with transformers' values still, and a request that
+    does not ask keeps the step's token budget."""
+    import afd.sampler
+    import afd.scheduler
+
+    monkeypatch.setattr(afd.scheduler, "MAX_PROMPT_LOGPROB_ROWS", 6)
+    monkeypatch.setattr(afd.sampler, "SCORE_SLICE", 4)
+    path, prompts, refs = oracle
+    llm = LLM(path, **SMALL)
+    rows, plain_chunks = [], []
+    schedule = llm.engine.core.scheduler.schedule
+
+    def recording():
+        plan = schedule()
+        rows.append(sum(len(s.prompt_logprob_positions) for s in plan.seqs))
+        plain_chunks.extend(s.num_new_tokens for s in plan.seqs
+                            if s.seq.params.prompt_logprobs is None)
+        return plan
+
+    llm.engine.core.scheduler.schedule = recording
+    chosen = [prompts[0], prompts[3], prompts[2]]  # 70, 45, 23 tokens
+    asks = [params(prompt_logprobs=K), params(prompt_logprobs=K), params()]
+    outs = llm.generate([{"prompt_token_ids": p} for p in chosen], asks, use_tqdm=False)
+    assert max(rows) == 6 and sum(rows) == 69 + 44
+    assert max(plain_chunks) > 6  # the third prompt is not held to the cap
+    check(outs[0].prompt_logprobs, prompts[0], refs[0])
+    check(outs[1].prompt_logprobs, prompts[3], refs[3])
+    alloc = llm.engine.core.allocator
+    assert alloc.num_free == alloc.num_blocks and not llm.engine.core.seqs
