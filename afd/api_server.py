@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,6 +42,8 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
                                  TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
 from afd.outputs import CompletionOutput, RequestOutput
+from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
+from afd.reasoning_parsers import ReasoningStream
 from afd.tool_parsers import PARSERS, ToolCallStream
 
 log = logging.getLogger("afd.server")
@@ -49,7 +52,7 @@ log = logging.getLogger("afd.server")
 class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
                  metrics: ServerMetrics, *, tool_call_parser: str | None = None,
-                 enable_auto_tool_choice: bool = False):
+                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
         self.draining = False
@@ -59,18 +62,28 @@ class ServerState:
                              f"{', '.join(PARSERS)}; got {tool_call_parser!r}")
         # the parser of tool_choice "auto" (None: "auto" is refused)
         self.auto_tool_parser = tool_call_parser if enable_auto_tool_choice else None
-        self._special_markers: bool | None = None
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}; "
+                             f"got {reasoning_parser!r}")
+        self.reasoning_parser = reasoning_parser  # None: the answer is not split
+        self._special_tokens: set[str] | None = None
 
-    def tool_markers_are_special(self) -> bool:
-        """The auto parser's markers are special tokens of this tokenizer: a request it reads
-        must keep special tokens in its text (vLLM's parsers do the same)."""
-        if self._special_markers is None:
+    def markers_are_special(self, markers: tuple[str, ...]) -> bool:
+        """Some of a parser's markers are special tokens of this tokenizer: a request it reads
+        must keep special tokens in its text, or they vanish from it (vLLM's parsers do the
+        same)."""
+        if self._special_tokens is None:
             tokenizer = self.engine.engine.tokenizer
             special = {t.content for t in getattr(tokenizer, "added_tokens_decoder",
                                                   {}).values() if t.special}
-            special |= set(getattr(tokenizer, "all_special_tokens", ()))
-            self._special_markers = bool(special & set(PARSERS[self.auto_tool_parser].markers))
-        return self._special_markers
+            self._special_tokens = special | set(getattr(tokenizer, "all_special_tokens", ()))
+        return bool(self._special_tokens & set(markers))
+
+    def tool_markers_are_special(self) -> bool:
+        return self.markers_are_special(PARSERS[self.auto_tool_parser].markers)
+
+    def reasoning_markers_are_special(self) -> bool:
+        return self.markers_are_special(REASONING_PARSERS[self.reasoning_parser].markers)
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -179,12 +192,15 @@ def build_app(state: ServerState) -> FastAPI:
         if body.tool_mode(state.auto_tool_parser) == "auto" and \
                 state.tool_markers_are_special():
             body.skip_special_tokens = False
+        reasoning_streams = body.reasoning_streams(state.reasoning_parser)
+        if reasoning_streams is not None and state.reasoning_markers_are_special():
+            body.skip_special_tokens = False
         text, ids = body.prompt_ids(state.engine.engine.tokenizer)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
         return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
                             getattr(body, field), chat=True, max_tokens_field=field,
-                            tool_streams=tool_streams)
+                            readers=_ChatReaders(tool_streams, reasoning_streams))
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict:
@@ -258,7 +274,7 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  max_tokens: int | None, chat: bool, max_tokens_field: str = "max_tokens",
-                 tool_streams: Callable[[], ToolCallStream] | None = None) -> Response:
+                 readers: _ChatReaders | None = None) -> Response:
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling)
@@ -287,7 +303,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
-                                      params.logprobs, echo, tool_streams),
+                                      params.logprobs, echo, readers),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -305,7 +321,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             usage["completion_tokens"] += 0 if echo is not None and echo.only else len(
                 c.token_ids)
             if chat:
-                message, finish = _chat_message(c, tool_streams)
+                message, finish = _chat_message(c, readers)
                 choices.append({"index": index, "finish_reason": finish, "message": message,
                                 "logprobs": _chat_logprobs(c, 0, params.logprobs)})
                 continue
@@ -359,18 +375,79 @@ class _Echo:
         return text, token_ids, entries
 
 
-def _chat_message(c: CompletionOutput, tool_streams: Callable[[], ToolCallStream] | None
+@dataclass
+class _ChatReaders:
+    """What reads a chat answer's text: its reasoning (None: the server has no
+    --reasoning-parser), then tool calls in the rest (None: no calls are read). Each makes a
+    new reader per completion."""
+
+    tools: Callable[[], ToolCallStream] | None = None
+    reasoning: Callable[[], ReasoningStream] | None = None
+
+    def stream(self) -> _ChoiceReader | None:
+        if self.tools is None and self.reasoning is None:
+            return None
+        return _ChoiceReader(self.reasoning() if self.reasoning else None,
+                             self.tools() if self.tools else None)
+
+
+@dataclass
+class _ChoiceReader:
+    """One streamed chat choice's readers: tool calls are read from the content only."""
+
+    reasoning: ReasoningStream | None
+    tools: ToolCallStream | None
+
+    def delta(self, text: str, final: bool) -> dict[str, Any]:
+        """What the completion's text so far adds: a delta's reasoning, content, tool_calls."""
+        delta: dict[str, Any] = {}
+        content, new = text, None
+        if self.reasoning is not None:
+            piece = self.reasoning.update(text, final)
+            if piece.reasoning:
+                delta["reasoning"] = piece.reasoning
+            content, new = self.reasoning.content, piece.content
+        if self.tools is not None:
+            calls = self.tools.update(content, final)
+            if calls.content:
+                delta["content"] = calls.content
+            if calls.calls:
+                delta["tool_calls"] = [p.to_openai() for p in calls.calls]
+        elif new:
+            delta["content"] = new
+        return delta
+
+    @property
+    def has_calls(self) -> bool:
+        return self.tools is not None and self.tools.has_calls
+
+
+def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
                   ) -> tuple[dict[str, Any], str | None]:
-    """A chat choice's message and finish_reason: with tools, the calls read out of its text
-    ("tool_calls" when the model ended the answer itself) and the text outside them."""
-    if tool_streams is None:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
+    """A chat choice's message and finish_reason: with a reasoning parser, the reasoning split
+    off; with tools, the calls read out of the rest ("tool_calls" when the model ended the
+    answer itself) and the text outside them."""
+    plain = {"role": "assistant", "content": c.text}
+    if readers is None:
+        return plain, c.finish_reason
+    message: dict[str, Any] = dict(plain)
+    text = c.text
+    if readers.reasoning is not None:
+        try:
+            split = readers.reasoning().parse(c.text)
+        except Exception:  # noqa: BLE001 - a reader's bug must not fail the answer
+            log.exception("reasoning reader failed; answering with the plain text")
+            return plain, c.finish_reason
+        message = {"role": "assistant", "content": split.content, "reasoning": split.reasoning}
+        text = split.content or ""
+    if readers.tools is None:
+        return message, c.finish_reason
     try:
-        parsed = tool_streams().parse(c.text)
+        parsed = readers.tools().parse(text)
     except Exception:  # noqa: BLE001 - a reader's bug must not fail the answer
         log.exception("tool-call reader failed; answering with the plain text")
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        return plain, c.finish_reason
+    message["content"] = parsed.content
     if not parsed.calls:
         return message, c.finish_reason
     message["tool_calls"] = [call.to_openai() for call in parsed.calls]
@@ -465,13 +542,13 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
-               echo: _Echo | None, tool_streams: Callable[[], ToolCallStream] | None = None
+               echo: _Echo | None, readers: _ChatReaders | None = None
                ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
-    echo, a choice's first chunk starts with the prompt (and its logprobs). With tools, a chat
-    chunk's delta has the new content and call pieces (``tool_calls``) that each choice's
-    reader finds in its text so far."""
+    echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
+    parser or tools, a chat chunk's delta has the new reasoning, content and call pieces
+    (``tool_calls``) that each choice's readers find in its text so far."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -493,7 +570,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     finish_sent: set[int] = set()  # choices whose last chunk went out
     echoed: set[int] = set()  # choices whose first chunk went out
     token_text = state.engine.engine.token_text
-    readers: dict[int, ToolCallStream | None] = {}  # with tools: each choice's reader
+    choice_readers: dict[int, _ChoiceReader | None] = {}  # each chat choice's readers
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
     open_streams = len(streams)
@@ -538,24 +615,19 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                     finish_sent.add(index)
                 if chat:
                     logprobs = _chat_logprobs(c, token_start, top_logprobs)
-                    if tool_streams is not None and index not in readers:
-                        readers[index] = tool_streams()
-                    reader, piece = readers.get(index), None
+                    if readers is not None and index not in choice_readers:
+                        choice_readers[index] = readers.stream()
+                    reader, message = choice_readers.get(index), None
                     if reader is not None:
                         try:
-                            piece = reader.update(c.text, final=c.finish_reason is not None)
+                            message = reader.delta(c.text, final=c.finish_reason is not None)
                         except Exception:  # noqa: BLE001 - a reader's bug must not end the stream
-                            log.exception("tool-call reader failed; streaming the plain text")
-                            readers[index] = None  # from here on this choice streams plain text
-                    if piece is None:  # no tools, or their reader failed
+                            log.exception("chat reader failed; streaming the plain text")
+                            choice_readers[index] = None  # this choice streams plain text now
+                    if message is None:  # no readers, or they failed
                         choices.append({"index": index, "delta": {"content": c.text[text_start:]},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs})
                         continue
-                    message: dict[str, Any] = {}
-                    if piece.content:
-                        message["content"] = piece.content
-                    if piece.calls:
-                        message["tool_calls"] = [p.to_openai() for p in piece.calls]
                     finish = c.finish_reason
                     if finish == "stop" and reader.has_calls:
                         finish = "tool_calls"
@@ -625,6 +697,7 @@ def main() -> None:
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"])
     ap.add_argument("--enable-auto-tool-choice", action="store_true")
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS))
+    ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS))
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
@@ -650,7 +723,8 @@ def main() -> None:
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
                         args.api_key, metrics, tool_call_parser=args.tool_call_parser,
-                        enable_auto_tool_choice=args.enable_auto_tool_choice)
+                        enable_auto_tool_choice=args.enable_auto_tool_choice,
+                        reasoning_parser=args.reasoning_parser)
 
     class Server(uvicorn.Server):
         def install_signal_handlers(self) -> None:  # ours drain first (below)

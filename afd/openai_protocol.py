@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
+from afd.reasoning_parsers import ReasoningStream, reasoning_mode
 from afd.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams, StructuredOutputsParams
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
                               named_schema, required_schema)
@@ -419,6 +421,18 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
             name = self.tool_choice.function.name
             return lambda: NamedStream(name)
         return None
+
+    def reasoning_streams(self, parser: str | None) -> Callable[[], ReasoningStream] | None:
+        """A new reasoning splitter for each completion (None: the server has no
+        --reasoning-parser). Whether the request thinks comes from its chat_template_kwargs;
+        under a structured-output grammar (tool_choice "required" or a named function
+        included) the output holds reasoning only if it opens with the start marker itself."""
+        if parser is None:
+            return None
+        fmt = REASONING_PARSERS[parser]
+        mode = reasoning_mode(fmt, self.chat_template_kwargs,
+                              constrained=self.structured_output_field() is not None)
+        return lambda: ReasoningStream(fmt, mode)
 
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
         found = super()._constraints()

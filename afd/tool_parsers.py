@@ -247,7 +247,7 @@ def _members(s: str, i: int) -> list[tuple[str, int, int | None]]:
     return out
 
 
-def _partial_marker(s: str, start: int, markers: tuple[str, ...]) -> int:
+def partial_marker(s: str, start: int, markers: tuple[str, ...]) -> int:
     """How many characters at the end of ``s[start:]`` could begin one of ``markers``."""
     best = 0
     for m in markers:
@@ -336,7 +336,7 @@ def _deepseek_v3_peek(body: str) -> tuple[str, str] | None:
         return name, ""
     stop = args.find(_FENCE_END)
     if stop < 0:  # hold back what may be the start of the closing fence
-        stop = len(args) - _partial_marker(args, 0, (_FENCE_END,))
+        stop = len(args) - partial_marker(args, 0, (_FENCE_END,))
     return name, args[:stop]
 
 
@@ -401,7 +401,7 @@ class MarkerStream(ToolCallStream):
                 found = [(i, m) for m in outside if (i := text.find(m, self.pos)) >= 0]
                 if not found:
                     end = len(text) if final else (
-                        len(text) - _partial_marker(text, self.pos, outside))
+                        len(text) - partial_marker(text, self.pos, outside))
                     self._text(text[self.pos:end])
                     self.pos = max(self.pos, end)
                     return
@@ -413,7 +413,7 @@ class MarkerStream(ToolCallStream):
                 continue
             end = text.find(fmt.end, self.body)
             if end < 0 and not final:
-                self._stream_open_call(text[self.body:len(text) - _partial_marker(
+                self._stream_open_call(text[self.body:len(text) - partial_marker(
                     text, self.body, (fmt.end,))])
                 return
             body = text[self.body:end if end >= 0 else len(text)]

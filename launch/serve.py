@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from afd.api_server import SPEC_MARKER
 from afd.config import engine_config_to_dict, resolve_engine_config
+from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
 from models.config import load_config
@@ -84,6 +85,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                     help="the model's tool-call format: hermes (Qwen3), deepseek_v3, "
                          "deepseek_v31")
+    ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                    help="split the model's <think> ... </think> off its chat answers into "
+                         "the message's reasoning field: deepseek_r1, qwen3 or deepseek_v3 "
+                         "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking)")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -120,7 +125,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--generation-config", args.generation_config]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--served-model-name", args.served_model_name),
-                        ("--tool-call-parser", args.tool_call_parser)):
+                        ("--tool-call-parser", args.tool_call_parser),
+                        ("--reasoning-parser", args.reasoning_parser)):
         if value:
             cmd += [flag, value]
     if args.enable_auto_tool_choice:

@@ -1,0 +1,134 @@
+"""Reasoning on /v1/chat/completions: splitting a model's ``<think> ... </think>`` off its answer.
+
+A reasoning model (DeepSeek-R1, DeepSeek-V3.1 in thinking mode, Qwen3) writes its reasoning
+first and ends it with ``</think>``; the server started with ``--reasoning-parser NAME`` returns
+that part in the message's ``reasoning`` field and the rest in ``content`` (vLLM's fields). The
+parsers differ only in when a request thinks, read from its ``chat_template_kwargs`` as the
+model's chat template reads them:
+
+- ``deepseek_r1``: always (DeepSeek-R1's template ends the prompt with ``<think>\\n``).
+- ``qwen3``: unless ``enable_thinking`` is false (Qwen3's template then writes an empty
+  ``<think></think>`` block into the prompt itself).
+- ``deepseek_v3``: only when ``thinking`` (or ``enable_thinking``) is true (DeepSeek-V3.1's
+  template then ends the prompt with ``<think>``; otherwise with ``</think>``).
+
+Where a request thinks, the template has already opened the reasoning in the prompt, so the
+output's text before ``</think>`` is reasoning even though no ``<think>`` was generated (one the
+model writes itself at the very start is dropped, as older Qwen3 templates leave it to the
+model); an output that never reaches ``</think>`` (cut by max_tokens) is all reasoning.
+
+A ``ReasoningStream`` is fed the completion's whole text so far (text only grows) and returns
+what is new: reasoning and content. Markers split across updates are held back until they are
+whole, so any split gives the unstreamed answer. Tool calls are then read from the content
+alone (``content`` below is what a tool-call reader is fed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from afd.tool_parsers import partial_marker
+
+Mode = Literal["open", "tag", "off"]
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """A model's reasoning markers and how a request's ``chat_template_kwargs`` turn it on."""
+
+    name: str
+    thinks: Callable[[dict[str, Any]], bool]
+    start: str = "<think>"
+    end: str = "</think>"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return (self.start, self.end)
+
+
+PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
+    ReasoningFormat("deepseek_r1", lambda kw: True),
+    ReasoningFormat("qwen3", lambda kw: bool(kw.get("enable_thinking", True))),
+    ReasoningFormat("deepseek_v3", lambda kw: bool(kw.get("thinking", False))
+                    or bool(kw.get("enable_thinking", False))),
+)}
+
+
+@dataclass
+class ReasoningPiece:
+    """What one update adds."""
+
+    reasoning: str = ""
+    content: str = ""
+
+
+@dataclass
+class SplitOutput:
+    reasoning: str | None  # None: the answer holds no reasoning (the request did not think)
+    content: str | None  # None: nothing after the reasoning
+
+
+class ReasoningStream:
+    """Splits one completion's text into reasoning and content.
+
+    ``mode``: "open": the prompt opened the reasoning (text is reasoning until ``</think>``);
+    "tag": reasoning only if the output itself starts with ``<think>`` (a structured-output
+    grammar constrains the output from its first token, so the template's open ``<think>`` is
+    not taken as read); "off": the request does not think, all of it is content."""
+
+    def __init__(self, fmt: ReasoningFormat, mode: Mode):
+        self.fmt, self.mode = fmt, mode
+        self.state = "content" if mode == "off" else "start"
+        self.pos = 0  # text before this is handled
+        self.thought = mode == "open"  # the answer has a reasoning part (maybe empty)
+        self.reasoning: list[str] = []
+        self.content = ""  # the content so far (what a tool-call reader reads)
+
+    def update(self, text: str, final: bool) -> ReasoningPiece:
+        """``text``: the completion's whole text so far; ``final``: it is complete."""
+        piece = ReasoningPiece()
+        if self.state == "start":
+            rest = text[self.pos:].lstrip()
+            start = self.fmt.start
+            if rest.startswith(start):  # the model opened the reasoning itself
+                self.pos = len(text) - len(rest) + len(start)
+                self.state, self.thought = "reasoning", True
+            elif not final and start.startswith(rest):
+                return piece  # maybe the beginning of <think>: wait for more
+            else:
+                self.state = "reasoning" if self.mode == "open" else "content"
+        if self.state == "reasoning":
+            end = text.find(self.fmt.end, self.pos)
+            if end < 0:
+                stop = len(text) if final else len(text) - partial_marker(
+                    text, self.pos, (self.fmt.end,))
+                piece.reasoning = text[self.pos:stop]
+                self.pos = max(self.pos, stop)
+            else:
+                piece.reasoning = text[self.pos:end]
+                self.pos, self.state = end + len(self.fmt.end), "content"
+            self.reasoning.append(piece.reasoning)
+        if self.state == "content":
+            piece.content = text[self.pos:]
+            self.pos = len(text)
+            self.content += piece.content
+        return piece
+
+    def result(self) -> SplitOutput:
+        return SplitOutput("".join(self.reasoning) if self.thought else None,
+                           self.content or None)
+
+    def parse(self, text: str) -> SplitOutput:
+        """The whole, unstreamed answer."""
+        self.update(text, final=True)
+        return self.result()
+
+
+def reasoning_mode(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | None,
+                   constrained: bool) -> Mode:
+    """How a request's output holds reasoning: "off" when the request does not think, "tag"
+    when a structured-output grammar constrains its output, else "open"."""
+    if not fmt.thinks(chat_template_kwargs or {}):
+        return "off"
+    return "tag" if constrained else "open"
