@@ -1,0 +1,279 @@
+"""Reasoning parsers on /v1/chat/completions: the splitter on hand-written model text (streamed in
+any split), and the server with the ``openai`` client. The embedded model has random weights, so
+a structured-output choice makes it write the text under test; a grammar makes the reasoning
+count only where the output opens it with ``<think>`` (afd applies grammars from the first
+token), which is how these forced outputs are written."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import openai
+import pytest
+
+from afd.reasoning_parsers import PARSERS, ReasoningStream, reasoning_mode
+
+R1 = PARSERS["deepseek_r1"]
+
+
+def split(text: str, mode: str = "open") -> tuple[str | None, str | None]:
+    out = ReasoningStream(R1, mode).parse(text)
+    return out.reasoning, out.content
+
+
+@pytest.mark.parametrize("text,want", [
+    # the template opened the reasoning in the prompt: no <think> in the output
+    ("Let me see.\n</think>\n\nIt is 4.", ("Let me see.\n", "\n\nIt is 4.")),
+    # the model opened it itself (older Qwen3 templates): the tag is dropped
+    ("<think>\nLet me see.</think>It is 4.", ("\nLet me see.", "It is 4.")),
+    ("\n<think>a</think>b", ("a", "b")),
+    # max_tokens hit inside the reasoning: all of it is reasoning, no content
+    ("Let me see, 2 + 2 is", ("Let me see, 2 + 2 is", None)),
+    ("<think>Let me", ("Let me", None)),
+    ("", ("", None)),
+    # empty reasoning; nothing after the reasoning
+    ("<think></think>It is 4.", ("", "It is 4.")),
+    ("</think>It is 4.", ("", "It is 4.")),
+    ("Done.</think>", ("Done.", None)),
+    # only the first </think> ends the reasoning; a <think> later on is content
+    ("a</think>b</think>c", ("a", "b</think>c")),
+    ("a</think>b<think>c", ("a", "b<think>c")),
+])
+def test_reasoning_ends_at_the_first_end_marker(text, want):
+    assert split(text) == want
+
+
+def test_modes_tag_and_off():
+    # under a grammar ("tag"): reasoning only if the output opens with <think>
+    assert split("<think>abc</think>answer", "tag") == ("abc", "answer")
+    assert split("abc</think>answer", "tag") == (None, "abc</think>answer")
+    assert split('{"a": 1}', "tag") == (None, '{"a": 1}')
+    assert split("<think>abc", "tag") == ("abc", None)
+    assert split("", "tag") == (None, None)
+    # the request does not think: all content, tags and all
+    assert split("<think>abc</think>answer", "off") == (None, "<think>abc</think>answer")
+
+
+def test_when_a_request_thinks():
+    def mode(parser, kwargs, constrained=False):
+        return reasoning_mode(PARSERS[parser], kwargs, constrained)
+
+    assert mode("deepseek_r1", None) == "open"
+    assert mode("deepseek_r1", {"enable_thinking": False}) == "open"  # R1 always thinks
+    assert mode("qwen3", None) == "open" and mode("qwen3", {"enable_thinking": True}) == "open"
+    assert mode("qwen3", {"enable_thinking": False}) == "off"
+    assert mode("deepseek_v3", None) == "off"  # DeepSeek-V3.1 thinks when asked
+    assert mode("deepseek_v3", {"thinking": True}) == "open"
+    assert mode("deepseek_v3", {"enable_thinking": True}) == "open"
+    assert mode("qwen3", None, constrained=True) == "tag"
+    assert mode("qwen3", {"enable_thinking": False}, constrained=True) == "off"
+
+
+TEXTS = ["Let me see.\n</think>\n\nIt is 4.", "<think>\nLet me see.</think>It is 4.",
+         "  <think>x</think>", "Let me </thin", "<thi", "a</think>b</think>c", "",
+         "<think></think>", "no end marker < / think >"]
+
+
+@pytest.mark.parametrize("mode", ["open", "tag", "off"])
+def test_streaming_in_any_split_gives_the_unstreamed_answer(mode):
+    rng = random.Random(0)
+    for text in TEXTS:
+        want = ReasoningStream(R1, mode).parse(text)
+        splits = [list(range(1, len(text)))]  # one character at a time
+        splits += [sorted(rng.sample(range(1, len(text)), rng.randint(1, len(text) - 1)))
+                   for _ in range(40) if len(text) > 1]
+        for cuts in splits:
+            stream, reasoning, content = ReasoningStream(R1, mode), "", ""
+            for end in [*cuts, len(text)]:
+                piece = stream.update(text[:end], end == len(text))
+                reasoning += piece.reasoning
+                content += piece.content
+                assert stream.content == content  # what a tool-call reader is fed
+            assert (reasoning if want.reasoning is not None else None) == want.reasoning, cuts
+            assert (content or None) == want.content, (text, cuts)
+            assert stream.result() == want
+
+
+def test_a_marker_split_across_updates_is_held_back():
+    stream = ReasoningStream(R1, "open")
+    assert stream.update("abc</th", False).reasoning == "abc"  # "</th" may begin </think>
+    piece = stream.update("abc</think>ans", False)
+    assert (piece.reasoning, piece.content) == ("", "ans")
+    stream = ReasoningStream(R1, "open")
+    assert stream.update("<th", False).reasoning == ""  # may be a <think> to drop
+    assert stream.update("<thx", False).reasoning == "<thx"
+
+
+# ---------------------------------------------------------------------------------------------
+# the server, in process, with the openai client
+# ---------------------------------------------------------------------------------------------
+ASK = [{"role": "user", "content": "What is 2 + 2?"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+# a small Qwen3-like template: enable_thinking=False closes an empty reasoning in the prompt
+QWEN3_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and "
+              "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def apps():
+    """Front ends over one engine: no reasoning parser, deepseek_r1, qwen3 with hermes."""
+    from afd import LLM
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+
+    def app(reasoning: str | None, tools: str | None = None):
+        return build_app(ServerState(engine, "m", None, ServerMetrics("m"),
+                                     tool_call_parser=tools, enable_auto_tool_choice=bool(tools),
+                                     reasoning_parser=reasoning))
+
+    try:
+        yield {"plain": app(None), "deepseek_r1": app("deepseek_r1"),
+               "qwen3": app("qwen3", "hermes"), "tokenizer": llm.engine.tokenizer}
+    finally:
+        engine.shutdown()
+
+
+def _call(app, fn):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test", timeout=120) as http:
+            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
+                                   max_retries=0)
+            return await fn(c, http)
+
+    return asyncio.run(go())
+
+
+def chat(app, text: str, **body):
+    """The model forced to write ``text``: (the unstreamed response, the streamed one added up:
+    reasoning, content, calls, finish)."""
+    body = {"model": "m", "messages": ASK, "temperature": 0, "max_tokens": 200,
+            "extra_body": {"structured_outputs": {"choice": [text]},
+                           **body.pop("extra_body", {})}, **body}
+
+    async def both(c, _):
+        plain = await c.chat.completions.create(**body)
+        reasoning, content, calls, finish = None, None, [], None
+        async for chunk in await c.chat.completions.create(**body, stream=True):
+            for choice in chunk.choices:
+                delta = choice.delta
+                if getattr(delta, "reasoning", None) is not None:
+                    reasoning = (reasoning or "") + delta.reasoning
+                if delta.content:
+                    content = (content or "") + delta.content
+                for t in delta.tool_calls or []:
+                    if t.id is not None:
+                        calls.append([t.function.name, ""])
+                    calls[t.index][1] += t.function.arguments or ""
+                finish = choice.finish_reason or finish
+        return plain, (reasoning, content, [tuple(c) for c in calls], finish)
+
+    return _call(app, both)
+
+
+def message_of(response) -> tuple[str | None, str | None, list, str]:
+    choice = response.choices[0]
+    calls = [(t.function.name, t.function.arguments) for t in choice.message.tool_calls or []]
+    return choice.message.reasoning, choice.message.content, calls, choice.finish_reason
+
+
+def test_reasoning_comes_back_split_streamed_and_not(apps):
+    text = "<think>abc</think>answer"
+    plain, streamed = chat(apps["deepseek_r1"], text)
+    assert message_of(plain) == ("abc", "answer", [], "stop")
+    assert streamed == ("abc", "answer", [], "stop")
+    # the same output without a parser: all content, no reasoning field; usage is the same
+    raw, raw_streamed = chat(apps["plain"], text)
+    assert raw.choices[0].message.content == text and raw_streamed[1] == text
+    assert not hasattr(raw.choices[0].message, "reasoning")
+    assert raw.usage == plain.usage
+    # /v1/completions is not split (as vLLM)
+    done = _call(apps["deepseek_r1"], lambda c, _: c.completions.create(
+        model="m", prompt="hi", max_tokens=200, temperature=0,
+        extra_body={"structured_outputs": {"choice": [text]}}))
+    assert done.choices[0].text == text
+
+
+def test_max_tokens_inside_the_reasoning(apps):
+    """Cut before </think>: all reasoning, content null, finish_reason length."""
+    plain, streamed = chat(apps["deepseek_r1"], "<think>abcdefghij</think>answer", max_tokens=9)
+    reasoning, content, calls, finish = message_of(plain)
+    assert (content, calls, finish) == (None, [], "length")
+    assert reasoning and "abcdefghij".startswith(reasoning)
+    assert streamed == (reasoning, None, [], "length")
+
+
+def test_tool_calls_are_read_after_the_reasoning_only(apps):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    plain, streamed = chat(apps["qwen3"], "<think>I need the weather.</think>\n" + call,
+                           tools=TOOLS)
+    want = ("I need the weather.", None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
+    assert message_of(plain) == want and streamed == want
+    # a call written inside the reasoning is reasoning, not a call
+    plain, streamed = chat(apps["qwen3"], "<think>" + call + "</think>No call.", tools=TOOLS)
+    want = (call, "No call.", [], "stop")
+    assert message_of(plain) == want and streamed == want
+
+
+def test_enable_thinking_false_gives_content_only(apps):
+    tok = apps["tokenizer"]
+    saved, tok.chat_template = tok.chat_template, QWEN3_LIKE
+    try:
+        text = "<think>abc</think>answer"
+        off = {"chat_template_kwargs": {"enable_thinking": False}}
+        plain, streamed = chat(apps["qwen3"], text, extra_body=off)
+        assert message_of(plain) == (None, text, [], "stop")
+        assert streamed == (None, text, [], "stop")
+        prompt = _call(apps["qwen3"], lambda _, http: http.post("/tokenize", json={
+            "model": "m", "messages": ASK, **off}))
+        assert prompt.json()["count"] == len(tok.encode(
+            "<|user|>What is 2 + 2?<|assistant|><think>\n\n</think>\n\n",
+            add_special_tokens=False))
+        plain, _ = chat(apps["qwen3"], text)  # thinking on (Qwen3's default)
+        assert message_of(plain) == ("abc", "answer", [], "stop")
+    finally:
+        tok.chat_template = saved
+
+
+def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):
+    import copy
+    import sys
+    from types import SimpleNamespace
+
+    from afd.api_server import ServerState
+    from afd.metrics import ServerMetrics
+
+    tok = copy.deepcopy(apps["tokenizer"])
+    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
+    with pytest.raises(ValueError, match="--reasoning-parser"):
+        ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="r1")
+    state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="qwen3")
+    assert not state.reasoning_markers_are_special()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="qwen3")
+    assert state.reasoning_markers_are_special()
+    sys.path.insert(0, "launch")
+    try:
+        import serve
+    finally:
+        sys.path.remove("launch")
+    saved = sys.argv
+    sys.argv = ["serve.py", "--reasoning-parser", "r1"]
+    try:
+        with pytest.raises(SystemExit):
+            serve.parse_args()
+    finally:
+        sys.argv = saved
+    sys.argv = ["serve.py", "--reasoning-parser", "deepseek_v3"]
+    try:
+        assert serve.parse_args().reasoning_parser == "deepseek_v3"
+    finally:
+        sys.argv = saved
