@@ -25,7 +25,8 @@ API_KEY = "sk-test-afd"
 
 @pytest.fixture(scope="module")
 def single():
-    server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                         "--reasoning-parser", "deepseek_v3")
     yield server
     server.stop()
 
@@ -818,3 +819,17 @@ def test_tool_call_flags_reach_the_front_end(single):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     assert [(t.function.name, t.function.arguments) for t in choice.message.tool_calls] == [
         ("f", '{"x": 1}')]
+
+
+def test_reasoning_parser_flag_reaches_the_front_end(single):
+    """--reasoning-parser passes through launch/serve.py: with deepseek_v3 a request thinks
+    only when chat_template_kwargs asks (tests/test_reasoning.py tests the rest in process)."""
+    text = "<think>abc</think>answer"
+    ask = dict(model=None, messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+               temperature=0)
+    force = {"structured_outputs": {"choice": [text]}}
+    r = client(single).chat.completions.create(
+        **ask, extra_body={**force, "chat_template_kwargs": {"thinking": True}})
+    assert (r.choices[0].message.reasoning, r.choices[0].message.content) == ("abc", "answer")
+    r = client(single).chat.completions.create(**ask, extra_body=force)
+    assert (r.choices[0].message.reasoning, r.choices[0].message.content) == (None, text)
