@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from afd.spec_decode import SpecConfig, parse_speculative_config
 from models.config import ModelConfig, parse_dtype
 
 
@@ -32,6 +33,9 @@ class EngineConfig:
     quantization: "fp8" when the routed experts of an FP8 checkpoint stay in FP8 on every rank
         (kernels.fused_moe's w8a8 block path), None when every weight is in ``dtype``. Only the
         routed experts: attention, dense MLP, shared experts and lm_head are dequantized.
+    num_speculative_tokens: n-gram draft tokens verified per decoding sequence and step (0: no
+        speculative decoding; afd.spec_decode). prompt_lookup_max / prompt_lookup_min: the
+        longest and shortest n-gram looked up.
     """
 
     model: str
@@ -49,10 +53,20 @@ class EngineConfig:
     cache_aware_routing: bool = True
     tokenizer: str | None = None
     quantization: str | None = None
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 0
 
     @property
     def fp8_experts(self) -> bool:
         return self.quantization == "fp8"
+
+    @property
+    def speculative(self) -> SpecConfig | None:
+        if not self.num_speculative_tokens:
+            return None
+        return SpecConfig(self.num_speculative_tokens, self.prompt_lookup_max,
+                          self.prompt_lookup_min)
 
 
 QUANTIZATIONS = (None, "fp8", "dequantize")
@@ -110,6 +124,7 @@ def resolve_engine_config(
     cache_aware_routing: bool = True,
     tokenizer: str | None = None,
     quantization: str | None = None,
+    speculative_config: dict | None = None,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
@@ -118,6 +133,7 @@ def resolve_engine_config(
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs)
+    spec = parse_speculative_config(speculative_config)
     for name, flag in (("enable_prefix_caching", enable_prefix_caching),
                        ("cache_aware_routing", cache_aware_routing)):
         if not isinstance(flag, bool):
@@ -155,7 +171,10 @@ def resolve_engine_config(
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
                         enable_prefix_caching=enable_prefix_caching,
                         cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,
-                        quantization=quantization)
+                        quantization=quantization,
+                        num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+                        prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
+                        prompt_lookup_min=spec.prompt_lookup_min if spec else 0)
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:

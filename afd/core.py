@@ -14,6 +14,7 @@ from afd.block_pool import BlockPool
 from afd.model_runner import ModelRunner
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
+from afd.spec_decode import accept, rewind
 from afd.token_masks import NO_TOKEN
 from models.model import ExpertPath, MoEModel
 
@@ -53,7 +54,8 @@ class EngineCore:
                  prefill_only: bool = False):
         self.cfg = cfg
         self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   None if prefill_only else cfg.speculative)
         self.runner = ModelRunner(model, cfg, experts, decodes=not prefill_only)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
@@ -104,33 +106,51 @@ class EngineCore:
 
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
         """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
-        sampling = [s.seq for s in plan.seqs if s.samples]  # before update() moves the counts
+        sampling = [s for s in plan.seqs if s.samples]  # before update() moves the counts
+        # a speculating seeded sequence's generator, to rewind to what its emitted tokens used
+        states = [s.seq.generator.get_state() if s.draft_token_ids and s.seq.generator else None
+                  for s in sampling]
         sampled = self.runner.execute(plan, micro_batches)
         for s in plan.seqs:
             scored = sampled.prompt_logprobs.get(s.seq.request_id)
             if scored is not None:
                 s.seq.add_prompt_logprobs(scored)
-        self.scheduler.update(plan)
+        taken, row = [], 0
+        for s, state in zip(sampling, states):
+            seq, drafts = s.seq, s.draft_token_ids
+            tokens = sampled.tokens[row:row + len(drafts) + 1]
+            logprobs = sampled.logprobs[row:row + len(drafts) + 1]
+            row += len(drafts) + 1
+            used = accept(tokens, drafts)  # 1 without drafts
+            if drafts:
+                s.num_rejected = len(drafts) + 1 - used
+                rewind(seq.generator, state, used)
+            new, error = [], None
+            for token in tokens[:used]:  # stops as the one-token steps would have
+                if token < 0:  # fail this request, not the rank
+                    error = ("structured_outputs, allowed_token_ids and bad_words leave no "
+                             "token to sample" if token == NO_TOKEN
+                             else "the model's logits hold a NaN")
+                    break
+                seq.append(token)
+                new.append(token)
+                if seq.finish_reason is not None:
+                    break
+            taken.append((seq, new, logprobs[:len(new)], error))
+        self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
         outputs = []
-        for seq, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
-            if token < 0:  # fail this request, not the rank
-                outputs.append(CoreOutput(seq.request_id, [], "error", None,
-                                          "structured_outputs, allowed_token_ids and bad_words "
-                                          "leave no token to sample" if token == NO_TOKEN
-                                          else "the model's logits hold a NaN"))
-                self.scheduler.finish(seq)
-                del self.seqs[seq.request_id]
-                continue
-            seq.append(token)
-            out = CoreOutput(seq.request_id, [token], seq.finish_reason, seq.stop_reason,
-                             logprobs=None if logprobs is None else [logprobs])
-            if seq.num_output_tokens == 1:
+        for seq, new, logprobs, error in taken:
+            out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason,
+                             logprobs=None if not logprobs or logprobs[0] is None else logprobs)
+            if error is not None:
+                out.finish_reason, out.stop_reason, out.error = "error", None, error
+            elif seq.num_output_tokens == len(new):  # its first token(s)
                 out.prompt_logprobs = seq.take_prompt_logprobs()
-            if seq.num_output_tokens == 1 and seq.first_scheduled is not None:
-                out.metrics = {"queue_time": seq.first_scheduled - seq.received,
-                               "num_cached_tokens": seq.num_cached_tokens or 0}
+                if seq.first_scheduled is not None:
+                    out.metrics = {"queue_time": seq.first_scheduled - seq.received,
+                                   "num_cached_tokens": seq.num_cached_tokens or 0}
             outputs.append(out)
-            if seq.finish_reason is not None:
+            if out.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
             elif self.prefill_only:

@@ -12,6 +12,7 @@ from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
+from afd.spec_decode import expand_rows
 from models.batch import ForwardBatch
 from models.model import ExpertPath, LocalExperts, MoEModel
 
@@ -63,7 +64,8 @@ class ModelRunner:
         """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
 
         logits_index holds, per sequence in order, its rows for prompt logprobs (if it asks)
-        and then its sampling row (if this step reaches its last token)."""
+        and then its sampling rows (if this step reaches its last token): one, or with drafts
+        (speculative decoding) one per computed position from its last token on."""
         bs = self.cfg.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -76,7 +78,8 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             logits_index += [len(ids) + p - start for p in s.prompt_logprob_positions]
-            ids += seq.token_ids[start:start + n]
+            chunk = seq.token_ids[start:start + n]
+            ids += chunk + s.draft_token_ids if s.draft_token_ids else chunk
             pos = range(start, start + n)
             positions += pos
             blocks = seq.block_ids
@@ -85,7 +88,7 @@ class ModelRunner:
             query_lens.append(n)
             tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             if s.samples:
-                logits_index.append(len(ids) - 1)
+                logits_index += range(len(ids) - 1 - len(s.draft_token_ids), len(ids))
         num_decodes = sum(1 for n in query_lens if n == 1)
         dev = self.device
         batch = ForwardBatch(
@@ -103,7 +106,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> SamplerOutput:
         """Run one step in ``micro_batches`` ping-ponged parts; returns the sampled token (and
-        logprobs, where asked) of each sequence that reached its end (in plan order)."""
+        logprobs, where asked) of each sequence that reached its end (in plan order), or, for
+        a sequence with drafts, one per verified position (1 + drafts rows; the caller accepts
+        them). A step with drafts is not decode-only: it runs eagerly, never a CUDA graph."""
         if plan.empty and not self.collective:
             return SamplerOutput([], [])
         sizes = [s.num_new_tokens for s in plan.seqs]
@@ -116,16 +121,13 @@ class ModelRunner:
             logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,
                                                  self.experts))
         logits, prompt_logprobs = self._prompt_logprobs(logits, plan.seqs)
-        sampling = [s.seq for s in plan.seqs if s.samples]
+        sampling = [s for s in plan.seqs if s.samples]
         if not sampling:
             return SamplerOutput([], [], prompt_logprobs)
-        out = self.sampler.sample(logits, [q.params for q in sampling],
-                                  [q.generator for q in sampling],
-                                  [(q.token_ids, q.num_prompt_tokens,
-                                    (*q.eos_token_ids, *q.stop_token_ids))
-                                   for q in sampling],
-                                  [q.penalties for q in sampling],
-                                  [q.grammar for q in sampling])
+        # one row per sampling sequence, or 1 + drafts for a speculating one (its rows in
+        # order: a seeded one's take consecutive step seeds from its generator)
+        rows = expand_rows([s.seq for s in sampling], [s.draft_token_ids for s in sampling])
+        out = self.sampler.sample(logits, *rows)
         out.prompt_logprobs = prompt_logprobs
         return out
 
@@ -146,8 +148,9 @@ class ModelRunner:
                 owners.append(s.seq.request_id)
                 row += len(span)
             if s.samples:
-                sample_rows.append(row)
-                row += 1
+                num = 1 + len(s.draft_token_ids)
+                sample_rows += range(row, row + num)
+                row += num
         dev = logits.device
         scored = gather_prompt_logprobs(
             logits[torch.tensor(prompt_rows, device=dev)],

@@ -12,6 +12,14 @@ computing after them; at least its last token is always computed, for the logits
 that asks for prompt logprobs takes cached blocks only over positions it has scored already
 (none, the first time): a cached block has no logits. A block joins the cache once every one of
 its tokens' KV is written (``update``), prompt or generated.
+
+Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
+decoding one that may speculate gets n-gram drafts, as many as the remaining budget, its
+max_tokens and the free blocks allow (drafts never preempt anyone: with no block free it
+speculates less, or not at all). Its step then computes [last token, drafts]; ``update`` keeps
+only the KV of the tokens that verification accepted (``num_rejected`` rolls the rest back, to
+be overwritten), so a block holding a rejected draft's KV is never full of computed tokens and
+never joins the prefix cache.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 
 from afd.block_pool import BlockPool, extend_block_keys
 from afd.sequence import Sequence, Status
+from afd.spec_decode import SpecConfig, propose_ngram, speculable
 
 # Prompt positions scored for prompt logprobs per step, over all sequences: each gets a
 # full-vocabulary fp32 logits row (129,280 ids: 0.5 MB), so 2,048 of them are 1.06 GB, where a
@@ -33,12 +42,18 @@ MAX_PROMPT_LOGPROB_ROWS = 2048
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens whose KV this step computes
+    num_new_tokens: int  # tokens whose KV this step computes (drafts included)
+    # speculative decoding: draft tokens computed after the sequence's last token (verified by
+    # this step's samples), and, set after verification, how many of the computed tokens'
+    # KV is to be dropped (rejected drafts)
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_rejected: int = 0
 
     @property
     def samples(self) -> bool:
         """Does this step reach the sequence's last token (and so sample the next one)?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return (self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
+                == self.seq.num_tokens)
 
     @property
     def prompt_logprob_positions(self) -> range:
@@ -68,8 +83,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 spec: SpecConfig | None = None):
         self.allocator = allocator
+        self.spec = spec
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -78,6 +95,9 @@ class Scheduler:
         # prefix cache, in tokens, over every admission (readmissions after preemption too)
         self.prefix_cache_queries = 0  # tokens of the sequences admitted
         self.prefix_cache_hits = 0  # of those, tokens whose KV came from the cache
+        # speculative decoding, total since start: drafts verified, and of those accepted
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -134,6 +154,8 @@ class Scheduler:
                 budget -= n
                 scored -= rows
         out.num_preempted = self.num_preemptions - preemptions_before
+        if self.spec is not None:
+            budget -= self._add_drafts(out.seqs, budget)
         # New prompts join only when nothing had to be evicted this step (else they would thrash).
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
@@ -186,6 +208,29 @@ class Scheduler:
             return n, rows
         return max(0, first + left - start), left
 
+    def _add_drafts(self, seqs: list[ScheduledSeq], budget: int) -> int:
+        """Give each decoding sequence that may speculate its n-gram drafts, within ``budget``
+        tokens and the free blocks (never preempting); returns the tokens they take."""
+        spec, alloc, used = self.spec, self.allocator, 0
+        for s in seqs:
+            seq = s.seq
+            room = min(spec.num_speculative_tokens, budget - used,
+                       seq.max_output - seq.num_output_tokens - 1)  # the step emits drafts + 1
+            if s.num_new_tokens != 1 or not s.samples or room < 1 or not speculable(seq):
+                continue
+            drafts = propose_ngram(seq.token_ids, spec.prompt_lookup_min,
+                                   spec.prompt_lookup_max, room)
+            end = seq.num_computed_tokens + 1 + len(drafts)
+            extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_free)
+            if extra > 0:
+                seq.block_ids += alloc.allocate(extra)
+            drafts = drafts[:len(seq.block_ids) * alloc.block_size - seq.num_computed_tokens - 1]
+            if drafts:
+                s.draft_token_ids = drafts
+                s.num_new_tokens += len(drafts)
+                used += len(drafts)
+        return used
+
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding ``seq``'s leading full blocks; never all of its tokens."""
         if not (self.allocator.enable_caching and seq.cacheable):
@@ -224,9 +269,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, out: SchedulerOutput) -> None:
-        """After the forward: the scheduled tokens are now in the cache."""
+        """After the forward (and, with drafts, verification): the scheduled tokens are now in
+        the cache, less the rejected drafts, whose KV is left to be overwritten."""
         for s in out.seqs:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
+            if s.draft_token_ids:
+                self.num_draft_tokens += len(s.draft_token_ids)
+                self.num_accepted_tokens += len(s.draft_token_ids) - s.num_rejected
             if self.allocator.enable_caching and s.seq.cacheable:
                 self._cache_full_blocks(s.seq)
 
