@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from afd.block_pool import BlockPool, extend_block_keys
 from afd.sequence import Sequence, Status
-from afd.spec_decode import SpecConfig, propose_ngram, speculable
+from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
 
 # Prompt positions scored for prompt logprobs per step, over all sequences: each gets a
 # full-vocabulary fp32 logits row (129,280 ids: 0.5 MB), so 2,048 of them are 1.06 GB, where a
@@ -218,7 +218,9 @@ class Scheduler:
                        seq.max_output - seq.num_output_tokens - 1)  # the step emits drafts + 1
             if s.num_new_tokens != 1 or not s.samples or room < 1 or not speculable(seq):
                 continue
-            drafts = propose_ngram(seq.token_ids, spec.prompt_lookup_min,
+            if seq.token_array is None:
+                seq.token_array = TokenArray()
+            drafts = propose_ngram(seq.token_array.sync(seq.token_ids), spec.prompt_lookup_min,
                                    spec.prompt_lookup_max, room)
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_free)

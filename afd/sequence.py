@@ -83,6 +83,9 @@ class Sequence:
         # the core of the rank that samples this sequence; it ends in the model's EOS ids,
         # ignore_eos or not
         self.grammar = None
+        # speculative decoding: the token ids as a numpy array (afd.spec_decode.TokenArray),
+        # for the n-gram lookup, made at the first lookup
+        self.token_array = None
         self.grammar_eos = tuple(req.eos_token_ids)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
