@@ -29,6 +29,9 @@ class CoreStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, total since start
     prefix_cache_hits: int = 0  # of those, tokens found there
     num_waiting_blocks: int = 0  # KV blocks the waiting sequences need (Scheduler.waiting_blocks)
+    # speculative decoding, total since start: draft tokens verified, and of those accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -136,10 +139,11 @@ class EngineCore:
                 new.append(token)
                 if seq.finish_reason is not None:
                     break
-            taken.append((seq, new, logprobs[:len(new)], error))
+            taken.append((seq, new, logprobs[:len(new)], error,
+                          [len(drafts), used - 1] if drafts else None))
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
         outputs = []
-        for seq, new, logprobs, error in taken:
+        for seq, new, logprobs, error, spec in taken:
             out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason,
                              logprobs=None if not logprobs or logprobs[0] is None else logprobs)
             if error is not None:
@@ -149,6 +153,8 @@ class EngineCore:
                 if seq.first_scheduled is not None:
                     out.metrics = {"queue_time": seq.first_scheduled - seq.received,
                                    "num_cached_tokens": seq.num_cached_tokens or 0}
+            if spec is not None:  # this step's drafts and how many were accepted
+                out.metrics = {**(out.metrics or {}), "spec": spec}
             outputs.append(out)
             if out.finish_reason is not None:
                 self.scheduler.finish(seq)
@@ -187,6 +193,8 @@ class EngineCore:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             num_waiting_blocks=self.scheduler.waiting_blocks(),
+            num_draft_tokens=self.scheduler.num_draft_tokens,
+            num_accepted_tokens=self.scheduler.num_accepted_tokens,
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

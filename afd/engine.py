@@ -82,6 +82,20 @@ class _Request:
                              self.prompt_logprobs)
 
 
+def _one_token_pieces(out: CoreOutput) -> list[CoreOutput]:
+    """A several-token output as one-token outputs: the first with its metrics and prompt
+    logprobs, the last with its finish (or error)."""
+    tokens, last = out.new_token_ids, len(out.new_token_ids) - 1
+    return [CoreOutput(out.request_id, [token],
+                       out.finish_reason if i == last else None,
+                       out.stop_reason if i == last else None,
+                       out.error if i == last else None,
+                       out.metrics if i == 0 else None,
+                       None if out.logprobs is None else [out.logprobs[i]],
+                       out.prompt_logprobs if i == 0 else None)
+            for i, token in enumerate(tokens)]
+
+
 def _child_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
 
@@ -241,6 +255,18 @@ class LLMEngine:
         return results
 
     def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
+        if len(out.new_token_ids) > 1:
+            # Several tokens from one step (accepted speculative drafts): taken one at a time,
+            # as one-token steps would bring them, so a stop string ends the completion at the
+            # token that completes it, not at the end of the run.
+            for piece in _one_token_pieces(out):
+                self._apply_one(req, comp, piece, now)
+                if comp.finish_reason is not None:
+                    return
+            return
+        self._apply_one(req, comp, out, now)
+
+    def _apply_one(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
         if out.error is not None:
             req.error = out.error
         if out.metrics:
@@ -248,6 +274,9 @@ class LLMEngine:
                 req.metrics.queue_time = out.metrics["queue_time"]
             if "transfer_time" in out.metrics:
                 req.metrics.transfer_time = out.metrics["transfer_time"]
+            if "spec" in out.metrics:  # speculative decoding: [drafts, accepted] of a step
+                req.metrics.spec_num_draft_tokens += out.metrics["spec"][0]
+                req.metrics.spec_num_accepted_tokens += out.metrics["spec"][1]
             if "num_cached_tokens" in out.metrics:
                 req.num_cached_tokens = max(req.num_cached_tokens or 0,
                                             out.metrics["num_cached_tokens"])

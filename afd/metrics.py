@@ -45,6 +45,12 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             "afd:prefix_cache_hits", "Of the looked-up tokens, those whose KV came from the "
             "prefix cache", labels, registry=r).labels(model_name)
+        self.spec_draft_tokens = Counter(
+            "afd:spec_decode_num_draft_tokens", "Speculative (n-gram) draft tokens verified",
+            labels, registry=r).labels(model_name)
+        self.spec_accepted_tokens = Counter(
+            "afd:spec_decode_num_accepted_tokens", "Of the verified draft tokens, those "
+            "accepted", labels, registry=r).labels(model_name)
         self.prompt_tokens = Counter("afd:prompt_tokens", "Prompt tokens processed", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("afd:generation_tokens", "Tokens generated", labels,
@@ -54,6 +60,7 @@ class ServerMetrics:
         self.model_name = model_name
         self._preemptions_seen = 0
         self._prefix_cache_seen = (0, 0)  # queries, hits
+        self._spec_seen = (0, 0)  # draft tokens, accepted tokens
 
     def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
                        last_token_time: float | None, steps: int | None = None) -> None:
@@ -73,14 +80,20 @@ class ServerMetrics:
 
     def observe_stats(self, stats: list, running: int, waiting: int,
                       prefix_cache: PrefixCacheStats | None = None) -> None:
-        """Scheduler state of the attention ranks (CoreStats each) and the prefix cache totals
-        of every rank (counters: only what grew since the last call is added)."""
+        """Scheduler state of the attention ranks (CoreStats each: with the speculative
+        decoding totals) and the prefix cache totals of every rank (counters: only what grew
+        since the last call is added)."""
         self.running.set(running)
         self.waiting.set(waiting)
         total_preemptions = 0
         for i, s in enumerate(stats):
             self.kv_usage.labels(self.model_name, str(i)).set(s.kv_usage)
             total_preemptions += s.num_preemptions
+        drafts = sum(s.num_draft_tokens for s in stats)
+        accepted = sum(s.num_accepted_tokens for s in stats)
+        self.spec_draft_tokens.inc(max(0, drafts - self._spec_seen[0]))
+        self.spec_accepted_tokens.inc(max(0, accepted - self._spec_seen[1]))
+        self._spec_seen = (max(drafts, self._spec_seen[0]), max(accepted, self._spec_seen[1]))
         if total_preemptions > self._preemptions_seen:
             self.preemptions.inc(total_preemptions - self._preemptions_seen)
             self._preemptions_seen = total_preemptions

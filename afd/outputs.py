@@ -17,6 +17,10 @@ class RequestMetrics:
     transfer_time: float | None = None  # P/D: prompt KV moved from a prefill rank to decode
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    # speculative decoding: draft tokens verified for this request (all its completions), and
+    # of those accepted
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
     @property
     def time_in_queue(self) -> float | None:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from afd.api_server import SPEC_MARKER
 from afd.config import engine_config_to_dict, resolve_engine_config
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
+from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
 from models.config import load_config
@@ -75,6 +76,10 @@ def parse_args() -> argparse.Namespace:
                     default=True, help="with several prefill or attention ranks, send a prompt "
                     "to the rank that ran its longest prefix unless that rank is overloaded "
                     "(default on); --no-cache-aware-routing places by load alone")
+    ap.add_argument("--speculative-config", default=None,
+                    help="speculative decoding as vLLM's JSON, n-gram drafts only: "
+                         "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
+                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -104,6 +109,12 @@ def parse_args() -> argparse.Namespace:
                     help="address other nodes reach rank 0 on for control messages (default: "
                          "127.0.0.1 on one node, torchrun's MASTER_ADDR across nodes)")
     args = ap.parse_args()
+    if args.speculative_config is not None:
+        try:
+            args.speculative_config = json.loads(args.speculative_config)
+            parse_speculative_config(args.speculative_config)
+        except ValueError as exc:  # JSONDecodeError is one
+            ap.error(f"--speculative-config: {exc}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
@@ -188,7 +199,7 @@ def main() -> None:
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             enable_prefix_caching=args.enable_prefix_caching,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
-            quantization=args.quantization)
+            quantization=args.quantization, speculative_config=args.speculative_config)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)
