@@ -84,11 +84,11 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
         raise ValueError("speculative_config.num_speculative_tokens is required (drafts per "
                          "step, e.g. 3)")
     k = integer("num_speculative_tokens", config["num_speculative_tokens"])
-    lo, hi = config.get("prompt_lookup_min"), config.get("prompt_lookup_max")
+    lo, hi = (None if config.get(name) is None else integer(name, config[name])
+              for name in ("prompt_lookup_min", "prompt_lookup_max"))
     if lo is None and hi is None:
         lo = hi = DEFAULT_LOOKUP
-    lo = integer("prompt_lookup_min", hi if lo is None else lo)
-    hi = integer("prompt_lookup_max", lo if hi is None else hi)
+    lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
     if lo > hi:
         raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be at most "
                          f"prompt_lookup_max ({hi})")

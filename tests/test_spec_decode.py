@@ -1,0 +1,278 @@
+"""Speculative decoding with n-gram drafts (afd.spec_decode): the token stream is exactly the
+non-speculative engine's, whatever the drafts.
+
+Most tests replace the n-gram proposer with an oracle that proposes the reference engine's own
+continuation, corrupted at some positions: the random embedded model rarely repeats itself, so
+real n-gram drafts would seldom be accepted, and these tests need accepted runs, rejections and
+stops inside runs. Exactness must not depend on what is proposed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import afd.scheduler
+from afd import LLM, SamplingParams
+from afd.block_pool import BlockPool
+from afd.core import CoreStats
+from afd.metrics import ServerMetrics
+from afd.scheduler import Scheduler
+from afd.sequence import CoreRequest, Sequence
+from afd.spec_decode import SpecConfig, parse_speculative_config, propose_ngram
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+        "prompt_lookup_min": 1}
+PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(10 + 3 * i)]}
+           for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    base = LLM(seed=0, block_size=8)
+    spec = LLM(seed=0, block_size=8, speculative_config=SPEC)
+    yield base, spec
+    base.shutdown()
+    spec.shutdown()
+
+
+def oracle(references: list[list[int]], corrupt_every: int = 3):
+    """A proposer that knows the reference outputs: for a sequence whose tokens are a prompt
+    plus the first i tokens of a reference run, the next k tokens of that run, with the second
+    one wrong whenever the sequence length is a multiple of ``corrupt_every`` (0: never)."""
+    futures: dict[tuple, list[int]] = {}
+    for full in references:
+        for i in range(len(full)):
+            futures.setdefault(tuple(full[:i]), full[i:])
+
+    def propose(tokens, n_min: int, n_max: int, k: int) -> list[int]:
+        drafts = list(futures.get(tuple(int(t) for t in tokens), ()))[:k]
+        if corrupt_every and len(tokens) % corrupt_every == 0 and len(drafts) > 1:
+            drafts[1] = (drafts[1] + 1) % 512
+        return drafts
+
+    return propose
+
+
+def reference_runs(outs, prompts) -> list[list[int]]:
+    return [p["prompt_token_ids"] + list(c.token_ids) for o, p in zip(outs, prompts)
+            for c in o.outputs]
+
+
+def generate_both(engines, monkeypatch, params, prompts=PROMPTS, corrupt_every=3):
+    base, spec = engines
+    want = base.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(afd.scheduler, "propose_ngram",
+                        oracle(reference_runs(want, prompts), corrupt_every))
+    sched = spec.engine.core.scheduler
+    before = sched.num_draft_tokens, sched.num_accepted_tokens
+    got = spec.generate(prompts, params, use_tqdm=False)
+    drafts, accepted = (sched.num_draft_tokens - before[0],
+                        sched.num_accepted_tokens - before[1])
+    core = spec.engine.core
+    assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks  # no leak
+    return want, got, drafts, accepted
+
+
+def assert_same(want, got, logprobs: bool = False) -> None:
+    for w, g in zip(want, got):
+        for cw, cg in zip(w.outputs, g.outputs, strict=True):
+            assert cg.token_ids == cw.token_ids
+            assert (cg.text, cg.finish_reason, cg.stop_reason) == (
+                cw.text, cw.finish_reason, cw.stop_reason)
+            if logprobs:
+                assert [list(e) for e in cg.logprobs] == [list(e) for e in cw.logprobs]
+                for ew, eg in zip(cw.logprobs, cg.logprobs):
+                    for t in ew:
+                        assert eg[t].rank == ew[t].rank
+                        assert eg[t].logprob == pytest.approx(ew[t].logprob, abs=1e-4)
+
+
+# ---- proposer and config ------------------------------------------------------------------
+def test_ngram_proposer():
+    # the longest n-gram wins over a more recent shorter one; the most recent occurrence of it
+    assert propose_ngram([1, 2, 3, 9, 2, 3, 5, 1, 2, 3], 1, 3, 2) == [9, 2]
+    assert propose_ngram([4, 2, 3, 8, 1, 2, 3, 7, 2, 3], 1, 3, 1) == [7]
+    assert propose_ngram([1, 2, 3, 4], 1, 3, 3) == []  # no earlier occurrence
+    assert propose_ngram([1, 2, 5, 2], 2, 3, 3) == []  # only a 1-gram matches: below min
+    # what followed runs into the end: the copy goes on through the drafts (period 3)
+    assert propose_ngram([7, 1, 2, 3, 1, 2, 3], 2, 3, 5) == [1, 2, 3, 1, 2]
+    assert propose_ngram([5, 5, 5], 1, 2, 4) == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram"}, "num_speculative_tokens"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min"),
+    ({"num_speculative_tokens": 2, "prompt_lookup_max": True}, "prompt_lookup_max"),
+    ({"num_speculative_tokens": 2, "model": "x"}, "model"),
+    ("ngram", "speculative_config"),
+])
+def test_bad_speculative_config_is_named(config, field):
+    with pytest.raises(ValueError, match=field):
+        parse_speculative_config(config)
+    with pytest.raises(ValueError, match=field):
+        LLM(speculative_config=config)
+
+
+def test_speculative_config_defaults_as_vllm():
+    assert parse_speculative_config({"num_speculative_tokens": 3}) == SpecConfig(3, 5, 5)
+    assert parse_speculative_config({"method": "[ngram]", "num_speculative_tokens": 2,
+                                     "prompt_lookup_max": 4}) == SpecConfig(2, 4, 4)
+    assert parse_speculative_config({"num_speculative_tokens": 1,
+                                     "prompt_lookup_min": 2}) == SpecConfig(1, 2, 2)
+
+
+# ---- exactness ----------------------------------------------------------------------------
+def test_greedy_identical_with_accepted_and_rejected_drafts(engines, monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+    metrics = got[0].metrics
+    assert 0 < metrics.spec_num_accepted_tokens <= metrics.spec_num_draft_tokens
+
+
+def test_seeded_sampling_identical_n2(engines, monkeypatch):
+    params = SamplingParams(n=2, temperature=0.9, top_p=0.9, top_k=40, seed=11, max_tokens=21,
+                            ignore_eos=True)
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+
+
+def test_perfect_drafts_all_accepted_seeded(engines, monkeypatch):
+    """Drafts equal to the seeded reference are all accepted: each verify row drew the step seed
+    of its position (a misaligned generator would reject them)."""
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=17, ignore_eos=True)
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=0)
+    assert_same(want, got)
+    assert drafts > 0 and accepted == drafts
+
+
+def test_min_tokens_eos_bias_bad_words_logprobs_per_position(engines, monkeypatch):
+    """EOS inside an accepted run ends it there; min_tokens, logit_bias and bad_words see each
+    row's own history (tokens plus the drafts before it); logprobs come per token."""
+    base = engines[0]
+    eos = base.engine.eos_token_ids[0]
+    params = SamplingParams(temperature=0, max_tokens=30, min_tokens=9,
+                            logit_bias={eos: 9.0}, bad_words=["a"], logprobs=2)
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params)
+    assert_same(want, got, logprobs=True)
+    assert accepted > 0
+    assert all(o.outputs[0].finish_reason == "stop" for o in want)
+
+
+def test_stop_token_and_stop_string_and_max_tokens_inside_runs(engines, monkeypatch):
+    base = engines[0]
+    free = base.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                         use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in free]
+    stop_text = base.get_tokenizer().decode([tokens[1][7]])
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                             stop_token_ids=[tokens[0][6]]),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_text]),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=0)
+    assert_same(want, got)
+    assert [o.outputs[0].finish_reason for o in want] == ["stop", "stop", "length", "length"]
+    assert accepted > 0
+
+
+def test_penalties_and_grammar_rows_decode_normally_beside_speculating_rows(engines,
+                                                                           monkeypatch):
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                             repetition_penalty=1.3, presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12,
+                             structured_outputs={"regex": "[a-z]{3,8}"}),
+              SamplingParams(temperature=0.7, seed=2, max_tokens=12, ignore_eos=True,
+                             frequency_penalty=0.4)]
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=0)
+    assert_same(want, got)
+    # only the plain greedy row speculated: its 11 decode steps' drafts, all right
+    assert accepted == drafts > 0
+    assert got[1].metrics.spec_num_draft_tokens == drafts
+    assert got[0].metrics.spec_num_draft_tokens == got[2].metrics.spec_num_draft_tokens == 0
+
+
+# ---- KV blocks ----------------------------------------------------------------------------
+def test_rejected_draft_kv_never_enters_the_prefix_cache(engines, monkeypatch):
+    """With every draft wrong, rejected KV fills the slots after each step's last token, block
+    boundaries included. Every block the cache holds must hold the KV the plain engine computed
+    for its tokens, and a later prompt served from those blocks must decode as without them."""
+    base, spec = engines
+    base.reset_prefix_cache()
+    spec.reset_prefix_cache()
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = base.generate(PROMPTS[:2], params, use_tqdm=False)
+
+    def wrong(tokens, n_min, n_max, k):
+        return [(int(tokens[-1]) + 1 + j) % 512 for j in range(k)]
+
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", wrong)
+    got = spec.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert_same(want, got)
+    assert spec.engine.core.scheduler.num_draft_tokens > 0
+    base_pool, spec_pool = base.engine.core.allocator, spec.engine.core.allocator
+    compared = 0
+    for key, block in spec_pool._by_key.items():
+        twin = base_pool._by_key.get(key)
+        assert twin is not None  # same tokens, so the same blocks are full
+        for a, b in zip(spec.engine.core.runner.kv_caches, base.engine.core.runner.kv_caches):
+            torch.testing.assert_close(a[block], b[twin], atol=1e-4, rtol=1e-4)
+        compared += 1
+    assert compared >= 6  # prompt and output blocks of both sequences
+    follow = [{"prompt_token_ids": p["prompt_token_ids"] + list(o.outputs[0].token_ids[:24])}
+              for p, o in zip(PROMPTS[:2], want)]
+    again = spec.generate(follow, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)
+    plain = base.generate(follow, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)
+    assert all(o.num_cached_tokens >= 24 for o in again)
+    assert_same(plain, again)
+
+
+def _decoding_seq(pool: BlockPool, prompt: list[int], token: int) -> Sequence:
+    """A sequence whose prompt's KV is computed and whose first output token is not."""
+    seq = Sequence(CoreRequest("r", prompt, SamplingParams(temperature=0, max_tokens=50)), 4096)
+    seq.token_ids.append(token)
+    seq.block_ids = pool.allocate(pool.blocks_for(len(prompt)))
+    seq.num_computed_tokens = len(prompt)
+    return seq
+
+
+def test_drafts_shrink_to_free_blocks_never_preempt():
+    pool = BlockPool(num_blocks=3, block_size=4, enable_caching=False)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                      spec=SpecConfig(4, 2, 1))
+    a = _decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1)  # 2 blocks: 8 slots for 7 tokens
+    b = _decoding_seq(pool, [9, 8, 9], 8)  # the last block: 4 slots for 4 tokens
+    for seq in (a, b):
+        sched.add_running(seq)
+    plan = sched.schedule()
+    assert not plan.num_preempted and pool.num_free == 0
+    by_seq = {id(s.seq): s for s in plan.seqs}
+    assert by_seq[id(a)].draft_token_ids == [2]  # of [2, 3, 1, 2]: one slot left
+    assert by_seq[id(a)].num_new_tokens == 2
+    assert by_seq[id(b)].draft_token_ids == [] and by_seq[id(b)].num_new_tokens == 1
+    # with a block free, a's drafts take it (and no more than its 4)
+    pool.free([b.block_ids.pop()])
+    sched2 = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                       spec=SpecConfig(4, 2, 1))
+    sched2.add_running(a)
+    assert sched2.schedule().seqs[0].draft_token_ids == [2, 3, 1, 2]
+
+
+def test_metrics_count_drafts_and_accepted():
+    m = ServerMetrics("m")
+    stats = [CoreStats(0, 0, 0.0, 0, 0, num_draft_tokens=10, num_accepted_tokens=4),
+             CoreStats(0, 0, 0.0, 0, 0, num_draft_tokens=5, num_accepted_tokens=1)]
+    m.observe_stats(stats, 0, 0)
+    m.observe_stats(stats, 0, 0)  # totals since start: nothing new
+    get = m.registry.get_sample_value
+    assert get("afd:spec_decode_num_draft_tokens_total", {"model_name": "m"}) == 15
+    assert get("afd:spec_decode_num_accepted_tokens_total", {"model_name": "m"}) == 5
