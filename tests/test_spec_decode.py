@@ -276,3 +276,54 @@ def test_metrics_count_drafts_and_accepted():
     get = m.registry.get_sample_value
     assert get("afd:spec_decode_num_draft_tokens_total", {"model_name": "m"}) == 15
     assert get("afd:spec_decode_num_accepted_tokens_total", {"model_name": "m"}) == 5
+
+
+# ---- GQA, the CUDA-graph path, layouts ----------------------------------------------------
+def test_gqa_model_with_graph_path(tmp_path, monkeypatch):
+    """Qwen3-MoE (GQA) verifies drafts as query chunks over its paged cache; with
+    enforce_eager=False a step with drafts runs eagerly, decode-only steps still through the
+    graph path (on CPU its static buffers, uncaptured)."""
+    from ckpt_utils import build_hf_model, save_checkpoint
+
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path))
+    kw = dict(dtype="float32", seed=0, enforce_eager=False, max_num_seqs=8, max_model_len=256,
+              block_size=8)
+    base, spec = LLM(path, **kw), LLM(path, speculative_config=SPEC, **kw)
+    graphs = spec.engine.core.runner.graphs
+    run, graph_steps = graphs.run, []
+    graphs.run = lambda ids, batch: graph_steps.append(batch.num_seqs) or run(ids, batch)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)
+    want, got, drafts, accepted = generate_both((base, spec), monkeypatch, params,
+                                                prompts=PROMPTS[:3], corrupt_every=2)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+    # each step has drafts for some sequence until the oracle runs dry at the end: the last
+    # decode-only steps replay the graphs
+    assert graph_steps
+
+
+def test_pd_with_ffn_ranks_matches_single_process():
+    """A P/D decode rank with an FFN rank (3 processes): real n-gram drafts (outputs limited to
+    four token ids, so they repeat and drafts hit), greedy and seeded, token-identical to the
+    single process without speculation."""
+    prompts = [p for p in PROMPTS[:3]]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                             allowed_token_ids=[100, 101, 102, 103]),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                             allowed_token_ids=[200, 201, 202, 203]),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True,
+                             allowed_token_ids=[300, 301, 302])]
+    base = LLM(seed=0)
+    want = base.generate(prompts, params, use_tqdm=False)
+    base.shutdown()
+    llm = LLM(seed=0, prefill=1, attention=1, ffn=1, timeout_s=30, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+        "prompt_lookup_min": 2})
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.core.stats()
+    finally:
+        llm.shutdown()
+    assert_same(want, got)
+    assert sum(s.num_accepted_tokens for s in stats) > 0
+    assert sum(o.metrics.spec_num_accepted_tokens for o in got) > 0
