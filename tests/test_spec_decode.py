@@ -327,3 +327,17 @@ def test_pd_with_ffn_ranks_matches_single_process():
     assert_same(want, got)
     assert sum(s.num_accepted_tokens for s in stats) > 0
     assert sum(o.metrics.spec_num_accepted_tokens for o in got) > 0
+
+
+def test_serve_refuses_a_bad_speculative_config_naming_the_field():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bad = subprocess.run([sys.executable, os.path.join(root, "launch", "serve.py"),
+                          "--speculative-config", '{"num_speculative_tokens": -1}'],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert bad.returncode == 2
+    assert "--speculative-config: speculative_config.num_speculative_tokens" in bad.stderr
