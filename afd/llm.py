@@ -117,7 +117,7 @@ class LLM:
         max_num_batched_tokens=None, enable_prefix_caching=True, cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None,
-        generation_config="auto")
+        generation_config="auto", speculative_config=None)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -134,6 +134,9 @@ class LLM:
     stay in FP8 where the MoE runs as Triton kernels, on CUDA; every other weight, and the
     experts elsewhere, are dequantized to ``dtype``); "fp8" keeps the experts in FP8 on any
     device; "dequantize" dequantizes every weight (``afd.config.resolve_quantization``).
+    ``speculative_config``: n-gram speculative decoding, vLLM's dict (``{"method": "ngram",
+    "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``); the
+    outputs are those of plain decoding (afd.spec_decode).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
