@@ -2,8 +2,10 @@
 
 Both write this step's keys into the cache first, then attend:
   * decode sequences (one new token each) in one batched call over their block tables;
-  * prefill chunks one sequence at a time over everything cached so far (causal inside the
-    chunk), so a chunked prompt sees exactly what an unchunked one would.
+  * prefill chunks of all the other sequences in one varlen call over everything cached so far
+    (causal inside the chunk, bottom-right aligned), so a chunked prompt sees exactly what an
+    unchunked one would. GQA reads K/V from the paged cache; MLA first gathers every prefill
+    sequence's latent context at once and expands it through ``kv_b_proj`` in one matmul.
 
 Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
   * MLA: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] - normalized latent, then the
@@ -14,9 +16,7 @@ Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 import kernels
 from models.batch import ForwardBatch
@@ -30,28 +30,11 @@ def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[
     return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
-def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q: [Q, H, D]; k: [L, H, D]; v: [L, H, Dv] with the Q queries the last Q of the L positions.
-
-    Returns [Q, H, Dv]. Through torch's scaled_dot_product_attention with a causal mask aligned
-    to the bottom right: on CUDA a fused (flash or memory-efficient) kernel, so the [H, Q, L]
-    scores never exist in memory (in fp32 they would be 8.6 GB for 128 heads over a 4k-token
-    prompt); elsewhere its reference math, softmax in fp32 as Hugging Face's eager attention.
-    """
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=scale)  # [1, H, Q, Dv]
-    return out[0].transpose(0, 1)
-
-
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """First ``length`` cached rows of one sequence: cache [NB, BS, ...] -> [length, ...]."""
-    block_size = cache.shape[1]
-    num_blocks = (length + block_size - 1) // block_size
-    rows = cache[block_table[:num_blocks].long()]  # [n, BS, ...]
-    return rows.reshape(num_blocks * block_size, *cache.shape[2:])[:length]
+# MLA prefill expands the latent context of its sequences to per-head K/V: at DeepSeek-V3's
+# dims 80 KiB a position (128 heads x (192 + 128) bf16, plus kv_b_proj's output). Sequences are
+# taken in runs of at most this many context positions (a longer one alone), so the expansion
+# never needs more memory than one sequence of this length did when prefill ran one at a time.
+MLA_PREFILL_MAX_CONTEXT = 32768
 
 
 class MLAttention(nn.Module):
@@ -110,16 +93,20 @@ class MLAttention(nn.Module):
                 self.cfg.attention_scale,
             )
             out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
-        for i, start, qlen, length in batch.prefill_segments():
-            # [L, Dl+Dr]: everything cached for this sequence, this chunk included
-            ctx = _gather_context(cache, batch.block_tables[i], length)
-            kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
-                                                                  self.nope + self.v_dim)
-            k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-            k_rope = ctx[:, None, self.kv_lora_rank:].expand(-1, self.num_heads, -1)
-            k = torch.cat((k_nope, k_rope), dim=-1)
-            q = torch.cat((q_nope[start:start + qlen], q_pe[start:start + qlen]), dim=-1)
-            out[start:start + qlen] = _causal_attention(q, k, v, self.cfg.attention_scale)
+        layout = batch.prefill_layout()
+        if layout is not None:
+            q = torch.cat((q_nope[nd:], q_pe[nd:]), dim=-1)  # [Tp, H, nope+rope]
+            tables = batch.block_tables[nd:]
+            for part in layout.split(MLA_PREFILL_MAX_CONTEXT):  # one part unless contexts are long
+                # [sum L, Dl+Dr]: everything cached for these sequences, this chunk included
+                ctx = kernels.gather_paged_context(cache, tables[part.seqs], part.layout)
+                kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
+                                                                      self.nope + self.v_dim)
+                k_rope = ctx[:, None, self.kv_lora_rank:].expand(-1, self.num_heads, -1)
+                k = torch.cat((kv[..., : self.nope], k_rope), dim=-1)  # [sum L, H, nope+rope]
+                rows = slice(nd + part.queries.start, nd + part.queries.stop)
+                out[rows] = kernels.varlen_prefill_attention(
+                    q[part.queries], k, kv[..., self.nope:], part.layout, self.cfg.attention_scale)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 
 
@@ -153,18 +140,15 @@ class GQAttention(nn.Module):
         flat[0, batch.slot_mapping] = k
         flat[1, batch.slot_mapping] = v
 
-        group = self.num_heads // self.num_kv_heads
         scale = self.cfg.attention_scale
         out = torch.empty_like(q)
         nd = batch.num_decodes
         if nd:
             out[:nd] = kernels.gqa_decode_attention(q[:nd], cache, batch.block_tables[:nd],
                                                     batch.seq_lens[:nd], scale)
-        for i, start, qlen, length in batch.prefill_segments():
-            keys = _gather_context(cache[0], batch.block_tables[i], length)
-            values = _gather_context(cache[1], batch.block_tables[i], length)
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-            out[start:start + qlen] = _causal_attention(q[start:start + qlen], keys, values, scale)
+        layout = batch.prefill_layout()
+        if layout is not None:
+            out[nd:] = kernels.paged_prefill_attention(q[nd:], cache, batch.block_tables[nd:],
+                                                       layout, scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -7,9 +7,11 @@ token each (the batched decode path); the rest are prefill chunks (a prompt piec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from kernels import PrefillLayout
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ForwardBatch:
     context_lens: list[int] | None = None  # seq_lens on the host (no device sync in loops)
     cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
     sin: torch.Tensor | None = None
+    # Built by prefill_layout() on the first layer's call, shared by the others.
+    _prefill_layout: PrefillLayout | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -38,3 +42,17 @@ class ForwardBatch:
         for i in range(self.num_decodes, self.num_seqs):
             yield i, start, self.query_lens[i], lens[i]
             start += self.query_lens[i]
+
+    def prefill_layout(self) -> PrefillLayout | None:
+        """The prefill sequences (those past the decodes) packed for
+        ``kernels.*_prefill_attention``: their query and context lengths, on the host and on the
+        device. Built once per forward, from the host lists (no device read); None when every
+        sequence is a decode."""
+        if self.num_decodes == self.num_seqs:
+            return None
+        if self._prefill_layout is None:
+            lens = self.context_lens if self.context_lens is not None else self.seq_lens.tolist()
+            nd = self.num_decodes
+            self._prefill_layout = PrefillLayout(self.query_lens[nd:], lens[nd:],
+                                                 self.block_tables.device)
+        return self._prefill_layout
