@@ -2,8 +2,8 @@
 
 The embedded tiny DeepSeek-V3 model, and a tiny Qwen3-MoE, each run a short batch twice in a
 TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
-AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode and fused_moe all through their
-Triton kernels, which are counted).
+AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode, MLA or GQA prefill attention and
+fused_moe all through their Triton kernels, which are counted).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from kernels.testing import run_in_interpreter
 # The second prompt passes a KV block (16 tokens), so decode attention walks two blocks.
 PROMPTS = [[0, 17, 423, 45, 8], [0, *range(100, 116)]]
 NEW_TOKENS = 3
-TRITON_ENTRIES = {
-    "kernels.fused_moe_triton": "fused_moe_triton",
-    "kernels.norm_triton": "rms_norm_triton",
-    "kernels.rotary_triton": "apply_rotary_triton",
-    "kernels.mla_decode_triton": "mla_decode_attention_triton",
-    "kernels.gqa_decode_triton": "gqa_decode_attention_triton",
-}
-UNUSED = {"greedy": "gqa_decode_attention_triton", "qwen3": "mla_decode_attention_triton"}
+TRITON_ENTRIES = [  # (module, launcher)
+    ("kernels.fused_moe_triton", "fused_moe_triton"),
+    ("kernels.norm_triton", "rms_norm_triton"),
+    ("kernels.rotary_triton", "apply_rotary_triton"),
+    ("kernels.mla_decode_triton", "mla_decode_attention_triton"),
+    ("kernels.gqa_decode_triton", "gqa_decode_attention_triton"),
+    ("kernels.prefill_attention_triton", "varlen_prefill_attention_triton"),
+    ("kernels.prefill_attention_triton", "paged_prefill_attention_triton"),
+]
+UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton"),
+          "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton")}
 
 
 def interpreter_case(name: str, seed: int) -> dict:
@@ -34,7 +37,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 
     from afd import LLM, SamplingParams
 
-    calls = dict.fromkeys(TRITON_ENTRIES.values(), 0)
+    calls = {fn_name: 0 for _, fn_name in TRITON_ENTRIES}
 
     def counting(fn, name: str):
         def counted(*args, **kwargs):
@@ -43,7 +46,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 
         return counted
 
-    for module_name, fn_name in TRITON_ENTRIES.items():
+    for module_name, fn_name in TRITON_ENTRIES:
         module = importlib.import_module(module_name)
         # The public ops import these at call time, so the module attribute is what they call.
         setattr(module, fn_name, counting(getattr(module, fn_name), fn_name))
@@ -73,6 +76,6 @@ def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     tokens = result["tokens"]
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
     calls = result["calls"]
-    assert calls.pop(UNUSED[name]) == 0
+    assert [calls.pop(fn) for fn in UNUSED[name]] == [0, 0]
     assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]

@@ -298,3 +298,52 @@ def test_fp8_experts_on_ffn_ranks(fp8_folders):
     finally:
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
+def test_attention_prefills_all_sequences_at_once(kind, monkeypatch):
+    """One forward with a decode and three prefill chunks (with and without cached context)
+    gives each sequence what a forward of that sequence alone gives; MLA's runs of sequences
+    under a context budget (models.attention.MLA_PREFILL_MAX_CONTEXT) change nothing either."""
+    import models.attention as attention
+    from models.batch import ForwardBatch
+
+    cfg = config_from_dict(build_hf_model(kind).config.to_dict())
+    torch.manual_seed(0)
+    cls = attention.MLAttention if cfg.attention == "mla" else attention.GQAttention
+    attn = cls(cfg, torch.float32)
+    for p in attn.parameters():
+        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    block_size, seqs = 4, [(1, 9), (6, 6), (3, 14), (5, 11)]  # (new tokens, context)
+    width = 4
+    tables = torch.randperm(len(seqs) * width).view(len(seqs), width).int()
+    cache = torch.randn(attention.kv_cache_shape(cfg, len(seqs) * width, block_size))
+    x = torch.randn(sum(q for q, _ in seqs), cfg.hidden_size)
+    positions = torch.cat([torch.arange(n - q, n) for q, n in seqs])
+    angles = positions[:, None].float() * torch.rand(cfg.rope.dim // 2)
+
+    def forward(rows: slice, seq_ids: list[int]) -> torch.Tensor:
+        pos = positions[rows]
+        blocks = tables[seq_ids]
+        seq_of = torch.repeat_interleave(torch.arange(len(seq_ids)),
+                                         torch.tensor([seqs[i][0] for i in seq_ids]))
+        slots = blocks[seq_of, pos // block_size].long() * block_size + pos % block_size
+        batch = ForwardBatch(
+            positions=pos, slot_mapping=slots, block_tables=blocks,
+            seq_lens=torch.tensor([seqs[i][1] for i in seq_ids]),
+            query_lens=[seqs[i][0] for i in seq_ids],
+            num_decodes=sum(seqs[i][0] == 1 for i in seq_ids),
+            context_lens=[seqs[i][1] for i in seq_ids],
+            cos=angles[rows].cos(), sin=angles[rows].sin())
+        return attn(x[rows], batch, cache)
+
+    together = forward(slice(0, x.shape[0]), [0, 1, 2, 3])
+    start = 0
+    for i, (q, _) in enumerate(seqs):
+        alone = forward(slice(start, start + q), [i])
+        torch.testing.assert_close(together[start:start + q], alone, atol=1e-5, rtol=1e-5)
+        start += q
+    if cfg.attention == "mla":
+        monkeypatch.setattr(attention, "MLA_PREFILL_MAX_CONTEXT", 20)  # runs (6, 14), (11)
+        torch.testing.assert_close(forward(slice(0, x.shape[0]), [0, 1, 2, 3]), together,
+                                   atol=1e-5, rtol=1e-5)
