@@ -162,20 +162,21 @@ def split_head_dim(dim: int) -> tuple[int, int]:
     return (a, b) if b < a else (next_pow2(dim), 0)
 
 
-def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool) -> dict:
+def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool = False) -> dict:
     """Rows per program, positions per step, warps and stages.
 
-    On a GPU: 128 rows (queries x group) and 64 positions per step with 8 warps, as the flash
-    attention tutorial's Hopper forward; with MLA's wider q.k (> 128) 32 positions per step, so
-    the two key pieces and V fit two stages of shared memory (sm_90a compile check). The
-    interpreter gets 16 x 16, so the tests' tiles and masks stay partial.
+    On a GPU: 128 rows (queries x group) and 64 positions per step, 8 warps, two stages, as the
+    flash-attention tutorial's Hopper forward (wgmma, no spills, 96 KiB of shared memory at
+    D = 128 and 128 KiB at MLA's 192/128: the sm_90a compile check). fp32 runs its dots on the
+    FMA units (tensor cores would round to tf32): 32 x 16 tiles keep it out of local memory.
+    The interpreter gets 16 x 16, so the tests' tiles and masks stay partial.
     """
-    block_m_min = max(16, next_pow2(group))  # a tile holds at least one query's whole group
+    rows_min = max(16, next_pow2(group))  # a tile holds at least one query's whole group
     if not on_gpu:
-        return {"block_m": max(16, block_m_min), "block_n": 16, "num_warps": 4, "num_stages": 1}
-    block_n = 64 if max(dim_k, dim_v) <= 128 else 32
-    return {"block_m": max(128, block_m_min), "block_n": block_n, "num_warps": 8,
-            "num_stages": 2}
+        return {"block_m": rows_min, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    if fp32:
+        return {"block_m": max(32, rows_min), "block_n": 16, "num_warps": 8, "num_stages": 2}
+    return {"block_m": max(128, rows_min), "block_n": 64, "num_warps": 8, "num_stages": 2}
 
 
 def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: int, paged: bool,
@@ -184,7 +185,7 @@ def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: in
     if layout.num_seqs == 0 or q.shape[1] == 0:
         return out
     dim_k, dim_v = q.shape[-1], v.shape[-1]
-    launch = default_launch(group, dim_k, dim_v, on_gpu=q.is_cuda)
+    launch = default_launch(group, dim_k, dim_v, on_gpu=q.is_cuda, fp32=q.dtype == torch.float32)
     block_m = block_m or launch["block_m"]
     if block_m < group:
         raise ValueError(f"block_m {block_m} must hold a whole group of {group} query heads")

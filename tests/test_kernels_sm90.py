@@ -38,6 +38,7 @@ from kernels import (  # noqa: E402
     moe_gemm_triton,
     moe_sum_triton,
     norm_triton,
+    prefill_attention_triton,
     rotary_triton,
     triton_utils,
 )
@@ -382,3 +383,38 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
         check_combine(splits, head_dim, d_pad)
+
+
+@pytest.mark.parametrize(("paged", "group", "dim_k", "dim_v", "dtype"),
+                         [(True, 8, 128, 128, "bf16"), (True, 16, 128, 128, "bf16"),
+                          (True, 3, 80, 80, "bf16"), (True, 4, 128, 128, "fp32"),
+                          (False, 1, 192, 128, "bf16"), (False, 1, 80, 48, "fp32")])
+def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: int,
+                                    dtype: str) -> None:
+    # Paged GQA at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), an odd group with a padded
+    # head_dim, fp32; ragged MHA at DeepSeek-V3's MLA (192/128) and a padded fp32 shape.
+    heads = 32 if paged else 128
+    ptr = f"*{dtype}"
+    defaults = prefill_attention_triton.default_launch(group, dim_k, dim_v, on_gpu=True,
+                                                       fp32=dtype == "fp32")
+    dk_a, dk_b = prefill_attention_triton.split_head_dim(dim_k)
+    k_row = (heads // group) * dim_k if paged else heads * dim_k
+    v_row = (heads // group) * dim_v if paged else heads * (dim_k + dim_v)  # V a view (MLA)
+    args = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "tiles_ptr": "*i32",
+            "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "lens_ptr": "*i32", "table_ptr": "*i32",
+            "num_tiles": 77, "tile_q": defaults["block_m"] // group, "group": group,
+            "dim_k": dim_k, "dim_v": dim_v, "block_size": 16 if paged else 0,
+            "scale_log2": 0.13, "stride_qt": heads * dim_k, "stride_qh": dim_k,
+            "stride_kb": 16 * k_row if paged else 0, "stride_kt": k_row, "stride_kh": dim_k,
+            "stride_vb": 16 * v_row if paged else 0, "stride_vt": v_row,
+            "stride_vh": dim_v if paged else dim_k + dim_v, "stride_tb": 2048, "stride_tc": 1,
+            "stride_ot": heads * dim_v, "stride_oh": dim_v}
+    constexprs = {"PAGED": paged, "BLOCK_M": defaults["block_m"], "BLOCK_N": defaults["block_n"],
+                  "DK_A": dk_a, "DK_B": max(16, dk_b), "SPLIT_K": dk_b > 0,
+                  "DV_PAD": triton.next_power_of_2(dim_v), "DOT_MODE": 1 if dtype == "fp32" else 0,
+                  "INTERP_BF16": False}
+    compiled = compile_sm90(prefill_attention_triton.prefill_attention_kernel, args, constexprs,
+                            defaults["num_warps"], defaults["num_stages"])
+    check(compiled, pipelined=True)
+    if dtype == "bf16":
+        assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
