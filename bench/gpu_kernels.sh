@@ -18,8 +18,15 @@
 #                                        # DeepSeek-V3 dims), then bench/kernels.py --fp8-only
 #                                        # (checks, then FP8 fused/grouped beside bf16 fused
 #                                        # and the FP8 floor, E = 8 and 32, m = 1..512)
-# The full run includes the FP8 GPU tests and the FP8 table too (after the bf16 one); QUICK
-# leaves them to FP8=1, so that its time stays what the plan in bench/results/README.md assumes.
+#   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 120+240 s):
+#                                        # its GPU tests, then bench/kernels.py --prefill-only
+#                                        # (checks against the per-sequence SDPA loop, then the
+#                                        # varlen kernel beside the loop and the floor at
+#                                        # DeepSeek-V3 MLA and Qwen3-30B-A3B GQA dims, 8 and 32
+#                                        # sequences x chunks of 512 and 2048; launch variants)
+# The full run includes the FP8 GPU tests and the FP8 table too (after the bf16 one), and the
+# prefill attention tests and rows; QUICK leaves them to FP8=1 and PREFILL=1, so that its time
+# stays what the plan in bench/results/README.md assumes.
 # Timings are device time (CUDA graph replay) unless BENCH_ARGS=--eager; the MoE table also
 # prints grouped_moe as launched from the host (how the earlier bench/results runs timed all).
 #
@@ -34,6 +41,7 @@ OUT=${OUT:-bench/results/kernels_$(date -u +%Y%m%d_%H%M%S)}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 QUICK=${QUICK:-0}
 FP8=${FP8:-0}
+PREFILL=${PREFILL:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-300}
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -49,11 +57,21 @@ stamp() { echo "[gpu_kernels $(($(date +%s) - start))s] $*"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8"
+  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL"
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
-if [ "$FP8" = 1 ]; then
+if [ "$PREFILL" = 1 ]; then
+  stamp "GPU prefill attention tests"
+  timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+    tests/test_kernels_prefill.py 2>&1 | tee "$OUT/kernels_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  stamp "tests exit code $tests_rc"
+  stamp "benchmark --prefill-only (writes $OUT/kernels.json)"
+  timeout -k 5 240 python3 bench/kernels.py --prefill-only --budget-s 200 --rounds "$ROUNDS" \
+    $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
+  bench_rc=${PIPESTATUS[0]}
+elif [ "$FP8" = 1 ]; then
   stamp "FP8 GPU MoE tests"
   timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k fp8 \
     tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
@@ -85,7 +103,8 @@ else
   stamp "GPU kernel tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
-    tests/test_kernels_mla.py tests/test_kernels_gqa.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
+    tests/test_kernels_mla.py tests/test_kernels_gqa.py tests/test_kernels_prefill.py \
+    tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
   tests_rc=${PIPESTATUS[0]}
   stamp "tests exit code $tests_rc"
   stamp "benchmark (writes $OUT/kernels.json)"

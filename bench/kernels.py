@@ -5,6 +5,7 @@ hot-path kernels against their torch references.
     python bench/kernels.py --quick [--budget-s 100] [--rounds 3]          # MoE only, A/B
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
     python bench/kernels.py --fp8-only [--smoke]                           # FP8 MoE only
+    python bench/kernels.py --prefill-only [--smoke]                       # prefill attention
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
 m = 1..512 tokens per expert, each beside
@@ -40,6 +41,13 @@ at the FP8 rate, measured with ``torch._scaled_mm`` where it runs, else taken as
 rate, which is what Hopper's tensor cores give). Checked first on the device: Triton against the
 FP8 torch reference (rel. err < 1e-2) and the FP8 reference against bf16 (< 0.1, FP8's own
 error). ``--fp8-only`` runs just those checks and that table; ``--no-fp8`` skips them.
+
+Prefill attention (the full run, after the other kernels, or ``--prefill-only``): the varlen
+Triton kernel, one launch for all sequences, beside the per-sequence SDPA loop it replaced, at
+DeepSeek-V3's MLA (128 heads, q.k 192, v 128, K/V packed ragged) and Qwen3-30B-A3B's GQA (32
+query heads on 4 KV heads, 128, paged cache), 8 and 32 sequences x chunks of 512 and 2048
+queries behind cached prefixes; checked against the loop first, then timed in turn, each beside
+its floor (bytes of q, K/V and the output; the causal flops). Not part of ``--quick``.
 """
 
 from __future__ import annotations
@@ -84,6 +92,15 @@ from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
 from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
 from kernels.moe_align_triton import inline_route_fits  # noqa: E402
 from kernels.norm import rms_norm_torch  # noqa: E402
+from kernels.prefill_attention import (  # noqa: E402
+    PrefillLayout,
+    paged_prefill_attention_torch,
+    varlen_prefill_attention_torch,
+)
+from kernels.prefill_attention_triton import (  # noqa: E402
+    paged_prefill_attention_triton,
+    varlen_prefill_attention_triton,
+)
 from kernels.norm_triton import rms_norm_triton  # noqa: E402
 from kernels.rotary import apply_rotary_torch  # noqa: E402
 from kernels.rotary_triton import apply_rotary_triton  # noqa: E402
@@ -792,6 +809,107 @@ def _gqa_inputs(device: str, batch: int, ctx: int, smoke: bool) -> dict:
     }
 
 
+PREFILL_VARIANTS = ({"block_m": 64, "block_n": 64, "num_warps": 4},
+                    {"block_m": 128, "block_n": 32, "num_warps": 8},
+                    {"block_m": 128, "block_n": 128, "num_warps": 8},
+                    {"block_m": 64, "block_n": 128, "num_warps": 4})
+
+
+def _prefill_inputs(kind: str, num_seqs: int, chunk: int, device: str, smoke: bool) -> dict:
+    """A prefill step: ``num_seqs`` chunks of ``chunk`` queries, sequence i behind a cached
+    prefix of (i % 4) / 2 chunks (so a quarter start fresh, Q = L). kind "mla": DeepSeek-V3's
+    expanded K/V (128 heads, q.k 192, v 128) as packed ragged tensors, V a view of kv_b_proj's
+    output as the model passes it; "gqa": Qwen3-30B-A3B (32 query heads on 4 KV heads, 128)
+    from a paged cache of shuffled 16-token blocks. The floor reads q, K/V once and writes the
+    output, and does the causal flops (q.k and p.v over the positions each query sees)."""
+    dt = torch.bfloat16
+    q_lens = [chunk] * num_seqs
+    ctx = [chunk + (i % 4) * chunk // 2 for i in range(num_seqs)]
+    layout = PrefillLayout(q_lens, ctx, device)
+    seen = sum(q * (n - q) + q * (q + 1) // 2 for q, n in zip(q_lens, ctx))  # (query, pos) pairs
+    if kind == "mla":
+        heads, dk, dv = (2, 24, 16) if smoke else (128, 192, 128)
+        q = torch.randn(layout.num_queries, heads, dk, device=device, dtype=dt)
+        k = torch.randn(layout.num_context, heads, dk, device=device, dtype=dt)
+        nope = dk - (8 if smoke else 64)  # kv_b_proj's output per head: k_nope, then v
+        v = torch.randn(layout.num_context, heads, nope + dv, device=device, dtype=dt)[..., nope:]
+        scale = dk**-0.5
+        moved = (q.numel() + k.numel() + v.numel() + layout.num_queries * heads * dv) * 2
+        return {
+            "shape": f"MLA S={num_seqs} Q={chunk} H={heads} {dk}/{dv} sum L={layout.num_context}",
+            "floor": lambda ceil: _roofline_ms(ceil, moved, 2 * seen * heads * (dk + dv)),
+            "run": lambda **knobs: varlen_prefill_attention_triton(q, k, v, layout, scale,
+                                                                   **knobs),
+            "ref": lambda: varlen_prefill_attention_torch(q, k, v, layout, scale),
+        }
+    heads, kv_heads, dim, block = (4, 2, 32, 4) if smoke else (32, 4, 128, 16)
+    width = -(-max(ctx) // block)
+    kv = torch.randn(2, num_seqs * width, block, kv_heads, dim, device=device, dtype=dt)
+    tables = torch.randperm(num_seqs * width, device=device).view(num_seqs, width).int()
+    q = torch.randn(layout.num_queries, heads, dim, device=device, dtype=dt)
+    scale = dim**-0.5
+    moved = (2 * q.numel() + 2 * layout.num_context * kv_heads * dim) * 2
+    return {
+        "shape": f"GQA S={num_seqs} Q={chunk} H={heads}/{kv_heads} D={dim} "
+                 f"sum L={layout.num_context}",
+        "floor": lambda ceil: _roofline_ms(ceil, moved, 4 * seen * heads * dim),
+        "run": lambda **knobs: paged_prefill_attention_triton(q, kv, tables, layout, scale,
+                                                              **knobs),
+        "ref": lambda: paged_prefill_attention_torch(q, kv, tables, layout, scale),
+    }
+
+
+def bench_prefill(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
+                  rounds: int, deadline: float, checks: list) -> list:
+    """Varlen prefill attention (one launch for all sequences) beside the per-sequence SDPA loop
+    it replaces (``*_prefill_attention_torch``: gather, SDPA with a bottom-right causal mask,
+    per sequence), both device time, and the floor. Each shape is checked against the loop on
+    the device first (bf16, rel. err < 1e-2, into ``checks``); then a few launch variants at
+    the 8-sequence rows, to tune ``prefill_attention_triton.default_launch``. No new row or
+    variant starts past ``deadline``.
+    """
+    rows = []
+    shapes = [(kind, s, c) for kind in ("mla", "gqa")
+              for s, c in (((2, 8), (3, 16)) if smoke else ((8, 512), (8, 2048), (32, 512),
+                                                             (32, 2048)))]
+    for kind, num_seqs, chunk in shapes:
+        label = f"prefill {kind} S={num_seqs} Q={chunk}"
+        if time.time() > deadline:
+            log(f"past the time budget: {label} and the rows after it not run")
+            break
+        torch.manual_seed(0)
+        case = guarded(errors, f"inputs {label}",
+                       lambda: _prefill_inputs(kind, num_seqs, chunk, device, smoke))
+        if case is None:
+            continue
+        err = guarded(errors, f"check {label}",
+                      lambda case=case: rel_err(case["run"](), case["ref"]()))
+        checks.append({"op": label, "rel_err": err, "ok": err is not None and err < 1e-2})
+        floor = case["floor"](ceil)
+        timed = timed_in_turn(timer, errors, label, {"triton": case["run"], "torch": case["ref"]},
+                              rounds, deadline)
+        row = {"op": label, "shape": case["shape"], "floor_ms": floor, "rel_err": err,
+               "triton_ms": timed["triton"][0], "triton_spread": timed["triton"][1],
+               "torch_ms": timed["torch"][0], "torch_spread": timed["torch"][1]}
+        log(f"{label:28s} {case['shape']:52s} floor {_ms(floor)} | triton "
+            f"{_ms(row['triton_ms'])} {_ratio(row['triton_ms'], floor)} | per-seq sdpa "
+            f"{_ms(row['torch_ms'])} {_ratio(row['torch_ms'], floor)} | sdpa/triton "
+            f"{_ratio(row['torch_ms'], row['triton_ms'])} | rel err {err}")
+        rows.append(row)
+        at_first_count = num_seqs == shapes[0][1]  # launch variants at the 8-sequence rows
+        for knobs in (PREFILL_VARIANTS[:1] if smoke else PREFILL_VARIANTS) * at_first_count:
+            if time.time() > deadline:
+                break
+            variant = f"{label} " + " ".join(f"{k}={v}" for k, v in knobs.items())
+            ms = guarded(errors, variant, lambda knobs=knobs, case=case:
+                         timer(lambda: case["run"](**knobs)))
+            log(f"{variant:60s} floor {_ms(floor)} | triton {_ms(ms)} {_ratio(ms, floor)}")
+            rows.append({"op": variant, "shape": case["shape"], "floor_ms": floor,
+                         "triton_ms": ms, **knobs})
+        case = None  # the largest rows' tensors are ~20 GB: free them before the next
+    return rows
+
+
 def summarize(moe_rows: list[dict]) -> dict:
     """The issue's targets: <= 1.10x the floor up to m = 128, faster than _grouped_mm everywhere."""
     def worst(key: str, floor_key: str, rows: list[dict]) -> float | None:
@@ -852,6 +970,8 @@ def main() -> None:
     parser.add_argument("--fp8-only", action="store_true",
                         help="only the FP8 MoE checks and table (and the ceilings)")
     parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 MoE rows")
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="only the varlen prefill attention rows (and the ceilings)")
     parser.add_argument("--eager", action="store_true",
                         help="time every call as launched from the host (do_bench, L2 flushed "
                              "before each call) instead of replayed from a CUDA graph")
@@ -878,21 +998,25 @@ def main() -> None:
             "timing": "wall clock" if not cuda else "host-launched (do_bench)" if args.eager
             else "CUDA graph replay (do_bench_cudagraph); grouped_eager_ms host-launched"}
     log(f"{info}")
-    result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": []}
+    result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": [], "prefill": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
     try:
         result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-        if not args.fp8_only:
+        if args.prefill_only:
+            log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
+            result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
+                                              args.rounds, deadline, result["checks"])
+        elif not args.fp8_only:
             check_moe(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to "
                 f"gmm)")
             bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                       result["moe"])  # filled as it goes: a killed run keeps it
             result["summary"] = summarize(result["moe"])
-        if not args.no_fp8:
+        if not args.no_fp8 and not args.prefill_only:
             check_fp8(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] FP8 MoE timings (block-scaled [128, 128]; each "
                 f"to its own floor)")
@@ -901,7 +1025,7 @@ def main() -> None:
         # Kept now: a later stage can hang the device (a kill -9 skips the finally below).
         write_json(result, [os.environ.get("OUT") and os.path.join(os.environ["OUT"],
                                                                    "kernels.json")])
-        if args.fp8_only:
+        if args.fp8_only or args.prefill_only:
             pass
         elif args.quick:
             # Tiles first: whether a ws tile beats the table is the open question (issue 3).
@@ -930,6 +1054,9 @@ def main() -> None:
         else:
             log(f"[{time.time() - start:.0f}s] other kernels")
             result["others"] = bench_others(timer, ceil, errors, device, args.smoke)
+            log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
+            result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
+                                              args.rounds, deadline, result["checks"])
         if args.sweep and not args.quick:
             log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
             sweep_timer = Timer(cuda, max(20, args.rep_ms // 3), graphs=not args.eager)

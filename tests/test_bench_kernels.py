@@ -158,6 +158,27 @@ def test_bench_kernels_fp8_smoke_runs_on_cpu(tmp_path) -> None:
             assert row[f"{entry}_ms"] > 0
 
 
+def test_bench_kernels_prefill_smoke_runs_on_cpu(tmp_path) -> None:
+    """The prefill attention section (full run, or ``PREFILL=1 bash bench/gpu_kernels.sh``):
+    checked against the per-sequence loop, timed beside it and the floor, a launch variant."""
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--prefill-only",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["moe"] == [] and result["fp8"] == []
+    checks = result["checks"]
+    assert {c["op"].split()[1] for c in checks} == {"mla", "gqa"} and len(checks) == 4
+    assert all(c["ok"] for c in checks)
+    rows = [r for r in result["prefill"] if "block_m" not in r]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["floor_ms"] > 0 and row["triton_ms"] > 0 and row["torch_ms"] > 0
+    assert any(r.get("block_m") and r["triton_ms"] > 0 for r in result["prefill"])
+
+
 _OTHERS_SMOKE = """
 import importlib.util, json, sys
 sys.argv.append("--smoke")  # bench/kernels.py then loads the kernels under the interpreter
