@@ -67,6 +67,7 @@ class PrefillLayout:
         torch.cumsum(lens[1], 0, out=host[s + 2:2 * s + 2])
         host[2 * s + 2:] = lens[1]
         dev = _to_device(host, self.device)
+        self.device = dev.device  # "cuda" -> "cuda:0", as the tensors it is compared with
         self.cu_seqlens_q, self.cu_seqlens_k = dev[:s + 1], dev[s + 1:2 * s + 2]
         self.seq_lens = dev[2 * s + 2:]
 

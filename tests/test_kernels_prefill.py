@@ -20,7 +20,7 @@ from kernels.prefill_attention import (PrefillLayout, gather_context, gather_pag
                                        varlen_prefill_attention, varlen_prefill_attention_torch)
 from kernels.testing import check_result, rel_err, run_in_interpreter, seed_case, tolerance
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
 
 # (query_len, context_len) per sequence; the interpreter's tiles are 16 rows, 16 positions.
@@ -34,6 +34,7 @@ PAGED = {
     "g3_d80_fp32": ("fp32", 6, 2, 80, 16, [(12, 40), (1, 17), (33, 33)], {}),
     "g4_d64_bf16": ("bf16", 8, 2, 64, 16, [(9, 9), (30, 47), (1, 18)], {}),
     "g2_d80_block5_bf16": ("bf16", 4, 2, 80, 5, [(6, 14), (17, 17)], {}),
+    "g2_d32_fp16": ("fp16", 4, 2, 32, 8, [(1, 1), (11, 27)], {}),
     "g4_strided_fp32": ("fp32", 4, 1, 32, 8, [(13, 29), (2, 2), (8, 20)], {"strided": True}),
     "g2_tiles32_fp32": ("fp32", 4, 2, 32, 4, [(40, 45), (3, 3)], {"block_m": 32, "block_n": 32}),
 }
