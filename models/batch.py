@@ -32,17 +32,6 @@ class ForwardBatch:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    def prefill_segments(self):
-        """Yield (seq index, first token index, query_len, context length) per prefill
-        sequence."""
-        if self.num_decodes == self.num_seqs:
-            return  # decodes only: no host read of seq_lens (a CUDA graph captures this)
-        lens = self.context_lens if self.context_lens is not None else self.seq_lens.tolist()
-        start = self.num_decodes
-        for i in range(self.num_decodes, self.num_seqs):
-            yield i, start, self.query_lens[i], lens[i]
-            start += self.query_lens[i]
-
     def prefill_layout(self) -> PrefillLayout | None:
         """The prefill sequences (those past the decodes) packed for
         ``kernels.*_prefill_attention``: their query and context lengths, on the host and on the
