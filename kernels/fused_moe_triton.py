@@ -192,8 +192,10 @@ def default_config(rows: int, num_experts: int, hidden: int, inter: int,
 # beside the accumulator (the scales change every step), two fp32 tiles in registers. Compiled
 # for sm_90a (Triton 3.6), the table's 128 x 256 tiles then spill; at 64 per thread none does,
 # but for the persistent w2 tile (its fused tile loops keep more alive), so FP8 tiles are not
-# persistent.
+# persistent. Tiles under 64 rows (mma.sync, with e4m3 upcast to fp16 in registers) take block_k
+# 64: at 128 the 16-row w2 tile with TMA weights spills 8 B under Triton 3.9 (none under 3.6).
 _FP8_ACC_PER_THREAD = 64
+_FP8_MMA_SYNC_BLOCK_K = 64
 
 
 def _config(config: MoEConfig | None, rows: int, num_experts: int, hidden: int, inter: int,
@@ -212,9 +214,13 @@ def _config(config: MoEConfig | None, rows: int, num_experts: int, hidden: int, 
 @functools.lru_cache(maxsize=256)
 def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
     """A table config for FP8 weights: plain, not persistent, block_k at most group_k, block_n
-    halved until the accumulator fits ``_FP8_ACC_PER_THREAD`` (w13's is 2 * block_n wide)."""
+    halved until the accumulator fits ``_FP8_ACC_PER_THREAD`` (w13's is 2 * block_n wide);
+    tiles under 64 rows take block_k at most ``_FP8_MMA_SYNC_BLOCK_K``."""
     def fit(tile: GemmTile, width: int) -> GemmTile:
-        tile = replace(tile.plain(), block_k=min(tile.block_k, group_k), persistent=0)
+        block_k = min(tile.block_k, group_k)
+        if tile.block_m < 64:
+            block_k = min(block_k, _FP8_MMA_SYNC_BLOCK_K)
+        tile = replace(tile.plain(), block_k=block_k, persistent=0)
         while (tile.block_n > 16 and tile.block_m * tile.block_n * width
                > _FP8_ACC_PER_THREAD * 32 * tile.num_warps):
             tile = replace(tile, block_n=tile.block_n // 2)
