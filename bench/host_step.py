@@ -1,0 +1,175 @@
+"""Host time of one engine decode step without the model: afd's own Python per step.
+
+    python bench/host_step.py [--batches 1 32 256] [--steps 60] [--warmup 8] [--repeats 3]
+                              [--profile prof.txt] [--json out.json]
+
+With CUDA graphs a decode step's forward costs the host little; what is left is the engine
+around it: scheduling, building the inputs, sampling bookkeeping, output assembly,
+detokenization, stop strings. This measures exactly that on any machine, with the forward
+replaced by a stub.
+
+What is stubbed: ``MoEModel.forward_stages`` (every layer: embedding, attention, MoE, LM head)
+becomes a generator that yields nothing and returns logits at once: ``table[input_ids[index]]``,
+a fixed random [V, V] fp32 table (V = 512, the embedded model's vocabulary) indexed by each
+sampled position's input token. So the next token's logits depend on the current token alone
+(a Markov chain: greedy rows fall into a cycle, sampled rows wander over the vocabulary and give
+the detokenizer varied text), and the stub costs one [N, V] gather. Everything else is the real
+single-process engine (``LLMEngine.step`` -> ``EngineCore.step``): ``Scheduler.schedule``,
+``ModelRunner.prepare`` (the input tensors), ``run_micro_batches``, the sampler (on CPU tensors:
+with a 512-id vocabulary its tensor work is small, but it is still device work that a GPU would
+run, so the numbers are an upper bound on host time), ``Scheduler.update``, the core's outputs,
+and the front end's ``_apply`` (detokenize, stop strings, logprobs) and ``RequestOutput``s.
+
+Workload per cell: ``batch`` requests of 16 random prompt tokens, ``ignore_eos``, enough
+``max_tokens`` that none finishes while timed, all admitted and prefilled before timing
+(``warmup`` steps), then ``steps`` decode steps each timed alone (``time.perf_counter`` around
+``engine.step()``). Configs: greedy; temperature 0.8 top_p 0.9; each with two stop strings that
+never match (so every step searches them); greedy with ``logprobs=1``. A cell's figure is the
+median step over its ``repeats`` runs (each run a fresh set of requests on the same engine);
+per sequence-step is that over the batch. A digest of every output's tokens and text is kept,
+so runs before and after a change can be checked for identical outputs.
+
+``--profile``: after the timed runs, one more run at the largest batch of two configs
+(temperature 0.8 + stop strings, greedy + logprobs) under cProfile; top functions by own and by
+cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import os
+import platform
+import pstats
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from results_io import commit_id, write_result  # noqa: E402
+
+from afd import LLM, SamplingParams  # noqa: E402
+from models.model import MoEModel  # noqa: E402
+
+PROMPT_LEN = 16
+STOPS = ["<never-a-stop>", "qqqzzzxxx"]
+CONFIGS = {
+    "greedy": dict(temperature=0.0),
+    "t0.8_top_p0.9": dict(temperature=0.8, top_p=0.9),
+    "greedy_stop": dict(temperature=0.0, stop=STOPS),
+    "t0.8_top_p0.9_stop": dict(temperature=0.8, top_p=0.9, stop=STOPS),
+    "greedy_logprobs1": dict(temperature=0.0, logprobs=1),
+}
+PROFILED = ("t0.8_top_p0.9_stop", "greedy_logprobs1")
+
+
+def stub_forward(vocab: int) -> None:
+    """Replace every layer of the forward with a table lookup (see the module docstring)."""
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward_stages(self, input_ids, batch, kv_caches, logits_index):
+        return table[input_ids[logits_index]]
+        yield  # a generator that returns at its first resume, as the real one does at the end
+
+    MoEModel.forward_stages = forward_stages
+
+
+def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: int,
+             prof: cProfile.Profile | None = None) -> tuple[list[float], str]:
+    """One set of ``batch`` requests: returns each timed decode step's seconds and a digest of
+    the outputs."""
+    engine = llm.engine
+    rng = random.Random(seed)
+    sp = SamplingParams(ignore_eos=True, max_tokens=warmup + steps + 4, **params)
+    ids = [f"r{seed}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, {"prompt_token_ids": [rng.randrange(2, 500)
+                                                      for _ in range(PROMPT_LEN)]}, sp)
+    last = {}
+    for _ in range(warmup):
+        for out in engine.step():
+            last[out.request_id] = out
+    times = []
+    for _ in range(steps):
+        if prof is not None:
+            prof.enable()
+        start = time.perf_counter()
+        outs = engine.step()
+        times.append(time.perf_counter() - start)
+        if prof is not None:
+            prof.disable()
+        for out in outs:
+            last[out.request_id] = out
+        assert len(outs) == batch and not any(o.finished for o in outs), "a request finished"
+    digest = hashlib.sha256()
+    for rid in ids:
+        c = last[rid].outputs[0]
+        digest.update(repr((c.token_ids, c.text, c.cumulative_logprob)).encode())
+        engine.abort_request(rid)
+    while engine.core.has_unfinished():
+        engine.step()
+    return times, digest.hexdigest()[:16]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", help="write a cProfile top list (batch 256) here")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    max_batch = max(args.batches)
+    llm = LLM(None, device="cpu", dtype="float32", max_num_seqs=max_batch,
+              max_model_len=256, num_kv_blocks=max_batch * 8 + 16, enable_prefix_caching=True)
+    stub_forward(llm.engine.model_cfg.vocab_size)
+    result = {"bench": "host_step", "commit": commit_id(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+              "repeats": args.repeats, "stubbed": "MoEModel.forward_stages -> table[input_ids]",
+              "cells": []}
+    prof = cProfile.Profile() if args.profile else None
+    print(f"{'config':<22}{'batch':>6}{'us/step':>10}{'us/seq-step':>13}  digest")
+    for name in args.configs:
+        for batch in args.batches:
+            runs, digests = [], []
+            for r in range(args.repeats):
+                times, digest = run_cell(llm, batch, CONFIGS[name], args.steps, args.warmup,
+                                         seed=r)
+                runs.append(statistics.median(times))
+                digests.append(digest)
+            step_us = statistics.median(runs) * 1e6
+            cell = {"config": name, "batch": batch, "us_per_step": round(step_us, 1),
+                    "us_per_seq_step": round(step_us / batch, 2),
+                    "runs_us_per_step": [round(t * 1e6, 1) for t in runs], "digests": digests}
+            result["cells"].append(cell)
+            print(f"{name:<22}{batch:>6}{step_us:>10.0f}{step_us / batch:>13.1f}  "
+                  f"{','.join(digests)}", flush=True)
+    if prof is not None:  # a pass of its own: cProfile slows what it watches
+        for name in PROFILED:
+            run_cell(llm, max_batch, CONFIGS[name], args.steps, args.warmup, seed=100, prof=prof)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        text.write(f"cProfile of engine.step(), batch {max_batch}, configs {PROFILED}, "
+                   f"{args.steps} steps each, commit {result['commit']}\n")
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(35)
+        with open(args.profile, "w") as f:
+            f.write(text.getvalue())
+        print(f"wrote {args.profile}")
+    write_result(result, args.json, "host_step.json")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
