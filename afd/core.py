@@ -49,6 +49,12 @@ class PrefixCacheStats:
                    sum(s.prefix_cache_hits for s in stats))
 
 
+def _row_error(token: int) -> str:
+    """Why a sampled row has no token (a negative id from the sampler)."""
+    return ("structured_outputs, allowed_token_ids and bad_words leave no token to sample"
+            if token == NO_TOKEN else "the model's logits hold a NaN")
+
+
 class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
     (blocks kept, no more steps) until its KV moves to a decode rank (``release``)."""
@@ -110,42 +116,33 @@ class EngineCore:
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
         """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
         sampling = [s for s in plan.seqs if s.samples]  # before update() moves the counts
+        speculating = any(s.draft_token_ids for s in sampling)
         # a speculating seeded sequence's generator, to rewind to what its emitted tokens used
-        states = [s.seq.generator.get_state() if s.draft_token_ids and s.seq.generator else None
-                  for s in sampling]
+        states = ([s.seq.generator.get_state() if s.draft_token_ids and s.seq.generator else None
+                   for s in sampling] if speculating else None)
         sampled = self.runner.execute(plan, micro_batches)
-        for s in plan.seqs:
-            scored = sampled.prompt_logprobs.get(s.seq.request_id)
-            if scored is not None:
-                s.seq.add_prompt_logprobs(scored)
-        taken, row = [], 0
-        for s, state in zip(sampling, states):
-            seq, drafts = s.seq, s.draft_token_ids
-            tokens = sampled.tokens[row:row + len(drafts) + 1]
-            logprobs = sampled.logprobs[row:row + len(drafts) + 1]
-            row += len(drafts) + 1
-            used = accept(tokens, drafts)  # 1 without drafts
-            if drafts:
-                s.num_rejected = len(drafts) + 1 - used
-                rewind(seq.generator, state, used)
-            new, error = [], None
-            for token in tokens[:used]:  # stops as the one-token steps would have
+        if sampled.prompt_logprobs:
+            for s in plan.seqs:
+                scored = sampled.prompt_logprobs.get(s.seq.request_id)
+                if scored is not None:
+                    s.seq.add_prompt_logprobs(scored)
+        if speculating:
+            taken = self._verify(sampling, sampled, states)
+        else:  # one row per sequence
+            taken = []
+            for s, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
+                seq = s.seq
                 if token < 0:  # fail this request, not the rank
-                    error = ("structured_outputs, allowed_token_ids and bad_words leave no "
-                             "token to sample" if token == NO_TOKEN
-                             else "the model's logits hold a NaN")
-                    break
-                seq.append(token)
-                new.append(token)
-                if seq.finish_reason is not None:
-                    break
-            taken.append((seq, new, logprobs[:len(new)], error,
-                          [len(drafts), used - 1] if drafts else None))
+                    taken.append((seq, [], None, _row_error(token), None))
+                else:
+                    seq.append(token)
+                    taken.append((seq, [token], None if logprobs is None else [logprobs], None,
+                                  None))
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
         outputs = []
         for seq, new, logprobs, error, spec in taken:
             out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason,
-                             logprobs=None if not logprobs or logprobs[0] is None else logprobs)
+                             logprobs=logprobs)
             if error is not None:
                 out.finish_reason, out.stop_reason, out.error = "error", None, error
             elif seq.num_output_tokens == len(new):  # its first token(s)
@@ -163,6 +160,35 @@ class EngineCore:
                 self.scheduler.park(seq)
                 self.newly_parked.append(seq)
         return outputs
+
+    @staticmethod
+    def _verify(sampling: list, sampled, states: list) -> list[tuple]:
+        """Speculative decoding: accept each sequence's drafts up to its first differing sample
+        and append the emitted tokens; per sequence (seq, new tokens, their logprobs or None,
+        error or None, [drafts, accepted] or None)."""
+        taken, row = [], 0
+        for s, state in zip(sampling, states):
+            seq, drafts = s.seq, s.draft_token_ids
+            tokens = sampled.tokens[row:row + len(drafts) + 1]
+            logprobs = sampled.logprobs[row:row + len(drafts) + 1]
+            row += len(drafts) + 1
+            used = accept(tokens, drafts)  # 1 without drafts
+            if drafts:
+                s.num_rejected = len(drafts) + 1 - used
+                rewind(seq.generator, state, used)
+            new, error = [], None
+            for token in tokens[:used]:  # stops as the one-token steps would have
+                if token < 0:  # fail this request, not the rank
+                    error = _row_error(token)
+                    break
+                seq.append(token)
+                new.append(token)
+                if seq.finish_reason is not None:
+                    break
+            logprobs = logprobs[:len(new)]
+            taken.append((seq, new, None if not logprobs or logprobs[0] is None else logprobs,
+                          error, [len(drafts), used - 1] if drafts else None))
+        return taken
 
     def release(self, request_id: str) -> Sequence | None:
         """Free a parked sequence (its KV was sent, or is no longer wanted)."""

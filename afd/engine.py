@@ -60,17 +60,22 @@ class _Request:
     error: str | None = None
     num_cached_tokens: int | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # While a completion runs, its last len(longest stop) - 1 characters could be the start of
+    # a stop string that the next token completes (and cuts): they are held back, so what was
+    # shown (streamed) is never taken back. From the params, which never change.
+    hold: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.hold = 0 if p.include_stop_str_in_output else max(map(len, p.stop), default=1) - 1
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.completions)
 
-    def output(self) -> RequestOutput:
-        # While a completion runs, its last len(longest stop) - 1 characters could be the start
-        # of a stop string that the next token completes (and cuts): they are held back, so
-        # what was shown (streamed) is never taken back.
-        p = self.params
-        hold = 0 if p.include_stop_str_in_output else max(map(len, p.stop), default=1) - 1
+    def output(self, finished: bool | None = None) -> RequestOutput:
+        """The request's cumulative output (``finished``: ``self.finished``, if known)."""
+        hold = self.hold
         outs = [CompletionOutput(c.index, c.text if c.finish_reason is not None or not hold
                                  else c.text[:max(0, len(c.text) - hold)],
                                  list(c.token_ids), c.finish_reason, c.stop_reason,
@@ -78,7 +83,8 @@ class _Request:
                                  None if c.logprobs is None else list(c.logprobs))
                 for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
-                             self.finished, self.metrics, self.error, self.num_cached_tokens,
+                             self.finished if finished is None else finished, self.metrics,
+                             self.error, self.num_cached_tokens,
                              self.prompt_logprobs)
 
 
@@ -248,10 +254,11 @@ class LLMEngine:
             changed[req.request_id] = req
         results = []
         for req in changed.values():
-            if req.finished:
+            finished = req.finished
+            if finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-            results.append(req.output())
+            results.append(req.output(finished))
         return results
 
     def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
@@ -270,48 +277,55 @@ class LLMEngine:
         if out.error is not None:
             req.error = out.error
         if out.metrics:
-            if "queue_time" in out.metrics:
-                req.metrics.queue_time = out.metrics["queue_time"]
-            if "transfer_time" in out.metrics:
-                req.metrics.transfer_time = out.metrics["transfer_time"]
-            if "spec" in out.metrics:  # speculative decoding: [drafts, accepted] of a step
-                req.metrics.spec_num_draft_tokens += out.metrics["spec"][0]
-                req.metrics.spec_num_accepted_tokens += out.metrics["spec"][1]
-            if "num_cached_tokens" in out.metrics:
-                req.num_cached_tokens = max(req.num_cached_tokens or 0,
-                                            out.metrics["num_cached_tokens"])
+            self._apply_metrics(req, out.metrics)
         if out.prompt_logprobs is not None and req.prompt_logprobs is None:
             req.prompt_logprobs = self._prompt_logprobs(req.prompt_token_ids, out.prompt_logprobs)
-        if out.new_token_ids:
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            comp.token_ids += out.new_token_ids
+        new_ids = out.new_token_ids
+        if new_ids:
+            metrics, params = req.metrics, req.params
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            token_ids = comp.token_ids
+            token_ids += new_ids
             if comp.logprobs is not None and out.logprobs is not None:
                 self._add_logprobs(comp, out.logprobs)
-            req.metrics.num_generated_tokens = max(req.metrics.num_generated_tokens,
-                                                   len(comp.token_ids))
-            self.num_generation_tokens += len(out.new_token_ids)
-            text_ids = out.new_token_ids
-            stop_token = out.finish_reason == "stop" and (  # not a grammar's last token
-                isinstance(out.stop_reason, int) or text_ids[-1] in self.eos_token_ids)
-            if stop_token and not req.params.include_stop_str_in_output:
-                text_ids = text_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
+            if len(token_ids) > metrics.num_generated_tokens:
+                metrics.num_generated_tokens = len(token_ids)
+            self.num_generation_tokens += len(new_ids)
+            text_ids = new_ids
+            if (out.finish_reason == "stop" and not params.include_stop_str_in_output
+                    and (isinstance(out.stop_reason, int)  # not a grammar's last token
+                         or new_ids[-1] in self.eos_token_ids)):
+                text_ids = new_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
             delta = comp.detok.push(text_ids)
-            comp.text += delta
-            if req.params.stop and delta and len(comp.token_ids) >= req.params.min_tokens:
-                hit = find_stop(comp.text, len(delta), req.params.stop)
-                if hit is not None:
-                    index, stop = hit
-                    keep = index + len(stop) if req.params.include_stop_str_in_output else index
-                    comp.text = comp.text[:keep]
-                    comp.finish_reason, comp.stop_reason = "stop", stop
+            if delta:
+                comp.text += delta
+                if params.stop and len(token_ids) >= params.min_tokens:
+                    hit = find_stop(comp.text, len(delta), params.stop)
+                    if hit is not None:
+                        index, stop = hit
+                        keep = index + len(stop) if params.include_stop_str_in_output else index
+                        comp.text = comp.text[:keep]
+                        comp.finish_reason, comp.stop_reason = "stop", stop
         if comp.finish_reason is None and out.finish_reason is not None:
             comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
         if comp.finish_reason is not None:
             cid = _child_id(req.request_id, comp.index, req.params.n)
             if self._child.pop(cid, None) is not None and out.finish_reason is None:
                 self.core.abort([cid])  # stopped here by a stop string; the core still runs it
+
+    @staticmethod
+    def _apply_metrics(req: _Request, metrics: dict) -> None:
+        if "queue_time" in metrics:
+            req.metrics.queue_time = metrics["queue_time"]
+        if "transfer_time" in metrics:
+            req.metrics.transfer_time = metrics["transfer_time"]
+        if "spec" in metrics:  # speculative decoding: [drafts, accepted] of a step
+            req.metrics.spec_num_draft_tokens += metrics["spec"][0]
+            req.metrics.spec_num_accepted_tokens += metrics["spec"][1]
+        if "num_cached_tokens" in metrics:
+            req.num_cached_tokens = max(req.num_cached_tokens or 0, metrics["num_cached_tokens"])
 
     def _add_logprobs(self, comp: _Completion, steps: list[list]) -> None:
         """Each new token's [ids, logprobs, sampled rank] (afd.sampler.SamplerOutput)."""
@@ -333,8 +347,11 @@ class LLMEngine:
                        ) -> dict[int, Logprob]:
         """One token's logprobs as vLLM's {token id: Logprob}: the token itself first (with
         ``rank``), then the k likeliest, ranks 1..k (the token among them is one entry)."""
-        return {tid: Logprob(lp, r, self.token_text(tid))
-                for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1)))}
+        texts, entry = self._token_text, {}
+        for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1))):
+            text = texts.get(tid)
+            entry[tid] = Logprob(lp, r, self.token_text(tid) if text is None else text)
+        return entry
 
     def token_text(self, token_id: int) -> str:
         """One token decoded alone (vLLM's ``decoded_token``)."""

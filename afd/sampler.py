@@ -244,18 +244,34 @@ class Sampler:
         """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
         logits: before logit_bias, penalties, temperature and the filters, as vLLM; after the
         grammar's mask, which vLLM applies before its sampler too)."""
-        constrained = [i for i, p in enumerate(params)
-                       if p.banned or (grammars is not None and grammars[i] is not None)]
-        if grammars is not None and any(g is not None for g in grammars):
+        # What the rows ask for, in one pass over them (a batch usually shares a few params
+        # objects: each is looked at once).
+        rows, banned, biased, penalized, logprobs = [], set(), False, False, False
+        seen: dict[int, bool] = {}  # id(params) -> greedy
+        for i, p in enumerate(params):
+            greedy = seen.get(id(p))
+            if greedy is None:
+                greedy = seen[id(p)] = p.greedy
+                biased = biased or p.biased
+                penalized = penalized or p.penalized
+                logprobs = logprobs or p.logprobs is not None
+                if p.banned:
+                    banned.add(id(p))
+            if not greedy:
+                rows.append(i)
+        gram = grammars is not None and any(g is not None for g in grammars)
+        constrained = ([i for i, p in enumerate(params)
+                        if id(p) in banned or (gram and grammars[i] is not None)]
+                       if banned or gram else [])
+        if gram:
             logits = apply_grammar_masks(logits, grammars)
         raw = logits
-        if histories is not None and any(p.biased for p in params):
+        if histories is not None and biased:
             logits = apply_bias(logits, params, histories)
-        if histories is not None and any(p.banned for p in params):
+        if histories is not None and banned:
             logits = apply_bans(logits, params, histories, logits is not raw)
-        if histories is not None and any(p.penalized for p in params):
+        if histories is not None and penalized:
             logits = self._penalize(logits, params, histories, penalties, logits is not raw)
-        rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(rows) == len(params):
             tokens = self._sample(logits.float(), params, generators)
         else:
@@ -268,7 +284,7 @@ class Sampler:
         tokens = tokens.masked_fill(logits.isnan().any(dim=-1), -1)
         if constrained:
             tokens = tokens.masked_fill(no_token_left(logits, constrained), NO_TOKEN)
-        if all(p.logprobs is None for p in params):
+        if not logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(params))
         return gather_logprobs(raw, tokens, params)
 

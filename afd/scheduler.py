@@ -141,18 +141,26 @@ class Scheduler:
         scored = MAX_PROMPT_LOGPROB_ROWS  # prompt-logprob rows left this step
         scheduled: set[int] = set()
         preemptions_before = self.num_preemptions
+        block_size, running = self.allocator.block_size, Status.RUNNING
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            n, rows = self._limit_scored(seq, n, scored)
-            if n and self._reserve(seq, n, scheduled):
-                out.seqs.append(ScheduledSeq(seq, n))
-                scheduled.add(id(seq))
-                budget -= n
-                scored -= rows
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            rows = 0
+            if seq.params.prompt_logprobs is not None:
+                n, rows = self._limit_scored(seq, n, scored)
+            if not n:
+                continue
+            # a decode mostly fits in the blocks it has: no allocation to ask for
+            if (seq.num_computed_tokens + n > len(seq.block_ids) * block_size
+                    and not self._reserve(seq, n, scheduled)):
+                continue
+            out.seqs.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+            scored -= rows
         out.num_preempted = self.num_preemptions - preemptions_before
         if self.spec is not None:
             budget -= self._add_drafts(out.seqs, budget)
@@ -273,13 +281,17 @@ class Scheduler:
     def update(self, out: SchedulerOutput) -> None:
         """After the forward (and, with drafts, verification): the scheduled tokens are now in
         the cache, less the rejected drafts, whose KV is left to be overwritten."""
+        caching, size = self.allocator.enable_caching, self.allocator.block_size
         for s in out.seqs:
-            s.seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
                 self.num_accepted_tokens += len(s.draft_token_ids) - s.num_rejected
-            if self.allocator.enable_caching and s.seq.cacheable:
-                self._cache_full_blocks(s.seq)
+            # most steps fill no block: skip the call
+            if (caching and seq.cacheable
+                    and seq.num_computed_tokens // size > seq.num_cached_blocks):
+                self._cache_full_blocks(seq)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""

@@ -130,19 +130,23 @@ class Sequence:
 
     def append(self, token: int) -> None:
         """Add a sampled token and decide whether the sequence is done."""
-        self.token_ids.append(token)
+        token_ids = self.token_ids
+        token_ids.append(token)
+        num_output = len(token_ids) - self.num_prompt_tokens
         now = time.monotonic()
-        if self.metrics.first_token_time is None:
-            self.metrics.first_token_time = now
-        self.metrics.last_token_time = now
-        self.metrics.num_generated_tokens = self.num_output_tokens
-        if self.grammar is not None:
-            self.grammar.accept(token)
+        metrics = self.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        metrics.num_generated_tokens = num_output
+        grammar = self.grammar
+        if grammar is not None:
+            grammar.accept(token)
         if token in self.eos_token_ids:
             self.finish_reason = "stop"
         elif token in self.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token
-        elif self.grammar is not None and self.grammar.finished:  # nothing can follow
+        elif grammar is not None and grammar.finished:  # nothing can follow
             self.finish_reason = "stop"
-        elif self.num_output_tokens >= self.max_output:
+        elif num_output >= self.max_output:
             self.finish_reason = "length"

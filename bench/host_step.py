@@ -27,7 +27,10 @@ Workload per cell: ``batch`` requests of 16 random prompt tokens, ``ignore_eos``
 never match (so every step searches them); greedy with ``logprobs=1``. A cell's figure is the
 median step over its ``repeats`` runs (each run a fresh set of requests on the same engine);
 per sequence-step is that over the batch. A digest of every output's tokens and text is kept,
-so runs before and after a change can be checked for identical outputs.
+so runs before and after a change can be checked for identical outputs. Each cell also splits
+its steps' time into stages (``StageTimer``: front end, schedule, prepare, sample, the rest of
+the runner, the rest of the core), timed by wrappers, since cProfile's own cost per call skews
+a profile of many small calls.
 
 ``--profile``: after the timed runs, one more run at the largest batch of two configs
 (temperature 0.8 + stop strings, greedy + logprobs) under cProfile; top functions by own and by
@@ -80,10 +83,49 @@ def stub_forward(vocab: int) -> None:
     MoEModel.forward_stages = forward_stages
 
 
+class StageTimer:
+    """Seconds spent in a few stages of the step, summed (wrappers on the instances' methods;
+    each adds well under a microsecond per step). The stages nest: ``core`` (EngineCore.step)
+    holds ``schedule`` and ``runner`` (ModelRunner.execute), which holds ``prepare`` (inputs),
+    ``forward`` (the stub, through run_micro_batches) and ``sample`` (Sampler.sample)."""
+
+    def __init__(self, engine) -> None:
+        core, runner = engine.core, engine.core.runner
+        self.seconds: dict[str, float] = {}
+        for name, owner, attr in (("core", core, "step"), ("schedule", core.scheduler, "schedule"),
+                                  ("runner", runner, "execute"), ("prepare", runner, "prepare"),
+                                  ("sample", runner.sampler, "sample")):
+            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+
+    def _wrap(self, name: str, fn):
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+    def per_step_us(self, total: float, steps: int) -> dict[str, float]:
+        """Mean microseconds per step of each stage, with the remainders named: ``front`` (the
+        front end: LLMEngine.step less the core), ``core_rest`` (the core less schedule and
+        runner), ``runner_rest`` (runner less prepare and sample: the forward stub and
+        splitting the logits)."""
+        s = self.seconds
+        parts = {"front": total - s["core"], "schedule": s["schedule"],
+                 "prepare": s["prepare"], "sample": s["sample"],
+                 "runner_rest": s["runner"] - s["prepare"] - s["sample"],
+                 "core_rest": s["core"] - s["schedule"] - s["runner"]}
+        return {k: round(v / steps * 1e6, 1) for k, v in parts.items()}
+
+
 def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: int,
-             prof: cProfile.Profile | None = None) -> tuple[list[float], str]:
-    """One set of ``batch`` requests: returns each timed decode step's seconds and a digest of
-    the outputs."""
+             prof: cProfile.Profile | None = None, stages: StageTimer | None = None
+             ) -> tuple[list[float], str, dict[str, float]]:
+    """One set of ``batch`` requests: returns each timed decode step's seconds, a digest of
+    the outputs and the mean time per step of each stage."""
     engine = llm.engine
     rng = random.Random(seed)
     sp = SamplingParams(ignore_eos=True, max_tokens=warmup + steps + 4, **params)
@@ -96,6 +138,8 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
         for out in engine.step():
             last[out.request_id] = out
     times = []
+    if stages is not None:
+        stages.seconds.clear()
     for _ in range(steps):
         if prof is not None:
             prof.enable()
@@ -112,9 +156,10 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
         c = last[rid].outputs[0]
         digest.update(repr((c.token_ids, c.text, c.cumulative_logprob)).encode())
         engine.abort_request(rid)
+    split = stages.per_step_us(sum(times), steps) if stages is not None else {}
     while engine.core.has_unfinished():
         engine.step()
-    return times, digest.hexdigest()[:16]
+    return times, digest.hexdigest()[:16], split
 
 
 def main() -> None:
@@ -139,25 +184,34 @@ def main() -> None:
               "repeats": args.repeats, "stubbed": "MoEModel.forward_stages -> table[input_ids]",
               "cells": []}
     prof = cProfile.Profile() if args.profile else None
-    print(f"{'config':<22}{'batch':>6}{'us/step':>10}{'us/seq-step':>13}  digest")
+    stages = StageTimer(llm.engine)
+    names = ("front", "schedule", "prepare", "sample", "runner_rest", "core_rest")
+    print(f"{'config':<22}{'batch':>6}{'us/step':>10}{'us/seq-step':>13}  "
+          f"{'  '.join(names)} (us/step, mean)  digest")
     for name in args.configs:
         for batch in args.batches:
-            runs, digests = [], []
+            runs, digests, splits = [], [], []
             for r in range(args.repeats):
-                times, digest = run_cell(llm, batch, CONFIGS[name], args.steps, args.warmup,
-                                         seed=r)
+                times, digest, split = run_cell(llm, batch, CONFIGS[name], args.steps,
+                                                args.warmup, seed=r, stages=stages)
                 runs.append(statistics.median(times))
                 digests.append(digest)
+                splits.append(split)
             step_us = statistics.median(runs) * 1e6
+            # the stages of the run whose median step is the cell's
+            split = splits[runs.index(statistics.median_low(runs))]
             cell = {"config": name, "batch": batch, "us_per_step": round(step_us, 1),
                     "us_per_seq_step": round(step_us / batch, 2),
-                    "runs_us_per_step": [round(t * 1e6, 1) for t in runs], "digests": digests}
+                    "runs_us_per_step": [round(t * 1e6, 1) for t in runs],
+                    "stages_us_per_step": split, "digests": digests}
             result["cells"].append(cell)
             print(f"{name:<22}{batch:>6}{step_us:>10.0f}{step_us / batch:>13.1f}  "
-                  f"{','.join(digests)}", flush=True)
+                  f"{'  '.join(f'{split[k]:.0f}' for k in names)}  {','.join(digests)}",
+                  flush=True)
     if prof is not None:  # a pass of its own: cProfile slows what it watches
         for name in PROFILED:
-            run_cell(llm, max_batch, CONFIGS[name], args.steps, args.warmup, seed=100, prof=prof)
+            run_cell(llm, max_batch, CONFIGS[name], args.steps, args.warmup, seed=100,
+                     prof=prof)
         text = io.StringIO()
         stats = pstats.Stats(prof, stream=text)
         text.write(f"cProfile of engine.step(), batch {max_batch}, configs {PROFILED}, "
