@@ -240,8 +240,10 @@ class LLMEngine:
         self.core.abort(cids)
 
     # ---- output ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one core step; return the (cumulative) output of every request that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one core step; return the (cumulative) output of every request that changed, or
+        with ``finished_only`` of every request that finished (an offline batch keeps only
+        those: building the others' outputs copies their tokens so far, every step)."""
         changed: dict[str, _Request] = {}
         outputs = self.core.step()
         now = time.monotonic()  # the tokens exist once the step has run (in-process core)
@@ -258,6 +260,8 @@ class LLMEngine:
             if finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
+            elif finished_only:
+                continue
             results.append(req.output(finished))
         return results
 

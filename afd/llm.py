@@ -208,10 +208,12 @@ class LLM:
                    dynamic_ncols=True)
         start = time.perf_counter()
         in_tokens = out_tokens = 0
+        left = len(order)
         try:
-            while any(r is None for r in results):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in order:
+            while left:
+                for out in self.engine.step(finished_only=True):
+                    if out.request_id in order:
+                        left -= 1
                         results[order[out.request_id]] = out
                         in_tokens += len(out.prompt_token_ids)
                         out_tokens += sum(len(c.token_ids) for c in out.outputs)

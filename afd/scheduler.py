@@ -37,6 +37,7 @@ from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
 # whole 8,192-token step budget would be 4.2 GB. A prompt that asks is prefilled in chunks of
 # at most this many tokens; others share the step's budget as before.
 MAX_PROMPT_LOGPROB_ROWS = 2048
+_NO_POSITIONS = range(0)
 
 
 @dataclass
@@ -52,8 +53,9 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Does this step reach the sequence's last token (and so sample the next one)?"""
-        return (self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
-                == self.seq.num_tokens)
+        seq = self.seq
+        return (seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
+                == len(seq.token_ids))
 
     @property
     def prompt_logprob_positions(self) -> range:
@@ -61,8 +63,8 @@ class ScheduledSeq:
         rows the model computes only for sequences that ask, and each position once, however
         often its KV is recomputed (after preemption)."""
         seq = self.seq
-        if not seq.prompt_logprobs_pending:
-            return range(0)
+        if seq.params.prompt_logprobs is None or not seq.prompt_logprobs_pending:
+            return _NO_POSITIONS
         # no gap: KV is computed (or taken from the cache) only up to a scored position
         assert seq.num_computed_tokens <= seq.num_prompt_logprobs
         start = max(seq.num_computed_tokens, seq.num_prompt_logprobs)

@@ -29,8 +29,9 @@ median step over its ``repeats`` runs (each run a fresh set of requests on the s
 per sequence-step is that over the batch. A digest of every output's tokens and text is kept,
 so runs before and after a change can be checked for identical outputs. Each cell also splits
 its steps' time into stages (``StageTimer``: front end, schedule, prepare, sample, the rest of
-the runner, the rest of the core), timed by wrappers, since cProfile's own cost per call skews
-a profile of many small calls.
+the runner, the rest of the core; means, so a garbage-collector pass counts in the stage it
+interrupts), timed by wrappers, since cProfile's own cost per call skews a profile of many
+small calls (and charges a collector pass to whatever allocated last).
 
 ``--profile``: after the timed runs, one more run at the largest batch of two configs
 (temperature 0.8 + stop strings, greedy + logprobs) under cProfile; top functions by own and by
@@ -190,11 +191,12 @@ def main() -> None:
           f"{'  '.join(names)} (us/step, mean)  digest")
     for name in args.configs:
         for batch in args.batches:
-            runs, digests, splits = [], [], []
+            runs, digests, splits, every = [], [], [], []
             for r in range(args.repeats):
                 times, digest, split = run_cell(llm, batch, CONFIGS[name], args.steps,
                                                 args.warmup, seed=r, stages=stages)
                 runs.append(statistics.median(times))
+                every += times
                 digests.append(digest)
                 splits.append(split)
             step_us = statistics.median(runs) * 1e6
@@ -203,6 +205,10 @@ def main() -> None:
             cell = {"config": name, "batch": batch, "us_per_step": round(step_us, 1),
                     "us_per_seq_step": round(step_us / batch, 2),
                     "runs_us_per_step": [round(t * 1e6, 1) for t in runs],
+                    # a mean or a maximum above the median: mostly the garbage collector's
+                    # full passes, which a median leaves out
+                    "mean_us_per_step": round(statistics.fmean(every) * 1e6, 1),
+                    "max_us_per_step": round(max(every) * 1e6, 1),
                     "stages_us_per_step": split, "digests": digests}
             result["cells"].append(cell)
             print(f"{name:<22}{batch:>6}{step_us:>10.0f}{step_us / batch:>13.1f}  "

@@ -719,3 +719,66 @@ def test_generation_config_gives_sampling_defaults(tmp_path):
         json.dump({**gen, "top_p": 1.5}, f)
     with pytest.raises(ValueError, match="top_p"):
         generation_defaults(path)
+
+
+def test_direct_decode_is_the_tokenizers_decode(llm):
+    """The detokenizer calls the Rust backend directly (afd.detokenizer._direct_decode): it
+    must give exactly transformers' decode, special tokens and split characters included, and
+    must not be used for a tokenizer class that decodes its own way."""
+    import random
+
+    from afd.detokenizer import _direct_decode
+
+    tok = llm.get_tokenizer()
+    rng = random.Random(0)
+    vocab = llm.engine.model_cfg.vocab_size
+    for skip in (True, False):
+        decode = _direct_decode(tok, skip)
+        assert decode is not None
+        for _ in range(200):
+            ids = [rng.randrange(vocab) for _ in range(rng.randrange(0, 8))]
+            assert decode(ids) == tok.decode(ids, skip_special_tokens=skip), ids
+
+    class OwnDecode(type(tok)):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return "x"
+
+    tok.__class__ = OwnDecode
+    try:
+        assert _direct_decode(tok, True) is None
+    finally:
+        tok.__class__ = OwnDecode.__bases__[0]
+
+
+def test_finished_only_steps_give_the_same_outputs(llm):
+    """``step(finished_only=True)`` (what generate() runs) skips the outputs of running requests
+    only: finished ones are those of plain steps, with requests finishing at different steps,
+    one stopped by a stop string, one with n=2 and logprobs, and one aborted mid-batch."""
+    engine = llm.engine
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+              SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=6, ignore_eos=True,
+                             logprobs=1),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["e"]),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+
+    def run(finished_only: bool) -> dict:
+        for i, p in enumerate(params):
+            engine.add_request(f"{finished_only}{i}", PROMPTS[i % len(PROMPTS)], p)
+        done, steps = {}, 0
+        while engine.has_unfinished_requests():
+            outs = engine.step(finished_only=finished_only)
+            steps += 1
+            if steps == 2:
+                engine.abort_request(f"{finished_only}4")
+            assert not finished_only or all(o.finished for o in outs)
+            done.update({o.request_id[len(str(finished_only)):]: o for o in outs if o.finished})
+        return {rid: [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                       c.cumulative_logprob, c.logprobs) for c in o.outputs]
+                for rid, o in done.items()}
+
+    plain = run(False)
+    assert sorted(plain) == ["0", "1", "2", "3"]
+    assert plain["3"][0][2] == "stop" or len(plain["3"][0][0]) == 12
+    assert run(True) == plain
+    assert blocks_all_free(llm)
