@@ -29,9 +29,9 @@ median step over its ``repeats`` runs (each run a fresh set of requests on the s
 per sequence-step is that over the batch. A digest of every output's tokens and text is kept,
 so runs before and after a change can be checked for identical outputs. Each cell also splits
 its steps' time into stages (``StageTimer``: front end, schedule, prepare, sample, the rest of
-the runner, the rest of the core; means, so a garbage-collector pass counts in the stage it
-interrupts), timed by wrappers, since cProfile's own cost per call skews a profile of many
-small calls (and charges a collector pass to whatever allocated last).
+the runner, the rest of the core; each stage's median over the steps), timed by wrappers,
+since cProfile's own cost per call skews a profile of many small calls (and charges a
+garbage-collector pass to whatever allocated last).
 
 ``--profile``: after the timed runs, one more run at the largest batch of two configs
 (temperature 0.8 + stop strings, greedy + logprobs) under cProfile; top functions by own and by
@@ -109,24 +109,31 @@ class StageTimer:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         return timed
 
-    def per_step_us(self, total: float, steps: int) -> dict[str, float]:
-        """Mean microseconds per step of each stage, with the remainders named: ``front`` (the
-        front end: LLMEngine.step less the core), ``core_rest`` (the core less schedule and
-        runner), ``runner_rest`` (runner less prepare and sample: the forward stub and
-        splitting the logits)."""
+    def split(self, step: float) -> dict[str, float]:
+        """One step's seconds per stage (then cleared for the next step), with the remainders
+        named: ``front`` (the front end: LLMEngine.step less the core), ``core_rest`` (the core
+        less schedule and runner), ``runner_rest`` (runner less prepare and sample: the forward
+        stub and splitting the logits)."""
         s = self.seconds
-        parts = {"front": total - s["core"], "schedule": s["schedule"],
+        parts = {"front": step - s["core"], "schedule": s["schedule"],
                  "prepare": s["prepare"], "sample": s["sample"],
                  "runner_rest": s["runner"] - s["prepare"] - s["sample"],
                  "core_rest": s["core"] - s["schedule"] - s["runner"]}
-        return {k: round(v / steps * 1e6, 1) for k, v in parts.items()}
+        s.clear()
+        return parts
+
+
+def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over steps, in microseconds (a garbage-collector pass, which lands in
+    whatever stage it interrupts, is left out as the step medians leave it out)."""
+    return {k: round(statistics.median(s[k] for s in splits) * 1e6, 1) for k in splits[0]}
 
 
 def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: int,
              prof: cProfile.Profile | None = None, stages: StageTimer | None = None
              ) -> tuple[list[float], str, dict[str, float]]:
     """One set of ``batch`` requests: returns each timed decode step's seconds, a digest of
-    the outputs and the mean time per step of each stage."""
+    the outputs and the median time per step of each stage."""
     engine = llm.engine
     rng = random.Random(seed)
     sp = SamplingParams(ignore_eos=True, max_tokens=warmup + steps + 4, **params)
@@ -138,7 +145,7 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
     for _ in range(warmup):
         for out in engine.step():
             last[out.request_id] = out
-    times = []
+    times, splits = [], []
     if stages is not None:
         stages.seconds.clear()
     for _ in range(steps):
@@ -147,6 +154,8 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
         start = time.perf_counter()
         outs = engine.step()
         times.append(time.perf_counter() - start)
+        if stages is not None:
+            splits.append(stages.split(times[-1]))
         if prof is not None:
             prof.disable()
         for out in outs:
@@ -157,7 +166,7 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
         c = last[rid].outputs[0]
         digest.update(repr((c.token_ids, c.text, c.cumulative_logprob)).encode())
         engine.abort_request(rid)
-    split = stages.per_step_us(sum(times), steps) if stages is not None else {}
+    split = median_split(splits) if splits else {}
     while engine.core.has_unfinished():
         engine.step()
     return times, digest.hexdigest()[:16], split
@@ -188,7 +197,7 @@ def main() -> None:
     stages = StageTimer(llm.engine)
     names = ("front", "schedule", "prepare", "sample", "runner_rest", "core_rest")
     print(f"{'config':<22}{'batch':>6}{'us/step':>10}{'us/seq-step':>13}  "
-          f"{'  '.join(names)} (us/step, mean)  digest")
+          f"{'  '.join(names)} (us/step, median)  digest")
     for name in args.configs:
         for batch in args.batches:
             runs, digests, splits, every = [], [], [], []
