@@ -22,7 +22,8 @@ class EngineConfig:
     max_num_batched_tokens: tokens in one step at most; longer prompts are prefilled in chunks.
     seed: seeds the unseeded samplers, so a whole run is reproducible.
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
-    (afd.cuda_graphs), one per batch size in cuda_graph_sizes.
+    (afd.cuda_graphs), one per batch size in cuda_graph_sizes (in decode rows: a sequence
+    verifying k drafts is k + 1 rows).
     tokenizer: the tokenizer folder (None: the model's); ranks load it only to build
         structured-output grammars.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
@@ -132,8 +133,10 @@ def resolve_engine_config(
         _positive(name, value)
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
-    graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs)
     spec = parse_speculative_config(speculative_config)
+    # a step verifying drafts has 1 + num_speculative_tokens decode rows per sequence
+    graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs * (
+        1 + (spec.num_speculative_tokens if spec else 0)))
     for name, flag in (("enable_prefix_caching", enable_prefix_caching),
                        ("cache_aware_routing", cache_aware_routing)):
         if not isinstance(flag, bool):
@@ -177,16 +180,18 @@ def resolve_engine_config(
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0)
 
 
-def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int) -> tuple[int, ...]:
+def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_rows: int) -> tuple[int, ...]:
+    """``max_rows``: decode rows a step can have, max_num_seqs x (1 + num_speculative_tokens)."""
     from afd.cuda_graphs import default_sizes
 
     if sizes is None:
-        return default_sizes(max_num_seqs)
+        return default_sizes(max_rows)
     if (not isinstance(sizes, (list, tuple)) or not sizes
-            or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= max_num_seqs
+            or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= max_rows
                    for s in sizes)):
-        raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes in "
-                         f"[1, max_num_seqs={max_num_seqs}], got {sizes!r}")
+        raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes (decode "
+                         f"rows) in [1, max_num_seqs x (1 + num_speculative_tokens) = "
+                         f"{max_rows}], got {sizes!r}")
     return tuple(sorted(set(sizes)))
 
 

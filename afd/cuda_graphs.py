@@ -1,9 +1,11 @@
-"""CUDA graphs for decode steps: one captured forward per padded batch size.
+"""CUDA graphs for decode steps: one captured forward per padded batch size, in decode rows.
 
-A decode step of B sequences (one new token each) launches a few hundred kernels from Python;
-with few sequences the GPU waits on the host. Here each batch size in ``sizes`` is captured once
-at start, as vLLM and SGLang do, and a step of B sequences replays the graph of the smallest size
->= B:
+A decode step of B rows (one token each) launches a few hundred kernels from Python; with few
+rows the GPU waits on the host. Here each size in ``sizes`` is captured once at start, as vLLM
+and SGLang do, and a step of B rows replays the graph of the smallest size >= B. A row is a
+plain decode's token or one of the k + 1 tokens of a sequence verifying speculative drafts
+(``models.batch``: each row has its own block table row and seq_len, so verify rows need
+nothing of their own here):
 
   * the step's inputs are copied into fixed buffers (the graph reads them from there);
   * rows B..size-1 are dummy sequences: token 0 at position 0, one cached token, their KV written
@@ -11,10 +13,10 @@ at start, as vLLM and SGLang do, and a step of B sequences replays the graph of 
     out), so padding never touches a real sequence's cache;
   * block tables are as wide as ``max_model_len`` allows, so every step fits the captured shapes.
 
-Which steps replay (``fits``): every sequence adds one token, no more than the largest size, one
-micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its messages on the
-host). Models: MLA and GQA attention, whose decode kernels read the sequence lengths on the
-device and size their grids by shapes only.
+Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
+size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
+messages on the host). Models: MLA and GQA attention, whose decode kernels read the sequence
+lengths on the device and size their grids by shapes only.
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
 and scratch-block logic is then checked against plain eager steps on CPU.
@@ -38,9 +40,10 @@ MAX_DEFAULT_SIZE = 256
 CAPTURED_ATTENTION = ("mla", "gqa")
 
 
-def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, then every multiple of 8 up to min(max_num_seqs, 256), and that cap itself."""
-    cap = min(max_num_seqs, MAX_DEFAULT_SIZE)
+def default_sizes(max_rows: int) -> tuple[int, ...]:
+    """1, 2, 4, then every multiple of 8 up to min(max_rows, 256), and that cap itself.
+    ``max_rows``: decode rows a step can have, max_num_seqs x (1 + num_speculative_tokens)."""
+    cap = min(max_rows, MAX_DEFAULT_SIZE)
     sizes = {s for s in (1, 2, 4, *range(8, cap + 1, 8)) if s <= cap}
     return tuple(sorted(sizes | {cap}))
 
@@ -125,16 +128,17 @@ class DecodeGraphs:
             self.graphs[size] = _Graph(size, batch, graph, logits)
         torch.cuda.synchronize()
 
-    def padded_size(self, num_seqs: int) -> int:
-        return next(s for s in self.sizes if s >= num_seqs)
+    def padded_size(self, num_rows: int) -> int:
+        return next(s for s in self.sizes if s >= num_rows)
 
-    def fits(self, query_lens: list[int]) -> bool:
-        return 0 < len(query_lens) <= self.max_size and all(q == 1 for q in query_lens)
+    def fits(self, batch: ForwardBatch) -> bool:
+        """Decode rows only (plain decodes and verify rows), as many as a captured size."""
+        return 0 < batch.num_decodes == batch.num_seqs <= self.max_size
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """One decode step: input_ids [B], batch with B one-token sequences -> logits [B, V]
-        fp32. The result is a view of the graph's output: read it before the next ``run``."""
+        """One decode step: input_ids [B], batch of B decode rows -> logits [B, V] fp32, one
+        per row. The result is a view of the graph's output: read it before the next ``run``."""
         num, cols = batch.num_seqs, batch.block_tables.shape[1]
         entry = self.graphs[self.padded_size(num)]
         size = entry.size

@@ -19,6 +19,79 @@ from models.model import ExpertPath, LocalExperts, MoEModel
 log = logging.getLogger("afd.model_runner")
 
 
+def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
+            ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+    """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
+
+    Attention rows (``models.batch``): decode rows first, a plain decode's one token and each
+    token of a sequence verifying drafts ([last token, d1..dk]: k + 1 rows over the same block
+    table, seq_lens start + 1 .. start + k + 1), then one row per prefill chunk; tokens in row
+    order. So a step of decodes and verifications is decode-only, whatever its drafts.
+
+    logits_index holds, per sequence in plan order, its rows for prompt logprobs (if it asks)
+    and then its sampling rows (if this step reaches its last token): one, or with drafts one
+    per computed position from its last token on.
+    """
+    decoding = [s.num_new_tokens == 1 or bool(s.draft_token_ids) for s in seqs]
+    order = ([i for i, d in enumerate(decoding) if d]
+             + [i for i, d in enumerate(decoding) if not d])
+    ids: list[int] = []
+    positions: list[int] = []
+    seq_lens: list[int] = []  # per row
+    query_lens: list[int] = []  # per row
+    token_rows: list[int] = []  # per token: its row
+    first_token = [0] * len(seqs)  # per sequence (plan order): its first token
+    tables: list[tuple[int, int, list[int]]] = []  # (first row, rows, block ids) per sequence
+    for i in order:
+        s = seqs[i]
+        seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+        first_token[i], row = len(ids), len(query_lens)
+        chunk = seq.token_ids[start:start + n]
+        ids += chunk + s.draft_token_ids if s.draft_token_ids else chunk
+        positions += range(start, start + n)
+        if decoding[i]:  # n rows of one token, each seeing the cache up to its own position
+            seq_lens += range(start + 1, start + n + 1)
+            query_lens += [1] * n
+            token_rows += range(row, row + n)
+        else:
+            seq_lens.append(start + n)
+            query_lens.append(n)
+            token_rows += [row] * n
+        tables.append((row, len(query_lens) - row, seq.block_ids))
+    logits_index: list[int] = []
+    for i, s in enumerate(seqs):
+        span = s.prompt_logprob_positions
+        if span:
+            offset = first_token[i] - s.seq.num_computed_tokens
+            logits_index += range(offset + span.start, offset + span.stop)
+        if s.samples:
+            end = first_token[i] + s.num_new_tokens
+            logits_index += range(end - 1 - len(s.draft_token_ids), end)
+
+    width = max((len(s.seq.block_ids) for s in seqs), default=1)
+    block_tables = torch.zeros(len(query_lens), width, dtype=torch.int32)
+    for row, rows, blocks in tables:  # a verifying sequence's rows share its table
+        block_tables[row:row + rows, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    pos = torch.tensor(positions, dtype=torch.long)
+    slots = (block_tables[torch.tensor(token_rows, dtype=torch.long), pos // block_size].long()
+             * block_size + pos % block_size)
+    # one host-to-device copy for every per-token and per-row integer
+    t, b = len(ids), len(query_lens)
+    host = torch.cat((torch.tensor(ids, dtype=torch.long), pos, slots,
+                      torch.tensor(seq_lens + logits_index, dtype=torch.long)))
+    dev = host.to(device)
+    batch = ForwardBatch(
+        positions=dev[t:2 * t],
+        slot_mapping=dev[2 * t:3 * t],
+        block_tables=block_tables.to(device),
+        seq_lens=dev[3 * t:3 * t + b],
+        query_lens=query_lens,
+        num_decodes=sum(s.num_new_tokens for s, d in zip(seqs, decoding) if d),
+        context_lens=seq_lens,
+    )
+    return dev[:t], batch, dev[3 * t + b:]
+
+
 class ModelRunner:
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  decodes: bool = True):
@@ -61,61 +134,27 @@ class ModelRunner:
         return graphs
 
     def prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
-        """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
-
-        logits_index holds, per sequence in order, its rows for prompt logprobs (if it asks)
-        and then its sampling rows (if this step reaches its last token): one, or with drafts
-        (speculative decoding) one per computed position from its last token on."""
-        bs = self.cfg.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        logits_index: list[int] = []
-        max_blocks = max((len(s.seq.block_ids) for s in seqs), default=1)
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-            logits_index += [len(ids) + p - start for p in s.prompt_logprob_positions]
-            chunk = seq.token_ids[start:start + n]
-            ids += chunk + s.draft_token_ids if s.draft_token_ids else chunk
-            pos = range(start, start + n)
-            positions += pos
-            blocks = seq.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in pos]
-            seq_lens.append(start + n)
-            query_lens.append(n)
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            if s.samples:
-                logits_index += range(len(ids) - 1 - len(s.draft_token_ids), len(ids))
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        dev = self.device
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            query_lens=query_lens,
-            num_decodes=num_decodes,
-            context_lens=seq_lens,
-        )
-        return (torch.tensor(ids, dtype=torch.long, device=dev), batch,
-                torch.tensor(logits_index, dtype=torch.long, device=dev))
+        """(input_ids [T], ForwardBatch, logits_index [N]) for ``seqs``: see ``flatten``."""
+        return flatten(seqs, self.cfg.block_size, self.device)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> SamplerOutput:
         """Run one step in ``micro_batches`` ping-ponged parts; returns the sampled token (and
         logprobs, where asked) of each sequence that reached its end (in plan order), or, for
         a sequence with drafts, one per verified position (1 + drafts rows; the caller accepts
-        them). A step with drafts is not decode-only: it runs eagerly, never a CUDA graph."""
+        them). A step of decodes and verifications alone (decode rows only) replays a CUDA
+        graph when one is as large as its rows."""
         if plan.empty and not self.collective:
             return SamplerOutput([], [])
-        sizes = [s.num_new_tokens for s in plan.seqs]
-        if self.graphs is not None and micro_batches == 1 and self.graphs.fits(sizes):
+        if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
-            logits = self.graphs.run(ids, batch)[index]
+            if self.graphs.fits(batch):
+                logits = self.graphs.run(ids, batch)[index]
+            else:
+                logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
+                                           self.experts)[0]
         else:
+            sizes = [s.num_new_tokens for s in plan.seqs]
             parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
             inputs = [self.prepare(part) for part in parts]
             logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,

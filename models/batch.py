@@ -1,8 +1,13 @@
 """Per-forward inputs that the attention layers read: where each token sits in the paged KV cache.
 
 Built by the engine for every step and passed explicitly down the layers (no global context).
-Sequences are ordered decodes first: the first ``num_decodes`` sequences contribute exactly one
-token each (the batched decode path); the rest are prefill chunks (a prompt piece, or a recompute).
+The batch is a list of attention rows, decode rows first. A decode row is one token that
+attends over its sequence's cache up to its own position (the batched decode path): a plain
+decode is one row; a sequence verifying speculative drafts [last token, d1..dk] is k + 1 rows
+with the same block table and seq_lens start + 1 .. start + k + 1, which is exactly causal since
+a layer writes all of the step's KV before it attends. Each row after the first ``num_decodes``
+is one prefill chunk (a prompt piece, or a recompute) of several tokens. Tokens are laid out in
+row order, so the first ``num_decodes`` tokens are the decode rows'.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from kernels import PrefillLayout
 class ForwardBatch:
     positions: torch.Tensor  # [T] int64, position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, flat cache slot (block * block_size + offset) per token
-    block_tables: torch.Tensor  # [B, max_blocks] int32, each sequence's blocks (padding: 0)
-    seq_lens: torch.Tensor  # [B] int64, tokens in the cache once this step's are written
-    query_lens: list[int]  # [B] new tokens per sequence this step (python, for slicing)
-    num_decodes: int  # the first num_decodes sequences have query_len 1
+    block_tables: torch.Tensor  # [B, max_blocks] int32, each row's sequence's blocks (padding: 0)
+    seq_lens: torch.Tensor  # [B] int64, cache positions the row attends over (its own included)
+    query_lens: list[int]  # [B] tokens per row this step (python, for slicing)
+    num_decodes: int  # the first num_decodes rows have query_len 1
     context_lens: list[int] | None = None  # seq_lens on the host (no device sync in loops)
     cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
     sin: torch.Tensor | None = None
@@ -30,13 +35,14 @@ class ForwardBatch:
 
     @property
     def num_seqs(self) -> int:
+        """Attention rows (B): a verifying sequence counts once per verified token."""
         return len(self.query_lens)
 
     def prefill_layout(self) -> PrefillLayout | None:
-        """The prefill sequences (those past the decodes) packed for
+        """The prefill chunks (the rows past the decodes) packed for
         ``kernels.*_prefill_attention``: their query and context lengths, on the host and on the
         device. Built once per forward, from the host lists (no device read); None when every
-        sequence is a decode."""
+        row is a decode row."""
         if self.num_decodes == self.num_seqs:
             return None
         if self._prefill_layout is None:
