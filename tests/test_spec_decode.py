@@ -280,9 +280,9 @@ def test_metrics_count_drafts_and_accepted():
 
 # ---- GQA, the CUDA-graph path, layouts ----------------------------------------------------
 def test_gqa_model_with_graph_path(tmp_path, monkeypatch):
-    """Qwen3-MoE (GQA) verifies drafts as query chunks over its paged cache; with
-    enforce_eager=False a step with drafts runs eagerly, decode-only steps still through the
-    graph path (on CPU its static buffers, uncaptured)."""
+    """Qwen3-MoE (GQA) verifies drafts over its paged cache; with enforce_eager=False steps of
+    decodes and verifications run through the graph path (on CPU its static buffers,
+    uncaptured)."""
     from ckpt_utils import build_hf_model, save_checkpoint
 
     path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path))
@@ -297,9 +297,185 @@ def test_gqa_model_with_graph_path(tmp_path, monkeypatch):
                                                 prompts=PROMPTS[:3], corrupt_every=2)
     assert_same(want, got)
     assert 0 < accepted < drafts
-    # each step has drafts for some sequence until the oracle runs dry at the end: the last
-    # decode-only steps replay the graphs
     assert graph_steps
+
+
+# ---- verify tokens as decode rows ---------------------------------------------------------
+def test_verify_tokens_are_decode_rows_in_the_batch():
+    """A plan [decode, verify (3 drafts), prompt chunk, verify (1 draft)] flattens to 7 decode
+    rows (the verifying sequences' tokens one row each, over their own block table, each seeing
+    the cache up to its own position), then the chunk; logits rows stay in plan order."""
+    from afd.model_runner import flatten
+    from afd.scheduler import ScheduledSeq
+
+    pool = BlockPool(num_blocks=16, block_size=4, enable_caching=False)
+    a = _decoding_seq(pool, [5, 6, 7, 8, 9], 10)  # decode at position 5
+    b = _decoding_seq(pool, [1, 2, 3, 1, 2, 3, 1], 2)  # verify at positions 7..10
+    b.block_ids += pool.allocate(1)  # 3 blocks: positions up to 11
+    c = Sequence(CoreRequest("c", [4, 4, 4, 4, 4, 4], SamplingParams(max_tokens=5)), 4096)
+    c.block_ids = pool.allocate(2)  # a whole prompt, positions 0..5
+    d = _decoding_seq(pool, [8, 8, 8], 8)  # verify at positions 3..4
+    d.block_ids += pool.allocate(1)
+    plan = [ScheduledSeq(a, 1), ScheduledSeq(b, 4, [3, 1, 2]), ScheduledSeq(c, 6),
+            ScheduledSeq(d, 2, [8])]
+    ids, batch, index = flatten(plan, 4, torch.device("cpu"))
+    assert batch.num_decodes == 7 and batch.num_seqs == 8 and batch.query_lens == [1] * 7 + [6]
+    assert ids.tolist() == [10, 2, 3, 1, 2, 8, 8, 4, 4, 4, 4, 4, 4]
+    positions = [5, 7, 8, 9, 10, 3, 4, 0, 1, 2, 3, 4, 5]
+    assert batch.positions.tolist() == positions
+    assert batch.seq_lens.tolist() == [6, 8, 9, 10, 11, 4, 5, 6] == batch.context_lens
+    owners = [a] + [b] * 4 + [d] * 2 + [c]  # per row
+    for row, seq in enumerate(owners):
+        blocks = batch.block_tables[row, :len(seq.block_ids)].tolist()
+        assert blocks == seq.block_ids and not batch.block_tables[row, len(blocks):].any()
+    token_owner = owners[:7] + [c] * 6
+    assert batch.slot_mapping.tolist() == [
+        seq.block_ids[p // 4] * 4 + p % 4 for seq, p in zip(token_owner, positions)]
+    assert index.tolist() == [0, 1, 2, 3, 4, 12, 5, 6]  # a, b's 4, c's last, d's 2
+
+
+def _spy_attention(monkeypatch) -> dict[str, int]:
+    """Count calls of the decode and the prefill attention entry points (MLA and GQA)."""
+    import kernels
+
+    calls = {"decode": 0, "prefill": 0}
+    for name, kind in (("mla_decode_attention", "decode"), ("gqa_decode_attention", "decode"),
+                       ("varlen_prefill_attention", "prefill"),
+                       ("paged_prefill_attention", "prefill")):
+        def counted(*args, _fn=getattr(kernels, name), _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def _spy_batches(llm: LLM) -> list[tuple[int, bool, object]]:
+    """Per prepared batch: (tokens of its decoding and verifying sequences, whether any has
+    drafts, ForwardBatch)."""
+    runner, seen = llm.engine.core.runner, []
+    prepare = runner.prepare
+
+    def spy(seqs):
+        ids, batch, index = prepare(seqs)
+        decoding = sum(s.num_new_tokens for s in seqs
+                       if s.num_new_tokens == 1 or s.draft_token_ids)
+        seen.append((decoding, any(s.draft_token_ids for s in seqs), batch))
+        return ids, batch, index
+
+    runner.prepare = spy
+    return seen
+
+
+def _assert_cached_kv_equal(spec: LLM, base: LLM) -> int:
+    """Every full block in the spec engine's prefix cache holds the KV the plain engine wrote
+    for the same tokens; returns how many blocks were compared."""
+    base_pool, spec_pool = base.engine.core.allocator, spec.engine.core.allocator
+    for key, block in spec_pool._by_key.items():
+        twin = base_pool._by_key[key]  # same tokens, so the same blocks are full
+        for a, b in zip(spec.engine.core.runner.kv_caches, base.engine.core.runner.kv_caches):
+            if a.dim() == 5:  # GQA: [2, blocks, ...]
+                a, b = a.transpose(0, 1), b.transpose(0, 1)
+            torch.testing.assert_close(a[block], b[twin], atol=1e-5, rtol=1e-5)
+    return len(spec_pool._by_key)
+
+
+@pytest.fixture(scope="module")
+def qwen3_engines(tmp_path_factory):
+    """Qwen3-MoE (GQA): plain eager, speculating eager, speculating through the graph path."""
+    from ckpt_utils import build_hf_model, save_checkpoint
+
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path_factory.mktemp("qwen3")))
+    kw = dict(dtype="float32", seed=0, max_num_seqs=4, max_model_len=256, block_size=8)
+    llms = (LLM(path, **kw), LLM(path, speculative_config=SPEC, **kw),
+            LLM(path, speculative_config=SPEC, enforce_eager=False, **kw))
+    yield llms
+    for llm in llms:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mla_graph_engine():
+    llm = LLM(seed=0, block_size=8, max_num_seqs=4, enforce_eager=False,
+              speculative_config=SPEC)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_verify_steps_take_the_decode_path(attention, engines, qwen3_engines, monkeypatch):
+    """A step whose sequences decode or verify drafts is all decode rows: the decode attention
+    runs, the prefill attention does not (it runs only in steps with prompt chunks). Outputs are
+    the plain engine's, and the KV the verify rows wrote (accepted drafts included) is the
+    plain decode steps' KV."""
+    base, spec = engines if attention == "mla" else qwen3_engines[:2]
+    base.reset_prefix_cache()
+    spec.reset_prefix_cache()
+    batches = _spy_batches(spec)
+    calls = _spy_attention(monkeypatch)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = base.generate(PROMPTS, params, use_tqdm=False)
+    calls.update(decode=0, prefill=0)
+    batches.clear()
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(reference_runs(want, PROMPTS)))
+    got = spec.generate(PROMPTS, params, use_tqdm=False)
+    assert_same(want, got)
+    # every decoding or verifying token is a decode row; steps with drafts and no prompt
+    # chunk are decode rows alone
+    assert all(b.num_decodes == decoding for decoding, _, b in batches)
+    verify = [b for _, drafts, b in batches if drafts and b.num_decodes == b.num_seqs]
+    assert len(verify) >= 4 and all(len(b.positions) == b.num_seqs for b in verify)
+    layers = spec.engine.core.runner.model.cfg.num_layers
+    with_prefill = sum(1 for *_, b in batches if b.num_decodes < b.num_seqs)
+    with_decode = sum(1 for *_, b in batches if b.num_decodes)
+    assert with_prefill <= 2  # the prompts' steps
+    assert calls == {"decode": layers * with_decode, "prefill": layers * with_prefill}
+    assert _assert_cached_kv_equal(spec, base) >= 8
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_verify_rows_replay_the_graph_path(attention, engines, qwen3_engines,
+                                           mla_graph_engine, monkeypatch):
+    """With enforce_eager=False, steps of decodes and verifications go through the graph path
+    (on CPU its static buffers, uncaptured), padded to a captured size in rows; the padding
+    rows read and write the scratch block alone; outputs are the plain engine's."""
+    import afd.model_runner
+
+    base, spec = ((engines[0], mla_graph_engine) if attention == "mla"
+                  else (qwen3_engines[0], qwen3_engines[2]))
+    graphs = spec.engine.core.runner.graphs
+    assert graphs.sizes == (1, 2, 4, 8, 16, 20)  # max_num_seqs 4 x (1 + 4 drafts) rows
+    run, replays = graphs.run, []
+
+    def spy(ids, batch):
+        logits = run(ids, batch)
+        rows, size = batch.num_seqs, graphs.padded_size(batch.num_seqs)
+        assert rows == batch.num_decodes == len(ids) and logits.shape[0] == rows
+        assert torch.equal(graphs.block_tables[:rows, :batch.block_tables.shape[1]],
+                           batch.block_tables)
+        assert torch.equal(graphs.seq_lens[:rows], batch.seq_lens)
+        assert (graphs.block_tables[rows:size, 0] == graphs.scratch_block).all()
+        assert (graphs.slot_mapping[rows:size] == graphs.scratch_slot).all()
+        assert (graphs.seq_lens[rows:size] == 1).all()
+        replays.append((rows, size, len(set(batch.block_tables[:, 0].tolist()))))
+        return logits
+
+    monkeypatch.setattr(graphs, "run", spy)
+    eager = afd.model_runner.run_micro_batches
+
+    def eager_spy(model, inputs, kv_caches, *args):
+        if kv_caches is spec.engine.core.runner.kv_caches:  # prompt chunks alone run eagerly
+            assert all(b.num_decodes < b.num_seqs for _, b, _ in inputs)
+        return eager(model, inputs, kv_caches, *args)
+
+    monkeypatch.setattr(afd.model_runner, "run_micro_batches", eager_spy)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)
+    want, got, drafts, accepted = generate_both((base, spec), monkeypatch, params,
+                                                corrupt_every=2)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+    # verify steps (more rows than sequences) replayed, some padded
+    assert any(rows > seqs for rows, _, seqs in replays)
+    assert any(rows < size for rows, size, seqs in replays if rows > seqs)
 
 
 def test_pd_with_ffn_ranks_matches_single_process():
