@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from afd.config import EngineConfig
@@ -39,25 +40,29 @@ def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     positions: list[int] = []
     seq_lens: list[int] = []  # per row
     query_lens: list[int] = []  # per row
-    token_rows: list[int] = []  # per token: its row
     first_token = [0] * len(seqs)  # per sequence (plan order): its first token
-    tables: list[tuple[int, int, list[int]]] = []  # (first row, rows, block ids) per sequence
-    for i in order:
+    rows_of: list[int] = []  # per sequence (row order): its rows
+    token_seq: list[int] = []  # per token: its sequence (row order)
+    blocks: list[int] = []  # every sequence's block ids, in row order
+    num_blocks: list[int] = []
+    for k, i in enumerate(order):
         s = seqs[i]
         seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-        first_token[i], row = len(ids), len(query_lens)
+        first_token[i] = len(ids)
         chunk = seq.token_ids[start:start + n]
         ids += chunk + s.draft_token_ids if s.draft_token_ids else chunk
         positions += range(start, start + n)
+        token_seq += [k] * n
+        blocks += seq.block_ids
+        num_blocks.append(len(seq.block_ids))
         if decoding[i]:  # n rows of one token, each seeing the cache up to its own position
             seq_lens += range(start + 1, start + n + 1)
             query_lens += [1] * n
-            token_rows += range(row, row + n)
+            rows_of.append(n)
         else:
             seq_lens.append(start + n)
             query_lens.append(n)
-            token_rows += [row] * n
-        tables.append((row, len(query_lens) - row, seq.block_ids))
+            rows_of.append(1)
     logits_index: list[int] = []
     for i, s in enumerate(seqs):
         span = s.prompt_logprob_positions
@@ -68,28 +73,30 @@ def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
             end = first_token[i] + s.num_new_tokens
             logits_index += range(end - 1 - len(s.draft_token_ids), end)
 
-    width = max((len(s.seq.block_ids) for s in seqs), default=1)
-    block_tables = torch.zeros(len(query_lens), width, dtype=torch.int32)
-    for row, rows, blocks in tables:  # a verifying sequence's rows share its table
-        block_tables[row:row + rows, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-    pos = torch.tensor(positions, dtype=torch.long)
-    slots = (block_tables[torch.tensor(token_rows, dtype=torch.long), pos // block_size].long()
-             * block_size + pos % block_size)
+    # [S, width] int32 per sequence, then per row: a verifying sequence's rows share its table
+    # (numpy: a few host ops on small arrays, each cheaper than a torch op)
+    width = max(num_blocks, default=1)
+    tables = np.zeros((len(seqs), width), dtype=np.int32)
+    tables[np.arange(width) < np.array(num_blocks)[:, None]] = blocks
+    pos = np.array(positions, dtype=np.int64)
+    slots = (tables[np.array(token_seq, dtype=np.int64), pos // block_size] * block_size
+             + pos % block_size)
+    if len(query_lens) != len(seqs):
+        tables = np.repeat(tables, rows_of, axis=0)
     # one host-to-device copy for every per-token and per-row integer
-    t, b = len(ids), len(query_lens)
-    host = torch.cat((torch.tensor(ids, dtype=torch.long), pos, slots,
-                      torch.tensor(seq_lens + logits_index, dtype=torch.long)))
-    dev = host.to(device)
+    t, b, n = len(ids), len(query_lens), len(logits_index)
+    dev = torch.from_numpy(np.concatenate(
+        (np.array(ids + seq_lens + logits_index, dtype=np.int64), pos, slots))).to(device)
     batch = ForwardBatch(
-        positions=dev[t:2 * t],
-        slot_mapping=dev[2 * t:3 * t],
-        block_tables=block_tables.to(device),
-        seq_lens=dev[3 * t:3 * t + b],
+        positions=dev[t + b + n:2 * t + b + n],
+        slot_mapping=dev[2 * t + b + n:],
+        block_tables=torch.from_numpy(tables).to(device),
+        seq_lens=dev[t:t + b],
         query_lens=query_lens,
         num_decodes=sum(s.num_new_tokens for s, d in zip(seqs, decoding) if d),
         context_lens=seq_lens,
     )
-    return dev[:t], batch, dev[3 * t + b:]
+    return dev[:t], batch, dev[t + b:t + b + n]
 
 
 class ModelRunner:
