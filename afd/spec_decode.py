@@ -11,8 +11,9 @@ L = 1,000 or 8,000 and 27 us at 32,000 on the 2-core CPU, mostly fixed Python co
 are kept as a numpy array per sequence, ``TokenArray``, grown by the tokens appended since the
 last step; converting the whole list each step would add 110 us at 8,000).
 
-Verification: a speculating sequence's step computes [last token, d1..dk] (a query of k + 1
-tokens over its cached context, as a prefill chunk) and gives logits at all k + 1 positions.
+Verification: a speculating sequence's step computes [last token, d1..dk] as k + 1 decode rows
+(row j attends over the cache up to its own position: ``afd.model_runner.flatten``) and gives
+logits at all k + 1 positions.
 Row j is sampled exactly as the non-speculative engine would sample the step after
 history + d1..dj: the same logits processing (its history for min_tokens and bad_words is the
 sequence's tokens plus the drafts before it) and, for a seeded request, the step seed the

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache: DeepSeek MLA and Qwen3 GQA.
 
 Both write this step's keys into the cache first, then attend:
-  * decode sequences (one new token each) in one batched call over their block tables;
+  * decode rows (one token each: a plain decode's, or one of a sequence's speculative verify
+    tokens, whose rows share its block table) in one batched call over their block tables;
   * prefill chunks of all the other sequences in one varlen call over everything cached so far
     (causal inside the chunk, bottom-right aligned), so a chunked prompt sees exactly what an
     unchunked one would. GQA reads K/V from the paged cache; MLA first gathers every prefill
