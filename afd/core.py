@@ -174,7 +174,6 @@ class EngineCore:
             row += len(drafts) + 1
             used = accept(tokens, drafts)  # 1 without drafts
             if drafts:
-                s.num_rejected = len(drafts) + 1 - used
                 rewind(seq.generator, state, used)
             new, error = [], None
             for token in tokens[:used]:  # stops as the one-token steps would have
@@ -185,9 +184,14 @@ class EngineCore:
                 new.append(token)
                 if seq.finish_reason is not None:
                     break
+            if drafts:
+                # KV stays computed for the last token and the drafts emitted before the final
+                # new token, not for accepted drafts past a stop (EOS, a stop token): those
+                # the sequence never holds
+                s.num_rejected = len(drafts) + 1 - len(new)
             logprobs = logprobs[:len(new)]
             taken.append((seq, new, None if not logprobs or logprobs[0] is None else logprobs,
-                          error, [len(drafts), used - 1] if drafts else None))
+                          error, [len(drafts), max(0, len(new) - 1)] if drafts else None))
         return taken
 
     def release(self, request_id: str) -> Sequence | None:

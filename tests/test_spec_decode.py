@@ -182,6 +182,30 @@ def test_stop_token_and_stop_string_and_max_tokens_inside_runs(engines, monkeypa
     assert accepted > 0
 
 
+def test_drafts_running_past_a_stop_token_are_not_counted_computed(engines, monkeypatch):
+    """Drafts may go on past the token that stops the output (an n-gram copied from a chat
+    prompt carries EOS and what follows it). Verification accepts them, but the output ends at
+    the stop: only the KV of tokens the sequence holds counts as computed, so no block is
+    offered to the prefix cache with fewer tokens than it holds (a stop early in a block, with
+    accepted drafts filling it past its end, used to fail an assertion in the pool)."""
+    base, spec = engines
+    free = base.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                         use_tqdm=False)
+    runs = reference_runs(free, PROMPTS)  # the proposer continues past every stop below
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, corrupt_every=0))
+    # stop at output token 1, 2, 3 or 1 of 10- to 19-token prompts in 8-token blocks: the step
+    # that emits the stop also accepts the drafts after it, across a block boundary
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                             stop_token_ids=[o.outputs[0].token_ids[i]])
+              for o, i in zip(free, (1, 2, 3, 1))]
+    want = base.generate(PROMPTS, params, use_tqdm=False)
+    got = spec.generate(PROMPTS, params, use_tqdm=False)
+    assert_same(want, got)
+    assert [o.outputs[0].finish_reason for o in got] == ["stop"] * 4
+    core = spec.engine.core
+    assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+
+
 def test_penalties_and_grammar_rows_decode_normally_beside_speculating_rows(engines,
                                                                            monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
