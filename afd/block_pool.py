@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def block_content(parent_key: bytes, tokens: Sequence[int]) -> bytes:
@@ -48,7 +48,10 @@ class BlockPool:
     a plain free list.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 on_evict: Callable[[int, bytes, bytes], None] | None = None):
+        """``on_evict(block, key, content)``: called as a cached block is reclaimed for new KV,
+        its KV still intact (afd.kv_offload keeps it in host memory)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
@@ -58,6 +61,7 @@ class BlockPool:
         self._by_key: dict[bytes, int] = {}
         self._empty: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, LRU first
+        self.on_evict = on_evict
 
     # ---- capacity ---------------------------------------------------------------------------
     @property
@@ -163,5 +167,7 @@ class BlockPool:
         self._content = [None] * self.num_blocks
 
     def _forget(self, block: int) -> None:
+        if self.on_evict is not None:
+            self.on_evict(block, self._key[block], self._content[block])
         del self._by_key[self._key[block]]
         self._key[block] = self._content[block] = None

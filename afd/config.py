@@ -28,6 +28,8 @@ class EngineConfig:
         structured-output grammars.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
         reuse it for later sequences that start with the same tokens (afd.block_pool).
+    num_offload_blocks: blocks of the host-memory tier of each rank's prefix cache
+        (afd.kv_offload; from ``kv_offload_gb``), where evicted cached blocks' KV goes; 0: none.
     cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
         place a prompt on the rank that was sent its longest prefix unless that rank is
         overloaded (afd.router); False places by load alone. Needs enable_prefix_caching.
@@ -51,6 +53,7 @@ class EngineConfig:
     enforce_eager: bool = True
     cuda_graph_sizes: tuple[int, ...] = ()
     enable_prefix_caching: bool = True
+    num_offload_blocks: int = 0
     cache_aware_routing: bool = True
     tokenizer: str | None = None
     quantization: str | None = None
@@ -122,6 +125,7 @@ def resolve_engine_config(
     enforce_eager: bool = True,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
     enable_prefix_caching: bool = True,
+    kv_offload_gb: float = 0,
     cache_aware_routing: bool = True,
     tokenizer: str | None = None,
     quantization: str | None = None,
@@ -156,9 +160,10 @@ def resolve_engine_config(
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, min(max_model_len, 8192))
+    bytes_per_block = (model_cfg.num_layers * block_size * model_cfg.kv_cache_dim
+                       * torch.empty((), dtype=run_dtype).element_size())
+    num_offload_blocks = _offload_blocks(kv_offload_gb, bytes_per_block, enable_prefix_caching)
     if num_kv_blocks is None:
-        bytes_per_block = (model_cfg.num_layers * block_size * model_cfg.kv_cache_dim
-                           * torch.empty((), dtype=run_dtype).element_size())
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)
         num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30 // bytes_per_block))
@@ -173,11 +178,30 @@ def resolve_engine_config(
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
                         enable_prefix_caching=enable_prefix_caching,
+                        num_offload_blocks=num_offload_blocks,
                         cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,
                         quantization=quantization,
                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0)
+
+
+def _offload_blocks(gb: float, bytes_per_block: int, caching: bool) -> int:
+    """Host blocks in ``gb`` GiB (kv_offload_gb), or ValueError naming what is wrong."""
+    if (not isinstance(gb, (int, float)) or isinstance(gb, bool) or not gb >= 0
+            or gb == float("inf")):
+        raise ValueError(f"kv_offload_gb must be a finite number of GiB >= 0 (0: no host "
+                         f"tier), got {gb!r}")
+    if not gb:
+        return 0
+    if not caching:
+        raise ValueError("kv_offload_gb needs enable_prefix_caching: the host tier keeps "
+                         "blocks the prefix cache evicts")
+    blocks = int(gb * 2**30 // bytes_per_block)
+    if blocks < 1:
+        raise ValueError(f"kv_offload_gb={gb} holds no KV block ({bytes_per_block} bytes "
+                         "each, every layer): raise it, or 0 for no host tier")
+    return blocks
 
 
 def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_rows: int) -> tuple[int, ...]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from afd.config import EngineConfig
 from afd.block_pool import BlockPool
+from afd.kv_cache import kv_block_dim
+from afd.kv_offload import HostKVTier
 from afd.model_runner import ModelRunner
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
@@ -28,6 +30,7 @@ class CoreStats:
     num_preemptions: int  # total since start
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, total since start
     prefix_cache_hits: int = 0  # of those, tokens found there
+    prefix_cache_host_hits: int = 0  # of the hits, tokens copied back from the host tier
     num_waiting_blocks: int = 0  # KV blocks the waiting sequences need (Scheduler.waiting_blocks)
     # speculative decoding, total since start: draft tokens verified, and of those accepted
     num_draft_tokens: int = 0
@@ -42,11 +45,13 @@ class PrefixCacheStats:
 
     queries: int = 0
     hits: int = 0
+    host_hits: int = 0  # of the hits, those found in a host tier (afd.kv_offload)
 
     @classmethod
     def total(cls, stats: list[CoreStats]) -> PrefixCacheStats:
         return cls(sum(s.prefix_cache_queries for s in stats),
-                   sum(s.prefix_cache_hits for s in stats))
+                   sum(s.prefix_cache_hits for s in stats),
+                   sum(s.prefix_cache_host_hits for s in stats))
 
 
 def _row_error(token: int) -> str:
@@ -62,10 +67,15 @@ class EngineCore:
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  prefill_only: bool = False):
         self.cfg = cfg
-        self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   None if prefill_only else cfg.speculative)
         self.runner = ModelRunner(model, cfg, experts, decodes=not prefill_only)
+        # the prefix cache's host tier: this rank's own, as its device cache
+        self.host = (HostKVTier(cfg.num_offload_blocks, cfg.block_size, self.runner.kv_caches,
+                                kv_block_dim(model.cfg))
+                     if cfg.num_offload_blocks and cfg.enable_prefix_caching else None)
+        self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                   on_evict=self.host.evicted if self.host else None)
+        self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   None if prefill_only else cfg.speculative, host=self.host)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []
@@ -120,6 +130,7 @@ class EngineCore:
         # a speculating seeded sequence's generator, to rewind to what its emitted tokens used
         states = ([s.seq.generator.get_state() if s.draft_token_ids and s.seq.generator else None
                    for s in sampling] if speculating else None)
+        self.flush_offloads()  # before the forward writes the blocks the plan reclaimed
         sampled = self.runner.execute(plan, micro_batches)
         if sampled.prompt_logprobs:
             for s in plan.seqs:
@@ -194,6 +205,12 @@ class EngineCore:
                           error, [len(drafts), max(0, len(new) - 1)] if drafts else None))
         return taken
 
+    def flush_offloads(self) -> None:
+        """Run the host tier's pending copies: before anything writes the device blocks that
+        were reclaimed since the last call (the step's forward, a KV transfer)."""
+        if self.host is not None:
+            self.host.flush(self.runner.kv_caches)
+
     def release(self, request_id: str) -> Sequence | None:
         """Free a parked sequence (its KV was sent, or is no longer wanted)."""
         seq = self.seqs.pop(request_id, None)
@@ -222,6 +239,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            prefix_cache_host_hits=self.scheduler.prefix_cache_host_hits,
             num_waiting_blocks=self.scheduler.waiting_blocks(),
             num_draft_tokens=self.scheduler.num_draft_tokens,
             num_accepted_tokens=self.scheduler.num_accepted_tokens,
@@ -231,9 +249,12 @@ class EngineCore:
         return PrefixCacheStats.total(self.stats())
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block; running sequences keep theirs, and their full blocks are
-        offered to the cache again at their next step."""
+        """Forget every cached block, the host tier's too; running sequences keep theirs, and
+        their full blocks are offered to the cache again at their next step."""
+        self.flush_offloads()  # restores planned but not run (none between steps) still land
         self.allocator.reset()
+        if self.host is not None:
+            self.host.reset()
         for seq in self.seqs.values():
             seq.num_cached_blocks = 0
 

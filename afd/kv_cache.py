@@ -13,3 +13,9 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
     """One cache tensor per layer (see models.attention for the layouts)."""
     shape = kv_cache_shape(cfg, num_blocks, block_size)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
+def kv_block_dim(cfg: ModelConfig) -> int:
+    """The block axis of a layer's cache tensor (the layouts differ: MLA's is first)."""
+    one, two = kv_cache_shape(cfg, 1, 1), kv_cache_shape(cfg, 2, 1)
+    return next(i for i, (a, b) in enumerate(zip(one, two)) if a != b)

@@ -114,7 +114,8 @@ class LLM:
 
     LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
-        max_num_batched_tokens=None, enable_prefix_caching=True, cache_aware_routing=True,
+        max_num_batched_tokens=None, enable_prefix_caching=True, kv_offload_gb=0,
+        cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None,
         generation_config="auto", speculative_config=None)
@@ -128,6 +129,9 @@ class LLM:
     generation_config.json (as vLLM does), "vllm" uses SamplingParams' own defaults.
     ``enable_prefix_caching``: reuse the KV of full blocks of earlier prompts (and outputs) that
     a new prompt starts with (``RequestOutput.num_cached_tokens`` says how many tokens it reused).
+    ``kv_offload_gb``: GiB of host memory per rank that runs prompts where the KV of blocks
+    evicted from the prefix cache is kept, and copied back when a prompt starts with them
+    (afd.kv_offload; 0, the default: none).
     ``cache_aware_routing``: with several prefill or attention ranks, send a prompt to the rank
     that already ran its longest prefix unless that rank is overloaded (False: by load alone).
     ``quantization``: None follows the checkpoint (an FP8 block-scaled checkpoint's routed experts

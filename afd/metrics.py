@@ -45,6 +45,9 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             "afd:prefix_cache_hits", "Of the looked-up tokens, those whose KV came from the "
             "prefix cache", labels, registry=r).labels(model_name)
+        self.prefix_cache_host_hits = Counter(
+            "afd:prefix_cache_host_hits", "Of the prefix cache hits, tokens whose KV was copied "
+            "back from the host tier (kv_offload_gb)", labels, registry=r).labels(model_name)
         self.spec_draft_tokens = Counter(
             "afd:spec_decode_num_draft_tokens", "Speculative (n-gram) draft tokens verified",
             labels, registry=r).labels(model_name)
@@ -59,7 +62,7 @@ class ServerMetrics:
                                 labels + ["finished_reason"], registry=r)
         self.model_name = model_name
         self._preemptions_seen = 0
-        self._prefix_cache_seen = (0, 0)  # queries, hits
+        self._prefix_cache_seen = (0, 0, 0)  # queries, hits, host hits
         self._spec_seen = (0, 0)  # draft tokens, accepted tokens
 
     def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
@@ -98,8 +101,10 @@ class ServerMetrics:
             self.preemptions.inc(total_preemptions - self._preemptions_seen)
             self._preemptions_seen = total_preemptions
         if prefix_cache is not None:
-            queries, hits = self._prefix_cache_seen
+            queries, hits, host_hits = self._prefix_cache_seen
             self.prefix_cache_queries.inc(max(0, prefix_cache.queries - queries))
             self.prefix_cache_hits.inc(max(0, prefix_cache.hits - hits))
+            self.prefix_cache_host_hits.inc(max(0, prefix_cache.host_hits - host_hits))
             self._prefix_cache_seen = (max(queries, prefix_cache.queries),
-                                       max(hits, prefix_cache.hits))
+                                       max(hits, prefix_cache.hits),
+                                       max(host_hits, prefix_cache.host_hits))

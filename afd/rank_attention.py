@@ -114,6 +114,7 @@ class AttentionWorker:
                 return
             self.pulls.popleft()
             blocks = alloc.allocate(need)
+            self.core.flush_offloads()  # what it evicted goes to the host before KV arrives
             self.receiving[pull.request.request_id] = post_recv(self.core.runner.kv_caches, pull,
                                                                 blocks)
             self.link.send({"t": "admitted", "id": pull.request.request_id, "tag": pull.tag,

@@ -11,7 +11,9 @@ the longest run of its leading full blocks (shared with whoever else holds them)
 computing after them; at least its last token is always computed, for the logits. A sequence
 that asks for prompt logprobs takes cached blocks only over positions it has scored already
 (none, the first time): a cached block has no logits. A block joins the cache once every one of
-its tokens' KV is written (``update``), prompt or generated.
+its tokens' KV is written (``update``), prompt or generated. With a host tier (afd.kv_offload)
+the match goes on there after the device blocks end: those blocks get new device blocks, their
+KV copied back before the step's forward, and count as cached from then on.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
 decoding one that may speculate gets n-gram drafts, as many as the remaining budget, its
@@ -29,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from afd.block_pool import BlockPool, extend_block_keys
+from afd.kv_offload import HostKVTier
 from afd.sequence import Sequence, Status
 from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
 
@@ -84,10 +87,24 @@ class SchedulerOutput:
         return not self.seqs
 
 
+@dataclass
+class PrefixHit:
+    """A sequence's leading full blocks found cached: on the device (``blocks``, in order),
+    then, where those end, in the host tier (``host_slots``, the blocks after them)."""
+
+    blocks: list[int] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) + len(self.host_slots)
+
+
 class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 spec: SpecConfig | None = None):
+                 spec: SpecConfig | None = None, host: HostKVTier | None = None):
         self.allocator = allocator
+        self.host = host  # the prefix cache's host tier, or None
         self.spec = spec
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,6 +114,7 @@ class Scheduler:
         # prefix cache, in tokens, over every admission (readmissions after preemption too)
         self.prefix_cache_queries = 0  # tokens of the sequences admitted
         self.prefix_cache_hits = 0  # of those, tokens whose KV came from the cache
+        self.prefix_cache_host_hits = 0  # of the hits, tokens copied back from the host tier
         # speculative decoding, total since start: drafts verified, and of those accepted
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -170,8 +188,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            cached = self._cached_prefix(seq)
-            num_cached = len(cached) * self.allocator.block_size
+            hit = self._cached_prefix(seq)
+            cached = hit.blocks
+            num_cached = hit.num_blocks * self.allocator.block_size
             n = min(seq.num_tokens - num_cached, budget)
             n, rows = self._limit_scored(seq, n, scored, num_cached)
             if not n:
@@ -183,13 +202,18 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.allocator.take(cached)  # before allocate(), which could evict them
+            if hit.host_slots:  # kept from eviction by allocate()'s offloads until copied
+                self.host.hold(hit.host_slots)
             seq.block_ids = cached + self.allocator.allocate(need)
-            seq.num_computed_tokens, seq.num_cached_blocks = num_cached, len(cached)
+            if hit.host_slots:
+                self._restore_from_host(seq, len(cached), hit.host_slots)
+            seq.num_computed_tokens, seq.num_cached_blocks = num_cached, hit.num_blocks
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = num_cached
             if self.allocator.enable_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_cached
+                self.prefix_cache_host_hits += len(hit.host_slots) * self.allocator.block_size
             seq.status = Status.RUNNING
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
@@ -243,15 +267,30 @@ class Scheduler:
                 used += len(drafts)
         return used
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding ``seq``'s leading full blocks; never all of its tokens."""
+    def _cached_prefix(self, seq: Sequence) -> PrefixHit:
+        """Cached blocks holding ``seq``'s leading full blocks (on the device, then in the
+        host tier); never all of its tokens."""
         if not (self.allocator.enable_caching and seq.cacheable):
-            return []
+            return PrefixHit()
         max_blocks = (seq.num_tokens - 1) // self.allocator.block_size
         if seq.prompt_logprobs_pending:  # a cached block has no logits: only scored positions
             max_blocks = min(max_blocks, seq.num_prompt_logprobs // self.allocator.block_size)
         extend_block_keys(seq.block_keys, seq.token_ids, self.allocator.block_size, max_blocks)
-        return self.allocator.cached_prefix(seq.token_ids, seq.block_keys, max_blocks)
+        hit = PrefixHit(self.allocator.cached_prefix(seq.token_ids, seq.block_keys, max_blocks))
+        if self.host is not None and len(hit.blocks) < max_blocks:
+            hit.host_slots = self.host.match(seq.token_ids, seq.block_keys, len(hit.blocks),
+                                             max_blocks)
+        return hit
+
+    def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
+        """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied
+        before this step's forward, and join the device cache as any computed block."""
+        blocks = seq.block_ids[start:start + len(slots)]
+        self.host.restore(slots, blocks)
+        size, keys = self.allocator.block_size, seq.block_keys
+        for b, block in enumerate(blocks, start):
+            self.allocator.cache_block(block, keys[b], keys[b - 1] if b else b"",
+                                       seq.token_ids[b * size:(b + 1) * size])
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Get blocks for ``n`` more tokens of ``seq``, preempting later arrivals if needed.

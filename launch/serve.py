@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                     default=True, help="reuse the KV of full blocks of tokens that a new prompt "
                     "shares with earlier ones (default on)")
+    ap.add_argument("--kv-offload-gb", type=float, default=0,
+                    help="GiB of host memory per rank that runs prompts for KV blocks evicted "
+                         "from the prefix cache, copied back on a later hit (default 0: none)")
     ap.add_argument("--cache-aware-routing", action=argparse.BooleanOptionalAction,
                     default=True, help="with several prefill or attention ranks, send a prompt "
                     "to the rank that ran its longest prefix unless that rank is overloaded "
@@ -197,7 +200,7 @@ def main() -> None:
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
-            enable_prefix_caching=args.enable_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
             quantization=args.quantization, speculative_config=args.speculative_config)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",

@@ -350,7 +350,7 @@ def test_preempted_sequences_hit_the_cache_when_readmitted(path, monkeypatch):
 
     def spy(seq):
         hits = real(seq)
-        lookups.append((seq.metrics.num_preemptions, len(hits)))
+        lookups.append((seq.metrics.num_preemptions, hits.num_blocks))
         return hits
 
     monkeypatch.setattr(sched, "_cached_prefix", spy)
