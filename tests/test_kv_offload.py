@@ -189,7 +189,10 @@ def test_seeded_sampling_and_batches_equal_no_caching(tier, off):
     want = tokens(off.generate([ids(prompt)], params, use_tqdm=False))
     assert tokens(tier.generate([ids(prompt)], params, use_tqdm=False)) == want
     evict_with_others(tier, others)
+    before = tier.engine.core.prefix_cache_stats().host_hits
     got = tier.generate([ids(prompt)], params, use_tqdm=False)[0]
+    # the first completion copies the prefix back; the second finds it on the device then
+    assert tier.engine.core.prefix_cache_stats().host_hits - before == 80
     assert got.num_cached_tokens == 80 and tokens([got]) == want
     assert no_leak(tier)
 
@@ -247,3 +250,21 @@ def test_bad_sizes_are_named(path, value, match):
 def test_host_tier_needs_prefix_caching(path):
     with pytest.raises(ValueError, match="kv_offload_gb needs enable_prefix_caching"):
         LLM(path, kv_offload_gb=0.01, enable_prefix_caching=False)
+
+
+def test_each_prefill_rank_has_its_own_tier(path, off):
+    """P/D: the prefill rank runs the prompts, so its tier (built by the same EngineCore as the
+    single process's) keeps what its pool evicts; the tokens equal the single process's."""
+    prompt, others = prompts()
+    want = tokens(off.generate([ids(p) for p in [prompt, *others, prompt]], GREEDY,
+                               use_tqdm=False))
+    llm = LLM(path, seed=0, prefill=1, attention=1, timeout_s=30,
+              kv_offload_gb=block_gb(off, 12), **SMALL)
+    try:
+        outs = [llm.generate([ids(p)], GREEDY, use_tqdm=False)[0]
+                for p in [prompt, *others, prompt]]
+        assert tokens(outs) == want
+        assert [o.num_cached_tokens for o in outs] == [0, 0, 0, 80]
+        assert llm.engine.core.prefix_cache_stats().host_hits == 80
+    finally:
+        llm.shutdown()
