@@ -4,6 +4,8 @@
                                  [--suffix-len 32] [--new-tokens 16] [--repeats 2] [--json out.json]
     python bench/prefix_cache.py --attention 2 [--num-prefixes 6] [--rounds 4]
                                  [--num-kv-blocks N] ...
+    python bench/prefix_cache.py --offload-gb G [--num-kv-blocks 160] [--num-prefixes 4]
+                                 [--rounds 4] ...
 
 Every prompt is the same ``prefix-len`` random tokens followed by ``suffix-len`` tokens of its
 own; decoding is greedy with EOS ignored. Two workloads, each with caching off and on (a fresh
@@ -26,6 +28,15 @@ together). It reports the prefix cache hit rate (hits / queries, in tokens, over
 the mean TTFT of every prompt and of rounds 2.., and the wall time. ``--num-kv-blocks`` sizes
 each rank's pool: smaller than every prefix at once, placement by load makes each rank hold all
 of them, and they evict each other. Outputs must be equal under both placements (checked).
+
+``--offload-gb G`` instead compares the prefix cache without and with a host tier of G GiB
+(``kv_offload_gb``), one rank, a device pool of ``--num-kv-blocks`` (default 160 blocks of 16
+tokens: two 1,024-token prefixes): ``rounds`` rounds of one prompt per prefix (``num-prefixes``
+of them, own ``suffix-len`` tokens each), one at a time, always in the same order, so each
+prefix has been evicted from the device by the time it comes back (LRU). It reports the TTFT of
+round 1 (every prefix computed) and of rounds 2.. (recomputed without the tier, copied back from
+the host with it). On a CPU the "device" pool and the host tier are the same memory: this shows
+recompute against a memory copy, not the cost of a copy over PCIe.
 """
 
 from __future__ import annotations
@@ -192,6 +203,78 @@ def main_routing(args: argparse.Namespace, path: str) -> None:
         "runs": runs}, args.json, "prefix_cache_routing.json")
 
 
+def run_offload(path: str, gb: float, args: argparse.Namespace,
+                rounds: list[list[list[int]]], warmup: list[int], params: SamplingParams,
+                max_model_len: int) -> dict:
+    llm = LLM(path, seed=0, max_model_len=max_model_len, num_kv_blocks=args.num_kv_blocks,
+              kv_offload_gb=gb)
+    try:
+        llm.generate([{"prompt_token_ids": warmup}], params, use_tqdm=False)
+        llm.reset_prefix_cache()
+        before = llm.engine.core.prefix_cache_stats()
+        outs = [[llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+                 for p in prompts] for prompts in rounds]
+        stats = llm.engine.core.prefix_cache_stats()
+    finally:
+        llm.shutdown()
+    return {
+        "ttft_round1_median_s": statistics.median(o.metrics.ttft for o in outs[0]),
+        "ttft_rest_median_s": statistics.median(o.metrics.ttft for r in outs[1:] for o in r),
+        "prefix_cache_hits": stats.hits - before.hits,
+        "prefix_cache_host_hits": stats.host_hits - before.host_hits,
+        "prefix_cache_queries": stats.queries - before.queries,
+        "num_cached_tokens": [[o.num_cached_tokens for o in r] for r in outs],
+        "tokens": [[o.outputs[0].token_ids for o in r] for r in outs],
+    }
+
+
+def main_offload(args: argparse.Namespace, path: str) -> None:
+    load_at_start = os.getloadavg()
+    rng, vocab = random.Random(args.seed), load_config(path).vocab_size
+
+    def draw(n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    prefixes = [draw(args.prefix_len) for _ in range(args.num_prefixes)]
+    rounds = [[p + draw(args.suffix_len) for p in prefixes] for _ in range(args.rounds)]
+    warmup = draw(args.prefix_len + args.suffix_len)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            runs[mode].append(run_offload(path, args.offload_gb if mode == "on" else 0, args,
+                                          rounds, warmup, params, max_len))
+    same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
+    print(f"{args.rounds} rounds x {args.num_prefixes} prompts one at a time = {args.prefix_len} "
+          f"tokens of one of {args.num_prefixes} prefixes + {args.suffix_len} own, "
+          f"{args.new_tokens} new tokens, greedy; {args.num_kv_blocks} device KV blocks; host "
+          f"tier off vs {args.offload_gb} GiB; best of {args.repeats} runs each")
+    print(f"{'':32s}{'tier off':>12s}{'tier on':>12s}{'gain':>8s}")
+    summary = {}
+    for label, key in (("TTFT median, round 1 (s)", "ttft_round1_median_s"),
+                       ("TTFT median, rounds 2.. (s)", "ttft_rest_median_s")):
+        off, on = (min(r[key] for r in runs[m]) for m in runs)
+        summary[key] = {"off": off, "on": on, "gain": off / on,
+                        "median_off": statistics.median(r[key] for r in runs["off"]),
+                        "median_on": statistics.median(r[key] for r in runs["on"])}
+        print(f"{label:32s}{off:12.3f}{on:12.3f}{off / on:7.2f}x")
+    for mode in runs:
+        r = runs[mode][0]
+        print(f"tier {mode}: hits {r['prefix_cache_hits']} of {r['prefix_cache_queries']} tokens "
+              f"({r['prefix_cache_host_hits']} from the host); num_cached_tokens per round "
+              f"{r['num_cached_tokens']}")
+    print(f"outputs equal with the tier off and on: {same}")
+    for r in runs["off"] + runs["on"]:
+        r.pop("tokens")
+    write_result({
+        "bench": "prefix_cache_offload", "args": vars(args), "model": path,
+        "commit": commit_id(), "torch": torch.__version__, "host": platform.node(),
+        "cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
+        "loadavg_at_end": os.getloadavg(), "outputs_equal": same, "summary": summary,
+        "runs": runs}, args.json, "prefix_cache_offload.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: embedded tiny)")
@@ -204,12 +287,21 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--attention", type=int, default=1,
                     help=">= 2: compare placement by load with cache-aware placement")
-    ap.add_argument("--num-prefixes", type=int, default=6, help="(--attention >= 2)")
-    ap.add_argument("--rounds", type=int, default=4, help="(--attention >= 2)")
+    ap.add_argument("--num-prefixes", type=int, default=None,
+                    help="(--attention >= 2: default 6; --offload-gb: 4)")
+    ap.add_argument("--rounds", type=int, default=4, help="(--attention >= 2, --offload-gb)")
     ap.add_argument("--num-kv-blocks", type=int, default=None,
-                    help="(--attention >= 2) KV blocks per rank")
+                    help="(--attention >= 2) KV blocks per rank; (--offload-gb) default 160")
+    ap.add_argument("--offload-gb", type=float, default=0,
+                    help="> 0: compare the prefix cache without and with a host tier this large")
     args = ap.parse_args()
     path = args.model or default_model_path()
+    if args.offload_gb:
+        args.num_prefixes = args.num_prefixes or 4
+        args.num_kv_blocks = args.num_kv_blocks or 160
+        main_offload(args, path)
+        return
+    args.num_prefixes = args.num_prefixes or 6
     if args.attention > 1:
         main_routing(args, path)
         return
