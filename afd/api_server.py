@@ -278,7 +278,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling)
-        checked = [engine.check_request(p, params) for p in prompts]
+        checked = [engine.check_request(p, params, body.priority) for p in prompts]
     except ValueError as exc:
         param = getattr(exc, "param", None)
         message = str(exc)
@@ -296,7 +296,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                            f"tokens exceeds the context length {max_len}",
                            param=max_tokens_field)
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params)
+    streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params,
+                               body.priority)
                for i, (text, ids) in enumerate(checked)]
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)

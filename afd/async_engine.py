@@ -45,15 +45,17 @@ class AsyncEngine:
         self.thread.start()
 
     # ---- event-loop side ------------------------------------------------------------------
-    def check_request(self, prompt: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def check_request(self, prompt: Any, params: SamplingParams, priority: int = 0
+                      ) -> tuple[str | None, list[int]]:
         """Raise ValueError (the caller's 400) for a bad request; returns (text, token ids)."""
         params.validate()
+        self.engine.check_priority(priority)
         text, ids = self.engine.tokenize_prompt(prompt)
         self.engine.validate(ids, params)
         return text, ids
 
-    async def generate(self, request_id: str, prompt: Any, params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs as tokens arrive; abort the request if the consumer stops."""
         if self.error:
             raise EngineDeadError(self.error)
@@ -62,7 +64,7 @@ class AsyncEngine:
         if self.error:  # failed after the check above, possibly without seeing this stream
             self.streams.pop(request_id, None)
             raise EngineDeadError(self.error)
-        self.commands.put(("add", request_id, prompt, params, time.monotonic()))
+        self.commands.put(("add", request_id, prompt, params, time.monotonic(), priority))
         finished = False
         try:
             while True:
@@ -117,9 +119,10 @@ class AsyncEngine:
             return
         while True:
             if cmd[0] == "add":
-                _, rid, prompt, params, arrival = cmd
+                _, rid, prompt, params, arrival, priority = cmd
                 try:
-                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival,
+                                            priority=priority)
                     if self.metrics:
                         self.metrics.prompt_tokens.inc(len(self.engine.requests[rid]
                                                            .prompt_token_ids))

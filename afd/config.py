@@ -39,6 +39,10 @@ class EngineConfig:
     num_speculative_tokens: n-gram draft tokens verified per decoding sequence and step (0: no
         speculative decoding; afd.spec_decode). prompt_lookup_max / prompt_lookup_min: the
         longest and shortest n-gram looked up.
+    scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
+        or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
+        first; the running sequence preempted for KV blocks is the one with the largest
+        priority value, latest arrived among equals).
     """
 
     model: str
@@ -60,6 +64,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 0
+    scheduling_policy: str = "fcfs"
 
     @property
     def fp8_experts(self) -> bool:
@@ -74,6 +79,7 @@ class EngineConfig:
 
 
 QUANTIZATIONS = (None, "fp8", "dequantize")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
@@ -130,6 +136,7 @@ def resolve_engine_config(
     tokenizer: str | None = None,
     quantization: str | None = None,
     speculative_config: dict | None = None,
+    scheduling_policy: str = "fcfs",
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
@@ -137,6 +144,9 @@ def resolve_engine_config(
         _positive(name, value)
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
+    if scheduling_policy not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
+                         f"{scheduling_policy!r}")
     spec = parse_speculative_config(speculative_config)
     # a step verifying drafts has 1 + num_speculative_tokens decode rows per sequence
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs * (
@@ -183,7 +193,8 @@ def resolve_engine_config(
                         quantization=quantization,
                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
-                        prompt_lookup_min=spec.prompt_lookup_min if spec else 0)
+                        prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
+                        scheduling_policy=scheduling_policy)
 
 
 def _offload_blocks(gb: float, bytes_per_block: int, caching: bool) -> int:

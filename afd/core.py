@@ -75,7 +75,8 @@ class EngineCore:
         self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                    on_evict=self.host.evicted if self.host else None)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   None if prefill_only else cfg.speculative, host=self.host)
+                                   None if prefill_only else cfg.speculative,
+                                   cfg.scheduling_policy, host=self.host)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

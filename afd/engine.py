@@ -168,6 +168,18 @@ class LLMEngine:
         if params.structured_outputs is not None:
             check_structured_output(params.structured_outputs)
 
+    def check_priority(self, priority: Any) -> int:
+        """A request's ``priority`` (vLLM's: lower is served first): any 64-bit integer under
+        scheduling_policy "priority", only 0 under "fcfs". ParamError("priority") otherwise."""
+        if not isinstance(priority, int) or isinstance(priority, bool) or not (
+                -2**63 <= priority < 2**63):
+            raise ParamError("priority", f"priority must be a 64-bit integer, got {priority!r}")
+        if priority and self.engine_cfg.scheduling_policy != "priority":
+            raise ParamError("priority", f"priority={priority} needs scheduling_policy="
+                             "'priority' (--scheduling-policy priority); the engine runs "
+                             f"{self.engine_cfg.scheduling_policy!r}, where priority must be 0")
+        return priority
+
     def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
         """``params`` with bad_words_token_ids from its bad_words (what the ranks use); a copy,
         so the caller's object is left as it was."""
@@ -178,10 +190,12 @@ class LLMEngine:
         return SamplingParams(**{**params.to_dict(), "bad_words_token_ids": ids})
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Validate, tokenize and queue one prompt. Raises ValueError and queues nothing if bad."""
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validate, tokenize and queue one prompt. Raises ValueError and queues nothing if bad.
+        ``priority``: see ``check_priority``."""
         params = params or self.default_params()
         params.validate()
+        self.check_priority(priority)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         # A request's completions run under ids derived from it ("a" with n=2: "a#0", "a#1"),
@@ -215,7 +229,8 @@ class LLMEngine:
                                           "prompt_logprobs": params.prompt_logprobs if i == 0
                                           else None})
             cid = _child_id(request_id, i, params.n)
-            children.append((cid, comp, CoreRequest(cid, ids, child, self.eos_token_ids, arrival)))
+            children.append((cid, comp, CoreRequest(cid, ids, child, self.eos_token_ids, arrival,
+                                                    priority)))
         added: list[str] = []
         try:  # all children or none: a failure here must not leave one running, holding KV
             for cid, comp, core_req in children:

@@ -15,7 +15,7 @@ from afd.config import EngineConfig, resolve_engine_config
 from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import ParamError, SamplingParams
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
 
@@ -118,7 +118,7 @@ class LLM:
         cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None,
-        generation_config="auto", speculative_config=None)
+        generation_config="auto", speculative_config=None, scheduling_policy="fcfs")
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -141,6 +141,8 @@ class LLM:
     ``speculative_config``: n-gram speculative decoding, vLLM's dict (``{"method": "ngram",
     "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``); the
     outputs are those of plain decoding (afd.spec_decode).
+    ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
+    lower values first; see afd.scheduler).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
@@ -170,9 +172,12 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
+        ``priority``: one integer per prompt (vLLM's; lower is served first), only with
+        ``scheduling_policy="priority"``; None: all 0.
         Every prompt is validated before any is queued: a bad one raises ValueError and leaves
         the engine as it was.
         """
@@ -186,6 +191,13 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         engine = self.engine
+        if priority is None:
+            priority = [0] * len(prompts)
+        elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
+            raise ParamError("priority", f"priority must be a list of one integer per prompt "
+                             f"({len(prompts)}), got {priority!r:.80}")
+        for value in priority:
+            engine.check_priority(value)
         tokenized = []
         for prompt, p in zip(prompts, params):
             if not isinstance(p, SamplingParams):
@@ -196,9 +208,9 @@ class LLM:
             tokenized.append({"prompt": text, "prompt_token_ids": ids})
         order = {}
         try:
-            for prompt, p in zip(tokenized, params):
+            for prompt, p, rank in zip(tokenized, params, priority):
                 rid = str(next(self._ids))
-                engine.add_request(rid, prompt, p)
+                engine.add_request(rid, prompt, p, priority=rank)
                 order[rid] = len(order)
         except BaseException:  # queue all or none
             for rid in order:

@@ -77,6 +77,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     user: str | None = None
     prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
+    priority: StrictInt = 0  # vLLM's: lower is served first (--scheduling-policy priority)
 
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)

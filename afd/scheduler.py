@@ -6,6 +6,11 @@ blocks and max_num_seqs allow, so new prompts are prefilled beside running decod
 sequence needs a block and none is free, the most recently arrived running sequence is preempted:
 its blocks are freed and it is recomputed later from its tokens (prompt + output so far).
 
+Policy "priority" (vLLM's ``--scheduling-policy priority``) changes only the order: the waiting
+queue is kept in (priority, arrival) order, lower values first, running sequences get their
+tokens in that order, and the one preempted is the running sequence with the largest
+(priority, arrival). A waiting sequence never preempts a running one, whatever its priority.
+
 With prefix caching (afd.block_pool) a sequence being admitted first takes the cached blocks of
 the longest run of its leading full blocks (shared with whoever else holds them) and starts
 computing after them; at least its last token is always computed, for the logits. A sequence
@@ -26,6 +31,7 @@ never joins the prefix cache.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +47,11 @@ from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
 # at most this many tokens; others share the step's budget as before.
 MAX_PROMPT_LOGPROB_ROWS = 2048
 _NO_POSITIONS = range(0)
+
+
+def priority_key(seq: Sequence) -> tuple[int, float]:
+    """Policy "priority": who goes first (smallest) and who is preempted first (largest)."""
+    return seq.priority, seq.metrics.arrival_time
 
 
 @dataclass
@@ -102,9 +113,13 @@ class PrefixHit:
 
 class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 spec: SpecConfig | None = None, host: HostKVTier | None = None):
+                 spec: SpecConfig | None = None, policy: str = "fcfs",
+                 host: HostKVTier | None = None):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
         self.host = host  # the prefix cache's host tier, or None
+        self.by_priority = policy == "priority"
         self.spec = spec
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -121,7 +136,15 @@ class Scheduler:
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Policy "priority": after every waiting sequence that goes before it or ties."""
+        self.waiting.insert(bisect.bisect_right(self.waiting, priority_key(seq),
+                                                key=priority_key), seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -162,7 +185,9 @@ class Scheduler:
         scheduled: set[int] = set()
         preemptions_before = self.num_preemptions
         block_size, running = self.allocator.block_size, Status.RUNNING
-        for seq in list(self.running):
+        # by priority, the sequences that go first take the budget (and blocks) first
+        for seq in (sorted(self.running, key=priority_key) if self.by_priority
+                    else list(self.running)):
             if budget == 0:
                 break
             if seq.status is not running:
@@ -299,7 +324,7 @@ class Scheduler:
         """
         need = self.allocator.blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
         while not self.allocator.can_allocate(need):
-            victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
+            victim = self._victim(scheduled)
             if victim is None:
                 return False
             self._preempt(victim)
@@ -307,6 +332,15 @@ class Scheduler:
                 return False
         seq.block_ids += self.allocator.allocate(need)
         return True
+
+    def _victim(self, scheduled: set[int]) -> Sequence | None:
+        """The running sequence to preempt, not one already given tokens this step: the latest
+        admitted, or by priority the largest (priority, arrival). Sequences are scheduled in
+        that order, so none scheduled before it would go after it."""
+        if self.by_priority:
+            return max((s for s in self.running if id(s) not in scheduled), key=priority_key,
+                       default=None)
+        return next((s for s in reversed(self.running) if id(s) not in scheduled), None)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -317,7 +351,10 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def update(self, out: SchedulerOutput) -> None:
         """After the forward (and, with drafts, verification): the scheduled tokens are now in

@@ -30,6 +30,8 @@ class CoreRequest:
     params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
+    # scheduling_policy "priority": lower values are served first (vLLM's); 0 under "fcfs"
+    priority: int = 0
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prompt tokens the first admission reused
         self.status = Status.WAITING
         self.params = req.params
+        self.priority = req.priority
         self.eos_token_ids = () if req.params.ignore_eos else tuple(req.eos_token_ids)
         self.stop_token_ids = set(req.params.stop_token_ids)
         limit = max_model_len - self.num_prompt_tokens

@@ -83,6 +83,10 @@ def parse_args() -> argparse.Namespace:
                     help="speculative decoding as vLLM's JSON, n-gram drafts only: "
                          "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                          "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'")
+    ap.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                    help="fcfs: arrival order (a request's priority must be 0); priority: "
+                         "lower request priority first, and the largest is preempted first "
+                         "(as vLLM)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -202,7 +206,8 @@ def main() -> None:
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
-            quantization=args.quantization, speculative_config=args.speculative_config)
+            quantization=args.quantization, speculative_config=args.speculative_config,
+            scheduling_policy=args.scheduling_policy)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg)
