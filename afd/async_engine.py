@@ -50,7 +50,7 @@ class AsyncEngine:
         """Raise ValueError (the caller's 400) for a bad request; returns (text, token ids)."""
         params.validate()
         self.engine.check_priority(priority)
-        text, ids = self.engine.tokenize_prompt(prompt)
+        text, ids = self.engine.prepare_prompt(prompt, params)
         self.engine.validate(ids, params)
         return text, ids
 

@@ -143,6 +143,25 @@ class LLMEngine:
         raise ParamError("prompt", "prompt must be a str or a dict with 'prompt_token_ids', "
                          f"got {type(prompt).__name__}")
 
+    def prepare_prompt(self, prompt: Any, params: SamplingParams
+                       ) -> tuple[str | None, list[int]]:
+        """``tokenize_prompt``, then ``params.truncate_prompt_tokens``: only the last k token
+        ids are kept (-1: max_model_len, as vLLM; more than max_model_len is a ParamError).
+        A prompt cut short has no text (None): the text sent is not the text of its tokens."""
+        text, ids = self.tokenize_prompt(prompt)
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return text, ids
+        max_len = self.engine_cfg.max_model_len
+        if k == -1:
+            k = max_len
+        if k > max_len:
+            raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens={k} is greater "
+                             f"than max_model_len {max_len}: keep at most {max_len} tokens")
+        if len(ids) <= k:
+            return text, ids
+        return None, ids[-k:]
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_cfg.vocab_size
         max_len = self.engine_cfg.max_model_len
@@ -210,7 +229,7 @@ class LLMEngine:
                                              and math.isfinite(arrival_time)):
             raise ParamError("arrival_time", f"arrival_time must be a finite number, got "
                              f"{arrival_time!r}")
-        text, ids = self.tokenize_prompt(prompt)
+        text, ids = self.prepare_prompt(prompt, params)
         self.validate(ids, params)
         params = self._with_bad_word_ids(params)
         arrival = time.monotonic() if arrival_time is None else float(arrival_time)

@@ -203,7 +203,7 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
             p.validate()
-            text, ids = engine.tokenize_prompt(prompt)
+            text, ids = engine.prepare_prompt(prompt, p)
             engine.validate(ids, p)
             tokenized.append({"prompt": text, "prompt_token_ids": ids})
         order = {}

@@ -40,7 +40,7 @@ class StreamOptions(BaseModel):
 # answer that silently ignores it.
 _UNSUPPORTED: dict[str, tuple] = {
     "suffix": ("",),
-    "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "logits_processors": ([],),
 }
 
@@ -78,6 +78,7 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
     priority: StrictInt = 0  # vLLM's: lower is served first (--scheduling-policy priority)
+    truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the last k prompt tokens
 
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)
@@ -186,7 +187,8 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
             min_tokens=self.min_tokens, logprobs=self.num_logprobs(),
             structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words, prompt_logprobs=self.num_prompt_logprobs())
+            bad_words=self.bad_words, prompt_logprobs=self.num_prompt_logprobs(),
+            truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
 class CompletionRequest(_SamplingFields):

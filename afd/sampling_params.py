@@ -134,6 +134,8 @@ class SamplingParams:
     prompt_logprobs: None (off) or k in [0, 20]: the same for every prompt token after the
     first (its logprob under the logits of the position before it, and the k likeliest there).
     A request that asks computes its whole prompt: it takes no KV from the prefix cache.
+    truncate_prompt_tokens: None (off), -1 (max_model_len, as vLLM) or k >= 1: keep only the
+    last k prompt tokens (left truncation; the engine applies it after tokenizing).
     """
 
     n: int = 1
@@ -158,6 +160,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -223,6 +226,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, value, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not is_int(k) or not (k == -1 or 1 <= k <= INT64_MAX)):
+            raise bad("truncate_prompt_tokens", k, "None, -1 (max_model_len) or an integer >= 1")
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
             self.structured_outputs.validate()

@@ -1,4 +1,4 @@
-"""Request priority (vLLM's --scheduling-policy priority)."""
+"""Request priority (vLLM's --scheduling-policy priority) and truncate_prompt_tokens."""
 
 from __future__ import annotations
 
@@ -125,6 +125,40 @@ def test_priority_errors(llm):
         LLM(scheduling_policy="lifo")
 
 
+def test_truncate_prompt_tokens(llm):
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    ids = list(range(10, 40))
+    full = llm.generate([{"prompt_token_ids": ids[-5:]}], params, use_tqdm=False)[0]
+    cut = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                      truncate_prompt_tokens=5), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-5:]
+    assert cut.outputs[0].token_ids == full.outputs[0].token_ids
+    text = llm.generate(["Hello, my name is"], SamplingParams(max_tokens=1,
+                                                               truncate_prompt_tokens=2),
+                        use_tqdm=False)[0]
+    assert len(text.prompt_token_ids) == 2 and text.prompt is None  # cut: no text
+    kept = llm.generate(["Hi"], SamplingParams(max_tokens=1, truncate_prompt_tokens=100),
+                        use_tqdm=False)[0]
+    assert kept.prompt == "Hi"  # nothing cut
+    max_len = llm.config.max_model_len
+    # -1 is max_model_len (as vLLM): a longer prompt keeps max_model_len tokens, one too many
+    with pytest.raises(ValueError, match=f"prompt has {max_len} tokens"):
+        llm.generate([{"prompt_token_ids": [5] * (max_len + 3)}],
+                     SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": [5] * (max_len + 3)}],
+                       SamplingParams(max_tokens=1, truncate_prompt_tokens=max_len - 1),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) == max_len - 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens") as err:
+        llm.generate(["hi"], SamplingParams(truncate_prompt_tokens=max_len + 1), use_tqdm=False)
+    assert err.value.param == "truncate_prompt_tokens"
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def _post(llm: LLM, path: str, body: dict) -> httpx.Response:
     """One request to an in-process server over ``llm``'s engine (left running after)."""
     from afd.api_server import ServerState, build_app
@@ -149,13 +183,25 @@ def _post(llm: LLM, path: str, body: dict) -> httpx.Response:
 @pytest.mark.parametrize(("body", "param"), [
     ({"priority": 1}, "priority"),  # fcfs server
     ({"priority": "high"}, "priority"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": 1000}, "truncate_prompt_tokens"),  # > max_model_len
 ])
-def test_server_rejects_bad_priority(llm, body, param):
+def test_server_rejects_bad_priority_and_truncation(llm, body, param):
     r = _post(llm, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
 
 
-def test_server_priority(by_priority):
+def test_server_priority_and_truncation(llm, by_priority):
+    ids = list(range(10, 30))
+    r = _post(llm, "/v1/completions", {"prompt": ids, "max_tokens": 2, "temperature": 0,
+                                       "truncate_prompt_tokens": 4, "echo": True})
+    assert r.status_code == 200, r.text
+    usage, text = r.json()["usage"], r.json()["choices"][0]["text"]
+    assert usage["prompt_tokens"] == 4  # the truncated prompt
+    assert text.startswith(llm.get_tokenizer().decode(ids[-4:]))  # echo: what was kept
+    r = _post(llm, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 20}],
+                                            "max_tokens": 1, "truncate_prompt_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3, r.text
     r = _post(by_priority, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "priority": -5})
     assert r.status_code == 200, r.text
