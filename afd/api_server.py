@@ -678,7 +678,7 @@ def main() -> None:
     from afd.engine import LLMEngine
     from afd.layouts import MultiRankClient
     from afd.llm import eos_token_ids, generation_defaults, load_tokenizer
-    from afd.workers import Layout, watch_parent
+    from afd.workers import Layout, freeze_gc, watch_parent
     from models.config import load_config
 
     ap = argparse.ArgumentParser(prog="python -m afd.api_server")
@@ -726,6 +726,7 @@ def main() -> None:
                         args.api_key, metrics, tool_call_parser=args.tool_call_parser,
                         enable_auto_tool_choice=args.enable_auto_tool_choice,
                         reasoning_parser=args.reasoning_parser)
+    freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):
         def install_signal_handlers(self) -> None:  # ours drain first (below)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import os
@@ -214,17 +215,19 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
         if role == "ffn":
             from afd.rank_ffn import FFNWorker
 
-            FFNWorker(spec, index, groups, device, out).run()
+            worker = FFNWorker(spec, index, groups, device, out)
         else:
             link = ControlLink(ctx, out, spec.front_in[spec.rank], spec.rank)
             if role == "attention":
                 from afd.rank_attention import AttentionWorker
 
-                AttentionWorker(spec, index, groups, device, link).run()
+                worker = AttentionWorker(spec, index, groups, device, link)
             else:
                 from afd.rank_prefill import PrefillWorker
 
-                PrefillWorker(spec, index, device, link).run()
+                worker = PrefillWorker(spec, index, device, link)
+        freeze_gc(f"rank {spec.rank} ({role} {index})")  # its model and KV cache are built
+        worker.run()
         out.send(protocol.pack({"t": "bye", "rank": spec.rank}))
     except BaseException as exc:  # report, then die: peers see the error through their timeouts
         code = 1
@@ -245,10 +248,25 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
 
 
 def describe(model, kv_bytes: int) -> dict:
-    """What this rank holds, for the front end's checks and logs."""
+    """What this rank holds, for the front end's checks and logs (and how many objects its
+    ``freeze_gc`` took out of the garbage collector's passes)."""
     return {"role": model.role, "params": [n for n, _ in model.named_parameters()],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "kv_bytes": kv_bytes}
+            "kv_bytes": kv_bytes, "gc_frozen": gc.get_freeze_count()}
+
+
+def freeze_gc(who: str) -> int:
+    """Once startup is done in a process afd owns (a rank, the server's front end), as vLLM
+    does: collect once, then move every object alive (the model, the tokenizer, the startup
+    state) to the garbage collector's permanent generation, which its passes never scan. A full
+    pass then walks only what was made since, instead of stalling a step for 150-250 ms now and
+    then at batch 256. Frozen objects are still freed by reference counting (only cycles among
+    them stay). Never in the offline LLM: that process is the user's. Returns the count."""
+    gc.collect()
+    gc.freeze()
+    count = gc.get_freeze_count()
+    log.info("%s: gc.freeze() after startup: %d objects frozen", who, count)
+    return count
 
 
 def _transport_classes(name: str) -> tuple[type, type]:

@@ -833,3 +833,16 @@ def test_reasoning_parser_flag_reaches_the_front_end(single):
     assert (r.choices[0].message.reasoning, r.choices[0].message.content) == ("abc", "answer")
     r = client(single).chat.completions.create(**ask, extra_body=force)
     assert (r.choices[0].message.reasoning, r.choices[0].message.content) == (None, text)
+
+
+def test_every_process_freezes_the_gc_after_startup(pd):
+    """The front end and each rank (prefill, attention, FFN) take their startup objects out of
+    the garbage collector's passes (gc.freeze) once ready, and log how many."""
+    import re
+
+    log = pd.tail(chars=10**7)
+    frozen = dict(re.findall(r"(front end|rank \d \(\w+ \d\)): gc\.freeze\(\) after startup: "
+                             r"(\d+) objects frozen", log))
+    assert set(frozen) == {"front end", "rank 0 (prefill 0)", "rank 1 (attention 0)",
+                           "rank 2 (ffn 0)"}, log[-3000:]
+    assert all(int(n) > 0 for n in frozen.values()), frozen
