@@ -160,9 +160,12 @@ class AsyncEngine:
                 now = time.monotonic()
                 if outputs:
                     self.last_progress = now
+                step_tokens = 0
                 for out in outputs:
-                    self._observe(out, now)
+                    step_tokens += self._observe(out, now)
                     self._deliver(out.request_id, out)
+                if self.metrics and outputs:
+                    self.metrics.iteration_tokens.observe(step_tokens)
                 self._observe_stats()
         except Exception as exc:  # a rank died or the engine broke: fail everything in flight
             self.error = f"{type(exc).__name__}: {exc}"
@@ -170,13 +173,18 @@ class AsyncEngine:
             for rid in list(self.streams):
                 self._deliver(rid, EngineDeadError(self.error))
 
-    def _observe(self, out: RequestOutput, now: float) -> None:
+    def _observe(self, out: RequestOutput, now: float) -> int:
+        """Record a request's update; returns the tokens it adds to this engine step (as
+        vLLM counts them: the new tokens, and the prompt with the request's first token)."""
         if not self.metrics:
-            return
+            return 0
         rid = out.request_id
         tokens = [len(c.token_ids) for c in out.outputs]
         seen = self.tokens_seen.get(rid) or [0] * len(tokens)
         new = [t - s for t, s in zip(tokens, seen)]
+        step_tokens = sum(new)
+        if step_tokens and not any(seen):
+            step_tokens += len(out.prompt_token_ids)
         # the n completions step together: the interval spans max(new) tokens, not sum(new)
         self.metrics.observe_output(out, sum(new), now, self.last_token.get(rid),
                                     steps=max(new, default=0))
@@ -187,6 +195,7 @@ class AsyncEngine:
             if any(new):
                 self.last_token[rid] = now
             self.tokens_seen[rid] = tokens
+        return step_tokens
 
     def _observe_stats(self) -> None:
         if not self.metrics:

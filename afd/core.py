@@ -161,6 +161,8 @@ class EngineCore:
                 out.prompt_logprobs = seq.take_prompt_logprobs()
                 if seq.first_scheduled is not None:
                     out.metrics = {"queue_time": seq.first_scheduled - seq.received,
+                                   "prefill_time": (seq.metrics.first_token_time
+                                                    - seq.first_scheduled),
                                    "num_cached_tokens": seq.num_cached_tokens or 0}
             if spec is not None:  # this step's drafts and how many were accepted
                 out.metrics = {**(out.metrics or {}), "spec": spec}

@@ -357,6 +357,8 @@ class LLMEngine:
     def _apply_metrics(req: _Request, metrics: dict) -> None:
         if "queue_time" in metrics:
             req.metrics.queue_time = metrics["queue_time"]
+        if "prefill_time" in metrics:
+            req.metrics.prefill_time = metrics["prefill_time"]
         if "transfer_time" in metrics:
             req.metrics.transfer_time = metrics["transfer_time"]
         if "spec" in metrics:  # speculative decoding: [drafts, accepted] of a step

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# tokens: vLLM's 1-2-5 series (its request_prompt_tokens buckets stop at max_model_len)
+_TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
+_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0, 480.0)
 
@@ -30,6 +33,30 @@ class ServerMetrics:
         self.e2e = Histogram("afd:e2e_request_latency_seconds", "Request latency, arrival to "
                              "last token", labels, buckets=_E2E_BUCKETS, registry=r
                              ).labels(model_name)
+        # per finished request (vLLM's request_*): its phases, and its tokens
+        self.queue_time = Histogram(
+            "afd:request_queue_time_seconds", "Time in a rank's waiting queue before the first "
+            "step", labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
+        self.prefill_time = Histogram(
+            "afd:request_prefill_time_seconds", "Time from the first step to the first token "
+            "(on the rank that prefilled)", labels, buckets=_E2E_BUCKETS, registry=r
+        ).labels(model_name)
+        self.decode_time = Histogram(
+            "afd:request_decode_time_seconds", "Time from the first token to the last",
+            labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
+        self.inference_time = Histogram(
+            "afd:request_inference_time_seconds", "Prefill time plus decode time", labels,
+            buckets=_E2E_BUCKETS, registry=r).labels(model_name)
+        self.request_prompt_tokens = Histogram(
+            "afd:request_prompt_tokens", "Prompt tokens per request", labels,
+            buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.request_generation_tokens = Histogram(
+            "afd:request_generation_tokens", "Generated tokens per request (all its "
+            "completions)", labels, buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.iteration_tokens = Histogram(
+            "afd:iteration_tokens_total", "Tokens per engine step: those generated, plus the "
+            "prompt of each request whose first token came", labels,
+            buckets=_ITERATION_BUCKETS, registry=r).labels(model_name)
         self.running = Gauge("afd:num_requests_running", "Requests being decoded", labels,
                              registry=r).labels(model_name)
         self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting to be scheduled",
@@ -76,8 +103,20 @@ class ServerMetrics:
             elif last_token_time is not None:
                 self.itl.observe((now - last_token_time) / (steps or new_tokens))
         if out.finished:
-            if out.metrics is not None:
-                self.e2e.observe(now - out.metrics.arrival_time)
+            m = out.metrics
+            if m is not None:
+                self.e2e.observe(now - m.arrival_time)
+                if m.queue_time is not None:
+                    self.queue_time.observe(m.queue_time)
+                if m.prefill_time is not None:
+                    self.prefill_time.observe(m.prefill_time)
+                if m.first_token_time is not None and m.last_token_time is not None:
+                    decode = m.last_token_time - m.first_token_time
+                    self.decode_time.observe(decode)
+                    if m.prefill_time is not None:
+                        self.inference_time.observe(m.prefill_time + decode)
+            self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+            self.request_generation_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
                 self.requests.labels(self.model_name, c.finish_reason or "unknown").inc()
 

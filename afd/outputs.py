@@ -14,6 +14,9 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     queue_time: float | None = None  # waiting in a rank's queue before its first step
+    # from its first step to its first token, on the rank that prefilled it (vLLM's prefill
+    # time: chunks, other sequences' steps between them and preemptions included)
+    prefill_time: float | None = None
     transfer_time: float | None = None  # P/D: prompt KV moved from a prefill rank to decode
     num_generated_tokens: int = 0
     num_preemptions: int = 0

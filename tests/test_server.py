@@ -352,6 +352,34 @@ def test_metrics_move(single):
     assert single.metric("afd:inter_token_latency_seconds_count") >= 1
 
 
+def test_request_phase_and_token_histograms(single):
+    """vLLM's per-request histograms (queue, prefill, decode, inference time; prompt and
+    generation tokens) and tokens per engine step, scraped from /metrics."""
+    names = ["afd:request_queue_time_seconds", "afd:request_prefill_time_seconds",
+             "afd:request_decode_time_seconds", "afd:request_inference_time_seconds",
+             "afd:request_prompt_tokens", "afd:request_generation_tokens"]
+    before = {n: (single.metric(n + "_count"), single.metric(n + "_sum")) for n in names}
+    steps_before = (single.metric("afd:iteration_tokens_total_count"),
+                    single.metric("afd:iteration_tokens_total_sum"))
+    prompt = [7] * 9
+    r = client(single).completions.create(model=None, prompt=prompt, max_tokens=6,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == 9
+    grew = {n: (single.metric(n + "_count") - c, single.metric(n + "_sum") - s)
+            for n, (c, s) in before.items()}
+    assert all(count == 1 for count, _ in grew.values()), grew
+    assert grew["afd:request_prompt_tokens"][1] == 9
+    assert grew["afd:request_generation_tokens"][1] == 6
+    queue, prefill, decode, inference = (grew[n][1] for n in names[:4])
+    assert queue >= 0 and prefill > 0 and decode > 0
+    assert inference == pytest.approx(prefill + decode)
+    # the prompt once, with the first token, then each token: in at most 6 front-end steps
+    # (one per token, unless a step brings several from the rank)
+    steps = single.metric("afd:iteration_tokens_total_count") - steps_before[0]
+    assert 1 <= steps <= 6
+    assert single.metric("afd:iteration_tokens_total_sum") - steps_before[1] == 9 + 6
+
+
 @pytest.mark.parametrize(("which", "stream"), [("single", True), ("pd", True),
                                                ("single", False)])
 def test_aborted_request_frees_kv(request, which, stream):
