@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (combine_splits_kernel, dot, dot_mode, interp_bf16, next_pow2,
-                                  num_sms, rne_bf16)
+from kernels.triton_utils import (check_paged_kv, combine_splits_kernel, dot, dot_mode,
+                                  interp_bf16, next_pow2, num_sms, rne_bf16)
 
 
 @triton.jit
@@ -135,13 +135,7 @@ def gqa_decode_attention_triton(
 ) -> torch.Tensor:
     """Same contract as ``gqa_decode_attention_torch``. The keyword knobs are for tests/tuning."""
     batch, num_heads, head_dim = q.shape
-    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != head_dim
-            or kv_cache.shape[3] == 0 or num_heads % kv_cache.shape[3]):
-        raise ValueError(f"shapes disagree: q {tuple(q.shape)} [B, H, D], kv_cache "
-                         f"{tuple(kv_cache.shape)} must be [2, num_blocks, block_size, KVH, D] "
-                         "with H a multiple of KVH")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
+    check_paged_kv(q, kv_cache, "[B, H, D]")
     if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
                          f"{tuple(seq_lens.shape)} must have one row per sequence ({batch})")

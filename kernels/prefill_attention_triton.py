@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kernels.prefill_attention import PrefillLayout
-from kernels.triton_utils import dot, dot_mode, interp_bf16, next_pow2, rne_bf16
+from kernels.triton_utils import (check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
+                                  rne_bf16)
 
 
 @triton.jit
@@ -228,13 +229,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
                                    num_stages: int | None = None) -> torch.Tensor:
     """Same contract as ``paged_prefill_attention_torch``. Keyword knobs: tests and tuning."""
     tokens, num_heads, dim = q.shape
-    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != dim
-            or kv_cache.shape[3] == 0 or num_heads % kv_cache.shape[3]):
-        raise ValueError(f"shapes disagree: q {tuple(q.shape)} [sum Q, H, D], kv_cache "
-                         f"{tuple(kv_cache.shape)} must be [2, num_blocks, block_size, KVH, D] "
-                         "with H a multiple of KVH")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
+    check_paged_kv(q, kv_cache, "[sum Q, H, D]")
     _check_common(q, layout)
     block_size = kv_cache.shape[2]
     if block_tables.shape[0] != layout.num_seqs or (

@@ -113,6 +113,20 @@ def gdc_launch_dependents(PDL: tl.constexpr):
 
 # Host-side launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 go through
 # Triton's JIT-function wrapper, several microseconds a call, and a MoE call makes a dozen.
+def check_paged_kv(q: torch.Tensor, kv_cache: torch.Tensor, q_layout: str) -> None:
+    """ValueError unless ``kv_cache`` is a GQA paged cache [2, num_blocks, block_size, KVH, D]
+    for queries ``q`` [..., H, D] (H a multiple of KVH) of its dtype; ``q_layout`` names q's
+    dims in the message."""
+    num_heads, dim = q.shape[-2:]
+    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != dim
+            or kv_cache.shape[3] == 0 or num_heads % kv_cache.shape[3]):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)} {q_layout}, kv_cache "
+                         f"{tuple(kv_cache.shape)} must be [2, num_blocks, block_size, KVH, D] "
+                         "with H a multiple of KVH")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

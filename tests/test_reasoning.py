@@ -6,12 +6,11 @@ token), which is how these forced outputs are written."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
-import httpx
-import openai
 import pytest
+
+from asgi_utils import call_app
 
 from afd.reasoning_parsers import PARSERS, ReasoningStream, reasoning_mode
 
@@ -141,17 +140,6 @@ def apps():
         engine.shutdown()
 
 
-def _call(app, fn):
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test", timeout=120) as http:
-            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
-                                   max_retries=0)
-            return await fn(c, http)
-
-    return asyncio.run(go())
-
-
 def chat(app, text: str, **body):
     """The model forced to write ``text``: (the unstreamed response, the streamed one added up:
     reasoning, content, calls, finish)."""
@@ -176,7 +164,7 @@ def chat(app, text: str, **body):
                 finish = choice.finish_reason or finish
         return plain, (reasoning, content, [tuple(c) for c in calls], finish)
 
-    return _call(app, both)
+    return call_app(app, both)
 
 
 def message_of(response) -> tuple[str | None, str | None, list, str]:
@@ -196,7 +184,7 @@ def test_reasoning_comes_back_split_streamed_and_not(apps):
     assert not hasattr(raw.choices[0].message, "reasoning")
     assert raw.usage == plain.usage
     # /v1/completions is not split (as vLLM)
-    done = _call(apps["deepseek_r1"], lambda c, _: c.completions.create(
+    done = call_app(apps["deepseek_r1"], lambda c, _: c.completions.create(
         model="m", prompt="hi", max_tokens=200, temperature=0,
         extra_body={"structured_outputs": {"choice": [text]}}))
     assert done.choices[0].text == text
@@ -232,7 +220,7 @@ def test_enable_thinking_false_gives_content_only(apps):
         plain, streamed = chat(apps["qwen3"], text, extra_body=off)
         assert message_of(plain) == (None, text, [], "stop")
         assert streamed == (None, text, [], "stop")
-        prompt = _call(apps["qwen3"], lambda _, http: http.post("/tokenize", json={
+        prompt = call_app(apps["qwen3"], lambda _, http: http.post("/tokenize", json={
             "model": "m", "messages": ASK, **off}))
         assert prompt.json()["count"] == len(tok.encode(
             "<|user|>What is 2 + 2?<|assistant|><think>\n\n</think>\n\n",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 import msgpack
 import pytest
+
+from asgi_utils import post_app
 
 from afd import LLM, SamplingParams
 from afd.block_pool import BlockPool
@@ -167,14 +168,8 @@ def _post(llm: LLM, path: str, body: dict) -> httpx.Response:
 
     engine = AsyncEngine(llm.engine)
 
-    async def post() -> httpx.Response:
-        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test", timeout=60) as http:
-            return await http.post(path, json=body)
-
     try:
-        return asyncio.run(post())
+        return post_app(build_app(ServerState(engine, "m", None, ServerMetrics("m"))), path, body)
     finally:
         engine._stop.set()
         engine.thread.join()

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from asgi_utils import post_app
+
 from afd import LLM, SamplingParams
 
 # appended, not prepended: bench/kernels.py must not shadow the kernels package
@@ -494,12 +496,7 @@ def test_a_request_that_fails_to_queue_fails_alone(monkeypatch):
                             lambda *a, **k: (_ for _ in ()).throw(OverflowError("cannot pack")))
         app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
 
-        async def post() -> httpx.Response:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://test") as http:
-                return await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-
-        r = asyncio.run(post())
+        r = post_app(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
         assert "cannot pack" in r.json()["error"]["message"]
     finally:
@@ -582,14 +579,7 @@ def test_waiting_gauge_counts_sequences_like_running():
 
 
 def _asgi_post(app, path: str, body: dict) -> httpx.Response:
-    import asyncio
-
-    async def post() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test", timeout=60) as http:
-            return await http.post(path, json=body)
-
-    return asyncio.run(post())
+    return post_app(app, path, body)
 
 
 def test_chat_prompt_errors_name_messages():

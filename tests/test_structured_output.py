@@ -4,15 +4,15 @@ output that still parses shows the grammar's mask at work."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
-import httpx
 import jsonschema
 import msgpack
 import openai
 import pytest
+
+from asgi_utils import call_app
 
 from afd import LLM, SamplingParams
 from afd.sampling_params import ParamError, StructuredOutputsParams as SO
@@ -170,15 +170,8 @@ def test_params_cross_msgpack_as_plain_data():
 
 
 def _chat(app, **body):
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test", timeout=60) as http:
-            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
-                                   max_retries=0)
-            return await c.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Describe a person."}], **body)
-
-    return asyncio.run(go())
+    return call_app(app, lambda c, _: c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Describe a person."}], **body), 60)
 
 
 def test_server_response_format_and_errors():

@@ -6,14 +6,13 @@ choice that makes the model write a call in the parser's format."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 
-import httpx
 import jsonschema
-import openai
 import pytest
+
+from asgi_utils import call_app
 
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
                               required_schema)
@@ -221,17 +220,6 @@ def apps():
         engine.shutdown()
 
 
-def _call(app, fn):
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test", timeout=120) as http:
-            c = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http,
-                                   max_retries=0)
-            return await fn(c, http)
-
-    return asyncio.run(go())
-
-
 def chat(app, **body):
     """(the unstreamed response, the streamed one accumulated: content, calls, finish)."""
     body = {"model": "m", "messages": ASK, "temperature": 0, **body}
@@ -251,7 +239,7 @@ def chat(app, **body):
                 finish = choice.finish_reason or finish
         return plain, (content or None, [tuple(v) for _, v in sorted(calls.items())], finish)
 
-    return _call(app, both)
+    return call_app(app, both)
 
 
 def _same(plain, streamed) -> None:
@@ -361,7 +349,7 @@ def test_history_with_tool_calls_renders_through_the_template(apps, kind):
                     max_tokens=2)
                 return r.json()["tokens"], answer
 
-            ids, answer = _call(apps["plain"], go)
+            ids, answer = call_app(apps["plain"], go)
             assert ids == tok.encode(want, add_special_tokens=False), tok.decode(ids)
             assert answer.usage.prompt_tokens == len(ids)
     finally:
@@ -390,13 +378,13 @@ def test_bad_tool_requests_are_400s_naming_the_field(apps):
             return await http.post("/v1/chat/completions",
                                    json={"messages": ASK, "max_tokens": 2, **body})
 
-        r = _call(app, post)
+        r = call_app(app, post)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
     async def completions(c, http):
         return await http.post("/v1/completions", json={"prompt": "hi", "tools": TOOLS})
 
-    r = _call(apps["hermes"], completions)
+    r = call_app(apps["hermes"], completions)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     plain, _ = chat(apps["hermes"], max_tokens=2)  # still serving
     assert plain.choices[0].finish_reason == "length"
