@@ -128,6 +128,7 @@ class MultiRankClient:
         self.router = RequestRouter(
             list(range(layout.prefill)), attn_ranks, engine_cfg.num_kv_blocks,
             engine_cfg.block_size, prefill_block_size=prefill_block_size,
+            host_blocks=engine_cfg.num_offload_blocks,
             cache_aware=engine_cfg.cache_aware_routing and engine_cfg.enable_prefix_caching)
         self.rank_stats = {r: CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
                            for r in attn_ranks}

@@ -18,9 +18,9 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.profiling import StageTimers
-from afd.sampler import draw_step_seed, rank_seed
+from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
-from afd.workers import (ControlLink, Groups, WorkerSpec, describe, local_config,
+from afd.workers import (ControlLink, Groups, WorkerSpec, core_config, describe,
                          make_transport)
 from models.weights import load_model
 
@@ -37,7 +37,7 @@ class AttentionWorker:
                            device=device, fp8_experts=cfg.fp8_experts)
         self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
                           if with_ffn else None)
-        local = local_config(cfg, device, seed=rank_seed(cfg.seed, spec.rank))
+        local = core_config(spec, device)
         self.core = EngineCore(model, local, experts=self.transport)
         self.timers = StageTimers()
         self.stopping = False

@@ -12,9 +12,8 @@ import torch
 from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
-from afd.sampler import rank_seed
 from afd.sequence import CoreOutput
-from afd.workers import ControlLink, WorkerSpec, describe, local_config
+from afd.workers import ControlLink, WorkerSpec, core_config, describe
 
 IDLE_POLL_S = 0.01
 
@@ -25,10 +24,7 @@ class PrefillWorker:
 
         self.spec, self.index, self.link = spec, index, link
         cfg = spec.engine_cfg
-        block = spec.prefill_block_size or cfg.block_size
-        tokens = cfg.num_kv_blocks * cfg.block_size  # same capacity, maybe other block size
-        local = local_config(cfg, device, block_size=block, num_kv_blocks=-(-tokens // block),
-                             seed=rank_seed(cfg.seed, spec.rank))
+        local = core_config(spec, device)
         model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device,
                            fp8_experts=cfg.fp8_experts)
         self.core = EngineCore(model, local, prefill_only=True)

@@ -69,12 +69,13 @@ class PrefixRecord:
 class RequestRouter:
     """``num_blocks`` / ``block_size``: each decode attention rank's KV pool.
     ``prefill_block_size``: the prefill ranks' block size where it differs (their pools hold
-    as many tokens). ``cache_aware``: place prompts by prefix as well as load (False: least
-    load only)."""
+    as many tokens). ``host_blocks``: the blocks (of ``block_size``) each prompt rank's host
+    tier holds (``kv_offload_gb``): a prefix evicted there is still a hit. ``cache_aware``:
+    place prompts by prefix as well as load (False: least load only)."""
 
     def __init__(self, prefill_ranks: list[int], attention_ranks: list[int],
                  num_blocks: int, block_size: int, *, prefill_block_size: int | None = None,
-                 cache_aware: bool = True, balance_abs: int = BALANCE_ABS,
+                 host_blocks: int = 0, cache_aware: bool = True, balance_abs: int = BALANCE_ABS,
                  balance_rel: float = BALANCE_REL):
         self.block_size = block_size
         self.prefill = {r: RankLoad() for r in prefill_ranks}
@@ -82,10 +83,11 @@ class RequestRouter:
         self.cache_aware = cache_aware
         self.balance_abs, self.balance_rel = balance_abs, balance_rel
         # the ranks that run prompts (the prefill pool, or with none the attention ranks) and
-        # the block size their caches key by; a record holds at most their pool's blocks
+        # the block size their caches key by; a record holds at most what their pool and host
+        # tier hold
         self.prompt_block_size = (prefill_block_size or block_size) if prefill_ranks \
             else block_size
-        capacity = -(-num_blocks * block_size // self.prompt_block_size)
+        capacity = -(-(num_blocks + host_blocks) * block_size // self.prompt_block_size)
         self.records = {r: PrefixRecord(capacity) for r in (prefill_ranks or attention_ranks)}
 
     # ---- prompts ----------------------------------------------------------------------------

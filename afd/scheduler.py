@@ -3,7 +3,7 @@
 Each step has a token budget (max_num_batched_tokens). Running sequences go first: a decode takes
 one token, an unfinished prompt takes its next chunk. Waiting sequences then join while budget,
 blocks and max_num_seqs allow, so new prompts are prefilled beside running decodes. When a running
-sequence needs a block and none is free, the most recently arrived running sequence is preempted:
+sequence needs a block and none is free, the most recently admitted running sequence is preempted:
 its blocks are freed and it is recomputed later from its tokens (prompt + output so far).
 
 Policy "priority" (vLLM's ``--scheduling-policy priority``) changes only the order: the waiting
@@ -88,7 +88,9 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan. Decodes (one new token) come first: the model batches them together."""
+    """One step's plan. Decodes (one new token) come first, in plan order the rest (sequences
+    verifying drafts and prompt chunks); the runner lays verify tokens out as decode rows
+    (afd.model_runner.flatten)."""
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     num_preempted: int = 0
@@ -219,7 +221,7 @@ class Scheduler:
             n = min(seq.num_tokens - num_cached, budget)
             n, rows = self._limit_scored(seq, n, scored, num_cached)
             if not n:
-                break  # its prompt logprobs wait for the next step (first come, first served)
+                break  # its prompt logprobs wait for the next step; nobody overtakes it
             need = self.allocator.blocks_for(num_cached + n) - len(cached)
             # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
             reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
@@ -337,9 +339,9 @@ class Scheduler:
         """The running sequence to preempt, not one already given tokens this step: the latest
         admitted, or by priority the largest (priority, arrival). Sequences are scheduled in
         that order, so none scheduled before it would go after it."""
-        if self.by_priority:
-            return max((s for s in self.running if id(s) not in scheduled), key=priority_key,
-                       default=None)
+        if self.by_priority:  # ties (n > 1 children): the latest admitted, as fcfs
+            return max((s for s in reversed(self.running) if id(s) not in scheduled),
+                       key=priority_key, default=None)
         return next((s for s in reversed(self.running) if id(s) not in scheduled), None)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -365,7 +367,8 @@ class Scheduler:
             seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
-                self.num_accepted_tokens += len(s.draft_token_ids) - s.num_rejected
+                # none when even the first row failed (num_rejected is then drafts + 1)
+                self.num_accepted_tokens += max(0, len(s.draft_token_ids) - s.num_rejected)
             # most steps fill no block: skip the call
             if (caching and seq.cacheable
                     and seq.num_computed_tokens // size > seq.num_cached_blocks):

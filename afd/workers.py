@@ -163,6 +163,23 @@ def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineCo
     return EngineConfig(**{**cfg.__dict__, "device": str(device), **changes})
 
 
+def core_config(spec: WorkerSpec, device: torch.device) -> EngineConfig:
+    """The config of a prefill or attention rank's EngineCore: its own sampling seed; a prefill
+    rank's KV pool and host tier at ``prefill_block_size`` holding as many tokens; no host tier
+    on P/D decode ranks (they never cache the KV they receive: the tier is for prompt ranks)."""
+    from afd.sampler import rank_seed
+
+    cfg = spec.engine_cfg
+    seed = rank_seed(cfg.seed, spec.rank)
+    if spec.rank < spec.layout.prefill:
+        block = spec.prefill_block_size or cfg.block_size
+        return local_config(cfg, device, block_size=block, seed=seed,
+                            num_kv_blocks=-(-cfg.num_kv_blocks * cfg.block_size // block),
+                            num_offload_blocks=cfg.num_offload_blocks * cfg.block_size // block)
+    return local_config(cfg, device, seed=seed,
+                        **({"num_offload_blocks": 0} if spec.layout.prefill else {}))
+
+
 HEARTBEAT_S = 1.0
 
 

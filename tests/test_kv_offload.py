@@ -268,3 +268,29 @@ def test_each_prefill_rank_has_its_own_tier(path, off):
         assert llm.engine.core.prefix_cache_stats().host_hits == 80
     finally:
         llm.shutdown()
+
+
+def test_rank_configs_size_the_tier_for_prompt_ranks_only(path):
+    """A prefill rank's host tier holds the tokens asked for, whatever its block size (it is
+    counted in the engine's blocks); P/D decode ranks keep none (they never cache what they
+    receive); attention ranks that run prompts (no prefill pool) keep theirs."""
+    from afd.config import resolve_engine_config
+    from afd.workers import Layout, WorkerSpec, core_config
+    from models.config import load_config
+
+    cfg = resolve_engine_config(path, load_config(path), block_size=16, num_kv_blocks=64,
+                                kv_offload_gb=0.01)
+    assert cfg.num_offload_blocks > 0
+
+    def spec(rank: int, layout: Layout, prefill_block_size: int | None = None) -> WorkerSpec:
+        return WorkerSpec(rank, layout, cfg, None, 1, "torch", 5.0, "127.0.0.1", 0, "", (),
+                          prefill_block_size=prefill_block_size)
+
+    pd = Layout(1, 1, 0)
+    prefill = core_config(spec(0, pd, prefill_block_size=64), torch.device("cpu"))
+    assert prefill.block_size == 64
+    assert prefill.num_offload_blocks == cfg.num_offload_blocks * 16 // 64  # same tokens
+    assert prefill.num_kv_blocks * 64 == cfg.num_kv_blocks * 16
+    assert core_config(spec(1, pd), torch.device("cpu")).num_offload_blocks == 0
+    colocated = core_config(spec(0, Layout(0, 2, 0)), torch.device("cpu"))
+    assert colocated.num_offload_blocks == cfg.num_offload_blocks

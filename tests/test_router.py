@@ -129,6 +129,16 @@ def test_the_records_use_the_prefill_ranks_block_size():
     assert router.records[0].capacity == 20 and len(router.records[0].keys) == 5
 
 
+def test_the_records_count_the_host_tier():
+    """A prefix the rank's device pool evicted into its host tier is still a hit there: the
+    record holds as many blocks as both (in the prompt ranks' block size)."""
+    router = RequestRouter([0, 1], [2], num_blocks=10, block_size=16, prefill_block_size=8,
+                           host_blocks=6)
+    assert router.records[0].capacity == 32
+    assert RequestRouter([], [0, 1], num_blocks=10, block_size=16,
+                         host_blocks=6).records[1].capacity == 16
+
+
 def test_reset_forgets_every_rank():
     rng = random.Random(5)
     prefix = draw(rng, 48)

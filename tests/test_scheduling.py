@@ -81,6 +81,25 @@ def test_preemption_victim(policy, preempted, kept):
     assert all(s.status is Status.WAITING for s in sched.waiting)
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_ties_preempt_the_latest_admitted(policy):
+    """The n completions of a request share priority and arrival: when one needs a block, the
+    one admitted last goes, under either policy (not the one being given tokens)."""
+    pool = BlockPool(2, 4, enable_caching=False)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, policy=policy)
+    children = [_seq("r#0", 1.0, 2), _seq("r#1", 1.0, 2)]
+    for seq in children:
+        sched.add(seq)
+    out = sched.schedule()
+    assert len(out.seqs) == 2 and pool.num_free == 0
+    sched.update(out)
+    for seq in children:
+        seq.append(7)
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.seqs] == ["r#0"]
+    assert [s.request_id for s in sched.waiting] == ["r#1"]
+
+
 def test_priority_travels_over_the_wire():
     req = CoreRequest("x", [1, 2], SamplingParams(max_tokens=3), (0,), 12.5, priority=-7)
     back = request_from_wire(unpack(pack({"t": "add", "req": request_to_wire(req)}))["req"])
