@@ -28,7 +28,9 @@ def rne_fp8e4m3(x, INTERP: tl.constexpr):
         # Subnormals are multiples of 2^-9, fp32's spacing at 2^14: the add rounds to them.
         sub = (ax + 16384.0) - 16384.0
         r = tl.where(ax >= 0.015625, normal, sub)
-        x = tl.where(x < 0, -r, r)
+        # the sign bit back as it was: -0.0 stays -0.0 (as the GPU's cast and torch's)
+        sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+        x = (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return x
 
 

@@ -324,6 +324,9 @@ def run_quant_case(rows: int, cols: int, group: int, dtype: str) -> dict:
 
     x = (torch.randn(rows, cols) * torch.logspace(-5, 4, cols)).to(DTYPES[dtype])
     x[0, :group] = 0
+    if rows > 1:  # negative zeros, given and from values that round to zero: the sign stays
+        x[1, :4] = -0.0
+        x[1, 4:8] = -1e-30
     q, scale = per_token_group_quant(x, group, backend="triton")
     q_ref, scale_ref = per_token_group_quant_torch(x, group)
     same = torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8),
