@@ -69,6 +69,11 @@ class BlockPool:
         return len(self._empty) + len(self._evictable)
 
     @property
+    def num_empty(self) -> int:
+        """Free blocks that hold nothing cached (allocating them evicts nothing)."""
+        return len(self._empty)
+
+    @property
     def num_cached(self) -> int:
         """Blocks whose KV is in the prefix cache (owned or not)."""
         return len(self._by_key)

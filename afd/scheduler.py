@@ -209,7 +209,7 @@ class Scheduler:
             budget -= n
             scored -= rows
         out.num_preempted = self.num_preemptions - preemptions_before
-        if self.spec is not None:
+        if self.spec is not None and not out.num_preempted:  # no drafts under memory pressure
             budget -= self._add_drafts(out.seqs, budget)
         # New prompts join only when nothing had to be evicted this step (else they would thrash).
         while (self.waiting and budget > 0 and not out.num_preempted
@@ -271,7 +271,8 @@ class Scheduler:
 
     def _add_drafts(self, seqs: list[ScheduledSeq], budget: int) -> int:
         """Give each decoding sequence that may speculate its n-gram drafts, within ``budget``
-        tokens and the free blocks (never preempting); returns the tokens they take."""
+        tokens and the empty blocks (never preempting, never evicting a cached block: drafts
+        are mostly rejected, a cached prefix is worth more); returns the tokens they take."""
         spec, alloc, used = self.spec, self.allocator, 0
         for s in seqs:
             seq = s.seq
@@ -284,7 +285,7 @@ class Scheduler:
             drafts = propose_ngram(seq.token_array.sync(seq.token_ids), spec.prompt_lookup_min,
                                    spec.prompt_lookup_max, room)
             end = seq.num_computed_tokens + 1 + len(drafts)
-            extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_free)
+            extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
             if extra > 0:
                 seq.block_ids += alloc.allocate(extra)
             drafts = drafts[:len(seq.block_ids) * alloc.block_size - seq.num_computed_tokens - 1]

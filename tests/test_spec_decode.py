@@ -291,6 +291,38 @@ def test_drafts_shrink_to_free_blocks_never_preempt():
     assert sched2.schedule().seqs[0].draft_token_ids == [2, 3, 1, 2]
 
 
+def test_drafts_neither_evict_cached_blocks_nor_follow_a_preemption():
+    """Drafts take only empty blocks: a cached block nobody holds (a prefix a later prompt may
+    reuse) stays cached. And a step that had to preempt adds no drafts."""
+    from afd.block_pool import extend_block_keys
+
+    pool = BlockPool(num_blocks=3, block_size=4, enable_caching=True)
+    a = _decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1)  # 2 blocks: one slot left for drafts
+    cached = pool.allocate(1)
+    keys: list[bytes] = []
+    extend_block_keys(keys, [5, 6, 7, 8], 4, 1)
+    pool.cache_block(cached[0], keys[0], b"", [5, 6, 7, 8])
+    pool.free(cached)
+    assert pool.num_free == 1 and pool.num_empty == 0 and pool.num_cached == 1
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                      spec=SpecConfig(4, 2, 1))
+    sched.add_running(a)
+    plan = sched.schedule()
+    assert plan.seqs[0].draft_token_ids == [2]  # its own slot only, not the cached block
+    assert pool.num_cached == 1 and pool.num_free == 1
+
+    pool = BlockPool(num_blocks=3, block_size=4, enable_caching=False)
+    a = _decoding_seq(pool, [1, 2, 3, 1, 2, 3, 1, 2], 3)  # 2 full blocks: needs a third
+    b = _decoding_seq(pool, [9, 8, 9], 8)  # the last block
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                      spec=SpecConfig(4, 2, 1))
+    for seq in (a, b):
+        sched.add_running(seq)
+    plan = sched.schedule()
+    assert plan.num_preempted == 1 and [s.seq for s in plan.seqs] == [a]
+    assert plan.seqs[0].draft_token_ids == [] and plan.seqs[0].num_new_tokens == 1
+
+
 def test_metrics_count_drafts_and_accepted():
     m = ServerMetrics("m")
     stats = [CoreStats(0, 0, 0.0, 0, 0, num_draft_tokens=10, num_accepted_tokens=4),
