@@ -158,6 +158,16 @@ def run_routing(path: str, cache_aware: bool, args: argparse.Namespace,
     }
 
 
+def _write(bench: str, args: argparse.Namespace, path: str, load_at_start: tuple, same: bool,
+           summary: dict, runs: dict) -> None:
+    """The result JSON every mode of this bench writes (``<bench>.json`` unless --json)."""
+    write_result({
+        "bench": bench, "args": vars(args), "model": path, "commit": commit_id(),
+        "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+        "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
+        "outputs_equal": same, "summary": summary, "runs": runs}, args.json, f"{bench}.json")
+
+
 def main_routing(args: argparse.Namespace, path: str) -> None:
     load_at_start = os.getloadavg()
     rounds, warmups = routing_rounds(args, load_config(path).vocab_size)
@@ -195,12 +205,7 @@ def main_routing(args: argparse.Namespace, path: str) -> None:
               f"{runs[mode][0]['num_cached_tokens']}")
         for r in runs[mode]:
             r.pop("tokens")
-    write_result({
-        "bench": "prefix_cache_routing", "args": vars(args), "model": path,
-        "commit": commit_id(), "torch": torch.__version__, "host": platform.node(),
-        "cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
-        "loadavg_at_end": os.getloadavg(), "outputs_equal": same, "summary": summary,
-        "runs": runs}, args.json, "prefix_cache_routing.json")
+    _write("prefix_cache_routing", args, path, load_at_start, same, summary, runs)
 
 
 def run_offload(path: str, gb: float, args: argparse.Namespace,
@@ -267,12 +272,7 @@ def main_offload(args: argparse.Namespace, path: str) -> None:
     print(f"outputs equal with the tier off and on: {same}")
     for r in runs["off"] + runs["on"]:
         r.pop("tokens")
-    write_result({
-        "bench": "prefix_cache_offload", "args": vars(args), "model": path,
-        "commit": commit_id(), "torch": torch.__version__, "host": platform.node(),
-        "cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
-        "loadavg_at_end": os.getloadavg(), "outputs_equal": same, "summary": summary,
-        "runs": runs}, args.json, "prefix_cache_offload.json")
+    _write("prefix_cache_offload", args, path, load_at_start, same, summary, runs)
 
 
 def main() -> None:
@@ -341,11 +341,7 @@ def main() -> None:
     print(f"sequential num_cached_tokens (on): {runs['on'][0]['num_cached_tokens_sequential']}")
     for r in runs["off"] + runs["on"]:
         r.pop("tokens")
-    write_result({
-        "bench": "prefix_cache", "args": vars(args), "model": path, "commit": commit_id(),
-        "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(),
-        "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
-        "outputs_equal": same, "summary": summary, "runs": runs}, args.json, "prefix_cache.json")
+    _write("prefix_cache", args, path, load_at_start, same, summary, runs)
 
 
 if __name__ == "__main__":
