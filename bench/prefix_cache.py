@@ -168,16 +168,23 @@ def _write(bench: str, args: argparse.Namespace, path: str, load_at_start: tuple
         "outputs_equal": same, "summary": summary, "runs": runs}, args.json, f"{bench}.json")
 
 
+def _alternate(args: argparse.Namespace, modes: tuple[str, str], run_one) -> dict:
+    """``run_one(mode, params, max_model_len)`` for each mode in turn, ``args.repeats`` times
+    (greedy, ``args.new_tokens`` each, EOS ignored): the runs per mode."""
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs[mode].append(run_one(mode, params, max_len))
+    return runs
+
+
 def main_routing(args: argparse.Namespace, path: str) -> None:
     load_at_start = os.getloadavg()
     rounds, warmups = routing_rounds(args, load_config(path).vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
-    runs: dict[str, list[dict]] = {"load": [], "cache_aware": []}
-    for _ in range(args.repeats):
-        for mode in runs:
-            runs[mode].append(run_routing(path, mode == "cache_aware", args, rounds, warmups,
-                                          params, max_len))
+    runs = _alternate(args, ("load", "cache_aware"), lambda mode, params, max_len: run_routing(
+        path, mode == "cache_aware", args, rounds, warmups, params, max_len))
     same = all(r["tokens"] == runs["load"][0]["tokens"] for rs in runs.values() for r in rs)
     # (label, key, higher is better)
     keys = [("prefix cache hit rate", "hit_rate", True),
@@ -243,13 +250,8 @@ def main_offload(args: argparse.Namespace, path: str) -> None:
     prefixes = [draw(args.prefix_len) for _ in range(args.num_prefixes)]
     rounds = [[p + draw(args.suffix_len) for p in prefixes] for _ in range(args.rounds)]
     warmup = draw(args.prefix_len + args.suffix_len)
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for _ in range(args.repeats):
-        for mode in runs:
-            runs[mode].append(run_offload(path, args.offload_gb if mode == "on" else 0, args,
-                                          rounds, warmup, params, max_len))
+    runs = _alternate(args, ("off", "on"), lambda mode, params, max_len: run_offload(
+        path, args.offload_gb if mode == "on" else 0, args, rounds, warmup, params, max_len))
     same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
     print(f"{args.rounds} rounds x {args.num_prefixes} prompts one at a time = {args.prefix_len} "
           f"tokens of one of {args.num_prefixes} prefixes + {args.suffix_len} own, "
@@ -307,12 +309,8 @@ def main() -> None:
         return
     load_at_start = os.getloadavg()
     prompts, warmup = make_prompts(args, load_config(path).vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    max_len = args.prefix_len + args.suffix_len + args.new_tokens + 1
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for _ in range(args.repeats):
-        for mode in ("off", "on"):
-            runs[mode].append(run(path, mode == "on", prompts, warmup, params, max_len))
+    runs = _alternate(args, ("off", "on"), lambda mode, params, max_len: run(
+        path, mode == "on", prompts, warmup, params, max_len))
     same = all(r["tokens"] == runs["off"][0]["tokens"] for r in runs["off"] + runs["on"])
 
     def best(mode: str, key: str, higher: bool) -> float:

@@ -109,15 +109,19 @@ def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) ->
     assert "switched off during capture" in bench.Timer.graph_failures[1]
 
 
-def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
+def _smoke(tmp_path, *flags: str) -> dict:
+    """``bench/kernels.py --smoke *flags`` in a subprocess on CPU: its JSON result."""
     out = tmp_path / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--quick",
-         "--rounds", "2", "--no-fp8", "--json", str(out)],  # FP8: the test below
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", *flags,
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
+    result = _smoke(tmp_path, "--quick", "--rounds", "2", "--no-fp8")  # FP8: the test below
     assert result["errors"] == []
     assert result["ceilings_end"]["copy_bytes_per_s"] > 0  # measured again at the end: drift
     assert result["checks"] and all(c["ok"] for c in result["checks"])
@@ -140,13 +144,7 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
 def test_bench_kernels_fp8_smoke_runs_on_cpu(tmp_path) -> None:
     """The FP8 section (what ``FP8=1 bash bench/gpu_kernels.sh`` runs): its device checks and
     the FP8 table beside bf16, at tiny dims under the interpreter."""
-    out = tmp_path / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--fp8-only",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke(tmp_path, "--fp8-only")
     assert result["errors"] == [] and result["moe"] == []
     checks = result["checks"]
     assert {c["op"] for c in checks} == {"fused_moe fp8", "grouped_moe fp8"}
@@ -161,13 +159,7 @@ def test_bench_kernels_fp8_smoke_runs_on_cpu(tmp_path) -> None:
 def test_bench_kernels_prefill_smoke_runs_on_cpu(tmp_path) -> None:
     """The prefill attention section (full run, or ``PREFILL=1 bash bench/gpu_kernels.sh``):
     checked against the per-sequence loop, timed beside it and the floor, a launch variant."""
-    out = tmp_path / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", "--prefill-only",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke(tmp_path, "--prefill-only")
     assert result["errors"] == [] and result["moe"] == [] and result["fp8"] == []
     checks = result["checks"]
     assert {c["op"].split()[1] for c in checks} == {"mla", "gqa"} and len(checks) == 4
