@@ -249,7 +249,9 @@ class EngineCore:
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
-        return PrefixCacheStats.total(self.stats())
+        s = self.scheduler  # its counters alone (stats() also walks the waiting queue)
+        return PrefixCacheStats(s.prefix_cache_queries, s.prefix_cache_hits,
+                                s.prefix_cache_host_hits)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block, the host tier's too; running sequences keep theirs, and

@@ -162,7 +162,10 @@ class LLMEngine:
             return text, ids
         return None, ids[-k:]
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams
+                 ) -> list[list[int]] | None:
+        """ParamError naming the field if the prompt or params do not fit this model and engine.
+        Returns the bad_words' token sequences (None without bad_words), tokenized once here."""
         vocab = self.model_cfg.vocab_size
         max_len = self.engine_cfg.max_model_len
         if not prompt_token_ids:
@@ -182,10 +185,11 @@ class LLMEngine:
             if bad is not None:
                 raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "
                                  f"[0, {vocab})")
-        if params.bad_words:
-            bad_word_sequences(self.tokenizer, params.bad_words, vocab)
+        bad_words = (bad_word_sequences(self.tokenizer, params.bad_words, vocab)
+                     if params.bad_words else None)
         if params.structured_outputs is not None:
             check_structured_output(params.structured_outputs)
+        return bad_words
 
     def check_priority(self, priority: Any) -> int:
         """A request's ``priority`` (vLLM's: lower is served first): any 64-bit integer under
@@ -199,11 +203,11 @@ class LLMEngine:
                              f"{self.engine_cfg.scheduling_policy!r}, where priority must be 0")
         return priority
 
-    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
-        """``params`` with bad_words_token_ids from its bad_words (what the ranks use); a copy,
-        so the caller's object is left as it was."""
-        ids = (bad_word_sequences(self.tokenizer, params.bad_words, self.model_cfg.vocab_size)
-               if params.bad_words else None)
+    @staticmethod
+    def _with_bad_word_ids(params: SamplingParams, ids: list[list[int]] | None
+                           ) -> SamplingParams:
+        """``params`` with bad_words_token_ids ``ids`` (its bad_words tokenized: what the ranks
+        use); a copy, so the caller's object is left as it was."""
         if ids == params.bad_words_token_ids:
             return params
         return SamplingParams(**{**params.to_dict(), "bad_words_token_ids": ids})
@@ -230,8 +234,7 @@ class LLMEngine:
             raise ParamError("arrival_time", f"arrival_time must be a finite number, got "
                              f"{arrival_time!r}")
         text, ids = self.prepare_prompt(prompt, params)
-        self.validate(ids, params)
-        params = self._with_bad_word_ids(params)
+        params = self._with_bad_word_ids(params, self.validate(ids, params))
         arrival = time.monotonic() if arrival_time is None else float(arrival_time)
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
         children = []

@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from afd.block_pool import BlockPool, extend_block_keys
+from afd.config import SCHEDULING_POLICIES
 from afd.kv_offload import HostKVTier
 from afd.sequence import Sequence, Status
 from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
@@ -117,7 +118,7 @@ class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  spec: SpecConfig | None = None, policy: str = "fcfs",
                  host: HostKVTier | None = None):
-        if policy not in ("fcfs", "priority"):
+        if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
         self.host = host  # the prefix cache's host tier, or None

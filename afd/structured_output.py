@@ -26,7 +26,7 @@ from functools import lru_cache
 import llguidance
 import torch
 
-from afd.sampling_params import ParamError, StructuredOutputsParams
+from afd.sampling_params import _CONSTRAINTS, ParamError, StructuredOutputsParams
 
 log = logging.getLogger("afd.structured_output")
 
@@ -34,8 +34,7 @@ GRAMMAR_CACHE_SIZE = 64  # built matchers kept per rank, by grammar source
 
 
 def constraint_kind(so: StructuredOutputsParams) -> str:
-    return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
-                if getattr(so, name) is not None)
+    return next(name for name in _CONSTRAINTS if getattr(so, name) is not None)
 
 
 def grammar_source(so: StructuredOutputsParams) -> str:

@@ -300,7 +300,7 @@ def _hermes_peek(body: str) -> tuple[str, str] | None:
 
 def _hermes_parse(body: str) -> tuple[str, str] | None:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body.strip())
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -417,7 +417,7 @@ class MarkerStream(ToolCallStream):
                     text, self.body, (fmt.end,))])
                 return
             body = text[self.body:end if end >= 0 else len(text)]
-            parsed = fmt.parse(body.strip() if fmt.name == "hermes" else body)
+            parsed = fmt.parse(body)
             if parsed is not None and (not self.begun or (
                     parsed[0] == self.calls[-1].name and parsed[1].startswith(self.sent))):
                 if not self.begun:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from afd.api_server import SPEC_MARKER
-from afd.config import engine_config_to_dict, resolve_engine_config
+from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
                     help="speculative decoding as vLLM's JSON, n-gram drafts only: "
                          "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                          "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'")
-    ap.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+    ap.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
                     help="fcfs: arrival order (a request's priority must be 0); priority: "
                          "lower request priority first, and the largest is preempted first "
                          "(as vLLM)")
