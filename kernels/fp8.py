@@ -81,14 +81,7 @@ def per_token_group_quant_torch(x: torch.Tensor, group: int
     """Reference: x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, ceil(K/group)] fp32) with
     ``x ~= q * scale`` per group: scale = max(amax, AMAX_EPS) / FP8_MAX, q = x / scale rounded
     to nearest even (the division in fp32)."""
-    rows, cols = x.shape
-    groups = -(-cols // group)
-    padded = torch.zeros(rows, groups * group, dtype=torch.float32, device=x.device)
-    padded[:, :cols] = x.float()
-    padded = padded.view(rows, groups, group)
-    scale = padded.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX  # [M, G]
-    q = (padded / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(rows, -1)[:, :cols].contiguous(), scale
+    return quantize_blocks(x, (1, group))  # a block per token and group
 
 
 def quant_dequant(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from kernels.fp8 import FP8_DTYPE, BlockScales
-from kernels.fp8_triton import launch_quant
+from kernels.fp8_triton import per_token_group_quant_triton
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -51,7 +51,7 @@ from kernels.moe_gemm_triton import (
     ws_wanted,
 )
 from kernels.moe_sum_triton import launch_sum
-from kernels.triton_utils import INTERPRETING, cdiv
+from kernels.triton_utils import INTERPRETING
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
 # a smaller block_k; what worked is remembered per (tile, dtype, features) so the failure costs
@@ -232,11 +232,7 @@ def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
 def _quantized(a: torch.Tensor, w_scale: torch.Tensor,
                block: tuple[int, int]) -> tuple[torch.Tensor, BlockScales]:
     """a [rows, K] -> (float8 rows, their BlockScales with the weights' ``w_scale``)."""
-    rows, cols = a.shape
-    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=a.device)
-    scale = torch.empty(rows, cdiv(cols, block[1]), dtype=torch.float32, device=a.device)
-    if rows:
-        launch_quant(a, q, scale, block[1])
+    q, scale = per_token_group_quant_triton(a, block[1])
     return q, BlockScales(scale, w_scale, block[0], block[1])
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.prefill_attention import PrefillLayout
+from kernels.prefill_attention import PrefillLayout, _check_layout
 from kernels.triton_utils import (check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
                                   rne_bf16)
 
@@ -264,8 +264,6 @@ def varlen_prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def _check_common(q: torch.Tensor, layout: PrefillLayout) -> None:
-    if q.shape[0] != layout.num_queries:
-        raise ValueError(f"q has {q.shape[0]} rows but the layout's query lengths add up to "
-                         f"{layout.num_queries}")
+    _check_layout(q, layout)
     if q.device != layout.device:
         raise ValueError(f"q is on {q.device} but the layout on {layout.device}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from kernels.fp8 import dequantize_blocks
 from models.model import MoEModel
 
 _EXPERT = re.compile(
@@ -119,15 +120,6 @@ def _is_empty(file: str, name: str) -> bool:
         return 0 in f.get_slice(name).get_shape()
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
-                          block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """weight [O, I] float8 and scale_inv [ceil(O/b0), ceil(I/b1)] fp32 -> [O, I] in dtype."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows]
-    scale = scale.repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() * scale).to(dtype)
-
-
 def load_weights(model: MoEModel, path: str) -> None:
     """Fill ``model``'s parameters from the checkpoint at ``path`` (see module docstring)."""
     cfg = model.cfg
@@ -179,7 +171,7 @@ def _read(f, name: str, files: dict[str, str], block: tuple[int, int] | None,
             raise WeightLoadError(f"{name} is float8 but {scale_name} is missing")
         with safe_open(files[scale_name], framework="pt") as g:
             scale = g.get_tensor(scale_name)
-        tensor = dequantize_fp8_blocks(tensor, scale, block or (128, 128), dtype)
+        tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
     return tensor
 
 
