@@ -26,6 +26,23 @@ def block_content(parent_key: bytes, tokens: Sequence[int]) -> bytes:
     return parent_key + struct.pack(f"<{len(tokens)}q", *tokens)
 
 
+def proven_run(by_key: dict[bytes, int], contents: list[bytes | None],
+               token_ids: Sequence[int], keys: list[bytes], start: int, stop: int,
+               size: int) -> list[int]:
+    """Where full blocks ``start``, ``start + 1``, ... (before ``stop``) of ``token_ids`` are
+    stored: ``by_key`` maps a block key to a place, ``contents[place]`` what was hashed there.
+    Each is proven by its stored tokens and parent key, not taken on the hash alone; the run
+    ends at the first that is not. The device pool and the host tier look up this way."""
+    places = []
+    for b in range(start, min(stop, len(keys))):
+        place = by_key.get(keys[b])
+        if place is None or contents[place] != block_content(
+                keys[b - 1] if b else b"", token_ids[b * size:(b + 1) * size]):
+            break
+        places.append(place)
+    return places
+
+
 def block_key(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()
 
@@ -140,14 +157,8 @@ class BlockPool:
         ``take`` them to keep them."""
         if not self.enable_caching:
             return []
-        size, hits = self.block_size, []
-        for b in range(min(max_blocks, len(keys))):
-            block = self._by_key.get(keys[b])
-            if block is None or self._content[block] != block_content(
-                    keys[b - 1] if b else b"", token_ids[b * size:(b + 1) * size]):
-                break
-            hits.append(block)
-        return hits
+        return proven_run(self._by_key, self._content, token_ids, keys, 0, max_blocks,
+                          self.block_size)
 
     def cache_block(self, block: int, key: bytes, parent_key: bytes,
                     tokens: Sequence[int]) -> None:

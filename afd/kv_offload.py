@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from afd.block_pool import block_content
+from afd.block_pool import proven_run
 
 
 def host_block_bytes(kv_caches: list[torch.Tensor], block_dim: int) -> int:
@@ -89,14 +89,10 @@ class HostKVTier:
         """Slots holding full blocks ``start``, ``start + 1``, ... of ``token_ids`` (at most up
         to ``max_blocks``), each proven by its stored tokens and parent key; touched (most
         recently used)."""
-        size, slots = self.block_size, []
-        for b in range(start, min(max_blocks, len(keys))):
-            slot = self._by_key.get(keys[b])
-            if slot is None or self._content[slot] != block_content(
-                    keys[b - 1] if b else b"", token_ids[b * size:(b + 1) * size]):
-                break
+        slots = proven_run(self._by_key, self._content, token_ids, keys, start, max_blocks,
+                           self.block_size)
+        for slot in slots:
             self._lru.move_to_end(slot)
-            slots.append(slot)
         return slots
 
     def hold(self, slots: list[int]) -> None:
