@@ -88,9 +88,8 @@ class ServerMetrics:
         self.requests = Counter("afd:request_success", "Finished requests by finish reason",
                                 labels + ["finished_reason"], registry=r)
         self.model_name = model_name
-        self._preemptions_seen = 0
-        self._prefix_cache_seen = (0, 0, 0)  # queries, hits, host hits
-        self._spec_seen = (0, 0)  # draft tokens, accepted tokens
+        # the ranks report totals since start: per counter, the largest total seen so far
+        self._seen: dict[Counter, float] = {}
 
     def observe_output(self, out: RequestOutput, new_tokens: int, now: float,
                        last_token_time: float | None, steps: int | None = None) -> None:
@@ -131,19 +130,17 @@ class ServerMetrics:
         for i, s in enumerate(stats):
             self.kv_usage.labels(self.model_name, str(i)).set(s.kv_usage)
             total_preemptions += s.num_preemptions
-        drafts = sum(s.num_draft_tokens for s in stats)
-        accepted = sum(s.num_accepted_tokens for s in stats)
-        self.spec_draft_tokens.inc(max(0, drafts - self._spec_seen[0]))
-        self.spec_accepted_tokens.inc(max(0, accepted - self._spec_seen[1]))
-        self._spec_seen = (max(drafts, self._spec_seen[0]), max(accepted, self._spec_seen[1]))
-        if total_preemptions > self._preemptions_seen:
-            self.preemptions.inc(total_preemptions - self._preemptions_seen)
-            self._preemptions_seen = total_preemptions
+        self._grow(self.spec_draft_tokens, sum(s.num_draft_tokens for s in stats))
+        self._grow(self.spec_accepted_tokens, sum(s.num_accepted_tokens for s in stats))
+        self._grow(self.preemptions, total_preemptions)
         if prefix_cache is not None:
-            queries, hits, host_hits = self._prefix_cache_seen
-            self.prefix_cache_queries.inc(max(0, prefix_cache.queries - queries))
-            self.prefix_cache_hits.inc(max(0, prefix_cache.hits - hits))
-            self.prefix_cache_host_hits.inc(max(0, prefix_cache.host_hits - host_hits))
-            self._prefix_cache_seen = (max(queries, prefix_cache.queries),
-                                       max(hits, prefix_cache.hits),
-                                       max(host_hits, prefix_cache.host_hits))
+            self._grow(self.prefix_cache_queries, prefix_cache.queries)
+            self._grow(self.prefix_cache_hits, prefix_cache.hits)
+            self._grow(self.prefix_cache_host_hits, prefix_cache.host_hits)
+
+    def _grow(self, counter: Counter, total: float) -> None:
+        """Add to ``counter`` what a reported total grew by since the largest seen (never
+        less: a total that went down adds nothing)."""
+        seen = self._seen.get(counter, 0)
+        counter.inc(max(0, total - seen))
+        self._seen[counter] = max(seen, total)
