@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (check_paged_kv, combine_splits_kernel, dot, dot_mode,
-                                  interp_bf16, next_pow2, num_sms, rne_bf16)
+from kernels.triton_utils import (check_paged_kv, combine_splits, dot, dot_mode,
+                                  interp_bf16, next_pow2, num_sms, rne_bf16, split_buffers,
+                                  split_count)
 
 
 @triton.jit
@@ -117,9 +118,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int
     """Split each sequence until about two programs per SM, keeping >= MIN_SPLIT_TOKENS tokens
     per split of the longest context the block table can hold. Shapes only, never lengths: a
     CUDA graph replays the count it was captured with."""
-    programs = max(1, batch * kv_heads)
-    want = math.ceil(2 * sm_count / programs)
-    return max(1, min(want, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    return split_count(batch * kv_heads, max_context, sm_count, MIN_SPLIT_TOKENS, MAX_SPLITS)
 
 
 def gqa_decode_attention_triton(
@@ -165,15 +164,9 @@ def gqa_decode_attention_triton(
                                 out.stride(0), out.stride(1),
                                 NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
         return out
-    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
-                       device=q.device)
-    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    part, lse = split_buffers(out, num_splits)
     gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, part, lse, *dims,
                             part.stride(0), part.stride(1),
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits_kernel[(batch * num_heads,)](
-        part, lse, out, head_dim,
-        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=d_pad,
-        INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
-    )
+    combine_splits(part, lse, out, d_pad)
     return out

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (cdiv, combine_splits_kernel, dot, dot_mode, interp_bf16,
-                                  next_pow2, rne_bf16)
+from kernels.triton_utils import (cdiv, combine_splits, dot, dot_mode, interp_bf16,
+                                  next_pow2, rne_bf16, split_buffers, split_count)
 
 
 @triton.jit
@@ -115,9 +115,7 @@ def default_launch(num_heads: int, on_gpu: bool) -> dict:
 
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
     """Split the sequence until about two programs per SM, keeping >= 512 tokens per split."""
-    programs = max(1, batch * head_blocks)
-    want = math.ceil(2 * sm_count / programs)
-    return max(1, min(want, max_context // 512, 16))
+    return split_count(batch * head_blocks, max_context, sm_count, 512, 16)
 
 
 def mla_decode_attention_triton(
@@ -172,14 +170,8 @@ def mla_decode_attention_triton(
         mla_decode_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
                                 NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
         return out
-    part = torch.empty(batch, num_heads, num_splits, d_lat, dtype=torch.float32,
-                       device=q_lat.device)
-    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_lat.device)
+    part, lse = split_buffers(out, num_splits)
     mla_decode_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits_kernel[(batch * num_heads,)](
-        part, lse, out, d_lat,
-        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=dl_pad,
-        INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
-    )
+    combine_splits(part, lse, out, dl_pad)
     return out

@@ -91,6 +91,33 @@ def combine_splits_kernel(
              rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def split_count(programs: int, max_context: int, sm_count: int, min_tokens: int,
+                max_splits: int) -> int:
+    """Splits per sequence of a split-K decode attention: about two programs per SM over the
+    ``programs`` of one split, each split at least ``min_tokens`` of ``max_context``, at most
+    ``max_splits``. Shapes only, never lengths: a CUDA graph replays what it captured."""
+    want = -(-2 * sm_count // max(1, programs))
+    return max(1, min(want, max_context // min_tokens, max_splits))
+
+
+def split_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (part [B, H, S, D], lse [B, H, S]) for the splits of ``out`` [B, H, D]."""
+    batch, heads, dim = out.shape
+    part = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=out.device)
+    lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=out.device)
+    return part, lse
+
+
+def combine_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, d_pad: int) -> None:
+    """``out`` [B, H, D] (contiguous) from ``split_buffers`` filled by a split kernel."""
+    batch, heads, num_splits, dim = part.shape
+    combine_splits_kernel[(batch * heads,)](
+        part, lse, out, dim,
+        NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=d_pad,
+        INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
+    )
+
+
 @triton.jit
 def gdc_wait(PDL: tl.constexpr):
     """Programmatic dependent launch: block until the previous kernel in the stream has finished
