@@ -218,6 +218,45 @@ class LLM:
             raise
         return self._run(order, use_tqdm)
 
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of OpenAI-style messages) or a list of
+        them, each rendered by the tokenizer's chat template (or ``chat_template``, a Jinja
+        string) exactly as the server's /v1/chat/completions renders it, then ``generate``.
+        ``chat_template_kwargs`` are template variables (e.g. ``enable_thinking``); ``tools``
+        are OpenAI tool definitions handed to the template. The outputs' text is the raw
+        completion: no reasoning or tool-call parsing (those are the server's). A conversation
+        that does not render raises ParamError("messages") before anything is queued."""
+        from pydantic import ValidationError
+
+        from afd.openai_protocol import APIError, ChatTemplateFields
+
+        many = (isinstance(messages, (list, tuple)) and len(messages) > 0
+                and all(isinstance(m, (list, tuple)) for m in messages))
+        conversations = list(messages) if many else [messages]
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            where = f"messages[{i}]" if many else "messages"
+            try:
+                fields = ChatTemplateFields(
+                    messages=conversation, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    chat_template_kwargs=chat_template_kwargs, tools=tools)
+                text, ids = fields.prompt_ids(self.get_tokenizer(), template=chat_template)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise ParamError("messages", f"{where}: {loc}: {first['msg']}") from None
+            except APIError as exc:
+                raise ParamError(exc.param or "messages", f"{where}: {exc.message}") from None
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm, priority)
+
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)
         bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,

@@ -320,7 +320,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class _ChatTemplateFields(BaseModel):
+class ChatTemplateFields(BaseModel):
     """A conversation and vLLM's chat-template fields (chat completions and /tokenize)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -330,9 +330,11 @@ class _ChatTemplateFields(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None  # rendered by the template (with any tool_choice)
 
-    def prompt_ids(self, tokenizer) -> tuple[str, list[int]]:
-        """The conversation through the tokenizer's chat template: (text, token ids)."""
-        if not getattr(tokenizer, "chat_template", None):
+    def prompt_ids(self, tokenizer, template: str | None = None) -> tuple[str, list[int]]:
+        """The conversation through the tokenizer's chat template, or ``template`` (a Jinja
+        string: the offline ``LLM.chat`` only; the server takes none from requests):
+        (text, token ids)."""
+        if template is None and not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template", param="messages")
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both "
@@ -348,7 +350,8 @@ class _ChatTemplateFields(BaseModel):
             return tokenizer.apply_chat_template(
                 [m.for_template(arguments_as_text) for m in self.messages], tools=tools,
                 add_generation_prompt=self.add_generation_prompt,
-                continue_final_message=self.continue_final_message, tokenize=False, **extra)
+                continue_final_message=self.continue_final_message, tokenize=False,
+                **({"chat_template": template} if template is not None else {}), **extra)
 
         try:
             try:
@@ -371,7 +374,7 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
+class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,)}
 
     max_tokens: int | None = None
@@ -481,7 +484,7 @@ class TokenizeCompletionRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(_ChatTemplateFields):
+class TokenizeChatRequest(ChatTemplateFields):
     """POST /tokenize with messages: the prompt a chat completion would run (vLLM's)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -34,6 +34,41 @@ def test_prompt_forms(llm):
     assert by_str[0].prompt == "Hello, my name is"
 
 
+def test_chat_renders_the_template_then_generates(llm):
+    """LLM.chat: a conversation's prompt is the tokenizer's chat template (the server's
+    rendering), one or many conversations, template kwargs and an explicit template; a
+    conversation that does not render names its field and queues nothing."""
+    tok = llm.get_tokenizer()
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    want = llm.generate({"prompt_token_ids": tok.encode(text, add_special_tokens=False)}, p,
+                        use_tqdm=False)[0]
+    [one] = llm.chat(conv, p, use_tqdm=False)
+    assert one.prompt == text and one.prompt_token_ids == want.prompt_token_ids
+    assert one.outputs[0].token_ids == want.outputs[0].token_ids
+    other = [{"role": "user", "content": "Something else"}]
+    both = llm.chat([conv, other], p, use_tqdm=False)
+    assert [o.prompt_token_ids for o in both][0] == one.prompt_token_ids
+    assert both[1].prompt == tok.apply_chat_template(other, add_generation_prompt=True,
+                                                     tokenize=False)
+    [cont] = llm.chat(conv + [{"role": "assistant", "content": "Hel"}], p, use_tqdm=False,
+                      add_generation_prompt=False, continue_final_message=True)
+    assert cont.prompt.endswith("Hel")
+    [own] = llm.chat(conv, p, use_tqdm=False,
+                     chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                   "{% endfor %}{{ suffix }}",
+                     chat_template_kwargs={"suffix": "!"})
+    assert own.prompt == "<system>Be brief.<user>Hi there!"
+    with pytest.raises(ValueError, match="messages") as err:
+        llm.chat([conv, [{"role": "wizard", "content": "x"}]], p, use_tqdm=False)
+    assert "messages[1]" in str(err.value) and err.value.param == "messages"
+    with pytest.raises(ValueError, match="continue_final_message") as err:
+        llm.chat(conv, p, continue_final_message=True, use_tqdm=False)
+    assert err.value.param == "continue_final_message"
+    assert blocks_all_free(llm)
+
+
 def test_text_is_incremental_decode_of_tokens(llm):
     tok = llm.get_tokenizer()
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
