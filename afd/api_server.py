@@ -42,8 +42,11 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
                                  TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
 from afd.outputs import CompletionOutput, RequestOutput
+from afd.sampling_params import SamplingParams
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream
+from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
+                           reasoning_tokens, rename_chat_error, usage)
 from afd.tool_parsers import PARSERS, ToolCallStream
 
 log = logging.getLogger("afd.server")
@@ -52,7 +55,8 @@ log = logging.getLogger("afd.server")
 class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
                  metrics: ServerMetrics, *, tool_call_parser: str | None = None,
-                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None):
+                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
+                 max_stored_responses: int = 1000):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
         self.draining = False
@@ -67,6 +71,7 @@ class ServerState:
                              f"got {reasoning_parser!r}")
         self.reasoning_parser = reasoning_parser  # None: the answer is not split
         self._special_tokens: set[str] | None = None
+        self.responses = ResponseStore(max_stored_responses)  # /v1/responses' store
 
     def markers_are_special(self, markers: tuple[str, ...]) -> bool:
         """Some of a parser's markers are special tokens of this tokenizer: a request it reads
@@ -119,7 +124,7 @@ class AuthAndDrain:
 _FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions,
                                TokenizeCompletionRequest, DetokenizeRequest, ChatTool,
                                FunctionDefinition, AssistantToolCall, ToolCallFunction,
-                               NamedToolChoice)
+                               NamedToolChoice, ResponsesRequest)
                 for name in m.model_fields}
 
 
@@ -188,19 +193,25 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        tool_streams = body.tool_streams(state.auto_tool_parser)
-        if body.tool_mode(state.auto_tool_parser) == "auto" and \
-                state.tool_markers_are_special():
-            body.skip_special_tokens = False
-        reasoning_streams = body.reasoning_streams(state.reasoning_parser)
-        if reasoning_streams is not None and state.reasoning_markers_are_special():
-            body.skip_special_tokens = False
-        text, ids = body.prompt_ids(state.engine.engine.tokenizer)
+        prompt, readers = _chat_prompt(state, body)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
-        return await _serve(state, request, body, [{"prompt_token_ids": ids, "prompt": text}],
-                            getattr(body, field), chat=True, max_tokens_field=field,
-                            readers=_ChatReaders(tool_streams, reasoning_streams))
+        return await _serve(state, request, body, [prompt], getattr(body, field), chat=True,
+                            max_tokens_field=field, readers=readers)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        _check_model(state, body.model)
+        return await _respond(state, request, body)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        return state.responses.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        state.responses.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict:
@@ -272,9 +283,28 @@ def _check_model(state: ServerState, model: str | None) -> None:
                        f"`{state.model_name}`)", param="model", code="model_not_found")
 
 
-async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
-                 max_tokens: int | None, chat: bool, max_tokens_field: str = "max_tokens",
-                 readers: _ChatReaders | None = None) -> Response:
+def _chat_prompt(state: ServerState, body: ChatCompletionRequest
+                 ) -> tuple[dict[str, Any], _ChatReaders]:
+    """A chat request's prompt (its messages through the chat template) and the readers of its
+    answer (tool calls, reasoning); a request read for markers that are special tokens keeps
+    special tokens in its text."""
+    tool_streams = body.tool_streams(state.auto_tool_parser)
+    if body.tool_mode(state.auto_tool_parser) == "auto" and state.tool_markers_are_special():
+        body.skip_special_tokens = False
+    reasoning_streams = body.reasoning_streams(state.reasoning_parser)
+    if reasoning_streams is not None and state.reasoning_markers_are_special():
+        body.skip_special_tokens = False
+    text, ids = body.prompt_ids(state.engine.engine.tokenizer)
+    return {"prompt_token_ids": ids, "prompt": text}, _ChatReaders(tool_streams,
+                                                                   reasoning_streams)
+
+
+def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
+           prompt_field: str | None, max_tokens_field: str = "max_tokens"
+           ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]]]:
+    """Check a request's sampling fields and prompts (a 400 naming the field sent:
+    ``prompt_field`` for the prompt a conversation makes, ``max_tokens_field``) and queue each
+    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt)."""
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling)
@@ -284,8 +314,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         message = str(exc)
         if param == "max_tokens" and max_tokens_field != param:  # name the field sent
             param, message = max_tokens_field, message.replace("max_tokens", max_tokens_field)
-        elif param == "prompt" and chat:  # the prompt a chat request's messages make
-            param, message = "messages", f"messages: {message}"
+        elif param == "prompt" and prompt_field:  # the prompt a conversation makes
+            param, message = prompt_field, f"{prompt_field}: {message}"
         elif param == "structured_outputs":  # e.g. a schema that does not compile
             param = body.structured_output_field() or param
         raise APIError(400, message, param=param) from None
@@ -295,10 +325,18 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             raise APIError(400, f"{max_tokens_field}={max_tokens} plus the prompt's {len(ids)} "
                            f"tokens exceeds the context length {max_len}",
                            param=max_tokens_field)
+    return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text},
+                                    params, body.priority)
+                    for i, (text, ids) in enumerate(checked)]
+
+
+async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
+                 max_tokens: int | None, chat: bool, max_tokens_field: str = "max_tokens",
+                 readers: _ChatReaders | None = None) -> Response:
+    engine = state.engine
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    streams = [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text}, params,
-                               body.priority)
-               for i, (text, ids) in enumerate(checked)]
+    params, streams = _start(state, body, prompts, max_tokens, base,
+                             "messages" if chat else None, max_tokens_field)
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
@@ -453,6 +491,122 @@ def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
         return message, c.finish_reason
     message["tool_calls"] = [call.to_openai() for call in parsed.calls]
     return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+
+
+async def _respond(state: ServerState, request: Request, body: ResponsesRequest) -> Response:
+    """POST /v1/responses: the request runs as a chat request (the same prompt, readers and
+    checks; errors name the Responses fields); its answer comes back as a response object or
+    the stream of events that builds one."""
+    history = []
+    if body.previous_response_id is not None:
+        history = state.responses.get(body.previous_response_id, "previous_response_id").items
+    try:
+        chat = body.chat_request(history)
+        prompt, readers = _chat_prompt(state, chat)
+        turn = _Turn(state, body, new_id("resp"), int(time.time()),
+                     history + body.input_items(), readers)
+        turn.params, [stream] = _start(state, chat, [prompt], chat.max_tokens, turn.id, "input",
+                                       "max_output_tokens")
+    except APIError as exc:
+        raise rename_chat_error(exc) from None
+    if body.stream:
+        return StreamingResponse(_responses_sse(turn, stream), media_type="text/event-stream")
+    [out] = await _collect(request, [stream])
+    if out.error:
+        raise _output_error(out)
+    message, _ = _chat_message(out.outputs[0], readers)
+    output = OutputItems()
+    output.add(chat_delta(message))
+    output.finish(out.outputs[0].finish_reason == "length")
+    return JSONResponse(turn.finish(out, output))
+
+
+@dataclass
+class _Turn:
+    """One /v1/responses request: what its response object is made of."""
+
+    state: ServerState
+    body: ResponsesRequest
+    id: str
+    created_at: int
+    items: list[dict[str, Any]]  # its conversation: history and input items (for the store)
+    readers: _ChatReaders
+    params: SamplingParams | None = None
+
+    def response(self, status: str, output: list[dict[str, Any]],
+                 usage: dict[str, Any] | None = None, error: APIError | None = None
+                 ) -> dict[str, Any]:
+        return {"id": self.id, "object": "response", "created_at": self.created_at,
+                "status": status, "model": self.state.model_name, "output": output,
+                "usage": usage,
+                "error": None if error is None else {"code": error.code or error.type,
+                                                     "message": error.message},
+                "incomplete_details": {"reason": "max_output_tokens"}
+                if status == "incomplete" else None,
+                **self.body.echo(self.params.temperature, self.params.top_p)}
+
+    def finish(self, out: RequestOutput, output: OutputItems) -> dict[str, Any]:
+        """The finished response object (stored unless the request said store: false)."""
+        c = out.outputs[0]
+        thought = 0
+        if any(item["type"] == "reasoning" for item in output.items):
+            tokenizer = self.state.engine.engine.tokenizer
+            thought = reasoning_tokens(
+                c.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                REASONING_PARSERS[self.state.reasoning_parser].end)
+        response = self.response(
+            "incomplete" if c.finish_reason == "length" else "completed", output.items,
+            usage(len(out.prompt_token_ids), out.num_cached_tokens or 0, len(c.token_ids),
+                  thought))
+        if self.body.store:
+            self.state.responses.put(response, self.items + output.items)
+        return response
+
+
+async def _responses_sse(turn: _Turn, stream: AsyncIterator[RequestOutput]
+                         ) -> AsyncIterator[str]:
+    """The Responses API's server-sent events: response.created and .in_progress, each output
+    item's events as the chat readers find its text, then response.completed (or .incomplete
+    when max_output_tokens cut it); an error is an ``error`` event then response.failed. A
+    client gone closes this generator, which aborts the request."""
+    output = OutputItems()
+
+    def sse(event: dict[str, Any]) -> str:
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    try:
+        pending = turn.response("in_progress", [])
+        yield sse(output.event("response.created", response=pending))
+        yield sse(output.event("response.in_progress", response=pending))
+        reader, sent, out = turn.readers.stream(), 0, None
+        async for out in stream:
+            if out.error:
+                raise _output_error(out)
+            c = out.outputs[0]
+            delta = None
+            if reader is not None:
+                try:
+                    delta = reader.delta(c.text, final=c.finish_reason is not None)
+                except Exception:  # noqa: BLE001 - a reader's bug must not end the stream
+                    log.exception("chat reader failed; streaming the plain text")
+                    reader = None
+            if delta is None:  # no readers, or they failed
+                delta = {"content": c.text[sent:]}
+            sent = len(c.text)
+            for event in output.add(delta):
+                yield sse(event)
+        for event in output.finish(out.outputs[0].finish_reason == "length"):
+            yield sse(event)
+        response = turn.finish(out, output)
+        yield sse(output.event(f"response.{response['status']}", response=response))
+    except Exception as exc:  # noqa: BLE001 - OpenAI's error event
+        error = exc if isinstance(exc, APIError) else _request_error(exc)
+        yield sse(output.event("error", code=error.code or error.type, message=error.message,
+                               param=error.param))
+        yield sse(output.event("response.failed",
+                               response=turn.response("failed", output.items, error=error)))
+    finally:
+        await stream.aclose()  # not finished: aborts the request, frees its KV
 
 
 def _logprob(value: float) -> float:
