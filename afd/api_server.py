@@ -500,8 +500,8 @@ async def _respond(state: ServerState, request: Request, body: ResponsesRequest)
     history = []
     if body.previous_response_id is not None:
         history = state.responses.get(body.previous_response_id, "previous_response_id").items
+    chat = body.chat_request(history)
     try:
-        chat = body.chat_request(history)
         prompt, readers = _chat_prompt(state, chat)
         turn = _Turn(state, body, new_id("resp"), int(time.time()),
                      history + body.input_items(), readers)

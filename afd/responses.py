@@ -112,7 +112,8 @@ class ResponsesRequest(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(x) for x in first["loc"])
-            raise APIError(400, f"{param}: {first['msg']}", param=param) from None
+            raise rename_chat_error(APIError(400, f"{param}: {first['msg']}",
+                                             param=param)) from None
 
     def _chat_tools(self) -> list[dict[str, Any]] | None:
         if self.tools is None:
