@@ -853,6 +853,7 @@ def main() -> None:
     ap.add_argument("--enable-auto-tool-choice", action="store_true")
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS))
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS))
+    ap.add_argument("--max-stored-responses", type=int, default=1000)
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
@@ -879,7 +880,8 @@ def main() -> None:
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
                         args.api_key, metrics, tool_call_parser=args.tool_call_parser,
                         enable_auto_tool_choice=args.enable_auto_tool_choice,
-                        reasoning_parser=args.reasoning_parser)
+                        reasoning_parser=args.reasoning_parser,
+                        max_stored_responses=args.max_stored_responses)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

@@ -101,6 +101,10 @@ def parse_args() -> argparse.Namespace:
                     help="split the model's <think> ... </think> off its chat answers into "
                          "the message's reasoning field: deepseek_r1, qwen3 or deepseek_v3 "
                          "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking)")
+    ap.add_argument("--max-stored-responses", type=int, default=1000,
+                    help="/v1/responses: how many responses (with their conversations) the "
+                         "front end keeps in memory for previous_response_id and GET, least "
+                         "recently used dropped first; 0 keeps none")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -140,7 +144,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--micro-batches", str(args.micro_batches), "--transport", args.transport,
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
            "--control-host", args.control_host or _control_host(),
-           "--generation-config", args.generation_config]
+           "--generation-config", args.generation_config,
+           "--max-stored-responses", str(args.max_stored_responses)]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--served-model-name", args.served_model_name),
                         ("--tool-call-parser", args.tool_call_parser),

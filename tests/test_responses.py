@@ -20,7 +20,8 @@ from openai.types.responses import (ResponseCompletedEvent, ResponseCreatedEvent
 from asgi_utils import call_app
 from test_tool_calls import TEMPLATES, TIME, WEATHER
 
-from afd.responses import OutputItems, ResponseStore, chat_delta, reasoning_tokens
+from afd.responses import (OutputItems, ResponseStore, chat_delta, items_to_messages,
+                           reasoning_tokens)
 
 FLAT_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
                "parameters": WEATHER, "strict": True},
@@ -352,6 +353,16 @@ def test_openai_client_raises_on_bad_fields_and_neutral_values_pass(apps):
     assert r.status == "incomplete" and r.user == "u"
 
 
+def test_api_key_guards_responses(apps):
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    app = build_app(ServerState(apps["engine"], "m", "sk-x", ServerMetrics("m")))
+    for method, path in (("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1")):
+        r = call_app(app, lambda _, http: http.request(method, path, json={"input": "hi"}))
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_a_stream_closed_early_aborts_its_request(apps):
     """A client gone mid-stream closes the event generator: the request is aborted at once
     (its KV freed), as on chat completions."""
@@ -400,6 +411,20 @@ def test_output_items_and_helpers():
     assert reasoning_tokens(list(range(6)), lambda ids: "".join(text[i] for i in ids),
                             "</think>") == 4
     assert reasoning_tokens([0, 1], lambda ids: "".join(text[i] for i in ids), "</think>") == 2
+    # a turn's message and calls are one assistant message; reasoning items are left out
+    turn = [{"type": "reasoning", "id": "rs_1", "summary": [], "content": []},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Checking."}]},
+            *[{"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"}
+              for i in (1, 2)],
+            *[{"type": "function_call_output", "call_id": f"c{i}", "output": "ok"}
+              for i in (1, 2)]]
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert items_to_messages(turn) == [
+        {"role": "assistant", "content": "Checking.",
+         "tool_calls": [{"id": "c1", **call}, {"id": "c2", **call}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        {"role": "tool", "tool_call_id": "c2", "content": "ok"}]
     store = ResponseStore(2)
     for i in range(3):
         store.put({"id": f"r{i}"}, [])

@@ -28,7 +28,7 @@ API_KEY = "sk-test-afd"
 @pytest.fixture(scope="module")
 def single():
     server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                         "--reasoning-parser", "deepseek_v3")
+                         "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2")
     yield server
     server.stop()
 
@@ -851,6 +851,27 @@ def test_reasoning_parser_flag_reaches_the_front_end(single):
     assert (r.choices[0].message.reasoning, r.choices[0].message.content) == ("abc", "answer")
     r = client(single).chat.completions.create(**ask, extra_body=force)
     assert (r.choices[0].message.reasoning, r.choices[0].message.content) == (None, text)
+
+
+def test_responses_over_http_and_the_store_flag(single):
+    """/v1/responses through launch/serve.py: streamed over real SSE, its tokens in the
+    metrics, and --max-stored-responses bounds the store (tests/test_responses.py tests the
+    rest in process)."""
+    c = client(single)
+    before = single.metric("afd:generation_tokens_total")
+    ask = dict(model=None, input="Hi there", max_output_tokens=5, temperature=0,
+               extra_body={"ignore_eos": True})
+    r = c.responses.create(**ask)
+    events = list(c.responses.create(**ask, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+        r.output_text
+    assert single.metric("afd:generation_tokens_total") == before + 10
+    ids = [r.id, events[-1].response.id, c.responses.create(**ask).id]
+    with pytest.raises(openai.NotFoundError):  # the store holds the last 2
+        c.responses.retrieve(ids[0])
+    assert [c.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
 
 
 def test_every_process_freezes_the_gc_after_startup(pd):
