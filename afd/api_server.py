@@ -45,7 +45,7 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.reasoning_parsers import ReasoningStream
+from afd.reasoning_parsers import ReasoningStream, marker_token_ids
 from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
                            reasoning_tokens, rename_chat_error, usage)
 from afd.tool_parsers import PARSERS, ToolCallStream
@@ -73,6 +73,10 @@ class ServerState:
         self.reasoning_parser = reasoning_parser  # None: the answer is not split
         self._special_tokens: set[str] | None = None
         self.responses = ResponseStore(max_stored_responses)  # /v1/responses' store
+        # the reasoning markers' token ids where each is one token: what a structured-output
+        # grammar waits for (None: no parser, or the grammar applies from the first token)
+        self.reasoning_marker_ids = None if reasoning_parser is None else marker_token_ids(
+            REASONING_PARSERS[reasoning_parser], engine.engine.tokenizer)
 
     def markers_are_special(self, markers: tuple[str, ...]) -> bool:
         """Some of a parser's markers are special tokens of this tokenizer: a request it reads
@@ -194,11 +198,12 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        prompt, readers = _chat_prompt(state, body)
+        prompt, readers, reasoning_end = _chat_prompt(state, body)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
         return await _serve(state, request, body, [prompt], getattr(body, field), chat=True,
-                            max_tokens_field=field, readers=readers)
+                            max_tokens_field=field, readers=readers,
+                            reasoning_end=reasoning_end)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
@@ -285,30 +290,37 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 def _chat_prompt(state: ServerState, body: ChatCompletionRequest
-                 ) -> tuple[dict[str, Any], _ChatReaders]:
-    """A chat request's prompt (its messages through the chat template) and the readers of its
-    answer (tool calls, reasoning); a request read for markers that are special tokens keeps
-    special tokens in its text."""
+                 ) -> tuple[dict[str, Any], _ChatReaders, list[int] | None]:
+    """A chat request's prompt (its messages through the chat template), the readers of its
+    answer (tool calls, reasoning) and the reasoning end token ids its grammar waits for (None:
+    a grammar, if any, applies from the first token); a request read for markers that are
+    special tokens keeps special tokens in its text."""
     tool_streams = body.tool_streams(state.auto_tool_parser)
     if body.tool_mode(state.auto_tool_parser) == "auto" and state.tool_markers_are_special():
         body.skip_special_tokens = False
-    reasoning_streams = body.reasoning_streams(state.reasoning_parser)
+    text, ids = body.prompt_ids(state.engine.engine.tokenizer)
+    reasoning_end = body.reasoning_end_token_ids(state.reasoning_parser,
+                                                 state.reasoning_marker_ids, ids)
+    reasoning_streams = body.reasoning_streams(state.reasoning_parser,
+                                               grammar_waits=reasoning_end is not None)
     if reasoning_streams is not None and state.reasoning_markers_are_special():
         body.skip_special_tokens = False
-    text, ids = body.prompt_ids(state.engine.engine.tokenizer)
-    return {"prompt_token_ids": ids, "prompt": text}, _ChatReaders(tool_streams,
-                                                                   reasoning_streams)
+    return ({"prompt_token_ids": ids, "prompt": text},
+            _ChatReaders(tool_streams, reasoning_streams), reasoning_end)
 
 
 def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
-           prompt_field: str | None, max_tokens_field: str = "max_tokens"
+           prompt_field: str | None, max_tokens_field: str = "max_tokens",
+           reasoning_end: list[int] | None = None
            ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]]]:
     """Check a request's sampling fields and prompts (a 400 naming the field sent:
     ``prompt_field`` for the prompt a conversation makes, ``max_tokens_field``) and queue each
-    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt)."""
+    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt).
+    ``reasoning_end``: the token ids a structured-output grammar waits for (``_chat_prompt``)."""
     engine = state.engine
     try:
-        params = body.sampling_params(max_tokens, engine.engine.default_sampling)
+        params = body.sampling_params(max_tokens, engine.engine.default_sampling,
+                                      reasoning_end)
         checked = [engine.check_request(p, params, body.priority) for p in prompts]
     except ValueError as exc:
         param = getattr(exc, "param", None)
@@ -333,11 +345,12 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  max_tokens: int | None, chat: bool, max_tokens_field: str = "max_tokens",
-                 readers: _ChatReaders | None = None) -> Response:
+                 readers: _ChatReaders | None = None,
+                 reasoning_end: list[int] | None = None) -> Response:
     engine = state.engine
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     params, streams = _start(state, body, prompts, max_tokens, base,
-                             "messages" if chat else None, max_tokens_field)
+                             "messages" if chat else None, max_tokens_field, reasoning_end)
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
@@ -503,11 +516,11 @@ async def _respond(state: ServerState, request: Request, body: ResponsesRequest)
         history = state.responses.get(body.previous_response_id, "previous_response_id").items
     chat = body.chat_request(history)
     try:
-        prompt, readers = _chat_prompt(state, chat)
+        prompt, readers, reasoning_end = _chat_prompt(state, chat)
         turn = _Turn(state, body, new_id("resp"), int(time.time()),
                      history + body.input_items(), readers)
         turn.params, [stream] = _start(state, chat, [prompt], chat.max_tokens, turn.id, "input",
-                                       "max_output_tokens")
+                                       "max_output_tokens", reasoning_end)
     except APIError as exc:
         raise rename_chat_error(exc) from None
     if body.stream:

@@ -93,7 +93,8 @@ class EngineCore:
 
             self._grammars = GrammarCompiler(self.cfg.tokenizer or self.cfg.model,
                                              self.runner.model.cfg.vocab_size)
-        seq.grammar = self._grammars.state(so, seq.grammar_eos)
+        seq.grammar = self._grammars.state(so, seq.grammar_eos,
+                                           seq.params.reasoning_end_token_ids)
         seq.grammar.replay(seq.token_ids[seq.num_prompt_tokens:])
 
     def add_request(self, req: CoreRequest) -> None:

@@ -180,7 +180,8 @@ class LLMEngine:
                              "must fit)")
         for name, ids in (("stop_token_ids", params.stop_token_ids),
                           ("logit_bias", params.logit_bias or ()),
-                          ("allowed_token_ids", params.allowed_token_ids or ())):
+                          ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("reasoning_end_token_ids", params.reasoning_end_token_ids or ())):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "

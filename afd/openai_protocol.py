@@ -11,7 +11,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.reasoning_parsers import ReasoningStream, reasoning_mode
+from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
 from afd.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams, StructuredOutputsParams
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
                               named_schema, required_schema)
@@ -156,10 +156,12 @@ class _SamplingFields(BaseModel):
         return self.prompt_logprobs
 
     def sampling_params(self, max_tokens: int | None,
-                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+                        defaults: dict[str, Any] | None = None,
+                        reasoning_end_token_ids: list[int] | None = None) -> SamplingParams:
         """ValueError (-> 400) names the field when a value is out of range. ``defaults``: the
         engine's values (generation_config.json) for the sampling fields a request leaves
-        unset."""
+        unset. ``reasoning_end_token_ids``: what the grammar waits for (the server's, from
+        its reasoning parser)."""
         unsupported = {**_UNSUPPORTED, **self.unsupported_here}
         sent = {**(self.model_extra or {}), **self.model_dump(include=set(unsupported))}
         for name, neutral in unsupported.items():
@@ -188,7 +190,8 @@ class _SamplingFields(BaseModel):
             min_tokens=self.min_tokens, logprobs=self.num_logprobs(),
             structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words, prompt_logprobs=self.num_prompt_logprobs(),
-            truncate_prompt_tokens=self.truncate_prompt_tokens)
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            reasoning_end_token_ids=reasoning_end_token_ids)
 
 
 class CompletionRequest(_SamplingFields):
@@ -428,16 +431,29 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
             return lambda: NamedStream(name)
         return None
 
-    def reasoning_streams(self, parser: str | None) -> Callable[[], ReasoningStream] | None:
+    def reasoning_end_token_ids(self, parser: str | None, markers: tuple[int, int] | None,
+                                prompt_ids: list[int]) -> list[int] | None:
+        """What this request's structured-output grammar (tool_choice "required" or a named
+        function included) waits for before it constrains (``grammar_waits_for``; None: no
+        parser, no grammar, or the grammar applies from the first token). ``markers``: the
+        reasoning markers' token ids (None where they are not one token each)."""
+        if parser is None or self.structured_output_field() is None:
+            return None
+        return grammar_waits_for(REASONING_PARSERS[parser], self.chat_template_kwargs, markers,
+                                 prompt_ids)
+
+    def reasoning_streams(self, parser: str | None, grammar_waits: bool
+                          ) -> Callable[[], ReasoningStream] | None:
         """A new reasoning splitter for each completion (None: the server has no
         --reasoning-parser). Whether the request thinks comes from its chat_template_kwargs;
-        under a structured-output grammar (tool_choice "required" or a named function
-        included) the output holds reasoning only if it opens with the start marker itself."""
+        under a structured-output grammar that applies from the first token (it could not
+        wait for the end of the reasoning: ``grammar_waits`` false) the output holds reasoning
+        only if it opens with the start marker itself."""
         if parser is None:
             return None
         fmt = REASONING_PARSERS[parser]
-        mode = reasoning_mode(fmt, self.chat_template_kwargs,
-                              constrained=self.structured_output_field() is not None)
+        constrained = self.structured_output_field() is not None and not grammar_waits
+        mode = reasoning_mode(fmt, self.chat_template_kwargs, constrained)
         return lambda: ReasoningStream(fmt, mode)
 
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:

@@ -17,6 +17,12 @@ output's text before ``</think>`` is reasoning even though no ``<think>`` was ge
 model writes itself at the very start is dropped, as older Qwen3 templates leave it to the
 model); an output that never reaches ``</think>`` (cut by max_tokens) is all reasoning.
 
+With a structured-output constraint, the grammar waits for the end of the reasoning (vLLM's
+rule) where ``</think>`` is one token of the tokenizer and the prompt has not closed the
+reasoning itself (``grammar_waits_for``): the ranks then leave the tokens up to ``</think>``
+free and constrain those after it. Otherwise the grammar applies from the first token, and
+such an output holds reasoning only if it starts with ``<think>`` (mode "tag").
+
 A ``ReasoningStream`` is fed the completion's whole text so far (text only grows) and returns
 what is new: reasoning and content. Markers split across updates are held back until they are
 whole, so any split gives the unstreamed answer. Tool calls are then read from the content
@@ -74,8 +80,8 @@ class ReasoningStream:
 
     ``mode``: "open": the prompt opened the reasoning (text is reasoning until ``</think>``);
     "tag": reasoning only if the output itself starts with ``<think>`` (a structured-output
-    grammar constrains the output from its first token, so the template's open ``<think>`` is
-    not taken as read); "off": the request does not think, all of it is content."""
+    grammar that could not wait for ``</think>`` constrains the output from its first token,
+    so the template's open ``<think>`` is not taken as read); "off": the request does not think, all of it is content."""
 
     def __init__(self, fmt: ReasoningFormat, mode: Mode):
         self.fmt, self.mode = fmt, mode
@@ -128,7 +134,40 @@ class ReasoningStream:
 def reasoning_mode(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | None,
                    constrained: bool) -> Mode:
     """How a request's output holds reasoning: "off" when the request does not think, "tag"
-    when a structured-output grammar constrains its output, else "open"."""
+    when a structured-output grammar constrains its output from the first token, else
+    "open"."""
     if not fmt.thinks(chat_template_kwargs or {}):
         return "off"
     return "tag" if constrained else "open"
+
+
+def marker_token_ids(fmt: ReasoningFormat, tokenizer) -> tuple[int, int] | None:
+    """(start, end): the ids of the markers where each is one token of ``tokenizer`` (as in
+    DeepSeek-R1's, DeepSeek-V3.1's and Qwen3's tokenizers); None otherwise: a grammar cannot
+    wait for a token then, and applies from the first token."""
+    ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in fmt.markers]
+    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
+
+
+def prompt_ends_reasoning(prompt_ids: list[int], start: int, end: int) -> bool:
+    """The prompt has closed the reasoning already: its last marker is the end one (Qwen3's
+    template with ``enable_thinking`` false writes an empty ``<think></think>``; DeepSeek-V3.1's
+    ends a non-thinking prompt with ``</think>``). vLLM's ``is_reasoning_end`` on the prompt."""
+    for token in reversed(prompt_ids):
+        if token == end:
+            return True
+        if token == start:
+            return False
+    return False
+
+
+def grammar_waits_for(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | None,
+                      markers: tuple[int, int] | None, prompt_ids: list[int]) -> list[int] | None:
+    """The token ids a constrained request's grammar waits for (the request's
+    ``reasoning_end_token_ids``; vLLM's rule: the grammar starts after the reasoning), or None:
+    the grammar applies from the first token, since the request does not think, the end marker
+    is not one token (``markers`` None) or the prompt has already closed the reasoning."""
+    if markers is None or not fmt.thinks(chat_template_kwargs or {}):
+        return None
+    start, end = markers
+    return None if prompt_ends_reasoning(prompt_ids, start, end) else [end]

@@ -134,6 +134,10 @@ class SamplingParams:
     prompt_logprobs: None (off) or k in [0, 20]: the same for every prompt token after the
     first (its logprob under the logits of the position before it, and the k likeliest there).
     A request that asks computes its whole prompt: it takes no KV from the prefix cache.
+    reasoning_end_token_ids: None, or token ids that end a reasoning model's thinking (its
+    ``</think>``): the structured_outputs grammar then waits for one of them in the output (no
+    mask until then, vLLM's rule with a reasoning parser) and constrains the tokens after it.
+    The server sets it for a constrained chat request that thinks (``--reasoning-parser``).
     truncate_prompt_tokens: None (off), -1 (max_model_len, as vLLM) or k >= 1: keep only the
     last k prompt tokens (left truncation; the engine applies it after tokenizing).
     """
@@ -162,6 +166,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
+    reasoning_end_token_ids: list[int] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -240,6 +245,11 @@ class SamplingParams:
         if self.bad_words is not None and (not isinstance(self.bad_words, list) or not all(
                 isinstance(w, str) and w.strip() for w in self.bad_words)):
             raise bad("bad_words", self.bad_words, "a list of non-blank strings")
+        ends = self.reasoning_end_token_ids
+        if ends is not None and (not isinstance(ends, list) or not ends or not all(
+                is_int(t) and 0 <= t <= INT64_MAX for t in ends)):
+            raise bad("reasoning_end_token_ids", ends,
+                      "None or a non-empty list of non-negative token ids")
         ids = self.bad_words_token_ids
         if ids is not None and (not isinstance(ids, list) or len(ids) > MAX_BAD_WORDS
                                 or not all(isinstance(s, list) and s and all(

@@ -158,7 +158,8 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
     """Per sampling row (k + 1 for a speculating sequence, in order) the sampler's inputs:
     params, generator (a seeded sequence repeats its own: its rows take consecutive step
     seeds), history (token ids plus the drafts before the row), penalty state and grammar
-    (None for speculating rows: they have neither)."""
+    (None for speculating rows: they have neither; None too while a grammar waits for the
+    end of the reasoning: no mask yet)."""
     params, gens, hists, pens, grams = [], [], [], [], []
     for seq, d in zip(seqs, drafts):
         stops = (*seq.eos_token_ids, *seq.stop_token_ids)
@@ -170,7 +171,8 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
             ids = seq.token_ids + d[:j] if j and need_history else seq.token_ids
             hists.append((ids, seq.num_prompt_tokens, stops))
             pens.append(seq.penalties)
-            grams.append(seq.grammar)
+            grammar = seq.grammar
+            grams.append(grammar if grammar is not None and grammar.reasoning_ended else None)
     return params, gens, hists, pens, grams
 
 

@@ -14,6 +14,9 @@ the matchers it has built (LRU), so the n completions of a request or a repeated
 once and each sequence gets a cheap copy (``LLMatcher.deep_copy``). A rank that takes over a
 sequence (a P/D decode rank) replays the sequence's output tokens through a fresh matcher;
 preemption keeps the sequence, and its matcher, on the same rank.
+
+A reasoning model's request (``reasoning_end_token_ids``, set by the server with a reasoning
+parser) thinks first: its grammar waits for the end of the reasoning (``GrammarState``).
 """
 
 from __future__ import annotations
@@ -73,11 +76,21 @@ def check(so: StructuredOutputsParams) -> None:
 
 
 class GrammarState:
-    """One sequence's matcher: the tokens allowed next, advanced by each token taken."""
+    """One sequence's matcher: the tokens allowed next, advanced by each token taken.
 
-    def __init__(self, matcher: llguidance.LLMatcher, words: int):
+    ``reasoning_end``: the token ids that end a reasoning model's thinking (the request's
+    ``reasoning_end_token_ids``), or empty. With them the grammar waits: until one is taken the
+    sequence is still reasoning, its rows get no mask and its tokens, the end token included,
+    do not reach the matcher (vLLM's ``should_advance``); from the next token on it constrains.
+    ``reasoning_ended`` follows the tokens taken alone, so a replay (a rank taking the sequence
+    over) flips it where the first rank did."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, words: int,
+                 reasoning_end: frozenset[int] = frozenset()):
         self.matcher = matcher
         self.words = words  # int32 words of the bitmask: ceil(tokenizer vocabulary / 32)
+        self.reasoning_end = reasoning_end
+        self.reasoning_ended = not reasoning_end
 
     def fill(self, row: torch.Tensor) -> None:
         """Write the allowed-next bitmask into ``row`` ([words] int32, contiguous, on the host).
@@ -85,6 +98,9 @@ class GrammarState:
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
 
     def accept(self, token: int) -> None:
+        if not self.reasoning_ended:
+            self.reasoning_ended = token in self.reasoning_end
+            return
         if self.matcher.is_stopped():
             return  # e.g. the EOS after a finished grammar
         if not self.matcher.consume_token(token):  # the mask allowed it: should not happen
@@ -98,7 +114,7 @@ class GrammarState:
     @property
     def finished(self) -> bool:
         """The grammar can take no token but EOS: the output is complete."""
-        return self.matcher.is_stopped()
+        return self.reasoning_ended and self.matcher.is_stopped()
 
 
 class GrammarCompiler:
@@ -131,8 +147,10 @@ class GrammarCompiler:
             self._tokenizers[eos] = tok
         return tok
 
-    def state(self, so: StructuredOutputsParams, eos: tuple[int, ...]) -> GrammarState:
-        """A fresh matcher for one sequence. ParamError if the grammar does not build."""
+    def state(self, so: StructuredOutputsParams, eos: tuple[int, ...],
+              reasoning_end: list[int] | None = None) -> GrammarState:
+        """A fresh matcher for one sequence, waiting for one of ``reasoning_end`` first if
+        given (see ``GrammarState``). ParamError if the grammar does not build."""
         source = grammar_source(so)
         key = (source, eos)
         built = self._built.get(key)
@@ -147,4 +165,5 @@ class GrammarCompiler:
                 self._built.popitem(last=False)
         else:
             self._built.move_to_end(key)
-        return GrammarState(built.deep_copy(), -(-tok.vocab_size // 32))
+        return GrammarState(built.deep_copy(), -(-tok.vocab_size // 32),
+                            frozenset(reasoning_end or ()))
