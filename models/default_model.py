@@ -131,19 +131,21 @@ def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer_files(folder: str, vocab_size: int) -> None:
-    """Write tokenizer.json + tokenizer_config.json for a byte-level BPE of ``vocab_size`` ids."""
+def build_tokenizer_files(folder: str, vocab_size: int,
+                          special_tokens: list[str] = SPECIAL_TOKENS) -> None:
+    """Write tokenizer.json + tokenizer_config.json for a byte-level BPE of ``vocab_size`` ids,
+    ``special_tokens`` first (tests add more, e.g. a reasoning model's ``<think>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = _byte_alphabet()
-    merges = _learn_merges(vocab_size - len(SPECIAL_TOKENS) - len(alphabet))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    merges = _learn_merges(vocab_size - len(special_tokens) - len(alphabet))
+    vocab = {tok: i for i, tok in enumerate(special_tokens)}
     for piece in alphabet + [a + b for a, b in merges]:
         vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     bos = SPECIAL_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, 0)])

@@ -102,14 +102,16 @@ def test_logprobs_match_single_process(references):
 
 def test_structured_output_matches_single_process(references):
     """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
-    single-process engine's tokens, greedy and seeded, with allowed_token_ids and bad_words."""
+    single-process engine's tokens, greedy and seeded, with allowed_token_ids and bad_words;
+    and a grammar that waits for the end of a reasoning (the greedy output's 4th token)."""
     import json
     import re
 
     from afd.sampling_params import StructuredOutputsParams as SO
 
-    path, prompts, _, _ = references["deepseek_v3"]
+    path, prompts, _, free = references["deepseek_v3"]
     choice = ["red", "green", "blue"]
+    assert free[4][3] not in free[4][:3]
     params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
                   json={"type": "object", "properties": {"n": {"type": "integer"}},
                         "required": ["n"]}, disable_any_whitespace=True)),
@@ -117,11 +119,14 @@ def test_structured_output_matches_single_process(references):
                              structured_outputs=SO(choice=choice)),
               SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(regex="[0-9]+")),
               SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
-                             allowed_token_ids=[101, 102], bad_words=["ab"])]
-    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
+                             allowed_token_ids=[101, 102], bad_words=["ab"]),
+              SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(choice=choice),
+                             reasoning_end_token_ids=[free[4][3]])]
+    expected = LLM(path).generate(prompts[:5], params, use_tqdm=False)
     llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30)
     try:
-        outs = llm.generate(prompts[:4], params, use_tqdm=False)
+        outs = llm.generate(prompts[:5], params, use_tqdm=False)
+        tok = llm.get_tokenizer()
     finally:
         llm.shutdown()
     assert_same_outputs(outs, expected)
@@ -130,6 +135,8 @@ def test_structured_output_matches_single_process(references):
     assert re.fullmatch("[0-9]+", outs[2].outputs[0].text)
     ids = outs[3].outputs[0].token_ids
     assert set(ids) <= {101, 102} and (101, 102) not in set(zip(ids, ids[1:]))
+    ids = outs[4].outputs[0].token_ids  # free until the end token, then the grammar's
+    assert ids[:4] == free[4][:4] and tok.decode(ids[4:]) in choice
 
 
 def test_killed_ffn_rank_is_an_error_not_a_hang(references):

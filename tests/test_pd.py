@@ -151,11 +151,14 @@ def test_logprobs_match_single_process(small_pd, reference):
 def test_structured_output_matches_single_process(small_pd, reference):
     """The prefill rank samples the first token under the grammar, the decode rank replays it
     into its own matcher and goes on: the single-process engine's tokens, valid output; with
-    allowed_token_ids and bad_words beside them."""
+    allowed_token_ids and bad_words beside them. Two grammars wait for the end of a reasoning:
+    one ends with the first token (sampled on the prefill rank, replayed on the decode rank:
+    constrained from the second on), the other with the 4th (the first is free)."""
     from afd.sampling_params import StructuredOutputsParams as SO
 
-    path, prompts, _, _ = reference
+    path, prompts, _, free = reference
     regex = r"[a-z]{2,5}-[0-9]{1,3}"
+    assert free[4][3] not in free[4][:3]
     params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
                   json={"type": "object", "properties": {"n": {"type": "integer"}},
                         "required": ["n"]}, disable_any_whitespace=True)),
@@ -163,9 +166,15 @@ def test_structured_output_matches_single_process(small_pd, reference):
                              structured_outputs=SO(regex=regex)),
               SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
                              allowed_token_ids=[101, 102], bad_words=["ab"])]
-    expected = LLM(path).generate(prompts[:3], params, use_tqdm=False)
-    outs = small_pd.generate(prompts[:3], params, use_tqdm=False)
+    params += [SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(regex=regex),
+                              reasoning_end_token_ids=[free[i][k]]) for i, k in ((3, 0), (4, 3))]
+    expected = LLM(path).generate(prompts[:5], params, use_tqdm=False)
+    outs = small_pd.generate(prompts[:5], params, use_tqdm=False)
     assert_same_outputs(outs, expected)
+    tok = small_pd.get_tokenizer()
+    for out, (i, k) in zip(outs[3:], ((3, 0), (4, 3))):
+        ids = out.outputs[0].token_ids  # free until the end token, then the grammar's
+        assert ids[:k + 1] == free[i][:k + 1] and re.fullmatch(regex, tok.decode(ids[k + 1:]))
     assert json.loads(outs[0].outputs[0].text)["n"] is not None
     assert all(re.fullmatch(regex, c.text) for c in outs[1].outputs)
     ids = outs[2].outputs[0].token_ids

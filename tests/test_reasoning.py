@@ -1,8 +1,10 @@
 """Reasoning parsers on /v1/chat/completions: the splitter on hand-written model text (streamed in
 any split), and the server with the ``openai`` client. The embedded model has random weights, so
-a structured-output choice makes it write the text under test; a grammar makes the reasoning
-count only where the output opens it with ``<think>`` (afd applies grammars from the first
-token), which is how these forced outputs are written."""
+a structured-output choice makes it write the text under test. Its tokenizer spells ``</think>``
+in several tokens, so a grammar cannot wait for it and applies from the first token: the
+reasoning then counts only where the output opens it with ``<think>``, which is how these
+forced outputs are written. A tokenizer with ``<think>``/``</think>`` as special tokens (as
+reasoning models have) shows the grammar waiting for the end of the reasoning."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 
 from asgi_utils import call_app
 
-from afd.reasoning_parsers import PARSERS, ReasoningStream, reasoning_mode
+from afd.reasoning_parsers import (PARSERS, ReasoningStream, grammar_waits_for, marker_token_ids,
+                                   prompt_ends_reasoning, reasoning_mode)
 
 R1 = PARSERS["deepseek_r1"]
 
@@ -140,12 +143,12 @@ def apps():
         engine.shutdown()
 
 
-def chat(app, text: str, **body):
-    """The model forced to write ``text``: (the unstreamed response, the streamed one added up:
-    reasoning, content, calls, finish)."""
+def chat(app, text: str | None, **body):
+    """The model forced to write ``text`` (None: as ``body`` says): (the unstreamed response,
+    the streamed one added up: reasoning, content, calls, finish)."""
+    forced = {} if text is None else {"structured_outputs": {"choice": [text]}}
     body = {"model": "m", "messages": ASK, "temperature": 0, "max_tokens": 200,
-            "extra_body": {"structured_outputs": {"choice": [text]},
-                           **body.pop("extra_body", {})}, **body}
+            "extra_body": {**forced, **body.pop("extra_body", {})}, **body}
 
     async def both(c, _):
         plain = await c.chat.completions.create(**body)
@@ -265,3 +268,128 @@ def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):
         assert serve.parse_args().reasoning_parser == "deepseek_v3"
     finally:
         sys.argv = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# structured output after the reasoning: </think> one token of the tokenizer
+# ---------------------------------------------------------------------------------------------
+def test_when_the_grammar_waits():
+    r1, qwen3, v3 = PARSERS["deepseek_r1"], PARSERS["qwen3"], PARSERS["deepseek_v3"]
+    S, E = 10, 11  # <think>, </think>
+    assert not prompt_ends_reasoning([1, 2, 3], S, E)  # nothing: the template opened nothing
+    assert not prompt_ends_reasoning([1, S, 2], S, E)  # DeepSeek-R1: ends with <think>\n
+    assert prompt_ends_reasoning([1, S, 2, E, 2], S, E)  # Qwen3, enable_thinking false
+    assert prompt_ends_reasoning([1, 2, E], S, E)  # DeepSeek-V3.1, not thinking
+    assert not prompt_ends_reasoning([1, S, E, 2, S], S, E)  # reopened after an old turn
+    assert grammar_waits_for(r1, None, (S, E), [1, S, 2]) == [E]
+    assert grammar_waits_for(r1, None, (S, E), [1, S, E]) is None
+    assert grammar_waits_for(r1, None, None, [1, S, 2]) is None  # </think> is several tokens
+    assert grammar_waits_for(qwen3, {"enable_thinking": False}, (S, E), [1, 2]) is None
+    assert grammar_waits_for(v3, None, (S, E), [1, 2]) is None  # V3.1 thinks when asked
+    assert grammar_waits_for(v3, {"thinking": True}, (S, E), [1, S]) == [E]
+
+
+# an R1-like template: the prompt opens the reasoning, or closes an empty one when asked
+THINK_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined "
+                  "and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n"
+                  "{% endif %}{% endif %}")
+ANSWER = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2]}},
+          "required": ["ok", "n"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def thinking(tmp_path_factory):
+    """The embedded model with a tokenizer whose <think> and </think> are special tokens (ids 4
+    and 5): front ends with deepseek_r1, with qwen3, and with no parser."""
+    from afd import LLM
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from models.default_model import SPECIAL_TOKENS, TINY_DEEPSEEK_V3, build_tokenizer_files
+
+    folder = str(tmp_path_factory.mktemp("think-tokenizer"))
+    build_tokenizer_files(folder, TINY_DEEPSEEK_V3["vocab_size"],
+                          [*SPECIAL_TOKENS, "<think>", "</think>"])
+    llm = LLM(tokenizer=folder)
+    tok = llm.engine.tokenizer
+    tok.chat_template = THINK_TEMPLATE
+    engine = AsyncEngine(llm.engine)
+
+    def app(reasoning: str | None):
+        return build_app(ServerState(engine, "m", None, ServerMetrics("m"),
+                                     reasoning_parser=reasoning))
+
+    try:
+        yield {"deepseek_r1": app("deepseek_r1"), "qwen3": app("qwen3"), "plain": app(None),
+               "tokenizer": tok}
+    finally:
+        engine.shutdown()
+
+
+def thinking_chat(app, tok, **body):
+    """The model pushed to write "aa" and then </think> (logit_bias, and bad_words banning a
+    third "a"), and an ANSWER after it under the grammar, which forbids both: (the unstreamed
+    response, the streamed one added up)."""
+    a, end = tok.encode("a", add_special_tokens=False)[0], tok.convert_tokens_to_ids("</think>")
+    extra = body.pop("extra_body", {})
+    so = {} if "tools" in body else {
+        "structured_outputs": {"json": ANSWER, "disable_any_whitespace": True}}
+    return chat(app, None, **{"logit_bias": {str(a): 100, str(end): 90}, "max_tokens": 60,
+                            **body, "extra_body": {"bad_words": ["aaa"], **so, **extra}})
+
+
+def test_structured_output_starts_after_the_reasoning(thinking):
+    """With a reasoning parser the grammar waits for </think>: the reasoning holds text the
+    grammar forbids, the content parses as the schema. Without the parser the grammar applies
+    from the first token (as it always did): no "aa", the JSON alone."""
+    import json
+
+    import jsonschema
+
+    assert marker_token_ids(PARSERS["deepseek_r1"], thinking["tokenizer"]) == (4, 5)
+    for parser in ("deepseek_r1", "qwen3"):
+        plain, streamed = thinking_chat(thinking[parser], thinking["tokenizer"])
+        reasoning, content, calls, finish = message_of(plain)
+        assert (reasoning, calls, finish) == ("aa", [], "stop"), parser
+        jsonschema.validate(json.loads(content), ANSWER)
+        assert streamed == (reasoning, content, [], "stop")
+    plain, _ = thinking_chat(thinking["plain"], thinking["tokenizer"])
+    assert plain.choices[0].message.content == content  # the same answer, from token one
+    # max_tokens inside the reasoning: no answer
+    plain, streamed = thinking_chat(thinking["deepseek_r1"], thinking["tokenizer"], max_tokens=2)
+    assert message_of(plain) == ("aa", None, [], "length") == streamed
+
+
+def test_a_prompt_that_closed_the_reasoning_is_constrained_from_the_first_token(thinking):
+    """enable_thinking false: the template closes an empty reasoning in the prompt. deepseek_r1
+    (which always thinks) reads that from the prompt, qwen3 from the flag: the grammar applies
+    from the first token, all of the answer is content."""
+    import json
+
+    import jsonschema
+
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for parser in ("deepseek_r1", "qwen3"):
+        plain, streamed = thinking_chat(thinking[parser], thinking["tokenizer"], extra_body=off)
+        reasoning, content, calls, finish = message_of(plain)
+        assert (reasoning, calls, finish) == (None, [], "stop"), parser
+        jsonschema.validate(json.loads(content), ANSWER)
+        assert streamed == (None, content, [], "stop")
+
+
+def test_tool_choice_named_calls_after_the_reasoning(thinking):
+    """A named function goes through structured output: the call comes after the reasoning."""
+    import json
+
+    tools = [{"type": "function", "function": {"name": "answer", "parameters": ANSWER}}]
+    tok = thinking["tokenizer"]
+    compact = [i for i in range(len(tok)) if not any(ch.isspace() for ch in tok.decode([i]))]
+    plain, streamed = thinking_chat(
+        thinking["deepseek_r1"], tok, tools=tools, extra_body={"allowed_token_ids": compact},
+        tool_choice={"type": "function", "function": {"name": "answer"}})
+    reasoning, content, calls, finish = message_of(plain)
+    assert (reasoning, content, finish) == ("aa", None, "tool_calls")
+    [(name, arguments)] = calls
+    assert name == "answer" and set(json.loads(arguments)) == {"ok", "n"}
+    assert streamed == (reasoning, content, calls, finish)

@@ -135,11 +135,71 @@ def test_bad_words_never_appear(llm):
     assert 429 in free.outputs[0].token_ids and 429 not in banned.outputs[0].token_ids
 
 
+def reasoning_end_at(free: list[int], k: int) -> int:
+    """The greedy output's token k as the end of a reasoning: its first occurrence there."""
+    assert free[k] not in free[:k], free
+    return free[k]
+
+
+def test_grammar_waits_for_the_end_of_the_reasoning(llm):
+    """reasoning_end_token_ids (what the server sets from its reasoning parser): no mask and
+    no matcher step until one of them is sampled, the end token included; the tokens after it
+    follow the grammar. The greedy output's first tokens are ones the grammar forbids, so they
+    come out only while the grammar waits; without the field it applies from the first token.
+    The end sampled first, or max_tokens hit before it, work too."""
+    tok = llm.get_tokenizer()
+    free = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    free = [o.outputs[0].token_ids for o in free]
+    choice = SO(choice=CHOICE)
+    cases = [(free[0], 3), (free[1], 3), (free[0], 0)]
+    params = [SamplingParams(temperature=0, max_tokens=30, structured_outputs=choice,
+                             reasoning_end_token_ids=[reasoning_end_at(ids, k)])
+              for ids, k in cases]
+    params += [SamplingParams(temperature=0, max_tokens=30, structured_outputs=choice),
+               SamplingParams(temperature=0, max_tokens=3, structured_outputs=choice,
+                              reasoning_end_token_ids=[reasoning_end_at(free[0], 4)])]
+    outs = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[0]], params,
+                        use_tqdm=False)
+    outs = [o.outputs[0] for o in outs]
+    for (ids, k), out in zip(cases, outs):
+        assert out.token_ids[:k + 1] == ids[:k + 1], out.token_ids  # unconstrained
+        assert tok.decode(out.token_ids[k + 1:]) in CHOICE and out.finish_reason == "stop"
+    # without it: constrained from the first token, which the free output's first is not
+    plain = outs[3]
+    assert plain.text in CHOICE and plain.token_ids[0] != free[0][0]
+    # max_tokens inside the reasoning: cut there, the grammar never started
+    assert outs[4].token_ids == free[0][:3] and outs[4].finish_reason == "length"
+
+
+def test_a_preempted_sequence_keeps_its_reasoning_state(llm):
+    """A KV pool too small for the batch preempts and recomputes sequences mid-reasoning and
+    mid-answer: the same tokens as the roomy engine, each answer valid."""
+    prompts = PROMPTS + ["Tell me a story", "a b a b a b a b a b", "What is the capital"]
+    free = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    free = [o.outputs[0].token_ids for o in free]
+    params = [SamplingParams(temperature=0, max_tokens=30, structured_outputs=SO(choice=CHOICE),
+                             reasoning_end_token_ids=[reasoning_end_at(ids, 5)])
+              for ids in free]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    small = LLM(block_size=4, num_kv_blocks=12, max_model_len=48, max_num_batched_tokens=16)
+    try:
+        got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
+        assert small.engine.core.stats()[0].num_preemptions > 0, "meant to force preemption"
+    finally:
+        small.shutdown()
+    assert got == want
+    tok = llm.get_tokenizer()
+    assert all(ids[:6] == f[:6] and tok.decode(ids[6:]) in CHOICE for ids, f in zip(got, free))
+
+
 def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
     bad = [(dict(structured_outputs=SO(json={"type": "foo"})), "structured_outputs"),
            (dict(structured_outputs=SO(regex="[a-")), "structured_outputs"),
            (dict(structured_outputs=SO(grammar="start: nowhere")), "structured_outputs"),
            (dict(allowed_token_ids=[10**6]), "allowed_token_ids"),
+           (dict(reasoning_end_token_ids=[512]), "reasoning_end_token_ids"),
            (dict(bad_words=[str(i) for i in range(200)]), "bad_words")]  # over 128 sequences
     for fields, param in bad:
         with pytest.raises(ParamError) as err:
@@ -148,6 +208,7 @@ def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
     for fields in (dict(structured_outputs=SO(regex="a", choice=["b"])),
                    dict(structured_outputs={"json": SCHEMA, "nope": 1}),
                    dict(structured_outputs=SO(choice=[])), dict(allowed_token_ids=[]),
+                   dict(reasoning_end_token_ids=[]), dict(reasoning_end_token_ids=[-1]),
                    dict(structured_outputs=SO(json={"enum": {1, 2}})),
                    dict(bad_words=[" "])):
         with pytest.raises(ParamError) as err:
@@ -164,7 +225,8 @@ def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
 
 def test_params_cross_msgpack_as_plain_data():
     p = SamplingParams(structured_outputs=SO(json=SCHEMA), allowed_token_ids=[1, 2],
-                       bad_words=["ab"], bad_words_token_ids=[[101, 102]])
+                       bad_words=["ab"], bad_words_token_ids=[[101, 102]],
+                       reasoning_end_token_ids=[5])
     wire = msgpack.unpackb(msgpack.packb(p.to_dict()), strict_map_key=False)
     assert SamplingParams.from_dict(wire) == p
 
