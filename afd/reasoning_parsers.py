@@ -81,7 +81,8 @@ class ReasoningStream:
     ``mode``: "open": the prompt opened the reasoning (text is reasoning until ``</think>``);
     "tag": reasoning only if the output itself starts with ``<think>`` (a structured-output
     grammar that could not wait for ``</think>`` constrains the output from its first token,
-    so the template's open ``<think>`` is not taken as read); "off": the request does not think, all of it is content."""
+    so the template's open ``<think>`` is not taken as read); "off": the request does not
+    think, all of it is content."""
 
     def __init__(self, fmt: ReasoningFormat, mode: Mode):
         self.fmt, self.mode = fmt, mode

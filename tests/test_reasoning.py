@@ -370,6 +370,8 @@ def test_a_prompt_that_closed_the_reasoning_is_constrained_from_the_first_token(
     import jsonschema
 
     off = {"chat_template_kwargs": {"enable_thinking": False}}
+    plain, _ = thinking_chat(thinking["deepseek_r1"], thinking["tokenizer"])  # thinking on
+    assert plain.choices[0].message.reasoning == "aa"
     for parser in ("deepseek_r1", "qwen3"):
         plain, streamed = thinking_chat(thinking[parser], thinking["tokenizer"], extra_body=off)
         reasoning, content, calls, finish = message_of(plain)
