@@ -361,6 +361,31 @@ def test_structured_output_starts_after_the_reasoning(thinking):
     assert message_of(plain) == ("aa", None, [], "length") == streamed
 
 
+def test_responses_text_format_starts_after_the_reasoning(thinking):
+    """/v1/responses takes the chat path's rule: with a reasoning parser its text.format grammar
+    waits for </think>, so a reasoning item holds the free "aa" and the message the schema."""
+    import json
+
+    import jsonschema
+
+    tok = thinking["tokenizer"]
+    a, end = tok.encode("a", add_special_tokens=False)[0], tok.convert_tokens_to_ids("</think>")
+    body = {"model": "m", "input": ASK, "temperature": 0, "max_output_tokens": 60,
+            "text": {"format": {"type": "json_schema", "name": "answer", "schema": ANSWER}},
+            "extra_body": {"logit_bias": {str(a): 100, str(end): 90}, "bad_words": ["aaa"],
+                           "allowed_token_ids": [i for i in range(len(tok))
+                                                 if not tok.decode([i]).isspace()]}}
+
+    async def create(c, _):
+        return await c.responses.create(**body)
+
+    r = call_app(thinking["deepseek_r1"], create)
+    [reasoning, message] = r.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "aa"
+    assert message.type == "message" and r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), ANSWER)
+
+
 def test_a_prompt_that_closed_the_reasoning_is_constrained_from_the_first_token(thinking):
     """enable_thinking false: the template closes an empty reasoning in the prompt. deepseek_r1
     (which always thinks) reads that from the prompt, qwen3 from the flag: the grammar applies
