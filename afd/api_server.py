@@ -322,6 +322,7 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
         params = body.sampling_params(max_tokens, engine.engine.default_sampling,
                                       reasoning_end)
         checked = [engine.check_request(p, params, body.priority) for p in prompts]
+        engine.engine.check_cache_salt(body.cache_salt)
     except ValueError as exc:
         param = getattr(exc, "param", None)
         message = str(exc)
@@ -338,7 +339,8 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
             raise APIError(400, f"{max_tokens_field}={max_tokens} plus the prompt's {len(ids)} "
                            f"tokens exceeds the context length {max_len}",
                            param=max_tokens_field)
-    return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text},
+    return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text,
+                                                    "cache_salt": body.cache_salt},
                                     params, body.priority)
                     for i, (text, ids) in enumerate(checked)]
 

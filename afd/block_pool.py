@@ -8,9 +8,12 @@ by a chained hash, and can be handed to a later sequence whose tokens start the 
 
 Keys: block ``b`` of a sequence has the content ``key(b - 1) + tokens[b * size:(b + 1) * size]``
 (token ids as little-endian int64) and the key ``sha256(content)``, so a key names the whole
-prefix up to and including its block. The pool keeps each cached block's content and compares it
-on every hit: a hit's own tokens and its parent's key are proven equal, not only hashed equal
-(the parents further up are matched the same way, one block at a time, from the first).
+prefix up to and including its block. The first block's parent is the sequence's root key:
+``b""``, or with a ``cache_salt`` (vLLM's per-tenant isolation) one derived from the salt, so
+two salts never share a block, and neither shares with no salt (``BlockKeys``). The pool keeps
+each cached block's content and compares it on every hit: a hit's own tokens and its parent's
+key are proven equal, not only hashed equal (the parents further up are matched the same way,
+one block at a time, from the first).
 """
 
 from __future__ import annotations
@@ -26,8 +29,31 @@ def block_content(parent_key: bytes, tokens: Sequence[int]) -> bytes:
     return parent_key + struct.pack(f"<{len(tokens)}q", *tokens)
 
 
+def salt_root(cache_salt: str | None) -> bytes:
+    """The parent key of a sequence's first block. Without a salt ``b""`` (keys as they were
+    before salts). With one, a marker byte and the salt's SHA-256: 33 bytes, so a salted first
+    block's content (33 + 8n bytes) can never equal an unsalted block's (8n, or 32 + 8n for a
+    block with a parent), whatever the tokens."""
+    if cache_salt is None:
+        return b""
+    return b"s" + hashlib.sha256(cache_salt.encode()).digest()
+
+
+class BlockKeys(list):
+    """The chained keys of one token sequence's full blocks, key ``b`` at index ``b`` (grown by
+    ``extend_block_keys``), and ``root``, the parent of the first (``salt_root``)."""
+
+    def __init__(self, cache_salt: str | None = None):
+        super().__init__()
+        self.root = salt_root(cache_salt)
+
+    def parent(self, b: int) -> bytes:
+        """Block ``b``'s parent key: what its content starts with."""
+        return self[b - 1] if b else self.root
+
+
 def proven_run(by_key: dict[bytes, int], contents: list[bytes | None],
-               token_ids: Sequence[int], keys: list[bytes], start: int, stop: int,
+               token_ids: Sequence[int], keys: BlockKeys, start: int, stop: int,
                size: int) -> list[int]:
     """Where full blocks ``start``, ``start + 1``, ... (before ``stop``) of ``token_ids`` are
     stored: ``by_key`` maps a block key to a place, ``contents[place]`` what was hashed there.
@@ -37,7 +63,7 @@ def proven_run(by_key: dict[bytes, int], contents: list[bytes | None],
     for b in range(start, min(stop, len(keys))):
         place = by_key.get(keys[b])
         if place is None or contents[place] != block_content(
-                keys[b - 1] if b else b"", token_ids[b * size:(b + 1) * size]):
+                keys.parent(b), token_ids[b * size:(b + 1) * size]):
             break
         places.append(place)
     return places
@@ -47,13 +73,14 @@ def block_key(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()
 
 
-def extend_block_keys(keys: list[bytes], token_ids: Sequence[int], block_size: int,
+def extend_block_keys(keys: BlockKeys, token_ids: Sequence[int], block_size: int,
                       num_blocks: int) -> None:
     """Append the keys of full blocks ``len(keys) .. num_blocks - 1`` of ``token_ids`` to
-    ``keys`` (a sequence keeps its list: tokens are only ever appended, so keys never change)."""
+    ``keys`` (a sequence keeps its list: tokens are only ever appended, so keys never change).
+    Every block key in afd (the ranks' pools, their host tiers, the router) is made here."""
     for b in range(len(keys), num_blocks):
         tokens = token_ids[b * block_size:(b + 1) * block_size]
-        keys.append(block_key(block_content(keys[b - 1] if b else b"", tokens)))
+        keys.append(block_key(block_content(keys.parent(b), tokens)))
 
 
 class BlockPool:
@@ -150,7 +177,7 @@ class BlockPool:
                     self._evictable[block] = None
 
     # ---- the prefix cache -------------------------------------------------------------------
-    def cached_prefix(self, token_ids: Sequence[int], keys: list[bytes],
+    def cached_prefix(self, token_ids: Sequence[int], keys: BlockKeys,
                       max_blocks: int) -> list[int]:
         """The blocks holding the longest run of ``token_ids``' first full blocks, at most
         ``max_blocks`` (``keys``: those blocks' keys, see extend_block_keys). Owns nothing:

@@ -128,7 +128,12 @@ class LLMEngine:
 
     # ---- input ----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
-        """A str, or {"prompt_token_ids": [...]} (optionally with "prompt"), -> (text, ids)."""
+        """A str, {"prompt_token_ids": [...]} (optionally with "prompt"), or {"prompt": str}
+        (vLLM's TextPrompt), -> (text, ids). A dict may also carry "cache_salt"
+        (``prompt_cache_salt``)."""
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(
+                prompt.get("prompt"), str):
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if not prompt:
                 raise ParamError("prompt", "prompt must be a non-empty string or token id list, "
@@ -140,8 +145,23 @@ class LLMEngine:
                     isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ParamError("prompt", "prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
-        raise ParamError("prompt", "prompt must be a str or a dict with 'prompt_token_ids', "
-                         f"got {type(prompt).__name__}")
+        raise ParamError("prompt", "prompt must be a str or a dict with 'prompt_token_ids' or "
+                         f"'prompt', got {type(prompt).__name__}")
+
+    @staticmethod
+    def check_cache_salt(salt: Any) -> str | None:
+        """A request's ``cache_salt`` (vLLM's): None, or a non-empty string that keeps its
+        cached KV blocks apart from every other salt's (afd.block_pool.salt_root).
+        ParamError("cache_salt") otherwise."""
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ParamError("cache_salt", f"cache_salt must be a non-empty string if given, "
+                             f"got {salt!r:.80}")
+        return salt
+
+    def prompt_cache_salt(self, prompt: Any) -> str | None:
+        """A dict prompt's "cache_salt" (``check_cache_salt``); None for a str prompt."""
+        return self.check_cache_salt(prompt.get("cache_salt") if isinstance(prompt, dict)
+                                     else None)
 
     def prepare_prompt(self, prompt: Any, params: SamplingParams
                        ) -> tuple[str | None, list[int]]:
@@ -220,6 +240,7 @@ class LLMEngine:
         params = params or self.default_params()
         params.validate()
         self.check_priority(priority)
+        cache_salt = self.prompt_cache_salt(prompt)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         # A request's completions run under ids derived from it ("a" with n=2: "a#0", "a#1"),
@@ -253,7 +274,7 @@ class LLMEngine:
                                           else None})
             cid = _child_id(request_id, i, params.n)
             children.append((cid, comp, CoreRequest(cid, ids, child, self.eos_token_ids, arrival,
-                                                    priority)))
+                                                    priority, cache_salt)))
         added: list[str] = []
         try:  # all children or none: a failure here must not leave one running, holding KV
             for cid, comp, core_req in children:

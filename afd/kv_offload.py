@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from afd.block_pool import proven_run
+from afd.block_pool import BlockKeys, proven_run
 
 
 def host_block_bytes(kv_caches: list[torch.Tensor], block_dim: int) -> int:
@@ -84,7 +84,7 @@ class HostKVTier:
         self._offloads.append((block, slot))
         self._busy.add(slot)
 
-    def match(self, token_ids: Sequence[int], keys: list[bytes], start: int,
+    def match(self, token_ids: Sequence[int], keys: BlockKeys, start: int,
               max_blocks: int) -> list[int]:
         """Slots holding full blocks ``start``, ``start + 1``, ... of ``token_ids`` (at most up
         to ``max_blocks``), each proven by its stored tokens and parent key; touched (most

@@ -275,11 +275,11 @@ class MultiRankClient:
         wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(
             replace(req, request_id=wire_id))})
         if self.layout.prefill:
-            rank = self.router.pick_prefill(req.prompt_token_ids)
+            rank = self.router.pick_prefill(req.prompt_token_ids, req.cache_salt)
             self.router.prefill[rank].in_flight += 1
             placed = _Placed(req, "prefill", wire_id, prefill=rank)
         else:
-            rank = self.router.pick_attention(req.prompt_token_ids)
+            rank = self.router.pick_attention(req.prompt_token_ids, req.cache_salt)
             self.router.attention[rank].in_flight += 1
             placed = _Placed(req, "decode", wire_id, decode=rank)
         self.placed[req.request_id] = placed

@@ -176,6 +176,9 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
+        A prompt is a str, ``{"prompt_token_ids": [...]}`` or ``{"prompt": str}``; a dict may
+        carry ``"cache_salt"`` (vLLM's: its cached KV is shared only with the same salt).
+
         ``priority``: one integer per prompt (vLLM's; lower is served first), only with
         ``scheduling_policy="priority"``; None: all 0.
         Every prompt is validated before any is queued: a bad one raises ValueError and leaves
@@ -203,9 +206,10 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
             p.validate()
+            salt = engine.prompt_cache_salt(prompt)
             text, ids = engine.prepare_prompt(prompt, p)
             engine.validate(ids, p)
-            tokenized.append({"prompt": text, "prompt_token_ids": ids})
+            tokenized.append({"prompt": text, "prompt_token_ids": ids, "cache_salt": salt})
         order = {}
         try:
             for prompt, p, rank in zip(tokenized, params, priority):

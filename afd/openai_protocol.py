@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
@@ -79,6 +79,8 @@ class _SamplingFields(BaseModel):
     prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
     priority: StrictInt = 0  # vLLM's: lower is served first (--scheduling-policy priority)
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the last k prompt tokens
+    # vLLM's: a tenant's prefix-cache salt (non-empty); other salts never hit its cached blocks
+    cache_salt: StrictStr | None = None
 
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)

@@ -31,12 +31,13 @@ def unpack(data: bytes) -> dict[str, Any]:
 def request_to_wire(req: CoreRequest) -> dict[str, Any]:
     return {"id": req.request_id, "prompt": req.prompt_token_ids, "params": req.params.to_dict(),
             "eos": list(req.eos_token_ids), "arrival": req.arrival_time,
-            "priority": req.priority}
+            "priority": req.priority, "salt": req.cache_salt}
 
 
 def request_from_wire(d: dict[str, Any]) -> CoreRequest:
     return CoreRequest(d["id"], list(d["prompt"]), SamplingParams.from_dict(d["params"]),
-                       tuple(d["eos"]), float(d["arrival"]), int(d.get("priority", 0)))
+                       tuple(d["eos"]), float(d["arrival"]), int(d.get("priority", 0)),
+                       d.get("salt"))
 
 
 def output_to_wire(out: CoreOutput) -> list[Any]:

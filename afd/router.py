@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from afd.block_pool import extend_block_keys
+from afd.block_pool import BlockKeys, extend_block_keys
 
 # A rank holding a prompt's prefix is passed over when both hold (SGLang's two thresholds):
 # it has more than BALANCE_ABS requests in flight beyond the least loaded rank, and more than
@@ -91,23 +91,27 @@ class RequestRouter:
         self.records = {r: PrefixRecord(capacity) for r in (prefill_ranks or attention_ranks)}
 
     # ---- prompts ----------------------------------------------------------------------------
-    def pick_prefill(self, prompt_token_ids: Sequence[int]) -> int:
+    def pick_prefill(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None
+                     ) -> int:
         """The prefill rank for a prompt (see ``_pick_by_prefix``)."""
-        return self._pick_by_prefix(self.prefill, prompt_token_ids)
+        return self._pick_by_prefix(self.prefill, prompt_token_ids, cache_salt)
 
-    def pick_attention(self, prompt_token_ids: Sequence[int]) -> int:
+    def pick_attention(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None
+                       ) -> int:
         """P=0: the attention rank for a prompt (see ``_pick_by_prefix``)."""
-        return self._pick_by_prefix(self.attention, prompt_token_ids)
+        return self._pick_by_prefix(self.attention, prompt_token_ids, cache_salt)
 
-    def _pick_by_prefix(self, loads: dict[int, RankLoad], prompt: Sequence[int]) -> int:
+    def _pick_by_prefix(self, loads: dict[int, RankLoad], prompt: Sequence[int],
+                        cache_salt: str | None) -> int:
         """The rank that may hold the longest run of the prompt's leading full blocks, among
         those not overloaded (see BALANCE_ABS); ties, and no match anywhere, go to the fewest
-        requests in flight, then the lowest rank. Records the prompt's blocks there."""
+        requests in flight, then the lowest rank. Records the prompt's blocks there. The keys
+        carry ``cache_salt`` as the rank's do: a prompt matches only blocks of its own salt."""
         least = min(loads, key=lambda r: (loads[r].in_flight, r))
         if not self.cache_aware or len(loads) == 1:  # one rank: nothing to choose, no hashing
             return least
         size = self.prompt_block_size
-        keys: list[bytes] = []  # every full block's: the rank caches them all once computed
+        keys = BlockKeys(cache_salt)  # every full block's: the rank caches them all once computed
         extend_block_keys(keys, prompt, size, len(prompt) // size)
         reusable = keys[:(len(prompt) - 1) // size]  # never the last token's (it gives logits)
         low = loads[least].in_flight

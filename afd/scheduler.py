@@ -318,7 +318,7 @@ class Scheduler:
         self.host.restore(slots, blocks)
         size, keys = self.allocator.block_size, seq.block_keys
         for b, block in enumerate(blocks, start):
-            self.allocator.cache_block(block, keys[b], keys[b - 1] if b else b"",
+            self.allocator.cache_block(block, keys[b], keys.parent(b),
                                        seq.token_ids[b * size:(b + 1) * size])
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
@@ -385,6 +385,6 @@ class Scheduler:
         extend_block_keys(seq.block_keys, seq.token_ids, size, full)
         for b in range(seq.num_cached_blocks, full):
             self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
-                                       seq.block_keys[b - 1] if b else b"",
+                                       seq.block_keys.parent(b),
                                        seq.token_ids[b * size:(b + 1) * size])
         seq.num_cached_blocks = full

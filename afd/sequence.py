@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afd.block_pool import BlockKeys
 from afd.outputs import RequestMetrics
 from afd.penalties import PenaltyState
 from afd.sampler import PromptLogprobs
@@ -32,6 +33,9 @@ class CoreRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     # scheduling_policy "priority": lower values are served first (vLLM's); 0 under "fcfs"
     priority: int = 0
+    # vLLM's per-tenant prefix-cache isolation: mixed into the first block's key (so into every
+    # key after it): requests with different salts never share cached blocks
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Sequence:
         # how many leading blocks of block_ids are in the cache already, and whether this
         # sequence's KV may be cached at all (not KV received from another rank, which this
         # rank did not compute)
-        self.block_keys: list[bytes] = []
+        self.block_keys = BlockKeys(req.cache_salt)
         self.num_cached_blocks = 0
         self.cacheable = True
         self.num_cached_tokens: int | None = None  # prompt tokens the first admission reused

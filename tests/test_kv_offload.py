@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
-from afd.block_pool import block_content, extend_block_keys
+from afd.block_pool import BlockKeys, block_content, extend_block_keys
 from afd.core import PrefixCacheStats
 from afd.kv_offload import HostKVTier
 from ckpt_utils import build_hf_model, save_checkpoint
@@ -20,17 +20,18 @@ from ckpt_utils import build_hf_model, save_checkpoint
 # ---- the tier's bookkeeping ----------------------------------------------------------------
 
 
-def keys_of(tokens: list[int], size: int) -> list[bytes]:
-    keys: list[bytes] = []
+def keys_of(tokens: list[int], size: int, cache_salt: str | None = None) -> BlockKeys:
+    keys = BlockKeys(cache_salt)
     extend_block_keys(keys, tokens, size, len(tokens) // size)
     return keys
 
 
-def offer(tier: HostKVTier, tokens: list[int], block: int = 0) -> list[bytes]:
+def offer(tier: HostKVTier, tokens: list[int], block: int = 0,
+          cache_salt: str | None = None) -> BlockKeys:
     """Evict every full block of ``tokens`` into ``tier`` (as the pool would, in order)."""
-    keys, size = keys_of(tokens, tier.block_size), tier.block_size
+    keys, size = keys_of(tokens, tier.block_size, cache_salt), tier.block_size
     for b, key in enumerate(keys):
-        tier.evicted(block + b, key, block_content(keys[b - 1] if b else b"",
+        tier.evicted(block + b, key, block_content(keys.parent(b),
                                                    tokens[b * size:(b + 1) * size]))
     return keys
 
@@ -51,6 +52,19 @@ def test_tier_is_bounded_least_recently_used_first_and_verified():
     assert tier.match([5, 9, 7, 8], kb, 0, 2) == []
     tier.reset()
     assert tier.num_cached == 0 and tier.match(b, kb, 0, 2) == []
+
+
+def test_tier_is_keyed_by_cache_salt():
+    """Blocks offloaded under one salt come back only under it (the tier keeps the pool's
+    keys, and its stored content carries the salt too)."""
+    tier = HostKVTier(4, 2)
+    a = [1, 2, 3, 4]
+    ka = offer(tier, a, cache_salt="t1")
+    tier.flush([])
+    assert tier.match(a, ka, 0, 2) == [0, 1]
+    assert tier.match(a, keys_of(a, 2, "t1"), 0, 2) == [0, 1]
+    assert tier.match(a, keys_of(a, 2, "t2"), 0, 2) == []
+    assert tier.match(a, keys_of(a, 2), 0, 2) == []
 
 
 def test_slots_with_pending_copies_are_not_evicted():

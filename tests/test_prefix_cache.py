@@ -10,7 +10,7 @@ import pytest
 
 import afd.block_pool as block_pool
 from afd import LLM, SamplingParams
-from afd.block_pool import BlockPool, extend_block_keys
+from afd.block_pool import BlockKeys, BlockPool, extend_block_keys
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreRequest, Sequence
 from ckpt_utils import build_hf_model, save_checkpoint
@@ -18,16 +18,17 @@ from ckpt_utils import build_hf_model, save_checkpoint
 # ---- the pool ------------------------------------------------------------------------------
 
 
-def keys_of(tokens: list[int], size: int) -> list[bytes]:
-    keys: list[bytes] = []
+def keys_of(tokens: list[int], size: int, cache_salt: str | None = None) -> BlockKeys:
+    keys = BlockKeys(cache_salt)
     extend_block_keys(keys, tokens, size, len(tokens) // size)
     return keys
 
 
-def cache_all(pool: BlockPool, blocks: list[int], tokens: list[int]) -> None:
-    keys, size = keys_of(tokens, pool.block_size), pool.block_size
+def cache_all(pool: BlockPool, blocks: list[int], tokens: list[int],
+              cache_salt: str | None = None) -> None:
+    keys, size = keys_of(tokens, pool.block_size, cache_salt), pool.block_size
     for b, block in enumerate(blocks[:len(keys)]):
-        pool.cache_block(block, keys[b], keys[b - 1] if b else b"",
+        pool.cache_block(block, keys[b], keys.parent(b),
                          tokens[b * size:(b + 1) * size])
 
 
@@ -74,6 +75,36 @@ def test_a_key_collision_is_not_a_hit(monkeypatch):
     cache_all(pool, block, [5, 6])
     assert pool.cached_prefix([5, 6, 7], keys_of([5, 6, 7], 2), 1) == block
     assert pool.cached_prefix([5, 7, 7], keys_of([5, 7, 7], 2), 1) == []
+
+
+def test_a_cache_salt_keys_the_first_block_and_so_every_block(monkeypatch):
+    """A prefix cached under one salt is a hit only under that salt: not under another, not
+    without one (nor is an unsalted prefix a hit with a salt). Without a salt the keys are
+    the ones before salts existed: sha256 over the token ids, chained."""
+    import hashlib
+    import struct
+
+    tokens = list(range(10, 22))  # three blocks of 4
+    unsalted = keys_of(tokens, 4)
+    first = hashlib.sha256(struct.pack("<4q", *tokens[:4])).digest()
+    assert unsalted[0] == first
+    assert unsalted[1] == hashlib.sha256(first + struct.pack("<4q", *tokens[4:8])).digest()
+    salted = keys_of(tokens, 4, "tenant-a")
+    assert not set(salted) & set(unsalted) and not set(salted) & set(keys_of(tokens, 4, "b"))
+    pool = BlockPool(8, 4)
+    blocks = pool.allocate(3)
+    cache_all(pool, blocks, tokens, "tenant-a")
+    pool.free(blocks)
+    assert pool.cached_prefix(tokens, keys_of(tokens, 4, "tenant-a"), 3) == blocks
+    assert pool.cached_prefix(tokens, keys_of(tokens, 4, "tenant-b"), 3) == []
+    assert pool.cached_prefix(tokens, keys_of(tokens, 4), 3) == []
+    # even if every key collided, a salted block's stored content tells it apart
+    monkeypatch.setattr(block_pool, "block_key", lambda content: b"same")
+    pool = BlockPool(4, 2)
+    block = pool.allocate(1)
+    cache_all(pool, block, [5, 6])
+    assert pool.cached_prefix([5, 6, 7], keys_of([5, 6, 7], 2), 1) == block
+    assert pool.cached_prefix([5, 6, 7], keys_of([5, 6, 7], 2, "x"), 1) == []
 
 
 def test_eviction_is_least_recently_used_tail_first():
@@ -444,6 +475,62 @@ def test_running_sequences_blocks_are_cached_again_after_a_reset(on):
     again = on.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
     assert again.num_cached_tokens == 32
     assert no_leak(on)
+
+
+def salted(prompts: list[list[int]], salt: str | None) -> list[dict]:
+    return [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts]
+
+
+def test_cache_salt_isolates_tenants(on, off, reference):
+    """The same prompt under another salt (or none) finds nothing cached; under the same salt
+    it hits as any prompt does. Tokens are those of caching off either way."""
+    prompt = make_prompts()[:1]  # 87 tokens: 80 reusable
+    before = on.engine.core.prefix_cache_stats().hits
+    cached = []
+    for salt in ["a", "b", None, "a", "b", None]:
+        out = on.generate(salted(prompt, salt), GREEDY, use_tqdm=False)[0]
+        assert tokens([out]) == reference[:1]
+        cached.append(out.num_cached_tokens)
+    assert cached == [0, 0, 0, 80, 80, 80]
+    assert on.engine.core.prefix_cache_stats().hits - before == 240
+    # a text prompt takes a salt too (vLLM's {"prompt": ..., "cache_salt": ...})
+    text = {"prompt": "word " * 40}
+    outs = [on.generate({**text, "cache_salt": s}, GREEDY, use_tqdm=False)[0]
+            for s in ("t", "u", "t")]
+    reusable = (len(outs[0].prompt_token_ids) - 1) // 16 * 16
+    assert reusable > 0 and [o.num_cached_tokens for o in outs] == [0, 0, reusable]
+    assert no_leak(on)
+
+
+@pytest.mark.parametrize("salt", ["", 7, ["a"]])
+def test_bad_cache_salt_is_named_and_queues_nothing(on, salt):
+    prompts = as_input(make_prompts()[:1]) + salted(make_prompts()[1:2], salt)
+    with pytest.raises(ValueError, match="cache_salt"):
+        on.generate(prompts, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="cache_salt"):
+        on.engine.add_request("x", prompts[1], GREEDY)
+    assert no_leak(on) and not on.engine.requests
+
+
+def test_two_attention_ranks_keep_salts_apart(path, off):
+    """The salt crosses the wire to the attention ranks and into the router: a salted prefix
+    is routed back to the rank that cached it under that salt, and another salt misses."""
+    rng = random.Random(3)
+    a = [rng.randrange(2, 512) for _ in range(48)]  # 3 blocks
+    other = [rng.randrange(2, 512) for _ in range(20)]
+    prompts = [a + [5] * 9, other, a + [6] * 9, a + [7] * 9]
+    expected = tokens(off.generate(as_input(prompts), GREEDY, use_tqdm=False))
+    llm = LLM(path, attention=2, timeout_s=30)
+    try:
+        outs = llm.generate(salted(prompts[:1], "t1"), GREEDY, use_tqdm=False)  # rank 0
+        # by load the salted prompt would go to idle rank 1; its salt's record sends it to 0
+        outs += llm.generate(salted(prompts[1:3], "t1"), GREEDY, use_tqdm=False)
+        outs += llm.generate(salted(prompts[3:], "t2"), GREEDY, use_tqdm=False)
+        assert tokens(outs) == expected
+        assert [o.num_cached_tokens for o in outs] == [0, 0, 48, 0]
+        assert llm.engine.core.prefix_cache_stats().hits == 48
+    finally:
+        llm.shutdown()
 
 
 def test_two_attention_ranks_send_a_prefix_where_it_is_cached(path, off):

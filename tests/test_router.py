@@ -50,6 +50,27 @@ def test_a_shared_prefix_goes_where_it_went_before():
     assert [place(plain, b + [1]), place(plain, a + [1])] == [0, 1]
 
 
+def test_the_record_is_keyed_by_cache_salt():
+    """A prefix placed under one salt draws only prompts of that salt: another salt (or none)
+    matches nowhere and goes by load, as the rank's own cache would miss it."""
+    rng = random.Random(5)
+    a = draw(rng, 48)
+    router = RequestRouter([], [0, 1], num_blocks=64, block_size=SIZE)
+    assert router.pick_attention(a + [1], "t1") == 0
+    router.attention[0].in_flight += 1
+    assert router.records[0].matched(_keys(router, a, "t1")) == 3
+    assert router.records[0].matched(_keys(router, a)) == 0
+    assert router.records[0].matched(_keys(router, a, "t2")) == 0
+    assert router.pick_attention(a + [2], "t1") == 0  # follows its salt's prefix
+    assert router.pick_attention(a + [3], "t2") == 1  # by load: nothing of t2 anywhere
+    assert router.pick_attention(a + [4]) == 1  # nor unsalted (the least loaded wins)
+    # P/D: the prefill ranks' records likewise
+    pd = RequestRouter([0, 1], [2], num_blocks=64, block_size=SIZE)
+    assert pd.pick_prefill(a + [1], "t1") == 0
+    pd.prefill[0].in_flight += 1
+    assert pd.pick_prefill(a + [2], "t2") == 1 and pd.pick_prefill(a + [3], "t1") == 0
+
+
 def test_different_prefixes_spread_by_load():
     """Six prefixes over three ranks: two each, by load; each again later follows its own."""
     rng = random.Random(1)
@@ -112,10 +133,11 @@ def test_the_record_is_bounded_by_the_ranks_kv_blocks():
     assert router.records[0].matched(_keys(router, first)) == 3
 
 
-def _keys(router: RequestRouter, prompt: list[int]) -> list[bytes]:
-    from afd.block_pool import extend_block_keys
+def _keys(router: RequestRouter, prompt: list[int], cache_salt: str | None = None
+          ) -> list[bytes]:
+    from afd.block_pool import BlockKeys, extend_block_keys
 
-    keys: list[bytes] = []
+    keys = BlockKeys(cache_salt)
     extend_block_keys(keys, prompt, router.prompt_block_size, len(prompt) // SIZE)
     return keys
 

@@ -824,6 +824,33 @@ def test_cached_prompt_tokens_in_usage_and_reset(single):
     assert after.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_cache_salt_keeps_tenants_apart(single):
+    """vLLM's cache_salt: the same prompt under another salt finds nothing cached, under its
+    own it hits; chat takes it too. Empty or non-string: a 400 naming the field."""
+    url = single.url + "/v1"
+    prompt = list(range(60, 100))  # 40 tokens: 32 reusable
+    cached = []
+    for salt in ["s1", "s2", "s1", None]:
+        body = {"prompt": prompt, "max_tokens": 2}
+        if salt is not None:
+            body["cache_salt"] = salt
+        r = httpx.post(f"{url}/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, 32, 0]
+    messages = [{"role": "user", "content": "tell me " * 20}]
+    chat = [httpx.post(f"{url}/chat/completions", timeout=60,
+                       json={"messages": messages, "max_tokens": 2, "cache_salt": s}).json()
+            for s in ("c1", "c2", "c1")]
+    hits = [c["usage"]["prompt_tokens_details"]["cached_tokens"] for c in chat]
+    assert hits[0] == hits[1] == 0 and hits[2] > 0, hits
+    for path, extra in [("/completions", {"prompt": "hi"}), ("/chat/completions",
+                                                            {"messages": messages})]:
+        for bad in ["", 7, ["x"]]:
+            r = httpx.post(f"{url}{path}", json={**extra, "max_tokens": 2, "cache_salt": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
+
+
 def test_tool_call_flags_reach_the_front_end(single):
     """--enable-auto-tool-choice and --tool-call-parser pass through launch/serve.py: a call
     the model writes in hermes' format (forced by a structured-output choice) comes back in

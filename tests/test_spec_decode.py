@@ -294,12 +294,12 @@ def test_drafts_shrink_to_free_blocks_never_preempt():
 def test_drafts_neither_evict_cached_blocks_nor_follow_a_preemption():
     """Drafts take only empty blocks: a cached block nobody holds (a prefix a later prompt may
     reuse) stays cached. And a step that had to preempt adds no drafts."""
-    from afd.block_pool import extend_block_keys
+    from afd.block_pool import BlockKeys, extend_block_keys
 
     pool = BlockPool(num_blocks=3, block_size=4, enable_caching=True)
     a = _decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1)  # 2 blocks: one slot left for drafts
     cached = pool.allocate(1)
-    keys: list[bytes] = []
+    keys = BlockKeys()
     extend_block_keys(keys, [5, 6, 7, 8], 4, 1)
     pool.cache_block(cached[0], keys[0], b"", [5, 6, 7, 8])
     pool.free(cached)
