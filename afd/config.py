@@ -33,9 +33,11 @@ class EngineConfig:
     cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
         place a prompt on the rank that was sent its longest prefix unless that rank is
         overloaded (afd.router); False places by load alone. Needs enable_prefix_caching.
-    quantization: "fp8" when the routed experts of an FP8 checkpoint stay in FP8 on every rank
-        (kernels.fused_moe's w8a8 block path), None when every weight is in ``dtype``. Only the
-        routed experts: attention, dense MLP, shared experts and lm_head are dequantized.
+    quantization: "fp8" when the routed experts are in FP8 on every rank that holds them
+        (kernels.fused_moe's w8a8 block path): an FP8 checkpoint's as stored, a bf16/fp32
+        checkpoint's quantized on load (models.weights). None when every weight is in
+        ``dtype``. Only the routed experts: attention, dense MLP, shared experts and lm_head
+        are in ``dtype``.
     num_speculative_tokens: n-gram draft tokens verified per decoding sequence and step (0: no
         speculative decoding; afd.spec_decode). prompt_lookup_max / prompt_lookup_min: the
         longest and shortest n-gram looked up.
@@ -89,17 +91,21 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
 
     None (the default) follows the checkpoint: an FP8 ``quantization_config`` keeps the experts
     in FP8 where the MoE runs as Triton kernels (CUDA, unless AFD_KERNEL_BACKEND=torch), and
-    dequantizes them elsewhere (the torch path would dequantize them on every call). "fp8" keeps
-    them in FP8 on any device (on CPU, the FP8 torch reference: slow, for tests); "dequantize"
-    dequantizes everything, as before FP8 experts existed.
+    dequantizes them elsewhere (the torch path would dequantize them on every call); a bf16/fp32
+    checkpoint stays as it is. "fp8" keeps them in FP8 on any device (on CPU, the FP8 torch
+    reference: slow, for tests), quantizing a bf16/fp32 checkpoint's on load (vLLM's online
+    FP8, routed experts only); "dequantize" dequantizes everything, as before FP8 experts
+    existed.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "fp8" and model_cfg.fp8 is None:
+        if not model_cfg.num_experts:
+            raise ValueError("quantization='fp8' on a checkpoint without FP8 weights quantizes "
+                             "its routed experts on load, and this model has none: leave "
+                             "quantization unset")
+        return "fp8"
     if quantization == "dequantize" or model_cfg.fp8 is None:
-        if quantization == "fp8":
-            raise ValueError("quantization='fp8' needs an FP8 block-scaled checkpoint "
-                             "(quantization_config with quant_method fp8 in config.json); "
-                             "quantizing a bf16 checkpoint on load is not implemented")
         return None
     if quantization == "fp8" or model_cfg.num_experts == 0:
         return "fp8" if model_cfg.num_experts else None

@@ -136,8 +136,10 @@ class LLM:
     that already ran its longest prefix unless that rank is overloaded (False: by load alone).
     ``quantization``: None follows the checkpoint (an FP8 block-scaled checkpoint's routed experts
     stay in FP8 where the MoE runs as Triton kernels, on CUDA; every other weight, and the
-    experts elsewhere, are dequantized to ``dtype``); "fp8" keeps the experts in FP8 on any
-    device; "dequantize" dequantizes every weight (``afd.config.resolve_quantization``).
+    experts elsewhere, are dequantized to ``dtype``; a bf16 checkpoint loads as it is); "fp8"
+    keeps the experts in FP8 on any device, quantizing a bf16/fp32 checkpoint's on load
+    ([128, 128] blocks); "dequantize" dequantizes every weight
+    (``afd.config.resolve_quantization``).
     ``speculative_config``: n-gram speculative decoding, vLLM's dict (``{"method": "ngram",
     "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``); the
     outputs are those of plain decoding (afd.spec_decode).

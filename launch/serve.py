@@ -108,7 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
-                         "keep them in FP8 on any device; dequantize: every weight in --dtype. "
+                         "keep them in FP8 on any device (a bf16 checkpoint's quantized on "
+                         "load, 128x128 blocks); dequantize: every weight in --dtype. "
                          "Other weights are always dequantized")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])

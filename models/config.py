@@ -149,6 +149,13 @@ class ModelConfig:
         return layer in self.moe_layers
 
     @property
+    def expert_fp8_block(self) -> tuple[int, int]:
+        """[bn, bk] of routed experts kept in FP8: an FP8 checkpoint's ``weight_block_size``,
+        else (experts of a bf16/fp32 checkpoint quantized on load) DeepSeek-V3's [128, 128],
+        so both run the same FP8 kernels with the same tiles."""
+        return (self.fp8 or Fp8Config()).block_size
+
+    @property
     def kv_cache_dim(self) -> int:
         """Values cached per token per layer: MLA latent + rope key, or K and V for all kv heads."""
         if self.attention == "mla":

@@ -50,7 +50,7 @@ class MoEBlock(nn.Module):
                 self.shared_experts = DenseMLP(cfg.hidden_size, width, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
-            block = cfg.fp8.block_size if fp8_experts else None
+            block = cfg.expert_fp8_block if fp8_experts else None
             self.experts = RoutedExperts(cfg, ids, dtype, device, fp8_block=block)
 
 
@@ -102,8 +102,9 @@ def merge_mlp(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor
 class MoEModel(nn.Module):
     """HF-named ``model.*`` and ``lm_head`` for the chosen role.
 
-    ``fp8_experts``: keep the routed experts in FP8 with their block scales (``cfg.fp8`` must be
-    set: an FP8 checkpoint); every other weight is in ``dtype``.
+    ``fp8_experts``: keep the routed experts in FP8 with their block scales (as an FP8
+    checkpoint stores them, or quantized on load from a bf16/fp32 one: ``models.weights``);
+    every other weight is in ``dtype``.
     """
 
     def __init__(self, cfg: ModelConfig, role: str = "full", expert_ids: list[int] | None = None,
@@ -112,9 +113,6 @@ class MoEModel(nn.Module):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if fp8_experts and cfg.fp8 is None:
-            raise ValueError("fp8_experts needs an FP8 checkpoint (quantization_config with "
-                             "quant_method fp8 in config.json)")
         dtype = dtype or cfg.torch_dtype
         device = torch.device(device or "cpu")
         self.cfg, self.role, self.dtype, self.device = cfg, role, dtype, device

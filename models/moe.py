@@ -84,8 +84,9 @@ class RoutedExperts(nn.Module):
     ``expert_ids[s]`` is slot s's logical expert. HF names ``mlp.experts.{e}.{gate,up,down}_proj``
     are mapped onto slots by the loader.
 
-    ``fp8_block`` [bn, bk] (an FP8 checkpoint's ``weight_block_size``, when the experts are kept
-    in FP8): w13 and w2 are float8_e4m3fn as the checkpoint stores them, beside their block
+    ``fp8_block`` [bn, bk] (``ModelConfig.expert_fp8_block``, when the experts are kept in
+    FP8): w13 and w2 are float8_e4m3fn as an FP8 checkpoint stores them (or as the loader
+    quantized a bf16/fp32 checkpoint's, the same layout), beside their block
     scales ``w13_scale`` [S, 2 * ceil(I/bn), ceil(H/bk)] (gate block rows, then up block rows)
     and ``w2_scale`` [S, ceil(H/bn), ceil(I/bk)], fp32 (the checkpoint's ``weight_scale_inv``).
     """

@@ -10,6 +10,12 @@ FP8 block-scaled weights (DeepSeek-V3's release: ``X.weight`` in float8_e4m3fn b
 ``X.weight_scale_inv`` with one fp32 scale per [128, 128] block) are dequantized to the run dtype,
 except the routed experts' of a model built with ``fp8_experts``: those are copied as they are,
 float8 into ``w13``/``w2`` and their scales into ``w13_scale``/``w2_scale``.
+
+A model built with ``fp8_experts`` from a bf16/fp32 checkpoint (no FP8 ``quantization_config``;
+vLLM's online ``quantization="fp8"``) gets the same layout: each routed expert tensor is read,
+moved to the model's device and quantized there to e4m3 with one fp32 scale per
+``ModelConfig.expert_fp8_block`` block (``kernels.fp8.quantize_blocks``) before the next is
+read, so only one expert tensor is ever held in its checkpoint dtype beside the FP8 experts.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from kernels.fp8 import dequantize_blocks
+from kernels.fp8 import dequantize_blocks, quantize_blocks
 from models.model import MoEModel
 
 _EXPERT = re.compile(
@@ -37,11 +43,14 @@ class WeightLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where one checkpoint tensor goes: a parameter, optionally a slot and a row range of it."""
+    """Where one checkpoint tensor goes: a parameter, optionally a slot and a row range of it.
+    ``quantized_scale``: not the tensor but its block scales, the tensor being quantized on load
+    (a bf16/fp32 checkpoint's routed expert kept in FP8)."""
 
     param: str
     slot: int | None = None
     rows: tuple[int, int] | None = None
+    quantized_scale: bool = False
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -79,13 +88,17 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
                 Target(f"{prefix}.w13", slot, (inter, 2 * inter)))
             targets.setdefault(f"{base}.down_proj.weight", []).append(Target(f"{prefix}.w2", slot))
             if experts.fp8_block:  # the block scales too, gate block rows then up block rows
+                # an FP8 checkpoint stores them (weight_scale_inv); else the loader makes them
+                # as it quantizes the weight itself
+                online = model.cfg.fp8 is None
+                suffix = "" if online else _SCALE_SUFFIX
                 rows = -(-inter // experts.fp8_block[0])
-                targets.setdefault(f"{base}.gate_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (0, rows)))
-                targets.setdefault(f"{base}.up_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (rows, 2 * rows)))
-                targets.setdefault(f"{base}.down_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w2_scale", slot))
+                targets.setdefault(f"{base}.gate_proj.weight{suffix}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (0, rows), online))
+                targets.setdefault(f"{base}.up_proj.weight{suffix}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (rows, 2 * rows), online))
+                targets.setdefault(f"{base}.down_proj.weight{suffix}", []).append(
+                    Target(f"{prefix}.w2_scale", slot, None, online))
     return targets
 
 
@@ -152,13 +165,18 @@ def load_weights(model: MoEModel, path: str) -> None:
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             for name in names:
-                if params[table[name][0].param].dtype == torch.float8_e4m3fn:
-                    tensor = _read_fp8(f, name)  # kept as stored, its scale read on its own
-                else:
+                dest, scale = params[table[name][0].param], None
+                if dest.dtype != torch.float8_e4m3fn:
                     tensor = _read(f, name, files, cfg.fp8.block_size if cfg.fp8 else None,
                                    model.dtype)
+                elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
+                    tensor, scale = quantize_blocks(f.get_tensor(name).to(dest.device),
+                                                    cfg.expert_fp8_block)
+                else:
+                    tensor = _read_fp8(f, name)  # kept as stored, its scale read on its own
                 for target in table[name]:
-                    _copy_into(params[target.param], target, tensor, name)
+                    _copy_into(params[target.param], target,
+                               scale if target.quantized_scale else tensor, name)
     model.tie_weights()
 
 
