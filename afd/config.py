@@ -38,9 +38,11 @@ class EngineConfig:
         checkpoint's quantized on load (models.weights). None when every weight is in
         ``dtype``. Only the routed experts: attention, dense MLP, shared experts and lm_head
         are in ``dtype``.
-    num_speculative_tokens: n-gram draft tokens verified per decoding sequence and step (0: no
+    num_speculative_tokens: draft tokens verified per decoding sequence and step (0: no
         speculative decoding; afd.spec_decode). prompt_lookup_max / prompt_lookup_min: the
-        longest and shortest n-gram looked up.
+        longest and shortest n-gram looked up. speculative_method: "ngram", or "mtp" (drafts
+        from the checkpoint's multi-token-prediction layer, which every rank that runs
+        attention or experts then loads, with one more layer of KV cache).
     scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
@@ -66,6 +68,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 0
+    speculative_method: str = "ngram"
     scheduling_policy: str = "fcfs"
 
     @property
@@ -77,7 +80,12 @@ class EngineConfig:
         if not self.num_speculative_tokens:
             return None
         return SpecConfig(self.num_speculative_tokens, self.prompt_lookup_max,
-                          self.prompt_lookup_min)
+                          self.prompt_lookup_min, self.speculative_method)
+
+    @property
+    def mtp(self) -> bool:
+        """Do the models carry the MTP layer (speculative_method "mtp")?"""
+        return bool(self.num_speculative_tokens) and self.speculative_method == "mtp"
 
 
 QUANTIZATIONS = (None, "fp8", "dequantize")
@@ -154,6 +162,9 @@ def resolve_engine_config(
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
                          f"{scheduling_policy!r}")
     spec = parse_speculative_config(speculative_config)
+    mtp = spec is not None and spec.method == "mtp"
+    if mtp:
+        check_mtp_checkpoint(model, model_cfg)
     # a step verifying drafts has 1 + num_speculative_tokens decode rows per sequence
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs * (
         1 + (spec.num_speculative_tokens if spec else 0)))
@@ -176,7 +187,7 @@ def resolve_engine_config(
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, min(max_model_len, 8192))
-    bytes_per_block = (model_cfg.num_layers * block_size * model_cfg.kv_cache_dim
+    bytes_per_block = ((model_cfg.num_layers + mtp) * block_size * model_cfg.kv_cache_dim
                        * torch.empty((), dtype=run_dtype).element_size())
     num_offload_blocks = _offload_blocks(kv_offload_gb, bytes_per_block, enable_prefix_caching)
     if num_kv_blocks is None:
@@ -200,7 +211,27 @@ def resolve_engine_config(
                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
+                        speculative_method=spec.method if spec else "ngram",
                         scheduling_policy=scheduling_policy)
+
+
+def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
+    """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with."""
+    if model_cfg.attention != "mla":
+        raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3 checkpoint "
+                         f"(its multi-token-prediction layer); {path!r} is model_type "
+                         f"{model_cfg.model_type!r}")
+    if model_cfg.num_nextn_predict_layers < 1:
+        raise ValueError(f"speculative_config method 'mtp': {path!r} has no MTP layer "
+                         "(config.json: num_nextn_predict_layers is 0 or absent); use method "
+                         "'ngram' or a checkpoint that ships its MTP weights")
+    from models.weights import checkpoint_files
+
+    name = f"model.layers.{model_cfg.num_layers}.eh_proj.weight"
+    if name not in checkpoint_files(path):
+        raise ValueError(f"speculative_config method 'mtp': config.json of {path!r} says "
+                         f"num_nextn_predict_layers={model_cfg.num_nextn_predict_layers} but "
+                         f"the checkpoint has no MTP weights ({name} is missing)")
 
 
 def _offload_blocks(gb: float, bytes_per_block: int, caching: bool) -> int:

@@ -9,10 +9,13 @@ from models.config import ModelConfig
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: str | torch.device) -> list[torch.Tensor]:
-    """One cache tensor per layer (see models.attention for the layouts)."""
+                       dtype: torch.dtype, device: str | torch.device,
+                       num_layers: int | None = None) -> list[torch.Tensor]:
+    """One cache tensor per layer (see models.attention for the layouts); ``num_layers``:
+    cfg.num_layers unless given (one more with the MTP layer, whose cache is the last)."""
     shape = kv_cache_shape(cfg, num_blocks, block_size)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device)
+            for _ in range(cfg.num_layers if num_layers is None else num_layers)]
 
 
 def kv_block_dim(cfg: ModelConfig) -> int:

@@ -91,15 +91,19 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
         raise ValueError("expert_placement needs ffn >= 1")
     from afd.layouts import check_layout_options
+    from afd.spec_decode import check_layout
 
     check_layout_options(**options)
+    check_layout(engine_cfg.speculative, prefill)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         from models.weights import load_model
 
         model = load_model(engine_cfg.model, "full", dtype=engine_cfg.dtype,
-                           device=engine_cfg.device, fp8_experts=engine_cfg.fp8_experts)
+                           device=engine_cfg.device, fp8_experts=engine_cfg.fp8_experts,
+                           mtp=engine_cfg.mtp)
         return EngineCore(model, engine_cfg)
+
     from afd.layouts import start_multi_rank
 
     return start_multi_rank(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,

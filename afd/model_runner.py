@@ -11,13 +11,50 @@ from afd.config import EngineConfig
 from afd.cuda_graphs import DecodeGraphs, unsupported_reason
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
-from afd.pingpong import run_micro_batches, split_evenly
+from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
 from afd.spec_decode import expand_rows
 from models.batch import ForwardBatch
 from models.model import ExpertPath, LocalExperts, MoEModel
 
 log = logging.getLogger("afd.model_runner")
+
+
+def row_order(seqs: list[ScheduledSeq]) -> tuple[list[bool], list[int]]:
+    """Per sequence (plan order) whether its rows are decode rows, and the sequences in row
+    order: those decoding first, then the prefill chunks, each group in plan order."""
+    decoding = [s.num_new_tokens == 1 or bool(s.draft_token_ids) for s in seqs]
+    return decoding, ([i for i, d in enumerate(decoding) if d]
+                      + [i for i, d in enumerate(decoding) if not d])
+
+
+def mtp_inputs(seqs: list[ScheduledSeq], sampled: list[int]) -> tuple[list[int], list[int]]:
+    """The MTP layer's inputs over the rows ``flatten`` made of ``seqs``: per token (row order)
+    its next token (the next prompt or output token, or the token its row just sampled), and
+    per sampled token (``sampled``: the step's, sampling sequences in plan order, 1 + drafts
+    each) the row whose MTP output drafts after it."""
+    _, order = row_order(seqs)
+    taken, row = {}, 0
+    for i, s in enumerate(seqs):
+        if s.samples:
+            num = 1 + len(s.draft_token_ids)
+            taken[i] = [max(t, 0) for t in sampled[row:row + num]]  # a failed row's is < 0
+            row += num
+    next_ids: list[int] = []
+    first = [0] * len(seqs)
+    for i in order:
+        s = seqs[i]
+        start, n = s.seq.num_computed_tokens, s.num_new_tokens
+        first[i] = len(next_ids)
+        if i in taken:  # the positions before its last token, then its sampling rows
+            next_ids += s.seq.token_ids[start + 1:start + n - len(s.draft_token_ids)] + taken[i]
+        else:  # a chunk that ends before the sequence's last token
+            next_ids += s.seq.token_ids[start + 1:start + n + 1]
+    rows: list[int] = []
+    for i, tokens in taken.items():
+        end = first[i] + seqs[i].num_new_tokens
+        rows += range(end - len(tokens), end)
+    return next_ids, rows
 
 
 def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
@@ -33,9 +70,7 @@ def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     and then its sampling rows (if this step reaches its last token): one, or with drafts one
     per computed position from its last token on.
     """
-    decoding = [s.num_new_tokens == 1 or bool(s.draft_token_ids) for s in seqs]
-    order = ([i for i, d in enumerate(decoding) if d]
-             + [i for i, d in enumerate(decoding) if not d])
+    decoding, order = row_order(seqs)
     ids: list[int] = []
     positions: list[int] = []
     seq_lens: list[int] = []  # per row
@@ -110,17 +145,21 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         self.experts = experts or LocalExperts(model)
         self.collective = experts is not None
+        self.mtp = model.mtp  # the MTP layer (speculative method "mtp"), or None
         graphs = not cfg.enforce_eager and decodes and self._graphs_apply()
         # With CUDA graphs the pool has one more block, the padding rows' scratch block, which
-        # the allocator (cfg.num_kv_blocks) never hands out.
+        # the allocator (cfg.num_kv_blocks) never hands out. The MTP layer's cache is the last.
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
-                                            cfg.block_size, cfg.dtype, self.device)
+                                            cfg.block_size, cfg.dtype, self.device,
+                                            len(model.all_layers()))
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
 
     def _graphs_apply(self) -> bool:
         reason = ("experts on FFN ranks (the all_to_all sizes its messages on the host)"
-                  if self.collective else unsupported_reason(self.model))
+                  if self.collective else
+                  "MTP drafts (the MTP layer runs after each step's sampling, not captured)"
+                  if self.mtp is not None else unsupported_reason(self.model))
         if reason:
             log.warning("enforce_eager=False: decode steps run eagerly here: %s", reason)
         return reason is None
@@ -153,6 +192,8 @@ class ModelRunner:
         graph when one is as large as its rows."""
         if plan.empty and not self.collective:
             return SamplerOutput([], [])
+        if self.mtp is not None:
+            return self._execute_with_mtp(plan, micro_batches)
         if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
             if self.graphs.fits(batch):
@@ -166,8 +207,12 @@ class ModelRunner:
             inputs = [self.prepare(part) for part in parts]
             logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,
                                                  self.experts))
-        logits, prompt_logprobs = self._prompt_logprobs(logits, plan.seqs)
-        sampling = [s for s in plan.seqs if s.samples]
+        return self._sample(logits, plan.seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> SamplerOutput:
+        """The step's samples (and prompt logprobs) from its logits (``prepare``'s rows)."""
+        logits, prompt_logprobs = self._prompt_logprobs(logits, seqs)
+        sampling = [s for s in seqs if s.samples]
         if not sampling:
             return SamplerOutput([], [], prompt_logprobs)
         # one row per sampling sequence, or 1 + drafts for a speculating one (its rows in
@@ -175,6 +220,29 @@ class ModelRunner:
         rows = expand_rows([s.seq for s in sampling], [s.draft_token_ids for s in sampling])
         out = self.sampler.sample(logits, *rows)
         out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _execute_with_mtp(self, plan: SchedulerOutput, micro_batches: int) -> SamplerOutput:
+        """A step, then the MTP layer over its rows (``mtp_inputs``), each micro-batch as the
+        target's; ``draft_tokens``: per sampled token, the MTP argmax after it (the next
+        step's draft if that token is the last one emitted). With FFN ranks the MTP layer's
+        MoE is one more collective round, taken by every rank, an idle one with zero rows."""
+        sizes = [s.num_new_tokens for s in plan.seqs]
+        parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
+        inputs = [self.prepare(part) for part in parts]
+        outs = run_micro_batches(self.model, inputs, self.kv_caches, self.experts,
+                                 keep_hidden=True)
+        out = self._sample(torch.cat([o.logits for o in outs]), plan.seqs)
+        stages, row = [], 0
+        for part, (_, batch, _), target in zip(parts, inputs, outs):
+            num = sum(1 + len(s.draft_token_ids) for s in part if s.samples)
+            next_ids, rows = mtp_inputs(part, out.tokens[row:row + num])
+            row += num
+            dev = torch.tensor(next_ids + rows, dtype=torch.long).to(self.device)
+            stages.append(self.mtp.stages(dev[:len(next_ids)], target.hidden, batch,
+                                          self.kv_caches[self.mtp.index], dev[len(next_ids):]))
+        logits = torch.cat(drive_micro_batches(stages, self.experts))
+        out.draft_tokens = logits.argmax(dim=-1).tolist()
         return out
 
     def _prompt_logprobs(self, logits: torch.Tensor, seqs: list[ScheduledSeq]

@@ -13,19 +13,29 @@ FFN ranks serve in the same order: for each MoE layer, micro-batch 0, 1, ...
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Generator
 
 import torch
 
 from models.batch import ForwardBatch
-from models.model import ExpertPath, MoEModel, StageDriver
+from models.model import ExpertPath, ForwardOut, MoEModel, StageDriver
 
 
 def run_micro_batches(model: MoEModel, inputs: list[tuple[torch.Tensor, ForwardBatch,
                                                           torch.Tensor]],
-                      kv_caches: list[torch.Tensor], experts: ExpertPath) -> list[torch.Tensor]:
-    """inputs: (input_ids, batch, logits_index) per micro-batch. Returns logits per micro-batch."""
-    drivers = [StageDriver(model.forward_stages(ids, batch, kv_caches, index), experts, i)
-               for i, (ids, batch, index) in enumerate(inputs)]
+                      kv_caches: list[torch.Tensor], experts: ExpertPath,
+                      keep_hidden: bool = False) -> list[torch.Tensor | ForwardOut]:
+    """inputs: (input_ids, batch, logits_index) per micro-batch. Returns logits per micro-batch
+    (``keep_hidden``: a ForwardOut each, logits and hidden states, for the MTP layer)."""
+    return drive_micro_batches(
+        [model.forward_stages(ids, batch, kv_caches, index, keep_hidden)
+         for ids, batch, index in inputs], experts)
+
+
+def drive_micro_batches(stages: list[Generator], experts: ExpertPath) -> list:
+    """Ping-pong over one forward generator per micro-batch (the target's layers, or the MTP
+    layer's); returns what each generator returns."""
+    drivers = [StageDriver(g, experts, i) for i, g in enumerate(stages)]
     in_flight = deque()
     for driver in drivers:  # every micro-batch up to its first dispatch
         wait = driver.advance()

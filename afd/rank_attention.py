@@ -34,7 +34,7 @@ class AttentionWorker:
         cfg = spec.engine_cfg
         with_ffn = spec.layout.ffn > 0
         model = load_model(cfg.model, "attention" if with_ffn else "full", dtype=cfg.dtype,
-                           device=device, fp8_experts=cfg.fp8_experts)
+                           device=device, fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
         self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
                           if with_ffn else None)
         local = core_config(spec, device)

@@ -20,8 +20,11 @@ class FFNWorker:
         self.spec, self.groups, self.out = spec, groups, out
         cfg = spec.engine_cfg
         self.model = load_model(cfg.model, "ffn", expert_ids=list(spec.placement.slots[index]),
-                                dtype=cfg.dtype, device=device, fp8_experts=cfg.fp8_experts)
-        self.experts = [layer.mlp.experts for layer in self.model.layers if layer.is_moe]
+                                dtype=cfg.dtype, device=device, fp8_experts=cfg.fp8_experts,
+                                mtp=cfg.mtp)
+        # every MoE layer in the order a step reaches it: the target's, then the MTP layer's
+        # (its pass runs after the step's sampling, see afd.model_runner)
+        self.experts = [layer.mlp.experts for layer in self.model.all_layers() if layer.is_moe]
         self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
                                          device)
 

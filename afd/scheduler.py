@@ -21,7 +21,8 @@ the match goes on there after the device blocks end: those blocks get new device
 KV copied back before the step's forward, and count as cached from then on.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
-decoding one that may speculate gets n-gram drafts, as many as the remaining budget, its
+decoding one that may speculate gets drafts (n-gram, or MTP: the one the MTP layer made after its
+last token, ``Sequence.mtp_drafts``), as many as the remaining budget, its
 max_tokens and the free blocks allow (drafts never preempt anyone: with no block free it
 speculates less, or not at all). Its step then computes [last token, drafts]; ``update`` keeps
 only the KV of the tokens that verification accepted (``num_rejected`` rolls the rest back, to
@@ -271,8 +272,8 @@ class Scheduler:
         return max(0, first + left - start), left
 
     def _add_drafts(self, seqs: list[ScheduledSeq], budget: int) -> int:
-        """Give each decoding sequence that may speculate its n-gram drafts, within ``budget``
-        tokens and the empty blocks (never preempting, never evicting a cached block: drafts
+        """Give each decoding sequence that may speculate its drafts (n-gram, or the MTP
+        layer's from its last step), within ``budget`` tokens and the empty blocks (never preempting, never evicting a cached block: drafts
         are mostly rejected, a cached prefix is worth more); returns the tokens they take."""
         spec, alloc, used = self.spec, self.allocator, 0
         for s in seqs:
@@ -281,10 +282,14 @@ class Scheduler:
                        seq.max_output - seq.num_output_tokens - 1)  # the step emits drafts + 1
             if s.num_new_tokens != 1 or not s.samples or room < 1 or not speculable(seq):
                 continue
-            if seq.token_array is None:
-                seq.token_array = TokenArray()
-            drafts = propose_ngram(seq.token_array.sync(seq.token_ids), spec.prompt_lookup_min,
-                                   spec.prompt_lookup_max, room)
+            if spec.method == "mtp":  # what the MTP layer drafted after its last token
+                drafts = (seq.mtp_drafts[:room] if seq.mtp_drafts_for == len(seq.token_ids)
+                          else [])
+            else:
+                if seq.token_array is None:
+                    seq.token_array = TokenArray()
+                drafts = propose_ngram(seq.token_array.sync(seq.token_ids),
+                                       spec.prompt_lookup_min, spec.prompt_lookup_max, room)
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
             if extra > 0:

@@ -93,6 +93,10 @@ class Sequence:
         # speculative decoding: the token ids as a numpy array (afd.spec_decode.TokenArray),
         # for the n-gram lookup, made at the first lookup
         self.token_array = None
+        # MTP speculative decoding: the drafts the MTP layer made after the step that left
+        # this sequence with ``mtp_drafts_for`` tokens (stale, and unused, once it has more)
+        self.mtp_drafts: list[int] = []
+        self.mtp_drafts_for = -1
         self.grammar_eos = tuple(req.eos_token_ids)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -29,6 +29,16 @@ with a one-hot proposal).
 Not speculated (they decode one token a step, in the same steps): sequences with penalties (the
 incremental ``PenaltyState`` would fold in drafts that may be rejected) and with structured
 output (the matcher advances with each token and cannot be rolled back cheaply).
+
+MTP drafts (``method: "mtp"``, vLLM's "deepseek_mtp" accepted): DeepSeek-V3's own
+multi-token-prediction layer (``models.model.MTPLayer``) proposes one draft per sequence and
+step (k = 1). Every step, after the target forward and sampling, the MTP layer runs over the
+same rows (``afd.model_runner``): row p takes its next token (the next prompt token, or the
+token the row just sampled) and the target's last-layer output at p, writes its own KV at p
+(one more layer of the paged cache, same blocks and slots) and its argmax at the row of each
+sequence's last emitted token is that sequence's draft for the next step. Rows of rejected
+drafts write MTP KV at positions later rows overwrite, as the target's layers do. The drafts
+go through the same verification as n-gram drafts, so exactness is kept by construction.
 """
 
 from __future__ import annotations
@@ -41,19 +51,23 @@ import torch
 
 from afd.sampler import draw_step_seed
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "mtp")
+_SPELLINGS = {"[ngram]": "ngram", "deepseek_mtp": "mtp"}  # vLLM's other names
 _FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+_LOOKUP = ("prompt_lookup_max", "prompt_lookup_min")
 DEFAULT_LOOKUP = 5  # vLLM's default for both bounds when neither is given
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """``num_speculative_tokens``: drafts per step at most (k). ``prompt_lookup_max`` /
-    ``prompt_lookup_min``: the longest and shortest suffix (n-gram) looked up."""
+    ``prompt_lookup_min``: the longest and shortest suffix (n-gram) looked up (0 for MTP).
+    ``method``: "ngram" or "mtp" (the checkpoint's multi-token-prediction layer)."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int
     prompt_lookup_min: int
+    method: str = "ngram"
 
 
 def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None:
@@ -66,14 +80,13 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
                          f"{type(config).__name__}")
     unknown = sorted(set(config) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"speculative_config.{unknown[0]} is not supported (n-gram drafts "
-                         f"only; fields: {', '.join(_FIELDS)})")
+        raise ValueError(f"speculative_config.{unknown[0]} is not supported (n-gram and MTP "
+                         f"drafts only; fields: {', '.join(_FIELDS)})")
     method = config.get("method", "ngram")
-    if method == "[ngram]":  # vLLM's older spelling
-        method = "ngram"
+    method = _SPELLINGS.get(method, method) if isinstance(method, str) else method
     if method not in METHODS:
-        raise ValueError(f"speculative_config.method must be 'ngram' (no draft models, MTP "
-                         f"or EAGLE yet), got {method!r}")
+        raise ValueError(f"speculative_config.method must be 'ngram' or 'mtp' (also "
+                         f"'deepseek_mtp'; no draft models or EAGLE yet), got {method!r}")
 
     def integer(name: str, value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -85,6 +98,15 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
         raise ValueError("speculative_config.num_speculative_tokens is required (drafts per "
                          "step, e.g. 3)")
     k = integer("num_speculative_tokens", config["num_speculative_tokens"])
+    if method == "mtp":
+        given = [name for name in _LOOKUP if config.get(name) is not None]
+        if given:
+            raise ValueError(f"speculative_config.{given[0]} is for method 'ngram', not 'mtp'")
+        if k != 1:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be 1 with method "
+                             f"'mtp' (one MTP draft per step; chained MTP drafts are not "
+                             f"implemented), got {k}")
+        return SpecConfig(1, 0, 0, "mtp")
     lo, hi = (None if config.get(name) is None else integer(name, config[name])
               for name in ("prompt_lookup_min", "prompt_lookup_max"))
     if lo is None and hi is None:
@@ -94,6 +116,15 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
         raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be at most "
                          f"prompt_lookup_max ({hi})")
     return SpecConfig(k, hi, lo)
+
+
+def check_layout(spec: SpecConfig | None, prefill: int) -> None:
+    """ValueError for a layout the speculation method does not run in: MTP with prefill ranks
+    (P/D), whose transferred KV has no MTP layer."""
+    if spec is not None and spec.method == "mtp" and prefill:
+        raise ValueError("speculative_config method 'mtp' does not run with prefill ranks "
+                         "(P/D) yet: the prompt's MTP-layer KV would have to travel with the "
+                         "rest; use prefill=0, or method 'ngram'")
 
 
 class TokenArray:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from afd.api_server import SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.spec_decode import parse_speculative_config
+from afd.spec_decode import check_layout, parse_speculative_config
 from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
 from models.config import load_config
@@ -80,9 +80,11 @@ def parse_args() -> argparse.Namespace:
                     "to the rank that ran its longest prefix unless that rank is overloaded "
                     "(default on); --no-cache-aware-routing places by load alone")
     ap.add_argument("--speculative-config", default=None,
-                    help="speculative decoding as vLLM's JSON, n-gram drafts only: "
+                    help="speculative decoding as vLLM's JSON, n-gram drafts: "
                          "'{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
-                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'")
+                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or the "
+                         "DeepSeek-V3 checkpoint's MTP layer: "
+                         "'{\"method\": \"mtp\", \"num_speculative_tokens\": 1}'")
     ap.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
                     help="fcfs: arrival order (a request's priority must be 0); priority: "
                          "lower request priority first, and the largest is preempted first "
@@ -124,7 +126,7 @@ def parse_args() -> argparse.Namespace:
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)
-            parse_speculative_config(args.speculative_config)
+            check_layout(parse_speculative_config(args.speculative_config), args.prefill)
         except ValueError as exc:  # JSONDecodeError is one
             ap.error(f"--speculative-config: {exc}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:

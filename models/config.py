@@ -103,7 +103,10 @@ class ModelConfig:
       scoring: "softmax" or "sigmoid"; topk_method: "greedy", "group_limited_greedy" (V2, group
       score = max) or "noaux_tc" (V3, group score = sum of top-2, biased by e_score_correction_bias)
       n_group / topk_group: group-limited routing; norm_topk_prob; routed_scaling_factor
-      moe_layers: indices of layers whose MLP is the routed MoE
+      moe_layers: indices of layers whose MLP is the routed MoE (DeepSeek: the MTP layers'
+      indices num_layers.. too, by the same rule)
+      num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers in the checkpoint
+      (``model.layers.{num_layers}.*``; afd.spec_decode's "mtp" drafts use the first), 0: none
     """
 
     model_type: str
@@ -143,6 +146,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     fp8: Fp8Config | None = None
+    num_nextn_predict_layers: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -309,8 +313,10 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     is_v3 = model_type == "deepseek_v3"
     first_dense = int(raw.get("first_k_dense_replace") or 0)
     freq = int(raw.get("moe_layer_freq") or 1)
-    moe_layers = tuple(
-        i for i in range(num_layers) if num_experts > 0 and i >= first_dense and i % freq == 0
+    nextn = int(raw.get("num_nextn_predict_layers") or 0)
+    moe_layers = tuple(  # the MTP layers (indices num_layers..) follow the same rule
+        i for i in range(num_layers + nextn)
+        if num_experts > 0 and i >= first_dense and i % freq == 0
     )
     topk_method = raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
     scoring = raw.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
@@ -351,6 +357,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
         router_dtype_fp32=True,
         moe_layers=moe_layers,
+        num_nextn_predict_layers=nextn,
     )
 
 

@@ -9,6 +9,10 @@ Each decoder layer is two halves so that later layouts can place them on differe
 A model is built for a role: "full" (everything, the colocated engine), "attention" (no routed
 experts) or "ffn" (routed experts of the MoE layers only). Parameter names follow Hugging Face's,
 so the loader's name table is mostly the identity.
+
+With ``mtp`` the model also holds DeepSeek-V3's multi-token-prediction layer (``MTPLayer``, the
+checkpoint's ``model.layers.{num_layers}.*``, here ``mtp.*``): the draft of afd's "mtp"
+speculative decoding (afd.spec_decode), run after the target forward over the same rows.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from models.attention import GQAttention, MLAttention
 from models.batch import ForwardBatch
 from models.config import ModelConfig
-from models.layers import DenseMLP, RMSNorm, Rotary
+from models.layers import DenseMLP, RMSNorm, Rotary, linear
 from models.moe import RoutedExperts, Router, Routing
 
 ROLES = ("full", "attention", "ffn")
@@ -99,17 +103,76 @@ def merge_mlp(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor
     return routed if shared is None else routed + shared
 
 
+def mlp_stages(layer: DecoderLayer, out: AttentionOut
+               ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
+    """A layer's MLP half after its attention half: the dense MLP here, or the routed tokens
+    out to the experts (yield Dispatch, then Combine) beside the shared experts. [T, H]."""
+    if out.routing is None:
+        return layer.local_mlp(out.hidden)
+    handle = yield Dispatch(layer.index, out.hidden, out.routing)  # A -> F
+    shared = layer.local_mlp(out.hidden)  # runs while routed tokens travel
+    routed = yield Combine(handle)  # F -> A
+    return merge_mlp(routed, shared)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3's multi-token-prediction module: a decoder layer (index ``num_layers``, its
+    own KV cache) fed, at position p, with ``eh_proj(cat[enorm(embed(token_{p+1})),
+    hnorm(h_p)])`` where h_p is the target model's last-layer output at p (before its final
+    norm); ``shared_head.head(shared_head.norm(out_p))`` predicts token_{p+2}. The FFN role
+    holds its routed experts only, as for any MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
+                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
+        super().__init__(cfg, cfg.num_layers, role, expert_ids, dtype, device, fp8_experts)
+        if role == "ffn":
+            return
+        hidden = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden, dtype=dtype, device=device)
+        self.embed_tokens.requires_grad_(False)
+        self.enorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype, device)
+        self.hnorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype, device)
+        self.eh_proj = linear(2 * hidden, hidden, dtype, device)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, cfg.rms_norm_eps, dtype, device)
+        self.shared_head.head = linear(hidden, cfg.vocab_size, dtype, device)
+
+    def stages(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+               cache: torch.Tensor, logits_index: torch.Tensor
+               ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
+        """The MTP layer over a target forward's rows, as ``MoEModel.forward_stages`` yields
+        and resumes. next_ids [T] int64: each row's next token; hidden [T, H]: the target's
+        last-layer output per row; ``batch``: the target forward's own (same positions, slots
+        and rotary tables; the writes go to ``cache``, this layer's). Returns the draft logits
+        [len(logits_index), V] fp32."""
+        x = self.eh_proj(torch.cat((self.enorm.norm(self.embed_tokens(next_ids)),
+                                    self.hnorm.norm(hidden)), dim=-1))
+        out = self.attention_half(x, None, batch, cache)
+        y = yield from mlp_stages(self, out)
+        h, _ = self.shared_head.norm(y[logits_index], out.residual[logits_index])
+        return self.shared_head.head(h).float()
+
+
+@dataclass
+class ForwardOut:
+    """A target forward's result when the MTP layer follows it."""
+
+    logits: torch.Tensor  # [N, V] fp32 at the logits_index rows
+    hidden: torch.Tensor  # [T, H] every row's last-layer output (before the final norm)
+
+
 class MoEModel(nn.Module):
     """HF-named ``model.*`` and ``lm_head`` for the chosen role.
 
     ``fp8_experts``: keep the routed experts in FP8 with their block scales (as an FP8
     checkpoint stores them, or quantized on load from a bf16/fp32 one: ``models.weights``);
-    every other weight is in ``dtype``.
+    every other weight is in ``dtype``. ``mtp``: build the checkpoint's first
+    multi-token-prediction layer too (``self.mtp``; DeepSeek only).
     """
 
     def __init__(self, cfg: ModelConfig, role: str = "full", expert_ids: list[int] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 fp8_experts: bool = False):
+                 fp8_experts: bool = False, mtp: bool = False):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -122,6 +185,12 @@ class MoEModel(nn.Module):
             DecoderLayer(cfg, i, role, expert_ids, dtype, device, fp8_experts)
             for i in range(cfg.num_layers)
         )
+        if mtp and (cfg.attention != "mla" or cfg.num_nextn_predict_layers < 1):
+            raise ValueError("mtp needs a DeepSeek-V3 MoE checkpoint with num_nextn_predict_layers "
+                             f">= 1 in config.json (model_type {cfg.model_type!r}, "
+                             f"num_nextn_predict_layers={cfg.num_nextn_predict_layers})")
+        self.mtp = (MTPLayer(cfg, role, expert_ids, dtype, device, fp8_experts) if mtp
+                    else None)
         if role != "ffn":
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                                    device=device)
@@ -135,6 +204,10 @@ class MoEModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def all_layers(self) -> list[DecoderLayer]:
+        """The decoder layers by index: the target's, then the MTP layer (index num_layers)."""
+        return [*self.layers, *([self.mtp] if self.mtp is not None else [])]
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings and self.role != "ffn":
@@ -151,27 +224,24 @@ class MoEModel(nn.Module):
         return self.lm_head(h).float()
 
     def forward_stages(self, input_ids: torch.Tensor, batch: ForwardBatch,
-                       kv_caches: list[torch.Tensor], logits_index: torch.Tensor
-                       ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
+                       kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
+                       keep_hidden: bool = False
+                       ) -> Generator[Dispatch | Combine, object, torch.Tensor | ForwardOut]:
         """All layers for one batch, as a generator that hands each MoE layer's routed tokens out.
 
         It yields ``Dispatch`` (send the routed tokens to the experts; resume with a handle) and
         then ``Combine`` (resume with the experts' weighted output [T, H]); it returns the logits
-        [len(logits_index), V] fp32. The driver decides where the experts are (this process or
-        FFN ranks) and may interleave several micro-batches' generators (ping-pong).
+        [len(logits_index), V] fp32 (``keep_hidden``: a ForwardOut, for the MTP layer). The
+        driver decides where the experts are (this process or FFN ranks) and may interleave
+        several micro-batches' generators (ping-pong).
         """
         x, residual = self.embed(input_ids, batch), None
         for layer in self.layers:
             out = layer.attention_half(x, residual, batch, kv_caches[layer.index])
-            if out.routing is None:
-                x = layer.local_mlp(out.hidden)
-            else:
-                handle = yield Dispatch(layer.index, out.hidden, out.routing)  # A -> F
-                shared = layer.local_mlp(out.hidden)  # runs while routed tokens travel
-                routed = yield Combine(handle)  # F -> A
-                x = merge_mlp(routed, shared)
+            x = yield from mlp_stages(layer, out)
             residual = out.residual
-        return self.logits(x[logits_index], residual[logits_index])
+        logits = self.logits(x[logits_index], residual[logits_index])
+        return ForwardOut(logits, x + residual) if keep_hidden else logits
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
                 kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
@@ -211,7 +281,7 @@ class LocalExperts(ExpertPath):
     """The colocated path: the experts are in this process, so dispatch runs them directly."""
 
     def __init__(self, model: MoEModel):
-        self.layers = model.layers
+        self.layers = model.all_layers()
 
     def dispatch(self, req: Dispatch, micro_batch: int = 0) -> torch.Tensor:
         return self.layers[req.layer].ffn_half(req.hidden, req.routing)

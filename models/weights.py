@@ -72,16 +72,28 @@ def checkpoint_files(path: str) -> dict[str, str]:
     return names
 
 
+_MTP_PARAMS = "mtp."  # MoEModel.mtp's parameters; the checkpoint's model.layers.{L}.
+
+
+def checkpoint_name(param: str, num_layers: int) -> str:
+    """The checkpoint's name for a parameter of ``MoEModel`` (the identity, but for the MTP
+    layer's, which the checkpoint holds as layer ``num_layers``)."""
+    if param.startswith(_MTP_PARAMS):
+        return f"model.layers.{num_layers}." + param[len(_MTP_PARAMS):]
+    return param
+
+
 def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
     targets: dict[str, list[Target]] = {}
     inter = model.cfg.moe_intermediate_size
-    for layer in model.layers:
+    for layer in model.all_layers():
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if experts is None:
             continue
-        prefix = f"model.layers.{layer.index}.mlp.experts"
+        prefix = ("mtp" if layer is model.mtp else f"model.layers.{layer.index}"
+                  ) + ".mlp.experts"  # the parameters' names
         for slot, e in enumerate(experts.expert_ids):
-            base = f"{prefix}.{e}"
+            base = f"model.layers.{layer.index}.mlp.experts.{e}"  # the checkpoint's
             targets.setdefault(f"{base}.gate_proj.weight", []).append(
                 Target(f"{prefix}.w13", slot, (0, inter)))
             targets.setdefault(f"{base}.up_proj.weight", []).append(
@@ -108,7 +120,7 @@ def name_table(model: MoEModel) -> dict[str, list[Target]]:
     for name, _ in model.named_parameters():
         if re.search(r"\.experts\.(w13|w2)(_scale)?$", name):
             continue
-        table[name] = [Target(name)]
+        table[checkpoint_name(name, model.cfg.num_layers)] = [Target(name)]
     table.update(_expert_targets(model))
     return table
 
@@ -118,8 +130,8 @@ def _is_known(name: str, full_names: set[str], num_layers: int, num_experts: int
     if name in full_names:
         return True
     m = _EXPERT.match(name)
-    if m:
-        return int(m.group(1)) < num_layers and int(m.group(2)) < num_experts
+    if m and int(m.group(1)) < num_layers:
+        return int(m.group(2)) < num_experts
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= num_layers:
         return True  # extra layers, e.g. DeepSeek-V3's multi-token-prediction layer 61
@@ -155,8 +167,10 @@ def load_weights(model: MoEModel, path: str) -> None:
     missing = sorted(n for n in table if n not in files)
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        mtp = (" (the MTP layer's weights, needed by speculative_config method 'mtp')"
+               if all(n.startswith(f"model.layers.{cfg.num_layers}.") for n in missing) else "")
         raise WeightLoadError(f"{len(missing)} tensors missing from {path!r} for role "
-                              f"{model.role!r}: {shown}")
+                              f"{model.role!r}{mtp}: {shown}")
 
     params = dict(model.named_parameters())
     by_file: dict[str, list[str]] = {}
@@ -215,12 +229,14 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
 
 def load_model(path: str, role: str = "full", expert_ids: list[int] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               fp8_experts: bool = False) -> MoEModel:
+               fp8_experts: bool = False, mtp: bool = False) -> MoEModel:
     """Build the model for ``role`` from the checkpoint folder and load its weights
-    (``fp8_experts``: routed experts kept in FP8, see ``MoEModel``)."""
+    (``fp8_experts``: routed experts kept in FP8; ``mtp``: with the MTP layer; see
+    ``MoEModel``)."""
     from models.config import load_config
 
     cfg = load_config(path)
-    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts)
+    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts,
+                     mtp=mtp)
     load_weights(model, path)
     return model.eval()

@@ -128,3 +128,81 @@ def assert_same_outputs(got, want, atol: float = 1e-5) -> None:
                 continue
             assert abs(gc.cumulative_logprob - wc.cumulative_logprob) < atol * len(wc.token_ids)
             assert_same_logprobs(gc.logprobs, wc.logprobs, atol)
+
+
+def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Give the DeepSeek-V3 checkpoint in ``folder`` (saved from ``model``) a random MTP layer,
+    as DeepSeek ships one: ``model.layers.{L}.*`` tensors in a file of their own and
+    ``num_nextn_predict_layers: 1`` in config.json. Returns the layer's tensors by their name
+    after ``model.layers.{L}.`` (the routed experts as transformers' fused ``gate_up_proj`` /
+    ``down_proj``, for ``mtp_reference``)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+    cfg = model.config
+    num_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    block = DeepseekV3DecoderLayer(cfg, num_layers)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,),
+                   "eh_proj.weight": (hidden, 2 * hidden), "embed_tokens.weight": (vocab, hidden),
+                   "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden)})
+    weights = {k: random_tensor(k, shape, gen) for k, shape in sorted(shapes.items())}
+    prefix = f"model.layers.{num_layers}."
+    inter = cfg.moe_intermediate_size
+    tensors = {}
+    for k, w in weights.items():
+        if k == "mlp.experts.gate_up_proj":  # [E, 2I, H]: gate rows, then up rows
+            for e in range(w.shape[0]):
+                tensors[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = w[e, :inter].contiguous()
+                tensors[f"{prefix}mlp.experts.{e}.up_proj.weight"] = w[e, inter:].contiguous()
+        elif k == "mlp.experts.down_proj":
+            for e in range(w.shape[0]):
+                tensors[f"{prefix}mlp.experts.{e}.down_proj.weight"] = w[e].contiguous()
+        else:
+            tensors[prefix + k] = w
+    save_file(tensors, os.path.join(folder, "model-mtp.safetensors"))
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**raw, "num_nextn_predict_layers": 1}, f, indent=2)
+    return weights
+
+
+def mtp_reference(model, weights: dict[str, torch.Tensor], tokens: list[int]) -> torch.Tensor:
+    """DeepSeek-V3's MTP formula computed with transformers' modules, the whole sequence at
+    once, no cache, fp32: the draft logits [len(tokens) - 1, V] at positions 0 .. n-2 (row p
+    from token p+1 and the target's last-layer output at p, before its final norm)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3DecoderLayer,
+                                                                      DeepseekV3RMSNorm)
+
+    cfg = model.config
+    block = DeepseekV3DecoderLayer(cfg, cfg.num_hidden_layers).eval()
+    block.load_state_dict({k: v for k, v in weights.items() if k in block.state_dict()})
+    caught = {}
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda _m, _i, out: caught.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        model(ids)
+        hook.remove()
+
+        def norm(name: str, x: torch.Tensor) -> torch.Tensor:
+            n = DeepseekV3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            n.weight.copy_(weights[name])
+            return n(x)
+
+        h = caught["h"][:, :-1]  # [1, n-1, H]
+        emb = torch.nn.functional.embedding(ids[:, 1:], weights["embed_tokens.weight"])
+        x = torch.cat((norm("enorm.weight", emb), norm("hnorm.weight", h)), dim=-1)
+        x = x @ weights["eh_proj.weight"].T
+        n = x.shape[1]
+        positions = torch.arange(n)[None]
+        mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        out = block(x, attention_mask=mask, position_ids=positions,
+                    position_embeddings=model.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return (norm("shared_head.norm.weight", out) @ weights["shared_head.head.weight"].T)[0]

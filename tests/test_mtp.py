@@ -1,0 +1,223 @@
+"""MTP speculative decoding (DeepSeek-V3's multi-token-prediction layer as the draft): the
+layer computes DeepSeek's formula (checked against transformers' modules), its drafts follow
+the cached path step by step, and the token stream is exactly the plain engine's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import afd.core
+from afd import LLM, SamplingParams
+from afd.config import check_mtp_checkpoint
+from afd.kv_cache import allocate_kv_caches
+from afd.spec_decode import parse_speculative_config
+from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, mtp_reference, save_checkpoint
+from models.batch import ForwardBatch
+from models.config import config_from_dict
+from models.model import LocalExperts, run_stages
+from models.weights import load_model
+
+MTP = {"method": "mtp", "num_speculative_tokens": 1}
+
+
+@pytest.fixture(scope="module")
+def mtp_ckpt(tmp_path_factory):
+    """(folder, transformers model, MTP weights): a tiny DeepSeek-V3 with a random MTP layer."""
+    hf = build_hf_model("deepseek_v3")
+    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("mtp")))
+    return folder, hf, add_mtp_layer(folder, hf)
+
+
+def _prefill_batch(n: int, block_size: int = 8) -> ForwardBatch:
+    """One sequence of n tokens, prefilled in one chunk into blocks 0, 1, ..."""
+    blocks = -(-n // block_size)
+    return ForwardBatch(positions=torch.arange(n), slot_mapping=torch.arange(n),
+                        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+                        seq_lens=torch.tensor([n]), query_lens=[n], num_decodes=0,
+                        context_lens=[n])
+
+
+def test_mtp_layer_matches_the_formula_at_every_position(mtp_ckpt):
+    """The MTP layer over a prefill's rows (target hidden states kept by the forward) gives
+    DeepSeek's draft logits at every position, as transformers' decoder layer with the MTP
+    weights computes them over the whole sequence without cache (fp32)."""
+    folder, hf, weights = mtp_ckpt
+    model = load_model(folder, mtp=True)
+    tokens = mixed_prompts(1, seed=3, lengths=[21])[0]
+    n = len(tokens)
+    batch = _prefill_batch(n)
+    kv = allocate_kv_caches(model.cfg, 4, 8, torch.float32, "cpu", len(model.all_layers()))
+    assert len(kv) == model.cfg.num_layers + 1
+    experts = LocalExperts(model)
+    out = run_stages(model.forward_stages(torch.tensor(tokens), batch, kv, torch.arange(n),
+                                          keep_hidden=True), experts)
+    next_ids = torch.tensor(tokens[1:] + [0])
+    got = run_stages(model.mtp.stages(next_ids, out.hidden, batch, kv[-1], torch.arange(n - 1)),
+                     experts)
+    want = mtp_reference(hf, weights, tokens)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert kv[-1].abs().sum() > 0  # the MTP layer wrote its own cache
+
+
+def _record_drafts(monkeypatch) -> list[tuple[list[int], int]]:
+    """Every MTP draft a core keeps: (the sequence's tokens, its draft for the next token)."""
+    seen = []
+    keep = afd.core.EngineCore._keep_mtp_drafts
+
+    def spy(sampling, taken, draft_tokens):
+        keep(sampling, taken, draft_tokens)
+        for seq, *_ in taken:
+            if seq.mtp_drafts_for == len(seq.token_ids):
+                seen.append((list(seq.token_ids), seq.mtp_drafts[0]))
+
+    monkeypatch.setattr(afd.core.EngineCore, "_keep_mtp_drafts", staticmethod(spy))
+    return seen
+
+
+def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch):
+    """Chunked prefills, decodes and verify steps: each draft the engine makes is the
+    reference MTP argmax at the sequence's second-to-last position (its MTP KV cache written
+    chunk by chunk and step by step, rejected rows overwritten)."""
+    folder, hf, weights = mtp_ckpt
+    seen = _record_drafts(monkeypatch)
+    prompts = mixed_prompts(3, seed=5, lengths=[30, 3, 17])
+    llm = LLM(folder, seed=0, block_size=8, max_num_batched_tokens=16,
+              speculative_config=MTP)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)
+    finally:
+        llm.shutdown()
+    full = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
+    refs = [mtp_reference(hf, weights, f).argmax(-1).tolist() for f in full]
+    checked = 0
+    for tokens, draft in seen:
+        i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
+        assert draft == refs[i][len(tokens) - 2], (i, len(tokens))
+        checked += 1
+    assert checked >= 3 * 11  # a draft after every emitting step, prefill ones included
+
+
+def _plain_and_mtp(folder, params, prompts, **kw):
+    kw = {"seed": 0, "block_size": 8, **kw}
+    base = LLM(folder, **kw)
+    want = base.generate(prompts, params, use_tqdm=False)
+    base.shutdown()
+    spec = LLM(folder, speculative_config=MTP, **kw)
+    try:
+        got = spec.generate(prompts, params, use_tqdm=False)
+        core = spec.engine.core
+        if hasattr(core, "allocator"):  # single process: no KV block leaks
+            assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+        stats = core.stats()
+    finally:
+        spec.shutdown()
+    return want, got, stats
+
+
+def _assert_same(want, got) -> None:
+    for w, g in zip(want, got, strict=True):
+        for cw, cg in zip(w.outputs, g.outputs, strict=True):
+            assert cg.token_ids == cw.token_ids
+            assert cg.finish_reason == cw.finish_reason
+
+
+PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+          SamplingParams(temperature=0.9, seed=11, max_tokens=16, ignore_eos=True, n=2),
+          SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=2),
+          SamplingParams(temperature=1.0, seed=4, max_tokens=16, ignore_eos=True,
+                         repetition_penalty=1.3)]  # penalized: decodes without drafts
+
+
+def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt):
+    """Greedy, seeded with n=2, logprobs and a penalized request beside speculating ones,
+    with chunked prefill (16 tokens a step) and a KV pool small enough to preempt: the plain
+    engine's tokens, no leaked block."""
+    folder, _, _ = mtp_ckpt
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4, seed=2, lengths=[30, 5, 23, 9])]
+    want, got, stats = _plain_and_mtp(folder, PARAMS, prompts, block_size=4, num_kv_blocks=16,
+                                      max_model_len=64, max_num_batched_tokens=16)
+    _assert_same(want, got)
+    assert stats[0].num_preemptions > 0, "the pool was meant to force preemption"
+    assert stats[0].num_draft_tokens > 0
+
+
+def _constant_model(folder: str, dest: str) -> str:
+    """A copy of ``folder`` whose target and MTP final norms are zero: every logit is 0, so
+    greedy picks token 0 always and every MTP draft (argmax 0) is right."""
+    shutil.copytree(folder, dest)
+    for file, name in (("model.safetensors", "model.norm.weight"),
+                       ("model-mtp.safetensors", None)):
+        path = os.path.join(dest, file)
+        tensors = load_file(path)
+        for k in tensors:
+            if k == name or (name is None and k.endswith("shared_head.norm.weight")):
+                tensors[k] = torch.zeros_like(tensors[k])
+        save_file(tensors, path)
+    return dest
+
+
+def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(mtp_ckpt, tmp_path):
+    folder = _constant_model(mtp_ckpt[0], str(tmp_path / "const"))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=4, lengths=[7, 12, 3])]
+    want, got, stats = _plain_and_mtp(folder, params, prompts)
+    _assert_same(want, got)
+    assert all(o.outputs[0].token_ids == [0] * 12 for o in got)
+    # one draft per verify step, each accepted: 12 tokens in 6 steps per sequence
+    assert stats[0].num_accepted_tokens == stats[0].num_draft_tokens == 3 * 5
+    assert all(o.metrics.spec_num_accepted_tokens == 5 for o in got)
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"method": "mtp", "num_speculative_tokens": 2}, "num_speculative_tokens must be 1"),
+    ({"method": "mtp", "num_speculative_tokens": 1, "prompt_lookup_max": 2},
+     "prompt_lookup_max is for method 'ngram'"),
+    ({"method": "eagle", "num_speculative_tokens": 1}, "method must be"),
+])
+def test_bad_mtp_config_is_named(config, field):
+    with pytest.raises(ValueError, match=field):
+        parse_speculative_config(config)
+
+
+def test_mtp_spellings():
+    for method in ("mtp", "deepseek_mtp"):
+        spec = parse_speculative_config({"method": method, "num_speculative_tokens": 1})
+        assert spec.method == "mtp" and spec.num_speculative_tokens == 1
+
+
+def test_checkpoints_without_an_mtp_layer_are_refused(mtp_ckpt, tmp_path):
+    folder = mtp_ckpt[0]
+    with pytest.raises(ValueError, match="num_nextn_predict_layers is 0 or absent"):
+        LLM(seed=0, speculative_config=MTP)  # the embedded default model has none
+    no_weights = str(tmp_path / "noweights")
+    shutil.copytree(folder, no_weights)
+    os.remove(os.path.join(no_weights, "model-mtp.safetensors"))
+    with pytest.raises(ValueError, match=r"no MTP weights \(model.layers.3.eh_proj.weight"):
+        LLM(no_weights, seed=0, speculative_config=MTP)
+    qwen = config_from_dict(dict(
+        model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, num_experts=8,
+        moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match="needs a DeepSeek-V3 checkpoint.*qwen3_moe"):
+        check_mtp_checkpoint(folder, qwen)
+    with pytest.raises(ValueError, match="prefill ranks"):
+        LLM(folder, seed=0, prefill=1, attention=1, speculative_config=MTP)
+
+
+def test_config_without_mtp_still_loads_a_checkpoint_that_has_one(mtp_ckpt):
+    """The MTP tensors are ignored unless asked for (as before), and the model's KV pool
+    sizing counts the MTP layer only with MTP on."""
+    folder = mtp_ckpt[0]
+    model = load_model(folder)
+    assert model.mtp is None and len(model.all_layers()) == model.cfg.num_layers
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 1
