@@ -273,8 +273,9 @@ class Scheduler:
 
     def _add_drafts(self, seqs: list[ScheduledSeq], budget: int) -> int:
         """Give each decoding sequence that may speculate its drafts (n-gram, or the MTP
-        layer's from its last step), within ``budget`` tokens and the empty blocks (never preempting, never evicting a cached block: drafts
-        are mostly rejected, a cached prefix is worth more); returns the tokens they take."""
+        layer's from its last step), within ``budget`` tokens and the empty blocks (never
+        preempting, never evicting a cached block: drafts are mostly rejected, a cached prefix
+        is worth more); returns the tokens they take."""
         spec, alloc, used = self.spec, self.allocator, 0
         for s in seqs:
             seq = s.seq

@@ -147,8 +147,9 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
     block = DeepseekV3DecoderLayer(cfg, num_layers)
     shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,),
-                   "eh_proj.weight": (hidden, 2 * hidden), "embed_tokens.weight": (vocab, hidden),
-                   "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden)})
+                   "eh_proj.weight": (hidden, 2 * hidden),
+                   "embed_tokens.weight": (vocab, hidden), "shared_head.norm.weight": (hidden,),
+                   "shared_head.head.weight": (vocab, hidden)})
     weights = {k: random_tensor(k, shape, gen) for k, shape in sorted(shapes.items())}
     prefix = f"model.layers.{num_layers}."
     inter = cfg.moe_intermediate_size
