@@ -165,8 +165,13 @@ def _constant_model(folder: str, dest: str) -> str:
     return dest
 
 
-def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(mtp_ckpt, tmp_path):
-    folder = _constant_model(mtp_ckpt[0], str(tmp_path / "const"))
+@pytest.fixture(scope="module")
+def const_ckpt(mtp_ckpt, tmp_path_factory):
+    return _constant_model(mtp_ckpt[0], str(tmp_path_factory.mktemp("const") / "ckpt"))
+
+
+def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(const_ckpt):
+    folder = const_ckpt
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=4, lengths=[7, 12, 3])]
     want, got, stats = _plain_and_mtp(folder, params, prompts)
@@ -221,3 +226,29 @@ def test_config_without_mtp_still_loads_a_checkpoint_that_has_one(mtp_ckpt):
     assert model.mtp is None and len(model.all_layers()) == model.cfg.num_layers
     with open(os.path.join(folder, "config.json")) as f:
         assert json.load(f)["num_nextn_predict_layers"] == 1
+
+
+@pytest.mark.parametrize("ffn", [pytest.param(0, marks=pytest.mark.slow), 1])
+def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_ckpt, ffn):
+    """Two attention ranks (experts in-process, or on an FFN rank that runs the MTP layer's
+    MoE as one more collective round each step, an idle attention rank taking part with zero
+    rows: the requests end at different steps): the single process's tokens, greedy and
+    seeded, on a model whose greedy MTP drafts are accepted. (ffn=0 is marked slow: 22 s on
+    the 2-core CPU; ffn=1, 33 s, runs by default as the P/D + FFN n-gram test does.)"""
+    folder = const_ckpt
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=6, lengths=[9, 20, 4])]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
+    base = LLM(folder, seed=0)
+    want = base.generate(prompts, params, use_tqdm=False)
+    base.shutdown()
+    llm = LLM(folder, seed=0, attention=2, ffn=ffn, timeout_s=60, speculative_config=MTP)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.core.stats()
+    finally:
+        llm.shutdown()
+    _assert_same(want, got)
+    assert len(stats) == 2 and sum(s.num_accepted_tokens for s in stats) > 0
+    assert all(s.kv_usage == 0 and s.num_running == 0 for s in stats)  # no block held
