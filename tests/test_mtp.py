@@ -252,3 +252,24 @@ def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_c
     _assert_same(want, got)
     assert len(stats) == 2 and sum(s.num_accepted_tokens for s in stats) > 0
     assert all(s.kv_usage == 0 and s.num_running == 0 for s in stats)  # no block held
+
+
+def test_the_draft_kept_is_the_one_after_the_last_emitted_token():
+    """Per sampled row the MTP layer drafts what follows that row's token; a sequence keeps
+    the draft after the last token it emitted (its accepted draft's row, or the bonus row),
+    none once finished."""
+    from types import SimpleNamespace as NS
+
+    def seq(tokens, finished=None):
+        return NS(token_ids=tokens, finish_reason=finished, mtp_drafts=[], mtp_drafts_for=-1)
+
+    a, b, c, d = seq([1, 2, 3]), seq([4, 5, 6, 7]), seq([8, 9]), seq([1], "length")
+    sampling = [NS(seq=a, draft_token_ids=[]), NS(seq=b, draft_token_ids=[6]),
+                NS(seq=c, draft_token_ids=[5]), NS(seq=d, draft_token_ids=[])]
+    taken = [(a, [3], None, None, None), (b, [6, 7], None, None, [1, 1]),
+             (c, [9], None, None, [1, 0]), (d, [1], None, None, None)]
+    afd.core.EngineCore._keep_mtp_drafts(sampling, taken, [10, 20, 21, 30, 31, 40])
+    assert (a.mtp_drafts, a.mtp_drafts_for) == ([10], 3)
+    assert (b.mtp_drafts, b.mtp_drafts_for) == ([21], 4)  # its accepted draft's row + 1
+    assert (c.mtp_drafts, c.mtp_drafts_for) == ([30], 2)  # rejected: its first row's
+    assert d.mtp_drafts == []
