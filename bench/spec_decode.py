@@ -1,9 +1,15 @@
-"""Speculative decoding with n-gram drafts vs plain decoding, same process, same prompts.
+"""Speculative decoding with n-gram (or MTP) drafts vs plain decoding, same process, same prompts.
 
     python bench/spec_decode.py [--num-prompts 16] [--prompt-len 64] [--new-tokens 128]
                                 [--num-speculative-tokens 4] [--prompt-lookup-max 4]
                                 [--prompt-lookup-min 2] [--attn-scales 1 0.1 0]
-                                [--repeats 3] [--json out.json]
+                                [--method ngram|mtp] [--repeats 3] [--json out.json]
+
+``--method mtp``: the drafts come from a DeepSeek-V3 MTP layer (k = 1) added to a copy of the
+embedded model (``models.default_model.add_mtp_layer``), in two workloads instead of attention
+scales: "random" (random MTP weights: drafts almost never right, what MTP costs when it does
+not pay) and "constant" (the target's and the MTP layer's final norms zeroed: the output is
+token 0 forever and every draft is right, the most k = 1 can give; not a real model).
 
 Two engines on the embedded model (fp32, one process each way): one plain, one with
 ``speculative_config`` n-gram. Greedy decoding, EOS ignored, ``new-tokens`` per prompt, random
@@ -32,8 +38,10 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -43,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
+from models.config import load_config  # noqa: E402
+from models.default_model import add_mtp_layer, default_model_path  # noqa: E402
 
 
 def scale_attention(llm: LLM, originals: dict[str, torch.Tensor], scale: float) -> None:
@@ -103,33 +113,50 @@ def main() -> None:
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--attn-scales", type=float, nargs="+", default=[1.0, 0.1, 0.0])
+    ap.add_argument("--method", choices=["ngram", "mtp"], default="ngram")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    spec_cfg = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
-                "prompt_lookup_max": args.prompt_lookup_max,
-                "prompt_lookup_min": args.prompt_lookup_min}
-    plain = LLM(dtype="float32", seed=0)
-    spec = LLM(dtype="float32", seed=0, speculative_config=spec_cfg)
-    counters = {"plain": StepCounter(plain), "spec": StepCounter(spec)}
-    engines = {"plain": plain, "spec": spec}
-    originals: dict[str, dict] = {"plain": {}, "spec": {}}
+    if args.method == "mtp":
+        spec_cfg = {"method": "mtp", "num_speculative_tokens": 1}
+        workloads = ["random", "constant"]
+    else:
+        spec_cfg = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+                    "prompt_lookup_max": args.prompt_lookup_max,
+                    "prompt_lookup_min": args.prompt_lookup_min}
+        workloads = args.attn_scales
     rng = random.Random(args.seed)
-    vocab = plain.engine.model_cfg.vocab_size
+    vocab = load_config(default_model_path()).vocab_size
     prompts = [{"prompt_token_ids": [rng.randrange(2, vocab) for _ in range(args.prompt_len)]}
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    for name, llm in engines.items():  # warm-up
-        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    engines: dict[str, LLM] = {}
+    tmp = tempfile.mkdtemp(prefix="afd-mtp-bench-")
 
     rows = []
-    print(f"{'attn scale':>10} {'mode':>8} {'accept':>7} {'tok/seq-step':>12} "
+    print(f"{'workload':>10} {'mode':>8} {'accept':>7} {'tok/seq-step':>12} "
           f"{'steps':>11} {'wall s':>13} {'tok/s':>13} {'gain':>5}")
-    for scale in args.attn_scales:
-        for name, llm in engines.items():
-            scale_attention(llm, originals[name], scale)
+    for scale in workloads:
+        if args.method == "mtp" or not engines:  # MTP: a checkpoint per workload
+            for llm in engines.values():
+                llm.shutdown()
+            model = None
+            if args.method == "mtp":
+                model = os.path.join(tmp, str(scale))
+                shutil.copytree(default_model_path(), model)
+                add_mtp_layer(model, constant=scale == "constant")
+            engines = {"plain": LLM(model, dtype="float32", seed=0),
+                       "spec": LLM(model, dtype="float32", seed=0, speculative_config=spec_cfg)}
+            counters = {name: StepCounter(llm) for name, llm in engines.items()}
+            originals: dict[str, dict] = {"plain": {}, "spec": {}}
+            for llm in engines.values():  # warm-up
+                llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8),
+                             use_tqdm=False)
+        if args.method == "ngram":
+            for name, llm in engines.items():
+                scale_attention(llm, originals[name], scale)
         for mode in ("batch", "one"):
             runs: dict[str, list[dict]] = {"plain": [], "spec": []}
             for _ in range(args.repeats):
@@ -138,9 +165,10 @@ def main() -> None:
             same = all(r["token_ids"] == runs["plain"][0]["token_ids"]
                        for r in runs["plain"] + runs["spec"])
             if not same:
-                raise SystemExit(f"outputs differ at attn scale {scale}, {mode}")
+                raise SystemExit(f"outputs differ at {scale}, {mode}")
             best = {name: min(rs, key=lambda r: r["wall_s"]) for name, rs in runs.items()}
-            row = {"attn_scale": scale, "mode": mode, "outputs_equal": same,
+            key = "attn_scale" if args.method == "ngram" else "workload"
+            row = {key: scale, "mode": mode, "outputs_equal": same,
                    "gain": best["plain"]["wall_s"] / best["spec"]["wall_s"],
                    "median_wall_s": {n: statistics.median(r["wall_s"] for r in rs)
                                      for n, rs in runs.items()},
@@ -150,7 +178,7 @@ def main() -> None:
                             for n, rs in runs.items()}}
             rows.append(row)
             p, s = best["plain"], best["spec"]
-            print(f"{scale:>10g} {mode:>8} {s['acceptance_rate'] or 0:>7.1%} "
+            print(f"{scale!s:>10} {mode:>8} {s['acceptance_rate'] or 0:>7.1%} "
                   f"{s['tokens_per_seq_step']:>12.2f} {p['steps']:>5}->{s['steps']:<5} "
                   f"{p['wall_s']:>6.2f}->{s['wall_s']:<6.2f} {p['tok_s']:>6.0f}->{s['tok_s']:<6.0f}"
                   f" {row['gain']:>5.2f}")
@@ -159,8 +187,9 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
     write_result(result, args.json, "spec_decode.json")
-    plain.shutdown()
-    spec.shutdown()
+    for llm in engines.values():
+        llm.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 from collections import Counter
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 VERSION = "1"
 
@@ -220,6 +220,37 @@ def build_checkpoint(folder: str, cfg: dict | None = None, seed: int = 0) -> Non
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, f)
     build_tokenizer_files(folder, cfg["vocab_size"])
+
+
+def add_mtp_layer(folder: str, seed: int = 1, constant: bool = False) -> None:
+    """Give the DeepSeek-V3 checkpoint in ``folder`` a random multi-token-prediction layer
+    (``model.layers.{L}.*`` in ``model-mtp.safetensors``, ``num_nextn_predict_layers: 1``), as
+    DeepSeek's checkpoints ship one, for speculative_config method "mtp". ``constant``: zero
+    the target's and the MTP layer's final norms, so every logit is 0, greedy emits token 0
+    forever and every MTP draft is right (a best case for benchmarks, not a real model). The
+    embedded default model itself has no MTP layer."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    layers, h, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    prefix = f"model.layers.{layers}."
+    shapes = {n: s for n, s in tensor_shapes({**cfg, "num_hidden_layers": layers + 1}).items()
+              if n.startswith(prefix)}
+    shapes.update({prefix + "enorm.weight": (h,), prefix + "hnorm.weight": (h,),
+                   prefix + "eh_proj.weight": (h, 2 * h),
+                   prefix + "embed_tokens.weight": (vocab, h),
+                   prefix + "shared_head.norm.weight": (h,),
+                   prefix + "shared_head.head.weight": (vocab, h)})
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: random_tensor(n, shape, gen) for n, shape in sorted(shapes.items())}
+    if constant:
+        tensors[prefix + "shared_head.norm.weight"].zero_()
+        main = os.path.join(folder, "model.safetensors")
+        weights = load_file(main)
+        weights["model.norm.weight"].zero_()
+        save_file(weights, main, metadata={"format": "pt"})
+    save_file(tensors, os.path.join(folder, "model-mtp.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**cfg, "num_nextn_predict_layers": 1}, f, indent=2)
 
 
 def cache_root() -> str:
