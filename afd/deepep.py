@@ -3,7 +3,8 @@
 DeepEP (github.com/deepseek-ai/DeepEP) moves routed tokens with NVSHMEM/IBGDA puts straight into
 the receivers' padded per-expert slabs, and needs every rank of its group to own the same number
 of experts. Our group is the attention+FFN group (attention ranks first), so attention ranks own
-*virtual* expert slots with no weights: with S = ``placement.max_slots`` slots per rank, DeepEP
+*virtual* expert slots with no weights: with S = ``placement.max_slots`` slots per rank (the most
+any FFN rank holds in any layer; a layer's table may leave a rank's last slots empty), DeepEP
 sees (A + F) * S experts; logical expert e, placed on FFN rank r, slot s, is DeepEP expert
 (A + r) * S + s, and no token is ever routed to an attention rank's slots.
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from afd.placement import ExpertPlacement
+from afd.placement import ExpertPlacement, RouteTables
 from afd.profiling import StageTimers
 from afd.transport import ExpertGroups
 from models.model import Dispatch, ExpertPath
@@ -103,11 +104,12 @@ class DeepEPExpertMap:
         return self.num_ranks * self.slots_per_rank
 
     def to_deepep(self, topk_ids: torch.Tensor,
-                  tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
-        """topk_ids [T, K] int64 logical ids, -1 = no expert -> [T, K] int64 DeepEP global ids,
-        -1 kept. A replicated expert's copy is picked as ``ExpertPlacement.route`` does."""
-        rank, slot = self.placement.route(topk_ids.clamp(min=0), tables)
+                  tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  layer: int = 0) -> torch.Tensor:
+        """topk_ids [T, K] int64 logical ids of decoder layer ``layer``, -1 = no expert ->
+        [T, K] int64 DeepEP global ids, -1 kept. A replicated expert's copy is picked as
+        ``ExpertPlacement.route`` does (``tables``: that layer's, prebuilt)."""
+        rank, slot = self.placement.route(topk_ids.clamp(min=0), tables, layer)
         ids = (self.num_attention + rank) * self.slots_per_rank + slot
         return torch.where(topk_ids >= 0, ids, torch.full_like(ids, -1))
 
@@ -255,7 +257,7 @@ class DeepEPTransport(ExpertPath):
                  num_max_dispatch_tokens_per_rank: int = DEFAULT_MAX_DISPATCH_TOKENS):
         self.ep = _DeepEPBuffers(groups, placement, hidden, dtype, device,
                                  num_max_dispatch_tokens_per_rank)
-        self.tables = tuple(t.to(self.ep.device) for t in placement.lookup_tables())
+        self.tables = RouteTables(placement, self.ep.device)  # per layer
         self.timers = StageTimers()  # host time: kernel launches, and waits where they block
 
     def dispatch(self, req: Dispatch, micro_batch: int = 0) -> DeepEPDispatchHandle:
@@ -271,7 +273,7 @@ class DeepEPTransport(ExpertPath):
         ep = self.ep
         num_tokens, top_k = req.routing.topk_ids.shape
         check_dispatch_size(num_tokens, top_k, ep.max_tokens)
-        topk_idx = ep.experts.to_deepep(req.routing.topk_ids, self.tables)
+        topk_idx = ep.experts.to_deepep(req.routing.topk_ids, self.tables[req.layer])
         topk_idx = topk_idx.to(ep.topk_dtype).contiguous()  # [T, K]
         weights = req.routing.topk_weights.float().contiguous()  # [T, K]
         x = req.hidden.to(ep.dtype).contiguous()  # [T, H] bf16

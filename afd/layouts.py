@@ -115,6 +115,9 @@ class MultiRankClient:
             if placement.num_experts != model_cfg.num_experts:
                 raise ValueError(f"placement places {placement.num_experts} experts, the model "
                                  f"has {model_cfg.num_experts}")
+            if placement.num_layers not in (None, model_cfg.num_layers):
+                raise ValueError(f"placement has tables for {placement.num_layers} decoder "
+                                 f"layers, the model has {model_cfg.num_layers}")
         self.placement = placement
         self.error: str | None = None
         self.closed = False

@@ -1,7 +1,8 @@
 """Expert placement: which FFN rank and slot holds each logical expert.
 
 A table, not a formula, so uneven splits (E not divisible by F), redundant replicas of hot experts
-and re-placement after a lost rank are edits to ``slots`` with no change to transports or kernels.
+(per layer, from recorded load: ``from_load``, afd.eplb) and re-placement after a lost rank are
+edits to the table with no change to transports or kernels.
 """
 
 from __future__ import annotations
@@ -12,41 +13,118 @@ from dataclasses import dataclass
 import torch
 
 
+Table = tuple[tuple[int, ...], ...]  # [rank][slot] -> logical expert
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """slots[r] lists the logical experts FFN rank r holds, in slot order (its w13/w2 rows)."""
+    """Which logical experts each FFN rank holds, in slot order (its w13/w2 rows).
+
+    ``slots[r]``: FFN rank r's experts, the same for every MoE layer (the simple default); or,
+    with ``layers`` (and ``slots`` left empty), ``layers[l][r]`` for decoder layer l, one table
+    per decoder layer of the model (dense layers' tables are unused). Every table has the same
+    number of ranks; slot counts may differ by rank and layer, and the largest sets the size of
+    the transports' per-rank slot space (``max_slots``). An expert may sit on several ranks of a
+    layer (replicas, each a copy of its weights).
+    """
 
     num_experts: int
-    slots: tuple[tuple[int, ...], ...]
+    slots: Table = ()
+    layers: tuple[Table, ...] = ()
 
     def __post_init__(self) -> None:
         num_experts = _as_int(self.num_experts)
         if num_experts is None or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        try:  # numpy / torch integers (an EPLB table) become ints: the ranks' spec is JSON
-            slots = tuple(tuple(_as_int(e) for e in rank) for rank in self.slots)
-        except TypeError:
-            slots = None
-        if slots is None or any(e is None for rank in slots for e in rank):
-            raise ValueError(f"slots must be one sequence of integer expert ids per FFN rank, "
-                             f"got {self.slots!r}")
         object.__setattr__(self, "num_experts", num_experts)
-        object.__setattr__(self, "slots", slots)
-        held = {e for rank in self.slots for e in rank}
-        missing = set(range(self.num_experts)) - held
-        if missing:
-            raise ValueError(f"placement leaves experts {sorted(missing)[:8]} on no rank")
-        bad = [e for rank in self.slots for e in rank if not 0 <= e < self.num_experts]
+        if (len(self.slots) > 0) == (len(self.layers) > 0):
+            raise ValueError("a placement has either slots (one table for every layer) or "
+                             "layers (one table per decoder layer), not both or neither")
+        if self.slots:
+            object.__setattr__(self, "slots", self._check_table(self.slots, "slots"))
+            return
+        try:
+            tables = tuple(self._check_table(t, f"layers[{i}]")
+                           for i, t in enumerate(self.layers))
+        except TypeError:
+            raise ValueError(f"layers must be one table per decoder layer, got "
+                             f"{self.layers!r}") from None
+        ranks = {len(t) for t in tables}
+        if len(ranks) > 1:
+            raise ValueError(f"layers: every layer's table must have the same number of FFN "
+                             f"ranks, got {[len(t) for t in tables]}")
+        object.__setattr__(self, "layers", tables)
+
+    def _check_table(self, table: object, field: str) -> Table:
+        """One [rank][slot] table as ints, every expert held, every id in range."""
+        try:  # numpy / torch integers (an EPLB table) become ints: the ranks' spec is JSON
+            rows = tuple(tuple(_as_int(e) for e in rank) for rank in table)
+        except TypeError:
+            rows = None
+        if not rows or any(e is None for rank in rows for e in rank):
+            raise ValueError(f"{field} must be one sequence of integer expert ids per FFN rank, "
+                             f"got {table!r}")
+        bad = [e for rank in rows for e in rank if not 0 <= e < self.num_experts]
         if bad:
-            raise ValueError(f"placement names experts outside [0, {self.num_experts}): {bad[:8]}")
+            raise ValueError(f"{field}: placement names experts outside "
+                             f"[0, {self.num_experts}): {bad[:8]}")
+        missing = set(range(self.num_experts)) - {e for rank in rows for e in rank}
+        if missing:
+            raise ValueError(f"{field}: placement leaves experts {sorted(missing)[:8]} on no rank")
+        return rows
+
+    @property
+    def tables(self) -> tuple[Table, ...]:
+        """Every distinct-by-position table: ``layers``, or ``(slots,)``."""
+        return self.layers or (self.slots,)
+
+    @property
+    def num_layers(self) -> int | None:
+        """Decoder layers a per-layer placement covers; None: one table for all."""
+        return len(self.layers) if self.layers else None
 
     @property
     def num_ranks(self) -> int:
-        return len(self.slots)
+        return len(self.tables[0])
 
     @property
     def max_slots(self) -> int:
-        return max(len(s) for s in self.slots)
+        return max(len(s) for table in self.tables for s in table)
+
+    def table(self, layer: int) -> Table:
+        """Decoder layer ``layer``'s table. The one layer past a per-layer placement's tables
+        (DeepSeek's MTP layer, index ``num_layers``) takes the contiguous default
+        (``balanced``'s): load records and ``from_load`` cover the decoder layers only."""
+        if not self.layers:
+            return self.slots
+        if layer == len(self.layers):
+            return ExpertPlacement.balanced(self.num_experts, self.num_ranks).slots
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"the placement covers decoder layers [0, {len(self.layers)}), "
+                             f"not layer {layer}")
+        return self.layers[layer]
+
+    def rank_experts(self, rank: int) -> list[int] | dict[int, list[int]]:
+        """What FFN rank ``rank`` loads (``models.weights.load_model``'s ``expert_ids``): one
+        list for every layer, or {decoder layer: list}."""
+        if not self.layers:
+            return list(self.slots[rank])
+        return {layer: list(self.table(layer)[rank]) for layer in range(len(self.layers) + 1)}
+
+    def to_dict(self) -> dict:
+        """The JSON form (``--expert-placement FILE``): {"num_experts", "slots" | "layers"}."""
+        if self.layers:
+            return {"num_experts": self.num_experts,
+                    "layers": [[list(rank) for rank in table] for table in self.layers]}
+        return {"num_experts": self.num_experts, "slots": [list(rank) for rank in self.slots]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertPlacement":
+        """``to_dict``'s inverse; ValueError naming the field for anything else."""
+        if not isinstance(d, dict) or "num_experts" not in d or not ({"slots", "layers"} & set(d)):
+            raise ValueError('a placement is {"num_experts": E, "slots": [[expert, ...] per FFN '
+                             'rank]} or {"num_experts": E, "layers": [slots per decoder layer]}')
+        return cls(d["num_experts"], d.get("slots") or (), d.get("layers") or ())
 
     @classmethod
     def balanced(cls, num_experts: int, num_ranks: int,
@@ -81,32 +159,60 @@ class ExpertPlacement:
                         break
         return cls(num_experts, tuple(tuple(s) for s in slots))
 
-    def lookup_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rank [E, R], slot [E, R], copies [E]): the R-th replica of each expert, padded."""
-        copies = [[] for _ in range(self.num_experts)]
-        for r, held in enumerate(self.slots):
-            for s, e in enumerate(held):
-                copies[e].append((r, s))
-        width = max(len(c) for c in copies)
-        rank = torch.zeros(self.num_experts, width, dtype=torch.long)
-        slot = torch.zeros(self.num_experts, width, dtype=torch.long)
-        for e, c in enumerate(copies):
-            for i in range(width):
-                rank[e, i], slot[e, i] = c[i % len(c)]
-        return rank, slot, torch.tensor([len(c) for c in copies])
+    def lookup_tables(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rank [E, R], slot [E, R], copies [E]) of decoder layer ``layer``: the R-th replica of
+        each expert, padded."""
+        return _lookup(self.table(layer), self.num_experts)
 
     def route(self, topk_ids: torch.Tensor,
-              tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """topk_ids [T, K] logical -> (FFN rank [T, K], slot on that rank [T, K]).
+              tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_ids [T, K] logical -> (FFN rank [T, K], slot on that rank [T, K]) in decoder
+        layer ``layer`` (``tables``: that layer's, prebuilt, e.g. ``RouteTables[layer]``).
 
         A replicated expert's copy is picked by token index, spreading its load evenly.
         """
-        rank, slot, copies = tables or self.lookup_tables()
+        rank, slot, copies = tables or self.lookup_tables(layer)
         ids = topk_ids.long()
         token = torch.arange(ids.shape[0], device=ids.device)[:, None]
         pick = token % copies.to(ids.device)[ids]
         return rank.to(ids.device)[ids, pick], slot.to(ids.device)[ids, pick]
+
+
+def _lookup(table: Table, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    copies = [[] for _ in range(num_experts)]
+    for r, held in enumerate(table):
+        for s, e in enumerate(held):
+            copies[e].append((r, s))
+    width = max(len(c) for c in copies)
+    rank = torch.zeros(num_experts, width, dtype=torch.long)
+    slot = torch.zeros(num_experts, width, dtype=torch.long)
+    for e, c in enumerate(copies):
+        for i in range(width):
+            rank[e, i], slot[e, i] = c[i % len(c)]
+    return rank, slot, torch.tensor([len(c) for c in copies])
+
+
+class RouteTables:
+    """A placement's lookup tables on one device, per decoder layer, built once (what a
+    transport holds; layers with equal tables share them)."""
+
+    def __init__(self, placement: ExpertPlacement, device: torch.device):
+        self.placement = placement
+        built: dict[Table, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for t in placement.tables:
+            if t not in built:
+                built[t] = tuple(x.to(device) for x in _lookup(t, placement.num_experts))
+        self.by_layer = [built[t] for t in placement.tables]
+        if placement.layers:  # the MTP layer's, past the decoder layers (``table``)
+            self.by_layer.append(tuple(x.to(device) for x in _lookup(
+                placement.table(len(placement.layers)), placement.num_experts)))
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.placement.layers:
+            self.placement.table(layer)  # range check, naming the layer
+            return self.by_layer[layer]
+        return self.by_layer[0]
 
 
 def _as_int(value: object) -> int | None:

@@ -19,7 +19,7 @@ class FFNWorker:
                  out: zmq.Socket):
         self.spec, self.groups, self.out = spec, groups, out
         cfg = spec.engine_cfg
-        self.model = load_model(cfg.model, "ffn", expert_ids=list(spec.placement.slots[index]),
+        self.model = load_model(cfg.model, "ffn", expert_ids=spec.placement.rank_experts(index),
                                 dtype=cfg.dtype, device=device, fp8_experts=cfg.fp8_experts,
                                 mtp=cfg.mtp)
         # every MoE layer in the order a step reaches it: the target's, then the MTP layer's

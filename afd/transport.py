@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from afd.placement import ExpertPlacement
+from afd.placement import ExpertPlacement, RouteTables
 from afd.profiling import StageTimers
 from models.model import Dispatch, ExpertPath
 from models.moe import RoutedExperts
@@ -69,7 +69,7 @@ class TorchTransport(ExpertPath):
                  dtype: torch.dtype, device: torch.device):
         self.groups, self.placement = groups, placement
         self.hidden, self.dtype, self.device = hidden, dtype, device
-        self.tables = tuple(t.to(device) for t in placement.lookup_tables())
+        self.tables = RouteTables(placement, device)  # per layer
         self.slots = placement.max_slots
         self.timers = StageTimers()
 
@@ -86,7 +86,7 @@ class TorchTransport(ExpertPath):
         a, f, s = self.groups.num_attention, self.groups.num_ffn, self.slots
         ids = req.routing.topk_ids  # [T, K]
         num_tokens, top_k = ids.shape
-        rank, slot = self.placement.route(ids.clamp(min=0), self.tables)
+        rank, slot = self.placement.route(ids.clamp(min=0), self.tables[req.layer])
         valid = (ids >= 0).flatten()
         key = torch.where(valid, (rank * s + slot).flatten(), f * s)  # [T*K], invalid last
         order = torch.argsort(key, stable=True)[: int(valid.sum())]

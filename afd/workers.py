@@ -90,8 +90,7 @@ class WorkerSpec:
         d["layout"] = Layout(**d["layout"])
         d["engine_cfg"] = engine_config_from_dict(d["engine_cfg"])
         if d["placement"] is not None:
-            d["placement"] = ExpertPlacement(d["placement"]["num_experts"],
-                                             tuple(tuple(s) for s in d["placement"]["slots"]))
+            d["placement"] = ExpertPlacement.from_dict(d["placement"])
         d["front_in"] = tuple(d["front_in"])
         return cls(**d)
 

@@ -168,9 +168,13 @@ class MoEModel(nn.Module):
     checkpoint stores them, or quantized on load from a bf16/fp32 one: ``models.weights``);
     every other weight is in ``dtype``. ``mtp``: build the checkpoint's first
     multi-token-prediction layer too (``self.mtp``; DeepSeek only).
+    ``expert_ids``: the routed experts held (slot order), in every MoE layer or per layer
+    ({layer index: ids}, an FFN rank's per-layer placement; the MTP layer is index
+    ``num_layers``); None: all.
     """
 
-    def __init__(self, cfg: ModelConfig, role: str = "full", expert_ids: list[int] | None = None,
+    def __init__(self, cfg: ModelConfig, role: str = "full",
+                 expert_ids: list[int] | dict[int, list[int]] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  fp8_experts: bool = False, mtp: bool = False):
         super().__init__()
@@ -182,15 +186,15 @@ class MoEModel(nn.Module):
         self.fp8_experts = fp8_experts
         self.model = nn.Module()
         self.model.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, role, expert_ids, dtype, device, fp8_experts)
+            DecoderLayer(cfg, i, role, _layer_experts(expert_ids, i), dtype, device, fp8_experts)
             for i in range(cfg.num_layers)
         )
         if mtp and (cfg.attention != "mla" or cfg.num_nextn_predict_layers < 1):
             raise ValueError("mtp needs a DeepSeek-V3 MoE checkpoint with num_nextn_predict_layers "
                              f">= 1 in config.json (model_type {cfg.model_type!r}, "
                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers})")
-        self.mtp = (MTPLayer(cfg, role, expert_ids, dtype, device, fp8_experts) if mtp
-                    else None)
+        self.mtp = (MTPLayer(cfg, role, _layer_experts(expert_ids, cfg.num_layers), dtype,
+                             device, fp8_experts) if mtp else None)
         if role != "ffn":
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                                    device=device)
@@ -249,6 +253,16 @@ class MoEModel(nn.Module):
         """One batch through every layer; the experts are this process's own unless given."""
         stages = self.forward_stages(input_ids, batch, kv_caches, logits_index)
         return run_stages(stages, experts or LocalExperts(self))
+
+
+def _layer_experts(expert_ids: list[int] | dict[int, list[int]] | None, layer: int
+                   ) -> list[int] | None:
+    if not isinstance(expert_ids, dict):
+        return expert_ids
+    if layer not in expert_ids:
+        raise ValueError(f"expert_ids names no experts for layer {layer} (it covers layers "
+                         f"{sorted(expert_ids)})")
+    return expert_ids[layer]
 
 
 @dataclass

@@ -227,7 +227,8 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
     dest.copy_(tensor)
 
 
-def load_model(path: str, role: str = "full", expert_ids: list[int] | None = None,
+def load_model(path: str, role: str = "full",
+               expert_ids: list[int] | dict[int, list[int]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                fp8_experts: bool = False, mtp: bool = False) -> MoEModel:
     """Build the model for ``role`` from the checkpoint folder and load its weights

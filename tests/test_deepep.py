@@ -230,17 +230,17 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
         assert set(transport.timers.seconds) == {"dispatch", "combine"}
     else:
         index = rank - case.num_attention
-        held = list(placement.slots[index])
         server = DeepEPExpertServer(groups, placement, h, bf16, device,
                                     num_max_dispatch_tokens_per_rank=32)
         emap = DeepEPExpertMap(placement, case.num_attention)
         for layer in range(LAYERS):
+            held = list(placement.table(layer)[index])
             w13, w2 = weights[layer]
             experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
             for mb in range(mbs):
                 served = server.serve(mb, experts)
                 expected = sum(int(emap.recv_counts(emap.to_deepep(
-                    rank_inputs(a, layer, mb, h)[1].topk_ids))[rank].sum())
+                    rank_inputs(a, layer, mb, h)[1].topk_ids, layer=layer))[rank].sum())
                     for a in range(case.num_attention))
                 assert served == expected, f"FFN rank {index} layer {layer} mb {mb}"
         server.drain()
@@ -251,13 +251,18 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_round_trip_over_fake_deep_ep(micro_batches):
+@pytest.mark.parametrize("micro_batches, per_layer", [(1, False), (2, False), (2, True)],
+                         ids=["mb1", "mb2", "mb2-per-layer"])
+def test_round_trip_over_fake_deep_ep(micro_batches, per_layer):
     """Our use of DeepEP's contract (ids, slabs, counts, hooks, call order) on CPU ranks; the
-    fake is our reading of DeepEP's API, not DeepEP."""
+    fake is our reading of DeepEP's API, not DeepEP. ``per_layer``: layer 1 has a table of its
+    own (replicas, 4/2/3 slots), so each layer must route by its own table."""
     case = Case(2, 3, micro_batches, hidden=32, fake=True)
     placement = ExpertPlacement.balanced(E, case.num_ffn, {2: 1, 5: 1})  # uneven slot counts
     assert len({len(s) for s in placement.slots}) > 1
+    if per_layer:
+        placement = ExpertPlacement(E, layers=(placement.slots,
+                                               ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
     mp.spawn(run_rank, args=(free_port(), case, placement), nprocs=case.world, join=True)
 
 

@@ -215,6 +215,39 @@ def test_abort_on_a_dead_rank_is_an_error_not_a_hang(references):
         _kill_all(llm)
 
 
+def test_per_layer_placement_matches_single_process(references):
+    """Each MoE layer its own table, with replicas and uneven slot counts (one FFN rank holds 2
+    experts in layer 1, 5 in layer 2): the FFN ranks load per layer what their slots name, both
+    sides route by the layer's table, and the tokens are the single process's."""
+    from afd.placement import ExpertPlacement
+
+    path, prompts, params, expected = references["deepseek_v3"]
+    dense = ExpertPlacement.balanced(8, 3).slots  # layer 0 is dense: its table is unused
+    layer1 = ((7, 0), (1, 2, 3, 0, 4), (4, 5, 6))
+    layer2 = ((5, 6, 7), (0, 1, 5), (2, 3, 4, 1))
+    placement = ExpertPlacement(8, layers=(dense, layer1, layer2))
+    llm = LLM(path, attention=1, ffn=3, micro_batches=2, timeout_s=30,
+              expert_placement=placement)
+    try:
+        info = llm.engine.core.rank_info
+        held = [d["param_bytes"] for _, d in sorted(info.items()) if d["role"] == "ffn"]
+        slots = [5, 8, 7]  # per FFN rank, layers 1 + 2
+        assert [b * slots[0] for b in held] == [held[0] * n for n in slots]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+    finally:
+        llm.shutdown()
+
+
+def test_per_layer_placement_for_another_depth_is_refused(references):
+    from afd.placement import ExpertPlacement
+
+    path = references["deepseek_v3"][0]
+    table = ExpertPlacement.balanced(8, 1).slots
+    with pytest.raises(ValueError, match="tables for 2 decoder layers, the model has 3"):
+        LLM(path, attention=1, ffn=1, expert_placement=ExpertPlacement(8, layers=(table,) * 2))
+
+
 def test_placement_for_another_model_is_refused_before_start(references):
     from afd.placement import ExpertPlacement
 

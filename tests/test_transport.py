@@ -71,7 +71,7 @@ def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"rank {rank} micro-batch {mb}: {m}")
     else:
-        held = list(placement.slots[rank - ATTN])
+        held = list(placement.table(3)[rank - ATTN])  # the layer the attention ranks send
         experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
         server = TorchExpertServer(groups, placement, H, torch.float32, device)
         served = [server.serve(mb, experts) for mb in range(2)]
@@ -81,10 +81,22 @@ def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("replicas", [None, {2: 1, 5: 2}], ids=["plain", "replicated"])
+def per_layer_placement() -> ExpertPlacement:
+    """Layer 3 (the one dispatched) differs from layers 0-2: reversed, replicas, uneven counts,
+    so routing with any other layer's table sends rows to experts that are not theirs."""
+    plain = ExpertPlacement.balanced(E, FFN).slots
+    layer3 = ((7, 6, 5, 4, 0), (3, 2), (1, 0, 4))  # 0 and 4 twice; 5/2/3 slots
+    return ExpertPlacement(E, layers=(plain, plain, plain, layer3))
+
+
+@pytest.mark.parametrize("replicas", [None, {2: 1, 5: 2}, "per_layer"],
+                         ids=["plain", "replicated", "per-layer"])
 def test_torch_transport_round_trip_matches_reference(replicas):
-    placement = ExpertPlacement.balanced(E, FFN, replicas)
-    assert [len(s) for s in placement.slots] != [E // FFN] * FFN  # uneven split
+    if replicas == "per_layer":
+        placement = per_layer_placement()
+    else:
+        placement = ExpertPlacement.balanced(E, FFN, replicas)
+    assert [len(s) for s in placement.table(3)] != [E // FFN] * FFN  # uneven split
     mp.spawn(run_rank, args=(free_port(), placement), nprocs=ATTN + FFN, join=True)
 
 
@@ -128,3 +140,32 @@ def test_placement_input_validation():
     for replicas in ({0: 3}, {0: -1}, {4: 1}):
         with pytest.raises(ValueError, match="replicas"):
             ExpertPlacement.balanced(4, 3, replicas)
+
+
+def test_per_layer_placement_tables_and_errors():
+    p = per_layer_placement()
+    assert p.num_layers == 4 and p.num_ranks == FFN and p.max_slots == 5
+    assert p.rank_experts(1) == {0: [3, 4, 5], 1: [3, 4, 5], 2: [3, 4, 5], 3: [3, 2]}
+    assert ExpertPlacement.balanced(E, FFN).rank_experts(1) == [3, 4, 5]
+    assert ExpertPlacement.from_dict(p.to_dict()) == p  # the JSON form (workers, files)
+    plain = ExpertPlacement.balanced(E, FFN)
+    assert ExpertPlacement.from_dict(plain.to_dict()) == plain
+    ids = torch.tensor([[0, 4], [0, 4], [2, 7]])
+    for layer in range(4):
+        rank, slot = p.route(ids, layer=layer)
+        table = p.table(layer)
+        assert [[table[r][s] for r, s in zip(rr.tolist(), ss.tolist())]
+                for rr, ss in zip(rank, slot)] == ids.tolist()
+    # layer 3's replicated expert 0 alternates over its two copies by token
+    rank, _ = p.route(ids, layer=3)
+    assert rank[0, 0] != rank[1, 0]
+    with pytest.raises(ValueError, match=r"layers\[1\].*experts \[7\] on no rank"):
+        ExpertPlacement(E, layers=(plain.slots, ((0, 1, 2), (3, 4, 5), (6,))))
+    with pytest.raises(ValueError, match="same number of FFN ranks"):
+        ExpertPlacement(E, layers=(plain.slots, ((0, 1, 2, 3), (4, 5, 6, 7))))
+    with pytest.raises(ValueError, match="not both or neither"):
+        ExpertPlacement(E, plain.slots, (plain.slots,))
+    with pytest.raises(ValueError, match="not layer 4"):
+        p.table(4)
+    with pytest.raises(ValueError, match="num_experts"):
+        ExpertPlacement.from_dict({"slots": [[0]]})
