@@ -2,7 +2,8 @@
 
 Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [DONE]``),
 /v1/responses (OpenAI's Responses API run as a chat completion; afd/responses.py),
-/tokenize, /detokenize, /version, /reset_prefix_cache (with the API key, as /v1/),
+/tokenize, /detokenize, /version, /reset_prefix_cache and SGLang's
+/{start,stop,dump}_expert_distribution_record (these with the API key, as /v1/),
 /v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
 /metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
 
@@ -34,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.async_engine import AsyncEngine, EngineDeadError
+from afd.expert_load import NoExpertLoadRecord
 from afd.metrics import ServerMetrics
 from pydantic import ValidationError
 
@@ -51,6 +53,10 @@ from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_de
 from afd.tool_parsers import PARSERS, ToolCallStream
 
 log = logging.getLogger("afd.server")
+
+# admin endpoints outside /v1/ that still need the API key
+ADMIN_PATHS = ("/reset_prefix_cache", "/start_expert_distribution_record",
+               "/stop_expert_distribution_record", "/dump_expert_distribution_record")
 
 
 class ServerState:
@@ -111,7 +117,7 @@ class AuthAndDrain:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and (scope["path"].startswith("/v1/")
-                                        or scope["path"] == "/reset_prefix_cache"):
+                                        or scope["path"] in ADMIN_PATHS):
             error = None
             key = self.state.api_key
             if key is not None and Headers(scope=scope).get("authorization", "") != \
@@ -224,6 +230,29 @@ def build_app(state: ServerState) -> FastAPI:
         """vLLM's: forget every rank's cached prefixes (running requests keep their KV)."""
         state.engine.reset_prefix_cache()
         return {"status": "ok"}
+
+    async def expert_load(fn) -> dict:
+        try:
+            return await state.engine.call(fn)
+        except NoExpertLoadRecord as exc:
+            raise APIError(400, str(exc)) from None
+
+    @app.post("/start_expert_distribution_record")
+    async def start_expert_distribution_record() -> dict:
+        """SGLang's: zero the per-layer expert token counts and start counting (afd.expert_load)."""
+        await expert_load(state.engine.engine.start_expert_load_record)
+        return {"status": "ok"}
+
+    @app.post("/stop_expert_distribution_record")
+    async def stop_expert_distribution_record() -> dict:
+        await expert_load(state.engine.engine.stop_expert_load_record)
+        return {"status": "ok"}
+
+    @app.post("/dump_expert_distribution_record")
+    async def dump_expert_distribution_record() -> dict:
+        """The record so far as JSON ({"num_layers", "num_experts", "counts"}): save it and
+        restart with --expert-placement FILE (afd.eplb)."""
+        return await expert_load(state.engine.engine.expert_load_record)
 
     @app.get("/version")
     async def version() -> dict:

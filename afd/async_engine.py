@@ -8,11 +8,12 @@ the HTTP side never blocks the step loop, and a slow client never slows the rank
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from afd.engine import LLMEngine
@@ -87,6 +88,16 @@ class AsyncEngine:
         """Empty every rank's prefix cache (on the engine thread, between steps)."""
         self.commands.put(("reset_prefix_cache",))
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (an engine method, e.g. ``engine.expert_load_record``) on the engine
+        thread between steps; its result, or what it raised."""
+        ok, why = self.healthy()
+        if not ok:
+            raise EngineDeadError(why)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.commands.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
+
     @property
     def num_in_flight(self) -> int:
         return len(self.streams)
@@ -135,6 +146,15 @@ class AsyncEngine:
                     self._deliver(rid, exc)
             elif cmd[0] == "reset_prefix_cache":
                 self.engine.reset_prefix_cache()
+            elif cmd[0] == "call":
+                _, fn, done = cmd
+                try:
+                    done.set_result(fn())
+                except RankFailure as exc:
+                    done.set_exception(EngineDeadError(str(exc)))
+                    raise  # the engine's failure: _loop fails every request
+                except Exception as exc:  # noqa: BLE001 - the caller gets it, not the engine
+                    done.set_exception(exc)
             else:
                 self.engine.abort_request(cmd[1])
                 self.last_token.pop(cmd[1], None)

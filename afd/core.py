@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from afd.config import EngineConfig
 from afd.block_pool import BlockPool
+from afd.expert_load import ExpertLoadRecorder, NoExpertLoadRecord, sum_records
 from afd.kv_cache import kv_block_dim
 from afd.kv_offload import HostKVTier
 from afd.model_runner import ModelRunner
@@ -276,6 +277,22 @@ class EngineCore:
             self.host.reset()
         for seq in self.seqs.values():
             seq.num_cached_blocks = 0
+
+    # ---- expert load record (afd.expert_load) ---------------------------------------------
+    def load_recorder(self) -> ExpertLoadRecorder:
+        if self.runner.load_record is None:
+            raise NoExpertLoadRecord("the model has no routed experts: no expert load to record")
+        return self.runner.load_record
+
+    def start_expert_load_record(self) -> None:
+        self.load_recorder().start()
+
+    def stop_expert_load_record(self) -> None:
+        self.load_recorder().stop()
+
+    def expert_load_record(self) -> dict:
+        rec = self.load_recorder()
+        return sum_records([rec.snapshot()], rec.num_layers, rec.num_experts)
 
     def shutdown(self) -> None:
         pass

@@ -25,10 +25,12 @@ and scratch-block logic is then checked against plain eager steps on CPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from afd.expert_load import RoutedTap
 from models.batch import ForwardBatch
 from models.model import LocalExperts, MoEModel
 
@@ -64,6 +66,9 @@ class _Graph:
     batch: ForwardBatch
     graph: torch.cuda.CUDAGraph | None  # None: run eagerly (no CUDA)
     logits: torch.Tensor | None  # [size, V] fp32, written by each replay
+    # (decoder layer, topk_ids [size, K]) per MoE layer, rewritten by each replay (kept alive,
+    # so the graph's pool never reuses them): the routing an expert load record reads
+    routed: list[tuple[int, torch.Tensor]]
 
 
 class DecodeGraphs:
@@ -95,7 +100,7 @@ class DecodeGraphs:
         if capture:
             self._capture_all()
         else:
-            self.graphs = {s: _Graph(s, self._batch(s), None, None) for s in self.sizes}
+            self.graphs = {s: _Graph(s, self._batch(s), None, None, []) for s in self.sizes}
 
     def _batch(self, size: int) -> ForwardBatch:
         # context_lens stays None: decode attention reads the lengths on the device only.
@@ -104,9 +109,11 @@ class DecodeGraphs:
                             block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
                             query_lens=[1] * size, num_decodes=size)
 
-    def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
+    def _forward(self, size: int, batch: ForwardBatch,
+                 routed: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        experts = RoutedTap(LocalExperts(self.model), lambda *r: routed.append(r))
         return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
-                                  self.logits_index[:size], LocalExperts(self.model))
+                                  self.logits_index[:size], experts)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -118,14 +125,15 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             batch = self._batch(size)
             for _ in range(2):
-                self._forward(size, batch)
+                self._forward(size, batch, [])
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
+            routed: list[tuple[int, torch.Tensor]] = []
             # thread_local: another thread's CUDA call (none is expected at start) cannot spoil
             # this capture, and this capture forbids only this thread's unsafe calls
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                logits = self._forward(size, batch)
-            self.graphs[size] = _Graph(size, batch, graph, logits)
+                logits = self._forward(size, batch, routed)
+            self.graphs[size] = _Graph(size, batch, graph, logits, routed)
         torch.cuda.synchronize()
 
     def padded_size(self, num_rows: int) -> int:
@@ -136,9 +144,12 @@ class DecodeGraphs:
         return 0 < batch.num_decodes == batch.num_seqs <= self.max_size
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, batch: ForwardBatch,
+            on_route: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """One decode step: input_ids [B], batch of B decode rows -> logits [B, V] fp32, one
-        per row. The result is a view of the graph's output: read it before the next ``run``."""
+        per row. The result is a view of the graph's output: read it before the next ``run``.
+        ``on_route``: shown each MoE layer's (layer, topk_ids [B, K]) of the B real rows (the
+        padding rows' routing left out), after the step (an expert load record)."""
         num, cols = batch.num_seqs, batch.block_tables.shape[1]
         entry = self.graphs[self.padded_size(num)]
         size = entry.size
@@ -155,6 +166,12 @@ class DecodeGraphs:
             self.seq_lens[num:size].fill_(1)
             self.block_tables[num:size, 0].fill_(self.scratch_block)
         if entry.graph is None:
-            return self._forward(size, entry.batch)[:num]
-        entry.graph.replay()
-        return entry.logits[:num]
+            entry.routed = []
+            logits = self._forward(size, entry.batch, entry.routed)
+        else:
+            entry.graph.replay()
+            logits = entry.logits
+        if on_route is not None:
+            for layer, topk_ids in entry.routed:
+                on_route(layer, topk_ids[:num])
+        return logits[:num]

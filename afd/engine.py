@@ -34,6 +34,9 @@ class CoreClient(Protocol):
     def stats(self) -> list[Any]: ...
     def prefix_cache_stats(self) -> Any: ...
     def reset_prefix_cache(self) -> None: ...
+    def start_expert_load_record(self) -> None: ...
+    def stop_expert_load_record(self) -> None: ...
+    def expert_load_record(self) -> dict: ...
     def shutdown(self) -> None: ...
 
 
@@ -429,6 +432,19 @@ class LLMEngine:
         """Forget the prefix cache on every rank (KV of running requests stays theirs)."""
         self.core.reset_prefix_cache()
         return True
+
+    def start_expert_load_record(self) -> None:
+        """Zero every attention rank's per-layer expert token counts and start counting
+        (afd.expert_load; SGLang's /start_expert_distribution_record)."""
+        self.core.start_expert_load_record()
+
+    def stop_expert_load_record(self) -> None:
+        self.core.stop_expert_load_record()
+
+    def expert_load_record(self) -> dict:
+        """{"num_layers", "num_experts", "counts": [[tokens per expert] per decoder layer]},
+        summed over the attention ranks; NoExpertLoadRecord (a ValueError) before any start."""
+        return self.core.expert_load_record()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -26,6 +26,7 @@ import zmq
 from afd import protocol
 from afd.config import EngineConfig
 from afd.core import CoreStats, PrefixCacheStats
+from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.placement import ExpertPlacement
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
@@ -107,6 +108,9 @@ class MultiRankClient:
                     f"max_num_batched_tokens={engine_cfg.max_num_batched_tokens}: set "
                     f"max_num_batched_tokens <= {most}")
         self.layout, self.timeout_s = layout, timeout_s
+        self.model_shape = (model_cfg.num_layers, model_cfg.num_experts)  # expert load records
+        self.expert_loads: dict[int, list | None] = {}  # attention rank -> its last snapshot
+        self.held: list[CoreOutput] = []  # outputs that arrived while waiting for the ranks
         if layout.ffn:
             placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)
             if placement.num_ranks != layout.ffn:
@@ -346,6 +350,33 @@ class MultiRankClient:
         for rank in range(self.layout.prefill + self.layout.attention):
             self._tell(rank, {"t": "reset_prefix_cache"})
 
+    # ---- expert load record (afd.expert_load) ---------------------------------------------
+    def _tell_attention(self, msg: dict) -> None:
+        """Every attention rank (the ranks that route); prefill ranks record nothing."""
+        if not self.model_shape[1]:
+            raise NoExpertLoadRecord("the model has no routed experts: no expert load to record")
+        for rank in range(self.layout.prefill, self.layout.prefill + self.layout.attention):
+            self._tell(rank, msg)
+
+    def start_expert_load_record(self) -> None:
+        self._tell_attention({"t": "expert_load_start"})
+
+    def stop_expert_load_record(self) -> None:
+        self._tell_attention({"t": "expert_load_stop"})
+
+    def expert_load_record(self) -> dict:
+        """Ask every attention rank for its counts and sum them (tokens that arrive meanwhile
+        are kept for the next ``step``)."""
+        self.expert_loads.clear()
+        self._tell_attention({"t": "expert_load_dump"})
+        deadline = time.monotonic() + self.timeout_s
+        while len(self.expert_loads) < self.layout.attention:
+            if time.monotonic() > deadline:
+                self._fail(f"{self.layout.attention - len(self.expert_loads)} attention ranks "
+                           f"sent no expert load record within {self.timeout_s:.0f}s")
+            self.held = self.step(0.05)
+        return sum_records(list(self.expert_loads.values()), *self.model_shape)
+
     # ---- messages from the ranks ----------------------------------------------------------
     def _handle(self, msg: dict[str, Any]) -> list[CoreOutput]:
         kind, rank = msg["t"], msg.get("rank")
@@ -355,7 +386,9 @@ class MultiRankClient:
             self._fail(f"{self._describe(rank)} failed: {msg['msg']}")
         if "timers" in msg:
             self.rank_timers[rank] = msg["timers"]
-        if kind == "admitted":  # a decode rank has blocks for it: tell the prefill rank to send
+        if kind == "expert_load" and rank in self.rank_stats:
+            self.expert_loads[rank] = msg["counts"]
+        elif kind == "admitted":  # a decode rank has blocks for it: tell the prefill rank to send
             placed = self._find(msg["id"])
             if placed is not None:
                 placed.admitted = True
@@ -425,7 +458,7 @@ class MultiRankClient:
     def step(self, wait_s: float = 0.05) -> list[CoreOutput]:
         """Whatever tokens arrived, waiting up to ``wait_s`` for the first message."""
         self.check_alive()
-        outputs: list[CoreOutput] = []
+        outputs, self.held = self.held, []
         if self.inbox.poll(int(wait_s * 1000)):
             while True:
                 try:

@@ -298,6 +298,25 @@ class LLM:
         """Forget every cached KV block (on every rank); requests running keep theirs."""
         return self.engine.reset_prefix_cache()
 
+    def start_expert_load_record(self) -> None:
+        """Start counting the tokens routed to each expert of each MoE layer (from zero), on
+        every rank that routes (afd.expert_load)."""
+        self.engine.start_expert_load_record()
+
+    def stop_expert_load_record(self) -> None:
+        """Stop counting; the counts stay for ``dump_expert_load_record``."""
+        self.engine.stop_expert_load_record()
+
+    def dump_expert_load_record(self, path: str | os.PathLike | None = None) -> dict:
+        """The record so far (while recording or after stop): {"num_layers", "num_experts",
+        "counts": [[tokens per expert] per decoder layer]}, summed over attention ranks; also
+        written to ``path`` as JSON, which ``expert_placement=path`` reads back (afd.eplb)."""
+        record = self.engine.expert_load_record()
+        if path is not None:
+            with open(path, "w") as f:
+                json.dump(record, f)
+        return record
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -9,6 +9,7 @@ import torch
 
 from afd.config import EngineConfig
 from afd.cuda_graphs import DecodeGraphs, unsupported_reason
+from afd.expert_load import ExpertLoadRecorder, RoutedTap
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
@@ -154,6 +155,8 @@ class ModelRunner:
                                             len(model.all_layers()))
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
+        self.load_record = (ExpertLoadRecorder(model.cfg.num_layers, model.cfg.num_experts,
+                                               self.device) if model.cfg.num_experts else None)
 
     def _graphs_apply(self) -> bool:
         reason = ("experts on FFN ranks (the all_to_all sizes its messages on the host)"
@@ -192,21 +195,22 @@ class ModelRunner:
         graph when one is as large as its rows."""
         if plan.empty and not self.collective:
             return SamplerOutput([], [])
+        record = self.load_record.add if self.load_record and self.load_record.recording else None
+        experts = self.experts if record is None else RoutedTap(self.experts, record)
         if self.mtp is not None:
-            return self._execute_with_mtp(plan, micro_batches)
+            return self._execute_with_mtp(plan, micro_batches, experts)
         if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
             if self.graphs.fits(batch):
-                logits = self.graphs.run(ids, batch)[index]
+                logits = self.graphs.run(ids, batch, record)[index]
             else:
                 logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
-                                           self.experts)[0]
+                                           experts)[0]
         else:
             sizes = [s.num_new_tokens for s in plan.seqs]
             parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
             inputs = [self.prepare(part) for part in parts]
-            logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches,
-                                                 self.experts))
+            logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, experts))
         return self._sample(logits, plan.seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> SamplerOutput:
@@ -222,7 +226,8 @@ class ModelRunner:
         out.prompt_logprobs = prompt_logprobs
         return out
 
-    def _execute_with_mtp(self, plan: SchedulerOutput, micro_batches: int) -> SamplerOutput:
+    def _execute_with_mtp(self, plan: SchedulerOutput, micro_batches: int,
+                          experts: ExpertPath) -> SamplerOutput:
         """A step, then the MTP layer over its rows (``mtp_inputs``), each micro-batch as the
         target's; ``draft_tokens``: per sampled token, the MTP argmax after it (the next
         step's draft if that token is the last one emitted). With FFN ranks the MTP layer's
@@ -230,8 +235,7 @@ class ModelRunner:
         sizes = [s.num_new_tokens for s in plan.seqs]
         parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
         inputs = [self.prepare(part) for part in parts]
-        outs = run_micro_batches(self.model, inputs, self.kv_caches, self.experts,
-                                 keep_hidden=True)
+        outs = run_micro_batches(self.model, inputs, self.kv_caches, experts, keep_hidden=True)
         out = self._sample(torch.cat([o.logits for o in outs]), plan.seqs)
         stages, row = [], 0
         for part, (_, batch, _), target in zip(parts, inputs, outs):
@@ -241,7 +245,7 @@ class ModelRunner:
             dev = torch.tensor(next_ids + rows, dtype=torch.long).to(self.device)
             stages.append(self.mtp.stages(dev[:len(next_ids)], target.hidden, batch,
                                           self.kv_caches[self.mtp.index], dev[len(next_ids):]))
-        logits = torch.cat(drive_micro_batches(stages, self.experts))
+        logits = torch.cat(drive_micro_batches(stages, experts))  # (a load record skips it)
         out.draft_tokens = logits.argmax(dim=-1).tolist()
         return out
 

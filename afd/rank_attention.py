@@ -62,6 +62,13 @@ class AttentionWorker:
                 self._drop_receive(rid)
         elif kind == "reset_prefix_cache":
             self.core.reset_prefix_cache()
+        elif kind == "expert_load_start":
+            self.core.start_expert_load_record()
+        elif kind == "expert_load_stop":
+            self.core.stop_expert_load_record()
+        elif kind == "expert_load_dump":
+            self.link.send({"t": "expert_load",
+                            "counts": self.core.load_recorder().snapshot()})
         elif kind == "shutdown":
             self.stopping = True
         return []

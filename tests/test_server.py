@@ -341,6 +341,30 @@ def test_api_key(pd):
                       headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
 
 
+def test_expert_distribution_record(pd):
+    """SGLang's record endpoints, behind the API key: the dump counts what the decode attention
+    rank routed (the prefill rank's prompt tokens are not recorded), summed as JSON."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(name: str, headers=auth) -> httpx.Response:
+        return httpx.post(f"{pd.url}/{name}_expert_distribution_record", headers=headers,
+                          timeout=30)
+
+    for name in ("start", "stop", "dump"):
+        assert post(name, {}).status_code == 401
+    r = post("dump")
+    assert r.status_code == 400 and "start one first" in r.json()["error"]["message"]
+    assert post("start").json() == {"status": "ok"}
+    c = client(pd, API_KEY)
+    c.completions.create(model=c.models.list().data[0].id, prompt="Tell me", max_tokens=5,
+                         temperature=0, extra_body={"ignore_eos": True})
+    assert post("stop").json() == {"status": "ok"}
+    record = post("dump").json()
+    assert record["num_layers"] == 4 and record["num_experts"] == 16  # the tiny model
+    # 4 decode steps of one token (the first token came from the prefill rank), top-4 routing
+    assert [sum(row) for row in record["counts"]] == [0, 16, 16, 16]
+
+
 def test_metrics_move(single):
     before = single.metric("afd:generation_tokens_total")
     prompts_before = single.metric("afd:prompt_tokens_total")
