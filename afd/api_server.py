@@ -890,6 +890,8 @@ def main() -> None:
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch")
+    ap.add_argument("--expert-placement", default=None)
+    ap.add_argument("--num-redundant-experts", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--grace-period", type=float, default=20.0)
     ap.add_argument("--control-host", default="127.0.0.1",
@@ -916,6 +918,8 @@ def main() -> None:
 
     client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
                              transport=args.transport, timeout_s=args.timeout, attach=publish,
+                             placement=args.expert_placement,
+                             num_redundant_experts=args.num_redundant_experts,
                              control_host=args.control_host)
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),

@@ -27,6 +27,7 @@ from afd import protocol
 from afd.config import EngineConfig
 from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
+from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
@@ -83,7 +84,8 @@ def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
 class MultiRankClient:
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, layout: Layout, *,
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
-                 placement: ExpertPlacement | None = None, prefill_block_size: int | None = None,
+                 placement: ExpertPlacement | str | os.PathLike | None = None,
+                 num_redundant_experts: int = 0, prefill_block_size: int | None = None,
                  startup_timeout_s: float = 300.0,
                  attach: Callable[[WorkerSpec], None] | None = None,
                  control_host: str = LOOPBACK):
@@ -111,8 +113,9 @@ class MultiRankClient:
         self.model_shape = (model_cfg.num_layers, model_cfg.num_experts)  # expert load records
         self.expert_loads: dict[int, list | None] = {}  # attention rank -> its last snapshot
         self.held: list[CoreOutput] = []  # outputs that arrived while waiting for the ranks
-        if layout.ffn:
-            placement = placement or ExpertPlacement.balanced(model_cfg.num_experts, layout.ffn)
+        if layout.ffn:  # a placement, a file (placement or load record: afd.eplb), or default
+            placement = resolve_placement(placement, model_cfg.num_experts, model_cfg.num_layers,
+                                          layout.ffn, num_redundant_experts)
             if placement.num_ranks != layout.ffn:
                 raise ValueError(f"placement has {placement.num_ranks} ranks, layout has "
                                  f"ffn={layout.ffn}")

@@ -90,6 +90,8 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
         raise ValueError("expert_placement needs ffn >= 1")
+    if ffn == 0 and options.get("num_redundant_experts"):
+        raise ValueError("num_redundant_experts needs ffn >= 1")
     from afd.layouts import check_layout_options
     from afd.spec_decode import check_layout
 
@@ -121,7 +123,7 @@ class LLM:
         max_num_batched_tokens=None, enable_prefix_caching=True, kv_offload_gb=0,
         cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
-        timeout_s=60.0, prefill_block_size=None, expert_placement=None,
+        timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         generation_config="auto", speculative_config=None, scheduling_policy="fcfs")
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
@@ -147,6 +149,10 @@ class LLM:
     ``speculative_config``: n-gram speculative decoding, vLLM's dict (``{"method": "ngram",
     "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``); the
     outputs are those of plain decoding (afd.spec_decode).
+    ``expert_placement`` (with FFN ranks): which experts each FFN rank holds, per layer or for
+    all: an ``ExpertPlacement``, or a JSON file holding one (``ExpertPlacement.to_dict``) or a
+    load record (``dump_expert_load_record``), from which afd.eplb computes a balanced placement
+    with ``num_redundant_experts`` extra slots per layer for copies of the hottest experts.
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     """
@@ -155,13 +161,15 @@ class LLM:
                  prefill: int = 0, attention: int = 1, ffn: int = 0, micro_batches: int = 2,
                  transport: str = "torch", timeout_s: float = 60.0,
                  prefill_block_size: int | None = None,
-                 expert_placement: ExpertPlacement | None = None,
+                 expert_placement: ExpertPlacement | str | os.PathLike | None = None,
+                 num_redundant_experts: int = 0,
                  generation_config: str = "auto", **engine_args: Any):
         self.engine = build_engine(
             model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
             layout_options=dict(micro_batches=micro_batches, transport=transport,
                                 timeout_s=timeout_s, prefill_block_size=prefill_block_size,
-                                placement=expert_placement),
+                                placement=expert_placement,
+                                num_redundant_experts=num_redundant_experts),
             generation_config=generation_config, **engine_args)
         self._ids = itertools.count()
 

@@ -127,6 +127,15 @@ class ExpertPlacement:
         return cls(d["num_experts"], d.get("slots") or (), d.get("layers") or ())
 
     @classmethod
+    def from_load(cls, counts: list[list[float]], num_ranks: int, num_redundant: int = 0
+                  ) -> "ExpertPlacement":
+        """Per-layer placement from a recorded load [layers][experts] with ``num_redundant``
+        extra slots per layer for copies of the hottest experts (afd.eplb)."""
+        from afd.eplb import from_load
+
+        return from_load(counts, num_ranks, num_redundant)
+
+    @classmethod
     def balanced(cls, num_experts: int, num_ranks: int,
                  replicas: dict[int, int] | None = None) -> "ExpertPlacement":
         """Contiguous ranges, sizes differing by at most one; ``replicas`` {expert: extra copies}

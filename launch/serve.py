@@ -115,6 +115,14 @@ def parse_args() -> argparse.Namespace:
                          "Other weights are always dequantized")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
+    ap.add_argument("--expert-placement", default=None, metavar="FILE",
+                    help="with --ffn: JSON placement of the routed experts on the FFN ranks, "
+                         "or an expert load record (POST /dump_expert_distribution_record) to "
+                         "compute a balanced per-layer placement from (default: contiguous)")
+    ap.add_argument("--num-redundant-experts", type=int, default=0,
+                    help="with a load record as --expert-placement: extra expert slots per "
+                         "layer for copies of the hottest experts (SGLang's "
+                         "--ep-num-redundant-experts)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds any rank may wait on another before the server fails")
     ap.add_argument("--grace-period", type=float, default=20.0,
@@ -129,6 +137,9 @@ def parse_args() -> argparse.Namespace:
             check_layout(parse_speculative_config(args.speculative_config), args.prefill)
         except ValueError as exc:  # JSONDecodeError is one
             ap.error(f"--speculative-config: {exc}")
+    if (args.expert_placement or args.num_redundant_experts) and args.ffn == 0:
+        ap.error("--expert-placement and --num-redundant-experts need --ffn >= 1 (FFN ranks "
+                 "hold the routed experts)")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
@@ -145,11 +156,14 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--layout", f"{layout.prefill},{layout.attention},{layout.ffn}",
            "--host", args.host, "--port", str(args.port),
            "--micro-batches", str(args.micro_batches), "--transport", args.transport,
+           "--num-redundant-experts", str(args.num_redundant_experts),
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
            "--control-host", args.control_host or _control_host(),
            "--generation-config", args.generation_config,
            "--max-stored-responses", str(args.max_stored_responses)]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
+                        ("--expert-placement", args.expert_placement and
+                         os.path.abspath(args.expert_placement)),
                         ("--served-model-name", args.served_model_name),
                         ("--tool-call-parser", args.tool_call_parser),
                         ("--reasoning-parser", args.reasoning_parser)):

@@ -74,3 +74,114 @@ def test_layout_record_is_the_sum_over_attention_ranks(single_record):
     sum equals the single process's record (same tokens, same routing)."""
     with LLM(attention=2, ffn=1, enable_prefix_caching=False, timeout_s=30) as llm:
         assert record_run(llm) == single_record
+
+
+# ---- placements from a record (afd.eplb) ----------------------------------------------------
+
+
+def zipf_counts(layers: int, experts: int, seed: int, tokens: int = 100_000) -> list[list[int]]:
+    """Zipf(1) load (the r-th hottest expert gets 1/r), a different hot set per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64)
+    return [(weights[torch.argsort(torch.randperm(experts, generator=gen))] / weights.sum()
+             * tokens).round().long().tolist() for _ in range(layers)]
+
+
+def check_valid(placement, num_experts: int, num_ranks: int, per_rank: int) -> None:
+    for table in placement.layers:
+        assert [len(s) for s in table] == [per_rank] * num_ranks  # equal slot counts
+        assert {e for s in table for e in s} == set(range(num_experts))  # every expert held
+        assert all(len(set(s)) == len(s) for s in table)  # copies on distinct ranks
+
+
+@pytest.mark.parametrize("experts, ranks, redundant, most", [
+    (64, 8, 0, 1.9), (64, 8, 8, 1.01), (256, 32, 32, 1.01), (16, 2, 2, 1.01)])
+def test_from_load_balances_a_zipf_record(experts, ranks, redundant, most):
+    """Zipf(1) counts over 3 layers: the busiest FFN rank's load over the mean (summed over
+    layers) drops from the contiguous placement's 2.60 (64 experts / 8 ranks) or 6.44
+    (256 / 32) to at most ``most`` (without copies the hottest expert alone holds 1.7x the mean
+    of 8 ranks: 1.88)."""
+    from afd.eplb import from_load, imbalance
+    from afd.placement import ExpertPlacement
+
+    counts = zipf_counts(3, experts, seed=0)
+    placement = ExpertPlacement.from_load(counts, ranks, redundant)
+    assert placement == from_load(counts, ranks, redundant)
+    check_valid(placement, experts, ranks, (experts + redundant) // ranks)
+    before = imbalance(ExpertPlacement.balanced(experts, ranks), counts)
+    after = imbalance(placement, counts)
+    assert after < before and after <= most, (before, after)
+
+
+def test_from_load_replicates_the_hottest_experts():
+    from afd.eplb import rank_loads
+    from afd.placement import ExpertPlacement
+
+    counts = [[0, 0, 0, 0], [600, 100, 40, 0], [0, 10, 0, 300]]
+    p = ExpertPlacement.from_load(counts, 2, 2)
+    copies = [[sum(e in s for s in table) for e in range(4)] for table in p.layers]
+    # expert 0 first (600 tokens), then, with 0 on both ranks, the next hottest
+    assert copies[1] == [2, 2, 1, 1] and copies[2] == [1, 2, 1, 2]
+    # each copy takes half its expert's tokens: 300 + 50 + 40 | 300 + 50 + 0 (contiguous: 700 | 40)
+    assert sorted(rank_loads(p, counts)[1]) == [350.0, 390.0]
+    assert rank_loads(ExpertPlacement.balanced(4, 2), counts)[1] == [700.0, 40.0]
+
+
+def test_pack_keeps_copies_apart_when_only_their_rank_has_room():
+    """Expert 4's two copies come last (smallest share), when only rank 0 has room: one of
+    rank 1's experts moves over so the copies still land on distinct ranks."""
+    from afd.eplb import pack
+
+    table = pack([100, 1, 1, 1, 0.5], [1, 1, 1, 1, 2], 2)
+    assert [len(s) for s in table] == [3, 3] and all(4 in s for s in table)
+    assert {e for s in table for e in s} == set(range(5))
+
+
+@pytest.mark.parametrize("counts, ranks, redundant, message", [
+    ([[1, 2], [3]], 2, 0, r"counts\[1\] has 1 experts, counts\[0\] has 2"),
+    ([[1, -2]], 2, 0, r"counts\[0\]\[1\] is -2"),
+    ([[1, float("nan")]], 2, 0, r"counts\[0\]\[1\] is nan"),
+    ([], 2, 0, "counts must be a non-empty list"),
+    ([[1, 2, 3, 4]], 2, 5, "num_redundant_experts=5 is too large"),
+    ([[1, 2, 3, 4]], 2, 1, "do not split evenly over 2 FFN ranks; use 2 or 0"),
+    ([[1, 2, 3, 4]], 2, -1, "num_redundant_experts must be an integer >= 0"),
+    ([[1, 2, 3, 4]], 0, 0, "num_ranks"),
+])
+def test_from_load_names_the_bad_field(counts, ranks, redundant, message):
+    from afd.placement import ExpertPlacement
+
+    with pytest.raises(ValueError, match=message):
+        ExpertPlacement.from_load(counts, ranks, redundant)
+
+
+def test_restart_from_a_dumped_record(single_record, tmp_path):
+    """The flow: record -> dump -> start again with the file and redundant slots: a per-layer
+    placement with copies, token-identical to the single process; a placement file works too,
+    and a record of another model, or redundant slots with a placement, are refused."""
+    from afd.placement import ExpertPlacement
+
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps(single_record))
+    prompts, params = PROMPTS, PARAMS
+    with LLM(enable_prefix_caching=False) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                 use_tqdm=False)]
+    with LLM(attention=1, ffn=2, expert_placement=str(record), num_redundant_experts=2,
+             timeout_s=30) as llm:
+        placement = llm.engine.core.placement
+        assert placement.num_layers == LAYERS and placement.max_slots == (EXPERTS + 2) // 2
+        check_valid(placement, EXPERTS, 2, (EXPERTS + 2) // 2)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+    fixed = tmp_path / "placement.json"
+    fixed.write_text(json.dumps(placement.to_dict()))
+    with pytest.raises(ValueError, match="num_redundant_experts needs a load record"):
+        LLM(attention=1, ffn=2, expert_placement=str(fixed), num_redundant_experts=2)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**single_record, "counts": single_record["counts"][:2],
+                                 "num_layers": 2}))
+    with pytest.raises(ValueError, match="num_layers is 2 .* the model has 4"):
+        LLM(attention=1, ffn=2, expert_placement=str(other))
+    with pytest.raises(ValueError, match="num_redundant_experts needs ffn >= 1"):
+        LLM(num_redundant_experts=2)
+    assert ExpertPlacement.from_dict(json.loads(fixed.read_text())) == placement
