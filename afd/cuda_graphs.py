@@ -25,7 +25,6 @@ and scratch-block logic is then checked against plain eager steps on CPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +95,8 @@ class DecodeGraphs:
             self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
             self.logits_index = torch.arange(n, dtype=torch.long, device=device)
         self.graphs: dict[int, _Graph] = {}
+        self.routed: list[tuple[int, torch.Tensor]] = []  # the last _forward's (see _Graph)
+        self.last: tuple[_Graph, int] | None = None  # the last run's graph and real rows
         self.pool = None
         if capture:
             self._capture_all()
@@ -109,8 +110,9 @@ class DecodeGraphs:
                             block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
                             query_lens=[1] * size, num_decodes=size)
 
-    def _forward(self, size: int, batch: ForwardBatch,
-                 routed: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
+        """The forward a graph holds; its MoE layers' routing lands in ``self.routed``."""
+        routed = self.routed = []
         experts = RoutedTap(LocalExperts(self.model), lambda *r: routed.append(r))
         return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
                                   self.logits_index[:size], experts)
@@ -125,15 +127,14 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             batch = self._batch(size)
             for _ in range(2):
-                self._forward(size, batch, [])
+                self._forward(size, batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            routed: list[tuple[int, torch.Tensor]] = []
             # thread_local: another thread's CUDA call (none is expected at start) cannot spoil
             # this capture, and this capture forbids only this thread's unsafe calls
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                logits = self._forward(size, batch, routed)
-            self.graphs[size] = _Graph(size, batch, graph, logits, routed)
+                logits = self._forward(size, batch)
+            self.graphs[size] = _Graph(size, batch, graph, logits, self.routed)
         torch.cuda.synchronize()
 
     def padded_size(self, num_rows: int) -> int:
@@ -143,13 +144,16 @@ class DecodeGraphs:
         """Decode rows only (plain decodes and verify rows), as many as a captured size."""
         return 0 < batch.num_decodes == batch.num_seqs <= self.max_size
 
+    def last_routing(self) -> list[tuple[int, torch.Tensor]]:
+        """(decoder layer, topk_ids [B, K]) per MoE layer of the last ``run``'s B real rows
+        (the padding rows' routing left out): what an expert load record counts."""
+        entry, num = self.last
+        return [(layer, topk_ids[:num]) for layer, topk_ids in entry.routed]
+
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, batch: ForwardBatch,
-            on_route: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One decode step: input_ids [B], batch of B decode rows -> logits [B, V] fp32, one
-        per row. The result is a view of the graph's output: read it before the next ``run``.
-        ``on_route``: shown each MoE layer's (layer, topk_ids [B, K]) of the B real rows (the
-        padding rows' routing left out), after the step (an expert load record)."""
+        per row. The result is a view of the graph's output: read it before the next ``run``."""
         num, cols = batch.num_seqs, batch.block_tables.shape[1]
         entry = self.graphs[self.padded_size(num)]
         size = entry.size
@@ -165,13 +169,10 @@ class DecodeGraphs:
             self.slot_mapping[num:size].fill_(self.scratch_slot)
             self.seq_lens[num:size].fill_(1)
             self.block_tables[num:size, 0].fill_(self.scratch_block)
+        self.last = (entry, num)
         if entry.graph is None:
-            entry.routed = []
-            logits = self._forward(size, entry.batch, entry.routed)
-        else:
-            entry.graph.replay()
-            logits = entry.logits
-        if on_route is not None:
-            for layer, topk_ids in entry.routed:
-                on_route(layer, topk_ids[:num])
-        return logits[:num]
+            logits = self._forward(size, entry.batch)
+            entry.routed = self.routed
+            return logits[:num]
+        entry.graph.replay()
+        return entry.logits[:num]

@@ -202,7 +202,10 @@ class ModelRunner:
         if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
             if self.graphs.fits(batch):
-                logits = self.graphs.run(ids, batch, record)[index]
+                logits = self.graphs.run(ids, batch)[index]
+                if record is not None:  # the real rows' routing, read after the replay
+                    for layer, topk_ids in self.graphs.last_routing():
+                        record(layer, topk_ids)
             else:
                 logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
                                            experts)[0]

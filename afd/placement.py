@@ -37,10 +37,10 @@ class ExpertPlacement:
         if num_experts is None or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
         object.__setattr__(self, "num_experts", num_experts)
-        if (len(self.slots) > 0) == (len(self.layers) > 0):
+        if _given(self.slots) == _given(self.layers):
             raise ValueError("a placement has either slots (one table for every layer) or "
                              "layers (one table per decoder layer), not both or neither")
-        if self.slots:
+        if _given(self.slots):
             object.__setattr__(self, "slots", self._check_table(self.slots, "slots"))
             return
         try:
@@ -75,7 +75,7 @@ class ExpertPlacement:
 
     @property
     def tables(self) -> tuple[Table, ...]:
-        """Every distinct-by-position table: ``layers``, or ``(slots,)``."""
+        """One table per decoder layer (``layers``), or the one for all (``(slots,)``)."""
         return self.layers or (self.slots,)
 
     @property
@@ -222,6 +222,14 @@ class RouteTables:
             self.placement.table(layer)  # range check, naming the layer
             return self.by_layer[layer]
         return self.by_layer[0]
+
+
+def _given(value: object) -> bool:
+    """A field set (a non-empty sequence, or anything else, which the table check names)."""
+    try:
+        return len(value) > 0
+    except TypeError:
+        return True
 
 
 def _as_int(value: object) -> int | None:

@@ -165,6 +165,10 @@ def test_per_layer_placement_tables_and_errors():
         ExpertPlacement(E, layers=(plain.slots, ((0, 1, 2, 3), (4, 5, 6, 7))))
     with pytest.raises(ValueError, match="not both or neither"):
         ExpertPlacement(E, plain.slots, (plain.slots,))
+    with pytest.raises(ValueError, match="layers must be one table per decoder layer"):
+        ExpertPlacement(E, layers=5)
+    with pytest.raises(ValueError, match="slots must be one sequence"):
+        ExpertPlacement(E, None)
     with pytest.raises(ValueError, match="not layer 4"):
         p.table(4)
     with pytest.raises(ValueError, match="num_experts"):
