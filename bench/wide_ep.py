@@ -3,6 +3,7 @@
     python bench/wide_ep.py [--attention 2] [--ffn 2] [--batch 32] [--prompt-len 32]
                             [--new-tokens 64] [--micro-batches 1 2] [--json out.json]
     python bench/wide_ep.py --model-only      # just the cost model
+    python bench/wide_ep.py --eplb [--eplb-ranks 32] [--eplb-redundant 32] [--eplb-skew 1.0]
 
 Part 1 (MEASURED, this machine): one decode-heavy batch through ``LLM(attention=A, ffn=F)`` for
 each micro-batch count, in one process; decode tok/s, tok/s per rank, and the per-step breakdown
@@ -13,6 +14,12 @@ splits under a 50 ms TPOT SLO. Attention time comes from the KV and weight bytes
 bandwidth (and MLA flops over the matmul rate), expert time from the fused_moe timings measured on
 an H100 (bench/results/kernels_*.json, else the anchors in shared/DESIGN.md), dispatch/combine from
 DeepEP's published low-latency figures. Printed beside DeepSeek's and Step-3's published numbers.
+
+``--eplb`` (an algorithm property, no timing): records the expert load of a synthetic skewed
+routing of DeepSeek-V3's shape (58 MoE layers, 256 experts, top-8; each layer's experts drawn
+with Zipf(skew) weights over its own random order) through afd.expert_load's recorder, computes
+a placement from the record (afd.eplb) and prints the max/mean FFN rank load, contiguous experts
+vs the placement, without and with redundant slots.
 """
 
 from __future__ import annotations
@@ -269,6 +276,57 @@ def print_model(rows: list[dict], source: str) -> None:
         print(f"  published: {name}: {value:,} tok/s/GPU")
 
 
+# ---------------------------------------------------------------------------------------------
+# --eplb: placement from a recorded load (algorithm property; CPU, no timing)
+# ---------------------------------------------------------------------------------------------
+def eplb(ranks: int, redundant: int, skew: float, tokens: int, seed: int = 0) -> dict:
+    import torch
+
+    from afd.eplb import from_load, imbalance
+    from afd.expert_load import ExpertLoadRecorder
+    from afd.placement import ExpertPlacement
+
+    layers, dense, experts, top_k = (V3["layers"], V3["dense_layers"], V3["experts"],
+                                    V3["top_k"])
+    gen = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** skew
+    weights = [zipf[torch.argsort(torch.randperm(experts, generator=gen))]
+               for _ in range(dense, layers)]
+
+    def record() -> list[list[int]]:
+        recorder = ExpertLoadRecorder(layers, experts, torch.device("cpu"))
+        recorder.start()
+        for layer, w in enumerate(weights, start=dense):
+            ids = torch.multinomial(w.expand(tokens, experts), top_k, generator=gen)
+            recorder.add(layer, ids)  # [tokens, 8]: what a step's router hands the recorder
+        return recorder.snapshot()
+
+    fit, held_out = record(), record()  # two windows of the same routing
+    row = {"ranks": ranks, "experts": experts, "moe_layers": layers - dense, "skew": skew,
+           "tokens_per_layer": tokens}
+    contiguous = ExpertPlacement.balanced(experts, ranks)
+    row["contiguous"] = [imbalance(contiguous, fit), imbalance(contiguous, held_out)]
+    for extra in sorted({0, redundant}):
+        placement = from_load(fit, ranks, extra)
+        row[f"eplb_{extra}_redundant"] = [imbalance(placement, fit),
+                                          imbalance(placement, held_out)]
+    return row
+
+
+def print_eplb(row: dict) -> None:
+    print(f"\nEPLB (algorithm property, not a timing): synthetic Zipf({row['skew']}) routing, "
+          f"{row['moe_layers']} MoE layers x {row['tokens_per_layer']} tokens, top-8 of "
+          f"{row['experts']} experts, {row['ranks']} FFN ranks")
+    print("max/mean FFN rank load (summed over layers; 1.0 = perfect), on the record the "
+          "placement was computed from / on a second record of the same routing:")
+    fit, held_out = row["contiguous"]
+    print(f"  contiguous experts (default)      {fit:.3f} / {held_out:.3f}")
+    for key, value in row.items():
+        if key.startswith("eplb_"):
+            extra, (fit, held_out) = key.split("_")[1], value
+            print(f"  from the record, {extra:>3} redundant   {fit:.3f} / {held_out:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -280,7 +338,18 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--model-only", action="store_true", help="skip the measured run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--eplb", action="store_true",
+                    help="only the EPLB placement check on a synthetic skewed record")
+    ap.add_argument("--eplb-ranks", type=int, default=32)
+    ap.add_argument("--eplb-redundant", type=int, default=32)
+    ap.add_argument("--eplb-skew", type=float, default=1.0)
+    ap.add_argument("--eplb-tokens", type=int, default=4096)
     args = ap.parse_args()
+    if args.eplb:
+        row = eplb(args.eplb_ranks, args.eplb_redundant, args.eplb_skew, args.eplb_tokens)
+        print_eplb(row)
+        write_result({"date": time.strftime("%Y-%m-%d"), "eplb": row}, args.json, "eplb.json")
+        return
 
     result: dict = {"date": time.strftime("%Y-%m-%d")}
     if not args.model_only:

@@ -185,3 +185,19 @@ def test_restart_from_a_dumped_record(single_record, tmp_path):
     with pytest.raises(ValueError, match="num_redundant_experts needs ffn >= 1"):
         LLM(num_redundant_experts=2)
     assert ExpertPlacement.from_dict(json.loads(fixed.read_text())) == placement
+
+
+def test_bench_eplb_mode_reports_the_drop():
+    """bench/wide_ep.py --eplb at a small size: the computed placement beats contiguous ranges
+    on the record and on a second record of the same routing."""
+    import os
+    import sys
+
+    sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "bench"))
+    from wide_ep import eplb
+
+    row = eplb(ranks=8, redundant=8, skew=1.0, tokens=256)
+    for which in (0, 1):
+        assert row["eplb_8_redundant"][which] < row["eplb_0_redundant"][which] \
+            < row["contiguous"][which]
