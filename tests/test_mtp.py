@@ -16,6 +16,7 @@ import afd.core
 from afd import LLM, SamplingParams
 from afd.config import check_mtp_checkpoint
 from afd.kv_cache import allocate_kv_caches
+from afd.placement import ExpertPlacement
 from afd.spec_decode import parse_speculative_config
 from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, mtp_reference, save_checkpoint
 from models.batch import ForwardBatch
@@ -243,15 +244,32 @@ def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_c
     base = LLM(folder, seed=0)
     want = base.generate(prompts, params, use_tqdm=False)
     base.shutdown()
-    llm = LLM(folder, seed=0, attention=2, ffn=ffn, timeout_s=60, speculative_config=MTP)
+    placement = None
+    if ffn:  # two FFN ranks, each decoder layer its own table (replicas, uneven counts); the
+        # MTP layer (past the tables) takes the contiguous one; a load record skips it
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        num_experts, ffn = cfg["n_routed_experts"], 2
+        everyone = list(range(num_experts))
+        placement = ExpertPlacement(num_experts, layers=tuple(
+            (everyone[:1 + layer], everyone[1 + layer:] + [0]) if layer % 2 else
+            (everyone[::2] + [1], everyone[1::2]) for layer in range(cfg["num_hidden_layers"])))
+    llm = LLM(folder, seed=0, attention=2, ffn=ffn, timeout_s=60, speculative_config=MTP,
+              expert_placement=placement)
     try:
+        if ffn:
+            llm.start_expert_load_record()
         got = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.engine.core.stats()
+        record = llm.dump_expert_load_record() if ffn else None
     finally:
         llm.shutdown()
     _assert_same(want, got)
     assert len(stats) == 2 and sum(s.num_accepted_tokens for s in stats) > 0
     assert all(s.kv_usage == 0 and s.num_running == 0 for s in stats)  # no block held
+    if ffn:  # the decoder layers' rows only, every MoE layer's the same total
+        assert len(record["counts"]) == cfg["num_hidden_layers"]
+        totals = {sum(row) for row in record["counts"] if sum(row)}
+        assert len(totals) == 1 and totals.pop() > 0
 
 
 def test_the_draft_kept_is_the_one_after_the_last_emitted_token():
