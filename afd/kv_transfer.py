@@ -4,7 +4,9 @@ The sender gathers the prompt's cached rows (token order, every layer) out of it
 into one contiguous buffer and sends it with ``torch.distributed.isend``; the receiver, which
 allocated blocks first (admission), receives into a buffer of the same shape and scatters the
 rows into its own block table. Token order on the wire makes the two sides' block sizes
-independent. Each transfer carries its own tag, and every wait has a deadline: a transfer that
+independent. "Every layer" is every layer cache both sides hold: with MTP drafts the MTP
+layer's is the last (L + 1 layers, both sides load the MTP layer), so its KV travels in the
+same message. Each transfer carries its own tag, and every wait has a deadline: a transfer that
 does not finish in time ends its request with an error and frees the blocks on both sides.
 """
 
@@ -92,6 +94,7 @@ class Pull:
     num_kv_tokens: int
     src: int  # global rank of the prefill rank holding the KV
     tag: int  # torch.distributed tag for this transfer
+    drafts: list[int] = field(default_factory=list)  # the MTP draft after first_token (MTP)
     waited: bool = False  # had to wait for blocks at least once
 
 

@@ -418,8 +418,8 @@ class MultiRankClient:
         else:
             self.prefill_stats[rank] = stats
         outs = [self._output(protocol.output_from_wire(row)) for row in msg["outs"]]
-        for rid, num_kv_tokens in msg.get("prefilled", []):
-            self._hand_to_decode(rid, num_kv_tokens)
+        for rid, num_kv_tokens, drafts in msg.get("prefilled", []):
+            self._hand_to_decode(rid, num_kv_tokens, drafts)
         return [o for o in outs if o is not None]
 
     def _output(self, out: CoreOutput) -> CoreOutput | None:
@@ -438,7 +438,8 @@ class MultiRankClient:
             placed.first_token = out.new_token_ids[-1]
         return out
 
-    def _hand_to_decode(self, wire_id: str, num_kv_tokens: int) -> None:
+    def _hand_to_decode(self, wire_id: str, num_kv_tokens: int, drafts: list[int]) -> None:
+        """``drafts``: the prefill rank's MTP draft after the first token (none without MTP)."""
         placed = self._find(wire_id)
         if placed is None or placed.stage != "prefill":
             if placed is None:  # aborted while prefilling: the prefill rank frees it
@@ -451,7 +452,7 @@ class MultiRankClient:
         placed.stage, placed.decode, placed.num_kv_tokens = "transfer", decode, num_kv_tokens
         self._tell(decode, {"t": "pull", "req": protocol.request_to_wire(
                                 replace(placed.request, request_id=placed.wire_id)),
-                            "first": placed.first_token,
+                            "first": placed.first_token, "drafts": drafts,
                             "n": num_kv_tokens, "src": placed.prefill, "tag": next(self.tags)})
 
     def poll(self) -> None:

@@ -93,10 +93,8 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     if ffn == 0 and options.get("num_redundant_experts"):
         raise ValueError("num_redundant_experts needs ffn >= 1")
     from afd.layouts import check_layout_options
-    from afd.spec_decode import check_layout
 
     check_layout_options(**options)
-    check_layout(engine_cfg.speculative, prefill)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         from models.weights import load_model

@@ -27,6 +27,31 @@ from models.weights import load_model
 IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between step votes
 
 
+def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: torch.Tensor
+                   ) -> list[CoreOutput]:
+    """A received transfer becomes a running sequence of ``core``: its KV (``buffer``, token
+    order, every layer: ``afd.kv_transfer``) scattered into ``block_ids``, its first token and,
+    with MTP, the draft after it as the prefill rank sampled them; the error output of a
+    request that fails here (its blocks freed)."""
+    caches = core.runner.kv_caches
+    scatter_kv(caches, token_slots(block_ids, pull.num_kv_tokens, core.cfg.block_size,
+                                   caches[0].device), buffer)
+    seq = Sequence(pull.request, core.cfg.max_model_len)
+    seq.token_ids.append(pull.first_token)  # sampled on the prefill rank
+    seq.num_computed_tokens = pull.num_kv_tokens
+    seq.block_ids = block_ids
+    if pull.drafts:  # the MTP draft after the first token: this step verifies it
+        seq.mtp_drafts, seq.mtp_drafts_for = list(pull.drafts), len(seq.token_ids)
+    if seq.generator is not None:  # the prefill rank drew once from this seed
+        draw_step_seed(seq.generator)
+    try:
+        core.add_transferred(seq)
+    except ValueError as exc:  # its grammar does not build here: this request fails alone
+        core.allocator.free(seq.block_ids)
+        return [CoreOutput(seq.request_id, [], "error", None, str(exc))]
+    return []
+
+
 class AttentionWorker:
     def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
                  link: ControlLink):
@@ -53,7 +78,7 @@ class AttentionWorker:
             return self.core.add_or_refuse(protocol.request_from_wire(msg["req"]))
         elif kind == "pull":
             self.pulls.append(Pull(protocol.request_from_wire(msg["req"]), msg["first"],
-                                   msg["n"], msg["src"], msg["tag"]))
+                                   msg["n"], msg["src"], msg["tag"], msg["drafts"]))
         elif kind == "abort":
             ids = set(msg["ids"])
             self.core.abort(list(ids))
@@ -152,23 +177,8 @@ class AttentionWorker:
         return failed
 
     def _start_decoding(self, recv: Receiving) -> list[CoreOutput]:
-        pull, caches = recv.pull, self.core.runner.kv_caches
-        slots = token_slots(recv.block_ids, pull.num_kv_tokens, self.core.cfg.block_size,
-                            caches[0].device)
-        scatter_kv(caches, slots, recv.buffer)
-        seq = Sequence(pull.request, self.core.cfg.max_model_len)
-        seq.token_ids.append(pull.first_token)  # sampled on the prefill rank
-        seq.num_computed_tokens = pull.num_kv_tokens
-        seq.block_ids = recv.block_ids
-        if seq.generator is not None:  # the prefill rank drew once from this seed
-            draw_step_seed(seq.generator)
-        try:
-            self.core.add_transferred(seq)
-            failed = []
-        except ValueError as exc:  # its grammar does not build here: this request fails alone
-            self.core.allocator.free(seq.block_ids)
-            failed = [CoreOutput(seq.request_id, [], "error", None, str(exc))]
-        self.link.send({"t": "transferred", "id": seq.request_id,
+        failed = start_decoding(self.core, recv.pull, recv.block_ids, recv.buffer)
+        self.link.send({"t": "transferred", "id": recv.pull.request.request_id,
                         "seconds": time.monotonic() - recv.started})
         return failed
 

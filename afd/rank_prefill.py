@@ -1,6 +1,12 @@
 """A prefill rank: runs prompts (chunked when long) on the whole model and samples the first
 token; then holds the prompt's KV until the decode rank the front end chose has room and asks
 for it, and sends it there point-to-point.
+
+With MTP drafts (speculative method "mtp") it loads the MTP layer too and runs the MTP pass
+after each step as the single process does: the prompt's MTP-layer KV (the last position's from
+the first token) is one more layer of its cache and travels with the rest, and the MTP draft
+after the first token goes to the decode rank with that token (the "prefilled" report), so the
+decode rank's first step verifies the draft the single process's would.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ class PrefillWorker:
         cfg = spec.engine_cfg
         local = core_config(spec, device)
         model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device,
-                           fp8_experts=cfg.fp8_experts)
+                           fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
         self.core = EngineCore(model, local, prefill_only=True)
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)
@@ -92,7 +98,8 @@ class PrefillWorker:
             busy = self.core.has_unfinished()
             if busy:
                 outputs += self.core.step()
-            parked = [[s.request_id, s.num_computed_tokens] for s in self.core.newly_parked]
+            parked = [[s.request_id, s.num_computed_tokens, s.mtp_drafts]
+                      for s in self.core.newly_parked]
             self.core.newly_parked.clear()
             idle = not busy
             free = self.core.allocator.num_free

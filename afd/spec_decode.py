@@ -118,15 +118,6 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
     return SpecConfig(k, hi, lo)
 
 
-def check_layout(spec: SpecConfig | None, prefill: int) -> None:
-    """ValueError for a layout the speculation method does not run in: MTP with prefill ranks
-    (P/D), whose transferred KV has no MTP layer."""
-    if spec is not None and spec.method == "mtp" and prefill:
-        raise ValueError("speculative_config method 'mtp' does not run with prefill ranks "
-                         "(P/D) yet: the prompt's MTP-layer KV would have to travel with the "
-                         "rest; use prefill=0, or method 'ngram'")
-
-
 class TokenArray:
     """A sequence's token ids as a numpy array, grown in place (capacity doubling) by what was
     appended since the last ``sync``: token lists only grow, preemption included."""

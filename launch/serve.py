@@ -34,7 +34,7 @@ import torch.distributed as dist
 from afd.api_server import SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.spec_decode import check_layout, parse_speculative_config
+from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
 from models.config import load_config
@@ -134,7 +134,7 @@ def parse_args() -> argparse.Namespace:
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)
-            check_layout(parse_speculative_config(args.speculative_config), args.prefill)
+            parse_speculative_config(args.speculative_config)
         except ValueError as exc:  # JSONDecodeError is one
             ap.error(f"--speculative-config: {exc}")
     if (args.expert_placement or args.num_redundant_experts) and args.ffn == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ import afd.core
 from afd import LLM, SamplingParams
 from afd.config import check_mtp_checkpoint
 from afd.kv_cache import allocate_kv_caches
+from afd.kv_transfer import Pull, gather_kv, token_slots
+from afd.rank_attention import start_decoding
+from afd.sequence import CoreRequest
 from afd.placement import ExpertPlacement
 from afd.spec_decode import parse_speculative_config
 from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, mtp_reference, save_checkpoint
@@ -215,8 +219,6 @@ def test_checkpoints_without_an_mtp_layer_are_refused(mtp_ckpt, tmp_path):
         moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1))
     with pytest.raises(ValueError, match="needs a DeepSeek-V3 checkpoint.*qwen3_moe"):
         check_mtp_checkpoint(folder, qwen)
-    with pytest.raises(ValueError, match="prefill ranks"):
-        LLM(folder, seed=0, prefill=1, attention=1, speculative_config=MTP)
 
 
 def test_config_without_mtp_still_loads_a_checkpoint_that_has_one(mtp_ckpt):
@@ -291,3 +293,63 @@ def test_the_draft_kept_is_the_one_after_the_last_emitted_token():
     assert (b.mtp_drafts, b.mtp_drafts_for) == ([21], 4)  # its accepted draft's row + 1
     assert (c.mtp_drafts, c.mtp_drafts_for) == ([30], 2)  # rejected: its first row's
     assert d.mtp_drafts == []
+
+
+def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
+    """P/D's path in one process: a prefill-only core (block size 8) runs the prompts and the
+    MTP pass over them; each prompt's KV, every layer in token order as a prefill rank sends it
+    (``gather_kv``: the MTP layer's is the last), goes into a decode core's blocks (block size
+    4) through the attention rank's ``start_decoding``, with the draft made after the first
+    token. The decode core's pool is small enough to preempt (its recompute rebuilds the MTP
+    KV). Every draft either core makes is the reference MTP argmax after the sequence's tokens
+    (random MTP weights: a draft depends on the MTP KV it attends over, so a transfer without
+    the MTP layer's rows gives other drafts), and the tokens are the single process's."""
+    folder, hf, weights = mtp_ckpt
+    prompts = mixed_prompts(4, seed=8, lengths=[21, 6, 30, 13])
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True)] * 2
+    single = LLM(folder, seed=0, block_size=4, speculative_config=MTP)
+    try:
+        want = single.generate([{"prompt_token_ids": p} for p in prompts], params,
+                               use_tqdm=False)
+        cfg, model = single.engine.core.cfg, single.engine.core.runner.model
+    finally:
+        single.shutdown()
+    seen = _record_drafts(monkeypatch)
+    prefill = afd.core.EngineCore(model, replace(cfg, block_size=8), prefill_only=True)
+    decode = afd.core.EngineCore(model, replace(cfg, num_kv_blocks=14, max_model_len=48))
+    requests = [CoreRequest(str(i), p, params[i]) for i, p in enumerate(prompts)]
+    for req in requests:
+        prefill.add_request(req)
+    while len(prefill.newly_parked) < len(requests):
+        prefill.step()
+    got, pulls = {}, []
+    for req, seq in zip(requests, prefill.newly_parked):
+        n = seq.num_computed_tokens
+        buffer = gather_kv(prefill.runner.kv_caches, token_slots(seq.block_ids, n, 8, "cpu"))
+        got[req.request_id] = [seq.token_ids[-1]]
+        pulls.append((Pull(req, seq.token_ids[-1], n, src=0, tag=0, drafts=seq.mtp_drafts),
+                      buffer))
+        prefill.release(req.request_id)
+    alloc, sched = decode.allocator, decode.scheduler
+    while pulls or decode.has_unfinished():
+        # admitted as the attention rank admits: while one fits beside a block per runner
+        while pulls and not sched.waiting and (alloc.num_free - len(sched.running)
+                                               >= alloc.blocks_for(pulls[0][0].num_kv_tokens + 1)):
+            pull, buffer = pulls.pop(0)
+            blocks = alloc.allocate(alloc.blocks_for(pull.num_kv_tokens + 1))
+            assert start_decoding(decode, pull, blocks, buffer) == []
+        for out in decode.step():
+            got[out.request_id] += out.new_token_ids
+    assert [got[str(i)] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in want]
+    stats = decode.stats()[0]
+    assert stats.num_preemptions > 0, "the decode pool was meant to force preemption"
+    assert stats.num_draft_tokens > 0
+    for core in (prefill, decode):
+        assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+    full = [p + got[str(i)] for i, p in enumerate(prompts)]
+    refs = [mtp_reference(hf, weights, f).argmax(-1).tolist() for f in full]
+    assert len(seen) >= len(prompts) * 6
+    for tokens, draft in seen:
+        i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
+        assert draft == refs[i][len(tokens) - 2], (i, len(tokens))
