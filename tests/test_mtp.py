@@ -353,3 +353,61 @@ def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
     for tokens, draft in seen:
         i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
         assert draft == refs[i][len(tokens) - 2], (i, len(tokens))
+
+
+@pytest.mark.parametrize("ffn", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_pd_matches_single_process(const_ckpt, ffn):
+    """1 prefill rank (block size 8) + 1 decode attention rank (block size 4; with an FFN rank,
+    or, marked slow, without), on a model whose greedy MTP drafts are always right. First
+    batch, no preemption: per request the drafts verified and accepted are the single
+    process's (11 tokens: 5 steps of 2 after the first, as the draft after the first token
+    came with it; without it they would be 4). Second batch, a decode pool that preempts, a
+    transfer that never comes and a request aborted while its KV waits for room: greedy and
+    seeded tokens (a uniform draw each here: drafts rejected, the generator rewound) are the
+    single process's, the lost transfer ends its request alone (the prefill rank's zeros
+    complete the receive: L + 1 layers), and no KV block stays held on either side. (That the
+    MTP KV that arrives is right: test_transferred_kv_gives_the_reference_drafts; here every
+    MTP logit is 0 whatever its KV.)"""
+    from test_pd import SMALL_POOL, run_until_done, wait_all_free
+
+    folder = const_ckpt
+    greedy = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)
+    first = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=6, lengths=[9, 20, 4])]
+    second = [{"prompt_token_ids": p} for p in mixed_prompts(6, seed=7)]
+    mixed = [SamplingParams(temperature=1.0, seed=i, max_tokens=20, ignore_eos=True)
+             if i % 2 else SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+             for i in range(len(second))]
+    base = LLM(folder, seed=0, speculative_config=MTP)
+    want_first = base.generate(first, greedy, use_tqdm=False)
+    want_second = base.generate(second, mixed, use_tqdm=False)
+    base.shutdown()
+    spec = [(o.metrics.spec_num_draft_tokens, o.metrics.spec_num_accepted_tokens)
+            for o in want_first]
+    assert spec == [(5, 5)] * 3
+    llm = LLM(folder, seed=0, prefill=1, attention=1, ffn=ffn, timeout_s=8,
+              prefill_block_size=8, speculative_config=MTP, **SMALL_POOL)
+    try:
+        got = llm.generate(first, greedy, use_tqdm=False)
+        _assert_same(want_first, got)
+        assert [(o.metrics.spec_num_draft_tokens, o.metrics.spec_num_accepted_tokens)
+                for o in got] == spec
+        assert llm.engine.core.stats()[0].num_preemptions == 0
+        engine = llm.engine
+        engine.core.drop_transfer("victim")
+        engine.add_request("victim", second[1], greedy)
+        for i, (prompt, params) in enumerate(zip(second, mixed)):
+            engine.add_request(str(i), prompt, params)
+        engine.add_request("gone", second[1], greedy)  # aborted while its KV waits for room
+        while engine.core.placed["gone"].stage != "transfer":
+            assert engine.core.placed["gone"].stage == "prefill", "it was meant to wait"
+            engine.step()
+        engine.abort_request("gone")
+        done = run_until_done(llm, ["victim", *map(str, range(len(second)))])
+        assert done.pop("victim").outputs[0].finish_reason == "error"
+        _assert_same(want_second, [done[str(i)] for i in range(len(second))])
+        stats = llm.engine.core.stats()[0]
+        assert stats.num_preemptions > 0, "the decode pool was meant to force preemption"
+        assert stats.num_accepted_tokens > 0
+        wait_all_free(llm)
+    finally:
+        llm.shutdown()
