@@ -39,6 +39,9 @@ token the row just sampled) and the target's last-layer output at p, writes its 
 sequence's last emitted token is that sequence's draft for the next step. Rows of rejected
 drafts write MTP KV at positions later rows overwrite, as the target's layers do. The drafts
 go through the same verification as n-gram drafts, so exactness is kept by construction.
+With prefill ranks (P/D) a prefill rank runs the MTP pass over its prompt, its MTP KV moves with
+the target's (``afd.kv_transfer``) and the draft after the first token goes with that token
+(``afd.rank_prefill``), so the decode rank takes the sequence where the single process would be.
 """
 
 from __future__ import annotations
