@@ -63,7 +63,7 @@ class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
                  metrics: ServerMetrics, *, tool_call_parser: str | None = None,
                  enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
-                 max_stored_responses: int = 1000):
+                 max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
         self.draining = False
@@ -78,7 +78,8 @@ class ServerState:
                              f"got {reasoning_parser!r}")
         self.reasoning_parser = reasoning_parser  # None: the answer is not split
         self._special_tokens: set[str] | None = None
-        self.responses = ResponseStore(max_stored_responses)  # /v1/responses' store
+        self.responses = ResponseStore(max_stored_responses,  # /v1/responses' store
+                                       max_stored_response_bytes)
         # the reasoning markers' token ids where each is one token: what a structured-output
         # grammar waits for (None: no parser, or the grammar applies from the first token)
         self.reasoning_marker_ids = None if reasoning_parser is None else marker_token_ids(
@@ -901,6 +902,7 @@ def main() -> None:
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS))
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS))
     ap.add_argument("--max-stored-responses", type=int, default=1000)
+    ap.add_argument("--max-stored-responses-mb", type=int, default=1024)
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
@@ -930,7 +932,8 @@ def main() -> None:
                         args.api_key, metrics, tool_call_parser=args.tool_call_parser,
                         enable_auto_tool_choice=args.enable_auto_tool_choice,
                         reasoning_parser=args.reasoning_parser,
-                        max_stored_responses=args.max_stored_responses)
+                        max_stored_responses=args.max_stored_responses,
+                        max_stored_response_bytes=args.max_stored_responses_mb << 20)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

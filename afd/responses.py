@@ -14,6 +14,8 @@ this process's memory, for ``previous_response_id`` and GET /v1/responses/{id}.
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from afd.openai_protocol import APIError, ChatCompletionRequest, FunctionDefinition
+
+log = logging.getLogger("afd.server")
 
 # Fields of OpenAI's Responses API that this server does not implement, with the values that
 # change nothing (None always does): any other value is a 400 naming the field (checked by the
@@ -402,20 +406,37 @@ class StoredResponse:
 
 class ResponseStore:
     """The last ``size`` responses created with ``store`` (the default), least recently used
-    evicted first; held in this server process's memory only (lost on restart, not shared
-    between servers). Items are shared between a conversation's entries, not copied."""
+    evicted first, and at most ``max_bytes`` of them: each counts as the JSON of its response
+    object and its whole conversation (a conversation continued N times counts N times; input
+    that never reaches a prompt, such as reasoning items or metadata, counts too), and one
+    larger than ``max_bytes`` is not kept. Held in this server process's memory only (lost on
+    restart, not shared between servers). Items are shared between a conversation's entries,
+    not copied."""
 
-    def __init__(self, size: int = 1000) -> None:
-        self.size = size
+    def __init__(self, size: int = 1000, max_bytes: int = 1 << 30) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self.bytes = 0  # what the entries kept count, as above
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._sizes: dict[str, int] = {}
 
     def put(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
         if self.size <= 0:
             return
+        cost = len(json.dumps([response, items]))
+        if cost > self.max_bytes:
+            log.warning("response %s not stored: %d bytes with its conversation, over the "
+                        "store's %d", response["id"], cost, self.max_bytes)
+            return
+        self._drop(response["id"])
         self._entries[response["id"]] = StoredResponse(response, items)
-        self._entries.move_to_end(response["id"])
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._sizes[response["id"]] = cost
+        self.bytes += cost
+        while len(self._entries) > self.size or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, response_id: str) -> None:
+        if self._entries.pop(response_id, None) is not None:
+            self.bytes -= self._sizes.pop(response_id)
 
     def get(self, response_id: str, param: str | None = None) -> StoredResponse:
         """The stored response, or a 404 naming it (and ``param``, the field that sent it)."""
@@ -423,11 +444,12 @@ class ResponseStore:
         if entry is None:
             where = f"{param}: " if param else ""
             raise APIError(404, f"{where}response {response_id!r} not found (this server keeps the "
-                           f"last {self.size} responses created with store, in memory)",
+                           f"last {self.size} responses created with store, up to "
+                           f"{self.max_bytes} bytes with their conversations, in memory)",
                            param=param, code="response_not_found")
         self._entries.move_to_end(response_id)
         return entry
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        del self._entries[response_id]
+        self._drop(response_id)

@@ -107,6 +107,9 @@ def parse_args() -> argparse.Namespace:
                     help="/v1/responses: how many responses (with their conversations) the "
                          "front end keeps in memory for previous_response_id and GET, least "
                          "recently used dropped first; 0 keeps none")
+    ap.add_argument("--max-stored-responses-mb", type=int, default=1024,
+                    help="/v1/responses: the store's bound in MiB, each response counted as "
+                         "the JSON of it and its whole conversation; one larger is not kept")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -160,7 +163,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
            "--control-host", args.control_host or _control_host(),
            "--generation-config", args.generation_config,
-           "--max-stored-responses", str(args.max_stored_responses)]
+           "--max-stored-responses", str(args.max_stored_responses),
+           "--max-stored-responses-mb", str(args.max_stored_responses_mb)]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--expert-placement", args.expert_placement and
                          os.path.abspath(args.expert_placement)),

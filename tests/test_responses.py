@@ -432,3 +432,43 @@ def test_output_items_and_helpers():
     assert store.get("r0") and store.get("r2")
     with pytest.raises(Exception, match="r1"):
         store.get("r1")
+
+
+def test_the_store_is_bounded_in_bytes_too(apps):
+    """The store's byte bound: each response counts its JSON with its whole conversation, the
+    least recently used go first, and one larger than the bound is not kept. Through the app:
+    an input item that never reaches the prompt (a reasoning item; the prompt's length is
+    bounded by max_model_len, such an item is not) cannot make the store hold it."""
+    store = ResponseStore(100, max_bytes=550)  # each entry below is 168 bytes
+    items = [{"type": "message", "role": "user", "content": "x" * 100}]
+    for i in range(4):
+        store.put({"id": f"r{i}"}, items)
+    store.get("r1")  # r1 used: r2 is the least recently used
+    store.put({"id": "r4"}, items)
+    with pytest.raises(Exception, match="r0"):
+        store.get("r0")
+    with pytest.raises(Exception, match="r2"):
+        store.get("r2")
+    assert store.get("r1") and store.get("r3") and store.get("r4")
+    assert store.bytes <= 550
+    store.put({"id": "big"}, [{"type": "message", "role": "user", "content": "x" * 500}])
+    with pytest.raises(Exception, match="big"):
+        store.get("big")
+    assert store.get("r4")  # a response too big to keep evicts nothing
+
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    state = ServerState(apps["engine"], "m", None, ServerMetrics("m"),
+                        max_stored_response_bytes=20_000)
+    huge = {"type": "reasoning", "id": "rs_1", "summary": [],
+            "content": [{"type": "reasoning_text", "text": "y" * 100_000}]}
+
+    async def go(c, http):
+        small = await c.responses.create(model="m", input="Hi", max_output_tokens=2)
+        big = await c.responses.create(model="m", input=[huge, {"role": "user", "content": "Hi"}],
+                                       max_output_tokens=2)
+        return [(await http.get(f"/v1/responses/{r.id}")).status_code for r in (small, big)]
+
+    assert call_app(build_app(state), go) == [200, 404]
+    assert state.responses.bytes <= 20_000
