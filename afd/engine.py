@@ -159,6 +159,12 @@ class LLMEngine:
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise ParamError("cache_salt", f"cache_salt must be a non-empty string if given, "
                              f"got {salt!r:.80}")
+        if salt is not None and not salt.isascii():
+            try:  # JSON can carry a lone surrogate, which the hash and the wire cannot
+                salt.encode()
+            except UnicodeEncodeError:
+                raise ParamError("cache_salt", f"cache_salt must be valid Unicode (no lone "
+                                 f"surrogates), got {salt!r:.80}") from None
         return salt
 
     def prompt_cache_salt(self, prompt: Any) -> str | None:

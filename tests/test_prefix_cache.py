@@ -502,7 +502,7 @@ def test_cache_salt_isolates_tenants(on, off, reference):
     assert no_leak(on)
 
 
-@pytest.mark.parametrize("salt", ["", 7, ["a"]])
+@pytest.mark.parametrize("salt", ["", 7, ["a"], "\ud800"])  # the last: not UTF-8
 def test_bad_cache_salt_is_named_and_queues_nothing(on, salt):
     prompts = as_input(make_prompts()[:1]) + salted(make_prompts()[1:2], salt)
     with pytest.raises(ValueError, match="cache_salt"):

@@ -336,6 +336,15 @@ def test_bad_fields_are_errors_naming_them(apps, fields, status, param):
     assert r.json()["error"]["param"] == param, r.text
 
 
+def test_a_cache_salt_that_is_not_utf8_is_a_400_naming_it(apps):
+    """JSON can carry a lone surrogate ("\\ud800"), which no UTF-8 encoder takes (the salt's
+    hash, the ranks' wire): a 400 naming cache_salt before anything is queued."""
+    raw = '{"input": "hi", "max_output_tokens": 2, "cache_salt": "\\ud800"}'
+    r = call_app(apps["plain"], lambda _, http: http.post(
+        "/v1/responses", content=raw, headers={"content-type": "application/json"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
+
+
 def test_openai_client_raises_on_bad_fields_and_neutral_values_pass(apps):
     async def go(c, _):
         with pytest.raises(openai.BadRequestError):
