@@ -247,7 +247,8 @@ class LLM:
         ``chat_template_kwargs`` are template variables (e.g. ``enable_thinking``); ``tools``
         are OpenAI tool definitions handed to the template. The outputs' text is the raw
         completion: no reasoning or tool-call parsing (those are the server's). A conversation
-        that does not render raises ParamError("messages") before anything is queued."""
+        that does not render raises ParamError("messages") before anything is queued (bad
+        ``tools`` or ``chat_template_kwargs``: ParamError naming that argument)."""
         from pydantic import ValidationError
 
         from afd.openai_protocol import APIError, ChatTemplateFields
@@ -267,6 +268,8 @@ class LLM:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 loc = ".".join(str(x) for x in first["loc"])
+                if first["loc"][:1] != ("messages",):  # tools, chat_template_kwargs
+                    raise ParamError(str(first["loc"][0]), f"{loc}: {first['msg']}") from None
                 raise ParamError("messages", f"{where}: {loc}: {first['msg']}") from None
             except APIError as exc:
                 raise ParamError(exc.param or "messages", f"{where}: {exc.message}") from None

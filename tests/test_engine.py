@@ -66,6 +66,12 @@ def test_chat_renders_the_template_then_generates(llm):
     with pytest.raises(ValueError, match="continue_final_message") as err:
         llm.chat(conv, p, continue_final_message=True, use_tqdm=False)
     assert err.value.param == "continue_final_message"
+    # a bad field beside the messages is named as itself (vLLM's arguments), in every form
+    for field, value in (("tools", [{"type": "function"}]), ("tools", "x"),
+                         ("chat_template_kwargs", 5)):
+        with pytest.raises(ValueError, match=field) as err:
+            llm.chat([conv, other], p, use_tqdm=False, **{field: value})
+        assert err.value.param == field and not str(err.value).startswith("messages"), err.value
     assert blocks_all_free(llm)
 
 
