@@ -35,7 +35,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.async_engine import AsyncEngine, EngineDeadError
-from afd.expert_load import NoExpertLoadRecord
 from afd.metrics import ServerMetrics
 from pydantic import ValidationError
 
@@ -235,8 +234,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def expert_load(fn) -> dict:
         try:
             return await state.engine.call(fn)
-        except NoExpertLoadRecord as exc:
-            raise APIError(400, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - OpenAI's error body: no record (a
+            raise _request_error(exc) from None  # ValueError) 400, the engine gone 503
 
     @app.post("/start_expert_distribution_record")
     async def start_expert_distribution_record() -> dict:

@@ -481,3 +481,18 @@ def test_the_store_is_bounded_in_bytes_too(apps):
 
     assert call_app(build_app(state), go) == [200, 404]
     assert state.responses.bytes <= 20_000
+
+
+def test_expert_record_endpoints_answer_errors_in_the_error_body(apps, monkeypatch):
+    """SGLang's expert-distribution endpoints (on the same app) with the engine gone: a 503 in
+    OpenAI's error body, as every other route (it escaped as a bare 500); no record: a 400."""
+    async def go(_, http):
+        return [await http.post(f"/{name}_expert_distribution_record")
+                for name in ("dump", "start", "stop")]
+
+    no_record = call_app(apps["plain"], go)[0]
+    assert no_record.status_code == 400 and "error" in no_record.json()
+    monkeypatch.setattr(apps["engine"], "healthy", lambda: (False, "rank 1 died"))
+    for r in call_app(apps["plain"], go):
+        assert r.status_code == 503, r.text
+        assert "rank 1 died" in r.json()["error"]["message"]
