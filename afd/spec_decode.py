@@ -34,11 +34,12 @@ MTP drafts (``method: "mtp"``, vLLM's "deepseek_mtp" accepted): DeepSeek-V3's ow
 multi-token-prediction layer (``models.model.MTPLayer``) proposes one draft per sequence and
 step (k = 1). Every step, after the target forward and sampling, the MTP layer runs over the
 same rows (``afd.model_runner``): row p takes its next token (the next prompt token, or the
-token the row just sampled) and the target's last-layer output at p, writes its own KV at p
-(one more layer of the paged cache, same blocks and slots) and its argmax at the row of each
-sequence's last emitted token is that sequence's draft for the next step. Rows of rejected
-drafts write MTP KV at positions later rows overwrite, as the target's layers do. The drafts
-go through the same verification as n-gram drafts, so exactness is kept by construction.
+token the row just sampled) and the target's hidden state at p after its final norm, writes
+its own KV at p (one more layer of the paged cache, same blocks and slots) and its argmax at
+the row of each sequence's last emitted token is that sequence's draft for the next step.
+Rows of rejected drafts write MTP KV at positions later rows overwrite, as the target's
+layers do. The drafts go through the same verification as n-gram drafts, so exactness is kept
+by construction.
 With prefill ranks (P/D) a prefill rank runs the MTP pass over its prompt, its MTP KV moves with
 the target's (``afd.kv_transfer``) and the draft after the first token goes with that token
 (``afd.rank_prefill``), so the decode rank takes the sequence where the single process would be.

@@ -118,8 +118,9 @@ def mlp_stages(layer: DecoderLayer, out: AttentionOut
 class MTPLayer(DecoderLayer):
     """DeepSeek-V3's multi-token-prediction module: a decoder layer (index ``num_layers``, its
     own KV cache) fed, at position p, with ``eh_proj(cat[enorm(embed(token_{p+1})),
-    hnorm(h_p)])`` where h_p is the target model's last-layer output at p (before its final
-    norm); ``shared_head.head(shared_head.norm(out_p))`` predicts token_{p+2}. The FFN role
+    hnorm(h_p)])`` where h_p is the target model's hidden state at p after its final norm
+    (what its LM head reads, as vLLM and SGLang feed DeepSeek's MTP layer);
+    ``shared_head.head(shared_head.norm(out_p))`` predicts token_{p+2}. The FFN role
     holds its routed experts only, as for any MoE layer."""
 
     def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
@@ -142,9 +143,9 @@ class MTPLayer(DecoderLayer):
                ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
         """The MTP layer over a target forward's rows, as ``MoEModel.forward_stages`` yields
         and resumes. next_ids [T] int64: each row's next token; hidden [T, H]: the target's
-        last-layer output per row; ``batch``: the target forward's own (same positions, slots
-        and rotary tables; the writes go to ``cache``, this layer's). Returns the draft logits
-        [len(logits_index), V] fp32."""
+        hidden state per row after its final norm; ``batch``: the target forward's own (same
+        positions, slots and rotary tables; the writes go to ``cache``, this layer's). Returns
+        the draft logits [len(logits_index), V] fp32."""
         x = self.eh_proj(torch.cat((self.enorm.norm(self.embed_tokens(next_ids)),
                                     self.hnorm.norm(hidden)), dim=-1))
         out = self.attention_half(x, None, batch, cache)
@@ -158,7 +159,7 @@ class ForwardOut:
     """A target forward's result when the MTP layer follows it."""
 
     logits: torch.Tensor  # [N, V] fp32 at the logits_index rows
-    hidden: torch.Tensor  # [T, H] every row's last-layer output (before the final norm)
+    hidden: torch.Tensor  # [T, H] every row's hidden state after the final norm
 
 
 class MoEModel(nn.Module):
@@ -244,8 +245,10 @@ class MoEModel(nn.Module):
             out = layer.attention_half(x, residual, batch, kv_caches[layer.index])
             x = yield from mlp_stages(layer, out)
             residual = out.residual
-        logits = self.logits(x[logits_index], residual[logits_index])
-        return ForwardOut(logits, x + residual) if keep_hidden else logits
+        if not keep_hidden:
+            return self.logits(x[logits_index], residual[logits_index])
+        h, _ = self.model.norm(x, residual)  # every row's: the MTP layer reads them all
+        return ForwardOut(self.lm_head(h[logits_index]).float(), h)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
                 kv_caches: list[torch.Tensor], logits_index: torch.Tensor,

@@ -176,27 +176,24 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
 def mtp_reference(model, weights: dict[str, torch.Tensor], tokens: list[int]) -> torch.Tensor:
     """DeepSeek-V3's MTP formula computed with transformers' modules, the whole sequence at
     once, no cache, fp32: the draft logits [len(tokens) - 1, V] at positions 0 .. n-2 (row p
-    from token p+1 and the target's last-layer output at p, before its final norm)."""
+    from token p+1 and the target's hidden state at p after its final norm, what its LM head
+    reads: what vLLM's and SGLang's DeepSeek MTP take from the target)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3DecoderLayer,
                                                                       DeepseekV3RMSNorm)
 
     cfg = model.config
     block = DeepseekV3DecoderLayer(cfg, cfg.num_hidden_layers).eval()
     block.load_state_dict({k: v for k, v in weights.items() if k in block.state_dict()})
-    caught = {}
-    hook = model.model.layers[-1].register_forward_hook(
-        lambda _m, _i, out: caught.setdefault("h", out[0] if isinstance(out, tuple) else out))
     ids = torch.tensor([tokens])
     with torch.no_grad():
-        model(ids)
-        hook.remove()
+        h = model.model(ids).last_hidden_state  # after the final norm
 
         def norm(name: str, x: torch.Tensor) -> torch.Tensor:
             n = DeepseekV3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             n.weight.copy_(weights[name])
             return n(x)
 
-        h = caught["h"][:, :-1]  # [1, n-1, H]
+        h = h[:, :-1]  # [1, n-1, H]
         emb = torch.nn.functional.embedding(ids[:, 1:], weights["embed_tokens.weight"])
         x = torch.cat((norm("enorm.weight", emb), norm("hnorm.weight", h)), dim=-1)
         x = x @ weights["eh_proj.weight"].T
