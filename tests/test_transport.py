@@ -145,7 +145,9 @@ def test_placement_input_validation():
 def test_per_layer_placement_tables_and_errors():
     p = per_layer_placement()
     assert p.num_layers == 4 and p.num_ranks == FFN and p.max_slots == 5
-    assert p.rank_experts(1) == {0: [3, 4, 5], 1: [3, 4, 5], 2: [3, 4, 5], 3: [3, 2]}
+    # and the MTP layer (index 4, past the tables) its contiguous share
+    assert p.rank_experts(1) == {0: [3, 4, 5], 1: [3, 4, 5], 2: [3, 4, 5], 3: [3, 2],
+                                 4: [3, 4, 5]}
     assert ExpertPlacement.balanced(E, FFN).rank_experts(1) == [3, 4, 5]
     assert ExpertPlacement.from_dict(p.to_dict()) == p  # the JSON form (workers, files)
     plain = ExpertPlacement.balanced(E, FFN)
@@ -169,7 +171,8 @@ def test_per_layer_placement_tables_and_errors():
         ExpertPlacement(E, layers=5)
     with pytest.raises(ValueError, match="slots must be one sequence"):
         ExpertPlacement(E, None)
-    with pytest.raises(ValueError, match="not layer 4"):
-        p.table(4)
+    assert p.table(4) == ExpertPlacement.balanced(E, FFN).slots  # the MTP layer's
+    with pytest.raises(ValueError, match="not layer 5"):
+        p.table(5)
     with pytest.raises(ValueError, match="num_experts"):
         ExpertPlacement.from_dict({"slots": [[0]]})
