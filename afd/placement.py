@@ -219,7 +219,8 @@ class RouteTables:
 
     def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.placement.layers:
-            self.placement.table(layer)  # range check, naming the layer
+            if not 0 <= layer < len(self.by_layer):
+                self.placement.table(layer)  # raises, naming the layer
             return self.by_layer[layer]
         return self.by_layer[0]
 
