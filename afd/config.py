@@ -17,7 +17,11 @@ class EngineConfig:
     """Attributes:
     model: checkpoint folder. dtype / device: what the weights and activations run in.
     max_model_len: prompt + generated tokens per sequence at most.
-    block_size: tokens per KV block. num_kv_blocks: blocks in this rank's KV pool.
+    block_size: tokens per KV block. num_kv_blocks: blocks in this rank's KV pool; None when
+        each rank that holds KV sizes its own from its device memory once its weights are
+        loaded (CUDA with no size given: ``gpu_memory_utilization``, afd.kv_memory).
+    gpu_memory_utilization: the fraction of each GPU's memory a rank may use in all (weights,
+        activations, KV), as vLLM's; what its weights and activations leave is its KV pool.
     max_num_seqs: sequences in one step at most.
     max_num_batched_tokens: tokens in one step at most; longer prompts are prefilled in chunks.
     seed: seeds the unseeded samplers, so a whole run is reproducible.
@@ -54,7 +58,7 @@ class EngineConfig:
     device: str
     max_model_len: int
     block_size: int
-    num_kv_blocks: int
+    num_kv_blocks: int | None
     max_num_seqs: int
     max_num_batched_tokens: int
     seed: int = 0
@@ -70,6 +74,7 @@ class EngineConfig:
     prompt_lookup_min: int = 0
     speculative_method: str = "ngram"
     scheduling_policy: str = "fcfs"
+    gpu_memory_utilization: float = 0.9
 
     @property
     def fp8_experts(self) -> bool:
@@ -151,11 +156,17 @@ def resolve_engine_config(
     quantization: str | None = None,
     speculative_config: dict | None = None,
     scheduling_policy: str = "fcfs",
+    gpu_memory_utilization: float = 0.9,
 ) -> EngineConfig:
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
         _positive(name, value)
+    if (isinstance(gpu_memory_utilization, bool)
+            or not isinstance(gpu_memory_utilization, (int, float))
+            or not 0 < gpu_memory_utilization <= 1):
+        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each GPU's "
+                         f"memory (default 0.9), got {gpu_memory_utilization!r}")
     if not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
     if scheduling_policy not in SCHEDULING_POLICIES:
@@ -187,15 +198,14 @@ def resolve_engine_config(
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, min(max_model_len, 8192))
-    bytes_per_block = ((model_cfg.num_layers + mtp) * block_size * model_cfg.kv_cache_dim
-                       * torch.empty((), dtype=run_dtype).element_size())
-    num_offload_blocks = _offload_blocks(kv_offload_gb, bytes_per_block, enable_prefix_caching)
+    per_block = bytes_per_block(model_cfg, block_size, run_dtype, mtp)
+    num_offload_blocks = _offload_blocks(kv_offload_gb, per_block, enable_prefix_caching)
     if num_kv_blocks is None:
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)
-        num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30 // bytes_per_block))
-    blocks_per_seq = -(-max_model_len // block_size)
-    if num_kv_blocks < blocks_per_seq:
+        if kv_cache_memory_gb is not None:  # else each rank sizes its own after loading
+            num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30 // per_block))
+    if num_kv_blocks is not None and num_kv_blocks < -(-max_model_len // block_size):
         raise ValueError(
             f"num_kv_blocks={num_kv_blocks} x block_size={block_size} holds fewer tokens than "
             f"max_model_len={max_model_len}: raise num_kv_blocks (or kv_cache_memory_gb) or lower "
@@ -212,7 +222,8 @@ def resolve_engine_config(
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
                         speculative_method=spec.method if spec else "ngram",
-                        scheduling_policy=scheduling_policy)
+                        scheduling_policy=scheduling_policy,
+                        gpu_memory_utilization=float(gpu_memory_utilization))
 
 
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
@@ -234,7 +245,7 @@ def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
                          f"the checkpoint has no MTP weights ({name} is missing)")
 
 
-def _offload_blocks(gb: float, bytes_per_block: int, caching: bool) -> int:
+def _offload_blocks(gb: float, per_block: int, caching: bool) -> int:
     """Host blocks in ``gb`` GiB (kv_offload_gb), or ValueError naming what is wrong."""
     if (not isinstance(gb, (int, float)) or isinstance(gb, bool) or not gb >= 0
             or gb == float("inf")):
@@ -245,9 +256,9 @@ def _offload_blocks(gb: float, bytes_per_block: int, caching: bool) -> int:
     if not caching:
         raise ValueError("kv_offload_gb needs enable_prefix_caching: the host tier keeps "
                          "blocks the prefix cache evicts")
-    blocks = int(gb * 2**30 // bytes_per_block)
+    blocks = int(gb * 2**30 // per_block)
     if blocks < 1:
-        raise ValueError(f"kv_offload_gb={gb} holds no KV block ({bytes_per_block} bytes "
+        raise ValueError(f"kv_offload_gb={gb} holds no KV block ({per_block} bytes "
                          "each, every layer): raise it, or 0 for no host tier")
     return blocks
 
@@ -267,13 +278,22 @@ def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_rows: int) -> tu
     return tuple(sorted(set(sizes)))
 
 
-def _default_kv_memory_gb(device: str) -> float:
-    """AFD_KV_CACHE_GB, else 60% of free GPU memory, else 0.25 GiB on CPU."""
+def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                    mtp: bool) -> int:
+    """Bytes of one KV block over every layer that caches (the MTP layer's too, when on)."""
+    return ((model_cfg.num_layers + mtp) * block_size * model_cfg.kv_cache_dim
+            * torch.empty((), dtype=dtype).element_size())
+
+
+def _default_kv_memory_gb(device: str) -> float | None:
+    """AFD_KV_CACHE_GB, else None where each rank sizes its pool from its device memory after
+    loading its weights (CUDA: afd.kv_memory), else 0.25 GiB (CPU)."""
+    from afd.kv_memory import sized_from_device_memory
+
     if os.environ.get("AFD_KV_CACHE_GB"):
         return float(os.environ["AFD_KV_CACHE_GB"])
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return 0.6 * free / 2**30
+    if sized_from_device_memory(device):
+        return None
     return 0.25
 
 

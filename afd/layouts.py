@@ -135,12 +135,15 @@ class MultiRankClient:
         self.tags = itertools.count(1)
         self.pending_metrics: dict[str, dict] = {}
         attn_ranks = list(range(layout.prefill, layout.prefill + layout.attention))
+        # every rank's KV pool as it reports it when ready (``_wait_ready``): with no size
+        # given on a GPU, each sizes its own from its memory, and none is known here till then
+        num_blocks = engine_cfg.num_kv_blocks or 0
         self.router = RequestRouter(
-            list(range(layout.prefill)), attn_ranks, engine_cfg.num_kv_blocks,
+            list(range(layout.prefill)), attn_ranks, num_blocks,
             engine_cfg.block_size, prefill_block_size=prefill_block_size,
             host_blocks=engine_cfg.num_offload_blocks,
             cache_aware=engine_cfg.cache_aware_routing and engine_cfg.enable_prefix_caching)
-        self.rank_stats = {r: CoreStats(0, 0, 0.0, engine_cfg.num_kv_blocks, 0)
+        self.rank_stats = {r: CoreStats(0, 0, 0.0, num_blocks, 0)
                            for r in attn_ranks}
         self.prefill_stats: dict[int, CoreStats] = {}
         self.rank_timers: dict[int, dict] = {}  # cumulative stage seconds per rank
@@ -253,12 +256,25 @@ class MultiRankClient:
             if msg is None:
                 continue
             if msg["t"] == "ready":
+                self._ready(msg["rank"], msg["info"])
                 ready.add(msg["rank"])
-                self.rank_info[msg["rank"]] = msg["info"]
             else:
                 self._handle(msg)
         self.ready = True
         self.last_seen = {r: time.monotonic() for r in range(self.layout.world_size)}
+
+    def _ready(self, rank: int, info: dict) -> None:
+        """A rank is up: what it holds, and its KV pool (the router's capacity for it)."""
+        self.rank_info[rank] = info
+        role = self.layout.role_of(rank)[0]
+        if role == "ffn":
+            return
+        blocks = info["num_kv_blocks"]
+        log.info("%s: %d KV blocks of %d tokens", self._describe(rank), blocks,
+                 self.router.prompt_block_size if role == "prefill" else self.router.block_size)
+        self.router.set_kv_blocks(rank, blocks)
+        if rank in self.rank_stats:
+            self.rank_stats[rank] = CoreStats(0, 0, 0.0, blocks, 0)
 
     def _tell(self, rank: int, msg: dict) -> None:
         if not self.closed:

@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from afd.config import EngineConfig, resolve_engine_config
@@ -78,6 +80,10 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
     engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
                         **(layout_options or {}))
+    from afd.core import EngineCore
+
+    if isinstance(core, EngineCore):  # the single process: its KV pool as sized after loading
+        engine_cfg = core.cfg
     return LLMEngine(tok, model_cfg, engine_cfg, core, eos_token_ids(path, model_cfg, tok),
                      default_sampling=defaults)
 
@@ -102,6 +108,12 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
         model = load_model(engine_cfg.model, "full", dtype=engine_cfg.dtype,
                            device=engine_cfg.device, fp8_experts=engine_cfg.fp8_experts,
                            mtp=engine_cfg.mtp)
+        if engine_cfg.num_kv_blocks is None:  # sized from the GPU's memory left after loading
+            from afd.kv_memory import kv_blocks_from_memory
+
+            engine_cfg = replace(engine_cfg, num_kv_blocks=kv_blocks_from_memory(
+                engine_cfg, model.cfg, torch.device(engine_cfg.device), "single",
+                graphs=not engine_cfg.enforce_eager))
         return EngineCore(model, engine_cfg)
 
     from afd.layouts import start_multi_rank
@@ -122,7 +134,8 @@ class LLM:
         cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
-        generation_config="auto", speculative_config=None, scheduling_policy="fcfs")
+        generation_config="auto", speculative_config=None, scheduling_policy="fcfs",
+        gpu_memory_utilization=0.9)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -151,6 +164,11 @@ class LLM:
     all: an ``ExpertPlacement``, or a JSON file holding one (``ExpertPlacement.to_dict``) or a
     load record (``dump_expert_load_record``), from which afd.eplb computes a balanced placement
     with ``num_redundant_experts`` extra slots per layer for copies of the hottest experts.
+    ``gpu_memory_utilization``: on a GPU with no ``num_kv_blocks`` / ``kv_cache_memory_gb``
+    (nor AFD_KV_CACHE_GB), the fraction of each GPU's memory a rank may use in all; each rank
+    that holds KV makes what its weights and an activation reserve leave of it its KV pool,
+    after loading (vLLM's; afd.kv_memory). ``LLM.config.num_kv_blocks`` then says what the
+    single process chose (None with several ranks: each reports its own).
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     """

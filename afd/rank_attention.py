@@ -62,7 +62,7 @@ class AttentionWorker:
                            device=device, fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
         self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
                           if with_ffn else None)
-        local = core_config(spec, device)
+        local = core_config(spec, device, model.cfg)
         self.core = EngineCore(model, local, experts=self.transport)
         self.timers = StageTimers()
         self.stopping = False
@@ -185,7 +185,8 @@ class AttentionWorker:
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
-        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes)})
+        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes,
+                                                        self.core.cfg.num_kv_blocks)})
         self._send([])
         idle = True
         while True:

@@ -30,10 +30,9 @@ class PrefillWorker:
 
         self.spec, self.index, self.link = spec, index, link
         cfg = spec.engine_cfg
-        local = core_config(spec, device)
         model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device,
                            fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
-        self.core = EngineCore(model, local, prefill_only=True)
+        self.core = EngineCore(model, core_config(spec, device, model.cfg), prefill_only=True)
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)
         self.withheld: dict[str, tuple[str, int, int, int]] = {}  # dropped: (id, dst, tag, n)
@@ -88,7 +87,8 @@ class PrefillWorker:
 
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
-        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes)})
+        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes,
+                                                        self.core.cfg.num_kv_blocks)})
         idle, reported_free = True, -1
         while not self.stopping:
             outputs = []

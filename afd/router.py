@@ -87,8 +87,18 @@ class RequestRouter:
         # tier hold
         self.prompt_block_size = (prefill_block_size or block_size) if prefill_ranks \
             else block_size
+        self.host_blocks = host_blocks
         capacity = -(-(num_blocks + host_blocks) * block_size // self.prompt_block_size)
         self.records = {r: PrefixRecord(capacity) for r in (prefill_ranks or attention_ranks)}
+
+    def set_kv_blocks(self, rank: int, num_blocks: int) -> None:
+        """A rank's KV pool as it reported it when ready, in its own blocks (a prefill rank's
+        of ``prefill_block_size``): each rank may size its own from its GPU's memory."""
+        if rank in self.attention:
+            self.attention[rank].free_blocks = num_blocks
+        if rank in self.records:
+            self.records[rank].capacity = num_blocks + -(
+                -self.host_blocks * self.block_size // self.prompt_block_size)
 
     # ---- prompts ----------------------------------------------------------------------------
     def pick_prefill(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None

@@ -30,6 +30,7 @@ from afd import protocol
 from afd.config import EngineConfig, engine_config_from_dict, engine_config_to_dict
 from afd.placement import ExpertPlacement
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
+from models.config import ModelConfig
 
 log = logging.getLogger("afd.worker")
 
@@ -162,21 +163,49 @@ def local_config(cfg: EngineConfig, device: torch.device, **changes) -> EngineCo
     return EngineConfig(**{**cfg.__dict__, "device": str(device), **changes})
 
 
-def core_config(spec: WorkerSpec, device: torch.device) -> EngineConfig:
-    """The config of a prefill or attention rank's EngineCore: its own sampling seed; a prefill
-    rank's KV pool and host tier at ``prefill_block_size`` holding as many tokens; no host tier
-    on P/D decode ranks (they never cache the KV they receive: the tier is for prompt ranks)."""
+def core_config(spec: WorkerSpec, device: torch.device,
+                model_cfg: ModelConfig | None = None) -> EngineConfig:
+    """The config of a prefill or attention rank's EngineCore, once its weights are loaded: its
+    own sampling seed; a prefill rank's KV pool and host tier at ``prefill_block_size`` holding
+    as many tokens; no host tier on P/D decode ranks (they never cache the KV they receive: the
+    tier is for prompt ranks). With no KV size given on a GPU, the rank sizes its pool from its
+    own memory (afd.kv_memory), which needs its model's ``model_cfg``."""
+    from afd.kv_memory import kv_blocks_from_memory
     from afd.sampler import rank_seed
 
     cfg = spec.engine_cfg
-    seed = rank_seed(cfg.seed, spec.rank)
-    if spec.rank < spec.layout.prefill:
+    prefill = spec.rank < spec.layout.prefill
+    changes: dict = {"seed": rank_seed(cfg.seed, spec.rank)}
+    if prefill:
         block = spec.prefill_block_size or cfg.block_size
-        return local_config(cfg, device, block_size=block, seed=seed,
-                            num_kv_blocks=-(-cfg.num_kv_blocks * cfg.block_size // block),
-                            num_offload_blocks=cfg.num_offload_blocks * cfg.block_size // block)
-    return local_config(cfg, device, seed=seed,
-                        **({"num_offload_blocks": 0} if spec.layout.prefill else {}))
+        changes.update(block_size=block,
+                       num_offload_blocks=cfg.num_offload_blocks * cfg.block_size // block)
+        if cfg.num_kv_blocks is not None:
+            changes["num_kv_blocks"] = -(-cfg.num_kv_blocks * cfg.block_size // block)
+    elif spec.layout.prefill:
+        changes["num_offload_blocks"] = 0
+    local = local_config(cfg, device, **changes)
+    if local.num_kv_blocks is None:
+        # graphs: only a decoding rank without FFN ranks captures them (model_runner)
+        local = local_config(local, device, num_kv_blocks=kv_blocks_from_memory(
+            local, model_cfg, device, "prefill" if prefill else "attention",
+            ranks_on_device=ranks_on_device(spec, device),
+            graphs=not (prefill or local.enforce_eager or spec.layout.ffn)))
+    return local
+
+
+def ranks_on_device(spec: WorkerSpec, device: torch.device) -> int:
+    """How many ranks of this node use ``device`` (``_device``: local rank modulo the GPU
+    count): several ranks on one GPU (a one-GPU run of a layout) split its memory."""
+    if device.type != "cuda":
+        return 1
+    if spec.local_rank is None:  # the front end started every rank on this node
+        local, node_ranks = spec.rank, spec.layout.world_size
+    else:  # torchrun
+        local = spec.local_rank
+        node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.layout.world_size))
+    gpus = torch.cuda.device_count()
+    return len(range(local % gpus, node_ranks, gpus))
 
 
 HEARTBEAT_S = 1.0
@@ -263,12 +292,14 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
         os._exit(code)
 
 
-def describe(model, kv_bytes: int) -> dict:
-    """What this rank holds, for the front end's checks and logs (and how many objects its
-    ``freeze_gc`` took out of the garbage collector's passes)."""
+def describe(model, kv_bytes: int, num_kv_blocks: int = 0) -> dict:
+    """What this rank holds, for the front end's checks, router and logs: its KV pool's blocks
+    (the router's capacity for it; each rank may have sized its own), and how many objects its
+    ``freeze_gc`` took out of the garbage collector's passes."""
     return {"role": model.role, "params": [n for n, _ in model.named_parameters()],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "kv_bytes": kv_bytes, "gc_frozen": gc.get_freeze_count()}
+            "kv_bytes": kv_bytes, "num_kv_blocks": num_kv_blocks,
+            "gc_frozen": gc.get_freeze_count()}
 
 
 def freeze_gc(who: str) -> int:

@@ -61,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="with no --num-kv-blocks / --kv-cache-memory-gb on a GPU: the "
+                         "fraction of each GPU's memory a rank may use; what its weights and "
+                         "an activation reserve leave is its KV cache (default 0.9, as vLLM)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
@@ -228,6 +232,7 @@ def main() -> None:
             model, load_config(model), dtype=args.dtype, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
