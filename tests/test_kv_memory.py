@@ -93,6 +93,10 @@ def test_budget_math_share_scratch_block_and_refusal(reference, monkeypatch):
     # the MTP layer's cache is one more layer per block
     assert bytes_per_block(model_cfg, 4, cfg.dtype, True) == per_block // model_cfg.num_layers \
         * (model_cfg.num_layers + 1)
+    # a larger step needs a larger reserve (the refusal's advice to lower it holds)
+    larger = resolve_engine_config(path, model_cfg, num_kv_blocks=1000,
+                                   **{**ARGS, "max_num_batched_tokens": 96})
+    assert activation_reserve(model_cfg, larger) > reserve
     # one max_model_len sequence (96 tokens: 24 blocks) must fit
     assert blocks(fake_memory(path, 24, 4, in_use=GIB)) == 24
     with pytest.raises(ValueError, match=r"gpu_memory_utilization=0\.9 of .* GiB.*in use.*"
