@@ -42,6 +42,24 @@ def references(tmp_path_factory):
     return refs
 
 
+# The layout that test_logprobs_match_single_process and test_structured_output_matches_single_
+# process need: its case in CASES runs on their cluster (started once, prompts chunked by the
+# token budget), not on a second one of its own.
+SHARED = ("deepseek_v3", 2, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(references):
+    """DeepSeek-V3 on two attention ranks and one FFN rank, two micro-batches, a 24-token step
+    budget (so the 64- and 48-token prompts prefill in chunks)."""
+    kind, attention, ffn, micro_batches = SHARED
+    llm = LLM(references[kind][0], attention=attention, ffn=ffn, micro_batches=micro_batches,
+              timeout_s=30, max_num_batched_tokens=24)
+    yield llm
+    llm.shutdown()
+    assert all(p.poll() is not None for p in llm.engine.core.procs), "rank processes left behind"
+
+
 def check_roles(llm: LLM, attention: int, ffn: int) -> None:
     info = llm.engine.core.rank_info
     assert len(info) == attention + ffn
@@ -59,9 +77,12 @@ def check_roles(llm: LLM, attention: int, ffn: int) -> None:
 
 @pytest.mark.parametrize("kind, attention, ffn, micro_batches", CASES,
                          ids=[f"{k}-{a}A{f}F-mb{m}" for k, a, f, m in CASES])
-def test_layout_matches_single_process(references, kind, attention, ffn, micro_batches):
+def test_layout_matches_single_process(request, references, kind, attention, ffn,
+                                      micro_batches):
     path, prompts, params, expected = references[kind]
-    llm = LLM(path, attention=attention, ffn=ffn, micro_batches=micro_batches, timeout_s=30)
+    shared = (kind, attention, ffn, micro_batches) == SHARED
+    llm = (request.getfixturevalue("shared_cluster") if shared else
+           LLM(path, attention=attention, ffn=ffn, micro_batches=micro_batches, timeout_s=30))
     try:
         check_roles(llm, attention, ffn)
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -76,11 +97,13 @@ def test_layout_matches_single_process(references, kind, attention, ffn, micro_b
         assert all(s.num_free_blocks == llm.config.num_kv_blocks and s.num_running == 0
                    for s in llm.engine.core.stats())
     finally:
-        llm.shutdown()
-    assert all(p.poll() is not None for p in llm.engine.core.procs), "rank processes left behind"
+        if not shared:  # the fixture shuts its cluster down and checks that, at module end
+            llm.shutdown()
+    assert shared or all(p.poll() is not None for p in llm.engine.core.procs), \
+        "rank processes left behind"
 
 
-def test_logprobs_match_single_process(references):
+def test_logprobs_match_single_process(references, shared_cluster):
     """Logprobs sampled on two attention ranks (experts on an FFN rank, two micro-batches) are
     the single-process engine's, rows without logprobs beside them; so are prompt logprobs
     of prompts prefilled in chunks there."""
@@ -92,15 +115,10 @@ def test_logprobs_match_single_process(references):
               SamplingParams(temperature=0.8, seed=5, **common)]
     expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
     assert [len(o.prompt_logprobs or ()) for o in expected] == [0, 64, 7, 0]
-    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30,
-              max_num_batched_tokens=24)
-    try:
-        assert_same_outputs(llm.generate(prompts[:4], params, use_tqdm=False), expected)
-    finally:
-        llm.shutdown()
+    assert_same_outputs(shared_cluster.generate(prompts[:4], params, use_tqdm=False), expected)
 
 
-def test_structured_output_matches_single_process(references):
+def test_structured_output_matches_single_process(references, shared_cluster):
     """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
     single-process engine's tokens, greedy and seeded, with allowed_token_ids and bad_words;
     and a grammar that waits for the end of a reasoning (the greedy output's 4th token)."""
@@ -123,12 +141,8 @@ def test_structured_output_matches_single_process(references):
               SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(choice=choice),
                              reasoning_end_token_ids=[free[4][3]])]
     expected = LLM(path).generate(prompts[:5], params, use_tqdm=False)
-    llm = LLM(path, attention=2, ffn=1, micro_batches=2, timeout_s=30)
-    try:
-        outs = llm.generate(prompts[:5], params, use_tqdm=False)
-        tok = llm.get_tokenizer()
-    finally:
-        llm.shutdown()
+    outs = shared_cluster.generate(prompts[:5], params, use_tqdm=False)
+    tok = shared_cluster.get_tokenizer()
     assert_same_outputs(outs, expected)
     assert json.loads(outs[0].outputs[0].text)["n"] is not None
     assert all(c.text in choice for c in outs[1].outputs)
@@ -312,14 +326,47 @@ def test_heartbeats_never_block_a_rank():
         ctx.destroy(linger=0)
 
 
-def test_malformed_control_messages_are_dropped(references):
+@pytest.fixture(scope="module")
+def two_attention(references):
+    """Two attention ranks, no FFN rank, shared by the two tests below."""
+    llm = LLM(references["deepseek_v3"][0], attention=2, ffn=0, timeout_s=30)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("layout", [dict(attention=2), dict(prefill=2, attention=1)],
+                         ids=["2A", "2P1A"])
+def test_unseeded_samples_differ_across_ranks(request, layout):
+    """Every rank's sampler for unseeded rows started from the same seed, so two ranks given
+    the same prompt drew the same noise: n=2 completions placed on two attention ranks were
+    identical, and two prefill ranks sampled the same first token. Each rank has its own
+    stream. (The prompts are shorter than a KV block, so cache-aware routing, which would put
+    both completions of a longer prompt on one rank, places them by load.) The two attention
+    ranks are two_attention's, fresh: this test runs before any other on them."""
+    shared = "prefill" not in layout
+    llm = request.getfixturevalue("two_attention") if shared else LLM(timeout_s=30, **layout)
+    try:
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)
+        firsts = []
+        for prompt in ("Hello", "Tell me a story", "a"):
+            comps = llm.generate(prompt, params, use_tqdm=False)[0].outputs
+            firsts.append((comps[0].token_ids[0], comps[1].token_ids[0]))
+            if "prefill" not in layout:
+                assert comps[0].token_ids != comps[1].token_ids, prompt
+        assert any(a != b for a, b in firsts), firsts
+    finally:
+        if not shared:
+            llm.shutdown()
+
+
+def test_malformed_control_messages_are_dropped(references, two_attention):
     """Bytes that are no control message, or one naming a rank outside the layout, reaching the
     front end's inbox are dropped with a warning; the engine goes on serving."""
     import msgpack
     import zmq
 
-    path, prompts, params, expected = references["deepseek_v3"]
-    llm = LLM(path, attention=2, ffn=0, timeout_s=20)
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm = two_attention
     ctx = zmq.Context()
     try:
         intruder = ctx.socket(zmq.PUSH)
@@ -333,26 +380,3 @@ def test_malformed_control_messages_are_dropped(references):
         assert [o.outputs[0].token_ids for o in outs] == expected[:3]
     finally:
         ctx.destroy(linger=0)
-        llm.shutdown()
-
-
-@pytest.mark.parametrize("layout", [dict(attention=2), dict(prefill=2, attention=1)],
-                         ids=["2A", "2P1A"])
-def test_unseeded_samples_differ_across_ranks(layout):
-    """Every rank's sampler for unseeded rows started from the same seed, so two ranks given
-    the same prompt drew the same noise: n=2 completions placed on two attention ranks were
-    identical, and two prefill ranks sampled the same first token. Each rank has its own
-    stream. (The prompts are shorter than a KV block, so cache-aware routing, which would put
-    both completions of a longer prompt on one rank, places them by load.)"""
-    llm = LLM(timeout_s=30, **layout)
-    try:
-        params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)
-        firsts = []
-        for prompt in ("Hello", "Tell me a story", "a"):
-            comps = llm.generate(prompt, params, use_tqdm=False)[0].outputs
-            firsts.append((comps[0].token_ids[0], comps[1].token_ids[0]))
-            if "prefill" not in layout:
-                assert comps[0].token_ids != comps[1].token_ids, prompt
-        assert any(a != b for a, b in firsts), firsts
-    finally:
-        llm.shutdown()
