@@ -47,12 +47,21 @@ def attention_inputs(rank: int, micro_batch: int) -> tuple[torch.Tensor, Routing
     return hidden, Routing(ids, weights)
 
 
-def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
+def run_rank(rank: int, port: int, placements: dict[str, ExpertPlacement]) -> None:
+    """Every placement in turn on one process group: a spawn of fresh ranks, each importing
+    torch, costs more than a round trip."""
     timeout = datetime.timedelta(seconds=30)
     store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, rank == 0, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=ATTN + FFN,
                             timeout=timeout)
     groups = ExpertGroups(ATTN, FFN, [dist.new_group(timeout=timeout) for _ in range(2)])
+    for name, placement in placements.items():
+        round_trip(rank, groups, name, placement)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def round_trip(rank: int, groups: ExpertGroups, name: str, placement: ExpertPlacement) -> None:
     w13, w2 = full_weights()
     device = torch.device("cpu")
     if rank < ATTN:
@@ -69,7 +78,7 @@ def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
             # Same rows and order as the reference; only the GEMM's M differs (an expert sees
             # every rank's rows at once), which may move the last bit of fp32 sums.
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"rank {rank} micro-batch {mb}: {m}")
+                                       msg=lambda m: f"{name}: rank {rank} micro-batch {mb}: {m}")
     else:
         held = list(placement.table(3)[rank - ATTN])  # the layer the attention ranks send
         experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
@@ -77,8 +86,6 @@ def run_rank(rank: int, port: int, placement: ExpertPlacement) -> None:
         served = [server.serve(mb, experts) for mb in range(2)]
         server.drain()
         assert sum(served) >= 0
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def per_layer_placement() -> ExpertPlacement:
@@ -89,15 +96,14 @@ def per_layer_placement() -> ExpertPlacement:
     return ExpertPlacement(E, layers=(plain, plain, plain, layer3))
 
 
-@pytest.mark.parametrize("replicas", [None, {2: 1, 5: 2}, "per_layer"],
-                         ids=["plain", "replicated", "per-layer"])
-def test_torch_transport_round_trip_matches_reference(replicas):
-    if replicas == "per_layer":
-        placement = per_layer_placement()
-    else:
-        placement = ExpertPlacement.balanced(E, FFN, replicas)
-    assert [len(s) for s in placement.table(3)] != [E // FFN] * FFN  # uneven split
-    mp.spawn(run_rank, args=(free_port(), placement), nprocs=ATTN + FFN, join=True)
+def test_torch_transport_round_trip_matches_reference():
+    """Plain, replicated and per-layer placements, one after the other on the same ranks."""
+    placements = {name: ExpertPlacement.balanced(E, FFN, replicas)
+                  for name, replicas in (("plain", None), ("replicated", {2: 1, 5: 2}))}
+    placements["per-layer"] = per_layer_placement()
+    for placement in placements.values():
+        assert [len(s) for s in placement.table(3)] != [E // FFN] * FFN  # uneven split
+    mp.spawn(run_rank, args=(free_port(), placements), nprocs=ATTN + FFN, join=True)
 
 
 def test_placement_table():
