@@ -178,7 +178,11 @@ def rank_inputs(rank: int, layer: int, micro_batch: int, hidden: int
     return x, Routing(random_ids(num_tokens, E, K, seed=7 + rank + layer), weights)
 
 
-def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> None:
+def run_rank(rank: int, port: int, runs: tuple[tuple[Case, ExpertPlacement], ...]) -> None:
+    """Every (case, placement) in turn on one process group (the cases share its world size):
+    a spawn of fresh ranks, each importing torch, costs more than a round trip on CPU."""
+    case = runs[0][0]
+    assert all(c.world == case.world and c.fake == case.fake for c, _ in runs)
     if case.fake:
         import fake_deep_ep
 
@@ -194,6 +198,16 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
     store = dist.TCPStore("127.0.0.1", port, case.world, rank == 0, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=case.world,
                             timeout=timeout)
+    for case, placement in runs:
+        round_trip(rank, case, placement, device, timeout)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def round_trip(rank: int, case: Case, placement: ExpertPlacement, device: torch.device,
+               timeout: datetime.timedelta) -> None:
     groups = ExpertGroups(case.num_attention, case.num_ffn,
                           [dist.new_group(timeout=timeout) for _ in range(case.micro_batches)])
     bf16, h, mbs = torch.bfloat16, case.hidden, case.micro_batches
@@ -224,7 +238,9 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
                                            routing.topk_ids.to(device))
                 assert got.shape == (x.shape[0], h) and got.dtype == bf16
                 # bf16 end to end; DeepEP reduces the top-k in its own order
-                where = f"rank {rank} layer {layer} mb {mb}"
+                where = (f"{case.micro_batches} micro-batches, "
+                         f"{'per-layer' if placement.layers else 'one'} table: rank {rank} "
+                         f"layer {layer} mb {mb}")
                 torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2,
                                            msg=lambda m, where=where: f"{where}: {m}")
         assert set(transport.timers.seconds) == {"dispatch", "combine"}
@@ -242,28 +258,24 @@ def run_rank(rank: int, port: int, case: Case, placement: ExpertPlacement) -> No
                 expected = sum(int(emap.recv_counts(emap.to_deepep(
                     rank_inputs(a, layer, mb, h)[1].topk_ids, layer=layer))[rank].sum())
                     for a in range(case.num_attention))
-                assert served == expected, f"FFN rank {index} layer {layer} mb {mb}"
+                tables = "per-layer" if placement.layers else "one"
+                assert served == expected, (f"{case.micro_batches} micro-batches, {tables} "
+                                            f"table: FFN rank {index} layer {layer} mb {mb}")
         server.drain()
         assert not server.pending
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
-    dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro_batches, per_layer", [(1, False), (2, False), (2, True)],
-                         ids=["mb1", "mb2", "mb2-per-layer"])
-def test_round_trip_over_fake_deep_ep(micro_batches, per_layer):
-    """Our use of DeepEP's contract (ids, slabs, counts, hooks, call order) on CPU ranks; the
-    fake is our reading of DeepEP's API, not DeepEP. ``per_layer``: layer 1 has a table of its
-    own (replicas, 4/2/3 slots), so each layer must route by its own table."""
-    case = Case(2, 3, micro_batches, hidden=32, fake=True)
-    placement = ExpertPlacement.balanced(E, case.num_ffn, {2: 1, 5: 1})  # uneven slot counts
+def test_round_trip_over_fake_deep_ep():
+    """Our use of DeepEP's contract (ids, slabs, counts, hooks, call order) on CPU ranks, with
+    one micro-batch, two, and two with a per-layer placement (layer 1 has a table of its own:
+    replicas, 4/2/3 slots, so each layer must route by its own table), one after the other on
+    the same ranks; the fake is our reading of DeepEP's API, not DeepEP."""
+    mb1, mb2 = (Case(2, 3, micro_batches, hidden=32, fake=True) for micro_batches in (1, 2))
+    placement = ExpertPlacement.balanced(E, 3, {2: 1, 5: 1})  # uneven slot counts
     assert len({len(s) for s in placement.slots}) > 1
-    if per_layer:
-        placement = ExpertPlacement(E, layers=(placement.slots,
-                                               ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
-    mp.spawn(run_rank, args=(free_port(), case, placement), nprocs=case.world, join=True)
+    per_layer = ExpertPlacement(E, layers=(placement.slots, ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
+    runs = ((mb1, placement), (mb2, placement), (mb2, per_layer))
+    mp.spawn(run_rank, args=(free_port(), runs), nprocs=mb1.world, join=True)
 
 
 @pytest.mark.gpu
@@ -277,4 +289,4 @@ def test_deepep_round_trip_matches_reference():
     num_attention = 1 if world < 4 else 2
     case = Case(num_attention, world - num_attention, 2, hidden=2048, fake=False)
     placement = ExpertPlacement.balanced(E, case.num_ffn, {1: 1})
-    mp.spawn(run_rank, args=(free_port(), case, placement), nprocs=case.world, join=True)
+    mp.spawn(run_rank, args=(free_port(), ((case, placement),)), nprocs=case.world, join=True)
