@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kernels.backend import resolve_backend
 
@@ -168,10 +167,17 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     scores never exist in memory (in fp32 they would be 8.6 GB for 128 heads over a 4k-token
     prompt); elsewhere its reference math, softmax in fp32 as Hugging Face's eager attention.
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=scale)  # [1, H, Q, Dv]
-    return out[0].transpose(0, 1)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+    if q.shape[2] == k.shape[2]:  # no context before the queries: plain causal
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        # imported here: torch.nn.attention.bias pulls in torch._dynamo (about 1.4 s per
+        # process), which a rank that never runs a prefill with context does not need
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+    return out[0].transpose(0, 1)  # [1, H, Q, Dv] -> [Q, H, Dv]
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
