@@ -153,7 +153,7 @@ class EngineCore:
                     taken.append((seq, [token], None if logprobs is None else [logprobs], None,
                                   None))
         if sampled.draft_tokens:
-            self._keep_mtp_drafts(sampling, taken, sampled.draft_tokens)
+            self._keep_mtp_drafts(taken, sampled.draft_tokens)
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
         outputs = []
         for seq, new, logprobs, error, spec in taken:
@@ -213,15 +213,14 @@ class EngineCore:
         return taken
 
     @staticmethod
-    def _keep_mtp_drafts(sampling: list, taken: list[tuple], draft_tokens: list[int]) -> None:
-        """MTP: each sequence's draft for its next step is the MTP layer's after the last token
-        it emitted (``draft_tokens`` has one per sampled row, the sampler's order)."""
-        row = 0
-        for s, (seq, new, *_rest) in zip(sampling, taken):
+    def _keep_mtp_drafts(taken: list[tuple], draft_tokens: list[list[int]]) -> None:
+        """MTP: each sequence's drafts for its next step, which the MTP layer made after the
+        last token it emitted (``draft_tokens``: per sampling sequence; none kept once it
+        finished)."""
+        for (seq, new, *_rest), drafts in zip(taken, draft_tokens, strict=True):
             if new and seq.finish_reason is None:
-                seq.mtp_drafts = [draft_tokens[row + len(new) - 1]]
+                seq.mtp_drafts = drafts
                 seq.mtp_drafts_for = len(seq.token_ids)
-            row += 1 + len(s.draft_token_ids)
 
     def flush_offloads(self) -> None:
         """Run the host tier's pending copies: before anything writes the device blocks that

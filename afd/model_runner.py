@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
-from afd.spec_decode import expand_rows
+from afd.spec_decode import accept, expand_rows, speculable
 from models.batch import ForwardBatch
 from models.model import ExpertPath, LocalExperts, MoEModel
 
@@ -29,18 +30,21 @@ def row_order(seqs: list[ScheduledSeq]) -> tuple[list[bool], list[int]]:
                       + [i for i, d in enumerate(decoding) if not d])
 
 
-def mtp_inputs(seqs: list[ScheduledSeq], sampled: list[int]) -> tuple[list[int], list[int]]:
+def mtp_inputs(seqs: list[ScheduledSeq], sampled: list[int]
+               ) -> tuple[list[int], list[int], list[int]]:
     """The MTP layer's inputs over the rows ``flatten`` made of ``seqs``: per token (row order)
-    its next token (the next prompt or output token, or the token its row just sampled), and
-    per sampled token (``sampled``: the step's, sampling sequences in plan order, 1 + drafts
-    each) the row whose MTP output drafts after it."""
+    its next token (the next prompt or output token, or the token its row just sampled); per
+    sampling sequence (plan order; ``sampled``: the step's samples, 1 + drafts each) the row
+    whose MTP output drafts after its last emitted token, and how many tokens it emits (by
+    verification's own rule, ``accept``; a sequence that a stop ends sooner needs no draft)."""
     _, order = row_order(seqs)
     taken, row = {}, 0
     for i, s in enumerate(seqs):
         if s.samples:
-            num = 1 + len(s.draft_token_ids)
-            taken[i] = [max(t, 0) for t in sampled[row:row + num]]  # a failed row's is < 0
-            row += num
+            tokens = sampled[row:row + 1 + len(s.draft_token_ids)]
+            # (a failed row's sample is < 0: no draft equals it)
+            taken[i] = [max(t, 0) for t in tokens], accept(tokens, s.draft_token_ids)
+            row += len(tokens)
     next_ids: list[int] = []
     first = [0] * len(seqs)
     for i in order:
@@ -48,14 +52,70 @@ def mtp_inputs(seqs: list[ScheduledSeq], sampled: list[int]) -> tuple[list[int],
         start, n = s.seq.num_computed_tokens, s.num_new_tokens
         first[i] = len(next_ids)
         if i in taken:  # the positions before its last token, then its sampling rows
-            next_ids += s.seq.token_ids[start + 1:start + n - len(s.draft_token_ids)] + taken[i]
+            next_ids += (s.seq.token_ids[start + 1:start + n - len(s.draft_token_ids)]
+                         + taken[i][0])
         else:  # a chunk that ends before the sequence's last token
             next_ids += s.seq.token_ids[start + 1:start + n + 1]
-    rows: list[int] = []
-    for i, tokens in taken.items():
-        end = first[i] + seqs[i].num_new_tokens
-        rows += range(end - len(tokens), end)
-    return next_ids, rows
+    rows, emitted = [], []
+    for i, (tokens, used) in taken.items():
+        # its sampling rows end the sequence's rows; the used-th of them drafts
+        rows.append(first[i] + seqs[i].num_new_tokens - len(tokens) + used - 1)
+        emitted.append(used)
+    return next_ids, rows, emitted
+
+
+@dataclass
+class DraftChain:
+    """One micro-batch's chained MTP rows (k > 1): after the MTP pass drafts d1 at the row
+    (position p) that takes a sampling sequence's last emitted token, round r = 1 .. k - 1
+    runs the MTP layer on one row per sequence at position p + r: token d_r, hidden state the
+    MTP layer's own at its round r - 1 row (after shared_head.norm), writing MTP KV at p + r,
+    drafting d_{r+1}. A sequence takes fewer rounds where its blocks end (the scheduler's lookahead
+    slots ran out) or its next step could not verify more drafts (max_tokens); none without
+    drafts (penalties, grammars). Entries are ordered by rounds, most first, so round r's rows
+    are a prefix of round r - 1's."""
+
+    order: list[int]  # entries: index among the micro-batch's sampling sequences
+    rounds: list[int]  # per entry, its chained rounds (>= 1)
+    positions: np.ndarray  # [E] int64: per entry, p
+    tables: np.ndarray  # [E, width] int32: per entry, its block table
+
+    @classmethod
+    def plan(cls, sampling: list[ScheduledSeq], emitted: list[int], extra: int,
+             block_size: int) -> DraftChain:
+        entries = []
+        for i, (s, used) in enumerate(zip(sampling, emitted)):
+            seq = s.seq
+            pos = seq.num_computed_tokens + s.num_new_tokens - len(s.draft_token_ids) + used - 2
+            usable = seq.max_output - seq.num_output_tokens - used - 1  # next step's drafts
+            rounds = min(extra, usable - 1, len(seq.block_ids) * block_size - pos - 1)
+            if rounds > 0 and speculable(seq):
+                entries.append((rounds, i, pos))
+        entries.sort(key=lambda e: -e[0])  # stable: plan order among equals
+        width = max((len(sampling[i].seq.block_ids) for _, i, _ in entries), default=1)
+        tables = np.zeros((len(entries), width), dtype=np.int32)
+        for row, (_, i, _) in enumerate(entries):
+            blocks = sampling[i].seq.block_ids
+            tables[row, :len(blocks)] = blocks
+        return cls([i for _, i, _ in entries], [r for r, _, _ in entries],
+                   np.array([p for _, _, p in entries], dtype=np.int64), tables)
+
+    def num_rows(self, r: int) -> int:
+        """Rows of round r (>= 1): the entries with at least r rounds."""
+        return sum(1 for rounds in self.rounds if rounds >= r)
+
+    def batch(self, r: int, block_size: int, device: torch.device
+              ) -> tuple[ForwardBatch, torch.Tensor]:
+        """Round r's decode rows (one per entry still chaining) and their logits index."""
+        n = self.num_rows(r)
+        pos = self.positions[:n] + r
+        slots = self.tables[np.arange(n), pos // block_size] * block_size + pos % block_size
+        dev = torch.from_numpy(np.concatenate((pos, slots, pos + 1, np.arange(n)))).to(device)
+        batch = ForwardBatch(positions=dev[:n], slot_mapping=dev[n:2 * n],
+                             block_tables=torch.from_numpy(self.tables[:n]).to(device),
+                             seq_lens=dev[2 * n:3 * n], query_lens=[1] * n, num_decodes=n,
+                             context_lens=(pos + 1).tolist())
+        return batch, dev[3 * n:]
 
 
 def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
@@ -232,24 +292,51 @@ class ModelRunner:
     def _execute_with_mtp(self, plan: SchedulerOutput, micro_batches: int,
                           experts: ExpertPath) -> SamplerOutput:
         """A step, then the MTP layer over its rows (``mtp_inputs``), each micro-batch as the
-        target's; ``draft_tokens``: per sampled token, the MTP argmax after it (the next
-        step's draft if that token is the last one emitted). With FFN ranks the MTP layer's
-        MoE is one more collective round, taken by every rank, an idle one with zero rows."""
+        target's, then k - 1 chained rounds (``DraftChain``); ``draft_tokens``: per sampling
+        sequence, the drafts after the last token it emits. With FFN ranks each MTP round's
+        MoE is one more collective round, taken by every rank, an idle one with zero rows:
+        always k rounds a step (k is engine-wide, so every rank knows the count without a
+        vote; a rank whose sequences chain fewer rounds takes the rest with zero rows)."""
         sizes = [s.num_new_tokens for s in plan.seqs]
         parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
         inputs = [self.prepare(part) for part in parts]
         outs = run_micro_batches(self.model, inputs, self.kv_caches, experts, keep_hidden=True)
         out = self._sample(torch.cat([o.logits for o in outs]), plan.seqs)
-        stages, row = [], 0
+        cache, size = self.kv_caches[self.mtp.index], self.cfg.block_size
+        stages, chains, row = [], [], 0
         for part, (_, batch, _), target in zip(parts, inputs, outs):
-            num = sum(1 + len(s.draft_token_ids) for s in part if s.samples)
-            next_ids, rows = mtp_inputs(part, out.tokens[row:row + num])
+            sampling = [s for s in part if s.samples]
+            num = sum(1 + len(s.draft_token_ids) for s in sampling)
+            next_ids, rows, emitted = mtp_inputs(part, out.tokens[row:row + num])
             row += num
+            chains.append(DraftChain.plan(sampling, emitted,
+                                          self.cfg.num_speculative_tokens - 1, size))
             dev = torch.tensor(next_ids + rows, dtype=torch.long).to(self.device)
-            stages.append(self.mtp.stages(dev[:len(next_ids)], target.hidden, batch,
-                                          self.kv_caches[self.mtp.index], dev[len(next_ids):]))
-        logits = torch.cat(drive_micro_batches(stages, experts))  # (a load record skips it)
-        out.draft_tokens = logits.argmax(dim=-1).tolist()
+            stages.append(self.mtp.stages(dev[:len(next_ids)], target.hidden, batch, cache,
+                                          dev[len(next_ids):]))
+        mtp = drive_micro_batches(stages, experts)  # (a load record skips the MTP layer)
+        drafts = [[o.logits.argmax(dim=-1)] for o in mtp]  # per part, per round: [rows]
+        carried = [(d[0][c.order], o.hidden[c.order]) for d, o, c in zip(drafts, mtp, chains)]
+        for r in range(1, self.cfg.num_speculative_tokens):
+            if not self.collective and not any(c.num_rows(r) for c in chains):
+                break  # no rank waits for this one's rounds
+            stages = []
+            for chain, (tokens, hidden) in zip(chains, carried):
+                batch, index = chain.batch(r, size, self.device)
+                batch.cos, batch.sin = self.model.rotary.cos_sin(batch.positions)
+                n = len(index)
+                stages.append(self.mtp.stages(tokens[:n], hidden[:n], batch, cache, index))
+            for p, o in enumerate(drive_micro_batches(stages, experts)):
+                carried[p] = (o.logits.argmax(dim=-1), o.hidden)
+                drafts[p].append(carried[p][0])
+        flat = iter(torch.cat([d for part in drafts for d in part]).tolist())  # one read
+        out.draft_tokens = []
+        for part, chain in zip(drafts, chains):
+            rounds = [[next(flat) for _ in range(len(d))] for d in part]  # on the host
+            mine = [[d] for d in rounds[0]]
+            for e, i in enumerate(chain.order):  # entry e is row e of each round it takes
+                mine[i] += [rounds[r][e] for r in range(1, chain.rounds[e] + 1)]
+            out.draft_tokens += mine
         return out
 
     def _prompt_logprobs(self, logits: torch.Tensor, seqs: list[ScheduledSeq]

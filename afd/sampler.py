@@ -145,12 +145,13 @@ class SamplerOutput:
     first, then the k likeliest in order (ranks 1..k). Plain lists: they cross msgpack as is.
     prompt_logprobs: per request id, the prompt logprobs this step's logits gave (filled by the
     model runner for sequences whose params ask for ``prompt_logprobs``). draft_tokens: with
-    MTP drafts, per row the MTP layer's draft after that row's token (empty otherwise)."""
+    MTP drafts, per sampling sequence the MTP layer's drafts (1 to k) after the last token it
+    emits (empty otherwise)."""
 
     tokens: list[int]
     logprobs: list[list | None]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
-    draft_tokens: list[int] = field(default_factory=list)
+    draft_tokens: list[list[int]] = field(default_factory=list)
 
 
 SCORE_SLICE = 512  # prompt-logprob rows scored at a time (fp32 log_softmax of [512, V])

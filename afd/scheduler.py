@@ -21,12 +21,14 @@ the match goes on there after the device blocks end: those blocks get new device
 KV copied back before the step's forward, and count as cached from then on.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
-decoding one that may speculate gets drafts (n-gram, or MTP: the one the MTP layer made after its
-last token, ``Sequence.mtp_drafts``), as many as the remaining budget, its
-max_tokens and the free blocks allow (drafts never preempt anyone: with no block free it
-speculates less, or not at all). Its step then computes [last token, drafts]; ``update`` keeps
-only the KV of the tokens that verification accepted (``num_rejected`` rolls the rest back, to
-be overwritten), so a block holding a rejected draft's KV is never full of computed tokens and
+decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after
+its last token, ``Sequence.mtp_drafts``), as many as the remaining budget, its max_tokens and
+the free blocks allow (drafts never preempt anyone: with no block free it speculates less, or
+not at all). With chained MTP drafts (k > 1) every sampling sequence also gets lookahead KV
+slots for the MTP layer's chained rows, from the blocks still empty after admissions
+(``_add_lookahead``). Its step then computes [last token, drafts]; ``update`` keeps only the
+KV of the tokens that verification accepted (``num_rejected`` rolls the rest back, to be
+overwritten), so a block holding a rejected draft's KV is never full of computed tokens and
 never joins the prefix cache.
 """
 
@@ -250,6 +252,8 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(seq, n))
             budget -= n
             scored -= rows
+        if self.spec is not None and not out.num_preempted:
+            self._add_lookahead(out.seqs)
         out.seqs.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first, order otherwise kept
         return out
 
@@ -301,6 +305,31 @@ class Scheduler:
                 s.num_new_tokens += len(drafts)
                 used += len(drafts)
         return used
+
+    def _add_lookahead(self, seqs: list[ScheduledSeq]) -> None:
+        """Chained MTP drafts (k > 1): the MTP layer's rounds after a sampling sequence's last
+        emitted token write its KV at up to k - 1 positions past the step's tokens (drafts
+        included; afd.model_runner.DraftChain), so give it blocks for those slots, after
+        everyone's tokens, drafts and admissions, on the same terms as drafts: empty blocks
+        only, none past what its max_tokens lets later steps verify. Without them its chain
+        is shorter and the next step drafts fewer tokens. Slots the next step does not use
+        are written again later, as a rejected draft's are."""
+        lookahead = self.spec.num_speculative_tokens - 1 if self.spec.method == "mtp" else 0
+        if not lookahead:
+            return
+        alloc = self.allocator
+        for s in seqs:
+            seq = s.seq
+            if not s.samples or not speculable(seq):
+                continue
+            # the furthest chained row (all drafts accepted) at computed + new + k - 2, and
+            # none at or past position num_prompt + max_output - 3 (its drafts would pass
+            # max_tokens)
+            end = min(seq.num_computed_tokens + s.num_new_tokens + lookahead,
+                      seq.num_prompt_tokens + seq.max_output - 3)
+            extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
+            if extra > 0:
+                seq.block_ids += alloc.allocate(extra)
 
     def _cached_prefix(self, seq: Sequence) -> PrefixHit:
         """Cached blocks holding ``seq``'s leading full blocks (on the device, then in the

@@ -31,15 +31,22 @@ incremental ``PenaltyState`` would fold in drafts that may be rejected) and with
 output (the matcher advances with each token and cannot be rolled back cheaply).
 
 MTP drafts (``method: "mtp"``, vLLM's "deepseek_mtp" accepted): DeepSeek-V3's own
-multi-token-prediction layer (``models.model.MTPLayer``) proposes one draft per sequence and
-step (k = 1). Every step, after the target forward and sampling, the MTP layer runs over the
-same rows (``afd.model_runner``): row p takes its next token (the next prompt token, or the
-token the row just sampled) and the target's hidden state at p after its final norm, writes
-its own KV at p (one more layer of the paged cache, same blocks and slots) and its argmax at
-the row of each sequence's last emitted token is that sequence's draft for the next step.
-Rows of rejected drafts write MTP KV at positions later rows overwrite, as the target's
-layers do. The drafts go through the same verification as n-gram drafts, so exactness is kept
-by construction.
+multi-token-prediction layer (``models.model.MTPLayer``) proposes up to k drafts per sequence
+and step (k <= ``MAX_MTP_TOKENS``). Every step, after the target forward and sampling, the MTP
+layer runs over the same rows (``afd.model_runner``): row p takes its next token (the next
+prompt token, or the token the row just sampled) and the target's hidden state at p after its
+final norm, and writes its own KV at p (one more layer of the paged cache, same blocks and
+slots); its argmax at the row p that takes a sequence's last emitted token is that
+sequence's first draft d1 for the next step. For k > 1 the layer is chained as vLLM and SGLang
+do: round r = 1 .. k - 1 runs it on one row per sequence at position p + r, with token d_r and,
+as hidden state, its own output at the round before after ``shared_head.norm`` (the state its
+head reads, as the target's final-norm state is what the first round takes; SGLang carries
+the same, vLLM the state before that norm), writing MTP KV at p + r: d_{r+1} is its argmax.
+Those positions lie past the sequence's computed tokens: the scheduler gives them KV slots
+(lookahead, empty blocks only; with none a sequence chains fewer rounds). Rows of rejected
+drafts and chained rows write MTP KV at positions the next step's MTP pass writes again, as
+the target's layers overwrite a rejected draft's. The drafts go through the same verification
+as n-gram drafts, so exactness is kept by construction.
 With prefill ranks (P/D) a prefill rank runs the MTP pass over its prompt, its MTP KV moves with
 the target's (``afd.kv_transfer``) and the draft after the first token goes with that token
 (``afd.rank_prefill``), so the decode rank takes the sequence where the single process would be.
@@ -60,6 +67,11 @@ _SPELLINGS = {"[ngram]": "ngram", "deepseek_mtp": "mtp"}  # vLLM's other names
 _FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 _LOOKUP = ("prompt_lookup_max", "prompt_lookup_min")
 DEFAULT_LOOKUP = 5  # vLLM's default for both bounds when neither is given
+# MTP drafts chain DeepSeek's one MTP layer, trained to predict one token further: each chained
+# draft is less likely accepted than the one before while costing a whole MTP layer pass (with
+# FFN ranks, one more collective MoE round on every rank) every step, and a sequence holds
+# k - 1 lookahead KV slots; SGLang's DeepSeek default is 3 steps.
+MAX_MTP_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -106,11 +118,11 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
         given = [name for name in _LOOKUP if config.get(name) is not None]
         if given:
             raise ValueError(f"speculative_config.{given[0]} is for method 'ngram', not 'mtp'")
-        if k != 1:
-            raise ValueError(f"speculative_config.num_speculative_tokens must be 1 with method "
-                             f"'mtp' (one MTP draft per step; chained MTP drafts are not "
-                             f"implemented), got {k}")
-        return SpecConfig(1, 0, 0, "mtp")
+        if k > MAX_MTP_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be at most "
+                             f"{MAX_MTP_TOKENS} with method 'mtp' (chained drafts of the one MTP "
+                             f"layer, each a full MTP layer pass every step), got {k}")
+        return SpecConfig(k, 0, 0, "mtp")
     lo, hi = (None if config.get(name) is None else integer(name, config[name])
               for name in ("prompt_lookup_min", "prompt_lookup_max"))
     if lo is None and hi is None:

@@ -120,8 +120,10 @@ class MTPLayer(DecoderLayer):
     own KV cache) fed, at position p, with ``eh_proj(cat[enorm(embed(token_{p+1})),
     hnorm(h_p)])`` where h_p is the target model's hidden state at p after its final norm
     (what its LM head reads, as vLLM and SGLang feed DeepSeek's MTP layer);
-    ``shared_head.head(shared_head.norm(out_p))`` predicts token_{p+2}. The FFN role
-    holds its routed experts only, as for any MoE layer."""
+    ``shared_head.head(shared_head.norm(out_p))`` predicts token_{p+2}. Chained (k > 1
+    drafts), the row at p + 1 takes that prediction as its token and
+    ``shared_head.norm(out_p)`` as its hidden state. The FFN role holds its routed experts
+    only, as for any MoE layer."""
 
     def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
                  dtype: torch.dtype, device=None, fp8_experts: bool = False):
@@ -140,26 +142,32 @@ class MTPLayer(DecoderLayer):
 
     def stages(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
                cache: torch.Tensor, logits_index: torch.Tensor
-               ) -> Generator[Dispatch | Combine, object, torch.Tensor]:
+               ) -> Generator[Dispatch | Combine, object, ForwardOut]:
         """The MTP layer over a target forward's rows, as ``MoEModel.forward_stages`` yields
         and resumes. next_ids [T] int64: each row's next token; hidden [T, H]: the target's
-        hidden state per row after its final norm; ``batch``: the target forward's own (same
-        positions, slots and rotary tables; the writes go to ``cache``, this layer's). Returns
-        the draft logits [len(logits_index), V] fp32."""
+        hidden state per row after its final norm (or, for a chained draft, this layer's own
+        at the row before, as returned here); ``batch``: the target forward's own (same
+        positions, slots and rotary tables; the writes go to ``cache``, this layer's).
+        Returns the draft logits [len(logits_index), V] fp32 and, at the same rows, the
+        state ``shared_head.head`` reads (after ``shared_head.norm``) [len(logits_index), H]:
+        what a chained draft's row takes as its hidden state (SGLang's choice for DeepSeek's
+        NextN; see afd.spec_decode)."""
         x = self.eh_proj(torch.cat((self.enorm.norm(self.embed_tokens(next_ids)),
                                     self.hnorm.norm(hidden)), dim=-1))
         out = self.attention_half(x, None, batch, cache)
         y = yield from mlp_stages(self, out)
         h, _ = self.shared_head.norm(y[logits_index], out.residual[logits_index])
-        return self.shared_head.head(h).float()
+        return ForwardOut(self.shared_head.head(h).float(), h)
 
 
 @dataclass
 class ForwardOut:
-    """A target forward's result when the MTP layer follows it."""
+    """A target forward's result when the MTP layer follows it (or the MTP layer's own)."""
 
     logits: torch.Tensor  # [N, V] fp32 at the logits_index rows
-    hidden: torch.Tensor  # [T, H] every row's hidden state after the final norm
+    # the target's: [T, H] every row's hidden state after the final norm; the MTP layer's:
+    # [N, H] at the logits_index rows, after shared_head.norm
+    hidden: torch.Tensor
 
 
 class MoEModel(nn.Module):

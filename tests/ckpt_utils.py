@@ -178,29 +178,70 @@ def mtp_reference(model, weights: dict[str, torch.Tensor], tokens: list[int]) ->
     once, no cache, fp32: the draft logits [len(tokens) - 1, V] at positions 0 .. n-2 (row p
     from token p+1 and the target's hidden state at p after its final norm, what its LM head
     reads: what vLLM's and SGLang's DeepSeek MTP take from the target)."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3DecoderLayer,
-                                                                      DeepseekV3RMSNorm)
+    ref = _MTPReference(model, weights)
+    return ref.rows(ref.inputs(tokens))[1]
 
-    cfg = model.config
-    block = DeepseekV3DecoderLayer(cfg, cfg.num_hidden_layers).eval()
-    block.load_state_dict({k: v for k, v in weights.items() if k in block.state_dict()})
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        h = model.model(ids).last_hidden_state  # after the final norm
 
-        def norm(name: str, x: torch.Tensor) -> torch.Tensor:
-            n = DeepseekV3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            n.weight.copy_(weights[name])
+def mtp_chain_reference(model, weights: dict[str, torch.Tensor], tokens: list[int],
+                        k: int) -> list[int]:
+    """The k greedy MTP drafts after ``tokens`` (n of them), chained step by step: d1 is the
+    argmax of ``mtp_reference``'s row n-2; then, for r = 1 .. k-1, one more row at position
+    n-2+r from token d_r and, as hidden state, the row before's MTP output after
+    shared_head.norm (what its head read), the decoder layer run again over all rows (causal,
+    no cache), d_{r+1} the new row's argmax."""
+    ref = _MTPReference(model, weights)
+    x = ref.inputs(tokens)
+    drafts = []
+    for _ in range(k):
+        normed, logits = ref.rows(x)
+        drafts.append(int(logits[-1].argmax()))
+        x = torch.cat((x, ref.project(torch.tensor([[drafts[-1]]]), normed[:, -1:])), dim=1)
+    return drafts
+
+
+class _MTPReference:
+    """DeepSeek-V3's MTP layer out of transformers' modules and the MTP weights (fp32)."""
+
+    def __init__(self, model, weights: dict[str, torch.Tensor]):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+        cfg = model.config
+        self.model, self.weights, self.cfg = model, weights, cfg
+        self.block = DeepseekV3DecoderLayer(cfg, cfg.num_hidden_layers).eval()
+        self.block.load_state_dict({k: v for k, v in weights.items()
+                                    if k in self.block.state_dict()})
+
+    def norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+        n = DeepseekV3RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        with torch.no_grad():
+            n.weight.copy_(self.weights[name])
             return n(x)
 
-        h = h[:, :-1]  # [1, n-1, H]
-        emb = torch.nn.functional.embedding(ids[:, 1:], weights["embed_tokens.weight"])
-        x = torch.cat((norm("enorm.weight", emb), norm("hnorm.weight", h)), dim=-1)
-        x = x @ weights["eh_proj.weight"].T
+    def project(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """eh_proj(cat[enorm(embed(ids)), hnorm(hidden)]): [1, n] ids, [1, n, H] -> [1, n, H]."""
+        emb = torch.nn.functional.embedding(ids, self.weights["embed_tokens.weight"])
+        x = torch.cat((self.norm("enorm.weight", emb), self.norm("hnorm.weight", hidden)),
+                      dim=-1)
+        return x @ self.weights["eh_proj.weight"].T
+
+    def inputs(self, tokens: list[int]) -> torch.Tensor:
+        """Rows 0 .. n-2: token p+1 and the target's hidden state at p (after its final norm)."""
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            h = self.model.model(ids).last_hidden_state  # after the final norm
+        return self.project(ids[:, 1:], h[:, :-1])
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layer over rows x [1, n, H] (positions 0 .., causal): the output after
+        shared_head.norm [1, n, H] and the logits [n, V]."""
         n = x.shape[1]
         positions = torch.arange(n)[None]
         mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-        out = block(x, attention_mask=mask, position_ids=positions,
-                    position_embeddings=model.model.rotary_emb(x, positions))
+        with torch.no_grad():
+            out = self.block(x, attention_mask=mask, position_ids=positions,
+                             position_embeddings=self.model.model.rotary_emb(x, positions))
         out = out[0] if isinstance(out, tuple) else out
-        return (norm("shared_head.norm.weight", out) @ weights["shared_head.head.weight"].T)[0]
+        normed = self.norm("shared_head.norm.weight", out)
+        return normed, (normed @ self.weights["shared_head.head.weight"].T)[0]

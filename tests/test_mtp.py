@@ -19,16 +19,21 @@ from afd.config import check_mtp_checkpoint
 from afd.kv_cache import allocate_kv_caches
 from afd.kv_transfer import Pull, gather_kv, token_slots
 from afd.rank_attention import start_decoding
-from afd.sequence import CoreRequest
+from afd.sequence import CoreRequest, Sequence
 from afd.placement import ExpertPlacement
 from afd.spec_decode import parse_speculative_config
-from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, mtp_reference, save_checkpoint
+from ckpt_utils import (add_mtp_layer, build_hf_model, mixed_prompts, mtp_chain_reference,
+                        mtp_reference, save_checkpoint)
 from models.batch import ForwardBatch
 from models.config import config_from_dict
 from models.model import LocalExperts, run_stages
 from models.weights import load_model
 
 MTP = {"method": "mtp", "num_speculative_tokens": 1}
+
+
+def mtp(k: int) -> dict:
+    return {"method": "mtp", "num_speculative_tokens": k}
 
 
 @pytest.fixture(scope="module")
@@ -64,37 +69,41 @@ def test_mtp_layer_matches_the_formula_at_every_position(mtp_ckpt):
                                           keep_hidden=True), experts)
     next_ids = torch.tensor(tokens[1:] + [0])
     got = run_stages(model.mtp.stages(next_ids, out.hidden, batch, kv[-1], torch.arange(n - 1)),
-                     experts)
+                     experts).logits
     want = mtp_reference(hf, weights, tokens)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert kv[-1].abs().sum() > 0  # the MTP layer wrote its own cache
 
 
-def _record_drafts(monkeypatch) -> list[tuple[list[int], int]]:
-    """Every MTP draft a core keeps: (the sequence's tokens, its draft for the next token)."""
+def _record_drafts(monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """Every set of MTP drafts a core keeps: (the sequence's tokens, its drafts after them)."""
     seen = []
     keep = afd.core.EngineCore._keep_mtp_drafts
 
-    def spy(sampling, taken, draft_tokens):
-        keep(sampling, taken, draft_tokens)
+    def spy(taken, draft_tokens):
+        keep(taken, draft_tokens)
         for seq, *_ in taken:
             if seq.mtp_drafts_for == len(seq.token_ids):
-                seen.append((list(seq.token_ids), seq.mtp_drafts[0]))
+                seen.append((list(seq.token_ids), list(seq.mtp_drafts)))
 
     monkeypatch.setattr(afd.core.EngineCore, "_keep_mtp_drafts", staticmethod(spy))
     return seen
 
 
-def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch):
+@pytest.mark.parametrize("k", [1, 3])
+def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch, k):
     """Chunked prefills, decodes and verify steps: each draft the engine makes is the
     reference MTP argmax at the sequence's second-to-last position (its MTP KV cache written
-    chunk by chunk and step by step, rejected rows overwritten)."""
+    chunk by chunk and step by step, rejected rows overwritten); with k = 3 the chained drafts
+    are the reference chain's (``mtp_chain_reference``: each chained row from the draft before
+    and the MTP output before it after shared_head.norm), so the chained rows' MTP KV written
+    past the computed tokens is overwritten before any later row reads it."""
     folder, hf, weights = mtp_ckpt
     seen = _record_drafts(monkeypatch)
     prompts = mixed_prompts(3, seed=5, lengths=[30, 3, 17])
     llm = LLM(folder, seed=0, block_size=8, max_num_batched_tokens=16,
-              speculative_config=MTP)
+              speculative_config=mtp(k))
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -103,20 +112,27 @@ def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch):
         llm.shutdown()
     full = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
     refs = [mtp_reference(hf, weights, f).argmax(-1).tolist() for f in full]
-    checked = 0
-    for tokens, draft in seen:
+    checked = chained = 0
+    for tokens, drafts in seen:
         i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
-        assert draft == refs[i][len(tokens) - 2], (i, len(tokens))
+        assert drafts[0] == refs[i][len(tokens) - 2], (i, len(tokens))
+        # k at most, fewer only where max_tokens leaves no room to verify them
+        left = len(prompts[i]) + 12 - len(tokens) - 1
+        assert len(drafts) == max(1, min(k, left)), (i, len(tokens), drafts)
+        if len(drafts) > 1:
+            assert drafts == mtp_chain_reference(hf, weights, tokens, len(drafts))
+            chained += 1
         checked += 1
-    assert checked >= 3 * 11  # a draft after every emitting step, prefill ones included
+    assert checked >= 3 * (11 if k == 1 else 4)  # drafts after every emitting step
+    assert chained >= (0 if k == 1 else 3 * 3)
 
 
-def _plain_and_mtp(folder, params, prompts, **kw):
+def _plain_and_mtp(folder, params, prompts, k=1, **kw):
     kw = {"seed": 0, "block_size": 8, **kw}
     base = LLM(folder, **kw)
     want = base.generate(prompts, params, use_tqdm=False)
     base.shutdown()
-    spec = LLM(folder, speculative_config=MTP, **kw)
+    spec = LLM(folder, speculative_config=mtp(k), **kw)
     try:
         got = spec.generate(prompts, params, use_tqdm=False)
         core = spec.engine.core
@@ -142,14 +158,17 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                          repetition_penalty=1.3)]  # penalized: decodes without drafts
 
 
-def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt):
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
     """Greedy, seeded with n=2, logprobs and a penalized request beside speculating ones,
-    with chunked prefill (16 tokens a step) and a KV pool small enough to preempt: the plain
-    engine's tokens, no leaked block."""
+    with chunked prefill (16 tokens a step) and a KV pool small enough to preempt (and, for
+    k > 1, to leave sequences without lookahead slots at times): the plain engine's tokens,
+    no leaked block (lookahead blocks included)."""
     folder, _, _ = mtp_ckpt
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4, seed=2, lengths=[30, 5, 23, 9])]
-    want, got, stats = _plain_and_mtp(folder, PARAMS, prompts, block_size=4, num_kv_blocks=16,
-                                      max_model_len=64, max_num_batched_tokens=16)
+    want, got, stats = _plain_and_mtp(folder, PARAMS, prompts, k, block_size=4,
+                                      num_kv_blocks=16, max_model_len=64,
+                                      max_num_batched_tokens=16)
     _assert_same(want, got)
     assert stats[0].num_preemptions > 0, "the pool was meant to force preemption"
     assert stats[0].num_draft_tokens > 0
@@ -175,20 +194,28 @@ def const_ckpt(mtp_ckpt, tmp_path_factory):
     return _constant_model(mtp_ckpt[0], str(tmp_path_factory.mktemp("const") / "ckpt"))
 
 
-def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(const_ckpt):
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(const_ckpt, k):
+    """Every draft right (the degenerate constant model): each step after the first emits
+    k + 1 tokens, fewer only where max_tokens leaves less room (the chained drafts' lookahead
+    slots were there every step: a missing slot would cut a chain and show here)."""
     folder = const_ckpt
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=4, lengths=[7, 12, 3])]
-    want, got, stats = _plain_and_mtp(folder, params, prompts)
+    want, got, stats = _plain_and_mtp(folder, params, prompts, k)
     _assert_same(want, got)
     assert all(o.outputs[0].token_ids == [0] * 12 for o in got)
-    # one draft per verify step, each accepted: 12 tokens in 6 steps per sequence
-    assert stats[0].num_accepted_tokens == stats[0].num_draft_tokens == 3 * 5
-    assert all(o.metrics.spec_num_accepted_tokens == 5 for o in got)
+    drafts, emitted, steps = 0, 1, 0  # per sequence, after the prefill step's first token
+    while emitted < 12:
+        step = min(k, 12 - emitted - 1)
+        drafts, emitted, steps = drafts + step, emitted + step + 1, steps + 1
+    assert steps == -(-11 // (k + 1))  # k + 1 tokens a step
+    assert stats[0].num_accepted_tokens == stats[0].num_draft_tokens == 3 * drafts
+    assert all(o.metrics.spec_num_accepted_tokens == drafts for o in got)
 
 
 @pytest.mark.parametrize(("config", "field"), [
-    ({"method": "mtp", "num_speculative_tokens": 2}, "num_speculative_tokens must be 1"),
+    ({"method": "mtp", "num_speculative_tokens": 5}, "num_speculative_tokens must be at most 4"),
     ({"method": "mtp", "num_speculative_tokens": 1, "prompt_lookup_max": 2},
      "prompt_lookup_max is for method 'ngram'"),
     ({"method": "eagle", "num_speculative_tokens": 1}, "method must be"),
@@ -274,25 +301,106 @@ def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_c
         assert len(totals) == 1 and totals.pop() > 0
 
 
-def test_the_draft_kept_is_the_one_after_the_last_emitted_token():
-    """Per sampled row the MTP layer drafts what follows that row's token; a sequence keeps
-    the draft after the last token it emitted (its accepted draft's row, or the bonus row),
-    none once finished."""
+def test_the_mtp_row_is_the_one_that_takes_the_last_emitted_token():
+    """Per sampling sequence the MTP layer drafts from the row that takes the last token it
+    emits (its accepted drafts' run, then the first differing sample: the bonus row when all
+    are accepted); a sequence keeps those drafts, none once finished."""
     from types import SimpleNamespace as NS
 
-    def seq(tokens, finished=None):
-        return NS(token_ids=tokens, finish_reason=finished, mtp_drafts=[], mtp_drafts_for=-1)
+    from afd.model_runner import mtp_inputs
+    from afd.scheduler import ScheduledSeq
 
-    a, b, c, d = seq([1, 2, 3]), seq([4, 5, 6, 7]), seq([8, 9]), seq([1], "length")
-    sampling = [NS(seq=a, draft_token_ids=[]), NS(seq=b, draft_token_ids=[6]),
-                NS(seq=c, draft_token_ids=[5]), NS(seq=d, draft_token_ids=[])]
-    taken = [(a, [3], None, None, None), (b, [6, 7], None, None, [1, 1]),
-             (c, [9], None, None, [1, 0]), (d, [1], None, None, None)]
-    afd.core.EngineCore._keep_mtp_drafts(sampling, taken, [10, 20, 21, 30, 31, 40])
-    assert (a.mtp_drafts, a.mtp_drafts_for) == ([10], 3)
-    assert (b.mtp_drafts, b.mtp_drafts_for) == ([21], 4)  # its accepted draft's row + 1
-    assert (c.mtp_drafts, c.mtp_drafts_for) == ([30], 2)  # rejected: its first row's
-    assert d.mtp_drafts == []
+    def seq(tokens, computed, finished=None):
+        return NS(token_ids=tokens, num_computed_tokens=computed, finish_reason=finished,
+                  mtp_drafts=[], mtp_drafts_for=-1)
+
+    a = ScheduledSeq(seq([1, 2, 3], 2), 1)  # a decode
+    b = ScheduledSeq(seq([4, 5, 6, 7], 3), 3, [8, 9])  # verifies 2 drafts: 8 right, 9 wrong
+    c = ScheduledSeq(seq([1, 2, 3, 4, 5], 0), 5)  # a whole prompt
+    d = ScheduledSeq(seq([1, 2, 3, 4, 5, 6], 0), 3)  # a chunk: no sample
+    e = ScheduledSeq(seq([4, 5], 1), 3, [8, 9])  # both drafts right: the bonus row
+    # rows: decodes first (a: 0, b: 1-3, e: 4-6), then the chunks (c: 7-11, d: 12-14)
+    next_ids, rows, emitted = mtp_inputs([a, b, c, d, e], [7, 8, 5, 1, 6, 8, 9, 3])
+    assert next_ids == [7, 8, 5, 1, 8, 9, 3, 2, 3, 4, 5, 6, 2, 3, 4]
+    assert rows == [0, 2, 11, 6] and emitted == [1, 2, 1, 3]
+
+    f, g = seq([1, 9], 1), seq([1], 0, "length")
+    afd.core.EngineCore._keep_mtp_drafts([(f, [9], None, None, None),
+                                          (g, [1], None, None, None)], [[10, 11], [20]])
+    assert (f.mtp_drafts, f.mtp_drafts_for) == ([10, 11], 2)
+    assert g.mtp_drafts == []
+
+
+def _running(pool, prompt: list[int], max_tokens: int = 50, drafts=(), **params):
+    """A sequence with its prompt's KV computed and one output token (not computed), holding
+    blocks for its prompt, with MTP drafts after its tokens."""
+    seq = Sequence(CoreRequest("r", prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                           **params)), 4096)
+    seq.token_ids.append(7)
+    seq.block_ids = pool.allocate(pool.blocks_for(len(prompt)))
+    seq.num_computed_tokens = len(prompt)
+    seq.mtp_drafts, seq.mtp_drafts_for = list(drafts), len(seq.token_ids)
+    return seq
+
+
+def test_chained_drafts_get_lookahead_slots_from_empty_blocks_only():
+    """k = 3: a sampling sequence gets KV slots for its chained MTP rows (k - 1 past the
+    step's tokens, drafts included) from empty blocks, after everyone's tokens; fewer (and so a
+    shorter chain: ``DraftChain``) when the pool has none, none past what max_tokens lets it
+    verify, none for a sequence without drafts (a penalty), none in a step that preempted."""
+    from afd.block_pool import BlockPool
+    from afd.model_runner import DraftChain
+    from afd.scheduler import Scheduler
+    from afd.spec_decode import SpecConfig
+
+    spec = SpecConfig(3, 0, 0, "mtp")
+    pool = BlockPool(num_blocks=8, block_size=2, enable_caching=False)
+    a = _running(pool, [1, 2, 3, 4, 5], drafts=[8, 9, 10])  # 3 blocks for 6 tokens
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, spec=spec)
+    sched.add_running(a)
+    plan = sched.schedule()
+    assert plan.seqs[0].draft_token_ids == [8, 9, 10]
+    # positions 5..8 verified, then chained rows up to 8 + 2 = 10: 6 blocks (one lookahead)
+    assert len(a.block_ids) == 6 and pool.num_empty == 2
+    chain = DraftChain.plan(plan.seqs, [4], 2, 2)  # all accepted: rounds at 9 and 10
+    assert chain.rounds == [2] and chain.positions.tolist() == [8]
+    assert DraftChain.plan(plan.seqs, [1], 2, 2).positions.tolist() == [5]  # none accepted
+
+    pool = BlockPool(num_blocks=5, block_size=2, enable_caching=False)
+    a = _running(pool, [1, 2, 3, 4, 5], drafts=[8, 9, 10])
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, spec=spec)
+    sched.add_running(a)
+    plan = sched.schedule()  # verifying takes every block: no lookahead, no preemption
+    assert plan.seqs[0].draft_token_ids == [8, 9, 10] and len(a.block_ids) == 5
+    assert not plan.num_preempted
+    assert DraftChain.plan(plan.seqs, [4], 2, 2).rounds == [1]  # position 9 only
+    assert DraftChain.plan(plan.seqs, [2], 2, 2).rounds == [2]  # fewer accepted: room
+    assert DraftChain.plan(plan.seqs, [4], 2, 4).rounds == [2]
+
+    pool = BlockPool(num_blocks=16, block_size=2, enable_caching=False)
+    short = _running(pool, [1, 2, 3, 4, 5], max_tokens=4, drafts=[8, 9, 10])
+    penalized = _running(pool, [1, 2, 3], drafts=[8], repetition_penalty=1.2)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, spec=spec)
+    for seq in (short, penalized):
+        sched.add_running(seq)
+    sched.add(Sequence(CoreRequest("c", [1, 2, 3], SamplingParams(temperature=0)), 4096))
+    plan = sched.schedule()
+    # 2 drafts at most (max_tokens 4, one emitted): positions 5..7, nothing chained past 7
+    verifying = next(s for s in plan.seqs if s.seq is short)
+    assert verifying.draft_token_ids == [8, 9] and len(short.block_ids) == 4
+    assert len(penalized.block_ids) == 2  # no drafts, no lookahead
+    prompt = plan.seqs[-1].seq
+    assert prompt.request_id == "c" and len(prompt.block_ids) == 3  # 2, then rows at 3, 4
+
+    pool = BlockPool(num_blocks=8, block_size=2, enable_caching=False)
+    a = _running(pool, [1, 2, 3, 4, 5, 6, 7, 8], drafts=[8, 9, 10])  # 4 full blocks
+    b = _running(pool, [1, 2, 3, 4, 5, 6, 7])  # the other 4
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, spec=spec)
+    for seq in (a, b):
+        sched.add_running(seq)
+    plan = sched.schedule()  # a's token needs a block: b is preempted
+    assert plan.num_preempted == 1 and [s.seq for s in plan.seqs] == [a]
+    assert plan.seqs[0].draft_token_ids == [] and len(a.block_ids) == 5  # no lookahead
 
 
 def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
@@ -350,9 +458,9 @@ def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
     full = [p + got[str(i)] for i, p in enumerate(prompts)]
     refs = [mtp_reference(hf, weights, f).argmax(-1).tolist() for f in full]
     assert len(seen) >= len(prompts) * 6
-    for tokens, draft in seen:
+    for tokens, drafts in seen:
         i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
-        assert draft == refs[i][len(tokens) - 2], (i, len(tokens))
+        assert drafts == [refs[i][len(tokens) - 2]], (i, len(tokens))
 
 
 @pytest.mark.parametrize("ffn", [1, pytest.param(0, marks=pytest.mark.slow)])
