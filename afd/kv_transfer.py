@@ -94,7 +94,7 @@ class Pull:
     num_kv_tokens: int
     src: int  # global rank of the prefill rank holding the KV
     tag: int  # torch.distributed tag for this transfer
-    drafts: list[int] = field(default_factory=list)  # the MTP draft after first_token (MTP)
+    drafts: list[int] = field(default_factory=list)  # MTP: the drafts (1 to k) after first_token
     waited: bool = False  # had to wait for blocks at least once
 
 

@@ -31,7 +31,7 @@ def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: t
                    ) -> list[CoreOutput]:
     """A received transfer becomes a running sequence of ``core``: its KV (``buffer``, token
     order, every layer: ``afd.kv_transfer``) scattered into ``block_ids``, its first token and,
-    with MTP, the draft after it as the prefill rank sampled them; the error output of a
+    with MTP, the drafts after it as the prefill rank made them; the error output of a
     request that fails here (its blocks freed)."""
     caches = core.runner.kv_caches
     scatter_kv(caches, token_slots(block_ids, pull.num_kv_tokens, core.cfg.block_size,
@@ -40,7 +40,7 @@ def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: t
     seq.token_ids.append(pull.first_token)  # sampled on the prefill rank
     seq.num_computed_tokens = pull.num_kv_tokens
     seq.block_ids = block_ids
-    if pull.drafts:  # the MTP draft after the first token: this step verifies it
+    if pull.drafts:  # the MTP drafts after the first token: this step verifies them
         seq.mtp_drafts, seq.mtp_drafts_for = list(pull.drafts), len(seq.token_ids)
     if seq.generator is not None:  # the prefill rank drew once from this seed
         draw_step_seed(seq.generator)

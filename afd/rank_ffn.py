@@ -22,9 +22,12 @@ class FFNWorker:
         self.model = load_model(cfg.model, "ffn", expert_ids=spec.placement.rank_experts(index),
                                 dtype=cfg.dtype, device=device, fp8_experts=cfg.fp8_experts,
                                 mtp=cfg.mtp)
-        # every MoE layer in the order a step reaches it: the target's, then the MTP layer's
-        # (its pass runs after the step's sampling, see afd.model_runner)
+        # every MoE layer in the order a step reaches it: the target's, then the MTP layer's,
+        # once per MTP round (its pass after the step's sampling, then k - 1 chained rounds:
+        # every attention rank takes all k, see afd.model_runner)
         self.experts = [layer.mlp.experts for layer in self.model.all_layers() if layer.is_moe]
+        if self.model.mtp is not None:
+            self.experts += self.experts[-1:] * (cfg.num_speculative_tokens - 1)
         self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
                                          device)
 

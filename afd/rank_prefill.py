@@ -4,9 +4,11 @@ for it, and sends it there point-to-point.
 
 With MTP drafts (speculative method "mtp") it loads the MTP layer too and runs the MTP pass
 after each step as the single process does: the prompt's MTP-layer KV (the last position's from
-the first token) is one more layer of its cache and travels with the rest, and the MTP draft
-after the first token goes to the decode rank with that token (the "prefilled" report), so the
-decode rank's first step verifies the draft the single process's would.
+the first token) is one more layer of its cache and travels with the rest, and the MTP drafts
+after the first token (k of them, chained on lookahead slots here: the MTP KV they wrote past
+the prompt does not travel, the decode rank's first step writes it again) go to the decode
+rank with that token (the "prefilled" report), so the decode rank's first step verifies the
+drafts the single process's would.
 """
 
 from __future__ import annotations

@@ -260,9 +260,10 @@ def test_config_without_mtp_still_loads_a_checkpoint_that_has_one(mtp_ckpt):
 
 @pytest.mark.parametrize("ffn", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_ckpt, ffn):
-    """Two attention ranks (experts in-process, or on an FFN rank that runs the MTP layer's
-    MoE as one more collective round each step, an idle attention rank taking part with zero
-    rows: the requests end at different steps): the single process's tokens, greedy and
+    """Two attention ranks (experts in-process, or on FFN ranks that run the MTP layer's
+    MoE as k = 3 more collective rounds each step: the MTP pass and two chained rounds, an
+    idle attention rank taking part with zero rows, as does one whose sequences chain fewer
+    rounds: the requests end at different steps): the single process's tokens, greedy and
     seeded, on a model whose greedy MTP drafts are accepted. (ffn=0 is marked slow: 22 s on
     the 2-core CPU; ffn=1, 33 s, runs by default as the P/D + FFN n-gram test does.)"""
     folder = const_ckpt
@@ -282,7 +283,7 @@ def test_attention_ranks_with_and_without_ffn_ranks_match_single_process(const_c
         placement = ExpertPlacement(num_experts, layers=tuple(
             (everyone[:1 + layer], everyone[1 + layer:] + [0]) if layer % 2 else
             (everyone[::2] + [1], everyone[1::2]) for layer in range(cfg["num_hidden_layers"])))
-    llm = LLM(folder, seed=0, attention=2, ffn=ffn, timeout_s=60, speculative_config=MTP,
+    llm = LLM(folder, seed=0, attention=2, ffn=ffn, timeout_s=60, speculative_config=mtp(3),
               expert_placement=placement)
     try:
         if ffn:
@@ -411,12 +412,13 @@ def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
     token. The decode core's pool is small enough to preempt (its recompute rebuilds the MTP
     KV). Every draft either core makes is the reference MTP argmax after the sequence's tokens
     (random MTP weights: a draft depends on the MTP KV it attends over, so a transfer without
-    the MTP layer's rows gives other drafts), and the tokens are the single process's."""
+    the MTP layer's rows gives other drafts; k = 3: the chained ones are the reference
+    chain's, the prefill core's three included), and the tokens are the single process's."""
     folder, hf, weights = mtp_ckpt
     prompts = mixed_prompts(4, seed=8, lengths=[21, 6, 30, 13])
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
               SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True)] * 2
-    single = LLM(folder, seed=0, block_size=4, speculative_config=MTP)
+    single = LLM(folder, seed=0, block_size=4, speculative_config=mtp(3))
     try:
         want = single.generate([{"prompt_token_ids": p} for p in prompts], params,
                                use_tqdm=False)
@@ -458,18 +460,24 @@ def test_transferred_kv_gives_the_reference_drafts(mtp_ckpt, monkeypatch):
     full = [p + got[str(i)] for i, p in enumerate(prompts)]
     refs = [mtp_reference(hf, weights, f).argmax(-1).tolist() for f in full]
     assert len(seen) >= len(prompts) * 6
+    chained = 0
     for tokens, drafts in seen:
         i = next(i for i, f in enumerate(full) if f[:len(tokens)] == tokens)
-        assert drafts == [refs[i][len(tokens) - 2]], (i, len(tokens))
+        assert drafts[0] == refs[i][len(tokens) - 2], (i, len(tokens))
+        if len(drafts) > 1:
+            assert drafts == mtp_chain_reference(hf, weights, tokens, len(drafts))
+            chained += 1
+    assert chained >= len(prompts) * 4
 
 
 @pytest.mark.parametrize("ffn", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_pd_matches_single_process(const_ckpt, ffn):
     """1 prefill rank (block size 8) + 1 decode attention rank (block size 4; with an FFN rank,
-    or, marked slow, without), on a model whose greedy MTP drafts are always right. First
-    batch, no preemption: per request the drafts verified and accepted are the single
-    process's (11 tokens: 5 steps of 2 after the first, as the draft after the first token
-    came with it; without it they would be 4). Second batch, a decode pool that preempts, a
+    or, marked slow, without), MTP with k = 3, on a model whose greedy MTP drafts are always
+    right. First batch, no preemption: per request the drafts verified and accepted are the
+    single process's (9 tokens: 2 steps of 4 after the first, 6 drafts, as the prefill rank's
+    3 drafts after the first token came with it; with one of them, or none, 5 drafts in 3
+    steps). Second batch, a decode pool that preempts, a
     transfer that never comes and a request aborted while its KV waits for room: greedy and
     seeded tokens (a uniform draw each here: drafts rejected, the generator rewound) are the
     single process's, the lost transfer ends its request alone (the prefill rank's zeros
@@ -479,21 +487,21 @@ def test_pd_matches_single_process(const_ckpt, ffn):
     from test_pd import SMALL_POOL, run_until_done, wait_all_free
 
     folder = const_ckpt
-    greedy = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
     first = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=6, lengths=[9, 20, 4])]
     second = [{"prompt_token_ids": p} for p in mixed_prompts(6, seed=7)]
     mixed = [SamplingParams(temperature=1.0, seed=i, max_tokens=20, ignore_eos=True)
              if i % 2 else SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
              for i in range(len(second))]
-    base = LLM(folder, seed=0, speculative_config=MTP)
+    base = LLM(folder, seed=0, speculative_config=mtp(3))
     want_first = base.generate(first, greedy, use_tqdm=False)
     want_second = base.generate(second, mixed, use_tqdm=False)
     base.shutdown()
     spec = [(o.metrics.spec_num_draft_tokens, o.metrics.spec_num_accepted_tokens)
             for o in want_first]
-    assert spec == [(5, 5)] * 3
+    assert spec == [(6, 6)] * 3
     llm = LLM(folder, seed=0, prefill=1, attention=1, ffn=ffn, timeout_s=8,
-              prefill_block_size=8, speculative_config=MTP, **SMALL_POOL)
+              prefill_block_size=8, speculative_config=mtp(3), **SMALL_POOL)
     try:
         got = llm.generate(first, greedy, use_tqdm=False)
         _assert_same(want_first, got)
