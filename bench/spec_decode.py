@@ -3,13 +3,15 @@
     python bench/spec_decode.py [--num-prompts 16] [--prompt-len 64] [--new-tokens 128]
                                 [--num-speculative-tokens 4] [--prompt-lookup-max 4]
                                 [--prompt-lookup-min 2] [--attn-scales 1 0.1 0]
-                                [--method ngram|mtp] [--repeats 3] [--json out.json]
+                                [--method ngram|mtp] [--workloads random constant]
+                                [--repeats 3] [--json out.json]
 
-``--method mtp``: the drafts come from a DeepSeek-V3 MTP layer (k = 1) added to a copy of the
-embedded model (``models.default_model.add_mtp_layer``), in two workloads instead of attention
-scales: "random" (random MTP weights: drafts almost never right, what MTP costs when it does
-not pay) and "constant" (the target's and the MTP layer's final norms zeroed: the output is
-token 0 forever and every draft is right, the most k = 1 can give; not a real model).
+``--method mtp``: the drafts come from a DeepSeek-V3 MTP layer (k = --num-speculative-tokens,
+default 1 here; k > 1 chains it) added to a copy of the embedded model
+(``models.default_model.add_mtp_layer``), in two workloads instead of attention scales:
+"random" (random MTP weights: drafts almost never right, what MTP costs when it does not pay)
+and "constant" (the target's and the MTP layer's final norms zeroed: the output is token 0
+forever and every draft is right, the most k can give; not a real model).
 
 Two engines on the embedded model (fp32, one process each way): one plain, one with
 ``speculative_config`` n-gram. Greedy decoding, EOS ignored, ``new-tokens`` per prompt, random
@@ -109,21 +111,24 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=int, default=None,
+                    help="k (default: 4 for ngram, 1 for mtp)")
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--attn-scales", type=float, nargs="+", default=[1.0, 0.1, 0.0])
     ap.add_argument("--method", choices=["ngram", "mtp"], default="ngram")
+    ap.add_argument("--workloads", nargs="+", choices=["random", "constant"],
+                    default=["random", "constant"], help="with --method mtp")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     if args.method == "mtp":
-        spec_cfg = {"method": "mtp", "num_speculative_tokens": 1}
-        workloads = ["random", "constant"]
+        spec_cfg = {"method": "mtp", "num_speculative_tokens": args.num_speculative_tokens or 1}
+        workloads = args.workloads
     else:
-        spec_cfg = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+        spec_cfg = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens or 4,
                     "prompt_lookup_max": args.prompt_lookup_max,
                     "prompt_lookup_min": args.prompt_lookup_min}
         workloads = args.attn_scales
