@@ -17,7 +17,7 @@ from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
 from afd.spec_decode import accept, expand_rows, speculable
 from models.batch import ForwardBatch
-from models.model import ExpertPath, LocalExperts, MoEModel
+from models.model import ExpertPath, ForwardOut, LocalExperts, MoEModel
 
 log = logging.getLogger("afd.model_runner")
 
@@ -314,9 +314,18 @@ class ModelRunner:
             dev = torch.tensor(next_ids + rows, dtype=torch.long).to(self.device)
             stages.append(self.mtp.stages(dev[:len(next_ids)], target.hidden, batch, cache,
                                           dev[len(next_ids):]))
-        mtp = drive_micro_batches(stages, experts)  # (a load record skips the MTP layer)
-        drafts = [[o.logits.argmax(dim=-1)] for o in mtp]  # per part, per round: [rows]
-        carried = [(d[0][c.order], o.hidden[c.order]) for d, o, c in zip(drafts, mtp, chains)]
+        first = drive_micro_batches(stages, experts)  # (a load record skips the MTP layer)
+        out.draft_tokens = self._chain(chains, first, experts)
+        return out
+
+    def _chain(self, chains: list[DraftChain], first: list[ForwardOut], experts: ExpertPath
+               ) -> list[list[int]]:
+        """The k - 1 chained MTP rounds after the MTP pass (``first``: its result per
+        micro-batch, one row per sampling sequence); per sampling sequence (plan order) its
+        drafts. They stay on the device between rounds: one read at the end."""
+        cache, size = self.kv_caches[self.mtp.index], self.cfg.block_size
+        drafts = [[o.logits.argmax(dim=-1)] for o in first]  # per part, per round: [rows]
+        carried = [(d[0][c.order], o.hidden[c.order]) for d, o, c in zip(drafts, first, chains)]
         for r in range(1, self.cfg.num_speculative_tokens):
             if not self.collective and not any(c.num_rows(r) for c in chains):
                 break  # no rank waits for this one's rounds
@@ -329,15 +338,15 @@ class ModelRunner:
             for p, o in enumerate(drive_micro_batches(stages, experts)):
                 carried[p] = (o.logits.argmax(dim=-1), o.hidden)
                 drafts[p].append(carried[p][0])
-        flat = iter(torch.cat([d for part in drafts for d in part]).tolist())  # one read
-        out.draft_tokens = []
+        flat = iter(torch.cat([d for part in drafts for d in part]).tolist())
+        per_seq = []
         for part, chain in zip(drafts, chains):
-            rounds = [[next(flat) for _ in range(len(d))] for d in part]  # on the host
+            rounds = [[next(flat) for _ in range(len(d))] for d in part]
             mine = [[d] for d in rounds[0]]
             for e, i in enumerate(chain.order):  # entry e is row e of each round it takes
                 mine[i] += [rounds[r][e] for r in range(1, chain.rounds[e] + 1)]
-            out.draft_tokens += mine
-        return out
+            per_seq += mine
+        return per_seq
 
     def _prompt_logprobs(self, logits: torch.Tensor, seqs: list[ScheduledSeq]
                          ) -> tuple[torch.Tensor, dict]:
