@@ -500,7 +500,7 @@ def test_pd_matches_single_process(const_ckpt, ffn):
     spec = [(o.metrics.spec_num_draft_tokens, o.metrics.spec_num_accepted_tokens)
             for o in want_first]
     assert spec == [(6, 6)] * 3
-    llm = LLM(folder, seed=0, prefill=1, attention=1, ffn=ffn, timeout_s=8,
+    llm = LLM(folder, seed=0, prefill=1, attention=1, ffn=ffn, timeout_s=12,
               prefill_block_size=8, speculative_config=mtp(3), **SMALL_POOL)
     try:
         got = llm.generate(first, greedy, use_tqdm=False)
