@@ -3,7 +3,7 @@
 # timeout_s=300):
 #   1. MTP speculative drafts with the engine on CUDA (tests/test_mtp.py, not the slow ones: the
 #      MTP layer and its chained rounds over the Triton attention and MoE paths, exactness
-#      against the plain engine, single process, attention + FFN ranks and P/D over NCCL/gloo);
+#      against the plain engine, single process, attention + FFN ranks and P/D on one GPU);
 #   2. the KV blocks each rank chooses from its own GPU memory (gpu_memory_utilization 0.9,
 #      AFD_KV_CACHE_GB unset): the single process and each rank of 1P+1A+1F on one GPU.
 # Writes mtp_kv.log to $OUT.
