@@ -127,6 +127,40 @@ def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch, k):
     assert chained >= (0 if k == 1 else 3 * 3)
 
 
+def _mtp_kv_after_prefill(folder, earlier: list[list[int]], prompt: list[int],
+                          **kw) -> torch.Tensor:
+    """The MTP layer's KV at every prompt position of ``prompt`` once it is prefilled, after
+    ``earlier`` prompts ran on the same engine (their blocks left in the prefix cache)."""
+    llm = LLM(folder, seed=0, block_size=8, speculative_config=mtp(1), **kw)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        if earlier:
+            llm.generate([{"prompt_token_ids": p} for p in earlier], params, use_tqdm=False)
+        llm.engine.add_request("b", {"prompt_token_ids": prompt}, params)
+        llm.engine.step()
+        core = llm.engine.core
+        seq = core.seqs["b"]
+        assert seq.num_computed_tokens == len(prompt)
+        slots = token_slots(seq.block_ids, len(prompt), 8, torch.device("cpu"))
+        return gather_kv(core.runner.kv_caches[-1:], slots)[0].clone()
+    finally:
+        llm.shutdown()
+
+
+def test_a_prefix_cache_hit_leaves_the_mtp_kv_of_its_own_next_token(mtp_ckpt):
+    """The MTP layer's KV at position p is made from token p + 1, so a cached block's last
+    position holds the KV of the token that followed it in the sequence that computed it: a
+    prompt that shares two full blocks with an earlier one and differs right after them gets
+    the MTP KV a run without the cache computes at every position (the hit's last block is
+    recomputed, as vLLM does for EAGLE/MTP), not the earlier prompt's at position 15."""
+    folder, _, _ = mtp_ckpt
+    shared = mixed_prompts(1, seed=8, lengths=[16])[0]  # two blocks of 8
+    a, b = shared + [3, 4, 5, 6, 7], shared + [9, 4, 5, 6, 7]
+    want = _mtp_kv_after_prefill(folder, [], b, enable_prefix_caching=False)
+    got = _mtp_kv_after_prefill(folder, [a], b)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def _plain_and_mtp(folder, params, prompts, k=1, **kw):
     kw = {"seed": 0, "block_size": 8, **kw}
     base = LLM(folder, **kw)
