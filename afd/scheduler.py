@@ -18,7 +18,9 @@ that asks for prompt logprobs takes cached blocks only over positions it has sco
 (none, the first time): a cached block has no logits. A block joins the cache once every one of
 its tokens' KV is written (``update``), prompt or generated. With a host tier (afd.kv_offload)
 the match goes on there after the device blocks end: those blocks get new device blocks, their
-KV copied back before the step's forward, and count as cached from then on.
+KV copied back before the step's forward, and count as cached from then on. With MTP drafts
+the hit's last block is computed again: the MTP layer's KV at a block's last position was made
+from the token after it in the sequence that computed it.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
 decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after
@@ -344,6 +346,11 @@ class Scheduler:
         if self.host is not None and len(hit.blocks) < max_blocks:
             hit.host_slots = self.host.match(seq.token_ids, seq.block_keys, len(hit.blocks),
                                              max_blocks)
+        if self.spec is not None and self.spec.method == "mtp" and hit.num_blocks:
+            # the MTP layer's KV at a block's last position p was made from token p + 1, the
+            # token after the block in whichever sequence computed it: recompute the hit's
+            # last block here (vLLM drops it for EAGLE/MTP too)
+            (hit.host_slots or hit.blocks).pop()
         return hit
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
