@@ -21,6 +21,7 @@ read, so only one expert tensor is ever held in its checkpoint dtype beside the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from safetensors import safe_open
 
 from kernels.fp8 import dequantize_blocks, quantize_blocks
 from models.model import MoEModel
+
+log = logging.getLogger("afd.weights")
 
 _EXPERT = re.compile(
     r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -240,4 +243,8 @@ def load_model(path: str, role: str = "full",
     model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts,
                      mtp=mtp)
     load_weights(model, path)
+    freed = model.share_mtp_copies()
+    if freed:
+        log.info("MTP layer: embed_tokens / shared_head.head equal the model's; shared "
+                 "(%.2f GB of copies freed)", freed / 1e9)
     return model.eval()

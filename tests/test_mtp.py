@@ -282,6 +282,30 @@ def test_checkpoints_without_an_mtp_layer_are_refused(mtp_ckpt, tmp_path):
         check_mtp_checkpoint(folder, qwen)
 
 
+def test_mtp_copies_of_the_embedding_and_head_are_shared(mtp_ckpt, tmp_path):
+    """An MTP layer whose embed_tokens / shared_head.head equal the model's (DeepSeek-V3's
+    release) runs on the model's tensors, its copies dropped; one whose differ keeps its own."""
+    folder, hf, weights = mtp_ckpt
+    own = load_model(folder, mtp=True)
+    assert own.share_mtp_copies() == 0 and own.mtp.embed_tokens.weight is not \
+        own.model.embed_tokens.weight
+    assert torch.equal(own.mtp.embed_tokens.weight, weights["embed_tokens.weight"])
+    copy = str(tmp_path / "copies")
+    shutil.copytree(folder, copy)
+    name = os.path.join(copy, "model-mtp.safetensors")
+    tensors = load_file(name)
+    prefix = f"model.layers.{hf.config.num_hidden_layers}."
+    tensors[prefix + "embed_tokens.weight"] = hf.model.embed_tokens.weight.detach().clone()
+    tensors[prefix + "shared_head.head.weight"] = hf.lm_head.weight.detach().clone()
+    save_file(tensors, name)
+    shared = load_model(copy, mtp=True)
+    assert shared.mtp.embed_tokens.weight is shared.model.embed_tokens.weight
+    assert shared.mtp.shared_head.head.weight is shared.lm_head.weight
+    dropped = own.mtp.embed_tokens.weight.numel() + own.mtp.shared_head.head.weight.numel()
+    assert sum(p.numel() for p in shared.parameters()) == \
+        sum(p.numel() for p in own.parameters()) - dropped  # the copies are gone
+
+
 def test_config_without_mtp_still_loads_a_checkpoint_that_has_one(mtp_ckpt):
     """The MTP tensors are ignored unless asked for (as before), and the model's KV pool
     sizing counts the MTP layer only with MTP on."""
