@@ -7,12 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M%S)}
-mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2}
-unset TRITON_INTERPRET AFD_KERNEL_BACKEND
-export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-stamp() { echo "[gpu_graphs $(($(date +%s) - start))s] $*"; }
+export AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2}
+source bench/gpu_env.sh gpu_graphs
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 stamp "graph tests on CUDA"
 timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py 2>&1 \

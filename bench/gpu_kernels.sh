@@ -46,12 +46,7 @@ QUICK_BUDGET_S=${QUICK_BUDGET_S:-300}
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
 export OUT
-mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET AFD_KERNEL_BACKEND
-export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-stamp() { echo "[gpu_kernels $(($(date +%s) - start))s] $*"; }
+source bench/gpu_env.sh gpu_kernels
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1

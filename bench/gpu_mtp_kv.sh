@@ -10,12 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M%S)}
-mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET AFD_KERNEL_BACKEND
-export AFD_COMMIT=${AFD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-stamp() { echo "[gpu_mtp_kv $(($(date +%s) - start))s] $*"; }
+source bench/gpu_env.sh gpu_mtp_kv
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   echo "commit $AFD_COMMIT"
