@@ -30,6 +30,8 @@ class EngineConfig:
     verifying k drafts is k + 1 rows).
     tokenizer: the tokenizer folder (None: the model's); ranks load it only to build
         structured-output grammars.
+    trust_remote_code: the tokenizer may run the Python code its tokenizer_config.json names
+        (``auto_map``; afd.llm.load_tokenizer); every process that loads it reads this.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
         reuse it for later sequences that start with the same tokens (afd.block_pool).
     num_offload_blocks: blocks of the host-memory tier of each rank's prefix cache
@@ -68,6 +70,7 @@ class EngineConfig:
     num_offload_blocks: int = 0
     cache_aware_routing: bool = True
     tokenizer: str | None = None
+    trust_remote_code: bool = False
     quantization: str | None = None
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 0
@@ -153,6 +156,7 @@ def resolve_engine_config(
     kv_offload_gb: float = 0,
     cache_aware_routing: bool = True,
     tokenizer: str | None = None,
+    trust_remote_code: bool = False,
     quantization: str | None = None,
     speculative_config: dict | None = None,
     scheduling_policy: str = "fcfs",
@@ -180,7 +184,8 @@ def resolve_engine_config(
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs * (
         1 + (spec.num_speculative_tokens if spec else 0)))
     for name, flag in (("enable_prefix_caching", enable_prefix_caching),
-                       ("cache_aware_routing", cache_aware_routing)):
+                       ("cache_aware_routing", cache_aware_routing),
+                       ("trust_remote_code", trust_remote_code)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if seed is None:  # as vLLM: a random seed, drawn once here for every rank
@@ -217,7 +222,7 @@ def resolve_engine_config(
                         enable_prefix_caching=enable_prefix_caching,
                         num_offload_blocks=num_offload_blocks,
                         cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,
-                        quantization=quantization,
+                        trust_remote_code=trust_remote_code, quantization=quantization,
                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
@@ -229,9 +234,9 @@ def resolve_engine_config(
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
     """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with."""
     if model_cfg.attention != "mla":
-        raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3 checkpoint "
-                         f"(its multi-token-prediction layer); {path!r} is model_type "
-                         f"{model_cfg.model_type!r}")
+        raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3-architecture "
+                         f"checkpoint (its multi-token-prediction layer); {path!r} is "
+                         f"{model_cfg.architecture!r} (model_type {model_cfg.model_type!r})")
     if model_cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config method 'mtp': {path!r} has no MTP layer "
                          "(config.json: num_nextn_predict_layers is 0 or absent); use method "

@@ -7,6 +7,9 @@ resolved here so that no other module reads the raw dict:
     ``num_local_experts`` (transformers 5)
   * rope: ``rope_theta`` + ``rope_scaling`` (older files, DeepSeek-V3's own) or
     ``rope_parameters`` (transformers 5)
+  * the architecture: ``architectures`` (what vLLM and SGLang pick their model code by), else
+    ``model_type``; a checkpoint of a known architecture under another model_type (Kimi K2:
+    ``kimi_k2``, ``DeepseekV3ForCausalLM``) runs that architecture's code
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ import torch
 
 log = logging.getLogger("afd.models")
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "qwen3_moe")
+# config.json "architectures" entry -> the model code afd runs for it (named by the model_type
+# of that architecture's own checkpoints)
+ARCHITECTURES = {
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,9 @@ class Fp8Config:
 class ModelConfig:
     """Everything the model code reads about a checkpoint.
 
+    model_type: config.json's own (e.g. "kimi_k2"); architecture: the model code afd runs,
+    "deepseek_v2", "deepseek_v3" or "qwen3_moe" (``resolve_architecture``): code branches on
+    this one, never on model_type.
     Attributes (attention):
       attention: "mla" (DeepSeek multi-head latent attention) or "gqa" (Qwen3-MoE)
       num_heads: query heads; num_kv_heads / head_dim: GQA only
@@ -110,6 +123,7 @@ class ModelConfig:
     """
 
     model_type: str
+    architecture: str
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -242,18 +256,33 @@ def _fp8(raw: dict[str, Any]) -> Fp8Config | None:
     return Fp8Config(block_size=(int(block[0]), int(block[1])))
 
 
+def resolve_architecture(raw: dict[str, Any]) -> str:
+    """The model code for a config.json: its first ``architectures`` entry afd implements (as
+    vLLM resolves a model class), else its ``model_type`` where that is one afd implements.
+    ValueError naming both fields otherwise."""
+    archs = raw.get("architectures") or []
+    for name in archs if isinstance(archs, list) else [archs]:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    model_type = raw.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return model_type
+    raise ValueError(f"config.json architectures={archs!r}, model_type={model_type!r}: afd runs "
+                     f"architectures {sorted(ARCHITECTURES)} (or model_type one of "
+                     f"{SUPPORTED_MODEL_TYPES}); this checkpoint is neither")
+
+
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json model_type must be one of {SUPPORTED_MODEL_TYPES}, "
-                         f"got {model_type!r}")
+    arch = resolve_architecture(raw)
     hidden = int(raw["hidden_size"])
     num_heads = int(raw["num_attention_heads"])
     num_layers = int(raw["num_hidden_layers"])
     num_experts = int(_first(raw, "n_routed_experts", "num_experts", "num_local_experts",
                              default=0))
     common: dict[str, Any] = dict(
-        model_type=model_type,
+        model_type=str(model_type or arch),
+        architecture=arch,
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
         num_layers=num_layers,
@@ -277,7 +306,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported "
                                   "(silu is)")
 
-    if model_type == "qwen3_moe":
+    if arch == "qwen3_moe":
         if raw.get("use_sliding_window"):
             raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
         head_dim = int(raw.get("head_dim") or hidden // num_heads)
@@ -304,13 +333,13 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     rope_dim = int(raw["qk_rope_head_dim"])
     nope_dim = int(raw["qk_nope_head_dim"])
     # V2 always interleaves rope pairs; V3 files may say rope_interleave (default true).
-    interleaved = model_type == "deepseek_v2" or bool(raw.get("rope_interleave", True))
+    interleaved = arch == "deepseek_v2" or bool(raw.get("rope_interleave", True))
     rope = _rope(raw, rope_dim, interleaved=interleaved)
     scale = (nope_dim + rope_dim) ** -0.5
     if rope.kind == "yarn" and rope.mscale_all_dim:
         m = yarn_mscale(rope.factor, rope.mscale_all_dim)
         scale = scale * m * m
-    is_v3 = model_type == "deepseek_v3"
+    is_v3 = arch == "deepseek_v3"
     first_dense = int(raw.get("first_k_dense_replace") or 0)
     freq = int(raw.get("moe_layer_freq") or 1)
     nextn = int(raw.get("num_nextn_predict_layers") or 0)
@@ -335,7 +364,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     if departs:
         log.warning("%s sets %s: afd follows DeepSeek's reference code, which reads it; "
                     "transformers' %s ignores it, so outputs will differ from transformers'",
-                    model_type, ", ".join(departs), model_type)
+                    model_type, ", ".join(departs), arch)
     if num_experts and num_experts % n_group:
         raise ValueError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
     return ModelConfig(

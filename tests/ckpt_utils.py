@@ -136,8 +136,6 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
     ``num_nextn_predict_layers: 1`` in config.json. Returns the layer's tensors by their name
     after ``model.layers.{L}.`` (the routed experts as transformers' fused ``gate_up_proj`` /
     ``down_proj``, for ``mtp_reference``)."""
-    import json
-
     from safetensors.torch import save_file
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
@@ -165,12 +163,22 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
         else:
             tensors[prefix + k] = w
     save_file(tensors, os.path.join(folder, "model-mtp.safetensors"))
+    edit_config(folder, num_nextn_predict_layers=1)
+    return weights
+
+
+def edit_config(folder: str, **changes) -> dict:
+    """Rewrite ``folder``/config.json with ``changes`` (a None value drops the key); returns
+    the new dict."""
+    import json
+
     path = os.path.join(folder, "config.json")
     with open(path) as f:
-        raw = json.load(f)
+        raw = {**json.load(f), **changes}
+    raw = {k: v for k, v in raw.items() if v is not None}
     with open(path, "w") as f:
-        json.dump({**raw, "num_nextn_predict_layers": 1}, f, indent=2)
-    return weights
+        json.dump(raw, f, indent=2)
+    return raw
 
 
 def mtp_reference(model, weights: dict[str, torch.Tensor], tokens: list[int]) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
-from ckpt_utils import assert_same_logprobs, build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import (assert_same_logprobs, build_hf_model, edit_config, mixed_prompts,
+                        save_checkpoint)
 from models.config import config_from_dict
 from models.weights import WeightLoadError, load_model
 
@@ -48,6 +49,63 @@ def test_config_aliases():
                                                 / 4)
     with pytest.raises(ValueError, match="model_type"):
         config_from_dict({**base, "model_type": "llama"})
+
+
+# Kimi-K2-Instruct's config.json, less its sizes: DeepSeek-V3's architecture under its own
+# model_type, with remote code named in auto_map (which afd never runs)
+KIMI_K2 = dict(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                         "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+
+
+def test_architecture_is_read_from_architectures_whatever_the_model_type():
+    """A checkpoint runs the model code its ``architectures`` names (as vLLM picks its model
+    class), so Kimi K2 (model_type "kimi_k2") is DeepSeek-V3; model_type alone still works for
+    files without ``architectures``; anything else is refused naming both fields."""
+    from dataclasses import replace
+
+    ds = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=16, intermediate_size=32, kv_lora_rank=16, q_lora_rank=None,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1)
+    v3 = config_from_dict(ds)
+    kimi = config_from_dict({**ds, **KIMI_K2})
+    assert (kimi.model_type, kimi.architecture) == ("kimi_k2", "deepseek_v3")
+    # DeepSeek-V3's defaults where the file is silent (sigmoid + noaux_tc routing, rope pairs)
+    assert (kimi.scoring, kimi.topk_method, kimi.rope.interleaved) == ("sigmoid", "noaux_tc", True)
+    assert replace(kimi, model_type="deepseek_v3") == v3
+    v2 = config_from_dict({**ds, "model_type": "my_v2_finetune",
+                           "architectures": ["DeepseekV2ForCausalLM"]})
+    assert v2.architecture == "deepseek_v2" and v2.scoring == "softmax"
+    # architectures wins over a model_type afd knows
+    assert config_from_dict({**ds, "architectures": ["DeepseekV2ForCausalLM"]}).architecture == (
+        "deepseek_v2")
+    with pytest.raises(ValueError, match=r"architectures=\['LlamaForCausalLM'\], "
+                                         r"model_type='kimi_k2'.*DeepseekV3ForCausalLM"):
+        config_from_dict({**ds, "model_type": "kimi_k2", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ValueError, match=r"architectures=\[\], model_type='kimi_k2'"):
+        config_from_dict({**ds, "model_type": "kimi_k2"})
+
+
+def test_kimi_k2_checkpoint_matches_transformers_deepseek_v3(tmp_path):
+    """A tiny DeepSeek-V3 checkpoint relabelled as Kimi K2 (model_type "kimi_k2", an auto_map,
+    K2's single expert group) decodes token for token as transformers' DeepSeek-V3 model it
+    was saved from. Its config.json names no scoring_func / topk_method (transformers does not
+    save them), so this also checks that DeepSeek-V3's defaults apply."""
+    from ckpt_utils import hf_greedy
+
+    model = build_hf_model("deepseek_v3", n_group=1, topk_group=1)
+    path = save_checkpoint(model, str(tmp_path / "kimi"))
+    raw = edit_config(path, **KIMI_K2)
+    assert "scoring_func" not in raw and "topk_method" not in raw
+    prompts = mixed_prompts(3)
+    expected = [hf_greedy(model, p, 12)[0] for p in prompts]
+    llm = LLM(path, seed=0)
+    assert llm.engine.model_cfg.model_type == "kimi_k2"
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 @pytest.mark.parametrize(("changes", "warns"), [

@@ -278,7 +278,7 @@ def test_checkpoints_without_an_mtp_layer_are_refused(mtp_ckpt, tmp_path):
         model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, num_experts=8,
         moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1))
-    with pytest.raises(ValueError, match="needs a DeepSeek-V3 checkpoint.*qwen3_moe"):
+    with pytest.raises(ValueError, match="needs a DeepSeek-V3-architecture checkpoint.*qwen3_moe"):
         check_mtp_checkpoint(folder, qwen)
 
 
