@@ -93,7 +93,8 @@ class EngineCore:
             from afd.structured_output import GrammarCompiler
 
             self._grammars = GrammarCompiler(self.cfg.tokenizer or self.cfg.model,
-                                             self.runner.model.cfg.vocab_size)
+                                             self.runner.model.cfg.vocab_size,
+                                             self.cfg.trust_remote_code)
         seq.grammar = self._grammars.state(so, seq.grammar_eos,
                                            seq.params.reasoning_end_token_ids)
         seq.grammar.replay(seq.token_ids[seq.num_prompt_tokens:])

@@ -24,14 +24,27 @@ from models.default_model import default_model_path
 log = logging.getLogger("afd.llm")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The HF tokenizer in folder ``path``. ``trust_remote_code`` (vLLM's flag, off by default)
+    lets transformers import the Python code a tokenizer_config.json names in its ``auto_map``
+    (Kimi K2's tiktoken tokenizer has one); without it such a tokenizer is refused, never run.
+    (Weights never run checkpoint code: afd has its own model code.)"""
     from transformers import AutoTokenizer
 
     if not any(os.path.isfile(os.path.join(path, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ValueError(f"no tokenizer files in {path!r}: pass tokenizer=<folder with "
                          "tokenizer.json> to LLM()")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
+    except ValueError as exc:  # transformers': "... Please pass ... trust_remote_code=True"
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(
+            f"the tokenizer in {path!r} needs its own Python code (auto_map in "
+            "tokenizer_config.json), which afd runs only when asked: if you trust that code, "
+            "pass trust_remote_code=True to LLM() (--trust-remote-code to launch/serve.py)"
+        ) from exc
 
 
 def eos_token_ids(path: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -75,7 +88,7 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
     """Load config and tokenizer, start the ranks of the layout, return the front end."""
     path = os.fspath(model) if model is not None else default_model_path()
     model_cfg = load_config(path)
-    tok = load_tokenizer(tokenizer or path)
+    tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))
     defaults = generation_defaults(path, generation_config)
     engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
@@ -135,7 +148,7 @@ class LLM:
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         generation_config="auto", speculative_config=None, scheduling_policy="fcfs",
-        gpu_memory_utilization=0.9)
+        gpu_memory_utilization=0.9, trust_remote_code=False)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -171,6 +184,9 @@ class LLM:
     single process chose (None with several ranks: each reports its own).
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
+    ``trust_remote_code``: let transformers run the Python code a tokenizer names in its
+    tokenizer_config.json ``auto_map`` (Kimi K2's needs it); False (the default, as vLLM's)
+    refuses such a tokenizer. Only the tokenizer: afd's own model code runs the weights.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,

@@ -120,8 +120,9 @@ class GrammarState:
 class GrammarCompiler:
     """A rank's matchers, built from the model's tokenizer (loaded on first use)."""
 
-    def __init__(self, tokenizer_path: str, vocab_size: int):
+    def __init__(self, tokenizer_path: str, vocab_size: int, trust_remote_code: bool = False):
         self.tokenizer_path = tokenizer_path
+        self.trust_remote_code = trust_remote_code
         self.vocab_size = vocab_size  # the logits' width
         self._hf_tokenizer = None
         self._tokenizers: dict[tuple[int, ...], llguidance.LLTokenizer] = {}
@@ -137,7 +138,8 @@ class GrammarCompiler:
 
             try:
                 if self._hf_tokenizer is None:
-                    self._hf_tokenizer = load_tokenizer(self.tokenizer_path)
+                    self._hf_tokenizer = load_tokenizer(self.tokenizer_path,
+                                                        self.trust_remote_code)
                 tok = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, max(self.vocab_size, len(self._hf_tokenizer)),
                     eos_token=list(eos) or None)

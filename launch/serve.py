@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let the tokenizer run the Python code its tokenizer_config.json "
+                         "names (auto_map; Kimi K2's needs it); weights never run such code")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--prefill", type=int, default=0)
     ap.add_argument("--attention", type=int, default=1)
@@ -237,7 +240,8 @@ def main() -> None:
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
-            quantization=args.quantization, speculative_config=args.speculative_config,
+            trust_remote_code=args.trust_remote_code, quantization=args.quantization,
+            speculative_config=args.speculative_config,
             scheduling_policy=args.scheduling_policy)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)

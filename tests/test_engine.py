@@ -823,3 +823,65 @@ def test_finished_only_steps_give_the_same_outputs(llm):
     assert plain["3"][0][2] == "stop" or len(plain["3"][0][0]) == 12
     assert run(True) == plain
     assert blocks_all_free(llm)
+
+
+def tokenizer_with_own_code(folder) -> str:
+    """The embedded tokenizer made to need its own Python code, as Kimi K2's does: its
+    tokenizer_config.json names a class in a local file through ``auto_map`` (no network)."""
+    import json
+    import os
+    import shutil
+
+    from models.default_model import default_model_path
+
+    src, folder = default_model_path(), str(folder)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(src, "tokenizer.json"), folder)
+    with open(os.path.join(src, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(tokenizer_class="OwnTokenizer",
+               auto_map={"AutoTokenizer": [None, "own_tokenizer.OwnTokenizer"]})
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, "own_tokenizer.py"), "w") as f:
+        f.write("from transformers import PreTrainedTokenizerFast\n\n\n"
+                "class OwnTokenizer(PreTrainedTokenizerFast):\n    ran_own_code = True\n")
+    return folder
+
+
+def test_trust_remote_code_reaches_every_tokenizer_load(tmp_path):
+    """A tokenizer that needs its own code loads with trust_remote_code=True, in the front end
+    and in the rank that builds structured-output grammars, and is refused without it, with
+    an error that names the flag (vLLM's default: False)."""
+    from afd.llm import load_tokenizer
+
+    folder = tokenizer_with_own_code(tmp_path / "tok")
+    for load in (lambda: load_tokenizer(folder), lambda: LLM(tokenizer=folder)):
+        with pytest.raises(ValueError, match=r"pass trust_remote_code=True to LLM\(\) "
+                                             r"\(--trust-remote-code to launch/serve.py\)"):
+            load()
+    assert load_tokenizer(folder, trust_remote_code=True).ran_own_code
+    llm = LLM(tokenizer=folder, trust_remote_code=True)
+    assert llm.config.trust_remote_code and llm.get_tokenizer().ran_own_code
+    params = SamplingParams(max_tokens=8, structured_outputs={"choice": ["yes", "no"]})
+    assert llm.generate("Ready?", params, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+    assert llm.engine.core._grammars._hf_tokenizer.ran_own_code
+    with pytest.raises(ValueError, match="trust_remote_code must be True or False"):
+        LLM(trust_remote_code="yes")
+
+
+def test_serve_trust_remote_code_flag(monkeypatch):
+    """launch/serve.py's --trust-remote-code (off by default) reaches the EngineConfig that
+    the front end and every rank are given."""
+    import sys
+
+    from afd.config import engine_config_from_dict, engine_config_to_dict
+
+    monkeypatch.syspath_prepend("launch")
+    import serve
+
+    for argv, want in ((["serve.py"], False), (["serve.py", "--trust-remote-code"], True)):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert serve.parse_args().trust_remote_code is want
+    cfg = LLM(trust_remote_code=True).config
+    assert engine_config_from_dict(engine_config_to_dict(cfg)).trust_remote_code is True
