@@ -6,8 +6,11 @@ Three ways a request can call tools (``tool_choice``):
   parser named by ``--tool-call-parser`` finds them: ``hermes`` (Qwen3, Hermes:
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), ``deepseek_v3``
   (``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```
-  <｜tool▁call▁end｜>...<｜tool▁calls▁end｜>``) and ``deepseek_v31`` (DeepSeek-V3.1: the name, then
-  ``<｜tool▁sep｜>`` and the arguments, no fence).
+  <｜tool▁call▁end｜>...<｜tool▁calls▁end｜>``), ``deepseek_v31`` (DeepSeek-V3.1: the name, then
+  ``<｜tool▁sep｜>`` and the arguments, no fence) and ``kimi_k2`` (Kimi K2:
+  ``<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>
+  {...}<|tool_call_end|>...<|tool_calls_section_end|>``; the call's id is ``functions.NAME:IDX``
+  as the model wrote it, which K2's chat template expects back in the history).
 - "required": the output is constrained (structured output) to a JSON array of
   ``{"name": one of the tools, "parameters": that tool's schema}``; each element is a call.
 - a named function: the output is constrained to that tool's parameters schema; it is the one
@@ -135,9 +138,10 @@ class ToolCallStream:
         else:
             self._held += text
 
-    def _begin(self, name: str) -> None:
+    def _begin(self, name: str, call_id: str | None = None) -> None:
+        """A call begins; ``call_id``: the id the model gave it, if its format has one."""
         self._held = ""
-        call = ToolCall(f"chatcmpl-tool-{uuid.uuid4().hex}", name)
+        call = ToolCall(call_id or f"chatcmpl-tool-{uuid.uuid4().hex}", name)
         self.calls.append(call)
         if len(self.calls) <= self._limit():
             self._piece.calls.append(CallPiece(len(self.calls) - 1, call.id, name))
@@ -267,7 +271,9 @@ class CallFormat:
     ``wrappers`` are markers around a group of calls, dropped from the content.
     ``parse(body)``: (name, arguments JSON text) of a whole body, None if malformed.
     ``peek(body)``: for a body still being written, (name, arguments so far) once the name is
-    whole, else None; the arguments so far must be a prefix of what ``parse`` returns."""
+    whole, else None; the arguments so far must be a prefix of what ``parse`` returns.
+    ``call_id(body)``: the call's id as the model wrote it (Kimi K2), called once ``peek`` or
+    ``parse`` found the name; None (the default): an id is made up."""
 
     name: str
     begin: str
@@ -275,6 +281,7 @@ class CallFormat:
     wrappers: tuple[str, ...]
     parse: Callable[[str], tuple[str, str] | None]
     peek: Callable[[str], tuple[str, str] | None]
+    call_id: Callable[[str], str | None] | None = None
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -364,6 +371,39 @@ def _deepseek_v31_parse(body: str) -> tuple[str, str] | None:
     return found if found is not None and _is_json(found[1]) else None
 
 
+_KIMI_ARGS = "<|tool_call_argument_begin|>"
+
+
+def _kimi_k2_split(body: str) -> tuple[str, str, str] | None:
+    """``functions.NAME:IDX<|tool_call_argument_begin|>ARGS``: (``functions.NAME:IDX``, NAME,
+    ARGS as far as written) once the header is whole (K2 may leave out ``functions.``); None
+    before that or if the header is not ``[prefix.]NAME:IDX``."""
+    sep = body.find(_KIMI_ARGS)
+    if sep < 0:
+        return None
+    call_id = body[:sep].strip()
+    head, colon, index = call_id.rpartition(":")
+    name = head.rpartition(".")[2]
+    if not colon or not index.isdigit() or not name or any(c.isspace() for c in name):
+        return None
+    return call_id, name, body[sep + len(_KIMI_ARGS):].lstrip()
+
+
+def _kimi_k2_peek(body: str) -> tuple[str, str] | None:
+    split = _kimi_k2_split(body)
+    return None if split is None else split[1:]
+
+
+def _kimi_k2_parse(body: str) -> tuple[str, str] | None:
+    found = _kimi_k2_peek(body)
+    return found if found is not None and _is_json(found[1]) else None
+
+
+def _kimi_k2_id(body: str) -> str | None:
+    split = _kimi_k2_split(body)
+    return None if split is None else split[0]
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -373,12 +413,17 @@ def _is_json(text: str) -> bool:
 
 
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+# some K2 checkpoints write the section markers singular (vLLM accepts both)
+_KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+              "<|tool_call_section_begin|>", "<|tool_call_section_end|>")
 PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     CallFormat("hermes", "<tool_call>", "</tool_call>", (), _hermes_parse, _hermes_peek),
     CallFormat("deepseek_v3", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
                _deepseek_v3_parse, _deepseek_v3_peek),
     CallFormat("deepseek_v31", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
                _deepseek_v31_parse, _deepseek_v31_peek),
+    CallFormat("kimi_k2", "<|tool_call_begin|>", "<|tool_call_end|>", _KIMI_WRAP,
+               _kimi_k2_parse, _kimi_k2_peek, _kimi_k2_id),
 )}
 
 
@@ -421,12 +466,15 @@ class MarkerStream(ToolCallStream):
             if parsed is not None and (not self.begun or (
                     parsed[0] == self.calls[-1].name and parsed[1].startswith(self.sent))):
                 if not self.begun:
-                    self._begin(parsed[0])
+                    self._begin(parsed[0], self._call_id(body))
                 self._args(parsed[1][len(self.sent):])
             else:
                 self._broken(fmt.begin + body + (fmt.end if end >= 0 else ""), self.begun)
             self.pos = end + len(fmt.end) if end >= 0 else len(text)
             self.body = None
+
+    def _call_id(self, body: str) -> str | None:
+        return self.fmt.call_id(body) if self.fmt.call_id else None
 
     def _stream_open_call(self, body: str) -> None:
         peeked = self.fmt.peek(body)
@@ -434,7 +482,7 @@ class MarkerStream(ToolCallStream):
             return
         name, args = peeked
         if not self.begun:
-            self._begin(name)
+            self._begin(name, self._call_id(body))
             self.begun = True
         if len(args) > len(self.sent) and args.startswith(self.sent):
             self._args(args[len(self.sent):])

@@ -27,6 +27,10 @@ DS = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool�
       "<｜tool▁sep｜>get_time\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
 DS31 = ("Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
         '{"location": "Tokyo"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+KIMI = ("<|tool_calls_section_begin|>\n<|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"location": "Tokyo", "unit": "C"}<|tool_call_end|>\n'
+        "<|tool_call_begin|> functions.get_time:1 <|tool_call_argument_begin|> {}"
+        "<|tool_call_end|><|tool_calls_section_end|>")
 
 
 def calls_of(out) -> list[tuple[str, str]]:
@@ -82,6 +86,28 @@ def test_deepseek_v3_format():
     assert out.content == "Sure." and calls_of(out) == [("get_weather", '{"location": "Tokyo"}')]
 
 
+def test_kimi_k2_format():
+    """Kimi K2's calls keep the id the model gave them (``functions.NAME:IDX``, which K2's
+    chat template expects back), streamed or not; the name is the part between the last dot
+    and the colon; the section markers (plural or singular) are not content."""
+    out = parse("kimi_k2", KIMI)
+    assert out.content is None
+    assert calls_of(out) == [("get_weather", '{"location": "Tokyo", "unit": "C"}'),
+                             ("get_time", "{}")]
+    assert [c.id for c in out.calls] == ["functions.get_weather:0", "functions.get_time:1"]
+    assert out.calls[1].to_openai() == {"id": "functions.get_time:1", "type": "function",
+                                        "function": {"name": "get_time", "arguments": "{}"}}
+    _, _, ids = streamed(MarkerStream(PARSERS["kimi_k2"]), KIMI, list(range(1, len(KIMI))))
+    assert ids == {0: "functions.get_weather:0", 1: "functions.get_time:1"}
+    out = parse("kimi_k2", "Let me check. " + KIMI + "\nDone.")
+    assert out.content == "Let me check.\nDone." and len(out.calls) == 2
+    out = parse("kimi_k2", "<|tool_call_section_begin|><|tool_call_begin|>ping:3"
+                           "<|tool_call_argument_begin|>{}<|tool_call_end|>"
+                           "<|tool_call_section_end|>")
+    assert calls_of(out) == [("ping", "{}")] and out.calls[0].id == "ping:3" and not out.content
+    assert parse("kimi_k2", "No call here.").calls == []
+
+
 @pytest.mark.parametrize("parser,text", [
     ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>'),  # bad JSON
     ("hermes", '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>'),  # no name
@@ -91,14 +117,22 @@ def test_deepseek_v3_format():
                     '{"a": 1,}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
     ("deepseek_v3", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n{\"a\": 1}<｜tool▁call▁end｜>"),
     ("deepseek_v3", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\""),
+    ("kimi_k2", "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+                '<|tool_call_argument_begin|>{"a": }<|tool_call_end|><|tool_calls_section_end|>'),
+    ("kimi_k2", "<|tool_call_begin|>functions.f<|tool_call_argument_begin|>{}<|tool_call_end|>"),
+    ("kimi_k2", "<|tool_call_begin|>functions.f:x<|tool_call_argument_begin|>{}<|tool_call_end|>"),
+    ("kimi_k2", "<|tool_call_begin|>functions.f:0{}<|tool_call_end|>"),  # no argument marker
+    ("kimi_k2", 'Hi <|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1'),
 ])
 def test_malformed_calls_are_content(parser, text):
     """A call that does not parse comes back as content (its markers included, the wrappers
     left out), never an error; streamed in any split, nothing raises either."""
     out = parse(parser, text)
     assert out.calls == []
-    assert out.content == text.replace("<｜tool▁calls▁begin｜>", "").replace(
-        "<｜tool▁calls▁end｜>", "")
+    want = text
+    for wrapper in PARSERS[parser].wrappers:
+        want = want.replace(wrapper, "")
+    assert out.content == want
     rng = random.Random(0)
     for _ in range(20):
         cuts = sorted(rng.sample(range(1, len(text)), 5))
@@ -115,7 +149,8 @@ def test_a_good_call_beside_a_malformed_one():
 @pytest.mark.parametrize("parser,text", [
     ("hermes", HERMES_ONE), ("hermes", HERMES_TWO), ("hermes", "Plain text, no call.\n"),
     ("hermes", HERMES_TWO + "\nDone."),
-    ("deepseek_v3", DS), ("deepseek_v3", "I will check. " + DS), ("deepseek_v31", DS31)])
+    ("deepseek_v3", DS), ("deepseek_v3", "I will check. " + DS), ("deepseek_v31", DS31),
+    ("kimi_k2", KIMI), ("kimi_k2", "Let me check. " + KIMI + "\nDone.")])
 def test_streaming_in_any_split_gives_the_unstreamed_answer(parser, text):
     want = parse(parser, text)
     rng = random.Random(1)
@@ -195,7 +230,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def apps():
-    """Three front ends over one engine: no auto tool choice, hermes and deepseek_v3."""
+    """Front ends over one engine: no auto tool choice, hermes, deepseek_v3 and kimi_k2."""
     from afd import LLM
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
@@ -215,7 +250,8 @@ def apps():
     compact = [i for i in range(len(tok)) if not any(ch.isspace() for ch in tok.decode([i]))]
     try:
         yield {"plain": app(None), "hermes": app("hermes"), "deepseek_v3": app("deepseek_v3"),
-               "tokenizer": tok, "compact": {"allowed_token_ids": compact}}
+               "kimi_k2": app("kimi_k2"), "tokenizer": tok,
+               "compact": {"allowed_token_ids": compact}}
     finally:
         engine.shutdown()
 
@@ -284,7 +320,10 @@ def test_required_and_named_tool_choice_give_valid_calls(apps):
      [("get_weather", '{"city": "Paris", "unit": "C"}')]),
     ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n"
      '```json\n{"tz": "UTC"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None,
-     [("get_time", '{"tz": "UTC"}')])])
+     [("get_time", '{"tz": "UTC"}')]),
+    ("kimi_k2", "Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0"
+     '<|tool_call_argument_begin|>{"tz": "UTC"}<|tool_call_end|><|tool_calls_section_end|>',
+     "Checking.", [("get_time", '{"tz": "UTC"}')])])
 def test_auto_tool_choice_reads_the_models_calls(apps, parser, text, content, calls):
     """The random model writes a call in the parser's format because a structured-output
     choice makes it: the engine's real output goes through the parser, streamed and not."""
@@ -294,6 +333,9 @@ def test_auto_tool_choice_reads_the_models_calls(apps, parser, text, content, ca
     assert choice.finish_reason == "tool_calls" and choice.message.content == content
     assert [(t.function.name, t.function.arguments) for t in choice.message.tool_calls] == calls
     _same(plain, streamed)
+    if parser == "kimi_k2":  # K2's own ids, as K2's chat template expects them back
+        assert [t.id for t in choice.message.tool_calls] == ["functions.get_time:0"]
+        assert [c[0] for c in streamed[1]] == ["functions.get_time:0"]
     # tool_choice "none": the same text is plain content
     plain, streamed = chat(apps[parser], tools=TOOLS, tool_choice="none", max_tokens=400,
                            extra_body=force)
