@@ -1,16 +1,20 @@
 """Reasoning on /v1/chat/completions: splitting a model's ``<think> ... </think>`` off its answer.
 
-A reasoning model (DeepSeek-R1, DeepSeek-V3.1 in thinking mode, Qwen3) writes its reasoning
-first and ends it with ``</think>``; the server started with ``--reasoning-parser NAME`` returns
-that part in the message's ``reasoning`` field and the rest in ``content`` (vLLM's fields). The
-parsers differ only in when a request thinks, read from its ``chat_template_kwargs`` as the
-model's chat template reads them:
+A reasoning model (DeepSeek-R1, DeepSeek-V3.1 in thinking mode, Qwen3, Kimi K2-Thinking)
+writes its reasoning first and ends it with ``</think>``; the server started with
+``--reasoning-parser NAME`` returns that part in the message's ``reasoning`` field and the rest
+in ``content`` (vLLM's fields). The parsers differ only in when a request thinks, read from
+its ``chat_template_kwargs`` as the model's chat template reads them:
 
 - ``deepseek_r1``: always (DeepSeek-R1's template ends the prompt with ``<think>\\n``).
 - ``qwen3``: unless ``enable_thinking`` is false (Qwen3's template then writes an empty
   ``<think></think>`` block into the prompt itself).
 - ``deepseek_v3``: only when ``thinking`` (or ``enable_thinking``) is true (DeepSeek-V3.1's
   template then ends the prompt with ``<think>``; otherwise with ``</think>``).
+- ``kimi_k2`` (Kimi K2-Thinking): unless ``thinking`` is false; otherwise as ``deepseek_r1``
+  (vLLM registers kimi_k2 as DeepSeek-R1's parser, later with this switch), except that a
+  tool-call section (``<|tool_calls_section_begin|>``, or its singular spelling) also ends the
+  reasoning, the section itself being content (for the tool-call parser), as vLLM's does.
 
 Where a request thinks, the template has already opened the reasoning in the prompt, so the
 output's text before ``</think>`` is reasoning even though no ``<think>`` was generated (one the
@@ -47,10 +51,11 @@ class ReasoningFormat:
     thinks: Callable[[dict[str, Any]], bool]
     start: str = "<think>"
     end: str = "</think>"
+    content_starts: tuple[str, ...] = ()  # markers that end the reasoning and begin the content
 
     @property
     def markers(self) -> tuple[str, ...]:
-        return (self.start, self.end)
+        return (self.start, self.end, *self.content_starts)
 
 
 PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
@@ -58,6 +63,9 @@ PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
     ReasoningFormat("qwen3", lambda kw: bool(kw.get("enable_thinking", True))),
     ReasoningFormat("deepseek_v3", lambda kw: bool(kw.get("thinking", False))
                     or bool(kw.get("enable_thinking", False))),
+    ReasoningFormat("kimi_k2", lambda kw: bool(kw.get("thinking", True)),
+                    content_starts=("<|tool_calls_section_begin|>",
+                                    "<|tool_call_section_begin|>")),
 )}
 
 
@@ -106,15 +114,19 @@ class ReasoningStream:
             else:
                 self.state = "reasoning" if self.mode == "open" else "content"
         if self.state == "reasoning":
-            end = text.find(self.fmt.end, self.pos)
-            if end < 0:
+            ends = [(i, m) for m in (self.fmt.end, *self.fmt.content_starts)
+                    if (i := text.find(m, self.pos)) >= 0]
+            if not ends:
                 stop = len(text) if final else len(text) - partial_marker(
-                    text, self.pos, (self.fmt.end,))
+                    text, self.pos, (self.fmt.end, *self.fmt.content_starts))
                 piece.reasoning = text[self.pos:stop]
                 self.pos = max(self.pos, stop)
             else:
+                end, marker = min(ends)
                 piece.reasoning = text[self.pos:end]
-                self.pos, self.state = end + len(self.fmt.end), "content"
+                # </think> is dropped; a content_starts marker is the content's beginning
+                self.pos = end + len(marker) if marker == self.fmt.end else end
+                self.state = "content"
             self.reasoning.append(piece.reasoning)
         if self.state == "content":
             piece.content = text[self.pos:]
@@ -146,7 +158,7 @@ def marker_token_ids(fmt: ReasoningFormat, tokenizer) -> tuple[int, int] | None:
     """(start, end): the ids of the markers where each is one token of ``tokenizer`` (as in
     DeepSeek-R1's, DeepSeek-V3.1's and Qwen3's tokenizers); None otherwise: a grammar cannot
     wait for a token then, and applies from the first token."""
-    ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in fmt.markers]
+    ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in (fmt.start, fmt.end)]
     return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
 

@@ -69,8 +69,36 @@ def test_when_a_request_thinks():
     assert mode("deepseek_v3", None) == "off"  # DeepSeek-V3.1 thinks when asked
     assert mode("deepseek_v3", {"thinking": True}) == "open"
     assert mode("deepseek_v3", {"enable_thinking": True}) == "open"
+    assert mode("kimi_k2", None) == "open"  # K2-Thinking thinks unless told not to
+    assert mode("kimi_k2", {"thinking": False}) == "off"
+    assert mode("kimi_k2", None, constrained=True) == "tag"
     assert mode("qwen3", None, constrained=True) == "tag"
     assert mode("qwen3", {"enable_thinking": False}, constrained=True) == "off"
+
+
+def test_kimi_k2_tool_section_ends_the_reasoning():
+    """K2-Thinking may open a tool-call section without closing its reasoning: the section
+    ends the reasoning and is content (for the tool-call parser), streamed in any split."""
+    k2 = PARSERS["kimi_k2"]
+    calls = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+    for text, want in [
+        ("I should look.</think>Checking." + calls, ("I should look.", "Checking." + calls)),
+        ("I should look." + calls, ("I should look.", calls)),
+        ("<think>Hm." + calls.replace("calls_section", "call_section"),
+         ("Hm.", calls.replace("calls_section", "call_section"))),
+        # after the reasoning a section is content like any text
+        ("a</think>b<|tool_calls_section_begin|>c</think>",
+         ("a", "b<|tool_calls_section_begin|>c</think>")),
+    ]:
+        out = ReasoningStream(k2, "open").parse(text)
+        assert (out.reasoning, out.content) == want
+        for cut in range(1, len(text)):
+            stream = ReasoningStream(k2, "open")
+            pieces = [stream.update(text[:cut], False), stream.update(text, True)]
+            assert ("".join(p.reasoning for p in pieces),
+                    "".join(p.content for p in pieces)) == want, cut
+    # DeepSeek-R1's parser keeps such a section in the reasoning
+    assert ReasoningStream(R1, "open").parse("x" + calls).content is None
 
 
 TEXTS = ["Let me see.\n</think>\n\nIt is 4.", "<think>\nLet me see.</think>It is 4.",
