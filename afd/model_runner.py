@@ -270,11 +270,17 @@ class ModelRunner:
                 logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
                                            experts)[0]
         else:
-            sizes = [s.num_new_tokens for s in plan.seqs]
-            parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
-            inputs = [self.prepare(part) for part in parts]
+            _, inputs = self._micro_batches(plan.seqs, micro_batches)
             logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, experts))
         return self._sample(logits, plan.seqs)
+
+    def _micro_batches(self, seqs: list[ScheduledSeq], micro_batches: int
+                       ) -> tuple[list[list[ScheduledSeq]], list[tuple]]:
+        """``seqs`` split into ``micro_batches`` parts of about equal tokens, and each part's
+        ``prepare``d inputs."""
+        sizes = [s.num_new_tokens for s in seqs]
+        parts = [seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
+        return parts, [self.prepare(part) for part in parts]
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> SamplerOutput:
         """The step's samples (and prompt logprobs) from its logits (``prepare``'s rows)."""
@@ -297,9 +303,7 @@ class ModelRunner:
         MoE is one more collective round, taken by every rank, an idle one with zero rows:
         always k rounds a step (k is engine-wide, so every rank knows the count without a
         vote; a rank whose sequences chain fewer rounds takes the rest with zero rows)."""
-        sizes = [s.num_new_tokens for s in plan.seqs]
-        parts = [plan.seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
-        inputs = [self.prepare(part) for part in parts]
+        parts, inputs = self._micro_batches(plan.seqs, micro_batches)
         outs = run_micro_batches(self.model, inputs, self.kv_caches, experts, keep_hidden=True)
         out = self._sample(torch.cat([o.logits for o in outs]), plan.seqs)
         cache, size = self.kv_caches[self.mtp.index], self.cfg.block_size
