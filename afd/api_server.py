@@ -482,6 +482,20 @@ class _ChoiceReader:
     reasoning: ReasoningStream | None
     tools: ToolCallStream | None
 
+    @staticmethod
+    def safe_delta(reader: _ChoiceReader | None, text: str, final: bool
+                   ) -> dict[str, Any] | None:
+        """``reader.delta``, or None where there is no reader or it failed (logged): a
+        reader's bug must not end the stream, so the caller drops the reader and streams the
+        plain text from here on."""
+        if reader is None:
+            return None
+        try:
+            return reader.delta(text, final)
+        except Exception:  # noqa: BLE001
+            log.exception("chat reader failed; streaming the plain text")
+            return None
+
     def delta(self, text: str, final: bool) -> dict[str, Any]:
         """What the completion's text so far adds: a delta's reasoning, content, tool_calls."""
         delta: dict[str, Any] = {}
@@ -628,15 +642,9 @@ async def _responses_sse(turn: _Turn, stream: AsyncIterator[RequestOutput]
             if out.error:
                 raise _output_error(out)
             c = out.outputs[0]
-            delta = None
-            if reader is not None:
-                try:
-                    delta = reader.delta(c.text, final=c.finish_reason is not None)
-                except Exception:  # noqa: BLE001 - a reader's bug must not end the stream
-                    log.exception("chat reader failed; streaming the plain text")
-                    reader = None
+            delta = _ChoiceReader.safe_delta(reader, c.text, final=c.finish_reason is not None)
             if delta is None:  # no readers, or they failed
-                delta = {"content": c.text[sent:]}
+                reader, delta = None, {"content": c.text[sent:]}
             sent = len(c.text)
             for event in output.add(delta):
                 yield sse(event)
@@ -817,14 +825,12 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                     logprobs = _chat_logprobs(c, token_start, top_logprobs)
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
-                    reader, message = choice_readers.get(index), None
-                    if reader is not None:
-                        try:
-                            message = reader.delta(c.text, final=c.finish_reason is not None)
-                        except Exception:  # noqa: BLE001 - a reader's bug must not end the stream
-                            log.exception("chat reader failed; streaming the plain text")
-                            choice_readers[index] = None  # this choice streams plain text now
-                    if message is None:  # no readers, or they failed
+                    reader = choice_readers.get(index)
+                    message = _ChoiceReader.safe_delta(reader, c.text,
+                                                       final=c.finish_reason is not None)
+                    if message is None:  # no readers, or they failed: plain text from now on
+                        if reader is not None:
+                            choice_readers[index] = None
                         choices.append({"index": index, "delta": {"content": c.text[text_start:]},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs})
                         continue

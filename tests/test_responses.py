@@ -496,3 +496,34 @@ def test_expert_record_endpoints_answer_errors_in_the_error_body(apps, monkeypat
     for r in call_app(apps["plain"], go):
         assert r.status_code == 503, r.text
         assert "rank 1 died" in r.json()["error"]["message"]
+
+
+def test_a_failing_reader_streams_the_plain_text(apps, monkeypatch):
+    """A reader that raises (a parser bug) must not end a stream: from then on the chat
+    stream and the Responses stream carry the plain text, all of it (what the server with no
+    parser sends)."""
+    from afd.api_server import _ChoiceReader
+    from asgi_utils import call_app
+
+    def broken(self, text, final):
+        raise RuntimeError("parser bug")
+
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    ask = dict(model="m", temperature=0, extra_body={"ignore_eos": True})
+
+    async def plain(c, _):
+        r = await c.chat.completions.create(messages=messages, max_tokens=6, **ask)
+        return r.choices[0].message.content
+
+    async def streams(c, _):
+        chat = "".join([ch.choices[0].delta.content or "" async for ch in
+                        await c.chat.completions.create(messages=messages, max_tokens=6,
+                                                        stream=True, **ask)])
+        return chat, await _events(c, input=messages, max_output_tokens=6, **ask)
+
+    want = call_app(apps["plain"], plain)
+    monkeypatch.setattr(_ChoiceReader, "delta", broken)
+    chat, events = call_app(apps["r1"], streams)
+    assert want and chat == want
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    assert events[-1].type == "response.incomplete"
