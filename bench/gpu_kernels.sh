@@ -56,56 +56,52 @@ triton.__version__, torch.cuda.get_device_name())" 2>&1
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
+# run_tests SECONDS LABEL PYTEST_ARGS...: GPU-marked tests to kernels_tests.log; sets tests_rc
+run_tests() {
+  local seconds=$1 label=$2
+  shift 2
+  stamp "$label"
+  timeout -k 5 "$seconds" python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$@" 2>&1 \
+    | tee "$OUT/kernels_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  stamp "tests exit code $tests_rc"
+}
+# run_bench SECONDS LABEL ARGS...: bench/kernels.py to kernels_bench.log; sets bench_rc
+run_bench() {
+  local seconds=$1 label=$2
+  shift 2
+  stamp "$label"
+  timeout -k 5 "$seconds" python3 bench/kernels.py "$@" $BENCH_ARGS 2>&1 \
+    | tee "$OUT/kernels_bench.log"
+  bench_rc=${PIPESTATUS[0]}
+}
+
 if [ "$PREFILL" = 1 ]; then
-  stamp "GPU prefill attention tests"
-  timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-    tests/test_kernels_prefill.py 2>&1 | tee "$OUT/kernels_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  stamp "tests exit code $tests_rc"
-  stamp "benchmark --prefill-only (writes $OUT/kernels.json)"
-  timeout -k 5 240 python3 bench/kernels.py --prefill-only --budget-s 200 --rounds "$ROUNDS" \
-    $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
-  bench_rc=${PIPESTATUS[0]}
+  run_tests 120 "GPU prefill attention tests" tests/test_kernels_prefill.py
+  run_bench 240 "benchmark --prefill-only (writes $OUT/kernels.json)" --prefill-only \
+    --budget-s 200 --rounds "$ROUNDS"
 elif [ "$FP8" = 1 ]; then
-  stamp "FP8 GPU MoE tests"
-  timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k fp8 \
-    tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  stamp "tests exit code $tests_rc"
-  stamp "benchmark --fp8-only (writes $OUT/kernels.json)"
-  timeout -k 5 240 python3 bench/kernels.py --fp8-only --budget-s 200 --rounds "$ROUNDS" \
-    $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
-  bench_rc=${PIPESTATUS[0]}
+  run_tests 120 "FP8 GPU MoE tests" -k fp8 tests/test_kernels_moe.py
+  run_bench 240 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 200 \
+    --rounds "$ROUNDS"
 elif [ "$QUICK" = 1 ]; then
-  stamp "GPU MoE tests"
-  timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not fp8" \
-    tests/test_kernels_moe.py 2>&1 | tee "$OUT/kernels_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  stamp "tests exit code $tests_rc"
+  run_tests 90 "GPU MoE tests" -k "not fp8" tests/test_kernels_moe.py
   stamp "host time per MoE call (writes $OUT/host_overhead.json, host_profile.txt)"
   timeout -k 5 60 python3 bench/host_overhead.py --json "$OUT/host_overhead.json" \
     --profile "$OUT/host_profile.txt" 2>&1
-  stamp "benchmark --quick (writes $OUT/kernels.json)"
-  timeout -k 5 $((QUICK_BUDGET_S + 15)) python3 bench/kernels.py --quick --no-fp8 \
-    --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS" $BENCH_ARGS 2>&1 | tee "$OUT/kernels_bench.log"
-  bench_rc=${PIPESTATUS[0]}
+  run_bench $((QUICK_BUDGET_S + 15)) "benchmark --quick (writes $OUT/kernels.json)" --quick \
+    --no-fp8 --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS"
   stamp "ws probes: a 64-row ws tile (runs in the GPU tests) and a 128-row one (hung an H100)"
   for bm in 64 128; do
     timeout -k 5 30 python3 bench/ws_probe.py 8 128 "$bm" 2>&1 | tee -a "$OUT/ws_probe.log"
     echo "ws_probe block_m=$bm exit code ${PIPESTATUS[0]}" | tee -a "$OUT/ws_probe.log"
   done
 else
-  stamp "GPU kernel tests"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-    tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_rotary.py \
-    tests/test_kernels_mla.py tests/test_kernels_gqa.py tests/test_kernels_prefill.py \
-    tests/test_kernels_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  stamp "tests exit code $tests_rc"
-  stamp "benchmark (writes $OUT/kernels.json)"
-  timeout $((SWEEP_BUDGET_S + 150)) python3 bench/kernels.py --sweep --budget-s "$SWEEP_BUDGET_S" $BENCH_ARGS \
-    2>&1 | tee "$OUT/kernels_bench.log"
-  bench_rc=${PIPESTATUS[0]}
+  run_tests 300 "GPU kernel tests" tests/test_kernels_moe.py tests/test_kernels_norm.py \
+    tests/test_kernels_rotary.py tests/test_kernels_mla.py tests/test_kernels_gqa.py \
+    tests/test_kernels_prefill.py tests/test_kernels_backend.py
+  run_bench $((SWEEP_BUDGET_S + 150)) "benchmark (writes $OUT/kernels.json)" --sweep \
+    --budget-s "$SWEEP_BUDGET_S"
 fi
 stamp "benchmark exit code $bench_rc"
 
