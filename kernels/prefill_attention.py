@@ -171,8 +171,8 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     if q.shape[2] == k.shape[2]:  # no context before the queries: plain causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
-        # imported here: torch.nn.attention.bias pulls in torch._dynamo (about 1.4 s per
-        # process), which a rank that never runs a prefill with context does not need
+        # imported here: torch.nn.attention.bias pulls in torch._dynamo, sympy and triton at
+        # import, which a rank that never runs a prefill with context does not need
         from torch.nn.attention.bias import causal_lower_right
 
         out = F.scaled_dot_product_attention(
