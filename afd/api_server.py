@@ -915,7 +915,7 @@ def main() -> None:
     watch_parent()  # rank 0 started us: go when it goes
 
     engine_cfg = engine_config_from_dict(json.loads(args.engine_config))
-    model_cfg = load_config(engine_cfg.model)
+    model_cfg = load_config(engine_cfg.model, engine_cfg.hf_overrides)
     tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model, engine_cfg.trust_remote_code)
     defaults = generation_defaults(engine_cfg.model, args.generation_config)  # before any rank
     layout = Layout(*(int(x) for x in args.layout.split(",")))

@@ -49,6 +49,9 @@ class EngineConfig:
         longest and shortest n-gram looked up. speculative_method: "ngram", or "mtp" (drafts
         from the checkpoint's multi-token-prediction layer, which every rank that runs
         attention or experts then loads, with one more layer of KV cache).
+    load_format: "auto" / "safetensors" (the checkpoint's weights) or "dummy" (vLLM's: random
+        weights made from config.json alone, the same on every rank; models.weights).
+    hf_overrides: config.json keys replaced on every rank (vLLM's ``hf_overrides``), or None.
     scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
@@ -78,10 +81,20 @@ class EngineConfig:
     speculative_method: str = "ngram"
     scheduling_policy: str = "fcfs"
     gpu_memory_utilization: float = 0.9
+    load_format: str = "auto"
+    hf_overrides: dict | None = None
 
     @property
     def fp8_experts(self) -> bool:
         return self.quantization == "fp8"
+
+    def load_model(self, role: str, device, expert_ids=None):
+        """``models.weights.load_model`` of this config's checkpoint, as every rank loads it."""
+        from models.weights import load_model
+
+        return load_model(self.model, role, expert_ids, dtype=self.dtype, device=device,
+                          fp8_experts=self.fp8_experts, mtp=self.mtp,
+                          hf_overrides=self.hf_overrides, load_format=self.load_format)
 
     @property
     def speculative(self) -> SpecConfig | None:
@@ -161,7 +174,10 @@ def resolve_engine_config(
     speculative_config: dict | None = None,
     scheduling_policy: str = "fcfs",
     gpu_memory_utilization: float = 0.9,
+    load_format: str = "auto",
+    hf_overrides: dict | None = None,
 ) -> EngineConfig:
+    """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it."""
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -176,10 +192,16 @@ def resolve_engine_config(
     if scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
                          f"{scheduling_policy!r}")
+    from models.config import check_hf_overrides
+    from models.weights import LOAD_FORMATS
+
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    hf_overrides = check_hf_overrides(hf_overrides) or None
     spec = parse_speculative_config(speculative_config)
     mtp = spec is not None and spec.method == "mtp"
     if mtp:
-        check_mtp_checkpoint(model, model_cfg)
+        check_mtp_checkpoint(model, model_cfg, weights=load_format != "dummy")
     # a step verifying drafts has 1 + num_speculative_tokens decode rows per sequence
     graph_sizes = _graph_sizes(cuda_graph_sizes, max_num_seqs * (
         1 + (spec.num_speculative_tokens if spec else 0)))
@@ -228,11 +250,13 @@ def resolve_engine_config(
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
                         speculative_method=spec.method if spec else "ngram",
                         scheduling_policy=scheduling_policy,
-                        gpu_memory_utilization=float(gpu_memory_utilization))
+                        gpu_memory_utilization=float(gpu_memory_utilization),
+                        load_format=load_format, hf_overrides=hf_overrides)
 
 
-def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
-    """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with."""
+def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True) -> None:
+    """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with
+    (``weights``: its tensors too, not only config.json's word)."""
     if model_cfg.attention != "mla":
         raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3-architecture "
                          f"checkpoint (its multi-token-prediction layer); {path!r} is "
@@ -241,6 +265,8 @@ def check_mtp_checkpoint(path: str, model_cfg: ModelConfig) -> None:
         raise ValueError(f"speculative_config method 'mtp': {path!r} has no MTP layer "
                          "(config.json: num_nextn_predict_layers is 0 or absent); use method "
                          "'ngram' or a checkpoint that ships its MTP weights")
+    if not weights:
+        return
     from models.weights import checkpoint_files
 
     name = f"model.layers.{model_cfg.num_layers}.eh_proj.weight"

@@ -87,7 +87,7 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
                  **engine_args: Any) -> LLMEngine:
     """Load config and tokenizer, start the ranks of the layout, return the front end."""
     path = os.fspath(model) if model is not None else default_model_path()
-    model_cfg = load_config(path)
+    model_cfg = load_config(path, engine_args.get("hf_overrides"))
     tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))
     defaults = generation_defaults(path, generation_config)
     engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
@@ -116,11 +116,7 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_layout_options(**options)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
-        from models.weights import load_model
-
-        model = load_model(engine_cfg.model, "full", dtype=engine_cfg.dtype,
-                           device=engine_cfg.device, fp8_experts=engine_cfg.fp8_experts,
-                           mtp=engine_cfg.mtp)
+        model = engine_cfg.load_model("full", engine_cfg.device)
         if engine_cfg.num_kv_blocks is None:  # sized from the GPU's memory left after loading
             from afd.kv_memory import kv_blocks_from_memory
 

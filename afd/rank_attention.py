@@ -22,7 +22,6 @@ from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
 from afd.workers import (ControlLink, Groups, WorkerSpec, core_config, describe,
                          make_transport)
-from models.weights import load_model
 
 IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between step votes
 
@@ -58,8 +57,7 @@ class AttentionWorker:
         self.spec, self.index, self.groups, self.link = spec, index, groups, link
         cfg = spec.engine_cfg
         with_ffn = spec.layout.ffn > 0
-        model = load_model(cfg.model, "attention" if with_ffn else "full", dtype=cfg.dtype,
-                           device=device, fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
+        model = cfg.load_model("attention" if with_ffn else "full", device)
         self.transport = (make_transport(spec, groups, model.cfg.hidden_size, cfg.dtype, device)
                           if with_ffn else None)
         local = core_config(spec, device, model.cfg)

@@ -11,7 +11,6 @@ import zmq
 from afd import protocol
 from afd.workers import (HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server,
                          send_droppable)
-from models.weights import load_model
 
 
 class FFNWorker:
@@ -19,9 +18,7 @@ class FFNWorker:
                  out: zmq.Socket):
         self.spec, self.groups, self.out = spec, groups, out
         cfg = spec.engine_cfg
-        self.model = load_model(cfg.model, "ffn", expert_ids=spec.placement.rank_experts(index),
-                                dtype=cfg.dtype, device=device, fp8_experts=cfg.fp8_experts,
-                                mtp=cfg.mtp)
+        self.model = cfg.load_model("ffn", device, spec.placement.rank_experts(index))
         # every MoE layer in the order a step reaches it: the target's, then the MTP layer's,
         # once per MTP round (its pass after the step's sampling, then k - 1 chained rounds:
         # every attention rank takes all k, see afd.model_runner)

@@ -28,12 +28,9 @@ IDLE_POLL_S = 0.01
 
 class PrefillWorker:
     def __init__(self, spec: WorkerSpec, index: int, device: torch.device, link: ControlLink):
-        from models.weights import load_model
-
         self.spec, self.index, self.link = spec, index, link
         cfg = spec.engine_cfg
-        model = load_model(cfg.model, "full", dtype=cfg.dtype, device=device,
-                           fp8_experts=cfg.fp8_experts, mtp=cfg.mtp)
+        model = cfg.load_model("full", device)
         self.core = EngineCore(model, core_config(spec, device, model.cfg), prefill_only=True)
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)

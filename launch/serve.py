@@ -37,7 +37,8 @@ from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
 from afd.workers import Layout, WorkerSpec, backend_for, worker_main
-from models.config import load_config
+from models.config import check_hf_overrides, load_config
+from models.weights import LOAD_FORMATS
 from models.default_model import default_model_path
 
 log = logging.getLogger("afd.launch")
@@ -123,6 +124,12 @@ def parse_args() -> argparse.Namespace:
                          "keep them in FP8 on any device (a bf16 checkpoint's quantized on "
                          "load, 128x128 blocks); dequantize: every weight in --dtype. "
                          "Other weights are always dequantized")
+    ap.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
+                    help="dummy: random weights from config.json alone, no weight files read "
+                         "(as vLLM's; for benchmarks at a model's real shapes: gibberish text)")
+    ap.add_argument("--hf-overrides", default=None, metavar="JSON",
+                    help="config.json keys to replace on every rank, e.g. "
+                         "'{\"num_hidden_layers\": 5}' (as vLLM's)")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
     ap.add_argument("--expert-placement", default=None, metavar="FILE",
@@ -147,6 +154,11 @@ def parse_args() -> argparse.Namespace:
             parse_speculative_config(args.speculative_config)
         except ValueError as exc:  # JSONDecodeError is one
             ap.error(f"--speculative-config: {exc}")
+    if args.hf_overrides is not None:
+        try:
+            args.hf_overrides = check_hf_overrides(json.loads(args.hf_overrides))
+        except ValueError as exc:
+            ap.error(f"--hf-overrides: {exc}")
     if (args.expert_placement or args.num_redundant_experts) and args.ffn == 0:
         ap.error("--expert-placement and --num-redundant-experts need --ffn >= 1 (FFN ranks "
                  "hold the routed experts)")
@@ -232,7 +244,7 @@ def main() -> None:
     front = None
     if rank == 0:
         engine_cfg = resolve_engine_config(
-            model, load_config(model), dtype=args.dtype, seed=args.seed,
+            model, load_config(model, args.hf_overrides), dtype=args.dtype, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -241,7 +253,8 @@ def main() -> None:
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
-            speculative_config=args.speculative_config,
+            speculative_config=args.speculative_config, load_format=args.load_format,
+            hf_overrides=args.hf_overrides,
             scheduling_policy=args.scheduling_policy)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)

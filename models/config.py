@@ -390,12 +390,31 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
-    """Read ``<path>/config.json`` (or a path to the json itself)."""
+def check_hf_overrides(overrides: Any) -> dict[str, Any]:
+    """``hf_overrides`` (vLLM's): a JSON object whose keys replace config.json's, or None."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ValueError(f"hf_overrides must be a JSON object of config.json keys to values "
+                         f"(e.g. {{\"num_hidden_layers\": 4}}), got {overrides!r}")
+    return overrides
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """Read ``<path>/config.json`` (or a path to the json itself), with ``overrides``' keys
+    (``hf_overrides``) in place of the file's."""
     path = os.fspath(path)
     file = path if path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json at {file!r}: model must be a local HF checkpoint "
                                 "folder (config.json + *.safetensors)")
     with open(file) as f:
-        return config_from_dict(json.load(f))
+        raw = json.load(f)
+    raw.update(check_hf_overrides(overrides))
+    try:
+        return config_from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        if not overrides:
+            raise
+        raise ValueError(f"config.json of {path!r} with hf_overrides {overrides!r} is not a "
+                         f"model afd can build: {exc}") from exc

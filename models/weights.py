@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,8 @@ def checkpoint_files(path: str) -> dict[str, str]:
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
-        raise WeightLoadError(f"no *.safetensors files in {path!r}")
+        raise WeightLoadError(f"no *.safetensors files in {path!r} (load_format='dummy' runs "
+                              "a config.json alone with random weights)")
     names: dict[str, str] = {}
     for file in files:
         full = os.path.join(path, file)
@@ -218,31 +220,88 @@ def _read_fp8(f, name: str) -> torch.Tensor:
     return tensor
 
 
-def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
+def _target_view(param: torch.Tensor, target: Target) -> torch.Tensor:
     dest = param.data
     if target.slot is not None:
         dest = dest[target.slot]
     if target.rows is not None:
         dest = dest[target.rows[0]: target.rows[1]]
+    return dest
+
+
+def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
+    dest = _target_view(param, target)
     if tuple(dest.shape) != tuple(tensor.shape):
         raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
                               f"the model's {tuple(dest.shape)} (is config.json right?)")
     dest.copy_(tensor)
 
 
+DUMMY_STD = 0.02  # transformers' initializer_range for DeepSeek-V3 and Qwen3-MoE
+
+
+def _dummy_tensor(name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The dummy value of checkpoint tensor ``name``: norm weights 1, biases 0, the rest
+    N(0, DUMMY_STD^2) drawn from a generator seeded by the name alone, so every rank, role and
+    run makes the same tensor (an expert's weights do not depend on which FFN rank holds it)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen, device=device).mul_(DUMMY_STD)
+
+
+def init_dummy_weights(model: MoEModel) -> None:
+    """``load_format="dummy"`` (vLLM's): fill the parameters ``load_weights`` would fill, by
+    checkpoint name, with ``_dummy_tensor`` values; no weight file is read. Routed experts kept
+    in FP8 get their dummy values quantized as a bf16 checkpoint's would be on load. For
+    benchmarks at a real model's shapes with only its config.json (the text is gibberish)."""
+    table = name_table(model)
+    if model.cfg.tie_word_embeddings:
+        table.pop("lm_head.weight", None)
+    params = dict(model.named_parameters())
+    for name, targets in table.items():
+        if name.endswith(_SCALE_SUFFIX):
+            continue  # an FP8 config's scales: made below with their weight
+        first = next(t for t in targets if not t.quantized_scale)
+        dest = _target_view(params[first.param], first)
+        tensor, scale = _dummy_tensor(name, dest.shape, dest.device), None
+        if dest.dtype == torch.float8_e4m3fn:
+            tensor, scale = quantize_blocks(tensor, model.cfg.expert_fp8_block)
+        for target in targets:
+            _copy_into(params[target.param], target, scale if target.quantized_scale else tensor,
+                       name)
+        for target in table.get(name + _SCALE_SUFFIX, ()):
+            _copy_into(params[target.param], target, scale, name)
+    model.tie_weights()
+
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
 def load_model(path: str, role: str = "full",
                expert_ids: list[int] | dict[int, list[int]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               fp8_experts: bool = False, mtp: bool = False) -> MoEModel:
+               fp8_experts: bool = False, mtp: bool = False,
+               hf_overrides: dict | None = None, load_format: str = "auto") -> MoEModel:
     """Build the model for ``role`` from the checkpoint folder and load its weights
     (``fp8_experts``: routed experts kept in FP8; ``mtp``: with the MTP layer; see
-    ``MoEModel``)."""
+    ``MoEModel``; ``hf_overrides``: config.json keys replaced; ``load_format`` "dummy": no
+    weights read, see ``init_dummy_weights``)."""
     from models.config import load_config
 
-    cfg = load_config(path)
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    cfg = load_config(path, hf_overrides)
     model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts,
                      mtp=mtp)
-    load_weights(model, path)
+    if load_format == "dummy":
+        with torch.no_grad():
+            init_dummy_weights(model)
+    else:
+        load_weights(model, path)
     freed = model.share_mtp_copies()
     if freed:
         log.info("MTP layer: embed_tokens / shared_head.head equal the model's; shared "
