@@ -8,6 +8,11 @@ with EOS ignored so both engines generate exactly new-tokens per prompt. transfo
 whole batch left-padded in one generate call. Prints tok/s for both and the ratio; writes JSON.
 ``--cuda-graphs`` also runs afd with CUDA graphs of decode steps (``enforce_eager=False``) and
 compares its outputs with the eager run's.
+
+A model's real shapes without its weights: ``--load-format dummy`` with a folder holding only
+config.json (e.g. ``bench/configs/deepseek-v3``, DeepSeek-V3's; its tokenizer is then the
+embedded model's, enough for token-id prompts) and ``--hf-overrides '{"num_hidden_layers": 5}'``
+(3 dense + 2 MoE layers at full width). transformers cannot run dummy weights: use --skip-hf.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
+from models.config import load_config  # noqa: E402
 from models.default_model import default_model_path  # noqa: E402
 
 
@@ -36,8 +42,8 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 
 def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None,
-            full_warmup: bool, eager: bool = True) -> tuple[float, list[list[int]]]:
-    llm = LLM(path, dtype=dtype, device=device, enforce_eager=eager)
+            full_warmup: bool, eager: bool = True, **engine_args) -> tuple[float, list[list[int]]]:
+    llm = LLM(path, dtype=dtype, device=device, enforce_eager=eager, **engine_args)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     warm = prompts if full_warmup else prompts[:4]  # full: every kernel shape compiled first
     llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
@@ -94,21 +100,35 @@ def main() -> None:
                          "CUDA, where Triton compiles each new kernel shape once; short on CPU)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also run afd with CUDA graphs of decode steps (enforce_eager=False)")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="dummy: random weights from config.json alone (needs --skip-hf)")
+    ap.add_argument("--hf-overrides", default=None, metavar="JSON",
+                    help="config.json keys replaced, e.g. '{\"num_hidden_layers\": 5}'")
+    ap.add_argument("--quantization", default=None, choices=["fp8", "dequantize"])
     ap.add_argument("--json", default=None, help="where to write the result JSON")
     args = ap.parse_args()
+    if args.load_format == "dummy" and not args.skip_hf:
+        ap.error("--load-format dummy needs --skip-hf (transformers reads the weight files)")
 
     path = args.model or default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with open(os.path.join(path, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
+    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+    vocab = load_config(path, overrides).vocab_size
+    engine_args = dict(load_format=args.load_format, hf_overrides=overrides,
+                       quantization=args.quantization)
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        engine_args["tokenizer"] = default_model_path()  # prompts are token ids
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
     in_tokens = sum(len(p) for p in prompts)
     out_tokens = args.num_prompts * args.new_tokens
 
     full = (args.warmup or ("full" if device.startswith("cuda") else "short")) == "full"
-    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full)
+    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full,
+                             **engine_args)
     result = {
         "model": path, "device": device, "dtype": args.dtype, "num_prompts": args.num_prompts,
+        "load_format": args.load_format, "hf_overrides": overrides,
+        "quantization": args.quantization,
         "input_tokens": in_tokens, "output_tokens": out_tokens, "afd_seconds": afd_s,
         "afd_output_tok_s": out_tokens / afd_s, "afd_total_tok_s": (in_tokens + out_tokens) / afd_s,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -117,7 +137,8 @@ def main() -> None:
     }
     rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]
     if args.cuda_graphs:
-        g_s, g_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full, eager=False)
+        g_s, g_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full, eager=False,
+                             **engine_args)
         result.update(graphs_seconds=g_s, graphs_output_tok_s=out_tokens / g_s,
                       graphs_speedup_vs_eager=afd_s / g_s,
                       graphs_identical_to_eager=sum(a == b for a, b in zip(g_out, afd_out)))
