@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -942,8 +943,11 @@ def main() -> None:
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):
-        def install_signal_handlers(self) -> None:  # ours drain first (below)
-            pass
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # ours drain first (below); uvicorn's (signal.signal, over the event loop's) would
+            # close the port at once and give in-flight requests only its own 5 s
+            yield
 
     server = Server(uvicorn.Config(build_app(state), host=args.host, port=args.port,
                                    log_level="warning", timeout_graceful_shutdown=5))

@@ -460,6 +460,44 @@ def test_sigterm_drains_and_leaves_no_process():
     server.log.close()
 
 
+def test_draining_answers_503_until_the_grace_period_ends():
+    """While SIGTERM drains, the server still listens: /health and new requests get 503 (the
+    in-flight request keeps running) instead of uvicorn closing the port at once and giving
+    in-flight requests its own 5 s."""
+    server = LocalServer("--grace-period", "4")
+    procs = server.tree()
+    result = {}
+
+    def long_request() -> None:
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"prompt": "a", "max_tokens": 4000, "temperature": 0,
+                             "ignore_eos": True})
+        result["status"] = r.status_code
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not server.metric("afd:num_requests_running"):
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        health = None
+        for _ in range(50):  # until the front end has the signal
+            health = httpx.get(server.url + "/health", timeout=5)
+            if health.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["detail"] == "draining"
+        new = httpx.post(server.url + "/v1/completions", timeout=5,
+                         json={"prompt": "b", "max_tokens": 1})
+        assert new.status_code == 503
+        assert t.is_alive()  # still running: not cut when the signal came
+    finally:
+        t.join(60)
+        left = server.stop()
+    assert not left and not [p.pid for p in wait_gone(procs)], server.tail()
+
+
 def test_dead_rank_makes_health_503(pd):
     """Runs last on the P/D server: kill its FFN rank."""
     ranks = [p for p in pd.tree() if "serve.py" in " ".join(p.cmdline()) and p.pid != pd.proc.pid]
