@@ -43,7 +43,9 @@ class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
 
 
-def _threads_per_rank(world_size: int) -> int:
+def threads_per_rank(world_size: int) -> int:
+    """CPU threads for each of ``world_size`` ranks on one machine, one share left to the
+    front end."""
     return max(1, (os.cpu_count() or 1) // (world_size + 1))
 
 
@@ -172,7 +174,7 @@ class MultiRankClient:
                               timeout_s=timeout_s, store_host=LOOPBACK, store_port=0,
                               front_out=f"tcp://{control_host}:{inbox_port}",
                               front_in=tuple(front_in),
-                              threads=_threads_per_rank(layout.world_size),
+                              threads=threads_per_rank(layout.world_size),
                               prefill_block_size=prefill_block_size)
         self.procs: list[subprocess.Popen] = []
         if attach is not None:

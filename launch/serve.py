@@ -26,6 +26,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from afd.api_server import SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
+from afd.layouts import threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
@@ -273,13 +276,23 @@ def main() -> None:
 
     def on_term(signum, _frame) -> None:
         # Drain, don't die: the front end finishes what is in flight, then stops every rank.
+        # Another rank asks rank 0 to (on another node, its torchrun's SIGTERM reaches only
+        # its own ranks; torchrun kills them 30 s later).
+        if stopping.is_set():
+            return
         stopping.set()
         if front is not None and front.poll() is None:
             front.send_signal(signal.SIGTERM)
+        elif rank != 0:
+            threading.Thread(target=ask_drain, args=(rank,), daemon=True,
+                             name="afd-ask-drain").start()
 
+    if rank == 0 and world > 1:
+        threading.Thread(target=watch_drain, args=(lambda: on_term(signal.SIGTERM, None),),
+                         daemon=True, name="afd-drain-watch").start()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    spec = replace(WorkerSpec.from_json(template), rank=rank, local_rank=local_rank)
+    spec = rank_spec(template, rank, local_rank, embedded=args.model is None)
 
     def reap_front() -> None:  # rank 0 leaves no front end behind
         stopping.set()
@@ -291,6 +304,58 @@ def main() -> None:
                 front.wait(5)
 
     worker_main(spec, init_distributed=False, before_exit=reap_front)  # exits the process
+
+
+def rank_spec(template: str, rank: int, local_rank: int, embedded: bool) -> WorkerSpec:
+    """This rank's spec from rank 0's template, with what differs per node made local: the
+    CPU threads are this node's cores over this node's ranks (not the whole world's), and the
+    embedded model (no --model) is this node's own copy of it (each node builds the same files,
+    in its own cache folder, which need not be where rank 0's node keeps its copy)."""
+    spec = WorkerSpec.from_json(template)
+    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.layout.world_size))
+    spec = replace(spec, rank=rank, local_rank=local_rank,
+                   threads=threads_per_rank(node_ranks))
+    if embedded:
+        spec = replace(spec, engine_cfg=replace(spec.engine_cfg, model=default_model_path()))
+    return spec
+
+
+# set by a rank other than 0 that got SIGTERM or SIGINT; one key per torchrun restart, as the
+# store outlives the ranks
+DRAIN_KEY = "afd/drain/{}"
+
+
+def _store_client() -> dist.TCPStore:
+    """A connection of its own to torchrun's store: a wait on it holds up nothing else (process
+    groups are made through the default store's connection)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=datetime.timedelta(seconds=30))
+
+
+def _drain_key() -> str:
+    return DRAIN_KEY.format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def ask_drain(rank: int) -> None:
+    """Ask rank 0 to drain the server (``watch_drain`` there)."""
+    try:
+        _store_client().set(_drain_key(), str(rank))
+        log.info("rank %d: SIGTERM; asked rank 0 to drain the server", rank)
+    except Exception as exc:  # noqa: BLE001 - the store gone means torchrun is going
+        log.error("rank %d: SIGTERM, but rank 0 could not be asked to drain: %s", rank, exc)
+
+
+def watch_drain(drain: Callable[[], None], poll_s: float = 0.5) -> None:
+    """Rank 0: call ``drain`` once another rank asks for it."""
+    try:
+        store = _store_client()
+        while not store.check([_drain_key()]):
+            time.sleep(poll_s)
+        log.info("rank %s got SIGTERM: draining", store.get(_drain_key()).decode())
+    except Exception as exc:  # noqa: BLE001 - the store gone means torchrun is going
+        log.warning("no longer watching for other ranks' SIGTERM: %s", exc)
+        return
+    drain()
 
 
 def _control_host() -> str:
