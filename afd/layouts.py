@@ -43,6 +43,11 @@ class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
 
 
+def zmq_host(host: str) -> str:
+    """``host`` as a ZeroMQ ``tcp://`` address takes it: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def threads_per_rank(world_size: int) -> int:
     """CPU threads for each of ``world_size`` ranks on one machine, one share left to the
     front end."""
@@ -152,6 +157,9 @@ class MultiRankClient:
         self.rank_info: dict[int, dict] = {}  # what each rank says it holds
 
         self.ctx = zmq.Context()
+        host = zmq_host(control_host)
+        if host.startswith("["):  # ZeroMQ sockets are IPv4-only unless told otherwise
+            self.ctx.setsockopt(zmq.IPV6, 1)
         self.inbox = self.ctx.socket(zmq.PULL)
         # across nodes: listen on every interface, tell the ranks the address they can reach
         bind = f"tcp://{control_host}" if control_host == LOOPBACK else "tcp://*"
@@ -167,12 +175,12 @@ class MultiRankClient:
             sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
             port = sock.bind_to_random_port(bind)
             self.outboxes[rank] = sock
-            front_in.append(f"tcp://{control_host}:{port}")
+            front_in.append(f"tcp://{host}:{port}")
         self.last_seen = {r: time.monotonic() for r in range(layout.world_size)}
         template = WorkerSpec(rank=-1, layout=layout, engine_cfg=engine_cfg, placement=placement,
                               micro_batches=micro_batches, transport=transport,
                               timeout_s=timeout_s, store_host=LOOPBACK, store_port=0,
-                              front_out=f"tcp://{control_host}:{inbox_port}",
+                              front_out=f"tcp://{host}:{inbox_port}",
                               front_in=tuple(front_in),
                               threads=threads_per_rank(layout.world_size),
                               prefill_block_size=prefill_block_size)

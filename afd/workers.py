@@ -243,6 +243,8 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
     torch.set_num_threads(spec.threads)
     role, index = spec.layout.role_of(spec.rank)
     ctx = zmq.Context()
+    if spec.front_out.startswith("tcp://["):  # an IPv6 front end (layouts.zmq_host)
+        ctx.setsockopt(zmq.IPV6, 1)
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 2000)
     out.connect(spec.front_out)

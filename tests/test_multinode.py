@@ -40,20 +40,25 @@ MAX_TOKENS = 12
 START_TIMEOUT_S = 150.0
 
 
-def non_loopback_ipv4() -> str | None:
-    """An IPv4 address of an interface that is up and not loopback, or None."""
+def non_loopback(family: socket.AddressFamily = socket.AF_INET) -> str | None:
+    """An address of ``family`` on an interface that is up, neither loopback nor link-local
+    (those need a scope), or None."""
     stats = psutil.net_if_stats()
     for name, addrs in psutil.net_if_addrs().items():
         if name in stats and not stats[name].isup:
             continue
         for a in addrs:
-            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
-                return a.address
+            if a.family != family:
+                continue
+            ip = ipaddress.ip_address(a.address.split("%")[0])
+            if not ip.is_loopback and not ip.is_link_local:
+                return str(ip)
     return None
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -194,7 +199,7 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def master_addr() -> str:
-    addr = non_loopback_ipv4()
+    addr = non_loopback()
     if addr is None:
         print("no non-loopback IPv4 address: the nodes meet on 127.0.0.1, so the node split "
               "is covered but the control sockets' tcp://* bind is not")
@@ -229,8 +234,10 @@ def check_sockets(nodes: Nodes) -> None:
     listening = {c.laddr.port: c.laddr.ip for c in front.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN}
     assert listening.pop(nodes.port) == "127.0.0.1"
-    loopback = ipaddress.ip_address(nodes.master).is_loopback
-    want = "127.0.0.1" if loopback else "0.0.0.0"
+    if nodes.master == "127.0.0.1":
+        want = "127.0.0.1"
+    else:  # tcp://*: every IPv4 interface, or every interface (dual stack) with an IPv6 host
+        want = "::" if ipaddress.ip_address(nodes.master).version == 6 else "0.0.0.0"
     assert listening and set(listening.values()) == {want}, listening
     for rank, proc in nodes.ranks().items():
         to_front = [c for c in proc.net_connections("tcp")
@@ -240,11 +247,11 @@ def check_sockets(nodes: Nodes) -> None:
 
 
 def run_layout(flags: list[str], nprocs: list[int], reference: dict[str, str],
-               stop_node: int = 0, **node_options) -> None:
+               stop_node: int = 0, master: str | None = None, **node_options) -> None:
     """Serve ``flags`` on ``len(nprocs)`` nodes; check the ranks' placement, the greedy text,
     the sockets; SIGTERM ``stop_node``'s torchrun (with a request in flight unless it is rank
     0's) and check that every node stops, leaving no process."""
-    nodes = Nodes(flags, nprocs, master_addr(), **node_options)
+    nodes = Nodes(flags, nprocs, master or master_addr(), **node_options)
     try:
         ranks = nodes.ranks()
         assert sorted(ranks) == list(range(sum(nprocs)))
@@ -327,6 +334,20 @@ def test_uneven_nodes(reference):
     run_layout(["--attention", "2", "--ffn", "1"], [1, 2], reference)
 
 
+@pytest.mark.slow
+def test_ipv6_rendezvous(reference):
+    """torchrun's --master-addr an IPv6 literal: the ranks reach the control sockets at
+    tcp://[addr]:port (ZeroMQ needs the brackets and its IPv6 option)."""
+    master = non_loopback(socket.AF_INET6)
+    if master is None:
+        try:
+            free_port("::1")
+        except OSError:
+            pytest.skip("no IPv6 address on this machine, not even ::1")
+        master = "::1"
+    run_layout(["--attention", "1", "--ffn", "1"], [1, 1], reference, master=master)
+
+
 def test_rank_spec_makes_node_local_what_differs_per_node(monkeypatch, tmp_path):
     """No subprocess: a rank on another node takes its CPU threads from its own node's rank
     count, and with no --model its own node's copy of the embedded model."""
@@ -351,3 +372,10 @@ def test_rank_spec_makes_node_local_what_differs_per_node(monkeypatch, tmp_path)
     assert given.engine_cfg.model == "/node0/cache/tiny"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: the threads as before
     assert serve.rank_spec(template, 3, 3, embedded=False).threads == 12 // 5
+
+
+def test_zmq_host_brackets_ipv6_literals():
+    from afd.layouts import zmq_host
+
+    assert zmq_host("fd00::2") == "[fd00::2]" and zmq_host("[::1]") == "[::1]"
+    assert zmq_host("10.0.0.1") == "10.0.0.1" and zmq_host("node-0.cluster") == "node-0.cluster"
