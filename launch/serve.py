@@ -4,8 +4,11 @@
         [--ffn F] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 N = P + A + F (with no flags: the embedded default model on one process). Multi-node works
-through torchrun's own flags (--nnodes, --node-rank, --master-addr ...); --model must then be a
-path every node can read, and --host the address clients reach rank 0's node on.
+through torchrun's own flags (--nnodes, --node-rank, --master-addr ...; N is then the sum of
+every node's --nproc-per-node); --model must then be a path every node can read (with none,
+each node builds the embedded model itself), --host the address clients reach rank 0's node
+on, and GLOO_SOCKET_IFNAME the interface the nodes reach each other on where this machine's
+hostname resolves to loopback (README: Serving).
 
 Every torchrun process becomes one rank (prefill ranks first, then attention, then FFN). Rank 0
 also starts the HTTP front end as a child process (``python -m afd.api_server``), so serving
@@ -234,7 +237,7 @@ def main() -> None:
     if layout.world_size != world:
         sys.exit(f"--prefill {args.prefill} + --attention {args.attention} + --ffn {args.ffn} = "
                  f"{layout.world_size} ranks, but torchrun started {world}: use "
-                 f"--nproc-per-node {layout.world_size} (times --nnodes)")
+                 f"--nproc-per-node {layout.world_size} (summed over the nodes)")
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     model = args.model or default_model_path()
