@@ -300,6 +300,8 @@ def run_layout(flags: list[str], nprocs: list[int], reference: dict[str, str],
         assert not left, f"processes left behind: {left}\n{nodes.tail()}"
         codes = [p.returncode for p in stopped_cleanly]
         assert codes == [0] * len(codes), f"exit codes {codes}\n{nodes.tail()}"
+        for log in nodes.logs:  # kept only when the test fails
+            os.unlink(log.name)
     finally:
         nodes.kill()
 
