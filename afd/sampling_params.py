@@ -170,11 +170,14 @@ class SamplingParams:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = dict(self.logit_bias or {})
+        # copies, so the caller's lists stay theirs; a value of the wrong type is left for
+        # validate() to name
+        if isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = dict(self.logit_bias)
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()
@@ -209,8 +212,18 @@ class SamplingParams:
                 raise bad(name, value, "in [-2, 2]")
         if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 and finite")
-        if self.logit_bias is None:  # set after construction: no bias, as at construction
+        # None (and one string for stop) mean what they mean at construction, also when set
+        # after it
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [] if self.stop is None else [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if self.logit_bias is None:
             self.logit_bias = {}
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise bad(name, value, "true or false")
         if not isinstance(self.logit_bias, dict) or not all(
                 is_int(t) and 0 <= t <= INT64_MAX and is_num(v) and -100 <= v <= 100
                 for t, v in self.logit_bias.items()):
@@ -223,9 +236,11 @@ class SamplingParams:
                                       or not -INT64_MAX - 1 <= self.seed <= INT64_MAX - self.n + 1):
             # completion i of n uses seed + i
             raise bad("seed", self.seed, f"None or an integer in [-2**63, 2**63 - n] (n={self.n})")
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s
+                                                      for s in self.stop):
             raise bad("stop", self.stop, "a non-empty string or a list of them")
-        if not all(is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(
+                is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

@@ -7,6 +7,7 @@ import torch
 
 from afd import LLM, SamplingParams
 from afd.sampler import Sampler
+from afd.sampling_params import ParamError
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +220,33 @@ def test_eos_ends_generation_unless_ignored(llm):
     (dict(prompt_logprobs=21), "prompt_logprobs"),
     (dict(prompt_logprobs=True), "prompt_logprobs"),
     (dict(prompt_logprobs=2.0), "prompt_logprobs"),
+    # containers of the wrong type once raised TypeError (or a ValueError naming nothing)
+    (dict(stop=5), "stop"),
+    (dict(stop={"a": 1}), "stop"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(logit_bias=[1, 2]), "logit_bias"),
+    (dict(logit_bias="ab"), "logit_bias"),
+    (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(skip_special_tokens=None), "skip_special_tokens"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_bad_sampling_params_raise(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ParamError, match=field) as caught:
         SamplingParams(**kwargs)
+    assert caught.value.param == field
+
+
+def test_sampling_params_containers_set_after_construction():
+    """validate() (run again by generate) reads a container set after construction as the
+    constructor does, and names the field of one of the wrong type."""
+    p = SamplingParams(stop=("a", "b"), stop_token_ids=(3,))
+    assert p.stop == ["a", "b"] and p.stop_token_ids == [3]
+    p.stop, p.stop_token_ids = "ab", None
+    p.validate()
+    assert p.stop == ["ab"] and p.stop_token_ids == []
+    p.stop = 5
+    with pytest.raises(ParamError, match="stop"):
+        p.validate()
 
 
 def test_bad_prompts_raise_and_engine_keeps_serving(llm):
