@@ -45,7 +45,7 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
                                  TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
 from afd.outputs import CompletionOutput, RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import ParamError, SamplingParams, check_text
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, marker_token_ids
 from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
@@ -271,6 +271,10 @@ def build_app(state: ServerState) -> FastAPI:
         if isinstance(req, TokenizeChatRequest):
             ids = req.prompt_ids(tokenizer)[1]
         else:
+            try:
+                check_text(req.prompt, "prompt")
+            except ParamError as exc:
+                raise APIError(400, str(exc), param="prompt") from None
             ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         out = {"count": len(ids), "max_model_len": state.engine.engine.engine_cfg.max_model_len,
                "tokens": ids}

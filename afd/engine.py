@@ -17,7 +17,7 @@ from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampler import PromptLogprobs
-from afd.sampling_params import ParamError, SamplingParams
+from afd.sampling_params import ParamError, SamplingParams, check_text
 from afd.sequence import CoreOutput, CoreRequest
 from afd.structured_output import check as check_structured_output
 from afd.token_masks import bad_word_sequences
@@ -141,6 +141,7 @@ class LLMEngine:
             if not prompt:
                 raise ParamError("prompt", "prompt must be a non-empty string or token id list, "
                                  "got ''")
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]

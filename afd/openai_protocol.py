@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
-from afd.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams, StructuredOutputsParams
+from afd.sampling_params import (MAX_LOGPROBS, ParamError, SamplingParams,
+                                 StructuredOutputsParams, check_text)
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
                               named_schema, required_schema)
 
@@ -367,6 +368,10 @@ class ChatTemplateFields(BaseModel):
                 text = render(arguments_as_text=True)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:  # e.g. no final message
             raise APIError(400, f"chat template: {exc}", param="messages") from None
+        try:
+            check_text(text, "messages")
+        except ParamError as exc:
+            raise APIError(400, f"the rendered conversation: {exc}", param="messages") from None
         return text, tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
 
 

@@ -23,6 +23,18 @@ class ParamError(ValueError):
         self.param = param
 
 
+def check_text(text: str, param: str) -> None:
+    """ParamError(param) for a string holding a lone surrogate: JSON can carry one ("\\ud800"),
+    but the tokenizer and msgpack cannot encode it."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ParamError(param, f"{param} must be valid Unicode: a lone surrogate "
+                         f"{text[exc.start]!r} at character {exc.start}") from None
+
+
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 
 
@@ -239,6 +251,8 @@ class SamplingParams:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s
                                                       for s in self.stop):
             raise bad("stop", self.stop, "a non-empty string or a list of them")
+        for stop in self.stop:
+            check_text(stop, "stop")
         if not isinstance(self.stop_token_ids, list) or not all(
                 is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
@@ -260,6 +274,8 @@ class SamplingParams:
         if self.bad_words is not None and (not isinstance(self.bad_words, list) or not all(
                 isinstance(w, str) and w.strip() for w in self.bad_words)):
             raise bad("bad_words", self.bad_words, "a list of non-blank strings")
+        for word in self.bad_words or ():
+            check_text(word, "bad_words")
         ends = self.reasoning_end_token_ids
         if ends is not None and (not isinstance(ends, list) or not ends or not all(
                 is_int(t) and 0 <= t <= INT64_MAX for t in ends)):

@@ -274,6 +274,26 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llm):
     assert blocks_all_free(llm)
 
 
+def test_lone_surrogates_name_the_field(llm):
+    """A string with a lone surrogate (JSON can carry one) cannot be tokenized or packed for
+    the ranks: a ParamError naming the field, not the tokenizer's TypeError; nothing queued."""
+    p = SamplingParams(temperature=0, max_tokens=2)
+    for prompt in ("a\ud800b", {"prompt": "\udfff"}):
+        with pytest.raises(ParamError, match="surrogate") as caught:
+            llm.generate(["Hello", prompt], p, use_tqdm=False)
+        assert caught.value.param == "prompt"
+    for field in ("stop", "bad_words"):
+        with pytest.raises(ParamError, match="surrogate") as caught:
+            SamplingParams(**{field: ["ok", "x\ud800"]})
+        assert caught.value.param == field
+    with pytest.raises(ParamError, match="surrogate") as caught:
+        llm.chat([{"role": "user", "content": "hi \ud800"}], p, use_tqdm=False)
+    assert caught.value.param == "messages"
+    assert SamplingParams(stop=["\u00e9t\u00e9"]).stop == ["\u00e9t\u00e9"]  # real non-ASCII
+    assert llm.generate("\u00e9t\u00e9", p, use_tqdm=False)[0].outputs[0].token_ids
+    assert blocks_all_free(llm)
+
+
 def test_a_failing_add_queues_nothing(llm, monkeypatch):
     """If the core refuses the second of n children (or LLM.generate's second prompt), nothing
     of the request (or the call) stays queued or holds blocks."""

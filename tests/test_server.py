@@ -744,6 +744,49 @@ def test_wrong_types_in_union_fields_name_the_field():
         engine.shutdown()
 
 
+def test_lone_surrogates_are_a_400_naming_the_field():
+    """JSON may escape a lone surrogate ("\\ud800"); the tokenizer cannot take one. Each route
+    that tokenizes text answers a 400 naming the field (it was an unhandled TypeError: a bare
+    500), and the engine serves on."""
+    from asgi_utils import call_app
+
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+    cases = [("/v1/completions", b'{"prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
+             ("/v1/completions", b'{"prompt": ["ok", "\\udc00"], "max_tokens": 2}', "prompt"),
+             ("/v1/completions", b'{"prompt": "hi", "bad_words": ["\\ud800"]}', "bad_words"),
+             ("/v1/completions", b'{"prompt": "hi", "stop": "\\ud800"}', "stop"),
+             ("/v1/chat/completions",
+              b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+             ("/v1/responses", b'{"input": "hi", "instructions": "\\ud800"}', "input"),
+             ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+             ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+              "messages")]
+
+    async def run(client, http):
+        out = []
+        for path, body, _ in cases:
+            out.append(await http.post(path, content=body,
+                                       headers={"content-type": "application/json"}))
+        out.append(await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}))
+        return out
+
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        *bad, good = call_app(app, run)
+        for (path, body, param), r in zip(cases, bad):
+            assert r.status_code == 400, (path, body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and "surrogate" in err["message"], (path, err)
+        assert good.status_code == 200, good.text
+    finally:
+        engine.shutdown()
+
+
 def test_chat_template_fields_stream_options_and_strict_token_ids():
     """vLLM's chat-template fields reach the template; a bad combination or template error is a
     400 naming the field; stream_options without stream is refused (as OpenAI does); token ids
