@@ -55,10 +55,15 @@ class PrefixCacheStats:
                    sum(s.prefix_cache_host_hits for s in stats))
 
 
-def _row_error(token: int) -> str:
+def _row_error(token: int, seq: Sequence) -> str:
     """Why a sampled row has no token (a negative id from the sampler)."""
-    return ("structured_outputs, allowed_token_ids and bad_words leave no token to sample"
-            if token == NO_TOKEN else "the model's logits hold a NaN")
+    if token != NO_TOKEN:
+        return "the model's logits hold a NaN"
+    failed = seq.grammar.error if seq.grammar is not None else None
+    if failed is not None:
+        return (f"structured_outputs: the grammar failed after {seq.num_output_tokens} output "
+                f"tokens: {failed}")
+    return "structured_outputs, allowed_token_ids and bad_words leave no token to sample"
 
 
 class EngineCore:
@@ -148,7 +153,7 @@ class EngineCore:
             for s, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
                 seq = s.seq
                 if token < 0:  # fail this request, not the rank
-                    taken.append((seq, [], None, _row_error(token), None))
+                    taken.append((seq, [], None, _row_error(token, seq), None))
                 else:
                     seq.append(token)
                     taken.append((seq, [token], None if logprobs is None else [logprobs], None,
@@ -197,7 +202,7 @@ class EngineCore:
             new, error = [], None
             for token in tokens[:used]:  # stops as the one-token steps would have
                 if token < 0:  # fail this request, not the rank
-                    error = _row_error(token)
+                    error = _row_error(token, seq)
                     break
                 seq.append(token)
                 new.append(token)

@@ -94,8 +94,21 @@ class GrammarState:
 
     def fill(self, row: torch.Tensor) -> None:
         """Write the allowed-next bitmask into ``row`` ([words] int32, contiguous, on the host).
-        A finished (or failed) matcher allows EOS only."""
+        A finished matcher allows EOS only; a failed one (``error``) allows nothing, so the
+        sampler fails the row (``NO_TOKEN``) instead of taking its EOS for a complete output."""
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
+        if self.matcher.is_error():
+            row.zero_()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed, or None. A grammar that compiles can still fail as the
+        output grows (llguidance's limits on lexer and parser size: ``a{1000000}``, a schema
+        with thousands of properties), or allow nothing at all (a schema that refers only to
+        itself); the request then ends with this error."""
+        if not self.matcher.is_error():
+            return None
+        return (self.matcher.get_error().strip().splitlines() or ["unknown error"])[0]
 
     def accept(self, token: int) -> None:
         if not self.reasoning_ended:
@@ -103,8 +116,8 @@ class GrammarState:
             return
         if self.matcher.is_stopped():
             return  # e.g. the EOS after a finished grammar
-        if not self.matcher.consume_token(token):  # the mask allowed it: should not happen
-            log.warning("grammar refused token %d: %s", token, self.matcher.get_error())
+        if not self.matcher.consume_token(token):  # failed (``error``): the next step ends it
+            log.warning("grammar refused token %d: %s", token, self.error)
 
     def replay(self, tokens: list[int]) -> None:
         """Bring a fresh matcher up to a sequence's output so far (a rank taking it over)."""
@@ -113,8 +126,9 @@ class GrammarState:
 
     @property
     def finished(self) -> bool:
-        """The grammar can take no token but EOS: the output is complete."""
-        return self.reasoning_ended and self.matcher.is_stopped()
+        """The grammar can take no token but EOS: the output is complete (not failed)."""
+        return (self.reasoning_ended and self.matcher.is_stopped()
+                and not self.matcher.is_error())
 
 
 class GrammarCompiler:

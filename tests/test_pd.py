@@ -182,6 +182,22 @@ def test_structured_output_matches_single_process(small_pd, reference):
     wait_all_free(small_pd)
 
 
+def test_a_grammar_failing_after_the_first_token_ends_only_that_request(small_pd, reference):
+    """The prefill rank samples the first token, then the grammar hits llguidance's lexer
+    limit; the decode rank replays it into a fresh matcher, which fails the same way: the
+    request ends with the grammar's error, its neighbour runs on, every block is freed."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    _, prompts, params, expected = reference
+    dead, fine = small_pd.generate(
+        prompts[:2], [SamplingParams(max_tokens=8, structured_outputs=SO(regex="a{1000000}")),
+                      params], use_tqdm=False)
+    assert dead.outputs[0].finish_reason == "error", dead.outputs[0]
+    assert "grammar failed" in dead.error and "too many expressions" in dead.error
+    assert fine.outputs[0].token_ids == expected[1]
+    wait_all_free(small_pd)
+
+
 def test_prompt_logprobs_come_from_the_prefill_rank(small_pd, reference):
     """Prompt logprobs, computed on the prefill rank in 16-token chunks (with a decode pool
     small enough to preempt and recompute there), reach the front end once: the

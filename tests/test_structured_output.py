@@ -223,6 +223,31 @@ def test_bad_requests_are_refused_by_field_and_the_engine_serves_on(llm):
     assert fine.outputs[0].finish_reason == "length" and len(fine.outputs[0].token_ids) == 3
 
 
+def test_a_grammar_that_fails_while_decoding_ends_its_request_with_an_error(llm):
+    """Grammars that compile can fail as the output grows (llguidance's lexer and parser
+    limits) or allow nothing (a schema that refers only to itself). Such a request ends with
+    finish_reason "error" and the matcher's reason, not "stop" with an output the grammar never
+    accepted; the request beside it runs as before and no KV block stays held."""
+    failing = [(SO(regex="a{1000000}"), "too many expressions"),
+               (SO(grammar='root ::= "a" root'), "Too many items"),
+               (SO(json={"type": "object",
+                         "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}),
+                "max is 2000"),
+               (SO(json={"$ref": "#/definitions/a",
+                         "definitions": {"a": {"$ref": "#/definitions/a"}}}), "failed after 0")]
+    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate(PROMPTS[1], plain, use_tqdm=False)[0].outputs[0].token_ids
+    for so, reason in failing:
+        dead, fine = llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=6,
+                                                               structured_outputs=so), plain],
+                                  use_tqdm=False)
+        assert dead.outputs[0].finish_reason == "error", (so, dead.outputs[0])
+        assert "structured_outputs: the grammar failed" in dead.error and reason in dead.error
+        assert fine.outputs[0].token_ids == want
+    alloc = llm.engine.core.allocator
+    assert alloc.num_free == alloc.num_blocks and not llm.engine.core.seqs
+
+
 def test_params_cross_msgpack_as_plain_data():
     p = SamplingParams(structured_outputs=SO(json=SCHEMA), allowed_token_ids=[1, 2],
                        bad_words=["ab"], bad_words_token_ids=[[101, 102]],
