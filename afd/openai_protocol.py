@@ -179,11 +179,13 @@ class _SamplingFields(BaseModel):
         if best_of is not None and best_of != self.n:
             raise APIError(400, f"best_of={best_of!r} is not supported by this server (only "
                            "best_of = n)", param="best_of")
-        try:
-            bias = {int(t): v for t, v in (self.logit_bias or {}).items()}
-        except ValueError:
-            raise APIError(400, f"logit_bias keys must be token ids, got {self.logit_bias!r}",
-                           param="logit_bias") from None
+        # keys in plain decimal digits: int() would also read "5_0" as 50, " 5 " and "+5" as 5
+        bad_key = next((t for t in self.logit_bias or {}
+                        if not (t.isascii() and t.isdigit())), None)
+        if bad_key is not None:
+            raise APIError(400, f"logit_bias keys must be token ids (decimal digits), got "
+                           f"{bad_key!r:.80}", param="logit_bias")
+        bias = {int(t): v for t, v in (self.logit_bias or {}).items()}
         values = {**(defaults or {}), **self.model_dump(include=_DEFAULTED, exclude_none=True)}
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, **values, seed=self.seed,

@@ -149,6 +149,10 @@ BAD = [
     ({"prompt": "hi", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
     ({"prompt": "hi", "echo": [1]}, 400, "echo"),
     ({"prompt": "hi", "logit_bias": {"x": 10}}, 400, "logit_bias"),
+    # int() reads these as token ids 50, 5 and 5: not token ids as sent
+    ({"prompt": "hi", "logit_bias": {"5_0": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {" 5 ": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"+5": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 200}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),
