@@ -274,6 +274,10 @@ class SamplingParams:
         if self.bad_words is not None and (not isinstance(self.bad_words, list) or not all(
                 isinstance(w, str) and w.strip() for w in self.bad_words)):
             raise bad("bad_words", self.bad_words, "a list of non-blank strings")
+        if self.bad_words is not None and len(self.bad_words) > MAX_BAD_WORDS:
+            # each word makes at least one sequence: refused before tokenizing them all
+            raise ParamError("bad_words", f"bad_words has {len(self.bad_words)} entries; the "
+                             f"limit is {MAX_BAD_WORDS} token sequences after tokenization")
         for word in self.bad_words or ():
             check_text(word, "bad_words")
         ends = self.reasoning_end_token_ids
