@@ -196,9 +196,12 @@ def _text_of(content: Any, param: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+        if kind not in ("input_text", "output_text"):
             raise APIError(400, f"{param}[{j}]: content part type {kind!r} is not supported "
                            "(input_text and output_text only)", param=f"{param}.{j}.type")
+        if not isinstance(part.get("text"), str):
+            raise APIError(400, f"{param}[{j}].text must be a string, got "
+                           f"{part.get('text')!r:.80}", param=f"{param}.{j}.text")
         texts.append(part["text"])
     return "".join(texts)
 

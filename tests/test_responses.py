@@ -309,6 +309,9 @@ BAD = [
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      400, "input.0.content.0.type"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "input.0.type"),
+    # a supported part without its text: not "type 'input_text' is not supported"
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+     400, "input.0.content.0.text"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, 400,
      "input.0.call_id"),
     ({"input": "hello " * 5000}, 400, "input"),
