@@ -312,7 +312,10 @@ class ChatMessage(BaseModel):
             if part.get("type") != "text":
                 raise APIError(400, f"content part type {part.get('type')!r} is not supported "
                                "(text only)", param="messages")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):  # not str() of whatever came
+                raise APIError(400, f"a text content part's text must be a string, got "
+                               f"{part.get('text')!r:.80}", param="messages")
+            parts.append(part["text"])
         return "".join(parts)
 
     def for_template(self, arguments_as_text: bool = False) -> dict[str, Any]:

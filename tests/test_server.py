@@ -650,7 +650,8 @@ def _asgi_post(app, path: str, body: dict) -> httpx.Response:
 
 def test_chat_prompt_errors_name_messages():
     """A chat request has no `prompt`: a conversation too long for the context is a 400 whose
-    param is `messages`, the field the client sent."""
+    param is `messages`, the field the client sent; so is a text part whose text is no
+    string."""
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
     from afd.metrics import ServerMetrics
@@ -664,6 +665,13 @@ def test_chat_prompt_errors_name_messages():
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] == "messages" and "64" in err["message"], err
+        # a text part's text is a string: not str() of an object, not "" when missing
+        for part in ({"type": "text", "text": {"a": 1}}, {"type": "text"}):
+            r = _asgi_post(app, "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": [part]}]})
+            assert r.status_code == 400, (part, r.text)
+            err = r.json()["error"]
+            assert err["param"] == "messages" and "must be a string" in err["message"], err
         r = _asgi_post(app, "/v1/chat/completions",
                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200, r.text
