@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,23 @@ from models.config import ModelConfig
 log = logging.getLogger("afd.layouts")
 
 LOOPBACK = "127.0.0.1"
+
+
+def loopback_store() -> dist.TCPStore:
+    """A rendezvous store (TCPStore server) for ranks on this machine that listens on loopback
+    only: given a host, TCPStore still binds its own server socket to every interface, so it
+    is handed a socket already bound to 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    # the store owns the socket from here (it closes it)
+    return dist.TCPStore(LOOPBACK, port, is_master=True, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 class RankFailure(RuntimeError):
@@ -188,7 +206,7 @@ class MultiRankClient:
         if attach is not None:
             attach(template)
         else:
-            self.store = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
+            self.store = loopback_store()
             # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
             self.procs = [subprocess.Popen(
                 [sys.executable, "-m", "afd.workers", "--spec",

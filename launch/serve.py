@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from afd.api_server import SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
-from afd.layouts import threads_per_rank
+from afd.layouts import loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
@@ -238,12 +238,14 @@ def main() -> None:
         sys.exit(f"--prefill {args.prefill} + --attention {args.attention} + --ffn {args.ffn} = "
                  f"{layout.world_size} ranks, but torchrun started {world}: use "
                  f"--nproc-per-node {layout.world_size} (summed over the nodes)")
+    own_store = None
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        own_store = loopback_store()  # on loopback only (torchrun's is torchrun's: see README)
     model = args.model or default_model_path()
     timeout = datetime.timedelta(seconds=max(args.timeout, 300))  # startup included
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
+                            store=own_store)
     store = dist.distributed_c10d._get_default_store()
 
     stopping = threading.Event()
@@ -366,14 +368,6 @@ def _control_host() -> str:
     one_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) == \
         os.environ.get("WORLD_SIZE", "1")
     return "127.0.0.1" if one_node else os.environ["MASTER_ADDR"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -359,6 +359,24 @@ def test_unseeded_samples_differ_across_ranks(request, layout):
             llm.shutdown()
 
 
+def test_the_rendezvous_store_and_the_ranks_listen_on_loopback_only(two_attention):
+    """Servers bind 127.0.0.1 unless told otherwise: the TCPStore the ranks meet at (its
+    server socket bound every interface, whatever host it was given) and every socket the
+    ranks listen on (gloo's, ZeroMQ's)."""
+    import psutil
+
+    client = two_attention.engine.core
+
+    def listening(pid: int) -> list:
+        return [c.laddr for c in psutil.Process(pid).net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN]
+
+    store = [a for a in listening(os.getpid()) if a.port == client.store.port]
+    assert [a.ip for a in store] == ["127.0.0.1"], store
+    ranks = [a for p in client.procs for a in listening(p.pid)]
+    assert ranks and all(a.ip == "127.0.0.1" for a in ranks), ranks
+
+
 def test_malformed_control_messages_are_dropped(references, two_attention):
     """Bytes that are no control message, or one naming a rank outside the layout, reaching the
     front end's inbox are dropped with a warning; the engine goes on serving."""
