@@ -32,7 +32,7 @@ from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
-from afd.workers import Layout, WorkerSpec
+from afd.workers import Layout, WorkerSpec, loopback_gloo_env
 from models.config import ModelConfig
 
 log = logging.getLogger("afd.layouts")
@@ -208,9 +208,10 @@ class MultiRankClient:
         else:
             self.store = loopback_store()
             # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
+            env = {**os.environ, **loopback_gloo_env()}  # every rank is on this machine
             self.procs = [subprocess.Popen(
                 [sys.executable, "-m", "afd.workers", "--spec",
-                 replace(template, rank=r, store_port=self.store.port).to_json()])
+                 replace(template, rank=r, store_port=self.store.port).to_json()], env=env)
                 for r in range(layout.world_size)]
         self._wait_ready(startup_timeout_s)
         self.last_heard = time.monotonic()

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import traceback
@@ -209,6 +210,18 @@ def ranks_on_device(spec: WorkerSpec, device: torch.device) -> int:
 
 
 HEARTBEAT_S = 1.0
+
+
+def loopback_gloo_env() -> dict[str, str]:
+    """For ranks that all run on this machine: gloo listens on the address the host name
+    resolves to (a LAN address on many machines) unless told an interface, so name the
+    loopback one (``GLOO_SOCKET_IFNAME``) and its sockets stay on 127.0.0.1. Empty where the
+    user set one, or no loopback interface is found by its usual name."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((n for n in ("lo", "lo0") if n in names), None)
+    return {} if loopback is None else {"GLOO_SOCKET_IFNAME": loopback}
 
 
 def _device(cfg: EngineConfig, local_rank: int) -> torch.device:

@@ -42,7 +42,7 @@ from afd.layouts import loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
-from afd.workers import Layout, WorkerSpec, backend_for, worker_main
+from afd.workers import Layout, WorkerSpec, backend_for, loopback_gloo_env, worker_main
 from models.config import check_hf_overrides, load_config
 from models.weights import LOAD_FORMATS
 from models.default_model import default_model_path
@@ -238,6 +238,8 @@ def main() -> None:
         sys.exit(f"--prefill {args.prefill} + --attention {args.attention} + --ffn {args.ffn} = "
                  f"{layout.world_size} ranks, but torchrun started {world}: use "
                  f"--nproc-per-node {layout.world_size} (summed over the nodes)")
+    if _control_host() == "127.0.0.1":  # every rank on this node: gloo on loopback too
+        os.environ.update(loopback_gloo_env())
     own_store = None
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
         own_store = loopback_store()  # on loopback only (torchrun's is torchrun's: see README)

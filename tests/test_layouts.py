@@ -363,6 +363,8 @@ def test_the_rendezvous_store_and_the_ranks_listen_on_loopback_only(two_attentio
     """Servers bind 127.0.0.1 unless told otherwise: the TCPStore the ranks meet at (its
     server socket bound every interface, whatever host it was given) and every socket the
     ranks listen on (gloo's, ZeroMQ's)."""
+    import socket
+
     import psutil
 
     client = two_attention.engine.core
@@ -375,6 +377,13 @@ def test_the_rendezvous_store_and_the_ranks_listen_on_loopback_only(two_attentio
     assert [a.ip for a in store] == ["127.0.0.1"], store
     ranks = [a for p in client.procs for a in listening(p.pid)]
     assert ranks and all(a.ip == "127.0.0.1" for a in ranks), ranks
+    # gloo binds the address the host name resolves to (here loopback, on many machines a LAN
+    # address) unless the ranks name an interface: they name the loopback one
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((n for n in ("lo", "lo0") if n in names), None)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and loopback is not None:
+        env = [psutil.Process(p.pid).environ().get("GLOO_SOCKET_IFNAME") for p in client.procs]
+        assert env == [loopback] * len(client.procs), env
 
 
 def test_malformed_control_messages_are_dropped(references, two_attention):
