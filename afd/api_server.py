@@ -30,7 +30,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -103,6 +104,20 @@ class ServerState:
         return self.markers_are_special(REASONING_PARSERS[self.reasoning_parser].markers)
 
 
+class JSONResponse(_JSONResponse):
+    """A JSON body that is valid UTF-8 even where a string holds a lone surrogate (JSON can
+    carry one in, "\\ud800", and a response echoes what was sent: the model name in a 404,
+    /v1/responses' user and metadata): such a body is written with ASCII escapes, as the SSE
+    chunks always are, instead of failing to encode (a bare 500)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None,
+                              separators=(",", ":")).encode("ascii")
+
+
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -141,7 +156,8 @@ _FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMes
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="afd", docs_url=None, redoc_url=None)
+    app = FastAPI(title="afd", docs_url=None, redoc_url=None,
+                  default_response_class=JSONResponse)
     app.state.afd = state
 
     @app.exception_handler(APIError)

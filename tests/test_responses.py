@@ -339,6 +339,28 @@ def test_bad_fields_are_errors_naming_them(apps, fields, status, param):
     assert r.json()["error"]["param"] == param, r.text
 
 
+def test_echoed_lone_surrogates_come_back_as_json_escapes(apps):
+    """Fields a response repeats as sent (user, metadata; the model name in a 404) may hold a
+    lone surrogate: the body is written with ASCII escapes, which read back to the same string
+    (UTF-8 cannot encode it: the response was a bare 500 after the request had run)."""
+    raw = ('{"input": "hi", "max_output_tokens": 2, "user": "u\\ud800", '
+           '"metadata": {"k": "\\udfff"}}')
+
+    async def run(_, http):
+        headers = {"content-type": "application/json"}
+        made = await http.post("/v1/responses", content=raw, headers=headers)
+        got = await http.get(f"/v1/responses/{made.json()['id']}")
+        missing = await http.post("/v1/completions", content='{"prompt": "hi", "model": '
+                                  '"m\\ud800"}', headers=headers)
+        return made, got, missing
+
+    made, got, missing = call_app(apps["plain"], run)
+    for r in (made, got):
+        assert r.status_code == 200, r.text
+        assert r.json()["user"] == "u\ud800" and r.json()["metadata"] == {"k": "\udfff"}
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
 def test_a_cache_salt_that_is_not_utf8_is_a_400_naming_it(apps):
     """JSON can carry a lone surrogate ("\\ud800"), which no UTF-8 encoder takes (the salt's
     hash, the ranks' wire): a 400 naming cache_salt before anything is queued."""
