@@ -77,7 +77,8 @@ def stub_forward(vocab: int) -> None:
     """Replace every layer of the forward with a table lookup (see the module docstring)."""
     table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
 
-    def forward_stages(self, input_ids, batch, kv_caches, logits_index):
+    def forward_stages(self, input_ids, batch, kv_caches, logits_index, keep_hidden=False):
+        assert not keep_hidden, "the stub has no hidden states (no MTP here)"
         return table[input_ids[logits_index]]
         yield  # a generator that returns at its first resume, as the real one does at the end
 
