@@ -2,7 +2,12 @@
 
 Decoding only the newest token can split a multi-byte character or drop a word-initial space, so
 each step decodes a short window of recent tokens twice (with and without the new ones) and emits
-the difference once it no longer ends in a replacement character.
+the difference once it no longer ends in a replacement character. The shorter of the two (the
+window's text before the new tokens) is mostly one token decoded alone, the token the previous
+step emitted: that text comes from a table of single-token texts shared by every completion with
+the same tokenizer and ``skip_special_tokens``, or is kept from the previous step when that step
+emitted nothing, so a step usually runs one backend decode, not two. Both are the same decode of
+the same ids, so the text is exactly that of decoding both each time.
 """
 
 from __future__ import annotations
@@ -30,17 +35,24 @@ def _direct_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]]
             or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
         return None
     decode = backend.decode
-    return lambda ids: decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: decode(ids, skip_special_tokens)  # (positional: cheaper to pass)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+    """``token_texts``: {token id: that id decoded alone}, filled as ids are met, for this
+    tokenizer and ``skip_special_tokens``; pass one dict to every detokenizer that shares both
+    (each gets its own otherwise)."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 token_texts: dict[int, str] | None = None):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decode = _direct_decode(tokenizer, skip_special_tokens) or self._decode_wrapped
+        self._token_texts = {} if token_texts is None else token_texts
         self.tokens = list(prompt_token_ids[-_WINDOW:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
+        self._prefix: str | None = None  # the text of tokens[prefix_offset:read_offset], once known
 
     def _decode_wrapped(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -50,7 +62,18 @@ class IncrementalDetokenizer:
         tokens = self.tokens
         tokens += token_ids
         prefix_offset, read_offset = self.prefix_offset, self.read_offset
-        prefix = self._decode(tokens[prefix_offset:read_offset])
+        if read_offset == len(tokens):
+            return ""  # nothing after the prefix: the full text is the prefix's
+        prefix = self._prefix
+        if prefix is None:
+            if read_offset - prefix_offset == 1:  # one token: its text alone, from the table
+                token = tokens[prefix_offset]
+                prefix = self._token_texts.get(token)
+                if prefix is None:
+                    prefix = self._token_texts[token] = self._decode([token])
+            else:
+                prefix = self._decode(tokens[prefix_offset:read_offset])
+            self._prefix = prefix
         full = self._decode(tokens[prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
@@ -62,7 +85,7 @@ class IncrementalDetokenizer:
             del tokens[:drop]
             prefix_offset -= drop
             read_offset -= drop
-        self.prefix_offset, self.read_offset = prefix_offset, read_offset
+        self.prefix_offset, self.read_offset, self._prefix = prefix_offset, read_offset, None
         return delta
 
 

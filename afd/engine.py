@@ -125,6 +125,9 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._token_text: dict[int, str] = {}  # each token id decoded alone, for logprobs
+        # the detokenizers' own table of single-token texts, per skip_special_tokens
+        # (IncrementalDetokenizer's ``token_texts``; their decode is not the one above)
+        self._detok_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(**self.default_sampling)
@@ -271,8 +274,9 @@ class LLMEngine:
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
         children = []
         for i in range(params.n):
-            comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids,
-                                                         params.skip_special_tokens))
+            skip = params.skip_special_tokens
+            comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids, skip,
+                                                         self._detok_texts[bool(skip)]))
             if params.logprobs is not None:
                 comp.cumulative_logprob, comp.logprobs = 0.0, []
             req.completions.append(comp)

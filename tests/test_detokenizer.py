@@ -1,0 +1,109 @@
+"""The incremental detokenizer against the plain form of its algorithm, on random token streams."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from afd import LLM, SamplingParams
+from afd.detokenizer import _WINDOW, IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return LLM(seed=0).get_tokenizer()
+
+
+class TwoDecodes:
+    """The algorithm with nothing kept between steps: every push decodes the window with and
+    without its new tokens through ``tokenizer.decode``."""
+
+    def __init__(self, tokenizer, prompt: list[int], skip: bool):
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
+        self.tokens = list(prompt[-_WINDOW:])
+        self.prefix_offset, self.read_offset = 0, len(self.tokens)
+
+    def push(self, token_ids: list[int]) -> str:
+        self.tokens += token_ids
+        prefix = self.decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self.decode(self.tokens[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return full[len(prefix):]
+
+
+def random_stream(rng: random.Random, vocab: int, length: int) -> list[int]:
+    """Token ids from the whole vocabulary, with runs of byte-level tokens (the embedded
+    tokenizer's ids 4..259 are single bytes) that split multi-byte UTF-8 characters, leave
+    them unfinished or make invalid sequences, and special tokens (ids 0..3)."""
+    ids = []
+    while len(ids) < length:
+        kind = rng.random()
+        if kind < 0.3:  # a character's UTF-8 bytes, whole or cut short
+            text = rng.choice("éü€中文字😀ß")
+            raw = list(text.encode())
+            ids += [4 + b for b in raw[:rng.randrange(1, len(raw) + 1)]]
+        elif kind < 0.4:  # stray bytes: continuation bytes, lead bytes, 0xff
+            ids += [4 + rng.choice([0x80, 0xbf, 0xc3, 0xe4, 0xf0, 0xff])
+                    for _ in range(rng.randrange(1, 3))]
+        elif kind < 0.5:
+            ids.append(rng.randrange(4))  # <｜begin▁of▁sentence｜> ... <｜Assistant｜>
+        else:
+            ids.append(rng.randrange(vocab))
+    return ids[:length]
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_incremental_text_is_the_two_decode_text(tokenizer, cleanup):
+    """Every push returns exactly what the plain algorithm returns, for prompts and outputs
+    with split, unfinished and invalid UTF-8, special tokens kept and skipped, pushes of zero
+    to three tokens, windows trimmed over long outputs, and one table of single-token texts
+    shared by many detokenizers (as the engine shares it). ``cleanup``: transformers' decode
+    with clean_up_tokenization_spaces, whose text depends on the tokens around each one (and
+    which the detokenizer reaches through ``tokenizer.decode``, not the Rust backend)."""
+    old = tokenizer.clean_up_tokenization_spaces
+    tokenizer.clean_up_tokenization_spaces = cleanup
+    try:
+        rng = random.Random(1)
+        vocab = len(tokenizer)
+        tables = {True: {}, False: {}}
+        emitted = 0
+        for case in range(300):
+            skip = case % 2 == 0
+            prompt = random_stream(rng, vocab, rng.randrange(1, 9))
+            new = IncrementalDetokenizer(tokenizer, prompt, skip, tables[skip])
+            ref = TwoDecodes(tokenizer, prompt, skip)
+            stream = random_stream(rng, vocab, rng.randrange(1, 60))
+            text = ""
+            while stream:
+                take = rng.choice([0, 1, 1, 1, 1, 2, 3])
+                chunk, stream = stream[:take], stream[take:]
+                want = ref.push(chunk)
+                assert new.push(chunk) == want, (prompt, chunk, text)
+                text += want
+            emitted += len(text)
+        assert emitted > 1000
+    finally:
+        tokenizer.clean_up_tokenization_spaces = old
+
+
+def test_one_table_per_skip_setting(tokenizer):
+    """The engine hands its detokenizers one table of single-token texts for
+    skip_special_tokens=True and another for False (a special token's text is '' in one and
+    its name in the other)."""
+    llm = LLM(seed=0)
+    engine = llm.engine
+    for skip in (True, False):
+        engine.add_request(f"r{skip}", {"prompt_token_ids": [5, 6]},
+                           SamplingParams(max_tokens=4, skip_special_tokens=skip))
+    detok = {skip: engine.requests[f"r{skip}"].completions[0].detok for skip in (True, False)}
+    for skip in (True, False):
+        assert detok[skip]._token_texts is engine._detok_texts[skip]
+        ref = TwoDecodes(tokenizer, [5, 6], skip)
+        for token in (40, 0, 41):  # kept, 0 emits alone and is then the prefix's one token
+            assert detok[skip].push([token]) == ref.push([token])
+    assert engine._detok_texts[False][0] == tokenizer.decode([0]) != ""
+    assert 0 not in engine._detok_texts[True]
+    llm.shutdown()
