@@ -7,7 +7,6 @@ hits) and assembles vLLM-shaped RequestOutputs. The core speaks token ids only.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,17 +73,21 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        for c in self.completions:  # (a loop: all() over a generator costs more, per step)
+            if c.finish_reason is None:
+                return False
+        return True
 
     def output(self, finished: bool | None = None) -> RequestOutput:
         """The request's cumulative output (``finished``: ``self.finished``, if known)."""
-        hold = self.hold
-        outs = [CompletionOutput(c.index, c.text if c.finish_reason is not None or not hold
-                                 else c.text[:max(0, len(c.text) - hold)],
-                                 list(c.token_ids), c.finish_reason, c.stop_reason,
-                                 c.cumulative_logprob,
-                                 None if c.logprobs is None else list(c.logprobs))
-                for c in self.completions]
+        hold, outs = self.hold, []
+        for c in self.completions:
+            text, logprobs = c.text, c.logprobs
+            if hold and c.finish_reason is None:
+                text = text[:max(0, len(text) - hold)]
+            outs.append(CompletionOutput(c.index, text, c.token_ids[:], c.finish_reason,
+                                         c.stop_reason, c.cumulative_logprob,
+                                         None if logprobs is None else logprobs[:]))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
                              self.finished if finished is None else finished, self.metrics,
                              self.error, self.num_cached_tokens,
@@ -320,12 +323,16 @@ class LLMEngine:
         changed: dict[str, _Request] = {}
         outputs = self.core.step()
         now = time.monotonic()  # the tokens exist once the step has run (in-process core)
+        child, apply_one = self._child.get, self._apply_one
         for out in outputs:
-            entry = self._child.get(out.request_id)
+            entry = child(out.request_id)
             if entry is None:
                 continue  # aborted or already stopped by a stop string
             req, comp = entry
-            self._apply(req, comp, out, now)
+            if len(out.new_token_ids) > 1:
+                self._apply(req, comp, out, now)
+            else:
+                apply_one(req, comp, out, now)
             changed[req.request_id] = req
         results = []
         for req in changed.values():
@@ -339,16 +346,14 @@ class LLMEngine:
         return results
 
     def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
-        if len(out.new_token_ids) > 1:
-            # Several tokens from one step (accepted speculative drafts): taken one at a time,
-            # as one-token steps would bring them, so a stop string ends the completion at the
-            # token that completes it, not at the end of the run.
-            for piece in _one_token_pieces(out):
-                self._apply_one(req, comp, piece, now)
-                if comp.finish_reason is not None:
-                    return
-            return
-        self._apply_one(req, comp, out, now)
+        """Several tokens from one step (accepted speculative drafts): taken one at a time, as
+        one-token steps would bring them, so a stop string ends the completion at the token
+        that completes it, not at the end of the run. (``step`` takes the others to
+        ``_apply_one`` itself.)"""
+        for piece in _one_token_pieces(out):
+            self._apply_one(req, comp, piece, now)
+            if comp.finish_reason is not None:
+                return
 
     def _apply_one(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:
         if out.error is not None:
@@ -367,8 +372,9 @@ class LLMEngine:
             token_ids += new_ids
             if comp.logprobs is not None and out.logprobs is not None:
                 self._add_logprobs(comp, out.logprobs)
-            if len(token_ids) > metrics.num_generated_tokens:
-                metrics.num_generated_tokens = len(token_ids)
+            num_tokens = len(token_ids)
+            if num_tokens > metrics.num_generated_tokens:
+                metrics.num_generated_tokens = num_tokens
             self.num_generation_tokens += len(new_ids)
             text_ids = new_ids
             if (out.finish_reason == "stop" and not params.include_stop_str_in_output
@@ -378,7 +384,7 @@ class LLMEngine:
             delta = comp.detok.push(text_ids)
             if delta:
                 comp.text += delta
-                if params.stop and len(token_ids) >= params.min_tokens:
+                if params.stop and num_tokens >= params.min_tokens:
                     hit = find_stop(comp.text, len(delta), params.stop)
                     if hit is not None:
                         index, stop = hit
@@ -408,9 +414,10 @@ class LLMEngine:
 
     def _add_logprobs(self, comp: _Completion, steps: list[list]) -> None:
         """Each new token's [ids, logprobs, sampled rank] (afd.sampler.SamplerOutput)."""
+        entry, append = self._logprob_entry, comp.logprobs.append
         for ids, logprobs, rank in steps:
             comp.cumulative_logprob += logprobs[0]
-            comp.logprobs.append(self._logprob_entry(ids, logprobs, rank))
+            append(entry(ids, logprobs, rank))
 
     def _prompt_logprobs(self, prompt: list[int], scored: PromptLogprobs
                          ) -> list[dict[int, Logprob] | None]:
@@ -427,9 +434,9 @@ class LLMEngine:
         """One token's logprobs as vLLM's {token id: Logprob}: the token itself first (with
         ``rank``), then the k likeliest, ranks 1..k (the token among them is one entry)."""
         texts, entry = self._token_text, {}
-        for tid, lp, r in zip(ids, logprobs, itertools.chain((rank,), itertools.count(1))):
+        for r, tid, lp in zip(range(len(ids)), ids, logprobs):  # r: 0 (the token), 1, 2, ..
             text = texts.get(tid)
-            entry[tid] = Logprob(lp, r, self.token_text(tid) if text is None else text)
+            entry[tid] = Logprob(lp, r or rank, self.token_text(tid) if text is None else text)
         return entry
 
     def token_text(self, token_id: int) -> str:
