@@ -120,6 +120,54 @@ class DraftChain:
 
 def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
             ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+    """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]):
+    ``flatten_decodes`` where it applies (most steps), else ``flatten_rows``."""
+    return (flatten_decodes(seqs, block_size, device)
+            or flatten_rows(seqs, block_size, device))
+
+
+def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.device
+                    ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor] | None:
+    """``flatten_rows`` for a step of plain decodes only: every sequence computes its last
+    token alone (no drafts) and samples. Then there is one token, one row and one logits row
+    per sequence, in plan order, and the per-token lists are the per-sequence ones; no prompt
+    position is scored (the last token's position is at least the prompt's last, which
+    predicts no prompt token). None (without looking further) at the first sequence that is
+    not one, or for no sequences."""
+    ids: list[int] = []
+    starts: list[int] = []  # per sequence: its token's position
+    blocks: list[int] = []
+    num_blocks: list[int] = []
+    for s in seqs:
+        seq = s.seq
+        start, token_ids = seq.num_computed_tokens, seq.token_ids
+        if s.num_new_tokens != 1 or s.draft_token_ids or start + 1 != len(token_ids):
+            return None
+        ids.append(token_ids[start])
+        starts.append(start)
+        block_ids = seq.block_ids
+        blocks += block_ids
+        num_blocks.append(len(block_ids))
+    n = len(ids)
+    if not n:
+        return None
+    tables = np.zeros((n, max(num_blocks)), dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < np.array(num_blocks)[:, None]] = blocks
+    pos = np.array(starts, dtype=np.int64)
+    slots = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
+    seq_lens = [p + 1 for p in starts]
+    # flatten_rows' one copy: ids, seq_lens, logits_index (0..n-1), positions, slots
+    dev = torch.from_numpy(np.concatenate((np.array(ids + seq_lens, dtype=np.int64),
+                                           np.arange(n, dtype=np.int64), pos, slots))).to(device)
+    batch = ForwardBatch(positions=dev[3 * n:4 * n], slot_mapping=dev[4 * n:],
+                         block_tables=torch.from_numpy(tables).to(device),
+                         seq_lens=dev[n:2 * n], query_lens=[1] * n, num_decodes=n,
+                         context_lens=seq_lens)
+    return dev[:n], batch, dev[2 * n:3 * n]
+
+
+def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
+                 ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
     """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
 
     Attention rows (``models.batch``): decode rows first, a plain decode's one token and each
@@ -271,13 +319,17 @@ class ModelRunner:
                                            experts)[0]
         else:
             _, inputs = self._micro_batches(plan.seqs, micro_batches)
-            logits = torch.cat(run_micro_batches(self.model, inputs, self.kv_caches, experts))
+            parts = run_micro_batches(self.model, inputs, self.kv_caches, experts)
+            # (one part: its logits as they are, no copy of the [N, V] rows)
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._sample(logits, plan.seqs)
 
     def _micro_batches(self, seqs: list[ScheduledSeq], micro_batches: int
                        ) -> tuple[list[list[ScheduledSeq]], list[tuple]]:
         """``seqs`` split into ``micro_batches`` parts of about equal tokens, and each part's
         ``prepare``d inputs."""
+        if micro_batches == 1:  # split_evenly's one part: all of them (without the walk)
+            return [seqs], [self.prepare(seqs)]
         sizes = [s.num_new_tokens for s in seqs]
         parts = [seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
         return parts, [self.prepare(part) for part in parts]
