@@ -198,6 +198,8 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
     seeds), history (token ids plus the drafts before the row), penalty state and grammar
     (None for speculating rows: they have neither; None too while a grammar waits for the
     end of the reasoning: no mask yet)."""
+    if not any(drafts):
+        return one_row_each(seqs)
     params, gens, hists, pens, grams = [], [], [], [], []
     for seq, d in zip(seqs, drafts):
         stops = (*seq.eos_token_ids, *seq.stop_token_ids)
@@ -212,6 +214,16 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
             grammar = seq.grammar
             grams.append(grammar if grammar is not None and grammar.reasoning_ended else None)
     return params, gens, hists, pens, grams
+
+
+def one_row_each(seqs: list) -> tuple[list, list, list, list, list]:
+    """``expand_rows`` for a step without drafts: one row per sequence (most steps)."""
+    return ([seq.params for seq in seqs], [seq.generator for seq in seqs],
+            [(seq.token_ids, seq.num_prompt_tokens, (*seq.eos_token_ids, *seq.stop_token_ids))
+             for seq in seqs],
+            [seq.penalties for seq in seqs],
+            [g if (g := seq.grammar) is not None and g.reasoning_ended else None
+             for seq in seqs])
 
 
 def accept(rows: list[int], drafts: list[int]) -> int:

@@ -78,3 +78,37 @@ def test_flatten_decodes_refuses_other_steps():
         _same(flatten(seqs, 4, cpu), flatten_rows(seqs, 4, cpu))
     assert flatten_decodes([], 4, cpu) is None
 
+
+def test_one_row_each_is_expand_rows():
+    """A step without drafts takes ``one_row_each``: every row's inputs are those the
+    general loop builds (params, generator, history with its stop ids, penalty state,
+    grammar or None while its reasoning runs), the very same objects."""
+    from types import SimpleNamespace
+
+    from afd.spec_decode import expand_rows, one_row_each
+
+    rng = random.Random(2)
+    kinds = [SamplingParams(), SamplingParams(temperature=0.7, seed=3),
+             SamplingParams(repetition_penalty=1.2, stop_token_ids=[7, 9]),
+             SamplingParams(ignore_eos=True, min_tokens=2, bad_words_token_ids=[[4, 5]])]
+    seqs = []
+    for i in range(40):
+        params = rng.choice(kinds)
+        seq = Sequence(CoreRequest(f"r{i}", [rng.randrange(500) for _ in range(5)], params,
+                                   eos_token_ids=(1, 2)), 4096)
+        seq.token_ids += [rng.randrange(500) for _ in range(rng.randrange(4))]
+        if rng.random() < 0.3:
+            seq.grammar = SimpleNamespace(reasoning_ended=rng.random() < 0.5)
+        seqs.append(seq)
+    extra = Sequence(CoreRequest("x", [1, 2, 3], SamplingParams()), 4096)
+    want = expand_rows(seqs + [extra], [[]] * len(seqs) + [[4, 5]])  # the general loop
+    got = expand_rows(seqs, [[]] * len(seqs))
+    assert [len(g) for g in got] == [len(seqs)] * 5
+    for g, w in zip(got, want):
+        assert len(w) == len(seqs) + 3
+        for a, b in zip(g, w):
+            assert a == b and (a is b or isinstance(a, tuple))
+    for (ids, num_prompt, stops), seq in zip(got[2], seqs):
+        assert ids is seq.token_ids and num_prompt == 5
+    assert got == one_row_each(seqs)
+    assert any(g is not None for g in got[4]) and any(g is not None for g in got[1])
