@@ -95,9 +95,10 @@ def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | 
     Returns (index where it starts, the stop string) or None.
     """
     best: tuple[int, str] | None = None
+    end = len(text) - new_chars + 1  # a stop must end past the old text
     for stop in stops:
-        start = max(0, len(text) - new_chars - len(stop) + 1)
-        i = text.find(stop, start)
+        start = end - len(stop)
+        i = text.find(stop, start if start > 0 else 0)
         if i >= 0 and (best is None or i < best[0]):
             best = (i, stop)
     return best

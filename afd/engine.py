@@ -84,7 +84,7 @@ class _Request:
         for c in self.completions:
             text, logprobs = c.text, c.logprobs
             if hold and c.finish_reason is None:
-                text = text[:max(0, len(text) - hold)]
+                text = text[:len(text) - hold] if len(text) > hold else ""
             outs.append(CompletionOutput(c.index, text, c.token_ids[:], c.finish_reason,
                                          c.stop_reason, c.cumulative_logprob,
                                          None if logprobs is None else logprobs[:]))

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from afd import LLM, SamplingParams
-from afd.detokenizer import _WINDOW, IncrementalDetokenizer
+from afd.detokenizer import _WINDOW, IncrementalDetokenizer, find_stop
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,19 @@ def test_one_table_per_skip_setting(tokenizer):
     assert engine._detok_texts[False][0] == tokenizer.decode([0]) != ""
     assert 0 not in engine._detok_texts[True]
     llm.shutdown()
+
+
+def test_find_stop_is_the_first_match_that_touches_the_new_text():
+    """find_stop against its definition, over every position: the earliest stop string
+    occurrence that ends inside the last ``new_chars`` characters (the first listed stop at
+    a tie), including stops longer than the text and new text of the whole string."""
+    rng = random.Random(3)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab\u00e9") for _ in range(rng.randrange(0, 12)))
+        new_chars = rng.randrange(0, len(text) + 1)
+        stops = ["".join(rng.choice("ab\u00e9") for _ in range(rng.randrange(1, 5)))
+                 for _ in range(rng.randrange(1, 4))]
+        want = min(((i, s) for i in range(len(text)) for s in stops
+                    if text.startswith(s, i) and i + len(s) > len(text) - new_chars),
+                   key=lambda hit: (hit[0], stops.index(hit[1])), default=None)
+        assert find_stop(text, new_chars, stops) == want, (text, new_chars, stops)
