@@ -161,13 +161,13 @@ class EngineCore:
         if sampled.draft_tokens:
             self._keep_mtp_drafts(taken, sampled.draft_tokens)
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
-        outputs = []
+        outputs, prefill_only = [], self.prefill_only
         for seq, new, logprobs, error, spec in taken:
-            out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason,
-                             logprobs=logprobs)
+            out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason, None, None,
+                             logprobs)
             if error is not None:
                 out.finish_reason, out.stop_reason, out.error = "error", None, error
-            elif seq.num_output_tokens == len(new):  # its first token(s)
+            elif len(seq.token_ids) - seq.num_prompt_tokens == len(new):  # its first token(s)
                 out.prompt_logprobs = seq.take_prompt_logprobs()
                 if seq.first_scheduled is not None:
                     out.metrics = {"queue_time": seq.first_scheduled - seq.received,
@@ -180,7 +180,7 @@ class EngineCore:
             if out.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
-            elif self.prefill_only:
+            elif prefill_only:
                 self.scheduler.park(seq)
                 self.newly_parked.append(seq)
         return outputs
