@@ -25,6 +25,12 @@ from afd.sampling_params import SamplingParams
 log = logging.getLogger("afd.server")
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the event loop: each output into its stream's queue (``AsyncEngine._deliver_step``)."""
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 class EngineDeadError(RuntimeError):
     """The engine (or one of its ranks) failed; every request in flight fails with it."""
 
@@ -123,6 +129,24 @@ class AsyncEngine:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their streams: one ``call_soon_threadsafe`` per event loop, not
+        one per output (each wakes the loop through its self-pipe, a system call; at 256
+        requests that was most of a millisecond a step). Each queue gets its items in order,
+        as one output at a time would give them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        streams = self.streams
+        for out in outputs:
+            target = streams.get(out.request_id)
+            if target is not None:
+                loop, q = target
+                batch = by_loop.get(loop)
+                if batch is None:
+                    batch = by_loop[loop] = []
+                batch.append((q, out))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
     def _run_commands(self, block_s: float) -> None:
         try:
             cmd = self.commands.get(timeout=block_s) if block_s else self.commands.get_nowait()
@@ -181,9 +205,10 @@ class AsyncEngine:
                 if outputs:
                     self.last_progress = now
                 step_tokens = 0
-                for out in outputs:
-                    step_tokens += self._observe(out, now)
-                    self._deliver(out.request_id, out)
+                if self.metrics:
+                    for out in outputs:
+                        step_tokens += self._observe(out, now)
+                self._deliver_step(outputs)
                 if self.metrics and outputs:
                     self.metrics.iteration_tokens.observe(step_tokens)
                 self._observe_stats()

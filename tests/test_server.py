@@ -569,6 +569,52 @@ def test_a_request_that_fails_to_queue_fails_alone(monkeypatch):
         engine.shutdown()
 
 
+def test_a_step_wakes_the_event_loop_once():
+    """The engine thread hands a step's outputs to the event loop in one
+    ``call_soon_threadsafe`` (each call writes to the loop's self-pipe), not one per output;
+    every stream still gets each of its cumulative outputs, in order."""
+    import asyncio
+
+    from afd.async_engine import AsyncEngine
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    steps_with_outputs, real_step = [], llm.engine.step
+
+    def step(*args, **kwargs):
+        outs = real_step(*args, **kwargs)
+        if outs:
+            steps_with_outputs.append(len(outs))
+        return outs
+
+    llm.engine.step = step
+
+    async def run():
+        loop, wakes = asyncio.get_running_loop(), []
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):
+            if getattr(callback, "__name__", "") in ("put_nowait", "_put_all"):
+                wakes.append(callback)
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+
+        async def lengths(rid: str) -> list[int]:
+            return [len(o.outputs[0].token_ids) async for o in engine.generate(rid, "Hi", params)]
+
+        return await asyncio.gather(*(lengths(f"r{i}") for i in range(8))), wakes
+
+    try:
+        streams, wakes = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert streams == [[1, 2, 3, 4]] * 8
+    assert sum(steps_with_outputs) == 32 > len(steps_with_outputs)  # steps of several outputs
+    assert len(wakes) == len(steps_with_outputs)
+
+
 class _IdleEngine:
     """Just enough of an LLMEngine for an AsyncEngine whose outputs a test feeds by hand."""
 
