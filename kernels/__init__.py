@@ -12,11 +12,14 @@ the ``@triton.jit`` bodies and launchers and load on first use (``fused_moe_trit
 ``fused_moe_config`` is the MoE tile table and feature switches, ``fused_moe_tuning`` the GPU sweep
 that feeds it, ``fp8`` FP8 block scaling (weights per [bn, bk] block, activations per token group;
 the quantization kernel in ``fp8_triton``), which the MoE GEMMs take for FP8 expert weights,
+``decode_groups`` the decode rows grouped by sequence (a verifying sequence's k + 1 rows), which
+the decode attentions take to read each sequence's context once,
 ``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
 ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
 
 from kernels.backend import resolve_backend
+from kernels.decode_groups import DecodeGroups
 from kernels.fused_moe import fused_moe, grouped_moe
 from kernels.gqa_decode import gqa_decode_attention
 from kernels.mla_decode import mla_decode_attention
@@ -30,6 +33,7 @@ from kernels.prefill_attention import (
 from kernels.rotary import apply_rotary
 
 __all__ = [
+    "DecodeGroups",
     "PrefillLayout",
     "apply_rotary",
     "fused_moe",

@@ -6,6 +6,12 @@ rotated shared rope key k_pe (rope dims): one row of ``kv_cache``. With W_UK fol
 
     score[b,h,l] = scale * (q_lat[b,h] . c[l] + q_pe[b,h] . k_pe[l])
     o_lat[b,h]   = sum_l softmax(score)[b,h,l] * c[l]        (W_UV is applied by the caller)
+
+Rows b are decode rows (one query token each, over the first seq_lens[b] cached tokens).
+``mla_decode_attention_torch`` is the per-row reference: it gathers each row's context. With
+``groups`` (``kernels.decode_groups``: a sequence verifying k drafts is k + 1 consecutive rows
+over one block table) the grouped paths gather/read each group's context once and compute all
+of its rows against it, each row masked at its own length; the result is the per-row one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
+from kernels.decode_groups import DecodeGroups
 
 
 def mla_decode_attention_torch(
@@ -46,6 +53,38 @@ def mla_decode_attention_torch(
     return torch.matmul(probs, kv[..., :d_lat].float()).to(q_lat.dtype)
 
 
+def mla_decode_attention_grouped_torch(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    groups: DecodeGroups,
+) -> torch.Tensor:
+    """``mla_decode_attention_torch``'s contract over rows in ``groups``: each group's context
+    is gathered once ([S, L, Dl+Dr], through its first row's block table) and its G rows' heads
+    stacked as the query rows of one matmul ([S, G*H, Dl+Dr] x [S, Dl+Dr, L]), each row masked
+    at its own length. Rows of a group must share their block table."""
+    batch, heads, d_lat = q_lat.shape
+    groups.check(batch, "q_lat")
+    num, g = groups.num_groups, groups.max_rows
+    block_size, width = kv_cache.shape[1], kv_cache.shape[-1]
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    first = groups.cu_rows[:-1]
+    kv = kv_cache[block_tables[first, :num_blocks].long()].reshape(num, -1, width)  # [S, L, D]
+    q = torch.cat((q_lat, q_pe), dim=-1)[groups.padded]  # [S, G, H, D]
+    kv32 = kv.float()
+    scores = torch.matmul(q.view(num, g * heads, width).float(), kv32.transpose(1, 2)) * scale
+    pos = torch.arange(kv.shape[1], device=kv.device)
+    lens = seq_lens[groups.padded]  # [S, G]
+    scores.view(num, g, heads, -1).masked_fill_(pos >= lens[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [S, G*H, L]
+    out = torch.matmul(probs, kv32[..., :d_lat])  # [S, G*H, Dl]
+    return out.view(num * g, heads, d_lat)[groups.slot].to(q_lat.dtype)
+
+
 def mla_decode_attention(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -54,10 +93,19 @@ def mla_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    groups: DecodeGroups | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
+    """See ``mla_decode_attention_torch``; ``groups``: the rows' sequences (None: per row).
+    The Triton paths read nothing on the host."""
+    args = (q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
     if resolve_backend(backend, q_lat, kv_cache) == "triton":
-        from kernels.mla_decode_triton import mla_decode_attention_triton
+        from kernels.mla_decode_triton import (mla_decode_attention_grouped_triton,
+                                               mla_decode_attention_triton)
 
-        return mla_decode_attention_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
-    return mla_decode_attention_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
+        if groups is None:
+            return mla_decode_attention_triton(*args)
+        return mla_decode_attention_grouped_triton(*args, groups)
+    if groups is None:
+        return mla_decode_attention_torch(*args)
+    return mla_decode_attention_grouped_torch(*args, groups)

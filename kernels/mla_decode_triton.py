@@ -7,6 +7,14 @@ sequence share one latent row per token, so the head blocks of a sequence are ne
 grid and read the cache once from HBM between them. With few sequences the sequence is split
 (flash-decoding); each split writes its normalized partial output and log-sum-exp, and a small
 combine kernel (``triton_utils.combine_splits_kernel``) merges them.
+
+Grouped rows (``kernels.decode_groups``: a sequence verifying k drafts is k + 1 consecutive rows
+over one block table): ``mla_decode_grouped_kernel`` runs one program per (block of BLOCK_H
+heads, group, split). Its query tile stacks the group's rows (up to G_PAD) times its BLOCK_H
+heads as the M dimension, m = row * BLOCK_H + head, so each token of the group's context is
+loaded once for all of them, and each score is masked at its own row's length. It walks the
+group's longest length (the split bounds come from it); a row whose length ends before a
+split's start gets an empty partial there. The per-row kernel stays for plain decode.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_groups import DecodeGroups
 from kernels.triton_utils import (cdiv, combine_splits, dot, dot_mode, interp_bf16,
                                   next_pow2, rne_bf16, split_buffers, split_count)
 
@@ -94,6 +103,89 @@ def mla_decode_kernel(
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=h_ok)
 
 
+@triton.jit
+def mla_decode_grouped_kernel(
+    q_lat_ptr,  # [B, Hq, Dl]
+    q_pe_ptr,  # [B, Hq, Dr]
+    kv_ptr,  # [num_blocks, block_size, Dl + Dr]
+    table_ptr,  # [B, max_blocks] block ids; a group reads its first row's
+    seq_lens_ptr,  # [B] per row
+    cu_rows_ptr,  # [S + 1] first row of each group, then B
+    out_ptr,  # [B, Hq, Dl] (one split) or [B, Hq, NUM_SPLITS, Dl] fp32 partials
+    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 (NUM_SPLITS > 1 only)
+    num_heads, d_lat, d_rope, block_size, scale_log2,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_kvb, stride_kvt, stride_tb, stride_tc,
+    stride_sl, stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, DL_PAD: tl.constexpr, DR_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    first = tl.load(cu_rows_ptr + group).to(tl.int64)
+    num_rows = tl.load(cu_rows_ptr + group + 1).to(tl.int64) - first  # 0: an empty group
+    offs_m = tl.arange(0, G_PAD * BLOCK_H)
+    row = first + offs_m // BLOCK_H  # [M]: m = row within the group * BLOCK_H + head
+    heads = tl.program_id(0) * BLOCK_H + offs_m % BLOCK_H
+    m_ok = (offs_m // BLOCK_H < num_rows) & (heads < num_heads)
+    offs_l = tl.arange(0, DL_PAD)
+    offs_r = tl.arange(0, DR_PAD)
+    l_ok = offs_l < d_lat
+    r_ok = offs_r < d_rope
+    q_lat = tl.load(q_lat_ptr + row[:, None] * stride_qb + heads[:, None] * stride_qh
+                    + offs_l[None, :], mask=m_ok[:, None] & l_ok[None, :], other=0.0)  # [M, DL]
+    q_pe = tl.load(q_pe_ptr + row[:, None] * stride_pb + heads[:, None] * stride_ph
+                   + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M, DR]
+    kv_dtype = kv_ptr.dtype.element_ty
+
+    row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
+    seq_len = tl.max(row_len, 0)  # the group's longest row
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    m_i = tl.full((G_PAD * BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G_PAD * BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD * BLOCK_H, DL_PAD), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        toks = start + tl.arange(0, BLOCK_N)
+        t_ok = toks < hi
+        block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
+                        mask=t_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+        c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
+                    mask=t_ok[:, None] & l_ok[None, :], other=0.0)  # [BN, DL]
+        k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
+                       mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, DR]
+        s = tl.zeros((G_PAD * BLOCK_H, BLOCK_N), dtype=tl.float32)
+        s = dot(q_lat, tl.trans(c), s, DOT_MODE)
+        s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
+        seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, BN]
+        s = tl.where(seen, s * scale_log2, float("-inf"))
+        # A row that ends before this chunk has seen nothing yet: m stays -inf, and the
+        # exponents use 0 instead so that they give 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])  # [M, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), c, acc * alpha[:, None], DOT_MODE)
+        m_i = m_new
+
+    # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = m_ok[:, None] & l_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh + offs_l[None, :]
+        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        o_ptrs = (out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh
+                  + split * d_lat + offs_l[None, :])
+        tl.store(o_ptrs, out, mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (row * num_heads + heads) * NUM_SPLITS + split, lse, mask=m_ok)
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -113,9 +205,35 @@ def default_launch(num_heads: int, on_gpu: bool) -> dict:
             "num_stages": 2}
 
 
+def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
+    """``default_launch`` for groups of up to ``max_rows`` rows: G_PAD rows x BLOCK_H heads per
+    program, at most 64 query rows on a GPU (the [M, 512] fp32 accumulator takes 64 registers a
+    thread at M / 4 warps: 16 warps at 64 rows) and 32 under the interpreter, at least 16 (the
+    dots' smallest M). Not tuned on a GPU yet (bench/kernels.py times variants)."""
+    g_pad = next_pow2(max_rows)
+    cap = 64 if on_gpu else 32
+    block_h = max(-(-16 // g_pad), min(next_pow2(num_heads), max(1, cap // g_pad)))
+    rows = g_pad * block_h
+    if not on_gpu:
+        return {"g_pad": g_pad, "block_h": block_h, "block_n": 16, "num_warps": 4,
+                "num_stages": 1}
+    return {"g_pad": g_pad, "block_h": block_h, "block_n": 32,
+            "num_warps": min(16, max(4, rows // 4)), "num_stages": 2}
+
+
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
     """Split the sequence until about two programs per SM, keeping >= 512 tokens per split."""
     return split_count(batch * head_blocks, max_context, sm_count, 512, 16)
+
+
+def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    batch, num_heads, d_lat = q_lat.shape
+    if q_pe.shape[:2] != (batch, num_heads) or kv_cache.shape[-1] != d_lat + q_pe.shape[-1]:
+        raise ValueError(f"shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, "
+                         f"kv_cache {tuple(kv_cache.shape)} (last dim must be Dl + Dr)")
+    if not q_lat.dtype == q_pe.dtype == kv_cache.dtype:
+        raise ValueError(f"q_lat, q_pe and kv_cache must share a dtype, got {q_lat.dtype}, "
+                         f"{q_pe.dtype}, {kv_cache.dtype}")
 
 
 def mla_decode_attention_triton(
@@ -134,12 +252,7 @@ def mla_decode_attention_triton(
     """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
-    if q_pe.shape[:2] != (batch, num_heads) or kv_cache.shape[-1] != d_lat + d_rope:
-        raise ValueError(f"shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, "
-                         f"kv_cache {tuple(kv_cache.shape)} (last dim must be Dl + Dr)")
-    if not q_lat.dtype == q_pe.dtype == kv_cache.dtype:
-        raise ValueError(f"q_lat, q_pe and kv_cache must share a dtype, got {q_lat.dtype}, "
-                         f"{q_pe.dtype}, {kv_cache.dtype}")
+    _check(q_lat, q_pe, kv_cache)
     out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
     if batch == 0 or num_heads == 0:
         return out
@@ -173,5 +286,64 @@ def mla_decode_attention_triton(
     part, lse = split_buffers(out, num_splits)
     mla_decode_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
+    combine_splits(part, lse, out, dl_pad)
+    return out
+
+
+def mla_decode_attention_grouped_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    groups: DecodeGroups,
+    *,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``mla_decode.mla_decode_attention_grouped_torch``: each group's context
+    read once for all its rows (``mla_decode_grouped_kernel``). Nothing read on the host: the
+    grid and split count come from shapes and the host row counts."""
+    batch, num_heads, d_lat = q_lat.shape
+    d_rope = q_pe.shape[-1]
+    _check(q_lat, q_pe, kv_cache)
+    groups.check(batch, "q_lat")
+    out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
+    if num_heads == 0:
+        return out
+    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
+    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
+    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    block_size = kv.shape[1]
+    interp = not q_lat.is_cuda
+    launch = grouped_launch(num_heads, groups.max_rows, on_gpu=not interp)
+    block_h = block_h or launch["block_h"]
+    block_n = block_n or launch["block_n"]
+    head_blocks = cdiv(num_heads, block_h)
+    if num_splits is None:
+        sms = 4 if interp else _sm_count(q_lat.device.index or 0)
+        num_splits = choose_num_splits(groups.num_groups, head_blocks,
+                                       block_tables.shape[1] * block_size, sms)
+    dl_pad = max(16, next_pow2(d_lat))
+    common = {"G_PAD": launch["g_pad"], "BLOCK_H": block_h, "BLOCK_N": block_n,
+              "DL_PAD": dl_pad, "DR_PAD": max(16, next_pow2(d_rope)),
+              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "num_stages": launch["num_stages"]}
+    grid = (head_blocks, groups.num_groups, num_splits)
+    args = (q_lat, q_pe, kv, block_tables, seq_lens, groups.cu_rows)
+    dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
+            q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
+            kv.stride(1), block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))
+    if num_splits == 1:
+        mla_decode_grouped_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
+                                        NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype),
+                                        **common)
+        return out
+    part, lse = split_buffers(out, num_splits)
+    mla_decode_grouped_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
+                                    NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
     combine_splits(part, lse, out, dl_pad)
     return out

@@ -55,6 +55,35 @@ def paged_tables(batch: int, max_blocks: int, block_size: int, table_dtype: str,
     return tables, seq_lens, num_blocks
 
 
+def verify_tables(rows: list[int], max_blocks: int, block_size: int, table_dtype: str,
+                  device: str, starts: list[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block tables and lengths of decode rows grouped by sequence (``kernels.decode_groups``):
+    group s is ``rows[s]`` consecutive rows over one sequence's distinct, shuffled blocks, as a
+    sequence verifying rows[s] - 1 drafts, lengths start + 1 .. start + rows[s] for a random
+    start, but for the edges: the first group starts at one token, the second ends on a full
+    table, the third on a block boundary (where they fit); ``starts``: each group's start
+    instead. Returns (tables [B, max_blocks],
+    seq_lens [B] int64, number of cache blocks to allocate)."""
+    num_seqs, cap = len(rows), max_blocks * block_size
+    if max(rows) > cap:
+        raise ValueError(f"a group of {max(rows)} rows needs more than {cap} positions")
+    num_blocks = num_seqs * max_blocks + 3
+    perm = torch.randperm(num_blocks, device=device)[: num_seqs * max_blocks]
+    tables = perm.view(num_seqs, max_blocks).to(getattr(torch, table_dtype))
+    if starts is None:
+        starts = [int(torch.randint(0, cap - n + 1, ())) for n in rows]
+        starts[0] = 0
+        if num_seqs > 1:
+            starts[1] = cap - rows[1]
+        if num_seqs > 2 and 2 * block_size >= rows[2]:
+            starts[2] = 2 * block_size - rows[2]
+    seq_lens = torch.tensor([start + 1 + i for start, n in zip(starts, rows) for i in range(n)],
+                            device=device)
+    sizes = torch.tensor(rows, device=device)
+    return tables.repeat_interleave(sizes, dim=0), seq_lens, num_blocks
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
     if actual.shape != expected.shape:

@@ -1,4 +1,5 @@
-"""Triton paged MLA decode attention against the torch reference.
+"""Triton paged MLA decode attention against the torch reference, per row and grouped by
+sequence (a verifying sequence's rows reading its context once: ``kernels.decode_groups``).
 
 CPU cases run under TRITON_INTERPRET=1 in a fresh subprocess (see kernels.testing).
 """
@@ -12,9 +13,11 @@ import zlib
 import pytest
 import torch
 
-from kernels.mla_decode import mla_decode_attention, mla_decode_attention_torch
+from kernels.decode_groups import DecodeGroups
+from kernels.mla_decode import (mla_decode_attention, mla_decode_attention_grouped_torch,
+                                mla_decode_attention_torch)
 from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
-                             seed_case, tolerance)
+                             seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -58,14 +61,61 @@ def run_case(spec: tuple, device: str, backend: str) -> dict:
             "dtype_ok": out.dtype == ref.dtype}
 
 
+# Grouped rows: name -> (dtype, rows per group, heads, Dl, Dr, block_size, blocks per seq,
+#                        splits or None, table dtype[, block_h[, strided[, starts]]])
+GROUPED_CASES = {
+    "grouped_fp32": ("fp32", [1, 3, 2, 5, 1, 4], 5, 24, 8, 4, 5, 1, "int32"),
+    "grouped_splits_fp32": ("fp32", [2, 1, 4, 3], 5, 24, 8, 4, 5, 3, "int64"),
+    "grouped_bf16": ("bf16", [2, 2, 4, 1, 3], 16, 32, 16, 16, 4, 1, "int32"),
+    "grouped_splits_bf16": ("bf16", [3, 5, 1], 16, 32, 16, 16, 4, 2, "int32"),
+    "grouped_heads_over_block_fp32": ("fp32", [3, 1, 2], 20, 40, 12, 8, 3, None, "int32", 4),
+    "grouped_more_splits_than_tokens_fp32": ("fp32", [2, 1, 2, 5], 3, 16, 16, 2, 3, 4, "int32"),
+    "grouped_strided_tables_fp32": ("fp32", [4, 1, 2], 4, 24, 8, 4, 10, 2, "int64", None, True),
+    "grouped_all_ones_fp32": ("fp32", [1, 1, 1, 1], 5, 24, 8, 4, 5, 2, "int32"),
+    # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
+    "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 3, 16, 8, 4, 10, 2, "int32",
+                                             None, False, [29, 3]),
+}
+
+
+def make_grouped_inputs(spec: tuple, device: str):
+    dtype, rows, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec[:9]
+    dtype = DTYPES[dtype]
+    tables, seq_lens, num_blocks = verify_tables(rows, max_blocks, block_size, table_dtype, device,
+                                                 spec[11] if len(spec) > 11 else None)
+    if len(spec) > 10 and spec[10]:  # a column-major table, lengths a strided view
+        tables = tables.t().contiguous().t()
+        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
+    batch = len(seq_lens)
+    kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(dtype)
+    q_lat = torch.randn(batch, heads, d_lat, device=device).to(dtype)
+    q_pe = torch.randn(batch, heads, d_rope, device=device).to(dtype)
+    groups = DecodeGroups.build(rows, device)
+    return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5, groups
+
+
+def run_grouped_case(spec: tuple, device: str) -> dict:
+    from kernels.mla_decode_triton import mla_decode_attention_grouped_triton
+
+    q_lat, q_pe, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, device)
+    out = mla_decode_attention_grouped_triton(
+        q_lat, q_pe, kv, tables, seq_lens, scale, groups, num_splits=spec[7],
+        block_h=spec[9] if len(spec) > 9 else None)
+    ref = mla_decode_attention_torch(q_lat, q_pe, kv, tables, seq_lens, scale)
+    return {"err": rel_err(out, ref), "tol": tolerance(q_lat.dtype),
+            "dtype_ok": out.dtype == ref.dtype}
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     seed_case(name, seed)
+    if name in GROUPED_CASES:
+        return run_grouped_case(GROUPED_CASES[name], "cpu")
     return run_case(CASES[name], "cpu", "triton")
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, list(CASES), SEED)
+    return run_in_interpreter(__file__, list(CASES) + list(GROUPED_CASES), SEED)
 
 
 def _check(result: dict, name: str) -> None:
@@ -75,6 +125,67 @@ def _check(result: dict, name: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_mla_decode_interpreter(interpreter_results: dict, name: str) -> None:
     _check(interpreter_results[name], name)
+
+
+@pytest.mark.parametrize("name", list(GROUPED_CASES))
+def test_mla_decode_grouped_interpreter(interpreter_results: dict, name: str) -> None:
+    """The grouped kernel (one program per head block x sequence x split) gives each row what
+    the per-row reference does: groups of 1..5 rows, lengths off block boundaries, one-token
+    contexts, splits past a short group's end, a table in column-major order."""
+    _check(interpreter_results[name], name)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("trial", range(4))
+def test_grouped_torch_path_matches_the_per_row_reference(dtype: str, trial: int) -> None:
+    """Random ragged groups (1..5 rows, the first a one-token context, block size 4 with
+    lengths anywhere in the block): fp32 to rounding, bf16 within its tolerance."""
+    torch.manual_seed(SEED + trial)
+    rows = torch.randint(1, 6, (int(torch.randint(1, 9, ())),)).tolist()
+    spec = (dtype, rows, 6, 24, 8, 4, 5, None, "int32")
+    q_lat, q_pe, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, "cpu")
+    want = mla_decode_attention_torch(q_lat, q_pe, kv, tables, seq_lens, scale)
+    got = mla_decode_attention(q_lat, q_pe, kv, tables, seq_lens, scale, groups=groups,
+                               backend="torch")
+    assert got.dtype == want.dtype
+    assert rel_err(got, want) < (1e-6 if dtype == "fp32" else tolerance(torch.bfloat16)), (
+        f"seed {SEED}, rows {rows}")
+
+
+def test_grouped_torch_path_reads_each_group_once(monkeypatch) -> None:
+    """The grouped path gathers one context per sequence, not one per row."""
+    rows = [3, 1, 2]
+    q_lat, q_pe, kv, tables, seq_lens, scale, groups = make_grouped_inputs(
+        ("fp32", rows, 2, 16, 8, 4, 3, None, "int32"), "cpu")
+    gathered = []
+    index = torch.Tensor.__getitem__
+
+    def spy(self, key):
+        out = index(self, key)
+        if self is kv:
+            gathered.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
+    mla_decode_attention_grouped_torch(q_lat, q_pe, kv, tables, seq_lens, scale, groups)
+    assert gathered == [len(rows)]
+
+
+def test_decode_groups_layout_and_errors() -> None:
+    groups = DecodeGroups.build([2, 1, 3], "cpu")
+    assert groups.cu_rows.tolist() == [0, 2, 3, 6]
+    assert groups.padded.tolist() == [[0, 1, 1], [2, 2, 2], [3, 4, 5]]
+    assert groups.slot.tolist() == [0, 1, 3, 6, 7, 8]
+    assert DecodeGroups.rows_or_none([1, 1]) is None
+    assert DecodeGroups.rows_or_none([1, 2]) == [1, 2]
+    for bad in ([], [2, 0], [1.5]):
+        with pytest.raises(ValueError, match="decode group rows"):
+            DecodeGroups.build(bad, "cpu")
+    q = torch.zeros(5, 2, 16)
+    with pytest.raises(ValueError, match="cover 6 rows .* q_lat has 5"):
+        mla_decode_attention(q, torch.zeros(5, 2, 8), torch.zeros(3, 4, 24),
+                             torch.zeros(5, 3, dtype=torch.int32), torch.ones(5, dtype=torch.long),
+                             0.1, groups=groups, backend="torch")
 
 
 GPU_CASES = {
@@ -91,6 +202,22 @@ GPU_CASES = {
 def test_mla_decode_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
     _check(run_case(GPU_CASES[name], "cuda", "triton"), name)
+
+
+GPU_GROUPED_CASES = {  # DeepSeek-V3's dims: 32 sequences verifying 1 or 3 drafts, mixed
+    "v3_verify_2_bf16": ("bf16", [2] * 32, 128, 512, 64, 64, 32, None, "int32"),
+    "v3_verify_mixed_bf16": ("bf16", [4, 1, 3, 2] * 8, 128, 512, 64, 64, 32, None, "int32"),
+    "v3_tp8_verify_4_bf16": ("bf16", [4] * 16, 16, 512, 64, 64, 16, None, "int32"),
+    "small_grouped_fp32": ("fp32", [3, 1, 5, 2], 8, 64, 32, 16, 8, 2, "int64"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_GROUPED_CASES))
+def test_mla_decode_grouped_gpu(name: str) -> None:
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    _check(run_grouped_case(GPU_GROUPED_CASES[name], "cuda"), name)
 
 
 def test_reference_handles_an_empty_batch() -> None:

@@ -1,0 +1,106 @@
+"""Decode rows grouped by sequence, so a verifying sequence's rows read its context once.
+
+A sequence verifying k speculative drafts is k + 1 consecutive decode rows (``models.batch``):
+one block table, lengths start + 1 .. start + k + 1. A per-row decode attention reads the
+sequence's cached context once per row. Grouped (what FlashMLA calls s_q > 1), a kernel reads it
+once per sequence and computes all of the sequence's rows against it, each row masked at its
+own length.
+
+``DecodeGroups`` describes B decode rows as S groups of consecutive rows (G = the most rows of
+a group):
+
+    rows     host list [S]: rows of each group (>= 1), adding up to B
+    cu_rows  [S + 1] int64: first row of each group, then B (the Triton kernels' map)
+    padded   [S, G] int64: group s's i-th row at (s, i); past the group's end its last row again
+             (a real row: the torch paths compute finite numbers there that nobody reads)
+    slot     [B] int64: each row's place s * G + i in ``padded`` flattened (the torch paths
+             scatter their [S * G] results back to rows with it)
+
+The rows of a group share the block table of the group's first row: the grouped kernels read
+that one only. Each row keeps its own length (``seq_lens``), which may be any value (>= 1).
+All three device tensors are built on the host from ``rows`` and copied in one piece; nothing
+is read back from the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(eq=False)
+class DecodeGroups:
+    """S groups of consecutive decode rows; see the module docstring for the layout."""
+
+    rows: list[int]
+    index: torch.Tensor  # the packed int64 device tensor ``host_index(rows)`` (any device)
+    cu_rows: torch.Tensor = field(init=False)  # [S + 1] int64
+    padded: torch.Tensor = field(init=False)  # [S, G] int64
+    slot: torch.Tensor = field(init=False)  # [B] int64
+
+    def __post_init__(self) -> None:
+        self.rows = _checked(self.rows)
+        s, g, b = self.num_groups, self.max_rows, self.num_rows
+        if self.index.shape != (s + 1 + s * g + b,) or self.index.dtype != torch.int64:
+            raise ValueError(f"index must be host_index(rows) on a device: int64 "
+                             f"[{s + 1 + s * g + b}], got {self.index.dtype} "
+                             f"{tuple(self.index.shape)}")
+        self.cu_rows = self.index[:s + 1]
+        self.padded = self.index[s + 1:s + 1 + s * g].view(s, g)
+        self.slot = self.index[s + 1 + s * g:]
+
+    @staticmethod
+    def host_index(rows: list[int]) -> np.ndarray:
+        """cu_rows, padded and slot of ``rows``, packed: int64 [S + 1 + S * G + B]."""
+        sizes = np.array(_checked(rows), dtype=np.int64)
+        s, g = len(rows), int(sizes.max())
+        cu = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(sizes, out=cu[1:])
+        within = np.arange(g, dtype=np.int64)
+        padded = cu[:-1, None] + np.minimum(within[None, :], sizes[:, None] - 1)  # [S, G]
+        flat = np.arange(s, dtype=np.int64)[:, None] * g + within[None, :]
+        slot = flat[within[None, :] < sizes[:, None]]  # row order: groups in turn
+        return np.concatenate((cu, padded.reshape(-1), slot))
+
+    @classmethod
+    def build(cls, rows: list[int], device: torch.device | str) -> DecodeGroups:
+        """``rows`` with its device tensors copied to ``device`` (one copy, no sync)."""
+        host = torch.from_numpy(cls.host_index(rows))
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return cls(rows, host.to(device, non_blocking=True))
+
+    @staticmethod
+    def rows_or_none(rows: list[int]) -> list[int] | None:
+        """``rows`` when some group has more than one row, else None: plain decode (every
+        sequence one row) keeps the per-row kernels."""
+        return list(rows) if any(n > 1 for n in rows) else None
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def max_rows(self) -> int:
+        return max(self.rows)
+
+    def check(self, batch: int, what: str) -> None:
+        """ValueError unless the groups cover ``batch`` rows of ``what``."""
+        if self.num_rows != batch:
+            raise ValueError(f"decode groups cover {self.num_rows} rows ({self.num_groups} "
+                             f"groups) but {what} has {batch}")
+
+
+def _checked(rows: list[int]) -> list[int]:
+    rows = list(rows)
+    if not rows or any(not isinstance(n, int) or n < 1 for n in rows):
+        raise ValueError(f"decode group rows must be a non-empty list of positive row counts, "
+                         f"got {rows[:8]!r}")
+    return rows
