@@ -5,7 +5,8 @@ rows the GPU waits on the host. Here each size in ``sizes`` is captured once at 
 and SGLang do, and a step of B rows replays the graph of the smallest size >= B. A row is a
 plain decode's token or one of the k + 1 tokens of a sequence verifying speculative drafts
 (``models.batch``: each row has its own block table row and seq_len, so verify rows need
-nothing of their own here):
+nothing of their own here; the graphs run the per-row decode kernels, a verifying sequence's
+context read once per row, as the captured batch has no ``decode_groups``):
 
   * the step's inputs are copied into fixed buffers (the graph reads them from there);
   * rows B..size-1 are dummy sequences: token 0 at position 0, one cached token, their KV written

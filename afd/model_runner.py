@@ -16,6 +16,7 @@ from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
 from afd.spec_decode import accept, expand_rows, speculable
+from kernels import DecodeGroups
 from models.batch import ForwardBatch
 from models.model import ExpertPath, ForwardOut, LocalExperts, MoEModel
 
@@ -173,7 +174,9 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     Attention rows (``models.batch``): decode rows first, a plain decode's one token and each
     token of a sequence verifying drafts ([last token, d1..dk]: k + 1 rows over the same block
     table, seq_lens start + 1 .. start + k + 1), then one row per prefill chunk; tokens in row
-    order. So a step of decodes and verifications is decode-only, whatever its drafts.
+    order. So a step of decodes and verifications is decode-only, whatever its drafts. With a
+    verifying sequence among them, ``decode_groups`` holds each decoding sequence's rows (1, or
+    k + 1), so that decode attention reads its context once for all of them.
 
     logits_index holds, per sequence in plan order, its rows for prompt logprobs (if it asks)
     and then its sampling rows (if this step reaches its last token): one, or with drafts one
@@ -227,18 +230,23 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
              + pos % block_size)
     if len(query_lens) != len(seqs):
         tables = np.repeat(tables, rows_of, axis=0)
+    # a verifying sequence's decode rows as one group, read once by the decode attention
+    groups = DecodeGroups.rows_or_none(rows_of[:sum(decoding)])
     # one host-to-device copy for every per-token and per-row integer
     t, b, n = len(ids), len(query_lens), len(logits_index)
-    dev = torch.from_numpy(np.concatenate(
-        (np.array(ids + seq_lens + logits_index, dtype=np.int64), pos, slots))).to(device)
+    host = [np.array(ids + seq_lens + logits_index, dtype=np.int64), pos, slots]
+    if groups is not None:
+        host.append(DecodeGroups.host_index(groups))
+    dev = torch.from_numpy(np.concatenate(host)).to(device)
     batch = ForwardBatch(
         positions=dev[t + b + n:2 * t + b + n],
-        slot_mapping=dev[2 * t + b + n:],
+        slot_mapping=dev[2 * t + b + n:3 * t + b + n],
         block_tables=torch.from_numpy(tables).to(device),
         seq_lens=dev[t:t + b],
         query_lens=query_lens,
         num_decodes=sum(s.num_new_tokens for s, d in zip(seqs, decoding) if d),
         context_lens=seq_lens,
+        decode_groups=None if groups is None else DecodeGroups(groups, dev[3 * t + b + n:]),
     )
     return dev[:t], batch, dev[t + b:t + b + n]
 

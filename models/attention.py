@@ -2,7 +2,9 @@
 
 Both write this step's keys into the cache first, then attend:
   * decode rows (one token each: a plain decode's, or one of a sequence's speculative verify
-    tokens, whose rows share its block table) in one batched call over their block tables;
+    tokens, whose rows share its block table) in one batched call over their block tables; a
+    verifying sequence's rows go as one group (``ForwardBatch.decode_groups``), its context
+    read once for all of them;
   * prefill chunks of all the other sequences in one varlen call over everything cached so far
     (causal inside the chunk, bottom-right aligned), so a chunked prompt sees exactly what an
     unchunked one would. GQA reads K/V from the paged cache; MLA first gathers every prefill
@@ -91,7 +93,7 @@ class MLAttention(nn.Module):
             q_lat = torch.einsum("thn,hnl->thl", q_nope[:nd], w_uk)  # [B, H, Dl]
             o_lat = kernels.mla_decode_attention(
                 q_lat, q_pe[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
-                self.cfg.attention_scale,
+                self.cfg.attention_scale, groups=batch.decode_groups,
             )
             out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
         layout = batch.prefill_layout()

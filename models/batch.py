@@ -5,9 +5,13 @@ The batch is a list of attention rows, decode rows first. A decode row is one to
 attends over its sequence's cache up to its own position (the batched decode path): a plain
 decode is one row; a sequence verifying speculative drafts [last token, d1..dk] is k + 1 rows
 with the same block table and seq_lens start + 1 .. start + k + 1, which is exactly causal since
-a layer writes all of the step's KV before it attends. Each row after the first ``num_decodes``
-is one prefill chunk (a prompt piece, or a recompute) of several tokens. Tokens are laid out in
-row order, so the first ``num_decodes`` tokens are the decode rows'.
+a layer writes all of the step's KV before it attends. ``decode_groups`` says which consecutive
+decode rows are one sequence's (``kernels.decode_groups``), so that decode attention reads a
+verifying sequence's context once for its k + 1 rows, not once per row; it is None when every
+decoding sequence is one row (plain decode) and on the CUDA-graph path (per row). Each row
+after the first ``num_decodes`` is one prefill chunk (a prompt piece, or a recompute) of
+several tokens. Tokens are laid out in row order, so the first ``num_decodes`` tokens are the
+decode rows'.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import PrefillLayout
+from kernels import DecodeGroups, PrefillLayout
 
 
 @dataclass
@@ -28,6 +32,8 @@ class ForwardBatch:
     query_lens: list[int]  # [B] tokens per row this step (python, for slicing)
     num_decodes: int  # the first num_decodes rows have query_len 1
     context_lens: list[int] | None = None  # seq_lens on the host (no device sync in loops)
+    # The decode rows per sequence (None: one row each): the decode attentions' groups.
+    decode_groups: DecodeGroups | None = None
     cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
     sin: torch.Tensor | None = None
     # Built by prefill_layout() on the first layer's call, shared by the others.

@@ -223,21 +223,40 @@ def _constant_model(folder: str, dest: str) -> str:
     return dest
 
 
+def _record_decode_groups(monkeypatch) -> list[list[int]]:
+    """The rows per group of every grouped MLA decode attention call."""
+    import kernels
+
+    seen, decode = [], kernels.mla_decode_attention
+
+    def spy(*args, groups=None, **kwargs):
+        if groups is not None:
+            seen.append(groups.rows)
+        return decode(*args, groups=groups, **kwargs)
+
+    monkeypatch.setattr(kernels, "mla_decode_attention", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def const_ckpt(mtp_ckpt, tmp_path_factory):
     return _constant_model(mtp_ckpt[0], str(tmp_path_factory.mktemp("const") / "ckpt"))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(const_ckpt, k):
+def test_an_mtp_that_predicts_well_gets_its_drafts_accepted(const_ckpt, monkeypatch, k):
     """Every draft right (the degenerate constant model): each step after the first emits
     k + 1 tokens, fewer only where max_tokens leaves less room (the chained drafts' lookahead
     slots were there every step: a missing slot would cut a chain and show here)."""
     folder = const_ckpt
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=4, lengths=[7, 12, 3])]
+    groups = _record_decode_groups(monkeypatch)
     want, got, stats = _plain_and_mtp(folder, params, prompts, k)
     _assert_same(want, got)
+    # each verifying sequence's k + 1 rows went to decode attention as one group (target and
+    # MTP layers alike), never one per row
+    assert [k + 1] * 3 in groups
     assert all(o.outputs[0].token_ids == [0] * 12 for o in got)
     drafts, emitted, steps = 0, 1, 0  # per sequence, after the prefill step's first token
     while emitted < 12:
