@@ -48,6 +48,11 @@ DeepSeek-V3's MLA (128 heads, q.k 192, v 128, K/V packed ragged) and Qwen3-30B-A
 query heads on 4 KV heads, 128, paged cache), 8 and 32 sequences x chunks of 512 and 2048
 queries behind cached prefixes; checked against the loop first, then timed in turn, each beside
 its floor (bytes of q, K/V and the output; the causal flops). Not part of ``--quick``.
+
+MLA verify rows (in "other kernels"): 32 sequences verifying 1 and 3 drafts (2 and 4 decode
+rows each) over 4096-token contexts at DeepSeek-V3's dims, the per-row decode kernel beside the
+grouped one (each sequence's context read once for all its rows) and the floor, then grouped
+launch variants.
 """
 
 from __future__ import annotations
@@ -785,7 +790,86 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
             log(f"{variant:57s} floor {_ms(floor)} | triton {_ms(ms)} {_ratio(ms, floor)}")
             rows.append({"op": variant, "shape": case["shape"], "floor_ms": floor,
                          "triton_ms": ms})
+    rows += bench_mla_verify(timer, ceil, errors, device, smoke)
     return rows
+
+
+# Grouped launch variants for verify rows: (heads per program, warps); rows per program are
+# rows/seq (padded to a power of two) x heads.
+MLA_VERIFY_VARIANTS = ((8, 4), (16, 8), (16, 16), (32, 8), (32, 16))
+
+
+def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
+                     rounds: int = 3) -> list:
+    """MLA decode of speculative verify rows at DeepSeek-V3's dims (128 heads, latent 512, rope
+    64, bf16 cache in blocks of 64): 32 sequences x (k + 1) = 2 and 4 rows, contexts about 4096.
+    Per row (``mla_decode_attention_triton``: every row reads its sequence's context) beside
+    grouped (``mla_decode_attention_grouped_triton``: once per sequence), timed in turn, and
+    the floor: each sequence's context read once, plus the rows' flops. Then grouped launch
+    variants. Checked first against the per-row torch reference."""
+    from kernels.decode_groups import DecodeGroups
+    from kernels.mla_decode import mla_decode_attention_grouped_torch
+    from kernels.mla_decode_triton import mla_decode_attention_grouped_triton
+
+    seqs, heads, d_lat, d_rope, ctx, block = ((2, 16, 32, 16, 64, 16) if smoke
+                                              else (32, 128, 512, 64, 4096, 64))
+    out = []
+    for per_seq in (2, 4):
+        label = f"mla_verify {per_seq} rows/seq"
+        blocks_per_seq = ctx // block
+        kv = torch.randn(seqs * blocks_per_seq, block, d_lat + d_rope, device=device,
+                         dtype=torch.bfloat16)
+        seq_tables = torch.randperm(seqs * blocks_per_seq, device=device).view(seqs, -1).int()
+        tables = seq_tables.repeat_interleave(per_seq, dim=0)
+        # each sequence's rows end at ctx - per_seq + 1 .. ctx, as a verify step's
+        lens = (ctx - per_seq + 1 + torch.arange(per_seq, device=device)).repeat(seqs)
+        batch = seqs * per_seq
+        q_lat = torch.randn(batch, heads, d_lat, device=device, dtype=torch.bfloat16)
+        q_pe = torch.randn(batch, heads, d_rope, device=device, dtype=torch.bfloat16)
+        scale = (d_lat + d_rope) ** -0.5
+        groups = DecodeGroups.build([per_seq] * seqs, device)
+        args = (q_lat, q_pe, kv, tables, lens, scale)
+        moved = kv.numel() * 2 + 2 * q_lat.numel() * 2 + q_pe.numel() * 2  # context once, q, o
+        floor = _roofline_ms(ceil, moved, batch * heads * ctx * 2 * (2 * d_lat + d_rope))
+        shape = (f"S={seqs}x{per_seq} rows H={heads} {d_lat}+{d_rope} ctx={ctx} "
+                 f"block={block}")
+
+        def check(args=args, groups=groups):
+            ref = mla_decode_attention_torch(*args)
+            return {"per_row": rel_err(mla_decode_attention_triton(*args), ref),
+                    "grouped": rel_err(mla_decode_attention_grouped_triton(*args, groups), ref),
+                    "grouped_torch": rel_err(mla_decode_attention_grouped_torch(*args, groups),
+                                             ref)}
+
+        errs = guarded(errors, f"check {label}", check, {})
+        times = timed_in_turn(timer, errors, label, {
+            "per_row": lambda args=args: mla_decode_attention_triton(*args),
+            "grouped": lambda args=args, groups=groups: mla_decode_attention_grouped_triton(
+                *args, groups),
+            # both torch paths read the longest length on the host: timed as launched
+            "torch_per_row": eager(lambda args=args: mla_decode_attention_torch(*args)),
+            "torch_grouped": eager(lambda args=args, groups=groups:
+                                   mla_decode_attention_grouped_torch(*args, groups)),
+        }, rounds)
+        row = {"op": label, "shape": shape, "floor_ms": floor, "rel_err": errs}
+        for name, (ms, spread) in times.items():
+            row[f"{name}_ms"], row[f"{name}_spread"] = ms, spread
+        log(f"{label:18s} {shape:44s} floor {_ms(floor)} | per row {_ms(row['per_row_ms'])} "
+            f"{_ratio(row['per_row_ms'], floor)} | grouped {_ms(row['grouped_ms'])} "
+            f"{_ratio(row['grouped_ms'], floor)} | per row/grouped "
+            f"{_ratio(row['per_row_ms'], row['grouped_ms'])} | torch per row/grouped "
+            f"{_ratio(row['torch_per_row_ms'], row['torch_grouped_ms'])} | rel err {errs}")
+        out.append(row)
+        variants = {f"bh={bh} warps={warps}": (
+            lambda args=args, groups=groups, bh=bh, warps=warps:
+            mla_decode_attention_grouped_triton(*args, groups, block_h=bh, num_warps=warps))
+            for bh, warps in MLA_VERIFY_VARIANTS
+            if not (smoke and (bh > 16 or warps > 4)) and bh * per_seq <= 128}
+        for name, (ms, spread) in timed_in_turn(timer, errors, label, variants, 1).items():
+            log(f"{label} grouped {name:16s} floor {_ms(floor)} | {_ms(ms)} {_ratio(ms, floor)}")
+            out.append({"op": f"{label} grouped {name}", "shape": shape, "floor_ms": floor,
+                        "grouped_ms": ms})
+    return out
 
 
 def _gqa_inputs(device: str, batch: int, ctx: int, smoke: bool) -> dict:
