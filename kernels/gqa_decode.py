@@ -5,6 +5,11 @@ its group's KV head (query head h uses KV head h // G, as Hugging Face's ``repea
 
     score[b,h,l] = scale * q[b,h] . k[b,l,h//G]
     out[b,h]     = sum_l softmax_l(score[b,h,:]) * v[b,l,h//G]      over l < seq_lens[b]
+
+Rows b are decode rows (one query token each). ``gqa_decode_attention_torch`` is the per-row
+reference. With ``groups`` (``kernels.decode_groups``: a sequence verifying k drafts is k + 1
+consecutive rows over one block table) the grouped paths read each group's K/V once for all of
+its rows, each row masked at its own length; the result is the per-row one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
+from kernels.decode_groups import DecodeGroups
 
 
 def gqa_decode_attention_torch(
@@ -49,6 +55,38 @@ def gqa_decode_attention_torch(
     return out.reshape(batch, heads, dim).to(q.dtype)
 
 
+def gqa_decode_attention_grouped_torch(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    groups: DecodeGroups,
+) -> torch.Tensor:
+    """``gqa_decode_attention_torch``'s contract over rows in ``groups``: each group's K/V
+    gathered once ([S, L, KVH, D], through its first row's block table) and its G rows' query
+    heads scored against it together, each row masked at its own length. Rows of a group must
+    share their block table."""
+    batch, heads, dim = q.shape
+    groups.check(batch, "q")
+    num, rows = groups.num_groups, groups.max_rows
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = heads // kv_heads
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    idx = block_tables[groups.cu_rows[:-1], :num_blocks].long()
+    keys = kv_cache[0][idx].reshape(num, num_blocks * block_size, kv_heads, dim)
+    values = kv_cache[1][idx].reshape(num, num_blocks * block_size, kv_heads, dim)
+    qg = q[groups.padded].float().view(num, rows, kv_heads, group, dim)  # [S, G, KVH, Gq, D]
+    scores = torch.einsum("srkgd,slkd->srkgl", qg, keys.float()) * scale  # [S, G, KVH, Gq, L]
+    pos = torch.arange(keys.shape[1], device=q.device)
+    lens = seq_lens[groups.padded]  # [S, G]
+    scores.masked_fill_(pos >= lens[:, :, None, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("srkgl,slkd->srkgd", probs, values.float())  # [S, G, KVH, Gq, D]
+    return out.reshape(num * rows, heads, dim)[groups.slot].to(q.dtype)
+
+
 def gqa_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -56,12 +94,20 @@ def gqa_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    groups: DecodeGroups | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """See ``gqa_decode_attention_torch``. The Triton path reads nothing on the host (its split
-    count depends on shapes only), so a CUDA graph can capture it."""
+    """See ``gqa_decode_attention_torch``; ``groups``: the rows' sequences (None: per row).
+    The Triton paths read nothing on the host (their split counts depend on shapes only), so a
+    CUDA graph can capture the per-row one."""
+    args = (q, kv_cache, block_tables, seq_lens, scale)
     if resolve_backend(backend, q, kv_cache) == "triton":
-        from kernels.gqa_decode_triton import gqa_decode_attention_triton
+        from kernels.gqa_decode_triton import (gqa_decode_attention_grouped_triton,
+                                               gqa_decode_attention_triton)
 
-        return gqa_decode_attention_triton(q, kv_cache, block_tables, seq_lens, scale)
-    return gqa_decode_attention_torch(q, kv_cache, block_tables, seq_lens, scale)
+        if groups is None:
+            return gqa_decode_attention_triton(*args)
+        return gqa_decode_attention_grouped_triton(*args, groups)
+    if groups is None:
+        return gqa_decode_attention_torch(*args)
+    return gqa_decode_attention_grouped_torch(*args, groups)

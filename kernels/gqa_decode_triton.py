@@ -12,6 +12,14 @@ replay it for any lengths that fit the table. With few sequences x KV heads the 
 (flash-decoding): each split writes its normalized partial output and log2-sum-exp2, and
 ``triton_utils.combine_splits_kernel`` merges them; a split past a short sequence's end writes
 an empty partial that the combine weighs zero.
+
+Grouped rows (``kernels.decode_groups``: a sequence verifying k drafts is k + 1 consecutive rows
+over one block table): ``gqa_decode_grouped_kernel`` runs one program per (KV head, tile of a
+group's rows, split). Its query tile stacks the tile's rows times the G query heads of its KV
+head as the M dimension, m = row * G_POW2 + g (G_POW2 = G rounded up to a power of two), so each
+key and value is read once for all of them, and each score is masked at its own row's length;
+Qwen3-30B-A3B's 8 heads per KV head make 2 rows a full 16-row tile. A group gets one tile unless
+its rows x G_POW2 pass BLOCK_M (64 on a GPU). The per-row kernel stays for plain decode.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (check_paged_kv, combine_splits, dot, dot_mode,
+from kernels.decode_groups import DecodeGroups
+from kernels.triton_utils import (cdiv, check_paged_kv, combine_splits, dot, dot_mode,
                                   interp_bf16, next_pow2, num_sms, rne_bf16, split_buffers,
                                   split_count)
 
@@ -97,6 +106,87 @@ def gqa_decode_kernel(
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=g_ok)
 
 
+@triton.jit
+def gqa_decode_grouped_kernel(
+    q_ptr,  # [B, H, D], query head h = kv_head * group + g
+    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values
+    table_ptr,  # [B, max_blocks] block ids; a group reads its first row's
+    seq_lens_ptr,  # [B] per row, >= 1
+    cu_rows_ptr,  # [S + 1] first row of each group, then B
+    out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
+    lse_ptr,  # [B, H, NUM_SPLITS] fp32 (NUM_SPLITS > 1 only)
+    group, num_heads, row_tiles, head_dim, block_size, scale_log2,
+    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kvh,
+    stride_tb, stride_tc, stride_sl, stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    seq_group = tl.program_id(1) // row_tiles
+    tile = tl.program_id(1) % row_tiles
+    split = tl.program_id(2)
+    first = tl.load(cu_rows_ptr + seq_group).to(tl.int64)
+    num_rows = tl.load(cu_rows_ptr + seq_group + 1).to(tl.int64) - first  # 0: an empty group
+    offs_m = tl.arange(0, BLOCK_M)
+    r = tile * (BLOCK_M // G_POW2) + offs_m // G_POW2  # row within the group
+    g = offs_m % G_POW2
+    m_ok = (r < num_rows) & (g < group)
+    row = first + r  # [M]
+    heads = kv_head * group + g
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < head_dim
+    q = tl.load(q_ptr + row[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+    kv_dtype = kv_ptr.dtype.element_ty
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+
+    row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
+    seq_len = tl.max(row_len, 0)  # the tile's longest row
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        toks = start + tl.arange(0, BLOCK_N)
+        t_ok = toks < hi
+        block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
+                        mask=t_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0)  # [N, D]
+        s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, N]
+        s = tl.where(seen, s * scale_log2, float("-inf"))
+        # A row that ends before this chunk has seen nothing yet: m stays -inf, and the
+        # exponents use 0 instead so that they give 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), v, acc * alpha[:, None], DOT_MODE)
+        m_i = m_new
+
+    # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = m_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        o_ptrs = (out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh
+                  + split * head_dim + offs_d[None, :])
+        tl.store(o_ptrs, out, mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (row * num_heads + heads) * NUM_SPLITS + split, lse, mask=m_ok)
+
+
 MIN_SPLIT_TOKENS = 256  # below this a split's loop is too short to pay for its partial's round trip
 MAX_SPLITS = 64
 
@@ -112,6 +202,20 @@ def default_launch(group: int, head_dim: int, on_gpu: bool) -> dict:
         return {"block_n": 16, "num_warps": 4, "num_stages": 1}
     acc_regs = max(16, next_pow2(group)) * max(16, next_pow2(head_dim)) // 128
     return {"block_n": 64, "num_warps": 8 if acc_regs > 64 else 4, "num_stages": 2}
+
+
+def grouped_launch(group: int, max_rows: int, head_dim: int, on_gpu: bool) -> dict:
+    """Rows per program for groups of up to ``max_rows`` rows (each row G = ``group`` query
+    heads, padded to a power of two): as many of a group's rows as fit BLOCK_M = 64 query rows
+    on a GPU (32 under the interpreter), BLOCK_M at least 16 (the dots' smallest M); tokens per
+    step, warps and stages as ``default_launch``'s for that many rows. Not tuned on a GPU."""
+    g_pow2 = next_pow2(group)
+    cap = 64 if on_gpu else 32
+    rows = min(next_pow2(max_rows), max(1, cap // g_pow2))
+    block_m = max(16, rows * g_pow2)
+    launch = default_launch(block_m, head_dim, on_gpu)
+    return {**launch, "g_pow2": g_pow2, "block_m": block_m,
+            "row_tiles": cdiv(max_rows, block_m // g_pow2)}
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
@@ -168,5 +272,61 @@ def gqa_decode_attention_triton(
     gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, part, lse, *dims,
                             part.stride(0), part.stride(1),
                             NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
+    combine_splits(part, lse, out, d_pad)
+    return out
+
+
+def gqa_decode_attention_grouped_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    groups: DecodeGroups,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``gqa_decode.gqa_decode_attention_grouped_torch``: each group's K/V read
+    once for all its rows (``gqa_decode_grouped_kernel``). Nothing read on the host."""
+    batch, num_heads, head_dim = q.shape
+    check_paged_kv(q, kv_cache, "[B, H, D]")
+    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)} must have one row per row of q ({batch})")
+    groups.check(batch, "q")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_heads == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    block_size, kv_heads = kv.shape[2], kv.shape[3]
+    group = num_heads // kv_heads
+    interp = not q.is_cuda
+    launch = grouped_launch(group, groups.max_rows, head_dim, on_gpu=not interp)
+    programs = groups.num_groups * launch["row_tiles"]
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, kv_heads, block_tables.shape[1] * block_size,
+                                       num_sms(q.device))
+    d_pad = max(16, next_pow2(head_dim))
+    common = {"G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
+              "BLOCK_N": block_n or launch["block_n"], "D_PAD": d_pad,
+              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "num_stages": launch["num_stages"]}
+    grid = (kv_heads, programs, num_splits)
+    args = (q, kv, block_tables, seq_lens, groups.cu_rows)
+    dims = (group, num_heads, launch["row_tiles"], head_dim, block_size,
+            scale * math.log2(math.e), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+            kv.stride(2), kv.stride(3), block_tables.stride(0), block_tables.stride(1),
+            seq_lens.stride(0))
+    if num_splits == 1:
+        gqa_decode_grouped_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
+                                        NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype),
+                                        **common)
+        return out
+    part, lse = split_buffers(out, num_splits)
+    gqa_decode_grouped_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
+                                    NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
     combine_splits(part, lse, out, d_pad)
     return out

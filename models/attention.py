@@ -148,7 +148,8 @@ class GQAttention(nn.Module):
         nd = batch.num_decodes
         if nd:
             out[:nd] = kernels.gqa_decode_attention(q[:nd], cache, batch.block_tables[:nd],
-                                                    batch.seq_lens[:nd], scale)
+                                                    batch.seq_lens[:nd], scale,
+                                                    groups=batch.decode_groups)
         layout = batch.prefill_layout()
         if layout is not None:
             out[nd:] = kernels.paged_prefill_attention(q[nd:], cache, batch.block_tables[nd:],

@@ -1,4 +1,5 @@
-"""Triton paged GQA decode attention against the torch reference.
+"""Triton paged GQA decode attention against the torch reference, per row and grouped by
+sequence (a verifying sequence's rows reading its K/V once: ``kernels.decode_groups``).
 
 CPU cases run under TRITON_INTERPRET=1 in a fresh subprocess (see kernels.testing).
 """
@@ -13,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.decode_groups import DecodeGroups
 from kernels.gqa_decode import gqa_decode_attention, gqa_decode_attention_torch
 from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
-                             seed_case, tolerance)
+                             seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -63,8 +65,55 @@ def run_case(spec: tuple, device: str, backend: str) -> dict:
     return {"err": rel_err(out, ref), "tol": tolerance(q.dtype), "dtype_ok": out.dtype == ref.dtype}
 
 
+# Grouped rows: name -> (dtype, rows per group, heads, kv_heads, head_dim, block_size,
+#                        blocks per seq, splits or None, table dtype[, strided[, starts]])
+GROUPED_CASES = {
+    "grouped_g4_fp32": ("fp32", [1, 3, 2, 5, 1, 4], 8, 2, 64, 4, 5, 1, "int32"),
+    "grouped_g2_splits_fp32": ("fp32", [2, 1, 4, 3], 4, 2, 64, 4, 5, 3, "int64"),
+    "grouped_g3_d80_block5_fp32": ("fp32", [3, 2, 1], 6, 2, 80, 5, 6, None, "int32"),
+    "grouped_g4_bf16": ("bf16", [2, 2, 4, 1, 3], 8, 2, 64, 16, 4, 1, "int32"),
+    "grouped_g2_splits_bf16": ("bf16", [3, 5, 1], 4, 2, 80, 8, 4, 2, "int32"),
+    # 8 heads per KV head: 4 rows a program under the interpreter, so 5 and 7 rows take 2 tiles
+    "grouped_g8_row_tiles_fp32": ("fp32", [5, 7, 2], 16, 2, 32, 4, 5, 2, "int32"),
+    "grouped_more_splits_than_tokens_fp32": ("fp32", [2, 1, 2, 5], 4, 2, 16, 2, 3, 8, "int32"),
+    "grouped_strided_fp32": ("fp32", [4, 1, 2], 4, 2, 48, 4, 10, 2, "int64", True),
+    "grouped_all_ones_fp32": ("fp32", [1, 1, 1, 1], 4, 2, 32, 4, 5, 2, "int32"),
+    # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
+    "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 4, 2, 32, 4, 10, 2, "int32",
+                                             False, [29, 3]),
+}
+
+
+def make_grouped_inputs(spec: tuple, device: str):
+    dtype, rows, heads, kv_heads, dim, block_size, max_blocks, _, table_dtype = spec[:9]
+    dtype = DTYPES[dtype]
+    strided = len(spec) > 9 and spec[9]
+    tables, seq_lens, num_blocks = verify_tables(rows, max_blocks, block_size, table_dtype, device,
+                                                 spec[10] if len(spec) > 10 else None)
+    batch = len(seq_lens)
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(dtype)
+    q = torch.randn(batch, heads, dim, device=device).to(dtype)
+    if strided:  # a column-major table, strided lengths, head stride 2 * dim
+        tables = tables.t().contiguous().t()
+        seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
+        q = torch.cat([q, torch.zeros_like(q)], -1)[..., :dim]
+    return q, kv, tables, seq_lens, dim**-0.5, DecodeGroups.build(rows, device)
+
+
+def run_grouped_case(spec: tuple, device: str) -> dict:
+    from kernels.gqa_decode_triton import gqa_decode_attention_grouped_triton
+
+    q, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, device)
+    out = gqa_decode_attention_grouped_triton(q, kv, tables, seq_lens, scale, groups,
+                                              num_splits=spec[7])
+    ref = gqa_decode_attention_torch(q, kv, tables, seq_lens, scale)
+    return {"err": rel_err(out, ref), "tol": tolerance(q.dtype), "dtype_ok": out.dtype == ref.dtype}
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     seed_case(name, seed)
+    if name in GROUPED_CASES:
+        return run_grouped_case(GROUPED_CASES[name], "cpu")
     if name == "empty_batch":
         out = gqa_decode_attention(torch.randn(0, 4, 16), torch.randn(2, 3, 4, 2, 16),
                                    torch.zeros(0, 2, dtype=torch.int32),
@@ -81,12 +130,36 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, [*CASES, "empty_batch"], SEED)
+    return run_in_interpreter(__file__, [*CASES, "empty_batch", *GROUPED_CASES], SEED)
 
 
 @pytest.mark.parametrize("name", [*CASES, "empty_batch"])
 def test_gqa_decode_interpreter(interpreter_results: dict, name: str) -> None:
     check_result(interpreter_results[name], name, SEED)
+
+
+@pytest.mark.parametrize("name", list(GROUPED_CASES))
+def test_gqa_decode_grouped_interpreter(interpreter_results: dict, name: str) -> None:
+    """The grouped kernel (one program per KV head x tile of a sequence's rows x split) gives
+    each row what the per-row reference does: groups of 1..7 rows, lengths off block
+    boundaries, one-token contexts, rows that end before a split, strided inputs."""
+    check_result(interpreter_results[name], name, SEED)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("trial", range(4))
+def test_grouped_torch_path_matches_the_per_row_reference(dtype: str, trial: int) -> None:
+    """Random ragged groups (1..5 rows, the first a one-token context, block size 4 with
+    lengths anywhere in the block): fp32 to rounding, bf16 within its tolerance."""
+    torch.manual_seed(SEED + trial)
+    rows = torch.randint(1, 6, (int(torch.randint(1, 9, ())),)).tolist()
+    spec = (dtype, rows, 6, 2, 32, 4, 5, None, "int32")
+    q, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, "cpu")
+    want = gqa_decode_attention_torch(q, kv, tables, seq_lens, scale)
+    got = gqa_decode_attention(q, kv, tables, seq_lens, scale, groups=groups, backend="torch")
+    assert got.dtype == want.dtype
+    assert rel_err(got, want) < (1e-6 if dtype == "fp32" else tolerance(torch.bfloat16)), (
+        f"seed {SEED}, rows {rows}")
 
 
 GPU_CASES = {
@@ -103,6 +176,22 @@ GPU_CASES = {
 def test_gqa_decode_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
     check_result(run_case(GPU_CASES[name], "cuda", "triton"), name, SEED)
+
+
+GPU_GROUPED_CASES = {  # Qwen3-30B-A3B's attention: 32 sequences verifying 1 or 3 drafts
+    "qwen3_30b_verify_2_bf16": ("bf16", [2] * 32, 32, 4, 128, 16, 64, None, "int32"),
+    "qwen3_30b_verify_mixed_bf16": ("bf16", [4, 1, 3, 2] * 8, 32, 4, 128, 16, 64, None, "int32"),
+    "qwen3_235b_verify_5_bf16": ("bf16", [5] * 8, 64, 4, 128, 16, 64, None, "int32"),
+    "d80_g3_grouped_fp32": ("fp32", [3, 1, 5, 2], 12, 4, 80, 16, 8, 2, "int64"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_GROUPED_CASES))
+def test_gqa_decode_grouped_gpu(name: str) -> None:
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    check_result(run_grouped_case(GPU_GROUPED_CASES[name], "cuda"), name, SEED)
 
 
 def test_reference_matches_per_sequence_sdpa() -> None:

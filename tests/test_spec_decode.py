@@ -397,8 +397,9 @@ def test_verify_tokens_are_decode_rows_in_the_batch():
     assert plain.num_decodes == 1 and plain.decode_groups is None
 
 
-def _spy_attention(monkeypatch) -> dict[str, int]:
-    """Count calls of the decode and the prefill attention entry points (MLA and GQA)."""
+def _spy_attention(monkeypatch, grouped: list | None = None) -> dict[str, int]:
+    """Count calls of the decode and the prefill attention entry points (MLA and GQA);
+    ``grouped`` gets the rows per group of each decode call given decode groups."""
     import kernels
 
     calls = {"decode": 0, "prefill": 0}
@@ -407,6 +408,8 @@ def _spy_attention(monkeypatch) -> dict[str, int]:
                        ("paged_prefill_attention", "prefill")):
         def counted(*args, _fn=getattr(kernels, name), _kind=kind, **kwargs):
             calls[_kind] += 1
+            if grouped is not None and kwargs.get("groups") is not None:
+                grouped.append(kwargs["groups"].rows)
             return _fn(*args, **kwargs)
         monkeypatch.setattr(kernels, name, counted)
     return calls
@@ -467,14 +470,15 @@ def mla_graph_engine():
 @pytest.mark.parametrize("attention", ["mla", "gqa"])
 def test_verify_steps_take_the_decode_path(attention, engines, qwen3_engines, monkeypatch):
     """A step whose sequences decode or verify drafts is all decode rows: the decode attention
-    runs, the prefill attention does not (it runs only in steps with prompt chunks). Outputs are
-    the plain engine's, and the KV the verify rows wrote (accepted drafts included) is the
-    plain decode steps' KV."""
+    runs, the prefill attention does not (it runs only in steps with prompt chunks), given
+    each verifying sequence's rows as one group. Outputs are the plain engine's, and the KV the
+    verify rows wrote (accepted drafts included) is the plain decode steps' KV."""
     base, spec = engines if attention == "mla" else qwen3_engines[:2]
     base.reset_prefix_cache()
     spec.reset_prefix_cache()
     batches = _spy_batches(spec)
-    calls = _spy_attention(monkeypatch)
+    grouped: list[list[int]] = []
+    calls = _spy_attention(monkeypatch, grouped)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     want = base.generate(PROMPTS, params, use_tqdm=False)
     calls.update(decode=0, prefill=0)
@@ -492,6 +496,9 @@ def test_verify_steps_take_the_decode_path(attention, engines, qwen3_engines, mo
     with_decode = sum(1 for *_, b in batches if b.num_decodes)
     assert with_prefill <= 2  # the prompts' steps
     assert calls == {"decode": layers * with_decode, "prefill": layers * with_prefill}
+    # a verifying sequence's rows go to decode attention as one group (its context read once)
+    groups = [b.decode_groups.rows for *_, b in batches if b.decode_groups is not None]
+    assert len(groups) >= 4 and grouped == [rows for rows in groups for _ in range(layers)]
     assert _assert_cached_kv_equal(spec, base) >= 8
 
 
