@@ -24,6 +24,12 @@
 #                                        # varlen kernel beside the loop and the floor at
 #                                        # DeepSeek-V3 MLA and Qwen3-30B-A3B GQA dims, 8 and 32
 #                                        # sequences x chunks of 512 and 2048; launch variants)
+#   VERIFY=1 bash bench/gpu_kernels.sh   # speculative verify rows only, ~2 min (at most
+#                                        # 120+150 s): the grouped decode GPU tests (MLA, GQA),
+#                                        # then bench/kernels.py --verify-only (per-row kernel
+#                                        # beside the grouped one and the floor, 32 sequences x
+#                                        # 2 and 4 rows, DeepSeek-V3 MLA and Qwen3-30B-A3B GQA;
+#                                        # MLA grouped launch variants)
 # The full run includes the FP8 GPU tests and the FP8 table too (after the bf16 one), and the
 # prefill attention tests and rows; QUICK leaves them to FP8=1 and PREFILL=1, so that its time
 # stays what the plan in bench/results/README.md assumes.
@@ -42,6 +48,7 @@ SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-150}
 QUICK=${QUICK:-0}
 FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
+VERIFY=${VERIFY:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-300}
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -52,7 +59,7 @@ source bench/gpu_env.sh gpu_kernels
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL"
+  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL verify $VERIFY"
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
@@ -76,7 +83,12 @@ run_bench() {
   bench_rc=${PIPESTATUS[0]}
 }
 
-if [ "$PREFILL" = 1 ]; then
+if [ "$VERIFY" = 1 ]; then
+  run_tests 120 "GPU grouped decode attention tests" -k grouped tests/test_kernels_mla.py \
+    tests/test_kernels_gqa.py
+  run_bench 150 "benchmark --verify-only (writes $OUT/kernels.json)" --verify-only \
+    --budget-s 120
+elif [ "$PREFILL" = 1 ]; then
   run_tests 120 "GPU prefill attention tests" tests/test_kernels_prefill.py
   run_bench 240 "benchmark --prefill-only (writes $OUT/kernels.json)" --prefill-only \
     --budget-s 200 --rounds "$ROUNDS"

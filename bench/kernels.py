@@ -6,6 +6,7 @@ hot-path kernels against their torch references.
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
     python bench/kernels.py --fp8-only [--smoke]                           # FP8 MoE only
     python bench/kernels.py --prefill-only [--smoke]                       # prefill attention
+    python bench/kernels.py --verify-only [--smoke]                        # verify-row decode
 
 MoE at DeepSeek-V3 expert dims (hidden 7168, intermediate 2048, bf16), 8 and 32 local experts,
 m = 1..512 tokens per expert, each beside
@@ -49,10 +50,11 @@ query heads on 4 KV heads, 128, paged cache), 8 and 32 sequences x chunks of 512
 queries behind cached prefixes; checked against the loop first, then timed in turn, each beside
 its floor (bytes of q, K/V and the output; the causal flops). Not part of ``--quick``.
 
-MLA verify rows (in "other kernels"): 32 sequences verifying 1 and 3 drafts (2 and 4 decode
-rows each) over 4096-token contexts at DeepSeek-V3's dims, the per-row decode kernel beside the
-grouped one (each sequence's context read once for all its rows) and the floor, then grouped
-launch variants.
+Verify rows (the full run, after the other kernels, or ``--verify-only``): MLA decode for 32
+sequences verifying 1 and 3 drafts (2 and 4 decode rows each) over 4096-token contexts at
+DeepSeek-V3's dims, the per-row decode kernel beside the grouped one (each sequence's context
+read once for all its rows) and the floor, then grouped launch variants; the same for GQA verify
+rows at Qwen3-30B-A3B's attention.
 """
 
 from __future__ import annotations
@@ -790,13 +792,66 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
             log(f"{variant:57s} floor {_ms(floor)} | triton {_ms(ms)} {_ratio(ms, floor)}")
             rows.append({"op": variant, "shape": case["shape"], "floor_ms": floor,
                          "triton_ms": ms})
-    rows += bench_mla_verify(timer, ceil, errors, device, smoke)
     return rows
 
 
-# Grouped launch variants for verify rows: (heads per program, warps); rows per program are
-# rows/seq (padded to a power of two) x heads.
-MLA_VERIFY_VARIANTS = ((8, 4), (16, 8), (16, 16), (32, 8), (32, 16))
+def bench_gqa_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
+                     rounds: int = 3) -> list:
+    """GQA decode of verify rows at Qwen3-30B-A3B's attention (32 query heads on 4 KV heads,
+    128, bf16 cache in blocks of 16): 32 sequences x 2 and 4 rows over about 4096 tokens, per
+    row beside grouped (each sequence's K/V read once) and the floor, checked first."""
+    from kernels.decode_groups import DecodeGroups
+    from kernels.gqa_decode_triton import gqa_decode_attention_grouped_triton
+
+    seqs, heads, kv_heads, dim, ctx, block = ((2, 4, 2, 80, 64, 16) if smoke
+                                              else (32, 32, 4, 128, 4096, 16))
+    out = []
+    for per_seq in (2, 4):
+        label = f"gqa_verify {per_seq} rows/seq"
+        blocks_per_seq = ctx // block
+        kv = torch.randn(2, seqs * blocks_per_seq, block, kv_heads, dim, device=device,
+                         dtype=torch.bfloat16)
+        seq_tables = torch.randperm(seqs * blocks_per_seq, device=device).view(seqs, -1).int()
+        tables = seq_tables.repeat_interleave(per_seq, dim=0)
+        lens = (ctx - per_seq + 1 + torch.arange(per_seq, device=device)).repeat(seqs)
+        q = torch.randn(seqs * per_seq, heads, dim, device=device, dtype=torch.bfloat16)
+        groups = DecodeGroups.build([per_seq] * seqs, device)
+        args = (q, kv, tables, lens, dim**-0.5)
+        floor = _roofline_ms(ceil, kv.numel() * 2 + 2 * q.numel() * 2,
+                             4 * q.shape[0] * heads * ctx * dim)
+        shape = f"S={seqs}x{per_seq} rows H={heads}/{kv_heads} D={dim} ctx={ctx} block={block}"
+
+        def check(args=args, groups=groups):
+            ref = gqa_decode_attention_torch(*args)
+            return {"per_row": rel_err(gqa_decode_attention_triton(*args), ref),
+                    "grouped": rel_err(gqa_decode_attention_grouped_triton(*args, groups), ref)}
+
+        errs = guarded(errors, f"check {label}", check, {})
+        times = timed_in_turn(timer, errors, label, {
+            "per_row": lambda args=args: gqa_decode_attention_triton(*args),
+            "grouped": lambda args=args, groups=groups: gqa_decode_attention_grouped_triton(
+                *args, groups)}, rounds)
+        row = {"op": label, "shape": shape, "floor_ms": floor, "rel_err": errs}
+        for name, (ms, spread) in times.items():
+            row[f"{name}_ms"], row[f"{name}_spread"] = ms, spread
+        log(f"{label:18s} {shape:44s} floor {_ms(floor)} | per row {_ms(row['per_row_ms'])} "
+            f"{_ratio(row['per_row_ms'], floor)} | grouped {_ms(row['grouped_ms'])} "
+            f"{_ratio(row['grouped_ms'], floor)} | per row/grouped "
+            f"{_ratio(row['per_row_ms'], row['grouped_ms'])} | rel err {errs}")
+        out.append(row)
+    return out
+
+
+def bench_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
+    """Decode attention of speculative verify rows, MLA then GQA: per row beside grouped."""
+    return (bench_mla_verify(timer, ceil, errors, device, smoke)
+            + bench_gqa_verify(timer, ceil, errors, device, smoke))
+
+
+# Grouped launch variants for verify rows: (heads per program, tokens per step, warps); rows
+# per program are rows/seq (padded to a power of two) x heads.
+MLA_VERIFY_VARIANTS = ((8, 32, 4), (16, 32, 8), (16, 16, 8), (32, 16, 8), (32, 32, 8),
+                       (32, 16, 16))
 
 
 def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
@@ -860,11 +915,12 @@ def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke:
             f"{_ratio(row['per_row_ms'], row['grouped_ms'])} | torch per row/grouped "
             f"{_ratio(row['torch_per_row_ms'], row['torch_grouped_ms'])} | rel err {errs}")
         out.append(row)
-        variants = {f"bh={bh} warps={warps}": (
-            lambda args=args, groups=groups, bh=bh, warps=warps:
-            mla_decode_attention_grouped_triton(*args, groups, block_h=bh, num_warps=warps))
-            for bh, warps in MLA_VERIFY_VARIANTS
-            if not (smoke and (bh > 16 or warps > 4)) and bh * per_seq <= 128}
+        variants = {f"bh={bh} bn={bn} warps={warps}": (
+            lambda args=args, groups=groups, bh=bh, bn=bn, warps=warps:
+            mla_decode_attention_grouped_triton(*args, groups, block_h=bh, block_n=bn,
+                                                num_warps=warps))
+            for bh, bn, warps in MLA_VERIFY_VARIANTS
+            if not (smoke and warps > 4) and bh * per_seq <= 128}
         for name, (ms, spread) in timed_in_turn(timer, errors, label, variants, 1).items():
             log(f"{label} grouped {name:16s} floor {_ms(floor)} | {_ms(ms)} {_ratio(ms, floor)}")
             out.append({"op": f"{label} grouped {name}", "shape": shape, "floor_ms": floor,
@@ -1056,6 +1112,8 @@ def main() -> None:
     parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 MoE rows")
     parser.add_argument("--prefill-only", action="store_true",
                         help="only the varlen prefill attention rows (and the ceilings)")
+    parser.add_argument("--verify-only", action="store_true",
+                        help="only the MLA and GQA verify-row decode rows (and the ceilings)")
     parser.add_argument("--eager", action="store_true",
                         help="time every call as launched from the host (do_bench, L2 flushed "
                              "before each call) instead of replayed from a CUDA graph")
@@ -1082,17 +1140,23 @@ def main() -> None:
             "timing": "wall clock" if not cuda else "host-launched (do_bench)" if args.eager
             else "CUDA graph replay (do_bench_cudagraph); grouped_eager_ms host-launched"}
     log(f"{info}")
-    result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": [], "prefill": []}
+    result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": [], "prefill": [],
+              "verify": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
     try:
         result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
+        only = args.fp8_only or args.prefill_only or args.verify_only
         if args.prefill_only:
             log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
             result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
                                               args.rounds, deadline, result["checks"])
+        elif args.verify_only:
+            log(f"[{time.time() - start:.0f}s] verify rows, per row and grouped (ratios: to "
+                f"the floor)")
+            result["verify"] = bench_verify(timer, ceil, errors, device, args.smoke)
         elif not args.fp8_only:
             check_moe(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to "
@@ -1100,7 +1164,7 @@ def main() -> None:
             bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                       result["moe"])  # filled as it goes: a killed run keeps it
             result["summary"] = summarize(result["moe"])
-        if not args.no_fp8 and not args.prefill_only:
+        if not args.no_fp8 and not (args.prefill_only or args.verify_only):
             check_fp8(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] FP8 MoE timings (block-scaled [128, 128]; each "
                 f"to its own floor)")
@@ -1109,7 +1173,7 @@ def main() -> None:
         # Kept now: a later stage can hang the device (a kill -9 skips the finally below).
         write_json(result, [os.environ.get("OUT") and os.path.join(os.environ["OUT"],
                                                                    "kernels.json")])
-        if args.fp8_only or args.prefill_only:
+        if only:
             pass
         elif args.quick:
             # Tiles first: whether a ws tile beats the table is the open question (issue 3).
@@ -1141,6 +1205,9 @@ def main() -> None:
             log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
             result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
                                               args.rounds, deadline, result["checks"])
+            log(f"[{time.time() - start:.0f}s] verify rows, per row and grouped (ratios: to "
+                f"the floor)")
+            result["verify"] = bench_verify(timer, ceil, errors, device, args.smoke)
         if args.sweep and not args.quick:
             log(f"[{time.time() - start:.0f}s] tile sweep (budget {args.budget_s:.0f}s in all)")
             sweep_timer = Timer(cuda, max(20, args.rep_ms // 3), graphs=not args.eager)

@@ -207,9 +207,12 @@ def default_launch(num_heads: int, on_gpu: bool) -> dict:
 
 def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
     """``default_launch`` for groups of up to ``max_rows`` rows: G_PAD rows x BLOCK_H heads per
-    program, at most 64 query rows on a GPU (the [M, 512] fp32 accumulator takes 64 registers a
-    thread at M / 4 warps: 16 warps at 64 rows) and 32 under the interpreter, at least 16 (the
-    dots' smallest M). Not tuned on a GPU yet (bench/kernels.py times variants)."""
+    program, at least 16 (the dots' smallest M). On a GPU up to 64 query rows: 32 would read the
+    context as often as the per-row kernel's 32 heads of one row do. At 64, 8 warps and 16
+    tokens a step: compiled for sm_90a, that spills 8 bytes a thread (24 with splits; 16 warps
+    spill 384, 32 tokens a step 168); at 32 rows, the per-row kernel's 32 tokens and 8 warps,
+    no spill. Not timed on a GPU yet (``bench/kernels.py --verify-only`` times variants). The
+    interpreter gets at most 32 rows and 16 tokens a step, so the tests' masks stay partial."""
     g_pad = next_pow2(max_rows)
     cap = 64 if on_gpu else 32
     block_h = max(-(-16 // g_pad), min(next_pow2(num_heads), max(1, cap // g_pad)))
@@ -217,8 +220,8 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
     if not on_gpu:
         return {"g_pad": g_pad, "block_h": block_h, "block_n": 16, "num_warps": 4,
                 "num_stages": 1}
-    return {"g_pad": g_pad, "block_h": block_h, "block_n": 32,
-            "num_warps": min(16, max(4, rows // 4)), "num_stages": 2}
+    return {"g_pad": g_pad, "block_h": block_h, "block_n": 16 if rows > 32 else 32,
+            "num_warps": 8 if rows > 16 else 4, "num_stages": 2}
 
 
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:

@@ -187,7 +187,7 @@ print(json.dumps({"rows": rows, "errors": [e["case"] for e in errors]}))
 
 def test_bench_others_smoke_runs_on_cpu() -> None:
     """The "other kernels" section (not in --quick): each op checked and timed beside its
-    torch reference, GQA decode included, and MLA verify rows per row beside grouped."""
+    torch reference, GQA decode included."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run([sys.executable, "-c", _OTHERS_SMOKE], capture_output=True, text=True,
                           timeout=300, env=env, cwd=ROOT)
@@ -201,13 +201,27 @@ def test_bench_others_smoke_runs_on_cpu() -> None:
         assert row["rel_err"] < 1e-2 and row["triton_ms"] > 0 and row["torch_ms"] > 0, row
         assert row["floor_ms"] > 0
     assert any(op.startswith("gqa_decode bn=") for op in ops)
-    for per_seq in (2, 4):  # verify rows: per row beside grouped, both checked
+
+
+def test_bench_kernels_verify_smoke_runs_on_cpu(tmp_path) -> None:
+    """The verify-row section (full run, or ``VERIFY=1 bash bench/gpu_kernels.sh``): MLA and GQA
+    decode of sequences x 2 and 4 rows, per row beside grouped, both checked against the
+    per-row torch reference; MLA's grouped launch variants."""
+    result = _smoke(tmp_path, "--verify-only")
+    assert result["errors"] == [] and result["moe"] == [] and result["fp8"] == []
+    ops = {row["op"]: row for row in result["verify"]}
+    for per_seq in (2, 4):
         row = ops[f"mla_verify {per_seq} rows/seq"]
-        assert all(err < 1e-2 for err in row["rel_err"].values()) and len(row["rel_err"]) == 3
+        assert set(row["rel_err"]) == {"per_row", "grouped", "grouped_torch"}
+        assert all(err < 1e-2 for err in row["rel_err"].values())
         for entry in ("per_row", "grouped", "torch_per_row", "torch_grouped"):
             assert row[f"{entry}_ms"] > 0, (entry, row)
         assert row["floor_ms"] > 0
         assert any(op.startswith(f"mla_verify {per_seq} rows/seq grouped bh=") for op in ops)
+        row = ops[f"gqa_verify {per_seq} rows/seq"]
+        assert set(row["rel_err"]) == {"per_row", "grouped"}
+        assert all(err < 1e-2 for err in row["rel_err"].values())
+        assert row["per_row_ms"] > 0 and row["grouped_ms"] > 0 and row["floor_ms"] > 0
 
 
 def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:

@@ -358,6 +358,38 @@ def test_mla_decode_compiles(splits: int) -> None:
         check_combine(splits, d_lat, d_lat)
 
 
+@pytest.mark.parametrize(("heads", "rows", "splits"), [(128, 2, 1), (128, 4, 4), (128, 5, 1),
+                                                      (16, 4, 8), (128, 2, 4)])
+def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None:
+    # Verify rows at DeepSeek-V3's dims: groups of 2, 4 and 5 rows (k = 1, 3, 4), all 128
+    # heads (one rank) and 16 (TP8), with the grouped launch's defaults.
+    d_lat, d_rope, block = 512, 64, 64
+    out = "*bf16" if splits == 1 else "*fp32"
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
+            "seq_lens_ptr": "*i64", "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32",
+            "num_heads": heads, "d_lat": d_lat, "d_rope": d_rope, "block_size": block,
+            "scale_log2": 0.06, "stride_qb": heads * d_lat, "stride_qh": d_lat,
+            "stride_pb": heads * d_rope, "stride_ph": d_rope,
+            "stride_kvb": block * (d_lat + d_rope), "stride_kvt": d_lat + d_rope,
+            "stride_tb": 64, "stride_tc": 1, "stride_sl": 1,
+            "stride_ob": heads * d_lat * splits, "stride_oh": d_lat * splits}
+    launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=True)
+    constexprs = {"NUM_SPLITS": splits, "G_PAD": launch["g_pad"], "BLOCK_H": launch["block_h"],
+                  "BLOCK_N": launch["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    compiled = compile_sm90(mla_decode_triton.mla_decode_grouped_kernel, args, constexprs,
+                            launch["num_warps"], launch["num_stages"])
+    if launch["g_pad"] * launch["block_h"] > 32:
+        # 64 query rows hold a [64, 512] fp32 accumulator and the [64, 576] query: ptxas
+        # spills a little (8 bytes a thread, 24 with splits; grouped_launch), allowed here
+        assert compiled.metadata.shared <= MAX_SHARED
+        spilled = spill_bytes(compiled)
+        assert spilled is None or spilled <= 32, f"spills {spilled} B a thread"
+        assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
+    else:
+        check(compiled, pipelined=True)
+
+
 @pytest.mark.parametrize(("group", "head_dim", "splits"), [(8, 128, 1), (8, 128, 16), (16, 128, 4),
                                                            (64, 128, 1), (3, 80, 2)])
 def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
@@ -383,6 +415,32 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
         check_combine(splits, head_dim, d_pad)
+
+
+@pytest.mark.parametrize(("group", "head_dim", "rows", "splits"),
+                         [(8, 128, 2, 1), (8, 128, 4, 16), (8, 128, 5, 4), (16, 128, 2, 1),
+                          (3, 80, 3, 2)])
+def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, splits: int) -> None:
+    # Verify rows at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), groups of 2 to 5 rows
+    # (5 at G=8: two row tiles), and an odd group with a padded head_dim.
+    kv_heads, block = 4, 16
+    heads = group * kv_heads
+    row = kv_heads * head_dim
+    out = "*bf16" if splits == 1 else "*fp32"
+    launch = gqa_decode_triton.grouped_launch(group, rows, head_dim, on_gpu=True)
+    args = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
+            "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32", "group": group,
+            "num_heads": heads, "row_tiles": launch["row_tiles"], "head_dim": head_dim,
+            "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
+            "stride_qh": head_dim, "stride_kv": 4096 * block * row, "stride_kvb": block * row,
+            "stride_kvt": row, "stride_kvh": head_dim, "stride_tb": 2048, "stride_tc": 1,
+            "stride_sl": 1, "stride_ob": heads * head_dim * splits,
+            "stride_oh": head_dim * splits}
+    constexprs = {"NUM_SPLITS": splits, "G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
+                  "BLOCK_N": launch["block_n"], "D_PAD": triton.next_power_of_2(head_dim),
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    check(compile_sm90(gqa_decode_triton.gqa_decode_grouped_kernel, args, constexprs,
+                       launch["num_warps"], launch["num_stages"]), pipelined=True)
 
 
 @pytest.mark.parametrize(("paged", "group", "dim_k", "dim_v", "dtype"),
