@@ -4,6 +4,7 @@
                                 [--num-speculative-tokens 4] [--prompt-lookup-max 4]
                                 [--prompt-lookup-min 2] [--attn-scales 1 0.1 0]
                                 [--method ngram|mtp] [--workloads random constant]
+                                [--modes batch one] [--clock wall|process]
                                 [--repeats 3] [--json out.json]
 
 ``--method mtp``: the drafts come from a DeepSeek-V3 MTP layer (k = --num-speculative-tokens,
@@ -16,7 +17,7 @@ forever and every draft is right, the most k can give; not a real model).
 Two engines on the embedded model (fp32, one process each way): one plain, one with
 ``speculative_config`` n-gram. Greedy decoding, EOS ignored, ``new-tokens`` per prompt, random
 prompts of ``prompt-len`` tokens; each workload runs as one batch of all prompts and one prompt at
-a time. The engines alternate ``repeats`` times; the table shows each wall time's best run
+a time. The engines alternate ``repeats`` times; the table shows each one's best run
 (other work on the shared machine only slows a run), the JSON every run.
 
 The embedded model has random weights, and its greedy output hardly ever repeats, so n-gram
@@ -28,6 +29,10 @@ has, every draft is right: the most speculation can give here), 0.1 is in betwee
 repeats less regularly than a cycle (code edits, quoting and summaries repeat their input); this
 measures the mechanism's cost and gain per accepted token on this CPU, not acceptance on real
 text.
+
+``--clock process`` times each run in CPU time of this process (all its threads) instead of
+wall time: on a shared machine other jobs then slow a run far less (the engine is in-process;
+with OMP_NUM_THREADS=1 it keeps one core busy). ``--modes batch`` skips the one-at-a-time runs.
 
 Reported per workload: acceptance rate (accepted / drafted tokens), output tokens per sequence
 and step (1.0 without speculation), engine steps, wall time and output tok/s, and the gain
@@ -87,19 +92,20 @@ class StepCounter:
 
 
 def run(llm: LLM, counter: StepCounter, prompts: list[dict], params: SamplingParams,
-        one_at_a_time: bool) -> dict:
+        one_at_a_time: bool, clock=time.perf_counter) -> dict:
     sched = llm.engine.core.scheduler
     d0, a0 = sched.num_draft_tokens, sched.num_accepted_tokens
     s0 = counter.snapshot()
-    start = time.perf_counter()
+    start, start_clock = time.perf_counter(), clock()
     if one_at_a_time:
         outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
+    wall, elapsed = time.perf_counter() - start, clock() - start_clock
     steps, seq_steps, tokens = (b - a for a, b in zip(s0, counter.snapshot()))
     drafts, accepted = sched.num_draft_tokens - d0, sched.num_accepted_tokens - a0
-    return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "steps": steps,
+    return {"wall_s": wall, "time_s": elapsed, "output_tokens": tokens,
+            "tok_s": tokens / elapsed, "steps": steps,
             "tokens_per_seq_step": tokens / max(1, seq_steps), "draft_tokens": drafts,
             "accepted_tokens": accepted,
             "acceptance_rate": accepted / drafts if drafts else None,
@@ -119,6 +125,9 @@ def main() -> None:
     ap.add_argument("--method", choices=["ngram", "mtp"], default="ngram")
     ap.add_argument("--workloads", nargs="+", choices=["random", "constant"],
                     default=["random", "constant"], help="with --method mtp")
+    ap.add_argument("--modes", nargs="+", choices=["batch", "one"], default=["batch", "one"])
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="time runs in wall time or in this process's CPU time")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -140,9 +149,10 @@ def main() -> None:
     engines: dict[str, LLM] = {}
     tmp = tempfile.mkdtemp(prefix="afd-mtp-bench-")
 
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     rows = []
     print(f"{'workload':>10} {'mode':>8} {'accept':>7} {'tok/seq-step':>12} "
-          f"{'steps':>11} {'wall s':>13} {'tok/s':>13} {'gain':>5}")
+          f"{'steps':>11} {args.clock + ' s':>13} {'tok/s':>13} {'gain':>5}")
     for scale in workloads:
         if args.method == "mtp" or not engines:  # MTP: a checkpoint per workload
             for llm in engines.values():
@@ -162,20 +172,21 @@ def main() -> None:
         if args.method == "ngram":
             for name, llm in engines.items():
                 scale_attention(llm, originals[name], scale)
-        for mode in ("batch", "one"):
+        for mode in args.modes:
             runs: dict[str, list[dict]] = {"plain": [], "spec": []}
             for _ in range(args.repeats):
                 for name, llm in engines.items():
-                    runs[name].append(run(llm, counters[name], prompts, params, mode == "one"))
+                    runs[name].append(run(llm, counters[name], prompts, params, mode == "one",
+                                          clock))
             same = all(r["token_ids"] == runs["plain"][0]["token_ids"]
                        for r in runs["plain"] + runs["spec"])
             if not same:
                 raise SystemExit(f"outputs differ at {scale}, {mode}")
-            best = {name: min(rs, key=lambda r: r["wall_s"]) for name, rs in runs.items()}
+            best = {name: min(rs, key=lambda r: r["time_s"]) for name, rs in runs.items()}
             key = "attn_scale" if args.method == "ngram" else "workload"
             row = {key: scale, "mode": mode, "outputs_equal": same,
-                   "gain": best["plain"]["wall_s"] / best["spec"]["wall_s"],
-                   "median_wall_s": {n: statistics.median(r["wall_s"] for r in rs)
+                   "gain": best["plain"]["time_s"] / best["spec"]["time_s"],
+                   "median_time_s": {n: statistics.median(r["time_s"] for r in rs)
                                      for n, rs in runs.items()},
                    "best": {n: {k: v for k, v in r.items() if k != "token_ids"}
                             for n, r in best.items()},
@@ -185,7 +196,7 @@ def main() -> None:
             p, s = best["plain"], best["spec"]
             print(f"{scale!s:>10} {mode:>8} {s['acceptance_rate'] or 0:>7.1%} "
                   f"{s['tokens_per_seq_step']:>12.2f} {p['steps']:>5}->{s['steps']:<5} "
-                  f"{p['wall_s']:>6.2f}->{s['wall_s']:<6.2f} {p['tok_s']:>6.0f}->{s['tok_s']:<6.0f}"
+                  f"{p['time_s']:>6.2f}->{s['time_s']:<6.2f} {p['tok_s']:>6.0f}->{s['tok_s']:<6.0f}"
                   f" {row['gain']:>5.2f}")
     result = {"bench": "spec_decode", "commit": commit_id(), "args": vars(args),
               "speculative_config": spec_cfg, "machine": platform.platform(),
