@@ -3,7 +3,8 @@
 The embedded tiny DeepSeek-V3 model, and a tiny Qwen3-MoE, each run a short batch twice in a
 TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
 AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode, MLA or GQA prefill attention and
-fused_moe all through their Triton kernels, which are counted).
+fused_moe all through their Triton kernels, which are counted). The embedded model with a random
+MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.norm_triton", "rms_norm_triton"),
     ("kernels.rotary_triton", "apply_rotary_triton"),
     ("kernels.mla_decode_triton", "mla_decode_attention_triton"),
+    ("kernels.mla_decode_triton", "mla_decode_attention_grouped_triton"),
     ("kernels.gqa_decode_triton", "gqa_decode_attention_triton"),
+    ("kernels.gqa_decode_triton", "gqa_decode_attention_grouped_triton"),
     ("kernels.prefill_attention_triton", "varlen_prefill_attention_triton"),
     ("kernels.prefill_attention_triton", "paged_prefill_attention_triton"),
 ]
-UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton"),
-          "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton")}
+GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
+UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED),
+          "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton", *GROUPED),
+          "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
+                  "gqa_decode_attention_grouped_triton")}
 
 
 def interpreter_case(name: str, seed: int) -> dict:
@@ -51,13 +57,22 @@ def interpreter_case(name: str, seed: int) -> dict:
         # The public ops import these at call time, so the module attribute is what they call.
         setattr(module, fn_name, counting(getattr(module, fn_name), fn_name))
     with tempfile.TemporaryDirectory() as tmp:
-        path = None
+        path, spec = None, None
+        if name == "mtp":
+            import shutil
+
+            from models.default_model import add_mtp_layer, default_model_path
+
+            path = os.path.join(tmp, "mtp")
+            shutil.copytree(default_model_path(), path)
+            add_mtp_layer(path)
+            spec = {"method": "mtp", "num_speculative_tokens": 2}
         if name == "qwen3":
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             path = save_checkpoint(build_hf_model("qwen3_moe"), tmp)
-        llm = LLM(path, seed=seed)
+        llm = LLM(path, seed=seed, speculative_config=spec)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = {}
         for backend in ("torch", "triton"):
@@ -69,13 +84,13 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3"])
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
     tokens = result["tokens"]
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
     calls = result["calls"]
-    assert [calls.pop(fn) for fn in UNUSED[name]] == [0, 0]
+    assert [calls.pop(fn) for fn in UNUSED[name]] == [0] * len(UNUSED[name])
     assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]
