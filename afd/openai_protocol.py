@@ -185,7 +185,11 @@ class _SamplingFields(BaseModel):
         if bad_key is not None:
             raise APIError(400, f"logit_bias keys must be token ids (decimal digits), got "
                            f"{bad_key!r:.80}", param="logit_bias")
-        bias = {int(t): v for t, v in (self.logit_bias or {}).items()}
+        try:
+            bias = {int(t): v for t, v in (self.logit_bias or {}).items()}
+        except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits())
+            raise APIError(400, "logit_bias keys must be token ids, got a key of "
+                           f"{max(map(len, self.logit_bias))} digits", param="logit_bias") from None
         values = {**(defaults or {}), **self.model_dump(include=_DEFAULTED, exclude_none=True)}
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, **values, seed=self.seed,

@@ -196,6 +196,17 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(single, reference
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
 
 
+def test_a_logit_bias_key_past_ints_digit_limit_names_logit_bias():
+    """A key of more digits than int() reads (4300) is a 400 naming logit_bias, as other bad
+    keys are (int()'s own ValueError named no field)."""
+    from afd.openai_protocol import APIError, CompletionRequest
+
+    req = CompletionRequest(prompt="hi", logit_bias={"1" * 5000: 1})
+    with pytest.raises(APIError, match="logit_bias") as err:
+        req.sampling_params(16, {})
+    assert err.value.param == "logit_bias" and err.value.status == 400
+
+
 def test_logprobs_both_endpoints_streamed_and_not(single):
     """/v1/completions' legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset) and
     chat's logprobs.content hold the engine's logprobs; streamed chunks, joined, equal the
