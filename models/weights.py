@@ -253,6 +253,20 @@ def _dummy_tensor(name: str, shape: torch.Size, device: torch.device) -> torch.T
     return torch.randn(shape, generator=gen, device=device).mul_(DUMMY_STD)
 
 
+def _dummy_source(name: str, cfg) -> str:
+    """The checkpoint name whose dummy values ``name`` takes: its own, but for the MTP layer's
+    ``embed_tokens`` and ``shared_head.head``, which DeepSeek-V3's checkpoint holds as copies
+    equal to the model's (``MoEModel.share_mtp_copies`` then shares them, as it would a real
+    checkpoint's)."""
+    mtp = f"model.layers.{cfg.num_layers}."
+    if name == mtp + "embed_tokens.weight" or (
+            name == mtp + "shared_head.head.weight" and cfg.tie_word_embeddings):
+        return "model.embed_tokens.weight"
+    if name == mtp + "shared_head.head.weight":
+        return "lm_head.weight"
+    return name
+
+
 def init_dummy_weights(model: MoEModel) -> None:
     """``load_format="dummy"`` (vLLM's): fill the parameters ``load_weights`` would fill, by
     checkpoint name, with ``_dummy_tensor`` values; no weight file is read. Routed experts kept
@@ -267,7 +281,8 @@ def init_dummy_weights(model: MoEModel) -> None:
             continue  # an FP8 config's scales: made below with their weight
         first = next(t for t in targets if not t.quantized_scale)
         dest = _target_view(params[first.param], first)
-        tensor, scale = _dummy_tensor(name, dest.shape, dest.device), None
+        tensor = _dummy_tensor(_dummy_source(name, model.cfg), dest.shape, dest.device)
+        scale = None
         if dest.dtype == torch.float8_e4m3fn:
             tensor, scale = quantize_blocks(tensor, model.cfg.expert_fp8_block)
         for target in targets:

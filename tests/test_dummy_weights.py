@@ -131,6 +131,20 @@ def test_dummy_mtp_needs_only_the_config(tmp_path):
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain]
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_dummy_mtp_copies_of_embeddings_and_head_are_the_models(tmp_path, tie):
+    """DeepSeek-V3's checkpoint holds the MTP layer's embed_tokens and shared_head.head as
+    copies equal to the model's, which load_model then shares (about 1.9 GB each at V3's
+    shapes): dummy weights make them equal too, so a dummy run holds what a real one does."""
+    folder = str(tmp_path)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**TINY_DEEPSEEK_V3, "num_nextn_predict_layers": 1,
+                   "tie_word_embeddings": tie}, f)
+    model = load_model(folder, load_format="dummy", mtp=True)
+    assert model.mtp.embed_tokens.weight is model.model.embed_tokens.weight
+    assert model.mtp.shared_head.head.weight is model.lm_head.weight
+
+
 def test_dummy_ignores_weight_files_that_exist(tmp_path):
     """With weights on disk, dummy still makes its own (vLLM's rule): a checkpoint's own
     tensors are not what the model holds."""
