@@ -10,6 +10,7 @@ tokens, and turns any rank's death, error or silence beyond the timeout into ``R
 from __future__ import annotations
 
 import itertools
+import ipaddress
 import logging
 import os
 import socket
@@ -59,6 +60,14 @@ def loopback_store() -> dist.TCPStore:
 
 class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address literal (127.x.x.x, ::1): every rank is on this machine."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: across nodes
+        return False
 
 
 def zmq_host(host: str) -> str:
@@ -180,7 +189,7 @@ class MultiRankClient:
             self.ctx.setsockopt(zmq.IPV6, 1)
         self.inbox = self.ctx.socket(zmq.PULL)
         # across nodes: listen on every interface, tell the ranks the address they can reach
-        bind = f"tcp://{control_host}" if control_host == LOOPBACK else "tcp://*"
+        bind = f"tcp://{host}" if is_loopback(control_host) else "tcp://*"
         inbox_port = self.inbox.bind_to_random_port(bind)
         self.outboxes: dict[int, zmq.Socket] = {}
         front_in = []

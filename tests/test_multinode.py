@@ -384,3 +384,14 @@ def test_zmq_host_brackets_ipv6_literals():
 
     assert zmq_host("fd00::2") == "[fd00::2]" and zmq_host("[::1]") == "[::1]"
     assert zmq_host("10.0.0.1") == "10.0.0.1" and zmq_host("node-0.cluster") == "node-0.cluster"
+
+
+def test_loopback_control_hosts_bind_loopback_only():
+    """A loopback --control-host (IPv4 or IPv6) keeps the control sockets on loopback; any
+    other address or a host name listens on every interface (ranks on other nodes)."""
+    from afd.layouts import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
+    assert is_loopback("127.0.0.2")
+    for other in ("10.0.0.1", "fd00::2", "node-0.cluster", "0.0.0.0"):
+        assert not is_loopback(other), other
