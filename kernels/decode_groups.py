@@ -10,20 +10,22 @@ own length.
 a group):
 
     rows     host list [S]: rows of each group (>= 1), adding up to B
+    buckets  host list of (n, count): the groups of n rows, how many, fewest rows first
     cu_rows  [S + 1] int64: first row of each group, then B (the Triton kernels' map)
-    padded   [S, G] int64: group s's i-th row at (s, i); past the group's end its last row again
-             (a real row: the torch paths compute finite numbers there that nobody reads)
-    slot     [B] int64: each row's place s * G + i in ``padded`` flattened (the torch paths
-             scatter their [S * G] results back to rows with it)
+    order    [B] int64: the rows, groups of fewer rows first (in their order within a size),
+             so the groups of each bucket are one [count * n] piece, a [count, n] view (the
+             torch paths: one batched matmul per size, no group padded to another's rows)
 
 The rows of a group share the block table of the group's first row: the grouped kernels read
 that one only. Each row keeps its own length (``seq_lens``), which may be any value (>= 1).
-All three device tensors are built on the host from ``rows`` and copied in one piece; nothing
+Both device tensors are built on the host from ``rows`` and copied in one piece; nothing
 is read back from the device.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,32 +39,43 @@ class DecodeGroups:
     rows: list[int]
     index: torch.Tensor  # the packed int64 device tensor ``host_index(rows)`` (any device)
     cu_rows: torch.Tensor = field(init=False)  # [S + 1] int64
-    padded: torch.Tensor = field(init=False)  # [S, G] int64
-    slot: torch.Tensor = field(init=False)  # [B] int64
+    order: torch.Tensor = field(init=False)  # [B] int64
 
     def __post_init__(self) -> None:
         self.rows = _checked(self.rows)
-        s, g, b = self.num_groups, self.max_rows, self.num_rows
-        if self.index.shape != (s + 1 + s * g + b,) or self.index.dtype != torch.int64:
+        s, b = self.num_groups, self.num_rows
+        if self.index.shape != (s + 1 + b,) or self.index.dtype != torch.int64:
             raise ValueError(f"index must be host_index(rows) on a device: int64 "
-                             f"[{s + 1 + s * g + b}], got {self.index.dtype} "
+                             f"[{s + 1 + b}], got {self.index.dtype} "
                              f"{tuple(self.index.shape)}")
         self.cu_rows = self.index[:s + 1]
-        self.padded = self.index[s + 1:s + 1 + s * g].view(s, g)
-        self.slot = self.index[s + 1 + s * g:]
+        self.order = self.index[s + 1:]
 
     @staticmethod
     def host_index(rows: list[int]) -> np.ndarray:
-        """cu_rows, padded and slot of ``rows``, packed: int64 [S + 1 + S * G + B]."""
+        """cu_rows and order of ``rows``, packed: int64 [S + 1 + B]."""
         sizes = np.array(_checked(rows), dtype=np.int64)
-        s, g = len(rows), int(sizes.max())
-        cu = np.zeros(s + 1, dtype=np.int64)
+        cu = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=cu[1:])
-        within = np.arange(g, dtype=np.int64)
-        padded = cu[:-1, None] + np.minimum(within[None, :], sizes[:, None] - 1)  # [S, G]
-        flat = np.arange(s, dtype=np.int64)[:, None] * g + within[None, :]
-        slot = flat[within[None, :] < sizes[:, None]]  # row order: groups in turn
-        return np.concatenate((cu, padded.reshape(-1), slot))
+        by_size = np.argsort(sizes, kind="stable")  # groups, fewest rows first
+        n = sizes[by_size]
+        placed = np.cumsum(n) - n  # where each (sorted) group starts in ``order``
+        order = np.repeat(cu[by_size] - placed, n) + np.arange(cu[-1], dtype=np.int64)
+        return np.concatenate((cu, order))
+
+    @functools.cached_property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(n, count): the groups of n rows and how many there are, fewest rows first."""
+        sizes, counts = np.unique(np.array(self.rows), return_counts=True)
+        return [(int(n), int(c)) for n, c in zip(sizes, counts)]
+
+    def pieces(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Per bucket (fewest rows first): (n, [count, n] int64 rows of its groups), views of
+        ``order``; column 0 holds each group's first row."""
+        start = 0
+        for n, count in self.buckets:
+            yield n, self.order[start:start + n * count].view(count, n)
+            start += n * count
 
     @classmethod
     def build(cls, rows: list[int], device: torch.device | str) -> DecodeGroups:

@@ -64,27 +64,31 @@ def gqa_decode_attention_grouped_torch(
     groups: DecodeGroups,
 ) -> torch.Tensor:
     """``gqa_decode_attention_torch``'s contract over rows in ``groups``: each group's K/V
-    gathered once ([S, L, KVH, D], through its first row's block table) and its G rows' query
-    heads scored against it together, each row masked at its own length. Rows of a group must
-    share their block table."""
+    gathered once (through its first row's block table) and its n rows' query heads scored
+    against it together (one batched einsum per group size, so no group is padded to a longer
+    one's rows and no tensor is larger than the per-row path's), each row masked at its own
+    length. Rows of a group must share their block table."""
     batch, heads, dim = q.shape
     groups.check(batch, "q")
-    num, rows = groups.num_groups, groups.max_rows
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = heads // kv_heads
     max_len = int(seq_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
-    idx = block_tables[groups.cu_rows[:-1], :num_blocks].long()
-    keys = kv_cache[0][idx].reshape(num, num_blocks * block_size, kv_heads, dim)
-    values = kv_cache[1][idx].reshape(num, num_blocks * block_size, kv_heads, dim)
-    qg = q[groups.padded].float().view(num, rows, kv_heads, group, dim)  # [S, G, KVH, Gq, D]
-    scores = torch.einsum("srkgd,slkd->srkgl", qg, keys.float()) * scale  # [S, G, KVH, Gq, L]
-    pos = torch.arange(keys.shape[1], device=q.device)
-    lens = seq_lens[groups.padded]  # [S, G]
-    scores.masked_fill_(pos >= lens[:, :, None, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("srkgl,slkd->srkgd", probs, values.float())  # [S, G, KVH, Gq, D]
-    return out.reshape(num * rows, heads, dim)[groups.slot].to(q.dtype)
+    pos = torch.arange(num_blocks * block_size, device=q.device)
+    out = torch.empty_like(q)
+    for n, piece in groups.pieces():  # piece: [count, n] rows
+        count = piece.shape[0]
+        idx = block_tables[piece[:, 0], :num_blocks].long()
+        keys = kv_cache[0][idx].reshape(count, num_blocks * block_size, kv_heads, dim)
+        values = kv_cache[1][idx].reshape(count, num_blocks * block_size, kv_heads, dim)
+        qg = q[piece].float().view(count, n, kv_heads, group, dim)  # [count, n, KVH, Gq, D]
+        scores = torch.einsum("srkgd,slkd->srkgl", qg, keys.float()) * scale
+        lens = seq_lens[piece]  # [count, n]
+        scores.masked_fill_(pos >= lens[:, :, None, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("srkgl,slkd->srkgd", probs, values.float())  # [count, n, KVH, Gq, D]
+        out[piece.reshape(-1)] = o.reshape(count * n, heads, dim).to(q.dtype)
+    return out
 
 
 def gqa_decode_attention(

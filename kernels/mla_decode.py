@@ -63,26 +63,32 @@ def mla_decode_attention_grouped_torch(
     groups: DecodeGroups,
 ) -> torch.Tensor:
     """``mla_decode_attention_torch``'s contract over rows in ``groups``: each group's context
-    is gathered once ([S, L, Dl+Dr], through its first row's block table) and its G rows' heads
-    stacked as the query rows of one matmul ([S, G*H, Dl+Dr] x [S, Dl+Dr, L]), each row masked
-    at its own length. Rows of a group must share their block table."""
+    is gathered once (through its first row's block table) and its n rows' heads stacked as
+    the query rows of one matmul ([count, n*H, Dl+Dr] x [count, Dl+Dr, L] for the groups of n
+    rows: one batched matmul per group size, so no group is padded to a longer one's rows and
+    no tensor is larger than the per-row path's), each row masked at its own length. Rows of a
+    group must share their block table."""
     batch, heads, d_lat = q_lat.shape
     groups.check(batch, "q_lat")
-    num, g = groups.num_groups, groups.max_rows
     block_size, width = kv_cache.shape[1], kv_cache.shape[-1]
     max_len = int(seq_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
-    first = groups.cu_rows[:-1]
-    kv = kv_cache[block_tables[first, :num_blocks].long()].reshape(num, -1, width)  # [S, L, D]
-    q = torch.cat((q_lat, q_pe), dim=-1)[groups.padded]  # [S, G, H, D]
-    kv32 = kv.float()
-    scores = torch.matmul(q.view(num, g * heads, width).float(), kv32.transpose(1, 2)) * scale
-    pos = torch.arange(kv.shape[1], device=kv.device)
-    lens = seq_lens[groups.padded]  # [S, G]
-    scores.view(num, g, heads, -1).masked_fill_(pos >= lens[:, :, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)  # [S, G*H, L]
-    out = torch.matmul(probs, kv32[..., :d_lat])  # [S, G*H, Dl]
-    return out.view(num * g, heads, d_lat)[groups.slot].to(q_lat.dtype)
+    pos = torch.arange(num_blocks * block_size, device=kv_cache.device)
+    q = torch.cat((q_lat, q_pe), dim=-1)  # [B, H, D]
+    out = torch.empty_like(q_lat)
+    for n, piece in groups.pieces():  # piece: [count, n] rows
+        count = piece.shape[0]
+        kv = kv_cache[block_tables[piece[:, 0], :num_blocks].long()].reshape(count, -1, width)
+        kv32 = kv.float()  # [count, L, D]
+        qn = q[piece].view(count, n * heads, width).float()
+        scores = torch.matmul(qn, kv32.transpose(1, 2)) * scale  # [count, n*H, L]
+        lens = seq_lens[piece]  # [count, n]
+        scores.view(count, n, heads, -1).masked_fill_(pos >= lens[:, :, None, None],
+                                                      float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, kv32[..., :d_lat])  # [count, n*H, Dl]
+        out[piece.reshape(-1)] = o.view(count * n, heads, d_lat).to(q_lat.dtype)
+    return out
 
 
 def mla_decode_attention(

@@ -84,6 +84,27 @@ def verify_tables(rows: list[int], max_blocks: int, block_size: int, table_dtype
     return tables.repeat_interleave(sizes, dim=0), seq_lens, num_blocks
 
 
+def largest_tensor(fn, *args, **kwargs) -> int:
+    """The most elements of any tensor an op made while ``fn(*args, **kwargs)`` ran (its
+    inputs not counted): what bounds the memory a torch path needs beside its inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    Largest.most = max(Largest.most, leaf.numel())
+            return out
+
+    with Largest():
+        fn(*args, **kwargs)
+    return Largest.most
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
     if actual.shape != expected.shape:

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_groups import DecodeGroups
-from kernels.gqa_decode import gqa_decode_attention, gqa_decode_attention_torch
-from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
-                             seed_case, tolerance, verify_tables)
+from kernels.gqa_decode import (gqa_decode_attention, gqa_decode_attention_grouped_torch,
+                                gqa_decode_attention_torch)
+from kernels.testing import (check_result, largest_tensor, paged_tables, rel_err,
+                             run_in_interpreter, seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -160,6 +161,20 @@ def test_grouped_torch_path_matches_the_per_row_reference(dtype: str, trial: int
     assert got.dtype == want.dtype
     assert rel_err(got, want) < (1e-6 if dtype == "fp32" else tolerance(torch.bfloat16)), (
         f"seed {SEED}, rows {rows}")
+
+
+def test_grouped_torch_path_needs_no_more_memory_than_per_row() -> None:
+    """Ragged groups (one sequence verifying 5 drafts among 15 plain decodes, as n-gram drafts
+    make): no tensor the grouped path makes is larger than the per-row path's largest (padding
+    every group to the longest made [S, G, KVH, Gq, L] scores, 4.6 times the per-row ones)."""
+    torch.manual_seed(SEED)
+    rows = [6] + [1] * 15
+    args = make_grouped_inputs(("fp32", rows, 16, 2, 16, 4, 8, None, "int32"), "cpu")
+    per_row = largest_tensor(gqa_decode_attention_torch, *args[:-1])
+    grouped = largest_tensor(gqa_decode_attention_grouped_torch, *args)
+    assert grouped <= per_row, f"grouped made {grouped} elements, per row at most {per_row}"
+    got = gqa_decode_attention_grouped_torch(*args)
+    assert rel_err(got, gqa_decode_attention_torch(*args[:-1])) < 1e-6
 
 
 GPU_CASES = {

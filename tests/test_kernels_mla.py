@@ -16,8 +16,8 @@ import torch
 from kernels.decode_groups import DecodeGroups
 from kernels.mla_decode import (mla_decode_attention, mla_decode_attention_grouped_torch,
                                 mla_decode_attention_torch)
-from kernels.testing import (check_result, paged_tables, rel_err, run_in_interpreter,
-                             seed_case, tolerance, verify_tables)
+from kernels.testing import (check_result, largest_tensor, paged_tables, rel_err,
+                             run_in_interpreter, seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -152,8 +152,23 @@ def test_grouped_torch_path_matches_the_per_row_reference(dtype: str, trial: int
         f"seed {SEED}, rows {rows}")
 
 
+def test_grouped_torch_path_needs_no_more_memory_than_per_row() -> None:
+    """Ragged groups (one sequence verifying 5 drafts among 15 plain decodes, as n-gram drafts
+    make): no tensor the grouped path makes is larger than the per-row path's largest (padding
+    every group to the longest made [S, G*H, L] scores, 4.6 times the per-row [B, H, L])."""
+    torch.manual_seed(SEED)
+    rows = [6] + [1] * 15
+    args = make_grouped_inputs(("fp32", rows, 16, 24, 8, 4, 8, None, "int32"), "cpu")
+    per_row = largest_tensor(mla_decode_attention_torch, *args[:-1])
+    grouped = largest_tensor(mla_decode_attention_grouped_torch, *args)
+    assert grouped <= per_row, f"grouped made {grouped} elements, per row at most {per_row}"
+    got = mla_decode_attention_grouped_torch(*args)
+    assert rel_err(got, mla_decode_attention_torch(*args[:-1])) < 1e-6
+
+
 def test_grouped_torch_path_reads_each_group_once(monkeypatch) -> None:
-    """The grouped path gathers one context per sequence, not one per row."""
+    """The grouped path gathers one context per sequence, not one per row (one gather per
+    group size)."""
     rows = [3, 1, 2]
     q_lat, q_pe, kv, tables, seq_lens, scale, groups = make_grouped_inputs(
         ("fp32", rows, 2, 16, 8, 4, 3, None, "int32"), "cpu")
@@ -168,14 +183,17 @@ def test_grouped_torch_path_reads_each_group_once(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
     mla_decode_attention_grouped_torch(q_lat, q_pe, kv, tables, seq_lens, scale, groups)
-    assert gathered == [len(rows)]
+    assert gathered == [1, 1, 1]  # the groups of 1, 2 and 3 rows
 
 
 def test_decode_groups_layout_and_errors() -> None:
     groups = DecodeGroups.build([2, 1, 3], "cpu")
     assert groups.cu_rows.tolist() == [0, 2, 3, 6]
-    assert groups.padded.tolist() == [[0, 1, 1], [2, 2, 2], [3, 4, 5]]
-    assert groups.slot.tolist() == [0, 1, 3, 6, 7, 8]
+    assert groups.order.tolist() == [2, 0, 1, 3, 4, 5]  # fewest rows first
+    assert groups.buckets == [(1, 1), (2, 1), (3, 1)]
+    assert [p.tolist() for _, p in groups.pieces()] == [[[2]], [[0, 1]], [[3, 4, 5]]]
+    groups = DecodeGroups.build([2, 1, 2, 1], "cpu")  # a size's groups in their order
+    assert groups.order.tolist() == [2, 5, 0, 1, 3, 4] and groups.buckets == [(1, 2), (2, 2)]
     assert DecodeGroups.rows_or_none([1, 1]) is None
     assert DecodeGroups.rows_or_none([1, 2]) == [1, 2]
     for bad in ([], [2, 0], [1.5]):

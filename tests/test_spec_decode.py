@@ -391,7 +391,7 @@ def test_verify_tokens_are_decode_rows_in_the_batch():
     # the decode rows per sequence, for decode attention to read each context once
     groups = batch.decode_groups
     assert groups.rows == [1, 4, 2] and groups.cu_rows.tolist() == [0, 1, 5, 7]
-    assert groups.padded.tolist() == [[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 6, 6]]
+    assert groups.order.tolist() == [0, 5, 6, 1, 2, 3, 4]
     # without drafts every sequence is one row: no groups, the per-row kernels
     _, plain, _ = flatten([ScheduledSeq(a, 1), ScheduledSeq(c, 6)], 4, torch.device("cpu"))
     assert plain.num_decodes == 1 and plain.decode_groups is None
