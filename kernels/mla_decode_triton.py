@@ -10,11 +10,13 @@ combine kernel (``triton_utils.combine_splits_kernel``) merges them.
 
 Grouped rows (``kernels.decode_groups``: a sequence verifying k drafts is k + 1 consecutive rows
 over one block table): ``mla_decode_grouped_kernel`` runs one program per (block of BLOCK_H
-heads, group, split). Its query tile stacks the group's rows (up to G_PAD) times its BLOCK_H
-heads as the M dimension, m = row * BLOCK_H + head, so each token of the group's context is
-loaded once for all of them, and each score is masked at its own row's length. It walks the
-group's longest length (the split bounds come from it); a row whose length ends before a
-split's start gets an empty partial there. The per-row kernel stays for plain decode.
+heads, tile of a group's rows, split). Its query tile stacks the tile's rows (up to G_PAD)
+times its BLOCK_H heads as the M dimension, m = row * BLOCK_H + head, so each token of the
+group's context is loaded once for all of them, and each score is masked at its own row's
+length. A group gets one row tile unless it has more rows than G_PAD (at most 8 on a GPU, so
+that the tile keeps 8 heads: a longer group, n-gram k >= 8, takes several). It walks the tile's
+longest length (the split bounds come from it); a row whose length ends before a split's start
+gets an empty partial there. The per-row kernel stays for plain decode.
 """
 
 from __future__ import annotations
@@ -118,14 +120,17 @@ def mla_decode_grouped_kernel(
     stride_sl, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, DL_PAD: tl.constexpr, DR_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
+    INTERP_BF16: tl.constexpr, ROW_TILES: tl.constexpr,
 ):
-    group = tl.program_id(1)
     split = tl.program_id(2)
-    first = tl.load(cu_rows_ptr + group).to(tl.int64)
-    num_rows = tl.load(cu_rows_ptr + group + 1).to(tl.int64) - first  # 0: an empty group
+    # ROW_TILES tiles of G_PAD rows a group (a constexpr: the usual 1 costs no register)
+    group = tl.program_id(1) // ROW_TILES
+    first = tl.load(cu_rows_ptr + group).to(tl.int64)  # the group's first row (its table)
+    tile_first = first + (tl.program_id(1) % ROW_TILES) * G_PAD  # the tile's
+    # the group's rows from the tile's first on (<= 0: a tile past the group's rows)
+    num_rows = tl.load(cu_rows_ptr + group + 1).to(tl.int64) - tile_first
     offs_m = tl.arange(0, G_PAD * BLOCK_H)
-    row = first + offs_m // BLOCK_H  # [M]: m = row within the group * BLOCK_H + head
+    row = tile_first + offs_m // BLOCK_H  # [M]: m = row within the tile * BLOCK_H + head
     heads = tl.program_id(0) * BLOCK_H + offs_m % BLOCK_H
     m_ok = (offs_m // BLOCK_H < num_rows) & (heads < num_heads)
     offs_l = tl.arange(0, DL_PAD)
@@ -139,7 +144,7 @@ def mla_decode_grouped_kernel(
     kv_dtype = kv_ptr.dtype.element_ty
 
     row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
-    seq_len = tl.max(row_len, 0)  # the group's longest row
+    seq_len = tl.max(row_len, 0)  # the tile's longest row (0: a tile past its group's rows)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -211,17 +216,25 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
     context as often as the per-row kernel's 32 heads of one row do. At 64, 8 warps and 16
     tokens a step: compiled for sm_90a, that spills 8 bytes a thread (24 with splits; 16 warps
     spill 384, 32 tokens a step 168); at 32 rows, the per-row kernel's 32 tokens and 8 warps,
-    no spill. Not timed on a GPU yet (``bench/kernels.py --verify-only`` times variants). The
-    interpreter gets at most 32 rows and 16 tokens a step, so the tests' masks stay partial."""
-    g_pad = next_pow2(max_rows)
+    no spill. A tile keeps at least 8 heads (or all, if fewer), so G_PAD is at most 8 rows on
+    a GPU (4 under the interpreter) and a longer group (n-gram k >= 8) takes ``row_tiles``
+    tiles: as many reads of its context as one tile of all its rows would make (rows x heads /
+    64), but no spill beyond 24 bytes (sm_90a), where one tile of 64 rows x 1 head spilled 144
+    bytes a thread, of 128 rows 1.7 KB, and of 256 rows needed more shared memory than an H100
+    block has (a failed launch). Not timed on a GPU yet (``bench/kernels.py --verify-only``
+    times variants). The interpreter gets at most 32 rows and 16 tokens a step, so the tests'
+    masks stay partial."""
     cap = 64 if on_gpu else 32
+    g_pad = min(next_pow2(max_rows), cap // min(next_pow2(num_heads), 8))
     block_h = max(-(-16 // g_pad), min(next_pow2(num_heads), max(1, cap // g_pad)))
     rows = g_pad * block_h
+    tiles = cdiv(max_rows, g_pad)
     if not on_gpu:
-        return {"g_pad": g_pad, "block_h": block_h, "block_n": 16, "num_warps": 4,
-                "num_stages": 1}
-    return {"g_pad": g_pad, "block_h": block_h, "block_n": 16 if rows > 32 else 32,
-            "num_warps": 8 if rows > 16 else 4, "num_stages": 2}
+        return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles, "block_n": 16,
+                "num_warps": 4, "num_stages": 1}
+    return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles,
+            "block_n": 16 if rows > 32 else 32, "num_warps": 8 if rows > 16 else 4,
+            "num_stages": 2}
 
 
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
@@ -308,8 +321,8 @@ def mla_decode_attention_grouped_triton(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Same contract as ``mla_decode.mla_decode_attention_grouped_torch``: each group's context
-    read once for all its rows (``mla_decode_grouped_kernel``). Nothing read on the host: the
-    grid and split count come from shapes and the host row counts."""
+    read once for all its rows (once per row tile: ``mla_decode_grouped_kernel``). Nothing read
+    on the host: the grid and split count come from shapes and the host row counts."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
     _check(q_lat, q_pe, kv_cache)
@@ -326,16 +339,18 @@ def mla_decode_attention_grouped_triton(
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)
+    programs = groups.num_groups * launch["row_tiles"]
     if num_splits is None:
         sms = 4 if interp else _sm_count(q_lat.device.index or 0)
-        num_splits = choose_num_splits(groups.num_groups, head_blocks,
+        num_splits = choose_num_splits(programs, head_blocks,
                                        block_tables.shape[1] * block_size, sms)
     dl_pad = max(16, next_pow2(d_lat))
-    common = {"G_PAD": launch["g_pad"], "BLOCK_H": block_h, "BLOCK_N": block_n,
+    common = {"G_PAD": launch["g_pad"], "ROW_TILES": launch["row_tiles"],
+              "BLOCK_H": block_h, "BLOCK_N": block_n,
               "DL_PAD": dl_pad, "DR_PAD": max(16, next_pow2(d_rope)),
               "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
-    grid = (head_blocks, groups.num_groups, num_splits)
+    grid = (head_blocks, programs, num_splits)
     args = (q_lat, q_pe, kv, block_tables, seq_lens, groups.cu_rows)
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),

@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+from kernels import mla_decode_triton
 from kernels.decode_groups import DecodeGroups
 from kernels.mla_decode import (mla_decode_attention, mla_decode_attention_grouped_torch,
                                 mla_decode_attention_torch)
@@ -75,6 +76,9 @@ GROUPED_CASES = {
     # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
     "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 3, 16, 8, 4, 10, 2, "int32",
                                              None, False, [29, 3]),
+    # groups past the interpreter's 32 query rows a program: 40 and 33 rows take 2 row tiles
+    # (the second holds 8 rows and 1), the others one
+    "grouped_row_tiles_fp32": ("fp32", [40, 3, 1, 33], 3, 16, 8, 4, 12, 2, "int32"),
 }
 
 
@@ -184,6 +188,23 @@ def test_grouped_torch_path_reads_each_group_once(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
     mla_decode_attention_grouped_torch(q_lat, q_pe, kv, tables, seq_lens, scale, groups)
     assert gathered == [1, 1, 1]  # the groups of 1, 2 and 3 rows
+
+
+@pytest.mark.parametrize("heads", [128, 16, 5])
+def test_grouped_launch_keeps_its_query_tile_for_any_group(heads: int) -> None:
+    """However many rows a sequence verifies (n-gram k has no cap), a program's query tile
+    stays at most 64 rows on a GPU (32 under the interpreter) and at least 16, with at least 8
+    heads (or all of them); longer groups take more row tiles. One tile of G_PAD = 128 or 256
+    rows x 1 head spilled 1.7 / 4.3 KB a thread on sm_90a, and 256 rows needed 324 KB of
+    shared memory (an H100 block has 227): a failed launch."""
+    for on_gpu, cap in ((True, 64), (False, 32)):
+        for rows in [*range(1, 70), 127, 128, 129, 300]:
+            launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=on_gpu)
+            tile = launch["g_pad"] * launch["block_h"]
+            assert 16 <= tile <= cap, (on_gpu, rows, launch)
+            assert launch["block_h"] >= min(8, heads), (on_gpu, rows, launch)
+            assert launch["g_pad"] * launch["row_tiles"] >= rows > launch["g_pad"] * (
+                launch["row_tiles"] - 1), (on_gpu, rows, launch)
 
 
 def test_decode_groups_layout_and_errors() -> None:

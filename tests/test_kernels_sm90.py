@@ -359,10 +359,12 @@ def test_mla_decode_compiles(splits: int) -> None:
 
 
 @pytest.mark.parametrize(("heads", "rows", "splits"), [(128, 2, 1), (128, 4, 4), (128, 5, 1),
-                                                      (16, 4, 8), (128, 2, 4)])
+                                                      (16, 4, 8), (128, 2, 4), (128, 40, 1),
+                                                      (128, 65, 1), (128, 129, 4), (16, 65, 1)])
 def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None:
     # Verify rows at DeepSeek-V3's dims: groups of 2, 4 and 5 rows (k = 1, 3, 4), all 128
-    # heads (one rank) and 16 (TP8), with the grouped launch's defaults.
+    # heads (one rank) and 16 (TP8), with the grouped launch's defaults; 40, 65 and 129 rows
+    # (n-gram k = 39, 64, 128) in row tiles of 8 rows x 8 heads.
     d_lat, d_rope, block = 512, 64, 64
     out = "*bf16" if splits == 1 else "*fp32"
     args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
@@ -376,7 +378,7 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None
     launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=True)
     constexprs = {"NUM_SPLITS": splits, "G_PAD": launch["g_pad"], "BLOCK_H": launch["block_h"],
                   "BLOCK_N": launch["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
-                  "DOT_MODE": 0, "INTERP_BF16": False}
+                  "DOT_MODE": 0, "INTERP_BF16": False, "ROW_TILES": launch["row_tiles"]}
     compiled = compile_sm90(mla_decode_triton.mla_decode_grouped_kernel, args, constexprs,
                             launch["num_warps"], launch["num_stages"])
     if launch["g_pad"] * launch["block_h"] > 32:
