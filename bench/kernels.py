@@ -51,8 +51,8 @@ queries behind cached prefixes; checked against the loop first, then timed in tu
 its floor (bytes of q, K/V and the output; the causal flops). Not part of ``--quick``.
 
 Verify rows (the full run, after the other kernels, or ``--verify-only``): MLA decode for 32
-sequences verifying 1 and 3 drafts (2 and 4 decode rows each) over 4096-token contexts at
-DeepSeek-V3's dims, the per-row decode kernel beside the grouped one (each sequence's context
+sequences verifying 1 and 3 drafts (2 and 4 decode rows each), and a mix where one sequence in
+8 verifies 3 drafts and the rest decode plainly, over 4096-token contexts at DeepSeek-V3's dims, the per-row decode kernel beside the grouped one (each sequence's context
 read once for all its rows) and the floor, then grouped launch variants; the same for GQA verify
 rows at Qwen3-30B-A3B's attention.
 """
@@ -795,31 +795,49 @@ def bench_others(timer: Timer, ceil: dict, errors: list, device: str, smoke: boo
     return rows
 
 
+def verify_layouts(seqs: int) -> dict[str, list[int]]:
+    """Rows per sequence of the verify cases: every sequence verifying 1 or 3 drafts (MTP's
+    shape), and an n-gram-like mix where one sequence in 8 verifies 3 drafts and the rest
+    decode plainly (the grouped kernels size every group's tile by the largest group)."""
+    return {"2 rows/seq": [2] * seqs, "4 rows/seq": [4] * seqs,
+            "mixed 4+1": [4 if i % 8 == 0 else 1 for i in range(seqs)]}
+
+
+def verify_rows(seq_tables: torch.Tensor, counts: list[int], ctx: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's block table and length: a sequence's c rows end at ctx - c + 1 .. ctx, as a
+    verify step's."""
+    device = seq_tables.device
+    reps = torch.tensor(counts, device=device)
+    lens = torch.cat([ctx - c + 1 + torch.arange(c, device=device) for c in counts])
+    return seq_tables.repeat_interleave(reps, dim=0), lens
+
+
 def bench_gqa_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
                      rounds: int = 3) -> list:
     """GQA decode of verify rows at Qwen3-30B-A3B's attention (32 query heads on 4 KV heads,
-    128, bf16 cache in blocks of 16): 32 sequences x 2 and 4 rows over about 4096 tokens, per
-    row beside grouped (each sequence's K/V read once) and the floor, checked first."""
+    128, bf16 cache in blocks of 16): 32 sequences x 2 and 4 rows, and the mix of
+    ``verify_layouts``, over about 4096 tokens, per row beside grouped (each sequence's K/V
+    read once) and the floor, checked first."""
     from kernels.decode_groups import DecodeGroups
     from kernels.gqa_decode_triton import gqa_decode_attention_grouped_triton
 
     seqs, heads, kv_heads, dim, ctx, block = ((2, 4, 2, 80, 64, 16) if smoke
                                               else (32, 32, 4, 128, 4096, 16))
     out = []
-    for per_seq in (2, 4):
-        label = f"gqa_verify {per_seq} rows/seq"
+    for name, counts in verify_layouts(seqs).items():
+        label = f"gqa_verify {name}"
         blocks_per_seq = ctx // block
         kv = torch.randn(2, seqs * blocks_per_seq, block, kv_heads, dim, device=device,
                          dtype=torch.bfloat16)
         seq_tables = torch.randperm(seqs * blocks_per_seq, device=device).view(seqs, -1).int()
-        tables = seq_tables.repeat_interleave(per_seq, dim=0)
-        lens = (ctx - per_seq + 1 + torch.arange(per_seq, device=device)).repeat(seqs)
-        q = torch.randn(seqs * per_seq, heads, dim, device=device, dtype=torch.bfloat16)
-        groups = DecodeGroups.build([per_seq] * seqs, device)
+        tables, lens = verify_rows(seq_tables, counts, ctx)
+        q = torch.randn(sum(counts), heads, dim, device=device, dtype=torch.bfloat16)
+        groups = DecodeGroups.build(counts, device)
         args = (q, kv, tables, lens, dim**-0.5)
         floor = _roofline_ms(ceil, kv.numel() * 2 + 2 * q.numel() * 2,
                              4 * q.shape[0] * heads * ctx * dim)
-        shape = f"S={seqs}x{per_seq} rows H={heads}/{kv_heads} D={dim} ctx={ctx} block={block}"
+        shape = f"S={seqs}, {sum(counts)} rows H={heads}/{kv_heads} D={dim} ctx={ctx} block={block}"
 
         def check(args=args, groups=groups):
             ref = gqa_decode_attention_torch(*args)
@@ -857,7 +875,8 @@ MLA_VERIFY_VARIANTS = ((8, 32, 4), (16, 32, 8), (16, 16, 8), (32, 16, 8), (32, 3
 def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool,
                      rounds: int = 3) -> list:
     """MLA decode of speculative verify rows at DeepSeek-V3's dims (128 heads, latent 512, rope
-    64, bf16 cache in blocks of 64): 32 sequences x (k + 1) = 2 and 4 rows, contexts about 4096.
+    64, bf16 cache in blocks of 64): 32 sequences x (k + 1) = 2 and 4 rows, and the mix of
+    ``verify_layouts``, contexts about 4096.
     Per row (``mla_decode_attention_triton``: every row reads its sequence's context) beside
     grouped (``mla_decode_attention_grouped_triton``: once per sequence), timed in turn, and
     the floor: each sequence's context read once, plus the rows' flops. Then grouped launch
@@ -869,25 +888,23 @@ def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke:
     seqs, heads, d_lat, d_rope, ctx, block = ((2, 16, 32, 16, 64, 16) if smoke
                                               else (32, 128, 512, 64, 4096, 64))
     out = []
-    for per_seq in (2, 4):
-        label = f"mla_verify {per_seq} rows/seq"
+    for name, counts in verify_layouts(seqs).items():
+        label = f"mla_verify {name}"
+        per_seq = max(counts)
         blocks_per_seq = ctx // block
         kv = torch.randn(seqs * blocks_per_seq, block, d_lat + d_rope, device=device,
                          dtype=torch.bfloat16)
         seq_tables = torch.randperm(seqs * blocks_per_seq, device=device).view(seqs, -1).int()
-        tables = seq_tables.repeat_interleave(per_seq, dim=0)
-        # each sequence's rows end at ctx - per_seq + 1 .. ctx, as a verify step's
-        lens = (ctx - per_seq + 1 + torch.arange(per_seq, device=device)).repeat(seqs)
-        batch = seqs * per_seq
+        tables, lens = verify_rows(seq_tables, counts, ctx)
+        batch = sum(counts)
         q_lat = torch.randn(batch, heads, d_lat, device=device, dtype=torch.bfloat16)
         q_pe = torch.randn(batch, heads, d_rope, device=device, dtype=torch.bfloat16)
         scale = (d_lat + d_rope) ** -0.5
-        groups = DecodeGroups.build([per_seq] * seqs, device)
+        groups = DecodeGroups.build(counts, device)
         args = (q_lat, q_pe, kv, tables, lens, scale)
         moved = kv.numel() * 2 + 2 * q_lat.numel() * 2 + q_pe.numel() * 2  # context once, q, o
         floor = _roofline_ms(ceil, moved, batch * heads * ctx * 2 * (2 * d_lat + d_rope))
-        shape = (f"S={seqs}x{per_seq} rows H={heads} {d_lat}+{d_rope} ctx={ctx} "
-                 f"block={block}")
+        shape = f"S={seqs}, {batch} rows H={heads} {d_lat}+{d_rope} ctx={ctx} block={block}"
 
         def check(args=args, groups=groups):
             ref = mla_decode_attention_torch(*args)
