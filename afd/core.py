@@ -7,7 +7,7 @@ stop strings. ``step`` is the loop body every layout runs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from afd.config import EngineConfig
 from afd.block_pool import BlockPool
@@ -33,9 +33,13 @@ class CoreStats:
     prefix_cache_hits: int = 0  # of those, tokens found there
     prefix_cache_host_hits: int = 0  # of the hits, tokens copied back from the host tier
     num_waiting_blocks: int = 0  # KV blocks the waiting sequences need (Scheduler.waiting_blocks)
-    # speculative decoding, total since start: draft tokens verified, and of those accepted
+    # speculative decoding, total since start: draft tokens verified, and of those accepted;
+    # verifications (a sequence's drafts of one step), and the accepted drafts by position
+    # (entry i: verifications whose draft i was accepted; vLLM's per-position counts)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_drafts: int = 0
+    num_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -266,6 +270,8 @@ class EngineCore:
             num_waiting_blocks=self.scheduler.waiting_blocks(),
             num_draft_tokens=self.scheduler.num_draft_tokens,
             num_accepted_tokens=self.scheduler.num_accepted_tokens,
+            num_drafts=self.scheduler.num_drafts,
+            num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

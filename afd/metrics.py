@@ -76,8 +76,16 @@ class ServerMetrics:
             "afd:prefix_cache_host_hits", "Of the prefix cache hits, tokens whose KV was copied "
             "back from the host tier (kv_offload_gb)", labels, registry=r).labels(model_name)
         self.spec_draft_tokens = Counter(
-            "afd:spec_decode_num_draft_tokens", "Speculative (n-gram) draft tokens verified",
-            labels, registry=r).labels(model_name)
+            "afd:spec_decode_num_draft_tokens", "Speculative draft tokens verified (n-gram or "
+            "MTP)", labels, registry=r).labels(model_name)
+        self.spec_drafts = Counter(
+            "afd:spec_decode_num_drafts", "Speculative verifications: one per sequence and step "
+            "that verified drafts (mean acceptance length = 1 + accepted tokens / this)", labels,
+            registry=r).labels(model_name)
+        self.spec_accepted_per_pos = Counter(
+            "afd:spec_decode_num_accepted_tokens_per_pos", "Of the verifications, those that "
+            "accepted the draft at this position (0: the first draft)", labels + ["position"],
+            registry=r)
         self.spec_accepted_tokens = Counter(
             "afd:spec_decode_num_accepted_tokens", "Of the verified draft tokens, those "
             "accepted", labels, registry=r).labels(model_name)
@@ -132,6 +140,15 @@ class ServerMetrics:
             total_preemptions += s.num_preemptions
         self._grow(self.spec_draft_tokens, sum(s.num_draft_tokens for s in stats))
         self._grow(self.spec_accepted_tokens, sum(s.num_accepted_tokens for s in stats))
+        self._grow(self.spec_drafts, sum(s.num_drafts for s in stats))
+        per_pos: list[int] = []
+        for s in stats:
+            for i, n in enumerate(s.num_accepted_per_pos):
+                if i == len(per_pos):
+                    per_pos.append(0)
+                per_pos[i] += n
+        for i, n in enumerate(per_pos):
+            self._grow(self.spec_accepted_per_pos.labels(self.model_name, str(i)), n)
         self._grow(self.preemptions, total_preemptions)
         if prefix_cache is not None:
             self._grow(self.prefix_cache_queries, prefix_cache.queries)

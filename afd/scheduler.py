@@ -141,6 +141,8 @@ class Scheduler:
         # speculative decoding, total since start: drafts verified, and of those accepted
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.num_drafts = 0  # verifications: a sequence's drafts in one step
+        self.num_accepted_per_pos: list[int] = []  # [i]: verifications that accepted draft i
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -411,8 +413,16 @@ class Scheduler:
             seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
-                # none when even the first row failed (num_rejected is then drafts + 1)
-                self.num_accepted_tokens += max(0, len(s.draft_token_ids) - s.num_rejected)
+                # none when even the first row failed (num_rejected is then drafts + 1); the
+                # accepted drafts are always the first ones
+                accepted = max(0, len(s.draft_token_ids) - s.num_rejected)
+                self.num_accepted_tokens += accepted
+                self.num_drafts += 1
+                per_pos = self.num_accepted_per_pos
+                if len(per_pos) < len(s.draft_token_ids):
+                    per_pos.extend([0] * (len(s.draft_token_ids) - len(per_pos)))
+                for i in range(accepted):
+                    per_pos[i] += 1
             # most steps fill no block: skip the call
             if (caching and seq.cacheable
                     and seq.num_computed_tokens // size > seq.num_cached_blocks):

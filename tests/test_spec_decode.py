@@ -334,6 +334,36 @@ def test_metrics_count_drafts_and_accepted():
     assert get("afd:spec_decode_num_accepted_tokens_total", {"model_name": "m"}) == 5
 
 
+def test_metrics_count_verifications_and_accepted_drafts_by_position():
+    m = ServerMetrics("m")
+    stats = [CoreStats(0, 0, 0.0, 0, 0, num_drafts=4, num_accepted_per_pos=[3, 1]),
+             CoreStats(0, 0, 0.0, 0, 0, num_drafts=2, num_accepted_per_pos=[2, 2, 1])]
+    m.observe_stats(stats, 0, 0)
+    m.observe_stats(stats, 0, 0)  # totals since start: nothing new
+    get = m.registry.get_sample_value
+    assert get("afd:spec_decode_num_drafts_total", {"model_name": "m"}) == 6
+    assert [get("afd:spec_decode_num_accepted_tokens_per_pos_total",
+                {"model_name": "m", "position": str(i)}) for i in range(3)] == [5, 3, 1]
+
+
+def test_scheduler_counts_accepted_drafts_by_position(engines, monkeypatch):
+    """Per-position counts add up to the accepted tokens; a position never counts more than
+    the one before it (a draft is accepted only after every draft before it) nor more than the
+    verifications; with the oracle's second draft wrong now and then, position 1 counts fewer
+    than position 0."""
+    core = engines[1].engine.core
+    (before,) = core.stats()
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    _, _, drafts, accepted = generate_both(engines, monkeypatch, params)
+    (after,) = core.stats()
+    per_pos = [a - (before.num_accepted_per_pos[i] if i < len(before.num_accepted_per_pos)
+                    else 0) for i, a in enumerate(after.num_accepted_per_pos)]
+    verifications = after.num_drafts - before.num_drafts
+    assert len(per_pos) == SPEC["num_speculative_tokens"] and sum(per_pos) == accepted > 0
+    assert verifications >= per_pos[0] > per_pos[1] >= per_pos[2] >= per_pos[3]
+    assert after.num_draft_tokens - before.num_draft_tokens == drafts
+
+
 # ---- GQA, the CUDA-graph path, layouts ----------------------------------------------------
 def test_gqa_model_with_graph_path(tmp_path, monkeypatch):
     """Qwen3-MoE (GQA) verifies drafts over its paged cache; with enforce_eager=False steps of
