@@ -58,13 +58,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let the tokenizer run the Python code its tokenizer_config.json "
                          "names (auto_map; Kimi K2's needs it); weights never run such code")
-    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--served-model-name", default=None,
+                    help="the model id /v1/models lists and requests name (default: the "
+                         "checkpoint folder's name; afd-tiny-deepseek-v3 for the embedded one)")
     ap.add_argument("--prefill", type=int, default=0)
     ap.add_argument("--attention", type=int, default=1)
     ap.add_argument("--ffn", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"))
+    ap.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"),
+                    help="key clients send as 'Authorization: Bearer KEY' (default: "
+                         "$AFD_API_KEY; unset: no key checked)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=None)
@@ -81,8 +85,9 @@ def parse_args() -> argparse.Namespace:
                     help="run decode steps eagerly (default, for now); --no-enforce-eager "
                          "captures CUDA graphs of decode steps (layouts without FFN ranks)")
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
-                    help="decode batch sizes to capture (default 1 2 4 8 16 ... up to "
-                         "min(max-num-seqs, 256))")
+                    help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 ... "
+                         "up to min(max-num-seqs x (1 + num_speculative_tokens), 256), and that "
+                         "cap)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                     default=True, help="reuse the KV of full blocks of tokens that a new prompt "
                     "shares with earlier ones (default on)")
@@ -112,11 +117,12 @@ def parse_args() -> argparse.Namespace:
                          "--tool-call-parser")
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                     help="the model's tool-call format: hermes (Qwen3), deepseek_v3, "
-                         "deepseek_v31")
+                         "deepseek_v31 or kimi_k2")
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                     help="split the model's <think> ... </think> off its chat answers into "
-                         "the message's reasoning field: deepseek_r1, qwen3 or deepseek_v3 "
-                         "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking)")
+                         "the message's reasoning field: deepseek_r1, qwen3, deepseek_v3 "
+                         "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking) or "
+                         "kimi_k2 (K2-Thinking)")
     ap.add_argument("--max-stored-responses", type=int, default=1000,
                     help="/v1/responses: how many responses (with their conversations) the "
                          "front end keeps in memory for previous_response_id and GET, least "
