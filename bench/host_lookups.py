@@ -1,4 +1,4 @@
-"""Host-side costs README quotes for speculative decoding and structured output, on this machine.
+"""Host-side costs README quotes for n-gram drafts, penalties and structured output.
 
     python bench/host_lookups.py [--json out]
 
@@ -6,6 +6,10 @@ n-gram lookup: per sequence and step, what the scheduler does for a speculating 
 (``TokenArray.sync`` of one appended token, then ``propose_ngram`` with lookup 4 down to 2 and
 k = 4), over random token ids of a 512- and a 129,280-id vocabulary, at 1,000 / 8,000 / 32,000
 tokens; best of 5 runs of 200 steps, process CPU time.
+
+Penalties: a penalised sequence's first sampled step folds its whole history into its state
+(``PenaltyPool.fold``), 1,024 + 256 and 8,192 + 1,024 random ids; median of 20, process CPU
+time.
 
 Grammars, with the embedded default model's tokenizer (512 ids): the first use of the tokenizer
 on a rank (``GrammarCompiler._tokenizer``, in a fresh process that has not imported
@@ -65,6 +69,28 @@ def ngram_rows() -> list[dict]:
                 best = min(best, (time.process_time() - start) / 200 * 1e6)
             rows.append({"vocab": vocab, "tokens": length, "us_per_step": round(best, 1)})
             print(f"n-gram lookup, vocab {vocab:>7}, {length:>6} tokens: {best:6.1f} us")
+    return rows
+
+
+def penalty_rows() -> list[dict]:
+    """A penalised sequence's first sampled step: its whole history folded into a fresh
+    ``PenaltyState`` (afd.penalties), random ids of DeepSeek-V3's vocabulary."""
+    from afd.penalties import PenaltyPool, PenaltyState
+
+    rows = []
+    for prompt, output in ((1_024, 256), (8_192, 1_024)):
+        ids = np.random.default_rng(0).integers(0, 129_280, prompt + output).tolist()
+        pool, times = PenaltyPool("cpu"), []
+        for _ in range(20):
+            state = PenaltyState()
+            start = time.process_time()
+            pool.fold([state], [(ids, prompt)])
+            times.append((time.process_time() - start) * 1e3)
+            del state
+        rows.append({"prompt": prompt, "output": output, "distinct": len(set(ids)),
+                     "first_fold_ms": round(statistics.median(times), 2)})
+        print(f"penalties, first fold of {prompt} + {output} tokens: "
+              f"{rows[-1]['first_fold_ms']:.2f} ms")
     return rows
 
 
@@ -133,7 +159,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "torch_threads": torch.get_num_threads(),
               "clock": "process CPU time (tokenizer first use: wall)",
-              "ngram": ngram_rows(), "grammar": grammar_rows()}
+              "ngram": ngram_rows(), "penalties": penalty_rows(), "grammar": grammar_rows()}
     write_result(result, args.json, "host_lookups.json")
 
 
