@@ -150,7 +150,8 @@ class LLM:
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
     P+A+F rank processes. ``micro_batches``: ping-pong micro-batches per decode step.
     ``transport``: "torch" (all_to_all over gloo/NCCL) or "deepep". ``timeout_s``: how long any
-    rank may wait on another before the run fails with RankFailure. ``generation_config``:
+    rank may wait on another before the run fails with RankFailure. ``prefill_block_size``: the
+    P/D prefill ranks' KV block size where it differs from ``block_size``. ``generation_config``:
     "auto" takes temperature/top_p/top_k/min_p/repetition_penalty defaults from the checkpoint's
     generation_config.json (as vLLM does), "vllm" uses SamplingParams' own defaults.
     ``enable_prefix_caching``: reuse the KV of full blocks of earlier prompts (and outputs) that
@@ -166,9 +167,10 @@ class LLM:
     keeps the experts in FP8 on any device, quantizing a bf16/fp32 checkpoint's on load
     ([128, 128] blocks); "dequantize" dequantizes every weight
     (``afd.config.resolve_quantization``).
-    ``speculative_config``: n-gram speculative decoding, vLLM's dict (``{"method": "ngram",
-    "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``); the
-    outputs are those of plain decoding (afd.spec_decode).
+    ``speculative_config``: speculative decoding, vLLM's dict: n-gram drafts (``{"method":
+    "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``)
+    or the checkpoint's MTP layer (``{"method": "mtp", "num_speculative_tokens": k}``, k <= 4);
+    the outputs are those of plain decoding (afd.spec_decode).
     ``expert_placement`` (with FFN ranks): which experts each FFN rank holds, per layer or for
     all: an ``ExpertPlacement``, or a JSON file holding one (``ExpertPlacement.to_dict``) or a
     load record (``dump_expert_load_record``), from which afd.eplb computes a balanced placement
