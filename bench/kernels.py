@@ -52,9 +52,10 @@ its floor (bytes of q, K/V and the output; the causal flops). Not part of ``--qu
 
 Verify rows (the full run, after the other kernels, or ``--verify-only``): MLA decode for 32
 sequences verifying 1 and 3 drafts (2 and 4 decode rows each), and a mix where one sequence in
-8 verifies 3 drafts and the rest decode plainly, over 4096-token contexts at DeepSeek-V3's dims, the per-row decode kernel beside the grouped one (each sequence's context
-read once for all its rows) and the floor, then grouped launch variants; the same for GQA verify
-rows at Qwen3-30B-A3B's attention.
+8 verifies 3 drafts and the rest decode plainly, over 4096-token contexts at DeepSeek-V3's dims,
+the per-row decode kernel beside the grouped one (each sequence's context read once for all its
+rows) and the floor, then grouped launch variants; the same for GQA verify rows at
+Qwen3-30B-A3B's attention.
 """
 
 from __future__ import annotations
