@@ -1,6 +1,7 @@
 """Host time of one engine decode step without the model: afd's own Python per step.
 
     python bench/host_step.py [--batches 1 32 256] [--steps 60] [--warmup 8] [--repeats 3]
+                              [--output-kind cumulative|delta|final_only]
                               [--profile prof.txt] [--json out.json]
 
 With CUDA graphs a decode step's forward costs the host little; what is left is the engine
@@ -23,8 +24,13 @@ and the front end's ``_apply`` (detokenize, stop strings, logprobs) and ``Reques
 Workload per cell: ``batch`` requests of 16 random prompt tokens, ``ignore_eos``, enough
 ``max_tokens`` that none finishes while timed, all admitted and prefilled before timing
 (``warmup`` steps), then ``steps`` decode steps each timed alone (``time.perf_counter`` around
-``engine.step()``). Configs: greedy; temperature 0.8 top_p 0.9; each with two stop strings that
-never match (so every step searches them); greedy with ``logprobs=1``. A cell's figure is the
+``engine.step()``). Long outputs: ``--warmup 2048`` times steps 2,049-2,108 of every sequence
+(the context limit and KV pool grow to fit; the model allows 4,096 positions).
+``--output-kind``: ``SamplingParams.output_kind`` of every request (left unset, the engine's
+default: cumulative outputs); the digest is of each request's final output, whatever the kind
+(the requests run to ``max_tokens``, 4 steps past the timed ones, untimed). Configs: greedy;
+temperature 0.8 top_p 0.9; each with two stop strings that never match (so every step searches
+them); greedy with ``logprobs=1``. A cell's figure is the
 median step over its ``repeats`` runs (each run a fresh set of requests on the same engine);
 per sequence-step is that over the batch. A digest of every output's tokens and text is kept,
 so runs before and after a change can be checked for identical outputs. Each cell also splits
@@ -130,22 +136,56 @@ def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(s[k] for s in splits) * 1e6, 1) for k in splits[0]}
 
 
+def context_blocks(warmup: int, steps: int) -> tuple[int, int]:
+    """(max_model_len, KV blocks per sequence) for ``warmup + steps + 4`` new tokens after the
+    prompt: 256 and 8 for the default run, more for long outputs."""
+    tokens = PROMPT_LEN + warmup + steps + 4
+    return max(256, tokens), max(8, -(-tokens // 16) + 1)
+
+
+class Tracker:
+    """Each request's last output, and with ``--output-kind delta`` its pieces joined (what a
+    cumulative output would hold), for the digest."""
+
+    def __init__(self, delta: bool) -> None:
+        self.delta = delta
+        self.last: dict = {}
+        self.parts: dict = {}
+
+    def add(self, out) -> None:
+        self.last[out.request_id] = out
+        if self.delta:
+            for c in out.outputs:
+                p = self.parts.setdefault((out.request_id, c.index), [[], "", 0.0])
+                p[0] += c.token_ids
+                p[1] += c.text
+                p[2] = c.cumulative_logprob
+
+    def final(self, rid: str) -> tuple:
+        if self.delta:
+            return tuple(self.parts[(rid, 0)])
+        c = self.last[rid].outputs[0]
+        return c.token_ids, c.text, c.cumulative_logprob
+
+
 def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: int,
-             prof: cProfile.Profile | None = None, stages: StageTimer | None = None
+             prof: cProfile.Profile | None = None, stages: StageTimer | None = None,
+             output_kind: str | None = None
              ) -> tuple[list[float], str, dict[str, float]]:
     """One set of ``batch`` requests: returns each timed decode step's seconds, a digest of
     the outputs and the median time per step of each stage."""
     engine = llm.engine
     rng = random.Random(seed)
-    sp = SamplingParams(ignore_eos=True, max_tokens=warmup + steps + 4, **params)
+    kind = {} if output_kind is None else {"output_kind": output_kind}
+    sp = SamplingParams(ignore_eos=True, max_tokens=warmup + steps + 4, **params, **kind)
     ids = [f"r{seed}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(rid, {"prompt_token_ids": [rng.randrange(2, 500)
                                                       for _ in range(PROMPT_LEN)]}, sp)
-    last = {}
+    track = Tracker(output_kind == "delta")
     for _ in range(warmup):
         for out in engine.step():
-            last[out.request_id] = out
+            track.add(out)
     times, splits = [], []
     if stages is not None:
         stages.seconds.clear()
@@ -160,13 +200,15 @@ def run_cell(llm: LLM, batch: int, params: dict, steps: int, warmup: int, seed: 
         if prof is not None:
             prof.disable()
         for out in outs:
-            last[out.request_id] = out
-        assert len(outs) == batch and not any(o.finished for o in outs), "a request finished"
+            track.add(out)
+        assert len(outs) == (0 if output_kind == "final_only" else batch) and not any(
+            o.finished for o in outs), "a request finished"
+    while engine.has_unfinished_requests():  # the last 4 tokens, untimed
+        for out in engine.step():
+            track.add(out)
     digest = hashlib.sha256()
     for rid in ids:
-        c = last[rid].outputs[0]
-        digest.update(repr((c.token_ids, c.text, c.cumulative_logprob)).encode())
-        engine.abort_request(rid)
+        digest.update(repr(track.final(rid)).encode())
     split = median_split(splits) if splits else {}
     while engine.core.has_unfinished():
         engine.step()
@@ -180,19 +222,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output-kind", choices=["cumulative", "delta", "final_only"],
+                        help="SamplingParams.output_kind (unset: the engine's default)")
     parser.add_argument("--profile", help="write a cProfile top list (batch 256) here")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     max_batch = max(args.batches)
+    max_len, blocks = context_blocks(args.warmup, args.steps)
     llm = LLM(None, device="cpu", dtype="float32", max_num_seqs=max_batch,
-              max_model_len=256, num_kv_blocks=max_batch * 8 + 16, enable_prefix_caching=True)
+              max_model_len=max_len, num_kv_blocks=max_batch * blocks + 16,
+              enable_prefix_caching=True)
     stub_forward(llm.engine.model_cfg.vocab_size)
     result = {"bench": "host_step", "commit": commit_id(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
-              "repeats": args.repeats, "stubbed": "MoEModel.forward_stages -> table[input_ids]",
+              "repeats": args.repeats, "output_kind": args.output_kind or "default",
+              "stubbed": "MoEModel.forward_stages -> table[input_ids]",
               "cells": []}
     prof = cProfile.Profile() if args.profile else None
     stages = StageTimer(llm.engine)
@@ -204,7 +251,8 @@ def main() -> None:
             runs, digests, splits, every = [], [], [], []
             for r in range(args.repeats):
                 times, digest, split = run_cell(llm, batch, CONFIGS[name], args.steps,
-                                                args.warmup, seed=r, stages=stages)
+                                                args.warmup, seed=r, stages=stages,
+                                                output_kind=args.output_kind)
                 runs.append(statistics.median(times))
                 every += times
                 digests.append(digest)
@@ -227,7 +275,7 @@ def main() -> None:
     if prof is not None:  # a pass of its own: cProfile slows what it watches
         for name in PROFILED:
             run_cell(llm, max_batch, CONFIGS[name], args.steps, args.warmup, seed=100,
-                     prof=prof)
+                     prof=prof, output_kind=args.output_kind)
         text = io.StringIO()
         stats = pstats.Stats(prof, stream=text)
         text.write(f"cProfile of engine.step(), batch {max_batch}, configs {PROFILED}, "

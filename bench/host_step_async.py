@@ -1,6 +1,7 @@
 """Host time of decode steps through the server's AsyncEngine, forward stubbed (as host_step.py).
 
-    python bench/host_step_async.py [--batch 256] [--tokens 64] [--repeats 4] [--json out.json]
+    python bench/host_step_async.py [--batch 256] [--tokens 64] [--repeats 4]
+                                    [--output-kind cumulative|delta|final_only] [--json out.json]
 
 ``host_step.py`` times ``LLMEngine.step`` alone. A server runs it on the AsyncEngine's thread,
 which hands every output to the asyncio event loop where each request's stream waits, while the
@@ -10,7 +11,10 @@ prompt tokens (greedy, ``ignore_eos``, ``tokens`` new tokens each) through
 repeat: the wall time from the first request to the last output, the engine steps taken, wall
 per step, and the median ``engine.step()`` time as seen on the engine thread (it includes
 waiting for the GIL while the event loop runs). No HTTP, no JSON: the engine thread, the hand-off
-and a bare consumer only.
+and a bare consumer only. ``--output-kind``: ``SamplingParams.output_kind`` of every request
+(unset: the engine's default, cumulative outputs; the server's streams ask for ``delta``, its
+unstreamed requests for ``final_only``). ``--tokens 1024`` and more: long outputs (the context
+limit and KV pool grow to fit; the model allows 4,096 positions).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from host_step import PROMPT_LEN, stub_forward  # noqa: E402
+from host_step import PROMPT_LEN, context_blocks, stub_forward  # noqa: E402
 from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
@@ -41,11 +45,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--output-kind", choices=["cumulative", "delta", "final_only"],
+                        help="SamplingParams.output_kind (unset: the engine's default)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    max_len, blocks = context_blocks(args.tokens - 64, 60)  # 256 and 8 up to 64 tokens
     llm = LLM(None, device="cpu", dtype="float32", max_num_seqs=args.batch,
-              max_model_len=256, num_kv_blocks=args.batch * 8 + 16)
+              max_model_len=max_len, num_kv_blocks=args.batch * blocks + 16)
     stub_forward(llm.engine.model_cfg.vocab_size)
     step_times: list[float] = []
     real_step = llm.engine.step
@@ -59,7 +66,8 @@ def main() -> None:
 
     llm.engine.step = timed_step
     engine = AsyncEngine(llm.engine)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.tokens)
+    kind = {} if args.output_kind is None else {"output_kind": args.output_kind}
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.tokens, **kind)
 
     async def run(seed: int) -> tuple[float, int]:
         rng = random.Random(seed)
@@ -79,6 +87,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "batch": args.batch, "tokens": args.tokens,
+              "output_kind": args.output_kind or "default",
               "stubbed": "MoEModel.forward_stages -> table[input_ids]", "runs": []}
     try:
         for r in range(args.repeats):
