@@ -3,8 +3,8 @@
 
 from afd.llm import LLM
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput",
-           "SamplingParams"]
+           "RequestOutputKind", "SamplingParams"]
 __version__ = "0.1.0"

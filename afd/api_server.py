@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,7 +46,7 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
                                  TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
 from afd.outputs import CompletionOutput, RequestOutput
-from afd.sampling_params import ParamError, SamplingParams, check_text
+from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, marker_token_ids
 from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
@@ -366,11 +366,15 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
     """Check a request's sampling fields and prompts (a 400 naming the field sent:
     ``prompt_field`` for the prompt a conversation makes, ``max_tokens_field``) and queue each
     prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt).
-    ``reasoning_end``: the token ids a structured-output grammar waits for (``_chat_prompt``)."""
+    ``reasoning_end``: the token ids a structured-output grammar waits for (``_chat_prompt``).
+    A streamed request's outputs are deltas (what is new since the last); an unstreamed one's
+    is its final output alone (RequestOutputKind)."""
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling,
                                       reasoning_end)
+        params.output_kind = (RequestOutputKind.DELTA if body.stream
+                              else RequestOutputKind.FINAL_ONLY)
         checked = [engine.check_request(p, params, body.priority) for p in prompts]
         engine.engine.check_cache_salt(body.cache_salt)
     except ValueError as exc:
@@ -463,20 +467,21 @@ class _Echo:
             return out.prompt
         return self.engine.tokenizer.decode(out.prompt_token_ids)  # sent as token ids
 
-    def completion(self, out: RequestOutput, c: CompletionOutput, token_start: int = 0,
-                   text_start: int = 0, head: bool = True
-                   ) -> tuple[str, list[int], list | None]:
-        """(text, token ids, logprob entries or None) of choice ``c`` from its token
-        ``token_start`` and character ``text_start`` on; ``head``: the prompt goes first."""
-        text, token_ids = c.text[text_start:], c.token_ids[token_start:]
-        entries = None if c.logprobs is None else c.logprobs[token_start:]
+    def completion(self, out: RequestOutput, c: CompletionOutput, head: bool = True,
+                   prompt_logprobs: list | None = None) -> tuple[str, list[int], list | None]:
+        """(text, token ids, logprob entries or None) of choice ``c`` (all of it, or a streamed
+        piece); ``head``: the prompt goes first, with ``prompt_logprobs`` (default: ``out``'s;
+        a streamed request's come with its first output only)."""
+        text, token_ids, entries = c.text, c.token_ids, c.logprobs
         if self.only:
             text, token_ids, entries = "", [], None if entries is None else []
         if self.on and head:
             text = self.prompt_text(out) + text
             token_ids = out.prompt_token_ids + token_ids
             if self.logprobs:
-                entries = list(out.prompt_logprobs) + entries
+                if prompt_logprobs is None:
+                    prompt_logprobs = out.prompt_logprobs
+                entries = list(prompt_logprobs) + entries
         return text, token_ids, entries
 
 
@@ -658,20 +663,25 @@ async def _responses_sse(turn: _Turn, stream: AsyncIterator[RequestOutput]
         pending = turn.response("in_progress", [])
         yield sse(output.event("response.created", response=pending))
         yield sse(output.event("response.in_progress", response=pending))
-        reader, sent, out = turn.readers.stream(), 0, None
+        # the outputs are deltas: the readers read the whole text so far, the usage counts
+        # every token
+        reader, out, text, token_ids = turn.readers.stream(), None, "", []
         async for out in stream:
             if out.error:
                 raise _output_error(out)
             c = out.outputs[0]
-            delta = _ChoiceReader.safe_delta(reader, c.text, final=c.finish_reason is not None)
+            token_ids += c.token_ids
+            if reader is not None:
+                text += c.text
+            delta = _ChoiceReader.safe_delta(reader, text, final=c.finish_reason is not None)
             if delta is None:  # no readers, or they failed
-                reader, delta = None, {"content": c.text[sent:]}
-            sent = len(c.text)
+                reader, delta = None, {"content": c.text}
             for event in output.add(delta):
                 yield sse(event)
         for event in output.finish(out.outputs[0].finish_reason == "length"):
             yield sse(event)
-        response = turn.finish(out, output)
+        response = turn.finish(replace(out, outputs=[replace(out.outputs[0],
+                                                             token_ids=token_ids)]), output)
         yield sse(output.event(f"response.{response['status']}", response=response))
     except Exception as exc:  # noqa: BLE001 - OpenAI's error event
         error = exc if isinstance(exc, APIError) else _request_error(exc)
@@ -777,7 +787,9 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
     parser or tools, a chat chunk's delta has the new reasoning, content and call pieces
-    (``tool_calls``) that each choice's readers find in its text so far."""
+    (``tool_calls``) that each choice's readers find in its text so far. The streams' outputs
+    are deltas (RequestOutputKind.DELTA): each choice's pieces wait in a ``_Pending`` until a
+    chunk carries them."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -791,10 +803,14 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             await queue.put((i, None))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}  # with logprobs: the tokens whose logprobs went out
-    # and the length of their texts: streamed text_offsets are the unstreamed ones, even where
-    # a token's text decoded alone is not what the text shows (a partial UTF-8 character)
+    pending: dict[int, _Pending] = {}  # each choice's pieces not yet sent
+    prompt_logprobs: dict[int, list] = {}  # each prompt's, from its first output that has them
+    # the whole text of each choice where its readers read it (each update is fed all of it)
+    keep_text = readers is not None and (readers.tools is not None
+                                         or readers.reasoning is not None)
+    # with logprobs, the length of the texts of the tokens that went out: streamed
+    # text_offsets are the unstreamed ones, even where a token's text decoded alone is not
+    # what the text shows (a partial UTF-8 character)
     token_chars: dict[int, int] = {}
     finish_sent: set[int] = set()  # choices whose last chunk went out
     echoed: set[int] = set()  # choices whose first chunk went out
@@ -823,36 +839,40 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                          else _output_error(item))
                 yield "data: " + json.dumps(error.body()) + "\n\n"
                 break
-            choices = []
+            if item.prompt_logprobs is not None:
+                prompt_logprobs[i] = item.prompt_logprobs
             for c in item.outputs:
                 index = i * n + c.index
-                if index in finish_sent:
+                if index not in pending:
+                    pending[index] = _Pending(c.logprobs is not None)
+                pending[index].add(c, keep_text)
+            choices = []
+            for index in range(i * n, i * n + n):  # each choice of this prompt, in order
+                p = pending.get(index)
+                if p is None or index in finish_sent:
                     continue
                 head = echo is not None and echo.on and index not in echoed
-                if head and echo.logprobs and item.prompt_logprobs is None:
+                if head and echo.logprobs and i not in prompt_logprobs:
                     continue  # they come with the first completion's first token (n > 1)
-                if echo is not None and echo.only and c.finish_reason is None:
+                if echo is not None and echo.only and p.finish_reason is None:
                     continue
-                token_start, text_start = sent_tokens.get(index, 0), sent_text.get(index, 0)
-                new_tokens = c.logprobs is not None and len(c.token_ids) > token_start
-                if (not head and len(c.text) == text_start and not new_tokens
-                        and c.finish_reason is None):
+                if not head and not p.text and not p.token_ids and p.finish_reason is None:
                     continue
-                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                c = p.take(index - i * n)
                 echoed.add(index)
                 if c.finish_reason is not None:
                     finish_sent.add(index)
                 if chat:
-                    logprobs = _chat_logprobs(c, token_start, top_logprobs)
+                    logprobs = _chat_logprobs(c, 0, top_logprobs)
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
                     reader = choice_readers.get(index)
-                    message = _ChoiceReader.safe_delta(reader, c.text,
+                    message = _ChoiceReader.safe_delta(reader, p.full_text,
                                                        final=c.finish_reason is not None)
                     if message is None:  # no readers, or they failed: plain text from now on
                         if reader is not None:
                             choice_readers[index] = None
-                        choices.append({"index": index, "delta": {"content": c.text[text_start:]},
+                        choices.append({"index": index, "delta": {"content": c.text},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs})
                         continue
                     finish = c.finish_reason
@@ -862,8 +882,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                         choices.append({"index": index, "delta": message,
                                         "finish_reason": finish, "logprobs": logprobs})
                     continue
-                text, token_ids, entries = echo.completion(item, c, token_start, text_start,
-                                                           head)
+                text, token_ids, entries = echo.completion(item, c, head,
+                                                           prompt_logprobs.get(i))
                 logprobs = None
                 if entries is not None:
                     logprobs = _completion_logprobs(token_ids, entries,
@@ -875,7 +895,9 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)
                 if echo is None or not echo.only:
-                    usage["completion_tokens"] += sum(len(c.token_ids) for c in item.outputs)
+                    usage["completion_tokens"] += sum(pending[index].num_tokens
+                                                      for index in range(i * n, i * n + n)
+                                                      if index in pending)
                 cached += item.num_cached_tokens or 0
             if choices:
                 yield chunk(choices)
@@ -889,6 +911,42 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     finally:
         for t in tasks:  # client gone (or done): a cancelled stream aborts its request
             t.cancel()
+
+
+@dataclass
+class _Pending:
+    """One streamed choice: the pieces of its delta outputs that no chunk has carried yet (a
+    chunk waits for new text, or with logprobs new tokens, and an echoed choice's first one
+    for the prompt's logprobs), its finish, its tokens in all (the usage) and, for its
+    readers (``keep_text``), its whole text."""
+
+    logprobs_on: bool  # the request asks for logprobs: tokens matter, not just text
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # only with logprobs
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_tokens: int = 0
+    full_text: str = ""
+
+    def add(self, c: CompletionOutput, keep_text: bool) -> None:
+        if c.text:
+            self.text += c.text
+            if keep_text:
+                self.full_text += c.text
+        self.num_tokens += len(c.token_ids)
+        if self.logprobs_on:
+            self.token_ids += c.token_ids
+            self.logprobs += c.logprobs
+        self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
+
+    def take(self, index: int) -> CompletionOutput:
+        """The pieces waiting, as one output (completion ``index``); none wait after."""
+        out = CompletionOutput(index, self.text, self.token_ids, self.finish_reason,
+                               self.stop_reason, None, self.logprobs if self.logprobs_on
+                               else None)
+        self.text, self.token_ids, self.logprobs = "", [], []
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

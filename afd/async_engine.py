@@ -63,7 +63,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs as tokens arrive; abort the request if the consumer stops."""
+        """Yield the request's outputs as tokens arrive, of ``params.output_kind`` (cumulative,
+        deltas, or the final one alone); abort the request if the consumer stops."""
         if self.error:
             raise EngineDeadError(self.error)
         q: asyncio.Queue = asyncio.Queue()
@@ -202,14 +203,17 @@ class AsyncEngine:
                     continue
                 outputs = engine.step()
                 now = time.monotonic()
-                if outputs:
+                # every request the step changed, outputs built or not (a FINAL_ONLY request
+                # has none until it finishes): progress, and what the metrics count
+                changed = engine.last_step_requests
+                if changed:
                     self.last_progress = now
                 step_tokens = 0
                 if self.metrics:
-                    for out in outputs:
-                        step_tokens += self._observe(out, now)
+                    for req in changed.values():
+                        step_tokens += self._observe(req, now)
                 self._deliver_step(outputs)
-                if self.metrics and outputs:
+                if self.metrics and changed:
                     self.metrics.iteration_tokens.observe(step_tokens)
                 self._observe_stats()
         except Exception as exc:  # a rank died or the engine broke: fail everything in flight
@@ -220,7 +224,10 @@ class AsyncEngine:
 
     def _observe(self, out: RequestOutput, now: float) -> int:
         """Record a request's update; returns the tokens it adds to this engine step (as
-        vLLM counts them: the new tokens, and the prompt with the request's first token)."""
+        vLLM counts them: the new tokens, and the prompt with the request's first token).
+        ``out``: a cumulative view of the request, its completions' tokens so far in
+        ``outputs``: the engine's own request (``LLMEngine.last_step_requests``) or a
+        cumulative RequestOutput."""
         if not self.metrics:
             return 0
         rid = out.request_id

@@ -2,7 +2,9 @@
 
 It owns text: validates and tokenizes prompts, fans ``n`` completions out into core requests,
 detokenizes their tokens incrementally, matches stop strings (aborting the core request when one
-hits) and assembles vLLM-shaped RequestOutputs. The core speaks token ids only.
+hits) and assembles vLLM-shaped RequestOutputs, of the kind each request asks for
+(``SamplingParams.output_kind``: cumulative, only what is new, or only the final one). The core
+speaks token ids only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampler import PromptLogprobs
-from afd.sampling_params import ParamError, SamplingParams, check_text
+from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
 from afd.sequence import CoreOutput, CoreRequest
 from afd.structured_output import check as check_structured_output
 from afd.token_masks import bad_word_sequences
@@ -49,6 +51,11 @@ class _Completion:
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None  # these two only when the request asks for logprobs
     logprobs: list[dict[int, Logprob]] | None = None
+    # DELTA outputs: the tokens and characters of text that earlier outputs carried, and
+    # whether the output that carried its finish went out (it is in none after that)
+    sent_tokens: int = 0
+    sent_chars: int = 0
+    done: bool = False
 
 
 @dataclass
@@ -62,6 +69,7 @@ class _Request:
     error: str | None = None
     num_cached_tokens: int | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False  # DELTA: an output carried them
     # While a completion runs, its last len(longest stop) - 1 characters could be the start of
     # a stop string that the next token completes (and cuts): they are held back, so what was
     # shown (streamed) is never taken back. From the params, which never change.
@@ -78,20 +86,60 @@ class _Request:
                 return False
         return True
 
+    @property
+    def outputs(self) -> list[_Completion]:
+        """The completions, under RequestOutput's name: what the server's metrics read of a
+        step's requests (token_ids, finish_reason), whatever outputs the step built."""
+        return self.completions
+
     def output(self, finished: bool | None = None) -> RequestOutput:
-        """The request's cumulative output (``finished``: ``self.finished``, if known)."""
+        """The request's cumulative output (``finished``: ``self.finished``, if known). A
+        finished request's lists are handed over, not copied: the engine is done with them."""
+        hold, outs = self.hold, []
+        if finished is None:
+            finished = self.finished
+        for c in self.completions:
+            text, token_ids, logprobs = c.text, c.token_ids, c.logprobs
+            if not finished:
+                token_ids = token_ids[:]
+                logprobs = None if logprobs is None else logprobs[:]
+                if hold and c.finish_reason is None:
+                    text = text[:len(text) - hold] if len(text) > hold else ""
+            outs.append(CompletionOutput(c.index, text, token_ids, c.finish_reason,
+                                         c.stop_reason, c.cumulative_logprob, logprobs))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
+                             finished, self.metrics, self.error, self.num_cached_tokens,
+                             self.prompt_logprobs)
+
+    def delta_output(self, finished: bool) -> RequestOutput:
+        """What is new since this request's last output (RequestOutputKind.DELTA): per
+        completion still running, or finished since, the tokens, logprobs and shown text
+        (held-back text, see ``hold``, comes when it is shown) that no output carried yet;
+        the prompt's logprobs once."""
         hold, outs = self.hold, []
         for c in self.completions:
-            text, logprobs = c.text, c.logprobs
+            if c.done:
+                continue
+            text, start = c.text, c.sent_tokens
+            shown = len(text)
             if hold and c.finish_reason is None:
-                text = text[:len(text) - hold] if len(text) > hold else ""
-            outs.append(CompletionOutput(c.index, text, c.token_ids[:], c.finish_reason,
+                shown = shown - hold if shown > hold else 0
+            piece = text[c.sent_chars:shown] if shown > c.sent_chars else ""
+            if shown > c.sent_chars:
+                c.sent_chars = shown
+            token_ids, logprobs = c.token_ids, c.logprobs
+            c.sent_tokens = len(token_ids)
+            if c.finish_reason is not None:
+                c.done = True
+            outs.append(CompletionOutput(c.index, piece, token_ids[start:], c.finish_reason,
                                          c.stop_reason, c.cumulative_logprob,
-                                         None if logprobs is None else logprobs[:]))
+                                         None if logprobs is None else logprobs[start:]))
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            prompt_logprobs, self.prompt_logprobs_sent = self.prompt_logprobs, True
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
-                             self.finished if finished is None else finished, self.metrics,
-                             self.error, self.num_cached_tokens,
-                             self.prompt_logprobs)
+                             finished, self.metrics, self.error, self.num_cached_tokens,
+                             prompt_logprobs)
 
 
 def _one_token_pieces(out: CoreOutput) -> list[CoreOutput]:
@@ -106,6 +154,9 @@ def _one_token_pieces(out: CoreOutput) -> list[CoreOutput]:
                        None if out.logprobs is None else [out.logprobs[i]],
                        out.prompt_logprobs if i == 0 else None)
             for i, token in enumerate(tokens)]
+
+
+DELTA, FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:
@@ -124,6 +175,7 @@ class LLMEngine:
         self.core = core
         self.eos_token_ids = eos_token_ids
         self.requests: dict[str, _Request] = {}
+        self.last_step_requests: dict[str, _Request] = {}  # see ``step``
         self._child: dict[str, tuple[_Request, _Completion]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -317,10 +369,12 @@ class LLMEngine:
 
     # ---- output ---------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one core step; return the (cumulative) output of every request that changed, or
-        with ``finished_only`` of every request that finished (an offline batch keeps only
-        those: building the others' outputs copies their tokens so far, every step)."""
-        changed: dict[str, _Request] = {}
+        """Run one core step; return an output for every request that changed, of the kind it
+        asked for (``SamplingParams.output_kind``): cumulative, what is new (DELTA), or none
+        until it finishes (FINAL_ONLY); ``finished_only``: every request as FINAL_ONLY.
+        ``last_step_requests`` then holds every request the step changed, outputs built or
+        not."""
+        self.last_step_requests = changed = {}
         outputs = self.core.step()
         now = time.monotonic()  # the tokens exist once the step has run (in-process core)
         child, apply_one = self._child.get, self._apply_one
@@ -340,9 +394,11 @@ class LLMEngine:
             if finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-            elif finished_only:
-                continue
-            results.append(req.output(finished))
+            kind = FINAL_ONLY if finished_only else req.params.output_kind
+            if kind == DELTA:
+                results.append(req.delta_output(finished))
+            elif finished or kind != FINAL_ONLY:
+                results.append(req.output(finished))
         return results
 
     def _apply(self, req: _Request, comp: _Completion, out: CoreOutput, now: float) -> None:

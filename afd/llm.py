@@ -17,7 +17,7 @@ from afd.config import EngineConfig, resolve_engine_config
 from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
-from afd.sampling_params import ParamError, SamplingParams
+from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
 
@@ -226,7 +226,8 @@ class LLM:
         ``priority``: one integer per prompt (vLLM's; lower is served first), only with
         ``scheduling_policy="priority"``; None: all 0.
         Every prompt is validated before any is queued: a bad one raises ValueError and leaves
-        the engine as it was.
+        the engine as it was. The requests run with ``output_kind`` FINAL_ONLY (copies of the
+        params given, which are left as they are): only their final outputs are built.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -254,6 +255,12 @@ class LLM:
             text, ids = engine.prepare_prompt(prompt, p)
             engine.validate(ids, p)
             tokenized.append({"prompt": text, "prompt_token_ids": ids, "cache_salt": salt})
+        final: dict[int, SamplingParams] = {}  # one copy per params object given
+        for i, p in enumerate(params):
+            if p.output_kind != RequestOutputKind.FINAL_ONLY:
+                if id(p) not in final:
+                    final[id(p)] = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                params[i] = final[id(p)]
         order = {}
         try:
             for prompt, p, rank in zip(tokenized, params, priority):
@@ -317,8 +324,8 @@ class LLM:
         left = len(order)
         try:
             while left:
-                for out in self.engine.step(finished_only=True):
-                    if out.request_id in order:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
                         left -= 1
                         results[order[out.request_id]] = out
                         in_tokens += len(out.prompt_token_ids)

@@ -58,6 +58,10 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
+    """One completion of a request. With ``SamplingParams.output_kind`` DELTA, ``text``,
+    ``token_ids`` and ``logprobs`` hold only what is new since the completion's last output
+    (``cumulative_logprob`` stays the running sum); otherwise all of it so far."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -71,6 +75,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """A request's output after a step (``SamplingParams.output_kind``: CUMULATIVE, each step
+    with everything so far; DELTA, each step with what is new, ``outputs`` listing the
+    completions still running and those that finished since, ``prompt_logprobs`` in the first
+    output that has them; FINAL_ONLY, one output when it finishes)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

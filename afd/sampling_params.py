@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from enum import IntEnum
 from typing import Any
 
 
@@ -112,6 +113,35 @@ class StructuredOutputsParams:
         return cls(**value)
 
 
+class RequestOutputKind(IntEnum):
+    """What each ``RequestOutput`` of a request holds (vLLM's ``RequestOutputKind``).
+
+    CUMULATIVE: every step's output holds each completion's whole text, token ids and logprobs
+    so far (copies: O(length) per step). DELTA: only what is new since that completion's last
+    output (text, token ids, logprobs; ``cumulative_logprob`` is still the running total), the
+    prompt's logprobs with the first output that has them, and a completion that finished with
+    the output that finishes it, then no more. FINAL_ONLY: one output, when the request
+    finishes (as CUMULATIVE's last); no output is built for it before.
+    (An int: it travels to the ranks inside the params as a plain number.)"""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+    @classmethod
+    def coerce(cls, value: Any) -> "RequestOutputKind":
+        """A member, its name in any case ("delta") or its number; ParamError("output_kind")
+        for anything else."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        if type(value) is int and 0 <= value < len(cls):
+            return cls(value)
+        raise ParamError("output_kind", "output_kind must be one of 'cumulative', 'delta', "
+                         f"'final_only' (RequestOutputKind), got {value!r:.80}")
+
+
 @dataclass
 class SamplingParams:
     """How to sample one prompt's completions.
@@ -152,6 +182,11 @@ class SamplingParams:
     The server sets it for a constrained chat request that thinks (``--reasoning-parser``).
     truncate_prompt_tokens: None (off), -1 (max_model_len, as vLLM) or k >= 1: keep only the
     last k prompt tokens (left truncation; the engine applies it after tokenizing).
+    output_kind: a ``RequestOutputKind`` (or its name): CUMULATIVE (the default) gives
+    ``LLMEngine.step``'s callers each completion's whole output so far every step, DELTA only
+    what is new, FINAL_ONLY the final output alone. ``LLM.generate`` asks for FINAL_ONLY
+    whatever is set here (it returns final outputs); the server for DELTA when it streams and
+    FINAL_ONLY when it does not.
     """
 
     n: int = 1
@@ -177,6 +212,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     reasoning_end_token_ids: list[int] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -260,6 +296,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, value, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        self.output_kind = RequestOutputKind.coerce(self.output_kind)
         k = self.truncate_prompt_tokens
         if k is not None and (not is_int(k) or not (k == -1 or 1 <= k <= INT64_MAX)):
             raise bad("truncate_prompt_tokens", k, "None, -1 (max_model_len) or an integer >= 1")
