@@ -274,3 +274,156 @@ def test_streamed_echo_waits_for_the_prompt_logprobs_without_losing_pieces():
     assert [sorted(ch["index"] for ch in e["choices"]) for e in events] == [[0, 1], [0, 1], []]
     assert events[0]["choices"][1]["text"] == "PQxy"
     assert events[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_a_final_only_request_keeps_the_stall_watchdog_fed(llm):
+    """A FINAL_ONLY request builds no output until it ends, but each step that brings it a
+    token is progress (``AsyncEngine.last_progress``, which ``healthy`` reads): the server must
+    not call the engine stalled while such a request runs."""
+    from afd.async_engine import AsyncEngine
+
+    engine = AsyncEngine(llm.engine, stall_timeout_s=60.0)
+    engine._stop.set()  # run the loop here, by hand, one step at a time
+    engine.thread.join()
+    engine._stop.clear()
+    real, outputs = llm.engine.step, []
+
+    def one_step(*args, **kwargs):
+        outputs.append(real(*args, **kwargs))
+        engine._stop.set()  # this step is the last of the loop's run
+        return outputs[-1]
+
+    llm.engine.step = one_step
+    try:
+        llm.engine.add_request("w", "Hello", SamplingParams(
+            temperature=0, max_tokens=8, ignore_eos=True, output_kind=FINAL_ONLY))
+        for _ in range(3):
+            engine.last_progress = -1e9  # long ago: only this step can count as progress
+            engine._loop()
+            engine._stop.clear()
+            assert outputs[-1] == [] and llm.engine.last_step_requests
+            assert engine.last_progress > 0
+    finally:
+        del llm.engine.step
+        llm.engine.abort_request("w")
+        engine.shutdown()
+
+
+class _ScriptedCore:
+    """A core whose tokens come from scripts (by each core request's seed): per step a list
+    of tokens (several: accepted drafts), None (a step without this sequence: prefill
+    chunks, preemption) or a (tokens, finish) pair that ends it."""
+
+    def __init__(self, scripts: dict[int, list]):
+        self.scripts, self.running = scripts, {}
+
+    def add_request(self, req) -> None:
+        self.running[req.request_id] = (iter(self.scripts[req.params.seed]), req)
+
+    def abort(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.running.pop(rid, None)
+
+    def step(self) -> list:
+        from afd.sequence import CoreOutput
+
+        outs = []
+        for rid, (script, req) in list(self.running.items()):
+            s = next(script)
+            if s is None:
+                continue
+            ids, finish = s if isinstance(s, tuple) else (s, None)
+            logprobs = None if req.params.logprobs is None else [
+                [[t], [-0.01 * t], 1] for t in ids]
+            outs.append(CoreOutput(rid, list(ids), finish, None, None, None, logprobs))
+            if finish is not None:
+                del self.running[rid]
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_deltas_add_up_with_several_tokens_a_step_and_idle_steps(llm):
+    """Scripted tokens (several a step as speculative decoding brings them, steps without a
+    token, EOS), random stop strings cut from the texts (kept or not, after min_tokens), n up
+    to 3: joined DELTA outputs are the CUMULATIVE ones at every step, FINAL_ONLY's one output
+    the last of them."""
+    import random
+
+    from afd.engine import LLMEngine
+
+    tokenizer, base = llm.get_tokenizer(), llm.engine
+    eos = base.eos_token_ids[0]
+    rng = random.Random(0)
+
+    def script() -> list:
+        steps, left = [], rng.randrange(1, 20)
+        while left > 0:
+            if rng.random() < 0.15:
+                steps.append(None)
+                continue
+            k = rng.choice([1, 1, 2, 4])
+            steps.append([rng.randrange(3, 60 if rng.random() < 0.8 else 500) for _ in range(k)])
+            left -= k
+        steps.append(([eos], "stop") if rng.random() < 0.3 else ([rng.randrange(3, 60)], "length"))
+        return steps
+
+    def run(kind: RequestOutputKind, scripts: dict, params: SamplingParams) -> list:
+        engine = LLMEngine(tokenizer, base.model_cfg, base.engine_cfg, _ScriptedCore(scripts),
+                           base.eos_token_ids)
+        engine.add_request("r", {"prompt_token_ids": [5, 6, 7]},
+                           dataclasses.replace(params, output_kind=kind))
+        steps = []
+        while engine.has_unfinished_requests():
+            steps.append(engine.step())
+        return steps
+
+    stop_hits = 0
+    for trial in range(300):
+        n = rng.choice([1, 2, 3])
+        scripts = {100 * trial + i: script() for i in range(n)}
+        texts = [tokenizer.decode([t for s in steps if s for t in (
+            s[0] if isinstance(s, tuple) else s)]) for steps in scripts.values()]
+        stops = []
+        for _ in range(rng.randrange(4)):
+            text = rng.choice(texts)
+            start = rng.randrange(len(text)) if text else 0
+            stop = text[start:start + rng.randrange(1, 6)]
+            if stop.strip():
+                stops.append(stop)
+        params = SamplingParams(n=n, seed=100 * trial, max_tokens=100, stop=stops,
+                                include_stop_str_in_output=rng.random() < 0.3,
+                                logprobs=rng.choice([None, 0]), min_tokens=rng.choice([0, 3]))
+        cumulative, deltas = run(CUMULATIVE, scripts, params), run(DELTA, scripts, params)
+        final = [o for step in run(FINAL_ONLY, scripts, params) for o in step]
+        assert [len(s) for s in deltas] == [len(s) for s in cumulative]
+        joined: dict[int, CompletionOutput] = {}
+        finished: set[int] = set()
+        for cum, delta in zip(cumulative, deltas):
+            if not cum:
+                continue
+            [cum], [delta] = cum, delta
+            for piece in delta.outputs:
+                assert piece.index not in finished, "a completion after its finish"
+                j = joined.setdefault(piece.index, CompletionOutput(
+                    piece.index, "", [], logprobs=None if piece.logprobs is None else []))
+                j.text += piece.text
+                j.token_ids += piece.token_ids
+                if piece.logprobs is not None:
+                    j.logprobs += piece.logprobs
+                j.finish_reason, j.stop_reason = piece.finish_reason, piece.stop_reason
+                j.cumulative_logprob = piece.cumulative_logprob
+                if piece.finish_reason is not None:
+                    finished.add(piece.index)
+            assert [fields(joined[i]) for i in sorted(joined)] == [fields(c) for c in cum.outputs]
+            assert delta.finished == cum.finished
+        assert finished == set(range(n))
+        [last] = final
+        assert last.finished and [fields(c) for c in last.outputs] == [
+            fields(c) for c in cumulative[-1][0].outputs]
+        stop_hits += sum(isinstance(c.stop_reason, str) for c in last.outputs)
+    assert stop_hits > 100  # the stop strings and their held-back text were exercised
