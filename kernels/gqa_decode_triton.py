@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
-from kernels.triton_utils import (cdiv, check_paged_kv, combine_splits, dot, dot_mode,
-                                  interp_bf16, next_pow2, num_sms, rne_bf16, split_buffers,
-                                  split_count)
+from kernels.triton_utils import (cdiv, check_paged_kv, dot, dot_mode, launch_split_attention,
+                                  next_pow2, num_sms, online_softmax_step, split_bounds,
+                                  split_count, store_attention)
 
 
 @triton.jit
@@ -60,14 +60,10 @@ def gqa_decode_kernel(
     heads = kv_head * group + offs_g  # [G]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
-    kv_dtype = kv_ptr.dtype.element_ty
     k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
 
     seq_len = tl.load(seq_lens_ptr + seq * stride_sl).to(tl.int32)
-    # Whole BLOCK_N steps per split, so only a split's last step has masked tokens.
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
@@ -84,26 +80,14 @@ def gqa_decode_kernel(
                     other=0.0)  # [N, D]
         s = dot(q, tl.trans(k), tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # [G, N]
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has a valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), v, acc * alpha[:, None], DOT_MODE)
-        m_i = m_new
+        # every step has a valid token
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, False, DOT_MODE, INTERP_BF16)
 
     # A split past the sequence's end has l_i = 0: it writes zeros and a -inf lse.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = g_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        o_ptrs = (out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * head_dim
-                  + offs_d[None, :])
-        tl.store(o_ptrs, out, mask=o_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        num_heads = tl.num_programs(0) * group
-        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=g_ok)
+    num_heads = tl.num_programs(0) * group
+    store_attention(acc, m_i, l_i, out_ptr + seq * stride_ob + heads[:, None] * stride_oh,
+                    lse_ptr, seq * num_heads + heads, g_ok, d_ok, offs_d, split, head_dim,
+                    NUM_SPLITS, INTERP_BF16)
 
 
 @triton.jit
@@ -138,14 +122,11 @@ def gqa_decode_grouped_kernel(
     d_ok = offs_d < head_dim
     q = tl.load(q_ptr + row[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-    kv_dtype = kv_ptr.dtype.element_ty
     k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
 
     row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
     seq_len = tl.max(row_len, 0)  # the tile's longest row
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -163,28 +144,13 @@ def gqa_decode_grouped_kernel(
         s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
         seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, N]
         s = tl.where(seen, s * scale_log2, float("-inf"))
-        # A row that ends before this chunk has seen nothing yet: m stays -inf, and the
-        # exponents use 0 instead so that they give 0, not NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), v, acc * alpha[:, None], DOT_MODE)
-        m_i = m_new
+        # a row that ends before this chunk has seen nothing yet
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
 
     # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = m_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        o_ptrs = (out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh
-                  + split * head_dim + offs_d[None, :])
-        tl.store(o_ptrs, out, mask=o_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (row * num_heads + heads) * NUM_SPLITS + split, lse, mask=m_ok)
+    store_attention(acc, m_i, l_i, out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh,
+                    lse_ptr, row * num_heads + heads, m_ok, d_ok, offs_d, split, head_dim,
+                    NUM_SPLITS, INTERP_BF16)
 
 
 MIN_SPLIT_TOKENS = 256  # below this a split's loop is too short to pay for its partial's round trip
@@ -263,17 +229,8 @@ def gqa_decode_attention_triton(
     dims = (group, head_dim, block_size, scale * math.log2(math.e),
             q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
             block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))
-    if num_splits == 1:
-        gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, out, out, *dims,
-                                out.stride(0), out.stride(1),
-                                NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
-        return out
-    part, lse = split_buffers(out, num_splits)
-    gqa_decode_kernel[grid](q, kv, block_tables, seq_lens, part, lse, *dims,
-                            part.stride(0), part.stride(1),
-                            NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits(part, lse, out, d_pad)
-    return out
+    return launch_split_attention(gqa_decode_kernel, grid, (q, kv, block_tables, seq_lens), dims,
+                                  out, num_splits, d_pad, common)
 
 
 def gqa_decode_attention_grouped_triton(
@@ -320,13 +277,5 @@ def gqa_decode_attention_grouped_triton(
             scale * math.log2(math.e), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
             kv.stride(2), kv.stride(3), block_tables.stride(0), block_tables.stride(1),
             seq_lens.stride(0))
-    if num_splits == 1:
-        gqa_decode_grouped_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
-                                        NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype),
-                                        **common)
-        return out
-    part, lse = split_buffers(out, num_splits)
-    gqa_decode_grouped_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
-                                    NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits(part, lse, out, d_pad)
-    return out
+    return launch_split_attention(gqa_decode_grouped_kernel, grid, args, dims, out, num_splits,
+                                  d_pad, common)

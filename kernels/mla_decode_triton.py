@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
-from kernels.triton_utils import (cdiv, combine_splits, dot, dot_mode, interp_bf16,
-                                  next_pow2, rne_bf16, split_buffers, split_count)
+from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
+                                  online_softmax_step, split_bounds, split_count,
+                                  store_attention)
 
 
 @triton.jit
@@ -61,12 +62,9 @@ def mla_decode_kernel(
                     mask=h_ok[:, None] & l_ok[None, :], other=0.0)  # [BH, DL]
     q_pe = tl.load(q_pe_ptr + seq * stride_pb + heads[:, None] * stride_ph + offs_r[None, :],
                    mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # [BH, DR]
-    kv_dtype = kv_ptr.dtype.element_ty
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -84,25 +82,13 @@ def mla_decode_kernel(
         s = dot(q_lat, tl.trans(c), s, DOT_MODE)
         s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every chunk has a valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [BH, BN]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), c, acc * alpha[:, None], DOT_MODE)
-        m_i = m_new
+        # every chunk has a valid token
+        m_i, l_i, acc = online_softmax_step(s, c, m_i, l_i, acc, False, DOT_MODE, INTERP_BF16)
 
     # An empty split (short sequence) has l_i = 0: it writes zeros and a -inf lse.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = h_ok[:, None] & l_ok[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_l[None, :]
-        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        o_ptrs = (out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * d_lat
-                  + offs_l[None, :])
-        tl.store(o_ptrs, out, mask=o_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=h_ok)
+    store_attention(acc, m_i, l_i, out_ptr + seq * stride_ob + heads[:, None] * stride_oh,
+                    lse_ptr, seq * num_heads + heads, h_ok, l_ok, offs_l, split, d_lat,
+                    NUM_SPLITS, INTERP_BF16)
 
 
 @triton.jit
@@ -141,13 +127,10 @@ def mla_decode_grouped_kernel(
                     + offs_l[None, :], mask=m_ok[:, None] & l_ok[None, :], other=0.0)  # [M, DL]
     q_pe = tl.load(q_pe_ptr + row[:, None] * stride_pb + heads[:, None] * stride_ph
                    + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M, DR]
-    kv_dtype = kv_ptr.dtype.element_ty
 
     row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
     seq_len = tl.max(row_len, 0)  # the tile's longest row (0: a tile past its group's rows)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
 
     m_i = tl.full((G_PAD * BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD * BLOCK_H,), dtype=tl.float32)
@@ -167,28 +150,13 @@ def mla_decode_grouped_kernel(
         s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
         seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, BN]
         s = tl.where(seen, s * scale_log2, float("-inf"))
-        # A row that ends before this chunk has seen nothing yet: m stays -inf, and the
-        # exponents use 0 instead so that they give 0, not NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])  # [M, BN]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(rne_bf16(p, INTERP_BF16).to(kv_dtype), c, acc * alpha[:, None], DOT_MODE)
-        m_i = m_new
+        # a row that ends before this chunk has seen nothing yet
+        m_i, l_i, acc = online_softmax_step(s, c, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
 
     # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_mask = m_ok[:, None] & l_ok[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh + offs_l[None, :]
-        tl.store(o_ptrs, rne_bf16(out, INTERP_BF16).to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        o_ptrs = (out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh
-                  + split * d_lat + offs_l[None, :])
-        tl.store(o_ptrs, out, mask=o_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (row * num_heads + heads) * NUM_SPLITS + split, lse, mask=m_ok)
+    store_attention(acc, m_i, l_i, out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh,
+                    lse_ptr, row * num_heads + heads, m_ok, l_ok, offs_l, split, d_lat,
+                    NUM_SPLITS, INTERP_BF16)
 
 
 @functools.cache
@@ -295,15 +263,8 @@ def mla_decode_attention_triton(
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
             kv.stride(1), args[3].stride(0))
-    if num_splits == 1:
-        mla_decode_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
-                                NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
-        return out
-    part, lse = split_buffers(out, num_splits)
-    mla_decode_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
-                            NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits(part, lse, out, dl_pad)
-    return out
+    return launch_split_attention(mla_decode_kernel, grid, args, dims, out, num_splits, dl_pad,
+                                  common)
 
 
 def mla_decode_attention_grouped_triton(
@@ -355,13 +316,5 @@ def mla_decode_attention_grouped_triton(
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
             kv.stride(1), block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))
-    if num_splits == 1:
-        mla_decode_grouped_kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
-                                        NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype),
-                                        **common)
-        return out
-    part, lse = split_buffers(out, num_splits)
-    mla_decode_grouped_kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
-                                    NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
-    combine_splits(part, lse, out, dl_pad)
-    return out
+    return launch_split_attention(mla_decode_grouped_kernel, grid, args, dims, out, num_splits,
+                                  dl_pad, common)

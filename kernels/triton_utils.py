@@ -63,6 +63,56 @@ def rne_bf16(x, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
+def split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of ``split``'s share of ``seq_len`` tokens: whole BLOCK_N steps per split, so only
+    a split's last step has masked tokens (empty, lo >= hi, past a short sequence's end)."""
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    return lo, hi
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, ROW_MASKED: tl.constexpr, DOT_MODE: tl.constexpr,
+                        INTERP_BF16: tl.constexpr):
+    """One step of a decode attention's online softmax in fp32 (exp2: ``s`` [M, N] holds scores
+    already scaled by log2(e), masked tokens -inf): returns the new (m_i, l_i, acc [M, D]) with
+    ``v`` [N, D] weighted in. ROW_MASKED: a row may have no valid token in this step (grouped
+    kernels mask each row at its own length), so its m may stay -inf and the exponents use 0
+    instead, giving 0, not NaN; without it every step has a valid token for every row."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if ROW_MASKED:
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = dot(rne_bf16(p, INTERP_BF16).to(v.dtype), v, acc * alpha[:, None], DOT_MODE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_attention(acc, m_i, l_i, o_ptrs, lse_ptr, lse_rows, m_ok, d_ok, offs_d, split, dim,
+                    NUM_SPLITS: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """A decode attention's epilogue for its [M, D] rows: ``o_ptrs`` [M, 1] points at each row's
+    output ([.., D] with one split, else its fp32 partials [.., NUM_SPLITS, D]), ``lse_rows`` [M]
+    indexes each row's lse ([.., NUM_SPLITS] at ``lse_ptr``, NUM_SPLITS > 1 only). One split:
+    the normalized output in the output's dtype. Several: this split's normalized partial and
+    log2-sum-exp2; a row with nothing in the split has l_i = 0 and writes zeros and a -inf lse,
+    which the combine weighs zero."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_mask = m_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs + offs_d[None, :],
+                 rne_bf16(out, INTERP_BF16).to(o_ptrs.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs + split * dim + offs_d[None, :], out, mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + lse_rows * NUM_SPLITS + split, lse, mask=m_ok)
+
+
+@triton.jit
 def combine_splits_kernel(
     part_ptr,  # [rows, NUM_SPLITS, dim] fp32, each split's output normalized by its own sum
     lse_ptr,  # [rows, NUM_SPLITS] fp32, each split's log2-sum-exp2 (-inf: an empty split)
@@ -116,6 +166,23 @@ def combine_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, d_p
         NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)), D_PAD=d_pad,
         INTERP_BF16=interp_bf16(out.dtype), num_warps=4,
     )
+
+
+def launch_split_attention(kernel, grid: tuple, args: tuple, dims: tuple, out: torch.Tensor,
+                           num_splits: int, d_pad: int, common: dict) -> torch.Tensor:
+    """Run a split-K decode attention ``kernel`` over ``grid`` as
+    ``kernel(*args, out, lse, *dims, out.stride(0), out.stride(1), NUM_SPLITS, INTERP_BF16,
+    **common)`` and return ``out`` [B, H, D]: with one split straight into ``out`` (``lse``
+    unused), else into ``split_buffers`` merged by ``combine_splits``."""
+    if num_splits == 1:
+        kernel[grid](*args, out, out, *dims, out.stride(0), out.stride(1),
+                     NUM_SPLITS=1, INTERP_BF16=interp_bf16(out.dtype), **common)
+        return out
+    part, lse = split_buffers(out, num_splits)
+    kernel[grid](*args, part, lse, *dims, part.stride(0), part.stride(1),
+                 NUM_SPLITS=num_splits, INTERP_BF16=False, **common)
+    combine_splits(part, lse, out, d_pad)
+    return out
 
 
 @triton.jit
