@@ -117,3 +117,11 @@ def _checked(rows: list[int]) -> list[int]:
         raise ValueError(f"decode group rows must be a non-empty list of positive row counts, "
                          f"got {rows[:8]!r}")
     return rows
+
+
+def per_row_or_grouped(groups: DecodeGroups | None, per_row, grouped, args: tuple):
+    """``per_row(*args)`` without ``groups``, else ``grouped(*args, groups)``: the dispatch of
+    the decode attentions' entry points to their per-row or grouped path."""
+    if groups is None:
+        return per_row(*args)
+    return grouped(*args, groups)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
-from kernels.decode_groups import DecodeGroups
+from kernels.decode_groups import DecodeGroups, per_row_or_grouped
 
 
 def gqa_decode_attention_torch(
@@ -109,9 +109,7 @@ def gqa_decode_attention(
         from kernels.gqa_decode_triton import (gqa_decode_attention_grouped_triton,
                                                gqa_decode_attention_triton)
 
-        if groups is None:
-            return gqa_decode_attention_triton(*args)
-        return gqa_decode_attention_grouped_triton(*args, groups)
-    if groups is None:
-        return gqa_decode_attention_torch(*args)
-    return gqa_decode_attention_grouped_torch(*args, groups)
+        return per_row_or_grouped(groups, gqa_decode_attention_triton,
+                                  gqa_decode_attention_grouped_triton, args)
+    return per_row_or_grouped(groups, gqa_decode_attention_torch,
+                              gqa_decode_attention_grouped_torch, args)

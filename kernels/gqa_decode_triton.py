@@ -33,7 +33,23 @@ import triton.language as tl
 from kernels.decode_groups import DecodeGroups
 from kernels.triton_utils import (cdiv, check_paged_kv, dot, dot_mode, launch_split_attention,
                                   next_pow2, num_sms, online_softmax_step, split_bounds,
-                                  split_count, store_attention)
+                                  split_count, store_attention, unit_last_stride)
+
+
+@triton.jit
+def kv_step(table_row, k_base, start, hi, offs_d, d_ok, block_size, stride_kv, stride_kvb,
+            stride_kvt, stride_tc, BLOCK_N: tl.constexpr):
+    """Tokens [start, start + BLOCK_N) (valid below ``hi``) of a sequence whose block table row
+    is at ``table_row``: (toks, t_ok, keys [N, D], values [N, D]) of the KV head at ``k_base``."""
+    toks = start + tl.arange(0, BLOCK_N)
+    t_ok = toks < hi
+    block = tl.load(table_row + (toks // block_size) * stride_tc, mask=t_ok, other=0)
+    rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
+    kv_mask = t_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
+                other=0.0)  # [N, D]
+    return toks, t_ok, k, v
 
 
 @triton.jit
@@ -69,15 +85,9 @@ def gqa_decode_kernel(
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        t_ok = toks < hi
-        block = tl.load(table_ptr + seq * stride_tb + (toks // block_size) * stride_tc,
-                        mask=t_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
-        kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
-                    other=0.0)  # [N, D]
+        toks, t_ok, k, v = kv_step(table_ptr + seq * stride_tb, k_base, start, hi, offs_d, d_ok,
+                                   block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
+                                   BLOCK_N)
         s = dot(q, tl.trans(k), tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # [G, N]
         # every step has a valid token
@@ -132,15 +142,9 @@ def gqa_decode_grouped_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        t_ok = toks < hi
-        block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
-                        mask=t_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
-        kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
-                    other=0.0)  # [N, D]
+        toks, t_ok, k, v = kv_step(table_ptr + first * stride_tb, k_base, start, hi, offs_d, d_ok,
+                                   block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
+                                   BLOCK_N)
         s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
         seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, N]
         s = tl.where(seen, s * scale_log2, float("-inf"))
@@ -191,6 +195,17 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int
     return split_count(batch * kv_heads, max_context, sm_count, MIN_SPLIT_TOKENS, MAX_SPLITS)
 
 
+def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor, per: str) -> None:
+    """ValueError unless the cache fits q (``check_paged_kv``) and block_tables and seq_lens
+    have one row per ``per`` (a row of q)."""
+    batch = q.shape[0]
+    check_paged_kv(q, kv_cache, "[B, H, D]")
+    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)} must have one row per {per} ({batch})")
+
+
 def gqa_decode_attention_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -204,15 +219,11 @@ def gqa_decode_attention_triton(
 ) -> torch.Tensor:
     """Same contract as ``gqa_decode_attention_torch``. The keyword knobs are for tests/tuning."""
     batch, num_heads, head_dim = q.shape
-    check_paged_kv(q, kv_cache, "[B, H, D]")
-    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
-                         f"{tuple(seq_lens.shape)} must have one row per sequence ({batch})")
+    _check(q, kv_cache, block_tables, seq_lens, "sequence")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or num_heads == 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    q, kv = unit_last_stride(q, kv_cache)
     block_size, kv_heads = kv.shape[2], kv.shape[3]
     group = num_heads // kv_heads
     interp = not q.is_cuda
@@ -248,16 +259,12 @@ def gqa_decode_attention_grouped_triton(
     """Same contract as ``gqa_decode.gqa_decode_attention_grouped_torch``: each group's K/V read
     once for all its rows (``gqa_decode_grouped_kernel``). Nothing read on the host."""
     batch, num_heads, head_dim = q.shape
-    check_paged_kv(q, kv_cache, "[B, H, D]")
-    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
-                         f"{tuple(seq_lens.shape)} must have one row per row of q ({batch})")
+    _check(q, kv_cache, block_tables, seq_lens, "row of q")
     groups.check(batch, "q")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_heads == 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    q, kv = unit_last_stride(q, kv_cache)
     block_size, kv_heads = kv.shape[2], kv.shape[3]
     group = num_heads // kv_heads
     interp = not q.is_cuda

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
-from kernels.decode_groups import DecodeGroups
+from kernels.decode_groups import DecodeGroups, per_row_or_grouped
 
 
 def mla_decode_attention_torch(
@@ -109,9 +109,7 @@ def mla_decode_attention(
         from kernels.mla_decode_triton import (mla_decode_attention_grouped_triton,
                                                mla_decode_attention_triton)
 
-        if groups is None:
-            return mla_decode_attention_triton(*args)
-        return mla_decode_attention_grouped_triton(*args, groups)
-    if groups is None:
-        return mla_decode_attention_torch(*args)
-    return mla_decode_attention_grouped_torch(*args, groups)
+        return per_row_or_grouped(groups, mla_decode_attention_triton,
+                                  mla_decode_attention_grouped_triton, args)
+    return per_row_or_grouped(groups, mla_decode_attention_torch,
+                              mla_decode_attention_grouped_torch, args)

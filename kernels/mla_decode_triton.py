@@ -31,7 +31,7 @@ import triton.language as tl
 from kernels.decode_groups import DecodeGroups
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, split_bounds, split_count,
-                                  store_attention)
+                                  store_attention, unit_last_stride)
 
 
 @triton.jit
@@ -240,9 +240,7 @@ def mla_decode_attention_triton(
     out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
     if batch == 0 or num_heads == 0:
         return out
-    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
-    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
-    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    q_lat, q_pe, kv = unit_last_stride(q_lat, q_pe, kv_cache)
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
     launch = default_launch(num_heads, on_gpu=not interp)
@@ -291,9 +289,7 @@ def mla_decode_attention_grouped_triton(
     out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device)
     if num_heads == 0:
         return out
-    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
-    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
-    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    q_lat, q_pe, kv = unit_last_stride(q_lat, q_pe, kv_cache)
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
     launch = grouped_launch(num_heads, groups.max_rows, on_gpu=not interp)

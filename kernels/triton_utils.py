@@ -221,6 +221,12 @@ def check_paged_kv(q: torch.Tensor, kv_cache: torch.Tensor, q_layout: str) -> No
         raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
 
 
+def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor as is where its last dim has unit stride (what the kernels index with an
+    arange), else a contiguous copy."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
