@@ -850,15 +850,24 @@ def bench_gqa_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke:
             "per_row": lambda args=args: gqa_decode_attention_triton(*args),
             "grouped": lambda args=args, groups=groups: gqa_decode_attention_grouped_triton(
                 *args, groups)}, rounds)
-        row = {"op": label, "shape": shape, "floor_ms": floor, "rel_err": errs}
-        for name, (ms, spread) in times.items():
-            row[f"{name}_ms"], row[f"{name}_spread"] = ms, spread
-        log(f"{label:18s} {shape:44s} floor {_ms(floor)} | per row {_ms(row['per_row_ms'])} "
-            f"{_ratio(row['per_row_ms'], floor)} | grouped {_ms(row['grouped_ms'])} "
-            f"{_ratio(row['grouped_ms'], floor)} | per row/grouped "
-            f"{_ratio(row['per_row_ms'], row['grouped_ms'])} | rel err {errs}")
-        out.append(row)
+        out.append(_verify_row(label, shape, floor, errs, times))
     return out
+
+
+def _verify_row(label: str, shape: str, floor: float, errs: dict, times: dict) -> dict:
+    """A verify bench's row from its timings (name -> (ms, spread)), logged: per row and grouped
+    beside the floor, and the torch paths' ratio where they were timed."""
+    row = {"op": label, "shape": shape, "floor_ms": floor, "rel_err": errs}
+    for name, (ms, spread) in times.items():
+        row[f"{name}_ms"], row[f"{name}_spread"] = ms, spread
+    torch_ratio = (f" | torch per row/grouped "
+                   f"{_ratio(row['torch_per_row_ms'], row['torch_grouped_ms'])}"
+                   if "torch_per_row_ms" in row else "")
+    log(f"{label:18s} {shape:44s} floor {_ms(floor)} | per row {_ms(row['per_row_ms'])} "
+        f"{_ratio(row['per_row_ms'], floor)} | grouped {_ms(row['grouped_ms'])} "
+        f"{_ratio(row['grouped_ms'], floor)} | per row/grouped "
+        f"{_ratio(row['per_row_ms'], row['grouped_ms'])}{torch_ratio} | rel err {errs}")
+    return row
 
 
 def bench_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
@@ -924,15 +933,7 @@ def bench_mla_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke:
             "torch_grouped": eager(lambda args=args, groups=groups:
                                    mla_decode_attention_grouped_torch(*args, groups)),
         }, rounds)
-        row = {"op": label, "shape": shape, "floor_ms": floor, "rel_err": errs}
-        for name, (ms, spread) in times.items():
-            row[f"{name}_ms"], row[f"{name}_spread"] = ms, spread
-        log(f"{label:18s} {shape:44s} floor {_ms(floor)} | per row {_ms(row['per_row_ms'])} "
-            f"{_ratio(row['per_row_ms'], floor)} | grouped {_ms(row['grouped_ms'])} "
-            f"{_ratio(row['grouped_ms'], floor)} | per row/grouped "
-            f"{_ratio(row['per_row_ms'], row['grouped_ms'])} | torch per row/grouped "
-            f"{_ratio(row['torch_per_row_ms'], row['torch_grouped_ms'])} | rel err {errs}")
-        out.append(row)
+        out.append(_verify_row(label, shape, floor, errs, times))
         variants = {f"bh={bh} bn={bn} warps={warps}": (
             lambda args=args, groups=groups, bh=bh, bn=bn, warps=warps:
             mla_decode_attention_grouped_triton(*args, groups, block_h=bh, block_n=bn,

@@ -36,6 +36,19 @@ def llm():
     llm.shutdown()
 
 
+def join_piece(joined: dict[int, CompletionOutput], piece: CompletionOutput) -> None:
+    """Add a DELTA output's completion ``piece`` to its completion joined from the deltas so
+    far (``joined`` by index): what the CUMULATIVE output of that step shows."""
+    j = joined.setdefault(piece.index, CompletionOutput(
+        piece.index, "", [], logprobs=None if piece.logprobs is None else []))
+    j.text += piece.text
+    j.token_ids += piece.token_ids
+    if piece.logprobs is not None:
+        j.logprobs += piece.logprobs
+    j.finish_reason, j.stop_reason = piece.finish_reason, piece.stop_reason
+    j.cumulative_logprob = piece.cumulative_logprob
+
+
 def run(llm: LLM, kind: RequestOutputKind) -> tuple[dict[str, list[RequestOutput]], int]:
     """Every request of PARAMS with ``output_kind`` = kind, from an empty prefix cache: each
     request's outputs in order, and the steps taken."""
@@ -75,14 +88,7 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
         for k, (d, c) in enumerate(zip(deltas, cum)):
             for piece in d.outputs:
                 assert piece.index not in finishes, "a completion after its finish"
-                j = joined.setdefault(piece.index, CompletionOutput(
-                    piece.index, "", [], logprobs=None if piece.logprobs is None else []))
-                j.text += piece.text
-                j.token_ids += piece.token_ids
-                if piece.logprobs is not None:
-                    j.logprobs += piece.logprobs
-                j.finish_reason, j.stop_reason = piece.finish_reason, piece.stop_reason
-                j.cumulative_logprob = piece.cumulative_logprob
+                join_piece(joined, piece)
                 if piece.finish_reason is not None:
                     finishes[piece.index] = k
             # what the cumulative output of this step shows, joined from the deltas so far
@@ -409,14 +415,7 @@ def test_deltas_add_up_with_several_tokens_a_step_and_idle_steps(llm):
             [cum], [delta] = cum, delta
             for piece in delta.outputs:
                 assert piece.index not in finished, "a completion after its finish"
-                j = joined.setdefault(piece.index, CompletionOutput(
-                    piece.index, "", [], logprobs=None if piece.logprobs is None else []))
-                j.text += piece.text
-                j.token_ids += piece.token_ids
-                if piece.logprobs is not None:
-                    j.logprobs += piece.logprobs
-                j.finish_reason, j.stop_reason = piece.finish_reason, piece.stop_reason
-                j.cumulative_logprob = piece.cumulative_logprob
+                join_piece(joined, piece)
                 if piece.finish_reason is not None:
                     finished.add(piece.index)
             assert [fields(joined[i]) for i in sorted(joined)] == [fields(c) for c in cum.outputs]
