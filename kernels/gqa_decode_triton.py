@@ -32,8 +32,8 @@ import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
 from kernels.triton_utils import (cdiv, check_paged_kv, dot, dot_mode, launch_split_attention,
-                                  next_pow2, num_sms, online_softmax_step, split_bounds,
-                                  split_count, store_attention, unit_last_stride)
+                                  next_pow2, num_sms, online_softmax_step, row_masked_scores,
+                                  split_bounds, split_count, store_attention, unit_last_stride)
 
 
 @triton.jit
@@ -146,8 +146,7 @@ def gqa_decode_grouped_kernel(
                                    block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
                                    BLOCK_N)
         s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
-        seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, N]
-        s = tl.where(seen, s * scale_log2, float("-inf"))
+        s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
         # a row that ends before this chunk has seen nothing yet
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
 

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
-                                  online_softmax_step, split_bounds, split_count,
-                                  store_attention, unit_last_stride)
+                                  online_softmax_step, row_masked_scores, split_bounds,
+                                  split_count, store_attention, unit_last_stride)
 
 
 @triton.jit
@@ -148,8 +148,7 @@ def mla_decode_grouped_kernel(
         s = tl.zeros((G_PAD * BLOCK_H, BLOCK_N), dtype=tl.float32)
         s = dot(q_lat, tl.trans(c), s, DOT_MODE)
         s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
-        seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, BN]
-        s = tl.where(seen, s * scale_log2, float("-inf"))
+        s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
         # a row that ends before this chunk has seen nothing yet
         m_i, l_i, acc = online_softmax_step(s, c, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
 

@@ -73,6 +73,14 @@ def split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def row_masked_scores(s, toks, t_ok, row_len, scale_log2):
+    """Scores ``s`` [M, N] in log2 units, -inf where token ``toks`` [N] is not in the step
+    (``t_ok``) or is past its row's own length (``row_len`` [M]: the grouped kernels' rows)."""
+    seen = t_ok[None, :] & (toks[None, :] < row_len[:, None])  # [M, N]
+    return tl.where(seen, s * scale_log2, float("-inf"))
+
+
+@triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, ROW_MASKED: tl.constexpr, DOT_MODE: tl.constexpr,
                         INTERP_BF16: tl.constexpr):
     """One step of a decode attention's online softmax in fp32 (exp2: ``s`` [M, N] holds scores
