@@ -368,12 +368,11 @@ class LLMEngine:
         self.core.abort(cids)
 
     # ---- output ---------------------------------------------------------------------------
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput]:
         """Run one core step; return an output for every request that changed, of the kind it
         asked for (``SamplingParams.output_kind``): cumulative, what is new (DELTA), or none
-        until it finishes (FINAL_ONLY); ``finished_only``: every request as FINAL_ONLY.
-        ``last_step_requests`` then holds every request the step changed, outputs built or
-        not."""
+        until it finishes (FINAL_ONLY). ``last_step_requests`` then holds every request the
+        step changed, outputs built or not."""
         self.last_step_requests = changed = {}
         outputs = self.core.step()
         now = time.monotonic()  # the tokens exist once the step has run (in-process core)
@@ -394,7 +393,7 @@ class LLMEngine:
             if finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-            kind = FINAL_ONLY if finished_only else req.params.output_kind
+            kind = req.params.output_kind
             if kind == DELTA:
                 results.append(req.delta_output(finished))
             elif finished or kind != FINAL_ONLY:

@@ -836,9 +836,13 @@ def test_direct_decode_is_the_tokenizers_decode(llm):
 
 
 def test_finished_only_steps_give_the_same_outputs(llm):
-    """``step(finished_only=True)`` (what generate() runs) skips the outputs of running requests
-    only: finished ones are those of plain steps, with requests finishing at different steps,
+    """FINAL_ONLY requests (what generate() runs) skip the outputs of running requests only:
+    finished ones are those of cumulative steps, with requests finishing at different steps,
     one stopped by a stop string, one with n=2 and logprobs, and one aborted mid-batch."""
+    from dataclasses import replace
+
+    from afd.sampling_params import RequestOutputKind
+
     engine = llm.engine
     params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
@@ -849,10 +853,12 @@ def test_finished_only_steps_give_the_same_outputs(llm):
 
     def run(finished_only: bool) -> dict:
         for i, p in enumerate(params):
+            if finished_only:
+                p = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             engine.add_request(f"{finished_only}{i}", PROMPTS[i % len(PROMPTS)], p)
         done, steps = {}, 0
         while engine.has_unfinished_requests():
-            outs = engine.step(finished_only=finished_only)
+            outs = engine.step()
             steps += 1
             if steps == 2:
                 engine.abort_request(f"{finished_only}4")
