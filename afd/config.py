@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -148,6 +149,27 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
+                         timeout_s: float = 60.0, prefill_block_size: int | None = None,
+                         **_: Any) -> None:
+    """ValueError naming the first bad layout option (every layout checks them, the
+    single-process one too, where they change nothing; here, not in afd.layouts, so that
+    the single process does not import the multi-rank code and its pyzmq)."""
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not positive_int(micro_batches):
+        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if transport not in ("torch", "deepep"):
+        raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
+            not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+    if prefill_block_size is not None and not positive_int(prefill_block_size):
+        raise ValueError(f"prefill_block_size must be a positive integer, got "
+                         f"{prefill_block_size!r}")
 
 
 def resolve_engine_config(

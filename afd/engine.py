@@ -20,7 +20,6 @@ from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampler import PromptLogprobs
 from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
 from afd.sequence import CoreOutput, CoreRequest
-from afd.structured_output import check as check_structured_output
 from afd.token_masks import bad_word_sequences
 from models.config import ModelConfig
 
@@ -277,6 +276,10 @@ class LLMEngine:
         bad_words = (bad_word_sequences(self.tokenizer, params.bad_words, vocab)
                      if params.bad_words else None)
         if params.structured_outputs is not None:
+            # imported here: llguidance loads only for a constrained request, so the engine
+            # runs where it is not installed (the lent GPU machine's image has none)
+            from afd.structured_output import check as check_structured_output
+
             check_structured_output(params.structured_outputs)
         return bad_words
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
-from afd.config import EngineConfig
+from afd.config import EngineConfig, check_layout_options
 from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import resolve_placement
@@ -93,26 +93,6 @@ class _Placed:
     num_kv_tokens: int = 0
     first_token: int | None = None  # sampled by the prefill rank
     admitted: bool = False  # the decode rank has reserved blocks for the transfer
-
-
-def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
-                         timeout_s: float = 60.0, prefill_block_size: int | None = None,
-                         **_: Any) -> None:
-    """ValueError naming the first bad layout option (every layout checks them, the
-    single-process one too, where they change nothing)."""
-    def positive_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    if not positive_int(micro_batches):
-        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
-    if transport not in ("torch", "deepep"):
-        raise ValueError(f"transport must be 'torch' or 'deepep', got {transport!r}")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
-            not 0 < timeout_s < float("inf"):
-        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
-    if prefill_block_size is not None and not positive_int(prefill_block_size):
-        raise ValueError(f"prefill_block_size must be a positive integer, got "
-                         f"{prefill_block_size!r}")
 
 
 class MultiRankClient:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from afd.config import EngineConfig, resolve_engine_config
+from afd.config import EngineConfig, check_layout_options, resolve_engine_config
 from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
@@ -111,8 +111,6 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
         raise ValueError("expert_placement needs ffn >= 1")
     if ffn == 0 and options.get("num_redundant_experts"):
         raise ValueError("num_redundant_experts needs ffn >= 1")
-    from afd.layouts import check_layout_options
-
     check_layout_options(**options)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore

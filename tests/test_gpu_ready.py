@@ -1,0 +1,56 @@
+"""What the lent GPU machine runs (the plan in bench/results/README.md) must not break there in
+ways a CPU can show first: its image has neither llguidance nor pyzmq, and a run that loads a
+second engine after a first (bench/offline.py --cuda-graphs) needs the first one's memory back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Makes the packages the device image lacks unimportable in the subprocess.
+_ABSENT = """
+import sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("llguidance", "zmq"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+"""
+
+_SINGLE_PROCESS = _ABSENT + """
+import json
+from afd import LLM, SamplingParams
+
+llm = LLM(device="cpu", seed=0)
+prompt = [{"prompt_token_ids": [5, 6, 7]}]
+out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                   use_tqdm=False)
+try:
+    llm.generate(prompt, SamplingParams(max_tokens=2, structured_outputs={"regex": "a+"}),
+                 use_tqdm=False)
+    constrained = None
+except ModuleNotFoundError as exc:
+    constrained = exc.name
+print(json.dumps({"tokens": len(out[0].outputs[0].token_ids), "constrained": constrained}))
+"""
+
+
+def _run(code: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_single_process_engine_runs_without_llguidance_and_pyzmq() -> None:
+    """The single process imports neither (the multi-rank layouts need pyzmq, structured output
+    llguidance: bench/gpu_prep.sh carries their wheels to the GPU); a constrained request is
+    the one that names llguidance."""
+    assert _run(_SINGLE_PROCESS) == {"tokens": 3, "constrained": "llguidance"}
