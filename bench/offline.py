@@ -18,6 +18,7 @@ embedded model's, enough for token-id prompts) and ``--hf-overrides '{"num_hidde
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -42,16 +43,36 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 
 def run_afd(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str | None,
-            full_warmup: bool, eager: bool = True, **engine_args) -> tuple[float, list[list[int]]]:
+            full_warmup: bool, eager: bool = True, **engine_args
+            ) -> tuple[float, list[list[int]], dict]:
+    """Seconds of the timed run, its tokens, and the engine's load seconds, KV blocks and (CUDA)
+    peak GiB allocated."""
+    cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     llm = LLM(path, dtype=dtype, device=device, enforce_eager=eager, **engine_args)
+    info = {"load_s": time.perf_counter() - start, "kv_blocks": llm.config.num_kv_blocks}
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     warm = prompts if full_warmup else prompts[:4]  # full: every kernel shape compiled first
     llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
-    llm.shutdown()  # a second run (--cuda-graphs) sizes its KV pool from what is free
-    return elapsed, [o.outputs[0].token_ids for o in outs]
+    tokens = [o.outputs[0].token_ids for o in outs]
+    if cuda:
+        info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # Free the weights and KV pool now: a second run (--cuda-graphs) loads its own and sizes its
+    # KV pool from what is free. The first LLM of a process stays reachable through a reference
+    # cycle (frames of a lazy torch import made while it loaded) until the cycle collector runs,
+    # maybe not before the second load: at DeepSeek-V3's shapes, ~29 GiB of weights and the KV
+    # pool held twice, more than an H100 has.
+    llm.shutdown()
+    del llm, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return elapsed, tokens, info
 
 
 def run_hf(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, device: str,
@@ -123,8 +144,8 @@ def main() -> None:
     out_tokens = args.num_prompts * args.new_tokens
 
     full = (args.warmup or ("full" if device.startswith("cuda") else "short")) == "full"
-    afd_s, afd_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full,
-                             **engine_args)
+    afd_s, afd_out, afd_info = run_afd(path, prompts, args.new_tokens, args.dtype, device, full,
+                                       **engine_args)
     result = {
         "model": path, "device": device, "dtype": args.dtype, "num_prompts": args.num_prompts,
         "load_format": args.load_format, "hf_overrides": overrides,
@@ -134,11 +155,13 @@ def main() -> None:
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "commit": commit_id(),
         "date": time.strftime("%Y-%m-%d"), "warmup": "full" if full else "short",
+        **{f"afd_{k}": v for k, v in afd_info.items()},
     }
     rows = [("afd", afd_s, out_tokens / afd_s, (in_tokens + out_tokens) / afd_s)]
     if args.cuda_graphs:
-        g_s, g_out = run_afd(path, prompts, args.new_tokens, args.dtype, device, full, eager=False,
-                             **engine_args)
+        g_s, g_out, g_info = run_afd(path, prompts, args.new_tokens, args.dtype, device, full,
+                                     eager=False, **engine_args)
+        result.update({f"graphs_{k}": v for k, v in g_info.items()})
         result.update(graphs_seconds=g_s, graphs_output_tok_s=out_tokens / g_s,
                       graphs_speedup_vs_eager=afd_s / g_s,
                       graphs_identical_to_eager=sum(a == b for a, b in zip(g_out, afd_out)))
@@ -154,7 +177,9 @@ def main() -> None:
 
         result["transformers"] = transformers.__version__
     print(f"\n{args.num_prompts} prompts, {in_tokens} prompt tokens, {out_tokens} new tokens, "
-          f"{device}, {args.dtype}")
+          f"{device}, {args.dtype}; afd loaded in {afd_info['load_s']:.1f} s, "
+          f"{afd_info['kv_blocks']} KV blocks"
+          + (f", peak {afd_info['peak_gib']:.1f} GiB" if "peak_gib" in afd_info else ""))
     print(f"{'engine':<14}{'seconds':>10}{'out tok/s':>12}{'total tok/s':>13}")
     for name, secs, otps, ttps in rows:
         print(f"{name:<14}{secs:>10.2f}{otps:>12.1f}{ttps:>13.1f}")

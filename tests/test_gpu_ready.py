@@ -54,3 +54,37 @@ def test_single_process_engine_runs_without_llguidance_and_pyzmq() -> None:
     llguidance: bench/gpu_prep.sh carries their wheels to the GPU); a constrained request is
     the one that names llguidance."""
     assert _run(_SINGLE_PROCESS) == {"tokens": 3, "constrained": "llguidance"}
+
+
+_OFFLINE = """
+import gc, importlib.util, json, sys, weakref
+
+sys.path.insert(0, "bench")  # where bench/offline.py finds results_io when run as a script
+gc.disable()  # what the first engine holds must go without waiting for the cycle collector
+spec = importlib.util.spec_from_file_location("offline", "bench/offline.py")
+offline = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(offline)
+models = []
+
+class Recorded(offline.LLM):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        models.append(weakref.ref(self.engine.core.runner.model))
+
+offline.LLM = Recorded
+prompts = [[5, 6, 7], [8, 9]]
+_, tokens, info = offline.run_afd(offline.default_model_path(), prompts, 2, "float32", "cpu",
+                                  False)
+print(json.dumps({"alive": [m() is not None for m in models], "tokens": tokens,
+                  "kv_blocks": info["kv_blocks"]}))
+"""
+
+
+def test_offline_frees_the_first_engine_before_a_second_loads() -> None:
+    """bench/offline.py --cuda-graphs loads a second engine after the first: at DeepSeek-V3's
+    shapes (bench/gpu_v3_dummy.sh) both sets of weights and KV pools would not fit an H100. The
+    first LLM of a process stays reachable through a reference cycle until the collector runs
+    (torch imports lazily while it loads), so run_afd collects before it returns."""
+    result = _run(_OFFLINE)
+    assert result["alive"] == [False]
+    assert [len(t) for t in result["tokens"]] == [2, 2] and result["kv_blocks"] > 0
