@@ -4,8 +4,9 @@
 # writes 8 files, the device tool brings back 8).
 #
 #   bash bench/gpu_kernels.sh            # from the repo root; python3 with torch + triton + pytest
-#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, ~7-8 min (at most 90+60+315+70 s;
-#                                        # run it with timeout_s=560): the MoE GPU
+#   QUICK=1 bash bench/gpu_kernels.sh    # MoE only, ~7-8 min (at most 95+65+310+70 s
+#                                        # and ~10 s of setup; run it with
+#                                        # timeout_s=560): the MoE GPU
 #                                        # tests, host time per MoE call, then
 #                                        # bench/kernels.py --quick --rounds 3 (checks with each
 #                                        # feature on and off, the MoE table with each cell's
@@ -13,19 +14,22 @@
 #                                        # tile A/B incl. ws tiles, both entries with the
 #                                        # winning tiles, then feature A/B), then two ws
 #                                        # probes (bench/ws_probe.py, 30 s each)
-#   FP8=1 bash bench/gpu_kernels.sh      # FP8 experts only, ~2-3 min: the FP8 GPU tests
+#   FP8=1 bash bench/gpu_kernels.sh      # FP8 experts only, ~2-3 min (at most 105+175 s;
+#                                        # timeout_s=300): the FP8 GPU tests
 #                                        # (Triton against the FP8 torch reference at
 #                                        # DeepSeek-V3 dims), then bench/kernels.py --fp8-only
 #                                        # (checks, then FP8 fused/grouped beside bf16 fused
 #                                        # and the FP8 floor, E = 8 and 32, m = 1..512)
-#   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 120+240 s):
+#   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 125+245 s;
+#                                        # timeout_s=400):
 #                                        # its GPU tests, then bench/kernels.py --prefill-only
 #                                        # (checks against the per-sequence SDPA loop, then the
 #                                        # varlen kernel beside the loop and the floor at
 #                                        # DeepSeek-V3 MLA and Qwen3-30B-A3B GQA dims, 8 and 32
 #                                        # sequences x chunks of 512 and 2048; launch variants)
 #   VERIFY=1 bash bench/gpu_kernels.sh   # speculative verify rows only, ~2 min (at most
-#                                        # 120+150 s): the grouped decode GPU tests (MLA, GQA),
+#                                        # 125+155 s; timeout_s=300): the grouped decode GPU
+#                                        # tests (MLA, GQA),
 #                                        # then bench/kernels.py --verify-only (per-row kernel
 #                                        # beside the grouped one and the floor, 32 sequences x
 #                                        # 2 and 4 rows, DeepSeek-V3 MLA and Qwen3-30B-A3B GQA;
@@ -49,7 +53,7 @@ QUICK=${QUICK:-0}
 FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
-QUICK_BUDGET_S=${QUICK_BUDGET_S:-300}
+QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
 export OUT
@@ -93,8 +97,8 @@ elif [ "$PREFILL" = 1 ]; then
   run_bench 240 "benchmark --prefill-only (writes $OUT/kernels.json)" --prefill-only \
     --budget-s 200 --rounds "$ROUNDS"
 elif [ "$FP8" = 1 ]; then
-  run_tests 120 "FP8 GPU MoE tests" -k fp8 tests/test_kernels_moe.py
-  run_bench 240 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 200 \
+  run_tests 100 "FP8 GPU MoE tests" -k fp8 tests/test_kernels_moe.py
+  run_bench 170 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 140 \
     --rounds "$ROUNDS"
 elif [ "$QUICK" = 1 ]; then
   run_tests 90 "GPU MoE tests" -k "not fp8" tests/test_kernels_moe.py
