@@ -1,0 +1,102 @@
+"""Host time of the decode output path over the control sockets: a rank packing one step's
+"out" message, and the front end unpacking it into ``CoreOutput``s.
+
+    python bench/host_protocol.py [--batches 1 32 256] [--rows 50000] [--repeats 5]
+                                  [--json out.json]
+
+Every step of a multi-rank layout, each attention rank sends the front end one message holding
+a ``CoreOutput`` per running request and its ``CoreStats``; the front end turns it back into
+``CoreOutput``s. This times both halves alone (no sockets: bytes in memory), per message, for
+``batch`` rows of three kinds: ``plain`` (one new token, no logprobs), ``logprobs`` (one token
+with ``logprobs=1``: [ids, logprobs, rank]) and ``mtp`` (two tokens and the step's
+``{"spec": [drafts, accepted]}`` metrics). A cell's figure is the median over ``repeats`` runs
+of the mean over ``rows / batch`` messages (at least 50), in process CPU time
+(``time.process_time``: on a shared machine, less skewed by other processes than wall time);
+per row is that over the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from afd import protocol  # noqa: E402
+from afd.core import CoreStats  # noqa: E402
+from afd.sequence import CoreOutput  # noqa: E402
+from results_io import commit_id, write_result  # noqa: E402
+
+
+def rows(kind: str, batch: int) -> list[CoreOutput]:
+    outs = []
+    for i in range(batch):
+        rid = f"cmpl-{i:08x}-0@{i}"
+        if kind == "plain":
+            outs.append(CoreOutput(rid, [1000 + i]))
+        elif kind == "logprobs":
+            outs.append(CoreOutput(rid, [1000 + i], logprobs=[[[1000 + i, 7], [-0.5, -1.25], 1]]))
+        else:  # mtp: two tokens, one draft accepted
+            outs.append(CoreOutput(rid, [1000 + i, 17], metrics={"spec": [1, 1]}))
+    return outs
+
+
+def pack_out(outputs: list[CoreOutput], stats: CoreStats) -> bytes:
+    """What an attention rank sends each step (AttentionWorker._send)."""
+    return protocol.pack({"t": "out", "attn": 0, "timers": {"steps": 10, "step": 1.5},
+                          "outs": [protocol.output_to_wire(o) for o in outputs],
+                          "stats": protocol.stats_to_wire(stats), "rank": 1})
+
+
+def unpack_out(data: bytes) -> list[CoreOutput]:
+    """What the front end makes of it (MultiRankClient._recv and _handle, less bookkeeping)."""
+    msg = protocol.unpack(data)
+    protocol.stats_from_wire(msg["stats"])
+    return [protocol.output_from_wire(row) for row in msg["outs"]]
+
+
+def timed(fn, arg, iters: int) -> float:
+    start = time.process_time()
+    for _ in range(iters):
+        fn(arg)
+    return (time.process_time() - start) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    stats = CoreStats(256, 3, 0.5, 1000, 2, 10_000, 4_000, 0, 12, 40, 30, 20, [20, 10])
+    cells = []
+    print(f"{'kind':>9} {'batch':>6} {'bytes':>8} {'pack us':>9} {'unpack us':>10} "
+          f"{'pack/row':>9} {'unpack/row':>11}")
+    for kind in ("plain", "logprobs", "mtp"):
+        for batch in args.batches:
+            outs = rows(kind, batch)
+            data = pack_out(outs, stats)
+            assert unpack_out(data) == outs
+            iters = max(50, args.rows // batch)
+            pack = statistics.median(timed(lambda o: pack_out(o, stats), outs, iters)
+                                     for _ in range(args.repeats)) * 1e6
+            unpack = statistics.median(timed(unpack_out, data, iters)
+                                       for _ in range(args.repeats)) * 1e6
+            cells.append({"kind": kind, "batch": batch, "bytes": len(data), "pack_us": pack,
+                          "unpack_us": unpack})
+            print(f"{kind:>9} {batch:>6} {len(data):>8} {pack:>9.1f} {unpack:>10.1f} "
+                  f"{pack / batch:>9.2f} {unpack / batch:>11.2f}")
+    write_result({"bench": "host_protocol", "commit": commit_id(),
+                  "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, "
+                             f"Python {platform.python_version()}",
+                  "rows": args.rows, "repeats": args.repeats, "cells": cells},
+                 args.json, "host_protocol.json")
+
+
+if __name__ == "__main__":
+    main()
