@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import msgpack
 import torch.distributed as dist
 import zmq
 
@@ -234,20 +233,46 @@ class MultiRankClient:
             if now - seen > self.timeout_s:
                 self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
 
-    def _recv(self, flags: int = 0) -> dict[str, Any] | None:
-        """The next control message, or None for one that is not a rank's (bytes that are no
-        control message, or a rank number outside the layout): dropped with a warning, never
-        the engine's death. (Not an authentication: see README on multi-node.)"""
-        data = self.inbox.recv(flags)
+    def _recv(self, flags: int = 0) -> protocol.FromRank | None:
+        """The next control message, or None for one that is not a well-formed message of a
+        rank (bytes that are no control message, a field missing or of the wrong type, or a
+        rank number outside the layout): logged with its sender and dropped, never the
+        engine's death. Of a malformed ``out`` (a step's outputs), the well-formed rows still
+        count, and each request a bad row names fails alone (``_malformed``). (Not an
+        authentication: see README on multi-node.)"""
+        frame = self.inbox.recv(flags, copy=False)
         try:
-            msg = protocol.unpack(data)
-            rank = msg.get("rank")
-            if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool)
-                                         and 0 <= rank < self.layout.world_size):
-                raise ValueError(f"rank {rank!r} is not in the layout")
-        except (ValueError, msgpack.UnpackException) as exc:
-            log.warning("dropped a malformed control message (%d bytes): %s", len(data), exc)
+            msg = protocol.decode_from_rank(frame.buffer)
+        except protocol.ProtocolError as exc:
+            return self._malformed(exc, frame)
+        if not 0 <= msg.rank < self.layout.world_size:
+            log.warning("dropped a %r control message from %s: rank %d is not in the layout",
+                        type(msg).__name__, frame.get("Peer-Address"), msg.rank)
             return None
+        return msg
+
+    def _malformed(self, exc: protocol.ProtocolError, frame: zmq.Frame) -> protocol.Out | None:
+        """Log a malformed message with its sender; of an ``out`` from a rank of the layout,
+        keep the well-formed parts (``protocol.salvage_out``) and fail each request a bad part
+        names: an error output in its place, and an abort to the ranks that hold it."""
+        rank = exc.rank if exc.rank is not None and 0 <= exc.rank < self.layout.world_size \
+            else None
+        sender = frame.get("Peer-Address")
+        if rank is not None:
+            sender = f"{self._describe(rank)} at {sender}"
+        salvage = rank is not None and exc.kind == "out"
+        log.warning("dropped %s control message from %s (%d bytes): %s",
+                    "the malformed parts of a" if salvage else "a", sender, len(frame.buffer),
+                    exc)
+        if not salvage:
+            return None
+        msg, bad = protocol.salvage_out(exc.raw)
+        for wire_id, why in bad:
+            placed = None if wire_id is None else self._find(wire_id)
+            if placed is not None:
+                self._abort_on_ranks(placed)
+                msg.outs.append(CoreOutput(wire_id, [], "error", None,
+                                           f"{self._describe(rank)} sent {why}"))
         return msg
 
     def _drain_errors(self) -> None:
@@ -255,8 +280,8 @@ class MultiRankClient:
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline and self.inbox.poll(50):
             msg = self._recv()
-            if msg is not None and msg["t"] == "error":
-                self._fail(f"{self._describe(msg['rank'])} failed: {msg['msg']}")
+            if isinstance(msg, protocol.Error):
+                self._fail(f"{self._describe(msg.rank)} failed: {msg.msg}")
 
     ready = False
 
@@ -273,15 +298,15 @@ class MultiRankClient:
             msg = self._recv()
             if msg is None:
                 continue
-            if msg["t"] == "ready":
-                self._ready(msg["rank"], msg["info"])
-                ready.add(msg["rank"])
+            if isinstance(msg, protocol.Ready):
+                self._ready(msg.rank, msg.info)
+                ready.add(msg.rank)
             else:
                 self._handle(msg)
         self.ready = True
         self.last_seen = {r: time.monotonic() for r in range(self.layout.world_size)}
 
-    def _ready(self, rank: int, info: dict) -> None:
+    def _ready(self, rank: int, info: protocol.RankInfo) -> None:
         """A rank is up: what it holds, and its KV pool (the router's capacity for it)."""
         self.rank_info[rank] = info
         role = self.layout.role_of(rank)[0]
@@ -294,9 +319,9 @@ class MultiRankClient:
         if rank in self.rank_stats:
             self.rank_stats[rank] = CoreStats(0, 0, 0.0, blocks, 0)
 
-    def _tell(self, rank: int, msg: dict) -> None:
+    def _tell(self, rank: int, msg: protocol.ToRank) -> None:
         if not self.closed:
-            self._send(rank, protocol.pack(msg))
+            self._send(rank, protocol.encode(msg))
 
     def _send(self, rank: int, data: bytes) -> None:
         """A rank that died takes its end of the socket with it, and a send with no peer would
@@ -316,8 +341,8 @@ class MultiRankClient:
         # as its request is aborted, while messages about the old one are still on their way.
         wire_id = f"{req.request_id}@{next(self.placements)}"
         # Packed first: a value msgpack cannot carry fails here, before anything is placed.
-        wire = protocol.pack({"t": "add", "req": protocol.request_to_wire(
-            replace(req, request_id=wire_id))})
+        wire = protocol.encode(protocol.Add(protocol.WireRequest.of(
+            replace(req, request_id=wire_id))))
         if self.layout.prefill:
             rank = self.router.pick_prefill(req.prompt_token_ids, req.cache_salt)
             self.router.prefill[rank].in_flight += 1
@@ -332,16 +357,18 @@ class MultiRankClient:
             self._send(rank, wire)
             if req.request_id in self.to_drop:
                 self.to_drop.discard(req.request_id)
-                self._tell(rank, {"t": "drop", "id": wire_id})
+                self._tell(rank, protocol.Drop(wire_id))
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             placed = self._forget(rid)
-            if placed is None:
-                continue
-            for rank in (placed.prefill, placed.decode):
-                if rank is not None:
-                    self._tell(rank, {"t": "abort", "ids": [placed.wire_id]})
+            if placed is not None:
+                self._abort_on_ranks(placed)
+
+    def _abort_on_ranks(self, placed: _Placed) -> None:
+        for rank in (placed.prefill, placed.decode):
+            if rank is not None:
+                self._tell(rank, protocol.Abort([placed.wire_id]))
 
     def _find(self, wire_id: str) -> _Placed | None:
         """The placement a rank's message is about; None once it is finished or aborted."""
@@ -385,10 +412,10 @@ class MultiRankClient:
         router's record of what they hold."""
         self.router.reset_prefix_cache()
         for rank in range(self.layout.prefill + self.layout.attention):
-            self._tell(rank, {"t": "reset_prefix_cache"})
+            self._tell(rank, protocol.ResetPrefixCache())
 
     # ---- expert load record (afd.expert_load) ---------------------------------------------
-    def _tell_attention(self, msg: dict) -> None:
+    def _tell_attention(self, msg: protocol.ToRank) -> None:
         """Every attention rank (the ranks that route); prefill ranks record nothing."""
         if not self.model_shape[1]:
             raise NoExpertLoadRecord("the model has no routed experts: no expert load to record")
@@ -396,16 +423,16 @@ class MultiRankClient:
             self._tell(rank, msg)
 
     def start_expert_load_record(self) -> None:
-        self._tell_attention({"t": "expert_load_start"})
+        self._tell_attention(protocol.ExpertLoadStart())
 
     def stop_expert_load_record(self) -> None:
-        self._tell_attention({"t": "expert_load_stop"})
+        self._tell_attention(protocol.ExpertLoadStop())
 
     def expert_load_record(self) -> dict:
         """Ask every attention rank for its counts and sum them (tokens that arrive meanwhile
         are kept for the next ``step``)."""
         self.expert_loads.clear()
-        self._tell_attention({"t": "expert_load_dump"})
+        self._tell_attention(protocol.ExpertLoadDump())
         deadline = time.monotonic() + self.timeout_s
         while len(self.expert_loads) < self.layout.attention:
             if time.monotonic() > deadline:
@@ -415,51 +442,78 @@ class MultiRankClient:
         return sum_records(list(self.expert_loads.values()), *self.model_shape)
 
     # ---- messages from the ranks ----------------------------------------------------------
-    def _handle(self, msg: dict[str, Any]) -> list[CoreOutput]:
-        kind, rank = msg["t"], msg.get("rank")
-        if rank is not None:
-            self.last_seen[rank] = time.monotonic()
-        if kind == "error":
-            self._fail(f"{self._describe(rank)} failed: {msg['msg']}")
-        if "timers" in msg:
-            self.rank_timers[rank] = msg["timers"]
-        if kind == "expert_load" and rank in self.rank_stats:
-            self.expert_loads[rank] = msg["counts"]
-        elif kind == "admitted":  # a decode rank has blocks for it: tell the prefill rank to send
-            placed = self._find(msg["id"])
-            if placed is not None:
-                placed.admitted = True
-                self.router.admitted(rank, placed.num_kv_tokens)
-            # even for a request aborted meanwhile: the posted receive must be answered
-            self._tell(msg["src"], {"t": "send", "id": msg["id"], "dst": rank,
-                                    "tag": msg["tag"], "n": msg["n"]})
-        elif kind == "transfer_failed":
-            self._tell(msg["src"], {"t": "cancel", "id": msg["id"], "dst": rank,
-                                    "tag": msg["tag"], "n": msg["n"]})
-        elif kind == "transferred":
-            placed = self._find(msg["id"])
-            if placed is not None:
+    def _handle(self, msg: protocol.FromRank) -> list[CoreOutput]:
+        rank = msg.rank
+        self.last_seen[rank] = time.monotonic()
+        if isinstance(msg, protocol.Out):
+            return self._outputs(msg)
+        if isinstance(msg, protocol.Error):
+            self._fail(f"{self._describe(rank)} failed: {msg.msg}")
+        elif isinstance(msg, protocol.Timers):
+            self.rank_timers[rank] = msg.timers
+        elif isinstance(msg, protocol.ExpertLoad):
+            if rank in self.rank_stats:
+                self.expert_loads[rank] = msg.counts
+        elif isinstance(msg, (protocol.Admitted, protocol.TransferFailed)):
+            self._transfer_reply(msg)
+        elif isinstance(msg, protocol.Transferred):
+            placed = self._find(msg.id)
+            if placed is not None and placed.decode == rank:
                 placed.stage = "decode"
                 self.pending_metrics[placed.request.request_id] = {
-                    "transfer_time": msg["seconds"]}
-        if kind != "out":
-            return []
-        stats = protocol.stats_from_wire(msg["stats"])
-        if rank in self.rank_stats:
+                    "transfer_time": msg.seconds}
+        return []
+
+    def _transfer_reply(self, msg: protocol.Admitted | protocol.TransferFailed) -> None:
+        """A decode rank has posted the receive of a request's KV (admitted: tell the prefill
+        rank to send), or given up on it (tell it to complete the receive with anything)."""
+        if not (0 <= msg.src < self.layout.prefill and msg.rank in self.rank_stats):
+            log.warning("dropped a %r control message from %s: prefill rank %d to attention "
+                        "rank %d is no transfer of this layout", type(msg).__name__,
+                        self._describe(msg.rank), msg.src, msg.rank)
+            return
+        if isinstance(msg, protocol.TransferFailed):
+            self._tell(msg.src, protocol.Cancel(msg.id, msg.rank, msg.tag, msg.n))
+            return
+        placed = self._find(msg.id)
+        if placed is not None and placed.decode == msg.rank:
+            placed.admitted = True
+            self.router.admitted(msg.rank, placed.num_kv_tokens)
+        # even for a request aborted meanwhile: the posted receive must be answered
+        self._tell(msg.src, protocol.Send(msg.id, msg.rank, msg.tag, msg.n))
+
+    def _outputs(self, msg: protocol.Out) -> list[CoreOutput]:
+        """A step's outputs: the rank's load, its tokens, and (from a prefill rank) the
+        requests ready to move to a decode rank."""
+        rank, stats = msg.rank, msg.stats
+        if msg.timers is not None:
+            self.rank_timers[rank] = msg.timers
+        if stats is None:
+            pass  # a malformed message's (salvage_out): the last report stands
+        elif rank in self.rank_stats:
             self.rank_stats[rank] = stats
             self.router.report(rank, stats.num_free_blocks, stats.num_running,
                                stats.num_waiting_blocks)
         else:
             self.prefill_stats[rank] = stats
-        outs = [self._output(protocol.output_from_wire(row)) for row in msg["outs"]]
-        for rid, num_kv_tokens, drafts in msg.get("prefilled", []):
-            self._hand_to_decode(rid, num_kv_tokens, drafts)
+        output = self._output
+        outs = [output(o) for o in msg.outs]
+        for p in msg.prefilled:
+            outs.append(self._hand_to_decode(p.id, p.num_kv_tokens, p.drafts))
         return [o for o in outs if o is not None]
 
     def _output(self, out: CoreOutput) -> CoreOutput | None:
         placed = self._find(out.request_id)
         if placed is None:
             return None  # aborted meanwhile
+        prompt_logprobs = out.prompt_logprobs
+        if prompt_logprobs is not None and \
+                len(prompt_logprobs) < len(placed.request.prompt_token_ids) - 1:
+            # a rank's message well formed but short of the prompt: the request fails alone
+            out = CoreOutput(out.request_id, [], "error", None, f"prompt_logprobs: a rank sent "
+                             f"{len(prompt_logprobs)} rows for a prompt of "
+                             f"{len(placed.request.prompt_token_ids)} tokens")
+            self._abort_on_ranks(placed)
         out.request_id = placed.request.request_id
         extra = self.pending_metrics.pop(out.request_id, None)
         if extra:
@@ -467,27 +521,38 @@ class MultiRankClient:
         if out.finish_reason is not None:
             self._forget(out.request_id)
             if placed.stage == "transfer" and placed.prefill is not None:
-                self._tell(placed.prefill, {"t": "release", "id": placed.wire_id})
-        elif placed.stage == "prefill":
+                self._tell(placed.prefill, protocol.Release(placed.wire_id))
+        elif placed.stage == "prefill" and out.new_token_ids:
             placed.first_token = out.new_token_ids[-1]
         return out
 
-    def _hand_to_decode(self, wire_id: str, num_kv_tokens: int, drafts: list[int]) -> None:
-        """``drafts``: the prefill rank's MTP draft after the first token (none without MTP)."""
+    def _hand_to_decode(self, wire_id: str, num_kv_tokens: int, drafts: list[int]
+                        ) -> CoreOutput | None:
+        """``drafts``: the prefill rank's MTP draft after the first token (none without MTP).
+        Returns the request's error output if the report cannot be right."""
         placed = self._find(wire_id)
         if placed is None or placed.stage != "prefill":
             if placed is None:  # aborted while prefilling: the prefill rank frees it
                 for rank in self.router.prefill:
-                    self._tell(rank, {"t": "release", "id": wire_id})
-            return
+                    self._tell(rank, protocol.Release(wire_id))
+            return None
+        prompt = len(placed.request.prompt_token_ids)
+        if placed.first_token is None or not 0 < num_kv_tokens <= prompt:
+            # a report no prefill rank makes (a decode rank would wait for its blocks for
+            # ever): the request fails alone
+            self._abort_on_ranks(placed)
+            return self._output(CoreOutput(
+                wire_id, [], "error", None, f"{self._describe(placed.prefill)} reported it "
+                f"prefilled with {num_kv_tokens} KV tokens of a {prompt}-token prompt"
+                f"{'' if placed.first_token is not None else ' and no first token'}"))
         self.router.prefill[placed.prefill].in_flight -= 1
         decode = self.router.pick_decode(num_kv_tokens)
         self.router.attention[decode].in_flight += 1
         placed.stage, placed.decode, placed.num_kv_tokens = "transfer", decode, num_kv_tokens
-        self._tell(decode, {"t": "pull", "req": protocol.request_to_wire(
-                                replace(placed.request, request_id=placed.wire_id)),
-                            "first": placed.first_token, "drafts": drafts,
-                            "n": num_kv_tokens, "src": placed.prefill, "tag": next(self.tags)})
+        self._tell(decode, protocol.Pull(
+            protocol.WireRequest.of(replace(placed.request, request_id=placed.wire_id)),
+            placed.first_token, drafts, num_kv_tokens, placed.prefill, next(self.tags)))
+        return None
 
     def poll(self) -> None:
         """Take the ranks' reports while nothing is in flight (and notice dead ranks)."""
@@ -518,7 +583,7 @@ class MultiRankClient:
         self.closed = True
         for sock in self.outboxes.values():
             try:
-                sock.send(protocol.pack({"t": "shutdown"}), zmq.NOBLOCK)
+                sock.send(protocol.encode(protocol.Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + 10
@@ -533,8 +598,8 @@ class MultiRankClient:
             while len(gone) < self.layout.world_size and time.monotonic() < deadline:
                 if self.inbox.poll(100):
                     msg = self._recv()
-                    if msg is not None and msg["t"] in ("bye", "error"):
-                        gone.add(msg["rank"])
+                    if isinstance(msg, (protocol.Bye, protocol.Error)):
+                        gone.add(msg.rank)
         self.ctx.destroy(linger=1000)
 
     def __del__(self) -> None:

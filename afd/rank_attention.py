@@ -8,6 +8,7 @@ steps, with zero tokens); run the step; send the new tokens to the front end.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 
@@ -22,6 +23,8 @@ from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
 from afd.workers import (ControlLink, Groups, WorkerSpec, core_config, describe,
                          make_transport)
+
+log = logging.getLogger("afd.worker")
 
 IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between step votes
 
@@ -70,30 +73,33 @@ class AttentionWorker:
         self.transfer_timeout = spec.timeout_s / 2  # leaves time to complete it before gloo's
 
     # ---- control --------------------------------------------------------------------------
-    def _handle(self, msg: dict) -> list[CoreOutput]:
-        kind = msg["t"]
-        if kind == "add":
-            return self.core.add_or_refuse(protocol.request_from_wire(msg["req"]))
-        elif kind == "pull":
-            self.pulls.append(Pull(protocol.request_from_wire(msg["req"]), msg["first"],
-                                   msg["n"], msg["src"], msg["tag"], msg["drafts"]))
-        elif kind == "abort":
-            ids = set(msg["ids"])
+    def _handle(self, msg: protocol.ToRank | protocol.Refused) -> list[CoreOutput]:
+        if isinstance(msg, protocol.Add):
+            return self.core.add_or_refuse(msg.req.core())
+        elif isinstance(msg, protocol.Pull):
+            self.pulls.append(Pull(msg.req.core(), msg.first, msg.n, msg.src, msg.tag,
+                                   msg.drafts))
+        elif isinstance(msg, protocol.Abort):
+            ids = set(msg.ids)
             self.core.abort(list(ids))
             self.pulls = deque(p for p in self.pulls if p.request.request_id not in ids)
             for rid in ids & set(self.receiving):
                 self._drop_receive(rid)
-        elif kind == "reset_prefix_cache":
+        elif isinstance(msg, protocol.Refused):  # a malformed add or pull: it fails alone
+            return [CoreOutput(msg.id, [], "error", None, msg.reason)]
+        elif isinstance(msg, protocol.ResetPrefixCache):
             self.core.reset_prefix_cache()
-        elif kind == "expert_load_start":
+        elif isinstance(msg, protocol.ExpertLoadStart):
             self.core.start_expert_load_record()
-        elif kind == "expert_load_stop":
+        elif isinstance(msg, protocol.ExpertLoadStop):
             self.core.stop_expert_load_record()
-        elif kind == "expert_load_dump":
-            self.link.send({"t": "expert_load",
-                            "counts": self.core.load_recorder().snapshot()})
-        elif kind == "shutdown":
+        elif isinstance(msg, protocol.ExpertLoadDump):
+            self.link.send(protocol.ExpertLoad(self.core.load_recorder().snapshot()))
+        elif isinstance(msg, protocol.Shutdown):
             self.stopping = True
+        else:  # a prefill rank's kind (release, send, cancel, drop): not for this rank
+            log.warning("attention rank %d ignored a %r control message", self.index,
+                        type(msg).__name__)
         return []
 
     def _load(self) -> tuple[int, int, int]:
@@ -111,9 +117,7 @@ class AttentionWorker:
         timers = self.timers.snapshot()
         if self.transport is not None:
             timers.update(self.transport.timers.seconds)
-        self.link.send({"t": "out", "attn": self.index, "timers": timers,
-                        "outs": [protocol.output_to_wire(o) for o in outputs],
-                        "stats": protocol.stats_to_wire(self.core.stats()[0])})
+        self.link.send(protocol.Out(outputs, self.core.stats()[0], timers, self.index))
 
     # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
     def _admit(self) -> None:
@@ -147,8 +151,8 @@ class AttentionWorker:
             self.core.flush_offloads()  # what it evicted goes to the host before KV arrives
             self.receiving[pull.request.request_id] = post_recv(self.core.runner.kv_caches, pull,
                                                                 blocks)
-            self.link.send({"t": "admitted", "id": pull.request.request_id, "tag": pull.tag,
-                            "src": pull.src, "n": pull.num_kv_tokens})
+            self.link.send(protocol.Admitted(pull.request.request_id, pull.tag, pull.src,
+                                             pull.num_kv_tokens))
 
     def _drop_receive(self, rid: str) -> None:
         recv = self.receiving.pop(rid)
@@ -166,8 +170,8 @@ class AttentionWorker:
                 # receive (with zeros if need be) before gloo's own timeout would break the link.
                 self._drop_receive(rid)
                 pull = recv.pull
-                self.link.send({"t": "transfer_failed", "id": rid, "src": pull.src,
-                                "tag": pull.tag, "n": pull.num_kv_tokens})
+                self.link.send(protocol.TransferFailed(rid, pull.src, pull.tag,
+                                                       pull.num_kv_tokens))
                 reason = recv.work.error or f"timed out after {self.transfer_timeout:.1f}s"
                 failed.append(CoreOutput(rid, [], "error", None,
                                          f"KV transfer from rank {pull.src} failed: {reason}"))
@@ -176,15 +180,15 @@ class AttentionWorker:
 
     def _start_decoding(self, recv: Receiving) -> list[CoreOutput]:
         failed = start_decoding(self.core, recv.pull, recv.block_ids, recv.buffer)
-        self.link.send({"t": "transferred", "id": recv.pull.request.request_id,
-                        "seconds": time.monotonic() - recv.started})
+        self.link.send(protocol.Transferred(recv.pull.request.request_id,
+                                            time.monotonic() - recv.started))
         return failed
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
-        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes,
-                                                        self.core.cfg.num_kv_blocks)})
+        self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
+                                               self.core.cfg.num_kv_blocks)))
         self._send([])
         idle = True
         while True:

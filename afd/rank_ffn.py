@@ -29,8 +29,8 @@ class FFNWorker:
                                          device)
 
     def run(self) -> None:
-        self.out.send(protocol.pack({"t": "ready", "rank": self.spec.rank,
-                                     "info": describe(self.model, kv_bytes=0)}))
+        self.out.send(protocol.encode(protocol.Ready(describe(self.model, kv_bytes=0),
+                                                     rank=self.spec.rank)))
         timers, last_report, dirty = self.server.timers, time.monotonic(), False
         with torch.inference_mode():
             while True:
@@ -49,7 +49,9 @@ class FFNWorker:
                     dirty = True
                 # timers when they changed, else a heartbeat, at most every HEARTBEAT_S / 2
                 if time.monotonic() - last_report > HEARTBEAT_S / 2:
-                    msg = {"t": "timers", "timers": timers.snapshot()} if dirty else {"t": "hb"}
-                    if send_droppable(self.out, {**msg, "rank": self.spec.rank}):
+                    rank = self.spec.rank
+                    msg = (protocol.Timers(timers.snapshot(), rank=rank) if dirty
+                           else protocol.Heartbeat(rank=rank))
+                    if send_droppable(self.out, msg):
                         dirty = False
                     last_report = time.monotonic()

@@ -13,6 +13,7 @@ drafts the single process's would.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -22,6 +23,8 @@ from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
 from afd.workers import ControlLink, WorkerSpec, core_config, describe
+
+log = logging.getLogger("afd.worker")
 
 IDLE_POLL_S = 0.01
 
@@ -37,24 +40,28 @@ class PrefillWorker:
         self.withheld: dict[str, tuple[str, int, int, int]] = {}  # dropped: (id, dst, tag, n)
         self.stopping = False
 
-    def _handle(self, msg: dict) -> list[CoreOutput]:
-        kind = msg["t"]
-        if kind == "add":
-            return self.core.add_or_refuse(protocol.request_from_wire(msg["req"]))
-        elif kind == "send":
-            self._send_kv(msg["id"], msg["dst"], msg["tag"], msg["n"])
-        elif kind == "cancel":  # the receiver gave up: complete its receive so gloo stays sane
-            if msg["id"] in self.withheld:
-                self._send_filler(*self.withheld.pop(msg["id"]))
-        elif kind in ("abort", "release"):
-            for rid in msg.get("ids") or [msg["id"]]:
-                self.core.abort([rid])  # frees blocks whether running, waiting or parked
-        elif kind == "drop":
-            self.drop.add(msg["id"])
-        elif kind == "reset_prefix_cache":
+    def _handle(self, msg: protocol.ToRank | protocol.Refused) -> list[CoreOutput]:
+        if isinstance(msg, protocol.Add):
+            return self.core.add_or_refuse(msg.req.core())
+        elif isinstance(msg, protocol.Send):
+            self._send_kv(msg.id, msg.dst, msg.tag, msg.n)
+        elif isinstance(msg, protocol.Cancel):  # the receiver gave up: complete its receive
+            if msg.id in self.withheld:
+                self._send_filler(*self.withheld.pop(msg.id))
+        elif isinstance(msg, (protocol.Abort, protocol.Release)):
+            # frees blocks whether running, waiting or parked
+            self.core.abort(msg.ids if isinstance(msg, protocol.Abort) else [msg.id])
+        elif isinstance(msg, protocol.Refused):  # a malformed add: it fails alone
+            return [CoreOutput(msg.id, [], "error", None, msg.reason)]
+        elif isinstance(msg, protocol.Drop):
+            self.drop.add(msg.id)
+        elif isinstance(msg, protocol.ResetPrefixCache):
             self.core.reset_prefix_cache()
-        elif kind == "shutdown":
+        elif isinstance(msg, protocol.Shutdown):
             self.stopping = True
+        else:  # a decode rank's kind (pull, expert load): not for this rank
+            log.warning("prefill rank %d ignored a %r control message", self.index,
+                        type(msg).__name__)
         return []
 
     def _send_kv(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
@@ -86,8 +93,8 @@ class PrefillWorker:
 
     def run(self) -> None:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
-        self.link.send({"t": "ready", "info": describe(self.core.runner.model, kv_bytes,
-                                                        self.core.cfg.num_kv_blocks)})
+        self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
+                                               self.core.cfg.num_kv_blocks)))
         idle, reported_free = True, -1
         while not self.stopping:
             outputs = []
@@ -97,15 +104,13 @@ class PrefillWorker:
             busy = self.core.has_unfinished()
             if busy:
                 outputs += self.core.step()
-            parked = [[s.request_id, s.num_computed_tokens, s.mtp_drafts]
+            parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
                       for s in self.core.newly_parked]
             self.core.newly_parked.clear()
             idle = not busy
             free = self.core.allocator.num_free
             if outputs or parked or free != reported_free:  # blocks moved: say so
-                self.link.send({"t": "out", "outs": [protocol.output_to_wire(o) for o in outputs],
-                                "prefilled": parked,
-                                "stats": protocol.stats_to_wire(self.core.stats()[0])})
+                self.link.send(protocol.Out(outputs, self.core.stats()[0], prefilled=parked))
                 reported_free = free
             else:
                 self.link.heartbeat()

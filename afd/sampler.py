@@ -24,11 +24,13 @@ with ``draw_step_seed``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
+import msgspec
 import torch
 
 from afd.penalties import PenaltyPool, PenaltyState
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import MAX_LOGPROBS, SamplingParams, TokenId
 from afd.token_masks import NO_TOKEN, apply_bans, apply_grammar_masks, no_token_left
 
 
@@ -108,19 +110,28 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     return sub
 
 
-@dataclass
-class PromptLogprobs:
+class PromptLogprobs(msgspec.Struct, array_like=True, gc=False):
     """The prompt logprobs of a run of consecutive prompt tokens of one sequence, as flat
-    per-token arrays (they cross msgpack as is). Row i scores one prompt token under the logits
+    per-token arrays (they cross the control sockets as one array, [k, ranks, top_ids,
+    logprobs], checked on arrival: afd.protocol). Row i scores one prompt token under the logits
     of the position before it. k: top logprobs per row (SamplingParams.prompt_logprobs).
     ranks [N]: the prompt token's rank (1: the likeliest). top_ids [N * k]: the k likeliest ids
     of each row, best first. logprobs [N * (k + 1)]: per row, the prompt token's logprob, then
     its k likeliest ones'."""
 
-    k: int
-    ranks: list[int] = field(default_factory=list)
-    top_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    k: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
+    ranks: list[Annotated[int, msgspec.Meta(ge=1)]] = []
+    top_ids: list[TokenId] = []
+    logprobs: list[float] = []
+
+    def __post_init__(self) -> None:
+        # the front end slices the flat arrays by k: one of another length would misalign
+        # every row after it (a ValueError here is a malformed message on arrival)
+        n = len(self.ranks)
+        if len(self.top_ids) != n * self.k or len(self.logprobs) != n * (self.k + 1):
+            raise ValueError(f"prompt logprobs of {n} rows with k={self.k} need {n * self.k} "
+                             f"top ids and {n * (self.k + 1)} logprobs, got "
+                             f"{len(self.top_ids)} and {len(self.logprobs)}")
 
     def __len__(self) -> int:
         return len(self.ranks)
@@ -130,26 +141,19 @@ class PromptLogprobs:
         self.top_ids += other.top_ids
         self.logprobs += other.logprobs
 
-    def to_wire(self) -> list:
-        return [self.k, self.ranks, self.top_ids, self.logprobs]
-
-    @classmethod
-    def from_wire(cls, row: list) -> PromptLogprobs:
-        return cls(int(row[0]), list(row[1]), list(row[2]), list(row[3]))
-
 
 @dataclass
 class SamplerOutput:
     """tokens: one id per row (-1: NaN logits). logprobs: per row, None unless its params ask
-    (``logprobs`` k), else [token ids, logprobs, rank of the sampled token]: the sampled token
-    first, then the k likeliest in order (ranks 1..k). Plain lists: they cross msgpack as is.
+    (``logprobs`` k), else (token ids, logprobs, rank of the sampled token): the sampled token
+    first, then the k likeliest in order (ranks 1..k). Plain data: they cross msgpack as is.
     prompt_logprobs: per request id, the prompt logprobs this step's logits gave (filled by the
     model runner for sequences whose params ask for ``prompt_logprobs``). draft_tokens: with
     MTP drafts, per sampling sequence the MTP layer's drafts (1 to k) after the last token it
     emits (empty otherwise)."""
 
     tokens: list[int]
-    logprobs: list[list | None]
+    logprobs: list[tuple | None]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     draft_tokens: list[list[int]] = field(default_factory=list)
 
@@ -188,8 +192,8 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     for r, i in enumerate(rows):
         row = flat[n + r * width:n + (r + 1) * width]
         want = params[i].logprobs
-        out.logprobs[i] = [[out.tokens[i]] + [int(t) for t in row[2:2 + want]],
-                           [row[0]] + row[2 + k:2 + k + want], int(row[1])]
+        out.logprobs[i] = ([out.tokens[i]] + [int(t) for t in row[2:2 + want]],
+                           [row[0]] + row[2 + k:2 + k + want], int(row[1]))
     return out
 
 

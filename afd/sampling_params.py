@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 
 INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (as vLLM)
@@ -14,6 +15,11 @@ MAX_N = 128  # completions per prompt, as OpenAI's API allows
 MAX_LOGPROBS = 20  # top logprobs per token, vLLM's default max_logprobs (and OpenAI's limit)
 MAX_GRAMMAR_CHARS = 100_000  # a structured-output spec (a schema as JSON) travels to every rank
 MAX_BAD_WORDS = 128  # token sequences after tokenization (vLLM's default limit)
+
+# A token id as the control messages carry it, checked on arrival (afd.protocol): the
+# tokenizer decodes unsigned 32-bit ids and fails on a larger one (one past the vocabulary
+# but below that decodes to nothing).
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
 
 
 class ParamError(ValueError):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal, TypedDict
 
+import msgspec
 import torch
 
 from afd.block_pool import BlockKeys
 from afd.outputs import RequestMetrics
 from afd.penalties import PenaltyState
 from afd.sampler import PromptLogprobs
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import SamplingParams, TokenId
 
 
 class Status(enum.Enum):
@@ -38,19 +40,35 @@ class CoreRequest:
     cache_salt: str | None = None
 
 
-@dataclass
-class CoreOutput:
-    """New tokens of one sequence from one step, and whether (and why) it finished."""
+class StepMetrics(TypedDict, total=False):
+    """What a core says of a request beside its tokens (``CoreOutput.metrics``), seconds and
+    counts: with its first token, queue_time, prefill_time and num_cached_tokens; transfer_time
+    (the front end adds it in P/D); spec: [drafts, accepted] of a speculative step."""
+
+    queue_time: float
+    prefill_time: float
+    transfer_time: float
+    num_cached_tokens: Annotated[int, msgspec.Meta(ge=0)]
+    spec: tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=0)]]
+
+
+class CoreOutput(msgspec.Struct, array_like=True, gc=False):
+    """New tokens of one sequence from one step, and whether (and why) it finished.
+
+    A rank sends it to the front end as one array of these fields in this order, checked
+    against these types on arrival (afd.protocol). (gc=False: it holds no reference cycle, and
+    a step makes one per running request.)"""
 
     request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None
+    new_token_ids: list[TokenId]
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
     stop_reason: int | str | None = None
     error: str | None = None
-    metrics: dict | None = None  # e.g. {"queue_time": s, "transfer_time": s}
-    # per new token, when its params ask: [token ids, logprobs, rank of the sampled token] with
+    metrics: StepMetrics | None = None
+    # per new token, when its params ask: (token ids, logprobs, rank of the sampled token) with
     # the sampled token first (afd.sampler.SamplerOutput)
-    logprobs: list[list] | None = None
+    logprobs: list[tuple[Annotated[list[TokenId], msgspec.Meta(min_length=1)],
+                         Annotated[list[float], msgspec.Meta(min_length=1)], int]] | None = None
     # with the first token, when its params ask for prompt_logprobs: the prompt's, all of them
     prompt_logprobs: PromptLogprobs | None = None
 

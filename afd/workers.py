@@ -124,19 +124,29 @@ class ControlLink:
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.connect(inbox_addr)
 
-    def poll(self, timeout_s: float) -> list[dict]:
-        """Every message waiting, after waiting up to ``timeout_s`` for the first."""
+    def poll(self, timeout_s: float) -> list[protocol.ToRank | protocol.Refused]:
+        """Every message waiting, after waiting up to ``timeout_s`` for the first. A malformed
+        one is logged and dropped; one that names its request (``add``, ``pull``) becomes a
+        ``Refused`` for it, which the rank answers with that request's error output."""
         msgs = []
         if self.inbox.poll(int(timeout_s * 1000)):
             while True:
                 try:
-                    msgs.append(protocol.unpack(self.inbox.recv(zmq.NOBLOCK)))
+                    data = self.inbox.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                try:
+                    msgs.append(protocol.decode_to_rank(data))
+                except protocol.ProtocolError as exc:
+                    log.warning("rank %d dropped a control message from the front end (%d "
+                                "bytes): %s", self.rank, len(data), exc)
+                    if exc.request_id is not None:
+                        msgs.append(protocol.Refused(exc.request_id, str(exc)))
         return msgs
 
-    def send(self, msg: dict) -> None:
-        self.out.send(protocol.pack({**msg, "rank": self.rank}))
+    def send(self, msg: protocol.FromRank) -> None:
+        msg.rank = self.rank
+        self.out.send(protocol.encode(msg))
         self.last_sent = time.monotonic()
 
     last_sent = 0.0
@@ -145,16 +155,16 @@ class ControlLink:
         """Tell the front end this rank is alive when it has said nothing for a second
         (``send_droppable``: a rank never blocks on one)."""
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
-            send_droppable(self.out, {"t": "hb", "rank": self.rank})
+            send_droppable(self.out, protocol.Heartbeat(rank=self.rank))
             self.last_sent = time.monotonic()
 
 
-def send_droppable(sock: zmq.Socket, msg: dict) -> bool:
+def send_droppable(sock: zmq.Socket, msg: protocol.FromRank) -> bool:
     """Send a message a later one supersedes (heartbeat, timers) without ever blocking: when the
     front end reads nothing for a long while its queue fills, and the message is dropped.
     Returns whether it went."""
     try:
-        sock.send(protocol.pack(msg), zmq.NOBLOCK)
+        sock.send(protocol.encode(msg), zmq.NOBLOCK)
     except zmq.Again:
         return False
     return True
@@ -288,15 +298,14 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
                 worker = PrefillWorker(spec, index, device, link)
         freeze_gc(f"rank {spec.rank} ({role} {index})")  # its model and KV cache are built
         worker.run()
-        out.send(protocol.pack({"t": "bye", "rank": spec.rank}))
+        out.send(protocol.encode(protocol.Bye(rank=spec.rank)))
     except BaseException as exc:  # report, then die: peers see the error through their timeouts
         code = 1
         msg = f"{type(exc).__name__}: {exc}"
         log.error("rank %d (%s %d) failed: %s\n%s", spec.rank, role, index, msg,
                   traceback.format_exc())
         try:
-            out.send(protocol.pack({"t": "error", "rank": spec.rank, "role": role, "msg": msg}),
-                     zmq.NOBLOCK)
+            out.send(protocol.encode(protocol.Error(role, msg, rank=spec.rank)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
     finally:

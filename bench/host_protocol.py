@@ -39,24 +39,21 @@ def rows(kind: str, batch: int) -> list[CoreOutput]:
         if kind == "plain":
             outs.append(CoreOutput(rid, [1000 + i]))
         elif kind == "logprobs":
-            outs.append(CoreOutput(rid, [1000 + i], logprobs=[[[1000 + i, 7], [-0.5, -1.25], 1]]))
+            outs.append(CoreOutput(rid, [1000 + i], logprobs=[([1000 + i, 7], [-0.5, -1.25], 1)]))
         else:  # mtp: two tokens, one draft accepted
-            outs.append(CoreOutput(rid, [1000 + i, 17], metrics={"spec": [1, 1]}))
+            outs.append(CoreOutput(rid, [1000 + i, 17], metrics={"spec": (1, 1)}))
     return outs
 
 
 def pack_out(outputs: list[CoreOutput], stats: CoreStats) -> bytes:
     """What an attention rank sends each step (AttentionWorker._send)."""
-    return protocol.pack({"t": "out", "attn": 0, "timers": {"steps": 10, "step": 1.5},
-                          "outs": [protocol.output_to_wire(o) for o in outputs],
-                          "stats": protocol.stats_to_wire(stats), "rank": 1})
+    return protocol.encode(protocol.Out(outputs, stats, {"steps": 10, "step": 1.5}, 0, rank=1))
 
 
 def unpack_out(data: bytes) -> list[CoreOutput]:
-    """What the front end makes of it (MultiRankClient._recv and _handle, less bookkeeping)."""
-    msg = protocol.unpack(data)
-    protocol.stats_from_wire(msg["stats"])
-    return [protocol.output_from_wire(row) for row in msg["outs"]]
+    """What the front end makes of it (MultiRankClient._recv: decoded and checked, less
+    bookkeeping)."""
+    return protocol.decode_from_rank(data).outs
 
 
 def timed(fn, arg, iters: int) -> float:

@@ -686,15 +686,15 @@ class TestSampler:
         from afd.sampler import PromptLogprobs
         from afd.sequence import CoreOutput
 
-        out = CoreOutput("r", [5], None, None, logprobs=[[[5, 2, 5], [-0.25, -0.2, -0.25], 2]])
-        back = protocol.output_from_wire(protocol.unpack(protocol.pack(
-            {"t": "out", "o": protocol.output_to_wire(out)}))["o"])
-        assert back == out
+        def across(out: CoreOutput) -> CoreOutput:
+            back = protocol.decode_from_rank(protocol.encode(protocol.Out([out], rank=1)))
+            return back.outs[0]
+
+        out = CoreOutput("r", [5], None, None, logprobs=[([5, 2, 5], [-0.25, -0.2, -0.25], 2)])
+        assert across(out) == out
         # prompt logprobs travel as flat per-token arrays: two prompt tokens, k = 1
         out.prompt_logprobs = PromptLogprobs(1, [3, 1], [7, 9], [-2.5, -0.5, -0.125, -0.125])
-        back = protocol.output_from_wire(protocol.unpack(protocol.pack(
-            {"t": "out", "o": protocol.output_to_wire(out)}))["o"])
-        assert back == out
+        assert across(out) == out
 
 
 def test_logprobs_in_a_mixed_batch(llm):

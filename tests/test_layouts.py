@@ -407,3 +407,260 @@ def test_malformed_control_messages_are_dropped(references, two_attention):
         assert [o.outputs[0].token_ids for o in outs] == expected[:3]
     finally:
         ctx.destroy(linger=0)
+
+
+# ---- malformed control messages ---------------------------------------------------------------
+def run_until_done(llm: LLM, ids: list[str], limit_s: float = 120) -> dict:
+    done, deadline = {}, time.monotonic() + limit_s
+    while len(done) < len(ids):
+        assert time.monotonic() < deadline, "requests did not finish"
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 1,
+         "num_preemptions": 0}
+
+
+def wire_request(rid: str, **changes) -> dict:
+    return {"id": rid, "prompt": [1, 2, 3], "params": {"max_tokens": 2}, "eos": [],
+            "arrival": 0.0, **changes}
+
+
+def test_protocol_errors_name_the_kind_and_the_field():
+    import msgpack
+
+    from afd import protocol
+
+    for msg, words in [
+            ({"t": "add", "req": wire_request("w@1", prompt=["a"])}, ["'add'", "prompt"]),
+            ({"t": "add", "req": wire_request("w@1", params={"temperature": "hot"})},
+             ["'add'", "temperature"]),
+            ({"t": "add", "req": wire_request("w@1", params={"n": 0})}, ["'add'", "n must be"]),
+            ({"t": "pull", "req": wire_request("w@1"), "first": 1}, ["'pull'", "drafts"]),
+            ({"t": "abort", "ids": 5}, ["'abort'", "ids"]),
+            ({"t": "send", "id": "x", "dst": -1, "tag": 1, "n": 2}, ["'send'", "dst"]),
+            ({"t": "nope"}, ["'nope'"])]:
+        with pytest.raises(protocol.ProtocolError) as info:
+            protocol.decode_to_rank(msgpack.packb(msg))
+        assert all(w in str(info.value) for w in words), (str(info.value), words)
+        if msg["t"] in ("add", "pull"):
+            assert info.value.request_id == "w@1"
+    for msg, words in [
+            ({"t": "out", "rank": 0, "outs": [["x"]], "stats": STATS}, ["'out'", "outs[0]"]),
+            ({"t": "out", "rank": 0, "outs": [["x", [2 ** 40]]], "stats": STATS},
+             ["'out'", "outs[0][1][0]"]),
+            ({"t": "out", "rank": 0, "outs": [["x", [1], None, None, None, None,
+                                               [[[], [], 1]]]], "stats": STATS},
+             ["'out'", "outs[0][6][0][0]"]),
+            ({"t": "out", "rank": 0, "outs": [], "stats": {"num_running": 1}},
+             ["'out'", "stats"]),
+            ({"t": "admitted", "rank": 1, "id": "x"}, ["'admitted'", "tag"]),
+            ({"t": "error", "rank": 0}, ["'error'", "role"])]:
+        with pytest.raises(protocol.ProtocolError) as info:
+            protocol.decode_from_rank(msgpack.packb(msg))
+        assert all(w in str(info.value) for w in words), (str(info.value), words)
+    with pytest.raises(protocol.ProtocolError, match="not a control message"):
+        protocol.decode_from_rank(b"\xc1 not msgpack")
+
+
+def test_malformed_messages_of_every_kind_leave_requests_running(references, two_attention,
+                                                                 caplog):
+    """Well-formed msgpack of every kind of control message with a field missing, of the wrong
+    type or out of range, forged on the real sockets both ways while requests run: from the
+    front end's socket to each attention rank, and from an intruder to the front end's inbox.
+    A KeyError or TypeError from one used to kill the rank or the engine; each is dropped with
+    a warning, and every request finishes with the single process's tokens."""
+    import msgpack
+    import zmq
+
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm, client = two_attention, two_attention.engine.core
+    to_rank = [b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"t": "nope"}),
+               {"t": "add"},
+               {"t": "add", "req": wire_request("forged@0", prompt=["a"])},
+               {"t": "add", "req": wire_request("forged@1", params={"temperature": "hot"})},
+               {"t": "pull", "req": wire_request("forged@2"), "first": 1},
+               {"t": "abort", "ids": 5}, {"t": "release"}, {"t": "send", "id": "x"},
+               {"t": "cancel", "id": 5}, {"t": "drop"}]
+    to_front = [{"t": "error", "rank": 0},
+                {"t": "out", "rank": 0, "outs": [], "stats": {"bogus": 1}},
+                {"t": "out", "rank": 0, "outs": [["x"]], "stats": STATS},
+                {"t": "out", "rank": 1, "outs": [["x", [2 ** 40]]], "stats": STATS},
+                {"t": "admitted", "rank": 0, "id": "x", "tag": 1, "src": 7, "n": 3},
+                {"t": "transfer_failed", "rank": 1, "id": "x"},
+                {"t": "transferred", "rank": 0},
+                {"t": "expert_load", "rank": 0, "counts": "x"},
+                {"t": "ready", "rank": 0, "info": 5},
+                {"t": "timers", "rank": 1, "timers": [1]},
+                {"t": "hb", "rank": 0.5}, {"t": "bye", "rank": "0"}]
+    ids = [f"forge-{i}" for i in range(4)]
+    for rid, prompt in zip(ids, prompts):
+        llm.engine.add_request(rid, prompt, params)
+    llm.engine.step()
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        with caplog.at_level("WARNING", logger="afd.layouts"):
+            for msg in to_front:
+                intruder.send(msgpack.packb(msg))
+            for sock in client.outboxes.values():
+                for msg in to_rank:
+                    sock.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+            done = run_until_done(llm, ids)
+            deadline = time.monotonic() + 10
+            while len([r for r in caplog.records if "dropped" in r.message]) < len(to_front):
+                assert time.monotonic() < deadline, [r.message for r in caplog.records]
+                client.step(0.05)
+        assert [done[rid].outputs[0].token_ids for rid in ids] == expected[:4]
+        assert all(done[rid].error is None for rid in ids)
+        # and afterwards: the ranks took every forged message and still serve
+        outs = llm.generate(prompts[:3], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected[:3]
+        assert all(p.poll() is None for p in client.procs)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_malformed_message_about_a_request_fails_only_that_request(references, two_attention,
+                                                                     monkeypatch):
+    """A malformed ``add`` that names its request is answered by the rank with that request's
+    error output; a malformed output row from a rank fails the request it names (and aborts it
+    on its rank). Every other request runs to the end."""
+    import msgpack
+    import zmq
+
+    from afd import protocol
+
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm, client = two_attention, two_attention.engine.core
+    real_of = protocol.WireRequest.of
+
+    def bad_prompt(req):  # encoded as is: only the receiver checks the types
+        wire = real_of(req)
+        if req.request_id.startswith("bad-add@"):
+            wire.prompt = [-1, *wire.prompt]
+        return wire
+
+    monkeypatch.setattr(protocol.WireRequest, "of", bad_prompt)
+    ids = ["bad-add", "bad-row", "good-0", "good-1"]
+    for rid, prompt in zip(ids, prompts):
+        llm.engine.add_request(rid, prompt, params)
+    placed = client.placed["bad-row"]
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        intruder.send(msgpack.packb({"t": "out", "rank": placed.decode, "stats": STATS,
+                                     "outs": [[placed.wire_id, ["x"]]]}))
+        done = run_until_done(llm, ids)
+    finally:
+        ctx.destroy(linger=0)
+    assert done["bad-add"].outputs[0].finish_reason == "error"
+    assert "'add'" in done["bad-add"].error and "prompt" in done["bad-add"].error
+    assert "output row 0" in done["bad-row"].error, done["bad-row"].error
+    assert [done[r].outputs[0].token_ids for r in ids[2:]] == expected[2:4]
+    assert all(done[r].error is None for r in ids[2:])
+    assert not client.placed
+    wait = time.monotonic() + 10  # the aborted request's blocks come back on its rank
+    while any(s.num_running for s in client.stats()):
+        assert time.monotonic() < wait, client.stats()
+        client.step(0.05)
+
+
+class BareClient:
+    """A MultiRankClient with no ranks (as tests/test_pd_admission.py builds a worker): its
+    real inbox socket, placements and router, for what a rank's messages claim. (closed: it
+    tells the ranks nothing.)"""
+
+    def __init__(self, prefill: int, attention: int):
+        import itertools
+
+        import zmq
+
+        from afd.core import CoreStats
+        from afd.layouts import MultiRankClient
+        from afd.router import RequestRouter
+        from afd.workers import Layout
+
+        client = object.__new__(MultiRankClient)
+        client.layout = Layout(prefill, attention, 0)
+        client.timeout_s, client.closed, client.error, client.procs = 30.0, True, None, []
+        client.placed, client.by_wire, client.pending_metrics, client.held = {}, {}, {}, []
+        attn = list(range(prefill, prefill + attention))
+        client.router = RequestRouter(list(range(prefill)), attn, 64, 4)
+        client.rank_stats = {r: CoreStats(0, 0, 0.0, 64, 0) for r in attn}
+        client.prefill_stats, client.rank_timers, client.expert_loads = {}, {}, {}
+        client.last_seen = {r: time.monotonic() for r in range(prefill + attention)}
+        client.last_heard, client.tags = time.monotonic(), itertools.count(1)
+        client.ctx = zmq.Context()
+        client.inbox = client.ctx.socket(zmq.PULL)
+        port = client.inbox.bind_to_random_port("tcp://127.0.0.1")
+        self.client, self.sender = client, client.ctx.socket(zmq.PUSH)
+        self.sender.connect(f"tcp://127.0.0.1:{port}")
+
+    def place(self, rid: str, stage: str, prompt_len: int, **kw) -> str:
+        from afd.layouts import _Placed
+        from afd.sequence import CoreRequest
+
+        params = SamplingParams(max_tokens=8, prompt_logprobs=1)
+        placed = _Placed(CoreRequest(rid, list(range(1, prompt_len + 1)), params), stage,
+                         f"{rid}@0", **kw)
+        self.client.placed[rid] = self.client.by_wire[placed.wire_id] = placed
+        loads = self.client.router.prefill if stage == "prefill" else \
+            self.client.router.attention
+        loads[kw["prefill"] if stage == "prefill" else kw["decode"]].in_flight += 1
+        return placed.wire_id
+
+    def exchange(self, msg: dict) -> list:
+        import msgpack
+
+        self.sender.send(msgpack.packb(msg))
+        return self.client.step(5.0)
+
+    def close(self) -> None:
+        self.client.ctx.destroy(linger=0)
+
+
+def test_the_front_end_checks_what_a_rank_reports_about_a_request():
+    """Well-typed reports that cannot be right fail the request they are about, not the front
+    end (each used to raise out of its loop): prompt logprobs short of the prompt (the engine
+    indexes one row per prompt token), a first report with no token, a prefilled report with
+    more KV tokens than the prompt (a decode rank would wait for its blocks for ever); a
+    transfer between ranks that are no prefill and decode rank of the layout is dropped."""
+    bare = BareClient(prefill=1, attention=1)
+    client = bare.client
+    try:
+        short = bare.place("short", "decode", 4, decode=1)
+        outs = bare.exchange({"t": "out", "rank": 1, "stats": STATS, "outs": [
+            [short, [5], None, None, None, None, None, [1, [1], [2], [-0.5, -0.25]]]]})
+        assert [(o.request_id, o.finish_reason) for o in outs] == [("short", "error")]
+        assert "prompt_logprobs" in outs[0].error and "4 tokens" in outs[0].error
+        empty = bare.place("empty", "prefill", 4, prefill=0)
+        assert [(o.request_id, o.new_token_ids) for o in bare.exchange(
+            {"t": "out", "rank": 0, "stats": STATS, "outs": [[empty, []]]})] == [("empty", [])]
+        assert client.placed["empty"].first_token is None
+        outs = bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [],
+                              "prefilled": [[empty, 4, []]]})
+        assert [(o.request_id, o.finish_reason) for o in outs] == [("empty", "error")]
+        assert "no first token" in outs[0].error
+        long = bare.place("long", "prefill", 4, prefill=0)
+        outs = bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [[long, [7]]],
+                              "prefilled": [[long, 10 ** 9, []]]})
+        assert [(o.request_id, o.new_token_ids, o.finish_reason) for o in outs] == [
+            ("long", [7], None), ("long", [], "error")]
+        assert "1000000000 KV tokens of a 4-token prompt" in outs[1].error
+        for bad in ({"t": "admitted", "rank": 1, "id": "x", "tag": 1, "src": 1, "n": 3},
+                    {"t": "admitted", "rank": 0, "id": "x", "tag": 1, "src": 0, "n": 3},
+                    {"t": "transfer_failed", "rank": 1, "id": "x", "tag": 1, "src": 5,
+                     "n": 3}):
+            assert bare.exchange(bad) == []
+        assert not client.placed and all(load.in_flight == 0 for load in (
+            *client.router.prefill.values(), *client.router.attention.values()))
+    finally:
+        bare.close()

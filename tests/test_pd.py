@@ -232,6 +232,38 @@ def test_injected_transfer_failure_ends_only_that_request(small_pd, reference):
     assert [o.outputs[0].token_ids for o in again] == expected[:2]
 
 
+def test_malformed_messages_to_the_prefill_and_decode_ranks(small_pd, reference):
+    """Malformed control messages of the kinds a prefill rank takes (send, cancel, release,
+    abort, drop, add) and a decode rank's pull, forged on the front end's sockets to both while
+    requests move from one to the other: each rank drops them (a KeyError used to kill it) and
+    every request finishes with the single process's tokens, its blocks freed."""
+    import msgpack
+
+    _, prompts, params, expected = reference
+    engine = small_pd.engine
+    client = engine.core
+    req = {"id": "forged@0", "prompt": [1, 2, 3], "params": {"max_tokens": 2}, "eos": [],
+           "arrival": 0.0}
+    forged = [b"\xc1 not msgpack", {"t": "send", "id": "x"},
+              {"t": "send", "id": "x", "dst": "1", "tag": 1, "n": 2}, {"t": "cancel", "id": 5},
+              {"t": "release"}, {"t": "abort", "ids": [1]}, {"t": "drop", "id": None},
+              {"t": "add", "req": {**req, "params": {"top_p": 0}}},
+              {"t": "pull", "req": req, "first": -1, "drafts": [], "n": 3, "src": 0, "tag": 9}]
+    ids = [f"forged-{i}" for i in (0, 2, 5)]
+    for rid, i in zip(ids, (0, 2, 5)):
+        engine.add_request(rid, prompts[i], params)
+    for sock in client.outboxes.values():
+        for msg in forged:
+            sock.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+    done = run_until_done(small_pd, ids)
+    for rid, i in zip(ids, (0, 2, 5)):
+        assert done[rid].error is None and done[rid].outputs[0].token_ids == expected[i]
+    wait_all_free(small_pd)
+    again = small_pd.generate(prompts[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected[:2]
+    assert all(p.poll() is None for p in client.procs)
+
+
 def test_abort_mid_prefill_frees_blocks(small_pd):
     engine = small_pd.engine
     long_prompt = {"prompt_token_ids": list(range(2, 102))}  # 100 tokens: 7 chunks of 16

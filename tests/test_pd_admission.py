@@ -51,9 +51,9 @@ class Arriving:
 
 @dataclass
 class Link:
-    sent: list[dict] = field(default_factory=list)
+    sent: list = field(default_factory=list)
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg) -> None:
         self.sent.append(msg)
 
 
@@ -104,7 +104,7 @@ def step(worker: AttentionWorker, trace: Trace) -> None:
     worker._admit()
     for msg in worker.link.sent[sent:]:
         if waiting:
-            trace.admitted_past_waiting.append((msg["id"], waiting))
+            trace.admitted_past_waiting.append((msg.id, waiting))
     for rid in waiting:
         trace.waits[rid] = trace.waits.get(rid, 0) + 1
     trace.most_waiting = max(trace.most_waiting, len(waiting))

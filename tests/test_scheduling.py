@@ -11,7 +11,7 @@ from asgi_utils import post_app
 
 from afd import LLM, SamplingParams
 from afd.block_pool import BlockPool
-from afd.protocol import pack, request_from_wire, request_to_wire, unpack
+from afd.protocol import Add, WireRequest, decode_to_rank, encode
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence, Status
 
@@ -102,12 +102,12 @@ def test_ties_preempt_the_latest_admitted(policy):
 
 def test_priority_travels_over_the_wire():
     req = CoreRequest("x", [1, 2], SamplingParams(max_tokens=3), (0,), 12.5, priority=-7)
-    back = request_from_wire(unpack(pack({"t": "add", "req": request_to_wire(req)}))["req"])
+    back = decode_to_rank(encode(Add(WireRequest.of(req)))).req.core()
     assert back.priority == -7 and back.arrival_time == 12.5
     # a message from a front end that sends no priority: 0
-    old = msgpack.unpackb(msgpack.packb({k: v for k, v in request_to_wire(req).items()
-                                         if k != "priority"}))
-    assert request_from_wire(old).priority == 0
+    wire = msgpack.unpackb(encode(Add(WireRequest.of(req))))
+    del wire["req"]["priority"]
+    assert decode_to_rank(msgpack.packb(wire)).req.core().priority == 0
 
 
 def test_priority_serves_lower_values_first_and_keeps_outputs(by_priority):
