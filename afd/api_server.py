@@ -55,6 +55,8 @@ from afd.tool_parsers import PARSERS, ToolCallStream
 
 log = logging.getLogger("afd.server")
 
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 << 20  # --max-request-body-bytes
+
 # admin endpoints outside /v1/ that still need the API key
 ADMIN_PATHS = ("/reset_prefix_cache", "/start_expert_distribution_record",
                "/stop_expert_distribution_record", "/dump_expert_distribution_record")
@@ -64,9 +66,16 @@ class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
                  metrics: ServerMetrics, *, tool_call_parser: str | None = None,
                  enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
-                 max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30):
+                 max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30,
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
+        if isinstance(max_request_body_bytes, bool) or not isinstance(max_request_body_bytes,
+                                                                      int) \
+                or max_request_body_bytes < 1:
+            raise ValueError("--max-request-body-bytes must be an integer >= 1, got "
+                             f"{max_request_body_bytes!r}")
+        self.max_request_body_bytes = max_request_body_bytes
         self.draining = False
         self.created = int(time.time())
         if enable_auto_tool_choice and tool_call_parser not in PARSERS:
@@ -148,6 +157,51 @@ class AuthAndDrain:
         await self.app(scope, receive, send)
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than the server's limit of {limit} bytes "
+                    "(--max-request-body-bytes)", code="request_too_large")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body past ``--max-request-body-bytes``. An HTTPException, so that FastAPI's
+    body parsing passes it on as it is (any other error there becomes a 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, _too_large(limit).message)
+        self.limit = limit
+
+
+class BodyLimit:
+    """The cap on a request's body, as plain ASGI middleware (as ``AuthAndDrain``). A
+    Content-Length past it is a 413 before any of the body is read; a body without one
+    (chunked) is counted as it arrives, and the chunk that takes it past the cap is a 413
+    (``BodyTooLarge``) instead of reaching the route: nothing past the cap is kept."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await _error(_too_large(self.limit))(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 _FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions,
                                TokenizeCompletionRequest, DetokenizeRequest, ChatTool,
                                FunctionDefinition, AssistantToolCall, ToolCallFunction,
@@ -185,7 +239,12 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse(APIError(exc.status_code, message).body(),
                             status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(AuthAndDrain, state=state)
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(_too_large(exc.limit))
+
+    app.add_middleware(BodyLimit, limit=state.max_request_body_bytes)
+    app.add_middleware(AuthAndDrain, state=state)  # the outer one: a 401 reads no body
 
     @app.get("/health")
     async def health() -> Response:
@@ -987,6 +1046,7 @@ def main() -> None:
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS))
     ap.add_argument("--max-stored-responses", type=int, default=1000)
     ap.add_argument("--max-stored-responses-mb", type=int, default=1024)
+    ap.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
@@ -1017,7 +1077,8 @@ def main() -> None:
                         enable_auto_tool_choice=args.enable_auto_tool_choice,
                         reasoning_parser=args.reasoning_parser,
                         max_stored_responses=args.max_stored_responses,
-                        max_stored_response_bytes=args.max_stored_responses_mb << 20)
+                        max_stored_response_bytes=args.max_stored_responses_mb << 20,
+                        max_request_body_bytes=args.max_request_body_bytes)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

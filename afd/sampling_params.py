@@ -15,6 +15,10 @@ MAX_N = 128  # completions per prompt, as OpenAI's API allows
 MAX_LOGPROBS = 20  # top logprobs per token, vLLM's default max_logprobs (and OpenAI's limit)
 MAX_GRAMMAR_CHARS = 100_000  # a structured-output spec (a schema as JSON) travels to every rank
 MAX_BAD_WORDS = 128  # token sequences after tokenization (vLLM's default limit)
+# stop strings: every step searches each one over the new text (its length plus the new
+# characters), and a stream holds back the longest one's length - 1 characters
+MAX_STOP = 128
+MAX_STOP_CHARS = 1024
 
 # A token id as the control messages carry it, checked on arrival (afd.protocol): the
 # tokenizer decodes unsigned 32-bit ids and fails on a larger one (one past the vocabulary
@@ -163,7 +167,8 @@ class SamplingParams:
     penalties. min_tokens: until this many tokens are out, EOS (unless ignore_eos) and
     stop_token_ids cannot be sampled and stop strings do not end the completion (vLLM's).
     seed: per-request seed, reproducible whatever else is in the batch.
-    stop: strings that end the completion (not included in the text).
+    stop: strings that end the completion (not included in the text); at most 128 of them, each
+    at most 1,024 characters.
     stop_token_ids: token ids that end the completion (kept in token_ids; like EOS, their text is
     not in the output). ignore_eos: keep going past EOS.
     skip_special_tokens: leave special tokens out of the text.
@@ -293,7 +298,12 @@ class SamplingParams:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s
                                                       for s in self.stop):
             raise bad("stop", self.stop, "a non-empty string or a list of them")
-        for stop in self.stop:
+        if len(self.stop) > MAX_STOP:
+            raise ParamError("stop", f"stop has {len(self.stop)} strings; the limit is {MAX_STOP}")
+        for i, stop in enumerate(self.stop):
+            if len(stop) > MAX_STOP_CHARS:
+                raise ParamError("stop", f"stop string {i} is {len(stop)} characters long; the "
+                                 f"limit is {MAX_STOP_CHARS}")
             check_text(stop, "stop")
         if not isinstance(self.stop_token_ids, list) or not all(
                 is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):

@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from afd.api_server import SPEC_MARKER
+from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
 from afd.layouts import loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
@@ -130,6 +130,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-stored-responses-mb", type=int, default=1024,
                     help="/v1/responses: the store's bound in MiB, each response counted as "
                          "the JSON of it and its whole conversation; one larger is not kept")
+    ap.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                    help="the largest HTTP request body taken, in bytes (default 32 MiB); a "
+                         "larger one is a 413, refused from its Content-Length before any of it "
+                         "is read, or as soon as a chunked body passes the limit")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -171,6 +175,8 @@ def parse_args() -> argparse.Namespace:
             args.hf_overrides = check_hf_overrides(json.loads(args.hf_overrides))
         except ValueError as exc:
             ap.error(f"--hf-overrides: {exc}")
+    if args.max_request_body_bytes < 1:
+        ap.error(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     if (args.expert_placement or args.num_redundant_experts) and args.ffn == 0:
         ap.error("--expert-placement and --num-redundant-experts need --ffn >= 1 (FFN ranks "
                  "hold the routed experts)")
@@ -195,7 +201,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--control-host", args.control_host or _control_host(),
            "--generation-config", args.generation_config,
            "--max-stored-responses", str(args.max_stored_responses),
-           "--max-stored-responses-mb", str(args.max_stored_responses_mb)]
+           "--max-stored-responses-mb", str(args.max_stored_responses_mb),
+           "--max-request-body-bytes", str(args.max_request_body_bytes)]
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--expert-placement", args.expert_placement and
                          os.path.abspath(args.expert_placement)),

@@ -23,12 +23,14 @@ sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 from server_proc import LocalServer, wait_gone  # noqa: E402
 
 API_KEY = "sk-test-afd"
+BODY_LIMIT = 1 << 20  # the single server's --max-request-body-bytes
 
 
 @pytest.fixture(scope="module")
 def single():
     server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                         "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2")
+                         "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2",
+                         "--max-request-body-bytes", str(BODY_LIMIT))
     yield server
     server.stop()
 
@@ -1086,3 +1088,131 @@ def test_every_process_freezes_the_gc_after_startup(pd):
     assert set(frozen) == {"front end", "rank 0 (prefill 0)", "rank 1 (attention 0)",
                            "rank 2 (ffn 0)"}, log[-3000:]
     assert all(int(n) > 0 for n in frozen.values()), frozen
+
+
+def _raw_post(app, path: str, chunks: list[bytes], content_length: int | None
+              ) -> tuple[int, dict, int]:
+    """POST ``chunks`` as one body straight to the ASGI ``app`` (with ``content_length`` as its
+    Content-Length, or none: chunked); the status, the JSON answer, and how many of the chunks
+    the app read."""
+    import asyncio
+
+    pending, sent, read = list(chunks), [], 0
+
+    async def receive() -> dict:
+        nonlocal read
+        if not pending:
+            return {"type": "http.disconnect"}
+        read += 1
+        return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json")]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), read
+
+
+def test_request_body_limit_is_a_413_naming_it():
+    """--max-request-body-bytes: a Content-Length past it is a 413 before any of the body is
+    read; a chunked body is cut off at the chunk that passes it (the rest never read); a body of
+    exactly the limit reaches its route. The 413 is OpenAI's error body, naming the limit."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    engine = AsyncEngine(_IdleEngine())
+    try:
+        # the default limit: 32 MiB
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        status, body, read = _raw_post(app, "/v1/completions", [b" "], (32 << 20) + 1)
+        assert (status, read) == (413, 0), body
+        status, body, read = _raw_post(app, "/v1/completions", [b" " * (1 << 20)] * 40, None)
+        assert (status, read) == (413, 33), body
+        assert "33554432 bytes" in body["error"]["message"]
+        limit = 1000
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m"),
+                                    max_request_body_bytes=limit))
+        status, body, read = _raw_post(app, "/v1/completions", [b" " * 2000], 2000)
+        assert (status, read) == (413, 0), body
+        err = body["error"]
+        assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+        assert "1000 bytes" in err["message"] and "--max-request-body-bytes" in err["message"]
+        status, body, read = _raw_post(app, "/v1/completions", [b" " * 300] * 10, None)
+        assert (status, read) == (413, 4), body  # 1,200 bytes > 1,000 at the 4th
+        assert body["error"]["code"] == "request_too_large"
+        # at the limit: the route has it (and names its bad field)
+        small = json.dumps({"prompt": "hi", "stop": [1]}).encode()
+        at_limit = small + b" " * (limit - len(small))
+        for chunks, length in (([at_limit], limit), ([at_limit[:500], at_limit[500:]], None)):
+            status, body, read = _raw_post(app, "/v1/completions", chunks, length)
+            assert status == 400 and body["error"]["param"] == "stop", body
+        with pytest.raises(ValueError, match="max-request-body-bytes"):
+            ServerState(engine, "m", None, ServerMetrics("m"), max_request_body_bytes=0)
+    finally:
+        engine.shutdown()
+
+
+def test_stop_strings_are_capped_in_number_and_length():
+    """As bad_words: at most 128 stop strings, each at most 1,024 characters; past either, a
+    400 naming stop and the limit."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from afd.sampling_params import ParamError
+
+    SamplingParams(stop=["s"] * 128)
+    SamplingParams(stop="x" * 1024)
+    with pytest.raises(ParamError, match="129 strings; the limit is 128"):
+        SamplingParams(stop=["s"] * 129)
+    with pytest.raises(ParamError, match="1025 characters long; the limit is 1024"):
+        SamplingParams(stop=["a", "x" * 1025])
+    idle = _IdleEngine()
+    idle.default_sampling = {}  # the request's sampling fields are checked first
+    engine = AsyncEngine(idle)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        for stop, limit in ((["s"] * 129, "128"), ("x" * 1025, "1024")):
+            r = _asgi_post(app, "/v1/completions", {"prompt": "hi", "stop": stop})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "stop" and limit in err["message"]
+    finally:
+        engine.shutdown()
+
+
+def test_request_body_limit_on_the_real_server(single):
+    """Through launch/serve.py and uvicorn: a Content-Length past --max-request-body-bytes is
+    answered with the 413 while the body is still unsent; a chunked body past it is cut off;
+    the server goes on serving."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", single.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(BODY_LIMIT + 1))
+        conn.endheaders()  # and no body: the answer cannot wait for it
+        r = conn.getresponse()
+        err = json.loads(r.read())["error"]
+        assert r.status == 413 and f"{BODY_LIMIT} bytes" in err["message"], err
+    finally:
+        conn.close()
+
+    def chunks():
+        for _ in range(BODY_LIMIT // 4096 + 1):
+            yield b" " * 4096
+
+    # one chunk past the limit: the client has sent it all (into the socket's buffer) by then
+    r = httpx.post(single.url + "/v1/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    out = client(single).completions.create(model=None, prompt="Hi", max_tokens=2)
+    assert out.choices[0].text is not None
