@@ -1,6 +1,6 @@
 # Sourced by the bench/gpu_*.sh scripts from the repo root, with $OUT set and the script's name
 # as $1: makes $OUT, puts the repo on PYTHONPATH, installs the wheels bench/gpu_prep.sh left in
-# .whl/ when the call carried that folder (pyzmq and llguidance: the device image has neither),
+# .whl/ when the call carried that folder (msgspec, pyzmq and llguidance: the device image has none of them),
 # says which of afd's imports are still missing, runs the real Triton kernels (no interpreter,
 # no forced backend), names the commit for the results (AFD_COMMIT: the caller's, else the one
 # gpu_prep.sh wrote to .whl/commit, else git's, else "unknown"; the device copy has no .git),
@@ -23,12 +23,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -c "
 import importlib.util
-needs = {'zmq': 'pyzmq: layouts of several ranks', 'llguidance': 'structured output',
+needs = {'msgspec': 'every engine', 'zmq': 'pyzmq: layouts of several ranks', 'llguidance': 'structured output',
          'msgpack': 'rank messages', 'safetensors': 'weights', 'transformers': 'tokenizers',
          'pytest': 'tests'}
 missing = [f'{m} ({why})' for m, why in needs.items() if importlib.util.find_spec(m) is None]
 hint = (' -- bash bench/gpu_prep.sh on the CPU machine, then carry .whl'
-        if {'zmq', 'llguidance'} & {m.split()[0] for m in missing} else '')
+        if {'msgspec', 'zmq', 'llguidance'} & {m.split()[0] for m in missing} else '')
 print('missing here: ' + '; '.join(missing) + hint if missing else 'imports: all found')
 "
 if [ -z "${AFD_COMMIT:-}" ] && [ -s .whl/commit ]; then

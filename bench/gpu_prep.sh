@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run on the CPU machine before a device call (any step of the plan in bench/results/README.md):
 # puts in .whl/ (git-ignored) what bench/gpu_env.sh installs on the lent GPU, whose image has
-# neither pyzmq (layouts of several ranks: bench/gpu_mtp_kv.sh, the P/D graph test of
-# bench/gpu_graphs.sh) nor llguidance (structured output), as wheels for its Python 3.12 on
+# neither msgspec (control messages and outputs: every engine), pyzmq (layouts of several ranks:
+# bench/gpu_mtp_kv.sh, the P/D graph test of bench/gpu_graphs.sh) nor llguidance (structured
+# output), as wheels for its Python 3.12 on
 # x86-64, and this checkout's commit (.whl/commit; "+dirty" with uncommitted changes to tracked
 # files), which the device copy cannot read without .git. The call then names .whl in carry:
 #
@@ -12,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 mkdir -p .whl
-for spec in pyzmq==27.3.0 llguidance==1.9.1; do  # pyproject: pyzmq>=25, llguidance>=1.9,<2
+for spec in msgspec==0.22.0 pyzmq==27.3.0 llguidance==1.9.1; do
+  # pyproject: msgspec>=0.18, pyzmq>=25, llguidance>=1.9,<2
   name=${spec%%==*}
   version=${spec##*==}
   if compgen -G ".whl/$name-$version-*.whl" >/dev/null; then
