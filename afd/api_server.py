@@ -582,22 +582,23 @@ class _ChoiceReader:
             return None
 
     def delta(self, text: str, final: bool) -> dict[str, Any]:
-        """What the completion's text so far adds: a delta's reasoning, content, tool_calls."""
+        """What ``text``, the completion's text since the last call, makes new: a delta's
+        reasoning, content, tool_calls."""
         delta: dict[str, Any] = {}
-        content, new = text, None
+        content = text
         if self.reasoning is not None:
             piece = self.reasoning.update(text, final)
             if piece.reasoning:
                 delta["reasoning"] = piece.reasoning
-            content, new = self.reasoning.content, piece.content
+            content = piece.content
         if self.tools is not None:
             calls = self.tools.update(content, final)
             if calls.content:
                 delta["content"] = calls.content
             if calls.calls:
                 delta["tool_calls"] = [p.to_openai() for p in calls.calls]
-        elif new:
-            delta["content"] = new
+        elif content:
+            delta["content"] = content
         return delta
 
     @property
@@ -722,17 +723,14 @@ async def _responses_sse(turn: _Turn, stream: AsyncIterator[RequestOutput]
         pending = turn.response("in_progress", [])
         yield sse(output.event("response.created", response=pending))
         yield sse(output.event("response.in_progress", response=pending))
-        # the outputs are deltas: the readers read the whole text so far, the usage counts
-        # every token
-        reader, out, text, token_ids = turn.readers.stream(), None, "", []
+        # the outputs are deltas, and so is what the readers read; the usage counts every token
+        reader, out, token_ids = turn.readers.stream(), None, []
         async for out in stream:
             if out.error:
                 raise _output_error(out)
             c = out.outputs[0]
             token_ids += c.token_ids
-            if reader is not None:
-                text += c.text
-            delta = _ChoiceReader.safe_delta(reader, text, final=c.finish_reason is not None)
+            delta = _ChoiceReader.safe_delta(reader, c.text, final=c.finish_reason is not None)
             if delta is None:  # no readers, or they failed
                 reader, delta = None, {"content": c.text}
             for event in output.add(delta):
@@ -846,9 +844,10 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
     parser or tools, a chat chunk's delta has the new reasoning, content and call pieces
-    (``tool_calls``) that each choice's readers find in its text so far. The streams' outputs
-    are deltas (RequestOutputKind.DELTA): each choice's pieces wait in a ``_Pending`` until a
-    chunk carries them."""
+    (``tool_calls``) that each choice's readers find in the text the chunk carries (they keep
+    what they need of the text before). The streams' outputs are deltas
+    (RequestOutputKind.DELTA): each choice's pieces wait in a ``_Pending`` until a chunk
+    carries them."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -864,9 +863,6 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     pending: dict[int, _Pending] = {}  # each choice's pieces not yet sent
     prompt_logprobs: dict[int, list] = {}  # each prompt's, from its first output that has them
-    # the whole text of each choice where its readers read it (each update is fed all of it)
-    keep_text = readers is not None and (readers.tools is not None
-                                         or readers.reasoning is not None)
     # with logprobs, the length of the texts of the tokens that went out: streamed
     # text_offsets are the unstreamed ones, even where a token's text decoded alone is not
     # what the text shows (a partial UTF-8 character)
@@ -904,7 +900,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 index = i * n + c.index
                 if index not in pending:
                     pending[index] = _Pending(c.logprobs is not None)
-                pending[index].add(c, keep_text)
+                pending[index].add(c)
             choices = []
             for index in range(i * n, i * n + n):  # each choice of this prompt, in order
                 p = pending.get(index)
@@ -926,7 +922,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
                     reader = choice_readers.get(index)
-                    message = _ChoiceReader.safe_delta(reader, p.full_text,
+                    # c: all the text since this choice's last chunk, which its readers read
+                    message = _ChoiceReader.safe_delta(reader, c.text,
                                                        final=c.finish_reason is not None)
                     if message is None:  # no readers, or they failed: plain text from now on
                         if reader is not None:
@@ -976,8 +973,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
 class _Pending:
     """One streamed choice: the pieces of its delta outputs that no chunk has carried yet (a
     chunk waits for new text, or with logprobs new tokens, and an echoed choice's first one
-    for the prompt's logprobs), its finish, its tokens in all (the usage) and, for its
-    readers (``keep_text``), its whole text."""
+    for the prompt's logprobs), its finish and its tokens in all (the usage)."""
 
     logprobs_on: bool  # the request asks for logprobs: tokens matter, not just text
     text: str = ""
@@ -986,13 +982,10 @@ class _Pending:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_tokens: int = 0
-    full_text: str = ""
 
-    def add(self, c: CompletionOutput, keep_text: bool) -> None:
+    def add(self, c: CompletionOutput) -> None:
         if c.text:
             self.text += c.text
-            if keep_text:
-                self.full_text += c.text
         self.num_tokens += len(c.token_ids)
         if self.logprobs_on:
             self.token_ids += c.token_ids

@@ -27,10 +27,11 @@ reasoning itself (``grammar_waits_for``): the ranks then leave the tokens up to 
 free and constrain those after it. Otherwise the grammar applies from the first token, and
 such an output holds reasoning only if it starts with ``<think>`` (mode "tag").
 
-A ``ReasoningStream`` is fed the completion's whole text so far (text only grows) and returns
-what is new: reasoning and content. Markers split across updates are held back until they are
-whole, so any split gives the unstreamed answer. Tool calls are then read from the content
-alone (``content`` below is what a tool-call reader is fed).
+A ``ReasoningStream`` is fed what each step adds to the completion's text and returns what that
+makes new: reasoning and content. Markers split across updates are held back until they are
+whole, so any split gives the unstreamed answer; the rest of the text before the step is not
+read again. Tool calls are then read from the content alone (a piece's ``content`` is what a
+tool-call reader is fed).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from afd.tool_parsers import partial_marker
+from afd.stream_scan import partial_marker
 
 Mode = Literal["open", "tag", "off"]
 
@@ -90,53 +91,62 @@ class ReasoningStream:
     "tag": reasoning only if the output itself starts with ``<think>`` (a structured-output
     grammar that could not wait for ``</think>`` constrains the output from its first token,
     so the template's open ``<think>`` is not taken as read); "off": the request does not
-    think, all of it is content."""
+    think, all of it is content. Of the text before a step's delta it keeps only what it has
+    not handled: at the start, the blank text and what may begin ``<think>``; in the
+    reasoning, what may begin a marker that ends it."""
 
     def __init__(self, fmt: ReasoningFormat, mode: Mode):
         self.fmt, self.mode = fmt, mode
         self.state = "content" if mode == "off" else "start"
-        self.pos = 0  # text before this is handled
         self.thought = mode == "open"  # the answer has a reasoning part (maybe empty)
         self.reasoning: list[str] = []
-        self.content = ""  # the content so far (what a tool-call reader reads)
+        self.content: list[str] = []
+        self._blank: list[str] = []  # "start": the blank text so far
+        self._tail = ""  # the text after that not handled yet (a marker's beginning)
+        self._ends = (fmt.end, *fmt.content_starts)
 
-    def update(self, text: str, final: bool) -> ReasoningPiece:
-        """``text``: the completion's whole text so far; ``final``: it is complete."""
+    def update(self, delta: str, final: bool) -> ReasoningPiece:
+        """``delta``: what this step adds to the completion's text; ``final``: the text is
+        complete."""
         piece = ReasoningPiece()
+        text, self._tail = self._tail + delta, ""
+        pos = 0
         if self.state == "start":
-            rest = text[self.pos:].lstrip()
+            rest = text.lstrip()  # the blank text before it is in self._blank
             start = self.fmt.start
             if rest.startswith(start):  # the model opened the reasoning itself
-                self.pos = len(text) - len(rest) + len(start)
+                pos, self._blank = len(text) - len(rest) + len(start), []
                 self.state, self.thought = "reasoning", True
             elif not final and start.startswith(rest):
-                return piece  # maybe the beginning of <think>: wait for more
+                # maybe the beginning of <think>: wait for more
+                self._blank.append(text[:len(text) - len(rest)])
+                self._tail = rest
+                return piece
             else:
+                text, self._blank = "".join(self._blank) + text, []
                 self.state = "reasoning" if self.mode == "open" else "content"
         if self.state == "reasoning":
-            ends = [(i, m) for m in (self.fmt.end, *self.fmt.content_starts)
-                    if (i := text.find(m, self.pos)) >= 0]
+            ends = [(i, m) for m in self._ends if (i := text.find(m, pos)) >= 0]
             if not ends:
-                stop = len(text) if final else len(text) - partial_marker(
-                    text, self.pos, (self.fmt.end, *self.fmt.content_starts))
-                piece.reasoning = text[self.pos:stop]
-                self.pos = max(self.pos, stop)
+                stop = len(text) if final else len(text) - partial_marker(text, pos, self._ends)
+                piece.reasoning = text[pos:stop]
+                self._tail = text[stop:]
+                pos = len(text)
             else:
                 end, marker = min(ends)
-                piece.reasoning = text[self.pos:end]
+                piece.reasoning = text[pos:end]
                 # </think> is dropped; a content_starts marker is the content's beginning
-                self.pos = end + len(marker) if marker == self.fmt.end else end
+                pos = end + len(marker) if marker == self.fmt.end else end
                 self.state = "content"
             self.reasoning.append(piece.reasoning)
         if self.state == "content":
-            piece.content = text[self.pos:]
-            self.pos = len(text)
-            self.content += piece.content
+            piece.content = text[pos:]
+            self.content.append(piece.content)
         return piece
 
     def result(self) -> SplitOutput:
         return SplitOutput("".join(self.reasoning) if self.thought else None,
-                           self.content or None)
+                           "".join(self.content) or None)
 
     def parse(self, text: str) -> SplitOutput:
         """The whole, unstreamed answer."""

@@ -16,10 +16,13 @@ Three ways a request can call tools (``tool_choice``):
 - a named function: the output is constrained to that tool's parameters schema; it is the one
   call's arguments.
 
-Each way is a ``ToolCallStream``: fed the completion's whole text so far (text only grows), it
-returns what is new since the last call: content (the text outside calls) and call pieces (a
-call's first piece carries its id and name, later ones append to its arguments). Not streaming
-is one call with ``final=True``, so streamed pieces add up to the unstreamed answer. Arguments are
+Each way is a ``ToolCallStream``: fed what each step adds to the completion's text, it returns
+what that makes new: content (the text outside calls) and call pieces (a call's first piece
+carries its id and name, later ones append to its arguments). It keeps what it has read, so a
+step costs what the step adds, not the text so far: each character is read once, plus the few
+before it where a marker may have begun (held back until it is whole or is not a marker). Not
+streaming is one update with the whole text and ``final=True``, so streamed pieces add up to
+the unstreamed answer. Arguments are
 the JSON text as the model wrote it (its whitespace kept), which is what lets them stream. A call
 whose text does not parse (malformed JSON, cut short by max_tokens) is returned as content;
 streamed, whatever of it already went out as a call stays sent (the call is then left out of the
@@ -29,22 +32,38 @@ final count and its text follows as content).
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-log = logging.getLogger("afd.tools")
+from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker, skip_ws
+from afd.tool_formats import PARSERS, CallBody, CallFormat, is_json
+
+__all__ = ["PARSERS", "CallFormat", "CallPiece", "MarkerStream", "NamedStream", "ParsedOutput",
+           "RequiredStream", "StreamPiece", "ToolCall", "ToolCallStream", "named_schema",
+           "partial_marker", "required_schema"]
 
 
 @dataclass
 class ToolCall:
-    """One parsed call; ``arguments`` is JSON text."""
+    """One parsed call; ``arguments`` is JSON text (gathered piece by piece while streamed:
+    ``extend``)."""
 
     id: str
     name: str
-    arguments: str = ""
     valid: bool = True  # False: its text turned out malformed after it was streamed
+    length: int = 0  # of the arguments
+    _pieces: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def arguments(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def extend(self, text: str) -> None:
+        self._pieces.append(text)
+        self.length += len(text)
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function",
@@ -93,15 +112,16 @@ class ToolCallStream:
         self.max_calls = max_calls  # parallel_tool_calls=false: 1 (later calls are dropped)
         self.calls: list[ToolCall] = []
         self.content: list[str] = []
-        self._held = ""  # leading whitespace not yet sent
+        self._held: list[str] = []  # trailing whitespace not yet sent
         self._piece = StreamPiece()
 
-    def update(self, text: str, final: bool) -> StreamPiece:
-        """``text``: the completion's whole text so far; ``final``: it is complete."""
+    def update(self, delta: str, final: bool) -> StreamPiece:
+        """``delta``: what this step adds to the completion's text; ``final``: the text is
+        complete."""
         self._piece = StreamPiece()
-        self._advance(text, final)
+        self._advance(delta, final)
         if final and not self.calls and self._held:  # no calls: all the text is content
-            held, self._held = self._held, ""
+            held, self._held = "".join(self._held), []
             self.content.append(held)
             self._piece.content += held
         return self._piece
@@ -120,7 +140,7 @@ class ToolCallStream:
         return self.result()
 
     # -- for subclasses ------------------------------------------------------------------------
-    def _advance(self, text: str, final: bool) -> None:
+    def _advance(self, delta: str, final: bool) -> None:
         raise NotImplementedError
 
     def _limit(self) -> int:
@@ -132,15 +152,16 @@ class ToolCallStream:
         # split keeps the streamed content equal to the unstreamed one.
         body = text.rstrip()
         if body:
-            body, self._held = self._held + body, text[len(body):]
+            body, blank = "".join(self._held) + body, text[len(body):]
+            self._held = [blank] if blank else []
             self.content.append(body)
             self._piece.content += body
-        else:
-            self._held += text
+        elif text:
+            self._held.append(text)
 
     def _begin(self, name: str, call_id: str | None = None) -> None:
         """A call begins; ``call_id``: the id the model gave it, if its format has one."""
-        self._held = ""
+        self._held = []
         call = ToolCall(call_id or f"chatcmpl-tool-{uuid.uuid4().hex}", name)
         self.calls.append(call)
         if len(self.calls) <= self._limit():
@@ -149,7 +170,7 @@ class ToolCallStream:
     def _args(self, text: str) -> None:
         if not text:
             return
-        self.calls[-1].arguments += text
+        self.calls[-1].extend(text)
         index = len(self.calls) - 1
         if index >= self._limit():
             return
@@ -168,325 +189,88 @@ class ToolCallStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# a little JSON scanning: where values start and end in a prefix of a JSON text
+# tool_choice "auto": the model's own call format, found by markers (afd/tool_formats.py)
 # ---------------------------------------------------------------------------------------------
-_WS = " \t\r\n"
-
-
-def _skip_ws(s: str, i: int) -> int:
-    while i < len(s) and s[i] in _WS:
-        i += 1
-    return i
-
-
-def _value_end(s: str, i: int) -> int | None:
-    """The index just past the JSON value that starts at ``s[i]``; None if it is not complete
-    in ``s``. Checks only the nesting (strings, brackets), not that the value is valid."""
-    n = len(s)
-    if i >= n:
-        return None
-    c = s[i]
-    if c == '"':
-        j = i + 1
-        while j < n:
-            if s[j] == "\\":
-                j += 2
-            elif s[j] == '"':
-                return j + 1
-            else:
-                j += 1
-        return None
-    if c in "{[":
-        depth, in_str, j = 0, False, i
-        while j < n:
-            ch = s[j]
-            if in_str:
-                if ch == "\\":
-                    j += 1
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch in "{[":
-                depth += 1
-            elif ch in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
-    j = i  # a number or a literal: it ends at a delimiter
-    while j < n and s[j] not in ",}]" + _WS:
-        j += 1
-    return j if j < n else None
-
-
-def _members(s: str, i: int) -> list[tuple[str, int, int | None]]:
-    """The members of the object that starts at ``s[i]`` (``{``) as far as ``s`` has them:
-    (key, value start, value end or None while the value is incomplete)."""
-    out: list[tuple[str, int, int | None]] = []
-    j = _skip_ws(s, i + 1)
-    while j < len(s) and s[j] != "}":
-        if s[j] == ",":
-            j = _skip_ws(s, j + 1)
-            continue
-        key_end = _value_end(s, j) if s[j] == '"' else None
-        if key_end is None:
-            break
-        try:
-            key = json.loads(s[j:key_end])
-        except ValueError:
-            break
-        j = _skip_ws(s, key_end)
-        if j >= len(s) or s[j] != ":":
-            break
-        start = _skip_ws(s, j + 1)
-        if start >= len(s):
-            break
-        end = _value_end(s, start)
-        out.append((key, start, end))
-        if end is None:
-            break
-        j = _skip_ws(s, end)
-    return out
-
-
-def partial_marker(s: str, start: int, markers: tuple[str, ...]) -> int:
-    """How many characters at the end of ``s[start:]`` could begin one of ``markers``."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(s) - start), best, -1):
-            if s.endswith(m[:k]):
-                best = k
-                break
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
-# tool_choice "auto": the model's own call format, found by markers
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CallFormat:
-    """A model's tool-call text: each call's body sits between ``begin`` and ``end``;
-    ``wrappers`` are markers around a group of calls, dropped from the content.
-    ``parse(body)``: (name, arguments JSON text) of a whole body, None if malformed.
-    ``peek(body)``: for a body still being written, (name, arguments so far) once the name is
-    whole, else None; the arguments so far must be a prefix of what ``parse`` returns.
-    ``call_id(body)``: the call's id as the model wrote it (Kimi K2), called once ``peek`` or
-    ``parse`` found the name; None (the default): an id is made up."""
-
-    name: str
-    begin: str
-    end: str
-    wrappers: tuple[str, ...]
-    parse: Callable[[str], tuple[str, str] | None]
-    peek: Callable[[str], tuple[str, str] | None]
-    call_id: Callable[[str], str | None] | None = None
-
-    @property
-    def markers(self) -> tuple[str, ...]:
-        return (self.begin, self.end, *self.wrappers)
-
-
-def _hermes_peek(body: str) -> tuple[str, str] | None:
-    i = _skip_ws(body, 0)
-    if i >= len(body) or body[i] != "{":
-        return None
-    members = {key: (start, end) for key, start, end in _members(body, i)}
-    name, args = members.get("name"), members.get("arguments", members.get("parameters"))
-    if name is None or name[1] is None or args is None:
-        return None
-    try:
-        name_value = json.loads(body[name[0]:name[1]])
-    except ValueError:
-        return None
-    if not isinstance(name_value, str):
-        return None
-    return name_value, body[args[0]:args[1] if args[1] is not None else len(body)]
-
-
-def _hermes_parse(body: str) -> tuple[str, str] | None:
-    try:
-        obj = json.loads(body.strip())
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    if "arguments" not in obj and "parameters" not in obj:
-        return obj["name"], "{}"
-    return _hermes_peek(body)
-
-
-_DS_SEP = "<｜tool▁sep｜>"
-_FENCE, _FENCE_END = "```json\n", "\n```"
-
-
-def _deepseek_v3_split(body: str) -> tuple[str, str | None] | None:
-    """``function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```"``: (NAME, the text after the
-    opening fence, or None while the fence is still being written); None if malformed."""
-    sep = body.find(_DS_SEP)
-    line = body.find("\n", sep + len(_DS_SEP)) if sep >= 0 else -1
-    if line < 0:
-        return None
-    name, rest = body[sep + len(_DS_SEP):line], body[line + 1:]
-    if rest.startswith(_FENCE):
-        return name, rest[len(_FENCE):]
-    return (name, None) if _FENCE.startswith(rest) else None
-
-
-def _deepseek_v3_peek(body: str) -> tuple[str, str] | None:
-    split = _deepseek_v3_split(body)
-    if split is None or not split[0]:
-        return None
-    name, args = split
-    if args is None:
-        return name, ""
-    stop = args.find(_FENCE_END)
-    if stop < 0:  # hold back what may be the start of the closing fence
-        stop = len(args) - partial_marker(args, 0, (_FENCE_END,))
-    return name, args[:stop]
-
-
-def _deepseek_v3_parse(body: str) -> tuple[str, str] | None:
-    split = _deepseek_v3_split(body)
-    if split is None or not split[0] or split[1] is None:
-        return None
-    name, after = split
-    stop = after.find(_FENCE_END)
-    if stop < 0 or after[stop + len(_FENCE_END):].strip():
-        return None
-    return (name, after[:stop]) if _is_json(after[:stop]) else None
-
-
-def _deepseek_v31_peek(body: str) -> tuple[str, str] | None:
-    """``NAME<｜tool▁sep｜>ARGS`` as far as written."""
-    sep = body.find(_DS_SEP)
-    if sep <= 0:
-        return None
-    return body[:sep], body[sep + len(_DS_SEP):]
-
-
-def _deepseek_v31_parse(body: str) -> tuple[str, str] | None:
-    found = _deepseek_v31_peek(body)
-    return found if found is not None and _is_json(found[1]) else None
-
-
-_KIMI_ARGS = "<|tool_call_argument_begin|>"
-
-
-def _kimi_k2_split(body: str) -> tuple[str, str, str] | None:
-    """``functions.NAME:IDX<|tool_call_argument_begin|>ARGS``: (``functions.NAME:IDX``, NAME,
-    ARGS as far as written) once the header is whole (K2 may leave out ``functions.``); None
-    before that or if the header is not ``[prefix.]NAME:IDX``."""
-    sep = body.find(_KIMI_ARGS)
-    if sep < 0:
-        return None
-    call_id = body[:sep].strip()
-    head, colon, index = call_id.rpartition(":")
-    name = head.rpartition(".")[2]
-    if not colon or not index.isdigit() or not name or any(c.isspace() for c in name):
-        return None
-    return call_id, name, body[sep + len(_KIMI_ARGS):].lstrip()
-
-
-def _kimi_k2_peek(body: str) -> tuple[str, str] | None:
-    split = _kimi_k2_split(body)
-    return None if split is None else split[1:]
-
-
-def _kimi_k2_parse(body: str) -> tuple[str, str] | None:
-    found = _kimi_k2_peek(body)
-    return found if found is not None and _is_json(found[1]) else None
-
-
-def _kimi_k2_id(body: str) -> str | None:
-    split = _kimi_k2_split(body)
-    return None if split is None else split[0]
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-_DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
-# some K2 checkpoints write the section markers singular (vLLM accepts both)
-_KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
-              "<|tool_call_section_begin|>", "<|tool_call_section_end|>")
-PARSERS: dict[str, CallFormat] = {f.name: f for f in (
-    CallFormat("hermes", "<tool_call>", "</tool_call>", (), _hermes_parse, _hermes_peek),
-    CallFormat("deepseek_v3", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
-               _deepseek_v3_parse, _deepseek_v3_peek),
-    CallFormat("deepseek_v31", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
-               _deepseek_v31_parse, _deepseek_v31_peek),
-    CallFormat("kimi_k2", "<|tool_call_begin|>", "<|tool_call_end|>", _KIMI_WRAP,
-               _kimi_k2_parse, _kimi_k2_peek, _kimi_k2_id),
-)}
-
-
 class MarkerStream(ToolCallStream):
-    """Calls in a model's own format, anywhere in its text; the text between them is content."""
+    """Calls in a model's own format, anywhere in its text; the text between them is content.
+    Of the text before a step's delta it keeps only what may begin a marker (``_tail``) and,
+    inside a call, the call's body (read as it comes, by the format's ``CallBody``)."""
 
     def __init__(self, fmt: CallFormat, max_calls: int | None = None):
         super().__init__(max_calls)
         self.fmt = fmt
-        self.pos = 0  # text before this is handled
-        self.body: int | None = None  # where the open call's body starts
+        self._outside = (fmt.begin, *fmt.wrappers)
+        self._tail = ""  # the text not handled yet: what may be the start of a marker
+        self.body: CallBody | None = None  # the open call's body
         self.begun = False  # the open call's first piece went out (streaming)
-        self.sent = ""  # the open call's arguments sent so far
+        self.sent: tuple[int, int] | None = None  # the open call's arguments sent: a body span
 
-    def _advance(self, text: str, final: bool) -> None:
-        fmt = self.fmt
-        outside = (fmt.begin, *fmt.wrappers)
+    def _advance(self, delta: str, final: bool) -> None:
+        fmt, text, pos = self.fmt, self._tail + delta, 0
+        self._tail = ""
         while True:
             if self.body is None:
-                found = [(i, m) for m in outside if (i := text.find(m, self.pos)) >= 0]
+                found = [(i, m) for m in self._outside if (i := text.find(m, pos)) >= 0]
                 if not found:
                     end = len(text) if final else (
-                        len(text) - partial_marker(text, self.pos, outside))
-                    self._text(text[self.pos:end])
-                    self.pos = max(self.pos, end)
+                        len(text) - partial_marker(text, pos, self._outside))
+                    self._text(text[pos:end])
+                    self._tail = text[end:]
                     return
                 i, marker = min(found)
-                self._text(text[self.pos:i])
-                self.pos = i + len(marker)
+                self._text(text[pos:i])
+                pos = i + len(marker)
                 if marker == fmt.begin:
-                    self.body, self.begun, self.sent = self.pos, False, ""
+                    self.body, self.begun, self.sent = fmt.body(), False, None
                 continue
-            end = text.find(fmt.end, self.body)
+            end = text.find(fmt.end, pos)
             if end < 0 and not final:
-                self._stream_open_call(text[self.body:len(text) - partial_marker(
-                    text, self.body, (fmt.end,))])
+                stop = len(text) - partial_marker(text, pos, (fmt.end,))
+                self.body.feed(text[pos:stop])
+                self._tail = text[stop:]
+                self._stream_open_call()
                 return
-            body = text[self.body:end if end >= 0 else len(text)]
-            parsed = fmt.parse(body)
-            if parsed is not None and (not self.begun or (
-                    parsed[0] == self.calls[-1].name and parsed[1].startswith(self.sent))):
-                if not self.begun:
-                    self._begin(parsed[0], self._call_id(body))
-                self._args(parsed[1][len(self.sent):])
-            else:
-                self._broken(fmt.begin + body + (fmt.end if end >= 0 else ""), self.begun)
-            self.pos = end + len(fmt.end) if end >= 0 else len(text)
+            self.body.feed(text[pos:end if end >= 0 else len(text)])
+            self._close_call(end >= 0)
+            pos = end + len(fmt.end) if end >= 0 else len(text)
             self.body = None
 
-    def _call_id(self, body: str) -> str | None:
-        return self.fmt.call_id(body) if self.fmt.call_id else None
+    def _sent_text(self) -> str:
+        return "" if self.sent is None else self.body.text.slice(*self.sent)
 
-    def _stream_open_call(self, body: str) -> None:
-        peeked = self.fmt.peek(body)
+    def _close_call(self, ended: bool) -> None:
+        """The open call's body is whole (``ended``: its end marker came; else the text
+        ended): the call, or its text as content if it is malformed."""
+        body = self.body
+        parsed = body.parse()
+        sent = self._sent_text()
+        if parsed is not None and (not self.begun or (
+                parsed[0] == self.calls[-1].name and parsed[1].startswith(sent))):
+            if not self.begun:
+                self._begin(parsed[0], body.call_id())
+            self._args(parsed[1][len(sent):])
+        else:
+            self._broken(self.fmt.begin + str(body.text) + (self.fmt.end if ended else ""),
+                         self.begun)
+
+    def _stream_open_call(self) -> None:
+        peeked = self.body.peek()
         if peeked is None:
             return
-        name, args = peeked
         if not self.begun:
-            self._begin(name, self._call_id(body))
+            self._begin(peeked.name, self.body.call_id())
             self.begun = True
-        if len(args) > len(self.sent) and args.startswith(self.sent):
-            self._args(args[len(self.sent):])
-            self.sent = args
+        start, stop = peeked.start, peeked.stop
+        sent = self.sent
+        done = 0 if sent is None else sent[1] - sent[0]
+        if stop - start <= done:
+            return
+        # the arguments so far must go on from those sent (a key written twice may not)
+        if sent is not None and start != sent[0] and (
+                self.body.text.slice(start, start + done) != self._sent_text()):
+            return
+        self._args(self.body.text.slice(start + done, stop))
+        self.sent = (start, stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,64 +282,97 @@ class NamedStream(ToolCallStream):
     def __init__(self, name: str):
         super().__init__(None)
         self.name = name
+        self.text = GrowingText()  # all of it: checked once it is complete
 
-    def _advance(self, text: str, final: bool) -> None:
-        args = text.lstrip()
+    def _advance(self, delta: str, final: bool) -> None:
+        self.text.append(delta)
         if not self.calls:
-            if final and not _is_json(args):
-                self._text(text)  # cut short (max_tokens): not a call
+            args = delta.lstrip()  # the text before it was all blank
+            if final and not is_json(str(self.text).lstrip()):
+                self._text(str(self.text))  # cut short (max_tokens): not a call
                 return
             if not args:
                 return
             self._begin(self.name)
-        self._args(args[len(self.calls[-1].arguments):])
-        if final and not _is_json(args):
-            self._broken(text, begun=True)
+            self._args(args)
+        else:
+            self._args(delta)
+        if final and not is_json(str(self.text).lstrip()):
+            self._broken(str(self.text), begun=True)
 
 
 class RequiredStream(ToolCallStream):
-    """The output is a JSON array of {"name", "parameters"}: each element is a call."""
+    """The output is a JSON array of {"name", "parameters"}: each element is a call. The
+    element being written is read by two scans kept across steps: its members (for the name
+    and the parameters) and its brackets (for its end)."""
 
     def __init__(self, max_calls: int | None = None):
         super().__init__(max_calls)
-        self.next = 0  # where the first element not yet complete may start
+        self.text = GrowingText()  # all of it: checked once it is complete
+        self.start = -1  # where the text's first non-blank character is (-1: none yet)
+        self.next = 0  # the array: the next position to read between elements
+        self.over = False  # the array holds something other than an element there: read no more
         self.done = 0  # elements complete
+        self.element: tuple[ObjectScan, ValueScan] | None = None  # the one being written
+        self._name: tuple[int, Any] | None = None  # the element's name: (where, its value)
 
-    def _advance(self, text: str, final: bool) -> None:
-        if final and not self.calls and not self._valid(text):
-            self._text(text)
+    def _advance(self, delta: str, final: bool) -> None:
+        text, base = self.text, self.text.length
+        text.append(delta)
+        if final and not self.calls and not self._valid(str(text)):
+            self._text(str(text))
             return
-        start = _skip_ws(text, 0)
-        if start >= len(text) or text[start] != "[":
-            return
-        j = max(self.next, start + 1)
-        while True:
-            j = _skip_ws(text, j)
-            if j < len(text) and text[j] == ",":
-                j += 1
-                continue
-            if j >= len(text) or text[j] != "{":
-                break
-            members = {key: (s, e) for key, s, e in _members(text, j)}
-            name, params = members.get("name"), members.get("parameters")
-            if len(self.calls) == self.done and name and name[1] is not None:
-                try:
-                    value = json.loads(text[name[0]:name[1]])
-                except ValueError:
-                    break
-                self._begin(str(value))
-            if len(self.calls) > self.done and params is not None:
-                args = text[params[0]:params[1] if params[1] is not None else len(text)]
-                self._args(args[len(self.calls[-1].arguments):])
-            end = _value_end(text, j)
-            if end is None or len(self.calls) == self.done:
-                break
-            self.done += 1
-            j = self.next = end
-        if final and not self._valid(text):
+        if self.start < 0:
+            start = skip_ws(delta, base, base)
+            if start < text.length:
+                self.start, self.next = start, start + 1
+        if self.start >= 0 and text.slice(self.start, self.start + 1) == "[":
+            self._elements(delta, base)
+        if final and not self._valid(str(text)):
             for call in self.calls:
                 call.valid = False
-            self._text(text)
+            self._text(str(text))
+
+    def _elements(self, piece: str, base: int) -> None:
+        """Read the array's elements on from ``self.next``; ``piece`` is the text from
+        ``base`` to its end."""
+        end = base + len(piece)
+        while not self.over:
+            if self.element is None:
+                if self.next < base:  # an element ended before this piece (its name came late)
+                    piece, base = self.text.slice(self.next, end), self.next
+                j = skip_ws(piece, base, self.next)
+                if j < end and piece[j - base] == ",":
+                    self.next = j + 1
+                    continue
+                self.next = j
+                if j >= end:
+                    return
+                if piece[j - base] != "{":
+                    self.over = True
+                    return
+                self.element = (ObjectScan(self.text, j), ValueScan(j, "{"))
+            members, brackets = self.element
+            members.feed(piece, base)
+            brackets.feed(piece, base)
+            name, params = members.latest.get("name"), members.latest.get("parameters")
+            if len(self.calls) == self.done and name is not None and name.end is not None:
+                if self._name is None or self._name[0] != name.start:
+                    try:
+                        value = json.loads(self.text.slice(name.start, name.end))
+                    except ValueError:
+                        value = ValueError
+                    self._name = (name.start, value)
+                if self._name[1] is ValueError:
+                    return
+                self._begin(str(self._name[1]))
+            if len(self.calls) > self.done and params is not None:
+                stop = params.end if params.end is not None else end
+                self._args(self.text.slice(params.start + self.calls[-1].length, stop))
+            if brackets.end is None or len(self.calls) == self.done:
+                return
+            self.done += 1
+            self.next, self.element, self._name = brackets.end, None, None
 
     @staticmethod
     def _valid(text: str) -> bool:

@@ -94,7 +94,7 @@ def test_kimi_k2_tool_section_ends_the_reasoning():
         assert (out.reasoning, out.content) == want
         for cut in range(1, len(text)):
             stream = ReasoningStream(k2, "open")
-            pieces = [stream.update(text[:cut], False), stream.update(text, True)]
+            pieces = [stream.update(text[:cut], False), stream.update(text[cut:], True)]
             assert ("".join(p.reasoning for p in pieces),
                     "".join(p.content for p in pieces)) == want, cut
     # DeepSeek-R1's parser keeps such a section in the reasoning
@@ -115,12 +115,12 @@ def test_streaming_in_any_split_gives_the_unstreamed_answer(mode):
         splits += [sorted(rng.sample(range(1, len(text)), rng.randint(1, len(text) - 1)))
                    for _ in range(40) if len(text) > 1]
         for cuts in splits:
-            stream, reasoning, content = ReasoningStream(R1, mode), "", ""
+            stream, reasoning, content, start = ReasoningStream(R1, mode), "", "", 0
             for end in [*cuts, len(text)]:
-                piece = stream.update(text[:end], end == len(text))
+                piece = stream.update(text[start:end], end == len(text))
+                start = end
                 reasoning += piece.reasoning
                 content += piece.content
-                assert stream.content == content  # what a tool-call reader is fed
             assert (reasoning if want.reasoning is not None else None) == want.reasoning, cuts
             assert (content or None) == want.content, (text, cuts)
             assert stream.result() == want
@@ -129,11 +129,11 @@ def test_streaming_in_any_split_gives_the_unstreamed_answer(mode):
 def test_a_marker_split_across_updates_is_held_back():
     stream = ReasoningStream(R1, "open")
     assert stream.update("abc</th", False).reasoning == "abc"  # "</th" may begin </think>
-    piece = stream.update("abc</think>ans", False)
+    piece = stream.update("ink>ans", False)
     assert (piece.reasoning, piece.content) == ("", "ans")
     stream = ReasoningStream(R1, "open")
     assert stream.update("<th", False).reasoning == ""  # may be a <think> to drop
-    assert stream.update("<thx", False).reasoning == "<thx"
+    assert stream.update("x", False).reasoning == "<thx"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,10 @@ def parse(parser: str, text: str):
 
 def streamed(stream: ToolCallStream, text: str, cuts: list[int]):
     """Feed ``text`` in pieces ending at ``cuts``: (content, [(name, arguments)], ids)."""
-    content, calls, ids = "", {}, {}
+    content, calls, ids, start = "", {}, {}, 0
     for end in [*cuts, len(text)]:
-        piece = stream.update(text[:end], end == len(text))
+        piece = stream.update(text[start:end], end == len(text))
+        start = end
         content += piece.content
         for p in piece.calls:
             if p.id is not None:
@@ -173,11 +174,11 @@ def test_calls_stream_as_they_are_written():
     piece = stream.update(text[:head], False)
     assert piece.content == "Let me look."
     assert [(p.index, p.name, p.arguments) for p in piece.calls] == [(0, "get_weather", '{"ci')]
-    piece = stream.update(text[:head + 8], False)
+    piece = stream.update(text[head:head + 8], False)
     assert [(p.index, p.id, p.arguments) for p in piece.calls] == [(0, None, 'ty": "Pa')]
     # a marker cut in two is held back, never sent as content
     cut = text.index("<tool_call>", head) + 5
-    piece = stream.update(text[:cut], False)
+    piece = stream.update(text[head + 8:cut], False)
     assert piece.content == "" and [p.arguments for p in piece.calls] == ['ris"}']
 
 

@@ -1,0 +1,446 @@
+"""The incremental tool-call and reasoning readers against the whole-text ones they replaced.
+
+Each reader now keeps its own state and is fed only what a step adds; tests/parsers_reference.py
+keeps the readers as they were (fed the whole text so far every step). Every text below goes
+through both in the same chunks (every two-way split, one character at a time, random splits
+with empty pieces, and the chunks the embedded tokenizer's incremental detokenizer makes), and
+every update's pieces must be equal: content, reasoning, each call piece's index, id, name and
+arguments (made-up ids compared by their prefix), then the final result. The texts are
+hand-written edge cases (markers split anywhere, partial markers that turn out not to be,
+unicode, several calls, reasoning then calls, malformed JSON, keys written twice, ...) and
+random concatenations of such fragments.
+"""
+
+from __future__ import annotations
+
+import random
+
+import parsers_reference as ref
+import pytest
+
+from afd.api_server import _ChoiceReader
+from afd.reasoning_parsers import PARSERS as REASONING
+from afd.reasoning_parsers import ReasoningStream
+from afd.stream_scan import GrowingText, ObjectScan, ValueScan
+from afd.tool_parsers import PARSERS, MarkerStream, NamedStream, RequiredStream
+
+DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_BEGIN, DS_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+K_SEC, K_SEC_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+K_BEGIN, K_ARGS, K_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+UNI = "héllo ✓ 𝄞 中文 \u3000"
+
+HERMES = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"note": '
+    '"a } and \\" and </tool_call"}]}}\n</tool_call>',
+    'Let me look.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\nDone.  ',
+    "Plain text, no call.\n", "a <tool_ca b </tool_call> c <tool_call", "<tool_call<tool_call>x",
+    f'{UNI} <tool_call>{{"name": "f✓", "arguments": {{"s": "{UNI}\\\\", "t": "\\"\\u00e9"}}}}'
+    "</tool_call>  \n",
+    '<tool_call>{"arguments": {"a": [1, 2]}, "name": "late"}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 2}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}, "name": "g"}</tool_call>',
+    '<tool_call>{"name": "f", "parameters": {"p": "</tool_c"}}</tool_call>',
+    '<tool_call>{"name": 5, "arguments": {}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": 12345}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": tru}</tool_call>',
+    '<tool_call>{"name": "f"}</tool_call>', "<tool_call></tool_call>",
+    '<tool_call>["f", 1]</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>',
+    'Hi <tool_call>\n{"name": "f", "arguments": {"a": 1',
+    '<tool_call>{"name" "f", "arguments": {}}</tool_call>', '<tool_call>{,"name": "f",, '
+    '"arguments": {"x": "<tool_call>"} "y": 1}</tool_call>',
+    '<tool_call>{"na\\u006de": "f", "arguments": {"a": "\\\\"}}</tool_call> tail',
+    '<tool_call>{"name": "f", "arguments": {"a": [}]}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "g", '
+    '"arguments": nope}</tool_call>',
+]
+DEEPSEEK_V3 = [
+    DS_CALLS + DS_BEGIN + f"function{DS_SEP}get_weather\n```json\n" + '{"location": "Tokyo"}'
+    "\n```" + DS_END + "\n" + DS_BEGIN + f"function{DS_SEP}get_time\n```json\n{{}}\n```" + DS_END
+    + DS_CALLS_END,
+    "I will check. " + DS_BEGIN + f"function{DS_SEP}f\n```json\n" + '{"a": "\n``x"}\n```'
+    + DS_END + " after",
+    DS_BEGIN + f"function{DS_SEP}f\n```json\n" + '{"a": 1,}\n```' + DS_END,
+    DS_BEGIN + f"function{DS_SEP}f\n" + '{"a": 1}' + DS_END,
+    DS_BEGIN + f"function{DS_SEP}f\n```json\n" + '{"a"', DS_BEGIN + f"function{DS_SEP}\n```json\n"
+    "{}\n```" + DS_END, DS_BEGIN + f"function{DS_SEP}f\n```jsox\n{{}}\n```" + DS_END,
+    DS_BEGIN + f"function{DS_SEP}f{UNI}\n```json\n" + f'{{"u": "{UNI}"}}\n``` x' + DS_END,
+    DS_BEGIN + f"function{DS_SEP}f\n```json\n" + '{"a": 1}\n```\n  ' + DS_END + "<｜tool▁call",
+    DS_BEGIN + f"function{DS_SEP}f{DS_SEP}g\n```json\n[]\n```" + DS_END,
+]
+DEEPSEEK_V31 = [
+    "Sure." + DS_CALLS + DS_BEGIN + "get_weather" + DS_SEP + '{"location": "Tokyo"}' + DS_END
+    + DS_CALLS_END,
+    DS_BEGIN + DS_SEP + "{}" + DS_END, DS_BEGIN + "f g" + DS_SEP + '{"a": ' + DS_END,
+    DS_BEGIN + "f" + DS_SEP + f'{{"s": "{DS_SEP}{UNI}"}}' + DS_END
+    + DS_BEGIN + "g" + DS_SEP + "[1]",
+    "<｜tool▁calls " + DS_BEGIN + "f" + DS_SEP + " {} " + DS_END,
+]
+KIMI = [
+    K_SEC + "\n" + K_BEGIN + "functions.get_weather:0" + K_ARGS + '{"location": "Tokyo"}' + K_END
+    + "\n" + K_BEGIN + " functions.get_time:1 " + K_ARGS + " {}" + K_END + K_SEC_END,
+    "Let me check. <|tool_call_section_begin|>" + K_BEGIN + "ping:3" + K_ARGS + "{}" + K_END
+    + "<|tool_call_section_end|>\nDone.",
+    K_BEGIN + "functions.f" + K_ARGS + "{}" + K_END,
+    K_BEGIN + "functions.f:x" + K_ARGS + "{}" + K_END,
+    K_BEGIN + "functions.f:0{}" + K_END, "Hi " + K_BEGIN + "functions.f:0" + K_ARGS + '{"a": 1',
+    K_BEGIN + "functions.f:0" + K_ARGS + "\u3000\n " + f'{{"u": "{UNI}"}}' + K_END,
+    K_BEGIN + "functions.f g:0" + K_ARGS + "{}" + K_END,
+    K_BEGIN + "x.y.f:12" + K_ARGS + "  " + K_END,
+    "<|tool_call_beg " + K_BEGIN + "f:0" + K_ARGS + "{" + K_ARGS + "}" + K_END + "<|tool_",
+]
+REQUIRED = [
+    ' [{"name": "get_weather", "parameters": {"city": "Paris"}},\n {"name": "get_time", '
+    '"parameters": {"tz": ["UTC", {"x": "]}"}]}}]',
+    '[{"parameters": {"a": 1}, "name": "late"}]', '[{"name": "f", "parameters": {"a": 1}, '
+    '"parameters": {"b": 22}}]', '[{"name": 7, "parameters": {}}]',
+    '[{"name": tru, "parameters": {}}]',
+    '[{"x": 1}, {"name": "f", "parameters": {}}]',
+    '[{"p": a", "name": "f}", "parameters": {"q": 1}}, {"name": "g", "parameters": {}}]',
+    '[,, {"name": "f", "parameters": "s"} , {"name": "g", "parameters": 12}]',
+    f'[{{"name": "f", "parameters": {{"u": "{UNI}\\"\\\\"}}}}]',
+    '[{"name": "f", "parameters": {"a"',
+    'x[{"name": "f", "parameters": {}}]', '[{"name": "f", "parameters": {}} oops {"name": "g"}]',
+    '\u3000[{"name": "f", "parameters": {}}]', "", "   ",
+]
+NAMED = [' {"city": "Paris"}', '{"city": "Pa', "   ", "", f'\u3000\n {{"u": "{UNI}"}}',
+         '{"a": 1} x', "null"]
+REASONING_TEXTS = [
+    "Let me see.\n</think>\n\nIt is 4.", "<think>\nLet me see.</think>It is 4.",
+    "  <think>x</think>", "Let me </thin", "<thi", "a</think>b</think>c", "", "<think></think>",
+    "no end marker < / think >", " \n\u3000 <th", "  <thx</think>y", f"{UNI}</think>{UNI}",
+    "<think>a" + K_SEC + K_BEGIN + "f:0" + K_ARGS + "{}" + K_END + K_SEC_END,
+    "I look." + "<|tool_call_section_begin|>" + K_BEGIN + "f:0" + K_ARGS + "{}" + K_END,
+    "</think></think>", "<think><think></think>",
+]
+# fragments of random texts, per reader
+FRAGMENTS = {
+    "hermes": ["<tool_call>", "</tool_call>", "<tool_c", "</tool_", '{"name": "f", ',
+               '"arguments": ', '{"a": [1, "x\\"y"]}', "}", "{", '"', "\\", " \n", UNI, "text",
+               '"name"', ": ", '"g"', ", ", "]", "tru", "12"],
+    "deepseek_v3": [DS_CALLS, DS_BEGIN, DS_END, DS_SEP, "function", "f\n", "```json\n", "\n```",
+                    "\n``", '{"a": 1}', "<｜tool▁", UNI, " ", "\n", "x"],
+    "deepseek_v31": [DS_CALLS, DS_BEGIN, DS_END, DS_SEP, "f", '{"a": 1}', "<｜tool▁", UNI, " ",
+                     "{", "x"],
+    "kimi_k2": [K_SEC, K_SEC_END, K_BEGIN, K_END, K_ARGS, "functions.f:0", "g:1", " ", "\u3000",
+                '{"a": 1}', "<|tool_call", UNI, "x", "{"],
+    "required": ["[", "]", "{", "}", ", ", '"name": ', '"parameters": ', '"f"', '{"a": "]}"}',
+                 "1", " ", '"', "\\", UNI, "x"],
+    "named": ["{", "}", '"a": ', "1", " ", "\u3000", '"', "\\", UNI, "[", "x"],
+    "reasoning": ["<think>", "</think>", "<th", "</thi", " ", "\n", "\u3000", UNI, "x", K_SEC,
+                  "<|tool_call", "<|tool_call_section_begin|>"],
+}
+
+
+def random_json(rng: random.Random, depth: int = 0) -> str:
+    """A JSON value's text: strings with escapes, unicode and marker-like text, numbers,
+    literals, nested arrays and objects (keys maybe repeated), random spacing."""
+    sp = lambda: rng.choice(["", " ", "\n  ", "\t"])  # noqa: E731
+    kind = rng.choice("sssnlao" if depth < 3 else "ssnl")
+    if kind == "s":
+        parts = rng.choices(['a', ' ', '\\"', '\\\\', '\\n', '\\u00e9', "}", "]", "{", "[", UNI,
+                             "<tool_call>", "</tool_call>", "\n```", "</think>", ","],
+                            k=rng.randint(0, 6))
+        return '"' + "".join(parts) + '"'
+    if kind == "n":
+        return rng.choice(["0", "-12", "3.5e2", "7"])
+    if kind == "l":
+        return rng.choice(["true", "false", "null"])
+    items = [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "a":
+        return "[" + sp() + ("," + sp()).join(items) + sp() + "]"
+    keys = rng.choices(["a", "b", "name", "arguments", "é✓"], k=len(items))
+    return "{" + sp() + ("," + sp()).join(f'"{k}":{sp()}{v}' for k, v in zip(keys, items)) \
+        + sp() + "}"
+
+
+def random_call(rng: random.Random, kind: str) -> str:
+    """A call's text in ``kind``'s format (the markers included for the "auto" formats)."""
+    name = rng.choice(["get_weather", "f", "é✓"])
+    keys = rng.choices(["a", "b", "c"], k=rng.randint(0, 3))
+    args = random_json(rng) if rng.random() < 0.3 else (
+        "{" + ", ".join(f'"{k}": {random_json(rng)}' for k in keys) + "}")
+    if kind == "hermes":
+        members = [f'"name": "{name}"', f'"{rng.choice(["arguments", "parameters"])}": {args}']
+        if rng.random() < 0.2:
+            members.append(rng.choice(['"name": "g"', '"arguments": {"x": 1}', '"id": 3']))
+        rng.shuffle(members)
+        return f"<tool_call>{rng.choice(['', chr(10)])}{{{', '.join(members)}}}\n</tool_call>"
+    if kind == "deepseek_v3":
+        return f"{DS_BEGIN}function{DS_SEP}{name}\n```json\n{args}\n```{DS_END}"
+    if kind == "deepseek_v31":
+        return f"{DS_BEGIN}{name}{DS_SEP}{args}{DS_END}"
+    if kind == "kimi_k2":
+        head = rng.choice([f"functions.{name}:{rng.randint(0, 9)}", f" {name}:1 "])
+        return f"{K_BEGIN}{head}{K_ARGS}{rng.choice(['', ' ', chr(12288)])}{args}{K_END}"
+    if kind == "required":
+        return f'{{"name": "{name}", "parameters": {args}}}'
+    return args  # named
+
+
+def mutate(rng: random.Random, text: str, kind: str) -> str:
+    """``text`` cut short, or with a character dropped or a fragment put in somewhere."""
+    i = rng.randint(0, len(text))
+    return rng.choice([text[:i], text[:i] + text[i + 1:],
+                       text[:i] + rng.choice(FRAGMENTS[kind]) + text[i:]])
+
+
+def random_texts(kind: str, count: int, seed: int) -> list[str]:
+    """Half fragment soup, half well-formed answers (content and calls, or reasoning and
+    content) of which half are mutated."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        if i % 2 == 0:
+            out.append("".join(rng.choice(FRAGMENTS[kind]) for _ in range(rng.randint(1, 12))))
+            continue
+        prose = lambda: rng.choice(["", "Sure. ", f"{UNI} ", "a <b ", "x\n\n", "  "])  # noqa: E731
+        if kind == "reasoning":
+            text = (rng.choice(["", "<think>", " \n<think>"]) + prose() + prose()
+                    + rng.choice(["</think>", K_SEC, "<|tool_call_section_begin|>", ""]) + prose()
+                    + rng.choice(["", "</think>", K_BEGIN]) + prose())
+        elif kind == "required":
+            text = "[" + ", ".join(random_call(rng, kind) for _ in range(rng.randint(1, 3))) + "]"
+        elif kind == "named":
+            text = rng.choice(["", " "]) + random_call(rng, kind)
+        else:
+            wrap = {"deepseek_v3": (DS_CALLS, DS_CALLS_END),
+                    "deepseek_v31": (DS_CALLS, DS_CALLS_END),
+                    "kimi_k2": (K_SEC, K_SEC_END)}.get(kind, ("", ""))
+            calls = [random_call(rng, kind) + rng.choice(["", "\n"])
+                     for _ in range(rng.randint(1, 3))]
+            text = prose() + wrap[0] + "".join(calls) + wrap[1] + prose()
+        out.append(mutate(rng, text, kind) if rng.random() < 0.5 else text)
+    return out
+
+
+def chunkings(text: str, rng: random.Random, tokenizer=None, every_split: bool = True
+              ) -> list[list[int]]:
+    """Cut points (each delta ends at one; repeats and 0 give empty deltas)."""
+    n = len(text)
+    # every two-way split (a marker cut at each position), then one character at a time
+    out = [[k] for k in range(n + 1)] if every_split else []
+    out.append(list(range(1, n)))
+    out += [sorted(rng.choices(range(n + 1), k=rng.randint(1, 10))) for _ in range(20)]
+    if tokenizer is not None:
+        out.append(token_cuts(tokenizer, text))
+    return out
+
+
+def steps(text: str, cuts: list[int]) -> list[tuple[int, int, bool]]:
+    """(start, end, final) of each update: the deltas end at ``cuts``, then the text's end."""
+    ends = [*cuts, len(text)]
+    return [(0 if i == 0 else ends[i - 1], end, i == len(ends) - 1) for i, end in enumerate(ends)]
+
+
+def token_cuts(tokenizer, text: str) -> list[int]:
+    """Where the engine's incremental detokenizer ends each step's text for ``text``'s tokens
+    (empty steps where a character's bytes are not all in yet)."""
+    from afd.detokenizer import IncrementalDetokenizer
+
+    detok, cuts, at = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False), [], 0
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        at += len(detok.push([token]))
+        cuts.append(at)
+    assert at == len(text)
+    return cuts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from afd.llm import load_tokenizer
+    from models.default_model import default_model_path
+
+    return load_tokenizer(default_model_path())
+
+
+def call_id(i: str | None) -> str | None:
+    return "chatcmpl-tool-*" if i is not None and i.startswith("chatcmpl-tool-") else i
+
+
+def tool_view(piece) -> tuple:
+    return piece.content, [(p.index, call_id(p.id), p.name, p.arguments) for p in piece.calls]
+
+
+def result_view(out) -> tuple:
+    return out.content, [(call_id(c.id), c.name, c.arguments, c.valid) for c in out.calls]
+
+
+def check_tools(make_old, make_new, text: str, cuts: list[int]) -> None:
+    old, new = make_old(), make_new()
+    for start, end, final in steps(text, cuts):
+        want = tool_view(old.update(text[:end], final))
+        got = tool_view(new.update(text[start:end], final))
+        assert got == want, (text, cuts, end)
+        assert new.has_calls == old.has_calls, (text, cuts, end)
+    assert result_view(new.result()) == result_view(old.result()), (text, cuts)
+
+
+TOOL_CASES = (
+    [("hermes", t) for t in HERMES] + [("deepseek_v3", t) for t in DEEPSEEK_V3]
+    + [("deepseek_v31", t) for t in DEEPSEEK_V31] + [("kimi_k2", t) for t in KIMI])
+
+
+@pytest.mark.parametrize("parser,text", TOOL_CASES)
+def test_marker_streams_match_the_whole_text_reader(parser, text, tokenizer):
+    rng = random.Random(text)
+    for max_calls in (None, 1):
+        for cuts in chunkings(text, rng, tokenizer):
+            check_tools(lambda: ref.MarkerStream(ref.PARSERS[parser], max_calls),
+                        lambda: MarkerStream(PARSERS[parser], max_calls), text, cuts)
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_marker_streams_match_on_random_texts(parser):
+    rng = random.Random(parser)
+    for text in random_texts(parser, 300, seed=len(parser)):
+        for cuts in chunkings(text, rng, every_split=False):
+            check_tools(lambda: ref.MarkerStream(ref.PARSERS[parser]),
+                        lambda: MarkerStream(PARSERS[parser]), text, cuts)
+
+
+@pytest.mark.parametrize("kind", ["required", "named"])
+def test_constrained_streams_match_the_whole_text_reader(kind, tokenizer):
+    texts = (REQUIRED if kind == "required" else NAMED) + random_texts(kind, 300, seed=3)
+    rng = random.Random(kind)
+    hand_written = len(REQUIRED if kind == "required" else NAMED)
+    for i, text in enumerate(texts):
+        for cuts in chunkings(text, rng, *((tokenizer, True) if i < hand_written
+                                           else (None, False))):
+            if kind == "required":
+                for max_calls in (None, 1):
+                    check_tools(lambda: ref.RequiredStream(max_calls),
+                                lambda: RequiredStream(max_calls), text, cuts)
+            else:
+                check_tools(lambda: ref.NamedStream("f"), lambda: NamedStream("f"), text, cuts)
+
+
+@pytest.mark.parametrize("fmt", sorted(REASONING))
+def test_reasoning_streams_match_the_whole_text_reader(fmt, tokenizer):
+    rng = random.Random(fmt)
+    texts = REASONING_TEXTS + random_texts("reasoning", 200, seed=4)
+    for i, text in enumerate(texts):
+        for mode in ("open", "tag", "off"):
+            for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(REASONING_TEXTS)
+                                               else (None, False))):
+                old = ref.ReasoningStream(REASONING[fmt], mode)
+                new = ReasoningStream(REASONING[fmt], mode)
+                for start, end, final in steps(text, cuts):
+                    want = old.update(text[:end], final)
+                    got = new.update(text[start:end], final)
+                    assert (got.reasoning, got.content) == (want.reasoning, want.content), (
+                        text, mode, cuts, end)
+                assert vars(new.result()) == vars(old.result()), (text, mode, cuts)
+
+
+class OldChoiceReader:
+    """afd.api_server._ChoiceReader before its readers read deltas: each update is fed the
+    whole text, the tool reader the whole content so far."""
+
+    def __init__(self, reasoning, tools):
+        self.reasoning, self.tools = reasoning, tools
+
+    def delta(self, text: str, final: bool) -> dict:
+        delta, content, new = {}, text, None
+        if self.reasoning is not None:
+            piece = self.reasoning.update(text, final)
+            if piece.reasoning:
+                delta["reasoning"] = piece.reasoning
+            content, new = self.reasoning.content, piece.content
+        if self.tools is not None:
+            calls = self.tools.update(content, final)
+            if calls.content:
+                delta["content"] = calls.content
+            if calls.calls:
+                delta["tool_calls"] = [p.to_openai() for p in calls.calls]
+        elif new:
+            delta["content"] = new
+        return delta
+
+
+def masked(delta: dict) -> dict:
+    for call in delta.get("tool_calls", []):
+        if "id" in call:
+            call["id"] = call_id(call["id"])
+    return delta
+
+
+@pytest.mark.parametrize("reasoning,tools", [("kimi_k2", "kimi_k2"), ("deepseek_r1", "hermes"),
+                                             ("qwen3", "hermes"), (None, "deepseek_v3"),
+                                             ("deepseek_v3", None)])
+def test_chat_reader_deltas_match(reasoning, tools, tokenizer):
+    """The server's per-choice reader (reasoning, then tool calls in the content), fed what
+    each chunk carries, against the old one fed the whole text."""
+    texts = ["I should look.</think>" + KIMI[0], "Hm." + KIMI[1] + " ok", REASONING_TEXTS[0],
+             "Thinking</think>" + HERMES[1], "<think>x</think>" + HERMES[5],
+             "a</thi" + DEEPSEEK_V3[0], "</think>" + DEEPSEEK_V3[1], HERMES[0]]
+    rng = random.Random(0)
+    for text in texts:
+        for cuts in chunkings(text, rng, tokenizer)[-23:]:
+            old = OldChoiceReader(
+                ref.ReasoningStream(REASONING[reasoning], "open") if reasoning else None,
+                ref.MarkerStream(ref.PARSERS[tools]) if tools else None)
+            new = _ChoiceReader(ReasoningStream(REASONING[reasoning], "open") if reasoning
+                                else None, MarkerStream(PARSERS[tools]) if tools else None)
+            for start, end, final in steps(text, cuts):
+                assert masked(new.delta(text[start:end], final)) == masked(
+                    old.delta(text[:end], final)), (text, cuts, end)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces: call bodies read piece by piece, and the resumable JSON scans
+# ---------------------------------------------------------------------------------------------
+OLD_PEEKS = {"hermes": ref._hermes_peek, "deepseek_v3": ref._deepseek_v3_peek,
+             "deepseek_v31": ref._deepseek_v31_peek, "kimi_k2": ref._kimi_k2_peek}
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_call_bodies_peek_and_parse_as_the_whole_text_functions(parser):
+    """A body fed piece by piece says at each point what the old peek said of the body so
+    far, and at the end what the old parse said of all of it."""
+    fmt, old = PARSERS[parser], ref.PARSERS[parser]
+    texts = [t for parser_, t in TOOL_CASES if parser_ == parser] + random_texts(parser, 100, 5)
+    bodies = [t.split(fmt.begin, 1)[1].split(fmt.end, 1)[0] for t in texts if fmt.begin in t]
+    bodies += texts[-30:]  # not bodies at all
+    rng = random.Random(1)
+    for body in bodies:
+        for cuts in ([[k] for k in range(len(body) + 1)] + [list(range(1, len(body)))]
+                     + [sorted(rng.choices(range(len(body) + 1), k=4)) for _ in range(5)]):
+            reader = fmt.body()
+            for start, end, _ in steps(body, cuts):
+                reader.feed(body[start:end])
+                peeked = reader.peek()
+                got = None if peeked is None else (peeked.name, reader.arguments(peeked))
+                assert got == OLD_PEEKS[parser](body[:end]), (body, cuts, end)
+                if got is not None and old.call_id is not None:
+                    assert reader.call_id() == old.call_id(body[:end])
+            assert reader.parse() == old.parse(body), (body, cuts)
+
+
+JSON_TEXTS = ['{"a": 1, "b": [1, {"c": "}"}], "d": "x\\"y\\\\", "e": tru}', '{}', '{"a"}',
+              '{"a": }', '{,, "a": 1 "b": 2}', '{"a": [}]', '{"\\u0061": "\\"", "a": 3}',
+              '{"a": 1', '{"a": "x\\', '{"k": nul', f'{{"u": "{UNI}", "v": [["]"]]}}  x',
+              '{"a" 1}', '{"\\x": 1}', '{1: 2}']
+
+
+def test_json_scans_resume_as_the_whole_text_scan():
+    """ObjectScan and ValueScan fed piece by piece find what ``_members`` and ``_value_end``
+    find on each prefix."""
+    rng = random.Random(2)
+    texts = JSON_TEXTS + ["{" + t for t in random_texts("required", 150, seed=6)]
+    for s in texts:
+        for cuts in [[k] for k in range(len(s) + 1)] + [list(range(1, len(s)))]:
+            text = GrowingText()
+            members, value = ObjectScan(text, 0), ValueScan(0, s[0])
+            for start, end, _ in steps(s, cuts):
+                text.append(s[start:end])
+                members.feed(s[start:end], start)
+                value.feed(s[start:end], start)
+                assert [(m.key, m.start, m.end) for m in members.members] == ref._members(
+                    s[:end], 0), (s, cuts, end)
+                assert value.end == ref._value_end(s[:end], 0), (s, cuts, end)
+                assert str(text) == s[:end]
+                a, b = sorted(rng.choices(range(end + 1), k=2))
+                assert text.slice(a, b) == s[a:b]
