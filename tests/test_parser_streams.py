@@ -99,6 +99,7 @@ REQUIRED = [
     '[{"name": tru, "parameters": {}}]',
     '[{"x": 1}, {"name": "f", "parameters": {}}]',
     '[{"p": a", "name": "f}", "parameters": {"q": 1}}, {"name": "g", "parameters": {}}]',
+    '[{"p": a", "name": "f} x{"name": "g", "parameters": {}}]',  # the name ends after the }
     '[,, {"name": "f", "parameters": "s"} , {"name": "g", "parameters": 12}]',
     f'[{{"name": "f", "parameters": {{"u": "{UNI}\\"\\\\"}}}}]',
     '[{"name": "f", "parameters": {"a"',
@@ -220,8 +221,9 @@ def chunkings(text: str, rng: random.Random, tokenizer=None, every_split: bool =
               ) -> list[list[int]]:
     """Cut points (each delta ends at one; repeats and 0 give empty deltas)."""
     n = len(text)
-    # every two-way split (a marker cut at each position), then one character at a time
-    out = [[k] for k in range(n + 1)] if every_split else []
+    # every two-way split (a marker cut at each position), every three-way one whose middle
+    # piece is 3 characters, then one character at a time
+    out = [[k] for k in range(n + 1)] + [[k, k + 3] for k in range(n - 3)] if every_split else []
     out.append(list(range(1, n)))
     out += [sorted(rng.choices(range(n + 1), k=rng.randint(1, 10))) for _ in range(20)]
     if tokenizer is not None:
