@@ -37,33 +37,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker, skip_ws
-from afd.tool_formats import PARSERS, CallBody, CallFormat, is_json
-
-__all__ = ["PARSERS", "CallFormat", "CallPiece", "MarkerStream", "NamedStream", "ParsedOutput",
-           "RequiredStream", "StreamPiece", "ToolCall", "ToolCallStream", "named_schema",
-           "partial_marker", "required_schema"]
+from afd.tool_formats import PARSERS, CallBody, CallFormat, is_json  # noqa: F401 - re-exported
 
 
 @dataclass
 class ToolCall:
-    """One parsed call; ``arguments`` is JSON text (gathered piece by piece while streamed:
-    ``extend``)."""
+    """One parsed call; ``arguments`` is JSON text (while the stream runs, the last call's
+    is gathered apart; ``ToolCallStream.result`` completes it)."""
 
     id: str
     name: str
+    arguments: str = ""
     valid: bool = True  # False: its text turned out malformed after it was streamed
-    length: int = 0  # of the arguments
-    _pieces: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def arguments(self) -> str:
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
-
-    def extend(self, text: str) -> None:
-        self._pieces.append(text)
-        self.length += len(text)
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function",
@@ -114,6 +99,10 @@ class ToolCallStream:
         self.content: list[str] = []
         self._held: list[str] = []  # trailing whitespace not yet sent
         self._piece = StreamPiece()
+        # the last call's arguments, piece by piece (a string extended every step would be
+        # copied every step), and their length
+        self._last_args: list[str] = []
+        self._last_length = 0
 
     def update(self, delta: str, final: bool) -> StreamPiece:
         """``delta``: what this step adds to the completion's text; ``final``: the text is
@@ -127,6 +116,7 @@ class ToolCallStream:
         return self._piece
 
     def result(self) -> ParsedOutput:
+        self._join_args()
         content = "".join(self.content)
         return ParsedOutput(content or None, [c for c in self.calls[:self._limit()] if c.valid])
 
@@ -159,9 +149,16 @@ class ToolCallStream:
         elif text:
             self._held.append(text)
 
+    def _join_args(self) -> None:
+        if self._last_args:
+            self.calls[-1].arguments += "".join(self._last_args)
+            self._last_args = []
+
     def _begin(self, name: str, call_id: str | None = None) -> None:
         """A call begins; ``call_id``: the id the model gave it, if its format has one."""
         self._held = []
+        self._join_args()
+        self._last_length = 0
         call = ToolCall(call_id or f"chatcmpl-tool-{uuid.uuid4().hex}", name)
         self.calls.append(call)
         if len(self.calls) <= self._limit():
@@ -170,7 +167,8 @@ class ToolCallStream:
     def _args(self, text: str) -> None:
         if not text:
             return
-        self.calls[-1].extend(text)
+        self._last_args.append(text)
+        self._last_length += len(text)
         index = len(self.calls) - 1
         if index >= self._limit():
             return
@@ -309,7 +307,7 @@ class RequiredStream(ToolCallStream):
     def __init__(self, max_calls: int | None = None):
         super().__init__(max_calls)
         self.text = GrowingText()  # all of it: checked once it is complete
-        self.start = -1  # where the text's first non-blank character is (-1: none yet)
+        self.array: bool | None = None  # the text starts with "[" (None: it is all blank yet)
         self.next = 0  # the array: the next position to read between elements
         self.over = False  # the array holds something other than an element there: read no more
         self.done = 0  # elements complete
@@ -322,11 +320,11 @@ class RequiredStream(ToolCallStream):
         if final and not self.calls and not self._valid(str(text)):
             self._text(str(text))
             return
-        if self.start < 0:
+        if self.array is None:
             start = skip_ws(delta, base, base)
             if start < text.length:
-                self.start, self.next = start, start + 1
-        if self.start >= 0 and text.slice(self.start, self.start + 1) == "[":
+                self.array, self.next = delta[start - base] == "[", start + 1
+        if self.array:
             self._elements(delta, base)
         if final and not self._valid(str(text)):
             for call in self.calls:
@@ -368,7 +366,7 @@ class RequiredStream(ToolCallStream):
                 self._begin(str(self._name[1]))
             if len(self.calls) > self.done and params is not None:
                 stop = params.end if params.end is not None else end
-                self._args(self.text.slice(params.start + self.calls[-1].length, stop))
+                self._args(self.text.slice(params.start + self._last_length, stop))
             if brackets.end is None or len(self.calls) == self.done:
                 return
             self.done += 1
