@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 _NOT_WS = re.compile(r"[^ \t\r\n]")
@@ -41,17 +41,13 @@ class GrowingText:
         """``text[start:stop]`` for 0 <= start and stop <= length."""
         if stop <= start:
             return ""
-        k = bisect_right(self._starts, start) - 1
-        first, offset = self._parts[k], start - self._starts[k]
-        if stop - self._starts[k] <= len(first):
-            return first[offset:stop - self._starts[k]]
-        out = [first[offset:]]
-        k += 1
-        while self._starts[k] + len(self._parts[k]) < stop:
-            out.append(self._parts[k])
-            k += 1
-        out.append(self._parts[k][:stop - self._starts[k]])
-        return "".join(out)
+        parts, starts = self._parts, self._starts
+        first = bisect_right(starts, start) - 1  # the part that holds text[start]
+        last = bisect_left(starts, stop) - 1  # and the one that holds text[stop - 1]
+        if first == last:
+            return parts[first][start - starts[first]:stop - starts[first]]
+        return "".join([parts[first][start - starts[first]:], *parts[first + 1:last],
+                        parts[last][:stop - starts[last]]])
 
     def __str__(self) -> str:
         if len(self._parts) > 1:
