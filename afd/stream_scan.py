@@ -65,13 +65,17 @@ def find_new(text: GrowingText, marker: str, lo: int, searched: int) -> int:
 
 
 def partial_marker(s: str, start: int, markers: tuple[str, ...]) -> int:
-    """How many characters at the end of ``s[start:]`` could begin one of ``markers``."""
+    """How many characters at the end of ``s[start:]`` could begin one of ``markers`` (the
+    most, if several could)."""
     best = 0
     for m in markers:
-        for k in range(min(len(m) - 1, len(s) - start), best, -1):
-            if s.endswith(m[:k]):
-                best = k
+        # where such a beginning may start: an occurrence of the marker's first character
+        i = s.find(m[0], max(start, len(s) - len(m) + 1), len(s) - best)
+        while i >= 0:
+            if m.startswith(s[i:]):
+                best = len(s) - i
                 break
+            i = s.find(m[0], i + 1, len(s) - best)
     return best
 
 

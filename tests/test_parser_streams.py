@@ -21,7 +21,7 @@ import pytest
 from afd.api_server import _ChoiceReader
 from afd.reasoning_parsers import PARSERS as REASONING
 from afd.reasoning_parsers import ReasoningStream
-from afd.stream_scan import GrowingText, ObjectScan, ValueScan
+from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker
 from afd.tool_parsers import PARSERS, MarkerStream, NamedStream, RequiredStream
 
 DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -446,3 +446,18 @@ def test_json_scans_resume_as_the_whole_text_scan():
                 assert str(text) == s[:end]
                 a, b = sorted(rng.choices(range(end + 1), k=2))
                 assert text.slice(a, b) == s[a:b]
+
+
+def test_partial_marker_as_before():
+    """The longest end of ``s[start:]`` that may begin a marker, on random strings over the
+    markers' own characters."""
+    rng = random.Random(3)
+    marker_sets = [("<tool_call>", "</tool_call>"), ("ab", "aab", "b"), ("\n```",),
+                   ("</think>", K_SEC, "<|tool_call_section_begin|>"), (DS_BEGIN, DS_CALLS)]
+    for _ in range(20_000):
+        markers = rng.choice(marker_sets)
+        chars = sorted(set("".join(markers))) + ["z"]
+        s = "".join(rng.choices(chars, k=rng.randint(0, 14)))
+        start = rng.randint(0, len(s))
+        assert partial_marker(s, start, markers) == ref.partial_marker(s, start, markers), (
+            s, start, markers)
