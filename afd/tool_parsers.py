@@ -20,13 +20,14 @@ Each way is a ``ToolCallStream``: fed what each step adds to the completion's te
 what that makes new: content (the text outside calls) and call pieces (a call's first piece
 carries its id and name, later ones append to its arguments). It keeps what it has read, so a
 step costs what the step adds, not the text so far: each character is read once, plus the few
-before it where a marker may have begun (held back until it is whole or is not a marker). Not
-streaming is one update with the whole text and ``final=True``, so streamed pieces add up to
-the unstreamed answer. Arguments are
-the JSON text as the model wrote it (its whitespace kept), which is what lets them stream. A call
-whose text does not parse (malformed JSON, cut short by max_tokens) is returned as content;
-streamed, whatever of it already went out as a call stays sent (the call is then left out of the
-final count and its text follows as content).
+before it where a marker may have begun (held back until it is whole or is not a marker); a
+call's text is read once more when the call ends (its JSON checked), a constrained output's at
+the end of the answer. Not streaming is one update with the whole text and ``final=True``, so
+streamed pieces add up to the unstreamed answer. Arguments are the JSON text as the model wrote
+it (its whitespace kept), which is what lets them stream. A call whose text does not parse
+(malformed JSON, cut short by max_tokens) is returned as content; streamed, whatever of it
+already went out as a call stays sent (the call is then left out of the final count and its
+text follows as content).
 """
 
 from __future__ import annotations
