@@ -240,6 +240,11 @@ class ProtocolError(ValueError):
         self.kind, self.request_id, self.rank, self.raw = kind, request_id, rank, raw
 
 
+# What a decode raises for bad bytes: msgspec's errors, and RecursionError for a message nested
+# past the interpreter's limit (msgspec's decoder recurses; a 2 KB message reaches it), or for
+# params too deep for their own checks on arrival (SamplingParams.validate)
+_DECODE_ERRORS = (msgspec.MsgspecError, RecursionError)
+
 _encoder = msgspec.msgpack.Encoder()
 _to_rank = msgspec.msgpack.Decoder(ToRank)
 _from_rank = msgspec.msgpack.Decoder(FromRank)
@@ -253,7 +258,7 @@ def decode_to_rank(data: bytes | memoryview) -> ToRank:
     """A message from the front end; ProtocolError if malformed."""
     try:
         return _to_rank.decode(data)
-    except msgspec.MsgspecError as exc:
+    except _DECODE_ERRORS as exc:
         raise _explain(data, exc, ToRank) from None
 
 
@@ -262,7 +267,7 @@ def decode_from_rank(data: bytes | memoryview) -> FromRank:
     malformed ``out`` has left: ``salvage_out``)."""
     try:
         return _from_rank.decode(data)
-    except msgspec.MsgspecError as exc:
+    except _DECODE_ERRORS as exc:
         raise _explain(data, exc, FromRank) from None
 
 
@@ -277,6 +282,8 @@ def _explain(data: bytes | memoryview, exc: Exception, union: Any) -> ProtocolEr
         raw = msgspec.msgpack.decode(data)
     except msgspec.MsgspecError:
         return ProtocolError(f"not a control message (no msgpack): {exc}")
+    except RecursionError:
+        return ProtocolError("not a control message (nested too deeply to read)")
     kind = raw.get("t") if isinstance(raw, dict) else None
     if not isinstance(kind, str):
         return ProtocolError(f"not a control message (a map whose 't' names its kind): {exc}")
@@ -298,7 +305,7 @@ def salvage_out(raw: dict) -> tuple[Out, list[tuple[str | None, str]]]:
     def check(value: Any, typ: Any, what: str) -> Any:
         try:
             return msgspec.convert(value, typ)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, RecursionError) as exc:
             bad.append((_string(value[0]) if isinstance(value, list) and value else None,
                         f"malformed 'out' control message: {what}: {exc}"))
             return None

@@ -664,3 +664,68 @@ def test_the_front_end_checks_what_a_rank_reports_about_a_request():
             *client.router.prefill.values(), *client.router.attention.values()))
     finally:
         bare.close()
+
+
+def nested(depth: int) -> bytes:
+    """msgpack of a value ``depth`` arrays deep (about ``depth`` bytes)."""
+    return b"\x91" * depth + b"\xc0"
+
+
+def test_deeply_nested_messages_are_protocol_errors_not_recursion_errors():
+    """A message nested past the decoder's recursion limit (a 2 KB forgery) is a ProtocolError
+    like any other malformed one; a RecursionError used to escape the decoder, out of a rank's
+    loop (ControlLink.poll: the rank died) and the front end's (MultiRankClient.step). (msgpack
+    refused it with a ValueError, StackError, which the receivers dropped.) An ``add`` whose
+    params are too deep to check on arrival names its request, and fails alone."""
+    import msgpack
+
+    from afd import protocol
+
+    def packed(head: dict, key: str) -> bytes:  # the map ``head`` plus ``key``: deep
+        return bytes([0x80 | (len(head) + 1)]) + b"".join(
+            msgpack.packb(k) + msgpack.packb(v) for k, v in head.items()) + \
+            msgpack.packb(key) + nested(2000)
+
+    for data in (packed({"t": "hb", "rank": 0}, "x"),
+                 packed({"t": "out", "rank": 0, "outs": []}, "stats"), nested(2000)):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_from_rank(data)
+    for data in (packed({"t": "abort"}, "ids"), nested(2000)):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_to_rank(data)
+    schema: dict = {}
+    for _ in range(700):  # decodes, but too deep for SamplingParams' own check to walk
+        schema = {"items": schema}
+    deep = msgpack.packb({"t": "add", "req": wire_request(
+        "deep@1", params={"structured_outputs": {"json": schema}})})
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_to_rank(deep)
+    assert info.value.request_id == "deep@1"
+
+
+def test_a_deeply_nested_message_leaves_the_receivers_running():
+    """On the real sockets: the front end's inbox (MultiRankClient.step) and a rank's
+    (ControlLink.poll) drop a deeply nested message and take the next one."""
+    import msgpack
+    import zmq
+
+    from afd import protocol
+    from afd.workers import ControlLink
+
+    bare = BareClient(prefill=0, attention=1)
+    try:
+        bare.sender.send(nested(2000))
+        assert bare.exchange({"t": "hb", "rank": 0}) == []
+        ctx = bare.client.ctx
+        to_rank = ctx.socket(zmq.PUSH)
+        port = to_rank.bind_to_random_port("tcp://127.0.0.1")
+        link = ControlLink(ctx, bare.sender, f"tcp://127.0.0.1:{port}", 0)
+        to_rank.send(nested(2000))
+        to_rank.send(msgpack.packb({"t": "abort", "ids": ["a"]}))
+        got, deadline = [], time.monotonic() + 10
+        while not got:
+            assert time.monotonic() < deadline
+            got += link.poll(0.1)
+        assert got == [protocol.Abort(["a"])]
+    finally:
+        bare.close()
