@@ -16,6 +16,7 @@ raises out of a rank's or the front end's loop.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict, Union
 
@@ -43,7 +44,11 @@ class WireRequest(Struct):
 
     @classmethod
     def of(cls, req: CoreRequest) -> WireRequest:
-        return cls(req.request_id, req.prompt_token_ids, req.params, list(req.eos_token_ids),
+        params = req.params
+        if params.extra:  # the caller's, read by no rank: it stays here (as to_dict drops it)
+            params = copy.copy(params)
+            params.extra = {}
+        return cls(req.request_id, req.prompt_token_ids, params, list(req.eos_token_ids),
                    req.arrival_time, req.priority, req.cache_salt)
 
     def core(self) -> CoreRequest:

@@ -729,3 +729,18 @@ def test_a_deeply_nested_message_leaves_the_receivers_running():
         assert got == [protocol.Abort(["a"])]
     finally:
         bare.close()
+
+
+def test_sampling_params_extra_stays_on_the_front_end():
+    """``SamplingParams.extra`` is the caller's and no rank reads it: it never crossed to the
+    ranks (to_dict drops it). Sent inside the params, a value msgpack cannot carry failed the
+    request at the front end, and a non-string key failed it on the rank as a malformed add,
+    where the single process runs both."""
+    from afd import protocol
+    from afd.sequence import CoreRequest
+
+    params = SamplingParams(max_tokens=3, extra={1: "one", "obj": object()})
+    req = CoreRequest("x@1", [1, 2], params, (2,), 1.5)
+    got = protocol.decode_to_rank(protocol.encode(protocol.Add(protocol.WireRequest.of(req))))
+    assert got.req.core().params == SamplingParams(max_tokens=3)
+    assert set(params.extra) == {1, "obj"}  # the caller's object is left as it was
