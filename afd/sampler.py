@@ -115,12 +115,12 @@ class PromptLogprobs(msgspec.Struct, array_like=True, gc=False):
     per-token arrays (they cross the control sockets as one array, [k, ranks, top_ids,
     logprobs], checked on arrival: afd.protocol). Row i scores one prompt token under the logits
     of the position before it. k: top logprobs per row (SamplingParams.prompt_logprobs).
-    ranks [N]: the prompt token's rank (1: the likeliest). top_ids [N * k]: the k likeliest ids
-    of each row, best first. logprobs [N * (k + 1)]: per row, the prompt token's logprob, then
-    its k likeliest ones'."""
+    ranks [N]: the prompt token's rank (1: the likeliest; 0 where the logits hold a NaN).
+    top_ids [N * k]: the k likeliest ids of each row, best first. logprobs [N * (k + 1)]: per
+    row, the prompt token's logprob, then its k likeliest ones'."""
 
     k: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
-    ranks: list[Annotated[int, msgspec.Meta(ge=1)]] = []
+    ranks: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # 0: a NaN row (score_rows)
     top_ids: list[TokenId] = []
     logprobs: list[float] = []
 

@@ -145,3 +145,23 @@ def test_scored_rows_per_step_are_capped(oracle, monkeypatch):
     check(outs[1].prompt_logprobs, prompts[3], refs[3])
     alloc = llm.engine.core.allocator
     assert alloc.num_free == alloc.num_blocks and not llm.engine.core.seqs
+
+
+def test_a_nan_prompt_row_crosses_the_control_socket():
+    """A prompt position whose logits hold a NaN scores rank 0 (no token is at least as likely
+    as NaN): what the single process hands the engine as is. The rank's output row carrying
+    those prompt logprobs must decode on the front end like any other, not be refused as a
+    malformed message (the request failed, and the rank was blamed for it)."""
+    from afd import protocol
+    from afd.core import CoreStats
+    from afd.sampler import gather_prompt_logprobs
+    from afd.sequence import CoreOutput
+
+    logits = torch.randn(3, 16)
+    logits[1] = float("nan")
+    scored, = gather_prompt_logprobs(logits, torch.tensor([3, 4, 5]), [(3, 2)])
+    assert scored.ranks[1] == 0 and scored.ranks[0] >= 1
+    out = CoreOutput("r@1", [7], prompt_logprobs=scored)
+    data = protocol.encode(protocol.Out([out], CoreStats(1, 0, 0.0, 10, 0), rank=1))
+    got, = protocol.decode_from_rank(data).outs
+    assert got.prompt_logprobs.ranks == scored.ranks
