@@ -484,7 +484,7 @@ def test_malformed_messages_of_every_kind_leave_requests_running(references, two
                {"t": "add", "req": wire_request("forged@1", params={"temperature": "hot"})},
                {"t": "pull", "req": wire_request("forged@2"), "first": 1},
                {"t": "abort", "ids": 5}, {"t": "release"}, {"t": "send", "id": "x"},
-               {"t": "cancel", "id": 5}, {"t": "drop"}]
+               {"t": "cancel", "id": 5}, {"t": "drop"}, nested(2000)]
     to_front = [{"t": "error", "rank": 0},
                 {"t": "out", "rank": 0, "outs": [], "stats": {"bogus": 1}},
                 {"t": "out", "rank": 0, "outs": [["x"]], "stats": STATS},
@@ -495,7 +495,7 @@ def test_malformed_messages_of_every_kind_leave_requests_running(references, two
                 {"t": "expert_load", "rank": 0, "counts": "x"},
                 {"t": "ready", "rank": 0, "info": 5},
                 {"t": "timers", "rank": 1, "timers": [1]},
-                {"t": "hb", "rank": 0.5}, {"t": "bye", "rank": "0"}]
+                {"t": "hb", "rank": 0.5}, {"t": "bye", "rank": "0"}, nested(2000)]
     ids = [f"forge-{i}" for i in range(4)]
     for rid, prompt in zip(ids, prompts):
         llm.engine.add_request(rid, prompt, params)
@@ -507,7 +507,7 @@ def test_malformed_messages_of_every_kind_leave_requests_running(references, two
         intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
         with caplog.at_level("WARNING", logger="afd.layouts"):
             for msg in to_front:
-                intruder.send(msgpack.packb(msg))
+                intruder.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
             for sock in client.outboxes.values():
                 for msg in to_rank:
                     sock.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
