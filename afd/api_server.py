@@ -379,7 +379,7 @@ async def _json_body(request: Request) -> Any:
     typed routes' error."""
     try:
         return json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json's stack
         raise _invalid_json() from None
 
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
-from afd.sampling_params import (MAX_LOGPROBS, ParamError, SamplingParams,
-                                 StructuredOutputsParams, check_text)
+from afd.sampling_params import (MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError, SamplingParams,
+                                 StructuredOutputsParams, check_text, json_depth)
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
                               named_schema, required_schema)
 
@@ -52,7 +52,21 @@ _DEFAULTED = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "fre
               "repetition_penalty"}
 
 
-class _SamplingFields(BaseModel):
+class BoundedBody(BaseModel):
+    """A request body nested at most MAX_JSON_DEPTH deep: a deeper one (a tool's parameters, a
+    schema, a message's tool-call arguments, chat_template_kwargs) would blow the stack of the
+    chat template or the grammar library, a 500 and not the client's 400."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise ValueError(f"the request nests objects and arrays deeper than {MAX_JSON_DEPTH} "
+                             "levels")
+        return data
+
+
+class _SamplingFields(BoundedBody):
     """Fields shared by both endpoints (OpenAI's plus vLLM's common extensions)."""
 
     model_config = ConfigDict(extra="allow")
@@ -335,7 +349,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatTemplateFields(BaseModel):
+class ChatTemplateFields(BoundedBody):
     """A conversation and vLLM's chat-template fields (chat completions and /tokenize)."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -21,9 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
-from afd.openai_protocol import APIError, ChatCompletionRequest, FunctionDefinition
+from afd.openai_protocol import (APIError, BoundedBody, ChatCompletionRequest,
+                                 FunctionDefinition)
 
 log = logging.getLogger("afd.server")
 
@@ -55,7 +56,7 @@ class _ChatFromResponses(ChatCompletionRequest):
         "logprobs": (False,)}
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(BoundedBody):
     """POST /v1/responses. Fields not named here go on to the chat request: vLLM's sampling
     extensions (top_k, seed, stop, chat_template_kwargs, ...) work as on chat completions, and
     UNSUPPORTED ones are refused there."""

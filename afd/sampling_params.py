@@ -14,6 +14,8 @@ GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (as vLLM
 MAX_N = 128  # completions per prompt, as OpenAI's API allows
 MAX_LOGPROBS = 20  # top logprobs per token, vLLM's default max_logprobs (and OpenAI's limit)
 MAX_GRAMMAR_CHARS = 100_000  # a structured-output spec (a schema as JSON) travels to every rank
+MAX_JSON_DEPTH = 128  # nested objects and arrays in a request or a JSON schema (deeper ones
+# blow the stack of whatever recurses over them: json, the chat template, the grammar library)
 MAX_BAD_WORDS = 128  # token sequences after tokenization (vLLM's default limit)
 # stop strings: every step searches each one over the new text (its length plus the new
 # characters), and a stream holds back the longest one's length - 1 characters
@@ -47,6 +49,25 @@ def check_text(text: str, param: str) -> None:
 
 
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def json_depth(value: Any) -> int:
+    """How deep dicts and lists nest in ``value``, counted up to MAX_JSON_DEPTH + 1 (iterative:
+    a deep one must not recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 @dataclass
@@ -83,10 +104,14 @@ class StructuredOutputsParams:
                     schema = json.loads(self.json)
                 except ValueError as exc:
                     raise bad(f"json is not valid JSON: {exc}") from None
+                except RecursionError:
+                    raise bad(f"json nests deeper than {MAX_JSON_DEPTH} levels") from None
             else:
                 schema = self.json
             if not isinstance(schema, dict):
                 raise bad(f"json must be a JSON schema (an object), got {self.json!r:.80}")
+            if json_depth(schema) > MAX_JSON_DEPTH:
+                raise bad(f"json nests deeper than {MAX_JSON_DEPTH} levels")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):

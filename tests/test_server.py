@@ -1216,3 +1216,64 @@ def test_request_body_limit_on_the_real_server(single):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
     out = client(single).completions.create(model=None, prompt="Hi", max_tokens=2)
     assert out.choices[0].text is not None
+
+
+def test_deeply_nested_bodies_are_400s_on_every_route():
+    """A body nested deeper than MAX_JSON_DEPTH is the client's 400 on every JSON route, not a
+    500 from the stack of json, pydantic, the chat template (a tool's parameters) or the
+    grammar library (a schema): 150 levels pass json but not the depth check, 5,000 fail
+    json itself. A schema under the limit still runs."""
+    from asgi_utils import call_app
+
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+    from afd.sampling_params import MAX_JSON_DEPTH, ParamError
+
+    def deep(levels: int) -> str:  # 2 * levels nested objects, built as text (json recurses)
+        return '{"properties": {"a": ' * levels + "{}" + "}}" * levels
+
+    def bodies(schema: str) -> list[tuple[str, str]]:
+        chat = '{"messages": [{"role": "user", "content": "hi"}], %s}'
+        return [
+            ("/v1/completions", '{"prompt": "hi", "structured_outputs": {"json": %s}}' % schema),
+            ("/v1/chat/completions", chat % ('"response_format": {"type": "json_schema", '
+                                             '"json_schema": {"name": "x", "schema": %s}}'
+                                             % schema)),
+            ("/v1/chat/completions", chat % ('"tools": [{"type": "function", "function": '
+                                             '{"name": "f", "parameters": %s}}]' % schema)),
+            ("/v1/chat/completions", chat % '"chat_template_kwargs": {"x": %s}' % schema),
+            ("/v1/responses", '{"input": "hi", "tools": [{"type": "function", "name": "f", '
+                              '"parameters": %s}]}' % schema),
+            ("/tokenize", chat % '"tools": [{"type": "function", "function": {"name": "f", '
+                                 '"parameters": %s}}]' % schema),
+            ("/tokenize", '{"prompt": "hi", "x": %s}' % schema),
+        ]
+
+    for levels in (MAX_JSON_DEPTH // 2 + 10, 5000):
+        with pytest.raises(ParamError, match=f"deeper than {MAX_JSON_DEPTH}"):
+            SamplingParams(structured_outputs={"json": deep(levels)})
+    llm = LLM(max_model_len=64, num_kv_blocks=16)
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+
+        async def run(client, http):
+            out = []
+            for levels in (MAX_JSON_DEPTH // 2 + 10, 5000):
+                for path, body in bodies(deep(levels)):
+                    r = await http.post(path, content=body,
+                                        headers={"content-type": "application/json"})
+                    out.append((levels, path, r.status_code, r.text[:200]))
+            ok = await http.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 2,
+                "structured_outputs": {"json": json.loads(deep(MAX_JSON_DEPTH // 2 - 4))}})
+            return out, ok
+
+        out, ok = call_app(app, run)
+        for levels, path, status, text in out:
+            assert status == 400, (levels, path, status, text)
+        assert ok.status_code == 200, ok.text
+    finally:
+        engine.shutdown()
+        llm.shutdown()
