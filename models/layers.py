@@ -34,6 +34,16 @@ def linear(in_features: int, out_features: int, dtype: torch.dtype, device=None,
     return layer
 
 
+def embedding(vocab: int, hidden: int, dtype: torch.dtype, device=None) -> nn.Embedding:
+    """An ``nn.Embedding`` left uninitialized: the loader (or the dummy init) fills every
+    parameter. Its default ``normal_`` init would, on the meta device (``load_weights``' name
+    table), import ``torch._dynamo``: about 2 s of CPU in every process that loads a model."""
+    layer = nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden, dtype=dtype,
+                                                            device=device))
+    layer.requires_grad_(False)
+    return layer
+
+
 class DenseMLP(nn.Module):
     """SwiGLU MLP with HF names (gate_proj, up_proj, down_proj): dense layers and shared experts."""
 

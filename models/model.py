@@ -26,7 +26,7 @@ from torch import nn
 from models.attention import GQAttention, MLAttention
 from models.batch import ForwardBatch
 from models.config import ModelConfig
-from models.layers import DenseMLP, RMSNorm, Rotary, linear
+from models.layers import DenseMLP, RMSNorm, Rotary, embedding, linear
 from models.moe import RoutedExperts, Router, Routing
 
 ROLES = ("full", "attention", "ffn")
@@ -131,8 +131,7 @@ class MTPLayer(DecoderLayer):
         if role == "ffn":
             return
         hidden = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden, dtype=dtype, device=device)
-        self.embed_tokens.requires_grad_(False)
+        self.embed_tokens = embedding(cfg.vocab_size, hidden, dtype, device)
         self.enorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype, device)
         self.hnorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype, device)
         self.eh_proj = linear(2 * hidden, hidden, dtype, device)
@@ -205,9 +204,7 @@ class MoEModel(nn.Module):
         self.mtp = (MTPLayer(cfg, role, _layer_experts(expert_ids, cfg.num_layers), dtype,
                              device, fp8_experts) if mtp else None)
         if role != "ffn":
-            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                                   device=device)
-            self.model.embed_tokens.requires_grad_(False)
+            self.model.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
                                      device=device)

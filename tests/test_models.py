@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,6 +146,19 @@ def test_roles_load_only_their_tensors(v3_path):
         assert torch.equal(p, ref[[6, 1, 3, 1]])
     total = sum(p.numel() for p in full_params.values())
     assert sum(p.numel() for p in attn_names.values()) < total
+
+
+def test_loading_a_model_does_not_import_torch_dynamo(v3_path):
+    """Every rank loads its model at startup: building it, meta name table included, must not
+    pull in ``torch._dynamo`` (nn.Embedding's default init on the meta device did, about 2 s of
+    CPU per rank). In a fresh process: this one may have imported it for another test."""
+    code = ("import sys; from models.weights import load_model; "
+            f"load_model({v3_path!r}, 'attention'); load_model({v3_path!r}, 'ffn'); "
+            "print('torch._dynamo' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False", out
 
 
 def test_sharded_checkpoint_and_errors(tmp_path, v3_path):
