@@ -1095,9 +1095,20 @@ def main() -> None:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum, frame) -> None:
+            # signal.signal, not loop.add_signal_handler: closing the loop would restore the
+            # default action, and a second SIGTERM during the teardown below (torchrun's, sent
+            # to the whole process group, or an operator's) would kill this process before it
+            # tells the ranks to stop, leaving them to torchrun's SIGKILL 30 s later
+            if state.draining or loop.is_closed():
+                return
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(lambda: None if state.draining
+                                          else asyncio.ensure_future(drain()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: None if state.draining
-                                    else asyncio.ensure_future(drain()))
+            signal.signal(sig, on_signal)
         log.info("afd serving %s on http://%s:%d (layout P=%d A=%d F=%d); ready", name,
                  args.host, args.port, layout.prefill, layout.attention, layout.ffn)
         await server.serve()

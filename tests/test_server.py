@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from asgi_utils import post_app
@@ -509,10 +511,25 @@ def test_draining_answers_503_until_the_grace_period_ends():
                          json={"prompt": "b", "max_tokens": 1})
         assert new.status_code == 503
         assert t.is_alive()  # still running: not cut when the signal came
+        # More SIGTERMs as it tears down (torchrun's goes to the whole process group; an
+        # operator may send another), from when the grace period's end cut the request: the
+        # front end still stops every rank itself, instead of dying once its event loop is
+        # closed and leaving rank 0 waiting for a stop that never comes (until torchrun's
+        # SIGKILL, 30 s after the stop below).
+        front = next(p for p in procs if "afd.api_server" in " ".join(p.cmdline()))
+        t.join(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and wait_gone([front], timeout_s=0):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                front.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
     finally:
         t.join(60)
         left = server.stop()
     assert not left and not [p.pid for p in wait_gone(procs)], server.tail()
+    with open(server.log.name) as f:  # stop() closed it
+        log = f.read()
+    assert "front end stopped" in log, log[-3000:]
 
 
 def test_dead_rank_makes_health_503(pd):
