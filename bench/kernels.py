@@ -127,7 +127,7 @@ class Timer:
     them from HBM. A fn marked ``eager(fn)``, or one whose capture fails (recorded in
     ``graph_failures``), is timed as launched from the host: triton's do_bench, L2 flushed
     before each call, so host work a call's launch cannot hide behind the flush is counted (the
-    engine runs without CUDA graphs today). On the CPU: wall clock."""
+    engine runs without CUDA graphs today). On the CPU: one call's wall clock."""
 
     graph_failures: list[str] = []  # every Timer's, for the report
 
@@ -162,7 +162,8 @@ class Timer:
                     log(f"  !! {self.graph_failures[-1]}")
             return float(triton.testing.do_bench(fn, warmup=max(10, self.rep_ms // 4),
                                                  rep=self.rep_ms, return_mode="median"))
-        fn()
+        # CPU: only --smoke runs here, where the timings check the script, not the kernels
+        # (under the Triton interpreter), so one call, no warm-up: each is seconds of its CPU
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
