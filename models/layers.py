@@ -37,7 +37,8 @@ def linear(in_features: int, out_features: int, dtype: torch.dtype, device=None,
 def embedding(vocab: int, hidden: int, dtype: torch.dtype, device=None) -> nn.Embedding:
     """An ``nn.Embedding`` left uninitialized: the loader (or the dummy init) fills every
     parameter. Its default ``normal_`` init would, on the meta device (``load_weights``' name
-    table), import ``torch._dynamo``: about 2 s of CPU in every process that loads a model."""
+    table), import ``torch._dynamo``: 1-2 s of CPU in every process that loads a model (every
+    rank, at each start)."""
     layer = nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden, dtype=dtype,
                                                             device=device))
     layer.requires_grad_(False)

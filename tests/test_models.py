@@ -150,7 +150,7 @@ def test_roles_load_only_their_tensors(v3_path):
 
 def test_loading_a_model_does_not_import_torch_dynamo(v3_path):
     """Every rank loads its model at startup: building it, meta name table included, must not
-    pull in ``torch._dynamo`` (nn.Embedding's default init on the meta device did, about 2 s of
+    pull in ``torch._dynamo`` (nn.Embedding's default init on the meta device did, 1-2 s of
     CPU per rank). In a fresh process: this one may have imported it for another test."""
     code = ("import sys; from models.weights import load_model; "
             f"load_model({v3_path!r}, 'attention'); load_model({v3_path!r}, 'ffn'); "
