@@ -44,11 +44,11 @@ def references(tmp_path_factory):
 
 # The layout that test_logprobs_match_single_process and test_structured_output_matches_single_
 # process need: its case in CASES runs on their cluster (started once, prompts chunked by the
-# token budget), not on a second one of its own.
+# token budget), not on a second one of its own; the three are TestOnSharedCluster's.
 SHARED = ("deepseek_v3", 2, 1, 2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def shared_cluster(references):
     """DeepSeek-V3 on two attention ranks and one FFN rank, two micro-batches, a 24-token step
     budget (so the 64- and 48-token prompts prefill in chunks)."""
@@ -75,8 +75,11 @@ def check_roles(llm: LLM, attention: int, ffn: int) -> None:
                 "FFN rank holds more than routed experts"
 
 
-@pytest.mark.parametrize("kind, attention, ffn, micro_batches", CASES,
-                         ids=[f"{k}-{a}A{f}F-mb{m}" for k, a, f, m in CASES])
+OWN = [case for case in CASES if case != SHARED]  # the cases on a cluster of their own
+
+
+@pytest.mark.parametrize("kind, attention, ffn, micro_batches", OWN,
+                         ids=[f"{k}-{a}A{f}F-mb{m}" for k, a, f, m in OWN])
 def test_layout_matches_single_process(request, references, kind, attention, ffn,
                                       micro_batches):
     path, prompts, params, expected = references[kind]
@@ -97,60 +100,72 @@ def test_layout_matches_single_process(request, references, kind, attention, ffn
         assert all(s.num_free_blocks == llm.config.num_kv_blocks and s.num_running == 0
                    for s in llm.engine.core.stats())
     finally:
-        if not shared:  # the fixture shuts its cluster down and checks that, at module end
+        if not shared:  # the fixture shuts its cluster down and checks that, at class end
             llm.shutdown()
     assert shared or all(p.poll() is not None for p in llm.engine.core.procs), \
         "rank processes left behind"
 
 
-def test_logprobs_match_single_process(references, shared_cluster):
-    """Logprobs sampled on two attention ranks (experts on an FFN rank, two micro-batches) are
-    the single-process engine's, rows without logprobs beside them; so are prompt logprobs
-    of prompts prefilled in chunks there."""
-    path, prompts, _, _ = references["deepseek_v3"]
-    common = dict(max_tokens=8, ignore_eos=True)
-    params = [SamplingParams(temperature=0, logprobs=5, **common),
-              SamplingParams(temperature=0, prompt_logprobs=4, **common),
-              SamplingParams(temperature=0.8, seed=2, logprobs=2, prompt_logprobs=0, **common),
-              SamplingParams(temperature=0.8, seed=5, **common)]
-    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
-    assert [len(o.prompt_logprobs or ()) for o in expected] == [0, 64, 7, 0]
-    assert_same_outputs(shared_cluster.generate(prompts[:4], params, use_tqdm=False), expected)
+class TestOnSharedCluster:
+    """The tests on shared_cluster, in a class so that its cluster stops once they are done,
+    not at the module's end: idle, its ranks still vote on a step every 10 ms (about a quarter
+    of a core), which the module's other clusters would be short of."""
 
+    def test_layout_matches_single_process(self, request, references):
+        test_layout_matches_single_process(request, references, *SHARED)
 
-def test_structured_output_matches_single_process(references, shared_cluster):
-    """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
-    single-process engine's tokens, greedy and seeded, with allowed_token_ids and bad_words;
-    and a grammar that waits for the end of a reasoning (the greedy output's 4th token)."""
-    import json
-    import re
+    def test_logprobs_match_single_process(self, references, shared_cluster):
+        """Logprobs sampled on two attention ranks (experts on an FFN rank, two micro-batches)
+        are the single-process engine's, rows without logprobs beside them; so are prompt
+        logprobs of prompts prefilled in chunks there."""
+        path, prompts, _, _ = references["deepseek_v3"]
+        common = dict(max_tokens=8, ignore_eos=True)
+        params = [SamplingParams(temperature=0, logprobs=5, **common),
+                  SamplingParams(temperature=0, prompt_logprobs=4, **common),
+                  SamplingParams(temperature=0.8, seed=2, logprobs=2, prompt_logprobs=0,
+                                 **common),
+                  SamplingParams(temperature=0.8, seed=5, **common)]
+        expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
+        assert [len(o.prompt_logprobs or ()) for o in expected] == [0, 64, 7, 0]
+        assert_same_outputs(shared_cluster.generate(prompts[:4], params, use_tqdm=False),
+                            expected)
 
-    from afd.sampling_params import StructuredOutputsParams as SO
+    def test_structured_output_matches_single_process(self, references, shared_cluster):
+        """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
+        single-process engine's tokens, greedy and seeded, with allowed_token_ids and
+        bad_words; and a grammar that waits for the end of a reasoning (the greedy output's
+        4th token)."""
+        import json
+        import re
 
-    path, prompts, _, free = references["deepseek_v3"]
-    choice = ["red", "green", "blue"]
-    assert free[4][3] not in free[4][:3]
-    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
-                  json={"type": "object", "properties": {"n": {"type": "integer"}},
-                        "required": ["n"]}, disable_any_whitespace=True)),
-              SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=20,
-                             structured_outputs=SO(choice=choice)),
-              SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(regex="[0-9]+")),
-              SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
-                             allowed_token_ids=[101, 102], bad_words=["ab"]),
-              SamplingParams(temperature=0, max_tokens=20, structured_outputs=SO(choice=choice),
-                             reasoning_end_token_ids=[free[4][3]])]
-    expected = LLM(path).generate(prompts[:5], params, use_tqdm=False)
-    outs = shared_cluster.generate(prompts[:5], params, use_tqdm=False)
-    tok = shared_cluster.get_tokenizer()
-    assert_same_outputs(outs, expected)
-    assert json.loads(outs[0].outputs[0].text)["n"] is not None
-    assert all(c.text in choice for c in outs[1].outputs)
-    assert re.fullmatch("[0-9]+", outs[2].outputs[0].text)
-    ids = outs[3].outputs[0].token_ids
-    assert set(ids) <= {101, 102} and (101, 102) not in set(zip(ids, ids[1:]))
-    ids = outs[4].outputs[0].token_ids  # free until the end token, then the grammar's
-    assert ids[:4] == free[4][:4] and tok.decode(ids[4:]) in choice
+        from afd.sampling_params import StructuredOutputsParams as SO
+
+        path, prompts, _, free = references["deepseek_v3"]
+        choice = ["red", "green", "blue"]
+        assert free[4][3] not in free[4][:3]
+        params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(
+                      json={"type": "object", "properties": {"n": {"type": "integer"}},
+                            "required": ["n"]}, disable_any_whitespace=True)),
+                  SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=20,
+                                 structured_outputs=SO(choice=choice)),
+                  SamplingParams(temperature=0, max_tokens=20,
+                                 structured_outputs=SO(regex="[0-9]+")),
+                  SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True,
+                                 allowed_token_ids=[101, 102], bad_words=["ab"]),
+                  SamplingParams(temperature=0, max_tokens=20,
+                                 structured_outputs=SO(choice=choice),
+                                 reasoning_end_token_ids=[free[4][3]])]
+        expected = LLM(path).generate(prompts[:5], params, use_tqdm=False)
+        outs = shared_cluster.generate(prompts[:5], params, use_tqdm=False)
+        tok = shared_cluster.get_tokenizer()
+        assert_same_outputs(outs, expected)
+        assert json.loads(outs[0].outputs[0].text)["n"] is not None
+        assert all(c.text in choice for c in outs[1].outputs)
+        assert re.fullmatch("[0-9]+", outs[2].outputs[0].text)
+        ids = outs[3].outputs[0].token_ids
+        assert set(ids) <= {101, 102} and (101, 102) not in set(zip(ids, ids[1:]))
+        ids = outs[4].outputs[0].token_ids  # free until the end token, then the grammar's
+        assert ids[:4] == free[4][:4] and tok.decode(ids[4:]) in choice
 
 
 def test_killed_ffn_rank_is_an_error_not_a_hang(references):
