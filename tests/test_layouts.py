@@ -217,8 +217,20 @@ def test_wedged_rank_is_an_error_not_a_hang(references):
     path, prompts, params, _ = references["deepseek_v3"]
     timeout_s = 4
     llm = LLM(path, attention=2, ffn=0, timeout_s=timeout_s)
+    wedged = llm.engine.core.procs[0].pid
+
+    def resume_once_failed() -> None:
+        # Once the engine has declared the failure, wake the rank: it then takes the stop
+        # message shutdown() sends and exits, instead of shutdown() waiting 10 s for a stopped
+        # process to exit before it kills it. Never declared: woken after the test's limit.
+        deadline = time.monotonic() + timeout_s + 20
+        while llm.engine.core.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(wedged, signal.SIGCONT)
+
     try:
-        os.kill(llm.engine.core.procs[0].pid, signal.SIGSTOP)
+        os.kill(wedged, signal.SIGSTOP)
+        threading.Thread(target=resume_once_failed, daemon=True).start()
         result = _in_thread(lambda: llm.generate(prompts, params, use_tqdm=False),
                             timeout_s + 20)
         assert isinstance(result.get("raised"), RankFailure), result
