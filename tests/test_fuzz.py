@@ -1,0 +1,97 @@
+"""Seeded randomized invariant checks of the scheduler and KV blocks (tests/fuzz_engine.py, on
+the single-process engine).
+
+A handful of seeds run by default (each draws an engine, a stream of requests and the aborts,
+bad requests and cache resets between them, and checks the block accounting after every step,
+each surviving request's output against its run alone, and that every request ends once);
+``-m slow`` runs many (AFD_FUZZ_SEEDS=N sets how many). A failure names its seed: rerun it
+with ``run_case(seed, folder)``. The last tests break the engine on purpose
+and check that the fuzzer notices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from afd.block_pool import BlockPool
+from afd.kv_offload import HostKVTier
+from ckpt_utils import add_mtp_layer, build_hf_model, save_checkpoint
+from fuzz_engine import run_case
+
+# Chosen to cover, between them (each also draws its own mix of request options: greedy and
+# seeded, n > 1, stop strings and ids, logprobs, prompt logprobs, penalties, structured output
+# and a failing grammar, ids used again): 4, MTP drafts (k = 3) and a host tier with hits;
+# 18, n-gram drafts (k = 4) under priority scheduling, aborts mid-prefill and just after
+# verifying drafts; 66, one-token blocks and two micro-batches, preemption, aborts while
+# queued, preempted, mid-prefill and after finishing; GQA 15, a host tier, chunks of 3 tokens.
+SEEDS = [4, 18, 66]
+QWEN_SEEDS = [15]
+MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    """A tiny DeepSeek-V3 with an MTP layer (engines without MTP drafts ignore it)."""
+    hf = build_hf_model("deepseek_v3")
+    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("fuzz-v3")))
+    add_mtp_layer(folder, hf)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path_factory.mktemp("fuzz-q")))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_single_process(v3, seed):
+    report = run_case(seed, v3)
+    assert report.compared, "no request was compared with its run alone"
+
+
+@pytest.mark.parametrize("seed", QWEN_SEEDS)
+def test_single_process_gqa(qwen, seed):
+    assert run_case(seed, qwen, mtp_ok=False).compared
+
+
+@pytest.mark.slow
+def test_single_process_many_seeds(v3, qwen):
+    for seed in range(1000, 1000 + MANY):
+        gqa = seed % 4 == 3
+        run_case(seed, qwen if gqa else v3, mtp_ok=not gqa)
+
+
+# ---- the fuzzer notices broken engines ------------------------------------------------------
+
+def test_notices_a_leaked_block(v3, monkeypatch):
+    free = BlockPool.free
+
+    def leaky(self, blocks):
+        free(self, blocks[:-1])  # the last block keeps its owner
+
+    monkeypatch.setattr(BlockPool, "free", leaky)
+    with pytest.raises(AssertionError, match="ref count"):
+        run_case(SEEDS[0], v3)
+
+
+def test_notices_kv_restored_before_it_was_offloaded(v3, monkeypatch):
+    """Host copies run in the wrong order: a slot written this step is read before it is."""
+    def flush(self, kv_caches):
+        offloads, restores = self._offloads, self._restores
+        self._offloads, self._restores = [], []
+        self._busy.clear()
+        for s, b in restores:
+            for buf, c in zip(self.buffers, kv_caches):
+                c.index_copy_(self.block_dim, torch.tensor([b]),
+                              buf.index_select(self.block_dim, torch.tensor([s])))
+        for b, s in offloads:
+            for buf, c in zip(self.buffers, kv_caches):
+                buf.index_copy_(self.block_dim, torch.tensor([s]),
+                                c.index_select(self.block_dim, torch.tensor([b])))
+
+    monkeypatch.setattr(HostKVTier, "flush", flush)
+    with pytest.raises(AssertionError, match="other KV than its key"):
+        run_case(4, v3)
