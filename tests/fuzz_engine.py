@@ -628,13 +628,16 @@ class System:
     allowed_errors: tuple[str, ...] = ()
 
     def __init__(self, llm: LLM, max_num_seqs: int, check_kv: bool):
-        self.llm, self.engine = llm, llm.engine
-        self.max_num_seqs = max_num_seqs
-        self.cores = [llm.engine.core]
-        self.watches = [KVWatch(c) for c in self.cores] if check_kv else []
+        self.llm = llm
+        self.watch(llm.engine, [llm.engine.core], max_num_seqs, check_kv)
+
+    def watch(self, engine, cores: list, max_num_seqs: int, check_kv: bool) -> None:
+        """Check ``cores`` under ``engine``; note which sequences verify drafts each step."""
+        self.engine, self.cores, self.max_num_seqs = engine, cores, max_num_seqs
+        self.watches = [KVWatch(c) for c in cores] if check_kv else []
         self.last_drafted: set[str] = set()  # sequences that verified drafts in the last step
         self._spied = []
-        for core in self.cores:
+        for core in cores:
             schedule = core.scheduler.schedule
 
             def spy(schedule=schedule):

@@ -1,11 +1,11 @@
 """Seeded randomized invariant checks of the scheduler and KV blocks (tests/fuzz_engine.py, on
-the single-process engine).
+the single-process engine; tests/fuzz_pd.py, on multi-rank layouts run in one process).
 
 A handful of seeds run by default (each draws an engine, a stream of requests and the aborts,
 bad requests and cache resets between them, and checks the block accounting after every step,
 each surviving request's output against its run alone, and that every request ends once);
 ``-m slow`` runs many (AFD_FUZZ_SEEDS=N sets how many). A failure names its seed: rerun it
-with ``run_case(seed, folder)``. The last tests break the engine on purpose
+with ``run_case(seed, folder)`` / ``run_pd_case``. The last tests break the engine on purpose
 and check that the fuzzer notices.
 """
 
@@ -18,8 +18,10 @@ import torch
 
 from afd.block_pool import BlockPool
 from afd.kv_offload import HostKVTier
+from afd.rank_attention import AttentionWorker
 from ckpt_utils import add_mtp_layer, build_hf_model, save_checkpoint
 from fuzz_engine import run_case
+from fuzz_pd import run_pd_case
 
 # Chosen to cover, between them (each also draws its own mix of request options: greedy and
 # seeded, n > 1, stop strings and ids, logprobs, prompt logprobs, penalties, structured output
@@ -27,7 +29,11 @@ from fuzz_engine import run_case
 # 18, n-gram drafts (k = 4) under priority scheduling, aborts mid-prefill and just after
 # verifying drafts; 66, one-token blocks and two micro-batches, preemption, aborts while
 # queued, preempted, mid-prefill and after finishing; GQA 15, a host tier, chunks of 3 tokens.
+# Multi-rank 40: two prefill ranks with a block size of their own, 30% of transfers failing,
+# preemption, aborts while parked and receiving; 106: two attention ranks, n-gram drafts,
+# aborts while receiving and just after verifying drafts.
 SEEDS = [4, 18, 66]
+PD_SEEDS = [40, 106]
 QWEN_SEEDS = [15]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 
@@ -57,11 +63,23 @@ def test_single_process_gqa(qwen, seed):
     assert run_case(seed, qwen, mtp_ok=False).compared
 
 
+@pytest.mark.parametrize("seed", PD_SEEDS)
+def test_multi_rank(v3, seed):
+    assert run_pd_case(seed, v3).compared
+
+
 @pytest.mark.slow
 def test_single_process_many_seeds(v3, qwen):
     for seed in range(1000, 1000 + MANY):
         gqa = seed % 4 == 3
         run_case(seed, qwen if gqa else v3, mtp_ok=not gqa)
+
+
+@pytest.mark.slow
+def test_multi_rank_many_seeds(v3, qwen):
+    for seed in range(1000, 1000 + MANY // 2):
+        gqa = seed % 4 == 3
+        run_pd_case(seed, qwen if gqa else v3, mtp_ok=not gqa)
 
 
 # ---- the fuzzer notices broken engines ------------------------------------------------------
@@ -95,3 +113,20 @@ def test_notices_kv_restored_before_it_was_offloaded(v3, monkeypatch):
     monkeypatch.setattr(HostKVTier, "flush", flush)
     with pytest.raises(AssertionError, match="other KV than its key"):
         run_case(4, v3)
+
+
+def test_notices_a_receive_kept_after_its_abort(v3, monkeypatch):
+    handle = AttentionWorker._handle
+
+    def keep_receives(self, msg):
+        if msg["t"] == "abort":
+            receiving, self.receiving = self.receiving, {}
+            try:
+                return handle(self, msg)
+            finally:
+                self.receiving = receiving
+        return handle(self, msg)
+
+    monkeypatch.setattr(AttentionWorker, "_handle", keep_receives)
+    with pytest.raises(AssertionError, match="after their abort"):
+        run_pd_case(40, v3)
