@@ -43,19 +43,21 @@ from models.config import load_config
 
 
 class Channel:
-    """One control socket: FIFO, each tick delivering a random prefix of what is queued."""
+    """One control socket: FIFO, each tick delivering a random prefix of what is queued, each
+    message encoded and decoded as on the wire (``decode``: protocol.decode_to_rank or
+    decode_from_rank)."""
 
-    def __init__(self, rng: random.Random, lag: float):
-        self.rng, self.lag, self.queue = rng, lag, deque()
+    def __init__(self, rng: random.Random, lag: float, decode):
+        self.rng, self.lag, self.decode, self.queue = rng, lag, decode, deque()
 
-    def put(self, msg: dict) -> None:
-        self.queue.append(protocol.pack(msg))
+    def put(self, msg) -> None:
+        self.queue.append(protocol.encode(msg))
 
-    def deliver(self) -> list[dict]:
+    def deliver(self) -> list:
         n = len(self.queue)
         if self.lag and self.rng.random() < self.lag:
             n = self.rng.randint(0, n)
-        return [protocol.unpack(self.queue.popleft()) for _ in range(n)]
+        return [self.decode(self.queue.popleft()) for _ in range(n)]
 
 
 class SimLink:
@@ -65,15 +67,18 @@ class SimLink:
         self.rank, self.inbox, self.out = rank, inbox, out
         self.ended: set[str] = set()  # wire ids this rank was told to abort or release
 
-    def poll(self, timeout_s: float = 0.0) -> list[dict]:
+    def poll(self, timeout_s: float = 0.0) -> list:
         msgs = self.inbox.deliver()
         for msg in msgs:
-            if msg["t"] in ("abort", "release"):
-                self.ended.update(msg.get("ids") or [msg["id"]])
+            if isinstance(msg, protocol.Abort):
+                self.ended.update(msg.ids)
+            elif isinstance(msg, protocol.Release):
+                self.ended.add(msg.id)
         return msgs
 
-    def send(self, msg: dict) -> None:
-        self.out.put({**msg, "rank": self.rank})
+    def send(self, msg) -> None:
+        msg.rank = self.rank
+        self.out.put(msg)
 
     def heartbeat(self) -> None:
         pass
@@ -179,8 +184,9 @@ class PDSim:
         tok = load_tokenizer(folder)
         cfg = resolve_engine_config(folder, model_cfg, speculative_config=speculative, **kwargs)
         self.wire = Wire(rng, fail_rate, max_delay)
-        self.front_in = Channel(rng, lag)
-        self.inboxes = {r: Channel(rng, lag) for r in range(layout.prefill + layout.attention)}
+        self.front_in = Channel(rng, lag, protocol.decode_from_rank)
+        self.inboxes = {r: Channel(rng, lag, protocol.decode_to_rank)
+                        for r in range(layout.prefill + layout.attention)}
         spec = WorkerSpec(rank=-1, layout=layout, engine_cfg=cfg, placement=None,
                           micro_batches=1, transport="torch", timeout_s=1e9, store_host="",
                           store_port=0, front_out="", front_in=(), prefill_block_size=(
@@ -264,13 +270,12 @@ class PDSim:
         busy = w.core.has_unfinished()
         if busy:
             outputs += w.core.step()
-        parked = [[s.request_id, s.num_computed_tokens, s.mtp_drafts]
+        parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
                   for s in w.core.newly_parked]
         w.core.newly_parked.clear()
         free = w.core.allocator.num_free
         if outputs or parked or free != w.reported_free:
-            w.link.send({"t": "out", "outs": [protocol.output_to_wire(o) for o in outputs],
-                         "prefilled": parked, "stats": protocol.stats_to_wire(w.core.stats()[0])})
+            w.link.send(protocol.Out(outputs, w.core.stats()[0], prefilled=parked))
             w.reported_free = free
 
     micro_batches = 1

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from afd import protocol
 from afd.block_pool import BlockPool
 from afd.kv_offload import HostKVTier
 from afd.rank_attention import AttentionWorker
@@ -119,7 +120,7 @@ def test_notices_a_receive_kept_after_its_abort(v3, monkeypatch):
     handle = AttentionWorker._handle
 
     def keep_receives(self, msg):
-        if msg["t"] == "abort":
+        if isinstance(msg, protocol.Abort):
             receiving, self.receiving = self.receiving, {}
             try:
                 return handle(self, msg)
