@@ -203,6 +203,9 @@ class MarkerStream(ToolCallStream):
         self.body: CallBody | None = None  # the open call's body
         self.begun = False  # the open call's first piece went out (streaming)
         self.sent: tuple[int, int] | None = None  # the open call's arguments sent: a body span
+        # where arguments start that turned out not to go on from those sent (a key written
+        # twice): the text there never changes, so they are not compared again
+        self.refused: int | None = None
 
     def _advance(self, delta: str, final: bool) -> None:
         fmt, text, pos = self.fmt, self._tail + delta, 0
@@ -221,6 +224,7 @@ class MarkerStream(ToolCallStream):
                 pos = i + len(marker)
                 if marker == fmt.begin:
                     self.body, self.begun, self.sent = fmt.body(), False, None
+                    self.refused = None
                 continue
             end = text.find(fmt.end, pos)
             if end < 0 and not final:
@@ -265,9 +269,12 @@ class MarkerStream(ToolCallStream):
         if stop - start <= done:
             return
         # the arguments so far must go on from those sent (a key written twice may not)
-        if sent is not None and start != sent[0] and (
-                self.body.text.slice(start, start + done) != self._sent_text()):
-            return
+        if sent is not None and start != sent[0]:
+            if start == self.refused:
+                return
+            if self.body.text.slice(start, start + done) != self._sent_text():
+                self.refused = start
+                return
         self._args(self.body.text.slice(start + done, stop))
         self.sent = (start, stop)
 

@@ -461,3 +461,30 @@ def test_partial_marker_as_before():
         start = rng.randint(0, len(s))
         assert partial_marker(s, start, markers) == ref.partial_marker(s, start, markers), (
             s, start, markers)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a step costs: characters read again, and what a reader keeps per step
+# ---------------------------------------------------------------------------------------------
+def test_arguments_written_twice_are_not_read_again_each_step(monkeypatch):
+    """A hermes call whose "arguments" key comes again with other arguments: whether the new
+    ones go on from those sent is decided once, not by rereading the sent ones every step
+    (the text read in all stays proportional to the text)."""
+    read = [0]
+    slice_ = GrowingText.slice
+
+    def counted(self, start, stop):
+        read[0] += max(stop - start, 0)
+        return slice_(self, start, stop)
+
+    monkeypatch.setattr(GrowingText, "slice", counted)
+    first, second = '{"a": "' + "x" * 3000 + '"}', '{"b": "' + "y" * 6000 + '"}'
+    text = ('<tool_call>{"name": "f", "arguments": ' + first + ', "arguments": ' + second
+            + "}</tool_call>")
+    stream = MarkerStream(PARSERS["hermes"])
+    sent = ""
+    for i in range(len(text)):
+        for piece in stream.update(text[i], i == len(text) - 1).calls:
+            sent += piece.arguments
+    assert sent == first  # the second arguments do not go on from the first: not streamed
+    assert read[0] < 4 * len(text), read[0]
