@@ -210,9 +210,17 @@ class MarkerStream(ToolCallStream):
     def _advance(self, delta: str, final: bool) -> None:
         fmt, text, pos = self.fmt, self._tail + delta, 0
         self._tail = ""
+        # the markers outside calls found at or after pos (where first), looked for again
+        # only once pos passes them: one not found is not looked for again in this text (a
+        # group's end marker is not searched for to the text's end after every call)
+        found: list[tuple[int, str]] | None = None
         while True:
             if self.body is None:
-                found = [(i, m) for m in self._outside if (i := text.find(m, pos)) >= 0]
+                if found is None:
+                    found = [(i, m) for m in self._outside if (i := text.find(m, pos)) >= 0]
+                else:
+                    found = [(i, m) for j, m in found
+                             if (i := j if j >= pos else text.find(m, pos)) >= 0]
                 if not found:
                     end = len(text) if final else (
                         len(text) - partial_marker(text, pos, self._outside))

@@ -488,3 +488,40 @@ def test_arguments_written_twice_are_not_read_again_each_step(monkeypatch):
             sent += piece.arguments
     assert sent == first  # the second arguments do not go on from the first: not streamed
     assert read[0] < 4 * len(text), read[0]
+
+
+def finds_made(fn) -> int:
+    """How many times ``fn()`` calls ``str.find`` (a C call the profiler sees)."""
+    import sys
+
+    count = [0]
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") == "find":
+            count[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count[0]
+
+
+@pytest.mark.parametrize("parser", ["deepseek_v3", "kimi_k2"])
+def test_many_calls_in_one_update_search_the_text_once_per_marker(parser):
+    """An unstreamed answer (one update) with many calls: a group marker that does not come
+    again (the calls' end, K2's singular spellings) is looked for once, not again after each
+    call all the way to the text's end (which made the parse quadratic: 8,000 K2 calls took
+    seconds)."""
+    one = {"deepseek_v3": DS_BEGIN + f"function{DS_SEP}f\n```json\n{{}}\n```" + DS_END,
+           "kimi_k2": K_BEGIN + "functions.f:0" + K_ARGS + "{}" + K_END}[parser]
+    opening, closing = {"deepseek_v3": (DS_CALLS, DS_CALLS_END),
+                        "kimi_k2": (K_SEC, K_SEC_END)}[parser]
+    text = "Sure." + opening + one * 400 + closing + " done"
+    stream = MarkerStream(PARSERS[parser])
+    finds = finds_made(lambda: stream.parse(text))
+    assert len(stream.result().calls) == 400
+    # per call: its end marker, the next call's begin marker, its body's (1 to 3; 7 a call
+    # when the group's markers were looked for again after each call)
+    assert finds < 6 * 400, finds
