@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from afd.stream_scan import partial_marker
+from afd.stream_scan import GrowingText, partial_marker
 
 Mode = Literal["open", "tag", "off"]
 
@@ -99,9 +99,11 @@ class ReasoningStream:
         self.fmt, self.mode = fmt, mode
         self.state = "content" if mode == "off" else "start"
         self.thought = mode == "open"  # the answer has a reasoning part (maybe empty)
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
-        self._blank: list[str] = []  # "start": the blank text so far
+        # kept piece by piece (for ``result``): a string extended every step would be copied
+        # every step
+        self.reasoning = GrowingText()
+        self.content = GrowingText()
+        self._blank = GrowingText()  # "start": the blank text so far
         self._tail = ""  # the text after that not handled yet (a marker's beginning)
         self._ends = (fmt.end, *fmt.content_starts)
 
@@ -115,7 +117,8 @@ class ReasoningStream:
             rest = text.lstrip()  # the blank text before it is in self._blank
             start = self.fmt.start
             if rest.startswith(start):  # the model opened the reasoning itself
-                pos, self._blank = len(text) - len(rest) + len(start), []
+                pos = len(text) - len(rest) + len(start)
+                self._blank.take()
                 self.state, self.thought = "reasoning", True
             elif not final and start.startswith(rest):
                 # maybe the beginning of <think>: wait for more
@@ -123,7 +126,7 @@ class ReasoningStream:
                 self._tail = rest
                 return piece
             else:
-                text, self._blank = "".join(self._blank) + text, []
+                text = self._blank.take() + text
                 self.state = "reasoning" if self.mode == "open" else "content"
         if self.state == "reasoning":
             ends = [(i, m) for m in self._ends if (i := text.find(m, pos)) >= 0]
@@ -145,8 +148,8 @@ class ReasoningStream:
         return piece
 
     def result(self) -> SplitOutput:
-        return SplitOutput("".join(self.reasoning) if self.thought else None,
-                           "".join(self.content) or None)
+        return SplitOutput(str(self.reasoning) if self.thought else None,
+                           str(self.content) or None)
 
     def parse(self, text: str) -> SplitOutput:
         """The whole, unstreamed answer."""

@@ -22,20 +22,37 @@ _BOX_STOP = re.compile(r'["{}\[\]]')  # in brackets, outside strings: what chang
 _SCALAR_STOP = re.compile(r"[,}\] \t\r\n]")  # what ends a number or a literal
 
 
+_FOLD = 64  # GrowingText: this many pieces appended since the last fold are joined into one
+
+
 class GrowingText:
-    """A text that only grows, kept as the pieces it grew by: ``append`` costs the piece,
-    ``slice`` the pieces it spans (found by bisection), ``str()`` joins once."""
+    """A text that only grows, kept as the pieces it grew by, every ``_FOLD`` of them joined
+    into one part (a string object per step would take some 60 bytes a step, many times a
+    token's text; each character is copied once more): ``append`` costs the piece, ``slice``
+    the parts it spans (found by bisection), ``str()`` joins once."""
+
+    __slots__ = ("_parts", "_starts", "_folded", "length")
 
     def __init__(self) -> None:
         self._parts: list[str] = []
         self._starts: list[int] = []  # where each part starts in the text
+        self._folded = 0  # the parts before this are folds; those after, single pieces
         self.length = 0
 
     def append(self, piece: str) -> None:
         if piece:
+            parts = self._parts
             self._starts.append(self.length)
-            self._parts.append(piece)
+            parts.append(piece)
             self.length += len(piece)
+            if len(parts) - self._folded >= _FOLD:
+                self._fold()
+
+    def _fold(self) -> None:
+        k = self._folded
+        self._parts[k:] = ["".join(self._parts[k:])]
+        del self._starts[k + 1:]
+        self._folded = k + 1
 
     def slice(self, start: int, stop: int) -> str:
         """``text[start:stop]`` for 0 <= start and stop <= length."""
@@ -49,9 +66,17 @@ class GrowingText:
         return "".join([parts[first][start - starts[first]:], *parts[first + 1:last],
                         parts[last][:stop - starts[last]]])
 
+    def take(self) -> str:
+        """The text; it is then empty."""
+        text = str(self)
+        self._parts.clear()
+        self._starts.clear()
+        self._folded = self.length = 0
+        return text
+
     def __str__(self) -> str:
         if len(self._parts) > 1:
-            self._parts, self._starts = ["".join(self._parts)], [0]
+            self._parts, self._starts, self._folded = ["".join(self._parts)], [0], 1
         return self._parts[0] if self._parts else ""
 
 

@@ -97,12 +97,13 @@ class ToolCallStream:
     def __init__(self, max_calls: int | None = None):
         self.max_calls = max_calls  # parallel_tool_calls=false: 1 (later calls are dropped)
         self.calls: list[ToolCall] = []
-        self.content: list[str] = []
-        self._held: list[str] = []  # trailing whitespace not yet sent
+        # kept piece by piece (a string extended every step would be copied every step):
+        # the content (for ``result``), the trailing whitespace not yet sent, the last call's
+        # arguments (and their length)
+        self.content = GrowingText()
+        self._held = GrowingText()
         self._piece = StreamPiece()
-        # the last call's arguments, piece by piece (a string extended every step would be
-        # copied every step), and their length
-        self._last_args: list[str] = []
+        self._last_args = GrowingText()
         self._last_length = 0
 
     def update(self, delta: str, final: bool) -> StreamPiece:
@@ -110,15 +111,15 @@ class ToolCallStream:
         complete."""
         self._piece = StreamPiece()
         self._advance(delta, final)
-        if final and not self.calls and self._held:  # no calls: all the text is content
-            held, self._held = "".join(self._held), []
+        if final and not self.calls and self._held.length:  # no calls: all of it is content
+            held = self._held.take()
             self.content.append(held)
             self._piece.content += held
         return self._piece
 
     def result(self) -> ParsedOutput:
         self._join_args()
-        content = "".join(self.content)
+        content = str(self.content)
         return ParsedOutput(content or None, [c for c in self.calls[:self._limit()] if c.valid])
 
     @property
@@ -143,21 +144,23 @@ class ToolCallStream:
         # split keeps the streamed content equal to the unstreamed one.
         body = text.rstrip()
         if body:
-            body, blank = "".join(self._held) + body, text[len(body):]
-            self._held = [blank] if blank else []
+            blank = text[len(body):]
+            if self._held.length:
+                body = self._held.take() + body
+            if blank:
+                self._held.append(blank)
             self.content.append(body)
             self._piece.content += body
         elif text:
             self._held.append(text)
 
     def _join_args(self) -> None:
-        if self._last_args:
-            self.calls[-1].arguments += "".join(self._last_args)
-            self._last_args = []
+        if self._last_args.length:
+            self.calls[-1].arguments += self._last_args.take()
 
     def _begin(self, name: str, call_id: str | None = None) -> None:
         """A call begins; ``call_id``: the id the model gave it, if its format has one."""
-        self._held = []
+        self._held.take()
         self._join_args()
         self._last_length = 0
         call = ToolCall(call_id or f"chatcmpl-tool-{uuid.uuid4().hex}", name)

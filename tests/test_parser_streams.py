@@ -448,6 +448,27 @@ def test_json_scans_resume_as_the_whole_text_scan():
                 assert text.slice(a, b) == s[a:b]
 
 
+def test_growing_text_slices_across_its_folds():
+    """GrowingText joins every 64 pieces into one part: slices across those parts, after
+    ``str()`` and after ``take()`` (which empties it), are the plain string's."""
+    rng = random.Random(4)
+    text, plain = GrowingText(), ""
+    for step in range(3000):
+        piece = "".join(rng.choices("ab✓𝄞", k=rng.choice([0, 1, 1, 2, 5, 70])))
+        text.append(piece)
+        plain += piece
+        assert text.length == len(plain)
+        a, b = sorted(rng.choices(range(len(plain) + 1), k=2))
+        assert text.slice(a, b) == plain[a:b], (step, a, b)
+        if step % 700 == 699:
+            assert str(text) == plain
+        if step == 2000:
+            assert text.take() == plain and text.length == 0 and str(text) == ""
+            plain = ""
+    assert len(text._parts) < 3000 // 64 + 64
+    assert str(text) == plain
+
+
 def test_partial_marker_as_before():
     """The longest end of ``s[start:]`` that may begin a marker, on random strings over the
     markers' own characters."""
@@ -525,3 +546,49 @@ def test_many_calls_in_one_update_search_the_text_once_per_marker(parser):
     # per call: its end marker, the next call's begin marker, its body's (1 to 3; 7 a call
     # when the group's markers were looked for again after each call)
     assert finds < 6 * 400, finds
+
+
+def retained_per_step(make, pieces: list[str]) -> float:
+    """The bytes a reader fed ``pieces`` (each a new string, as the server's deltas are; the
+    answer not over yet) holds, per piece."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        reader = make()
+        before = tracemalloc.get_traced_memory()[0]
+        for piece in pieces:
+            reader.update((piece + ".")[:-1], False)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert reader is not None
+    return kept / len(pieces)
+
+
+def test_readers_keep_what_they_read_compactly():
+    """Fed 20,000 three-character steps, a reader keeps about the characters it must (an open
+    call's body and its arguments, a constrained output, the content and reasoning for the
+    unstreamed result, blank text held back), not a string object per step (60 bytes or
+    more each: a long answer's reader would hold many times the answer's size)."""
+    words = [f"w{i % 10}{i % 7}" for i in range(20_000)]
+    blanks = [" \n\t"[i % 3] * 3 for i in range(20_000)]
+    hermes = lambda: MarkerStream(PARSERS["hermes"])  # noqa: E731
+    r1 = lambda: ReasoningStream(REASONING["deepseek_r1"], "open")  # noqa: E731
+    cases = {
+        "hermes call": (hermes, ['<tool_call>{"name": "f", "arguments": {"a": "', *words]),
+        "deepseek_v3 call": (lambda: MarkerStream(PARSERS["deepseek_v3"]),
+                             [DS_BEGIN + f"function{DS_SEP}f\n```json\n" + '{"a": "', *words]),
+        "content": (hermes, words),
+        "blank content": (hermes, ["a", *blanks]),
+        "named": (lambda: NamedStream("f"), ['{"a": "', *words]),
+        "required": (RequiredStream, ['[{"name": "f", "parameters": {"a": "', *words]),
+        "reasoning": (r1, [*words[:10_000], "</think>", *words[10_000:]]),
+        "blank start": (r1, blanks),
+    }
+    for name, (make, pieces) in cases.items():
+        per_step = retained_per_step(make, pieces)
+        assert per_step < 16, (name, per_step)
