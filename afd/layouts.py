@@ -334,6 +334,22 @@ class MultiRankClient:
             self.check_alive()
             self._fail(f"{self._describe(rank)} took no message for {self.timeout_s:.0f}s")
 
+    _WAKE = protocol.encode(protocol.Wake())
+
+    def _wake_others(self, rank: int) -> None:
+        """Work just went to attention rank ``rank``: with FFN ranks, every other attention
+        rank may be asleep on its socket (an idle cluster's, ``AttentionWorker.run``) and the
+        step's vote would wait for it; wake them. A rank whose queue is full is awake (it has
+        not read them yet): the wake is dropped, never waited on."""
+        if not self.layout.ffn or self.closed:
+            return
+        for other in range(self.layout.prefill, self.layout.prefill + self.layout.attention):
+            if other != rank:
+                try:
+                    self.outboxes[other].send(self._WAKE, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
         self.check_alive()
@@ -355,6 +371,8 @@ class MultiRankClient:
         self.by_wire[wire_id] = placed
         if not self.closed:
             self._send(rank, wire)
+            if not self.layout.prefill:
+                self._wake_others(rank)
             if req.request_id in self.to_drop:
                 self.to_drop.discard(req.request_id)
                 self._tell(rank, protocol.Drop(wire_id))
@@ -552,6 +570,7 @@ class MultiRankClient:
         self._tell(decode, protocol.Pull(
             protocol.WireRequest.of(replace(placed.request, request_id=placed.wire_id)),
             placed.first_token, drafts, num_kv_tokens, placed.prefill, next(self.tags)))
+        self._wake_others(decode)
         return None
 
     def poll(self) -> None:

@@ -133,8 +133,14 @@ class Shutdown(_ToRank, tag="shutdown"):
     pass
 
 
+class Wake(_ToRank, tag="wake"):
+    """To every other attention rank when one is sent work (with FFN ranks): an idle cluster's
+    attention ranks sleep on their sockets between step votes, and the vote that runs the step
+    waits for all of them (``AttentionWorker.run``). It carries nothing."""
+
+
 ToRank = Union[Add, Pull, Abort, Release, Send, Cancel, Drop, ResetPrefixCache, ExpertLoadStart,
-               ExpertLoadStop, ExpertLoadDump, Shutdown]
+               ExpertLoadStop, ExpertLoadDump, Shutdown, Wake]
 
 
 @dataclass

@@ -2,8 +2,9 @@
 experts (all weights when the layout has no FFN ranks).
 
 Loop: take control messages; admit KV transfers it has room for (P/D); schedule; with FFN ranks,
-vote with every attention and FFN rank on go/stop and the micro-batch count (an idle rank still
-steps, with zero tokens); run the step; send the new tokens to the front end.
+vote with every attention and FFN rank on go/stop, the micro-batch count and whether any rank is
+busy (an idle rank still steps, with zero tokens, while another has work); run the step; send the
+new tokens to the front end. A quiescent cluster sleeps: see ``AttentionWorker.run``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from afd.profiling import StageTimers
 from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
 from afd.workers import (ControlLink, Groups, WorkerSpec, core_config, describe,
-                         make_transport)
+                         idle_sleep_s, make_transport)
 
 log = logging.getLogger("afd.worker")
 
-IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between step votes
+IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between votes, work in flight
+QUIET_VOTES = 3  # consecutive quiescent votes before the ranks sleep
 
 
 def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: torch.Tensor
@@ -97,6 +99,8 @@ class AttentionWorker:
             self.link.send(protocol.ExpertLoad(self.core.load_recorder().snapshot()))
         elif isinstance(msg, protocol.Shutdown):
             self.stopping = True
+        elif isinstance(msg, protocol.Wake):
+            pass  # taking it is the point: this rank goes on to the vote (``run``)
         else:  # a prefill rank's kind (release, send, cancel, drop): not for this rank
             log.warning("attention rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
@@ -185,19 +189,40 @@ class AttentionWorker:
         return failed
 
     # ---- the loop -------------------------------------------------------------------------
+    def _quiescent(self, plan) -> bool:
+        """Nothing to run, nothing waiting (a preempted sequence waits), nothing in flight: no
+        pull waiting for room, no KV receive posted (or given up and still posted)."""
+        return (plan.empty and not self.core.has_unfinished() and not self.pulls
+                and not self.receiving and not self.abandoned)
+
     def run(self) -> None:
+        """With FFN ranks, every rank votes before every step, work or not. Idle, the vote says
+        whether any rank is busy: one that took a message this round or is not ``_quiescent``.
+        After QUIET_VOTES votes in a row that say none is (every rank counts the same votes),
+        each attention rank waits on its socket up to ``idle_sleep_s`` instead of IDLE_POLL_S
+        (FFN ranks wait in the vote): a few votes a second instead of a hundred. Work sent to
+        one attention rank wakes it at once, and the front end wakes every other one with it
+        (``protocol.Wake``), so the step's vote waits for no sleeper. A rank woken by anything
+        else (an abort, say) waits in the vote for the others to wake; the message it took
+        marks that vote busy, so no rank sleeps right after it and work that came meanwhile is
+        taken at IDLE_POLL_S. Shutdown reaches every rank; a dead rank fails the vote after
+        the layout's timeout as before. Without FFN ranks a rank sleeps the same way on its
+        own."""
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
         self._send([])
-        idle = True
+        idle, quiet, sleep_s = True, 0, idle_sleep_s(self.spec.timeout_s)
         while True:
             outputs = []
-            for msg in self.link.poll(IDLE_POLL_S if idle else 0.0):
+            wait_s = 0.0 if not idle else sleep_s if quiet >= QUIET_VOTES else IDLE_POLL_S
+            msgs = self.link.poll(wait_s)
+            for msg in msgs:
                 outputs += self._handle(msg)
             self._admit()
             outputs += self._progress_receives()
             plan = self.core.scheduler.schedule()
+            busy = bool(msgs or outputs) or not self._quiescent(plan)
             if self.groups.step is None:  # no FFN ranks: this rank steps on its own
                 if self.stopping:
                     return
@@ -205,12 +230,14 @@ class AttentionWorker:
             else:
                 vote = torch.tensor([int(not plan.empty),
                                      min(self.spec.micro_batches, max(1, len(plan.seqs))),
-                                     int(self.stopping)])
+                                     int(self.stopping), int(busy)])
                 with self.timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-                has_work, micro_batches, stop = vote.tolist()
+                self.timers.seconds["votes"] = self.timers.seconds.get("votes", 0) + 1
+                has_work, micro_batches, stop, busy = vote.tolist()
                 if stop:
                     return
+            quiet = 0 if busy or has_work else quiet + 1
             idle = not has_work and not self.receiving
             if has_work:
                 with self.timers.time("step"):

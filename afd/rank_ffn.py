@@ -34,10 +34,13 @@ class FFNWorker:
         timers, last_report, dirty = self.server.timers, time.monotonic(), False
         with torch.inference_mode():
             while True:
-                vote = torch.zeros(3, dtype=torch.long)  # FFN ranks vote "no work, go on"
+                # FFN ranks vote "no work, go on, not busy" (afd.rank_attention: while the
+                # cluster is quiescent they wait here, up to idle_sleep_s, for the next vote)
+                vote = torch.zeros(4, dtype=torch.long)
                 with timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-                has_work, micro_batches, stop = vote.tolist()
+                timers.seconds["votes"] = timers.seconds.get("votes", 0) + 1
+                has_work, micro_batches, stop, _ = vote.tolist()
                 if stop:
                     return
                 if has_work:

@@ -22,7 +22,7 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
-from afd.workers import ControlLink, WorkerSpec, core_config, describe
+from afd.workers import ControlLink, WorkerSpec, core_config, describe, idle_sleep_s
 
 log = logging.getLogger("afd.worker")
 
@@ -95,10 +95,12 @@ class PrefillWorker:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
-        idle, reported_free = True, -1
+        idle, reported_free, sleep_s = True, -1, idle_sleep_s(self.spec.timeout_s)
         while not self.stopping:
             outputs = []
-            for msg in self.link.poll(IDLE_POLL_S if idle else 0.0):
+            # idle with no KV send in flight: nothing to do till a message comes
+            wait_s = 0.0 if not idle else IDLE_POLL_S if self.sending else sleep_s
+            for msg in self.link.poll(wait_s):
                 outputs += self._handle(msg)
             self._progress_sends()
             busy = self.core.has_unfinished()

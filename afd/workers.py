@@ -220,6 +220,15 @@ def ranks_on_device(spec: WorkerSpec, device: torch.device) -> int:
 
 
 HEARTBEAT_S = 1.0
+IDLE_SLEEP_S = 0.5  # how long a quiescent rank waits on its socket (at most: idle_sleep_s)
+
+
+def idle_sleep_s(timeout_s: float) -> float:
+    """How long a rank with nothing to do and nothing in flight waits on its control socket
+    (any message ends the wait at once): well inside the layout's timeout (gloo's on the step
+    vote, the front end's silence check), so heartbeats still go out about every HEARTBEAT_S and
+    a rank that waits in the vote for a sleeping one never times out."""
+    return min(IDLE_SLEEP_S, timeout_s / 8)
 
 
 def loopback_gloo_env() -> dict[str, str]:

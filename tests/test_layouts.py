@@ -108,8 +108,7 @@ def test_layout_matches_single_process(request, references, kind, attention, ffn
 
 class TestOnSharedCluster:
     """The tests on shared_cluster, in a class so that its cluster stops once they are done,
-    not at the module's end: idle, its ranks still vote on a step every 10 ms (about a quarter
-    of a core), which the module's other clusters would be short of."""
+    not at the module's end (its processes and memory)."""
 
     def test_layout_matches_single_process(self, request, references):
         test_layout_matches_single_process(request, references, *SHARED)
@@ -129,6 +128,26 @@ class TestOnSharedCluster:
         assert [len(o.prompt_logprobs or ()) for o in expected] == [0, 64, 7, 0]
         assert_same_outputs(shared_cluster.generate(prompts[:4], params, use_tqdm=False),
                             expected)
+
+    def test_an_idle_cluster_sleeps_between_votes(self, references, shared_cluster):
+        """Idle, the ranks vote a few times a second, not every IDLE_POLL_S (a hundred times a
+        second, about a quarter of a core per cluster): the votes that ran no step, counted by
+        each attention rank between two requests 2 s apart, are a handful. (Each rank counts
+        its votes in the timers it sends with its outputs.)"""
+        path, prompts, _, _ = references["deepseek_v3"]
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        timers = shared_cluster.engine.core.rank_timers
+
+        def counts() -> dict:
+            shared_cluster.generate(prompts[:2], params, use_tqdm=False)
+            return {r: (timers[r]["votes"], timers[r]["steps"]) for r in (0, 1)}
+
+        before = counts()
+        time.sleep(2.0)
+        after = counts()
+        idle_votes = {r: (after[r][0] - before[r][0]) - (after[r][1] - before[r][1])
+                      for r in (0, 1)}
+        assert all(n <= 25 for n in idle_votes.values()), idle_votes
 
     def test_structured_output_matches_single_process(self, references, shared_cluster):
         """Grammars compiled and advanced on two attention ranks (experts on an FFN rank): the
@@ -691,6 +710,57 @@ def test_the_front_end_checks_what_a_rank_reports_about_a_request():
             *client.router.prefill.values(), *client.router.attention.values()))
     finally:
         bare.close()
+
+
+def test_work_for_one_attention_rank_wakes_the_others():
+    """With FFN ranks, an idle cluster's attention ranks sleep on their sockets between votes:
+    an add (or, in P/D, a pull) to one attention rank comes with a wake to every other one, so
+    the vote that runs its step waits for no sleeper; without FFN ranks (no vote) none."""
+    import itertools
+
+    import zmq
+
+    from afd import protocol
+    from afd.sequence import CoreRequest
+    from afd.workers import Layout
+
+    for prefill, ffn in ((0, 1), (1, 1), (0, 0)):
+        bare = BareClient(prefill=prefill, attention=2)
+        client = bare.client
+        client.layout = Layout(prefill, 2, ffn)
+        client.closed, client.placements, client.to_drop = False, itertools.count(), set()
+        client.outboxes, inboxes = {}, {}
+        try:
+            for rank in range(prefill + 2):
+                client.outboxes[rank] = client.ctx.socket(zmq.PUSH)
+                port = client.outboxes[rank].bind_to_random_port("tcp://127.0.0.1")
+                inboxes[rank] = client.ctx.socket(zmq.PULL)
+                inboxes[rank].connect(f"tcp://127.0.0.1:{port}")
+
+            def received() -> dict:
+                time.sleep(0.2)
+                got = {}
+                for rank, sock in inboxes.items():
+                    while sock.poll(0):
+                        got.setdefault(rank, []).append(
+                            type(protocol.decode_to_rank(sock.recv())).__name__)
+                return got
+
+            client.add_request(CoreRequest("a", [1, 2, 3], SamplingParams(max_tokens=4)))
+            if not prefill:
+                target = client.placed["a"].decode
+                other = ({1, 0} - {target}).pop()
+                assert received() == ({target: ["Add"], other: ["Wake"]} if ffn
+                                      else {target: ["Add"]})
+                continue
+            assert received() == {0: ["Add"]}
+            placed = client.placed["a"]
+            placed.first_token = 7
+            assert client._hand_to_decode(placed.wire_id, 3, []) is None
+            other = ({1, 2} - {placed.decode}).pop()
+            assert received() == {placed.decode: ["Pull"], other: ["Wake"]}
+        finally:
+            bare.close()
 
 
 def nested(depth: int) -> bytes:
