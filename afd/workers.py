@@ -3,7 +3,8 @@
 Every decode step is collective over the attention+FFN group. Each attention rank schedules its
 own requests, then all ranks agree (one all_reduce) on go/stop and the micro-batch count; an
 attention rank with nothing to run still takes part with zero tokens, and FFN ranks serve every
-MoE layer of every micro-batch whether or not tokens come. Control (requests in, tokens out)
+MoE layer of every micro-batch whether or not tokens come. A quiescent cluster votes only a few
+times a second (``AttentionWorker.run``). Control (requests in, tokens out)
 travels as msgpack over ZeroMQ to the front end; tensors only through torch.distributed, whose
 every collective carries the layout's timeout, so a dead rank is an error, not a hang.
 """
