@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -761,6 +762,99 @@ def test_work_for_one_attention_rank_wakes_the_others():
             assert received() == {placed.decode: ["Pull"], other: ["Wake"]}
         finally:
             bare.close()
+
+
+class ScriptedLink:
+    """A rank's control link that hands out ``script`` (one list of messages per poll, then a
+    stop) and records how long each poll would have waited."""
+
+    def __init__(self, script: list[list]):
+        from afd import protocol
+
+        self.script, self.waits = [*script, [protocol.Shutdown()]], []
+
+    def poll(self, timeout_s: float) -> list:
+        self.waits.append(timeout_s)
+        return self.script.pop(0) if self.script else []
+
+    def send(self, msg) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+
+class IdleCore:
+    """An engine core with nothing to run (the loops' view of one)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from afd.core import CoreStats
+        from afd.scheduler import SchedulerOutput
+
+        self.scheduler = SimpleNamespace(schedule=SchedulerOutput, running=[], waiting=[])
+        self.allocator = SimpleNamespace(num_free=8)
+        self.runner = SimpleNamespace(kv_caches=[], model=None)
+        self.cfg = SimpleNamespace(num_kv_blocks=8)
+        self.newly_parked = []
+        self.stats = lambda: [CoreStats(0, 0, 0.0, 8, 0)]
+        self.aborted = []
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def abort(self, ids) -> None:
+        self.aborted += ids
+
+
+def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeypatch):
+    """An attention rank's loop (FFN ranks in the layout; the vote faked as one rank's) waits
+    IDLE_POLL_S between votes until QUIET_VOTES votes in a row found no rank busy, then
+    idle_sleep_s; a message it takes (an abort, a wake) marks its vote busy, so the next
+    QUIET_VOTES polls are short again (work sent meanwhile to another rank, whose vote waited
+    for this one, is taken without a sleep). A prefill rank with nothing to do and no KV send in
+    flight sleeps the same way."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from afd import protocol, rank_attention, rank_prefill
+    from afd.profiling import StageTimers
+    from afd.rank_attention import IDLE_POLL_S, QUIET_VOTES, AttentionWorker
+    from afd.rank_prefill import PrefillWorker
+    from afd.workers import idle_sleep_s
+
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
+    for module in (rank_attention, rank_prefill):
+        monkeypatch.setattr(module, "describe", lambda *args: {})
+    spec = SimpleNamespace(timeout_s=30.0, micro_batches=2)
+    sleep, short = idle_sleep_s(30.0), IDLE_POLL_S
+    assert sleep == 0.5 and idle_sleep_s(2.0) == 0.25
+
+    worker = object.__new__(AttentionWorker)
+    worker.spec, worker.index, worker.core, worker.transport = spec, 0, IdleCore(), None
+    worker.groups, worker.timers, worker.stopping = SimpleNamespace(step=object()), \
+        StageTimers(), False
+    worker.pulls, worker.receiving, worker.abandoned = deque(), {}, []
+    quiet = [[]] * (QUIET_VOTES + 2)
+    worker.link = ScriptedLink([*quiet, [protocol.Abort(["x"])], *quiet, [protocol.Wake()],
+                                []])
+    worker.run()
+    after_quiet = [short] * QUIET_VOTES + [sleep] * 2
+    assert worker.link.waits == [*after_quiet, sleep, *after_quiet, sleep, *[short] * 2]
+    assert worker.core.aborted == ["x"] and worker.timers.seconds["votes"] == 2 * len(quiet) + 4
+
+    prefill = object.__new__(PrefillWorker)
+    prefill.spec, prefill.index, prefill.core, prefill.stopping = spec, 0, IdleCore(), False
+    prefill.sending, prefill.link = [], ScriptedLink([[], []])
+    prefill.run()
+    assert prefill.link.waits == [sleep] * 3
+    prefill.sending, prefill.stopping = [SimpleNamespace(work=SimpleNamespace(
+        done=SimpleNamespace(is_set=lambda: False)), started=time.monotonic())], False
+    prefill.link = ScriptedLink([[]])
+    prefill.run()  # a KV send in flight: short waits
+    assert prefill.link.waits == [short] * 2
 
 
 def nested(depth: int) -> bytes:
