@@ -159,7 +159,7 @@ class MultiRankClient:
         self.rank_stats = {r: CoreStats(0, 0, 0.0, num_blocks, 0)
                            for r in attn_ranks}
         self.prefill_stats: dict[int, CoreStats] = {}
-        self.rank_timers: dict[int, dict] = {}  # cumulative stage seconds per rank
+        self.rank_timers: dict[int, dict] = {}  # per rank: stage seconds, steps, votes
         self.rank_info: dict[int, dict] = {}  # what each rank says it holds
 
         self.ctx = zmq.Context()
