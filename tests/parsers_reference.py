@@ -8,54 +8,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
-@dataclass
-class ToolCall:
-    """One parsed call; ``arguments`` is JSON text."""
-
-    id: str
-    name: str
-    arguments: str = ""
-    valid: bool = True  # False: its text turned out malformed after it was streamed
-
-    def to_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
-
-
-@dataclass
-class CallPiece:
-    """Part of a streamed call: the first piece of call ``index`` has its id and name."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
-
-    def to_openai(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self.index}
-        function: dict[str, Any] = {"arguments": self.arguments}
-        if self.id is not None:
-            out.update(id=self.id, type="function")
-            function = {"name": self.name, **function}
-        out["function"] = function
-        return out
-
-
-@dataclass
-class StreamPiece:
-    """What one update adds: content text and call pieces (in order)."""
-
-    content: str = ""
-    calls: list[CallPiece] = field(default_factory=list)
-
-
-@dataclass
-class ParsedOutput:
-    content: str | None  # None: no text outside the calls but whitespace
-    calls: list[ToolCall]
+# the output types are afd's (unchanged by the delta readers), so pieces compare equal as objects
+from afd.tool_formats import is_json  # noqa: E402
+from afd.tool_parsers import CallPiece, ParsedOutput, StreamPiece, ToolCall  # noqa: E402
 
 
 class ToolCallStream:
@@ -329,7 +287,7 @@ def _deepseek_v3_parse(body: str) -> tuple[str, str] | None:
     stop = after.find(_FENCE_END)
     if stop < 0 or after[stop + len(_FENCE_END):].strip():
         return None
-    return (name, after[:stop]) if _is_json(after[:stop]) else None
+    return (name, after[:stop]) if is_json(after[:stop]) else None
 
 
 def _deepseek_v31_peek(body: str) -> tuple[str, str] | None:
@@ -342,7 +300,7 @@ def _deepseek_v31_peek(body: str) -> tuple[str, str] | None:
 
 def _deepseek_v31_parse(body: str) -> tuple[str, str] | None:
     found = _deepseek_v31_peek(body)
-    return found if found is not None and _is_json(found[1]) else None
+    return found if found is not None and is_json(found[1]) else None
 
 
 _KIMI_ARGS = "<|tool_call_argument_begin|>"
@@ -370,20 +328,12 @@ def _kimi_k2_peek(body: str) -> tuple[str, str] | None:
 
 def _kimi_k2_parse(body: str) -> tuple[str, str] | None:
     found = _kimi_k2_peek(body)
-    return found if found is not None and _is_json(found[1]) else None
+    return found if found is not None and is_json(found[1]) else None
 
 
 def _kimi_k2_id(body: str) -> str | None:
     split = _kimi_k2_split(body)
     return None if split is None else split[0]
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
@@ -476,14 +426,14 @@ class NamedStream(ToolCallStream):
     def _advance(self, text: str, final: bool) -> None:
         args = text.lstrip()
         if not self.calls:
-            if final and not _is_json(args):
+            if final and not is_json(args):
                 self._text(text)  # cut short (max_tokens): not a call
                 return
             if not args:
                 return
             self._begin(self.name)
         self._args(args[len(self.calls[-1].arguments):])
-        if final and not _is_json(args):
+        if final and not is_json(args):
             self._broken(text, begun=True)
 
 
@@ -545,21 +495,7 @@ class RequiredStream(ToolCallStream):
 # ---------------------------------------------------------------------------------------------
 # reasoning (afd/reasoning_parsers.py at 0e72e40; the formats are afd's, unchanged)
 # ---------------------------------------------------------------------------------------------
-from afd.reasoning_parsers import Mode, ReasoningFormat  # noqa: E402
-
-
-@dataclass
-class ReasoningPiece:
-    """What one update adds."""
-
-    reasoning: str = ""
-    content: str = ""
-
-
-@dataclass
-class SplitOutput:
-    reasoning: str | None  # None: the answer holds no reasoning (the request did not think)
-    content: str | None  # None: nothing after the reasoning
+from afd.reasoning_parsers import Mode, ReasoningFormat, ReasoningPiece, SplitOutput  # noqa: E402,E501
 
 
 class ReasoningStream:
