@@ -95,24 +95,31 @@ class PrefillWorker:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
-        idle, reported_free, sleep_s = True, -1, idle_sleep_s(self.spec.timeout_s)
+        idle, sleep_s = True, idle_sleep_s(self.spec.timeout_s)
         while not self.stopping:
-            outputs = []
             # idle with no KV send in flight: nothing to do till a message comes
-            wait_s = 0.0 if not idle else IDLE_POLL_S if self.sending else sleep_s
-            for msg in self.link.poll(wait_s):
-                outputs += self._handle(msg)
-            self._progress_sends()
-            busy = self.core.has_unfinished()
-            if busy:
-                outputs += self.core.step()
-            parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
-                      for s in self.core.newly_parked]
-            self.core.newly_parked.clear()
-            idle = not busy
-            free = self.core.allocator.num_free
-            if outputs or parked or free != reported_free:  # blocks moved: say so
-                self.link.send(protocol.Out(outputs, self.core.stats()[0], prefilled=parked))
-                reported_free = free
-            else:
-                self.link.heartbeat()
+            idle = not self.run_once(0.0 if not idle else IDLE_POLL_S if self.sending
+                                     else sleep_s)
+
+    reported_free = -1  # free blocks as last reported to the front end
+
+    def run_once(self, wait_s: float) -> bool:
+        """One pass of the loop: take messages (waiting up to ``wait_s`` for the first), move
+        KV sends on, step, report. Whether it had prompts to run."""
+        outputs = []
+        for msg in self.link.poll(wait_s):
+            outputs += self._handle(msg)
+        self._progress_sends()
+        busy = self.core.has_unfinished()
+        if busy:
+            outputs += self.core.step()
+        parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
+                  for s in self.core.newly_parked]
+        self.core.newly_parked.clear()
+        free = self.core.allocator.num_free
+        if outputs or parked or free != self.reported_free:  # blocks moved: say so
+            self.link.send(protocol.Out(outputs, self.core.stats()[0], prefilled=parked))
+            self.reported_free = free
+        else:
+            self.link.heartbeat()
+        return busy

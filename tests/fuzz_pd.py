@@ -263,20 +263,7 @@ class PDSim:
     # FFN ranks) -----------------------------------------------------------------------------
     @staticmethod
     def _prefill_pass(w: PrefillWorker) -> None:
-        outputs = []
-        for msg in w.link.poll(0.0):
-            outputs += w._handle(msg)
-        w._progress_sends()
-        busy = w.core.has_unfinished()
-        if busy:
-            outputs += w.core.step()
-        parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
-                  for s in w.core.newly_parked]
-        w.core.newly_parked.clear()
-        free = w.core.allocator.num_free
-        if outputs or parked or free != w.reported_free:
-            w.link.send(protocol.Out(outputs, w.core.stats()[0], prefilled=parked))
-            w.reported_free = free
+        w.run_once(0.0)
 
     micro_batches = 1
 
