@@ -737,6 +737,11 @@ def test_work_for_one_attention_rank_wakes_the_others():
                 port = client.outboxes[rank].bind_to_random_port("tcp://127.0.0.1")
                 inboxes[rank] = client.ctx.socket(zmq.PULL)
                 inboxes[rank].connect(f"tcp://127.0.0.1:{port}")
+                # connected before the test: a wake (sent without blocking) to a socket with no
+                # peer yet is dropped, as the ranks' are connected long before any add
+                client.outboxes[rank].send(protocol.encode(protocol.Wake()))
+                assert inboxes[rank].poll(10_000)
+                inboxes[rank].recv()
 
             def received() -> dict:
                 time.sleep(0.2)
