@@ -228,8 +228,11 @@ def idle_sleep_s(timeout_s: float) -> float:
     """How long a rank with nothing to do and nothing in flight waits on its control socket
     (any message ends the wait at once): well inside the layout's timeout (gloo's on the step
     vote, the front end's silence check), so heartbeats still go out about every HEARTBEAT_S and
-    a rank that waits in the vote for a sleeping one never times out."""
-    return min(IDLE_SLEEP_S, timeout_s / 8)
+    a rank that waits in the vote for a sleeping one never times out. A rank's heartbeat goes
+    out at its first loop past HEARTBEAT_S of silence, up to HEARTBEAT_S plus this wait after
+    its last message: below 2 s of timeout the wait shrinks to keep that under ``timeout_s``
+    (down to the 10 ms poll of a busy cluster, which a timeout near HEARTBEAT_S needs anyway)."""
+    return min(IDLE_SLEEP_S, timeout_s / 8, max(0.01, (timeout_s - HEARTBEAT_S) / 4))
 
 
 def loopback_gloo_env() -> dict[str, str]:

@@ -862,6 +862,21 @@ def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeyp
     assert prefill.link.waits == [short] * 2
 
 
+def test_idle_sleep_keeps_heartbeats_inside_the_timeout():
+    """A sleeping rank sends its heartbeat at its first loop past HEARTBEAT_S of silence, so up
+    to HEARTBEAT_S + idle_sleep_s after the last message: that stays under ``timeout_s`` (the
+    front end's silence check) for every timeout the 10 ms poll kept under it (above
+    HEARTBEAT_S + IDLE_POLL_S); timeout_s / 8 alone did not below 8/7 s (1.1 s: 1.1375 s)."""
+    from afd.rank_attention import IDLE_POLL_S
+    from afd.workers import HEARTBEAT_S, IDLE_SLEEP_S, idle_sleep_s
+
+    for timeout_s in (1.02, 1.05, 1.1, 1.14, 1.2, 1.5, 2.0, 3.0, 4.0, 8.0, 30.0, 600.0):
+        sleep = idle_sleep_s(timeout_s)
+        assert 0 < sleep <= min(IDLE_SLEEP_S, timeout_s / 8)
+        assert HEARTBEAT_S + max(sleep, IDLE_POLL_S) < timeout_s, timeout_s
+    assert idle_sleep_s(30.0) == IDLE_SLEEP_S and idle_sleep_s(2.0) == 0.25
+
+
 def nested(depth: int) -> bytes:
     """msgpack of a value ``depth`` arrays deep (about ``depth`` bytes)."""
     return b"\x91" * depth + b"\xc0"
