@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import ipaddress
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
-from afd.workers import Layout, WorkerSpec, loopback_gloo_env
+from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env
 from models.config import ModelConfig
 
 log = logging.getLogger("afd.layouts")
@@ -171,6 +172,7 @@ class MultiRankClient:
         bind = f"tcp://{host}" if is_loopback(control_host) else "tcp://*"
         inbox_port = self.inbox.bind_to_random_port(bind)
         self.outboxes: dict[int, zmq.Socket] = {}
+        self.sent_at: dict[int, float] = {}  # when each rank was last sent a message
         front_in = []
         for rank in range(layout.world_size):
             if layout.role_of(rank)[0] == "ffn":
@@ -330,6 +332,7 @@ class MultiRankClient:
         self.check_alive()
         try:
             self.outboxes[rank].send(data)
+            self.sent_at[rank] = time.monotonic()
         except zmq.Again:
             self.check_alive()
             self._fail(f"{self._describe(rank)} took no message for {self.timeout_s:.0f}s")
@@ -340,13 +343,19 @@ class MultiRankClient:
         """Work just went to attention rank ``rank``: with FFN ranks, every other attention
         rank may be asleep on its socket (an idle cluster's, ``AttentionWorker.run``) and the
         step's vote would wait for it; wake them. A rank whose queue is full is awake (it has
-        not read them yet): the wake is dropped, never waited on."""
+        not read them yet): the wake is dropped, never waited on. So is one to a rank sent
+        anything in the last IDLE_POLL_S (a burst of adds would otherwise queue a wake per add
+        on every rank): that message is unread, and ends any sleep at once, or was read under
+        IDLE_POLL_S ago, and a rank sleeps only after QUIET_VOTES votes with no message since,
+        each after a poll of IDLE_POLL_S."""
         if not self.layout.ffn or self.closed:
             return
+        now = time.monotonic()
         for other in range(self.layout.prefill, self.layout.prefill + self.layout.attention):
-            if other != rank:
+            if other != rank and now - self.sent_at.get(other, -math.inf) >= IDLE_POLL_S:
                 try:
                     self.outboxes[other].send(self._WAKE, zmq.NOBLOCK)
+                    self.sent_at[other] = now
                 except zmq.Again:
                     pass
 

@@ -22,13 +22,11 @@ from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.profiling import StageTimers
 from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
-from afd.workers import (ControlLink, Groups, WorkerSpec, core_config, describe,
-                         idle_sleep_s, make_transport)
+from afd.workers import (IDLE_POLL_S, QUIET_VOTES, ControlLink, Groups, WorkerSpec,  # noqa: F401
+                         core_config, describe, idle_sleep_s, make_transport)
 
 log = logging.getLogger("afd.worker")
 
-IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between votes, work in flight
-QUIET_VOTES = 3  # consecutive quiescent votes before the ranks sleep
 
 
 def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: torch.Tensor

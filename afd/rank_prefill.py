@@ -22,11 +22,10 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
-from afd.workers import ControlLink, WorkerSpec, core_config, describe, idle_sleep_s
+from afd.workers import (IDLE_POLL_S, ControlLink, WorkerSpec, core_config, describe,
+                         idle_sleep_s)
 
 log = logging.getLogger("afd.worker")
-
-IDLE_POLL_S = 0.01
 
 
 class PrefillWorker:

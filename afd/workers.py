@@ -224,6 +224,10 @@ HEARTBEAT_S = 1.0
 IDLE_SLEEP_S = 0.5  # how long a quiescent rank waits on its socket (at most: idle_sleep_s)
 
 
+IDLE_POLL_S = 0.01  # how long an idle rank waits for messages between votes, work in flight
+QUIET_VOTES = 3  # consecutive quiescent votes before the ranks sleep
+
+
 def idle_sleep_s(timeout_s: float) -> float:
     """How long a rank with nothing to do and nothing in flight waits on its control socket
     (any message ends the wait at once): well inside the layout's timeout (gloo's on the step
@@ -231,8 +235,8 @@ def idle_sleep_s(timeout_s: float) -> float:
     a rank that waits in the vote for a sleeping one never times out. A rank's heartbeat goes
     out at its first loop past HEARTBEAT_S of silence, up to HEARTBEAT_S plus this wait after
     its last message: below 2 s of timeout the wait shrinks to keep that under ``timeout_s``
-    (down to the 10 ms poll of a busy cluster, which a timeout near HEARTBEAT_S needs anyway)."""
-    return min(IDLE_SLEEP_S, timeout_s / 8, max(0.01, (timeout_s - HEARTBEAT_S) / 4))
+    (down to IDLE_POLL_S, which a timeout near HEARTBEAT_S needs anyway)."""
+    return min(IDLE_SLEEP_S, timeout_s / 8, max(IDLE_POLL_S, (timeout_s - HEARTBEAT_S) / 4))
 
 
 def loopback_gloo_env() -> dict[str, str]:

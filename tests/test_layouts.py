@@ -645,6 +645,7 @@ class BareClient:
         client.prefill_stats, client.rank_timers, client.expert_loads = {}, {}, {}
         client.last_seen = {r: time.monotonic() for r in range(prefill + attention)}
         client.last_heard, client.tags = time.monotonic(), itertools.count(1)
+        client.sent_at = {}
         client.ctx = zmq.Context()
         client.inbox = client.ctx.socket(zmq.PULL)
         port = client.inbox.bind_to_random_port("tcp://127.0.0.1")
@@ -713,11 +714,17 @@ def test_the_front_end_checks_what_a_rank_reports_about_a_request():
         bare.close()
 
 
-def test_work_for_one_attention_rank_wakes_the_others():
+def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
     """With FFN ranks, an idle cluster's attention ranks sleep on their sockets between votes:
     an add (or, in P/D, a pull) to one attention rank comes with a wake to every other one, so
-    the vote that runs its step waits for no sleeper; without FFN ranks (no vote) none."""
+    the vote that runs its step waits for no sleeper; without FFN ranks (no vote) none. A rank
+    sent anything in the last IDLE_POLL_S gets no wake (a burst of adds queued one per add on
+    every rank); the front end's clock is faked for that."""
     import itertools
+    import types
+
+    import afd.layouts
+    from afd.workers import IDLE_POLL_S
 
     import zmq
 
@@ -758,6 +765,21 @@ def test_work_for_one_attention_rank_wakes_the_others():
                 other = ({1, 0} - {target}).pop()
                 assert received() == ({target: ["Add"], other: ["Wake"]} if ffn
                                       else {target: ["Add"]})
+                if not ffn:
+                    continue
+                now = [time.monotonic()]  # the front end's clock, stopped
+                monkeypatch.setattr(afd.layouts, "time", types.SimpleNamespace(
+                    monotonic=lambda: now[0], sleep=time.sleep, time=time.time))
+                client.sent_at = dict.fromkeys(client.sent_at, now[0])
+                for i in range(20):  # a burst, all within IDLE_POLL_S: adds, no wakes
+                    client.add_request(CoreRequest(f"b{i}", [1, 2], SamplingParams(max_tokens=4)))
+                got = received()
+                assert sorted(got) == [0, 1] and set(got[0] + got[1]) == {"Add"}, got
+                now[0] += 2 * IDLE_POLL_S
+                client.add_request(CoreRequest("c", [1, 2], SamplingParams(max_tokens=4)))
+                target = client.placed["c"].decode
+                assert received() == {target: ["Add"], 1 - target: ["Wake"]}
+                monkeypatch.undo()
                 continue
             assert received() == {0: ["Add"]}
             placed = client.placed["a"]
