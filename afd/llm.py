@@ -17,7 +17,8 @@ from afd.config import EngineConfig, check_layout_options, resolve_engine_config
 from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
-from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams
+from afd.sampling_params import (MAX_JSON_DEPTH, ParamError, RequestOutputKind, SamplingParams,
+                                 json_depth)
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
 
@@ -294,8 +295,15 @@ class LLM:
                 and all(isinstance(m, (list, tuple)) for m in messages))
         conversations = list(messages) if many else [messages]
         prompts = []
+        for name, value in (("tools", tools), ("chat_template_kwargs", chat_template_kwargs)):
+            if json_depth(value) >= MAX_JSON_DEPTH:  # the request holds it one level down
+                raise ParamError(name, f"{name} nests objects and arrays deeper than "
+                                 f"{MAX_JSON_DEPTH - 1} levels")
         for i, conversation in enumerate(conversations):
             where = f"messages[{i}]" if many else "messages"
+            if json_depth(conversation) >= MAX_JSON_DEPTH:
+                raise ParamError("messages", f"{where} nests objects and arrays deeper than "
+                                 f"{MAX_JSON_DEPTH - 1} levels")
             try:
                 fields = ChatTemplateFields(
                     messages=conversation, add_generation_prompt=add_generation_prompt,
@@ -305,7 +313,7 @@ class LLM:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 loc = ".".join(str(x) for x in first["loc"])
-                if first["loc"][:1] != ("messages",):  # tools, chat_template_kwargs
+                if first["loc"] and first["loc"][:1] != ("messages",):  # tools, template kwargs
                     raise ParamError(str(first["loc"][0]), f"{loc}: {first['msg']}") from None
                 raise ParamError("messages", f"{where}: {loc}: {first['msg']}") from None
             except APIError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -73,6 +74,16 @@ def test_chat_renders_the_template_then_generates(llm):
         with pytest.raises(ValueError, match=field) as err:
             llm.chat([conv, other], p, use_tqdm=False, **{field: value})
         assert err.value.param == field and not str(err.value).startswith("messages"), err.value
+    # nested deeper than the server takes (it would blow the template's stack): named too
+    deep = json.loads('{"a": ' * 200 + "{}" + "}" * 200)
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f",
+                                                                       "parameters": deep}}]),
+                         ("chat_template_kwargs", {"x": deep}),
+                         ("messages", [*conv, {"role": "user", "content": "x", "x": deep}])):
+        with pytest.raises(ValueError, match="deeper than") as err:
+            llm.chat(value if field == "messages" else conv, p, use_tqdm=False,
+                     **({} if field == "messages" else {field: value}))
+        assert err.value.param == field, err.value
     assert blocks_all_free(llm)
 
 
