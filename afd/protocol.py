@@ -29,6 +29,7 @@ from afd.sequence import CoreOutput, CoreRequest
 
 Count = Annotated[int, Meta(ge=0)]  # tokens, blocks, bytes
 Rank = Annotated[int, Meta(ge=0)]  # a global rank (the receiver checks it is in the layout)
+Tag = Annotated[int, Meta(ge=0, lt=2**31)]  # a KV transfer's torch.distributed tag
 
 
 class WireRequest(Struct):
@@ -76,7 +77,7 @@ class Pull(_ToRank, tag="pull"):
     drafts: list[TokenId]
     n: Count
     src: Rank
-    tag: int
+    tag: Tag
 
 
 class Abort(_ToRank, tag="abort"):
@@ -94,7 +95,7 @@ class Send(_ToRank, tag="send"):
 
     id: str
     dst: Rank
-    tag: int
+    tag: Tag
     n: Count
 
 
@@ -103,7 +104,7 @@ class Cancel(_ToRank, tag="cancel"):
 
     id: str
     dst: Rank
-    tag: int
+    tag: Tag
     n: Count
 
 
@@ -195,7 +196,7 @@ class Admitted(_FromRank, tag="admitted"):
     """A decode rank has reserved blocks for ``id`` and posted the receive."""
 
     id: str
-    tag: int
+    tag: Tag
     src: Rank
     n: Count
 
@@ -203,7 +204,7 @@ class Admitted(_FromRank, tag="admitted"):
 class TransferFailed(_FromRank, tag="transfer_failed"):
     id: str
     src: Rank
-    tag: int
+    tag: Tag
     n: Count
 
 

@@ -76,6 +76,10 @@ class AttentionWorker:
     def _handle(self, msg: protocol.ToRank | protocol.Refused) -> list[CoreOutput]:
         if isinstance(msg, protocol.Add):
             return self.core.add_or_refuse(msg.req.core())
+        elif isinstance(msg, protocol.Pull) and not 0 <= msg.src < self.spec.layout.prefill:
+            # only a forged message names another rank (gloo would fail this rank on it)
+            return [CoreOutput(msg.req.id, [], "error", None,
+                               f"pull names rank {msg.src} as its prefill rank, which is not one")]
         elif isinstance(msg, protocol.Pull):
             self.pulls.append(Pull(msg.req.core(), msg.first, msg.n, msg.src, msg.tag,
                                    msg.drafts))

@@ -42,6 +42,11 @@ class PrefillWorker:
     def _handle(self, msg: protocol.ToRank | protocol.Refused) -> list[CoreOutput]:
         if isinstance(msg, protocol.Add):
             return self.core.add_or_refuse(msg.req.core())
+        elif isinstance(msg, (protocol.Send, protocol.Cancel)) and not self._is_decode(msg.dst):
+            # only a forged message names another rank (gloo would fail this rank on it): the
+            # receiver's deadline fails the transfer, if there is one
+            log.warning("prefill rank %d dropped a %s of %r to rank %d, not an attention rank",
+                        self.spec.rank, type(msg).__name__, msg.id, msg.dst)
         elif isinstance(msg, protocol.Send):
             self._send_kv(msg.id, msg.dst, msg.tag, msg.n)
         elif isinstance(msg, protocol.Cancel):  # the receiver gave up: complete its receive
@@ -62,6 +67,10 @@ class PrefillWorker:
             log.warning("prefill rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
         return []
+
+    def _is_decode(self, rank: int) -> bool:
+        layout = self.spec.layout
+        return layout.prefill <= rank < layout.prefill + layout.attention
 
     def _send_kv(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
         """Send a parked prompt's KV. The decode rank has posted its receive, so something of

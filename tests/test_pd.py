@@ -236,7 +236,8 @@ def test_malformed_messages_to_the_prefill_and_decode_ranks(small_pd, reference)
     """Malformed control messages of the kinds a prefill rank takes (send, cancel, release,
     abort, drop, add) and a decode rank's pull, forged on the front end's sockets to both while
     requests move from one to the other: each rank drops them (a KeyError used to kill it) and
-    every request finishes with the single process's tokens, its blocks freed."""
+    every request finishes with the single process's tokens, its blocks freed. So do
+    well-formed ones naming ranks outside the roles they need (a forged src or dst)."""
     import msgpack
 
     _, prompts, params, expected = reference
@@ -248,7 +249,14 @@ def test_malformed_messages_to_the_prefill_and_decode_ranks(small_pd, reference)
               {"t": "send", "id": "x", "dst": "1", "tag": 1, "n": 2}, {"t": "cancel", "id": 5},
               {"t": "release"}, {"t": "abort", "ids": [1]}, {"t": "drop", "id": None},
               {"t": "add", "req": {**req, "params": {"top_p": 0}}},
-              {"t": "pull", "req": req, "first": -1, "drafts": [], "n": 3, "src": 0, "tag": 9}]
+              {"t": "pull", "req": req, "first": -1, "drafts": [], "n": 3, "src": 0, "tag": 9},
+              # well-formed, but naming ranks that are no decode / prefill rank, or a bad tag:
+              # gloo would fail the rank on them
+              {"t": "send", "id": "x", "dst": 99, "tag": 1, "n": 2},
+              {"t": "send", "id": "x", "dst": 2, "tag": 1, "n": 2},
+              {"t": "send", "id": "x", "dst": 1, "tag": -1, "n": 2},
+              {"t": "pull", "req": req, "first": 1, "drafts": [], "n": 3, "src": 99, "tag": 9},
+              {"t": "pull", "req": req, "first": 1, "drafts": [], "n": 3, "src": 1, "tag": 9}]
     ids = [f"forged-{i}" for i in (0, 2, 5)]
     for rid, i in zip(ids, (0, 2, 5)):
         engine.add_request(rid, prompts[i], params)
