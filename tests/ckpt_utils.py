@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import torch
 
@@ -253,3 +254,14 @@ class _MTPReference:
         out = out[0] if isinstance(out, tuple) else out
         normed = self.norm("shared_head.norm.weight", out)
         return normed, (normed @ self.weights["shared_head.head.weight"].T)[0]
+
+
+def run_until_done(llm, ids: list[str], limit_s: float = 120) -> dict:
+    """Step ``llm``'s engine until every request of ``ids`` has finished: their last outputs."""
+    done, deadline = {}, time.monotonic() + limit_s
+    while len(done) < len(ids):
+        assert time.monotonic() < deadline, "requests did not finish"
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done

@@ -13,7 +13,8 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
-from ckpt_utils import assert_same_outputs, build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import (assert_same_outputs, build_hf_model, mixed_prompts, run_until_done,
+                        save_checkpoint)
 
 NEW_TOKENS = 24
 
@@ -457,16 +458,6 @@ def test_malformed_control_messages_are_dropped(references, two_attention):
 
 
 # ---- malformed control messages ---------------------------------------------------------------
-def run_until_done(llm: LLM, ids: list[str], limit_s: float = 120) -> dict:
-    done, deadline = {}, time.monotonic() + limit_s
-    while len(done) < len(ids):
-        assert time.monotonic() < deadline, "requests did not finish"
-        for out in llm.engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
-
-
 STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 1,
          "num_preemptions": 0}
 

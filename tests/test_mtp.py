@@ -561,7 +561,8 @@ def test_pd_matches_single_process(const_ckpt, ffn):
     complete the receive: L + 1 layers), and no KV block stays held on either side. (That the
     MTP KV that arrives is right: test_transferred_kv_gives_the_reference_drafts; here every
     MTP logit is 0 whatever its KV.)"""
-    from test_pd import SMALL_POOL, run_until_done, wait_all_free
+    from ckpt_utils import run_until_done
+    from test_pd import SMALL_POOL, wait_all_free
 
     folder = const_ckpt
     greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)

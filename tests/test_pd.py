@@ -13,7 +13,8 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
-from ckpt_utils import assert_same_outputs, build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import (assert_same_outputs, build_hf_model, mixed_prompts, run_until_done,
+                        save_checkpoint)
 
 NEW_TOKENS = 20
 SMALL_POOL = dict(block_size=4, num_kv_blocks=40, max_model_len=112, max_num_batched_tokens=16)
@@ -35,16 +36,6 @@ def small_pd(reference):
               **SMALL_POOL)
     yield llm
     llm.shutdown()
-
-
-def run_until_done(llm: LLM, ids: list[str], limit_s: float = 60) -> dict:
-    done, deadline = {}, time.monotonic() + limit_s
-    while len(done) < len(ids):
-        assert time.monotonic() < deadline, "requests did not finish"
-        for out in llm.engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def wait_all_free(llm: LLM, limit_s: float = 10) -> None:
