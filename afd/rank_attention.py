@@ -22,7 +22,7 @@ from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.profiling import StageTimers
 from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
-from afd.workers import (IDLE_POLL_S, QUIET_VOTES, ControlLink, Groups, WorkerSpec,  # noqa: F401
+from afd.workers import (IDLE_POLL_S, QUIET_VOTES, ControlLink, Groups, WorkerSpec,
                          core_config, describe, idle_sleep_s, make_transport)
 
 log = logging.getLogger("afd.worker")

@@ -839,9 +839,9 @@ def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeyp
 
     from afd import protocol, rank_attention, rank_prefill
     from afd.profiling import StageTimers
-    from afd.rank_attention import IDLE_POLL_S, QUIET_VOTES, AttentionWorker
+    from afd.rank_attention import AttentionWorker
     from afd.rank_prefill import PrefillWorker
-    from afd.workers import idle_sleep_s
+    from afd.workers import IDLE_POLL_S, QUIET_VOTES, idle_sleep_s
 
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
     for module in (rank_attention, rank_prefill):
@@ -880,7 +880,7 @@ def test_idle_sleep_keeps_heartbeats_inside_the_timeout():
     to HEARTBEAT_S + idle_sleep_s after the last message: that stays under ``timeout_s`` (the
     front end's silence check) for every timeout the 10 ms poll kept under it (above
     HEARTBEAT_S + IDLE_POLL_S); timeout_s / 8 alone did not below 8/7 s (1.1 s: 1.1375 s)."""
-    from afd.rank_attention import IDLE_POLL_S
+    from afd.workers import IDLE_POLL_S
     from afd.workers import HEARTBEAT_S, IDLE_SLEEP_S, idle_sleep_s
 
     for timeout_s in (1.02, 1.05, 1.1, 1.14, 1.2, 1.5, 2.0, 3.0, 4.0, 8.0, 30.0, 600.0):
