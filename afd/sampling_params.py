@@ -53,20 +53,20 @@ _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 
 def json_depth(value: Any) -> int:
     """How deep dicts and lists nest in ``value``, counted up to MAX_JSON_DEPTH + 1 (iterative:
-    a deep one must not recurse)."""
+    a deep one must not recurse). Only containers are stacked: a prompt of 100,000 token ids
+    is one list scan, not 100,000 entries (it runs on every request body)."""
+    containers = (dict, list, tuple)
+    if not isinstance(value, containers):
+        return 0
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
         deepest = max(deepest, depth)
         if deepest > MAX_JSON_DEPTH:
             break
-        stack.extend((child, depth + 1) for child in children)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, containers))
     return deepest
 
 
