@@ -7,11 +7,16 @@ from contextlib import contextmanager
 
 
 class StageTimers:
-    """Seconds spent per stage name, and a step counter; cheap enough to leave on."""
+    """Seconds spent per stage name, event counts (votes, admission waits) and a step counter;
+    cheap enough to leave on. A snapshot (what a rank reports) holds all three in one map."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.steps = 0
+
+    def count(self, event: str) -> None:
+        self.counts[event] = self.counts.get(event, 0) + 1
 
     @contextmanager
     def time(self, stage: str):
@@ -22,4 +27,4 @@ class StageTimers:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
     def snapshot(self) -> dict:
-        return {"steps": self.steps, **self.seconds}
+        return {"steps": self.steps, **self.counts, **self.seconds}

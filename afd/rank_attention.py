@@ -149,8 +149,7 @@ class AttentionWorker:
                     or len(sched.running) + len(self.receiving) >= self.core.cfg.max_num_seqs):
                 if not pull.waited:
                     pull.waited = True
-                    self.timers.seconds["admission_waits"] = (
-                        self.timers.seconds.get("admission_waits", 0) + 1)
+                    self.timers.count("admission_waits")
                 return
             self.pulls.popleft()
             blocks = alloc.allocate(need)
@@ -235,7 +234,7 @@ class AttentionWorker:
                                      int(self.stopping), int(busy)])
                 with self.timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-                self.timers.seconds["votes"] = self.timers.seconds.get("votes", 0) + 1
+                self.timers.count("votes")
                 has_work, micro_batches, stop, busy = vote.tolist()
                 if stop:
                     return

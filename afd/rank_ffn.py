@@ -39,7 +39,7 @@ class FFNWorker:
                 vote = torch.zeros(4, dtype=torch.long)
                 with timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
-                timers.seconds["votes"] = timers.seconds.get("votes", 0) + 1
+                timers.count("votes")
                 has_work, micro_batches, stop, _ = vote.tolist()
                 if stop:
                     return
