@@ -946,3 +946,51 @@ def test_serve_trust_remote_code_flag(monkeypatch):
         assert serve.parse_args().trust_remote_code is want
     cfg = LLM(trust_remote_code=True).config
     assert engine_config_from_dict(engine_config_to_dict(cfg)).trust_remote_code is True
+
+
+def test_generate_freezes_the_collector_while_it_runs_and_gives_it_back(llm, monkeypatch):
+    """generate() keeps the objects alive at its start out of the garbage collector's full
+    passes while it steps (bench/gc_pause.py: the 85-92 ms stall at batch 256), then unfreezes
+    them, also when a step raises; a caller who froze objects or turned the collector off is
+    left alone."""
+    import gc
+
+    seen, step = [], llm.engine.step
+
+    def watched():
+        seen.append(gc.get_freeze_count())
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    assert gc.get_freeze_count() == 0
+    llm.generate(["a b"], params, use_tqdm=False)
+    assert seen and all(n > 0 for n in seen) and gc.get_freeze_count() == 0
+
+    def fails():
+        seen.append(gc.get_freeze_count())
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(llm.engine, "step", fails)
+    seen.clear()
+    with pytest.raises(RuntimeError, match="step failed"):
+        llm.generate(["a b"], params, use_tqdm=False)
+    assert seen[0] > 0 and gc.get_freeze_count() == 0 and blocks_all_free(llm)
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    gc.freeze()  # the caller's own freeze: generate neither adds to it nor undoes it
+    try:
+        mine = gc.get_freeze_count()
+        seen.clear()
+        llm.generate(["a b"], params, use_tqdm=False)
+        # (frozen objects freed by reference counting leave the count, none join it)
+        assert max(seen) <= mine and 0 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        seen.clear()
+        llm.generate(["a b"], params, use_tqdm=False)
+        assert set(seen) == {0}
+    finally:
+        gc.enable()
