@@ -217,9 +217,12 @@ class EngineCore:
                 # new token, not for accepted drafts past a stop (EOS, a stop token): those
                 # the sequence never holds
                 s.num_rejected = len(drafts) + 1 - len(new)
+                # drafts its samples took: the emitted ones up to the first differing row (a
+                # stop on an accepted draft ends the output there, yet it was accepted)
+                s.num_accepted = min(len(new), used - 1)
             logprobs = logprobs[:len(new)]
             taken.append((seq, new, None if not logprobs or logprobs[0] is None else logprobs,
-                          error, [len(drafts), max(0, len(new) - 1)] if drafts else None))
+                          error, [len(drafts), s.num_accepted] if drafts else None))
         return taken
 
     @staticmethod

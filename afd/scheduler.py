@@ -66,9 +66,11 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens whose KV this step computes (drafts included)
     # speculative decoding: draft tokens computed after the sequence's last token (verified by
     # this step's samples), and, set after verification, how many of the computed tokens'
-    # KV is to be dropped (rejected drafts)
+    # KV is to be dropped (rejected drafts) and how many drafts its samples took (those past
+    # a stop among them too: vLLM's count)
     draft_token_ids: list[int] = field(default_factory=list)
     num_rejected: int = 0
+    num_accepted: int = 0
 
     @property
     def samples(self) -> bool:
@@ -299,6 +301,8 @@ class Scheduler:
                     seq.token_array = TokenArray()
                 drafts = propose_ngram(seq.token_array.sync(seq.token_ids),
                                        spec.prompt_lookup_min, spec.prompt_lookup_max, room)
+            if seq.grammar is not None and drafts:  # none it would refuse
+                drafts = seq.grammar.valid_drafts(drafts)
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
             if extra > 0:
@@ -413,9 +417,7 @@ class Scheduler:
             seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
-                # none when even the first row failed (num_rejected is then drafts + 1); the
-                # accepted drafts are always the first ones
-                accepted = max(0, len(s.draft_token_ids) - s.num_rejected)
+                accepted = s.num_accepted  # always the first drafts
                 self.num_accepted_tokens += accepted
                 self.num_drafts += 1
                 per_pos = self.num_accepted_per_pos

@@ -26,9 +26,14 @@ greedy and seeded sampling; for unseeded sampling each emitted token is a draw f
 distribution (a deterministic draft is accepted with probability p(draft): rejection sampling
 with a one-hot proposal).
 
+Structured output: a constrained sequence's drafts are cut where its grammar would refuse one
+(``GrammarState.valid_drafts``, when they are proposed) and each verify row j takes the mask
+the grammar gives after d1..dj (``GrammarState.draft_masks``: the matcher takes the drafts,
+then rolls back), so row j is sampled under the mask the non-speculative engine would apply
+at that step; the emitted tokens then advance the matcher as one-token steps do.
+
 Not speculated (they decode one token a step, in the same steps): sequences with penalties (the
-incremental ``PenaltyState`` would fold in drafts that may be rejected) and with structured
-output (the matcher advances with each token and cannot be rolled back cheaply).
+incremental ``PenaltyState`` would fold in drafts that may be rejected).
 
 MTP drafts (``method: "mtp"``, vLLM's "deepseek_mtp" accepted): DeepSeek-V3's own
 multi-token-prediction layer (``models.model.MTPLayer``) proposes up to k drafts per sequence
@@ -187,17 +192,18 @@ def propose_ngram(token_ids: list[int] | np.ndarray, n_min: int, n_max: int,
 
 
 def speculable(seq) -> bool:
-    """May this sequence (an ``afd.sequence.Sequence``) take drafts? Not with penalties or a
-    grammar, whose state follows each token taken (see the module docstring)."""
-    return not seq.params.penalized and seq.grammar is None
+    """May this sequence (an ``afd.sequence.Sequence``) take drafts? Not with penalties, whose
+    state follows each token taken (see the module docstring)."""
+    return not seq.params.penalized
 
 
 def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, list, list]:
     """Per sampling row (k + 1 for a speculating sequence, in order) the sampler's inputs:
     params, generator (a seeded sequence repeats its own: its rows take consecutive step
-    seeds), history (token ids plus the drafts before the row), penalty state and grammar
-    (None for speculating rows: they have neither; None too while a grammar waits for the
-    end of the reasoning: no mask yet)."""
+    seeds), history (token ids plus the drafts before the row), penalty state (None for
+    speculating rows: they have none) and grammar mask (a constrained sequence's per row,
+    ``GrammarState.draft_masks``; None while a grammar waits for the end of the
+    reasoning: no mask yet)."""
     if not any(drafts):
         return one_row_each(seqs)
     params, gens, hists, pens, grams = [], [], [], [], []
@@ -211,8 +217,13 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
             ids = seq.token_ids + d[:j] if j and need_history else seq.token_ids
             hists.append((ids, seq.num_prompt_tokens, stops))
             pens.append(seq.penalties)
-            grammar = seq.grammar
-            grams.append(grammar if grammar is not None and grammar.reasoning_ended else None)
+        grammar = seq.grammar
+        if grammar is None:
+            grams += [None] * (len(d) + 1)
+        elif d:
+            grams += grammar.draft_masks(d)
+        else:
+            grams.append(grammar if grammar.reasoning_ended else None)
     return params, gens, hists, pens, grams
 
 

@@ -119,6 +119,46 @@ class GrammarState:
         if not self.matcher.consume_token(token):  # failed (``error``): the next step ends it
             log.warning("grammar refused token %d: %s", token, self.error)
 
+    def valid_drafts(self, drafts: list[int]) -> list[int]:
+        """The longest leading part of ``drafts`` the grammar would take after the sequence's
+        tokens (speculative decoding: a draft it refuses could never be emitted, so it and
+        those after it are not verified). Tokens before the end of the reasoning pass: the
+        grammar does not see them. The matcher is left as it was."""
+        start = 0
+        if not self.reasoning_ended:
+            start = next((i + 1 for i, t in enumerate(drafts) if t in self.reasoning_end),
+                         len(drafts))
+        if start == len(drafts):
+            return drafts
+        return drafts[:start + self.matcher.validate_tokens(drafts[start:])]
+
+    def draft_masks(self, drafts: list[int]) -> list[FixedMask | None]:
+        """Per verify row j = 0 .. len(drafts), the mask the non-speculative engine would
+        apply at the step after the sequence's tokens and d1 .. dj (None while the grammar
+        waits for the end of the reasoning), as vLLM fills one bitmask row per draft: the
+        matcher takes the drafts one by one, then rolls back, so it is left as it was. A draft
+        it refuses, and every draft after one, no row emits (the row before's mask forbids
+        it), so those rows repeat the last mask."""
+        matcher, rows, ended, taken, ok = self.matcher, [], self.reasoning_ended, 0, True
+        last: FixedMask | None = None
+        for j in range(len(drafts) + 1):
+            if ended and ok:
+                mask = torch.empty(self.words, dtype=torch.int32)
+                self.fill(mask)
+                last = FixedMask(mask, self.words)
+            rows.append(last if ended else None)
+            if j == len(drafts) or not ok:
+                continue
+            token = drafts[j]
+            if not ended:
+                ended = token in self.reasoning_end
+            elif not matcher.is_stopped():  # (a stopped matcher's next row allows EOS only)
+                ok = matcher.validate_tokens([token]) == 1 and matcher.consume_token(token)
+                taken += ok
+        if taken:
+            matcher.rollback(taken)
+        return rows
+
     def replay(self, tokens: list[int]) -> None:
         """Bring a fresh matcher up to a sequence's output so far (a rank taking it over)."""
         for token in tokens:
@@ -129,6 +169,19 @@ class GrammarState:
         """The grammar can take no token but EOS: the output is complete (not failed)."""
         return (self.reasoning_ended and self.matcher.is_stopped()
                 and not self.matcher.is_error())
+
+
+class FixedMask:
+    """A verify row's grammar mask, computed before the step (``GrammarState.draft_masks``):
+    what ``apply_grammar_masks`` reads of a grammar (``words``, ``fill``)."""
+
+    __slots__ = ("mask", "words")
+
+    def __init__(self, mask: torch.Tensor, words: int):
+        self.mask, self.words = mask, words
+
+    def fill(self, row: torch.Tensor) -> None:
+        row.copy_(self.mask)
 
 
 class GrammarCompiler:

@@ -189,23 +189,29 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
           SamplingParams(temperature=0.9, seed=11, max_tokens=16, ignore_eos=True, n=2),
           SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=2),
           SamplingParams(temperature=1.0, seed=4, max_tokens=16, ignore_eos=True,
-                         repetition_penalty=1.3)]  # penalized: decodes without drafts
+                         repetition_penalty=1.3),  # penalized: decodes without drafts
+          # structured output speculates too (drafts cut where the grammar refuses one)
+          SamplingParams(temperature=0.7, seed=5, max_tokens=16,
+                         structured_outputs={"regex": "[a-z ]{4,40}"})]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
-    """Greedy, seeded with n=2, logprobs and a penalized request beside speculating ones,
+    """Greedy, seeded with n=2, logprobs, a constrained and a penalized request beside
+    speculating ones,
     with chunked prefill (16 tokens a step) and a KV pool small enough to preempt (and, for
     k > 1, to leave sequences without lookahead slots at times): the plain engine's tokens,
     no leaked block (lookahead blocks included)."""
     folder, _, _ = mtp_ckpt
-    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4, seed=2, lengths=[30, 5, 23, 9])]
+    prompts = [{"prompt_token_ids": p}
+               for p in mixed_prompts(5, seed=2, lengths=[30, 5, 23, 9, 12])]
     want, got, stats = _plain_and_mtp(folder, PARAMS, prompts, k, block_size=4,
                                       num_kv_blocks=16, max_model_len=64,
                                       max_num_batched_tokens=16)
     _assert_same(want, got)
     assert stats[0].num_preemptions > 0, "the pool was meant to force preemption"
     assert stats[0].num_draft_tokens > 0
+    assert got[4].metrics.spec_num_draft_tokens > 0  # the constrained one verified drafts
 
 
 def _constant_model(folder: str, dest: str) -> str:

@@ -217,10 +217,104 @@ def test_penalties_and_grammar_rows_decode_normally_beside_speculating_rows(engi
                              frequency_penalty=0.4)]
     want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=0)
     assert_same(want, got)
-    # only the plain greedy row speculated: its 11 decode steps' drafts, all right
+    # the plain greedy row and the constrained one speculated, every draft right; the
+    # penalised rows decoded one token a step
     assert accepted == drafts > 0
-    assert got[1].metrics.spec_num_draft_tokens == drafts
-    assert got[0].metrics.spec_num_draft_tokens == got[2].metrics.spec_num_draft_tokens == 0
+    assert got[1].metrics.spec_num_draft_tokens > 0 and got[2].metrics.spec_num_draft_tokens > 0
+    assert (got[1].metrics.spec_num_draft_tokens + got[2].metrics.spec_num_draft_tokens
+            == drafts)
+    assert got[0].metrics.spec_num_draft_tokens == got[3].metrics.spec_num_draft_tokens == 0
+
+
+def test_constrained_rows_speculate_exactly(engines, monkeypatch):
+    """Structured output speculates: drafts the grammar refuses are cut before the step
+    (the oracle's corrupted drafts often are), and each verify row is sampled under the mask
+    the grammar gives after the drafts before it, so the tokens are the plain engine's:
+    greedy and seeded sampling, JSON, regex, Lark, and a grammar that waits for the end of
+    the reasoning (drafts across that end)."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    base, _ = engines
+    free = base.generate(PROMPTS[2:3], SamplingParams(temperature=0, max_tokens=8,
+                                                      ignore_eos=True), use_tqdm=False)
+    end = free[0].outputs[0].token_ids[4]  # "reasoning" ends at the fifth free token
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "b": {"enum": ["x", "yy", "zzz"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    params = [SamplingParams(temperature=0, max_tokens=40,
+                             structured_outputs=SO(json=schema, disable_any_whitespace=True)),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=30,
+                             structured_outputs=SO(regex=r"[a-z]{2,9}( [a-z]{2,9}){2,4}")),
+              SamplingParams(temperature=0, max_tokens=30, reasoning_end_token_ids=[end],
+                             structured_outputs=SO(choice=["red", "green", "blue"])),
+              SamplingParams(temperature=0, max_tokens=24,
+                             structured_outputs=SO(grammar='start: "(" N ("+" N)* ")"\n'
+                                                           'N: /[0-9]{1,3}/'))]
+    from afd.structured_output import GrammarState
+
+    verified, masks = [], GrammarState.draft_masks
+
+    def watched(self, drafts):
+        verified.append(self.valid_drafts(drafts) == drafts)
+        return masks(self, drafts)
+
+    monkeypatch.setattr(GrammarState, "draft_masks", watched)
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=3)
+    assert_same(want, got)
+    assert verified and all(verified)  # the scheduler cut every draft the grammar refuses
+    assert all(o.outputs[0].finish_reason == "stop" for o in want)  # the grammars' ends
+    for o in got:
+        assert o.metrics.spec_num_draft_tokens > 0 and o.metrics.spec_num_accepted_tokens > 0
+    assert accepted < drafts  # the corrupted drafts the grammar took were rejected
+
+
+def test_draft_masks_follow_the_drafts_and_leave_the_matcher_as_it_was(engines):
+    """GrammarState.draft_masks: row j's mask is the one after taking d1..dj one step at a
+    time; refused drafts end the valid prefix (valid_drafts) and the rows after repeat the
+    last mask; a waiting grammar gives no mask until the end token, and the matcher (and its
+    waiting) is unchanged afterwards."""
+    import torch
+
+    from afd.core import EngineCore  # noqa: F401 - the compiler comes from a core
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    core = engines[0].engine.core
+    tok = engines[0].get_tokenizer()
+    so = SO(regex="[a-z]{3,6}")
+    seq_eos = (tok.eos_token_id,)
+
+    def state(reasoning_end=None):
+        if core._grammars is None:
+            from afd.structured_output import GrammarCompiler
+            core._grammars = GrammarCompiler(core.cfg.tokenizer or core.cfg.model,
+                                             core.runner.model.cfg.vocab_size)
+        return core._grammars.state(so, seq_eos, reasoning_end)
+
+    def mask_of(g) -> torch.Tensor:
+        row = torch.empty(g.words, dtype=torch.int32)
+        g.fill(row)
+        return row
+
+    letters = tok.encode("abcdefgh", add_special_tokens=False)
+    digit = tok.encode("7", add_special_tokens=False)[0]
+    g = state()
+    before = mask_of(g)
+    drafts = letters[:2] + [digit] + letters[2:4]
+    assert g.valid_drafts(drafts) == letters[:2]
+    masks = g.draft_masks(drafts)
+    assert len(masks) == len(drafts) + 1 and torch.equal(mask_of(g), before)
+    step = state()
+    for j in range(3):
+        assert torch.equal(masks[j].mask, mask_of(step)), j
+        step.accept(drafts[j]) if j < 2 else None
+    assert all(torch.equal(m.mask, masks[2].mask) for m in masks[3:])  # past the refused one
+
+    waiting = state(reasoning_end=[digit])
+    assert waiting.valid_drafts([letters[0], digit, digit]) == [letters[0], digit]
+    masks = waiting.draft_masks([letters[0], digit, letters[1]])
+    assert masks[:2] == [None, None] and torch.equal(masks[2].mask, before)
+    assert masks[3] is not None and not torch.equal(masks[3].mask, before)
+    assert not waiting.reasoning_ended and torch.equal(mask_of(state()), before)
 
 
 # ---- KV blocks ----------------------------------------------------------------------------
