@@ -59,7 +59,8 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 32 << 20  # --max-request-body-bytes
 
 # admin endpoints outside /v1/ that still need the API key
 ADMIN_PATHS = ("/reset_prefix_cache", "/start_expert_distribution_record",
-               "/stop_expert_distribution_record", "/dump_expert_distribution_record")
+               "/stop_expert_distribution_record", "/dump_expert_distribution_record",
+               "/rebalance_experts")
 
 
 class ServerState:
@@ -329,6 +330,14 @@ def build_app(state: ServerState) -> FastAPI:
         """The record so far as JSON ({"num_layers", "num_experts", "counts"}): save it and
         restart with --expert-placement FILE (afd.eplb)."""
         return await expert_load(state.engine.engine.expert_load_record)
+
+    @app.post("/rebalance_experts")
+    async def rebalance_experts() -> dict:
+        """Re-place the experts on the FFN ranks from the load recorded so far, while serving
+        (afd.rebalance): every rank switches at one step boundary. 400 with no record or no
+        FFN ranks."""
+        report = await expert_load(state.engine.engine.rebalance_experts)
+        return {"status": "ok", **report}
 
     @app.get("/version")
     async def version() -> dict:

@@ -308,5 +308,9 @@ class EngineCore:
         rec = self.load_recorder()
         return sum_records([rec.snapshot()], rec.num_layers, rec.num_experts)
 
+    def rebalance_experts(self, record: dict | None = None, placement=None) -> dict:
+        raise ValueError("rebalance_experts needs FFN ranks (ffn >= 1): the single-process "
+                         "engine holds every expert, there is nothing to place")
+
     def shutdown(self) -> None:
         pass

@@ -217,6 +217,14 @@ class _DeepEPBuffers:
         self.topk_dtype = getattr(deep_ep, "topk_idx_t", torch.int64)  # older releases: int64
         self.buffers = _make_buffers(deep_ep, groups, self.experts, hidden, self.max_tokens)
 
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """A live rebalance's placement (afd.rebalance): the same slots per rank, so DeepEP's
+        expert count and buffers stay as they are."""
+        if placement.max_slots != self.experts.slots_per_rank:
+            raise ValueError(f"a placement of {placement.max_slots} slots per FFN rank cannot "
+                             f"replace one of {self.experts.slots_per_rank} (DeepEP's buffers)")
+        self.experts = DeepEPExpertMap(placement, self.experts.num_attention)
+
     def close(self) -> None:
         """Release the NVSHMEM buffers (collective: every rank of the group calls it)."""
         for buffer in self.buffers:
@@ -259,6 +267,11 @@ class DeepEPTransport(ExpertPath):
                                  num_max_dispatch_tokens_per_rank)
         self.tables = RouteTables(placement, self.ep.device)  # per layer
         self.timers = StageTimers()  # host time: kernel launches, and waits where they block
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Route by ``placement`` from the next dispatch on (afd.rebalance)."""
+        self.ep.set_placement(placement)
+        self.tables = RouteTables(placement, self.ep.device)
 
     def dispatch(self, req: Dispatch, micro_batch: int = 0) -> DeepEPDispatchHandle:
         with self.timers.time("dispatch"):
@@ -330,6 +343,9 @@ class DeepEPExpertServer:
         self.no_weights = torch.empty(0, 1, dtype=torch.float32, device=ep.device)  # [0, 1]
         self.pending: dict[int, PendingAnswer] = {}
         self.timers = StageTimers()  # host time: kernel launches, and waits where they block
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        self.ep.set_placement(placement)
 
     def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
         """Receive, compute, send back. Returns how many rows this rank served."""

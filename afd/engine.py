@@ -37,6 +37,7 @@ class CoreClient(Protocol):
     def start_expert_load_record(self) -> None: ...
     def stop_expert_load_record(self) -> None: ...
     def expert_load_record(self) -> dict: ...
+    def rebalance_experts(self, record: dict | None = None, placement: Any = None) -> dict: ...
     def shutdown(self) -> None: ...
 
 
@@ -521,6 +522,13 @@ class LLMEngine:
         """{"num_layers", "num_experts", "counts": [[tokens per expert] per decoder layer]},
         summed over the attention ranks; NoExpertLoadRecord (a ValueError) before any start."""
         return self.core.expert_load_record()
+
+    def rebalance_experts(self, record: dict | None = None, placement: Any = None) -> dict:
+        """Move to a new expert placement while serving (afd.rebalance): the one afd.eplb
+        computes from ``record`` (default: the load recorded so far) or ``placement``; FFN
+        ranks only (ValueError otherwise). Requests keep running; their outputs meanwhile
+        come with the next ``step``."""
+        return self.core.rebalance_experts(record, placement)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

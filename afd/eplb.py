@@ -6,8 +6,9 @@ redundant copies (each copy then takes an equal share of its expert's tokens, as
 used; then pack the slots onto the FFN ranks largest share first, each onto the least-loaded rank
 that has room (every rank gets the same number of slots) and holds no copy of that expert yet.
 
-Static: the placement is computed once, from a record, before the ranks start (no live
-rebalancing, no weight movement while serving).
+At start the placement is computed from a record file (``resolve_placement``); while serving,
+``rebalance_experts`` computes one from the load recorded so far and moves the ranks to it
+(afd.rebalance).
 """
 
 from __future__ import annotations
@@ -154,12 +155,20 @@ def resolve_placement(source: ExpertPlacement | str | os.PathLike | None, num_ex
                       ) -> ExpertPlacement:
     """The placement a layout runs: ``source`` itself, or read from a JSON file that holds
     either a placement (``ExpertPlacement.to_dict``) or a load record (then computed with
-    ``num_redundant`` extra slots and logged); the contiguous default for None."""
-    if isinstance(source, ExpertPlacement) or source is None:
+    ``num_redundant`` extra slots and logged); for None, the contiguous default, or with
+    ``num_redundant`` the placement of an even load (copies of the lowest-numbered experts,
+    slots for ``rebalance_experts`` to fill)."""
+    if isinstance(source, ExpertPlacement):
         if num_redundant:
             raise ValueError("num_redundant_experts needs expert_placement to be a load record "
-                             "file (a placement already fixes its slots)")
-        return source or ExpertPlacement.balanced(num_experts, num_ranks)
+                             "file or None (a placement already fixes its slots)")
+        return source
+    if source is None:
+        if not num_redundant:
+            return ExpertPlacement.balanced(num_experts, num_ranks)
+        # no record yet: an even load gives the lowest-numbered experts the copies; a live
+        # rebalance (afd.rebalance) later fills the slots from what serving records
+        return from_load([[1] * num_experts] * num_layers, num_ranks, num_redundant)
     try:
         with open(source) as f:
             data = json.load(f)

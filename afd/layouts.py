@@ -31,6 +31,7 @@ from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
+from afd.rebalance import check_same_slots, plan_from_record
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
 from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env
@@ -468,6 +469,64 @@ class MultiRankClient:
             self.held = self.step(0.05)
         return sum_records(list(self.expert_loads.values()), *self.model_shape)
 
+    # ---- live rebalancing (afd.rebalance) -------------------------------------------------
+    rebalances = 0  # the last rebalance epoch sent to the ranks
+
+    def rebalance_experts(self, record: dict | None = None,
+                          placement: ExpertPlacement | None = None) -> dict:
+        """Switch every rank to a new expert placement while serving: ``placement``, or the one
+        afd.eplb computes from ``record`` (default: the load recorded so far), with the slots
+        each FFN rank has now. Returns a report: {"epoch", "placement", "moved" (slots FFN ranks
+        received), "seconds" (the slowest rank's switch), and, from a record,
+        "imbalance_before"/"imbalance_after" (max/mean FFN rank load on it)}."""
+        if not self.layout.ffn:
+            raise ValueError("rebalance_experts needs FFN ranks (ffn >= 1): with ffn=0 every "
+                             "expert is on every rank, there is nothing to place")
+        num_layers = self.model_shape[0]
+        report: dict = {}
+        if placement is None:
+            if record is None:
+                record = self.expert_load_record()  # NoExpertLoadRecord before any start
+            placement, before, after = plan_from_record(self.placement, record, num_layers)
+            report.update(imbalance_before=before, imbalance_after=after)
+        elif record is not None:
+            raise ValueError("rebalance_experts takes a record or a placement, not both")
+        elif not isinstance(placement, ExpertPlacement):
+            raise ValueError(f"placement must be an ExpertPlacement, got "
+                             f"{type(placement).__name__}")
+        check_same_slots(self.placement, placement, num_layers)
+        self.rebalances += 1
+        epoch = self.rebalances
+        msg = protocol.Rebalance(epoch, **{k: v for k, v in placement.to_dict().items()})
+        attention = range(self.layout.prefill, self.layout.prefill + self.layout.attention)
+        for rank in attention:
+            self._tell(rank, msg)
+        expected = set(range(self.layout.prefill, self.layout.world_size))
+        self.rebalanced = {}
+        deadline = time.monotonic() + self.timeout_s
+        while set(self.rebalanced) != expected:
+            refused = [m.error for m in self.rebalanced.values() if m.error]
+            if refused:  # not the front end's check: a rank's placement is not ours
+                raise ValueError(f"rebalance {epoch} refused by a rank: {refused[0]}")
+            if time.monotonic() > deadline:
+                self._fail(f"ranks {sorted(expected - set(self.rebalanced))} did not switch "
+                           f"to rebalance {epoch} within {self.timeout_s:.0f}s")
+            self.held = self.step(0.05)
+        self.placement = placement
+        self.rank_experts = {rank - self.layout.prefill - self.layout.attention: m.experts
+                             for rank, m in self.rebalanced.items() if m.experts}
+        report.update(epoch=epoch, placement=placement.to_dict(),
+                      moved=sum(m.moved for m in self.rebalanced.values()),
+                      seconds=max(m.seconds for m in self.rebalanced.values()))
+        log.info("rebalance %d: %d expert slots moved between FFN ranks, %.3fs%s", epoch,
+                 report["moved"], report["seconds"],
+                 f"; max/mean FFN rank load on the record {report['imbalance_before']:.3f} -> "
+                 f"{report['imbalance_after']:.3f}" if "imbalance_after" in report else "")
+        return report
+
+    rebalanced: dict[int, protocol.Rebalanced] = {}
+    rank_experts: dict[int, dict[int, list[int]]] = {}  # FFN rank -> {layer: slots' experts}
+
     # ---- messages from the ranks ----------------------------------------------------------
     def _handle(self, msg: protocol.FromRank) -> list[CoreOutput]:
         rank = msg.rank
@@ -481,6 +540,9 @@ class MultiRankClient:
         elif isinstance(msg, protocol.ExpertLoad):
             if rank in self.rank_stats:
                 self.expert_loads[rank] = msg.counts
+        elif isinstance(msg, protocol.Rebalanced):
+            if msg.epoch == self.rebalances and self.layout.role_of(rank)[0] != "prefill":
+                self.rebalanced[rank] = msg
         elif isinstance(msg, (protocol.Admitted, protocol.TransferFailed)):
             self._transfer_reply(msg)
         elif isinstance(msg, protocol.Transferred):

@@ -398,6 +398,19 @@ class LLM:
                 json.dump(record, f)
         return record
 
+    def rebalance_experts(self, record: dict | None = None,
+                          placement: ExpertPlacement | None = None) -> dict:
+        """Re-place the experts on the FFN ranks while serving, with no restart (vLLM's
+        ``--enable-eplb`` rearranges the same way): from ``record`` (a dump), by default the
+        load recorded so far (``start_expert_load_record``; NoExpertLoadRecord before any),
+        as ``expert_placement=`` a record file would at start, keeping each FFN rank's slot
+        count (redundant copies need ``num_redundant_experts`` at start); or to ``placement``,
+        with the same slots. Every rank switches at one step boundary, FFN ranks moving the
+        weights they lack from each other (afd.rebalance). Returns {"epoch", "placement",
+        "moved", "seconds", and from a record "imbalance_before"/"imbalance_after"}.
+        ValueError with no FFN ranks."""
+        return self.engine.rebalance_experts(record, placement)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

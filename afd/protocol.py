@@ -130,6 +130,17 @@ class ExpertLoadDump(_ToRank, tag="expert_load_dump"):
     pass
 
 
+class Rebalance(_ToRank, tag="rebalance"):
+    """To every attention rank: switch to this placement (``ExpertPlacement.to_dict``'s fields)
+    at the first step every attention rank holds it (afd.rebalance). ``epoch`` numbers the
+    rebalances of this engine, from 1; the rank checks the placement against its own."""
+
+    epoch: Annotated[int, Meta(ge=1)]
+    num_experts: Annotated[int, Meta(ge=1)]
+    slots: list[list[Count]] = []
+    layers: list[list[list[Count]]] = []
+
+
 class Shutdown(_ToRank, tag="shutdown"):
     pass
 
@@ -141,7 +152,7 @@ class Wake(_ToRank, tag="wake"):
 
 
 ToRank = Union[Add, Pull, Abort, Release, Send, Cancel, Drop, ResetPrefixCache, ExpertLoadStart,
-               ExpertLoadStop, ExpertLoadDump, Shutdown, Wake]
+               ExpertLoadStop, ExpertLoadDump, Rebalance, Shutdown, Wake]
 
 
 @dataclass
@@ -217,6 +228,19 @@ class ExpertLoad(_FromRank, tag="expert_load"):
     counts: list[list[Count]] | None  # [layers][experts]; None: no record was started
 
 
+class Rebalanced(_FromRank, tag="rebalanced"):
+    """An attention or FFN rank has switched to rebalance ``epoch`` (afd.rebalance), or (an
+    attention rank, ``error`` set) refused it; ``seconds`` the switch took on this rank,
+    ``moved`` the slots an FFN rank received from others, ``experts`` {MoE layer: the logical
+    expert of each of its slots} on an FFN rank."""
+
+    epoch: Annotated[int, Meta(ge=1)]
+    seconds: float = 0.0
+    moved: Count = 0
+    experts: dict[int, list[Count]] = {}
+    error: str | None = None
+
+
 class Heartbeat(_FromRank, tag="hb"):
     pass
 
@@ -234,8 +258,8 @@ class Error(_FromRank, tag="error"):
     msg: str
 
 
-FromRank = Union[Ready, Out, Admitted, TransferFailed, Transferred, ExpertLoad, Heartbeat,
-                 Timers, Bye, Error]
+FromRank = Union[Ready, Out, Admitted, TransferFailed, Transferred, ExpertLoad, Rebalanced,
+                 Heartbeat, Timers, Bye, Error]
 
 _KINDS = {cls.__struct_config__.tag: cls for cls in (*ToRank.__args__, *FromRank.__args__)}
 

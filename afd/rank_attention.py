@@ -19,6 +19,8 @@ import torch.distributed as dist
 from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
+from afd.placement import ExpertPlacement
+from afd.rebalance import all_tables, broadcast_tables, check_same_slots, tables_tensor
 from afd.profiling import StageTimers
 from afd.sampler import draw_step_seed
 from afd.sequence import CoreOutput, Sequence
@@ -99,6 +101,8 @@ class AttentionWorker:
             self.core.stop_expert_load_record()
         elif isinstance(msg, protocol.ExpertLoadDump):
             self.link.send(protocol.ExpertLoad(self.core.load_recorder().snapshot()))
+        elif isinstance(msg, protocol.Rebalance):
+            self._take_rebalance(msg)
         elif isinstance(msg, protocol.Shutdown):
             self.stopping = True
         elif isinstance(msg, protocol.Wake):
@@ -107,6 +111,45 @@ class AttentionWorker:
             log.warning("attention rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
         return []
+
+    # ---- live rebalancing (afd.rebalance) ---------------------------------------------------
+    epoch = 0  # the rebalance this rank routes by (0: the placement it started with)
+    pending: tuple[int, ExpertPlacement] | None = None  # the next one, until every rank has it
+
+    def _take_rebalance(self, msg: protocol.Rebalance) -> None:
+        """Hold the placement until the vote says every attention rank does; a placement that
+        does not fit this rank's (only a forged message's: the front end checked it) is
+        refused, with the reason, and nothing changes."""
+        try:
+            if self.transport is None:
+                raise ValueError("this layout has no FFN ranks: every expert is local")
+            if msg.epoch <= self.epoch:
+                raise ValueError(f"rebalance epoch {msg.epoch} is not past this rank's "
+                                 f"{self.epoch}")
+            placement = ExpertPlacement(msg.num_experts, msg.slots, msg.layers)
+            check_same_slots(self.transport.placement, placement, self._num_layers)
+        except ValueError as exc:
+            log.warning("attention rank %d refused rebalance %d: %s", self.index, msg.epoch, exc)
+            self.link.send(protocol.Rebalanced(msg.epoch, error=str(exc)))
+            return
+        self.pending = (msg.epoch, placement)
+
+    @property
+    def _num_layers(self) -> int:
+        return self.core.runner.model.cfg.num_layers
+
+    def _rebalance(self, epoch: int) -> None:
+        """Every attention rank holds rebalance ``epoch`` (the vote): attention rank 0 sends
+        its tables to the FFN ranks, and every attention rank routes by it from this step."""
+        start = time.monotonic()
+        _, placement = self.pending
+        tables = tables_tensor(all_tables(placement, self._num_layers))
+        broadcast_tables(tables, self.spec.layout.prefill, self.groups.step)
+        self.transport.set_placement(placement)
+        self.epoch, self.pending = epoch, None
+        seconds = time.monotonic() - start
+        self.timers.seconds["rebalance"] = self.timers.seconds.get("rebalance", 0) + seconds
+        self.link.send(protocol.Rebalanced(epoch, seconds))
 
     def _load(self) -> tuple[int, int, int]:
         sched = self.core.scheduler
@@ -229,15 +272,20 @@ class AttentionWorker:
                     return
                 has_work, micro_batches = not plan.empty, 1
             else:
+                # the last two: the highest and (negated) lowest rebalance epoch the attention
+                # ranks hold; equal and new, every rank switches before this step
+                held = self.pending[0] if self.pending else self.epoch
                 vote = torch.tensor([int(not plan.empty),
                                      min(self.spec.micro_batches, max(1, len(plan.seqs))),
-                                     int(self.stopping), int(busy)])
+                                     int(self.stopping), int(busy), held, -held])
                 with self.timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
                 self.timers.count("votes")
-                has_work, micro_batches, stop, busy = vote.tolist()
+                has_work, micro_batches, stop, busy, highest, lowest = vote.tolist()
                 if stop:
                     return
+                if highest == -lowest > self.epoch:
+                    self._rebalance(highest)
             quiet = 0 if busy or has_work else quiet + 1
             idle = not has_work and not self.receiving
             if has_work:

@@ -9,6 +9,9 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
+from afd.placement import ExpertPlacement
+from afd.rebalance import (NO_EPOCH, all_tables, broadcast_tables, move_experts, move_plan,
+                           tables_of, width)
 from afd.workers import (HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server,
                          send_droppable)
 
@@ -27,6 +30,36 @@ class FFNWorker:
             self.experts += self.experts[-1:] * (cfg.num_speculative_tokens - 1)
         self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
                                          device)
+        # live rebalancing (afd.rebalance): every MoE layer's table, decoder layers then MTP
+        self.index, self.epoch = index, 0
+        self.tables = all_tables(spec.placement, self.model.cfg.num_layers)
+        self.by_layer = {layer.index: layer.mlp.experts for layer in self.model.all_layers()
+                         if layer.is_moe}
+
+    def _rebalance(self, epoch: int) -> None:
+        """Every attention rank holds rebalance ``epoch`` (the vote): take its tables from
+        attention rank 0, move the expert weights (afd.rebalance.move_experts), report."""
+        start = time.monotonic()
+        layout, num_layers = self.spec.layout, self.model.cfg.num_layers
+        tables = torch.empty(len(self.tables), layout.ffn, width(self.tables), dtype=torch.long)
+        new = tables_of(broadcast_tables(tables, layout.prefill, self.groups.step))
+        ffn_ranks = list(range(layout.prefill + layout.attention, layout.world_size))
+        moved = 0
+        for layer, experts in self.by_layer.items():  # the same order on every FFN rank
+            if new[layer] != self.tables[layer]:
+                moved += move_experts(experts.expert_tensors(),
+                                      move_plan(self.tables[layer], new[layer]), self.index,
+                                      ffn_ranks, self.groups.step)
+                experts.set_expert_ids(list(new[layer][self.index]))
+        self.tables, self.epoch = new, epoch
+        self.server.set_placement(ExpertPlacement(self.spec.placement.num_experts,
+                                                  layers=tuple(new[:num_layers])))
+        seconds = time.monotonic() - start
+        timers = self.server.timers.seconds
+        timers["rebalance"] = timers.get("rebalance", 0) + seconds
+        held = {layer: list(e.expert_ids) for layer, e in self.by_layer.items()}
+        self.out.send(protocol.encode(protocol.Rebalanced(epoch, seconds, moved, held,
+                                                          rank=self.spec.rank)))
 
     def run(self) -> None:
         self.out.send(protocol.encode(protocol.Ready(describe(self.model, kv_bytes=0),
@@ -35,14 +68,17 @@ class FFNWorker:
         with torch.inference_mode():
             while True:
                 # FFN ranks vote "no work, go on, not busy" (afd.rank_attention: while the
-                # cluster is quiescent they wait here, up to idle_sleep_s, for the next vote)
-                vote = torch.zeros(4, dtype=torch.long)
+                # cluster is quiescent they wait here, up to idle_sleep_s, for the next vote);
+                # the last two are the attention ranks' rebalance epochs, which they leave be
+                vote = torch.tensor([0, 0, 0, 0, 0, NO_EPOCH])
                 with timers.time("vote"):
                     dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.groups.step)
                 timers.count("votes")
-                has_work, micro_batches, stop, _ = vote.tolist()
+                has_work, micro_batches, stop, _, highest, lowest = vote.tolist()
                 if stop:
                     return
+                if highest == -lowest > self.epoch:
+                    self._rebalance(highest)
                 if has_work:
                     for experts in self.experts:  # the attention ranks' ping-pong order
                         for mb in range(micro_batches):

@@ -73,6 +73,12 @@ class TorchTransport(ExpertPath):
         self.slots = placement.max_slots
         self.timers = StageTimers()
 
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Route by ``placement`` from the next dispatch on (a live rebalance, afd.rebalance;
+        every FFN rank keeps its slot count, so the slot space is the same)."""
+        _check_slots(self.slots, placement)
+        self.placement, self.tables = placement, RouteTables(placement, self.device)
+
     def dispatch(self, req: Dispatch, micro_batch: int = 0) -> DispatchHandle:
         with self.timers.time("dispatch"):
             return self._dispatch(req, micro_batch)
@@ -144,6 +150,10 @@ class TorchExpertServer:
         self.in_flight: list[ServeState] = []
         self.timers = StageTimers()
 
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        _check_slots(self.slots, placement)
+        self.placement = placement
+
     def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
         """Receive, compute, send back. Returns how many rows this rank served."""
         group = self.groups.micro_batch_groups[micro_batch]
@@ -175,6 +185,12 @@ class TorchExpertServer:
             for state in self.in_flight:
                 state.work.wait()
         self.in_flight.clear()
+
+
+def _check_slots(slots: int, placement: ExpertPlacement) -> None:
+    if placement.max_slots != slots:
+        raise ValueError(f"a placement of {placement.max_slots} slots per FFN rank cannot replace "
+                         f"one of {slots} (the transports' slot space)")
 
 
 def _group_by_slot(counts: torch.Tensor) -> torch.Tensor:

@@ -110,12 +110,27 @@ class RoutedExperts(nn.Module):
             self.w2_scale = nn.Parameter(torch.empty(slots, -(-h // bn), -(-i // bk),
                                                      device=device), requires_grad=False)
         # logical id -> local slot, -1 where this rank holds no copy
-        slot_of = [-1] * cfg.num_experts
+        self.register_buffer("slot_of", torch.empty(cfg.num_experts, dtype=torch.long,
+                                                    device=device), persistent=False)
+        self.set_expert_ids(self.expert_ids)
+
+    def set_expert_ids(self, expert_ids: list[int]) -> None:
+        """Slot s now holds logical expert ``expert_ids[s]`` (a live rebalance, afd.rebalance,
+        has rewritten the weights): the same number of slots."""
+        if len(expert_ids) != self.w13.shape[0]:
+            raise ValueError(f"{len(expert_ids)} expert ids for {self.w13.shape[0]} slots")
+        self.expert_ids = list(expert_ids)
+        slot_of = [-1] * self.num_experts
         for slot, e in enumerate(expert_ids):
             if slot_of[e] < 0:
                 slot_of[e] = slot
-        self.register_buffer("slot_of", torch.tensor(slot_of, device=device), persistent=False)
-        self.holds_all = expert_ids == list(range(cfg.num_experts))
+        self.slot_of.copy_(torch.tensor(slot_of))
+        self.holds_all = self.expert_ids == list(range(self.num_experts))
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """Every [S, ...] tensor of the slots: w13, w2, and their FP8 scales if any."""
+        scales = [self.w13_scale, self.w2_scale] if self.fp8_block else []
+        return [self.w13.data, self.w2.data, *(s.data for s in scales)]
 
     @property
     def fp8_args(self) -> dict:
