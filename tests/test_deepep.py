@@ -206,16 +206,20 @@ def run_rank(rank: int, port: int, runs: tuple[tuple[Case, ExpertPlacement], ...
     dist.destroy_process_group()
 
 
-def round_trip(rank: int, case: Case, placement: ExpertPlacement, device: torch.device,
+def round_trip(rank: int, case: Case, placement: ExpertPlacement | tuple, device: torch.device,
                timeout: datetime.timedelta) -> None:
+    """``placement``: one, or (start, then) where both sides are built with ``start`` and
+    switched to ``then`` (a live rebalance, afd.rebalance) before the first dispatch."""
+    start, placement = placement if isinstance(placement, tuple) else (placement, placement)
     groups = ExpertGroups(case.num_attention, case.num_ffn,
                           [dist.new_group(timeout=timeout) for _ in range(case.micro_batches)])
     bf16, h, mbs = torch.bfloat16, case.hidden, case.micro_batches
     weights = [tuple(w.to(device, bf16) for w in layer_weights(layer, h))
                for layer in range(LAYERS)]
     if rank < case.num_attention:
-        transport = DeepEPTransport(groups, placement, h, bf16, device,
+        transport = DeepEPTransport(groups, start, h, bf16, device,
                                     num_max_dispatch_tokens_per_rank=32)
+        transport.set_placement(placement)
         inputs = {(layer, mb): rank_inputs(rank, layer, mb, h)
                   for layer in range(LAYERS) for mb in range(mbs)}
 
@@ -246,8 +250,9 @@ def round_trip(rank: int, case: Case, placement: ExpertPlacement, device: torch.
         assert set(transport.timers.seconds) == {"dispatch", "combine"}
     else:
         index = rank - case.num_attention
-        server = DeepEPExpertServer(groups, placement, h, bf16, device,
+        server = DeepEPExpertServer(groups, start, h, bf16, device,
                                     num_max_dispatch_tokens_per_rank=32)
+        server.set_placement(placement)
         emap = DeepEPExpertMap(placement, case.num_attention)
         for layer in range(LAYERS):
             held = list(placement.table(layer)[index])
@@ -268,13 +273,14 @@ def round_trip(rank: int, case: Case, placement: ExpertPlacement, device: torch.
 def test_round_trip_over_fake_deep_ep():
     """Our use of DeepEP's contract (ids, slabs, counts, hooks, call order) on CPU ranks, with
     one micro-batch, two, and two with a per-layer placement (layer 1 has a table of its own:
-    replicas, 4/2/3 slots, so each layer must route by its own table), one after the other on
+    replicas, 4/2/3 slots, so each layer must route by its own table), and two built with
+    one placement then switched to the per-layer one (a live rebalance), one after the other on
     the same ranks; the fake is our reading of DeepEP's API, not DeepEP."""
     mb1, mb2 = (Case(2, 3, micro_batches, hidden=32, fake=True) for micro_batches in (1, 2))
     placement = ExpertPlacement.balanced(E, 3, {2: 1, 5: 1})  # uneven slot counts
     assert len({len(s) for s in placement.slots}) > 1
     per_layer = ExpertPlacement(E, layers=(placement.slots, ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
-    runs = ((mb1, placement), (mb2, placement), (mb2, per_layer))
+    runs = ((mb1, placement), (mb2, placement), (mb2, per_layer), (mb2, (placement, per_layer)))
     mp.spawn(run_rank, args=(free_port(), runs), nprocs=mb1.world, join=True)
 
 

@@ -221,3 +221,174 @@ def test_route_tables_serve_the_mtp_layer_from_the_table_built_once(monkeypatch)
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="not layer 3"):
         tables[3]
+
+
+# ---- live rebalancing (afd.rebalance) -------------------------------------------------------
+
+
+def test_move_plan_brings_every_slot_its_new_expert():
+    """Applied to the old tables, the plan gives every rank the new table's experts, each
+    taken from a slot that held it; slots that keep their expert are not in it."""
+    from afd.placement import ExpertPlacement
+    from afd.rebalance import move_plan
+
+    old = ExpertPlacement.from_load(zipf_counts(3, 16, seed=1), 4, 4)
+    new = ExpertPlacement.from_load(zipf_counts(3, 16, seed=2), 4, 4)
+    for a, b in zip(old.layers, new.layers, strict=True):
+        plan = move_plan(a, b)
+        after = [list(s) for s in a]
+        for dst, slot, src, src_slot in plan:
+            assert a[src][src_slot] == b[dst][slot] and a[dst][slot] != b[dst][slot]
+            after[dst][slot] = a[src][src_slot]
+        assert tuple(map(tuple, after)) == b
+        assert any(src != dst for dst, _, src, _ in plan)  # weights cross ranks
+    assert move_plan(old.layers[0], old.layers[0]) == []
+
+
+def test_rebalance_checks_name_the_problem():
+    from afd.placement import ExpertPlacement
+    from afd.rebalance import (all_tables, check_same_slots, plan_from_record, tables_of,
+                               tables_tensor)
+
+    running = ExpertPlacement.from_load([[1] * 16] * LAYERS, 2, 2)  # 9 slots per rank
+    counts = zipf_counts(LAYERS, EXPERTS, seed=3)
+    new, before, after = plan_from_record(running, {"counts": counts}, LAYERS)
+    assert after < before and new.max_slots == 9
+    tables = all_tables(new, LAYERS)
+    assert tables_of(tables_tensor(tables)) == tables  # the MTP layer's (contiguous) too
+    with pytest.raises(ValueError, match="counts no routed token"):
+        plan_from_record(running, {"counts": [[0] * 16] * LAYERS}, LAYERS)
+    with pytest.raises(ValueError, match="record counts 2 layers x 16 experts"):
+        plan_from_record(running, {"counts": counts[:2]}, LAYERS)
+    with pytest.raises(ValueError, match="must be an expert load record"):
+        plan_from_record(running, [1, 2], LAYERS)
+    with pytest.raises(ValueError, match=r"gives the FFN ranks \[8, 8\] slots in layer 0"):
+        check_same_slots(running, ExpertPlacement.balanced(16, 2), LAYERS)
+    uneven = ExpertPlacement.balanced(16, 3)  # 6/5/5 slots
+    with pytest.raises(ValueError, match="start with num_redundant_experts"):
+        plan_from_record(uneven, {"counts": counts}, LAYERS)
+
+
+def test_rebalance_message_is_checked_on_arrival():
+    from afd import protocol
+
+    ok = protocol.decode_to_rank(protocol.encode(protocol.Rebalance(1, 4, [[0, 1], [2, 3]])))
+    assert ok.epoch == 1 and ok.slots == [[0, 1], [2, 3]]
+    for bad, field in (({"epoch": 0}, "epoch"), ({"slots": [[0, -1]]}, "slots")):
+        msg = {"t": "rebalance", "epoch": 1, "num_experts": 4, "slots": [[0, 1]], **bad}
+        import msgspec
+
+        with pytest.raises(protocol.ProtocolError, match=field):
+            protocol.decode_to_rank(msgspec.msgpack.encode(msg))
+
+
+LONG = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def single_long():
+    with LLM(enable_prefix_caching=False) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, LONG, use_tqdm=False)]
+
+
+@pytest.fixture(scope="class")
+def live_cluster():
+    """Two attention ranks, two FFN ranks with two redundant slots per layer (9 each), no
+    record at start: experts 0 and 1 have the copies."""
+    llm = LLM(attention=2, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
+              timeout_s=30)
+    yield llm
+    llm.shutdown()
+
+
+def run_across(llm: LLM, rebalance, tag: str) -> tuple[dict, list[list[int]]]:
+    """Start PROMPTS with LONG, step until each has a few tokens, call ``rebalance`` (its
+    report), finish them: (report, token ids)."""
+    from ckpt_utils import run_until_done
+
+    ids = [f"{tag}-{i}" for i in range(len(PROMPTS))]
+    for rid, prompt in zip(ids, PROMPTS, strict=True):
+        llm.engine.add_request(rid, prompt, LONG)
+    seen: dict[str, int] = {}
+    while len(seen) < len(ids) or min(seen.values()) < 3:
+        for out in llm.engine.step():
+            assert not out.finished
+            seen[out.request_id] = len(out.outputs[0].token_ids)
+    report = rebalance()
+    done = run_until_done(llm, ids)
+    return report, [done[rid].outputs[0].token_ids for rid in ids]
+
+
+class TestLiveRebalance:
+    def test_rebalance_from_the_record_while_requests_run(self, live_cluster, single_long):
+        """Requests running across a rebalance from the recorded load produce the single
+        process's tokens; the FFN ranks hold the new placement's experts (they say which)
+        and received the ones they lacked from each other."""
+        from afd.expert_load import NoExpertLoadRecord
+
+        llm = live_cluster
+        client = llm.engine.core
+        start = client.placement
+        assert start.max_slots == 9 and all(0 in s and 1 in s for s in start.layers[1])
+        with pytest.raises(NoExpertLoadRecord, match="start one first"):
+            llm.rebalance_experts()
+        llm.start_expert_load_record()
+        llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        report, outs = run_across(llm, llm.rebalance_experts, "record")
+        assert outs == single_long
+        assert report["epoch"] == 1 and report["moved"] > 0
+        assert report["imbalance_after"] < report["imbalance_before"]
+        new = client.placement
+        assert new != start and new.to_dict() == report["placement"]
+        assert new.max_slots == 9
+        for r in range(2):
+            assert client.rank_experts[r] == {layer: list(new.table(layer)[r])
+                                              for layer in range(1, LAYERS)}
+
+    def test_rebalance_to_a_given_placement_swaps_every_slot(self, live_cluster, single_long):
+        """An explicit placement: the two FFN ranks' tables swapped, so every expert crosses
+        ranks; outputs unchanged."""
+        from afd.placement import ExpertPlacement
+
+        llm = live_cluster
+        client = llm.engine.core
+        old = client.placement
+        swapped = ExpertPlacement(EXPERTS, layers=tuple(t[::-1] for t in old.layers))
+        report, outs = run_across(llm, lambda: llm.rebalance_experts(placement=swapped),
+                                  "swap")
+        assert outs == single_long
+        # every slot but the copies of replicated experts (on both ranks): 2 a layer and rank
+        assert client.placement == swapped and report["moved"] == 2 * (9 - 2) * (LAYERS - 1)
+        assert client.rank_experts[0] == {layer: list(old.table(layer)[1])
+                                          for layer in range(1, LAYERS)}
+
+    def test_bad_rebalances_are_refused_and_serving_goes_on(self, live_cluster, single_long):
+        from afd.placement import ExpertPlacement
+
+        llm = live_cluster
+        client = llm.engine.core
+        before = client.placement
+        with pytest.raises(ValueError, match="keeps each rank's slots"):
+            llm.rebalance_experts(placement=ExpertPlacement.balanced(EXPERTS, 2))
+        with pytest.raises(ValueError, match="counts no routed token"):
+            llm.rebalance_experts({"counts": [[0] * EXPERTS] * LAYERS})
+        with pytest.raises(ValueError, match="a record or a placement, not both"):
+            llm.rebalance_experts({"counts": []}, before)
+        with pytest.raises(ValueError, match="places 8 experts"):
+            llm.rebalance_experts(placement=ExpertPlacement.balanced(8, 2))
+        assert client.placement == before
+        # a forged message the front end never sent, whose slots do not fit: each attention
+        # rank refuses it (and says why) and serves on with the placement it has
+        from afd import protocol
+
+        for rank in (0, 1):
+            client._tell(rank, protocol.Rebalance(client.rebalances + 1, EXPERTS,
+                                                  [list(range(8)), list(range(8, 16))]))
+        outs = llm.generate(PROMPTS, LONG, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == single_long
+
+
+def test_rebalance_needs_ffn_ranks():
+    with LLM() as llm:
+        with pytest.raises(ValueError, match="needs FFN ranks"):
+            llm.rebalance_experts()

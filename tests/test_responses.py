@@ -517,6 +517,12 @@ def test_expert_record_endpoints_answer_errors_in_the_error_body(apps, monkeypat
 
     no_record = call_app(apps["plain"], go)[0]
     assert no_record.status_code == 400 and "error" in no_record.json()
+
+    async def rebalance(_, http):
+        return await http.post("/rebalance_experts")
+
+    no_ffn = call_app(apps["plain"], rebalance)  # the single process: nothing to place
+    assert no_ffn.status_code == 400 and "needs FFN ranks" in no_ffn.json()["error"]["message"]
     monkeypatch.setattr(apps["engine"], "healthy", lambda: (False, "rank 1 died"))
     for r in call_app(apps["plain"], go):
         assert r.status_code == 503, r.text

@@ -382,6 +382,16 @@ def test_expert_distribution_record(pd):
     assert record["num_layers"] == 4 and record["num_experts"] == 16  # the tiny model
     # 4 decode steps of one token (the first token came from the prefill rank), top-4 routing
     assert [sum(row) for row in record["counts"]] == [0, 16, 16, 16]
+    # live rebalancing from that record, behind the key too: one FFN rank holds every expert,
+    # so the placement is the same experts (sorted, per layer) and nothing moves
+    rebalance = f"{pd.url}/rebalance_experts"
+    assert httpx.post(rebalance, timeout=30).status_code == 401
+    r = httpx.post(rebalance, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["status"] == "ok" and report["epoch"] == 1 and report["moved"] == 0
+    assert report["placement"]["layers"][1] == [list(range(16))]
+    c.completions.create(model=c.models.list().data[0].id, prompt="Tell me", max_tokens=2)
 
 
 def test_metrics_move(single):
