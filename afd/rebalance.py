@@ -139,21 +139,30 @@ def move_experts(tensors: list[torch.Tensor], plan: list[tuple[int, int, int, in
     mine = [step for step in plan if me in (step[0], step[2])]
     if not mine:
         return 0
+    # gloo (several ranks on one GPU) moves host tensors: stage through the host there
+    stage = tensors[0].device.type != "cpu" and dist.get_backend(group) == "gloo"
     new = [t.clone() for t in tensors]
-    ops, received = [], 0
+    ops, landed, received = [], [], 0
     for dst, slot, src, src_slot in mine:
         for old_t, new_t in zip(tensors, new, strict=True):
             if dst == me and src == me:
                 new_t[slot].copy_(old_t[src_slot])
             elif dst == me:
-                ops.append(dist.P2POp(dist.irecv, _bytes(new_t[slot]), global_rank[src], group))
+                buf = dest = _bytes(new_t[slot])
+                if stage:
+                    buf = torch.empty_like(dest, device="cpu")
+                    landed.append((dest, buf))
+                ops.append(dist.P2POp(dist.irecv, buf, global_rank[src], group))
             else:
-                ops.append(dist.P2POp(dist.isend, _bytes(old_t[src_slot]), global_rank[dst],
-                                      group))
+                buf = _bytes(old_t[src_slot])
+                ops.append(dist.P2POp(dist.isend, buf.cpu() if stage else buf,
+                                      global_rank[dst], group))
         received += dst == me and src != me
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    for dest, host in landed:
+        dest.copy_(host)
     for old_t, new_t in zip(tensors, new, strict=True):
         old_t.copy_(new_t)
     return received
