@@ -3,7 +3,8 @@
 Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [DONE]``),
 /v1/responses (OpenAI's Responses API run as a chat completion; afd/responses.py),
 /tokenize, /detokenize, /version, /reset_prefix_cache and SGLang's
-/{start,stop,dump}_expert_distribution_record (these with the API key, as /v1/),
+/{start,stop,dump}_expert_distribution_record and /rebalance_experts (these with the API key,
+as /v1/),
 /v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
 /metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
 
