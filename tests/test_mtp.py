@@ -611,3 +611,36 @@ def test_pd_matches_single_process(const_ckpt, ffn):
         wait_all_free(llm)
     finally:
         llm.shutdown()
+
+
+def test_live_rebalance_moves_the_mtp_layers_experts_too(mtp_ckpt):
+    """A live rebalance (afd.rebalance) with MTP drafts on FFN ranks: to a one-table placement
+    (the two ranks' experts swapped, the MTP layer's with them), then from the record (per
+    layer; the MTP layer back to the contiguous table, as at start), each across running
+    requests: the single process's tokens, and the FFN ranks report the MTP layer's experts."""
+    from ckpt_utils import run_until_done
+
+    folder = mtp_ckpt[0]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3 + 5 * i, 12 + 5 * i))} for i in range(3)]
+    with LLM(folder, speculative_config=mtp(2), enable_prefix_caching=False) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                 use_tqdm=False)]
+    swapped = ExpertPlacement(8, ((4, 5, 6, 7), (0, 1, 2, 3)))
+    with LLM(folder, attention=1, ffn=2, speculative_config=mtp(2), timeout_s=30,
+             enable_prefix_caching=False) as llm:
+        client = llm.engine.core
+        llm.start_expert_load_record()
+        for tag, rebalance in (("swap", lambda: llm.rebalance_experts(placement=swapped)),
+                               ("record", llm.rebalance_experts)):
+            ids = [f"{tag}-{i}" for i in range(len(prompts))]
+            for rid, prompt in zip(ids, prompts, strict=True):
+                llm.engine.add_request(rid, prompt, params)
+            while not any(out.outputs[0].token_ids for out in llm.engine.step()):
+                pass
+            assert rebalance()["moved"] > 0
+            done = run_until_done(llm, ids)
+            assert [done[rid].outputs[0].token_ids for rid in ids] == expected, tag
+            mtp_layer = 3  # past the 3 decoder layers
+            want = (4, 5, 6, 7) if tag == "swap" else (0, 1, 2, 3)
+            assert client.rank_experts[0][mtp_layer] == list(want)
