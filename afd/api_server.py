@@ -1039,6 +1039,7 @@ def main() -> None:
     ap.add_argument("--transport", default="torch")
     ap.add_argument("--expert-placement", default=None)
     ap.add_argument("--num-redundant-experts", type=int, default=0)
+    ap.add_argument("--eplb-interval-steps", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--grace-period", type=float, default=20.0)
     ap.add_argument("--control-host", default="127.0.0.1",
@@ -1069,6 +1070,7 @@ def main() -> None:
                              transport=args.transport, timeout_s=args.timeout, attach=publish,
                              placement=args.expert_placement,
                              num_redundant_experts=args.num_redundant_experts,
+                             eplb_interval_steps=args.eplb_interval_steps,
                              control_host=args.control_host)
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),

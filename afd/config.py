@@ -153,7 +153,7 @@ def _positive(name: str, value: int | None) -> None:
 
 def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
                          timeout_s: float = 60.0, prefill_block_size: int | None = None,
-                         **_: Any) -> None:
+                         eplb_interval_steps: int = 0, **_: Any) -> None:
     """ValueError naming the first bad layout option (every layout checks them, the
     single-process one too, where they change nothing; here, not in afd.layouts, so that
     the single process does not import the multi-rank code and its pyzmq)."""
@@ -170,6 +170,9 @@ def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
     if prefill_block_size is not None and not positive_int(prefill_block_size):
         raise ValueError(f"prefill_block_size must be a positive integer, got "
                          f"{prefill_block_size!r}")
+    if eplb_interval_steps != 0 and not positive_int(eplb_interval_steps):
+        raise ValueError(f"eplb_interval_steps must be an integer >= 0 (0: off), got "
+                         f"{eplb_interval_steps!r}")
 
 
 def resolve_engine_config(

@@ -31,7 +31,7 @@ from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
-from afd.rebalance import check_same_slots, plan_from_record
+from afd.rebalance import all_tables, check_same_slots, plan_from_record, redundant_slots
 from afd.router import RequestRouter
 from afd.sequence import CoreOutput, CoreRequest
 from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env
@@ -101,6 +101,7 @@ class MultiRankClient:
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
                  placement: ExpertPlacement | str | os.PathLike | None = None,
                  num_redundant_experts: int = 0, prefill_block_size: int | None = None,
+                 eplb_interval_steps: int = 0,
                  startup_timeout_s: float = 300.0,
                  attach: Callable[[WorkerSpec], None] | None = None,
                  control_host: str = LOOPBACK):
@@ -112,7 +113,8 @@ class MultiRankClient:
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         check_layout_options(micro_batches=micro_batches, transport=transport,
-                             timeout_s=timeout_s, prefill_block_size=prefill_block_size)
+                             timeout_s=timeout_s, prefill_block_size=prefill_block_size,
+                             eplb_interval_steps=eplb_interval_steps)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
 
@@ -140,7 +142,15 @@ class MultiRankClient:
             if placement.num_layers not in (None, model_cfg.num_layers):
                 raise ValueError(f"placement has tables for {placement.num_layers} decoder "
                                  f"layers, the model has {model_cfg.num_layers}")
+            if eplb_interval_steps:  # refused now rather than at the first interval
+                redundant_slots(placement, model_cfg.num_layers)
+        elif eplb_interval_steps:
+            raise ValueError("eplb_interval_steps needs ffn >= 1")
         self.placement = placement
+        self.eplb_interval = eplb_interval_steps
+        self.eplb_at_step = 0  # the attention ranks' step count at the last periodic rebalance
+        self.eplb_base: list[list[int]] | None = None  # the record's counts then
+        self.waiting = False  # in a call that steps while it waits for the ranks
         self.error: str | None = None
         self.closed = False
         self.placed: dict[str, _Placed] = {}
@@ -206,6 +216,8 @@ class MultiRankClient:
                 for r in range(layout.world_size)]
         self._wait_ready(startup_timeout_s)
         self.last_heard = time.monotonic()
+        if self.eplb_interval:
+            self.start_expert_load_record()
 
     # ---- liveness -------------------------------------------------------------------------
     def _describe(self, rank: int) -> str:
@@ -462,11 +474,15 @@ class MultiRankClient:
         self.expert_loads.clear()
         self._tell_attention(protocol.ExpertLoadDump())
         deadline = time.monotonic() + self.timeout_s
-        while len(self.expert_loads) < self.layout.attention:
-            if time.monotonic() > deadline:
-                self._fail(f"{self.layout.attention - len(self.expert_loads)} attention ranks "
-                           f"sent no expert load record within {self.timeout_s:.0f}s")
-            self.held = self.step(0.05)
+        waiting, self.waiting = self.waiting, True
+        try:
+            while len(self.expert_loads) < self.layout.attention:
+                if time.monotonic() > deadline:
+                    self._fail(f"{self.layout.attention - len(self.expert_loads)} attention "
+                               f"ranks sent no expert load record within {self.timeout_s:.0f}s")
+                self.held = self.step(0.05)
+        finally:
+            self.waiting = waiting
         return sum_records(list(self.expert_loads.values()), *self.model_shape)
 
     # ---- live rebalancing (afd.rebalance) -------------------------------------------------
@@ -504,14 +520,18 @@ class MultiRankClient:
         expected = set(range(self.layout.prefill, self.layout.world_size))
         self.rebalanced = {}
         deadline = time.monotonic() + self.timeout_s
-        while set(self.rebalanced) != expected:
-            refused = [m.error for m in self.rebalanced.values() if m.error]
-            if refused:  # not the front end's check: a rank's placement is not ours
-                raise ValueError(f"rebalance {epoch} refused by a rank: {refused[0]}")
-            if time.monotonic() > deadline:
-                self._fail(f"ranks {sorted(expected - set(self.rebalanced))} did not switch "
-                           f"to rebalance {epoch} within {self.timeout_s:.0f}s")
-            self.held = self.step(0.05)
+        waiting, self.waiting = self.waiting, True
+        try:
+            while set(self.rebalanced) != expected:
+                refused = [m.error for m in self.rebalanced.values() if m.error]
+                if refused:  # not the front end's check: a rank's placement is not ours
+                    raise ValueError(f"rebalance {epoch} refused by a rank: {refused[0]}")
+                if time.monotonic() > deadline:
+                    self._fail(f"ranks {sorted(expected - set(self.rebalanced))} did not "
+                               f"switch to rebalance {epoch} within {self.timeout_s:.0f}s")
+                self.held = self.step(0.05)
+        finally:
+            self.waiting = waiting
         self.placement = placement
         self.rank_experts = {rank - self.layout.prefill - self.layout.attention: m.experts
                              for rank, m in self.rebalanced.items() if m.experts}
@@ -523,6 +543,41 @@ class MultiRankClient:
                  f"; max/mean FFN rank load on the record {report['imbalance_before']:.3f} -> "
                  f"{report['imbalance_after']:.3f}" if "imbalance_after" in report else "")
         return report
+
+    def _steps(self) -> int:
+        """Decode steps run so far (every attention rank runs each one, with FFN ranks), as of
+        the attention ranks' last reports."""
+        return max((self.rank_timers.get(rank, {}).get("steps", 0) for rank in self.rank_stats),
+                   default=0)
+
+    def _periodic_rebalance(self) -> None:
+        """``eplb_interval_steps``: rebalance from the load routed since the last interval (the
+        difference of two dumps of the record this client started; the whole record if it
+        was restarted meanwhile); nothing when no token was routed or the placement would not
+        change. A failed plan is logged, never the engine's end."""
+        self.eplb_at_step = self._steps()
+        counts = self.expert_load_record()["counts"]
+        base, self.eplb_base = self.eplb_base, counts
+        window = counts
+        if base is not None:
+            diff = [[c - b for c, b in zip(row, old)] for row, old in zip(counts, base)]
+            if all(d >= 0 for row in diff for d in row):
+                window = diff
+        if not any(any(row) for row in window):
+            return
+        num_layers = self.model_shape[0]
+        try:
+            placement, before, after = plan_from_record(self.placement, {"counts": window},
+                                                        num_layers)
+        except ValueError as exc:
+            log.warning("periodic rebalance skipped: %s", exc)
+            return
+        if all_tables(placement, num_layers) == all_tables(self.placement, num_layers):
+            return
+        report = self.rebalance_experts(placement=placement)
+        log.info("periodic rebalance %d at step %d: max/mean FFN rank load over the last %d "
+                 "steps %.3f -> %.3f", report["epoch"], self.eplb_at_step, self.eplb_interval,
+                 before, after)
 
     rebalanced: dict[int, protocol.Rebalanced] = {}
     rank_experts: dict[int, dict[int, list[int]]] = {}  # FFN rank -> {layer: slots' experts}
@@ -665,6 +720,11 @@ class MultiRankClient:
             self._fail(f"no answer from any rank for {self.timeout_s:.0f}s with "
                        f"{len(self.placed)} requests in flight")
         self._check_heartbeats()
+        if (self.eplb_interval and not self.waiting and not self.closed
+                and self._steps() - self.eplb_at_step >= self.eplb_interval):
+            self.held = outputs
+            self._periodic_rebalance()
+            outputs, self.held = self.held, []
         return outputs
 
     def shutdown(self) -> None:

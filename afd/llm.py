@@ -133,8 +133,9 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
         raise ValueError("expert_placement needs ffn >= 1")
-    if ffn == 0 and options.get("num_redundant_experts"):
-        raise ValueError("num_redundant_experts needs ffn >= 1")
+    for name in ("num_redundant_experts", "eplb_interval_steps"):
+        if ffn == 0 and options.get(name):
+            raise ValueError(f"{name} needs ffn >= 1")
     check_layout_options(**options)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
@@ -165,8 +166,8 @@ class LLM:
         cache_aware_routing=True,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
-        generation_config="auto", speculative_config=None, scheduling_policy="fcfs",
-        gpu_memory_utilization=0.9, trust_remote_code=False)
+        eplb_interval_steps=0, generation_config="auto", speculative_config=None,
+        scheduling_policy="fcfs", gpu_memory_utilization=0.9, trust_remote_code=False)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -197,6 +198,8 @@ class LLM:
     all: an ``ExpertPlacement``, or a JSON file holding one (``ExpertPlacement.to_dict``) or a
     load record (``dump_expert_load_record``), from which afd.eplb computes a balanced placement
     with ``num_redundant_experts`` extra slots per layer for copies of the hottest experts.
+    ``eplb_interval_steps`` (with FFN ranks): every that many decode steps, rebalance the
+    experts live from the load routed since the last one (``rebalance_experts``; 0: never).
     ``gpu_memory_utilization``: on a GPU with no ``num_kv_blocks`` / ``kv_cache_memory_gb``
     (nor AFD_KV_CACHE_GB), the fraction of each GPU's memory a rank may use in all; each rank
     that holds KV makes what its weights and an activation reserve leave of it its KV pool,
@@ -214,14 +217,15 @@ class LLM:
                  transport: str = "torch", timeout_s: float = 60.0,
                  prefill_block_size: int | None = None,
                  expert_placement: ExpertPlacement | str | os.PathLike | None = None,
-                 num_redundant_experts: int = 0,
+                 num_redundant_experts: int = 0, eplb_interval_steps: int = 0,
                  generation_config: str = "auto", **engine_args: Any):
         self.engine = build_engine(
             model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
             layout_options=dict(micro_batches=micro_batches, transport=transport,
                                 timeout_s=timeout_s, prefill_block_size=prefill_block_size,
                                 placement=expert_placement,
-                                num_redundant_experts=num_redundant_experts),
+                                num_redundant_experts=num_redundant_experts,
+                                eplb_interval_steps=eplb_interval_steps),
             generation_config=generation_config, **engine_args)
         self._ids = itertools.count()
 

@@ -153,9 +153,12 @@ def parse_args() -> argparse.Namespace:
                          "or an expert load record (POST /dump_expert_distribution_record) to "
                          "compute a balanced per-layer placement from (default: contiguous)")
     ap.add_argument("--num-redundant-experts", type=int, default=0,
-                    help="with a load record as --expert-placement: extra expert slots per "
-                         "layer for copies of the hottest experts (SGLang's "
-                         "--ep-num-redundant-experts)")
+                    help="with --ffn: extra expert slots per layer for copies of the hottest "
+                         "experts, placed from a load record as --expert-placement or by a "
+                         "live rebalance (SGLang's --ep-num-redundant-experts)")
+    ap.add_argument("--eplb-interval-steps", type=int, default=0, metavar="N",
+                    help="with --ffn: every N decode steps, rebalance the experts live from "
+                         "the load of the last N (0: only POST /rebalance_experts)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds any rank may wait on another before the server fails")
     ap.add_argument("--grace-period", type=float, default=20.0,
@@ -177,9 +180,12 @@ def parse_args() -> argparse.Namespace:
             ap.error(f"--hf-overrides: {exc}")
     if args.max_request_body_bytes < 1:
         ap.error(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
-    if (args.expert_placement or args.num_redundant_experts) and args.ffn == 0:
-        ap.error("--expert-placement and --num-redundant-experts need --ffn >= 1 (FFN ranks "
-                 "hold the routed experts)")
+    if (args.expert_placement or args.num_redundant_experts or args.eplb_interval_steps) \
+            and args.ffn == 0:
+        ap.error("--expert-placement, --num-redundant-experts and --eplb-interval-steps need "
+                 "--ffn >= 1 (FFN ranks hold the routed experts)")
+    if args.eplb_interval_steps < 0:
+        ap.error(f"--eplb-interval-steps must be >= 0 (0: off), got {args.eplb_interval_steps}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
@@ -197,6 +203,7 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--host", args.host, "--port", str(args.port),
            "--micro-batches", str(args.micro_batches), "--transport", args.transport,
            "--num-redundant-experts", str(args.num_redundant_experts),
+           "--eplb-interval-steps", str(args.eplb_interval_steps),
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
            "--control-host", args.control_host or _control_host(),
            "--generation-config", args.generation_config,

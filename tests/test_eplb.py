@@ -392,3 +392,36 @@ def test_rebalance_needs_ffn_ranks():
     with LLM() as llm:
         with pytest.raises(ValueError, match="needs FFN ranks"):
             llm.rebalance_experts()
+
+
+def test_periodic_rebalance_while_serving(single_long):
+    """eplb_interval_steps: the front end rebalances every 4 decode steps from the load of the
+    last 4, while the requests run: several rebalances, the single process's tokens; bad values
+    are refused before any rank starts."""
+    with LLM(attention=1, ffn=2, num_redundant_experts=2, eplb_interval_steps=4,
+             enable_prefix_caching=False, timeout_s=30) as llm:
+        outs = llm.generate(PROMPTS, LONG, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == single_long
+        assert llm.engine.core.rebalances >= 2
+    for bad, message in ((dict(ffn=2, eplb_interval_steps=-1), "eplb_interval_steps must be"),
+                         (dict(eplb_interval_steps=4), "eplb_interval_steps needs ffn >= 1"),
+                         (dict(ffn=3, eplb_interval_steps=4), "start with num_redundant")):
+        with pytest.raises(ValueError, match=message):
+            LLM(**bad)
+
+
+def test_serve_eplb_interval_flag(monkeypatch, capsys):
+    """launch/serve.py's --eplb-interval-steps: with --ffn only, >= 0; the front end gets it."""
+    import sys
+
+    monkeypatch.syspath_prepend("launch")
+    import serve
+
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--ffn", "2", "--eplb-interval-steps", "5"])
+    assert serve.parse_args().eplb_interval_steps == 5
+    for argv, message in ((["--eplb-interval-steps", "5"], "need --ffn >= 1"),
+                          (["--ffn", "2", "--eplb-interval-steps", "-1"], "must be >= 0")):
+        monkeypatch.setattr(sys, "argv", ["serve.py", *argv])
+        with pytest.raises(SystemExit):
+            serve.parse_args()
+        assert message in capsys.readouterr().err
