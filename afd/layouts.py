@@ -150,7 +150,6 @@ class MultiRankClient:
         self.eplb_interval = eplb_interval_steps
         self.eplb_at_step = 0  # the attention ranks' step count at the last periodic rebalance
         self.eplb_base: list[list[int]] | None = None  # the record's counts then
-        self.waiting = False  # in a call that steps while it waits for the ranks
         self.error: str | None = None
         self.closed = False
         self.placed: dict[str, _Placed] = {}
@@ -487,6 +486,8 @@ class MultiRankClient:
 
     # ---- live rebalancing (afd.rebalance) -------------------------------------------------
     rebalances = 0  # the last rebalance epoch sent to the ranks
+    eplb_interval = 0  # eplb_interval_steps (0: no periodic rebalancing)
+    waiting = False  # in a call that steps while it waits for the ranks
 
     def rebalance_experts(self, record: dict | None = None,
                           placement: ExpertPlacement | None = None) -> dict:
