@@ -7,7 +7,8 @@ Starts a layout with FFN ranks and redundant slots, records the load of some tra
 each timed at the front end (the call, the record dump included for the first) and on the ranks
 (the slowest rank's switch: the table broadcast and the weight moves, ``seconds`` in the report);
 then the longest gap between two decode outputs of requests running across a rebalance, beside
-the longest gap of the same requests with none.
+the longest gap of the same requests with none. ``--periodic N``: also the wall time of one
+batch generated with ``eplb_interval_steps=N`` and without (best of 3 each, fresh engines).
 
     python bench/rebalance.py                          # the embedded tiny model, 2 A + 2 F
     python bench/rebalance.py --moe-intermediate 1024  # dummy weights, 8x larger experts
@@ -58,6 +59,27 @@ def max_gap(llm: LLM, ids: list[str], params: SamplingParams, action=None) -> fl
     return gap
 
 
+def periodic(args, extra: dict, params: SamplingParams) -> dict:
+    """Wall time of 16 requests with eplb_interval_steps=N and with none, best of 3 each."""
+    out = {"interval_steps": args.periodic, "requests": 16, "max_tokens": params.max_tokens}
+    for name, interval in (("off", 0), ("on", args.periodic)):
+        llm = LLM(attention=args.attention, ffn=args.ffn, num_redundant_experts=args.redundant,
+                  eplb_interval_steps=interval, enable_prefix_caching=False, timeout_s=120,
+                  **extra)
+        try:
+            llm.generate(prompts(4), params, use_tqdm=False)  # warm up
+            walls = []
+            for _ in range(3):
+                t = time.perf_counter()
+                llm.generate(prompts(16), params, use_tqdm=False)
+                walls.append(time.perf_counter() - t)
+            out[f"wall_s_{name}"] = min(walls)
+            out[f"rebalances_{name}"] = llm.engine.core.rebalances
+        finally:
+            llm.shutdown()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--attention", type=int, default=2)
@@ -66,6 +88,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--moe-intermediate", type=int, default=None,
                     help="dummy weights with this moe_intermediate_size (larger experts)")
+    ap.add_argument("--periodic", type=int, default=0, metavar="N",
+                    help="also time a batch with eplb_interval_steps=N against none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -117,6 +141,8 @@ def main() -> None:
                  "ranks_s_median": statistics.median(ranks), "reps": args.reps},
         "decode_gap_s": {"no_rebalance": gap_none, "across_rebalance": gap_rebalance},
     }
+    if args.periodic:
+        result["periodic"] = periodic(args, extra, params)
     print(result)
     write_result(result, args.json, "rebalance.json")
 
