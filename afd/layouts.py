@@ -570,12 +570,12 @@ class MultiRankClient:
         try:
             placement, before, after = plan_from_record(self.placement, {"counts": window},
                                                         num_layers)
-        except ValueError as exc:
+            if all_tables(placement, num_layers) == all_tables(self.placement, num_layers):
+                return
+            report = self.rebalance_experts(placement=placement)
+        except ValueError as exc:  # a rank refused it (RankFailure is no ValueError)
             log.warning("periodic rebalance skipped: %s", exc)
             return
-        if all_tables(placement, num_layers) == all_tables(self.placement, num_layers):
-            return
-        report = self.rebalance_experts(placement=placement)
         log.info("periodic rebalance %d at step %d: max/mean FFN rank load over the last %d "
                  "steps %.3f -> %.3f", report["epoch"], self.eplb_at_step, self.eplb_interval,
                  before, after)

@@ -407,6 +407,16 @@ def test_unseeded_samples_differ_across_ranks(request, layout):
             llm.shutdown()
 
 
+def test_rebalance_without_ffn_ranks_is_refused(two_attention):
+    """Two attention ranks and no FFN rank hold every expert each: a live rebalance is a clear
+    error (afd.rebalance), and the ranks serve on."""
+    with pytest.raises(ValueError, match="needs FFN ranks"):
+        two_attention.rebalance_experts()
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    assert len(two_attention.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+               .token_ids) == 3
+
+
 def test_the_rendezvous_store_and_the_ranks_listen_on_loopback_only(two_attention):
     """Servers bind 127.0.0.1 unless told otherwise: the TCPStore the ranks meet at (its
     server socket bound every interface, whatever host it was given) and every socket the
