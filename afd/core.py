@@ -59,11 +59,17 @@ class PrefixCacheStats:
                    sum(s.prefix_cache_host_hits for s in stats))
 
 
-def _row_error(token: int, seq: Sequence) -> str:
-    """Why a sampled row has no token (a negative id from the sampler)."""
+def _row_error(token: int, seq: Sequence, row: int | None = None) -> str:
+    """Why a sampled row has no token (a negative id from the sampler). ``row``: a
+    speculating sequence's verify row (its grammar may have failed on a draft before it:
+    ``GrammarState.draft_failure``)."""
     if token != NO_TOKEN:
         return "the model's logits hold a NaN"
-    failed = seq.grammar.error if seq.grammar is not None else None
+    grammar = seq.grammar
+    failed = grammar.error if grammar is not None else None
+    if failed is None and row is not None and grammar is not None:
+        failure = grammar.draft_failure
+        failed = failure[1] if failure is not None and row >= failure[0] else None
     if failed is not None:
         return (f"structured_outputs: the grammar failed after {seq.num_output_tokens} output "
                 f"tokens: {failed}")
@@ -206,7 +212,7 @@ class EngineCore:
             new, error = [], None
             for token in tokens[:used]:  # stops as the one-token steps would have
                 if token < 0:  # fail this request, not the rank
-                    error = _row_error(token, seq)
+                    error = _row_error(token, seq, len(new) if drafts else None)
                     break
                 seq.append(token)
                 new.append(token)

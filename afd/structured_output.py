@@ -91,6 +91,9 @@ class GrammarState:
         self.words = words  # int32 words of the bitmask: ceil(tokenizer vocabulary / 32)
         self.reasoning_end = reasoning_end
         self.reasoning_ended = not reasoning_end
+        # set by draft_masks when the matcher failed on a draft or a mask after one: (the
+        # first verify row that leaves empty, the matcher's reason); None otherwise
+        self.draft_failure: tuple[int, str] | None = None
 
     def fill(self, row: torch.Tensor) -> None:
         """Write the allowed-next bitmask into ``row`` ([words] int32, contiguous, on the host).
@@ -138,25 +141,40 @@ class GrammarState:
         waits for the end of the reasoning), as vLLM fills one bitmask row per draft: the
         matcher takes the drafts one by one, then rolls back, so it is left as it was. A draft
         it refuses, and every draft after one, no row emits (the row before's mask forbids
-        it), so those rows repeat the last mask."""
+        it), so those rows repeat the last mask. A draft it validates but then fails on (a
+        parser limit reached on that draft alone) leaves the matcher failed: the rows after
+        it allow nothing, as the step after that token would; and since a failed matcher
+        stays failed (llguidance cannot roll one back), the matcher is then restored from a
+        copy taken before the first draft, so drafts the model never emits cannot fail the
+        request. Where the output does take that draft, the empty row ends the request, with
+        the reason kept in ``draft_failure`` (the restored matcher may take the same tokens
+        without failing: llguidance's limits depend on the masks computed on the way)."""
         matcher, rows, ended, taken, ok = self.matcher, [], self.reasoning_ended, 0, True
         last: FixedMask | None = None
+        saved = self.draft_failure = None
         for j in range(len(drafts) + 1):
             if ended and ok:
                 mask = torch.empty(self.words, dtype=torch.int32)
                 self.fill(mask)
                 last = FixedMask(mask, self.words)
+                if self.draft_failure is None and matcher.is_error():  # an empty row
+                    self.draft_failure = (j, self.error or "unknown error")
             rows.append(last if ended else None)
             if j == len(drafts) or not ok:
                 continue
             token = drafts[j]
             if not ended:
                 ended = token in self.reasoning_end
-            elif not matcher.is_stopped():  # (a stopped matcher's next row allows EOS only)
-                ok = matcher.validate_tokens([token]) == 1 and matcher.consume_token(token)
-                taken += ok
-        if taken:
-            matcher.rollback(taken)
+            elif not matcher.is_stopped():  # (a stopped or failed matcher's next row: EOS
+                # only, or nothing)
+                ok = matcher.validate_tokens([token]) == 1
+                if ok:
+                    if saved is None:
+                        saved = matcher.deep_copy()
+                    taken += matcher.consume_token(token)  # (failed: see above)
+        if saved is not None and ((taken and not matcher.rollback(taken))
+                                  or matcher.is_error()):
+            self.matcher = saved
         return rows
 
     def replay(self, tokens: list[int]) -> None:

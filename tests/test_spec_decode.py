@@ -317,6 +317,48 @@ def test_draft_masks_follow_the_drafts_and_leave_the_matcher_as_it_was(engines):
     assert not waiting.reasoning_ended and torch.equal(mask_of(state()), before)
 
 
+
+def test_a_draft_the_grammar_fails_on_neither_fails_the_request_nor_goes_unnoticed(
+        engines, monkeypatch):
+    """A grammar can validate a token and still fail on taking it (llguidance's parser limit:
+    "x"{100000} after "a"). Drafting down that branch must not fail a request whose output
+    takes the other one (a failed matcher cannot be rolled back: draft_masks restores it), and
+    where the output does take it, the row after the failing token allows nothing, as the
+    plain engine's next step: the same tokens, then the same error, with no extra token."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    base, spec = engines
+    tok = base.get_tokenizer()
+    q, a, b, x = (tok.encode(c, add_special_tokens=False)[0] for c in "qabx")
+    so = SO(grammar='start: "q" ("b" "c" | "a" "x"{100000})')
+    drafted = []
+
+    def propose(tokens, n_min, n_max, k):
+        drafted.append(len(tokens))
+        return [a, x, x, x][:k]
+
+    for bias, ends in (({b: 100}, "stop"), ({a: 100, x: 100}, "error")):
+        params = SamplingParams(temperature=0, max_tokens=12, logit_bias=bias,
+                                structured_outputs=so)
+        want = base.generate(PROMPTS[:1], params, use_tqdm=False)
+        monkeypatch.setattr(afd.scheduler, "propose_ngram", propose)
+        drafted.clear()
+        got = spec.generate(PROMPTS[:1], params, use_tqdm=False)
+        monkeypatch.undo()
+        assert drafted  # drafts down the "a" branch were proposed
+        w, g = want[0].outputs[0], got[0].outputs[0]
+        assert w.finish_reason == ends, (w, want[0].error)
+        assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason), (
+            g, got[0].error)
+        assert got[0].error == want[0].error
+        if ends == "stop":
+            assert w.token_ids[:2] == [q, b]
+        else:
+            assert w.token_ids == [q, a, x] and "Too many items" in want[0].error
+    core = spec.engine.core
+    assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+
+
 # ---- KV blocks ----------------------------------------------------------------------------
 def test_rejected_draft_kv_never_enters_the_prefix_cache(engines, monkeypatch):
     """With every draft wrong, rejected KV fills the slots after each step's last token, block
