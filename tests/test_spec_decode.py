@@ -359,6 +359,73 @@ def test_a_draft_the_grammar_fails_on_neither_fails_the_request_nor_goes_unnotic
     assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
 
 
+
+def test_constrained_rows_with_eos_stop_masks_and_logprobs_in_drafts(engines, monkeypatch):
+    """Grammar rows beside the other row masks and stops, every draft the reference's (so runs
+    reach them): EOS drafted where the grammar accepts but is not stopped (ignore_eos or
+    not: the grammar's EOS ends it), a stop token the grammar allows, min_tokens holding EOS
+    back, bad_words, allowed_token_ids, logprobs of the verify rows (the masked logits), and
+    a reasoning end token as a step's last draft (the row after it is the first masked)."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    base, spec = engines
+    tok = base.get_tokenizer()
+    eos = base.engine.eos_token_ids[0]
+    letters = [tok.encode(c, add_special_tokens=False)[0] for c in "abcdefgh"]
+    word = SO(regex="[a-z]{2,12}")
+    free = base.generate(PROMPTS[3:4], SamplingParams(temperature=0, max_tokens=12,
+                                                      ignore_eos=True), use_tqdm=False)
+    end = free[0].outputs[0].token_ids[5]
+    assert end not in free[0].outputs[0].token_ids[:5]
+    params = [SamplingParams(temperature=0, max_tokens=20, logit_bias={eos: 100},
+                             structured_outputs=word),
+              SamplingParams(temperature=0, max_tokens=20, logit_bias={eos: 100},
+                             ignore_eos=True, structured_outputs=word),
+              SamplingParams(temperature=0.8, seed=2, max_tokens=20, stop_token_ids=[letters[2]],
+                             logit_bias={letters[2]: 3}, structured_outputs=word),
+              SamplingParams(temperature=0, max_tokens=20, min_tokens=6, logit_bias={eos: 100},
+                             bad_words=["b"], logprobs=3,
+                             structured_outputs=SO(regex="[a-z]{2,60}")),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=20,
+                             allowed_token_ids=letters[:4] + [eos], logprobs=2,
+                             structured_outputs=SO(regex="[a-d]{3,9}")),
+              SamplingParams(temperature=0, max_tokens=24, reasoning_end_token_ids=[end],
+                             structured_outputs=SO(regex="[a-h]{4,8}"))]
+    prompts = [PROMPTS[i % 3] for i in range(5)] + PROMPTS[3:4]
+    want = base.generate(prompts, params, use_tqdm=False)
+    runs = reference_runs(want, prompts)
+    futures = oracle(runs, corrupt_every=0)
+    ends_last = []
+
+    def propose(tokens, n_min, n_max, k):
+        drafts = futures(tokens, n_min, n_max, k + 1)
+        mine = prompts[-1]["prompt_token_ids"]
+        if end in drafts and [int(t) for t in tokens[:len(mine)]] == mine:
+            at = drafts.index(end)
+            if at == k:  # it would come as the bonus token: one draft now, the end next step
+                return drafts[:1]
+            drafts = drafts[:at + 1]  # the end as the last draft
+            ends_last.append(drafts)
+        return drafts[:k]
+
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", propose)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert_same(want, got)
+    assert_same(want[3:5], got[3:5], logprobs=True)
+    assert ends_last and ends_last[0][-1] == end
+    outs = [o.outputs[0] for o in want]
+    assert outs[0].token_ids[-1] == eos and outs[1].token_ids[-1] == eos
+    assert outs[2].finish_reason == "stop" and outs[2].stop_reason == letters[2]
+    assert len(outs[3].token_ids) == 7 and outs[3].token_ids[-1] == eos  # EOS once allowed
+    assert letters[1] not in outs[3].token_ids
+    assert set(outs[4].token_ids) <= set(letters[:4] + [eos])
+    assert outs[5].token_ids[:6] == free[0].outputs[0].token_ids[:6]
+    for o in got:
+        assert o.metrics.spec_num_accepted_tokens > 0, o
+    core = spec.engine.core
+    assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+
+
 # ---- KV blocks ----------------------------------------------------------------------------
 def test_rejected_draft_kv_never_enters_the_prefix_cache(engines, monkeypatch):
     """With every draft wrong, rejected KV fills the slots after each step's last token, block
