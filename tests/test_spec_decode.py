@@ -581,11 +581,16 @@ def test_gqa_model_with_graph_path(tmp_path, monkeypatch):
     graphs = spec.engine.core.runner.graphs
     run, graph_steps = graphs.run, []
     graphs.run = lambda ids, batch: graph_steps.append(batch.num_seqs) or run(ids, batch)
-    params = SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)
-    want, got, drafts, accepted = generate_both((base, spec), monkeypatch, params,
+    seeded = SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)
+    # a constrained row speculates on the graph path too (its masks applied after the replay)
+    constrained = SamplingParams(temperature=0.8, seed=6, max_tokens=16,
+                                 structured_outputs={"regex": "[a-z ]{3,60}"})
+    want, got, drafts, accepted = generate_both((base, spec), monkeypatch,
+                                                [seeded, constrained, seeded],
                                                 prompts=PROMPTS[:3], corrupt_every=2)
     assert_same(want, got)
     assert 0 < accepted < drafts
+    assert got[1].metrics.spec_num_accepted_tokens > 0
     assert graph_steps
 
 
