@@ -34,7 +34,7 @@ FREEZE_GC = True  # generate() freezes the caller's objects while it runs (bench
 def gc_frozen():
     """While ``generate`` runs, every object alive at its start (the model, the tokenizer, the
     caller's own) sits in the garbage collector's permanent generation, so a full pass walks
-    only what the run made: at batch 256 such a pass stalled a step for 85-92 ms
+    only what the run made: at batch 256 such a pass stalled a step for 79-88 ms
     (bench/gc_pause.py). ``gc.unfreeze()`` afterwards gives them back: the caller's process
     is left as it was, and cycles among those objects are collected later as before. Nothing
     done if the collector is off or the caller froze objects already (theirs to manage)."""

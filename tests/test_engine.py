@@ -950,7 +950,7 @@ def test_serve_trust_remote_code_flag(monkeypatch):
 
 def test_generate_freezes_the_collector_while_it_runs_and_gives_it_back(llm, monkeypatch):
     """generate() keeps the objects alive at its start out of the garbage collector's full
-    passes while it steps (bench/gc_pause.py: the 85-92 ms stall at batch 256), then unfreezes
+    passes while it steps (bench/gc_pause.py: the 79-88 ms stall at batch 256), then unfreezes
     them, also when a step raises; a caller who froze objects or turned the collector off is
     left alone."""
     import gc
