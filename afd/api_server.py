@@ -1020,6 +1020,7 @@ SPEC_MARKER = "AFD_FRONT_SPEC "
 def main() -> None:
     import uvicorn
 
+    from afd import protocol
     from afd.config import engine_config_from_dict
     from afd.engine import LLMEngine
     from afd.layouts import MultiRankClient
@@ -1071,7 +1072,8 @@ def main() -> None:
                              placement=args.expert_placement,
                              num_redundant_experts=args.num_redundant_experts,
                              eplb_interval_steps=args.eplb_interval_steps,
-                             control_host=args.control_host)
+                             control_host=args.control_host,
+                             control_key=protocol.key_from_env())  # launch/serve.py's
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
                        default_sampling=defaults)

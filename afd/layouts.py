@@ -33,8 +33,9 @@ from afd.eplb import resolve_placement
 from afd.placement import ExpertPlacement
 from afd.rebalance import all_tables, check_same_slots, plan_from_record, redundant_slots
 from afd.router import RequestRouter
+from afd.sampling_params import ParamError
 from afd.sequence import CoreOutput, CoreRequest
-from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env
+from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env, peer, recv_sealed
 from models.config import ModelConfig
 
 log = logging.getLogger("afd.layouts")
@@ -104,12 +105,19 @@ class MultiRankClient:
                  eplb_interval_steps: int = 0,
                  startup_timeout_s: float = 300.0,
                  attach: Callable[[WorkerSpec], None] | None = None,
-                 control_host: str = LOOPBACK):
+                 control_host: str = LOOPBACK, control_key: bytes | None = None):
         """Starts the P+A+F rank processes itself, or with ``attach`` leaves that to a launcher
         (torchrun): ``attach`` gets the spec every rank needs (rank -1) once the sockets are
         bound, and liveness then comes from the ranks' heartbeats instead of process handles.
         ``control_host``: the address the control sockets bind (loopback unless ranks run on
-        other nodes)."""
+        other nodes). ``control_key``: the secret every control message is sealed with
+        (afd.protocol); the ranks this starts get a new random one in their environment when
+        none is given, and a launcher's ranks (``attach``) need it given to them and here."""
+        if control_key is None:
+            if attach is not None:
+                raise ValueError("control_key: ranks started by a launcher (attach) must be "
+                                 "handed the control key by it; pass the same key here")
+            control_key = protocol.new_key()
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         check_layout_options(micro_batches=micro_batches, transport=transport,
@@ -173,11 +181,17 @@ class MultiRankClient:
         self.rank_timers: dict[int, dict] = {}  # per rank: stage seconds, steps, votes
         self.rank_info: dict[int, dict] = {}  # what each rank says it holds
 
+        self.control_key, self.session = control_key, protocol.new_session()
+        self.sealer = protocol.Sealer(control_key, self.session, protocol.FRONT)
         self.ctx = zmq.Context()
         host = zmq_host(control_host)
         if host.startswith("["):  # ZeroMQ sockets are IPv4-only unless told otherwise
             self.ctx.setsockopt(zmq.IPV6, 1)
         self.inbox = self.ctx.socket(zmq.PULL)
+        # larger is no rank's message (a rank splits a larger ``out``): ZeroMQ drops the
+        # connection on reading its size, before buffering any of it
+        self.inbox.setsockopt(zmq.MAXMSGSIZE,
+                              protocol.max_from_rank_bytes(engine_cfg.max_model_len))
         # across nodes: listen on every interface, tell the ranks the address they can reach
         bind = f"tcp://{host}" if is_loopback(control_host) else "tcp://*"
         inbox_port = self.inbox.bind_to_random_port(bind)
@@ -201,14 +215,16 @@ class MultiRankClient:
                               front_out=f"tcp://{host}:{inbox_port}",
                               front_in=tuple(front_in),
                               threads=threads_per_rank(layout.world_size),
-                              prefill_block_size=prefill_block_size)
+                              prefill_block_size=prefill_block_size, session=self.session)
         self.procs: list[subprocess.Popen] = []
         if attach is not None:
             attach(template)
         else:
             self.store = loopback_store()
             # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
-            env = {**os.environ, **loopback_gloo_env()}  # every rank is on this machine
+            # every rank is on this machine; the key in the environment, which only this user
+            # can read (/proc/PID/environ), not on the command line, which everyone can
+            env = {**os.environ, **loopback_gloo_env(), protocol.KEY_ENV: control_key.hex()}
             self.procs = [subprocess.Popen(
                 [sys.executable, "-m", "afd.workers", "--spec",
                  replace(template, rank=r, store_port=self.store.port).to_json()], env=env)
@@ -251,17 +267,25 @@ class MultiRankClient:
         """The next control message, or None for one that is not a well-formed message of a
         rank (bytes that are no control message, a field missing or of the wrong type, or a
         rank number outside the layout): logged with its sender and dropped, never the
-        engine's death. Of a malformed ``out`` (a step's outputs), the well-formed rows still
-        count, and each request a bad row names fails alone (``_malformed``). (Not an
-        authentication: see README on multi-node.)"""
-        frame = self.inbox.recv(flags, copy=False)
+        engine's death. A message whose seal does not hold (no MAC or a wrong one, a replay:
+        afd.protocol) is dropped so before any of it is decoded, and so is one sealed by a
+        rank that is not the rank it names. Of a malformed ``out`` (a step's outputs), the
+        well-formed rows still count, and each request a bad row names fails alone
+        (``_malformed``)."""
+        got = recv_sealed(self.inbox, self.sealer, flags, "the front end")
+        if got is None:
+            return None
+        sender, body, frame = got
         try:
-            msg = protocol.decode_from_rank(frame.buffer)
+            msg = protocol.decode_from_rank(body)
         except protocol.ProtocolError as exc:
+            if exc.rank is not None and exc.rank != sender:
+                exc.rank = None  # only the sealed sender's claims count
             return self._malformed(exc, frame)
-        if not 0 <= msg.rank < self.layout.world_size:
-            log.warning("dropped a %r control message from %s: rank %d is not in the layout",
-                        type(msg).__name__, frame.get("Peer-Address"), msg.rank)
+        if not 0 <= msg.rank < self.layout.world_size or msg.rank != sender:
+            log.warning("dropped a %r control message from %s: it names rank %d, sealed by %s, "
+                        "and the layout has ranks 0-%d", type(msg).__name__, peer(frame),
+                        msg.rank, protocol._who(sender), self.layout.world_size - 1)
             return None
         return msg
 
@@ -271,12 +295,13 @@ class MultiRankClient:
         names: an error output in its place, and an abort to the ranks that hold it."""
         rank = exc.rank if exc.rank is not None and 0 <= exc.rank < self.layout.world_size \
             else None
-        sender = frame.get("Peer-Address")
+        sender = peer(frame)
         if rank is not None:
             sender = f"{self._describe(rank)} at {sender}"
         salvage = rank is not None and exc.kind == "out"
         log.warning("dropped %s control message from %s (%d bytes): %s",
-                    "the malformed parts of a" if salvage else "a", sender, len(frame.buffer),
+                    "the malformed parts of a" if salvage else "a", sender,
+                    len(frame.buffer) - protocol.HEADER_BYTES,
                     exc)
         if not salvage:
             return None
@@ -334,8 +359,12 @@ class MultiRankClient:
             self.rank_stats[rank] = CoreStats(0, 0, 0.0, blocks, 0)
 
     def _tell(self, rank: int, msg: protocol.ToRank) -> None:
+        """Send ``msg`` to ``rank``; to an attention rank, wake the others with it (an abort
+        that ends a sleep there must not wait in the vote for the sleepers)."""
         if not self.closed:
             self._send(rank, protocol.encode(msg))
+            if self.layout.prefill <= rank < self.layout.prefill + self.layout.attention:
+                self._wake_others(rank)
 
     def _send(self, rank: int, data: bytes) -> None:
         """A rank that died takes its end of the socket with it, and a send with no peer would
@@ -343,7 +372,7 @@ class MultiRankClient:
         message at once unless some 2,000 are queued for it)."""
         self.check_alive()
         try:
-            self.outboxes[rank].send(data)
+            self.outboxes[rank].send(self.sealer.seal(rank, data))
             self.sent_at[rank] = time.monotonic()
         except zmq.Again:
             self.check_alive()
@@ -352,9 +381,10 @@ class MultiRankClient:
     _WAKE = protocol.encode(protocol.Wake())
 
     def _wake_others(self, rank: int) -> None:
-        """Work just went to attention rank ``rank``: with FFN ranks, every other attention
-        rank may be asleep on its socket (an idle cluster's, ``AttentionWorker.run``) and the
-        step's vote would wait for it; wake them. A rank whose queue is full is awake (it has
+        """A message (work, an abort, anything) just went to attention rank ``rank``, ending
+        any sleep there: with FFN ranks, every other attention rank may be asleep on its
+        socket (an idle cluster's, ``AttentionWorker.run``) and the vote that rank goes on to
+        would wait for it; wake them. A rank whose queue is full is awake (it has
         not read them yet): the wake is dropped, never waited on. So is one to a rank sent
         anything in the last IDLE_POLL_S (a burst of adds would otherwise queue a wake per add
         on every rank): that message is unread, and ends any sleep at once, or was read under
@@ -366,7 +396,8 @@ class MultiRankClient:
         for other in range(self.layout.prefill, self.layout.prefill + self.layout.attention):
             if other != rank and now - self.sent_at.get(other, -math.inf) >= IDLE_POLL_S:
                 try:
-                    self.outboxes[other].send(self._WAKE, zmq.NOBLOCK)
+                    self.outboxes[other].send(self.sealer.seal(other, self._WAKE),
+                                              zmq.NOBLOCK)
                     self.sent_at[other] = now
                 except zmq.Again:
                     pass
@@ -380,6 +411,10 @@ class MultiRankClient:
         # Packed first: a value msgpack cannot carry fails here, before anything is placed.
         wire = protocol.encode(protocol.Add(protocol.WireRequest.of(
             replace(req, request_id=wire_id))))
+        if len(wire) > protocol.MAX_ADD_BYTES:  # the ranks' sockets take nothing larger
+            raise ParamError("prompt", f"request {req.request_id!r} is {len(wire)} bytes as a "
+                             f"control message (its prompt and sampling params); the limit is "
+                             f"{protocol.MAX_ADD_BYTES}")
         if self.layout.prefill:
             rank = self.router.pick_prefill(req.prompt_token_ids, req.cache_salt)
             self.router.prefill[rank].in_flight += 1
@@ -732,9 +767,10 @@ class MultiRankClient:
         if self.closed:
             return
         self.closed = True
-        for sock in self.outboxes.values():
+        for rank, sock in self.outboxes.items():
             try:
-                sock.send(protocol.encode(protocol.Shutdown()), zmq.NOBLOCK)
+                sock.send(self.sealer.seal(rank, protocol.encode(protocol.Shutdown())),
+                          zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + 10

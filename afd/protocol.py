@@ -12,11 +12,22 @@ message that fails is a ``ProtocolError`` naming its kind and the field, before 
 used: the receiver logs it with its sender and drops it, failing only the request it names
 (``ControlLink.poll`` in afd.workers, ``MultiRankClient._recv`` in afd.layouts); it never
 raises out of a rank's or the front end's loop.
+
+Every message is sealed (``Sealer``): a header naming its sender, its receiver and a sequence
+number, and an HMAC-SHA256 over header and body under the engine's session key, checked (in
+constant time) before a byte of the body is decoded. One that fails, or that repeats or goes
+back on its sender's sequence, is logged and dropped. What it covers and what not: README,
+**Control-plane authentication**.
 """
 
 from __future__ import annotations
 
 import copy
+import hmac
+import os
+import secrets
+import stat
+import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict, Union
 
@@ -197,7 +208,8 @@ class Out(_FromRank, tag="out"):
     """A step's outputs (the decode output path: every step, a row per running request)."""
 
     outs: list[CoreOutput]
-    stats: CoreStats | None = None  # None only in what is kept of a malformed one
+    stats: CoreStats | None = None  # None in what is kept of a malformed one, and in every
+    # part but the last of one split by rows (split_out)
     timers: dict[str, int | float] | None = None  # cumulative stage seconds and step count
     attn: int | None = None
     prefilled: list[Prefilled] = []
@@ -360,3 +372,171 @@ def salvage_out(raw: dict) -> tuple[Out, list[tuple[str | None, str]]]:
     msg = Out(outs=[r for r in rows if r is not None], stats=stats, timers=timers,
               prefilled=[p for p in parked if p is not None], rank=raw.get("rank"))
     return msg, bad
+
+
+# ---- authentication --------------------------------------------------------------------------
+# A sealed message: MAC (32 bytes) | sender u32 | receiver u32 | stream u64 | sequence u64 |
+# body. The MAC is HMAC-SHA256 under the session key over everything after it. The front end
+# is FRONT in a header; a rank is its global rank; the stream is random per Sealer.
+MAC_BYTES = 32
+_HEADER = struct.Struct(">IIQQ")
+HEADER_BYTES = MAC_BYTES + _HEADER.size
+FRONT = 2**32 - 1
+MIN_KEY_BYTES = 16
+KEY_ENV = "AFD_CONTROL_KEY"  # the key, in hex, from a process to the ones it starts
+KEY_FILE_ENV = "AFD_CONTROL_KEY_FILE"  # the operator's key file (launch/serve.py)
+# The largest message the front end sends (an ``add``, or the ``pull`` of the same request, a
+# few drafts more): a request whose ``add`` is larger is refused when it is added. 64 MiB holds
+# a prompt of 13 million token ids, or the largest SamplingParams the limits allow with room.
+MAX_TO_RANK_BYTES = 64 << 20
+MAX_ADD_BYTES = MAX_TO_RANK_BYTES - HEADER_BYTES - 4096  # a pull's own fields fit in the rest
+# The most one prompt position of prompt logprobs packs to: 21 token ids (5 bytes each as
+# msgpack, up to 2**32) and 21 float64 logprobs (9 bytes), the rank, array headers. An output
+# row carrying a whole prompt's (they travel with the first token) is at most max_model_len of
+# these, beside what its request brought (its id) and a few tokens' logprobs.
+PROMPT_LOGPROB_BYTES = 320
+
+
+def max_from_rank_bytes(max_model_len: int) -> int:
+    """The cap on a rank's message: larger than any one output row can be (see
+    PROMPT_LOGPROB_BYTES); a step's ``out`` larger than this goes as several (``split_out``)."""
+    return MAX_TO_RANK_BYTES + max_model_len * PROMPT_LOGPROB_BYTES + (1 << 20)
+
+
+class Unsealed(ValueError):
+    """Bytes whose seal does not hold: no MAC, a wrong one, for another receiver, or replayed.
+    Never decoded."""
+
+
+def session_key(key: bytes, session: str) -> bytes:
+    """The key one engine's messages are sealed with: the secret ``key`` bound to this start's
+    random ``session`` id, so a message captured from an earlier start under the same key file
+    is refused by a later one."""
+    return hmac.digest(key, b"afd-control-session:" + session.encode(), "sha256")
+
+
+def new_session() -> str:
+    return secrets.token_hex(16)
+
+
+class Sealer:
+    """Seals what ``me`` sends and opens what it receives, under one session's key. Each
+    message carries its sender's stream (random per Sealer) and a sequence number; a receiver
+    keeps the last number taken from each stream and takes only larger ones (one ordered socket
+    per sender and receiver: a legitimate sequence only grows), so a captured message sent
+    again is refused. The table grows only by streams whose MAC held: key holders'."""
+
+    def __init__(self, key: bytes, session: str, me: int):
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the control key must be at least {MIN_KEY_BYTES} bytes, got "
+                             f"{len(key)}")
+        self._key, self.me, self._seq = session_key(key, session), me, 0
+        self._stream = int.from_bytes(secrets.token_bytes(8), "big")
+        self._last: dict[tuple[int, int], int] = {}
+
+    def seal(self, to: int, data: bytes) -> bytes:
+        self._seq += 1
+        signed = _HEADER.pack(self.me, to, self._stream, self._seq) + data
+        return hmac.digest(self._key, signed, "sha256") + signed
+
+    def open(self, frame: bytes | memoryview) -> tuple[int, memoryview]:
+        """(sender, body) of a sealed message to ``me``; Unsealed if its seal does not hold."""
+        view = memoryview(frame)
+        if len(view) < HEADER_BYTES:
+            raise Unsealed(f"no seal ({len(view)} bytes, under the {HEADER_BYTES}-byte header)")
+        signed = view[MAC_BYTES:]
+        if not hmac.compare_digest(hmac.digest(self._key, signed, "sha256"), view[:MAC_BYTES]):
+            raise Unsealed("its MAC does not match (no key, another key or altered bytes)")
+        sender, receiver, stream, seq = _HEADER.unpack_from(view, MAC_BYTES)
+        if receiver != self.me:
+            raise Unsealed(f"sealed for {_who(receiver)}, not {_who(self.me)}")
+        last = self._last.get((sender, stream), 0)
+        if seq <= last:
+            raise Unsealed(f"a replay: sequence {seq} from {_who(sender)}, not past the last "
+                          f"taken ({last})")
+        self._last[sender, stream] = seq
+        return sender, view[HEADER_BYTES:]
+
+
+def _who(party: int) -> str:
+    return "the front end" if party == FRONT else f"rank {party}"
+
+
+def seal_blob(key: bytes, purpose: bytes, data: bytes) -> bytes:
+    """``data`` with a MAC under ``key`` (the rank spec as it travels through torchrun's
+    store, which anyone who reaches its port can write)."""
+    return hmac.digest(key, purpose + data, "sha256") + data
+
+
+def open_blob(key: bytes, purpose: bytes, blob: bytes) -> bytes:
+    data = blob[MAC_BYTES:]
+    if len(blob) < MAC_BYTES or not hmac.compare_digest(
+            hmac.digest(key, purpose + data, "sha256"), blob[:MAC_BYTES]):
+        raise Unsealed("its MAC does not match")
+    return data
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def key_from_env() -> bytes:
+    """The key a parent handed this process (KEY_ENV, in hex), taken out of the environment so
+    no process this one starts inherits it."""
+    value = os.environ.pop(KEY_ENV, None)
+    if value is None:
+        raise RuntimeError(f"no control key: {KEY_ENV} is not set (the process that starts "
+                           "this one sets it)")
+    return bytes.fromhex(value)
+
+
+def read_key_file(path: str, flag: str = "--control-key-file") -> bytes:
+    """The operator's control key: the file's bytes, surrounding whitespace stripped (a hex
+    line from ``openssl rand -hex 32`` works as well as raw bytes), at least MIN_KEY_BYTES.
+    Refused, like ssh's private keys, unless this user owns it and no one else may read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ValueError(f"{flag} {path}: the control key file must belong to this user "
+                             f"(uid {os.getuid()}) and be readable by no one else: "
+                             f"chmod 600 {path} (it has owner {st.st_uid}, mode "
+                             f"{stat.filemode(st.st_mode)})")
+        key = f.read().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{flag} {path}: a control key needs at least {MIN_KEY_BYTES} bytes, "
+                         f"the file holds {len(key)} (make one with: openssl rand -hex 32 > "
+                         f"{path}; chmod 600 {path})")
+    return key
+
+
+def write_key_file(folder: str, key: bytes) -> str:
+    """A new file holding ``key`` in ``folder`` (which should be this user's alone), created
+    readable and writable by this user only. Returns its path."""
+    path = os.path.join(folder, "control.key")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.hex().encode())
+    return path
+
+
+def split_out(msg: Out, cap: int) -> list[Out]:
+    """``msg`` as several ``out`` messages, each under ``cap`` bytes encoded (its rows in
+    order; the stats, timers and prefilled reports with the last): a step's outputs can hold
+    many prompts' whole prompt logprobs. A single row is never larger than the cap
+    (max_from_rank_bytes)."""
+    budget = cap - HEADER_BYTES - len(encode(Out([], msg.stats, msg.timers, msg.attn,
+                                                 msg.prefilled, rank=msg.rank))) - 64
+    parts, rows, size = [], [], 0
+    for row in msg.outs:
+        n = len(encode(row))
+        if rows and size + n > budget:
+            parts.append(Out(rows, None, rank=msg.rank))
+            rows, size = [], 0
+        rows.append(row)
+        size += n
+    parts.append(Out(rows, msg.stats, msg.timers, msg.attn, msg.prefilled, rank=msg.rank))
+    return parts

@@ -6,19 +6,18 @@ import time
 
 import torch
 import torch.distributed as dist
-import zmq
 
 from afd import protocol
 from afd.placement import ExpertPlacement
 from afd.rebalance import (NO_EPOCH, all_tables, broadcast_tables, move_experts, move_plan,
                            tables_of, width)
-from afd.workers import (HEARTBEAT_S, Groups, WorkerSpec, describe, make_expert_server,
-                         send_droppable)
+from afd.workers import (HEARTBEAT_S, Groups, Outbox, WorkerSpec, describe,
+                         make_expert_server, send_droppable)
 
 
 class FFNWorker:
     def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
-                 out: zmq.Socket):
+                 out: Outbox):
         self.spec, self.groups, self.out = spec, groups, out
         cfg = spec.engine_cfg
         self.model = cfg.load_model("ffn", device, spec.placement.rank_experts(index))
@@ -58,12 +57,10 @@ class FFNWorker:
         timers = self.server.timers.seconds
         timers["rebalance"] = timers.get("rebalance", 0) + seconds
         held = {layer: list(e.expert_ids) for layer, e in self.by_layer.items()}
-        self.out.send(protocol.encode(protocol.Rebalanced(epoch, seconds, moved, held,
-                                                          rank=self.spec.rank)))
+        self.out.send(protocol.Rebalanced(epoch, seconds, moved, held))
 
     def run(self) -> None:
-        self.out.send(protocol.encode(protocol.Ready(describe(self.model, kv_bytes=0),
-                                                     rank=self.spec.rank)))
+        self.out.send(protocol.Ready(describe(self.model, kv_bytes=0)))
         timers, last_report, dirty = self.server.timers, time.monotonic(), False
         with torch.inference_mode():
             while True:

@@ -81,6 +81,7 @@ class WorkerSpec:
     threads: int = 1
     prefill_block_size: int | None = None  # prefill ranks' KV block size (default: the same)
     local_rank: int | None = None  # which GPU on this node (default: rank)
+    session: str = ""  # this start's id, bound into the control messages' key (afd.protocol)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -117,25 +118,85 @@ class Groups:
                                          for _ in range(micro_batches)])
 
 
+def peer(frame: zmq.Frame) -> str:
+    """Where a received message came from, as ZeroMQ knows it (TCP: the peer's address)."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError, TypeError):
+        return "an unknown peer"
+
+
+def recv_sealed(sock: zmq.Socket, sealer: protocol.Sealer, flags: int, who: str
+                ) -> tuple[int, memoryview, zmq.Frame] | None:
+    """The next message on ``sock`` whose seal holds: (sender, body, frame). Anything else (a
+    message of several frames, no MAC or a wrong one, for another receiver, a replay) is logged
+    with its sender and dropped, never decoded: None. zmq.Again as ``recv``."""
+    frame = sock.recv(flags, copy=False)
+    if frame.more:  # every control message is one frame: drop the rest of this one
+        parts = 1
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv(copy=False)
+            parts += 1
+        log.warning("%s dropped a control message of %d frames from %s: not sealed", who,
+                    parts, peer(frame))
+        return None
+    try:
+        sender, body = sealer.open(frame.buffer)
+    except protocol.Unsealed as exc:
+        log.warning("%s dropped a control message from %s (%d bytes), not decoded: %s", who,
+                    peer(frame), len(frame.buffer), exc)
+        return None
+    return sender, body, frame
+
+
+class Outbox:
+    """A rank's socket to the front end: each message sealed for the front end, and a step's
+    ``out`` that would pass ``max_bytes`` (the front end's cap: afd.protocol) split by rows."""
+
+    def __init__(self, sock: zmq.Socket, sealer: protocol.Sealer, rank: int, max_bytes: int):
+        self.sock, self.sealer, self.rank, self.max_bytes = sock, sealer, rank, max_bytes
+
+    def send(self, msg: protocol.FromRank, flags: int = 0) -> None:
+        msg.rank = self.rank
+        data = protocol.encode(msg)
+        if len(data) + protocol.HEADER_BYTES > self.max_bytes and isinstance(msg, protocol.Out):
+            for part in protocol.split_out(msg, self.max_bytes):
+                self.sock.send(self.sealer.seal(protocol.FRONT, protocol.encode(part)), flags)
+            return
+        self.sock.send(self.sealer.seal(protocol.FRONT, data), flags)
+
+
 class ControlLink:
     """This rank's ZeroMQ sockets to the front end: an inbox of requests, an outbox of results."""
 
-    def __init__(self, ctx: zmq.Context, out: zmq.Socket, inbox_addr: str, rank: int):
-        self.out, self.rank = out, rank
+    def __init__(self, ctx: zmq.Context, out: Outbox, inbox_addr: str, rank: int):
+        self.out, self.rank, self.sealer = out, rank, out.sealer
         self.inbox = ctx.socket(zmq.PULL)
+        # larger is no message of the front end's (it refuses such a request): ZeroMQ drops
+        # the connection on reading its size, before buffering any of it
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TO_RANK_BYTES)
         self.inbox.connect(inbox_addr)
 
     def poll(self, timeout_s: float) -> list[protocol.ToRank | protocol.Refused]:
-        """Every message waiting, after waiting up to ``timeout_s`` for the first. A malformed
-        one is logged and dropped; one that names its request (``add``, ``pull``) becomes a
+        """Every message waiting, after waiting up to ``timeout_s`` for the first. One whose
+        seal does not hold is logged and dropped undecoded (``recv_sealed``); a malformed one
+        is logged and dropped; one that names its request (``add``, ``pull``) becomes a
         ``Refused`` for it, which the rank answers with that request's error output."""
         msgs = []
+        who = f"rank {self.rank}"
         if self.inbox.poll(int(timeout_s * 1000)):
             while True:
                 try:
-                    data = self.inbox.recv(zmq.NOBLOCK)
+                    got = recv_sealed(self.inbox, self.sealer, zmq.NOBLOCK, who)
                 except zmq.Again:
                     break
+                if got is None:
+                    continue
+                sender, data, _ = got
+                if sender != protocol.FRONT:  # a rank's key, misused: no rank writes here
+                    log.warning("rank %d dropped a control message sealed by rank %d", self.rank,
+                                sender)
+                    continue
                 try:
                     msgs.append(protocol.decode_to_rank(data))
                 except protocol.ProtocolError as exc:
@@ -146,8 +207,7 @@ class ControlLink:
         return msgs
 
     def send(self, msg: protocol.FromRank) -> None:
-        msg.rank = self.rank
-        self.out.send(protocol.encode(msg))
+        self.out.send(msg)
         self.last_sent = time.monotonic()
 
     last_sent = 0.0
@@ -160,12 +220,12 @@ class ControlLink:
             self.last_sent = time.monotonic()
 
 
-def send_droppable(sock: zmq.Socket, msg: protocol.FromRank) -> bool:
+def send_droppable(out: Outbox, msg: protocol.FromRank) -> bool:
     """Send a message a later one supersedes (heartbeat, timers) without ever blocking: when the
     front end reads nothing for a long while its queue fills, and the message is dropped.
     Returns whether it went."""
     try:
-        sock.send(protocol.encode(msg), zmq.NOBLOCK)
+        out.send(msg, zmq.NOBLOCK)
     except zmq.Again:
         return False
     return True
@@ -275,19 +335,22 @@ def watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="afd-parent-watch").start()
 
 
-def worker_main(spec: WorkerSpec, init_distributed: bool = True,
+def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
                 before_exit: Callable[[], None] | None = None) -> None:
     """A rank's life: join the process group (unless a launcher such as torchrun already did),
-    run its role until the front end says stop, report any failure, exit."""
+    run its role until the front end says stop, report any failure, exit. ``key``: the
+    engine's control key (every message to and from the front end is sealed with it)."""
     watch_parent()
     torch.set_num_threads(spec.threads)
     role, index = spec.layout.role_of(spec.rank)
     ctx = zmq.Context()
     if spec.front_out.startswith("tcp://["):  # an IPv6 front end (layouts.zmq_host)
         ctx.setsockopt(zmq.IPV6, 1)
-    out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.LINGER, 2000)
-    out.connect(spec.front_out)
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(spec.front_out)
+    out = Outbox(sock, protocol.Sealer(key, spec.session, spec.rank), spec.rank,
+                 protocol.max_from_rank_bytes(spec.engine_cfg.max_model_len))
     code = 0
     try:
         timeout = datetime.timedelta(seconds=spec.timeout_s)
@@ -315,14 +378,14 @@ def worker_main(spec: WorkerSpec, init_distributed: bool = True,
                 worker = PrefillWorker(spec, index, device, link)
         freeze_gc(f"rank {spec.rank} ({role} {index})")  # its model and KV cache are built
         worker.run()
-        out.send(protocol.encode(protocol.Bye(rank=spec.rank)))
+        out.send(protocol.Bye())
     except BaseException as exc:  # report, then die: peers see the error through their timeouts
         code = 1
         msg = f"{type(exc).__name__}: {exc}"
         log.error("rank %d (%s %d) failed: %s\n%s", spec.rank, role, index, msg,
                   traceback.format_exc())
         try:
-            out.send(protocol.encode(protocol.Error(role, msg, rank=spec.rank)), zmq.NOBLOCK)
+            out.send(protocol.Error(role, msg), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
     finally:
@@ -382,11 +445,13 @@ def make_expert_server(spec: WorkerSpec, groups: Groups, hidden: int, dtype: tor
 
 
 def main() -> None:
-    """``python -m afd.workers --spec JSON``: how the front end starts each rank."""
+    """``python -m afd.workers --spec JSON``: how the front end starts each rank (the control
+    key in its environment, protocol.KEY_ENV: never on the command line, which any user may
+    read)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    worker_main(WorkerSpec.from_json(parser.parse_args().spec))
+    worker_main(WorkerSpec.from_json(parser.parse_args().spec), protocol.key_from_env())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ through torchrun's own flags (--nnodes, --node-rank, --master-addr ...; N is the
 every node's --nproc-per-node); --model must then be a path every node can read (with none,
 each node builds the embedded model itself), --host the address clients reach rank 0's node
 on, and GLOO_SOCKET_IFNAME the interface the nodes reach each other on where this machine's
-hostname resolves to loopback (README: Serving).
+hostname resolves to loopback (README: Serving), and --control-key-file a secret every node
+holds (the control messages are sealed with it; README: Control-plane authentication).
 
 Every torchrun process becomes one rank (prefill ranks first, then attention, then FFN). Rank 0
 also starts the HTTP front end as a child process (``python -m afd.api_server``), so serving
@@ -25,9 +26,11 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +41,8 @@ import torch.distributed as dist
 
 from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
 from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
-from afd.layouts import loopback_store, threads_per_rank
+from afd import protocol
+from afd.layouts import is_loopback, loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
@@ -49,6 +53,7 @@ from models.default_model import default_model_path
 
 log = logging.getLogger("afd.launch")
 SPEC_KEY = "afd/front_spec"
+SPEC_PURPOSE = b"afd-rank-spec:"  # what the spec's MAC in the store is for (protocol.seal_blob)
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,6 +171,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--control-host", default=None,
                     help="address other nodes reach rank 0 on for control messages (default: "
                          "127.0.0.1 on one node, torchrun's MASTER_ADDR across nodes)")
+    ap.add_argument("--control-key-file", default=os.environ.get(protocol.KEY_FILE_ENV),
+                    metavar="FILE",
+                    help="the secret the control messages between the front end and the ranks "
+                         "are sealed with (HMAC-SHA256), the same file on every node, this "
+                         "user's alone (chmod 600), at least 16 bytes: make one with 'openssl "
+                         "rand -hex 32'. Needed across nodes; on one node a new random key is "
+                         "made when none is given (default: $AFD_CONTROL_KEY_FILE)")
     args = ap.parse_args()
     if args.speculative_config is not None:
         try:
@@ -195,8 +207,10 @@ def parse_args() -> argparse.Namespace:
 FRONT_START_TIMEOUT_S = 300.0
 
 
-def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str]:
-    """Start the HTTP front end; return it and the rank spec template it publishes."""
+def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
+                ) -> tuple[subprocess.Popen, str]:
+    """Start the HTTP front end (the control key in its environment, not on its command line,
+    which any user may read); return it and the rank spec template it publishes."""
     cmd = [sys.executable, "-m", "afd.api_server",
            "--engine-config", json.dumps(engine_config_to_dict(engine_cfg)),
            "--layout", f"{layout.prefill},{layout.attention},{layout.ffn}",
@@ -205,7 +219,7 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
            "--num-redundant-experts", str(args.num_redundant_experts),
            "--eplb-interval-steps", str(args.eplb_interval_steps),
            "--timeout", str(args.timeout), "--grace-period", str(args.grace_period),
-           "--control-host", args.control_host or _control_host(),
+           "--control-host", control_host,
            "--generation-config", args.generation_config,
            "--max-stored-responses", str(args.max_stored_responses),
            "--max-stored-responses-mb", str(args.max_stored_responses_mb),
@@ -220,7 +234,8 @@ def start_front(args, layout: Layout, engine_cfg) -> tuple[subprocess.Popen, str
             cmd += [flag, value]
     if args.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
-    front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1,
+                             env={**os.environ, protocol.KEY_ENV: key.hex()})
     spec: queue.Queue = queue.Queue()
 
     def echo() -> None:
@@ -260,6 +275,18 @@ def main() -> None:
                  f"--nproc-per-node {layout.world_size} (summed over the nodes)")
     if _control_host() == "127.0.0.1":  # every rank on this node: gloo on loopback too
         os.environ.update(loopback_gloo_env())
+    control_host = args.control_host or _control_host()
+    key = None
+    if args.control_key_file:
+        try:
+            key = protocol.read_key_file(args.control_key_file)
+        except ValueError as exc:
+            sys.exit(str(exc))
+    elif not is_loopback(control_host):
+        sys.exit(f"serving across nodes (the control sockets on {control_host}, listening on "
+                 f"every interface) needs a control key: --control-key-file FILE (or "
+                 f"{protocol.KEY_FILE_ENV}), the same secret on every node, e.g. made with "
+                 f"'openssl rand -hex 32 > FILE; chmod 600 FILE'")
     own_store = None
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
         own_store = loopback_store()  # on loopback only (torchrun's is torchrun's: see README)
@@ -269,6 +296,9 @@ def main() -> None:
     dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
                             store=own_store)
     store = dist.distributed_c10d._get_default_store()
+    forget_key = None
+    if key is None:  # one node, no key file: rank 0 makes one
+        key, forget_key = one_node_key(store, rank, world)
 
     stopping = threading.Event()
     front = None
@@ -288,8 +318,9 @@ def main() -> None:
             scheduling_policy=args.scheduling_policy)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
-        front, template = start_front(args, layout, engine_cfg)
-        store.set(SPEC_KEY, template)
+        front, template = start_front(args, layout, engine_cfg, control_host, key)
+        # sealed: anyone who reaches torchrun's store can write it
+        store.set(SPEC_KEY, protocol.seal_blob(key, SPEC_PURPOSE, template.encode()))
 
         def watch_front() -> None:  # the front end gone means the server is gone
             front.wait()
@@ -299,7 +330,11 @@ def main() -> None:
 
         threading.Thread(target=watch_front, daemon=True, name="afd-front-watch").start()
     else:
-        template = store.get(SPEC_KEY).decode()
+        try:
+            template = protocol.open_blob(key, SPEC_PURPOSE, store.get(SPEC_KEY)).decode()
+        except protocol.Unsealed:
+            sys.exit(f"rank {rank}: the rank spec in torchrun's store is not sealed with this "
+                     f"node's control key: every node needs the same --control-key-file")
 
     def on_term(signum, _frame) -> None:
         # Drain, don't die: the front end finishes what is in flight, then stops every rank.
@@ -321,8 +356,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_term)
     spec = rank_spec(template, rank, local_rank, embedded=args.model is None)
 
-    def reap_front() -> None:  # rank 0 leaves no front end behind
+    def reap_front() -> None:  # rank 0 leaves no front end (and no key file) behind
         stopping.set()
+        if forget_key is not None:
+            forget_key()
         if front is not None:
             try:
                 front.wait(30)
@@ -330,7 +367,48 @@ def main() -> None:
                 front.kill()
                 front.wait(5)
 
-    worker_main(spec, init_distributed=False, before_exit=reap_front)  # exits the process
+    worker_main(spec, key, init_distributed=False, before_exit=reap_front)  # exits the process
+
+
+KEY_PATH = "afd/control_key_file/{}"  # one per torchrun restart, as DRAIN_KEY
+
+
+def one_node_key(store, rank: int, world: int) -> tuple[bytes, Callable[[], None] | None]:
+    """Every rank on this node, no key file given: a new random control key. Rank 0 makes it
+    and writes it to a file in a new folder only this user can enter (mode 700, the file 600),
+    whose path goes through torchrun's store (a path, not the key); each other rank reads it,
+    refusing a file another user could have written (``protocol.read_key_file``), and says so.
+    Rank 0 removes the file once every rank has read it, or when it exits. Returns the key and
+    (rank 0) that removal."""
+    name = KEY_PATH.format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if world == 1:
+        return protocol.new_key(), None
+    if rank != 0:
+        path = store.get(name).decode()
+        try:
+            key = protocol.read_key_file(path, "the control key file rank 0 made:")
+        except ValueError as exc:
+            sys.exit(f"rank {rank}: {exc}")
+        store.add(name + "/read", 1)
+        return key, None
+    key = protocol.new_key()
+    folder = tempfile.mkdtemp(prefix="afd-control-")  # mode 700
+    store.set(name, protocol.write_key_file(folder, key))
+
+    def forget() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def forget_when_read() -> None:
+        try:
+            own = _store_client()  # a wait on it holds up nothing else
+            while own.add(name + "/read", 0) < world - 1:
+                time.sleep(0.2)
+        except Exception:  # noqa: BLE001 - the store gone: rank 0's exit removes it
+            return
+        forget()
+
+    threading.Thread(target=forget_when_read, daemon=True, name="afd-key-file").start()
+    return key, forget
 
 
 def rank_spec(template: str, rank: int, local_rank: int, embedded: bool) -> WorkerSpec:

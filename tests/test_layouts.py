@@ -354,14 +354,16 @@ def test_heartbeats_never_block_a_rank():
     rank's queue fill up: heartbeats are then dropped instead of blocking the rank."""
     import zmq
 
-    from afd.workers import ControlLink
+    from afd import protocol
+    from afd.workers import ControlLink, Outbox
 
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, 1)
     out.setsockopt(zmq.LINGER, 0)
     out.connect("tcp://127.0.0.1:9")  # nobody there: the one queued message fills the socket
-    link = ControlLink(ctx, out, "tcp://127.0.0.1:9", rank=3)
+    sealer = protocol.Sealer(protocol.new_key(), "s", 3)
+    link = ControlLink(ctx, Outbox(out, sealer, 3, 1 << 20), "tcp://127.0.0.1:9", rank=3)
 
     def beat() -> None:
         for _ in range(5):
@@ -524,6 +526,8 @@ def test_malformed_messages_of_every_kind_leave_requests_running(references, two
     import msgpack
     import zmq
 
+    from afd import protocol
+
     _, prompts, params, expected = references["deepseek_v3"]
     llm, client = two_attention, two_attention.engine.core
     to_rank = [b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"t": "nope"}),
@@ -553,12 +557,17 @@ def test_malformed_messages_of_every_kind_leave_requests_running(references, two
         intruder = ctx.socket(zmq.PUSH)
         intruder.setsockopt(zmq.LINGER, 0)
         intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        # sealed with the engine's key (a key holder's bugs): each is decoded, and dropped
+        forgers = {r: sealed_as(client, r) for r in range(2)}
         with caplog.at_level("WARNING", logger="afd.layouts"):
             for msg in to_front:
-                intruder.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
-            for sock in client.outboxes.values():
+                rank = msg.get("rank") if isinstance(msg, dict) else 0
+                intruder.send(forgers[rank if rank in (0, 1) else 0].seal(
+                    protocol.FRONT, msg if isinstance(msg, bytes) else msgpack.packb(msg)))
+            for rank, sock in client.outboxes.items():
                 for msg in to_rank:
-                    sock.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+                    sock.send(client.sealer.seal(
+                        rank, msg if isinstance(msg, bytes) else msgpack.packb(msg)))
             done = run_until_done(llm, ids)
             deadline = time.monotonic() + 10
             while len([r for r in caplog.records if "dropped" in r.message]) < len(to_front):
@@ -604,8 +613,9 @@ def test_a_malformed_message_about_a_request_fails_only_that_request(references,
         intruder = ctx.socket(zmq.PUSH)
         intruder.setsockopt(zmq.LINGER, 0)
         intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
-        intruder.send(msgpack.packb({"t": "out", "rank": placed.decode, "stats": STATS,
-                                     "outs": [[placed.wire_id, ["x"]]]}))
+        intruder.send(sealed_as(client, placed.decode).seal(protocol.FRONT, msgpack.packb(
+            {"t": "out", "rank": placed.decode, "stats": STATS,
+             "outs": [[placed.wire_id, ["x"]]]})))
         done = run_until_done(llm, ids)
     finally:
         ctx.destroy(linger=0)
@@ -621,16 +631,341 @@ def test_a_malformed_message_about_a_request_fails_only_that_request(references,
         client.step(0.05)
 
 
+# ---- control-plane authentication and size caps ----------------------------------------------
+def test_unsealed_messages_are_dropped_undecoded_and_kill_nothing(references, two_attention,
+                                                                  caplog):
+    """Well-formed control messages with no MAC, a MAC under another key, sealed for another
+    receiver, replayed, or in several frames, forged on the real sockets both ways while
+    requests run: to the front end's inbox a rank's ``error`` (it ended the engine) and an
+    ``out`` finishing a running request with a wrong token; to each attention rank a
+    ``shutdown`` (it stopped the rank) and an ``abort`` of its running request. Each is logged
+    with its sender and dropped; every request finishes with the single process's tokens and
+    every rank lives."""
+    import zmq
+
+    from afd import protocol
+
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm, client = two_attention, two_attention.engine.core
+    ids = [f"unsealed-{i}" for i in range(4)]
+    for rid, prompt in zip(ids, prompts):
+        llm.engine.add_request(rid, prompt, params)
+    llm.engine.step()
+    placed = client.placed[ids[0]]
+    stranger = protocol.Sealer(protocol.new_key(), client.session, placed.decode)
+    to_front = [protocol.encode(protocol.Error("attention", "forged", rank=0)),
+                protocol.encode(protocol.Out([protocol.CoreOutput(placed.wire_id, [5], "stop")],
+                                             rank=placed.decode))]
+    forged_front = [*to_front, *(stranger.seal(protocol.FRONT, m) for m in to_front),
+                    sealed_as(client, 0).seal(1, to_front[0])]  # a rank's, not for the front
+    replayed = sealed_as(client, 0).seal(protocol.FRONT, protocol.encode(
+        protocol.Heartbeat(rank=0)))
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        with caplog.at_level("WARNING"):
+            for data in forged_front:
+                intruder.send(data)
+            intruder.send(replayed)
+            intruder.send(replayed)  # the second is a replay
+            intruder.send_multipart([b"x" * protocol.HEADER_BYTES, to_front[0]])
+            to_rank = [protocol.encode(protocol.Shutdown()),
+                       protocol.encode(protocol.Abort([placed.wire_id]))]
+            for rank, sock in client.outboxes.items():
+                other = protocol.Sealer(protocol.new_key(), client.session, protocol.FRONT)
+                for data in to_rank:
+                    sock.send(data)
+                    sock.send(other.seal(rank, data))
+                    sock.send(client.sealer.seal(1 - rank, data))  # for the other rank
+            done = run_until_done(llm, ids)
+            deadline = time.monotonic() + 10
+            # the front end's log (the ranks log to their own stderr)
+            while len([r for r in caplog.records if "not decoded" in r.message]) < \
+                    len(forged_front) + 1:
+                assert time.monotonic() < deadline, [r.message for r in caplog.records]
+                client.step(0.05)
+        assert [done[rid].outputs[0].token_ids for rid in ids] == expected[:4]
+        assert all(done[rid].error is None for rid in ids)
+        messages = [r.message for r in caplog.records]
+        assert any("a replay" in m for m in messages), messages
+        assert any("of 2 frames" in m for m in messages), messages
+        assert any("127.0.0.1" in m and "MAC does not match" in m for m in messages), messages
+        outs = llm.generate(prompts[:2], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+        assert all(p.poll() is None for p in client.procs)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_message_whose_seal_fails_is_never_decoded(monkeypatch):
+    """The MAC is checked before a byte of the message is decoded, on both ends."""
+    import zmq
+
+    from afd import protocol
+    from afd.workers import ControlLink, Outbox
+
+    decoded = []
+    for name in ("decode_from_rank", "decode_to_rank"):
+        real = getattr(protocol, name)
+        monkeypatch.setattr(protocol, name, lambda data, real=real: decoded.append(
+            bytes(data)) or real(data))
+    bare = BareClient(prefill=0, attention=1)
+    try:
+        hb = protocol.encode(protocol.Heartbeat(rank=0))
+        bare.sender.send(hb)
+        bare.sender.send(protocol.Sealer(protocol.new_key(), "test", 0).seal(protocol.FRONT, hb))
+        assert bare.exchange({"t": "hb", "rank": 0}) == []
+        assert decoded == [hb]
+        decoded.clear()
+        ctx, front = bare.client.ctx, bare.client.sealer
+        to_rank = ctx.socket(zmq.PUSH)
+        port = to_rank.bind_to_random_port("tcp://127.0.0.1")
+        link = ControlLink(ctx, Outbox(bare.sender, sealed_as(bare.client, 0), 0, 1 << 20),
+                           f"tcp://127.0.0.1:{port}", 0)
+        abort = protocol.encode(protocol.Abort(["a"]))
+        to_rank.send(abort)
+        to_rank.send(protocol.Sealer(protocol.new_key(), "test", protocol.FRONT).seal(0, abort))
+        to_rank.send(front.seal(0, abort))
+        got, deadline = [], time.monotonic() + 10
+        while not got:
+            assert time.monotonic() < deadline
+            got += link.poll(0.1)
+        assert got == [protocol.Abort(["a"])] and decoded == [abort]
+    finally:
+        bare.close()
+
+
+def test_seals_refuse_other_keys_sessions_receivers_and_replays():
+    from afd import protocol
+
+    key = protocol.new_key()
+    rank, front = protocol.Sealer(key, "s1", 3), protocol.Sealer(key, "s1", protocol.FRONT)
+    data = protocol.encode(protocol.Heartbeat(rank=3))
+    sealed = rank.seal(protocol.FRONT, data)
+    assert front.open(sealed) == (3, memoryview(data))
+    for opener, bytes_, why in [
+            (front, sealed, "a replay"),
+            (protocol.Sealer(key, "s2", protocol.FRONT), rank.seal(protocol.FRONT, data),
+             "MAC does not match"),  # an earlier start's message under the same key
+            (protocol.Sealer(protocol.new_key(), "s1", protocol.FRONT),
+             rank.seal(protocol.FRONT, data), "MAC does not match"),
+            (front, rank.seal(4, data), "sealed for rank 4"),
+            (front, data, "no seal"),
+            (front, sealed[:-1] + b"\x00", "MAC does not match"),
+            (front, rank.seal(protocol.FRONT, data)[:40], "no seal")]:
+        with pytest.raises(protocol.Unsealed, match=why):
+            opener.open(bytes_)
+    # a later message of the same stream still goes, and another stream (a new Sealer) too
+    assert front.open(rank.seal(protocol.FRONT, data))[0] == 3
+    assert front.open(protocol.Sealer(key, "s1", 3).seal(protocol.FRONT, data))[0] == 3
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        protocol.Sealer(b"short", "s1", 0)
+    assert protocol.open_blob(key, b"p", protocol.seal_blob(key, b"p", b"spec")) == b"spec"
+    for blob in (protocol.seal_blob(key, b"q", b"spec"),
+                 protocol.seal_blob(protocol.new_key(), b"p", b"spec"), b"spec"):
+        with pytest.raises(protocol.Unsealed):
+            protocol.open_blob(key, b"p", blob)
+
+
+def test_control_key_files_must_be_private_and_long_enough(tmp_path):
+    import stat
+
+    from afd import protocol
+
+    path = protocol.write_key_file(str(tmp_path), b"k" * 32)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert protocol.read_key_file(path) == (b"k" * 32).hex().encode()
+    os.chmod(path, 0o640)
+    with pytest.raises(ValueError, match="chmod 600"):
+        protocol.read_key_file(path)
+    short = tmp_path / "short.key"
+    short.write_bytes(b"abc\n")
+    os.chmod(short, 0o600)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        protocol.read_key_file(str(short))
+    with pytest.raises(ValueError, match="--control-key-file"):
+        protocol.read_key_file(str(tmp_path / "missing"))
+
+
+def monitor_disconnects(sock):
+    """Count the peers ``sock`` drops (ZeroMQ's socket monitor)."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def count(timeout_s: float = 10.0) -> int:
+        n, deadline = 0, time.monotonic() + timeout_s
+        while time.monotonic() < deadline and mon.poll(100):
+            if recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                n += 1
+                break
+        return n
+
+    return count
+
+
+def test_an_over_size_message_drops_its_sender_not_the_engine(references, two_attention):
+    """A peer that sends the front end's inbox a message past the cap (larger than any rank's:
+    afd.protocol.max_from_rank_bytes) is disconnected as ZeroMQ reads its size, before any of
+    it is buffered; the ranks' messages go on arriving and requests finish."""
+    import zmq
+
+    from afd import protocol
+
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm, client = two_attention, two_attention.engine.core
+    cap = protocol.max_from_rank_bytes(llm.engine.engine_cfg.max_model_len)
+    assert client.inbox.getsockopt(zmq.MAXMSGSIZE) == cap
+    disconnects = monitor_disconnects(client.inbox)
+    ids = [f"big-{i}" for i in range(3)]
+    for rid, prompt in zip(ids, prompts):
+        llm.engine.add_request(rid, prompt, params)
+    ctx = zmq.Context()
+    try:
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(client.inbox.getsockopt(zmq.LAST_ENDPOINT).decode())
+        intruder.send(bytearray(cap + 1), copy=False)
+        done = run_until_done(llm, ids)
+        assert disconnects() == 1
+    finally:
+        ctx.destroy(linger=0)
+        client.inbox.disable_monitor()
+    assert [done[rid].outputs[0].token_ids for rid in ids] == expected[:3]
+    assert all(p.poll() is None for p in client.procs)
+
+
+def test_an_over_size_message_to_a_rank_is_never_taken():
+    """A rank's inbox takes nothing past MAX_TO_RANK_BYTES (the front end refuses a request
+    whose ``add`` is larger): ZeroMQ drops the connection on reading the size, and the rank's
+    loop goes on (ZeroMQ does not reconnect after such a protocol error: only the front end
+    reaches this socket, and it never sends one so large)."""
+    import zmq
+
+    from afd import protocol
+    from afd.workers import ControlLink, Outbox
+
+    bare = BareClient(prefill=0, attention=1)
+    try:
+        ctx = bare.client.ctx
+        to_rank = ctx.socket(zmq.PUSH)
+        port = to_rank.bind_to_random_port("tcp://127.0.0.1")
+        link = ControlLink(ctx, Outbox(bare.sender, sealed_as(bare.client, 0), 0, 1 << 20),
+                           f"tcp://127.0.0.1:{port}", 0)
+        assert link.inbox.getsockopt(zmq.MAXMSGSIZE) == protocol.MAX_TO_RANK_BYTES
+        disconnects = monitor_disconnects(link.inbox)
+        assert link.poll(0.2) == []  # connected
+        to_rank.send(bytearray(protocol.MAX_TO_RANK_BYTES + 1), copy=False)
+        assert disconnects() == 1
+        link.inbox.disable_monitor()
+        assert link.poll(0.2) == []
+    finally:
+        bare.close()
+
+
+def biggest_rows(batch: int, tokens: int, prompt_len: int = 0) -> list:
+    """``batch`` output rows of ``tokens`` tokens each, every one with 20 top logprobs (the
+    limit), ids and ranks at the top of the 32-bit range (5 bytes each as msgpack), and with
+    ``prompt_len`` the whole prompt's logprobs at 20 top (prompt_len - 1 positions)."""
+    from afd.sampler import PromptLogprobs
+    from afd.sequence import CoreOutput
+
+    top, n = list(range(2**32 - 21, 2**32)), max(0, prompt_len - 1)
+    prompt = PromptLogprobs(20, [2**32 - 1] * n, top[:20] * n, [-1e-300] * (21 * n)) \
+        if prompt_len else None
+    return [CoreOutput(f"r{i}@0", top[:tokens], None, metrics={"spec": (tokens - 1, tokens - 1)},
+                       logprobs=[(top, [-1e-300] * 21, 2**32 - 1)] * tokens,
+                       prompt_logprobs=prompt) for i in range(batch)]
+
+
+def test_a_whole_prompts_logprobs_fit_the_row_bound():
+    """One output row's prompt logprobs (all of the prompt's, at the 20-top limit, ids and
+    ranks at their largest) stay under max_model_len x PROMPT_LOGPROB_BYTES: the front end's
+    cap (max_from_rank_bytes) holds any single row."""
+    from afd import protocol
+
+    (row,) = biggest_rows(1, 4, prompt_len=2048)
+    (bare,) = biggest_rows(1, 4)
+    extra = len(protocol.encode(row)) - len(protocol.encode(bare))
+    assert 2047 * 290 < extra <= 2048 * protocol.PROMPT_LOGPROB_BYTES, extra
+
+
+def test_the_biggest_legal_outs_pass_the_cap_whole_or_split(monkeypatch):
+    """On the real sockets, with the front end's inbox capped as MultiRankClient caps it: a
+    step's ``out`` at batch 256, four tokens a row (MTP) with 20 top logprobs each, arrives
+    whole; one holding 8 prompts' whole prompt logprobs past the cap (made small here) goes as
+    several messages, every row arriving in order, the stats with the last. Unsplit it would
+    be cut and its peer disconnected: its rows lost."""
+
+    from afd import protocol
+    from afd.core import CoreStats
+    from afd.workers import Outbox
+
+    max_model_len = 2048
+    monkeypatch.setattr(protocol, "MAX_TO_RANK_BYTES", 0)  # a cap of 1.6 MiB at 2,048
+    cap = protocol.max_from_rank_bytes(max_model_len)
+    stats = CoreStats(0, 8, 0.5, 7, 0)
+    for rows, parts in ((biggest_rows(256, 4), 1),
+                        (biggest_rows(8, 1, prompt_len=max_model_len), 4)):  # 2 rows a part
+        bare = BareClient(prefill=0, attention=1, max_bytes=cap)
+        try:
+            for row in rows:
+                bare.place(row.request_id[:-2], "decode", max_model_len, decode=0)
+            outbox = Outbox(bare.sender, sealed_as(bare.client, 0), 0, cap)
+            msg = protocol.Out(rows, stats)
+            assert (len(protocol.encode(msg)) + protocol.HEADER_BYTES > cap) == (parts > 1)
+            assert len(protocol.split_out(msg, cap)) == parts
+            outbox.send(msg)
+            got, deadline = [], time.monotonic() + 30
+            while len(got) < len(rows):
+                assert time.monotonic() < deadline, len(got)
+                got += bare.client.step(0.1)
+            assert [o.request_id for o in got] == [r.request_id[:-2] for r in rows]
+            assert [o.new_token_ids for o in got] == [r.new_token_ids for r in rows]
+            assert bare.client.rank_stats[0] == stats
+        finally:
+            bare.close()
+
+
+def test_a_request_too_large_for_the_control_sockets_is_refused(references, two_attention,
+                                                                monkeypatch):
+    """An ``add`` larger than the ranks' sockets take (MAX_ADD_BYTES, made small here) is a
+    ParamError naming the limit when it is added: nothing is placed, the engine serves on."""
+    from afd import protocol
+    from afd.sampling_params import ParamError
+
+    _, prompts, params, expected = references["deepseek_v3"]
+    llm = two_attention
+    monkeypatch.setattr(protocol, "MAX_ADD_BYTES", 1000)
+    with pytest.raises(ParamError, match="the limit is 1000"):
+        llm.engine.add_request("huge", {"prompt_token_ids": [300] * 400}, params)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.core.placed
+    outs = llm.generate(prompts[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+
+
+def sealed_as(client, rank: int):
+    """A Sealer under ``client``'s control key and session speaking as ``rank`` (a stream of
+    its own: the rank's own messages go on being taken)."""
+    from afd import protocol
+
+    return protocol.Sealer(client.control_key, client.session, rank)
+
+
 class BareClient:
     """A MultiRankClient with no ranks (as tests/test_pd_admission.py builds a worker): its
     real inbox socket, placements and router, for what a rank's messages claim. (closed: it
     tells the ranks nothing.)"""
 
-    def __init__(self, prefill: int, attention: int):
+    def __init__(self, prefill: int, attention: int, max_bytes: int = -1):
         import itertools
 
         import zmq
 
+        from afd import protocol
         from afd.core import CoreStats
         from afd.layouts import MultiRankClient
         from afd.router import RequestRouter
@@ -647,8 +982,12 @@ class BareClient:
         client.last_seen = {r: time.monotonic() for r in range(prefill + attention)}
         client.last_heard, client.tags = time.monotonic(), itertools.count(1)
         client.sent_at = {}
+        client.control_key, client.session = protocol.new_key(), "test"
+        client.sealer = protocol.Sealer(client.control_key, client.session, protocol.FRONT)
+        self.forgers: dict = {}
         client.ctx = zmq.Context()
         client.inbox = client.ctx.socket(zmq.PULL)
+        client.inbox.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # -1: none
         port = client.inbox.bind_to_random_port("tcp://127.0.0.1")
         self.client, self.sender = client, client.ctx.socket(zmq.PUSH)
         self.sender.connect(f"tcp://127.0.0.1:{port}")
@@ -666,10 +1005,19 @@ class BareClient:
         loads[kw["prefill"] if stage == "prefill" else kw["decode"]].in_flight += 1
         return placed.wire_id
 
+    def seal(self, data: bytes, rank: int = 0) -> bytes:
+        """``data`` sealed as rank ``rank``'s (the key is the engine's: a key holder's bytes)."""
+        from afd import protocol
+
+        if rank not in self.forgers:
+            self.forgers[rank] = sealed_as(self.client, rank)
+        return self.forgers[rank].seal(protocol.FRONT, data)
+
     def exchange(self, msg: dict) -> list:
         import msgpack
 
-        self.sender.send(msgpack.packb(msg))
+        rank = msg.get("rank")
+        self.sender.send(self.seal(msgpack.packb(msg), rank if type(rank) is int else 0))
         return self.client.step(5.0)
 
     def close(self) -> None:
@@ -747,9 +1095,11 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
                 inboxes[rank].connect(f"tcp://127.0.0.1:{port}")
                 # connected before the test: a wake (sent without blocking) to a socket with no
                 # peer yet is dropped, as the ranks' are connected long before any add
-                client.outboxes[rank].send(protocol.encode(protocol.Wake()))
+                client.outboxes[rank].send(client.sealer.seal(rank,
+                                                              protocol.encode(protocol.Wake())))
                 assert inboxes[rank].poll(10_000)
                 inboxes[rank].recv()
+            openers = {rank: sealed_as(client, rank) for rank in inboxes}
 
             def received() -> dict:
                 time.sleep(0.2)
@@ -757,7 +1107,8 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
                 for rank, sock in inboxes.items():
                     while sock.poll(0):
                         got.setdefault(rank, []).append(
-                            type(protocol.decode_to_rank(sock.recv())).__name__)
+                            type(protocol.decode_to_rank(openers[rank].open(sock.recv())[1])
+                             ).__name__)
                 return got
 
             client.add_request(CoreRequest("a", [1, 2, 3], SamplingParams(max_tokens=4)))
@@ -780,6 +1131,11 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
                 client.add_request(CoreRequest("c", [1, 2], SamplingParams(max_tokens=4)))
                 target = client.placed["c"].decode
                 assert received() == {target: ["Add"], 1 - target: ["Wake"]}
+                # an abort alone (no work) ends a sleep on its rank, and wakes the others too:
+                # that rank's vote would wait for them
+                now[0] += 2 * IDLE_POLL_S
+                client.abort(["c"])
+                assert received() == {target: ["Abort"], 1 - target: ["Wake"]}
                 monkeypatch.undo()
                 continue
             assert received() == {0: ["Add"]}
@@ -945,18 +1301,19 @@ def test_a_deeply_nested_message_leaves_the_receivers_running():
     import zmq
 
     from afd import protocol
-    from afd.workers import ControlLink
+    from afd.workers import ControlLink, Outbox
 
     bare = BareClient(prefill=0, attention=1)
     try:
-        bare.sender.send(nested(2000))
+        bare.sender.send(bare.seal(nested(2000)))
         assert bare.exchange({"t": "hb", "rank": 0}) == []
-        ctx = bare.client.ctx
+        ctx, front = bare.client.ctx, bare.client.sealer
         to_rank = ctx.socket(zmq.PUSH)
         port = to_rank.bind_to_random_port("tcp://127.0.0.1")
-        link = ControlLink(ctx, bare.sender, f"tcp://127.0.0.1:{port}", 0)
-        to_rank.send(nested(2000))
-        to_rank.send(msgpack.packb({"t": "abort", "ids": ["a"]}))
+        link = ControlLink(ctx, Outbox(bare.sender, sealed_as(bare.client, 0), 0, 1 << 20),
+                           f"tcp://127.0.0.1:{port}", 0)
+        to_rank.send(front.seal(0, nested(2000)))
+        to_rank.send(front.seal(0, msgpack.packb({"t": "abort", "ids": ["a"]})))
         got, deadline = [], time.monotonic() + 10
         while not got:
             assert time.monotonic() < deadline

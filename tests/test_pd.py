@@ -281,9 +281,10 @@ def test_malformed_messages_to_the_prefill_and_decode_ranks(small_pd, reference)
     ids = [f"forged-{i}" for i in (0, 2, 5)]
     for rid, i in zip(ids, (0, 2, 5)):
         engine.add_request(rid, prompts[i], params)
-    for sock in client.outboxes.values():
+    for rank, sock in client.outboxes.items():  # sealed: the engine's key, a key holder's bugs
         for msg in forged:
-            sock.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+            sock.send(client.sealer.seal(rank, msg if isinstance(msg, bytes)
+                                         else msgpack.packb(msg)))
     done = run_until_done(small_pd, ids)
     for rid, i in zip(ids, (0, 2, 5)):
         assert done[rid].error is None and done[rid].outputs[0].token_ids == expected[i]
