@@ -391,9 +391,10 @@ def one_node_key(store, rank: int, world: int) -> tuple[bytes, Callable[[], None
             sys.exit(f"rank {rank}: {exc}")
         store.add(name + "/read", 1)
         return key, None
-    key = protocol.new_key()
     folder = tempfile.mkdtemp(prefix="afd-control-")  # mode 700
-    store.set(name, protocol.write_key_file(folder, key))
+    path = protocol.write_key_file(folder, protocol.new_key())
+    key = protocol.read_key_file(path)  # as the other ranks will read it
+    store.set(name, path)
 
     def forget() -> None:
         shutil.rmtree(folder, ignore_errors=True)

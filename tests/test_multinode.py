@@ -74,9 +74,24 @@ def gloo_ifname(addr: str) -> str | None:
     return None
 
 
+def key_files(count: int) -> list[str]:
+    """``count`` files holding one new control key (one per "node", as each machine would hold
+    its own copy), this user's alone."""
+    key, folder, paths = os.urandom(32).hex(), tempfile.mkdtemp(prefix="afd-keys-"), []
+    for node in range(count):
+        path = os.path.join(folder, f"node{node}.key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        paths.append(path)
+    return paths
+
+
 class Nodes:
     """``len(nprocs)`` torchrun "nodes" on this machine, each in its own process group, its
-    output in a temp file; the front end (rank 0's child) on 127.0.0.1:``port``."""
+    output in a temp file; the front end (rank 0's child) on 127.0.0.1:``port``. Each node has
+    its own copy of one control key: node 0 names it with --control-key-file, the others with
+    AFD_CONTROL_KEY_FILE."""
 
     def __init__(self, flags: list[str], nprocs: list[int], master: str,
                  node_env: list[dict[str, str]] | None = None,
@@ -90,21 +105,25 @@ class Nodes:
         ifname = gloo_ifname(master)
         if ifname is not None:
             env["GLOO_SOCKET_IFNAME"] = ifname
+        env.pop("AFD_CONTROL_KEY_FILE", None)
+        keys = key_files(len(nprocs))
         try:
             for node, nproc in enumerate(nprocs):
+                key_flag = ["--control-key-file", keys[node]] if node == 0 else []
                 cmd = [sys.executable, "-m", "torch.distributed.run",
                        "--nnodes", str(len(nprocs)), "--node-rank", str(node),
                        "--nproc-per-node", str(nproc), "--master-addr", master,
                        "--master-port", str(master_port),
                        os.path.join(ROOT, "launch", "serve.py"), "--port", str(self.port),
-                       "--timeout", "30", "--grace-period", "20", *flags]
+                       "--timeout", "30", "--grace-period", "20", *key_flag, *flags]
                 log = tempfile.NamedTemporaryFile("w", prefix=f"afd-node{node}-", suffix=".log",
                                                   delete=False)
                 self.logs.append(log)
                 self.procs.append(subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT,
                     cwd=node_cwd[node] if node_cwd else ROOT,
-                    env={**env, **(node_env[node] if node_env else {})},
+                    env={**env, **({"AFD_CONTROL_KEY_FILE": keys[node]} if node else {}),
+                         **(node_env[node] if node_env else {})},
                     start_new_session=True))  # its own process group: killed as one
             self._wait_healthy()
         except BaseException:
@@ -395,3 +414,58 @@ def test_loopback_control_hosts_bind_loopback_only():
     assert is_loopback("127.0.0.2")
     for other in ("10.0.0.1", "fd00::2", "node-0.cluster", "0.0.0.0"):
         assert not is_loopback(other), other
+
+
+def test_serving_across_nodes_needs_a_control_key_file(tmp_path):
+    """Across nodes (torchrun's LOCAL_WORLD_SIZE below WORLD_SIZE: the control sockets listen
+    on every interface) a rank refuses to start without --control-key-file, naming the flag,
+    and with a key file others may read, before it reaches the rendezvous (here an address
+    that answers nothing: it used to wait there for torchrun's store)."""
+    env = {k: v for k, v in os.environ.items() if k != "AFD_CONTROL_KEY_FILE"}
+    env.update(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), RANK="1",
+               WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="192.0.2.1", MASTER_PORT="29500")
+    shared = tmp_path / "shared.key"
+    shared.write_text(os.urandom(32).hex())
+    os.chmod(shared, 0o644)
+    for extra, want in (([], "--control-key-file FILE"), (["--control-key-file", str(shared)],
+                                                          "chmod 600")):
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "serve.py"),
+                              "--attention", "2", *extra], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode != 0 and want in run.stderr, run.stderr[-2000:]
+
+
+def test_one_node_key_reaches_every_rank_through_a_private_file(monkeypatch):
+    """On one node with no key file, rank 0 makes the key and writes it to a file of its own
+    (folder 700, file 600) whose path goes through the store; the other ranks read the same
+    key, and rank 0 removes the file once every rank has."""
+    import stat
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    import serve
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "7")
+    key0, forget = serve.one_node_key(store, 0, 3)
+    path = store.get(serve.KEY_PATH.format("7")).decode()
+    folder = os.path.dirname(path)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    try:
+        assert serve.one_node_key(store, 1, 3) == (key0, None)
+        assert os.path.exists(path)  # rank 2 has not read it yet
+        assert serve.one_node_key(store, 2, 3) == (key0, None)
+        deadline = time.monotonic() + 30
+        while os.path.exists(folder):
+            assert time.monotonic() < deadline, "the key file was never removed"
+            time.sleep(0.05)
+    finally:
+        forget()
+    assert len(serve.one_node_key(store, 0, 1)[0]) == 32  # a world of one: no file
