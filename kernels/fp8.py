@@ -100,3 +100,14 @@ def per_token_group_quant(x: torch.Tensor, group: int, *, backend: str | None = 
 
         return per_token_group_quant_triton(x, group)
     return per_token_group_quant_torch(x, group)
+
+
+def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Keys/values ``x`` (compute dtype) as a KV cache of ``cache_dtype`` stores them. FP8
+    (``kv_cache_dtype="fp8"``): e4m3 with a scale of 1.0, as vLLM's without calibrated scales:
+    clamped to +-FP8_MAX, then rounded to the nearest e4m3 value (magnitudes under 2**-10 become
+    0). Readers convert back with a plain cast (exact in bf16/fp16/fp32). Else a cast (none
+    when the dtypes agree)."""
+    if cache_dtype == FP8_DTYPE and x.dtype != FP8_DTYPE:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(cache_dtype)

@@ -55,7 +55,7 @@ def kv_step(table_row, k_base, start, hi, offs_d, d_ok, block_size, stride_kv, s
 @triton.jit
 def gqa_decode_kernel(
     q_ptr,  # [B, H, D], query head h = kv_head * group + g
-    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values
+    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values (q's dtype or FP8 e4m3)
     table_ptr,  # [B, max_blocks] block ids
     seq_lens_ptr,  # [B] tokens cached per sequence, >= 1
     out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
@@ -88,6 +88,7 @@ def gqa_decode_kernel(
         toks, t_ok, k, v = kv_step(table_ptr + seq * stride_tb, k_base, start, hi, offs_d, d_ok,
                                    block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
                                    BLOCK_N)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache: exact, in registers
         s = dot(q, tl.trans(k), tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # [G, N]
         # every step has a valid token
@@ -145,6 +146,7 @@ def gqa_decode_grouped_kernel(
         toks, t_ok, k, v = kv_step(table_ptr + first * stride_tb, k_base, start, hi, offs_d, d_ok,
                                    block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
                                    BLOCK_N)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache: exact, in registers
         s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
         # a row that ends before this chunk has seen nothing yet
@@ -233,7 +235,7 @@ def gqa_decode_attention_triton(
                                        num_sms(q.device))
     d_pad = max(16, next_pow2(head_dim))
     common = {"G_PAD": max(16, next_pow2(group)), "BLOCK_N": block_n, "D_PAD": d_pad,
-              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "DOT_MODE": dot_mode(q.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (kv_heads, batch, num_splits)
     dims = (group, head_dim, block_size, scale * math.log2(math.e),
@@ -275,7 +277,7 @@ def gqa_decode_attention_grouped_triton(
     d_pad = max(16, next_pow2(head_dim))
     common = {"G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
               "BLOCK_N": block_n or launch["block_n"], "D_PAD": d_pad,
-              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "DOT_MODE": dot_mode(q.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (kv_heads, programs, num_splits)
     args = (q, kv, block_tables, seq_lens, groups.cu_rows)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
+from kernels.fp8 import FP8_DTYPE
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, row_masked_scores, split_bounds,
                                   split_count, store_attention, unit_last_stride)
@@ -39,6 +40,7 @@ def mla_decode_kernel(
     q_lat_ptr,  # [B, Hq, Dl]
     q_pe_ptr,  # [B, Hq, Dr]
     kv_ptr,  # [num_blocks, block_size, Dl + Dr]; a token's row is its latent then its rope key
+    #          (q's dtype, or FP8 e4m3 with scale 1.0)
     table_ptr,  # [B, max_blocks] block ids
     seq_lens_ptr,  # [B]
     out_ptr,  # [B, Hq, Dl] (one split) or [B, Hq, NUM_SPLITS, Dl] fp32 partials
@@ -74,10 +76,11 @@ def mla_decode_kernel(
         t_ok = toks < hi
         block = tl.load(table_ptr + seq * stride_tb + toks // block_size, mask=t_ok, other=0)
         rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+        # an FP8 cache converts to the queries' dtype in registers (exact)
         c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                    mask=t_ok[:, None] & l_ok[None, :], other=0.0)  # [BN, DL]
+                    mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)  # [BN, DL]
         k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                       mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, DR]
+                       mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)  # [BN, DR]
         s = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
         s = dot(q_lat, tl.trans(c), s, DOT_MODE)
         s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
@@ -141,10 +144,11 @@ def mla_decode_grouped_kernel(
         block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
                         mask=t_ok, other=0)
         rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+        # an FP8 cache converts to the queries' dtype in registers (exact)
         c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                    mask=t_ok[:, None] & l_ok[None, :], other=0.0)  # [BN, DL]
+                    mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)  # [BN, DL]
         k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                       mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, DR]
+                       mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)  # [BN, DR]
         s = tl.zeros((G_PAD * BLOCK_H, BLOCK_N), dtype=tl.float32)
         s = dot(q_lat, tl.trans(c), s, DOT_MODE)
         s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
@@ -214,9 +218,9 @@ def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor) -> N
     if q_pe.shape[:2] != (batch, num_heads) or kv_cache.shape[-1] != d_lat + q_pe.shape[-1]:
         raise ValueError(f"shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, "
                          f"kv_cache {tuple(kv_cache.shape)} (last dim must be Dl + Dr)")
-    if not q_lat.dtype == q_pe.dtype == kv_cache.dtype:
-        raise ValueError(f"q_lat, q_pe and kv_cache must share a dtype, got {q_lat.dtype}, "
-                         f"{q_pe.dtype}, {kv_cache.dtype}")
+    if q_lat.dtype != q_pe.dtype or kv_cache.dtype not in (q_lat.dtype, FP8_DTYPE):
+        raise ValueError(f"q_lat and q_pe must share a dtype and kv_cache be of it or FP8 "
+                         f"(float8_e4m3fn), got {q_lat.dtype}, {q_pe.dtype}, {kv_cache.dtype}")
 
 
 def mla_decode_attention_triton(
@@ -252,7 +256,7 @@ def mla_decode_attention_triton(
     dl_pad = max(16, next_pow2(d_lat))
     dr_pad = max(16, next_pow2(d_rope))
     common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "DL_PAD": dl_pad, "DR_PAD": dr_pad,
-              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "DOT_MODE": dot_mode(q_lat.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (head_blocks, batch, num_splits)
     # The kernel reads a table row and the lengths with unit stride (copies only if not).
@@ -304,7 +308,7 @@ def mla_decode_attention_grouped_triton(
     common = {"G_PAD": launch["g_pad"], "ROW_TILES": launch["row_tiles"],
               "BLOCK_H": block_h, "BLOCK_N": block_n,
               "DL_PAD": dl_pad, "DR_PAD": max(16, next_pow2(d_rope)),
-              "DOT_MODE": dot_mode(kv.dtype), "num_warps": num_warps or launch["num_warps"],
+              "DOT_MODE": dot_mode(q_lat.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (head_blocks, programs, num_splits)
     args = (q_lat, q_pe, kv, block_tables, seq_lens, groups.cu_rows)

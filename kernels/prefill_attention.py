@@ -205,16 +205,19 @@ def paged_prefill_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor,
                                   scale: float) -> torch.Tensor:
     """Reference, one sequence at a time.
 
-    q: [sum Q, H, D] packed queries; kv_cache: [2, num_blocks, block_size, KVH, D], H a multiple
-    of KVH; block_tables: [S, max_blocks] int32/int64. Returns [sum Q, H, D] in q's dtype.
+    q: [sum Q, H, D] packed queries; kv_cache: [2, num_blocks, block_size, KVH, D] in q's dtype
+    or FP8 e4m3, H a multiple of KVH; block_tables: [S, max_blocks] int32/int64. Returns
+    [sum Q, H, D] in q's dtype.
     """
     _check_layout(q, layout)
     group = q.shape[1] // kv_cache.shape[3]
     out = torch.empty_like(q)
     start = 0
     for i, (qlen, length) in enumerate(zip(layout.query_lens, layout.context_lens)):
-        keys = gather_context(kv_cache[0], block_tables[i], length).repeat_interleave(group, 1)
-        values = gather_context(kv_cache[1], block_tables[i], length).repeat_interleave(group, 1)
+        # an FP8 cache dequantized to q's dtype (a cast: scale 1.0)
+        keys = gather_context(kv_cache[0], block_tables[i], length).to(q.dtype)
+        values = gather_context(kv_cache[1], block_tables[i], length).to(q.dtype)
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         out[start:start + qlen] = _causal_sdpa(q[start:start + qlen], keys, values, scale)
         start += qlen
     return out

@@ -49,11 +49,11 @@ def _attend_block(acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_t
         k_rows = (k_tok0 + toks).to(tl.int64) * stride_kt
         v_rows = (k_tok0 + toks).to(tl.int64) * stride_vt
     k_a = tl.load(k_base + k_rows[:, None] + offs_a[None, :], mask=t_ok[:, None] & a_ok[None, :],
-                  other=0.0)  # [N, DK_A]
+                  other=0.0).to(q_a.dtype)  # [N, DK_A]; an FP8 cache converts, exact
     s = dot(q_a, tl.trans(k_a), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
     if SPLIT_K:
         k_b = tl.load(k_base + k_rows[:, None] + DK_A + offs_b[None, :],
-                      mask=t_ok[:, None] & b_ok[None, :], other=0.0)  # [N, DK_B]
+                      mask=t_ok[:, None] & b_ok[None, :], other=0.0).to(q_b.dtype)  # [N, DK_B]
         s = dot(q_b, tl.trans(k_b), s, DOT_MODE)
     s = s * scale_log2
     if MASKED:
@@ -66,7 +66,7 @@ def _attend_block(acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_t
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + v_rows[:, None] + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                other=0.0)  # [N, DV]
+                other=0.0).to(q_a.dtype)  # [N, DV]
     acc = dot(rne_bf16(p, INTERP_BF16).to(v.dtype), v, acc * alpha[:, None], DOT_MODE)
     return acc, m_new, l_i
 
@@ -74,7 +74,7 @@ def _attend_block(acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_t
 @triton.jit
 def prefill_attention_kernel(
     q_ptr,  # [sum Q, H, DK] packed queries; query head h = kv_head * group + g
-    k_ptr,  # PAGED: [num_blocks, block_size, KVH, DK]; else [sum L, H, DK]
+    k_ptr,  # PAGED: [num_blocks, block_size, KVH, DK] (q's dtype or FP8 e4m3); else [sum L, H, DK]
     v_ptr,  # PAGED: [num_blocks, block_size, KVH, DV]; else [sum L, H, DV]
     out_ptr,  # [sum Q, H, DV]
     tiles_ptr,  # [2, num_tiles] int32: sequence, first query of the tile

@@ -116,6 +116,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
+FP8_KV = "+fp8kv"  # a case dtype name's suffix: the KV cache in FP8 e4m3 (kv_cache_dtype "fp8")
+
+
+def case_dtypes(name: str, dtypes: dict[str, torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, KV cache dtype) of a case's dtype name: "bf16" -> (bf16, bf16),
+    "bf16+fp8kv" -> (bf16, float8_e4m3fn). The reference reads the same FP8 cache as the
+    kernel, so the compute dtype's tolerance applies."""
+    base = name.removesuffix(FP8_KV)
+    return dtypes[base], torch.float8_e4m3fn if name.endswith(FP8_KV) else dtypes[base]
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Relative-error bound for a kernel against its reference at ``dtype``."""
     return {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}[dtype]

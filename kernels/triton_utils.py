@@ -217,7 +217,8 @@ def gdc_launch_dependents(PDL: tl.constexpr):
 # Triton's JIT-function wrapper, several microseconds a call, and a MoE call makes a dozen.
 def check_paged_kv(q: torch.Tensor, kv_cache: torch.Tensor, q_layout: str) -> None:
     """ValueError unless ``kv_cache`` is a GQA paged cache [2, num_blocks, block_size, KVH, D]
-    for queries ``q`` [..., H, D] (H a multiple of KVH) of its dtype; ``q_layout`` names q's
+    for queries ``q`` [..., H, D] (H a multiple of KVH) of its dtype, or FP8 (an FP8 KV cache);
+    ``q_layout`` names q's
     dims in the message."""
     num_heads, dim = q.shape[-2:]
     if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != dim
@@ -225,8 +226,9 @@ def check_paged_kv(q: torch.Tensor, kv_cache: torch.Tensor, q_layout: str) -> No
         raise ValueError(f"shapes disagree: q {tuple(q.shape)} {q_layout}, kv_cache "
                          f"{tuple(kv_cache.shape)} must be [2, num_blocks, block_size, KVH, D] "
                          "with H a multiple of KVH")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q and kv_cache must share a dtype, got {q.dtype}, {kv_cache.dtype}")
+    if kv_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache must be of q's dtype or FP8 (float8_e4m3fn), got q "
+                         f"{q.dtype}, kv_cache {kv_cache.dtype}")
 
 
 def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

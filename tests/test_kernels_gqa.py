@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernels.decode_groups import DecodeGroups
 from kernels.gqa_decode import (gqa_decode_attention, gqa_decode_attention_grouped_torch,
                                 gqa_decode_attention_torch)
-from kernels.testing import (check_result, largest_tensor, paged_tables, rel_err,
+from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables, rel_err,
                              run_in_interpreter, seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -37,16 +37,20 @@ CASES = {
     "default_splits_fp32": ("fp32", 2, 4, 1, 32, 16, 34, None, "int32"),
     "more_splits_than_tokens_fp32": ("fp32", 2, 4, 2, 16, 2, 3, 8, "int32"),
     "strided_fp32": ("fp32", 4, 4, 2, 48, 4, 10, 2, "int64", True),
+    # K/V in FP8 (kv_cache_dtype "fp8"): loaded as FP8, converted in registers
+    "g2_splits_fp8kv_fp32": ("fp32+fp8kv", 4, 4, 2, 64, 4, 5, 3, "int64"),
+    "g4_fp8kv_bf16": ("bf16+fp8kv", 4, 8, 2, 64, 16, 4, 1, "int32"),
+    "strided_fp8kv_fp32": ("fp32+fp8kv", 4, 4, 2, 48, 4, 10, 2, "int64", True),
 }
 
 
 def make_inputs(spec: tuple, device: str):
     dtype, batch, heads, kv_heads, dim, block_size, max_blocks, _, table_dtype = spec[:9]
-    dtype = DTYPES[dtype]
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
     strided = len(spec) > 9 and spec[9]
     tables, seq_lens, num_blocks = paged_tables(batch, max_blocks, block_size, table_dtype,
                                                 strided, device)
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(dtype)
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(kv_dtype)
     q = torch.randn(batch, heads, dim, device=device).to(dtype)
     if strided:
         q = torch.cat([q, torch.zeros_like(q)], -1)[..., :dim]  # head stride 2 * dim
@@ -79,6 +83,8 @@ GROUPED_CASES = {
     "grouped_more_splits_than_tokens_fp32": ("fp32", [2, 1, 2, 5], 4, 2, 16, 2, 3, 8, "int32"),
     "grouped_strided_fp32": ("fp32", [4, 1, 2], 4, 2, 48, 4, 10, 2, "int64", True),
     "grouped_all_ones_fp32": ("fp32", [1, 1, 1, 1], 4, 2, 32, 4, 5, 2, "int32"),
+    "grouped_g2_splits_fp8kv_fp32": ("fp32+fp8kv", [2, 1, 4, 3], 4, 2, 64, 4, 5, 3, "int64"),
+    "grouped_g4_fp8kv_bf16": ("bf16+fp8kv", [2, 2, 4, 1, 3], 8, 2, 64, 16, 4, 1, "int32"),
     # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
     "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 4, 2, 32, 4, 10, 2, "int32",
                                              False, [29, 3]),
@@ -87,12 +93,12 @@ GROUPED_CASES = {
 
 def make_grouped_inputs(spec: tuple, device: str):
     dtype, rows, heads, kv_heads, dim, block_size, max_blocks, _, table_dtype = spec[:9]
-    dtype = DTYPES[dtype]
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
     strided = len(spec) > 9 and spec[9]
     tables, seq_lens, num_blocks = verify_tables(rows, max_blocks, block_size, table_dtype, device,
                                                  spec[10] if len(spec) > 10 else None)
     batch = len(seq_lens)
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(dtype)
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(kv_dtype)
     q = torch.randn(batch, heads, dim, device=device).to(dtype)
     if strided:  # a column-major table, strided lengths, head stride 2 * dim
         tables = tables.t().contiguous().t()
@@ -182,6 +188,7 @@ GPU_CASES = {
     "qwen3_235b_one_seq_bf16": ("bf16", 1, 64, 4, 128, 16, 256, None, "int32"),
     "many_seqs_bf16": ("bf16", 128, 32, 4, 128, 16, 16, None, "int32"),
     "d80_g3_fp32": ("fp32", 4, 12, 4, 80, 16, 8, 2, "int64"),
+    "qwen3_30b_fp8kv_bf16": ("bf16+fp8kv", 16, 32, 4, 128, 16, 64, None, "int32"),
 }
 
 
@@ -198,6 +205,8 @@ GPU_GROUPED_CASES = {  # Qwen3-30B-A3B's attention: 32 sequences verifying 1 or 
     "qwen3_30b_verify_mixed_bf16": ("bf16", [4, 1, 3, 2] * 8, 32, 4, 128, 16, 64, None, "int32"),
     "qwen3_235b_verify_5_bf16": ("bf16", [5] * 8, 64, 4, 128, 16, 64, None, "int32"),
     "d80_g3_grouped_fp32": ("fp32", [3, 1, 5, 2], 12, 4, 80, 16, 8, 2, "int64"),
+    "qwen3_30b_verify_mixed_fp8kv_bf16": ("bf16+fp8kv", [4, 1, 3, 2] * 8, 32, 4, 128, 16, 64,
+                                          None, "int32"),
 }
 
 

@@ -17,7 +17,7 @@ from kernels import mla_decode_triton
 from kernels.decode_groups import DecodeGroups
 from kernels.mla_decode import (mla_decode_attention, mla_decode_attention_grouped_torch,
                                 mla_decode_attention_torch)
-from kernels.testing import (check_result, largest_tensor, paged_tables, rel_err,
+from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables, rel_err,
                              run_in_interpreter, seed_case, tolerance, verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,15 +33,19 @@ CASES = {
     "heads_over_block_fp32": ("fp32", 2, 20, 40, 12, 8, 3, None, "int32"),
     "more_splits_than_tokens_fp32": ("fp32", 2, 3, 16, 16, 2, 3, 4, "int32"),
     "strided_tables_fp32": ("fp32", 3, 4, 24, 8, 4, 10, 2, "int64", True),
+    # the latent cache in FP8 (kv_cache_dtype "fp8"): loaded as FP8, converted in registers
+    "one_split_fp8kv_fp32": ("fp32+fp8kv", 3, 5, 24, 8, 4, 5, 1, "int32"),
+    "splits_fp8kv_bf16": ("bf16+fp8kv", 2, 16, 32, 16, 16, 4, 2, "int32"),
+    "heads_over_block_fp8kv_fp32": ("fp32+fp8kv", 2, 20, 40, 12, 8, 3, None, "int32"),
 }
 
 
 def make_inputs(spec: tuple, device: str):
     dtype, batch, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec[:9]
-    dtype = DTYPES[dtype]
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
     tables, seq_lens, num_blocks = paged_tables(batch, max_blocks, block_size, table_dtype,
                                                 len(spec) > 9 and spec[9], device)
-    kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(dtype)
+    kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(kv_dtype)
     q_lat = torch.randn(batch, heads, d_lat, device=device).to(dtype)
     q_pe = torch.randn(batch, heads, d_rope, device=device).to(dtype)
     return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5
@@ -73,6 +77,8 @@ GROUPED_CASES = {
     "grouped_more_splits_than_tokens_fp32": ("fp32", [2, 1, 2, 5], 3, 16, 16, 2, 3, 4, "int32"),
     "grouped_strided_tables_fp32": ("fp32", [4, 1, 2], 4, 24, 8, 4, 10, 2, "int64", None, True),
     "grouped_all_ones_fp32": ("fp32", [1, 1, 1, 1], 5, 24, 8, 4, 5, 2, "int32"),
+    "grouped_splits_fp8kv_fp32": ("fp32+fp8kv", [2, 1, 4, 3], 5, 24, 8, 4, 5, 3, "int64"),
+    "grouped_fp8kv_bf16": ("bf16+fp8kv", [2, 2, 4, 1, 3], 16, 32, 16, 16, 4, 1, "int32"),
     # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
     "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 3, 16, 8, 4, 10, 2, "int32",
                                              None, False, [29, 3]),
@@ -84,14 +90,14 @@ GROUPED_CASES = {
 
 def make_grouped_inputs(spec: tuple, device: str):
     dtype, rows, heads, d_lat, d_rope, block_size, max_blocks, _, table_dtype = spec[:9]
-    dtype = DTYPES[dtype]
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
     tables, seq_lens, num_blocks = verify_tables(rows, max_blocks, block_size, table_dtype, device,
                                                  spec[11] if len(spec) > 11 else None)
     if len(spec) > 10 and spec[10]:  # a column-major table, lengths a strided view
         tables = tables.t().contiguous().t()
         seq_lens = torch.stack([seq_lens, torch.ones_like(seq_lens)], 1)[:, 0]
     batch = len(seq_lens)
-    kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(dtype)
+    kv = torch.randn(num_blocks, block_size, d_lat + d_rope, device=device).to(kv_dtype)
     q_lat = torch.randn(batch, heads, d_lat, device=device).to(dtype)
     q_pe = torch.randn(batch, heads, d_rope, device=device).to(dtype)
     groups = DecodeGroups.build(rows, device)
@@ -232,6 +238,7 @@ GPU_CASES = {
     "v3_tp8_heads_bf16": ("bf16", 64, 16, 512, 64, 64, 16, None, "int32"),
     "one_seq_split_bf16": ("bf16", 1, 128, 512, 64, 64, 64, None, "int32"),
     "small_fp32": ("fp32", 4, 8, 64, 32, 16, 8, 2, "int64"),
+    "v3_heads_fp8kv_bf16": ("bf16+fp8kv", 16, 128, 512, 64, 64, 32, None, "int32"),
 }
 
 
@@ -248,6 +255,8 @@ GPU_GROUPED_CASES = {  # DeepSeek-V3's dims: 32 sequences verifying 1 or 3 draft
     "v3_verify_mixed_bf16": ("bf16", [4, 1, 3, 2] * 8, 128, 512, 64, 64, 32, None, "int32"),
     "v3_tp8_verify_4_bf16": ("bf16", [4] * 16, 16, 512, 64, 64, 16, None, "int32"),
     "small_grouped_fp32": ("fp32", [3, 1, 5, 2], 8, 64, 32, 16, 8, 2, "int64"),
+    "v3_verify_mixed_fp8kv_bf16": ("bf16+fp8kv", [4, 1, 3, 2] * 8, 128, 512, 64, 64, 32, None,
+                                   "int32"),
 }
 
 

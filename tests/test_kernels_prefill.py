@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from kernels.prefill_attention import (PrefillLayout, gather_context, gather_paged_context,
                                        paged_prefill_attention, paged_prefill_attention_torch,
                                        varlen_prefill_attention, varlen_prefill_attention_torch)
-from kernels.testing import check_result, rel_err, run_in_interpreter, seed_case, tolerance
+from kernels.testing import (case_dtypes, check_result, rel_err, run_in_interpreter, seed_case,
+                             tolerance)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -37,6 +38,10 @@ PAGED = {
     "g2_d32_fp16": ("fp16", 4, 2, 32, 8, [(1, 1), (11, 27)], {}),
     "g4_strided_fp32": ("fp32", 4, 1, 32, 8, [(13, 29), (2, 2), (8, 20)], {"strided": True}),
     "g2_tiles32_fp32": ("fp32", 4, 2, 32, 4, [(40, 45), (3, 3)], {"block_m": 32, "block_n": 32}),
+    # K/V in FP8 (kv_cache_dtype "fp8"): loaded as FP8, converted in registers
+    "g3_d80_fp8kv_fp32": ("fp32+fp8kv", 6, 2, 80, 16, [(12, 40), (1, 17), (33, 33)], {}),
+    "g4_d64_fp8kv_bf16": ("bf16+fp8kv", 8, 2, 64, 16, [(9, 9), (30, 47), (1, 18)], {}),
+    "g2_d32_fp8kv_fp16": ("fp16+fp8kv", 4, 2, 32, 8, [(1, 1), (11, 27)], {}),
 }
 # varlen (MLA-shaped MHA): name -> (dtype, heads, Dqk, Dv, seqs, options)
 VARLEN = {
@@ -61,10 +66,10 @@ def _tables(seqs: list, block_size: int, strided: bool, device: str):
 
 def paged_inputs(spec: tuple, device: str):
     dtype, heads, kv_heads, dim, block_size, seqs, opts = spec
-    dtype = DTYPES[dtype]
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
     layout = PrefillLayout([q for q, _ in seqs], [n for _, n in seqs], device)
     tables, num_blocks = _tables(seqs, block_size, opts.get("strided", False), device)
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(dtype)
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, dim, device=device).to(kv_dtype)
     q = torch.randn(layout.num_queries, heads, dim, device=device).to(dtype)
     if opts.get("strided"):
         q = torch.cat([q, torch.zeros_like(q)], -1)[..., :dim]
@@ -128,6 +133,8 @@ GPU_PAGED = {
     "qwen3_30b_bf16": ("bf16", 32, 4, 128, 16, [(512, 512), (300, 1800), (1, 4000), (77, 77)],
                        {}),
     "g3_d80_fp32": ("fp32", 12, 4, 80, 16, [(65, 200), (1, 1), (128, 128)], {}),
+    "qwen3_30b_fp8kv_bf16": ("bf16+fp8kv", 32, 4, 128, 16,
+                             [(512, 512), (300, 1800), (1, 4000), (77, 77)], {}),
 }
 GPU_VARLEN = {
     "deepseek_v3_bf16": ("bf16", 128, 192, 128, [(512, 2048), (129, 129), (1, 700)], {}),
