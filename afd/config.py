@@ -53,6 +53,9 @@ class EngineConfig:
     load_format: "auto" / "safetensors" (the checkpoint's weights) or "dummy" (vLLM's: random
         weights made from config.json alone, the same on every rank; models.weights).
     hf_overrides: config.json keys replaced on every rank (vLLM's ``hf_overrides``), or None.
+    kv_cache_dtype: "auto" (the KV cache in ``dtype``) or "fp8" (FP8 e4m3, scale 1.0: half of
+        bf16's bytes a block, twice the blocks for the same memory; ``cache_dtype``,
+        ``resolve_kv_cache_dtype``).
     scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
@@ -84,10 +87,17 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     load_format: str = "auto"
     hf_overrides: dict | None = None
+    kv_cache_dtype: str = "auto"
 
     @property
     def fp8_experts(self) -> bool:
         return self.quantization == "fp8"
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The element type of every layer's KV cache (``kv_cache_dtype``)."""
+        return cache_dtype(self.kv_cache_dtype, self.dtype)
+
 
     def load_model(self, role: str, device, expert_ids=None):
         """``models.weights.load_model`` of this config's checkpoint, as every rank loads it."""
@@ -111,6 +121,25 @@ class EngineConfig:
 
 
 QUANTIZATIONS = (None, "fp8", "dequantize")
+# vLLM's --kv-cache-dtype names afd takes; "fp8" and "fp8_e4m3" are one format
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """``kv_cache_dtype`` as given to LLM/serve -> "auto" or "fp8", or ValueError naming it."""
+    if kv_cache_dtype == "fp8_e5m2":
+        raise ValueError("kv_cache_dtype='fp8_e5m2' is not supported: afd's FP8 KV cache is "
+                         "e4m3 (kv_cache_dtype 'fp8' or 'fp8_e4m3'); or 'auto' for the model "
+                         "dtype")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
+                         f"{kv_cache_dtype!r}")
+    return "auto" if kv_cache_dtype == "auto" else "fp8"
+
+
+def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``dtype`` for "auto", float8_e4m3fn for "fp8"."""
+    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -201,6 +230,7 @@ def resolve_engine_config(
     gpu_memory_utilization: float = 0.9,
     load_format: str = "auto",
     hf_overrides: dict | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> EngineConfig:
     """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it."""
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
@@ -223,6 +253,7 @@ def resolve_engine_config(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     hf_overrides = check_hf_overrides(hf_overrides) or None
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     spec = parse_speculative_config(speculative_config)
     mtp = spec is not None and spec.method == "mtp"
     if mtp:
@@ -250,7 +281,8 @@ def resolve_engine_config(
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, min(max_model_len, 8192))
-    per_block = bytes_per_block(model_cfg, block_size, run_dtype, mtp)
+    per_block = bytes_per_block(model_cfg, block_size, cache_dtype(kv_cache_dtype, run_dtype),
+                                mtp)
     num_offload_blocks = _offload_blocks(kv_offload_gb, per_block, enable_prefix_caching)
     if num_kv_blocks is None:
         if kv_cache_memory_gb is None:
@@ -276,7 +308,8 @@ def resolve_engine_config(
                         speculative_method=spec.method if spec else "ngram",
                         scheduling_policy=scheduling_policy,
                         gpu_memory_utilization=float(gpu_memory_utilization),
-                        load_format=load_format, hf_overrides=hf_overrides)
+                        load_format=load_format, hf_overrides=hf_overrides,
+                        kv_cache_dtype=kv_cache_dtype)
 
 
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True) -> None:
@@ -336,7 +369,8 @@ def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_rows: int) -> tu
 
 def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype,
                     mtp: bool) -> int:
-    """Bytes of one KV block over every layer that caches (the MTP layer's too, when on)."""
+    """Bytes of one KV block over every layer that caches (the MTP layer's too, when on);
+    ``dtype``: the cache's (``EngineConfig.cache_dtype``: 1 byte an element in FP8)."""
     return ((model_cfg.num_layers + mtp) * block_size * model_cfg.kv_cache_dim
             * torch.empty((), dtype=dtype).element_size())
 

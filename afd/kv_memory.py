@@ -6,7 +6,8 @@ its weights are loaded, on its own GPU:
 
     budget = min(gpu_memory_utilization x total / ranks on this GPU - in use by this process,
                  free on the GPU now) - activation reserve
-    blocks = budget // bytes per block (every layer that caches, the MTP layer's too)
+    blocks = budget // bytes per block (every layer that caches, the MTP layer's too, in the
+             cache's dtype: kv_cache_dtype "fp8" holds twice bf16's blocks)
              - 1 with CUDA graphs (their padding rows' scratch block)
 
 As vLLM: the fraction is of the GPU's total memory, and what the process holds once loaded
@@ -111,7 +112,7 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
     of the same memory. ValueError naming the numbers when one max_model_len sequence does not
     fit."""
     mem = device_memory(device, kind)
-    per_block = bytes_per_block(model_cfg, cfg.block_size, cfg.dtype, cfg.mtp)
+    per_block = bytes_per_block(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp)
     reserve = activation_reserve(model_cfg, cfg)
     share = int(cfg.gpu_memory_utilization * mem.total) // ranks_on_device
     budget = min(share - mem.in_use, mem.free) - reserve

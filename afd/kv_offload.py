@@ -27,6 +27,12 @@ import torch
 from afd.block_pool import BlockKeys, proven_run
 
 
+def _copyable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the copies index it: an FP8 cache (kv_cache_dtype "fp8") as its bytes, since
+    torch's CPU index_copy_ has no float8 kernel; the bytes are the values."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def host_block_bytes(kv_caches: list[torch.Tensor], block_dim: int) -> int:
     """Bytes one block takes over every layer."""
     return sum(c.element_size() * c.numel() // c.shape[block_dim] for c in kv_caches)
@@ -143,14 +149,15 @@ class HostKVTier:
         if offloads:
             blocks = torch.tensor([b for b, _ in offloads], device=device)
             slots = torch.tensor([s for _, s in offloads])
-            staged = [c.index_select(dim, blocks).to("cpu", non_blocking=True)
+            staged = [_copyable(c).index_select(dim, blocks).to("cpu", non_blocking=True)
                       for c in kv_caches]
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
             for buf, kv in zip(self.buffers, staged):
-                buf.index_copy_(dim, slots, kv)
+                _copyable(buf).index_copy_(dim, slots, kv)
         if restores:
             slots = torch.tensor([s for s, _ in restores])
             blocks = torch.tensor([b for _, b in restores], device=device)
             for buf, c in zip(self.buffers, kv_caches):
-                c.index_copy_(dim, blocks, buf.index_select(dim, slots).to(device))
+                _copyable(c).index_copy_(dim, blocks,
+                                         _copyable(buf).index_select(dim, slots).to(device))

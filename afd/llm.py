@@ -167,7 +167,8 @@ class LLM:
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         eplb_interval_steps=0, generation_config="auto", speculative_config=None,
-        scheduling_policy="fcfs", gpu_memory_utilization=0.9, trust_remote_code=False)
+        scheduling_policy="fcfs", gpu_memory_utilization=0.9, kv_cache_dtype="auto",
+        trust_remote_code=False)
 
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
@@ -205,6 +206,9 @@ class LLM:
     that holds KV makes what its weights and an activation reserve leave of it its KV pool,
     after loading (vLLM's; afd.kv_memory). ``LLM.config.num_kv_blocks`` then says what the
     single process chose (None with several ranks: each reports its own).
+    ``kv_cache_dtype``: "auto" (the KV cache in ``dtype``) or "fp8" / "fp8_e4m3" (vLLM's
+    names): keys/values stored as FP8 e4m3 with a scale of 1.0 (clamped to +-448), half of
+    bf16's memory a block, so twice the blocks for the same memory; "fp8_e5m2" is refused.
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     ``trust_remote_code``: let transformers run the Python code a tokenizer names in its

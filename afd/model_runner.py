@@ -267,7 +267,7 @@ class ModelRunner:
         # With CUDA graphs the pool has one more block, the padding rows' scratch block, which
         # the allocator (cfg.num_kv_blocks) never hands out. The MTP layer's cache is the last.
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
-                                            cfg.block_size, cfg.dtype, self.device,
+                                            cfg.block_size, cfg.cache_dtype, self.device,
                                             len(model.all_layers()))
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)

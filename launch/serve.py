@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 
 from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
-from afd.config import SCHEDULING_POLICIES, engine_config_to_dict, resolve_engine_config
 from afd import protocol
+from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, engine_config_to_dict,
+                        resolve_engine_config)
 from afd.layouts import is_loopback, loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
@@ -145,6 +146,9 @@ def parse_args() -> argparse.Namespace:
                          "keep them in FP8 on any device (a bf16 checkpoint's quantized on "
                          "load, 128x128 blocks); dequantize: every weight in --dtype. "
                          "Other weights are always dequantized")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                    help="auto: the KV cache in --dtype; fp8 / fp8_e4m3: FP8 e4m3, scale 1.0 "
+                         "(half the KV memory of bf16); fp8_e5m2 is not supported")
     ap.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
                     help="dummy: random weights from config.json alone, no weight files read "
                          "(as vLLM's; for benchmarks at a model's real shapes: gibberish text)")
@@ -314,7 +318,7 @@ def main() -> None:
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
             speculative_config=args.speculative_config, load_format=args.load_format,
-            hf_overrides=args.hf_overrides,
+            hf_overrides=args.hf_overrides, kv_cache_dtype=args.kv_cache_dtype,
             scheduling_policy=args.scheduling_policy)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)

@@ -14,6 +14,10 @@ Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
   * MLA: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] - normalized latent, then the
     rotated rope key. The latent is expanded per head only for prefill; decode stays absorbed.
   * GQA: [2, num_blocks, block_size, num_kv_heads, head_dim] - keys, values.
+The cache is in the model's dtype, or FP8 e4m3 (``kv_cache_dtype="fp8"``): written through
+``kernels.fp8.to_kv_cache`` (clamp to +-448, round; scale 1.0), read back by a cast in the
+kernels (the decode and paged-prefill kernels load FP8 and convert in registers) or, for MLA's
+prefill, when the latent context is gathered.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.fp8 import to_kv_cache
 from models.batch import ForwardBatch
 from models.config import ModelConfig
 from models.layers import RMSNorm, linear
@@ -84,7 +89,8 @@ class MLAttention(nn.Module):
         q_pe = kernels.apply_rotary(q_pe, batch.cos, batch.sin, self.cfg.rope.interleaved)
         k_pe = kernels.apply_rotary(k_pe[:, None, :], batch.cos, batch.sin,
                                     self.cfg.rope.interleaved)[:, 0]
-        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat((latent, k_pe), dim=-1)
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(
+            torch.cat((latent, k_pe), dim=-1), cache.dtype)
 
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         nd = batch.num_decodes
@@ -102,7 +108,9 @@ class MLAttention(nn.Module):
             tables = batch.block_tables[nd:]
             for part in layout.split(MLA_PREFILL_MAX_CONTEXT):  # one part unless contexts are long
                 # [sum L, Dl+Dr]: everything cached for these sequences, this chunk included
-                ctx = kernels.gather_paged_context(cache, tables[part.seqs], part.layout)
+                # (an FP8 cache's dequantized to x's dtype: a cast, scale 1.0)
+                ctx = kernels.gather_paged_context(cache, tables[part.seqs],
+                                                   part.layout).to(x.dtype)
                 kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
                                                                       self.nope + self.v_dim)
                 k_rope = ctx[:, None, self.kv_lora_rank:].expand(-1, self.num_heads, -1)
@@ -140,8 +148,8 @@ class GQAttention(nn.Module):
         q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
         k = kernels.apply_rotary(k, batch.cos, batch.sin, interleaved=False)
         flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
-        flat[0, batch.slot_mapping] = k
-        flat[1, batch.slot_mapping] = v
+        flat[0, batch.slot_mapping] = to_kv_cache(k, cache.dtype)
+        flat[1, batch.slot_mapping] = to_kv_cache(v, cache.dtype)
 
         scale = self.cfg.attention_scale
         out = torch.empty_like(q)

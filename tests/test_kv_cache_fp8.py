@@ -1,0 +1,231 @@
+"""The KV cache in FP8 (``kv_cache_dtype="fp8"``): e4m3, scale 1.0, values clamped to +-448.
+
+The storage format changes nothing beyond the rounding: the engine with an FP8 cache is
+token-identical (greedy, fp32) to the same model whose KV writes are rounded through FP8 but
+stored in an fp32 cache (``qdq``), over chunked prefill, preemption and prefix-cache hits, for
+MLA (DeepSeek-V3) and GQA (Qwen3-MoE); P/D, MTP drafts, the host tier and the CUDA-graph path
+(run eagerly on CPU) work with it. The KV sizing counts one byte an element. Kernels with an
+FP8 cache against their references: the ``fp8kv`` cases of tests/test_kernels_*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import models.attention
+from afd import LLM, SamplingParams
+from afd.config import bytes_per_block, resolve_engine_config
+from afd.kv_memory import FAKE_MEMORY_ENV, activation_reserve, kv_blocks_from_memory
+from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, save_checkpoint
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, to_kv_cache
+from models.config import load_config
+
+FP8 = torch.float8_e4m3fn
+NEW_TOKENS = 16
+# 30 blocks of 4 tokens cannot hold all 8 sequences: later ones are preempted and recomputed;
+# 16-token steps split the longer prompts into chunks
+SMALL = dict(block_size=4, num_kv_blocks=30, max_model_len=112, max_num_batched_tokens=16)
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("v3")))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path_factory.mktemp("qwen3")))
+
+
+def prompts() -> list[dict]:
+    """Mixed prompts, the last two sharing a 24-token prefix with the first (prefix hits)."""
+    base = mixed_prompts()
+    shared = base[0][:24] if len(base[0]) >= 24 else (base[0] * 24)[:24]
+    rng = random.Random(3)
+    extra = [shared + [rng.randrange(1, 200) for _ in range(k)] for k in (5, 11)]
+    return [{"prompt_token_ids": p} for p in [shared + [7, 8], *base, *extra]]
+
+
+def qdq(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """The reference's KV write: rounded through FP8 as the FP8 cache stores it, kept in the
+    (fp32) cache's dtype."""
+    return to_kv_cache(x, FP8_DTYPE).to(cache_dtype)
+
+
+def run(llm: LLM, batch: list[dict], params: SamplingParams = GREEDY):
+    outs = llm.generate(batch, params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], outs
+
+
+def logprob_rows(outs) -> list[list[dict[int, float]]]:
+    return [[{t: e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]
+            for o in outs]
+
+
+def no_leak(llm: LLM) -> bool:
+    core = llm.engine.core
+    return core.allocator.num_free == core.allocator.num_blocks and not core.seqs
+
+
+def test_to_kv_cache_clamps_and_rounds():
+    x = torch.tensor([1000.0, -1000.0, 448.0, 0.3, 1e-4, -2.5])
+    got = to_kv_cache(x, FP8)
+    assert got.dtype == FP8
+    assert got.float().tolist() == [FP8_MAX, -FP8_MAX, FP8_MAX, 0.3125, 0.0, -2.5]
+    same = torch.randn(4, 3)
+    assert torch.equal(to_kv_cache(same, torch.float32), same)  # "auto": no rounding
+
+
+@pytest.mark.parametrize("kind", ["v3", "qwen3"])
+def test_fp8_cache_is_the_fp32_model_with_its_kv_rounded(kind, request, monkeypatch):
+    """Token-identical (and the same logprobs) to an fp32 cache whose writes are rounded
+    through FP8: chunked prefill, preemption, prefix-cache hits included. Not vacuous: the
+    logprobs differ from the plain fp32 cache's."""
+    path = request.getfixturevalue(kind)
+    batch = prompts()
+    llm = LLM(path, seed=0, kv_cache_dtype="fp8", **SMALL)
+    try:
+        caches = llm.engine.core.runner.kv_caches
+        assert {c.dtype for c in caches} == {FP8}
+        got, outs = run(llm, batch)
+        core = llm.engine.core
+        assert core.stats()[0].num_preemptions > 0
+        assert core.prefix_cache_stats().hits > 0
+        assert no_leak(llm)
+    finally:
+        llm.shutdown()
+    plain = LLM(path, seed=0, **SMALL)
+    try:
+        _, plain_outs = run(plain, batch)
+        plain.reset_prefix_cache()  # its blocks hold unrounded KV
+        monkeypatch.setattr(models.attention, "to_kv_cache", qdq)
+        want, ref_outs = run(plain, batch)
+    finally:
+        plain.shutdown()
+    assert got == want
+    for mine, ref, fp32 in zip(logprob_rows(outs), logprob_rows(ref_outs),
+                               logprob_rows(plain_outs)):
+        for a, b in zip(mine, ref):
+            assert a.keys() == b.keys()
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
+    diff = max(abs(a[t] - b[t]) for mine, fp32 in zip(logprob_rows(outs), logprob_rows(plain_outs))
+               for a, b in zip(mine, fp32) for t in a.keys() & b.keys())
+    assert diff > 1e-6, "the FP8 cache rounded nothing"
+
+
+def test_pd_host_tier_and_graph_path_match_the_single_process(v3):
+    """P/D (the prefill rank's FP8 blocks cross to the decode rank as they are), the host tier
+    (evicted FP8 blocks copied to host memory and back) under preemption, and the CUDA-graph
+    decode path (eager on CPU, its scratch block FP8): the single process's tokens."""
+    batch = prompts()
+    single = LLM(v3, seed=0, kv_cache_dtype="fp8", enable_prefix_caching=False, **SMALL)
+    try:
+        want, _ = run(single, batch)
+        per_block = sum(c[0].numel() for c in single.engine.core.runner.kv_caches)  # 1 B each
+    finally:
+        single.shutdown()
+    tiered = LLM(v3, seed=0, kv_cache_dtype="fp8", kv_offload_gb=64 * per_block / 2**30,
+                 **SMALL)
+    try:
+        assert tiered.engine.core.host.buffers[0].dtype == FP8
+        assert run(tiered, batch)[0] == want
+        # again: the shared prefixes, evicted by now, come back from the host
+        assert run(tiered, batch)[0] == want
+        assert tiered.engine.core.prefix_cache_stats().host_hits > 0
+        assert no_leak(tiered)
+    finally:
+        tiered.shutdown()
+    graphs = LLM(v3, seed=0, kv_cache_dtype="fp8", enforce_eager=False, max_num_seqs=8,
+                 **SMALL)
+    try:
+        assert graphs.engine.core.runner.graphs is not None
+        assert run(graphs, batch)[0] == want
+    finally:
+        graphs.shutdown()
+    pd = LLM(v3, seed=0, kv_cache_dtype="fp8", prefill=1, attention=1, ffn=1, timeout_s=30,
+             prefill_block_size=8, **SMALL)
+    try:
+        assert pd.config.kv_cache_dtype == "fp8"
+        assert run(pd, batch)[0] == want
+    finally:
+        pd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mtp_ckpt(tmp_path_factory):
+    hf = build_hf_model("deepseek_v3")
+    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("mtp")))
+    add_mtp_layer(folder, hf)
+    return folder
+
+
+def test_mtp_drafts_with_an_fp8_cache_keep_plain_decoding(mtp_ckpt):
+    """The MTP layer's cache (the last) is FP8 too; verifying its drafts gives plain greedy
+    decoding's tokens over the same FP8 cache."""
+    batch = prompts()
+    plain = LLM(mtp_ckpt, seed=0, kv_cache_dtype="fp8", **SMALL)
+    try:
+        want, _ = run(plain, batch)
+    finally:
+        plain.shutdown()
+    llm = LLM(mtp_ckpt, seed=0, kv_cache_dtype="fp8",
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **SMALL)
+    try:
+        caches = llm.engine.core.runner.kv_caches
+        assert len(caches) == load_config(mtp_ckpt).num_layers + 1
+        assert {c.dtype for c in caches} == {FP8}
+        assert run(llm, batch)[0] == want
+        assert no_leak(llm)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("value, match", [
+    ("fp8_e5m2", "kv_cache_dtype='fp8_e5m2' is not supported"),
+    ("int8", "kv_cache_dtype must be one of"), ("FP8", "kv_cache_dtype must be one of"),
+    (None, "kv_cache_dtype must be one of"), ("bfloat16", "kv_cache_dtype must be one of")])
+def test_bad_kv_cache_dtype_is_named(v3, value, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_engine_config(v3, load_config(v3), kv_cache_dtype=value)
+
+
+def test_spellings_and_the_cache_dtype(v3):
+    model_cfg = load_config(v3)
+    for name, want in (("auto", torch.bfloat16), ("fp8", FP8), ("fp8_e4m3", FP8)):
+        cfg = resolve_engine_config(v3, model_cfg, dtype="bfloat16", kv_cache_dtype=name)
+        assert cfg.kv_cache_dtype == ("auto" if name == "auto" else "fp8")
+        assert cfg.cache_dtype == want and cfg.dtype == torch.bfloat16
+
+
+def test_fp8_blocks_are_half_of_bf16s_and_the_pool_holds_twice_as_many(v3, monkeypatch):
+    model_cfg = load_config(v3)
+    args = dict(dtype="bfloat16", block_size=4, max_model_len=96, max_num_batched_tokens=32,
+                max_num_seqs=8)
+    bf16 = resolve_engine_config(v3, model_cfg, kv_cache_memory_gb=0.01, **args)
+    fp8 = resolve_engine_config(v3, model_cfg, kv_cache_memory_gb=0.01, kv_cache_dtype="fp8",
+                                **args)
+    per_bf16 = bytes_per_block(model_cfg, 4, bf16.cache_dtype, False)
+    per_fp8 = bytes_per_block(model_cfg, 4, fp8.cache_dtype, False)
+    assert per_bf16 == 2 * per_fp8 == 2 * model_cfg.num_layers * 4 * model_cfg.kv_cache_dim
+    assert bf16.num_kv_blocks == int(0.01 * 2**30 // per_bf16)
+    assert fp8.num_kv_blocks == int(0.01 * 2**30 // per_fp8)
+    assert fp8.num_kv_blocks in (2 * bf16.num_kv_blocks, 2 * bf16.num_kv_blocks + 1)
+    # the host tier's blocks too
+    off = resolve_engine_config(v3, model_cfg, num_kv_blocks=100, kv_offload_gb=0.01,
+                                kv_cache_dtype="fp8", **args)
+    assert off.num_offload_blocks == fp8.num_kv_blocks
+    # sized from (faked) GPU memory: the same budget, twice the blocks
+    mem = {"total": 64 * 2**30, "free": 64 * 2**30, "in_use": 50 * 2**30}
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
+    cpu = torch.device("cpu")
+    sized = {}
+    for name, cfg in (("bf16", bf16), ("fp8", fp8)):
+        budget = int(0.9 * mem["total"]) - mem["in_use"] - activation_reserve(model_cfg, cfg)
+        sized[name] = kv_blocks_from_memory(cfg, model_cfg, cpu, "single")
+        assert sized[name] == budget // bytes_per_block(model_cfg, 4, cfg.cache_dtype, False)
+    assert sized["fp8"] in (2 * sized["bf16"], 2 * sized["bf16"] + 1)
