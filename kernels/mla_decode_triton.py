@@ -181,7 +181,7 @@ def default_launch(num_heads: int, on_gpu: bool) -> dict:
             "num_stages": 2}
 
 
-def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
+def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
     """``default_launch`` for groups of up to ``max_rows`` rows: G_PAD rows x BLOCK_H heads per
     program, at least 16 (the dots' smallest M). On a GPU up to 64 query rows: 32 would read the
     context as often as the per-row kernel's 32 heads of one row do. At 64, 8 warps and 16
@@ -194,8 +194,11 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
     bytes a thread, of 128 rows 1.7 KB, and of 256 rows needed more shared memory than an H100
     block has (a failed launch). Not timed on a GPU yet (``bench/kernels.py --verify-only``
     times variants). The interpreter gets at most 32 rows and 16 tokens a step, so the tests'
-    masks stay partial."""
-    cap = 64 if on_gpu else 32
+    masks stay partial.
+    ``fp8_kv`` (an FP8 cache, converted in registers): at most 32 query rows and 16 tokens a
+    step on a GPU; 64 rows spilled 216-296 bytes a thread (sm_90a), 32 rows with 32 tokens
+    8-16, 32 with 16 none."""
+    cap = 64 if on_gpu and not fp8_kv else 32
     g_pad = min(next_pow2(max_rows), cap // min(next_pow2(num_heads), 8))
     block_h = max(-(-16 // g_pad), min(next_pow2(num_heads), max(1, cap // g_pad)))
     rows = g_pad * block_h
@@ -204,7 +207,7 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool) -> dict:
         return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles, "block_n": 16,
                 "num_warps": 4, "num_stages": 1}
     return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles,
-            "block_n": 16 if rows > 32 else 32, "num_warps": 8 if rows > 16 else 4,
+            "block_n": 16 if rows > 32 or fp8_kv else 32, "num_warps": 8 if rows > 16 else 4,
             "num_stages": 2}
 
 
@@ -295,7 +298,8 @@ def mla_decode_attention_grouped_triton(
     q_lat, q_pe, kv = unit_last_stride(q_lat, q_pe, kv_cache)
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
-    launch = grouped_launch(num_heads, groups.max_rows, on_gpu=not interp)
+    launch = grouped_launch(num_heads, groups.max_rows, on_gpu=not interp,
+                            fp8_kv=kv.dtype == FP8_DTYPE)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)

@@ -337,11 +337,13 @@ def test_norm_and_rotary_compile() -> None:
                        4), pipelined=False)
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_mla_decode_compiles(splits: int) -> None:
+# kv: the cache's element type ("fp8e4nv": kv_cache_dtype "fp8", converted in registers)
+@pytest.mark.parametrize(("splits", "kv"), [(1, "bf16"), (4, "bf16"), (1, "fp8e4nv"),
+                                            (4, "fp8e4nv")])
+def test_mla_decode_compiles(splits: int, kv: str) -> None:
     heads, d_lat, d_rope, block = 128, 512, 64, 64
     out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "out_ptr": out, "lse_ptr": "*fp32", "num_heads": heads,
             "d_lat": d_lat, "d_rope": d_rope, "block_size": block, "scale_log2": 0.06,
             "stride_qb": heads * d_lat, "stride_qh": d_lat, "stride_pb": heads * d_rope,
@@ -358,16 +360,19 @@ def test_mla_decode_compiles(splits: int) -> None:
         check_combine(splits, d_lat, d_lat)
 
 
-@pytest.mark.parametrize(("heads", "rows", "splits"), [(128, 2, 1), (128, 4, 4), (128, 5, 1),
-                                                      (16, 4, 8), (128, 2, 4), (128, 40, 1),
-                                                      (128, 65, 1), (128, 129, 4), (16, 65, 1)])
-def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None:
+@pytest.mark.parametrize(("heads", "rows", "splits", "kv"),
+                         [(128, 2, 1, "bf16"), (128, 4, 4, "bf16"), (128, 5, 1, "bf16"),
+                          (16, 4, 8, "bf16"), (128, 2, 4, "bf16"), (128, 40, 1, "bf16"),
+                          (128, 65, 1, "bf16"), (128, 129, 4, "bf16"), (16, 65, 1, "bf16"),
+                          (128, 2, 1, "fp8e4nv"), (128, 4, 4, "fp8e4nv"),
+                          (128, 40, 1, "fp8e4nv")])
+def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str) -> None:
     # Verify rows at DeepSeek-V3's dims: groups of 2, 4 and 5 rows (k = 1, 3, 4), all 128
     # heads (one rank) and 16 (TP8), with the grouped launch's defaults; 40, 65 and 129 rows
     # (n-gram k = 39, 64, 128) in row tiles of 8 rows x 8 heads.
     d_lat, d_rope, block = 512, 64, 64
     out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32",
             "seq_lens_ptr": "*i64", "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32",
             "num_heads": heads, "d_lat": d_lat, "d_rope": d_rope, "block_size": block,
             "scale_log2": 0.06, "stride_qb": heads * d_lat, "stride_qh": d_lat,
@@ -375,7 +380,7 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None
             "stride_kvb": block * (d_lat + d_rope), "stride_kvt": d_lat + d_rope,
             "stride_tb": 64, "stride_tc": 1, "stride_sl": 1,
             "stride_ob": heads * d_lat * splits, "stride_oh": d_lat * splits}
-    launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=True)
+    launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=True, fp8_kv=kv == "fp8e4nv")
     constexprs = {"NUM_SPLITS": splits, "G_PAD": launch["g_pad"], "BLOCK_H": launch["block_h"],
                   "BLOCK_N": launch["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
                   "DOT_MODE": 0, "INTERP_BF16": False, "ROW_TILES": launch["row_tiles"]}
@@ -392,16 +397,18 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int) -> None
         check(compiled, pipelined=True)
 
 
-@pytest.mark.parametrize(("group", "head_dim", "splits"), [(8, 128, 1), (8, 128, 16), (16, 128, 4),
-                                                           (64, 128, 1), (3, 80, 2)])
-def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
+@pytest.mark.parametrize(("group", "head_dim", "splits", "kv"),
+                         [(8, 128, 1, "bf16"), (8, 128, 16, "bf16"), (16, 128, 4, "bf16"),
+                          (64, 128, 1, "bf16"), (3, 80, 2, "bf16"), (8, 128, 1, "fp8e4nv"),
+                          (16, 128, 4, "fp8e4nv")])
+def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) -> None:
     # Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16) at head_dim 128, a G=64 group (8 warps),
     # and an odd group with a padded head_dim.
     kv_heads, block = 4, 16
     heads = group * kv_heads
     row = kv_heads * head_dim
     out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
+    args = {"q_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
             "out_ptr": out, "lse_ptr": "*fp32", "group": group, "head_dim": head_dim,
             "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
             "stride_qh": head_dim, "stride_kv": 4096 * block * row, "stride_kvb": block * row,
@@ -419,10 +426,12 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int) -> None:
         check_combine(splits, head_dim, d_pad)
 
 
-@pytest.mark.parametrize(("group", "head_dim", "rows", "splits"),
-                         [(8, 128, 2, 1), (8, 128, 4, 16), (8, 128, 5, 4), (16, 128, 2, 1),
-                          (3, 80, 3, 2)])
-def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, splits: int) -> None:
+@pytest.mark.parametrize(("group", "head_dim", "rows", "splits", "kv"),
+                         [(8, 128, 2, 1, "bf16"), (8, 128, 4, 16, "bf16"), (8, 128, 5, 4, "bf16"),
+                          (16, 128, 2, 1, "bf16"), (3, 80, 3, 2, "bf16"),
+                          (8, 128, 4, 16, "fp8e4nv")])
+def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, splits: int,
+                                     kv: str) -> None:
     # Verify rows at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), groups of 2 to 5 rows
     # (5 at G=8: two row tiles), and an odd group with a padded head_dim.
     kv_heads, block = 4, 16
@@ -430,7 +439,7 @@ def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, split
     row = kv_heads * head_dim
     out = "*bf16" if splits == 1 else "*fp32"
     launch = gqa_decode_triton.grouped_launch(group, rows, head_dim, on_gpu=True)
-    args = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
+    args = {"q_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
             "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32", "group": group,
             "num_heads": heads, "row_tiles": launch["row_tiles"], "head_dim": head_dim,
             "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
@@ -445,12 +454,14 @@ def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, split
                        launch["num_warps"], launch["num_stages"]), pipelined=True)
 
 
-@pytest.mark.parametrize(("paged", "group", "dim_k", "dim_v", "dtype"),
-                         [(True, 8, 128, 128, "bf16"), (True, 16, 128, 128, "bf16"),
-                          (True, 3, 80, 80, "bf16"), (True, 4, 128, 128, "fp32"),
-                          (False, 1, 192, 128, "bf16"), (False, 1, 80, 48, "fp32")])
+@pytest.mark.parametrize(("paged", "group", "dim_k", "dim_v", "dtype", "kv"),
+                         [(True, 8, 128, 128, "bf16", "bf16"), (True, 16, 128, 128, "bf16", "bf16"),
+                          (True, 3, 80, 80, "bf16", "bf16"), (True, 4, 128, 128, "fp32", "fp32"),
+                          (False, 1, 192, 128, "bf16", "bf16"), (False, 1, 80, 48, "fp32", "fp32"),
+                          # (fp32 queries over an FP8 cache spill here: not a GPU setup)
+                          (True, 8, 128, 128, "bf16", "fp8e4nv")])
 def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: int,
-                                    dtype: str) -> None:
+                                    dtype: str, kv: str) -> None:
     # Paged GQA at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), an odd group with a padded
     # head_dim, fp32; ragged MHA at DeepSeek-V3's MLA (192/128) and a padded fp32 shape.
     heads = 32 if paged else 128
@@ -460,7 +471,7 @@ def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: 
     dk_a, dk_b = prefill_attention_triton.split_head_dim(dim_k)
     k_row = (heads // group) * dim_k if paged else heads * dim_k
     v_row = (heads // group) * dim_v if paged else heads * (dim_k + dim_v)  # V a view (MLA)
-    args = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "tiles_ptr": "*i32",
+    args = {"q_ptr": ptr, "k_ptr": f"*{kv}", "v_ptr": f"*{kv}", "out_ptr": ptr, "tiles_ptr": "*i32",
             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "lens_ptr": "*i32", "table_ptr": "*i32",
             "num_tiles": 77, "tile_q": defaults["block_m"] // group, "group": group,
             "dim_k": dim_k, "dim_v": dim_v, "block_size": 16 if paged else 0,
