@@ -11,7 +11,8 @@ from models.config import ModelConfig
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: str | torch.device,
                        num_layers: int | None = None) -> list[torch.Tensor]:
-    """One cache tensor per layer (see models.attention for the layouts); ``num_layers``:
+    """One cache tensor per layer (see models.attention for the layouts) of ``dtype`` (the
+    engine's ``cache_dtype``: the model's, or FP8 e4m3 with kv_cache_dtype "fp8"); ``num_layers``:
     cfg.num_layers unless given (one more with the MTP layer, whose cache is the last)."""
     shape = kv_cache_shape(cfg, num_blocks, block_size)
     return [torch.zeros(shape, dtype=dtype, device=device)

@@ -8,6 +8,8 @@ independent. "Every layer" is every layer cache both sides hold: with MTP drafts
 layer's is the last (L + 1 layers, both sides load the MTP layer), so its KV travels in the
 same message. Each transfer carries its own tag, and every wait has a deadline: a transfer that
 does not finish in time ends its request with an error and frees the blocks on both sides.
+The buffer has the caches' dtype, FP8 with kv_cache_dtype "fp8" (half of bf16's bytes): both
+sides allocate their caches from one engine config, so the dtypes agree.
 """
 
 from __future__ import annotations

@@ -229,3 +229,26 @@ def test_fp8_blocks_are_half_of_bf16s_and_the_pool_holds_twice_as_many(v3, monke
         sized[name] = kv_blocks_from_memory(cfg, model_cfg, cpu, "single")
         assert sized[name] == budget // bytes_per_block(model_cfg, 4, cfg.cache_dtype, False)
     assert sized["fp8"] in (2 * sized["bf16"], 2 * sized["bf16"] + 1)
+
+
+def test_serve_flag_and_the_config_every_rank_gets(v3, monkeypatch, capsys):
+    """launch/serve.py's --kv-cache-dtype (auto by default; fp8_e5m2 refused by argparse,
+    naming the flag), and the field's round trip through the dict the ranks are sent."""
+    import sys
+
+    from afd.config import engine_config_from_dict, engine_config_to_dict
+
+    monkeypatch.syspath_prepend("launch")
+    import serve
+
+    for argv, want in ((["serve.py"], "auto"), (["serve.py", "--kv-cache-dtype", "fp8"], "fp8"),
+                       (["serve.py", "--kv-cache-dtype", "fp8_e4m3"], "fp8_e4m3")):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert serve.parse_args().kv_cache_dtype == want
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--kv-cache-dtype", "fp8_e5m2"])
+    with pytest.raises(SystemExit):
+        serve.parse_args()
+    assert "--kv-cache-dtype" in capsys.readouterr().err
+    cfg = resolve_engine_config(v3, load_config(v3), kv_cache_dtype="fp8_e4m3")
+    back = engine_config_from_dict(engine_config_to_dict(cfg))
+    assert back.kv_cache_dtype == "fp8" and back.cache_dtype == FP8
