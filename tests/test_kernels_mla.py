@@ -202,12 +202,15 @@ def test_grouped_launch_keeps_its_query_tile_for_any_group(heads: int) -> None:
     stays at most 64 rows on a GPU (32 under the interpreter) and at least 16, with at least 8
     heads (or all of them); longer groups take more row tiles. One tile of G_PAD = 128 or 256
     rows x 1 head spilled 1.7 / 4.3 KB a thread on sm_90a, and 256 rows needed 324 KB of
-    shared memory (an H100 block has 227): a failed launch."""
-    for on_gpu, cap in ((True, 64), (False, 32)):
+    shared memory (an H100 block has 227): a failed launch. Over an FP8 cache at most 32 rows
+    and 16 tokens a step on a GPU (64 rows spilled 216-296 B a thread at sm_90a)."""
+    for on_gpu, fp8_kv, cap in ((True, False, 64), (False, False, 32), (True, True, 32),
+                                (False, True, 32)):
         for rows in [*range(1, 70), 127, 128, 129, 300]:
-            launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=on_gpu)
+            launch = mla_decode_triton.grouped_launch(heads, rows, on_gpu=on_gpu, fp8_kv=fp8_kv)
             tile = launch["g_pad"] * launch["block_h"]
             assert 16 <= tile <= cap, (on_gpu, rows, launch)
+            assert not fp8_kv or launch["block_n"] == 16, (on_gpu, rows, launch)
             assert launch["block_h"] >= min(8, heads), (on_gpu, rows, launch)
             assert launch["g_pad"] * launch["row_tiles"] >= rows > launch["g_pad"] * (
                 launch["row_tiles"] - 1), (on_gpu, rows, launch)
