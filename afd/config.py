@@ -98,7 +98,6 @@ class EngineConfig:
         """The element type of every layer's KV cache (``kv_cache_dtype``)."""
         return cache_dtype(self.kv_cache_dtype, self.dtype)
 
-
     def load_model(self, role: str, device, expert_ids=None):
         """``models.weights.load_model`` of this config's checkpoint, as every rank loads it."""
         from models.weights import load_model
@@ -121,6 +120,7 @@ class EngineConfig:
 
 
 QUANTIZATIONS = (None, "fp8", "dequantize")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 # vLLM's --kv-cache-dtype names afd takes; "fp8" and "fp8_e4m3" are one format
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
@@ -140,7 +140,6 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
 def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type: ``dtype`` for "auto", float8_e4m3fn for "fp8"."""
     return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
-SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
