@@ -14,11 +14,17 @@ two salts never share a block, and neither shares with no salt (``BlockKeys``). 
 each cached block's content and compares it on every hit: a hit's own tokens and its parent's
 key are proven equal, not only hashed equal (the parents further up are matched the same way,
 one block at a time, from the first).
+
+KV cache events (vLLM's ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``): with a
+``CacheEvents`` attached, the pool and its host tier (afd.kv_offload) record each key their
+cache starts and stops holding, by ``key_digest``; the rank sends them to the front end with
+its step's outputs, and the router (afd.router) matches prompts against what each rank holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -73,6 +79,81 @@ def block_key(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()
 
 
+def key_digest(key: bytes) -> int:
+    """A block key as the ranks report it (afd.protocol.KVEvents) and the router matches it:
+    its first 8 bytes, a signed 64-bit int. Two keys of one digest cost at worst a routing
+    miss, never a wrong token (a hit is proven on the rank against the stored tokens)."""
+    return int.from_bytes(key[:8], "little", signed=True)
+
+
+class CacheEvents:
+    """What one rank's prefix cache, device pool and host tier together (``holders``: their
+    key -> place maps), started and stopped holding since the events were last taken, by block
+    key digest; ``resets``: how many times it was emptied (``reset_prefix_cache``), ever.
+
+    Netted: a key's events alternate (stored, removed, stored, ...) since a holder reports only
+    a change of the union, so a key stored and removed again before the next ``take`` is in
+    neither list. The pending events are thus at most the keys held now plus those held at the
+    last ``take``: bounded by twice what the pool and the tier hold, however rarely taken."""
+
+    def __init__(self, holders: list[dict]):
+        self.holders = holders
+        self.stored: dict[int, None] = {}
+        self.removed: dict[int, None] = {}
+        self.resets = 0
+        self.resets_taken = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.stored or self.removed) or self.resets != self.resets_taken
+
+    def store(self, key: bytes) -> None:
+        """A holder has just put ``key`` in its map: an event only if no other holds it."""
+        if sum(key in h for h in self.holders) == 1:
+            self._flip(key_digest(key), self.stored, self.removed)
+
+    def remove(self, key: bytes) -> None:
+        """A holder has just taken ``key`` out of its map: an event only if none holds it."""
+        if not any(key in h for h in self.holders):
+            self._flip(key_digest(key), self.removed, self.stored)
+
+    @staticmethod
+    def _flip(digest: int, into: dict[int, None], undo: dict[int, None]) -> None:
+        if digest in undo:  # back to what the last take reported
+            del undo[digest]
+        else:
+            into[digest] = None
+
+    def clear(self) -> None:
+        """Every holder was emptied: what is pending is moot, the front end forgets it all."""
+        self.stored.clear()
+        self.removed.clear()
+        self.resets += 1
+
+    def take(self, limit: int) -> list[tuple[int, list[int], list[int]]]:
+        """The pending events as batches of at most ``limit`` digests each, (resets, removed,
+        stored): every removal before any store, so that a front end applying the batches in
+        order never holds more than the rank did before or after (its bound: afd.router)."""
+        batches = []
+        while self.pending:
+            removed = self._pop(self.removed, limit)
+            stored = self._pop(self.stored, limit - len(removed))
+            batches.append((self.resets, removed, stored))
+            self.resets_taken = self.resets
+        return batches
+
+    @staticmethod
+    def _pop(events: dict[int, None], n: int) -> list[int]:
+        if n >= len(events):
+            out = list(events)
+            events.clear()
+            return out
+        out = list(itertools.islice(events, n))
+        for digest in out:
+            del events[digest]
+        return out
+
+
 def extend_block_keys(keys: BlockKeys, token_ids: Sequence[int], block_size: int,
                       num_blocks: int) -> None:
     """Append the keys of full blocks ``len(keys) .. num_blocks - 1`` of ``token_ids`` to
@@ -106,6 +187,7 @@ class BlockPool:
         self._empty: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, LRU first
         self.on_evict = on_evict
+        self.events: CacheEvents | None = None  # KV cache events, where the front end asks
 
     # ---- capacity ---------------------------------------------------------------------------
     @property
@@ -199,9 +281,12 @@ class BlockPool:
             return
         self._key[block], self._content[block] = key, block_content(parent_key, tokens)
         self._by_key[key] = block
+        if self.events is not None:
+            self.events.store(key)
 
     def reset(self) -> None:
-        """Forget every cached block (owned blocks keep their KV and owners)."""
+        """Forget every cached block (owned blocks keep their KV and owners). No events: the
+        caller records the reset (``CacheEvents.clear``) once for the pool and its tier."""
         for block in self._evictable:
             self._empty.append(block)
         self._evictable.clear()
@@ -212,5 +297,8 @@ class BlockPool:
     def _forget(self, block: int) -> None:
         if self.on_evict is not None:
             self.on_evict(block, self._key[block], self._content[block])
-        del self._by_key[self._key[block]]
+        key = self._key[block]
+        del self._by_key[key]
         self._key[block] = self._content[block] = None
+        if self.events is not None:
+            self.events.remove(key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from afd.config import EngineConfig
-from afd.block_pool import BlockPool
+from afd.block_pool import BlockPool, CacheEvents
 from afd.expert_load import ExpertLoadRecorder, NoExpertLoadRecord, sum_records
 from afd.kv_cache import kv_block_dim
 from afd.kv_offload import HostKVTier
@@ -97,6 +97,27 @@ class EngineCore:
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []
         self._grammars = None  # afd.structured_output.GrammarCompiler, at first use
+        self.events: CacheEvents | None = None  # KV cache events (``record_kv_events``)
+
+    def record_kv_events(self) -> None:
+        """Record what this rank's prefix cache (device pool and host tier) stores, evicts and
+        clears, for the front end's router (``take_kv_events``). No-op with caching off."""
+        if not self.cfg.enable_prefix_caching or self.events is not None:
+            return
+        holders = [self.allocator._by_key] + ([self.host._by_key] if self.host else [])
+        self.events = CacheEvents(holders)
+        self.allocator.events = self.events
+        if self.host is not None:
+            self.host.events = self.events
+
+    @property
+    def kv_events_pending(self) -> bool:
+        return self.events is not None and self.events.pending
+
+    def take_kv_events(self, limit: int) -> list[tuple[int, list[int], list[int]]]:
+        """The KV cache events since the last call, in batches of at most ``limit`` digests:
+        (resets, removed, stored) each (afd.block_pool.CacheEvents.take); none if not recorded."""
+        return [] if self.events is None else self.events.take(limit)
 
     def attach_grammar(self, seq: Sequence) -> None:
         """Give a structured-output sequence its matcher, advanced over the output it already
@@ -295,6 +316,8 @@ class EngineCore:
         self.allocator.reset()
         if self.host is not None:
             self.host.reset()
+        if self.events is not None:
+            self.events.clear()
         for seq in self.seqs.values():
             seq.num_cached_blocks = 0
 

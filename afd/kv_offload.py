@@ -68,6 +68,7 @@ class HostKVTier:
         self._offloads: list[tuple[int, int]] = []
         self._restores: list[tuple[int, int]] = []  # (host slot, device block)
         self._busy: set[int] = set()  # slots of those copies: not evicted until they ran
+        self.events = None  # the pool's afd.block_pool.CacheEvents, where the front end asks
 
     @property
     def num_cached(self) -> int:
@@ -86,6 +87,8 @@ class HostKVTier:
             return
         self._key[slot], self._content[slot] = key, content
         self._by_key[key] = slot
+        if self.events is not None:
+            self.events.store(key)
         self._lru[slot] = None
         self._offloads.append((block, slot))
         self._busy.add(slot)
@@ -126,8 +129,11 @@ class HostKVTier:
         slot = next((s for s in self._lru if s not in self._busy), None)
         if slot is not None:
             del self._lru[slot]
-            del self._by_key[self._key[slot]]
+            key = self._key[slot]
+            del self._by_key[key]
             self._key[slot] = self._content[slot] = None
+            if self.events is not None:
+                self.events.remove(key)
         return slot
 
     # ---- the copies (the runner's side) ---------------------------------------------------

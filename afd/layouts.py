@@ -416,11 +416,11 @@ class MultiRankClient:
                              f"control message (its prompt and sampling params); the limit is "
                              f"{protocol.MAX_ADD_BYTES}")
         if self.layout.prefill:
-            rank = self.router.pick_prefill(req.prompt_token_ids, req.cache_salt)
+            rank = self.router.pick_prefill(req.prompt_token_ids, req.cache_salt, wire_id)
             self.router.prefill[rank].in_flight += 1
             placed = _Placed(req, "prefill", wire_id, prefill=rank)
         else:
-            rank = self.router.pick_attention(req.prompt_token_ids, req.cache_salt)
+            rank = self.router.pick_attention(req.prompt_token_ids, req.cache_salt, wire_id)
             self.router.attention[rank].in_flight += 1
             placed = _Placed(req, "decode", wire_id, decode=rank)
         self.placed[req.request_id] = placed
@@ -454,6 +454,7 @@ class MultiRankClient:
         if placed is None:
             return None
         self.by_wire.pop(placed.wire_id, None)
+        self.router.prefilled(placed.wire_id)
         if placed.stage == "prefill":
             self.router.prefill[placed.prefill].in_flight -= 1
         elif placed.stage == "transfer":
@@ -483,7 +484,7 @@ class MultiRankClient:
     def reset_prefix_cache(self) -> None:
         """Every prefill and attention rank forgets its cached blocks, before it takes any
         request added after this call (one socket per rank keeps the order); so does the
-        router's record of what they hold."""
+        router's view of what they hold (and it drops their events from before the reset)."""
         self.router.reset_prefix_cache()
         for rank in range(self.layout.prefill + self.layout.attention):
             self._tell(rank, protocol.ResetPrefixCache())
@@ -676,6 +677,8 @@ class MultiRankClient:
                                stats.num_waiting_blocks)
         else:
             self.prefill_stats[rank] = stats
+        if msg.kv is not None:  # before the outputs: a first token confirms what was sent
+            self.router.kv_events(rank, msg.kv.resets, msg.kv.removed, msg.kv.stored)
         output = self._output
         outs = [output(o) for o in msg.outs]
         for p in msg.prefilled:
@@ -698,6 +701,8 @@ class MultiRankClient:
         extra = self.pending_metrics.pop(out.request_id, None)
         if extra:
             out.metrics = {**(out.metrics or {}), **extra}
+        if out.new_token_ids and placed.stage != "transfer":  # its prompt is computed
+            self.router.prefilled(placed.wire_id)
         if out.finish_reason is not None:
             self._forget(out.request_id)
             if placed.stage == "transfer" and placed.prefill is not None:

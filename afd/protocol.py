@@ -41,6 +41,12 @@ from afd.sequence import CoreOutput, CoreRequest
 Count = Annotated[int, Meta(ge=0)]  # tokens, blocks, bytes
 Rank = Annotated[int, Meta(ge=0)]  # a global rank (the receiver checks it is in the layout)
 Tag = Annotated[int, Meta(ge=0, lt=2**31)]  # a KV transfer's torch.distributed tag
+# a block key's digest (afd.block_pool.key_digest): a signed 64-bit int
+Digest = Annotated[int, Meta(ge=-2**63, le=2**63 - 1)]
+# block digests in one KVEvents (removed and stored together; the rank splits a longer batch
+# over several messages): 9 bytes each on the wire, at most 72 KiB a message
+MAX_KV_EVENTS = 8192
+DigestList = Annotated[list[Digest], Meta(max_length=MAX_KV_EVENTS)]
 
 
 class WireRequest(Struct):
@@ -204,6 +210,24 @@ class Prefilled(Struct, array_like=True):
     drafts: list[TokenId]
 
 
+class KVEvents(Struct, array_like=True):
+    """KV cache events of a rank that runs prompts (vLLM's ``BlockRemoved`` / ``BlockStored`` /
+    ``AllBlocksCleared``; afd.block_pool.CacheEvents): the block key digests its prefix cache
+    (device pool and host tier together) stopped and started holding since its last batch,
+    removals first, and ``resets``, how many times it was emptied ever (a batch of a count the
+    front end has seen below it follows a reset: the front end forgets what it held first)."""
+
+    resets: Count
+    removed: DigestList = []
+    stored: DigestList = []
+
+
+def kv_event_batches(core: Any) -> list[KVEvents]:
+    """The KV cache events an ``afd.core.EngineCore`` recorded since the last call, in messages
+    of at most MAX_KV_EVENTS digests each (none when it records none)."""
+    return [KVEvents(*batch) for batch in core.take_kv_events(MAX_KV_EVENTS)]
+
+
 class Out(_FromRank, tag="out"):
     """A step's outputs (the decode output path: every step, a row per running request)."""
 
@@ -213,6 +237,7 @@ class Out(_FromRank, tag="out"):
     timers: dict[str, int | float] | None = None  # cumulative stage seconds and step count
     attn: int | None = None
     prefilled: list[Prefilled] = []
+    kv: KVEvents | None = None  # the step's KV cache events (before its outputs are read)
 
 
 class Admitted(_FromRank, tag="admitted"):
@@ -367,10 +392,15 @@ def salvage_out(raw: dict) -> tuple[Out, list[tuple[str | None, str]]]:
               for i, p in enumerate(prefilled if isinstance(prefilled, list) else [])]
     stats = check(raw.get("stats"), CoreStats, "stats")
     timers = check(raw.get("timers"), dict[str, int | float] | None, "timers")
+    try:  # dropped whole, naming no request (the router's view of that rank goes stale)
+        kv = msgspec.convert(raw.get("kv"), KVEvents | None)
+    except (msgspec.ValidationError, RecursionError) as exc:
+        kv = None
+        bad.append((None, f"malformed 'out' control message: kv: {exc}"))
     if not isinstance(outs, list) or not isinstance(prefilled, list):
         bad.append((None, "malformed 'out' control message: outs and prefilled must be arrays"))
     msg = Out(outs=[r for r in rows if r is not None], stats=stats, timers=timers,
-              prefilled=[p for p in parked if p is not None], rank=raw.get("rank"))
+              prefilled=[p for p in parked if p is not None], rank=raw.get("rank"), kv=kv)
     return msg, bad
 
 

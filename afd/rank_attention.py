@@ -67,6 +67,8 @@ class AttentionWorker:
                           if with_ffn else None)
         local = core_config(spec, device, model.cfg)
         self.core = EngineCore(model, local, experts=self.transport)
+        if cfg.cache_aware_routing and not spec.layout.prefill and spec.layout.attention > 1:
+            self.core.record_kv_events()  # the front end places prompts by them
         self.timers = StageTimers()
         self.stopping = False
         self.pulls: deque[Pull] = deque()  # finished prefills waiting for room here
@@ -166,7 +168,12 @@ class AttentionWorker:
         timers = self.timers.snapshot()
         if self.transport is not None:
             timers.update(self.transport.timers.seconds)
-        self.link.send(protocol.Out(outputs, self.core.stats()[0], timers, self.index))
+        stats = self.core.stats()[0]
+        kv = protocol.kv_event_batches(self.core)
+        for extra in kv[:-1]:  # a long batch: the rest first, the last with the outputs
+            self.link.send(protocol.Out([], stats, kv=extra))
+        self.link.send(protocol.Out(outputs, stats, timers, self.index,
+                                    kv=kv[-1] if kv else None))
 
     # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
     def _admit(self) -> None:
@@ -292,7 +299,7 @@ class AttentionWorker:
                 with self.timers.time("step"):
                     outputs += self.core.execute(plan, micro_batches)
                 self.timers.steps += 1
-            if outputs or has_work or self._stats_changed():
+            if outputs or has_work or self._stats_changed() or self.core.kv_events_pending:
                 self._send(outputs)
             else:
                 self.link.heartbeat()

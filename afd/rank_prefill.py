@@ -34,6 +34,8 @@ class PrefillWorker:
         cfg = spec.engine_cfg
         model = cfg.load_model("full", device)
         self.core = EngineCore(model, core_config(spec, device, model.cfg), prefill_only=True)
+        if cfg.cache_aware_routing and spec.layout.prefill > 1:
+            self.core.record_kv_events()  # the front end places prompts by them
         self.sending: list[Sending] = []
         self.drop: set[str] = set()  # fault injection: transfers to "lose" (tests)
         self.withheld: dict[str, tuple[str, int, int, int]] = {}  # dropped: (id, dst, tag, n)
@@ -125,8 +127,13 @@ class PrefillWorker:
                   for s in self.core.newly_parked]
         self.core.newly_parked.clear()
         free = self.core.allocator.num_free
-        if outputs or parked or free != self.reported_free:  # blocks moved: say so
-            self.link.send(protocol.Out(outputs, self.core.stats()[0], prefilled=parked))
+        if outputs or parked or free != self.reported_free or self.core.kv_events_pending:
+            stats = self.core.stats()[0]  # blocks moved, or the cache changed: say so
+            kv = protocol.kv_event_batches(self.core)
+            for extra in kv[:-1]:  # a long batch: the rest first, the last with the outputs
+                self.link.send(protocol.Out([], stats, kv=extra))
+            self.link.send(protocol.Out(outputs, stats, prefilled=parked,
+                                        kv=kv[-1] if kv else None))
             self.reported_free = free
         else:
             self.link.heartbeat()

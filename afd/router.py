@@ -1,26 +1,38 @@
 """The global scheduler's placement decisions: which prefill rank runs a prompt, which decode
 attention rank receives it. Pure bookkeeping over what the ranks last reported (no I/O).
 
-Prompts are placed cache-aware (in the spirit of SGLang's cache-aware router): the router keeps,
-per rank that runs prompts, an approximate record of the full-block keys of the prompts it sent
-there, the same chained keys the rank's prefix cache uses (``afd.block_pool.extend_block_keys``).
-Since a key names its whole prefix, the record is a prefix tree in hash form: a prompt matches a
-rank for as many leading blocks as the rank's record holds its keys. A prompt goes to the rank
-with the longest match among those not overloaded, else to the least loaded rank.
+Prompts are placed cache-aware (in the spirit of SGLang's and llm-d's cache-aware routers): the
+router keeps, per rank that runs prompts, the set of block key digests that rank's prefix cache
+holds (device pool and host tier), as the rank's KV cache events say (``kv_events``; the rank
+records them: afd.block_pool.CacheEvents). Keys are chained (afd.block_pool.extend_block_keys,
+the function the ranks use, at their block size and with the request's ``cache_salt``), so a
+key names its whole prefix and the set is a prefix tree in hash form: a prompt matches a rank
+for as many leading blocks as the rank holds. Blocks a rank cached from generated tokens count
+as any other: a follow-up turn whose prompt holds the earlier answer matches past the earlier
+prompt. Evictions and resets take blocks out. A prompt goes to the rank with the longest match
+among those not overloaded, else to the least loaded rank.
 
-The record is a guess, not the rank's cache: the rank may have evicted a block the record still
-holds (or, after a preemption, cached one it never sent there). A wrong guess costs a miss, that
-prefill computes what it could have reused, never a wrong token: the rank itself looks every
-block up and proves the hit against the block's stored tokens.
+Events come with a rank's step outputs, so a prompt sent to a rank is held there only once the
+rank has computed it and its report has arrived: until then the router counts its blocks as
+held there too (``RankCache.sent``), so that the same prefix sent again meanwhile goes to the
+same rank. That record is dropped when the request's first token comes back (the events of the
+step that computed its prompt come in the same message, and are read first), or when it ends.
+
+A match is still a guess: a block may be evicted between the event and the prompt's admission.
+A wrong guess costs a miss (that prefill computes what it could have reused), never a wrong
+token: the rank itself looks every block up and proves the hit against its stored tokens.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from afd.block_pool import BlockKeys, extend_block_keys
+from afd.block_pool import BlockKeys, extend_block_keys, key_digest
+
+log = logging.getLogger("afd.router")
 
 # A rank holding a prompt's prefix is passed over when both hold (SGLang's two thresholds):
 # it has more than BALANCE_ABS requests in flight beyond the least loaded rank, and more than
@@ -42,28 +54,51 @@ class RankLoad:
 
 
 @dataclass
-class PrefixRecord:
-    """The block keys of the prompts sent to one rank, least recently placed first; at most
-    ``capacity`` (the rank's KV blocks: it cannot cache more)."""
+class RankCache:
+    """What one rank's prefix cache holds, by block key digest: ``held``, as its KV events
+    said, at most ``capacity`` digests (its KV blocks and host tier blocks: it cannot hold
+    more); and ``sent``, the blocks of the prompts placed there whose first token has not come
+    back (digest -> how many such prompts have it). ``resets_sent``: the resets asked of it;
+    ``resets_seen``: the count its last batch applied carried."""
 
     capacity: int
-    keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    held: set[int] = field(default_factory=set)
+    sent: Counter = field(default_factory=Counter)
+    resets_sent: int = 0
+    resets_seen: int = 0
 
-    def matched(self, keys: list[bytes]) -> int:
-        """How many leading blocks of a prompt with these block keys the rank may hold."""
+    def matched(self, digests: list[int]) -> int:
+        """How many leading blocks of a prompt with these block digests the rank may hold."""
+        held, sent = self.held, self.sent
         n = 0
-        while n < len(keys) and keys[n] in self.keys:
+        for d in digests:
+            if d not in held and d not in sent:
+                break
             n += 1
         return n
 
-    def add(self, keys: list[bytes]) -> None:
-        """Record a prompt placed here. The tail is touched first so that, as in the rank's
-        pool, a prefix outlives the longer prompts that extend it."""
-        for key in reversed(keys):
-            self.keys[key] = None
-            self.keys.move_to_end(key)
-        while len(self.keys) > self.capacity:
-            self.keys.popitem(last=False)
+    def apply(self, resets: int, removed: list[int], stored: list[int]) -> int:
+        """One batch of the rank's events, removals first; returns how many stores it dropped
+        over capacity (none from a rank that reports what it holds)."""
+        if resets < self.resets_sent:  # made before the rank took the last reset: moot
+            return 0
+        if resets != self.resets_seen:  # the rank was emptied since its last batch
+            self.held.clear()
+            self.resets_seen = resets
+        held = self.held
+        held.difference_update(removed)
+        if len(stored) <= self.capacity - len(held):
+            held.update(stored)
+            return 0
+        dropped = 0
+        for d in stored:
+            if d in held:
+                continue
+            if len(held) < self.capacity:
+                held.add(d)
+            else:
+                dropped += 1
+        return dropped
 
 
 class RequestRouter:
@@ -83,47 +118,51 @@ class RequestRouter:
         self.cache_aware = cache_aware
         self.balance_abs, self.balance_rel = balance_abs, balance_rel
         # the ranks that run prompts (the prefill pool, or with none the attention ranks) and
-        # the block size their caches key by; a record holds at most what their pool and host
-        # tier hold
+        # the block size their caches key by; each holds at most what its pool and tier hold
         self.prompt_block_size = (prefill_block_size or block_size) if prefill_ranks \
             else block_size
         self.host_blocks = host_blocks
         capacity = -(-(num_blocks + host_blocks) * block_size // self.prompt_block_size)
-        self.records = {r: PrefixRecord(capacity) for r in (prefill_ranks or attention_ranks)}
+        self.caches = {r: RankCache(capacity) for r in (prefill_ranks or attention_ranks)}
+        # placement id -> (rank, its prompt's block digests), till its first token is back
+        self.unconfirmed: dict[str, tuple[int, list[int]]] = {}
 
     def set_kv_blocks(self, rank: int, num_blocks: int) -> None:
         """A rank's KV pool as it reported it when ready, in its own blocks (a prefill rank's
         of ``prefill_block_size``): each rank may size its own from its GPU's memory."""
         if rank in self.attention:
             self.attention[rank].free_blocks = num_blocks
-        if rank in self.records:
-            self.records[rank].capacity = num_blocks + -(
+        if rank in self.caches:
+            self.caches[rank].capacity = num_blocks + -(
                 -self.host_blocks * self.block_size // self.prompt_block_size)
 
     # ---- prompts ----------------------------------------------------------------------------
-    def pick_prefill(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None
-                     ) -> int:
+    def pick_prefill(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None,
+                     placement: str | None = None) -> int:
         """The prefill rank for a prompt (see ``_pick_by_prefix``)."""
-        return self._pick_by_prefix(self.prefill, prompt_token_ids, cache_salt)
+        return self._pick_by_prefix(self.prefill, prompt_token_ids, cache_salt, placement)
 
-    def pick_attention(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None
-                       ) -> int:
+    def pick_attention(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None,
+                       placement: str | None = None) -> int:
         """P=0: the attention rank for a prompt (see ``_pick_by_prefix``)."""
-        return self._pick_by_prefix(self.attention, prompt_token_ids, cache_salt)
+        return self._pick_by_prefix(self.attention, prompt_token_ids, cache_salt, placement)
 
     def _pick_by_prefix(self, loads: dict[int, RankLoad], prompt: Sequence[int],
-                        cache_salt: str | None) -> int:
-        """The rank that may hold the longest run of the prompt's leading full blocks, among
-        those not overloaded (see BALANCE_ABS); ties, and no match anywhere, go to the fewest
-        requests in flight, then the lowest rank. Records the prompt's blocks there. The keys
-        carry ``cache_salt`` as the rank's do: a prompt matches only blocks of its own salt."""
+                        cache_salt: str | None, placement: str | None) -> int:
+        """The rank that holds (or was sent and has not yet reported) the longest run of the
+        prompt's leading full blocks, among those not overloaded (see BALANCE_ABS); ties, and
+        no match anywhere, go to the fewest requests in flight, then the lowest rank. The keys
+        carry ``cache_salt`` as the rank's do: a prompt matches only blocks of its own salt.
+        ``placement``: the request's id (its wire id), under which its blocks count as sent
+        to the rank chosen until ``prefilled``."""
         least = min(loads, key=lambda r: (loads[r].in_flight, r))
         if not self.cache_aware or len(loads) == 1:  # one rank: nothing to choose, no hashing
             return least
         size = self.prompt_block_size
         keys = BlockKeys(cache_salt)  # every full block's: the rank caches them all once computed
         extend_block_keys(keys, prompt, size, len(prompt) // size)
-        reusable = keys[:(len(prompt) - 1) // size]  # never the last token's (it gives logits)
+        digests = [key_digest(k) for k in keys]
+        reusable = digests[:(len(prompt) - 1) // size]  # never the last token's (it gives logits)
         low = loads[least].in_flight
 
         def eligible(r: int) -> bool:
@@ -131,14 +170,44 @@ class RequestRouter:
             return n - low <= self.balance_abs or n <= self.balance_rel * low
 
         rank = min((r for r in loads if eligible(r)),
-                   key=lambda r: (-self.records[r].matched(reusable), loads[r].in_flight, r))
-        self.records[rank].add(keys)
+                   key=lambda r: (-self.caches[r].matched(reusable), loads[r].in_flight, r))
+        if placement is not None and digests:
+            self.prefilled(placement)  # (an id placed twice: the later placement counts)
+            self.caches[rank].sent.update(digests)
+            self.unconfirmed[placement] = (rank, digests)
         return rank
 
+    def prefilled(self, placement: str) -> None:
+        """A placement's prompt is computed (its first token is back, the events of that step
+        read) or it ended: its blocks no longer count as sent."""
+        entry = self.unconfirmed.pop(placement, None)
+        if entry is not None:
+            rank, digests = entry
+            sent = self.caches[rank].sent
+            for d in digests:
+                if sent[d] > 1:
+                    sent[d] -= 1
+                else:
+                    sent.pop(d, None)
+
+    def kv_events(self, rank: int, resets: int, removed: list[int], stored: list[int]) -> None:
+        """A batch of a prompt rank's KV cache events (afd.protocol.KVEvents); ignored from a
+        rank that runs no prompts here (a P/D decode rank)."""
+        cache = self.caches.get(rank)
+        if cache is None:
+            return
+        dropped = cache.apply(resets, removed, stored)
+        if dropped:
+            log.warning("rank %d reported more cached blocks than its %d: %d dropped", rank,
+                        cache.capacity, dropped)
+
     def reset_prefix_cache(self) -> None:
-        """The ranks' caches were emptied: so is what the router believes they hold."""
-        for record in self.records.values():
-            record.keys.clear()
+        """The ranks' caches are being emptied: so is what the router knows they hold, and each
+        rank's events from before it took the reset are dropped (``RankCache.apply``). Prompts
+        still being computed keep their record: their blocks are cached after the reset."""
+        for cache in self.caches.values():
+            cache.held.clear()
+            cache.resets_sent += 1
 
     # ---- P/D transfers ----------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:

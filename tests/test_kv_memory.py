@@ -138,7 +138,7 @@ def test_each_rank_reports_its_own_pool(reference, monkeypatch):
         assert llm.config.num_kv_blocks is None
         assert {r: i["num_kv_blocks"] for r, i in client.rank_info.items()} == {0: 30, 1: 70,
                                                                                   2: 0}
-        assert client.router.records[0].capacity == 30
+        assert client.router.caches[0].capacity == 30
         assert client.router.attention[1].free_blocks == 70
         assert client.rank_stats[1].num_free_blocks == 70
         outs = llm.generate(prompts, params, use_tqdm=False)
