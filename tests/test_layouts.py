@@ -507,6 +507,12 @@ def test_protocol_errors_name_the_kind_and_the_field():
              ["'out'", "outs[0][6][0][0]"]),
             ({"t": "out", "rank": 0, "outs": [], "stats": {"num_running": 1}},
              ["'out'", "stats"]),
+            ({"t": "out", "rank": 0, "outs": [], "stats": STATS, "kv": [0, [], ["x"]]},
+             ["'out'", "kv[2][0]"]),
+            ({"t": "out", "rank": 0, "outs": [], "stats": STATS, "kv": [0, [2 ** 63]]},
+             ["'out'", "kv[1][0]"]),
+            ({"t": "out", "rank": 0, "outs": [], "stats": STATS, "kv": [-1]},
+             ["'out'", "kv[0]"]),
             ({"t": "admitted", "rank": 1, "id": "x"}, ["'admitted'", "tag"]),
             ({"t": "error", "rank": 0}, ["'error'", "role"])]:
         with pytest.raises(protocol.ProtocolError) as info:
@@ -1059,6 +1065,38 @@ def test_the_front_end_checks_what_a_rank_reports_about_a_request():
             assert bare.exchange(bad) == []
         assert not client.placed and all(load.in_flight == 0 for load in (
             *client.router.prefill.values(), *client.router.attention.values()))
+    finally:
+        bare.close()
+
+
+def test_kv_events_reach_the_router_and_a_malformed_batch_is_dropped(caplog):
+    """A rank's KV cache events (``kv`` of its ``out``) change what the router believes it
+    holds before the outputs beside them are read; a malformed batch (a digest that is no
+    64-bit int, more digests than a message may carry) is a ProtocolError: the events are
+    dropped with a warning, naming no request, and the outputs beside them still count."""
+    from afd import protocol
+
+    bare = BareClient(prefill=0, attention=2)
+    client = bare.client
+    held = client.router.caches[0].held
+    try:
+        wire = bare.place("a", "decode", 4, decode=0)
+        outs = bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [[wire, [5]]],
+                              "kv": [0, [], [11, -12, 2 ** 63 - 1]]})
+        assert [(o.request_id, o.new_token_ids) for o in outs] == [("a", [5])]
+        assert held == {11, -12, 2 ** 63 - 1} and not client.router.caches[1].held
+        with caplog.at_level("WARNING", logger="afd.layouts"):
+            for kv in ([0, [11], ["x"]], [0, [], list(range(protocol.MAX_KV_EVENTS + 1))],
+                       [0, [2 ** 63]], "kv"):
+                outs = bare.exchange({"t": "out", "rank": 0, "stats": STATS,
+                                      "outs": [[wire, [6]]], "kv": kv})
+                assert [(o.request_id, o.new_token_ids) for o in outs] == [("a", [6])]
+                assert held == {11, -12, 2 ** 63 - 1}
+        warned = [r.message for r in caplog.records if "dropped" in r.message]
+        assert len(warned) == 4 and all("kv" in w for w in warned), warned
+        assert client.placed["a"].stage == "decode"  # no request failed for it
+        bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [], "kv": [0, [11]]})
+        assert held == {-12, 2 ** 63 - 1}
     finally:
         bare.close()
 

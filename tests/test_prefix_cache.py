@@ -13,7 +13,7 @@ from afd import LLM, SamplingParams
 from afd.block_pool import BlockKeys, BlockPool, extend_block_keys
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreRequest, Sequence
-from ckpt_utils import build_hf_model, save_checkpoint
+from ckpt_utils import build_hf_model, run_until_done, save_checkpoint
 
 # ---- the pool ------------------------------------------------------------------------------
 
@@ -145,6 +145,73 @@ def test_duplicate_content_and_reset():
     assert pool.num_cached == 0 and pool.ref_count(a[0]) == 1
     pool.free(a)
     assert pool.cached_prefix([1, 2, 3], keys_of([1, 2, 3], 2), 1) == []
+
+
+def with_events(pool: BlockPool, host=None) -> block_pool.CacheEvents:
+    events = block_pool.CacheEvents([pool._by_key] + ([host._by_key] if host else []))
+    pool.events = events
+    if host is not None:
+        host.events = events
+    return events
+
+
+def test_kv_events_record_what_the_cache_stores_evicts_and_clears():
+    """vLLM's BlockStored / BlockRemoved / AllBlocksCleared, by key digest: a block stored
+    joins ``stored``, one evicted ``removed``; a key stored and evicted again before the events
+    are taken is in neither; a reset counts and drops what is pending; batches are bounded,
+    removals first."""
+    pool = BlockPool(4, 2)
+    events = with_events(pool)
+    digest = lambda toks: [block_pool.key_digest(k) for k in keys_of(toks, 2)]  # noqa: E731
+    a = pool.allocate(2)
+    cache_all(pool, a, [1, 2, 3, 4])
+    pool.free(a)
+    assert not events.removed and list(events.stored) == digest([1, 2, 3, 4])
+    assert events.take(8) == [(0, [], digest([1, 2, 3, 4]))] and not events.pending
+    b = pool.allocate(3)  # two empty blocks, then a's tail is evicted
+    cache_all(pool, b[:1], [5, 6])
+    assert list(events.removed) == digest([1, 2, 3, 4])[1:]
+    pool.free(b)
+    pool.allocate(4)  # evicts a's head and [5, 6], stored since the last take: not reported
+    assert set(events.removed) == set(digest([1, 2, 3, 4])) and not events.stored
+    head, tail = digest([1, 2, 3, 4])
+    assert events.take(1) == [(0, [tail], []), (0, [head], [])]
+    pool = BlockPool(4, 2)
+    events = with_events(pool)
+    cache_all(pool, pool.allocate(2), [1, 2, 3, 4])
+    pool.reset()
+    events.clear()
+    assert events.pending and events.take(8) == [(1, [], [])] and not events.pending
+    assert pool.num_cached == 0 and events.take(8) == []
+
+
+def test_kv_events_see_the_host_tier_as_part_of_the_cache():
+    """A block evicted into the host tier is still held (no event); it is removed once the
+    tier evicts it too, or when the tier has no slot for it."""
+    from afd.kv_offload import HostKVTier
+
+    host = HostKVTier(1, 2)
+    pool = BlockPool(2, 2, on_evict=host.evicted)
+    events = with_events(pool, host)
+    d = [block_pool.key_digest(k) for k in keys_of([1, 2, 3, 4], 2)]
+    blocks = pool.allocate(2)
+    cache_all(pool, blocks, [1, 2, 3, 4])
+    pool.free(blocks)
+    events.take(8)
+    pool.allocate(1)  # [3, 4] (the tail) goes to the host: still held
+    assert not events.pending
+    host.flush([])
+    pool.allocate(1)  # [1, 2] to the host, whose one slot drops [3, 4]
+    assert list(events.removed) == d[1:] and not events.stored
+    assert events.take(8) == [(0, d[1:], [])]
+    pool = BlockPool(2, 2, on_evict=host.evicted)  # the tier's slot still busy (not flushed)
+    events = with_events(pool, host)
+    block = pool.allocate(1)
+    cache_all(pool, block, [5, 6])
+    pool.free(block)
+    (_, _, stored), = events.take(8)
+    pool.allocate(2)  # [5, 6] evicted, and no slot for it in the tier: gone
+    assert events.take(8) == [(0, stored, [])]
 
 
 def test_caching_off_is_a_plain_free_list():
@@ -553,5 +620,103 @@ def test_two_attention_ranks_send_a_prefix_where_it_is_cached(path, off):
         again = llm.generate(as_input(second), GREEDY, use_tqdm=False)
         assert [o.num_cached_tokens for o in again] == [0, 0]
         assert tokens(again) == expected[2:]
+    finally:
+        llm.shutdown()
+
+
+# ---- routing by the ranks' KV cache events ----------------------------------------------------
+def digests_of(tokens: list[int], size: int = 16) -> set[int]:
+    return {block_pool.key_digest(k) for k in keys_of(tokens, size)}
+
+
+@pytest.fixture(scope="module")
+def small_two(path):
+    """Two attention ranks of 16 KV blocks (256 tokens) each: a few prompts evict others."""
+    llm = LLM(path, attention=2, timeout_s=30, num_kv_blocks=16, max_model_len=256)
+    yield llm
+    llm.shutdown()
+
+
+def test_an_evicted_prefix_no_longer_draws_its_prompts(small_two, off):
+    """A prefix computed on rank 0, then evicted there by two long prompts: rank 0's KV cache
+    events say so, and the next prompt with that prefix, sent beside one that keeps rank 0
+    busy, goes to the idle rank 1 by load. The front end's record of what it sent used to
+    send it back to rank 0 (to miss there all the same). Tokens are the single process's."""
+    llm, client = small_two, small_two.engine.core
+    llm.reset_prefix_cache()
+    rng = random.Random(11)
+    x = [rng.randrange(2, 512) for _ in range(48)]
+    fillers = [[rng.randrange(2, 512) for _ in range(200)] for _ in range(2)]
+    first = [llm.generate(as_input([p]), GREEDY, use_tqdm=False)[0]
+             for p in [x + [5] * 9] + fillers]  # one at a time: each to idle rank 0
+    assert not digests_of(x) & client.router.caches[0].held  # evicted there
+    assert not client.router.caches[1].held
+    later = [[rng.randrange(2, 512) for _ in range(20)], x + [6] * 9]
+    for rid, prompt in zip(("busy", "again"), later):
+        llm.engine.add_request(rid, {"prompt_token_ids": prompt}, GREEDY)
+    assert [client.placed[rid].decode for rid in ("busy", "again")] == [0, 1]
+    done = run_until_done(llm, ["busy", "again"])
+    assert tokens(first + [done["busy"], done["again"]]) == tokens(
+        off.generate(as_input([x + [5] * 9] + fillers + later), GREEDY, use_tqdm=False))
+    assert not client.router.unconfirmed
+
+
+def test_a_follow_up_turn_goes_where_the_answer_is_cached(small_two, off):
+    """A first turn (a prompt shorter than a block) ran on rank 1 beside another request;
+    rank 1 cached the blocks of its answer too, so the second turn, whose prompt holds that
+    answer, goes there and reuses them (3 blocks: 10 prompt + 39 computed output tokens). The
+    front end's record of sent prompts had no block of the first turn: the second went to the
+    idle rank 0 and missed. Tokens are the single process's."""
+    llm, client = small_two, small_two.engine.core
+    llm.reset_prefix_cache()
+    rng = random.Random(12)
+    other, turn1 = ([rng.randrange(2, 512) for _ in range(n)] for n in (20, 10))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for rid, prompt in (("other", other), ("turn1", turn1)):
+        llm.engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    assert client.placed["turn1"].decode == 1
+    answer = run_until_done(llm, ["other", "turn1"])["turn1"].outputs[0].token_ids
+    turn2 = turn1 + answer + [rng.randrange(2, 512) for _ in range(6)]  # 56 tokens
+    got = llm.generate(as_input([turn2]), GREEDY, use_tqdm=False)[0]
+    assert got.num_cached_tokens == 48
+    assert tokens([got]) == tokens(off.generate(as_input([turn2]), GREEDY, use_tqdm=False))
+    assert answer == off.generate(as_input([turn1]), params, use_tqdm=False)[0].outputs[0] \
+        .token_ids
+
+
+def test_the_front_ends_view_of_each_rank_stays_within_its_pool(small_two):
+    """Many prompts over two small pools: the router's set for each rank never holds more
+    digests than the rank has blocks, and once the requests are done nothing is left recorded
+    as sent and not prefilled."""
+    llm, client = small_two, small_two.engine.core
+    rng = random.Random(13)
+    prompts = [[rng.randrange(2, 512) for _ in range(rng.randrange(17, 120))]
+               for _ in range(24)]
+    for i in range(0, len(prompts), 6):
+        llm.generate(as_input(prompts[i:i + 6]), GREEDY, use_tqdm=False)
+        for rank in (0, 1):
+            cache = client.router.caches[rank]
+            assert 0 < len(cache.held) <= cache.capacity == 16
+    assert not client.router.unconfirmed
+    assert not any(c.sent for c in client.router.caches.values())
+
+
+def test_two_prefill_ranks_report_their_caches(path, off):
+    """P/D: the prefill ranks send their KV cache events too, at their own block size: after
+    a prompt, its prefill rank holds its full blocks in the router's view; a later prompt with
+    the prefix goes there and hits."""
+    rng = random.Random(14)
+    a, b = ([rng.randrange(2, 512) for _ in range(48)] for _ in range(2))
+    first, second = [a + [5] * 9, b + [6] * 9], [b + [7] * 11, a + [8] * 11]
+    llm = LLM(path, prefill=2, attention=1, timeout_s=30, prefill_block_size=8)
+    try:
+        client = llm.engine.core
+        outs = llm.generate(as_input(first), GREEDY, use_tqdm=False)
+        assert digests_of(a + [5] * 9, 8) == client.router.caches[0].held
+        assert digests_of(b + [6] * 9, 8) == client.router.caches[1].held
+        outs += llm.generate(as_input(second), GREEDY, use_tqdm=False)
+        assert [o.num_cached_tokens for o in outs] == [0, 0, 48, 48]
+        assert tokens(outs) == tokens(off.generate(as_input(first + second), GREEDY,
+                                                   use_tqdm=False))
     finally:
         llm.shutdown()
