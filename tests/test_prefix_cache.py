@@ -638,26 +638,29 @@ def small_two(path):
 
 
 def test_an_evicted_prefix_no_longer_draws_its_prompts(small_two, off):
-    """A prefix computed on rank 0, then evicted there by two long prompts: rank 0's KV cache
-    events say so, and the next prompt with that prefix, sent beside one that keeps rank 0
-    busy, goes to the idle rank 1 by load. The front end's record of what it sent used to
-    send it back to rank 0 (to miss there all the same). Tokens are the single process's."""
+    """A prefix computed on rank 0, then evicted there by the answers of two short prompts
+    (150 tokens each): rank 0's KV cache events say so, and the next prompt with that prefix,
+    sent beside one that keeps rank 0 busy, goes to the idle rank 1 by load. The front end's
+    record of what it sent (the prompts alone, well within its bound) used to send it back to
+    rank 0, to miss there all the same. Tokens are the single process's."""
     llm, client = small_two, small_two.engine.core
     llm.reset_prefix_cache()
     rng = random.Random(11)
     x = [rng.randrange(2, 512) for _ in range(48)]
-    fillers = [[rng.randrange(2, 512) for _ in range(200)] for _ in range(2)]
-    first = [llm.generate(as_input([p]), GREEDY, use_tqdm=False)[0]
-             for p in [x + [5] * 9] + fillers]  # one at a time: each to idle rank 0
-    assert not digests_of(x) & client.router.caches[0].held  # evicted there
-    assert not client.router.caches[1].held
+    fillers = [[rng.randrange(2, 512) for _ in range(40)] for _ in range(2)]
+    long = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    first = llm.generate(as_input([x + [5] * 9]), GREEDY, use_tqdm=False)  # to idle rank 0
+    first += [llm.generate(as_input([p]), long, use_tqdm=False)[0] for p in fillers]  # rank 0
     later = [[rng.randrange(2, 512) for _ in range(20)], x + [6] * 9]
     for rid, prompt in zip(("busy", "again"), later):
         llm.engine.add_request(rid, {"prompt_token_ids": prompt}, GREEDY)
     assert [client.placed[rid].decode for rid in ("busy", "again")] == [0, 1]
+    assert not digests_of(x) & client.router.caches[0].held  # evicted there
     done = run_until_done(llm, ["busy", "again"])
     assert tokens(first + [done["busy"], done["again"]]) == tokens(
-        off.generate(as_input([x + [5] * 9] + fillers + later), GREEDY, use_tqdm=False))
+        off.generate(as_input([x + [5] * 9]), GREEDY, use_tqdm=False)
+        + off.generate(as_input(fillers), long, use_tqdm=False)
+        + off.generate(as_input(later), GREEDY, use_tqdm=False))
     assert not client.router.unconfirmed
 
 
