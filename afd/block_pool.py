@@ -87,17 +87,18 @@ def key_digest(key: bytes) -> int:
 
 
 class CacheEvents:
-    """What one rank's prefix cache, device pool and host tier together (``holders``: their
-    key -> place maps), started and stopped holding since the events were last taken, by block
-    key digest; ``resets``: how many times it was emptied (``reset_prefix_cache``), ever.
+    """What one rank's prefix cache, its device pool and host tier together (``device``,
+    ``host``: their key -> place maps; no tier: None), started and stopped holding since the
+    events were last taken, by block key digest; ``resets``: how many times it was emptied
+    (``reset_prefix_cache``), ever.
 
     Netted: a key's events alternate (stored, removed, stored, ...) since a holder reports only
     a change of the union, so a key stored and removed again before the next ``take`` is in
     neither list. The pending events are thus at most the keys held now plus those held at the
     last ``take``: bounded by twice what the pool and the tier hold, however rarely taken."""
 
-    def __init__(self, holders: list[dict]):
-        self.holders = holders
+    def __init__(self, device: dict, host: dict | None = None):
+        self.device, self.host = device, host
         self.stored: dict[int, None] = {}
         self.removed: dict[int, None] = {}
         self.resets = 0
@@ -107,22 +108,28 @@ class CacheEvents:
     def pending(self) -> bool:
         return bool(self.stored or self.removed) or self.resets != self.resets_taken
 
-    def store(self, key: bytes) -> None:
-        """A holder has just put ``key`` in its map: an event only if no other holds it."""
-        if sum(key in h for h in self.holders) == 1:
-            self._flip(key_digest(key), self.stored, self.removed)
-
-    def remove(self, key: bytes) -> None:
-        """A holder has just taken ``key`` out of its map: an event only if none holds it."""
-        if not any(key in h for h in self.holders):
-            self._flip(key_digest(key), self.removed, self.stored)
-
-    @staticmethod
-    def _flip(digest: int, into: dict[int, None], undo: dict[int, None]) -> None:
-        if digest in undo:  # back to what the last take reported
-            del undo[digest]
+    def store(self, key: bytes, holder: dict) -> None:
+        """``holder`` (the device's map or the tier's) has just put ``key`` in: an event only
+        if the other does not hold it."""
+        other = self.host if holder is self.device else self.device
+        if other is not None and key in other:
+            return
+        digest = int.from_bytes(key[:8], "little", signed=True)  # key_digest, inline
+        if digest in self.removed:  # back to what the last take reported
+            del self.removed[digest]
         else:
-            into[digest] = None
+            self.stored[digest] = None
+
+    def remove(self, key: bytes, holder: dict) -> None:
+        """``holder`` has just taken ``key`` out: an event only if the other does not hold it."""
+        other = self.host if holder is self.device else self.device
+        if other is not None and key in other:
+            return
+        digest = int.from_bytes(key[:8], "little", signed=True)
+        if digest in self.stored:
+            del self.stored[digest]
+        else:
+            self.removed[digest] = None
 
     def clear(self) -> None:
         """Every holder was emptied: what is pending is moot, the front end forgets it all."""
@@ -282,7 +289,7 @@ class BlockPool:
         self._key[block], self._content[block] = key, block_content(parent_key, tokens)
         self._by_key[key] = block
         if self.events is not None:
-            self.events.store(key)
+            self.events.store(key, self._by_key)
 
     def reset(self) -> None:
         """Forget every cached block (owned blocks keep their KV and owners). No events: the
@@ -301,4 +308,4 @@ class BlockPool:
         del self._by_key[key]
         self._key[block] = self._content[block] = None
         if self.events is not None:
-            self.events.remove(key)
+            self.events.remove(key, self._by_key)

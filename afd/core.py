@@ -104,8 +104,8 @@ class EngineCore:
         clears, for the front end's router (``take_kv_events``). No-op with caching off."""
         if not self.cfg.enable_prefix_caching or self.events is not None:
             return
-        holders = [self.allocator._by_key] + ([self.host._by_key] if self.host else [])
-        self.events = CacheEvents(holders)
+        self.events = CacheEvents(self.allocator._by_key,
+                                  self.host._by_key if self.host is not None else None)
         self.allocator.events = self.events
         if self.host is not None:
             self.host.events = self.events

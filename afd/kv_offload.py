@@ -88,7 +88,7 @@ class HostKVTier:
         self._key[slot], self._content[slot] = key, content
         self._by_key[key] = slot
         if self.events is not None:
-            self.events.store(key)
+            self.events.store(key, self._by_key)
         self._lru[slot] = None
         self._offloads.append((block, slot))
         self._busy.add(slot)
@@ -133,7 +133,7 @@ class HostKVTier:
             del self._by_key[key]
             self._key[slot] = self._content[slot] = None
             if self.events is not None:
-                self.events.remove(key)
+                self.events.remove(key, self._by_key)
         return slot
 
     # ---- the copies (the runner's side) ---------------------------------------------------

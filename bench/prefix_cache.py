@@ -6,6 +6,8 @@
                                  [--num-kv-blocks N] ...
     python bench/prefix_cache.py --offload-gb G [--num-kv-blocks 160] [--num-prefixes 4]
                                  [--rounds 4] ...
+    python bench/prefix_cache.py --turns 4 [--attention 2] [--conversations 8] [--first-len 12]
+                                 [--suffix-len 64] [--new-tokens 64] [--before-tree DIR] ...
 
 Every prompt is the same ``prefix-len`` random tokens followed by ``suffix-len`` tokens of its
 own; decoding is greedy with EOS ignored. Two workloads, each with caching off and on (a fresh
@@ -37,6 +39,18 @@ prefix has been evicted from the device by the time it comes back (LRU). It repo
 round 1 (every prefix computed) and of rounds 2.. (recomputed without the tier, copied back from
 the host with it). On a CPU the "device" pool and the host tier are the same memory: this shows
 recompute against a memory copy, not the cost of a copy over PCIe.
+
+``--turns T`` instead runs multi-turn conversations over ``--attention`` ranks (default 2):
+``conversations`` conversations, each turn's prompt the previous turn's prompt, its answer
+(``new-tokens``, greedy, EOS ignored) and ``suffix-len`` new tokens; the first turn is
+``first-len`` tokens of its own (12: shorter than a block, as a chat's first question). Each
+turn sends every conversation's prompt together, in an order drawn anew each turn. Placement by
+load, cache-aware from the ranks' KV cache events (this checkout), and, with ``--before-tree
+DIR`` (a checkout of an earlier commit, e.g. ``git archive <commit> afd models kernels | tar -x
+-C DIR``), cache-aware from that code (the front end's record of the prompts it sent): each run
+is a child process of this one importing afd from its tree, the modes alternate ``repeats``
+times. It reports the hit rate and mean TTFT of turns 2.. and the wall time; outputs must be
+equal in every mode (checked).
 """
 
 from __future__ import annotations
@@ -51,7 +65,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the afd to bench: this checkout's, or (a --turns child run) the tree named by AFD_BENCH_ROOT
+sys.path.insert(0, os.environ.get("AFD_BENCH_ROOT")
+                or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from results_io import commit_id, write_result  # noqa: E402
 
@@ -277,6 +293,120 @@ def main_offload(args: argparse.Namespace, path: str) -> None:
     _write("prefix_cache_offload", args, path, load_at_start, same, summary, runs)
 
 
+def conversation_turns(args: argparse.Namespace, vocab: int) -> tuple[list, list, list]:
+    """Each conversation's first turn; the user tokens of its later turns; each turn's order."""
+    rng = random.Random(args.seed)
+
+    def draw(n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    firsts = [draw(args.first_len) for _ in range(args.conversations)]
+    users = [[draw(args.suffix_len) for _ in range(args.turns - 1)]
+             for _ in range(args.conversations)]
+    orders = []
+    for _ in range(args.turns):
+        order = list(range(args.conversations))
+        rng.shuffle(order)
+        orders.append(order)
+    return firsts, users, orders
+
+
+def run_turns(path: str, args: argparse.Namespace, cache_aware: bool) -> dict:
+    """One run of the conversations (in a child process: its afd is AFD_BENCH_ROOT's)."""
+    vocab = load_config(path).vocab_size
+    firsts, users, orders = conversation_turns(args, vocab)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    max_len = args.first_len + (args.turns - 1) * (args.new_tokens + args.suffix_len) \
+        + args.new_tokens + 1
+    llm = LLM(path, seed=0, attention=args.attention, cache_aware_routing=cache_aware,
+              max_model_len=max_len, num_kv_blocks=args.num_kv_blocks, timeout_s=120)
+    prompts = [list(f) for f in firsts]
+    per_turn, walls, answers = [], [], [[] for _ in firsts]
+    try:
+        warm = random.Random(args.seed + 1)
+        llm.generate([{"prompt_token_ids": [warm.randrange(2, vocab) for _ in range(64)]}
+                      for _ in range(args.attention)], params, use_tqdm=False)
+        llm.reset_prefix_cache()
+        for turn, order in enumerate(orders):
+            if turn:
+                for c in range(len(prompts)):
+                    prompts[c] += answers[c][-1] + users[c][turn - 1]
+            before = llm.engine.core.prefix_cache_stats()
+            start = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": prompts[c]} for c in order], params,
+                                use_tqdm=False)
+            walls.append(time.perf_counter() - start)
+            stats = llm.engine.core.prefix_cache_stats()
+            for c, out in zip(order, outs):
+                answers[c].append(out.outputs[0].token_ids)
+            per_turn.append({"queries": stats.queries - before.queries,
+                             "hits": stats.hits - before.hits,
+                             "ttfts": [o.metrics.ttft for o in outs],
+                             "num_cached_tokens": [o.num_cached_tokens for o in outs]})
+    finally:
+        llm.shutdown()
+    later = per_turn[1:]
+    return {
+        "hit_rate_turns_2_on": sum(t["hits"] for t in later) / sum(t["queries"] for t in later),
+        "ttft_mean_turns_2_on_s": statistics.mean(x for t in later for x in t["ttfts"]),
+        "ttft_mean_s": statistics.mean(x for t in per_turn for x in t["ttfts"]),
+        "wall_s": sum(walls),
+        "turn_wall_s": walls,
+        "per_turn": per_turn,
+        "answers": answers,
+    }
+
+
+def main_turns(args: argparse.Namespace, path: str) -> None:
+    """Alternate the modes, each run a child process (``--turns-child``) importing its afd."""
+    import json
+    import subprocess
+
+    load_at_start = os.getloadavg()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modes = {"load": (here, False)}
+    if args.before_tree:
+        modes["sent_record"] = (os.path.abspath(args.before_tree), True)
+    modes["kv_events"] = (here, True)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    child_args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if k in ("turns", "conversations", "first_len", "suffix_len", "new_tokens",
+                           "attention", "seed") or (k == "num_kv_blocks" and v)]
+    for _ in range(args.repeats):
+        for mode, (tree, aware) in modes.items():
+            env = {**os.environ, "AFD_BENCH_ROOT": tree}
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *child_args,
+                                   "--model", path, "--turns-child",
+                                   "aware" if aware else "load"],
+                                  env=env, capture_output=True, text=True, check=False)
+            if done.returncode:
+                sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
+            runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    same = all(r["answers"] == runs["load"][0]["answers"] for rs in runs.values() for r in rs)
+    print(f"{args.attention} attention ranks; {args.conversations} conversations x {args.turns} "
+          f"turns (first {args.first_len} tokens; then answer {args.new_tokens} + "
+          f"{args.suffix_len} new tokens a turn), all of a turn together in a new order; "
+          f"num_kv_blocks {args.num_kv_blocks or 'default'} per rank; best of {args.repeats}")
+    print(f"{'':30s}" + "".join(f"{m:>14s}" for m in modes))
+    summary = {}
+    for label, key, higher in (("hit rate, turns 2..", "hit_rate_turns_2_on", True),
+                               ("TTFT mean, turns 2.. (s)", "ttft_mean_turns_2_on_s", False),
+                               ("TTFT mean, every turn (s)", "ttft_mean_s", False),
+                               ("wall time (s)", "wall_s", False)):
+        pick = max if higher else min
+        summary[key] = {m: pick(r[key] for r in runs[m]) for m in modes}
+        summary[key].update({f"median_{m}": statistics.median(r[key] for r in runs[m])
+                             for m in modes})
+        print(f"{label:30s}" + "".join(f"{summary[key][m]:14.3f}" for m in modes))
+    print(f"outputs equal in every mode: {same}")
+    for mode in modes:
+        print(f"num_cached_tokens per turn ({mode}, first run): "
+              f"{[t['num_cached_tokens'] for t in runs[mode][0]['per_turn']]}")
+        for r in runs[mode]:
+            r.pop("answers")
+    _write("prefix_cache_turns", args, path, load_at_start, same, summary, runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: embedded tiny)")
@@ -296,8 +426,24 @@ def main() -> None:
                     help="(--attention >= 2) KV blocks per rank; (--offload-gb) default 160")
     ap.add_argument("--offload-gb", type=float, default=0,
                     help="> 0: compare the prefix cache without and with a host tier this large")
+    ap.add_argument("--turns", type=int, default=0,
+                    help=">= 2: multi-turn conversations over --attention ranks (default 2)")
+    ap.add_argument("--conversations", type=int, default=8, help="(--turns)")
+    ap.add_argument("--first-len", type=int, default=12, help="(--turns) first turn's tokens")
+    ap.add_argument("--before-tree", default=None,
+                    help="(--turns) a tree of an earlier afd to compare cache-aware with")
+    ap.add_argument("--turns-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = args.model or default_model_path()
+    if args.turns:
+        args.attention = max(args.attention, 2)
+        if args.turns_child:
+            import json
+
+            print(json.dumps(run_turns(path, args, args.turns_child == "aware")))
+        else:
+            main_turns(args, path)
+        return
     if args.offload_gb:
         args.num_prefixes = args.num_prefixes or 4
         args.num_kv_blocks = args.num_kv_blocks or 160

@@ -148,7 +148,7 @@ def test_duplicate_content_and_reset():
 
 
 def with_events(pool: BlockPool, host=None) -> block_pool.CacheEvents:
-    events = block_pool.CacheEvents([pool._by_key] + ([host._by_key] if host else []))
+    events = block_pool.CacheEvents(pool._by_key, host._by_key if host else None)
     pool.events = events
     if host is not None:
         host.events = events

@@ -45,8 +45,7 @@ class Rank:
         self.host = HostKVTier(host_blocks, size) if host_blocks else None
         self.pool = BlockPool(num_blocks, size,
                               on_evict=self.host.evicted if self.host else None)
-        self.events = CacheEvents([self.pool._by_key]
-                                  + ([self.host._by_key] if self.host else []))
+        self.events = CacheEvents(self.pool._by_key, self.host._by_key if self.host else None)
         self.pool.events = self.events
         if self.host:
             self.host.events = self.events
@@ -80,7 +79,7 @@ class Rank:
 
     def held(self) -> set[int]:
         """The digests it holds, device and host."""
-        return {key_digest(k) for h in self.events.holders for k in h}
+        return {key_digest(k) for h in (self.events.device, self.events.host or {}) for k in h}
 
 
 def place(router: RequestRouter, prompt: list[int], cache_salt: str | None = None
