@@ -203,6 +203,8 @@ class PDSim:
                 w = object.__new__(PrefillWorker)
                 w.spec, w.index, w.link = rspec, rank, link
                 w.core = EngineCore(model, local, prefill_only=True)
+                if cfg.cache_aware_routing and layout.prefill > 1:  # as PrefillWorker's init
+                    w.core.record_kv_events()
                 w.sending, w.drop, w.withheld, w.stopping = [], set(), {}, False
                 w.reported_free = -1
                 self.prefill.append(w)
@@ -211,6 +213,8 @@ class PDSim:
                 w.spec, w.index, w.groups, w.link = rspec, rank - layout.prefill, None, link
                 w.transport = None
                 w.core = EngineCore(model, local)
+                if cfg.cache_aware_routing and not layout.prefill and layout.attention > 1:
+                    w.core.record_kv_events()  # as AttentionWorker's init
                 w.timers, w.stopping = StageTimers(), False
                 w.pulls, w.receiving, w.abandoned = deque(), {}, []
                 w.transfer_timeout = 1e9

@@ -1222,6 +1222,8 @@ class IdleCore:
         self.newly_parked = []
         self.stats = lambda: [CoreStats(0, 0, 0.0, 8, 0)]
         self.aborted = []
+        self.kv_events_pending = False  # records no KV cache events
+        self.take_kv_events = lambda limit: []
 
     def has_unfinished(self) -> bool:
         return False
