@@ -1282,6 +1282,59 @@ def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeyp
     assert prefill.link.waits == [short] * 2
 
 
+def test_a_long_batch_of_kv_events_is_split_over_messages_read_before_the_outputs(monkeypatch):
+    """More KV cache events in a step than one message may carry (MAX_KV_EVENTS, 3 here): an
+    attention or prefill rank sends the first batches in messages of their own and the last
+    with the step's outputs, removals first; applied in that order, the front end's view ends
+    equal to the rank's cache."""
+    from types import SimpleNamespace
+
+    from afd import protocol
+    from afd.block_pool import CacheEvents
+    from afd.profiling import StageTimers
+    from afd.rank_attention import AttentionWorker
+    from afd.rank_prefill import PrefillWorker
+    from afd.router import RequestRouter
+    from afd.sequence import CoreOutput
+
+    monkeypatch.setattr(protocol, "MAX_KV_EVENTS", 3)
+    out = CoreOutput("a@0", [5], None, None, None)
+
+    def step_events() -> CacheEvents:
+        events = CacheEvents({})
+        events.removed.update(dict.fromkeys([7, 8]))
+        events.stored.update(dict.fromkeys(range(5)))
+        return events
+
+    for kind in ("attention", "prefill"):
+        events, core, sent = step_events(), IdleCore(), []
+        core.take_kv_events = events.take
+        if kind == "attention":
+            worker = object.__new__(AttentionWorker)
+            worker.core, worker.transport, worker.index = core, None, 0
+            worker.timers = StageTimers()
+            worker.link = SimpleNamespace(send=sent.append)
+            worker._send([out])
+        else:
+            worker = object.__new__(PrefillWorker)
+            worker.core, worker.sending, worker.stopping = core, [], False
+            core.kv_events_pending = True
+            core.has_unfinished = lambda: True
+            core.step = lambda: [out]
+            worker.link = SimpleNamespace(poll=lambda wait_s: [], send=sent.append,
+                                          heartbeat=lambda: None)
+            worker.run_once(0.0)
+        assert [m.outs for m in sent] == [[], [], [out]], kind
+        assert [(m.kv.removed, m.kv.stored) for m in sent] == [
+            ([7, 8], [0]), ([], [1, 2, 3]), ([], [4])], kind
+        router = RequestRouter([], [0, 1], 8, 16)
+        router.caches[0].held.update({7, 8, 9})
+        for msg in sent:
+            kv = protocol.decode_from_rank(protocol.encode(msg)).kv
+            router.kv_events(0, kv.resets, kv.removed, kv.stored)
+        assert router.caches[0].held == {0, 1, 2, 3, 4, 9}, kind
+
+
 def test_idle_sleep_keeps_heartbeats_inside_the_timeout():
     """A sleeping rank sends its heartbeat at its first loop past HEARTBEAT_S of silence, so up
     to HEARTBEAT_S + idle_sleep_s after the last message: that stays under ``timeout_s`` (the
