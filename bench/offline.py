@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import commit_id, write_result  # noqa: E402
 
 from afd import LLM, SamplingParams  # noqa: E402
+from afd.config import KV_CACHE_DTYPES  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.default_model import default_model_path  # noqa: E402
 
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--hf-overrides", default=None, metavar="JSON",
                     help="config.json keys replaced, e.g. '{\"num_hidden_layers\": 5}'")
     ap.add_argument("--quantization", default=None, choices=["fp8", "dequantize"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                    help="fp8 / fp8_e4m3: the KV cache in FP8 e4m3 (scale 1.0, see README)")
     ap.add_argument("--json", default=None, help="where to write the result JSON")
     args = ap.parse_args()
     if args.load_format == "dummy" and not args.skip_hf:
@@ -136,7 +139,7 @@ def main() -> None:
     overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
     vocab = load_config(path, overrides).vocab_size
     engine_args = dict(load_format=args.load_format, hf_overrides=overrides,
-                       quantization=args.quantization)
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         engine_args["tokenizer"] = default_model_path()  # prompts are token ids
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
@@ -149,7 +152,7 @@ def main() -> None:
     result = {
         "model": path, "device": device, "dtype": args.dtype, "num_prompts": args.num_prompts,
         "load_format": args.load_format, "hf_overrides": overrides,
-        "quantization": args.quantization,
+        "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
         "input_tokens": in_tokens, "output_tokens": out_tokens, "afd_seconds": afd_s,
         "afd_output_tok_s": out_tokens / afd_s, "afd_total_tok_s": (in_tokens + out_tokens) / afd_s,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
