@@ -106,8 +106,10 @@ def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """Keys/values ``x`` (compute dtype) as a KV cache of ``cache_dtype`` stores them. FP8
     (``kv_cache_dtype="fp8"``): e4m3 with a scale of 1.0, as vLLM's without calibrated scales:
     clamped to +-FP8_MAX, then rounded to the nearest e4m3 value (magnitudes under 2**-10 become
-    0). Readers convert back with a plain cast (exact in bf16/fp16/fp32). Else a cast (none
-    when the dtypes agree)."""
+    0). The clamp keeps +-inf and out-of-range values at +-448: older torch releases (pyproject
+    allows 2.4) cast any magnitude from 480 on to e4m3's NaN, where torch 2.13 saturates. NaN
+    stays NaN, as in a bf16 cache. Readers convert back with a plain cast (exact in
+    bf16/fp16/fp32). Else a cast (none when the dtypes agree)."""
     if cache_dtype == FP8_DTYPE and x.dtype != FP8_DTYPE:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(cache_dtype)

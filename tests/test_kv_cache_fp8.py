@@ -81,6 +81,27 @@ def test_to_kv_cache_clamps_and_rounds():
     assert torch.equal(to_kv_cache(same, torch.float32), same)  # "auto": no rounding
 
 
+def test_to_kv_cache_clamps_before_a_cast_that_does_not_saturate(monkeypatch):
+    """Older torch releases (pyproject allows 2.4) convert a float at or over 480 to e4m3's NaN,
+    not to 448 (torch 2.13 saturates, so the test above passes without the clamp): with such a
+    conversion the clamp alone keeps +-inf and out-of-range keys finite. NaN stays NaN, as in a
+    bf16 cache."""
+    cast = torch.Tensor.to
+
+    def old_torch_to(self, *args, **kwargs):
+        if FP8 in args or kwargs.get("dtype") == FP8:
+            self = torch.where(self.abs() >= 480, float("nan"), self)
+        return cast(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", old_torch_to)
+    x = torch.tensor([1000.0, -480.0, float("inf"), float("-inf"), 447.0])
+    assert torch.isnan(x.to(FP8).float()).sum() == 4  # the emulated old cast
+    assert to_kv_cache(x, FP8).float().tolist() == [FP8_MAX, -FP8_MAX, FP8_MAX, -FP8_MAX, 448.0]
+    assert torch.isnan(to_kv_cache(torch.tensor([float("nan")]), FP8).float()).all()
+    bf16 = torch.tensor([1e4, -3e38], dtype=torch.bfloat16)
+    assert to_kv_cache(bf16, FP8).float().tolist() == [FP8_MAX, -FP8_MAX]
+
+
 @pytest.mark.parametrize("kind", ["v3", "qwen3"])
 def test_fp8_cache_is_the_fp32_model_with_its_kv_rounded(kind, request, monkeypatch):
     """Token-identical (and the same logprobs) to an fp32 cache whose writes are rounded
