@@ -206,6 +206,27 @@ def test_mtp_drafts_with_an_fp8_cache_keep_plain_decoding(mtp_ckpt):
         llm.shutdown()
 
 
+def test_fp8_cache_refused_at_allocation_on_a_gpu_triton_cannot_read_it_on(v3, monkeypatch):
+    """Under compute capability 8.9 (A100) Triton has no e4m3: the rank refuses at start, naming
+    the field and the capability, not at its first step's compile. Faked capability: the check
+    raises before anything touches CUDA."""
+    from afd.kv_cache import allocate_kv_caches, check_fp8_kv_device
+
+    cfg = load_config(v3)
+    monkeypatch.delenv("AFD_KERNEL_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8' needs .* 8\.9.* is 8\.0"):
+        allocate_kv_caches(cfg, 4, 4, FP8, "cuda")
+    check_fp8_kv_device("cpu")
+    monkeypatch.setenv("AFD_KERNEL_BACKEND", "torch")
+    check_fp8_kv_device("cuda")  # the torch kernels cast what they gather
+    monkeypatch.delenv("AFD_KERNEL_BACKEND")
+    for cap in ((8, 9), (9, 0), (10, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        check_fp8_kv_device("cuda:0")
+    assert allocate_kv_caches(cfg, 2, 4, FP8, "cpu")[0].dtype == FP8
+
+
 @pytest.mark.parametrize("value, match", [
     ("fp8_e5m2", "kv_cache_dtype='fp8_e5m2' is not supported"),
     ("int8", "kv_cache_dtype must be one of"), ("FP8", "kv_cache_dtype must be one of"),
