@@ -4,7 +4,9 @@ The embedded tiny DeepSeek-V3 model, and a tiny Qwen3-MoE, each run a short batc
 TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
 AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode, MLA or GQA prefill attention and
 fused_moe all through their Triton kernels, which are counted). The embedded model with a random
-MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too.
+MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too. The
+``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
+kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from kernels.testing import run_in_interpreter
 
@@ -36,6 +39,9 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
                   "gqa_decode_attention_grouped_triton")}
 
 
+FP8KV = "+fp8kv"
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     import importlib
     import sys
@@ -43,6 +49,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 
     from afd import LLM, SamplingParams
 
+    name, kv_cache_dtype = name.removesuffix(FP8KV), "fp8" if name.endswith(FP8KV) else "auto"
     calls = {fn_name: 0 for _, fn_name in TRITON_ENTRIES}
 
     def counting(fn, name: str):
@@ -72,7 +79,8 @@ def interpreter_case(name: str, seed: int) -> dict:
             from ckpt_utils import build_hf_model, save_checkpoint
 
             path = save_checkpoint(build_hf_model("qwen3_moe"), tmp)
-        llm = LLM(path, seed=seed, speculative_config=spec)
+        llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype)
+        fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches} == {torch.float8_e4m3fn}
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = {}
         for backend in ("torch", "triton"):
@@ -80,14 +88,17 @@ def interpreter_case(name: str, seed: int) -> dict:
             outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
                                 use_tqdm=False)
             tokens[backend] = [o.outputs[0].token_ids for o in outs]
-    return {"tokens": tokens, "calls": calls}
+    return {"tokens": tokens, "calls": calls, "fp8": fp8}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp"])
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "greedy+fp8kv", "qwen3+fp8kv",
+                                  "mtp+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
+    assert result["fp8"] == name.endswith(FP8KV)
+    name = name.removesuffix(FP8KV)
     tokens = result["tokens"]
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
     calls = result["calls"]
