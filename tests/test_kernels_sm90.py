@@ -365,7 +365,9 @@ def test_mla_decode_compiles(splits: int, kv: str) -> None:
                           (16, 4, 8, "bf16"), (128, 2, 4, "bf16"), (128, 40, 1, "bf16"),
                           (128, 65, 1, "bf16"), (128, 129, 4, "bf16"), (16, 65, 1, "bf16"),
                           (128, 2, 1, "fp8e4nv"), (128, 4, 4, "fp8e4nv"),
-                          (128, 40, 1, "fp8e4nv")])
+                          (128, 40, 1, "fp8e4nv"), (128, 5, 1, "fp8e4nv"), (16, 4, 8, "fp8e4nv"),
+                          (128, 65, 1, "fp8e4nv"), (128, 129, 4, "fp8e4nv"),
+                          (16, 65, 1, "fp8e4nv")])
 def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str) -> None:
     # Verify rows at DeepSeek-V3's dims: groups of 2, 4 and 5 rows (k = 1, 3, 4), all 128
     # heads (one rank) and 16 (TP8), with the grouped launch's defaults; 40, 65 and 129 rows
@@ -400,7 +402,7 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str
 @pytest.mark.parametrize(("group", "head_dim", "splits", "kv"),
                          [(8, 128, 1, "bf16"), (8, 128, 16, "bf16"), (16, 128, 4, "bf16"),
                           (64, 128, 1, "bf16"), (3, 80, 2, "bf16"), (8, 128, 1, "fp8e4nv"),
-                          (16, 128, 4, "fp8e4nv")])
+                          (16, 128, 4, "fp8e4nv"), (64, 128, 1, "fp8e4nv"), (3, 80, 2, "fp8e4nv")])
 def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) -> None:
     # Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16) at head_dim 128, a G=64 group (8 warps),
     # and an odd group with a padded head_dim.
@@ -429,7 +431,8 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) ->
 @pytest.mark.parametrize(("group", "head_dim", "rows", "splits", "kv"),
                          [(8, 128, 2, 1, "bf16"), (8, 128, 4, 16, "bf16"), (8, 128, 5, 4, "bf16"),
                           (16, 128, 2, 1, "bf16"), (3, 80, 3, 2, "bf16"),
-                          (8, 128, 4, 16, "fp8e4nv")])
+                          (8, 128, 4, 16, "fp8e4nv"), (8, 128, 5, 4, "fp8e4nv"),
+                          (16, 128, 2, 1, "fp8e4nv"), (3, 80, 3, 2, "fp8e4nv")])
 def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, splits: int,
                                      kv: str) -> None:
     # Verify rows at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), groups of 2 to 5 rows
@@ -459,7 +462,9 @@ def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, split
                           (True, 3, 80, 80, "bf16", "bf16"), (True, 4, 128, 128, "fp32", "fp32"),
                           (False, 1, 192, 128, "bf16", "bf16"), (False, 1, 80, 48, "fp32", "fp32"),
                           # (fp32 queries over an FP8 cache spill here: not a GPU setup)
-                          (True, 8, 128, 128, "bf16", "fp8e4nv")])
+                          (True, 8, 128, 128, "bf16", "fp8e4nv"),
+                          (True, 16, 128, 128, "bf16", "fp8e4nv"),
+                          (True, 3, 80, 80, "bf16", "fp8e4nv")])
 def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: int,
                                     dtype: str, kv: str) -> None:
     # Paged GQA at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), an odd group with a padded
