@@ -138,8 +138,9 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
 
 
 def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's element type: ``dtype`` for "auto", float8_e4m3fn for "fp8"."""
-    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
+    """The KV cache's element type: ``dtype`` for "auto", float8_e4m3fn for "fp8" (or
+    "fp8_e4m3": a config made without ``resolve_kv_cache_dtype``); ValueError for any other."""
+    return torch.float8_e4m3fn if resolve_kv_cache_dtype(kv_cache_dtype) == "fp8" else dtype
 
 
 def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,

@@ -244,6 +244,24 @@ def test_spellings_and_the_cache_dtype(v3):
         assert cfg.cache_dtype == want and cfg.dtype == torch.bfloat16
 
 
+def test_a_config_built_without_resolve_still_means_what_it_says(v3):
+    """An EngineConfig made directly or read from a dict (tests, a hand-written rank spec) with
+    vLLM's other spelling is FP8 too, and a name afd does not know is refused by name, not run
+    as the model's dtype."""
+    from dataclasses import replace
+
+    from afd.config import engine_config_from_dict, engine_config_to_dict
+
+    cfg = resolve_engine_config(v3, load_config(v3), dtype="bfloat16")
+    assert replace(cfg, kv_cache_dtype="fp8_e4m3").cache_dtype == FP8
+    d = {**engine_config_to_dict(cfg), "kv_cache_dtype": "fp8_e4m3"}
+    assert engine_config_from_dict(d).cache_dtype == FP8
+    for bad in ("fp8_e5m2", "int8"):
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
+            _ = replace(cfg, kv_cache_dtype=bad).cache_dtype
+    assert cfg.cache_dtype == torch.bfloat16
+
+
 def test_fp8_blocks_are_half_of_bf16s_and_the_pool_holds_twice_as_many(v3, monkeypatch):
     model_cfg = load_config(v3)
     args = dict(dtype="bfloat16", block_size=4, max_model_len=96, max_num_batched_tokens=32,
