@@ -268,6 +268,12 @@ class DeepEPTransport(ExpertPath):
         self.tables = RouteTables(placement, self.ep.device)  # per layer
         self.timers = StageTimers()  # host time: kernel launches, and waits where they block
 
+    @property
+    def placement(self) -> ExpertPlacement:
+        """The placement it routes by (what an attention rank checks a live rebalance against,
+        as it does ``TorchTransport.placement``)."""
+        return self.ep.experts.placement
+
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Route by ``placement`` from the next dispatch on (afd.rebalance)."""
         self.ep.set_placement(placement)

@@ -220,6 +220,8 @@ def round_trip(rank: int, case: Case, placement: ExpertPlacement | tuple, device
         transport = DeepEPTransport(groups, start, h, bf16, device,
                                     num_max_dispatch_tokens_per_rank=32)
         transport.set_placement(placement)
+        # what an attention rank checks a live rebalance against (AttentionWorker)
+        assert transport.placement == placement
         inputs = {(layer, mb): rank_inputs(rank, layer, mb, h)
                   for layer in range(LAYERS) for mb in range(mbs)}
 
@@ -274,7 +276,9 @@ def test_round_trip_over_fake_deep_ep():
     """Our use of DeepEP's contract (ids, slabs, counts, hooks, call order) on CPU ranks, with
     one micro-batch, two, and two with a per-layer placement (layer 1 has a table of its own:
     replicas, 4/2/3 slots, so each layer must route by its own table), and two built with
-    one placement then switched to the per-layer one (a live rebalance), one after the other on
+    one placement then switched to the per-layer one (a live rebalance; the attention side then
+    names it as its ``placement``, which AttentionWorker checks a rebalance against: before
+    the fix the attribute was missing and every attention rank died), one after the other on
     the same ranks; the fake is our reading of DeepEP's API, not DeepEP."""
     mb1, mb2 = (Case(2, 3, micro_batches, hidden=32, fake=True) for micro_batches in (1, 2))
     placement = ExpertPlacement.balanced(E, 3, {2: 1, 5: 1})  # uneven slot counts
