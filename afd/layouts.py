@@ -136,6 +136,7 @@ class MultiRankClient:
                     f"max_num_batched_tokens <= {most}")
         self.layout, self.timeout_s = layout, timeout_s
         self.model_shape = (model_cfg.num_layers, model_cfg.num_experts)  # expert load records
+        self.mtp = engine_cfg.mtp  # the ranks hold the MTP layer (its experts are placed too)
         self.expert_loads: dict[int, list | None] = {}  # attention rank -> its last snapshot
         self.held: list[CoreOutput] = []  # outputs that arrived while waiting for the ranks
         if layout.ffn:  # a placement, a file (placement or load record: afd.eplb), or default
@@ -522,6 +523,7 @@ class MultiRankClient:
 
     # ---- live rebalancing (afd.rebalance) -------------------------------------------------
     rebalances = 0  # the last rebalance epoch sent to the ranks
+    mtp = False  # the ranks hold the MTP layer
     eplb_interval = 0  # eplb_interval_steps (0: no periodic rebalancing)
     waiting = False  # in a call that steps while it waits for the ranks
 
@@ -547,7 +549,7 @@ class MultiRankClient:
         elif not isinstance(placement, ExpertPlacement):
             raise ValueError(f"placement must be an ExpertPlacement, got "
                              f"{type(placement).__name__}")
-        check_same_slots(self.placement, placement, num_layers)
+        check_same_slots(self.placement, placement, num_layers, mtp=self.mtp)
         self.rebalances += 1
         epoch = self.rebalances
         msg = protocol.Rebalance(epoch, **{k: v for k, v in placement.to_dict().items()})

@@ -129,7 +129,8 @@ class AttentionWorker:
                 raise ValueError(f"rebalance epoch {msg.epoch} is not past this rank's "
                                  f"{self.epoch}")
             placement = ExpertPlacement(msg.num_experts, msg.slots, msg.layers)
-            check_same_slots(self.transport.placement, placement, self._num_layers)
+            check_same_slots(self.transport.placement, placement, self._num_layers,
+                             mtp=self.core.runner.model.mtp is not None)
         except ValueError as exc:
             log.warning("attention rank %d refused rebalance %d: %s", self.index, msg.epoch, exc)
             self.link.send(protocol.Rebalanced(msg.epoch, error=str(exc)))

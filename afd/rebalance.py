@@ -28,9 +28,13 @@ def all_tables(placement: ExpertPlacement, num_layers: int) -> list[Table]:
     return [placement.table(layer) for layer in range(num_layers + 1)]
 
 
-def check_same_slots(old: ExpertPlacement, new: ExpertPlacement, num_layers: int) -> None:
+def check_same_slots(old: ExpertPlacement, new: ExpertPlacement, num_layers: int, *,
+                     mtp: bool) -> None:
     """ValueError unless ``new`` gives every FFN rank as many slots as ``old`` in every layer
-    (the weights each rank holds keep their size) over the same experts."""
+    (the weights each rank holds keep their size) over the same experts; the MTP layer's table
+    counts only where the model has the MTP layer (``mtp``): a one-table start with copies
+    gives it the copies' slots, a per-layer placement the contiguous table's, with nothing to
+    hold them on a model without it."""
     if new.num_experts != old.num_experts or new.num_ranks != old.num_ranks:
         raise ValueError(f"the new placement places {new.num_experts} experts on "
                          f"{new.num_ranks} FFN ranks; the engine runs {old.num_experts} on "
@@ -40,6 +44,8 @@ def check_same_slots(old: ExpertPlacement, new: ExpertPlacement, num_layers: int
                          f"the model has {num_layers}")
     for layer, (a, b) in enumerate(zip(all_tables(old, num_layers),
                                        all_tables(new, num_layers), strict=True)):
+        if layer == num_layers and not mtp:
+            continue
         if [len(s) for s in a] != [len(s) for s in b]:
             where = "the MTP layer" if layer == num_layers else f"layer {layer}"
             raise ValueError(f"the new placement gives the FFN ranks {[len(s) for s in b]} "

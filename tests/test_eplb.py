@@ -263,7 +263,14 @@ def test_rebalance_checks_name_the_problem():
     with pytest.raises(ValueError, match="must be an expert load record"):
         plan_from_record(running, [1, 2], LAYERS)
     with pytest.raises(ValueError, match=r"gives the FFN ranks \[8, 8\] slots in layer 0"):
-        check_same_slots(running, ExpertPlacement.balanced(16, 2), LAYERS)
+        check_same_slots(running, ExpertPlacement.balanced(16, 2), LAYERS, mtp=False)
+    # a one-table start with a copy a rank: per-layer tables give the MTP layer 8 + 8 slots,
+    # which only a model with the MTP layer holds
+    copies = ExpertPlacement(16, [list(range(8)) + [8], list(range(8, 16)) + [0]])
+    per_layer = ExpertPlacement(16, layers=(copies.slots,) * LAYERS)
+    check_same_slots(copies, per_layer, LAYERS, mtp=False)
+    with pytest.raises(ValueError, match=r"\[8, 8\] slots in the MTP layer"):
+        check_same_slots(copies, per_layer, LAYERS, mtp=True)
     uneven = ExpertPlacement.balanced(16, 3)  # 6/5/5 slots
     with pytest.raises(ValueError, match="start with num_redundant_experts"):
         plan_from_record(uneven, {"counts": counts}, LAYERS)
@@ -425,3 +432,21 @@ def test_serve_eplb_interval_flag(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             serve.parse_args()
         assert message in capsys.readouterr().err
+
+
+def test_rebalance_from_a_one_table_start_with_copies(single_long):
+    """A start placement of one table for every layer, with a copy on each rank (9 + 9 slots
+    of 16 experts), and a model without MTP: a rebalance from the record makes per-layer
+    tables (the MTP layer's would be the contiguous 8 + 8, but this model has no MTP layer);
+    it must go through, not be refused for the MTP layer's slot count (it was, every time,
+    and a periodic rebalance from such a start was skipped every interval)."""
+    from afd.placement import ExpertPlacement
+
+    start = ExpertPlacement(EXPERTS, [list(range(8)) + [8], list(range(8, 16)) + [0]])
+    with LLM(attention=1, ffn=2, expert_placement=start, enable_prefix_caching=False,
+             timeout_s=30) as llm:
+        llm.start_expert_load_record()
+        llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        report, outs = run_across(llm, llm.rebalance_experts, "one-table")
+        assert outs == single_long
+        assert report["epoch"] == 1 and llm.engine.core.placement.max_slots == 9
