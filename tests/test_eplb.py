@@ -450,3 +450,22 @@ def test_rebalance_from_a_one_table_start_with_copies(single_long):
         report, outs = run_across(llm, llm.rebalance_experts, "one-table")
         assert outs == single_long
         assert report["epoch"] == 1 and llm.engine.core.placement.max_slots == 9
+
+
+def test_rebalance_moves_fp8_experts_with_their_scales():
+    """quantization="fp8": FFN ranks hold their experts in e4m3 with fp32 block scales; a
+    rebalance that swaps the two FFN ranks' tables (every slot but the copies crosses ranks)
+    across running requests gives the single-process FP8 engine's tokens, so each slot's
+    scales moved with its weights (the weights alone, under the old slot's scales, change
+    the tokens: checked by leaving the scales out of RoutedExperts.expert_tensors)."""
+    from afd.placement import ExpertPlacement
+
+    with LLM(quantization="fp8", enable_prefix_caching=False) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, LONG, use_tqdm=False)]
+    with LLM(attention=1, ffn=2, num_redundant_experts=2, quantization="fp8",
+             enable_prefix_caching=False, timeout_s=30) as llm:
+        old = llm.engine.core.placement
+        swapped = ExpertPlacement(EXPERTS, layers=tuple(t[::-1] for t in old.layers))
+        report, outs = run_across(llm, lambda: llm.rebalance_experts(placement=swapped), "fp8")
+        assert report["moved"] == 2 * (9 - 2) * (LAYERS - 1)
+        assert outs == want
