@@ -140,37 +140,33 @@ def move_experts(tensors: list[torch.Tensor], plan: list[tuple[int, int, int, in
     expert tensors (w13, w2, and FP8 scales), ``global_rank[r]``: FFN rank r's global rank.
     Local slots are copied, others received from their source, and this rank sends what others
     take from it; all in one batch, sent as bytes (any dtype), in plan order on both sides.
-    The new slots are built beside the old (one layer's extra memory) and copied in once every
-    transfer is done. Returns how many slots this rank received from others."""
+    Only the slots that change are built beside the old (at most one layer's slots of extra
+    memory; a few slots for a rebalance that moves a few), from the old contents, and copied
+    in once every transfer is done. Returns how many slots this rank received from others."""
     mine = [step for step in plan if me in (step[0], step[2])]
     if not mine:
         return 0
     # gloo (several ranks on one GPU) moves host tensors: stage through the host there
     stage = tensors[0].device.type != "cpu" and dist.get_backend(group) == "gloo"
-    new = [t.clone() for t in tensors]
     ops, landed, received = [], [], 0
     for dst, slot, src, src_slot in mine:
-        for old_t, new_t in zip(tensors, new, strict=True):
+        for t in tensors:
             if dst == me and src == me:
-                new_t[slot].copy_(old_t[src_slot])
+                landed.append((t[slot], t[src_slot].clone()))
             elif dst == me:
-                buf = dest = _bytes(new_t[slot])
-                if stage:
-                    buf = torch.empty_like(dest, device="cpu")
-                    landed.append((dest, buf))
-                ops.append(dist.P2POp(dist.irecv, buf, global_rank[src], group))
+                buf = torch.empty_like(t[slot], device="cpu" if stage else None)
+                landed.append((t[slot], buf))
+                ops.append(dist.P2POp(dist.irecv, _bytes(buf), global_rank[src], group))
             else:
-                buf = _bytes(old_t[src_slot])
+                buf = _bytes(t[src_slot])
                 ops.append(dist.P2POp(dist.isend, buf.cpu() if stage else buf,
                                       global_rank[dst], group))
         received += dst == me and src != me
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    for dest, host in landed:
-        dest.copy_(host)
-    for old_t, new_t in zip(tensors, new, strict=True):
-        old_t.copy_(new_t)
+    for dest, new in landed:
+        dest.copy_(new)
     return received
 
 
