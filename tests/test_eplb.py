@@ -439,17 +439,27 @@ def test_rebalance_from_a_one_table_start_with_copies(single_long):
     of 16 experts), and a model without MTP: a rebalance from the record makes per-layer
     tables (the MTP layer's would be the contiguous 8 + 8, but this model has no MTP layer);
     it must go through, not be refused for the MTP layer's slot count (it was, every time,
-    and a periodic rebalance from such a start was skipped every interval)."""
+    and a periodic rebalance from such a start was skipped every interval). Then, with one
+    micro-batch, back to the start's table while the cluster sleeps between votes (the
+    Rebalance message wakes every attention rank)."""
+    import time
+
     from afd.placement import ExpertPlacement
 
     start = ExpertPlacement(EXPERTS, [list(range(8)) + [8], list(range(8, 16)) + [0]])
     with LLM(attention=1, ffn=2, expert_placement=start, enable_prefix_caching=False,
-             timeout_s=30) as llm:
+             micro_batches=1, timeout_s=30) as llm:
         llm.start_expert_load_record()
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         report, outs = run_across(llm, llm.rebalance_experts, "one-table")
         assert outs == single_long
         assert report["epoch"] == 1 and llm.engine.core.placement.max_slots == 9
+        time.sleep(0.5)  # idle: the ranks sleep on their sockets after a few quiet votes
+        report = llm.rebalance_experts(placement=start)
+        assert report["epoch"] == 2 and report["moved"] > 0
+        outs = llm.generate(PROMPTS, LONG, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == single_long
+        assert llm.engine.core.rank_experts[1][1] == list(start.slots[1])
 
 
 def test_rebalance_moves_fp8_experts_with_their_scales():
