@@ -257,3 +257,6 @@ class AsyncEngine:
         in_flight = self.engine.num_unfinished_seqs  # sequences, as ``running`` counts
         self.metrics.observe_stats(stats, running, max(0, in_flight - running),
                                    self.engine.core.prefix_cache_stats())
+        rebalances = getattr(self.engine.core, "rebalance_totals", None)  # FFN ranks only
+        if rebalances is not None:
+            self.metrics.observe_rebalances(rebalances)

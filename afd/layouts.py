@@ -523,6 +523,7 @@ class MultiRankClient:
 
     # ---- live rebalancing (afd.rebalance) -------------------------------------------------
     rebalances = 0  # the last rebalance epoch sent to the ranks
+    rebalance_totals = (0, 0, 0.0)  # rebalances done, slots moved, seconds (/metrics)
     mtp = False  # the ranks hold the MTP layer
     eplb_interval = 0  # eplb_interval_steps (0: no periodic rebalancing)
     waiting = False  # in a call that steps while it waits for the ranks
@@ -577,6 +578,8 @@ class MultiRankClient:
         report.update(epoch=epoch, placement=placement.to_dict(),
                       moved=sum(m.moved for m in self.rebalanced.values()),
                       seconds=max(m.seconds for m in self.rebalanced.values()))
+        done, moved, seconds = self.rebalance_totals
+        self.rebalance_totals = (done + 1, moved + report["moved"], seconds + report["seconds"])
         log.info("rebalance %d: %d expert slots moved between FFN ranks, %.3fs%s", epoch,
                  report["moved"], report["seconds"],
                  f"; max/mean FFN rank load on the record {report['imbalance_before']:.3f} -> "

@@ -95,6 +95,15 @@ class ServerMetrics:
                                          registry=r).labels(model_name)
         self.requests = Counter("afd:request_success", "Finished requests by finish reason",
                                 labels + ["finished_reason"], registry=r)
+        # live expert rebalancing (afd.rebalance), from the front end's totals
+        self.rebalances = Counter("afd:expert_rebalances", "Live expert rebalances done",
+                                  labels, registry=r).labels(model_name)
+        self.rebalance_slots = Counter(
+            "afd:expert_rebalance_slots_moved", "Expert slots FFN ranks received from each "
+            "other in live rebalances", labels, registry=r).labels(model_name)
+        self.rebalance_seconds = Counter(
+            "afd:expert_rebalance_seconds", "Seconds of live rebalances (the slowest rank's "
+            "switch each)", labels, registry=r).labels(model_name)
         self.model_name = model_name
         # the ranks report totals since start: per counter, the largest total seen so far
         self._seen: dict[Counter, float] = {}
@@ -154,6 +163,12 @@ class ServerMetrics:
             self._grow(self.prefix_cache_queries, prefix_cache.queries)
             self._grow(self.prefix_cache_hits, prefix_cache.hits)
             self._grow(self.prefix_cache_host_hits, prefix_cache.host_hits)
+
+    def observe_rebalances(self, totals: tuple[int, int, float]) -> None:
+        """The front end's live rebalance totals: (done, slots moved, seconds)."""
+        for counter, total in zip((self.rebalances, self.rebalance_slots,
+                                   self.rebalance_seconds), totals, strict=True):
+            self._grow(counter, total)
 
     def _grow(self, counter: Counter, total: float) -> None:
         """Add to ``counter`` what a reported total grew by since the largest seen (never

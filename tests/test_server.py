@@ -392,6 +392,10 @@ def test_expert_distribution_record(pd):
     assert report["status"] == "ok" and report["epoch"] == 1 and report["moved"] == 0
     assert report["placement"]["layers"][1] == [list(range(16))]
     c.completions.create(model=c.models.list().data[0].id, prompt="Tell me", max_tokens=2)
+    # /metrics counts the rebalances done and the slots they moved
+    assert pd.metric("afd:expert_rebalances_total") == 1
+    assert pd.metric("afd:expert_rebalance_slots_moved_total") == 0
+    assert pd.metric("afd:expert_rebalance_seconds_total") >= 0
 
 
 def test_metrics_move(single):
