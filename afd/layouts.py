@@ -29,7 +29,7 @@ from afd import protocol
 from afd.config import EngineConfig, check_layout_options
 from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
-from afd.eplb import resolve_placement
+from afd.eplb import from_load, resolve_placement
 from afd.placement import ExpertPlacement
 from afd.rebalance import all_tables, check_same_slots, plan_from_record, redundant_slots
 from afd.router import RequestRouter
@@ -151,8 +151,15 @@ class MultiRankClient:
             if placement.num_layers not in (None, model_cfg.num_layers):
                 raise ValueError(f"placement has tables for {placement.num_layers} decoder "
                                  f"layers, the model has {model_cfg.num_layers}")
-            if eplb_interval_steps:  # refused now rather than at the first interval
-                redundant_slots(placement, model_cfg.num_layers)
+            if eplb_interval_steps:  # refused now rather than at every interval
+                layers = model_cfg.num_layers
+                even = from_load([[1] * model_cfg.num_experts] * layers, layout.ffn,
+                                 redundant_slots(placement, layers))
+                try:  # the slots every placement from a record has (the MTP layer's too)
+                    check_same_slots(placement, even, layers, mtp=engine_cfg.mtp)
+                except ValueError as exc:
+                    raise ValueError(f"eplb_interval_steps: no rebalance from a record could "
+                                     f"run from this start placement: {exc}") from None
         elif eplb_interval_steps:
             raise ValueError("eplb_interval_steps needs ffn >= 1")
         self.placement = placement

@@ -644,3 +644,14 @@ def test_live_rebalance_moves_the_mtp_layers_experts_too(mtp_ckpt):
             mtp_layer = 3  # past the 3 decoder layers
             want = (4, 5, 6, 7) if tag == "swap" else (0, 1, 2, 3)
             assert client.rank_experts[0][mtp_layer] == list(want)
+
+
+def test_periodic_rebalance_refuses_a_start_whose_mtp_layer_cannot_follow(mtp_ckpt):
+    """With MTP drafts on FFN ranks, a one-table start with a copy a rank (5 + 5 slots of 8
+    experts) gives the MTP layer 5 slots a rank; every placement a rebalance computes gives it
+    the contiguous 4 + 4, so every rebalance is refused: eplb_interval_steps is refused before
+    any rank starts (it started, then skipped every interval with a warning)."""
+    copies = ExpertPlacement(8, ((0, 1, 2, 3, 4), (4, 5, 6, 7, 0)))
+    with pytest.raises(ValueError, match="eplb_interval_steps.*MTP layer"):
+        LLM(mtp_ckpt[0], attention=1, ffn=2, speculative_config=mtp(2), timeout_s=30,
+            expert_placement=copies, eplb_interval_steps=4).shutdown()
