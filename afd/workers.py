@@ -318,8 +318,14 @@ def _device(cfg: EngineConfig, local_rank: int) -> torch.device:
 
 
 def backend_for(device: torch.device) -> str:
-    """NCCL when each rank has its own GPU; gloo on CPU (NCCL refuses two ranks on one GPU)."""
-    return "nccl" if device.type == "cuda" and torch.cuda.device_count() > 1 else "gloo"
+    """When each rank has its own GPU: NCCL for CUDA tensors (dispatch/combine, KV transfers,
+    expert moves) and gloo for CPU tensors, one process group serving both by the tensor's
+    device (torch's "cpu:gloo,cuda:nccl"): the step vote and a rebalance's tables are small
+    host tensors, which NCCL refuses. Plain NCCL failed the first vote of any layout with FFN
+    ranks. gloo alone on CPU, and where ranks share one GPU (NCCL refuses that)."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def watch_parent() -> None:

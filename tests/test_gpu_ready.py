@@ -88,3 +88,19 @@ def test_offline_frees_the_first_engine_before_a_second_loads() -> None:
     result = _run(_OFFLINE)
     assert result["alive"] == [False]
     assert [len(t) for t in result["tokens"]] == [2, 2] and result["kv_blocks"] > 0
+
+
+def test_ranks_with_their_own_gpus_vote_over_gloo_and_move_tensors_over_nccl(monkeypatch):
+    """Each rank on its own GPU: one process group with gloo for CPU tensors (the step vote, a
+    rebalance's tables, which NCCL refuses) and NCCL for CUDA ones; plain NCCL failed the
+    first vote of every layout with FFN ranks. Ranks sharing one GPU, or on CPU: gloo."""
+    import torch
+
+    from afd.workers import backend_for
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert backend_for(cuda) == "cpu:gloo,cuda:nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert backend_for(cuda) == "gloo"
