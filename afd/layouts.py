@@ -35,7 +35,8 @@ from afd.rebalance import all_tables, check_same_slots, plan_from_record, redund
 from afd.router import RequestRouter
 from afd.sampling_params import ParamError
 from afd.sequence import CoreOutput, CoreRequest
-from afd.workers import IDLE_POLL_S, Layout, WorkerSpec, loopback_gloo_env, peer, recv_sealed
+from afd.workers import (IDLE_POLL_S, DropLog, Layout, WorkerSpec, loopback_gloo_env, peer,
+                         recv_sealed)
 from models.config import ModelConfig
 
 log = logging.getLogger("afd.layouts")
@@ -191,6 +192,7 @@ class MultiRankClient:
 
         self.control_key, self.session = control_key, protocol.new_session()
         self.sealer = protocol.Sealer(control_key, self.session, protocol.FRONT)
+        self.drops = DropLog()  # the log of messages dropped for their seal (rate-limited)
         self.ctx = zmq.Context()
         host = zmq_host(control_host)
         if host.startswith("["):  # ZeroMQ sockets are IPv4-only unless told otherwise
@@ -280,7 +282,7 @@ class MultiRankClient:
         rank that is not the rank it names. Of a malformed ``out`` (a step's outputs), the
         well-formed rows still count, and each request a bad row names fails alone
         (``_malformed``)."""
-        got = recv_sealed(self.inbox, self.sealer, flags, "the front end")
+        got = recv_sealed(self.inbox, self.sealer, flags, "the front end", self.drops)
         if got is None:
             return None
         sender, body, frame = got

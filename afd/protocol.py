@@ -524,12 +524,15 @@ def read_key_file(path: str, flag: str = "--control-key-file") -> bytes:
     """The operator's control key: the file's bytes, surrounding whitespace stripped (a hex
     line from ``openssl rand -hex 32`` works as well as raw bytes), at least MIN_KEY_BYTES.
     Refused, like ssh's private keys, unless this user owns it and no one else may read it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # O_NONBLOCK: a FIFO with no writer must not hold the start for good
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ValueError(f"{flag} {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{flag} {path}: not a regular file ({stat.filemode(st.st_mode)})")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise ValueError(f"{flag} {path}: the control key file must belong to this user "
                              f"(uid {os.getuid()}) and be readable by no one else: "

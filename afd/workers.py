@@ -126,25 +126,52 @@ def peer(frame: zmq.Frame) -> str:
         return "an unknown peer"
 
 
-def recv_sealed(sock: zmq.Socket, sealer: protocol.Sealer, flags: int, who: str
-                ) -> tuple[int, memoryview, zmq.Frame] | None:
+class DropLog:
+    """The log of the control messages one socket drops for their seal: anyone who reaches the
+    socket can send bad seals as fast as the network goes, and a line apiece would make the
+    flood a disk and CPU one too. The first FULL drops of each WINDOW_S are logged in full,
+    the rest counted, and the count logged in one line with the next drop after the window."""
+
+    FULL = 10
+    WINDOW_S = 60.0
+
+    def __init__(self):
+        self.since, self.logged, self.hidden = -float("inf"), 0, 0
+
+    def warn(self, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.since >= self.WINDOW_S:
+            if self.hidden:
+                log.warning("... and %d more control messages dropped so in the last %.0fs "
+                            "(not logged one by one)", self.hidden, now - self.since)
+            self.since, self.logged, self.hidden = now, 0, 0
+        if self.logged < self.FULL:
+            self.logged += 1
+            log.warning(fmt, *args)
+        else:
+            self.hidden += 1
+
+
+def recv_sealed(sock: zmq.Socket, sealer: protocol.Sealer, flags: int, who: str,
+                drops: DropLog) -> tuple[int, memoryview, zmq.Frame] | None:
     """The next message on ``sock`` whose seal holds: (sender, body, frame). Anything else (a
-    message of several frames, no MAC or a wrong one, for another receiver, a replay) is logged
-    with its sender and dropped, never decoded: None. zmq.Again as ``recv``."""
+    message of several frames, no MAC or a wrong one, for another receiver, a replay) is
+    dropped, never decoded, and logged with its sender through ``drops`` (rate-limited):
+    None. zmq.Again as ``recv``."""
     frame = sock.recv(flags, copy=False)
     if frame.more:  # every control message is one frame: drop the rest of this one
         parts = 1
         while sock.getsockopt(zmq.RCVMORE):
             sock.recv(copy=False)
             parts += 1
-        log.warning("%s dropped a control message of %d frames from %s: not sealed", who,
-                    parts, peer(frame))
+        drops.warn("%s dropped a control message of %d frames from %s: not sealed", who,
+                   parts, peer(frame))
         return None
     try:
         sender, body = sealer.open(frame.buffer)
     except protocol.Unsealed as exc:
-        log.warning("%s dropped a control message from %s (%d bytes), not decoded: %s", who,
-                    peer(frame), len(frame.buffer), exc)
+        drops.warn("%s dropped a control message from %s (%d bytes), not decoded: %s", who,
+                   peer(frame), len(frame.buffer), exc)
         return None
     return sender, body, frame
 
@@ -171,6 +198,7 @@ class ControlLink:
 
     def __init__(self, ctx: zmq.Context, out: Outbox, inbox_addr: str, rank: int):
         self.out, self.rank, self.sealer = out, rank, out.sealer
+        self.drops = DropLog()
         self.inbox = ctx.socket(zmq.PULL)
         # larger is no message of the front end's (it refuses such a request): ZeroMQ drops
         # the connection on reading its size, before buffering any of it
@@ -187,7 +215,8 @@ class ControlLink:
         if self.inbox.poll(int(timeout_s * 1000)):
             while True:
                 try:
-                    got = recv_sealed(self.inbox, self.sealer, zmq.NOBLOCK, who)
+                    got = recv_sealed(self.inbox, self.sealer, zmq.NOBLOCK, who,
+                                      self.drops)
                 except zmq.Again:
                     break
                 if got is None:

@@ -975,7 +975,7 @@ class BareClient:
         from afd.core import CoreStats
         from afd.layouts import MultiRankClient
         from afd.router import RequestRouter
-        from afd.workers import Layout
+        from afd.workers import DropLog, Layout
 
         client = object.__new__(MultiRankClient)
         client.layout = Layout(prefill, attention, 0)
@@ -990,6 +990,7 @@ class BareClient:
         client.sent_at = {}
         client.control_key, client.session = protocol.new_key(), "test"
         client.sealer = protocol.Sealer(client.control_key, client.session, protocol.FRONT)
+        client.drops = DropLog()
         self.forgers: dict = {}
         client.ctx = zmq.Context()
         client.inbox = client.ctx.socket(zmq.PULL)
@@ -1429,3 +1430,59 @@ def test_sampling_params_extra_stays_on_the_front_end():
     got = protocol.decode_to_rank(protocol.encode(protocol.Add(protocol.WireRequest.of(req))))
     assert got.req.core().params == SamplingParams(max_tokens=3)
     assert set(params.extra) == {1, "obj"}  # the caller's object is left as it was
+
+
+def test_a_flood_of_unsealed_messages_logs_a_bounded_number_of_lines(monkeypatch, caplog):
+    """Anyone who reaches a control socket can send bad seals as fast as the network goes: each
+    is dropped, but a log line apiece would turn the flood into a disk and CPU one. The first
+    few a minute are logged in full, the rest counted and reported in one line a minute."""
+    import logging
+
+    import zmq
+
+    from afd import protocol, workers
+
+    clock = [1000.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://flood")
+        push.connect("inproc://flood")
+        key = protocol.new_key()
+        sealer = protocol.Sealer(key, "s", protocol.FRONT)
+        drops = workers.DropLog()
+        caplog.set_level(logging.WARNING, logger="afd.worker")
+        for i in range(500):
+            push.send(b"x" * (i % 80))
+            assert workers.recv_sealed(pull, sealer, 0, "the front end", drops) is None
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == workers.DropLog.FULL, lines[-3:]
+        clock[0] += workers.DropLog.WINDOW_S
+        push.send(b"y")
+        assert workers.recv_sealed(pull, sealer, 0, "the front end", drops) is None
+        summary = [m for m in (r.getMessage() for r in caplog.records) if "more" in m]
+        assert len(summary) == 1 and str(500 - workers.DropLog.FULL) in summary[0], summary
+        # a sealed message still goes through
+        good = protocol.Sealer(key, "s", 0)
+        push.send(good.seal(protocol.FRONT, b"body"))
+        assert bytes(workers.recv_sealed(pull, sealer, 0, "the front end", drops)[1]) == b"body"
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
+
+
+def test_a_control_key_path_that_is_no_regular_file_is_refused_by_name(tmp_path):
+    """The one-node key file's path comes through torchrun's store, which anyone who reaches
+    it can write: a folder or a FIFO there must be a clear refusal, not a traceback (a folder)
+    or a start that hangs for good on opening it (a FIFO with no writer)."""
+    from afd import protocol
+
+    folder = tmp_path / "dir"
+    folder.mkdir(mode=0o700)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    for path in (folder, fifo):
+        with pytest.raises(ValueError, match="--control-key-file .*not a regular file"):
+            protocol.read_key_file(str(path))
