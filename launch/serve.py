@@ -28,6 +28,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -390,6 +391,7 @@ def one_node_key(store, rank: int, world: int) -> tuple[bytes, Callable[[], None
     if rank != 0:
         path = store.get(name).decode()
         try:
+            _check_key_folder(path)
             key = protocol.read_key_file(path, "the control key file rank 0 made:")
         except ValueError as exc:
             sys.exit(f"rank {rank}: {exc}")
@@ -414,6 +416,23 @@ def one_node_key(store, rank: int, world: int) -> tuple[bytes, Callable[[], None
 
     threading.Thread(target=forget_when_read, daemon=True, name="afd-key-file").start()
     return key, forget
+
+
+def _check_key_folder(path: str) -> None:
+    """The store (any local user can write it) names the key file: take only a path shaped as
+    rank 0 makes one, ``control.key`` in an ``afd-control-*`` folder of this user's, mode 700,
+    not a link (read_key_file checks the file itself), so the path cannot point a rank at some
+    other private file of this user's to take for the key."""
+    folder, name = os.path.split(path)
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise ValueError(f"{path}: not a key file rank 0 made ({exc.strerror})") from None
+    if (name != "control.key" or not os.path.basename(folder).startswith("afd-control-")
+            or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+            or stat.S_IMODE(st.st_mode) != 0o700):
+        raise ValueError(f"{path}: not a key file rank 0 made (control.key in an afd-control-* "
+                         f"folder of this user's, mode 700)")
 
 
 def rank_spec(template: str, rank: int, local_rank: int, embedded: bool) -> WorkerSpec:

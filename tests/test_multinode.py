@@ -469,3 +469,31 @@ def test_one_node_key_reaches_every_rank_through_a_private_file(monkeypatch):
     finally:
         forget()
     assert len(serve.one_node_key(store, 0, 1)[0]) == 32  # a world of one: no file
+
+
+def test_one_node_key_path_from_the_store_must_be_a_private_key_folders(monkeypatch, tmp_path):
+    """The key file's path comes through torchrun's store, which any local user can write: a
+    rank reads the key only from a file named as rank 0 names it, in a folder rank 0 made (this
+    user's, mode 700, not a link), not any other file of this user's that only this user may
+    read (an ssh key, say), which it would otherwise take for the key."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    import serve
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=30))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    other = tmp_path / "id_ed25519"
+    other.write_text("x" * 64)
+    os.chmod(other, 0o600)
+    lookalike = tmp_path / "afd-control-x"
+    lookalike.mkdir(mode=0o755)
+    (lookalike / "control.key").write_text("y" * 64)
+    os.chmod(lookalike / "control.key", 0o600)
+    for path in (other, lookalike / "control.key"):
+        store.set(serve.KEY_PATH.format("3"), str(path))
+        with pytest.raises(SystemExit, match="not a key file rank 0 made"):
+            serve.one_node_key(store, 1, 2)
