@@ -9,6 +9,7 @@ tokens, and turns any rank's death, error or silence beyond the timeout into ``R
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import ipaddress
 import logging
@@ -96,6 +97,38 @@ class _Placed:
     num_kv_tokens: int = 0
     first_token: int | None = None  # sampled by the prefill rank
     admitted: bool = False  # the decode rank has reserved blocks for the transfer
+
+
+def secure_server(sock: zmq.Socket, keys: protocol.CurveKeys | None) -> None:
+    """Make ``sock`` (not yet bound) a CURVE server with this start's front-end key pair
+    (``keys``; None: plain TCP, as on one node). Which clients it admits is the ZAP handler's
+    call (``start_authenticator``)."""
+    if keys is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = keys.server_secret
+        sock.curve_publickey = keys.server_public
+
+
+class _RankKey:
+    """ZAP's answer for CURVE: admit the ranks' public key only."""
+
+    def __init__(self, client_public: bytes):
+        self.client_public = client_public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return hmac.compare_digest(key, self.client_public)
+
+
+def start_authenticator(ctx: zmq.Context, keys: protocol.CurveKeys):
+    """A ZAP handler on ``ctx`` (a thread; stop it before the context ends) that admits only
+    CURVE clients with the ranks' key pair: without one, libzmq admits any client that
+    completes the handshake."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("afd.layouts.zap"))
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=_RankKey(keys.client_public))
+    return auth
 
 
 class MultiRankClient:
@@ -197,7 +230,13 @@ class MultiRankClient:
         host = zmq_host(control_host)
         if host.startswith("["):  # ZeroMQ sockets are IPv4-only unless told otherwise
             self.ctx.setsockopt(zmq.IPV6, 1)
+        # across nodes, where the sockets listen on every interface: CURVE, so that a peer
+        # without the key can neither take messages meant for a rank nor send any
+        self.curve = None if is_loopback(control_host) else protocol.curve_keys(
+            control_key, self.session)
+        self.auth = None if self.curve is None else start_authenticator(self.ctx, self.curve)
         self.inbox = self.ctx.socket(zmq.PULL)
+        secure_server(self.inbox, self.curve)
         # larger is no rank's message (a rank splits a larger ``out``): ZeroMQ drops the
         # connection on reading its size, before buffering any of it
         self.inbox.setsockopt(zmq.MAXMSGSIZE,
@@ -213,6 +252,7 @@ class MultiRankClient:
                 front_in.append("")
                 continue
             sock = self.ctx.socket(zmq.PUSH)
+            secure_server(sock, self.curve)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
             port = sock.bind_to_random_port(bind)
@@ -225,7 +265,8 @@ class MultiRankClient:
                               front_out=f"tcp://{host}:{inbox_port}",
                               front_in=tuple(front_in),
                               threads=threads_per_rank(layout.world_size),
-                              prefill_block_size=prefill_block_size, session=self.session)
+                              prefill_block_size=prefill_block_size, session=self.session,
+                              curve=self.curve is not None)
         self.procs: list[subprocess.Popen] = []
         if attach is not None:
             attach(template)
@@ -806,6 +847,8 @@ class MultiRankClient:
                     msg = self._recv()
                     if isinstance(msg, (protocol.Bye, protocol.Error)):
                         gone.add(msg.rank)
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         self.ctx.destroy(linger=1000)
 
     def __del__(self) -> None:

@@ -29,7 +29,7 @@ import secrets
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, TypedDict, Union
+from typing import Annotated, Any, NamedTuple, TypedDict, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -443,6 +443,34 @@ def session_key(key: bytes, session: str) -> bytes:
     random ``session`` id, so a message captured from an earlier start under the same key file
     is refused by a later one."""
     return hmac.digest(key, b"afd-control-session:" + session.encode(), "sha256")
+
+
+class CurveKeys(NamedTuple):
+    """ZeroMQ CURVE key pairs (Z85) of one start, derived from its session key: the front end's
+    (the server's: it binds) and the ranks' (the client's). Only key holders can derive them,
+    so a peer without the key completes no handshake with a socket of this start (it gets no
+    message and can send none), and the traffic is encrypted (``curve_keys``)."""
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
+def curve_keys(key: bytes, session: str) -> CurveKeys:
+    """The CURVE key pairs of the start ``session`` under ``key``: each secret an HMAC of the
+    session key (32 bytes, as Curve25519 wants; libzmq clamps it), each public key computed
+    from its secret. The server's public key never crosses the wire (CurveZMQ's client encrypts
+    its hello to it), so a peer that lacks the key fails the handshake before ZAP is asked."""
+    import zmq
+    from zmq.utils import z85
+
+    skey = session_key(key, session)
+    pairs = []
+    for label in (b"afd-curve-server", b"afd-curve-client"):
+        secret = z85.encode(hmac.digest(skey, label, "sha256"))
+        pairs += [zmq.curve_public(secret), secret]
+    return CurveKeys(*pairs)
 
 
 def new_session() -> str:

@@ -82,6 +82,7 @@ class WorkerSpec:
     prefill_block_size: int | None = None  # prefill ranks' KV block size (default: the same)
     local_rank: int | None = None  # which GPU on this node (default: rank)
     session: str = ""  # this start's id, bound into the control messages' key (afd.protocol)
+    curve: bool = False  # control sockets over ZeroMQ CURVE (across nodes: secure_client)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -176,6 +177,15 @@ def recv_sealed(sock: zmq.Socket, sealer: protocol.Sealer, flags: int, who: str,
     return sender, body, frame
 
 
+def secure_client(sock: zmq.Socket, keys: protocol.CurveKeys | None) -> None:
+    """Make ``sock`` (not yet connected) a CURVE client of the front end's sockets, with this
+    start's rank key pair (``keys``; None: plain TCP, as on one node)."""
+    if keys is not None:
+        sock.curve_secretkey = keys.client_secret
+        sock.curve_publickey = keys.client_public
+        sock.curve_serverkey = keys.server_public
+
+
 class Outbox:
     """A rank's socket to the front end: each message sealed for the front end, and a step's
     ``out`` that would pass ``max_bytes`` (the front end's cap: afd.protocol) split by rows."""
@@ -196,10 +206,12 @@ class Outbox:
 class ControlLink:
     """This rank's ZeroMQ sockets to the front end: an inbox of requests, an outbox of results."""
 
-    def __init__(self, ctx: zmq.Context, out: Outbox, inbox_addr: str, rank: int):
+    def __init__(self, ctx: zmq.Context, out: Outbox, inbox_addr: str, rank: int,
+                 curve: protocol.CurveKeys | None = None):
         self.out, self.rank, self.sealer = out, rank, out.sealer
         self.drops = DropLog()
         self.inbox = ctx.socket(zmq.PULL)
+        secure_client(self.inbox, curve)
         # larger is no message of the front end's (it refuses such a request): ZeroMQ drops
         # the connection on reading its size, before buffering any of it
         self.inbox.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TO_RANK_BYTES)
@@ -381,8 +393,10 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
     ctx = zmq.Context()
     if spec.front_out.startswith("tcp://["):  # an IPv6 front end (layouts.zmq_host)
         ctx.setsockopt(zmq.IPV6, 1)
+    curve = protocol.curve_keys(key, spec.session) if spec.curve else None
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 2000)
+    secure_client(sock, curve)
     sock.connect(spec.front_out)
     out = Outbox(sock, protocol.Sealer(key, spec.session, spec.rank), spec.rank,
                  protocol.max_from_rank_bytes(spec.engine_cfg.max_model_len))
@@ -402,7 +416,7 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
 
             worker = FFNWorker(spec, index, groups, device, out)
         else:
-            link = ControlLink(ctx, out, spec.front_in[spec.rank], spec.rank)
+            link = ControlLink(ctx, out, spec.front_in[spec.rank], spec.rank, curve)
             if role == "attention":
                 from afd.rank_attention import AttentionWorker
 

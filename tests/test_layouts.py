@@ -1486,3 +1486,121 @@ def test_a_control_key_path_that_is_no_regular_file_is_refused_by_name(tmp_path)
     for path in (folder, fifo):
         with pytest.raises(ValueError, match="--control-key-file .*not a regular file"):
             protocol.read_key_file(str(path))
+
+
+def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_messages(
+        tmp_path):
+    """Across nodes the front end's control sockets listen on every interface. A peer without
+    the control key that connects to a rank's socket must get none of its messages (a PUSH
+    deals messages out among its peers: it took a share, and those requests stalled), and one
+    that connects to the front end's inbox must not complete the connection either; the ranks
+    themselves still talk to the front end. Here the rank is a thread speaking for rank 0 with
+    the key, and the peers try plain TCP, and CURVE with the front end's public key (as if it
+    had leaked) but a key pair of their own."""
+    import zmq
+
+    from afd import protocol
+    from afd.config import resolve_engine_config
+    from afd.layouts import MultiRankClient, is_loopback
+    from afd.workers import ControlLink, Layout, Outbox, secure_client
+    from ckpt_utils import save_checkpoint
+    from models.config import load_config
+
+    host = _some_non_loopback_address()
+    if host is None:
+        pytest.skip("no non-loopback address on this machine")
+    assert not is_loopback(host)
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
+    key = protocol.new_key()
+    ctx = zmq.Context()
+    rank_links = []
+
+    def attach(template):
+        def run():
+            curve = protocol.curve_keys(key, template.session) if template.curve else None
+            sock = ctx.socket(zmq.PUSH)
+            secure_client(sock, curve)
+            sock.connect(template.front_out)
+            out = Outbox(sock, protocol.Sealer(key, template.session, 0), 0, 1 << 20)
+            link = ControlLink(ctx, out, template.front_in[0], 0, curve)
+            rank_links.append(link)
+            link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
+                                      "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
+        threading.Thread(target=run, daemon=True).start()
+
+    model_cfg = load_config(path)
+    client = MultiRankClient(resolve_engine_config(path, model_cfg, device="cpu"), model_cfg,
+                             Layout(0, 1, 0),
+                             attach=attach, control_host=host, control_key=key,
+                             startup_timeout_s=60)
+    try:
+        assert client.curve is not None
+        (link,) = rank_links
+        rank_addr, front_addr = client.outboxes[0].LAST_ENDPOINT.decode(), \
+            client.inbox.LAST_ENDPOINT.decode()
+        rank_addr = rank_addr.replace("0.0.0.0", host)
+        front_addr = front_addr.replace("0.0.0.0", host)
+        takers = [ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)]
+        own_public, own_secret = zmq.curve_keypair()
+        takers[1].curve_publickey, takers[1].curve_secretkey = own_public, own_secret
+        takers[1].curve_serverkey = protocol.curve_keys(key, client.session).server_public
+        sender = ctx.socket(zmq.PUSH)
+        sender.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a connection that completed
+        for sock, addr in ((takers[0], rank_addr), (takers[1], rank_addr),
+                           (sender, front_addr)):
+            outcome = _connect_and_watch(sock, addr)
+            assert outcome != zmq.EVENT_HANDSHAKE_SUCCEEDED, (addr, outcome)
+        with pytest.raises(zmq.Again):  # no peer took it: nothing to send to
+            sender.send(b"x" * 64, zmq.NOBLOCK)
+        for i in range(40):
+            client._tell(0, protocol.Abort([f"r{i}"]))
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < 40:  # every one reaches the rank: none went to a taker
+            assert time.monotonic() < deadline, f"the rank got {len(got)} of 40"
+            got += link.poll(0.1)
+        assert got == [protocol.Abort([f"r{i}"]) for i in range(40)]
+        assert not any(t.poll(0) for t in takers)
+        link.send(protocol.Heartbeat())
+        deadline = time.monotonic() + 30
+        while client.last_seen[0] < client.sent_at[0]:
+            assert time.monotonic() < deadline, "the rank's heartbeat never came"
+            client.step(0.05)
+        assert client.drops.logged == 0
+        for sock in (*takers, sender, link.inbox, link.out.sock):
+            sock.close(0)
+    finally:
+        client.closed = True
+        if client.auth is not None:
+            client.auth.stop()
+        client.ctx.destroy(0)
+        ctx.destroy(0)
+
+
+def _connect_and_watch(sock, addr: str) -> int:
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    done = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    mon = sock.get_monitor_socket(done)
+    sock.connect(addr)
+    try:
+        deadline = time.monotonic() + 20  # a safety net: every case ends in one of these
+        while time.monotonic() < deadline:
+            if mon.poll(100):
+                return recv_monitor_message(mon)["event"]
+        raise AssertionError(f"no handshake outcome connecting to {addr}")
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
+
+
+def _some_non_loopback_address() -> str | None:
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                return a.address
+    return None
+
