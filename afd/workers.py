@@ -196,10 +196,23 @@ class Outbox:
     def send(self, msg: protocol.FromRank, flags: int = 0) -> None:
         msg.rank = self.rank
         data = protocol.encode(msg)
-        if len(data) + protocol.HEADER_BYTES > self.max_bytes and isinstance(msg, protocol.Out):
-            for part in protocol.split_out(msg, self.max_bytes):
-                self.sock.send(self.sealer.seal(protocol.FRONT, protocol.encode(part)), flags)
-            return
+        if len(data) + protocol.HEADER_BYTES > self.max_bytes:
+            if isinstance(msg, protocol.Out):
+                for part in protocol.split_out(msg, self.max_bytes):
+                    self.sock.send(self.sealer.seal(protocol.FRONT, protocol.encode(part)),
+                                   flags)
+                return
+            # Past the cap the front end drops this rank's connection for good (ZeroMQ does
+            # not reconnect after that protocol error) and only sees the rank fall silent.
+            # An error report is cut to fit (a character packs to at most 4 bytes); no other
+            # kind comes near the cap: refused here, where the rank's own report says why.
+            if not isinstance(msg, protocol.Error):
+                kind = type(msg).__struct_config__.tag
+                raise ValueError(f"a {kind!r} message of {len(data)} bytes would pass the "
+                                 f"front end's cap {self.max_bytes}")
+            room = (self.max_bytes - protocol.HEADER_BYTES - 1024) // 4
+            msg.msg = msg.msg[:room] + f" ... (cut at {room} of {len(msg.msg)} characters)"
+            data = protocol.encode(msg)
         self.sock.send(self.sealer.seal(protocol.FRONT, data), flags)
 
 

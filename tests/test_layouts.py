@@ -1604,3 +1604,36 @@ def _some_non_loopback_address() -> str | None:
                 return a.address
     return None
 
+
+
+def test_a_rank_never_sends_a_message_past_the_front_ends_cap():
+    """A message past the front end's cap costs the rank its connection for good (ZeroMQ drops
+    it on reading the size and does not reconnect after that protocol error), and the front
+    end would only see the rank fall silent. An ``out`` is split by rows; an ``error`` report
+    is cut to fit (its end is the less useful part); any other kind is refused on the rank, as
+    an exception naming its kind and the cap, which the rank reports (an error that fits)."""
+    import zmq
+
+    from afd import protocol
+    from afd.workers import Outbox
+
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        key = protocol.new_key()
+        out = Outbox(push, protocol.Sealer(key, "s", 3), 3, 4096)
+        out.send(protocol.Error("attention", "RuntimeError: " + "é" * 100_000))
+        frame = pull.recv()
+        assert len(frame) <= 4096
+        sender, body = protocol.Sealer(key, "s", protocol.FRONT).open(frame)
+        msg = protocol.decode_from_rank(body)
+        assert sender == 3 and isinstance(msg, protocol.Error)
+        assert msg.msg.startswith("RuntimeError: éé") and "cut" in msg.msg
+        with pytest.raises(ValueError, match="'timers' message of .* the front end's cap 4096"):
+            out.send(protocol.Timers({f"stage{i}": 1.0 for i in range(1000)}))
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
