@@ -651,8 +651,11 @@ def test_unsealed_messages_are_dropped_undecoded_and_kill_nothing(references, tw
 
     from afd import protocol
 
+    from afd.workers import DropLog
+
     _, prompts, params, expected = references["deepseek_v3"]
     llm, client = two_attention, two_attention.engine.core
+    client.drops = DropLog()  # the log's minute starts afresh: what this test drops is logged
     ids = [f"unsealed-{i}" for i in range(4)]
     for rid, prompt in zip(ids, prompts):
         llm.engine.add_request(rid, prompt, params)
