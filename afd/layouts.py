@@ -240,7 +240,8 @@ class MultiRankClient:
         # larger is no rank's message (a rank splits a larger ``out``): ZeroMQ drops the
         # connection on reading its size, before buffering any of it
         self.inbox.setsockopt(zmq.MAXMSGSIZE,
-                              protocol.max_from_rank_bytes(engine_cfg.max_model_len))
+                              protocol.max_from_rank_bytes(engine_cfg.max_model_len) + (
+                                  protocol.CURVE_BYTES if self.curve is not None else 0))
         # across nodes: listen on every interface, tell the ranks the address they can reach
         bind = f"tcp://{host}" if is_loopback(control_host) else "tcp://*"
         inbox_port = self.inbox.bind_to_random_port(bind)

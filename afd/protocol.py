@@ -457,6 +457,13 @@ class CurveKeys(NamedTuple):
     client_secret: bytes
 
 
+# What CURVE adds to each message on the wire, which libzmq counts against MAXMSGSIZE: the
+# MESSAGE command's name (8 bytes), its nonce (8), the box's MAC (16) and the flags (1) are
+# 33; a receiving socket over CURVE takes its cap plus this, so that a message at the cap
+# still arrives (past MAXMSGSIZE the message is lost with its connection).
+CURVE_BYTES = 64
+
+
 def curve_keys(key: bytes, session: str) -> CurveKeys:
     """The CURVE key pairs of the start ``session`` under ``key``: each secret an HMAC of the
     session key (32 bytes, as Curve25519 wants; libzmq clamps it), each public key computed

@@ -227,7 +227,8 @@ class ControlLink:
         secure_client(self.inbox, curve)
         # larger is no message of the front end's (it refuses such a request): ZeroMQ drops
         # the connection on reading its size, before buffering any of it
-        self.inbox.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TO_RANK_BYTES)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TO_RANK_BYTES + (
+            protocol.CURVE_BYTES if curve is not None else 0))
         self.inbox.connect(inbox_addr)
 
     def poll(self, timeout_s: float) -> list[protocol.ToRank | protocol.Refused]:

@@ -1492,7 +1492,7 @@ def test_a_control_key_path_that_is_no_regular_file_is_refused_by_name(tmp_path)
 
 
 def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_messages(
-        tmp_path):
+        tmp_path, caplog):
     """Across nodes the front end's control sockets listen on every interface. A peer without
     the control key that connects to a rank's socket must get none of its messages (a PUSH
     deals messages out among its peers: it took a share, and those requests stalled), and one
@@ -1532,8 +1532,8 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
         threading.Thread(target=run, daemon=True).start()
 
     model_cfg = load_config(path)
-    client = MultiRankClient(resolve_engine_config(path, model_cfg, device="cpu"), model_cfg,
-                             Layout(0, 1, 0),
+    engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
+    client = MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0),
                              attach=attach, control_host=host, control_key=key,
                              startup_timeout_s=60)
     try:
@@ -1569,6 +1569,23 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
             assert time.monotonic() < deadline, "the rank's heartbeat never came"
             client.step(0.05)
         assert client.drops.logged == 0
+        # CURVE frames a message in 33 bytes more, which libzmq counts against MAXMSGSIZE: a
+        # rank's message of exactly the cap, and a front end's, must still arrive (past it,
+        # the connection is gone for good and the rank falls silent)
+        cap = protocol.max_from_rank_bytes(engine_cfg.max_model_len)
+        body = bytes(cap - protocol.HEADER_BYTES)  # no message: dropped as malformed, read
+        link.out.sock.send(link.out.sealer.seal(protocol.FRONT, body), copy=False)
+        deadline = time.monotonic() + 60
+        with caplog.at_level("WARNING", logger="afd.layouts"):
+            while not any(f"({len(body)} bytes)" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "a message at the cap never arrived"
+                client.step(0.05)
+        client._send(0, bytes(protocol.MAX_TO_RANK_BYTES - protocol.HEADER_BYTES))
+        client._tell(0, protocol.Abort(["after-the-cap"]))
+        got, deadline = [], time.monotonic() + 60
+        while protocol.Abort(["after-the-cap"]) not in got:
+            assert time.monotonic() < deadline, "a message at the cap cost the rank its inbox"
+            got += link.poll(0.1)
         for sock in (*takers, sender, link.inbox, link.out.sock):
             sock.close(0)
     finally:
