@@ -593,18 +593,21 @@ def write_key_file(folder: str, key: bytes) -> str:
 
 def split_out(msg: Out, cap: int) -> list[Out]:
     """``msg`` as several ``out`` messages, each under ``cap`` bytes encoded (its rows in
-    order; the stats, timers and prefilled reports with the last): a step's outputs can hold
-    many prompts' whole prompt logprobs. A single row is never larger than the cap
-    (max_from_rank_bytes)."""
+    order; its KV cache events with the first, read before any of the step's first tokens,
+    as unsplit; the stats, timers and prefilled reports with the last): a step's outputs can
+    hold many prompts' whole prompt logprobs. A single row is never larger than the cap
+    (max_from_rank_bytes, which leaves room for a batch of events beside it)."""
     budget = cap - HEADER_BYTES - len(encode(Out([], msg.stats, msg.timers, msg.attn,
                                                  msg.prefilled, rank=msg.rank))) - 64
-    parts, rows, size = [], [], 0
+    kv = msg.kv
+    parts, rows, size = [], [], 0 if kv is None else len(encode(kv))
     for row in msg.outs:
         n = len(encode(row))
         if rows and size + n > budget:
-            parts.append(Out(rows, None, rank=msg.rank))
-            rows, size = [], 0
+            parts.append(Out(rows, None, rank=msg.rank, kv=kv))
+            rows, size, kv = [], 0, None
         rows.append(row)
         size += n
-    parts.append(Out(rows, msg.stats, msg.timers, msg.attn, msg.prefilled, rank=msg.rank))
+    parts.append(Out(rows, msg.stats, msg.timers, msg.attn, msg.prefilled, rank=msg.rank,
+                     kv=kv))
     return parts

@@ -939,6 +939,35 @@ def test_the_biggest_legal_outs_pass_the_cap_whole_or_split(monkeypatch):
             bare.close()
 
 
+def test_a_split_out_keeps_its_kv_events_ahead_of_its_rows(monkeypatch):
+    """A step's ``out`` past the cap (8 prompts' whole prompt logprobs, the cap made small)
+    carrying a full batch of KV cache events (MAX_KV_EVENTS digests at their widest): the
+    events travel in the first part, read before any of the step's first tokens (which drop
+    the router's record of what was sent), every part stays under the cap, and the stats
+    come with the last. Split by rows alone, the events were lost: the router's view of the
+    rank kept what the rank had evicted, and never held what it had stored."""
+    from afd import protocol
+    from afd.core import CoreStats
+
+    max_model_len = 2048
+    monkeypatch.setattr(protocol, "MAX_TO_RANK_BYTES", 0)
+    cap = protocol.max_from_rank_bytes(max_model_len)
+    stats = CoreStats(0, 8, 0.5, 7, 0)
+    half = protocol.MAX_KV_EVENTS // 2
+    kv = protocol.KVEvents(3, [-2**63 + i for i in range(half)],
+                           [2**63 - 1 - i for i in range(half)])
+    rows = biggest_rows(8, 1, prompt_len=max_model_len)
+    msg = protocol.Out(rows, stats, kv=kv, rank=0)
+    parts = protocol.split_out(msg, cap)
+    assert len(parts) > 1
+    for part in parts:
+        assert len(protocol.encode(part)) + protocol.HEADER_BYTES <= cap
+    got = [protocol.decode_from_rank(protocol.encode(p)) for p in parts]
+    assert got[0].kv == kv and all(p.kv is None for p in got[1:])
+    assert [r.request_id for p in got for r in p.outs] == [r.request_id for r in rows]
+    assert got[-1].stats == stats and all(p.stats is None for p in got[:-1])
+
+
 def test_a_request_too_large_for_the_control_sockets_is_refused(references, two_attention,
                                                                 monkeypatch):
     """An ``add`` larger than the ranks' sockets take (MAX_ADD_BYTES, made small here) is a
