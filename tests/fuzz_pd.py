@@ -27,6 +27,7 @@ import afd.rank_attention as rank_attention
 import afd.rank_prefill as rank_prefill
 from afd import LLM, protocol
 from afd.config import resolve_engine_config
+from afd.block_pool import key_digest
 from afd.core import CoreStats, EngineCore
 from afd.engine import LLMEngine
 from afd.kv_transfer import Receiving, Sending, gather_kv, token_slots, transfer_shape
@@ -387,6 +388,22 @@ class PDSystem(System):
         for w in sim.prefill:
             live = [wid for wid in w.withheld if wid in c.by_wire]
             assert not live, f"{where}: prefill rank {w.index} withholds live {live}"
+        # every KV cache event delivered: the router holds what each prompt rank's pool and
+        # tier hold, and no prompt counts as sent anywhere
+        router = c.router
+        assert not router.unconfirmed and not any(rc.sent for rc in router.caches.values()), (
+            f"{where}: sent records left {router.unconfirmed}")
+        for w in sim.prefill + sim.attention:
+            cache = router.caches.get(w.link.rank)
+            if cache is None:
+                assert w.core.events is None, f"{where}: rank {w.link.rank} records events"
+                continue
+            events = w.core.events
+            holds = set() if events is None else {
+                key_digest(k) for h in (events.device, events.host or {}) for k in h}
+            assert cache.held == holds, (
+                f"{where}: the router holds {len(cache.held)} blocks of rank {w.link.rank}, "
+                f"{len(cache.held - holds)} it does not hold; it holds {len(holds)}")
         super().idle(where, reset)
 
     def targets(self, finished: list[str]) -> dict[str, list[str]]:
