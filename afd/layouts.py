@@ -358,6 +358,8 @@ class MultiRankClient:
         if not salvage:
             return None
         msg, bad = protocol.salvage_out(exc.raw)
+        if exc.raw.get("kv") is not None and msg.kv is None:  # its KV cache events lost
+            self.router.lost_kv_events(rank)
         for wire_id, why in bad:
             placed = None if wire_id is None else self._find(wire_id)
             if placed is not None:

@@ -201,6 +201,16 @@ class RequestRouter:
             log.warning("rank %d reported more cached blocks than its %d: %d dropped", rank,
                         cache.capacity, dropped)
 
+    def lost_kv_events(self, rank: int) -> None:
+        """A batch of a prompt rank's events was lost (malformed): what the router held of
+        that rank is forgotten, since the lost removals would keep blocks the rank evicted
+        in its set for good (and, the rank's cache full, every later batch over capacity).
+        The rank's blocks count again as it stores them; till then a prompt it holds goes
+        by load."""
+        cache = self.caches.get(rank)
+        if cache is not None:
+            cache.held.clear()
+
     def reset_prefix_cache(self) -> None:
         """The ranks' caches are being emptied: so is what the router knows they hold, and each
         rank's events from before it took the reset are dropped (``RankCache.apply``). Prompts

@@ -1106,7 +1106,8 @@ def test_kv_events_reach_the_router_and_a_malformed_batch_is_dropped(caplog):
     """A rank's KV cache events (``kv`` of its ``out``) change what the router believes it
     holds before the outputs beside them are read; a malformed batch (a digest that is no
     64-bit int, more digests than a message may carry) is a ProtocolError: the events are
-    dropped with a warning, naming no request, and the outputs beside them still count."""
+    dropped with a warning, naming no request, the outputs beside them still count, and the
+    router forgets what it held of that rank (the lost removals among them)."""
     from afd import protocol
 
     bare = BareClient(prefill=0, attention=2)
@@ -1124,12 +1125,39 @@ def test_kv_events_reach_the_router_and_a_malformed_batch_is_dropped(caplog):
                 outs = bare.exchange({"t": "out", "rank": 0, "stats": STATS,
                                       "outs": [[wire, [6]]], "kv": kv})
                 assert [(o.request_id, o.new_token_ids) for o in outs] == [("a", [6])]
-                assert held == {11, -12, 2 ** 63 - 1}
+                assert not held
+                held.update({11, -12, 2 ** 63 - 1})
         warned = [r.message for r in caplog.records if "dropped" in r.message]
         assert len(warned) == 4 and all("kv" in w for w in warned), warned
         assert client.placed["a"].stage == "decode"  # no request failed for it
         bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [], "kv": [0, [11]]})
         assert held == {-12, 2 ** 63 - 1}
+    finally:
+        bare.close()
+
+
+def test_a_lost_kv_batch_leaves_no_block_the_rank_may_not_hold():
+    """A malformed batch of a rank's events is lost, and with it removals: the router forgets
+    what it held of that rank (it may miss blocks the rank holds, a placement by load, never
+    hold ones it evicted). Kept, those blocks stayed in the router's set for good, and once
+    the rank's cache was full every later batch overflowed its capacity: stores dropped and
+    a warning every step."""
+    bare = BareClient(prefill=0, attention=2)
+    router = bare.client.router
+    cache = router.caches[0]
+    cache.capacity = 4
+    try:
+        bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [],
+                       "kv": [0, [], [1, 2, 3, 4]]})
+        assert cache.held == {1, 2, 3, 4}
+        # the rank evicted 1 and stored 5; that batch arrives malformed
+        bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [],
+                       "kv": [0, [1], [5, "x"]]})
+        assert cache.held <= {2, 3, 4, 5}
+        bare.exchange({"t": "out", "rank": 0, "stats": STATS, "outs": [],
+                       "kv": [0, [2], [6]]})  # the rank now holds 3, 4, 5, 6
+        assert cache.held <= {3, 4, 5, 6} and 6 in cache.held
+        assert router.caches[1].held == set()
     finally:
         bare.close()
 
