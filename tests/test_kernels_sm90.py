@@ -337,9 +337,22 @@ def test_norm_and_rotary_compile() -> None:
                        4), pipelined=False)
 
 
-# kv: the cache's element type ("fp8e4nv": kv_cache_dtype "fp8", converted in registers)
-@pytest.mark.parametrize(("splits", "kv"), [(1, "bf16"), (4, "bf16"), (1, "fp8e4nv"),
-                                            (4, "fp8e4nv")])
+# kv: the cache's element type ("fp8e4nv": kv_cache_dtype "fp8", converted in registers).
+# Some FP8-cache variants spill 8-16 bytes a thread under Triton 3.9's ptxas (the CPU venv's)
+# and none under the GPU image's Triton 3.6 (checked with it: PYTHONPATH=. /work/venv36/bin/
+# python -m pytest tests/test_kernels_sm90.py): expected to fail elsewhere than 3.6, not strict.
+FP8_SPILLS_OFF_36 = pytest.mark.xfail(
+    not triton.__version__.startswith("3.6."), strict=False,
+    reason=f"Triton {triton.__version__}'s ptxas spills this FP8-cache variant 8-16 B a thread; "
+           "the GPU image's Triton 3.6 does not")
+
+
+def fp8_spills(*values):
+    return pytest.param(*values, marks=FP8_SPILLS_OFF_36)
+
+
+@pytest.mark.parametrize(("splits", "kv"), [(1, "bf16"), (4, "bf16"), fp8_spills(1, "fp8e4nv"),
+                                            fp8_spills(4, "fp8e4nv")])
 def test_mla_decode_compiles(splits: int, kv: str) -> None:
     heads, d_lat, d_rope, block = 128, 512, 64, 64
     out = "*bf16" if splits == 1 else "*fp32"
@@ -366,7 +379,7 @@ def test_mla_decode_compiles(splits: int, kv: str) -> None:
                           (128, 65, 1, "bf16"), (128, 129, 4, "bf16"), (16, 65, 1, "bf16"),
                           (128, 2, 1, "fp8e4nv"), (128, 4, 4, "fp8e4nv"),
                           (128, 40, 1, "fp8e4nv"), (128, 5, 1, "fp8e4nv"), (16, 4, 8, "fp8e4nv"),
-                          (128, 65, 1, "fp8e4nv"), (128, 129, 4, "fp8e4nv"),
+                          (128, 65, 1, "fp8e4nv"), fp8_spills(128, 129, 4, "fp8e4nv"),
                           (16, 65, 1, "fp8e4nv")])
 def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str) -> None:
     # Verify rows at DeepSeek-V3's dims: groups of 2, 4 and 5 rows (k = 1, 3, 4), all 128
@@ -401,7 +414,8 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str
 
 @pytest.mark.parametrize(("group", "head_dim", "splits", "kv"),
                          [(8, 128, 1, "bf16"), (8, 128, 16, "bf16"), (16, 128, 4, "bf16"),
-                          (64, 128, 1, "bf16"), (3, 80, 2, "bf16"), (8, 128, 1, "fp8e4nv"),
+                          (64, 128, 1, "bf16"), (3, 80, 2, "bf16"),
+                          fp8_spills(8, 128, 1, "fp8e4nv"),
                           (16, 128, 4, "fp8e4nv"), (64, 128, 1, "fp8e4nv"), (3, 80, 2, "fp8e4nv")])
 def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) -> None:
     # Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16) at head_dim 128, a G=64 group (8 warps),
