@@ -108,7 +108,8 @@ class Groups:
     from prefill ranks are point-to-point on the default group.
     """
 
-    def __init__(self, layout: Layout, micro_batches: int, timeout: datetime.timedelta):
+    def __init__(self, layout: Layout, micro_batches: int, timeout: datetime.timedelta,
+                 device: torch.device | None = None):
         self.step = None
         self.experts: ExpertGroups | None = None
         if layout.ffn:
@@ -117,6 +118,19 @@ class Groups:
             self.experts = ExpertGroups(layout.attention, layout.ffn,
                                         [dist.new_group(ranks, timeout=timeout)
                                          for _ in range(micro_batches)])
+            if device is not None and dist.get_rank() in ranks:
+                start_device_backend(self.step, device)
+
+
+def start_device_backend(group, device: torch.device) -> None:
+    """Where ``group`` moves CUDA tensors over NCCL (``backend_for``): one collective of every
+    rank of it on a CUDA tensor, so that its NCCL communicator exists before the first batched
+    point-to-point call. The step group carries only host tensors (over gloo) until a live
+    rebalance's expert moves (afd.rebalance.move_experts), which are batched point-to-point
+    between FFN ranks alone: torch leaves a first NCCL call of the group that not every rank
+    joins undefined (the communicator's creation waits for all of them: a hang)."""
+    if device.type == "cuda" and "nccl" in str(dist.get_backend(group)):
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def peer(frame: zmq.Frame) -> str:
@@ -383,6 +397,16 @@ def backend_for(device: torch.device) -> str:
     return "gloo"
 
 
+def join_process_group(device: torch.device, **kwargs) -> None:
+    """``dist.init_process_group`` with ``backend_for(device)``; where that takes NCCL, this
+    process's current CUDA device is set to ``device`` first (NCCL's batched point-to-point
+    and barriers run on the current device: cuda:0 on every rank otherwise)."""
+    backend = backend_for(device)
+    if "nccl" in backend:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, **kwargs)
+
+
 def watch_parent() -> None:
     """Exit if the front end dies, so no rank outlives the process that started it."""
     parent = os.getppid()
@@ -422,9 +446,9 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
         if init_distributed:
             store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False,
                                   timeout=timeout)
-            dist.init_process_group(backend_for(device), store=store, rank=spec.rank,
-                                    world_size=spec.layout.world_size, timeout=timeout)
-        groups = Groups(spec.layout, spec.micro_batches, timeout)
+            join_process_group(device, store=store, rank=spec.rank,
+                               world_size=spec.layout.world_size, timeout=timeout)
+        groups = Groups(spec.layout, spec.micro_batches, timeout, device)
         if role == "ffn":
             from afd.rank_ffn import FFNWorker
 

@@ -48,7 +48,7 @@ from afd.layouts import is_loopback, loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
 from afd.tool_parsers import PARSERS
-from afd.workers import Layout, WorkerSpec, backend_for, loopback_gloo_env, worker_main
+from afd.workers import Layout, WorkerSpec, join_process_group, loopback_gloo_env, worker_main
 from models.config import check_hf_overrides, load_config
 from models.weights import LOAD_FORMATS
 from models.default_model import default_model_path
@@ -297,9 +297,9 @@ def main() -> None:
         own_store = loopback_store()  # on loopback only (torchrun's is torchrun's: see README)
     model = args.model or default_model_path()
     timeout = datetime.timedelta(seconds=max(args.timeout, 300))  # startup included
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world, timeout=timeout,
-                            store=own_store)
+    device = (torch.device("cuda", local_rank % torch.cuda.device_count())
+              if torch.cuda.is_available() else torch.device("cpu"))  # as afd.workers._device
+    join_process_group(device, rank=rank, world_size=world, timeout=timeout, store=own_store)
     store = dist.distributed_c10d._get_default_store()
     forget_key = None
     if key is None:  # one node, no key file: rank 0 makes one

@@ -9,11 +9,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Makes the packages the device image lacks unimportable in the subprocess.
 _ABSENT = """
 import sys
+
+import pytest
 
 class Absent:
     def find_spec(self, name, path=None, target=None):
@@ -104,3 +108,86 @@ def test_ranks_with_their_own_gpus_vote_over_gloo_and_move_tensors_over_nccl(mon
     assert backend_for(torch.device("cpu")) == "gloo"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert backend_for(cuda) == "gloo"
+
+
+def _fake_dist(monkeypatch, backend: str, rank: int) -> list:
+    """torch.distributed as a rank of ``backend`` sees it, recording every all_reduce."""
+    import torch
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "new_group", lambda ranks, timeout=None: ("group", tuple(ranks)))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "all_reduce",
+                        lambda t, op=None, group=None: calls.append((t.device_tag, group)))
+    real_zeros = torch.zeros
+
+    def zeros(*size, device=None, **kwargs):  # no CUDA here: a host tensor named for it
+        t = real_zeros(*size, **kwargs)
+        t.device_tag = str(device)
+        return t
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    return calls
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_the_step_groups_nccl_side_starts_with_every_rank_of_it(monkeypatch, rank):
+    """Under cpu:gloo,cuda:nccl the step group's first CUDA call was a live rebalance's
+    batched expert moves, between FFN ranks alone: torch leaves a first batched NCCL call that
+    not every rank of the group joins undefined (its communicator waits for all). Every
+    attention and FFN rank now runs one CUDA all_reduce on it at start; a prefill rank (not in
+    it) none."""
+    import datetime
+
+    import torch
+
+    from afd.workers import Groups, Layout
+
+    calls = _fake_dist(monkeypatch, "cpu:gloo,cuda:nccl", rank)
+    layout = Layout(prefill=1, attention=1, ffn=2)
+    groups = Groups(layout, 2, datetime.timedelta(seconds=5), torch.device("cuda", rank))
+    assert calls == [(f"cuda:{rank}", groups.step)] and groups.step == ("group", (1, 2, 3))
+
+
+def test_no_device_collective_where_gloo_moves_everything(monkeypatch):
+    """Not on a prefill rank (outside the step group), under gloo, or on CPU."""
+    import datetime
+
+    import torch
+
+    from afd.workers import Groups, Layout
+
+    prefill_rank = _fake_dist(monkeypatch, "cpu:gloo,cuda:nccl", 0)
+    Groups(Layout(prefill=1, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+           torch.device("cuda", 0))
+    assert prefill_rank == []
+    calls = _fake_dist(monkeypatch, "gloo", 1)
+    Groups(Layout(prefill=0, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+           torch.device("cuda", 0))
+    Groups(Layout(prefill=0, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+           torch.device("cpu"))
+    assert calls == []
+
+
+def test_a_rank_on_its_own_gpu_makes_it_current_before_joining(monkeypatch):
+    """NCCL's batched point-to-point and barriers run on the current CUDA device, which no rank
+    set (every rank on cuda:0's context); ranks sharing a GPU (gloo) leave it be."""
+    import torch
+    import torch.distributed as dist
+
+    from afd import workers
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set", str(d))))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: events.append(("init", backend, kw["rank"])))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    workers.join_process_group(torch.device("cuda", 3), rank=3)
+    assert events == [("set", "cuda:3"), ("init", "cpu:gloo,cuda:nccl", 3)]
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    workers.join_process_group(torch.device("cuda", 0), rank=1)
+    workers.join_process_group(torch.device("cpu"), rank=2)
+    assert events == [("init", "gloo", 1), ("init", "gloo", 2)]
