@@ -562,16 +562,9 @@ class MultiRankClient:
         are kept for the next ``step``)."""
         self.expert_loads.clear()
         self._tell_attention(protocol.ExpertLoadDump())
-        deadline = time.monotonic() + self.timeout_s
-        waiting, self.waiting = self.waiting, True
-        try:
-            while len(self.expert_loads) < self.layout.attention:
-                if time.monotonic() > deadline:
-                    self._fail(f"{self.layout.attention - len(self.expert_loads)} attention "
-                               f"ranks sent no expert load record within {self.timeout_s:.0f}s")
-                self.held = self.step(0.05)
-        finally:
-            self.waiting = waiting
+        self._step_until(lambda: len(self.expert_loads) == self.layout.attention,
+                         lambda: f"{self.layout.attention - len(self.expert_loads)} attention "
+                                 f"ranks sent no expert load record")
         return sum_records(list(self.expert_loads.values()), *self.model_shape)
 
     # ---- live rebalancing (afd.rebalance) -------------------------------------------------
@@ -612,19 +605,15 @@ class MultiRankClient:
             self._tell(rank, msg)
         expected = set(range(self.layout.prefill, self.layout.world_size))
         self.rebalanced = {}
-        deadline = time.monotonic() + self.timeout_s
-        waiting, self.waiting = self.waiting, True
-        try:
-            while set(self.rebalanced) != expected:
-                refused = [m.error for m in self.rebalanced.values() if m.error]
-                if refused:  # not the front end's check: a rank's placement is not ours
-                    raise ValueError(f"rebalance {epoch} refused by a rank: {refused[0]}")
-                if time.monotonic() > deadline:
-                    self._fail(f"ranks {sorted(expected - set(self.rebalanced))} did not "
-                               f"switch to rebalance {epoch} within {self.timeout_s:.0f}s")
-                self.held = self.step(0.05)
-        finally:
-            self.waiting = waiting
+
+        def switched() -> bool:
+            refused = [m.error for m in self.rebalanced.values() if m.error]
+            if refused:  # not the front end's check: a rank's placement is not ours
+                raise ValueError(f"rebalance {epoch} refused by a rank: {refused[0]}")
+            return set(self.rebalanced) == expected
+
+        self._step_until(switched, lambda: f"ranks {sorted(expected - set(self.rebalanced))} "
+                                           f"did not switch to rebalance {epoch}")
         self.placement = placement
         self.rank_experts = {rank - self.layout.prefill - self.layout.attention: m.experts
                              for rank, m in self.rebalanced.items() if m.experts}
@@ -638,6 +627,20 @@ class MultiRankClient:
                  f"; max/mean FFN rank load on the record {report['imbalance_before']:.3f} -> "
                  f"{report['imbalance_after']:.3f}" if "imbalance_after" in report else "")
         return report
+
+    def _step_until(self, done: Callable[[], bool], missing: Callable[[], str]) -> None:
+        """Take the ranks' messages until ``done()`` (outputs that arrive meanwhile are held for
+        the next ``step``), failing the engine with ``missing()`` after ``timeout_s``; no
+        periodic rebalance starts inside."""
+        deadline = time.monotonic() + self.timeout_s
+        waiting, self.waiting = self.waiting, True
+        try:
+            while not done():
+                if time.monotonic() > deadline:
+                    self._fail(f"{missing()} within {self.timeout_s:.0f}s")
+                self.held = self.step(0.05)
+        finally:
+            self.waiting = waiting
 
     def _steps(self) -> int:
         """Decode steps run so far (every attention rank runs each one, with FFN ranks), as of

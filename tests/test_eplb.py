@@ -504,3 +504,73 @@ def test_move_experts_allocates_only_the_slots_that_change():
         assert torch.equal(t[3], o[5]) and torch.equal(t[5], o[3]) and torch.equal(t[7], o[3])
         keep = [s for s in range(9) if s not in (3, 5, 7)]
         assert torch.equal(t[keep], o[keep])
+
+
+def _waiting_client(replies, timeout_s: float = 30.0):
+    """A front end of 1 attention + 1 FFN rank, built without ranks: each ``step`` it takes
+    delivers the next of ``replies`` (a function of the client) and returns one output."""
+    from afd.layouts import MultiRankClient
+    from afd.placement import ExpertPlacement
+    from afd.workers import Layout
+
+    client = object.__new__(MultiRankClient)
+    client.layout, client.timeout_s, client.closed = Layout(0, 1, 1), timeout_s, True
+    client.error, client.procs, client.held, client.expert_loads = None, [], [], {}
+    client.model_shape, client.placement = (LAYERS, EXPERTS), ExpertPlacement.balanced(EXPERTS, 1)
+    calls = []
+
+    def step(wait_s=0.05):
+        assert client.waiting  # no periodic rebalance starts inside a wait
+        outputs, client.held = client.held, []
+        if replies:
+            replies.pop(0)(client)
+        calls.append(len(calls))
+        return outputs + [f"out{len(calls)}"]
+
+    client.step = step
+    return client, calls
+
+
+def test_a_rank_refusing_a_rebalance_is_named_and_the_wait_ends():
+    """(found in the cross-cutting review: the wait for the ranks' answers had no test) the
+    front end raises the rank's reason, keeps its placement and every output that arrived."""
+    from afd import protocol
+    from afd.placement import ExpertPlacement
+
+    client, calls = _waiting_client([
+        lambda c: None,
+        lambda c: c.rebalanced.update({0: protocol.Rebalanced(1, error="slots differ")})])
+    before = client.placement
+    with pytest.raises(ValueError, match="rebalance 1 refused by a rank: slots differ"):
+        client.rebalance_experts(placement=ExpertPlacement.balanced(EXPERTS, 1))
+    assert client.placement is before and not client.waiting
+    assert client.held == ["out1", "out2"] and len(calls) == 2
+
+
+def test_ranks_that_do_not_answer_fail_the_engine_by_name():
+    from afd.layouts import RankFailure
+    from afd.placement import ExpertPlacement
+
+    client, _ = _waiting_client([], timeout_s=0.0)
+    client.shutdown = lambda: None
+    with pytest.raises(RankFailure, match=r"ranks \[0, 1\] did not switch to rebalance 1 "
+                                          r"within 0s"):
+        client.rebalance_experts(placement=ExpertPlacement.balanced(EXPERTS, 1))
+    assert not client.waiting
+    with pytest.raises(RankFailure, match="1 attention ranks sent no expert load record "
+                                          "within 0s"):
+        client.expert_load_record()
+
+
+def test_a_rebalance_waits_for_every_rank_and_keeps_the_outputs_meanwhile():
+    from afd import protocol
+    from afd.placement import ExpertPlacement
+
+    client, calls = _waiting_client([
+        lambda c: c.rebalanced.update({0: protocol.Rebalanced(1, seconds=0.5)}),
+        lambda c: None,
+        lambda c: c.rebalanced.update({1: protocol.Rebalanced(1, 0.25, 3, {0: [0, 1]})})])
+    report = client.rebalance_experts(placement=ExpertPlacement.balanced(EXPERTS, 1))
+    assert (report["epoch"], report["moved"], report["seconds"]) == (1, 3, 0.5)
+    assert client.held == ["out1", "out2", "out3"] and len(calls) == 3
+    assert client.rank_experts == {0: {0: [0, 1]}} and not client.waiting
