@@ -68,17 +68,25 @@ def transfer_shape(caches: list[torch.Tensor], num_tokens: int) -> tuple[int, ..
 class Completion:
     """Whether a posted isend/irecv finished. gloo's point-to-point ``Work.is_completed`` never
     turns true, so a daemon thread blocks in ``wait`` (bounded by the process group's timeout)
-    and flags the outcome for the rank's loop to poll."""
+    and flags the outcome for the rank's loop to poll. A CUDA buffer's transfer (NCCL, ranks
+    with their own GPUs: ``afd.workers.backend_for``) is done only once its device has run it:
+    NCCL's ``wait`` returns at once, having only made the device's current stream wait for it
+    (the scatter after it is ordered, but nothing was done yet), so the thread then
+    synchronizes the buffer's device. Flagged at the ``wait``, a transfer's seconds counted
+    its posting, and one whose peer never sent was taken as done at once: its deadline never
+    fired, and the rank's next synchronizing call hung behind it."""
 
-    def __init__(self, work) -> None:
+    def __init__(self, work, device: torch.device | None = None) -> None:
         self.done = threading.Event()
         self.error: str | None = None
-        threading.Thread(target=self._wait, args=(work,), daemon=True,
+        threading.Thread(target=self._wait, args=(work, device), daemon=True,
                          name="afd-kv-transfer").start()
 
-    def _wait(self, work) -> None:
+    def _wait(self, work, device: torch.device | None) -> None:
         try:
             work.wait()
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
         except Exception as exc:  # timed out or the peer died
             self.error = f"{type(exc).__name__}: {exc}"
         self.done.set()
@@ -124,11 +132,13 @@ def post_send(caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
 
 
 def send_buffer(buffer: torch.Tensor, dst: int, tag: int, request_id: str) -> Sending:
-    return Sending(request_id, buffer, Completion(dist.isend(buffer, dst, tag=tag)))
+    return Sending(request_id, buffer,
+                   Completion(dist.isend(buffer, dst, tag=tag), buffer.device))
 
 
 def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> Receiving:
     buffer = torch.empty(transfer_shape(caches, pull.num_kv_tokens), dtype=caches[0].dtype,
                          device=caches[0].device)
     return Receiving(pull, block_ids, buffer,
-                     Completion(dist.irecv(buffer, pull.src, tag=pull.tag)))
+                     Completion(dist.irecv(buffer, pull.src, tag=pull.tag),
+                                buffer.device))

@@ -191,3 +191,39 @@ def test_a_rank_on_its_own_gpu_makes_it_current_before_joining(monkeypatch):
     workers.join_process_group(torch.device("cuda", 0), rank=1)
     workers.join_process_group(torch.device("cpu"), rank=2)
     assert events == [("init", "gloo", 1), ("init", "gloo", 2)]
+
+
+def test_a_cuda_transfer_is_done_when_its_device_has_run_it(monkeypatch):
+    """NCCL's Work.wait() returns at once (it only makes the device's current stream wait for
+    the transfer): flagged done there, a KV transfer's seconds were its posting, and one whose
+    peer never sent was done at once (its deadline never fired; the rank hung at its next
+    synchronizing call instead of failing the request). The flag now waits for the buffer's
+    device to finish; a host buffer (gloo, whose wait blocks) is not synchronized."""
+    import threading
+
+    import torch
+
+    from afd.kv_transfer import Completion
+
+    events, release = [], threading.Event()
+
+    class Work:  # NCCL's: wait returns before the device has run the receive
+        def wait(self):
+            events.append("wait")
+
+    def synchronize(device=None):
+        events.append(("synchronize", str(device)))
+        release.wait(10)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    done = Completion(Work(), torch.device("cuda", 3))
+    for _ in range(1000):  # until the thread waits in synchronize (or ended without it)
+        if len(events) == 2 or done.done.is_set():
+            break
+        threading.Event().wait(0.01)
+    assert events == ["wait", ("synchronize", "cuda:3")] and not done.is_completed()
+    release.set()
+    assert done.done.wait(10) and done.is_completed()
+    events.clear()
+    host = Completion(Work(), torch.device("cpu"))
+    assert host.done.wait(10) and host.is_completed() and events == ["wait"]
