@@ -228,6 +228,15 @@ def kv_event_batches(core: Any) -> list[KVEvents]:
     return [KVEvents(*batch) for batch in core.take_kv_events(MAX_KV_EVENTS)]
 
 
+def with_kv_events(core: Any, msg: "Out") -> list["Out"]:
+    """``msg`` (a step's ``out``) and before it, where ``core``'s KV cache events since the
+    last call take more than one batch, an ``out`` of no rows per extra batch: the last batch
+    travels in ``msg``, with the outputs (attention and prefill ranks alike)."""
+    kv = kv_event_batches(core)
+    msg.kv = kv[-1] if kv else None
+    return [Out([], msg.stats, kv=extra) for extra in kv[:-1]] + [msg]
+
+
 class Out(_FromRank, tag="out"):
     """A step's outputs (the decode output path: every step, a row per running request)."""
 

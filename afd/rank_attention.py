@@ -170,11 +170,9 @@ class AttentionWorker:
         if self.transport is not None:
             timers.update(self.transport.timers.seconds)
         stats = self.core.stats()[0]
-        kv = protocol.kv_event_batches(self.core)
-        for extra in kv[:-1]:  # a long batch: the rest first, the last with the outputs
-            self.link.send(protocol.Out([], stats, kv=extra))
-        self.link.send(protocol.Out(outputs, stats, timers, self.index,
-                                    kv=kv[-1] if kv else None))
+        for msg in protocol.with_kv_events(self.core, protocol.Out(outputs, stats, timers,
+                                                                   self.index)):
+            self.link.send(msg)
 
     # ---- P/D: KV arriving from prefill ranks ----------------------------------------------
     def _admit(self) -> None:

@@ -129,11 +129,9 @@ class PrefillWorker:
         free = self.core.allocator.num_free
         if outputs or parked or free != self.reported_free or self.core.kv_events_pending:
             stats = self.core.stats()[0]  # blocks moved, or the cache changed: say so
-            kv = protocol.kv_event_batches(self.core)
-            for extra in kv[:-1]:  # a long batch: the rest first, the last with the outputs
-                self.link.send(protocol.Out([], stats, kv=extra))
-            self.link.send(protocol.Out(outputs, stats, prefilled=parked,
-                                        kv=kv[-1] if kv else None))
+            for msg in protocol.with_kv_events(self.core,
+                                               protocol.Out(outputs, stats, prefilled=parked)):
+                self.link.send(msg)
             self.reported_free = free
         else:
             self.link.heartbeat()
