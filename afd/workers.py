@@ -118,8 +118,8 @@ class Groups:
             self.experts = ExpertGroups(layout.attention, layout.ffn,
                                         [dist.new_group(ranks, timeout=timeout)
                                          for _ in range(micro_batches)])
-            if device is not None and dist.get_rank() in ranks:
-                start_device_backend(self.step, device)
+            if device is not None and layout.ffn > 1 and dist.get_rank() in ranks:
+                start_device_backend(self.step, device)  # (one FFN rank moves nothing)
 
 
 def start_device_backend(group, device: torch.device) -> None:

@@ -152,7 +152,8 @@ def test_the_step_groups_nccl_side_starts_with_every_rank_of_it(monkeypatch, ran
 
 
 def test_no_device_collective_where_gloo_moves_everything(monkeypatch):
-    """Not on a prefill rank (outside the step group), under gloo, or on CPU."""
+    """Not on a prefill rank (outside the step group), with one FFN rank, under gloo, or on
+    CPU."""
     import datetime
 
     import torch
@@ -160,13 +161,17 @@ def test_no_device_collective_where_gloo_moves_everything(monkeypatch):
     from afd.workers import Groups, Layout
 
     prefill_rank = _fake_dist(monkeypatch, "cpu:gloo,cuda:nccl", 0)
-    Groups(Layout(prefill=1, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+    Groups(Layout(prefill=1, attention=1, ffn=2), 2, datetime.timedelta(seconds=5),
            torch.device("cuda", 0))
     assert prefill_rank == []
+    one_ffn_rank = _fake_dist(monkeypatch, "cpu:gloo,cuda:nccl", 1)
+    Groups(Layout(prefill=0, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+           torch.device("cuda", 1))
+    assert one_ffn_rank == []  # its moves are local copies: no communicator it never uses
     calls = _fake_dist(monkeypatch, "gloo", 1)
-    Groups(Layout(prefill=0, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+    Groups(Layout(prefill=0, attention=1, ffn=2), 2, datetime.timedelta(seconds=5),
            torch.device("cuda", 0))
-    Groups(Layout(prefill=0, attention=1, ffn=1), 2, datetime.timedelta(seconds=5),
+    Groups(Layout(prefill=0, attention=1, ffn=2), 2, datetime.timedelta(seconds=5),
            torch.device("cpu"))
     assert calls == []
 
