@@ -131,9 +131,18 @@ def post_send(caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
     return send_buffer(gather_kv(caches, slots).contiguous(), dst, tag, request_id)
 
 
+def sync_device(device: torch.device, backend: str) -> torch.device | None:
+    """The device a transfer's ``Completion`` synchronizes after ``wait``: a CUDA buffer's under
+    NCCL only. gloo's ``wait`` has already blocked until the data moved (through the host), and
+    a device-wide synchronize there would only hold the flag behind the forward in flight (and
+    is not allowed while another thread captures a CUDA graph)."""
+    return device if device.type == "cuda" and "nccl" in backend else None
+
+
 def send_buffer(buffer: torch.Tensor, dst: int, tag: int, request_id: str) -> Sending:
     return Sending(request_id, buffer,
-                   Completion(dist.isend(buffer, dst, tag=tag), buffer.device))
+                   Completion(dist.isend(buffer, dst, tag=tag),
+                              sync_device(buffer.device, dist.get_backend())))
 
 
 def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> Receiving:
@@ -141,4 +150,4 @@ def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> R
                          device=caches[0].device)
     return Receiving(pull, block_ids, buffer,
                      Completion(dist.irecv(buffer, pull.src, tag=pull.tag),
-                                buffer.device))
+                                sync_device(buffer.device, dist.get_backend())))

@@ -232,3 +232,17 @@ def test_a_cuda_transfer_is_done_when_its_device_has_run_it(monkeypatch):
     events.clear()
     host = Completion(Work(), torch.device("cpu"))
     assert host.done.wait(10) and host.is_completed() and events == ["wait"]
+
+
+def test_only_nccl_transfers_of_cuda_buffers_synchronize_their_device():
+    """gloo's wait already blocked until the data moved; a device-wide synchronize there would
+    hold the flag behind the forward in flight (and breaks another thread's graph capture)."""
+    import torch
+
+    from afd.kv_transfer import sync_device
+
+    cuda = torch.device("cuda", 1)
+    assert sync_device(cuda, "cpu:gloo,cuda:nccl") == cuda
+    assert sync_device(cuda, "nccl") == cuda
+    assert sync_device(cuda, "gloo") is None  # ranks sharing one GPU
+    assert sync_device(torch.device("cpu"), "cpu:gloo,cuda:nccl") is None
