@@ -50,6 +50,8 @@ class EngineConfig:
         longest and shortest n-gram looked up. speculative_method: "ngram", or "mtp" (drafts
         from the checkpoint's multi-token-prediction layer, which every rank that runs
         attention or experts then loads, with one more layer of KV cache).
+        speculative_disable_by_batch_size: a rank with at least this many running sequences
+        verifies no drafts that step (0: never; vLLM's ``disable_by_batch_size``).
     load_format: "auto" / "safetensors" (the checkpoint's weights) or "dummy" (vLLM's: random
         weights made from config.json alone, the same on every rank; models.weights).
     hf_overrides: config.json keys replaced on every rank (vLLM's ``hf_overrides``), or None.
@@ -83,6 +85,7 @@ class EngineConfig:
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 0
     speculative_method: str = "ngram"
+    speculative_disable_by_batch_size: int = 0
     scheduling_policy: str = "fcfs"
     gpu_memory_utilization: float = 0.9
     load_format: str = "auto"
@@ -111,7 +114,8 @@ class EngineConfig:
         if not self.num_speculative_tokens:
             return None
         return SpecConfig(self.num_speculative_tokens, self.prompt_lookup_max,
-                          self.prompt_lookup_min, self.speculative_method)
+                          self.prompt_lookup_min, self.speculative_method,
+                          self.speculative_disable_by_batch_size)
 
     @property
     def mtp(self) -> bool:
@@ -306,6 +310,8 @@ def resolve_engine_config(
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,
                         prompt_lookup_min=spec.prompt_lookup_min if spec else 0,
                         speculative_method=spec.method if spec else "ngram",
+                        speculative_disable_by_batch_size=(spec.disable_by_batch_size
+                                                           if spec else 0),
                         scheduling_policy=scheduling_policy,
                         gpu_memory_utilization=float(gpu_memory_utilization),
                         load_format=load_format, hf_overrides=hf_overrides,

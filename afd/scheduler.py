@@ -287,6 +287,8 @@ class Scheduler:
         preempting, never evicting a cached block: drafts are mostly rejected, a cached prefix
         is worth more); returns the tokens they take."""
         spec, alloc, used = self.spec, self.allocator, 0
+        if spec.disable_by_batch_size and len(self.running) >= spec.disable_by_batch_size:
+            return 0  # a large batch: plain decoding this step
         for s in seqs:
             seq = s.seq
             room = min(spec.num_speculative_tokens, budget - used,

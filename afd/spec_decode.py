@@ -69,7 +69,8 @@ from afd.sampler import draw_step_seed
 
 METHODS = ("ngram", "mtp")
 _SPELLINGS = {"[ngram]": "ngram", "deepseek_mtp": "mtp"}  # vLLM's other names
-_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+           "disable_by_batch_size")
 _LOOKUP = ("prompt_lookup_max", "prompt_lookup_min")
 DEFAULT_LOOKUP = 5  # vLLM's default for both bounds when neither is given
 # MTP drafts chain DeepSeek's one MTP layer, trained to predict one token further: each chained
@@ -83,12 +84,17 @@ MAX_MTP_TOKENS = 4
 class SpecConfig:
     """``num_speculative_tokens``: drafts per step at most (k). ``prompt_lookup_max`` /
     ``prompt_lookup_min``: the longest and shortest suffix (n-gram) looked up (0 for MTP).
-    ``method``: "ngram" or "mtp" (the checkpoint's multi-token-prediction layer)."""
+    ``method``: "ngram" or "mtp" (the checkpoint's multi-token-prediction layer).
+    ``disable_by_batch_size`` (vLLM's field; 0: never): a step of a rank with at least this
+    many running sequences verifies no drafts (at large batches the verify rows cost compute
+    that plain decoding would use better); the MTP layer still runs every step, its KV must
+    stay whole for later drafts."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int
     prompt_lookup_min: int
     method: str = "ngram"
+    disable_by_batch_size: int = 0
 
 
 def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None:
@@ -119,6 +125,8 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
         raise ValueError("speculative_config.num_speculative_tokens is required (drafts per "
                          "step, e.g. 3)")
     k = integer("num_speculative_tokens", config["num_speculative_tokens"])
+    off = config.get("disable_by_batch_size")
+    off = 0 if off is None else integer("disable_by_batch_size", off)
     if method == "mtp":
         given = [name for name in _LOOKUP if config.get(name) is not None]
         if given:
@@ -127,7 +135,7 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
             raise ValueError(f"speculative_config.num_speculative_tokens must be at most "
                              f"{MAX_MTP_TOKENS} with method 'mtp' (chained drafts of the one MTP "
                              f"layer, each a full MTP layer pass every step), got {k}")
-        return SpecConfig(k, 0, 0, "mtp")
+        return SpecConfig(k, 0, 0, "mtp", off)
     lo, hi = (None if config.get(name) is None else integer(name, config[name])
               for name in ("prompt_lookup_min", "prompt_lookup_max"))
     if lo is None and hi is None:
@@ -136,7 +144,7 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
     if lo > hi:
         raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be at most "
                          f"prompt_lookup_max ({hi})")
-    return SpecConfig(k, hi, lo)
+    return SpecConfig(k, hi, lo, "ngram", off)
 
 
 class TokenArray:

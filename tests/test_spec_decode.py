@@ -825,3 +825,36 @@ def test_serve_refuses_a_bad_speculative_config_naming_the_field():
                          env={**os.environ, "PYTHONPATH": root})
     assert bad.returncode == 2
     assert "--speculative-config: speculative_config.num_speculative_tokens" in bad.stderr
+
+
+def test_disable_by_batch_size_verifies_no_drafts_while_the_batch_is_large(engines,
+                                                                          monkeypatch):
+    """speculative_config.disable_by_batch_size (vLLM's field): a step of a rank running at
+    least that many sequences proposes no drafts; as the batch shrinks below it, drafting
+    resumes. The tokens are the plain engine's either way."""
+    base, _ = engines
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+              for m in (4, 6, 24, 30)]
+    want = base.generate(PROMPTS, params, use_tqdm=False)
+    spec = LLM(seed=0, block_size=8, speculative_config={**SPEC, "disable_by_batch_size": 3})
+    try:
+        assert spec.config.speculative.disable_by_batch_size == 3
+        propose, running = oracle(reference_runs(want, PROMPTS), corrupt_every=3), []
+        sched = spec.engine.core.scheduler
+
+        def spy(tokens, n_min, n_max, k):
+            running.append(len(sched.running))
+            return propose(tokens, n_min, n_max, k)
+
+        monkeypatch.setattr(afd.scheduler, "propose_ngram", spy)
+        got = spec.generate(PROMPTS, params, use_tqdm=False)
+        assert_same(want, got)
+        assert running and max(running) < 3  # never drafted with 3 or 4 running
+        assert got[0].metrics.spec_num_draft_tokens == 0  # done before the batch shrank
+        assert got[3].metrics.spec_num_draft_tokens > 0  # drafted once two were left
+    finally:
+        spec.shutdown()
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        parse_speculative_config({**SPEC, "disable_by_batch_size": 0})
+    assert parse_speculative_config({"method": "mtp", "num_speculative_tokens": 2,
+                                     "disable_by_batch_size": 64}).disable_by_batch_size == 64
