@@ -15,7 +15,7 @@ from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly
 from afd.scheduler import ScheduledSeq, SchedulerOutput
-from afd.spec_decode import accept, expand_rows, speculable
+from afd.spec_decode import accept, expand_rows
 from kernels import DecodeGroups
 from models.batch import ForwardBatch
 from models.model import ExpertPath, ForwardOut, LocalExperts, MoEModel
@@ -71,10 +71,9 @@ class DraftChain:
     (position p) that takes a sampling sequence's last emitted token, round r = 1 .. k - 1
     runs the MTP layer on one row per sequence at position p + r: token d_r, hidden state the
     MTP layer's own at its round r - 1 row (after shared_head.norm), writing MTP KV at p + r,
-    drafting d_{r+1}. A sequence takes fewer rounds where its blocks end (the scheduler's lookahead
-    slots ran out) or its next step could not verify more drafts (max_tokens); none without
-    drafts (penalties, grammars). Entries are ordered by rounds, most first, so round r's rows
-    are a prefix of round r - 1's."""
+    drafting d_{r+1}. A sequence takes fewer rounds where its blocks end (the scheduler's
+    lookahead slots ran out) or its next step could not verify more drafts (max_tokens).
+    Entries are ordered by rounds, most first, so round r's rows are a prefix of round r - 1's."""
 
     order: list[int]  # entries: index among the micro-batch's sampling sequences
     rounds: list[int]  # per entry, its chained rounds (>= 1)
@@ -90,7 +89,7 @@ class DraftChain:
             pos = seq.num_computed_tokens + s.num_new_tokens - len(s.draft_token_ids) + used - 2
             usable = seq.max_output - seq.num_output_tokens - used - 1  # next step's drafts
             rounds = min(extra, usable - 1, len(seq.block_ids) * block_size - pos - 1)
-            if rounds > 0 and speculable(seq):
+            if rounds > 0:
                 entries.append((rounds, i, pos))
         entries.sort(key=lambda e: -e[0])  # stable: plan order among equals
         width = max((len(sampling[i].seq.block_ids) for _, i, _ in entries), default=1)

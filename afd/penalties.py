@@ -95,19 +95,22 @@ class PenaltyPool:
 
     def fold(self, states: list[PenaltyState], histories: list[tuple]) -> None:
         """Count the tokens each state has not seen yet (histories[i]: (token ids, number of
-        prompt tokens, ...)): the whole history the first time, then what was appended."""
+        prompt tokens, stop ids[, drafted])): the whole history the first time, then what was
+        appended. The last ``drafted`` ids (a speculative verify row's drafts before it) are
+        never folded in: they may be rejected (``apply_drafts`` counts them for the row)."""
         new_pos, new_tok, new_cnt = [], [], []  # entries created now: written whole
         added: dict[int, int] = {}  # entries that existed before: position -> count to add
         size = self.page_size
-        for state, (ids, num_prompt, *_) in zip(states, histories):
-            if state.pool is not self or len(ids) < state.folded:
+        for state, (ids, num_prompt, *rest) in zip(states, histories):
+            end = len(ids) - (rest[1] if len(rest) > 1 else 0)  # without the row's drafts
+            if state.pool is not self or end < state.folded:
                 self._bind(state)
-            if state.folded == len(ids):
+            if state.folded == end:
                 continue
             # the new output tokens' counts, and the new tokens in order of first appearance
-            outputs = Counter(ids[max(state.folded, num_prompt):])
+            outputs = Counter(ids[max(state.folded, num_prompt):end])
             num_pages = len(state.pages)
-            for token in dict.fromkeys(ids[state.folded:]):
+            for token in dict.fromkeys(ids[state.folded:end]):
                 pos = state.slots.get(token)
                 if pos is not None:
                     if token in outputs:
@@ -118,7 +121,7 @@ class PenaltyPool:
                     state.pages.append(self._allocate_page())
                 pos = state.slots[token] = state.pages[-1] * size + n % size
                 new_pos.append(pos), new_tok.append(token), new_cnt.append(outputs[token])
-            state.folded = len(ids)
+            state.folded = end
             if len(state.pages) != num_pages:
                 state.page_table = torch.tensor(state.pages).to(self.device, non_blocking=True)
         dev = self.device
@@ -167,6 +170,49 @@ class PenaltyPool:
         v = v - freq * counts
         v = v - pres * (counts > 0)
         out.view(-1).index_copy_(0, flat, v)
+
+    def draft_corrections(self, vocab: int, rows: list[int], states: list[PenaltyState],
+                          params: list[SamplingParams], histories: list[tuple]
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The places and penalty arithmetic of a speculative verify row's drafts: row rows[r]
+        (histories[r]: (ids, num_prompt, stops, drafted), its last ``drafted`` ids the drafts
+        before it) is penalised from states[r] (folded without those drafts) by ``apply``,
+        then each distinct draft token t must be penalised as the history with the drafts
+        would: seen (the repetition penalty applies), its output count the state's plus its
+        occurrences among the drafts. Returns (flat places in the [N, V] logits [D], per place
+        [4, D] fp32: repetition, frequency, presence, base count added to the drafts' count
+        ... see ``apply_drafts``), or None when no row has drafts. Host work O(drafts)."""
+        flat, slot, has, add, rep, freq, pres = [], [], [], [], [], [], []
+        for row, state, p, (ids, _, _, *rest) in zip(rows, states, params, histories):
+            drafted = rest[0] if rest else 0
+            if not drafted:
+                continue
+            for token, n in Counter(ids[len(ids) - drafted:]).items():
+                pos = state.slots.get(token)
+                flat.append(row * vocab + token), slot.append(pos or 0)
+                has.append(pos is not None), add.append(n)
+                rep.append(p.repetition_penalty), freq.append(p.frequency_penalty)
+                pres.append(p.presence_penalty)
+        if not flat:
+            return None
+        dev = self.device
+        index = torch.tensor([flat, slot]).to(dev, non_blocking=True)
+        values = torch.tensor([rep, freq, pres, add, has], dtype=torch.float32)
+        return index, values.to(dev, non_blocking=True)
+
+    def apply_drafts(self, out: torch.Tensor, before: torch.Tensor,
+                     corrections: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Overwrite the drafts' places in ``out`` (penalised by ``apply`` from the states) with
+        their penalised values from ``before`` (the values there before ``apply``): the
+        arithmetic of ``afd.sampler.apply_penalties``, seen, with count = the state's count +
+        the occurrences among the drafts (integers: exact in fp32)."""
+        index, (rep, freq, pres, add, has) = corrections
+        counts = torch.where(has > 0, self.counts.view(-1)[index[1]], 0.0) + add
+        v = before
+        v = torch.where(v > 0, v / rep, v * rep)
+        v = v - freq * counts
+        v = v - pres * (counts > 0)
+        out.view(-1).index_copy_(0, index[0], v)
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -236,8 +236,9 @@ class Sampler:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
         whose logits hold a NaN (it has no distribution to sample), -2 (``NO_TOKEN``) for one
         whose grammar, allowed_token_ids and bad_words leave no token. histories: each row's
-        (token ids so far, how many of them are the prompt, the ids that would stop it), for
-        the penalties, min_tokens and bad_words. penalties: each row's ``PenaltyState``
+        (token ids so far, how many of them are the prompt, the ids that would stop it[, how
+        many of the last ids are a verify row's drafts]), for the penalties, min_tokens and
+        bad_words. penalties: each row's ``PenaltyState``
         (``Sequence.penalties``), kept between steps so that a penalised row costs the same
         whatever its history's length (without them, every call counts each history whole).
         grammars: each row's ``GrammarState`` (``Sequence.grammar``) or None."""
@@ -300,9 +301,12 @@ class Sampler:
                   penalties: list[PenaltyState | None] | None, own: bool) -> torch.Tensor:
         """``logits`` [N, V] penalised, as a new fp32 tensor unless ``own`` (this call's own
         fp32 copy, from logit_bias: changed in place). Each row's state is brought up to date
-        with the tokens appended since its last step, then only its listed tokens change.
-        Without a state for every penalised row, the reference (``apply_penalties``) counts
-        each history whole."""
+        with the tokens appended since its last step, then only its listed tokens change. A
+        speculative verify row (histories[i][3]: how many of its last ids are drafts) is
+        penalised from the state without its drafts, then its draft tokens are corrected to
+        what the history with them gives (``PenaltyPool.draft_corrections``). Without a state
+        for every penalised row, the reference (``apply_penalties``) counts each history
+        whole."""
         rows = [i for i, p in enumerate(params) if p.penalized]
         states = [penalties[i] for i in rows] if penalties is not None else [None]
         if any(s is None for s in states):
@@ -310,12 +314,17 @@ class Sampler:
         pool = self._penalty_pools.get(logits.device)
         if pool is None:
             pool = self._penalty_pools[logits.device] = PenaltyPool(logits.device)
-        pool.fold(states, [histories[i] for i in rows])
+        hists, ps = [histories[i] for i in rows], [params[i] for i in rows]
+        pool.fold(states, hists)
         out = logits.float()
         if (out is logits and not own) or not out.is_contiguous():
             # the raw logits stay as they are (they give the logprobs)
             out = out.clone(memory_format=torch.contiguous_format)
-        pool.apply(out, rows, states, [params[i] for i in rows])
+        drafts = pool.draft_corrections(out.shape[1], rows, states, ps, hists)
+        before = out.view(-1)[drafts[0][0]] if drafts is not None else None
+        pool.apply(out, rows, states, ps)
+        if drafts is not None:  # verify rows: their drafts as if taken (never folded in)
+            pool.apply_drafts(out, before, drafts)
         return out
 
     def _generator(self, table: dict, device: torch.device) -> torch.Generator:

@@ -45,7 +45,7 @@ from afd.block_pool import BlockPool, extend_block_keys
 from afd.config import SCHEDULING_POLICIES
 from afd.kv_offload import HostKVTier
 from afd.sequence import Sequence, Status
-from afd.spec_decode import SpecConfig, TokenArray, propose_ngram, speculable
+from afd.spec_decode import SpecConfig, TokenArray, propose_ngram
 
 # Prompt positions scored for prompt logprobs per step, over all sequences: each gets a
 # full-vocabulary fp32 logits row (129,280 ids: 0.5 MB), so 2,048 of them are 1.06 GB, where a
@@ -293,7 +293,7 @@ class Scheduler:
             seq = s.seq
             room = min(spec.num_speculative_tokens, budget - used,
                        seq.max_output - seq.num_output_tokens - 1)  # the step emits drafts + 1
-            if s.num_new_tokens != 1 or not s.samples or room < 1 or not speculable(seq):
+            if s.num_new_tokens != 1 or not s.samples or room < 1:
                 continue
             if spec.method == "mtp":  # what the MTP layer drafted after its last token
                 drafts = (seq.mtp_drafts[:room] if seq.mtp_drafts_for == len(seq.token_ids)
@@ -330,7 +330,7 @@ class Scheduler:
         alloc = self.allocator
         for s in seqs:
             seq = s.seq
-            if not s.samples or not speculable(seq):
+            if not s.samples:
                 continue
             # the furthest chained row (all drafts accepted) at computed + new + k - 2, and
             # none at or past position num_prompt + max_output - 3 (its drafts would pass

@@ -189,7 +189,7 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
           SamplingParams(temperature=0.9, seed=11, max_tokens=16, ignore_eos=True, n=2),
           SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=2),
           SamplingParams(temperature=1.0, seed=4, max_tokens=16, ignore_eos=True,
-                         repetition_penalty=1.3),  # penalized: decodes without drafts
+                         repetition_penalty=1.3),  # penalized: speculates too
           # structured output speculates too (drafts cut where the grammar refuses one)
           SamplingParams(temperature=0.7, seed=5, max_tokens=16,
                          structured_outputs={"regex": "[a-z ]{4,40}"})]
@@ -197,11 +197,10 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
-    """Greedy, seeded with n=2, logprobs, a constrained and a penalized request beside
-    speculating ones,
-    with chunked prefill (16 tokens a step) and a KV pool small enough to preempt (and, for
-    k > 1, to leave sequences without lookahead slots at times): the plain engine's tokens,
-    no leaked block (lookahead blocks included)."""
+    """Greedy, seeded with n=2, logprobs, a constrained and a penalized request, all
+    speculating, with chunked prefill (16 tokens a step) and a KV pool small enough to preempt
+    (and, for k > 1, to leave sequences without lookahead slots at times): the plain engine's
+    tokens, no leaked block (lookahead blocks included)."""
     folder, _, _ = mtp_ckpt
     prompts = [{"prompt_token_ids": p}
                for p in mixed_prompts(5, seed=2, lengths=[30, 5, 23, 9, 12])]
@@ -212,6 +211,7 @@ def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
     assert stats[0].num_preemptions > 0, "the pool was meant to force preemption"
     assert stats[0].num_draft_tokens > 0
     assert got[4].metrics.spec_num_draft_tokens > 0  # the constrained one verified drafts
+    assert got[3].metrics.spec_num_draft_tokens > 0  # so did the penalized one
 
 
 def _constant_model(folder: str, dest: str) -> str:
@@ -431,7 +431,7 @@ def test_chained_drafts_get_lookahead_slots_from_empty_blocks_only():
     """k = 3: a sampling sequence gets KV slots for its chained MTP rows (k - 1 past the
     step's tokens, drafts included) from empty blocks, after everyone's tokens; fewer (and so a
     shorter chain: ``DraftChain``) when the pool has none, none past what max_tokens lets it
-    verify, none for a sequence without drafts (a penalty), none in a step that preempted."""
+    verify, none in a step that preempted; a penalised sequence speculates as any other."""
     from afd.block_pool import BlockPool
     from afd.model_runner import DraftChain
     from afd.scheduler import Scheduler
@@ -472,7 +472,9 @@ def test_chained_drafts_get_lookahead_slots_from_empty_blocks_only():
     # 2 drafts at most (max_tokens 4, one emitted): positions 5..7, nothing chained past 7
     verifying = next(s for s in plan.seqs if s.seq is short)
     assert verifying.draft_token_ids == [8, 9] and len(short.block_ids) == 4
-    assert len(penalized.block_ids) == 2  # no drafts, no lookahead
+    # penalised: its draft verified (positions 3, 4) and chained rows up to 4 + 2 = 6
+    assert next(s for s in plan.seqs if s.seq is penalized).draft_token_ids == [8]
+    assert len(penalized.block_ids) == 4
     prompt = plan.seqs[-1].seq
     assert prompt.request_id == "c" and len(prompt.block_ids) == 3  # 2, then rows at 3, 4
 

@@ -75,6 +75,46 @@ def test_kept_state_matches_the_reference_step_by_step(page_size):
     assert all(p.num_used_pages == 0 for p in sampler._penalty_pools.values())
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_verify_rows_see_their_drafts_without_folding_them(own):
+    """Speculative verify rows: each sequence gives k + 1 rows sharing its state, row j's
+    history its tokens plus drafts d1..dj (histories[i][3] = j). Every row's logits equal the
+    reference's for that history, bit for bit (drafts repeating a token, drafts of prompt-only
+    tokens, of tokens never seen, and of output tokens), and the drafts never reach the
+    state: it stays what the sequence's own tokens give. ``own``: the logits are already the
+    step's own fp32 copy (logit_bias), changed in place."""
+    rng, gen = random.Random(7), torch.Generator().manual_seed(7)
+    vocab = 40
+    sampler = Sampler(seed=0)
+    seqs = []  # [token ids, prompt length, params, state]
+    for i in range(10):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        p = random_params(rng)
+        while not p.penalized:
+            p = random_params(rng)
+        seqs.append([prompt, len(prompt), p, PenaltyState()])
+    for step in range(12):
+        params, hist, states = [], [], []
+        for ids, num_prompt, p, state in seqs:
+            k = rng.randint(0, 4)
+            pool_ = ids + [rng.randrange(vocab)]  # prompt, output or unseen tokens
+            drafts = ([rng.choice(pool_)] * k if rng.random() < 0.3
+                      else [rng.choice(pool_) for _ in range(k)])
+            for j in range(k + 1):
+                params.append(p), states.append(state)
+                hist.append((ids + drafts[:j], num_prompt, (), j) if j else (ids, num_prompt, ()))
+        logits = torch.randn(len(params), vocab, generator=gen) * 4
+        want = apply_penalties(logits, params, hist)
+        got = sampler._penalize(logits.clone() if own else logits, params, hist, states, own)
+        assert torch.equal(got, want), step
+        for ids, num_prompt, p, state in seqs:  # folded exactly the sequence's own tokens
+            assert state.folded == len(ids) and set(state.slots) == set(ids)
+            pool = state.pool
+            counts = {t: pool.counts.view(-1)[pos].item() for t, pos in state.slots.items()}
+            assert counts == {t: float(ids[num_prompt:].count(t)) for t in set(ids)}
+            ids.append(rng.choice(ids) if rng.random() < 0.5 else rng.randrange(vocab))
+
+
 def test_unpenalised_batches_keep_no_state():
     logits = torch.randn(3, 20)
     sampler = Sampler(seed=0)

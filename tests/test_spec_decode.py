@@ -206,8 +206,7 @@ def test_drafts_running_past_a_stop_token_are_not_counted_computed(engines, monk
     assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
 
 
-def test_penalties_and_grammar_rows_decode_normally_beside_speculating_rows(engines,
-                                                                           monkeypatch):
+def test_penalised_and_constrained_rows_speculate_beside_plain_rows(engines, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                              repetition_penalty=1.3, presence_penalty=0.5),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -217,13 +216,56 @@ def test_penalties_and_grammar_rows_decode_normally_beside_speculating_rows(engi
                              frequency_penalty=0.4)]
     want, got, drafts, accepted = generate_both(engines, monkeypatch, params, corrupt_every=0)
     assert_same(want, got)
-    # the plain greedy row and the constrained one speculated, every draft right; the
-    # penalised rows decoded one token a step
+    # every row speculated, penalised ones included, every draft right
     assert accepted == drafts > 0
-    assert got[1].metrics.spec_num_draft_tokens > 0 and got[2].metrics.spec_num_draft_tokens > 0
-    assert (got[1].metrics.spec_num_draft_tokens + got[2].metrics.spec_num_draft_tokens
-            == drafts)
-    assert got[0].metrics.spec_num_draft_tokens == got[3].metrics.spec_num_draft_tokens == 0
+    assert all(g.metrics.spec_num_draft_tokens > 0 for g in got)
+    assert sum(g.metrics.spec_num_draft_tokens for g in got) == drafts
+
+
+PENALTIES = [dict(repetition_penalty=0.4), dict(repetition_penalty=1.8),
+             dict(frequency_penalty=0.9), dict(frequency_penalty=-1.5),
+             dict(presence_penalty=1.2), dict(presence_penalty=-1.5),
+             dict(repetition_penalty=0.6, frequency_penalty=-0.7, presence_penalty=0.4),
+             dict(repetition_penalty=1.4, frequency_penalty=0.5, presence_penalty=-0.8)]
+
+
+@pytest.mark.parametrize("penalties", PENALTIES,
+                         ids=lambda kw: "+".join(f"{k.split('_')[0]}{v}" for k, v in kw.items()))
+def test_penalised_rows_speculate_exactly(engines, monkeypatch, penalties):
+    """Repetition (< 1 and > 1), frequency and presence penalties, alone and together, greedy
+    and seeded: verify row j is penalised as the history with d1..dj (a draft newly seen takes
+    the repetition penalty, its output count rises by its occurrences among the drafts), so
+    the tokens are the plain engine's with accepted and rejected drafts (every third step's
+    second draft corrupted). Penalties that favour seen tokens make the drafts repeat tokens,
+    output and prompt-only ones."""
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **penalties),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True,
+                             **penalties),
+              SamplingParams(temperature=0.8, seed=9, max_tokens=16, ignore_eos=True,
+                             top_k=20, **penalties),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **penalties)]
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+    assert all(g.metrics.spec_num_draft_tokens > 0 for g in got)
+
+
+def test_penalised_drafts_of_repeated_and_prompt_only_tokens(engines, monkeypatch):
+    """Penalties that make the model repeat itself: the accepted drafts hold the same token
+    several times in one step and tokens seen only in the prompt, which must take the
+    repetition penalty and counts as the plain engine's next steps would."""
+    kw = dict(max_tokens=20, ignore_eos=True, repetition_penalty=0.3, frequency_penalty=-1.0)
+    params = [SamplingParams(temperature=0, **kw), SamplingParams(temperature=0.9, seed=3, **kw),
+              SamplingParams(temperature=0, presence_penalty=-2.0, **kw),
+              SamplingParams(temperature=0.9, seed=4, presence_penalty=1.0, **kw)]
+    want, got, drafts, accepted = generate_both(engines, monkeypatch, params)
+    assert_same(want, got)
+    assert 0 < accepted < drafts
+    outs = [list(o.outputs[0].token_ids) for o in want]
+    # some run of 4 output tokens (one step's drafts) repeats a token; some output token
+    # appears in the prompt
+    assert any(len(set(out[i:i + 4])) < 4 for out in outs for i in range(len(out) - 3))
+    assert any(set(out) & set(p["prompt_token_ids"]) for out, p in zip(outs, PROMPTS))
 
 
 def test_constrained_rows_speculate_exactly(engines, monkeypatch):
