@@ -95,14 +95,14 @@ class PenaltyPool:
 
     def fold(self, states: list[PenaltyState], histories: list[tuple]) -> None:
         """Count the tokens each state has not seen yet (histories[i]: (token ids, number of
-        prompt tokens, stop ids[, drafted])): the whole history the first time, then what was
-        appended. The last ``drafted`` ids (a speculative verify row's drafts before it) are
-        never folded in: they may be rejected (``apply_drafts`` counts them for the row)."""
+        prompt tokens, ...)): the whole history the first time, then what was appended. A
+        verify row's drafts (histories[i][3]) are not in its ids: never folded in, they may be
+        rejected (``draft_corrections`` counts them for the row)."""
         new_pos, new_tok, new_cnt = [], [], []  # entries created now: written whole
         added: dict[int, int] = {}  # entries that existed before: position -> count to add
         size = self.page_size
-        for state, (ids, num_prompt, *rest) in zip(states, histories):
-            end = len(ids) - (rest[1] if len(rest) > 1 else 0)  # without the row's drafts
+        for state, (ids, num_prompt, *_) in zip(states, histories):
+            end = len(ids)
             if state.pool is not self or end < state.folded:
                 self._bind(state)
             if state.folded == end:
@@ -175,19 +175,19 @@ class PenaltyPool:
                           params: list[SamplingParams], histories: list[tuple]
                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The places and penalty arithmetic of a speculative verify row's drafts: row rows[r]
-        (histories[r]: (ids, num_prompt, stops, drafted), its last ``drafted`` ids the drafts
-        before it) is penalised from states[r] (folded without those drafts) by ``apply``,
+        (histories[r]: (ids, num_prompt, stops, drafts), ``drafts`` the drafts before it, after
+        the ids) is penalised from states[r] (folded without those drafts) by ``apply``,
         then each distinct draft token t must be penalised as the history with the drafts
         would: seen (the repetition penalty applies), its output count the state's plus its
         occurrences among the drafts. Returns (flat places in the [N, V] logits [D], per place
         [4, D] fp32: repetition, frequency, presence, base count added to the drafts' count
-        ... see ``apply_drafts``), or None when no row has drafts. Host work O(drafts)."""
+        occurrences among the drafts, whether the state lists the token), or None when no row
+        has drafts. Host work O(drafts)."""
         flat, slot, has, add, rep, freq, pres = [], [], [], [], [], [], []
-        for row, state, p, (ids, _, _, *rest) in zip(rows, states, params, histories):
-            drafted = rest[0] if rest else 0
-            if not drafted:
+        for row, state, p, (_, _, _, *rest) in zip(rows, states, params, histories):
+            if not rest or not rest[0]:
                 continue
-            for token, n in Counter(ids[len(ids) - drafted:]).items():
+            for token, n in Counter(rest[0]).items():
                 pos = state.slots.get(token)
                 flat.append(row * vocab + token), slot.append(pos or 0)
                 has.append(pos is not None), add.append(n)

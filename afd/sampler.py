@@ -47,17 +47,23 @@ def draw_step_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
+def drafted(history: tuple) -> int:
+    """How many drafts a verify row's history has after its sequence's own tokens."""
+    return len(history[3]) if len(history) > 3 else 0
+
+
 def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
                histories: list[tuple]) -> torch.Tensor:
     """The logits with each row's logit_bias added and, while it has fewer than min_tokens
-    output tokens, its stop ids (histories[i][2]: EOS unless ignored, stop_token_ids) at -inf.
-    Returns a new fp32 tensor, or ``logits`` itself when there is nothing to add."""
+    output tokens, its stop ids (histories[i][2]: EOS unless ignored, stop_token_ids) at -inf
+    (a verify row's drafts before it, histories[i][3], count as output). Returns a new fp32
+    tensor, or ``logits`` itself when there is nothing to add."""
     rows, cols, values = [], [], []
     for i, p in enumerate(params):
         for token, bias in (p.logit_bias or {}).items():
             rows.append(i), cols.append(token), values.append(float(bias))
-        ids, num_prompt = histories[i][0], histories[i][1]
-        if p.min_tokens and len(ids) - num_prompt < p.min_tokens:
+        h = histories[i]
+        if p.min_tokens and len(h[0]) + drafted(h) - h[1] < p.min_tokens:
             for token in histories[i][2]:
                 rows.append(i), cols.append(token), values.append(float("-inf"))
     if not rows:  # e.g. every min_tokens row is past its minimum
@@ -92,7 +98,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
 
-    hist = [histories[i] for i in rows]
+    hist = [(h[0] + list(h[3]), h[1]) if drafted(h) else h for h in (histories[i] for i in rows)]
     outputs = padded([h[0][h[1]:] for h in hist])
     counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(
         1, outputs, torch.ones(outputs.shape, device=dev))[:, :vocab]
@@ -236,9 +242,9 @@ class Sampler:
         """logits: [N, V], one row per sampling sequence. Returns N token ids, -1 for a row
         whose logits hold a NaN (it has no distribution to sample), -2 (``NO_TOKEN``) for one
         whose grammar, allowed_token_ids and bad_words leave no token. histories: each row's
-        (token ids so far, how many of them are the prompt, the ids that would stop it[, how
-        many of the last ids are a verify row's drafts]), for the penalties, min_tokens and
-        bad_words. penalties: each row's ``PenaltyState``
+        (token ids so far, how many of them are the prompt, the ids that would stop it[, a
+        verify row's drafts before it: output tokens after the ids]), for the penalties,
+        min_tokens and bad_words. penalties: each row's ``PenaltyState``
         (``Sequence.penalties``), kept between steps so that a penalised row costs the same
         whatever its history's length (without them, every call counts each history whole).
         grammars: each row's ``GrammarState`` (``Sequence.grammar``) or None."""
@@ -302,8 +308,8 @@ class Sampler:
         """``logits`` [N, V] penalised, as a new fp32 tensor unless ``own`` (this call's own
         fp32 copy, from logit_bias: changed in place). Each row's state is brought up to date
         with the tokens appended since its last step, then only its listed tokens change. A
-        speculative verify row (histories[i][3]: how many of its last ids are drafts) is
-        penalised from the state without its drafts, then its draft tokens are corrected to
+        speculative verify row (histories[i][3]: its drafts before it) is penalised from the
+        state without its drafts, then its draft tokens are corrected to
         what the history with them gives (``PenaltyPool.draft_corrections``). Without a state
         for every penalised row, the reference (``apply_penalties``) counts each history
         whole."""

@@ -202,11 +202,11 @@ def propose_ngram(token_ids: list[int] | np.ndarray, n_min: int, n_max: int,
 def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, list, list]:
     """Per sampling row (k + 1 for a speculating sequence, in order) the sampler's inputs:
     params, generator (a seeded sequence repeats its own: its rows take consecutive step
-    seeds), history (token ids plus the drafts before the row, and how many of those ids are
-    drafts: the penalties count them for the row without folding them into the sequence's
-    state), penalty state (the sequence's, for each of its rows) and grammar mask (a
-    constrained sequence's per row, ``GrammarState.draft_masks``; None while a grammar waits
-    for the end of the reasoning: no mask yet)."""
+    seeds), history (token ids, then the drafts before the row apart: min_tokens, bad_words
+    and the penalties count them for the row, the penalties without folding them into the
+    sequence's state; no copy of the token ids), penalty state (the sequence's, for each of
+    its rows) and grammar mask (a constrained sequence's per row, ``GrammarState.draft_masks``;
+    None while a grammar waits for the end of the reasoning: no mask yet)."""
     if not any(drafts):
         return one_row_each(seqs)
     params, gens, hists, pens, grams = [], [], [], [], []
@@ -217,10 +217,8 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
         for j in range(len(d) + 1):
             params.append(p)
             gens.append(seq.generator)
-            if j and need_history:
-                hists.append((seq.token_ids + d[:j], seq.num_prompt_tokens, stops, j))
-            else:
-                hists.append((seq.token_ids, seq.num_prompt_tokens, stops))
+            hists.append((seq.token_ids, seq.num_prompt_tokens, stops, d[:j]) if j and need_history
+                         else (seq.token_ids, seq.num_prompt_tokens, stops))
             pens.append(seq.penalties)
         grammar = seq.grammar
         if grammar is None:

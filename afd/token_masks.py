@@ -59,7 +59,8 @@ def apply_bans(logits: torch.Tensor, params: list[SamplingParams], histories: li
                own: bool) -> torch.Tensor:
     """``logits`` [N, V] with everything outside a row's allowed_token_ids and what its
     bad_words ban next at -inf. ``own``: ``logits`` is this step's own fp32 copy (changed in
-    place); otherwise a copy is made. histories[i]: (token ids, number of prompt tokens, ...)."""
+    place); otherwise a copy is made. histories[i]: (token ids, number of prompt tokens, stop
+    ids[, a verify row's drafts before it: output tokens after the ids])."""
     out = logits if own else logits.to(torch.float32, copy=True)
     dev, vocab = out.device, out.shape[1]
     allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
@@ -74,8 +75,9 @@ def apply_bans(logits: torch.Tensor, params: list[SamplingParams], histories: li
     rows, cols = [], []
     for i, p in enumerate(params):
         if p.bad_words_token_ids:
-            ids, num_prompt = histories[i][0], histories[i][1]
-            banned = banned_tokens(p, ids[num_prompt:])
+            ids, num_prompt, *rest = histories[i]
+            output = ids[num_prompt:] + list(rest[1]) if len(rest) > 1 else ids[num_prompt:]
+            banned = banned_tokens(p, output)
             rows += [i] * len(banned)
             cols += banned
     if rows:

@@ -59,7 +59,7 @@ def case(vocab: int, seqs: int, k: int, history: int, reps: int) -> dict:
     for h, d in zip(ids, drafts):
         for j in range(k + 1):
             plain_h.append((h, num_prompt, ()))
-            spec_h.append((h + d[:j], num_prompt, (), j) if j else (h, num_prompt, ()))
+            spec_h.append((h, num_prompt, (), d[:j]) if j else (h, num_prompt, ()))
     rows = seqs * (k + 1)
     ps, pens = [params] * rows, [s for s in states for _ in range(k + 1)]
     logits = torch.randn(rows, vocab)

@@ -78,7 +78,7 @@ def test_kept_state_matches_the_reference_step_by_step(page_size):
 @pytest.mark.parametrize("own", [False, True])
 def test_verify_rows_see_their_drafts_without_folding_them(own):
     """Speculative verify rows: each sequence gives k + 1 rows sharing its state, row j's
-    history its tokens plus drafts d1..dj (histories[i][3] = j). Every row's logits equal the
+    history its tokens, then drafts d1..dj apart (histories[i][3]). Every row's logits equal the
     reference's for that history, bit for bit (drafts repeating a token, drafts of prompt-only
     tokens, of tokens never seen, and of output tokens), and the drafts never reach the
     state: it stays what the sequence's own tokens give. ``own``: the logits are already the
@@ -102,7 +102,7 @@ def test_verify_rows_see_their_drafts_without_folding_them(own):
                       else [rng.choice(pool_) for _ in range(k)])
             for j in range(k + 1):
                 params.append(p), states.append(state)
-                hist.append((ids + drafts[:j], num_prompt, (), j) if j else (ids, num_prompt, ()))
+                hist.append((ids, num_prompt, (), drafts[:j]) if j else (ids, num_prompt, ()))
         logits = torch.randn(len(params), vocab, generator=gen) * 4
         want = apply_penalties(logits, params, hist)
         got = sampler._penalize(logits.clone() if own else logits, params, hist, states, own)
