@@ -32,8 +32,15 @@ the grammar gives after d1..dj (``GrammarState.draft_masks``: the matcher takes 
 then rolls back), so row j is sampled under the mask the non-speculative engine would apply
 at that step; the emitted tokens then advance the matcher as one-token steps do.
 
-Not speculated (they decode one token a step, in the same steps): sequences with penalties (the
-incremental ``PenaltyState`` would fold in drafts that may be rejected).
+Penalties (repetition, frequency, presence): every verify row of a penalised sequence is
+penalised from its ``PenaltyState``, which folds in only the tokens the sequence emits (never
+drafts, which may be rejected); row j's history carries d1..dj beside the token ids
+(``expand_rows``), and for each distinct token t among them the sampler recomputes row j's
+logit of t from its unpenalised value as the history with the drafts gives it: seen (the
+repetition penalty applies), output count = the state's + t's occurrences among d1..dj
+(``PenaltyPool.draft_corrections``), the formulas of ``afd.sampler.apply_penalties`` in the
+same order, so the row equals the non-speculative engine's bit for bit. Every sampling
+sequence may speculate.
 
 MTP drafts (``method: "mtp"``, vLLM's "deepseek_mtp" accepted): DeepSeek-V3's own
 multi-token-prediction layer (``models.model.MTPLayer``) proposes up to k drafts per sequence
