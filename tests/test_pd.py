@@ -177,8 +177,9 @@ def test_structured_output_matches_single_process(small_pd, reference):
 def test_structured_output_speculates_on_the_decode_rank(reference):
     """n-gram drafts on the decode rank for constrained requests, whose matcher it replayed
     from the prefill rank's first token (cut where the grammar refuses, each verify row under
-    its own mask): the plain single-process engine's tokens, greedy and seeded (n=2), and a
-    grammar that waits for the end of a reasoning; the drafts counted per request."""
+    its own mask): the plain single-process engine's tokens, greedy and seeded (n=2), a
+    grammar that waits for the end of a reasoning and a penalised request; the drafts counted
+    per request."""
     from afd.sampling_params import StructuredOutputsParams as SO
 
     path, prompts, _, free = reference
@@ -187,14 +188,17 @@ def test_structured_output_speculates_on_the_decode_rank(reference):
               SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=30, logprobs=1,
                              structured_outputs=regex),
               SamplingParams(temperature=0, max_tokens=30, structured_outputs=regex,
-                             reasoning_end_token_ids=[free[2][2]])]
-    expected = LLM(path).generate(prompts[:3], params, use_tqdm=False)
+                             reasoning_end_token_ids=[free[2][2]]),
+              # penalised: its decode-rank state starts from the prefill rank's first token
+              SamplingParams(temperature=0.8, seed=6, max_tokens=30, structured_outputs=regex,
+                             repetition_penalty=0.7, frequency_penalty=0.3)]
+    expected = LLM(path).generate(prompts[:4], params, use_tqdm=False)
     llm = LLM(path, prefill=1, attention=1, ffn=1, timeout_s=30, prefill_block_size=8,
               speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                   "prompt_lookup_max": 2, "prompt_lookup_min": 1},
               **SMALL_POOL)
     try:
-        outs = llm.generate(prompts[:3], params, use_tqdm=False)
+        outs = llm.generate(prompts[:4], params, use_tqdm=False)
         assert_same_outputs(outs, expected)
         assert all(o.metrics.spec_num_draft_tokens > 0 for o in outs), [o.metrics for o in outs]
         assert sum(o.metrics.spec_num_accepted_tokens for o in outs) > 0
