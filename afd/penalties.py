@@ -102,15 +102,14 @@ class PenaltyPool:
         added: dict[int, int] = {}  # entries that existed before: position -> count to add
         size = self.page_size
         for state, (ids, num_prompt, *_) in zip(states, histories):
-            end = len(ids)
-            if state.pool is not self or end < state.folded:
+            if state.pool is not self or len(ids) < state.folded:
                 self._bind(state)
-            if state.folded == end:
+            if state.folded == len(ids):
                 continue
             # the new output tokens' counts, and the new tokens in order of first appearance
-            outputs = Counter(ids[max(state.folded, num_prompt):end])
+            outputs = Counter(ids[max(state.folded, num_prompt):])
             num_pages = len(state.pages)
-            for token in dict.fromkeys(ids[state.folded:end]):
+            for token in dict.fromkeys(ids[state.folded:]):
                 pos = state.slots.get(token)
                 if pos is not None:
                     if token in outputs:
@@ -121,7 +120,7 @@ class PenaltyPool:
                     state.pages.append(self._allocate_page())
                 pos = state.slots[token] = state.pages[-1] * size + n % size
                 new_pos.append(pos), new_tok.append(token), new_cnt.append(outputs[token])
-            state.folded = end
+            state.folded = len(ids)
             if len(state.pages) != num_pages:
                 state.page_table = torch.tensor(state.pages).to(self.device, non_blocking=True)
         dev = self.device
@@ -174,15 +173,15 @@ class PenaltyPool:
     def draft_corrections(self, vocab: int, rows: list[int], states: list[PenaltyState],
                           params: list[SamplingParams], histories: list[tuple]
                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The places and penalty arithmetic of a speculative verify row's drafts: row rows[r]
+        """What ``apply_drafts`` needs for the speculative verify rows: row rows[r]
         (histories[r]: (ids, num_prompt, stops, drafts), ``drafts`` the drafts before it, after
-        the ids) is penalised from states[r] (folded without those drafts) by ``apply``,
-        then each distinct draft token t must be penalised as the history with the drafts
-        would: seen (the repetition penalty applies), its output count the state's plus its
-        occurrences among the drafts. Returns (flat places in the [N, V] logits [D], per place
-        [4, D] fp32: repetition, frequency, presence, base count added to the drafts' count
-        occurrences among the drafts, whether the state lists the token), or None when no row
-        has drafts. Host work O(drafts)."""
+        the ids) is penalised from states[r] (folded without those drafts) by ``apply``, then
+        each distinct draft token t must be penalised as the history with the drafts would:
+        seen (the repetition penalty applies), its output count the state's plus its
+        occurrences among the drafts. Returns ([2, D] int64: per (row, t) its flat place in the
+        [N, V] logits and t's entry in the pool (0 if unlisted); [5, D] fp32: repetition,
+        frequency, presence, t's occurrences among the drafts, whether the state lists t), or
+        None when no row has drafts. Host work O(drafts)."""
         flat, slot, has, add, rep, freq, pres = [], [], [], [], [], [], []
         for row, state, p, (_, _, _, *rest) in zip(rows, states, params, histories):
             if not rest or not rest[0]:

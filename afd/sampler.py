@@ -309,10 +309,9 @@ class Sampler:
         fp32 copy, from logit_bias: changed in place). Each row's state is brought up to date
         with the tokens appended since its last step, then only its listed tokens change. A
         speculative verify row (histories[i][3]: its drafts before it) is penalised from the
-        state without its drafts, then its draft tokens are corrected to
-        what the history with them gives (``PenaltyPool.draft_corrections``). Without a state
-        for every penalised row, the reference (``apply_penalties``) counts each history
-        whole."""
+        state without its drafts, then its draft tokens are corrected to what the history with
+        them gives (``PenaltyPool.draft_corrections``). Without a state for every penalised
+        row, the reference (``apply_penalties``) counts each history whole."""
         rows = [i for i, p in enumerate(params) if p.penalized]
         states = [penalties[i] for i in rows] if penalties is not None else [None]
         if any(s is None for s in states):
