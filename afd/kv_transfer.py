@@ -49,9 +49,12 @@ def gather_kv(caches: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tensor) -> None:
-    """Inverse of gather_kv into another block table."""
+    """Inverse of gather_kv into another block table. ``data`` may be in host memory (a
+    transfer staged through the host: ``wire_device``); each layer's rows go to the cache's
+    device."""
     for cache, rows in zip(caches, data):
         view = _token_view(cache)
+        rows = rows.to(cache.device)
         if cache.dim() == 3:
             view[slots] = rows
         else:
@@ -139,15 +142,29 @@ def sync_device(device: torch.device, backend: str) -> torch.device | None:
     return device if device.type == "cuda" and "nccl" in backend else None
 
 
+def wire_device(device: torch.device, backend: str) -> torch.device:
+    """Where a transfer's buffer lives for a cache on ``device``: the cache's device, except a
+    CUDA cache under gloo alone (ranks sharing one GPU: ``afd.workers.backend_for``), whose
+    buffer is staged in host memory. gloo's point-to-point send/recv hands the tensor's address
+    to its TCP transport as host memory (no CUDA path, unlike its collectives), so a CUDA
+    buffer there fails or corrupts the transfer; as afd.rebalance stages its expert moves."""
+    if device.type == "cuda" and "nccl" not in backend:
+        return torch.device("cpu")
+    return device
+
+
 def send_buffer(buffer: torch.Tensor, dst: int, tag: int, request_id: str) -> Sending:
+    backend = dist.get_backend()
+    buffer = buffer.to(wire_device(buffer.device, backend))
     return Sending(request_id, buffer,
                    Completion(dist.isend(buffer, dst, tag=tag),
-                              sync_device(buffer.device, dist.get_backend())))
+                              sync_device(buffer.device, backend)))
 
 
 def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> Receiving:
+    backend = dist.get_backend()
     buffer = torch.empty(transfer_shape(caches, pull.num_kv_tokens), dtype=caches[0].dtype,
-                         device=caches[0].device)
+                         device=wire_device(caches[0].device, backend))
     return Receiving(pull, block_ids, buffer,
                      Completion(dist.irecv(buffer, pull.src, tag=pull.tag),
-                                sync_device(buffer.device, dist.get_backend())))
+                                sync_device(buffer.device, backend)))

@@ -246,3 +246,71 @@ def test_only_nccl_transfers_of_cuda_buffers_synchronize_their_device():
     assert sync_device(cuda, "nccl") == cuda
     assert sync_device(cuda, "gloo") is None  # ranks sharing one GPU
     assert sync_device(torch.device("cpu"), "cpu:gloo,cuda:nccl") is None
+
+
+class _CudaLike:
+    """A CUDA tensor as the transfer code sees it, without a GPU: its device says cuda, and
+    ``to`` gives the real host tensor it stands for (on CPU) or itself (staying on the GPU)."""
+
+    def __init__(self, host):
+        import torch
+
+        self.host, self.device = host, torch.device("cuda", 0)
+        self.dtype, self.shape = host.dtype, host.shape
+
+    def to(self, device):
+        return self if device.type == "cuda" else self.host
+
+    def dim(self):
+        return self.host.dim()
+
+
+def _recording_p2p(monkeypatch, backend: str) -> list:
+    """torch.distributed's isend/irecv under ``backend``, recording each buffer's device."""
+    import torch.distributed as dist
+
+    from afd import kv_transfer
+
+    class Work:
+        def wait(self):
+            return True
+
+    sent = []
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "isend", lambda t, dst, tag=0: sent.append(("send", t)) or Work())
+    monkeypatch.setattr(dist, "irecv", lambda t, src, tag=0: sent.append(("recv", t)) or Work())
+    monkeypatch.setattr(kv_transfer.torch.cuda, "synchronize", lambda device=None: None)
+    return sent
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:nccl"])
+def test_a_cuda_kv_transfer_under_gloo_goes_through_host_memory(monkeypatch, backend):
+    """gloo's send/recv reads and writes the tensor's address as host memory (its collectives
+    stage CUDA tensors, its point-to-point calls do not): ranks sharing one GPU (gloo, the
+    GPU box's P/D tests) sent device addresses. Under gloo the buffer is a host copy, received
+    into host memory and scattered to the GPU; under NCCL it stays on the GPU."""
+    import torch
+
+    from afd.kv_transfer import Pull, post_recv, scatter_kv, send_buffer, wire_device
+    from afd.sequence import CoreRequest
+
+    sent = _recording_p2p(monkeypatch, backend)
+    staged = backend == "gloo"
+    cuda = torch.device("cuda", 0)
+    assert wire_device(cuda, backend) == (torch.device("cpu") if staged else cuda)
+    assert wire_device(torch.device("cpu"), backend) == torch.device("cpu")
+    rows = torch.arange(12.0).view(1, 3, 4)  # [layers, tokens, D]: one MLA layer
+    sending = send_buffer(_CudaLike(rows), dst=1, tag=7, request_id="r")
+    assert sending.work.done.wait(10) and sending.work.is_completed()
+    cache = _CudaLike(torch.zeros(2, 2, 4))  # [blocks, block_size, D]
+    if staged:
+        assert sent[0][1] is rows  # the host copy went to gloo
+        pull = Pull(CoreRequest.__new__(CoreRequest), 0, 3, src=0, tag=7)
+        recv = post_recv([cache], pull, [1, 0])
+        assert recv.buffer.device.type == "cpu" and tuple(recv.buffer.shape) == (1, 3, 4)
+        assert recv.work.done.wait(10)
+    else:
+        assert isinstance(sent[0][1], _CudaLike)
+    real = torch.zeros(2, 2, 4)
+    scatter_kv([real], torch.tensor([2, 3, 0]), rows)
+    assert real.view(-1, 4)[[2, 3, 0]].equal(rows[0])
