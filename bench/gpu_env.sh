@@ -24,7 +24,7 @@ fi
 python3 -c "
 import importlib.util
 needs = {'msgspec': 'every engine', 'zmq': 'pyzmq: layouts of several ranks', 'llguidance': 'structured output',
-         'msgpack': 'rank messages', 'safetensors': 'weights', 'transformers': 'tokenizers',
+         'msgpack': 'tests that forge rank messages', 'safetensors': 'weights', 'transformers': 'tokenizers',
          'pytest': 'tests'}
 missing = [f'{m} ({why})' for m, why in needs.items() if importlib.util.find_spec(m) is None]
 hint = (' -- bash bench/gpu_prep.sh on the CPU machine, then carry .whl'

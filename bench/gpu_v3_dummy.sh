@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DeepSeek-V3 at full width with random weights on a lent GPU, in one call (run it with
-# timeout_s=400; .whl not needed: one process):
+# timeout_s=400 and carry .whl, see bench/gpu_prep.sh: every engine imports msgspec, which the
+# device image lacks):
 #   bench/offline.py --model bench/configs/deepseek-v3 --load-format dummy --skip-hf
 #     --hf-overrides '{"num_hidden_layers": 5}' --dtype bfloat16 --num-prompts 256
 #     --new-tokens 64 --cuda-graphs
