@@ -115,6 +115,59 @@ def test_verify_rows_see_their_drafts_without_folding_them(own):
             ids.append(rng.choice(ids) if rng.random() < 0.5 else rng.randrange(vocab))
 
 
+def test_verify_rows_with_bias_min_tokens_and_bad_words_see_their_drafts():
+    """The whole logits pipeline of verify rows (logit_bias, min_tokens, bad_words, then the
+    penalties from kept state) with each row's drafts beside the ids (histories[i][3]) equals
+    the same pipeline over the history with the drafts written into the ids and the penalties
+    counted whole (the plain engine's step after those tokens), bit for bit."""
+    from afd import sampler as sampler_module
+
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    vocab, kept = 30, Sampler(seed=0)
+
+    def pipeline(sampler, logits, params, hist, states):
+        out = raw = logits.clone()
+        out = sampler_module.apply_bias(out, params, hist)
+        out = sampler_module.apply_bans(out, params, hist, out is not raw)
+        if not any(p.penalized for p in params):
+            return out
+        return sampler._penalize(out, params, hist, states, out is not raw)
+
+    for trial in range(60):
+        seqs = []
+        for _ in range(rng.randint(1, 4)):
+            kw = {"repetition_penalty": rng.choice([0.5, 1.0, 1.7]),
+                  "frequency_penalty": rng.choice([0.0, rng.uniform(-2, 2)]),
+                  "presence_penalty": rng.choice([0.0, rng.uniform(-2, 2)])}
+            if rng.random() < 0.5:
+                kw["logit_bias"] = {rng.randrange(vocab): rng.uniform(-5, 5) for _ in range(3)}
+            if rng.random() < 0.5:
+                kw["min_tokens"] = rng.randint(1, 6)
+            p = SamplingParams(temperature=0, max_tokens=50, **kw)
+            if rng.random() < 0.5:
+                p.bad_words_token_ids = [[rng.randrange(vocab)],
+                                         [rng.randrange(vocab), rng.randrange(vocab)]]
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 8))]
+            out = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+            seqs.append((prompt + out, len(prompt), p, PenaltyState() if p.penalized else None))
+        for step in range(3):
+            params, spec, plain, states = [], [], [], []
+            for ids, num_prompt, p, state in seqs:
+                drafts = [rng.choice(ids + [rng.randrange(vocab)])
+                          for _ in range(rng.randint(0, 4))]
+                for j in range(len(drafts) + 1):
+                    params.append(p), states.append(state)
+                    spec.append((ids, num_prompt, (1, 2), drafts[:j]) if j
+                                else (ids, num_prompt, (1, 2)))
+                    plain.append((ids + drafts[:j], num_prompt, (1, 2)))
+            logits = torch.randn(len(params), vocab, generator=gen) * 3
+            got = pipeline(kept, logits, params, spec, states)
+            want = pipeline(Sampler(seed=0), logits, params, plain, None)
+            assert torch.equal(got, want), (trial, step)
+            for ids, *_ in seqs:
+                ids.append(rng.randrange(vocab))
+
+
 def test_unpenalised_batches_keep_no_state():
     logits = torch.randn(3, 20)
     sampler = Sampler(seed=0)
