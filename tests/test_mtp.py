@@ -214,6 +214,27 @@ def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
     assert got[3].metrics.spec_num_draft_tokens > 0  # so did the penalized one
 
 
+def test_disable_by_batch_size_with_mtp_drafts(mtp_ckpt, monkeypatch):
+    """speculative_config.disable_by_batch_size with MTP (k = 3, every other request
+    penalised): while 3 or more sequences run no step verifies drafts (the MTP layer still
+    runs, its KV kept whole), so the two shortest requests finish without any; drafting
+    resumes once two are left. The plain engine's tokens, no leaked block."""
+    folder, _, _ = mtp_ckpt
+    monkeypatch.setitem(globals(), "mtp", lambda k: {"method": "mtp", "num_speculative_tokens": k,
+                                                     "disable_by_batch_size": 3})
+    prompts = [{"prompt_token_ids": p}
+               for p in mixed_prompts(5, seed=2, lengths=[30, 5, 23, 9, 12])]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True,
+                             repetition_penalty=1.2 if i % 2 else 1.0)
+              for i, m in enumerate([4, 6, 9, 20, 30])]
+    want, got, _ = _plain_and_mtp(folder, params, prompts, 3, block_size=4, num_kv_blocks=40,
+                                  max_model_len=64)
+    _assert_same(want, got)
+    drafts = [g.metrics.spec_num_draft_tokens for g in got]
+    assert drafts[0] == drafts[1] == 0, drafts
+    assert drafts[3] > 0 and drafts[4] > 0, drafts
+
+
 def _constant_model(folder: str, dest: str) -> str:
     """A copy of ``folder`` whose target and MTP final norms are zero: every logit is 0, so
     greedy picks token 0 always and every MTP draft (argmax 0) is right."""
