@@ -134,6 +134,9 @@ def parse_speculative_config(config: dict[str, Any] | None) -> SpecConfig | None
     k = integer("num_speculative_tokens", config["num_speculative_tokens"])
     off = config.get("disable_by_batch_size")
     off = 0 if off is None else integer("disable_by_batch_size", off)
+    if off == 1:  # (as vLLM: 1 would turn speculation off for good; leave the config out)
+        raise ValueError("speculative_config.disable_by_batch_size must be at least 2 (a "
+                         "batch of one would never speculate), got 1")
     if method == "mtp":
         given = [name for name in _LOOKUP if config.get(name) is not None]
         if given:

@@ -896,7 +896,8 @@ def test_disable_by_batch_size_verifies_no_drafts_while_the_batch_is_large(engin
         assert got[3].metrics.spec_num_draft_tokens > 0  # drafted once two were left
     finally:
         spec.shutdown()
-    with pytest.raises(ValueError, match="disable_by_batch_size"):
-        parse_speculative_config({**SPEC, "disable_by_batch_size": 0})
+    for bad in (0, 1, -3, 2.5, True):
+        with pytest.raises(ValueError, match="disable_by_batch_size"):
+            parse_speculative_config({**SPEC, "disable_by_batch_size": bad})
     assert parse_speculative_config({"method": "mtp", "num_speculative_tokens": 2,
                                      "disable_by_batch_size": 64}).disable_by_batch_size == 64
