@@ -168,6 +168,14 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
     return weights
 
 
+def mtp_checkpoint(folder: str):
+    """A tiny DeepSeek-V3 saved in ``folder`` with a random MTP layer added: (its folder, the
+    transformers model, the MTP weights)."""
+    hf = build_hf_model("deepseek_v3")
+    path = save_checkpoint(hf, folder)
+    return path, hf, add_mtp_layer(path, hf)
+
+
 def edit_config(folder: str, **changes) -> dict:
     """Rewrite ``folder``/config.json with ``changes`` (a None value drops the key); returns
     the new dict."""

@@ -20,7 +20,7 @@ from afd import protocol
 from afd.block_pool import BlockPool
 from afd.kv_offload import HostKVTier
 from afd.rank_attention import AttentionWorker
-from ckpt_utils import add_mtp_layer, build_hf_model, save_checkpoint
+from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 from fuzz_engine import run_case
 from fuzz_pd import run_pd_case
 
@@ -42,10 +42,7 @@ MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 @pytest.fixture(scope="module")
 def v3(tmp_path_factory):
     """A tiny DeepSeek-V3 with an MTP layer (engines without MTP drafts ignore it)."""
-    hf = build_hf_model("deepseek_v3")
-    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("fuzz-v3")))
-    add_mtp_layer(folder, hf)
-    return folder
+    return mtp_checkpoint(str(tmp_path_factory.mktemp("fuzz-v3")))[0]
 
 
 @pytest.fixture(scope="module")

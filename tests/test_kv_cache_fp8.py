@@ -20,7 +20,7 @@ import models.attention
 from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, resolve_engine_config
 from afd.kv_memory import FAKE_MEMORY_ENV, activation_reserve, kv_blocks_from_memory
-from ckpt_utils import add_mtp_layer, build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import build_hf_model, mixed_prompts, mtp_checkpoint, save_checkpoint
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, to_kv_cache
 from models.config import load_config
 
@@ -179,10 +179,7 @@ def test_pd_host_tier_and_graph_path_match_the_single_process(v3):
 
 @pytest.fixture(scope="module")
 def mtp_ckpt(tmp_path_factory):
-    hf = build_hf_model("deepseek_v3")
-    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("mtp")))
-    add_mtp_layer(folder, hf)
-    return folder
+    return mtp_checkpoint(str(tmp_path_factory.mktemp("mtp")))[0]
 
 
 def test_mtp_drafts_with_an_fp8_cache_keep_plain_decoding(mtp_ckpt):

@@ -22,8 +22,8 @@ from afd.rank_attention import start_decoding
 from afd.sequence import CoreRequest, Sequence
 from afd.placement import ExpertPlacement
 from afd.spec_decode import parse_speculative_config
-from ckpt_utils import (add_mtp_layer, build_hf_model, mixed_prompts, mtp_chain_reference,
-                        mtp_reference, save_checkpoint)
+from ckpt_utils import (mixed_prompts, mtp_chain_reference,
+                        mtp_checkpoint, mtp_reference)
 from models.batch import ForwardBatch
 from models.config import config_from_dict
 from models.model import LocalExperts, run_stages
@@ -39,9 +39,7 @@ def mtp(k: int) -> dict:
 @pytest.fixture(scope="module")
 def mtp_ckpt(tmp_path_factory):
     """(folder, transformers model, MTP weights): a tiny DeepSeek-V3 with a random MTP layer."""
-    hf = build_hf_model("deepseek_v3")
-    folder = save_checkpoint(hf, str(tmp_path_factory.mktemp("mtp")))
-    return folder, hf, add_mtp_layer(folder, hf)
+    return mtp_checkpoint(str(tmp_path_factory.mktemp("mtp")))
 
 
 def _prefill_batch(n: int, block_size: int = 8) -> ForwardBatch:
