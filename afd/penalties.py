@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 
 from afd.sampling_params import SamplingParams
+from afd.token_masks import row_drafts
 
 PAGE_SIZE = 256  # distinct tokens per page
 
@@ -164,11 +165,7 @@ class PenaltyPool:
         pos = slots[torch.arange(total, device=dev) + offset]  # [E] places in the pool
         counts = self.counts.view(-1)[pos]
         flat = row_start + self.tokens.view(-1)[pos]  # [E] places in ``out``
-        v = out.view(-1)[flat]
-        v = torch.where(v > 0, v / rep, v * rep)
-        v = v - freq * counts
-        v = v - pres * (counts > 0)
-        out.view(-1).index_copy_(0, flat, v)
+        _penalise(out, flat, out.view(-1)[flat], rep, freq, pres, counts)
 
     def draft_corrections(self, vocab: int, rows: list[int], states: list[PenaltyState],
                           params: list[SamplingParams], histories: list[tuple]
@@ -183,10 +180,11 @@ class PenaltyPool:
         frequency, presence, t's occurrences among the drafts, whether the state lists t), or
         None when no row has drafts. Host work O(drafts)."""
         flat, slot, has, add, rep, freq, pres = [], [], [], [], [], [], []
-        for row, state, p, (_, _, _, *rest) in zip(rows, states, params, histories):
-            if not rest or not rest[0]:
+        for row, state, p, history in zip(rows, states, params, histories):
+            drafts = row_drafts(history)
+            if not drafts:
                 continue
-            for token, n in Counter(rest[0]).items():
+            for token, n in Counter(drafts).items():
                 pos = state.slots.get(token)
                 flat.append(row * vocab + token), slot.append(pos or 0)
                 has.append(pos is not None), add.append(n)
@@ -207,11 +205,19 @@ class PenaltyPool:
         the occurrences among the drafts (integers: exact in fp32)."""
         index, (rep, freq, pres, add, has) = corrections
         counts = torch.where(has > 0, self.counts.view(-1)[index[1]], 0.0) + add
-        v = before
-        v = torch.where(v > 0, v / rep, v * rep)
-        v = v - freq * counts
-        v = v - pres * (counts > 0)
-        out.view(-1).index_copy_(0, index[0], v)
+        _penalise(out, index[0], before, rep, freq, pres, counts)
+
+
+def _penalise(out: torch.Tensor, places: torch.Tensor, v: torch.Tensor, rep: torch.Tensor,
+              freq: torch.Tensor, pres: torch.Tensor, counts: torch.Tensor) -> None:
+    """``out``'s flat ``places`` = logits ``v`` penalised (``afd.sampler.apply_penalties``'
+    arithmetic, in its order: repetition, then frequency x count, then presence): the one
+    body behind ``PenaltyPool.apply`` and ``apply_drafts``, so verify rows stay bit for bit
+    the plain step's."""
+    v = torch.where(v > 0, v / rep, v * rep)
+    v = v - freq * counts
+    v = v - pres * (counts > 0)
+    out.view(-1).index_copy_(0, places, v)
 
 
 def _starts(sizes: list[int]) -> list[int]:

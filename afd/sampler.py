@@ -31,7 +31,8 @@ import torch
 
 from afd.penalties import PenaltyPool, PenaltyState
 from afd.sampling_params import MAX_LOGPROBS, SamplingParams, TokenId
-from afd.token_masks import NO_TOKEN, apply_bans, apply_grammar_masks, no_token_left
+from afd.token_masks import (NO_TOKEN, apply_bans, apply_grammar_masks, no_token_left,
+                              row_drafts)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -47,11 +48,6 @@ def draw_step_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
-def drafted(history: tuple) -> int:
-    """How many drafts a verify row's history has after its sequence's own tokens."""
-    return len(history[3]) if len(history) > 3 else 0
-
-
 def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
                histories: list[tuple]) -> torch.Tensor:
     """The logits with each row's logit_bias added and, while it has fewer than min_tokens
@@ -63,7 +59,7 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
         for token, bias in (p.logit_bias or {}).items():
             rows.append(i), cols.append(token), values.append(float(bias))
         h = histories[i]
-        if p.min_tokens and len(h[0]) + drafted(h) - h[1] < p.min_tokens:
+        if p.min_tokens and len(h[0]) + len(row_drafts(h)) - h[1] < p.min_tokens:
             for token in histories[i][2]:
                 rows.append(i), cols.append(token), values.append(float("-inf"))
     if not rows:  # e.g. every min_tokens row is past its minimum
@@ -98,7 +94,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
 
-    hist = [(h[0] + list(h[3]), h[1]) if drafted(h) else h for h in (histories[i] for i in rows)]
+    hist = [(h[0] + list(row_drafts(h)), h[1]) if row_drafts(h) else h
+            for h in (histories[i] for i in rows)]
     outputs = padded([h[0][h[1]:] for h in hist])
     counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(
         1, outputs, torch.ones(outputs.shape, device=dev))[:, :vocab]

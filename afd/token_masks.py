@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 NO_TOKEN = -2  # the sampler's token for a row whose masks allow nothing
 
 
+def row_drafts(history: tuple) -> tuple | list:
+    """A sampling row's drafts after its sequence's own tokens: a speculative verify row's
+    history is (ids, num_prompt, stops, drafts before it), a plain row's has no fourth part."""
+    return history[3] if len(history) > 3 else ()
+
+
 def apply_grammar_masks(logits: torch.Tensor,
                         grammars: list[GrammarState | None]) -> torch.Tensor:
     """``logits`` [N, V] with each grammar row's disallowed tokens at -inf, as a new fp32
@@ -75,8 +81,9 @@ def apply_bans(logits: torch.Tensor, params: list[SamplingParams], histories: li
     rows, cols = [], []
     for i, p in enumerate(params):
         if p.bad_words_token_ids:
-            ids, num_prompt, *rest = histories[i]
-            output = ids[num_prompt:] + list(rest[1]) if len(rest) > 1 else ids[num_prompt:]
+            ids, num_prompt = histories[i][:2]
+            drafts = row_drafts(histories[i])
+            output = ids[num_prompt:] + list(drafts) if drafts else ids[num_prompt:]
             banned = banned_tokens(p, output)
             rows += [i] * len(banned)
             cols += banned
