@@ -40,7 +40,7 @@ import torch
 import kernels
 from afd.placement import ExpertPlacement, RouteTables
 from afd.profiling import StageTimers
-from afd.transport import ExpertGroups
+from afd.transport import ExpertGroups, _check_slots
 from models.model import Dispatch, ExpertPath
 from models.moe import RoutedExperts
 
@@ -220,9 +220,7 @@ class _DeepEPBuffers:
     def set_placement(self, placement: ExpertPlacement) -> None:
         """A live rebalance's placement (afd.rebalance): the same slots per rank, so DeepEP's
         expert count and buffers stay as they are."""
-        if placement.max_slots != self.experts.slots_per_rank:
-            raise ValueError(f"a placement of {placement.max_slots} slots per FFN rank cannot "
-                             f"replace one of {self.experts.slots_per_rank} (DeepEP's buffers)")
+        _check_slots(self.experts.slots_per_rank, placement)
         self.experts = DeepEPExpertMap(placement, self.experts.num_attention)
 
     def close(self) -> None:

@@ -599,10 +599,7 @@ class MultiRankClient:
         check_same_slots(self.placement, placement, num_layers, mtp=self.mtp)
         self.rebalances += 1
         epoch = self.rebalances
-        msg = protocol.Rebalance(epoch, **{k: v for k, v in placement.to_dict().items()})
-        attention = range(self.layout.prefill, self.layout.prefill + self.layout.attention)
-        for rank in attention:
-            self._tell(rank, msg)
+        self._tell_attention(protocol.Rebalance(epoch, **placement.to_dict()))
         expected = set(range(self.layout.prefill, self.layout.world_size))
         self.rebalanced = {}
 
@@ -798,8 +795,7 @@ class MultiRankClient:
         self._tell(decode, protocol.Pull(
             protocol.WireRequest.of(replace(placed.request, request_id=placed.wire_id)),
             placed.first_token, drafts, num_kv_tokens, placed.prefill, next(self.tags)))
-        self._wake_others(decode)
-        return None
+        return None  # (_tell woke the other attention ranks)
 
     def poll(self) -> None:
         """Take the ranks' reports while nothing is in flight (and notice dead ranks)."""

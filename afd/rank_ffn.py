@@ -24,7 +24,9 @@ class FFNWorker:
         # every MoE layer in the order a step reaches it: the target's, then the MTP layer's,
         # once per MTP round (its pass after the step's sampling, then k - 1 chained rounds:
         # every attention rank takes all k, see afd.model_runner)
-        self.experts = [layer.mlp.experts for layer in self.model.all_layers() if layer.is_moe]
+        self.by_layer = {layer.index: layer.mlp.experts for layer in self.model.all_layers()
+                         if layer.is_moe}  # (live rebalancing moves these, afd.rebalance)
+        self.experts = list(self.by_layer.values())
         if self.model.mtp is not None:
             self.experts += self.experts[-1:] * (cfg.num_speculative_tokens - 1)
         self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
@@ -32,8 +34,6 @@ class FFNWorker:
         # live rebalancing (afd.rebalance): every MoE layer's table, decoder layers then MTP
         self.index, self.epoch = index, 0
         self.tables = all_tables(spec.placement, self.model.cfg.num_layers)
-        self.by_layer = {layer.index: layer.mlp.experts for layer in self.model.all_layers()
-                         if layer.is_moe}
 
     def _rebalance(self, epoch: int) -> None:
         """Every attention rank holds rebalance ``epoch`` (the vote): take its tables from

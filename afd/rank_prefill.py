@@ -71,8 +71,7 @@ class PrefillWorker:
         return []
 
     def _is_decode(self, rank: int) -> bool:
-        layout = self.spec.layout
-        return layout.prefill <= rank < layout.prefill + layout.attention
+        return self.spec.layout.role_of(rank)[0] == "attention"
 
     def _send_kv(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
         """Send a parked prompt's KV. The decode rank has posted its receive, so something of
