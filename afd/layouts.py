@@ -16,8 +16,10 @@ import logging
 import math
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -242,9 +244,21 @@ class MultiRankClient:
         self.inbox.setsockopt(zmq.MAXMSGSIZE,
                               protocol.max_from_rank_bytes(engine_cfg.max_model_len) + (
                                   protocol.CURVE_BYTES if self.curve is not None else 0))
-        # across nodes: listen on every interface, tell the ranks the address they can reach
-        bind = f"tcp://{host}" if is_loopback(control_host) else "tcp://*"
-        inbox_port = self.inbox.bind_to_random_port(bind)
+        # one node: Unix-domain sockets in a directory only this user may enter (mkdtemp's
+        # 0700), so no other local user can connect to a rank's socket and take its messages,
+        # as anyone could over loopback TCP. Across nodes: TCP on every interface (CURVE),
+        # each rank told the address it can reach.
+        self.ipc_dir = (tempfile.mkdtemp(prefix="afd-ctl-") if is_loopback(control_host)
+                        else None)
+
+        def bind(sock: zmq.Socket, name: str) -> str:
+            if self.ipc_dir is not None:
+                addr = f"ipc://{self.ipc_dir}/{name}"
+                sock.bind(addr)
+                return addr
+            return f"tcp://{host}:{sock.bind_to_random_port('tcp://*')}"
+
+        front_out = bind(self.inbox, "in")
         self.outboxes: dict[int, zmq.Socket] = {}
         self.sent_at: dict[int, float] = {}  # when each rank was last sent a message
         front_in = []
@@ -256,14 +270,13 @@ class MultiRankClient:
             secure_server(sock, self.curve)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-            port = sock.bind_to_random_port(bind)
             self.outboxes[rank] = sock
-            front_in.append(f"tcp://{host}:{port}")
+            front_in.append(bind(sock, f"r{rank}"))
         self.last_seen = {r: time.monotonic() for r in range(layout.world_size)}
         template = WorkerSpec(rank=-1, layout=layout, engine_cfg=engine_cfg, placement=placement,
                               micro_batches=micro_batches, transport=transport,
                               timeout_s=timeout_s, store_host=LOOPBACK, store_port=0,
-                              front_out=f"tcp://{host}:{inbox_port}",
+                              front_out=front_out,
                               front_in=tuple(front_in),
                               threads=threads_per_rank(layout.world_size),
                               prefill_block_size=prefill_block_size, session=self.session,
@@ -852,6 +865,8 @@ class MultiRankClient:
         if getattr(self, "auth", None) is not None:
             self.auth.stop()
         self.ctx.destroy(linger=1000)
+        if getattr(self, "ipc_dir", None) is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     def __del__(self) -> None:
         try:

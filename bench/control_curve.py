@@ -8,7 +8,7 @@ libzmq's I/O threads, beside Python's.
     python bench/control_curve.py [--sizes 100 4096 65536 1048576] [--repeats 3] [--json out]
 
 Only the multi-node case uses CURVE (afd.layouts: a control host that is not loopback); one
-node's sockets stay plain TCP on loopback.
+node's sockets are Unix-domain (``ipc://``) in a folder of mode 700, timed here too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,15 +32,22 @@ from afd.workers import secure_client  # noqa: E402
 from results_io import commit_id, write_result  # noqa: E402
 
 
-def per_message_us(curve: bool, size: int, count: int) -> float:
+def per_message_us(mode: str, size: int, count: int) -> float:
+    """``mode``: "tcp" (plain, loopback), "curve" (TCP with CURVE) or "ipc" (one node's)."""
     ctx = zmq.Context()
+    curve = mode == "curve"
     keys = protocol.curve_keys(protocol.new_key(), protocol.new_session()) if curve else None
     auth = start_authenticator(ctx, keys) if curve else None
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     secure_server(pull, keys)
     secure_client(push, keys)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    push.connect(f"tcp://127.0.0.1:{port}")
+    folder = tempfile.mkdtemp(prefix="afd-bench-") if mode == "ipc" else None
+    if folder is not None:
+        pull.bind(f"ipc://{folder}/in")
+        push.connect(f"ipc://{folder}/in")
+    else:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
     msg = b"x" * size
     push.send(msg)
     pull.recv()  # connected (and, with CURVE, past the handshake)
@@ -59,6 +68,8 @@ def per_message_us(curve: bool, size: int, count: int) -> float:
     if auth is not None:
         auth.stop()
     ctx.term()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     return seconds / count * 1e6
 
 
@@ -69,13 +80,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cells = []
-    print(f"{'bytes':>9} {'plain us':>9} {'curve us':>9} {'added us':>9}")
+    print(f"{'bytes':>9} {'plain us':>9} {'curve us':>9} {'added us':>9} {'ipc us':>9}")
     for size in args.sizes:
         count = max(100, min(20000, (64 << 20) // max(size, 1) // 2))
-        plain = min(per_message_us(False, size, count) for _ in range(args.repeats))
-        curve = min(per_message_us(True, size, count) for _ in range(args.repeats))
-        cells.append({"bytes": size, "messages": count, "plain_us": plain, "curve_us": curve})
-        print(f"{size:>9} {plain:>9.1f} {curve:>9.1f} {curve - plain:>9.1f}")
+        plain = min(per_message_us("tcp", size, count) for _ in range(args.repeats))
+        curve = min(per_message_us("curve", size, count) for _ in range(args.repeats))
+        ipc = min(per_message_us("ipc", size, count) for _ in range(args.repeats))
+        cells.append({"bytes": size, "messages": count, "plain_us": plain, "curve_us": curve,
+                      "ipc_us": ipc})
+        print(f"{size:>9} {plain:>9.1f} {curve:>9.1f} {curve - plain:>9.1f} {ipc:>9.1f}")
     write_result({"bench": "control_curve", "commit": commit_id(),
                   "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, "
                              f"Python {platform.python_version()}, libzmq {zmq.zmq_version()}",

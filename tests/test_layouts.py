@@ -1653,6 +1653,94 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
         ctx.destroy(0)
 
 
+def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
+    """On one node the control sockets are Unix-domain sockets in a directory only this user
+    may enter: another local user can neither connect to a rank's socket (over loopback TCP
+    anyone could, and take a share of the messages meant for the rank) nor to the front end's
+    inbox. Messages still flow; the directory goes with the client."""
+    import stat
+    import subprocess
+    import sys
+
+    import zmq
+
+    from afd import protocol
+    from afd.config import resolve_engine_config
+    from afd.layouts import MultiRankClient
+    from afd.workers import ControlLink, Layout, Outbox
+    from ckpt_utils import save_checkpoint
+    from models.config import load_config
+
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
+    key = protocol.new_key()
+    ctx = zmq.Context()
+    rank_links = []
+
+    def attach(template):
+        def run():
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(template.front_out)
+            out = Outbox(sock, protocol.Sealer(key, template.session, 0), 0, 1 << 20)
+            link = ControlLink(ctx, out, template.front_in[0], 0)
+            rank_links.append(link)
+            link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
+                                      "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
+        threading.Thread(target=run, daemon=True).start()
+
+    model_cfg = load_config(path)
+    engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
+    seen = {}
+
+    def attach_and_look(template):
+        seen["template"] = template
+        attach(template)
+
+    client = MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=attach_and_look,
+                             control_key=key, startup_timeout_s=60)
+    try:
+        template = seen["template"]
+        addrs = [template.front_out, template.front_in[0]]
+        assert all(a.startswith("ipc://") for a in addrs), addrs
+        folder = os.path.dirname(addrs[0][len("ipc://"):])
+        assert all(os.path.dirname(a[len("ipc://"):]) == folder for a in addrs)
+        info = os.stat(folder)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+        if os.getuid() == 0:  # as another user, a plain connect to either socket is refused
+            probe = ("import os, socket, sys\n"
+                     "os.setgid(65534); os.setuid(65534)\n"
+                     "for p in sys.argv[1:]:\n"
+                     "    s = socket.socket(socket.AF_UNIX)\n"
+                     "    try:\n"
+                     "        s.connect(p)\n"
+                     "    except PermissionError:\n"
+                     "        continue\n"
+                     "    sys.exit('connected to ' + p)\n")
+            done = subprocess.run([sys.executable, "-c", probe,
+                                   *(a[len("ipc://"):] for a in addrs)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        (link,) = rank_links
+        client._tell(0, protocol.Abort(["r0"]))
+        got, deadline = [], time.monotonic() + 30
+        while not got:
+            assert time.monotonic() < deadline, "the rank never got the message"
+            got += link.poll(0.1)
+        assert got == [protocol.Abort(["r0"])]
+
+        def say_bye():  # as a rank does at Shutdown, so the client need not wait out its 10 s
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if any(isinstance(m, protocol.Shutdown) for m in link.poll(0.1)):
+                    link.send(protocol.Bye())
+                    return
+        bye = threading.Thread(target=say_bye, daemon=True)
+        bye.start()
+    finally:
+        client.shutdown()
+        ctx.destroy(0)
+    assert not os.path.exists(folder)
+
+
 def _connect_and_watch(sock, addr: str) -> int:
     import zmq
     from zmq.utils.monitor import recv_monitor_message
