@@ -24,7 +24,8 @@ from the token after it in the sequence that computed it.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
 decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after
-its last token, ``Sequence.mtp_drafts``), as many as the remaining budget, its max_tokens and
+its last token, ``Sequence.mtp_drafts``; a structured-output sequence whose grammar forces its
+next tokens drafts those, unless the method's drafts begin with them), as many as the remaining budget, its max_tokens and
 the free blocks allow (drafts never preempt anyone: with no block free it speculates less, or
 not at all). With chained MTP drafts (k > 1) every sampling sequence also gets lookahead KV
 slots for the MTP layer's chained rows, from the blocks still empty after admissions
@@ -303,8 +304,13 @@ class Scheduler:
                     seq.token_array = TokenArray()
                 drafts = propose_ngram(seq.token_array.sync(seq.token_ids),
                                        spec.prompt_lookup_min, spec.prompt_lookup_max, room)
-            if seq.grammar is not None and drafts:  # none it would refuse
-                drafts = seq.grammar.valid_drafts(drafts)
+            if seq.grammar is not None:
+                if drafts:  # none it would refuse
+                    drafts = seq.grammar.valid_drafts(drafts)
+                # the tokens the grammar forces, unless the drafts already begin with them
+                forced = seq.grammar.forced(room)
+                if drafts[:len(forced)] != forced:
+                    drafts = forced
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
             if extra > 0:

@@ -135,6 +135,17 @@ class GrammarState:
             return drafts
         return drafts[:start + self.matcher.validate_tokens(drafts[start:])]
 
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens the grammar forces next (llguidance's fast-forward tokens:
+        the only bytes it allows, in the tokenizer's canonical tokens; none while it waits
+        for the end of the reasoning, once stopped or failed). Speculative decoding drafts
+        them (``afd.scheduler``): verified as any draft, so an output the model tokenizes
+        otherwise is still the plain engine's. The matcher is left as it was."""
+        matcher = self.matcher
+        if limit < 1 or not self.reasoning_ended or matcher.is_stopped() or matcher.is_error():
+            return []
+        return matcher.compute_ff_tokens()[:limit]
+
     def draft_masks(self, drafts: list[int]) -> list[FixedMask | None]:
         """Per verify row j = 0 .. len(drafts), the mask the non-speculative engine would
         apply at the step after the sequence's tokens and d1 .. dj (None while the grammar

@@ -901,3 +901,105 @@ def test_disable_by_batch_size_verifies_no_drafts_while_the_batch_is_large(engin
             parse_speculative_config({**SPEC, "disable_by_batch_size": bad})
     assert parse_speculative_config({"method": "mtp", "num_speculative_tokens": 2,
                                      "disable_by_batch_size": 64}).disable_by_batch_size == 64
+
+
+class _ForcingGrammar:
+    """A stand-in grammar that takes any draft and forces ``tokens`` next."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.asked = tokens, []
+
+    def valid_drafts(self, drafts: list[int]) -> list[int]:
+        return drafts
+
+    def forced(self, limit: int) -> list[int]:
+        self.asked.append(limit)
+        return self.tokens[:limit]
+
+
+def test_a_grammar_that_forces_its_next_tokens_drafts_them():
+    """A structured-output sequence whose grammar forces its next tokens drafts those (up to k
+    and the free slots), unless the method's drafts already begin with them: then the longer
+    drafts stay. No forced tokens: the method's drafts."""
+    def drafts_of(proposed: list[int], forced: list[int]) -> tuple[list[int], list[int]]:
+        pool = BlockPool(num_blocks=8, block_size=4, enable_caching=False)
+        seq = _decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1)
+        seq.grammar = _ForcingGrammar(forced)
+        sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                          spec=SpecConfig(4, 2, 1))
+        sched.add_running(seq)
+        original = afd.scheduler.propose_ngram
+        afd.scheduler.propose_ngram = lambda *a: list(proposed)
+        try:
+            return sched.schedule().seqs[0].draft_token_ids, seq.grammar.asked
+        finally:
+            afd.scheduler.propose_ngram = original
+
+    assert drafts_of([], [40, 41, 42, 43, 44, 45]) == ([40, 41, 42, 43], [4])
+    assert drafts_of([7, 8], [40, 41]) == ([40, 41], [4])  # the method guessed otherwise
+    assert drafts_of([40, 41, 9, 9], [40, 41]) == ([40, 41, 9, 9], [4])  # it agreed, and more
+    assert drafts_of([7, 8, 9], []) == ([7, 8, 9], [4])
+
+
+def test_forced_tokens_are_drafted_and_the_output_is_the_plain_engines(engines, monkeypatch):
+    """With no proposal from the method at all, a JSON schema's forced tokens (its keys and
+    punctuation) are drafted and mostly accepted; greedy and seeded outputs stay the plain
+    engine's, and the forced drafts save steps."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+
+    schema = {"type": "object",
+              "properties": {"name": {"type": "string", "maxLength": 6},
+                             "count": {"type": "integer"},
+                             "colour": {"enum": ["red", "green", "blue"]}},
+              "required": ["name", "count", "colour"], "additionalProperties": False}
+    so = SO(json=schema, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs=so),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=60, structured_outputs=so)]
+    base, spec = engines
+    want = base.generate(PROMPTS[:2], params, use_tqdm=False)
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", lambda *a: [])
+    sched = spec.engine.core.scheduler
+    before = sched.num_draft_tokens, sched.num_accepted_tokens
+    steps = 0
+    step = spec.engine.step
+
+    def counted():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    monkeypatch.setattr(spec.engine, "step", counted)
+    got = spec.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert_same(want, got)
+    drafts = sched.num_draft_tokens - before[0]
+    accepted = sched.num_accepted_tokens - before[1]
+    assert drafts > 0 and accepted > 0
+    longest = max(len(o.outputs[0].token_ids) for o in want)
+    assert steps < longest  # fewer steps than tokens: forced runs came in one step each
+    core = spec.engine.core
+    assert not core.seqs and core.allocator.num_free == core.allocator.num_blocks
+
+
+def test_forced_tokens_of_a_grammar_state(engines):
+    """GrammarState.forced: the tokens the grammar forces next, at most ``limit``, none while
+    it waits for the end of the reasoning or once it stopped; the matcher is unchanged."""
+    from afd.sampling_params import StructuredOutputsParams as SO
+    from afd.structured_output import GrammarCompiler
+
+    core = engines[0].engine.core
+    if core._grammars is None:
+        core._grammars = GrammarCompiler(core.cfg.tokenizer or core.cfg.model,
+                                         core.runner.model.cfg.vocab_size)
+    tok = engines[0].get_tokenizer()
+    so = SO(choice=["alphabetic"])
+    g = core._grammars.state(so, (tok.eos_token_id,), None)
+    forced = g.forced(64)
+    assert forced and tok.decode(forced) == "alphabetic"
+    assert g.forced(2) == forced[:2] and g.forced(0) == []
+    assert g.forced(64) == forced  # unchanged by asking
+    g.replay(forced)
+    assert g.finished and g.forced(4) == []
+    waiting = core._grammars.state(so, (tok.eos_token_id,), [7])
+    assert waiting.forced(4) == []
+    waiting.accept(7)
+    assert waiting.forced(64) == forced
