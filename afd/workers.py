@@ -134,7 +134,8 @@ def start_device_backend(group, device: torch.device) -> None:
 
 
 def peer(frame: zmq.Frame) -> str:
-    """Where a received message came from, as ZeroMQ knows it (TCP: the peer's address)."""
+    """Where a received message came from, as ZeroMQ knows it (TCP: the peer's address; a
+    Unix-domain socket: ``localhost:UID:GID:PID`` of the peer process)."""
     try:
         return frame.get("Peer-Address")
     except (zmq.ZMQError, KeyError, TypeError):
