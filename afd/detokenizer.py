@@ -50,6 +50,12 @@ class IncrementalDetokenizer:
         self._decode = _direct_decode(tokenizer, skip_special_tokens) or self._decode_wrapped
         self._token_texts = {} if token_texts is None else token_texts
         self.tokens = list(prompt_token_ids[-_WINDOW:])
+        if self.tokens and self._decode(self.tokens).endswith("\ufffd"):
+            # The prompt ends inside a character (or in U+FFFD): the output's first bytes would
+            # complete it in every decode that starts in the prompt, and that character would
+            # never be emitted (it is no longer than the prompt's U+FFFD). Without the prompt,
+            # the output's text is its own decode, as ``tokenizer.decode(output ids)``.
+            self.tokens = []
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self._prefix: str | None = None  # the text of tokens[prefix_offset:read_offset], once known
@@ -87,6 +93,20 @@ class IncrementalDetokenizer:
             read_offset -= drop
         self.prefix_offset, self.read_offset, self._prefix = prefix_offset, read_offset, None
         return delta
+
+    def flush(self) -> str:
+        """The output is complete: the text of the tokens ``push`` has not emitted yet,
+        whatever it ends in (an unfinished character is U+FFFD, as ``tokenizer.decode`` of
+        the whole output has it). Call it once, at the end."""
+        tokens, prefix_offset, read_offset = self.tokens, self.prefix_offset, self.read_offset
+        if read_offset == len(tokens):
+            return ""
+        prefix = self._prefix
+        if prefix is None:
+            prefix = self._decode(tokens[prefix_offset:read_offset])
+        full = self._decode(tokens[prefix_offset:])
+        self.prefix_offset, self.read_offset, self._prefix = read_offset, len(tokens), None
+        return full[len(prefix):] if len(full) > len(prefix) else ""
 
 
 def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | None:

@@ -421,9 +421,9 @@ class LLMEngine:
             self._apply_metrics(req, out.metrics)
         if out.prompt_logprobs is not None and req.prompt_logprobs is None:
             req.prompt_logprobs = self._prompt_logprobs(req.prompt_token_ids, out.prompt_logprobs)
-        new_ids = out.new_token_ids
+        new_ids, delta, params = out.new_token_ids, "", req.params
         if new_ids:
-            metrics, params = req.metrics, req.params
+            metrics = req.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
@@ -441,15 +441,18 @@ class LLMEngine:
                          or new_ids[-1] in self.eos_token_ids)):
                 text_ids = new_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
             delta = comp.detok.push(text_ids)
-            if delta:
-                comp.text += delta
-                if params.stop and num_tokens >= params.min_tokens:
-                    hit = find_stop(comp.text, len(delta), params.stop)
-                    if hit is not None:
-                        index, stop = hit
-                        keep = index + len(stop) if params.include_stop_str_in_output else index
-                        comp.text = comp.text[:keep]
-                        comp.finish_reason, comp.stop_reason = "stop", stop
+        if out.finish_reason is not None and comp.finish_reason is None:
+            # the last text: what the detokenizer held for a character not finished yet
+            delta += comp.detok.flush()
+        if delta:
+            comp.text += delta
+            if params.stop and len(comp.token_ids) >= params.min_tokens:
+                hit = find_stop(comp.text, len(delta), params.stop)
+                if hit is not None:
+                    index, stop = hit
+                    keep = index + len(stop) if params.include_stop_str_in_output else index
+                    comp.text = comp.text[:keep]
+                    comp.finish_reason, comp.stop_reason = "stop", stop
         if comp.finish_reason is None and out.finish_reason is not None:
             comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
         if comp.finish_reason is not None:

@@ -22,6 +22,8 @@ class TwoDecodes:
     def __init__(self, tokenizer, prompt: list[int], skip: bool):
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
         self.tokens = list(prompt[-_WINDOW:])
+        if self.decode(self.tokens).endswith("\ufffd"):  # no context that ends mid-character
+            self.tokens = []
         self.prefix_offset, self.read_offset = 0, len(self.tokens)
 
     def push(self, token_ids: list[int]) -> str:
@@ -123,3 +125,64 @@ def test_find_stop_is_the_first_match_that_touches_the_new_text():
                     if text.startswith(s, i) and i + len(s) > len(text) - new_chars),
                    key=lambda hit: (hit[0], stops.index(hit[1])), default=None)
         assert find_stop(text, new_chars, stops) == want, (text, new_chars, stops)
+
+
+def test_pushes_then_flush_give_the_decode_of_the_output(tokenizer):
+    """What the pushes emit, then ``flush`` at the end, is ``tokenizer.decode`` of the output
+    ids (vLLM's and SGLang's contract for a byte-level BPE), over outputs that split, cut
+    short or garble multi-byte characters and hold special and added tokens, kept and skipped:
+    an unfinished character at the end is U+FFFD, as in the decode, not dropped; and a prompt
+    that ends inside a character does not swallow the output character that completes it."""
+    rng = random.Random(5)
+    vocab = len(tokenizer)
+    tables = {True: {}, False: {}}
+    for case in range(400):
+        skip = case % 2 == 0
+        prompt = random_stream(rng, vocab, rng.randrange(1, 9))
+        if case % 4 < 2:  # the prompt ends inside a character: the output may complete it
+            prompt += [4 + rng.choice([0xc3, 0xe4, 0xf0])]
+        stream = random_stream(rng, vocab, rng.randrange(1, 40))
+        detok = IncrementalDetokenizer(tokenizer, prompt, skip, tables[skip])
+        text, rest = "", stream
+        while rest:
+            take = rng.choice([1, 1, 1, 2, 3])
+            text += detok.push(rest[:take])
+            rest = rest[take:]
+        text += detok.flush()
+        assert text == tokenizer.decode(stream, skip_special_tokens=skip), (prompt, stream)
+        assert detok.flush() == ""
+
+
+def test_an_unfinished_last_character_reaches_the_output(tmp_path):
+    """The engine flushes the detokenizer when a completion ends: an output whose last bytes
+    do not finish a character (max_tokens cut it, or EOS came next) ends in U+FFFD, as
+    ``tokenizer.decode`` of its ids, in every output kind; before, the pending bytes' text was
+    dropped (here: all of it)."""
+    from test_output_kind import _ScriptedCore
+
+    from afd import RequestOutputKind
+    from afd.engine import LLMEngine
+
+    llm = LLM(seed=0)
+    tok, base = llm.get_tokenizer(), llm.engine
+    eos = base.eos_token_ids[0]
+    b = [4 + x for x in "中".encode()]
+    scripts = {1: [[b[0]], [b[1]], ([b[2]], "length")],  # a whole character: no change
+               2: [[b[0]], [b[1]], ([eos], "stop")],  # EOS after a cut character
+               3: [[40], [b[0], b[1]], ([b[0]], "length")],  # cut, then cut again at the end
+               4: [[b[0]], ([b[0]], "length")]}
+    for seed, steps in scripts.items():
+        ids = [t for s in steps for t in (s[0] if isinstance(s, tuple) else s)]
+        want = tok.decode(ids[:-1] if ids[-1] == eos else ids)
+        for kind in RequestOutputKind:
+            for stop in ([], ["zz"]):
+                engine = LLMEngine(tok, base.model_cfg, base.engine_cfg,
+                                   _ScriptedCore({seed: steps}), base.eos_token_ids)
+                engine.add_request("r", {"prompt_token_ids": [5, 6]},
+                                   SamplingParams(seed=seed, stop=stop, output_kind=kind))
+                texts = []
+                while engine.has_unfinished_requests():
+                    texts += [o.outputs[0].text for o in engine.step() if o.outputs]
+                text = "".join(texts) if kind == RequestOutputKind.DELTA else texts[-1]
+                assert text == want, (seed, kind, stop)
+    llm.shutdown()
