@@ -446,7 +446,8 @@ class LLMEngine:
             delta += comp.detok.flush()
         if delta:
             comp.text += delta
-            if params.stop and len(comp.token_ids) >= params.min_tokens:
+            # not at the first min_tokens tokens (a stop token can come after them only)
+            if params.stop and len(comp.token_ids) > params.min_tokens:
                 hit = find_stop(comp.text, len(delta), params.stop)
                 if hit is not None:
                     index, stop = hit

@@ -186,3 +186,30 @@ def test_an_unfinished_last_character_reaches_the_output(tmp_path):
                 text = "".join(texts) if kind == RequestOutputKind.DELTA else texts[-1]
                 assert text == want, (seed, kind, stop)
     llm.shutdown()
+
+
+def test_stop_strings_stop_only_after_min_tokens():
+    """vLLM's rule: a stop string ends the completion only at a token after the first
+    min_tokens (where a stop token can come at the earliest); one that the min_tokens-th token
+    completes does not (it did), one that a later token completes does, spanning the first
+    tokens' text or not."""
+    from test_output_kind import _ScriptedCore
+
+    from afd.engine import LLMEngine
+
+    llm = LLM(seed=0)
+    tok, base = llm.get_tokenizer(), llm.engine
+    steps = [[4 + ord(c)] for c in "abcd"] + [([4 + ord("e")], "length")]
+    cases = [(3, ["c"], "abcde", "length"), (3, ["cd"], "ab", "stop"),
+             (2, ["c"], "ab", "stop"), (0, ["a"], "", "stop"), (1, ["a"], "abcde", "length"),
+             (3, ["d", "bc"], "abc", "stop")]
+    for min_tokens, stop, text, finish in cases:
+        engine = LLMEngine(tok, base.model_cfg, base.engine_cfg, _ScriptedCore({1: steps}),
+                           base.eos_token_ids)
+        engine.add_request("r", {"prompt_token_ids": [5, 6]},
+                           SamplingParams(seed=1, stop=stop, min_tokens=min_tokens))
+        while engine.has_unfinished_requests():
+            out = engine.step()
+        [c] = out[0].outputs
+        assert (c.text, c.finish_reason) == (text, finish), (min_tokens, stop)
+    llm.shutdown()
