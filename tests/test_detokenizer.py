@@ -21,9 +21,11 @@ class TwoDecodes:
 
     def __init__(self, tokenizer, prompt: list[int], skip: bool):
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
-        self.tokens = list(prompt[-_WINDOW:])
-        if self.decode(self.tokens).endswith("\ufffd"):  # no context that ends mid-character
-            self.tokens = []
+        # the context: the shortest window of the last 5 to 20 prompt tokens whose text does
+        # not end in U+FFFD, or none
+        self.tokens = next((prompt[-k:] for k in range(min(_WINDOW, len(prompt)),
+                                                       min(len(prompt), 4 * _WINDOW) + 1)
+                            if not self.decode(prompt[-k:]).endswith("\ufffd")), [])
         self.prefix_offset, self.read_offset = 0, len(self.tokens)
 
     def push(self, token_ids: list[int]) -> str:
@@ -213,3 +215,66 @@ def test_stop_strings_stop_only_after_min_tokens():
         [c] = out[0].outputs
         assert (c.text, c.finish_reason) == (text, finish), (min_tokens, stop)
     llm.shutdown()
+
+
+def byte_fallback_tokenizer(folder):
+    """A sentencepiece-style BPE (Llama 2's tokenizer.json layout): "▁" for spaces, one
+    prepended, characters outside the vocabulary as <0xNN> byte tokens, a decoder that strips
+    the text's first space and turns a run of byte tokens into U+FFFDs when any is invalid."""
+    import json
+    import os
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    merges = [("▁", "a"), ("h", "e"), ("l", "l"), ("▁", "he"), ("▁he", "ll"), ("▁hell", "o")]
+    for piece in ["▁", "a", "b", "h", "e", "l", "o", "x", ".", "é", *(a + b for a, b in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                   "eos_token": "</s>", "unk_token": "<unk>",
+                   "clean_up_tokenization_spaces": False}, f)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def test_byte_fallback_text_is_the_decode_in_the_prompts_context(tmp_path):
+    """A sentencepiece-style tokenizer with byte fallback, on random prompts and outputs of
+    whole characters (words, spaces, special tokens, characters as 2 to 4 byte tokens): the
+    emitted text is the decode of prompt and output less that of the prompt (a first word's
+    leading space kept). A prompt whose last 5 tokens start inside a character of byte tokens
+    that runs to its end took that window as context, and the output's first bytes joined the
+    invalid run: 'é' came out as U+FFFDs."""
+    tok = byte_fallback_tokenizer(str(tmp_path))
+    words = [tok.convert_tokens_to_ids(w) for w in ("▁hello", "▁a", "a", "▁", "x", ".", "é")]
+
+    def stream(rng: random.Random, units: int) -> list[int]:
+        ids = []
+        for _ in range(units):
+            kind = rng.random()
+            if kind < 0.4:
+                ids += [3 + b for b in rng.choice("中é€😀ß字").encode()]
+            elif kind < 0.5:
+                ids.append(rng.choice([1, 2]))
+            else:
+                ids.append(rng.choice(words))
+        return ids
+
+    rng = random.Random(7)
+    for case in range(300):
+        skip = case % 2 == 0
+        prompt, out = stream(rng, rng.randrange(1, 8)), stream(rng, rng.randrange(1, 12))
+        before = tok.decode(prompt, skip_special_tokens=skip)
+        whole = tok.decode(prompt + out, skip_special_tokens=skip)
+        assert whole.startswith(before)
+        detok = IncrementalDetokenizer(tok, prompt, skip)
+        text = "".join(detok.push([t]) for t in out) + detok.flush()
+        assert text == whole[len(before):], (prompt, out)
