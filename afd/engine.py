@@ -503,10 +503,20 @@ class LLMEngine:
         return entry
 
     def token_text(self, token_id: int) -> str:
-        """One token decoded alone (vLLM's ``decoded_token``)."""
+        """One token decoded alone (vLLM's ``decoded_token``), with the leading spaces of its
+        vocabulary piece: a sentencepiece decoder drops the text's first space, which for a
+        token alone is the token's own ("▁Paris" decodes as "Paris"; vLLM adds it back too),
+        and the logprobs' tokens would no longer add up to the text."""
         text = self._token_text.get(token_id)
         if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+            text = self.tokenizer.decode([token_id])
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece.startswith("\u2581"):
+                missing = (len(piece) - len(piece.lstrip("\u2581"))
+                           - (len(text) - len(text.lstrip(" "))))
+                if missing > 0:
+                    text = " " * missing + text
+            self._token_text[token_id] = text
         return text
 
     def reset_prefix_cache(self) -> bool:

@@ -278,3 +278,28 @@ def test_byte_fallback_text_is_the_decode_in_the_prompts_context(tmp_path):
         detok = IncrementalDetokenizer(tok, prompt, skip)
         text = "".join(detok.push([t]) for t in out) + detok.flush()
         assert text == whole[len(before):], (prompt, out)
+
+
+def test_logprob_tokens_keep_a_sentencepiece_words_space(tmp_path):
+    """Each logprob's decoded token is the token alone, with its piece's leading spaces: a
+    sentencepiece decoder drops the first space of what it decodes, so '▁hello' alone came out
+    as 'hello', and the tokens of an output of words no longer added up to its text."""
+    from test_output_kind import _ScriptedCore
+
+    from afd.engine import LLMEngine
+
+    tok = byte_fallback_tokenizer(str(tmp_path))
+    llm = LLM(seed=0)
+    base = llm.engine
+    ids = tok.encode("hello a hello. x é", add_special_tokens=False)
+    assert "▁hello" in tok.convert_ids_to_tokens(ids)
+    engine = LLMEngine(tok, base.model_cfg, base.engine_cfg,
+                       _ScriptedCore({1: [[t] for t in ids[:-1]] + [([ids[-1]], "length")]}))
+    engine.add_request("r", {"prompt_token_ids": [1, 260]}, SamplingParams(seed=1, logprobs=0))
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    [c] = out[0].outputs
+    tokens = [step[t].decoded_token for t, step in zip(c.token_ids, c.logprobs)]
+    assert "".join(tokens) == c.text == " hello a hello. x é", tokens
+    assert engine.token_text(1) == "<s>" and engine.token_text(3 + ord("a")) == "a"
+    llm.shutdown()
