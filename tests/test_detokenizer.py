@@ -11,8 +11,15 @@ from afd.detokenizer import _WINDOW, IncrementalDetokenizer, find_stop
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return LLM(seed=0).get_tokenizer()
+def llm():
+    llm = LLM(seed=0)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llm):
+    return llm.get_tokenizer()
 
 
 class TwoDecodes:
@@ -155,7 +162,7 @@ def test_pushes_then_flush_give_the_decode_of_the_output(tokenizer):
         assert detok.flush() == ""
 
 
-def test_an_unfinished_last_character_reaches_the_output(tmp_path):
+def test_an_unfinished_last_character_reaches_the_output(llm):
     """The engine flushes the detokenizer when a completion ends: an output whose last bytes
     do not finish a character (max_tokens cut it, or EOS came next) ends in U+FFFD, as
     ``tokenizer.decode`` of its ids, in every output kind; before, the pending bytes' text was
@@ -165,7 +172,6 @@ def test_an_unfinished_last_character_reaches_the_output(tmp_path):
     from afd import RequestOutputKind
     from afd.engine import LLMEngine
 
-    llm = LLM(seed=0)
     tok, base = llm.get_tokenizer(), llm.engine
     eos = base.eos_token_ids[0]
     b = [4 + x for x in "中".encode()]
@@ -187,10 +193,9 @@ def test_an_unfinished_last_character_reaches_the_output(tmp_path):
                     texts += [o.outputs[0].text for o in engine.step() if o.outputs]
                 text = "".join(texts) if kind == RequestOutputKind.DELTA else texts[-1]
                 assert text == want, (seed, kind, stop)
-    llm.shutdown()
 
 
-def test_stop_strings_stop_only_after_min_tokens():
+def test_stop_strings_stop_only_after_min_tokens(llm):
     """vLLM's rule: a stop string ends the completion only at a token after the first
     min_tokens (where a stop token can come at the earliest); one that the min_tokens-th token
     completes does not (it did), one that a later token completes does, spanning the first
@@ -199,7 +204,6 @@ def test_stop_strings_stop_only_after_min_tokens():
 
     from afd.engine import LLMEngine
 
-    llm = LLM(seed=0)
     tok, base = llm.get_tokenizer(), llm.engine
     steps = [[4 + ord(c)] for c in "abcd"] + [([4 + ord("e")], "length")]
     cases = [(3, ["c"], "abcde", "length"), (3, ["cd"], "ab", "stop"),
@@ -214,7 +218,6 @@ def test_stop_strings_stop_only_after_min_tokens():
             out = engine.step()
         [c] = out[0].outputs
         assert (c.text, c.finish_reason) == (text, finish), (min_tokens, stop)
-    llm.shutdown()
 
 
 def byte_fallback_tokenizer(folder):
@@ -280,7 +283,7 @@ def test_byte_fallback_text_is_the_decode_in_the_prompts_context(tmp_path):
         assert text == whole[len(before):], (prompt, out)
 
 
-def test_logprob_tokens_keep_a_sentencepiece_words_space(tmp_path):
+def test_logprob_tokens_keep_a_sentencepiece_words_space(llm, tmp_path):
     """Each logprob's decoded token is the token alone, with its piece's leading spaces: a
     sentencepiece decoder drops the first space of what it decodes, so '▁hello' alone came out
     as 'hello', and the tokens of an output of words no longer added up to its text."""
@@ -289,7 +292,6 @@ def test_logprob_tokens_keep_a_sentencepiece_words_space(tmp_path):
     from afd.engine import LLMEngine
 
     tok = byte_fallback_tokenizer(str(tmp_path))
-    llm = LLM(seed=0)
     base = llm.engine
     ids = tok.encode("hello a hello. x é", add_special_tokens=False)
     assert "▁hello" in tok.convert_ids_to_tokens(ids)
@@ -302,4 +304,3 @@ def test_logprob_tokens_keep_a_sentencepiece_words_space(tmp_path):
     tokens = [step[t].decoded_token for t, step in zip(c.token_ids, c.logprobs)]
     assert "".join(tokens) == c.text == " hello a hello. x é", tokens
     assert engine.token_text(1) == "<s>" and engine.token_text(3 + ord("a")) == "a"
-    llm.shutdown()
