@@ -304,3 +304,108 @@ def test_logprob_tokens_keep_a_sentencepiece_words_space(llm, tmp_path):
     tokens = [step[t].decoded_token for t, step in zip(c.token_ids, c.logprobs)]
     assert "".join(tokens) == c.text == " hello a hello. x é", tokens
     assert engine.token_text(1) == "<s>" and engine.token_text(3 + ord("a")) == "a"
+
+
+def test_engine_text_against_vllms_rules(llm):
+    """Random scripted outputs (words, special tokens, EOS, stop token ids, EOS among them,
+    ignore_eos, n = 1 or 2, logprobs, min_tokens, stop strings cut from the outputs' texts,
+    kept or not, special tokens kept or not), final-only and joined deltas, against vLLM's
+    rules written out plainly: the text is the decode of the tokens (less a stop token's,
+    unless kept); after each token past the first min_tokens, the earliest stop string that
+    ends in its new text cuts the text there (before it, or after it if kept) and ends the
+    completion at that token, with the stop string as stop_reason."""
+    from test_output_kind import _ScriptedCore
+
+    from afd import RequestOutputKind
+    from afd.engine import LLMEngine
+    from afd.sequence import CoreOutput
+
+    class Core(_ScriptedCore):  # steps: [token], or ([token], finish, stop_reason)
+        def step(self):
+            outs = []
+            for rid, (script, req) in list(self.running.items()):
+                s = next(script)
+                ids, finish, reason = s if isinstance(s, tuple) else (s, None, None)
+                logprobs = None if req.params.logprobs is None else [
+                    [[t], [-0.01 * t], 1] for t in ids]
+                outs.append(CoreOutput(rid, ids, finish, reason, None, None, logprobs))
+                if finish is not None:
+                    del self.running[rid]
+            return outs
+
+    tok, base = llm.get_tokenizer(), llm.engine
+    eos = base.eos_token_ids[0]
+    words = [4 + b for b in range(32, 127)] + [t for t in range(260, len(tok))
+                                               if tok.decode([t]).isascii()]
+
+    def rule(ids: list[int], finish: str, reason, p: SamplingParams) -> tuple:
+        text_ids = ids
+        if finish == "stop" and (reason is not None or ids[-1] == eos) and (
+                not p.include_stop_str_in_output):
+            text_ids = ids[:-1]
+        before = ""
+        for i in range(1, len(text_ids) + 1):
+            text = tok.decode(text_ids[:i], skip_special_tokens=p.skip_special_tokens)
+            if i > p.min_tokens:
+                hits = [(j, s) for s in p.stop
+                        if (j := text.find(s, max(0, len(before) - len(s) + 1))) >= 0]
+                if hits:
+                    j, s = min(hits, key=lambda h: h[0])
+                    return (text[:j + len(s)] if p.include_stop_str_in_output else text[:j],
+                            ids[:i], "stop", s)
+            before = text
+        return before, ids, finish, reason
+
+    rng = random.Random(11)
+    for trial in range(150):
+        n, ignore_eos = rng.choice([1, 2]), rng.random() < 0.3
+        stop_ids = [rng.choice(words)] if rng.random() < 0.3 else []
+        stop_ids += [eos] if rng.random() < 0.2 else []
+        max_tokens = rng.randrange(1, 20)
+        min_tokens = min(rng.choice([0, 0, 1, 3]), max_tokens)
+        scripts, outputs = {}, []
+        for i in range(n):
+            ids, finish, reason = [], "length", None
+            while len(ids) < max_tokens:
+                t = rng.choice(words) if rng.random() < 0.9 else rng.choice([0, 2, 3, eos])
+                stops = t in stop_ids or (t == eos and not ignore_eos)
+                if stops and len(ids) < min_tokens:
+                    continue  # the sampler masks them until min_tokens are out
+                ids.append(t)
+                if stops:
+                    finish, reason = "stop", (None if t == eos and not ignore_eos else t)
+                    break
+            scripts[1000 * trial + i] = [[t] for t in ids[:-1]] + [([ids[-1]], finish, reason)]
+            outputs.append((ids, finish, reason))
+        texts = [tok.decode(ids) for ids, _, _ in outputs]
+        stops = []
+        for text in rng.choices(texts, k=rng.randrange(3)):
+            start = rng.randrange(len(text)) if text else 0
+            if text[start:start + 1]:
+                stops.append(text[start:start + rng.randrange(1, 5)])
+        params = SamplingParams(
+            n=n, seed=1000 * trial, stop=stops, stop_token_ids=stop_ids, ignore_eos=ignore_eos,
+            max_tokens=max_tokens, min_tokens=min_tokens, logprobs=rng.choice([None, 1]),
+            include_stop_str_in_output=rng.random() < 0.3,
+            skip_special_tokens=rng.random() < 0.5)
+        want = [rule(*o, params) for o in outputs]
+        for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
+            engine = LLMEngine(tok, base.model_cfg, base.engine_cfg, Core(scripts),
+                               base.eos_token_ids)
+            engine.add_request("r", {"prompt_token_ids": [40, 41]},
+                               SamplingParams(**{**params.to_dict(), "output_kind": kind}))
+            got: dict[int, list] = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    for c in out.outputs:
+                        g = got.setdefault(c.index, ["", [], None, None, 0])
+                        if kind == RequestOutputKind.DELTA:
+                            g[0] += c.text
+                            g[1] = g[1] + c.token_ids
+                            g[4] += len(c.logprobs or ())
+                        else:
+                            g[0], g[1], g[4] = c.text, c.token_ids, len(c.logprobs or ())
+                        g[2], g[3] = c.finish_reason, c.stop_reason
+            for i in range(n):
+                assert tuple(got[i][:4]) == want[i], (trial, kind, params, outputs[i])
+                assert got[i][4] == (0 if params.logprobs is None else len(got[i][1]))
