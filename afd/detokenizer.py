@@ -49,12 +49,13 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._decode = _direct_decode(tokenizer, skip_special_tokens) or self._decode_wrapped
         self._token_texts = {} if token_texts is None else token_texts
-        self.tokens = self._context(prompt_token_ids)
+        self.tokens, context = self._context(prompt_token_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
-        self._prefix: str | None = None  # the text of tokens[prefix_offset:read_offset], once known
+        # the text of tokens[prefix_offset:read_offset], once known
+        self._prefix: str | None = context
 
-    def _context(self, prompt: list[int]) -> list[int]:
+    def _context(self, prompt: list[int]) -> tuple[list[int], str]:
         """The prompt's last tokens, decoded before the output's for their context (a word's
         leading space): the last ``_WINDOW``, or more where those end in U+FFFD. That is a
         window that starts inside a character whose bytes run to its end (a byte-fallback
@@ -63,13 +64,14 @@ class IncrementalDetokenizer:
         is taken; or the prompt ends inside a character (or in U+FFFD), so no window helps
         (the output's first bytes would finish it in every decode that starts in the prompt,
         and that character would never be emitted): none, and the output's text is its own
-        decode, as ``tokenizer.decode(output ids)``."""
+        decode, as ``tokenizer.decode(output ids)``. Returns the window and its text."""
         n = len(prompt)
         for size in range(min(_WINDOW, n), min(n, 4 * _WINDOW) + 1):
-            window = prompt[n - size:]
-            if not self._decode(window).endswith("\ufffd"):
-                return list(window)
-        return []
+            window = list(prompt[n - size:])
+            text = self._decode(window)
+            if not text.endswith("\ufffd"):
+                return window, text
+        return [], ""
 
     def _decode_wrapped(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
