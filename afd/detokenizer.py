@@ -7,7 +7,9 @@ window's text before the new tokens) is mostly one token decoded alone, the toke
 step emitted: that text comes from a table of single-token texts shared by every completion with
 the same tokenizer and ``skip_special_tokens``, or is kept from the previous step when that step
 emitted nothing, so a step usually runs one backend decode, not two. Both are the same decode of
-the same ids, so the text is exactly that of decoding both each time.
+the same ids, so the text is exactly that of decoding both each time. At the end ``flush`` emits
+what is still held (an unfinished character as U+FFFD), so the pieces add up to the decode of
+the output in the context of the prompt's last tokens (see ``_context``).
 """
 
 from __future__ import annotations
