@@ -268,6 +268,10 @@ class MarkerStream(ToolCallStream):
                          self.begun)
 
     def _stream_open_call(self) -> None:
+        if self.max_calls is not None and len(self.calls) >= self.max_calls and not self.begun:
+            # a call past the limit streams nothing: read whole when it closes, as unstreamed
+            # (begun, a key written twice or a body that breaks would turn it into content)
+            return
         peeked = self.body.peek()
         if peeked is None:
             return

@@ -592,3 +592,30 @@ def test_readers_keep_what_they_read_compactly():
     for name, (make, pieces) in cases.items():
         per_step = retained_per_step(make, pieces)
         assert per_step < 16, (name, per_step)
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_calls_past_the_limit_stream_as_they_parse_unstreamed(parser):
+    """parallel_tool_calls=false (one call): the deltas add up to the unstreamed answer
+    whenever the call that goes out parses (one that breaks after its first delta cannot be
+    taken back). A call past the limit used to be read as it streamed, though nothing of it
+    goes out: its second "arguments" key, or a body that broke, made it content (with the
+    whitespace before it dropped) where the unstreamed answer drops the call."""
+    rng = random.Random(parser)
+    checked = 0
+    for text in random_texts(parser, 150, seed=3):
+        want = MarkerStream(PARSERS[parser], 1).parse(text)
+        want = (want.content or "", [(c.name, c.arguments) for c in want.calls])
+        for cuts in chunkings(text, rng, every_split=False)[:4]:
+            stream, content, calls = MarkerStream(PARSERS[parser], 1), "", {}
+            for start, end, final in steps(text, cuts):
+                piece = stream.update(text[start:end], final)
+                content += piece.content
+                for p in piece.calls:
+                    name, args = calls.get(p.index, ("", ""))
+                    calls[p.index] = (name + (p.name or ""), args + p.arguments)
+            if stream.calls and not stream.calls[0].valid:
+                continue  # the call that went out broke
+            checked += 1
+            assert (content, [calls[i] for i in sorted(calls)]) == want, (text, cuts)
+    assert checked > 300
