@@ -431,10 +431,11 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
 def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
            prompt_field: str | None, max_tokens_field: str = "max_tokens",
            reasoning_end: list[int] | None = None
-           ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]]]:
+           ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]], int]:
     """Check a request's sampling fields and prompts (a 400 naming the field sent:
     ``prompt_field`` for the prompt a conversation makes, ``max_tokens_field``) and queue each
-    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt).
+    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt, the prompts'
+    tokens in all).
     ``reasoning_end``: the token ids a structured-output grammar waits for (``_chat_prompt``).
     A streamed request's outputs are deltas (what is new since the last); an unstreamed one's
     is its final output alone (RequestOutputKind)."""
@@ -465,7 +466,7 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
     return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text,
                                                     "cache_salt": body.cache_salt},
                                     params, body.priority)
-                    for i, (text, ids) in enumerate(checked)]
+                    for i, (text, ids) in enumerate(checked)], sum(len(ids) for _, ids in checked)
 
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
@@ -474,14 +475,18 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  reasoning_end: list[int] | None = None) -> Response:
     engine = state.engine
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    params, streams = _start(state, body, prompts, max_tokens, base,
-                             "messages" if chat else None, max_tokens_field, reasoning_end)
+    params, streams, prompt_tokens = _start(state, body, prompts, max_tokens, base,
+                                            "messages" if chat else None, max_tokens_field,
+                                            reasoning_end)
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
-                                      params.logprobs, echo, readers),
+        options = body.stream_options or StreamOptions()
+        # vLLM's continuous_usage_stats: the usage so far in every chunk (with include_usage)
+        continuous = prompt_tokens if options.include_usage and \
+            options.continuous_usage_stats else None
+        return StreamingResponse(_sse(state, base, streams, n, chat, options.include_usage,
+                                      params.logprobs, echo, readers, continuous),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -501,7 +506,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             if chat:
                 message, finish = _chat_message(c, readers)
                 choices.append({"index": index, "finish_reason": finish, "message": message,
-                                "logprobs": _chat_logprobs(c, 0, params.logprobs)})
+                                "logprobs": _chat_logprobs(c, 0, params.logprobs),
+                                "stop_reason": c.stop_reason})
                 continue
             text, token_ids, entries = echo.completion(out, c)
             choice = {"index": index, "text": text,
@@ -660,7 +666,7 @@ async def _respond(state: ServerState, request: Request, body: ResponsesRequest)
         prompt, readers, reasoning_end = _chat_prompt(state, chat)
         turn = _Turn(state, body, new_id("resp"), int(time.time()),
                      history + body.input_items(), readers)
-        turn.params, [stream] = _start(state, chat, [prompt], chat.max_tokens, turn.id, "input",
+        turn.params, [stream], _ = _start(state, chat, [prompt], chat.max_tokens, turn.id, "input",
                                        "max_output_tokens", reasoning_end)
     except APIError as exc:
         raise rename_chat_error(exc) from None
@@ -848,14 +854,16 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
-               echo: _Echo | None, readers: _ChatReaders | None = None
-               ) -> AsyncIterator[str]:
+               echo: _Echo | None, readers: _ChatReaders | None = None,
+               continuous_prompt_tokens: int | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
     parser or tools, a chat chunk's delta has the new reasoning, content and call pieces
     (``tool_calls``) that each choice's readers find in the text the chunk carries (they keep
-    what they need of the text before). The streams' outputs are deltas
+    what they need of the text before). With ``continuous_prompt_tokens`` (the prompts'
+    tokens in all: vLLM's continuous_usage_stats) each chunk also carries the usage so far, the
+    completion tokens of every choice generated by then. The streams' outputs are deltas
     (RequestOutputKind.DELTA): each choice's pieces wait in a ``_Pending`` until a chunk
     carries them."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -886,8 +894,15 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     open_streams = len(streams)
 
     def chunk(choices: list[dict]) -> str:
-        return "data: " + json.dumps({"id": base, "object": obj, "created": created,
-                                      "model": state.model_name, "choices": choices}) + "\n\n"
+        body = {"id": base, "object": obj, "created": created, "model": state.model_name,
+                "choices": choices}
+        if continuous_prompt_tokens is not None:
+            done = 0 if echo is not None and echo.only else sum(p.num_tokens
+                                                                for p in pending.values())
+            body["usage"] = {"prompt_tokens": continuous_prompt_tokens,
+                             "completion_tokens": done,
+                             "total_tokens": continuous_prompt_tokens + done}
+        return "data: " + json.dumps(body) + "\n\n"
 
     try:
         if chat:
@@ -939,14 +954,16 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                         if reader is not None:
                             choice_readers[index] = None
                         choices.append({"index": index, "delta": {"content": c.text},
-                                        "finish_reason": c.finish_reason, "logprobs": logprobs})
+                                        "finish_reason": c.finish_reason, "logprobs": logprobs,
+                                        "stop_reason": c.stop_reason})
                         continue
                     finish = c.finish_reason
                     if finish == "stop" and reader.has_calls:
                         finish = "tool_calls"
                     if message or logprobs is not None or finish is not None:
                         choices.append({"index": index, "delta": message,
-                                        "finish_reason": finish, "logprobs": logprobs})
+                                        "finish_reason": finish, "logprobs": logprobs,
+                                        "stop_reason": c.stop_reason})
                     continue
                 text, token_ids, entries = echo.completion(item, c, head,
                                                            prompt_logprobs.get(i))
@@ -957,7 +974,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                     token_chars[index] = (token_chars.get(index, 0)
                                           + sum(map(len, logprobs["tokens"])))
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)
                 if echo is None or not echo.only:

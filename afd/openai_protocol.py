@@ -34,6 +34,8 @@ class APIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (with include_usage only, as vLLM)
+    continuous_usage_stats: bool = False
 
 
 # Fields of OpenAI's or vLLM's API this server does not implement, each with the values that
