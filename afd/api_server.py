@@ -276,7 +276,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        prompts = body.prompts()
+        prompts = body.prompts(state.engine.engine.tokenizer)
         return await _serve(state, request, body, prompts, body.engine_max_tokens(), chat=False)
 
     @app.post("/v1/chat/completions")

@@ -227,6 +227,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     logprobs: StrictInt | None = None  # legacy: the top k per token (and the sampled one)
+    add_special_tokens: bool = True  # vLLM's: false tokenizes a text prompt without BOS
 
     def num_logprobs(self) -> int | None:
         if (self.model_extra or {}).get("top_logprobs") is not None:
@@ -255,18 +256,32 @@ class CompletionRequest(_SamplingFields):
             return 1
         return self.max_tokens
 
-    def prompts(self) -> list[Any]:
-        """One engine prompt per entry: text, or {"prompt_token_ids": [...]}."""
+    def prompts(self, tokenizer=None) -> list[Any]:
+        """One engine prompt per entry: text, or {"prompt_token_ids": [...]} (with its
+        "prompt" text where the text was tokenized here: ``add_special_tokens`` false, which
+        needs ``tokenizer``)."""
         p = self.prompt
         if isinstance(p, str):
-            return [p]
+            return [self._text_prompt(p, tokenizer)]
         if not p:
             raise APIError(400, "prompt must not be empty", param="prompt")
         if all(isinstance(x, int) for x in p):
             return [{"prompt_token_ids": list(p)}]
         if all(isinstance(x, str) for x in p):
-            return list(p)
+            return [self._text_prompt(x, tokenizer) for x in p]
         return [{"prompt_token_ids": list(x)} for x in p]
+
+    def _text_prompt(self, text: str, tokenizer) -> str | dict[str, Any]:
+        """A text prompt as the engine takes it: the text (the engine tokenizes it, special
+        tokens added), or without special tokens its token ids and text."""
+        if self.add_special_tokens or not text:  # the engine names an empty prompt
+            return text
+        try:
+            check_text(text, "prompt")
+        except ParamError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False),
+                "prompt": text}
 
 
 class FunctionDefinition(BaseModel):

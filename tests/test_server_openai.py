@@ -95,3 +95,40 @@ def test_stop_reason_on_every_choice_streamed_or_not(app):
     last = [ch.choices[0] for ch in length if ch.choices][-1]
     assert last.finish_reason == "length" and "stop_reason" in last.model_extra
     assert last.model_extra["stop_reason"] is None
+
+
+def test_completions_add_special_tokens(app):
+    """vLLM's add_special_tokens on /v1/completions (default true): false tokenizes a text
+    prompt without the tokenizer's special tokens (the embedded model's BOS), a single prompt
+    or a list; echo still returns the text sent. Token-id prompts are taken as sent either
+    way."""
+    from afd import LLM
+
+    tok = LLM().engine.tokenizer
+    with_bos, plain = tok.encode("Hello"), tok.encode("Hello", add_special_tokens=False)
+    assert len(with_bos) == len(plain) + 1
+
+    async def run(c, http):
+        kw = dict(model="m", max_tokens=1, temperature=0)
+        default = await c.completions.create(prompt="Hello", **kw)
+        off = await c.completions.create(prompt="Hello", echo=True, logprobs=0, **kw,
+                                         extra_body={"add_special_tokens": False})
+        many = await c.completions.create(prompt=["Hello", "Hello"], **kw,
+                                          extra_body={"add_special_tokens": False})
+        ids = await c.completions.create(prompt=with_bos, **kw,
+                                         extra_body={"add_special_tokens": False})
+        bad = await http.post("/v1/completions", content=b'{"prompt": "\\ud800", '
+                              b'"max_tokens": 1, "add_special_tokens": false}',
+                              headers={"content-type": "application/json"})
+        empty = await http.post("/v1/completions", json={"prompt": "", "max_tokens": 1,
+                                                         "add_special_tokens": False})
+        return default, off, many, ids, bad, empty
+
+    default, off, many, ids, bad, empty = call_app(app, run)
+    assert default.usage.prompt_tokens == len(with_bos)
+    assert off.usage.prompt_tokens == len(plain) and many.usage.prompt_tokens == 2 * len(plain)
+    assert off.choices[0].text.startswith("Hello")
+    assert off.choices[0].logprobs.tokens[:len(plain)] == [tok.decode([t]) for t in plain]
+    assert ids.usage.prompt_tokens == len(with_bos)
+    for r in (bad, empty):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
