@@ -425,7 +425,7 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
     if reasoning_streams is not None and state.reasoning_markers_are_special():
         body.skip_special_tokens = False
     return ({"prompt_token_ids": ids, "prompt": text},
-            _ChatReaders(tool_streams, reasoning_streams), reasoning_end)
+            _ChatReaders(tool_streams, reasoning_streams, body.include_reasoning), reasoning_end)
 
 
 def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
@@ -486,10 +486,12 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         continuous = prompt_tokens if options.include_usage and \
             options.continuous_usage_stats else None
         return StreamingResponse(_sse(state, base, streams, n, chat, options.include_usage,
-                                      params.logprobs, echo, readers, continuous),
+                                      params.logprobs, echo, readers, continuous,
+                                      bool(body.return_tokens_as_token_ids)),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+    as_ids = bool(body.return_tokens_as_token_ids)
     cached = 0
     prompt_logprobs = None
     for i, out in enumerate(finals):
@@ -506,13 +508,13 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             if chat:
                 message, finish = _chat_message(c, readers)
                 choices.append({"index": index, "finish_reason": finish, "message": message,
-                                "logprobs": _chat_logprobs(c, 0, params.logprobs),
+                                "logprobs": _chat_logprobs(c, 0, params.logprobs, as_ids),
                                 "stop_reason": c.stop_reason})
                 continue
             text, token_ids, entries = echo.completion(out, c)
             choice = {"index": index, "text": text,
                       "logprobs": None if entries is None else _completion_logprobs(
-                          token_ids, entries, 0, engine.engine.token_text),
+                          token_ids, entries, 0, engine.engine.token_text, as_ids)[0],
                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs
@@ -568,12 +570,13 @@ class _ChatReaders:
 
     tools: Callable[[], ToolCallStream] | None = None
     reasoning: Callable[[], ReasoningStream] | None = None
+    include_reasoning: bool = True  # vLLM's: false splits the reasoning off and drops it
 
     def stream(self) -> _ChoiceReader | None:
         if self.tools is None and self.reasoning is None:
             return None
         return _ChoiceReader(self.reasoning() if self.reasoning else None,
-                             self.tools() if self.tools else None)
+                             self.tools() if self.tools else None, self.include_reasoning)
 
 
 @dataclass
@@ -582,6 +585,7 @@ class _ChoiceReader:
 
     reasoning: ReasoningStream | None
     tools: ToolCallStream | None
+    include_reasoning: bool = True
 
     @staticmethod
     def safe_delta(reader: _ChoiceReader | None, text: str, final: bool
@@ -604,7 +608,7 @@ class _ChoiceReader:
         content = text
         if self.reasoning is not None:
             piece = self.reasoning.update(text, final)
-            if piece.reasoning:
+            if piece.reasoning and self.include_reasoning:
                 delta["reasoning"] = piece.reasoning
             content = piece.content
         if self.tools is not None:
@@ -638,7 +642,8 @@ def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
         except Exception:  # noqa: BLE001 - a reader's bug must not fail the answer
             log.exception("reasoning reader failed; answering with the plain text")
             return plain, c.finish_reason
-        message = {"role": "assistant", "content": split.content, "reasoning": split.reasoning}
+        message = {"role": "assistant", "content": split.content,
+                   "reasoning": split.reasoning if readers.include_reasoning else None}
         text = split.content or ""
     if readers.tools is None:
         return message, c.finish_reason
@@ -780,38 +785,49 @@ def _prompt_logprobs_json(entries: list[dict | None] | None) -> list | None:
                  "decoded_token": lp.decoded_token} for t, lp in e.items()} for e in entries]
 
 
-def _chat_logprobs(c: CompletionOutput, start: int, top: int | None) -> dict | None:
+def _token_name(token: int, text: str, as_ids: bool) -> str:
+    """A token as logprobs name it: its text, or with vLLM's return_tokens_as_token_ids
+    "token_id:<id>"."""
+    return f"token_id:{token}" if as_ids else text
+
+
+def _chat_logprobs(c: CompletionOutput, start: int, top: int | None, as_ids: bool = False
+                   ) -> dict | None:
     """The logprobs of ``c``'s tokens from ``start`` on, in chat's ``content`` shape: each
-    token with its ``top`` likeliest."""
+    token with its ``top`` likeliest (``as_ids``: each named "token_id:<id>", its bytes
+    that name's, as vLLM)."""
     if c.logprobs is None:
         return None
 
-    def entry(lp) -> dict:
-        return {"token": lp.decoded_token, "logprob": _logprob(lp.logprob),
-                "bytes": list(lp.decoded_token.encode("utf-8", errors="replace"))}
+    def entry(token: int, lp) -> dict:
+        name = _token_name(token, lp.decoded_token, as_ids)
+        return {"token": name, "logprob": _logprob(lp.logprob),
+                "bytes": list(name.encode("utf-8", errors="replace"))}
 
     return {"content": [
-        {**entry(step[token]), "top_logprobs": [
-            entry(lp) for lp in sorted(step.values(), key=lambda lp: lp.rank)[:top]]}
+        {**entry(token, step[token]), "top_logprobs": [
+            entry(t, lp) for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank)[:top]]}
         for token, step in zip(c.token_ids[start:], c.logprobs[start:])]}
 
 
 def _completion_logprobs(token_ids: list[int], entries: list[dict | None], text_offset: int,
-                         token_text) -> dict:
-    """The legacy completions' parallel lists: each token's text (decoded alone), its logprob,
-    its entry's logprobs (itself and the top k) and ``text_offset``, where its text starts
-    (counting from ``text_offset``). A None entry (the first prompt token, echoed) has null
-    logprobs."""
+                         token_text, as_ids: bool = False) -> tuple[dict, int]:
+    """The legacy completions' parallel lists: each token's text (decoded alone; ``as_ids``:
+    "token_id:<id>"), its logprob, its entry's logprobs (itself and the top k, keyed alike)
+    and ``text_offset``, where its text starts (counting from ``text_offset``; always in the
+    text the choice returns). A None entry (the first prompt token, echoed) has null
+    logprobs. With the offset after the last token's text."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, step in zip(token_ids, entries, strict=True):
         text = token_text(token) if step is None else step[token].decoded_token
-        out["tokens"].append(text)
+        out["tokens"].append(_token_name(token, text, as_ids))
         out["token_logprobs"].append(None if step is None else _logprob(step[token].logprob))
         out["top_logprobs"].append(None if step is None else {
-            lp.decoded_token: _logprob(lp.logprob) for lp in step.values()})
+            _token_name(t, lp.decoded_token, as_ids): _logprob(lp.logprob)
+            for t, lp in step.items()})
         out["text_offset"].append(text_offset)
         text_offset += len(text)
-    return out
+    return out, text_offset
 
 
 def _output_error(out: RequestOutput) -> APIError:
@@ -855,7 +871,8 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
                echo: _Echo | None, readers: _ChatReaders | None = None,
-               continuous_prompt_tokens: int | None = None) -> AsyncIterator[str]:
+               continuous_prompt_tokens: int | None = None, as_ids: bool = False
+               ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
@@ -943,7 +960,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 if c.finish_reason is not None:
                     finish_sent.add(index)
                 if chat:
-                    logprobs = _chat_logprobs(c, 0, top_logprobs)
+                    logprobs = _chat_logprobs(c, 0, top_logprobs, as_ids)
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
                     reader = choice_readers.get(index)
@@ -969,10 +986,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                                                            prompt_logprobs.get(i))
                 logprobs = None
                 if entries is not None:
-                    logprobs = _completion_logprobs(token_ids, entries,
-                                                    token_chars.get(index, 0), token_text)
-                    token_chars[index] = (token_chars.get(index, 0)
-                                          + sum(map(len, logprobs["tokens"])))
+                    logprobs, token_chars[index] = _completion_logprobs(
+                        token_ids, entries, token_chars.get(index, 0), token_text, as_ids)
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if item.finished:

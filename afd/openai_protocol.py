@@ -45,6 +45,9 @@ _UNSUPPORTED: dict[str, tuple] = {
     "suffix": ("",),
     "use_beam_search": (False,), "length_penalty": (1,),
     "logits_processors": ([],),
+    # vLLM's structured-output extensions afd has no counterpart for (its structured_outputs
+    # refuses them by name too)
+    "structural_tag": (), "guided_whitespace_pattern": (),
 }
 
 
@@ -93,6 +96,8 @@ class _SamplingFields(BoundedBody):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    # vLLM's: logprobs name each token "token_id:<id>" (text that is no valid UTF-8 alone)
+    return_tokens_as_token_ids: bool | None = None
     prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
     priority: StrictInt = 0  # vLLM's: lower is served first (--scheduling-policy priority)
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the last k prompt tokens
@@ -375,6 +380,9 @@ class ChatTemplateFields(BoundedBody):
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None  # rendered by the template (with any tool_choice)
+    # vLLM's: retrieval documents for the template ({"title", "text"} each; a template that
+    # takes none ignores them)
+    documents: list[dict[str, str]] | None = None
 
     def prompt_ids(self, tokenizer, template: str | None = None) -> tuple[str, list[int]]:
         """The conversation through the tokenizer's chat template, or ``template`` (a Jinja
@@ -395,7 +403,7 @@ class ChatTemplateFields(BoundedBody):
         def render(arguments_as_text: bool) -> str:
             return tokenizer.apply_chat_template(
                 [m.for_template(arguments_as_text) for m in self.messages], tools=tools,
-                add_generation_prompt=self.add_generation_prompt,
+                documents=self.documents, add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message, tokenize=False,
                 **({"chat_template": template} if template is not None else {}), **extra)
 
@@ -425,7 +433,9 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
-    unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,)}
+    # chat_template: vLLM's per-request Jinja template (vLLM too refuses it unless started
+    # with --trust-request-chat-template; afd takes none from requests)
+    unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,), "chat_template": ()}
 
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -433,6 +443,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     top_logprobs: StrictInt | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # vLLM's: false leaves the reasoning out of the answer
 
     def tool_mode(self, auto_parser: str | None) -> str | None:
         """How this request's answer holds tool calls: "auto" (the model's own format, read

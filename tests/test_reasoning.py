@@ -221,6 +221,15 @@ def test_reasoning_comes_back_split_streamed_and_not(apps):
     assert done.choices[0].text == text
 
 
+def test_include_reasoning_false_drops_the_reasoning(apps):
+    """vLLM's include_reasoning (default true): false still splits the reasoning off but
+    leaves it out, streamed or not; the content is the same."""
+    text = "<think>abc</think>answer"
+    plain, streamed = chat(apps["deepseek_r1"], text, extra_body={"include_reasoning": False})
+    assert message_of(plain) == (None, "answer", [], "stop")
+    assert streamed == (None, "answer", [], "stop")
+
+
 def test_max_tokens_inside_the_reasoning(apps):
     """Cut before </think>: all reasoning, content null, finish_reason length."""
     plain, streamed = chat(apps["deepseek_r1"], "<think>abcdefghij</think>answer", max_tokens=9)

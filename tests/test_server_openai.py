@@ -132,3 +132,101 @@ def test_completions_add_special_tokens(app):
     assert ids.usage.prompt_tokens == len(with_bos)
     for r in (bad, empty):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_return_tokens_as_token_ids(app):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:<id>" (chat:
+    token, its bytes and its top_logprobs; completions: tokens and top_logprobs' keys, the
+    echoed prompt's too), streamed or not; the numbers, the text and the text_offsets (into
+    the text returned) are those of the plain request."""
+    from afd import LLM
+
+    tok = LLM().engine.tokenizer
+    ids = {f"token_id:{i}": i for i in range(len(tok))}
+
+    async def run(c, http):
+        chat = dict(model="m", messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+                    top_logprobs=2, extra_body={"ignore_eos": True})
+        on = {"return_tokens_as_token_ids": True}
+        comp = dict(model="m", prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
+                    echo=True)
+        out = {"chat": await c.chat.completions.create(**chat),
+               "chat_ids": await c.chat.completions.create(
+                   **{**chat, "extra_body": {**chat["extra_body"], **on}}),
+               "chat_stream": [ch async for ch in await c.chat.completions.create(
+                   **{**chat, "extra_body": {**chat["extra_body"], **on}}, stream=True)],
+               "comp": await c.completions.create(**comp, extra_body={"ignore_eos": True}),
+               "comp_ids": await c.completions.create(
+                   **comp, extra_body={"ignore_eos": True, **on}),
+               "comp_stream": [ch async for ch in await c.completions.create(
+                   **comp, extra_body={"ignore_eos": True, **on}, stream=True)]}
+        return out
+
+    out = call_app(app, run)
+    plain, named = out["chat"].choices[0].logprobs.content, out["chat_ids"].choices[0].logprobs
+    named = named.content
+    assert out["chat_ids"].choices[0].message.content == out["chat"].choices[0].message.content
+    assert len(named) == len(plain) == 5
+    for p, t in zip(plain, named):
+        assert t.token in ids and tok.decode([ids[t.token]]) == p.token
+        assert t.bytes == list(t.token.encode()) and t.logprob == p.logprob
+        assert [tok.decode([ids[x.token]]) for x in t.top_logprobs] == [
+            x.token for x in p.top_logprobs]
+    streamed = [t for ch in out["chat_stream"] if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in named]
+
+    plain, named = out["comp"].choices[0], out["comp_ids"].choices[0]
+    assert named.text == plain.text
+    lp, want = named.logprobs, plain.logprobs
+    assert [tok.decode([ids[t]]) for t in lp.tokens] == want.tokens
+    assert lp.tokens[0] == f"token_id:{tok.encode('Hello')[0]}"  # the echoed BOS
+    assert lp.token_logprobs == want.token_logprobs and lp.text_offset == want.text_offset
+    assert lp.top_logprobs[0] is None
+    for got, ref in zip(lp.top_logprobs[1:], want.top_logprobs[1:]):
+        assert all(k in ids for k in got)  # by text, tokens that decode alike share a key
+        assert {tok.decode([ids[k]]): v for k, v in got.items()} == ref
+    joined = {key: [v for ch in out["comp_stream"] if ch.choices
+                    for v in getattr(ch.choices[0].logprobs, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == lp.model_dump()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_vllm_fields_afd_does_not_implement_are_400s(app, path):
+    """vLLM fields that would change the answer and that afd does not implement are a 400
+    naming the field, not silently ignored: structural_tag and guided_whitespace_pattern
+    (both endpoints), a per-request chat_template (chat; vLLM too refuses it unless
+    started with --trust-request-chat-template)."""
+    base = {"prompt": "Hi", "max_tokens": 2} if "chat" not in path else {
+        "messages": CHAT, "max_tokens": 2}
+    fields = {"structural_tag": '{"type": "structural_tag"}',
+              "guided_whitespace_pattern": r"[ ]?"}
+    if "chat" in path:
+        fields["chat_template"] = "{{ messages[0]['content'] }}"
+
+    async def run(c, http):
+        return ({name: await http.post(path, json={**base, name: value})
+                 for name, value in fields.items()},
+                await http.post(path, json={**base, **{name: None for name in fields}}))
+
+    bad, ok = call_app(app, run)
+    for name, r in bad.items():
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+    assert ok.status_code == 200, ok.text
+
+
+def test_chat_documents_reach_the_template():
+    """vLLM's documents field (retrieval documents) reaches the chat template, as
+    transformers' apply_chat_template(documents=...) takes it."""
+    from afd import LLM
+    from afd.openai_protocol import ChatCompletionRequest
+
+    tok = LLM().engine.tokenizer
+    template = ("{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
+                "{{ messages[-1]['content'] }}")
+    docs = [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta"}]
+    text, _ = ChatCompletionRequest(messages=CHAT, documents=docs).prompt_ids(tok, template)
+    assert text == "[A: alpha][B: beta]Hi there"
+    text, _ = ChatCompletionRequest(messages=CHAT).prompt_ids(tok, template)
+    assert text == "Hi there"
