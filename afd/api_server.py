@@ -221,8 +221,20 @@ def build_app(state: ServerState) -> FastAPI:
         return _error(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in (
+                "missing", "model_attributes_type", "model_type", "dict_type"):
+            # no body, or one that is not a JSON object
+            kind = request.headers.get("content-type", "")
+            if not kind.split(";")[0].strip().lower().endswith("json"):
+                # FastAPI reads a body as JSON only when its Content-Type says so (curl -d
+                # sends application/x-www-form-urlencoded)
+                return _error(APIError(400, "the request body must be a JSON object sent with "
+                                       "Content-Type: application/json, got Content-Type "
+                                       f"{kind or 'none'!r:.80}", code="invalid_json"))
+            return _error(APIError(400, "the request body must be a JSON object",
+                                   code="invalid_json"))
         loc = []
         for x in first.get("loc", ())[1:]:  # after "body"
             if isinstance(x, str) and x not in _FIELD_NAMES:

@@ -230,3 +230,29 @@ def test_chat_documents_reach_the_template():
     assert text == "[A: alpha][B: beta]Hi there"
     text, _ = ChatCompletionRequest(messages=CHAT).prompt_ids(tok, template)
     assert text == "Hi there"
+
+
+def test_a_body_that_is_no_json_object_says_so(app):
+    """A body FastAPI does not read as JSON (no Content-Type, or curl -d's form type) or
+    that is no JSON object is a 400 saying what the body must be, not "body: Input should be
+    a valid dictionary"."""
+    body = b'{"prompt": "Hi", "max_tokens": 1}'
+
+    async def run(c, http):
+        return ([await http.post("/v1/completions", content=body, headers=h) for h in (
+                    {}, {"content-type": "application/x-www-form-urlencoded"})],
+                [await http.post("/v1/chat/completions", content=b, headers={
+                    "content-type": "application/json"}) for b in (b"", b"null", b"[1]")],
+                await http.post("/v1/completions", content=body, headers={
+                    "content-type": "application/json; charset=utf-8"}))
+
+    untyped, not_objects, ok = call_app(app, run)
+    for r in untyped:
+        err = r.json()["error"]
+        assert r.status_code == 400 and "Content-Type: application/json" in err["message"]
+        assert err["code"] == "invalid_json"
+    assert "x-www-form-urlencoded" in untyped[1].json()["error"]["message"]
+    for r in not_objects:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "the request body must be a JSON object"
+    assert ok.status_code == 200, ok.text
