@@ -493,11 +493,12 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
-        options = body.stream_options or StreamOptions()
+        options = body.stream_options or StreamOptions(include_usage=False)
         # vLLM's continuous_usage_stats: the usage so far in every chunk (with include_usage)
-        continuous = prompt_tokens if options.include_usage and \
-            options.continuous_usage_stats else None
-        return StreamingResponse(_sse(state, base, streams, n, chat, options.include_usage,
+        include_usage = bool(options.include_usage)
+        continuous = prompt_tokens if include_usage and options.continuous_usage_stats \
+            else None
+        return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
                                       params.logprobs, echo, readers, continuous,
                                       bool(body.return_tokens_as_token_ids)),
                                  media_type="text/event-stream")

@@ -33,9 +33,11 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    # true unless sent false (or null), as vLLM: a request that sends stream_options gets
+    # the usage chunk
+    include_usage: bool | None = True
     # vLLM's: every chunk carries the usage so far (with include_usage only, as vLLM)
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool | None = False
 
 
 # Fields of OpenAI's or vLLM's API this server does not implement, each with the values that
