@@ -443,11 +443,11 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
 def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
            prompt_field: str | None, max_tokens_field: str = "max_tokens",
            reasoning_end: list[int] | None = None
-           ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]], int]:
+           ) -> tuple[SamplingParams, list[AsyncIterator[RequestOutput]], list[list[int]]]:
     """Check a request's sampling fields and prompts (a 400 naming the field sent:
     ``prompt_field`` for the prompt a conversation makes, ``max_tokens_field``) and queue each
-    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt, the prompts'
-    tokens in all).
+    prompt as request ``{base}-{i}``: (its sampling params, a stream per prompt, each prompt's
+    token ids).
     ``reasoning_end``: the token ids a structured-output grammar waits for (``_chat_prompt``).
     A streamed request's outputs are deltas (what is new since the last); an unstreamed one's
     is its final output alone (RequestOutputKind)."""
@@ -478,7 +478,7 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
     return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text,
                                                     "cache_salt": body.cache_salt},
                                     params, body.priority)
-                    for i, (text, ids) in enumerate(checked)], sum(len(ids) for _, ids in checked)
+                    for i, (text, ids) in enumerate(checked)], [ids for _, ids in checked]
 
 
 async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
@@ -487,9 +487,11 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  reasoning_end: list[int] | None = None) -> Response:
     engine = state.engine
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    params, streams, prompt_tokens = _start(state, body, prompts, max_tokens, base,
-                                            "messages" if chat else None, max_tokens_field,
-                                            reasoning_end)
+    params, streams, prompt_ids = _start(state, body, prompts, max_tokens, base,
+                                         "messages" if chat else None, max_tokens_field,
+                                         reasoning_end)
+    prompt_tokens = sum(map(len, prompt_ids))
+    return_ids = bool(body.return_token_ids)  # vLLM's return_token_ids
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     if body.stream:
@@ -500,7 +502,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             else None
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
                                       params.logprobs, echo, readers, continuous,
-                                      bool(body.return_tokens_as_token_ids)),
+                                      bool(body.return_tokens_as_token_ids),
+                                      prompt_ids if return_ids else None),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -523,6 +526,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                 choices.append({"index": index, "finish_reason": finish, "message": message,
                                 "logprobs": _chat_logprobs(c, 0, params.logprobs, as_ids),
                                 "stop_reason": c.stop_reason})
+                if return_ids:
+                    choices[-1]["token_ids"] = list(c.token_ids)
                 continue
             text, token_ids, entries = echo.completion(out, c)
             choice = {"index": index, "text": text,
@@ -531,6 +536,9 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs
+            if return_ids:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+                choice["token_ids"] = [] if echo.only else list(c.token_ids)
             choices.append(choice)
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     usage["prompt_tokens_details"] = {"cached_tokens": cached}  # prefix-cache hits
@@ -539,6 +547,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                 "choices": choices, "usage": usage}
     if chat and prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs  # vLLM's place for chat
+    if chat and return_ids:
+        response["prompt_token_ids"] = list(finals[0].prompt_token_ids)  # vLLM's place too
     return JSONResponse(response)
 
 
@@ -884,8 +894,8 @@ async def _collect(request: Request, streams: list[AsyncIterator[RequestOutput]]
 async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[RequestOutput]],
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
                echo: _Echo | None, readers: _ChatReaders | None = None,
-               continuous_prompt_tokens: int | None = None, as_ids: bool = False
-               ) -> AsyncIterator[str]:
+               continuous_prompt_tokens: int | None = None, as_ids: bool = False,
+               prompt_ids: list[list[int]] | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
@@ -893,7 +903,9 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     (``tool_calls``) that each choice's readers find in the text the chunk carries (they keep
     what they need of the text before). With ``continuous_prompt_tokens`` (the prompts'
     tokens in all: vLLM's continuous_usage_stats) each chunk also carries the usage so far, the
-    completion tokens of every choice generated by then. The streams' outputs are deltas
+    completion tokens of every choice generated by then. With ``prompt_ids`` (each prompt's
+    token ids: vLLM's return_token_ids) each choice's chunks carry their new ``token_ids``, its
+    first one (chat: the first chunk) the prompt's. The streams' outputs are deltas
     (RequestOutputKind.DELTA): each choice's pieces wait in a ``_Pending`` until a chunk
     carries them."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -923,9 +935,9 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     cached = 0
     open_streams = len(streams)
 
-    def chunk(choices: list[dict]) -> str:
+    def chunk(choices: list[dict], **extra: Any) -> str:
         body = {"id": base, "object": obj, "created": created, "model": state.model_name,
-                "choices": choices}
+                "choices": choices, **extra}
         if continuous_prompt_tokens is not None:
             done = 0 if echo is not None and echo.only else sum(p.num_tokens
                                                                 for p in pending.values())
@@ -937,7 +949,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "finish_reason": None} for i in range(len(streams) * n)])
+                          "finish_reason": None} for i in range(len(streams) * n)],
+                        **({} if prompt_ids is None else {"prompt_token_ids": prompt_ids[0]}))
         while open_streams:
             i, item = await queue.get()
             if item is None:
@@ -954,7 +967,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
             for c in item.outputs:
                 index = i * n + c.index
                 if index not in pending:
-                    pending[index] = _Pending(c.logprobs is not None)
+                    pending[index] = _Pending(c.logprobs is not None, prompt_ids is not None)
                 pending[index].add(c)
             choices = []
             for index in range(i * n, i * n + n):  # each choice of this prompt, in order
@@ -969,6 +982,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 if not head and not p.text and not p.token_ids and p.finish_reason is None:
                     continue
                 c = p.take(index - i * n)
+                first = index not in echoed
                 echoed.add(index)
                 if c.finish_reason is not None:
                     finish_sent.add(index)
@@ -986,14 +1000,19 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                         choices.append({"index": index, "delta": {"content": c.text},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs,
                                         "stop_reason": c.stop_reason})
+                        if prompt_ids is not None:
+                            choices[-1]["token_ids"] = c.token_ids
                         continue
                     finish = c.finish_reason
                     if finish == "stop" and reader.has_calls:
                         finish = "tool_calls"
-                    if message or logprobs is not None or finish is not None:
+                    if message or logprobs is not None or finish is not None or (
+                            prompt_ids is not None and c.token_ids):
                         choices.append({"index": index, "delta": message,
                                         "finish_reason": finish, "logprobs": logprobs,
                                         "stop_reason": c.stop_reason})
+                        if prompt_ids is not None:
+                            choices[-1]["token_ids"] = c.token_ids
                     continue
                 text, token_ids, entries = echo.completion(item, c, head,
                                                            prompt_logprobs.get(i))
@@ -1003,6 +1022,10 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                         token_ids, entries, token_chars.get(index, 0), token_text, as_ids)
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if prompt_ids is not None:
+                    choices[-1]["token_ids"] = [] if echo.only else c.token_ids
+                    if first:
+                        choices[-1]["prompt_token_ids"] = prompt_ids[i]
             if item.finished:
                 usage["prompt_tokens"] += len(item.prompt_token_ids)
                 if echo is None or not echo.only:
@@ -1031,8 +1054,9 @@ class _Pending:
     for the prompt's logprobs), its finish and its tokens in all (the usage)."""
 
     logprobs_on: bool  # the request asks for logprobs: tokens matter, not just text
+    ids_on: bool = False  # the request asks for token ids (vLLM's return_token_ids): so too
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # only with logprobs
+    token_ids: list[int] = field(default_factory=list)  # only with logprobs or ids_on
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -1042,8 +1066,9 @@ class _Pending:
         if c.text:
             self.text += c.text
         self.num_tokens += len(c.token_ids)
-        if self.logprobs_on:
+        if self.logprobs_on or self.ids_on:
             self.token_ids += c.token_ids
+        if self.logprobs_on:
             self.logprobs += c.logprobs
         self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
 

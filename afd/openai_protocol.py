@@ -100,6 +100,9 @@ class _SamplingFields(BoundedBody):
     user: str | None = None
     # vLLM's: logprobs name each token "token_id:<id>" (text that is no valid UTF-8 alone)
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the prompt's and each choice's token ids beside the text (streamed: the prompt's
+    # in the first chunk, each chunk's new ones)
+    return_token_ids: bool | None = None
     prompt_logprobs: StrictInt | None = None  # vLLM's: the prompt tokens' logprobs, top k
     priority: StrictInt = 0  # vLLM's: lower is served first (--scheduling-policy priority)
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the last k prompt tokens

@@ -37,7 +37,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "top_logprobs": (0,), "truncation": ("disabled",), "service_tier": ("auto", "default"),
     "stream_options": (), "context_management": (), "prompt_cache_retention": (),
     "background_options": (), "prompt_cache_options": (), "moderation": (), "image": (),
-    "access_programs": (),
+    "access_programs": (), "return_token_ids": (False,),
 }
 
 # Chat completions fields a Responses request names differently.

@@ -277,3 +277,62 @@ def test_a_body_that_is_no_json_object_says_so(app):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["message"] == "the request body must be a JSON object"
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_return_token_ids(app, chat):
+    """vLLM's return_token_ids: unstreamed, each choice's token_ids and the prompt's
+    prompt_token_ids (completions: on each choice; chat: on the response); streamed, each
+    chunk's choices carry their new token ids (adding up to the unstreamed ones) and the
+    prompt's come once (completions: with each choice's first chunk; chat: on the first
+    chunk). Without it, none of these fields."""
+    from afd import LLM
+
+    tok = LLM().engine.tokenizer
+    prompts = ["Hello", "Hi you"]
+
+    async def run(c, http):
+        kw = dict(model="m", max_tokens=6, temperature=1.0, seed=4, n=2,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+        if chat:
+            make = lambda **k: c.chat.completions.create(messages=CHAT, **kw, **k)  # noqa: E731
+        else:
+            make = lambda **k: c.completions.create(prompt=prompts, **kw, **k)  # noqa: E731
+        plain = await (c.chat.completions.create(messages=CHAT, model="m", max_tokens=2)
+                       if chat else c.completions.create(prompt="Hi", model="m", max_tokens=2))
+        return await make(), [ch async for ch in await make(stream=True)], plain
+
+    full, chunks, plain = call_app(app, run)
+    n_prompts = 1 if chat else 2
+    assert len(full.choices) == 2 * n_prompts
+    for choice in full.choices:
+        ids = choice.model_extra["token_ids"]
+        text = choice.message.content if chat else choice.text
+        # the text leaves out a last character its bytes do not complete
+        assert len(ids) == 6 and tok.decode(ids).startswith(text) and text
+        if not chat:
+            want = tok.encode(prompts[choice.index // 2])
+            assert choice.model_extra["prompt_token_ids"] == want
+    if chat:
+        assert full.model_extra["prompt_token_ids"] == tok.encode(
+            tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False)
+    streamed: dict[int, list[int]] = {}
+    prompt_seen: dict[int, list] = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            streamed.setdefault(choice.index, []).extend(choice.model_extra.get("token_ids")
+                                                         or [])
+            if "prompt_token_ids" in choice.model_extra:
+                prompt_seen.setdefault(choice.index, []).append(
+                    choice.model_extra["prompt_token_ids"])
+    for choice in full.choices:
+        assert streamed[choice.index] == choice.model_extra["token_ids"]
+    if chat:
+        assert chunks[0].model_extra["prompt_token_ids"] == full.model_extra["prompt_token_ids"]
+        assert all("prompt_token_ids" not in ch.model_extra for ch in chunks[1:])
+    else:
+        assert prompt_seen == {ch.index: [ch.model_extra["prompt_token_ids"]]
+                               for ch in full.choices}
+    assert "prompt_token_ids" not in plain.model_extra
+    assert "token_ids" not in plain.choices[0].model_extra
