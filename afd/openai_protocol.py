@@ -50,6 +50,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     # vLLM's structured-output extensions afd has no counterpart for (its structured_outputs
     # refuses them by name too)
     "structural_tag": (), "guided_whitespace_pattern": (),
+    "thinking_token_budget": (),  # vLLM's cap on the reasoning (README, Known limits)
 }
 
 
@@ -230,7 +231,10 @@ class _SamplingFields(BoundedBody):
 
 
 class CompletionRequest(_SamplingFields):
-    unsupported_here: ClassVar[dict[str, tuple]] = {"tools": ([],)}  # chat completions have them
+    unsupported_here: ClassVar[dict[str, tuple]] = {
+        "tools": ([],),  # chat completions have them
+        "prompt_embeds": (),  # vLLM's: embeddings in place of a prompt's tokens
+    }
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # no bools, no 5.0
     max_tokens: int | None = 16
