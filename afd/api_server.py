@@ -694,8 +694,8 @@ async def _respond(state: ServerState, request: Request, body: ResponsesRequest)
         prompt, readers, reasoning_end = _chat_prompt(state, chat)
         turn = _Turn(state, body, new_id("resp"), int(time.time()),
                      history + body.input_items(), readers)
-        turn.params, [stream], _ = _start(state, chat, [prompt], chat.max_tokens, turn.id, "input",
-                                       "max_output_tokens", reasoning_end)
+        turn.params, [stream], _ = _start(state, chat, [prompt], chat.max_tokens, turn.id,
+                                          "input", "max_output_tokens", reasoning_end)
     except APIError as exc:
         raise rename_chat_error(exc) from None
     if body.stream:
