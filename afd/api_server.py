@@ -288,7 +288,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        prompts = body.prompts(state.engine.engine.tokenizer)
+        prompts = body.prompts(None if body.add_special_tokens  # the engine tokenizes
+                               else state.engine.engine.tokenizer)
         return await _serve(state, request, body, prompts, body.engine_max_tokens(), chat=False)
 
     @app.post("/v1/chat/completions")
@@ -475,6 +476,12 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
             raise APIError(400, f"{max_tokens_field}={max_tokens} plus the prompt's {len(ids)} "
                            f"tokens exceeds the context length {max_len}",
                            param=max_tokens_field)
+        if max_tokens is None and params.min_tokens > max_len - len(ids):
+            # the request could only end at the context length, short of min_tokens (vLLM
+            # checks min_tokens against the max_tokens it derives, a 400 too)
+            raise APIError(400, f"min_tokens={params.min_tokens} is more than the "
+                           f"{max_len - len(ids)} tokens the context length {max_len} leaves "
+                           f"after the prompt's {len(ids)}", param="min_tokens")
     return params, [engine.generate(f"{base}-{i}", {"prompt_token_ids": ids, "prompt": text,
                                                     "cache_salt": body.cache_salt},
                                     params, body.priority)

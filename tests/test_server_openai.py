@@ -339,3 +339,33 @@ def test_return_token_ids(app, chat):
                                for ch in full.choices}
     assert "prompt_token_ids" not in plain.model_extra
     assert "token_ids" not in plain.choices[0].model_extra
+
+
+def test_min_tokens_past_the_context_left_is_a_400():
+    """Without max_tokens a request may run to the context length; min_tokens past what the
+    context leaves after the prompt could never be met: a 400 naming min_tokens and the
+    room left (vLLM too checks it against the max_tokens it derives), not a request that
+    runs to the context length and ends short of it. At the room left it runs."""
+    from afd import LLM
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    max_len = 64
+    engine = AsyncEngine(LLM(max_model_len=max_len, num_kv_blocks=16).engine)
+    prompt = [5 + i for i in range(max_len - 4)]  # leaves 4 tokens
+
+    async def run(c, http):
+        body = {"prompt": prompt, "max_tokens": None, "temperature": 0}
+        return (await http.post("/v1/completions", json={**body, "min_tokens": 5}),
+                await http.post("/v1/completions", json={**body, "min_tokens": 4}))
+
+    try:
+        bad, ok = call_app(build_app(ServerState(engine, "m", None, ServerMetrics("m"))), run)
+    finally:
+        engine.shutdown()
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens", bad.text
+    assert "leaves" in bad.json()["error"]["message"] and "4 tokens" in bad.json()["error"][
+        "message"]
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 4
