@@ -412,9 +412,13 @@ class ChatTemplateFields(BoundedBody):
         def render(arguments_as_text: bool) -> str:
             return tokenizer.apply_chat_template(
                 [m.for_template(arguments_as_text) for m in self.messages], tools=tools,
-                documents=self.documents, add_generation_prompt=self.add_generation_prompt,
+                add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message, tokenize=False,
-                **({"chat_template": template} if template is not None else {}), **extra)
+                **({"chat_template": template} if template is not None else {}),
+                # only when sent: a remote-code tokenizer's own apply_chat_template may not
+                # take the keyword
+                **({"documents": self.documents} if self.documents is not None else {}),
+                **extra)
 
         try:
             try:
