@@ -242,7 +242,9 @@ def test_vllm_fields_afd_does_not_implement_are_400s(app, path):
 
 def test_chat_documents_reach_the_template():
     """vLLM's documents field (retrieval documents) reaches the chat template, as
-    transformers' apply_chat_template(documents=...) takes it."""
+    transformers' apply_chat_template(documents=...) takes it; a request without documents
+    does not pass the keyword (a remote-code tokenizer's own apply_chat_template may not take
+    it)."""
     from afd import LLM
     from afd.openai_protocol import ChatCompletionRequest
 
@@ -254,6 +256,18 @@ def test_chat_documents_reach_the_template():
     assert text == "[A: alpha][B: beta]Hi there"
     text, _ = ChatCompletionRequest(messages=CHAT).prompt_ids(tok, template)
     assert text == "Hi there"
+
+    class OwnTemplate:  # a remote-code tokenizer's own apply_chat_template, no documents
+        chat_template = "own"
+
+        def apply_chat_template(self, conversation, tools=None, add_generation_prompt=True,
+                                continue_final_message=False, tokenize=False):
+            return conversation[-1]["content"]
+
+        def encode(self, text, add_special_tokens=False):
+            return [len(text)]
+
+    assert ChatCompletionRequest(messages=CHAT).prompt_ids(OwnTemplate()) == ("Hi there", [8])
 
 
 def test_a_body_that_is_no_json_object_says_so(app):
