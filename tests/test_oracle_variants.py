@@ -45,10 +45,10 @@ VARIANTS = [
      lambda c: c.rope.factor == 40 and c.rope.inv_freq_and_scale()[1] == 1.0
      and math.isclose(c.attention_scale, 24**-0.5 * _mscale(40, 1.0) ** 2)),
     # cos/sin scaled by mscale(f, 0.9) / mscale(f, 0.6); softmax by mscale(f, 0.6)^2; beta and
-    # truncate off the defaults
+    # truncate off the defaults (rope dims 32: with 8, truncating changes no ramp value)
     ("v3_yarn_mscales", "deepseek_v3",
      dict(rope_scaling=dict(V3_YARN, mscale=0.9, mscale_all_dim=0.6, beta_fast=16, beta_slow=2,
-                            truncate=False)),
+                            truncate=False), qk_rope_head_dim=32),
      lambda c: not c.rope.truncate and c.rope.beta_fast == 16
      and c.rope.inv_freq_and_scale()[1] != 1.0),
     ("v3_yarn_attention_factor", "deepseek_v3",
