@@ -124,8 +124,8 @@ VARIANTS = [
 ]
 
 
-def assert_matches(path: str, expected, prompts) -> None:
-    llm = LLM(path, seed=0)
+def assert_matches(path: str, expected, prompts, **engine) -> None:
+    llm = LLM(path, seed=0, **engine)
     logits = capture_logits(llm)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
@@ -147,6 +147,18 @@ def test_variant_matches_transformers(kind, overrides, probe, tmp_path):
     assert probe(load_config(path)), "the variant did not reach afd's config"
     prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
     assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts)
+
+
+@pytest.mark.parametrize("name", ["v3_yarn_factor40", "qwen3_yarn"])
+def test_yarn_past_the_original_context_chunked(name, tmp_path):
+    """Chunks of 16 tokens over blocks of 4: the chunks past the original context read their
+    YaRN rotary keys back from the paged cache (MLA's latent and rope key; GQA's K)."""
+    _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
+    model = build_hf_model(kind, **overrides)
+    path = save_checkpoint(model, str(tmp_path))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts,
+                   max_num_batched_tokens=16, block_size=4)
 
 
 # config.json as the hub checkpoints spell it: DeepSeek-V3's and V2-Lite's rope_scaling (their
