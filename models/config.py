@@ -302,6 +302,10 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         fp8=_fp8(raw),
         extra=raw,
     )
+    top_k = common["top_k"]
+    if num_experts and not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the routed experts' "
+                         f"count ({num_experts})")
     if raw.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported "
                                   "(silu is)")
@@ -367,6 +371,9 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
                     model_type, ", ".join(departs), arch)
     if num_experts and num_experts % n_group:
         raise ValueError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
+    topk_group = int(raw.get("topk_group") or 1)
+    if num_experts and topk_method != "greedy" and n_group > 1:
+        _check_groups(topk_method, num_experts, n_group, topk_group, top_k)
     return ModelConfig(
         **common,
         attention="mla",
@@ -382,12 +389,29 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         scoring=scoring,
         topk_method=topk_method,
         n_group=n_group,
-        topk_group=int(raw.get("topk_group") or 1),
+        topk_group=topk_group,
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
         router_dtype_fp32=True,
         moe_layers=moe_layers,
         num_nextn_predict_layers=nextn,
     )
+
+
+def _check_groups(method: str, num_experts: int, n_group: int, topk_group: int,
+                  top_k: int) -> None:
+    """Group-limited routing that can pick top_k experts: 1 <= topk_group <= n_group, the kept
+    groups holding at least top_k experts (else the router would pick masked-out experts),
+    and, for noaux_tc (a group scored by its top two), two experts a group at least."""
+    size = num_experts // n_group
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be between 1 and n_group={n_group}")
+    if top_k > topk_group * size:
+        raise ValueError(f"num_experts_per_tok={top_k} is more than the {topk_group * size} "
+                         f"experts that topk_group={topk_group} groups of {size} "
+                         f"(n_routed_experts={num_experts} / n_group={n_group}) hold")
+    if method == "noaux_tc" and size < 2:
+        raise ValueError(f"n_group={n_group} leaves {size} expert a group (n_routed_experts="
+                         f"{num_experts}): topk_method noaux_tc scores a group by its top 2")
 
 
 def check_hf_overrides(overrides: Any) -> dict[str, Any]:

@@ -128,6 +128,49 @@ def test_router_keys_transformers_ignores_are_warned_about(caplog, changes, warn
     assert ("transformers" in caplog.text) == warns, caplog.text
 
 
+ROUTED = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+              topk_group=2, moe_intermediate_size=16, intermediate_size=32, kv_lora_rank=16,
+              q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok=0"),
+    ({"model_type": "qwen3_moe", "num_experts": 4, "n_routed_experts": None,
+      "num_experts_per_tok": 5, "num_key_value_heads": 2}, "num_experts_per_tok=5"),
+    ({"topk_group": 5}, "topk_group=5"),
+    ({"model_type": "deepseek_v2", "topk_method": "group_limited_greedy", "topk_group": 5},
+     "topk_group=5"),
+    ({"topk_group": 1, "num_experts_per_tok": 3}, "num_experts_per_tok=3"),
+    ({"n_group": 8, "topk_group": 4}, "n_group=8"),  # noaux_tc: a group scored by its top 2
+])
+def test_routing_the_router_cannot_do_is_refused(changes, field):
+    """Routing no router can carry out (more experts than exist or than the kept groups hold,
+    more groups kept than exist, one-expert groups scored by their top two) is a ValueError
+    naming the field, before any forward; it used to crash the first forward in torch.topk
+    (or, with too few experts in the kept groups, pick masked-out ones)."""
+    with pytest.raises(ValueError, match=field):
+        config_from_dict({k: v for k, v in {**ROUTED, **changes}.items() if v is not None})
+
+
+def test_group_limits_real_checkpoints_use_are_accepted():
+    """DeepSeek-V3's (256 experts, 8 groups, 4 kept, top 8), V2's (160, 8, 3, top 6), Kimi K2's
+    (one group) and V2-Lite's (greedy: groups unused)."""
+    for changes in ({"n_routed_experts": 256, "n_group": 8, "topk_group": 4,
+                     "num_experts_per_tok": 8},
+                    {"model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
+                     "n_routed_experts": 160, "n_group": 8, "topk_group": 3,
+                     "num_experts_per_tok": 6},
+                    {"n_routed_experts": 384, "n_group": 1, "topk_group": 1,
+                     "num_experts_per_tok": 8},
+                    {"model_type": "deepseek_v2", "topk_method": "greedy", "n_routed_experts": 64,
+                     "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6}):
+        cfg = config_from_dict({**ROUTED, **changes})
+        assert (cfg.num_experts, cfg.top_k) == (changes["n_routed_experts"],
+                                                changes["num_experts_per_tok"])
+
+
 def test_roles_load_only_their_tensors(v3_path):
     full = load_model(v3_path, "full")
     attn = load_model(v3_path, "attention")
