@@ -390,6 +390,7 @@ class MultiRankClient:
                 self._fail(f"{self._describe(msg.rank)} failed: {msg.msg}")
 
     ready = False
+    store: dist.TCPStore | None = None  # the ranks' rendezvous (none when a launcher starts them)
 
     def _wait_ready(self, timeout_s: float) -> None:
         ready: set[int] = set()
@@ -862,6 +863,9 @@ class MultiRankClient:
                     msg = self._recv()
                     if isinstance(msg, (protocol.Bye, protocol.Error)):
                         gone.add(msg.rank)
+        # the rendezvous store's server: its port stays bound as long as this client lives
+        # (an LLM kept after shutdown, a failed engine a server keeps for its error) otherwise
+        self.store = None
         if getattr(self, "auth", None) is not None:
             self.auth.stop()
         self.ctx.destroy(linger=1000)

@@ -10,6 +10,7 @@ import time
 from collections import deque
 
 import pytest
+import zmq
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
@@ -1804,3 +1805,24 @@ def test_a_rank_never_sends_a_message_past_the_front_ends_cap():
         pull.close(0)
         push.close(0)
         ctx.term()
+
+
+def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
+    """After shutdown every rank has exited (reaped, no zombie) and nothing this engine bound
+    listens any more: the control sockets and the ranks' rendezvous store, whose server
+    used to stay bound for as long as the LLM object lived."""
+    import psutil
+
+    llm = LLM(references["deepseek_v3"][0], attention=2, ffn=0, timeout_s=10)
+    client = llm.engine.core
+    mine = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+    ports = {client.store.port, *(int(s.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+                                  for s in [client.inbox, *client.outboxes.values()])}
+    assert ports <= mine, (ports, mine)
+    llm.shutdown()
+    assert all(p.returncode is not None for p in client.procs)
+    assert not any(psutil.pid_exists(p.pid) for p in client.procs), "a rank process is left"
+    left = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN} & ports
+    assert not left, f"ports still bound after shutdown: {sorted(left)}"
