@@ -128,6 +128,11 @@ class AttentionWorker:
             if msg.epoch <= self.epoch:
                 raise ValueError(f"rebalance epoch {msg.epoch} is not past this rank's "
                                  f"{self.epoch}")
+            running = self.transport.placement
+            if msg.num_experts != running.num_experts:  # first: building the placement
+                # takes memory in the expert count (a forged 2**40 killed the rank)
+                raise ValueError(f"the new placement places {msg.num_experts} experts; this "
+                                 f"rank routes {running.num_experts}")
             placement = ExpertPlacement(msg.num_experts, msg.slots, msg.layers)
             check_same_slots(self.transport.placement, placement, self._num_layers,
                              mtp=self.core.runner.model.mtp is not None)

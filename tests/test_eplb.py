@@ -574,3 +574,44 @@ def test_a_rebalance_waits_for_every_rank_and_keeps_the_outputs_meanwhile():
     assert (report["epoch"], report["moved"], report["seconds"]) == (1, 3, 0.5)
     assert client.held == ["out1", "out2", "out3"] and len(calls) == 3
     assert client.rank_experts == {0: {0: [0, 1]}} and not client.waiting
+
+
+_REFUSE_HUGE_REBALANCE = r"""
+import resource, sys
+from types import SimpleNamespace
+from afd import protocol
+from afd.placement import ExpertPlacement
+from afd.rank_attention import AttentionWorker
+
+sent = []
+worker = SimpleNamespace(
+    transport=SimpleNamespace(placement=ExpertPlacement.balanced(16, 2)), epoch=0, index=0,
+    pending=None, _num_layers=2, link=SimpleNamespace(send=sent.append),
+    core=SimpleNamespace(runner=SimpleNamespace(model=SimpleNamespace(mtp=None))))
+# at most 512 MiB more address space: a placement of 2**40 experts dies of MemoryError here
+# instead of taking the machine's memory first
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+AttentionWorker._take_rebalance(worker, protocol.Rebalance(1, 2**40, [[0], [1]]))
+assert worker.pending is None, worker.pending
+assert len(sent) == 1 and sent[0].error, sent
+print("REFUSED:", sent[0].error)
+"""
+
+
+def test_a_rebalance_for_another_expert_count_is_refused_before_it_is_built():
+    """A forged rebalance (sealed with the engine's key: a key holder's bug) placing 2**40
+    experts: the attention rank refuses it, names why and serves on, as it does any placement
+    that does not fit its own. Built first, its set of every expert id took the rank's memory
+    until the rank died. Run in a child limited to 512 MiB more memory."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _REFUSE_HUGE_REBALANCE], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"places {2**40} experts; this rank routes 16" in proc.stdout, proc.stdout
