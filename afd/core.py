@@ -15,6 +15,7 @@ from afd.expert_load import ExpertLoadRecorder, NoExpertLoadRecord, sum_records
 from afd.kv_cache import kv_block_dim
 from afd.kv_offload import HostKVTier
 from afd.model_runner import ModelRunner
+from afd.sampling_params import check_token_ids
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
 from afd.spec_decode import accept, rewind
@@ -138,6 +139,8 @@ class EngineCore:
     def add_request(self, req: CoreRequest) -> None:
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
+        check_token_ids(req.prompt_token_ids, req.params, self.runner.model.cfg.vocab_size,
+                        self.cfg.max_model_len)
         seq = Sequence(req, self.cfg.max_model_len)
         self.attach_grammar(seq)
         self.seqs[req.request_id] = seq

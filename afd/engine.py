@@ -18,7 +18,8 @@ from afd.config import EngineConfig
 from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampler import PromptLogprobs
-from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
+from afd.sampling_params import (ParamError, RequestOutputKind, SamplingParams,
+                                  check_text, check_token_ids)
 from afd.sequence import CoreOutput, CoreRequest
 from afd.token_masks import bad_word_sequences
 from models.config import ModelConfig
@@ -255,25 +256,7 @@ class LLMEngine:
         """ParamError naming the field if the prompt or params do not fit this model and engine.
         Returns the bad_words' token sequences (None without bad_words), tokenized once here."""
         vocab = self.model_cfg.vocab_size
-        max_len = self.engine_cfg.max_model_len
-        if not prompt_token_ids:
-            raise ParamError("prompt", "prompt is empty: it must hold at least one token")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary "
-                             f"[0, {vocab})")
-        if len(prompt_token_ids) >= max_len:
-            raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens but "
-                             f"max_model_len is {max_len} (prompt plus at least one new token "
-                             "must fit)")
-        for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", params.logit_bias or ()),
-                          ("allowed_token_ids", params.allowed_token_ids or ()),
-                          ("reasoning_end_token_ids", params.reasoning_end_token_ids or ())):
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "
-                                 f"[0, {vocab})")
+        check_token_ids(prompt_token_ids, params, vocab, self.engine_cfg.max_model_len)
         bad_words = (bad_word_sequences(self.tokenizer, params.bad_words, vocab)
                      if params.bad_words else None)
         if params.structured_outputs is not None:

@@ -23,7 +23,8 @@ from afd.placement import ExpertPlacement
 from afd.rebalance import all_tables, broadcast_tables, check_same_slots, tables_tensor
 from afd.profiling import StageTimers
 from afd.sampler import draw_step_seed
-from afd.sequence import CoreOutput, Sequence
+from afd.sampling_params import ParamError, check_token_ids
+from afd.sequence import CoreOutput, CoreRequest, Sequence
 from afd.workers import (IDLE_POLL_S, QUIET_VOTES, ControlLink, Groups, WorkerSpec,
                          core_config, describe, idle_sleep_s, make_transport)
 
@@ -85,8 +86,14 @@ class AttentionWorker:
             return [CoreOutput(msg.req.id, [], "error", None,
                                f"pull names rank {msg.src} as its prefill rank, which is not one")]
         elif isinstance(msg, protocol.Pull):
-            self.pulls.append(Pull(msg.req.core(), msg.first, msg.n, msg.src, msg.tag,
-                                   msg.drafts))
+            req = msg.req.core()
+            try:
+                self._check_pull(req, msg)
+            except ValueError as exc:  # only a forged pull (the front end checked): it fails
+                # alone, before it takes blocks or a receive (it killed the rank, or stalled
+                # every transfer behind it)
+                return [CoreOutput(req.request_id, [], "error", None, f"pull refused: {exc}")]
+            self.pulls.append(Pull(req, msg.first, msg.n, msg.src, msg.tag, msg.drafts))
         elif isinstance(msg, protocol.Abort):
             ids = set(msg.ids)
             self.core.abort(list(ids))
@@ -113,6 +120,20 @@ class AttentionWorker:
             log.warning("attention rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
         return []
+
+    def _check_pull(self, req: CoreRequest, msg: protocol.Pull) -> None:
+        """ParamError unless the pull is one the front end sends: a request it would admit
+        (``check_token_ids``), a first token and drafts in the vocabulary, and 1 to the prompt's
+        length KV tokens (its ``_hand_to_decode`` check; never more blocks than the pool)."""
+        vocab = self.core.runner.model.cfg.vocab_size
+        check_token_ids(req.prompt_token_ids, req.params, vocab, self.core.cfg.max_model_len)
+        bad = next((t for t in (msg.first, *msg.drafts) if t >= vocab), None)
+        if bad is not None:
+            raise ParamError("pull", f"first token or draft {bad} is outside the vocabulary "
+                             f"[0, {vocab})")
+        if not 0 < msg.n <= len(req.prompt_token_ids):
+            raise ParamError("pull", f"{msg.n} KV tokens for a {len(req.prompt_token_ids)}-"
+                             f"token prompt")
 
     # ---- live rebalancing (afd.rebalance) ---------------------------------------------------
     epoch = 0  # the rebalance this rank routes by (0: the placement it started with)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Annotated, Any
@@ -46,6 +47,35 @@ def check_text(text: str, param: str) -> None:
     except UnicodeEncodeError as exc:
         raise ParamError(param, f"{param} must be valid Unicode: a lone surrogate "
                          f"{text[exc.start]!r} at character {exc.start}") from None
+
+
+def check_token_ids(prompt_token_ids: Sequence[int], params: SamplingParams, vocab: int,
+                    max_model_len: int) -> None:
+    """ParamError naming the field unless the prompt is 1 to max_model_len - 1 tokens and every
+    token id in it and in ``params`` is in the vocabulary [0, ``vocab``). The front end's check
+    (``LLMEngine.validate``) and a rank's on every request it is sent (``EngineCore
+    .add_request``, a decode rank's pull): a message the front end never sent (a key holder's
+    bug) fails its request there, where an id past the vocabulary failed the rank's forward."""
+    if not prompt_token_ids:
+        raise ParamError("prompt", "prompt is empty: it must hold at least one token")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary "
+                         f"[0, {vocab})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens but "
+                         f"max_model_len is {max_model_len} (prompt plus at least one new "
+                         "token must fit)")
+    for name, ids in (("stop_token_ids", params.stop_token_ids),
+                      ("logit_bias", params.logit_bias or ()),
+                      ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("reasoning_end_token_ids", params.reasoning_end_token_ids or ()),
+                      ("bad_words", [t for word in params.bad_words_token_ids or ()
+                                     for t in word])):
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise ParamError(name, f"{name} entry {bad} is outside the vocabulary "
+                             f"[0, {vocab})")
 
 
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")

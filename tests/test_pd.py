@@ -379,3 +379,37 @@ def test_bad_prefill_block_size_is_a_value_error(reference, bad):
     falls back to block_size) after it started."""
     with pytest.raises(ValueError, match="prefill_block_size"):
         LLM(reference[0], prefill=1, attention=1, prefill_block_size=bad, timeout_s=8).shutdown()
+
+
+def test_requests_the_front_end_would_refuse_fail_alone_on_the_ranks(small_pd, reference):
+    """Well-formed adds and pulls the front end never sends (sealed with the engine's key: a
+    key holder's bug): a prompt token past the vocabulary (it failed the prefill and decode
+    ranks' forward, and the engine), a prompt of max_model_len tokens, a pull of more KV
+    tokens than its prompt (it failed the decode rank's step) or than the decode pool holds
+    (it waited at the head of the pulls for good: no later transfer was admitted), a first
+    token past the vocabulary. Each fails alone on its rank, and the requests sent after
+    them finish with the single process's tokens, their blocks freed."""
+    import msgpack
+
+    _, prompts, params, expected = reference
+    engine = small_pd.engine
+    client = engine.core
+    decode = next(iter(client.rank_stats))
+    req = {"prompt": [1, 2, 3], "params": {"max_tokens": 2}, "eos": [], "arrival": 0.0}
+    pull = {"t": "pull", "first": 1, "drafts": [], "n": 3, "src": 0, "tag": 77}
+    forged = [(0, {"t": "add", "req": {**req, "id": "f0@0", "prompt": [10**6]}}),
+              (decode, {"t": "add", "req": {**req, "id": "f1@0", "prompt": [1, 10**6]}}),
+              (0, {"t": "add", "req": {**req, "id": "f2@0", "prompt": [1] * 112}}),
+              (decode, {**pull, "req": {**req, "id": "f3@0"}, "n": 50}),
+              (decode, {**pull, "req": {**req, "id": "f4@0"}, "n": 10**6}),
+              (decode, {**pull, "req": {**req, "id": "f5@0"}, "first": 10**6})]
+    for rank, msg in forged:
+        client.outboxes[rank].send(client.sealer.seal(rank, msgpack.packb(msg)))
+    ids = [f"after-forged-{i}" for i in (0, 2, 5)]
+    for rid, i in zip(ids, (0, 2, 5)):
+        engine.add_request(rid, prompts[i], params)
+    done = run_until_done(small_pd, ids, limit_s=60)
+    for rid, i in zip(ids, (0, 2, 5)):
+        assert done[rid].error is None and done[rid].outputs[0].token_ids == expected[i]
+    assert all(p.poll() is None for p in client.procs)
+    wait_all_free(small_pd)
