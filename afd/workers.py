@@ -450,6 +450,10 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
             join_process_group(device, store=store, rank=spec.rank,
                                world_size=spec.layout.world_size, timeout=timeout)
         groups = Groups(spec.layout, spec.micro_batches, timeout, device)
+        if role != "ffn":  # it runs prompts, or recomputes preempted sequences in chunks
+            from kernels.prefill_attention import preload
+
+            preload()
         if role == "ffn":
             from afd.rank_ffn import FFNWorker
 

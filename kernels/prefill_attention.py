@@ -172,12 +172,23 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         # imported here: torch.nn.attention.bias pulls in torch._dynamo, sympy and triton at
-        # import, which a rank that never runs a prefill with context does not need
+        # import, which a process that never runs a prefill with context does not need (a
+        # rank that may imports it before it is ready: ``preload``)
         from torch.nn.attention.bias import causal_lower_right
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
     return out[0].transpose(0, 1)  # [1, H, Q, Dv] -> [Q, H, Dv]
+
+
+def preload() -> None:
+    """Import what a prefill with context (a chunk after the first, a prefix cache hit) imports
+    on first use: torch.nn.attention.bias, which pulls in torch._dynamo, sympy and triton, some
+    850 modules. A rank that runs prompts calls it while it starts (afd.workers): imported in
+    its first such step, they stalled that step for seconds (4.4 s on the 2-core CPU under
+    load), and on a prefill rank every KV transfer a decode rank had admitted meanwhile ran
+    out its deadline (timeout_s / 2) waiting for the rank to post its send."""
+    import torch.nn.attention.bias  # noqa: F401
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -413,3 +413,29 @@ def test_requests_the_front_end_would_refuse_fail_alone_on_the_ranks(small_pd, r
         assert done[rid].error is None and done[rid].outputs[0].token_ids == expected[i]
     assert all(p.poll() is None for p in client.procs)
     wait_all_free(small_pd)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps")
+def test_the_first_chunked_prompt_loads_no_library_in_a_step(reference):
+    """A prefill with context (the second chunk of a prompt) imported torch.nn.attention.bias
+    on first use, inside the step: torch._dynamo, sympy and triton, seconds of a step (4.4 s
+    under load here) in which a prefill rank posts no KV send, so a transfer a decode rank
+    admitted meanwhile ran out its deadline (timeout_s / 2; it failed the P/D tests now and
+    then). A rank that runs prompts loads them while it starts: its first chunked prompt maps
+    no new shared library (triton's was the one that showed)."""
+    path, prompts, params, expected = reference
+
+    def libraries(pid: int) -> set[str]:
+        with open(f"/proc/{pid}/maps") as f:
+            return {line.split()[-1] for line in f if ".so" in line}
+
+    llm = LLM(path, prefill=1, attention=1, ffn=0, timeout_s=30, max_num_batched_tokens=16)
+    try:
+        procs = llm.engine.core.procs
+        before = [libraries(p.pid) for p in procs]
+        outs = llm.generate(prompts[5:6], params, use_tqdm=False)  # 48 tokens: 3 chunks
+        assert outs[0].outputs[0].token_ids == expected[5]
+        for p, had in zip(procs, before):
+            assert libraries(p.pid) <= had, sorted(libraries(p.pid) - had)
+    finally:
+        llm.shutdown()
