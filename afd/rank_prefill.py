@@ -49,6 +49,11 @@ class PrefillWorker:
             # receiver's deadline fails the transfer, if there is one
             log.warning("prefill rank %d dropped a %s of %r to rank %d, not an attention rank",
                         self.spec.rank, type(msg).__name__, msg.id, msg.dst)
+        elif isinstance(msg, protocol.Send) and not 0 < msg.n < self.core.cfg.max_model_len:
+            # only a forged message: a decode rank receives at most a prompt's KV (a buffer of
+            # 2**40 tokens ended this rank); its receive, if any, runs out its deadline
+            log.warning("prefill rank %d dropped a send of %r: %d KV tokens, max_model_len is %d",
+                        self.spec.rank, msg.id, msg.n, self.core.cfg.max_model_len)
         elif isinstance(msg, protocol.Send):
             self._send_kv(msg.id, msg.dst, msg.tag, msg.n)
         elif isinstance(msg, protocol.Cancel):  # the receiver gave up: complete its receive

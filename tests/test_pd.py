@@ -387,7 +387,8 @@ def test_requests_the_front_end_would_refuse_fail_alone_on_the_ranks(small_pd, r
     ranks' forward, and the engine), a prompt of max_model_len tokens, a pull of more KV
     tokens than its prompt (it failed the decode rank's step) or than the decode pool holds
     (it waited at the head of the pulls for good: no later transfer was admitted), a first
-    token past the vocabulary. Each fails alone on its rank, and the requests sent after
+    token past the vocabulary, a send of 2**40 KV tokens to the prefill rank (it failed the
+    rank's allocation). Each fails alone on its rank, and the requests sent after
     them finish with the single process's tokens, their blocks freed."""
     import msgpack
 
@@ -402,7 +403,9 @@ def test_requests_the_front_end_would_refuse_fail_alone_on_the_ranks(small_pd, r
               (0, {"t": "add", "req": {**req, "id": "f2@0", "prompt": [1] * 112}}),
               (decode, {**pull, "req": {**req, "id": "f3@0"}, "n": 50}),
               (decode, {**pull, "req": {**req, "id": "f4@0"}, "n": 10**6}),
-              (decode, {**pull, "req": {**req, "id": "f5@0"}, "first": 10**6})]
+              (decode, {**pull, "req": {**req, "id": "f5@0"}, "first": 10**6}),
+              # a send of more KV tokens than any prompt (its filler buffer ended the rank)
+              (0, {"t": "send", "id": "f6@0", "dst": decode, "tag": 78, "n": 2**40})]
     for rank, msg in forged:
         client.outboxes[rank].send(client.sealer.seal(rank, msgpack.packb(msg)))
     ids = [f"after-forged-{i}" for i in (0, 2, 5)]
