@@ -310,9 +310,14 @@ class MultiRankClient:
         raise RankFailure(message)
 
     def check_alive(self) -> None:
-        """Raise RankFailure if any rank has died or the engine already failed."""
+        """Raise RankFailure if any rank has died or the engine already failed; RuntimeError
+        once shut down (its sockets are closed: a request added then was placed, never sent,
+        and the next step failed on a closed socket with a bare ZMQError)."""
         if self.error:
             raise RankFailure(self.error)
+        if self.closed:
+            raise RuntimeError("the engine was shut down: its rank processes are gone; start a "
+                               "new one")
         for rank, p in enumerate(self.procs):
             if p.poll() is not None:
                 self._drain_errors()

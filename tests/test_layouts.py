@@ -1810,7 +1810,8 @@ def test_a_rank_never_sends_a_message_past_the_front_ends_cap():
 def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
     """After shutdown every rank has exited (reaped, no zombie) and nothing this engine bound
     listens any more: the control sockets and the ranks' rendezvous store, whose server
-    used to stay bound for as long as the LLM object lived."""
+    used to stay bound for as long as the LLM object lived. A request after it is an error
+    that says so."""
     import psutil
 
     llm = LLM(references["deepseek_v3"][0], attention=2, ffn=0, timeout_s=10)
@@ -1826,3 +1827,9 @@ def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
     left = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN} & ports
     assert not left, f"ports still bound after shutdown: {sorted(left)}"
+    # and using it then says so (it raised a bare ZMQError from the closed socket)
+    result = _in_thread(lambda: llm.generate("Hello", SamplingParams(max_tokens=2),
+                                             use_tqdm=False), 20)
+    assert isinstance(result.get("raised"), RuntimeError), result
+    assert "shut down" in str(result["raised"])
+    assert not client.placed
