@@ -86,9 +86,12 @@ class GrammarState:
     over) flips it where the first rank did."""
 
     def __init__(self, matcher: llguidance.LLMatcher, words: int,
-                 reasoning_end: frozenset[int] = frozenset()):
+                 reasoning_end: frozenset[int] = frozenset(), vocab: int | None = None):
         self.matcher = matcher
         self.words = words  # int32 words of the bitmask: ceil(tokenizer vocabulary / 32)
+        # the logits' width (the model's vocabulary; None: the tokenizer's): the tokenizer
+        # may hold tokens past it (added ones), which the model can neither emit nor embed
+        self.vocab = vocab
         self.reasoning_end = reasoning_end
         self.reasoning_ended = not reasoning_end
         # set by draft_masks when the matcher failed on a draft or a mask after one: (the
@@ -140,11 +143,17 @@ class GrammarState:
         the only bytes it allows, in the tokenizer's canonical tokens; none while it waits
         for the end of the reasoning, once stopped or failed). Speculative decoding drafts
         them (``afd.scheduler``): verified as any draft, so an output the model tokenizes
-        otherwise is still the plain engine's. The matcher is left as it was."""
+        otherwise is still the plain engine's. They stop before a token past the model's
+        vocabulary (a tokenizer's added token the model has no embedding for: as a draft it
+        would be an input id out of range). The matcher is left as it was."""
         matcher = self.matcher
         if limit < 1 or not self.reasoning_ended or matcher.is_stopped() or matcher.is_error():
             return []
-        return matcher.compute_ff_tokens()[:limit]
+        forced = matcher.compute_ff_tokens()[:limit]
+        if self.vocab is not None:
+            forced = forced[:next((i for i, t in enumerate(forced) if t >= self.vocab),
+                                  len(forced))]
+        return forced
 
     def draft_masks(self, drafts: list[int]) -> list[FixedMask | None]:
         """Per verify row j = 0 .. len(drafts), the mask the non-speculative engine would
@@ -264,4 +273,4 @@ class GrammarCompiler:
         else:
             self._built.move_to_end(key)
         return GrammarState(built.deep_copy(), -(-tok.vocab_size // 32),
-                            frozenset(reasoning_end or ()))
+                            frozenset(reasoning_end or ()), self.vocab_size)

@@ -1003,3 +1003,45 @@ def test_forced_tokens_of_a_grammar_state(engines):
     assert waiting.forced(4) == []
     waiting.accept(7)
     assert waiting.forced(64) == forced
+
+
+def test_forced_tokens_stop_before_a_token_the_model_cannot_embed(tmp_path):
+    """A tokenizer may hold tokens past the model's vocabulary (an added token the model has
+    no embedding for); llguidance's forced tokens can be one. As a draft it was an input id
+    out of range: the engine crashed (IndexError in the embedding). Forced drafts stop before
+    it, and the outputs are the plain engine's (here the grammar's request fails on both, as
+    the only token its mask then allows is one the model cannot emit)."""
+    from afd.llm import load_tokenizer
+    from afd.sampling_params import StructuredOutputsParams as SO
+    from afd.structured_output import GrammarCompiler
+
+    base = LLM(seed=0, block_size=8)
+    model, vocab = base.engine.core.cfg.model, base.engine.core.runner.model.cfg.vocab_size
+    base.shutdown()
+    tok = load_tokenizer(model, False)
+    tok.add_tokens(["alphabetic"])
+    (added,) = tok.convert_tokens_to_ids(["alphabetic"])
+    assert added >= vocab
+    folder = str(tmp_path / "tok")
+    tok.save_pretrained(folder)
+    so = SO(regex="[0-9]x alphabetic")
+    g = GrammarCompiler(folder, vocab).state(so, (tok.eos_token_id,))
+    g.accept(tok.encode("7", add_special_tokens=False)[0])
+    assert g.matcher.compute_ff_tokens()[-1] == added  # llguidance forces it
+    forced = g.forced(8)
+    assert forced and all(t < vocab for t in forced), forced
+    params = [SamplingParams(temperature=0, max_tokens=20, structured_outputs=so),
+              SamplingParams(temperature=0, max_tokens=20,
+                             structured_outputs=SO(regex="[0-9]x alpha"))]
+    prompts = [{"prompt_token_ids": [5, 6, 7]}] * 2
+    outs = {}
+    for name, spec in (("plain", None), ("spec", SPEC)):
+        llm = LLM(seed=0, block_size=8, tokenizer=folder, speculative_config=spec)
+        try:
+            outs[name] = llm.generate(prompts, params, use_tqdm=False)
+            if spec is not None:
+                assert llm.engine.core.scheduler.num_draft_tokens > 0
+        finally:
+            llm.shutdown()
+    assert_same(outs["plain"], outs["spec"])
+    assert [o.outputs[0].finish_reason for o in outs["spec"]] == ["error", "stop"]
