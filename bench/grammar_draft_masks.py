@@ -10,7 +10,9 @@ synthetic tokenizer of ``--vocab`` tokens (the 256 bytes plus random 2-8 byte st
 JSON-ish characters, seeded: no model tokenizer of that size ships with the repo), and times
 per position (mean over the document, best of ``--rounds``): the plain step (mask, then take
 the token) and the speculating one (``draft_masks`` over the next k tokens, then take them and
-the token after: every draft accepted).
+the token after: every draft accepted). A last row times ``GrammarState.forced`` (the tokens
+the grammar forces next, llguidance's ``compute_ff_tokens``: what a speculating constrained
+sequence asks each step besides its masks), with the share of positions where it found any.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def synthetic_tokenizer(vocab: int) -> llguidance.LLTokenizer:
     return llguidance.LLTokenizer(TokenizerWrapper(Tok()))
 
 
-def walk(tok: llguidance.LLTokenizer, k: int) -> float:
-    """Mean seconds per position over DOC: k = 0, the plain step; else draft_masks(k)."""
+def walk(tok: llguidance.LLTokenizer, k: int, forced: list[int] | None = None) -> float:
+    """Mean seconds per position over DOC: k = 0, the plain step; else draft_masks(k); with
+    ``forced`` (a list, filled with the count of forced tokens per position) forced(k)."""
     source = grammar_source(StructuredOutputsParams(json=SCHEMA))
     state = GrammarState(llguidance.LLMatcher(tok, source, log_level=0),
                          -(-tok.vocab_size // 32))
@@ -76,11 +79,15 @@ def walk(tok: llguidance.LLTokenizer, k: int) -> float:
     spent, steps = 0.0, 0
     for i in range(len(ids) - k - 1):
         start = time.perf_counter()
-        if k:
+        if forced is not None:
+            got = len(state.forced(k))
+        elif k:
             state.draft_masks(ids[i:i + k])
         else:
             state.fill(row)
         spent += time.perf_counter() - start
+        if forced is not None:
+            forced.append(got)
         steps += 1
         state.accept(ids[i])  # (outside the timing: both take the tokens alike)
     return spent / steps
@@ -99,6 +106,14 @@ def main() -> None:
         best = min(walk(tok, k) for _ in range(args.rounds))
         rows.append({"k": k, "masks_per_step": k + 1, "us_per_step": round(best * 1e6, 1)})
         print(f"k={k}: {best * 1e6:8.1f} us per sequence and step")
+    k = max(args.k)
+    counts: list[int] = []
+    best = min(walk(tok, k, counts if not r else []) for r in range(args.rounds))
+    share = sum(1 for c in counts if c) / len(counts)
+    rows.append({"forced": True, "k": k, "us_per_step": round(best * 1e6, 1),
+                 "positions_with_forced_tokens": round(share, 3)})
+    print(f"forced({k}): {best * 1e6:8.1f} us per sequence and step; forced tokens at "
+          f"{share:.0%} of positions")
     result = {"bench": "grammar_draft_masks", "commit": commit_id(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
