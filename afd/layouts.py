@@ -228,14 +228,37 @@ class MultiRankClient:
         self.control_key, self.session = control_key, protocol.new_session()
         self.sealer = protocol.Sealer(control_key, self.session, protocol.FRONT)
         self.drops = DropLog()  # the log of messages dropped for their seal (rate-limited)
+        self.procs: list[subprocess.Popen] = []
+        self.outboxes: dict[int, zmq.Socket] = {}
+        self.ipc_dir: str | None = None  # one node's control sockets' folder
+        self.auth = None
         self.ctx = zmq.Context()
+        try:
+            self._start(engine_cfg, layout, control_host, placement, micro_batches, transport,
+                        timeout_s, prefill_block_size, attach, startup_timeout_s)
+        except BaseException:
+            # whatever failed (a bind, a launcher's attach, a rank): the ranks started stop,
+            # and the sockets, their folder and the authenticator go with them, not left to
+            # the garbage collector (which would wait out ranks that never said goodbye)
+            self.error = self.error or "startup failed"
+            self.shutdown()
+            raise
+        if self.eplb_interval:
+            self.start_expert_load_record()
+
+    def _start(self, engine_cfg: EngineConfig, layout: Layout, control_host: str,
+               placement: ExpertPlacement | None, micro_batches: int, transport: str,
+               timeout_s: float, prefill_block_size: int | None,
+               attach: Callable[[WorkerSpec], None] | None, startup_timeout_s: float) -> None:
+        """Bind the control sockets, start the ranks (or hand ``attach`` their spec), wait for
+        every one to be ready."""
         host = zmq_host(control_host)
         if host.startswith("["):  # ZeroMQ sockets are IPv4-only unless told otherwise
             self.ctx.setsockopt(zmq.IPV6, 1)
         # across nodes, where the sockets listen on every interface: CURVE, so that a peer
         # without the key can neither take messages meant for a rank nor send any
         self.curve = None if is_loopback(control_host) else protocol.curve_keys(
-            control_key, self.session)
+            self.control_key, self.session)
         self.auth = None if self.curve is None else start_authenticator(self.ctx, self.curve)
         self.inbox = self.ctx.socket(zmq.PULL)
         secure_server(self.inbox, self.curve)
@@ -250,6 +273,14 @@ class MultiRankClient:
         # each rank told the address it can reach.
         self.ipc_dir = (tempfile.mkdtemp(prefix="afd-ctl-") if is_loopback(control_host)
                         else None)
+        if self.ipc_dir is not None:  # the longest socket path must fit a sockaddr_un
+            longest = os.path.join(self.ipc_dir, f"r{layout.world_size - 1}")
+            most = getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107
+            if len(os.fsencode(longest)) > most:
+                raise ValueError(
+                    f"the control sockets' Unix-domain path {longest!r} is "
+                    f"{len(os.fsencode(longest))} bytes, over the {most} a Unix socket "
+                    f"allows: set TMPDIR to a shorter folder (it is {tempfile.gettempdir()!r})")
 
         def bind(sock: zmq.Socket, name: str) -> str:
             if self.ipc_dir is not None:
@@ -259,7 +290,6 @@ class MultiRankClient:
             return f"tcp://{host}:{sock.bind_to_random_port('tcp://*')}"
 
         front_out = bind(self.inbox, "in")
-        self.outboxes: dict[int, zmq.Socket] = {}
         self.sent_at: dict[int, float] = {}  # when each rank was last sent a message
         front_in = []
         for rank in range(layout.world_size):
@@ -281,7 +311,6 @@ class MultiRankClient:
                               threads=threads_per_rank(layout.world_size),
                               prefill_block_size=prefill_block_size, session=self.session,
                               curve=self.curve is not None)
-        self.procs: list[subprocess.Popen] = []
         if attach is not None:
             attach(template)
         else:
@@ -289,15 +318,14 @@ class MultiRankClient:
             # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
             # every rank is on this machine; the key in the environment, which only this user
             # can read (/proc/PID/environ), not on the command line, which everyone can
-            env = {**os.environ, **loopback_gloo_env(), protocol.KEY_ENV: control_key.hex()}
-            self.procs = [subprocess.Popen(
-                [sys.executable, "-m", "afd.workers", "--spec",
-                 replace(template, rank=r, store_port=self.store.port).to_json()], env=env)
-                for r in range(layout.world_size)]
+            env = {**os.environ, **loopback_gloo_env(), protocol.KEY_ENV: self.control_key.hex()}
+            for r in range(layout.world_size):  # (each kept at once: a failed start stops it)
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "afd.workers", "--spec",
+                     replace(template, rank=r, store_port=self.store.port).to_json()],
+                    env=env))
         self._wait_ready(startup_timeout_s)
         self.last_heard = time.monotonic()
-        if self.eplb_interval:
-            self.start_expert_load_record()
 
     # ---- liveness -------------------------------------------------------------------------
     def _describe(self, rank: int) -> str:

@@ -421,6 +421,24 @@ def watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="afd-parent-watch").start()
 
 
+def check_front_here(spec: WorkerSpec) -> None:
+    """One node's control sockets are Unix-domain sockets (``ipc://``) in a folder of the
+    front end's machine (afd.layouts, a loopback control host); a rank on another machine
+    (a loopback --control-host given to ranks on several nodes) would wait at a path that is
+    not there until the front end gave up on it. Fail now, saying why."""
+    addrs = [spec.front_out]
+    if 0 <= spec.rank < len(spec.front_in):
+        addrs.append(spec.front_in[spec.rank])
+    for addr in addrs:
+        path = addr[len("ipc://"):] if addr.startswith("ipc://") else None
+        if path is not None and not os.path.exists(path):
+            raise RuntimeError(
+                f"the front end's control socket {path} is not on this "
+                f"machine: a loopback control host serves the ranks of one node only (across "
+                f"nodes give --control-host an address of rank 0's node that every node "
+                f"reaches), or the front end is gone")
+
+
 def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
                 before_exit: Callable[[], None] | None = None) -> None:
     """A rank's life: join the process group (unless a launcher such as torchrun already did),
@@ -441,6 +459,7 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
                  protocol.max_from_rank_bytes(spec.engine_cfg.max_model_len))
     code = 0
     try:
+        check_front_here(spec)
         timeout = datetime.timedelta(seconds=spec.timeout_s)
         device = _device(spec.engine_cfg,
                          spec.rank if spec.local_rank is None else spec.local_rank)

@@ -1744,6 +1744,81 @@ def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
     assert not os.path.exists(folder)
 
 
+def _client_args(tmp_path):
+    from afd.config import resolve_engine_config
+    from ckpt_utils import save_checkpoint
+    from models.config import load_config
+
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
+    model_cfg = load_config(path)
+    return resolve_engine_config(path, model_cfg, device="cpu"), model_cfg
+
+
+def test_a_failed_start_leaves_no_control_socket_folder(tmp_path, monkeypatch):
+    """The one-node control sockets' folder goes with a start that fails after it was made:
+    a launcher's ``attach`` that raises (it stayed until the half-built client was collected,
+    whose shutdown then waited 10 s for goodbyes from ranks that never started), and a TMPDIR
+    so long that a socket path would not fit a Unix socket's 107 bytes: refused naming TMPDIR
+    and the limit (it was libzmq's bind error, and the folder stayed for good)."""
+    import tempfile
+
+    from afd import protocol
+    from afd.layouts import MultiRankClient
+    from afd.workers import Layout
+
+    engine_cfg, model_cfg = _client_args(tmp_path)
+    short = tmp_path / "t"
+    short.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+
+    def broken(template):
+        assert template.front_out.startswith("ipc://" + str(short))
+        raise RuntimeError("the launcher failed")
+
+    try:
+        MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=broken,
+                        control_key=protocol.new_key(), startup_timeout_s=60)
+    except RuntimeError as exc:
+        failed = exc  # its traceback holds the half-built client: no garbage collection yet
+    assert "the launcher failed" in str(failed)
+    assert os.listdir(short) == []
+    del failed
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with pytest.raises(ValueError, match=r"over the 107 .*TMPDIR") as err:
+        MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=lambda t: None,
+                        control_key=protocol.new_key(), startup_timeout_s=60)
+    assert str(deep) in str(err.value)
+    assert os.listdir(deep) == []
+
+
+def test_a_rank_on_another_machine_than_the_control_sockets_says_so(tmp_path):
+    """A rank given one node's Unix-domain control sockets (a loopback control host) that
+    are not on its machine fails at once naming --control-host, instead of waiting at a path
+    that is not there until the front end gives up on it; where the paths exist (this
+    machine) or the sockets are TCP, it goes on."""
+    from afd.config import EngineConfig
+    from afd.workers import Layout, WorkerSpec, check_front_here
+
+    cfg = EngineConfig("/m", None, "cpu", 64, 4, None, 8, 32)
+    gone = str(tmp_path / "afd-ctl-gone")
+    spec = WorkerSpec(1, Layout(0, 2, 0), cfg, None, 1, "torch", 5.0, "127.0.0.1", 0,
+                      f"ipc://{gone}/in", (f"ipc://{gone}/r0", f"ipc://{gone}/r1"))
+    with pytest.raises(RuntimeError, match=f"{gone}/in is not on this machine.*--control-host"):
+        check_front_here(spec)
+    os.mkdir(gone)
+    open(f"{gone}/in", "w").close()
+    with pytest.raises(RuntimeError, match=f"{gone}/r1 is not on this machine"):
+        check_front_here(spec)
+    open(f"{gone}/r1", "w").close()
+    check_front_here(spec)
+    from dataclasses import replace
+
+    check_front_here(replace(spec, front_out="tcp://10.0.0.1:5000",
+                             front_in=("", "tcp://10.0.0.1:5001")))
+
+
 def _connect_and_watch(sock, addr: str) -> int:
     import zmq
     from zmq.utils.monitor import recv_monitor_message
