@@ -9,7 +9,8 @@ built per node, and a SIGTERM to rank 0's torchrun stopping every node. What it 
 a real network between machines (latency, firewalls, interfaces that differ per machine).
 
 Without a non-loopback IPv4 address the nodes meet on 127.0.0.1: the node split is still
-covered, the ``tcp://*`` bind is not (``master_addr`` warns so). The
+covered, the ``tcp://*`` bind is not (``master_addr`` warns so; a loopback control host makes
+the control sockets Unix-domain ones, which every "node" of one machine reaches). The
 default run has one two-node test (~25 s on the shared 2-core CPU); the other layouts and the
 IPv6 rendezvous are marked slow.
 """
@@ -256,10 +257,18 @@ def check_sockets(nodes: Nodes) -> None:
     listening = {c.laddr.port: c.laddr.ip for c in front.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN}
     assert listening.pop(nodes.port) == "127.0.0.1"
-    if nodes.master == "127.0.0.1":
-        want = "127.0.0.1"
-    else:  # tcp://*: every IPv4 interface, or every interface (dual stack) with an IPv6 host
-        want = "::" if ipaddress.ip_address(nodes.master).version == 6 else "0.0.0.0"
+    if ipaddress.ip_address(nodes.master).is_loopback:
+        # nodes that meet on loopback are one machine: the control sockets are Unix-domain
+        # sockets in the front end's folder of mode 700 (afd.layouts), no TCP port
+        assert not listening, listening
+        paths = {c.laddr for c in front.net_connections("unix") if c.laddr}
+        folders = {os.path.dirname(p) for p in paths
+                   if os.path.basename(os.path.dirname(p)).startswith("afd-ctl-")}
+        assert len(folders) == 1, paths
+        assert os.stat(folders.pop()).st_mode & 0o777 == 0o700
+        return
+    # tcp://*: every IPv4 interface, or every interface (dual stack) with an IPv6 host
+    want = "::" if ipaddress.ip_address(nodes.master).version == 6 else "0.0.0.0"
     assert listening and set(listening.values()) == {want}, listening
     for rank, proc in nodes.ranks().items():
         to_front = [c for c in proc.net_connections("tcp")
@@ -356,6 +365,14 @@ def test_uneven_nodes(reference):
     """Three ranks on two nodes of one and two (torchrun's static rendezvous allows a
     different --nproc-per-node per node)."""
     run_layout(["--attention", "2", "--ffn", "1"], [1, 2], reference)
+
+
+@pytest.mark.slow
+def test_nodes_meeting_on_loopback(reference):
+    """Two "nodes" of one machine meeting on 127.0.0.1 (a loopback control host): the ranks
+    of the second torchrun reach the front end's Unix-domain control sockets (the check the
+    default run makes when a machine has no other address)."""
+    run_layout(["--attention", "1", "--ffn", "1"], [1, 1], reference, master="127.0.0.1")
 
 
 @pytest.mark.slow
