@@ -433,10 +433,11 @@ def check_front_here(spec: WorkerSpec) -> None:
         path = addr[len("ipc://"):] if addr.startswith("ipc://") else None
         if path is not None and not os.path.exists(path):
             raise RuntimeError(
-                f"the front end's control socket {path} is not on this "
-                f"machine: a loopback control host serves the ranks of one node only (across "
-                f"nodes give --control-host an address of rank 0's node that every node "
-                f"reaches), or the front end is gone")
+                f"the front end's control socket {path} is not on this machine (or not "
+                f"in this rank's view of its files, as in another container): a loopback "
+                f"control host serves the ranks of one node only (across nodes give "
+                f"--control-host an address of rank 0's node that every node reaches), or "
+                f"the front end is gone")
 
 
 def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
