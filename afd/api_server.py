@@ -227,9 +227,11 @@ def build_app(state: ServerState) -> FastAPI:
                 "missing", "model_attributes_type", "model_type", "dict_type"):
             # no body, or one that is not a JSON object
             kind = request.headers.get("content-type", "")
-            if not kind.split(";")[0].strip().lower().endswith("json"):
-                # FastAPI reads a body as JSON only when its Content-Type says so (curl -d
-                # sends application/x-www-form-urlencoded)
+            main, _, sub = kind.split(";")[0].strip().lower().partition("/")
+            if main != "application" or not (sub == "json" or sub.endswith("+json")):
+                # FastAPI reads a body as JSON only when its Content-Type is application/json
+                # or application/*+json (curl -d sends application/x-www-form-urlencoded;
+                # text/json is not read either)
                 return _error(APIError(400, "the request body must be a JSON object sent with "
                                        "Content-Type: application/json, got Content-Type "
                                        f"{kind or 'none'!r:.80}", code="invalid_json"))

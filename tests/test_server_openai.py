@@ -296,6 +296,24 @@ def test_a_body_that_is_no_json_object_says_so(app):
     assert ok.status_code == 200, ok.text
 
 
+def test_a_json_object_under_a_type_fastapi_does_not_read_names_the_type(app):
+    """FastAPI reads a body as JSON only under application/json or application/*+json: a JSON
+    object sent as text/json or application/x-json is refused for its Content-Type (the
+    message said the body must be a JSON object, which it is); application/*+json is read."""
+    body = b'{"prompt": "Hi", "max_tokens": 1}'
+
+    async def run(c, http):
+        return [await http.post("/v1/completions", content=body, headers={"content-type": t})
+                for t in ("text/json", "application/x-json", "application/vnd.api+json")]
+
+    text_json, x_json, plus_json = call_app(app, run)
+    for r, kind in ((text_json, "text/json"), (x_json, "application/x-json")):
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "invalid_json", r.text
+        assert "Content-Type: application/json" in err["message"] and kind in err["message"]
+    assert plus_json.status_code == 200, plus_json.text
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_return_token_ids(app, chat):
     """vLLM's return_token_ids: unstreamed, each choice's token_ids and the prompt's
