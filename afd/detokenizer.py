@@ -120,6 +120,10 @@ class IncrementalDetokenizer:
         if prefix is None:
             prefix = self._decode(tokens[prefix_offset:read_offset])
         full = self._decode(tokens[prefix_offset:])
+        if not full.startswith(prefix):
+            # a byte-fallback decoder made the whole run of byte tokens U+FFFDs, the emitted
+            # characters' too: the bytes left, decoded alone (each U+FFFD)
+            full = prefix + self._decode(tokens[read_offset:])
         self.prefix_offset, self.read_offset, self._prefix = read_offset, len(tokens), None
         return full[len(prefix):] if len(full) > len(prefix) else ""
 

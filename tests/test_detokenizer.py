@@ -409,3 +409,19 @@ def test_engine_text_against_vllms_rules(llm):
             for i in range(n):
                 assert tuple(got[i][:4]) == want[i], (trial, kind, params, outputs[i])
                 assert got[i][4] == (0 if params.logprobs is None else len(got[i][1]))
+
+
+def test_byte_fallback_flush_gives_one_u_fffd_per_byte_left(tmp_path):
+    """A byte-fallback output that ends inside a character, after whole characters of byte
+    tokens in the same run: the decode of that run is all U+FFFDs (README, not matched), so
+    ``flush`` cut it at the emitted text's length and the text got a U+FFFD for each byte of
+    the characters before, less one per character, beyond its own (one per byte left)."""
+    tok = byte_fallback_tokenizer(str(tmp_path))
+    hello = tok.convert_tokens_to_ids("▁hello")
+    for whole in ("é", "中", "😀é"):
+        for cut in ("中", "😀"):
+            for keep in range(1, len(cut.encode())):
+                out = [3 + b for b in whole.encode() + cut.encode()[:keep]]
+                detok = IncrementalDetokenizer(tok, [1, hello], True)
+                text = "".join(detok.push([t]) for t in out) + detok.flush()
+                assert text == whole + "\ufffd" * keep, (whole, cut, keep, text)
