@@ -46,16 +46,23 @@ class IncrementalDetokenizer:
     (each gets its own otherwise)."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 token_texts: dict[int, str] | None = None):
+                 token_texts: dict[int, str] | None = None,
+                 context: tuple[list[int], str] | None = None):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decode = _direct_decode(tokenizer, skip_special_tokens) or self._decode_wrapped
         self._token_texts = {} if token_texts is None else token_texts
-        self.tokens, context = self._context(prompt_token_ids)
+        # ``context``: another detokenizer's ``context`` for the same prompt and
+        # ``skip_special_tokens`` (the n completions of a request), not chosen again
+        if context is None:
+            context = self._context(prompt_token_ids)
+        self.context = context
+        window, text = context
+        self.tokens = list(window)  # (pushes extend it: the shared window stays as it is)
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         # the text of tokens[prefix_offset:read_offset], once known
-        self._prefix: str | None = context
+        self._prefix: str | None = text
 
     def _context(self, prompt: list[int]) -> tuple[list[int], str]:
         """The prompt's last tokens, decoded before the output's for their context (a word's

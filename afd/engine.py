@@ -314,11 +314,13 @@ class LLMEngine:
         params = self._with_bad_word_ids(params, self.validate(ids, params))
         arrival = time.monotonic() if arrival_time is None else float(arrival_time)
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=arrival))
-        children = []
+        children, context = [], None
         for i in range(params.n):
             skip = params.skip_special_tokens
-            comp = _Completion(i, IncrementalDetokenizer(self.tokenizer, ids, skip,
-                                                         self._detok_texts[bool(skip)]))
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip,
+                                           self._detok_texts[bool(skip)], context)
+            context = detok.context  # the prompt's context, chosen once for all n
+            comp = _Completion(i, detok)
             if params.logprobs is not None:
                 comp.cumulative_logprob, comp.logprobs = 0.0, []
             req.completions.append(comp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -425,3 +426,37 @@ def test_byte_fallback_flush_gives_one_u_fffd_per_byte_left(tmp_path):
                 detok = IncrementalDetokenizer(tok, [1, hello], True)
                 text = "".join(detok.push([t]) for t in out) + detok.flush()
                 assert text == whole + "\ufffd" * keep, (whole, cut, keep, text)
+
+
+def test_a_requests_completions_choose_the_prompts_context_once(llm):
+    """The n completions of a request share the prompt's context, chosen once: a prompt that
+    ends inside a character tries every window from 5 to 20 tokens (16 decodes), which each
+    of n = 8 completions did again (128 decodes when the request was added)."""
+    from test_output_kind import _ScriptedCore
+
+    from afd.engine import LLMEngine
+
+    tok, base = llm.get_tokenizer(), llm.engine
+
+    class Counting(type(tok)):  # its own decode: the detokenizer calls it, countably
+        calls = 0
+
+        def decode(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().decode(*args, **kwargs)
+
+    counting = copy.copy(tok)
+    counting.__class__ = Counting
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog, far away") + [4 + 0xe4]
+    alone = IncrementalDetokenizer(counting, prompt, True)
+    assert alone.tokens == [] and Counting.calls == 16  # no window helps
+    b = [4 + x for x in "中".encode()]  # the output finishes the prompt's character
+    engine = LLMEngine(counting, base.model_cfg, base.engine_cfg, _ScriptedCore(
+        {i: [[b[1]], ([b[2], 40 + i], "length")] for i in range(8)}), base.eos_token_ids)
+    Counting.calls = 0
+    engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(n=8, seed=0))
+    assert Counting.calls == 16, Counting.calls
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert [c.text for c in out[0].outputs] == [
+        tok.decode([b[1], b[2], 40 + i]) for i in range(8)]
