@@ -826,18 +826,18 @@ def _token_name(token: int, text: str, as_ids: bool) -> str:
 def _chat_logprobs(c: CompletionOutput, start: int, top: int | None, as_ids: bool = False
                    ) -> dict | None:
     """The logprobs of ``c``'s tokens from ``start`` on, in chat's ``content`` shape: each
-    token with its ``top`` likeliest (``as_ids``: each named "token_id:<id>", its bytes
-    that name's, as vLLM)."""
+    token with its ``top`` likeliest (``as_ids``: each named "token_id:<id>"; as vLLM's, the
+    bytes of a top_logprobs entry are its name's, the token's its text's)."""
     if c.logprobs is None:
         return None
 
-    def entry(token: int, lp) -> dict:
+    def entry(token: int, lp, sampled: bool = False) -> dict:
         name = _token_name(token, lp.decoded_token, as_ids)
-        return {"token": name, "logprob": _logprob(lp.logprob),
-                "bytes": list(name.encode("utf-8", errors="replace"))}
+        return {"token": name, "logprob": _logprob(lp.logprob), "bytes": list(
+            (lp.decoded_token if sampled else name).encode("utf-8", errors="replace"))}
 
     return {"content": [
-        {**entry(token, step[token]), "top_logprobs": [
+        {**entry(token, step[token], True), "top_logprobs": [
             entry(t, lp) for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank)[:top]]}
         for token, step in zip(c.token_ids[start:], c.logprobs[start:])]}
 

@@ -176,7 +176,8 @@ def test_completions_add_special_tokens(app):
 
 def test_return_tokens_as_token_ids(app):
     """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:<id>" (chat:
-    token, its bytes and its top_logprobs; completions: tokens and top_logprobs' keys, the
+    token and its top_logprobs, whose bytes are their names', the token's its text's;
+    completions: tokens and top_logprobs' keys, the
     echoed prompt's too), streamed or not; the numbers, the text and the text_offsets (into
     the text returned) are those of the plain request."""
     from afd import LLM
@@ -209,9 +210,12 @@ def test_return_tokens_as_token_ids(app):
     assert len(named) == len(plain) == 5
     for p, t in zip(plain, named):
         assert t.token in ids and tok.decode([ids[t.token]]) == p.token
-        assert t.bytes == list(t.token.encode()) and t.logprob == p.logprob
+        # vLLM's serving_chat: the sampled token's bytes are its text's, its top_logprobs'
+        # those of their names
+        assert t.bytes == p.bytes == list(p.token.encode()) and t.logprob == p.logprob
         assert [tok.decode([ids[x.token]]) for x in t.top_logprobs] == [
             x.token for x in p.top_logprobs]
+        assert all(x.bytes == list(x.token.encode()) for x in t.top_logprobs)
     streamed = [t for ch in out["chat_stream"] if ch.choices and ch.choices[0].logprobs
                 for t in ch.choices[0].logprobs.content]
     assert [t.model_dump() for t in streamed] == [t.model_dump() for t in named]
