@@ -532,10 +532,12 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                 c.token_ids)
             if chat:
                 message, finish = _chat_message(c, readers)
+                hide = readers is not None and readers.hides_tokens
                 choices.append({"index": index, "finish_reason": finish, "message": message,
-                                "logprobs": _chat_logprobs(c, 0, params.logprobs, as_ids),
+                                "logprobs": None if hide else _chat_logprobs(
+                                    c, 0, params.logprobs, as_ids),
                                 "stop_reason": c.stop_reason})
-                if return_ids:
+                if return_ids and not hide:
                     choices[-1]["token_ids"] = list(c.token_ids)
                 continue
             text, token_ids, entries = echo.completion(out, c)
@@ -603,6 +605,12 @@ class _ChatReaders:
     tools: Callable[[], ToolCallStream] | None = None
     reasoning: Callable[[], ReasoningStream] | None = None
     include_reasoning: bool = True  # vLLM's: false splits the reasoning off and drops it
+
+    @property
+    def hides_tokens(self) -> bool:
+        """The reasoning is left out, so are the logprobs and token ids that would name its
+        tokens (vLLM's serving_chat does the same)."""
+        return self.reasoning is not None and not self.include_reasoning
 
     def stream(self) -> _ChoiceReader | None:
         if self.tools is None and self.reasoning is None:
@@ -940,6 +948,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     echoed: set[int] = set()  # choices whose first chunk went out
     token_text = state.engine.engine.token_text
     choice_readers: dict[int, _ChoiceReader | None] = {}  # each chat choice's readers
+    hide = readers is not None and readers.hides_tokens  # no logprobs, no token ids
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     cached = 0
     open_streams = len(streams)
@@ -1005,7 +1014,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 if c.finish_reason is not None:
                     finish_sent.add(index)
                 if chat:
-                    logprobs = _chat_logprobs(c, 0, top_logprobs, as_ids)
+                    logprobs = None if hide else _chat_logprobs(c, 0, top_logprobs, as_ids)
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
                     reader = choice_readers.get(index)
@@ -1018,18 +1027,18 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                         choices.append({"index": index, "delta": {"content": c.text},
                                         "finish_reason": c.finish_reason, "logprobs": logprobs,
                                         "stop_reason": c.stop_reason})
-                        if prompt_ids is not None:
+                        if prompt_ids is not None and not hide:
                             choices[-1]["token_ids"] = c.token_ids
                         continue
                     finish = c.finish_reason
                     if finish == "stop" and reader.has_calls:
                         finish = "tool_calls"
                     if message or logprobs is not None or finish is not None or (
-                            prompt_ids is not None and c.token_ids):
+                            prompt_ids is not None and not hide and c.token_ids):
                         choices.append({"index": index, "delta": message,
                                         "finish_reason": finish, "logprobs": logprobs,
                                         "stop_reason": c.stop_reason})
-                        if prompt_ids is not None:
+                        if prompt_ids is not None and not hide:
                             choices[-1]["token_ids"] = c.token_ids
                     continue
                 text, token_ids, entries = echo.completion(item, c, head,

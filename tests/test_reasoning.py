@@ -230,6 +230,37 @@ def test_include_reasoning_false_drops_the_reasoning(apps):
     assert streamed == (None, "answer", [], "stop")
 
 
+def test_include_reasoning_false_sends_no_token_metadata(apps):
+    """As vLLM's serving_chat: with include_reasoning false the logprobs and token_ids, which
+    would name the reasoning's tokens, are left out, streamed or not (they were sent whole);
+    the prompt's token ids still come. With it true they come."""
+    text = "<think>abc</think>answer"
+    body = {"model": "m", "messages": ASK, "temperature": 0, "max_tokens": 200,
+            "logprobs": True, "top_logprobs": 1}
+    extra = {"structured_outputs": {"choice": [text]}, "return_token_ids": True}
+
+    async def run(c, _):
+        out = {}
+        for include in (True, False):
+            kw = {**body, "extra_body": {**extra, "include_reasoning": include}}
+            out[include] = (await c.chat.completions.create(**kw),
+                            [ch async for ch in await c.chat.completions.create(
+                                **kw, stream=True)])
+        return out
+
+    out = call_app(apps["deepseek_r1"], run)
+    for include, (plain, chunks) in out.items():
+        choice = plain.choices[0].model_dump()
+        assert plain.model_dump()["prompt_token_ids"], include
+        assert (choice["logprobs"] is not None) == include, choice
+        assert (choice.get("token_ids") is not None) == include, choice
+        streamed = [ch.choices[0].model_dump() for ch in chunks if ch.choices]
+        assert any(c["logprobs"] is not None for c in streamed) == include
+        assert any(c.get("token_ids") for c in streamed) == include
+        assert chunks[0].model_dump()["prompt_token_ids"]
+        assert "".join(c["delta"].get("content") or "" for c in streamed) == "answer"
+
+
 def test_max_tokens_inside_the_reasoning(apps):
     """Cut before </think>: all reasoning, content null, finish_reason length."""
     plain, streamed = chat(apps["deepseek_r1"], "<think>abcdefghij</think>answer", max_tokens=9)
