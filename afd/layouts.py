@@ -343,7 +343,7 @@ class MultiRankClient:
         and the next step failed on a closed socket with a bare ZMQError)."""
         if self.error:
             raise RankFailure(self.error)
-        if self.closed:
+        if self.closed and self.inbox.closed:  # shut down: its sockets are gone too
             raise RuntimeError("the engine was shut down: its rank processes are gone; start a "
                                "new one")
         for rank, p in enumerate(self.procs):

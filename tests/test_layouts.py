@@ -1893,15 +1893,18 @@ def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
     client = llm.engine.core
     mine = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN}
-    ports = {client.store.port, *(int(s.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-                                  for s in [client.inbox, *client.outboxes.values()])}
+    ports = {client.store.port}  # the control sockets are Unix-domain on one node
+    sockets = [s.getsockopt_string(zmq.LAST_ENDPOINT)
+               for s in [client.inbox, *client.outboxes.values()]]
     assert ports <= mine, (ports, mine)
+    assert all(a.startswith("ipc://") and os.path.exists(a[len("ipc://"):]) for a in sockets)
     llm.shutdown()
     assert all(p.returncode is not None for p in client.procs)
     assert not any(psutil.pid_exists(p.pid) for p in client.procs), "a rank process is left"
     left = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN} & ports
     assert not left, f"ports still bound after shutdown: {sorted(left)}"
+    assert not any(os.path.exists(a[len("ipc://"):]) for a in sockets), "a socket file is left"
     # and using it then says so (it raised a bare ZMQError from the closed socket)
     result = _in_thread(lambda: llm.generate("Hello", SamplingParams(max_tokens=2),
                                              use_tqdm=False), 20)
