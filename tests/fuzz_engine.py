@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from afd import LLM, SamplingParams
-from afd.block_pool import BlockKeys, extend_block_keys
+from afd.block_pool import BlockKeys, extend_block_keys, key_digest
 from afd.kv_cache import kv_block_dim
 from afd.kv_transfer import gather_kv, token_slots
 from afd.outputs import RequestOutput
@@ -173,6 +173,126 @@ def check_scheduler(core, where: str, max_num_seqs: int) -> None:
                               f"holds uncomputed positions ({seq.num_computed_tokens} computed)")
             assert key == keys[i], f"{where}: {seq.request_id}'s block {i} (#{b}) is cached " \
                 "under another prefix's key"
+
+
+def check_sequences(core, where: str) -> None:
+    """What each live sequence holds against what it has computed: no block past what its
+    computed tokens, the next step's drafts and the MTP layer's lookahead could use, none past
+    its length limit, no block counted as offered to the cache beyond its computed ones; and
+    the scheduler's totals hang together."""
+    sched, pool = core.scheduler, core.allocator
+    spec = sched.spec
+    k = spec.num_speculative_tokens if spec is not None else 0
+    # a decode's step computes its last token and k drafts, and (chained MTP) gives the MTP
+    # layer k - 1 slots past those; it emits at least one token, so its computed count grows
+    # by one or more: after the step it holds blocks for at most computed + 2k - 1 tokens
+    extra = 0 if not k else (2 * k - 1 if spec.method == "mtp" else k)
+    for seq in core.seqs.values():
+        rid, n = seq.request_id, seq.num_computed_tokens
+        assert seq.num_cached_blocks <= n // pool.block_size, (
+            f"{where}: {rid} counts {seq.num_cached_blocks} blocks offered to the cache with "
+            f"{n} tokens computed")
+        if seq.status is Status.WAITING:
+            assert n == 0 and seq.num_cached_blocks == 0, (
+                f"{where}: waiting {rid} counts {n} computed tokens")
+        if seq.status is not Status.RUNNING:
+            continue
+        # KV received from another rank comes with room for the next token
+        tokens = n + extra if seq.cacheable else max(n + extra, seq.num_tokens)
+        most = min(pool.blocks_for(tokens),
+                   pool.blocks_for(seq.num_prompt_tokens + seq.max_output))
+        assert len(seq.block_ids) <= most, (
+            f"{where}: {rid} holds {len(seq.block_ids)} blocks with {n} tokens computed of "
+            f"{seq.num_tokens} (at most {most}: drafts {k}, max_output {seq.max_output})")
+    assert sched.prefix_cache_host_hits <= sched.prefix_cache_hits <= \
+        sched.prefix_cache_queries, f"{where}: prefix cache counters"
+    per_pos = sched.num_accepted_per_pos
+    assert sched.num_accepted_tokens <= sched.num_draft_tokens, f"{where}: accepted > drafted"
+    assert sum(per_pos) == sched.num_accepted_tokens, f"{where}: accepted by position"
+    assert all(a >= b for a, b in zip([sched.num_drafts] + per_pos, per_pos)), (
+        f"{where}: a draft accepted where the one before it was not: {per_pos} of "
+        f"{sched.num_drafts}")
+
+
+def check_plan(core, plan, where: str) -> None:
+    """One step's plan, as the scheduler made it: sequences it runs, each once, within the
+    token budget and max_num_seqs, each with the blocks its tokens need; drafts only after
+    the last token, within k and max_tokens, and none in a step that preempted; prompt
+    logprob rows within their limit."""
+    import afd.scheduler as scheduler_module
+
+    sched, size = core.scheduler, core.allocator.block_size
+    seqs = [s.seq for s in plan.seqs]
+    assert len({id(s) for s in seqs}) == len(seqs), f"{where}: a sequence planned twice"
+    assert len(seqs) <= sched.max_num_seqs, f"{where}: {len(seqs)} planned"
+    total = sum(s.num_new_tokens for s in plan.seqs)
+    assert total <= sched.max_num_batched_tokens, (
+        f"{where}: {total} tokens planned, budget {sched.max_num_batched_tokens}")
+    rows = sum(len(s.prompt_logprob_positions) for s in plan.seqs)
+    assert rows <= scheduler_module.MAX_PROMPT_LOGPROB_ROWS, f"{where}: {rows} scored rows"
+    k = sched.spec.num_speculative_tokens if sched.spec is not None else 0
+    for s in plan.seqs:
+        seq, rid, drafts = s.seq, s.seq.request_id, s.draft_token_ids
+        assert seq.status is Status.RUNNING and seq in sched.running, (
+            f"{where}: planned {rid} is {seq.status}")
+        assert core.seqs.get(rid) is seq, f"{where}: planned {rid} is not live"
+        assert s.num_new_tokens > len(drafts), f"{where}: {rid} planned no token"
+        end = seq.num_computed_tokens + s.num_new_tokens
+        assert end - len(drafts) <= seq.num_tokens, (
+            f"{where}: {rid} plans tokens past its {seq.num_tokens}")
+        assert end <= len(seq.block_ids) * size, (
+            f"{where}: {rid} computes {end} tokens in {len(seq.block_ids)} blocks")
+        if drafts:
+            assert not plan.num_preempted, f"{where}: drafts in a step that preempted"
+            assert s.samples and s.num_new_tokens == len(drafts) + 1, (
+                f"{where}: {rid} drafts without decoding")
+            assert len(drafts) <= k and (seq.num_output_tokens + len(drafts) + 1
+                                         <= seq.max_output), (
+                f"{where}: {rid} has {len(drafts)} drafts, {seq.num_output_tokens} of "
+                f"{seq.max_output} tokens out")
+
+
+class CacheEventsMirror:
+    """What a front end learns of a core's prefix cache from its KV cache events, taken at
+    random steps in batches of random size: after every step, the events taken plus those
+    pending net to exactly the keys the pool and its host tier hold, no event repeats what
+    was already reported, and each batch, applied in order, only removes digests reported
+    held and only stores ones not (the front end never holds more than the rank did)."""
+
+    def __init__(self, core, seed: int):
+        core.record_kv_events()
+        self.core, self.events = core, core.events
+        self.rng = random.Random(seed)
+        self.held: set[int] = set()  # what the batches taken so far say it holds
+        self.resets = 0  # the resets count of the last batch taken
+
+    def check(self, where: str) -> None:
+        events = self.events
+        if events is None:  # caching off
+            return
+        now = {key_digest(k) for h in (events.device, events.host or {}) for k in h}
+        base = self.held if events.resets == self.resets else set()
+        stored, removed = set(events.stored), set(events.removed)
+        assert not stored & removed, f"{where}: a digest pending as stored and removed"
+        assert not stored & base, (
+            f"{where}: {len(stored & base)} digests stored again without a removal")
+        assert removed <= base, (
+            f"{where}: {len(removed - base)} digests removed that were never reported held")
+        assert (base - removed) | stored == now, (
+            f"{where}: the events net to {len((base - removed) | stored)} held digests, the "
+            f"cache holds {len(now)} ({len(now - ((base - removed) | stored))} unreported, "
+            f"{len(((base - removed) | stored) - now)} not held)")
+        if self.rng.random() < 0.5:
+            for resets, gone, new in events.take(self.rng.choice([1, 2, 5, 1000])):
+                if resets != self.resets:
+                    self.held, self.resets = set(), resets
+                assert set(gone) <= self.held, f"{where}: a batch removes what was not held"
+                self.held -= set(gone)
+                assert not set(new) & self.held, f"{where}: a batch stores what was held"
+                self.held |= set(new)
+            assert self.held == now and not events.pending, (
+                f"{where}: the batches taken leave the front end with {len(self.held)} "
+                f"digests, the cache holds {len(now)}")
 
 
 class KVWatch:
@@ -627,21 +747,26 @@ class System:
     # that failed): such a request is not compared with its run alone
     allowed_errors: tuple[str, ...] = ()
 
-    def __init__(self, llm: LLM, max_num_seqs: int, check_kv: bool):
+    def __init__(self, llm: LLM, max_num_seqs: int, check_kv: bool, seed: int = 0):
         self.llm = llm
         self.watch(llm.engine, [llm.engine.core], max_num_seqs, check_kv)
+        # as a rank of a multi-rank layout would report them to its front end
+        self.mirrors = [CacheEventsMirror(llm.engine.core, seed)]
 
     def watch(self, engine, cores: list, max_num_seqs: int, check_kv: bool) -> None:
         """Check ``cores`` under ``engine``; note which sequences verify drafts each step."""
         self.engine, self.cores, self.max_num_seqs = engine, cores, max_num_seqs
         self.watches = [KVWatch(c) for c in cores] if check_kv else []
         self.last_drafted: set[str] = set()  # sequences that verified drafts in the last step
+        self.mirrors: list[CacheEventsMirror] = []
+        self.last_checked = "the start"
         self._spied = []
-        for core in cores:
+        for i, core in enumerate(cores):
             schedule = core.scheduler.schedule
 
-            def spy(schedule=schedule):
+            def spy(schedule=schedule, core=core, i=i):
                 out = schedule()
+                check_plan(core, out, f"core {i}'s plan after {self.last_checked}")
                 self.last_drafted.update(s.seq.request_id for s in out.seqs if s.draft_token_ids)
                 return out
 
@@ -686,8 +811,12 @@ class System:
             check_pool(core, at, self.held(core))
             check_host(core.host, at)
             check_scheduler(core, at, self.max_num_seqs)
+            check_sequences(core, at)
         for watch in self.watches:
             watch.check(where)
+        for mirror in self.mirrors:
+            mirror.check(where)
+        self.last_checked = where
 
     def targets(self, finished: list[str]) -> dict[str, list[str]]:
         """Live request ids by the state of (one of) their sequences, for aimed aborts."""
@@ -781,7 +910,7 @@ def run_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True)
     draw = draw_engine(rng, mtp_ok)
     kwargs = sized_offload(folder, draw.kwargs, draw.speculative)
     llm = LLM(folder, speculative_config=draw.speculative, **kwargs)
-    system = System(llm, kwargs["max_num_seqs"], check_kv)
+    system = System(llm, kwargs["max_num_seqs"], check_kv, seed)
     limits: list[str] = []
     try:
         with small_limits(rng, limits):
