@@ -93,7 +93,8 @@ class EngineCore:
                                    on_evict=self.host.evicted if self.host else None)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
-                                   cfg.scheduling_policy, host=self.host)
+                                   cfg.scheduling_policy, host=self.host,
+                                   mtp_kv=self.runner.mtp is not None)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

@@ -18,9 +18,12 @@ that asks for prompt logprobs takes cached blocks only over positions it has sco
 (none, the first time): a cached block has no logits. A block joins the cache once every one of
 its tokens' KV is written (``update``), prompt or generated. With a host tier (afd.kv_offload)
 the match goes on there after the device blocks end: those blocks get new device blocks, their
-KV copied back before the step's forward, and count as cached from then on. With MTP drafts
-the hit's last block is computed again: the MTP layer's KV at a block's last position was made
-from the token after it in the sequence that computed it.
+KV copied back before the step's forward, and count as cached from then on. Where the runner
+writes the MTP layer's KV (MTP drafts, or a prefill rank sending it) the hit's last block is
+computed again: the MTP layer's KV at a block's last position was made from the token after it
+in the sequence that filled it. A hit's blocks need not all come from one sequence (a block
+whose content the cache held already is not cached again, yet the block after it is), so the
+hit also ends at the first block whose recorded next token is not this sequence's.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
 decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after
@@ -125,13 +128,16 @@ class PrefixHit:
 class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  spec: SpecConfig | None = None, policy: str = "fcfs",
-                 host: HostKVTier | None = None):
+                 host: HostKVTier | None = None, mtp_kv: bool | None = None):
+        """``mtp_kv``: does the runner write the MTP layer's KV (default: with MTP drafts;
+        a prefill rank's core writes it without verifying drafts)."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
         self.host = host  # the prefix cache's host tier, or None
         self.by_priority = policy == "priority"
         self.spec = spec
+        self.mtp_kv = (spec is not None and spec.method == "mtp") if mtp_kv is None else mtp_kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -360,12 +366,27 @@ class Scheduler:
         if self.host is not None and len(hit.blocks) < max_blocks:
             hit.host_slots = self.host.match(seq.token_ids, seq.block_keys, len(hit.blocks),
                                              max_blocks)
-        if self.spec is not None and self.spec.method == "mtp" and hit.num_blocks:
-            # the MTP layer's KV at a block's last position p was made from token p + 1, the
-            # token after the block in whichever sequence computed it: recompute the hit's
-            # last block here (vLLM drops it for EAGLE/MTP too)
-            (hit.host_slots or hit.blocks).pop()
+        if self.mtp_kv and hit.num_blocks:
+            self._cut_for_mtp(seq, hit)
         return hit
+
+    def _cut_for_mtp(self, seq: Sequence, hit: PrefixHit) -> None:
+        """The MTP layer's KV at a block's last position p was made from token p + 1, the
+        token after the block in whichever sequence filled it: keep the hit's blocks up to
+        the first whose next token is not ``seq``'s, and recompute that one; the hit's last
+        block always (vLLM drops it for EAGLE/MTP too)."""
+        pool, host, tokens = self.allocator, self.host, seq.token_ids
+        size = pool.block_size
+        on_device = len(hit.blocks)
+        keep = hit.num_blocks - 1
+        for b in range(keep):
+            after = (pool.next_token(hit.blocks[b]) if b < on_device
+                     else host.next_token(hit.host_slots[b - on_device]))
+            if after != tokens[(b + 1) * size]:
+                keep = b
+                break
+        del hit.blocks[keep:]
+        del hit.host_slots[max(0, keep - on_device):]
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
         """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied
@@ -373,9 +394,10 @@ class Scheduler:
         blocks = seq.block_ids[start:start + len(slots)]
         self.host.restore(slots, blocks)
         size, keys = self.allocator.block_size, seq.block_keys
-        for b, block in enumerate(blocks, start):
+        for b, (block, slot) in enumerate(zip(blocks, slots), start):
             self.allocator.cache_block(block, keys[b], keys.parent(b),
-                                       seq.token_ids[b * size:(b + 1) * size])
+                                       seq.token_ids[b * size:(b + 1) * size],
+                                       self.host.next_token(slot))
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Get blocks for ``n`` more tokens of ``seq``, preempting later arrivals if needed.
@@ -444,9 +466,11 @@ class Scheduler:
         full = seq.num_computed_tokens // size
         if full <= seq.num_cached_blocks:
             return
-        extend_block_keys(seq.block_keys, seq.token_ids, size, full)
+        tokens = seq.token_ids
+        extend_block_keys(seq.block_keys, tokens, size, full)
         for b in range(seq.num_cached_blocks, full):
+            after = (b + 1) * size  # computed tokens are never the last: one follows
             self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
-                                       seq.block_keys.parent(b),
-                                       seq.token_ids[b * size:(b + 1) * size])
+                                       seq.block_keys.parent(b), tokens[b * size:after],
+                                       tokens[after] if after < len(tokens) else None)
         seq.num_cached_blocks = full

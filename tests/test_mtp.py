@@ -132,8 +132,8 @@ def _mtp_kv_after_prefill(folder, earlier: list[list[int]], prompt: list[int],
     llm = LLM(folder, seed=0, block_size=8, speculative_config=mtp(1), **kw)
     try:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        if earlier:
-            llm.generate([{"prompt_token_ids": p} for p in earlier], params, use_tqdm=False)
+        for p in earlier:  # one at a time: each finds what those before it left cached
+            llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)
         llm.engine.add_request("b", {"prompt_token_ids": prompt}, params)
         llm.engine.step()
         core = llm.engine.core
@@ -157,6 +157,53 @@ def test_a_prefix_cache_hit_leaves_the_mtp_kv_of_its_own_next_token(mtp_ckpt):
     want = _mtp_kv_after_prefill(folder, [], b, enable_prefix_caching=False)
     got = _mtp_kv_after_prefill(folder, [a], b)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_hit_whose_blocks_two_sequences_filled_recomputes_where_they_meet(mtp_ckpt):
+    """A hit's blocks need not come from one sequence: x fills block 0 (followed by 3), y
+    hits it, recomputes it (the hit's last block) as a copy the cache does not take, and
+    fills block 1 after it; z, y's prompt with another tail, finds block 0 (x's) and block 1
+    (y's). Block 0's last MTP KV was made from x's token 3, not z's next token: the hit
+    stops there and block 0 is recomputed, so z's MTP KV is a run without the cache's at
+    every position (before: x's at position 7)."""
+    folder, _, _ = mtp_ckpt
+    shared = mixed_prompts(1, seed=9, lengths=[16])[0]  # two blocks of 8
+    x, y, z = shared[:8] + [3, 4, 5], shared + [6, 7, 8], shared + [9, 4, 5, 6, 7]
+    want = _mtp_kv_after_prefill(folder, [], z, enable_prefix_caching=False)
+    got = _mtp_kv_after_prefill(folder, [x, y], z)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefill_rank_recomputes_the_hits_last_block_for_the_mtp_kv(mtp_ckpt):
+    """A prefill-only core (P/D's prefill rank) runs the MTP pass and sends the MTP KV, but
+    verifies no drafts: its prefix-cache hits drop their last block as the single process's
+    do, so the MTP KV it sends at position 15 is made from the prompt's own next token, not
+    from the token that followed the block where an earlier prompt computed it."""
+    folder, _, _ = mtp_ckpt
+    shared = mixed_prompts(1, seed=8, lengths=[16])[0]
+    a, b = shared + [3, 4, 5, 6, 7], shared + [9, 4, 5, 6, 7]
+    single = LLM(folder, seed=0, block_size=8, speculative_config=mtp(1))
+    cfg, model = single.engine.core.cfg, single.engine.core.runner.model
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    got = []
+    try:
+        for caching in (False, True):
+            core = afd.core.EngineCore(model, replace(cfg, enable_prefix_caching=caching),
+                                       prefill_only=True)
+            for rid, prompt in (("a", a), ("b", b)):
+                core.add_request(CoreRequest(rid, prompt, params))
+                while not core.newly_parked:
+                    core.step()
+                seq = core.newly_parked.pop()
+                slots = token_slots(seq.block_ids, len(prompt), 8, torch.device("cpu"))
+                kv = gather_kv(core.runner.kv_caches[-1:], slots)[0].clone()
+                core.release(rid)
+            got.append(kv)
+            hits = core.scheduler.prefix_cache_hits
+    finally:
+        single.shutdown()
+    torch.testing.assert_close(got[1], got[0], atol=1e-4, rtol=1e-4)
+    assert hits == 8  # b's first block came from the cache
 
 
 def _plain_and_mtp(folder, params, prompts, k=1, **kw):
