@@ -1,5 +1,7 @@
 """Seeded randomized invariant checks of the scheduler and KV blocks (tests/fuzz_engine.py, on
-the single-process engine; tests/fuzz_pd.py, on multi-rank layouts run in one process).
+the single-process engine; tests/fuzz_pd.py, on multi-rank layouts run in one process;
+tests/fuzz_scheduler.py, the scheduler, pool, host tier and cache events with no model and the
+KV simulated exactly, thousands of steps a second).
 
 A handful of seeds run by default (each draws an engine, a stream of requests and the aborts,
 bad requests and cache resets between them, and checks the block accounting after every step,
@@ -17,12 +19,14 @@ import pytest
 import torch
 
 from afd import protocol
-from afd.block_pool import BlockPool
+from afd.block_pool import BlockPool, CacheEvents
 from afd.kv_offload import HostKVTier
 from afd.rank_attention import AttentionWorker
+from afd.scheduler import Scheduler
 from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 from fuzz_engine import run_case
 from fuzz_pd import run_pd_case
+from fuzz_scheduler import run_sim
 
 # Chosen to cover, between them (each also draws its own mix of request options: greedy and
 # seeded, n > 1, stop strings and ids, logprobs, prompt logprobs, penalties, structured output
@@ -37,6 +41,7 @@ SEEDS = [4, 18, 66]
 PD_SEEDS = [40, 106]
 QWEN_SEEDS = [15]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
+SIM_SEEDS = range(24)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,23 @@ def test_single_process_gqa(qwen, seed):
 @pytest.mark.parametrize("seed", PD_SEEDS)
 def test_multi_rank(v3, seed):
     assert run_pd_case(seed, v3).compared
+
+
+def test_scheduler_sim():
+    """The model-free cases: between them, prefix hits on the device and from the host tier,
+    n-gram and MTP drafts accepted, preemption, aborts and resets."""
+    total = {}
+    for seed in SIM_SEEDS:
+        for name, n in run_sim(seed).items():
+            total[name] = total.get(name, 0) + n
+    for name in ("hits", "host_hits", "accepted", "preemptions", "aborts", "resets"):
+        assert total[name] > 0, f"no {name} in the model-free cases: {total}"
+
+
+@pytest.mark.slow
+def test_scheduler_sim_many_seeds():
+    for seed in range(1000, 1000 + 20 * MANY):
+        run_sim(seed)
 
 
 @pytest.mark.slow
@@ -128,3 +150,54 @@ def test_notices_a_receive_kept_after_its_abort(v3, monkeypatch):
     monkeypatch.setattr(AttentionWorker, "_handle", keep_receives)
     with pytest.raises(AssertionError, match="after their abort"):
         run_pd_case(40, v3)
+
+
+def _sim_fails(match: str) -> None:
+    with pytest.raises(AssertionError, match=match):
+        for seed in SIM_SEEDS:
+            run_sim(seed)
+
+
+def test_sim_notices_an_mtp_hit_across_two_sequences_blocks(monkeypatch):
+    """The hit cut as it was before it checked each block's next token (its last block
+    dropped, nothing more): a hit joining two sequences' blocks leaves another sequence's
+    MTP KV where they meet."""
+    def last_only(self, seq, hit):
+        (hit.host_slots or hit.blocks).pop()
+
+    monkeypatch.setattr(Scheduler, "_cut_for_mtp", last_only)
+    _sim_fails("MTP layer's KV")
+
+
+def test_sim_notices_a_lost_host_restore(monkeypatch):
+    monkeypatch.setattr(HostKVTier, "restore", lambda self, slots, blocks: None)
+    _sim_fails("not of its tokens")
+
+
+def test_sim_notices_a_dropped_cache_event(monkeypatch):
+    remove = CacheEvents.remove
+
+    def forgetful(self, key, holder):
+        if holder is not self.host:  # the device's evictions go unreported
+            return
+        remove(self, key, holder)
+
+    monkeypatch.setattr(CacheEvents, "remove", forgetful)
+    _sim_fails("the events net to")
+
+
+def test_sim_notices_blocks_held_beyond_need(monkeypatch):
+    reserve = Scheduler._reserve
+
+    def greedy(self, seq, n, scheduled):  # one block more than the tokens need
+        return reserve(self, seq, n + self.allocator.block_size, scheduled)
+
+    monkeypatch.setattr(Scheduler, "_reserve", greedy)
+    _sim_fails("holds .* blocks with")
+
+
+def test_sim_notices_a_plan_over_budget(monkeypatch):
+    add = Scheduler._add_drafts  # drafts that overrun the step's token budget
+    monkeypatch.setattr(Scheduler, "_add_drafts",
+                        lambda self, seqs, budget: add(self, seqs, budget + 4))
+    _sim_fails("tokens planned, budget")

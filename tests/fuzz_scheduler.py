@@ -1,0 +1,304 @@
+"""A model-free, seeded fuzzer of the scheduler, the block pool, the host tier and the KV cache
+events, with the KV itself simulated exactly.
+
+``run_sim(seed)`` draws a scheduler (block size 1 to 8, a pool from the fewest blocks that
+hold max_model_len up, prefix caching with or without a host tier, n-gram or MTP drafts up to
+k = 4, fcfs or priority, a token budget down to one) and drives it as afd.core.EngineCore
+does (schedule, host copies, forward, verification, update, finish), with what the model
+would decide drawn at random instead: which drafts verification accepts, sampled tokens (EOS
+among them, so sequences finish on accepted drafts), the MTP layer's next drafts. Between
+steps: new sequences (shared prefixes, repeated prompts, siblings as n > 1 makes them, cache
+salts, prompt logprobs, max_tokens up to max_model_len), aborts of sequences in any state, and
+prefix-cache resets.
+
+The forward writes, per computed position, the value the KV would have there: the position's
+whole token prefix (and the cache salt), so a block's KV is right only if it was computed (or
+copied from the host) for the same tokens. Drafts write their own tokens' values (wrong ones
+when rejected), and chained MTP rows write garbage past the step's tokens where the sequence
+has blocks, as the runner does. After every step, besides every check of tests/fuzz_engine.py
+that needs no model (block accounting, host tier, queues, blocks held, KV cache events netting
+to what the pool and tier hold, each step's plan), it checks that every running sequence's
+computed positions hold the KV of its own tokens: a prefix hit, a host restore, a preemption
+or a rejected draft that left wrong KV where a sequence counts it computed fails here. About
+a thousand steps a second: many seeds are cheap.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import afd.scheduler as scheduler_module
+from afd.block_pool import BlockPool
+from afd.core import EngineCore
+from afd.kv_offload import HostKVTier
+from afd.sampler import PromptLogprobs
+from afd.sampling_params import SamplingParams
+from afd.scheduler import Scheduler
+from afd.sequence import CoreRequest, Sequence, Status
+from afd.spec_decode import SpecConfig, accept
+from fuzz_engine import (CacheEventsMirror, check_empty, check_host, check_plan, check_pool,
+                         check_scheduler, check_sequences)
+
+EOS = 1
+VOCAB = 40  # small: prompts share prefixes and n-gram drafts find matches
+
+
+class SimCore:
+    """What the checks of tests/fuzz_engine.py read of an EngineCore (its pool, host tier,
+    scheduler, live sequences), with EngineCore's own abort, reset and event recording, and
+    a simulated KV: ``device[block][slot]`` and ``hostkv[slot][slot in block]``."""
+
+    prefill_only = False
+
+    def __init__(self, rng: random.Random, seed: int):
+        self.block_size = size = rng.choice([1, 2, 2, 4, 4, 8])
+        self.max_model_len = rng.choice([8, 16, 24, 40])
+        least = -(-self.max_model_len // size)
+        num_blocks = least + rng.choice([0, 0, 1, 2, least // 2, least])
+        caching = rng.random() < 0.8
+        self.cfg = SimpleNamespace(enable_prefix_caching=caching)
+        self.host = None
+        if caching and rng.random() < 0.5:
+            self.host = HostKVTier(rng.choice([1, 2, 3, 8, 32]), size)
+        self.allocator = BlockPool(num_blocks, size, caching,
+                                   on_evict=self.host.evicted if self.host else None)
+        spec = None
+        roll = rng.random()
+        if roll < 0.35:
+            spec = SpecConfig(rng.randint(1, 4), 3, 1, "ngram",
+                              rng.choice([0, 0, 0, 2, 3]))
+        elif roll < 0.7:
+            spec = SpecConfig(rng.randint(1, 4), 0, 0, "mtp", rng.choice([0, 0, 0, 2, 3]))
+        self.scheduler = Scheduler(self.allocator, rng.choice([1, 2, 3, 4, 8]),
+                                   rng.choice([1, 2, 3, 5, 8, 16, 64]), spec,
+                                   rng.choice(["fcfs", "priority"]), host=self.host)
+        self.seqs: dict[str, Sequence] = {}
+        self.events = None
+        empty = (None, None)  # (target layers' KV, MTP layer's KV)
+        self.device = [[empty] * size for _ in range(num_blocks)]
+        self.hostkv = [[empty] * size for _ in range(self.host.num_blocks)] if self.host else []
+        self.describe = (f"seed {seed}: block_size={size} max_model_len={self.max_model_len} "
+                         f"blocks={num_blocks} caching={caching} "
+                         f"host={self.host.num_blocks if self.host else 0} spec={spec} "
+                         f"policy={'priority' if self.scheduler.by_priority else 'fcfs'} "
+                         f"budget={self.scheduler.max_num_batched_tokens} "
+                         f"max_num_seqs={self.scheduler.max_num_seqs}")
+
+    record_kv_events = EngineCore.record_kv_events
+    abort = EngineCore.abort
+    reset_prefix_cache = EngineCore.reset_prefix_cache
+
+    def flush_offloads(self) -> None:
+        """The host tier's copies, on the simulated KV: offloads first, then restores."""
+        host = self.host
+        if host is None:
+            return
+        offloads, restores = list(host._offloads), list(host._restores)
+        host.flush([])  # its bookkeeping (no buffers: no copy)
+        for block, slot in offloads:
+            self.hostkv[slot] = list(self.device[block])
+        for slot, block in restores:
+            self.device[block] = list(self.hostkv[slot])
+
+    def write(self, seq: Sequence, pos: int, value, mtp_value, target: bool = True) -> None:
+        """KV at ``seq``'s position ``pos``: the target layers' (unless not ``target``) and
+        the MTP layer's."""
+        size = self.block_size
+        cell = self.device[seq.block_ids[pos // size]]
+        cell[pos % size] = (value if target else cell[pos % size][0], mtp_value)
+
+
+def kv_value(seq: Sequence, tokens: list[int], pos: int) -> tuple:
+    """The KV position ``pos`` holds when computed over ``tokens``: its whole prefix (a
+    salted sequence's is its own)."""
+    return seq.block_keys.root, tuple(tokens[:pos + 1])
+
+
+def step(core: SimCore, rng: random.Random, where: str) -> int:
+    """One EngineCore.execute, the model's choices drawn; returns the tokens emitted."""
+    sched = core.scheduler
+    plan = sched.schedule()
+    check_plan(core, plan, where + " (plan)")
+    core.flush_offloads()
+    spec = sched.spec
+    mtp = spec is not None and spec.method == "mtp"
+    lookahead = spec.num_speculative_tokens - 1 if mtp else 0
+    # what the model samples at each sampling row: the first ``good`` drafts, then another
+    samples = {}
+    for s in plan.seqs:
+        if s.samples:
+            drafts = s.draft_token_ids
+            good = rng.choice([0, len(drafts), rng.randint(0, len(drafts))])
+            samples[id(s)] = good, drafts[:good] + [
+                rng.choice([EOS] + list(range(2, VOCAB))) if rng.random() < 0.9 else EOS
+                for _ in range(len(drafts) + 1 - good)]
+    # the forward: every planned position's KV (with MTP, the MTP layer's too, made from the
+    # token after the position: the next prompt or output token, or the row's sample), then
+    # the MTP layer's chained rows past the step's tokens
+    for s in plan.seqs:
+        seq, start = s.seq, s.seq.num_computed_tokens
+        tokens = seq.token_ids + s.draft_token_ids
+        last = start + s.num_new_tokens - len(s.draft_token_ids) - 1  # its first sampling row
+        for pos in range(start, start + s.num_new_tokens):
+            nxt = (samples[id(s)][1][pos - last] if s.samples and pos >= last
+                   else tokens[pos + 1] if pos + 1 < len(tokens) else None)
+            core.write(seq, pos, kv_value(seq, tokens, pos),
+                       (kv_value(seq, tokens, pos), nxt) if mtp else None)
+        if s.samples and mtp:
+            # the chained rounds (afd.model_runner.DraftChain) write the MTP layer's KV at
+            # the positions after the row that drafts (the used-th sampling row), where the
+            # sequence has blocks: positions past what it will count computed
+            used = accept(samples[id(s)][1], s.draft_token_ids)
+            end = min(last + used + lookahead, len(seq.block_ids) * core.block_size)
+            for pos in range(last + used, end):
+                core.write(seq, pos, None, ("mtp row", where), target=False)
+        # the target layers' KV past the step's tokens is nobody's: scribble on it
+        for pos in range(start + s.num_new_tokens,
+                         min(start + s.num_new_tokens + 2, len(seq.block_ids) * core.block_size)):
+            core.write(seq, pos, ("past the step", where), ("past the step", where))
+        scored = s.prompt_logprob_positions
+        if scored:
+            assert scored.start == seq.num_prompt_logprobs, (
+                f"{where}: {seq.request_id} scores from {scored.start}, has "
+                f"{seq.num_prompt_logprobs}")
+            k = seq.params.prompt_logprobs
+            n = len(scored)
+            seq.add_prompt_logprobs(PromptLogprobs(k, [1] * n, [0] * (n * k),
+                                                   [0.0] * (n * (k + 1))))
+    # verification
+    emitted, done = 0, []
+    for s in plan.seqs:
+        if not s.samples:
+            continue
+        seq, drafts = s.seq, s.draft_token_ids
+        good, rows = samples[id(s)]
+        new = []
+        for token in rows[:good + 1]:
+            seq.append(token)
+            new.append(token)
+            if seq.finish_reason is not None:
+                break
+        if drafts:
+            s.num_rejected = len(drafts) + 1 - len(new)
+            s.num_accepted = min(len(new), good)
+        emitted += len(new)
+        if seq.finish_reason is None and mtp:
+            seq.mtp_drafts = [rng.choice([EOS] + list(range(2, VOCAB)))
+                              for _ in range(rng.randint(1, spec.num_speculative_tokens))]
+            seq.mtp_drafts_for = len(seq.token_ids)
+        if seq.finish_reason is not None:
+            done.append(seq)
+    sched.update(plan)
+    for seq in done:
+        sched.finish(seq)
+        del core.seqs[seq.request_id]
+    return emitted
+
+
+def check_kv(core: SimCore, where: str) -> None:
+    """Every running sequence's computed positions hold the KV of its own tokens (with MTP,
+    the MTP layer's made from its own next token too)."""
+    spec = core.scheduler.spec
+    mtp = spec is not None and spec.method == "mtp"
+    for seq in core.seqs.values():
+        if seq.status is not Status.RUNNING:
+            continue
+        tokens = seq.token_ids
+        for pos in range(seq.num_computed_tokens):
+            block = seq.block_ids[pos // core.block_size]
+            got, got_mtp = core.device[block][pos % core.block_size]
+            want = kv_value(seq, tokens, pos)
+            assert got == want, (
+                f"{where}: {seq.request_id}'s computed position {pos} (block {block}) holds "
+                f"the KV of {got}, not of its tokens")
+            assert not mtp or got_mtp == (want, tokens[pos + 1]), (
+                f"{where}: {seq.request_id}'s computed position {pos} (block {block}) holds "
+                f"the MTP layer's KV of {got_mtp}, not of its next token {tokens[pos + 1]}")
+
+
+def draw_request(rng: random.Random, core: SimCore, rid: str, shared: list[list[int]],
+                 earlier: list[list[int]]) -> CoreRequest:
+    limit = core.max_model_len - 1
+    roll = rng.random()
+    if roll < 0.4:
+        base = rng.choice(shared)
+        prompt = base[:rng.randint(0, len(base))] + [rng.randrange(2, VOCAB)
+                                                     for _ in range(rng.randint(0, 6))]
+    elif roll < 0.6 and earlier:
+        prompt = list(rng.choice(earlier))
+    else:
+        prompt = [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, limit))]
+    prompt = prompt[:limit] or [rng.randrange(2, VOCAB)]
+    earlier.append(prompt)
+    params = SamplingParams(
+        temperature=0, ignore_eos=rng.random() < 0.6,
+        max_tokens=None if rng.random() < 0.15 else rng.randint(1, core.max_model_len),
+        prompt_logprobs=rng.choice([0, 1]) if rng.random() < 0.15 else None)
+    return CoreRequest(rid, prompt, params, eos_token_ids=(EOS,),
+                       priority=rng.randint(-2, 2) if core.scheduler.by_priority else 0,
+                       cache_salt=rng.choice(["a", "b"]) if rng.random() < 0.1 else None)
+
+
+def run_sim(seed: int, steps: int = 300) -> dict:
+    """One case (see the module docstring); returns what it exercised, by count."""
+    rng = random.Random(seed)
+    core = SimCore(rng, seed)
+    mirror = CacheEventsMirror(core, seed)
+    saved = scheduler_module.propose_ngram, scheduler_module.MAX_PROMPT_LOGPROB_ROWS
+    # n-gram drafts: random tokens (EOS among them), as many as asked or fewer; verification
+    # here accepts whatever it draws, so the proposer's quality does not matter
+    scheduler_module.propose_ngram = lambda ids, lo, hi, k: [
+        rng.choice([EOS] + list(range(2, VOCAB))) for _ in range(rng.randint(0, k))]
+    scheduler_module.MAX_PROMPT_LOGPROB_ROWS = rng.choice([1, 3, 2048])
+    stats = {"steps": 0, "tokens": 0, "aborts": 0, "resets": 0, "requests": 0}
+    shared = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(4, core.max_model_len))]
+              for _ in range(2)]
+    earlier: list[list[int]] = []
+    abort_rate = rng.choice([0.0, 0.05, 0.2])
+    reset_rate = rng.choice([0.0, 0.02, 0.1])
+    try:
+        for i in range(steps):
+            where = f"{core.describe} step {i}"
+            if rng.random() < 0.3 and len(core.seqs) < 12:
+                req = draw_request(rng, core, f"r{i}", shared, earlier)
+                for c in range(rng.choice([1, 1, 1, 2, 3])):  # n > 1: siblings
+                    r = CoreRequest(f"{req.request_id}#{c}", req.prompt_token_ids, req.params,
+                                    req.eos_token_ids, req.arrival_time, req.priority,
+                                    req.cache_salt)
+                    core.seqs[r.request_id] = seq = Sequence(r, core.max_model_len)
+                    core.scheduler.add(seq)
+                    stats["requests"] += 1
+            if core.seqs and rng.random() < abort_rate:
+                core.abort([rng.choice(sorted(core.seqs))])
+                stats["aborts"] += 1
+                check(core, mirror, where + " after an abort")
+            if rng.random() < reset_rate:
+                core.reset_prefix_cache()
+                stats["resets"] += 1
+                check(core, mirror, where + " after a reset")
+            stats["tokens"] += step(core, rng, where)
+            check(core, mirror, where)
+            stats["steps"] += 1
+        for rid in sorted(core.seqs):
+            core.abort([rid])
+        check(core, mirror, f"{core.describe} at the end")
+        check_empty(core, f"{core.describe} at the end")
+        mirror.check(f"{core.describe} after the last reset")
+    finally:
+        scheduler_module.propose_ngram, scheduler_module.MAX_PROMPT_LOGPROB_ROWS = saved
+    stats["preemptions"] = core.scheduler.num_preemptions
+    stats["drafts"] = core.scheduler.num_draft_tokens
+    stats["accepted"] = core.scheduler.num_accepted_tokens
+    stats["hits"] = core.scheduler.prefix_cache_hits
+    stats["host_hits"] = core.scheduler.prefix_cache_host_hits
+    return stats
+
+
+def check(core: SimCore, mirror: CacheEventsMirror, where: str) -> None:
+    check_pool(core, where)
+    check_host(core.host, where)
+    check_scheduler(core, where, core.scheduler.max_num_seqs)
+    check_sequences(core, where)
+    mirror.check(where)
+    check_kv(core, where)
