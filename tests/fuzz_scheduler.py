@@ -46,12 +46,15 @@ VOCAB = 40  # small: prompts share prefixes and n-gram drafts find matches
 
 class SimCore:
     """What the checks of tests/fuzz_engine.py read of an EngineCore (its pool, host tier,
-    scheduler, live sequences), with EngineCore's own abort, reset and event recording, and
-    a simulated KV: ``device[block][slot]`` and ``hostkv[slot][slot in block]``."""
-
-    prefill_only = False
+    scheduler, live sequences), with EngineCore's own abort, reset, event recording, release
+    and adoption of a transferred sequence, and a simulated KV: ``device[block][slot]`` and
+    ``hostkv[slot][slot in block]``, each (target layers' KV, MTP layer's KV). Some cases are
+    a P/D prefill rank's core (``prefill_only``: sequences parked after their first token,
+    released later, no drafts, the MTP KV written or not); the others adopt transferred
+    sequences now and then, as a decode rank does."""
 
     def __init__(self, rng: random.Random, seed: int):
+        self.prefill_only = rng.random() < 0.2
         self.block_size = size = rng.choice([1, 2, 2, 4, 4, 8])
         self.max_model_len = rng.choice([8, 16, 24, 40])
         least = -(-self.max_model_len // size)
@@ -65,14 +68,19 @@ class SimCore:
                                    on_evict=self.host.evicted if self.host else None)
         spec = None
         roll = rng.random()
-        if roll < 0.35:
+        if self.prefill_only:
+            self.mtp_kv = rng.random() < 0.5
+        elif roll < 0.35:
             spec = SpecConfig(rng.randint(1, 4), 3, 1, "ngram",
                               rng.choice([0, 0, 0, 2, 3]))
         elif roll < 0.7:
             spec = SpecConfig(rng.randint(1, 4), 0, 0, "mtp", rng.choice([0, 0, 0, 2, 3]))
+        if not self.prefill_only:
+            self.mtp_kv = spec is not None and spec.method == "mtp"
         self.scheduler = Scheduler(self.allocator, rng.choice([1, 2, 3, 4, 8]),
                                    rng.choice([1, 2, 3, 5, 8, 16, 64]), spec,
-                                   rng.choice(["fcfs", "priority"]), host=self.host)
+                                   rng.choice(["fcfs", "priority"]), host=self.host,
+                                   mtp_kv=self.mtp_kv)
         self.seqs: dict[str, Sequence] = {}
         self.events = None
         empty = (None, None)  # (target layers' KV, MTP layer's KV)
@@ -81,6 +89,7 @@ class SimCore:
         self.describe = (f"seed {seed}: block_size={size} max_model_len={self.max_model_len} "
                          f"blocks={num_blocks} caching={caching} "
                          f"host={self.host.num_blocks if self.host else 0} spec={spec} "
+                         f"prefill_only={self.prefill_only} mtp_kv={self.mtp_kv} "
                          f"policy={'priority' if self.scheduler.by_priority else 'fcfs'} "
                          f"budget={self.scheduler.max_num_batched_tokens} "
                          f"max_num_seqs={self.scheduler.max_num_seqs}")
@@ -88,6 +97,33 @@ class SimCore:
     record_kv_events = EngineCore.record_kv_events
     abort = EngineCore.abort
     reset_prefix_cache = EngineCore.reset_prefix_cache
+    release = EngineCore.release
+    attach_grammar = EngineCore.attach_grammar
+    add_transferred = EngineCore.add_transferred
+
+    def receive(self, req: CoreRequest, first_token: int) -> bool:
+        """Adopt ``req`` as prefilled elsewhere, with its first token (as
+        afd.rank_attention's pull and start_decoding): False where it does not fit now."""
+        pool, sched = self.allocator, self.scheduler
+        n = len(req.prompt_token_ids)
+        need = pool.blocks_for(n + 1)
+        keep = sum(max(1, pool.blocks_for(s.num_tokens + 1) - len(s.block_ids))
+                   for s in sched.running)
+        if (sched.waiting or pool.num_free - need < keep
+                or len(sched.running) >= sched.max_num_seqs):
+            return False
+        seq = Sequence(req, self.max_model_len)
+        seq.append(first_token)
+        if seq.finish_reason is not None:  # the prefill rank's only token: nothing to send
+            return False
+        seq.block_ids = pool.allocate(need)
+        self.flush_offloads()  # what it evicted goes to the host before the KV arrives
+        for pos in range(n):
+            value = kv_value(seq, seq.token_ids, pos)
+            self.write(seq, pos, value, (value, seq.token_ids[pos + 1]))
+        seq.num_computed_tokens = n
+        self.add_transferred(seq)
+        return True
 
     def flush_offloads(self) -> None:
         """The host tier's copies, on the simulated KV: offloads first, then restores."""
@@ -121,9 +157,8 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
     plan = sched.schedule()
     check_plan(core, plan, where + " (plan)")
     core.flush_offloads()
-    spec = sched.spec
-    mtp = spec is not None and spec.method == "mtp"
-    lookahead = spec.num_speculative_tokens - 1 if mtp else 0
+    spec, mtp = sched.spec, core.mtp_kv
+    lookahead = spec.num_speculative_tokens - 1 if mtp and spec is not None else 0
     # what the model samples at each sampling row: the first ``good`` drafts, then another
     samples = {}
     for s in plan.seqs:
@@ -185,24 +220,26 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
         emitted += len(new)
         if seq.finish_reason is None and mtp:
             seq.mtp_drafts = [rng.choice([EOS] + list(range(2, VOCAB)))
-                              for _ in range(rng.randint(1, spec.num_speculative_tokens))]
+                              for _ in range(rng.randint(1, spec.num_speculative_tokens
+                                                         if spec is not None else 1))]
             seq.mtp_drafts_for = len(seq.token_ids)
-        if seq.finish_reason is not None:
-            done.append(seq)
+        done.append(seq)
     sched.update(plan)
     for seq in done:
-        sched.finish(seq)
-        del core.seqs[seq.request_id]
+        if seq.finish_reason is not None:
+            sched.finish(seq)
+            del core.seqs[seq.request_id]
+        elif core.prefill_only:  # kept until its KV is sent
+            sched.park(seq)
     return emitted
 
 
 def check_kv(core: SimCore, where: str) -> None:
     """Every running sequence's computed positions hold the KV of its own tokens (with MTP,
     the MTP layer's made from its own next token too)."""
-    spec = core.scheduler.spec
-    mtp = spec is not None and spec.method == "mtp"
+    mtp = core.mtp_kv
     for seq in core.seqs.values():
-        if seq.status is not Status.RUNNING:
+        if seq.status is Status.WAITING:  # (a parked one's KV is what a prefill rank sends)
             continue
         tokens = seq.token_ids
         for pos in range(seq.num_computed_tokens):
@@ -251,7 +288,8 @@ def run_sim(seed: int, steps: int = 300) -> dict:
     scheduler_module.propose_ngram = lambda ids, lo, hi, k: [
         rng.choice([EOS] + list(range(2, VOCAB))) for _ in range(rng.randint(0, k))]
     scheduler_module.MAX_PROMPT_LOGPROB_ROWS = rng.choice([1, 3, 2048])
-    stats = {"steps": 0, "tokens": 0, "aborts": 0, "resets": 0, "requests": 0}
+    stats = {"steps": 0, "tokens": 0, "aborts": 0, "resets": 0, "requests": 0,
+             "transfers": 0}
     shared = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(4, core.max_model_len))]
               for _ in range(2)]
     earlier: list[list[int]] = []
@@ -269,6 +307,12 @@ def run_sim(seed: int, steps: int = 300) -> dict:
                     core.seqs[r.request_id] = seq = Sequence(r, core.max_model_len)
                     core.scheduler.add(seq)
                     stats["requests"] += 1
+            parked = sorted(r for r, q in core.seqs.items() if q.status is Status.PARKED)
+            if parked and rng.random() < 0.3:  # its KV sent (or no longer wanted)
+                core.release(rng.choice(parked))
+            if not core.prefill_only and rng.random() < 0.05 and len(core.seqs) < 12:
+                req = draw_request(rng, core, f"t{i}", shared, earlier)
+                stats["transfers"] += core.receive(req, rng.randrange(2, VOCAB))
             if core.seqs and rng.random() < abort_rate:
                 core.abort([rng.choice(sorted(core.seqs))])
                 stats["aborts"] += 1

@@ -169,6 +169,19 @@ def test_sim_notices_an_mtp_hit_across_two_sequences_blocks(monkeypatch):
     _sim_fails("MTP layer's KV")
 
 
+def test_sim_notices_a_prefill_core_that_keeps_its_hits_whole(monkeypatch):
+    """A prefill-only core (no drafts to verify) that writes the MTP KV but cuts no hit, as
+    before: the MTP KV it would send is another sequence's at the hit's end."""
+    cut = Scheduler._cut_for_mtp
+
+    def drafts_only(self, seq, hit):
+        if self.spec is not None:
+            cut(self, seq, hit)
+
+    monkeypatch.setattr(Scheduler, "_cut_for_mtp", drafts_only)
+    _sim_fails("prefill_only=True mtp_kv=True .* MTP layer's KV")
+
+
 def test_sim_notices_a_lost_host_restore(monkeypatch):
     monkeypatch.setattr(HostKVTier, "restore", lambda self, slots, blocks: None)
     _sim_fails("not of its tokens")
