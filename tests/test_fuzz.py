@@ -84,7 +84,7 @@ def test_scheduler_sim():
 
 @pytest.mark.slow
 def test_scheduler_sim_many_seeds():
-    for seed in range(1000, 1000 + 20 * MANY):
+    for seed in range(1000, 1000 + 5 * MANY):
         run_sim(seed)
 
 
