@@ -308,6 +308,8 @@ class KVWatch:
         self.device: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.host: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.by_key: dict[bytes, list[torch.Tensor]] = {}  # per key, the KV first seen
+        # per key, the MTP layer's KV first seen and the token that followed that block
+        self.mtp_by_key: dict[bytes, tuple[torch.Tensor, int | None]] = {}
         self.num_layers = core.runner.model.cfg.num_layers
         # a block evicted (or a reset) and cached again under the same key within one step was
         # written in between: forget its snapshot when it leaves the cache
@@ -357,20 +359,23 @@ class KVWatch:
 
     def check(self, where: str) -> None:
         self._check(self.device, self.core.allocator._key, self.caches, "block", where)
-        self._check_keys(self.core.allocator._key, self.caches, "block", where)
+        pool = self.core.allocator
+        self._check_keys(pool._key, pool._next, self.caches, "block", where)
         host = self.core.host
         if host is not None:
             self._check(self.host, host._key, host.buffers, "host slot", where)
-            self._check_keys(host._key, host.buffers, "host slot", where)
+            self._check_keys(host._key, host._next, host.buffers, "host slot", where)
         self._check_seqs(where)
 
-    def _check_keys(self, keys: list, tensors: list[torch.Tensor], what: str,
+    def _check_keys(self, keys: list, nexts: list, tensors: list[torch.Tensor], what: str,
                     where: str) -> None:
         """A key names its tokens and their whole prefix: every block or host slot cached
         under it holds the same KV (up to float noise from the batch it was computed in) in
-        the target's layers (the MTP layer's at a block's last position comes from the token
-        after the block, which sequences sharing the block need not share)."""
+        the target's layers, and in the MTP layer's (MLA: [block, position, dim]) but at its
+        last position, whose KV comes from the token after the block (``nexts``, as the pool
+        and host tier record it: the same there where those are the same)."""
         layers = self.num_layers
+        mtp = tensors[layers] if len(tensors) > layers else None
         for b, key in enumerate(keys):
             if key is None:
                 continue
@@ -378,11 +383,21 @@ class KVWatch:
             first = self.by_key.get(key)
             if first is None:
                 self.by_key[key] = [t.clone() for t in now]
-                continue
-            for layer, (a, c) in enumerate(zip(first, now)):
-                assert torch.allclose(a, c, rtol=1e-3, atol=1e-4), (
-                    f"{where}: {what} {b} holds other KV than its key's first block in layer "
-                    f"{layer} (max diff {(a - c).abs().max().item():.3g})")
+            else:
+                for layer, (a, c) in enumerate(zip(first, now)):
+                    assert torch.allclose(a, c, rtol=1e-3, atol=1e-4), (
+                        f"{where}: {what} {b} holds other KV than its key's first block in "
+                        f"layer {layer} (max diff {(a - c).abs().max().item():.3g})")
+            if mtp is not None:
+                rows, after = mtp.select(self.dim, b), nexts[b]
+                seen = self.mtp_by_key.get(key)
+                if seen is None:
+                    self.mtp_by_key[key] = (rows.clone(), after)
+                else:
+                    n = len(rows) - (after is None or after != seen[1])
+                    assert torch.allclose(seen[0][:n], rows[:n], rtol=1e-3, atol=1e-4), (
+                        f"{where}: {what} {b} holds other MTP KV than its key's first block "
+                        f"in its first {n} positions (next tokens {seen[1]}, {after})")
 
     def _check_seqs(self, where: str) -> None:
         """The KV at a sequence's computed positions is never written again while it holds

@@ -135,6 +135,19 @@ def test_notices_kv_restored_before_it_was_offloaded(v3, monkeypatch):
         run_case(4, v3)
 
 
+def test_notices_a_wrong_next_token_record(v3, monkeypatch):
+    """The pool records the same token after every cached block: blocks of one key filled
+    before different tokens then look alike, and their MTP KV at the last position differs."""
+    cache_block = BlockPool.cache_block
+
+    def same_next(self, block, key, parent_key, tokens, next_token=None):
+        cache_block(self, block, key, parent_key, tokens, 0)
+
+    monkeypatch.setattr(BlockPool, "cache_block", same_next)
+    with pytest.raises(AssertionError, match="other MTP KV than its key"):
+        run_case(SEEDS[0], v3)
+
+
 def test_notices_a_receive_kept_after_its_abort(v3, monkeypatch):
     handle = AttentionWorker._handle
 
