@@ -9,6 +9,8 @@ stops inside runs. Exactness must not depend on what is proposed.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from afd.core import CoreStats
 from afd.metrics import ServerMetrics
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence
-from afd.spec_decode import SpecConfig, parse_speculative_config, propose_ngram
+from afd.spec_decode import SpecConfig, TokenArray, parse_speculative_config, propose_ngram
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
         "prompt_lookup_min": 1}
@@ -98,6 +100,52 @@ def test_ngram_proposer():
     # what followed runs into the end: the copy goes on through the drafts (period 3)
     assert propose_ngram([7, 1, 2, 3, 1, 2, 3], 2, 3, 5) == [1, 2, 3, 1, 2]
     assert propose_ngram([5, 5, 5], 1, 2, 4) == [5, 5, 5, 5]
+
+
+def ngram_reference(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
+    """propose_ngram's definition, by brute force: for the largest n in [n_min, n_max] whose
+    last-n suffix occurs earlier (ending before the last token), the latest such occurrence;
+    the drafts are the k tokens after it, the copy running on through the drafts themselves."""
+    length = len(tokens)
+    if k < 1:
+        return []
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        starts = [s for s in range(length - n) if tokens[s:s + n] == tokens[length - n:]]
+        if starts:
+            ext = list(tokens)
+            for i in range(k):
+                ext.append(ext[starts[-1] + n + i])
+            return ext[length:]
+    return []
+
+
+def test_ngram_proposer_matches_its_definition():
+    """Random short sequences over a few ids (so that n-grams recur), every bound and k: the
+    proposer equals the brute-force definition, including 1-grams, no history, k = 0."""
+    rng = random.Random(0)
+    assert propose_ngram([], 1, 3, 2) == [] and propose_ngram([4], 1, 1, 2) == []
+    assert propose_ngram([3, 1, 3], 1, 1, 2) == [1, 3]  # a 1-gram match with n_min = 1
+    found = 0
+    for _ in range(3000):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(0, 16))]
+        n_min = rng.randrange(1, 4)
+        n_max = rng.randrange(n_min, 6)
+        k = rng.randrange(1, 6) if rng.random() < 0.9 else 0
+        want = ngram_reference(tokens, n_min, n_max, k)
+        assert propose_ngram(tokens, n_min, n_max, k) == want, (tokens, n_min, n_max, k)
+        found += bool(want)
+    assert found > 700, found
+
+
+def test_token_array_is_the_token_list_across_growth():
+    """TokenArray.sync returns exactly the token list, appended to one or many tokens at a
+    time across several capacity doublings (old tokens kept when the buffer grows)."""
+    rng = random.Random(1)
+    tokens, arr = [], TokenArray()
+    for _ in range(200):
+        tokens += [rng.randrange(1000) for _ in range(rng.choice([0, 1, 1, 3, 40]))]
+        assert arr.sync(tokens).tolist() == tokens
+    assert len(tokens) > 64 * 4
 
 
 @pytest.mark.parametrize("config, field", [
