@@ -539,6 +539,33 @@ class TestSampler:
                   SamplingParams(temperature=1e-4)):
             assert s(logits, [p] * 6, [None] * 6) == greedy
 
+    def test_top_k_of_all_but_one_token_beside_top_p(self):
+        """top_k = vocab - 1 with top_p sorts the k + 1 largest: the whole vocabulary, the
+        widest the top-k candidates can be."""
+        logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+        tokens = Sampler(seed=0)(logits, [SamplingParams(top_k=5, top_p=1e-6)] * 3, [None] * 3)
+        assert tokens == logits.argmax(-1).tolist()
+
+    def test_ties_at_the_kth_value_past_the_candidates_all_stay(self):
+        """top_k = 2 with top_p: the k + 1 = 3 largest logits are candidates, but three tokens
+        tie at the 2nd value, so the k-th value's ties reach past them: every tied token stays
+        (the full sort), none is cut for being the fourth."""
+        logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, -9.0, -9.0]])
+        s, p = Sampler(seed=0), SamplingParams(top_k=2, top_p=0.999)
+        assert {s(logits, [p], [None])[0] for _ in range(300)} == {0, 1, 2, 3}
+
+    def test_allowed_token_ids_beside_free_rows_without_grammars(self):
+        """A batch where one row has allowed_token_ids and the others nothing, called without
+        grammars (they are optional): the masked row takes its one allowed token, the others
+        their own argmax."""
+        logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+        logits[0, 3] = -5.0  # not the masked row's argmax
+        rows = [SamplingParams(temperature=0, allowed_token_ids=[3]), SamplingParams(temperature=0),
+                SamplingParams(top_k=1)]
+        hist = [([1], 1, ())] * 3
+        tokens = Sampler(seed=0)(logits, rows, [None] * 3, hist)
+        assert tokens == [3] + logits[1:].argmax(-1).tolist()
+
     def test_distribution_matches_softmax(self):
         logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
         s = Sampler(seed=0)
