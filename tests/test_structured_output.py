@@ -11,6 +11,7 @@ import jsonschema
 import msgpack
 import openai
 import pytest
+import torch
 
 from asgi_utils import call_app
 
@@ -305,3 +306,54 @@ def test_server_response_format_and_errors():
         assert r.choices[0].finish_reason == "length"
     finally:
         engine.shutdown()
+
+
+class _FixedMask:
+    """A grammar row stand-in: ``words`` int32 words of bitmask allowing ``tokens``."""
+
+    def __init__(self, tokens: list[int], words: int):
+        values = [sum(1 << (t % 32) for t in tokens if t // 32 == w) for w in range(words)]
+        self.words = words
+        self.bits = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in values],
+                                 dtype=torch.int32)
+
+    def fill(self, row: torch.Tensor) -> None:
+        row.copy_(self.bits)
+
+
+@pytest.mark.parametrize("vocab", [50, 64, 70])
+def test_grammar_masks_fit_a_model_vocabulary_larger_or_smaller_than_the_bitmask(vocab):
+    """The bitmask has 32 bits a word over the tokenizer's vocabulary (here 2 words: 64 ids);
+    the model's logits may be wider (DeepSeek-V3's 129,280 ids over its tokenizer's: the ids
+    past the bitmask are never allowed) or narrower (bits past the logits are dropped). Rows
+    without a grammar and the caller's logits are left as they are."""
+    from afd.token_masks import apply_grammar_masks
+
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    allowed = [1, 31, 33, 45, 63]
+    out = apply_grammar_masks(logits, [_FixedMask(allowed, 2), None, _FixedMask([2], 2)])
+    assert torch.equal(logits, before) and torch.equal(out[1], logits[1])
+    for row, tokens in ((0, allowed), (2, [2])):
+        finite = torch.isfinite(out[row]).nonzero().flatten().tolist()
+        assert finite == [t for t in tokens if t < vocab]
+        assert torch.equal(out[row, finite], logits[row, finite])
+
+
+def test_bad_words_ban_a_last_token_only_after_the_rest_of_its_word():
+    """A one-token bad word is always banned; a longer one's last token only when the output
+    ends with the tokens before it; the logits given are never changed (the raw logits give
+    the logprobs)."""
+    from afd.token_masks import apply_bans, banned_tokens
+
+    p = SamplingParams()
+    p.bad_words_token_ids = [[5], [7, 8], [1, 2, 3]]
+    for output, want in (([], [5]), ([7], [5, 8]), ([9, 7], [5, 8]), ([7, 9], [5]),
+                         ([1, 2], [5, 3]), ([2], [5]), ([0, 1, 2], [5, 3]), ([1, 2, 9], [5])):
+        assert banned_tokens(p, output) == want, output
+    logits = torch.zeros(2, 10)
+    free = SamplingParams(allowed_token_ids=[4, 8])
+    out = apply_bans(logits, [p, free], [([6, 9, 7], 1, ()), ([6], 1, ())], own=False)
+    assert torch.equal(logits, torch.zeros(2, 10))
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == [5, 8]
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [4, 8]
