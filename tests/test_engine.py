@@ -401,6 +401,23 @@ def test_streamed_text_never_takes_back_a_stop_prefix(llm):
     assert blocks_all_free(llm)
 
 
+def test_text_without_stop_strings_is_never_held_back(llm):
+    """Only stop strings make a running completion hold text back (a stop's first characters
+    could still be cut): without them every output shows all the text decoded so far."""
+    engine = llm.engine
+    engine.add_request("all", "Tell me a story", SamplingParams(temperature=0, max_tokens=12,
+                                                                ignore_eos=True))
+    shown = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            req = engine.requests.get("all")
+            if req is not None and not out.finished:
+                assert out.outputs[0].text == req.completions[0].text
+                shown += bool(out.outputs[0].text)
+    assert shown > 3
+    assert blocks_all_free(llm)
+
+
 def test_max_model_len_caps_output(tmp_path):
     small = LLM(max_model_len=32, num_kv_blocks=8, block_size=4)
     out = small.generate({"prompt_token_ids": [5] * 20},
