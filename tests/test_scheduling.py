@@ -100,6 +100,23 @@ def test_ties_preempt_the_latest_admitted(policy):
     assert [s.request_id for s in sched.waiting] == ["r#1"]
 
 
+def test_a_prompt_scoring_exactly_the_cap_is_prefilled_in_one_step(monkeypatch):
+    """A prompt of n tokens scores n - 1 positions (its last token's logits score nothing):
+    with the per-step cap at 6 scored rows, a 7-token prompt that asks for prompt logprobs
+    takes one step, an 8-token one is cut to the 6 tokens that score 6 positions."""
+    import afd.scheduler
+
+    monkeypatch.setattr(afd.scheduler, "MAX_PROMPT_LOGPROB_ROWS", 6)
+    for length, chunk in ((7, 7), (8, 6)):
+        pool = BlockPool(num_blocks=8, block_size=4, enable_caching=False)
+        sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64)
+        seq = Sequence(CoreRequest("r", list(range(1, length + 1)),
+                                   SamplingParams(prompt_logprobs=1, max_tokens=2)), 4096)
+        sched.add(seq)
+        (s,) = sched.schedule().seqs
+        assert s.num_new_tokens == chunk and len(s.prompt_logprob_positions) == 6, length
+
+
 def test_priority_travels_over_the_wire():
     req = CoreRequest("x", [1, 2], SamplingParams(max_tokens=3), (0,), 12.5, priority=-7)
     back = decode_to_rank(encode(Add(WireRequest.of(req)))).req.core()

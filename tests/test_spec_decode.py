@@ -553,9 +553,11 @@ def test_rejected_draft_kv_never_enters_the_prefix_cache(engines, monkeypatch):
     assert_same(plain, again)
 
 
-def _decoding_seq(pool: BlockPool, prompt: list[int], token: int) -> Sequence:
+def _decoding_seq(pool: BlockPool, prompt: list[int], token: int,
+                  max_tokens: int = 50) -> Sequence:
     """A sequence whose prompt's KV is computed and whose first output token is not."""
-    seq = Sequence(CoreRequest("r", prompt, SamplingParams(temperature=0, max_tokens=50)), 4096)
+    seq = Sequence(CoreRequest("r", prompt, SamplingParams(temperature=0,
+                                                           max_tokens=max_tokens)), 4096)
     seq.token_ids.append(token)
     seq.block_ids = pool.allocate(pool.blocks_for(len(prompt)))
     seq.num_computed_tokens = len(prompt)
@@ -582,6 +584,41 @@ def test_drafts_shrink_to_free_blocks_never_preempt():
                        spec=SpecConfig(4, 2, 1))
     sched2.add_running(a)
     assert sched2.schedule().seqs[0].draft_token_ids == [2, 3, 1, 2]
+
+
+@pytest.mark.parametrize("max_tokens, k, want", [(50, 1, [2]), (3, 4, [2]), (4, 4, [2, 3]),
+                                                   (2, 4, [])])
+def test_drafts_fill_the_room_up_to_max_tokens(max_tokens, k, want):
+    """A step emits one token more than its accepted drafts: a sequence with m output tokens
+    left gets min(k, m - 1) drafts, a single one where that is all the room (k = 1 too)."""
+    pool = BlockPool(num_blocks=8, block_size=4, enable_caching=False)
+    seq = _decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1, max_tokens)  # drafts [2, 3, 1, 2]
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                      spec=SpecConfig(k, 2, 1))
+    sched.add_running(seq)
+    plan = sched.schedule()
+    assert plan.seqs[0].draft_token_ids == want
+    assert plan.seqs[0].num_new_tokens == 1 + len(want)
+
+
+def test_update_counts_verifications_drafts_and_accepted_positions():
+    """After verification: each sequence that had drafts is one verification, its drafts
+    count, its accepted drafts count at their positions, and its rejected drafts' KV is not
+    computed."""
+    pool = BlockPool(num_blocks=8, block_size=4, enable_caching=False)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64,
+                      spec=SpecConfig(4, 2, 1))
+    a, b = (_decoding_seq(pool, [1, 2, 3, 1, 2, 3], 1) for _ in range(2))
+    for seq in (a, b):
+        sched.add_running(seq)
+    plan = sched.schedule()
+    assert [s.draft_token_ids for s in plan.seqs] == [[2, 3, 1, 2]] * 2
+    plan.seqs[0].num_accepted, plan.seqs[0].num_rejected = 2, 2
+    plan.seqs[1].num_accepted, plan.seqs[1].num_rejected = 0, 4
+    sched.update(plan)
+    assert (sched.num_drafts, sched.num_draft_tokens, sched.num_accepted_tokens) == (2, 8, 2)
+    assert sched.num_accepted_per_pos == [1, 1, 0, 0]
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (9, 7)
 
 
 def test_drafts_neither_evict_cached_blocks_nor_follow_a_preemption():
