@@ -185,6 +185,27 @@ def test_kv_events_record_what_the_cache_stores_evicts_and_clears():
     assert pool.num_cached == 0 and events.take(8) == []
 
 
+def test_kv_event_batches_hold_at_most_the_limit():
+    """``take(limit)``: at most ``limit`` digests a batch, removals and stores together, every
+    removal before any store."""
+    device = {}
+    events = block_pool.CacheEvents(device)
+    keys = [bytes([i]) * 32 for i in range(6)]
+    for key in keys[:3]:
+        events.store(key, device)
+    events.take(100)  # reported: removing them is an event now
+    for key in keys[:3]:
+        events.remove(key, device)
+    for key in keys[3:]:
+        events.store(key, device)
+    batches = events.take(4)
+    assert [len(removed) + len(stored) for _, removed, stored in batches] == [4, 2]
+    assert [d for _, removed, _ in batches for d in removed] == [
+        block_pool.key_digest(k) for k in keys[:3]]
+    assert [d for _, _, stored in batches for d in stored] == [
+        block_pool.key_digest(k) for k in keys[3:]]
+
+
 def test_kv_events_see_the_host_tier_as_part_of_the_cache():
     """A block evicted into the host tier is still held (no event); it is removed once the
     tier evicts it too, or when the tier has no slot for it."""
