@@ -91,3 +91,18 @@ def test_residual_in_another_dtype_is_refused(backend: str) -> None:
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="residual dtype"):
         rms_norm(x, torch.ones(8), 1e-6, torch.randn(2, 8), backend=backend)
+
+
+def test_reference_is_the_formula_with_eps_inside_the_root() -> None:
+    """The reference against x / sqrt(mean(x^2) + eps) * weight in float64, with an eps as
+    large as the rows' mean square (at 1e-6 over random rows eps is below the tolerance) and
+    an all-zero row, which normalizes to zeros, not NaN."""
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    x[2] = 0.0
+    weight = torch.linspace(0.5, 1.5, 16)
+    eps = 0.25
+    want = (x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+            * weight.double())
+    out, summed = rms_norm_torch(x, weight, eps)
+    torch.testing.assert_close(out.double(), want)
+    assert summed is x and torch.equal(out[2], torch.zeros(16))
