@@ -723,3 +723,50 @@ def test_periodic_rebalance_refuses_a_start_whose_mtp_layer_cannot_follow(mtp_ck
     with pytest.raises(ValueError, match="eplb_interval_steps.*MTP layer"):
         LLM(mtp_ckpt[0], attention=1, ffn=2, speculative_config=mtp(2), timeout_s=30,
             expert_placement=copies, eplb_interval_steps=4).shutdown()
+
+
+def _turn_hits(spec) -> list[int]:
+    """Prefix-cache hits (tokens) of four prompts run one after another, each prefilled with
+    one token sampled, then finished (block size 2): x and y share their first two blocks and
+    part at the first token of the third; z is a follow-up turn of y, z2 of z."""
+    from afd.block_pool import BlockPool
+    from afd.scheduler import Scheduler
+
+    sched = Scheduler(BlockPool(num_blocks=64, block_size=2), 4, 64, spec=spec)
+    shared, hits = [1, 2, 3, 4], []
+    for rid, tail in (("x", [5, 6, 7]), ("y", [8, 9, 10, 11, 12]),
+                      ("z", [8, 9, 10, 11, 12, 13, 14]),
+                      ("z2", [8, 9, 10, 11, 12, 13, 14, 15, 16])):
+        seq = Sequence(CoreRequest(rid, shared + tail,
+                                   SamplingParams(temperature=0, max_tokens=1)), 4096)
+        before = sched.prefix_cache_hits
+        sched.add(seq)
+        plan = sched.schedule()
+        seq.append(20)
+        sched.update(plan)
+        sched.finish(seq)
+        hits.append(sched.prefix_cache_hits - before)
+    return hits
+
+
+def test_hits_without_mtp_are_whole():
+    """Without the MTP layer (no drafts, or n-gram drafts) no hit is cut: each hit is every
+    full block of the prompt before its last token's."""
+    from afd.spec_decode import SpecConfig
+
+    assert _turn_hits(None) == [0, 4, 8, 10]
+    assert _turn_hits(SpecConfig(2, 3, 1, "ngram")) == [0, 4, 8, 10]
+
+
+@pytest.mark.xfail(strict=True, reason="the pool keeps one block per key: a follow-up of a "
+                   "prompt that parted from an earlier one at a block boundary is cut there "
+                   "on every turn (README: Speculative decoding)")
+def test_follow_ups_of_a_prompt_parting_at_a_block_boundary_hit_past_it():
+    """With MTP, y's hit gives up its last block (x's, recorded with x's next token 5): y
+    computes it again, a copy the cache does not take, and caches its blocks after it. Its
+    follow-ups z and z2 should then hit through y's blocks, minus their last (6 and 8 tokens,
+    as before hits were cut at a differing next token), with y's own MTP KV at position 3;
+    they hit 2 tokens only, on every turn, while x's block stays cached."""
+    from afd.spec_decode import SpecConfig
+
+    assert _turn_hits(SpecConfig(1, 0, 0, "mtp")) == [0, 2, 6, 8]
