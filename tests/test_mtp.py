@@ -770,3 +770,35 @@ def test_follow_ups_of_a_prompt_parting_at_a_block_boundary_hit_past_it():
     from afd.spec_decode import SpecConfig
 
     assert _turn_hits(SpecConfig(1, 0, 0, "mtp")) == [0, 2, 6, 8]
+
+
+def test_the_host_tier_keeps_each_blocks_next_token_both_ways():
+    """With MTP, a block evicted into the host tier keeps the token that followed it, and so
+    does the device block it is restored into: w takes all of the pool but x's first block,
+    so x's next three go to the host; y (x's prompt and more) hits the first on the device and
+    two on the host (the fourth is its hit's last, given up), and z (y's and more) hits them
+    all on the device with y's blocks after them. A record lost either way would cut the hit
+    at the first block that went through the host."""
+    from afd.block_pool import BlockPool
+    from afd.kv_offload import HostKVTier
+    from afd.scheduler import Scheduler
+    from afd.spec_decode import SpecConfig
+
+    host = HostKVTier(16, 2)
+    pool = BlockPool(num_blocks=8, block_size=2, on_evict=host.evicted)
+    sched = Scheduler(pool, 4, 64, spec=SpecConfig(1, 0, 0, "mtp"), host=host)
+    x = list(range(1, 10))
+    hits = []
+    for rid, prompt in (("x", x), ("w", list(range(30, 44))), ("y", x + [10, 11]),
+                        ("z", x + [10, 11, 12, 13])):
+        seq = Sequence(CoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=1)),
+                       4096)
+        before = sched.prefix_cache_hits
+        sched.add(seq)
+        plan = sched.schedule()
+        host.flush([])
+        seq.append(20)
+        sched.update(plan)
+        sched.finish(seq)
+        hits.append(sched.prefix_cache_hits - before)
+    assert hits == [0, 0, 6, 8]
