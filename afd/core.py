@@ -211,6 +211,10 @@ class EngineCore:
                                    "num_cached_tokens": seq.num_cached_tokens or 0}
             if spec is not None:  # this step's drafts and how many were accepted
                 out.metrics = {**(out.metrics or {}), "spec": spec}
+            preempted = seq.metrics.num_preemptions - seq.reported_preemptions
+            if preempted:  # since its last output (counted here, on the sequence it holds)
+                seq.reported_preemptions = seq.metrics.num_preemptions
+                out.metrics = {**(out.metrics or {}), "num_preemptions": preempted}
             outputs.append(out)
             if out.finish_reason is not None:
                 self.scheduler.finish(seq)

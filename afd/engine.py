@@ -457,6 +457,8 @@ class LLMEngine:
         if "spec" in metrics:  # speculative decoding: [drafts, accepted] of a step
             req.metrics.spec_num_draft_tokens += metrics["spec"][0]
             req.metrics.spec_num_accepted_tokens += metrics["spec"][1]
+        if "num_preemptions" in metrics:  # of any of its completions
+            req.metrics.num_preemptions += metrics["num_preemptions"]
         if "num_cached_tokens" in metrics:
             req.num_cached_tokens = max(req.num_cached_tokens or 0, metrics["num_cached_tokens"])
 

@@ -43,13 +43,15 @@ class CoreRequest:
 class StepMetrics(TypedDict, total=False):
     """What a core says of a request beside its tokens (``CoreOutput.metrics``), seconds and
     counts: with its first token, queue_time, prefill_time and num_cached_tokens; transfer_time
-    (the front end adds it in P/D); spec: [drafts, accepted] of a speculative step."""
+    (the front end adds it in P/D); spec: [drafts, accepted] of a speculative step;
+    num_preemptions: the sequence's preemptions since its last output."""
 
     queue_time: float
     prefill_time: float
     transfer_time: float
     num_cached_tokens: Annotated[int, msgspec.Meta(ge=0)]
     spec: tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=0)]]
+    num_preemptions: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class CoreOutput(msgspec.Struct, array_like=True, gc=False):
@@ -97,6 +99,7 @@ class Sequence:
         self.max_output = limit if req.params.max_tokens is None else min(req.params.max_tokens,
                                                                           limit)
         self.metrics = RequestMetrics(arrival_time=req.arrival_time)
+        self.reported_preemptions = 0  # of metrics.num_preemptions, those sent with an output
         self.received = time.monotonic()  # this rank's clock (arrival_time is the front's)
         self.first_scheduled: float | None = None
         self.generator: torch.Generator | None = None

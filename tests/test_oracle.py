@@ -109,9 +109,13 @@ def test_preemption_and_chunking_keep_outputs(oracle):
     # and recomputed. A 16-token step budget splits the longer prompts into chunks.
     llm = LLM(path, block_size=4, num_kv_blocks=30, max_model_len=112,
               max_num_batched_tokens=16)
-    got = run(llm, prompts)
-    assert llm.engine.core.stats()[0].num_preemptions > 0, "the pool was meant to force preemption"
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    preemptions = llm.engine.core.stats()[0].num_preemptions
+    assert preemptions > 0, "the pool was meant to force preemption"
     assert got == [tokens for tokens, _ in expected]
+    # each request's own count reaches its output (it stayed 0: counted on the core's copy)
+    assert sum(o.metrics.num_preemptions for o in outs) == preemptions
     assert_all_blocks_free(llm)
 
 
