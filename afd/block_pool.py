@@ -181,17 +181,15 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 on_evict: Callable[[int, bytes, bytes, int | None], None] | None = None):
-        """``on_evict(block, key, content, next_token)``: called as a cached block is reclaimed
-        for new KV, its KV still intact (afd.kv_offload keeps it in host memory)."""
+                 on_evict: Callable[[int, bytes, bytes], None] | None = None):
+        """``on_evict(block, key, content)``: called as a cached block is reclaimed for new KV,
+        its KV still intact (afd.kv_offload keeps it in host memory)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
         self._ref = [0] * num_blocks
         self._key: list[bytes | None] = [None] * num_blocks  # key of a cached block
         self._content: list[bytes | None] = [None] * num_blocks  # what that key hashed
-        # the token after a cached block in the sequence that filled it (``next_token``)
-        self._next: list[int | None] = [None] * num_blocks
         self._by_key: dict[bytes, int] = {}
         self._empty: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, LRU first
@@ -226,11 +224,6 @@ class BlockPool:
 
     def ref_count(self, block: int) -> int:
         return self._ref[block]
-
-    def next_token(self, block: int) -> int | None:
-        """The token that followed cached ``block`` in the sequence that filled it (None:
-        unknown): the MTP layer's KV at the block's last position was made from it."""
-        return self._next[block]
 
     # ---- owning and releasing ---------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
@@ -284,10 +277,9 @@ class BlockPool:
                           self.block_size)
 
     def cache_block(self, block: int, key: bytes, parent_key: bytes,
-                    tokens: Sequence[int], next_token: int | None = None) -> None:
+                    tokens: Sequence[int]) -> None:
         """Offer an owned block whose ``tokens`` (all ``block_size`` of them) have their KV
-        written; ``key`` is theirs (extend_block_keys made it: not hashed again here);
-        ``next_token``: the token after them in the sequence (``next_token``). A block
+        written; ``key`` is theirs (extend_block_keys made it: not hashed again here). A block
         already cached, or content another block already holds, is left as is."""
         if not self.enable_caching or self._key[block] is not None:
             return
@@ -295,7 +287,6 @@ class BlockPool:
         if key in self._by_key:
             return
         self._key[block], self._content[block] = key, block_content(parent_key, tokens)
-        self._next[block] = next_token
         self._by_key[key] = block
         if self.events is not None:
             self.events.store(key, self._by_key)
@@ -309,13 +300,12 @@ class BlockPool:
         self._by_key.clear()
         self._key = [None] * self.num_blocks
         self._content = [None] * self.num_blocks
-        self._next = [None] * self.num_blocks
 
     def _forget(self, block: int) -> None:
         if self.on_evict is not None:
-            self.on_evict(block, self._key[block], self._content[block], self._next[block])
+            self.on_evict(block, self._key[block], self._content[block])
         key = self._key[block]
         del self._by_key[key]
-        self._key[block] = self._content[block] = self._next[block] = None
+        self._key[block] = self._content[block] = None
         if self.events is not None:
             self.events.remove(key, self._by_key)

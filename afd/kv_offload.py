@@ -62,7 +62,6 @@ class HostKVTier:
         self._by_key: dict[bytes, int] = {}
         self._key: list[bytes | None] = [None] * num_blocks
         self._content: list[bytes | None] = [None] * num_blocks
-        self._next: list[int | None] = [None] * num_blocks  # BlockPool.next_token's, kept
         self._lru: OrderedDict[int, None] = OrderedDict()  # slots holding a block, LRU first
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
         # this step's copies, run by flush() before the forward: (device block, host slot)
@@ -76,11 +75,9 @@ class HostKVTier:
         return len(self._by_key)
 
     # ---- bookkeeping (the scheduler's side) -----------------------------------------------
-    def evicted(self, block: int, key: bytes, content: bytes,
-                next_token: int | None = None) -> None:
+    def evicted(self, block: int, key: bytes, content: bytes) -> None:
         """The pool is reclaiming cached device ``block``: keep its KV here (the copy runs at
-        the next flush, before anything writes the block), and the token that followed it
-        (afd.block_pool.BlockPool.next_token). Already here: only touched."""
+        the next flush, before anything writes the block). Already here: only touched."""
         slot = self._by_key.get(key)
         if slot is not None:
             self._lru.move_to_end(slot)
@@ -89,7 +86,6 @@ class HostKVTier:
         if slot is None:  # every slot has a copy pending this step: this block is lost
             return
         self._key[slot], self._content[slot] = key, content
-        self._next[slot] = next_token
         self._by_key[key] = slot
         if self.events is not None:
             self.events.store(key, self._by_key)
@@ -108,10 +104,6 @@ class HostKVTier:
             self._lru.move_to_end(slot)
         return slots
 
-    def next_token(self, slot: int) -> int | None:
-        """The token that followed the block in ``slot`` where it was filled (None: unknown)."""
-        return self._next[slot]
-
     def hold(self, slots: list[int]) -> None:
         """Keep ``slots`` from eviction until the next flush (they are about to be restored)."""
         self._busy.update(slots)
@@ -126,7 +118,6 @@ class HostKVTier:
         self._by_key.clear()
         self._key = [None] * self.num_blocks
         self._content = [None] * self.num_blocks
-        self._next = [None] * self.num_blocks
         self._lru.clear()
         self._empty = list(range(self.num_blocks - 1, -1, -1))
         self._offloads, self._restores = [], []
@@ -140,7 +131,7 @@ class HostKVTier:
             del self._lru[slot]
             key = self._key[slot]
             del self._by_key[key]
-            self._key[slot] = self._content[slot] = self._next[slot] = None
+            self._key[slot] = self._content[slot] = None
             if self.events is not None:
                 self.events.remove(key, self._by_key)
         return slot

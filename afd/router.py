@@ -21,9 +21,8 @@ step that computed its prompt come in the same message, and are read first), or 
 A match is still a guess: a block may be evicted between the event and the prompt's admission.
 A wrong guess costs a miss (that prefill computes what it could have reused), never a wrong
 token: the rank itself looks every block up and proves the hit against its stored tokens.
-With an MTP layer a rank's hit is shorter than its match here: it gives up the last block, and
-stops at a block whose recorded next token is not the prompt's (afd.scheduler), which the
-events do not carry.
+With an MTP layer a rank's hit is one block shorter than its match here: it gives up the last
+block (afd.scheduler).
 """
 
 from __future__ import annotations

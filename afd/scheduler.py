@@ -22,20 +22,22 @@ KV copied back before the step's forward, and count as cached from then on. Wher
 writes the MTP layer's KV (MTP drafts, or a prefill rank sending it) the hit's last block is
 computed again: the MTP layer's KV at a block's last position was made from the token after it
 in the sequence that filled it. A hit's blocks need not all come from one sequence (a block
-whose content the cache held already is not cached again, yet the block after it is), so the
-hit also ends at the first block whose recorded next token is not this sequence's.
+whose content the cache held already is not cached again, yet the block after it is): where
+they meet, the MTP KV at the earlier block's last position may come from another next token.
+That changes drafts only; cutting the hit there instead cost followers of such a prompt
+their whole cached history on every turn.
 
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
-decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after
-its last token, ``Sequence.mtp_drafts``; a structured-output sequence whose grammar forces its
-next tokens drafts those, unless the method's drafts begin with them), as many as the remaining budget, its max_tokens and
-the free blocks allow (drafts never preempt anyone: with no block free it speculates less, or
-not at all). With chained MTP drafts (k > 1) every sampling sequence also gets lookahead KV
-slots for the MTP layer's chained rows, from the blocks still empty after admissions
-(``_add_lookahead``). Its step then computes [last token, drafts]; ``update`` keeps only the
-KV of the tokens that verification accepted (``num_rejected`` rolls the rest back, to be
-overwritten), so a block holding a rejected draft's KV is never full of computed tokens and
-never joins the prefix cache.
+decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after its
+last token, ``Sequence.mtp_drafts``; a structured-output sequence whose grammar forces its next
+tokens drafts those, unless the method's drafts begin with them), as many as the remaining
+budget, its max_tokens and the free blocks allow (drafts never preempt anyone: with no block
+free it speculates less, or not at all). With chained MTP drafts (k > 1) every sampling
+sequence also gets lookahead KV slots for the MTP layer's chained rows, from the blocks still
+empty after admissions (``_add_lookahead``). Its step then computes [last token, drafts];
+``update`` keeps only the KV of the tokens that verification accepted (``num_rejected`` rolls
+the rest back, to be overwritten), so a block holding a rejected draft's KV is never full of
+computed tokens and never joins the prefix cache.
 """
 
 from __future__ import annotations
@@ -367,26 +369,17 @@ class Scheduler:
             hit.host_slots = self.host.match(seq.token_ids, seq.block_keys, len(hit.blocks),
                                              max_blocks)
         if self.mtp_kv and hit.num_blocks:
-            self._cut_for_mtp(seq, hit)
+            self._cut_for_mtp(hit)
         return hit
 
-    def _cut_for_mtp(self, seq: Sequence, hit: PrefixHit) -> None:
+    @staticmethod
+    def _cut_for_mtp(hit: PrefixHit) -> None:
         """The MTP layer's KV at a block's last position p was made from token p + 1, the
-        token after the block in whichever sequence filled it: keep the hit's blocks up to
-        the first whose next token is not ``seq``'s, and recompute that one; the hit's last
-        block always (vLLM drops it for EAGLE/MTP too)."""
-        pool, host, tokens = self.allocator, self.host, seq.token_ids
-        size = pool.block_size
-        on_device = len(hit.blocks)
-        keep = hit.num_blocks - 1
-        for b in range(keep):
-            after = (pool.next_token(hit.blocks[b]) if b < on_device
-                     else host.next_token(hit.host_slots[b - on_device]))
-            if after != tokens[(b + 1) * size]:
-                keep = b
-                break
-        del hit.blocks[keep:]
-        del hit.host_slots[max(0, keep - on_device):]
+        token after the block in whichever sequence filled it: recompute the hit's last block
+        (vLLM drops it for EAGLE/MTP too). Blocks before it keep the MTP KV of the sequence
+        that filled them: where two sequences' blocks meet in a hit, that token may not be
+        this one's (drafts only: verification keeps the output exact)."""
+        (hit.host_slots or hit.blocks).pop()
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
         """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied
@@ -394,10 +387,9 @@ class Scheduler:
         blocks = seq.block_ids[start:start + len(slots)]
         self.host.restore(slots, blocks)
         size, keys = self.allocator.block_size, seq.block_keys
-        for b, (block, slot) in enumerate(zip(blocks, slots), start):
+        for b, block in enumerate(blocks, start):
             self.allocator.cache_block(block, keys[b], keys.parent(b),
-                                       seq.token_ids[b * size:(b + 1) * size],
-                                       self.host.next_token(slot))
+                                       seq.token_ids[b * size:(b + 1) * size])
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Get blocks for ``n`` more tokens of ``seq``, preempting later arrivals if needed.
@@ -466,11 +458,9 @@ class Scheduler:
         full = seq.num_computed_tokens // size
         if full <= seq.num_cached_blocks:
             return
-        tokens = seq.token_ids
-        extend_block_keys(seq.block_keys, tokens, size, full)
+        extend_block_keys(seq.block_keys, seq.token_ids, size, full)
         for b in range(seq.num_cached_blocks, full):
-            after = (b + 1) * size  # computed tokens are never the last: one follows
             self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
-                                       seq.block_keys.parent(b), tokens[b * size:after],
-                                       tokens[after] if after < len(tokens) else None)
+                                       seq.block_keys.parent(b),
+                                       seq.token_ids[b * size:(b + 1) * size])
         seq.num_cached_blocks = full

@@ -360,20 +360,20 @@ class KVWatch:
     def check(self, where: str) -> None:
         self._check(self.device, self.core.allocator._key, self.caches, "block", where)
         pool = self.core.allocator
-        self._check_keys(pool._key, pool._next, self.caches, "block", where)
+        self._check_keys(pool._key, self.caches, "block", where)
         host = self.core.host
         if host is not None:
             self._check(self.host, host._key, host.buffers, "host slot", where)
-            self._check_keys(host._key, host._next, host.buffers, "host slot", where)
+            self._check_keys(host._key, host.buffers, "host slot", where)
         self._check_seqs(where)
 
-    def _check_keys(self, keys: list, nexts: list, tensors: list[torch.Tensor], what: str,
+    def _check_keys(self, keys: list, tensors: list[torch.Tensor], what: str,
                     where: str) -> None:
         """A key names its tokens and their whole prefix: every block or host slot cached
         under it holds the same KV (up to float noise from the batch it was computed in) in
         the target's layers, and in the MTP layer's (MLA: [block, position, dim]) but at its
-        last position, whose KV comes from the token after the block (``nexts``, as the pool
-        and host tier record it: the same there where those are the same)."""
+        last position, whose KV comes from the token after the block in the sequence that
+        filled it."""
         layers = self.num_layers
         mtp = tensors[layers] if len(tensors) > layers else None
         for b, key in enumerate(keys):
@@ -389,15 +389,15 @@ class KVWatch:
                         f"{where}: {what} {b} holds other KV than its key's first block in "
                         f"layer {layer} (max diff {(a - c).abs().max().item():.3g})")
             if mtp is not None:
-                rows, after = mtp.select(self.dim, b), nexts[b]
+                rows = mtp.select(self.dim, b)
                 seen = self.mtp_by_key.get(key)
                 if seen is None:
-                    self.mtp_by_key[key] = (rows.clone(), after)
-                else:
-                    n = len(rows) - (after is None or after != seen[1])
-                    assert torch.allclose(seen[0][:n], rows[:n], rtol=1e-3, atol=1e-4), (
+                    self.mtp_by_key[key] = rows.clone()
+                else:  # the last position's was made from the filler's next token
+                    n = len(rows) - 1
+                    assert torch.allclose(seen[:n], rows[:n], rtol=1e-3, atol=1e-4), (
                         f"{where}: {what} {b} holds other MTP KV than its key's first block "
-                        f"in its first {n} positions (next tokens {seen[1]}, {after})")
+                        f"in its first {n} positions")
 
     def _check_seqs(self, where: str) -> None:
         """The KV at a sequence's computed positions is never written again while it holds

@@ -135,19 +135,6 @@ def test_notices_kv_restored_before_it_was_offloaded(v3, monkeypatch):
         run_case(4, v3)
 
 
-def test_notices_a_wrong_next_token_record(v3, monkeypatch):
-    """The pool records the same token after every cached block: blocks of one key filled
-    before different tokens then look alike, and their MTP KV at the last position differs."""
-    cache_block = BlockPool.cache_block
-
-    def same_next(self, block, key, parent_key, tokens, next_token=None):
-        cache_block(self, block, key, parent_key, tokens, 0)
-
-    monkeypatch.setattr(BlockPool, "cache_block", same_next)
-    with pytest.raises(AssertionError, match="other MTP KV than its key"):
-        run_case(SEEDS[0], v3)
-
-
 def test_notices_a_receive_kept_after_its_abort(v3, monkeypatch):
     handle = AttentionWorker._handle
 
@@ -169,30 +156,6 @@ def _sim_fails(match: str) -> None:
     with pytest.raises(AssertionError, match=match):
         for seed in SIM_SEEDS:
             run_sim(seed)
-
-
-def test_sim_notices_an_mtp_hit_across_two_sequences_blocks(monkeypatch):
-    """The hit cut as it was before it checked each block's next token (its last block
-    dropped, nothing more): a hit joining two sequences' blocks leaves another sequence's
-    MTP KV where they meet."""
-    def last_only(self, seq, hit):
-        (hit.host_slots or hit.blocks).pop()
-
-    monkeypatch.setattr(Scheduler, "_cut_for_mtp", last_only)
-    _sim_fails("MTP layer's KV")
-
-
-def test_sim_notices_a_prefill_core_that_keeps_its_hits_whole(monkeypatch):
-    """A prefill-only core (no drafts to verify) that writes the MTP KV but cuts no hit, as
-    before: the MTP KV it would send is another sequence's at the hit's end."""
-    cut = Scheduler._cut_for_mtp
-
-    def drafts_only(self, seq, hit):
-        if self.spec is not None:
-            cut(self, seq, hit)
-
-    monkeypatch.setattr(Scheduler, "_cut_for_mtp", drafts_only)
-    _sim_fails("prefill_only=True mtp_kv=True .* MTP layer's KV")
 
 
 def test_sim_notices_a_lost_host_restore(monkeypatch):

@@ -159,21 +159,6 @@ def test_a_prefix_cache_hit_leaves_the_mtp_kv_of_its_own_next_token(mtp_ckpt):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_a_hit_whose_blocks_two_sequences_filled_recomputes_where_they_meet(mtp_ckpt):
-    """A hit's blocks need not come from one sequence: x fills block 0 (followed by 3), y
-    hits it, recomputes it (the hit's last block) as a copy the cache does not take, and
-    fills block 1 after it; z, y's prompt with another tail, finds block 0 (x's) and block 1
-    (y's). Block 0's last MTP KV was made from x's token 3, not z's next token: the hit
-    stops there and block 0 is recomputed, so z's MTP KV is a run without the cache's at
-    every position (before: x's at position 7)."""
-    folder, _, _ = mtp_ckpt
-    shared = mixed_prompts(1, seed=9, lengths=[16])[0]  # two blocks of 8
-    x, y, z = shared[:8] + [3, 4, 5], shared + [6, 7, 8], shared + [9, 4, 5, 6, 7]
-    want = _mtp_kv_after_prefill(folder, [], z, enable_prefix_caching=False)
-    got = _mtp_kv_after_prefill(folder, [x, y], z)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
 def test_a_prefill_rank_recomputes_the_hits_last_block_for_the_mtp_kv(mtp_ckpt):
     """A prefill-only core (P/D's prefill rank) runs the MTP pass and sends the MTP KV, but
     verifies no drafts: its prefix-cache hits drop their last block as the single process's
@@ -758,47 +743,12 @@ def test_hits_without_mtp_are_whole():
     assert _turn_hits(SpecConfig(2, 3, 1, "ngram")) == [0, 4, 8, 10]
 
 
-@pytest.mark.xfail(strict=True, reason="the pool keeps one block per key: a follow-up of a "
-                   "prompt that parted from an earlier one at a block boundary is cut there "
-                   "on every turn (README: Speculative decoding)")
 def test_follow_ups_of_a_prompt_parting_at_a_block_boundary_hit_past_it():
-    """With MTP, y's hit gives up its last block (x's, recorded with x's next token 5): y
-    computes it again, a copy the cache does not take, and caches its blocks after it. Its
-    follow-ups z and z2 should then hit through y's blocks, minus their last (6 and 8 tokens,
-    as before hits were cut at a differing next token), with y's own MTP KV at position 3;
-    they hit 2 tokens only, on every turn, while x's block stays cached."""
+    """With MTP, y's hit gives up its last block (x's, filled before x's token 5): y computes
+    it again, a copy the cache does not take, and caches its blocks after it. Its follow-ups
+    z and z2 hit through x's block and y's after it, minus their last (6 and 8 tokens). A
+    hit cut where a block's next token was another sequence's gave them 2 tokens on every
+    turn while x's block stayed cached (their MTP KV at position 3 is x's: drafts only)."""
     from afd.spec_decode import SpecConfig
 
     assert _turn_hits(SpecConfig(1, 0, 0, "mtp")) == [0, 2, 6, 8]
-
-
-def test_the_host_tier_keeps_each_blocks_next_token_both_ways():
-    """With MTP, a block evicted into the host tier keeps the token that followed it, and so
-    does the device block it is restored into: w takes all of the pool but x's first block,
-    so x's next three go to the host; y (x's prompt and more) hits the first on the device and
-    two on the host (the fourth is its hit's last, given up), and z (y's and more) hits them
-    all on the device with y's blocks after them. A record lost either way would cut the hit
-    at the first block that went through the host."""
-    from afd.block_pool import BlockPool
-    from afd.kv_offload import HostKVTier
-    from afd.scheduler import Scheduler
-    from afd.spec_decode import SpecConfig
-
-    host = HostKVTier(16, 2)
-    pool = BlockPool(num_blocks=8, block_size=2, on_evict=host.evicted)
-    sched = Scheduler(pool, 4, 64, spec=SpecConfig(1, 0, 0, "mtp"), host=host)
-    x = list(range(1, 10))
-    hits = []
-    for rid, prompt in (("x", x), ("w", list(range(30, 44))), ("y", x + [10, 11]),
-                        ("z", x + [10, 11, 12, 13])):
-        seq = Sequence(CoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=1)),
-                       4096)
-        before = sched.prefix_cache_hits
-        sched.add(seq)
-        plan = sched.schedule()
-        host.flush([])
-        seq.append(20)
-        sched.update(plan)
-        sched.finish(seq)
-        hits.append(sched.prefix_cache_hits - before)
-    assert hits == [0, 0, 6, 8]
