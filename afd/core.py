@@ -94,7 +94,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
                                    cfg.scheduling_policy, host=self.host,
-                                   mtp_kv=self.runner.mtp is not None)
+                                   mtp_kv=cfg.mtp)  # the runner writes the MTP layer's KV
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []
