@@ -473,7 +473,7 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
         if role != "ffn":  # it runs prompts, or recomputes preempted sequences in chunks
             from kernels.prefill_attention import preload
 
-            preload()
+            preload(device)
         if role == "ffn":
             from afd.rank_ffn import FFNWorker
 

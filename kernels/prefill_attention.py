@@ -170,25 +170,33 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
     if q.shape[2] == k.shape[2]:  # no context before the queries: plain causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
+    elif q.is_cuda:
         # imported here: torch.nn.attention.bias pulls in torch._dynamo, sympy and triton at
         # import, which a process that never runs a prefill with context does not need (a
-        # rank that may imports it before it is ready: ``preload``)
+        # CUDA rank that may imports it before it is ready: ``preload``)
         from torch.nn.attention.bias import causal_lower_right
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+    else:
+        # what causal_lower_right materializes off CUDA (no fused kernel takes it there),
+        # without importing its module: query i sees positions up to L - Q + i
+        n_q, n_k = q.shape[2], k.shape[2]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)  # [1, H, Q, Dv] -> [Q, H, Dv]
 
 
-def preload() -> None:
+def preload(device: torch.device) -> None:
     """Import what a prefill with context (a chunk after the first, a prefix cache hit) imports
-    on first use: torch.nn.attention.bias, which pulls in torch._dynamo, sympy and triton, some
-    850 modules. A rank that runs prompts calls it while it starts (afd.workers): imported in
-    its first such step, they stalled that step for seconds (4.4 s on the 2-core CPU under
-    load), and on a prefill rank every KV transfer a decode rank had admitted meanwhile ran
-    out its deadline (timeout_s / 2) waiting for the rank to post its send."""
-    import torch.nn.attention.bias  # noqa: F401
+    on first use on ``device``: on CUDA, torch.nn.attention.bias, which pulls in torch._dynamo,
+    sympy and triton, some 850 modules (nothing elsewhere: ``_causal_sdpa`` builds its mask). A
+    rank that runs prompts calls it while it starts (afd.workers): imported in its first such
+    step, they stalled that step for seconds (4.4 s on the 2-core CPU under load), and on a
+    prefill rank every KV transfer a decode rank had admitted meanwhile ran out its deadline
+    (timeout_s / 2) waiting for the rank to post its send."""
+    if device.type == "cuda":
+        import torch.nn.attention.bias  # noqa: F401
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

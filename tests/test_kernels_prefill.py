@@ -238,3 +238,30 @@ def test_reference_is_scaled_dot_product_attention_per_sequence() -> None:
     want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
                                           v.transpose(0, 1), is_causal=True, scale=0.3)
     torch.testing.assert_close(out, want.transpose(0, 1))
+
+
+def test_context_prefill_off_cuda_imports_no_attention_bias_module() -> None:
+    """Off CUDA a prefill with context masks by a bool [Q, L] lower-right causal mask, what
+    torch.nn.attention.bias's causal_lower_right materializes there, without importing that
+    module (torch._dynamo, sympy and triton: 2.9 s on the 2-core CPU), neither in the step nor
+    in a CPU rank's start (``preload``); the outputs are the plain masked softmax's."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from kernels.prefill_attention import _causal_sdpa, preload
+preload(torch.device("cpu"))
+torch.manual_seed(0)
+q, k, v = torch.randn(3, 2, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 5)
+out = _causal_sdpa(q, k, v, 0.3)
+assert "torch.nn.attention.bias" not in sys.modules, "imported"
+s = torch.einsum("qhd,khd->hqk", q, k) * 0.3
+s = s.masked_fill(torch.ones(3, 7, dtype=torch.bool).tril(4).logical_not(), float("-inf"))
+ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+torch.testing.assert_close(out, ref)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
