@@ -1565,7 +1565,7 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
     from afd import protocol
     from afd.config import resolve_engine_config
     from afd.layouts import MultiRankClient, is_loopback
-    from afd.workers import ControlLink, Layout, Outbox, secure_client
+    from afd.workers import Layout
     from ckpt_utils import save_checkpoint
     from models.config import load_config
 
@@ -1577,19 +1577,7 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
     key = protocol.new_key()
     ctx = zmq.Context()
     rank_links = []
-
-    def attach(template):
-        def run():
-            curve = protocol.curve_keys(key, template.session) if template.curve else None
-            sock = ctx.socket(zmq.PUSH)
-            secure_client(sock, curve)
-            sock.connect(template.front_out)
-            out = Outbox(sock, protocol.Sealer(key, template.session, 0), 0, 1 << 20)
-            link = ControlLink(ctx, out, template.front_in[0], 0, curve)
-            rank_links.append(link)
-            link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
-                                      "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
-        threading.Thread(target=run, daemon=True).start()
+    attach = _rank_in_a_thread(ctx, key, rank_links)
 
     model_cfg = load_config(path)
     engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
@@ -1656,6 +1644,30 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
         ctx.destroy(0)
 
 
+def _rank_in_a_thread(ctx, key: bytes, links: list):
+    """A launcher's ``attach`` for a MultiRankClient: a thread that speaks for attention rank
+    0 with the control key (CURVE where the spec says so), says it is ready and leaves its
+    ControlLink in ``links``."""
+    import zmq
+
+    from afd import protocol
+    from afd.workers import ControlLink, Outbox, secure_client
+
+    def attach(template):
+        def run():
+            curve = protocol.curve_keys(key, template.session) if template.curve else None
+            sock = ctx.socket(zmq.PUSH)
+            secure_client(sock, curve)
+            sock.connect(template.front_out)
+            out = Outbox(sock, protocol.Sealer(key, template.session, 0), 0, 1 << 20)
+            link = ControlLink(ctx, out, template.front_in[0], 0, curve)
+            links.append(link)
+            link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
+                                      "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
+        threading.Thread(target=run, daemon=True).start()
+    return attach
+
+
 def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
     """On one node the control sockets are Unix-domain sockets in a directory only this user
     may enter: another local user can neither connect to a rank's socket (over loopback TCP
@@ -1670,7 +1682,7 @@ def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
     from afd import protocol
     from afd.config import resolve_engine_config
     from afd.layouts import MultiRankClient
-    from afd.workers import ControlLink, Layout, Outbox
+    from afd.workers import Layout
     from ckpt_utils import save_checkpoint
     from models.config import load_config
 
@@ -1678,18 +1690,7 @@ def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
     key = protocol.new_key()
     ctx = zmq.Context()
     rank_links = []
-
-    def attach(template):
-        def run():
-            sock = ctx.socket(zmq.PUSH)
-            sock.connect(template.front_out)
-            out = Outbox(sock, protocol.Sealer(key, template.session, 0), 0, 1 << 20)
-            link = ControlLink(ctx, out, template.front_in[0], 0)
-            rank_links.append(link)
-            link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
-                                      "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
-        threading.Thread(target=run, daemon=True).start()
-
+    attach = _rank_in_a_thread(ctx, key, rank_links)
     model_cfg = load_config(path)
     engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
     seen = {}
