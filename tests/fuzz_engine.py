@@ -308,8 +308,8 @@ class KVWatch:
         self.device: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.host: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.by_key: dict[bytes, list[torch.Tensor]] = {}  # per key, the KV first seen
-        # per key, the MTP layer's KV first seen and the token that followed that block
-        self.mtp_by_key: dict[bytes, tuple[torch.Tensor, int | None]] = {}
+        # per key, the MTP layer's KV first seen (its last position's is the filler's)
+        self.mtp_by_key: dict[bytes, torch.Tensor] = {}
         self.num_layers = core.runner.model.cfg.num_layers
         # a block evicted (or a reset) and cached again under the same key within one step was
         # written in between: forget its snapshot when it leaves the cache

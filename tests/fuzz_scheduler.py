@@ -82,6 +82,7 @@ class SimCore:
                                    rng.choice(["fcfs", "priority"]), host=self.host,
                                    mtp_kv=self.mtp_kv)
         self.seqs: dict[str, Sequence] = {}
+        self.hit_end: dict[str, int] = {}  # per sequence, its last admission's prefix hit
         self.events = None
         empty = (None, None)  # (target layers' KV, MTP layer's KV)
         self.device = [[empty] * size for _ in range(num_blocks)]
@@ -154,7 +155,11 @@ def kv_value(seq: Sequence, tokens: list[int], pos: int) -> tuple:
 def step(core: SimCore, rng: random.Random, where: str) -> int:
     """One EngineCore.execute, the model's choices drawn; returns the tokens emitted."""
     sched = core.scheduler
+    waiting = {id(q) for q in sched.waiting}
     plan = sched.schedule()
+    for s in plan.seqs:  # admitted now: its computed tokens are the hit (check_kv)
+        if id(s.seq) in waiting:
+            core.hit_end[s.seq.request_id] = s.seq.num_computed_tokens
     check_plan(core, plan, where + " (plan)")
     core.flush_offloads()
     spec, mtp = sched.spec, core.mtp_kv
@@ -253,8 +258,9 @@ def check_kv(core: SimCore, where: str) -> None:
             # a block's last position inside a prefix hit: where blocks two sequences filled
             # meet, its MTP KV was made from the next token of the one that filled it (kept,
             # afd.scheduler; the hit's given-up last block is test_mtp's to check)
-            ends = (pos + 1) % core.block_size == 0 and (
-                seq.metrics.num_preemptions > 0 or pos + 1 <= (seq.num_cached_tokens or 0))
+            # (of its latest admission: a preempted sequence recomputes the rest itself)
+            ends = ((pos + 1) % core.block_size == 0
+                    and pos + 1 <= core.hit_end.get(seq.request_id, 0))
             assert not mtp or got_mtp == (want, tokens[pos + 1]) or (
                 ends and got_mtp is not None and got_mtp[0] == want), (
                 f"{where}: {seq.request_id}'s computed position {pos} (block {block}) holds "

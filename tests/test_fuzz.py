@@ -26,7 +26,7 @@ from afd.scheduler import Scheduler
 from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 from fuzz_engine import run_case
 from fuzz_pd import run_pd_case
-from fuzz_scheduler import run_sim
+from fuzz_scheduler import SimCore, run_sim
 
 # Chosen to cover, between them (each also draws its own mix of request options: greedy and
 # seeded, n > 1, stop strings and ids, logprobs, prompt logprobs, penalties, structured output
@@ -161,6 +161,22 @@ def _sim_fails(match: str) -> None:
 def test_sim_notices_a_lost_host_restore(monkeypatch):
     monkeypatch.setattr(HostKVTier, "restore", lambda self, slots, blocks: None)
     _sim_fails("not of its tokens")
+
+
+def test_sim_notices_wrong_mtp_kv_recomputed_after_a_preemption(monkeypatch):
+    """A preempted sequence recomputes every position past its new hit itself: a runner
+    writing the MTP KV of another next token at such a block's last position is a bug (it was
+    let through for any sequence ever preempted, as if the whole sequence were a hit)."""
+    write = SimCore.write
+
+    def wrong(self, seq, pos, value, mtp_value, target=True):
+        if (target and isinstance(mtp_value, tuple) and seq.metrics.num_preemptions
+                and (pos + 1) % self.block_size == 0 and pos >= seq.num_computed_tokens):
+            mtp_value = (mtp_value[0], -1)  # no token's
+        write(self, seq, pos, value, mtp_value, target)
+
+    monkeypatch.setattr(SimCore, "write", wrong)
+    _sim_fails("the MTP layer's KV of")
 
 
 def test_sim_notices_a_dropped_cache_event(monkeypatch):
