@@ -67,6 +67,8 @@ def test_pd_matches_single_process(reference, layout):
 
 def test_small_decode_pool_admission_waits_nothing_lost(small_pd, reference):
     _, prompts, params, expected = reference
+    client = small_pd.engine.core
+    before = _rank_preemptions(client)
     outs = small_pd.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     for o in outs:
@@ -78,7 +80,15 @@ def test_small_decode_pool_admission_waits_nothing_lost(small_pd, reference):
     assert timers.get("admission_waits", 0) > 0, "the pool was meant to make transfers wait"
     # and to make the decode rank preempt: the recomputed sequences matched above too
     assert small_pd.engine.core.stats()[0].num_preemptions > 0
+    # each request's own count reaches its output over the ranks' messages (decode and prefill)
+    got = sum(o.metrics.num_preemptions for o in outs)
+    assert got == _rank_preemptions(client) - before > 0
     wait_all_free(small_pd)
+
+
+def _rank_preemptions(client) -> int:
+    """Preemptions on every prefill and attention rank, as of their last reports."""
+    return sum(s.num_preemptions for s in [*client.stats(), *client.prefill_stats.values()])
 
 
 def test_seeded_sampling_matches_single_process(small_pd, reference):
