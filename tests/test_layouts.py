@@ -1912,3 +1912,9 @@ def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
     assert isinstance(result.get("raised"), RuntimeError), result
     assert "shut down" in str(result["raised"])
     assert not client.placed
+    # so does every other call that would talk to the ranks; an abort has nothing to tell them
+    for call in (client.step, client.poll, llm.engine.step):
+        with pytest.raises(RuntimeError, match="shut down"):
+            call()
+    client.abort(["never-added"])
+    assert client.error is None  # a deliberate shutdown is no rank failure
