@@ -140,16 +140,18 @@ class EngineCore:
     def add_request(self, req: CoreRequest) -> None:
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
-        check_token_ids(req.prompt_token_ids, req.params, self.runner.model.cfg.vocab_size,
-                        self.cfg.max_model_len)
         seq = Sequence(req, self.cfg.max_model_len)
         self.attach_grammar(seq)
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
     def add_or_refuse(self, req: CoreRequest) -> list[CoreOutput]:
-        """Queue a request from the front end; a bad one (a duplicate id) fails alone."""
+        """Queue a request a rank was sent; a bad one (a duplicate id, or one the front end's
+        ``check_token_ids`` refuses: only a forged message) fails alone. The single-process
+        engine calls ``add_request``: its front end checked the request, once for all n."""
         try:
+            check_token_ids(req.prompt_token_ids, req.params, self.runner.model.cfg.vocab_size,
+                            self.cfg.max_model_len)
             self.add_request(req)
         except ValueError as exc:
             return [CoreOutput(req.request_id, [], "error", None, str(exc))]

@@ -54,7 +54,7 @@ def check_token_ids(prompt_token_ids: Sequence[int], params: SamplingParams, voc
     """ParamError naming the field unless the prompt is 1 to max_model_len - 1 tokens and every
     token id in it and in ``params`` is in the vocabulary [0, ``vocab``). The front end's check
     (``LLMEngine.validate``) and a rank's on every request it is sent (``EngineCore
-    .add_request``, a decode rank's pull): a message the front end never sent (a key holder's
+    .add_or_refuse``, a decode rank's pull): a message the front end never sent (a key holder's
     bug) fails its request there, where an id past the vocabulary failed the rank's forward."""
     if not prompt_token_ids:
         raise ParamError("prompt", "prompt is empty: it must hold at least one token")

@@ -1038,3 +1038,26 @@ def test_generate_freezes_the_collector_while_it_runs_and_gives_it_back(llm, mon
         assert set(seen) == {0}
     finally:
         gc.enable()
+
+
+def test_a_request_is_checked_once_for_all_its_completions(llm, monkeypatch):
+    """The single-process engine checks a prompt's token ids once (LLMEngine.validate), not
+    again in the core for each of n completions (an O(prompt) scan each). A rank checks every
+    request it is sent (EngineCore.add_or_refuse; over real ranks: test_pd)."""
+    import afd.core
+    import afd.engine
+    from afd.sequence import CoreRequest
+
+    calls = []
+    for module in (afd.core, afd.engine):
+        real = module.check_token_ids
+        monkeypatch.setattr(module, "check_token_ids",
+                            lambda *a, real=real: (calls.append(len(a[0])), real(*a))[1])
+    engine = llm.engine
+    engine.add_request("once", "Hello", SamplingParams(n=4, max_tokens=2))
+    assert calls == [len(engine.requests["once"].prompt_token_ids)]
+    while engine.has_unfinished_requests():
+        engine.step()
+    refused = engine.core.add_or_refuse(CoreRequest("forged", [10**9], SamplingParams()))
+    assert refused[0].finish_reason == "error" and "vocabulary" in refused[0].error
+    assert blocks_all_free(llm)
