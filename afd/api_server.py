@@ -535,7 +535,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                 hide = readers is not None and readers.hides_tokens
                 choices.append({"index": index, "finish_reason": finish, "message": message,
                                 "logprobs": None if hide else _chat_logprobs(
-                                    c, 0, params.logprobs, as_ids),
+                                    c, params.logprobs, as_ids),
                                 "stop_reason": c.stop_reason})
                 if return_ids and not hide:
                     choices[-1]["token_ids"] = list(c.token_ids)
@@ -831,11 +831,11 @@ def _token_name(token: int, text: str, as_ids: bool) -> str:
     return f"token_id:{token}" if as_ids else text
 
 
-def _chat_logprobs(c: CompletionOutput, start: int, top: int | None, as_ids: bool = False
+def _chat_logprobs(c: CompletionOutput, top: int | None, as_ids: bool = False
                    ) -> dict | None:
-    """The logprobs of ``c``'s tokens from ``start`` on, in chat's ``content`` shape: each
-    token with its ``top`` likeliest (``as_ids``: each named "token_id:<id>"; as vLLM's, the
-    bytes of a top_logprobs entry are its name's, the token's its text's)."""
+    """The logprobs of ``c``'s tokens, in chat's ``content`` shape: each token with its ``top``
+    likeliest (``as_ids``: each named "token_id:<id>"; as vLLM's, the bytes of a top_logprobs
+    entry are its name's, the token's its text's)."""
     if c.logprobs is None:
         return None
 
@@ -847,7 +847,7 @@ def _chat_logprobs(c: CompletionOutput, start: int, top: int | None, as_ids: boo
     return {"content": [
         {**entry(token, step[token], True), "top_logprobs": [
             entry(t, lp) for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank)[:top]]}
-        for token, step in zip(c.token_ids[start:], c.logprobs[start:])]}
+        for token, step in zip(c.token_ids, c.logprobs)]}
 
 
 def _completion_logprobs(token_ids: list[int], entries: list[dict | None], text_offset: int,
@@ -1014,7 +1014,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 if c.finish_reason is not None:
                     finish_sent.add(index)
                 if chat:
-                    logprobs = None if hide else _chat_logprobs(c, 0, top_logprobs, as_ids)
+                    logprobs = None if hide else _chat_logprobs(c, top_logprobs, as_ids)
                     if readers is not None and index not in choice_readers:
                         choice_readers[index] = readers.stream()
                     reader = choice_readers.get(index)
@@ -1065,9 +1065,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
         if include_usage:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
-            yield "data: " + json.dumps({"id": base, "object": obj, "created": created,
-                                         "model": state.model_name, "choices": [],
-                                         "usage": usage}) + "\n\n"
+            yield event([], {"usage": usage})
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:  # client gone (or done): a cancelled stream aborts its request
