@@ -85,6 +85,21 @@ class IncrementalDetokenizer:
     def _decode_wrapped(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def _prefix_text(self) -> str:
+        """The text of ``tokens[prefix_offset:read_offset]`` (kept until the offsets move)."""
+        prefix = self._prefix
+        if prefix is None:
+            prefix_offset, read_offset = self.prefix_offset, self.read_offset
+            if read_offset - prefix_offset == 1:  # one token: its text alone, from the table
+                token = self.tokens[prefix_offset]
+                prefix = self._token_texts.get(token)
+                if prefix is None:
+                    prefix = self._token_texts[token] = self._decode([token])
+            else:
+                prefix = self._decode(self.tokens[prefix_offset:read_offset])
+            self._prefix = prefix
+        return prefix
+
     def push(self, token_ids: list[int]) -> str:
         """Add generated tokens; returns the text they complete (maybe empty)."""
         tokens = self.tokens
@@ -92,16 +107,7 @@ class IncrementalDetokenizer:
         prefix_offset, read_offset = self.prefix_offset, self.read_offset
         if read_offset == len(tokens):
             return ""  # nothing after the prefix: the full text is the prefix's
-        prefix = self._prefix
-        if prefix is None:
-            if read_offset - prefix_offset == 1:  # one token: its text alone, from the table
-                token = tokens[prefix_offset]
-                prefix = self._token_texts.get(token)
-                if prefix is None:
-                    prefix = self._token_texts[token] = self._decode([token])
-            else:
-                prefix = self._decode(tokens[prefix_offset:read_offset])
-            self._prefix = prefix
+        prefix = self._prefix_text()
         full = self._decode(tokens[prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
@@ -123,9 +129,7 @@ class IncrementalDetokenizer:
         tokens, prefix_offset, read_offset = self.tokens, self.prefix_offset, self.read_offset
         if read_offset == len(tokens):
             return ""
-        prefix = self._prefix
-        if prefix is None:
-            prefix = self._decode(tokens[prefix_offset:read_offset])
+        prefix = self._prefix_text()
         full = self._decode(tokens[prefix_offset:])
         if not full.startswith(prefix):
             # a byte-fallback decoder made the whole run of byte tokens U+FFFDs, the emitted
