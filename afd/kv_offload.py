@@ -33,11 +33,6 @@ def _copyable(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def host_block_bytes(kv_caches: list[torch.Tensor], block_dim: int) -> int:
-    """Bytes one block takes over every layer."""
-    return sum(c.element_size() * c.numel() // c.shape[block_dim] for c in kv_caches)
-
-
 class HostKVTier:
     """``num_blocks`` host blocks, each holding one device block's KV for every layer.
 
