@@ -155,7 +155,7 @@ class AttentionWorker:
                 raise ValueError(f"the new placement places {msg.num_experts} experts; this "
                                  f"rank routes {running.num_experts}")
             placement = ExpertPlacement(msg.num_experts, msg.slots, msg.layers)
-            check_same_slots(self.transport.placement, placement, self._num_layers,
+            check_same_slots(running, placement, self._num_layers,
                              mtp=self.core.runner.model.mtp is not None)
         except ValueError as exc:
             log.warning("attention rank %d refused rebalance %d: %s", self.index, msg.epoch, exc)
