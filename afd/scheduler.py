@@ -369,17 +369,13 @@ class Scheduler:
             hit.host_slots = self.host.match(seq.token_ids, seq.block_keys, len(hit.blocks),
                                              max_blocks)
         if self.mtp_kv and hit.num_blocks:
-            self._cut_for_mtp(hit)
+            # the MTP layer's KV at a block's last position p was made from token p + 1, the
+            # token after the block in whichever sequence filled it: recompute the hit's last
+            # block (vLLM drops it for EAGLE/MTP too). Blocks before it keep the MTP KV of the
+            # sequence that filled them: where two sequences' blocks meet in a hit, that token
+            # may not be this one's (drafts only: verification keeps the output exact)
+            (hit.host_slots or hit.blocks).pop()
         return hit
-
-    @staticmethod
-    def _cut_for_mtp(hit: PrefixHit) -> None:
-        """The MTP layer's KV at a block's last position p was made from token p + 1, the
-        token after the block in whichever sequence filled it: recompute the hit's last block
-        (vLLM drops it for EAGLE/MTP too). Blocks before it keep the MTP KV of the sequence
-        that filled them: where two sequences' blocks meet in a hit, that token may not be
-        this one's (drafts only: verification keeps the output exact)."""
-        (hit.host_slots or hit.blocks).pop()
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
         """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied
