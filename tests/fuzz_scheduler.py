@@ -32,7 +32,7 @@ import afd.scheduler as scheduler_module
 from afd.block_pool import BlockPool
 from afd.core import EngineCore
 from afd.kv_offload import HostKVTier
-from afd.sampler import PromptLogprobs
+from afd.sampler import PromptLogprobs, SamplerOutput
 from afd.sampling_params import SamplingParams
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence, Status
@@ -206,22 +206,12 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
             n = len(scored)
             seq.add_prompt_logprobs(PromptLogprobs(k, [1] * n, [0] * (n * k),
                                                    [0.0] * (n * (k + 1))))
-    # verification
+    # verification, as the engine's core does it (its rows: the samples drawn above)
+    sampling = [s for s in plan.seqs if s.samples]
+    rows = [t for s in sampling for t in samples[id(s)][1]]
     emitted, done = 0, []
-    for s in plan.seqs:
-        if not s.samples:
-            continue
-        seq, drafts = s.seq, s.draft_token_ids
-        good, rows = samples[id(s)]
-        new = []
-        for token in rows[:good + 1]:
-            seq.append(token)
-            new.append(token)
-            if seq.finish_reason is not None:
-                break
-        if drafts:
-            s.num_rejected = len(drafts) + 1 - len(new)
-            s.num_accepted = min(len(new), good)
+    for seq, new, *_rest in EngineCore._verify(sampling, SamplerOutput(rows, [None] * len(rows)),
+                                               [None] * len(sampling)):
         emitted += len(new)
         if seq.finish_reason is None and mtp:
             seq.mtp_drafts = [rng.choice([EOS] + list(range(2, VOCAB)))
