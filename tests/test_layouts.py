@@ -1563,27 +1563,14 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
     import zmq
 
     from afd import protocol
-    from afd.config import resolve_engine_config
-    from afd.layouts import MultiRankClient, is_loopback
-    from afd.workers import Layout
-    from ckpt_utils import save_checkpoint
-    from models.config import load_config
+    from afd.layouts import is_loopback
 
     host = _some_non_loopback_address()
     if host is None:
         pytest.skip("no non-loopback address on this machine")
     assert not is_loopback(host)
-    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
-    key = protocol.new_key()
-    ctx = zmq.Context()
-    rank_links = []
-    attach = _rank_in_a_thread(ctx, key, rank_links)
-
-    model_cfg = load_config(path)
-    engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
-    client = MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0),
-                             attach=attach, control_host=host, control_key=key,
-                             startup_timeout_s=60)
+    client, engine_cfg, key, ctx, rank_links, _ = _client_with_a_thread_rank(
+        tmp_path, control_host=host)
     try:
         assert client.curve is not None
         (link,) = rank_links
@@ -1644,16 +1631,29 @@ def test_across_nodes_a_peer_without_the_key_can_neither_take_nor_send_control_m
         ctx.destroy(0)
 
 
-def _rank_in_a_thread(ctx, key: bytes, links: list):
-    """A launcher's ``attach`` for a MultiRankClient: a thread that speaks for attention rank
-    0 with the control key (CURVE where the spec says so), says it is ready and leaves its
-    ControlLink in ``links``."""
+def _client_with_a_thread_rank(tmp_path, **options):
+    """A MultiRankClient (one attention rank, a tiny Qwen3-MoE checkpoint, ``options`` to it)
+    whose launcher's ``attach`` starts a thread that speaks for rank 0 with the control key
+    (CURVE where the spec says so) and says it is ready. Returns the client, its engine
+    config, the key, the threads' ZeroMQ context, a list holding the rank's ControlLink and
+    the spec template the client handed over."""
     import zmq
 
     from afd import protocol
-    from afd.workers import ControlLink, Outbox, secure_client
+    from afd.config import resolve_engine_config
+    from afd.layouts import MultiRankClient
+    from afd.workers import ControlLink, Layout, Outbox, secure_client
+    from ckpt_utils import save_checkpoint
+    from models.config import load_config
+
+    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
+    key = protocol.new_key()
+    ctx = zmq.Context()
+    links, seen = [], []
 
     def attach(template):
+        seen.append(template)
+
         def run():
             curve = protocol.curve_keys(key, template.session) if template.curve else None
             sock = ctx.socket(zmq.PUSH)
@@ -1665,7 +1665,12 @@ def _rank_in_a_thread(ctx, key: bytes, links: list):
             link.send(protocol.Ready({"role": "attention", "params": [], "param_bytes": 0,
                                       "kv_bytes": 0, "num_kv_blocks": 64, "gc_frozen": 0}))
         threading.Thread(target=run, daemon=True).start()
-    return attach
+
+    model_cfg = load_config(path)
+    engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
+    client = MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=attach,
+                             control_key=key, startup_timeout_s=60, **options)
+    return client, engine_cfg, key, ctx, links, seen[0]
 
 
 def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
@@ -1677,32 +1682,10 @@ def test_one_node_control_sockets_are_private_to_this_user(tmp_path):
     import subprocess
     import sys
 
-    import zmq
-
     from afd import protocol
-    from afd.config import resolve_engine_config
-    from afd.layouts import MultiRankClient
-    from afd.workers import Layout
-    from ckpt_utils import save_checkpoint
-    from models.config import load_config
 
-    path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path / "m"))
-    key = protocol.new_key()
-    ctx = zmq.Context()
-    rank_links = []
-    attach = _rank_in_a_thread(ctx, key, rank_links)
-    model_cfg = load_config(path)
-    engine_cfg = resolve_engine_config(path, model_cfg, device="cpu")
-    seen = {}
-
-    def attach_and_look(template):
-        seen["template"] = template
-        attach(template)
-
-    client = MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=attach_and_look,
-                             control_key=key, startup_timeout_s=60)
+    client, _, _, ctx, rank_links, template = _client_with_a_thread_rank(tmp_path)
     try:
-        template = seen["template"]
         addrs = [template.front_out, template.front_in[0]]
         assert all(a.startswith("ipc://") for a in addrs), addrs
         folder = os.path.dirname(addrs[0][len("ipc://"):])
