@@ -54,6 +54,7 @@ FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
+WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the two ws probes (70 s) for more tile A/B time
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
 export OUT
@@ -108,7 +109,8 @@ elif [ "$QUICK" = 1 ]; then
   run_bench $((QUICK_BUDGET_S + 15)) "benchmark --quick (writes $OUT/kernels.json)" --quick \
     --no-fp8 --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS"
   stamp "ws probes: a 64-row ws tile (runs in the GPU tests) and a 128-row one (hung an H100)"
-  for bm in 64 128; do
+  [ "$WS_PROBES" = 1 ] || stamp "ws probes skipped (WS_PROBES=0)"
+  for bm in $([ "$WS_PROBES" = 1 ] && echo 64 128); do
     timeout -k 5 30 python3 bench/ws_probe.py 8 128 "$bm" 2>&1 | tee -a "$OUT/ws_probe.log"
     echo "ws_probe block_m=$bm exit code ${PIPESTATUS[0]}" | tee -a "$OUT/ws_probe.log"
   done
