@@ -21,6 +21,23 @@ import torch
 from kernels.backend import resolve_backend
 from kernels.decode_groups import DecodeGroups, per_row_or_grouped
 
+# The Triton grouped kernel pads every group to the longest group's rows (G_PAD rows x BLOCK_H
+# heads a program), so in a batch of mostly one-row groups beside a few verifying ones it
+# computes (and reads) for rows that are not there. Measured on an H100
+# (bench/results/h100_20261127/verify_kernels_bench.log, launch configs of 1f15cba, 32
+# sequences over 4096 tokens, H=128): fill 1.0 (2 and 4 rows a sequence) grouped 0.791 /
+# 1.568 ms vs per row 0.994 / 1.833 (1.26x / 1.17x faster); fill 0.34 (4 sequences of 4 rows,
+# 28 of one) grouped 1.517 ms vs per row 0.757 (2.0x slower). A c / fill^a fit of those two
+# points crosses per row's time at fill ~0.8; below it the rows go per row. Only these two
+# fills were timed. The torch grouped path has no padding (one matmul per group size) and
+# stays grouped.
+MLA_GROUPED_MIN_FILL = 0.8
+
+
+def grouped_fill(groups: DecodeGroups) -> float:
+    """Rows over the rows a grouped kernel pads the groups to (groups x the longest)."""
+    return groups.num_rows / (groups.num_groups * groups.max_rows)
+
 
 def mla_decode_attention_torch(
     q_lat: torch.Tensor,
@@ -109,6 +126,8 @@ def mla_decode_attention(
         from kernels.mla_decode_triton import (mla_decode_attention_grouped_triton,
                                                mla_decode_attention_triton)
 
+        if groups is not None and grouped_fill(groups) < MLA_GROUPED_MIN_FILL:
+            groups = None  # mostly padding: per row is faster (MLA_GROUPED_MIN_FILL)
         return per_row_or_grouped(groups, mla_decode_attention_triton,
                                   mla_decode_attention_grouped_triton, args)
     return per_row_or_grouped(groups, mla_decode_attention_torch,
