@@ -28,7 +28,8 @@ class EngineConfig:
     seed: seeds the unseeded samplers, so a whole run is reproducible.
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes (in decode rows: a sequence
-    verifying k drafts is k + 1 rows).
+    verifying k drafts is k + 1 rows). Given as None: False on CUDA (as vLLM), True elsewhere
+    (on CPU the graph path runs eagerly and gains nothing).
     tokenizer: the tokenizer folder (None: the model's); ranks load it only to build
         structured-output grammars.
     trust_remote_code: the tokenizer may run the Python code its tokenizer_config.json names
@@ -221,7 +222,7 @@ def resolve_engine_config(
     kv_cache_memory_gb: float | None = None,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int | None = None,
-    enforce_eager: bool = True,
+    enforce_eager: bool | None = None,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
     enable_prefix_caching: bool = True,
     kv_offload_gb: float = 0,
@@ -246,8 +247,9 @@ def resolve_engine_config(
             or not 0 < gpu_memory_utilization <= 1):
         raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each GPU's "
                          f"memory (default 0.9), got {gpu_memory_utilization!r}")
-    if not isinstance(enforce_eager, bool):
-        raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
+    if enforce_eager is not None and not isinstance(enforce_eager, bool):
+        raise ValueError(f"enforce_eager must be True, False or None (CUDA graphs on CUDA "
+                         f"only), got {enforce_eager!r}")
     if scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
                          f"{scheduling_policy!r}")
@@ -276,6 +278,8 @@ def resolve_engine_config(
         # what torch.Generator.manual_seed takes; found otherwise only at the first sample
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
+        enforce_eager = torch.device(device).type != "cuda"
     quantization = resolve_quantization(quantization, model_cfg, device)
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:

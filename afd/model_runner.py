@@ -279,7 +279,7 @@ class ModelRunner:
                   "MTP drafts (the MTP layer runs after each step's sampling, not captured)"
                   if self.mtp is not None else unsupported_reason(self.model))
         if reason:
-            log.warning("enforce_eager=False: decode steps run eagerly here: %s", reason)
+            log.info("no CUDA graphs: decode steps run eagerly here: %s", reason)
         return reason is None
 
     def _build_graphs(self) -> DecodeGraphs | None:

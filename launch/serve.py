@@ -88,9 +88,10 @@ def parse_args() -> argparse.Namespace:
                          "an activation reserve leave is its KV cache (default 0.9, as vLLM)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
-                    help="run decode steps eagerly (default, for now); --no-enforce-eager "
-                         "captures CUDA graphs of decode steps (layouts without FFN ranks)")
+    ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                    help="run decode steps eagerly; --no-enforce-eager captures CUDA graphs of "
+                         "decode steps (layouts without FFN ranks). Default: graphs on CUDA, "
+                         "eager on CPU")
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 ... "
                          "up to min(max-num-seqs x (1 + num_speculative_tokens), 256), and that "

@@ -314,3 +314,19 @@ def test_a_cuda_kv_transfer_under_gloo_goes_through_host_memory(monkeypatch, bac
     real = torch.zeros(2, 2, 4)
     scatter_kv([real], torch.tensor([2, 3, 0]), rows)
     assert real.view(-1, 4)[[2, 3, 0]].equal(rows[0])
+
+
+@pytest.mark.parametrize("device, given, want", [
+    ("cuda", None, False), ("cuda:0", None, False), ("cpu", None, True),
+    ("cuda", True, True), ("cpu", False, False)])
+def test_cuda_graphs_are_the_default_on_cuda_only(device, given, want) -> None:
+    """enforce_eager unset: CUDA graphs of decode steps on CUDA (timed on an H100:
+    bench/results/h100_20261127/offline_graphs.log), eager on CPU; a given value stands."""
+    from afd.config import resolve_engine_config
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    cfg = resolve_engine_config(path, load_config(path), device=device, enforce_eager=given,
+                                num_kv_blocks=32, max_model_len=128)
+    assert cfg.enforce_eager is want
