@@ -240,3 +240,19 @@ def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_moe_profile_smoke_runs_on_cpu(tmp_path) -> None:
+    """``bench/moe_profile.py`` (per-kernel device time of a MoE call, for the next GPU run)
+    at tiny dims under the interpreter: both entries profiled, floors and call times there."""
+    out = tmp_path / "moe_profile.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "moe_profile.py"), "--smoke", "--json",
+         str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["floor_w13_us"] > 0 and cell["floor_w2_us"] > 0
+    for entry in ("fused_moe", "grouped_moe"):
+        assert cell[entry]["kernels_us"] and cell[entry]["kernels_sum_us"] > 0
+        assert cell[entry]["call_us_no_pdl"] > 0 and cell[entry]["call_us_defaults"] > 0
