@@ -167,34 +167,45 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_launch(num_heads: int, on_gpu: bool) -> dict:
+def default_launch(num_heads: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
     """Block sizes and warps for ``num_heads`` query heads.
 
     On a GPU: 32 heads per program (mma.sync; 64 would allow wgmma but its [64, 512] fp32
-    accumulator spills), 32 tokens per step, 8 warps so the accumulator takes 64 registers per
-    thread. The interpreter gets small blocks that keep the tests' masks partial.
+    accumulator spills), 8 warps so the accumulator takes 64 registers per thread, and 64
+    tokens per step: timed on an H100 (one shape: B=64, 128 heads, ctx 4096;
+    ``bench/results/h100_20261126/kernels_bench.log``, commit not recorded) 0.6416 ms against
+    32 tokens' 1.0006 (9.93x the floor); compiled for sm_90a, no spill, 112 KiB of shared
+    memory. Over an FP8 cache 32 tokens (64 spill 72 bytes a thread, 8 with splits, Triton
+    3.6). 16 heads or fewer: 16 per program, 4 warps, 32 tokens (64 timed slower there, 0.9982
+    vs 0.8199 ms at 128 heads, and spills 288 bytes). The interpreter gets small blocks that
+    keep the tests' masks partial.
     """
     block_h = max(16, min(32, next_pow2(num_heads)))
     if not on_gpu:
         return {"block_h": block_h, "block_n": 16, "num_warps": 4, "num_stages": 1}
-    return {"block_h": block_h, "block_n": 32, "num_warps": 8 if block_h > 16 else 4,
-            "num_stages": 2}
+    return {"block_h": block_h, "block_n": 64 if block_h > 16 and not fp8_kv else 32,
+            "num_warps": 8 if block_h > 16 else 4, "num_stages": 2}
 
 
 def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
     """``default_launch`` for groups of up to ``max_rows`` rows: G_PAD rows x BLOCK_H heads per
     program, at least 16 (the dots' smallest M). On a GPU up to 64 query rows: 32 would read the
-    context as often as the per-row kernel's 32 heads of one row do. At 64, 8 warps and 16
-    tokens a step: compiled for sm_90a, that spills 8 bytes a thread (24 with splits; 16 warps
-    spill 384, 32 tokens a step 168); at 32 rows, the per-row kernel's 32 tokens and 8 warps,
-    no spill. A tile keeps at least 8 heads (or all, if fewer), so G_PAD is at most 8 rows on
-    a GPU (4 under the interpreter) and a longer group (n-gram k >= 8) takes ``row_tiles``
-    tiles: as many reads of its context as one tile of all its rows would make (rows x heads /
-    64), but no spill beyond 24 bytes (sm_90a), where one tile of 64 rows x 1 head spilled 144
-    bytes a thread, of 128 rows 1.7 KB, and of 256 rows needed more shared memory than an H100
-    block has (a failed launch). Not timed on a GPU yet (``bench/kernels.py --verify-only``
-    times variants). The interpreter gets at most 32 rows and 16 tokens a step, so the tests'
-    masks stay partial.
+    context as often as the per-row kernel's 32 heads of one row do. At 64 rows, 8 warps. Tokens
+    a step at 64 rows: 32 for groups of 2 to 4 rows (G_PAD 2 x 32 heads, 4 x 16), timed on an
+    H100 (32 sequences, 128 heads, ctx 4096; ``bench/results/h100_20261127/
+    verify_kernels_bench.log``): 2 rows/seq 0.5268 ms vs 16 tokens' 0.7910, 4 rows/seq 1.0180 vs
+    1.5681, mixed 4+1 0.9545 vs 1.5168; compiled for sm_90a with the GPU image's Triton 3.6, no
+    spill (Triton 3.9's ptxas spills 88-168 B a thread there: re-time before leaving 3.6), 144
+    KiB of shared memory. Other 64-row tiles 16 (G_PAD 1 or 8: not timed). Not 32 heads at 4
+    rows (128 query rows): 256 KiB of shared memory with splits, more than an H100 block has (a
+    failed launch in that log), and 1.1-1.6 KB spilled a thread. At 32 rows, the per-row kernel's 32
+    tokens and 8 warps, no spill. A tile keeps at least 8 heads (or all, if fewer), so G_PAD is
+    at most 8 rows on a GPU (4 under the interpreter) and a longer group (n-gram k >= 8) takes
+    ``row_tiles`` tiles: as many reads of its context as one tile of all its rows would make
+    (rows x heads / 64), but no spill beyond 24 bytes (sm_90a), where one tile of 64 rows x 1
+    head spilled 144 bytes a thread, of 128 rows 1.7 KB, and of 256 rows needed more shared
+    memory than an H100 block has (a failed launch). The interpreter gets at most 32 rows and 16
+    tokens a step, so the tests' masks stay partial.
     ``fp8_kv`` (an FP8 cache, converted in registers): at most 32 query rows and 16 tokens a
     step on a GPU; 64 rows spilled 216-296 bytes a thread (sm_90a), 32 rows with 32 tokens
     8-16, 32 with 16 none."""
@@ -206,9 +217,10 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = F
     if not on_gpu:
         return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles, "block_n": 16,
                 "num_warps": 4, "num_stages": 1}
+    timed_32 = g_pad in (2, 4)  # the verify bench's groups (MTP k = 1..3), 64-row tiles
     return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles,
-            "block_n": 16 if rows > 32 or fp8_kv else 32, "num_warps": 8 if rows > 16 else 4,
-            "num_stages": 2}
+            "block_n": 16 if fp8_kv or (rows > 32 and not timed_32) else 32,
+            "num_warps": 8 if rows > 16 else 4, "num_stages": 2}
 
 
 def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: int) -> int:
@@ -249,7 +261,7 @@ def mla_decode_attention_triton(
     q_lat, q_pe, kv = unit_last_stride(q_lat, q_pe, kv_cache)
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
-    launch = default_launch(num_heads, on_gpu=not interp)
+    launch = default_launch(num_heads, on_gpu=not interp, fp8_kv=kv.dtype == FP8_DTYPE)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)

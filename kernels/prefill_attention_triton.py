@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8 import FP8_DTYPE
 from kernels.prefill_attention import PrefillLayout, _check_layout
 from kernels.triton_utils import (check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
                                   rne_bf16)
@@ -163,21 +164,32 @@ def split_head_dim(dim: int) -> tuple[int, int]:
     return (a, b) if b < a else (next_pow2(dim), 0)
 
 
-def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool = False) -> dict:
+def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool = False,
+                   paged: bool = False, fp8_kv: bool = False) -> dict:
     """Rows per program, positions per step, warps and stages.
 
-    On a GPU: 128 rows (queries x group) and 64 positions per step, 8 warps, two stages, as the
-    flash-attention tutorial's Hopper forward (wgmma, no spills, 96 KiB of shared memory at
-    D = 128 and 128 KiB at MLA's 192/128: the sm_90a compile check). fp32 runs its dots on the
-    FMA units (tensor cores would round to tf32): 32 x 16 tiles keep it out of local memory.
-    The interpreter gets 16 x 16, so the tests' tiles and masks stay partial.
+    On a GPU: 128 rows (queries x group), 8 warps, two stages, as the flash-attention
+    tutorial's Hopper forward (wgmma). Positions per step: 128 for the paged (GQA) path over a
+    16-bit cache with head dims up to 128, else 64. Timed on an H100 (one shape: Qwen3-30B-A3B's
+    32/4 heads at D = 128, 8 sequences; ``bench/results/h100_20261127/prefill_kernels_bench.log``):
+    128 positions 2.3323 ms vs 64's 2.5413 at 2048 queries a sequence, 0.2018 vs 0.2015 at 512;
+    compiled for sm_90a, no spill, 160 KiB of shared memory at D = 128. Not 128 elsewhere: over
+    an FP8 cache it spills 8 bytes a thread (G = 8, Triton 3.6), at MLA's 192/128 (ragged) 8
+    as well (though it timed faster there, same file: 0.7263 vs 0.8526 ms and 8.1703 vs
+    9.7647), past D = 128 it needs more shared memory than a block has. 64 positions: no
+    spills, 96 KiB at D = 128 and 128 KiB at MLA's 192/128 (the sm_90a compile check). fp32
+    runs its dots on the FMA units (tensor cores would round to tf32): 32 x 16 tiles keep it
+    out of local memory. The interpreter gets 16 x 16, so the tests' tiles and masks stay
+    partial.
     """
     rows_min = max(16, next_pow2(group))  # a tile holds at least one query's whole group
     if not on_gpu:
         return {"block_m": rows_min, "block_n": 16, "num_warps": 4, "num_stages": 1}
     if fp32:
         return {"block_m": max(32, rows_min), "block_n": 16, "num_warps": 8, "num_stages": 2}
-    return {"block_m": max(128, rows_min), "block_n": 64, "num_warps": 8, "num_stages": 2}
+    wide = paged and not fp8_kv and max(dim_k, dim_v) <= 128
+    return {"block_m": max(128, rows_min), "block_n": 128 if wide else 64, "num_warps": 8,
+            "num_stages": 2}
 
 
 def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: int, paged: bool,
@@ -186,7 +198,8 @@ def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: in
     if layout.num_seqs == 0 or q.shape[1] == 0:
         return out
     dim_k, dim_v = q.shape[-1], v.shape[-1]
-    launch = default_launch(group, dim_k, dim_v, on_gpu=q.is_cuda, fp32=q.dtype == torch.float32)
+    launch = default_launch(group, dim_k, dim_v, on_gpu=q.is_cuda, fp32=q.dtype == torch.float32,
+                            paged=paged, fp8_kv=k.dtype == FP8_DTYPE)
     block_m = block_m or launch["block_m"]
     if block_m < group:
         raise ValueError(f"block_m {block_m} must hold a whole group of {group} query heads")
