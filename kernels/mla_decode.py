@@ -29,8 +29,11 @@ from kernels.decode_groups import DecodeGroups, per_row_or_grouped
 # 1.568 ms vs per row 0.994 / 1.833 (1.26x / 1.17x faster); fill 0.34 (4 sequences of 4 rows,
 # 28 of one) grouped 1.517 ms vs per row 0.757 (2.0x slower). A c / fill^a fit of those two
 # points crosses per row's time at fill ~0.8; below it the rows go per row. Only these two
-# fills were timed. The torch grouped path has no padding (one matmul per group size) and
-# stays grouped.
+# fills were timed. Both sides' launch defaults changed since (grouped: 32 tokens a step for
+# 2-4 rows, per row: 64, from that file's and h100_20261126's variant timings): in that file
+# the grouped variant of today's default took 0.5268 / 1.0180 ms at fill 1.0 and 0.9545 at
+# 0.34, the per-row kernel was not timed with 64 tokens there; the 0.8 is not re-fitted. The
+# torch grouped path has no padding (one matmul per group size) and stays grouped.
 MLA_GROUPED_MIN_FILL = 0.8
 
 
