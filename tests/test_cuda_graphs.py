@@ -154,19 +154,23 @@ def test_padding_rows_point_at_the_scratch_block():
 
 
 def test_graphs_only_where_they_apply():
-    """Prefill ranks and layouts with FFN ranks step eagerly; so does enforce_eager (default)."""
+    """Prefill ranks and layouts with FFN ranks step eagerly; so does enforce_eager (default).
+    On CPU, with the device said (left out, a GPU box resolves to cuda, and capture of the
+    model loaded on CPU fails)."""
     from afd.core import EngineCore
     from models.model import LocalExperts
     from models.weights import load_model
 
     path = default_model_path()
-    cfg = resolve_engine_config(path, load_config(path), dtype="float32", enforce_eager=False,
-                                num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
+    cfg = resolve_engine_config(path, load_config(path), device="cpu", dtype="float32",
+                                enforce_eager=False, num_kv_blocks=32, max_model_len=128,
+                                max_num_seqs=4)
     model = load_model(path, "full", dtype=cfg.dtype, device="cpu")
     assert EngineCore(model, cfg).runner.graphs.sizes == (1, 2, 4)
     assert EngineCore(model, cfg, prefill_only=True).runner.graphs is None
     assert EngineCore(model, cfg, experts=LocalExperts(model)).runner.graphs is None
-    default = resolve_engine_config(path, load_config(path), num_kv_blocks=32, max_model_len=128)
+    default = resolve_engine_config(path, load_config(path), device="cpu", num_kv_blocks=32,
+                                    max_model_len=128)
     assert default.enforce_eager and EngineCore(model, default).runner.graphs is None
     assert EngineCore(model, default).runner.kv_caches[0].shape[0] == 32
 
@@ -300,11 +304,14 @@ def test_decode_forward_reads_nothing_on_the_host():
 
 def test_pd_decode_rank_with_graphs_matches_single_process():
     """A P/D decode rank (no FFN ranks) steps through the graph path; KV moved in from the
-    prefill rank lands in allocator blocks, never in the scratch block."""
+    prefill rank lands in allocator blocks, never in the scratch block. Both engines on one
+    device: seeded requests draw their noise from a generator on the device, whose stream on
+    cuda is not the one on CPU (afd/sampler.py), so tokens agree only device for device."""
     prompts, params = _workload()
     prompts, params = prompts[:6], params[:6]  # 8 sequences (n=3 on one), sizes 8 down to 1
-    want = _run("cpu", True, prompts, params)[0]
-    llm = LLM(dtype="float32", seed=3, prefill=1, attention=1, enforce_eager=False,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    want = _run(device, True, prompts, params)[0]
+    llm = LLM(device=device, dtype="float32", seed=3, prefill=1, attention=1, enforce_eager=False,
               max_num_seqs=8, num_kv_blocks=KV_BLOCKS, max_model_len=256,
               cuda_graph_sizes=[1, 2, 4, 8], timeout_s=120)
     try:
