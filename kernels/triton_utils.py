@@ -15,6 +15,39 @@ from kernels.backend import interpreter_enabled
 # functions (and every MoE call asks, so it must not cost an environment lookup).
 INTERPRETING = interpreter_enabled()
 
+
+def _scalar_index_in_the_interpreter() -> None:
+    """Triton's interpreter holds every scalar (a program id, an int argument, a loaded value)
+    as a one-element array of shape [1]. In Triton 3.6 its ``tensor.__index__``, which
+    ``range(lo, hi, step)`` over runtime bounds calls, is ``int(data)``: NumPy >= 2.4 refuses
+    that for an array with a dimension ("only 0-dimensional arrays can be converted to Python
+    scalars", triton-lang/triton#9171), so every such loop failed there. No kernel change can
+    give the interpreter a 0-d scalar; this reads the one element instead, as the interpreter
+    of Triton 3.8 and later does (same value there). Installed only under TRITON_INTERPRET:
+    compiled kernels never see it."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "afd_scalar_index", False):
+        return
+
+    def index(self) -> int:
+        return int(self.handle.data.item())
+
+    def patched(tensor, *scope):  # older Triton patches without a scope
+        patch(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patched.afd_scalar_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETING:
+    _scalar_index_in_the_interpreter()
+
 DOT_NATIVE = 0  # bf16/fp16 on tensor cores, fp32 accumulation
 DOT_IEEE = 1  # fp32 operands: tensor cores would silently round them to tf32
 DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its dot multiplies raw bf16 bit patterns
