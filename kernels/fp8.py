@@ -7,7 +7,8 @@ GEMM can apply ``a_scale * w_scale`` once per K block of the fp32 accumulator. T
 a dim that is not a multiple of the block size is partial.
 
 ``per_token_group_quant_torch`` is the reference of ``fp8_triton.per_token_group_quant_triton``;
-both produce bit-identical results (same fp32 division, round to nearest even).
+both produce bit-identical results (same fp32 division, round to nearest even) on every device:
+the reference divides by tensors only (see ``quantize_blocks``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ def quantize_blocks(w: torch.Tensor, block_shape: tuple[int, int]
     padded[..., :rows, :cols] = w.float()
     blocks = padded.unflatten(-1, (nc, bk)).unflatten(-3, (nr, bn))  # [..., nr, bn, nc, bk]
     amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS)  # [..., nr, nc]
-    scale = amax / FP8_MAX
+    # A tensor divisor, not the number: on CUDA, torch multiplies by the reciprocal of a scalar
+    # divisor (1/448 rounded to fp32), one ulp off amax / 448 for most groups, where the CPU and
+    # the Triton kernels divide. Quotients of bf16 values often land exactly on an e4m3 tie, so
+    # that ulp moved ~0.1% of the quantized elements by a whole fp8 step, and the FP8 reference
+    # on a GPU ~1.5% (of the output norm) off the kernels at DeepSeek-V3 dims.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.flatten(-2).flatten(-3, -2)[..., :rows, :cols].contiguous(), scale
 

@@ -105,6 +105,33 @@ def largest_tensor(fn, *args, **kwargs) -> int:
     return Largest.most
 
 
+def cuda_scalar_division():
+    """A context in which torch code on the CPU rounds a division by a scalar as CUDA does.
+
+    PyTorch's CUDA kernel for ``t / s``, where ``s`` is a Python number or a 0-dim CPU tensor,
+    multiplies by the reciprocal of ``s`` rounded to the compute dtype (fp32 for fp32, bf16 and
+    fp16) instead of dividing: one ulp off the quotient for many inputs, where the CPU divides.
+    A reference that divides by a scalar so gives other bits on a GPU than beside the
+    interpreter; in this context a CPU test sees the GPU's bits (``aten.div`` only).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CudaScalarDivision(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar) and not kwargs:
+                a, b = args
+                scalar = not isinstance(b, torch.Tensor) or (b.dim() == 0
+                                                             and b.device.type == "cpu")
+                if scalar and isinstance(a, torch.Tensor) and a.is_floating_point():
+                    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+                    inv = torch.tensor(1.0 / float(b), dtype=torch.float64).to(compute)
+                    return (a.to(compute) * inv).to(a.dtype)
+            return func(*args, **kwargs)
+
+    return CudaScalarDivision()
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
     if actual.shape != expected.shape:
