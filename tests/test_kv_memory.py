@@ -108,7 +108,9 @@ def test_single_process_sizes_its_pool_after_loading(reference, monkeypatch):
     path, prompts, params, expected = reference
     monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps(
         {"single": fake_memory(path, 37, 4, in_use=5 * GIB)}))
-    llm = LLM(path, **ARGS)
+    # eager: on a CUDA box graphs are the default and their scratch block is one of the 37
+    # (test_budget_math_share_scratch_block_and_refusal)
+    llm = LLM(path, enforce_eager=True, **ARGS)
     assert llm.config.num_kv_blocks == 37
     assert llm.engine.core.allocator.num_free == 37
     outs = llm.generate(prompts, params, use_tqdm=False)  # 37 blocks: preemptions, same tokens
