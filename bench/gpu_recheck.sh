@@ -20,7 +20,12 @@ mkdir -p "$FINAL"
 WORK=$(mktemp -d)
 export OUT=$WORK
 source bench/gpu_env.sh gpu_recheck
-pack() { tar czf "$FINAL/recheck.tgz" -C "$WORK" . && stamp "packed $FINAL/recheck.tgz"; }
+# to a side file renamed over the last archive: a call cut while tar writes keeps the last
+# whole archive (one cut mid-write would leave a truncated recheck.tgz, everything lost)
+pack() {
+  tar czf "$FINAL/recheck.tgz.part" -C "$WORK" . \
+    && mv -f "$FINAL/recheck.tgz.part" "$FINAL/recheck.tgz" && stamp "packed $FINAL/recheck.tgz"
+}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "commit $AFD_COMMIT"

@@ -256,3 +256,41 @@ def test_moe_profile_smoke_runs_on_cpu(tmp_path) -> None:
     for entry in ("fused_moe", "grouped_moe"):
         assert cell[entry]["kernels_us"] and cell[entry]["kernels_sum_us"] > 0
         assert cell[entry]["call_us_no_pdl"] > 0 and cell[entry]["call_us_defaults"] > 0
+
+
+def _stub(path, text: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + text)
+    path.chmod(0o755)
+
+
+def test_gpu_recheck_keeps_the_last_whole_archive_when_a_pack_is_cut(tmp_path) -> None:
+    """``bench/gpu_recheck.sh`` packs everything into one recheck.tgz after each stage, so a call
+    cut at the device tool's limit keeps what ran. A pack cut itself (the second here: its tar
+    writes half an archive and dies as a kill would leave it) must leave the previous whole
+    archive, not a truncated one. python3, nvidia-smi and that tar are stubs: no GPU, no run."""
+    import tarfile
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs / "python3", 'echo "1 passed"\n')
+    _stub(stubs / "nvidia-smi", 'echo "stub GPU"\n')
+    real_tar = subprocess.run(["bash", "-c", "command -v tar"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    count = tmp_path / "tar_calls"
+    # the second tar writes half an archive where it was told, then the whole call is killed
+    # (its process group: the script runs in a session of its own)
+    _stub(stubs / "tar", "\n".join([
+        f'n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 )); echo $n > "{count}"',
+        'if [ "$n" = 2 ]; then',
+        '  while [ $# -gt 0 ]; do [ "$1" = czf ] && printf "\\037\\213half" > "$2"; shift; done',
+        '  kill -9 0',
+        'fi',
+        f'exec "{real_tar}" "$@"', ""]))
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
+    subprocess.run(["bash", "bench/gpu_recheck.sh"], cwd=ROOT, env=env, capture_output=True,
+                   text=True, timeout=120, start_new_session=True)
+    assert int(count.read_text()) >= 2  # the second pack ran (and was cut)
+    with tarfile.open(out / "recheck.tgz") as archive:  # a truncated one raises here
+        names = archive.getnames()
+    assert "./graphs_tests.log" in names and "./env.txt" in names, names
