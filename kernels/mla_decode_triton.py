@@ -167,7 +167,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_launch(num_heads: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
+def default_launch(num_heads: int, on_gpu: bool, fp8_kv: bool = False, fp32: bool = False) -> dict:
     """Block sizes and warps for ``num_heads`` query heads.
 
     On a GPU: 32 heads per program (mma.sync; 64 would allow wgmma but its [64, 512] fp32
@@ -177,17 +177,20 @@ def default_launch(num_heads: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
     32 tokens' 1.0006 (9.93x the floor); compiled for sm_90a, no spill, 112 KiB of shared
     memory. Over an FP8 cache 32 tokens (64 spill 72 bytes a thread, 8 with splits, Triton
     3.6). 16 heads or fewer: 16 per program, 4 warps, 32 tokens (64 timed slower there, 0.9982
-    vs 0.8199 ms at 128 heads, and spills 288 bytes). The interpreter gets small blocks that
-    keep the tests' masks partial.
+    vs 0.8199 ms at 128 heads, and spills 288 bytes). ``fp32`` queries (and cache) keep 32: their
+    tiles are twice as wide, already spill at 32 (7.4 KB a thread at 128 heads, sm_90a, Triton
+    3.6) and at 64 spill 12.5 KB with 224 KiB of shared memory, 3 KiB short of the limit. The
+    interpreter gets small blocks that keep the tests' masks partial.
     """
     block_h = max(16, min(32, next_pow2(num_heads)))
     if not on_gpu:
         return {"block_h": block_h, "block_n": 16, "num_warps": 4, "num_stages": 1}
-    return {"block_h": block_h, "block_n": 64 if block_h > 16 and not fp8_kv else 32,
+    return {"block_h": block_h, "block_n": 64 if block_h > 16 and not (fp8_kv or fp32) else 32,
             "num_warps": 8 if block_h > 16 else 4, "num_stages": 2}
 
 
-def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = False) -> dict:
+def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = False,
+                   fp32: bool = False) -> dict:
     """``default_launch`` for groups of up to ``max_rows`` rows: G_PAD rows x BLOCK_H heads per
     program, at least 16 (the dots' smallest M). On a GPU up to 64 query rows: 32 would read the
     context as often as the per-row kernel's 32 heads of one row do. At 64 rows, 8 warps. Tokens
@@ -208,7 +211,9 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = F
     tokens a step, so the tests' masks stay partial.
     ``fp8_kv`` (an FP8 cache, converted in registers): at most 32 query rows and 16 tokens a
     step on a GPU; 64 rows spilled 216-296 bytes a thread (sm_90a), 32 rows with 32 tokens
-    8-16, 32 with 16 none."""
+    8-16, 32 with 16 none.
+    ``fp32`` queries: the 64-row tiles keep 16 tokens (at 32 they spill 19.5 KB a thread against
+    16's 10.7 KB, with 224 KiB of shared memory; sm_90a, Triton 3.6)."""
     cap = 64 if on_gpu and not fp8_kv else 32
     g_pad = min(next_pow2(max_rows), cap // min(next_pow2(num_heads), 8))
     block_h = max(-(-16 // g_pad), min(next_pow2(num_heads), max(1, cap // g_pad)))
@@ -217,7 +222,7 @@ def grouped_launch(num_heads: int, max_rows: int, on_gpu: bool, fp8_kv: bool = F
     if not on_gpu:
         return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles, "block_n": 16,
                 "num_warps": 4, "num_stages": 1}
-    timed_32 = g_pad in (2, 4)  # the verify bench's groups (MTP k = 1..3), 64-row tiles
+    timed_32 = g_pad in (2, 4) and not fp32  # the verify bench's groups (MTP k = 1..3), bf16
     return {"g_pad": g_pad, "block_h": block_h, "row_tiles": tiles,
             "block_n": 16 if fp8_kv or (rows > 32 and not timed_32) else 32,
             "num_warps": 8 if rows > 16 else 4, "num_stages": 2}
@@ -261,7 +266,8 @@ def mla_decode_attention_triton(
     q_lat, q_pe, kv = unit_last_stride(q_lat, q_pe, kv_cache)
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
-    launch = default_launch(num_heads, on_gpu=not interp, fp8_kv=kv.dtype == FP8_DTYPE)
+    launch = default_launch(num_heads, on_gpu=not interp, fp8_kv=kv.dtype == FP8_DTYPE,
+                            fp32=q_lat.dtype == torch.float32)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)
@@ -311,7 +317,7 @@ def mla_decode_attention_grouped_triton(
     block_size = kv.shape[1]
     interp = not q_lat.is_cuda
     launch = grouped_launch(num_heads, groups.max_rows, on_gpu=not interp,
-                            fp8_kv=kv.dtype == FP8_DTYPE)
+                            fp8_kv=kv.dtype == FP8_DTYPE, fp32=q_lat.dtype == torch.float32)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)

@@ -225,6 +225,45 @@ def test_triton_dispatch_goes_per_row_when_groups_are_mostly_padding(monkeypatch
     assert calls == [want, "torch grouped"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_launch_defaults_widen_the_token_step_for_16_bit_queries_only(monkeypatch,
+                                                                           dtype) -> None:
+    """The per-row kernel's 64 tokens a step and the grouped kernel's 32 for groups of 2-4 rows
+    were timed and compiled (sm_90a) over bf16; fp32 tiles are twice as wide (at those steps
+    they spill 12.5 / 19.5 KB a thread, 224 KiB of shared memory) and keep 32 / 16. The entry
+    points pass the queries' dtype: each launch is recorded, then the call stops before any
+    kernel runs."""
+    fp32 = dtype == torch.float32
+    assert mla_decode_triton.default_launch(128, on_gpu=True, fp32=fp32)["block_n"] == (
+        32 if fp32 else 64)
+    for rows in (2, 4):
+        assert mla_decode_triton.grouped_launch(128, rows, on_gpu=True, fp32=fp32)[
+            "block_n"] == (16 if fp32 else 32)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("fp32"))
+        raise Stop
+
+    monkeypatch.setattr(mla_decode_triton, "default_launch", record)
+    monkeypatch.setattr(mla_decode_triton, "grouped_launch", record)
+    q_lat, q_pe = torch.zeros(2, 4, 8, dtype=dtype), torch.zeros(2, 4, 4, dtype=dtype)
+    kv, tables = torch.zeros(3, 4, 12, dtype=dtype), torch.zeros(2, 1, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    groups = DecodeGroups([2], torch.from_numpy(DecodeGroups.host_index([2])))
+    for call in (lambda: mla_decode_triton.mla_decode_attention_triton(
+                     q_lat, q_pe, kv, tables, lens, 1.0),
+                 lambda: mla_decode_triton.mla_decode_attention_grouped_triton(
+                     q_lat, q_pe, kv, tables, lens, 1.0, groups)):
+        with pytest.raises(Stop):
+            call()
+    assert seen == [fp32, fp32]
+
+
 @pytest.mark.parametrize("heads", [128, 16, 5])
 def test_grouped_launch_keeps_its_query_tile_for_any_group(heads: int) -> None:
     """However many rows a sequence verifies (n-gram k has no cap), a program's query tile
