@@ -287,7 +287,8 @@ def test_gpu_recheck_keeps_the_last_whole_archive_when_a_pack_is_cut(tmp_path) -
         'fi',
         f'exec "{real_tar}" "$@"', ""]))
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out),
+           "TMPDIR": str(tmp_path)}  # the script's mktemp work folder
     subprocess.run(["bash", "bench/gpu_recheck.sh"], cwd=ROOT, env=env, capture_output=True,
                    text=True, timeout=120, start_new_session=True)
     assert int(count.read_text()) >= 2  # the second pack ran (and was cut)
