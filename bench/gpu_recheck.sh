@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the 2026-11-27 H100 run (bench/results/h100_20261127) found broken or changed since, in
-# one call (~7 min; run it with timeout_s=480 and carry .whl, see bench/gpu_prep.sh):
+# one call (~7 min; run it with timeout_s=580 and carry .whl, see bench/gpu_prep.sh):
 #   1. tests/test_cuda_graphs.py on CUDA (three of its tests failed there for reasons of the
 #      tests, fixed after; graphs are now the default on CUDA), to graphs_tests.log;
 #   2. bench/moe_profile.py: each kernel's device time in fused_moe / grouped_moe at issue 3's
@@ -11,8 +11,10 @@
 # The device tool brings back at most 8 files, so everything goes into one recheck.tgz in $OUT,
 # packed again after every stage (a call cut at its timeout keeps what ran). Unpack here with
 # `tar xzf recheck.tgz -C bench/results/<card>_<date>/`.
-# Stage timeouts: 170 + 90 + 105 + 125 + 125 s plus ~25 s of setup = 640 s at most; in the
-# 2026-11-27 run the same stages took 118 (graph tests alone), 79, 80 and 85 s.
+# Stage timeouts: 160 + 80 + 100 + 100 + 100 s plus ~25 s of setup = 565 s at most; in the
+# 2026-11-27 run the same stages took 118 (graph tests alone), 79, 80 and 85 s. A nested
+# bench/gpu_kernels.sh runs its own stage timeouts in process groups of their own, which the
+# outer timeout would not reach: each runs in a session of its own, killed whole at its time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-bench/results/gpu_recheck_$(date -u +%Y%m%d_%H%M%S)}
@@ -33,14 +35,14 @@ pack() {
 
 stamp "1. CUDA graph tests"
 # to a file, not a pipe: rank processes a timeout leaves behind would hold a pipe open
-AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 170 python3 -m pytest -q -p no:cacheprovider \
+AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 160 python3 -m pytest -q -p no:cacheprovider \
   -rs tests/test_cuda_graphs.py >"$WORK/graphs_tests.log" 2>&1
 echo "graphs_tests_rc=$?" | tee -a "$WORK/graphs_tests.log"
 tail -n 5 "$WORK/graphs_tests.log"
 pack
 
 stamp "2. MoE kernel breakdown"
-timeout -k 5 90 python3 bench/moe_profile.py --json "$WORK/moe_profile.json" \
+timeout -k 5 80 python3 bench/moe_profile.py --json "$WORK/moe_profile.json" \
   >"$WORK/moe_profile.log" 2>&1
 echo "moe_profile_rc=$?" | tee -a "$WORK/moe_profile.log"
 grep -E "^E=|fused_moe:|grouped_moe:" "$WORK/moe_profile.log"
@@ -48,12 +50,20 @@ pack
 
 # 3-5: bench/gpu_kernels.sh in its FP8 / VERIFY / PREFILL modes, each into its own folder
 for mode in FP8 VERIFY PREFILL; do
-  seconds=$([ "$mode" = FP8 ] && echo 105 || echo 125)
+  seconds=100
   dir="$WORK/$(echo "$mode" | tr 'A-Z' 'a-z')"
   mkdir -p "$dir"
   stamp "$mode=1 bash bench/gpu_kernels.sh"
-  env "$mode=1" OUT="$dir" timeout -k 5 "$seconds" bash bench/gpu_kernels.sh >"$dir/stdout.log" 2>&1
+  # a session of its own (its pid is the session id), so the whole stage, the process groups
+  # of its own timeouts included, can be killed at the stage's time
+  env "$mode=1" OUT="$dir" setsid bash bench/gpu_kernels.sh >"$dir/stdout.log" 2>&1 &
+  sid=$!
+  (sleep "$seconds"; pkill -KILL -s "$sid") >/dev/null 2>&1 &
+  watchdog=$!
+  wait "$sid"
   echo "${mode}_rc=$?" | tee -a "$dir/stdout.log"
+  kill "$watchdog" 2>/dev/null
+  pkill -KILL -s "$sid" 2>/dev/null || true  # what the stage left running
   grep -E "passed|failed|exit code" "$dir/stdout.log" | tail -n 4
   pack
 done
