@@ -45,7 +45,8 @@ from afd import __version__
 from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequest, ChatMessage,
                                  ChatTool, CompletionRequest, DetokenizeRequest,
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
-                                 TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction)
+                                 TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction,
+                                 check_request_id)
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
@@ -64,14 +65,56 @@ ADMIN_PATHS = ("/reset_prefix_cache", "/start_expert_distribution_record",
                "/rebalance_experts")
 
 
+class IgnoredFieldsLog:
+    """One warning per request that sends fields the server does not know (vLLM logs "fields
+    were present in the request but ignored" too), bounded so that a client cannot flood the
+    log: a set of fields is logged at most once per ``window_s`` seconds, at most
+    ``max_per_window`` sets a window (the rest are counted, and the count logged with the next
+    window's first warning), names cut to ``MAX_NAMES`` of ``MAX_NAME_CHARS`` each."""
+
+    MAX_NAMES, MAX_NAME_CHARS = 16, 64
+
+    def __init__(self, window_s: float = 60.0, max_per_window: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        self.window_s, self.max_per_window, self.clock = window_s, max_per_window, clock
+        self._window_start = -float("inf")
+        self._logged: set[tuple[str, ...]] = set()  # the sets logged in this window
+        self._dropped = 0
+
+    def warn(self, endpoint: str, fields: list[str]) -> bool:
+        """Log ``fields`` (sorted) unless this window already did or is full: whether it did."""
+        if not fields:
+            return False
+        now = self.clock()
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._logged = now, set()
+        key = tuple(f[:self.MAX_NAME_CHARS] for f in fields[:self.MAX_NAMES])
+        if key in self._logged:
+            return False
+        if len(self._logged) >= self.max_per_window:
+            self._dropped += 1
+            return False
+        self._logged.add(key)
+        more = len(fields) - len(key)
+        dropped, self._dropped = self._dropped, 0
+        log.warning("%s: the following fields were present in the request but ignored: %s%s%s",
+                    endpoint, ", ".join(map(repr, key)), f" (and {more} more)" if more else "",
+                    f" ({dropped} other requests' ignored fields not logged)" if dropped else "")
+        return True
+
+
 class ServerState:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
                  metrics: ServerMetrics, *, tool_call_parser: str | None = None,
                  enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
                  max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30,
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                 enable_request_id_headers: bool = False):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
+        # vLLM's --enable-request-id-headers: every response carries X-Request-Id
+        self.enable_request_id_headers = enable_request_id_headers
+        self.ignored_fields = IgnoredFieldsLog()
         if isinstance(max_request_body_bytes, bool) or not isinstance(max_request_body_bytes,
                                                                       int) \
                 or max_request_body_bytes < 1:
@@ -157,6 +200,30 @@ class AuthAndDrain:
                 await _error(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class RequestIdHeader:
+    """vLLM's --enable-request-id-headers, as plain ASGI middleware (as ``AuthAndDrain``):
+    every HTTP response carries X-Request-Id, the request's own header or a new id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+
+        async def with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() != b"x-request-id"]
+                message = {**message, "headers": headers + [(b"x-request-id",
+                                                             rid.encode("latin-1"))]}
+            await send(message)
+
+        await self.app(scope, receive, with_id)
 
 
 def _too_large(limit: int) -> APIError:
@@ -261,6 +328,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=state.max_request_body_bytes)
     app.add_middleware(AuthAndDrain, state=state)  # the outer one: a 401 reads no body
+    if state.enable_request_id_headers:  # outside all: the 401s and 413s carry it too
+        app.add_middleware(RequestIdHeader)
 
     @app.get("/health")
     async def health() -> Response:
@@ -290,6 +359,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
+        state.ignored_fields.warn("/v1/completions", body.ignored_fields())
         prompts = body.prompts(None if body.add_special_tokens  # the engine tokenizes
                                else state.engine.engine.tokenizer)
         return await _serve(state, request, body, prompts, body.engine_max_tokens(), chat=False)
@@ -297,6 +367,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
+        state.ignored_fields.warn("/v1/chat/completions", body.ignored_fields())
         prompt, readers, reasoning_end = _chat_prompt(state, body)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else \
             "max_tokens"
@@ -429,6 +500,7 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
     answer (tool calls, reasoning) and the reasoning end token ids its grammar waits for (None:
     a grammar, if any, applies from the first token); a request read for markers that are
     special tokens keeps special tokens in its text."""
+    body.apply_reasoning_effort()
     tool_streams = body.tool_streams(state.auto_tool_parser)
     if body.tool_mode(state.auto_tool_parser) == "auto" and state.tool_markers_are_special():
         body.skip_special_tokens = False
@@ -495,8 +567,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
                  readers: _ChatReaders | None = None,
                  reasoning_end: list[int] | None = None) -> Response:
     engine = state.engine
-    base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    params, streams, prompt_ids = _start(state, body, prompts, max_tokens, base,
+    base, internal = _request_ids(request, body, "chatcmpl" if chat else "cmpl")
+    params, streams, prompt_ids = _start(state, body, prompts, max_tokens, internal,
                                          "messages" if chat else None, max_tokens_field,
                                          reasoning_end)
     return_ids = bool(body.return_token_ids)  # vLLM's return_token_ids
@@ -561,6 +633,25 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     if chat and return_ids:
         response["prompt_token_ids"] = list(finals[0].prompt_token_ids)  # vLLM's place too
     return JSONResponse(response)
+
+
+def _request_ids(request: Request, body, prefix: str) -> tuple[str, str]:
+    """(the response's id, the base of its engine requests' ids). As vLLM: the id is
+    ``{prefix}-{X-Request-Id}`` when that header is sent, else ``{prefix}-{request_id}`` when
+    the body sends one, else ``{prefix}-{a new uuid}``. The engine keys its requests by id, so
+    a client's id (two requests may send the same one) gets a random suffix there, as vLLM's
+    engine adds one: the engine ids (``{base}-{i}``, logs, aborts) still start with the
+    response's id."""
+    header = request.headers.get("x-request-id")
+    if header is not None:
+        client = check_request_id(header, "X-Request-Id")
+    elif body.request_id is not None:
+        client = check_request_id(body.request_id, "request_id")
+    else:
+        base = f"{prefix}-{uuid.uuid4().hex}"
+        return base, base
+    base = f"{prefix}-{client}"
+    return base, f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 class _Echo:
@@ -1147,6 +1238,7 @@ def main() -> None:
     ap.add_argument("--max-stored-responses", type=int, default=1000)
     ap.add_argument("--max-stored-responses-mb", type=int, default=1024)
     ap.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
+    ap.add_argument("--enable-request-id-headers", action="store_true")
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
@@ -1180,7 +1272,8 @@ def main() -> None:
                         reasoning_parser=args.reasoning_parser,
                         max_stored_responses=args.max_stored_responses,
                         max_stored_response_bytes=args.max_stored_responses_mb << 20,
-                        max_request_body_bytes=args.max_request_body_bytes)
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        enable_request_id_headers=args.enable_request_id_headers)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

@@ -51,7 +51,28 @@ _UNSUPPORTED: dict[str, tuple] = {
     # refuses them by name too)
     "structural_tag": (), "guided_whitespace_pattern": (),
     "thinking_token_budget": (),  # vLLM's cap on the reasoning (README, Known limits)
+    # vLLM's external prefill/decode connector's parameters and its custom logits processors'
+    # arguments: afd has neither (its own P/D transfer is internal, afd/kv_transfer.py)
+    "kv_transfer_params": ({},), "vllm_xargs": ({},),
 }
+
+# Fields a body's extra part holds that sampling_params() reads (a 400 when not neutral), so
+# none of them is "ignored" (ignored_fields)
+_CONSULTED = {"best_of", "top_logprobs"}
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+def check_request_id(value: Any, param: str) -> str:
+    """A client's request id (vLLM's ``request_id`` field, or its X-Request-Id header): a
+    non-empty printable string of at most MAX_REQUEST_ID_CHARS characters (no control
+    characters: it goes into logs and, echoed, a response header); else a 400 naming
+    ``param``."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID_CHARS \
+            or not value.isprintable():
+        raise APIError(400, f"{param} must be a string of 1 to {MAX_REQUEST_ID_CHARS} printable "
+                       f"characters (no control characters), got {value!r:.80}", param=param)
+    return value
 
 
 # Sampling fields a request may leave unset: the engine's default (generation_config.json), else
@@ -109,6 +130,13 @@ class _SamplingFields(BoundedBody):
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the last k prompt tokens
     # vLLM's: a tenant's prefix-cache salt (non-empty); other salts never hit its cached blocks
     cache_salt: StrictStr | None = None
+    # vLLM's: the response's id is built from it ("cmpl-<id>", "chatcmpl-<id>"); the
+    # X-Request-Id header wins over it, as in vLLM (check_request_id)
+    request_id: Any = None
+    # vLLM's: honored by slow tokenizers' decode only; afd decodes with the fast tokenizer,
+    # which never puts spaces between special tokens, so false (with skip_special_tokens
+    # false, where it would matter) is a 400 (sampling_params)
+    spaces_between_special_tokens: bool = True
 
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)
@@ -173,6 +201,12 @@ class _SamplingFields(BoundedBody):
             raise APIError(400, message, param=name) from None
         return so
 
+    def ignored_fields(self) -> list[str]:
+        """The fields sent that this server does not know and so ignores (vLLM logs them: the
+        server logs them too, ``api_server.IgnoredFieldsLog``)."""
+        known = set(_UNSUPPORTED) | set(self.unsupported_here) | _CONSULTED
+        return sorted(set(self.model_extra or {}) - known)
+
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: how many top logprobs per token (None: none at all)."""
         raise NotImplementedError
@@ -199,6 +233,11 @@ class _SamplingFields(BoundedBody):
             if value is not None and value not in neutral:
                 raise APIError(400, f"{name} is not supported by this server (got {value!r})",
                                param=name)
+        if not self.spaces_between_special_tokens and not self.skip_special_tokens:
+            raise APIError(400, "spaces_between_special_tokens=false is not supported by this "
+                           "server (its detokenizer keeps the fast tokenizer's text of special "
+                           "tokens as it is); it changes nothing with skip_special_tokens true",
+                           param="spaces_between_special_tokens")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
@@ -457,6 +496,25 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # vLLM's: false leaves the reasoning out of the answer
+    # vLLM's: a chat-template variable (apply_reasoning_effort), its values as vLLM's
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None = None
+
+    def apply_reasoning_effort(self) -> None:
+        """``reasoning_effort`` reaches the chat template as its ``reasoning_effort`` variable,
+        as vLLM passes it (through chat_template_kwargs). A chat_template_kwargs entry of a
+        different value is a 400 (vLLM lets the field win silently)."""
+        effort = self.reasoning_effort
+        if effort is None:
+            return
+        kwargs = dict(self.chat_template_kwargs or {})
+        if kwargs.get("reasoning_effort", effort) != effort:
+            raise APIError(400, f"reasoning_effort={effort!r} conflicts with "
+                           f"chat_template_kwargs.reasoning_effort="
+                           f"{kwargs['reasoning_effort']!r:.80}; send one of them",
+                           param="reasoning_effort")
+        kwargs["reasoning_effort"] = effort
+        self.chat_template_kwargs = kwargs
 
     def tool_mode(self, auto_parser: str | None) -> str | None:
         """How this request's answer holds tool calls: "auto" (the model's own format, read

@@ -142,6 +142,9 @@ def parse_args() -> argparse.Namespace:
                     help="the largest HTTP request body taken, in bytes (default 32 MiB); a "
                          "larger one is a 413, refused from its Content-Length before any of it "
                          "is read, or as soon as a chunked body passes the limit")
+    ap.add_argument("--enable-request-id-headers", action="store_true",
+                    help="vLLM's: every HTTP response carries an X-Request-Id header, the "
+                         "request's own or a new id (off by default, as vLLM)")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -240,6 +243,8 @@ def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
             cmd += [flag, value]
     if args.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
+    if args.enable_request_id_headers:
+        cmd.append("--enable-request-id-headers")
     front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1,
                              env={**os.environ, protocol.KEY_ENV: key.hex()})
     spec: queue.Queue = queue.Queue()

@@ -5,6 +5,9 @@ greedy decoding with ignore_eos and take their stop strings from the text it wri
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from asgi_utils import call_app
@@ -246,7 +249,9 @@ def test_vllm_fields_afd_does_not_implement_are_400s(app, path):
     base = {"prompt": "Hi", "max_tokens": 2} if "chat" not in path else {
         "messages": CHAT, "max_tokens": 2}
     fields = {"structural_tag": '{"type": "structural_tag"}',
-              "guided_whitespace_pattern": r"[ ]?", "thinking_token_budget": 8}
+              "guided_whitespace_pattern": r"[ ]?", "thinking_token_budget": 8,
+              # vLLM's external P/D connector and custom logits processors' arguments
+              "kv_transfer_params": {"do_remote_decode": True}, "vllm_xargs": {"k": 1}}
     if "chat" in path:
         fields["chat_template"] = "{{ messages[0]['content'] }}"
     else:
@@ -255,12 +260,203 @@ def test_vllm_fields_afd_does_not_implement_are_400s(app, path):
     async def run(c, http):
         return ({name: await http.post(path, json={**base, name: value})
                  for name, value in fields.items()},
-                await http.post(path, json={**base, **{name: None for name in fields}}))
+                await http.post(path, json={**base, **{name: None for name in fields}}),
+                await http.post(path, json={**base, "kv_transfer_params": {},
+                                            "vllm_xargs": {}}))
 
-    bad, ok = call_app(app, run)
+    bad, ok, empty = call_app(app, run)
     for name, r in bad.items():
         assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
     assert ok.status_code == 200, ok.text
+    assert empty.status_code == 200, empty.text  # empty: nothing asked of them
+
+
+def _post(chat: bool, **fields) -> tuple[str, dict]:
+    """(path, body) of a short chat or completion request with ``fields``."""
+    base = {"messages": CHAT} if chat else {"prompt": "Hi"}
+    return ("/v1/chat/completions" if chat else "/v1/completions",
+            {"model": "m", "max_tokens": 3, **base, **fields})
+
+
+def _send(http, chat: bool, headers: dict | None = None, **fields):
+    path, body = _post(chat, **fields)
+    return http.post(path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_request_id_names_the_response_and_its_engine_requests(app, chat):
+    """vLLM's request_id: the response's id is "cmpl-<request_id>" / "chatcmpl-<request_id>"
+    (every streamed chunk's too); its X-Request-Id header wins over it, as in vLLM. The engine
+    keys requests by id, so two requests in flight with the same request_id (n=2 each) get
+    engine ids that start with the response's id and still differ (a random part, as vLLM's
+    engine adds); without one the id stays a new uuid."""
+    prefix = "chatcmpl" if chat else "cmpl"
+    state = app.state.afd
+    seen = []
+    generate = state.engine.generate
+
+    def spy(request_id, *args, **kwargs):
+        seen.append(request_id)
+        return generate(request_id, *args, **kwargs)
+
+    async def run(c, http):
+        path, body = _post(chat, request_id="job-7", n=2)
+        same = await asyncio.gather(http.post(path, json=body), http.post(path, json=body))
+        streamed = await http.post(path, json={**body, "stream": True})
+        header = await http.post(path, json=body, headers={"X-Request-Id": "hdr 1"})
+        plain = await http.post(path, json=_post(chat)[1])
+        return same, streamed, header, plain
+
+    state.engine.generate = spy
+    try:
+        same, streamed, header, plain = call_app(app, run)
+    finally:
+        state.engine.generate = generate
+    for r in same:
+        assert r.status_code == 200 and r.json()["id"] == f"{prefix}-job-7", r.text
+        assert len(r.json()["choices"]) == 2
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert chunks and {ch["id"] for ch in chunks} == {f"{prefix}-job-7"}
+    assert header.json()["id"] == f"{prefix}-hdr 1"
+    assert plain.json()["id"].startswith(f"{prefix}-") and "job-7" not in plain.json()["id"]
+    assert len(seen) == len(set(seen)) == 5
+    assert all(rid.startswith(f"{prefix}-job-7-") for rid in seen[:3])
+    assert seen[3].startswith(f"{prefix}-hdr 1-")
+
+
+@pytest.mark.parametrize("value", ["", "x" * 257, "a\nb", "tab\there", 7, ["a"]])
+def test_a_bad_request_id_is_a_400_naming_it(app, value):
+    """request_id: a string of 1 to 256 printable characters, else a 400 naming it (it goes
+    into logs and the response's id); so too the X-Request-Id header."""
+    async def run(c, http):
+        path, body = _post(True, request_id=value)
+        return (await http.post(path, json=body),
+                await _send(http, False, headers={"X-Request-Id": "h" * 257}))
+
+    r, header = call_app(app, run)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text
+    assert "256" in r.json()["error"]["message"]
+    assert header.status_code == 400 and header.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_enable_request_id_headers_echoes_x_request_id(app):
+    """vLLM's --enable-request-id-headers: every response carries X-Request-Id, the
+    request's own or a new one; off by default, as in vLLM."""
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    on = build_app(ServerState(app.state.afd.engine, "m", None, ServerMetrics("m"),
+                               enable_request_id_headers=True))
+
+    async def run(c, http):
+        path, body = _post(True)
+        return (await http.post(path, json=body, headers={"X-Request-Id": "abc"}),
+                await http.post(path, json=body), await http.get("/health"),
+                await http.post(path, json={**body, "model": "nope"},
+                                headers={"X-Request-Id": "e1"}))
+
+    sent, unsent, health, error = call_app(on, run)
+    assert sent.headers["x-request-id"] == "abc" and sent.json()["id"] == "chatcmpl-abc"
+    assert len(unsent.headers["x-request-id"]) == 32
+    assert health.headers["x-request-id"] and error.headers["x-request-id"] == "e1"
+    assert error.status_code == 404
+    off = call_app(app, lambda c, http: _send(http, True, headers={"X-Request-Id": "abc"}))
+    assert "x-request-id" not in off.headers
+
+
+def test_unknown_fields_are_logged_once_per_set_and_window(app, caplog):
+    """Fields the server does not know are accepted and ignored, with one warning naming
+    them (vLLM logs them too; vLLM's deprecated guided_decoding_backend is one): the same set
+    again within the window is not logged, another set is, and a window logs at most
+    max_per_window sets (the next window's first warning counts the rest)."""
+    from afd.api_server import IgnoredFieldsLog
+
+    now = [0.0]
+    state = app.state.afd
+    saved = state.ignored_fields
+    state.ignored_fields = IgnoredFieldsLog(window_s=60, max_per_window=2,
+                                            clock=lambda: now[0])
+
+    def post(**extra):
+        return call_app(app, lambda c, http: _send(http, True, **extra))
+
+    def warnings():
+        out = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+        caplog.clear()
+        return out
+
+    try:
+        caplog.set_level("WARNING", logger="afd.server")
+        r = post(guided_decoding_backend="xgrammar", foo=1)
+        assert r.status_code == 200, r.text
+        [w] = warnings()
+        assert "'foo', 'guided_decoding_backend'" in w and "/v1/chat/completions" in w
+        assert post(foo=2, guided_decoding_backend="outlines").status_code == 200
+        assert post(max_tokens=2).status_code == 200  # nothing unknown: nothing logged
+        assert warnings() == []
+        assert post(bar=1).status_code == 200 and len(warnings()) == 1
+        assert post(baz=1).status_code == 200 and warnings() == []  # the window is full
+        now[0] = 61.0
+        r = call_app(app, lambda c, http: _send(http, False, foo=1))
+        assert r.status_code == 200
+        [w] = warnings()
+        assert "/v1/completions" in w and "1 other requests'" in w
+    finally:
+        state.ignored_fields = saved
+
+
+def test_reasoning_effort_is_a_chat_template_variable(app):
+    """vLLM's reasoning_effort reaches the chat template as its reasoning_effort variable
+    (as vLLM passes it, through chat_template_kwargs); a chat_template_kwargs entry of
+    another value is a 400 naming reasoning_effort (the same value is fine); values are
+    vLLM's (none, minimal, low, medium, high, xhigh, max), another a 400 naming it."""
+    from afd import LLM
+    from afd.openai_protocol import ChatCompletionRequest
+
+    tok = LLM().engine.tokenizer
+    template = "{{ reasoning_effort | default('unset') }}|{{ messages[-1]['content'] }}"
+    req = ChatCompletionRequest(messages=CHAT, reasoning_effort="high")
+    req.apply_reasoning_effort()
+    assert req.prompt_ids(tok, template)[0] == "high|Hi there"
+    req = ChatCompletionRequest(messages=CHAT, chat_template_kwargs={"x": 1})
+    req.apply_reasoning_effort()
+    assert req.prompt_ids(tok, template)[0] == "unset|Hi there"
+
+    async def run(c, http):
+        out = {}
+        for name, extra in {
+                "ok": {"reasoning_effort": "low"},
+                "same": {"reasoning_effort": "low",
+                         "chat_template_kwargs": {"reasoning_effort": "low"}},
+                "conflict": {"reasoning_effort": "low",
+                             "chat_template_kwargs": {"reasoning_effort": "high"}},
+                "bad": {"reasoning_effort": "extreme"}}.items():
+            out[name] = await _send(http, True, **extra)
+        return out
+
+    out = call_app(app, run)
+    assert out["ok"].status_code == 200 and out["same"].status_code == 200
+    for name in ("conflict", "bad"):
+        r = out[name]
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort", r.text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_spaces_between_special_tokens(app, chat):
+    """vLLM's spaces_between_special_tokens: true (the default) is what afd's fast-tokenizer
+    detokenizer does; false matters only with skip_special_tokens false, where afd cannot
+    honor it: a 400 naming it; with special tokens skipped it changes nothing (as in vLLM)."""
+    async def run(c, http):
+        return [await _send(http, chat, **extra) for extra in (
+            {"spaces_between_special_tokens": True, "skip_special_tokens": False},
+            {"spaces_between_special_tokens": False},
+            {"spaces_between_special_tokens": False, "skip_special_tokens": False})]
+
+    true, skipped, bad = call_app(app, run)
+    assert true.status_code == 200 and skipped.status_code == 200, (true.text, skipped.text)
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == "spaces_between_special_tokens"
 
 
 def test_chat_documents_reach_the_template():
