@@ -46,7 +46,7 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  ChatTool, CompletionRequest, DetokenizeRequest,
                                  FunctionDefinition, NamedToolChoice, StreamOptions,
                                  TokenizeChatRequest, TokenizeCompletionRequest, ToolCallFunction,
-                                 check_request_id)
+                                 chat_template_variables, check_request_id)
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
@@ -133,6 +133,7 @@ class ServerState:
                              f"got {reasoning_parser!r}")
         self.reasoning_parser = reasoning_parser  # None: the answer is not split
         self._special_tokens: set[str] | None = None
+        self._template_variables: set[str] | None = None
         self.responses = ResponseStore(max_stored_responses,  # /v1/responses' store
                                        max_stored_response_bytes)
         # the reasoning markers' token ids where each is one token: what a structured-output
@@ -150,6 +151,14 @@ class ServerState:
                                                   {}).values() if t.special}
             self._special_tokens = special | set(getattr(tokenizer, "all_special_tokens", ()))
         return bool(self._special_tokens & set(markers))
+
+    @property
+    def template_variables(self) -> set[str]:
+        """The variables the tokenizer's chat template reads (found once)."""
+        if self._template_variables is None:
+            self._template_variables = chat_template_variables(
+                getattr(self.engine.engine.tokenizer, "chat_template", None))
+        return self._template_variables
 
     def tool_markers_are_special(self) -> bool:
         return self.markers_are_special(PARSERS[self.auto_tool_parser].markers)
@@ -500,7 +509,7 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
     answer (tool calls, reasoning) and the reasoning end token ids its grammar waits for (None:
     a grammar, if any, applies from the first token); a request read for markers that are
     special tokens keeps special tokens in its text."""
-    body.apply_reasoning_effort()
+    body.apply_reasoning_effort(state.template_variables)
     tool_streams = body.tool_streams(state.auto_tool_parser)
     if body.tool_mode(state.auto_tool_parser) == "auto" and state.tool_markers_are_special():
         body.skip_special_tokens = False

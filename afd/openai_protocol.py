@@ -419,6 +419,24 @@ class ChatMessage(BaseModel):
         return out
 
 
+def chat_template_variables(template: Any) -> set[str]:
+    """The variables a chat template (a Jinja string, or transformers' {name: template}) reads
+    that it does not set itself; a template that does not parse reads none."""
+    from jinja2 import meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    sources = template.values() if isinstance(template, dict) else [template]
+    found: set[str] = set()
+    env = ImmutableSandboxedEnvironment()
+    for source in sources:
+        if isinstance(source, str):
+            try:
+                found |= meta.find_undeclared_variables(env.parse(source))
+            except jinja2.TemplateError:
+                pass
+    return found
+
+
 class ChatTemplateFields(BoundedBody):
     """A conversation and vLLM's chat-template fields (chat completions and /tokenize)."""
 
@@ -500,10 +518,16 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None
 
-    def apply_reasoning_effort(self) -> None:
+    def apply_reasoning_effort(self, template_variables: set[str] = frozenset()) -> None:
         """``reasoning_effort`` reaches the chat template as its ``reasoning_effort`` variable,
-        as vLLM passes it (through chat_template_kwargs). A chat_template_kwargs entry of a
-        different value is a 400 (vLLM lets the field win silently)."""
+        as vLLM passes it (through chat_template_kwargs). As vLLM, it also sets
+        ``enable_thinking`` (false for "none", else true) unless chat_template_kwargs does, but
+        only for a template that reads that variable (``template_variables``, the chat
+        template's: ``chat_template_variables``), where vLLM too drops the variables a template
+        does not read; the reasoning parsers read the same kwargs, so the answer is split as
+        the template was told (DeepSeek-V3.1's template reads ``thinking``: it is left alone).
+        A chat_template_kwargs ``reasoning_effort`` of another value is a 400 (vLLM lets the
+        field win silently)."""
         effort = self.reasoning_effort
         if effort is None:
             return
@@ -514,6 +538,8 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
                            f"{kwargs['reasoning_effort']!r:.80}; send one of them",
                            param="reasoning_effort")
         kwargs["reasoning_effort"] = effort
+        if "enable_thinking" in template_variables and "enable_thinking" not in kwargs:
+            kwargs["enable_thinking"] = effort != "none"
         self.chat_template_kwargs = kwargs
 
     def tool_mode(self, auto_parser: str | None) -> str | None:

@@ -437,9 +437,39 @@ def test_reasoning_effort_is_a_chat_template_variable(app):
 
     out = call_app(app, run)
     assert out["ok"].status_code == 200 and out["same"].status_code == 200
+    assert out["ok"].json()["choices"][0]["message"]["content"] is not None
     for name in ("conflict", "bad"):
         r = out[name]
         assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort", r.text
+
+
+def test_reasoning_effort_sets_enable_thinking_where_the_template_reads_it():
+    """As vLLM, reasoning_effort also sets enable_thinking (false for "none") unless
+    chat_template_kwargs does, for a template that reads it (Qwen3's); not for one that does
+    not (DeepSeek-V3.1's reads thinking), where afd's reasoning parser would otherwise wait for
+    a reasoning the template never opened."""
+    from afd.openai_protocol import ChatCompletionRequest, chat_template_variables
+    from afd.reasoning_parsers import PARSERS, reasoning_mode
+
+    qwen = ("{%- if enable_thinking is defined and enable_thinking is false %}<think></think>"
+            "{%- endif %}{{ messages[-1]['content'] }}")
+    v31 = "{% if thinking %}<think>{% else %}</think>{% endif %}"
+    assert "enable_thinking" in chat_template_variables(qwen)
+    assert chat_template_variables({"default": v31}) == {"thinking"}
+    assert chat_template_variables("{% if %}") == set()
+
+    def kwargs(effort, template, sent=None):
+        req = ChatCompletionRequest(messages=CHAT, reasoning_effort=effort,
+                                    chat_template_kwargs=sent)
+        req.apply_reasoning_effort(chat_template_variables(template))
+        return req.chat_template_kwargs
+
+    assert kwargs("none", qwen) == {"reasoning_effort": "none", "enable_thinking": False}
+    assert kwargs("low", qwen) == {"reasoning_effort": "low", "enable_thinking": True}
+    assert kwargs("none", qwen, {"enable_thinking": True})["enable_thinking"] is True
+    assert reasoning_mode(PARSERS["qwen3"], kwargs("none", qwen), False) == "off"
+    assert kwargs("high", v31) == {"reasoning_effort": "high"}
+    assert reasoning_mode(PARSERS["deepseek_v3"], kwargs("high", v31), False) == "off"
 
 
 @pytest.mark.parametrize("chat", [False, True])
