@@ -32,7 +32,8 @@ BODY_LIMIT = 1 << 20  # the single server's --max-request-body-bytes
 def single():
     server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                          "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2",
-                         "--max-request-body-bytes", str(BODY_LIMIT))
+                         "--max-request-body-bytes", str(BODY_LIMIT),
+                         "--enable-request-id-headers")
     yield server
     server.stop()
 
@@ -1247,6 +1248,15 @@ def test_request_body_limit_on_the_real_server(single):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
     out = client(single).completions.create(model=None, prompt="Hi", max_tokens=2)
     assert out.choices[0].text is not None
+
+
+def test_request_id_headers_on_the_real_server(single):
+    """launch/serve.py's --enable-request-id-headers reaches the front end: the response
+    carries the request's X-Request-Id, and its id is built from it (as vLLM)."""
+    r = httpx.post(single.url + "/v1/completions", timeout=60,
+                   json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "e2e-1"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "e2e-1" and r.json()["id"] == "cmpl-e2e-1"
 
 
 def test_deeply_nested_bodies_are_400s_on_every_route():
