@@ -30,6 +30,10 @@ class EngineConfig:
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes (in decode rows: a sequence
     verifying k drafts is k + 1 rows). Given as None: False on CUDA (as vLLM), True elsewhere
     (on CPU the graph path runs eagerly and gains nothing).
+    ffn_cuda_graphs: on FFN ranks, capture the expert compute of each MoE layer (regroup by
+        slot, ``kernels.grouped_moe``, scatter back; not the all_to_all) once per row bucket and
+        replay it (afd.ffn_graphs). Opt-in: it has not run on a GPU yet. On CPU nothing is
+        captured (the same static-buffer path runs eagerly, which the tests check).
     tokenizer: the tokenizer folder (None: the model's); ranks load it only to build
         structured-output grammars.
     trust_remote_code: the tokenizer may run the Python code its tokenizer_config.json names
@@ -76,6 +80,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = True
     cuda_graph_sizes: tuple[int, ...] = ()
+    ffn_cuda_graphs: bool = False
     enable_prefix_caching: bool = True
     num_offload_blocks: int = 0
     cache_aware_routing: bool = True
@@ -224,6 +229,7 @@ def resolve_engine_config(
     max_num_batched_tokens: int | None = None,
     enforce_eager: bool | None = None,
     cuda_graph_sizes: list[int] | tuple[int, ...] | None = None,
+    ffn_cuda_graphs: bool = False,
     enable_prefix_caching: bool = True,
     kv_offload_gb: float = 0,
     cache_aware_routing: bool = True,
@@ -250,6 +256,9 @@ def resolve_engine_config(
     if enforce_eager is not None and not isinstance(enforce_eager, bool):
         raise ValueError(f"enforce_eager must be True, False or None (CUDA graphs on CUDA "
                          f"only), got {enforce_eager!r}")
+    if not isinstance(ffn_cuda_graphs, bool):
+        raise ValueError(f"ffn_cuda_graphs must be True or False (CUDA graphs of the FFN ranks' "
+                         f"expert compute, default False), got {ffn_cuda_graphs!r}")
     if scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
                          f"{scheduling_policy!r}")
@@ -306,6 +315,7 @@ def resolve_engine_config(
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         seed=seed, enforce_eager=enforce_eager, cuda_graph_sizes=graph_sizes,
+                        ffn_cuda_graphs=ffn_cuda_graphs,
                         enable_prefix_caching=enable_prefix_caching,
                         num_offload_blocks=num_offload_blocks,
                         cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,

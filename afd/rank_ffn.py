@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -9,10 +10,13 @@ import torch.distributed as dist
 
 from afd import protocol
 from afd.placement import ExpertPlacement
+from afd.transport import TorchExpertServer
 from afd.rebalance import (NO_EPOCH, all_tables, broadcast_tables, move_experts, move_plan,
                            tables_of, width)
 from afd.workers import (HEARTBEAT_S, Groups, Outbox, WorkerSpec, describe,
                          make_expert_server, send_droppable)
+
+log = logging.getLogger("afd.rank_ffn")
 
 
 class FFNWorker:
@@ -31,9 +35,42 @@ class FFNWorker:
             self.experts += self.experts[-1:] * (cfg.num_speculative_tokens - 1)
         self.server = make_expert_server(spec, groups, self.model.cfg.hidden_size, cfg.dtype,
                                          device)
+        if cfg.ffn_cuda_graphs:
+            self.server.graphs = self._build_graphs(device)
         # live rebalancing (afd.rebalance): every MoE layer's table, decoder layers then MTP
         self.index, self.epoch = index, 0
         self.tables = all_tables(spec.placement, self.model.cfg.num_layers)
+
+    def _build_graphs(self, device: torch.device):
+        """afd.ffn_graphs.ExpertGraphs of every MoE layer's experts, or None (eager serves)."""
+        from afd.ffn_graphs import ExpertGraphs, default_buckets, max_serve_rows
+
+        server = self.server
+        if not isinstance(server, TorchExpertServer):
+            log.info("ffn_cuda_graphs ignored: the %s transport has no static serve path",
+                     self.spec.transport)
+            return None
+        cfg = self.spec.engine_cfg
+        capture = device.type == "cuda"
+        if not capture:
+            log.info("ffn_cuda_graphs on %s: nothing is captured, the static-buffer path runs "
+                     "eagerly (what the CPU tests check)", device.type)
+        buckets = default_buckets(max_serve_rows(self.spec.layout.attention, cfg.max_num_seqs,
+                                                 cfg.num_speculative_tokens,
+                                                 self.model.cfg.top_k))
+        try:
+            graphs = ExpertGraphs(server.groups.size, server.slots, self.model.cfg.hidden_size,
+                                  cfg.dtype, device, buckets, capture=capture)
+            for experts in self.by_layer.values():
+                graphs.add(experts)
+        except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager serves
+            log.warning("CUDA graph capture of the expert compute failed, FFN serves run "
+                        "eagerly: %s: %s", type(exc).__name__, exc)
+            return None
+        if capture:
+            log.info("captured CUDA graphs of %d MoE layers' expert compute for row buckets %s",
+                     len(self.by_layer), buckets)
+        return graphs
 
     def _rebalance(self, epoch: int) -> None:
         """Every attention rank holds rebalance ``epoch`` (the vote): take its tables from

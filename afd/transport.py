@@ -149,6 +149,7 @@ class TorchExpertServer:
         self.slots = placement.max_slots
         self.in_flight: list[ServeState] = []
         self.timers = StageTimers()
+        self.graphs = None  # afd.ffn_graphs.ExpertGraphs when ffn_cuda_graphs is on
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         _check_slots(self.slots, placement)
@@ -156,6 +157,8 @@ class TorchExpertServer:
 
     def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
         """Receive, compute, send back. Returns how many rows this rank served."""
+        if self.graphs is not None:
+            return self._serve_static(micro_batch, experts)
         group = self.groups.micro_batch_groups[micro_batch]
         size, s = self.groups.size, self.slots
         empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
@@ -179,12 +182,51 @@ class TorchExpertServer:
         self.in_flight.append(ServeState(back, work))
         return x.shape[0]
 
+    def _serve_static(self, micro_batch: int, experts: RoutedExperts) -> int:
+        """``serve`` through ``self.graphs``: counts and rows are received into its static
+        buffers and a graph computes them; a serve above its largest bucket, or of a layer
+        without graphs, computes eagerly as ``serve`` does."""
+        graphs = self.graphs
+        group = self.groups.micro_batch_groups[micro_batch]
+        size = self.groups.size
+        empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+        with self.timers.time("recv"):
+            counts = graphs.counts  # the previous serve's replay read it before this lands
+            dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
+            per_source = counts.sum(dim=1).tolist()
+            num_rows = sum(per_source)
+            static = graphs.fits(num_rows) and graphs.ensure(experts)
+            x = (graphs.x[:num_rows] if static else
+                 torch.empty(num_rows, self.hidden, dtype=self.dtype, device=self.device))
+            dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
+        with self.timers.time("experts"):
+            if static:
+                self.timers.count("ffn_graph_serves")
+                if graphs.bucket(num_rows) != num_rows:
+                    self.timers.count("ffn_padded_graph_serves")
+                back = graphs.run(experts, num_rows)
+            else:
+                self.timers.count("ffn_eager_serves")
+                by_slot = _group_by_slot(counts)
+                n_slots = len(experts.expert_ids)
+                y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13,
+                                        experts.w2, **experts.fp8_args)
+                back = torch.empty_like(y)
+                back[by_slot] = y
+        with self.timers.time("send"):
+            work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
+                                          async_op=True)
+        self.in_flight.append(ServeState(back, work))
+        return num_rows
+
     def drain(self) -> None:
         """Wait for every answer sent this step (their buffers may then be freed)."""
         with self.timers.time("send"):
             for state in self.in_flight:
                 state.work.wait()
         self.in_flight.clear()
+        if self.graphs is not None and self.graphs.pending:
+            self.graphs.recapture_pending()  # no send in flight now
 
 
 def _check_slots(slots: int, placement: ExpertPlacement) -> None:

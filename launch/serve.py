@@ -96,6 +96,10 @@ def parse_args() -> argparse.Namespace:
                     help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 ... "
                          "up to min(max-num-seqs x (1 + num_speculative_tokens), 256), and that "
                          "cap)")
+    ap.add_argument("--ffn-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                    help="FFN ranks capture each MoE layer's expert compute (not the "
+                         "all_to_all) in CUDA graphs, one per row bucket, and replay them "
+                         "(opt-in: not yet run on a GPU; ignored on CPU)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                     default=True, help="reuse the KV of full blocks of tokens that a new prompt "
                     "shares with earlier ones (default on)")
@@ -321,6 +325,7 @@ def main() -> None:
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
+            ffn_cuda_graphs=args.ffn_cuda_graphs,
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
             cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,

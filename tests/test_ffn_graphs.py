@@ -1,0 +1,389 @@
+"""CUDA graphs of an FFN rank's expert compute (afd.ffn_graphs, ``ffn_cuda_graphs``).
+
+On CPU the static-buffer path runs eagerly (``capture=False``: each "graph" keeps the expert
+tensors it would have baked in, padding rows' outputs are NaN), so these check what capture
+relies on: the slot-major regrouping computed on the device alone, padding rows that never reach a
+real row (garbage left in the static buffers by a larger earlier serve included), serves above the
+largest bucket running eagerly, rebound expert tensors dropping their layer's graphs, and an
+attention+FFN layout giving the single process's tokens. The ``gpu`` tests capture for real.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+from afd import LLM, SamplingParams
+from afd.ffn_graphs import (MAX_ROWS, ExpertGraphs, _signature, default_buckets, max_serve_rows,
+                            slot_order)
+from afd.placement import ExpertPlacement
+from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport, _group_by_slot
+from ckpt_utils import build_hf_model, mixed_prompts, run_until_done, save_checkpoint
+from kernels.fused_moe import fused_moe_torch
+from models.model import Dispatch
+from models.moe import Routing
+
+E, H, I, K = 8, 16, 12, 3
+
+
+def test_buckets_are_powers_of_two_up_to_the_decode_rows_capped():
+    assert default_buckets(1) == (1,)
+    assert default_buckets(16) == (1, 2, 4, 8, 16)
+    assert default_buckets(24) == (1, 2, 4, 8, 16, 24)
+    assert default_buckets(10**6)[-1] == MAX_ROWS
+    assert max_serve_rows(attention=2, max_num_seqs=256, num_speculative_tokens=1,
+                          top_k=8) == 2 * 256 * 2 * 8
+    with pytest.raises(ValueError, match="max_rows"):
+        default_buckets(0)
+
+
+def test_slot_order_is_group_by_slots_order_from_the_device_alone():
+    gen = torch.Generator().manual_seed(0)
+    for sources, slots in ((1, 1), (3, 4), (5, 9)):
+        for _ in range(5):
+            counts = torch.randint(0, 4, (sources, slots), generator=gen)
+            counts[0] *= (torch.rand(slots, generator=gen) > .5).long()  # empty blocks
+            total = int(counts.sum())
+            assert torch.equal(slot_order(counts, total), _group_by_slot(counts))
+
+
+def moe_experts(held: list[int], seed: int = 0, fp8: bool = False) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    w2 = torch.randn(E, H, I, generator=gen) / I**0.5
+    if not fp8:
+        return SimpleNamespace(expert_ids=list(held), w13=w13[held], w2=w2[held], fp8_args={})
+    from kernels.fp8 import quantize_blocks
+
+    block = (16, 16)
+    (gate, gate_s), (up, up_s) = (quantize_blocks(half[held], block)
+                                  for half in w13.chunk(2, dim=1))
+    w2q, w2_s = quantize_blocks(w2[held], block)
+    return SimpleNamespace(expert_ids=list(held), w13=torch.cat([gate, up], 1), w2=w2q,
+                           fp8_args={"w13_scale": torch.cat([gate_s, up_s], 1),
+                                     "w2_scale": w2_s, "block_shape": block})
+
+
+def eager_compute(counts: torch.Tensor, x: torch.Tensor, experts) -> torch.Tensor:
+    """TorchExpertServer.serve's eager compute."""
+    by_slot = _group_by_slot(counts)
+    y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:len(experts.expert_ids)],
+                            experts.w13, experts.w2, **experts.fp8_args)
+    back = torch.empty_like(y)
+    back[by_slot] = y
+    return back
+
+
+def random_serve(gen, sources: int, slots: int, n_slots: int, rows: int, dtype=torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts [sources, slots] summing to ``rows`` (nothing in slots >= n_slots), rows [rows, H]."""
+    flat = torch.zeros(sources * n_slots, dtype=torch.long)
+    picks = torch.randint(0, sources * n_slots, (rows,), generator=gen)
+    flat.index_add_(0, picks, torch.ones(rows, dtype=torch.long))
+    counts = torch.zeros(sources, slots, dtype=torch.long)
+    counts[:, :n_slots] = flat.view(sources, n_slots)
+    return counts, torch.randn(rows, H, generator=gen).to(dtype)
+
+
+def static_serve(graphs: ExpertGraphs, experts, counts, x) -> torch.Tensor:
+    with torch.inference_mode():
+        graphs.counts.copy_(counts)
+        graphs.x[:x.shape[0]].copy_(x)
+        return graphs.run(experts, x.shape[0])
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_padding_rows_never_change_real_outputs(fp8):
+    """Serves of every kind (the largest bucket exactly, padded ones, one row) after a larger
+    serve left its rows, and then NaN, in the static buffers' padding rows: each answer is the
+    eager compute's, bit for bit, and an answer outlives the next serve (it is a copy)."""
+    sources, slots, held = 3, 4, [5, 0, 2]
+    experts = moe_experts(held, fp8=fp8)
+    graphs = ExpertGraphs(sources, slots, H, torch.float32, torch.device("cpu"), (1, 2, 4, 16),
+                          capture=False)
+    graphs.add(experts)
+    gen = torch.Generator().manual_seed(1)
+    answers = []
+    for rows in (16, 3, 9, 4, 1, 16, 5):
+        counts, x = random_serve(gen, sources, slots, len(held), rows)
+        if rows == 5:  # garbage of any kind in the padding rows
+            with torch.inference_mode():
+                graphs.x[5:].fill_(float("nan"))
+        got = static_serve(graphs, experts, counts, x)
+        want = eager_compute(counts, x, experts)
+        assert torch.equal(got, want), rows
+        answers.append((got, want))
+    assert graphs.replays == 7
+    assert all(torch.equal(got, want) for got, want in answers)  # none rewritten later
+
+
+def test_rebound_expert_tensors_drop_the_layers_graphs_until_recaptured():
+    """move_experts copies in place (graphs stay valid); a layer whose tensors are rebound to
+    other storage has its graphs dropped, is served eagerly (ensure False) and is captured again
+    at the next drain, reading the new tensors."""
+    sources, slots, held = 2, 3, [1, 4, 6]
+    experts = moe_experts(held)
+    graphs = ExpertGraphs(sources, slots, H, torch.float32, torch.device("cpu"), (4, 8),
+                          capture=False)
+    assert not graphs.ensure(experts) and graphs.pending == [experts]  # unknown: captured later
+    graphs.recapture_pending()
+    assert graphs.ensure(experts)
+    gen = torch.Generator().manual_seed(2)
+    counts, x = random_serve(gen, sources, slots, len(held), 6)
+    before = static_serve(graphs, experts, counts, x)
+    # in place, as afd.rebalance.move_experts: same storage, the graphs read the new weights
+    with torch.no_grad():
+        experts.w13.copy_(experts.w13.flip(0))
+    assert graphs.ensure(experts)
+    assert torch.equal(static_serve(graphs, experts, counts, x), eager_compute(counts, x, experts))
+    # rebound
+    experts.w2 = experts.w2.flip(0).clone()
+    assert not graphs.ensure(experts)
+    assert graphs.pending == [experts] and id(experts) not in graphs.graphs
+    graphs.recapture_pending()
+    assert graphs.ensure(experts)
+    got = static_serve(graphs, experts, counts, x)
+    assert torch.equal(got, eager_compute(counts, x, experts)) and not torch.equal(got, before)
+
+
+# ---- the FFN side over gloo -------------------------------------------------------------------
+
+ATTN, FFN = 2, 3
+BUCKETS = (1, 2, 4, 8)
+# tokens per (round, attention rank, micro-batch): rows per FFN rank range from 0 to ~20, so
+# serves land exactly on buckets, are padded, and exceed the largest (eager)
+ROUNDS = [{(0, 0): 1, (0, 1): 0, (1, 0): 0, (1, 1): 1},
+          {(0, 0): 2, (0, 1): 3, (1, 0): 1, (1, 1): 0},
+          {(0, 0): 9, (0, 1): 1, (1, 0): 0, (1, 1): 5},
+          {(0, 0): 4, (0, 1): 2, (1, 0): 3, (1, 1): 1}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def attention_inputs(num_tokens: int, seed: int) -> tuple[torch.Tensor, Routing]:
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, H, generator=gen)
+    ids = (torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(num_tokens)])
+           if num_tokens else torch.zeros(0, K, dtype=torch.long))
+    if num_tokens > 2:
+        ids[1, 2] = -1
+    return hidden, Routing(ids, torch.rand(num_tokens, K, generator=gen))
+
+
+def run_rank(rank: int, port: int, out_dir: str) -> None:
+    timeout = datetime.timedelta(seconds=30)
+    store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=ATTN + FFN,
+                            timeout=timeout)
+    groups = ExpertGroups(ATTN, FFN, [dist.new_group(timeout=timeout) for _ in range(2)])
+    placement = ExpertPlacement.balanced(E, FFN, {2: 1, 5: 2})  # uneven, replicas
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    device = torch.device("cpu")
+    if rank < ATTN:
+        transport = TorchTransport(groups, placement, H, torch.float32, device)
+    else:
+        held = list(placement.table(3)[rank - ATTN])
+        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
+        server = TorchExpertServer(groups, placement, H, torch.float32, device)
+        server.graphs = ExpertGraphs(groups.size, server.slots, H, torch.float32, device,
+                                     BUCKETS, capture=False)
+        server.graphs.add(experts)
+        served = []
+    with torch.inference_mode():
+        for r, tokens in enumerate(ROUNDS):
+            if rank < ATTN:
+                inputs = [attention_inputs(tokens[rank, mb], 100 * r + 10 * rank + mb)
+                          for mb in range(2)]
+                handles = [transport.dispatch(Dispatch(3, h, rt), micro_batch=mb)
+                           for mb, (h, rt) in enumerate(inputs)]
+                for mb, handle in enumerate(handles):
+                    hidden, routing = inputs[mb]
+                    want = fused_moe_torch(hidden, w13, w2, routing.topk_weights,
+                                           routing.topk_ids)
+                    torch.testing.assert_close(transport.combine(handle), want, rtol=1e-5,
+                                               atol=1e-5)
+            else:
+                served += [server.serve(mb, experts) for mb in range(2)]
+                server.drain()
+    if rank >= ATTN:
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump({"served": served, "replays": server.graphs.replays}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ffn_side_with_graphs_matches_reference(tmp_path):
+    """Two attention ranks, three FFN ranks serving through the static path: every combine is
+    the reference's, over serves on a bucket, padded, above the largest bucket and empty."""
+    mp.spawn(run_rank, args=(free_port(), str(tmp_path)), nprocs=ATTN + FFN, join=True)
+    reports = [json.loads((tmp_path / f"{r}.json").read_text())
+               for r in range(ATTN, ATTN + FFN)]
+    served = [n for rep in reports for n in rep["served"]]
+    assert any(n in BUCKETS for n in served)  # exact
+    assert any(0 < n < 8 and n not in BUCKETS for n in served)  # padded
+    assert any(n > 8 for n in served) and 0 in served  # eager
+    for rep in reports:
+        assert rep["replays"] == sum(0 < n <= 8 for n in rep["served"])
+
+
+# ---- whole layouts ----------------------------------------------------------------------------
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=NEW_TOKENS,
+                        ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("ds3")))
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
+    with LLM(path) as llm:
+        outs = {name: [o.outputs[0].token_ids
+                       for o in llm.generate(prompts, params, use_tqdm=False)]
+                for name, params in (("greedy", GREEDY), ("seeded", SEEDED))}
+    return path, prompts, outs
+
+
+SERVES = ("ffn_graph_serves", "ffn_padded_graph_serves", "ffn_eager_serves")
+
+
+def ffn_serves(llm: LLM, ffn_ranks: list[int]) -> dict:
+    """The FFN ranks' serve counts summed, once they have reported them (each reports its
+    timers every HEARTBEAT_S / 2 at most)."""
+    def total() -> dict:
+        timers = llm.engine.core.rank_timers
+        return {k: sum(timers.get(r, {}).get(k, 0) for r in ffn_ranks) for k in SERVES}
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(total().values()):
+        time.sleep(0.6)
+        llm.generate([{"prompt_token_ids": [3]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    return total()
+
+
+def test_layout_with_ffn_graphs_matches_single_process(reference):
+    """Two attention ranks, two FFN ranks, two micro-batches, ffn_cuda_graphs on (the CPU
+    emulation): the single process's tokens, greedy and seeded. max_num_seqs=3 makes the largest
+    bucket 2 x 3 x top_k = 12 rows: decode serves replay graphs (exact and padded buckets),
+    prefill chunks exceed it and run eagerly."""
+    path, prompts, expected = reference
+    with LLM(path, attention=2, ffn=2, micro_batches=2, timeout_s=30, max_num_seqs=3,
+             ffn_cuda_graphs=True) as llm:
+        assert llm.config.ffn_cuda_graphs
+        for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == expected[name], name
+        serves = ffn_serves(llm, [2, 3])
+    graph, padded, eager = (serves[k] for k in SERVES)
+    assert graph > padded > 0 and eager > 0, serves  # exact, padded, above the largest bucket
+
+
+def test_rebalance_with_ffn_graphs_matches_single_process():
+    """Live rebalancing swaps every FFN slot's expert (afd.rebalance.move_experts, in place)
+    while requests run: with ffn_cuda_graphs on, the single process's tokens."""
+    prompts = [{"prompt_token_ids": list(range(5 + 7 * i, 5 + 7 * i + n))}
+               for i, n in enumerate((9, 17, 4))]
+    with LLM(enable_prefix_caching=False) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    with LLM(attention=1, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
+             timeout_s=30, ffn_cuda_graphs=True) as llm:
+        ids = [f"r{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts, strict=True):
+            llm.engine.add_request(rid, prompt, GREEDY)
+        seen: dict[str, int] = {}
+        while len(seen) < len(ids) or min(seen.values()) < 3:
+            for out in llm.engine.step():
+                seen[out.request_id] = len(out.outputs[0].token_ids)
+        old = llm.engine.core.placement
+        swapped = ExpertPlacement(old.num_experts, layers=tuple(t[::-1] for t in old.layers))
+        report = llm.rebalance_experts(placement=swapped)
+        assert report["moved"] > 0
+        done = run_until_done(llm, ids)
+        assert [done[rid].outputs[0].token_ids for rid in ids] == want
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_ffn_cuda_graphs_must_be_a_bool(bad):
+    from afd.config import resolve_engine_config
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    with pytest.raises(ValueError, match="ffn_cuda_graphs must be True or False"):
+        resolve_engine_config(path, load_config(path), ffn_cuda_graphs=bad)
+
+
+# ---- real capture (GPU) -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real graph capture")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_captured_graphs_match_eager_serves_on_cuda(fp8):
+    """Captured on CUDA (a host read or sync inside would fail the capture): replays equal the
+    same static path run eagerly, bit for bit, and the plain eager compute within bf16
+    tolerance, over exact and padded buckets with garbage in the padding rows; rebound tensors
+    are captured again."""
+    device = torch.device("cuda")
+    sources, slots, held = 3, 8, [0, 3, 4, 7, 1, 2]
+    hidden, inter = 256, 128
+    gen = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(E, 2 * inter, hidden, generator=gen) / hidden**0.5)[held]
+    w2 = (torch.randn(E, hidden, inter, generator=gen) / inter**0.5)[held]
+    if fp8:
+        from kernels.fp8 import quantize_blocks
+
+        block = (128, 128)
+        (g, gs), (u, us) = (quantize_blocks(h, block) for h in w13.chunk(2, dim=1))
+        w2q, w2s = quantize_blocks(w2, block)
+        experts = SimpleNamespace(expert_ids=held, w13=torch.cat([g, u], 1).to(device),
+                                  w2=w2q.to(device),
+                                  fp8_args={"w13_scale": torch.cat([gs, us], 1).to(device),
+                                            "w2_scale": w2s.to(device), "block_shape": block})
+    else:
+        experts = SimpleNamespace(expert_ids=held, w13=w13.to(device, torch.bfloat16),
+                                  w2=w2.to(device, torch.bfloat16), fp8_args={})
+    graphs = ExpertGraphs(sources, slots, hidden, torch.bfloat16, device, (1, 8, 64),
+                          capture=True)
+    graphs.add(experts)
+    assert all(g.graph is not None for g in graphs.graphs[id(experts)].values())
+    eager = ExpertGraphs(sources, slots, hidden, torch.bfloat16, device, (1, 8, 64),
+                         capture=False)
+    eager.add(experts)
+    for rows in (64, 5, 8, 1, 37):
+        counts = torch.zeros(sources, slots, dtype=torch.long)
+        picks = torch.randint(0, sources * len(held), (rows,), generator=gen)
+        counts[:, :len(held)] = torch.bincount(picks, minlength=sources * len(held)).view(
+            sources, len(held))
+        x = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+        with torch.inference_mode():
+            graphs.x[rows:].fill_(float("nan"))
+            eager.x[rows:].normal_()
+        got = static_serve(graphs, experts, counts.to(device), x)
+        same = static_serve(eager, experts, counts.to(device), x)
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, same), rows
+        want = eager_compute(counts.to(device), x, experts)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    first = _signature((experts.w13, experts.w2, experts.fp8_args))
+    experts.w13 = experts.w13.clone()
+    assert _signature((experts.w13, experts.w2, experts.fp8_args)) != first
+    assert not graphs.ensure(experts)
+    graphs.recapture_pending()
+    assert graphs.ensure(experts) and graphs.graphs[id(experts)][8].graph is not None
