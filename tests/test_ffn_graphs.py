@@ -155,6 +155,60 @@ def test_rebound_expert_tensors_drop_the_layers_graphs_until_recaptured():
     assert torch.equal(got, eager_compute(counts, x, experts)) and not torch.equal(got, before)
 
 
+def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
+    """Around the Triton grouped_moe (stubbed here: its device-counts route is captured in decode
+    graphs already, and the CUDA test captures it), a static serve's regrouping, padding and
+    scatter read no tensor data on the host and make no shape from tensor data (the audit of
+    tests/test_cuda_graphs.py); the eager regrouping (_group_by_slot) does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import afd.ffn_graphs as fg
+    from test_cuda_graphs import HOST_READS, SHAPE_FROM_DATA
+
+    found: list[str] = []
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in SHAPE_FROM_DATA:
+                found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    monkeypatch.setattr(fg, "resolve_backend", lambda *args: "triton")
+    monkeypatch.setattr(kernels, "grouped_moe",
+                        lambda xs, counts, *a, **k: calls.append(counts.shape) or xs * 2)
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def read(self, *args, _original=original, _method=method, **kwargs):
+            found.append(f"Tensor.{_method}")
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, read)
+    experts = moe_experts([1, 2, 3])
+    graphs = ExpertGraphs(2, 4, H, torch.float32, torch.device("cpu"), (8,), capture=False)
+    graphs.add(experts)
+    counts = torch.tensor([[1, 0, 2, 0], [0, 1, 1, 0]])
+    with torch.inference_mode():
+        graphs.counts.copy_(counts)
+        graphs.x[:5].normal_()
+        with Audit():
+            graphs._forward(8, (experts.w13, experts.w2, {}), 3)
+        assert found == [] and calls == [torch.Size([3])]
+        want = eager_compute_rows(counts, graphs.x[:5])
+        assert torch.equal(graphs.out[:5], want)
+        with Audit():
+            _group_by_slot(counts)
+    assert found, "the audit catches the eager regrouping's host reads"
+
+
+def eager_compute_rows(counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """eager_compute with the stub expert (x * 2): the rows back in the received order."""
+    by_slot = _group_by_slot(counts)
+    back = torch.empty_like(x)
+    back[by_slot] = x[by_slot] * 2
+    return back
+
+
 # ---- the FFN side over gloo -------------------------------------------------------------------
 
 ATTN, FFN = 2, 3
