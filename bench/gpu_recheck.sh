@@ -2,7 +2,8 @@
 # What the 2026-11-27 H100 run (bench/results/h100_20261127) found broken or changed since, in
 # one call (~7 min; run it with timeout_s=580 and carry .whl, see bench/gpu_prep.sh):
 #   1. tests/test_cuda_graphs.py on CUDA (three of its tests failed there for reasons of the
-#      tests, fixed after; graphs are now the default on CUDA), to graphs_tests.log;
+#      tests, fixed after; graphs are now the default on CUDA) and the FFN expert-compute
+#      graphs' capture test (tests/test_ffn_graphs.py, never run on a GPU), to graphs_tests.log;
 #   2. bench/moe_profile.py: each kernel's device time in fused_moe / grouped_moe at issue 3's
 #      open cells (m=128, m=512), to moe_profile.{json,log};
 #   3. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
@@ -35,8 +36,10 @@ pack() {
 
 stamp "1. CUDA graph tests"
 # to a file, not a pipe: rank processes a timeout leaves behind would hold a pipe open
-AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 160 python3 -m pytest -q -p no:cacheprovider \
-  -rs tests/test_cuda_graphs.py >"$WORK/graphs_tests.log" 2>&1
+AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 175 python3 -m pytest -q -p no:cacheprovider \
+  -rs tests/test_cuda_graphs.py \
+  "tests/test_ffn_graphs.py::test_captured_graphs_match_eager_serves_on_cuda" \
+  >"$WORK/graphs_tests.log" 2>&1
 echo "graphs_tests_rc=$?" | tee -a "$WORK/graphs_tests.log"
 tail -n 5 "$WORK/graphs_tests.log"
 pack
