@@ -27,7 +27,6 @@ from afd.ffn_graphs import (MAX_ROWS, ExpertGraphs, _signature, default_buckets,
                             slot_order)
 from afd.placement import ExpertPlacement
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport, _group_by_slot
-from ckpt_utils import build_hf_model, mixed_prompts, run_until_done, save_checkpoint
 from kernels.fused_moe import fused_moe_torch
 from models.model import Dispatch
 from models.moe import Routing
@@ -209,6 +208,40 @@ def eager_compute_rows(counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return back
 
 
+def interpreter_case(name: str, seed: int) -> dict:
+    """Static serves through the Triton grouped_moe (interpreter), padding rows NaN: how far
+    each answer is from the eager Triton compute of the real rows alone, and whether it is
+    finite. Cases: "fp32", "fp8" (block-scaled experts)."""
+    os.environ["AFD_KERNEL_BACKEND"] = "triton"
+    experts = moe_experts([5, 0, 2], fp8=name == "fp8")
+    graphs = ExpertGraphs(3, 4, H, torch.float32, torch.device("cpu"), (4, 16), capture=False)
+    graphs.add(experts)
+    gen = torch.Generator().manual_seed(seed)
+    diffs, finite = [], []
+    for rows in (16, 3, 9):
+        counts, x = random_serve(gen, 3, 4, 3, rows)
+        with torch.inference_mode():
+            graphs.x[rows:].fill_(float("nan"))
+        got = static_serve(graphs, experts, counts, x)
+        want = eager_compute(counts, x, experts)
+        finite.append(bool(torch.isfinite(got).all()))
+        diffs.append(float((got - want).abs().max()))
+    return {"diffs": diffs, "finite": finite}
+
+
+def test_triton_grouped_moe_leaves_padding_rows_out():
+    """The Triton grouped_moe (interpreter) on a padded static serve, its counts summing to
+    fewer rows than it is given, NaN in the rest: each answer is finite and the eager Triton
+    compute's of the real rows (fp32; FP8 experts too)."""
+    from kernels.testing import run_in_interpreter
+
+    results = run_in_interpreter(__file__, ["fp32", "fp8"], seed=0)
+    for name, result in results.items():
+        assert "error" not in result, result.get("error")
+        assert all(result["finite"]), (name, result)
+        assert max(result["diffs"]) <= 1e-5, (name, result)
+
+
 # ---- the FFN side over gloo -------------------------------------------------------------------
 
 ATTN, FFN = 2, 3
@@ -306,6 +339,8 @@ SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=NEW_TOKEN
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+
     path = save_checkpoint(build_hf_model("deepseek_v3"), str(tmp_path_factory.mktemp("ds3")))
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
     with LLM(path) as llm:
@@ -352,6 +387,8 @@ def test_layout_with_ffn_graphs_matches_single_process(reference):
 def test_rebalance_with_ffn_graphs_matches_single_process():
     """Live rebalancing swaps every FFN slot's expert (afd.rebalance.move_experts, in place)
     while requests run: with ffn_cuda_graphs on, the single process's tokens."""
+    from ckpt_utils import run_until_done
+
     prompts = [{"prompt_token_ids": list(range(5 + 7 * i, 5 + 7 * i + n))}
                for i, n in enumerate((9, 17, 4))]
     with LLM(enable_prefix_caching=False) as llm:
