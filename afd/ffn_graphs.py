@@ -29,11 +29,16 @@ Memory: the static buffers (2 x max_rows x H in the activation dtype) and the gr
 pool (the largest bucket's intermediates; the graphs replay one at a time) come out of the FFN
 rank's memory, which holds no KV cache: nothing is taken from a KV pool.
 
+Capture (``capture_pending``) runs between steps, where no send is in flight: the FFN rank
+(afd.rank_ffn) captures a few graphs per vote, so its start does not hold the attention ranks'
+first vote past the layout's timeout; a layer serves eagerly until all its buckets are captured.
+A capture that raises leaves that layer eager, with a warning.
+
 Live rebalancing (afd.rebalance.move_experts) copies expert weights in place, so the graphs stay
 valid; each graph still records the expert tensors it baked in, and a layer whose tensors were
-rebound (another storage) has its graphs dropped, is served eagerly and is captured again at the
-end of the step (``recapture_pending``, when no send is in flight). FP8 experts
-(``experts.fp8_args``) are captured like bf16 ones: their scales are expert tensors too.
+rebound (another storage) has its graphs dropped, is served eagerly and is captured again between
+later steps. FP8 experts (``experts.fp8_args``) are captured like bf16 ones: their scales are
+expert tensors too.
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): each "graph"
 keeps the expert tensors it would have baked in, the torch reference runs on the real rows and the
@@ -125,6 +130,7 @@ class ExpertGraphs:
         self.graphs: dict[int, dict[int, _Graph]] = {}  # id(experts) -> bucket -> graph
         self.pending: list = []  # experts to capture at the next drain (new or dropped)
         self.failed: set[int] = set()  # experts whose capture failed: eager from then on
+        self._partial: dict[int, dict[int, _Graph]] = {}  # the first pending layer's so far
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # serves that ran a graph (or its eager emulation)
 
@@ -167,47 +173,69 @@ class ExpertGraphs:
                 and first.n_slots == len(experts.expert_ids)):
             return True
         log.warning("an MoE layer's expert tensors changed storage: its CUDA graphs are dropped "
-                    "and captured again after this step (eager until then)")
+                    "and captured again between steps (eager until then)")
         del self.graphs[key]
         self.pending.append(experts)
         return False
 
     @torch.inference_mode()
-    def add(self, experts) -> None:
-        """Capture (or, without CUDA, record) every bucket's graph of ``experts``, largest first,
-        all in one pool. Two eager runs before each capture compile the Triton kernels and settle
-        their fallbacks; they leave ``counts`` and ``x`` as they were."""
-        weights, n_slots = _weights(experts), len(experts.expert_ids)
-        graphs = {}
+    def _capture(self, bucket: int, weights: tuple, n_slots: int) -> _Graph:
+        """One graph (without CUDA: its record). Two eager runs before the capture compile the
+        Triton kernels and settle their fallbacks, on padding rows alone (``counts`` zeroed,
+        then restored): nothing is compiled or retried while capturing."""
         if not self.capture:
-            self.graphs[id(experts)] = {b: _Graph(b, weights, n_slots, None) for b in self.buckets}
-            return
+            return _Graph(bucket, weights, n_slots, None)
         saved = self.counts.clone()
         try:
-            self.counts.zero_()  # warm-ups: every row padding, nothing computed
-            for bucket in reversed(self.buckets):
-                for _ in range(2):
-                    self._forward(bucket, weights, n_slots)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    self._forward(bucket, weights, n_slots)
-                graphs[bucket] = _Graph(bucket, weights, n_slots, graph)
+            self.counts.zero_()
+            for _ in range(2):
+                self._forward(bucket, weights, n_slots)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the process group's watchdog thread may query its events meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self._forward(bucket, weights, n_slots)
         finally:
             self.counts.copy_(saved)
         torch.cuda.synchronize()
-        self.graphs[id(experts)] = graphs
+        return _Graph(bucket, weights, n_slots, graph)
 
-    def recapture_pending(self) -> None:
-        """Capture the layers dropped since the last call (call when no send is in flight)."""
-        pending, self.pending = self.pending, []
-        for experts in pending:
+    def add(self, experts) -> None:
+        """Capture every bucket's graph of ``experts`` now, largest first (one pool for all: a
+        smaller graph's intermediates fit in what a larger one's left free)."""
+        self.pending = [e for e in self.pending if e is not experts]
+        self.pending.insert(0, experts)
+        while self.pending and self.pending[0] is experts:
+            self.capture_pending(1)
+        if id(experts) in self.failed:
+            raise RuntimeError("capture failed (see the warning above)")
+
+    def capture_pending(self, max_graphs: int | None = None) -> int:
+        """Capture up to ``max_graphs`` graphs (None: all) of the pending layers, largest bucket
+        first; a layer replays once all its buckets are captured (until then it is served
+        eagerly). Call where no send is in flight. Returns the graphs captured."""
+        done = 0
+        while self.pending and (max_graphs is None or done < max_graphs):
+            experts = self.pending[0]
+            key, weights = id(experts), _weights(experts)
+            partial = self._partial.setdefault(key, {})
+            if partial and _signature(next(iter(partial.values())).weights) != _signature(weights):
+                partial.clear()  # rebound between two of its captures: start again
+            bucket = next(b for b in reversed(self.buckets) if b not in partial)
             try:
-                self.add(experts)
+                partial[bucket] = self._capture(bucket, weights, len(experts.expert_ids))
             except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager serves
                 log.warning("CUDA graph capture of an MoE layer's experts failed, it is served "
                             "eagerly: %s: %s", type(exc).__name__, exc)
-                self.failed.add(id(experts))
+                self.failed.add(key)
+                del self._partial[key]
+                self.pending.pop(0)
+                continue
+            done += 1
+            if len(partial) == len(self.buckets):
+                self.graphs[key] = self._partial.pop(key)
+                self.pending.pop(0)
+        return done
 
     @torch.inference_mode()
     def run(self, experts, num_rows: int) -> torch.Tensor:

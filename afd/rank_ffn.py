@@ -18,6 +18,11 @@ from afd.workers import (HEARTBEAT_S, Groups, Outbox, WorkerSpec, describe,
 
 log = logging.getLogger("afd.rank_ffn")
 
+# ffn_cuda_graphs: graphs captured per vote while layers wait (each costs two eager warm-ups,
+# a capture and, the first time a shape is seen, Triton's compile: well under the layout's
+# collective timeout, which the attention ranks' next vote waits under)
+GRAPHS_PER_VOTE = 4
+
 
 class FFNWorker:
     def __init__(self, spec: WorkerSpec, index: int, groups: Groups, device: torch.device,
@@ -58,18 +63,13 @@ class FFNWorker:
         buckets = default_buckets(max_serve_rows(self.spec.layout.attention, cfg.max_num_seqs,
                                                  cfg.num_speculative_tokens,
                                                  self.model.cfg.top_k))
-        try:
-            graphs = ExpertGraphs(server.groups.size, server.slots, self.model.cfg.hidden_size,
-                                  cfg.dtype, device, buckets, capture=capture)
-            for experts in self.by_layer.values():
-                graphs.add(experts)
-        except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager serves
-            log.warning("CUDA graph capture of the expert compute failed, FFN serves run "
-                        "eagerly: %s: %s", type(exc).__name__, exc)
-            return None
-        if capture:
-            log.info("captured CUDA graphs of %d MoE layers' expert compute for row buckets %s",
-                     len(self.by_layer), buckets)
+        graphs = ExpertGraphs(server.groups.size, server.slots, self.model.cfg.hidden_size,
+                              cfg.dtype, device, buckets, capture=capture)
+        # captured from the run loop, a few graphs a vote (``run``): the attention ranks wait
+        # in their first vote for this rank, under the layout's timeout
+        graphs.pending = list(self.by_layer.values())
+        log.info("ffn_cuda_graphs: %d MoE layers x row buckets %s to capture between steps",
+                 len(graphs.pending), buckets)
         return graphs
 
     def _rebalance(self, epoch: int) -> None:
@@ -120,6 +120,13 @@ class FFNWorker:
                     self.server.drain()
                     timers.steps += 1
                     dirty = True
+                graphs = getattr(self.server, "graphs", None)
+                if graphs is not None and graphs.pending:  # no send in flight here
+                    with timers.time("graph_capture"):
+                        graphs.capture_pending(GRAPHS_PER_VOTE)
+                    if not graphs.pending:
+                        log.info("ffn_cuda_graphs: every MoE layer captured (%d failed)",
+                                 len(graphs.failed))
                 # timers when they changed, else a heartbeat, at most every HEARTBEAT_S / 2
                 if time.monotonic() - last_report > HEARTBEAT_S / 2:
                     rank = self.spec.rank

@@ -225,8 +225,6 @@ class TorchExpertServer:
             for state in self.in_flight:
                 state.work.wait()
         self.in_flight.clear()
-        if self.graphs is not None and self.graphs.pending:
-            self.graphs.recapture_pending()  # no send in flight now
 
 
 def _check_slots(slots: int, placement: ExpertPlacement) -> None:

@@ -134,7 +134,7 @@ def test_rebound_expert_tensors_drop_the_layers_graphs_until_recaptured():
     graphs = ExpertGraphs(sources, slots, H, torch.float32, torch.device("cpu"), (4, 8),
                           capture=False)
     assert not graphs.ensure(experts) and graphs.pending == [experts]  # unknown: captured later
-    graphs.recapture_pending()
+    graphs.capture_pending()
     assert graphs.ensure(experts)
     gen = torch.Generator().manual_seed(2)
     counts, x = random_serve(gen, sources, slots, len(held), 6)
@@ -148,10 +148,37 @@ def test_rebound_expert_tensors_drop_the_layers_graphs_until_recaptured():
     experts.w2 = experts.w2.flip(0).clone()
     assert not graphs.ensure(experts)
     assert graphs.pending == [experts] and id(experts) not in graphs.graphs
-    graphs.recapture_pending()
+    graphs.capture_pending()
     assert graphs.ensure(experts)
     got = static_serve(graphs, experts, counts, x)
     assert torch.equal(got, eager_compute(counts, x, experts)) and not torch.equal(got, before)
+
+
+def test_layers_are_captured_a_few_graphs_at_a_time_and_serve_eagerly_until_whole(monkeypatch):
+    """The FFN rank captures between steps, a few graphs a vote (afd.rank_ffn.GRAPHS_PER_VOTE):
+    a layer replays only once every bucket is captured; one whose capture raises stays eager,
+    with a warning, and the others go on."""
+    a, b, c = moe_experts([0, 1]), moe_experts([2, 3]), moe_experts([4, 5])
+    graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2, 4), capture=False)
+    graphs.pending = [a, b, c]
+    assert graphs.capture_pending(2) == 2
+    assert not graphs.ensure(a) and graphs.pending == [a, b, c]  # 2 of its 3 buckets
+    assert graphs.capture_pending(2) == 2
+    assert graphs.ensure(a) and not graphs.ensure(b) and graphs.pending == [b, c]
+    real = graphs._capture
+
+    def fail_for_b(bucket, weights, n_slots):
+        if weights[0] is b.w13 and bucket == 2:
+            raise RuntimeError("capture refused")
+        return real(bucket, weights, n_slots)
+    monkeypatch.setattr(graphs, "_capture", fail_for_b)
+    assert graphs.capture_pending() == 3  # b's bucket 4, then c's three
+    assert graphs.pending == [] and graphs.failed == {id(b)}
+    assert graphs.ensure(a) and graphs.ensure(c) and not graphs.ensure(b)
+    assert graphs.pending == []  # a failed layer is not queued again
+    gen = torch.Generator().manual_seed(3)
+    counts, x = random_serve(gen, 2, 2, 2, 3)
+    assert torch.equal(static_serve(graphs, c, counts, x), eager_compute(counts, x, c))
 
 
 def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
@@ -476,5 +503,5 @@ def test_captured_graphs_match_eager_serves_on_cuda(fp8):
     experts.w13 = experts.w13.clone()
     assert _signature((experts.w13, experts.w2, experts.fp8_args)) != first
     assert not graphs.ensure(experts)
-    graphs.recapture_pending()
+    graphs.capture_pending()
     assert graphs.ensure(experts) and graphs.graphs[id(experts)][8].graph is not None
