@@ -380,15 +380,15 @@ def reference(tmp_path_factory):
 SERVES = ("ffn_graph_serves", "ffn_padded_graph_serves", "ffn_eager_serves")
 
 
-def ffn_serves(llm: LLM, ffn_ranks: list[int]) -> dict:
-    """The FFN ranks' serve counts summed, once they have reported them (each reports its
-    timers every HEARTBEAT_S / 2 at most)."""
+def ffn_serves(llm: LLM, ffn_ranks: list[int], need: tuple[str, ...] = SERVES) -> dict:
+    """The FFN ranks' serve counts summed, once they have reported those of ``need`` (each
+    reports its timers every HEARTBEAT_S / 2 at most)."""
     def total() -> dict:
         timers = llm.engine.core.rank_timers
         return {k: sum(timers.get(r, {}).get(k, 0) for r in ffn_ranks) for k in SERVES}
 
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(total().values()):
+    while time.monotonic() < deadline and not all(total()[k] for k in need):
         time.sleep(0.6)
         llm.generate([{"prompt_token_ids": [3]}], SamplingParams(max_tokens=1), use_tqdm=False)
     return total()
@@ -411,17 +411,19 @@ def test_layout_with_ffn_graphs_matches_single_process(reference):
     assert graph > padded > 0 and eager > 0, serves  # exact, padded, above the largest bucket
 
 
-def test_rebalance_with_ffn_graphs_matches_single_process():
-    """Live rebalancing swaps every FFN slot's expert (afd.rebalance.move_experts, in place)
-    while requests run: with ffn_cuda_graphs on, the single process's tokens."""
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["fp32", "fp8"])
+def test_rebalance_with_ffn_graphs_matches_single_process(quantization):
+    """Live rebalancing swaps every FFN slot's expert (afd.rebalance.move_experts, in place;
+    FP8 experts with their scales) while requests run: with ffn_cuda_graphs on, the single
+    process's tokens, served through the graphs."""
     from ckpt_utils import run_until_done
 
     prompts = [{"prompt_token_ids": list(range(5 + 7 * i, 5 + 7 * i + n))}
                for i, n in enumerate((9, 17, 4))]
-    with LLM(enable_prefix_caching=False) as llm:
+    with LLM(enable_prefix_caching=False, quantization=quantization) as llm:
         want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     with LLM(attention=1, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
-             timeout_s=30, ffn_cuda_graphs=True) as llm:
+             timeout_s=30, ffn_cuda_graphs=True, quantization=quantization) as llm:
         ids = [f"r{i}" for i in range(len(prompts))]
         for rid, prompt in zip(ids, prompts, strict=True):
             llm.engine.add_request(rid, prompt, GREEDY)
@@ -435,6 +437,8 @@ def test_rebalance_with_ffn_graphs_matches_single_process():
         assert report["moved"] > 0
         done = run_until_done(llm, ids)
         assert [done[rid].outputs[0].token_ids for rid in ids] == want
+        llm.engine.core.rank_timers.clear()  # counts reported after the rebalance
+        assert ffn_serves(llm, [1, 2], need=("ffn_graph_serves",))["ffn_graph_serves"] > 0
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
