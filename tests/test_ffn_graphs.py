@@ -452,6 +452,22 @@ def test_ffn_cuda_graphs_must_be_a_bool(bad):
         resolve_engine_config(path, load_config(path), ffn_cuda_graphs=bad)
 
 
+def test_serve_ffn_cuda_graphs_flag(monkeypatch):
+    """launch/serve.py's --ffn-cuda-graphs: off unless given, and what resolve_engine_config
+    gets (its call names the option)."""
+    import inspect
+    import sys
+
+    monkeypatch.syspath_prepend("launch")
+    import serve
+
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--ffn", "1"])
+    assert serve.parse_args().ffn_cuda_graphs is False
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--ffn", "1", "--ffn-cuda-graphs"])
+    assert serve.parse_args().ffn_cuda_graphs is True
+    assert "ffn_cuda_graphs=args.ffn_cuda_graphs" in inspect.getsource(serve.main)
+
+
 # ---- real capture (GPU) -----------------------------------------------------------------------
 
 @pytest.mark.gpu
