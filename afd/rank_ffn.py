@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 from afd import protocol
 from afd.placement import ExpertPlacement
-from afd.transport import TorchExpertServer
 from afd.rebalance import (NO_EPOCH, all_tables, broadcast_tables, move_experts, move_plan,
                            tables_of, width)
+from afd.transport import TorchExpertServer
 from afd.workers import (HEARTBEAT_S, Groups, Outbox, WorkerSpec, describe,
                          make_expert_server, send_droppable)
 

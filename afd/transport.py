@@ -10,6 +10,8 @@ The ``torch`` backend is two ``all_to_all_single`` calls per dispatch over the a
 group, counts first (so receivers can size buffers), then tokens; combine is one more. FFN ranks
 send nothing on dispatch and attention ranks nothing on combine. Each micro-batch has a process
 group of its own, so micro-batch i's round trip never waits behind micro-batch i+1's collectives.
+With ``ffn_cuda_graphs`` the FFN side receives into static buffers and computes through CUDA
+graphs (``TorchExpertServer.graphs``, afd.ffn_graphs); the messages are the same.
 """
 
 from __future__ import annotations
