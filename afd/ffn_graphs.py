@@ -161,7 +161,7 @@ class ExpertGraphs:
 
     def ensure(self, experts) -> bool:
         """This layer's graphs exist and read its current expert tensors; False (graphs dropped,
-        captured again at ``recapture_pending``) when its tensors were rebound."""
+        captured again by ``capture_pending``) when its tensors were rebound."""
         key = id(experts)
         graphs = self.graphs.get(key)
         if graphs is None:  # never added, dropped, or its capture failed: eager
