@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the 2026-11-27 H100 run (bench/results/h100_20261127) found broken or changed since, in
-# one call (~7 min; run it with timeout_s=580 and carry .whl, see bench/gpu_prep.sh):
+# one call (~7-8 min; run it with timeout_s=590 and carry .whl, see bench/gpu_prep.sh):
 #   1. tests/test_cuda_graphs.py on CUDA (three of its tests failed there for reasons of the
 #      tests, fixed after; graphs are now the default on CUDA) and the FFN expert-compute
 #      graphs' capture test (tests/test_ffn_graphs.py, never run on a GPU), to graphs_tests.log;
