@@ -48,6 +48,7 @@ padding rows' outputs are NaN, so CPU tests check what capture relies on.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,13 @@ from kernels.backend import resolve_backend
 log = logging.getLogger("afd.ffn_graphs")
 
 MAX_ROWS = 4096  # the largest bucket at most: 2 x 4096 x 7168 bf16 = 112 MiB of static buffers
+
+
+def capture_budget_s(timeout_s: float) -> float:
+    """Seconds of capture an FFN rank begins per vote (``ExpertGraphs.capture_pending``): the
+    attention ranks wait in their next vote, and the front end hears from no rank, meanwhile;
+    both give up after the layout's ``timeout_s``."""
+    return timeout_s / 8
 
 
 def max_serve_rows(attention: int, max_num_seqs: int, num_speculative_tokens: int,
@@ -210,12 +218,18 @@ class ExpertGraphs:
         if id(experts) in self.failed:
             raise RuntimeError("capture failed (see the warning above)")
 
-    def capture_pending(self, max_graphs: int | None = None) -> int:
+    def capture_pending(self, max_graphs: int | None = None,
+                        budget_s: float | None = None) -> int:
         """Capture up to ``max_graphs`` graphs (None: all) of the pending layers, largest bucket
         first; a layer replays once all its buckets are captured (until then it is served
-        eagerly). Call where no send is in flight. Returns the graphs captured."""
-        done = 0
+        eagerly). ``budget_s``: no graph is begun once that many seconds have passed (the first
+        always is), so a batch of slow captures (Triton's first compiles) cannot keep the
+        attention ranks waiting in their vote past the layout's timeout. Call where no send is
+        in flight. Returns the graphs captured."""
+        done, start = 0, time.monotonic()
         while self.pending and (max_graphs is None or done < max_graphs):
+            if budget_s is not None and done and time.monotonic() - start >= budget_s:
+                break
             experts = self.pending[0]
             key, weights = id(experts), _weights(experts)
             partial = self._partial.setdefault(key, {})

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from afd import protocol
+from afd.ffn_graphs import capture_budget_s
 from afd.placement import ExpertPlacement
 from afd.rebalance import (NO_EPOCH, all_tables, broadcast_tables, move_experts, move_plan,
                            tables_of, width)
@@ -19,8 +20,9 @@ from afd.workers import (HEARTBEAT_S, Groups, Outbox, WorkerSpec, describe,
 log = logging.getLogger("afd.rank_ffn")
 
 # ffn_cuda_graphs: graphs captured per vote while layers wait (each costs two eager warm-ups,
-# a capture and, the first time a shape is seen, Triton's compile: well under the layout's
-# collective timeout, which the attention ranks' next vote waits under)
+# a capture and, the first time a shape is seen, Triton's compile), at most, and none begun past
+# afd.ffn_graphs.capture_budget_s of the layout's timeout, which the attention ranks' next vote
+# waits under
 GRAPHS_PER_VOTE = 4
 
 
@@ -123,7 +125,8 @@ class FFNWorker:
                 graphs = getattr(self.server, "graphs", None)
                 if graphs is not None and graphs.pending:  # no send in flight here
                     with timers.time("graph_capture"):
-                        graphs.capture_pending(GRAPHS_PER_VOTE)
+                        graphs.capture_pending(GRAPHS_PER_VOTE,
+                                               capture_budget_s(self.spec.timeout_s))
                     if not graphs.pending:
                         log.info("ffn_cuda_graphs: every MoE layer captured (%d failed)",
                                  len(graphs.failed))

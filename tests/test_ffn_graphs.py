@@ -181,6 +181,32 @@ def test_layers_are_captured_a_few_graphs_at_a_time_and_serve_eagerly_until_whol
     assert torch.equal(static_serve(graphs, c, counts, x), eager_compute(counts, x, c))
 
 
+def test_a_votes_captures_stop_at_the_time_budget(monkeypatch):
+    """Captures are slow the first time (Triton compiles): the FFN rank begins no graph past
+    capture_budget_s of the layout's timeout (the attention ranks wait in their vote meanwhile),
+    whatever GRAPHS_PER_VOTE allows; the first is always begun. A fake clock, 3 s a capture."""
+    import afd.ffn_graphs as fg
+    import afd.rank_ffn as rf
+
+    clock = [0.0]
+    monkeypatch.setattr(fg, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2, 4, 8),
+                          capture=False)
+    real = graphs._capture
+
+    def slow(bucket, weights, n_slots):
+        clock[0] += 3.0
+        return real(bucket, weights, n_slots)
+    monkeypatch.setattr(graphs, "_capture", slow)
+    a = moe_experts([0, 1])
+    graphs.pending = [a]
+    assert graphs.capture_pending(rf.GRAPHS_PER_VOTE, budget_s=5.0) == 2  # begun at 0 and 3 s
+    assert graphs.capture_pending(rf.GRAPHS_PER_VOTE, budget_s=0.0) == 1  # the first always
+    assert graphs.capture_pending(rf.GRAPHS_PER_VOTE) == 1 and graphs.ensure(a)
+    assert rf.GRAPHS_PER_VOTE * 3.0 > fg.capture_budget_s(20.0)  # the budget binds there
+    assert 0 < fg.capture_budget_s(60.0) <= 60.0 / 4
+
+
 def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
     """Around the Triton grouped_moe (stubbed here: its device-counts route is captured in decode
     graphs already, and the CUDA test captures it), a static serve's regrouping, padding and
