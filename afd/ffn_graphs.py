@@ -211,6 +211,7 @@ class ExpertGraphs:
     def add(self, experts) -> None:
         """Capture every bucket's graph of ``experts`` now, largest first (one pool for all: a
         smaller graph's intermediates fit in what a larger one's left free)."""
+        self.failed.discard(id(experts))  # an earlier failure is not this capture's
         self.pending = [e for e in self.pending if e is not experts]
         self.pending.insert(0, experts)
         while self.pending and self.pending[0] is experts:

@@ -181,6 +181,24 @@ def test_layers_are_captured_a_few_graphs_at_a_time_and_serve_eagerly_until_whol
     assert torch.equal(static_serve(graphs, c, counts, x), eager_compute(counts, x, c))
 
 
+def test_add_reports_its_own_capture_only(monkeypatch):
+    """``add`` raises when its capture fails, and not when it succeeds after an earlier one
+    failed (that layer's failure is then over: it replays)."""
+    graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=False)
+    a = moe_experts([0, 1])
+    real = graphs._capture
+
+    def refuse(bucket, weights, n_slots):
+        raise RuntimeError("capture refused")
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        graphs.add(a)
+    assert not graphs.ensure(a) and graphs.pending == []
+    monkeypatch.setattr(graphs, "_capture", real)
+    graphs.add(a)
+    assert graphs.ensure(a) and graphs.failed == set()
+
+
 def test_a_votes_captures_stop_at_the_time_budget(monkeypatch):
     """Captures are slow the first time (Triton compiles): the FFN rank begins no graph past
     capture_budget_s of the layout's timeout (the attention ranks wait in their vote meanwhile),
