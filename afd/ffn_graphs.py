@@ -194,6 +194,7 @@ class ExpertGraphs:
         if not self.capture:
             return _Graph(bucket, weights, n_slots, None)
         saved = self.counts.clone()
+        stream = torch.cuda.current_stream()
         try:
             self.counts.zero_()
             for _ in range(2):
@@ -204,6 +205,9 @@ class ExpertGraphs:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self._forward(bucket, weights, n_slots)
         finally:
+            # a capture that fails at its end (capture_end raising: an invalidated capture)
+            # leaves torch.cuda.graph's capture stream current; the serves go on on this one
+            torch.cuda.set_stream(stream)
             self.counts.copy_(saved)
         torch.cuda.synchronize()
         return _Graph(bucket, weights, n_slots, graph)

@@ -199,6 +199,43 @@ def test_add_reports_its_own_capture_only(monkeypatch):
     assert graphs.ensure(a) and graphs.failed == set()
 
 
+def test_a_failed_capture_leaves_the_serving_stream_current(monkeypatch):
+    """torch.cuda.graph's __exit__ restores the stream after capture_end, so a capture that
+    fails there (an invalidated capture: a host sync inside) would leave its capture stream
+    current for every later serve. The layer is left eager and the stream as it was (CUDA
+    stubbed: the stream switch torch.cuda.graph makes, and its failing end)."""
+    current = ["serving"]
+    ends = []
+
+    class FailingGraph:
+        def __init__(self, graph, pool=None, capture_error_mode="global"):
+            pass
+
+        def __enter__(self):
+            current[0] = "capture"
+
+        def __exit__(self, *exc):
+            ends.append(current[0])
+            raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                               "capture")  # as capture_end: the stream is not restored
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FailingGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
+    graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=True)
+    a = moe_experts([0, 1])
+    graphs.pending = [a]
+    with torch.inference_mode():
+        graphs.counts.copy_(torch.tensor([[1, 0], [0, 1]]))
+    assert graphs.capture_pending() == 0
+    assert ends == ["capture"] and graphs.failed == {id(a)} and not graphs.ensure(a)
+    assert current == ["serving"]
+    assert graphs.counts.tolist() == [[1, 0], [0, 1]]  # what the next serve's recv left there
+
+
 def test_a_votes_captures_stop_at_the_time_budget(monkeypatch):
     """Captures are slow the first time (Triton compiles): the FFN rank begins no graph past
     capture_budget_s of the layout's timeout (the attention ranks wait in their vote meanwhile),
