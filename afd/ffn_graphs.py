@@ -193,6 +193,9 @@ class ExpertGraphs:
         then restored): nothing is compiled or retried while capturing."""
         if not self.capture:
             return _Graph(bucket, weights, n_slots, None)
+        if resolve_backend(None, self.x, weights[0], weights[1]) != "triton":
+            raise RuntimeError("the torch kernel backend (AFD_KERNEL_BACKEND=torch) reads the "
+                               "expert counts on the host, which a capture cannot hold")
         saved = self.counts.clone()
         stream = torch.cuda.current_stream()
         try:

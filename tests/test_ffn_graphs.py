@@ -203,7 +203,7 @@ def test_a_failed_capture_leaves_the_serving_stream_current(monkeypatch):
     """torch.cuda.graph's __exit__ restores the stream after capture_end, so a capture that
     fails there (an invalidated capture: a host sync inside) would leave its capture stream
     current for every later serve. The layer is left eager and the stream as it was (CUDA
-    stubbed: the stream switch torch.cuda.graph makes, and its failing end)."""
+    stubbed: the stream switch torch.cuda.graph makes, and its failing end; grouped_moe too)."""
     current = ["serving"]
     ends = []
 
@@ -225,6 +225,10 @@ def test_a_failed_capture_leaves_the_serving_stream_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", FailingGraph)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
+    import afd.ffn_graphs as fg
+
+    monkeypatch.setattr(fg, "resolve_backend", lambda *args: "triton")  # the one captured
+    monkeypatch.setattr(kernels, "grouped_moe", lambda xs, counts, *a, **k: xs * 2)
     graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=True)
     a = moe_experts([0, 1])
     graphs.pending = [a]
@@ -234,6 +238,39 @@ def test_a_failed_capture_leaves_the_serving_stream_current(monkeypatch):
     assert ends == ["capture"] and graphs.failed == {id(a)} and not graphs.ensure(a)
     assert current == ["serving"]
     assert graphs.counts.tolist() == [[1, 0], [0, 1]]  # what the next serve's recv left there
+
+
+def test_the_torch_kernel_backend_is_not_captured(monkeypatch, caplog):
+    """AFD_KERNEL_BACKEND=torch on CUDA: the torch grouped_moe reads counts on the host, so a
+    capture of it can only fail (and leave an invalidated capture behind); the layer is left
+    eager without trying, the warning naming the backend (CUDA stubbed)."""
+    import afd.ffn_graphs as fg
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Recorder)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
+    monkeypatch.setattr(fg, "resolve_backend", lambda *a: "torch")
+    graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=True)
+    a = moe_experts([0, 1])
+    graphs.pending = [a]
+    assert graphs.capture_pending() == 0
+    assert entered == [] and graphs.failed == {id(a)}
+    assert "AFD_KERNEL_BACKEND=torch" in caplog.text
 
 
 def test_a_votes_captures_stop_at_the_time_budget(monkeypatch):
