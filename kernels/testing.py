@@ -109,10 +109,14 @@ def cuda_scalar_division():
     """A context in which torch code on the CPU rounds a division by a scalar as CUDA does.
 
     PyTorch's CUDA kernel for ``t / s``, where ``s`` is a Python number or a 0-dim CPU tensor,
-    multiplies by the reciprocal of ``s`` rounded to the compute dtype (fp32 for fp32, bf16 and
-    fp16) instead of dividing: one ulp off the quotient for many inputs, where the CPU divides.
-    A reference that divides by a scalar so gives other bits on a GPU than beside the
-    interpreter; in this context a CPU test sees the GPU's bits (``aten.div`` only).
+    multiplies by the reciprocal of ``s`` instead of dividing: ``s`` is first rounded to the
+    compute dtype (fp32 for fp32, bf16, fp16 and integer ``t``, which true division makes fp32;
+    fp64 for fp64), and its reciprocal computed in that dtype (``opmath_t(1.0) /
+    iter.scalar_value<opmath_t>(2)`` in ATen's div_true_kernel_cuda): one ulp off the quotient
+    for many inputs, where the CPU divides. A reference that divides by a scalar so gives other
+    bits on a GPU than beside the interpreter; in this context a CPU test sees the GPU's bits
+    (``aten.div`` only, not ``div_``/``out=``; every 0-dim tensor counts as a CPU scalar here,
+    though one computed on a GPU would be divided by).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -123,10 +127,14 @@ def cuda_scalar_division():
                 a, b = args
                 scalar = not isinstance(b, torch.Tensor) or (b.dim() == 0
                                                              and b.device.type == "cpu")
-                if scalar and isinstance(a, torch.Tensor) and a.is_floating_point():
-                    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-                    inv = torch.tensor(1.0 / float(b), dtype=torch.float64).to(compute)
-                    return (a.to(compute) * inv).to(a.dtype)
+                out = torch.result_type(a, b) if isinstance(a, torch.Tensor) else None
+                if out is not None and not out.is_floating_point and not out.is_complex:
+                    out = torch.get_default_dtype()  # true division of integers
+                if scalar and out is not None and out.is_floating_point:
+                    compute = torch.float64 if out == torch.float64 else torch.float32
+                    # the divisor rounded to the compute dtype first, then its reciprocal there
+                    inv = torch.tensor(1.0, dtype=compute) / torch.tensor(float(b), dtype=compute)
+                    return (a.to(compute) * inv).to(out)
             return func(*args, **kwargs)
 
     return CudaScalarDivision()

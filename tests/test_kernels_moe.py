@@ -554,6 +554,26 @@ def test_cuda_scalar_division_rounds_as_cuda() -> None:
     assert torch.equal(by_tensor, amax / 448.0)
 
 
+def test_cuda_scalar_division_rounds_the_divisor_first() -> None:
+    # ATen's div_true_kernel_cuda: inv_b = opmath_t(1.0) / scalar_value<opmath_t>(b), the divisor
+    # rounded to fp32 before the reciprocal. For 1e-3 (not an fp32 number) that is 999.99994,
+    # where the reciprocal of the double rounded to fp32 is 1000.0; an integer tensor divides
+    # as fp32 (true division) by the same reciprocal.
+    inv = torch.tensor(1.0) / torch.tensor(1e-3, dtype=torch.float32)
+    assert inv.item() != 1000.0
+    x = torch.rand(4096) * 10
+    ints = torch.arange(1, 4097)
+    with cuda_scalar_division():
+        by_number = x / 1e-3
+        by_cpu_scalar = x / torch.tensor(1e-3, dtype=torch.float64)
+        ints_by_number = ints / 1e-3
+    assert torch.equal(by_number, x * inv)
+    assert torch.equal(by_cpu_scalar, x * inv)
+    assert ints_by_number.dtype == torch.float32
+    assert torch.equal(ints_by_number, ints.float() * inv)
+    assert not torch.equal(ints_by_number, ints / 1e-3)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_fp8_reference_quantizes_alike_on_every_device(dtype: str) -> None:
     # The FP8 reference gives the Triton kernels' bits (fp32 division, ties to even) on a GPU too.
