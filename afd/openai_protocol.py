@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jinja2
+import jinja2.ext
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
@@ -419,15 +420,29 @@ class ChatMessage(BaseModel):
         return out
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}`` (its AssistantTracker marks the
+    assistant's tokens with it), parsed as its body alone: only what the template reads
+    matters here."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def chat_template_variables(template: Any) -> set[str]:
     """The variables a chat template (a Jinja string, or transformers' {name: template}) reads
-    that it does not set itself; a template that does not parse reads none."""
+    that it does not set itself; a template that does not parse reads none. Parsed with the
+    extensions transformers renders templates with (loop controls, ``{% generation %}``), so
+    a template that uses ``{% break %}`` is read as the tokenizer reads it."""
     from jinja2 import meta
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     sources = template.values() if isinstance(template, dict) else [template]
     found: set[str] = set()
-    env = ImmutableSandboxedEnvironment()
+    env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     for source in sources:
         if isinstance(source, str):
             try:

@@ -457,6 +457,11 @@ def test_reasoning_effort_sets_enable_thinking_where_the_template_reads_it():
     assert "enable_thinking" in chat_template_variables(qwen)
     assert chat_template_variables({"default": v31}) == {"thinking"}
     assert chat_template_variables("{% if %}") == set()
+    # transformers renders templates with loop controls and its {% generation %} tag: a
+    # template that uses them reads its variables all the same
+    loops = ("{%- for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}{% endfor %}"
+             "{% generation %}{{ m }}{% endgeneration %}" + qwen)
+    assert {"enable_thinking", "messages"} <= chat_template_variables(loops)
 
     def kwargs(effort, template, sent=None):
         req = ChatCompletionRequest(messages=CHAT, reasoning_effort=effort,
