@@ -9,7 +9,8 @@ from typing import Any, ClassVar, Literal
 
 import jinja2
 import jinja2.ext
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr,
+                      model_validator)
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
@@ -138,6 +139,15 @@ class _SamplingFields(BoundedBody):
     # which never puts spaces between special tokens, so false (with skip_special_tokens
     # false, where it would matter) is a 400 (sampling_params)
     spaces_between_special_tokens: bool = True
+    # skip_special_tokens as the client sent it: the server turns it off for a chat request
+    # whose tool or reasoning markers are special tokens (api_server._chat_prompt), which must
+    # not make the client's spaces_between_special_tokens=false a 400
+    _sent_skip_special_tokens: bool = PrivateAttr(default=True)
+
+    @model_validator(mode="after")
+    def _keep_sent_skip_special_tokens(self):
+        self._sent_skip_special_tokens = self.skip_special_tokens
+        return self
 
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (at most one of them); allowed_token_ids and bad_words (vLLM's)
@@ -234,7 +244,7 @@ class _SamplingFields(BoundedBody):
             if value is not None and value not in neutral:
                 raise APIError(400, f"{name} is not supported by this server (got {value!r})",
                                param=name)
-        if not self.spaces_between_special_tokens and not self.skip_special_tokens:
+        if not self.spaces_between_special_tokens and not self._sent_skip_special_tokens:
             raise APIError(400, "spaces_between_special_tokens=false is not supported by this "
                            "server (its detokenizer keeps the fast tokenizer's text of special "
                            "tokens as it is); it changes nothing with skip_special_tokens true",

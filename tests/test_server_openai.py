@@ -494,6 +494,29 @@ def test_spaces_between_special_tokens(app, chat):
     assert bad.json()["error"]["param"] == "spaces_between_special_tokens"
 
 
+def test_spaces_between_special_tokens_reads_the_clients_skip_special_tokens(app):
+    """The 400 is for what the client sent: a server whose reasoning markers are special
+    tokens keeps special tokens to read them (the client's skip_special_tokens left true), and
+    spaces_between_special_tokens=false is then as accepted as without a reasoning parser."""
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    state = ServerState(app.state.afd.engine, "m", None, ServerMetrics("m"),
+                        reasoning_parser="deepseek_r1")
+    state.reasoning_markers_are_special = lambda: True
+    reading = build_app(state)
+
+    async def run(c, http):
+        return [await _send(http, True, **extra) for extra in (
+            {"spaces_between_special_tokens": False},
+            {"spaces_between_special_tokens": False, "skip_special_tokens": False})]
+
+    skipped, bad = call_app(reading, run)
+    assert skipped.status_code == 200, skipped.text
+    assert bad.status_code == 400 and \
+        bad.json()["error"]["param"] == "spaces_between_special_tokens", bad.text
+
+
 def test_chat_documents_reach_the_template():
     """vLLM's documents field (retrieval documents) reaches the chat template, as
     transformers' apply_chat_template(documents=...) takes it; a request without documents
