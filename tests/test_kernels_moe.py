@@ -192,6 +192,10 @@ GROUPED_CASES = {
 # relative rounding error per element (~2-3% RMS), twice (expert input and h): measured 3-4%.
 FP8_TOL = 1e-2
 FP8_LOOSE_TOL = 0.1
+# A case of few output elements (one token: fp8_one_token_bf16, 40) has a wider tail: over
+# seeds 0-999 its loose error was 0.042 at the median, 0.081 at p99, 0.110 at most (seed 107,
+# AFD_TEST_SEED=107); a wrong scale or block is off by far more than either bound.
+FP8_LOOSE_TOL_FEW, FEW_ELEMENTS = 0.2, 256
 
 
 def _tile_config(size: int, persistent: int = 0, ws: bool = False):
@@ -244,6 +248,8 @@ def _result(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case, refe
     if scales:
         plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype))
         result["loose_err"] = rel_err(ref, plain)
+        result["loose_tol"] = FP8_LOOSE_TOL if ref.numel() >= FEW_ELEMENTS else \
+            FP8_LOOSE_TOL_FEW
     return result
 
 
@@ -410,7 +416,7 @@ def _check(result: dict, name: str) -> None:
     assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
     assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
     # FP8: the reference itself is within FP8's own error of the unquantized reference.
-    assert result.get("loose_err", 0.0) < FP8_LOOSE_TOL, \
+    assert result.get("loose_err", 0.0) < result.get("loose_tol", FP8_LOOSE_TOL), \
         f"{name} (seed {SEED}): FP8 reference vs unquantized rel err {result['loose_err']:.3g}"
 
 
