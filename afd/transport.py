@@ -171,13 +171,7 @@ class TorchExpertServer:
             x = torch.empty(sum(per_source), self.hidden, dtype=self.dtype, device=self.device)
             dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
         with self.timers.time("experts"):
-            # Rows arrive by source, then slot; the grouped GEMM wants them by slot.
-            by_slot = _group_by_slot(counts)
-            n_slots = len(experts.expert_ids)
-            y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13,
-                                    experts.w2, **experts.fp8_args)
-            back = torch.empty_like(y)
-            back[by_slot] = y
+            back = _compute_eagerly(x, counts, experts)
         with self.timers.time("send"):
             work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
                                           async_op=True)
@@ -209,12 +203,7 @@ class TorchExpertServer:
                 back = graphs.run(experts, num_rows)
             else:
                 self.timers.count("ffn_eager_serves")
-                by_slot = _group_by_slot(counts)
-                n_slots = len(experts.expert_ids)
-                y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13,
-                                        experts.w2, **experts.fp8_args)
-                back = torch.empty_like(y)
-                back[by_slot] = y
+                back = _compute_eagerly(x, counts, experts)
         with self.timers.time("send"):
             work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
                                           async_op=True)
@@ -227,6 +216,19 @@ class TorchExpertServer:
             for state in self.in_flight:
                 state.work.wait()
         self.in_flight.clear()
+
+
+def _compute_eagerly(x: torch.Tensor, counts: torch.Tensor,
+                     experts: RoutedExperts) -> torch.Tensor:
+    """The experts' answer to rows ``x`` received source-major (``counts`` [sources, slots]),
+    in the same order. The grouped GEMM wants them slot-major: regrouped, computed, put back."""
+    by_slot = _group_by_slot(counts)
+    n_slots = len(experts.expert_ids)
+    y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13, experts.w2,
+                            **experts.fp8_args)
+    back = torch.empty_like(y)
+    back[by_slot] = y
+    return back
 
 
 def _check_slots(slots: int, placement: ExpertPlacement) -> None:

@@ -341,10 +341,16 @@ def test_norm_and_rotary_compile() -> None:
 # Some FP8-cache variants spill 8-16 bytes a thread under Triton 3.9's ptxas (the CPU venv's)
 # and none under the GPU image's Triton 3.6 (checked with it: PYTHONPATH=. /work/venv36/bin/
 # python -m pytest tests/test_kernels_sm90.py): expected to fail elsewhere than 3.6, not strict.
-FP8_SPILLS_OFF_36 = pytest.mark.xfail(
-    not triton.__version__.startswith("3.6."), strict=False,
-    reason=f"Triton {triton.__version__}'s ptxas spills this FP8-cache variant 8-16 B a thread; "
-           "the GPU image's Triton 3.6 does not")
+def spills_off_36(what: str):
+    """An expected failure (not strict) off Triton 3.6: ``what`` spills under that Triton's
+    ptxas, not under the GPU image's 3.6."""
+    return pytest.mark.xfail(
+        not triton.__version__.startswith("3.6."), strict=False,
+        reason=f"Triton {triton.__version__}'s ptxas spills {what}; the GPU image's Triton 3.6 "
+               "does not")
+
+
+FP8_SPILLS_OFF_36 = spills_off_36("this FP8-cache variant 8-16 B a thread")
 
 
 def fp8_spills(*values):
@@ -402,10 +408,7 @@ def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict):
 # Grouped MLA decode at 64 query rows and 32 tokens a step (groups of 2 to 4 rows over a bf16
 # cache): no spill under the GPU image's Triton 3.6, the version the H100 timed it with; Triton
 # 3.9's ptxas (the CPU venv's) spills 88-168 B a thread there: expected to fail elsewhere.
-GROUPED_32_SPILLS_OFF_36 = pytest.mark.xfail(
-    not triton.__version__.startswith("3.6."), strict=False,
-    reason=f"Triton {triton.__version__}'s ptxas spills 64 rows x 32 tokens 88-168 B a "
-           "thread; the GPU image's Triton 3.6 does not")
+GROUPED_32_SPILLS_OFF_36 = spills_off_36("64 rows x 32 tokens 88-168 B a thread")
 
 
 def grouped_32(*values):
