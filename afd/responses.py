@@ -42,7 +42,8 @@ UNSUPPORTED: dict[str, tuple] = {
 
 # Chat completions fields a Responses request names differently.
 _CHAT_NAMES = {"messages": "input", "max_tokens": "max_output_tokens",
-               "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+               "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+               "reasoning_effort": "reasoning.effort"}
 
 # `include` values accepted (and ignored: no encrypted reasoning is returned; codex sends it).
 _INCLUDE_IGNORED = {"reasoning.encrypted_content"}
@@ -73,7 +74,9 @@ class ResponsesRequest(BoundedBody):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None  # effort and summary accepted, not used
+    # effort: the chat request's reasoning_effort (a chat-template variable, as vLLM); summary
+    # accepted, not used
+    reasoning: dict[str, Any] | None = None
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
@@ -111,7 +114,8 @@ class ResponsesRequest(BoundedBody):
                 "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
                 "user": self.user, "parallel_tool_calls": self.parallel_tool_calls,
                 "tools": self._chat_tools(), "tool_choice": self._chat_tool_choice(),
-                "response_format": self._response_format()}
+                "response_format": self._response_format(),
+                "reasoning_effort": (self.reasoning or {}).get("effort")}
         try:
             return _ChatFromResponses.model_validate(body)
         except ValidationError as exc:

@@ -558,3 +558,21 @@ def test_a_failing_reader_streams_the_plain_text(apps, monkeypatch):
     assert want and chat == want
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
     assert events[-1].type == "response.incomplete"
+
+
+def test_reasoning_effort_reaches_the_chat_request_under_its_responses_name():
+    """reasoning.effort is the chat request's reasoning_effort (a chat-template variable); a
+    bad value is a 400 naming reasoning.effort, the chat field sent at the top level one naming
+    it and pointing to reasoning.effort."""
+    from afd.openai_protocol import APIError
+    from afd.responses import ResponsesRequest
+
+    chat = ResponsesRequest(input="hi", reasoning={"effort": "high", "summary": "auto"})
+    assert chat.chat_request([]).reasoning_effort == "high"
+    assert ResponsesRequest(input="hi").chat_request([]).reasoning_effort is None
+    with pytest.raises(APIError) as err:
+        ResponsesRequest(input="hi", reasoning={"effort": "extreme"}).chat_request([])
+    assert err.value.status == 400 and err.value.param == "reasoning.effort"
+    with pytest.raises(APIError) as err:  # the chat field, named as sent, pointing to ours
+        ResponsesRequest(input="hi", reasoning_effort="low").chat_request([])
+    assert err.value.param == "reasoning_effort" and "reasoning.effort" in str(err.value)
