@@ -90,8 +90,8 @@ def default_buckets(max_rows: int) -> tuple[int, ...]:
 
 def slot_order(counts: torch.Tensor, total: int) -> torch.Tensor:
     """counts [sources, slots] of ``total`` rows laid out source-major -> the source-major row of
-    each slot-major position [total] (afd.transport._group_by_slot's order), computed on the device
-    only: ``total`` is given, never read from ``counts``."""
+    each slot-major position [total], computed on the device only: ``total`` is given, never
+    read from ``counts`` (the captured graphs' order and the eager serves')."""
     flat = counts.flatten()
     src_start = torch.cumsum(flat, 0) - flat  # where each (source, slot) block begins
     blocks = torch.arange(counts.numel(), device=counts.device).view(counts.shape).t().flatten()

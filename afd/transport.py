@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from afd.ffn_graphs import slot_order
 from afd.placement import ExpertPlacement, RouteTables
 from afd.profiling import StageTimers
 from models.model import Dispatch, ExpertPath
@@ -158,40 +159,22 @@ class TorchExpertServer:
         self.placement = placement
 
     def serve(self, micro_batch: int, experts: RoutedExperts) -> int:
-        """Receive, compute, send back. Returns how many rows this rank served."""
-        if self.graphs is not None:
-            return self._serve_static(micro_batch, experts)
-        group = self.groups.micro_batch_groups[micro_batch]
-        size, s = self.groups.size, self.slots
-        empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
-        with self.timers.time("recv"):  # mostly waiting for the attention ranks
-            counts = torch.empty(size, s, dtype=torch.long, device=self.device)
-            dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
-            per_source = counts.sum(dim=1).tolist()
-            x = torch.empty(sum(per_source), self.hidden, dtype=self.dtype, device=self.device)
-            dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
-        with self.timers.time("experts"):
-            back = _compute_eagerly(x, counts, experts)
-        with self.timers.time("send"):
-            work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
-                                          async_op=True)
-        self.in_flight.append(ServeState(back, work))
-        return x.shape[0]
-
-    def _serve_static(self, micro_batch: int, experts: RoutedExperts) -> int:
-        """``serve`` through ``self.graphs``: counts and rows are received into its static
-        buffers and a graph computes them; a serve above its largest bucket, or of a layer
-        without graphs, computes eagerly as ``serve`` does."""
+        """Receive, compute, send back. Returns how many rows this rank served. With
+        ``self.graphs`` counts and rows are received into its static buffers and a graph
+        computes them; a serve above its largest bucket, or of a layer without graphs yet,
+        computes eagerly."""
         graphs = self.graphs
         group = self.groups.micro_batch_groups[micro_batch]
         size = self.groups.size
         empty = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
-        with self.timers.time("recv"):
-            counts = graphs.counts  # the previous serve's replay read it before this lands
+        with self.timers.time("recv"):  # mostly waiting for the attention ranks
+            # (graphs.counts: the previous serve's replay read it before this lands)
+            counts = (graphs.counts if graphs is not None else
+                      torch.empty(size, self.slots, dtype=torch.long, device=self.device))
             dist.all_to_all_single(counts, torch.zeros_like(counts), group=group)
             per_source = counts.sum(dim=1).tolist()
             num_rows = sum(per_source)
-            static = graphs.fits(num_rows) and graphs.ensure(experts)
+            static = graphs is not None and graphs.fits(num_rows) and graphs.ensure(experts)
             x = (graphs.x[:num_rows] if static else
                  torch.empty(num_rows, self.hidden, dtype=self.dtype, device=self.device))
             dist.all_to_all_single(x, empty, per_source, [0] * size, group=group)
@@ -202,7 +185,8 @@ class TorchExpertServer:
                     self.timers.count("ffn_padded_graph_serves")
                 back = graphs.run(experts, num_rows)
             else:
-                self.timers.count("ffn_eager_serves")
+                if graphs is not None:
+                    self.timers.count("ffn_eager_serves")
                 back = _compute_eagerly(x, counts, experts)
         with self.timers.time("send"):
             work = dist.all_to_all_single(empty, back, [0] * size, per_source, group=group,
@@ -221,8 +205,9 @@ class TorchExpertServer:
 def _compute_eagerly(x: torch.Tensor, counts: torch.Tensor,
                      experts: RoutedExperts) -> torch.Tensor:
     """The experts' answer to rows ``x`` received source-major (``counts`` [sources, slots]),
-    in the same order. The grouped GEMM wants them slot-major: regrouped, computed, put back."""
-    by_slot = _group_by_slot(counts)
+    in the same order. The grouped GEMM wants them slot-major: regrouped, computed, put back
+    (``x`` holds all the counted rows, so the order needs no read of ``counts`` on the host)."""
+    by_slot = slot_order(counts, x.shape[0])
     n_slots = len(experts.expert_ids)
     y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13, experts.w2,
                             **experts.fp8_args)
@@ -235,15 +220,3 @@ def _check_slots(slots: int, placement: ExpertPlacement) -> None:
     if placement.max_slots != slots:
         raise ValueError(f"a placement of {placement.max_slots} slots per FFN rank cannot replace "
                          f"one of {slots} (the transports' slot space)")
-
-
-def _group_by_slot(counts: torch.Tensor) -> torch.Tensor:
-    """counts [sources, slots] of rows laid out source-major -> the row order that is slot-major."""
-    flat = counts.flatten()
-    src_start = torch.cumsum(flat, 0) - flat  # where each (source, slot) block begins
-    blocks = torch.arange(counts.numel(), device=counts.device).view(counts.shape).t().flatten()
-    lens = flat[blocks]
-    out_start = torch.cumsum(lens, 0) - lens
-    total = int(flat.sum())
-    return (torch.repeat_interleave(src_start[blocks] - out_start, lens, output_size=total)
-            + torch.arange(total, device=counts.device))

@@ -26,7 +26,7 @@ from afd import LLM, SamplingParams
 from afd.ffn_graphs import (MAX_ROWS, ExpertGraphs, _signature, default_buckets, max_serve_rows,
                             slot_order)
 from afd.placement import ExpertPlacement
-from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport, _group_by_slot
+from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
 from kernels.fused_moe import fused_moe_torch
 from models.model import Dispatch
 from models.moe import Routing
@@ -43,6 +43,20 @@ def test_buckets_are_powers_of_two_up_to_the_decode_rows_capped():
                           top_k=8) == 2 * 256 * 2 * 8
     with pytest.raises(ValueError, match="max_rows"):
         default_buckets(0)
+
+
+def _group_by_slot(counts: torch.Tensor) -> torch.Tensor:
+    """The reference of ``slot_order`` (the eager serves' regrouping before it): counts
+    [sources, slots] of rows laid out source-major -> the row order that is slot-major, with
+    the total read on the host and repeat_interleave."""
+    flat = counts.flatten()
+    src_start = torch.cumsum(flat, 0) - flat  # where each (source, slot) block begins
+    blocks = torch.arange(counts.numel(), device=counts.device).view(counts.shape).t().flatten()
+    lens = flat[blocks]
+    out_start = torch.cumsum(lens, 0) - lens
+    total = int(flat.sum())
+    return (torch.repeat_interleave(src_start[blocks] - out_start, lens, output_size=total)
+            + torch.arange(total, device=counts.device))
 
 
 def test_slot_order_is_group_by_slots_order_from_the_device_alone():
@@ -303,7 +317,7 @@ def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
     """Around the Triton grouped_moe (stubbed here: its device-counts route is captured in decode
     graphs already, and the CUDA test captures it), a static serve's regrouping, padding and
     scatter read no tensor data on the host and make no shape from tensor data (the audit of
-    tests/test_cuda_graphs.py); the eager regrouping (_group_by_slot) does."""
+    tests/test_cuda_graphs.py); the host-side reference regrouping (_group_by_slot) does."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import afd.ffn_graphs as fg
