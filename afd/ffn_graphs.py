@@ -102,14 +102,6 @@ def slot_order(counts: torch.Tensor, total: int) -> torch.Tensor:
     return src_start[blocks[j]] + pos - (ends[j] - lens[j])
 
 
-@dataclass
-class _Graph:
-    bucket: int
-    weights: tuple  # the expert tensors this graph reads (baked into a captured graph)
-    n_slots: int
-    graph: torch.cuda.CUDAGraph | None  # None: run eagerly (no CUDA)
-
-
 def _weights(experts) -> tuple:
     return (experts.w13, experts.w2, experts.fp8_args)
 
@@ -118,6 +110,19 @@ def _signature(weights: tuple) -> tuple:
     w13, w2, fp8 = weights
     tensors = [w13, w2, *(v for v in fp8.values() if isinstance(v, torch.Tensor))]
     return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors)
+
+
+@dataclass
+class _Graph:
+    bucket: int
+    weights: tuple  # the expert tensors this graph reads (baked into a captured graph)
+    n_slots: int
+    graph: torch.cuda.CUDAGraph | None  # None: run eagerly (no CUDA)
+
+    def __post_init__(self) -> None:
+        # what ``ensure`` compares each serve with, taken once (the weights are kept alive
+        # above, so their storage cannot be reused under the same address)
+        self.signature = _signature(self.weights)
 
 
 class ExpertGraphs:
@@ -177,7 +182,7 @@ class ExpertGraphs:
                 self.pending.append(experts)
             return False
         first = next(iter(graphs.values()))
-        if (_signature(first.weights) == _signature(_weights(experts))
+        if (first.signature == _signature(_weights(experts))
                 and first.n_slots == len(experts.expert_ids)):
             return True
         log.warning("an MoE layer's expert tensors changed storage: its CUDA graphs are dropped "
@@ -241,7 +246,7 @@ class ExpertGraphs:
             experts = self.pending[0]
             key, weights = id(experts), _weights(experts)
             partial = self._partial.setdefault(key, {})
-            if partial and _signature(next(iter(partial.values())).weights) != _signature(weights):
+            if partial and next(iter(partial.values())).signature != _signature(weights):
                 partial.clear()  # rebound between two of its captures: start again
             bucket = next(b for b in reversed(self.buckets) if b not in partial)
             try:
