@@ -52,7 +52,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     # vLLM's structured-output extensions afd has no counterpart for (its structured_outputs
     # refuses them by name too)
     "structural_tag": (), "guided_whitespace_pattern": (),
-    "thinking_token_budget": (),  # vLLM's cap on the reasoning (README, Known limits)
+    "thinking_token_budget": (),  # vLLM's cap on the reasoning (docs/limits.md)
     # vLLM's external prefill/decode connector's parameters and its custom logits processors'
     # arguments: afd has neither (its own P/D transfer is internal, afd/kv_transfer.py)
     "kv_transfer_params": ({},), "vllm_xargs": ({},),

@@ -16,8 +16,8 @@ raises out of a rank's or the front end's loop.
 Every message is sealed (``Sealer``): a header naming its sender, its receiver and a sequence
 number, and an HMAC-SHA256 over header and body under the engine's session key, checked (in
 constant time) before a byte of the body is decoded. One that fails, or that repeats or goes
-back on its sender's sequence, is logged and dropped. What it covers and what not: README,
-**Control-plane authentication**.
+back on its sender's sequence, is logged and dropped. What it covers and what not:
+docs/architecture.md, **Control-plane authentication** (and docs/limits.md).
 """
 
 from __future__ import annotations

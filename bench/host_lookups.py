@@ -1,4 +1,5 @@
-"""Host-side costs README quotes for n-gram drafts, penalties and structured output.
+"""Host-side costs docs/ quotes (speculative.md, limits.md) for n-gram drafts, penalties and
+structured output.
 
     python bench/host_lookups.py [--json out]
 

@@ -8,8 +8,9 @@ through torchrun's own flags (--nnodes, --node-rank, --master-addr ...; N is the
 every node's --nproc-per-node); --model must then be a path every node can read (with none,
 each node builds the embedded model itself), --host the address clients reach rank 0's node
 on, and GLOO_SOCKET_IFNAME the interface the nodes reach each other on where this machine's
-hostname resolves to loopback (README: Serving), and --control-key-file a secret every node
-holds (the control messages are sealed with it; README: Control-plane authentication).
+hostname resolves to loopback (docs/serving.md: Multi-node), and --control-key-file a secret
+every node holds (the control messages are sealed with it; docs/architecture.md:
+Control-plane authentication).
 
 Every torchrun process becomes one rank (prefill ranks first, then attention, then FFN). Rank 0
 also starts the HTTP front end as a child process (``python -m afd.api_server``), so serving
@@ -304,7 +305,8 @@ def main() -> None:
                  f"'openssl rand -hex 32 > FILE; chmod 600 FILE'")
     own_store = None
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
-        own_store = loopback_store()  # on loopback only (torchrun's is torchrun's: see README)
+        # on loopback only (torchrun's is torchrun's: see docs/serving.md)
+        own_store = loopback_store()
     model = args.model or default_model_path()
     timeout = datetime.timedelta(seconds=max(args.timeout, 300))  # startup included
     device = (torch.device("cuda", local_rank % torch.cuda.device_count())

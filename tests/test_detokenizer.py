@@ -414,7 +414,7 @@ def test_engine_text_against_vllms_rules(llm):
 
 def test_byte_fallback_flush_gives_one_u_fffd_per_byte_left(tmp_path):
     """A byte-fallback output that ends inside a character, after whole characters of byte
-    tokens in the same run: the decode of that run is all U+FFFDs (README, not matched), so
+    tokens in the same run: the decode of that run is all U+FFFDs (docs/serving.md, not matched), so
     ``flush`` cut it at the emitted text's length and the text got a U+FFFD for each byte of
     the characters before, less one per character, beyond its own (one per byte left)."""
     tok = byte_fallback_tokenizer(str(tmp_path))
