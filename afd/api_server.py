@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field, replace
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -802,29 +803,46 @@ def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
 async def _respond(state: ServerState, request: Request, body: ResponsesRequest) -> Response:
     """POST /v1/responses: the request runs as a chat request (the same prompt, readers and
     checks; errors name the Responses fields); its answer comes back as a response object or
-    the stream of events that builds one."""
+    the stream of events that builds one.
+
+    As vLLM, the response's id (its store key, every event's) is the body's ``request_id`` as
+    sent, else ``resp_<uuid>``; the X-Request-Id header does not name it (vLLM's Responses
+    endpoint does not read it). A client's id must not be a stored response's or one being
+    generated (``ResponseStore.claim``, a 400), and the engine's id for it gets a random
+    suffix, as ``_request_ids`` gives chat's."""
+    client_id = None if body.request_id is None else check_request_id(body.request_id,
+                                                                       "request_id")
     history = []
     if body.previous_response_id is not None:
         history = state.responses.get(body.previous_response_id, "previous_response_id").items
     chat = body.chat_request(history)
+    response_id = client_id or new_id("resp")
+    engine_id = response_id if client_id is None else f"{client_id}-{uuid.uuid4().hex[:8]}"
     try:
         prompt, readers, reasoning_end = _chat_prompt(state, chat)
-        turn = _Turn(state, body, new_id("resp"), int(time.time()),
+        turn = _Turn(state, body, response_id, int(time.time()),
                      history + body.input_items(), readers)
-        turn.params, [stream], _ = _start(state, chat, [prompt], chat.max_tokens, turn.id,
+        turn.params, [stream], _ = _start(state, chat, [prompt], chat.max_tokens, engine_id,
                                           "input", "max_output_tokens", reasoning_end)
     except APIError as exc:
         raise rename_chat_error(exc) from None
+    if client_id is not None:  # nothing is queued before the stream is read
+        state.responses.claim(client_id)
+        # released once the response is stored or failed; or, a stream never read, with it
+        turn.release = weakref.finalize(turn, state.responses.release, client_id)
     if body.stream:
         return StreamingResponse(_responses_sse(turn, stream), media_type="text/event-stream")
-    [out] = await _collect(request, [stream])
-    if out.error:
-        raise _output_error(out)
-    message, _ = _chat_message(out.outputs[0], readers)
-    output = OutputItems()
-    output.add(chat_delta(message))
-    output.finish(out.outputs[0].finish_reason == "length")
-    return JSONResponse(turn.finish(out, output))
+    try:
+        [out] = await _collect(request, [stream])
+        if out.error:
+            raise _output_error(out)
+        message, _ = _chat_message(out.outputs[0], readers)
+        output = OutputItems()
+        output.add(chat_delta(message))
+        output.finish(out.outputs[0].finish_reason == "length")
+        return JSONResponse(turn.finish(out, output))
+    finally:
+        turn.release()
 
 
 @dataclass
@@ -838,6 +856,7 @@ class _Turn:
     items: list[dict[str, Any]]  # its conversation: history and input items (for the store)
     readers: _ChatReaders
     params: SamplingParams | None = None
+    release: Callable[[], Any] = lambda: None  # frees a client-chosen id (ResponseStore.claim)
 
     def response(self, status: str, output: list[dict[str, Any]],
                  usage: dict[str, Any] | None = None, error: APIError | None = None
@@ -908,6 +927,7 @@ async def _responses_sse(turn: _Turn, stream: AsyncIterator[RequestOutput]
         yield sse(output.event("response.failed",
                                response=turn.response("failed", output.items, error=error)))
     finally:
+        turn.release()
         await stream.aclose()  # not finished: aborts the request, frees its KV
 
 

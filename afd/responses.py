@@ -85,6 +85,9 @@ class ResponsesRequest(BoundedBody):
     include: list[str] | None = None
     prompt_cache_key: str | None = None  # a routing hint at OpenAI; prefix caching is automatic
     safety_identifier: str | None = None
+    # vLLM's extension: the response's id as sent (default resp_<uuid>), checked by
+    # check_request_id and ResponseStore.claim; not passed on to the chat request
+    request_id: Any = None
 
     def input_items(self) -> list[dict[str, Any]]:
         if isinstance(self.input, str):
@@ -426,6 +429,23 @@ class ResponseStore:
         self.bytes = 0  # what the entries kept count, as above
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self._sizes: dict[str, int] = {}
+        self._claimed: set[str] = set()  # client-chosen ids of responses being generated
+
+    def claim(self, response_id: str, param: str = "request_id") -> None:
+        """Reserve a client-chosen id for a response being generated (until ``release``): a
+        400 naming ``param`` if a stored response or one being generated has it. (vLLM
+        overwrites the stored response; here neither the new response nor a continuation of
+        the old one could tell which it got.)"""
+        if response_id in self._entries:
+            raise APIError(400, f"{param} {response_id!r} is the id of a stored response: "
+                           "choose another, or DELETE /v1/responses/{id} first", param=param)
+        if response_id in self._claimed:
+            raise APIError(400, f"{param} {response_id!r} is the id of a response still being "
+                           "generated: choose another", param=param)
+        self._claimed.add(response_id)
+
+    def release(self, response_id: str) -> None:
+        self._claimed.discard(response_id)
 
     def put(self, response: dict[str, Any], items: list[dict[str, Any]]) -> None:
         if self.size <= 0:

@@ -328,6 +328,11 @@ BAD = [
     ({"n": 2}, 400, "n"),
     ({"model": "other"}, 404, "model"),
     ({"previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+    # vLLM's request_id names the response: 1 to 256 printable characters, as on chat
+    ({"request_id": ""}, 400, "request_id"),
+    ({"request_id": "r" * 257}, 400, "request_id"),
+    ({"request_id": "a\nb"}, 400, "request_id"),
+    ({"request_id": 5}, 400, "request_id"),
 ]
 
 
@@ -417,6 +422,91 @@ def test_a_stream_closed_early_aborts_its_request(apps):
     seen, running, after = asyncio.run(go())
     assert "response.output_text.delta" in seen[-1]
     assert (running, after) == (1, 0)
+
+
+def test_request_id_names_the_response(apps):
+    """vLLM's request_id is the response's id as sent: the unstreamed response's, every
+    streamed event's, GET's, DELETE's and previous_response_id's. An id a stored response has
+    is a 400 naming request_id (vLLM overwrites it), free again once deleted. X-Request-Id does
+    not name a response (vLLM's Responses endpoint does not read it), and the body's id wins
+    over it; --enable-request-id-headers still echoes the header."""
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    small = {"model": "m", "max_output_tokens": 2, "temperature": 0}
+
+    async def go(c, http):
+        first = await c.responses.create(input="Hi", **small, extra_body={"request_id": "my-1"})
+        got = await c.responses.retrieve("my-1")
+        second = await c.responses.create(input="And?", previous_response_id="my-1", **small)
+        events = await _events(c, input="Hi", **small, extra_body={"request_id": "my stream"})
+        streamed = await c.responses.retrieve("my stream")
+        with pytest.raises(openai.BadRequestError) as taken:
+            await c.responses.create(input="Hi", **small, extra_body={"request_id": "my-1"})
+        await c.responses.delete("my-1")
+        again = await c.responses.create(input="Hi", **small, extra_body={"request_id": "my-1"})
+        return first, got, second, events, streamed, taken.value, again
+
+    first, got, second, events, streamed, taken, again = call_app(apps["plain"], go)
+    assert first.id == "my-1" and got.model_dump() == first.model_dump()
+    assert second.previous_response_id == "my-1" and second.id.startswith("resp_")
+    assert {e.response.id for e in events if hasattr(e, "response")} == {"my stream"}
+    assert streamed.id == "my stream" and streamed.status == events[-1].response.status
+    assert taken.status_code == 400 and taken.body["param"] == "request_id"
+    assert "stored response" in taken.body["message"]
+    assert again.id == "my-1"
+
+    on = build_app(ServerState(apps["engine"], "m", None, ServerMetrics("m"),
+                               enable_request_id_headers=True))
+
+    async def header(_, http):
+        body = {"input": "Hi", **small}
+        only = await http.post("/v1/responses", json=body, headers={"X-Request-Id": "hdr-1"})
+        both = await http.post("/v1/responses", json={**body, "request_id": "body-1"},
+                               headers={"X-Request-Id": "hdr-2"})
+        return only, both
+
+    only, both = call_app(on, header)
+    assert only.status_code == 200 and only.json()["id"].startswith("resp_"), only.text
+    assert "hdr-1" not in only.json()["id"] and only.headers["x-request-id"] == "hdr-1"
+    assert both.json()["id"] == "body-1" and both.headers["x-request-id"] == "hdr-2"
+
+
+def test_a_request_id_in_flight_is_taken_until_its_response_ends(apps):
+    """Two requests with one request_id at once: the second is a 400 naming request_id (its
+    response would replace the first's in the store). The id is free again once the first
+    ends, here closed early (not stored), or its stream is dropped unread."""
+    import gc
+
+    from afd.api_server import _respond
+    from afd.openai_protocol import APIError
+    from afd.responses import ResponsesRequest
+
+    state = apps["state"]
+
+    def body(**fields):
+        return ResponsesRequest.model_validate({"input": "Once upon a time", "stream": True,
+                                                "max_output_tokens": 50, "ignore_eos": True,
+                                                "request_id": "busy", **fields})
+
+    async def go():
+        events = (await _respond(state, None, body())).body_iterator
+        seen = [await events.__anext__() for _ in range(3)]
+        with pytest.raises(APIError) as busy:
+            await _respond(state, None, body(stream=False))
+        await events.aclose()
+        unread = await _respond(state, None, body())  # never read: dropped below
+        del unread
+        gc.collect()
+        done = [e async for e in (await _respond(state, None, body(max_output_tokens=2))
+                                  ).body_iterator]
+        return seen, busy.value, done
+
+    seen, busy, done = asyncio.run(go())
+    assert '"id": "busy"' in seen[0]
+    assert busy.status == 400 and busy.param == "request_id" and "being generated" in busy.message
+    assert "response.incomplete" in done[-1]
+    assert state.responses.get("busy").response["status"] == "incomplete"
 
 
 def test_output_items_and_helpers():
