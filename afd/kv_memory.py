@@ -5,7 +5,7 @@ rank that holds KV (the single process, attention ranks, prefill ranks) sizes it
 its weights are loaded, on its own GPU:
 
     budget = min(gpu_memory_utilization x total / ranks on this GPU - in use by this process,
-                 free on the GPU now) - activation reserve
+                 free on the GPU now) - activation reserve - CUDA graph pool reserve
     blocks = budget // bytes per block (every layer that caches, the MTP layer's too, in the
              cache's dtype: kv_cache_dtype "fp8" holds twice bf16's blocks)
              - 1 with CUDA graphs (their padding rows' scratch block)
@@ -26,6 +26,14 @@ so a profile run there means every rank of the layout stepping together before a
 and its peak would still miss what the FFN ranks' replies allocate. The estimate counts, for a
 step of ``max_num_batched_tokens`` tokens, the widest temporaries of one layer at once, MLA's
 per-head expansion of the prefill context, and the sampler's fp32 logits.
+
+CUDA graphs of decode steps (afd.cuda_graphs; the default on CUDA) allocate their intermediates
+from a private memory pool that nothing else reuses. They are captured once the KV pool exists
+(they bake its addresses in), so the pool cannot be measured before sizing: it is estimated
+too (``graph_pool_reserve``), with the same per-step estimate, for a step of the largest
+captured batch (its decode rows, no prefill), plus the logits and routing each smaller graph
+keeps alive in the pool. It is 0 where no graphs are captured (enforce_eager, MTP drafts, an
+attention kind not captured, a prefill rank, experts on FFN ranks).
 """
 
 from __future__ import annotations
@@ -77,12 +85,42 @@ def device_memory(device: torch.device, kind: str) -> DeviceMemory:
 
 def activation_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     """Bytes a step of ``max_num_batched_tokens`` tokens may need beyond weights and KV, an
-    upper estimate (see the module docstring): per token the residual stream's buffers, one
-    attention's projections, the wider of one dense MLP and one MoE layer (top_k routed copies
-    with their gate/up and activation, shared experts, fp32 router logits); MLA's prefill
-    expansion of up to MLA_PREFILL_MAX_CONTEXT context positions to per-head K and V; the
-    sampling rows' fp32 logits twice (logits and probabilities); WORKSPACE_BYTES."""
-    m, tokens = model_cfg, cfg.max_num_batched_tokens
+    upper estimate (see the module docstring): ``step_activations`` of that many tokens, as
+    many sampling rows as a step can have, with MLA's prefill expansion; WORKSPACE_BYTES."""
+    tokens = cfg.max_num_batched_tokens
+    rows = min(tokens, cfg.max_num_seqs * (1 + cfg.num_speculative_tokens))
+    return step_activations(model_cfg, cfg, tokens, rows, prefill=True) + WORKSPACE_BYTES
+
+
+def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
+    """Bytes the CUDA graphs' private pool may hold (``DecodeGraphs._capture_all``: every
+    size shares one pool, the largest captured first): ``step_activations`` of the largest
+    size's decode rows (no prefill: decode steps only), plus what each other graph keeps alive
+    there, its fp32 logits [size, V] and its routing (int64 [size, top_k] per MoE layer),
+    which a smaller graph's capture cannot reuse. 0 when the runner would not capture
+    (model_runner._graphs_apply: MTP drafts, an attention kind not in CAPTURED_ATTENTION)."""
+    from afd.cuda_graphs import CAPTURED_ATTENTION
+
+    if not cfg.cuda_graph_sizes or cfg.mtp or model_cfg.attention not in CAPTURED_ATTENTION:
+        return 0
+    largest = max(cfg.cuda_graph_sizes)
+    routing = model_cfg.top_k * 8 * sum(map(model_cfg.is_moe_layer,
+                                            range(model_cfg.num_layers)))
+    kept = sum(cfg.cuda_graph_sizes) * routing + (sum(cfg.cuda_graph_sizes) - largest) * (
+        model_cfg.vocab_size * 4)
+    return step_activations(model_cfg, cfg, largest, largest, prefill=False) + kept
+
+
+def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, rows: int,
+                     prefill: bool) -> int:
+    """Bytes one forward of ``tokens`` tokens with ``rows`` sampling rows may need beyond
+    weights and KV, an upper estimate: per token the residual stream's buffers, one attention's
+    projections, the wider of one dense MLP and one MoE layer (top_k routed copies with their
+    gate/up and activation, shared experts, fp32 router logits), summed though attention's and
+    the MLP's are not live together; with ``prefill``, MLA's expansion of up to
+    MLA_PREFILL_MAX_CONTEXT context positions to per-head K and V; the rows' fp32 logits twice
+    (logits and probabilities)."""
+    m = model_cfg
     element = torch.empty((), dtype=cfg.dtype).element_size()
     if m.attention == "mla":
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
@@ -95,27 +133,27 @@ def activation_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
            + m.num_experts * 4 // element)
     per_token = (6 * m.hidden_size + attention + max(dense, moe)) * element
     context = 0
-    if m.attention == "mla":  # a sequence longer than the cap is expanded alone, whole
+    if prefill and m.attention == "mla":  # a sequence longer than the cap is expanded alone
         positions = min(max(MLA_PREFILL_MAX_CONTEXT, cfg.max_model_len),
                         cfg.max_num_seqs * cfg.max_model_len)
         context = positions * m.num_heads * (m.qk_nope_head_dim + v + qk) * element
-    rows = min(tokens, cfg.max_num_seqs * (1 + cfg.num_speculative_tokens))
     logits = 2 * rows * m.vocab_size * 4
-    return tokens * per_token + context + logits + WORKSPACE_BYTES
+    return tokens * per_token + context + logits
 
 
 def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device,
                           kind: str, *, ranks_on_device: int = 1, graphs: bool = False) -> int:
     """This rank's KV blocks (of ``cfg.block_size``) once its weights are loaded (see the
     module docstring). ``kind``: "single", "attention" or "prefill" (the log line, and the
-    test's fake numbers). ``graphs``: it may capture CUDA graphs, whose scratch block comes out
-    of the same memory. ValueError naming the numbers when one max_model_len sequence does not
-    fit."""
+    test's fake numbers). ``graphs``: it may capture CUDA graphs, whose scratch block and pool
+    (``graph_pool_reserve``) come out of the same memory. ValueError naming the numbers when
+    one max_model_len sequence does not fit."""
     mem = device_memory(device, kind)
     per_block = bytes_per_block(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp)
     reserve = activation_reserve(model_cfg, cfg)
+    pool = graph_pool_reserve(model_cfg, cfg) if graphs else 0
     share = int(cfg.gpu_memory_utilization * mem.total) // ranks_on_device
-    budget = min(share - mem.in_use, mem.free) - reserve
+    budget = min(share - mem.in_use, mem.free) - reserve - pool
     blocks = max(0, budget) // per_block - graphs
     need = -(-cfg.max_model_len // cfg.block_size)
     gib = 2**30
@@ -124,14 +162,18 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
                f" = {share / gib:.2f} GiB, minus {mem.in_use / gib:.2f} GiB in use after "
                f"loading the weights (free now: {mem.free / gib:.2f} GiB), minus an activation "
                f"reserve of {reserve / gib:.2f} GiB for max_num_batched_tokens="
-               f"{cfg.max_num_batched_tokens}")
+               f"{cfg.max_num_batched_tokens}, minus a CUDA graph pool estimate of "
+               f"{pool / gib:.2f} GiB" + (f" for decode batches up to "
+                                          f"{max(cfg.cuda_graph_sizes)}" if pool else
+                                          " (no CUDA graphs)"))
     if blocks < need:
         raise ValueError(
             f"{kind} rank on {device}: KV cache too small: {numbers} leaves {budget / gib:.2f} "
             f"GiB, {max(0, blocks)} blocks of {per_block} bytes, but one max_model_len="
             f"{cfg.max_model_len} sequence needs {need} blocks of block_size={cfg.block_size}: "
-            "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens, or "
-            "give kv_cache_memory_gb / num_kv_blocks")
+            "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens"
+            f"{', give fewer or smaller cuda_graph_sizes or set enforce_eager' if pool else ''}"
+            ", or give kv_cache_memory_gb / num_kv_blocks")
     log.info("%s rank on %s: %d KV blocks (%.2f GiB): %s", kind, device, blocks,
              blocks * per_block / gib, numbers)
     return blocks

@@ -6,13 +6,15 @@ and a budget too small for one sequence is refused by name."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, resolve_engine_config
-from afd.kv_memory import FAKE_MEMORY_ENV, activation_reserve, kv_blocks_from_memory
+from afd.kv_memory import (FAKE_MEMORY_ENV, activation_reserve, graph_pool_reserve,
+                           kv_blocks_from_memory, step_activations)
 from afd.layouts import RankFailure
 from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
 from models.config import load_config
@@ -33,12 +35,14 @@ def reference(tmp_path_factory):
 
 
 def fake_memory(path: str, blocks: int, block_size: int, *, in_use: int, utilization=0.9,
-                free_binds: bool = False) -> dict:
+                free_binds: bool = False, extra: int = 0) -> dict:
     """Device numbers under which a rank of ``path`` (ARGS, ``block_size``) gets ``blocks``:
-    bound by utilization x total - in_use, or (``free_binds``) by what is free."""
+    bound by utilization x total - in_use, or (``free_binds``) by what is free; ``extra``:
+    bytes the rank reserves besides the activations (CUDA graphs' pool and scratch block)."""
     cfg = resolve_engine_config(path, load_config(path), num_kv_blocks=1000, **ARGS)
     per_block = bytes_per_block(load_config(path), block_size, cfg.dtype, False)
-    need = activation_reserve(load_config(path), cfg) + blocks * per_block + per_block // 2
+    need = activation_reserve(load_config(path), cfg) + extra + blocks * per_block \
+        + per_block // 2
     if free_binds:
         return {"total": 64 * GIB, "free": need, "in_use": in_use}
     return {"total": int((need + in_use) / utilization) + 1, "free": 64 * GIB, "in_use": in_use}
@@ -82,7 +86,9 @@ def test_budget_math_share_scratch_block_and_refusal(reference, monkeypatch):
 
     mem = fake_memory(path, 500, 4, in_use=3 * GIB)
     assert blocks(mem) == 500
-    assert blocks(mem, graphs=True) == 499  # the graphs' scratch block
+    # the graphs' pool estimate and scratch block (test_cuda_graph_pool_is_reserved)
+    pool = graph_pool_reserve(model_cfg, cfg)
+    assert blocks(fake_memory(path, 500, 4, in_use=3 * GIB, extra=pool), graphs=True) == 499
     # half the fraction each for two ranks on one GPU
     big = {"total": 8 * GIB, "free": 64 * GIB, "in_use": GIB}
     assert blocks(big, ranks_on_device=2) == (
@@ -102,6 +108,50 @@ def test_budget_math_share_scratch_block_and_refusal(reference, monkeypatch):
     with pytest.raises(ValueError, match=r"gpu_memory_utilization=0\.9 of .* GiB.*in use.*"
                                          r"23 blocks.*max_model_len=96.*needs 24 blocks"):
         blocks(fake_memory(path, 23, 4, in_use=GIB))
+
+
+def test_cuda_graph_pool_is_reserved(reference, monkeypatch, caplog):
+    """CUDA graphs' private pool comes off the budget where graphs are captured: the estimate
+    is a decode step of the largest captured size (step_activations, no prefill expansion)
+    plus the logits and routing every other size's graph keeps alive; 0 with MTP drafts (not
+    captured). The sizing's log line names it, and 0 with no graphs. A single process with
+    enforce_eager=False reserves it, one with enforce_eager=True does not."""
+    path = reference[0]
+    model_cfg = load_config(path)
+    cfg = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, **ARGS)
+    assert cfg.cuda_graph_sizes == (1, 2, 4, 8)  # the default for max_num_seqs=8
+    per_block = bytes_per_block(model_cfg, 4, cfg.dtype, False)
+    routing = model_cfg.top_k * 8 * len([i for i in range(model_cfg.num_layers)
+                                         if model_cfg.is_moe_layer(i)])
+    one = step_activations(model_cfg, cfg, 8, 8, prefill=False) + 8 * routing
+    assert graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(8,))) == one
+    pool = graph_pool_reserve(model_cfg, cfg)
+    assert pool == one + 7 * (routing + model_cfg.vocab_size * 4)
+    assert graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(1, 2, 4, 8, 16))) > pool
+    assert graph_pool_reserve(model_cfg, replace(cfg, num_speculative_tokens=1,
+                                                 speculative_method="mtp")) == 0
+    assert 0 < pool < activation_reserve(model_cfg, cfg)  # no MLA prefill expansion
+
+    mem = fake_memory(path, 500, 4, in_use=3 * GIB, extra=pool + per_block)
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
+    with caplog.at_level("INFO", logger="afd.kv_memory"):
+        on = kv_blocks_from_memory(cfg, model_cfg, torch.device("cpu"), "single", graphs=True)
+        off = kv_blocks_from_memory(cfg, model_cfg, torch.device("cpu"), "single")
+    assert on == 500  # the pool and the scratch block came off
+    assert off == 500 + (pool + per_block + per_block // 2) // per_block
+    logged = [r.getMessage() for r in caplog.records if r.name == "afd.kv_memory"]
+    assert f"CUDA graph pool estimate of {pool / GIB:.2f} GiB for decode batches up to 8" \
+        in logged[0]
+    assert "CUDA graph pool estimate of 0.00 GiB (no CUDA graphs)" in logged[1]
+    with pytest.raises(ValueError, match="CUDA graph pool estimate.*set enforce_eager"):
+        kv_blocks_from_memory(replace(cfg, max_model_len=4 * 4 * 600), model_cfg,
+                              torch.device("cpu"), "single", graphs=True)
+
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": fake_memory(
+        path, 37, 4, in_use=5 * GIB, extra=pool + per_block)}))
+    assert LLM(path, enforce_eager=False, **ARGS).config.num_kv_blocks == 37
+    assert LLM(path, enforce_eager=True, **ARGS).config.num_kv_blocks == \
+        37 + (pool + per_block + per_block // 2) // per_block
 
 
 def test_single_process_sizes_its_pool_after_loading(reference, monkeypatch):
