@@ -39,6 +39,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.async_engine import AsyncEngine, EngineDeadError
+from afd.frontend_flags import (FrontendOptions, add_frontend_args, add_frontend_options,
+                                route_path, uvicorn_config)
 from afd.metrics import ServerMetrics
 from pydantic import ValidationError
 
@@ -110,9 +112,13 @@ class ServerState:
                  enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
                  max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30,
                  max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-                 enable_request_id_headers: bool = False):
+                 enable_request_id_headers: bool = False,
+                 options: FrontendOptions | None = None):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
+        self.options = options or FrontendOptions()  # vLLM's front-end flags
+        if self.options.default_chat_template_kwargs:
+            self.options.check_tokenizer(engine.engine.tokenizer)
         # vLLM's --enable-request-id-headers: every response carries X-Request-Id
         self.enable_request_id_headers = enable_request_id_headers
         self.ignored_fields = IgnoredFieldsLog()
@@ -155,10 +161,12 @@ class ServerState:
 
     @property
     def template_variables(self) -> set[str]:
-        """The variables the tokenizer's chat template reads (found once)."""
+        """The variables the server's chat template (--chat-template, else the tokenizer's)
+        reads (found once)."""
         if self._template_variables is None:
             self._template_variables = chat_template_variables(
-                getattr(self.engine.engine.tokenizer, "chat_template", None))
+                self.options.chat_template or getattr(self.engine.engine.tokenizer,
+                                                      "chat_template", None))
         return self._template_variables
 
     def tool_markers_are_special(self) -> bool:
@@ -196,8 +204,8 @@ class AuthAndDrain:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and (scope["path"].startswith("/v1/")
-                                        or scope["path"] in ADMIN_PATHS):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in ADMIN_PATHS):
             error = None
             key = self.state.api_key
             if key is not None and Headers(scope=scope).get("authorization", "") != \
@@ -338,6 +346,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=state.max_request_body_bytes)
     app.add_middleware(AuthAndDrain, state=state)  # the outer one: a 401 reads no body
+    add_frontend_options(app, state.options)  # CORS outside it: preflights need no key
     if state.enable_request_id_headers:  # outside all: the 401s and 413s carry it too
         app.add_middleware(RequestIdHeader)
 
@@ -450,7 +459,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_model(state, req.model)
         tokenizer = state.engine.engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
-            ids = req.prompt_ids(tokenizer)[1]
+            ids = req.prompt_ids(tokenizer, _chat_template(state, req))[1]
         else:
             try:
                 check_text(req.prompt, "prompt")
@@ -510,11 +519,11 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
     answer (tool calls, reasoning) and the reasoning end token ids its grammar waits for (None:
     a grammar, if any, applies from the first token); a request read for markers that are
     special tokens keeps special tokens in its text."""
-    body.apply_reasoning_effort(state.template_variables)
+    template = _chat_template(state, body)
     tool_streams = body.tool_streams(state.auto_tool_parser)
     if body.tool_mode(state.auto_tool_parser) == "auto" and state.tool_markers_are_special():
         body.skip_special_tokens = False
-    text, ids = body.prompt_ids(state.engine.engine.tokenizer)
+    text, ids = body.prompt_ids(state.engine.engine.tokenizer, template)
     reasoning_end = body.reasoning_end_token_ids(state.reasoning_parser,
                                                  state.reasoning_marker_ids, ids)
     reasoning_streams = body.reasoning_streams(state.reasoning_parser,
@@ -523,6 +532,39 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest
         body.skip_special_tokens = False
     return ({"prompt_token_ids": ids, "prompt": text},
             _ChatReaders(tool_streams, reasoning_streams, body.include_reasoning), reasoning_end)
+
+
+def _chat_template(state: ServerState, body) -> str | None:
+    """The template a chat body (chat completions, responses, /tokenize) renders with, as
+    vLLM picks it: the request's own chat_template only with --trust-request-chat-template
+    (else a 400 naming it; chat_template_kwargs.chat_template too), else --chat-template,
+    else None (the tokenizer's). Makes the body's chat_template_kwargs whole: reasoning_effort
+    (chat) read against that template's variables, --default-chat-template-kwargs under the
+    request's own (the request's win, as vLLM's)."""
+    options = state.options
+    if not options.trust_request_chat_template:
+        sent = (("chat_template", body.chat_template),
+                ("chat_template_kwargs", (body.chat_template_kwargs or {}).get("chat_template")))
+        for param, value in sent:
+            if value is not None:
+                raise APIError(400, f"{param}: a chat template sent with the request is "
+                               "refused: this server was not started with "
+                               "--trust-request-chat-template", param=param)
+    own = body.chat_template is not None
+    template = body.chat_template if own else options.chat_template
+    if isinstance(body, ChatCompletionRequest):
+        body.apply_reasoning_effort(chat_template_variables(template) if own
+                                    else state.template_variables)
+    if options.default_chat_template_kwargs:
+        body.chat_template_kwargs = {**options.default_chat_template_kwargs,
+                                     **(body.chat_template_kwargs or {})}
+    return template
+
+
+def _response_role(state: ServerState, body: ChatCompletionRequest) -> str:
+    """The role of a chat answer's message, as vLLM's: --response-role when the request asks
+    for the generation prompt, else the last message's (the answer continues it)."""
+    return state.options.response_role if body.add_generation_prompt else body.messages[-1].role
 
 
 def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None, base: str,
@@ -539,7 +581,7 @@ def _start(state: ServerState, body, prompts: list[Any], max_tokens: int | None,
     engine = state.engine
     try:
         params = body.sampling_params(max_tokens, engine.engine.default_sampling,
-                                      reasoning_end)
+                                      reasoning_end, max_logprobs=state.options.max_logprobs)
         params.output_kind = (RequestOutputKind.DELTA if body.stream
                               else RequestOutputKind.FINAL_ONLY)
         checked = [engine.check_request(p, params, body.priority) for p in prompts]
@@ -584,6 +626,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     return_ids = bool(body.return_token_ids)  # vLLM's return_token_ids
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
+    role = _response_role(state, body) if chat else None
     if body.stream:
         options = body.stream_options or StreamOptions(include_usage=False)
         # vLLM's continuous_usage_stats: each chunk's choice's usage so far (with
@@ -594,7 +637,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
                                       params.logprobs, echo, readers, continuous,
                                       bool(body.return_tokens_as_token_ids),
-                                      prompt_ids if return_ids else None),
+                                      prompt_ids if return_ids else None, role),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -613,7 +656,7 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
             usage["completion_tokens"] += 0 if echo is not None and echo.only else len(
                 c.token_ids)
             if chat:
-                message, finish = _chat_message(c, readers)
+                message, finish = _chat_message(c, readers, role)
                 hide = readers is not None and readers.hides_tokens
                 choices.append({"index": index, "finish_reason": finish, "message": message,
                                 "logprobs": None if hide else _chat_logprobs(
@@ -767,12 +810,12 @@ class _ChoiceReader:
         return self.tools is not None and self.tools.has_calls
 
 
-def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
+def _chat_message(c: CompletionOutput, readers: _ChatReaders | None, role: str = "assistant"
                   ) -> tuple[dict[str, Any], str | None]:
-    """A chat choice's message and finish_reason: with a reasoning parser, the reasoning split
-    off; with tools, the calls read out of the rest ("tool_calls" when the model ended the
-    answer itself) and the text outside them."""
-    plain = {"role": "assistant", "content": c.text}
+    """A chat choice's message (of ``role``: _response_role) and finish_reason: with a
+    reasoning parser, the reasoning split off; with tools, the calls read out of the rest
+    ("tool_calls" when the model ended the answer itself) and the text outside them."""
+    plain = {"role": role, "content": c.text}
     if readers is None:
         return plain, c.finish_reason
     message: dict[str, Any] = dict(plain)
@@ -783,7 +826,7 @@ def _chat_message(c: CompletionOutput, readers: _ChatReaders | None
         except Exception:  # noqa: BLE001 - a reader's bug must not fail the answer
             log.exception("reasoning reader failed; answering with the plain text")
             return plain, c.finish_reason
-        message = {"role": "assistant", "content": split.content,
+        message = {"role": role, "content": split.content,
                    "reasoning": split.reasoning if readers.include_reasoning else None}
         text = split.content or ""
     if readers.tools is None:
@@ -1032,7 +1075,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
                echo: _Echo | None, readers: _ChatReaders | None = None,
                continuous_prompt_tokens: list[int] | None = None, as_ids: bool = False,
-               prompt_ids: list[list[int]] | None = None) -> AsyncIterator[str]:
+               prompt_ids: list[list[int]] | None = None, role: str | None = "assistant"
+               ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
@@ -1044,7 +1088,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     ``prompt_ids`` (each prompt's token ids: vLLM's return_token_ids) each choice's chunks
     carry their new ``token_ids``, its first one (chat: the first chunk) the prompt's. The
     streams' outputs are deltas (RequestOutputKind.DELTA): each choice's pieces wait in a
-    ``_Pending`` until a chunk carries them."""
+    ``_Pending`` until a chunk carries them. ``role``: a chat answer's (_response_role)."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -1095,7 +1139,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
 
     try:
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+            yield chunk([{"index": i, "delta": {"role": role, "content": ""},
                           "finish_reason": None} for i in range(len(streams) * n)],
                         **({} if prompt_ids is None else {"prompt_token_ids": prompt_ids[0]}))
         while open_streams:
@@ -1268,9 +1312,14 @@ def main() -> None:
     ap.add_argument("--max-stored-responses-mb", type=int, default=1024)
     ap.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     ap.add_argument("--enable-request-id-headers", action="store_true")
+    add_frontend_args(ap)
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
+    try:
+        options = FrontendOptions.from_args(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
 
@@ -1302,7 +1351,8 @@ def main() -> None:
                         max_stored_responses=args.max_stored_responses,
                         max_stored_response_bytes=args.max_stored_responses_mb << 20,
                         max_request_body_bytes=args.max_request_body_bytes,
-                        enable_request_id_headers=args.enable_request_id_headers)
+                        enable_request_id_headers=args.enable_request_id_headers,
+                        options=options)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):
@@ -1312,8 +1362,7 @@ def main() -> None:
             # close the port at once and give in-flight requests only its own 5 s
             yield
 
-    server = Server(uvicorn.Config(build_app(state), host=args.host, port=args.port,
-                                   log_level="warning", timeout_graceful_shutdown=5))
+    server = Server(uvicorn_config(build_app(state), options, args.host, args.port))
 
     async def drain() -> None:
         state.draining = True
@@ -1340,8 +1389,9 @@ def main() -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        log.info("afd serving %s on http://%s:%d (layout P=%d A=%d F=%d); ready", name,
-                 args.host, args.port, layout.prefill, layout.attention, layout.ffn)
+        log.info("afd serving %s on %s://%s:%d%s (layout P=%d A=%d F=%d); ready", name,
+                 "https" if options.ssl_certfile else "http", args.host, args.port,
+                 options.root_path, layout.prefill, layout.attention, layout.ffn)
         await server.serve()
 
     try:

@@ -230,13 +230,27 @@ class _SamplingFields(BoundedBody):
                            param="prompt_logprobs")
         return self.prompt_logprobs
 
+    def check_max_logprobs(self, logprobs: int | None, prompt_logprobs: int | None,
+                           limit: int) -> None:
+        """vLLM's --max-logprobs: more top logprobs per token than ``limit`` is a 400 naming
+        the field sent (a completion's echo takes the prompt's from ``logprobs``)."""
+        for value, name in ((logprobs, self.logprobs_field),
+                            (prompt_logprobs, "prompt_logprobs" if self.prompt_logprobs
+                             is not None else "logprobs")):
+            if isinstance(value, int) and value > limit:
+                raise APIError(400, f"{name}={value} is more than this server's limit of "
+                               f"{limit} logprobs per token (--max-logprobs)", param=name)
+
+    logprobs_field: ClassVar[str] = "logprobs"  # the field num_logprobs reads
+
     def sampling_params(self, max_tokens: int | None,
                         defaults: dict[str, Any] | None = None,
-                        reasoning_end_token_ids: list[int] | None = None) -> SamplingParams:
+                        reasoning_end_token_ids: list[int] | None = None,
+                        max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
         """ValueError (-> 400) names the field when a value is out of range. ``defaults``: the
         engine's values (generation_config.json) for the sampling fields a request leaves
         unset. ``reasoning_end_token_ids``: what the grammar waits for (the server's, from
-        its reasoning parser)."""
+        its reasoning parser). ``max_logprobs``: the server's --max-logprobs."""
         unsupported = {**_UNSUPPORTED, **self.unsupported_here}
         sent = {**(self.model_extra or {}), **self.model_dump(include=set(unsupported))}
         for name, neutral in unsupported.items():
@@ -268,14 +282,16 @@ class _SamplingFields(BoundedBody):
             raise APIError(400, "logit_bias keys must be token ids, got a key of "
                            f"{max(map(len, self.logit_bias))} digits", param="logit_bias") from None
         values = {**(defaults or {}), **self.model_dump(include=_DEFAULTED, exclude_none=True)}
+        logprobs, prompt_logprobs = self.num_logprobs(), self.num_prompt_logprobs()
+        self.check_max_logprobs(logprobs, prompt_logprobs, max_logprobs)
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, **values, seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias,
-            min_tokens=self.min_tokens, logprobs=self.num_logprobs(),
+            min_tokens=self.min_tokens, logprobs=logprobs,
             structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words, prompt_logprobs=self.num_prompt_logprobs(),
+            bad_words=self.bad_words, prompt_logprobs=prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             reasoning_end_token_ids=reasoning_end_token_ids)
 
@@ -442,17 +458,29 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+def _template_env() -> jinja2.Environment:
+    """An environment that parses chat templates as transformers renders them (loop controls,
+    ``{% generation %}``)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+
+
+def check_chat_template(source: str) -> None:
+    """jinja2.TemplateSyntaxError where ``source`` does not parse as a chat template."""
+    _template_env().parse(source)
+
+
 def chat_template_variables(template: Any) -> set[str]:
     """The variables a chat template (a Jinja string, or transformers' {name: template}) reads
     that it does not set itself; a template that does not parse reads none. Parsed with the
     extensions transformers renders templates with (loop controls, ``{% generation %}``), so
     a template that uses ``{% break %}`` is read as the tokenizer reads it."""
     from jinja2 import meta
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     sources = template.values() if isinstance(template, dict) else [template]
     found: set[str] = set()
-    env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = _template_env()
     for source in sources:
         if isinstance(source, str):
             try:
@@ -474,11 +502,15 @@ class ChatTemplateFields(BoundedBody):
     # vLLM's: retrieval documents for the template ({"title", "text"} each; a template that
     # takes none ignores them)
     documents: list[dict[str, str]] | None = None
+    # vLLM's per-request Jinja template: the server takes it only when started with
+    # --trust-request-chat-template (api_server._chat_template), else a 400 naming it
+    chat_template: str | None = None
 
     def prompt_ids(self, tokenizer, template: str | None = None) -> tuple[str, list[int]]:
         """The conversation through the tokenizer's chat template, or ``template`` (a Jinja
-        string: the offline ``LLM.chat`` only; the server takes none from requests):
-        (text, token ids)."""
+        string: the server's --chat-template, a trusted request's own, or the offline
+        ``LLM.chat``'s; this method never reads the ``chat_template`` field): (text, token
+        ids)."""
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template", param="messages")
         if self.add_generation_prompt and self.continue_final_message:
@@ -528,9 +560,7 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
-    # chat_template: vLLM's per-request Jinja template (vLLM too refuses it unless started
-    # with --trust-request-chat-template; afd takes none from requests)
-    unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,), "chat_template": ()}
+    unsupported_here: ClassVar[dict[str, tuple]] = {"echo": (False,)}
 
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -659,11 +689,13 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
             schema = named_schema(tool)
         return [("tools", {"json": schema})]
 
+    logprobs_field: ClassVar[str] = "top_logprobs"
+
     def num_logprobs(self) -> int | None:
         top = self.top_logprobs
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
-                           f"{top!r}", param="top_logprobs")
+        if top is not None and top < 0:  # the upper bound: check_max_logprobs
+            raise APIError(400, f"top_logprobs must be an integer >= 0, got {top!r}",
+                           param="top_logprobs")
         if top and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         return (top or 0) if self.logprobs else None

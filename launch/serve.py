@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
 from afd import protocol
+from afd.frontend_flags import FrontendOptions, add_frontend_args, frontend_argv
 from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, engine_config_to_dict,
                         resolve_engine_config)
 from afd.layouts import is_loopback, loopback_store, threads_per_rank
@@ -150,6 +151,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--enable-request-id-headers", action="store_true",
                     help="vLLM's: every HTTP response carries an X-Request-Id header, the "
                          "request's own or a new id (off by default, as vLLM)")
+    add_frontend_args(ap)  # vLLM's chat-template, logprobs, CORS, root-path, SSL flags
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -204,6 +206,10 @@ def parse_args() -> argparse.Namespace:
             args.hf_overrides = check_hf_overrides(json.loads(args.hf_overrides))
         except ValueError as exc:
             ap.error(f"--hf-overrides: {exc}")
+    try:  # a template file, JSON, SSL files: checked before any rank starts
+        FrontendOptions.from_args(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.max_request_body_bytes < 1:
         ap.error(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     if (args.expert_placement or args.num_redundant_experts or args.eplb_interval_steps) \
@@ -250,6 +256,7 @@ def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
         cmd.append("--enable-auto-tool-choice")
     if args.enable_request_id_headers:
         cmd.append("--enable-request-id-headers")
+    cmd += frontend_argv(args)
     front = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1,
                              env={**os.environ, protocol.KEY_ENV: key.hex()})
     spec: queue.Queue = queue.Queue()
