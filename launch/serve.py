@@ -206,10 +206,11 @@ def parse_args() -> argparse.Namespace:
             args.hf_overrides = check_hf_overrides(json.loads(args.hf_overrides))
         except ValueError as exc:
             ap.error(f"--hf-overrides: {exc}")
-    try:  # a template file, JSON, SSL files: checked before any rank starts
-        FrontendOptions.from_args(args)
-    except ValueError as exc:
-        ap.error(str(exc))
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 starts the front end: its files (a
+        try:  # template, SSL) need be on that node only; checked before the ranks start
+            FrontendOptions.from_args(args)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.max_request_body_bytes < 1:
         ap.error(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     if (args.expert_placement or args.num_redundant_experts or args.eplb_interval_steps) \

@@ -344,7 +344,8 @@ FLAGS = ["--chat-template=" + DASHED, "--trust-request-chat-template",
 
 def test_launch_serve_takes_the_flags_and_passes_them_on(monkeypatch, capsys, tmp_path):
     """launch/serve.py lists every front-end flag in --help, checks them before any rank
-    starts (a bad one exits naming it) and passes them to the front end's command line."""
+    starts (a bad one exits naming it; rank 0 only, whose node runs the front end) and passes
+    them to the front end's command line."""
     monkeypatch.syspath_prepend("launch")
     import serve
 
@@ -391,3 +392,7 @@ def test_launch_serve_takes_the_flags_and_passes_them_on(monkeypatch, capsys, tm
         with pytest.raises(SystemExit):
             serve.parse_args()
         assert flag in capsys.readouterr().err
+    # the other ranks (another node's, say) leave the front end's files to rank 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--chat-template", "/no/such/template.jinja"])
+    assert serve.parse_args().chat_template == "/no/such/template.jinja"
