@@ -89,7 +89,11 @@ def load_chat_template(value: str | None) -> str | None:
             raise ValueError(f"--chat-template {value!r:.200}: no such file could be read "
                              f"({exc.strerror}), and it is no template (no {{, }} or "
                              "newline)") from None
-    return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as exc:  # a lone backslash at the end, say
+        raise ValueError(f"--chat-template: a bad backslash escape in the template ({exc.reason})"
+                         ) from None
 
 
 def _json_flag(flag: str, text: str | None, kind: type) -> Any:

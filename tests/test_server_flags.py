@@ -100,7 +100,8 @@ def test_chat_template_inline_and_bad_values(engine, tmp_path):
     assert r.json()["tokens"] == _ids(engine, "[Hi there]\n!")
     for value, message in ((str(tmp_path / "missing.jinja"), "no such file"),
                            (str(tmp_path), "no such file"),
-                           ("{% if %}", "does not parse")):
+                           ("{% if %}", "does not parse"),
+                           ("{{ x }}\\", "bad backslash escape")):
         with pytest.raises(ValueError, match="--chat-template") as err:
             _options("--chat-template", value)
         assert message in str(err.value)
