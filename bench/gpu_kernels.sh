@@ -12,8 +12,8 @@
 #                                        # feature on and off, the MoE table with each cell's
 #                                        # variants timed in turn 3 times, medians and targets,
 #                                        # tile A/B incl. ws tiles, both entries with the
-#                                        # winning tiles, then feature A/B), then two ws
-#                                        # probes (bench/ws_probe.py, 30 s each)
+#                                        # winning tiles, then feature A/B), then the
+#                                        # 128-row ws tiles' probe (bench/ws_probe.py, 70 s)
 #   FP8=1 bash bench/gpu_kernels.sh      # FP8 experts only, ~2-3 min (at most 105+175 s;
 #                                        # timeout_s=300): the FP8 GPU tests
 #                                        # (Triton against the FP8 torch reference at
@@ -54,7 +54,7 @@ FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
-WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the two ws probes (70 s) for more tile A/B time
+WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the ws probe (70 s) for more tile A/B time
 ROUNDS=${ROUNDS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
 export OUT
@@ -108,12 +108,13 @@ elif [ "$QUICK" = 1 ]; then
     --profile "$OUT/host_profile.txt" 2>&1
   run_bench $((QUICK_BUDGET_S + 15)) "benchmark --quick (writes $OUT/kernels.json)" --quick \
     --no-fp8 --budget-s "$QUICK_BUDGET_S" --rounds "$ROUNDS"
-  stamp "ws probes: a 64-row ws tile (runs in the GPU tests) and a 128-row one (hung an H100)"
+  stamp "ws probes: the 128-row ws tiles (WS_128_TILES; one hung an H100 before the fix) at E=8"
   [ "$WS_PROBES" = 1 ] || stamp "ws probes skipped (WS_PROBES=0)"
-  for bm in $([ "$WS_PROBES" = 1 ] && echo 64 128); do
-    timeout -k 5 30 python3 bench/ws_probe.py 8 128 "$bm" 2>&1 | tee -a "$OUT/ws_probe.log"
-    echo "ws_probe block_m=$bm exit code ${PIPESTATUS[0]}" | tee -a "$OUT/ws_probe.log"
-  done
+  if [ "$WS_PROBES" = 1 ]; then
+    timeout -k 5 70 python3 bench/ws_probe.py --experts 8 --m 128 --json "$OUT/ws_probe.jsonl" \
+      2>&1 | tee -a "$OUT/ws_probe.log"
+    echo "ws_probe exit code ${PIPESTATUS[0]}" | tee -a "$OUT/ws_probe.log"
+  fi
 else
   run_tests 300 "GPU kernel tests" tests/test_kernels_moe.py tests/test_kernels_norm.py \
     tests/test_kernels_rotary.py tests/test_kernels_mla.py tests/test_kernels_gqa.py \

@@ -6,15 +6,20 @@
 #      graphs' capture test (tests/test_ffn_graphs.py, never run on a GPU), to graphs_tests.log;
 #   2. bench/moe_profile.py: each kernel's device time in fused_moe / grouped_moe at issue 3's
 #      open cells (m=128, m=512), to moe_profile.{json,log};
-#   3. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
-#   4. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/;
-#   5. PREFILL=1 ... (prefill launch choices), prefill/.
+#   3. bench/ws_probe.py: the 128-row warp-specialized tiles (fused_moe_tuning.WS_128_TILES, the
+#      candidate for issue 3's m=128 target; one hung an H100 on 2026-11-26, cause found and
+#      fixed on CPU since) checked and timed against the table's tiles at E=8 and 32, m=128, to
+#      ws_probe.{jsonl,log};
+#   4. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
+#   5. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/.
+# (PREFILL=1 bash bench/gpu_kernels.sh, prefill launch choices, waits for a later session.)
 # The device tool brings back at most 8 files, so everything goes into one recheck.tgz in $OUT,
 # packed again after every stage (a call cut at its timeout keeps what ran). Unpack here with
 # `tar xzf recheck.tgz -C bench/results/<card>_<date>/`.
-# Stage timeouts: 175 + 80 + 100 + 100 + 100 s plus ~25 s of setup = 580 s at most (stage 1
-# also runs the FFN graphs' capture test, not yet timed on a GPU); in the 2026-11-27 run the
-# same stages took 118 (graph tests alone), 79, 80 and 85 s. A nested bench/gpu_kernels.sh
+# Stage timeouts: 175 + 80 + 110 + 100 + 100 s plus ~25 s of setup = 590 s at most (stage 1
+# also runs the FFN graphs' capture test, not yet timed on a GPU; stage 3 is new, estimated at
+# ~90 s: about 16 Triton compiles and CUDA-graph timings); in the 2026-11-27 run stages 1, 4 and
+# 5 took 118 (graph tests alone), 79 and 80 s. A nested bench/gpu_kernels.sh
 # runs its own stage timeouts in process groups of their own, which an outer timeout would not
 # reach: each runs in a session of its own, killed whole at its time.
 set -uo pipefail
@@ -52,8 +57,16 @@ echo "moe_profile_rc=$?" | tee -a "$WORK/moe_profile.log"
 grep -E "^E=|fused_moe:|grouped_moe:" "$WORK/moe_profile.log"
 pack
 
-# 3-5: bench/gpu_kernels.sh in its FP8 / VERIFY / PREFILL modes, each into its own folder
-for mode in FP8 VERIFY PREFILL; do
+stamp "3. 128-row ws tiles: probe, check, time"
+# one JSON line per tile as it finishes: a hang (killed at the timeout) keeps the tiles before it
+timeout -k 5 110 python3 bench/ws_probe.py --experts 8,32 --m 128 --json "$WORK/ws_probe.jsonl" \
+  >"$WORK/ws_probe.log" 2>&1
+echo "ws_probe_rc=$?" | tee -a "$WORK/ws_probe.log"
+grep -E "rel err|ws_probe_rc" "$WORK/ws_probe.log"
+pack
+
+# 4-5: bench/gpu_kernels.sh in its FP8 / VERIFY modes, each into its own folder
+for mode in FP8 VERIFY; do
   seconds=100
   dir="$WORK/$(echo "$mode" | tr 'A-Z' 'a-z')"
   mkdir -p "$dir"

@@ -1,58 +1,149 @@
-"""Probe one warp-specialized (``ws``) w13 tile on a GPU, step by step, to tell a compile hang
-from a device hang: prints after the launch returns (compiled and enqueued) and after the sync,
-then compares with the same tile run plain. Run it under ``timeout``:
+"""Probe, check and time warp-specialized (``ws``) MoE GEMM tiles on a GPU, one at a time, each
+against the table's tile for the same GEMM (issue 3's m = 128 cells).
 
-    timeout -k 5 30 python bench/ws_probe.py [E] [m] [block_m]
+A 128-row ws tile hung an H100 on 2026-11-26 (bench/results/h100_20261126_b/ws_probe.log): it
+launched and never finished. Its activation TMA copies moved the host-made descriptor's 128-row
+box into 64-row buffers (``moe_gemm_triton.WS_MAX_BLOCK_M``); the kernels now make that
+descriptor on the device. This runs ``fused_moe_tuning.WS_128_TILES`` (or, with
+``--block-m 64``, the 64-row ws tiles of ``QUICK_TILES``), printing after each launch returns
+(compiled, enqueued) and after each sync, so a hang shows where it is. Run it under ``timeout``:
+a line per tile is added to ``--json`` as soon as the tile is done, so a later hang keeps the
+earlier results.
 
-block_m above ``moe_gemm_triton.WS_MAX_BLOCK_M`` lifts that limit for the probe: on an H100 with
-Triton 3.6, ``8 128 128`` launched and never finished (bench/results/h100_20261126_b).
+    timeout -k 5 150 python bench/ws_probe.py [--experts 8,32] [--m 128] [--json f.jsonl]
+    python bench/ws_probe.py --smoke      # CPU, interpreter, tiny dims: the script runs
+
+Each tile: its output against the table tile's on the same rows (rel. error), then both timed as
+device time (CUDA graph replay, triton's do_bench_cudagraph, medians), beside the GEMM's floor
+(weight and activation bytes at the copy rate measured here, or flops at the matmul rate).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
 
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
 
-import torch  # noqa: E402
+from moe_profile import ceilings, gemm_floor_us  # noqa: E402
+from results_io import commit_id  # noqa: E402
 
-from kernels.fused_moe_config import GemmTile  # noqa: E402
 from kernels import moe_gemm_triton  # noqa: E402
-from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w13  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
+from kernels.fused_moe_config import GemmTile  # noqa: E402
+from kernels.fused_moe_triton import default_config  # noqa: E402
+from kernels.fused_moe_tuning import QUICK_TILES, WS_128_TILES  # noqa: E402
+from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13  # noqa: E402
+from kernels.testing import moe_weights, rel_err  # noqa: E402
+
+_START = time.time()
+
+
+def step(msg: str) -> None:
+    print(f"[ws_probe {time.time() - _START:6.1f}s] {msg}", flush=True)
+
+
+def ws_tiles(block_m: int, m: int) -> dict[str, list[GemmTile]]:
+    if block_m == 128:
+        return WS_128_TILES
+    return {gemm: [t for t in QUICK_TILES.get((m, gemm), []) if t.ws]
+            for gemm in ("w13", "w2")}
+
+
+def device_us(fn, cuda: bool) -> float:
+    if not cuda:  # --smoke: one call's wall time, which only shows the script runs
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    import triton.testing
+
+    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+
+def probe_cell(experts: int, m: int, hidden: int, inter: int, tiles: dict, ceil: dict,
+               cuda: bool, out_json: str | None) -> list[dict]:
+    device = "cuda" if cuda else "cpu"
+    rows = experts * m
+    w13, w2 = moe_weights(experts, hidden, inter, torch.bfloat16, device)
+    x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+    h_in = torch.randn(rows, inter, device=device, dtype=torch.bfloat16)
+    counts = torch.full((experts,), m, dtype=torch.int32, device=device)
+    groups = RowGroups(ROWS, rows, counts=counts)
+    table = default_config(rows, experts, hidden, inter, torch.bfloat16)
+    gemms = {
+        "w13": (table.w13, lambda tile, out: launch_w13(x, w13, out, groups, tile=tile,
+                                                        tma=True, pdl=False),
+                (rows, inter), gemm_floor_us(ceil, experts, rows, 2 * inter, hidden, inter)),
+        "w2": (table.w2, lambda tile, out: launch_w2(h_in, w2, out, groups, None, tile=tile,
+                                                     tma=True, pdl=False),
+               (rows, hidden), gemm_floor_us(ceil, experts, rows, hidden, inter, hidden)),
+    }
+    results = []
+    for gemm, (table_tile, launch, shape, floor) in gemms.items():
+        ref = torch.empty(shape, device=device, dtype=torch.bfloat16)
+        launch(table_tile, ref)
+        table_us = device_us(lambda: launch(table_tile, ref), cuda)
+        for tile in tiles[gemm]:
+            row = {"experts": experts, "m": m, "gemm": gemm, "tile": repr(tile),
+                   "table_tile": repr(table_tile), "floor_us": floor, "table_us": table_us}
+            out = torch.empty(shape, device=device, dtype=torch.bfloat16)
+            step(f"E={experts} m={m} {gemm}: launch {tile}")
+            launch(tile, out)
+            step("launch returned (compiled, enqueued)")
+            if cuda:
+                torch.cuda.synchronize()
+            step("synchronized")
+            row["rel_err"] = rel_err(out.float(), ref.float())
+            row["ws_us"] = device_us(lambda tile=tile, out=out: launch(tile, out), cuda)
+            row["ws_over_table"] = row["ws_us"] / table_us
+            row["ws_over_floor"] = row["ws_us"] / floor
+            step(f"rel err {row['rel_err']:.2e}; ws {row['ws_us']:.1f} us vs table "
+                 f"{table_us:.1f} us ({row['ws_over_table']:.3f}x), floor {floor:.1f} us "
+                 f"({row['ws_over_floor']:.2f}x)")
+            results.append(row)
+            if out_json:
+                with open(out_json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return results
 
 
 def main() -> None:
-    experts = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-    m = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-    block_m = int(sys.argv[3]) if len(sys.argv) > 3 else 128
-    moe_gemm_triton.WS_MAX_BLOCK_M = max(moe_gemm_triton.WS_MAX_BLOCK_M, block_m)
-    hidden, inter = 7168, 2048
-    torch.manual_seed(0)
-    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(experts * m, hidden, device="cuda", dtype=torch.bfloat16)
-    counts = torch.full((experts,), m, dtype=torch.int32, device="cuda")
-    groups = RowGroups(ROWS, experts * m, counts=counts)
-    ws_tile = GemmTile(block_m, 64, 64, 4, 3, ws=True)
-    start = time.time()
-
-    def step(msg: str) -> None:
-        print(f"[ws_probe {time.time() - start:6.1f}s] {msg}", flush=True)
-
-    outs = {}
-    for tile in (ws_tile.plain(), ws_tile):
-        h = torch.empty(experts * m, inter, device="cuda", dtype=torch.bfloat16)
-        step(f"launch {tile}")
-        launch_w13(x, w13, h, groups, tile=tile, tma=True, pdl=False)
-        step("launch returned (compiled, enqueued)")
-        torch.cuda.synchronize()
-        step("synchronized")
-        outs[repr(tile)] = h
-    if len(outs) == 2:
-        a, b = outs.values()
-        step(f"ws vs no-ws rel err {rel_err(b, a)}")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny dims")
+    ap.add_argument("--experts", default="8,32")
+    ap.add_argument("--m", type=int, default=128, help="rows per expert")
+    ap.add_argument("--block-m", type=int, default=128, choices=(64, 128),
+                    help="128: WS_128_TILES; 64: the 64-row ws tiles of QUICK_TILES at --m")
+    ap.add_argument("--json", help="append one JSON line per tile here")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("ws_probe needs a CUDA device (or --smoke)")
+    # The probe's point: run the ws tiles the launchers would otherwise run plain.
+    moe_gemm_triton.WS_MAX_BLOCK_M = max(moe_gemm_triton.WS_MAX_BLOCK_M, args.block_m)
+    hidden, inter = (7168, 2048) if not args.smoke else (64, 32)
+    m = args.m if not args.smoke else 16
+    tiles = ws_tiles(args.block_m, args.m)
+    if args.smoke:  # tiles that fit the tiny dims, ws on; the interpreter runs them
+        tiles = {"w13": [GemmTile(16, 16, 16, 4, 2, ws=True)],
+                 "w2": [GemmTile(16, 32, 16, 4, 2, ws=True)]}
+    step(f"commit {commit_id()} torch {torch.__version__} "
+         f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}")
+    ceil = ceilings(cuda, args.smoke)
+    step(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+         f"{ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    for experts in (int(e) for e in args.experts.split(",")):
+        probe_cell(experts if not args.smoke else 4, m, hidden, inter, tiles, ceil, cuda,
+                   args.json)
+    step("done")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,31 @@ from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13
 
 _SMEM_BYTES = 220 * 1024  # Hopper allows 227 KB per block; leave room for the epilogue
 
+# 128-row warp-specialized tiles for m = 128, the candidate left for issue 3's m = 128 target
+# (one CTA per SM whose producer warp group streams the weights while two consumer warp groups,
+# 64 rows each, run the MMAs). On 2026-11-26 a 128-row ws tile hung an H100: Triton 3.6 split its
+# activation loads between the consumers but kept the host-made descriptor's 128-row box, so
+# each 64-row copy wrote twice the bytes its barrier waited for. The kernels now make the
+# activation descriptor on the device, which the split rewrites (tests/test_kernels_sm90.py
+# checks every copy's box, and that each consumer computes its own 64 rows). Not yet run on a
+# GPU: ``bench/ws_probe.py`` probes and times them there, each under a timeout, and
+# ``moe_gemm_triton.WS_MAX_BLOCK_M`` keeps them plain elsewhere until it has.
+WS_128_TILES: dict[str, list[GemmTile]] = {
+    "w13": [GemmTile(128, 64, 64, 4, 3, ws=True), GemmTile(128, 64, 64, 4, 4, ws=True),
+            GemmTile(128, 128, 64, 4, 2, ws=True)],
+    "w2": [GemmTile(128, 128, 64, 4, 3, ws=True), GemmTile(128, 128, 64, 4, 4, ws=True),
+           GemmTile(128, 256, 64, 4, 3, ws=True)],
+}
+
 # The few tiles a quick GPU check times against the table's at the sizes furthest from their
 # targets: m = 1 and 32 (memory-bound, 8 experts at 1.10-1.11x the floor: more bytes in flight,
 # or smaller programs for a shorter tail?), m = 128 (memory-bound, but streaming at half the
 # tensor-core rate) and m = 512 (compute-bound). Keyed by (m, gemm); every one compiles for
 # sm_90a without spills (tests/test_kernels_sm90.py). The ``ws`` tiles (warp-specialized: with
-# num_warps=4 Triton 3.6 builds a producer and two consumer warp groups, 12 warps) have not been
-# timed yet; they are 64-row tiles, since 128-row ws tiles hung an H100
-# (moe_gemm_triton.WS_MAX_BLOCK_M).
+# num_warps=4 Triton 3.6 builds a producer and two consumer warp groups, 12 warps) are 64-row
+# tiles (128-row ones: WS_128_TILES above); none won a cell on 2026-11-27. In a 64-row ws tile both
+# consumer warp groups compute the whole tile (Triton 3.6 cannot split 64 rows between two
+# 64-row wgmma groups and gives each the same MMAs: its sm_90a TTGIR), so it does every MMA twice.
 QUICK_TILES: dict[tuple[int, str], list[GemmTile]] = {
     (1, "w13"): [GemmTile(16, 32, 128, 4, 4), GemmTile(16, 64, 128, 4, 6),
                  GemmTile(16, 64, 256, 4, 3)],

@@ -35,6 +35,7 @@ same. FP8 tiles do not warp-specialize (they run ``plain()``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ from kernels.moe_tile_triton import (
     w13_store,
 )
 from kernels.triton_utils import (
+    ensure_scratch_allocator,
     cdiv,
     dot_mode,
     gdc_launch_dependents,
@@ -222,7 +224,8 @@ def moe_w13_kernel(
         if rows > 0:
             if WS:
                 gate, up = w13_mainloop_ws(x_ptr, w, first, expert, pid_n * BLOCK_N, hidden,
-                                           inter, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
+                                           inter, num_rows, stride_xm, BLOCK_M, BLOCK_N,
+                                           BLOCK_K, DOT_MODE)
             else:
                 src = w13_src(first, rows, slots, num_rows, ROUTE, TOP_K, BLOCK_M)
                 gate, up = w13_mainloop(x_ptr, w, src, expert, pid_n * BLOCK_N, hidden, inter,
@@ -287,8 +290,8 @@ def moe_w2_kernel(
             # A slab block holding only padding rows skips the weights, just writes zeros.
             num_k = tl.where(rows > 0, tl.cdiv(inter, BLOCK_K), 0)
             if WS:
-                acc = w2_mainloop_ws(h_ptr, w, first, expert, pid_n * BLOCK_N, num_k, BLOCK_M,
-                                     BLOCK_N, BLOCK_K, DOT_MODE)
+                acc = w2_mainloop_ws(h_ptr, w, first, expert, pid_n * BLOCK_N, num_k, num_rows,
+                                     inter, stride_hm, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
             else:
                 acc = w2_mainloop(h_ptr, w, first, rows, expert, pid_n * BLOCK_N, num_k,
                                   num_rows, hidden, inter, stride_hm, stride_we, stride_wn,
@@ -349,12 +352,22 @@ def _grid(groups: RowGroups, tile: GemmTile, tiles: int,
 _WS_ROUTES = {"w13": (ROWS, SLABS), "w2": (ROWS, SLABS, SORTED)}
 
 
-# Largest block_m a ``ws`` tile may have. On an H100 with Triton 3.6 (2026-11-26,
-# bench/results/h100_20261126_b/ws_probe.log) a 128-row ws w13 tile (GemmTile(128, 64, 64, 4, 3,
-# ws=True), hidden 7168) compiled and launched but never finished: the device hung (the tile A/B
-# of two bench runs stalled on 128-row ws tiles too), while the 64-row ws tiles of the GPU tests
-# ran and matched the reference. A larger ws tile runs as its ``plain()`` twin.
-WS_MAX_BLOCK_M = 64
+def _ws_max_block_m() -> int:
+    value = os.environ.get("AFD_MOE_WS_MAX_BLOCK_M", "64")
+    if value not in ("64", "128"):
+        raise ValueError(f"AFD_MOE_WS_MAX_BLOCK_M must be 64 or 128, got {value!r}")
+    return int(value)
+
+
+# Largest block_m a ``ws`` tile may have; a larger ws tile runs as its ``plain()`` twin. On an
+# H100 with Triton 3.6 (2026-11-26, bench/results/h100_20261126_b/ws_probe.log) a 128-row ws w13
+# tile compiled and launched but never finished. The cause, found in its sm_90a TTGIR: the
+# auto-WS split the tile's activation loads between its two consumer warp groups, 64 rows each,
+# but each copy used the host-made descriptor's 128-row box, writing twice the bytes its barrier
+# waited for. Activation descriptors are now made in the kernel (``_ws_scratch``), whose box the
+# split rewrites (tests/test_kernels_sm90.py checks every copy). Until bench/ws_probe.py has run
+# the 128-row tiles on a GPU, they stay plain unless AFD_MOE_WS_MAX_BLOCK_M=128.
+WS_MAX_BLOCK_M = _ws_max_block_m()
 
 
 def ws_wanted(gemm: str, groups: RowGroups, tile: GemmTile, tma: bool) -> bool:
@@ -395,6 +408,17 @@ def _fp8_constexprs(scales: BlockScales | None) -> dict:
     return {"FP8": True, "GROUP_N": scales.group_n, "GROUP_K": scales.group_k}
 
 
+def _ws_scratch(a: torch.Tensor) -> None:
+    """A ws kernel makes its activation TMA descriptor on the device (global scratch memory):
+    Triton's Hopper auto-WS splits a 128-row tile's activation loads between its two consumer
+    warp groups, and rewrites the box of a descriptor made in the kernel to the 64-row half it
+    loads, but not that of one made on the host: there each half's copy moved the host box's
+    128 rows into a 64-row buffer whose barrier waited for 64 rows' bytes, and the 128-row ws
+    tile hung an H100 (2026-11-26). tests/test_kernels_sm90.py checks every copy's box."""
+    if a.is_cuda:
+        ensure_scratch_allocator()
+
+
 def _descriptor(w: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -424,8 +448,8 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * cdiv(inter, tile.block_n), x.device)
     w, a = w13, x
-    if ws:  # gate and up tiles loaded apart (w13_mainloop_ws)
-        a = _descriptor(x, list(x.shape), list(x.stride()), [tile.block_m, tile.block_k])
+    if ws:  # gate and up tiles loaded apart; x's descriptor is made in the kernel
+        _ws_scratch(x)
         w = _descriptor(w13, list(w13.shape), list(w13.stride()),
                         [1, tile.block_n, tile.block_k])
     elif tma:
@@ -470,8 +494,8 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
     if tma:
         w = _descriptor(w2, [num_experts, hidden, inter], [w2.stride(0), w2.stride(1), 1],
                         [1, tile.block_n, tile.block_k])
-    if ws:
-        a = _descriptor(h, list(h.shape), list(h.stride()), [tile.block_m, tile.block_k])
+    if ws:  # h's descriptor is made in the kernel
+        _ws_scratch(h)
     placeholder = groups.counts if groups.counts is not None else groups.ids
     num_tokens = sum_out.shape[0] if sum_out is not None else 0
     moe_w2_kernel[grid](

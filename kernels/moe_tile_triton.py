@@ -96,17 +96,22 @@ def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we,
 
 
 @triton.jit
-def w13_mainloop_ws(x, w, first, expert, n0, hidden, inter, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
-    """``w13_mainloop`` for grouped rows, warp-specialized (``GemmTile.ws``): x [rows, H] and w
-    [E, 2I, H] are TMA descriptors (blocks [BM, BK] and [1, BN, BK]). Rows past the block's own
+def w13_mainloop_ws(x, w, first, expert, n0, hidden, inter, num_rows, stride_xm,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_MODE: tl.constexpr):
+    """``w13_mainloop`` for grouped rows, warp-specialized (``GemmTile.ws``): x [num_rows, H]
+    rows (a pointer: its TMA descriptor, blocks [BM, BK], is made here, on the device, so that
+    Triton's split of a 128-row tile between its consumer warp groups also splits the box; see
+    ``moe_gemm_triton.WS_MAX_BLOCK_M``) and w [E, 2I, H], a TMA descriptor (blocks [1, BN,
+    BK]). Rows past the block's own
     (the next expert's, or zeros past the end) are computed and never stored; gate columns past
     I read up rows, never stored either. Two dots, one per half: Triton's Hopper auto-WS splits
     the accumulators across its consumer warp groups and cannot split a reshaped one."""
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xd = tl.make_tensor_descriptor(x, [num_rows, hidden], [stride_xm, 1], [BLOCK_M, BLOCK_K])
     for k in tl.range(0, tl.cdiv(hidden, BLOCK_K), warp_specialize=True):
-        a = x.load([first, k * BLOCK_K])
+        a = xd.load([first, k * BLOCK_K])
         wg = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         wu = w.load([expert, inter + n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         gate = dot(a, wg, gate, DOT_MODE)
@@ -171,13 +176,15 @@ def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inte
 
 
 @triton.jit
-def w2_mainloop_ws(h, w, first, expert, n0, num_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
-    """``w2_mainloop`` warp-specialized, as ``w13_mainloop_ws``: h [rows, I] and w [E, H, I]
-    are TMA descriptors (blocks [BM, BK] and [1, BN, BK])."""
+def w2_mainloop_ws(h, w, first, expert, n0, num_k, num_rows, inter, stride_hm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_MODE: tl.constexpr):
+    """``w2_mainloop`` warp-specialized, as ``w13_mainloop_ws``: h [num_rows, I] rows (a
+    pointer; its descriptor made here) and w [E, H, I], a TMA descriptor (blocks [1, BN, BK])."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    hd = tl.make_tensor_descriptor(h, [num_rows, inter], [stride_hm, 1], [BLOCK_M, BLOCK_K])
     for k in tl.range(0, num_k, warp_specialize=True):
-        a = h.load([first, k * BLOCK_K])
+        a = hd.load([first, k * BLOCK_K])
         b = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         acc = dot(a, b, acc, DOT_MODE)
     return acc

@@ -295,3 +295,19 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda" or INTERPRETING:
         return 3
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for kernels that need global scratch memory (device-side TMA
+    descriptors, ``tl.make_tensor_descriptor``: 128 bytes a program) in this thread, unless one is
+    set already (by the caller, vLLM, ...). Triton keeps it in a context variable, so each thread
+    that launches such a kernel needs its own. Torch's caching allocator serves it (graph pools
+    included, so capture works)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

@@ -258,6 +258,23 @@ def test_moe_profile_smoke_runs_on_cpu(tmp_path) -> None:
         assert cell[entry]["call_us_no_pdl"] > 0 and cell[entry]["call_us_defaults"] > 0
 
 
+def test_ws_probe_smoke_runs_on_cpu(tmp_path) -> None:
+    """``bench/ws_probe.py`` (the 128-row ws tiles' probe and timing, for the next GPU run) at
+    tiny dims under the interpreter: one JSON line per tile and GEMM, each tile's output equal
+    to the table tile's, times and floors there."""
+    out = tmp_path / "ws_probe.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "ws_probe.py"), "--smoke", "--experts", "8",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["gemm"] for r in rows] == ["w13", "w2"]
+    for r in rows:
+        assert "ws=True" in r["tile"] and r["rel_err"] < 1e-2
+        assert r["ws_us"] > 0 and r["table_us"] > 0 and r["floor_us"] > 0
+
+
 def _stub(path, text: str) -> None:
     path.write_text("#!/usr/bin/env bash\n" + text)
     path.chmod(0o755)

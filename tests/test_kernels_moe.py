@@ -705,3 +705,37 @@ def _check_gpu(result: dict, launches: dict, name: str, ws: bool) -> None:
     _check(result, name)
     if ws:  # both GEMMs took the warp-specialized path (a ws launch that failed would fall back)
         assert all(any(w for *_, w in launches[gemm]) for gemm in ("w13", "w2")), launches
+
+
+def test_ws_kernels_get_a_scratch_allocator_in_each_thread() -> None:
+    """A ws tile makes its activation TMA descriptor on the device, in global scratch memory
+    that Triton asks an allocator for at launch; Triton keeps the allocator per thread (a
+    context variable), and the engine launches from its own threads. ``ensure_scratch_allocator``
+    gives a thread that has none torch's, and keeps one a caller set."""
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    from kernels.triton_utils import ensure_scratch_allocator
+
+    seen = {}
+
+    def fresh() -> None:
+        seen["before"] = _allocation._allocator.get()
+        ensure_scratch_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    def callers_own() -> None:
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        ensure_scratch_allocator()
+        seen["kept"] = _allocation._allocator.get() is mine
+
+    for target in (fresh, callers_own):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert isinstance(seen["before"], _allocation.NullAllocator)
+    assert not isinstance(seen["after"], _allocation.NullAllocator)
+    assert seen["kept"]

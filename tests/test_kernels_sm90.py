@@ -44,7 +44,7 @@ from kernels import (  # noqa: E402
 )
 from kernels.fused_moe_config import GPU_TABLE, GemmTile  # noqa: E402
 from kernels.fused_moe_triton import default_config  # noqa: E402
-from kernels.fused_moe_tuning import QUICK_TILES  # noqa: E402
+from kernels.fused_moe_tuning import QUICK_TILES, WS_128_TILES  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # per block on H100/H200
 H, I = 7168, 2048  # DeepSeek-V3 expert dims
@@ -112,7 +112,7 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
     (DeepSeek-V3's [128, 128] blocks); the outputs stay ``dtype``."""
     ptr = f"*{dtype}"
     op = "fp8e4nv" if fp8 else dtype  # operand element type
-    a = f"tensordesc<{op}[{tile.block_m}, {tile.block_k}]>" if ws else f"*{op}"
+    a = f"*{op}"
     dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
             "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32", "ids_ptr": "*i64",
             "flags_ptr": "*i32", "as_ptr": "*fp32", "ws_ptr": "*fp32"}
@@ -161,8 +161,30 @@ TABLE_CASES = [(limit, gemm, route, tma) for limit, _, _ in GPU_TABLE for gemm i
                if (route != "inline" or limit <= 32) and (tma or route == "rows")]
 
 
+# A TMA copy into shared memory: its descriptor's block (the box it moves) and the buffer it fills.
+_TMA_COPY = re.compile(r"async_tma_copy_global_to_local .*?"
+                       r"!tt\.tensordesc<tensor<([0-9x]+)x[a-z]\w*"
+                       r".*?-> !ttg\.memdesc<([0-9x]+)x[a-z]\w*")
+
+
+def tma_box_mismatches(ttgir: str) -> list[str]:
+    """Every TMA copy whose box is not the shape of the buffer it fills (leading unit dims of a
+    box aside). Such a copy writes more bytes than its barrier waits for: the 128-row ws tile
+    whose activation descriptor was made on the host did so and hung an H100 (2026-11-26)."""
+    bad = []
+    for match in _TMA_COPY.finditer(ttgir):
+        box = [int(d) for d in match.group(1).split("x")]
+        dest = [int(d) for d in match.group(2).split("x")]
+        while len(box) > len(dest) and box[0] == 1:
+            box.pop(0)
+        if box != dest:
+            bad.append(f"box {match.group(1)} into a {match.group(2)} buffer")
+    return bad
+
+
 def check_gemm(compiled, tma: bool) -> None:
     check(compiled, pipelined=True)
+    assert not tma_box_mismatches(compiled.asm["ttgir"])
     ptx = compiled.asm["ptx"]
     assert ("cp.async.bulk.tensor" in ptx) == tma, "weights are not loaded the way asked"
     # The wait is what makes PDL safe; the trigger lets the next kernel launch early (a
@@ -287,6 +309,23 @@ def test_ws_tiles_warp_specialize_where_rows_are_contiguous() -> None:
         inline = compile_gemm(gemm, GemmTile(16, 64, 64, 4, 3, ws=True),
                               route=moe_gemm_triton.INLINE, tma=True, s_pad=64)
         assert not _warp_specialized(inline, 4)
+
+
+@pytest.mark.parametrize(("gemm", "tile"), [(g, t) for g, tiles in WS_128_TILES.items()
+                                             for t in tiles])
+def test_128_row_ws_tiles_give_each_consumer_its_own_rows(gemm: str, tile: GemmTile,
+                                                          monkeypatch) -> None:
+    """The 128-row ws tiles bench/ws_probe.py times: warp-specialized, each TMA copy's box the
+    buffer it fills (a host-made activation descriptor kept its 128-row box for 64-row copies,
+    and the tile hung an H100), and each consumer's MMAs over 64 rows of its own."""
+    if reason := _hopper_auto_ws_reason():
+        pytest.skip(reason)
+    monkeypatch.setattr(moe_gemm_triton, "WS_MAX_BLOCK_M", 128)
+    compiled = compile_gemm(gemm, tile, route=moe_gemm_triton.ROWS, tma=True)
+    assert _warp_specialized(compiled, tile.num_warps)
+    check_gemm(compiled, True)
+    dots = set(re.findall(r"warp_group_dot .*?-> tensor<(\d+)x(\d+)xf32", compiled.asm["ttgir"]))
+    assert dots == {(str(tile.block_m // 2), str(tile.block_n))}
 
 
 def test_moe_slab_and_fp32_variants_compile() -> None:
