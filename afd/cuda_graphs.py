@@ -12,7 +12,12 @@ context read once per row, as the captured batch has no ``decode_groups``):
   * rows B..size-1 are dummy sequences: token 0 at position 0, one cached token, their KV written
     to and read from a scratch block (the KV pool's last block, which the allocator never hands
     out), so padding never touches a real sequence's cache;
-  * block tables are as wide as ``max_model_len`` allows, so every step fits the captured shapes.
+  * block tables are as wide as ``max_model_len`` allows, so every step fits the captured shapes;
+  * what a step hands out after its replay, its fp32 logits and its MoE layers' routing ids,
+    lands in one set of static output buffers sized for the largest size, each graph writing
+    rows [:size] of them (the LM head and the routers' top-k write there, no copy added), so
+    the graphs' pool holds no per-size outputs: what any graph allocates in it is free again
+    once its capture ends, and the next, smaller capture reuses it.
 
 Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
 size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
@@ -60,15 +65,21 @@ def unsupported_reason(model: MoEModel) -> str | None:
 
 @dataclass
 class _Graph:
-    """One captured size: its batch views over the static buffers and its output."""
+    """One captured size: its batch views over the static buffers and its outputs, views
+    [:size] of the shared static outputs (every size's the same storage)."""
 
     size: int
     batch: ForwardBatch
     graph: torch.cuda.CUDAGraph | None  # None: run eagerly (no CUDA)
-    logits: torch.Tensor | None  # [size, V] fp32, written by each replay
-    # (decoder layer, topk_ids [size, K]) per MoE layer, rewritten by each replay (kept alive,
-    # so the graph's pool never reuses them): the routing an expert load record reads
+    logits: torch.Tensor  # [size, V] fp32, DecodeGraphs.logits_out[:size], written by each run
+    # (decoder layer, topk_ids [size, K]) per MoE layer, views of DecodeGraphs.topk_ids_out,
+    # rewritten by each run: the routing an expert load record reads
     routed: list[tuple[int, torch.Tensor]]
+
+
+def _views(part: torch.Tensor, whole: torch.Tensor) -> bool:
+    """Is ``part`` a view of ``whole``'s storage?"""
+    return part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
 
 
 class DecodeGraphs:
@@ -95,6 +106,14 @@ class DecodeGraphs:
                                            device=device)
             self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
             self.logits_index = torch.arange(n, dtype=torch.long, device=device)
+            # The static outputs every size shares (rows [:size]): outside the graphs' pool, so
+            # a size's outputs are never memory another capture may reuse; each step's are
+            # read (the runner copies its logits rows out) before the next step's run.
+            cfg = model.cfg
+            self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+            self.logits_out = torch.zeros(n, cfg.vocab_size, dtype=torch.float32, device=device)
+            self.topk_ids_out = torch.zeros(len(self.moe_layers), n, cfg.top_k,
+                                            dtype=torch.long, device=device)
         self.graphs: dict[int, _Graph] = {}
         self.routed: list[tuple[int, torch.Tensor]] = []  # the last _forward's (see _Graph)
         self.last: tuple[_Graph, int] | None = None  # the last run's graph and real rows
@@ -102,28 +121,34 @@ class DecodeGraphs:
         if capture:
             self._capture_all()
         else:
-            self.graphs = {s: _Graph(s, self._batch(s), None, None, []) for s in self.sizes}
+            self.graphs = {s: _Graph(s, self._batch(s), None, self.logits_out[:s], [])
+                           for s in self.sizes}
 
     def _batch(self, size: int) -> ForwardBatch:
         # context_lens stays None: decode attention reads the lengths on the device only.
+        out = {layer: self.topk_ids_out[i, :size] for i, layer in enumerate(self.moe_layers)}
         return ForwardBatch(positions=self.positions[:size],
                             slot_mapping=self.slot_mapping[:size],
                             block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
-                            query_lens=[1] * size, num_decodes=size)
+                            query_lens=[1] * size, num_decodes=size, topk_ids_out=out)
 
     def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
-        """The forward a graph holds; its MoE layers' routing lands in ``self.routed``."""
+        """The forward a graph holds; its MoE layers' routing lands in ``self.routed``. Its
+        logits and routing ids are written into the shared static outputs' rows [:size]."""
         routed = self.routed = []
         experts = RoutedTap(LocalExperts(self.model), lambda *r: routed.append(r))
         return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
-                                  self.logits_index[:size], experts)
+                                  self.logits_index[:size], experts,
+                                  logits_out=self.logits_out[:size])
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         """Largest size first, all sharing one memory pool (a smaller graph's activations fit in
         what the larger one reserved). Two eager runs before each capture compile the Triton
         kernels and settle their fallbacks, so nothing is compiled or retried while capturing;
-        they run on the padding rows alone, which write only the scratch block."""
+        they run on the padding rows alone, which write only the scratch block. A graph keeps
+        nothing of its own alive in the pool: its outputs are the shared static ones (checked
+        here), and the rotary tables the forward leaves on its batch are let go."""
         self.pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             batch = self._batch(size)
@@ -135,7 +160,14 @@ class DecodeGraphs:
             # this capture, and this capture forbids only this thread's unsafe calls
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._forward(size, batch)
-            self.graphs[size] = _Graph(size, batch, graph, logits, self.routed)
+            if not (_views(logits, self.logits_out) and len(self.routed) == len(self.moe_layers)
+                    and all(_views(ids, self.topk_ids_out) for _, ids in self.routed)):
+                raise RuntimeError(f"the size-{size} decode graph's logits or routing are not "
+                                   "in the shared static outputs")
+            # cos/sin: read within a replay only, so their pool memory may be another
+            # capture's; kept on the batch they would stay one allocation per size
+            batch.cos = batch.sin = None
+            self.graphs[size] = _Graph(size, batch, graph, self.logits_out[:size], self.routed)
         torch.cuda.synchronize()
 
     def padded_size(self, num_rows: int) -> int:
@@ -154,7 +186,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One decode step: input_ids [B], batch of B decode rows -> logits [B, V] fp32, one
-        per row. The result is a view of the graph's output: read it before the next ``run``."""
+        per row. The result is a view of the static output every size shares: read it (and
+        ``last_routing``) before the next ``run``, of any size."""
         num, cols = batch.num_seqs, batch.block_tables.shape[1]
         entry = self.graphs[self.padded_size(num)]
         size = entry.size

@@ -38,6 +38,9 @@ class ForwardBatch:
     sin: torch.Tensor | None = None
     # Built by prefill_layout() on the first layer's call, shared by the others.
     _prefill_layout: PrefillLayout | None = field(default=None, repr=False)
+    # Decoder layer -> [T, K] int64 where that MoE layer's router writes its topk_ids (the CUDA
+    # graphs' shared static outputs, afd.cuda_graphs); None, or a layer not in it: new tensors.
+    topk_ids_out: dict[int, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -82,7 +82,10 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, batch, cache)
         h, residual = self.post_attention_layernorm(h, residual)
-        routing = self.mlp.gate(h) if self.is_moe else None
+        routing = None
+        if self.is_moe:
+            out = batch.topk_ids_out
+            routing = self.mlp.gate(h, None if out is None else out.get(self.index))
         return AttentionOut(hidden=h, residual=residual, routing=routing)
 
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -244,20 +247,30 @@ class MoEModel(nn.Module):
         batch.cos, batch.sin = self.rotary.cos_sin(batch.positions)
         return self.model.embed_tokens(input_ids)
 
-    def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Final norm over (last MLP output + residual) and the LM head: [N, H] -> [N, V] fp32."""
+    def logits(self, x: torch.Tensor, residual: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm over (last MLP output + residual) and the LM head: [N, H] -> [N, V] fp32.
+        ``out`` [N, V] fp32 (the CUDA graphs' shared static output): written there, returned,
+        with no more work than without it: an fp32 model's head matmul writes into it (its
+        ``.float()`` is no copy), a bf16 one's head output is converted into it (the copy
+        ``.float()`` makes, into ``out`` instead of a new tensor)."""
         h, _ = self.model.norm(x, residual)
-        return self.lm_head(h).float()
+        if out is None:
+            return self.lm_head(h).float()
+        if h.dtype == out.dtype:
+            return torch.mm(h, self.lm_head.weight.t(), out=out)  # lm_head: no bias
+        return out.copy_(self.lm_head(h))
 
     def forward_stages(self, input_ids: torch.Tensor, batch: ForwardBatch,
                        kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
-                       keep_hidden: bool = False
+                       keep_hidden: bool = False, logits_out: torch.Tensor | None = None
                        ) -> Generator[Dispatch | Combine, object, torch.Tensor | ForwardOut]:
         """All layers for one batch, as a generator that hands each MoE layer's routed tokens out.
 
         It yields ``Dispatch`` (send the routed tokens to the experts; resume with a handle) and
         then ``Combine`` (resume with the experts' weighted output [T, H]); it returns the logits
-        [len(logits_index), V] fp32 (``keep_hidden``: a ForwardOut, for the MTP layer). The
+        [len(logits_index), V] fp32 (written into ``logits_out`` where given, see ``logits``;
+        ``keep_hidden``: a ForwardOut, for the MTP layer, which ignores ``logits_out``). The
         driver decides where the experts are (this process or FFN ranks) and may interleave
         several micro-batches' generators (ping-pong).
         """
@@ -267,15 +280,18 @@ class MoEModel(nn.Module):
             x = yield from mlp_stages(layer, out)
             residual = out.residual
         if not keep_hidden:
-            return self.logits(x[logits_index], residual[logits_index])
+            return self.logits(x[logits_index], residual[logits_index], logits_out)
         h, _ = self.model.norm(x, residual)  # every row's: the MTP layer reads them all
         return ForwardOut(self.lm_head(h[logits_index]).float(), h)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
                 kv_caches: list[torch.Tensor], logits_index: torch.Tensor,
-                experts: ExpertPath | None = None) -> torch.Tensor:
-        """One batch through every layer; the experts are this process's own unless given."""
-        stages = self.forward_stages(input_ids, batch, kv_caches, logits_index)
+                experts: ExpertPath | None = None, logits_out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """One batch through every layer; the experts are this process's own unless given.
+        ``logits_out``: where the logits go (``logits``), else a new tensor."""
+        stages = self.forward_stages(input_ids, batch, kv_caches, logits_index,
+                                     logits_out=logits_out)
         return run_stages(stages, experts or LocalExperts(self))
 
 

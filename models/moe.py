@@ -38,7 +38,10 @@ class Router(nn.Module):
                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=device),
                 requires_grad=False)
 
-    def forward(self, h: torch.Tensor) -> Routing:
+    def forward(self, h: torch.Tensor, ids_out: torch.Tensor | None = None) -> Routing:
+        """h [T, H] -> the T tokens' Routing. ``ids_out`` [T, K] int64: where top-k writes the
+        ids (``torch.topk``'s ``out=``, no copy), the CUDA graphs' shared static output; the
+        Routing's topk_ids is then that tensor."""
         cfg = self.cfg
         if cfg.router_dtype_fp32:
             logits = F.linear(h.float(), self.weight.float())  # [T, E] fp32
@@ -53,7 +56,10 @@ class Router(nn.Module):
             choice = scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             choice = self._limit_to_groups(choice)
-        ids = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]  # [T, K]
+        # [T, K]; with ids_out, its values go to a buffer topk would have allocated anyway
+        out = None if ids_out is None else (ids_out.new_empty(ids_out.shape, dtype=choice.dtype),
+                                            ids_out)
+        ids = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False, out=out)[1]
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

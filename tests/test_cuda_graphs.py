@@ -53,8 +53,12 @@ def _run(device: str, eager: bool, prompts: list[list[int]], params: list[Sampli
         run = runner.graphs.run
 
         def spy(ids, batch):
-            steps.append((batch.num_seqs, runner.graphs.padded_size(batch.num_seqs)))
-            return run(ids, batch)
+            out = run(ids, batch)  # and where its logits and routing ids are
+            steps.append((batch.num_seqs, runner.graphs.padded_size(batch.num_seqs),
+                          out.untyped_storage().data_ptr(),
+                          {t.untyped_storage().data_ptr()
+                           for _, t in runner.graphs.last_routing()}))
+            return out
 
         runner.graphs.run = spy
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -63,6 +67,26 @@ def _run(device: str, eager: bool, prompts: list[list[int]], params: list[Sampli
     free = llm.engine.core.allocator.num_free
     llm.shutdown()
     return tokens, caches, steps, free, runner.graphs
+
+
+def assert_one_set_of_outputs(graphs: DecodeGraphs, steps: list) -> None:
+    """Every size's logits and routing ids are views of one set of static outputs sized for
+    the largest size (so the graphs' pool holds no per-size outputs): the steps' (``_run``'s
+    spy: the storage of each step's logits and routing ids), each graph's."""
+    assert len({logits for _, _, logits, _ in steps}) == 1, steps
+    assert len(set().union(*(routing for *_, routing in steps))) == 1, steps
+    logits = graphs.logits_out.untyped_storage().data_ptr()
+    routing = graphs.topk_ids_out.untyped_storage().data_ptr()
+    assert graphs.logits_out.shape[0] == graphs.topk_ids_out.shape[1] == graphs.max_size
+    assert {ptr for _, _, ptr, _ in steps} == {logits}
+    assert all(ptrs == {routing} for *_, ptrs in steps)
+    captured = graphs.graphs[1].graph is not None
+    for size, entry in graphs.graphs.items():
+        assert entry.logits.shape[0] == size
+        assert entry.logits.untyped_storage().data_ptr() == logits
+        # captured: every size's routing since its capture; eager: the sizes that ran
+        assert len(entry.routed) == len(graphs.moe_layers) > 0 or not captured
+        assert all(ids.untyped_storage().data_ptr() == routing for _, ids in entry.routed)
 
 
 def _workload():
@@ -92,8 +116,9 @@ def test_graph_steps_match_eager_steps(device):
     assert got == want
     assert free == KV_BLOCKS  # every real block back, the scratch block never in the pool
     # the graph path ran, padded and not, at several sizes
-    assert any(n < size for n, size in steps) and any(n == size for n, size in steps)
-    assert len({size for _, size in steps}) >= 4, steps
+    assert any(n < size for n, size, *_ in steps) and any(n == size for n, size, *_ in steps)
+    assert len({size for _, size, *_ in steps}) >= 4, steps
+    assert_one_set_of_outputs(graphs, steps)
     for eager, graph in zip(eager_kv, graph_kv):
         assert eager.shape[0] == KV_BLOCKS and graph.shape[0] == KV_BLOCKS + 1
         # real blocks: the same KV (to rounding: padded batches change matmul shapes)
@@ -121,9 +146,48 @@ def test_qwen3_graph_steps_match_eager_steps(qwen3_path, device):
     assert (graphs.graphs[1].graph is not None) == (device == "cuda")
     assert got == want
     assert free == KV_BLOCKS
-    assert any(n < size for n, size in steps) and len({size for _, size in steps}) >= 3, steps
+    assert any(n < size for n, size, *_ in steps) and len({size for _, size, *_ in steps}) >= 3
+    assert_one_set_of_outputs(graphs, steps)
     for eager, graph in zip(eager_kv, graph_kv):
         torch.testing.assert_close(graph[:, :KV_BLOCKS], eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_land_in_the_shared_buffers_unchanged(dtype):
+    """The graph path's forward writes its logits (fp32 model: the LM head's matmul; bf16: the
+    head output's fp32 conversion) and every MoE layer's routing ids into rows [:size] of the
+    static outputs every size shares, equal to what a forward that allocates them gives."""
+    from dataclasses import replace
+
+    from afd.expert_load import RoutedTap
+    from afd.kv_cache import allocate_kv_caches
+    from models.model import LocalExperts
+    from models.weights import load_model
+
+    model = load_model(default_model_path(), "full", dtype=dtype, device="cpu")
+    caches = allocate_kv_caches(model.cfg, 17, 16, dtype, "cpu")
+    for cache in caches:
+        cache.normal_()
+    graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16, max_model_len=64,
+                          sizes=(2, 4), capture=False)
+    with torch.inference_mode():  # four sequences of 1-4 blocks; they write the scratch block
+        graphs.input_ids[:4].copy_(torch.tensor([5, 9, 3, 7]))
+        graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
+        graphs.positions.copy_(graphs.seq_lens - 1)
+        graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+        for size in (4, 2):
+            batch = graphs.graphs[size].batch
+            fresh = []
+            want = model.forward(graphs.input_ids[:size], replace(batch, topk_ids_out=None),
+                                 caches, graphs.logits_index[:size],
+                                 RoutedTap(LocalExperts(model), lambda *r: fresh.append(r)))
+            got = graphs._forward(size, batch)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+            assert got.data_ptr() == graphs.logits_out.data_ptr() != want.data_ptr()
+            assert [layer for layer, _ in graphs.routed] == graphs.moe_layers == [
+                layer for layer, _ in fresh] != []
+            for (_, ids), (_, fresh_ids), row in zip(graphs.routed, fresh, graphs.topk_ids_out):
+                assert torch.equal(ids, fresh_ids) and ids.data_ptr() == row.data_ptr()
 
 
 def test_padding_rows_point_at_the_scratch_block():
@@ -131,8 +195,12 @@ def test_padding_rows_point_at_the_scratch_block():
     sequences read and write only the scratch block, one token long."""
     from models.batch import ForwardBatch
 
+    from types import SimpleNamespace
+
     cache = torch.zeros(11, 4, 3)  # 10 blocks of 4 slots, block 10 the scratch block
-    graphs = DecodeGraphs(torch.nn.Module(), [cache], scratch_block=10, block_size=4,
+    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=1, is_moe_layer=bool, vocab_size=5,
+                                                top_k=2))  # what the static outputs need
+    graphs = DecodeGraphs(model, [cache], scratch_block=10, block_size=4,
                           max_model_len=16, sizes=(2, 4, 8), capture=False)
     seen = []
     graphs._forward = lambda size, batch: seen.append(
