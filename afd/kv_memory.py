@@ -31,9 +31,11 @@ CUDA graphs of decode steps (afd.cuda_graphs; the default on CUDA) allocate thei
 from a private memory pool that nothing else reuses. They are captured once the KV pool exists
 (they bake its addresses in), so the pool cannot be measured before sizing: it is estimated
 too (``graph_pool_reserve``), with the same per-step estimate, for a step of the largest
-captured batch (its decode rows, no prefill), plus the logits and routing each smaller graph
-keeps alive in the pool. It is 0 where no graphs are captured (enforce_eager, MTP drafts, an
-attention kind not captured, a prefill rank, experts on FFN ranks).
+captured batch (its decode rows, no prefill), plus the graphs' static buffers, allocated then
+too: their inputs, and the logits and routing ids that every size writes into one set of
+outputs sized for the largest (so these do not grow with the number of sizes). It is 0 where
+no graphs are captured (enforce_eager, MTP drafts, an attention kind not captured, a prefill
+rank, experts on FFN ranks).
 """
 
 from __future__ import annotations
@@ -93,11 +95,16 @@ def activation_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
 
 
 def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
-    """Bytes the CUDA graphs' private pool may hold (``DecodeGraphs._capture_all``: every
-    size shares one pool, the largest captured first): ``step_activations`` of the largest
-    size's decode rows (no prefill: decode steps only), plus what each other graph keeps alive
-    there, its fp32 logits [size, V] and its routing (int64 [size, top_k] per MoE layer),
-    which a smaller graph's capture cannot reuse. 0 when the runner would not capture
+    """Bytes the CUDA graphs of decode steps take once the KV pool is sized (afd.cuda_graphs),
+    an upper estimate. Their private pool (every size shares it, the largest captured first;
+    a graph keeps nothing of its own alive there, so each smaller capture reuses what the
+    larger ones freed): ``step_activations`` of the largest size's decode rows (no prefill:
+    decode steps only), whose two fp32 logits per row also cover the largest step's LM head
+    output in the pool and the fp32 logits [largest, V] it is written into, the static output
+    every size shares. Outside the pool, the other static buffers, each once for the largest
+    size: the shared routing output (int64 [largest, top_k] per MoE layer) and the inputs
+    (five int64 [largest], block tables int32 [largest, max_model_len / block_size]). None of
+    it grows with the number of sizes. 0 when the runner would not capture
     (model_runner._graphs_apply: MTP drafts, an attention kind not in CAPTURED_ATTENTION)."""
     from afd.cuda_graphs import CAPTURED_ATTENTION
 
@@ -106,9 +113,9 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     largest = max(cfg.cuda_graph_sizes)
     routing = model_cfg.top_k * 8 * sum(map(model_cfg.is_moe_layer,
                                             range(model_cfg.num_layers)))
-    kept = sum(cfg.cuda_graph_sizes) * routing + (sum(cfg.cuda_graph_sizes) - largest) * (
-        model_cfg.vocab_size * 4)
-    return step_activations(model_cfg, cfg, largest, largest, prefill=False) + kept
+    inputs = 5 * 8 + -(-cfg.max_model_len // cfg.block_size) * 4
+    return (step_activations(model_cfg, cfg, largest, largest, prefill=False)
+            + largest * (routing + inputs))
 
 
 def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, rows: int,
