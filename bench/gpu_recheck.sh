@@ -8,7 +8,8 @@
 #      open cells (m=128, m=512), to moe_profile.{json,log};
 #   3. bench/ws_probe.py: the 128-row warp-specialized tiles (fused_moe_tuning.WS_128_TILES, the
 #      candidate for issue 3's m=128 target; one hung an H100 on 2026-11-26, cause found and
-#      fixed on CPU since) checked and timed against the table's tiles at E=8 and 32, m=128, to
+#      fixed on CPU since) checked and timed against the table's tiles at E=8 and 32, m=128,
+#      each GEMM's after a 64-row ws control (device-made descriptor, no split), to
 #      ws_probe.{jsonl,log};
 #   4. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
 #   5. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/.
@@ -18,7 +19,8 @@
 # `tar xzf recheck.tgz -C bench/results/<card>_<date>/`.
 # Stage timeouts: 175 + 80 + 110 + 100 + 100 s plus ~25 s of setup = 590 s at most (stage 1
 # also runs the FFN graphs' capture test, not yet timed on a GPU; stage 3 is new, estimated at
-# ~90 s: about 16 Triton compiles and CUDA-graph timings); in the 2026-11-27 run stages 1, 4 and
+# ~90 s: about 20 Triton compiles, a 64-row control tile per GEMM first, and CUDA-graph
+# timings; about 1 s per compile for sm_90a on the CPU); in the 2026-11-27 run stages 1, 4 and
 # 5 took 118 (graph tests alone), 79 and 80 s. A nested bench/gpu_kernels.sh
 # runs its own stage timeouts in process groups of their own, which an outer timeout would not
 # reach: each runs in a session of its own, killed whole at its time.
@@ -62,7 +64,7 @@ stamp "3. 128-row ws tiles: probe, check, time"
 timeout -k 5 110 python3 bench/ws_probe.py --experts 8,32 --m 128 --json "$WORK/ws_probe.jsonl" \
   >"$WORK/ws_probe.log" 2>&1
 echo "ws_probe_rc=$?" | tee -a "$WORK/ws_probe.log"
-grep -E "rel err|ws_probe_rc" "$WORK/ws_probe.log"
+grep -E "rel err|NOT warp-specialized|ws_probe_rc" "$WORK/ws_probe.log"
 pack
 
 # 4-5: bench/gpu_kernels.sh in its FP8 / VERIFY modes, each into its own folder

@@ -4,8 +4,9 @@ against the table's tile for the same GEMM (issue 3's m = 128 cells).
 A 128-row ws tile hung an H100 on 2026-11-26 (bench/results/h100_20261126_b/ws_probe.log): it
 launched and never finished. Its activation TMA copies moved the host-made descriptor's 128-row
 box into 64-row buffers (``moe_gemm_triton.WS_MAX_BLOCK_M``); the kernels now make that
-descriptor on the device. This runs ``fused_moe_tuning.WS_128_TILES`` (or, with
-``--block-m 64``, the 64-row ws tiles of ``QUICK_TILES``), printing after each launch returns
+descriptor on the device. This runs ``fused_moe_tuning.WS_128_TILES``, each GEMM's after a
+64-row control (``CONTROL_TILES``: same device-made descriptor, no split), or, with
+``--block-m 64``, the 64-row ws tiles of ``QUICK_TILES``, printing after each launch returns
 (compiled, enqueued) and after each sync, so a hang shows where it is. Run it under ``timeout``:
 a line per tile is added to ``--json`` as soon as the tile is done, so a later hang keeps the
 earlier results.
@@ -51,9 +52,17 @@ def step(msg: str) -> None:
     print(f"[ws_probe {time.time() - _START:6.1f}s] {msg}", flush=True)
 
 
+# One 64-row ws tile per GEMM, run first as the control: 64-row ws tiles passed the GPU tests
+# with host-made activation descriptors (2026-11-26/27) and are never split between the
+# consumers, so if this one fails or hangs it is the device-made descriptor (global scratch,
+# tensormap writes), not the 128-row split, that is broken.
+CONTROL_TILES = {"w13": GemmTile(64, 64, 64, 4, 3, ws=True),
+                 "w2": GemmTile(64, 128, 64, 4, 3, ws=True)}
+
+
 def ws_tiles(block_m: int, m: int) -> dict[str, list[GemmTile]]:
     if block_m == 128:
-        return WS_128_TILES
+        return {gemm: [CONTROL_TILES[gemm]] + tiles for gemm, tiles in WS_128_TILES.items()}
     return {gemm: [t for t in QUICK_TILES.get((m, gemm), []) if t.ws]
             for gemm in ("w13", "w2")}
 
@@ -81,21 +90,26 @@ def probe_cell(experts: int, m: int, hidden: int, inter: int, tiles: dict, ceil:
     gemms = {
         "w13": (table.w13, lambda tile, out: launch_w13(x, w13, out, groups, tile=tile,
                                                         tma=True, pdl=False),
-                (rows, inter), gemm_floor_us(ceil, experts, rows, 2 * inter, hidden, inter)),
+                (rows, inter), gemm_floor_us(ceil, experts, rows, 2 * inter, hidden, inter), x),
         "w2": (table.w2, lambda tile, out: launch_w2(h_in, w2, out, groups, None, tile=tile,
                                                      tma=True, pdl=False),
-               (rows, hidden), gemm_floor_us(ceil, experts, rows, hidden, inter, hidden)),
+               (rows, hidden), gemm_floor_us(ceil, experts, rows, hidden, inter, hidden), h_in),
     }
     results = []
-    for gemm, (table_tile, launch, shape, floor) in gemms.items():
+    for gemm, (table_tile, launch, shape, floor, a) in gemms.items():
         ref = torch.empty(shape, device=device, dtype=torch.bfloat16)
         launch(table_tile, ref)
         table_us = device_us(lambda: launch(table_tile, ref), cuda)
         for tile in tiles[gemm]:
+            # what the launcher runs: a ws tile it would run plain must not be timed as ws
+            ws = moe_gemm_triton.warp_specialized(gemm, groups, tile, True, a)
             row = {"experts": experts, "m": m, "gemm": gemm, "tile": repr(tile),
+                   "control": tile == CONTROL_TILES.get(gemm), "warp_specialized": ws,
                    "table_tile": repr(table_tile), "floor_us": floor, "table_us": table_us}
             out = torch.empty(shape, device=device, dtype=torch.bfloat16)
-            step(f"E={experts} m={m} {gemm}: launch {tile}")
+            step(f"E={experts} m={m} {gemm}: launch {tile}"
+                 + (" (control)" if row["control"] else "")
+                 + ("" if ws else " NOT warp-specialized: runs plain"))
             launch(tile, out)
             step("launch returned (compiled, enqueued)")
             if cuda:

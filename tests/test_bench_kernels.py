@@ -272,7 +272,32 @@ def test_ws_probe_smoke_runs_on_cpu(tmp_path) -> None:
     assert [r["gemm"] for r in rows] == ["w13", "w2"]
     for r in rows:
         assert "ws=True" in r["tile"] and r["rel_err"] < 1e-2
+        assert r["warp_specialized"] is True  # the ws path ran, not its plain twin
         assert r["ws_us"] > 0 and r["table_us"] > 0 and r["floor_us"] > 0
+
+
+def test_ws_probe_runs_a_64_row_control_before_the_128_row_tiles(monkeypatch) -> None:
+    """Each GEMM's 128-row ws tiles come after one 64-row ws tile, which makes its activation
+    descriptor on the device as they do but is not split between the consumers: if the GPU run
+    fails at the control, the device-made descriptor is what broke, not the split."""
+    from kernels import moe_gemm_triton as g
+    from kernels.fused_moe_tuning import WS_128_TILES
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the probe appends bench/ to it
+    spec = importlib.util.spec_from_file_location("ws_probe",
+                                                  os.path.join(ROOT, "bench", "ws_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    import torch
+
+    rows = g.RowGroups(g.ROWS, 8, counts=torch.tensor([8]))
+    tiles = probe.ws_tiles(128, 128)
+    assert set(tiles) == {"w13", "w2"}
+    for gemm, chosen in tiles.items():
+        control = chosen[0]
+        assert control == probe.CONTROL_TILES[gemm] and control.ws and control.block_m == 64
+        assert g.ws_wanted(gemm, rows, control, tma=True)  # warp-specializes by default
+        assert chosen[1:] == WS_128_TILES[gemm]
 
 
 def _stub(path, text: str) -> None:
