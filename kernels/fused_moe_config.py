@@ -34,12 +34,14 @@ weight stream plus part of the MMA time": one CTA per SM issues its loads and it
 same warps, so neither runs at its own rate. ``ws`` tiles are the candidate fix (a producer warp
 group for the TMA loads, two consumer warp groups for the MMAs, as DeepGEMM does); they compile
 and warp-specialize for sm_90a with Triton 3.6 and are right under the interpreter. 64-row ones
-pass the GPU tests and won no cell of the 2026-11-27 tile A/B (both consumer groups of a 64-row
-tile run the same MMAs: Triton cannot split 64 rows between them). A 128-row one hung an H100
-(its activation copies moved a 128-row box into 64-row buffers; fixed by making that descriptor
-in the kernel, not yet run on a GPU), so ws tiles of more than ``moe_gemm_triton.WS_MAX_BLOCK_M``
-rows run plain until ``bench/ws_probe.py`` has run ``fused_moe_tuning.WS_128_TILES`` there. No
-table row uses a ws tile yet. Blocks
+passed the GPU tests with a host-made activation descriptor and won no cell of the 2026-11-27
+tile A/B (both consumer groups of a 64-row tile run the same MMAs: Triton cannot split 64 rows
+between them). A 128-row one hung an H100 (its activation copies moved a 128-row box into 64-row
+buffers; fixed by making that descriptor in the kernel). Every ws tile, 64-row ones included,
+now makes it in the kernel, which has not yet run on a GPU; ws tiles of more than
+``moe_gemm_triton.WS_MAX_BLOCK_M`` rows run plain until ``bench/ws_probe.py`` has run
+``fused_moe_tuning.WS_128_TILES`` there (after a 64-row control). No table row uses a ws tile
+yet. Blocks
 never exceed the (power-of-two rounded) problem dims, and 4-byte dtypes halve block_k so shared
 memory stays the same; FP8 weights (1 byte) double it, up to their K block (128 for DeepSeek-V3:
 one scale per K step). The FP8 tiles are the bf16 table's with that block_k: **not tuned or

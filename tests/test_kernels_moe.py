@@ -654,7 +654,7 @@ GPU_GROUPED = {
     # Past m = 128 rows per expert: the persistent w2 of the table's last row.
     "contiguous_large_bf16": Grouped("bf16", (0, 300, 129, 513, 0, 7, 256, 1), H=7168, I=2048,
                                      weights=True),
-    # Warp-specialized tiles (fused_moe_tuning.QUICK_TILES has the 128-row ones the bench times).
+    # Warp-specialized tiles (fused_moe_tuning.WS_128_TILES has the 128-row ones the probe times).
     "ws_contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
                                   weights=True, tile=64, ws=True),
     "ws_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True,
