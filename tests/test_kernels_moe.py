@@ -739,3 +739,17 @@ def test_ws_kernels_get_a_scratch_allocator_in_each_thread() -> None:
     assert isinstance(seen["before"], _allocation.NullAllocator)
     assert not isinstance(seen["after"], _allocation.NullAllocator)
     assert seen["kept"]
+
+
+def test_ws_max_block_m_comes_from_the_environment(monkeypatch) -> None:
+    """AFD_MOE_WS_MAX_BLOCK_M lifts the 128-row ws tiles' guard (64 or 128; anything else an
+    error naming the variable and what it may be)."""
+    from kernels.moe_gemm_triton import _ws_max_block_m
+
+    monkeypatch.delenv("AFD_MOE_WS_MAX_BLOCK_M", raising=False)
+    assert _ws_max_block_m() == 64
+    monkeypatch.setenv("AFD_MOE_WS_MAX_BLOCK_M", "128")
+    assert _ws_max_block_m() == 128
+    monkeypatch.setenv("AFD_MOE_WS_MAX_BLOCK_M", "96")
+    with pytest.raises(ValueError, match="AFD_MOE_WS_MAX_BLOCK_M must be 64 or 128"):
+        _ws_max_block_m()
