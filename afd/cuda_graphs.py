@@ -19,6 +19,15 @@ context read once per row, as the captured batch has no ``decode_groups``):
     the graphs' pool holds no per-size outputs: what any graph allocates in it is free again
     once its capture ends, and the next, smaller capture reuses it.
 
+MTP drafts (``mtp_tokens`` = k > 0): the target forward keeps every row's hidden state (after
+the final norm) in a static output, and a second graph per size holds the MTP layer's passes
+that draft for the next step (``afd.model_runner``: its first pass over the step's rows, then
+k - 1 chained rounds, one row per sequence). Between the two replays the host samples and
+fills the MTP inputs (``set_mtp_inputs``): each row's next token, the rows that draft, and the
+chained rounds' entries (order, position, slot, length and block table per round; an entry past
+its rounds, and every padding entry, writes the scratch block). Its drafts [k, size] are read
+once after the replay, as the eager path reads its own.
+
 Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
 size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
 messages on the host). Models: MLA and GQA attention, whose decode kernels read the sequence
@@ -33,11 +42,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from afd.expert_load import RoutedTap
 from models.batch import ForwardBatch
-from models.model import LocalExperts, MoEModel
+from models.model import LocalExperts, MoEModel, run_stages
 
 log = logging.getLogger("afd.cuda_graphs")
 
@@ -75,6 +85,11 @@ class _Graph:
     # (decoder layer, topk_ids [size, K]) per MoE layer, views of DecodeGraphs.topk_ids_out,
     # rewritten by each run: the routing an expert load record reads
     routed: list[tuple[int, torch.Tensor]]
+    # with MTP drafts: the target's hidden state [size, H] (the MTP graph's input), the MTP
+    # graph (None: eager, as ``graph``) and its drafts [k, size] int64, rewritten by its replay
+    hidden: torch.Tensor | None = None
+    mtp_graph: torch.cuda.CUDAGraph | None = None
+    drafts: torch.Tensor | None = None
 
 
 def _views(part: torch.Tensor, whole: torch.Tensor) -> bool:
@@ -86,7 +101,12 @@ class DecodeGraphs:
     """Static buffers, the scratch block and one graph per size; ``run`` is one decode step."""
 
     def __init__(self, model: MoEModel, kv_caches: list[torch.Tensor], *, scratch_block: int,
-                 block_size: int, max_model_len: int, sizes: tuple[int, ...], capture: bool):
+                 block_size: int, max_model_len: int, sizes: tuple[int, ...], capture: bool,
+                 mtp_tokens: int = 0):
+        """``mtp_tokens``: k, the MTP drafts a step makes (0: no MTP layer; see the module
+        doc); the model's MTP layer writes its KV to the last of ``kv_caches``."""
+        if mtp_tokens and getattr(model, "mtp", None) is None:
+            raise ValueError(f"mtp_tokens={mtp_tokens} needs a model with its MTP layer")
         if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
         self.model, self.kv_caches = model, kv_caches
@@ -114,8 +134,12 @@ class DecodeGraphs:
             self.logits_out = torch.zeros(n, cfg.vocab_size, dtype=torch.float32, device=device)
             self.topk_ids_out = torch.zeros(len(self.moe_layers), n, cfg.top_k,
                                             dtype=torch.long, device=device)
+        self.mtp_tokens = mtp_tokens
+        if mtp_tokens:
+            self._mtp_buffers(n, mtp_tokens, device)
         self.graphs: dict[int, _Graph] = {}
         self.routed: list[tuple[int, torch.Tensor]] = []  # the last _forward's (see _Graph)
+        self.hidden: torch.Tensor | None = None  # the last _forward's, with MTP drafts
         self.last: tuple[_Graph, int] | None = None  # the last run's graph and real rows
         self.pool = None
         if capture:
@@ -123,6 +147,23 @@ class DecodeGraphs:
         else:
             self.graphs = {s: _Graph(s, self._batch(s), None, self.logits_out[:s], [])
                            for s in self.sizes}
+
+    @torch.inference_mode()
+    def _mtp_buffers(self, n: int, k: int, device: torch.device) -> None:
+        """The MTP graph's inputs, at their padding values: per row its next token; per
+        drafting sequence the row whose MTP output drafts (``draft_rows``); per chained entry
+        its sequence (``chain_order``: index among the drafting rows), block table and, per
+        round r = 1 .. k - 1 (row r - 1), its position, slot and length."""
+        rounds = k - 1
+        self.next_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.draft_rows = torch.zeros(n, dtype=torch.long, device=device)
+        self.chain_order = torch.zeros(n, dtype=torch.long, device=device)
+        self.chain_positions = torch.zeros(rounds, n, dtype=torch.long, device=device)
+        self.chain_slots = torch.full((rounds, n), self.scratch_slot, dtype=torch.long,
+                                      device=device)
+        self.chain_seq_lens = torch.ones(rounds, n, dtype=torch.long, device=device)
+        self.chain_tables = torch.full((n, self.width), self.scratch_block, dtype=torch.int32,
+                                       device=device)
 
     def _batch(self, size: int) -> ForwardBatch:
         # context_lens stays None: decode attention reads the lengths on the device only.
@@ -133,13 +174,49 @@ class DecodeGraphs:
                             query_lens=[1] * size, num_decodes=size, topk_ids_out=out)
 
     def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
-        """The forward a graph holds; its MoE layers' routing lands in ``self.routed``. Its
+        """The forward a graph holds; its MoE layers' routing lands in ``self.routed`` (and,
+        with MTP drafts, every row's hidden state after the final norm in ``self.hidden``). Its
         logits and routing ids are written into the shared static outputs' rows [:size]."""
         routed = self.routed = []
         experts = RoutedTap(LocalExperts(self.model), lambda *r: routed.append(r))
-        return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
-                                  self.logits_index[:size], experts,
-                                  logits_out=self.logits_out[:size])
+        if not self.mtp_tokens:
+            return self.model.forward(self.input_ids[:size], batch, self.kv_caches,
+                                      self.logits_index[:size], experts,
+                                      logits_out=self.logits_out[:size])
+        out = run_stages(self.model.forward_stages(self.input_ids[:size], batch, self.kv_caches,
+                                                   self.logits_index[:size], keep_hidden=True,
+                                                   logits_out=self.logits_out[:size]),
+                         experts)
+        self.hidden = out.hidden
+        return out.logits
+
+    def _mtp_forward(self, size: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP graph's passes (``afd.model_runner``'s ``_execute_with_mtp`` and ``_chain``,
+        over the static buffers): the first over the step's rows (its batch, hidden: the
+        target's), then k - 1 chained rounds of ``size`` rows. Drafts [k, size] int64: row 0
+        per drafting row, row r per chained entry. (A load record skips the MTP layer.)"""
+        mtp, model = self.model.mtp, self.model
+        cache, experts = self.kv_caches[mtp.index], LocalExperts(model)
+        batch = self._batch(size)
+        batch.cos, batch.sin = model.rotary.cos_sin(batch.positions)
+        out = run_stages(mtp.stages(self.next_ids[:size], hidden, batch, cache,
+                                    self.draft_rows[:size]), experts)
+        tokens = out.logits.argmax(dim=-1)
+        drafts = [tokens]
+        order = self.chain_order[:size]
+        tokens, hidden = tokens[order], out.hidden[order]
+        for r in range(self.mtp_tokens - 1):
+            batch = ForwardBatch(positions=self.chain_positions[r, :size],
+                                 slot_mapping=self.chain_slots[r, :size],
+                                 block_tables=self.chain_tables[:size],
+                                 seq_lens=self.chain_seq_lens[r, :size],
+                                 query_lens=[1] * size, num_decodes=size)
+            batch.cos, batch.sin = model.rotary.cos_sin(batch.positions)
+            out = run_stages(mtp.stages(tokens, hidden, batch, cache, self.logits_index[:size]),
+                             experts)
+            tokens, hidden = out.logits.argmax(dim=-1), out.hidden
+            drafts.append(tokens)
+        return torch.stack(drafts)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -167,7 +244,17 @@ class DecodeGraphs:
             # cos/sin: read within a replay only, so their pool memory may be another
             # capture's; kept on the batch they would stay one allocation per size
             batch.cos = batch.sin = None
-            self.graphs[size] = _Graph(size, batch, graph, self.logits_out[:size], self.routed)
+            entry = self.graphs[size] = _Graph(size, batch, graph, self.logits_out[:size],
+                                               self.routed)
+            if self.mtp_tokens:  # its input: this size's hidden output, kept alive in entry
+                entry.hidden = self.hidden
+                for _ in range(2):
+                    self._mtp_forward(size, entry.hidden)
+                torch.cuda.synchronize()
+                entry.mtp_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(entry.mtp_graph, pool=self.pool,
+                                      capture_error_mode="thread_local"):
+                    entry.drafts = self._mtp_forward(size, entry.hidden)
         torch.cuda.synchronize()
 
     def padded_size(self, num_rows: int) -> int:
@@ -206,7 +293,71 @@ class DecodeGraphs:
         self.last = (entry, num)
         if entry.graph is None:
             logits = self._forward(size, entry.batch)
-            entry.routed = self.routed
+            entry.routed, entry.hidden = self.routed, self.hidden
             return logits[:num]
         entry.graph.replay()
         return entry.logits[:num]
+
+    @torch.inference_mode()
+    def set_mtp_inputs(self, host: np.ndarray, tables: np.ndarray) -> None:
+        """The MTP inputs of the last ``run``'s step, for ``run_mtp``: ``host``
+        (``mtp_host_inputs``' int64 array for its padded size: next ids, draft rows, chain
+        order, then per round positions, slots and lengths) in one host-to-device copy, and
+        the chained entries' block tables [E, cols] int32 (entries past them pad)."""
+        entry, _ = self.last
+        size, rounds = entry.size, self.mtp_tokens - 1
+        if host.shape != ((3 + 3 * rounds) * size,):
+            raise ValueError(f"MTP inputs for size {size} must have {(3 + 3 * rounds) * size} "
+                             f"values, got {host.shape}")
+        dev = torch.from_numpy(host).to(self.next_ids.device)
+        self.next_ids[:size].copy_(dev[:size])
+        self.draft_rows[:size].copy_(dev[size:2 * size])
+        self.chain_order[:size].copy_(dev[2 * size:3 * size])
+        if rounds:
+            per_round = dev[3 * size:].view(3, rounds, size)
+            self.chain_positions[:, :size].copy_(per_round[0])
+            self.chain_slots[:, :size].copy_(per_round[1])
+            self.chain_seq_lens[:, :size].copy_(per_round[2])
+            num, cols = tables.shape
+            if num:  # columns past an entry's blocks keep older ids, never read
+                self.chain_tables[:num, :cols].copy_(torch.from_numpy(tables))
+            self.chain_tables[num:size, 0].fill_(self.scratch_block)
+
+    @torch.inference_mode()
+    def run_mtp(self) -> torch.Tensor:
+        """The MTP graph of the last ``run``'s size, over the inputs ``set_mtp_inputs`` put:
+        drafts [k, size] int64 (a view of the graph's output: read it before the next run)."""
+        entry, _ = self.last
+        if entry.mtp_graph is None:
+            return self._mtp_forward(entry.size, entry.hidden)
+        entry.mtp_graph.replay()
+        return entry.drafts
+
+
+def mtp_host_inputs(size: int, k: int, next_ids: list[int], rows: list[int], order: list[int],
+                    rounds: list[int], positions: np.ndarray, tables: np.ndarray,
+                    block_size: int, scratch_slot: int) -> np.ndarray:
+    """``DecodeGraphs.set_mtp_inputs``' host array for a step padded to ``size`` rows, MTP
+    drafts k: ``next_ids`` per row and ``rows`` (the drafting rows) as ``mtp_inputs`` gives
+    them, the chained entries as ``DraftChain`` plans them (``order``, ``rounds``, p per
+    entry, block tables). Round r's rows are the entries; an entry with fewer than r rounds,
+    and every row past the entries, is padding there: position 0, the scratch slot, length 1."""
+    n = k - 1
+    out = np.zeros((3 + 3 * n) * size, dtype=np.int64)
+    out[:len(next_ids)] = next_ids
+    out[size:size + len(rows)] = rows
+    out[2 * size:2 * size + len(order)] = order
+    if n:
+        pos, slots, lens = out[3 * size:].reshape(3, n, size)
+        slots[:] = scratch_slot
+        lens[:] = 1
+        e = len(order)
+        r = np.arange(1, n + 1)[:, None]  # [rounds, 1]
+        live = np.asarray(rounds, dtype=np.int64)[None, :] >= r  # [rounds, E]
+        p = positions[None, :e] + r
+        entries = np.broadcast_to(np.arange(e), p.shape)
+        slot = tables[entries, np.where(live, p, 0) // block_size] * block_size + p % block_size
+        pos[:, :e] = np.where(live, p, 0)
+        slots[:, :e] = np.where(live, slot, scratch_slot)
+        lens[:, :e] = np.where(live, p + 1, 1)
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from afd.config import EngineConfig
-from afd.cuda_graphs import DecodeGraphs, unsupported_reason
+from afd.cuda_graphs import DecodeGraphs, mtp_host_inputs, unsupported_reason
 from afd.expert_load import ExpertLoadRecorder, RoutedTap
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
@@ -250,6 +250,15 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     return dev[:t], batch, dev[t + b:t + b + n]
 
 
+def _drafts_per_seq(rounds: list[list[int]], chain: DraftChain) -> list[list[int]]:
+    """Per sampling sequence (one micro-batch's, plan order) its drafts: ``rounds[0]``, one
+    per sequence, then ``rounds[r][e]`` for each round r its chain entry e takes."""
+    mine = [[d] for d in rounds[0]]
+    for e, i in enumerate(chain.order):  # entry e is row e of each round it takes
+        mine[i] += [rounds[r][e] for r in range(1, chain.rounds[e] + 1)]
+    return mine
+
+
 class ModelRunner:
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  decodes: bool = True):
@@ -275,9 +284,7 @@ class ModelRunner:
 
     def _graphs_apply(self) -> bool:
         reason = ("experts on FFN ranks (the all_to_all sizes its messages on the host)"
-                  if self.collective else
-                  "MTP drafts (the MTP layer runs after each step's sampling, not captured)"
-                  if self.mtp is not None else unsupported_reason(self.model))
+                  if self.collective else unsupported_reason(self.model))
         if reason:
             log.info("no CUDA graphs: decode steps run eagerly here: %s", reason)
         return reason is None
@@ -288,13 +295,20 @@ class ModelRunner:
             graphs = DecodeGraphs(self.model, self.kv_caches, scratch_block=self.cfg.num_kv_blocks,
                                   block_size=self.cfg.block_size,
                                   max_model_len=self.cfg.max_model_len,
-                                  sizes=self.cfg.cuda_graph_sizes, capture=capture)
+                                  sizes=self.cfg.cuda_graph_sizes, capture=capture,
+                                  mtp_tokens=self.cfg.num_speculative_tokens if self.mtp else 0)
         except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager steps
             log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s",
                         type(exc).__name__, exc)
             return None
+        mtp = (f", then the MTP layer's {graphs.mtp_tokens} draft passes"
+               if graphs.mtp_tokens else "")
         if capture:
-            log.info("captured CUDA graphs of decode steps for batch sizes %s", graphs.sizes)
+            log.info("captured CUDA graphs of decode steps for batch sizes %s%s", graphs.sizes,
+                     mtp)
+        else:  # tests: the same static buffers, run eagerly
+            log.info("CUDA-graph path of decode steps (not captured: no CUDA) for batch sizes "
+                     "%s%s", graphs.sizes, mtp)
         return graphs
 
     def prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
@@ -313,7 +327,7 @@ class ModelRunner:
         record = self.load_record.add if self.load_record and self.load_record.recording else None
         experts = self.experts if record is None else RoutedTap(self.experts, record)
         if self.mtp is not None:
-            return self._execute_with_mtp(plan, micro_batches, experts)
+            return self._execute_with_mtp(plan, micro_batches, experts, record)
         if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
             if self.graphs.fits(batch):
@@ -355,14 +369,22 @@ class ModelRunner:
         return out
 
     def _execute_with_mtp(self, plan: SchedulerOutput, micro_batches: int,
-                          experts: ExpertPath) -> SamplerOutput:
+                          experts: ExpertPath, record=None) -> SamplerOutput:
         """A step, then the MTP layer over its rows (``mtp_inputs``), each micro-batch as the
         target's, then k - 1 chained rounds (``DraftChain``); ``draft_tokens``: per sampling
         sequence, the drafts after the last token it emits. With FFN ranks each MTP round's
         MoE is one more collective round, taken by every rank, an idle one with zero rows:
         always k rounds a step (k is engine-wide, so every rank knows the count without a
-        vote; a rank whose sequences chain fewer rounds takes the rest with zero rows)."""
-        parts, inputs = self._micro_batches(plan.seqs, micro_batches)
+        vote; a rank whose sequences chain fewer rounds takes the rest with zero rows).
+        A step of decode rows alone replays CUDA graphs where they are captured: the
+        target's, then (after sampling) the MTP layer's (``_graph_step_with_mtp``)."""
+        if self.graphs is not None and micro_batches == 1:
+            inputs = [self.prepare(plan.seqs)]
+            if self.graphs.fits(inputs[0][1]):
+                return self._graph_step_with_mtp(plan.seqs, *inputs[0], record)
+            parts = [plan.seqs]
+        else:
+            parts, inputs = self._micro_batches(plan.seqs, micro_batches)
         outs = run_micro_batches(self.model, inputs, self.kv_caches, experts, keep_hidden=True)
         out = self._sample(torch.cat([o.logits for o in outs]), plan.seqs)
         cache, size = self.kv_caches[self.mtp.index], self.cfg.block_size
@@ -404,12 +426,33 @@ class ModelRunner:
         flat = iter(torch.cat([d for part in drafts for d in part]).tolist())
         per_seq = []
         for part, chain in zip(drafts, chains):
-            rounds = [[next(flat) for _ in range(len(d))] for d in part]
-            mine = [[d] for d in rounds[0]]
-            for e, i in enumerate(chain.order):  # entry e is row e of each round it takes
-                mine[i] += [rounds[r][e] for r in range(1, chain.rounds[e] + 1)]
-            per_seq += mine
+            per_seq += _drafts_per_seq([[next(flat) for _ in range(len(d))] for d in part],
+                                       chain)
         return per_seq
+
+    def _graph_step_with_mtp(self, seqs: list[ScheduledSeq], ids: torch.Tensor,
+                             batch: ForwardBatch, index: torch.Tensor, record) -> SamplerOutput:
+        """``_execute_with_mtp`` for a step of decode rows alone, through the CUDA graphs: the
+        target's graph (keeping every row's hidden state), sampling on the host, then the MTP
+        graph of the same size (its first pass and the k - 1 chained rounds, every round over
+        all the size's rows, those past a round's entries padding); one read of its drafts."""
+        graphs, k, size = self.graphs, self.cfg.num_speculative_tokens, self.cfg.block_size
+        logits = graphs.run(ids, batch)[index]
+        if record is not None:  # the real rows' routing, read after the replay
+            for layer, topk_ids in graphs.last_routing():
+                record(layer, topk_ids)
+        out = self._sample(logits, seqs)
+        next_ids, rows, emitted = mtp_inputs(seqs, out.tokens)
+        chain = DraftChain.plan([s for s in seqs if s.samples], emitted, k - 1, size)
+        padded = graphs.last[0].size
+        graphs.set_mtp_inputs(
+            mtp_host_inputs(padded, k, next_ids, rows, chain.order, chain.rounds,
+                            chain.positions, chain.tables, size, graphs.scratch_slot),
+            chain.tables)
+        drafts = graphs.run_mtp().tolist()
+        drafts[0] = drafts[0][:len(rows)]
+        out.draft_tokens = _drafts_per_seq(drafts, chain)
+        return out
 
     def _prompt_logprobs(self, logits: torch.Tensor, seqs: list[ScheduledSeq]
                          ) -> tuple[torch.Tensor, dict]:

@@ -255,6 +255,11 @@ class MoEModel(nn.Module):
         ``.float()`` is no copy), a bf16 one's head output is converted into it (the copy
         ``.float()`` makes, into ``out`` instead of a new tensor)."""
         h, _ = self.model.norm(x, residual)
+        return self.head(h, out)
+
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head over normed states: [N, H] -> [N, V] fp32, into ``out`` where given
+        (see ``logits``)."""
         if out is None:
             return self.lm_head(h).float()
         if h.dtype == out.dtype:
@@ -270,7 +275,7 @@ class MoEModel(nn.Module):
         It yields ``Dispatch`` (send the routed tokens to the experts; resume with a handle) and
         then ``Combine`` (resume with the experts' weighted output [T, H]); it returns the logits
         [len(logits_index), V] fp32 (written into ``logits_out`` where given, see ``logits``;
-        ``keep_hidden``: a ForwardOut, for the MTP layer, which ignores ``logits_out``). The
+        ``keep_hidden``: a ForwardOut, for the MTP layer, its logits there too). The
         driver decides where the experts are (this process or FFN ranks) and may interleave
         several micro-batches' generators (ping-pong).
         """
@@ -282,7 +287,7 @@ class MoEModel(nn.Module):
         if not keep_hidden:
             return self.logits(x[logits_index], residual[logits_index], logits_out)
         h, _ = self.model.norm(x, residual)  # every row's: the MTP layer reads them all
-        return ForwardOut(self.lm_head(h[logits_index]).float(), h)
+        return ForwardOut(self.head(h[logits_index], logits_out), h)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,
                 kv_caches: list[torch.Tensor], logits_index: torch.Tensor,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from afd import LLM, SamplingParams
 from afd.config import resolve_engine_config
+from afd import cuda_graphs
 from afd.cuda_graphs import DecodeGraphs, default_sizes
 from kernels.testing import run_in_interpreter
 from models.config import load_config
@@ -243,6 +245,114 @@ def test_graphs_only_where_they_apply():
     assert EngineCore(model, default).runner.kv_caches[0].shape[0] == 32
 
 
+# ---- MTP drafts: the target's graph, then the MTP layer's ----------------------------------
+
+@pytest.fixture(scope="module")
+def mtp_path(tmp_path_factory) -> str:
+    from ckpt_utils import mtp_checkpoint
+
+    return mtp_checkpoint(str(tmp_path_factory.mktemp("mtp")))[0]
+
+
+def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monkeypatch):
+    """One engine with MTP drafts (k per step): its tokens, every set of drafts it kept (in
+    the order made), its caches, its free blocks and, on the graph path, per MTP replay
+    (padded size, rows, drafting rows, each chain entry's rounds)."""
+    import afd.core
+    import afd.model_runner
+
+    drafts, replays = [], []
+    keep = afd.core.EngineCore._keep_mtp_drafts
+
+    def spy_keep(taken, draft_tokens):
+        drafts.append([list(d) for d in draft_tokens])
+        keep(taken, draft_tokens)
+
+    def spy_inputs(size, k, next_ids, rows, order, rounds, *args):
+        replays.append((size, len(next_ids), len(rows), list(rounds)))
+        return cuda_graphs.mtp_host_inputs(size, k, next_ids, rows, order, rounds, *args)
+
+    monkeypatch.setattr(afd.core.EngineCore, "_keep_mtp_drafts", staticmethod(spy_keep))
+    monkeypatch.setattr(afd.model_runner, "mtp_host_inputs", spy_inputs, raising=False)
+    llm = LLM(path, device=device, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=4,
+              block_size=4, num_kv_blocks=KV_BLOCKS * 2, max_model_len=96,
+              cuda_graph_sizes=[s for s in (1, 2, 4, 8, 16) if s <= 4 * (1 + k)],
+              speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    runner = llm.engine.core.runner
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        caches = [c.cpu().clone() for c in runner.kv_caches]
+        free = llm.engine.core.allocator.num_free
+        drafted = llm.engine.core.stats()[0].num_draft_tokens
+    finally:
+        llm.shutdown()
+        monkeypatch.undo()  # the next engine's spies wrap the originals
+    return ([[c.token_ids for c in o.outputs] for o in outs], drafts, caches, free, replays,
+            runner.graphs, drafted)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                        reason="needs a CUDA device (real graph capture)")])])
+def test_mtp_graph_steps_match_eager_steps(mtp_path, device, k, monkeypatch):
+    """With MTP drafts, decode and verify steps replay the target's graph and then the MTP
+    layer's (its first pass and k - 1 chained rounds): greedy, seeded (n=2) and penalized
+    requests give the eager engine's tokens, every draft made is the eager one, and the
+    padding rows (padded steps, chain entries past their rounds) wrote only the scratch
+    block: the real blocks' KV, the MTP layer's included, is the eager engine's. Prefill steps
+    stay eager."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = mixed_prompts(6, seed=2, lengths=[30, 5, 23, 9, 12, 3])
+    params = [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True)
+              for i in range(6)]
+    params[1] = SamplingParams(temperature=0.9, seed=11, max_tokens=16, ignore_eos=True, n=2)
+    params[4] = SamplingParams(temperature=1.0, seed=4, max_tokens=14, ignore_eos=True,
+                               repetition_penalty=1.3)
+    want, want_drafts, eager_kv, _, none_replayed, none, _ = _run_mtp(
+        mtp_path, device, True, k, prompts, params, monkeypatch)
+    got, got_drafts, graph_kv, free, replays, graphs, drafted = _run_mtp(
+        mtp_path, device, False, k, prompts, params, monkeypatch)
+    assert none is None and not none_replayed
+    assert graphs is not None and graphs.mtp_tokens == k
+    assert (graphs.graphs[1].mtp_graph is not None) == (device == "cuda")
+    assert got == want
+    assert got_drafts == want_drafts and drafted > 0
+    assert free == KV_BLOCKS * 2
+    # the MTP graph ran, padded and not, at several sizes; chains cut short (lookahead or
+    # max_tokens) left padding entries in the later rounds
+    assert any(n < size for size, n, _, _ in replays), replays
+    assert any(n == size for size, n, _, _ in replays), replays
+    assert len({size for size, *_ in replays}) >= 3, replays
+    if k > 1:
+        assert any(rounds and min(rounds) < k - 1 for *_, rounds in replays), replays
+    assert len(eager_kv) == len(graph_kv)  # the target layers, then the MTP layer
+    for eager, graph in zip(eager_kv, graph_kv):
+        torch.testing.assert_close(graph[:KV_BLOCKS * 2], eager, atol=1e-4, rtol=1e-4)
+    assert graph_kv[-1][KV_BLOCKS * 2].abs().sum() > 0  # the MTP padding's scratch block
+
+
+def test_mtp_padding_entries_point_at_the_scratch_block():
+    """The MTP graph's chained rounds: an entry past its rounds, and every row past the
+    entries, writes the scratch slot at position 0, one token long; live entries take their
+    own position p + r, slot and length."""
+    tables = np.array([[3, 4, 8], [5, 6, 7]], dtype=np.int32)  # 2 entries, block size 4
+    host = cuda_graphs.mtp_host_inputs(4, 4, [9, 8, 7], [2, 0], [1, 0], [3, 1],
+                           np.array([5, 1]), tables, 4, 40)
+    next_ids, rows, order, per_round = host[:4], host[4:8], host[8:12], host[12:]
+    assert next_ids.tolist() == [9, 8, 7, 0] and rows.tolist() == [2, 0, 0, 0]
+    assert order.tolist() == [1, 0, 0, 0]
+    pos, slots, lens = per_round.reshape(3, 3, 4)
+    assert pos.tolist() == [[6, 2, 0, 0], [7, 0, 0, 0], [8, 0, 0, 0]]
+    assert slots.tolist() == [[4 * 4 + 2, 5 * 4 + 2, 40, 40], [4 * 4 + 3, 40, 40, 40],
+                              [8 * 4 + 0, 40, 40, 40]]
+    assert lens.tolist() == [[7, 3, 1, 1], [8, 1, 1, 1], [9, 1, 1, 1]]
+    with pytest.raises(ValueError, match="mtp_tokens=2 needs a model with its MTP layer"):
+        DecodeGraphs(torch.nn.Module(), [torch.zeros(11, 4, 3)], scratch_block=10,
+                     block_size=4, max_model_len=16, sizes=(4,), capture=False, mtp_tokens=2)
+
+
 # ---- no host reads in the decode forward ---------------------------------------------------
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
@@ -315,35 +425,49 @@ def interpreter_case(name: str, seed: int) -> dict:
             return originals[method](self, *args, **kwargs)
         return read
 
-    if qwen:
+    mtp = name.startswith("mtp")
+    if qwen or mtp:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from ckpt_utils import build_hf_model, save_checkpoint
+        from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp)
-            model = load_model(path, "full", dtype=torch.float32, device="cpu")
+            path = (mtp_checkpoint(tmp)[0] if mtp else
+                    save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp))
+            model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
     else:
         model = load_model(default_model_path(), "full", dtype=torch.float32, device="cpu")
-    caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu")
+    caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu",
+                                len(model.all_layers()))
     for cache in caches:
         cache.normal_()
     graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16,
-                          max_model_len=1024 if qwen else 64, sizes=(4,), capture=False)
+                          max_model_len=1024 if qwen else 64, sizes=(4,), capture=False,
+                          mtp_tokens=3 if mtp else 0)
     with torch.inference_mode():  # four sequences of 1-4 blocks (the buffers' own mode)
         graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
         graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+    if mtp:  # drafting rows 0, 2, 3; chained entries (rows 2, 0) of 2 and 1 rounds, a padding one
+        graphs.last = (graphs.graphs[4], 4)
+        tables = np.arange(8, dtype=np.int32).reshape(2, 4)
+        graphs.set_mtp_inputs(cuda_graphs.mtp_host_inputs(
+            4, 3, [5, 6, 7, 8], [0, 2, 3], [1, 0], [2, 1], np.array([29, 10]), tables, 16, 256),
+            tables)
     for method in HOST_READS:
         setattr(torch.Tensor, method, watch(method))
+    drafts = None
     try:
         with torch.inference_mode(), Audit():
             logits = graphs._forward(4, graphs.graphs[4].batch)
+            if mtp:  # the MTP graph's region, after the target's
+                drafts = graphs._mtp_forward(4, graphs.hidden)
     finally:
         for method, fn in originals.items():
             setattr(torch.Tensor, method, fn)
         for module, fn_name, fn in saved:
             setattr(module, fn_name, fn)
     return {"found": found, "finite": bool(torch.isfinite(logits).all()),
-            "shape": list(logits.shape), "calls": calls, "gqa_splits": splits}
+            "shape": list(logits.shape), "calls": calls, "gqa_splits": splits,
+            "drafts": None if drafts is None else list(drafts.shape)}
 
 
 def test_decode_forward_reads_nothing_on_the_host():
@@ -370,6 +494,24 @@ def test_decode_forward_reads_nothing_on_the_host():
                 "Tensor.tolist"} <= set(torch_case["found"]), (name, torch_case["found"])
 
 
+def test_mtp_graph_forward_reads_nothing_on_the_host():
+    """With MTP drafts, the target's padded decode forward (keeping every row's hidden state)
+    and the MTP graph's region (its first pass, then two chained rounds with a live entry, an
+    entry past its rounds and padding rows) read no tensor data on the host through the Triton
+    kernels; through the torch references they do."""
+    results = run_in_interpreter(__file__, ["mtp", "mtp_torch"], seed=0)
+    result = results["mtp"]
+    assert "error" not in result, result.get("error")
+    assert result["finite"] and result["shape"][0] == 4 and result["drafts"] == [3, 4]
+    # 3 target layers + 3 MTP passes: the MTP layer's decode attention ran in the region
+    assert result["calls"]["fused_moe"] > 0 and result["calls"]["mla_decode"] >= 6
+    assert result["found"] == [], result["found"]
+    torch_case = results["mtp_torch"]
+    assert "error" not in torch_case, torch_case.get("error")
+    assert torch_case["drafts"] == [3, 4]
+    assert {"Tensor.__int__", "Tensor.tolist"} <= set(torch_case["found"]), torch_case["found"]
+
+
 def test_pd_decode_rank_with_graphs_matches_single_process():
     """A P/D decode rank (no FFN ranks) steps through the graph path; KV moved in from the
     prefill rank lands in allocator blocks, never in the scratch block. Both engines on one
@@ -387,6 +529,42 @@ def test_pd_decode_rank_with_graphs_matches_single_process():
     finally:
         llm.shutdown()
     assert [[c.token_ids for c in o.outputs] for o in outs] == want
+
+
+def test_pd_decode_rank_with_mtp_graphs_matches_single_process(mtp_path, capfd):
+    """A P/D decode rank (no FFN ranks) with MTP drafts (k = 2) steps through the target's
+    and the MTP layer's graphs (the first drafts came from the prefill rank with the first
+    token): greedy and seeded tokens are the single eager process's (one device: see above)."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4, seed=3, lengths=[17, 4, 9, 26])]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=12, ignore_eos=True, n=2),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=2, max_tokens=10, ignore_eos=True)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(device=device, dtype="float32", seed=3, max_num_seqs=4, num_kv_blocks=KV_BLOCKS * 2,
+              max_model_len=96, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    base = LLM(mtp_path, enforce_eager=True, **kw)
+    try:
+        want = base.generate(prompts, params, use_tqdm=False)
+    finally:
+        base.shutdown()
+    capfd.readouterr()
+    llm = LLM(mtp_path, prefill=1, attention=1, enforce_eager=False, cuda_graph_sizes=[1, 2, 4, 8],
+              timeout_s=120, **kw)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    # the decode rank's log (its process writes to this one's stderr): its graphs hold the MTP
+    # layer's passes too
+    logged = capfd.readouterr().err
+    graph_log = "for batch sizes (1, 2, 4, 8), then the MTP layer's 2 draft passes"
+    assert "no CUDA graphs" not in logged and graph_log in logged, logged
+    assert ([[c.token_ids for c in o.outputs] for o in got]
+            == [[c.token_ids for c in o.outputs] for o in want])
+    assert sum(o.metrics.spec_num_draft_tokens for o in got) > 0
 
 
 def test_graph_steps_with_prefix_cache_hits():

@@ -115,9 +115,9 @@ def test_cuda_graph_pool_is_reserved(reference, monkeypatch, caplog):
     is a decode step of the largest captured size (step_activations, no prefill expansion,
     its logits term covering the fp32 logits output) plus the static routing output and inputs,
     once for the largest size: every size writes its outputs into the same buffers, so sizes
-    below the largest add nothing; 0 with MTP drafts (not captured). The sizing's log line
-    names it, and 0 with no graphs. A single process with enforce_eager=False reserves it, one
-    with enforce_eager=True does not."""
+    below the largest add nothing (with MTP drafts more: see graph_pool_reserve). The sizing's
+    log line names it, and 0 with no graphs. A single process with enforce_eager=False reserves
+    it, one with enforce_eager=True does not."""
     path = reference[0]
     model_cfg = load_config(path)
     cfg = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, **ARGS)
@@ -131,8 +131,11 @@ def test_cuda_graph_pool_is_reserved(reference, monkeypatch, caplog):
     # the smaller sizes' outputs are views of the largest's: they add nothing
     assert pool == graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(8,))) == one
     assert graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(1, 2, 4, 8, 16))) > pool
-    assert graph_pool_reserve(model_cfg, replace(cfg, num_speculative_tokens=1,
-                                                 speculative_method="mtp")) == 0
+    # MTP drafts (k = 2): each size's hidden states and drafts, the MTP passes' logits
+    element = torch.empty((), dtype=cfg.dtype).element_size()
+    assert graph_pool_reserve(model_cfg, replace(cfg, num_speculative_tokens=2,
+                                                 speculative_method="mtp")) == pool + 15 * (
+        model_cfg.hidden_size * element + 2 * 8) + 2 * 8 * model_cfg.vocab_size * 4
     assert 0 < pool < activation_reserve(model_cfg, cfg)  # no MLA prefill expansion
 
     mem = fake_memory(path, 500, 4, in_use=3 * GIB, extra=pool + per_block)
