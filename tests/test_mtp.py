@@ -244,6 +244,34 @@ def test_greedy_and_seeded_identical_chunked_and_preempted(mtp_ckpt, k):
     assert got[3].metrics.spec_num_draft_tokens > 0  # so did the penalized one
 
 
+def test_graph_path_matches_eager_chunked_and_preempted(mtp_ckpt):
+    """The CUDA-graph path (enforce_eager=False; on CPU its static buffers run uncaptured,
+    tests/test_cuda_graphs.py) with MTP drafts, k = 2, on the workload above (logprobs, a
+    constrained and a penalized request, chunked prefill, preemption): the eager engine's
+    tokens, the MTP graph run on decode steps, no leaked block."""
+    folder, _, _ = mtp_ckpt
+    prompts = [{"prompt_token_ids": p}
+               for p in mixed_prompts(5, seed=2, lengths=[30, 5, 23, 9, 12])]
+    kw = dict(seed=0, block_size=4, num_kv_blocks=16, max_model_len=64, max_num_batched_tokens=16,
+              speculative_config=mtp(2))
+    runs = []
+    for eager in (True, False):
+        llm = LLM(folder, enforce_eager=eager, **kw)
+        graphs, replays = llm.engine.core.runner.graphs, []
+        if graphs is not None:
+            run_mtp = graphs.run_mtp
+            graphs.run_mtp = lambda: replays.append(1) or run_mtp()
+        try:
+            runs.append(llm.generate(prompts, PARAMS, use_tqdm=False))
+            core = llm.engine.core
+            assert core.allocator.num_free == core.allocator.num_blocks
+            assert core.stats()[0].num_preemptions > 0
+        finally:
+            llm.shutdown()
+        assert (graphs is None) == eager and (len(replays) > 10) != eager
+    _assert_same(*runs)
+
+
 def test_disable_by_batch_size_with_mtp_drafts(mtp_ckpt, monkeypatch):
     """speculative_config.disable_by_batch_size with MTP (k = 3, every other request
     penalised): while 3 or more sequences run no step verifies drafts (the MTP layer still
