@@ -225,7 +225,10 @@ class DecodeGraphs:
         kernels and settle their fallbacks, so nothing is compiled or retried while capturing;
         they run on the padding rows alone, which write only the scratch block. A graph keeps
         nothing of its own alive in the pool: its outputs are the shared static ones (checked
-        here), and the rotary tables the forward leaves on its batch are let go."""
+        here), and the rotary tables the forward leaves on its batch are let go. With MTP
+        drafts each size's MTP graph follows its target graph the same way, reading that
+        graph's hidden output (replayed once first on the padding rows: finite states to warm
+        up on)."""
         self.pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             batch = self._batch(size)
@@ -248,6 +251,7 @@ class DecodeGraphs:
                                                self.routed)
             if self.mtp_tokens:  # its input: this size's hidden output, kept alive in entry
                 entry.hidden = self.hidden
+                graph.replay()  # (padding rows) so that the warm-up runs read finite states
                 for _ in range(2):
                     self._mtp_forward(size, entry.hidden)
                 torch.cuda.synchronize()

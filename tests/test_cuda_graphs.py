@@ -254,7 +254,8 @@ def mtp_path(tmp_path_factory) -> str:
     return mtp_checkpoint(str(tmp_path_factory.mktemp("mtp")))[0]
 
 
-def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monkeypatch):
+def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monkeypatch,
+             undo: bool = True):
     """One engine with MTP drafts (k per step): its tokens, every set of drafts it kept (in
     the order made), its caches, its free blocks and, on the graph path, per MTP replay
     (padded size, rows, drafting rows, each chain entry's rounds)."""
@@ -286,7 +287,8 @@ def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monke
         drafted = llm.engine.core.stats()[0].num_draft_tokens
     finally:
         llm.shutdown()
-        monkeypatch.undo()  # the next engine's spies wrap the originals
+        if undo:  # the next engine's spies wrap the originals
+            monkeypatch.undo()
     return ([[c.token_ids for c in o.outputs] for o in outs], drafts, caches, free, replays,
             runner.graphs, drafted)
 
@@ -331,6 +333,75 @@ def test_mtp_graph_steps_match_eager_steps(mtp_path, device, k, monkeypatch):
     for eager, graph in zip(eager_kv, graph_kv):
         torch.testing.assert_close(graph[:KV_BLOCKS * 2], eager, atol=1e-4, rtol=1e-4)
     assert graph_kv[-1][KV_BLOCKS * 2].abs().sum() > 0  # the MTP padding's scratch block
+
+
+class _StandInGraph:
+    """A CUDA graph's stand-in on CPU: capture runs its body eagerly (as the capture's
+    outputs), and ``replay`` (set per entry by ``_stand_in_capture``) reruns it eagerly into
+    those same output tensors, as a replay rewrites them (a replay during capture, before it
+    is set: the outputs as the capture left them)."""
+
+    rerun = None
+
+    def replay(self):
+        if self.rerun is not None:
+            self.rerun()
+
+
+def _stand_in_capture(monkeypatch):
+    """DecodeGraphs capture on CPU through the capture path (``_capture_all``: the kept
+    outputs, the MTP graph after each target graph, replays reading them) with stand-ins."""
+    import contextlib
+
+    import afd.model_runner
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph",
+                        lambda graph, pool, capture_error_mode: contextlib.nullcontext())
+
+    def rerun_target(graphs, entry):
+        entry.logits.copy_(graphs._forward(entry.size, entry.batch))
+        if entry.hidden is not None:
+            entry.hidden.copy_(graphs.hidden)
+        for (_, kept), (_, new) in zip(entry.routed, graphs.routed, strict=True):
+            kept.copy_(new)
+
+    class Captured(DecodeGraphs):
+        def __init__(self, *args, capture, **kwargs):
+            super().__init__(*args, capture=True, **kwargs)
+            for entry in self.graphs.values():
+                entry.graph.rerun = lambda e=entry: rerun_target(self, e)
+                if entry.mtp_graph is not None:
+                    entry.mtp_graph.rerun = lambda e=entry: e.drafts.copy_(
+                        self._mtp_forward(e.size, e.hidden))
+
+    monkeypatch.setattr(afd.model_runner, "DecodeGraphs", Captured)
+
+
+def test_mtp_capture_path_with_stand_in_graphs(mtp_path, monkeypatch):
+    """The capture path itself (``_capture_all`` and replays, graphs stood in for on CPU):
+    with MTP drafts (k = 3) every size has its MTP graph, the target's kept hidden output is
+    what that graph reads, and an engine replaying them gives MTP eager's tokens and drafts."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = mixed_prompts(4, seed=2, lengths=[30, 5, 23, 9])
+    params = [SamplingParams(temperature=0, max_tokens=10 + 2 * i, ignore_eos=True)
+              for i in range(4)]
+    params[1] = SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True)
+    want, want_drafts, *_ = _run_mtp(mtp_path, "cpu", True, 3, prompts, params, monkeypatch)
+    _stand_in_capture(monkeypatch)
+    replays = []
+    run_mtp = DecodeGraphs.run_mtp
+    monkeypatch.setattr(DecodeGraphs, "run_mtp",
+                        lambda self: replays.append(self.last[0].size) or run_mtp(self))
+    got, got_drafts, _, _, _, graphs, _ = _run_mtp(mtp_path, "cpu", False, 3, prompts, params,
+                                                   monkeypatch, undo=False)
+    assert all(isinstance(e.mtp_graph, _StandInGraph) and e.drafts.shape == (3, e.size)
+               and e.hidden.shape[0] == e.size for e in graphs.graphs.values())
+    assert got == want and got_drafts == want_drafts
+    assert len(replays) > 10 and len(set(replays)) >= 2, replays
 
 
 def test_mtp_padding_entries_point_at_the_scratch_block():
