@@ -26,7 +26,11 @@ k - 1 chained rounds, one row per sequence). Between the two replays the host sa
 fills the MTP inputs (``set_mtp_inputs``): each row's next token, the rows that draft, and the
 chained rounds' entries (order, position, slot, length and block table per round; an entry past
 its rounds, and every padding entry, writes the scratch block). Its drafts [k, size] are read
-once after the replay, as the eager path reads its own.
+once after the replay, as the eager path reads its own. Both graphs' kept outputs are shared by
+every size too: the hidden states land in rows [:size] of one static [largest, H] buffer (one
+[size, H] copy a replay: the final norm allocates its output) and the drafts in columns [:size]
+of one int64 [k, largest] buffer (each pass's argmax writes there, no copy added), so the MTP
+graphs keep nothing per size in the pool either.
 
 Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
 size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
@@ -85,8 +89,9 @@ class _Graph:
     # (decoder layer, topk_ids [size, K]) per MoE layer, views of DecodeGraphs.topk_ids_out,
     # rewritten by each run: the routing an expert load record reads
     routed: list[tuple[int, torch.Tensor]]
-    # with MTP drafts: the target's hidden state [size, H] (the MTP graph's input), the MTP
-    # graph (None: eager, as ``graph``) and its drafts [k, size] int64, rewritten by its replay
+    # with MTP drafts: the target's hidden state [size, H] (the MTP graph's input,
+    # DecodeGraphs.hidden_out[:size]), the MTP graph (None: eager, as ``graph``) and its drafts
+    # [k, size] int64 (DecodeGraphs.drafts_out[:, :size]), rewritten by its replay
     hidden: torch.Tensor | None = None
     mtp_graph: torch.cuda.CUDAGraph | None = None
     drafts: torch.Tensor | None = None
@@ -137,6 +142,11 @@ class DecodeGraphs:
         self.mtp_tokens = mtp_tokens
         if mtp_tokens:
             self._mtp_buffers(n, mtp_tokens, device)
+            # the MTP graphs' static outputs every size shares, as logits_out: the target's
+            # hidden states (rows [:size]) and the drafts (columns [:size])
+            self.hidden_out = torch.zeros(n, model.cfg.hidden_size,
+                                          dtype=model.lm_head.weight.dtype, device=device)
+            self.drafts_out = torch.zeros(mtp_tokens, n, dtype=torch.long, device=device)
         self.graphs: dict[int, _Graph] = {}
         self.routed: list[tuple[int, torch.Tensor]] = []  # the last _forward's (see _Graph)
         self.hidden: torch.Tensor | None = None  # the last _forward's, with MTP drafts
@@ -187,22 +197,23 @@ class DecodeGraphs:
                                                    self.logits_index[:size], keep_hidden=True,
                                                    logits_out=self.logits_out[:size]),
                          experts)
-        self.hidden = out.hidden
+        self.hidden = self.hidden_out[:size].copy_(out.hidden)  # the shared static output
         return out.logits
 
     def _mtp_forward(self, size: int, hidden: torch.Tensor) -> torch.Tensor:
         """The MTP graph's passes (``afd.model_runner``'s ``_execute_with_mtp`` and ``_chain``,
         over the static buffers): the first over the step's rows (its batch, hidden: the
-        target's), then k - 1 chained rounds of ``size`` rows. Drafts [k, size] int64: row 0
-        per drafting row, row r per chained entry. (A load record skips the MTP layer.)"""
+        target's), then k - 1 chained rounds of ``size`` rows. Drafts [k, size] int64, each
+        pass's argmax written into ``drafts_out[:, :size]`` (returned): row 0 per drafting row,
+        row r per chained entry. (A load record skips the MTP layer.)"""
         mtp, model = self.model.mtp, self.model
         cache, experts = self.kv_caches[mtp.index], LocalExperts(model)
         batch = self._batch(size)
         batch.cos, batch.sin = model.rotary.cos_sin(batch.positions)
         out = run_stages(mtp.stages(self.next_ids[:size], hidden, batch, cache,
                                     self.draft_rows[:size]), experts)
-        tokens = out.logits.argmax(dim=-1)
-        drafts = [tokens]
+        drafts = self.drafts_out[:, :size]
+        tokens = torch.argmax(out.logits, dim=-1, out=drafts[0])
         order = self.chain_order[:size]
         tokens, hidden = tokens[order], out.hidden[order]
         for r in range(self.mtp_tokens - 1):
@@ -214,9 +225,9 @@ class DecodeGraphs:
             batch.cos, batch.sin = model.rotary.cos_sin(batch.positions)
             out = run_stages(mtp.stages(tokens, hidden, batch, cache, self.logits_index[:size]),
                              experts)
-            tokens, hidden = out.logits.argmax(dim=-1), out.hidden
-            drafts.append(tokens)
-        return torch.stack(drafts)
+            tokens = torch.argmax(out.logits, dim=-1, out=drafts[r + 1])
+            hidden = out.hidden
+        return drafts
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -249,7 +260,7 @@ class DecodeGraphs:
             batch.cos = batch.sin = None
             entry = self.graphs[size] = _Graph(size, batch, graph, self.logits_out[:size],
                                                self.routed)
-            if self.mtp_tokens:  # its input: this size's hidden output, kept alive in entry
+            if self.mtp_tokens:  # its input: this size's hidden output (the shared one's rows)
                 entry.hidden = self.hidden
                 graph.replay()  # (padding rows) so that the warm-up runs read finite states
                 for _ in range(2):
@@ -259,6 +270,10 @@ class DecodeGraphs:
                 with torch.cuda.graph(entry.mtp_graph, pool=self.pool,
                                       capture_error_mode="thread_local"):
                     entry.drafts = self._mtp_forward(size, entry.hidden)
+                if not (_views(entry.hidden, self.hidden_out)
+                        and _views(entry.drafts, self.drafts_out)):
+                    raise RuntimeError(f"the size-{size} MTP graph's hidden input or drafts "
+                                       "are not in the shared static outputs")
         torch.cuda.synchronize()
 
     def padded_size(self, num_rows: int) -> int:
@@ -330,7 +345,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run_mtp(self) -> torch.Tensor:
         """The MTP graph of the last ``run``'s size, over the inputs ``set_mtp_inputs`` put:
-        drafts [k, size] int64 (a view of the graph's output: read it before the next run)."""
+        drafts [k, size] int64 (a view of the static drafts every size shares: read it before
+        the next run, of any size)."""
         entry, _ = self.last
         if entry.mtp_graph is None:
             return self._mtp_forward(entry.size, entry.hidden)

@@ -34,7 +34,8 @@ too (``graph_pool_reserve``), with the same per-step estimate, for a step of the
 captured batch (its decode rows, no prefill), plus the graphs' static buffers, allocated then
 too: their inputs, and the logits and routing ids that every size writes into one set of
 outputs sized for the largest (so these do not grow with the number of sizes); with MTP
-drafts also each size's hidden states and drafts, and the MTP graph's logits. It is 0 where
+drafts also the MTP graphs' inputs and the hidden states and drafts they share the same way,
+and the MTP passes' logits. It is 0 where
 no graphs are captured (enforce_eager, an attention kind not captured, a prefill rank,
 experts on FFN ranks).
 """
@@ -105,25 +106,30 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     every size shares. Outside the pool, the other static buffers, each once for the largest
     size: the shared routing output (int64 [largest, top_k] per MoE layer) and the inputs
     (five int64 [largest], block tables int32 [largest, max_model_len / block_size]). None of
-    it grows with the number of sizes. With MTP drafts (k), per size also what its graphs keep
-    alive in the pool, the target's hidden states [size, H] (the MTP graph's input) and the
-    drafts (int64 [k, size]), and the MTP graph's k passes' fp32 logits [largest, V] as if all
-    were live at once (its one layer's other intermediates reuse what the target's capture
-    freed). 0 when the runner would not capture (model_runner._graphs_apply: an attention kind
-    not in CAPTURED_ATTENTION)."""
+    it grows with the number of sizes. With MTP drafts (k), also once for the largest size the
+    MTP graphs' static buffers, every size's views of one set as the logits are: the target's
+    kept hidden states [largest, H] (the MTP graph's input) and the drafts (int64 [k,
+    largest]) as outputs, and as inputs three int64 [largest] (next ids, drafting rows, chain
+    order), three int64 [k - 1, largest] (the chained rounds' positions, slots, lengths) and
+    the chain's block tables int32 [largest, max_model_len / block_size]; in the pool, the
+    MTP graph's k passes' fp32 logits [largest, V] as if all were live at once (its one
+    layer's other intermediates reuse what the target's capture freed). 0 when the runner
+    would not capture (model_runner._graphs_apply: an attention kind not in
+    CAPTURED_ATTENTION)."""
     from afd.cuda_graphs import CAPTURED_ATTENTION
 
     if not cfg.cuda_graph_sizes or model_cfg.attention not in CAPTURED_ATTENTION:
         return 0
-    sizes, largest = sum(cfg.cuda_graph_sizes), max(cfg.cuda_graph_sizes)
+    largest = max(cfg.cuda_graph_sizes)
     routing = model_cfg.top_k * 8 * sum(map(model_cfg.is_moe_layer,
                                             range(model_cfg.num_layers)))
-    inputs = 5 * 8 + -(-cfg.max_model_len // cfg.block_size) * 4
-    kept = largest * (routing + inputs)
+    table = -(-cfg.max_model_len // cfg.block_size) * 4  # one row's block table
+    kept = largest * (routing + 5 * 8 + table)
     if cfg.mtp:
         k, element = cfg.num_speculative_tokens, torch.empty((), dtype=cfg.dtype).element_size()
-        kept += sizes * (model_cfg.hidden_size * element + k * 8)
-        kept += k * largest * model_cfg.vocab_size * 4
+        outputs = model_cfg.hidden_size * element + k * 8
+        inputs = (3 + 3 * (k - 1)) * 8 + table
+        kept += largest * (outputs + inputs) + k * largest * model_cfg.vocab_size * 4
     return step_activations(model_cfg, cfg, largest, largest, prefill=False) + kept
 
 

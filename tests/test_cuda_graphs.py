@@ -50,19 +50,7 @@ def _run(device: str, eager: bool, prompts: list[list[int]], params: list[Sampli
     llm = LLM(model, device=device, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=8,
               num_kv_blocks=KV_BLOCKS, max_model_len=256, cuda_graph_sizes=[1, 2, 4, 8])
     runner = llm.engine.core.runner
-    steps = []
-    if runner.graphs is not None:
-        run = runner.graphs.run
-
-        def spy(ids, batch):
-            out = run(ids, batch)  # and where its logits and routing ids are
-            steps.append((batch.num_seqs, runner.graphs.padded_size(batch.num_seqs),
-                          out.untyped_storage().data_ptr(),
-                          {t.untyped_storage().data_ptr()
-                           for _, t in runner.graphs.last_routing()}))
-            return out
-
-        runner.graphs.run = spy
+    steps = _spy_outputs(runner.graphs)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tokens = [[c.token_ids for c in o.outputs] for o in outs]
     caches = [c.cpu().clone() for c in runner.kv_caches]
@@ -71,10 +59,43 @@ def _run(device: str, eager: bool, prompts: list[list[int]], params: list[Sampli
     return tokens, caches, steps, free, runner.graphs
 
 
-def assert_one_set_of_outputs(graphs: DecodeGraphs, steps: list) -> None:
-    """Every size's logits and routing ids are views of one set of static outputs sized for
-    the largest size (so the graphs' pool holds no per-size outputs): the steps' (``_run``'s
-    spy: the storage of each step's logits and routing ids), each graph's."""
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _spy_outputs(graphs: DecodeGraphs | None) -> list:
+    """Per ``run`` of ``graphs`` (none: no graph path): (rows, padded size, the storage of its
+    logits, of its routing ids), and per ``run_mtp`` after it ("mtp", the storage of the
+    target's kept hidden states the MTP graph read, of the drafts it returned)."""
+    steps = []
+    if graphs is None:
+        return steps
+    run, run_mtp = graphs.run, getattr(graphs, "run_mtp", None)
+
+    def spy(ids, batch):
+        out = run(ids, batch)  # and where its logits and routing ids are
+        steps.append((batch.num_seqs, graphs.padded_size(batch.num_seqs), _ptr(out),
+                      {_ptr(t) for _, t in graphs.last_routing()}))
+        return out
+
+    def spy_mtp():
+        drafts = run_mtp()
+        steps.append(("mtp", graphs.last[0].size, _ptr(graphs.last[0].hidden), _ptr(drafts)))
+        return drafts
+
+    graphs.run = spy
+    if graphs.mtp_tokens:
+        graphs.run_mtp = spy_mtp
+    return steps
+
+
+def assert_one_set_of_outputs(graphs: DecodeGraphs, all_steps: list) -> None:
+    """Every size's logits and routing ids (with MTP drafts also the target's kept hidden
+    states and the MTP graph's drafts) are views of one set of static outputs sized for the
+    largest size (so the graphs' pool holds no per-size outputs): the steps' (``_spy_outputs``:
+    the storage of each step's outputs), each graph's."""
+    steps = [s for s in all_steps if s[0] != "mtp"]
+    mtp = [s for s in all_steps if s[0] == "mtp"]
     assert len({logits for _, _, logits, _ in steps}) == 1, steps
     assert len(set().union(*(routing for *_, routing in steps))) == 1, steps
     logits = graphs.logits_out.untyped_storage().data_ptr()
@@ -89,6 +110,22 @@ def assert_one_set_of_outputs(graphs: DecodeGraphs, steps: list) -> None:
         # captured: every size's routing since its capture; eager: the sizes that ran
         assert len(entry.routed) == len(graphs.moe_layers) > 0 or not captured
         assert all(ids.untyped_storage().data_ptr() == routing for _, ids in entry.routed)
+    if not graphs.mtp_tokens:
+        assert not mtp
+        return
+    hidden, drafts = _ptr(graphs.hidden_out), _ptr(graphs.drafts_out)
+    assert graphs.hidden_out.shape[0] == graphs.drafts_out.shape[1] == graphs.max_size
+    assert graphs.drafts_out.shape[0] == graphs.mtp_tokens
+    assert len({size for _, size, _, _ in mtp}) >= 2, mtp  # the MTP graph ran at several sizes
+    assert {h for _, _, h, _ in mtp} == {hidden} and {d for *_, d in mtp} == {drafts}, mtp
+    for size, entry in graphs.graphs.items():
+        # captured: every size's since its capture; eager: the sizes that ran
+        assert entry.hidden is not None or not captured
+        assert entry.hidden is None or (entry.hidden.shape[0] == size
+                                        and _ptr(entry.hidden) == hidden)
+        assert (entry.drafts is not None) == captured
+        assert entry.drafts is None or (entry.drafts.shape == (graphs.mtp_tokens, size)
+                                        and _ptr(entry.drafts) == drafts)
 
 
 def _workload():
@@ -280,6 +317,7 @@ def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monke
               cuda_graph_sizes=[s for s in (1, 2, 4, 8, 16) if s <= 4 * (1 + k)],
               speculative_config={"method": "mtp", "num_speculative_tokens": k})
     runner = llm.engine.core.runner
+    steps = _spy_outputs(runner.graphs)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         caches = [c.cpu().clone() for c in runner.kv_caches]
@@ -289,6 +327,8 @@ def _run_mtp(path: str, device: str, eager: bool, k: int, prompts, params, monke
         llm.shutdown()
         if undo:  # the next engine's spies wrap the originals
             monkeypatch.undo()
+    if runner.graphs is not None:
+        runner.graphs.steps = steps  # for assert_one_set_of_outputs
     return ([[c.token_ids for c in o.outputs] for o in outs], drafts, caches, free, replays,
             runner.graphs, drafted)
 
@@ -333,6 +373,7 @@ def test_mtp_graph_steps_match_eager_steps(mtp_path, device, k, monkeypatch):
     for eager, graph in zip(eager_kv, graph_kv):
         torch.testing.assert_close(graph[:KV_BLOCKS * 2], eager, atol=1e-4, rtol=1e-4)
     assert graph_kv[-1][KV_BLOCKS * 2].abs().sum() > 0  # the MTP padding's scratch block
+    assert_one_set_of_outputs(graphs, graphs.steps)
 
 
 class _StandInGraph:
@@ -402,6 +443,7 @@ def test_mtp_capture_path_with_stand_in_graphs(mtp_path, monkeypatch):
                and e.hidden.shape[0] == e.size for e in graphs.graphs.values())
     assert got == want and got_drafts == want_drafts
     assert len(replays) > 10 and len(set(replays)) >= 2, replays
+    assert_one_set_of_outputs(graphs, graphs.steps)
 
 
 def test_mtp_padding_entries_point_at_the_scratch_block():

@@ -115,7 +115,8 @@ def test_cuda_graph_pool_is_reserved(reference, monkeypatch, caplog):
     is a decode step of the largest captured size (step_activations, no prefill expansion,
     its logits term covering the fp32 logits output) plus the static routing output and inputs,
     once for the largest size: every size writes its outputs into the same buffers, so sizes
-    below the largest add nothing (with MTP drafts more: see graph_pool_reserve). The sizing's
+    below the largest add nothing, with MTP drafts too (their hidden states, drafts and inputs
+    once for the largest size, and the MTP passes' logits: see graph_pool_reserve). The sizing's
     log line names it, and 0 with no graphs. A single process with enforce_eager=False reserves
     it, one with enforce_eager=True does not."""
     path = reference[0]
@@ -131,11 +132,16 @@ def test_cuda_graph_pool_is_reserved(reference, monkeypatch, caplog):
     # the smaller sizes' outputs are views of the largest's: they add nothing
     assert pool == graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(8,))) == one
     assert graph_pool_reserve(model_cfg, replace(cfg, cuda_graph_sizes=(1, 2, 4, 8, 16))) > pool
-    # MTP drafts (k = 2): each size's hidden states and drafts, the MTP passes' logits
+    # MTP drafts (k = 2), once for the largest size: the shared hidden states and drafts, the
+    # MTP inputs (next ids, drafting rows, chain order; one round's positions, slots, lengths;
+    # chain tables) and the MTP passes' logits; the smaller sizes add nothing here either
+    mtp = replace(cfg, num_speculative_tokens=2, speculative_method="mtp")
     element = torch.empty((), dtype=cfg.dtype).element_size()
-    assert graph_pool_reserve(model_cfg, replace(cfg, num_speculative_tokens=2,
-                                                 speculative_method="mtp")) == pool + 15 * (
-        model_cfg.hidden_size * element + 2 * 8) + 2 * 8 * model_cfg.vocab_size * 4
+    assert graph_pool_reserve(model_cfg, mtp) == pool + 8 * (
+        model_cfg.hidden_size * element + 2 * 8 + 6 * 8 + (96 // 4) * 4
+        + 2 * model_cfg.vocab_size * 4)
+    assert graph_pool_reserve(model_cfg, replace(mtp, cuda_graph_sizes=(8,))) == \
+        graph_pool_reserve(model_cfg, mtp)
     assert 0 < pool < activation_reserve(model_cfg, cfg)  # no MLA prefill expansion
 
     mem = fake_memory(path, 500, 4, in_use=3 * GIB, extra=pool + per_block)
