@@ -2,8 +2,10 @@
 # What the 2026-11-27 H100 run (bench/results/h100_20261127) found broken or changed since, in
 # one call (~7-8 min; run it with timeout_s=590 and carry .whl, see bench/gpu_prep.sh):
 #   1. tests/test_cuda_graphs.py on CUDA (three of its tests failed there for reasons of the
-#      tests, fixed after; graphs are now the default on CUDA) and the FFN expert-compute
-#      graphs' capture test (tests/test_ffn_graphs.py, never run on a GPU), to graphs_tests.log;
+#      tests, fixed after; graphs are now the default on CUDA; since then its MTP graph tests,
+#      never captured on a GPU: target + MTP graphs at k = 1 and 3, a P/D decode rank with
+#      k = 2) and the FFN expert-compute graphs' capture test (tests/test_ffn_graphs.py, never
+#      run on a GPU), to graphs_tests.log, one line per test (a stage cut keeps each result);
 #   2. bench/moe_profile.py: each kernel's device time in fused_moe / grouped_moe at issue 3's
 #      open cells (m=128, m=512), to moe_profile.{json,log};
 #   3. bench/ws_probe.py: the 128-row warp-specialized tiles (fused_moe_tuning.WS_128_TILES, the
@@ -12,13 +14,16 @@
 #      each GEMM's after a 64-row ws control (device-made descriptor, no split), to
 #      ws_probe.{jsonl,log};
 #   4. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
-#   5. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/.
+#   5. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/
+#      (80 s, what it took in the 2026-11-27 run: its other 20 s went to stage 1's MTP tests).
 # (PREFILL=1 bash bench/gpu_kernels.sh, prefill launch choices, waits for a later session.)
 # The device tool brings back at most 8 files, so everything goes into one recheck.tgz in $OUT,
 # packed again after every stage (a call cut at its timeout keeps what ran). Unpack here with
 # `tar xzf recheck.tgz -C bench/results/<card>_<date>/`.
-# Stage timeouts: 175 + 80 + 110 + 100 + 100 s plus ~25 s of setup = 590 s at most (stage 1
-# also runs the FFN graphs' capture test, not yet timed on a GPU; stage 3 is new, estimated at
+# Stage timeouts: 195 + 80 + 110 + 100 + 80 s plus ~25 s of setup = 590 s at most (stage 1
+# also runs the FFN graphs' capture test and the MTP graph tests, none timed on a GPU: on CPU
+# the MTP ones add ~15 s, on CUDA their Triton compiles and captures more, so 195 s may cut
+# the last tests, the FFN one first; stage 3 is new, estimated at
 # ~90 s: about 20 Triton compiles, a 64-row control tile per GEMM first, and CUDA-graph
 # timings; about 1 s per compile for sm_90a on the CPU); in the 2026-11-27 run stages 1, 4 and
 # 5 took 118 (graph tests alone), 79 and 80 s. A nested bench/gpu_kernels.sh
@@ -44,7 +49,7 @@ pack() {
 
 stamp "1. CUDA graph tests"
 # to a file, not a pipe: rank processes a timeout leaves behind would hold a pipe open
-AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 175 python3 -m pytest -q -p no:cacheprovider \
+AFD_KV_CACHE_GB=${AFD_KV_CACHE_GB:-2} timeout -k 5 195 python3 -m pytest -v -p no:cacheprovider \
   -rs tests/test_cuda_graphs.py \
   "tests/test_ffn_graphs.py::test_captured_graphs_match_eager_serves_on_cuda" \
   >"$WORK/graphs_tests.log" 2>&1
@@ -70,6 +75,7 @@ pack
 # 4-5: bench/gpu_kernels.sh in its FP8 / VERIFY modes, each into its own folder
 for mode in FP8 VERIFY; do
   seconds=100
+  [ "$mode" = VERIFY ] && seconds=80
   dir="$WORK/$(echo "$mode" | tr 'A-Z' 'a-z')"
   mkdir -p "$dir"
   stamp "$mode=1 bash bench/gpu_kernels.sh"

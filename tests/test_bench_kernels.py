@@ -337,3 +337,23 @@ def test_gpu_recheck_keeps_the_last_whole_archive_when_a_pack_is_cut(tmp_path) -
     with tarfile.open(out / "recheck.tgz") as archive:  # a truncated one raises here
         names = archive.getnames()
     assert "./graphs_tests.log" in names and "./env.txt" in names, names
+
+
+def test_gpu_recheck_header_sums_its_stage_timeouts() -> None:
+    """``bench/gpu_recheck.sh``'s header lists its stage timeouts and their sum with setup
+    (the device tool's 590 s call): the list is the script's own timeouts, in stage order
+    (1-3 ``timeout -k 5 N``, 4 FP8 and 5 VERIFY each gpu_kernels.sh stage's ``seconds``), and
+    the sum is right and within 590 s."""
+    import re
+
+    with open(os.path.join(ROOT, "bench", "gpu_recheck.sh")) as f:
+        text = f.read()
+    head = re.search(r"Stage timeouts: ([\d +]+) s plus ~(\d+) s of setup = (\d+) s", text)
+    assert head, "the header's 'Stage timeouts: ...' line"
+    listed = [int(n) for n in head.group(1).split("+")]
+    assert sum(listed) + int(head.group(2)) == int(head.group(3)) <= 590, head.group(0)
+    fp8 = int(re.search(r"^  seconds=(\d+)$", text, re.M).group(1))
+    verify = re.search(r'^  \[ "\$mode" = VERIFY \] && seconds=(\d+)$', text, re.M)
+    script = [int(n) for n in re.findall(r"timeout -k 5 (\d+) python3", text)]
+    script += [fp8, int(verify.group(1)) if verify else fp8]
+    assert listed == script, (listed, script)
