@@ -706,3 +706,84 @@ def test_graph_steps_with_prefix_cache_hits():
         results[eager] = [o.outputs[0].token_ids for o in outs + [hit]]
         llm.shutdown()
     assert results[False] == results[True]
+
+
+@pytest.mark.parametrize("mtp_tokens", [0, 3])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                        reason="needs a CUDA device (real graph capture)")])])
+def test_bf16_capture_replays_into_the_shared_buffers(mtp_path, device, mtp_tokens,
+                                                      monkeypatch):
+    """The production dtype (bf16: the LM head's output converted into the fp32 shared logits,
+    the engine tests run fp32's matmul path) through ``_capture_all`` (on CPU with stand-in
+    graphs; on CUDA real capture, which must not fall back): every size captured, with MTP
+    drafts its MTP graph too; no out= op resized its output (no warning, the shared buffers'
+    storage unchanged); a replay of each size, largest first then smaller, rewrites rows
+    [:size] of the shared outputs as an eager forward over the same static inputs does."""
+    import warnings
+
+    from afd.kv_cache import allocate_kv_caches
+    from models.weights import load_model
+
+    if device == "cpu":  # the capture path with stand-ins: a replay reruns the body eagerly
+        import contextlib
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "graph",
+                            lambda graph, pool, capture_error_mode: contextlib.nullcontext())
+    model = load_model(mtp_path, "full", dtype=torch.bfloat16, device=device, mtp=True)
+    caches = allocate_kv_caches(model.cfg, 17, 16, torch.bfloat16, device,
+                                len(model.all_layers()))
+    for cache in caches:
+        cache.normal_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16, max_model_len=64,
+                              sizes=(2, 4), capture=True, mtp_tokens=mtp_tokens)
+    assert not [str(w.message) for w in caught if "resiz" in str(w.message)]
+    shared = {"logits_out": graphs.logits_out, "topk_ids_out": graphs.topk_ids_out}
+    if mtp_tokens:
+        shared |= {"hidden_out": graphs.hidden_out, "drafts_out": graphs.drafts_out}
+    ptrs = {name: t.data_ptr() for name, t in shared.items()}
+    if device == "cpu":
+        for entry in graphs.graphs.values():  # as _stand_in_capture's: eager into the outputs
+            entry.graph.rerun = lambda e=entry: graphs._forward(e.size, e.batch)
+            if entry.mtp_graph is not None:
+                entry.mtp_graph.rerun = lambda e=entry: graphs._mtp_forward(e.size, e.hidden)
+    for entry in graphs.graphs.values():
+        assert entry.graph is not None and (entry.mtp_graph is not None) == bool(mtp_tokens)
+    # chained entries: rows 1 (two rounds) and 0 (one), past their lengths in their own blocks
+    # (what no pass reads before a round writes it: a rerun over the same inputs reads the same)
+    tables = np.array([[4, 5, 6, 7], [0, 1, 2, 3]], dtype=np.int32)
+    with torch.inference_mode():  # four sequences of 1-4 blocks; their slots: the scratch one
+        graphs.input_ids[:4].copy_(torch.tensor([5, 9, 3, 7]))
+        graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
+        graphs.positions.copy_(graphs.seq_lens - 1)
+        graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+        for size in (4, 2):
+            entry = graphs.graphs[size]
+            entry.graph.replay()
+            got = [entry.logits.clone(), *(ids.clone() for _, ids in entry.routed)]
+            if mtp_tokens:
+                got.append(entry.hidden.clone())
+                graphs.last = (entry, size)
+                graphs.set_mtp_inputs(cuda_graphs.mtp_host_inputs(
+                    size, mtp_tokens, list(range(5, 5 + size)), list(range(size)), [1, 0],
+                    [2, 1], np.array([16, 0]), tables, 16, graphs.scratch_slot), tables)
+                entry.mtp_graph.replay()
+                got.append(entry.drafts.clone())
+            assert all(t.data_ptr() == ptrs[name] for name, t in shared.items())
+            want = [graphs._forward(size, graphs._batch(size)).clone(),
+                    *(ids.clone() for _, ids in graphs.routed)]
+            if mtp_tokens:
+                want += [graphs.hidden.clone(), graphs._mtp_forward(size, graphs.hidden).clone()]
+            assert got[0].dtype == torch.float32 and got[0].shape == (size, model.cfg.vocab_size)
+            torch.testing.assert_close(got[0], want[0], atol=2e-2, rtol=2e-2)
+            for g, w in zip(got[1:], want[1:]):
+                assert g.shape == w.shape and g.dtype == w.dtype
+                if g.dtype == torch.long:  # routing ids (sorted: top-k's order is free), drafts
+                    assert torch.equal(g.sort(-1).values, w.sort(-1).values)
+                else:
+                    torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
