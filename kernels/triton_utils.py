@@ -311,3 +311,58 @@ def ensure_scratch_allocator() -> None:
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
+
+
+# Below every @triton.jit function of this module: a compiled kernel's cache key includes the
+# line numbers of the functions it calls, so code added above them recompiles every kernel once.
+
+def _patch_lang_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` (every builtin of tl, tl.core, tl.tensor
+    and tl.math, found with ``inspect.getmembers``) at each kernel launch, and undoes it when the
+    launch ends. It also calls the same ``_patch_lang`` at each call of a @triton.jit helper
+    inside the kernel, and discards that scope. Within a launch whose patch already covers the
+    helper's language modules, that second patch changes nothing: the builtins it looks for are
+    already replaced (it skips them), and what it sets unconditionally (range, static_assert, the
+    tensor dunders, ...) is the same behaviour the launch set. But the member walk is ~40% of an
+    interpreted MoE call (thousands of helper calls per launch): the test suite's interpreter runs
+    and the bench scripts' ``--smoke`` runs spend most of their time there. This skips the
+    repeated patch; a helper that sees a language module the launch did not patch (tl.core from
+    tl.standard) is patched as before. Installed only under TRITON_INTERPRET."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if (patch is None or scope_type is None or executor is None
+            or getattr(patch, "afd_once_per_launch", False)):
+        return
+    langs_of: dict = {}  # fn -> the language modules in its globals (what _patch_lang patches)
+    launch: dict = {"on": False, "patched": set()}  # ids of the modules this launch patched
+    launch_call = executor.__call__
+
+    def launched(self, *args, **kwargs):
+        launch["on"], launch["patched"] = True, set()
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            launch["on"], launch["patched"] = False, set()
+
+    def once(fn):
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = frozenset(
+                id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        if launch["on"] and langs and langs <= launch["patched"]:
+            return scope_type()  # nothing to change (and nothing to undo)
+        scope = patch(fn)
+        if launch["on"]:
+            launch["patched"] |= langs
+        return scope
+
+    executor.__call__ = launched
+    once.afd_once_per_launch = True
+    interpreter._patch_lang = once
+
+
+if INTERPRETING:
+    _patch_lang_once_per_launch()

@@ -68,3 +68,60 @@ def test_cuda_tensors_use_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(2, 3, device="cuda")
     assert resolve_backend(None, x) == ("triton" if triton_available() else "torch")
     assert resolve_backend(None, x, torch.zeros(1)) == "torch"  # mixed devices: no Triton
+
+
+_NESTED_CALLS = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, triton.language as tl
+from triton.runtime import interpreter
+
+real = []  # the language patches Triton really made
+original = interpreter._patch_lang
+interpreter._patch_lang = lambda fn: real.append(fn.__name__) or original(fn)
+import kernels.triton_utils  # noqa: F401 (installs the once-per-launch patch over the above)
+
+
+@triton.jit
+def twice(x):
+    return tl.maximum(x, 0.0) * 2.0  # a builtin inside a helper
+
+
+@triton.jit
+def kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    for _ in range(5):
+        x = twice(x) - tl.sigmoid(x)  # tl.sigmoid: a tl.standard helper (its module sees core)
+    tl.store(out_ptr + offs, x)
+
+
+x = torch.randn(16)
+for _ in range(2):
+    out = torch.empty_like(x)
+    kernel[(3,)](x, out, 16)
+    want = x.clone()
+    for _ in range(5):
+        want = torch.clamp(want, min=0) * 2 - torch.sigmoid(want)
+    torch.testing.assert_close(out, want)
+# the launch's patch undone (Triton itself leaves a helper's patch of tl.core in place)
+assert tl.core.is_builtin(tl.load), "triton.language left patched"
+print(len(real), sorted(set(real)))
+"""
+
+
+def test_the_interpreter_patches_the_language_once_per_launch() -> None:
+    """kernels.triton_utils makes Triton's interpreter patch triton.language once per launch
+    (and once more for a helper whose module sees a language module the launch did not patch:
+    tl.standard's, which sees tl.core), not again at each @triton.jit helper call: the repeated
+    member walk was ~40% of an interpreted MoE call. Results as before, the language restored
+    after each launch. Checked in a fresh process (TRITON_INTERPRET is read as kernels load)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _NESTED_CALLS], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    count, names = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    # 2 launches x (the kernel + the first tl.standard helper); 62 without (every helper call)
+    assert int(count) <= 4, proc.stdout
+    assert "kernel" in names
