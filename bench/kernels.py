@@ -872,9 +872,11 @@ def _verify_row(label: str, shape: str, floor: float, errs: dict, times: dict) -
 
 
 def bench_verify(timer: Timer, ceil: dict, errors: list, device: str, smoke: bool) -> list:
-    """Decode attention of speculative verify rows, MLA then GQA: per row beside grouped."""
-    return (bench_mla_verify(timer, ceil, errors, device, smoke)
-            + bench_gqa_verify(timer, ceil, errors, device, smoke))
+    """Decode attention of speculative verify rows, MLA then GQA: per row beside grouped. Three
+    rounds of timings; one in the smoke run, whose timings only show the script runs."""
+    rounds = 1 if smoke else 3
+    return (bench_mla_verify(timer, ceil, errors, device, smoke, rounds)
+            + bench_gqa_verify(timer, ceil, errors, device, smoke, rounds))
 
 
 # Grouped launch variants for verify rows: (heads per program, tokens per step, warps); rows

@@ -27,6 +27,9 @@ import sys
 import torch
 
 SMOKE = "--smoke" in sys.argv
+# Calls before each measurement: clocks up, kernels compiled. The smoke run (interpreter, CPU)
+# only shows the script runs: one is enough there, each is a second of the CPU's time.
+WARMUP = 1 if SMOKE else 3
 if SMOKE and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
 os.environ["AFD_MOE_PDL"] = "0"  # read once, at the first call; see the docstring
@@ -49,7 +52,7 @@ def call_ms(fn, iters: int, cuda: bool) -> float:
     when the device is the bottleneck (these dims on a GPU)."""
     import time
 
-    for _ in range(3):
+    for _ in range(WARMUP):
         fn()
     sync(cuda)
     start = time.perf_counter()
@@ -64,7 +67,7 @@ def kernel_us(fn, iters: int, cuda: bool) -> dict[str, float]:
     which only shows the script runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
+    for _ in range(WARMUP):
         fn()
     sync(cuda)
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
