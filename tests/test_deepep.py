@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_utils import start_ranks
 from test_transport import free_port
 
 from afd.deepep import (
@@ -285,7 +286,7 @@ def test_round_trip_over_fake_deep_ep():
     assert len({len(s) for s in placement.slots}) > 1
     per_layer = ExpertPlacement(E, layers=(placement.slots, ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
     runs = ((mb1, placement), (mb2, placement), (mb2, per_layer), (mb2, (placement, per_layer)))
-    mp.spawn(run_rank, args=(free_port(), runs), nprocs=mb1.world, join=True)
+    start_ranks(run_rank, (free_port(), runs), mb1.world)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kernels
 from afd import LLM, SamplingParams
@@ -477,7 +476,9 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
 def test_ffn_side_with_graphs_matches_reference(tmp_path):
     """Two attention ranks, three FFN ranks serving through the static path: every combine is
     the reference's, over serves on a bucket, padded, above the largest bucket and empty."""
-    mp.spawn(run_rank, args=(free_port(), str(tmp_path)), nprocs=ATTN + FFN, join=True)
+    from spawn_utils import start_ranks  # (not at the top: the interpreter worker loads this file)
+
+    start_ranks(run_rank, (free_port(), str(tmp_path)), ATTN + FFN)
     reports = [json.loads((tmp_path / f"{r}.json").read_text())
                for r in range(ATTN, ATTN + FFN)]
     served = [n for rep in reports for n in rep["served"]]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_utils import start_ranks
 
 from afd.placement import ExpertPlacement
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
@@ -103,7 +103,7 @@ def test_torch_transport_round_trip_matches_reference():
     placements["per-layer"] = per_layer_placement()
     for placement in placements.values():
         assert [len(s) for s in placement.table(3)] != [E // FFN] * FFN  # uneven split
-    mp.spawn(run_rank, args=(free_port(), placements), nprocs=ATTN + FFN, join=True)
+    start_ranks(run_rank, (free_port(), placements), ATTN + FFN)
 
 
 def test_placement_table():
