@@ -3,8 +3,9 @@
 ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, i.e. when a ``*_triton``
 module is first imported, so a process that has already imported one natively (a GPU test, an
 engine test) cannot switch to the interpreter. ``run_in_interpreter`` therefore runs the cases
-of a test module in a fresh Python with ``TRITON_INTERPRET=1`` and no visible GPU, whatever the
-parent process has imported, and hands back one result dict per case.
+of a test module in a new process (forked from a server that loaded only torch) with
+``TRITON_INTERPRET=1`` and no visible GPU, whatever the parent process has imported, and hands
+back one result dict per case.
 """
 
 from __future__ import annotations
@@ -201,34 +202,73 @@ def run_in_interpreter(module_file: str, case_names: list[str], seed: int,
     return results
 
 
+# The worker process is forked from a fork server (one per calling process, started at the first
+# call) that imported torch and nothing else: a fresh Python would spend ~2 s of CPU importing
+# torch again for each test module's cases. Nothing in it has read TRITON_INTERPRET (no
+# @triton.jit function is defined until a *_triton module loads, in the worker) or initialized
+# CUDA, and the worker takes the caller's environment before it loads anything else.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed"]
+
+
+def forkserver_context():
+    """The multiprocessing context whose processes fork from that server."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # (a server already running keeps its own)
+    return ctx
+
+
 def _run_worker(module_file: str, case_names: list[str], seed: int,
                 timeout_s: float) -> dict[str, dict]:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("AFD_KERNEL_BACKEND", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "results.json")
-        cmd = [sys.executable, "-c", "from kernels.testing import _worker; _worker()",
-               module_file, out_path, str(seed), *case_names]
-        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
-                              timeout=timeout_s, cwd=str(_REPO_ROOT))
-        if proc.returncode != 0 or not os.path.exists(out_path):
-            raise RuntimeError(f"interpreter worker failed (rc {proc.returncode}):\n"
-                               f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        out_path, log_path = os.path.join(tmp, "results.json"), os.path.join(tmp, "log.txt")
+        proc = forkserver_context().Process(
+            target=_forked_worker, args=(env, log_path, module_file, out_path, seed, case_names))
+        proc.start()
+        proc.join(timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(f"interpreter worker for {module_file}", timeout_s)
+        if proc.exitcode != 0 or not os.path.exists(out_path):
+            log = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
+            raise RuntimeError(f"interpreter worker failed (rc {proc.exitcode}):\n"
+                               f"{log[-8000:]}")
         with open(out_path) as f:
             return json.load(f)
 
 
+def _forked_worker(env: dict, log_path: str, module_file: str, out_path: str, seed: int,
+                   case_names: list[str]) -> None:
+    """The worker process: the caller's environment (interpreter on, no GPU), output to
+    ``log_path``, the repository first on the path, then the cases."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(_REPO_ROOT)
+    sys.path.insert(0, str(_REPO_ROOT))
+    _run_cases(module_file, out_path, seed, case_names)
+
+
 def _worker() -> None:
-    module_file, out_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    """``python -c "from kernels.testing import _worker; _worker()" MODULE OUT SEED NAMES...``"""
+    _run_cases(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+
+
+def _run_cases(module_file: str, out_path: str, seed: int, case_names: list[str]) -> None:
     spec = importlib.util.spec_from_file_location("_kernel_cases", module_file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses in the module look themselves up here
     spec.loader.exec_module(module)
     results: dict[str, dict] = {}
-    for name in sys.argv[4:]:
+    for name in case_names:
         try:
             results[name] = module.interpreter_case(name, seed)
         except Exception:  # noqa: BLE001 - reported per case to the parent

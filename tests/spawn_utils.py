@@ -12,14 +12,12 @@ layouts) are started by the engine, not here.
 
 from __future__ import annotations
 
-import multiprocessing
-
 import torch.multiprocessing as mp
 
-PRELOAD = ["torch", "torch.distributed"]
+from kernels.testing import forkserver_context
 
 
 def start_ranks(fn, args: tuple, nprocs: int) -> None:
     """``fn(rank, *args)`` on ``nprocs`` processes; raises as ``mp.spawn`` does if one fails."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    forkserver_context()  # the server kernels.testing's interpreter workers fork from too
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
