@@ -40,26 +40,7 @@ from results_io import commit_id  # noqa: E402
 from kernels.fused_moe_config import MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import fused_moe_triton, grouped_moe_triton  # noqa: E402
 from kernels.testing import moe_weights  # noqa: E402
-
-
-def sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def call_ms(fn, iters: int, cuda: bool) -> float:
-    """Mean wall time per call of ``iters`` back-to-back calls (after a warm-up): device time
-    when the device is the bottleneck (these dims on a GPU)."""
-    import time
-
-    for _ in range(WARMUP):
-        fn()
-    sync(cuda)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(cuda)
-    return (time.perf_counter() - start) / iters * 1e3
+from roofline import call_ms, ceilings, gemm_floor_us, sync  # noqa: E402
 
 
 def kernel_us(fn, iters: int, cuda: bool) -> dict[str, float]:
@@ -87,27 +68,6 @@ def kernel_us(fn, iters: int, cuda: bool) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def ceilings(cuda: bool, smoke: bool) -> dict:
-    """Copy bytes/s (an elementwise kernel over 1 GiB) and bf16 matmul flop/s (8192^3); in
-    smoke mode the same code at tiny sizes on the CPU."""
-    device, elems, n = ("cuda", 2**29, 8192) if not smoke else ("cpu", 2**16, 128)
-    src = torch.empty(elems, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_ms = min(call_ms(lambda: torch.mul(src, 1.0, out=dst), 20, cuda) for _ in range(3))
-    mat = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    mm_ms = min(call_ms(lambda: mat @ mat, 10, cuda) for _ in range(3))
-    return {"copy_bytes_per_s": 2 * elems * 2 / (copy_ms / 1e3),
-            "matmul_flops_per_s": 2 * n**3 / (mm_ms / 1e3)}
-
-
-def gemm_floor_us(ceil: dict, experts: int, rows: int, n: int, k: int, out_cols: int) -> float:
-    """One grouped GEMM: the weights [E, n, k] and rows x (k + out_cols) activations (bf16)
-    at the copy rate, or 2 x rows x n x k flops at the matmul rate, whichever is slower."""
-    moved = (experts * n * k + rows * (k + out_cols)) * 2
-    return 1e6 * max(moved / ceil["copy_bytes_per_s"],
-                     2 * rows * n * k / ceil["matmul_flops_per_s"])
-
-
 def profile_cell(experts: int, m: int, hidden: int, inter: int, iters: int, ceil: dict,
                  cuda: bool) -> dict:
     device = "cuda" if cuda else "cpu"
@@ -133,8 +93,8 @@ def profile_cell(experts: int, m: int, hidden: int, inter: int, iters: int, ceil
     for name, fn in entries.items():
         kernels = kernel_us(fn, iters, cuda)
         cell[name] = {"kernels_us": kernels, "kernels_sum_us": sum(kernels.values()),
-                      "call_us_no_pdl": 1e3 * call_ms(fn, iters, cuda),
-                      "call_us_defaults": 1e3 * call_ms(lambda fn=fn: fn(on), iters, cuda)}
+                      "call_us_no_pdl": 1e3 * call_ms(fn, iters, cuda, WARMUP),
+                      "call_us_defaults": 1e3 * call_ms(lambda fn=fn: fn(on), iters, cuda, WARMUP)}
     return cell
 
 

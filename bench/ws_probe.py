@@ -35,8 +35,8 @@ if SMOKE and not torch.cuda.is_available():
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
 
-from moe_profile import ceilings, gemm_floor_us  # noqa: E402
 from results_io import commit_id  # noqa: E402
+from roofline import ceilings, gemm_floor_us  # noqa: E402
 
 from kernels import moe_gemm_triton  # noqa: E402
 from kernels.fused_moe_config import GemmTile  # noqa: E402

@@ -287,7 +287,11 @@ def test_ws_probe_runs_a_64_row_control_before_the_128_row_tiles(monkeypatch) ->
     spec = importlib.util.spec_from_file_location("ws_probe",
                                                   os.path.join(ROOT, "bench", "ws_probe.py"))
     probe = importlib.util.module_from_spec(spec)
+    environ = dict(os.environ)
     spec.loader.exec_module(probe)
+    # Importing it changes no switch of this process (it once imported bench/moe_profile.py,
+    # which sets AFD_MOE_PDL=0 at import: every later test then ran without PDL's default).
+    assert dict(os.environ) == environ
     import torch
 
     rows = g.RowGroups(g.ROWS, 8, counts=torch.tensor([8]))
