@@ -331,10 +331,7 @@ class ModelRunner:
         if self.graphs is not None and micro_batches == 1:
             ids, batch, index = self.prepare(plan.seqs)
             if self.graphs.fits(batch):
-                logits = self.graphs.run(ids, batch)[index]
-                if record is not None:  # the real rows' routing, read after the replay
-                    for layer, topk_ids in self.graphs.last_routing():
-                        record(layer, topk_ids)
+                logits = self._replay(ids, batch, index, record)
             else:
                 logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
                                            experts)[0]
@@ -430,6 +427,16 @@ class ModelRunner:
                                        chain)
         return per_seq
 
+    def _replay(self, ids: torch.Tensor, batch: ForwardBatch, index: torch.Tensor,
+                record) -> torch.Tensor:
+        """A decode step through the CUDA graphs: the ``index`` rows' logits, and with a load
+        ``record`` the real rows' routing, read after the replay."""
+        logits = self.graphs.run(ids, batch)[index]
+        if record is not None:
+            for layer, topk_ids in self.graphs.last_routing():
+                record(layer, topk_ids)
+        return logits
+
     def _graph_step_with_mtp(self, seqs: list[ScheduledSeq], ids: torch.Tensor,
                              batch: ForwardBatch, index: torch.Tensor, record) -> SamplerOutput:
         """``_execute_with_mtp`` for a step of decode rows alone, through the CUDA graphs: the
@@ -437,11 +444,7 @@ class ModelRunner:
         graph of the same size (its first pass and the k - 1 chained rounds, every round over
         all the size's rows, those past a round's entries padding); one read of its drafts."""
         graphs, k, size = self.graphs, self.cfg.num_speculative_tokens, self.cfg.block_size
-        logits = graphs.run(ids, batch)[index]
-        if record is not None:  # the real rows' routing, read after the replay
-            for layer, topk_ids in graphs.last_routing():
-                record(layer, topk_ids)
-        out = self._sample(logits, seqs)
+        out = self._sample(self._replay(ids, batch, index, record), seqs)
         next_ids, rows, emitted = mtp_inputs(seqs, out.tokens)
         chain = DraftChain.plan([s for s in seqs if s.samples], emitted, k - 1, size)
         padded = graphs.last[0].size
