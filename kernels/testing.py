@@ -257,11 +257,6 @@ def _forked_worker(env: dict, log_path: str, module_file: str, out_path: str, se
     _run_cases(module_file, out_path, seed, case_names)
 
 
-def _worker() -> None:
-    """``python -c "from kernels.testing import _worker; _worker()" MODULE OUT SEED NAMES...``"""
-    _run_cases(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
-
-
 def _run_cases(module_file: str, out_path: str, seed: int, case_names: list[str]) -> None:
     spec = importlib.util.spec_from_file_location("_kernel_cases", module_file)
     module = importlib.util.module_from_spec(spec)

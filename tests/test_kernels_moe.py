@@ -388,7 +388,7 @@ def recorded_launches():
 
 
 def interpreter_case(name: str, seed: int) -> dict:
-    """Entry point of the interpreter subprocess (kernels.testing._worker)."""
+    """Entry point of the interpreter worker process (kernels.testing._run_cases)."""
     torch.manual_seed(seed + zlib.crc32(name.encode()))
     if name in ALIGN_CASES:
         return run_align_case(*ALIGN_CASES[name])
