@@ -409,12 +409,9 @@ def _fp8_constexprs(scales: BlockScales | None) -> dict:
 
 
 def _ws_scratch(a: torch.Tensor) -> None:
-    """A ws kernel makes its activation TMA descriptor on the device (global scratch memory):
-    Triton's Hopper auto-WS splits a 128-row tile's activation loads between its two consumer
-    warp groups, and rewrites the box of a descriptor made in the kernel to the 64-row half it
-    loads, but not that of one made on the host: there each half's copy moved the host box's
-    128 rows into a 64-row buffer whose barrier waited for 64 rows' bytes, and the 128-row ws
-    tile hung an H100 (2026-11-26). tests/test_kernels_sm90.py checks every copy's box."""
+    """A ws kernel makes its activation TMA descriptor on the device, in global scratch
+    memory that Triton asks this thread's allocator for (why on the device: the comment at
+    ``WS_MAX_BLOCK_M``)."""
     if a.is_cuda:
         ensure_scratch_allocator()
 
