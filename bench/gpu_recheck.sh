@@ -13,20 +13,23 @@
 #      fixed on CPU since) checked and timed against the table's tiles at E=8 and 32, m=128,
 #      each GEMM's after a 64-row ws control (device-made descriptor, no split), to
 #      ws_probe.{jsonl,log};
-#   4. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/;
-#   5. VERIFY=1 ... (the MLA verify dispatch and launch choices changed after that run), verify/
-#      (80 s, what it took in the 2026-11-27 run: its other 20 s went to stage 1's MTP tests).
-# (PREFILL=1 bash bench/gpu_kernels.sh, prefill launch choices, waits for a later session.)
+#   4. bench/mla_probe.py: the per-row MLA decode's 64-heads-a-program launches (the first whose
+#      dots compile to wgmma; never timed) checked and timed against the default at 128 heads,
+#      to mla_probe.{jsonl,log};
+#   5. FP8=1 bash bench/gpu_kernels.sh (its GPU tests failed their tolerance that day), to fp8/.
+# (VERIFY=1 and PREFILL=1 bash bench/gpu_kernels.sh, the MLA verify dispatch and the prefill
+# launch choices changed after that run, wait for a later call: bench/results/README.md.)
 # The device tool brings back at most 8 files, so everything goes into one recheck.tgz in $OUT,
 # packed again after every stage (a call cut at its timeout keeps what ran). Unpack here with
 # `tar xzf recheck.tgz -C bench/results/<card>_<date>/`.
-# Stage timeouts: 195 + 80 + 110 + 100 + 80 s plus ~25 s of setup = 590 s at most (stage 1
+# Stage timeouts: 195 + 80 + 110 + 75 + 100 s plus ~25 s of setup = 585 s at most (stage 1
 # also runs the FFN graphs' capture test and the MTP graph tests, none timed on a GPU: on CPU
 # the MTP ones add ~15 s, on CUDA their Triton compiles and captures more, so 195 s may cut
 # the last tests, the FFN one first; stage 3 is new, estimated at
 # ~90 s: about 20 Triton compiles, a 64-row control tile per GEMM first, and CUDA-graph
-# timings; about 1 s per compile for sm_90a on the CPU); in the 2026-11-27 run stages 1, 4 and
-# 5 took 118 (graph tests alone), 79 and 80 s. A nested bench/gpu_kernels.sh
+# timings; about 1 s per compile for sm_90a on the CPU; stage 4, new too: 4 compiles and
+# 15 timings); in the 2026-11-27 run stage 1 took 118 s (graph tests alone), the FP8 stage
+# 79 s. A nested bench/gpu_kernels.sh
 # runs its own stage timeouts in process groups of their own, which an outer timeout would not
 # reach: each runs in a session of its own, killed whole at its time.
 set -uo pipefail
@@ -72,10 +75,16 @@ echo "ws_probe_rc=$?" | tee -a "$WORK/ws_probe.log"
 grep -E "rel err|NOT warp-specialized|ws_probe_rc" "$WORK/ws_probe.log"
 pack
 
-# 4-5: bench/gpu_kernels.sh in its FP8 / VERIFY modes, each into its own folder
-for mode in FP8 VERIFY; do
+stamp "4. MLA decode launch variants"
+timeout -k 5 75 python3 bench/mla_probe.py --json "$WORK/mla_probe.jsonl" \
+  >"$WORK/mla_probe.log" 2>&1
+echo "mla_probe_rc=$?" | tee -a "$WORK/mla_probe.log"
+grep -E "x floor|!!|mla_probe_rc" "$WORK/mla_probe.log"
+pack
+
+# 5: bench/gpu_kernels.sh in its FP8 mode, into its own folder
+for mode in FP8; do
   seconds=100
-  [ "$mode" = VERIFY ] && seconds=80
   dir="$WORK/$(echo "$mode" | tr 'A-Z' 'a-z')"
   mkdir -p "$dir"
   stamp "$mode=1 bash bench/gpu_kernels.sh"

@@ -255,6 +255,7 @@ def mla_decode_attention_triton(
     block_h: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning."""
     batch, num_heads, d_lat = q_lat.shape
@@ -278,7 +279,7 @@ def mla_decode_attention_triton(
     dr_pad = max(16, next_pow2(d_rope))
     common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "DL_PAD": dl_pad, "DR_PAD": dr_pad,
               "DOT_MODE": dot_mode(q_lat.dtype), "num_warps": num_warps or launch["num_warps"],
-              "num_stages": launch["num_stages"]}
+              "num_stages": num_stages or launch["num_stages"]}
     grid = (head_blocks, batch, num_splits)
     # The kernel reads a table row and the lengths with unit stride (copies only if not).
     args = (q_lat, q_pe, kv, block_tables.contiguous(), seq_lens.contiguous())

@@ -276,6 +276,25 @@ def test_ws_probe_smoke_runs_on_cpu(tmp_path) -> None:
         assert r["ws_us"] > 0 and r["table_us"] > 0 and r["floor_us"] > 0
 
 
+def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
+    """``bench/mla_probe.py`` (the MLA decode launch variants, for the next GPU run) at tiny
+    dims under the interpreter: one JSON line per variant, each checked against the torch
+    reference and timed, the default first (the others' ratios are to it)."""
+    out = tmp_path / "mla_probe.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "mla_probe.py"), "--smoke",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["default", "bh64"]
+    assert rows[1]["knobs"]["block_h"] == 64
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_err"] < 1e-2 and r["us"] > 0 and r["floor_us"] > 0
+        assert r["over_default"] is not None
+
+
 def test_ws_probe_runs_a_64_row_control_before_the_128_row_tiles(monkeypatch) -> None:
     """Each GEMM's 128-row ws tiles come after one 64-row ws tile, which makes its activation
     descriptor on the device as they do but is not split between the consumers: if the GPU run
@@ -346,8 +365,8 @@ def test_gpu_recheck_keeps_the_last_whole_archive_when_a_pack_is_cut(tmp_path) -
 def test_gpu_recheck_header_sums_its_stage_timeouts() -> None:
     """``bench/gpu_recheck.sh``'s header lists its stage timeouts and their sum with setup
     (the device tool's 590 s call): the list is the script's own timeouts, in stage order
-    (1-3 ``timeout -k 5 N``, 4 FP8 and 5 VERIFY each gpu_kernels.sh stage's ``seconds``), and
-    the sum is right and within 590 s."""
+    (1-4 ``timeout -k 5 N``, then each gpu_kernels.sh mode's ``seconds``), and the sum is
+    right and within 590 s."""
     import re
 
     with open(os.path.join(ROOT, "bench", "gpu_recheck.sh")) as f:
@@ -356,8 +375,8 @@ def test_gpu_recheck_header_sums_its_stage_timeouts() -> None:
     assert head, "the header's 'Stage timeouts: ...' line"
     listed = [int(n) for n in head.group(1).split("+")]
     assert sum(listed) + int(head.group(2)) == int(head.group(3)) <= 590, head.group(0)
-    fp8 = int(re.search(r"^  seconds=(\d+)$", text, re.M).group(1))
-    verify = re.search(r'^  \[ "\$mode" = VERIFY \] && seconds=(\d+)$', text, re.M)
+    seconds = int(re.search(r"^  seconds=(\d+)$", text, re.M).group(1))
+    modes = re.search(r"^for mode in ([A-Z0-9 ]+); do$", text, re.M).group(1).split()
     script = [int(n) for n in re.findall(r"timeout -k 5 (\d+) python3", text)]
-    script += [fp8, int(verify.group(1)) if verify else fp8]
+    script += [seconds] * len(modes)
     assert listed == script, (listed, script)

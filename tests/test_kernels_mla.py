@@ -24,7 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
 
 # name -> (dtype, batch, heads, Dl, Dr, block_size, blocks per seq, splits or None, table dtype
-#          [, strided: a column-major block table and lengths that are a strided view])
+#          [, strided: a column-major block table and lengths that are a strided view
+#          [, launch knobs for the Triton kernel]])
 CASES = {
     "one_split_fp32": ("fp32", 3, 5, 24, 8, 4, 5, 1, "int32"),
     "three_splits_fp32": ("fp32", 3, 5, 24, 8, 4, 5, 3, "int64"),
@@ -37,6 +38,12 @@ CASES = {
     "one_split_fp8kv_fp32": ("fp32+fp8kv", 3, 5, 24, 8, 4, 5, 1, "int32"),
     "splits_fp8kv_bf16": ("bf16+fp8kv", 2, 16, 32, 16, 16, 4, 2, "int32"),
     "heads_over_block_fp8kv_fp32": ("fp32+fp8kv", 2, 20, 40, 12, 8, 3, None, "int32"),
+    # the 64-heads-a-program launch (``bench/mla_probe.py``'s wgmma variants): 80 heads, so the
+    # second head block is partial, with and without splits
+    "block_h_64_bf16": ("bf16", 3, 80, 32, 16, 16, 4, 1, "int32", False,
+                        {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 3}),
+    "block_h_64_splits_bf16": ("bf16", 3, 80, 32, 16, 16, 4, 3, "int32", False,
+                               {"block_h": 64, "block_n": 16}),
 }
 
 
@@ -60,7 +67,8 @@ def run_case(spec: tuple, device: str, backend: str) -> dict:
         from kernels.mla_decode_triton import mla_decode_attention_triton
 
         out = mla_decode_attention_triton(q_lat, q_pe, kv, tables, seq_lens, scale,
-                                          num_splits=splits)
+                                          num_splits=splits, **(spec[10] if len(spec) > 10
+                                                                else {}))
     ref = mla_decode_attention_torch(q_lat, q_pe, kv, tables, seq_lens, scale)
     return {"err": rel_err(out, ref), "tol": tolerance(q_lat.dtype),
             "dtype_ok": out.dtype == ref.dtype}
@@ -310,6 +318,11 @@ GPU_CASES = {
     "one_seq_split_bf16": ("bf16", 1, 128, 512, 64, 64, 64, None, "int32"),
     "small_fp32": ("fp32", 4, 8, 64, 32, 16, 8, 2, "int64"),
     "v3_heads_fp8kv_bf16": ("bf16+fp8kv", 16, 128, 512, 64, 64, 32, None, "int32"),
+    # bench/mla_probe.py's wgmma variant (64 heads a program, 8 warps), not yet a default
+    "v3_heads_bh64_bf16": ("bf16", 16, 128, 512, 64, 64, 32, 1, "int32", False,
+                           {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 3}),
+    "v3_heads_bh64_splits_bf16": ("bf16", 16, 128, 512, 64, 64, 32, 4, "int32", False,
+                                  {"block_h": 64, "block_n": 32, "num_warps": 8}),
 }
 
 

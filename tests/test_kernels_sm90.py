@@ -424,6 +424,38 @@ def test_mla_decode_compiles(heads: int, splits: int, kv: str) -> None:
         check_combine(splits, d_lat, d_lat)
 
 
+# bench/mla_probe.py's candidates for the per-row MLA decode at 128 heads: 64 heads a program
+# over 8 warps, the first launch whose dots compile to wgmma (32 heads a program: mma.sync),
+# with no spill under the GPU image's Triton 3.6 (Triton 3.9's ptxas spills 64-160 B a thread)
+# and 144 KiB of shared memory. Over an FP8 cache they spill 312 B a thread: not candidates.
+MLA_WGMMA_VARIANTS = [dict(block_h=64, block_n=32, num_warps=8, num_stages=2),
+                      dict(block_h=64, block_n=32, num_warps=8, num_stages=3),
+                      dict(block_h=64, block_n=16, num_warps=8, num_stages=3)]
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("variant", MLA_WGMMA_VARIANTS, ids=lambda v: "bn{block_n}st{num_stages}"
+                         .format(**v))
+@spills_off_36("the 64-head MLA variants 48-160 B a thread")
+def test_mla_decode_wgmma_variants_compile(variant: dict, splits: int) -> None:
+    d_lat, d_rope, block, heads = 512, 64, 64, 128
+    out = "*bf16" if splits == 1 else "*fp32"
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "out_ptr": out, "lse_ptr": "*fp32", "num_heads": heads,
+            "d_lat": d_lat, "d_rope": d_rope, "block_size": block, "scale_log2": 0.06,
+            "stride_qb": heads * d_lat, "stride_qh": d_lat, "stride_pb": heads * d_rope,
+            "stride_ph": d_rope, "stride_kvb": block * (d_lat + d_rope),
+            "stride_kvt": d_lat + d_rope, "stride_tb": 64, "stride_ob": heads * d_lat * splits,
+            "stride_oh": d_lat * splits}
+    constexprs = {"NUM_SPLITS": splits, "BLOCK_H": variant["block_h"],
+                  "BLOCK_N": variant["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    compiled = compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
+                            variant["num_warps"], variant["num_stages"])
+    check(compiled, pipelined=True)
+    assert "wgmma.mma_async" in compiled.asm["ptx"], "the dots did not compile to wgmma"
+
+
 def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict):
     """The grouped MLA decode kernel at DeepSeek-V3's dims with ``launch`` (grouped_launch's
     keys), ``splits`` splits, over a ``kv`` cache."""
