@@ -6,12 +6,15 @@ H100 (B=64, ctx 4096; ``bench/results/h100_20261126/kernels_bench.log``); compil
 dots are mma.sync. 64 heads a program over 8 warps is the first launch whose dots compile to
 wgmma with no spill under the GPU image's Triton 3.6 (``tests/test_kernels_sm90.py::
 test_mla_decode_wgmma_variants_compile``), and it reads each context from L2 twice a sequence
-instead of four times. Never timed: this times them against the default, in turn.
+instead of four times; with ``tma`` its whole steps come through TMA descriptors (each a block's
+rows), which also fits 64 tokens a step without a spill. Never timed: this times them against
+the default, in turn.
 
     timeout -k 5 90 python bench/mla_probe.py [--json f.jsonl]
     python bench/mla_probe.py --smoke      # CPU, interpreter, tiny dims: the script runs
 
-Each (shape, variant): its output against the torch reference (rel. error, bf16 < 1e-2), then
+Each (shape, variant), every sequence ending up to a block short of the context (so inside a
+step): its output against the torch reference (rel. error, bf16 < 1e-2), then
 device time (CUDA graph replay, triton's do_bench_cudagraph, the median; the variants of a shape
 timed in turn, twice, the lower kept) beside the floor (the cache read once plus q and o at the
 copy rate measured here, or the flops at the matmul rate, whichever is slower). One JSON line per
@@ -48,13 +51,16 @@ VARIANTS = {
     "default": {},
     "bh64 bn32 w8 st2": {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 2},
     "bh64 bn32 w8 st3": {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    "bh64 bn16 w8 st3": {"block_h": 64, "block_n": 16, "num_warps": 8, "num_stages": 3},
-    "bh64 bn32 w8 st3 splits=1": {"block_h": 64, "block_n": 32, "num_warps": 8,
-                                  "num_stages": 3, "num_splits": 1},
+    # whole steps through TMA descriptors, double-buffered (3 stages spill)
+    "bh64 bn32 w8 tma": {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 2,
+                         "tma": True},
+    "bh64 bn64 w8 tma": {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2,
+                         "tma": True},
 }
 # (sequences, context): the 2026-11-26 shape, the same tokens as more and as fewer sequences
 SHAPES = ((64, 4096), (128, 2048), (16, 16384))
-SMOKE_VARIANTS = {"default": {}, "bh64": {"block_h": 64, "block_n": 16}}
+SMOKE_VARIANTS = {"default": {}, "bh64": {"block_h": 64, "block_n": 16},
+                  "bh64 tma": {"block_h": 64, "block_n": 8, "tma": True}}
 
 
 def step(msg: str) -> None:
@@ -75,15 +81,17 @@ def inputs(batch: int, ctx: int, heads: int, d_lat: int, d_rope: int, block: int
     blocks = ctx // block
     kv = torch.randn(batch * blocks, block, d_lat + d_rope, device=device, dtype=torch.bfloat16)
     tables = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
-    lens = torch.full((batch,), ctx, device=device, dtype=torch.long)
+    # ragged ends (up to a block short of ctx): most sequences end inside a TMA step
+    lens = ctx - torch.randint(0, block, (batch,), device=device)
     q_lat = torch.randn(batch, heads, d_lat, device=device, dtype=torch.bfloat16)
     q_pe = torch.randn(batch, heads, d_rope, device=device, dtype=torch.bfloat16)
     return q_lat, q_pe, kv, tables, lens, (d_lat + d_rope) ** -0.5
 
 
-def floor_us(ceil: dict, batch: int, ctx: int, heads: int, d_lat: int, d_rope: int) -> float:
-    moved = (batch * ctx * (d_lat + d_rope) + batch * heads * (2 * d_lat + d_rope)) * 2
-    flops = batch * heads * ctx * 2 * (2 * d_lat + d_rope)
+def floor_us(ceil: dict, lens: torch.Tensor, heads: int, d_lat: int, d_rope: int) -> float:
+    tokens, batch = int(lens.sum()), len(lens)
+    moved = (tokens * (d_lat + d_rope) + batch * heads * (2 * d_lat + d_rope)) * 2
+    flops = heads * tokens * 2 * (2 * d_lat + d_rope)
     return 1e6 * max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
 
 
@@ -92,7 +100,7 @@ def probe_shape(batch: int, ctx: int, dims: tuple, variants: dict, ceil: dict, c
     heads, d_lat, d_rope, block = dims
     device = "cuda" if cuda else "cpu"
     args = inputs(batch, ctx, heads, d_lat, d_rope, block, device)
-    floor = floor_us(ceil, batch, ctx, heads, d_lat, d_rope)
+    floor = floor_us(ceil, args[4], heads, d_lat, d_rope)
     ref = mla_decode_attention_torch(*args)
     rows, runs = {}, {}
     for name, knobs in variants.items():

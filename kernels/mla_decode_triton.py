@@ -36,11 +36,25 @@ from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, n
 
 
 @triton.jit
+def _mla_step(q_lat, q_pe, c, k_pe, t_ok, m_i, l_i, acc, scale_log2, DOT_MODE: tl.constexpr,
+              INTERP_BF16: tl.constexpr):
+    """One BLOCK_N-token step of the per-row kernel: scores of ``c`` [BN, DL] and ``k_pe``
+    [BN, DR] (``t_ok`` [BN]: tokens in the step; it has at least one), then the online softmax."""
+    s = tl.zeros((q_lat.shape[0], c.shape[0]), dtype=tl.float32)
+    s = dot(q_lat, tl.trans(c), s, DOT_MODE)
+    s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
+    s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+    return online_softmax_step(s, c, m_i, l_i, acc, False, DOT_MODE, INTERP_BF16)
+
+
+@triton.jit
 def mla_decode_kernel(
     q_lat_ptr,  # [B, Hq, Dl]
     q_pe_ptr,  # [B, Hq, Dr]
     kv_ptr,  # [num_blocks, block_size, Dl + Dr]; a token's row is its latent then its rope key
     #          (q's dtype, or FP8 e4m3 with scale 1.0)
+    c_desc,  # TMA only: descriptors of the cache's latents [num_blocks * block_size, Dl] and
+    pe_desc,  # rope keys [.., Dr] (boxes [BLOCK_N, DL_PAD] and [BLOCK_N, DR_PAD]); else unused
     table_ptr,  # [B, max_blocks] block ids
     seq_lens_ptr,  # [B]
     out_ptr,  # [B, Hq, Dl] (one split) or [B, Hq, NUM_SPLITS, Dl] fp32 partials
@@ -50,7 +64,7 @@ def mla_decode_kernel(
     stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DL_PAD: tl.constexpr, DR_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
+    INTERP_BF16: tl.constexpr, TMA: tl.constexpr = False,
 ):
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -71,22 +85,42 @@ def mla_decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, DL_PAD), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        t_ok = toks < hi
-        block = tl.load(table_ptr + seq * stride_tb + toks // block_size, mask=t_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
-        # an FP8 cache converts to the queries' dtype in registers (exact)
-        c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                    mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)  # [BN, DL]
-        k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                       mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)  # [BN, DR]
-        s = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-        s = dot(q_lat, tl.trans(c), s, DOT_MODE)
-        s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
-        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
-        # every chunk has a valid token
-        m_i, l_i, acc = online_softmax_step(s, c, m_i, l_i, acc, False, DOT_MODE, INTERP_BF16)
+    if TMA:
+        # Whole steps through TMA (BLOCK_N divides block_size: a step is one block's rows),
+        # then the last, partial one, whose rows past the sequence's end are zeroed: a stale
+        # row of another sequence could hold anything, even NaN, which a zero weight would not
+        # cancel. (Zeroing inside the loop would keep Triton from pipelining its copies.)
+        tail = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, tail, BLOCK_N):
+            toks = start + tl.arange(0, BLOCK_N)
+            block = tl.load(table_ptr + seq * stride_tb + start // block_size)
+            row = block.to(tl.int32) * block_size + start % block_size
+            c = c_desc.load([row, 0]).to(q_lat.dtype)  # [BN, DL]
+            k_pe = pe_desc.load([row, 0]).to(q_pe.dtype)  # [BN, DR]
+            m_i, l_i, acc = _mla_step(q_lat, q_pe, c, k_pe, toks < hi, m_i, l_i, acc,
+                                      scale_log2, DOT_MODE, INTERP_BF16)
+        if tail < hi:
+            t_ok = tail + tl.arange(0, BLOCK_N) < hi
+            block = tl.load(table_ptr + seq * stride_tb + tail // block_size)
+            row = block.to(tl.int32) * block_size + tail % block_size
+            c = tl.where(t_ok[:, None], c_desc.load([row, 0]).to(q_lat.dtype), 0.0)
+            k_pe = tl.where(t_ok[:, None], pe_desc.load([row, 0]).to(q_pe.dtype), 0.0)
+            m_i, l_i, acc = _mla_step(q_lat, q_pe, c, k_pe, t_ok, m_i, l_i, acc,
+                                      scale_log2, DOT_MODE, INTERP_BF16)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            toks = start + tl.arange(0, BLOCK_N)
+            t_ok = toks < hi
+            block = tl.load(table_ptr + seq * stride_tb + toks // block_size, mask=t_ok, other=0)
+            rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+            # an FP8 cache converts to the queries' dtype in registers (exact)
+            c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
+                        mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)
+            k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
+                           mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)
+            # every step has a valid token
+            m_i, l_i, acc = _mla_step(q_lat, q_pe, c, k_pe, t_ok, m_i, l_i, acc, scale_log2,
+                                      DOT_MODE, INTERP_BF16)
 
     # An empty split (short sequence) has l_i = 0: it writes zeros and a -inf lse.
     store_attention(acc, m_i, l_i, out_ptr + seq * stride_ob + heads[:, None] * stride_oh,
@@ -233,6 +267,34 @@ def choose_num_splits(batch: int, head_blocks: int, max_context: int, sm_count: 
     return split_count(batch * head_blocks, max_context, sm_count, 512, 16)
 
 
+def tma_refusal(kv: torch.Tensor, d_lat: int, block_n: int) -> str | None:
+    """Why the cache ``kv`` [num_blocks, block_size, Dl + Dr] cannot be read through TMA with
+    ``block_n`` tokens a step, or None: a step must be one block's rows (block_n divides the
+    block size), the blocks one 2-D array of rows (contiguous), and the row stride and the rope
+    keys' start 16-byte aligned, as TMA needs."""
+    elem = kv.element_size()
+    if kv.shape[1] % block_n:
+        return f"block_n {block_n} must divide the cache's block size {kv.shape[1]}"
+    if not kv.is_contiguous():
+        return f"the cache must be contiguous (strides {tuple(kv.stride())})"
+    if (kv.shape[2] * elem) % 16 or (d_lat * elem) % 16 or kv.data_ptr() % 16:
+        return (f"the cache's rows ({kv.shape[2]} x {elem} B), its latent width ({d_lat}) and "
+                f"its start must be 16-byte aligned")
+    return None
+
+
+def cache_descriptors(kv: torch.Tensor, d_lat: int, block_n: int, dl_pad: int, dr_pad: int):
+    """Host TMA descriptors of the cache's latents and rope keys as [rows, Dl] and [rows, Dr]
+    (a row per cached token), boxes of ``block_n`` rows; columns past Dl / Dr read as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = kv.view(-1, kv.shape[2])
+    return (TensorDescriptor(rows, [rows.shape[0], d_lat], [rows.stride(0), 1],
+                             [block_n, dl_pad]),
+            TensorDescriptor(rows[:, d_lat:], [rows.shape[0], rows.shape[1] - d_lat],
+                             [rows.stride(0), 1], [block_n, dr_pad]))
+
+
 def _check(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor) -> None:
     batch, num_heads, d_lat = q_lat.shape
     if q_pe.shape[:2] != (batch, num_heads) or kv_cache.shape[-1] != d_lat + q_pe.shape[-1]:
@@ -256,8 +318,11 @@ def mla_decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning."""
+    """Same contract as ``mla_decode_attention_torch``. The keyword knobs are for tests/tuning;
+    ``tma``: read the cache's whole steps through TMA descriptors (``tma_refusal`` says when it
+    cannot; not a default: never timed on a GPU)."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
     _check(q_lat, q_pe, kv_cache)
@@ -281,11 +346,18 @@ def mla_decode_attention_triton(
               "DOT_MODE": dot_mode(q_lat.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": num_stages or launch["num_stages"]}
     grid = (head_blocks, batch, num_splits)
+    descs = (kv, kv)  # unused without TMA
+    if tma:
+        refusal = tma_refusal(kv, d_lat, block_n)
+        if refusal:
+            raise ValueError(f"tma=True: {refusal}")
+        descs = cache_descriptors(kv, d_lat, block_n, dl_pad, dr_pad)
+        common["TMA"] = True
     # The kernel reads a table row and the lengths with unit stride (copies only if not).
-    args = (q_lat, q_pe, kv, block_tables.contiguous(), seq_lens.contiguous())
+    args = (q_lat, q_pe, kv, *descs, block_tables.contiguous(), seq_lens.contiguous())
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
-            kv.stride(1), args[3].stride(0))
+            kv.stride(1), args[5].stride(0))
     return launch_split_attention(mla_decode_kernel, grid, args, dims, out, num_splits, dl_pad,
                                   common)
 

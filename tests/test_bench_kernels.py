@@ -287,8 +287,8 @@ def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
          "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["default", "bh64"]
-    assert rows[1]["knobs"]["block_h"] == 64
+    assert [r["variant"] for r in rows] == ["default", "bh64", "bh64 tma"]
+    assert rows[1]["knobs"]["block_h"] == 64 and rows[2]["knobs"]["tma"] is True
     for r in rows:
         assert "error" not in r, r
         assert r["rel_err"] < 1e-2 and r["us"] > 0 and r["floor_us"] > 0

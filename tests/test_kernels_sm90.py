@@ -377,6 +377,22 @@ def test_norm_and_rotary_compile() -> None:
 
 
 # kv: the cache's element type ("fp8e4nv": kv_cache_dtype "fp8", converted in registers).
+def mla_args(heads: int, splits: int, kv: str, tma_block_n: int = 0) -> dict:
+    """The per-row MLA decode kernel's arguments at DeepSeek-V3's dims (latent 512, rope 64,
+    blocks of 64); ``tma_block_n``: the cache's TMA descriptors with boxes of that many rows."""
+    d_lat, d_rope, block = 512, 64, 64
+    return {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}",
+            "c_desc": f"tensordesc<{kv}[{tma_block_n}, {d_lat}]>" if tma_block_n else f"*{kv}",
+            "pe_desc": f"tensordesc<{kv}[{tma_block_n}, {d_rope}]>" if tma_block_n else f"*{kv}",
+            "table_ptr": "*i32", "seq_lens_ptr": "*i32",
+            "out_ptr": "*bf16" if splits == 1 else "*fp32", "lse_ptr": "*fp32",
+            "num_heads": heads, "d_lat": d_lat, "d_rope": d_rope, "block_size": block,
+            "scale_log2": 0.06, "stride_qb": heads * d_lat, "stride_qh": d_lat,
+            "stride_pb": heads * d_rope, "stride_ph": d_rope,
+            "stride_kvb": block * (d_lat + d_rope), "stride_kvt": d_lat + d_rope, "stride_tb": 64,
+            "stride_ob": heads * d_lat * splits, "stride_oh": d_lat * splits}
+
+
 # Some FP8-cache variants spill 8-16 bytes a thread under Triton 3.9's ptxas (the CPU venv's)
 # and none under the GPU image's Triton 3.6 (checked with it: PYTHONPATH=. /work/venv36/bin/
 # python -m pytest tests/test_kernels_sm90.py): expected to fail elsewhere than 3.6, not strict.
@@ -402,22 +418,15 @@ def fp8_spills(*values):
 def test_mla_decode_compiles(heads: int, splits: int, kv: str) -> None:
     # DeepSeek-V3's 128 heads (32 a program) and 16 (16 a program, bf16 only: over FP8 it
     # spills 8 B a thread with splits, as before the 64-token default).
-    d_lat, d_rope, block = 512, 64, 64
-    out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32",
-            "seq_lens_ptr": "*i32", "out_ptr": out, "lse_ptr": "*fp32", "num_heads": heads,
-            "d_lat": d_lat, "d_rope": d_rope, "block_size": block, "scale_log2": 0.06,
-            "stride_qb": heads * d_lat, "stride_qh": d_lat, "stride_pb": heads * d_rope,
-            "stride_ph": d_rope, "stride_kvb": block * (d_lat + d_rope),
-            "stride_kvt": d_lat + d_rope, "stride_tb": 64, "stride_ob": heads * d_lat * splits,
-            "stride_oh": d_lat * splits}
+    d_lat, d_rope = 512, 64
+    args = mla_args(heads, splits, kv)
     defaults = mla_decode_triton.default_launch(heads, on_gpu=True, fp8_kv=kv == "fp8e4nv")
     # 64 tokens a step where timed faster on an H100 (32 heads a program over a bf16 cache:
     # h100_20261126/kernels_bench.log); 32 over FP8 (64 spill 72 B) and at 16 heads
     assert defaults["block_n"] == (64 if heads > 16 and kv == "bf16" else 32), defaults
     constexprs = {"NUM_SPLITS": splits, "BLOCK_H": defaults["block_h"],
                   "BLOCK_N": defaults["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
-                  "DOT_MODE": 0, "INTERP_BF16": False}
+                  "DOT_MODE": 0, "INTERP_BF16": False, "TMA": False}
     check(compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
                        defaults["num_warps"], defaults["num_stages"]), pipelined=True)
     if splits > 1:
@@ -426,34 +435,50 @@ def test_mla_decode_compiles(heads: int, splits: int, kv: str) -> None:
 
 # bench/mla_probe.py's candidates for the per-row MLA decode at 128 heads: 64 heads a program
 # over 8 warps, the first launch whose dots compile to wgmma (32 heads a program: mma.sync),
-# with no spill under the GPU image's Triton 3.6 (Triton 3.9's ptxas spills 64-160 B a thread)
-# and 144 KiB of shared memory. Over an FP8 cache they spill 312 B a thread: not candidates.
+# with 144 KiB of shared memory and no spill under the GPU image's Triton 3.6 (Triton 3.9's
+# ptxas spills 24-248 B a thread); over an FP8 cache they spill 312 B a thread: not
+# candidates. ``tma``: whole steps through TMA descriptors (cp.async.bulk.tensor), double
+# buffered, which also takes 64 tokens a step (216 KiB) without a spill; 3 stages spill.
 MLA_WGMMA_VARIANTS = [dict(block_h=64, block_n=32, num_warps=8, num_stages=2),
                       dict(block_h=64, block_n=32, num_warps=8, num_stages=3),
-                      dict(block_h=64, block_n=16, num_warps=8, num_stages=3)]
+                      dict(block_h=64, block_n=16, num_warps=8, num_stages=3),
+                      dict(block_h=64, block_n=32, num_warps=8, num_stages=2, tma=True),
+                      dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True)]
+
+
+def _variant_id(v: dict) -> str:
+    return "bn{block_n}st{num_stages}".format(**v) + ("tma" if v.get("tma") else "")
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("variant", MLA_WGMMA_VARIANTS, ids=lambda v: "bn{block_n}st{num_stages}"
-                         .format(**v))
-@spills_off_36("the 64-head MLA variants 48-160 B a thread")
+@pytest.mark.parametrize("variant", MLA_WGMMA_VARIANTS, ids=_variant_id)
+@spills_off_36("the 64-head MLA variants 24-248 B a thread")
 def test_mla_decode_wgmma_variants_compile(variant: dict, splits: int) -> None:
-    d_lat, d_rope, block, heads = 512, 64, 64, 128
-    out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32",
-            "seq_lens_ptr": "*i32", "out_ptr": out, "lse_ptr": "*fp32", "num_heads": heads,
-            "d_lat": d_lat, "d_rope": d_rope, "block_size": block, "scale_log2": 0.06,
-            "stride_qb": heads * d_lat, "stride_qh": d_lat, "stride_pb": heads * d_rope,
-            "stride_ph": d_rope, "stride_kvb": block * (d_lat + d_rope),
-            "stride_kvt": d_lat + d_rope, "stride_tb": 64, "stride_ob": heads * d_lat * splits,
-            "stride_oh": d_lat * splits}
+    tma = variant.get("tma", False)
     constexprs = {"NUM_SPLITS": splits, "BLOCK_H": variant["block_h"],
-                  "BLOCK_N": variant["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
-                  "DOT_MODE": 0, "INTERP_BF16": False}
-    compiled = compile_sm90(mla_decode_triton.mla_decode_kernel, args, constexprs,
-                            variant["num_warps"], variant["num_stages"])
-    check(compiled, pipelined=True)
-    assert "wgmma.mma_async" in compiled.asm["ptx"], "the dots did not compile to wgmma"
+                  "BLOCK_N": variant["block_n"], "DL_PAD": 512, "DR_PAD": 64,
+                  "DOT_MODE": 0, "INTERP_BF16": False, "TMA": tma}
+    compiled = compile_sm90(mla_decode_triton.mla_decode_kernel,
+                            mla_args(128, splits, "bf16", variant["block_n"] if tma else 0),
+                            constexprs, variant["num_warps"], variant["num_stages"])
+    check(compiled, pipelined=True)  # the masked last step's loads stay cp.async
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "the dots did not compile to wgmma"
+    assert ("cp.async.bulk.tensor" in ptx) == tma, "TMA copies where asked, and only there"
+
+
+def test_mla_decode_default_launch_compiles_as_before() -> None:
+    """The TMA switch off (the default) leaves the per-row kernel as it was timed: at 128 heads
+    (32 a program, 64 tokens a step) mma.sync over cp.async loads, 112 KiB of shared memory."""
+    launch = mla_decode_triton.default_launch(128, on_gpu=True)
+    constexprs = {"NUM_SPLITS": 1, "BLOCK_H": launch["block_h"], "BLOCK_N": launch["block_n"],
+                  "DL_PAD": 512, "DR_PAD": 64, "DOT_MODE": 0, "INTERP_BF16": False,
+                  "TMA": False}
+    compiled = compile_sm90(mla_decode_triton.mla_decode_kernel, mla_args(128, 1, "bf16"),
+                            constexprs, launch["num_warps"], launch["num_stages"])
+    ptx = compiled.asm["ptx"]
+    assert compiled.metadata.shared == 112 * 1024, compiled.metadata.shared
+    assert "cp.async.bulk.tensor" not in ptx and "mma.sync" in ptx and "wgmma" not in ptx
 
 
 def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict):
