@@ -2,6 +2,8 @@
 
     python -m afd [PROMPT ...] [--model PATH] [--max-tokens 32] [--temperature 0]
                   [--prefill P] [--attention A] [--ffn F]
+
+(``afd generate`` takes the same.)
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is",
                    "Tell me a story about a robot who learns to paint."]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m afd", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m afd") -> None:
+    """``argv``: the command line's by default (``afd generate`` passes its own)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="*", help="prompts (default: three examples)")
     ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -27,7 +30,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="prefill ranks (P)")
     ap.add_argument("--attention", type=int, default=1, help="decode attention ranks (A)")
     ap.add_argument("--ffn", type=int, default=0, help="expert-parallel FFN ranks (F)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, prefill=args.prefill, attention=args.attention,

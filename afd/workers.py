@@ -441,10 +441,12 @@ def check_front_here(spec: WorkerSpec) -> None:
 
 
 def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
-                before_exit: Callable[[], None] | None = None) -> None:
+                before_exit: Callable[[], int | None] | None = None) -> None:
     """A rank's life: join the process group (unless a launcher such as torchrun already did),
     run its role until the front end says stop, report any failure, exit. ``key``: the
-    engine's control key (every message to and from the front end is sealed with it)."""
+    engine's control key (every message to and from the front end is sealed with it).
+    ``before_exit`` may return a non-zero exit status, taken where the rank itself ended
+    cleanly (launch/serve.py's rank 0: its front end failed)."""
     watch_parent()
     torch.set_num_threads(spec.threads)
     role, index = spec.layout.role_of(spec.rank)
@@ -503,7 +505,8 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
     finally:
         ctx.destroy(linger=2000)  # flush what we said, close every socket
         if before_exit is not None:
-            before_exit()
+            status = before_exit()  # always run
+            code = code or status or 0
         # Skip interpreter teardown: destroying process groups whose peers died can block.
         os._exit(code)
 

@@ -1,5 +1,5 @@
-"""Start ``launch/serve.py`` under torchrun in a subprocess and wait until it is healthy
-(for bench/soak.py and tests/test_server.py)."""
+"""Start ``launch/serve.py`` under torchrun (or ``afd serve``) in a subprocess and wait until it
+is healthy (for bench/soak.py and tests/test_server*.py)."""
 
 from __future__ import annotations
 
@@ -24,15 +24,27 @@ def free_port() -> int:
 
 
 class LocalServer:
-    def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180):
+    def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180,
+                 afd_serve: bool = False):
+        """``afd_serve``: start ``afd serve FLAGS`` (``python -m afd.cli``, this checkout's
+        afd first on its path) from a folder outside the checkout; it starts the ranks itself
+        (``nproc`` unused)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
-               "--port", str(self.port), *flags]
+        cwd, env = ROOT, None
+        if afd_serve:
+            cmd = [sys.executable, "-m", "afd.cli", "serve", "--port", str(self.port), *flags]
+            cwd = tempfile.gettempdir()
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
+                   "--port", str(self.port), *flags]
         self.log = tempfile.NamedTemporaryFile("w", prefix=f"afd-server-{self.port}-",
                                                suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
+                                     env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -52,7 +64,7 @@ class LocalServer:
             return f.read()[-chars:]
 
     def tree(self) -> list[psutil.Process]:
-        """torchrun and everything under it (ranks, the front end)."""
+        """torchrun (or afd serve) and everything under it (ranks, the front end)."""
         root = psutil.Process(self.proc.pid)
         return [root] + root.children(recursive=True)
 
@@ -65,7 +77,8 @@ class LocalServer:
         return total
 
     def stop(self, timeout_s: float = 60) -> list[int]:
-        """SIGTERM torchrun; returns the pids still alive afterwards (none, normally)."""
+        """SIGTERM torchrun (or afd serve); returns the pids still alive afterwards (none,
+        normally)."""
         procs = self.tree() if self.proc.poll() is None else []
         self.proc.send_signal(signal.SIGTERM)
         try:

@@ -1,9 +1,12 @@
 """OpenAI-compatible server over any layout.
 
-    torchrun --nproc-per-node N launch/serve.py [--model PATH] [--prefill P] [--attention A]
-        [--ffn F] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    afd serve [MODEL] [--prefill P] [--attention A] [--ffn F] [--host 127.0.0.1] [--port 8000]
+        [--api-key KEY]
+    torchrun --nproc-per-node N launch/serve.py [MODEL | --model PATH] [the same flags]
 
-N = P + A + F (with no flags: the embedded default model on one process). Multi-node works
+N = P + A + F (with no flags: the embedded default model on one process). On one node
+``afd serve`` (afd/cli.py) starts the N ranks itself through torch's launcher, as torchrun
+would, each running :func:`main`; under torchrun (RANK set) it is this script. Multi-node works
 through torchrun's own flags (--nnodes, --node-rank, --master-addr ...; N is then the sum of
 every node's --nproc-per-node); --model must then be a path every node can read (with none,
 each node builds the embedded model itself), --host the address clients reach rank 0's node
@@ -60,8 +63,13 @@ SPEC_KEY = "afd/front_spec"
 SPEC_PURPOSE = b"afd-rank-spec:"  # what the spec's MAC in the store is for (protocol.seal_blob)
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Every serving flag (launch/serve.py's and ``afd serve``'s: one parser for both)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                 usage="%(prog)s [MODEL] [options] (--help lists them)")
+    ap.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                    help="HF checkpoint folder, as vLLM's 'vllm serve MODEL' (the same as "
+                         "--model; give one of the two)")
     ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--trust-remote-code", action="store_true",
@@ -194,7 +202,22 @@ def parse_args() -> argparse.Namespace:
                          "user's alone (chmod 600), at least 16 bytes: make one with 'openssl "
                          "rand -hex 32'. Needed across nodes; on one node a new random key is "
                          "made when none is given (default: $AFD_CONTROL_KEY_FILE)")
-    args = ap.parse_args()
+    return ap
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """``argv`` (default: the command line's) parsed and checked; a bad flag exits naming it."""
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    if args.model_tag is not None:  # `afd serve MODEL`: the same as --model MODEL
+        if args.model is not None and not _same_path(args.model, args.model_tag):
+            ap.error(f"the positional MODEL {args.model_tag!r} and --model {args.model!r} name "
+                     f"different checkpoints: give one of them")
+        args.model = args.model or args.model_tag
+    for flag, value, low in (("--prefill", args.prefill, 0), ("--attention", args.attention, 1),
+                             ("--ffn", args.ffn, 0)):
+        if value < low:
+            ap.error(f"{flag} must be >= {low}, got {value}")
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)
@@ -286,8 +309,13 @@ def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
     return front, template
 
 
-def main() -> None:
-    args = parse_args()
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """One rank (this process) of the server; ``argv`` as :func:`parse_args`."""
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -382,18 +410,30 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_term)
     spec = rank_spec(template, rank, local_rank, embedded=args.model is None)
 
-    def reap_front() -> None:  # rank 0 leaves no front end (and no key file) behind
+    def before_exit() -> int | None:  # rank 0 leaves no front end (and no key file) behind
         stopping.set()
         if forget_key is not None:
             forget_key()
-        if front is not None:
-            try:
-                front.wait(30)
-            except subprocess.TimeoutExpired:
-                front.kill()
-                front.wait(5)
+        return reap_front(front)
 
-    worker_main(spec, key, init_distributed=False, before_exit=reap_front)  # exits the process
+    worker_main(spec, key, init_distributed=False, before_exit=before_exit)  # exits the process
+
+
+def reap_front(front: subprocess.Popen | None, timeout_s: float = 30) -> int | None:
+    """Wait for the front end (rank 0's) to exit, killing it after ``timeout_s``; 1 (this
+    rank's exit status) if it failed, e.g. its port was taken: the server failed, it did not
+    just stop, and torchrun (or ``afd serve``) says so."""
+    if front is None:
+        return None
+    try:
+        front.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        front.kill()
+        front.wait(5)
+    if front.returncode != 0:
+        log.error("the front end failed (exit code %s)", front.returncode)
+        return 1
+    return None
 
 
 KEY_PATH = "afd/control_key_file/{}"  # one per torchrun restart, as DRAIN_KEY

@@ -1,0 +1,195 @@
+"""The ``afd`` command.
+
+    afd serve [MODEL] [--prefill P] [--attention A] [--ffn F] [every launch/serve.py flag]
+    afd generate [PROMPT ...] [every ``python -m afd`` flag]
+
+``afd serve`` on one node, outside torchrun (neither RANK nor WORLD_SIZE set), starts the
+P + A + F rank processes itself through torch's own launcher (``torch.distributed.run``: the
+rendezvous store on 127.0.0.1 only, at a free port, so servers on one machine do not collide),
+each running launch/serve.py's ``main``; with P + A + F = 1 it runs that in this process, as
+``python launch/serve.py`` does; under torchrun (``torchrun ... $(which afd) serve ...``, or
+launch/serve.py itself, as multi-node serving needs) it is one rank, as launch/serve.py.
+SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGQUIT to ``afd serve`` reaches every rank as torchrun's
+does (a SIGTERM to each rank's process group: rank 0 drains the server for --grace-period
+seconds, then every rank stops; further signals change nothing), and the ranks still running
+--grace-period + 30 s later are killed. The exit status is 0 when every rank exited cleanly,
+else 1 (a rank failed, or had to be killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's own
+KILL_AFTER_GRACE_S = 30.0  # torchrun kills its ranks 30 s after passing them a SIGTERM
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``afd COMMAND ...``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(
+        prog="afd", description="afd: serve or run DeepSeek-style MoE models.",
+        epilog="'afd COMMAND --help' lists a command's flags.")
+    from afd import __version__
+
+    ap.add_argument("--version", action="version", version=f"afd {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # their flags are parsed by the command itself (add_help=False: '--help' reaches it)
+    sub.add_parser("serve", add_help=False,
+                   help="start the OpenAI-compatible HTTP server (launch/serve.py's flags; "
+                        "on one node it starts the P + A + F ranks itself)")
+    sub.add_parser("generate", add_help=False,
+                   help="complete a few prompts offline, as 'python -m afd'")
+    known, rest = ap.parse_known_args(argv)
+    if known.command == "generate":
+        from afd.__main__ import main as generate
+
+        generate(rest, prog="afd generate")
+        return 0
+    return serve(rest)
+
+
+def serve(argv: list[str]) -> int:
+    """``afd serve ARGV``: one rank under torchrun or for a one-rank layout, else every rank of
+    this node's layout started here."""
+    from launch import serve as launch_serve
+
+    prog = "afd serve"
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # under torchrun: one rank of it
+        launch_serve.main(argv, prog)
+        return 0
+    args = launch_serve.parse_args(argv, prog)  # bad flags exit here, before any rank starts
+    world = args.prefill + args.attention + args.ffn
+    if world == 1:
+        launch_serve.main(argv, prog)  # exits the process
+        return 0
+    return launch_ranks(world, argv, kill_after_s=args.grace_period + KILL_AFTER_GRACE_S)
+
+
+def launch_ranks(world: int, argv: list[str], kill_after_s: float) -> int:
+    """Start ``world`` ranks of ``python -m launch.serve ARGV`` through torch.distributed.run
+    (run in a thread of its own, so that this main thread keeps the stop signals: the launcher
+    registers its handlers only from the main thread) and wait for them; returns the exit
+    status."""
+    from torch.distributed import run as torchrun
+
+    # this is no orphaning torchrun: the stop signals are handled here (below)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to register signal handlers"))
+    store = loopback_rendezvous_store()  # held until the ranks are gone
+    launcher_argv = ["--nnodes", "1", "--nproc-per-node", str(world), "--rdzv-backend", "static",
+                     "--master-addr", "127.0.0.1", "--master-port", str(store.port),
+                     "--max-restarts", "0", "--module", "launch.serve", *argv]
+    outcome: dict[str, BaseException | None] = {}
+
+    def launch() -> None:
+        try:
+            torchrun.main(launcher_argv)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    stop = threading.Event()
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    launcher = threading.Thread(target=launch, name="afd-launcher", daemon=True)
+    launcher.start()
+    signalled: set[int] = set()
+    stopped_at = None
+    killed = False
+    try:
+        while launcher.is_alive():
+            launcher.join(0.2)
+            if not stop.is_set():
+                continue
+            if stopped_at is None:
+                stopped_at = time.monotonic()
+                print("afd serve: stopping (the ranks drain first; further signals change "
+                      "nothing)", file=sys.stderr, flush=True)
+            for pid in _child_ranks():  # late-started ranks too
+                if pid not in signalled:
+                    signalled.add(pid)
+                    _signal_group(pid, signal.SIGTERM)
+            if not killed and time.monotonic() - stopped_at > kill_after_s:
+                killed = True
+                for pid in _child_ranks():
+                    print(f"afd serve: rank process {pid} still running {kill_after_s:.0f}s "
+                          f"after the stop signal: killing it", file=sys.stderr, flush=True)
+                    _signal_group(pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    error = outcome.get("error")
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else 1
+    print(f"afd serve: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    return 1
+
+
+def loopback_rendezvous_store():
+    """The launcher's rendezvous store, listening on 127.0.0.1 only at a free port: the
+    launcher's static rendezvous makes its TCPStore server with ``multi_tenant=True``, so it
+    takes this one (same port, this process) instead of binding every interface."""
+    import socket
+
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                         multi_tenant=True, master_listen_fd=sock.detach())
+
+
+def _child_ranks() -> list[int]:
+    """This process's children (the launcher's rank processes; nothing else is started here),
+    read from /proc."""
+    me = os.getpid()
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
+        if len(fields) > 1 and int(fields[1]) == me and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """``sig`` to a rank and its process group (the launcher starts each rank as the leader of
+    a session of its own, with its front end in it), as torchrun's own stop does."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The ``afd`` command (afd/cli.py): ``afd serve`` starts a real server with no torchrun, on one
+rank (in its own process) and on a disaggregated layout (it starts the ranks itself through
+torch's launcher), driven with the ``openai`` client and stopped with a signal; its flags and
+errors; ``afd generate``; the install (console script, ``launch`` as a package)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from afd import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# appended, not prepended: bench/kernels.py must not shadow the kernels package
+sys.path.append(os.path.join(ROOT, "bench"))
+from server_proc import LocalServer, wait_gone  # noqa: E402
+
+
+def _listening(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out += [c.laddr.ip for c in p.net_connections("inet") if c.status == "LISTEN"]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_afd_serve_one_rank_runs_in_its_own_process(tmp_path):
+    """One rank (the default layout): ``afd serve MODEL`` is rank 0 itself, no launcher, the
+    positional MODEL taken as --model (the model id is its folder's name); SIGINT (Ctrl-C)
+    drains and stops it and its front end, exit status 0."""
+    from models.default_model import default_model_path
+
+    model = tmp_path / "tiny-by-path"
+    model.symlink_to(default_model_path())
+    server = LocalServer(str(model), afd_serve=True)
+    try:
+        procs = server.tree()
+        cmds = [" ".join(p.cmdline()) for p in procs]
+        assert len(procs) == 2 and "afd.cli serve" in cmds[0] and "afd.api_server" in cmds[1], \
+            cmds
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        [listed] = client.models.list().data
+        assert listed.id == "tiny-by-path"
+        r = client.chat.completions.create(model=listed.id, max_tokens=2, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert r.usage.completion_tokens == 2 and r.choices[0].message.role == "assistant"
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(60) == 0, server.tail()
+        assert not [p.pid for p in wait_gone(procs)], server.tail()
+    finally:
+        server.stop()
+
+
+def test_afd_serve_starts_a_disaggregated_layout_and_sigterm_stops_every_rank():
+    """--attention 1 --ffn 2 with no torchrun: afd serve starts the three ranks itself (every
+    socket of the server, the launcher's rendezvous store included, on 127.0.0.1), answers a
+    chat completion, and a SIGTERM drains the request in flight, then stops every rank and
+    the front end; exit status 0."""
+    server = LocalServer("--attention", "1", "--ffn", "2", "--grace-period", "15",
+                         afd_serve=True)
+    try:
+        procs = server.tree()
+        ranks = [p for p in procs if "launch.serve" in " ".join(p.cmdline())]
+        assert len(ranks) == 3 and all(p.ppid() == server.proc.pid for p in ranks), \
+            [p.cmdline() for p in procs]
+        assert set(_listening(procs)) == {"127.0.0.1"}, _listening(procs)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="afd-tiny-deepseek-v3", max_tokens=3,
+                                           temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert r.usage.completion_tokens == 3
+        result = {}
+
+        def long_request() -> None:
+            r = httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"prompt": "a", "max_tokens": 40, "temperature": 0,
+                                 "ignore_eos": True, "stream": True})
+            result["status"], result["body"] = r.status_code, r.text
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not server.metric("afd:num_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result.get("status") == 200 and result["body"].endswith("data: [DONE]\n\n"), \
+            result
+        assert server.proc.wait(60) == 0, server.tail()
+        assert not [p.pid for p in wait_gone(procs)], server.tail()
+    finally:
+        server.stop()
+
+
+def test_model_positional_or_flag_and_their_conflict(capsys):
+    from launch import serve
+
+    assert serve.parse_args(["/ckpt/a"]).model == "/ckpt/a"
+    assert serve.parse_args(["--model", "/ckpt/a"]).model == "/ckpt/a"
+    assert serve.parse_args(["/ckpt/a", "--model", "/ckpt/a/"]).model == "/ckpt/a/"
+    assert serve.parse_args([]).model is None  # the embedded model
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "/ckpt/a", "--model", "/ckpt/b"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "afd serve" in err and "'/ckpt/a'" in err and "--model '/ckpt/b'" in err, err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--attention", "0"], "--attention must be >= 1, got 0"),
+    (["--ffn", "-1"], "--ffn must be >= 0, got -1"),
+    (["--prefill", "-2"], "--prefill must be >= 0, got -2"),
+])
+def test_bad_rank_counts_name_the_flag(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_under_torchrun_afd_serve_is_one_rank_and_names_a_count_mismatch(monkeypatch):
+    """RANK/WORLD_SIZE set (torchrun's): afd serve is launch/serve.py, whose P + A + F check
+    names the flags and the --nproc-per-node to use."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "launch_ranks", lambda *a, **k: pytest.fail("launched ranks"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--attention", "1", "--ffn", "2"])
+    assert "--attention 1 + --ffn 2 = 3 ranks, but torchrun started 2" in str(exc.value.code)
+    assert "--nproc-per-node 3" in str(exc.value.code)
+
+
+def test_help_lists_the_commands_and_their_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "serve" in out and "generate" in out, out
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: afd serve [MODEL]")
+    for flag in ("--model", "--prefill", "--attention", "--ffn", "--host", "--port",
+                 "--grace-period", "--api-key", "--control-key-file"):
+        assert flag in out, flag
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: afd generate") and "--max-tokens" in out, out
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2 and "COMMAND" in capsys.readouterr().err
+
+
+def test_afd_generate_is_python_m_afd(monkeypatch, capsys):
+    """``afd generate ARGS`` runs ``python -m afd ARGS`` (afd/__main__.py's main)."""
+    import afd.__main__ as m
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.append((model, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(m, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        cli.main(["generate", "Hello", "--model", "/ckpt", "--ffn", "2"])
+    assert seen == [("/ckpt", {"dtype": "auto", "prefill": 0, "attention": 1, "ffn": 2})]
+
+
+def test_the_install_has_the_command_and_the_launch_package():
+    """pyproject's console script is afd.cli:main, and launch/ is an installed package (a
+    non-editable install has launch.serve, which every rank afd serve starts runs)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert project["project"]["scripts"] == {"afd": "afd.cli:main"}
+    from setuptools import find_packages
+
+    found = find_packages(ROOT, include=project["tool"]["setuptools"]["packages"]["find"]
+                          ["include"])
+    assert "launch" in found and "afd" in found
+    import launch.serve
+
+    assert launch.serve.main.__module__ == "launch.serve"
+
+
+def test_rank_0_exits_1_when_its_front_end_failed():
+    """A front end that failed (uvicorn exits 3 when its port is taken) makes rank 0's exit
+    status 1, so torchrun and afd serve report the failure instead of a clean stop."""
+    from launch import serve
+
+    def front(code: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+
+    assert serve.reap_front(front(3)) == 1
+    assert serve.reap_front(front(0)) is None
+    assert serve.reap_front(None) is None
