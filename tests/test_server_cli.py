@@ -30,7 +30,8 @@ def _listening(procs: list[psutil.Process]) -> list[str]:
     out = []
     for p in procs:
         try:
-            out += [c.laddr.ip for c in p.net_connections("inet") if c.status == "LISTEN"]
+            conns = getattr(p, "net_connections", None) or p.connections  # psutil < 6
+            out += [c.laddr.ip for c in conns("inet") if c.status == "LISTEN"]
         except psutil.NoSuchProcess:
             pass
     return out
