@@ -209,3 +209,45 @@ def test_rank_0_exits_1_when_its_front_end_failed():
     assert serve.reap_front(front(3)) == 1
     assert serve.reap_front(front(0)) is None
     assert serve.reap_front(None) is None
+
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, {on_term})
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("on_term", "status"), [("lambda *a: sys.exit(0)", 0),
+                                                 ("signal.SIG_IGN", 1)])
+def test_a_stop_signal_reaches_every_rank_and_the_status_says_how_they_ended(
+        monkeypatch, capsys, on_term, status):
+    """launch_ranks with torch's launcher stubbed by one that starts two "ranks" (each the
+    leader of a session of its own, as torch's does), signals this process once they run,
+    and fails unless both exit 0: the signal is passed to each rank as a SIGTERM, and ranks
+    that ignore it are killed once kill_after_s has passed (status 1)."""
+    import torch.distributed.run as torchrun
+
+    seen = {}
+
+    def launcher(argv):
+        seen["argv"] = argv
+        ranks = [subprocess.Popen([sys.executable, "-c", CHILD.format(on_term=on_term)],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+                 for _ in range(2)]
+        for r in ranks:
+            assert r.stdout.readline() == "ready\n"
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: this process only
+        codes = [r.wait(30) for r in ranks]
+        if codes != [0, 0]:
+            raise RuntimeError(f"ranks exited {codes}")
+
+    monkeypatch.setattr(torchrun, "main", launcher)
+    assert cli.launch_ranks(2, ["--ffn", "1"], kill_after_s=0.5) == status
+    argv = seen["argv"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+    assert argv[argv.index("--master-addr") + 1] == "127.0.0.1"
+    assert argv[-3:] == ["launch.serve", "--ffn", "1"]
+    err = capsys.readouterr().err
+    assert "stopping" in err and ("killing" in err) == (status == 1), err
