@@ -119,6 +119,25 @@ def _checked(rows: list[int]) -> list[int]:
     return rows
 
 
+def clear_rows_past(context: torch.Tensor, past: torch.Tensor) -> None:
+    """Zero, in place, the rows of a gathered decode context [N, L, ...] that ``past`` [N, L]
+    (bool) marks: the positions at or past a sequence's length.
+
+    The torch decode paths gather whole blocks, so a context's rows past the length hold
+    whatever the cache has there: a freed block's or a rejected draft's K/V, any value
+    (entries of a block table past a sequence's blocks may be any valid id). Their scores
+    are masked to -inf, but the weighted sum still multiplies the zero probabilities by
+    those rows, and 0 * NaN or 0 * Inf is NaN: one request whose numerics blew up would
+    poison every request that reads a block it freed. Zeroed, they add exactly 0, so a
+    clean cache's result does not change. Cost: one pass over ``past`` and a write of the
+    marked rows only (none when every length fills the gathered blocks); ``context`` must
+    be a fresh copy (the gather's), never a view of the cache."""
+    flat = context.view(-1, *context.shape[2:])  # [N * L, ...]
+    if flat.element_size() == 1:
+        flat = flat.view(torch.uint8)  # FP8 has no fill kernels; all-zero bits are +0.0
+    flat.index_fill_(0, past.reshape(-1).nonzero().squeeze(1), 0)
+
+
 def per_row_or_grouped(groups: DecodeGroups | None, per_row, grouped, args: tuple):
     """``per_row(*args)`` without ``groups``, else ``grouped(*args, groups)``: the dispatch of
     the decode attentions' entry points to their per-row or grouped path."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
-from kernels.decode_groups import DecodeGroups, per_row_or_grouped
+from kernels.decode_groups import DecodeGroups, clear_rows_past, per_row_or_grouped
 
 
 def gqa_decode_attention_torch(
@@ -33,7 +33,9 @@ def gqa_decode_attention_torch(
     kv_cache: [2, num_blocks, block_size, KVH, D] - keys, then values
     block_tables: [B, max_blocks] int32/int64, entries past a sequence's blocks may be any valid id
     seq_lens: [B] int, cached tokens per sequence (>= 1), including the current one
-    Returns [B, H, D] in q's dtype (scores, softmax and the weighted sum in fp32).
+    Returns [B, H, D] in q's dtype (scores, softmax and the weighted sum in fp32). Rows past a
+    sequence's length may hold anything, NaN and Inf included: their keys' scores are masked
+    and their values zeroed in the gathered copy (``clear_rows_past``).
 
     Gathers every sequence's blocks into a dense [B, L, KVH, D] copy, L the longest length, read
     on the host (``seq_lens.max()``): cheap on the CPU, a device sync on a GPU.
@@ -46,10 +48,11 @@ def gqa_decode_attention_torch(
     idx = block_tables[:, :num_blocks].long()
     keys = kv_cache[0][idx].reshape(batch, num_blocks * block_size, kv_heads, dim)
     values = kv_cache[1][idx].reshape(batch, num_blocks * block_size, kv_heads, dim)
+    past = torch.arange(keys.shape[1], device=q.device) >= seq_lens[:, None]  # [B, L]
+    clear_rows_past(values, past)  # stale values (maybe NaN) would poison the weighted sum
     qg = q.float().view(batch, kv_heads, group, dim)  # [B, KVH, G, D]
     scores = torch.einsum("bkgd,blkd->bkgl", qg, keys.float()) * scale  # [B, KVH, G, L]
-    pos = torch.arange(keys.shape[1], device=q.device)
-    scores.masked_fill_(pos[None, None, None, :] >= seq_lens[:, None, None, None], float("-inf"))
+    scores.masked_fill_(past[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bkgl,blkd->bkgd", probs, values.float())  # [B, KVH, G, D]
     return out.reshape(batch, heads, dim).to(q.dtype)
@@ -67,7 +70,9 @@ def gqa_decode_attention_grouped_torch(
     gathered once (through its first row's block table) and its n rows' query heads scored
     against it together (one batched einsum per group size, so no group is padded to a longer
     one's rows and no tensor is larger than the per-row path's), each row masked at its own
-    length. Rows of a group must share their block table."""
+    length. Rows of a group must share their block table. Values past the group's longest
+    length are zeroed as the per-row path's; a shorter row's masked positions before that are
+    its own sequence's tokens of this step."""
     batch, heads, dim = q.shape
     groups.check(batch, "q")
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -81,9 +86,10 @@ def gqa_decode_attention_grouped_torch(
         idx = block_tables[piece[:, 0], :num_blocks].long()
         keys = kv_cache[0][idx].reshape(count, num_blocks * block_size, kv_heads, dim)
         values = kv_cache[1][idx].reshape(count, num_blocks * block_size, kv_heads, dim)
+        lens = seq_lens[piece]  # [count, n]
+        clear_rows_past(values, pos >= lens.max(dim=1, keepdim=True).values)  # past the group
         qg = q[piece].float().view(count, n, kv_heads, group, dim)  # [count, n, KVH, Gq, D]
         scores = torch.einsum("srkgd,slkd->srkgl", qg, keys.float()) * scale
-        lens = seq_lens[piece]  # [count, n]
         scores.masked_fill_(pos >= lens[:, :, None, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.einsum("srkgl,slkd->srkgd", probs, values.float())  # [count, n, KVH, Gq, D]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import resolve_backend
-from kernels.decode_groups import DecodeGroups, per_row_or_grouped
+from kernels.decode_groups import DecodeGroups, clear_rows_past, per_row_or_grouped
 
 # The Triton grouped kernel pads every group to the longest group's rows (G_PAD rows x BLOCK_H
 # heads a program), so in a batch of mostly one-row groups beside a few verifying ones it
@@ -56,7 +56,9 @@ def mla_decode_attention_torch(
     kv_cache: [num_blocks, block_size, Dl + Dr]
     block_tables: [B, max_blocks] int32/int64, entries past a sequence's blocks may be any valid id
     seq_lens: [B] int, cached tokens per sequence (>= 1), including the current one
-    Returns o_lat [B, Hq, Dl] in q_lat's dtype (softmax in fp32).
+    Returns o_lat [B, Hq, Dl] in q_lat's dtype (softmax in fp32). Rows past a sequence's
+    length may hold anything, NaN and Inf included: they are zeroed in the gathered copy
+    (``clear_rows_past``), as the Triton kernels load them as 0.
     """
     batch, _, d_lat = q_lat.shape
     block_size = kv_cache.shape[1]
@@ -65,10 +67,11 @@ def mla_decode_attention_torch(
     # Explicit last dim: with an empty batch, -1 would be ambiguous and reshape would raise.
     kv = kv_cache[block_tables[:, :num_blocks].long()].reshape(
         batch, num_blocks * block_size, kv_cache.shape[-1])
+    past = torch.arange(kv.shape[1], device=kv.device) >= seq_lens[:, None]  # [B, L]
+    clear_rows_past(kv, past)  # stale rows (another sequence's, maybe NaN) would poison the sum
     q = torch.cat((q_lat, q_pe), dim=-1)  # [B, H, Dl+Dr]
     scores = torch.matmul(q.float(), kv.float().transpose(1, 2)) * scale  # [B, H, L]
-    pos = torch.arange(kv.shape[1], device=kv.device)
-    scores.masked_fill_(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+    scores.masked_fill_(past[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, kv[..., :d_lat].float()).to(q_lat.dtype)
 
@@ -87,7 +90,9 @@ def mla_decode_attention_grouped_torch(
     the query rows of one matmul ([count, n*H, Dl+Dr] x [count, Dl+Dr, L] for the groups of n
     rows: one batched matmul per group size, so no group is padded to a longer one's rows and
     no tensor is larger than the per-row path's), each row masked at its own length. Rows of a
-    group must share their block table."""
+    group must share their block table. The rows past the group's longest length are zeroed
+    as the per-row path's; a shorter row's masked positions before that are its own
+    sequence's tokens of this step (a later draft's), so only a NaN of its own reaches it."""
     batch, heads, d_lat = q_lat.shape
     groups.check(batch, "q_lat")
     block_size, width = kv_cache.shape[1], kv_cache.shape[-1]
@@ -99,10 +104,11 @@ def mla_decode_attention_grouped_torch(
     for n, piece in groups.pieces():  # piece: [count, n] rows
         count = piece.shape[0]
         kv = kv_cache[block_tables[piece[:, 0], :num_blocks].long()].reshape(count, -1, width)
+        lens = seq_lens[piece]  # [count, n]
+        clear_rows_past(kv, pos >= lens.max(dim=1, keepdim=True).values)  # past the group's end
         kv32 = kv.float()  # [count, L, D]
         qn = q[piece].view(count, n * heads, width).float()
         scores = torch.matmul(qn, kv32.transpose(1, 2)) * scale  # [count, n*H, L]
-        lens = seq_lens[piece]  # [count, n]
         scores.view(count, n, heads, -1).masked_fill_(pos >= lens[:, :, None, None],
                                                       float("-inf"))
         probs = torch.softmax(scores, dim=-1)

@@ -85,6 +85,29 @@ def verify_tables(rows: list[int], max_blocks: int, block_size: int, table_dtype
     return tables.repeat_interleave(sizes, dim=0), seq_lens, num_blocks
 
 
+def poison_stale_rows(cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor) -> int:
+    """Fill, in place, every row of a paged cache [num_blocks, block_size, ...] that no row b's
+    first ``seq_lens[b]`` positions through ``block_tables[b]`` reach with NaN, +Inf and -Inf
+    (in turn, element by element; FP8 e4m3 has no Inf: NaN there): what a freed block of a
+    sequence whose numerics blew up, or a rejected draft's rows, may hold. For a GQA cache
+    [2, ...] call it on the keys and on the values. Returns how many rows it filled."""
+    num_blocks, block_size = cache.shape[:2]
+    live = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for table, n in zip(block_tables.tolist(), seq_lens.tolist()):
+        pos = torch.arange(n)
+        live[torch.tensor(table)[pos // block_size] * block_size + pos % block_size] = True
+    stale = (~live).nonzero().squeeze(1).to(cache.device)
+    flat = cache.view(num_blocks * block_size, -1)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    pattern = special[torch.arange(stale.numel() * flat.shape[1]) % 3].view(-1, flat.shape[1])
+    pattern = pattern.to(cache.dtype).to(cache.device)
+    if cache.element_size() == 1:  # FP8: no index_put kernel, so copy the bits
+        flat, pattern = flat.view(torch.uint8), pattern.view(torch.uint8)
+    flat[stale] = pattern
+    return stale.numel()
+
+
 def largest_tensor(fn, *args, **kwargs) -> int:
     """The most elements of any tensor an op made while ``fn(*args, **kwargs)`` ran (its
     inputs not counted): what bounds the memory a torch path needs beside its inputs."""

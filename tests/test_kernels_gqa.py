@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import gqa_decode
 from kernels.decode_groups import DecodeGroups
 from kernels.gqa_decode import (gqa_decode_attention, gqa_decode_attention_grouped_torch,
                                 gqa_decode_attention_torch)
-from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables, rel_err,
-                             run_in_interpreter, seed_case, tolerance, verify_tables)
+from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables,
+                             poison_stale_rows, rel_err, run_in_interpreter, seed_case, tolerance,
+                             verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -232,6 +234,32 @@ def test_reference_matches_per_sequence_sdpa() -> None:
         want = F.scaled_dot_product_attention(q[b][:, None], keys.transpose(0, 1),
                                               values.transpose(0, 1), scale=scale)[:, 0]
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16+fp8kv"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_row", "grouped"])
+def test_torch_paths_ignore_nan_and_inf_past_each_length(monkeypatch, dtype: str,
+                                                         grouped: bool) -> None:
+    """Keys and values of the cache rows no sequence reaches (past a length in its last
+    block, its table's blocks past that, the free blocks) filled with NaN/Inf after a clean
+    run: the torch paths give the clean cache's output bit for bit (which zeroing them changes
+    in no bit either)."""
+    torch.manual_seed(SEED)
+    if grouped:
+        *args, groups = make_grouped_inputs((dtype, [1, 3, 2, 5, 1, 4], 8, 2, 32, 4, 5, None,
+                                             "int32"), "cpu")
+    else:
+        args, groups = make_inputs((dtype, 5, 8, 2, 32, 4, 5, None, "int32"), "cpu"), None
+    q, kv, tables, seq_lens, scale = args
+    want = gqa_decode_attention(*args, groups=groups, backend="torch")
+    assert want.isfinite().all()
+    with monkeypatch.context() as patch:
+        patch.setattr(gqa_decode, "clear_rows_past", lambda context, past: None)
+        assert torch.equal(gqa_decode_attention(*args, groups=groups, backend="torch"), want)
+    assert poison_stale_rows(kv[0], tables, seq_lens) > 0
+    poison_stale_rows(kv[1], tables, seq_lens)
+    got = gqa_decode_attention(*args, groups=groups, backend="torch")
+    assert torch.equal(got, want), f"seed {SEED}"
 
 
 def test_reference_handles_an_empty_batch() -> None:

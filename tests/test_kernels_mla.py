@@ -13,12 +13,13 @@ import zlib
 import pytest
 import torch
 
-from kernels import mla_decode_triton
+from kernels import mla_decode, mla_decode_triton
 from kernels.decode_groups import DecodeGroups
 from kernels.mla_decode import (mla_decode_attention, mla_decode_attention_grouped_torch,
                                 mla_decode_attention_torch)
-from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables, rel_err,
-                             run_in_interpreter, seed_case, tolerance, verify_tables)
+from kernels.testing import (case_dtypes, check_result, largest_tensor, paged_tables,
+                             poison_stale_rows, rel_err, run_in_interpreter, seed_case, tolerance,
+                             verify_tables)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -408,6 +409,30 @@ GPU_GROUPED_CASES = {  # DeepSeek-V3's dims: 32 sequences verifying 1 or 3 draft
 def test_mla_decode_grouped_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
     _check(run_grouped_case(GPU_GROUPED_CASES[name], "cuda"), name)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16+fp8kv"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_row", "grouped"])
+def test_torch_paths_ignore_nan_and_inf_past_each_length(monkeypatch, dtype: str,
+                                                         grouped: bool) -> None:
+    """The cache rows no sequence reaches (past a length in its last block, its table's blocks
+    past that, the free blocks) filled with NaN/Inf after a clean run: the torch paths give
+    the clean cache's output bit for bit (the masked scores' zero probabilities never meet
+    them: 0 * NaN would be NaN); zeroing them changes no bit of a clean cache's output."""
+    torch.manual_seed(SEED)
+    if grouped:
+        *args, groups = make_grouped_inputs((dtype, [1, 3, 2, 5, 1, 4], 5, 24, 8, 4, 5, None,
+                                             "int32"), "cpu")
+    else:
+        args, groups = make_inputs((dtype, 5, 5, 24, 8, 4, 5, None, "int32"), "cpu"), None
+    want = mla_decode_attention(*args, groups=groups, backend="torch")
+    assert want.isfinite().all()
+    with monkeypatch.context() as patch:
+        patch.setattr(mla_decode, "clear_rows_past", lambda context, past: None)
+        assert torch.equal(mla_decode_attention(*args, groups=groups, backend="torch"), want)
+    assert poison_stale_rows(args[2], args[3], args[4]) > 0
+    got = mla_decode_attention(*args, groups=groups, backend="torch")
+    assert torch.equal(got, want), f"seed {SEED}"
 
 
 def test_reference_handles_an_empty_batch() -> None:

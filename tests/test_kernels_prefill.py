@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from kernels.prefill_attention import (PrefillLayout, gather_context, gather_paged_context,
                                        paged_prefill_attention, paged_prefill_attention_torch,
                                        varlen_prefill_attention, varlen_prefill_attention_torch)
-from kernels.testing import (case_dtypes, check_result, rel_err, run_in_interpreter, seed_case,
-                             tolerance)
+from kernels.testing import (case_dtypes, check_result, poison_stale_rows, rel_err,
+                             run_in_interpreter, seed_case, tolerance)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -185,6 +185,25 @@ def test_references_match_plain_math() -> None:
         want = _dense_attention(q[qs:qs + ql], k[ks:ks + n], v[ks:ks + n], ql, n, scale)
         torch.testing.assert_close(out[qs:qs + ql], want, atol=1e-5, rtol=1e-5)
         qs, ks = qs + ql, ks + n
+
+
+@pytest.mark.parametrize("name", ["g3_d80_fp32", "g4_d64_bf16", "g4_d64_fp8kv_bf16"])
+def test_torch_paths_ignore_nan_and_inf_past_each_context(name: str) -> None:
+    """The cache rows no sequence's context reaches (past L_i in its last block, its table's
+    spare column, the free blocks) filled with NaN/Inf after a clean run: the paged (GQA)
+    reference and the MLA prefill's gather (``gather_paged_context``, what
+    ``varlen_prefill_attention`` gets) give the clean cache's results bit for bit: they read
+    each sequence's first L_i rows only."""
+    torch.manual_seed(SEED)
+    q, kv, tables, layout, scale = paged_inputs(PAGED[name], "cpu")
+    want = paged_prefill_attention_torch(q, kv, tables, layout, scale)
+    latent = kv[0].flatten(2)  # an MLA-shaped cache [NB, BS, W] over the same tables
+    packed = gather_paged_context(latent, tables, layout)
+    assert want.isfinite().all()
+    for cache in (kv[0], kv[1]):
+        assert poison_stale_rows(cache, tables, layout.seq_lens) > 0
+    assert torch.equal(paged_prefill_attention_torch(q, kv, tables, layout, scale), want)
+    assert torch.equal(gather_paged_context(latent, tables, layout), packed)
 
 
 def test_gather_paged_context_packs_each_sequence() -> None:
