@@ -1061,3 +1061,36 @@ def test_a_request_is_checked_once_for_all_its_completions(llm, monkeypatch):
     refused = engine.core.add_or_refuse(CoreRequest("forged", [10**9], SamplingParams()))
     assert refused[0].finish_reason == "error" and "vocabulary" in refused[0].error
     assert blocks_all_free(llm)
+
+
+@pytest.mark.parametrize("model", ["deepseek", "deepseek+mtp", "qwen3"])
+def test_nan_in_kv_rows_no_sequence_owns_changes_no_token(model, tmp_path):
+    """Every KV cache row filled with NaN between two runs of the same greedy batch (no prefix
+    cache, so nothing is reused): each step writes its own rows, and what a sequence's
+    attention gathers past its length (the rest of its last block, the blocks its table's
+    padding names) still holds NaN, as a freed block of a request whose numerics blew up
+    would. The tokens are the clean run's. On the CPU the torch attention paths run: MLA
+    (per row, and grouped for MTP's verify rows) and GQA decode, their prefill paths."""
+    path, spec = None, None
+    if model == "deepseek+mtp":
+        import shutil
+
+        from models.default_model import add_mtp_layer, default_model_path
+
+        path = str(tmp_path / "mtp")
+        shutil.copytree(default_model_path(), path)
+        add_mtp_layer(path)
+        spec = {"method": "mtp", "num_speculative_tokens": 2}
+    elif model == "qwen3":
+        from ckpt_utils import build_hf_model, save_checkpoint
+
+        path = save_checkpoint(build_hf_model("qwen3_moe"), str(tmp_path))
+    llm = LLM(path, seed=0, enable_prefix_caching=False, speculative_config=spec)
+    prompts = [{"prompt_token_ids": p} for p in ([0, 17, 423, 45, 8], [0, *range(100, 121)])]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    clean = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert blocks_all_free(llm)
+    for cache in llm.engine.core.runner.kv_caches:
+        cache.fill_(float("nan"))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == clean
