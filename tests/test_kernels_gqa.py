@@ -59,8 +59,10 @@ def make_inputs(spec: tuple, device: str):
     return q, kv, tables, seq_lens, dim**-0.5
 
 
-def run_case(spec: tuple, device: str, backend: str) -> dict:
+def run_case(spec: tuple, device: str, backend: str, stale: bool = False) -> dict:
     q, kv, tables, seq_lens, scale = make_inputs(spec, device)
+    for cache in kv if stale else ():  # NaN/Inf in the rows no sequence reaches: keys, values
+        poison_stale_rows(cache, tables, seq_lens)
     splits = spec[7]
     if splits is None:
         out = gqa_decode_attention(q, kv, tables, seq_lens, scale, backend=backend)
@@ -109,20 +111,30 @@ def make_grouped_inputs(spec: tuple, device: str):
     return q, kv, tables, seq_lens, dim**-0.5, DecodeGroups.build(rows, device)
 
 
-def run_grouped_case(spec: tuple, device: str) -> dict:
+def run_grouped_case(spec: tuple, device: str, stale: bool = False) -> dict:
     from kernels.gqa_decode_triton import gqa_decode_attention_grouped_triton
 
     q, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, device)
+    for cache in kv if stale else ():
+        poison_stale_rows(cache, tables, seq_lens)
     out = gqa_decode_attention_grouped_triton(q, kv, tables, seq_lens, scale, groups,
                                               num_splits=spec[7])
     ref = gqa_decode_attention_torch(q, kv, tables, seq_lens, scale)
     return {"err": rel_err(out, ref), "tol": tolerance(q.dtype), "dtype_ok": out.dtype == ref.dtype}
 
 
+# cases run again with NaN/Inf in every cache row no sequence reaches (past a length in its
+# last block, its table's blocks past that, the free blocks): the kernels load them masked
+STALE = "+stale_nan"
+STALE_CASES = [n + STALE for n in ("g2_splits_fp32", "g4_fp8kv_bf16", "grouped_g2_splits_fp32",
+                                   "grouped_g4_bf16")]
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     seed_case(name, seed)
+    stale, name = name.endswith(STALE), name.removesuffix(STALE)
     if name in GROUPED_CASES:
-        return run_grouped_case(GROUPED_CASES[name], "cpu")
+        return run_grouped_case(GROUPED_CASES[name], "cpu", stale)
     if name == "empty_batch":
         out = gqa_decode_attention(torch.randn(0, 4, 16), torch.randn(2, 3, 4, 2, 16),
                                    torch.zeros(0, 2, dtype=torch.int32),
@@ -134,12 +146,13 @@ def interpreter_case(name: str, seed: int) -> dict:
 
         # the dispatcher really splits
         assert choose_num_splits(2, 1, 34 * 16, num_sms(torch.device("cpu"))) == 2
-    return run_case(CASES[name], "cpu", "triton")
+    return run_case(CASES[name], "cpu", "triton", stale)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, [*CASES, "empty_batch", *GROUPED_CASES], SEED)
+    return run_in_interpreter(__file__, [*CASES, "empty_batch", *GROUPED_CASES, *STALE_CASES],
+                              SEED)
 
 
 @pytest.mark.parametrize("name", [*CASES, "empty_batch"])
@@ -152,6 +165,14 @@ def test_gqa_decode_grouped_interpreter(interpreter_results: dict, name: str) ->
     """The grouped kernel (one program per KV head x tile of a sequence's rows x split) gives
     each row what the per-row reference does: groups of 1..7 rows, lengths off block
     boundaries, one-token contexts, rows that end before a split, strided inputs."""
+    check_result(interpreter_results[name], name, SEED)
+
+
+@pytest.mark.parametrize("name", STALE_CASES)
+def test_gqa_decode_kernels_ignore_nan_and_inf_past_each_length(interpreter_results: dict,
+                                                                 name: str) -> None:
+    """Per row and grouped, the Triton kernels load the rows past a length masked (as 0):
+    NaN/Inf there leave the output the (NaN-safe) reference's."""
     check_result(interpreter_results[name], name, SEED)
 
 

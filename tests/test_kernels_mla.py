@@ -68,8 +68,10 @@ def make_inputs(spec: tuple, device: str):
     return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5
 
 
-def run_case(spec: tuple, device: str, backend: str) -> dict:
+def run_case(spec: tuple, device: str, backend: str, stale: bool = False) -> dict:
     q_lat, q_pe, kv, tables, seq_lens, scale = make_inputs(spec, device)
+    if stale:  # NaN/Inf in every row no sequence reaches (the reference ignores them)
+        poison_stale_rows(kv, tables, seq_lens)
     splits = spec[7]
     if splits is None:
         out = mla_decode_attention(q_lat, q_pe, kv, tables, seq_lens, scale, backend=backend)
@@ -122,10 +124,12 @@ def make_grouped_inputs(spec: tuple, device: str):
     return q_lat, q_pe, kv, tables, seq_lens, (d_lat + d_rope) ** -0.5, groups
 
 
-def run_grouped_case(spec: tuple, device: str) -> dict:
+def run_grouped_case(spec: tuple, device: str, stale: bool = False) -> dict:
     from kernels.mla_decode_triton import mla_decode_attention_grouped_triton
 
     q_lat, q_pe, kv, tables, seq_lens, scale, groups = make_grouped_inputs(spec, device)
+    if stale:
+        poison_stale_rows(kv, tables, seq_lens)
     out = mla_decode_attention_grouped_triton(
         q_lat, q_pe, kv, tables, seq_lens, scale, groups, num_splits=spec[7],
         block_h=spec[9] if len(spec) > 9 else None)
@@ -155,18 +159,26 @@ def stale_rows_case(device: str) -> dict:
 SPECIAL_CASES = {"tma_stale_nan_rows_fp32": stale_rows_case}
 
 
+# cases run again with NaN/Inf in every cache row no sequence reaches (past a length in its
+# last block, its table's blocks past that, the free blocks): the kernels load them masked
+STALE = "+stale_nan"
+STALE_CASES = [n + STALE for n in ("three_splits_fp32", "splits_fp8kv_bf16", "grouped_splits_fp32",
+                                   "grouped_bf16")]
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     seed_case(name, seed)
     if name in SPECIAL_CASES:
         return SPECIAL_CASES[name]("cpu")
+    stale, name = name.endswith(STALE), name.removesuffix(STALE)
     if name in GROUPED_CASES:
-        return run_grouped_case(GROUPED_CASES[name], "cpu")
-    return run_case(CASES[name], "cpu", "triton")
+        return run_grouped_case(GROUPED_CASES[name], "cpu", stale)
+    return run_case(CASES[name], "cpu", "triton", stale)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, list(CASES) + list(GROUPED_CASES) + list(SPECIAL_CASES),
+    return run_in_interpreter(__file__, [*CASES, *GROUPED_CASES, *SPECIAL_CASES, *STALE_CASES],
                               SEED)
 
 
@@ -182,6 +194,14 @@ def test_mla_decode_interpreter(interpreter_results: dict, name: str) -> None:
 @pytest.mark.parametrize("name", list(SPECIAL_CASES))
 def test_mla_decode_tma_reads_no_row_past_a_sequence_end(interpreter_results: dict,
                                                           name: str) -> None:
+    _check(interpreter_results[name], name)
+
+
+@pytest.mark.parametrize("name", STALE_CASES)
+def test_mla_decode_kernels_ignore_nan_and_inf_past_each_length(interpreter_results: dict,
+                                                                 name: str) -> None:
+    """Per row (in splits) and grouped, the Triton kernels load the rows past a length masked
+    (as 0): NaN/Inf there leave the output the (NaN-safe) reference's."""
     _check(interpreter_results[name], name)
 
 

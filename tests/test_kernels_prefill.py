@@ -103,8 +103,11 @@ def interpreter_case(name: str, seed: int) -> dict:
                                       torch.zeros(0, 2, dtype=torch.int32), layout, 0.25,
                                       backend="triton")
         return {"err": 0.0 if out.shape == (0, 4, 16) else 1.0, "tol": 0.5, "dtype_ok": True}
+    stale, name = name.endswith(STALE), name.removesuffix(STALE)
     if name in PAGED:
         q, kv, tables, layout, scale = paged_inputs(PAGED[name], "cpu")
+        for cache in kv if stale else ():  # NaN/Inf in the rows no context reaches
+            poison_stale_rows(cache, tables, layout.seq_lens)
         knobs = {k: v for k, v in PAGED[name][-1].items() if k != "strided"}
         out = (paged_prefill_attention_triton(q, kv, tables, layout, scale, **knobs) if knobs
                else paged_prefill_attention(q, kv, tables, layout, scale, backend="triton"))
@@ -116,7 +119,10 @@ def interpreter_case(name: str, seed: int) -> dict:
     return _result(out, varlen_prefill_attention_torch(q, k, v, layout, scale))
 
 
-CASES = [*PAGED, *VARLEN, "empty"]
+# paged cases run again with NaN/Inf in every cache row no context reaches (past L_i in its last
+# block, its table's spare column, the free blocks): the kernel loads them masked
+STALE = "+stale_nan"
+CASES = [*PAGED, *VARLEN, "empty", *(n + STALE for n in ("g3_d80_fp32", "g4_d64_fp8kv_bf16"))]
 
 
 @pytest.fixture(scope="module")
