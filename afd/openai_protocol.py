@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import jinja2
 import jinja2.ext
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr,
-                      model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
@@ -83,6 +83,14 @@ _DEFAULTED = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "fre
               "repetition_penalty"}
 
 
+def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+    """A ``mode="before"`` field validator: null is the field's default. OpenAI's API takes
+    null for ``n``, ``stream``, ``echo`` and ``store`` (as vLLM's chat ``n`` and ``stream`` and
+    its completions' ``stream`` and ``echo``); a client that sends every field, the unset ones
+    as null, must not get a 400."""
+    return cls.model_fields[info.field_name].get_default() if value is None else value
+
+
 class BoundedBody(BaseModel):
     """A request body nested at most MAX_JSON_DEPTH deep: a deeper one (a tool's parameters, a
     schema, a message's tool-call arguments, chat_template_kwargs) would blow the stack of the
@@ -143,6 +151,7 @@ class _SamplingFields(BoundedBody):
     # whose tool or reasoning markers are special tokens (api_server._chat_prompt), which must
     # not make the client's spaces_between_special_tokens=false a 400
     _sent_skip_special_tokens: bool = PrivateAttr(default=True)
+    _null_n_stream = field_validator("n", "stream", mode="before")(null_is_default)
 
     @model_validator(mode="after")
     def _keep_sent_skip_special_tokens(self):
@@ -308,6 +317,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     logprobs: StrictInt | None = None  # legacy: the top k per token (and the sampled one)
     add_special_tokens: bool = True  # vLLM's: false tokenizes a text prompt without BOS
+    _null_echo = field_validator("echo", mode="before")(null_is_default)
 
     def num_logprobs(self) -> int | None:
         if (self.model_extra or {}).get("top_logprobs") is not None:

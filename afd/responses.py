@@ -21,10 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, field_validator
 
 from afd.openai_protocol import (APIError, BoundedBody, ChatCompletionRequest,
-                                 FunctionDefinition)
+                                 FunctionDefinition, null_is_default)
 
 log = logging.getLogger("afd.server")
 
@@ -79,6 +79,7 @@ class ResponsesRequest(BoundedBody):
     reasoning: dict[str, Any] | None = None
     stream: bool = False
     store: bool = True
+    _null_stream_store = field_validator("stream", "store", mode="before")(null_is_default)
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None

@@ -678,3 +678,23 @@ def test_min_tokens_past_the_context_left_is_a_400():
         "message"]
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_null_n_stream_echo_store_take_their_defaults(app):
+    """OpenAI's API takes null for n, stream, echo and store (vLLM's chat n and stream, its
+    completions' stream and echo): a client that passes them as None (the openai client sends
+    an explicit None as null) gets the default, not a 400."""
+    async def run(c, http):
+        chat = await c.chat.completions.create(model="m", messages=CHAT, max_tokens=2, n=None,
+                                               stream=None)
+        comp = await c.completions.create(model="m", prompt="Hello", max_tokens=2, n=None,
+                                          stream=None, echo=None, temperature=0)
+        resp = await c.responses.create(model="m", input="Hi", max_output_tokens=2,
+                                        stream=None, store=None)
+        return chat, comp, resp
+
+    chat, comp, resp = call_app(app, run)
+    assert len(chat.choices) == 1 and chat.usage.completion_tokens == 2
+    assert len(comp.choices) == 1 and comp.usage.completion_tokens == 2
+    assert not comp.choices[0].text.startswith("Hello")  # echo off (greedy: "ox...")
+    assert resp.object == "response" and resp.store is True
