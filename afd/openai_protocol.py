@@ -441,7 +441,9 @@ class ChatMessage(BaseModel):
                 raise APIError(400, f"a text content part's text must be a string, got "
                                f"{part.get('text')!r:.80}", param="messages")
             parts.append(part["text"])
-        return "".join(parts)
+        # one part per line, as vLLM renders text parts for a template that reads a message's
+        # content as one string (DeepSeek-V3's, Qwen3's)
+        return "\n".join(parts)
 
     def for_template(self, arguments_as_text: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": self.text()}

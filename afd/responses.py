@@ -212,7 +212,7 @@ def _text_of(content: Any, param: str) -> str:
             raise APIError(400, f"{param}[{j}].text must be a string, got "
                            f"{part.get('text')!r:.80}", param=f"{param}.{j}.text")
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)  # one part per line, as vLLM (and chat's text parts)
 
 
 def items_to_messages(items: list[dict[str, Any]], first: int = 0) -> list[dict[str, Any]]:

@@ -89,7 +89,7 @@ def test_text_equals_chat_streamed_and_not(apps):
                           {"type": "input_text", "text": "a story"}]}]
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How"},
-                {"role": "user", "content": "Tell me a story"}]
+                {"role": "user", "content": "Tell me \na story"}]  # parts: one per line
     greedy = {"model": "m", "temperature": 0}
 
     async def go(c, _):

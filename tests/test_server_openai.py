@@ -698,3 +698,31 @@ def test_null_n_stream_echo_store_take_their_defaults(app):
     assert len(comp.choices) == 1 and comp.usage.completion_tokens == 2
     assert not comp.choices[0].text.startswith("Hello")  # echo off (greedy: "ox...")
     assert resp.object == "response" and resp.store is True
+
+
+def test_text_parts_are_joined_one_per_line_as_vllm(app):
+    """A message's text content parts reach the chat template one per line, as vLLM joins them
+    for a template that reads content as one string (the tiny model's, DeepSeek-V3's,
+    Qwen3's): the prompt is the one of the text joined with "\\n" (they were run together),
+    on chat completions and on /v1/responses' input_text parts."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+
+    async def run(c, http):
+        async def ids(content):
+            r = await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": content}], max_tokens=1,
+                extra_body={"return_token_ids": True})
+            return r.model_extra["prompt_token_ids"]
+
+        async def input_tokens(content):
+            r = await c.responses.create(model="m", max_output_tokens=1, input=[
+                {"role": "user", "content": content}])
+            return r.usage.input_tokens
+
+        resp_parts = [{"type": "input_text", "text": p["text"]} for p in parts]
+        return (await ids(parts), await ids("Hello\nthere"), await ids("Hellothere"),
+                await input_tokens(resp_parts), await input_tokens("Hello\nthere"))
+
+    chat_parts, chat_lines, chat_run_together, resp_parts, resp_lines = call_app(app, run)
+    assert chat_parts == chat_lines != chat_run_together
+    assert resp_parts == resp_lines
