@@ -1152,6 +1152,7 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                 error = (_request_error(item) if isinstance(item, BaseException)
                          else _output_error(item))
                 yield "data: " + json.dumps(error.body()) + "\n\n"
+                include_usage = False  # as vLLM: the error, then [DONE] (no usage of a part)
                 break
             if item.prompt_logprobs is not None:
                 prompt_logprobs[i] = item.prompt_logprobs

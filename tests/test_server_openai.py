@@ -726,3 +726,25 @@ def test_text_parts_are_joined_one_per_line_as_vllm(app):
     chat_parts, chat_lines, chat_run_together, resp_parts, resp_lines = call_app(app, run)
     assert chat_parts == chat_lines != chat_run_together
     assert resp_parts == resp_lines
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_that_fails_ends_with_the_error_and_done_only(app, chat):
+    """A streamed request the engine ends with an error (here a grammar and allowed_token_ids
+    that leave no token) sends the error event, then [DONE], as vLLM's: no usage chunk after
+    it, even with include_usage (it was sent, counting 0 prompt tokens for a prompt that ran).
+    The openai client raises on the error; the body is read raw here."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "m", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}, "guided_choice": ["hello"],
+            "allowed_token_ids": [5],
+            **({"messages": CHAT} if chat else {"prompt": "Hello"})}
+
+    async def run(c, http):
+        return (await http.post(path, json=body)).text
+
+    lines = [line for line in call_app(app, run).splitlines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert lines[-1] == "data: [DONE]"
+    assert "no token" in events[-1]["error"]["message"]
+    assert all("usage" not in e or e["usage"] is None for e in events)
