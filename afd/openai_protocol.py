@@ -428,6 +428,11 @@ class ChatMessage(BaseModel):
     tool_calls: list[AssistantToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool: the call this is the result of
     name: str | None = None
+    # an assistant message's reasoning, as the answers' ``reasoning`` field gave it (or
+    # vLLM's older ``reasoning_content``): vLLM passes it to the template under both names,
+    # and templates that keep the reasoning of the turn in progress read it (Qwen3's)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -451,6 +456,9 @@ class ChatMessage(BaseModel):
             out["tool_calls"] = [c.for_template(arguments_as_text) for c in self.tool_calls]
             if self.content is None:  # templates test for it (DeepSeek-V3's)
                 out["content"] = None
+        reasoning = self.reasoning or self.reasoning_content  # as vLLM picks it
+        if self.role == "assistant" and reasoning is not None:
+            out["reasoning"] = out["reasoning_content"] = reasoning
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:

@@ -748,3 +748,34 @@ def test_a_stream_that_fails_ends_with_the_error_and_done_only(app, chat):
     assert lines[-1] == "data: [DONE]"
     assert "no token" in events[-1]["error"]["message"]
     assert all("usage" not in e or e["usage"] is None for e in events)
+
+
+def test_an_assistant_messages_reasoning_reaches_the_template(app):
+    """An assistant message of the history carries the reasoning the answer gave (``reasoning``,
+    or vLLM's older ``reasoning_content``): as vLLM, the chat template gets it under both names
+    (Qwen3's renders ``reasoning_content`` of the turn in progress, e.g. between tool calls);
+    it was dropped, so the prompt was not vLLM's. Not for other roles."""
+    from afd.api_server import ServerState, build_app
+    from afd.frontend_flags import FrontendOptions
+    from afd.metrics import ServerMetrics
+
+    template = ("{% for m in messages %}{{ m['role'] }}:{% if m.reasoning_content is defined %}"
+                "<think>{{ m.reasoning_content }}|{{ m.reasoning }}</think>{% endif %}"
+                "{{ m['content'] }};{% endfor %}")
+    qwen_like = build_app(ServerState(app.state.afd.engine, "m", None, ServerMetrics("m"),
+                                      options=FrontendOptions(chat_template=template)))
+
+    async def run(c, http):
+        out = []
+        for field in ("reasoning", "reasoning_content"):
+            r = await c.chat.completions.create(model="m", max_tokens=1, messages=[
+                {"role": "user", "content": "Hi", field: "not me"},
+                {"role": "assistant", "content": "Yes", field: "thought"},
+                {"role": "user", "content": "Go"}], extra_body={"return_token_ids": True})
+            out.append(r.model_extra["prompt_token_ids"])
+        return out
+
+    tokenizer = app.state.afd.engine.engine.tokenizer
+    for ids in call_app(qwen_like, run):
+        assert tokenizer.decode(ids) == \
+            "user:Hi;assistant:<think>thought|thought</think>Yes;user:Go;"
