@@ -420,6 +420,11 @@ class AssistantToolCall(BaseModel):
         return out
 
 
+# the content parts that are text, as vLLM reads them (OpenAI's text, an assistant message's
+# refusal, the Responses API's input_text and output_text): type -> the key of the text
+_TEXT_PARTS = {"text": "text", "refusal": "refusal", "input_text": "text", "output_text": "text"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -439,13 +444,14 @@ class ChatMessage(BaseModel):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text":
+            key = _TEXT_PARTS.get(part.get("type"))
+            if key is None:
                 raise APIError(400, f"content part type {part.get('type')!r} is not supported "
-                               "(text only)", param="messages")
-            if not isinstance(part.get("text"), str):  # not str() of whatever came
-                raise APIError(400, f"a text content part's text must be a string, got "
-                               f"{part.get('text')!r:.80}", param="messages")
-            parts.append(part["text"])
+                               f"(text only: {', '.join(_TEXT_PARTS)})", param="messages")
+            if not isinstance(part.get(key), str):  # not str() of whatever came
+                raise APIError(400, f"a {part['type']} content part's {key} must be a string, "
+                               f"got {part.get(key)!r:.80}", param="messages")
+            parts.append(part[key])
         # one part per line, as vLLM renders text parts for a template that reads a message's
         # content as one string (DeepSeek-V3's, Qwen3's)
         return "\n".join(parts)

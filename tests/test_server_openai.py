@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import openai
 import pytest
 
 from asgi_utils import call_app
@@ -779,3 +780,34 @@ def test_an_assistant_messages_reasoning_reaches_the_template(app):
     for ids in call_app(qwen_like, run):
         assert tokenizer.decode(ids) == \
             "user:Hi;assistant:<think>thought|thought</think>Yes;user:Go;"
+
+
+def test_refusal_and_responses_text_parts_are_text(app):
+    """The content parts vLLM reads as text are text here too: an assistant message's
+    ``refusal`` part (OpenAI's, as a conversation from its API holds it) and the Responses
+    API's ``input_text``/``output_text``; they were 400s. An image part is still a 400."""
+    def conversation(assistant, user):
+        return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": assistant},
+                {"role": "user", "content": user}]
+
+    async def run(c, http):
+        async def ids(messages):
+            r = await c.chat.completions.create(model="m", messages=messages, max_tokens=1,
+                                                extra_body={"return_token_ids": True})
+            return r.model_extra["prompt_token_ids"]
+
+        parts = await ids(conversation([{"type": "refusal", "refusal": "No."}],
+                                       [{"type": "input_text", "text": "Why"},
+                                        {"type": "output_text", "text": "?"}]))
+        plain = await ids(conversation("No.", "Why\n?"))
+        try:
+            await c.chat.completions.create(model="m", max_tokens=1, messages=[
+                {"role": "user", "content": [{"type": "image_url",
+                                              "image_url": {"url": "http://x/a.png"}}]}])
+        except openai.BadRequestError as exc:
+            return parts, plain, exc.body
+        return parts, plain, None
+
+    parts, plain, error = call_app(app, run)
+    assert parts == plain
+    assert error is not None and error["param"] == "messages" and "image_url" in error["message"]
