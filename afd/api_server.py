@@ -5,7 +5,8 @@ Routes: /v1/completions, /v1/chat/completions (SSE streaming ending in ``data: [
 /tokenize, /detokenize, /version, /reset_prefix_cache and SGLang's
 /{start,stop,dump}_expert_distribution_record and /rebalance_experts (these with the API key,
 as /v1/),
-/v1/models, /health (503 once a rank is dead, the engine is wedged, or the server drains),
+/v1/models, /health and vLLM's /ping (503 once a rank is dead, the engine is wedged, or the server
+drains),
 /metrics (Prometheus). Errors use OpenAI's body ``{"error": {message, type, param, code}}``.
 
 ``python -m afd.api_server`` is the front-end process that ``launch/serve.py`` starts on rank 0:
@@ -351,6 +352,8 @@ def build_app(state: ServerState) -> FastAPI:
         app.add_middleware(RequestIdHeader)
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's too (SageMaker's health check), GET and POST
+    @app.post("/ping")
     async def health() -> Response:
         ok, why = state.engine.healthy()
         if state.draining:

@@ -811,3 +811,14 @@ def test_refusal_and_responses_text_parts_are_text(app):
     parts, plain, error = call_app(app, run)
     assert parts == plain
     assert error is not None and error["param"] == "messages" and "image_url" in error["message"]
+
+
+def test_ping_is_health_as_vllm(app):
+    """vLLM's /ping (SageMaker's health check, GET or POST) answers as /health does; it was a
+    404."""
+    async def run(c, http):
+        return [await http.get("/health"), await http.get("/ping"), await http.post("/ping")]
+
+    health, *pings = call_app(app, run)
+    assert health.status_code == 200
+    assert [(r.status_code, r.json()) for r in pings] == [(200, health.json())] * 2
