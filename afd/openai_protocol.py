@@ -56,6 +56,12 @@ _UNSUPPORTED: dict[str, tuple] = {
     # vLLM's external prefill/decode connector's parameters and its custom logits processors'
     # arguments: afd has neither (its own P/D transfer is internal, afd/kv_transfer.py)
     "kv_transfer_params": ({},), "vllm_xargs": ({},),
+    # vLLM's newer sampling fields, each of which changes the answer: which end of the prompt
+    # truncate_prompt_tokens keeps (afd keeps its last tokens: "left"), the logprobs of given
+    # token ids (instead of the top k), stopping at a repeated n-gram (a max_pattern_size of 0
+    # is off), a watermark on the sampled tokens
+    "truncation_side": ("left",), "logprob_token_ids": (),
+    "repetition_detection": ({}, {"max_pattern_size": 0}), "watermarking": (False,),
 }
 
 # Fields a body's extra part holds that sampling_params() reads (a 400 when not neutral), so

@@ -822,3 +822,32 @@ def test_ping_is_health_as_vllm(app):
     health, *pings = call_app(app, run)
     assert health.status_code == 200
     assert [(r.status_code, r.json()) for r in pings] == [(200, health.json())] * 2
+
+
+@pytest.mark.parametrize("field, value, neutral", [
+    ("truncation_side", "right", "left"),
+    ("logprob_token_ids", [5, 6], None),
+    ("repetition_detection", {"max_pattern_size": 4, "min_count": 3}, {}),
+    ("watermarking", True, False),
+])
+def test_vllm_fields_that_change_the_answer_are_refused_by_name(app, field, value, neutral):
+    """vLLM's newer sampling fields afd does not implement, each of which changes the answer
+    (truncation_side "right" keeps the prompt's first tokens, where afd keeps its last;
+    logprob_token_ids; repetition_detection; watermarking), are a 400 naming the field on both
+    endpoints, not ignored as unknown fields are; their neutral values pass."""
+    async def run(c, http):
+        out = []
+        for chat in (False, True):
+            make = (lambda **kw: c.chat.completions.create(messages=CHAT, **kw)) if chat \
+                else (lambda **kw: c.completions.create(prompt="Hello", **kw))
+            try:
+                await make(model="m", max_tokens=1, logprobs=True if chat else 1,
+                           extra_body={field: value, "truncate_prompt_tokens": 2})
+                out.append(None)
+            except openai.BadRequestError as exc:
+                out.append(exc.body["param"])
+            ok = await make(model="m", max_tokens=1, extra_body={field: neutral})
+            out.append(ok.usage.completion_tokens)
+        return out
+
+    assert call_app(app, run) == [field, 1, field, 1]
