@@ -114,9 +114,16 @@ class ServerState:
                  max_stored_responses: int = 1000, max_stored_response_bytes: int = 1 << 30,
                  max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
                  enable_request_id_headers: bool = False,
-                 options: FrontendOptions | None = None):
+                 options: FrontendOptions | None = None,
+                 served_model_names: list[str] | None = None):
         self.engine, self.model_name, self.api_key, self.metrics = (engine, model_name, api_key,
                                                                     metrics)
+        # vLLM's --served-model-name a b ...: requests may name any of them; answers carry the
+        # first (model_name), /v1/models lists each
+        self.model_names = list(served_model_names or [model_name])
+        if self.model_names[0] != model_name:
+            raise ValueError(f"the first served model name must be {model_name!r}, got "
+                             f"{self.model_names!r}")
         self.options = options or FrontendOptions()  # vLLM's front-end flags
         if self.options.default_chat_template_kwargs:
             self.options.check_tokenizer(engine.engine.tokenizer)
@@ -365,18 +372,18 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict:
-        return {"id": state.model_name, "object": "model", "created": state.created,
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created,
                 "owned_by": "afd", "max_model_len": state.engine.engine.engine_cfg.max_model_len}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:  # OpenAI's retrieve-model
         _check_model(state, model)
-        return model_card()
+        return model_card(model)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -511,9 +518,10 @@ def _validated(model, body: Any):
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
+    if model is not None and model not in state.model_names:
+        served = ", ".join(f"`{name}`" for name in state.model_names)
         raise APIError(404, f"The model `{model}` does not exist (this server serves "
-                       f"`{state.model_name}`)", param="model", code="model_not_found")
+                       f"{served})", param="model", code="model_not_found")
 
 
 def _chat_prompt(state: ServerState, body: ChatCompletionRequest
@@ -1298,7 +1306,7 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--served-model-name", nargs="+", default=None)
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch")
     ap.add_argument("--expert-placement", default=None)
@@ -1346,7 +1354,8 @@ def main() -> None:
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
                        default_sampling=defaults)
-    name = args.served_model_name or _default_name(engine_cfg.model)
+    names = args.served_model_name or [_default_name(engine_cfg.model)]
+    name = names[0]  # answers' "model" and the metrics' label, as vLLM's first name
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
                         args.api_key, metrics, tool_call_parser=args.tool_call_parser,
@@ -1356,7 +1365,7 @@ def main() -> None:
                         max_stored_response_bytes=args.max_stored_responses_mb << 20,
                         max_request_body_bytes=args.max_request_body_bytes,
                         enable_request_id_headers=args.enable_request_id_headers,
-                        options=options)
+                        options=options, served_model_names=names)
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

@@ -75,9 +75,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let the tokenizer run the Python code its tokenizer_config.json "
                          "names (auto_map; Kimi K2's needs it); weights never run such code")
-    ap.add_argument("--served-model-name", default=None,
+    ap.add_argument("--served-model-name", nargs="+", default=None,
                     help="the model id /v1/models lists and requests name (default: the "
-                         "checkpoint folder's name; afd-tiny-deepseek-v3 for the embedded one)")
+                         "checkpoint folder's name; afd-tiny-deepseek-v3 for the embedded one); "
+                         "as vLLM, several names are aliases, answers carry the first")
     ap.add_argument("--prefill", type=int, default=0)
     ap.add_argument("--attention", type=int, default=1)
     ap.add_argument("--ffn", type=int, default=0)
@@ -271,11 +272,12 @@ def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
     for flag, value in (("--api-key", args.api_key), ("--tokenizer", args.tokenizer),
                         ("--expert-placement", args.expert_placement and
                          os.path.abspath(args.expert_placement)),
-                        ("--served-model-name", args.served_model_name),
                         ("--tool-call-parser", args.tool_call_parser),
                         ("--reasoning-parser", args.reasoning_parser)):
         if value:
             cmd += [flag, value]
+    if args.served_model_name:  # one or more (vLLM's aliases)
+        cmd += ["--served-model-name", *args.served_model_name]
     if args.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
     if args.enable_request_id_headers:

@@ -397,3 +397,30 @@ def test_launch_serve_takes_the_flags_and_passes_them_on(monkeypatch, capsys, tm
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(sys, "argv", ["serve.py", "--chat-template", "/no/such/template.jinja"])
     assert serve.parse_args().chat_template == "/no/such/template.jinja"
+
+
+def test_launch_serve_passes_several_served_model_names(monkeypatch):
+    """vLLM's --served-model-name takes one name or several (aliases): launch/serve.py takes
+    both and passes every name to the front end (several were an unrecognized argument)."""
+    monkeypatch.syspath_prepend("launch")
+    import serve
+
+    from afd.workers import Layout
+
+    class Sent(Exception):
+        pass
+
+    def popen(cmd, **kwargs):
+        raise Sent(cmd)
+
+    monkeypatch.setattr(serve, "engine_config_to_dict", lambda cfg: {})
+    monkeypatch.setattr(serve.subprocess, "Popen", popen)
+    for names in (["deepseek-v3"], ["deepseek-v3", "deepseek-chat"]):
+        monkeypatch.setattr(sys, "argv", ["serve.py", "--served-model-name", *names])
+        with pytest.raises(Sent) as sent:
+            serve.start_front(serve.parse_args(), Layout(0, 1, 0), None, "127.0.0.1",
+                              b"k" * 32)
+        cmd = sent.value.args[0]
+        at = cmd.index("--served-model-name")
+        assert cmd[at + 1:at + 1 + len(names)] == names
+        assert at + 1 + len(names) == len(cmd) or cmd[at + 1 + len(names)].startswith("--")

@@ -851,3 +851,27 @@ def test_vllm_fields_that_change_the_answer_are_refused_by_name(app, field, valu
         return out
 
     assert call_app(app, run) == [field, 1, field, 1]
+
+
+def test_served_model_names_are_aliases_as_vllm(app):
+    """vLLM's --served-model-name with several names: a request may name any of them, the
+    answer carries the first, /v1/models lists each; another name is a 404 naming them all."""
+    from afd.api_server import ServerState, build_app
+    from afd.metrics import ServerMetrics
+
+    aliased = build_app(ServerState(app.state.afd.engine, "m", None, ServerMetrics("m"),
+                                    served_model_names=["m", "m-alias"]))
+
+    async def run(c, http):
+        listed = [m.id for m in (await c.models.list()).data]
+        one = await c.models.retrieve("m-alias")
+        answer = await c.completions.create(model="m-alias", prompt="Hello", max_tokens=1)
+        try:
+            await c.completions.create(model="other", prompt="Hello", max_tokens=1)
+        except openai.NotFoundError as exc:
+            return listed, one.id, answer.model, exc.body
+        return listed, one.id, answer.model, None
+
+    listed, one, model, error = call_app(aliased, run)
+    assert listed == ["m", "m-alias"] and one == "m-alias" and model == "m"
+    assert error["param"] == "model" and "`m`, `m-alias`" in error["message"]
