@@ -638,6 +638,9 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
     n = params.n
     echo = None if chat else _Echo(body, engine.engine)
     role = _response_role(state, body) if chat else None
+    # vLLM's return_prompt_text (chat): the prompt the chat template made, on the response or
+    # a stream's first chunk
+    prompt_text = prompts[0]["prompt"] if chat and body.return_prompt_text else None
     if body.stream:
         options = body.stream_options or StreamOptions(include_usage=False)
         # vLLM's continuous_usage_stats: each chunk's choice's usage so far (with
@@ -648,7 +651,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         return StreamingResponse(_sse(state, base, streams, n, chat, include_usage,
                                       params.logprobs, echo, readers, continuous,
                                       bool(body.return_tokens_as_token_ids),
-                                      prompt_ids if return_ids else None, role),
+                                      prompt_ids if return_ids else None, role,
+                                      prompt_text),
                                  media_type="text/event-stream")
     finals = await _collect(request, streams)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
@@ -696,6 +700,8 @@ async def _serve(state: ServerState, request: Request, body, prompts: list[Any],
         response["prompt_logprobs"] = prompt_logprobs  # vLLM's place for chat
     if chat and return_ids:
         response["prompt_token_ids"] = list(finals[0].prompt_token_ids)  # vLLM's place too
+    if prompt_text is not None:
+        response["prompt_text"] = prompt_text
     return JSONResponse(response)
 
 
@@ -1086,8 +1092,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
                n: int, chat: bool, include_usage: bool, top_logprobs: int | None,
                echo: _Echo | None, readers: _ChatReaders | None = None,
                continuous_prompt_tokens: list[int] | None = None, as_ids: bool = False,
-               prompt_ids: list[list[int]] | None = None, role: str | None = "assistant"
-               ) -> AsyncIterator[str]:
+               prompt_ids: list[list[int]] | None = None, role: str | None = "assistant",
+               prompt_text: str | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece (or, with logprobs, new tokens) per
     choice, then [DONE]. A chunk carries the logprobs of the tokens that arrived with it; with
     echo, a choice's first chunk starts with the prompt (and its logprobs). With a reasoning
@@ -1099,7 +1105,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
     ``prompt_ids`` (each prompt's token ids: vLLM's return_token_ids) each choice's chunks
     carry their new ``token_ids``, its first one (chat: the first chunk) the prompt's. The
     streams' outputs are deltas (RequestOutputKind.DELTA): each choice's pieces wait in a
-    ``_Pending`` until a chunk carries them. ``role``: a chat answer's (_response_role)."""
+    ``_Pending`` until a chunk carries them. ``role``: a chat answer's (_response_role).
+    ``prompt_text``: vLLM's return_prompt_text, on chat's first chunk."""
     queue: asyncio.Queue = asyncio.Queue()
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -1152,7 +1159,8 @@ async def _sse(state: ServerState, base: str, streams: list[AsyncIterator[Reques
         if chat:
             yield chunk([{"index": i, "delta": {"role": role, "content": ""},
                           "finish_reason": None} for i in range(len(streams) * n)],
-                        **({} if prompt_ids is None else {"prompt_token_ids": prompt_ids[0]}))
+                        **({} if prompt_ids is None else {"prompt_token_ids": prompt_ids[0]}),
+                        **({} if prompt_text is None else {"prompt_text": prompt_text}))
         while open_streams:
             i, item = await queue.get()
             if item is None:

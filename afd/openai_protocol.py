@@ -601,6 +601,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # vLLM's: false leaves the reasoning out of the answer
+    return_prompt_text: bool | None = None  # vLLM's: the rendered prompt in the answer
     # vLLM's: a chat-template variable (apply_reasoning_effort), its values as vLLM's
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None

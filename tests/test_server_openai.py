@@ -875,3 +875,23 @@ def test_served_model_names_are_aliases_as_vllm(app):
     listed, one, model, error = call_app(aliased, run)
     assert listed == ["m", "m-alias"] and one == "m-alias" and model == "m"
     assert error["param"] == "model" and "`m`, `m-alias`" in error["message"]
+
+
+def test_return_prompt_text_gives_the_rendered_prompt(app):
+    """vLLM's return_prompt_text on chat: the prompt the chat template made, on the response
+    and on a stream's first chunk only (it was ignored as an unknown field)."""
+    async def run(c, http):
+        kw = dict(model="m", messages=CHAT, max_tokens=2,
+                  extra_body={"return_prompt_text": True})
+        plain = await c.chat.completions.create(**kw)
+        chunks = [ch async for ch in await c.chat.completions.create(stream=True, **kw)]
+        off = await c.chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+        tokens = (await http.post("/tokenize", json={"messages": CHAT})).json()["tokens"]
+        return plain, chunks, off, tokens
+
+    plain, chunks, off, tokens = call_app(app, run)
+    text = plain.model_extra["prompt_text"]
+    assert app.state.afd.engine.engine.tokenizer.encode(text, add_special_tokens=False) == tokens
+    assert [ch.model_extra.get("prompt_text") for ch in chunks] == [text] + [None] * (
+        len(chunks) - 1)
+    assert "prompt_text" not in off.model_extra
