@@ -159,8 +159,7 @@ def test_dummy_ignores_weight_files_that_exist(tmp_path):
 def test_serve_flags(monkeypatch):
     import sys
 
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     monkeypatch.setattr(sys, "argv", ["serve.py", "--load-format", "dummy", "--hf-overrides",
                                       '{"num_hidden_layers": 5}'])

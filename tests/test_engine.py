@@ -982,8 +982,7 @@ def test_serve_trust_remote_code_flag(monkeypatch):
 
     from afd.config import engine_config_from_dict, engine_config_to_dict
 
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     for argv, want in ((["serve.py"], False), (["serve.py", "--trust-remote-code"], True)):
         monkeypatch.setattr(sys, "argv", argv)

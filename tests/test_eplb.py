@@ -421,8 +421,7 @@ def test_serve_eplb_interval_flag(monkeypatch, capsys):
     """launch/serve.py's --eplb-interval-steps: with --ffn only, >= 0; the front end gets it."""
     import sys
 
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     monkeypatch.setattr(sys, "argv", ["serve.py", "--ffn", "2", "--eplb-interval-steps", "5"])
     assert serve.parse_args().eplb_interval_steps == 5

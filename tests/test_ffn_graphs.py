@@ -591,8 +591,7 @@ def test_serve_ffn_cuda_graphs_flag(monkeypatch):
     import inspect
     import sys
 
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     monkeypatch.setattr(sys, "argv", ["serve.py", "--ffn", "1"])
     assert serve.parse_args().ffn_cuda_graphs is False

@@ -295,8 +295,7 @@ def test_serve_flag_and_the_config_every_rank_gets(v3, monkeypatch, capsys):
 
     from afd.config import engine_config_from_dict, engine_config_to_dict
 
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     for argv, want in ((["serve.py"], "auto"), (["serve.py", "--kv-cache-dtype", "fp8"], "fp8"),
                        (["serve.py", "--kv-cache-dtype", "fp8_e4m3"], "fp8_e4m3")):

@@ -319,11 +319,8 @@ def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):
     tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
     state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="qwen3")
     assert state.reasoning_markers_are_special()
-    sys.path.insert(0, "launch")
-    try:
-        import serve
-    finally:
-        sys.path.remove("launch")
+    from launch import serve
+
     saved = sys.argv
     sys.argv = ["serve.py", "--reasoning-parser", "r1"]
     try:

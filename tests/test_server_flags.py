@@ -347,8 +347,7 @@ def test_launch_serve_takes_the_flags_and_passes_them_on(monkeypatch, capsys, tm
     """launch/serve.py lists every front-end flag in --help, checks them before any rank
     starts (a bad one exits naming it; rank 0 only, whose node runs the front end) and passes
     them to the front end's command line."""
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     from afd.frontend_flags import FRONTEND_FLAGS
     from afd.workers import Layout
@@ -402,8 +401,7 @@ def test_launch_serve_takes_the_flags_and_passes_them_on(monkeypatch, capsys, tm
 def test_launch_serve_passes_several_served_model_names(monkeypatch):
     """vLLM's --served-model-name takes one name or several (aliases): launch/serve.py takes
     both and passes every name to the front end (several were an unrecognized argument)."""
-    monkeypatch.syspath_prepend("launch")
-    import serve
+    from launch import serve
 
     from afd.workers import Layout
 
