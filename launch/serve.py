@@ -104,7 +104,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "decode steps (layouts without FFN ranks). Default: graphs on CUDA, "
                          "eager on CPU")
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
-                    help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 ... "
+                    help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 24 32 ... "
                          "up to min(max-num-seqs x (1 + num_speculative_tokens), 256), and that "
                          "cap)")
     ap.add_argument("--ffn-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
