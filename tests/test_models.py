@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,6 +153,33 @@ def test_routing_the_router_cannot_do_is_refused(changes, field):
     (or, with too few experts in the kept groups, pick masked-out ones)."""
     with pytest.raises(ValueError, match=field):
         config_from_dict({k: v for k, v in {**ROUTED, **changes}.items() if v is not None})
+
+
+QWEN3 = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=16, intermediate_size=32)
+
+
+@pytest.mark.parametrize(("base", "changes", "message"), [
+    (ROUTED, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
+    (ROUTED, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type 'llama3'"),
+    (QWEN3, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+    (ROUTED, {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    (QWEN3, {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window=true"),
+    # Kimi K2-Thinking's INT4 experts come as compressed-tensors; AWQ / GPTQ exports too
+    (ROUTED, {"quantization_config": {"quant_method": "compressed-tensors"}},
+     "quantization 'compressed-tensors'"),
+    (QWEN3, {"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization 'awq'"),
+    (ROUTED, {"topk_method": "bogus"}, "topk_method 'bogus'"),
+])
+def test_config_fields_afd_cannot_run_are_refused(base, changes, message):
+    """What the model code does not implement (RoPE scalings other than YaRN, activations other
+    than SiLU, Qwen3's sliding window, quantizations other than block-scaled FP8, unknown
+    routing) is refused when the config is read, naming the field and its value, instead of
+    loading a model that computes something else."""
+    config_from_dict(base)  # the base itself is fine
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        config_from_dict({**base, **changes})
 
 
 def test_group_limits_real_checkpoints_use_are_accepted():
