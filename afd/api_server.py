@@ -1383,6 +1383,13 @@ def main() -> None:
             # close the port at once and give in-flight requests only its own 5 s
             yield
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # listening: only now is the server ready
+                log.info("afd serving %s on %s://%s:%d%s (layout P=%d A=%d F=%d); ready", name,
+                         "https" if options.ssl_certfile else "http", args.host, args.port,
+                         options.root_path, layout.prefill, layout.attention, layout.ffn)
+
     server = Server(uvicorn_config(build_app(state), options, args.host, args.port))
 
     async def drain() -> None:
@@ -1410,9 +1417,6 @@ def main() -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        log.info("afd serving %s on %s://%s:%d%s (layout P=%d A=%d F=%d); ready", name,
-                 "https" if options.ssl_certfile else "http", args.host, args.port,
-                 options.root_path, layout.prefill, layout.attention, layout.ffn)
         await server.serve()
 
     try:

@@ -65,6 +65,7 @@ def serve(argv: list[str]) -> int:
         launch_serve.main(argv, prog)
         return 0
     args = launch_serve.parse_args(argv, prog)  # bad flags exit here, before any rank starts
+    launch_serve.check_port_free(args.host, args.port)  # and a port already taken
     world = args.prefill + args.attention + args.ffn
     if world == 1:
         launch_serve.main(argv, prog)  # exits the process

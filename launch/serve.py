@@ -104,9 +104,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "decode steps (layouts without FFN ranks). Default: graphs on CUDA, "
                          "eager on CPU")
     ap.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
-                    help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 24 32 ... "
-                         "up to min(max-num-seqs x (1 + num_speculative_tokens), 256), and that "
-                         "cap)")
+                    help="decode batch sizes to capture, in decode rows (default 1 2 4 8 16 "
+                         "24 32 ... up to min(max-num-seqs x (1 + num_speculative_tokens), "
+                         "256), and that cap)")
     ap.add_argument("--ffn-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                     help="FFN ranks capture each MoE layer's expert compute (not the "
                          "all_to_all) in CUDA graphs, one per row bucket, and replay them "
@@ -252,6 +252,27 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 FRONT_START_TIMEOUT_S = 300.0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Exit with a message naming --host/--port if the HTTP port cannot be bound now (taken, or
+    an address this machine does not have), before any model is loaded or rank started: the
+    front end binds it only once every rank is up, minutes later on a large model. A check,
+    not a reservation: the port is free again when this returns (SO_REUSEADDR, as uvicorn's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        sys.exit(f"--host {host!r}: {exc}")
+    for family, kind, proto, _name, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                sys.exit(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                         f"pick a free port or stop what holds it")
+
+
 def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
                 ) -> tuple[subprocess.Popen, str]:
     """Start the HTTP front end (the control key in its environment, not on its command line,
@@ -323,6 +344,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     layout = Layout(args.prefill, args.attention, args.ffn)
+    if rank == 0:  # its front end serves HTTP: fail now, not after the model has loaded
+        check_port_free(args.host, args.port)
     if layout.world_size != world:
         sys.exit(f"--prefill {args.prefill} + --attention {args.attention} + --ffn {args.ffn} = "
                  f"{layout.world_size} ranks, but torchrun started {world}: use "

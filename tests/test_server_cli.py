@@ -198,6 +198,28 @@ def test_the_install_has_the_command_and_the_launch_package():
     assert launch.serve.main.__module__ == "launch.serve"
 
 
+@pytest.mark.parametrize("how", ["launch/serve.py", "afd serve"])
+def test_a_taken_port_is_refused_before_the_model_loads(how, tmp_path):
+    """--port already in use: an error naming --port, at once (no model loaded, no rank
+    started; before, the front end found it out only once every rank was up) and a non-zero
+    status, whether started as launch/serve.py (rank 0) or by afd serve (before its ranks)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        cmd = ([sys.executable, os.path.join(ROOT, "launch", "serve.py")] if how != "afd serve"
+               else [sys.executable, "-m", "afd.cli", "serve", "--attention", "1", "--ffn", "1"])
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        env["AFD_CACHE"] = str(tmp_path)  # an empty model cache: a load would build a model
+        proc = subprocess.run(cmd + ["--port", str(port)], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode != 0
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
+    assert not os.listdir(tmp_path), "a model was built before the port was checked"
+
+
 def test_rank_0_exits_1_when_its_front_end_failed():
     """A front end that failed (uvicorn exits 3 when its port is taken) makes rank 0's exit
     status 1, so torchrun and afd serve report the failure instead of a clean stop."""
