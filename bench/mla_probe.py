@@ -23,28 +23,17 @@ row as it is done, so a cut run keeps the rows before it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
 
 import torch
 
-SMOKE = "--smoke" in sys.argv
-if SMOKE and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
-
-from results_io import commit_id  # noqa: E402
-from roofline import ceilings  # noqa: E402
+from probe_setup import (SMOKE, append_jsonl, device_us, probe_parser,  # noqa: E402
+                         start, stepper)  # first: sets up
 
 from kernels.mla_decode import mla_decode_attention_torch  # noqa: E402
 from kernels.mla_decode_triton import mla_decode_attention_triton  # noqa: E402
 from kernels.testing import rel_err  # noqa: E402
 
-_START = time.time()
+step = stepper("mla_probe")
 
 # name -> launch knobs of mla_decode_attention_triton ({} = its defaults)
 VARIANTS = {
@@ -63,18 +52,6 @@ SMOKE_VARIANTS = {"default": {}, "bh64": {"block_h": 64, "block_n": 16},
                   "bh64 tma": {"block_h": 64, "block_n": 8, "tma": True}}
 
 
-def step(msg: str) -> None:
-    print(f"[mla_probe {time.time() - _START:6.1f}s] {msg}", flush=True)
-
-
-def device_us(fn, cuda: bool) -> float:
-    if not cuda:  # --smoke: one call's wall time, which only shows the script runs
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    import triton.testing
-
-    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
 def inputs(batch: int, ctx: int, heads: int, d_lat: int, d_rope: int, block: int, device: str):
@@ -132,25 +109,14 @@ def probe_shape(batch: int, ctx: int, dims: tuple, variants: dict, ceil: dict, c
                  + (f" {row['over_default']:.3f}x default" if default else "")
                  + f" rel err {row['rel_err']:.1e}")
         results.append(row)
-        if out_json:
-            with open(out_json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(out_json, row)
     return results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny dims")
-    ap.add_argument("--json", help="append one JSON line per (shape, variant) here")
+    ap = probe_parser(__doc__, "append one JSON line per (shape, variant) here")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit("mla_probe needs a CUDA device (or --smoke)")
-    step(f"commit {commit_id()} torch {torch.__version__} "
-         f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}")
-    ceil = ceilings(cuda, args.smoke)
-    step(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-         f"{ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    cuda, ceil = start(args, "mla_probe", step)
     if args.smoke:  # 80 heads: the second 64-head block is partial
         probe_shape(2, 48, (80, 32, 16, 16), SMOKE_VARIANTS, ceil, cuda, args.json)
     else:

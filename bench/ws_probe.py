@@ -21,22 +21,12 @@ device time (CUDA graph replay, triton's do_bench_cudagraph, medians), beside th
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
 
 import torch
 
-SMOKE = "--smoke" in sys.argv
-if SMOKE and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never shadows kernels
-
-from results_io import commit_id  # noqa: E402
-from roofline import ceilings, gemm_floor_us  # noqa: E402
+from probe_setup import (append_jsonl, device_us, probe_parser, start,  # noqa: E402
+                         stepper)  # first: sets up
+from roofline import gemm_floor_us  # noqa: E402
 
 from kernels import moe_gemm_triton  # noqa: E402
 from kernels.fused_moe_config import GemmTile  # noqa: E402
@@ -45,11 +35,8 @@ from kernels.fused_moe_tuning import QUICK_TILES, WS_128_TILES  # noqa: E402
 from kernels.moe_gemm_triton import ROWS, RowGroups, launch_w2, launch_w13  # noqa: E402
 from kernels.testing import moe_weights, rel_err  # noqa: E402
 
-_START = time.time()
+step = stepper("ws_probe")
 
-
-def step(msg: str) -> None:
-    print(f"[ws_probe {time.time() - _START:6.1f}s] {msg}", flush=True)
 
 
 # One 64-row ws tile per GEMM, run first as the control: 64-row ws tiles passed the GPU tests
@@ -66,15 +53,6 @@ def ws_tiles(block_m: int, m: int) -> dict[str, list[GemmTile]]:
     return {gemm: [t for t in QUICK_TILES.get((m, gemm), []) if t.ws]
             for gemm in ("w13", "w2")}
 
-
-def device_us(fn, cuda: bool) -> float:
-    if not cuda:  # --smoke: one call's wall time, which only shows the script runs
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    import triton.testing
-
-    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
 def probe_cell(experts: int, m: int, hidden: int, inter: int, tiles: dict, ceil: dict,
@@ -123,24 +101,18 @@ def probe_cell(experts: int, m: int, hidden: int, inter: int, tiles: dict, ceil:
                  f"{table_us:.1f} us ({row['ws_over_table']:.3f}x), floor {floor:.1f} us "
                  f"({row['ws_over_floor']:.2f}x)")
             results.append(row)
-            if out_json:
-                with open(out_json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(out_json, row)
     return results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny dims")
+    ap = probe_parser(__doc__, "append one JSON line per tile here")
     ap.add_argument("--experts", default="8,32")
     ap.add_argument("--m", type=int, default=128, help="rows per expert")
     ap.add_argument("--block-m", type=int, default=128, choices=(64, 128),
                     help="128: WS_128_TILES; 64: the 64-row ws tiles of QUICK_TILES at --m")
-    ap.add_argument("--json", help="append one JSON line per tile here")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit("ws_probe needs a CUDA device (or --smoke)")
+    cuda, ceil = start(args, "ws_probe", step)
     # The probe's point: run the ws tiles the launchers would otherwise run plain.
     moe_gemm_triton.WS_MAX_BLOCK_M = max(moe_gemm_triton.WS_MAX_BLOCK_M, args.block_m)
     hidden, inter = (7168, 2048) if not args.smoke else (64, 32)
@@ -149,11 +121,6 @@ def main() -> None:
     if args.smoke:  # tiles that fit the tiny dims, ws on; the interpreter runs them
         tiles = {"w13": [GemmTile(16, 16, 16, 4, 2, ws=True)],
                  "w2": [GemmTile(16, 32, 16, 4, 2, ws=True)]}
-    step(f"commit {commit_id()} torch {torch.__version__} "
-         f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}")
-    ceil = ceilings(cuda, args.smoke)
-    step(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-         f"{ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     for experts in (int(e) for e in args.experts.split(",")):
         probe_cell(experts if not args.smoke else 4, m, hidden, inter, tiles, ceil, cuda,
                    args.json)

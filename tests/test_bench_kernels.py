@@ -302,7 +302,8 @@ def test_ws_probe_runs_a_64_row_control_before_the_128_row_tiles(monkeypatch) ->
     from kernels import moe_gemm_triton as g
     from kernels.fused_moe_tuning import WS_128_TILES
 
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the probe appends bench/ to it
+    # the probe imports bench/probe_setup.py, which puts the root first and bench/ last
+    monkeypatch.setattr(sys, "path", list(sys.path) + [os.path.join(ROOT, "bench")])
     spec = importlib.util.spec_from_file_location("ws_probe",
                                                   os.path.join(ROOT, "bench", "ws_probe.py"))
     probe = importlib.util.module_from_spec(spec)
