@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import gc
+import inspect
 import itertools
 import json
 import logging
@@ -105,11 +107,35 @@ def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
     return defaults
 
 
+# vLLM's ways to split a model over GPUs: afd splits it by its layout instead
+_VLLM_PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                     "enable_expert_parallel")
+
+
+def check_engine_args(engine_args: dict[str, Any]) -> None:
+    """TypeError naming ``LLM()`` and the keyword for one that no part of the engine takes
+    (as Python names a function's unknown keyword; found before anything loads), with the
+    nearest known name, or the layout arguments for vLLM's parallelism sizes."""
+    known = set(inspect.signature(resolve_engine_config).parameters) - {"model", "model_cfg"}
+    known |= set(inspect.signature(LLM.__init__).parameters) - {"self", "engine_args"}
+    for name in engine_args:
+        if name in known:
+            continue
+        if name in _VLLM_PARALLELISM:
+            hint = ("; afd splits a model by its layout instead: prefill=, attention=, ffn= "
+                    "(docs/layouts.md)")
+        else:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise TypeError(f"LLM() got an unexpected keyword argument {name!r}{hint}")
+
+
 def build_engine(model: str | None = None, *, tokenizer: str | None = None,
                  prefill: int = 0, attention: int = 1, ffn: int = 0,
                  layout_options: dict[str, Any] | None = None, generation_config: str = "auto",
                  **engine_args: Any) -> LLMEngine:
     """Load config and tokenizer, start the ranks of the layout, return the front end."""
+    check_engine_args(engine_args)
     path = os.fspath(model) if model is not None else default_model_path()
     model_cfg = load_config(path, engine_args.get("hf_overrides"))
     tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))
