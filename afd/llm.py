@@ -183,6 +183,14 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
 PromptType = str | dict[str, Any]
 
 
+def check_no_lora(lora_request: Any) -> None:
+    """vLLM's ``lora_request`` keyword: None (what code written for vLLM passes when it runs
+    the base model) is taken; an adapter is a ParamError: afd serves no LoRA adapters."""
+    if lora_request is not None:
+        raise ParamError("lora_request", "lora_request must be None: afd serves no LoRA "
+                         f"adapters, got {type(lora_request).__name__}")
+
+
 class LLM:
     """An engine for offline batches.
 
@@ -272,19 +280,21 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None
-                 ) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
         A prompt is a str, ``{"prompt_token_ids": [...]}`` or ``{"prompt": str}``; a dict may
         carry ``"cache_salt"`` (vLLM's: its cached KV is shared only with the same salt).
 
         ``priority``: one integer per prompt (vLLM's; lower is served first), only with
-        ``scheduling_policy="priority"``; None: all 0.
+        ``scheduling_policy="priority"``; None: all 0. ``lora_request``: vLLM's, None only
+        (afd serves no LoRA adapters; anything else is a ParamError naming it).
         Every prompt is validated before any is queued: a bad one raises ValueError and leaves
         the engine as it was. The requests run with ``output_kind`` FINAL_ONLY (copies of the
         params given, which are left as they are): only their final outputs are built.
         """
+        check_no_lora(lora_request)
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -335,7 +345,8 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
-             priority: Sequence[int] | None = None) -> list[RequestOutput]:
+             priority: Sequence[int] | None = None,
+             lora_request: Any = None) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of OpenAI-style messages) or a list of
         them, each rendered by the tokenizer's chat template (or ``chat_template``, a Jinja
         string) exactly as the server's /v1/chat/completions renders it, then ``generate``.
@@ -343,11 +354,13 @@ class LLM:
         are OpenAI tool definitions handed to the template. The outputs' text is the raw
         completion: no reasoning or tool-call parsing (those are the server's). A conversation
         that does not render raises ParamError("messages") before anything is queued (bad
-        ``tools`` or ``chat_template_kwargs``: ParamError naming that argument)."""
+        ``tools`` or ``chat_template_kwargs``: ParamError naming that argument).
+        ``lora_request``: None only, as for ``generate``."""
         from pydantic import ValidationError
 
         from afd.openai_protocol import APIError, ChatTemplateFields
 
+        check_no_lora(lora_request)
         many = (isinstance(messages, (list, tuple)) and len(messages) > 0
                 and all(isinstance(m, (list, tuple)) for m in messages))
         conversations = list(messages) if many else [messages]

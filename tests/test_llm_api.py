@@ -26,3 +26,21 @@ def test_unknown_constructor_keyword_names_llm_and_the_keyword():
     assert "resolve_engine_config" not in str(err.value)
     with pytest.raises(TypeError, match=r"LLM\(\) .*'max_num_seq'.*'max_num_seqs'"):
         LLM(max_num_seq=8)
+
+
+def test_lora_request_none_is_taken_an_adapter_is_named(llm):
+    """vLLM code passes ``lora_request=None`` to generate and chat when it runs the base
+    model: the same outputs as without it; an adapter is a ValueError naming the field and
+    queues nothing."""
+    want = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    got = llm.generate("Hello", GREEDY, use_tqdm=False, lora_request=None)
+    assert got[0].outputs[0].token_ids == want
+    conv = [{"role": "user", "content": "Hi"}]
+    assert llm.chat(conv, GREEDY, use_tqdm=False, lora_request=None)[0].outputs[0].token_ids \
+        == llm.chat(conv, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for call in (lambda: llm.generate("Hello", GREEDY, use_tqdm=False, lora_request=object()),
+                 lambda: llm.chat(conv, GREEDY, use_tqdm=False, lora_request=object())):
+        with pytest.raises(ValueError, match="lora_request must be None") as err:
+            call()
+        assert err.value.param == "lora_request"
+    assert not llm.engine.requests
