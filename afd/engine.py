@@ -425,8 +425,9 @@ class LLMEngine:
                     and (isinstance(out.stop_reason, int)  # not a grammar's last token
                          or new_ids[-1] in self.eos_token_ids)):
                 text_ids = new_ids[:-1]  # EOS or a stop token id: its text is left out (vLLM)
-            delta = comp.detok.push(text_ids)
-        if out.finish_reason is not None and comp.finish_reason is None:
+            if params.detokenize:
+                delta = comp.detok.push(text_ids)
+        if out.finish_reason is not None and comp.finish_reason is None and params.detokenize:
             # the last text: what the detokenizer held for a character not finished yet
             delta += comp.detok.flush()
         if delta:

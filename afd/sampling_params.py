@@ -253,6 +253,10 @@ class SamplingParams:
     what is new, FINAL_ONLY the final output alone. ``LLM.generate`` asks for FINAL_ONLY
     whatever is set here (it returns final outputs); the server for DELTA when it streams and
     FINAL_ONLY when it does not.
+    detokenize: False leaves each completion's text empty (token ids, logprobs and finish as
+    with True; vLLM's); stop strings need the text, so they need True.
+    spaces_between_special_tokens: vLLM's; True (the default) is what afd's detokenizer does;
+    False is taken with skip_special_tokens (where it changes nothing), refused without.
     """
 
     n: int = 1
@@ -279,6 +283,8 @@ class SamplingParams:
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    detokenize: bool = True
+    spaces_between_special_tokens: bool = True
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     reasoning_end_token_ids: list[int] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -334,7 +340,8 @@ class SamplingParams:
             self.stop_token_ids = []
         if self.logit_bias is None:
             self.logit_bias = {}
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "detokenize", "spaces_between_special_tokens"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise bad(name, value, "true or false")
@@ -353,6 +360,15 @@ class SamplingParams:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s
                                                       for s in self.stop):
             raise bad("stop", self.stop, "a non-empty string or a list of them")
+        if self.stop and not self.detokenize:
+            raise ParamError("stop", "stop strings match the output's text, which "
+                             "detokenize=False does not make: use stop_token_ids, or "
+                             "detokenize=True")
+        if not self.spaces_between_special_tokens and not self.skip_special_tokens:
+            raise ParamError("spaces_between_special_tokens", "spaces_between_special_tokens="
+                             "False is not supported with skip_special_tokens=False (afd's "
+                             "detokenizer keeps the fast tokenizer's text of special tokens as "
+                             "it is); it changes nothing with skip_special_tokens=True")
         if len(self.stop) > MAX_STOP:
             raise ParamError("stop", f"stop has {len(self.stop)} strings; the limit is {MAX_STOP}")
         for i, stop in enumerate(self.stop):

@@ -44,3 +44,34 @@ def test_lora_request_none_is_taken_an_adapter_is_named(llm):
             call()
         assert err.value.param == "lora_request"
     assert not llm.engine.requests
+
+
+def test_detokenize_and_spaces_between_special_tokens(llm):
+    """vLLM's ``detokenize`` (its throughput benchmark passes False) and
+    ``spaces_between_special_tokens`` are SamplingParams fields (they were TypeErrors):
+    detokenize=False gives the same tokens, logprobs and finish with an empty text; stop
+    strings, which match the text, need it, named; spaces_between_special_tokens=False is
+    taken where it changes nothing (skip_special_tokens) and named where afd cannot honour it."""
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    [want] = llm.generate("Hello", p, use_tqdm=False)
+    quiet = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1,
+                           detokenize=False, spaces_between_special_tokens=True)
+    [got] = llm.generate("Hello", quiet, use_tqdm=False)
+    assert want.outputs[0].text and got.outputs[0].text == ""
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert got.outputs[0].finish_reason == want.outputs[0].finish_reason == "length"
+    assert [list(e) for e in got.outputs[0].logprobs] == [list(e) for e in want.outputs[0].logprobs]
+    [same] = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                  spaces_between_special_tokens=False),
+                          use_tqdm=False)
+    assert same.outputs[0].text == want.outputs[0].text
+    with pytest.raises(ValueError, match="detokenize") as err:
+        SamplingParams(stop=["x"], detokenize=False)
+    assert err.value.param == "stop"
+    with pytest.raises(ValueError, match="skip_special_tokens=False") as err:
+        SamplingParams(spaces_between_special_tokens=False, skip_special_tokens=False)
+    assert err.value.param == "spaces_between_special_tokens"
+    for name in ("detokenize", "spaces_between_special_tokens"):
+        with pytest.raises(ValueError, match=f"{name} must be true or false") as err:
+            SamplingParams(**{name: "no"})
+        assert err.value.param == name
