@@ -7,7 +7,10 @@ stop strings. ``step`` is the loop body every layout runs:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
+
+import torch
 
 from afd.config import EngineConfig
 from afd.block_pool import BlockPool, CacheEvents
@@ -81,6 +84,8 @@ class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
     (blocks kept, no more steps) until its KV moves to a decode rank (``release``)."""
 
+    closed = False  # ``shutdown``
+
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  prefill_only: bool = False):
         self.cfg = cfg
@@ -138,6 +143,7 @@ class EngineCore:
         seq.grammar.replay(seq.token_ids[seq.num_prompt_tokens:])
 
     def add_request(self, req: CoreRequest) -> None:
+        self.check_open()
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
         seq = Sequence(req, self.cfg.max_model_len)
@@ -167,6 +173,7 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[CoreOutput]:
+        self.check_open()
         return self.execute(self.scheduler.schedule())
 
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
@@ -353,3 +360,28 @@ class EngineCore:
 
     def shutdown(self) -> None:
         pass
+
+    def close(self) -> None:
+        """``LLM.shutdown`` of the single process: give back what it holds, as a multi-rank
+        engine's processes do when they exit: every request is dropped, and the model, its KV
+        cache, CUDA graphs and host tier are released (GPU memory returned to the caching
+        allocator's free pool and emptied), so the caller's process can start another engine
+        while keeping this one's ``LLM`` object. ``add_request`` and ``step`` raise
+        RuntimeError after. (``shutdown``, what a server's AsyncEngine calls on the front end
+        it wraps, releases nothing: the process is ending.)"""
+        if self.closed:
+            return
+        self.abort(list(self.seqs))
+        self.closed = True
+        device = self.cfg.device
+        self.runner = self.host = self._grammars = None
+        self.scheduler.host = None
+        self.allocator.on_evict = None
+        gc.collect()  # the model's modules refer to each other
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the engine was shut down: its model and KV cache are released; "
+                               "start a new one")

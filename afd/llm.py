@@ -459,7 +459,14 @@ class LLM:
         return self.engine.rebalance_experts(record, placement)
 
     def shutdown(self) -> None:
+        """Give back the engine: rank processes exit; the single process releases its model,
+        KV cache and CUDA graphs (``EngineCore.close``). ``generate`` raises RuntimeError
+        after, in every layout."""
+        from afd.core import EngineCore
+
         self.engine.shutdown()
+        if isinstance(self.engine.core, EngineCore):
+            self.engine.core.close()
 
     def __enter__(self) -> "LLM":
         return self

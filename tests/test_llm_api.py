@@ -75,3 +75,25 @@ def test_detokenize_and_spaces_between_special_tokens(llm):
         with pytest.raises(ValueError, match=f"{name} must be true or false") as err:
             SamplingParams(**{name: "no"})
         assert err.value.param == name
+
+
+def test_shutdown_releases_the_single_process_model():
+    """The single process's ``shutdown`` gives back the model and its KV cache, as a
+    multi-rank engine's ranks do when they exit (it did nothing: a caller that kept the
+    ``LLM`` and started another held both on the GPU), drops what was queued, and a later
+    ``generate`` is a RuntimeError, as with ranks, not a run on released memory."""
+    import gc
+    import weakref
+
+    llm = LLM(seed=0, max_model_len=64, num_kv_blocks=8)
+    model = weakref.ref(llm.engine.core.runner.model)
+    kv = weakref.ref(llm.engine.core.runner.kv_caches[0])
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm.engine.add_request("queued", "Hello", GREEDY)
+    llm.shutdown()
+    llm.shutdown()  # twice: nothing more
+    gc.collect()
+    assert model() is None and kv() is None
+    assert not llm.engine.core.seqs and not llm.engine.core.has_unfinished()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate("Hello", GREEDY, use_tqdm=False)
