@@ -19,7 +19,7 @@ from afd.detokenizer import IncrementalDetokenizer, find_stop
 from afd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from afd.sampler import PromptLogprobs
 from afd.sampling_params import (ParamError, RequestOutputKind, SamplingParams,
-                                  check_text, check_token_ids)
+                                  check_text, check_token_ids, plain_ids)
 from afd.sequence import CoreOutput, CoreRequest
 from afd.token_masks import bad_word_sequences
 from models.config import ModelConfig
@@ -204,12 +204,19 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ParamError("prompt", "prompt_token_ids must be a list of integers")
+            if not self._int_list(ids):  # a numpy array or numpy ints: their Python ints
+                ids = plain_ids(ids)
+                if not self._int_list(ids):
+                    raise ParamError("prompt", "prompt_token_ids must be a list of integers, "
+                                     f"got {type(prompt['prompt_token_ids']).__name__}")
             return prompt.get("prompt"), list(ids)
         raise ParamError("prompt", "prompt must be a str or a dict with 'prompt_token_ids' or "
                          f"'prompt', got {type(prompt).__name__}")
+
+    @staticmethod
+    def _int_list(ids: Any) -> bool:
+        return isinstance(ids, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids)
 
     @staticmethod
     def check_cache_salt(salt: Any) -> str | None:

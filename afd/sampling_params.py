@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
@@ -207,6 +208,38 @@ class RequestOutputKind(IntEnum):
                          f"'final_only' (RequestOutputKind), got {value!r:.80}")
 
 
+_INT_FIELDS = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs",
+               "truncate_prompt_tokens")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+_ID_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "reasoning_end_token_ids")
+
+
+def plain_number(value: Any, real: bool) -> Any:
+    """A numpy (or other ``numbers``) scalar as the Python int, or float where ``real``, it
+    stands for: the checks, msgpack and torch take Python numbers. Anything else as it is."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    if isinstance(value, numbers.Integral) and not real:
+        return int(value)
+    return float(value) if real else value
+
+
+def plain_ids(value: Any) -> Any:
+    """A token id list given as a tuple, numpy array or tensor (``tolist``), or holding numpy
+    integers, as a new list of Python ints; anything else as it is, for the checks to name."""
+    if isinstance(value, tuple) or (not isinstance(value, (list, str, dict))
+                                    and callable(getattr(value, "tolist", None))):
+        value = value.tolist() if hasattr(value, "tolist") else list(value)
+    elif isinstance(value, list):
+        value = list(value)
+    else:
+        return value
+    if not all(type(t) is int for t in value):
+        value = [plain_number(t, False) for t in value]
+    return value
+
+
 @dataclass
 class SamplingParams:
     """How to sample one prompt's completions.
@@ -294,10 +327,17 @@ class SamplingParams:
         # validate() to name
         if isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        if isinstance(self.stop_token_ids, (list, tuple)):
-            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
+        # numpy scalars and arrays, tuples (as vLLM's, which does not check types) taken as
+        # the Python values they stand for
+        for name in _INT_FIELDS + _FLOAT_FIELDS:
+            setattr(self, name, plain_number(getattr(self, name), name in _FLOAT_FIELDS))
+        for name in _ID_LIST_FIELDS:
+            setattr(self, name, plain_ids(getattr(self, name)))
         if isinstance(self.logit_bias, dict):
-            self.logit_bias = dict(self.logit_bias)
+            self.logit_bias = {plain_number(t, False): plain_number(v, True)
+                               for t, v in self.logit_bias.items()}
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()

@@ -97,3 +97,39 @@ def test_shutdown_releases_the_single_process_model():
     assert not llm.engine.core.seqs and not llm.engine.core.has_unfinished()
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate("Hello", GREEDY, use_tqdm=False)
+
+
+def test_numpy_values_and_tuples_are_taken_as_python_ones(llm):
+    """Values a numpy sweep or a tokenizer's arrays give (numpy scalars, arrays, tuples) are
+    taken as the Python numbers and lists they stand for, as vLLM takes them: they were
+    refused with messages that contradicted themselves ("temperature must be >= 0 and
+    finite, got np.float32(0.5)"), and a tuple of allowed_token_ids was refused where one of
+    stop_token_ids was taken. The same outputs as with Python values; a wrong type is still
+    named."""
+    np = pytest.importorskip("numpy")
+    ids = llm.get_tokenizer().encode("Hello, my name is")
+    plain = SamplingParams(temperature=0.5, top_p=0.9, seed=3, max_tokens=3, n=2, top_k=20,
+                           stop_token_ids=[7], allowed_token_ids=list(range(400)),
+                           logit_bias={5: 1.5}, logprobs=1)
+    numpyish = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9),
+                              seed=np.int64(3), max_tokens=np.int32(3), n=np.int64(2),
+                              top_k=np.int16(20), stop_token_ids=(np.int64(7),),
+                              allowed_token_ids=np.arange(400), logit_bias={np.int64(5): 1.5},
+                              logprobs=np.int8(1))
+    assert numpyish == SamplingParams(**{**plain.to_dict(), "temperature": float(np.float32(0.5))})
+    assert type(numpyish.seed) is int and type(numpyish.allowed_token_ids[0]) is int
+    assert SamplingParams(allowed_token_ids=(1, 2)).allowed_token_ids == [1, 2]
+    assert SamplingParams(bad_words=("x",)).bad_words == ["x"]
+    want = llm.generate({"prompt_token_ids": ids}, plain, use_tqdm=False)[0]
+    for prompt_ids in (np.array(ids), [np.int64(t) for t in ids], tuple(ids)):
+        got = llm.generate({"prompt_token_ids": prompt_ids}, plain, use_tqdm=False)[0]
+        assert got.prompt_token_ids == ids and type(got.prompt_token_ids[0]) is int
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+    with pytest.raises(ValueError, match="temperature") as err:
+        SamplingParams(temperature="0.5")
+    assert err.value.param == "temperature"
+    with pytest.raises(ValueError, match="top_k") as err:
+        SamplingParams(top_k=np.float32(2.0))
+    assert err.value.param == "top_k"
+    with pytest.raises(ValueError, match="prompt_token_ids must be a list of integers"):
+        llm.generate({"prompt_token_ids": np.array([1.0, 2.0])}, GREEDY, use_tqdm=False)
