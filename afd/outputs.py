@@ -72,6 +72,10 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
 
+    def finished(self) -> bool:
+        """Whether this completion has ended (vLLM's method: ``finish_reason`` is set)."""
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestOutput:

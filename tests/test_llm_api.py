@@ -133,3 +133,13 @@ def test_numpy_values_and_tuples_are_taken_as_python_ones(llm):
     assert err.value.param == "top_k"
     with pytest.raises(ValueError, match="prompt_token_ids must be a list of integers"):
         llm.generate({"prompt_token_ids": np.array([1.0, 2.0])}, GREEDY, use_tqdm=False)
+
+
+def test_completion_output_finished_method(llm):
+    """vLLM's ``CompletionOutput.finished()`` (code checks ``out.outputs[0].finished()``): True
+    once a completion has its finish_reason, False before (a DELTA step output)."""
+    from afd.outputs import CompletionOutput
+
+    [out] = llm.generate("Hello", GREEDY, use_tqdm=False)
+    assert out.outputs[0].finished() is True
+    assert CompletionOutput(0, "", []).finished() is False
