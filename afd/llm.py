@@ -183,6 +183,12 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
 PromptType = str | dict[str, Any]
 
 
+def json_path(root: str, loc: Sequence[Any]) -> str:
+    """Where in an argument a validation error is, as Python indexes it: ``messages[1][0].role``
+    (conversation 1, message 0), not pydantic's ``messages.0.role`` after the conversation."""
+    return root + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc)
+
+
 def check_no_lora(lora_request: Any) -> None:
     """vLLM's ``lora_request`` keyword: None (what code written for vLLM passes when it runs
     the base model) is taken; an adapter is a ParamError: afd serves no LoRA adapters."""
@@ -382,10 +388,12 @@ class LLM:
                 text, ids = fields.prompt_ids(self.get_tokenizer(), template=chat_template)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                if first["loc"] and first["loc"][:1] != ("messages",):  # tools, template kwargs
-                    raise ParamError(str(first["loc"][0]), f"{loc}: {first['msg']}") from None
-                raise ParamError("messages", f"{where}: {loc}: {first['msg']}") from None
+                loc = tuple(first["loc"])
+                if loc and loc[:1] != ("messages",):  # tools, template kwargs
+                    raise ParamError(str(loc[0]), f"{json_path(str(loc[0]), loc[1:])}: "
+                                     f"{first['msg']}") from None
+                raise ParamError("messages", f"{json_path(where, loc[1:])}: "
+                                 f"{first['msg']}") from None
             except APIError as exc:
                 raise ParamError(exc.param or "messages", f"{where}: {exc.message}") from None
             prompts.append({"prompt": text, "prompt_token_ids": ids})

@@ -143,3 +143,23 @@ def test_completion_output_finished_method(llm):
     [out] = llm.generate("Hello", GREEDY, use_tqdm=False)
     assert out.outputs[0].finished() is True
     assert CompletionOutput(0, "", []).finished() is False
+
+
+def test_chat_errors_say_where_once(llm):
+    """A conversation that does not validate is named by its place, as Python indexes it,
+    once: ``messages[1][0].role`` (conversation 1, message 0); it was "messages[1]:
+    messages.0.role", and an empty conversation "messages: messages: List should have at
+    least 1 item"."""
+    conv = [{"role": "user", "content": "Hi"}]
+    for messages, where in (([], "messages: List should have at least 1 item"),
+                            ([conv, [{"role": "wizard", "content": "x"}]],
+                             "messages[1][0].role: Input should be"),
+                            ([{"content": "x"}], "messages[0].role: Field required"),
+                            ([conv, []], "messages[1]: List should have at least 1 item")):
+        with pytest.raises(ValueError) as err:
+            llm.chat(messages, GREEDY, use_tqdm=False)
+        assert str(err.value).startswith(where), err.value
+        assert err.value.param == "messages"
+    with pytest.raises(ValueError) as err:
+        llm.chat(conv, GREEDY, use_tqdm=False, tools=[{"type": "function"}])
+    assert err.value.param == "tools" and str(err.value).startswith("tools[0]"), err.value
