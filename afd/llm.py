@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -181,6 +181,7 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
 
 
 PromptType = str | dict[str, Any]
+UseTqdm = bool | Callable[..., Any]  # vLLM's: show the bar, or a callable that makes it
 
 
 def json_path(root: str, loc: Sequence[Any]) -> str:
@@ -286,13 +287,15 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 use_tqdm: UseTqdm = True, priority: Sequence[int] | None = None,
                  lora_request: Any = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
         A prompt is a str, ``{"prompt_token_ids": [...]}`` or ``{"prompt": str}``; a dict may
         carry ``"cache_salt"`` (vLLM's: its cached KV is shared only with the same salt).
 
+        ``use_tqdm``: a progress bar (False: none), or a callable that makes it (vLLM's: a tqdm
+        class or a ``functools.partial`` of one, called with tqdm's keywords).
         ``priority``: one integer per prompt (vLLM's; lower is served first), only with
         ``scheduling_policy="priority"``; None: all 0. ``lora_request``: vLLM's, None only
         (afd serves no LoRA adapters; anything else is a ParamError naming it).
@@ -347,7 +350,7 @@ class LLM:
 
     def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, *, chat_template: str | None = None,
+             use_tqdm: UseTqdm = True, *, chat_template: str | None = None,
              chat_template_kwargs: dict[str, Any] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
@@ -399,14 +402,16 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm, priority)
 
-    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, order: dict[str, int], use_tqdm: UseTqdm) -> list[RequestOutput]:
         with gc_frozen():
             return self._steps(order, use_tqdm)
 
-    def _steps(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+    def _steps(self, order: dict[str, int], use_tqdm: UseTqdm) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)
-        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        # vLLM's use_tqdm: True, False, or a callable that makes the bar (a tqdm class or a
+        # functools.partial of one)
+        bar = (use_tqdm if callable(use_tqdm) else tqdm)(
+            total=len(order), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
         in_tokens = out_tokens = 0
         left = len(order)

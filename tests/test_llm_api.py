@@ -163,3 +163,33 @@ def test_chat_errors_say_where_once(llm):
     with pytest.raises(ValueError) as err:
         llm.chat(conv, GREEDY, use_tqdm=False, tools=[{"type": "function"}])
     assert err.value.param == "tools" and str(err.value).startswith("tools[0]"), err.value
+
+
+def test_use_tqdm_callable_makes_the_bar(llm):
+    """vLLM's ``use_tqdm`` may be a callable that makes the progress bar (a tqdm class, or
+    ``functools.partial(tqdm, leave=False)``): it is called with the batch's total and its
+    bar counts every prompt (it was taken as True and tqdm's own bar shown)."""
+    made = []
+
+    class Bar:  # what generate calls on a tqdm bar
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            made.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, text):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    def bar(**kwargs):
+        return Bar(**kwargs)
+
+    outs = llm.generate(["a", "b", "c"], GREEDY, use_tqdm=bar)
+    assert len(outs) == 3 and len(made) == 1
+    assert made[0].total == 3 and made[0].n == 3 and made[0].closed
+    llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=bar)
+    assert len(made) == 2 and made[1].total == 1
