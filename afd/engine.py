@@ -158,6 +158,9 @@ def _one_token_pieces(out: CoreOutput) -> list[CoreOutput]:
 
 
 DELTA, FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
+# vLLM's TextPrompt / TokensPrompt keys for images, audio and video, and its embeddings prompt
+_MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids",
+                    "prompt_embeds")
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:
@@ -192,7 +195,14 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
         """A str, {"prompt_token_ids": [...]} (optionally with "prompt"), or {"prompt": str}
         (vLLM's TextPrompt), -> (text, ids). A dict may also carry "cache_salt"
-        (``prompt_cache_salt``)."""
+        (``prompt_cache_salt``). vLLM's multimodal keys are a ParamError naming them: afd
+        reads text only, and would otherwise answer as if no image had been sent."""
+        if isinstance(prompt, dict):
+            given = next((k for k in _MULTIMODAL_KEYS if prompt.get(k) is not None and not (
+                isinstance(prompt[k], (dict, list, tuple)) and not prompt[k])), None)
+            if given is not None:
+                raise ParamError("prompt", f"prompt key {given!r}: multimodal input is not "
+                                 "supported (afd's models read text only)")
         if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(
                 prompt.get("prompt"), str):
             prompt = prompt["prompt"]

@@ -193,3 +193,22 @@ def test_use_tqdm_callable_makes_the_bar(llm):
     assert made[0].total == 3 and made[0].n == 3 and made[0].closed
     llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=bar)
     assert len(made) == 2 and made[1].total == 1
+
+
+def test_multimodal_prompt_keys_are_named_not_dropped(llm):
+    """A vLLM prompt dict with an image (``multi_modal_data``) or embeddings was run on its
+    text alone, the image silently dropped; it is a ValueError naming the key, nothing
+    queued. Empty values (what generic code fills in) change nothing."""
+    with pytest.raises(ValueError, match="'multi_modal_data'.*multimodal") as err:
+        llm.generate({"prompt": "Describe <image>", "multi_modal_data": {"image": object()}},
+                     GREEDY, use_tqdm=False)
+    assert err.value.param == "prompt" and not llm.engine.requests
+    import torch
+
+    with pytest.raises(ValueError, match="'prompt_embeds'"):
+        llm.generate([{"prompt": "x"}, {"prompt": "y", "prompt_embeds": torch.zeros(2, 4)}],
+                     GREEDY, use_tqdm=False)
+    want = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    got = llm.generate({"prompt": "Hello", "multi_modal_data": None, "mm_processor_kwargs": {}},
+                       GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want
