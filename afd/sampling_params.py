@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import numbers
 from collections.abc import Sequence
@@ -474,6 +475,10 @@ class SamplingParams:
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1)
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's method): changing it leaves this one as it is."""
+        return copy.deepcopy(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

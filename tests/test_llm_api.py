@@ -212,3 +212,15 @@ def test_multimodal_prompt_keys_are_named_not_dropped(llm):
     got = llm.generate({"prompt": "Hello", "multi_modal_data": None, "mm_processor_kwargs": {}},
                        GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert got == want
+
+
+def test_sampling_params_clone():
+    """vLLM's ``SamplingParams.clone()`` (code copies a base params object, then changes the
+    copy): a deep copy; it was an AttributeError."""
+    base = SamplingParams(temperature=0.5, stop=["x"], logit_bias={3: 1.0}, max_tokens=8)
+    copy = base.clone()
+    assert copy == base and copy is not base
+    copy.stop.append("y")
+    copy.logit_bias[4] = 2.0
+    copy.max_tokens = 2
+    assert base.stop == ["x"] and base.logit_bias == {3: 1.0} and base.max_tokens == 8
