@@ -22,7 +22,7 @@ from afd.engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
 from afd.sampling_params import (MAX_JSON_DEPTH, ParamError, RequestOutputKind, SamplingParams,
-                                 json_depth)
+                                 json_depth, plain_ids)
 from models.config import ModelConfig, load_config
 from models.default_model import default_model_path
 
@@ -316,9 +316,11 @@ class LLM:
         engine = self.engine
         if priority is None:
             priority = [0] * len(prompts)
-        elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
-            raise ParamError("priority", f"priority must be a list of one integer per prompt "
-                             f"({len(prompts)}), got {priority!r:.80}")
+        else:  # a numpy array or numpy ints: the Python ints they stand for
+            priority = plain_ids(priority)
+            if not isinstance(priority, list) or len(priority) != len(prompts):
+                raise ParamError("priority", f"priority must be a list of one integer per "
+                                 f"prompt ({len(prompts)}), got {priority!r:.80}")
         for value in priority:
             engine.check_priority(value)
         tokenized = []

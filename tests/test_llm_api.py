@@ -224,3 +224,20 @@ def test_sampling_params_clone():
     copy.logit_bias[4] = 2.0
     copy.max_tokens = 2
     assert base.stop == ["x"] and base.logit_bias == {3: 1.0} and base.max_tokens == 8
+
+
+def test_priority_takes_numpy_integers():
+    """``priority`` as a numpy array (or holding numpy ints) is the Python ints it stands
+    for, as SamplingParams' numbers are: it was refused as "priority must be a 64-bit
+    integer, got np.int64(1)". A float is still named."""
+    np = pytest.importorskip("numpy")
+    with LLM(seed=0, scheduling_policy="priority", max_model_len=64, num_kv_blocks=16) as llm:
+        prompts = ["a", "b", "c"]
+        want = llm.generate(prompts, GREEDY, use_tqdm=False, priority=[2, 0, 1])
+        for given in (np.array([2, 0, 1]), [np.int64(2), np.int32(0), 1]):
+            got = llm.generate(prompts, GREEDY, use_tqdm=False, priority=given)
+            assert [o.outputs[0].token_ids for o in got] == \
+                [o.outputs[0].token_ids for o in want]
+        with pytest.raises(ValueError, match="priority") as err:
+            llm.generate(prompts, GREEDY, use_tqdm=False, priority=np.array([1.5, 0, 0]))
+        assert err.value.param == "priority"
