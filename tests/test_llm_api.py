@@ -241,3 +241,17 @@ def test_priority_takes_numpy_integers():
         with pytest.raises(ValueError, match="priority") as err:
             llm.generate(prompts, GREEDY, use_tqdm=False, priority=np.array([1.5, 0, 0]))
         assert err.value.param == "priority"
+
+
+def test_vllm_prompt_types(llm):
+    """``afd.inputs`` has vLLM's TextPrompt / TokensPrompt (``from vllm.inputs import
+    TokensPrompt`` ports as ``from afd.inputs import TokensPrompt``); generate takes them as
+    the plain dicts they are."""
+    from afd.inputs import TextPrompt, TokensPrompt
+
+    ids = llm.get_tokenizer().encode("Hello")
+    want = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate([TextPrompt(prompt="Hello"), TokensPrompt(prompt_token_ids=ids),
+                         TextPrompt(prompt="Hello", cache_salt="a")], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [want] * 3
+    assert outs[0].prompt == "Hello" and outs[1].prompt is None
