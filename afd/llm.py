@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -306,6 +306,10 @@ class LLM:
         check_no_lora(lora_request)
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        elif not isinstance(prompts, Iterable) or isinstance(prompts, bytes):
+            raise ParamError("prompt", "prompts must be a prompt (a str, or a dict with "
+                             "'prompt' or 'prompt_token_ids') or a list of them, got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

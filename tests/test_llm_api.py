@@ -255,3 +255,12 @@ def test_vllm_prompt_types(llm):
                          TextPrompt(prompt="Hello", cache_salt="a")], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [want] * 3
     assert outs[0].prompt == "Hello" and outs[1].prompt is None
+
+
+def test_prompts_that_are_no_prompt_are_named(llm):
+    """``generate(None)`` (or a number, or bytes) is a ValueError naming the prompt and what
+    it must be: it was "'NoneType' object is not iterable" (a TypeError from inside)."""
+    for prompts in (None, 5, b"Hello"):
+        with pytest.raises(ValueError, match="prompts must be a prompt") as err:
+            llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert err.value.param == "prompt"
