@@ -112,14 +112,30 @@ _VLLM_PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_par
                      "enable_expert_parallel")
 
 
-def check_engine_args(engine_args: dict[str, Any]) -> None:
-    """TypeError naming ``LLM()`` and the keyword for one that no part of the engine takes
-    (as Python names a function's unknown keyword; found before anything loads), with the
-    nearest known name, or the layout arguments for vLLM's parallelism sizes."""
+# vLLM keywords at the one value that is what afd does anyway (one GPU's share of the model per
+# rank; long prompts always in chunks; no periodic stats log offline): taken and dropped there
+_VLLM_NEUTRAL = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+                 "enable_chunked_prefill": True}
+_VLLM_IGNORED = ("disable_log_stats",)  # any bool: afd's LLM logs no periodic stats
+
+
+def check_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """The engine's keywords from ``engine_args``, less vLLM's that are no-ops here
+    (``_VLLM_NEUTRAL`` at their neutral value, ``_VLLM_IGNORED``). TypeError naming ``LLM()``
+    and the keyword for one that no part of the engine takes (as Python names a function's
+    unknown keyword; found before anything loads), with the nearest known name, or the layout
+    arguments for vLLM's parallelism sizes."""
     known = set(inspect.signature(resolve_engine_config).parameters) - {"model", "model_cfg"}
     known |= set(inspect.signature(LLM.__init__).parameters) - {"self", "engine_args"}
-    for name in engine_args:
+    kept = {}
+    for name, value in engine_args.items():
         if name in known:
+            kept[name] = value
+            continue
+        if name in _VLLM_IGNORED and isinstance(value, bool):
+            continue
+        if name in _VLLM_NEUTRAL and value == _VLLM_NEUTRAL[name] and type(value) is type(
+                _VLLM_NEUTRAL[name]):
             continue
         if name in _VLLM_PARALLELISM:
             hint = ("; afd splits a model by its layout instead: prefill=, attention=, ffn= "
@@ -127,7 +143,11 @@ def check_engine_args(engine_args: dict[str, Any]) -> None:
         else:
             near = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
+            if name in _VLLM_NEUTRAL:
+                hint = (f" = {value!r}: afd takes it only as {_VLLM_NEUTRAL[name]!r}, what it "
+                        f"always does")
         raise TypeError(f"LLM() got an unexpected keyword argument {name!r}{hint}")
+    return kept
 
 
 def build_engine(model: str | None = None, *, tokenizer: str | None = None,
@@ -135,7 +155,7 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
                  layout_options: dict[str, Any] | None = None, generation_config: str = "auto",
                  **engine_args: Any) -> LLMEngine:
     """Load config and tokenizer, start the ranks of the layout, return the front end."""
-    check_engine_args(engine_args)
+    engine_args = check_engine_args(engine_args)
     path = os.fspath(model) if model is not None else default_model_path()
     model_cfg = load_config(path, engine_args.get("hf_overrides"))
     tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))

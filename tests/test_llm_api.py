@@ -28,6 +28,31 @@ def test_unknown_constructor_keyword_names_llm_and_the_keyword():
         LLM(max_num_seq=8)
 
 
+def test_vllm_keywords_at_what_afd_does_anyway_are_taken():
+    """vLLM scripts pass tensor_parallel_size=1, enable_chunked_prefill=True or
+    disable_log_stats: at the value that is what afd always does (or any bool for the stats
+    log) they are dropped before the engine sees them; another value is a TypeError naming the
+    keyword and the one value afd takes, before anything loads."""
+    from afd.llm import check_engine_args
+
+    neutral = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+               "enable_chunked_prefill": True, "disable_log_stats": False}
+    assert check_engine_args({**neutral, "max_num_seqs": 8}) == {"max_num_seqs": 8}
+    with pytest.raises(TypeError, match=r"'enable_chunked_prefill' = False: afd takes it only "
+                                        r"as True"):
+        check_engine_args({"enable_chunked_prefill": False})
+    with pytest.raises(TypeError, match=r"'pipeline_parallel_size'.*attention="):
+        check_engine_args({"pipeline_parallel_size": 2})
+    with pytest.raises(TypeError, match=r"'disable_log_stats'"):
+        check_engine_args({"disable_log_stats": "yes"})
+    llm = LLM(tensor_parallel_size=1, enable_chunked_prefill=True, disable_log_stats=True)
+    try:
+        out = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
 def test_lora_request_none_is_taken_an_adapter_is_named(llm):
     """vLLM code passes ``lora_request=None`` to generate and chat when it runs the base
     model: the same outputs as without it; an adapter is a ValueError naming the field and
