@@ -161,6 +161,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="vLLM's: every HTTP response carries an X-Request-Id header, the "
                          "request's own or a new id (off by default, as vLLM)")
     add_frontend_args(ap)  # vLLM's chat-template, logprobs, CORS, root-path, SSL flags
+    vllm = ap.add_argument_group(
+        "vLLM's flags afd takes at the one value it has", "so a 'vllm serve' command line runs: "
+        "afd splits a model by its layout (--prefill/--attention/--ffn), not by these sizes; "
+        "it always chunks long prompts; it logs neither periodic stats nor each request")
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                        ("--data-parallel-size", "-dp")):
+        vllm.add_argument(flag, short, type=int, default=1, help="1 only")
+    vllm.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                      default=True, help="on only")
+    vllm.add_argument("--disable-log-stats", action="store_true", help="no effect")
+    vllm.add_argument("--disable-log-requests", action="store_true", help="no effect")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
                          "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
@@ -219,6 +230,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                              ("--ffn", args.ffn, 0)):
         if value < low:
             ap.error(f"{flag} must be >= {low}, got {value}")
+    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(args, flag) != 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: afd takes only 1; it "
+                     f"splits a model by its layout instead: --prefill P --attention A --ffn F "
+                     f"(docs/layouts.md)")
+    if not args.enable_chunked_prefill:
+        ap.error("--no-enable-chunked-prefill: afd always chunks long prompts "
+                 "(--max-num-batched-tokens tokens a step)")
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)

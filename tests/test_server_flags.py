@@ -422,3 +422,25 @@ def test_launch_serve_passes_several_served_model_names(monkeypatch):
         at = cmd.index("--served-model-name")
         assert cmd[at + 1:at + 1 + len(names)] == names
         assert at + 1 + len(names) == len(cmd) or cmd[at + 1 + len(names)].startswith("--")
+
+
+def test_vllm_serve_flags_at_afds_one_value_are_taken(capsys):
+    """A 'vllm serve' command line's --tensor-parallel-size 1 (-tp 1), --enable-chunked-prefill
+    and --disable-log-stats / --disable-log-requests parse (what afd does anyway); a size above
+    1 points at the layout flags and --no-enable-chunked-prefill says afd always chunks, each
+    naming the flag (they were unrecognized arguments)."""
+    from launch import serve
+
+    args = serve.parse_args(["-tp", "1", "--pipeline-parallel-size", "1", "-dp", "1",
+                             "--enable-chunked-prefill", "--disable-log-stats",
+                             "--disable-log-requests", "--ffn", "2"])
+    assert (args.tensor_parallel_size, args.ffn) == (1, 2)
+    for argv, want in ((["--tensor-parallel-size", "8"],
+                        "--tensor-parallel-size 8: afd takes only 1; it splits a model by its "
+                        "layout instead: --prefill P --attention A --ffn F"),
+                       (["-pp", "2"], "--pipeline-parallel-size 2: afd takes only 1"),
+                       (["--no-enable-chunked-prefill"],
+                        "--no-enable-chunked-prefill: afd always chunks long prompts")):
+        with pytest.raises(SystemExit):
+            serve.parse_args(argv)
+        assert want in capsys.readouterr().err
