@@ -129,10 +129,25 @@ def mla_decode_kernel(
 
 
 @triton.jit
+def _grouped_step(q_lat, q_pe, c, k_pe, toks, t_ok, row_len, m_i, l_i, acc, scale_log2,
+                  DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One BLOCK_N-token step of the grouped kernel: scores masked at each row's own length
+    (``row_len`` [M]), then the online softmax (a row that ends before the step has seen
+    nothing yet)."""
+    s = tl.zeros((q_lat.shape[0], c.shape[0]), dtype=tl.float32)
+    s = dot(q_lat, tl.trans(c), s, DOT_MODE)
+    s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
+    s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
+    return online_softmax_step(s, c, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
+
+
+@triton.jit
 def mla_decode_grouped_kernel(
     q_lat_ptr,  # [B, Hq, Dl]
     q_pe_ptr,  # [B, Hq, Dr]
     kv_ptr,  # [num_blocks, block_size, Dl + Dr]
+    c_desc,  # TMA only: as mla_decode_kernel's
+    pe_desc,
     table_ptr,  # [B, max_blocks] block ids; a group reads its first row's
     seq_lens_ptr,  # [B] per row
     cu_rows_ptr,  # [S + 1] first row of each group, then B
@@ -143,7 +158,7 @@ def mla_decode_grouped_kernel(
     stride_sl, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, DL_PAD: tl.constexpr, DR_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    INTERP_BF16: tl.constexpr, ROW_TILES: tl.constexpr,
+    INTERP_BF16: tl.constexpr, ROW_TILES: tl.constexpr, TMA: tl.constexpr = False,
 ):
     split = tl.program_id(2)
     # ROW_TILES tiles of G_PAD rows a group (a constexpr: the usual 1 costs no register)
@@ -172,23 +187,41 @@ def mla_decode_grouped_kernel(
     m_i = tl.full((G_PAD * BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD * BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((G_PAD * BLOCK_H, DL_PAD), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        t_ok = toks < hi
-        block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
-                        mask=t_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
-        # an FP8 cache converts to the queries' dtype in registers (exact)
-        c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                    mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)  # [BN, DL]
-        k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                       mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)  # [BN, DR]
-        s = tl.zeros((G_PAD * BLOCK_H, BLOCK_N), dtype=tl.float32)
-        s = dot(q_lat, tl.trans(c), s, DOT_MODE)
-        s = dot(q_pe, tl.trans(k_pe), s, DOT_MODE)
-        s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
-        # a row that ends before this chunk has seen nothing yet
-        m_i, l_i, acc = online_softmax_step(s, c, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
+    if TMA:
+        # as mla_decode_kernel's: whole steps through TMA, then the partial last one zeroed
+        # past the tile's longest row (a shorter row's scores are masked at its own length)
+        tail = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, tail, BLOCK_N):
+            toks = start + tl.arange(0, BLOCK_N)
+            block = tl.load(table_ptr + first * stride_tb + (start // block_size) * stride_tc)
+            row_at = block.to(tl.int32) * block_size + start % block_size
+            c = c_desc.load([row_at, 0]).to(q_lat.dtype)  # [BN, DL]
+            k_pe = pe_desc.load([row_at, 0]).to(q_pe.dtype)  # [BN, DR]
+            m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, toks < hi, row_len, m_i,
+                                          l_i, acc, scale_log2, DOT_MODE, INTERP_BF16)
+        if tail < hi:
+            toks = tail + tl.arange(0, BLOCK_N)
+            t_ok = toks < hi
+            block = tl.load(table_ptr + first * stride_tb + (tail // block_size) * stride_tc)
+            row_at = block.to(tl.int32) * block_size + tail % block_size
+            c = tl.where(t_ok[:, None], c_desc.load([row_at, 0]).to(q_lat.dtype), 0.0)
+            k_pe = tl.where(t_ok[:, None], pe_desc.load([row_at, 0]).to(q_pe.dtype), 0.0)
+            m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, t_ok, row_len, m_i, l_i,
+                                          acc, scale_log2, DOT_MODE, INTERP_BF16)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            toks = start + tl.arange(0, BLOCK_N)
+            t_ok = toks < hi
+            block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
+                            mask=t_ok, other=0)
+            rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+            # an FP8 cache converts to the queries' dtype in registers (exact)
+            c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
+                        mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)
+            k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
+                           mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)
+            m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, t_ok, row_len, m_i, l_i,
+                                          acc, scale_log2, DOT_MODE, INTERP_BF16)
 
     # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
     store_attention(acc, m_i, l_i, out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh,
@@ -375,10 +408,12 @@ def mla_decode_attention_grouped_triton(
     block_h: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Same contract as ``mla_decode.mla_decode_attention_grouped_torch``: each group's context
     read once for all its rows (once per row tile: ``mla_decode_grouped_kernel``). Nothing read
-    on the host: the grid and split count come from shapes and the host row counts."""
+    on the host: the grid and split count come from shapes and the host row counts. ``tma``: as
+    ``mla_decode_attention_triton``'s (not a default: never timed on a GPU)."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
     _check(q_lat, q_pe, kv_cache)
@@ -406,7 +441,14 @@ def mla_decode_attention_grouped_triton(
               "DOT_MODE": dot_mode(q_lat.dtype), "num_warps": num_warps or launch["num_warps"],
               "num_stages": launch["num_stages"]}
     grid = (head_blocks, programs, num_splits)
-    args = (q_lat, q_pe, kv, block_tables, seq_lens, groups.cu_rows)
+    descs = (kv, kv)  # unused without TMA
+    if tma:
+        refusal = tma_refusal(kv, d_lat, block_n)
+        if refusal:
+            raise ValueError(f"tma=True: {refusal}")
+        descs = cache_descriptors(kv, d_lat, block_n, dl_pad, common["DR_PAD"])
+        common["TMA"] = True
+    args = (q_lat, q_pe, kv, *descs, block_tables, seq_lens, groups.cu_rows)
     dims = (num_heads, d_lat, d_rope, block_size, scale * math.log2(math.e),
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
             kv.stride(1), block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))

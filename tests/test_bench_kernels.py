@@ -279,7 +279,8 @@ def test_ws_probe_smoke_runs_on_cpu(tmp_path) -> None:
 def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
     """``bench/mla_probe.py`` (the MLA decode launch variants, for the next GPU run) at tiny
     dims under the interpreter: one JSON line per variant, each checked against the torch
-    reference and timed, the default first (the others' ratios are to it)."""
+    reference and timed, the default first (the others' ratios are to it); plain rows through
+    the per-row kernel's variants, then verify rows (3 a sequence) through the grouped one's."""
     out = tmp_path / "mla_probe.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run(
@@ -287,8 +288,10 @@ def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
          "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["default", "bh64", "bh64 tma"]
+    assert [(r["variant"], r["rows_per_seq"]) for r in rows] == [
+        ("default", 1), ("bh64", 1), ("bh64 tma", 1), ("default", 3), ("tma", 3)]
     assert rows[1]["knobs"]["block_h"] == 64 and rows[2]["knobs"]["tma"] is True
+    assert rows[4]["knobs"]["tma"] is True
     for r in rows:
         assert "error" not in r, r
         assert r["rel_err"] < 1e-2 and r["us"] > 0 and r["floor_us"] > 0

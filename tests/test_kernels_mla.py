@@ -87,7 +87,7 @@ def run_case(spec: tuple, device: str, backend: str, stale: bool = False) -> dic
 
 
 # Grouped rows: name -> (dtype, rows per group, heads, Dl, Dr, block_size, blocks per seq,
-#                        splits or None, table dtype[, block_h[, strided[, starts]]])
+#                        splits or None, table dtype[, block_h[, strided[, starts[, knobs]]]])
 GROUPED_CASES = {
     "grouped_fp32": ("fp32", [1, 3, 2, 5, 1, 4], 5, 24, 8, 4, 5, 1, "int32"),
     "grouped_splits_fp32": ("fp32", [2, 1, 4, 3], 5, 24, 8, 4, 5, 3, "int64"),
@@ -105,6 +105,17 @@ GROUPED_CASES = {
     # groups past the interpreter's 32 query rows a program: 40 and 33 rows take 2 row tiles
     # (the second holds 8 rows and 1), the others one
     "grouped_row_tiles_fp32": ("fp32", [40, 3, 1, 33], 3, 16, 8, 4, 12, 2, "int32"),
+    # whole steps through TMA descriptors (steps of 8 in blocks of 16), the last one masked
+    # past the tile's longest row, each row's scores at its own length; a latent width (24)
+    # no power of two; splits; row tiles; an FP8 cache
+    "grouped_tma_fp32": ("fp32", [1, 3, 2, 5, 1, 4], 5, 24, 8, 16, 4, 1, "int32", None, False,
+                         None, {"tma": True, "block_n": 8}),
+    "grouped_tma_splits_bf16": ("bf16", [2, 2, 4, 1, 3], 16, 32, 16, 16, 4, 3, "int32", None,
+                                False, None, {"tma": True, "block_n": 16}),
+    "grouped_tma_row_tiles_fp32": ("fp32", [40, 3, 1, 33], 3, 16, 8, 16, 4, 2, "int64", None,
+                                   False, None, {"tma": True, "block_n": 8}),
+    "grouped_tma_fp8kv_bf16": ("bf16+fp8kv", [2, 1, 4, 3], 16, 32, 16, 16, 4, 2, "int32", None,
+                               False, None, {"tma": True, "block_n": 16}),
 }
 
 
@@ -132,7 +143,7 @@ def run_grouped_case(spec: tuple, device: str, stale: bool = False) -> dict:
         poison_stale_rows(kv, tables, seq_lens)
     out = mla_decode_attention_grouped_triton(
         q_lat, q_pe, kv, tables, seq_lens, scale, groups, num_splits=spec[7],
-        block_h=spec[9] if len(spec) > 9 else None)
+        block_h=spec[9] if len(spec) > 9 else None, **(spec[12] if len(spec) > 12 else {}))
     ref = mla_decode_attention_torch(q_lat, q_pe, kv, tables, seq_lens, scale)
     return {"err": rel_err(out, ref), "tol": tolerance(q_lat.dtype),
             "dtype_ok": out.dtype == ref.dtype}
@@ -163,7 +174,8 @@ SPECIAL_CASES = {"tma_stale_nan_rows_fp32": stale_rows_case}
 # last block, its table's blocks past that, the free blocks): the kernels load them masked
 STALE = "+stale_nan"
 STALE_CASES = [n + STALE for n in ("three_splits_fp32", "splits_fp8kv_bf16", "grouped_splits_fp32",
-                                   "grouped_bf16")]
+                                   "grouped_bf16", "tma_fp32", "tma_splits_bf16",
+                                   "grouped_tma_fp32", "grouped_tma_splits_bf16")]
 
 
 def interpreter_case(name: str, seed: int) -> dict:

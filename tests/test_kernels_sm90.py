@@ -481,12 +481,16 @@ def test_mla_decode_default_launch_compiles_as_before() -> None:
     assert "cp.async.bulk.tensor" not in ptx and "mma.sync" in ptx and "wgmma" not in ptx
 
 
-def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict):
+def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict, tma: bool = False):
     """The grouped MLA decode kernel at DeepSeek-V3's dims with ``launch`` (grouped_launch's
-    keys), ``splits`` splits, over a ``kv`` cache."""
+    keys), ``splits`` splits, over a ``kv`` cache (through TMA descriptors with ``tma``)."""
     d_lat, d_rope, block = 512, 64, 64
     out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32",
+    bn = launch["block_n"]
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}",
+            "c_desc": f"tensordesc<{kv}[{bn}, {d_lat}]>" if tma else f"*{kv}",
+            "pe_desc": f"tensordesc<{kv}[{bn}, {d_rope}]>" if tma else f"*{kv}",
+            "table_ptr": "*i32",
             "seq_lens_ptr": "*i64", "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32",
             "num_heads": heads, "d_lat": d_lat, "d_rope": d_rope, "block_size": block,
             "scale_log2": 0.06, "stride_qb": heads * d_lat, "stride_qh": d_lat,
@@ -496,7 +500,8 @@ def compile_mla_grouped(heads: int, splits: int, kv: str, launch: dict):
             "stride_ob": heads * d_lat * splits, "stride_oh": d_lat * splits}
     constexprs = {"NUM_SPLITS": splits, "G_PAD": launch["g_pad"], "BLOCK_H": launch["block_h"],
                   "BLOCK_N": launch["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
-                  "DOT_MODE": 0, "INTERP_BF16": False, "ROW_TILES": launch["row_tiles"]}
+                  "DOT_MODE": 0, "INTERP_BF16": False, "ROW_TILES": launch["row_tiles"],
+                  "TMA": tma}
     return compile_sm90(mla_decode_triton.mla_decode_grouped_kernel, args, constexprs,
                         launch["num_warps"], launch["num_stages"])
 
@@ -541,6 +546,21 @@ def test_mla_decode_grouped_compiles(heads: int, rows: int, splits: int, kv: str
         assert "cp.async" in compiled.asm["ptx"], "main loop is not software-pipelined"
     else:
         check(compiled, pipelined=True)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("rows", [2, 4])
+@spills_off_36("the grouped MLA kernel's TMA variant 56-80 B a thread")
+def test_mla_decode_grouped_tma_compiles(rows: int, splits: int) -> None:
+    """The grouped kernel's TMA switch at the launch verify rows take (MTP k = 1 and 3, 128
+    heads, bf16 cache): whole steps as TMA copies, double-buffered, wgmma, no spill under the
+    GPU image's Triton 3.6 (``bench/mla_probe.py`` times it; not a default)."""
+    launch = mla_decode_triton.grouped_launch(128, rows, on_gpu=True)
+    compiled = compile_mla_grouped(128, splits, "bf16", launch, tma=True)
+    check(compiled, pipelined=True)
+    ptx = compiled.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx
+    assert re.search(r"memdesc<2x\d+x512xbf16", compiled.asm["ttgir"]), "not double-buffered"
 
 
 def test_mla_grouped_check_refuses_32_heads_at_4_rows() -> None:
