@@ -432,6 +432,9 @@ GPU_GROUPED_CASES = {  # DeepSeek-V3's dims: 32 sequences verifying 1 or 3 draft
     "small_grouped_fp32": ("fp32", [3, 1, 5, 2], 8, 64, 32, 16, 8, 2, "int64"),
     "v3_verify_mixed_fp8kv_bf16": ("bf16+fp8kv", [4, 1, 3, 2] * 8, 128, 512, 64, 64, 32, None,
                                    "int32"),
+    # the TMA switch (bench/mla_probe.py's variant, not yet a default), with splits
+    "v3_verify_mixed_tma_bf16": ("bf16", [4, 1, 3, 2] * 8, 128, 512, 64, 64, 32, 2, "int32",
+                                 None, False, None, {"tma": True}),
 }
 
 
