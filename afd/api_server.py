@@ -1362,7 +1362,7 @@ def main() -> None:
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
                        default_sampling=defaults)
-    names = args.served_model_name or [_default_name(engine_cfg.model)]
+    names = args.served_model_name or default_served_names(engine_cfg.model)
     name = names[0]  # answers' "model" and the metrics' label, as vLLM's first name
     metrics = ServerMetrics(name)
     state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
@@ -1427,12 +1427,17 @@ def main() -> None:
     sys.exit(0)
 
 
-def _default_name(path: str) -> str:
+def default_served_names(path: str) -> list[str]:
+    """The served names without --served-model-name: the checkpoint folder's name (what
+    answers carry and /v1/models lists first), then, as an alias, the model path as given,
+    vLLM's default served name, so a request written for vLLM (``model="/ckpt/X"``) is served.
+    The embedded model: "afd-tiny-deepseek-v3" alone."""
     from models.default_model import cache_root
 
     if path.startswith(cache_root()):
-        return "afd-tiny-deepseek-v3"
-    return path.rstrip("/").rsplit("/", 1)[-1]
+        return ["afd-tiny-deepseek-v3"]
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return [name] if path == name else [name, path]
 
 
 if __name__ == "__main__":

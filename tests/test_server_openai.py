@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import openai
 import pytest
@@ -875,6 +876,21 @@ def test_served_model_names_are_aliases_as_vllm(app):
     listed, one, model, error = call_app(aliased, run)
     assert listed == ["m", "m-alias"] and one == "m-alias" and model == "m"
     assert error["param"] == "model" and "`m`, `m-alias`" in error["message"]
+
+
+def test_default_served_names_take_the_model_path_as_vllm_does():
+    """Without --served-model-name the model id is the checkpoint folder's name, and the path
+    as given to --model (vLLM's default served name) is an alias, so a client written for a
+    vLLM server started with the same path (model="/ckpt/X") is served; the embedded model
+    keeps its one name."""
+    from afd.api_server import default_served_names
+    from models.default_model import cache_root
+
+    assert default_served_names("/ckpt/Qwen3-30B-A3B/") == ["Qwen3-30B-A3B", "/ckpt/Qwen3-30B-A3B/"]
+    assert default_served_names("ckpt/DeepSeek-V3") == ["DeepSeek-V3", "ckpt/DeepSeek-V3"]
+    assert default_served_names("DeepSeek-V3") == ["DeepSeek-V3"]
+    embedded = os.path.join(cache_root(), "tiny-deepseek-v3-0123456789ab")
+    assert default_served_names(embedded) == ["afd-tiny-deepseek-v3"]
 
 
 def test_return_prompt_text_gives_the_rendered_prompt(app):
