@@ -39,8 +39,9 @@ def _listening(procs: list[psutil.Process]) -> list[str]:
 
 def test_afd_serve_one_rank_runs_in_its_own_process(tmp_path):
     """One rank (the default layout): ``afd serve MODEL`` is rank 0 itself, no launcher, the
-    positional MODEL taken as --model (the model id is its folder's name); SIGINT (Ctrl-C)
-    drains and stops it and its front end, exit status 0."""
+    positional MODEL taken as --model (the model id is its folder's name, the path as given
+    an alias, as vLLM names it); SIGINT (Ctrl-C) drains and stops it and its front end, exit
+    status 0."""
     from models.default_model import default_model_path
 
     model = tmp_path / "tiny-by-path"
@@ -52,11 +53,12 @@ def test_afd_serve_one_rank_runs_in_its_own_process(tmp_path):
         assert len(procs) == 2 and "afd.cli serve" in cmds[0] and "afd.api_server" in cmds[1], \
             cmds
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        [listed] = client.models.list().data
-        assert listed.id == "tiny-by-path"
-        r = client.chat.completions.create(model=listed.id, max_tokens=2, temperature=0,
-                                           messages=[{"role": "user", "content": "Hi"}])
-        assert r.usage.completion_tokens == 2 and r.choices[0].message.role == "assistant"
+        assert [m.id for m in client.models.list().data] == ["tiny-by-path", str(model)]
+        for name in ("tiny-by-path", str(model)):  # the path: what a vLLM client sends
+            r = client.chat.completions.create(model=name, max_tokens=2, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}])
+            assert r.usage.completion_tokens == 2 and r.choices[0].message.role == "assistant"
+            assert r.model == "tiny-by-path"
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(60) == 0, server.tail()
         assert not [p.pid for p in wait_gone(procs)], server.tail()
