@@ -405,6 +405,12 @@ class PDSystem(System):
                 f"{where}: the router holds {len(cache.held)} blocks of rank {w.link.rank}, "
                 f"{len(cache.held - holds)} it does not hold; it holds {len(holds)}")
         super().idle(where, reset)
+        if reset:
+            # check_empty emptied every core's cache directly: tell the router, as
+            # LLM.reset_prefix_cache does. Untold, its count of resets sent fell one behind
+            # the ranks', and it took a batch made between two later resets (moot) for a
+            # current one: blocks the ranks no longer held (seed 7117)
+            c.router.reset_prefix_cache()
 
     def targets(self, finished: list[str]) -> dict[str, list[str]]:
         targets = super().targets(finished)
