@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
 import shutil
 import subprocess
@@ -348,8 +349,38 @@ class MultiRankClient:
                                "new one")
         for rank, p in enumerate(self.procs):
             if p.poll() is not None:
-                self._drain_errors()
-                self._fail(f"{self._describe(rank)} exited with code {p.returncode}")
+                self._drain_errors(rank)
+                self._fail(self._exited(rank))
+
+    def _exited(self, rank: int) -> str:
+        code = self.procs[rank].returncode
+        try:
+            how = f" ({signal.Signals(-code).name})" if code < 0 else ""
+        except ValueError:
+            how = ""
+        return f"{self._describe(rank)} exited with code {code}{how}"
+
+    def _killed(self, besides: int, wait_s: float = 0.25) -> int | None:
+        """A rank other than ``besides`` whose process a signal ended (SIGKILL, a crash):
+        the errors the others report then are its consequence (a peer's connection reset), so
+        a failure names it first. A rank that fails on its own raises and exits with code 1,
+        never by a signal. Waits up to ``wait_s`` for one: the others may notice the death
+        before its process is reaped."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, p in enumerate(self.procs):
+                if rank != besides and p.poll() is not None and p.returncode < 0:
+                    return rank
+            if not self.procs or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def _rank_error(self, rank: int, msg: str) -> None:
+        """Fail on a rank's error report; a rank killed meanwhile is named as the cause."""
+        killed = self._killed(rank)
+        if killed is not None:
+            self._fail(f"{self._exited(killed)}; then {self._describe(rank)} failed: {msg}")
+        self._fail(f"{self._describe(rank)} failed: {msg}")
 
     def _check_heartbeats(self) -> None:
         """Every rank says something at least every second (a heartbeat when it has nothing
@@ -414,12 +445,14 @@ class MultiRankClient:
                                            f"{self._describe(rank)} sent {why}"))
         return msg
 
-    def _drain_errors(self) -> None:
-        """A dying rank usually says why first; prefer its message to a bare exit code."""
+    def _drain_errors(self, dead: int) -> None:
+        """A dying rank usually says why first; prefer its message to a bare exit code. Other
+        ranks' errors meanwhile are only its consequence (their connections to it broke): a
+        killed attention rank was reported as its FFN rank's gloo error."""
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline and self.inbox.poll(50):
             msg = self._recv()
-            if isinstance(msg, protocol.Error):
+            if isinstance(msg, protocol.Error) and msg.rank == dead:
                 self._fail(f"{self._describe(msg.rank)} failed: {msg.msg}")
 
     ready = False
@@ -731,7 +764,7 @@ class MultiRankClient:
         if isinstance(msg, protocol.Out):
             return self._outputs(msg)
         if isinstance(msg, protocol.Error):
-            self._fail(f"{self._describe(rank)} failed: {msg.msg}")
+            self._rank_error(rank, msg.msg)
         elif isinstance(msg, protocol.Timers):
             self.rank_timers[rank] = msg.timers
         elif isinstance(msg, protocol.ExpertLoad):
