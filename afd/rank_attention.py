@@ -79,7 +79,14 @@ class AttentionWorker:
 
     # ---- control --------------------------------------------------------------------------
     def _handle(self, msg: protocol.ToRank | protocol.Refused) -> list[CoreOutput]:
-        if isinstance(msg, protocol.Add):
+        if isinstance(msg, (protocol.Add, protocol.Pull)) and self._holds(msg.req.id):
+            # only a forged message names a request this rank already holds (each placement
+            # has its own id): dropped, since an error under its id would end that request.
+            # Taken, it ran beside it under one id (its tokens in that request's output)
+            # and the second to finish failed the rank (KeyError)
+            log.warning("attention rank %d dropped %s of %r: it holds that request already",
+                        self.index, type(msg).__name__.lower(), msg.req.id)
+        elif isinstance(msg, protocol.Add):
             return self.core.add_or_refuse(msg.req.core())
         elif isinstance(msg, protocol.Pull) and not 0 <= msg.src < self.spec.layout.prefill:
             # only a forged message names another rank (gloo would fail this rank on it)
@@ -120,6 +127,11 @@ class AttentionWorker:
             log.warning("attention rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
         return []
+
+    def _holds(self, rid: str) -> bool:
+        """Whether ``rid`` runs, waits, is being received or waits for room here."""
+        return (rid in self.core.seqs or rid in self.receiving
+                or any(p.request.request_id == rid for p in self.pulls))
 
     def _check_pull(self, req: CoreRequest, msg: protocol.Pull) -> None:
         """ParamError unless the pull is one the front end sends: a request it would admit

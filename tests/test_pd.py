@@ -428,6 +428,37 @@ def test_requests_the_front_end_would_refuse_fail_alone_on_the_ranks(small_pd, r
     wait_all_free(small_pd)
 
 
+def test_a_pull_or_add_of_a_request_the_decode_rank_holds_is_dropped(small_pd, reference):
+    """A well-formed pull (or add) under the id of a request the decode rank is decoding (a
+    key holder's bug: each placement has its own id) ran a second sequence under that id: its
+    tokens ended the request early, and the second of the two to finish failed the rank
+    (KeyError). Dropped, the request runs on with the single process's tokens."""
+    import msgpack
+
+    _, prompts, _, expected = reference
+    engine, client = small_pd.engine, small_pd.engine.core
+    decode = next(iter(client.rank_stats))
+    # greedy and 100 tokens: its first 20 are the reference's, and it decodes long after
+    # the forged messages arrive
+    engine.add_request("held", prompts[0], SamplingParams(temperature=0, max_tokens=100,
+                                                          ignore_eos=True))
+    outs = []
+    while client.placed["held"].stage != "decode":
+        outs += engine.step()
+    wire = client.placed["held"].wire_id
+    req = {"id": wire, "prompt": [1, 2, 3], "params": {"max_tokens": 2}, "eos": [],
+           "arrival": 0.0}
+    for msg in ({"t": "pull", "req": req, "first": 1, "drafts": [], "n": 3, "src": 0,
+                 "tag": 91}, {"t": "add", "req": req}):
+        client.outboxes[decode].send(client.sealer.seal(decode, msgpack.packb(msg)))
+    done = run_until_done(small_pd, ["held"], limit_s=60)["held"]
+    assert done.error is None and done.outputs[0].finish_reason == "length"
+    tokens = done.outputs[0].token_ids
+    assert len(tokens) == 100 and tokens[:NEW_TOKENS] == expected[0]
+    assert all(p.poll() is None for p in client.procs)
+    wait_all_free(small_pd)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps")
 def test_the_first_chunked_prompt_loads_no_library_in_a_step(reference):
     """A prefill with context (the second chunk of a prompt) imported torch.nn.attention.bias
