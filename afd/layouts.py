@@ -388,9 +388,19 @@ class MultiRankClient:
         Called once the inbox is drained, so a front end that read nothing for a while (an
         offline LLM between calls) does not take its own idleness for the ranks'."""
         now = time.monotonic()
-        for rank, seen in self.last_seen.items():
-            if now - seen > self.timeout_s:
-                self._fail(f"{self._describe(rank)} silent for {now - seen:.0f}s")
+        if not any(now - seen > self.timeout_s for seen in self.last_seen.values()):
+            return
+        # Ranks blocked in a collective with a wedged one fall silent with it (an FFN rank
+        # waits on its attention ranks in the vote, and reports less often): the first past
+        # the timeout need not be the wedged one, so every rank silent for over half of it
+        # is named (a wedged attention rank was reported as its FFN rank alone)
+        silent = sorted(((now - seen, rank) for rank, seen in self.last_seen.items()
+                         if now - seen > self.timeout_s / 2), reverse=True)
+        names = [f"{self._describe(rank)} for {s:.1f}s" for s, rank in silent]
+        if len(names) == 1:
+            self._fail(f"{self._describe(silent[0][1])} silent for {silent[0][0]:.0f}s")
+        self._fail(f"ranks silent: {', '.join(names)} (one is wedged or gone; a rank "
+                   f"waiting on it in a collective falls silent with it)")
 
     def _recv(self, flags: int = 0) -> protocol.FromRank | None:
         """The next control message, or None for one that is not a well-formed message of a

@@ -262,6 +262,31 @@ def test_wedged_rank_is_an_error_not_a_hang(references):
         _kill_all(llm)
 
 
+def test_every_silent_rank_is_named(monkeypatch):
+    """A wedged attention rank (SIGSTOP) was reported as its FFN rank alone: the FFN rank,
+    blocked in the vote with it and reporting at most every half second, passed the timeout
+    first. Every rank silent for over half the timeout is named; one alone as before."""
+    from afd.layouts import MultiRankClient
+    from afd.workers import Layout
+
+    client = object.__new__(MultiRankClient)
+    client.layout, client.timeout_s = Layout(1, 1, 1), 8.0
+    monkeypatch.setattr(MultiRankClient, "_fail",
+                        lambda self, message: (_ for _ in ()).throw(RankFailure(message)))
+    now = time.monotonic()
+    client.last_seen = {0: now, 1: now - 7.6, 2: now - 8.2}  # prefill rank 0 still beats
+    with pytest.raises(RankFailure) as err:
+        client._check_heartbeats()
+    assert "rank 2 (ffn 0) for 8" in str(err.value)
+    assert "rank 1 (attention 0) for 7" in str(err.value)
+    assert "rank 0" not in str(err.value)
+    client.last_seen = {0: now, 1: now - 1.0, 2: now - 8.2}
+    with pytest.raises(RankFailure, match=r"^rank 2 \(ffn 0\) silent for 8s$"):
+        client._check_heartbeats()
+    client.last_seen = {0: now, 1: now - 7.6, 2: now - 7.9}  # none past the timeout
+    client._check_heartbeats()
+
+
 def test_abort_on_a_dead_rank_is_an_error_not_a_hang(references):
     """Aborting a request whose rank just died: its socket has no peer left, and a plain send
     would wait forever."""
