@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(argv: list[str]) -> int:
     """``afd serve ARGV``: one rank under torchrun or for a one-rank layout, else every rank of
     this node's layout started here."""
+    from afd.llm import check_local_ranks
     from launch import serve as launch_serve
 
     prog = "afd serve"
@@ -65,8 +66,12 @@ def serve(argv: list[str]) -> int:
         launch_serve.main(argv, prog)
         return 0
     args = launch_serve.parse_args(argv, prog)  # bad flags exit here, before any rank starts
-    launch_serve.check_port_free(args.host, args.port)  # and a port already taken
     world = args.prefill + args.attention + args.ffn
+    try:
+        check_local_ranks(world, "--prefill + --attention + --ffn")
+    except ValueError as exc:
+        sys.exit(f"{prog}: {exc}")
+    launch_serve.check_port_free(args.host, args.port)  # and a port already taken
     if world == 1:
         launch_serve.main(argv, prog)  # exits the process
         return 0

@@ -171,12 +171,27 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
                      default_sampling=defaults)
 
 
+# rank processes one machine starts for one engine: far above any layout of one node (8 GPUs,
+# a few ranks each), far below what a typo (prefill=1000) would start and leave to time out
+MAX_LOCAL_RANKS = 64
+
+
+def check_local_ranks(world: int, what: str) -> None:
+    """ValueError naming ``what`` and the limit when ``world`` rank processes would start on
+    this machine past ``MAX_LOCAL_RANKS``."""
+    if world > MAX_LOCAL_RANKS:
+        raise ValueError(f"{what} = {world} rank processes on this machine; at most "
+                         f"{MAX_LOCAL_RANKS} (more ranks: several nodes under torchrun, "
+                         f"docs/serving.md#multi-node)")
+
+
 def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: int, attention: int,
                  ffn: int, **options: Any):
     """The core client for a layout: in-process for the colocated reference."""
     for name, value, low in (("prefill", prefill, 0), ("attention", attention, 1), ("ffn", ffn, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_local_ranks(prefill + attention + ffn, "prefill + attention + ffn")
     if ffn == 0 and options.get("placement") is not None:  # no layout without FFN ranks uses it
         raise ValueError("expert_placement needs ffn >= 1")
     for name in ("num_redundant_experts", "eplb_interval_steps"):

@@ -289,3 +289,21 @@ def test_prompts_that_are_no_prompt_are_named(llm):
         with pytest.raises(ValueError, match="prompts must be a prompt") as err:
             llm.generate(prompts, GREEDY, use_tqdm=False)
         assert err.value.param == "prompt"
+
+
+def test_a_layout_past_one_machines_rank_cap_is_refused_before_any_rank_starts():
+    """prefill=1000 (a typo) would start 1001 rank processes and leave them to the startup
+    timeout; past MAX_LOCAL_RANKS it is a ValueError naming the sum and the limit, before any
+    process starts (psutil: no child), and afd serve refuses it as well."""
+    import psutil
+
+    from afd import cli
+    from afd.llm import MAX_LOCAL_RANKS
+
+    before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(ValueError, match=rf"prefill \+ attention \+ ffn = 1001 rank processes "
+                                         rf"on this machine; at most {MAX_LOCAL_RANKS}"):
+        LLM(prefill=1000, attention=1)
+    assert set(psutil.Process().children(recursive=True)) <= before
+    with pytest.raises(SystemExit, match=r"--prefill \+ --attention \+ --ffn = 65 rank"):
+        cli.serve(["--attention", "1", "--ffn", "64"])
