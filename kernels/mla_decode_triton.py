@@ -48,6 +48,32 @@ def _mla_step(q_lat, q_pe, c, k_pe, t_ok, m_i, l_i, acc, scale_log2, DOT_MODE: t
 
 
 @triton.jit
+def _tma_rows(c_desc, pe_desc, table_row, stride_tc, start, block_size, q_lat, q_pe):
+    """A whole step's latents [BN, DL] and rope keys [BN, DR] through TMA: the BLOCK_N rows
+    from token ``start`` (BLOCK_N divides block_size: one block's rows) of the block that
+    ``table_row`` (a row of the block table, ``stride_tc`` apart) names, in the queries'
+    dtypes."""
+    block = tl.load(table_row + (start // block_size) * stride_tc)
+    row = block.to(tl.int32) * block_size + start % block_size
+    return c_desc.load([row, 0]).to(q_lat.dtype), pe_desc.load([row, 0]).to(q_pe.dtype)
+
+
+@triton.jit
+def _gathered_rows(kv_ptr, table_row, stride_tc, toks, t_ok, block_size, stride_kvb, stride_kvt,
+                   offs_l, offs_r, l_ok, r_ok, d_lat, q_lat, q_pe):
+    """A step's latents and rope keys by masked pointer loads, token by token through the block
+    table (zeros where ``t_ok`` is off); an FP8 cache converts to the queries' dtype in
+    registers (exact)."""
+    block = tl.load(table_row + (toks // block_size) * stride_tc, mask=t_ok, other=0)
+    rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+    c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
+                mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)
+    k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
+                   mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)
+    return c, k_pe
+
+
+@triton.jit
 def mla_decode_kernel(
     q_lat_ptr,  # [B, Hq, Dl]
     q_pe_ptr,  # [B, Hq, Dr]
@@ -111,13 +137,9 @@ def mla_decode_kernel(
         for start in range(lo, hi, BLOCK_N):
             toks = start + tl.arange(0, BLOCK_N)
             t_ok = toks < hi
-            block = tl.load(table_ptr + seq * stride_tb + toks // block_size, mask=t_ok, other=0)
-            rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
-            # an FP8 cache converts to the queries' dtype in registers (exact)
-            c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                        mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)
-            k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                           mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)
+            c, k_pe = _gathered_rows(kv_ptr, table_ptr + seq * stride_tb, 1, toks, t_ok,
+                                     block_size, stride_kvb, stride_kvt, offs_l, offs_r, l_ok,
+                                     r_ok, d_lat, q_lat, q_pe)
             # every step has a valid token
             m_i, l_i, acc = _mla_step(q_lat, q_pe, c, k_pe, t_ok, m_i, l_i, acc, scale_log2,
                                       DOT_MODE, INTERP_BF16)
@@ -183,6 +205,7 @@ def mla_decode_grouped_kernel(
     row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
     seq_len = tl.max(row_len, 0)  # the tile's longest row (0: a tile past its group's rows)
     lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    table_row = table_ptr + first * stride_tb
 
     m_i = tl.full((G_PAD * BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD * BLOCK_H,), dtype=tl.float32)
@@ -193,33 +216,26 @@ def mla_decode_grouped_kernel(
         tail = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
         for start in range(lo, tail, BLOCK_N):
             toks = start + tl.arange(0, BLOCK_N)
-            block = tl.load(table_ptr + first * stride_tb + (start // block_size) * stride_tc)
-            row_at = block.to(tl.int32) * block_size + start % block_size
-            c = c_desc.load([row_at, 0]).to(q_lat.dtype)  # [BN, DL]
-            k_pe = pe_desc.load([row_at, 0]).to(q_pe.dtype)  # [BN, DR]
+            c, k_pe = _tma_rows(c_desc, pe_desc, table_row, stride_tc, start, block_size, q_lat,
+                                q_pe)
             m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, toks < hi, row_len, m_i,
                                           l_i, acc, scale_log2, DOT_MODE, INTERP_BF16)
         if tail < hi:
             toks = tail + tl.arange(0, BLOCK_N)
             t_ok = toks < hi
-            block = tl.load(table_ptr + first * stride_tb + (tail // block_size) * stride_tc)
-            row_at = block.to(tl.int32) * block_size + tail % block_size
-            c = tl.where(t_ok[:, None], c_desc.load([row_at, 0]).to(q_lat.dtype), 0.0)
-            k_pe = tl.where(t_ok[:, None], pe_desc.load([row_at, 0]).to(q_pe.dtype), 0.0)
-            m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, t_ok, row_len, m_i, l_i,
-                                          acc, scale_log2, DOT_MODE, INTERP_BF16)
+            c, k_pe = _tma_rows(c_desc, pe_desc, table_row, stride_tc, tail, block_size, q_lat,
+                                q_pe)
+            m_i, l_i, acc = _grouped_step(q_lat, q_pe, tl.where(t_ok[:, None], c, 0.0),
+                                          tl.where(t_ok[:, None], k_pe, 0.0), toks, t_ok,
+                                          row_len, m_i, l_i, acc, scale_log2, DOT_MODE,
+                                          INTERP_BF16)
     else:
         for start in range(lo, hi, BLOCK_N):
             toks = start + tl.arange(0, BLOCK_N)
             t_ok = toks < hi
-            block = tl.load(table_ptr + first * stride_tb + (toks // block_size) * stride_tc,
-                            mask=t_ok, other=0)
-            rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
-            # an FP8 cache converts to the queries' dtype in registers (exact)
-            c = tl.load(kv_ptr + rows[:, None] + offs_l[None, :],
-                        mask=t_ok[:, None] & l_ok[None, :], other=0.0).to(q_lat.dtype)
-            k_pe = tl.load(kv_ptr + rows[:, None] + d_lat + offs_r[None, :],
-                           mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(q_pe.dtype)
+            c, k_pe = _gathered_rows(kv_ptr, table_row, stride_tc, toks, t_ok, block_size,
+                                     stride_kvb, stride_kvt, offs_l, offs_r, l_ok, r_ok, d_lat,
+                                     q_lat, q_pe)
             m_i, l_i, acc = _grouped_step(q_lat, q_pe, c, k_pe, toks, t_ok, row_len, m_i, l_i,
                                           acc, scale_log2, DOT_MODE, INTERP_BF16)
 
