@@ -79,10 +79,17 @@ def check_roles(llm: LLM, attention: int, ffn: int) -> None:
 
 
 OWN = [case for case in CASES if case != SHARED]  # the cases on a cluster of their own
+# The rest of the grid runs with -m slow (each case starts a cluster of its own, 6-9 s on two
+# cores): by default both kinds, and among them one and two micro-batches, one and two
+# attention ranks and one to three FFN ranks, each at least once (the shared cluster's case
+# included).
+SLOW = {("deepseek_v3", 1, 1, 1), ("deepseek_v3", 2, 1, 1), ("deepseek_v3", 1, 2, 2),
+        ("deepseek_v3", 2, 3, 1), ("qwen3_moe", 2, 1, 1), ("qwen3_moe", 1, 2, 2)}
 
 
-@pytest.mark.parametrize("kind, attention, ffn, micro_batches", OWN,
-                         ids=[f"{k}-{a}A{f}F-mb{m}" for k, a, f, m in OWN])
+@pytest.mark.parametrize("kind, attention, ffn, micro_batches", [
+    pytest.param(*case, id="{}-{}A{}F-mb{}".format(*case),
+                 marks=[pytest.mark.slow] if case in SLOW else []) for case in OWN])
 def test_layout_matches_single_process(request, references, kind, attention, ffn,
                                       micro_batches):
     path, prompts, params, expected = references[kind]
