@@ -71,10 +71,10 @@ def serve(argv: list[str]) -> int:
         check_local_ranks(world, "--prefill + --attention + --ffn")
     except ValueError as exc:
         sys.exit(f"{prog}: {exc}")
-    launch_serve.check_port_free(args.host, args.port)  # and a port already taken
     if world == 1:
-        launch_serve.main(argv, prog)  # exits the process
+        launch_serve.main(argv, prog)  # rank 0 checks the port itself; exits the process
         return 0
+    launch_serve.check_port_free(args.host, args.port)  # a taken port: before any rank starts
     return launch_ranks(world, argv, kill_after_s=args.grace_period + KILL_AFTER_GRACE_S)
 
 
