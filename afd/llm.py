@@ -140,12 +140,12 @@ def check_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
         if name in _VLLM_PARALLELISM:
             hint = ("; afd splits a model by its layout instead: prefill=, attention=, ffn= "
                     "(docs/layouts.md)")
+        elif name in _VLLM_NEUTRAL:
+            hint = (f" = {value!r}: afd takes it only as {_VLLM_NEUTRAL[name]!r}, what it "
+                    f"always does")
         else:
             near = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            if name in _VLLM_NEUTRAL:
-                hint = (f" = {value!r}: afd takes it only as {_VLLM_NEUTRAL[name]!r}, what it "
-                        f"always does")
         raise TypeError(f"LLM() got an unexpected keyword argument {name!r}{hint}")
     return kept
 
