@@ -1,7 +1,7 @@
 """``python -m afd``: complete a few prompts (with the embedded default model unless told).
 
-    python -m afd [PROMPT ...] [--model PATH] [--max-tokens 32] [--temperature 0]
-                  [--prefill P] [--attention A] [--ffn F]
+    python -m afd [PROMPT ...] [--model PATH | REPO_ID] [--revision REV] [--max-tokens 32]
+                  [--temperature 0] [--prefill P] [--attention A] [--ffn F]
 
 (``afd generate`` takes the same.)
 """
@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m afd") -> None:
     """``argv``: the command line's by default (``afd generate`` passes its own)."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="*", help="prompts (default: three examples)")
-    ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
+    ap.add_argument("--model", default=None, help="HF checkpoint folder or Hugging Face Hub "
+                    "repo id (default: embedded tiny)")
+    ap.add_argument("--revision", default=None, help="with a Hub repo id: branch, tag or commit")
+    ap.add_argument("--download-dir", default=None, help="HF cache folder for a Hub repo id")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -33,8 +36,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m afd") -> None:
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, prefill=args.prefill, attention=args.attention,
-              ffn=args.ffn)
+    llm = LLM(args.model, revision=args.revision, download_dir=args.download_dir,
+              dtype=args.dtype, prefill=args.prefill, attention=args.attention, ffn=args.ffn)
     print(f"loaded {llm.config.model} on {llm.config.device} ({llm.config.dtype}) "
           f"layout P={args.prefill} A={args.attention} F={args.ffn} "
           f"in {time.perf_counter() - start:.1f}s")

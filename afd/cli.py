@@ -9,6 +9,8 @@ rendezvous store on 127.0.0.1 only, at a free port, so servers on one machine do
 each running launch/serve.py's ``main``; with P + A + F = 1 it runs that in this process, as
 ``python launch/serve.py`` does; under torchrun (``torchrun ... $(which afd) serve ...``, or
 launch/serve.py itself, as multi-node serving needs) it is one rank, as launch/serve.py.
+A MODEL (or --tokenizer) that is a Hugging Face Hub repo id is fetched into the HF cache (or
+found there) here, before any rank starts, and the ranks get its folder (afd.hub).
 SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGQUIT to ``afd serve`` reaches every rank as torchrun's
 does (a SIGTERM to each rank's process group: rank 0 drains the server for --grace-period
 seconds, then every rank stops; further signals change nothing), and the ranks still running
@@ -19,6 +21,7 @@ else 1 (a rank failed, or had to be killed).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -75,6 +78,14 @@ def serve(argv: list[str]) -> int:
         launch_serve.main(argv, prog)  # rank 0 checks the port itself; exits the process
         return 0
     launch_serve.check_port_free(args.host, args.port)  # a taken port: before any rank starts
+    if launch_serve.needs_hub(args):  # fetched here, once, before any rank starts
+        from afd.hub import ModelSourceError
+
+        try:
+            sources = launch_serve.resolve_sources(args)
+        except ModelSourceError as exc:
+            sys.exit(f"{prog}: {exc}")
+        os.environ[launch_serve.SOURCES_ENV] = json.dumps(sources)  # the ranks' environment
     return launch_ranks(world, argv, kill_after_s=args.grace_period + KILL_AFTER_GRACE_S)
 
 

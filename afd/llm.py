@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from afd.config import EngineConfig, check_layout_options, resolve_engine_config
 from afd.engine import LLMEngine
+from afd.hub import resolve_sources
 from afd.outputs import RequestOutput
 from afd.placement import ExpertPlacement
 from afd.sampling_params import (MAX_JSON_DEPTH, ParamError, RequestOutputKind, SamplingParams,
@@ -151,12 +152,20 @@ def check_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_engine(model: str | None = None, *, tokenizer: str | None = None,
+                 revision: str | None = None, tokenizer_revision: str | None = None,
+                 download_dir: str | None = None,
                  prefill: int = 0, attention: int = 1, ffn: int = 0,
                  layout_options: dict[str, Any] | None = None, generation_config: str = "auto",
                  **engine_args: Any) -> LLMEngine:
-    """Load config and tokenizer, start the ranks of the layout, return the front end."""
+    """Resolve the model and tokenizer to local folders (a Hub repo id fetched into the HF
+    cache, afd.hub), load config and tokenizer, start the ranks of the layout (which get the
+    local folders), return the front end."""
     engine_args = check_engine_args(engine_args)
-    path = os.fspath(model) if model is not None else default_model_path()
+    path, tokenizer = resolve_sources(  # an existing folder (the embedded one too): as it is
+        default_model_path() if model is None else model, tokenizer, revision=revision,
+        tokenizer_revision=tokenizer_revision,
+        download_dir=download_dir, load_format=engine_args.get("load_format", "auto"),
+        trust_remote_code=bool(engine_args.get("trust_remote_code", False)))
     model_cfg = load_config(path, engine_args.get("hf_overrides"))
     tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))
     defaults = generation_defaults(path, generation_config)
@@ -236,7 +245,8 @@ def check_no_lora(lora_request: Any) -> None:
 class LLM:
     """An engine for offline batches.
 
-    LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, device=None,
+    LLM(model=None, *, dtype="auto", seed=0, max_model_len=None, tokenizer=None, revision=None,
+        tokenizer_revision=None, download_dir=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
         max_num_batched_tokens=None, enable_prefix_caching=True, kv_offload_gb=0,
         cache_aware_routing=True,
@@ -246,6 +256,12 @@ class LLM:
         scheduling_policy="fcfs", gpu_memory_utilization=0.9, kv_cache_dtype="auto",
         trust_remote_code=False)
 
+    ``model``: a local checkpoint folder, or a Hugging Face Hub repo id (``"org/name"``)
+    fetched into the HF cache (config, tokenizer and safetensors files only) or read from it,
+    as vLLM does; ``revision`` (a branch, tag or commit), ``tokenizer_revision`` (for a
+    ``tokenizer`` repo id of its own) and ``download_dir`` (a cache folder instead of
+    HF_HUB_CACHE's) are vLLM's; HF_HUB_OFFLINE=1 and HF_TOKEN apply (afd.hub). A path that is
+    neither, or a repo that cannot be had, is a ValueError naming it before any rank starts.
     ``model=None`` uses the embedded tiny DeepSeek-V3 checkpoint (built on first use).
     ``prefill``/``attention``/``ffn`` pick the layout (P, A, F); anything but (0, 1, 0) starts
     P+A+F rank processes. ``micro_batches``: ping-pong micro-batches per decode step.
@@ -293,14 +309,17 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
-                 prefill: int = 0, attention: int = 1, ffn: int = 0, micro_batches: int = 2,
+                 revision: str | None = None, tokenizer_revision: str | None = None,
+                 download_dir: str | None = None, prefill: int = 0, attention: int = 1,
+                 ffn: int = 0, micro_batches: int = 2,
                  transport: str = "torch", timeout_s: float = 60.0,
                  prefill_block_size: int | None = None,
                  expert_placement: ExpertPlacement | str | os.PathLike | None = None,
                  num_redundant_experts: int = 0, eplb_interval_steps: int = 0,
                  generation_config: str = "auto", **engine_args: Any):
         self.engine = build_engine(
-            model, tokenizer=tokenizer, prefill=prefill, attention=attention, ffn=ffn,
+            model, tokenizer=tokenizer, revision=revision, tokenizer_revision=tokenizer_revision,
+            download_dir=download_dir, prefill=prefill, attention=attention, ffn=ffn,
             layout_options=dict(micro_batches=micro_batches, transport=transport,
                                 timeout_s=timeout_s, prefill_block_size=prefill_block_size,
                                 placement=expert_placement,

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
-from afd import protocol
+from afd import hub, protocol
 from afd.frontend_flags import FrontendOptions, add_frontend_args, frontend_argv
 from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, engine_config_to_dict,
                         resolve_engine_config)
@@ -68,10 +68,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                  usage="%(prog)s [MODEL] [options] (--help lists them)")
     ap.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                    help="HF checkpoint folder, as vLLM's 'vllm serve MODEL' (the same as "
-                         "--model; give one of the two)")
-    ap.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded tiny)")
-    ap.add_argument("--tokenizer", default=None)
+                    help="HF checkpoint folder or Hugging Face Hub repo id, as vLLM's 'vllm "
+                         "serve MODEL' (the same as --model; give one of the two)")
+    ap.add_argument("--model", default=None,
+                    help="HF checkpoint folder, or a Hub repo id (org/name) fetched into the "
+                         "HF cache or read from it (default: embedded tiny)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub repo id "
+                    "(default: the model's)")
+    ap.add_argument("--revision", default=None,
+                    help="with a Hub repo id: the branch, tag or commit to serve (default: "
+                         "main); as vLLM's")
+    ap.add_argument("--tokenizer-revision", default=None,
+                    help="with a --tokenizer Hub repo id: its branch, tag or commit")
+    ap.add_argument("--download-dir", default=None, metavar="DIR",
+                    help="the HF cache folder a Hub repo is fetched into and read from "
+                         "(default: HF_HUB_CACHE, under HF_HOME); as vLLM's")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let the tokenizer run the Python code its tokenizer_config.json "
                          "names (auto_map; Kimi K2's needs it); weights never run such code")
@@ -226,6 +237,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
             ap.error(f"the positional MODEL {args.model_tag!r} and --model {args.model!r} name "
                      f"different checkpoints: give one of them")
         args.model = args.model or args.model_tag
+    for what, value in (("model", args.model), ("tokenizer", args.tokenizer)):
+        if value is None:
+            continue
+        try:  # no Hub call: every rank checks it, afd serve before starting any
+            hub.check_name(value, what)
+        except hub.ModelSourceError as exc:
+            sys.exit(f"{ap.prog}: {exc}")  # one line, as the other startup errors
     for flag, value, low in (("--prefill", args.prefill, 0), ("--attention", args.attention, 1),
                              ("--ffn", args.ffn, 0)):
         if value < low:
@@ -269,6 +287,90 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 FRONT_START_TIMEOUT_S = 300.0
+
+# afd serve's resolved model/tokenizer folders, handed to the ranks it starts (JSON: what it
+# resolved, as ``source_request``, and the folders), so that no rank reaches the Hub
+SOURCES_ENV = "AFD_RESOLVED_SOURCES"
+SOURCES_KEY = "afd/sources/{}/{}"  # under torchrun: a node's folders (GROUP_RANK, restart)
+SOURCES_READY_KEY = "afd/sources_ready/{}"  # ranks that have theirs (per restart)
+
+
+def source_request(args: argparse.Namespace) -> list:
+    """What resolving the model and tokenizer depends on, as JSON compares it."""
+    return [args.model, args.tokenizer, args.revision, args.tokenizer_revision,
+            args.download_dir, args.load_format, bool(args.trust_remote_code)]
+
+
+def needs_hub(args: argparse.Namespace) -> bool:
+    """The model or tokenizer is a Hub repo id (no local path of that name)."""
+    return any(value is not None and hub.is_hub_id(value)
+               for value in (args.model, args.tokenizer))
+
+
+def resolve_sources(args: argparse.Namespace) -> dict:
+    """--model / --tokenizer as local folders (afd.hub: a Hub repo id fetched into the HF cache
+    where missing), with what they were resolved from; ModelSourceError naming the one that
+    could not be."""
+    model, tokenizer = hub.resolve_sources(
+        args.model, args.tokenizer, revision=args.revision,
+        tokenizer_revision=args.tokenizer_revision, download_dir=args.download_dir,
+        load_format=args.load_format, trust_remote_code=args.trust_remote_code)
+    return {"request": source_request(args), "model": model, "tokenizer": tokenizer,
+            "model_is_hub_id": args.model is not None and hub.is_hub_id(args.model)}
+
+
+def use_sources(args: argparse.Namespace, sources: dict) -> None:
+    """``args`` with the resolved folders in place of --model / --tokenizer; served under the
+    repo id as typed (vLLM's default name) where --served-model-name does not say."""
+    if sources["model_is_hub_id"] and not args.served_model_name:
+        args.served_model_name = [args.model]
+    args.model, args.tokenizer = sources["model"], sources["tokenizer"]
+
+
+def node_sources(args: argparse.Namespace, local_rank: int, world: int,
+                 node: str | None = None, poll_s: float = 0.5) -> dict:
+    """Under torchrun, before the process group forms: the first rank of each node resolves
+    (fetches) the model for the node and hands its folders to the node's other ranks through
+    torchrun's store, so a node downloads once, not once a rank; then every rank waits (no
+    limit: a download takes what it takes) until every node has its files, so the process
+    group, which waits --timeout at most, forms only then. Exits with the error on every rank
+    of the node where it cannot be resolved. ``node``: this node's number (torchrun's
+    GROUP_RANK)."""
+    store = _store_client()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    node = os.environ.get("GROUP_RANK", "0") if node is None else node
+    key = SOURCES_KEY.format(node, restart)
+    if local_rank == 0:
+        try:
+            sources = resolve_sources(args)
+        except hub.ModelSourceError as exc:
+            sources = {"error": str(exc)}
+        store.set(key, json.dumps(sources))
+    else:
+        while not store.check([key]):
+            time.sleep(poll_s)
+        sources = json.loads(store.get(key))
+    if "error" in sources:
+        sys.exit(sources["error"])
+    ready = SOURCES_READY_KEY.format(restart)
+    store.add(ready, 1)
+    while store.add(ready, 0) < world:
+        time.sleep(poll_s)
+    return sources
+
+
+def model_sources(args: argparse.Namespace, local_rank: int, world: int) -> dict | None:
+    """This rank's model/tokenizer folders where a Hub repo id names either: those afd serve
+    resolved (SOURCES_ENV), else its own (one rank) or its node's (``node_sources``); None
+    where both are local (used as given)."""
+    handed = json.loads(os.environ.get(SOURCES_ENV) or "null")
+    if handed is not None and handed["request"] == source_request(args):
+        return handed
+    if not needs_hub(args):
+        return None
+    if world == 1 or "MASTER_ADDR" not in os.environ:
+        return resolve_sources(args)
+    return node_sources(args, local_rank, world)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -383,6 +485,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                  f"every interface) needs a control key: --control-key-file FILE (or "
                  f"{protocol.KEY_FILE_ENV}), the same secret on every node, e.g. made with "
                  f"'openssl rand -hex 32 > FILE; chmod 600 FILE'")
+    try:  # before the process group: a download may take longer than it waits for a rank
+        sources = model_sources(args, local_rank, world)
+    except hub.ModelSourceError as exc:
+        sys.exit(f"{prog}: {exc}" if prog else str(exc))
+    if sources is not None:
+        use_sources(args, sources)
     own_store = None
     if "MASTER_ADDR" not in os.environ:  # plain `python launch/serve.py`: a world of one
         # on loopback only (torchrun's is torchrun's: see docs/serving.md)
@@ -452,7 +560,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                          daemon=True, name="afd-drain-watch").start()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    spec = rank_spec(template, rank, local_rank, embedded=args.model is None)
+    spec = rank_spec(template, rank, local_rank, embedded=args.model is None,
+                     node_folders=sources and (sources["model"], sources["tokenizer"]))
 
     def before_exit() -> int | None:  # rank 0 leaves no front end (and no key file) behind
         stopping.set()
@@ -540,18 +649,25 @@ def _check_key_folder(path: str) -> None:
                          f"folder of this user's, mode 700)")
 
 
-def rank_spec(template: str, rank: int, local_rank: int, embedded: bool) -> WorkerSpec:
+def rank_spec(template: str, rank: int, local_rank: int, embedded: bool,
+              node_folders: tuple[str | None, str | None] | None = None) -> WorkerSpec:
     """This rank's spec from rank 0's template, with what differs per node made local: the
-    CPU threads are this node's cores over this node's ranks (not the whole world's), and the
+    CPU threads are this node's cores over this node's ranks (not the whole world's), the
     embedded model (no --model) is this node's own copy of it (each node builds the same files,
-    in its own cache folder, which need not be where rank 0's node keeps its copy)."""
+    in its own cache folder, which need not be where rank 0's node keeps its copy), and so are
+    the model and tokenizer folders a Hub repo id was resolved to on this node
+    (``node_folders``: (model, tokenizer), each in this node's HF cache)."""
     spec = WorkerSpec.from_json(template)
     node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.layout.world_size))
     spec = replace(spec, rank=rank, local_rank=local_rank,
                    threads=threads_per_rank(node_ranks))
+    cfg = spec.engine_cfg
     if embedded:
-        spec = replace(spec, engine_cfg=replace(spec.engine_cfg, model=default_model_path()))
-    return spec
+        cfg = replace(cfg, model=default_model_path())
+    if node_folders is not None:
+        model, tokenizer = node_folders
+        cfg = replace(cfg, model=model or cfg.model, tokenizer=tokenizer or cfg.tokenizer)
+    return replace(spec, engine_cfg=cfg)
 
 
 # set by a rank other than 0 that got SIGTERM or SIGINT; one key per torchrun restart, as the

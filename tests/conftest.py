@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# no test reaches the Hugging Face Hub: a repo id is read from a test's own cache folder
+# (tests/test_hub.py); set before huggingface_hub is imported (it reads this once)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 

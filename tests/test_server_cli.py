@@ -107,18 +107,20 @@ def test_afd_serve_starts_a_disaggregated_layout_and_sigterm_stops_every_rank():
         server.stop()
 
 
-def test_model_positional_or_flag_and_their_conflict(capsys):
+def test_model_positional_or_flag_and_their_conflict(capsys, tmp_path):
     from launch import serve
 
-    assert serve.parse_args(["/ckpt/a"]).model == "/ckpt/a"
-    assert serve.parse_args(["--model", "/ckpt/a"]).model == "/ckpt/a"
-    assert serve.parse_args(["/ckpt/a", "--model", "/ckpt/a/"]).model == "/ckpt/a/"
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")  # paths that exist (else: tests/test_hub.py)
+    os.makedirs(a), os.makedirs(b)
+    assert serve.parse_args([a]).model == a
+    assert serve.parse_args(["--model", a]).model == a
+    assert serve.parse_args([a, "--model", a + "/"]).model == a + "/"
     assert serve.parse_args([]).model is None  # the embedded model
     with pytest.raises(SystemExit) as exc:
-        cli.main(["serve", "/ckpt/a", "--model", "/ckpt/b"])
+        cli.main(["serve", a, "--model", b])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "afd serve" in err and "'/ckpt/a'" in err and "--model '/ckpt/b'" in err, err
+    assert "afd serve" in err and f"'{a}'" in err and f"--model '{b}'" in err, err
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -181,7 +183,8 @@ def test_afd_generate_is_python_m_afd(monkeypatch, capsys):
     monkeypatch.setattr(m, "LLM", fake_llm)
     with pytest.raises(Stop):
         cli.main(["generate", "Hello", "--model", "/ckpt", "--ffn", "2"])
-    assert seen == [("/ckpt", {"dtype": "auto", "prefill": 0, "attention": 1, "ffn": 2})]
+    assert seen == [("/ckpt", {"revision": None, "download_dir": None, "dtype": "auto",
+                               "prefill": 0, "attention": 1, "ffn": 2})]
 
 
 def test_the_install_has_the_command_and_the_launch_package():
