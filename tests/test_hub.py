@@ -123,6 +123,35 @@ def test_a_repo_not_in_the_cache_offline_is_an_error_naming_it(cache):
         hub.resolve_sources(default_model_path(), "org/absent")
 
 
+@pytest.mark.parametrize(("error", "says"), [
+    ("GatedRepoError", "is gated: accept its terms on huggingface.co and set HF_TOKEN"),
+    ("RepositoryNotFoundError", "is not on the Hub, or is private (set HF_TOKEN"),
+    ("RevisionNotFoundError", "has no revision 'v9'"),
+])
+def test_a_gated_or_unknown_repo_is_an_error_naming_it(monkeypatch, error, says):
+    """What the Hub answers (snapshot_download stubbed: no test reaches the Hub) becomes one
+    line naming the argument, the repo and what to do, the library's message kept."""
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    base = getattr(huggingface_hub.errors, error)
+
+    class Answer(base):
+        def __init__(self, message):  # the library's need an HTTP response
+            Exception.__init__(self, message)
+
+    def snapshot_download(*args, **kwargs):
+        raise Answer("403 Client Error.\nCannot access repo at https://huggingface.co/org/x")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(hub.ModelSourceError) as err:
+        hub.resolve("org/x", what="tokenizer", revision="v9")
+    message = str(err.value)
+    assert message.startswith("tokenizer 'org/x': Hugging Face Hub repo 'org/x' at revision "
+                              "'v9' ") and says in message, message
+    assert "\n" not in message and "403 Client Error. Cannot access repo" in message
+
+
 @pytest.mark.parametrize("bad", ["./missing", "/abs/missing", "org/name/extra", "a--b"])
 def test_a_path_neither_a_folder_nor_a_repo_id_is_refused_before_any_hub_call(bad,
                                                                             monkeypatch):
