@@ -293,6 +293,7 @@ FRONT_START_TIMEOUT_S = 300.0
 SOURCES_ENV = "AFD_RESOLVED_SOURCES"
 SOURCES_KEY = "afd/sources/{}/{}"  # under torchrun: a node's folders (GROUP_RANK, restart)
 SOURCES_READY_KEY = "afd/sources_ready/{}"  # ranks that have theirs (per restart)
+SOURCES_BEAT_KEY = "afd/sources_beat/{}"  # added to while a node fetches (per restart)
 
 
 def source_request(args: argparse.Namespace) -> list:
@@ -328,34 +329,58 @@ def use_sources(args: argparse.Namespace, sources: dict) -> None:
 
 
 def node_sources(args: argparse.Namespace, local_rank: int, world: int,
-                 node: str | None = None, poll_s: float = 0.5) -> dict:
+                 node: str | None = None, poll_s: float = 0.5, beat_s: float = 2.0) -> dict:
     """Under torchrun, before the process group forms: the first rank of each node resolves
     (fetches) the model for the node and hands its folders to the node's other ranks through
-    torchrun's store, so a node downloads once, not once a rank; then every rank waits (no
-    limit: a download takes what it takes) until every node has its files, so the process
-    group, which waits --timeout at most, forms only then. Exits with the error on every rank
-    of the node where it cannot be resolved. ``node``: this node's number (torchrun's
-    GROUP_RANK)."""
+    torchrun's store, so a node downloads once, not once a rank; then every rank waits until
+    every node has its files, so the process group, which waits --timeout at most, forms only
+    then. A download takes what it takes: while one runs, its rank adds to a beat counter every
+    ``beat_s``; a rank waiting fails once for --timeout seconds no rank has beaten and none has
+    got its files (a node gone mid-download, or failed: a hang otherwise). Exits with the error
+    on every rank of the node where it cannot be resolved. ``node``: this node's number
+    (torchrun's GROUP_RANK)."""
     store = _store_client()
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     node = os.environ.get("GROUP_RANK", "0") if node is None else node
     key = SOURCES_KEY.format(node, restart)
+    beat = SOURCES_BEAT_KEY.format(restart)
+    ready = SOURCES_READY_KEY.format(restart)
+
+    def wait(done, what: str) -> None:
+        seen, since = None, time.monotonic()
+        while not done():
+            now = (store.add(beat, 0), store.add(ready, 0))
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > args.timeout:
+                sys.exit(f"rank {local_rank} of node {node}: waited {args.timeout:.0f}s "
+                         f"(--timeout) for {what} while no node fetched model files and no "
+                         f"rank got its own ({now[1]} of {world} have): a node is gone or "
+                         f"failed to resolve {args.model!r} (its log says why)")
+            time.sleep(poll_s)
+
     if local_rank == 0:
+        fetching = threading.Event()
+
+        def beating() -> None:
+            while not fetching.wait(beat_s):
+                store.add(beat, 1)
+
+        threading.Thread(target=beating, daemon=True, name="afd-fetch-beat").start()
         try:
             sources = resolve_sources(args)
         except hub.ModelSourceError as exc:
             sources = {"error": str(exc)}
+        finally:
+            fetching.set()
         store.set(key, json.dumps(sources))
     else:
-        while not store.check([key]):
-            time.sleep(poll_s)
+        wait(lambda: store.check([key]), f"node {node}'s first rank to resolve the model")
         sources = json.loads(store.get(key))
     if "error" in sources:
         sys.exit(sources["error"])
-    ready = SOURCES_READY_KEY.format(restart)
     store.add(ready, 1)
-    while store.add(ready, 0) < world:
-        time.sleep(poll_s)
+    wait(lambda: store.add(ready, 0) >= world, "every node's model files")
     return sources
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -270,6 +271,44 @@ def test_under_torchrun_each_node_resolves_once_for_its_ranks(monkeypatch):
         serve.node_sources(args, 0, world=2, node="0", poll_s=0.01)
     with pytest.raises(SystemExit, match="model 'org/tiny': gone"):
         serve.node_sources(args, 1, world=2, node="0", poll_s=0.01)
+
+
+def test_under_torchrun_a_slow_fetch_is_waited_for_and_a_gone_node_is_an_error(monkeypatch):
+    """A download longer than --timeout is waited for while its rank beats; a node whose first
+    rank never resolves (gone mid-download) fails the ranks waiting on it after --timeout with
+    no beat, instead of holding them forever."""
+    from launch import serve
+
+    store = DictStore()
+    monkeypatch.setattr(serve, "_store_client", lambda: store)
+
+    def slow_resolve(args):
+        time.sleep(0.5)  # 5x --timeout below: only the beats keep the waiting rank going
+        return {"request": [], "model": "/cache/slow", "tokenizer": None,
+                "model_is_hub_id": True}
+
+    monkeypatch.setattr(serve, "resolve_sources", slow_resolve)
+    args = serve.parse_args(["org/tiny", "--timeout", "0.1"])
+    got = {}
+
+    def rank(local_rank: int) -> None:
+        got[local_rank] = serve.node_sources(args, local_rank, world=2, node="0", poll_s=0.01,
+                                             beat_s=0.02)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got[0]["model"] == got[1]["model"] == "/cache/slow"
+    store.data.clear()  # node 1's first rank never resolves: its other rank gives up
+    with pytest.raises(SystemExit, match="node 1's first rank.*a node is gone"):
+        serve.node_sources(args, 1, world=4, node="1", poll_s=0.01)
+    store.data.clear()  # node 0 has its files, node 1 never comes: node 0 gives up too
+    monkeypatch.setattr(serve, "resolve_sources", lambda args: {
+        "request": [], "model": "/cache/0", "tokenizer": None, "model_is_hub_id": True})
+    with pytest.raises(SystemExit, match="every node's model files.*1 of 4 have"):
+        serve.node_sources(args, 0, world=4, node="0", poll_s=0.01)
 
 
 def test_rank_spec_takes_its_nodes_folders():
