@@ -134,6 +134,14 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # vLLM's --kv-cache-dtype names afd takes; "fp8" and "fp8_e4m3" are one format
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
+# vLLM engine arguments at the one value that is what afd does anyway (one GPU's share of the
+# model per rank; long prompts always in chunks), taken and dropped by ``LLM()`` and as
+# ``afd serve`` flags; any other value is refused, naming the layout arguments for the sizes
+VLLM_NEUTRAL = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+                "enable_chunked_prefill": True}
+VLLM_PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                    "enable_expert_parallel")
+
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
     """``kv_cache_dtype`` as given to LLM/serve -> "auto" or "fp8", or ValueError naming it."""

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from afd.config import EngineConfig, check_layout_options, resolve_engine_config
+from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
+                        resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
 from afd.outputs import RequestOutput
@@ -109,20 +110,14 @@ def generation_defaults(path: str, source: str = "auto") -> dict[str, Any]:
 
 
 # vLLM's ways to split a model over GPUs: afd splits it by its layout instead
-_VLLM_PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                     "enable_expert_parallel")
 
 
-# vLLM keywords at the one value that is what afd does anyway (one GPU's share of the model per
-# rank; long prompts always in chunks; no periodic stats log offline): taken and dropped there
-_VLLM_NEUTRAL = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
-                 "enable_chunked_prefill": True}
 _VLLM_IGNORED = ("disable_log_stats",)  # any bool: afd's LLM logs no periodic stats
 
 
 def check_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
     """The engine's keywords from ``engine_args``, less vLLM's that are no-ops here
-    (``_VLLM_NEUTRAL`` at their neutral value, ``_VLLM_IGNORED``). TypeError naming ``LLM()``
+    (``VLLM_NEUTRAL`` at their neutral value, ``_VLLM_IGNORED``). TypeError naming ``LLM()``
     and the keyword for one that no part of the engine takes (as Python names a function's
     unknown keyword; found before anything loads), with the nearest known name, or the layout
     arguments for vLLM's parallelism sizes."""
@@ -135,14 +130,14 @@ def check_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
             continue
         if name in _VLLM_IGNORED and isinstance(value, bool):
             continue
-        if name in _VLLM_NEUTRAL and value == _VLLM_NEUTRAL[name] and type(value) is type(
-                _VLLM_NEUTRAL[name]):
+        if name in VLLM_NEUTRAL and value == VLLM_NEUTRAL[name] and type(value) is type(
+                VLLM_NEUTRAL[name]):
             continue
-        if name in _VLLM_PARALLELISM:
+        if name in VLLM_PARALLELISM:
             hint = ("; afd splits a model by its layout instead: prefill=, attention=, ffn= "
                     "(docs/layouts.md)")
-        elif name in _VLLM_NEUTRAL:
-            hint = (f" = {value!r}: afd takes it only as {_VLLM_NEUTRAL[name]!r}, what it "
+        elif name in VLLM_NEUTRAL:
+            hint = (f" = {value!r}: afd takes it only as {VLLM_NEUTRAL[name]!r}, what it "
                     f"always does")
         else:
             near = difflib.get_close_matches(name, sorted(known), n=1)

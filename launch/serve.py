@@ -47,8 +47,8 @@ import torch.distributed as dist
 from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
 from afd import hub, protocol
 from afd.frontend_flags import FrontendOptions, add_frontend_args, frontend_argv
-from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, engine_config_to_dict,
-                        resolve_engine_config)
+from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, VLLM_NEUTRAL,
+                        engine_config_to_dict, resolve_engine_config)
 from afd.layouts import is_loopback, loopback_store, threads_per_rank
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.spec_decode import parse_speculative_config
@@ -176,11 +176,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "vLLM's flags afd takes at the one value it has", "so a 'vllm serve' command line runs: "
         "afd splits a model by its layout (--prefill/--attention/--ffn), not by these sizes; "
         "it always chunks long prompts; it logs neither periodic stats nor each request")
-    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
-                        ("--data-parallel-size", "-dp")):
-        vllm.add_argument(flag, short, type=int, default=1, help="1 only")
-    vllm.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                      default=True, help="on only")
+    short = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp",
+             "data_parallel_size": "-dp"}
+    for name, neutral in VLLM_NEUTRAL.items():  # the values LLM() takes too
+        names = ["--" + name.replace("_", "-")] + ([short[name]] if name in short else [])
+        if isinstance(neutral, bool):
+            vllm.add_argument(*names, action=argparse.BooleanOptionalAction, default=neutral,
+                              help=f"{'on' if neutral else 'off'} only")
+        else:
+            vllm.add_argument(*names, type=type(neutral), default=neutral,
+                              help=f"{neutral} only")
     vllm.add_argument("--disable-log-stats", action="store_true", help="no effect")
     vllm.add_argument("--disable-log-requests", action="store_true", help="no effect")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
@@ -248,14 +253,16 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                              ("--ffn", args.ffn, 0)):
         if value < low:
             ap.error(f"{flag} must be >= {low}, got {value}")
-    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-        if getattr(args, flag) != 1:
-            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: afd takes only 1; it "
-                     f"splits a model by its layout instead: --prefill P --attention A --ffn F "
-                     f"(docs/layouts.md)")
-    if not args.enable_chunked_prefill:
-        ap.error("--no-enable-chunked-prefill: afd always chunks long prompts "
-                 "(--max-num-batched-tokens tokens a step)")
+    for name, neutral in VLLM_NEUTRAL.items():
+        value = getattr(args, name)
+        if value == neutral:
+            continue
+        if isinstance(neutral, bool):
+            ap.error(f"--{'no-' if neutral else ''}{name.replace('_', '-')}: afd always "
+                     f"chunks long prompts (--max-num-batched-tokens tokens a step)")
+        ap.error(f"--{name.replace('_', '-')} {value}: afd takes only {neutral}; it splits a "
+                 f"model by its layout instead: --prefill P --attention A --ffn F "
+                 f"(docs/layouts.md)")
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)
