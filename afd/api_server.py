@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from afd.async_engine import AsyncEngine, EngineDeadError
 from afd.frontend_flags import (FrontendOptions, add_frontend_args, add_frontend_options,
                                 route_path, uvicorn_config)
-from afd.metrics import ServerMetrics
+from afd.metrics import LOG_STATS_INTERVAL_S, ServerMetrics, StatLogger
 from pydantic import ValidationError
 
 from afd import __version__
@@ -1332,6 +1333,7 @@ def main() -> None:
     ap.add_argument("--max-stored-responses-mb", type=int, default=1024)
     ap.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     ap.add_argument("--enable-request-id-headers", action="store_true")
+    ap.add_argument("--disable-log-stats", action="store_true")
     add_frontend_args(ap)
     args = ap.parse_args()
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
@@ -1417,6 +1419,8 @@ def main() -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
+        if not args.disable_log_stats:
+            asyncio.ensure_future(log_stats(state.metrics, log_stats_interval()))
         await server.serve()
 
     try:
@@ -1425,6 +1429,27 @@ def main() -> None:
         state.engine.shutdown()
         log.info("front end stopped")
     sys.exit(0)
+
+
+def log_stats_interval() -> float:
+    """AFD_LOG_STATS_INTERVAL (seconds, vLLM's VLLM_LOG_STATS_INTERVAL), default 10."""
+    raw = os.environ.get("AFD_LOG_STATS_INTERVAL", str(LOG_STATS_INTERVAL_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"AFD_LOG_STATS_INTERVAL={raw!r}: seconds, a number > 0")
+    return value
+
+
+async def log_stats(metrics: ServerMetrics, interval_s: float) -> None:
+    """vLLM's periodic engine line (``StatLogger``), every ``interval_s`` until cancelled."""
+    stats = StatLogger(metrics, time.monotonic())
+    while True:
+        await asyncio.sleep(interval_s)
+        text, worth = stats.line(time.monotonic())
+        (log.info if worth else log.debug)("%s", text)
 
 
 def default_served_names(path: str) -> list[str]:

@@ -176,3 +176,75 @@ class ServerMetrics:
         seen = self._seen.get(counter, 0)
         counter.inc(max(0, total - seen))
         self._seen[counter] = max(seen, total)
+
+
+LOG_STATS_INTERVAL_S = 10.0  # vLLM's VLLM_LOG_STATS_INTERVAL default
+
+
+class StatLogger:
+    """vLLM's periodic engine line for the server log: every ``interval_s`` (``--disable-log-
+    stats`` turns it off), what the metrics above saw since the last line: prompt and generation
+    throughput, requests running and waiting, KV cache use per attention rank (mean, and the
+    fullest where there are several), the prefix cache hit rate of the tokens looked up, and with
+    speculative decoding the draft acceptance rate and mean acceptance length. Read from the
+    registry (``get_sample_value``), so it reports exactly what /metrics does. An idle interval
+    after an idle one is logged at debug level only, as vLLM does."""
+
+    def __init__(self, metrics: ServerMetrics, now: float):
+        self.metrics = metrics
+        self.last_time = now
+        self.last = self._totals()
+        self.was_active = False
+
+    def _value(self, name: str, **labels: str) -> float:
+        got = self.metrics.registry.get_sample_value(
+            name, {"model_name": self.metrics.model_name, **labels})
+        return got or 0.0
+
+    def _totals(self) -> dict[str, float]:
+        return {key: self._value(f"afd:{key}_total") for key in (
+            "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits",
+            "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+            "spec_decode_num_drafts")}
+
+    def _kv_usage(self) -> list[float]:
+        usage = []
+        for metric in self.metrics.registry.collect():
+            if metric.name == "afd:kv_cache_usage_perc":
+                usage += [s.value for s in metric.samples
+                          if s.labels.get("model_name") == self.metrics.model_name]
+        return usage
+
+    def line(self, now: float) -> tuple[str, bool]:
+        """The line for the interval ending at ``now``, and whether it is worth an info log
+        (tokens moved in it or the one before, or requests are in flight)."""
+        totals = self._totals()
+        delta = {k: totals[k] - self.last[k] for k in totals}
+        elapsed = max(now - self.last_time, 1e-9)
+        self.last, self.last_time = totals, now
+        running = self._value("afd:num_requests_running")
+        waiting = self._value("afd:num_requests_waiting")
+        parts = [f"Avg prompt throughput: {delta['prompt_tokens'] / elapsed:.1f} tokens/s",
+                 f"Avg generation throughput: {delta['generation_tokens'] / elapsed:.1f} "
+                 f"tokens/s", f"Running: {running:.0f} reqs", f"Waiting: {waiting:.0f} reqs"]
+        usage = self._kv_usage()
+        if usage:
+            kv = f"KV cache usage: {100 * sum(usage) / len(usage):.1f}%"
+            if len(usage) > 1:
+                kv += f" (fullest rank {100 * max(usage):.1f}%)"
+            parts.append(kv)
+        if delta["prefix_cache_queries"] > 0:
+            parts.append(f"Prefix cache hit rate: "
+                         f"{100 * delta['prefix_cache_hits'] / delta['prefix_cache_queries']:.1f}%")
+        if delta["spec_decode_num_draft_tokens"] > 0:
+            accepted = delta["spec_decode_num_accepted_tokens"]
+            parts.append(f"Draft acceptance rate: "
+                         f"{100 * accepted / delta['spec_decode_num_draft_tokens']:.1f}%")
+            if delta["spec_decode_num_drafts"] > 0:
+                parts.append(f"Mean acceptance length: "
+                             f"{1 + accepted / delta['spec_decode_num_drafts']:.2f}")
+        active = (delta["prompt_tokens"] + delta["generation_tokens"] > 0
+                  or running + waiting > 0)
+        worth = active or self.was_active
+        self.was_active = active
+        return ", ".join(parts), worth

@@ -25,18 +25,18 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180,
-                 afd_serve: bool = False):
+                 afd_serve: bool = False, env: dict[str, str] | None = None):
         """``afd_serve``: start ``afd serve FLAGS`` (``python -m afd.cli``, this checkout's
         afd first on its path) from a folder outside the checkout; it starts the ranks itself
-        (``nproc`` unused)."""
+        (``nproc`` unused). ``env``: variables set for the server besides this process's."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cwd, env = ROOT, None
+        cwd, env = ROOT, {**os.environ, **(env or {})}
         if afd_serve:
             cmd = [sys.executable, "-m", "afd.cli", "serve", "--port", str(self.port), *flags]
             cwd = tempfile.gettempdir()
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+            env["PYTHONPATH"] = os.pathsep.join(
+                [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),

@@ -44,7 +44,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from afd.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER
+from afd.api_server import (DEFAULT_MAX_REQUEST_BODY_BYTES, SPEC_MARKER,
+                            log_stats_interval)
 from afd import hub, protocol
 from afd.frontend_flags import FrontendOptions, add_frontend_args, frontend_argv
 from afd.config import (KV_CACHE_DTYPES, SCHEDULING_POLICIES, VLLM_NEUTRAL,
@@ -186,7 +187,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         else:
             vllm.add_argument(*names, type=type(neutral), default=neutral,
                               help=f"{neutral} only")
-    vllm.add_argument("--disable-log-stats", action="store_true", help="no effect")
+    vllm.add_argument("--disable-log-stats", action="store_true",
+                      help="no periodic engine line in the log (throughput, requests, KV cache "
+                           "use, prefix cache hit rate: every AFD_LOG_STATS_INTERVAL seconds, "
+                           "default 10)")
     vllm.add_argument("--disable-log-requests", action="store_true", help="no effect")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
@@ -253,6 +257,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                              ("--ffn", args.ffn, 0)):
         if value < low:
             ap.error(f"{flag} must be >= {low}, got {value}")
+    if not args.disable_log_stats:
+        try:  # read by the front end, which starts once every rank is up: checked now
+            log_stats_interval()
+        except ValueError as exc:
+            ap.error(str(exc))
     for name, neutral in VLLM_NEUTRAL.items():
         value = getattr(args, name)
         if value == neutral:
@@ -454,6 +463,8 @@ def start_front(args, layout: Layout, engine_cfg, control_host: str, key: bytes
         cmd += ["--served-model-name", *args.served_model_name]
     if args.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
+    if args.disable_log_stats:
+        cmd.append("--disable-log-stats")
     if args.enable_request_id_headers:
         cmd.append("--enable-request-id-headers")
     cmd += frontend_argv(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ def single():
     server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                          "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2",
                          "--max-request-body-bytes", str(BODY_LIMIT),
-                         "--enable-request-id-headers")
+                         "--enable-request-id-headers", env={"AFD_LOG_STATS_INTERVAL": "0.5"})
     yield server
     server.stop()
 
@@ -41,7 +42,8 @@ def single():
 @pytest.fixture(scope="module")
 def pd():
     server = LocalServer("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
-                    "--timeout", "20", nproc=3)
+                         "--timeout", "20", "--disable-log-stats", nproc=3,
+                         env={"AFD_LOG_STATS_INTERVAL": "0.5"})
     yield server
     server.stop()
 
@@ -410,6 +412,23 @@ def test_metrics_move(single):
     assert single.metric("afd:time_to_first_token_seconds_count") >= 1
     assert single.metric("afd:e2e_request_latency_seconds_count") >= 1
     assert single.metric("afd:inter_token_latency_seconds_count") >= 1
+
+
+def test_the_log_has_vllms_periodic_engine_line_unless_disabled(single, pd):
+    """Every AFD_LOG_STATS_INTERVAL seconds (0.5 here) while requests move, the front end logs
+    vLLM's engine line; --disable-log-stats (the pd server's) turns it off."""
+    for server in (single, pd):
+        client(server, API_KEY).completions.create(
+            model=client(server, API_KEY).models.list().data[0].id, prompt="Tell me",
+            max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not re.search(
+            r"Avg generation throughput: [1-9]", single.tail(20000)):
+        time.sleep(0.2)
+    assert re.search(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: "
+                     r"[1-9][\d.]* tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, KV cache "
+                     r"usage: [\d.]+%", single.tail(20000)), single.tail()
+    assert "Avg prompt throughput" not in pd.tail(20000)
 
 
 def test_request_phase_and_token_histograms(single):

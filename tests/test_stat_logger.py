@@ -1,0 +1,59 @@
+"""The server's periodic engine line (vLLM's "Avg prompt throughput: ..." log), from the
+Prometheus metrics the front end keeps (afd.metrics.StatLogger)."""
+
+from __future__ import annotations
+
+import pytest
+
+from afd.core import CoreStats, PrefixCacheStats
+from afd.metrics import ServerMetrics, StatLogger
+
+
+def test_the_line_reports_the_interval_not_the_totals():
+    m = ServerMetrics("m")
+    m.prompt_tokens.inc(1000)  # before the logger starts: not in its first line
+    stat = StatLogger(m, now=0.0)
+    m.prompt_tokens.inc(300)
+    m.generation_tokens.inc(50)
+    stats = [CoreStats(3, 1, 0.25, 10, 0, num_draft_tokens=8, num_accepted_tokens=6,
+                       num_drafts=4),
+             CoreStats(2, 0, 0.75, 10, 0)]
+    m.observe_stats(stats, running=5, waiting=1,
+                    prefix_cache=PrefixCacheStats(queries=400, hits=100))
+    text, worth = stat.line(now=10.0)
+    assert worth
+    assert text == ("Avg prompt throughput: 30.0 tokens/s, Avg generation throughput: 5.0 "
+                    "tokens/s, Running: 5 reqs, Waiting: 1 reqs, KV cache usage: 50.0% "
+                    "(fullest rank 75.0%), Prefix cache hit rate: 25.0%, Draft acceptance "
+                    "rate: 75.0%, Mean acceptance length: 2.50")
+    # the next interval: only what grew since (no lookups, no drafts: those parts left out)
+    m.generation_tokens.inc(20)
+    m.observe_stats([CoreStats(1, 0, 0.5, 10, 0, num_draft_tokens=8, num_accepted_tokens=6,
+                               num_drafts=4)], running=1, waiting=0,
+                    prefix_cache=PrefixCacheStats(queries=400, hits=100))
+    text, worth = stat.line(now=14.0)
+    assert worth and text.startswith("Avg prompt throughput: 0.0 tokens/s, Avg generation "
+                                     "throughput: 5.0 tokens/s, Running: 1 reqs")
+    assert "Prefix cache" not in text and "Draft" not in text
+
+
+def test_an_idle_interval_after_an_idle_one_is_not_worth_an_info_line():
+    m = ServerMetrics("m")
+    stat = StatLogger(m, now=0.0)
+    m.generation_tokens.inc(5)
+    assert stat.line(now=1.0)[1]  # tokens moved
+    assert stat.line(now=2.0)[1]  # idle, but the interval before was not: one more line
+    assert not stat.line(now=3.0)[1]  # idle after idle
+    m.observe_stats([CoreStats(0, 2, 0.1, 10, 0)], running=0, waiting=2)
+    assert stat.line(now=4.0)[1]  # requests waiting: worth it though no token moved
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-1", "inf", "nan"])
+def test_a_bad_interval_is_refused_before_any_rank_starts(monkeypatch, capsys, raw):
+    from launch import serve
+
+    monkeypatch.setenv("AFD_LOG_STATS_INTERVAL", raw)
+    with pytest.raises(SystemExit):
+        serve.parse_args([])
+    assert f"AFD_LOG_STATS_INTERVAL={raw!r}: seconds, a number > 0" in capsys.readouterr().err
+    serve.parse_args(["--disable-log-stats"])  # not read at all then
