@@ -176,7 +176,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     vllm = ap.add_argument_group(
         "vLLM's flags afd takes at the one value it has", "so a 'vllm serve' command line runs: "
         "afd splits a model by its layout (--prefill/--attention/--ffn), not by these sizes; "
-        "it always chunks long prompts; it logs neither periodic stats nor each request")
+        "it always chunks long prompts; it logs no request")
     short = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp",
              "data_parallel_size": "-dp"}
     for name, neutral in VLLM_NEUTRAL.items():  # the values LLM() takes too
@@ -187,10 +187,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         else:
             vllm.add_argument(*names, type=type(neutral), default=neutral,
                               help=f"{neutral} only")
-    vllm.add_argument("--disable-log-stats", action="store_true",
-                      help="no periodic engine line in the log (throughput, requests, KV cache "
-                           "use, prefix cache hit rate: every AFD_LOG_STATS_INTERVAL seconds, "
-                           "default 10)")
+    ap.add_argument("--disable-log-stats", action="store_true",
+                    help="no periodic engine line in the log (throughput, requests, KV cache "
+                         "use, prefix cache hit rate: every AFD_LOG_STATS_INTERVAL seconds, "
+                         "default 10), as vLLM's")
     vllm.add_argument("--disable-log-requests", action="store_true", help="no effect")
     ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
