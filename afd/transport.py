@@ -12,6 +12,10 @@ send nothing on dispatch and attention ranks nothing on combine. Each micro-batc
 group of its own, so micro-batch i's round trip never waits behind micro-batch i+1's collectives.
 With ``ffn_cuda_graphs`` the FFN side receives into static buffers and computes through CUDA
 graphs (``TorchExpertServer.graphs``, afd.ffn_graphs); the messages are the same.
+
+``PeerExperts``: expert parallelism among peers (the prefill pool's), every rank of the group in
+both roles: it dispatches its own tokens' rows to the ranks holding their experts, computes the
+rows sent to its own experts, and sends them back, over the same ``all_to_all_single`` calls.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import kernels
 from afd.ffn_graphs import slot_order
 from afd.placement import ExpertPlacement, RouteTables
 from afd.profiling import StageTimers
-from models.model import Dispatch, ExpertPath
+from models.model import DecoderLayer, Dispatch, ExpertPath
 from models.moe import RoutedExperts
 
 
@@ -127,6 +131,95 @@ class TorchTransport(ExpertPath):
                                [0] * self.groups.size, group=group)
         for work in handle.works:
             work.wait()
+        return weighted_sum(recv, handle.row_token, handle.row_expert, handle.row_weight,
+                            handle.num_tokens)
+
+
+@dataclass
+class PeerHandle:
+    """A ``PeerExperts`` dispatch in flight: what this rank sent (to combine the answers) and
+    what it receives for its own experts (to compute at combine)."""
+
+    layer: int
+    num_tokens: int
+    sent_rows: list[int]  # rows sent to each peer
+    recv_rows: list[int]  # rows each peer sends here
+    recv_counts: torch.Tensor  # [P, S] rows each peer sends to each of this rank's slots
+    x: torch.Tensor  # [sum(recv_rows), H] those rows (once ``work`` completes)
+    row_token: torch.Tensor  # [R] token of each sent row (send order)
+    row_expert: torch.Tensor  # [R] logical expert of each sent row
+    row_weight: torch.Tensor  # [R] routing weight of each sent row
+    send: torch.Tensor  # [R, H] the rows sent, kept alive until the send completes
+    work: object
+
+
+class PeerExperts(ExpertPath):
+    """Expert parallelism among peers: every rank of ``group`` runs its own tokens (attention)
+    and holds a slice of the routed experts (``placement``: group rank r holds
+    ``placement.table(layer)[r]``, one FFN-style table with a rank per peer).
+
+    ``dispatch``: the slot counts each peer gets (one ``all_to_all_single``, so every receiver
+    sizes its buffer), then the rows themselves, source-major and grouped by slot, in flight
+    while the caller runs the shared experts. ``combine``: this rank's experts compute the rows
+    it received (``kernels.grouped_moe``, as an FFN rank's serve), one more all-to-all sends each
+    peer its rows back, and ``weighted_sum`` adds each token's rows in expert order (fp32), as
+    the colocated kernel does. Every peer takes part in every dispatch and combine, in the same
+    order, a peer with no tokens with zero rows; ``group``'s timeout bounds each wait.
+    """
+
+    def __init__(self, group, placement: ExpertPlacement, layers: list[DecoderLayer],
+                 hidden: int, dtype: torch.dtype, device: torch.device):
+        self.group, self.placement = group, placement
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.size = placement.num_ranks
+        if dist.get_world_size(group) != self.size:
+            raise ValueError(f"a placement over {self.size} ranks for a group of "
+                             f"{dist.get_world_size(group)}")
+        self.tables = RouteTables(placement, device)
+        self.slots = placement.max_slots
+        # every MoE layer's experts held here, by layer index (the MTP layer's too)
+        self.experts = {layer.index: layer.mlp.experts for layer in layers if layer.is_moe}
+        self.timers = StageTimers()
+
+    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> PeerHandle:
+        with self.timers.time("dispatch"):
+            return self._dispatch(req)
+
+    def combine(self, handle: PeerHandle) -> torch.Tensor:
+        with self.timers.time("combine"):
+            return self._combine(handle)
+
+    def _dispatch(self, req: Dispatch) -> PeerHandle:
+        p, s = self.size, self.slots
+        ids = req.routing.topk_ids  # [T, K]
+        num_tokens, top_k = ids.shape
+        rank, slot = self.placement.route(ids.clamp(min=0), self.tables[req.layer])
+        valid = (ids >= 0).flatten()
+        key = torch.where(valid, (rank * s + slot).flatten(), p * s)  # [T*K], invalid last
+        order = torch.argsort(key, stable=True)[: int(valid.sum())]
+        counts = torch.bincount(key[order], minlength=p * s).view(p, s)  # [P, S]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        sent_rows, recv_rows = counts.sum(dim=1).tolist(), recv_counts.sum(dim=1).tolist()
+        row_token = order // top_k
+        send = req.hidden[row_token].contiguous()  # [R, H]
+        x = torch.empty(sum(recv_rows), self.hidden, dtype=self.dtype, device=self.device)
+        work = dist.all_to_all_single(x, send, recv_rows, sent_rows, group=self.group,
+                                      async_op=True)
+        return PeerHandle(req.layer, num_tokens, sent_rows, recv_rows, recv_counts, x,
+                          row_token, ids.flatten()[order],
+                          req.routing.topk_weights.flatten()[order], send, work)
+
+    def _combine(self, handle: PeerHandle) -> torch.Tensor:
+        handle.work.wait()
+        if handle.x.shape[0]:
+            back = _compute_eagerly(handle.x, handle.recv_counts, self.experts[handle.layer])
+        else:
+            back = handle.x  # nothing for this rank's experts
+        recv = torch.empty(sum(handle.sent_rows), self.hidden, dtype=self.dtype,
+                           device=self.device)
+        dist.all_to_all_single(recv, back.contiguous(), handle.sent_rows, handle.recv_rows,
+                               group=self.group)
         return weighted_sum(recv, handle.row_token, handle.row_expert, handle.row_weight,
                             handle.num_tokens)
 

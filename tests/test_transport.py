@@ -182,3 +182,71 @@ def test_per_layer_placement_tables_and_errors():
         p.table(5)
     with pytest.raises(ValueError, match="num_experts"):
         ExpertPlacement.from_dict({"slots": [[0]]})
+
+
+PEERS = 3
+
+
+def peer_experts(ids: list[int]):
+    """A RoutedExperts of ``ids`` with ``full_weights``' rows (the colocated layer's, sliced)."""
+    from models.moe import RoutedExperts
+
+    cfg = SimpleNamespace(num_experts=E, moe_intermediate_size=I, hidden_size=H)
+    experts = RoutedExperts(cfg, ids, torch.float32)
+    w13, w2 = full_weights()
+    experts.w13.data.copy_(w13[ids])
+    experts.w2.data.copy_(w2[ids])
+    return experts
+
+
+def peer_inputs(rank: int, step: int) -> tuple[torch.Tensor, Routing]:
+    """Ragged per rank and step: rank 1 runs no tokens in step 0 (an empty step), some ids -1."""
+    num_tokens = {(0, 0): 9, (1, 0): 0, (2, 0): 4, (0, 1): 1, (1, 1): 6, (2, 1): 0}[(rank, step)]
+    gen = torch.Generator().manual_seed(500 + 10 * rank + step)
+    hidden = torch.randn(num_tokens, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(num_tokens)]) \
+        if num_tokens else torch.zeros(0, K, dtype=torch.long)
+    if num_tokens > 2:
+        ids[1, 2] = -1
+    return hidden, Routing(ids, torch.rand(num_tokens, K, generator=gen))
+
+
+def run_peer_rank(rank: int, port: int) -> None:
+    """Every peer both dispatches its tokens and serves its slice of the experts: each MoE
+    layer's output equals the colocated experts' (LocalExperts' ``ffn_half``: all E experts)."""
+    from afd.transport import PeerExperts
+    from models.model import LocalExperts
+
+    timeout = datetime.timedelta(seconds=30)
+    store = dist.TCPStore("127.0.0.1", port, PEERS, rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=PEERS, timeout=timeout)
+    group = dist.new_group(timeout=timeout)
+    placement = ExpertPlacement.balanced(E, PEERS)  # 3 / 3 / 2 experts: uneven
+    mine = list(placement.slots[rank])
+
+    def layer(index: int, ids: list[int]):
+        return SimpleNamespace(index=index, is_moe=True, mlp=SimpleNamespace(
+            experts=peer_experts(ids)), ffn_half=lambda h, r: peer_experts(ids)(h, r))
+
+    peers = PeerExperts(group, placement, [layer(0, mine), layer(1, mine)], H, torch.float32,
+                        torch.device("cpu"))
+    assert all(len(e.expert_ids) == len(mine) for e in peers.experts.values())
+    local = LocalExperts(SimpleNamespace(all_layers=lambda: [layer(0, list(range(E))),
+                                                             layer(1, list(range(E)))]))
+    for step in range(2):
+        hidden, routing = peer_inputs(rank, step)
+        for index in range(2):  # two MoE layers a step, every peer in each
+            got = peers.combine(peers.dispatch(Dispatch(index, hidden, routing)))
+            expected = local.combine(local.dispatch(Dispatch(index, hidden, routing)))
+            assert got.shape == expected.shape == hidden.shape
+            # the same rows, summed in expert order in fp32: only the grouped GEMM's M differs
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} step {step}: {m}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_peer_experts_match_local_experts():
+    """Expert parallelism among peers (the prefill pool's): three ranks in both roles, uneven
+    expert split, a rank with no tokens in a step, ids of -1."""
+    start_ranks(run_peer_rank, (free_port(),), PEERS)
