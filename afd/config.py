@@ -45,6 +45,11 @@ class EngineConfig:
     cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
         place a prompt on the rank that was sent its longest prefix unless that rank is
         overloaded (afd.router); False places by load alone. Needs enable_prefix_caching.
+    prefill_expert_parallel: with a prefill pool of P >= 2 ranks, each prefill rank holds only
+        its contiguous slice of the routed experts (about E / P; everything else whole) and the
+        pool runs every MoE layer as expert parallelism among its ranks (afd.transport.
+        PeerExperts), stepping together (afd.rank_prefill). False: every prefill rank holds the
+        whole model and steps on its own.
     quantization: "fp8" when the routed experts are in FP8 on every rank that holds them
         (kernels.fused_moe's w8a8 block path): an FP8 checkpoint's as stored, a bf16/fp32
         checkpoint's quantized on load (models.weights). None when every weight is in
@@ -84,6 +89,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_offload_blocks: int = 0
     cache_aware_routing: bool = True
+    prefill_expert_parallel: bool = False
     tokenizer: str | None = None
     trust_remote_code: bool = False
     quantization: str | None = None
@@ -222,6 +228,21 @@ def check_layout_options(*, micro_batches: int = 2, transport: str = "torch",
                          f"{eplb_interval_steps!r}")
 
 
+def check_prefill_expert_parallel(enabled: bool, prefill: int, num_experts: int) -> None:
+    """``prefill_expert_parallel`` against the layout: a pool of at least two prefill ranks (one
+    rank would hold every expert: the flag would change nothing) and a MoE checkpoint with at
+    least one routed expert per prefill rank. ValueError naming both otherwise."""
+    if not enabled:
+        return
+    if prefill < 2:
+        raise ValueError(f"prefill_expert_parallel needs prefill >= 2 (the prefill pool's "
+                         f"ranks split the routed experts), got prefill={prefill}")
+    if num_experts < prefill:
+        raise ValueError(f"prefill_expert_parallel splits the routed experts over the prefill "
+                         f"ranks: this checkpoint has {num_experts} routed experts for "
+                         f"prefill={prefill} ranks (each needs at least one)")
+
+
 def resolve_engine_config(
     model: str,
     model_cfg: ModelConfig,
@@ -241,6 +262,7 @@ def resolve_engine_config(
     enable_prefix_caching: bool = True,
     kv_offload_gb: float = 0,
     cache_aware_routing: bool = True,
+    prefill_expert_parallel: bool = False,
     tokenizer: str | None = None,
     trust_remote_code: bool = False,
     quantization: str | None = None,
@@ -286,6 +308,7 @@ def resolve_engine_config(
         1 + (spec.num_speculative_tokens if spec else 0)))
     for name, flag in (("enable_prefix_caching", enable_prefix_caching),
                        ("cache_aware_routing", cache_aware_routing),
+                       ("prefill_expert_parallel", prefill_expert_parallel),
                        ("trust_remote_code", trust_remote_code)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -326,7 +349,8 @@ def resolve_engine_config(
                         ffn_cuda_graphs=ffn_cuda_graphs,
                         enable_prefix_caching=enable_prefix_caching,
                         num_offload_blocks=num_offload_blocks,
-                        cache_aware_routing=cache_aware_routing, tokenizer=tokenizer,
+                        cache_aware_routing=cache_aware_routing,
+                        prefill_expert_parallel=prefill_expert_parallel, tokenizer=tokenizer,
                         trust_remote_code=trust_remote_code, quantization=quantization,
                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                         prompt_lookup_max=spec.prompt_lookup_max if spec else 0,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import zmq
 
 from afd import protocol
-from afd.config import EngineConfig, check_layout_options
+from afd.config import EngineConfig, check_layout_options, check_prefill_expert_parallel
 from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import from_load, resolve_placement
@@ -135,6 +135,8 @@ def start_authenticator(ctx: zmq.Context, keys: protocol.CurveKeys):
 
 
 class MultiRankClient:
+    prefill_ep = False  # prefill_expert_parallel: the prefill pool steps together (``_pool``)
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, layout: Layout, *,
                  micro_batches: int = 2, transport: str = "torch", timeout_s: float = 60.0,
                  placement: ExpertPlacement | str | os.PathLike | None = None,
@@ -160,6 +162,8 @@ class MultiRankClient:
         check_layout_options(micro_batches=micro_batches, transport=transport,
                              timeout_s=timeout_s, prefill_block_size=prefill_block_size,
                              eplb_interval_steps=eplb_interval_steps)
+        check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, layout.prefill,
+                                      model_cfg.num_experts)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
 
@@ -172,6 +176,7 @@ class MultiRankClient:
                     f"max_num_batched_tokens={engine_cfg.max_num_batched_tokens}: set "
                     f"max_num_batched_tokens <= {most}")
         self.layout, self.timeout_s = layout, timeout_s
+        self.prefill_ep = engine_cfg.prefill_expert_parallel  # the prefill pool steps together
         self.model_shape = (model_cfg.num_layers, model_cfg.num_experts)  # expert load records
         self.mtp = engine_cfg.mtp  # the ranks hold the MTP layer (its experts are placed too)
         self.expert_loads: dict[int, list | None] = {}  # attention rank -> its last snapshot
@@ -503,11 +508,12 @@ class MultiRankClient:
             self.rank_stats[rank] = CoreStats(0, 0, 0.0, blocks, 0)
 
     def _tell(self, rank: int, msg: protocol.ToRank) -> None:
-        """Send ``msg`` to ``rank``; to an attention rank, wake the others with it (an abort
-        that ends a sleep there must not wait in the vote for the sleepers)."""
+        """Send ``msg`` to ``rank``; to a rank that steps with others (``_pool``), wake the
+        others with it (an abort that ends a sleep there must not wait in the vote for the
+        sleepers)."""
         if not self.closed:
             self._send(rank, protocol.encode(msg))
-            if self.layout.prefill <= rank < self.layout.prefill + self.layout.attention:
+            if self._pool(rank):
                 self._wake_others(rank)
 
     def _send(self, rank: int, data: bytes) -> None:
@@ -528,16 +534,17 @@ class MultiRankClient:
         """A message (work, an abort, anything) just went to attention rank ``rank``, ending
         any sleep there: with FFN ranks, every other attention rank may be asleep on its
         socket (an idle cluster's, ``AttentionWorker.run``) and the vote that rank goes on to
-        would wait for it; wake them. A rank whose queue is full is awake (it has
+        would wait for it; wake them (so for a prefill rank with prefill_expert_parallel: the
+        rest of the prefill pool, ``PrefillWorker``). A rank whose queue is full is awake (it has
         not read them yet): the wake is dropped, never waited on. So is one to a rank sent
         anything in the last IDLE_POLL_S (a burst of adds would otherwise queue a wake per add
         on every rank): that message is unread, and ends any sleep at once, or was read under
         IDLE_POLL_S ago, and a rank sleeps only after QUIET_VOTES votes with no message since,
         each after a poll of IDLE_POLL_S."""
-        if not self.layout.ffn or self.closed:
+        if self.closed:
             return
         now = time.monotonic()
-        for other in range(self.layout.prefill, self.layout.prefill + self.layout.attention):
+        for other in self._pool(rank):
             if other != rank and now - self.sent_at.get(other, -math.inf) >= IDLE_POLL_S:
                 try:
                     self.outboxes[other].send(self.sealer.seal(other, self._WAKE),
@@ -545,6 +552,17 @@ class MultiRankClient:
                     self.sent_at[other] = now
                 except zmq.Again:
                     pass
+
+    def _pool(self, rank: int) -> range:
+        """The ranks that step together with ``rank`` (and may sleep between votes): the
+        attention ranks with FFN ranks, the prefill pool with prefill_expert_parallel; else
+        none (a rank that steps alone wakes on its own message)."""
+        layout = self.layout
+        if rank < layout.prefill:
+            return range(layout.prefill) if self.prefill_ep else range(0)
+        if rank < layout.prefill + layout.attention and layout.ffn:
+            return range(layout.prefill, layout.prefill + layout.attention)
+        return range(0)
 
     # ---- CoreClient -----------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> None:
@@ -571,8 +589,7 @@ class MultiRankClient:
         self.by_wire[wire_id] = placed
         if not self.closed:
             self._send(rank, wire)
-            if not self.layout.prefill:
-                self._wake_others(rank)
+            self._wake_others(rank)
             if req.request_id in self.to_drop:
                 self.to_drop.discard(req.request_id)
                 self._tell(rank, protocol.Drop(wire_id))

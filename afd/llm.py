@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
-                        resolve_engine_config)
+                        check_prefill_expert_parallel, resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
 from afd.outputs import RequestOutput
@@ -202,6 +202,8 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
         if ffn == 0 and options.get(name):
             raise ValueError(f"{name} needs ffn >= 1")
     check_layout_options(**options)
+    check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
+                                  model_cfg.num_experts)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         model = engine_cfg.load_model("full", engine_cfg.device)
@@ -244,7 +246,7 @@ class LLM:
         tokenizer_revision=None, download_dir=None, device=None,
         block_size=16, num_kv_blocks=None, kv_cache_memory_gb=None, max_num_seqs=256,
         max_num_batched_tokens=None, enable_prefix_caching=True, kv_offload_gb=0,
-        cache_aware_routing=True,
+        cache_aware_routing=True, prefill_expert_parallel=False,
         quantization=None, prefill=0, attention=1, ffn=0, micro_batches=2, transport="torch",
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         eplb_interval_steps=0, generation_config="auto", speculative_config=None,
@@ -272,6 +274,10 @@ class LLM:
     (afd.kv_offload; 0, the default: none).
     ``cache_aware_routing``: with several prefill or attention ranks, send a prompt to the rank
     that already ran its longest prefix unless that rank is overloaded (False: by load alone).
+    ``prefill_expert_parallel``: with ``prefill`` >= 2, each prefill rank holds only its slice
+    of the routed experts (about E / P) and the prefill pool runs the MoE layers as expert
+    parallelism among its ranks, stepping together (docs/layouts.md); False: every prefill
+    rank holds the whole model.
     ``quantization``: None follows the checkpoint (an FP8 block-scaled checkpoint's routed experts
     stay in FP8 where the MoE runs as Triton kernels, on CUDA; every other weight, and the
     experts elsewhere, are dequantized to ``dtype``; a bf16 checkpoint loads as it is); "fp8"

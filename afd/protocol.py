@@ -29,7 +29,7 @@ import secrets
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, NamedTuple, TypedDict, Union
+from typing import Annotated, Any, NamedTuple, NotRequired, TypedDict, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -163,9 +163,10 @@ class Shutdown(_ToRank, tag="shutdown"):
 
 
 class Wake(_ToRank, tag="wake"):
-    """To every other attention rank when one is sent work (with FFN ranks): an idle cluster's
-    attention ranks sleep on their sockets between step votes, and the vote that runs the step
-    waits for all of them (``AttentionWorker.run``). It carries nothing."""
+    """To every other attention rank when one is sent work (with FFN ranks), and to every other
+    prefill rank with prefill_expert_parallel: an idle cluster's ranks sleep on their sockets
+    between step votes, and the vote that runs the step waits for all of them
+    (``AttentionWorker.run``, ``PrefillWorker``). It carries nothing."""
 
 
 ToRank = Union[Add, Pull, Abort, Release, Send, Cancel, Drop, ResetPrefixCache, ExpertLoadStart,
@@ -195,6 +196,9 @@ class RankInfo(TypedDict):
     kv_bytes: Count
     num_kv_blocks: Count
     gc_frozen: Count
+    # per MoE layer (the MTP layer's last), the logical routed experts held, where a rank
+    # holds some (FFN ranks; prefill ranks with prefill_expert_parallel hold a slice)
+    expert_ids: NotRequired[list[list[int]]]
 
 
 class Ready(_FromRank, tag="ready"):

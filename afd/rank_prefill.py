@@ -22,18 +22,34 @@ from afd import protocol
 from afd.core import EngineCore
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
-from afd.workers import (IDLE_POLL_S, ControlLink, WorkerSpec, core_config, describe,
-                         idle_sleep_s)
+from afd.placement import ExpertPlacement
+from afd.transport import PeerExperts
+from afd.workers import (IDLE_POLL_S, QUIET_VOTES, ControlLink, Groups, WorkerSpec, core_config,
+                         describe, idle_sleep_s)
+from models.config import load_config
 
 log = logging.getLogger("afd.worker")
 
 
 class PrefillWorker:
-    def __init__(self, spec: WorkerSpec, index: int, device: torch.device, link: ControlLink):
+    step_group = None  # the prefill pool's vote group (prefill_expert_parallel), or None
+
+    def __init__(self, spec: WorkerSpec, index: int, device: torch.device, link: ControlLink,
+                 groups: Groups | None = None):
         self.spec, self.index, self.link = spec, index, link
         cfg = spec.engine_cfg
-        model = cfg.load_model("full", device)
-        self.core = EngineCore(model, core_config(spec, device, model.cfg), prefill_only=True)
+        self.step_group = groups.prefill_step if groups is not None else None
+        experts = None
+        if self.step_group is None:
+            model = cfg.load_model("full", device)
+        else:  # expert parallelism over the prefill pool: this rank's slice of the experts
+            num_experts = load_config(cfg.model, cfg.hf_overrides).num_experts
+            placement = ExpertPlacement.balanced(num_experts, spec.layout.prefill)
+            model = cfg.load_model("full", device, placement.rank_experts(index))
+            experts = PeerExperts(groups.prefill_experts, placement, model.all_layers(),
+                                  model.cfg.hidden_size, cfg.dtype, device)
+        self.core = EngineCore(model, core_config(spec, device, model.cfg), experts,
+                               prefill_only=True)
         if cfg.cache_aware_routing and spec.layout.prefill > 1:
             self.core.record_kv_events()  # the front end places prompts by them
         self.sending: list[Sending] = []
@@ -70,6 +86,8 @@ class PrefillWorker:
             self.core.reset_prefix_cache()
         elif isinstance(msg, protocol.Shutdown):
             self.stopping = True
+        elif isinstance(msg, protocol.Wake):  # it ended a sleep between votes: nothing else
+            pass
         else:  # a decode rank's kind (pull, expert load): not for this rank
             log.warning("prefill rank %d ignored a %r control message", self.index,
                         type(msg).__name__)
@@ -109,6 +127,8 @@ class PrefillWorker:
         kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
+        if self.step_group is not None:
+            return self._run_together()
         idle, sleep_s = True, idle_sleep_s(self.spec.timeout_s)
         while not self.stopping:
             # idle with no KV send in flight: nothing to do till a message comes
@@ -127,6 +147,45 @@ class PrefillWorker:
         busy = self.core.has_unfinished()
         if busy:
             outputs += self.core.step()
+        self._report(outputs)
+        return busy
+
+    def _run_together(self) -> None:
+        """The expert-parallel pool's loop: every rank votes before every step, work or not
+        (``[has work, stop, busy]``, MAX over the pool), and runs the step, empty where it has
+        no prompt, when any rank has work. Busy: a message taken, a KV send in flight, or a
+        prompt not done; after QUIET_VOTES votes in a row in which no rank is, each waits on
+        its socket up to ``idle_sleep_s`` (the front end wakes the pool with any message to
+        one of them). A dead peer fails the vote or a layer's all-to-all after the layout's
+        timeout (the process groups'): this rank then reports the error and exits."""
+        import torch.distributed as dist
+
+        idle, quiet, sleep_s = True, 0, idle_sleep_s(self.spec.timeout_s)
+        while True:
+            wait_s = (0.0 if not idle else sleep_s if quiet >= QUIET_VOTES and not self.sending
+                      else IDLE_POLL_S)
+            outputs = []
+            msgs = self.link.poll(wait_s)
+            for msg in msgs:
+                outputs += self._handle(msg)
+            self._progress_sends()
+            plan = self.core.scheduler.schedule()
+            busy = bool(msgs or outputs or self.sending) or self.core.has_unfinished()
+            vote = torch.tensor([int(not plan.empty), int(self.stopping), int(busy)])
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.step_group)
+            has_work, stop, busy = vote.tolist()
+            if stop:
+                return
+            quiet = 0 if busy or has_work else quiet + 1
+            idle = not has_work
+            if has_work:
+                self.core.check_open()
+                outputs += self.core.execute(plan)
+            self._report(outputs)
+
+    def _report(self, outputs: list[CoreOutput]) -> None:
+        """This step's outputs, parked prompts and KV events to the front end, or a heartbeat
+        when there is nothing to say."""
         parked = [protocol.Prefilled(s.request_id, s.num_computed_tokens, s.mtp_drafts)
                   for s in self.core.newly_parked]
         self.core.newly_parked.clear()
@@ -139,4 +198,3 @@ class PrefillWorker:
             self.reported_free = free
         else:
             self.link.heartbeat()
-        return busy

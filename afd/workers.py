@@ -104,14 +104,18 @@ class Groups:
     """Process groups every rank creates in the same order (torch.distributed requires it).
 
     With FFN ranks: ``step`` (the per-step vote) and one group per micro-batch, all over the
-    attention+FFN ranks. Without, attention ranks step independently and need none. KV transfers
-    from prefill ranks are point-to-point on the default group.
+    attention+FFN ranks. Without, attention ranks step independently and need none. With
+    ``prefill_expert_parallel`` (P >= 2): ``prefill_step`` (the prefill pool's vote) and
+    ``prefill_experts`` (its MoE all-to-alls, afd.transport.PeerExperts), over the prefill
+    ranks, made after the others. KV transfers from prefill ranks are point-to-point on the
+    default group. Every group carries ``timeout``: a dead peer is an error, not a hang.
     """
 
     def __init__(self, layout: Layout, micro_batches: int, timeout: datetime.timedelta,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, prefill_expert_parallel: bool = False):
         self.step = None
         self.experts: ExpertGroups | None = None
+        self.prefill_step = self.prefill_experts = None
         if layout.ffn:
             ranks = layout.expert_ranks
             self.step = dist.new_group(ranks, timeout=timeout)
@@ -120,6 +124,10 @@ class Groups:
                                          for _ in range(micro_batches)])
             if device is not None and layout.ffn > 1 and dist.get_rank() in ranks:
                 start_device_backend(self.step, device)  # (one FFN rank moves nothing)
+        if prefill_expert_parallel and layout.prefill > 1:
+            ranks = list(range(layout.prefill))
+            self.prefill_step = dist.new_group(ranks, timeout=timeout)
+            self.prefill_experts = dist.new_group(ranks, timeout=timeout)
 
 
 def start_device_backend(group, device: torch.device) -> None:
@@ -471,7 +479,8 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
                                   timeout=timeout)
             join_process_group(device, store=store, rank=spec.rank,
                                world_size=spec.layout.world_size, timeout=timeout)
-        groups = Groups(spec.layout, spec.micro_batches, timeout, device)
+        groups = Groups(spec.layout, spec.micro_batches, timeout, device,
+                        spec.engine_cfg.prefill_expert_parallel)
         if role != "ffn":  # it runs prompts, or recomputes preempted sequences in chunks
             from kernels.prefill_attention import preload
 
@@ -489,7 +498,7 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
             else:
                 from afd.rank_prefill import PrefillWorker
 
-                worker = PrefillWorker(spec, index, device, link)
+                worker = PrefillWorker(spec, index, device, link, groups)
         freeze_gc(f"rank {spec.rank} ({role} {index})")  # its model and KV cache are built
         worker.run()
         out.send(protocol.Bye())
@@ -513,12 +522,18 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
 
 def describe(model, kv_bytes: int, num_kv_blocks: int = 0) -> dict:
     """What this rank holds, for the front end's checks, router and logs: its KV pool's blocks
-    (the router's capacity for it; each rank may have sized its own), and how many objects its
-    ``freeze_gc`` took out of the garbage collector's passes."""
-    return {"role": model.role, "params": [n for n, _ in model.named_parameters()],
+    (the router's capacity for it; each rank may have sized its own), how many objects its
+    ``freeze_gc`` took out of the garbage collector's passes, and the routed experts of each
+    MoE layer where it holds any (``expert_ids``)."""
+    info = {"role": model.role, "params": [n for n, _ in model.named_parameters()],
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "kv_bytes": kv_bytes, "num_kv_blocks": num_kv_blocks,
             "gc_frozen": gc.get_freeze_count()}
+    held = [layer.mlp.experts.expert_ids for layer in model.all_layers()
+            if layer.is_moe and hasattr(layer.mlp, "experts")]
+    if held:
+        info["expert_ids"] = held
+    return info
 
 
 def freeze_gc(who: str) -> int:

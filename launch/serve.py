@@ -207,6 +207,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--hf-overrides", default=None, metavar="JSON",
                     help="config.json keys to replace on every rank, e.g. "
                          "'{\"num_hidden_layers\": 5}' (as vLLM's)")
+    ap.add_argument("--prefill-expert-parallel", action="store_true",
+                    help="with --prefill P >= 2: each prefill rank holds only its slice of the "
+                         "routed experts (about E/P) and the prefill pool runs the MoE layers "
+                         "as expert parallelism among its ranks (default: every prefill rank "
+                         "holds the whole model)")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--transport", default="torch", choices=["torch", "deepep"])
     ap.add_argument("--expert-placement", default=None, metavar="FILE",
@@ -272,6 +277,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         ap.error(f"--{name.replace('_', '-')} {value}: afd takes only {neutral}; it splits a "
                  f"model by its layout instead: --prefill P --attention A --ffn F "
                  f"(docs/layouts.md)")
+    if args.prefill_expert_parallel and args.prefill < 2:
+        ap.error(f"--prefill-expert-parallel needs --prefill >= 2 (the prefill pool's ranks "
+                 f"split the routed experts), got --prefill {args.prefill}")
     if args.speculative_config is not None:
         try:
             args.speculative_config = json.loads(args.speculative_config)
@@ -560,7 +568,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
             ffn_cuda_graphs=args.ffn_cuda_graphs,
             enable_prefix_caching=args.enable_prefix_caching, kv_offload_gb=args.kv_offload_gb,
-            cache_aware_routing=args.cache_aware_routing, tokenizer=args.tokenizer,
+            cache_aware_routing=args.cache_aware_routing,
+            prefill_expert_parallel=args.prefill_expert_parallel, tokenizer=args.tokenizer,
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
             speculative_config=args.speculative_config, load_format=args.load_format,
             hf_overrides=args.hf_overrides, kv_cache_dtype=args.kv_cache_dtype,

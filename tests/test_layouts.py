@@ -1203,7 +1203,8 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
     an add (or, in P/D, a pull) to one attention rank comes with a wake to every other one, so
     the vote that runs its step waits for no sleeper; without FFN ranks (no vote) none. A rank
     sent anything in the last IDLE_POLL_S gets no wake (a burst of adds queued one per add on
-    every rank); the front end's clock is faked for that."""
+    every rank); the front end's clock is faked for that. With prefill_expert_parallel the
+    prefill pool steps together too: an add to one prefill rank wakes the others (only)."""
     import itertools
     import types
 
@@ -1216,10 +1217,11 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
     from afd.sequence import CoreRequest
     from afd.workers import Layout
 
-    for prefill, ffn in ((0, 1), (1, 1), (0, 0)):
+    for prefill, ffn, pool in ((0, 1, False), (1, 1, False), (0, 0, False), (2, 0, True),
+                               (2, 0, False)):
         bare = BareClient(prefill=prefill, attention=2)
         client = bare.client
-        client.layout = Layout(prefill, 2, ffn)
+        client.layout, client.prefill_ep = Layout(prefill, 2, ffn), pool
         client.closed, client.placements, client.to_drop = False, itertools.count(), set()
         client.outboxes, inboxes = {}, {}
         try:
@@ -1273,8 +1275,12 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
                 assert received() == {target: ["Abort"], 1 - target: ["Wake"]}
                 monkeypatch.undo()
                 continue
-            assert received() == {0: ["Add"]}
             placed = client.placed["a"]
+            if prefill == 2:  # the other prefill rank only, and only when the pool votes
+                assert received() == ({placed.prefill: ["Add"], 1 - placed.prefill: ["Wake"]}
+                                      if pool else {placed.prefill: ["Add"]})
+                continue
+            assert received() == {0: ["Add"]}
             placed.first_token = 7
             assert client._hand_to_decode(placed.wire_id, 3, []) is None
             other = ({1, 2} - {placed.decode}).pop()
@@ -1335,7 +1341,8 @@ def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeyp
     idle_sleep_s; a message it takes (an abort, a wake) marks its vote busy, so the next
     QUIET_VOTES polls are short again (work sent meanwhile to another rank, whose vote waited
     for this one, is taken without a sleep). A prefill rank with nothing to do and no KV send in
-    flight sleeps the same way."""
+    flight sleeps the same way; so does an expert-parallel prefill pool's rank, which votes
+    as an attention rank does (a message it takes marks its vote busy)."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -1377,6 +1384,14 @@ def test_quiescent_ranks_sleep_between_votes_and_a_message_keeps_them_up(monkeyp
     prefill.link = ScriptedLink([[]])
     prefill.run()  # a KV send in flight: short waits
     assert prefill.link.waits == [short] * 2
+
+    pool = object.__new__(PrefillWorker)  # prefill_expert_parallel: the pool votes each step
+    pool.spec, pool.index, pool.core, pool.stopping = spec, 0, IdleCore(), False
+    pool.sending, pool.step_group = [], object()
+    pool.link = ScriptedLink([*quiet, [protocol.Abort(["y"])], *quiet, [protocol.Wake()], []])
+    pool.run()
+    assert pool.link.waits == [*after_quiet, sleep, *after_quiet, sleep, *[short] * 2]
+    assert pool.core.aborted == ["y"]
 
 
 def test_a_long_batch_of_kv_events_is_split_over_messages_read_before_the_outputs(monkeypatch):

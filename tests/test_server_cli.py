@@ -127,6 +127,9 @@ def test_model_positional_or_flag_and_their_conflict(capsys, tmp_path):
     (["--attention", "0"], "--attention must be >= 1, got 0"),
     (["--ffn", "-1"], "--ffn must be >= 0, got -1"),
     (["--prefill", "-2"], "--prefill must be >= 0, got -2"),
+    (["--prefill", "1", "--prefill-expert-parallel"],
+     "--prefill-expert-parallel needs --prefill >= 2 (the prefill pool's ranks split the "
+     "routed experts), got --prefill 1"),
 ])
 def test_bad_rank_counts_name_the_flag(capsys, flags, message):
     with pytest.raises(SystemExit):

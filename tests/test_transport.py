@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -242,11 +243,22 @@ def run_peer_rank(rank: int, port: int) -> None:
             # the same rows, summed in expert order in fp32: only the grouped GEMM's M differs
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"rank {rank} step {step}: {m}")
+    # a peer that never joins (alive, stuck): the dispatch fails at the group's timeout
+    stuck = dist.new_group(timeout=datetime.timedelta(seconds=1))
+    if rank == 0:
+        peers = PeerExperts(stuck, placement, [layer(0, mine)], H, torch.float32,
+                            torch.device("cpu"))
+        hidden, routing = peer_inputs(0, 0)
+        with pytest.raises(RuntimeError):
+            peers.dispatch(Dispatch(0, hidden, routing))
+    else:
+        time.sleep(2.5)  # alive past rank 0's timeout, never in the all-to-all
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_peer_experts_match_local_experts():
     """Expert parallelism among peers (the prefill pool's): three ranks in both roles, uneven
-    expert split, a rank with no tokens in a step, ids of -1."""
+    expert split, a rank with no tokens in a step, ids of -1; a peer that never joins fails
+    the others' all-to-all at the group's timeout (no hang)."""
     start_ranks(run_peer_rank, (free_port(),), PEERS)
