@@ -6,6 +6,9 @@ Two pairings exist in the checkpoints we serve:
     de-interleaved (all rotated even dims, then all rotated odd dims). Queries and keys go through
     the same permutation, so their dot product is unchanged, and a rope key cached in this layout
     needs no further shuffling.
+
+Partial rotary (GLM-4.5's ``partial_rotary_factor``): cos / sin [T, R/2] with R < D rotate the
+first R dims of each head (paired as above, within those R) and pass dims R.. through unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from kernels.backend import resolve_backend
 def apply_rotary_torch(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    """Reference. x: [T, heads, D]; cos, sin: [T, D/2] fp32. Returns [T, heads, D] in x's dtype."""
+    """Reference. x: [T, heads, D]; cos, sin: [T, R/2] fp32, R <= D the rotated dims (the
+    rest pass through). Returns [T, heads, D] in x's dtype."""
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat((apply_rotary_torch(x[..., :rotated], cos, sin, interleaved),
+                          x[..., rotated:]), dim=-1)
     cos = cos[:, None, :].to(x.dtype)
     sin = sin[:, None, :].to(x.dtype)
     if interleaved:

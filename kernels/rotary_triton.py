@@ -56,14 +56,16 @@ def rotary_kernel(
 def apply_rotary_triton(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    """Same contract as ``apply_rotary_torch``; x may be a strided view (unit stride along D)."""
+    """Same contract as ``apply_rotary_torch``; x may be a strided view (unit stride along D).
+    Partial rotary (cos / sin [T, R/2], R < D): the kernel rotates dims :R into the output,
+    whose dims R: are x's, copied."""
     if x.dim() != 3 or x.shape[-1] % 2:
         raise ValueError(f"x must be [T, heads, D] with D even, got {tuple(x.shape)}")
     num_tokens, num_heads, dim = x.shape
-    half = dim // 2
-    if cos.shape != (num_tokens, half) or sin.shape != (num_tokens, half):
-        raise ValueError(f"cos and sin must be [{num_tokens}, {half}], got {tuple(cos.shape)}, "
-                         f"{tuple(sin.shape)}")
+    half = cos.shape[-1] if cos.dim() == 2 else -1
+    if not 0 < half <= dim // 2 or cos.shape != (num_tokens, half) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be [{num_tokens}, R/2] with R <= {dim} the rotated "
+                         f"dims, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
@@ -71,6 +73,8 @@ def apply_rotary_triton(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    if 2 * half < dim:  # the dims past the rotated ones pass through
+        out[..., 2 * half:] = x[..., 2 * half:]
     block_d = next_pow2(half)
     block_h = min(next_pow2(num_heads), max(1, 2048 // block_d))
     grid = (num_tokens, cdiv(num_heads, block_h))

@@ -67,7 +67,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + self.rope, dtype, device, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, device)
         self.kv_b_proj = linear(cfg.kv_lora_rank, heads * (self.nope + self.v_dim), dtype, device)
-        self.o_proj = linear(heads * self.v_dim, h, dtype, device, bias=bias)
+        self.o_proj = linear(heads * self.v_dim, h, dtype, device, bias=cfg.o_proj_bias)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.q_lora_rank is None:
@@ -122,7 +122,9 @@ class MLAttention(nn.Module):
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm (Qwen3-MoE), HF parameter names."""
+    """Grouped-query attention (Qwen3-MoE, dots.llm1, GLM-4.5), HF parameter names: optional
+    per-head q/k RMSNorm, q/k/v and o_proj biases as configured, rotary over the first
+    ``cfg.rope.dim`` dims of each head (all of them but for GLM-4.5's partial rotary)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
         super().__init__()
@@ -133,7 +135,7 @@ class GQAttention(nn.Module):
         self.q_proj = linear(h, cfg.num_heads * d, dtype, device, bias=bias)
         self.k_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
         self.v_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
-        self.o_proj = linear(cfg.num_heads * d, h, dtype, device, bias=bias)
+        self.o_proj = linear(cfg.num_heads * d, h, dtype, device, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)

@@ -31,7 +31,16 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    # GLM-4.5 / 4.6 (and -Air): GQA with partial rotary, DeepSeek-V3 routing
+    "Glm4MoeForCausalLM": "glm4_moe",
+    # GLM-4.7-Flash: DeepSeek-V3's MLA with the GLM MoE (DeepSeek-V3's routing)
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    # rednote dots.llm1: Qwen3's attention with DeepSeek-V3's MoE
+    "Dots1ForCausalLM": "dots1",
 }
+# the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
+# whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
+GQA_ARCHITECTURES = ("qwen3_moe", "glm4_moe", "dots1")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 
 
@@ -100,15 +109,20 @@ class ModelConfig:
     """Everything the model code reads about a checkpoint.
 
     model_type: config.json's own (e.g. "kimi_k2"); architecture: the model code afd runs,
-    "deepseek_v2", "deepseek_v3" or "qwen3_moe" (``resolve_architecture``): code branches on
-    this one, never on model_type.
+    one of ``ARCHITECTURES``' values (``resolve_architecture``), read where config.json is
+    parsed; the model code branches on the features below, never on model_type.
     Attributes (attention):
-      attention: "mla" (DeepSeek multi-head latent attention) or "gqa" (Qwen3-MoE)
+      attention: "mla" (DeepSeek multi-head latent attention; GLM-4.7-Flash) or "gqa"
+      (Qwen3-MoE, GLM-4.5, dots.llm1)
       num_heads: query heads; num_kv_heads / head_dim: GQA only
       q_lora_rank: MLA query low-rank dim, None = a plain q_proj (DeepSeek-V2-Lite)
       kv_lora_rank: MLA latent dims cached per token; qk_rope_head_dim: rope dims cached beside it
       qk_nope_head_dim / v_head_dim: per-head dims after expanding the latent
-      qk_norm: RMSNorm on q and k per head (Qwen3)
+      qk_norm: RMSNorm on q and k per head (Qwen3, dots.llm1; GLM-4.5's use_qk_norm)
+      attention_bias: biased q/k/v projections (MLA: q_a / kv_a); o_proj_bias: a biased
+      o_proj (Qwen3's and DeepSeek's follow attention_bias, GLM-4.5's never has one)
+      rope.dim: rotated dims per head; GQA rotates the first rope.dim of head_dim (GLM-4.5's
+      partial_rotary_factor) and passes the rest through
     Attributes (feed-forward):
       num_experts: routed experts (0 = dense model); top_k: experts per token
       moe_intermediate_size: per routed expert; intermediate_size: dense MLP layers
@@ -137,6 +151,7 @@ class ModelConfig:
     num_kv_heads: int = 0
     head_dim: int = 0
     attention_bias: bool = False
+    o_proj_bias: bool = False
     qk_norm: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -310,32 +325,87 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported "
                                   "(silu is)")
 
+    attention = (_gqa_fields(raw, arch, hidden, num_heads) if arch in GQA_ARCHITECTURES
+                 else _mla_fields(raw, arch, num_heads))
     if arch == "qwen3_moe":
-        if raw.get("use_sliding_window"):
-            raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
-        head_dim = int(raw.get("head_dim") or hidden // num_heads)
         step = int(raw.get("decoder_sparse_step", 1) or 1)
         mlp_only = set(raw.get("mlp_only_layers") or [])
         moe_layers = tuple(
             i for i in range(num_layers)
             if num_experts > 0 and i not in mlp_only and (i + 1) % step == 0
         )
-        return ModelConfig(
-            **common,
-            attention="gqa",
-            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-            head_dim=head_dim,
-            qk_norm=True,
-            rope=_rope(raw, head_dim, interleaved=False),
-            attention_scale=head_dim**-0.5,
-            scoring="softmax",
-            topk_method="greedy",
-            moe_layers=moe_layers,
-        )
+        return ModelConfig(**common, **attention, scoring="softmax", topk_method="greedy",
+                           moe_layers=moe_layers)
+    return ModelConfig(**common, **attention,
+                       **_deepseek_moe_fields(raw, arch, num_layers, num_experts, top_k))
 
-    # DeepSeek-V2 / V3: multi-head latent attention.
+
+def _partial_rotary_factor(raw: dict[str, Any], default: float) -> float:
+    """``partial_rotary_factor``: in ``rope_parameters`` (transformers 5) or at the top level
+    (the hub's GLM-4.5 files)."""
+    params = raw.get("rope_parameters") or {}
+    return float(_first(params, "partial_rotary_factor",
+                        default=_first(raw, "partial_rotary_factor", default=default)))
+
+
+def _gqa_fields(raw: dict[str, Any], arch: str, hidden: int, num_heads: int) -> dict[str, Any]:
+    """Grouped-query attention: Qwen3's (Qwen3-MoE, dots.llm1: q/k RMSNorm always, o_proj
+    biased like q/k/v by ``attention_bias``, every head dim rotated) or GLM-4.5's (q/k norm by
+    ``use_qk_norm``, o_proj never biased, the first ``partial_rotary_factor`` of each head's
+    dims rotated, default 0.5 as in transformers' Glm4MoeConfig)."""
+    head_dim = int(raw.get("head_dim") or hidden // num_heads)
+    bias = bool(raw.get("attention_bias", False))
+    if arch == "glm4_moe":
+        qk_norm, o_proj_bias = bool(raw.get("use_qk_norm", False)), False
+        factor = _partial_rotary_factor(raw, 0.5)
+    else:
+        qk_norm, o_proj_bias, factor = True, bias, 1.0
+        _check_no_sliding_window(raw, arch)
+    rotary_dim = int(head_dim * factor)
+    if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor={factor} rotates {rotary_dim} of head_dim="
+                         f"{head_dim} dims: it must be in (0, 1] and rotate an even number "
+                         "(>= 2) of them")
+    return dict(
+        attention="gqa",
+        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim,
+        qk_norm=qk_norm,
+        o_proj_bias=o_proj_bias,
+        rope=_rope(raw, rotary_dim, interleaved=False),
+        attention_scale=head_dim**-0.5,
+    )
+
+
+def _check_no_sliding_window(raw: dict[str, Any], arch: str) -> None:
+    """Qwen3's attention slides its window over some layers when configured to (Qwen3-MoE:
+    ``use_sliding_window``; dots.llm1: ``layer_types`` "sliding_attention", transformers
+    deriving them from ``sliding_window`` and ``max_window_layers`` where absent)."""
+    if arch == "qwen3_moe":
+        if raw.get("use_sliding_window"):
+            raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
+        return
+    types = raw.get("layer_types")
+    if types is None and raw.get("sliding_window") is not None:
+        first = int(raw.get("max_window_layers") or 0)
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(int(raw["num_hidden_layers"]))]
+    sliding = [i for i, kind in enumerate(types or []) if kind == "sliding_attention"]
+    if sliding:
+        raise NotImplementedError(f"{arch}: layer_types puts sliding-window attention on layers "
+                                  f"{sliding} (sliding_window={raw.get('sliding_window')}, "
+                                  f"max_window_layers={raw.get('max_window_layers')}); afd runs "
+                                  "full attention only")
+
+
+def _mla_fields(raw: dict[str, Any], arch: str, num_heads: int) -> dict[str, Any]:
+    """DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash's too)."""
     rope_dim = int(raw["qk_rope_head_dim"])
     nope_dim = int(raw["qk_nope_head_dim"])
+    if _partial_rotary_factor(raw, 1.0) != 1.0:
+        raise NotImplementedError(f"partial_rotary_factor={_partial_rotary_factor(raw, 1.0)} "
+                                  f"with MLA ({arch}) is not supported: afd rotates all "
+                                  f"qk_rope_head_dim={rope_dim} dims")
     # V2 always interleaves rope pairs; V3 files may say rope_interleave (default true).
     interleaved = arch == "deepseek_v2" or bool(raw.get("rope_interleave", True))
     rope = _rope(raw, rope_dim, interleaved=interleaved)
@@ -343,23 +413,65 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     if rope.kind == "yarn" and rope.mscale_all_dim:
         m = yarn_mscale(rope.factor, rope.mscale_all_dim)
         scale = scale * m * m
-    is_v3 = arch == "deepseek_v3"
-    first_dense = int(raw.get("first_k_dense_replace") or 0)
-    freq = int(raw.get("moe_layer_freq") or 1)
-    nextn = int(raw.get("num_nextn_predict_layers") or 0)
-    moe_layers = tuple(  # the MTP layers (indices num_layers..) follow the same rule
-        i for i in range(num_layers + nextn)
-        if num_experts > 0 and i >= first_dense and i % freq == 0
+    return dict(
+        attention="mla",
+        num_kv_heads=num_heads,
+        rope=rope,
+        attention_scale=scale,
+        q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
+        kv_lora_rank=int(raw["kv_lora_rank"]),
+        qk_nope_head_dim=nope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(raw["v_head_dim"]),
+        o_proj_bias=bool(raw.get("attention_bias", False)),
     )
+
+
+# first_k_dense_replace where config.json leaves it out: transformers' config classes' default
+_FIRST_DENSE_DEFAULT = {"glm4_moe": 1}
+
+
+def _moe_layers(raw: dict[str, Any], arch: str, num_layers: int, nextn: int,
+                num_experts: int) -> tuple[int, ...]:
+    """The MoE layers of a DeepSeek-style model: from ``first_k_dense_replace`` and
+    ``moe_layer_freq``, or (GLM-4.7-Flash) ``mlp_layer_types`` ("dense" / "sparse" per layer,
+    by default one dense layer first). The MTP layers (indices num_layers..) are MoE layers
+    by the same rule (for ``mlp_layer_types``: MoE)."""
+    if not num_experts:
+        return ()
+    types = raw.get("mlp_layer_types")
+    if types is None and arch == "glm4_moe_lite" and raw.get("first_k_dense_replace") is None:
+        types = ["dense"] + ["sparse"] * (num_layers - 1)  # transformers' default
+    if types is not None:
+        if (not isinstance(types, list) or len(types) != num_layers
+                or any(t not in ("dense", "sparse") for t in types)):
+            raise ValueError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the "
+                             f"{num_layers} layers, got {types!r}")
+        return tuple(i for i in range(num_layers + nextn)
+                     if i >= num_layers or types[i] == "sparse")
+    first_dense = int(_first(raw, "first_k_dense_replace",
+                             default=_FIRST_DENSE_DEFAULT.get(arch, 0)))
+    freq = int(raw.get("moe_layer_freq") or 1)
+    return tuple(i for i in range(num_layers + nextn) if i >= first_dense and i % freq == 0)
+
+
+def _deepseek_moe_fields(raw: dict[str, Any], arch: str, num_layers: int, num_experts: int,
+                         top_k: int) -> dict[str, Any]:
+    """DeepSeek's MoE: shared experts, group-limited routing; DeepSeek-V3's (sigmoid,
+    noaux_tc) for every architecture here but DeepSeek-V2 (GLM-4.5, GLM-4.7-Flash and
+    dots.llm1 route as V3 does)."""
+    model_type = raw.get("model_type")
+    is_v3 = arch != "deepseek_v2"
+    nextn = int(_first(raw, "num_nextn_predict_layers", "num_mtp_layers", default=0))
     topk_method = raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
     scoring = raw.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
     n_group = int(raw.get("n_group") or 1)
     if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise NotImplementedError(f"topk_method {topk_method!r} is not supported")
-    # transformers' DeepSeek routers hard-code these (V3: sigmoid; V2: softmax, top-k weights
-    # left unnormalized); DeepSeek's reference code, which afd follows, reads them. No
-    # published checkpoint departs from those values; one that does decodes differently here
-    # than in transformers.
+    # transformers' DeepSeek-style routers hard-code these (V3, GLM, dots: sigmoid; V2: softmax,
+    # top-k weights left unnormalized); DeepSeek's reference code, which afd follows, reads
+    # them. No published checkpoint departs from those values; one that does decodes
+    # differently here than in transformers.
     departs = []
     if scoring != ("sigmoid" if is_v3 else "softmax"):
         departs.append(f"scoring_func={scoring!r}")
@@ -374,17 +486,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     topk_group = int(raw.get("topk_group") or 1)
     if num_experts and topk_method != "greedy" and n_group > 1:
         _check_groups(topk_method, num_experts, n_group, topk_group, top_k)
-    return ModelConfig(
-        **common,
-        attention="mla",
-        num_kv_heads=num_heads,
-        rope=rope,
-        attention_scale=scale,
-        q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
-        kv_lora_rank=int(raw["kv_lora_rank"]),
-        qk_nope_head_dim=nope_dim,
-        qk_rope_head_dim=rope_dim,
-        v_head_dim=int(raw["v_head_dim"]),
+    return dict(
         n_shared_experts=int(raw.get("n_shared_experts") or 0),
         scoring=scoring,
         topk_method=topk_method,
@@ -392,9 +494,10 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         topk_group=topk_group,
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
         router_dtype_fp32=True,
-        moe_layers=moe_layers,
+        moe_layers=_moe_layers(raw, arch, num_layers, nextn, num_experts),
         num_nextn_predict_layers=nextn,
     )
+
 
 
 def _check_groups(method: str, num_experts: int, n_group: int, topk_group: int,

@@ -46,12 +46,44 @@ CONFIGS = {
         mlp_only_layers=[1], max_position_embeddings=512, rms_norm_eps=1e-6,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, rope_theta=10000.0,
     ),
+    # GLM-4.5: GQA with q/k/v bias (o_proj unbiased), q/k norm, half the head dims rotated,
+    # DeepSeek-V3 routing over 2 groups (1 kept), scaled; one dense layer first
+    "glm4_moe": dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
+    # GLM-4.7-Flash: DeepSeek-V3's MLA (interleaved rope) with the GLM MoE; the dense / MoE
+    # layers from mlp_layer_types
+    "glm4_moe_lite": dict(
+        BASE_DEEPSEEK, q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+        norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"],
+    ),
+    # dots.llm1: Qwen3's attention (q/k norm) with DeepSeek-V3's MoE, unnormalized top-k
+    "dots1": dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=False,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
 }
 
 
 def hf_classes(kind: str):
     import transformers as tf
 
+    if kind.startswith("glm4_moe_lite"):
+        return tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
+    if kind.startswith("glm4_moe"):
+        return tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM
+    if kind.startswith("dots1"):
+        return tf.Dots1Config, tf.Dots1ForCausalLM
     if kind == "deepseek_v3":
         return tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM
     if kind.startswith("deepseek_v2"):

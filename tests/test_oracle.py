@@ -9,7 +9,7 @@ from afd import LLM, SamplingParams
 from ckpt_utils import build_hf_model, hf_greedy, mixed_prompts, save_checkpoint
 
 NEW_TOKENS = 32
-KINDS = ["deepseek_v3", "deepseek_v2_lite", "deepseek_v2", "qwen3_moe"]
+KINDS = ["deepseek_v3", "deepseek_v2_lite", "deepseek_v2", "qwen3_moe", "glm4_moe"]
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -121,6 +121,29 @@ VARIANTS = [
     ("qwen3_sliding_window_off", "qwen3_moe",
      dict(use_sliding_window=False, sliding_window=8, max_window_layers=1),
      lambda c: c.qk_norm),
+    # GLM-4.5 (ckpt_utils: q/k norm, q/k/v bias, partial rotary 0.5, 2 groups, scaling 2.5)
+    ("glm4_moe", "glm4_moe", {},
+     lambda c: c.attention == "gqa" and c.qk_norm and c.attention_bias and not c.o_proj_bias
+     and c.rope.dim == c.head_dim // 2 and (c.n_group, c.routed_scaling_factor) == (2, 2.5)
+     and c.moe_layers[0] == 1),
+    # GLM-4.5-Air's: no q/k norm, 2 dense layers; a quarter of the dims rotated, theta 1e6
+    ("glm4_moe_air_no_qk_norm", "glm4_moe",
+     dict(use_qk_norm=False, first_k_dense_replace=2, partial_rotary_factor=0.25,
+          rope_theta=1e6, num_hidden_layers=4),
+     lambda c: not c.qk_norm and c.moe_layers[0] == 2 and c.rope.dim == 4
+     and c.rope.theta == 1e6),
+    # GLM-4.7-Flash (MLA + GLM MoE, mlp_layer_types) and its rope pairs not interleaved
+    ("glm4_moe_lite", "glm4_moe_lite", {},
+     lambda c: c.attention == "mla" and c.rope.interleaved and c.moe_layers[:2] == (1, 2)),
+    ("glm4_moe_lite_dense_middle", "glm4_moe_lite",
+     dict(mlp_layer_types=["sparse", "dense", "sparse"], rope_interleave=False),
+     lambda c: c.moe_layers[:2] == (0, 2) and not c.rope.interleaved),
+    # dots.llm1 (Qwen3 attention, DeepSeek-V3 MoE), and with biases: o_proj's too, as Qwen3's
+    ("dots1", "dots1", {},
+     lambda c: c.attention == "gqa" and c.qk_norm and c.topk_method == "noaux_tc"
+     and c.rope.dim == c.head_dim and not c.norm_topk_prob),
+    ("dots1_attention_bias", "dots1", dict(attention_bias=True, norm_topk_prob=True),
+     lambda c: c.attention_bias and c.o_proj_bias and c.norm_topk_prob),
 ]
 
 
@@ -153,6 +176,18 @@ def test_variant_matches_transformers(kind, overrides, probe, tmp_path):
 def test_yarn_past_the_original_context_chunked(name, tmp_path):
     """Chunks of 16 tokens over blocks of 4: the chunks past the original context read their
     YaRN rotary keys back from the paged cache (MLA's latent and rope key; GQA's K)."""
+    _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
+    model = build_hf_model(kind, **overrides)
+    path = save_checkpoint(model, str(tmp_path))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts,
+                   max_num_batched_tokens=16, block_size=4)
+
+
+@pytest.mark.parametrize("name", ["glm4_moe_lite", "dots1"])
+def test_chunked_prompts_match_transformers(name, tmp_path):
+    """GLM-4.7-Flash and dots.llm1 with their prompts in chunks of 16 tokens over blocks of 4
+    (GLM-4.5's run in test_oracle's chunked and preempted runs)."""
     _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
     model = build_hf_model(kind, **overrides)
     path = save_checkpoint(model, str(tmp_path))
