@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from afd.spec_decode import SpecConfig, parse_speculative_config
-from models.config import ModelConfig, parse_dtype
+from models.config import MTP_ARCHITECTURES, ModelConfig, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -367,10 +367,11 @@ def resolve_engine_config(
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True) -> None:
     """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with
     (``weights``: its tensors too, not only config.json's word)."""
-    if model_cfg.attention != "mla":
-        raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3-architecture "
-                         f"checkpoint (its multi-token-prediction layer); {path!r} is "
-                         f"{model_cfg.architecture!r} (model_type {model_cfg.model_type!r})")
+    if model_cfg.architecture not in MTP_ARCHITECTURES:
+        raise ValueError(f"speculative_config method 'mtp' is not supported for architecture "
+                         f"{model_cfg.architecture!r} (model_type {model_cfg.model_type!r}, "
+                         f"{path!r}): afd runs the multi-token-prediction layer of "
+                         f"architectures {MTP_ARCHITECTURES}; use method 'ngram'")
     if model_cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config method 'mtp': {path!r} has no MTP layer "
                          "(config.json: num_nextn_predict_layers is 0 or absent); use method "

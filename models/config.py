@@ -41,6 +41,10 @@ ARCHITECTURES = {
 # the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
 # whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
 GQA_ARCHITECTURES = ("qwen3_moe", "glm4_moe", "dots1")
+# the architectures whose multi-token-prediction layer (``model.layers.{num_layers}.*``) is
+# DeepSeek-V3's module (enorm, hnorm, eh_proj, a decoder layer of the model's own kind,
+# shared_head), which afd's MTPLayer runs: speculative_config method "mtp"
+MTP_ARCHITECTURES = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 
 

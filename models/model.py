@@ -10,7 +10,8 @@ A model is built for a role: "full" (everything, the colocated engine), "attenti
 experts) or "ffn" (routed experts of the MoE layers only). Parameter names follow Hugging Face's,
 so the loader's name table is mostly the identity.
 
-With ``mtp`` the model also holds DeepSeek-V3's multi-token-prediction layer (``MTPLayer``, the
+With ``mtp`` the model also holds DeepSeek-V3's multi-token-prediction layer (``MTPLayer``;
+GLM-4.5's and GLM-4.7-Flash's are the same module around their own decoder layer; the
 checkpoint's ``model.layers.{num_layers}.*``, here ``mtp.*``): the draft of afd's "mtp"
 speculative decoding (afd.spec_decode), run after the target forward over the same rows.
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 from models.attention import GQAttention, MLAttention
 from models.batch import ForwardBatch
-from models.config import ModelConfig
+from models.config import MTP_ARCHITECTURES, ModelConfig
 from models.layers import DenseMLP, RMSNorm, Rotary, embedding, linear
 from models.moe import RoutedExperts, Router, Routing
 
@@ -200,9 +201,11 @@ class MoEModel(nn.Module):
             DecoderLayer(cfg, i, role, _layer_experts(expert_ids, i), dtype, device, fp8_experts)
             for i in range(cfg.num_layers)
         )
-        if mtp and (cfg.attention != "mla" or cfg.num_nextn_predict_layers < 1):
-            raise ValueError("mtp needs a DeepSeek-V3 MoE checkpoint with num_nextn_predict_layers "
-                             f">= 1 in config.json (model_type {cfg.model_type!r}, "
+        if mtp and (cfg.architecture not in MTP_ARCHITECTURES
+                    or cfg.num_nextn_predict_layers < 1):
+            raise ValueError(f"mtp needs a checkpoint of architecture {MTP_ARCHITECTURES} with "
+                             "num_nextn_predict_layers >= 1 in config.json (architecture "
+                             f"{cfg.architecture!r}, model_type {cfg.model_type!r}, "
                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers})")
         self.mtp = (MTPLayer(cfg, role, _layer_experts(expert_ids, cfg.num_layers), dtype,
                              device, fp8_experts) if mtp else None)

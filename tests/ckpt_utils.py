@@ -170,12 +170,11 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
     after ``model.layers.{L}.`` (the routed experts as transformers' fused ``gate_up_proj`` /
     ``down_proj``, for ``mtp_reference``)."""
     from safetensors.torch import save_file
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
     cfg = model.config
     num_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    block = DeepseekV3DecoderLayer(cfg, num_layers)
+    block = mtp_decoder_layer(model)
     shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,),
                    "eh_proj.weight": (hidden, 2 * hidden),
@@ -200,10 +199,24 @@ def add_mtp_layer(folder: str, model, seed: int = 7) -> dict[str, torch.Tensor]:
     return weights
 
 
-def mtp_checkpoint(folder: str):
-    """A tiny DeepSeek-V3 saved in ``folder`` with a random MTP layer added: (its folder, the
+def mtp_decoder_layer(model):
+    """transformers' decoder layer of ``model``'s kind at index num_hidden_layers (the MTP
+    layer's: a MoE layer), random weights, eval mode."""
+    import copy
+
+    cfg = model.config
+    layer_cls = type(model.model.layers[-1])
+    if getattr(cfg, "mlp_layer_types", None) is not None:  # GLM-4.7-Flash: one type a layer
+        cfg = copy.deepcopy(cfg)
+        cfg.mlp_layer_types = [*cfg.mlp_layer_types, "sparse"]
+    return layer_cls(cfg, model.config.num_hidden_layers).eval()
+
+
+def mtp_checkpoint(folder: str, kind: str = "deepseek_v3"):
+    """A tiny model of ``kind`` (DeepSeek-V3, or GLM-4.5 / GLM-4.7-Flash, whose MTP layer is
+    DeepSeek's) saved in ``folder`` with a random MTP layer added: (its folder, the
     transformers model, the MTP weights)."""
-    hf = build_hf_model("deepseek_v3")
+    hf = build_hf_model(kind)
     path = save_checkpoint(hf, folder)
     return path, hf, add_mtp_layer(path, hf)
 
@@ -249,14 +262,14 @@ def mtp_chain_reference(model, weights: dict[str, torch.Tensor], tokens: list[in
 
 
 class _MTPReference:
-    """DeepSeek-V3's MTP layer out of transformers' modules and the MTP weights (fp32)."""
+    """DeepSeek-V3's MTP layer out of transformers' modules and the MTP weights (fp32); the
+    decoder layer is ``model``'s own kind (GLM-4.5's MTP layer is DeepSeek's around a GLM
+    decoder layer)."""
 
     def __init__(self, model, weights: dict[str, torch.Tensor]):
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
-
         cfg = model.config
         self.model, self.weights, self.cfg = model, weights, cfg
-        self.block = DeepseekV3DecoderLayer(cfg, cfg.num_hidden_layers).eval()
+        self.block = mtp_decoder_layer(model)
         self.block.load_state_dict({k: v for k, v in weights.items()
                                     if k in self.block.state_dict()})
 

@@ -51,11 +51,41 @@ def _prefill_batch(n: int, block_size: int = 8) -> ForwardBatch:
                         context_lens=[n])
 
 
+@pytest.fixture(scope="module", params=["glm4_moe", "glm4_moe_lite"])
+def glm_mtp_ckpt(request, tmp_path_factory):
+    """GLM-4.5 (GQA) and GLM-4.7-Flash (MLA) with a random MTP layer (DeepSeek's module)."""
+    return mtp_checkpoint(str(tmp_path_factory.mktemp(request.param)), request.param)
+
+
 def test_mtp_layer_matches_the_formula_at_every_position(mtp_ckpt):
     """The MTP layer over a prefill's rows (target hidden states kept by the forward) gives
     DeepSeek's draft logits at every position, as transformers' decoder layer with the MTP
     weights computes them over the whole sequence without cache (fp32)."""
-    folder, hf, weights = mtp_ckpt
+    _check_layer_formula(mtp_ckpt)
+
+
+def test_glm_mtp_layer_matches_the_formula(glm_mtp_ckpt):
+    """GLM-4.5's and GLM-4.7-Flash's MTP layer: DeepSeek's formula around their own decoder
+    layer (GLM-4.5's: GQA with partial rotary, its own KV cache)."""
+    _check_layer_formula(glm_mtp_ckpt)
+
+
+def test_glm_drafts_follow_the_cached_path_step_by_step(glm_mtp_ckpt, monkeypatch):
+    """As ``test_drafts_follow_the_cached_path_step_by_step`` (k = 3, chained drafts)."""
+    _check_drafts(glm_mtp_ckpt, monkeypatch, 3)
+
+
+def test_glm_greedy_identical_with_mtp(glm_mtp_ckpt):
+    """GLM with MTP drafts: the plain engine's greedy tokens, drafts verified."""
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=2, lengths=[30, 5, 23])]
+    want, got, stats = _plain_and_mtp(glm_mtp_ckpt[0], PARAMS[0], prompts, 2,
+                                      max_num_batched_tokens=16)
+    _assert_same(want, got)
+    assert stats[0].num_draft_tokens > 0
+
+
+def _check_layer_formula(ckpt) -> None:
+    folder, hf, weights = ckpt
     model = load_model(folder, mtp=True)
     tokens = mixed_prompts(1, seed=3, lengths=[21])[0]
     n = len(tokens)
@@ -97,7 +127,11 @@ def test_drafts_follow_the_cached_path_step_by_step(mtp_ckpt, monkeypatch, k):
     are the reference chain's (``mtp_chain_reference``: each chained row from the draft before
     and the MTP output before it after shared_head.norm), so the chained rows' MTP KV written
     past the computed tokens is overwritten before any later row reads it."""
-    folder, hf, weights = mtp_ckpt
+    _check_drafts(mtp_ckpt, monkeypatch, k)
+
+
+def _check_drafts(ckpt, monkeypatch, k: int) -> None:
+    folder, hf, weights = ckpt
     seen = _record_drafts(monkeypatch)
     prompts = mixed_prompts(3, seed=5, lengths=[30, 3, 17])
     llm = LLM(folder, seed=0, block_size=8, max_num_batched_tokens=16,
@@ -382,8 +416,14 @@ def test_checkpoints_without_an_mtp_layer_are_refused(mtp_ckpt, tmp_path):
         model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, num_experts=8,
         moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1))
-    with pytest.raises(ValueError, match="needs a DeepSeek-V3-architecture checkpoint.*qwen3_moe"):
+    with pytest.raises(ValueError, match="not supported for architecture .qwen3_moe"):
         check_mtp_checkpoint(folder, qwen)
+    dots = config_from_dict(dict(
+        architectures=["Dots1ForCausalLM"], vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, n_routed_experts=8,
+        moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture .dots1"):
+        check_mtp_checkpoint(folder, dots)
 
 
 def test_mtp_copies_of_the_embedding_and_head_are_shared(mtp_ckpt, tmp_path):
