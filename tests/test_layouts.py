@@ -116,6 +116,24 @@ def test_layout_matches_single_process(request, references, kind, attention, ffn
         "rank processes left behind"
 
 
+def test_glm4_moe_on_attention_and_ffn_ranks_matches_single_process(tmp_path):
+    """GLM-4.5 (GQA with partial rotary and q/k/v bias, shared experts, grouped sigmoid
+    routing) on one attention and one FFN rank, two micro-batches: the single process's
+    greedy tokens (which test_oracle checks against transformers)."""
+    path = save_checkpoint(build_hf_model("glm4_moe"), str(tmp_path))
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, attention=1, ffn=1, micro_batches=2, timeout_s=30)
+    try:
+        check_roles(llm, 1, 1)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+    finally:
+        llm.shutdown()
+    assert all(p.poll() is not None for p in llm.engine.core.procs), "rank processes left behind"
+
+
 class TestOnSharedCluster:
     """The tests on shared_cluster, in a class so that its cluster stops once they are done,
     not at the module's end (its processes and memory)."""

@@ -160,7 +160,60 @@ QWEN3 = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_l
              moe_intermediate_size=16, intermediate_size=32)
 
 
+GLM4 = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", vocab_size=64,
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+            intermediate_size=32)
+GLM4_LITE = dict(ROUTED, architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite",
+                 n_group=1, topk_group=1)
+DOTS1 = dict(architectures=["Dots1ForCausalLM"], model_type="dots1", vocab_size=64,
+             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             intermediate_size=32)
+
+
+def test_glm_and_dots_configs_as_the_hub_spells_them():
+    """GLM-4.5's hub config.json: partial_rotary_factor at the top level (transformers 5 moves
+    it into rope_parameters), first_k_dense_replace left out (transformers' default 1), the
+    MTP layer count as num_nextn_predict_layers or transformers' num_mtp_layers; GLM-4.7-Flash
+    without mlp_layer_types (one dense layer first, as transformers; first_k_dense_replace
+    where given); dots.llm1 with a sliding_window no layer reaches (max_window_layers)."""
+    glm = config_from_dict({**GLM4, "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 1,
+                            "rope_theta": 1e6})
+    assert (glm.rope.dim, glm.rope.theta, glm.moe_layers) == (4, 1e6, (1, 2))
+    assert config_from_dict({**GLM4, "num_mtp_layers": 1}).num_nextn_predict_layers == 1
+    assert config_from_dict(GLM4).rope.dim == 4  # 0.5 by default
+    assert config_from_dict({**GLM4, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}}).rope.dim == 8
+    lite = config_from_dict({**GLM4_LITE, "num_hidden_layers": 3})
+    assert lite.moe_layers == (1, 2) and lite.attention == "mla"
+    assert config_from_dict({**GLM4_LITE, "num_hidden_layers": 3,
+                             "first_k_dense_replace": 2}).moe_layers == (2,)
+    dots = config_from_dict({**DOTS1, "sliding_window": 4096, "max_window_layers": 62})
+    assert dots.qk_norm and dots.topk_method == "noaux_tc" and dots.moe_layers == (0, 1)
+
+
+@pytest.mark.parametrize(("base", "changes", "field"), [
+    (GLM4, {"partial_rotary_factor": 0.375}, "partial_rotary_factor=0.375"),  # 3 dims: odd
+    (GLM4, {"partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1"),  # none rotated
+    (GLM4, {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.5}},
+     "partial_rotary_factor=1.5"),
+    (GLM4, {"n_group": 8, "topk_group": 1}, "n_group=8"),
+    (GLM4_LITE, {"mlp_layer_types": ["dense", "moe"]}, "mlp_layer_types"),
+    (GLM4_LITE, {"mlp_layer_types": ["dense"]}, "mlp_layer_types"),
+])
+def test_glm_values_afd_cannot_run_are_refused(base, changes, field):
+    config_from_dict(base)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        config_from_dict({**base, **changes})
+
+
 @pytest.mark.parametrize(("base", "changes", "message"), [
+    (DOTS1, {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8},
+     "layer_types puts sliding-window attention on layers [1]"),
+    (DOTS1, {"sliding_window": 8, "max_window_layers": 1},
+     "layer_types puts sliding-window attention on layers [1]"),
+    (GLM4_LITE, {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 with MLA"),
     (ROUTED, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     (ROUTED, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type 'llama3'"),
     (QWEN3, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
