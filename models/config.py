@@ -469,6 +469,14 @@ def _deepseek_moe_fields(raw: dict[str, Any], arch: str, num_layers: int, num_ex
     nextn = int(_first(raw, "num_nextn_predict_layers", "num_mtp_layers", default=0))
     topk_method = raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
     scoring = raw.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
+    if arch == "dots1":
+        # dots.llm1's config.json names its routing in scoring_func: "noaux_tc" (sigmoid +
+        # bias, DeepSeek-V3's, which transformers' Dots1 hard-codes); SGLang's other values
+        # (e.g. "aux_loss_post_softmax") route otherwise, where transformers still routes as V3
+        if scoring not in ("noaux_tc", "sigmoid"):
+            raise NotImplementedError(f"dots1 scoring_func {scoring!r} is not supported "
+                                      "(noaux_tc is: sigmoid + e_score_correction_bias)")
+        scoring = "sigmoid"
     n_group = int(raw.get("n_group") or 1)
     if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise NotImplementedError(f"topk_method {topk_method!r} is not supported")

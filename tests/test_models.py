@@ -191,6 +191,9 @@ def test_glm_and_dots_configs_as_the_hub_spells_them():
                              "first_k_dense_replace": 2}).moe_layers == (2,)
     dots = config_from_dict({**DOTS1, "sliding_window": 4096, "max_window_layers": 62})
     assert dots.qk_norm and dots.topk_method == "noaux_tc" and dots.moe_layers == (0, 1)
+    # dots.llm1's release spells its routing scoring_func "noaux_tc" (SGLang reads it so)
+    assert config_from_dict({**DOTS1, "scoring_func": "noaux_tc"}) == dots
+    assert dots.scoring == "sigmoid"
 
 
 @pytest.mark.parametrize(("base", "changes", "field"), [
@@ -214,6 +217,8 @@ def test_glm_values_afd_cannot_run_are_refused(base, changes, field):
     (DOTS1, {"sliding_window": 8, "max_window_layers": 1},
      "layer_types puts sliding-window attention on layers [1]"),
     (GLM4_LITE, {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 with MLA"),
+    (DOTS1, {"scoring_func": "aux_loss_post_softmax"},
+     "dots1 scoring_func 'aux_loss_post_softmax'"),
     (ROUTED, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     (ROUTED, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type 'llama3'"),
     (QWEN3, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
