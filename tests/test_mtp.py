@@ -70,6 +70,25 @@ def test_glm_mtp_layer_matches_the_formula(glm_mtp_ckpt):
     _check_layer_formula(glm_mtp_ckpt)
 
 
+def test_an_mtp_layer_without_its_embedding_and_head_uses_the_models(glm_mtp_ckpt, tmp_path):
+    """An MTP layer shipped without its own embed_tokens / shared_head.head (reported of
+    GLM-4.6's release; DeepSeek-V3's has both) loads and runs on the model's: DeepSeek's
+    formula with the model's embedding and LM head."""
+    folder, hf, weights = glm_mtp_ckpt
+    bare = str(tmp_path / "bare")
+    shutil.copytree(folder, bare)
+    name = os.path.join(bare, "model-mtp.safetensors")
+    prefix = f"model.layers.{hf.config.num_hidden_layers}."
+    tensors = load_file(name)
+    del tensors[prefix + "embed_tokens.weight"], tensors[prefix + "shared_head.head.weight"]
+    save_file(tensors, name)
+    model = load_model(bare, mtp=True)
+    assert model.mtp.embed_tokens.weight is model.model.embed_tokens.weight
+    assert model.mtp.shared_head.head.weight is model.lm_head.weight
+    _check_layer_formula((bare, hf, {**weights, "embed_tokens.weight": hf.model.embed_tokens.weight,
+                                     "shared_head.head.weight": hf.lm_head.weight}))
+
+
 def test_glm_drafts_follow_the_cached_path_step_by_step(glm_mtp_ckpt, monkeypatch):
     """As ``test_drafts_follow_the_cached_path_step_by_step`` (k = 3, chained drafts)."""
     _check_drafts(glm_mtp_ckpt, monkeypatch, 3)
