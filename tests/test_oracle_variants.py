@@ -228,3 +228,36 @@ def test_hub_spelled_config_matches_transformers(kind, tmp_path):
     assert hf.config.rope_parameters["rope_type"] == "yarn"
     prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
     assert_matches(path, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts], prompts)
+
+
+# config.json edits to the hub's spelling: GLM-4.5's partial_rotary_factor and rope_theta at the
+# top level and no first_k_dense_replace (1 by default, both sides); GLM-4.7-Flash with
+# first_k_dense_replace instead of mlp_layer_types (transformers: one dense layer first);
+# dots.llm1's scoring_func "noaux_tc" (transformers ignores it, routing as DeepSeek-V3)
+HUB_GLM = {
+    "glm4_moe": (dict(partial_rotary_factor=0.5, rope_theta=1e6, first_k_dense_replace=None),
+                 lambda c: c.rope.dim == c.head_dim // 2 and c.rope.theta == 1e6),
+    "glm4_moe_lite": (dict(mlp_layer_types=None, first_k_dense_replace=1),
+                      lambda c: c.moe_layers[:2] == (1, 2)),
+    "dots1": (dict(scoring_func="noaux_tc"), lambda c: c.scoring == "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HUB_GLM))
+def test_hub_spelled_glm_and_dots_configs_match_transformers(kind, tmp_path):
+    import transformers
+
+    from ckpt_utils import edit_config
+
+    path = save_checkpoint(build_hf_model(kind), str(tmp_path))
+    changes, probe = HUB_GLM[kind]
+    if kind == "glm4_moe":
+        with open(os.path.join(path, "config.json")) as f:
+            assert json.load(f)["rope_parameters"]
+        changes = dict(changes, rope_parameters=None)
+    edit_config(path, **changes)
+    assert probe(load_config(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    prompts = mixed_prompts(2, lengths=LENGTHS[:2])
+    assert_matches(path, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts], prompts)
