@@ -665,8 +665,8 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         mode = self.tool_mode(auto_parser)
         max_calls = 1 if self.parallel_tool_calls is False else None
         if mode == "auto":
-            fmt = PARSERS[auto_parser]
-            return lambda: MarkerStream(fmt, max_calls)
+            fmt, tools = PARSERS[auto_parser], [t.model_dump() for t in self.tools]
+            return lambda: MarkerStream(fmt, max_calls, tools)
         if mode == "required":
             return lambda: RequiredStream(max_calls)
         if mode == "named":

@@ -11,9 +11,10 @@ read once, whatever the body's length.
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from afd.stream_scan import GrowingText, ObjectScan, find_new, partial_marker
 
@@ -37,10 +38,17 @@ class Peek:
 
 
 class CallBody:
-    """One call's body, fed as it is written (``feed``)."""
+    """One call's body, fed as it is written (``feed``). ``tools``: the request's tools
+    (OpenAI's dicts), for a format whose arguments take their types from the schema (GLM)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         self.text = GrowingText()
+
+    @property
+    def args_text(self) -> GrowingText:
+        """The text a ``Peek``'s span lies in: the body itself, where the model writes JSON
+        arguments; GLM's JSON, made from its key/value pairs as they come."""
+        return self.text
 
     def feed(self, piece: str) -> None:
         if piece:
@@ -71,15 +79,15 @@ class CallBody:
         return None
 
     def arguments(self, peeked: Peek) -> str:
-        return self.text.slice(peeked.start, peeked.stop)
+        return self.args_text.slice(peeked.start, peeked.stop)
 
 
 class _HermesBody(CallBody):
     """``{"name": ..., "arguments": {...}}`` (or ``"parameters"``), the members in any order:
     the arguments stream once the name is whole (a key written twice: its last value)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
         self.object: ObjectScan | None = None
         self.dead = False  # the body does not start with "{"
         self._name: tuple[int, str | None] | None = None  # (where, its value) of the last read
@@ -135,8 +143,8 @@ class _DeepSeekV3Body(CallBody):
     separator; the arguments stream once the opening fence is whole, up to the closing one
     (what may be its beginning held back)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
         self.sep = -1  # where the separator starts
         self.line = -1  # the newline that ends the name
         self.name = ""
@@ -198,8 +206,8 @@ class _SeparatorBody(CallBody):
 
     marker = ""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
         self.sep = -1
         self.head: tuple[str, str | None] | None = None
         self.args = -1  # where the arguments start
@@ -260,21 +268,186 @@ class _KimiK2Body(_SeparatorBody):
             self.args = base + len(piece) - len(kept)
 
 
+_KEY, _KEY_END = "<arg_key>", "</arg_key>"
+_VALUE, _VALUE_END = "<arg_value>", "</arg_value>"
+
+
+def string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozenset[str]:
+    """The parameters of tool ``name`` whose schema type is "string" (vLLM's test: a
+    property's ``type`` is exactly "string"); none for a tool not in ``tools``."""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        if function.get("name") == name:
+            props = (function.get("parameters") or {}).get("properties") or {}
+            return frozenset(k for k, v in props.items()
+                             if isinstance(v, dict) and v.get("type") == "string")
+    return frozenset()
+
+
+def glm_value(raw: str, is_string: bool) -> Any:
+    """A GLM argument's value: a string parameter's text as written; any other's text (less
+    the whitespace around it) read as JSON, else as a Python literal (``True``, ``'x'``:
+    vLLM reads both), else kept as a string."""
+    if is_string:
+        return raw
+    text = raw.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        value = ast.literal_eval(text)
+        json.dumps(value)  # sets, bytes, complex numbers: not JSON
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def glm_name(head: str) -> str | None:
+    """The name a GLM call's first line holds, or None: empty, or with a blank or a ``<``."""
+    name = head.strip()
+    return name if name and not any(c.isspace() or c == "<" for c in name) else None
+
+
+class _GlmBody(CallBody):
+    """GLM-4.5/4.6/4.7: ``NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...`` (GLM-4.7
+    leaves out the newlines). The name ends at the first newline or ``<arg_key>`` (a body
+    with neither is a call without arguments); then only key/value pairs and whitespace may
+    follow. The arguments are JSON made from the pairs (``glm_value``; a key given twice: its
+    last value, in its first place), written to ``json`` as each pair ends; a string
+    parameter's value streams as it is written (what may begin ``</arg_value>`` held back).
+    Once a key comes twice the arguments so far stop growing (``peek`` is None)."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
+        self.tools = tools
+        self.name: str | None = None
+        self.strings: frozenset[str] = frozenset()  # the call's string parameters
+        self.phase = "name"  # name, key-or-end, key, value-marker, value, dead
+        self.pos = 0  # where the next thing to read starts
+        self.searched = 0  # the text read for the marker that ends a key or value
+        self.key = ""
+        self.args: dict[str, Any] = {}
+        self.twice = False  # a key came twice
+        self.json = GrowingText()  # "{", the pairs so far, an open string value so far
+        self.open = -1  # an open string value: how far its text went into ``json``
+
+    @property
+    def args_text(self) -> GrowingText:
+        return self.json
+
+    def _read(self, piece: str, base: int) -> None:
+        text, end = self.text, self.text.length
+        while True:
+            if self.phase == "name":
+                line = piece.find("\n", max(self.pos - base, 0))
+                key = find_new(text, _KEY, 0, self.searched)
+                self.searched = end
+                cuts = [i for i in (-1 if line < 0 else base + line, key) if i >= 0]
+                if not cuts:
+                    return
+                cut = min(cuts)
+                self.name = glm_name(text.slice(0, cut))
+                if self.name is None:
+                    self.phase = "dead"
+                    return
+                self.strings = string_parameters(self.tools, self.name)
+                self.json.append("{")
+                self.pos = cut + 1 if cut != key else cut
+                self.phase = "key-or-end"
+            elif self.phase in ("key-or-end", "value-marker"):
+                marker = _KEY if self.phase == "key-or-end" else _VALUE
+                rest = text.slice(self.pos, end)
+                kept = rest.lstrip()
+                self.pos += len(rest) - len(kept)
+                if not kept or (len(kept) < len(marker) and marker.startswith(kept)):
+                    return
+                if not kept.startswith(marker):
+                    self.phase = "dead"
+                    return
+                self.pos += len(marker)
+                self.searched = self.pos
+                if marker == _KEY:
+                    self.phase = "key"
+                    continue
+                self.phase = "value"
+                if self.key in self.args:
+                    self.twice = True
+                if not self.twice and self.key in self.strings:
+                    self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
+                    self.open = self.pos
+            elif self.phase == "key":
+                stop = find_new(text, _KEY_END, self.pos, self.searched)
+                self.searched = end
+                if stop < 0:
+                    return
+                self.key = text.slice(self.pos, stop).strip()
+                self.pos = stop + len(_KEY_END)
+                self.phase = "value-marker"
+            elif self.phase == "value":
+                stop = find_new(text, _VALUE_END, self.pos, self.searched)
+                self.searched = end
+                if stop < 0:
+                    if self.open >= 0:
+                        tail = text.slice(max(self.open, end - len(_VALUE_END) + 1), end)
+                        self._escape(end - partial_marker(tail, 0, (_VALUE_END,)))
+                    return
+                raw = text.slice(self.pos, stop)
+                value = glm_value(raw, self.key in self.strings)
+                if self.open >= 0:
+                    self._escape(stop)
+                    self.json.append('"')
+                    self.open = -1
+                elif not self.twice:
+                    self.json.append((", " if self.args else "") + _dumps(self.key) + ": "
+                                     + _dumps(value))
+                self.args[self.key] = value
+                self.pos = stop + len(_VALUE_END)
+                self.phase = "key-or-end"
+            else:
+                return
+
+    def _escape(self, stop: int) -> None:
+        """The open string value's text up to ``stop`` goes into ``json``, escaped."""
+        if stop > self.open:
+            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
+            self.open = stop
+
+    def peek(self) -> Peek | None:
+        if self.name is None or self.phase == "dead" or self.twice:
+            return None
+        return Peek(self.name, 0, self.json.length)
+
+    def parse(self) -> tuple[str, str] | None:
+        if self.phase == "name":  # no newline, no key: a call without arguments
+            name = glm_name(str(self.text))
+            return None if name is None else (name, "{}")
+        if self.phase != "key-or-end" or self.text.slice(self.pos, self.text.length).strip():
+            return None
+        return self.name, "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}"
+                                          for k, v in self.args.items()) + "}"
+
+
 @dataclass(frozen=True)
 class CallFormat:
     """A model's tool-call text: each call's body sits between ``begin`` and ``end``;
     ``wrappers`` are markers around a group of calls, dropped from the content; ``body`` makes
-    the reader of one call's body."""
+    the reader of one call's body (given the request's tools)."""
 
     name: str
     begin: str
     end: str
     wrappers: tuple[str, ...]
-    body: Callable[[], CallBody]
+    body: Callable[[list[dict[str, Any]] | None], CallBody]
+    inner: tuple[str, ...] = ()  # markers inside a call's body (GLM's key/value markers)
 
     @property
     def markers(self) -> tuple[str, ...]:
-        return (self.begin, self.end, *self.wrappers)
+        return (self.begin, self.end, *self.wrappers, *self.inner)
 
 
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
@@ -288,4 +461,8 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     CallFormat("deepseek_v31", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
                _DeepSeekV31Body),
     CallFormat("kimi_k2", "<|tool_call_begin|>", "<|tool_call_end|>", _KIMI_WRAP, _KimiK2Body),
+    # GLM-4.7 writes GLM-4.5's calls without the newlines, which glm45's reader allows:
+    # glm47 (vLLM's name for it) is the same reader
+    *(CallFormat(name, "<tool_call>", "</tool_call>", (), _GlmBody,
+                 (_KEY, _KEY_END, _VALUE, _VALUE_END)) for name in ("glm45", "glm47")),
 )}

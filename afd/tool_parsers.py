@@ -198,9 +198,11 @@ class MarkerStream(ToolCallStream):
     Of the text before a step's delta it keeps only what may begin a marker (``_tail``) and,
     inside a call, the call's body (read as it comes, by the format's ``CallBody``)."""
 
-    def __init__(self, fmt: CallFormat, max_calls: int | None = None):
+    def __init__(self, fmt: CallFormat, max_calls: int | None = None,
+                 tools: list[dict[str, Any]] | None = None):
         super().__init__(max_calls)
         self.fmt = fmt
+        self.tools = tools  # the request's tools (GLM reads its arguments' types from them)
         self._outside = (fmt.begin, *fmt.wrappers)
         self._tail = ""  # the text not handled yet: what may be the start of a marker
         self.body: CallBody | None = None  # the open call's body
@@ -234,7 +236,7 @@ class MarkerStream(ToolCallStream):
                 self._text(text[pos:i])
                 pos = i + len(marker)
                 if marker == fmt.begin:
-                    self.body, self.begun, self.sent = fmt.body(), False, None
+                    self.body, self.begun, self.sent = fmt.body(self.tools), False, None
                     self.refused = None
                 continue
             end = text.find(fmt.end, pos)
@@ -250,7 +252,7 @@ class MarkerStream(ToolCallStream):
             self.body = None
 
     def _sent_text(self) -> str:
-        return "" if self.sent is None else self.body.text.slice(*self.sent)
+        return "" if self.sent is None else self.body.args_text.slice(*self.sent)
 
     def _close_call(self, ended: bool) -> None:
         """The open call's body is whole (``ended``: its end marker came; else the text
@@ -287,10 +289,10 @@ class MarkerStream(ToolCallStream):
         if sent is not None and start != sent[0]:
             if start == self.refused:
                 return
-            if self.body.text.slice(start, start + done) != self._sent_text():
+            if self.body.args_text.slice(start, start + done) != self._sent_text():
                 self.refused = start
                 return
-        self._args(self.body.text.slice(start + done, stop))
+        self._args(self.body.args_text.slice(start + done, stop))
         self.sent = (start, stop)
 
 

@@ -2,17 +2,21 @@
 0e72e40): each update is fed the completion's whole text so far and rescans it. Kept for the
 tests only, as the spec the incremental readers in ``afd.tool_parsers`` and
 ``afd.reasoning_parsers`` must match piece for piece (tests/test_parser_streams.py); not used
-by afd itself. Only the imports and this docstring differ from that commit's code."""
+by afd itself. Only the imports, this docstring and GLM's whole-text reader (``_glm_peek``,
+``_glm_parse``: written with afd's incremental one, which came later) differ from that
+commit's code."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 # the output types are afd's (unchanged by the delta readers), so pieces compare equal as objects
-from afd.tool_formats import is_json  # noqa: E402
+from afd.tool_formats import glm_name, glm_value, is_json, string_parameters  # noqa: E402
 from afd.tool_parsers import CallPiece, ParsedOutput, StreamPiece, ToolCall  # noqa: E402
 
 
@@ -336,6 +340,83 @@ def _kimi_k2_id(body: str) -> str | None:
     return None if split is None else split[0]
 
 
+_GLM_PAIR = re.compile(r"\s*<arg_key>((?:(?!</arg_key>).)*)</arg_key>\s*<arg_value>"
+                       r"((?:(?!</arg_value>).)*)</arg_value>", re.S)
+_GLM_OPEN = re.compile(r"\s*<arg_key>((?:(?!</arg_key>).)*)</arg_key>\s*<arg_value>(.*)", re.S)
+_GLM_KEY_SO_FAR = re.compile(r"\s*(<arg_key>(?:(?!</arg_key>).)*(</arg_key>\s*)?)?", re.S)
+
+
+def _glm_pairs(body: str, tools: list[dict[str, Any]] | None
+               ) -> tuple[str, frozenset[str], list[tuple[str, Any]], str] | None:
+    """(name, its string parameters, the whole pairs in order, the rest) once the name is
+    whole (a newline or <arg_key> ends it); None before that or if the name is bad."""
+    cuts = [i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0]
+    if not cuts:
+        return None
+    cut = min(cuts)
+    name = glm_name(body[:cut])
+    if name is None:
+        return None
+    strings = string_parameters(tools, name)
+    pos, pairs = cut + 1 if body[cut] == "\n" else cut, []
+    while (m := _GLM_PAIR.match(body, pos)) is not None:
+        key = m.group(1).strip()
+        pairs.append((key, glm_value(m.group(2), key in strings)))
+        pos = m.end()
+    return name, strings, pairs, body[pos:]
+
+
+def _glm_json(pairs: list[tuple[str, Any]]) -> str:
+    return ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}"
+                     for k, v in pairs)
+
+
+def _glm_peek(body: str, tools: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    found = _glm_pairs(body, tools)
+    if found is None:
+        return None
+    name, strings, pairs, rest = found
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        return None
+    out = "{" + _glm_json(pairs)
+    m = _GLM_OPEN.fullmatch(rest)
+    if m is not None:
+        key, value = m.group(1).strip(), m.group(2)
+        if key in keys:
+            return None
+        if key in strings:
+            for k in range(min(len(value), len("</arg_value>")), 0, -1):
+                if "</arg_value>".startswith(value[-k:]):
+                    value = value[:-k]
+                    break
+            out += (", " if pairs else "") + json.dumps(key, ensure_ascii=False) + ': "' \
+                + json.dumps(value, ensure_ascii=False)[1:-1]
+        return name, out
+    m = _GLM_KEY_SO_FAR.match(rest)
+    tail = rest[m.end():]
+    marker = "<arg_value>" if m.group(2) else "<arg_key>"
+    if m.group(1) and not m.group(2) and not tail or tail == "" or marker.startswith(tail):
+        return name, out
+    return None
+
+
+def _glm_parse(body: str, tools: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    found = _glm_pairs(body, tools)
+    if found is None:
+        cut = [i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0]
+        name = None if cut else glm_name(body)
+        return None if name is None else (name, "{}")
+    name, _, pairs, rest = found
+    return None if rest.strip() else (name, "{" + _glm_json(list(dict(pairs).items())) + "}")
+
+
+def glm_format(name: str, tools: list[dict[str, Any]] | None) -> CallFormat:
+    """GLM's format reading the arguments' types from ``tools``."""
+    return CallFormat(name, "<tool_call>", "</tool_call>", (), partial(_glm_parse, tools=tools),
+                      partial(_glm_peek, tools=tools))
+
+
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
 # some K2 checkpoints write the section markers singular (vLLM accepts both)
 _KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
@@ -348,6 +429,7 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
                _deepseek_v31_parse, _deepseek_v31_peek),
     CallFormat("kimi_k2", "<|tool_call_begin|>", "<|tool_call_end|>", _KIMI_WRAP,
                _kimi_k2_parse, _kimi_k2_peek, _kimi_k2_id),
+    glm_format("glm45", None), glm_format("glm47", None),
 )}
 
 

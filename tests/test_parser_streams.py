@@ -91,6 +91,30 @@ KIMI = [
     K_BEGIN + "x.y.f:12" + K_ARGS + "  " + K_END,
     "<|tool_call_beg " + K_BEGIN + "f:0" + K_ARGS + "{" + K_ARGS + "}" + K_END + "<|tool_",
 ]
+G_KEY, G_KEY_END, G_VAL, G_VAL_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+GLM = [
+    "Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
+    "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>[1, 2]</arg_value>\n</tool_call>"
+    "<tool_call>get_time\n</tool_call>",
+    "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_key><arg_value>"
+    "x </arg_value></tool_call> after\n<tool_call>g</tool_call>",  # GLM-4.7's, no newlines
+    f"<tool_call>f{UNI}\n</tool_call>", "<tool_call>\nf\n</tool_call>",
+    "<tool_call>f g\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",
+    "<tool_call>f\n<arg_key>a</arg_key>x<arg_value>1</arg_value></tool_call>",
+    "<tool_call>f\njunk<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",
+    "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</tool_call>",
+    "Hi <tool_call>f\n<arg_key>s</arg_key><arg_value>open string",
+    "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>a</arg_key>"
+    "<arg_value>2</arg_value><arg_key>b</arg_key><arg_value>3</arg_value></tool_call>",
+    f"<tool_call>f\n<arg_key> k{UNI} </arg_key>\n<arg_value>{UNI}\"\\</arg_val</arg_value>"
+    "</tool_call><tool_c",
+    "<tool_call>f\n<arg_key>a</arg_key><arg_value>True</arg_value><arg_key>b</arg_key>"
+    "<arg_value>{'x': None}</arg_value><arg_key>c</arg_key><arg_value>{1, 2}</arg_value>"
+    "<arg_key>d</arg_key><arg_value> null </arg_value>\n</tool_call>",
+    "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value> x</tool_call>",
+    "<tool_call>f\n<arg_key>a</arg_value><arg_value>1</arg_value></tool_call>",
+    "<tool_call>f\n<arg_key>a</arg_key></tool_call>", "a <tool_call", "<tool_call></tool_call>",
+]
 REQUIRED = [
     ' [{"name": "get_weather", "parameters": {"city": "Paris"}},\n {"name": "get_time", '
     '"parameters": {"tz": ["UTC", {"x": "]}"}]}}]',
@@ -127,6 +151,8 @@ FRAGMENTS = {
                      "{", "x"],
     "kimi_k2": [K_SEC, K_SEC_END, K_BEGIN, K_END, K_ARGS, "functions.f:0", "g:1", " ", "\u3000",
                 '{"a": 1}', "<|tool_call", UNI, "x", "{"],
+    **{glm: ["<tool_call>", "</tool_call>", G_KEY, G_KEY_END, G_VAL, G_VAL_END, "f", "\n", " ",
+             "<arg_", "</arg_value", "1", '"s"', "True", "x", UNI] for glm in ("glm45", "glm47")},
     "required": ["[", "]", "{", "}", ", ", '"name": ', '"parameters": ', '"f"', '{"a": "]}"}',
                  "1", " ", '"', "\\", UNI, "x"],
     "named": ["{", "}", '"a": ', "1", " ", "\u3000", '"', "\\", UNI, "[", "x"],
@@ -176,6 +202,12 @@ def random_call(rng: random.Random, kind: str) -> str:
     if kind == "kimi_k2":
         head = rng.choice([f"functions.{name}:{rng.randint(0, 9)}", f" {name}:1 "])
         return f"{K_BEGIN}{head}{K_ARGS}{rng.choice(['', ' ', chr(12288)])}{args}{K_END}"
+    if kind in ("glm45", "glm47"):
+        nl = "\n" if kind == "glm45" else ""
+        pairs = "".join(f"{G_KEY}{k}{G_KEY_END}{nl}{G_VAL}"
+                        f"{rng.choice([random_json(rng), 'text', ' x '])}{G_VAL_END}{nl}"
+                        for k in keys)
+        return f"<tool_call>{name}{nl}{pairs}</tool_call>"
     if kind == "required":
         return f'{{"name": "{name}", "parameters": {args}}}'
     return args  # named
@@ -282,7 +314,8 @@ def check_tools(make_old, make_new, text: str, cuts: list[int]) -> None:
 
 TOOL_CASES = (
     [("hermes", t) for t in HERMES] + [("deepseek_v3", t) for t in DEEPSEEK_V3]
-    + [("deepseek_v31", t) for t in DEEPSEEK_V31] + [("kimi_k2", t) for t in KIMI])
+    + [("deepseek_v31", t) for t in DEEPSEEK_V31] + [("kimi_k2", t) for t in KIMI]
+    + [("glm45", t) for t in GLM])
 
 
 @pytest.mark.parametrize("parser,text", TOOL_CASES)
@@ -395,7 +428,8 @@ def test_chat_reader_deltas_match(reasoning, tools, tokenizer):
 # the pieces: call bodies read piece by piece, and the resumable JSON scans
 # ---------------------------------------------------------------------------------------------
 OLD_PEEKS = {"hermes": ref._hermes_peek, "deepseek_v3": ref._deepseek_v3_peek,
-             "deepseek_v31": ref._deepseek_v31_peek, "kimi_k2": ref._kimi_k2_peek}
+             "deepseek_v31": ref._deepseek_v31_peek, "kimi_k2": ref._kimi_k2_peek,
+             "glm45": ref._glm_peek, "glm47": ref._glm_peek}
 
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))
@@ -418,6 +452,35 @@ def test_call_bodies_peek_and_parse_as_the_whole_text_functions(parser):
                 assert got == OLD_PEEKS[parser](body[:end]), (body, cuts, end)
                 if got is not None and old.call_id is not None:
                     assert reader.call_id() == old.call_id(body[:end])
+            assert reader.parse() == old.parse(body), (body, cuts)
+
+
+GLM_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": props}}} for name, props in (
+        ("f", {"a": {"type": "string"}, "s": {"type": "string"}, "b": {"type": "integer"}}),
+        ("get_weather", {"city": {"type": "string"}, "c": {"type": "string"}}))]
+
+
+@pytest.mark.parametrize("parser", ["glm45", "glm47"])
+def test_glm_streams_with_the_tools_types_match_the_whole_text_reader(parser, tokenizer):
+    """GLM's arguments are JSON made from key/value pairs, typed by the request's tools: a
+    string parameter's value streams as it is written, any other's when it ends. Streamed
+    in any split (and its body fed in pieces), the same as the whole-text reader."""
+    rng = random.Random(parser)
+    texts = GLM + random_texts(parser, 200, seed=7)
+    old = ref.glm_format(parser, GLM_TOOLS)
+    for i, text in enumerate(texts):
+        for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(GLM) else (None, False))):
+            check_tools(lambda: ref.MarkerStream(old), lambda: MarkerStream(
+                PARSERS[parser], tools=GLM_TOOLS), text, cuts)
+        body = text.split("<tool_call>", 1)[-1].split("</tool_call>", 1)[0]
+        for cuts in [[k] for k in range(len(body) + 1)] + [list(range(1, len(body)))]:
+            reader = PARSERS[parser].body(GLM_TOOLS)
+            for start, end, _ in steps(body, cuts):
+                reader.feed(body[start:end])
+                peeked = reader.peek()
+                got = None if peeked is None else (peeked.name, reader.arguments(peeked))
+                assert got == old.peek(body[:end]), (body, cuts, end)
             assert reader.parse() == old.parse(body), (body, cuts)
 
 

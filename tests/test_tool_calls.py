@@ -32,6 +32,16 @@ KIMI = ("<|tool_calls_section_begin|>\n<|tool_call_begin|>functions.get_weather:
         "<|tool_call_begin|> functions.get_time:1 <|tool_call_argument_begin|> {}"
         "<|tool_call_end|><|tool_calls_section_end|>")
 
+# GLM-4.5's calls as its chat template writes them (a string value as is, others as JSON)
+GLM = ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>12345"
+       "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>opts"
+       '</arg_key>\n<arg_value>{"hourly": true, "note": "a \\"b\\""}</arg_value>\n</tool_call>'
+       "\n<tool_call>get_time\n</tool_call>")
+GLM_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "opts": {"type": "object"}}}}},
+             {"type": "function", "function": {"name": "get_time"}}]
+
 
 def calls_of(out) -> list[tuple[str, str]]:
     return [(c.name, c.arguments) for c in out.calls]
@@ -109,6 +119,53 @@ def test_kimi_k2_format():
     assert parse("kimi_k2", "No call here.").calls == []
 
 
+def test_glm45_format():
+    """GLM-4.5's calls: the name, then key/value pairs made into JSON arguments; a value is a
+    string where the tool's schema says so (as written, whitespace kept), else JSON (or a
+    Python literal, as vLLM reads it), else a string; several calls, text before them."""
+    out = MarkerStream(PARSERS["glm45"], tools=GLM_TOOLS).parse(GLM)
+    assert out.content == "Let me check."
+    assert calls_of(out) == [
+        ("get_weather", '{"city": "12345", "days": 3, "opts": {"hourly": true, "note": '
+                        '"a \\"b\\""}}'), ("get_time", "{}")]
+    assert json.loads(out.calls[0].arguments)["opts"]["note"] == 'a "b"'
+    # without the tools' types, "12345" reads as a number
+    assert calls_of(parse("glm45", GLM))[0][1].startswith('{"city": 12345, ')
+    # GLM-4.7 writes no newlines; the reader takes both (glm47 is the same reader)
+    text = ("<tool_call>get_weather<arg_key>city</arg_key><arg_value> Paris </arg_value>"
+            "<arg_key>days</arg_key><arg_value>True</arg_value></tool_call>")
+    for parser in ("glm45", "glm47"):
+        out = MarkerStream(PARSERS[parser], tools=GLM_TOOLS).parse(text)
+        assert calls_of(out) == [("get_weather", '{"city": " Paris ", "days": true}')]
+    # a key given twice: its last value (as vLLM's dict does)
+    out = parse("glm45", "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value>"
+                         "<arg_key>a</arg_key><arg_value>2</arg_value></tool_call>")
+    assert calls_of(out) == [("f", '{"a": 2}')]
+    assert parse("glm45", "No call here.").calls == []
+
+
+def test_glm45_string_values_stream_as_they_are_written():
+    """A string parameter's value goes out as it is written (escaped into the JSON, what may
+    begin </arg_value> held back); any other value once it ends; "}" when the call ends."""
+    stream = MarkerStream(PARSERS["glm45"], tools=GLM_TOOLS)
+    head = GLM.index("12345") + 2
+    piece = stream.update(GLM[:head], False)
+    assert piece.content == "Let me check."
+    assert [(p.index, p.name, p.arguments) for p in piece.calls] == [
+        (0, "get_weather", '{"city": "12')]
+    cut = GLM.index("</arg_value>") + 4
+    piece = stream.update(GLM[head:cut], False)
+    assert [p.arguments for p in piece.calls] == ["345"]
+    cut2 = GLM.index("<arg_value>3") + 11
+    piece = stream.update(GLM[cut:cut2], False)
+    assert [p.arguments for p in piece.calls] == ['"']  # "3" is not whole yet
+    piece = stream.update(GLM[cut2:cut2 + 14], False)
+    assert [p.arguments for p in piece.calls] == [', "days": 3']
+    _, calls, _ = streamed(MarkerStream(PARSERS["glm45"], tools=GLM_TOOLS), GLM,
+                           list(range(1, len(GLM))))
+    assert calls == calls_of(MarkerStream(PARSERS["glm45"], tools=GLM_TOOLS).parse(GLM))
+
+
 @pytest.mark.parametrize("parser,text", [
     ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>'),  # bad JSON
     ("hermes", '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>'),  # no name
@@ -124,6 +181,12 @@ def test_kimi_k2_format():
     ("kimi_k2", "<|tool_call_begin|>functions.f:x<|tool_call_argument_begin|>{}<|tool_call_end|>"),
     ("kimi_k2", "<|tool_call_begin|>functions.f:0{}<|tool_call_end|>"),  # no argument marker
     ("kimi_k2", 'Hi <|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1'),
+    ("glm45", "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</tool_call>"),  # value not ended
+    ("glm45", "<tool_call>f\njunk<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"),
+    ("glm45", "<tool_call>f\n<arg_key>a</arg_key> x <arg_value>1</arg_value></tool_call>"),
+    ("glm45", "<tool_call>f g\n</tool_call>"),  # a blank in the name
+    ("glm45", "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"),  # none
+    ("glm45", "Hi <tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_"),
 ])
 def test_malformed_calls_are_content(parser, text):
     """A call that does not parse comes back as content (its markers included, the wrappers
@@ -151,7 +214,8 @@ def test_a_good_call_beside_a_malformed_one():
     ("hermes", HERMES_ONE), ("hermes", HERMES_TWO), ("hermes", "Plain text, no call.\n"),
     ("hermes", HERMES_TWO + "\nDone."),
     ("deepseek_v3", DS), ("deepseek_v3", "I will check. " + DS), ("deepseek_v31", DS31),
-    ("kimi_k2", KIMI), ("kimi_k2", "Let me check. " + KIMI + "\nDone.")])
+    ("kimi_k2", KIMI), ("kimi_k2", "Let me check. " + KIMI + "\nDone."),
+    ("glm45", GLM), ("glm45", GLM + "\nDone."), ("glm47", GLM.replace("\n<", "<"))])
 def test_streaming_in_any_split_gives_the_unstreamed_answer(parser, text):
     want = parse(parser, text)
     rng = random.Random(1)
@@ -231,7 +295,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def apps():
-    """Front ends over one engine: no auto tool choice, hermes, deepseek_v3 and kimi_k2."""
+    """Front ends over one engine: no auto tool choice, hermes, deepseek_v3, kimi_k2, glm45."""
     from afd import LLM
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
@@ -251,7 +315,7 @@ def apps():
     compact = [i for i in range(len(tok)) if not any(ch.isspace() for ch in tok.decode([i]))]
     try:
         yield {"plain": app(None), "hermes": app("hermes"), "deepseek_v3": app("deepseek_v3"),
-               "kimi_k2": app("kimi_k2"), "tokenizer": tok,
+               "kimi_k2": app("kimi_k2"), "glm45": app("glm45"), "tokenizer": tok,
                "compact": {"allowed_token_ids": compact}}
     finally:
         engine.shutdown()
@@ -290,7 +354,7 @@ def _same(plain, streamed) -> None:
 
 def test_required_and_named_tool_choice_give_valid_calls(apps):
     compact = apps["compact"]
-    for app in (apps["plain"], apps["hermes"]):  # no parser needed
+    for app in (apps["plain"], apps["hermes"], apps["glm45"]):  # no parser needed
         plain, streamed = chat(app, tools=TOOLS, tool_choice="required", max_tokens=150,
                                extra_body=compact)
         choice = plain.choices[0]
@@ -324,7 +388,11 @@ def test_required_and_named_tool_choice_give_valid_calls(apps):
      [("get_time", '{"tz": "UTC"}')]),
     ("kimi_k2", "Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0"
      '<|tool_call_argument_begin|>{"tz": "UTC"}<|tool_call_end|><|tool_calls_section_end|>',
-     "Checking.", [("get_time", '{"tz": "UTC"}')])])
+     "Checking.", [("get_time", '{"tz": "UTC"}')]),
+    # the request's tools type the values: city is a string, unit (an enum) is read as JSON
+    ("glm45", "Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>12345"
+     '</arg_value>\n<arg_key>unit</arg_key>\n<arg_value>"C"</arg_value>\n</tool_call>',
+     "Checking.", [("get_weather", '{"city": "12345", "unit": "C"}')])])
 def test_auto_tool_choice_reads_the_models_calls(apps, parser, text, content, calls):
     """The random model writes a call in the parser's format because a structured-output
     choice makes it: the engine's real output goes through the parser, streamed and not."""
@@ -452,6 +520,11 @@ def test_requests_keep_special_tokens_when_the_markers_are_special(apps):
     assert not special("hermes") and not special("deepseek_v3")
     tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
     assert special("hermes") and not special("deepseek_v3")
+    tok = copy.deepcopy(apps["tokenizer"])
+    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
+    assert not special("glm45")
+    tok.add_special_tokens({"additional_special_tokens": ["<arg_key>"]})  # inside a call
+    assert special("glm45") and not special("hermes")
     with pytest.raises(ValueError, match="--tool-call-parser"):
         ServerState(engine, "m", None, ServerMetrics("m"), enable_auto_tool_choice=True)
 
