@@ -1,6 +1,6 @@
 """Reasoning on /v1/chat/completions: splitting a model's ``<think> ... </think>`` off its answer.
 
-A reasoning model (DeepSeek-R1, DeepSeek-V3.1 in thinking mode, Qwen3, Kimi K2-Thinking)
+A reasoning model (DeepSeek-R1, DeepSeek-V3.1 in thinking mode, Qwen3, Kimi K2-Thinking, GLM)
 writes its reasoning first and ends it with ``</think>``; the server started with
 ``--reasoning-parser NAME`` returns that part in the message's ``reasoning`` field and the rest
 in ``content`` (vLLM's fields). The parsers differ only in when a request thinks, read from
@@ -15,8 +15,16 @@ its ``chat_template_kwargs`` as the model's chat template reads them:
   (vLLM registers kimi_k2 as DeepSeek-R1's parser, later with this switch), except that a
   tool-call section (``<|tool_calls_section_begin|>``, or its singular spelling) also ends the
   reasoning, the section itself being content (for the tool-call parser), as vLLM's does.
+- ``glm45`` (GLM-4.5/4.6): unless ``enable_thinking`` is false (GLM-4.5's template then ends
+  the prompt with an empty ``<think></think>`` and adds ``/nothink`` to the user's turns).
+  Unlike the others, GLM-4.5's template does not open the reasoning: the model writes
+  ``<think>`` itself, so an answer holds reasoning only if it starts with ``<think>`` (mode
+  "tag"; one that does not is all content, and a ``/nothink`` turn's ``<think></think>`` is
+  empty reasoning), as vLLM's ``glm45`` reads it.
+- ``glm47`` (GLM-4.7): unless ``enable_thinking`` is false; its template opens the reasoning
+  (the prompt ends with ``<think>``, or ``</think>`` when thinking is off), as Qwen3's rule.
 
-Where a request thinks, the template has already opened the reasoning in the prompt, so the
+Where a request thinks, the template has usually opened the reasoning in the prompt, so the
 output's text before ``</think>`` is reasoning even though no ``<think>`` was generated (one the
 model writes itself at the very start is dropped, as older Qwen3 templates leave it to the
 model); an output that never reaches ``</think>`` (cut by max_tokens) is all reasoning.
@@ -53,6 +61,9 @@ class ReasoningFormat:
     start: str = "<think>"
     end: str = "</think>"
     content_starts: tuple[str, ...] = ()  # markers that end the reasoning and begin the content
+    # the model opens the reasoning itself (GLM-4.5's template leaves <think> to it): an
+    # answer holds reasoning only if it starts with ``start``
+    model_opens: bool = False
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -67,6 +78,8 @@ PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
     ReasoningFormat("kimi_k2", lambda kw: bool(kw.get("thinking", True)),
                     content_starts=("<|tool_calls_section_begin|>",
                                     "<|tool_call_section_begin|>")),
+    ReasoningFormat("glm45", lambda kw: bool(kw.get("enable_thinking", True)), model_opens=True),
+    ReasoningFormat("glm47", lambda kw: bool(kw.get("enable_thinking", True))),
 )}
 
 
@@ -160,11 +173,11 @@ class ReasoningStream:
 def reasoning_mode(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | None,
                    constrained: bool) -> Mode:
     """How a request's output holds reasoning: "off" when the request does not think, "tag"
-    when a structured-output grammar constrains its output from the first token, else
-    "open"."""
+    when a structured-output grammar constrains its output from the first token or the model
+    opens the reasoning itself (GLM-4.5), else "open"."""
     if not fmt.thinks(chat_template_kwargs or {}):
         return "off"
-    return "tag" if constrained else "open"
+    return "tag" if constrained or fmt.model_opens else "open"
 
 
 def marker_token_ids(fmt: ReasoningFormat, tokenizer) -> tuple[int, int] | None:
@@ -175,10 +188,16 @@ def marker_token_ids(fmt: ReasoningFormat, tokenizer) -> tuple[int, int] | None:
     return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
 
-def prompt_ends_reasoning(prompt_ids: list[int], start: int, end: int) -> bool:
+def prompt_ends_reasoning(prompt_ids: list[int], start: int, end: int,
+                          last_only: bool = False) -> bool:
     """The prompt has closed the reasoning already: its last marker is the end one (Qwen3's
     template with ``enable_thinking`` false writes an empty ``<think></think>``; DeepSeek-V3.1's
-    ends a non-thinking prompt with ``</think>``). vLLM's ``is_reasoning_end`` on the prompt."""
+    ends a non-thinking prompt with ``</think>``). vLLM's ``is_reasoning_end`` on the prompt.
+    ``last_only`` (a format whose model opens the reasoning, GLM-4.5): only an end marker
+    that is the prompt's last token counts, as GLM-4.5's template writes ``<think></think>``
+    into every past assistant turn (vLLM's glm45 looks after the last ``<|assistant|>``)."""
+    if last_only:
+        return bool(prompt_ids) and prompt_ids[-1] == end
     for token in reversed(prompt_ids):
         if token == end:
             return True
@@ -196,4 +215,4 @@ def grammar_waits_for(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any]
     if markers is None or not fmt.thinks(chat_template_kwargs or {}):
         return None
     start, end = markers
-    return None if prompt_ends_reasoning(prompt_ids, start, end) else [end]
+    return None if prompt_ends_reasoning(prompt_ids, start, end, fmt.model_opens) else [end]

@@ -74,6 +74,67 @@ def test_when_a_request_thinks():
     assert mode("kimi_k2", None, constrained=True) == "tag"
     assert mode("qwen3", None, constrained=True) == "tag"
     assert mode("qwen3", {"enable_thinking": False}, constrained=True) == "off"
+    # GLM-4.5 thinks unless told not to, and writes <think> itself: "tag" even unconstrained
+    assert mode("glm45", None) == "tag" and mode("glm45", {"enable_thinking": True}) == "tag"
+    assert mode("glm45", {"enable_thinking": False}) == "off"
+    assert mode("glm45", None, constrained=True) == "tag"
+    # GLM-4.7's template opens <think> in the prompt itself (or closes it: thinking off)
+    assert mode("glm47", None) == "open" and mode("glm47", {"enable_thinking": False}) == "off"
+
+
+GLM_CALL = ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>12</arg_value>\n"
+            "</tool_call>")
+
+
+@pytest.mark.parametrize("text,want", [
+    ("\n<think>I should look.</think>\nIt is 4.", ("I should look.", "\nIt is 4.")),
+    ("It is 4.", (None, "It is 4.")),  # no <think>: all content
+    ("<think></think>\nIt is 4.", ("", "\nIt is 4.")),  # a /nothink turn
+    ("<think>cut short by max_tok", ("cut short by max_tok", None)),
+    ("a</think>b", (None, "a</think>b")),
+    ("\n<think>I should look.</think>\n" + GLM_CALL, ("I should look.", "\n" + GLM_CALL)),
+])
+def test_glm45_reasoning_is_what_the_model_opens(text, want):
+    """GLM-4.5's template leaves <think> to the model: an answer is reasoning up to </think>
+    only if it starts with <think>; streamed in any split, the same."""
+    glm = PARSERS["glm45"]
+    mode = reasoning_mode(glm, None, False)
+    out = ReasoningStream(glm, mode).parse(text)
+    assert (out.reasoning, out.content) == want
+    for cut in range(len(text) + 1):
+        stream = ReasoningStream(glm, mode)
+        pieces = [stream.update(text[:cut], False), stream.update(text[cut:], True)]
+        assert ("".join(p.reasoning for p in pieces) if want[0] is not None else None,
+                "".join(p.content for p in pieces) or None) == want, cut
+
+
+def test_glm45_reasoning_then_tool_calls_in_any_split():
+    """GLM-4.5's reasoning, then a call: the server's per-choice reader splits the reasoning
+    off and reads the call from the content, typed by the tools, one character at a time or
+    in any two pieces."""
+    from afd.api_server import _ChoiceReader
+    from afd.tool_parsers import PARSERS as TOOL_PARSERS
+    from afd.tool_parsers import MarkerStream
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    text = "\n<think>I should look.</think>\n" + GLM_CALL + "\n" + GLM_CALL
+    want_call = {"name": "get_weather", "arguments": '{"city": "12"}'}
+    for cuts in [list(range(1, len(text)))] + [[k] for k in range(len(text) + 1)]:
+        reader = _ChoiceReader(ReasoningStream(PARSERS["glm45"], "tag"),
+                               MarkerStream(TOOL_PARSERS["glm45"], None, tools))
+        reasoning, content, calls, start = "", "", {}, 0
+        for end in [*cuts, len(text)]:
+            delta = reader.delta(text[start:end], end == len(text))
+            start = end
+            reasoning += delta.get("reasoning", "")
+            content += delta.get("content", "")
+            for t in delta.get("tool_calls", []):
+                f = calls.setdefault(t["index"], {"name": "", "arguments": ""})
+                f["name"] += t["function"].get("name", "")
+                f["arguments"] += t["function"]["arguments"]
+        assert (reasoning, content) == ("I should look.", ""), cuts
+        assert calls == {0: want_call, 1: want_call}, cuts
 
 
 def test_kimi_k2_tool_section_ends_the_reasoning():
@@ -150,7 +211,8 @@ QWEN3_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %
 
 @pytest.fixture(scope="module")
 def apps():
-    """Front ends over one engine: no reasoning parser, deepseek_r1, qwen3 with hermes."""
+    """Front ends over one engine: no reasoning parser, deepseek_r1, qwen3 with hermes, glm45
+    with glm45."""
     from afd import LLM
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
@@ -166,7 +228,8 @@ def apps():
 
     try:
         yield {"plain": app(None), "deepseek_r1": app("deepseek_r1"),
-               "qwen3": app("qwen3", "hermes"), "tokenizer": llm.engine.tokenizer}
+               "qwen3": app("qwen3", "hermes"), "glm45": app("glm45", "glm45"),
+               "tokenizer": llm.engine.tokenizer}
     finally:
         engine.shutdown()
 
@@ -282,6 +345,21 @@ def test_tool_calls_are_read_after_the_reasoning_only(apps):
     assert message_of(plain) == want and streamed == want
 
 
+def test_glm45_reasoning_and_calls_through_the_server(apps):
+    """--reasoning-parser glm45 with --tool-call-parser glm45: the reasoning, then a call whose
+    string parameter stays a string (the request's tools); enable_thinking false: content."""
+    call = ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>12</arg_value>\n"
+            "</tool_call>")
+    plain, streamed = chat(apps["glm45"], "\n<think>I need the weather.</think>\n" + call,
+                           tools=TOOLS)
+    want = ("I need the weather.", None, [("get_weather", '{"city": "12"}')], "tool_calls")
+    assert message_of(plain) == want and streamed == want
+    text = "<think>abc</think>answer"
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    plain, streamed = chat(apps["glm45"], text, extra_body=off)
+    assert message_of(plain) == (None, text, [], "stop") and streamed == (None, text, [], "stop")
+
+
 def test_enable_thinking_false_gives_content_only(apps):
     tok = apps["tokenizer"]
     saved, tok.chat_template = tok.chat_template, QWEN3_LIKE
@@ -352,6 +430,14 @@ def test_when_the_grammar_waits():
     assert grammar_waits_for(qwen3, {"enable_thinking": False}, (S, E), [1, 2]) is None
     assert grammar_waits_for(v3, None, (S, E), [1, 2]) is None  # V3.1 thinks when asked
     assert grammar_waits_for(v3, {"thinking": True}, (S, E), [1, S]) == [E]
+    # GLM-4.5: every past assistant turn holds <think></think>, and the prompt opens nothing
+    # (the model writes <think>): only a </think> that ends the prompt closed the reasoning
+    glm = PARSERS["glm45"]
+    assert prompt_ends_reasoning([1, S, E, 2, 3], S, E)
+    assert not prompt_ends_reasoning([1, S, E, 2, 3], S, E, last_only=True)
+    assert grammar_waits_for(glm, None, (S, E), [1, S, E, 2, 3]) == [E]
+    assert grammar_waits_for(glm, None, (S, E), [1, S, E, 2, 3, S, E]) is None  # thinking off
+    assert grammar_waits_for(glm, {"enable_thinking": False}, (S, E), [1, 2]) is None
 
 
 # an R1-like template: the prompt opens the reasoning, or closes an empty one when asked
