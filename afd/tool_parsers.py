@@ -10,7 +10,10 @@ Three ways a request can call tools (``tool_choice``):
   ``<｜tool▁sep｜>`` and the arguments, no fence) and ``kimi_k2`` (Kimi K2:
   ``<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>
   {...}<|tool_call_end|>...<|tool_calls_section_end|>``; the call's id is ``functions.NAME:IDX``
-  as the model wrote it, which K2's chat template expects back in the history).
+  as the model wrote it, which K2's chat template expects back in the history) and ``glm45``
+  (GLM-4.5/4.6; ``glm47``, GLM-4.7's, is the same reader: ``<tool_call>NAME\n<arg_key>K
+  </arg_key>\n<arg_value>V</arg_value>...</tool_call>``, key/value pairs that become a JSON
+  object typed by the request's tools, which ``MarkerStream`` is given).
 - "required": the output is constrained (structured output) to a JSON array of
   ``{"name": one of the tools, "parameters": that tool's schema}``; each element is a call.
 - a named function: the output is constrained to that tool's parameters schema; it is the one
@@ -24,7 +27,8 @@ before it where a marker may have begun (held back until it is whole or is not a
 call's text is read once more when the call ends (its JSON checked), a constrained output's at
 the end of the answer. Not streaming is one update with the whole text and ``final=True``, so
 streamed pieces add up to the unstreamed answer. Arguments are the JSON text as the model wrote
-it (its whitespace kept), which is what lets them stream. A call whose text does not parse
+it (its whitespace kept), which is what lets them stream (GLM's: the JSON made from its pairs
+so far, which only grows). A call whose text does not parse
 (malformed JSON, cut short by max_tokens) is returned as content; streamed, whatever of it
 already went out as a call stays sent (the call is then left out of the final count and its
 text follows as content).
