@@ -287,18 +287,21 @@ def string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozense
 def glm_value(raw: str, is_string: bool) -> Any:
     """A GLM argument's value: a string parameter's text as written; any other's text (less
     the whitespace around it) read as JSON, else as a Python literal (``True``, ``'x'``:
-    vLLM reads both), else kept as a string."""
+    vLLM reads both), else (or where that is no JSON value: ``NaN``, ``{1, 2}``) kept as a
+    string."""
     if is_string:
         return raw
     text = raw.strip()
     try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        value = ast.literal_eval(text)
-        json.dumps(value)  # sets, bytes, complex numbers: not JSON
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            return text
+    try:  # sets, bytes, complex numbers, NaN and infinities: not JSON, kept as text
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
         return text
     return value
 

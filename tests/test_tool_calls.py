@@ -142,6 +142,11 @@ def test_glm45_format():
                          "<arg_key>a</arg_key><arg_value>2</arg_value></tool_call>")
     assert calls_of(out) == [("f", '{"a": 2}')]
     assert parse("glm45", "No call here.").calls == []
+    # what is no JSON value stays the text: NaN, an infinity, a set, nesting too deep
+    for value in ("NaN", "1e999", "{1, 2}", "[" * 5000):
+        out = parse("glm45", f"<tool_call>f\n<arg_key>a</arg_key><arg_value> {value} "
+                             "</arg_value></tool_call>")
+        assert calls_of(out) == [("f", json.dumps({"a": value}))], value
 
 
 def test_glm45_string_values_stream_as_they_are_written():
