@@ -42,6 +42,13 @@ DS_BEGIN = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
 DS_END = "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
 KIMI_BEGIN = "<|tool_calls_section_begin|><|tool_call_begin|>functions.write_file:0"
 KIMI_END = "<|tool_call_end|><|tool_calls_section_end|>"
+GLM_HEAD = ("I will save it.\n<tool_call>write_file\n<arg_key>path</arg_key>\n<arg_value>"
+            "notes.txt</arg_value>\n<arg_key>content</arg_key>\n<arg_value>")
+GLM_TAIL = "</arg_value>\n</tool_call>"
+# the request's tools, which GLM's reader takes its arguments' types from
+TOOLS = [{"type": "function", "function": {"name": "write_file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"},
+                                     "content": {"type": "string"}}}}}]
 # name: (tool readers: ("auto", parser) | ("required",) | ("named",) | None,
 #        reasoning parser or None, head, the long part, tail)
 CASES: dict[str, tuple] = {
@@ -68,6 +75,12 @@ CASES: dict[str, tuple] = {
                                "I should save the file.</think>I will save it." + KIMI_BEGIN
                                + "<|tool_call_argument_begin|>" + SAVE, FILL_JSON,
                                '"}' + KIMI_END),
+    # GLM-4.5: the arguments are key/value pairs made into JSON; "content" is a string
+    # parameter of TOOLS' write_file, so its value streams as it is written
+    "glm45_call": (("auto", "glm45"), None, GLM_HEAD, FILL_TEXT, GLM_TAIL),
+    "glm45_reasoning_call": (("auto", "glm45"), "glm45",
+                             "<think>I should save the file.</think>\n" + GLM_HEAD, FILL_TEXT,
+                             GLM_TAIL),
 }
 
 
@@ -83,17 +96,19 @@ def case_ids(tokenizer, head: str, fill: str, tail: str, tokens: int) -> list[in
 
 def readers_of(tools: tuple | None, reasoning: str | None):
     from afd.api_server import _ChatReaders
-    from afd.reasoning_parsers import PARSERS as REASONING, ReasoningStream
+    from afd.reasoning_parsers import PARSERS as REASONING, ReasoningStream, reasoning_mode
     from afd.tool_parsers import PARSERS, MarkerStream, NamedStream, RequiredStream
 
     tool_streams = None
     if tools is not None:
-        tool_streams = {"auto": lambda: (lambda: MarkerStream(PARSERS[tools[1]])),
+        tool_streams = {"auto": lambda: (lambda: MarkerStream(PARSERS[tools[1]], None, TOOLS)),
                         "required": lambda: RequiredStream,
                         "named": lambda: (lambda: NamedStream("write_file"))}[tools[0]]()
     reasoning_streams = None
     if reasoning is not None:
-        reasoning_streams = lambda: ReasoningStream(REASONING[reasoning], "open")  # noqa: E731
+        fmt = REASONING[reasoning]
+        mode = reasoning_mode(fmt, None, False)  # the server's, for a request without kwargs
+        reasoning_streams = lambda: ReasoningStream(fmt, mode)  # noqa: E731
     if tool_streams is None and reasoning_streams is None:
         return None
     return _ChatReaders(tools=tool_streams, reasoning=reasoning_streams)
