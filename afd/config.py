@@ -318,12 +318,20 @@ def resolve_engine_config(
         # what torch.Generator.manual_seed takes; found otherwise only at the first sample
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
-        enforce_eager = torch.device(device).type != "cuda"
     quantization = resolve_quantization(quantization, model_cfg, device)
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:
         max_model_len = min(model_cfg.max_position_embeddings, 8192)
+    # DSA past index_topk runs a torch path that reads the rows' lengths on the host (no
+    # CUDA graph can capture it); within index_topk every step is dense and graphs capture
+    dsa_sparse = model_cfg.dsa and max_model_len > model_cfg.index_topk
+    if dsa_sparse and enforce_eager is False:
+        raise ValueError(f"enforce_eager=False: {model_cfg.architecture} with max_model_len="
+                         f"{max_model_len} > index_topk={model_cfg.index_topk} runs its sparse "
+                         "attention eagerly (no CUDA graphs); leave enforce_eager unset or "
+                         "True, or max_model_len <= index_topk")
+    if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
+        enforce_eager = torch.device(device).type != "cuda" or dsa_sparse
     if max_model_len > model_cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")

@@ -13,6 +13,9 @@ Both write this step's keys into the cache first, then attend:
 Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
   * MLA: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] - normalized latent, then the
     rotated rope key. The latent is expanded per head only for prefill; decode stays absorbed.
+    DeepSeek-V3.2 (DSA) appends the indexer's key (index_head_dim values) to each row, so it
+    travels with the token's KV wherever a row goes (P/D transfer, prefix cache, host tier);
+    the dense kernels read the rows' first kv_lora_rank + qk_rope_head_dim values (a view).
   * GQA: [2, num_blocks, block_size, num_kv_heads, head_dim] - keys, values.
 The cache is in the model's dtype, or FP8 e4m3 (``kv_cache_dtype="fp8"``): written through
 ``kernels.fp8.to_kv_cache`` (clamp to +-448, round; scale 1.0), read back by a cast in the
@@ -34,7 +37,7 @@ from models.layers import RMSNorm, linear
 
 def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
     if cfg.attention == "mla":
-        return (num_blocks, block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        return (num_blocks, block_size, cfg.kv_cache_dim)
     return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
@@ -68,14 +71,20 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, device)
         self.kv_b_proj = linear(cfg.kv_lora_rank, heads * (self.nope + self.v_dim), dtype, device)
         self.o_proj = linear(heads * self.v_dim, h, dtype, device, bias=cfg.o_proj_bias)
+        if cfg.dsa:
+            self.indexer = Indexer(cfg, dtype, device)
 
-    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries(self, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q_nope [T, H, nope], q_pe [T, H, rope], the q_lora residual [T, q_lora] or None)."""
+        q_resid = None
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm.norm(self.q_a_proj(x)))
+            q_resid = self.q_a_layernorm.norm(self.q_a_proj(x))
+            q = self.q_b_proj(q_resid)
         q = q.view(x.shape[0], self.num_heads, self.nope + self.rope)
-        return q[..., : self.nope], q[..., self.nope:]  # [T, H, nope], [T, H, rope]
+        return q[..., : self.nope], q[..., self.nope:], q_resid
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
@@ -83,22 +92,29 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] normed activations; cache: this layer's latent cache -> [T, hidden]."""
-        q_nope, q_pe = self._queries(x)
+        q_nope, q_pe, q_resid = self._queries(x)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm.norm(latent)  # [T, Dl]
         q_pe = kernels.apply_rotary(q_pe, batch.cos, batch.sin, self.cfg.rope.interleaved)
         k_pe = kernels.apply_rotary(k_pe[:, None, :], batch.cos, batch.sin,
                                     self.cfg.rope.interleaved)[:, 0]
+        row = (latent, k_pe)
+        if self.cfg.dsa:  # the indexer's key rides at the end of the token's row
+            row = (*row, self.indexer.key(x, batch))
         cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(
-            torch.cat((latent, k_pe), dim=-1), cache.dtype)
+            torch.cat(row, dim=-1), cache.dtype)
 
+        if self.cfg.dsa and self._sparse(batch):
+            return self._sparse_forward(x, q_nope, q_pe, q_resid, batch, cache)
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
+        # the dense kernels' rows: [latent | rope key] (a view past DSA's indexer keys)
+        mla_cache = cache[..., : self.kv_lora_rank + self.rope] if self.cfg.dsa else cache
         nd = batch.num_decodes
         if nd:
             w_uk, w_uv = self._absorbed_weights()
             q_lat = torch.einsum("thn,hnl->thl", q_nope[:nd], w_uk)  # [B, H, Dl]
             o_lat = kernels.mla_decode_attention(
-                q_lat, q_pe[:nd], cache, batch.block_tables[:nd], batch.seq_lens[:nd],
+                q_lat, q_pe[:nd], mla_cache, batch.block_tables[:nd], batch.seq_lens[:nd],
                 self.cfg.attention_scale, groups=batch.decode_groups,
             )
             out[:nd] = torch.einsum("thl,hvl->thv", o_lat, w_uv)
@@ -110,7 +126,8 @@ class MLAttention(nn.Module):
                 # [sum L, Dl+Dr]: everything cached for these sequences, this chunk included
                 # (an FP8 cache's dequantized to x's dtype: a cast, scale 1.0)
                 ctx = kernels.gather_paged_context(cache, tables[part.seqs],
-                                                   part.layout).to(x.dtype)
+                                                   part.layout)[:, : mla_cache.shape[-1]]
+                ctx = ctx.to(x.dtype)
                 kv = self.kv_b_proj(ctx[:, : self.kv_lora_rank]).view(-1, self.num_heads,
                                                                       self.nope + self.v_dim)
                 k_rope = ctx[:, None, self.kv_lora_rank:].expand(-1, self.num_heads, -1)
@@ -119,6 +136,60 @@ class MLAttention(nn.Module):
                 out[rows] = kernels.varlen_prefill_attention(
                     q[part.queries], k, kv[..., self.nope:], part.layout, self.cfg.attention_scale)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+
+    def _sparse(self, batch: ForwardBatch) -> bool:
+        """Does any row of this step attend over more than index_topk tokens? If not, every
+        token is selected and the dense kernels give DSA's result (the fast path)."""
+        lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
+        return max(lens, default=0) > self.cfg.index_topk
+
+    def _sparse_forward(self, x: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                        q_resid: torch.Tensor, batch: ForwardBatch,
+                        cache: torch.Tensor) -> torch.Tensor:
+        """DSA over the selected tokens only (``kernels.dsa``, torch, every row)."""
+        from kernels.dsa import dsa_attention_torch
+
+        q_idx, weights = self.indexer.queries(x, q_resid, batch)
+        w_uk, w_uv = self._absorbed_weights()
+        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, Dl]
+        lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
+        o_lat = dsa_attention_torch(q_lat, q_pe, q_idx, weights, cache, batch.block_tables,
+                                    batch.query_lens, lens, self.cfg.attention_scale,
+                                    self.indexer.scale, self.cfg.index_topk)
+        out = torch.einsum("thl,hvl->thv", o_lat, w_uv)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+
+
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's DSA indexer (transformers' ``DeepseekV32Indexer``, HF names): a key per
+    token (wk, LayerNorm k_norm), per query index_n_heads queries from the q_lora residual
+    (wq_b) and their weights (weights_proj); rope (not interleaved) on the first
+    qk_rope_head_dim dims of both. The release's Hadamard rotation and FP8 scoring are left
+    out as transformers does (the rotation is orthogonal; FP8 is a precision trade)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.heads, self.dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = linear(cfg.q_lora_rank, self.heads * self.dim, dtype, device)
+        self.wk = linear(cfg.hidden_size, self.dim, dtype, device)
+        self.k_norm = nn.LayerNorm(self.dim, eps=1e-6, dtype=dtype, device=device)
+        self.k_norm.requires_grad_(False)
+        self.weights_proj = linear(cfg.hidden_size, self.heads, dtype, device)
+        self.scale = self.dim**-0.5
+
+    def key(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[T, index_head_dim]: what the cache row carries."""
+        k = self.k_norm(self.wk(x))
+        return kernels.apply_rotary(k[:, None, :], batch.cos, batch.sin, interleaved=False)[:, 0]
+
+    def queries(self, x: torch.Tensor, q_resid: torch.Tensor,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, index_n_heads, index_head_dim], head weights [T, index_n_heads] fp32: the
+        weights_proj output times index_n_heads^-0.5, in fp32 as transformers keeps it)."""
+        q = self.wq_b(q_resid).view(x.shape[0], self.heads, self.dim)
+        q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
+        weights = torch.nn.functional.linear(x.float(), self.weights_proj.weight.float())
+        return q, weights * self.heads**-0.5
 
 
 class GQAttention(nn.Module):

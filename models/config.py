@@ -30,6 +30,8 @@ log = logging.getLogger("afd.models")
 ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    # DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (an indexer picks index_topk tokens)
+    "DeepseekV32ForCausalLM": "deepseek_v32",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     # GLM-4.5 / 4.6 (and -Air): GQA with partial rotary, DeepSeek-V3 routing
     "Glm4MoeForCausalLM": "glm4_moe",
@@ -136,6 +138,10 @@ class ModelConfig:
       n_group / topk_group: group-limited routing; norm_topk_prob; routed_scaling_factor
       moe_layers: indices of layers whose MLP is the routed MoE (DeepSeek: the MTP layers'
       indices num_layers.. too, by the same rule)
+      index_topk: DeepSeek Sparse Attention (DeepSeek-V3.2): each query attends to the
+      index_topk earlier tokens its layer's indexer scores highest (0: dense attention, every
+      other model); index_n_heads / index_head_dim: the indexer's heads and key width (its key,
+      index_head_dim values a token, is cached at the end of the token's MLA cache row)
       num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers in the checkpoint
       (``model.layers.{num_layers}.*``; afd.spec_decode's "mtp" drafts use the first), 0: none
     """
@@ -180,6 +186,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     fp8: Fp8Config | None = None
     num_nextn_predict_layers: int = 0
+    index_topk: int = 0
+    index_n_heads: int = 0
+    index_head_dim: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -193,10 +202,16 @@ class ModelConfig:
         return (self.fp8 or Fp8Config()).block_size
 
     @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention (DeepSeek-V3.2's indexer and top-k selection)?"""
+        return self.index_topk > 0
+
+    @property
     def kv_cache_dim(self) -> int:
-        """Values cached per token per layer: MLA latent + rope key, or K and V for all kv heads."""
+        """Values cached per token per layer: MLA latent + rope key (+ the DSA indexer's key),
+        or K and V for all kv heads."""
         if self.attention == "mla":
-            return self.kv_lora_rank + self.qk_rope_head_dim
+            return self.kv_lora_rank + self.qk_rope_head_dim + self.index_head_dim
         return 2 * self.num_kv_heads * self.head_dim
 
     @property
@@ -410,8 +425,10 @@ def _mla_fields(raw: dict[str, Any], arch: str, num_heads: int) -> dict[str, Any
         raise NotImplementedError(f"partial_rotary_factor={_partial_rotary_factor(raw, 1.0)} "
                                   f"with MLA ({arch}) is not supported: afd rotates all "
                                   f"qk_rope_head_dim={rope_dim} dims")
-    # V2 always interleaves rope pairs; V3 files may say rope_interleave (default true).
-    interleaved = arch == "deepseek_v2" or bool(raw.get("rope_interleave", True))
+    # V2 always interleaves rope pairs, and so does V3.2 (transformers' DeepseekV32Attention,
+    # whatever the file says); V3 files may say rope_interleave (default true).
+    interleaved = (arch in ("deepseek_v2", "deepseek_v32")
+                   or bool(raw.get("rope_interleave", True)))
     rope = _rope(raw, rope_dim, interleaved=interleaved)
     scale = (nope_dim + rope_dim) ** -0.5
     if rope.kind == "yarn" and rope.mscale_all_dim:
@@ -428,11 +445,30 @@ def _mla_fields(raw: dict[str, Any], arch: str, num_heads: int) -> dict[str, Any
         qk_rope_head_dim=rope_dim,
         v_head_dim=int(raw["v_head_dim"]),
         o_proj_bias=bool(raw.get("attention_bias", False)),
+        **(_dsa_fields(raw, rope_dim) if arch == "deepseek_v32" else {}),
     )
 
 
+def _dsa_fields(raw: dict[str, Any], rope_dim: int) -> dict[str, Any]:
+    """DeepSeek-V3.2's sparse attention indexer (transformers' DeepseekV32Indexer): its query
+    comes from the q_lora residual, and rope rotates the first qk_rope_head_dim of its dims.
+    Defaults: transformers' DeepseekV32Config's (the release's values)."""
+    topk = int(_first(raw, "index_topk", default=2048))
+    heads = int(_first(raw, "index_n_heads", default=64))
+    dim = int(_first(raw, "index_head_dim", default=128))
+    if not raw.get("q_lora_rank"):
+        raise ValueError("deepseek_v32 needs q_lora_rank: the DSA indexer's query is projected "
+                         "from the q_lora residual")
+    if topk < 1 or heads < 1:
+        raise ValueError(f"index_topk={topk} and index_n_heads={heads} must be >= 1")
+    if dim < rope_dim:
+        raise ValueError(f"index_head_dim={dim} must be >= qk_rope_head_dim={rope_dim} (the "
+                         "indexer rotates its first qk_rope_head_dim dims)")
+    return dict(index_topk=topk, index_n_heads=heads, index_head_dim=dim)
+
+
 # first_k_dense_replace where config.json leaves it out: transformers' config classes' default
-_FIRST_DENSE_DEFAULT = {"glm4_moe": 1}
+_FIRST_DENSE_DEFAULT = {"glm4_moe": 1, "deepseek_v32": 3}
 
 
 def _moe_layers(raw: dict[str, Any], arch: str, num_layers: int, nextn: int,

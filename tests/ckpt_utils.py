@@ -28,6 +28,16 @@ CONFIGS = {
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
     ),
+    # DeepSeek-V3.2: V3 with DeepSeek Sparse Attention; index_topk small so that prompts and
+    # generations run past it (the release's: 2048); 16 index heads, as with 4 a token's
+    # score is exactly 0 (every head's relu 0) for 1 in 16 tokens, and ties at the top-k
+    # boundary are broken as each side's torch.topk happens to (about 5% of queries with 4)
+    "deepseek_v32": dict(
+        BASE_DEEPSEEK, q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, index_topk=8, index_n_heads=16, index_head_dim=16,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
+    ),
     # DeepSeek-V2-Lite shape: no q_lora, softmax greedy top-k, two shared experts.
     "deepseek_v2_lite": dict(
         BASE_DEEPSEEK, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
@@ -84,6 +94,8 @@ def hf_classes(kind: str):
         return tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM
     if kind.startswith("dots1"):
         return tf.Dots1Config, tf.Dots1ForCausalLM
+    if kind == "deepseek_v32":
+        return tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM
     if kind == "deepseek_v3":
         return tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM
     if kind.startswith("deepseek_v2"):

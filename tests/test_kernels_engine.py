@@ -5,8 +5,11 @@ TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
 AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode, MLA or GQA prefill attention and
 fused_moe all through their Triton kernels, which are counted). The embedded model with a random
 MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too. The
-``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
-kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
+``v32`` case is a tiny DeepSeek-V3.2 whose index_topk (32) covers every sequence: its dense
+MLA kernels read the cache rows' first Dl + Dr values through a view (the DSA indexer's key
+rides at the rows' end). The ``+fp8kv`` cases do the same over an FP8 KV cache
+(kv_cache_dtype "fp8"): every Triton attention kernel the engine calls reads FP8 and converts
+it in registers, the torch ones cast.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ TRITON_ENTRIES = [  # (module, launcher)
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
 UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED),
           "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton", *GROUPED),
+          "v32": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
                   "gqa_decode_attention_grouped_triton")}
 
@@ -74,11 +78,13 @@ def interpreter_case(name: str, seed: int) -> dict:
             shutil.copytree(default_model_path(), path)
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
-        if name == "qwen3":
+        if name in ("qwen3", "v32"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
-            path = save_checkpoint(build_hf_model("qwen3_moe"), tmp)
+            model = (build_hf_model("qwen3_moe") if name == "qwen3"
+                     else build_hf_model("deepseek_v32", index_topk=32))
+            path = save_checkpoint(model, tmp)
         llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype)
         fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches} == {torch.float8_e4m3fn}
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -92,8 +98,8 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "greedy+fp8kv", "qwen3+fp8kv",
-                                  "mtp+fp8kv"])
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "greedy+fp8kv",
+                                  "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")

@@ -1,0 +1,91 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2): the indexer's top-k selection and MLA attention
+over the selected tokens only, over the paged cache. Torch reference (CPU and CUDA alike).
+
+Each token's MLA cache row is [latent (Dl) | rope key (Dr) | indexer key (Di)]. For a query
+at position p of its sequence, over the cached tokens 0..p of that sequence (transformers'
+``DeepseekV32Indexer``, its bf16 equivalent of the release's FP8 scoring):
+
+    index[l] = sum_h w[h] * relu(index_scale * q_idx[h] . k_idx[l])     (w: weights_proj)
+    selected = the ``topk`` positions l <= p of highest index (all of them when p < topk)
+
+and the absorbed MLA attention (``kernels.mla_decode``'s form) runs over the selected
+positions only:
+
+    score[h,l] = scale * (q_lat[h] . c[l] + q_pe[h] . k_pe[l]),  l selected (else -inf)
+    o_lat[h]   = sum_l softmax(score)[h,l] * c[l]
+
+``dsa_attention_torch`` takes the step's rows (decode rows of one token, prefill chunks of
+several; ``ForwardBatch``'s order) one at a time, gathering each row's context. It is the only
+path for a step whose longest context exceeds ``topk`` (shorter ones select every token and
+run the dense kernels, which give the same result).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.prefill_attention import gather_context
+
+
+def index_scores(q_idx: torch.Tensor, weights: torch.Tensor, k_idx: torch.Tensor,
+                 index_scale: float) -> torch.Tensor:
+    """q_idx [Tq, Hi, Di], weights [Tq, Hi] (fp32), k_idx [L, Di] -> [Tq, L] fp32."""
+    scores = torch.relu(torch.matmul(q_idx.float()[:, :, None, :],
+                                     k_idx.float().T) * index_scale)  # [Tq, Hi, 1, L]
+    return torch.matmul(weights.float()[:, None, None, :],
+                        scores.transpose(1, 2))[:, 0, 0]  # [Tq, L]
+
+
+def topk_selection(index: torch.Tensor, positions: torch.Tensor, topk: int) -> torch.Tensor:
+    """index [Tq, L] fp32, positions [Tq] (each query's position; keys 0..L-1) -> bool [Tq, L]:
+    the ``topk`` highest-index keys at or before each query's position (all of them where
+    there are fewer). Equal scores at the boundary (several tokens scoring exactly 0, every
+    head's relu 0) keep the earliest tokens, whatever the chunking (a stable sort; transformers'
+    ``topk`` leaves that order unspecified)."""
+    keys = torch.arange(index.shape[1], device=index.device)
+    causal = keys[None, :] <= positions[:, None]  # [Tq, L]
+    index = index.masked_fill(~causal, float("-inf"))
+    order = torch.sort(index, dim=-1, descending=True, stable=True).indices
+    picked = order[:, : min(topk, index.shape[1])]
+    selected = torch.zeros_like(causal).scatter_(1, picked, True)
+    return selected & causal
+
+
+def dsa_attention_torch(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    q_idx: torch.Tensor,
+    weights: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    index_scale: float,
+    topk: int,
+) -> torch.Tensor:
+    """q_lat [T, H, Dl], q_pe [T, H, Dr], q_idx [T, Hi, Di], weights [T, Hi]: every token of
+    the step, rows in order; kv_cache [NB, BS, Dl + Dr + Di] (the model's dtype or FP8: read
+    back by a cast); block_tables [B, max_blocks]; query_lens / context_lens [B] on the host:
+    row b's tokens are the last query_lens[b] of its first context_lens[b] cached tokens.
+    Returns o_lat [T, H, Dl] in q_lat's dtype (scores and softmax in fp32)."""
+    d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
+    if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
+        raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
+                         f"Dr {d_rope} + Di {q_idx.shape[-1]}")
+    out = torch.empty_like(q_lat)
+    start = 0
+    for row, (qlen, length) in enumerate(zip(query_lens, context_lens, strict=True)):
+        rows = slice(start, start + qlen)
+        start += qlen
+        ctx = gather_context(kv_cache, block_tables[row], length).float()  # [L, W]
+        positions = torch.arange(length - qlen, length, device=ctx.device)
+        selected = topk_selection(
+            index_scores(q_idx[rows], weights[rows], ctx[:, d_lat + d_rope:], index_scale),
+            positions, topk)  # [Tq, L]
+        q = torch.cat((q_lat[rows], q_pe[rows]), dim=-1).float()  # [Tq, H, Dl+Dr]
+        scores = torch.matmul(q, ctx[:, : d_lat + d_rope].T) * scale  # [Tq, H, L]
+        scores.masked_fill_(~selected[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[rows] = torch.matmul(probs, ctx[:, :d_lat]).to(out.dtype)
+    return out

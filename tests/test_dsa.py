@@ -1,0 +1,195 @@
+"""DeepSeek-V3.2 (DeepSeek Sparse Attention): the single-process engine against transformers
+(greedy tokens equal, fp32 logits within 1e-4 relative) with an ``index_topk`` of 8, so that
+prompts and generations run past it and the indexer's selection decides what attention sees;
+the sparse attention against a direct computation; the cache rows (the indexer's key at their
+end) through chunking, preemption, the prefix cache, a 1A+1F layout and a 1P+1A transfer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from ckpt_utils import build_hf_model, hf_greedy, mixed_prompts, save_checkpoint
+from kernels.dsa import dsa_attention_torch
+from kernels.fp8 import FP8_DTYPE
+from models.config import config_from_dict, load_config
+from test_oracle_variants import assert_matches
+
+NEW_TOKENS = 12
+LENGTHS = [5, 40, 100]  # the first prompt crosses index_topk (8) while it decodes
+
+
+def greedy(n: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def v32(tmp_path_factory):
+    model = build_hf_model("deepseek_v32")
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("v32")))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def test_config_reaches_afd(v32):
+    cfg = load_config(v32[1])
+    assert (cfg.architecture, cfg.attention, cfg.dsa) == ("deepseek_v32", "mla", True)
+    assert (cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim) == (8, 16, 16)
+    assert cfg.kv_cache_dim == 32 + 8 + 16 and cfg.rope.interleaved
+    assert cfg.moe_layers[:2] == (1, 2)
+
+
+def test_hub_spelled_config():
+    """config.json as DeepSeek-V3.2-Exp's hub file spells it (no mlp_layer_types; rope_scaling;
+    rope_interleave ignored as transformers does: V3.2's MLA always interleaves)."""
+    raw = dict(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+               vocab_size=129280, hidden_size=7168, num_hidden_layers=61,
+               num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256,
+               num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3,
+               moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+               qk_nope_head_dim=128, v_head_dim=128, n_group=8, topk_group=4,
+               index_topk=2048, index_n_heads=64, index_head_dim=128,
+               num_nextn_predict_layers=1, max_position_embeddings=163840,
+               rope_interleave=False, rope_theta=10000,
+               rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings":
+                             4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                             "mscale_all_dim": 1.0})
+    cfg = config_from_dict(raw)
+    assert cfg.dsa and (cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim) == (2048, 64, 128)
+    assert cfg.moe_layers[0] == 3 and cfg.rope.interleaved and cfg.kv_cache_dim == 512 + 64 + 128
+    del raw["first_k_dense_replace"]
+    assert config_from_dict(raw).moe_layers[0] == 3  # transformers' default
+    for bad, match in ((dict(q_lora_rank=None), "q_lora_rank"),
+                       (dict(index_topk=0), "index_topk"),
+                       (dict(index_head_dim=32), "index_head_dim")):
+        with pytest.raises(ValueError, match=match):
+            config_from_dict({**raw, **bad})
+
+
+def test_matches_transformers_and_selection_matters(v32):
+    model, path, prompts, expected = v32
+    assert_matches(path, expected, prompts)
+    # the selection decides the outputs: transformers' own model attending densely (every
+    # token selected) gives other tokens, so dense attention here could not pass
+    indexers = [layer.self_attn.indexer for layer in model.model.layers]
+    try:
+        for ix in indexers:
+            ix.index_topk = 10**6
+        dense = [hf_greedy(model, p, NEW_TOKENS)[0] for p in prompts]
+    finally:
+        for ix in indexers:
+            ix.index_topk = 8
+    assert all(d != e for d, (e, _) in zip(dense, expected, strict=True))
+
+
+def test_chunked_and_preempted(v32):
+    """Chunks of 16 over blocks of 4, a pool too small for all three: the chunks and the
+    recomputed sequences select from the indexer keys their rows carry in the cache."""
+    _, path, prompts, expected = v32
+    llm = LLM(path, block_size=4, num_kv_blocks=30, max_model_len=112,
+              max_num_batched_tokens=16)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+    assert llm.engine.core.stats()[0].num_preemptions > 0
+
+
+def test_prefix_cache_hit(v32):
+    model, path, prompts, expected = v32
+    llm = LLM(path, block_size=4, enable_prefix_caching=True)
+    assert tokens(llm, prompts[2:]) == [expected[2][0]]
+    other = prompts[2][:64] + prompts[1][:20]  # 64 tokens (16 blocks) cached
+    out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 64
+    assert out.outputs[0].token_ids == hf_greedy(model, other, NEW_TOKENS)[0]
+
+
+def test_within_index_topk_runs_the_dense_kernels(tmp_path, monkeypatch):
+    """index_topk above every length: each token selects all earlier ones, the dense kernels
+    run (the sparse path is never taken) and match transformers."""
+    from models.attention import MLAttention
+
+    model = build_hf_model("deepseek_v32", index_topk=128)
+    path = save_checkpoint(model, str(tmp_path))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sparse path taken within index_topk")
+
+    monkeypatch.setattr(MLAttention, "_sparse_forward", refuse)
+    assert_matches(path, expected, prompts)
+
+
+def test_mtp_and_cuda_graphs_refused(v32):
+    path = v32[1]
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["model_type"] == "deepseek_v32"
+    with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture"):
+        LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="index_topk=8"):
+        LLM(path, enforce_eager=False)
+
+
+def test_attention_and_ffn_ranks_and_pd_match_single_process(v32):
+    """1A+1F and 1P+1A: the prompts' cache rows (indexer keys included) travel from the
+    prefill rank; both match the single process (which matches transformers)."""
+    _, path, prompts, expected = v32
+    want = [t for t, _ in expected]
+    for layout in (dict(attention=1, ffn=1), dict(prefill=1, attention=1, ffn=0)):
+        llm = LLM(path, timeout_s=30, **layout)
+        try:
+            assert tokens(llm, prompts) == want, layout
+        finally:
+            llm.shutdown()
+
+
+# ---- the sparse attention against a direct computation -------------------------------------
+
+def direct(q_lat, q_pe, q_idx, w, ctx, pos, scale, index_scale, topk, d_lat):
+    """One query over its sequence's cached rows ctx [L, W] (fp32), element by element: the
+    indexer's score of each earlier token, the top-k of them, softmax over those alone."""
+    d_rope = q_pe.shape[-1]
+    keys = range(pos + 1)
+    index = {l: sum(w[h] * max(0.0, index_scale * float(q_idx[h] @ ctx[l, d_lat + d_rope:]))
+                    for h in range(q_idx.shape[0])) for l in keys}
+    chosen = sorted(keys, key=lambda l: -index[l])[:topk]  # ties: the earliest (stable)
+    c = ctx[chosen]  # [K, W]
+    q = torch.cat((q_lat, q_pe), dim=-1)  # [H, Dl+Dr]
+    probs = torch.softmax(q @ c[:, : d_lat + d_rope].T * scale, dim=-1)  # [H, K]
+    return probs @ c[:, :d_lat]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dsa_attention_matches_direct(fp8):
+    gen = torch.Generator().manual_seed(3)
+    heads, d_lat, d_rope, i_heads, d_idx, bs, topk = 3, 8, 4, 2, 6, 4, 5
+    width = d_lat + d_rope + d_idx
+    query_lens, context_lens = [1, 1, 6, 3], [3, 11, 6, 13]  # decodes, then prefill chunks
+    t = sum(query_lens)
+    cache = torch.randn(40, bs, width, generator=gen)
+    if fp8:
+        cache = cache.to(FP8_DTYPE)
+    tables = torch.randperm(40, generator=gen)[:16].view(4, 4).int()
+    q_lat, q_pe = torch.randn(t, heads, d_lat, generator=gen), torch.randn(t, heads, d_rope,
+                                                                           generator=gen)
+    q_idx, w = torch.randn(t, i_heads, d_idx, generator=gen), torch.randn(t, i_heads,
+                                                                        generator=gen)
+    got = dsa_attention_torch(q_lat, q_pe, q_idx, w, cache, tables, query_lens, context_lens,
+                              0.3, 0.4, topk)
+    start = 0
+    for b, (qlen, length) in enumerate(zip(query_lens, context_lens)):
+        ctx = cache[tables[b].long()].reshape(-1, width)[:length].float()
+        for i in range(qlen):
+            pos = length - qlen + i
+            want = direct(q_lat[start + i], q_pe[start + i], q_idx[start + i], w[start + i],
+                          ctx, pos, 0.3, 0.4, topk, d_lat)
+            torch.testing.assert_close(got[start + i], want, rtol=1e-5, atol=1e-5)
+        start += qlen
