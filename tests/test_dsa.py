@@ -193,3 +193,17 @@ def test_dsa_attention_matches_direct(fp8):
                           ctx, pos, 0.3, 0.4, topk, d_lat)
             torch.testing.assert_close(got[start + i], want, rtol=1e-5, atol=1e-5)
         start += qlen
+
+
+def test_ties_at_the_boundary_keep_the_earliest_tokens():
+    """Tokens scoring exactly 0 (every index head's relu 0) tie: the earliest are kept,
+    whatever the row's length (a chunk's context or the whole prompt), so chunking cannot
+    change the selection."""
+    from kernels.dsa import topk_selection
+
+    index = torch.zeros(2, 40)
+    index[:, [3, 17, 30]] = torch.tensor([1.0, 2.0, 3.0])
+    index[:, [0, 5]] = -1.0
+    picked = topk_selection(index, torch.tensor([39, 20]), 6)
+    assert picked[0].nonzero()[:, 0].tolist() == [1, 2, 3, 4, 17, 30]
+    assert picked[1].nonzero()[:, 0].tolist() == [1, 2, 3, 4, 6, 17]  # causal: <= 20
