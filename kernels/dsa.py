@@ -26,6 +26,10 @@ import torch
 
 from kernels.prefill_attention import gather_context
 
+# fp32 scores a piece of a row's queries may hold at once (256 MiB): a prefill chunk of 8192
+# tokens over 8192 at DeepSeek-V3.2's 128 heads would otherwise need 32 GiB
+DSA_MAX_SCORES = 1 << 26
+
 
 def index_scores(q_idx: torch.Tensor, weights: torch.Tensor, k_idx: torch.Tensor,
                  index_scale: float) -> torch.Tensor:
@@ -63,12 +67,15 @@ def dsa_attention_torch(
     scale: float,
     index_scale: float,
     topk: int,
+    *,
+    max_scores: int = DSA_MAX_SCORES,
 ) -> torch.Tensor:
     """q_lat [T, H, Dl], q_pe [T, H, Dr], q_idx [T, Hi, Di], weights [T, Hi]: every token of
     the step, rows in order; kv_cache [NB, BS, Dl + Dr + Di] (the model's dtype or FP8: read
     back by a cast); block_tables [B, max_blocks]; query_lens / context_lens [B] on the host:
     row b's tokens are the last query_lens[b] of its first context_lens[b] cached tokens.
-    Returns o_lat [T, H, Dl] in q_lat's dtype (scores and softmax in fp32)."""
+    Returns o_lat [T, H, Dl] in q_lat's dtype (scores and softmax in fp32). A row's queries
+    go in pieces of at most ``max_scores`` fp32 scores ([piece, max(H, Hi), L]) at a time."""
     d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
     if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
         raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
@@ -79,13 +86,17 @@ def dsa_attention_torch(
         rows = slice(start, start + qlen)
         start += qlen
         ctx = gather_context(kv_cache, block_tables[row], length).float()  # [L, W]
-        positions = torch.arange(length - qlen, length, device=ctx.device)
-        selected = topk_selection(
-            index_scores(q_idx[rows], weights[rows], ctx[:, d_lat + d_rope:], index_scale),
-            positions, topk)  # [Tq, L]
-        q = torch.cat((q_lat[rows], q_pe[rows]), dim=-1).float()  # [Tq, H, Dl+Dr]
-        scores = torch.matmul(q, ctx[:, : d_lat + d_rope].T) * scale  # [Tq, H, L]
-        scores.masked_fill_(~selected[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[rows] = torch.matmul(probs, ctx[:, :d_lat]).to(out.dtype)
+        piece = max(1, max_scores // (max(q_lat.shape[1], q_idx.shape[1]) * length))
+        for first in range(0, qlen, piece):
+            part = slice(rows.start + first, rows.start + min(first + piece, qlen))
+            positions = torch.arange(length - qlen + first, length - qlen + first
+                                     + part.stop - part.start, device=ctx.device)
+            selected = topk_selection(
+                index_scores(q_idx[part], weights[part], ctx[:, d_lat + d_rope:], index_scale),
+                positions, topk)  # [piece, L]
+            q = torch.cat((q_lat[part], q_pe[part]), dim=-1).float()  # [piece, H, Dl+Dr]
+            scores = torch.matmul(q, ctx[:, : d_lat + d_rope].T) * scale  # [piece, H, L]
+            scores.masked_fill_(~selected[:, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[part] = torch.matmul(probs, ctx[:, :d_lat]).to(out.dtype)
     return out

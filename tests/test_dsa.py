@@ -167,8 +167,10 @@ def direct(q_lat, q_pe, q_idx, w, ctx, pos, scale, index_scale, topk, d_lat):
     return probs @ c[:, :d_lat]
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_dsa_attention_matches_direct(fp8):
+@pytest.mark.parametrize(("fp8", "max_scores"), [(False, 1 << 26), (True, 1 << 26), (False, 50)])
+def test_dsa_attention_matches_direct(fp8, max_scores):
+    """Over an fp32 cache and an FP8 one (read back by a cast), and with a row's
+    queries in pieces (max_scores 50: one or two queries at a time)."""
     gen = torch.Generator().manual_seed(3)
     heads, d_lat, d_rope, i_heads, d_idx, bs, topk = 3, 8, 4, 2, 6, 4, 5
     width = d_lat + d_rope + d_idx
@@ -183,7 +185,7 @@ def test_dsa_attention_matches_direct(fp8):
     q_idx, w = torch.randn(t, i_heads, d_idx, generator=gen), torch.randn(t, i_heads,
                                                                         generator=gen)
     got = dsa_attention_torch(q_lat, q_pe, q_idx, w, cache, tables, query_lens, context_lens,
-                              0.3, 0.4, topk)
+                              0.3, 0.4, topk, max_scores=max_scores)
     start = 0
     for b, (qlen, length) in enumerate(zip(query_lens, context_lens)):
         ctx = cache[tables[b].long()].reshape(-1, width)[:length].float()
