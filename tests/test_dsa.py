@@ -128,6 +128,27 @@ def test_within_index_topk_runs_the_dense_kernels(tmp_path, monkeypatch):
     assert_matches(path, expected, prompts)
 
 
+def test_ngram_verify_rows_match(v32, monkeypatch):
+    """Speculative verify rows (k + 1 rows of a sequence, each over its own length) select
+    and attend as decodes would: n-gram drafts from a proposer that knows the outputs (every
+    third draft corrupted) keep transformers' tokens, on both sides of index_topk."""
+    import afd.scheduler
+    from test_spec_decode import oracle
+
+    model, path, prompts, expected = v32
+    want = [t for t, _ in expected]
+    short = prompts[1][:2]  # its first verify steps stay within index_topk: the dense kernels
+    want_short = hf_greedy(model, short, NEW_TOKENS)[0]
+    runs = [p + t for p, t in zip([*prompts, short], [*want, want_short], strict=True)]
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, 3))
+    llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    assert tokens(llm, [short]) == [want_short]
+    assert tokens(llm, prompts) == want
+    sched = llm.engine.core.scheduler
+    assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
+
+
 def test_mtp_and_cuda_graphs_refused(v32):
     path = v32[1]
     with open(os.path.join(path, "config.json")) as f:
