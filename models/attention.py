@@ -139,9 +139,13 @@ class MLAttention(nn.Module):
 
     def _sparse(self, batch: ForwardBatch) -> bool:
         """Does any row of this step attend over more than index_topk tokens? If not, every
-        token is selected and the dense kernels give DSA's result (the fast path)."""
-        lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
-        return max(lens, default=0) > self.cfg.index_topk
+        token is selected and the dense kernels give DSA's result (the fast path). A batch
+        without host lengths is a CUDA graph's (afd.cuda_graphs), captured only where
+        max_model_len <= index_topk (afd.config turns graphs off otherwise): dense, and
+        nothing read from the device."""
+        if batch.context_lens is None:
+            return False
+        return max(batch.context_lens, default=0) > self.cfg.index_topk
 
     def _sparse_forward(self, x: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
                         q_resid: torch.Tensor, batch: ForwardBatch,
@@ -152,9 +156,8 @@ class MLAttention(nn.Module):
         q_idx, weights = self.indexer.queries(x, q_resid, batch)
         w_uk, w_uv = self._absorbed_weights()
         q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, Dl]
-        lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
         o_lat = dsa_attention_torch(q_lat, q_pe, q_idx, weights, cache, batch.block_tables,
-                                    batch.query_lens, lens, self.cfg.attention_scale,
+                                    batch.query_lens, batch.context_lens, self.cfg.attention_scale,
                                     self.indexer.scale, self.cfg.index_topk)
         out = torch.einsum("thl,hvl->thv", o_lat, w_uv)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))

@@ -126,6 +126,26 @@ def test_within_index_topk_runs_the_dense_kernels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MLAttention, "_sparse_forward", refuse)
     assert_matches(path, expected, prompts)
+    # the decode steps through afd.cuda_graphs' path (run eagerly on CPU): graphs are allowed
+    # where max_model_len <= index_topk, and their batches carry no host lengths
+    llm = LLM(path, enforce_eager=False, max_model_len=128)
+    assert not llm.config.enforce_eager
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+
+
+def test_a_graph_batch_is_dense_without_reading_the_device(v32):
+    """A CUDA graph's batch has no host lengths: the fast path is taken without reading
+    seq_lens (a meta tensor here: any read would raise)."""
+    from models.attention import MLAttention
+    from models.batch import ForwardBatch
+
+    attn = MLAttention(load_config(v32[1]), torch.float32, device="meta")
+    meta = torch.empty(3, dtype=torch.int64, device="meta")
+    batch = ForwardBatch(positions=meta, slot_mapping=meta, block_tables=meta[:, None],
+                         seq_lens=meta, query_lens=[1, 1, 1], num_decodes=3)
+    assert not attn._sparse(batch)
+    batch.context_lens = [3, 9, 2]
+    assert attn._sparse(batch)
 
 
 def test_ngram_verify_rows_match(v32, monkeypatch):
