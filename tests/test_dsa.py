@@ -101,14 +101,24 @@ def test_chunked_and_preempted(v32):
     assert llm.engine.core.stats()[0].num_preemptions > 0
 
 
-def test_prefix_cache_hit(v32):
+def test_prefix_cache_hits_from_the_device_and_the_host_tier(v32):
+    """A prompt sharing 64 tokens with an earlier one selects from the cached rows' indexer
+    keys: in the device pool, and (a pool of 8 blocks of 16, the earlier prompt's blocks
+    evicted by another prompt's) copied back from the host tier."""
     model, path, prompts, expected = v32
-    llm = LLM(path, block_size=4, enable_prefix_caching=True)
-    assert tokens(llm, prompts[2:]) == [expected[2][0]]
-    other = prompts[2][:64] + prompts[1][:20]  # 64 tokens (16 blocks) cached
-    out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
-    assert out.num_cached_tokens == 64
-    assert out.outputs[0].token_ids == hf_greedy(model, other, NEW_TOKENS)[0]
+    other = prompts[2][:64] + prompts[1][:20]
+    want = hf_greedy(model, other, NEW_TOKENS)[0]
+    per_block = 3 * 16 * load_config(path).kv_cache_dim * 4  # layers x tokens x fp32 values
+    for tier in (dict(), dict(num_kv_blocks=8, max_model_len=128,
+                              kv_offload_gb=12 * per_block / 2**30)):
+        llm = LLM(path, block_size=16, enable_prefix_caching=True, **tier)
+        assert tokens(llm, prompts[2:]) == [expected[2][0]]
+        if tier:  # another 100-token prompt takes 7 of the 8 blocks
+            tokens(llm, mixed_prompts(1, seed=5, lengths=[100]))
+        out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
+        assert out.num_cached_tokens == 64
+        assert (llm.engine.core.stats()[0].prefix_cache_host_hits > 0) == bool(tier)
+        assert out.outputs[0].token_ids == want
 
 
 def test_within_index_topk_runs_the_dense_kernels(tmp_path, monkeypatch):
