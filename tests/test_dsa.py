@@ -191,10 +191,11 @@ def test_mtp_and_cuda_graphs_refused(v32):
 
 def test_attention_and_ffn_ranks_and_pd_match_single_process(v32):
     """1A+1F and 1P+1A: the prompts' cache rows (indexer keys included) travel from the
-    prefill rank; both match the single process (which matches transformers)."""
+    prefill rank (blocks of 8 there, of 4 on the decode rank); both match transformers."""
     _, path, prompts, expected = v32
     want = [t for t, _ in expected]
-    for layout in (dict(attention=1, ffn=1), dict(prefill=1, attention=1, ffn=0)):
+    for layout in (dict(attention=1, ffn=1),
+                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4)):
         llm = LLM(path, timeout_s=30, **layout)
         try:
             assert tokens(llm, prompts) == want, layout
