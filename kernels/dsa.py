@@ -15,7 +15,9 @@ positions only:
     o_lat[h]   = sum_l softmax(score)[h,l] * c[l]
 
 ``dsa_attention_torch`` takes the step's rows (decode rows of one token, prefill chunks of
-several; ``ForwardBatch``'s order) one at a time, gathering each row's context. It is the only
+several; ``ForwardBatch``'s order): the leading one-token rows batched (their contexts gathered
+into one padded tensor, as ``mla_decode_attention_torch`` does), then each prefill chunk over
+its own gathered context. It is the only
 path for a step whose longest context exceeds ``topk`` (shorter ones select every token and
 run the dense kernels, which give the same result).
 """
@@ -75,18 +77,30 @@ def dsa_attention_torch(
     back by a cast); block_tables [B, max_blocks]; query_lens / context_lens [B] on the host:
     row b's tokens are the last query_lens[b] of its first context_lens[b] cached tokens.
     Returns o_lat [T, H, Dl] in q_lat's dtype (scores and softmax in fp32). A row's queries
-    go in pieces of at most ``max_scores`` fp32 scores ([piece, max(H, Hi), L]) at a time."""
+    (the decode rows: the rows) go in pieces of at most about ``max_scores`` fp32 scores
+    ([piece, max(H, Hi), L]) at a time."""
     d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
     if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
         raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
                          f"Dr {d_rope} + Di {q_idx.shape[-1]}")
     out = torch.empty_like(q_lat)
-    start = 0
+    heads = max(q_lat.shape[1], q_idx.shape[1])
+    nd = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+    if nd:  # the decode rows, in pieces of rows
+        piece = max(1, max_scores // (heads * max(context_lens[:nd])))
+        for first in range(0, nd, piece):
+            part = slice(first, min(first + piece, nd))
+            out[part] = _decode_rows(q_lat[part], q_pe[part], q_idx[part], weights[part],
+                                     kv_cache, block_tables[part], context_lens[part], scale,
+                                     index_scale, topk)
+    start = nd
     for row, (qlen, length) in enumerate(zip(query_lens, context_lens, strict=True)):
+        if row < nd:
+            continue
         rows = slice(start, start + qlen)
         start += qlen
         ctx = gather_context(kv_cache, block_tables[row], length).float()  # [L, W]
-        piece = max(1, max_scores // (max(q_lat.shape[1], q_idx.shape[1]) * length))
+        piece = max(1, max_scores // (heads * length))
         for first in range(0, qlen, piece):
             part = slice(rows.start + first, rows.start + min(first + piece, qlen))
             positions = torch.arange(length - qlen + first, length - qlen + first
@@ -100,3 +114,26 @@ def dsa_attention_torch(
             probs = torch.softmax(scores, dim=-1)
             out[part] = torch.matmul(probs, ctx[:, :d_lat]).to(out.dtype)
     return out
+
+
+def _decode_rows(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
+                 weights: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                 lens: list[int], scale: float, index_scale: float,
+                 topk: int) -> torch.Tensor:
+    """Rows of one query each (the last of its first lens[b] cached tokens), batched over
+    their contexts padded to the longest: -> o_lat [B, H, Dl]."""
+    d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
+    batch, block_size, width = q_lat.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
+    num_blocks = -(-max(lens) // block_size)
+    kv = kv_cache[block_tables[:, :num_blocks].long()].reshape(batch, -1, width).float()
+    positions = torch.tensor(lens, device=kv.device) - 1  # [B]
+    past = torch.arange(kv.shape[1], device=kv.device)[None, :] > positions[:, None]
+    kv.masked_fill_(past[..., None], 0.0)  # rows past a length: another sequence's, maybe NaN
+    scores = torch.relu(torch.matmul(q_idx.float(), kv[..., d_lat + d_rope:].transpose(1, 2))
+                        * index_scale)  # [B, Hi, L]
+    index = torch.matmul(weights.float()[:, None, :], scores)[:, 0]  # [B, L]
+    selected = topk_selection(index, positions, topk)  # [B, L], causal: nothing past a length
+    q = torch.cat((q_lat, q_pe), dim=-1).float()  # [B, H, Dl+Dr]
+    att = torch.matmul(q, kv[..., : d_lat + d_rope].transpose(1, 2)) * scale  # [B, H, L]
+    att.masked_fill_(~selected[:, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(att, dim=-1), kv[..., :d_lat]).to(q_lat.dtype)

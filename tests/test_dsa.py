@@ -221,17 +221,22 @@ def direct(q_lat, q_pe, q_idx, w, ctx, pos, scale, index_scale, topk, d_lat):
 
 @pytest.mark.parametrize(("fp8", "max_scores"), [(False, 1 << 26), (True, 1 << 26), (False, 50)])
 def test_dsa_attention_matches_direct(fp8, max_scores):
-    """Over an fp32 cache and an FP8 one (read back by a cast), and with a row's
-    queries in pieces (max_scores 50: one or two queries at a time)."""
+    """Over an fp32 cache and an FP8 one (read back by a cast), rows past each sequence's
+    length NaN (they must never reach a sum), and with the queries in pieces (max_scores 50:
+    one or two queries, one decode row, at a time)."""
     gen = torch.Generator().manual_seed(3)
     heads, d_lat, d_rope, i_heads, d_idx, bs, topk = 3, 8, 4, 2, 6, 4, 5
     width = d_lat + d_rope + d_idx
     query_lens, context_lens = [1, 1, 6, 3], [3, 11, 6, 13]  # decodes, then prefill chunks
     t = sum(query_lens)
     cache = torch.randn(40, bs, width, generator=gen)
+    tables = torch.randperm(40, generator=gen)[:16].view(4, 4).int()
+    for table, length in zip(tables, context_lens):  # past each length: NaN (stale rows)
+        flat = cache.view(-1, width)
+        slots = (table.long()[:, None] * bs + torch.arange(bs)).view(-1)[length:]
+        flat[slots] = float("nan")
     if fp8:
         cache = cache.to(FP8_DTYPE)
-    tables = torch.randperm(40, generator=gen)[:16].view(4, 4).int()
     q_lat, q_pe = torch.randn(t, heads, d_lat, generator=gen), torch.randn(t, heads, d_rope,
                                                                            generator=gen)
     q_idx, w = torch.randn(t, i_heads, d_idx, generator=gen), torch.randn(t, i_heads,
