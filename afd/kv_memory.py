@@ -140,8 +140,8 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
     projections, the wider of one dense MLP and one MoE layer (top_k routed copies with their
     gate/up and activation, shared experts, fp32 router logits), summed though attention's and
     the MLP's are not live together; with ``prefill``, MLA's expansion of up to
-    MLA_PREFILL_MAX_CONTEXT context positions to per-head K and V; the rows' fp32 logits twice
-    (logits and probabilities)."""
+    MLA_PREFILL_MAX_CONTEXT context positions to per-head K and V; DeepSeek-V3.2's sparse
+    path (``dsa_activations``); the rows' fp32 logits twice (logits and probabilities)."""
     m = model_cfg
     element = torch.empty((), dtype=cfg.dtype).element_size()
     if m.attention == "mla":
@@ -160,7 +160,24 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
                         cfg.max_num_seqs * cfg.max_model_len)
         context = positions * m.num_heads * (m.qk_nope_head_dim + v + qk) * element
     logits = 2 * rows * m.vocab_size * 4
-    return tokens * per_token + context + logits
+    return tokens * per_token + context + dsa_activations(m, cfg) + logits
+
+
+def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:
+    """DeepSeek-V3.2's sparse path (kernels.dsa), where max_model_len exceeds index_topk:
+    a piece's four [piece, heads, L] fp32 tensors (index and attention scores, their relu /
+    softmax) of at most DSA_MAX_SCORES each, its sort's values and indices, and the context it
+    gathers (the decode rows': DSA_MAX_SCORES / heads positions; a prefill chunk's: one
+    max_model_len) in the cache's dtype and in fp32. 0 for other models."""
+    if not m.dsa or cfg.max_model_len <= m.index_topk:
+        return 0
+    from kernels.dsa import DSA_MAX_SCORES
+
+    heads = max(m.num_heads, m.index_n_heads)
+    positions = max(DSA_MAX_SCORES // heads, cfg.max_model_len)
+    cache_element = torch.empty((), dtype=cfg.cache_dtype).element_size()
+    return (4 * DSA_MAX_SCORES * 4 + 2 * (DSA_MAX_SCORES // heads) * 8
+            + positions * m.kv_cache_dim * (4 + cache_element))
 
 
 def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device,

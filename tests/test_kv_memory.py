@@ -239,3 +239,22 @@ def test_ranks_sharing_a_gpu_split_it(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks on this node
     assert ranks_on_device(spec(5, Layout(0, 4, 4), local_rank=1), cuda) == 1
     assert ranks_on_device(spec(0, Layout(1, 1, 1)), torch.device("cpu")) == 1
+
+
+def test_dsa_sparse_path_is_in_the_activation_estimate(tmp_path):
+    """DeepSeek-V3.2 past index_topk reserves its sparse path's scores and gathered context;
+    within index_topk (every step dense) nothing more than DeepSeek-V3's terms."""
+    from afd.kv_memory import dsa_activations
+    from kernels.dsa import DSA_MAX_SCORES
+
+    path = save_checkpoint(build_hf_model("deepseek_v32", num_hidden_layers=1), str(tmp_path))
+    model_cfg = load_config(path)
+    dense = resolve_engine_config(path, model_cfg, num_kv_blocks=1000,
+                                  **dict(ARGS, max_model_len=8))
+    sparse = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, **ARGS)
+    assert dsa_activations(model_cfg, dense) == 0
+    extra = dsa_activations(model_cfg, sparse)
+    assert extra >= 4 * DSA_MAX_SCORES * 4
+    assert (step_activations(model_cfg, sparse, 32, 8, prefill=True)
+            - step_activations(model_cfg, replace(sparse, max_model_len=8), 32, 8,
+                               prefill=True)) >= extra
