@@ -19,7 +19,6 @@ import signal
 import socket
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import from_load, resolve_placement
 from afd.placement import ExpertPlacement
+from afd.rank_zygote import RankProcess, start_rank, start_way
 from afd.rebalance import all_tables, check_same_slots, plan_from_record, redundant_slots
 from afd.router import RequestRouter
 from afd.sampling_params import ParamError
@@ -157,6 +157,8 @@ class MultiRankClient:
                 raise ValueError("control_key: ranks started by a launcher (attach) must be "
                                  "handed the control key by it; pass the same key here")
             control_key = protocol.new_key()
+        if attach is None:
+            start_way()  # AFD_RANK_START checked before anything starts
         if layout.ffn and not model_cfg.num_experts:
             raise ValueError("ffn > 0 needs a MoE model; this checkpoint has no routed experts")
         check_layout_options(micro_batches=micro_batches, transport=transport,
@@ -234,7 +236,7 @@ class MultiRankClient:
         self.control_key, self.session = control_key, protocol.new_session()
         self.sealer = protocol.Sealer(control_key, self.session, protocol.FRONT)
         self.drops = DropLog()  # the log of messages dropped for their seal (rate-limited)
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen | RankProcess] = []
         self.outboxes: dict[int, zmq.Socket] = {}
         self.ipc_dir: str | None = None  # one node's control sockets' folder
         self.auth = None
@@ -321,15 +323,14 @@ class MultiRankClient:
             attach(template)
         else:
             self.store = loopback_store()
-            # Plain subprocesses (not multiprocessing): user scripts need no __main__ guard.
-            # every rank is on this machine; the key in the environment, which only this user
-            # can read (/proc/PID/environ), not on the command line, which everyone can
+            # Forked from the rank zygote, or fresh interpreters (afd.rank_zygote): no
+            # multiprocessing, so user scripts need no __main__ guard. Every rank is on this
+            # machine; the key in the environment, which only this user can read
+            # (/proc/PID/environ), not on the command line, which everyone can
             env = {**os.environ, **loopback_gloo_env(), protocol.KEY_ENV: self.control_key.hex()}
             for r in range(layout.world_size):  # (each kept at once: a failed start stops it)
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "afd.workers", "--spec",
-                     replace(template, rank=r, store_port=self.store.port).to_json()],
-                    env=env))
+                self.procs.append(start_rank(
+                    replace(template, rank=r, store_port=self.store.port).to_json(), env))
         self._wait_ready(startup_timeout_s)
         self.last_heard = time.monotonic()
 
