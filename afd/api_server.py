@@ -1394,14 +1394,8 @@ def main() -> None:
 
     server = Server(uvicorn_config(build_app(state), options, args.host, args.port))
 
-    async def drain() -> None:
-        state.draining = True
-        deadline = time.monotonic() + args.grace_period
-        while state.engine.num_in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        log.info("drained (%d requests still in flight); stopping every rank",
-                 state.engine.num_in_flight)
-        server.should_exit = True
+    def drain():
+        return drain_then_stop(state, server, args.grace_period)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -1450,6 +1444,22 @@ async def log_stats(metrics: ServerMetrics, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         text, worth = stats.line(time.monotonic())
         (log.info if worth else log.debug)("%s", text)
+
+
+async def drain_then_stop(state, server, grace_period_s: float) -> None:
+    """SIGTERM: new requests get 503 while those in flight run for up to ``grace_period_s``;
+    then the server stops (every rank with it). What still runs then is cancelled at once:
+    uvicorn's own graceful wait (``timeout_graceful_shutdown``, 5 s, for the connections of
+    requests that are done) held them, and the stop, 5 s past the grace period."""
+    state.draining = True
+    deadline = time.monotonic() + grace_period_s
+    while state.engine.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    left = state.engine.num_in_flight
+    log.info("drained (%d requests still in flight); stopping every rank", left)
+    if left:
+        server.config.timeout_graceful_shutdown = 0
+    server.should_exit = True
 
 
 def default_served_names(path: str) -> list[str]:

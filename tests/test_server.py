@@ -566,6 +566,24 @@ def test_draining_answers_503_until_the_grace_period_ends():
     assert "front end stopped" in log, log[-3000:]
 
 
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_requests_past_the_grace_period_are_cancelled_at_once(in_flight):
+    """The drain's end stops the server; what still runs then is not held for uvicorn's own
+    graceful wait too (5 s, for connections of requests that are done): the stop came 5 s past
+    --grace-period. A drain that emptied keeps that wait (responses still being written)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from afd.api_server import drain_then_stop
+
+    state = SimpleNamespace(draining=False, engine=SimpleNamespace(num_in_flight=in_flight))
+    server = SimpleNamespace(should_exit=False,
+                             config=SimpleNamespace(timeout_graceful_shutdown=5))
+    asyncio.run(drain_then_stop(state, server, grace_period_s=0.05))
+    assert state.draining and server.should_exit
+    assert server.config.timeout_graceful_shutdown == (0 if in_flight else 5)
+
+
 def test_dead_rank_makes_health_503(pd):
     """Runs last on the P/D server: kill its FFN rank."""
     ranks = [p for p in pd.tree() if "serve.py" in " ".join(p.cmdline()) and p.pid != pd.proc.pid]
