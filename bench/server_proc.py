@@ -54,7 +54,7 @@ class LocalServer:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"server not healthy in {timeout_s}s:\n{self.tail()}")
 
@@ -96,7 +96,7 @@ def wait_gone(procs: list[psutil.Process], timeout_s: float = 10) -> list[psutil
     """Wait for processes to exit; return those still running."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _alive(procs):
-        time.sleep(0.2)
+        time.sleep(0.05)
     return _alive(procs)
 
 

@@ -143,7 +143,7 @@ class Nodes:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError(f"not healthy in {START_TIMEOUT_S:.0f}s:\n{self.tail()}")
 
     def tail(self, chars: int = 2500) -> str:
@@ -192,7 +192,7 @@ class Nodes:
         self.procs[node].send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(_alive(p) for p in procs):
-            time.sleep(0.2)
+            time.sleep(0.05)
         left = [p for p in procs if _alive(p)]
         self.kill()
         return [p.pid for p in left]
