@@ -223,8 +223,9 @@ class Zygote:
                     else:
                         self.replies[msg["id"]] = msg
                     self.cond.notify_all()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # not its own words: it is stopped
             self.failure = f"its reports broke off: {exc}"
+            self.proc.kill()
         finally:
             code = self.proc.wait()
             with self.cond:

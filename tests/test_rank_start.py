@@ -132,8 +132,9 @@ sys.stdin.read()  # until killed
 """
 
 
-@pytest.mark.parametrize("way", ["fork", "spawn"])
-def test_a_killed_front_end_leaves_no_rank_and_no_zygote(model, way):
+def test_a_killed_front_end_leaves_no_rank_and_no_zygote(model):
+    """(Spawned ranks exit so too: the same afd.workers.watch_parent.)"""
+    way = "fork"
     env = {**os.environ, rank_zygote.START_ENV: way,
            "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
     front = subprocess.Popen([sys.executable, "-c", FRONT, model[0]], env=env,
@@ -189,13 +190,17 @@ def test_a_zygote_that_refuses_leaves_the_ranks_to_spawn(model, monkeypatch, tmp
         [ROOT, str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setattr(rank_zygote, "PRELOAD", (*rank_zygote.PRELOAD, "starts_a_thread"))
     path, prompts, params, want = model
-    for _ in range(2):
-        llm = LLM(path, attention=1, ffn=1, timeout_s=30)
-        try:
-            assert all(type(p) is subprocess.Popen for p in llm.engine.core.procs)
-            got = llm.generate(prompts[:1], params, use_tqdm=False)
-            assert got[0].outputs[0].token_ids == want[0]
-        finally:
-            llm.shutdown()
+    llm = LLM(path, attention=1, ffn=1, timeout_s=30)
+    try:
+        assert all(type(p) is subprocess.Popen for p in llm.engine.core.procs)
+        got = llm.generate(prompts[:1], params, use_tqdm=False)
+        assert got[0].outputs[0].token_ids == want[0]
+    finally:
+        llm.shutdown()
+    refused = rank_zygote._current
+    from afd.workers import loopback_gloo_env
+
+    env = {**os.environ, **loopback_gloo_env()}  # the ranks' (afd.layouts), less the key
+    assert rank_zygote._zygote(env) is None and rank_zygote._current is refused
     warned = [r.getMessage() for r in caplog.records if r.name == "afd.rank_zygote"]
     assert len(warned) == 1 and "2 threads after importing" in warned[0], warned
