@@ -159,9 +159,6 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
                                             priority=priority)
-                    if self.metrics:
-                        self.metrics.prompt_tokens.inc(len(self.engine.requests[rid]
-                                                           .prompt_token_ids))
                 except ValueError as exc:  # checked before queueing; raced with another id
                     self._deliver(rid, exc)
                 except RankFailure:
@@ -235,8 +232,9 @@ class AsyncEngine:
         seen = self.tokens_seen.get(rid) or [0] * len(tokens)
         new = [t - s for t, s in zip(tokens, seen)]
         step_tokens = sum(new)
-        if step_tokens and not any(seen):
+        if step_tokens and not any(seen):  # its first token: the prompt has run (vLLM's count)
             step_tokens += len(out.prompt_token_ids)
+            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
         # the n completions step together: the interval spans max(new) tokens, not sum(new)
         self.metrics.observe_output(out, sum(new), now, self.last_token.get(rid),
                                     steps=max(new, default=0))

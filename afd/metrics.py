@@ -184,11 +184,12 @@ LOG_STATS_INTERVAL_S = 10.0  # vLLM's VLLM_LOG_STATS_INTERVAL default
 class StatLogger:
     """vLLM's periodic engine line for the server log: every ``interval_s`` (``--disable-log-
     stats`` turns it off), what the metrics above saw since the last line: prompt and generation
-    throughput, requests running and waiting, KV cache use per attention rank (mean, and the
-    fullest where there are several), the prefix cache hit rate of the tokens looked up, and with
-    speculative decoding the draft acceptance rate and mean acceptance length. Read from the
-    registry (``get_sample_value``), so it reports exactly what /metrics does. An idle interval
-    after an idle one is logged at debug level only, as vLLM does."""
+    throughput (a prompt counted when its first token comes, as vLLM's), requests running and
+    waiting, KV cache use per attention rank (mean, and the fullest where there are several),
+    the prefix cache hit rate of the tokens looked up, and with speculative decoding the draft
+    acceptance rate and mean acceptance length. Read from the registry (``get_sample_value``),
+    so it reports exactly what /metrics does. An idle interval after an idle one is logged at
+    debug level only, as vLLM does."""
 
     def __init__(self, metrics: ServerMetrics, now: float):
         self.metrics = metrics

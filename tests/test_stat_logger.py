@@ -57,3 +57,56 @@ def test_a_bad_interval_is_refused_before_any_rank_starts(monkeypatch, capsys, r
         serve.parse_args([])
     assert f"AFD_LOG_STATS_INTERVAL={raw!r}: seconds, a number > 0" in capsys.readouterr().err
     serve.parse_args(["--disable-log-stats"])  # not read at all then
+
+
+def test_prompt_tokens_count_when_the_prompt_has_run_not_when_it_arrives():
+    """vLLM counts a prompt's tokens (the line's prompt throughput, prompt_tokens_total) in the
+    step that brings the request's first token, not at its arrival: a burst queued behind a
+    long prefill is not reported as prefilled the moment it comes. Here the engine thread is
+    held in a call while a request is added, then reads the counter right after the add,
+    before any step: nothing yet; once the request is done, its prompt's tokens."""
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from afd.async_engine import AsyncEngine
+    from afd.llm import LLM
+    from afd.sampling_params import SamplingParams
+
+    llm = LLM(seed=0)
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine(llm.engine, metrics)
+    hold, held = threading.Event(), threading.Event()
+
+    def block() -> None:  # on the engine thread: keeps it from taking the add at once
+        held.set()
+        assert hold.wait(60)
+
+    def counted() -> float:
+        return metrics.registry.get_sample_value("afd:prompt_tokens_total",
+                                                 {"model_name": "m"}) or 0.0
+
+    engine.commands.put(("call", block, concurrent.futures.Future()))
+    assert held.wait(60)
+
+    async def go() -> float:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        outputs = engine.generate("r", "Hello there", params)
+        first = asyncio.ensure_future(anext(outputs))  # queues the add
+        while engine.commands.qsize() == 0:
+            await asyncio.sleep(0)
+        at_arrival: concurrent.futures.Future = concurrent.futures.Future()
+        engine.commands.put(("call", counted, at_arrival))  # right after the add, no step
+        hold.set()
+        before = await asyncio.wrap_future(at_arrival)
+        await first
+        async for _ in outputs:
+            pass
+        return before
+
+    try:
+        before = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert before == 0.0
+    assert counted() == len(llm.get_tokenizer().encode("Hello there"))
