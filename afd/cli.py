@@ -86,7 +86,27 @@ def serve(argv: list[str]) -> int:
         except ModelSourceError as exc:
             sys.exit(f"{prog}: {exc}")
         os.environ[launch_serve.SOURCES_ENV] = json.dumps(sources)  # the ranks' environment
+        model = sources["model"]
+    else:
+        model = args.model
+    check_expert_split(args, model, prog)
     return launch_ranks(world, argv, kill_after_s=args.grace_period + KILL_AFTER_GRACE_S)
+
+
+def check_expert_split(args, model: str | None, prog: str) -> None:
+    """--prefill-expert-parallel against the checkpoint's routed experts (config.json alone),
+    before any rank starts: rank 0 would find it only once every rank had started."""
+    if not args.prefill_expert_parallel:
+        return
+    from afd.config import check_prefill_expert_parallel
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    try:
+        cfg = load_config(model or default_model_path(), args.hf_overrides)
+        check_prefill_expert_parallel(True, args.prefill, cfg.num_experts)
+    except (ValueError, NotImplementedError, OSError) as exc:
+        sys.exit(f"{prog}: {exc}")
 
 
 def launch_ranks(world: int, argv: list[str], kill_after_s: float) -> int:

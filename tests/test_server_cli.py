@@ -137,6 +137,24 @@ def test_bad_rank_counts_name_the_flag(capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_expert_split_the_checkpoint_cannot_fill_is_refused_before_any_rank(monkeypatch,
+                                                                              capsys):
+    """--prefill-expert-parallel over more prefill ranks than the checkpoint has routed
+    experts: one line naming both, from config.json alone, before any rank starts (rank 0
+    found it only once torchrun had started every rank: a traceback and torchrun's dump)."""
+    monkeypatch.setattr(cli, "launch_ranks", lambda *a, **k: pytest.fail("launched ranks"))
+    monkeypatch.setattr("launch.serve.check_port_free", lambda host, port: None)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--prefill", "17", "--prefill-expert-parallel"])  # 16 experts
+    assert str(exc.value.code).startswith("afd serve: prefill_expert_parallel splits the routed "
+                                          "experts over the prefill ranks: this checkpoint has "
+                                          "16 routed experts for prefill=17")
+    launched = []
+    monkeypatch.setattr(cli, "launch_ranks", lambda *a, **k: launched.append(a) or 0)
+    assert cli.main(["serve", "--prefill", "2", "--prefill-expert-parallel"]) in (0, None)
+    assert len(launched) == 1  # enough experts (the embedded model's): started as before
+
+
 def test_under_torchrun_afd_serve_is_one_rank_and_names_a_count_mismatch(monkeypatch):
     """RANK/WORLD_SIZE set (torchrun's): afd serve is launch/serve.py, whose P + A + F check
     names the flags and the --nproc-per-node to use."""
