@@ -330,6 +330,7 @@ def test_rank_spec_takes_its_nodes_folders():
     assert serve.rank_spec(template, 1, 1, embedded=False).engine_cfg.model == "/node0/hf/snap"
 
 
+@pytest.mark.slow  # 8 s: the hand-off and the name are checked at the launch level above
 def test_afd_serve_of_a_repo_id_on_two_ranks(cache):
     """``afd serve org/tiny --attention 1 --ffn 1``: resolved by afd serve, which hands both
     ranks the snapshot folder, served under the repo id, a chat completion answered."""
