@@ -99,11 +99,7 @@ class TorchTransport(ExpertPath):
         a, f, s = self.groups.num_attention, self.groups.num_ffn, self.slots
         ids = req.routing.topk_ids  # [T, K]
         num_tokens, top_k = ids.shape
-        rank, slot = self.placement.route(ids.clamp(min=0), self.tables[req.layer])
-        valid = (ids >= 0).flatten()
-        key = torch.where(valid, (rank * s + slot).flatten(), f * s)  # [T*K], invalid last
-        order = torch.argsort(key, stable=True)[: int(valid.sum())]
-        counts = torch.bincount(key[order], minlength=f * s).view(f, s)  # [F, S]
+        order, counts = by_slot(ids, self.placement, self.tables[req.layer], f, s)  # [F, S]
         send_counts = torch.zeros(self.groups.size, s, dtype=torch.long, device=self.device)
         send_counts[a:] = counts
         recv_counts = torch.empty_like(send_counts)  # attention ranks receive zeros: unused
@@ -193,11 +189,7 @@ class PeerExperts(ExpertPath):
         p, s = self.size, self.slots
         ids = req.routing.topk_ids  # [T, K]
         num_tokens, top_k = ids.shape
-        rank, slot = self.placement.route(ids.clamp(min=0), self.tables[req.layer])
-        valid = (ids >= 0).flatten()
-        key = torch.where(valid, (rank * s + slot).flatten(), p * s)  # [T*K], invalid last
-        order = torch.argsort(key, stable=True)[: int(valid.sum())]
-        counts = torch.bincount(key[order], minlength=p * s).view(p, s)  # [P, S]
+        order, counts = by_slot(ids, self.placement, self.tables[req.layer], p, s)  # [P, S]
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         sent_rows, recv_rows = counts.sum(dim=1).tolist(), recv_counts.sum(dim=1).tolist()
@@ -222,6 +214,19 @@ class PeerExperts(ExpertPath):
                                group=self.group)
         return weighted_sum(recv, handle.row_token, handle.row_expert, handle.row_weight,
                             handle.num_tokens)
+
+
+def by_slot(ids: torch.Tensor, placement: ExpertPlacement, table, ranks: int,
+            slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, k) slots of ``ids`` [T, K] in send order, grouped by receiving rank and its
+    slot (stable: token order within a slot), -1 ids left out; and the rows each rank's
+    slot gets, [ranks, slots]."""
+    rank, slot = placement.route(ids.clamp(min=0), table)
+    valid = (ids >= 0).flatten()
+    key = torch.where(valid, (rank * slots + slot).flatten(), ranks * slots)  # invalid last
+    order = torch.argsort(key, stable=True)[: int(valid.sum())]
+    counts = torch.bincount(key[order], minlength=ranks * slots).view(ranks, slots)
+    return order, counts
 
 
 def weighted_sum(rows: torch.Tensor, row_token: torch.Tensor, row_expert: torch.Tensor,

@@ -16,6 +16,7 @@ from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
 from ckpt_utils import (assert_same_outputs, build_hf_model, mixed_prompts, run_until_done,
                         save_checkpoint)
+from thread_utils import in_thread
 
 NEW_TOKENS = 24
 
@@ -236,22 +237,6 @@ def test_killed_ffn_rank_is_an_error_not_a_hang(references):
         llm.generate(prompts[:1], long, use_tqdm=False)
 
 
-def _in_thread(fn, limit_s: float) -> dict:
-    """Run fn in a daemon thread; {"raised": exc} or {"returned": value}, or {} if it hangs."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["returned"] = fn()
-        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
-            result["raised"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit_s)
-    return result
-
-
 def _kill_all(llm: LLM) -> None:
     for p in llm.engine.core.procs:
         if p.poll() is None:
@@ -279,7 +264,7 @@ def test_wedged_rank_is_an_error_not_a_hang(references):
     try:
         os.kill(wedged, signal.SIGSTOP)
         threading.Thread(target=resume_once_failed, daemon=True).start()
-        result = _in_thread(lambda: llm.generate(prompts, params, use_tqdm=False),
+        result = in_thread(lambda: llm.generate(prompts, params, use_tqdm=False),
                             timeout_s + 20)
         assert isinstance(result.get("raised"), RankFailure), result
         assert "silent" in str(result["raised"])
@@ -323,7 +308,7 @@ def test_abort_on_a_dead_rank_is_an_error_not_a_hang(references):
         victim = engine.core.procs[engine.core.placed["r"].decode]
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        result = _in_thread(lambda: engine.abort_request("r"), 20)
+        result = in_thread(lambda: engine.abort_request("r"), 20)
         assert isinstance(result.get("raised"), RankFailure), result
     finally:
         _kill_all(llm)
@@ -423,7 +408,7 @@ def test_heartbeats_never_block_a_rank():
             link.heartbeat()
 
     try:
-        assert "returned" in _in_thread(beat, 10)
+        assert "returned" in in_thread(beat, 10)
     finally:
         ctx.destroy(linger=0)
 
@@ -1956,7 +1941,7 @@ def test_shutdown_leaves_no_rank_process_and_no_port_bound(references):
     assert not left, f"ports still bound after shutdown: {sorted(left)}"
     assert not any(os.path.exists(a[len("ipc://"):]) for a in sockets), "a socket file is left"
     # and using it then says so (it raised a bare ZMQError from the closed socket)
-    result = _in_thread(lambda: llm.generate("Hello", SamplingParams(max_tokens=2),
+    result = in_thread(lambda: llm.generate("Hello", SamplingParams(max_tokens=2),
                                              use_tqdm=False), 20)
     assert isinstance(result.get("raised"), RuntimeError), result
     assert "shut down" in str(result["raised"])

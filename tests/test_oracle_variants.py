@@ -172,22 +172,12 @@ def test_variant_matches_transformers(kind, overrides, probe, tmp_path):
     assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts)
 
 
-@pytest.mark.parametrize("name", ["v3_yarn_factor40", "qwen3_yarn"])
-def test_yarn_past_the_original_context_chunked(name, tmp_path):
-    """Chunks of 16 tokens over blocks of 4: the chunks past the original context read their
-    YaRN rotary keys back from the paged cache (MLA's latent and rope key; GQA's K)."""
-    _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
-    model = build_hf_model(kind, **overrides)
-    path = save_checkpoint(model, str(tmp_path))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts,
-                   max_num_batched_tokens=16, block_size=4)
-
-
-@pytest.mark.parametrize("name", ["glm4_moe_lite", "dots1"])
+@pytest.mark.parametrize("name", ["v3_yarn_factor40", "qwen3_yarn", "glm4_moe_lite", "dots1"])
 def test_chunked_prompts_match_transformers(name, tmp_path):
-    """GLM-4.7-Flash and dots.llm1 with their prompts in chunks of 16 tokens over blocks of 4
-    (GLM-4.5's run in test_oracle's chunked and preempted runs)."""
+    """Prompts in chunks of 16 tokens over blocks of 4. YaRN: the chunks past the original
+    context read their rotary keys back from the paged cache (MLA's latent and rope key; GQA's
+    K). GLM-4.7-Flash and dots.llm1 chunked (GLM-4.5's run in test_oracle's chunked and
+    preempted runs)."""
     _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
     model = build_hf_model(kind, **overrides)
     path = save_checkpoint(model, str(tmp_path))

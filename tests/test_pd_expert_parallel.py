@@ -15,6 +15,7 @@ import pytest
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
 from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+from thread_utils import in_thread
 
 NEW_TOKENS = 12
 # a 16-token step budget: the 64-, 48- and 33-token prompts prefill in chunks
@@ -66,22 +67,6 @@ def test_prefill_expert_parallel_matches_single_process(references, kind, ffn):
         llm.shutdown()
 
 
-def _in_thread(fn, limit_s: float) -> dict:
-    """Run fn in a daemon thread; {"raised": exc} or {"returned": value}, or {} if it hangs."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["returned"] = fn()
-        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
-            result["raised"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit_s)
-    return result
-
-
 def test_killed_prefill_rank_is_an_error_not_a_hang(references):
     """Three prefill ranks split the 8 experts 3/3/2; one killed while the pool prefills (the
     others wait on it in a vote or a layer's all-to-all) fails the engine with a RankFailure
@@ -99,7 +84,7 @@ def test_killed_prefill_rank_is_an_error_not_a_hang(references):
         long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
         killer = threading.Timer(0.5, lambda: os.kill(victim.pid, signal.SIGKILL))
         killer.start()
-        got = _in_thread(lambda: llm.generate(prompts * 4, long, use_tqdm=False),
+        got = in_thread(lambda: llm.generate(prompts * 4, long, use_tqdm=False),
                          limit_s=4 * timeout_s + 30)
         killer.join()
         assert "raised" in got, f"no RankFailure: {got or 'it hung'}"
