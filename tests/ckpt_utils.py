@@ -134,6 +134,21 @@ def mixed_prompts(n: int = 8, seed: int = 1, lengths=None) -> list[list[int]]:
     return [torch.randint(2, VOCAB, (n_tok,), generator=gen).tolist() for n_tok in lengths]
 
 
+def single_process_references(tmp_path_factory, new_tokens: int, **engine_args) -> dict:
+    """Per model kind (DeepSeek-V3, Qwen3-MoE tiny checkpoints): (checkpoint path, prompts,
+    greedy params, the single-process engine's token ids), what layouts are compared with."""
+    from afd import LLM, SamplingParams
+
+    refs = {}
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for kind in ("deepseek_v3", "qwen3_moe"):
+        path = save_checkpoint(build_hf_model(kind), str(tmp_path_factory.mktemp(kind)))
+        outs = LLM(path, **engine_args).generate(prompts, params, use_tqdm=False)
+        refs[kind] = (path, prompts, params, [o.outputs[0].token_ids for o in outs])
+    return refs
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """transformers' own greedy generate, EOS ignored: (new tokens, per-step logits [N, V])."""
     gen_cfg = model.generation_config

@@ -15,7 +15,7 @@ import zmq
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
 from ckpt_utils import (assert_same_outputs, build_hf_model, mixed_prompts, run_until_done,
-                        save_checkpoint)
+                        save_checkpoint, single_process_references)
 from thread_utils import in_thread
 
 NEW_TOKENS = 24
@@ -36,14 +36,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Checkpoint path and single-process greedy outputs per model kind."""
-    refs = {}
-    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    for kind in ("deepseek_v3", "qwen3_moe"):
-        path = save_checkpoint(build_hf_model(kind), str(tmp_path_factory.mktemp(kind)))
-        outs = LLM(path).generate(prompts, params, use_tqdm=False)
-        refs[kind] = (path, prompts, params, [o.outputs[0].token_ids for o in outs])
-    return refs
+    return single_process_references(tmp_path_factory, NEW_TOKENS)
 
 
 # The layout that test_logprobs_match_single_process and test_structured_output_matches_single_

@@ -14,7 +14,7 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.layouts import RankFailure
-from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
+from ckpt_utils import mixed_prompts, single_process_references
 from thread_utils import in_thread
 
 NEW_TOKENS = 12
@@ -25,14 +25,7 @@ CHUNKED = dict(max_num_batched_tokens=16)
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Checkpoint path, prompts, params and single-process greedy outputs per model kind."""
-    refs = {}
-    prompts = [{"prompt_token_ids": p} for p in mixed_prompts()]
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    for kind in ("deepseek_v3", "qwen3_moe"):
-        path = save_checkpoint(build_hf_model(kind), str(tmp_path_factory.mktemp(kind)))
-        outs = LLM(path, **CHUNKED).generate(prompts, params, use_tqdm=False)
-        refs[kind] = (path, prompts, params, [o.outputs[0].token_ids for o in outs])
-    return refs
+    return single_process_references(tmp_path_factory, NEW_TOKENS, **CHUNKED)
 
 
 def prefill_experts(llm: LLM) -> dict[int, list[list[int]]]:
