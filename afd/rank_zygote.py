@@ -50,6 +50,9 @@ PRELOAD = ("torch", "torch.distributed", "zmq", "afd.workers", "afd.rank_attenti
 # does: never a reason to replace the zygote (each rank still gets their current values)
 VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
 HEADER = struct.Struct("!I")
+# a fork and its reply take milliseconds: a zygote silent for this long after a start request
+# is wedged (it is alive, so no exit ends the wait)
+REPLY_TIMEOUT_S = 60.0
 STDIO = (0, 1, 2)
 
 
@@ -179,10 +182,12 @@ class Zygote:
             raise ZygoteError(f"the rank zygote (pid {self.proc.pid}) is gone: {exc}; "
                               f"{START_ENV}=spawn starts ranks without it") from exc
         with self.cond:
-            self.cond.wait_for(lambda: rid in self.replies or self.gone)
+            answered = self.cond.wait_for(lambda: rid in self.replies or self.gone,
+                                          REPLY_TIMEOUT_S)
             reply = self.replies.pop(rid, None)
             if reply is None or "failed" in reply:
-                why = reply["failed"] if reply else f"it exited ({self.failure})"
+                why = (reply["failed"] if reply else f"it exited ({self.failure})" if answered
+                       else f"no answer in {REPLY_TIMEOUT_S:.0f}s")
                 raise ZygoteError(f"the rank zygote (pid {self.proc.pid}) could not start a "
                                   f"rank: {why}; {START_ENV}=spawn starts ranks without it")
             pid = reply["started"]

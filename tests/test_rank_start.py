@@ -122,6 +122,24 @@ def test_a_new_environment_gets_a_new_zygote_and_the_old_one_exits(model, monkey
     assert not wait_gone([old], timeout_s=30), "the replaced zygote is still running"
 
 
+def test_a_wedged_zygote_is_an_error_not_a_hang(model, monkeypatch):
+    """A zygote alive but silent after a start request (stopped here) fails the start after
+    its reply timeout, naming it, instead of holding the front end forever."""
+    monkeypatch.setenv(rank_zygote.START_ENV, "fork")
+    monkeypatch.setattr(rank_zygote, "REPLY_TIMEOUT_S", 0.5)
+    env = dict(os.environ)
+    zygote = rank_zygote._zygote(env)
+    assert zygote is not None
+    os.kill(zygote.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(rank_zygote.ZygoteError, match="could not start a rank: no answer "
+                                                          "in 0s"):
+            zygote.start("{}", env)
+    finally:  # not resumed (it would fork the request's rank): the next start makes another
+        zygote.proc.kill()
+        zygote.proc.wait(30)
+
+
 FRONT = """
 import json, os, sys
 from afd import LLM
