@@ -229,17 +229,23 @@ class MoEModel(nn.Module):
         if self.cfg.tie_word_embeddings and self.role != "ffn":
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def mtp_copies(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """The MTP layer's ``embed_tokens`` and ``shared_head.head`` by checkpoint name, each
+        with the model's module it copies ({} without the MTP layer or on an FFN rank)."""
+        if self.mtp is None or self.role == "ffn":
+            return {}
+        prefix = f"model.layers.{self.cfg.num_layers}."
+        return {prefix + "embed_tokens.weight": (self.mtp.embed_tokens, self.model.embed_tokens),
+                prefix + "shared_head.head.weight": (self.mtp.shared_head.head, self.lm_head)}
+
     def share_mtp_copies(self) -> int:
         """DeepSeek-V3's checkpoint stores the MTP layer's ``embed_tokens`` and
         ``shared_head.head`` as tensors of their own, which its paper shares with the model
         (SGLang runs the target's): where a loaded copy equals the model's tensor, the MTP
         layer uses the model's and the copy is dropped (DeepSeek-V3: about 1.9 GB each in
         bf16). Returns the bytes freed."""
-        if self.mtp is None or self.role == "ffn":
-            return 0
         freed = 0
-        for mine, model_own in ((self.mtp.embed_tokens, self.model.embed_tokens),
-                                (self.mtp.shared_head.head, self.lm_head)):
+        for mine, model_own in self.mtp_copies().values():
             if mine.weight is not model_own.weight and torch.equal(mine.weight, model_own.weight):
                 freed += mine.weight.numel() * mine.weight.element_size()
                 mine.weight = model_own.weight

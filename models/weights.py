@@ -169,9 +169,11 @@ def load_weights(model: MoEModel, path: str) -> None:
     table = name_table(model)
     if cfg.tie_word_embeddings:
         table.pop("lm_head.weight", None)
-    copies = _mtp_copies(model)
+    # an MTP layer shipped without its embed_tokens / shared_head.head (reported of GLM-4.6's
+    # release) runs on the model's own, as SGLang's NextN always does
+    copies = model.mtp_copies()
     absent = [n for n in copies if n in table and n not in files]
-    for name in absent:  # an MTP layer shipped without them runs on the model's own
+    for name in absent:
         table.pop(name)
     missing = sorted(n for n in table if n not in files)
     if missing:
@@ -206,19 +208,6 @@ def load_weights(model: MoEModel, path: str) -> None:
         mine.weight = model_own.weight
     if absent:
         log.info("MTP layer: %s not in the checkpoint; the model's own used", ", ".join(absent))
-
-
-def _mtp_copies(model: MoEModel) -> dict:
-    """The MTP layer's ``embed_tokens`` and ``shared_head.head`` by checkpoint name, each with
-    the model's module it copies ({} without the MTP layer or on an FFN rank). DeepSeek-V3's
-    checkpoint stores both (``MoEModel.share_mtp_copies``); a checkpoint that leaves them out
-    (reported of GLM-4.6's release) runs its MTP layer on the model's own, as SGLang's NextN
-    always does."""
-    if model.mtp is None or model.role == "ffn":
-        return {}
-    prefix = f"model.layers.{model.cfg.num_layers}."
-    return {prefix + "embed_tokens.weight": (model.mtp.embed_tokens, model.model.embed_tokens),
-            prefix + "shared_head.head.weight": (model.mtp.shared_head.head, model.lm_head)}
 
 
 def _read(f, name: str, files: dict[str, str], block: tuple[int, int] | None,
