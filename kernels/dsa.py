@@ -35,11 +35,23 @@ DSA_MAX_SCORES = 1 << 26
 
 def index_scores(q_idx: torch.Tensor, weights: torch.Tensor, k_idx: torch.Tensor,
                  index_scale: float) -> torch.Tensor:
-    """q_idx [Tq, Hi, Di], weights [Tq, Hi] (fp32), k_idx [L, Di] -> [Tq, L] fp32."""
-    scores = torch.relu(torch.matmul(q_idx.float()[:, :, None, :],
-                                     k_idx.float().T) * index_scale)  # [Tq, Hi, 1, L]
-    return torch.matmul(weights.float()[:, None, None, :],
-                        scores.transpose(1, 2))[:, 0, 0]  # [Tq, L]
+    """q_idx [Tq, Hi, Di], weights [Tq, Hi] (fp32), k_idx [L, Di] (keys every query shares)
+    or [Tq, L, Di] (each query's own) -> [Tq, L] fp32."""
+    scores = torch.relu(torch.matmul(q_idx.float(), k_idx.float().transpose(-1, -2))
+                        * index_scale)  # [Tq, Hi, L]
+    return torch.matmul(weights.float()[:, None, :], scores)[:, 0]  # [Tq, L]
+
+
+def selected_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                       selected: torch.Tensor, scale: float) -> torch.Tensor:
+    """The absorbed MLA attention over the selected keys only: q_lat [Tq, H, Dl], q_pe
+    [Tq, H, Dr], kv [L, >= Dl+Dr] fp32 rows every query shares or [Tq, L, >= Dl+Dr] each
+    query's own, selected bool [Tq, L] -> o_lat [Tq, H, Dl] fp32."""
+    d_lat, width = q_lat.shape[-1], q_lat.shape[-1] + q_pe.shape[-1]
+    q = torch.cat((q_lat, q_pe), dim=-1).float()  # [Tq, H, Dl+Dr]
+    scores = torch.matmul(q, kv[..., :width].transpose(-1, -2)) * scale  # [Tq, H, L]
+    scores.masked_fill_(~selected[:, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), kv[..., :d_lat])
 
 
 def topk_selection(index: torch.Tensor, positions: torch.Tensor, topk: int) -> torch.Tensor:
@@ -108,11 +120,8 @@ def dsa_attention_torch(
             selected = topk_selection(
                 index_scores(q_idx[part], weights[part], ctx[:, d_lat + d_rope:], index_scale),
                 positions, topk)  # [piece, L]
-            q = torch.cat((q_lat[part], q_pe[part]), dim=-1).float()  # [piece, H, Dl+Dr]
-            scores = torch.matmul(q, ctx[:, : d_lat + d_rope].T) * scale  # [piece, H, L]
-            scores.masked_fill_(~selected[:, None, :], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            out[part] = torch.matmul(probs, ctx[:, :d_lat]).to(out.dtype)
+            out[part] = selected_attention(q_lat[part], q_pe[part], ctx, selected,
+                                           scale).to(out.dtype)
     return out
 
 
@@ -129,11 +138,6 @@ def _decode_rows(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
     positions = torch.tensor(lens, device=kv.device) - 1  # [B]
     past = torch.arange(kv.shape[1], device=kv.device)[None, :] > positions[:, None]
     kv.masked_fill_(past[..., None], 0.0)  # rows past a length: another sequence's, maybe NaN
-    scores = torch.relu(torch.matmul(q_idx.float(), kv[..., d_lat + d_rope:].transpose(1, 2))
-                        * index_scale)  # [B, Hi, L]
-    index = torch.matmul(weights.float()[:, None, :], scores)[:, 0]  # [B, L]
+    index = index_scores(q_idx, weights, kv[..., d_lat + d_rope:], index_scale)  # [B, L]
     selected = topk_selection(index, positions, topk)  # [B, L], causal: nothing past a length
-    q = torch.cat((q_lat, q_pe), dim=-1).float()  # [B, H, Dl+Dr]
-    att = torch.matmul(q, kv[..., : d_lat + d_rope].transpose(1, 2)) * scale  # [B, H, L]
-    att.masked_fill_(~selected[:, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(att, dim=-1), kv[..., :d_lat]).to(q_lat.dtype)
+    return selected_attention(q_lat, q_pe, kv, selected, scale).to(q_lat.dtype)
