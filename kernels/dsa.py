@@ -20,12 +20,20 @@ into one padded tensor, as ``mla_decode_attention_torch`` does), then each prefi
 its own gathered context. It is the only
 path for a step whose longest context exceeds ``topk`` (shorter ones select every token and
 run the dense kernels, which give the same result).
+
+``dsa_decode_attention`` takes decode rows only (one query each) with their lengths on the
+device: Triton on CUDA (``kernels.dsa_triton``: the indexer's scores as sort keys, a fixed-k
+``torch.topk``, the attention over the selected rows through the block table; nothing read on
+the host, so a CUDA graph holds it), ``dsa_decode_attention_torch`` (the decode rows of
+``dsa_attention_torch``) elsewhere. ``paged_index_scores_torch`` and
+``paged_selected_attention_torch`` are the references of its two kernels over the paged cache.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.backend import resolve_backend
 from kernels.prefill_attention import gather_context
 
 # fp32 scores a piece of a row's queries may hold at once (256 MiB): a prefill chunk of 8192
@@ -141,3 +149,78 @@ def _decode_rows(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
     index = index_scores(q_idx, weights, kv[..., d_lat + d_rope:], index_scale)  # [B, L]
     selected = topk_selection(index, positions, topk)  # [B, L], causal: nothing past a length
     return selected_attention(q_lat, q_pe, kv, selected, scale).to(q_lat.dtype)
+
+
+def _gathered_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                   seq_lens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's first ``width`` positions through its table, fp32 [B, width, W], zeroed at
+    and past its length (stale rows: another sequence's, maybe NaN), and that mask [B, width]."""
+    batch, block_size = block_tables.shape[0], kv_cache.shape[1]
+    blocks = -(-width // block_size)
+    kv = kv_cache[block_tables[:, :blocks].long()].reshape(batch, -1, kv_cache.shape[-1])
+    kv = kv[:, :width].float()
+    past = torch.arange(width, device=kv.device)[None, :] >= seq_lens[:, None]
+    return kv.masked_fill_(past[..., None], 0.0), past
+
+
+def paged_index_scores_torch(q_idx: torch.Tensor, weights: torch.Tensor,
+                             kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                             seq_lens: torch.Tensor, index_scale: float) -> torch.Tensor:
+    """Reference of ``dsa_triton``'s index kernel: decode rows' q_idx [B, Hi, Di], weights
+    [B, Hi], kv_cache rows ending with the indexer key (Di values) -> fp32 [B, max_blocks * BS]
+    (``index_scores`` over each row's context, -inf at and past its length)."""
+    width = block_tables.shape[1] * kv_cache.shape[1]
+    kv, past = _gathered_rows(kv_cache, block_tables, seq_lens, width)
+    index = index_scores(q_idx, weights, kv[..., kv.shape[-1] - q_idx.shape[-1]:], index_scale)
+    return index.masked_fill_(past, float("-inf"))
+
+
+def paged_selected_attention_torch(q_lat: torch.Tensor, q_pe: torch.Tensor,
+                                   kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                                   seq_lens: torch.Tensor, indices: torch.Tensor,
+                                   scale: float) -> torch.Tensor:
+    """Reference of ``dsa_triton``'s selected-attention kernel: decode rows over the positions
+    ``indices`` [B, K] of their contexts (-1 or past a length: skipped) -> o_lat [B, H, Dl] in
+    q_lat's dtype (``selected_attention``; a row with nothing selected: NaN)."""
+    batch, width = block_tables.shape[0], block_tables.shape[1] * kv_cache.shape[1]
+    kv, past = _gathered_rows(kv_cache, block_tables, seq_lens, width)
+    idx = indices.long()
+    ok = (idx >= 0) & (idx < width)
+    selected = torch.zeros(batch, width + 1, dtype=torch.bool, device=kv.device)
+    selected.scatter_(1, torch.where(ok, idx, width), True)  # skipped: the spare column
+    selected = selected[:, :width] & ~past
+    return selected_attention(q_lat, q_pe, kv, selected, scale).to(q_lat.dtype)
+
+
+def dsa_decode_attention_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
+                               weights: torch.Tensor, kv_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               index_scale: float, topk: int, *,
+                               context_lens: list[int] | None = None) -> torch.Tensor:
+    """DSA over decode rows (one query each, the last of its first seq_lens[b] cached tokens):
+    ``dsa_attention_torch``'s decode rows. ``context_lens``: seq_lens on the host (read from
+    the device when None)."""
+    if context_lens is None:
+        context_lens = seq_lens.tolist()
+    return dsa_attention_torch(q_lat, q_pe, q_idx, weights, kv_cache, block_tables,
+                               [1] * q_lat.shape[0], context_lens, scale, index_scale, topk)
+
+
+def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
+                         weights: torch.Tensor, kv_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         index_scale: float, topk: int, *,
+                         context_lens: list[int] | None = None,
+                         backend: str | None = None) -> torch.Tensor:
+    """DSA over decode rows: q_lat [B, H, Dl], q_pe [B, H, Dr], q_idx [B, Hi, Di], weights
+    [B, Hi] fp32, kv_cache [NB, BS, Dl + Dr + Di], block_tables [B, max_blocks], seq_lens [B]
+    -> o_lat [B, H, Dl] in q_lat's dtype. Triton (``dsa_triton``, nothing read on the host) or
+    ``dsa_decode_attention_torch``; both select the ``topk`` highest-index positions before
+    each row's end (ties: the earliest), every position of a shorter row."""
+    args = (q_lat, q_pe, q_idx, weights, kv_cache, block_tables, seq_lens, scale, index_scale,
+            topk)
+    if resolve_backend(backend, q_lat, kv_cache) == "triton":
+        from kernels.dsa_triton import dsa_decode_attention_triton
+
+        return dsa_decode_attention_triton(*args)
+    return dsa_decode_attention_torch(*args, context_lens=context_lens)
