@@ -253,8 +253,8 @@ def dsa_selected_attention_triton(
 ) -> torch.Tensor:
     """The absorbed MLA attention of decode rows over their selected positions only: q_lat
     [B, H, Dl], q_pe [B, H, Dr], kv_cache [NB, BS, >= Dl + Dr] (the rows' first Dl + Dr values
-    read), indices [B, K] positions in each row's context (-1, or one at or past seq_lens[b]:
-    skipped) -> o_lat [B, H, Dl] in q_lat's dtype (a row with nothing selected: zeros). The
+    read), indices [B, K] distinct positions in each row's context (-1, or one at or past
+    seq_lens[b]: skipped; a repeated one would weigh twice) -> o_lat [B, H, Dl] in q_lat's dtype (a row with nothing selected: zeros). The
     keyword knobs are for tests/tuning."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
