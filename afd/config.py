@@ -322,14 +322,11 @@ def resolve_engine_config(
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:
         max_model_len = min(model_cfg.max_position_embeddings, 8192)
-    # DSA past index_topk runs a torch path that reads the rows' lengths on the host (no
-    # CUDA graph can capture it); within index_topk every step is dense and graphs capture
+    # DSA (DeepSeek-V3.2) past index_topk: a graph's decode rows run kernels.dsa's decode op,
+    # whose Triton path reads nothing on the host (models.attention MLAttention._sparse), so
+    # enforce_eager=False captures them; not the default there until a GPU has captured and
+    # timed them (never yet: docs/limits.md#dsa)
     dsa_sparse = model_cfg.dsa and max_model_len > model_cfg.index_topk
-    if dsa_sparse and enforce_eager is False:
-        raise ValueError(f"enforce_eager=False: {model_cfg.architecture} with max_model_len="
-                         f"{max_model_len} > index_topk={model_cfg.index_topk} runs its sparse "
-                         "attention eagerly (no CUDA graphs); leave enforce_eager unset or "
-                         "True, or max_model_len <= index_topk")
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse
     if max_model_len > model_cfg.max_position_embeddings:

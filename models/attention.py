@@ -104,7 +104,7 @@ class MLAttention(nn.Module):
         cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(
             torch.cat(row, dim=-1), cache.dtype)
 
-        if self.cfg.dsa and self._sparse(batch):
+        if self.cfg.dsa and self._sparse(batch, cache.shape[1]):
             return self._sparse_forward(x, q_nope, q_pe, q_resid, batch, cache)
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         # the dense kernels' rows: [latent | rope key] (a view past DSA's indexer keys)
@@ -137,28 +137,39 @@ class MLAttention(nn.Module):
                     q[part.queries], k, kv[..., self.nope:], part.layout, self.cfg.attention_scale)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 
-    def _sparse(self, batch: ForwardBatch) -> bool:
+    def _sparse(self, batch: ForwardBatch, block_size: int) -> bool:
         """Does any row of this step attend over more than index_topk tokens? If not, every
         token is selected and the dense kernels give DSA's result (the fast path). A batch
-        without host lengths is a CUDA graph's (afd.cuda_graphs), captured only where
-        max_model_len <= index_topk (afd.config turns graphs off otherwise): dense, and
-        nothing read from the device."""
+        without host lengths is a CUDA graph's (afd.cuda_graphs, decode rows only): sparse
+        when its block tables (as wide as max_model_len) could hold a longer row, decided by
+        their shape, nothing read from the device (a shorter row selects all its tokens)."""
         if batch.context_lens is None:
-            return False
+            return batch.block_tables.shape[1] * block_size > self.cfg.index_topk
         return max(batch.context_lens, default=0) > self.cfg.index_topk
 
     def _sparse_forward(self, x: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
                         q_resid: torch.Tensor, batch: ForwardBatch,
                         cache: torch.Tensor) -> torch.Tensor:
-        """DSA over the selected tokens only (``kernels.dsa``, torch, every row)."""
-        from kernels.dsa import dsa_attention_torch
+        """DSA over the selected tokens only (``kernels.dsa``): the decode rows through
+        ``dsa_decode_attention`` (Triton on CUDA, nothing read on the host), the prefill
+        chunks through the torch path."""
+        from kernels.dsa import dsa_attention_torch, dsa_decode_attention
 
         q_idx, weights = self.indexer.queries(x, q_resid, batch)
         w_uk, w_uv = self._absorbed_weights()
         q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, Dl]
-        o_lat = dsa_attention_torch(q_lat, q_pe, q_idx, weights, cache, batch.block_tables,
-                                    batch.query_lens, batch.context_lens, self.cfg.attention_scale,
-                                    self.indexer.scale, self.cfg.index_topk)
+        nd, lens = batch.num_decodes, batch.context_lens
+        args = (self.cfg.attention_scale, self.indexer.scale, self.cfg.index_topk)
+        o_lat = torch.empty_like(q_lat)
+        if nd:
+            o_lat[:nd] = dsa_decode_attention(q_lat[:nd], q_pe[:nd], q_idx[:nd], weights[:nd],
+                                              cache, batch.block_tables[:nd],
+                                              batch.seq_lens[:nd], *args,
+                                              context_lens=None if lens is None else lens[:nd])
+        if nd < batch.num_seqs:
+            o_lat[nd:] = dsa_attention_torch(q_lat[nd:], q_pe[nd:], q_idx[nd:], weights[nd:],
+                                             cache, batch.block_tables[nd:],
+                                             batch.query_lens[nd:], lens[nd:], *args)
         out = torch.einsum("thl,hvl->thv", o_lat, w_uv)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 

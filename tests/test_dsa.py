@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
+from afd.config import resolve_engine_config
 from ckpt_utils import build_hf_model, hf_greedy, mixed_prompts, save_checkpoint
 from kernels.dsa import dsa_attention_torch
 from kernels.fp8 import FP8_DTYPE
@@ -143,9 +144,10 @@ def test_within_index_topk_runs_the_dense_kernels(tmp_path, monkeypatch):
     assert tokens(llm, prompts) == [t for t, _ in expected]
 
 
-def test_a_graph_batch_is_dense_without_reading_the_device(v32):
-    """A CUDA graph's batch has no host lengths: the fast path is taken without reading
-    seq_lens (a meta tensor here: any read would raise)."""
+def test_a_graph_batch_is_sparse_by_its_table_width_without_reading_the_device(v32):
+    """A CUDA graph's batch has no host lengths: it takes the sparse path when its block
+    tables (as wide as max_model_len) reach past index_topk (8), the dense one otherwise,
+    without reading seq_lens (a meta tensor here: any read would raise)."""
     from models.attention import MLAttention
     from models.batch import ForwardBatch
 
@@ -153,9 +155,12 @@ def test_a_graph_batch_is_dense_without_reading_the_device(v32):
     meta = torch.empty(3, dtype=torch.int64, device="meta")
     batch = ForwardBatch(positions=meta, slot_mapping=meta, block_tables=meta[:, None],
                          seq_lens=meta, query_lens=[1, 1, 1], num_decodes=3)
-    assert not attn._sparse(batch)
+    assert not attn._sparse(batch, block_size=8)
+    assert attn._sparse(batch, block_size=16)
     batch.context_lens = [3, 9, 2]
-    assert attn._sparse(batch)
+    assert attn._sparse(batch, block_size=8)
+    batch.context_lens = [3, 8, 2]
+    assert not attn._sparse(batch, block_size=16)
 
 
 def test_ngram_verify_rows_match(v32, monkeypatch):
@@ -179,14 +184,27 @@ def test_ngram_verify_rows_match(v32, monkeypatch):
     assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
 
 
-def test_mtp_and_cuda_graphs_refused(v32):
+def test_mtp_refused(v32):
     path = v32[1]
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["model_type"] == "deepseek_v32"
     with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture"):
         LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
-    with pytest.raises(ValueError, match="index_topk=8"):
-        LLM(path, enforce_eager=False)
+
+
+def test_cuda_graph_path_past_index_topk_matches_transformers(v32):
+    """enforce_eager=False past index_topk: the decode steps go through afd.cuda_graphs' path
+    (eagerly on CPU), whose batches carry no host lengths, so every decode row takes the
+    sparse decode op over its whole table (kernels.dsa.dsa_decode_attention); the tokens are
+    transformers'. Left unset, a model whose max_model_len passes index_topk stays eager."""
+    _, path, prompts, expected = v32
+    llm = LLM(path, enforce_eager=False, max_model_len=128)
+    assert not llm.config.enforce_eager and llm.engine.core.runner.graphs is not None
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+    for max_len, eager in ((128, True), (8, False)):  # on CUDA: graphs within index_topk
+        cfg = resolve_engine_config(path, load_config(path), device="cuda", num_kv_blocks=16,
+                                    max_model_len=max_len)
+        assert cfg.enforce_eager == eager
 
 
 def test_attention_and_ffn_ranks_and_pd_match_single_process(v32):

@@ -7,9 +7,12 @@ fused_moe all through their Triton kernels, which are counted). The embedded mod
 MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too. The
 ``v32`` case is a tiny DeepSeek-V3.2 whose index_topk (32) covers every sequence: its dense
 MLA kernels read the cache rows' first Dl + Dr values through a view (the DSA indexer's key
-rides at the rows' end). The ``+fp8kv`` cases do the same over an FP8 KV cache
-(kv_cache_dtype "fp8"): every Triton attention kernel the engine calls reads FP8 and converts
-it in registers, the torch ones cast.
+rides at the rows' end); ``v32sparse``'s index_topk (8) is below every sequence, so every
+step runs the sparse path: the decode steps through afd.cuda_graphs' path (eagerly: its batches
+carry no host lengths), their rows through the Triton DSA decode kernels (``kernels.dsa_triton``,
+over each table's whole width), the prefill chunks through the torch path. The ``+fp8kv``
+cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention kernel the
+engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
 
 from __future__ import annotations
@@ -34,13 +37,22 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.gqa_decode_triton", "gqa_decode_attention_grouped_triton"),
     ("kernels.prefill_attention_triton", "varlen_prefill_attention_triton"),
     ("kernels.prefill_attention_triton", "paged_prefill_attention_triton"),
+    ("kernels.dsa_triton", "dsa_decode_attention_triton"),
 ]
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
-UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED),
-          "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton", *GROUPED),
-          "v32": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED),
+DSA = "dsa_decode_attention_triton"
+UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
+                     DSA),
+          "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton", *GROUPED,
+                    DSA),
+          "v32": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED, DSA),
+          # every step has a row past index_topk (8): the sparse path only, its decode rows
+          # through the DSA kernels (the graph path's batches, eagerly), its prefill in torch
+          "v32sparse": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
+                        *GROUPED, "mla_decode_attention_triton",
+                        "varlen_prefill_attention_triton"),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
-                  "gqa_decode_attention_grouped_triton")}
+                  "gqa_decode_attention_grouped_triton", DSA)}
 
 
 FP8KV = "+fp8kv"
@@ -78,14 +90,18 @@ def interpreter_case(name: str, seed: int) -> dict:
             shutil.copytree(default_model_path(), path)
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
-        if name in ("qwen3", "v32"):
+        graphs = {}
+        if name in ("qwen3", "v32", "v32sparse"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
-                     else build_hf_model("deepseek_v32", index_topk=32))
+                     else build_hf_model("deepseek_v32", index_topk=32 if name == "v32" else 8))
             path = save_checkpoint(model, tmp)
-        llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype)
+            if name == "v32sparse":  # decode steps through afd.cuda_graphs' path
+                graphs = {"enforce_eager": False, "max_model_len": 64}
+        llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
+                  **graphs)
         fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches} == {torch.float8_e4m3fn}
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = {}
@@ -98,8 +114,8 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "greedy+fp8kv",
-                                  "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv"])
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "greedy+fp8kv",
+                                  "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
