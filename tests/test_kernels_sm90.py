@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - internals moved in another Triton vers
 import torch  # noqa: E402
 
 from kernels import (  # noqa: E402
+    dsa_triton,
     fp8_triton,
     gqa_decode_triton,
     mla_decode_triton,
@@ -681,3 +682,46 @@ def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: 
     check(compiled, pipelined=True)
     if dtype == "bf16":
         assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
+
+
+# ---- DeepSeek-V3.2's DSA decode (kernels/dsa_triton.py) at the release's dims: latent 512,
+# rope 64, indexer key 128 (cache rows of 704), 64 index heads, blocks of 64 ------------------
+DSA_ROW = 512 + 64 + 128
+
+
+def test_dsa_index_keys_compiles() -> None:
+    """The indexer's sort-key kernel (no loop: one step of BLOCK_N tokens a program)."""
+    launch = dsa_triton.index_launch(64, on_gpu=True)
+    args = {"q_ptr": "*bf16", "w_ptr": "*fp32", "kv_ptr": "*bf16", "table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "keys_ptr": "*i64", "num_heads": 64, "d_idx": 128,
+            "key_offset": 576, "block_size": 64, "width": 65536, "index_scale": 0.088,
+            "stride_qb": 64 * 128, "stride_qh": 128, "stride_wb": 64,
+            "stride_kvb": 64 * DSA_ROW, "stride_kvt": DSA_ROW, "stride_tb": 1024,
+            "stride_tc": 1, "stride_kb": 65536}
+    constexprs = {"HI_PAD": 64, "DI_PAD": 128, "BLOCK_N": launch["block_n"], "DOT_MODE": 0}
+    check(compile_sm90(dsa_triton.dsa_index_keys_kernel, args, constexprs,
+                       launch["num_warps"], 1), pipelined=False)
+
+
+@pytest.mark.parametrize(("heads", "splits", "kv"),
+                         [(128, 1, "bf16"), (128, 4, "bf16"), (16, 1, "bf16"), (16, 4, "bf16"),
+                          (128, 4, "fp8e4nv")])
+def test_dsa_selected_attention_compiles(heads: int, splits: int, kv: str) -> None:
+    """The attention over the selected rows (index_topk 2048 entries), with the launcher's
+    tiles: no spill, its gather loop software-pipelined."""
+    d_lat, d_rope = 512, 64
+    launch = dsa_triton.selected_launch(heads, on_gpu=True, fp8_kv=kv == "fp8e4nv")
+    args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "idx_ptr": "*i32",
+            "table_ptr": "*i32", "seq_lens_ptr": "*i32",
+            "out_ptr": "*bf16" if splits == 1 else "*fp32", "lse_ptr": "*fp32",
+            "num_heads": heads, "d_lat": d_lat, "d_rope": d_rope, "block_size": 64,
+            "num_selected": 2048, "scale_log2": 0.06, "stride_qb": heads * d_lat,
+            "stride_qh": d_lat, "stride_pb": heads * d_rope, "stride_ph": d_rope,
+            "stride_kvb": 64 * DSA_ROW, "stride_kvt": DSA_ROW, "stride_ib": 2048,
+            "stride_tb": 1024, "stride_tc": 1, "stride_ob": heads * d_lat * splits,
+            "stride_oh": d_lat * splits}
+    constexprs = {"NUM_SPLITS": splits, "BLOCK_H": launch["block_h"],
+                  "BLOCK_N": launch["block_n"], "DL_PAD": d_lat, "DR_PAD": d_rope,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    check(compile_sm90(dsa_triton.dsa_selected_attention_kernel, args, constexprs,
+                       launch["num_warps"], launch["num_stages"]), pipelined=True)
