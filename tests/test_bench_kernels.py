@@ -298,6 +298,25 @@ def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
         assert r["over_default"] is not None
 
 
+def test_dsa_kernels_smoke_runs_on_cpu(tmp_path) -> None:
+    """``bench/dsa_kernels.py`` (DeepSeek-V3.2's sparse decode: Triton, its parts, the torch
+    path and the dense MLA kernel) at tiny dims under the interpreter: one JSON line per
+    (shape, case), every case timed, the Triton op within bf16's error of the torch path."""
+    out = tmp_path / "dsa.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "dsa_kernels.py"), "--smoke",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cases = ["triton", "index_keys", "topk", "selected", "torch", "dense_mla"]
+    assert [(r["ctx"], r["case"]) for r in rows] == [(c, n) for c in (40, 72) for n in cases]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["us"] > 0 and r["floor_us"] > 0 and r["rel_err_triton_vs_torch"] < 1e-2
+        assert r["graph"] == (r["case"] != "torch")
+
+
 def test_ws_probe_runs_a_64_row_control_before_the_128_row_tiles(monkeypatch) -> None:
     """Each GEMM's 128-row ws tiles come after one 64-row ws tile, which makes its activation
     descriptor on the device as they do but is not split between the consumers: if the GPU run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -63,11 +64,12 @@ def selected_set(indices: torch.Tensor, width: int) -> torch.Tensor:
     return sel.scatter_(1, torch.where(idx >= 0, idx, width), True)[:, :width]
 
 
-def run_case(spec: tuple) -> dict:
+def run_case(spec: tuple, device: str = "cpu") -> dict:
     from kernels.dsa_triton import (dsa_index_keys_triton, dsa_selected_attention_triton,
                                     keys_to_scores, topk_from_keys)
 
-    q_lat, q_pe, q_idx, weights, kv, tables, lens, scale, index_scale, topk = make_inputs(spec)
+    q_lat, q_pe, q_idx, weights, kv, tables, lens, scale, index_scale, topk = make_inputs(
+        spec, device)
     width = tables.shape[1] * kv.shape[1]
     tol = tolerance(q_lat.dtype)
     # 1. the index scores (through their sort keys), -inf exactly at and past each length
@@ -80,14 +82,14 @@ def run_case(spec: tuple) -> dict:
     # 2. the selection: topk_selection's over the kernel's own scores (stable: ties the
     # earliest), every position of a row shorter than topk; -1 for the rest
     indices = topk_from_keys(keys, topk)
-    chosen = selected_set(indices, width)
+    chosen = selected_set(indices.cpu(), width)
     select_ok = (indices.shape == (len(lens), min(topk, width))
-                 and torch.equal(chosen, topk_selection(scores, lens - 1, topk))
+                 and torch.equal(chosen, topk_selection(scores, lens - 1, topk).cpu())
                  and torch.equal((indices >= 0).sum(1), lens.clamp(max=topk)))
     # 3. the attention over the selection with more -1 entries scattered in (every row keeps
     # one of its indices), in the case's splits
-    holes = torch.rand(indices.shape) < 0.3
-    holes[torch.arange(len(lens)), (indices >= 0).int().argmax(1)] = False
+    holes = torch.rand(indices.shape, device=device) < 0.3
+    holes[torch.arange(len(lens), device=device), (indices >= 0).int().argmax(1)] = False
     sparse = indices.masked_fill(holes, -1)
     got = dsa_selected_attention_triton(q_lat, q_pe, kv, tables, lens, sparse, scale,
                                         num_splits=spec[10])
@@ -183,3 +185,23 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="Di"):
         dsa_decode_attention_triton(q_lat, q_pe, q_idx[..., :4], w, kv, tables, lens, scale,
                                     index_scale, topk)
+
+
+GPU_CASES = {  # DeepSeek-V3.2's dims (128 heads, 64 index heads x 128), index_topk 2048
+    "v32_bf16": ("bf16", 8, 128, 512, 64, 64, 128, 64, 64, 2048, None, "int32"),
+    "v32_splits_bf16": ("bf16", 4, 128, 512, 64, 64, 128, 64, 48, 2048, 4, "int32"),
+    "v32_tp8_fp8kv_bf16": ("bf16+fp8kv", 8, 16, 512, 64, 64, 128, 64, 64, 2048, None,
+                           "int64"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_dsa_decode_gpu(name: str) -> None:
+    """The interpreter cases' checks on a GPU at DeepSeek-V3.2's dims (contexts up to 4096)."""
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    result = run_case(GPU_CASES[name], "cuda")
+    check_result(result, name, SEED)
+    assert result["mask_ok"] and result["select_ok"], (name, SEED)
+    assert result["score_err"] < result["tol"] and result["attn_err"] < result["tol"]
