@@ -13,7 +13,9 @@ the ``@triton.jit`` bodies and launchers and load on first use (``fused_moe_trit
 that feeds it, ``fp8`` FP8 block scaling (weights per [bn, bk] block, activations per token group;
 the quantization kernel in ``fp8_triton``), which the MoE GEMMs take for FP8 expert weights,
 ``decode_groups`` the decode rows grouped by sequence (a verifying sequence's k + 1 rows), which
-the decode attentions take to read each sequence's context once,
+the decode attentions take to read each sequence's context once, ``dsa`` DeepSeek-V3.2's sparse
+attention (its torch path, and ``dsa_decode_attention`` whose Triton kernels are in
+``dsa_triton``),
 ``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
 ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
