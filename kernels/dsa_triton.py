@@ -151,17 +151,17 @@ def index_launch(num_index_heads: int, on_gpu: bool) -> dict:
     return {"block_n": 64, "num_warps": 4}
 
 
-def selected_launch(num_heads: int, on_gpu: bool, fp8_kv: bool = False,
-                    fp32: bool = False) -> dict:
+def selected_launch(num_heads: int, on_gpu: bool, fp32: bool = False) -> dict:
     """Heads a program, entries a step and warps of the selected-attention kernel: the tiles of
-    ``mla_decode_triton.default_launch``'s pointer-load path, except 32 entries a step on a GPU
-    for 16-bit queries too (a step's rows are scattered over the cache, one gather per token,
-    as the MLA kernel's FP8 launch reads); not timed. The interpreter: 16."""
+    ``mla_decode_triton.default_launch``'s pointer-load path, with 32 entries a step on a GPU
+    (a step's rows are scattered over the cache, one gather per token), bf16 or FP8 cache alike
+    (compiled for sm_90a with Triton 3.6: no spill at 128 or 16 heads); fp32 queries 16 (32
+    spill 8.4 KB a thread at 128 heads, 16 spill 88 B). Not timed. The interpreter: 16."""
     block_h = max(16, min(32, next_pow2(num_heads)))
     if not on_gpu:
         return {"block_h": block_h, "block_n": 16, "num_warps": 4, "num_stages": 1}
-    return {"block_h": block_h, "block_n": 32, "num_warps": 8 if block_h > 16 else 4,
-            "num_stages": 2}
+    return {"block_h": block_h, "block_n": 16 if fp32 else 32,
+            "num_warps": 8 if block_h > 16 else 4, "num_stages": 2}
 
 
 def _check_rows(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -254,8 +254,8 @@ def dsa_selected_attention_triton(
     """The absorbed MLA attention of decode rows over their selected positions only: q_lat
     [B, H, Dl], q_pe [B, H, Dr], kv_cache [NB, BS, >= Dl + Dr] (the rows' first Dl + Dr values
     read), indices [B, K] distinct positions in each row's context (-1, or one at or past
-    seq_lens[b]: skipped; a repeated one would weigh twice) -> o_lat [B, H, Dl] in q_lat's dtype (a row with nothing selected: zeros). The
-    keyword knobs are for tests/tuning."""
+    seq_lens[b]: skipped; a repeated one would weigh twice) -> o_lat [B, H, Dl] in q_lat's
+    dtype (a row with nothing selected: zeros). The keyword knobs are for tests/tuning."""
     batch, num_heads, d_lat = q_lat.shape
     d_rope = q_pe.shape[-1]
     _check_rows(q_lat, q_pe, kv_cache, block_tables, seq_lens)
@@ -269,8 +269,7 @@ def dsa_selected_attention_triton(
         return out.zero_()
     q_lat, q_pe, kv, indices = unit_last_stride(q_lat, q_pe, kv_cache, indices)
     interp = not q_lat.is_cuda
-    launch = selected_launch(num_heads, on_gpu=not interp, fp8_kv=kv.dtype == FP8_DTYPE,
-                             fp32=q_lat.dtype == torch.float32)
+    launch = selected_launch(num_heads, on_gpu=not interp, fp32=q_lat.dtype == torch.float32)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)

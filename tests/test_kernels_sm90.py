@@ -710,7 +710,7 @@ def test_dsa_selected_attention_compiles(heads: int, splits: int, kv: str) -> No
     """The attention over the selected rows (index_topk 2048 entries), with the launcher's
     tiles: no spill, its gather loop software-pipelined."""
     d_lat, d_rope = 512, 64
-    launch = dsa_triton.selected_launch(heads, on_gpu=True, fp8_kv=kv == "fp8e4nv")
+    launch = dsa_triton.selected_launch(heads, on_gpu=True)
     args = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "kv_ptr": f"*{kv}", "idx_ptr": "*i32",
             "table_ptr": "*i32", "seq_lens_ptr": "*i32",
             "out_ptr": "*bf16" if splits == 1 else "*fp32", "lse_ptr": "*fp32",
