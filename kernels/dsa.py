@@ -17,9 +17,9 @@ positions only:
 ``dsa_attention_torch`` takes the step's rows (decode rows of one token, prefill chunks of
 several; ``ForwardBatch``'s order): the leading one-token rows batched (their contexts gathered
 into one padded tensor, as ``mla_decode_attention_torch`` does), then each prefill chunk over
-its own gathered context. It is the only
-path for a step whose longest context exceeds ``topk`` (shorter ones select every token and
-run the dense kernels, which give the same result).
+its own gathered context. A step whose longest context exceeds ``topk`` runs its
+prefill chunks here and its decode rows through ``dsa_decode_attention`` (below); shorter ones
+select every token and run the dense kernels, which give the same result.
 
 ``dsa_decode_attention`` takes decode rows only (one query each) with their lengths on the
 device: Triton on CUDA (``kernels.dsa_triton``: the indexer's scores as sort keys, a fixed-k
