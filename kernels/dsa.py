@@ -216,11 +216,18 @@ def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.T
     [B, Hi] fp32, kv_cache [NB, BS, Dl + Dr + Di], block_tables [B, max_blocks], seq_lens [B]
     -> o_lat [B, H, Dl] in q_lat's dtype. Triton (``dsa_triton``, nothing read on the host) or
     ``dsa_decode_attention_torch``; both select the ``topk`` highest-index positions before
-    each row's end (ties: the earliest), every position of a shorter row."""
-    args = (q_lat, q_pe, q_idx, weights, kv_cache, block_tables, seq_lens, scale, index_scale,
-            topk)
+    each row's end (ties: the earliest), every position of a shorter row. ``context_lens``:
+    seq_lens on the host, if known (an eager step's): the Triton path then scores the tables'
+    first blocks up to the longest row only, not their whole width (a CUDA graph's
+    ``max_model_len``); the torch path reads them from the device without it."""
     if resolve_backend(backend, q_lat, kv_cache) == "triton":
         from kernels.dsa_triton import dsa_decode_attention_triton
 
-        return dsa_decode_attention_triton(*args)
+        if context_lens:
+            blocks = -(-max(context_lens) // kv_cache.shape[1])
+            block_tables = block_tables[:, :blocks]
+        return dsa_decode_attention_triton(q_lat, q_pe, q_idx, weights, kv_cache, block_tables,
+                                           seq_lens, scale, index_scale, topk)
+    args = (q_lat, q_pe, q_idx, weights, kv_cache, block_tables, seq_lens, scale, index_scale,
+            topk)
     return dsa_decode_attention_torch(*args, context_lens=context_lens)

@@ -65,6 +65,7 @@ def selected_set(indices: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def run_case(spec: tuple, device: str = "cpu") -> dict:
+    from kernels import dsa_triton
     from kernels.dsa_triton import (dsa_index_keys_triton, dsa_selected_attention_triton,
                                     keys_to_scores, topk_from_keys)
 
@@ -95,13 +96,28 @@ def run_case(spec: tuple, device: str = "cpu") -> dict:
                                         num_splits=spec[10])
     attn_err = rel_err(got, paged_selected_attention_torch(q_lat, q_pe, kv, tables, lens,
                                                            sparse, scale))
-    # 4. the whole decode op against the torch path (dsa_attention_torch's decode rows)
+    # 4. the whole decode op against the torch path (dsa_attention_torch's decode rows): over
+    # the tables' whole width (a CUDA graph's), and with the host lengths (an eager step's),
+    # which score only up to the longest row
     args = (q_lat, q_pe, q_idx, weights, kv, tables, lens, scale, index_scale, topk)
     out = dsa_decode_attention(*args, backend="triton")
     ref = dsa_decode_attention(*args, backend="torch")
+    pick = torch.tensor([0, 2], device=device)  # lengths 1 and two blocks (paged_tables)
+    widths = []
+    scored = dsa_triton.dsa_index_keys_triton
+    dsa_triton.dsa_index_keys_triton = lambda *a, **k: widths.append(a[3].shape[1]) or scored(
+        *a, **k)
+    try:
+        eager = dsa_decode_attention(q_lat[pick], q_pe[pick], q_idx[pick], weights[pick], kv,
+                                     tables[pick], lens[pick], scale, index_scale, topk,
+                                     context_lens=lens[pick].tolist(), backend="triton")
+    finally:
+        dsa_triton.dsa_index_keys_triton = scored
+    narrow = widths == [2]  # blocks: the longer row's, of the table's max_blocks (>= 3)
+    eager_err = rel_err(eager, ref[pick])
     return {"score_err": score_err, "mask_ok": mask_ok, "select_ok": select_ok,
-            "attn_err": attn_err, "err": rel_err(out, ref), "tol": tol,
-            "dtype_ok": out.dtype == ref.dtype == got.dtype == q_lat.dtype}
+            "attn_err": attn_err, "err": max(rel_err(out, ref), eager_err), "tol": tol,
+            "narrow": narrow, "dtype_ok": out.dtype == ref.dtype == got.dtype == q_lat.dtype}
 
 
 def skipped_everywhere_case() -> dict:
@@ -149,6 +165,7 @@ def test_dsa_decode_interpreter(interpreter_results: dict, name: str) -> None:
     assert result["score_err"] < result["tol"], (name, SEED, result["score_err"])
     assert result["select_ok"], f"{name} (seed {SEED}): the selection is not topk_selection's"
     assert result["attn_err"] < result["tol"], (name, SEED, result["attn_err"])
+    assert result["narrow"], f"{name}: with host lengths the table is not cut at the longest"
 
 
 def test_dsa_selected_attention_skips_what_is_not_selected(interpreter_results: dict) -> None:

@@ -10,7 +10,9 @@ MLA kernels read the cache rows' first Dl + Dr values through a view (the DSA in
 rides at the rows' end); ``v32sparse``'s index_topk (8) is below every sequence, so every
 step runs the sparse path: the decode steps through afd.cuda_graphs' path (eagerly: its batches
 carry no host lengths), their rows through the Triton DSA decode kernels (``kernels.dsa_triton``,
-over each table's whole width), the prefill chunks through the torch path. The ``+fp8kv``
+over each table's whole width), the prefill chunks through the torch path;
+``v32sparse_eager`` the same with eager decode steps (the host lengths given: the tables cut at
+the longest row). The ``+fp8kv``
 cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention kernel the
 engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
@@ -53,6 +55,7 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
                         "varlen_prefill_attention_triton"),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
                   "gqa_decode_attention_grouped_triton", DSA)}
+UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 
 
 FP8KV = "+fp8kv"
@@ -91,7 +94,7 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name in ("qwen3", "v32", "v32sparse"):
+        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
@@ -114,8 +117,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "greedy+fp8kv",
-                                  "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv"])
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "v32sparse_eager",
+                                  "greedy+fp8kv", "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv",
+                                  "v32sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
