@@ -429,7 +429,7 @@ def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype,
                     mtp: bool) -> int:
     """Bytes of one KV block over every layer that caches (the MTP layer's too, when on);
     ``dtype``: the cache's (``EngineConfig.cache_dtype``: 1 byte an element in FP8)."""
-    return ((model_cfg.num_layers + mtp) * block_size * model_cfg.kv_cache_dim
+    return (block_size * model_cfg.kv_cache_dims(model_cfg.num_layers + mtp)
             * torch.empty((), dtype=dtype).element_size())
 
 

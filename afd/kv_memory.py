@@ -168,7 +168,9 @@ def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     a piece's four [piece, heads, L] fp32 tensors (index and attention scores, their relu /
     softmax) of at most DSA_MAX_SCORES each, its sort's values and indices, and the context it
     gathers (the decode rows': DSA_MAX_SCORES / heads positions; a prefill chunk's: one
-    max_model_len) in the cache's dtype and in fp32. 0 for other models."""
+    max_model_len) in the cache's dtype and in fp32; with GLM-5's shared layers, the full
+    layer's selection they reuse (a bool per token and context position: at most
+    max_num_batched_tokens x max_model_len). 0 for other models."""
     if not m.dsa or cfg.max_model_len <= m.index_topk:
         return 0
     from kernels.dsa import DSA_MAX_SCORES
@@ -176,8 +178,9 @@ def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     heads = max(m.num_heads, m.index_n_heads)
     positions = max(DSA_MAX_SCORES // heads, cfg.max_model_len)
     cache_element = torch.empty((), dtype=cfg.cache_dtype).element_size()
+    kept = cfg.max_num_batched_tokens * cfg.max_model_len if m.index_shared_layers else 0
     return (4 * DSA_MAX_SCORES * 4 + 2 * (DSA_MAX_SCORES // heads) * 8
-            + positions * m.kv_cache_dim * (4 + cache_element))
+            + positions * m.kv_cache_dim * (4 + cache_element) + kept)
 
 
 def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device,

@@ -9,7 +9,9 @@ layer's is the last (L + 1 layers, both sides load the MTP layer), so its KV tra
 same message. Each transfer carries its own tag, and every wait has a deadline: a transfer that
 does not finish in time ends its request with an error and frees the blocks on both sides.
 The buffer has the caches' dtype, FP8 with kv_cache_dtype "fp8" (half of bf16's bytes): both
-sides allocate their caches from one engine config, so the dtypes agree.
+sides allocate their caches from one engine config, so the dtypes agree. Layer caches of
+different widths (GLM-5's "shared" DSA layers hold no indexer key) go as one flat buffer,
+layer after layer, each layer's rows in token order.
 """
 
 from __future__ import annotations
@@ -39,8 +41,16 @@ def _token_view(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(2, -1, *cache.shape[3:])
 
 
+def _uniform(caches: list[torch.Tensor]) -> bool:
+    """Do all layer caches have one shape (every model but GLM-5 with shared DSA layers)?"""
+    return all(c.shape == caches[0].shape for c in caches)
+
+
 def gather_kv(caches: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-    """Rows of ``slots`` from every layer, stacked: [layers, N, D] (MLA) or [layers, 2, N, ...]."""
+    """Rows of ``slots`` from every layer, stacked: [layers, N, D] (MLA) or [layers, 2, N, ...];
+    MLA layers of different widths: flat, [N * sum of D], layer after layer."""
+    if not _uniform(caches):
+        return torch.cat([_token_view(c)[slots].reshape(-1) for c in caches])
     rows = []
     for cache in caches:
         view = _token_view(cache)
@@ -52,6 +62,9 @@ def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tens
     """Inverse of gather_kv into another block table. ``data`` may be in host memory (a
     transfer staged through the host: ``wire_device``); each layer's rows go to the cache's
     device."""
+    if not _uniform(caches):  # flat, layer after layer
+        data = data.split([slots.numel() * c.shape[-1] for c in caches])
+        data = [d.view(slots.numel(), c.shape[-1]) for d, c in zip(data, caches, strict=True)]
     for cache, rows in zip(caches, data):
         view = _token_view(cache)
         rows = rows.to(cache.device)
@@ -62,6 +75,8 @@ def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tens
 
 
 def transfer_shape(caches: list[torch.Tensor], num_tokens: int) -> tuple[int, ...]:
+    if not _uniform(caches):
+        return (num_tokens * sum(c.shape[-1] for c in caches),)
     cache = caches[0]
     if cache.dim() == 3:
         return (len(caches), num_tokens, cache.shape[-1])

@@ -80,8 +80,8 @@ def topk_selection(index: torch.Tensor, positions: torch.Tensor, topk: int) -> t
 def dsa_attention_torch(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
-    q_idx: torch.Tensor,
-    weights: torch.Tensor,
+    q_idx: torch.Tensor | None,
+    weights: torch.Tensor | None,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     query_lens: list[int],
@@ -91,6 +91,7 @@ def dsa_attention_torch(
     topk: int,
     *,
     max_scores: int = DSA_MAX_SCORES,
+    selections: list | None = None,
 ) -> torch.Tensor:
     """q_lat [T, H, Dl], q_pe [T, H, Dr], q_idx [T, Hi, Di], weights [T, Hi]: every token of
     the step, rows in order; kv_cache [NB, BS, Dl + Dr + Di] (the model's dtype or FP8: read
@@ -98,57 +99,84 @@ def dsa_attention_torch(
     row b's tokens are the last query_lens[b] of its first context_lens[b] cached tokens.
     Returns o_lat [T, H, Dl] in q_lat's dtype (scores and softmax in fp32). A row's queries
     (the decode rows: the rows) go in pieces of at most about ``max_scores`` fp32 scores
-    ([piece, max(H, Hi), L]) at a time."""
+    ([piece, max(H, Hi), L]) at a time.
+
+    Cross-layer top-k sharing (GLM-5's "shared" layers): with q_idx given, ``selections`` (a
+    list) gets each piece's selection appended, (piece, bool [piece queries, L]); with q_idx
+    and weights None, the call attends over the selections such an earlier call recorded for
+    the same step (its pieces, in order) and its kv_cache rows need no indexer key
+    ([NB, BS, Dl + Dr])."""
     d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
-    if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
+    d_idx = 0 if q_idx is None else q_idx.shape[-1]
+    if kv_cache.shape[-1] != d_lat + d_rope + d_idx:
         raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
-                         f"Dr {d_rope} + Di {q_idx.shape[-1]}")
+                         f"Dr {d_rope} + Di {d_idx}")
+    if q_idx is None:
+        if selections is None:
+            raise ValueError("dsa_attention_torch without indexer queries needs the "
+                             "selections of an earlier layer")
+        pieces = selections
+    else:
+        heads = max(q_lat.shape[1], q_idx.shape[1])
+        pieces = [(piece, None) for piece in _pieces(query_lens, context_lens, heads,
+                                                     max_scores)]
     out = torch.empty_like(q_lat)
-    heads = max(q_lat.shape[1], q_idx.shape[1])
-    nd = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
-    if nd:  # the decode rows, in pieces of rows
-        piece = max(1, max_scores // (heads * max(context_lens[:nd])))
-        for first in range(0, nd, piece):
-            part = slice(first, min(first + piece, nd))
-            out[part] = _decode_rows(q_lat[part], q_pe[part], q_idx[part], weights[part],
-                                     kv_cache, block_tables[part], context_lens[part], scale,
-                                     index_scale, topk)
-    start = nd
-    for row, (qlen, length) in enumerate(zip(query_lens, context_lens, strict=True)):
-        if row < nd:
-            continue
-        rows = slice(start, start + qlen)
-        start += qlen
-        ctx = gather_context(kv_cache, block_tables[row], length).float()  # [L, W]
-        piece = max(1, max_scores // (heads * length))
-        for first in range(0, qlen, piece):
-            part = slice(rows.start + first, rows.start + min(first + piece, qlen))
-            positions = torch.arange(length - qlen + first, length - qlen + first
-                                     + part.stop - part.start, device=ctx.device)
-            selected = topk_selection(
-                index_scores(q_idx[part], weights[part], ctx[:, d_lat + d_rope:], index_scale),
-                positions, topk)  # [piece, L]
-            out[part] = selected_attention(q_lat[part], q_pe[part], ctx, selected,
-                                           scale).to(out.dtype)
+    ctx_row, ctx = None, None
+    for piece, selected in pieces:
+        row, part = piece
+        if row is None:  # decode rows `part` (one token each), batched
+            lens = context_lens[part]
+            kv = _decode_context(kv_cache, block_tables[part], lens)  # [B, Lmax, W]
+            positions = torch.tensor(lens, device=kv.device) - 1  # [B]
+        else:  # queries `part` of prefill row `row`, over its own context
+            if row != ctx_row:
+                ctx_row, ctx = row, gather_context(kv_cache, block_tables[row],
+                                                   context_lens[row]).float()  # [L, W]
+            kv = ctx
+            first = context_lens[row] - (sum(query_lens[: row + 1]) - part.start)
+            positions = torch.arange(first, first + part.stop - part.start, device=kv.device)
+        if selected is None:
+            index = index_scores(q_idx[part], weights[part], kv[..., d_lat + d_rope:],
+                                 index_scale)
+            selected = topk_selection(index, positions, topk)  # [piece, L]: causal
+            if selections is not None:
+                selections.append((piece, selected))
+        out[part] = selected_attention(q_lat[part], q_pe[part], kv, selected,
+                                       scale).to(out.dtype)
     return out
 
 
-def _decode_rows(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
-                 weights: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                 lens: list[int], scale: float, index_scale: float,
-                 topk: int) -> torch.Tensor:
-    """Rows of one query each (the last of its first lens[b] cached tokens), batched over
-    their contexts padded to the longest: -> o_lat [B, H, Dl]."""
-    d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
-    batch, block_size, width = q_lat.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
+def _pieces(query_lens: list[int], context_lens: list[int], heads: int,
+            max_scores: int) -> list[tuple[int | None, slice]]:
+    """The step's queries in pieces of about ``max_scores`` scores: (None, decode rows) for
+    the leading one-token rows, (row, its tokens) for each prefill chunk's; slices of the
+    step's tokens (a decode row's token is its row)."""
+    pieces: list[tuple[int | None, slice]] = []
+    nd = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+    if nd:
+        piece = max(1, max_scores // (heads * max(context_lens[:nd])))
+        pieces += [(None, slice(first, min(first + piece, nd))) for first in range(0, nd, piece)]
+    start = nd
+    for row in range(nd, len(query_lens)):
+        qlen, length = query_lens[row], context_lens[row]
+        piece = max(1, max_scores // (heads * length))
+        pieces += [(row, slice(start + first, start + min(first + piece, qlen)))
+                   for first in range(0, qlen, piece)]
+        start += qlen
+    return pieces
+
+
+def _decode_context(kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    lens: list[int]) -> torch.Tensor:
+    """Rows of one query each (the last of its first lens[b] cached tokens): their contexts
+    padded to the longest, fp32, the rows past each length zeroed (another sequence's, maybe
+    NaN) -> [B, Lmax, W]."""
+    batch, block_size, width = block_tables.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
     num_blocks = -(-max(lens) // block_size)
     kv = kv_cache[block_tables[:, :num_blocks].long()].reshape(batch, -1, width).float()
     positions = torch.tensor(lens, device=kv.device) - 1  # [B]
     past = torch.arange(kv.shape[1], device=kv.device)[None, :] > positions[:, None]
-    kv.masked_fill_(past[..., None], 0.0)  # rows past a length: another sequence's, maybe NaN
-    index = index_scores(q_idx, weights, kv[..., d_lat + d_rope:], index_scale)  # [B, L]
-    selected = topk_selection(index, positions, topk)  # [B, L], causal: nothing past a length
-    return selected_attention(q_lat, q_pe, kv, selected, scale).to(q_lat.dtype)
+    return kv.masked_fill_(past[..., None], 0.0)
 
 
 def _gathered_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -206,12 +234,33 @@ def dsa_decode_attention_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: t
                                [1] * q_lat.shape[0], context_lens, scale, index_scale, topk)
 
 
+def paged_topk_indices_torch(index: torch.Tensor, seq_lens: torch.Tensor,
+                             topk: int) -> torch.Tensor:
+    """Reference of ``dsa_triton``'s fixed-k selection: index [B, width] fp32
+    (``paged_index_scores_torch``'s, -inf at and past a row's length) -> int32 [B, min(topk,
+    width)] positions of the highest scores (ties: the earliest, ``topk_selection``'s stable
+    sort), -1 where a row has fewer positions than that."""
+    order = torch.sort(index, dim=-1, descending=True, stable=True).indices
+    picked = order[:, : min(topk, index.shape[1])]
+    return picked.masked_fill_(picked >= seq_lens[:, None], -1).to(torch.int32)
+
+
+def _cut_tables(block_tables: torch.Tensor, block_size: int,
+                context_lens: list[int] | None) -> torch.Tensor:
+    """The tables' first blocks up to the longest row where the lengths are on the host."""
+    if not context_lens:
+        return block_tables
+    return block_tables[:, : -(-max(context_lens) // block_size)]
+
+
 def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
                          weights: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          index_scale: float, topk: int, *,
                          context_lens: list[int] | None = None,
-                         backend: str | None = None) -> torch.Tensor:
+                         backend: str | None = None,
+                         return_indices: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """DSA over decode rows: q_lat [B, H, Dl], q_pe [B, H, Dr], q_idx [B, Hi, Di], weights
     [B, Hi] fp32, kv_cache [NB, BS, Dl + Dr + Di], block_tables [B, max_blocks], seq_lens [B]
     -> o_lat [B, H, Dl] in q_lat's dtype. Triton (``dsa_triton``, nothing read on the host) or
@@ -219,15 +268,56 @@ def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.T
     each row's end (ties: the earliest), every position of a shorter row. ``context_lens``:
     seq_lens on the host, if known (an eager step's): the Triton path then scores the tables'
     first blocks up to the longest row only, not their whole width (a CUDA graph's
-    ``max_model_len``); the torch path reads them from the device without it."""
+    ``max_model_len``); the torch path reads them from the device without it.
+
+    ``return_indices`` (cross-layer top-k sharing, GLM-5): also the selection, (o_lat, int32
+    [B, K] positions, -1: none), which ``paged_selected_attention`` replays for a layer
+    without an indexer. The torch path then runs the kernels' references
+    (``paged_index_scores_torch``, ``paged_topk_indices_torch``,
+    ``paged_selected_attention_torch``: one [B, width] piece, no ``DSA_MAX_SCORES`` cut)."""
+    block_tables = _cut_tables(block_tables, kv_cache.shape[1], context_lens)
     if resolve_backend(backend, q_lat, kv_cache) == "triton":
         from kernels.dsa_triton import dsa_decode_attention_triton
 
-        if context_lens:
-            blocks = -(-max(context_lens) // kv_cache.shape[1])
-            block_tables = block_tables[:, :blocks]
         return dsa_decode_attention_triton(q_lat, q_pe, q_idx, weights, kv_cache, block_tables,
-                                           seq_lens, scale, index_scale, topk)
+                                           seq_lens, scale, index_scale, topk,
+                                           return_indices=return_indices)
+    if return_indices:
+        _check_decode_widths(q_lat, q_pe, q_idx, kv_cache)
+        index = paged_index_scores_torch(q_idx, weights, kv_cache, block_tables, seq_lens,
+                                         index_scale)
+        indices = paged_topk_indices_torch(index, seq_lens, topk)
+        return paged_selected_attention_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens,
+                                              indices, scale), indices
     args = (q_lat, q_pe, q_idx, weights, kv_cache, block_tables, seq_lens, scale, index_scale,
             topk)
     return dsa_decode_attention_torch(*args, context_lens=context_lens)
+
+
+def paged_selected_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                             indices: torch.Tensor, scale: float, *,
+                             context_lens: list[int] | None = None,
+                             backend: str | None = None) -> torch.Tensor:
+    """Decode rows over a selection made elsewhere (``dsa_decode_attention``'s indices, an
+    earlier layer's: GLM-5's shared layers): q_lat [B, H, Dl], q_pe [B, H, Dr], kv_cache
+    [NB, BS, >= Dl + Dr] (the rows' first Dl + Dr values read; a shared layer's carry no
+    indexer key), indices [B, K] (-1: none) -> o_lat [B, H, Dl] in q_lat's dtype. Triton
+    (``dsa_selected_attention_triton``, nothing read on the host) or
+    ``paged_selected_attention_torch``; ``context_lens`` as ``dsa_decode_attention``'s."""
+    block_tables = _cut_tables(block_tables, kv_cache.shape[1], context_lens)
+    if resolve_backend(backend, q_lat, kv_cache) == "triton":
+        from kernels.dsa_triton import dsa_selected_attention_triton
+
+        return dsa_selected_attention_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens,
+                                             indices, scale)
+    return paged_selected_attention_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens,
+                                          indices, scale)
+
+
+def _check_decode_widths(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,
+                         kv_cache: torch.Tensor) -> None:
+    d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
+    if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
+        raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
+                         f"Dr {d_rope} + Di {q_idx.shape[-1]}")

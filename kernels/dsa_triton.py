@@ -299,9 +299,13 @@ def dsa_decode_attention_triton(
     scale: float,
     index_scale: float,
     topk: int,
-) -> torch.Tensor:
+    *,
+    return_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``kernels.dsa.dsa_decode_attention_torch``; nothing read on the host
-    (the keys' width and k come from the table's shape)."""
+    (the keys' width and k come from the table's shape). ``return_indices``: also the
+    selection, (o_lat, int32 [B, min(topk, width)] positions, -1: none), for a layer that
+    reuses it (``kernels.dsa.paged_selected_attention``)."""
     d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
     if kv_cache.shape[-1] != d_lat + d_rope + q_idx.shape[-1]:
         raise ValueError(f"kv_cache rows of {kv_cache.shape[-1]} values must be Dl {d_lat} + "
@@ -309,5 +313,6 @@ def dsa_decode_attention_triton(
     _check_rows(q_lat, q_pe, kv_cache, block_tables, seq_lens)
     keys = dsa_index_keys_triton(q_idx, weights, kv_cache, block_tables, seq_lens, index_scale)
     indices = topk_from_keys(keys, topk)
-    return dsa_selected_attention_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, indices,
-                                         scale)
+    out = dsa_selected_attention_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, indices,
+                                        scale)
+    return (out, indices) if return_indices else out

@@ -16,6 +16,9 @@ Cache layouts (one tensor per layer, allocated by ``kv_cache_shape``):
     DeepSeek-V3.2 (DSA) appends the indexer's key (index_head_dim values) to each row, so it
     travels with the token's KV wherever a row goes (P/D transfer, prefix cache, host tier);
     the dense kernels read the rows' first kv_lora_rank + qk_rope_head_dim values (a view).
+    GLM-5's "shared" layers (no indexer: they reuse the top-k of the full layer before them)
+    cache no indexer key: their rows are kv_lora_rank + qk_rope_head_dim wide, so the layers'
+    cache tensors differ in width (``ModelConfig.layer_kv_cache_dim``).
   * GQA: [2, num_blocks, block_size, num_kv_heads, head_dim] - keys, values.
 The cache is in the model's dtype, or FP8 e4m3 (``kv_cache_dtype="fp8"``): written through
 ``kernels.fp8.to_kv_cache`` (clamp to +-448, round; scale 1.0), read back by a cast in the
@@ -30,14 +33,18 @@ from torch import nn
 
 import kernels
 from kernels.fp8 import to_kv_cache
-from models.batch import ForwardBatch
+from models.batch import DsaSelections, ForwardBatch
 from models.config import ModelConfig
 from models.layers import RMSNorm, linear
 
 
-def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int,
+                   layer: int | None = None) -> tuple[int, ...]:
+    """One layer's cache tensor (``layer``: which, where the layers' widths differ; None: the
+    widest)."""
     if cfg.attention == "mla":
-        return (num_blocks, block_size, cfg.kv_cache_dim)
+        width = cfg.kv_cache_dim if layer is None else cfg.layer_kv_cache_dim(layer)
+        return (num_blocks, block_size, width)
     return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
@@ -49,9 +56,11 @@ MLA_PREFILL_MAX_CONTEXT = 32768
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2/V3), HF parameter names."""
+    """Multi-head latent attention (DeepSeek-V2/V3), HF parameter names. ``layer``: the
+    decoder layer's index (a GLM-5 "shared" layer has no indexer of its own)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None,
+                 layer: int | None = None):
         super().__init__()
         self.cfg = cfg
         h, heads = cfg.hidden_size, cfg.num_heads
@@ -71,7 +80,9 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, device)
         self.kv_b_proj = linear(cfg.kv_lora_rank, heads * (self.nope + self.v_dim), dtype, device)
         self.o_proj = linear(heads * self.v_dim, h, dtype, device, bias=cfg.o_proj_bias)
-        if cfg.dsa:
+        # a DSA layer scores its own top-k (an indexer) or reuses the last full layer's
+        self.shares_index = cfg.dsa and layer in cfg.index_shared_layers
+        if cfg.dsa and not self.shares_index:
             self.indexer = Indexer(cfg, dtype, device)
 
     def _queries(self, x: torch.Tensor
@@ -99,7 +110,7 @@ class MLAttention(nn.Module):
         k_pe = kernels.apply_rotary(k_pe[:, None, :], batch.cos, batch.sin,
                                     self.cfg.rope.interleaved)[:, 0]
         row = (latent, k_pe)
-        if self.cfg.dsa:  # the indexer's key rides at the end of the token's row
+        if self.cfg.dsa and not self.shares_index:  # the indexer's key ends the token's row
             row = (*row, self.indexer.key(x, batch))
         cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(
             torch.cat(row, dim=-1), cache.dtype)
@@ -152,24 +163,49 @@ class MLAttention(nn.Module):
                         cache: torch.Tensor) -> torch.Tensor:
         """DSA over the selected tokens only (``kernels.dsa``): the decode rows through
         ``dsa_decode_attention`` (Triton on CUDA, nothing read on the host), the prefill
-        chunks through the torch path."""
-        from kernels.dsa import dsa_attention_torch, dsa_decode_attention
+        chunks through the torch path. A full layer of a model with shared layers leaves its
+        selection in ``batch.dsa_selections`` (the decode rows' indices, the chunks' pieces);
+        a shared layer (no indexer) attends over it, its decode rows through
+        ``paged_selected_attention`` (Triton on CUDA), its chunks through the torch path."""
+        from kernels.dsa import (dsa_attention_torch, dsa_decode_attention,
+                                 paged_selected_attention)
 
-        q_idx, weights = self.indexer.queries(x, q_resid, batch)
         w_uk, w_uv = self._absorbed_weights()
         q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, Dl]
+        if self.shares_index:
+            picked = batch.dsa_selections
+            if picked is None:
+                raise RuntimeError("a shared DSA layer ran before any full layer of its step")
+            q_idx = weights = None
+            index_scale = 0.0
+        else:
+            q_idx, weights = self.indexer.queries(x, q_resid, batch)
+            index_scale = self.indexer.scale
+            picked = DsaSelections() if self.cfg.index_shared_layers else None
+            batch.dsa_selections = picked
         nd, lens = batch.num_decodes, batch.context_lens
-        args = (self.cfg.attention_scale, self.indexer.scale, self.cfg.index_topk)
+        scale, topk = self.cfg.attention_scale, self.cfg.index_topk
         o_lat = torch.empty_like(q_lat)
         if nd:
-            o_lat[:nd] = dsa_decode_attention(q_lat[:nd], q_pe[:nd], q_idx[:nd], weights[:nd],
-                                              cache, batch.block_tables[:nd],
-                                              batch.seq_lens[:nd], *args,
-                                              context_lens=None if lens is None else lens[:nd])
+            rows = (q_lat[:nd], q_pe[:nd])
+            where = (batch.block_tables[:nd], batch.seq_lens[:nd])
+            dlens = None if lens is None else lens[:nd]
+            if q_idx is None:
+                o_lat[:nd] = paged_selected_attention(*rows, cache, *where, picked.decode, scale,
+                                                      context_lens=dlens)
+            elif picked is None:
+                o_lat[:nd] = dsa_decode_attention(*rows, q_idx[:nd], weights[:nd], cache, *where,
+                                                  scale, index_scale, topk, context_lens=dlens)
+            else:
+                o_lat[:nd], picked.decode = dsa_decode_attention(
+                    *rows, q_idx[:nd], weights[:nd], cache, *where, scale, index_scale, topk,
+                    context_lens=dlens, return_indices=True)
         if nd < batch.num_seqs:
-            o_lat[nd:] = dsa_attention_torch(q_lat[nd:], q_pe[nd:], q_idx[nd:], weights[nd:],
-                                             cache, batch.block_tables[nd:],
-                                             batch.query_lens[nd:], lens[nd:], *args)
+            o_lat[nd:] = dsa_attention_torch(
+                q_lat[nd:], q_pe[nd:], None if q_idx is None else q_idx[nd:],
+                None if weights is None else weights[nd:], cache, batch.block_tables[nd:],
+                batch.query_lens[nd:], lens[nd:], scale, index_scale, topk,
+                selections=None if picked is None else picked.prefill)
         out = torch.einsum("thl,hvl->thv", o_lat, w_uv)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 
@@ -177,9 +213,10 @@ class MLAttention(nn.Module):
 class Indexer(nn.Module):
     """DeepSeek-V3.2's DSA indexer (transformers' ``DeepseekV32Indexer``, HF names): a key per
     token (wk, LayerNorm k_norm), per query index_n_heads queries from the q_lora residual
-    (wq_b) and their weights (weights_proj); rope (not interleaved) on the first
-    qk_rope_head_dim dims of both. The release's Hadamard rotation and FP8 scoring are left
-    out as transformers does (the rotation is orthogonal; FP8 is a precision trade)."""
+    (wq_b) and their weights (weights_proj); rope on the first qk_rope_head_dim dims of both
+    (not interleaved; GLM-5's interleaved, ``cfg.index_rope_interleaved``). The release's
+    Hadamard rotation and FP8 scoring are left out as transformers does (the rotation is
+    orthogonal; FP8 is a precision trade)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
         super().__init__()
@@ -190,18 +227,19 @@ class Indexer(nn.Module):
         self.k_norm.requires_grad_(False)
         self.weights_proj = linear(cfg.hidden_size, self.heads, dtype, device)
         self.scale = self.dim**-0.5
+        self.interleaved = cfg.index_rope_interleaved
 
     def key(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """[T, index_head_dim]: what the cache row carries."""
         k = self.k_norm(self.wk(x))
-        return kernels.apply_rotary(k[:, None, :], batch.cos, batch.sin, interleaved=False)[:, 0]
+        return kernels.apply_rotary(k[:, None, :], batch.cos, batch.sin, self.interleaved)[:, 0]
 
     def queries(self, x: torch.Tensor, q_resid: torch.Tensor,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [T, index_n_heads, index_head_dim], head weights [T, index_n_heads] fp32: the
         weights_proj output times index_n_heads^-0.5, in fp32 as transformers keeps it)."""
         q = self.wq_b(q_resid).view(x.shape[0], self.heads, self.dim)
-        q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
+        q = kernels.apply_rotary(q, batch.cos, batch.sin, self.interleaved)
         weights = torch.nn.functional.linear(x.float(), self.weights_proj.weight.float())
         return q, weights * self.heads**-0.5
 

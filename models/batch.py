@@ -24,6 +24,17 @@ from kernels import DecodeGroups, PrefillLayout
 
 
 @dataclass
+class DsaSelections:
+    """A full DSA layer's top-k this step, for the shared layers after it (GLM-5): the decode
+    rows' positions (``kernels.dsa.dsa_decode_attention``'s indices, int32 [num_decodes, K],
+    -1: none; device tensors, so a CUDA graph holds them) and the prefill chunks' pieces
+    (``dsa_attention_torch``'s ``selections``)."""
+
+    decode: torch.Tensor | None = None
+    prefill: list = field(default_factory=list)
+
+
+@dataclass
 class ForwardBatch:
     positions: torch.Tensor  # [T] int64, position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, flat cache slot (block * block_size + offset) per token
@@ -41,6 +52,9 @@ class ForwardBatch:
     # Decoder layer -> [T, K] int64 where that MoE layer's router writes its topk_ids (the CUDA
     # graphs' shared static outputs, afd.cuda_graphs); None, or a layer not in it: new tensors.
     topk_ids_out: dict[int, torch.Tensor] | None = None
+    # DSA with shared layers (GLM-5): the last full layer's top-k selection this step, which
+    # the shared layers after it attend over; None before any
+    dsa_selections: DsaSelections | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:

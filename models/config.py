@@ -32,6 +32,9 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",
     # DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (an indexer picks index_topk tokens)
     "DeepseekV32ForCausalLM": "deepseek_v32",
+    # GLM-5: V3.2's DSA, its indexer's rope interleaved, "shared" layers reusing the top-k of
+    # the full layer before them (indexer_types)
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     # GLM-4.5 / 4.6 (and -Air): GQA with partial rotary, DeepSeek-V3 routing
     "Glm4MoeForCausalLM": "glm4_moe",
@@ -47,7 +50,10 @@ GQA_ARCHITECTURES = ("qwen3_moe", "glm4_moe", "dots1")
 # DeepSeek-V3's module (enorm, hnorm, eh_proj, a decoder layer of the model's own kind,
 # shared_head), which afd's MTPLayer runs: speculative_config method "mtp"
 MTP_ARCHITECTURES = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")
+# the architectures with DeepSeek Sparse Attention (an indexer per layer, or per full layer)
+DSA_ARCHITECTURES = ("deepseek_v32", "glm_moe_dsa")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
+
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ class ModelConfig:
       index_topk earlier tokens its layer's indexer scores highest (0: dense attention, every
       other model); index_n_heads / index_head_dim: the indexer's heads and key width (its key,
       index_head_dim values a token, is cached at the end of the token's MLA cache row)
+      index_shared_layers: GLM-5's "shared" layers (``indexer_types``): no indexer, no indexer
+      key in their cache rows; each attends over the tokens the full layer before it selected
+      index_rope_interleaved: the indexer's rope pairs (2i, 2i+1) (GLM-5) or (i, i + dim/2)
       num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers in the checkpoint
       (``model.layers.{num_layers}.*``; afd.spec_decode's "mtp" drafts use the first), 0: none
     """
@@ -189,6 +198,8 @@ class ModelConfig:
     index_topk: int = 0
     index_n_heads: int = 0
     index_head_dim: int = 0
+    index_shared_layers: tuple[int, ...] = ()
+    index_rope_interleaved: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -209,10 +220,22 @@ class ModelConfig:
     @property
     def kv_cache_dim(self) -> int:
         """Values cached per token per layer: MLA latent + rope key (+ the DSA indexer's key),
-        or K and V for all kv heads."""
+        or K and V for all kv heads (the widest layer's: see ``layer_kv_cache_dim``)."""
         if self.attention == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim + self.index_head_dim
         return 2 * self.num_kv_heads * self.head_dim
+
+    def layer_kv_cache_dim(self, layer: int) -> int:
+        """``kv_cache_dim`` of one layer: a GLM-5 "shared" layer's rows hold no indexer key."""
+        if layer in self.index_shared_layers:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_cache_dim
+
+    def kv_cache_dims(self, num_layers: int | None = None) -> int:
+        """Values cached per token over the first ``num_layers`` layer caches (all the
+        model's, num_layers unless given; one more with the MTP layer's)."""
+        return sum(self.layer_kv_cache_dim(i)
+                   for i in range(self.num_layers if num_layers is None else num_layers))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -425,9 +448,10 @@ def _mla_fields(raw: dict[str, Any], arch: str, num_heads: int) -> dict[str, Any
         raise NotImplementedError(f"partial_rotary_factor={_partial_rotary_factor(raw, 1.0)} "
                                   f"with MLA ({arch}) is not supported: afd rotates all "
                                   f"qk_rope_head_dim={rope_dim} dims")
-    # V2 always interleaves rope pairs, and so does V3.2 (transformers' DeepseekV32Attention,
-    # whatever the file says); V3 files may say rope_interleave (default true).
-    interleaved = (arch in ("deepseek_v2", "deepseek_v32")
+    # V2 always interleaves rope pairs, and so do V3.2 and GLM-5 (transformers'
+    # DeepseekV32Attention, GlmMoeDsaAttention, whatever the file says); V3 files may say
+    # rope_interleave (default true).
+    interleaved = (arch in ("deepseek_v2", *DSA_ARCHITECTURES)
                    or bool(raw.get("rope_interleave", True)))
     rope = _rope(raw, rope_dim, interleaved=interleaved)
     scale = (nope_dim + rope_dim) ** -0.5
@@ -445,30 +469,69 @@ def _mla_fields(raw: dict[str, Any], arch: str, num_heads: int) -> dict[str, Any
         qk_rope_head_dim=rope_dim,
         v_head_dim=int(raw["v_head_dim"]),
         o_proj_bias=bool(raw.get("attention_bias", False)),
-        **(_dsa_fields(raw, rope_dim) if arch == "deepseek_v32" else {}),
+        **(_dsa_fields(raw, arch, rope_dim) if arch in DSA_ARCHITECTURES else {}),
     )
 
 
-def _dsa_fields(raw: dict[str, Any], rope_dim: int) -> dict[str, Any]:
+def _dsa_fields(raw: dict[str, Any], arch: str, rope_dim: int) -> dict[str, Any]:
     """DeepSeek-V3.2's sparse attention indexer (transformers' DeepseekV32Indexer): its query
     comes from the q_lora residual, and rope rotates the first qk_rope_head_dim of its dims.
-    Defaults: transformers' DeepseekV32Config's (the release's values)."""
+    Defaults: transformers' DeepseekV32Config's (the release's values); GLM-5's
+    (GlmMoeDsaConfig: 32 index heads) with its interleaved indexer rope and shared layers."""
+    glm = arch == "glm_moe_dsa"
     topk = int(_first(raw, "index_topk", default=2048))
-    heads = int(_first(raw, "index_n_heads", default=64))
+    heads = int(_first(raw, "index_n_heads", default=32 if glm else 64))
     dim = int(_first(raw, "index_head_dim", default=128))
     if not raw.get("q_lora_rank"):
-        raise ValueError("deepseek_v32 needs q_lora_rank: the DSA indexer's query is projected "
+        raise ValueError(f"{arch} needs q_lora_rank: the DSA indexer's query is projected "
                          "from the q_lora residual")
     if topk < 1 or heads < 1:
         raise ValueError(f"index_topk={topk} and index_n_heads={heads} must be >= 1")
     if dim < rope_dim:
         raise ValueError(f"index_head_dim={dim} must be >= qk_rope_head_dim={rope_dim} (the "
                          "indexer rotates its first qk_rope_head_dim dims)")
-    return dict(index_topk=topk, index_n_heads=heads, index_head_dim=dim)
+    fields = dict(index_topk=topk, index_n_heads=heads, index_head_dim=dim)
+    if not glm:
+        return fields
+    if raw.get("indexer_rope_interleave", True) is not True:
+        raise NotImplementedError(
+            f"indexer_rope_interleave={raw['indexer_rope_interleave']!r}: GLM-5's indexer pairs "
+            "its rope dims interleaved (transformers' GlmMoeDsaIndexer always does); only true "
+            "is supported")
+    types = _indexer_types(raw, int(raw["num_hidden_layers"]))
+    return dict(fields, index_rope_interleaved=True,
+                index_shared_layers=tuple(i for i, t in enumerate(types) if t == "shared"))
+
+
+def _indexer_types(raw: dict[str, Any], num_layers: int) -> list[str]:
+    """GLM-5's per-layer indexer modes, as transformers' GlmMoeDsaConfig derives them:
+    ``indexer_types`` ("full" / "shared" a layer), else ``index_topk_pattern`` ("F" / "S" a
+    layer, or such a list), else every ``index_topk_freq``-th layer full counting from
+    ``index_skip_topk_offset`` - 1 (every layer before it full; defaults 1 and 2: all full)."""
+    types = raw.get("indexer_types")
+    field_name = "indexer_types"
+    if types is None and raw.get("index_topk_pattern") is not None:
+        pattern, field_name = raw["index_topk_pattern"], "index_topk_pattern"
+        letters = {"F": "full", "S": "shared"}
+        types = ([letters.get(c, c) for c in pattern] if isinstance(pattern, str)
+                 else list(pattern))
+    if types is None:
+        freq = max(int(raw.get("index_topk_freq") or 1), 1)
+        offset = int(_first(raw, "index_skip_topk_offset", default=2))
+        return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared"
+                for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in ("full", "shared") for t in types)):
+        raise ValueError(f"{field_name} must name 'full' or 'shared' ('F' / 'S') for each of "
+                         f"the {num_layers} layers, got {raw[field_name]!r}")
+    if types[0] != "full":
+        raise ValueError(f"{field_name}: layer 0 is 'shared', but a shared layer reuses the "
+                         "top-k of a full layer before it (layer 0 must be 'full')")
+    return types
 
 
 # first_k_dense_replace where config.json leaves it out: transformers' config classes' default
-_FIRST_DENSE_DEFAULT = {"glm4_moe": 1, "deepseek_v32": 3}
+_FIRST_DENSE_DEFAULT = {"glm4_moe": 1, "deepseek_v32": 3, "glm_moe_dsa": 3}
 
 
 def _moe_layers(raw: dict[str, Any], arch: str, num_layers: int, nextn: int,

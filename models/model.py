@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
         if role != "ffn":
-            attn_cls = MLAttention if cfg.attention == "mla" else GQAttention
-            self.self_attn = attn_cls(cfg, dtype, device)
+            self.self_attn = (MLAttention(cfg, dtype, device, layer=index)
+                              if cfg.attention == "mla" else GQAttention(cfg, dtype, device))
             self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                     device)

@@ -38,6 +38,15 @@ CONFIGS = {
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
     ),
+    # GLM-5: V3.2's DSA with the indexer's rope interleaved and cross-layer top-k sharing:
+    # layers 1 and 2 "shared" (no indexer; they attend over layer 0's selection), layer 4 over
+    # layer 3's
+    "glm_moe_dsa": dict(
+        BASE_DEEPSEEK, num_hidden_layers=5, q_lora_rank=32, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, index_topk=8, index_n_heads=16,
+        index_head_dim=16, index_topk_pattern="FSSFS", rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     # DeepSeek-V2-Lite shape: no q_lora, softmax greedy top-k, two shared experts.
     "deepseek_v2_lite": dict(
         BASE_DEEPSEEK, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
@@ -94,6 +103,8 @@ def hf_classes(kind: str):
         return tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM
     if kind.startswith("dots1"):
         return tf.Dots1Config, tf.Dots1ForCausalLM
+    if kind == "glm_moe_dsa":
+        return tf.GlmMoeDsaConfig, tf.GlmMoeDsaForCausalLM
     if kind == "deepseek_v32":
         return tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM
     if kind == "deepseek_v3":
