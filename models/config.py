@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,7 +53,21 @@ MTP_ARCHITECTURES = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")
 # the architectures with DeepSeek Sparse Attention (an indexer per layer, or per full layer)
 DSA_ARCHITECTURES = ("deepseek_v32", "glm_moe_dsa")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
-
+# vision-language checkpoints whose language model afd serves (config.json's text_config, an
+# architecture above), by "architectures" entry or model_type: how their checkpoint names the
+# language model's tensors (prefix renames, applied in order, onto the causal LM's names) and
+# which tensors are never loaded (the vision tower, the projector). Kimi K2.5's release names
+# them language_model.model.layers.*, language_model.lm_head.*, vision_tower.*,
+# mm_projector.*; transformers' Kimi_K25Model model.language_model.*, model.vision_tower.*,
+# model.mm_projector.*, and its save_pretrained writes the release's names back with the
+# language model's layers as "blocks" (its blocks -> layers rename reversed)
+KIMI_K25 = dict(
+    renames=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+             ("model.language_model.", "model."), ("model.blocks.", "model.layers.")),
+    skipped=("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector."),
+)
+LANGUAGE_MODEL_WRAPPERS = {"KimiK25ForConditionalGeneration": KIMI_K25,
+                           "Kimi_K25ForConditionalGeneration": KIMI_K25, "kimi_k25": KIMI_K25}
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,8 @@ class ModelConfig:
       index_shared_layers: GLM-5's "shared" layers (``indexer_types``): no indexer, no indexer
       key in their cache rows; each attends over the tokens the full layer before it selected
       index_rope_interleaved: the indexer's rope pairs (2i, 2i+1) (GLM-5) or (i, i + dim/2)
+      weight_renames / weight_skipped: a vision-language checkpoint's (Kimi K2.5) prefix renames
+      of its tensor names onto the causal LM's, and the prefixes never loaded (vision tower)
       num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers in the checkpoint
       (``model.layers.{num_layers}.*``; afd.spec_decode's "mtp" drafts use the first), 0: none
     """
@@ -200,6 +216,8 @@ class ModelConfig:
     index_head_dim: int = 0
     index_shared_layers: tuple[int, ...] = ()
     index_rope_interleaved: bool = False
+    weight_renames: tuple[tuple[str, str], ...] = ()
+    weight_skipped: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -307,10 +325,24 @@ def _fp8(raw: dict[str, Any]) -> Fp8Config | None:
     if not quant:
         return None
     if quant.get("quant_method") != "fp8":
-        raise NotImplementedError(f"quantization {quant.get('quant_method')!r} is not supported "
-                                  "(block-scaled fp8 is)")
+        method = quant.get("quant_method")
+        raise NotImplementedError(f"quantization {method!r}{_quant_detail(quant)} is not "
+                                  "supported (block-scaled fp8 is)")
     block = quant.get("weight_block_size") or [128, 128]
     return Fp8Config(block_size=(int(block[0]), int(block[1])))
+
+
+def _quant_detail(quant: dict[str, Any]) -> str:
+    """What a compressed-tensors config quantizes, for the refusal: its format and its weights'
+    bits and group size (Kimi K2-Thinking's and K2.5's routed experts: pack-quantized INT4,
+    groups of 32)."""
+    weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()
+               if isinstance(g, dict)]
+    parts = [str(quant["format"])] if quant.get("format") else []
+    parts += [f"{w['num_bits']}-bit {w.get('type', '')} weights".replace("  ", " ")
+              + (f", group_size {w['group_size']}" if w.get("group_size") else "")
+              for w in weights[:1] if w.get("num_bits")]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def resolve_architecture(raw: dict[str, Any]) -> str:
@@ -329,7 +361,41 @@ def resolve_architecture(raw: dict[str, Any]) -> str:
                      f"{SUPPORTED_MODEL_TYPES}); this checkpoint is neither")
 
 
+def _wrapper(raw: dict[str, Any]) -> dict[str, Any] | None:
+    archs = raw.get("architectures") or []
+    for name in [*(archs if isinstance(archs, list) else [archs]), raw.get("model_type")]:
+        if name in LANGUAGE_MODEL_WRAPPERS:
+            return LANGUAGE_MODEL_WRAPPERS[name]
+    return None
+
+
+def _language_model_config(raw: dict[str, Any], wrapper: dict[str, Any]) -> ModelConfig:
+    """A vision-language checkpoint's language model (Kimi K2.5: ``text_config``, DeepSeek-V3
+    under model_type "kimi_k2" as transformers' Kimi_K25Config reads it). The top level's
+    ``tie_word_embeddings`` is the one transformers ties by (default true, as its config
+    class); a ``quantization_config`` at either level is read (the release's is in
+    text_config); dtype and token ids where text_config has none come from the top level."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict) or not text:
+        raise ValueError(f"config.json model_type={raw.get('model_type')!r}: a vision-language "
+                         "checkpoint needs text_config (its language model's config), got "
+                         f"{text!r}")
+    text = dict(text)
+    if not text.get("architectures") and text.get("model_type") in (None, "kimi_k2"):
+        text["model_type"] = "deepseek_v3"
+    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+    for key in ("quantization_config", "dtype", "torch_dtype", "bos_token_id", "eos_token_id"):
+        if text.get(key) is None and raw.get(key) is not None:
+            text[key] = raw[key]
+    cfg = config_from_dict(text)
+    return replace(cfg, model_type=str(raw.get("model_type") or cfg.model_type),
+                   weight_renames=wrapper["renames"], weight_skipped=wrapper["skipped"])
+
+
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    wrapper = _wrapper(raw)
+    if wrapper is not None:
+        return _language_model_config(raw, wrapper)
     model_type = raw.get("model_type")
     arch = resolve_architecture(raw)
     hidden = int(raw["hidden_size"])

@@ -150,17 +150,38 @@ def _is_empty(file: str, name: str) -> bool:
         return 0 in f.get_slice(name).get_shape()
 
 
+def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
+    """The checkpoint's tensors by the causal LM's names: name -> name as stored. The identity,
+    but for a vision-language checkpoint (Kimi K2.5): its language model's tensors renamed by
+    ``cfg.weight_renames`` (prefixes, in order), its vision tower's and projector's
+    (``cfg.weight_skipped``) left out, never read."""
+    names: dict[str, str] = {}
+    for src in files:
+        if src.startswith(cfg.weight_skipped):
+            continue
+        name = src
+        for old, new in cfg.weight_renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+        if name in names:
+            raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")
+        names[name] = src
+    return names
+
+
 def load_weights(model: MoEModel, path: str) -> None:
     """Fill ``model``'s parameters from the checkpoint at ``path`` (see module docstring)."""
     cfg = model.cfg
-    files = checkpoint_files(path)
+    stored_files = checkpoint_files(path)
+    stored = stored_names(stored_files, cfg)
+    files = {name: stored_files[src] for name, src in stored.items()}
     full = MoEModel(cfg, "full", dtype=model.dtype, device="meta")
     full_names = set(name_table(full))
     unexpected = sorted(
-        n for n in files
+        stored[n] for n in files
         if not (n.endswith(_SCALE_SUFFIX) and n[: -len(_SCALE_SUFFIX)] in files)
         and not _is_known(n, full_names, cfg.num_layers, cfg.num_experts)
-        and not _is_empty(files[n], n)
+        and not _is_empty(files[n], stored[n])
     )
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
@@ -192,13 +213,13 @@ def load_weights(model: MoEModel, path: str) -> None:
             for name in names:
                 dest, scale = params[table[name][0].param], None
                 if dest.dtype != torch.float8_e4m3fn:
-                    tensor = _read(f, name, files, cfg.fp8.block_size if cfg.fp8 else None,
-                                   model.dtype)
+                    tensor = _read(f, name, files, stored,
+                                   cfg.fp8.block_size if cfg.fp8 else None, model.dtype)
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
-                    tensor, scale = quantize_blocks(f.get_tensor(name).to(dest.device),
+                    tensor, scale = quantize_blocks(f.get_tensor(stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
                 else:
-                    tensor = _read_fp8(f, name)  # kept as stored, its scale read on its own
+                    tensor = _read_fp8(f, name, stored)  # as stored, its scale read on its own
                 for target in table[name]:
                     _copy_into(params[target.param], target,
                                scale if target.quantized_scale else tensor, name)
@@ -210,21 +231,24 @@ def load_weights(model: MoEModel, path: str) -> None:
         log.info("MTP layer: %s not in the checkpoint; the model's own used", ", ".join(absent))
 
 
-def _read(f, name: str, files: dict[str, str], block: tuple[int, int] | None,
-          dtype: torch.dtype) -> torch.Tensor:
-    tensor = f.get_tensor(name)
+def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
+          block: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+    """Checkpoint tensor ``name`` (``files`` / ``stored``: by the causal LM's names, see
+    ``stored_names``), dequantized where it is FP8."""
+    tensor = f.get_tensor(stored[name])
     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         scale_name = name + _SCALE_SUFFIX
         if scale_name not in files:
-            raise WeightLoadError(f"{name} is float8 but {scale_name} is missing")
+            raise WeightLoadError(f"{stored[name]} is float8 but {stored[name]}{_SCALE_SUFFIX} "
+                                  "is missing")
         with safe_open(files[scale_name], framework="pt") as g:
-            scale = g.get_tensor(scale_name)
+            scale = g.get_tensor(stored[scale_name])
         tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
     return tensor
 
 
-def _read_fp8(f, name: str) -> torch.Tensor:
-    tensor = f.get_tensor(name)
+def _read_fp8(f, name: str, stored: dict[str, str]) -> torch.Tensor:
+    tensor = f.get_tensor(stored[name])
     if tensor.dtype != torch.float8_e4m3fn:
         raise WeightLoadError(f"{name} is {tensor.dtype}, not float8_e4m3fn: its experts cannot "
                               "stay in FP8; load with quantization='dequantize'")
