@@ -704,6 +704,26 @@ def check_hf_overrides(overrides: Any) -> dict[str, Any]:
     return overrides
 
 
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """config.json's keys replaced by ``overrides``'; a vision-language checkpoint's (Kimi
+    K2.5) language-model keys replaced in its text_config too: a key text_config holds (at
+    both levels where both hold it, e.g. tie_word_embeddings), and a ``text_config`` object's
+    keys one by one."""
+    text = raw.get("text_config") if _wrapper(raw) is not None else None
+    if not isinstance(text, dict):
+        raw.update(overrides)
+        return
+    text = raw["text_config"] = dict(text)
+    for key, value in overrides.items():
+        if key == "text_config" and isinstance(value, dict):
+            text.update(value)
+            continue
+        if key in text:
+            text[key] = value
+        if key in raw or key not in text:
+            raw[key] = value
+
+
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """Read ``<path>/config.json`` (or a path to the json itself), with ``overrides``' keys
     (``hf_overrides``) in place of the file's."""
@@ -714,7 +734,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
                                 "folder (config.json + *.safetensors)")
     with open(file) as f:
         raw = json.load(f)
-    raw.update(check_hf_overrides(overrides))
+    _apply_overrides(raw, check_hf_overrides(overrides))
     try:
         return config_from_dict(raw)
     except (KeyError, TypeError, ValueError) as exc:

@@ -128,6 +128,16 @@ def test_vision_weights_are_skipped_not_loaded(k25):
         load_weights(model, k25[1])
 
 
+def test_overrides_reach_the_language_model(k25):
+    """hf_overrides of a language-model key (the dummy-weights workflow's num_hidden_layers)
+    replace text_config's; a text_config object's keys too; top-level keys stay there."""
+    path = k25[1]
+    assert load_config(path, {"num_hidden_layers": 2}).num_layers == 2
+    cfg = load_config(path, {"text_config": {"num_hidden_layers": 1},
+                             "tie_word_embeddings": True})
+    assert (cfg.num_layers, cfg.tie_word_embeddings, cfg.num_experts) == (1, True, 8)
+
+
 def test_image_input_refused(k25):
     from afd.engine import ParamError
 
