@@ -12,7 +12,10 @@ step runs the sparse path: the decode steps through afd.cuda_graphs' path (eager
 carry no host lengths), their rows through the Triton DSA decode kernels (``kernels.dsa_triton``,
 over each table's whole width), the prefill chunks through the torch path;
 ``v32sparse_eager`` the same with eager decode steps (the host lengths given: the tables cut at
-the longest row). The ``+fp8kv``
+the longest row). ``glm5``, a tiny GLM-5 likewise (index_topk 32), its shared layers' caches
+narrower (no indexer key: the kernels read them whole); ``glm5sparse`` its index_topk 8 as
+``v32sparse``: the full layers' decode rows through the DSA decode kernels, the shared layers'
+through the selected-attention kernel over the full layer's indices. The ``+fp8kv``
 cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention kernel the
 engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
@@ -40,22 +43,27 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.prefill_attention_triton", "varlen_prefill_attention_triton"),
     ("kernels.prefill_attention_triton", "paged_prefill_attention_triton"),
     ("kernels.dsa_triton", "dsa_decode_attention_triton"),
+    ("kernels.dsa_triton", "dsa_selected_attention_triton"),
 ]
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
-DSA = "dsa_decode_attention_triton"
+DSA = ("dsa_decode_attention_triton", "dsa_selected_attention_triton")
 UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
-                     DSA),
+                     *DSA),
           "qwen3": ("mla_decode_attention_triton", "varlen_prefill_attention_triton", *GROUPED,
-                    DSA),
-          "v32": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED, DSA),
+                    *DSA),
+          "v32": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
+                  *DSA),
+          "glm5": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
+                   *DSA),
           # every step has a row past index_topk (8): the sparse path only, its decode rows
           # through the DSA kernels (the graph path's batches, eagerly), its prefill in torch
           "v32sparse": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
                         *GROUPED, "mla_decode_attention_triton",
                         "varlen_prefill_attention_triton"),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
-                  "gqa_decode_attention_grouped_triton", DSA)}
+                  "gqa_decode_attention_grouped_triton", *DSA)}
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
+UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 
 
 FP8KV = "+fp8kv"
@@ -94,14 +102,16 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager"):
+        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager", "glm5", "glm5sparse"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
-                     else build_hf_model("deepseek_v32", index_topk=32 if name == "v32" else 8))
+                     else build_hf_model("glm_moe_dsa" if name.startswith("glm5")
+                                         else "deepseek_v32",
+                                         index_topk=32 if name in ("v32", "glm5") else 8))
             path = save_checkpoint(model, tmp)
-            if name == "v32sparse":  # decode steps through afd.cuda_graphs' path
+            if name in ("v32sparse", "glm5sparse"):  # decode steps through afd.cuda_graphs' path
                 graphs = {"enforce_eager": False, "max_model_len": 64}
         llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
                   **graphs)
@@ -118,8 +128,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "v32sparse_eager",
-                                  "greedy+fp8kv", "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv",
-                                  "v32sparse+fp8kv"])
+                                  "glm5", "glm5sparse", "greedy+fp8kv", "qwen3+fp8kv",
+                                  "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv", "glm5+fp8kv",
+                                  "glm5sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
@@ -129,5 +140,7 @@ def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
     calls = result["calls"]
     assert [calls.pop(fn) for fn in UNUSED[name]] == [0] * len(UNUSED[name])
+    if name == "glm5sparse":  # FSSFS: the shared layers' decode rows over the full layers' picks
+        assert calls[DSA[1]] == calls[DSA[0]] * 5 // 2, calls
     assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]
