@@ -479,8 +479,10 @@ def interpreter_case(name: str, seed: int) -> dict:
     MoE routed inline or through the align kernel, a tiny Qwen3-MoE (GQA, one KV head for four
     query heads, a table wide enough that the GQA kernel splits), a tiny DeepSeek-V3.2 whose
     index_topk (8) is below the table's width (64: every row through the DSA decode kernels,
-    lengths on both sides of it); "*torch": the same through the torch references, which do
-    read on the host: the audit must catch them."""
+    lengths on both sides of it), a tiny GLM-5 likewise (layers full, shared, shared, full,
+    shared: the shared layers' rows through the selected-attention kernel over the full
+    layer's indices); "*torch": the same through the torch references, which do read on the
+    host: the audit must catch them."""
     import os
     import tempfile
 
@@ -493,16 +495,18 @@ def interpreter_case(name: str, seed: int) -> dict:
     from afd.kv_cache import allocate_kv_caches
     from models.weights import load_model
 
-    qwen, v32 = name.startswith("qwen3"), name.startswith("v32")
+    qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
     os.environ["AFD_MOE_INLINE"] = "1" if name == "inline" else "0"
     fmt._env_features.cache_clear()
     found: list[str] = []
-    calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0, "dsa_decode": 0}
+    calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0, "dsa_decode": 0,
+             "dsa_selected": 0}
     counted_fns = ((fmt, "fused_moe_triton", "fused_moe"),
                    (mla, "mla_decode_attention_triton", "mla_decode"),
                    (gqa, "gqa_decode_attention_triton", "gqa_decode"),
-                   (dsa, "dsa_decode_attention_triton", "dsa_decode"))
+                   (dsa, "dsa_decode_attention_triton", "dsa_decode"),
+                   (dsa, "dsa_selected_attention_triton", "dsa_selected"))
     # Patched for this case only (the cases share a process), restored at the end.
     saved = [(module, fn_name, getattr(module, fn_name)) for module, fn_name, _ in counted_fns]
     saved.append((gqa, "choose_num_splits", gqa.choose_num_splits))
@@ -543,13 +547,14 @@ def interpreter_case(name: str, seed: int) -> dict:
         return read
 
     mtp = name.startswith("mtp")
-    if qwen or mtp or v32:
+    if qwen or mtp or v32 or glm5:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             path = (mtp_checkpoint(tmp)[0] if mtp else
                     save_checkpoint(build_hf_model("deepseek_v32"), tmp) if v32 else
+                    save_checkpoint(build_hf_model("glm_moe_dsa"), tmp) if glm5 else
                     save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp))
             model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
     else:
@@ -593,9 +598,10 @@ def test_decode_forward_reads_nothing_on_the_host():
     GQA through its split path; DeepSeek-V3.2's DSA decode past index_topk), a padded decode
     forward reads no tensor data on the host; through the torch references it does."""
     results = run_in_interpreter(__file__, ["inline", "aligned", "torch", "qwen3",
-                                            "qwen3_torch", "v32", "v32_torch"], seed=0)
+                                            "qwen3_torch", "v32", "v32_torch", "glm5"], seed=0)
     for route, attention in (("inline", "mla_decode"), ("aligned", "mla_decode"),
-                             ("qwen3", "gqa_decode"), ("v32", "dsa_decode")):
+                             ("qwen3", "gqa_decode"), ("v32", "dsa_decode"),
+                             ("glm5", "dsa_decode")):
         result = results[route]
         assert "error" not in result, result.get("error")
         assert result["finite"] and result["shape"][0] == 4
@@ -603,11 +609,14 @@ def test_decode_forward_reads_nothing_on_the_host():
         assert result["found"] == [], (route, result["found"])
     assert results["qwen3"]["gqa_splits"] and min(results["qwen3"]["gqa_splits"]) > 1
     assert results["v32"]["calls"]["mla_decode"] == 0  # every row sparse: no dense kernel
+    # GLM-5's 2 full layers score and attend (the selected-attention kernel inside the decode
+    # op), its 3 shared ones attend over their indices through that kernel alone
+    glm5 = results["glm5"]["calls"]
+    assert glm5["mla_decode"] == 0 and (glm5["dsa_decode"], glm5["dsa_selected"]) == (2, 5)
     for name in ("torch", "qwen3_torch", "v32_torch"):
         torch_case = results[name]
         assert "error" not in torch_case, torch_case.get("error")
-        assert torch_case["calls"] == {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0,
-                                       "dsa_decode": 0}
+        assert set(torch_case["calls"].values()) == {0}, torch_case["calls"]
         # int(seq_lens.max()) in the MLA/GQA references (the DSA one: seq_lens.tolist()); the
         # MoE reference's bool mask, bincount, tolist
         host = "Tensor.tolist" if name == "v32_torch" else "Tensor.__int__"

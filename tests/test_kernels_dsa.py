@@ -15,8 +15,9 @@ import zlib
 import pytest
 import torch
 
-from kernels.dsa import (dsa_decode_attention, paged_index_scores_torch,
-                         paged_selected_attention_torch, topk_selection)
+from kernels.dsa import (dsa_attention_torch, dsa_decode_attention, paged_index_scores_torch,
+                         paged_selected_attention, paged_selected_attention_torch,
+                         topk_selection)
 from kernels.testing import (case_dtypes, check_result, paged_tables, poison_stale_rows, rel_err,
                              run_in_interpreter, seed_case, tolerance)
 
@@ -142,7 +143,53 @@ def skipped_everywhere_case() -> dict:
             "select_ok": True, "score_err": 0.0, "attn_err": 0.0}
 
 
-SPECIAL_CASES = {"skipped_everywhere_fp32": skipped_everywhere_case}
+def shared_layer_case(spec: tuple) -> dict:
+    """Cross-layer top-k sharing (GLM-5) on decode rows: a full layer's Triton decode op hands
+    back its indices; a shared layer (another cache, rows without the indexer key) attends
+    over them through ``paged_selected_attention``'s Triton path, which must equal the torch
+    replay (``dsa_attention_torch`` over the selection a full call recorded), and the torch
+    path's indices must be the Triton path's. ``own_err``: the shared layer over a selection of
+    its own (the full layer's scores over its own cache) instead, which must differ."""
+    q_lat, q_pe, q_idx, w, kv, tables, lens, scale, index_scale, topk = make_inputs(spec)
+    d_lat, d_rope = q_lat.shape[-1], q_pe.shape[-1]
+    args = (q_lat, q_pe, q_idx, w, kv, tables, lens, scale, index_scale, topk)
+    full, indices = dsa_decode_attention(*args, backend="triton", return_indices=True)
+    full_t, indices_t = dsa_decode_attention(*args, backend="torch", return_indices=True)
+    recorded: list = []
+    decode_rows = ([1] * len(lens), lens.tolist())
+    dsa_attention_torch(q_lat, q_pe, q_idx, w, kv, tables, *decode_rows, scale, index_scale,
+                        topk, selections=recorded)
+    # the shared layer: its own queries and cache (narrower: no indexer key; NaN stale rows)
+    kv2 = torch.randn(kv.shape[0], kv.shape[1], d_lat + d_rope).to(kv.dtype)
+    poison_stale_rows(kv2, tables, lens)
+    q_lat2, q_pe2 = torch.randn_like(q_lat.float()).to(q_lat.dtype), torch.randn_like(
+        q_pe.float()).to(q_pe.dtype)
+    got = paged_selected_attention(q_lat2, q_pe2, kv2, tables, lens, indices, scale,
+                                   backend="triton")
+    want = dsa_attention_torch(q_lat2, q_pe2, None, None, kv2, tables, *decode_rows, scale,
+                               0.0, topk, selections=recorded)
+    eager = paged_selected_attention(q_lat2, q_pe2, kv2, tables, lens, indices_t, scale,
+                                     context_lens=lens.tolist(), backend="torch")
+    width = tables.shape[1] * kv.shape[1]
+    recorded_set = torch.cat([sel for _, sel in recorded])
+    same_pick = (torch.equal(selected_set(indices, width), selected_set(indices_t, width))
+                 and torch.equal(selected_set(indices, width)[:, : recorded_set.shape[1]],
+                                 recorded_set))
+    # a selection of the shared layer's own: the full layer's query scores over the second
+    # layer's latents (any other top-k would do)
+    own = topk_selection(paged_index_scores_torch(q_idx, w, kv2[..., : q_idx.shape[-1]], tables,
+                                                  lens, index_scale), lens - 1, topk)
+    own_idx = torch.where(own, torch.arange(width), -1)
+    mine = paged_selected_attention(q_lat2, q_pe2, kv2, tables, lens, own_idx, scale,
+                                    backend="triton")
+    return {"err": max(rel_err(got, want), rel_err(eager, want), rel_err(full, full_t)),
+            "own_err": rel_err(mine, want), "same_pick": same_pick,
+            "tol": tolerance(q_lat.dtype), "dtype_ok": got.dtype == want.dtype == q_lat.dtype}
+
+
+SPECIAL_CASES = {"skipped_everywhere_fp32": skipped_everywhere_case,
+                 "shared_fp32": lambda: shared_layer_case(CASES["fp32"]),
+                 "shared_fp8kv_bf16": lambda: shared_layer_case(CASES["fp8kv_bf16"])}
 
 
 def interpreter_case(name: str, seed: int) -> dict:
@@ -172,6 +219,15 @@ def test_dsa_selected_attention_skips_what_is_not_selected(interpreter_results: 
     result = interpreter_results["skipped_everywhere_fp32"]
     check_result(result, "skipped_everywhere_fp32", SEED)
     assert result["zeros"], "a row with nothing selected must give zeros"
+
+
+@pytest.mark.parametrize("name", ["shared_fp32", "shared_fp8kv_bf16"])
+def test_shared_layer_decode_replays_the_full_layers_selection(interpreter_results: dict,
+                                                               name: str) -> None:
+    result = interpreter_results[name]
+    check_result(result, name, SEED)
+    assert result["same_pick"], f"{name} (seed {SEED}): the paths' selections differ"
+    assert result["own_err"] > 10 * result["tol"], (name, SEED, result["own_err"])
 
 
 def test_paged_references_match_the_sparse_path() -> None:
