@@ -322,7 +322,8 @@ def resolve_engine_config(
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
     if max_model_len is None:
         max_model_len = min(model_cfg.max_position_embeddings, 8192)
-    # DSA (DeepSeek-V3.2) past index_topk: a graph's decode rows run kernels.dsa's decode op,
+    # DSA (DeepSeek-V3.2, GLM-5) past index_topk: a graph's decode rows run kernels.dsa's
+    # decode op (a GLM-5 shared layer's: its selected-attention op over the full layer's picks),
     # whose Triton path reads nothing on the host (models.attention MLAttention._sparse), so
     # enforce_eager=False captures them; not the default there until a GPU has captured and
     # timed them (never yet: docs/limits.md#dsa)

@@ -169,8 +169,9 @@ def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     softmax) of at most DSA_MAX_SCORES each, its sort's values and indices, and the context it
     gathers (the decode rows': DSA_MAX_SCORES / heads positions; a prefill chunk's: one
     max_model_len) in the cache's dtype and in fp32; with GLM-5's shared layers, the full
-    layer's selection they reuse (a bool per token and context position: at most
-    max_num_batched_tokens x max_model_len). 0 for other models."""
+    layer's selection they reuse (a prefill token's: a bool per context position; a decode
+    row's: int32 indices, min(index_topk, max_model_len) of them; at most
+    max_num_batched_tokens of either). 0 for other models."""
     if not m.dsa or cfg.max_model_len <= m.index_topk:
         return 0
     from kernels.dsa import DSA_MAX_SCORES
@@ -178,7 +179,8 @@ def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     heads = max(m.num_heads, m.index_n_heads)
     positions = max(DSA_MAX_SCORES // heads, cfg.max_model_len)
     cache_element = torch.empty((), dtype=cfg.cache_dtype).element_size()
-    kept = cfg.max_num_batched_tokens * cfg.max_model_len if m.index_shared_layers else 0
+    per_token = max(cfg.max_model_len, 4 * min(m.index_topk, cfg.max_model_len))
+    kept = cfg.max_num_batched_tokens * per_token if m.index_shared_layers else 0
     return (4 * DSA_MAX_SCORES * 4 + 2 * (DSA_MAX_SCORES // heads) * 8
             + positions * m.kv_cache_dim * (4 + cache_element) + kept)
 

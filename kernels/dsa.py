@@ -27,6 +27,12 @@ device: Triton on CUDA (``kernels.dsa_triton``: the indexer's scores as sort key
 the host, so a CUDA graph holds it), ``dsa_decode_attention_torch`` (the decode rows of
 ``dsa_attention_torch``) elsewhere. ``paged_index_scores_torch`` and
 ``paged_selected_attention_torch`` are the references of its two kernels over the paged cache.
+
+Cross-layer top-k sharing (GLM-5's "shared" layers, no indexer of their own): a full layer's
+``dsa_attention_torch`` call records its prefill pieces' selections and its
+``dsa_decode_attention(..., return_indices=True)`` hands back its decode rows' indices; a shared
+layer replays the pieces (``dsa_attention_torch`` without indexer queries) and attends its
+decode rows over the indices through ``paged_selected_attention`` (Triton on CUDA).
 """
 
 from __future__ import annotations

@@ -65,6 +65,9 @@ def test_config_and_cache_layout(glm5):
                              cache_dtype=torch.float32)
     alone = replace(cfg, index_shared_layers=())
     assert dsa_activations(cfg, engine) - dsa_activations(alone, engine) == 32 * 64
+    # a decode row's int32 indices (index_topk 8 of them) outweigh a bool per position of 16
+    engine.max_model_len = 16
+    assert dsa_activations(cfg, engine) - dsa_activations(alone, engine) == 32 * 8 * 4
 
 
 def test_hub_spelled_config():
