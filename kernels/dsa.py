@@ -265,7 +265,8 @@ def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.T
                          index_scale: float, topk: int, *,
                          context_lens: list[int] | None = None,
                          backend: str | None = None,
-                         return_indices: bool = False
+                         return_indices: bool = False,
+                         max_scores: int | None = None
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """DSA over decode rows: q_lat [B, H, Dl], q_pe [B, H, Dr], q_idx [B, Hi, Di], weights
     [B, Hi] fp32, kv_cache [NB, BS, Dl + Dr + Di], block_tables [B, max_blocks], seq_lens [B]
@@ -280,7 +281,9 @@ def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.T
     [B, K] positions, -1: none), which ``paged_selected_attention`` replays for a layer
     without an indexer. The torch path then runs the kernels' references
     (``paged_index_scores_torch``, ``paged_topk_indices_torch``,
-    ``paged_selected_attention_torch``: one [B, width] piece, no ``DSA_MAX_SCORES`` cut)."""
+    ``paged_selected_attention_torch``) over pieces of rows of at most about ``max_scores``
+    fp32 scores ([rows, max(H, Hi), width]), as ``dsa_attention_torch`` cuts its own (the KV
+    sizing's ``afd.kv_memory.dsa_activations`` counts no more)."""
     block_tables = _cut_tables(block_tables, kv_cache.shape[1], context_lens)
     if resolve_backend(backend, q_lat, kv_cache) == "triton":
         from kernels.dsa_triton import dsa_decode_attention_triton
@@ -290,35 +293,57 @@ def dsa_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.T
                                            return_indices=return_indices)
     if return_indices:
         _check_decode_widths(q_lat, q_pe, q_idx, kv_cache)
-        index = paged_index_scores_torch(q_idx, weights, kv_cache, block_tables, seq_lens,
-                                         index_scale)
-        indices = paged_topk_indices_torch(index, seq_lens, topk)
-        return paged_selected_attention_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens,
-                                              indices, scale), indices
+        out = torch.empty_like(q_lat)
+        width = block_tables.shape[1] * kv_cache.shape[1]
+        indices = torch.empty(q_lat.shape[0], min(topk, width), dtype=torch.int32,
+                              device=q_lat.device)
+        heads = max(q_lat.shape[1], q_idx.shape[1])
+        for rows in _row_pieces(q_lat.shape[0], heads, width, max_scores):
+            where = (kv_cache, block_tables[rows], seq_lens[rows])
+            index = paged_index_scores_torch(q_idx[rows], weights[rows], *where, index_scale)
+            indices[rows] = paged_topk_indices_torch(index, seq_lens[rows], topk)
+            out[rows] = paged_selected_attention_torch(q_lat[rows], q_pe[rows], *where,
+                                                       indices[rows], scale)
+        return out, indices
     args = (q_lat, q_pe, q_idx, weights, kv_cache, block_tables, seq_lens, scale, index_scale,
             topk)
     return dsa_decode_attention_torch(*args, context_lens=context_lens)
+
+
+def _row_pieces(batch: int, heads: int, width: int, max_scores: int | None) -> list[slice]:
+    """Decode rows in pieces of at most about ``max_scores`` (``DSA_MAX_SCORES`` unless
+    given) fp32 scores [rows, heads, width] each (at least one row a piece)."""
+    limit = DSA_MAX_SCORES if max_scores is None else max_scores
+    piece = max(1, limit // max(1, heads * width))
+    return [slice(first, min(first + piece, batch)) for first in range(0, batch, piece)]
 
 
 def paged_selected_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                              block_tables: torch.Tensor, seq_lens: torch.Tensor,
                              indices: torch.Tensor, scale: float, *,
                              context_lens: list[int] | None = None,
-                             backend: str | None = None) -> torch.Tensor:
+                             backend: str | None = None,
+                             max_scores: int | None = None) -> torch.Tensor:
     """Decode rows over a selection made elsewhere (``dsa_decode_attention``'s indices, an
     earlier layer's: GLM-5's shared layers): q_lat [B, H, Dl], q_pe [B, H, Dr], kv_cache
     [NB, BS, >= Dl + Dr] (the rows' first Dl + Dr values read; a shared layer's carry no
     indexer key), indices [B, K] (-1: none) -> o_lat [B, H, Dl] in q_lat's dtype. Triton
     (``dsa_selected_attention_triton``, nothing read on the host) or
-    ``paged_selected_attention_torch``; ``context_lens`` as ``dsa_decode_attention``'s."""
+    ``paged_selected_attention_torch`` (in pieces of rows of at most about ``max_scores`` fp32
+    scores, as ``dsa_decode_attention``'s); ``context_lens`` as ``dsa_decode_attention``'s."""
     block_tables = _cut_tables(block_tables, kv_cache.shape[1], context_lens)
     if resolve_backend(backend, q_lat, kv_cache) == "triton":
         from kernels.dsa_triton import dsa_selected_attention_triton
 
         return dsa_selected_attention_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens,
                                              indices, scale)
-    return paged_selected_attention_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens,
-                                          indices, scale)
+    out = torch.empty_like(q_lat)
+    width = block_tables.shape[1] * kv_cache.shape[1]
+    for rows in _row_pieces(q_lat.shape[0], q_lat.shape[1], width, max_scores):
+        out[rows] = paged_selected_attention_torch(q_lat[rows], q_pe[rows], kv_cache,
+                                                   block_tables[rows], seq_lens[rows],
+                                                   indices[rows], scale)
+    return out
 
 
 def _check_decode_widths(q_lat: torch.Tensor, q_pe: torch.Tensor, q_idx: torch.Tensor,

@@ -236,3 +236,40 @@ def test_a_shared_call_attends_over_the_recorded_selection(max_scores):
     with pytest.raises(ValueError, match="selections of an earlier layer"):
         dsa_attention_torch(q_lat, q_pe, None, None, cache[..., : d_lat + d_rope], tables,
                             query_lens, context_lens, 0.3, 0.0, topk)
+
+
+def test_torch_decode_with_indices_goes_in_pieces_of_max_scores(monkeypatch):
+    """The torch path of a full layer's decode rows with their indices (GLM-5 off CUDA, or
+    AFD_KERNEL_BACKEND=torch) and of a shared layer's: pieces of rows of at most
+    DSA_MAX_SCORES fp32 scores, as dsa_attention_torch cuts its own and the KV sizing
+    (afd.kv_memory.dsa_activations) counts; not every row over the table's whole width at
+    once. The same result and indices as one piece."""
+    import kernels.dsa as dsa
+
+    gen = torch.Generator().manual_seed(4)
+    rows, heads, d_lat, d_rope, i_heads, d_idx, bs, topk = 7, 3, 8, 4, 2, 6, 4, 5
+    cache = torch.randn(40, bs, d_lat + d_rope + d_idx, generator=gen)
+    narrow = torch.randn(40, bs, d_lat + d_rope, generator=gen)
+    tables = torch.randperm(40, generator=gen)[:28].view(rows, 4).int()
+    lens = torch.tensor([16, 3, 9, 1, 14, 16, 7])
+    q_lat, q_pe = torch.randn(rows, heads, d_lat, generator=gen), torch.randn(
+        rows, heads, d_rope, generator=gen)
+    q_idx, w = torch.randn(rows, i_heads, d_idx, generator=gen), torch.randn(rows, i_heads,
+                                                                           generator=gen)
+    args = (q_lat, q_pe, q_idx, w, cache, tables, lens, 0.3, 0.4, topk)
+    whole, picked = dsa.dsa_decode_attention(*args, backend="torch", return_indices=True)
+    shared_whole = dsa.paged_selected_attention(q_lat, q_pe, narrow, tables, lens, picked, 0.3,
+                                                backend="torch")
+    width = tables.shape[1] * bs  # 16
+    monkeypatch.setattr(dsa, "DSA_MAX_SCORES", 2 * heads * width)  # two rows a piece
+    seen: list[int] = []
+    attend = dsa.selected_attention
+    monkeypatch.setattr(dsa, "selected_attention",
+                        lambda q, *a: seen.append(q.shape[0]) or attend(q, *a))
+    out, indices = dsa.dsa_decode_attention(*args, backend="torch", return_indices=True)
+    shared = dsa.paged_selected_attention(q_lat, q_pe, narrow, tables, lens, indices, 0.3,
+                                          backend="torch")
+    assert seen == [2, 2, 2, 1] * 2
+    assert torch.equal(indices, picked)
+    torch.testing.assert_close(out, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shared, shared_whole, rtol=1e-6, atol=1e-6)
