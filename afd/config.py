@@ -328,8 +328,14 @@ def resolve_engine_config(
     # enforce_eager=False captures them; not the default there until a GPU has captured and
     # timed them (never yet: docs/limits.md#dsa)
     dsa_sparse = model_cfg.dsa and max_model_len > model_cfg.index_topk
+    # DeepSeek-V4's attention (models.deepseek_v4) is a torch path over each row's host length
+    v4 = model_cfg.attention == "v4"
+    if v4 and enforce_eager is False:
+        raise ValueError(f"enforce_eager=False: {model_cfg.architecture}'s attention runs "
+                         "eagerly (a torch path reading each row's length on the host; no CUDA "
+                         "graphs); leave enforce_eager unset or True")
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
-        enforce_eager = torch.device(device).type != "cuda" or dsa_sparse
+        enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")

@@ -365,7 +365,7 @@ class DeepEPExpertServer:
         with self.timers.time("experts"):
             held = len(experts.expert_ids)  # slots past ``held`` (uneven placements) stay empty
             y = kernels.grouped_moe(x[:held], counts[:held], experts.w13, experts.w2,
-                                    **experts.fp8_args)
+                                    **experts.kernel_args)
             if held < x.shape[0]:
                 x[:held] = y
                 y = x

@@ -37,7 +37,7 @@ A capture that raises leaves that layer eager, with a warning.
 Live rebalancing (afd.rebalance.move_experts) copies expert weights in place, so the graphs stay
 valid; each graph still records the expert tensors it baked in, and a layer whose tensors were
 rebound (another storage) has its graphs dropped, is served eagerly and is captured again between
-later steps. FP8 experts (``experts.fp8_args``) are captured like bf16 ones: their scales are
+later steps. FP8 experts (``experts.kernel_args``) are captured like bf16 ones: their scales are
 expert tensors too.
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): each "graph"
@@ -103,7 +103,7 @@ def slot_order(counts: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _weights(experts) -> tuple:
-    return (experts.w13, experts.w2, experts.fp8_args)
+    return (experts.w13, experts.w2, experts.kernel_args)
 
 
 def _signature(weights: tuple) -> tuple:

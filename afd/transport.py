@@ -308,7 +308,7 @@ def _compute_eagerly(x: torch.Tensor, counts: torch.Tensor,
     by_slot = slot_order(counts, x.shape[0])
     n_slots = len(experts.expert_ids)
     y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:n_slots], experts.w13, experts.w2,
-                            **experts.fp8_args)
+                            **experts.kernel_args)
     back = torch.empty_like(y)
     back[by_slot] = y
     return back

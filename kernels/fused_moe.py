@@ -81,16 +81,26 @@ def dequantize_w13(w13: torch.Tensor, scale: torch.Tensor, block_shape: tuple[in
                       dequantize_blocks(up, up_s, block_shape, dtype)], dim=-2)
 
 
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """SiLU(gate) * up; with ``limit`` (DeepSeek-V4's swiglu_limit) gate clamped to <= limit
+    and up to [-limit, limit] first."""
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               limit: float | None = None) -> torch.Tensor:
     """One expert on its tokens: x [M, H], w13 [2I, H], w2 [H, I] -> [M, H] (x's dtype)."""
     gate_up = F.linear(x, w13)  # [M, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    return F.linear(swiglu(gate, up, limit), w2)
 
 
 def expert_ffn_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    w13_scale: torch.Tensor, w2_scale: torch.Tensor,
-                   block_shape: tuple[int, int]) -> torch.Tensor:
+                   block_shape: tuple[int, int], limit: float | None = None) -> torch.Tensor:
     """``expert_ffn`` for one FP8 expert (w13 [2I, H], w2 [H, I] float8 with their scales): each
     GEMM in fp32 on quantized-dequantized activations and dequantized weights, its output
     rounded to x's dtype where ``expert_ffn`` rounds (and the kernels' epilogues do)."""
@@ -98,18 +108,20 @@ def expert_ffn_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w13_f = dequantize_w13(w13, w13_scale, block_shape)
     gate_up = F.linear(quant_dequant(x, group), w13_f).to(x.dtype)  # [M, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    h = F.silu(gate) * up  # [M, I] x's dtype
+    h = swiglu(gate, up, limit)  # [M, I] x's dtype
     w2_f = dequantize_blocks(w2, w2_scale, block_shape)
     return F.linear(quant_dequant(h, group), w2_f).to(x.dtype)
 
 
 def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
-               w2_scale: torch.Tensor | None, block_shape: tuple[int, int] | None):
+               w2_scale: torch.Tensor | None, block_shape: tuple[int, int] | None,
+               limit: float | None = None):
     """fn(x, e): expert e's FFN on rows x, bf16/fp32 or FP8 as the weights are."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     if block is None:
-        return lambda x, e: expert_ffn(x, w13[e], w2[e])
-    return lambda x, e: expert_ffn_fp8(x, w13[e], w2[e], w13_scale[e], w2_scale[e], block)
+        return lambda x, e: expert_ffn(x, w13[e], w2[e], limit)
+    return lambda x, e: expert_ffn_fp8(x, w13[e], w2[e], w13_scale[e], w2_scale[e], block,
+                                       limit)
 
 
 def fused_moe_torch(
@@ -121,11 +133,12 @@ def fused_moe_torch(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Reference: (token, slot) pairs sorted by expert, one matmul pair per expert with tokens."""
     num_tokens, hidden = hidden_states.shape
     num_experts, _ = _check_weights(w13, w2, hidden)
-    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit)
     top_k = topk_ids.shape[1]
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
@@ -158,6 +171,7 @@ def grouped_moe_torch(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Reference for expert-grouped input.
 
@@ -169,7 +183,7 @@ def grouped_moe_torch(
     """
     hidden = x.shape[-1]
     num_experts, _ = _check_weights(w13, w2, hidden)
-    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit)
     counts = expert_counts.tolist()
     if len(counts) != num_experts:
         raise ValueError(f"expert_counts has {len(counts)} entries for {num_experts} experts")
@@ -204,6 +218,7 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Routed experts for tokens in natural order.
 
@@ -211,6 +226,7 @@ def fused_moe(
     w13: [E, 2I, H], w2: [E, H, I] (same dtype as hidden_states, or float8_e4m3fn with
     w13_scale, w2_scale and block_shape, default [128, 128]: see the module docstring)
     topk_weights: [T, K] float routing weights; topk_ids: [T, K] int expert ids, -1 = skip
+    swiglu_limit: DeepSeek-V4's clamp before SiLU(gate) * up (``swiglu``), None: none
     Returns [T, H] in hidden_states' dtype.
     """
     if hidden_states.dim() != 2:
@@ -224,9 +240,10 @@ def fused_moe(
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
-                                w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block)
+                                w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block,
+                                swiglu_limit=swiglu_limit)
     return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
-                           block)
+                           block, swiglu_limit)
 
 
 def grouped_moe(
@@ -240,13 +257,16 @@ def grouped_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Routed experts for rows already grouped by local expert (see ``grouped_moe_torch``);
-    FP8 weights as in ``fused_moe``."""
+    FP8 weights and swiglu_limit as in ``fused_moe``."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     if resolve_backend(backend, x, w13, w2) == "triton":
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
-                                  w2_scale=w2_scale, block_shape=block)
-    return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block)
+                                  w2_scale=w2_scale, block_shape=block,
+                                  swiglu_limit=swiglu_limit)
+    return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block,
+                             swiglu_limit)

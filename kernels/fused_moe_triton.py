@@ -256,6 +256,7 @@ def fused_moe_triton(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Same contract as ``fused_moe_torch``; ``config`` overrides the tile table and
     ``features`` the environment's ``MoEFeatures`` (tests, A/B timing). FP8 weights come with
@@ -291,7 +292,7 @@ def fused_moe_triton(
         flags = torch.empty(w2_flags(hidden, cfg.w2), dtype=torch.int32, device=x.device)
         try:
             _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
-                    flags=flags, ladder=False, scales=scales13)
+                    flags=flags, ladder=False, scales=scales13, swiglu_limit=swiglu_limit)
             h_in, scales2 = w2_input(h)
             _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
                     flags=flags, sum_out=out, ladder=False, scales=scales2)
@@ -317,10 +318,10 @@ def fused_moe_triton(
         # sorted_slots past sum(counts) are unwritten: clamped, they copy rows never stored.
         src = torch.div(sorted_slots, top_k, rounding_mode="floor").clamp_(0, num_tokens - 1)
         _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x.index_select(0, src), w13, h,
-                rows)
+                rows, swiglu_limit=swiglu_limit)
     else:
         _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
-                scales=scales13)
+                scales=scales13, swiglu_limit=swiglu_limit)
     h_in, scales2 = w2_input(h)
     _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
             scales=scales2)
@@ -342,6 +343,7 @@ def grouped_moe_triton(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Same contract as ``grouped_moe_torch``: x [N, H] contiguous groups or [E, M, H] slabs.
     FP8 weights as in ``fused_moe_triton``.
@@ -386,7 +388,8 @@ def grouped_moe_triton(
     h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     # FP8: every row is quantized, slab padding too (never read: the GEMMs skip those rows).
     a, scales = _quantized(rows, w13_scale, block) if fp8 else (rows, None)
-    _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups, scales=scales)
+    _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups, scales=scales,
+            swiglu_limit=swiglu_limit)
     a, scales = _quantized(h, w2_scale, block) if fp8 else (h, None)
     _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, a, w2, out, groups, weights,
             scales=scales)

@@ -181,6 +181,7 @@ def moe_w13_kernel(
     EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
     FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
+    swiglu_limit=0.0, CLAMP: tl.constexpr = False,
 ):
     gdc_wait(PDL)
     if WS:
@@ -212,7 +213,7 @@ def moe_w13_kernel(
                                     BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8, GROUP_N,
                                     GROUP_K)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
-                      BLOCK_N, INTERP_BF16)
+                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP)
         gdc_launch_dependents(PDL)
     else:
         pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -235,7 +236,7 @@ def moe_w13_kernel(
                                         FP8, GROUP_N, GROUP_K)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
-                      BLOCK_N, INTERP_BF16)
+                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -430,8 +431,10 @@ def tma_compatible(w: torch.Tensor) -> bool:
 
 def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowGroups, *,
                tile: GemmTile, flags: torch.Tensor | None = None, tma: bool = False,
-               pdl: bool = False, scales: BlockScales | None = None) -> None:
-    """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e.
+               pdl: bool = False, scales: BlockScales | None = None,
+               swiglu_limit: float | None = None) -> None:
+    """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e
+    (with ``swiglu_limit``: the gate clamped to <= it, the up projection to +-it first).
 
     flags: [w2_flags] int32 for the INLINE route (zeroed here). tma: read w13 through a TMA
     descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter). scales: with x and
@@ -469,6 +472,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(h.dtype),
         **_fp8_constexprs(scales),
+        swiglu_limit=float(swiglu_limit or 0.0), CLAMP=swiglu_limit is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 

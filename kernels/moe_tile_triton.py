@@ -121,13 +121,19 @@ def w13_mainloop_ws(x, w, first, expert, n0, hidden, inter, num_rows, stride_xm,
 
 @triton.jit
 def w13_store(gate, up, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr):
+              BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr, limit=0.0,
+              CLAMP: tl.constexpr = False):
     # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
     # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
-    # engine's greedy tokens then track the reference's closely.
+    # engine's greedy tokens then track the reference's closely. CLAMP (DeepSeek-V4's
+    # swiglu_limit): gate clamped to <= limit, up to [-limit, limit], after that rounding.
     dtype = h_ptr.dtype.element_ty
     gate = round_to(gate, dtype, INTERP_BF16)
-    act = round_to(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * round_to(up, dtype, INTERP_BF16)
+    up = round_to(up, dtype, INTERP_BF16)
+    if CLAMP:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = round_to(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * up
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + (first + offs_m).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]

@@ -41,8 +41,9 @@ from models.layers import RMSNorm, linear
 def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int,
                    layer: int | None = None) -> tuple[int, ...]:
     """One layer's cache tensor (``layer``: which, where the layers' widths differ; None: the
-    widest)."""
-    if cfg.attention == "mla":
+    widest). MLA and DeepSeek-V4 (models.deepseek_v4.RowLayout): one row of values per token
+    (V4's layers all one width)."""
+    if cfg.attention in ("mla", "v4"):
         width = cfg.kv_cache_dim if layer is None else cfg.layer_kv_cache_dim(layer)
         return (num_blocks, block_size, width)
     return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

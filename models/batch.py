@@ -47,6 +47,10 @@ class ForwardBatch:
     decode_groups: DecodeGroups | None = None
     cos: torch.Tensor | None = None  # [T, rope_dim/2] fp32, filled by the model once per forward
     sin: torch.Tensor | None = None
+    # DeepSeek-V4 (models.deepseek_v4): the step's token ids (its hash-routed layers' router
+    # reads them) and the cos / sin of each of its ropes by name, filled with cos / sin
+    input_ids: torch.Tensor | None = None
+    rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     # Built by prefill_layout() on the first layer's call, shared by the others.
     _prefill_layout: PrefillLayout | None = field(default=None, repr=False)
     # Decoder layer -> [T, K] int64 where that MoE layer's router writes its topk_ids (the CUDA

@@ -42,6 +42,9 @@ ARCHITECTURES = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
     # rednote dots.llm1: Qwen3's attention with DeepSeek-V3's MoE
     "Dots1ForCausalLM": "dots1",
+    # DeepSeek-V4: shared-KV MQA over a sliding window with sinks, compressed (CSA / HCA)
+    # long-range entries, hyper-connections, hash-routed first MoE layers (models.deepseek_v4)
+    "DeepseekV4ForCausalLM": "deepseek_v4",
 }
 # the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
 # whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
@@ -121,6 +124,54 @@ class RopeConfig:
 
 def yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention",
+                  "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+
+
+@dataclass(frozen=True)
+class V4Config:
+    """DeepSeek-V4's own fields (transformers' DeepseekV4Config; see models.deepseek_v4).
+
+    layer_types: per layer, "sliding_attention", "compressed_sparse_attention" (CSA: windows of
+    csa_rate tokens, overlapping by one window, the indexer's top index_topk entries seen) or
+    "heavily_compressed_attention" (HCA: windows of hca_rate, every closed entry seen);
+    hash_layers: the layers whose router picks experts by ``tid2eid[token id]``;
+    compress_rope: the rope of CSA / HCA layers and of their compressors (sliding layers use
+    ModelConfig.rope); the cache row layout per layer type is ``models.deepseek_v4.RowLayout``.
+    """
+
+    layer_types: tuple[str, ...]
+    hash_layers: tuple[int, ...]
+    csa_rate: int
+    hca_rate: int
+    sliding_window: int
+    compress_rope: RopeConfig
+    o_groups: int
+    o_lora_rank: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    swiglu_limit: float
+    index_topk: int
+    index_n_heads: int
+    index_head_dim: int
+    head_dim: int
+
+    def rate(self, layer: int) -> int:
+        """The layer's compress rate (0: a sliding-window layer, no compressor)."""
+        kind = self.layer_types[layer]
+        return {"compressed_sparse_attention": self.csa_rate,
+                "heavily_compressed_attention": self.hca_rate}.get(kind, 0)
+
+    @property
+    def row_width(self) -> int:
+        """Values a cache row holds: the widest layer type's (models.deepseek_v4.RowLayout)."""
+        from models.deepseek_v4 import RowLayout
+
+        return max(RowLayout(self, kind).width for kind in set(self.layer_types))
 
 
 @dataclass(frozen=True)
@@ -218,6 +269,7 @@ class ModelConfig:
     index_rope_interleaved: bool = False
     weight_renames: tuple[tuple[str, str], ...] = ()
     weight_skipped: tuple[str, ...] = ()
+    v4: V4Config | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -241,6 +293,8 @@ class ModelConfig:
         or K and V for all kv heads (the widest layer's: see ``layer_kv_cache_dim``)."""
         if self.attention == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim + self.index_head_dim
+        if self.attention == "v4":
+            return self.v4.row_width
         return 2 * self.num_kv_heads * self.head_dim
 
     def layer_kv_cache_dim(self, layer: int) -> int:
@@ -433,6 +487,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError(f"hidden_act {raw.get('hidden_act')!r} is not supported "
                                   "(silu is)")
 
+    if arch == "deepseek_v4":
+        return _v4_config(raw, common, num_layers, num_heads, num_experts)
     attention = (_gqa_fields(raw, arch, hidden, num_heads) if arch in GQA_ARCHITECTURES
                  else _mla_fields(raw, arch, num_heads))
     if arch == "qwen3_moe":
@@ -446,6 +502,126 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
                            moe_layers=moe_layers)
     return ModelConfig(**common, **attention,
                        **_deepseek_moe_fields(raw, arch, num_layers, num_experts, top_k))
+
+
+def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num_heads: int,
+               num_experts: int) -> ModelConfig:
+    """DeepSeek-V4 (transformers' DeepseekV4Config, its defaults where config.json leaves a
+    field out, its legacy spellings folded in as it folds them)."""
+    head_dim = int(_first(raw, "head_dim", default=512))
+    factor = raw.get("partial_rotary_factor")
+    if factor is None:
+        rope_dim = int(_first(raw, "qk_rope_head_dim", default=64))
+    else:
+        rope_dim = int(head_dim * float(factor))
+    if rope_dim < 2 or rope_dim % 2 or rope_dim > head_dim:
+        raise ValueError(f"deepseek_v4: qk_rope_head_dim={rope_dim} must be even, >= 2 and <= "
+                         f"head_dim={head_dim}")
+    rates = dict(raw.get("compress_rates") or {})
+    rates.setdefault("compressed_sparse_attention", _first(raw, "compress_rate_csa", default=4))
+    rates.setdefault("heavily_compressed_attention", _first(raw, "compress_rate_hca", default=128))
+    types = raw.get("layer_types")
+    if types is None and raw.get("compress_ratios") is not None:
+        by_ratio = {0: V4_LAYER_TYPES[0], 4: V4_LAYER_TYPES[1], 128: V4_LAYER_TYPES[2]}
+        types = [by_ratio[int(r)] for r in raw["compress_ratios"]]
+    if types is None:
+        types = (["heavily_compressed_attention"] * min(num_layers, 2)
+                 + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+                    for i in range(max(num_layers - 2, 0))])
+    types = list(types)[:num_layers]
+    mlp_types = raw.get("mlp_layer_types")
+    if mlp_types is None:
+        n_hash = int(_first(raw, "num_hash_layers", default=3))
+        mlp_types = ["hash_moe"] * min(num_layers, n_hash) + ["moe"] * max(0, num_layers - n_hash)
+    mlp_types = list(mlp_types)[:num_layers]
+    for name, got, allowed in (("layer_types", types, V4_LAYER_TYPES),
+                               ("mlp_layer_types", mlp_types, V4_MLP_LAYER_TYPES)):
+        if len(got) != num_layers or any(t not in allowed for t in got):
+            raise ValueError(f"deepseek_v4: {name} must name one of {allowed} for each of the "
+                             f"{num_layers} layers, got {got!r}")
+    csa, hca = (int(rates["compressed_sparse_attention"]),
+                int(rates["heavily_compressed_attention"]))
+    window = int(_first(raw, "sliding_window", default=128))
+    o_groups = int(_first(raw, "o_groups", default=8))
+    for name, value in (("compress_rates[compressed_sparse_attention]", csa),
+                        ("compress_rates[heavily_compressed_attention]", hca),
+                        ("sliding_window", window), ("o_groups", o_groups)):
+        if value < 1:
+            raise ValueError(f"deepseek_v4: {name}={value} must be >= 1")
+    if num_heads % o_groups:
+        raise ValueError(f"deepseek_v4: num_attention_heads={num_heads} is not divisible by "
+                         f"o_groups={o_groups}")
+    if int(_first(raw, "num_key_value_heads", default=1)) != 1:
+        raise ValueError("deepseek_v4: num_key_value_heads must be 1 (shared-KV MQA), got "
+                         f"{raw.get('num_key_value_heads')}")
+    scoring = raw.get("scoring_func") or "sqrtsoftplus"
+    if scoring not in ("sqrtsoftplus", "softmax", "sigmoid"):
+        raise NotImplementedError(f"deepseek_v4: scoring_func {scoring!r} is not supported "
+                                  "(sqrtsoftplus, softmax and sigmoid are)")
+    params = raw.get("rope_parameters") or {}
+    main_params = params.get("main") if isinstance(params.get("main"), dict) else {}
+    comp_params = params.get("compress") if isinstance(params.get("compress"), dict) else None
+    main_theta = float(_first(main_params, "rope_theta",
+                              default=_first(raw, "rope_theta", default=10000.0)))
+    if (main_params.get("rope_type") or "default") != "default":
+        raise NotImplementedError("deepseek_v4: the main (sliding) rope must be the default "
+                                  f"rope, got {main_params.get('rope_type')!r}")
+    if comp_params is None:  # flat spelling: rope_scaling applies to the compress rope alone
+        comp_params = {k: v for k, v in (raw.get("rope_scaling") or params).items()
+                       if k not in ("main", "compress")}
+        comp_params["rope_theta"] = float(_first(raw, "compress_rope_theta", default=160000.0))
+        comp_params.setdefault("rope_type", comp_params.get("type") or "default")
+        if comp_params["rope_type"] == "yarn":
+            comp_params.setdefault("attention_factor", 1.0)
+    compress_rope = _rope({"rope_parameters": comp_params,
+                           "max_position_embeddings": raw.get("max_position_embeddings", 4096)},
+                          rope_dim, interleaved=True)
+    index_topk = int(_first(raw, "index_topk", default=512))
+    index_heads = int(_first(raw, "index_n_heads", default=64))
+    index_dim = int(_first(raw, "index_head_dim", default=128))
+    if "compressed_sparse_attention" in types:
+        if index_topk < 1 or index_heads < 1:
+            raise ValueError(f"deepseek_v4: index_topk={index_topk} and index_n_heads="
+                             f"{index_heads} must be >= 1")
+        if index_dim < rope_dim:
+            raise ValueError(f"deepseek_v4: index_head_dim={index_dim} must be >= the rope dims "
+                             f"({rope_dim}): the indexer rotates its trailing ones")
+    v4 = V4Config(
+        layer_types=tuple(types),
+        hash_layers=tuple(i for i, t in enumerate(mlp_types) if t == "hash_moe"),
+        csa_rate=csa, hca_rate=hca, sliding_window=window, compress_rope=compress_rope,
+        o_groups=o_groups, o_lora_rank=int(_first(raw, "o_lora_rank", default=1024)),
+        hc_mult=int(_first(raw, "hc_mult", default=4)),
+        hc_sinkhorn_iters=int(_first(raw, "hc_sinkhorn_iters", default=20)),
+        hc_eps=float(_first(raw, "hc_eps", default=1e-6)),
+        swiglu_limit=float(_first(raw, "swiglu_limit", default=10.0)),
+        index_topk=index_topk, index_n_heads=index_heads, index_head_dim=index_dim,
+        head_dim=head_dim,
+    )
+    nextn = int(_first(raw, "num_nextn_predict_layers", default=0))
+    if common["fp8"] is not None:
+        raise NotImplementedError("deepseek_v4: quantized checkpoints (quantization_config) are "
+                                  "not supported; a bf16 / fp32 one is")
+    common = {**common, "norm_topk_prob": True}  # transformers' V4 router always normalizes
+    return ModelConfig(
+        **common,
+        attention="v4",
+        num_kv_heads=1,
+        head_dim=head_dim,
+        qk_rope_head_dim=rope_dim,
+        q_lora_rank=int(_first(raw, "q_lora_rank", default=1024)),
+        rope=RopeConfig(dim=rope_dim, theta=main_theta, interleaved=True),
+        attention_scale=head_dim**-0.5,
+        n_shared_experts=int(_first(raw, "n_shared_experts", default=0)),
+        scoring=scoring,
+        topk_method="noaux_tc",
+        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.5)),
+        router_dtype_fp32=True,
+        moe_layers=tuple(range(num_layers)) if num_experts else (),
+        num_nextn_predict_layers=nextn,
+        weight_skipped=("mtp.",),  # the release's MTP layer: not run (transformers ignores it)
+        v4=v4,
+    )
 
 
 def _partial_rotary_factor(raw: dict[str, Any], default: float) -> float:

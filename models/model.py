@@ -197,8 +197,11 @@ class MoEModel(nn.Module):
         self.cfg, self.role, self.dtype, self.device = cfg, role, dtype, device
         self.fp8_experts = fp8_experts
         self.model = nn.Module()
+        layer_cls = DecoderLayer
+        if cfg.attention == "v4":
+            from models.deepseek_v4 import V4DecoderLayer as layer_cls
         self.model.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, role, _layer_experts(expert_ids, i), dtype, device, fp8_experts)
+            layer_cls(cfg, i, role, _layer_experts(expert_ids, i), dtype, device, fp8_experts)
             for i in range(cfg.num_layers)
         )
         if mtp and (cfg.architecture not in MTP_ARCHITECTURES
@@ -211,7 +214,14 @@ class MoEModel(nn.Module):
                              device, fp8_experts) if mtp else None)
         if role != "ffn":
             self.model.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
-            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            if cfg.attention == "v4":  # fp32 norm weight; the streams' final collapse
+                from models.deepseek_v4 import HyperHead, RMSNorm32, rope_tables
+
+                self.model.norm = RMSNorm32(cfg.hidden_size, cfg.rms_norm_eps, device)
+                self.model.hc_head = HyperHead(cfg, device)
+                self.rotaries = rope_tables(cfg, device)
+            else:
+                self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
                                      device=device)
             self.lm_head.requires_grad_(False)
@@ -254,6 +264,10 @@ class MoEModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Token embeddings [T, H]; also fills the batch's rotary tables for this forward."""
         batch.cos, batch.sin = self.rotary.cos_sin(batch.positions)
+        if self.cfg.attention == "v4":
+            batch.input_ids = input_ids
+            batch.rope_tables = {name: rotary.cos_sin(batch.positions)
+                                 for name, rotary in self.rotaries.items()}
         return self.model.embed_tokens(input_ids)
 
     def logits(self, x: torch.Tensor, residual: torch.Tensor,
@@ -263,8 +277,15 @@ class MoEModel(nn.Module):
         with no more work than without it: an fp32 model's head matmul writes into it (its
         ``.float()`` is no copy), a bf16 one's head output is converted into it (the copy
         ``.float()`` makes, into ``out`` instead of a new tensor)."""
-        h, _ = self.model.norm(x, residual)
-        return self.head(h, out)
+        return self.head(self.final_norm(x, residual), out)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The states the LM head reads: norm(x + residual); DeepSeek-V4: norm(hc_head(the
+        streams after the last layer's FFN mixing of x))."""
+        if self.cfg.attention == "v4":
+            streams = self.layers[-1].streams_in(x, residual)
+            return self.model.norm(self.model.hc_head(streams))
+        return self.model.norm(x, residual)[0]
 
     def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The LM head over normed states: [N, H] -> [N, V] fp32, into ``out`` where given
@@ -295,7 +316,7 @@ class MoEModel(nn.Module):
             residual = out.residual
         if not keep_hidden:
             return self.logits(x[logits_index], residual[logits_index], logits_out)
-        h, _ = self.model.norm(x, residual)  # every row's: the MTP layer reads them all
+        h = self.final_norm(x, residual)  # every row's: the MTP layer reads them all
         return ForwardOut(self.head(h[logits_index], logits_out), h)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch,

@@ -98,8 +98,9 @@ class RoutedExperts(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device=None,
-                 fp8_block: tuple[int, int] | None = None):
+                 fp8_block: tuple[int, int] | None = None, swiglu_limit: float | None = None):
         super().__init__()
+        self.swiglu_limit = swiglu_limit
         self.num_experts = cfg.num_experts
         self.expert_ids = list(expert_ids)
         self.fp8_block = fp8_block
@@ -146,8 +147,15 @@ class RoutedExperts(nn.Module):
         return {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale,
                 "block_shape": self.fp8_block}
 
+    @property
+    def kernel_args(self) -> dict:
+        """Every keyword argument of ``kernels.fused_moe`` / ``grouped_moe`` these experts
+        need: ``fp8_args`` and DeepSeek-V4's ``swiglu_limit`` where set."""
+        limit = {} if self.swiglu_limit is None else {"swiglu_limit": self.swiglu_limit}
+        return {**self.fp8_args, **limit}
+
     def forward(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """h [T, H] -> sum over the held experts of weight * expert(h), [T, H]."""
         ids = routing.topk_ids if self.holds_all else self.slot_of[routing.topk_ids]
         return kernels.fused_moe(h, self.w13, self.w2, routing.topk_weights, ids,
-                                 **self.fp8_args)
+                                 **self.kernel_args)

@@ -57,6 +57,55 @@ class Target:
     quantized_scale: bool = False
 
 
+# DeepSeek-V4's checkpoint names (its release's, and transformers' save_pretrained, which
+# writes them back with a "model." prefix) -> afd's (transformers' module names), applied in
+# order to the name past "model." (transformers' conversion_mapping for deepseek_v4)
+_V4_RENAMES = [(re.compile(a), b) for a, b in (
+    (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.hc_attn_(fn|base|scale)$", r".attn_hc.\1"),
+    (r"\.hc_ffn_(fn|base|scale)$", r".ffn_hc.\1"),
+    (r"\.attn\.", ".self_attn."),
+    (r"\.ffn\.", ".mlp."),
+    (r"\.attn_sink$", ".sinks"),
+    (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    (r"\.self_attn\.indexer\.weights_proj\.", ".self_attn.compressor.indexer.scorer.weights_proj."),
+    (r"\.self_attn\.indexer\.wq_b\.", ".self_attn.compressor.indexer.q_b_proj."),
+    (r"\.norm\.", ".kv_norm."),
+    (r"\.ape$", ".position_bias"),
+    (r"\.wq_a\.", ".q_a_proj."),
+    (r"\.wq_b\.", ".q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."),
+    (r"\.wgate\.", ".gate_proj."),
+    (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.q_norm\.", ".q_a_norm."),
+    (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.(shared_experts|experts\.\d+)\.w1\.", r".\1.gate_proj."),
+    (r"\.(shared_experts|experts\.\d+)\.w2\.", r".\1.down_proj."),
+    (r"\.(shared_experts|experts\.\d+)\.w3\.", r".\1.up_proj."),
+)]
+_V4_TOP = {"embed.weight": "model.embed_tokens.weight",
+           "embed_tokens.weight": "model.embed_tokens.weight",
+           "head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight",
+           "norm.weight": "model.norm.weight"}
+
+
+def v4_param_name(name: str) -> str:
+    """afd's name for a DeepSeek-V4 checkpoint tensor (see ``_V4_RENAMES``)."""
+    bare = name.removeprefix("model.")
+    if bare in _V4_TOP:
+        return _V4_TOP[bare]
+    top = re.match(r"^hc_head[._](?:hc_)?(fn|base|scale)$", bare)
+    if top:
+        return f"model.hc_head.hc_{top.group(1)}"
+    if not bare.startswith("layers."):
+        return name
+    for pattern, repl in _V4_RENAMES:
+        bare = pattern.sub(repl, bare)
+    return "model." + bare
+
+
 def checkpoint_files(path: str) -> dict[str, str]:
     """Map every tensor name to the safetensors file holding it (index file or all shards)."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -154,7 +203,8 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
     """The checkpoint's tensors by the causal LM's names: name -> name as stored. The identity,
     but for a vision-language checkpoint (Kimi K2.5): its language model's tensors renamed by
     ``cfg.weight_renames`` (prefixes, in order), its vision tower's and projector's
-    (``cfg.weight_skipped``) left out, never read."""
+    (``cfg.weight_skipped``) left out, never read; and for DeepSeek-V4: its release's names
+    renamed by ``v4_param_name``, its MTP layer (``weight_skipped``: ``mtp.``) never read."""
     names: dict[str, str] = {}
     for src in files:
         if src.startswith(cfg.weight_skipped):
@@ -163,6 +213,8 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
         for old, new in cfg.weight_renames:
             if name.startswith(old):
                 name = new + name[len(old):]
+        if cfg.attention == "v4":
+            name = v4_param_name(name)
         if name in names:
             raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")
         names[name] = src

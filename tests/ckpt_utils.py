@@ -91,12 +91,31 @@ CONFIGS = {
         max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1,
     ),
+    # DeepSeek-V4: every layer type (CSA, HCA, sliding) and both MLP types (hash, top-k);
+    # compress rates 2 and 4, a window of 8 and index_topk 3, so that windowing, compression
+    # and selection all decide outputs within tens of tokens (the release's: 4, 128, 128,
+    # 512); 16 index heads, as for V3.2, so that scores rarely tie at the top-k boundary
+    "deepseek_v4": dict(
+        vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, head_dim=32, q_lora_rank=32, qk_rope_head_dim=8,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        layer_types=["compressed_sparse_attention", "heavily_compressed_attention",
+                     "sliding_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=16, index_head_dim=16,
+        index_topk=3, hc_mult=4, swiglu_limit=1.0, num_nextn_predict_layers=0,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
 }
 
 
 def hf_classes(kind: str):
     import transformers as tf
 
+    if kind == "deepseek_v4":
+        return tf.DeepseekV4Config, tf.DeepseekV4ForCausalLM
     if kind.startswith("glm4_moe_lite"):
         return tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
     if kind.startswith("glm4_moe"):
@@ -126,6 +145,10 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
         for name, tensor in sorted(model.state_dict().items()):
             if tensor.is_floating_point():
                 tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
+            elif name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct experts
+                experts = model.config.n_routed_experts
+                tensor.copy_(torch.rand(tensor.shape[0], experts, generator=gen)
+                             .argsort(dim=-1)[:, : tensor.shape[1]])
     return model
 
 

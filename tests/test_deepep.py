@@ -260,7 +260,7 @@ def round_trip(rank: int, case: Case, placement: ExpertPlacement | tuple, device
         for layer in range(LAYERS):
             held = list(placement.table(layer)[index])
             w13, w2 = weights[layer]
-            experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
+            experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], kernel_args={})
             for mb in range(mbs):
                 served = server.serve(mb, experts)
                 expected = sum(int(emap.recv_counts(emap.to_deepep(

@@ -73,7 +73,7 @@ def moe_experts(held: list[int], seed: int = 0, fp8: bool = False) -> SimpleName
     w13 = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
     w2 = torch.randn(E, H, I, generator=gen) / I**0.5
     if not fp8:
-        return SimpleNamespace(expert_ids=list(held), w13=w13[held], w2=w2[held], fp8_args={})
+        return SimpleNamespace(expert_ids=list(held), w13=w13[held], w2=w2[held], kernel_args={})
     from kernels.fp8 import quantize_blocks
 
     block = (16, 16)
@@ -81,7 +81,7 @@ def moe_experts(held: list[int], seed: int = 0, fp8: bool = False) -> SimpleName
                                   for half in w13.chunk(2, dim=1))
     w2q, w2_s = quantize_blocks(w2[held], block)
     return SimpleNamespace(expert_ids=list(held), w13=torch.cat([gate, up], 1), w2=w2q,
-                           fp8_args={"w13_scale": torch.cat([gate_s, up_s], 1),
+                           kernel_args={"w13_scale": torch.cat([gate_s, up_s], 1),
                                      "w2_scale": w2_s, "block_shape": block})
 
 
@@ -89,7 +89,7 @@ def eager_compute(counts: torch.Tensor, x: torch.Tensor, experts) -> torch.Tenso
     """TorchExpertServer.serve's eager compute."""
     by_slot = _group_by_slot(counts)
     y = kernels.grouped_moe(x[by_slot], counts.sum(dim=0)[:len(experts.expert_ids)],
-                            experts.w13, experts.w2, **experts.fp8_args)
+                            experts.w13, experts.w2, **experts.kernel_args)
     back = torch.empty_like(y)
     back[by_slot] = y
     return back
@@ -444,7 +444,7 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
         transport = TorchTransport(groups, placement, H, torch.float32, device)
     else:
         held = list(placement.table(3)[rank - ATTN])
-        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
+        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], kernel_args={})
         server = TorchExpertServer(groups, placement, H, torch.float32, device)
         server.graphs = ExpertGraphs(groups.size, server.slots, H, torch.float32, device,
                                      BUCKETS, capture=False)
@@ -624,11 +624,11 @@ def test_captured_graphs_match_eager_serves_on_cuda(fp8):
         w2q, w2s = quantize_blocks(w2, block)
         experts = SimpleNamespace(expert_ids=held, w13=torch.cat([g, u], 1).to(device),
                                   w2=w2q.to(device),
-                                  fp8_args={"w13_scale": torch.cat([gs, us], 1).to(device),
+                                  kernel_args={"w13_scale": torch.cat([gs, us], 1).to(device),
                                             "w2_scale": w2s.to(device), "block_shape": block})
     else:
         experts = SimpleNamespace(expert_ids=held, w13=w13.to(device, torch.bfloat16),
-                                  w2=w2.to(device, torch.bfloat16), fp8_args={})
+                                  w2=w2.to(device, torch.bfloat16), kernel_args={})
     graphs = ExpertGraphs(sources, slots, hidden, torch.bfloat16, device, (1, 8, 64),
                           capture=True)
     graphs.add(experts)
@@ -651,9 +651,9 @@ def test_captured_graphs_match_eager_serves_on_cuda(fp8):
         assert torch.equal(got, same), rows
         want = eager_compute(counts.to(device), x, experts)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    first = _signature((experts.w13, experts.w2, experts.fp8_args))
+    first = _signature((experts.w13, experts.w2, experts.kernel_args))
     experts.w13 = experts.w13.clone()
-    assert _signature((experts.w13, experts.w2, experts.fp8_args)) != first
+    assert _signature((experts.w13, experts.w2, experts.kernel_args)) != first
     assert not graphs.ensure(experts)
     graphs.capture_pending()
     assert graphs.ensure(experts) and graphs.graphs[id(experts)][8].graph is not None

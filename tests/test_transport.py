@@ -82,7 +82,7 @@ def round_trip(rank: int, groups: ExpertGroups, name: str, placement: ExpertPlac
                                        msg=lambda m: f"{name}: rank {rank} micro-batch {mb}: {m}")
     else:
         held = list(placement.table(3)[rank - ATTN])  # the layer the attention ranks send
-        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], fp8_args={})
+        experts = SimpleNamespace(expert_ids=held, w13=w13[held], w2=w2[held], kernel_args={})
         server = TorchExpertServer(groups, placement, H, torch.float32, device)
         served = [server.serve(mb, experts) for mb in range(2)]
         server.drain()

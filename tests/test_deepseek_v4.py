@@ -1,0 +1,185 @@
+"""DeepSeek-V4 (models.deepseek_v4): the single-process engine against transformers (greedy
+tokens equal, fp32 logits within 1e-4 relative) on a tiny checkpoint with every layer type
+(CSA at compress rate 2, HCA at 4, sliding) and both MLP types (hash-routed, top-k), a sliding
+window of 8 and index_topk 3, so that prompts of 5, 40 and 100 tokens run past the window, close
+many windows and select among their entries; the per-token cache rows (K=V vector, compressor
+inputs, compressed entries) through chunking inside windows, preemption, prefix-cache hits
+mid-window (device pool and host tier), a 1A+1F layout and a 1P+1A transfer; what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from ckpt_utils import build_hf_model, hf_greedy, mixed_prompts, save_checkpoint
+from models.config import config_from_dict, load_config
+from test_oracle_variants import assert_matches
+
+NEW_TOKENS = 12
+LENGTHS = [5, 40, 100]
+
+
+def greedy(n: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def v4(tmp_path_factory):
+    model = build_hf_model("deepseek_v4")
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("v4")))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def test_config_reaches_afd(v4):
+    cfg = load_config(v4[1])
+    v = cfg.v4
+    assert (cfg.architecture, cfg.attention, cfg.head_dim, cfg.qk_rope_head_dim) == \
+        ("deepseek_v4", "v4", 32, 8)
+    assert v.layer_types == ("compressed_sparse_attention", "heavily_compressed_attention",
+                             "sliding_attention")
+    assert (v.csa_rate, v.hca_rate, v.sliding_window, v.index_topk) == (2, 4, 8, 3)
+    assert v.hash_layers == (0,) and cfg.moe_layers == (0, 1, 2)
+    assert (v.hc_mult, v.o_groups, v.o_lora_rank, v.swiglu_limit) == (4, 2, 16, 1.0)
+    assert cfg.rope.theta == 10000 and v.compress_rope.theta == 160000
+    # CSA's rows, the widest: K=V 32, compressor inputs 2 x 64, entry 32, the indexer's
+    # inputs 2 x 32 and entry 16
+    assert cfg.kv_cache_dim == 32 + 128 + 32 + 64 + 16
+
+
+def test_hub_spelled_config():
+    """config.json as the release spells it (compress_ratios per layer, num_hash_layers,
+    rope_scaling for the compress rope's YaRN) and what is refused."""
+    raw = dict(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4",
+               vocab_size=129280, hidden_size=4096, num_hidden_layers=4,
+               num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
+               qk_rope_head_dim=64, n_routed_experts=256, num_experts_per_tok=6,
+               n_shared_experts=1, moe_intermediate_size=2048, compress_ratios=[0, 4, 128, 4],
+               num_hash_layers=3, sliding_window=128, o_groups=8, o_lora_rank=1024,
+               index_topk=512, index_n_heads=64, index_head_dim=128, hc_mult=4,
+               max_position_embeddings=1048576, compress_rope_theta=160000, rope_theta=10000,
+               rope_scaling={"type": "yarn", "factor": 16,
+                             "original_max_position_embeddings": 65536})
+    cfg = config_from_dict(raw)
+    assert cfg.v4.layer_types == ("sliding_attention", "compressed_sparse_attention",
+                                  "heavily_compressed_attention", "compressed_sparse_attention")
+    assert cfg.v4.hash_layers == (0, 1, 2) and cfg.v4.csa_rate == 4 and cfg.v4.hca_rate == 128
+    rope = cfg.v4.compress_rope
+    assert (rope.kind, rope.factor, rope.theta, rope.interleaved) == ("yarn", 16, 160000, True)
+    assert rope.inv_freq_and_scale()[1] == 1.0  # transformers forces attention_factor 1
+    assert cfg.rope.kind == "default" and cfg.kv_cache_dim == 6 * 512 + 5 * 128
+    for bad, match in ((dict(num_key_value_heads=8), "num_key_value_heads"),
+                       (dict(o_groups=7), "o_groups"),
+                       (dict(compress_ratios=[0, 4]), "layer_types"),
+                       (dict(sliding_window=0), "sliding_window"),
+                       (dict(index_head_dim=32), "index_head_dim")):
+        with pytest.raises(ValueError, match=match):
+            config_from_dict({**raw, **bad})
+    with pytest.raises(NotImplementedError, match="quantization_config"):
+        config_from_dict({**raw, "quantization_config": {"quant_method": "fp8"}})
+
+
+def test_matches_transformers_and_selection_matters(v4, monkeypatch):
+    from models.deepseek_v4 import V4Attention
+
+    model, path, prompts, expected = v4
+    assert_matches(path, expected, prompts)
+    # the indexer's selection decides the outputs: every closed CSA entry seen instead of
+    # the top index_topk gives other tokens (even the 5-token prompt's: 8 entries by its end)
+    monkeypatch.setattr(V4Attention, "_selected", lambda self, *args: args[3])
+    dense = tokens(LLM(path), prompts)
+    assert all(d != e for d, (e, _) in zip(dense, expected, strict=True))
+
+
+def test_chunked_and_preempted(v4):
+    """Chunks of 5 tokens over blocks of 4 (chunk boundaries inside CSA and HCA windows), and
+    of 16 with a pool too small for all three (preempted): the windows closed in a later
+    chunk, and the recomputed sequences, read their earlier rows back from the cache."""
+    _, path, prompts, expected = v4
+    for chunk in (5, 16):
+        llm = LLM(path, block_size=4, num_kv_blocks=30, max_model_len=112,
+                  max_num_batched_tokens=chunk)
+        assert tokens(llm, prompts) == [t for t, _ in expected]
+    assert llm.engine.core.stats()[0].num_preemptions > 0
+
+
+def test_prefix_cache_hits_mid_window(v4):
+    """A prompt sharing 47 tokens with an earlier one, blocks of 5: 45 cached tokens, so the
+    first computed token's HCA window (44..47) and CSA window (44, 45) began in cached rows; in
+    the device pool, and (a pool of 24 blocks, the earlier prompt's evicted by another's)
+    copied back from the host tier."""
+    model, path, prompts, expected = v4
+    other = prompts[2][:47] + prompts[1][:20]
+    want = hf_greedy(model, other, NEW_TOKENS)[0]
+    per_block = 3 * 5 * load_config(path).kv_cache_dim * 4  # layers x tokens x fp32 values
+    for tier in (dict(), dict(num_kv_blocks=24, max_model_len=115,
+                              kv_offload_gb=30 * per_block / 2**30)):
+        llm = LLM(path, block_size=5, enable_prefix_caching=True, **tier)
+        assert tokens(llm, prompts[2:]) == [expected[2][0]]
+        if tier:  # another 100-token prompt takes 23 of the 24 blocks
+            tokens(llm, mixed_prompts(1, seed=5, lengths=[100]))
+        out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
+        assert out.num_cached_tokens == 45
+        assert (llm.engine.core.stats()[0].prefix_cache_host_hits > 0) == bool(tier)
+        assert out.outputs[0].token_ids == want
+
+
+def test_attention_and_ffn_ranks_and_pd_match_single_process(v4):
+    """1A+1F (the collapsed MLP input dispatched, the hash layer routed on the attention rank,
+    the clamped experts on the FFN rank) and 1P+1A (the rows travel from blocks of 8 to blocks
+    of 4); both match transformers."""
+    _, path, prompts, expected = v4
+    want = [t for t, _ in expected]
+    for layout in (dict(attention=1, ffn=1),
+                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4)):
+        llm = LLM(path, timeout_s=30, **layout)
+        try:
+            assert tokens(llm, prompts) == want, layout
+        finally:
+            llm.shutdown()
+
+
+def test_mtp_and_cuda_graphs_refused(v4, tmp_path):
+    path = v4[1]
+    with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture"):
+        LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="deepseek_v4.*enforce_eager"):
+        LLM(path, enforce_eager=False)
+
+
+def test_swiglu_limit_clamps_gate_and_up():
+    """kernels.fused_moe / grouped_moe with swiglu_limit: the gate clamped to <= limit, up to
+    [-limit, limit] before SiLU(gate) * up (transformers' DeepseekV4Experts)."""
+    import torch.nn.functional as F
+
+    from kernels.fused_moe import fused_moe, grouped_moe
+
+    gen = torch.Generator().manual_seed(0)
+    t, h, inter, e, limit = 6, 8, 4, 3, 0.5
+    x = torch.randn(t, h, generator=gen)
+    w13 = torch.randn(e, 2 * inter, h, generator=gen)
+    w2 = torch.randn(e, h, inter, generator=gen)
+    ids = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]])
+    weights = torch.rand(t, 2, generator=gen)
+    want = torch.zeros(t, h)
+    for i in range(t):
+        for k in range(2):
+            gate, up = (w13[ids[i, k]] @ x[i]).chunk(2)
+            act = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+            want[i] += weights[i, k] * (w2[ids[i, k]] @ act)
+    got = fused_moe(x, w13, w2, weights, ids, swiglu_limit=limit, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused_moe(x, w13, w2, weights, ids, backend="torch"), want)
+    rows = x[[0, 3, 1, 5]]  # expert 0's two rows, expert 1's, expert 2's
+    counts = torch.tensor([2, 1, 1])
+    grouped = grouped_moe(rows, counts, w13, w2, swiglu_limit=limit, backend="torch")
+    for r, ex in zip(range(4), [0, 0, 1, 2], strict=True):
+        gate, up = (w13[ex] @ rows[r]).chunk(2)
+        act = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+        torch.testing.assert_close(grouped[r], w2[ex] @ act, rtol=1e-5, atol=1e-5)
