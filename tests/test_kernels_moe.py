@@ -67,6 +67,7 @@ class Fused:
     fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
     # The reference as a GPU computes it: CUDA's rounding of divisions by a scalar (on CPU)
     cuda_ref: bool = False
+    swiglu_limit: float | None = None  # DeepSeek-V4's clamp in the w13 epilogue
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Grouped:
     ws: bool = False  # with ``tile``: warp-specialized tiles (activations through TMA too)
     strided_counts: bool = False  # counts as a view with stride 2 (a column of [E, 2])
     fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
+    swiglu_limit: float | None = None
 
 
 FUSED_CASES = {
@@ -138,6 +140,16 @@ FUSED_CASES = {
     # there, as on the H100 of bench/results/h100_20261127; ~1e-5 now.
     "fp8_cuda_ref_bf16": Fused("bf16", T=16, H=1024, I=512, E=4, K=2, fp8=(128, 128),
                                cuda_ref=True),
+    # DeepSeek-V4's swiglu_limit (gate <= limit, up in [-limit, limit]) in the w13 epilogue of
+    # each path: inline, sorted, warp-specialized (on a grouped copy), FP8
+    "swiglu_limit_fp32": Fused("fp32", T=13, H=72, I=40, E=6, K=2, skip=0.15,
+                               swiglu_limit=0.5),
+    "swiglu_limit_sorted_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, inline=False,
+                                      swiglu_limit=0.5),
+    "swiglu_limit_ws_sorted_bf16": Fused("bf16", T=29, H=56, I=40, E=6, K=2, inline=False,
+                                         tile=16, ws=True, swiglu_limit=0.5),
+    "swiglu_limit_fp8_bf16": Fused("bf16", T=11, H=64, I=48, E=5, K=2, fp8=(32, 32),
+                                   swiglu_limit=0.5),
 }
 
 GROUPED_CASES = {
@@ -179,6 +191,12 @@ GROUPED_CASES = {
                                    tile=16, persistent=1, fp8=(32, 32)),
     "fp8_ws_asked_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=64, I=48, weights=False,
                                  tile=16, ws=True, fp8=(16, 32)),
+    # DeepSeek-V4's swiglu_limit on an FFN rank's layouts: contiguous rows, persistent slabs
+    "swiglu_limit_contiguous_fp32": Grouped("fp32", (3, 0, 17, 1, 0, 40), H=56, I=24,
+                                            weights=True, swiglu_limit=0.5),
+    "swiglu_limit_persistent_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=56, I=40,
+                                            weights=True, tile=16, persistent=1,
+                                            swiglu_limit=0.5),
 }
 
 # FP8 tolerances. Against the FP8 reference (tight): both see bit-identical float8 activations,
@@ -230,23 +248,30 @@ def dequantized(fp8: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 
 def _weights(case, num_experts: int, dtype: torch.dtype, device: str
              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(w13, w2, the FP8 keyword arguments or {})."""
+    """(w13, w2, the FP8 keyword arguments and swiglu_limit, or {})."""
+    limit = {} if case.swiglu_limit is None else {"swiglu_limit": case.swiglu_limit}
     if case.fp8 is None:
-        return (*moe_weights(num_experts, case.H, case.I, dtype, device), {})
+        return (*moe_weights(num_experts, case.H, case.I, dtype, device), limit)
     fp8 = fp8_weights(num_experts, case.H, case.I, case.fp8, device)
     scales = {k: fp8[k] for k in ("w13_scale", "w2_scale", "block_shape")}
-    return fp8["w13"], fp8["w2"], scales
+    return fp8["w13"], fp8["w2"], {**scales, **limit}
 
 
 def _result(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case, reference,
             w13: torch.Tensor, w2: torch.Tensor, scales: dict) -> dict:
     """The result dict of a case; FP8 cases also carry the error of their FP8 reference against
-    the unquantized one (``reference`` called on the dequantized weights)."""
+    the unquantized one (``reference`` called on the dequantized weights, with the case's
+    swiglu_limit), swiglu_limit cases whether the clamp changed the reference."""
+    limit = {k: v for k, v in scales.items() if k == "swiglu_limit"}
+    scales = {k: v for k, v in scales.items() if k != "swiglu_limit"}
     result = {"err": rel_err(out, ref), "tol": FP8_TOL if scales else tolerance(dtype),
               "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
               "fallbacks": _fallback_events()}
+    if limit:
+        plain = reference(w13, w2, **scales)
+        result["clamp_bites"] = rel_err(ref, plain) > 0.05
     if scales:
-        plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype))
+        plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype), **limit)
         result["loose_err"] = rel_err(ref, plain)
         result["loose_tol"] = FP8_LOOSE_TOL if ref.numel() >= FEW_ELEMENTS else \
             FP8_LOOSE_TOL_FEW
@@ -273,7 +298,8 @@ def run_fused_case(case: Fused, device: str) -> dict:
     with cuda_scalar_division() if case.cuda_ref else contextlib.nullcontext():
         ref = fused_moe_torch(x, w13, w2, weights, ids, **scales)
     return _result(out, ref, dtype, case,
-                   lambda a, b: fused_moe_torch(x, a, b, weights, ids), w13, w2, scales)
+                   lambda a, b, **kw: fused_moe_torch(x, a, b, weights, ids, **kw), w13, w2,
+                   scales)
 
 
 def _fallback_events() -> list[str]:
@@ -308,7 +334,8 @@ def run_grouped_case(case: Grouped, device: str) -> dict:
                                  features=MoEFeatures(tma=case.tma), **scales)
     ref = grouped_moe_torch(x, counts, w13, w2, weights, **scales)
     result = _result(out, ref, dtype, case,
-                     lambda a, b: grouped_moe_torch(x, counts, a, b, weights), w13, w2, scales)
+                     lambda a, b, **kw: grouped_moe_torch(x, counts, a, b, weights, **kw), w13,
+                     w2, scales)
     if case.M is not None:
         pad = torch.arange(case.M, device=device)[None, :] >= counts.to(device)[:, None]
         result["padding_zero"] = bool((out[pad] == 0).all())
@@ -414,6 +441,7 @@ def _check(result: dict, name: str) -> None:
     assert not result.get("fallbacks"), f"{name}: fell back: {result['fallbacks']}"
     assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
     assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
+    assert result.get("clamp_bites", True), f"{name}: swiglu_limit changes nothing here"
     assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
     # FP8: the reference itself is within FP8's own error of the unquantized reference.
     assert result.get("loose_err", 0.0) < result.get("loose_tol", FP8_LOOSE_TOL), \

@@ -9,6 +9,7 @@ specialization, except the ints a kernel marks ``do_not_specialize``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -122,6 +123,7 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
         w = (f"tensordesc<{op}[1, {bn}, {bk}]>" if ws else
              f"tensordesc<{op}[1, 2, {bn}, {bk}]>" if tma else f"*{op}")
         return dims | {"x_ptr": a, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
+                       "swiglu_limit": 10.0,
                        "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I,
                        "scale_rows": I // 128, "stride_asm": H // 128,
                        "stride_wse": 2 * I // 128 * H // 128, "stride_wsn": H // 128}
@@ -134,7 +136,7 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
 
 def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                  experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0,
-                 fp8: bool = False):
+                 fp8: bool = False, clamp: bool = False):
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
@@ -148,6 +150,8 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                   "INTERP_BF16": False, "FP8": fp8, "GROUP_N": 128, "GROUP_K": 128}
     if gemm == "w2":
         constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16}
+    else:  # clamp: DeepSeek-V4's swiglu_limit in the epilogue
+        constexprs |= {"CLAMP": clamp}
     return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8), constexprs,
                         tile.num_warps, tile.num_stages)
 
@@ -201,6 +205,19 @@ def test_moe_table_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bo
     # INLINE at the largest batch it takes for this tile (moe_align_triton.inline_route_fits).
     s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
     check_gemm(compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad), tma)
+
+
+@pytest.mark.parametrize(("limit", "route", "tma", "fp8"),
+                         [(16, "inline", True, False), (math.inf, "rows", True, False),
+                          (128, "sorted", True, False), (64, "rows", True, True)])
+def test_moe_w13_swiglu_limit_fits_hopper(limit: float, route: str, tma: bool,
+                                          fp8: bool) -> None:
+    # DeepSeek-V4's clamp in the w13 epilogue (CLAMP) on a small, a large (warp-specialized
+    # where the table says so) and an FP8 tile: still no spills, the same loads
+    tile = fp8_tile(limit, "w13") if fp8 else next(r for r in GPU_TABLE if r[0] == limit)[1]
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    check_gemm(compile_gemm("w13", tile, route=ROUTES[route], tma=tma, s_pad=s_pad, fp8=fp8,
+                            clamp=True), tma)
 
 
 def fp8_tile(limit: float, gemm: str) -> GemmTile:
