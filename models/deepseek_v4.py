@@ -29,6 +29,8 @@ collapsed, normed block input, as for every other model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,10 @@ from models.layers import Rotary, linear
 from models.moe import Routing
 
 CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
+# fp32 scores a piece of a row's queries may hold at once (256 MiB), as kernels.dsa's: a prefill
+# chunk of 8192 tokens at V4-Flash's 64 heads over its window and entries would otherwise need
+# tens of GiB
+V4_MAX_SCORES = 1 << 26
 
 
 class RowLayout:
@@ -261,16 +267,33 @@ class V4Attention(nn.Module):
                 ctx: torch.Tensor, length: int, qlen: int, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         """q [Q, H, D] of one sequence's last qlen positions over its rows ctx [L, W]: the
-        sliding window's K=V vectors, the visible (CSA: selected) entries, and the sinks."""
+        sliding window's K=V vectors, the visible (CSA: selected) entries, and the sinks; the
+        queries in pieces of at most about ``V4_MAX_SCORES`` fp32 scores each."""
+        heads = max(self.num_heads, self.v4.index_n_heads if self.kind == CSA else 0)
+        span = self.v4.sliding_window + (length // self.rate if self.rate else 0)
+        budget = V4_MAX_SCORES // heads  # piece * (piece + span) keys' scores at most
+        piece = max(1, int((-span + math.sqrt(span * span + 4 * budget)) // 2))
+        out = torch.empty_like(q)
+        for a in range(0, qlen, piece):
+            part = slice(a, min(a + piece, qlen))
+            out[part] = self._attend_piece(q[part], q_resid[part], x[part], ctx,
+                                           length - qlen + a, cos[part], sin[part])
+        return out
+
+    def _attend_piece(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
+                      ctx: torch.Tensor, first: int, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+        """Queries at positions first .. first + len(q) - 1 (see ``_attend``)."""
         rows, window, m = self.rows, self.v4.sliding_window, self.rate
         dev = ctx.device
-        pos = torch.arange(length - qlen, length, device=dev)  # [Q]
-        keys = torch.arange(length, device=dev)
-        lo = max(0, length - qlen - window + 1)  # the first key any query here sees
-        kv = ctx[lo:, rows["kv"]]  # [L', D]
-        visible = (keys[None, lo:] <= pos[:, None]) & (keys[None, lo:] > pos[:, None] - window)
+        pos = torch.arange(first, first + q.shape[0], device=dev)  # [Q]
+        last = first + q.shape[0] - 1
+        lo = max(0, first - window + 1)  # the first key any of these queries sees
+        keys = torch.arange(lo, last + 1, device=dev)
+        kv = ctx[lo:last + 1, rows["kv"]]  # [L', D]
+        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
         if m:
-            n_entries = length // m
+            n_entries = (last + 1) // m  # the windows closed by the last query
             entry_rows = torch.arange(n_entries, device=dev) * m + m - 1
             entries = ctx[entry_rows, rows["entry"]]  # [E, D]
             closed = torch.arange(n_entries, device=dev)[None, :] < ((pos + 1) // m)[:, None]

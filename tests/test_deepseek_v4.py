@@ -97,6 +97,16 @@ def test_matches_transformers_and_selection_matters(v4, monkeypatch):
     assert all(d != e for d, (e, _) in zip(dense, expected, strict=True))
 
 
+def test_queries_in_pieces(v4, monkeypatch):
+    """A row's queries attend in pieces of a few (V4_MAX_SCORES small: one or two queries of
+    the 100-token prompt at a time): the same tokens."""
+    import models.deepseek_v4
+
+    _, path, prompts, expected = v4
+    monkeypatch.setattr(models.deepseek_v4, "V4_MAX_SCORES", 1500)
+    assert tokens(LLM(path), prompts) == [t for t, _ in expected]
+
+
 def test_chunked_and_preempted(v4):
     """Chunks of 5 tokens over blocks of 4 (chunk boundaries inside CSA and HCA windows), and
     of 16 with a pool too small for all three (preempted): the windows closed in a later
