@@ -330,6 +330,10 @@ def resolve_engine_config(
     dsa_sparse = model_cfg.dsa and max_model_len > model_cfg.index_topk
     # DeepSeek-V4's attention (models.deepseek_v4) is a torch path over each row's host length
     v4 = model_cfg.attention == "v4"
+    if v4 and kv_cache_dtype == "fp8":
+        raise ValueError(f"kv_cache_dtype='fp8' is not supported for {model_cfg.architecture} "
+                         "(its cache rows hold compressor inputs and entries, not only keys); "
+                         "use kv_cache_dtype='auto'")
     if v4 and enforce_eager is False:
         raise ValueError(f"enforce_eager=False: {model_cfg.architecture}'s attention runs "
                          "eagerly (a torch path reading each row's length on the host; no CUDA "

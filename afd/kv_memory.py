@@ -160,7 +160,21 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
                         cfg.max_num_seqs * cfg.max_model_len)
         context = positions * m.num_heads * (m.qk_nope_head_dim + v + qk) * element
     logits = 2 * rows * m.vocab_size * 4
-    return tokens * per_token + context + dsa_activations(m, cfg) + logits
+    return (tokens * per_token + context + dsa_activations(m, cfg) + v4_activations(m, cfg)
+            + logits)
+
+
+def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:
+    """DeepSeek-V4's torch attention (models.deepseek_v4): a piece's four [piece, heads, keys]
+    fp32 tensors (scores, masked, logits, probabilities) of at most V4_MAX_SCORES each, and the
+    context a row gathers (one max_model_len of rows) in the model's dtype, twice (the copy
+    its closed windows' entries are written into). 0 for other models."""
+    if m.attention != "v4":
+        return 0
+    from models.deepseek_v4 import V4_MAX_SCORES
+
+    element = torch.empty((), dtype=cfg.dtype).element_size()
+    return 4 * V4_MAX_SCORES * 4 + 2 * cfg.max_model_len * m.kv_cache_dim * element
 
 
 def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:

@@ -340,6 +340,13 @@ def _dummy_tensor(name: str, shape: torch.Size, device: torch.device) -> torch.T
     return torch.randn(shape, generator=gen, device=device).mul_(DUMMY_STD)
 
 
+def _dummy_tid2eid(name: str, shape: torch.Size, num_experts: int) -> torch.Tensor:
+    """A dummy ``tid2eid`` [vocab, top_k]: each token's top_k distinct experts, drawn from a
+    generator seeded by the name (the same on every rank)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.rand(shape[0], num_experts, generator=gen).argsort(dim=-1)[:, : shape[1]]
+
+
 def _dummy_source(name: str, cfg) -> str:
     """The checkpoint name whose dummy values ``name`` takes: its own, but for the MTP layer's
     ``embed_tokens`` and ``shared_head.head``, which DeepSeek-V3's checkpoint holds as copies
@@ -368,6 +375,10 @@ def init_dummy_weights(model: MoEModel) -> None:
             continue  # an FP8 config's scales: made below with their weight
         first = next(t for t in targets if not t.quantized_scale)
         dest = _target_view(params[first.param], first)
+        if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct experts a token
+            _copy_into(params[first.param], first, _dummy_tid2eid(name, dest.shape,
+                                                                  model.cfg.num_experts), name)
+            continue
         tensor = _dummy_tensor(_dummy_source(name, model.cfg), dest.shape, dest.device)
         scale = None
         if dest.dtype == torch.float8_e4m3fn:

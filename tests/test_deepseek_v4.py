@@ -155,12 +155,64 @@ def test_attention_and_ffn_ranks_and_pd_match_single_process(v4):
             llm.shutdown()
 
 
-def test_mtp_and_cuda_graphs_refused(v4, tmp_path):
+def test_ngram_verify_rows_match(v4, monkeypatch):
+    """Speculative verify rows (k + 1 rows of a sequence, each over its own length) close
+    their windows and attend as decodes would: n-gram drafts from a proposer that knows the
+    outputs (every third draft corrupted, its rows' entries rewritten by the real tokens
+    later) keep transformers' tokens."""
+    import afd.scheduler
+    from test_spec_decode import oracle
+
+    _, path, prompts, expected = v4
+    want = [t for t, _ in expected]
+    runs = [p + t for p, t in zip(prompts, want, strict=True)]
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, 3))
+    llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    assert tokens(llm, prompts) == want
+    sched = llm.engine.core.scheduler
+    assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
+
+
+def test_dummy_weights_run(v4, tmp_path):
+    """load_format "dummy" (a config.json alone): the hash layer's tid2eid names top_k
+    distinct experts a token."""
+    import shutil
+
+    from models.weights import load_model
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{v4[1]}/{name}", tmp_path / name)
+    model = load_model(str(tmp_path), load_format="dummy")
+    table = model.layers[0].mlp.gate.tid2eid
+    assert table.shape == (512, 2) and bool((table[:, 0] != table[:, 1]).all())
+    assert 0 <= int(table.min()) and int(table.max()) < 8 and len(table.unique()) == 8
+    assert len(tokens(LLM(str(tmp_path), load_format="dummy"), [[5, 6, 7]])[0]) == NEW_TOKENS
+
+
+def test_mtp_cuda_graphs_and_fp8_kv_refused(v4):
     path = v4[1]
     with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture"):
         LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
     with pytest.raises(ValueError, match="deepseek_v4.*enforce_eager"):
         LLM(path, enforce_eager=False)
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported for deepseek_v4"):
+        LLM(path, kv_cache_dtype="fp8")
+
+
+def test_attention_in_the_activation_estimate(v4):
+    """KV sizing reserves the torch attention's score pieces and a row's gathered context."""
+    from afd.config import resolve_engine_config
+    from afd.kv_memory import step_activations, v4_activations
+    from models.deepseek_v4 import V4_MAX_SCORES
+
+    path = v4[1]
+    model_cfg = load_config(path)
+    engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_model_len=512,
+                                   device="cpu")
+    extra = v4_activations(model_cfg, engine)
+    assert extra == 4 * V4_MAX_SCORES * 4 + 2 * 512 * model_cfg.kv_cache_dim * 4
+    assert step_activations(model_cfg, engine, 32, 8, prefill=True) > extra
 
 
 def test_swiglu_limit_clamps_gate_and_up():
