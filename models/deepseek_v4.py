@@ -95,10 +95,11 @@ def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved rope (pairs 2i, 2i+1, kept in place) on the trailing 2 * cos.shape[-1] dims
-    of x [T, heads, D]; cos / sin [T, R/2] fp32. In fp32, cast back (transformers' V4 form)."""
+    of x [T, heads, D]; cos / sin [T, R/2] fp32, rounded to x's dtype first as transformers'
+    rotary hands them out. In fp32, cast back (transformers' V4 form)."""
     rd = 2 * cos.shape[-1]
-    cos = cos.repeat_interleave(2, dim=-1)[:, None, :]
-    sin = sin.repeat_interleave(2, dim=-1)[:, None, :]
+    cos = cos.to(x.dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    sin = sin.to(x.dtype).repeat_interleave(2, dim=-1)[:, None, :]
     nope, rope = x[..., :-rd], x[..., -rd:]
     x1, x2 = rope[..., 0::2], rope[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
@@ -130,8 +131,8 @@ class Compressor(nn.Module):
         m, d = self.rate, self.dim
         idx = windows[:, None] * m + torch.arange(m, device=windows.device)  # [N, m]
         kv = ctx_kv[idx]  # [N, m, c*d]
+        # the gates stay fp32 once biased (the bias is fp32), as transformers' do
         gate = ctx_gate[idx].to(self.position_bias.dtype) + self.position_bias
-        gate = gate.to(kv.dtype)
         if self.overlap:
             # entry w pools window w-1's Ca half (first d) with window w's Cb half (last d)
             prev = (idx - m).clamp(min=0)
@@ -139,7 +140,7 @@ class Compressor(nn.Module):
             prev_kv = torch.where(has_prev, ctx_kv[prev][..., :d], 0.0)
             prev_gate = ctx_gate[prev][..., :d].to(self.position_bias.dtype) \
                 + self.position_bias[:, :d]
-            prev_gate = torch.where(has_prev, prev_gate.to(kv.dtype), float("-inf"))
+            prev_gate = torch.where(has_prev, prev_gate, float("-inf"))
             kv = torch.cat((prev_kv, kv[..., d:]), dim=1)  # [N, 2m, d]
             gate = torch.cat((prev_gate, gate[..., d:]), dim=1)
         pooled = (kv * gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)).sum(dim=1)
@@ -304,8 +305,9 @@ class V4Attention(nn.Module):
             visible = torch.cat((visible, closed), dim=1)
         scores = torch.einsum("qhd,kd->qhk", q, kv) * self.cfg.attention_scale
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        sinks = self.sinks.to(scores.dtype)[None, :, None].expand(q.shape[0], -1, 1)
-        logits = torch.cat((scores, sinks), dim=-1)
+        # with the fp32 sinks the logits and softmax are fp32 (transformers' cat promotes)
+        sinks = self.sinks.float()[None, :, None].expand(q.shape[0], -1, 1)
+        logits = torch.cat((scores.float(), sinks), dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values
         probs = torch.softmax(logits, dim=-1)[..., :-1].to(kv.dtype)
         return torch.einsum("qhk,kd->qhd", probs, kv)

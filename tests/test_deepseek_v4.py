@@ -245,3 +245,56 @@ def test_swiglu_limit_clamps_gate_and_up():
         gate, up = (w13[ex] @ rows[r]).chunk(2)
         act = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
         torch.testing.assert_close(grouped[r], w2[ex] @ act, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_pieces_equal_transformers_bitwise(v4):
+    """In bf16, where rounding order shows: the rope (cos / sin rounded to bf16 first), the
+    attention with its sinks (fp32 logits and softmax) and the CSA / HCA compressors' entries
+    (fp32 gates) equal transformers' own functions bit for bit on the same inputs."""
+    import copy
+    import types
+
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_v4
+
+    from models.deepseek_v4 import V4Attention, rope_tail, rope_tables
+
+    model = v4[0]
+    cfg = load_config(v4[1])
+    bf16, gen = torch.bfloat16, torch.Generator().manual_seed(0)
+    s, heads, d, window = 20, 4, 32, cfg.v4.sliding_window
+    x = torch.randn(1, s, 64, generator=gen).to(bf16)
+    pos = torch.arange(s)
+    tables = {k: r.cos_sin(pos) for k, r in rope_tables(cfg, "cpu").items()}
+    # the rope
+    q = torch.randn(s, heads, d, generator=gen).to(bf16)
+    cos, sin = model.model.rotary_emb(x, position_ids=pos[None], layer_type="compress")
+    want = hf_v4.apply_rotary_pos_emb(q.transpose(0, 1)[None], cos.to(bf16), sin.to(bf16))
+    assert torch.equal(rope_tail(q, *tables["compress"]), want[0].transpose(0, 1))
+    # the attention over a sliding window, with sinks
+    att = V4Attention(cfg, 2, bf16)
+    att.sinks.copy_(torch.randn(heads, generator=gen))
+    kv = torch.randn(s, d, generator=gen).to(bf16)
+    ctx = torch.zeros(s, cfg.kv_cache_dim, dtype=bf16)
+    ctx[:, :d] = kv
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    mask = torch.zeros(s, s, dtype=bf16).masked_fill(~allowed, float("-inf"))[None, None]
+    module = types.SimpleNamespace(num_key_value_groups=heads, sinks=att.sinks, training=False)
+    want = hf_v4.eager_attention_forward(module, q.transpose(0, 1)[None], kv[None, None],
+                                         kv[None, None], mask, d**-0.5)[0][0]
+    assert torch.equal(att._attend_piece(q, None, None, ctx, 0, None, None), want)
+    # the compressors' entries (transformers' without a cache: every complete window), its
+    # projections in bf16, position_bias and kv_norm in fp32 as a bf16 load keeps them
+    for layer in (0, 1):
+        hf = copy.deepcopy(model.model.layers[layer].self_attn.compressor)
+        for proj in hf.modules():
+            if isinstance(proj, torch.nn.Linear):
+                proj.to(bf16)
+        ours = V4Attention(cfg, layer, bf16).compressor
+        ours.load_state_dict(hf.state_dict(), strict=False)
+        with torch.no_grad():
+            want = hf(x, torch.randn(1, s, 32, generator=gen).to(bf16), pos[None], None,
+                      layer)[0][0, 0]
+            ckv, cgate = hf.kv_proj(x)[0], hf.gate_proj(x)[0]
+        windows = torch.arange(want.shape[0])
+        entry_cos, entry_sin = rope_tables(cfg, "cpu")["compress"].cos_sin(windows * ours.rate)
+        assert torch.equal(ours.entries(ckv, cgate, windows, entry_cos, entry_sin), want)
