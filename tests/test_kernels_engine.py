@@ -15,9 +15,11 @@ over each table's whole width), the prefill chunks through the torch path;
 the longest row). ``glm5``, a tiny GLM-5 likewise (index_topk 32), its shared layers' caches
 narrower (no indexer key: the kernels read them whole); ``glm5sparse`` its index_topk 8 as
 ``v32sparse``: the full layers' decode rows through the DSA decode kernels, the shared layers'
-through the selected-attention kernel over the full layer's indices. The ``+fp8kv``
-cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention kernel the
-engine calls reads FP8 and converts it in registers, the torch ones cast.
+through the selected-attention kernel over the full layer's indices. The ``v4`` case is the
+tiny DeepSeek-V4 of ``ckpt_utils`` (a swiglu_limit of 1 that clamps): its routed experts are
+its one Triton path. The ``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype
+"fp8"): every Triton attention kernel the engine calls reads FP8 and converts it in registers,
+the torch ones cast.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
                         *GROUPED, "mla_decode_attention_triton",
                         "varlen_prefill_attention_triton"),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
-                  "gqa_decode_attention_grouped_triton", *DSA)}
+                  "gqa_decode_attention_grouped_triton", *DSA),
+          # DeepSeek-V4: its attention, rope and fp32-weight norms are torch; the routed
+          # experts (swiglu_limit in the w13 epilogue) the one Triton path
+          "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn != "fused_moe_triton")}
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 
@@ -102,11 +107,13 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager", "glm5", "glm5sparse"):
+        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager", "glm5", "glm5sparse",
+                    "v4"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
+                     else build_hf_model("deepseek_v4") if name == "v4"
                      else build_hf_model("glm_moe_dsa" if name.startswith("glm5")
                                          else "deepseek_v32",
                                          index_topk=32 if name in ("v32", "glm5") else 8))
@@ -128,7 +135,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "v32sparse_eager",
-                                  "glm5", "glm5sparse", "greedy+fp8kv", "qwen3+fp8kv",
+                                  "glm5", "glm5sparse", "v4", "greedy+fp8kv", "qwen3+fp8kv",
                                   "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv", "glm5+fp8kv",
                                   "glm5sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
