@@ -298,3 +298,33 @@ def test_bf16_pieces_equal_transformers_bitwise(v4):
         windows = torch.arange(want.shape[0])
         entry_cos, entry_sin = rope_tables(cfg, "cpu")["compress"].cos_sin(windows * ours.rate)
         assert torch.equal(ours.entries(ckv, cgate, windows, entry_cos, entry_sin), want)
+
+
+def test_release_names_load(v4, tmp_path):
+    """The release's tensor names (no ``model.`` prefix; ``embed``, ``head``, ``norm``,
+    ``hc_head_fn``; ``layers.N.attn.*`` / ``ffn.*`` as transformers saves them) and an
+    ``mtp.*`` layer (ignored) load into the same model: the same tokens."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from models.weights import v4_param_name
+
+    _, path, prompts, expected = v4
+    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+           "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+           "model.hc_head.hc_scale": "hc_head_scale"}
+    tensors = {}
+    for name, tensor in load_file(f"{path}/model.safetensors").items():
+        release = top.get(name, name.removeprefix("model."))
+        assert v4_param_name(release) == v4_param_name(name)
+        tensors[release] = tensor
+    tensors["mtp.0.attn.wq_a.weight"] = torch.zeros(1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{path}/{name}", tmp_path / name)
+    with open(f"{path}/config.json") as f:
+        assert json.load(f)["architectures"] == ["DeepseekV4ForCausalLM"]
+    assert "head.weight" in tensors and "layers.0.ffn.gate.tid2eid" in tensors
+    assert tokens(LLM(str(tmp_path)), prompts[:1]) == [expected[0][0]]
