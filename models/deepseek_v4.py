@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.prefill_attention import gather_context
 from models.batch import ForwardBatch
 from models.config import ModelConfig, V4Config
 from models.layers import Rotary, linear
@@ -124,12 +123,12 @@ class Compressor(nn.Module):
         self.kv_norm = RMSNorm32(dim, eps, device)
 
     def entries(self, ctx_kv: torch.Tensor, ctx_gate: torch.Tensor, windows: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """The compressed entries of ``windows`` [N] from a sequence's rows ctx_kv / ctx_gate
-        [L, c*dim] (every row of those windows, and of the window before each on CSA); cos /
-        sin [N, R/2] at each window's first position -> [N, dim] (roped)."""
+        [L, c*dim] of positions offset.. (every row of those windows, and of the window before
+        each on CSA); cos / sin [N, R/2] at each window's first position -> [N, dim] (roped)."""
         m, d = self.rate, self.dim
-        idx = windows[:, None] * m + torch.arange(m, device=windows.device)  # [N, m]
+        idx = windows[:, None] * m + torch.arange(m, device=windows.device) - offset  # [N, m]
         kv = ctx_kv[idx]  # [N, m, c*d]
         # the gates stay fp32 once biased (the bias is fp32), as transformers' do
         gate = ctx_gate[idx].to(self.position_bias.dtype) + self.position_bias
@@ -207,8 +206,8 @@ class V4Attention(nn.Module):
                                 eps)
         q = rope_tail(q, cos, sin)
         kv = rope_tail(self.kv_norm(self.kv_proj(x))[:, None, :], cos, sin)[:, 0]
-        row = x.new_zeros(t, cache.shape[-1])
         rows = self.rows
+        row = x.new_zeros(t, cache.shape[-1])
         row[:, rows["kv"]] = kv
         if self.rate:
             comp = self.compressor
@@ -223,15 +222,29 @@ class V4Attention(nn.Module):
 
         out = torch.empty_like(q)
         lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
+        window, m, block = self.v4.sliding_window, self.rate, cache.shape[1]
+        # rows read back in full before a row's first query: its window's, and (compressor
+        # layers) the windows its tokens close and, on CSA, the window before each
+        reach = max(window - 1, 2 * m - 1 if self.kind == CSA else m - 1)
         start = 0
         for b, (qlen, length) in enumerate(zip(batch.query_lens, lens, strict=True)):
             tok = slice(start, start + qlen)
             start += qlen
-            ctx = gather_context(cache, batch.block_tables[b], length).to(x.dtype)  # [L, W]
-            if self.rate:
-                ctx = self._close_windows(ctx, flat, batch, tok, length, qlen)
-            out[tok] = self._attend(q[tok], q_resid[tok], x[tok], ctx, length, qlen,
-                                    cos[tok], sin[tok])
+            table = batch.block_tables[b]
+            lo = max(0, length - qlen - reach)
+            positions = torch.arange(lo, length, device=table.device)
+            slots = table[positions // block].long() * block + positions % block
+            local = flat[slots].to(x.dtype)  # [length - lo, W]
+            entries = ientries = None
+            if m:
+                local = self._close_windows(local, lo, flat, slots, length, qlen)
+                epos = torch.arange(length // m, device=table.device) * m + m - 1
+                eslots = table[epos // block].long() * block + epos % block
+                entries = flat[:, rows["entry"]][eslots].to(x.dtype)  # [E, D], only those
+                if self.kind == CSA:
+                    ientries = flat[:, rows["ientry"]][eslots]
+            out[tok] = self._attend(q[tok], q_resid[tok], x[tok], local, lo, entries, ientries,
+                                    length, qlen, cos[tok], sin[tok])
         out = rope_tail(out, cos, -sin)
         groups = self.v4.o_groups
         w = self.o_a_proj.weight.view(groups, self.v4.o_lora_rank, -1)
@@ -240,68 +253,68 @@ class V4Attention(nn.Module):
                             w.transpose(1, 2))  # [groups, T, o_lora_rank]
         return self.o_b_proj(grouped.transpose(0, 1).reshape(t, groups * w.shape[1]))
 
-    def _close_windows(self, ctx: torch.Tensor, flat: torch.Tensor, batch: ForwardBatch,
-                       tok: slice, length: int, qlen: int) -> torch.Tensor:
+    def _close_windows(self, local: torch.Tensor, lo: int, flat: torch.Tensor,
+                       slots: torch.Tensor, length: int, qlen: int) -> torch.Tensor:
         """The entries of the windows this step's tokens of one sequence close (positions
-        length - qlen .. length - 1), written into their closing tokens' rows (cache and
-        ``ctx``, the sequence's rows as read back)."""
+        length - qlen .. length - 1), written into their closing tokens' rows (the cache's,
+        and ``local``: the sequence's rows of positions lo .. length - 1 as read back)."""
         m, rows = self.rate, self.rows
-        first = length - qlen
-        closing = torch.arange(first, length, device=ctx.device)
+        closing = torch.arange(length - qlen, length, device=local.device)
         closing = closing[(closing + 1) % m == 0]
         if closing.numel() == 0:
-            return ctx
+            return local
         windows = (closing + 1) // m - 1
         cos, sin = self.compress_rotary.cos_sin(windows * m)
-        ctx = ctx.clone()
-        ctx[closing, rows["entry"]] = self.compressor.entries(
-            ctx[:, rows["ckv"]], ctx[:, rows["cgate"]], windows, cos, sin)
+        local = local.clone()
+        at = closing - lo
+        local[at, rows["entry"]] = self.compressor.entries(
+            local[:, rows["ckv"]], local[:, rows["cgate"]], windows, cos, sin, lo)
         if self.kind == CSA:
             ix = self.compressor.indexer
-            ctx[closing, rows["ientry"]] = ix.entries(ctx[:, rows["ikv"]], ctx[:, rows["igate"]],
-                                                      windows, cos, sin)
-        slots = batch.slot_mapping[tok][closing - first]
-        flat[slots] = ctx[closing].to(flat.dtype)
-        return ctx
+            local[at, rows["ientry"]] = ix.entries(local[:, rows["ikv"]],
+                                                   local[:, rows["igate"]], windows, cos, sin, lo)
+        flat[slots[at]] = local[at].to(flat.dtype)
+        return local
 
     def _attend(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
-                ctx: torch.Tensor, length: int, qlen: int, cos: torch.Tensor,
+                local: torch.Tensor, lo: int, entries: torch.Tensor | None,
+                ientries: torch.Tensor | None, length: int, qlen: int, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        """q [Q, H, D] of one sequence's last qlen positions over its rows ctx [L, W]: the
-        sliding window's K=V vectors, the visible (CSA: selected) entries, and the sinks; the
-        queries in pieces of at most about ``V4_MAX_SCORES`` fp32 scores each."""
+        """q [Q, H, D] of one sequence's last qlen positions over its rows ``local`` (positions
+        lo .. length - 1) and its closed windows' entries [E, D] (CSA: the indexer's ientries
+        [E, Di] too): the sliding window's K=V vectors, the visible (CSA: selected) entries,
+        and the sinks; the queries in pieces of at most about ``V4_MAX_SCORES`` fp32 scores."""
         heads = max(self.num_heads, self.v4.index_n_heads if self.kind == CSA else 0)
-        span = self.v4.sliding_window + (length // self.rate if self.rate else 0)
+        span = self.v4.sliding_window + (entries.shape[0] if entries is not None else 0)
         budget = V4_MAX_SCORES // heads  # piece * (piece + span) keys' scores at most
         piece = max(1, int((-span + math.sqrt(span * span + 4 * budget)) // 2))
         out = torch.empty_like(q)
         for a in range(0, qlen, piece):
             part = slice(a, min(a + piece, qlen))
-            out[part] = self._attend_piece(q[part], q_resid[part], x[part], ctx,
-                                           length - qlen + a, cos[part], sin[part])
+            out[part] = self._attend_piece(q[part], q_resid[part], x[part], local, lo, entries,
+                                           ientries, length - qlen + a, cos[part], sin[part])
         return out
 
     def _attend_piece(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
-                      ctx: torch.Tensor, first: int, cos: torch.Tensor,
+                      local: torch.Tensor, lo: int, entries: torch.Tensor | None,
+                      ientries: torch.Tensor | None, first: int, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:
         """Queries at positions first .. first + len(q) - 1 (see ``_attend``)."""
         rows, window, m = self.rows, self.v4.sliding_window, self.rate
-        dev = ctx.device
+        dev = local.device
         pos = torch.arange(first, first + q.shape[0], device=dev)  # [Q]
         last = first + q.shape[0] - 1
-        lo = max(0, first - window + 1)  # the first key any of these queries sees
-        keys = torch.arange(lo, last + 1, device=dev)
-        kv = ctx[lo:last + 1, rows["kv"]]  # [L', D]
+        start = max(lo, first - window + 1)  # the first key any of these queries sees
+        keys = torch.arange(start, last + 1, device=dev)
+        kv = local[start - lo:last + 1 - lo, rows["kv"]]  # [L', D]
         visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
         if m:
             n_entries = (last + 1) // m  # the windows closed by the last query
-            entry_rows = torch.arange(n_entries, device=dev) * m + m - 1
-            entries = ctx[entry_rows, rows["entry"]]  # [E, D]
             closed = torch.arange(n_entries, device=dev)[None, :] < ((pos + 1) // m)[:, None]
             if self.kind == CSA and n_entries:
-                closed = closed & self._selected(q_resid, x, ctx[entry_rows, rows["ientry"]],
-                                                 closed, cos, sin)
-            kv = torch.cat((kv, entries), dim=0)
+                closed = closed & self._selected(q_resid, x, ientries[:n_entries], closed, cos,
+                                                 sin)
+            kv = torch.cat((kv, entries[:n_entries]), dim=0)
             visible = torch.cat((visible, closed), dim=1)
         scores = torch.einsum("qhd,kd->qhk", q, kv) * self.cfg.attention_scale
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))

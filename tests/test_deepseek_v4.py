@@ -107,6 +107,29 @@ def test_queries_in_pieces(v4, monkeypatch):
     assert tokens(LLM(path), prompts) == [t for t, _ in expected]
 
 
+def test_rows_read_back_are_bounded(v4, monkeypatch):
+    """A row reads back in full only the rows of its window and of the windows it closes
+    (sliding_window - 1 = 7 before its first query here), and of the rest only their
+    compressed entries (one per closed window), however long its sequence."""
+    from models.deepseek_v4 import V4Attention
+
+    _, path, prompts, expected = v4
+    seen = []
+    attend = V4Attention._attend
+
+    def spy(self, q, q_resid, x, local, lo, entries, ientries, length, qlen, *rest):
+        seen.append((self.rate, local.shape[0], qlen, length,
+                     None if entries is None else entries.shape[0]))
+        return attend(self, q, q_resid, x, local, lo, entries, ientries, length, qlen, *rest)
+
+    monkeypatch.setattr(V4Attention, "_attend", spy)
+    assert tokens(LLM(path), prompts[2:]) == [expected[2][0]]
+    assert max(length for *_, length, _ in seen) == 111
+    for rate, rows, qlen, length, entries in seen:
+        assert rows == min(length, qlen + 7)
+        assert entries == (length // rate if rate else None)
+
+
 def test_chunked_and_preempted(v4):
     """Chunks of 5 tokens over blocks of 4 (chunk boundaries inside CSA and HCA windows), and
     of 16 with a pool too small for all three (preempted): the windows closed in a later
@@ -281,7 +304,8 @@ def test_bf16_pieces_equal_transformers_bitwise(v4):
     module = types.SimpleNamespace(num_key_value_groups=heads, sinks=att.sinks, training=False)
     want = hf_v4.eager_attention_forward(module, q.transpose(0, 1)[None], kv[None, None],
                                          kv[None, None], mask, d**-0.5)[0][0]
-    assert torch.equal(att._attend_piece(q, None, None, ctx, 0, None, None), want)
+    assert torch.equal(att._attend_piece(q, None, None, ctx, 0, None, None, 0, None, None),
+                       want)
     # the compressors' entries (transformers' without a cache: every complete window), its
     # projections in bf16, position_bias and kv_norm in fp32 as a bf16 load keeps them
     for layer in (0, 1):
