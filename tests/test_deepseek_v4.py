@@ -224,7 +224,8 @@ def test_mtp_cuda_graphs_and_fp8_kv_refused(v4):
 
 
 def test_attention_in_the_activation_estimate(v4):
-    """KV sizing reserves the torch attention's score pieces and a row's gathered context."""
+    """KV sizing reserves the torch attention's score pieces and what a row reads back: a
+    chunk's rows with its window and closed windows (twice), a whole sequence's entries."""
     from afd.config import resolve_engine_config
     from afd.kv_memory import step_activations, v4_activations
     from models.deepseek_v4 import V4_MAX_SCORES
@@ -232,9 +233,11 @@ def test_attention_in_the_activation_estimate(v4):
     path = v4[1]
     model_cfg = load_config(path)
     engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_model_len=512,
-                                   device="cpu")
+                                   max_num_batched_tokens=64, device="cpu")
     extra = v4_activations(model_cfg, engine)
-    assert extra == 4 * V4_MAX_SCORES * 4 + 2 * 512 * model_cfg.kv_cache_dim * 4
+    rows = (64 + 8 + 2 * 4) * model_cfg.kv_cache_dim * 2  # chunk, window, 2 HCA windows
+    entries = 512 // 2 * (32 + 16)  # every CSA window's entries
+    assert extra == 4 * V4_MAX_SCORES * 4 + (rows + entries) * 4
     assert step_activations(model_cfg, engine, 32, 8, prefill=True) > extra
 
 
