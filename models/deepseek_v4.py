@@ -127,17 +127,25 @@ class Compressor(nn.Module):
         """The compressed entries of ``windows`` [N] from a sequence's rows ctx_kv / ctx_gate
         [L, c*dim] of positions offset.. (every row of those windows, and of the window before
         each on CSA); cos / sin [N, R/2] at each window's first position -> [N, dim] (roped)."""
-        m, d = self.rate, self.dim
-        idx = windows[:, None] * m + torch.arange(m, device=windows.device) - offset  # [N, m]
-        kv = ctx_kv[idx]  # [N, m, c*d]
+        idx = windows[:, None] * self.rate + torch.arange(self.rate, device=windows.device) \
+            - offset  # [N, m]
+        prev = (idx - self.rate).clamp(min=0)
+        return self.pool(ctx_kv[idx], ctx_gate[idx], ctx_kv[prev], ctx_gate[prev],
+                         windows > 0, cos, sin)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor,
+             prev_gate: torch.Tensor, has_prev: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+        """Entries from their windows' rows kv / gate [N, m, c*dim] (the projections' outputs)
+        and, on CSA, the previous windows' prev_kv / prev_gate (used where has_prev [N])."""
+        d = self.dim
         # the gates stay fp32 once biased (the bias is fp32), as transformers' do
-        gate = ctx_gate[idx].to(self.position_bias.dtype) + self.position_bias
+        gate = gate.to(self.position_bias.dtype) + self.position_bias
         if self.overlap:
             # entry w pools window w-1's Ca half (first d) with window w's Cb half (last d)
-            prev = (idx - m).clamp(min=0)
-            has_prev = (windows > 0)[:, None, None]
-            prev_kv = torch.where(has_prev, ctx_kv[prev][..., :d], 0.0)
-            prev_gate = ctx_gate[prev][..., :d].to(self.position_bias.dtype) \
+            has_prev = has_prev[:, None, None]
+            prev_kv = torch.where(has_prev, prev_kv[..., :d], 0.0)
+            prev_gate = prev_gate[..., :d].to(self.position_bias.dtype) \
                 + self.position_bias[:, :d]
             prev_gate = torch.where(has_prev, prev_gate, float("-inf"))
             kv = torch.cat((prev_kv, kv[..., d:]), dim=1)  # [N, 2m, d]
@@ -223,11 +231,18 @@ class V4Attention(nn.Module):
         out = torch.empty_like(q)
         lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
         window, m, block = self.v4.sliding_window, self.rate, cache.shape[1]
+        nd = batch.num_decodes
+        if nd:  # the decode rows, batched
+            out[:nd] = self._decode_rows(q[:nd], q_resid[:nd], x[:nd], flat,
+                                         batch.block_tables[:nd], lens[:nd], block,
+                                         cos[:nd], sin[:nd])
         # rows read back in full before a row's first query: its window's, and (compressor
         # layers) the windows its tokens close and, on CSA, the window before each
         reach = max(window - 1, 2 * m - 1 if self.kind == CSA else m - 1)
-        start = 0
+        start = nd
         for b, (qlen, length) in enumerate(zip(batch.query_lens, lens, strict=True)):
+            if b < nd:
+                continue
             tok = slice(start, start + qlen)
             start += qlen
             table = batch.block_tables[b]
@@ -252,6 +267,86 @@ class V4Attention(nn.Module):
         grouped = torch.bmm(out.reshape(t, groups, per_group).transpose(0, 1),
                             w.transpose(1, 2))  # [groups, T, o_lora_rank]
         return self.o_b_proj(grouped.transpose(0, 1).reshape(t, groups * w.shape[1]))
+
+    def _decode_rows(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
+                     flat: torch.Tensor, tables: torch.Tensor, lens: list[int], block: int,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rows of one query each (position lens[b] - 1; a verifying sequence's rows in
+        order), batched: the windows they close (all at once: an entry reads rows, never
+        another entry), then each row over its window's keys and its closed windows' entries
+        read from the cache, padded to the longest; in pieces of rows of at most about
+        ``V4_MAX_SCORES`` scores."""
+        m, rows, window = self.rate, self.rows, self.v4.sliding_window
+        dev = q.device
+        pos = torch.tensor(lens, device=dev) - 1  # [B]
+
+        def slots(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            p = positions.clamp(min=0)
+            return table.gather(1, p // block).long() * block + p % block
+
+        if m:
+            closing = ((pos + 1) % m == 0).nonzero()[:, 0]
+            if closing.numel():
+                windows = (pos[closing] + 1) // m - 1
+                offsets = torch.arange(-m, m, device=dev)  # the window before, the window
+                wrows = flat[slots(windows[:, None] * m + offsets, tables[closing])]
+                wrows = wrows.to(x.dtype)  # [N, 2m, W]
+                ecos, esin = self.compress_rotary.cos_sin(windows * m)
+                own = slots(pos[closing, None], tables[closing])[:, 0]
+                parts = [(self.compressor, "ckv", "cgate", "entry")]
+                if self.kind == CSA:
+                    parts.append((self.compressor.indexer, "ikv", "igate", "ientry"))
+                for comp, kv_name, gate_name, out_name in parts:
+                    kv, gate = wrows[..., rows[kv_name]], wrows[..., rows[gate_name]]
+                    flat[own, rows[out_name]] = comp.pool(
+                        kv[:, m:], gate[:, m:], kv[:, :m], gate[:, :m], windows > 0, ecos,
+                        esin).to(flat.dtype)
+        heads = max(self.num_heads, self.v4.index_n_heads if self.kind == CSA else 0)
+        n_entries = (pos + 1) // m if m else torch.zeros_like(pos)
+        most = max(lens) // m if m else 0
+        piece = max(1, V4_MAX_SCORES // (heads * (window + most)))
+        out = torch.empty_like(q)
+        for a in range(0, q.shape[0], piece):
+            part = slice(a, min(a + piece, q.shape[0]))
+            p, table = pos[part], tables[part]
+            kpos = p[:, None] - window + 1 + torch.arange(window, device=dev)  # [b, window]
+            visible = kpos >= 0
+            keys = flat[:, rows["kv"]][slots(kpos, table)].to(q.dtype)
+            if most:
+                epos = torch.arange(most, device=dev) * m + m - 1
+                eslots = slots(epos.expand(p.shape[0], -1), table)
+                closed = torch.arange(most, device=dev)[None, :] < n_entries[part, None]
+                entries = flat[:, rows["entry"]][eslots].to(q.dtype)  # [b, E, D]
+                if self.kind == CSA:
+                    ient = flat[:, rows["ientry"]][eslots].masked_fill(~closed[..., None], 0.0)
+                    closed = closed & self._selected_rows(q_resid[part], x[part], ient, closed,
+                                                          cos[part], sin[part])
+                keys = torch.cat((keys, entries), dim=1)
+                visible = torch.cat((visible, closed), dim=1)
+            # rows not visible may be another sequence's (padding, or block 0): never summed
+            keys = keys.masked_fill(~visible[..., None], 0.0)
+            scores = torch.einsum("bhd,bkd->bhk", q[part], keys) * self.cfg.attention_scale
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+            sinks = self.sinks.float()[None, :, None].expand(p.shape[0], -1, 1)
+            logits = torch.cat((scores.float(), sinks), dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(logits, dim=-1)[..., :-1].to(keys.dtype)
+            out[part] = torch.einsum("bhk,bkd->bhd", probs, keys)
+        return out
+
+    def _selected_rows(self, q_resid: torch.Tensor, x: torch.Tensor, ientries: torch.Tensor,
+                       closed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> torch.Tensor:
+        """``_selected`` for decode rows, each over its own entries ientries [B, E, Di]."""
+        ix = self.compressor.indexer
+        qi = rope_tail(ix.q_b_proj(q_resid).view(q_resid.shape[0], ix.heads, ix.dim), cos, sin)
+        scores = torch.relu(torch.einsum("bhd,bed->bhe", qi.float(), ientries.float())) \
+            * ix.dim**-0.5
+        weights = ix.scorer.weights_proj(x).float() * ix.heads**-0.5  # [B, Hi]
+        index = (scores * weights[..., None]).sum(dim=1)  # [B, E]
+        index = index.masked_fill(~closed, float("-inf"))
+        picked = index.topk(min(self.v4.index_topk, index.shape[1]), dim=-1).indices
+        return torch.zeros_like(closed).scatter_(1, picked, True)
 
     def _close_windows(self, local: torch.Tensor, lo: int, flat: torch.Tensor,
                        slots: torch.Tensor, length: int, qlen: int) -> torch.Tensor:

@@ -92,7 +92,8 @@ def test_matches_transformers_and_selection_matters(v4, monkeypatch):
     assert_matches(path, expected, prompts)
     # the indexer's selection decides the outputs: every closed CSA entry seen instead of
     # the top index_topk gives other tokens (even the 5-token prompt's: 8 entries by its end)
-    monkeypatch.setattr(V4Attention, "_selected", lambda self, *args: args[3])
+    for name in ("_selected", "_selected_rows"):  # prefill chunks, decode rows
+        monkeypatch.setattr(V4Attention, name, lambda self, *args: args[3])
     dense = tokens(LLM(path), prompts)
     assert all(d != e for d, (e, _) in zip(dense, expected, strict=True))
 
@@ -108,26 +109,33 @@ def test_queries_in_pieces(v4, monkeypatch):
 
 
 def test_rows_read_back_are_bounded(v4, monkeypatch):
-    """A row reads back in full only the rows of its window and of the windows it closes
-    (sliding_window - 1 = 7 before its first query here), and of the rest only their
-    compressed entries (one per closed window), however long its sequence."""
+    """A prefill chunk reads back in full only the rows of its window and of the windows it
+    closes (sliding_window - 1 = 7 before its first query here), and of the rest only their
+    compressed entries (one per closed window), however long its sequence; the decode rows go
+    batched (``_decode_rows``: the window's keys and the entries of each row)."""
     from models.deepseek_v4 import V4Attention
 
     _, path, prompts, expected = v4
-    seen = []
-    attend = V4Attention._attend
+    seen, decoded = [], []
+    attend, decode = V4Attention._attend, V4Attention._decode_rows
 
     def spy(self, q, q_resid, x, local, lo, entries, ientries, length, qlen, *rest):
         seen.append((self.rate, local.shape[0], qlen, length,
                      None if entries is None else entries.shape[0]))
         return attend(self, q, q_resid, x, local, lo, entries, ientries, length, qlen, *rest)
 
+    def spy_decode(self, q, q_resid, x, flat, tables, lens, *rest):
+        decoded.extend(lens)
+        return decode(self, q, q_resid, x, flat, tables, lens, *rest)
+
     monkeypatch.setattr(V4Attention, "_attend", spy)
-    assert tokens(LLM(path), prompts[2:]) == [expected[2][0]]
-    assert max(length for *_, length, _ in seen) == 111
+    monkeypatch.setattr(V4Attention, "_decode_rows", spy_decode)
+    assert tokens(LLM(path, max_num_batched_tokens=64), prompts[2:]) == [expected[2][0]]
+    assert sorted({length for *_, length, _ in seen}) == [64, 100]  # two chunks
     for rate, rows, qlen, length, entries in seen:
         assert rows == min(length, qlen + 7)
         assert entries == (length // rate if rate else None)
+    assert sorted(set(decoded)) == list(range(101, 112))  # 11 decode steps, every layer
 
 
 def test_chunked_and_preempted(v4):
