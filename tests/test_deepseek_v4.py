@@ -363,3 +363,43 @@ def test_release_names_load(v4, tmp_path):
         assert json.load(f)["architectures"] == ["DeepseekV4ForCausalLM"]
     assert "head.weight" in tensors and "layers.0.ffn.gate.tid2eid" in tensors
     assert tokens(LLM(str(tmp_path)), prompts[:1]) == [expected[0][0]]
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_decode_rows_batched_equal_one_by_one(v4, layer):
+    """The batched decode path equals the rows run one by one (the chunk path), entries
+    written included, over a cache whose rows nobody wrote are NaN (padding blocks, the
+    window before a sequence's start): none of them reaches a sum."""
+    from models.batch import ForwardBatch
+    from models.deepseek_v4 import V4Attention, rope_tables
+
+    cfg = load_config(v4[1])
+    gen = torch.Generator().manual_seed(layer)
+    att = V4Attention(cfg, layer, torch.float32)
+    with torch.no_grad():
+        for param in att.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    block, tables = 4, torch.tensor([[3, 1, 5, 7], [2, 6, 0, 0]], dtype=torch.int32)
+    cache = torch.full((8, block, cfg.kv_cache_dim), float("nan"))
+    ropes = rope_tables(cfg, "cpu")
+
+    def step(cache, positions, query_lens, lens, num_decodes):
+        positions = torch.tensor(positions)
+        rows = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
+        slots = tables[rows, positions // block].long() * block + positions % block
+        batch = ForwardBatch(positions=positions, slot_mapping=slots, block_tables=tables,
+                             seq_lens=torch.tensor(lens), query_lens=query_lens,
+                             num_decodes=num_decodes, context_lens=lens)
+        batch.rope_tables = {k: r.cos_sin(positions) for k, r in ropes.items()}
+        x = torch.randn(len(positions), cfg.hidden_size, generator=torch.Generator()
+                        .manual_seed(len(positions)))
+        return att(x, batch, cache)
+
+    with torch.no_grad():
+        step(cache, [*range(11), *range(5)], [11, 5], [11, 5], 0)  # the prompts
+        one_by_one = cache.clone()
+        want = step(one_by_one, [11, 5], [1, 1], [12, 6], 0)
+        got = step(cache, [11, 5], [1, 1], [12, 6], 2)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, one_by_one, rtol=1e-5, atol=1e-5, equal_nan=True)
