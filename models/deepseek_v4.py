@@ -18,7 +18,10 @@ token's K=V vector; on compressor layers its compressor inputs (kv_proj / gate_p
 and the indexer's own on CSA); and, in the row of the token closing window w (position
 w*m + m - 1), the window's compressed entry (and the indexer's), computed in the step that
 writes that token from the window's rows (CSA: and the previous window's, its overlapping Ca
-half) read back from the cache. The rows are as wide as the widest layer type's.
+half) read back from the cache. The rows are as wide as the widest layer type's. A step's
+decode rows run batched (``_decode_rows``), each prefill chunk on its own over the rows of its
+window and of the windows it closes and the entries before (``_attend``); a row's queries in
+pieces of at most ``V4_MAX_SCORES`` fp32 scores.
 
 Hyper-connections (``HyperConnection``): ``hc_mult`` residual streams per token. The decoder
 layer hands on, as its "residual", one fp32 row per token packing the streams with the FFN
@@ -202,7 +205,7 @@ class V4Attention(nn.Module):
 
     def _rope(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin [T, R/2] of the step's tokens: the main rope on sliding layers, the
-        compress rope on CSA / HCA layers (``V4Model.embed`` fills both)."""
+        compress rope on CSA / HCA layers (``MoEModel.embed`` fills both)."""
         return batch.rope_tables["main" if self.rate == 0 else "compress"]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
