@@ -365,6 +365,23 @@ def test_release_names_load(v4, tmp_path):
     assert tokens(LLM(str(tmp_path)), prompts[:1]) == [expected[0][0]]
 
 
+def test_release_names_through_stored_names(v4):
+    """V4's renames go through ``stored_names`` (as Kimi K2.5's prefixes do): the release's
+    names map onto afd's, ``mtp.*`` is never read, and a checkpoint spelling one tensor twice
+    (the release's ``embed.weight`` and transformers' ``model.embed_tokens.weight``) is refused
+    naming both, not read from whichever came last."""
+    from models.weights import WeightLoadError, stored_names
+
+    cfg = load_config(v4[1])
+    names = stored_names({"embed.weight": "a", "layers.0.attn.wq_a.weight": "a",
+                          "mtp.0.attn.wq_a.weight": "a"}, cfg)
+    assert names == {"model.embed_tokens.weight": "embed.weight",
+                     "model.layers.0.self_attn.q_a_proj.weight": "layers.0.attn.wq_a.weight"}
+    with pytest.raises(WeightLoadError, match="embed.weight and model.embed_tokens.weight|"
+                       "model.embed_tokens.weight and embed.weight"):
+        stored_names({"embed.weight": "a", "model.embed_tokens.weight": "a"}, cfg)
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_decode_rows_batched_equal_one_by_one(v4, layer):
     """The batched decode path equals the rows run one by one (the chunk path), entries
