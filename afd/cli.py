@@ -4,9 +4,12 @@
     afd generate [PROMPT ...] [every ``python -m afd`` flag]
 
 ``afd serve`` on one node, outside torchrun (neither RANK nor WORLD_SIZE set), starts the
-P + A + F rank processes itself through torch's own launcher (``torch.distributed.run``: the
-rendezvous store on 127.0.0.1 only, at a free port, so servers on one machine do not collide),
-each running launch/serve.py's ``main``; with P + A + F = 1 it runs that in this process, as
+P + A + F rank processes itself, each running launch/serve.py's ``main`` with the environment
+torch's launcher gives a rank (the rendezvous store on 127.0.0.1 only, at a free port, so
+servers on one machine do not collide): forked from a rank zygote (afd.rank_zygote, which
+imported torch and afd once), each in a session of its own, or, with ``AFD_RANK_START=spawn``
+(or where the zygote refuses to fork), through torch's own launcher (``torch.distributed.run``)
+as fresh interpreters; with P + A + F = 1 it runs that in this process, as
 ``python launch/serve.py`` does; under torchrun (``torchrun ... $(which afd) serve ...``, or
 launch/serve.py itself, as multi-node serving needs) it is one rank, as launch/serve.py.
 A MODEL (or --tokenizer) that is a Hugging Face Hub repo id is fetched into the HF cache (or
@@ -14,8 +17,9 @@ found there) here, before any rank starts, and the ranks get its folder (afd.hub
 SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGQUIT to ``afd serve`` reaches every rank as torchrun's
 does (a SIGTERM to each rank's process group: rank 0 drains the server for --grace-period
 seconds, then every rank stops; further signals change nothing), and the ranks still running
---grace-period + 30 s later are killed. The exit status is 0 when every rank exited cleanly,
-else 1 (a rank failed, or had to be killed).
+--grace-period + 30 s later are killed. A rank that fails stops the others as torchrun's does
+(a SIGTERM, a SIGKILL 30 s later). The exit status is 0 when every rank exited cleanly, else 1
+(a rank failed, or had to be killed).
 """
 
 from __future__ import annotations
@@ -61,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 def serve(argv: list[str]) -> int:
     """``afd serve ARGV``: one rank under torchrun or for a one-rank layout, else every rank of
     this node's layout started here."""
+    prog = "afd serve"
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # under torchrun: one rank of it
+        from launch import serve as launch_serve
+
+        launch_serve.main(argv, prog)
+        return 0
     from afd.llm import check_local_ranks
     from launch import serve as launch_serve
 
-    prog = "afd serve"
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # under torchrun: one rank of it
-        launch_serve.main(argv, prog)
-        return 0
     args = launch_serve.parse_args(argv, prog)  # bad flags exit here, before any rank starts
     world = args.prefill + args.attention + args.ffn
     try:
@@ -93,6 +99,12 @@ def serve(argv: list[str]) -> int:
     return launch_ranks(world, argv, kill_after_s=args.grace_period + KILL_AFTER_GRACE_S)
 
 
+def _zygote_names(module: str) -> tuple[str, ...]:
+    from afd import rank_zygote
+
+    return (*rank_zygote.PRELOAD, module)
+
+
 def check_expert_split(args, model: str | None, prog: str) -> None:
     """--prefill-expert-parallel against the checkpoint's routed experts (config.json alone),
     before any rank starts: rank 0 would find it only once every rank had started."""
@@ -109,20 +121,127 @@ def check_expert_split(args, model: str | None, prog: str) -> None:
         sys.exit(f"{prog}: {exc}")
 
 
-def launch_ranks(world: int, argv: list[str], kill_after_s: float) -> int:
-    """Start ``world`` ranks of ``python -m launch.serve ARGV`` through torch.distributed.run
-    (run in a thread of its own, so that this main thread keeps the stop signals: the launcher
-    registers its handlers only from the main thread) and wait for them; returns the exit
-    status."""
+RANK_MODULE = "launch.serve"  # what each rank runs (``python -m launch.serve ARGV``)
+
+
+def launch_ranks(world: int, argv: list[str], kill_after_s: float,
+                 module: str = RANK_MODULE) -> int:
+    """Start ``world`` ranks of ``python -m MODULE ARGV`` and wait for them; returns the exit
+    status. Each rank is forked from a rank zygote (afd.rank_zygote: one interpreter imports
+    torch and afd once), in a session of its own, with the environment torchrun gives a rank;
+    with ``AFD_RANK_START=spawn``, or where the zygote refuses to fork, through torch's own
+    launcher (torch.distributed.run) instead. Either way the stop signals are handled here, in
+    the main thread, and one rank failing stops the others, as torchrun does."""
+    from afd.rank_zygote import start_way
+
+    way = start_way()  # a bad AFD_RANK_START: before anything starts
+    store = loopback_rendezvous_store()  # held until the ranks are gone
+    stop = threading.Event()
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    try:
+        if way == "fork":
+            status = _run_forked(world, argv, kill_after_s, module, store.port, stop)
+            if status is not None:
+                return status
+        return _run_launcher(world, argv, kill_after_s, module, store.port, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torch's launcher (one node, static rendezvous, no restarts) sets for rank
+    ``rank``: its ranks, sizes and the rendezvous store (this process's, which every rank
+    reaches as a client: TORCHELASTIC_USE_AGENT_STORE)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+            "ROLE_RANK": str(rank), "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(world),
+            "WORLD_SIZE": str(world), "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                                              "1")}
+
+
+def _run_forked(world: int, argv: list[str], kill_after_s: float, module: str, port: int,
+                stop: threading.Event) -> int | None:
+    """The ranks forked from a rank zygote; None where it refused to fork (nothing started)."""
+    from afd import rank_zygote
+
+    base = dict(os.environ)  # the zygote's, and each rank's with its own variables
+    base.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default with several ranks a node
+    ranks: list = []
+    try:
+        for rank in range(world):
+            if stop.is_set():
+                break
+            proc = rank_zygote.start_module(module, argv, {**base, **rank_env(rank, world, port)},
+                                            base, _zygote_names(module))
+            if proc is None:  # refused (it said why): torch's launcher starts them instead
+                return None
+            ranks.append(proc)
+    except rank_zygote.ZygoteError as exc:
+        print(f"afd serve: {exc}", file=sys.stderr, flush=True)
+        stop.set()
+    stopped_at = None  # when the ranks were told to stop: a stop signal, or a rank failed
+    kill_after = kill_after_s
+    signalled: set[int] = set()
+    killed = False
+    while True:
+        codes = [p.poll() for p in ranks]
+        if all(code is not None for code in codes):
+            break
+        if stopped_at is None:
+            failure = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if stop.is_set():
+                print("afd serve: stopping (the ranks drain first; further signals change "
+                      "nothing)", file=sys.stderr, flush=True)
+                stopped_at = time.monotonic()
+            elif failure is not None:  # torchrun's way: stop the others, kill them 30 s later
+                rank, code = failure
+                print(f"afd serve: rank {rank} (pid {ranks[rank].pid}) exited with code {code}: "
+                      f"stopping the other ranks", file=sys.stderr, flush=True)
+                stopped_at, kill_after = time.monotonic(), KILL_AFTER_GRACE_S
+        if stopped_at is not None:
+            for p in ranks:
+                if p.pid not in signalled and p.poll() is None:
+                    signalled.add(p.pid)
+                    _signal_group(p.pid, signal.SIGTERM)
+            if not killed and time.monotonic() - stopped_at > kill_after:
+                killed = True
+                for p in ranks:
+                    if p.poll() is None:
+                        print(f"afd serve: rank process {p.pid} still running "
+                              f"{kill_after:.0f}s after the stop signal: killing it",
+                              file=sys.stderr, flush=True)
+                        _signal_group(p.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    bad = [(rank, code) for rank, code in enumerate(codes) if code != 0]
+    if bad or len(ranks) < world:
+        if bad:
+            print("afd serve: ranks failed: " + ", ".join(f"rank {r} exit code {c}"
+                                                         for r, c in bad),
+                  file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _run_launcher(world: int, argv: list[str], kill_after_s: float, module: str, port: int,
+                  stop: threading.Event) -> int:
+    """The ranks started through torch.distributed.run (run in a thread of its own, so that
+    the main thread keeps the stop signals: the launcher registers its handlers only from the
+    main thread)."""
     from torch.distributed import run as torchrun
 
     # this is no orphaning torchrun: the stop signals are handled here (below)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         lambda record: not record.getMessage().startswith("Failed to register signal handlers"))
-    store = loopback_rendezvous_store()  # held until the ranks are gone
     launcher_argv = ["--nnodes", "1", "--nproc-per-node", str(world), "--rdzv-backend", "static",
-                     "--master-addr", "127.0.0.1", "--master-port", str(store.port),
-                     "--max-restarts", "0", "--module", "launch.serve", *argv]
+                     "--master-addr", "127.0.0.1", "--master-port", str(port),
+                     "--max-restarts", "0", "--module", module, *argv]
     outcome: dict[str, BaseException | None] = {}
 
     def launch() -> None:
@@ -132,38 +251,29 @@ def launch_ranks(world: int, argv: list[str], kill_after_s: float) -> int:
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = exc
 
-    stop = threading.Event()
-    previous = {}
-    for name in STOP_SIGNALS:
-        sig = getattr(signal, name)
-        previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
     launcher = threading.Thread(target=launch, name="afd-launcher", daemon=True)
     launcher.start()
     signalled: set[int] = set()
     stopped_at = None
     killed = False
-    try:
-        while launcher.is_alive():
-            launcher.join(0.2)
-            if not stop.is_set():
-                continue
-            if stopped_at is None:
-                stopped_at = time.monotonic()
-                print("afd serve: stopping (the ranks drain first; further signals change "
-                      "nothing)", file=sys.stderr, flush=True)
-            for pid in _child_ranks():  # late-started ranks too
-                if pid not in signalled:
-                    signalled.add(pid)
-                    _signal_group(pid, signal.SIGTERM)
-            if not killed and time.monotonic() - stopped_at > kill_after_s:
-                killed = True
-                for pid in _child_ranks():
-                    print(f"afd serve: rank process {pid} still running {kill_after_s:.0f}s "
-                          f"after the stop signal: killing it", file=sys.stderr, flush=True)
-                    _signal_group(pid, signal.SIGKILL)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    while launcher.is_alive():
+        launcher.join(0.2)
+        if not stop.is_set():
+            continue
+        if stopped_at is None:
+            stopped_at = time.monotonic()
+            print("afd serve: stopping (the ranks drain first; further signals change "
+                  "nothing)", file=sys.stderr, flush=True)
+        for pid in _child_ranks():  # late-started ranks too
+            if pid not in signalled:
+                signalled.add(pid)
+                _signal_group(pid, signal.SIGTERM)
+        if not killed and time.monotonic() - stopped_at > kill_after_s:
+            killed = True
+            for pid in _child_ranks():
+                print(f"afd serve: rank process {pid} still running {kill_after_s:.0f}s "
+                      f"after the stop signal: killing it", file=sys.stderr, flush=True)
+                _signal_group(pid, signal.SIGKILL)
     error = outcome.get("error")
     if error is None:
         return 0

@@ -70,6 +70,21 @@ def start_way() -> str:
     return way
 
 
+def start_module(module: str, argv: list[str], env: dict[str, str],
+                 zygote_env: dict[str, str], preload_names: tuple[str, ...]):
+    """``python -m MODULE ARGV`` with environment ``env`` as a ``RankProcess`` forked from a
+    zygote started with ``zygote_env`` (what every rank shares: ``env`` less its own variables,
+    RANK and the like) that imported ``preload_names``, in a session of its own (as torchrun
+    starts a rank); None where the zygote refused to fork (the caller starts it its own way).
+    The child runs ``MODULE.main(ARGV)``, ``sys.argv[0]`` the module's file, and exits with
+    what a ``SystemExit`` from it says (as the interpreter would: a message is printed, status
+    1), 1 after any other exception (its traceback on stderr), else 0."""
+    zygote = _zygote(zygote_env, tuple(preload_names))
+    if zygote is None:
+        return None
+    return zygote.start(None, env, main=(module, list(argv)))
+
+
 def fork_available() -> bool:
     return hasattr(os, "fork") and hasattr(socket, "send_fds") and sys.platform == "linux"
 
@@ -128,8 +143,9 @@ class RankProcess:
 class Zygote:
     """The front end's handle on one zygote process."""
 
-    def __init__(self, env: dict[str, str], cwd: str):
-        self.key = _env_key(env, cwd)
+    def __init__(self, env: dict[str, str], cwd: str, names: tuple[str, ...] | None = None):
+        names = PRELOAD if names is None else names
+        self.key = _env_key(env, cwd, names)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         zenv = {k: v for k, v in env.items() if k != _key_env()}
         # numpy's OpenBLAS starts its thread pool on import (one thread per core) unless told
@@ -138,7 +154,7 @@ class Zygote:
         zenv["OPENBLAS_NUM_THREADS"] = "1"
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "afd.rank_zygote", str(theirs.fileno()), *PRELOAD],
+                [sys.executable, "-m", "afd.rank_zygote", str(theirs.fileno()), *names],
                 env=zenv, cwd=cwd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -160,7 +176,10 @@ class Zygote:
             self.cond.wait_for(lambda: self.ready is not None or self.gone, 600)
             return bool(self.ready) and not self.gone
 
-    def start(self, spec_json: str, env: dict[str, str]) -> RankProcess:
+    def start(self, spec_json: str | None, env: dict[str, str],
+              main: tuple[str, list[str]] | None = None) -> RankProcess:
+        """A rank running ``spec_json`` (``afd.workers``), or, given ``main`` (a module and its
+        argv), ``python -m MODULE ARGV`` in a session of its own (``start_module``)."""
         fds, where = [], []
         for fd in STDIO:  # the front end's own streams now (a test's capture, a log file)
             try:
@@ -172,8 +191,10 @@ class Zygote:
         with self.cond:
             self.ids += 1
             rid = self.ids
-        payload = json.dumps({"id": rid, "spec": spec_json, "env": env, "cwd": os.getcwd(),
-                              "stdio": where}).encode()
+        req = {"id": rid, "spec": spec_json, "env": env, "cwd": os.getcwd(), "stdio": where}
+        if main is not None:
+            req["main"] = [main[0], main[1]]
+        payload = json.dumps(req).encode()
         try:
             with self.send_lock:
                 socket.send_fds(self.sock, [HEADER.pack(len(payload))], fds)
@@ -191,8 +212,9 @@ class Zygote:
                 raise ZygoteError(f"the rank zygote (pid {self.proc.pid}) could not start a "
                                   f"rank: {why}; {START_ENV}=spawn starts ranks without it")
             pid = reply["started"]
-            rank = RankProcess(self, pid, [sys.executable, "-m", "afd.workers", "--spec",
-                                           spec_json])
+            args = ([sys.executable, "-m", main[0], *main[1]] if main is not None
+                    else [sys.executable, "-m", "afd.workers", "--spec", spec_json])
+            rank = RankProcess(self, pid, args)
             if pid in self.exits:
                 rank.returncode = self.exits.pop(pid)
             else:
@@ -265,25 +287,27 @@ def _key_env() -> str:
     return KEY_ENV
 
 
-def _env_key(env: dict[str, str], cwd: str) -> tuple:
-    return (sys.executable, cwd, tuple(PRELOAD), tuple(sorted((k, v) for k, v in env.items()
+def _env_key(env: dict[str, str], cwd: str, names: tuple[str, ...] | None = None) -> tuple:
+    names = PRELOAD if names is None else names
+    return (sys.executable, cwd, tuple(names), tuple(sorted((k, v) for k, v in env.items()
                                               if k not in VOLATILE_ENV and k != _key_env())))
 
 
-def _zygote(env: dict[str, str]) -> Zygote | None:
-    """This process's zygote for a rank environment ``env`` and the present folder (started
-    with that environment, less the control key, at the first call; replaced where either
-    changed), or None where it refused to fork."""
+def _zygote(env: dict[str, str], names: tuple[str, ...] | None = None) -> Zygote | None:
+    """This process's zygote for a rank environment ``env``, the present folder and the
+    modules ``names`` (started with that environment, less the control key, at the first call;
+    replaced where any changed), or None where it refused to fork."""
     global _current
     cwd = os.getcwd()
     with _lock:
-        key = _env_key(env, cwd)
+        names = PRELOAD if names is None else names
+        key = _env_key(env, cwd, names)
         if _current is not None and (_current.key != key
                                      or (_current.gone and _current.ready is not False)):
             _current.retire()
             _current = None
         if _current is None:
-            _current = Zygote(env, cwd)
+            _current = Zygote(env, cwd, names)
         zygote = _current
     return zygote if zygote.usable() else None
 
@@ -412,9 +436,12 @@ def serve(fd: int, names: list[str]) -> None:
 
 
 def _child(req: dict, fds: list[int], close: list[int]) -> None:
-    """In the forked rank: become what ``python -m afd.workers --spec JSON`` would be."""
+    """In the forked rank: become what ``python -m afd.workers --spec JSON`` would be (or, with
+    ``main`` in ``req``, ``python -m MODULE ARGV`` in a session of its own)."""
     code = 1
     try:
+        if "main" in req:  # first: a signal to the front end's group must not reach it
+            os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -430,6 +457,9 @@ def _child(req: dict, fds: list[int], close: list[int]) -> None:
         import random
 
         random.seed()  # not the zygote's state, shared by every rank it forks
+        if "main" in req:
+            code = _run_main(*req["main"])
+            return
         sys.argv = [sys.argv[0], "--spec", req["spec"]]
         from afd import protocol
         from afd.workers import WorkerSpec, worker_main
@@ -442,7 +472,31 @@ def _child(req: dict, fds: list[int], close: list[int]) -> None:
 
         traceback.print_exc()
     finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
         os._exit(code)
+
+
+def _run_main(module: str, argv: list[str]) -> int:
+    """``MODULE.main(ARGV)`` as ``python -u -m MODULE ARGV`` (torchrun's way) runs it; returns
+    the exit status the interpreter would."""
+    import importlib
+
+    for stream in (sys.stdout, sys.stderr):  # -u: nothing held back in a buffer
+        stream.reconfigure(line_buffering=True)
+    mod = importlib.import_module(module)
+    sys.argv = [mod.__file__, *argv]
+    try:
+        mod.main(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def main() -> None:

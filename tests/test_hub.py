@@ -343,9 +343,11 @@ def test_afd_serve_of_a_repo_id_on_two_ranks(cache):
 
     server = LocalServer("org/tiny", "--attention", "1", "--ffn", "1", afd_serve=True)
     try:
-        ranks = [p for p in server.tree() if "launch.serve" in " ".join(p.cmdline())]
+        procs = server.tree()
+        (zygote,) = [p for p in procs if p.ppid() == server.proc.pid]  # the ranks' (forked)
+        ranks = [p for p in procs if p.ppid() == zygote.pid]
         assert len(ranks) == 2
-        for p in ranks:
+        for p in [zygote, *ranks]:  # a forked process's /proc environ is its zygote's
             assert json.loads(p.environ()[SOURCES_ENV])["model"] == snapshot_of(cache, MAIN)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["org/tiny"]

@@ -5,6 +5,7 @@ errors; ``afd generate``; the install (console script, ``launch`` as a package).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,9 +76,13 @@ def test_afd_serve_starts_a_disaggregated_layout_and_sigterm_stops_every_rank():
                          afd_serve=True)
     try:
         procs = server.tree()
-        ranks = [p for p in procs if "launch.serve" in " ".join(p.cmdline())]
-        assert len(ranks) == 3 and all(p.ppid() == server.proc.pid for p in ranks), \
+        # forked from one rank zygote, afd serve's child; each rank leads a session of its own
+        # (torchrun's way: a stop signal goes to each rank's group, its front end included)
+        (zygote,) = [p for p in procs if p.ppid() == server.proc.pid]
+        ranks = [p for p in procs if p.ppid() == zygote.pid]
+        assert "afd.rank_zygote" in zygote.cmdline() and len(ranks) == 3, \
             [p.cmdline() for p in procs]
+        assert all(os.getsid(p.pid) == p.pid for p in ranks)
         assert set(_listening(procs)) == {"127.0.0.1"}, _listening(procs)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="afd-tiny-deepseek-v3", max_tokens=3,
@@ -292,6 +297,7 @@ def test_a_stop_signal_reaches_every_rank_and_the_status_says_how_they_ended(
             raise RuntimeError(f"ranks exited {codes}")
 
     monkeypatch.setattr(torchrun, "main", launcher)
+    monkeypatch.setenv("AFD_RANK_START", "spawn")  # torch's launcher (forked ranks: below)
     assert cli.launch_ranks(2, ["--ffn", "1"], kill_after_s=0.5) == status
     argv = seen["argv"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
@@ -299,3 +305,96 @@ def test_a_stop_signal_reaches_every_rank_and_the_status_says_how_they_ended(
     assert argv[-3:] == ["launch.serve", "--ffn", "1"]
     err = capsys.readouterr().err
     assert "stopping" in err and ("killing" in err) == (status == 1), err
+
+
+# a stand-in for launch.serve that afd serve's forked ranks run: each says what it was given,
+# then waits for a stop signal (rank 0 sends the SIGINT once both are ready: Ctrl-C), or fails
+FAKE_RANK = """
+import json, os, signal, sys, time
+
+
+def main(argv):
+    folder, front, on_term, fail = argv
+    rank = int(os.environ["RANK"])
+    signal.signal(signal.SIGTERM, eval(on_term))
+    seen = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                           "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                           "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS")}
+    seen.update(argv0=sys.argv[0], session=os.getsid(0) == os.getpid(), ppid=os.getppid())
+    with open(os.path.join(folder, f"rank{rank}.tmp"), "w") as f:
+        json.dump(seen, f)
+    os.rename(os.path.join(folder, f"rank{rank}.tmp"), os.path.join(folder, f"rank{rank}"))
+    if fail and rank == 1:
+        sys.exit("rank 1 gives up")  # as the interpreter: the message on stderr, status 1
+    if rank == 0:
+        while len([n for n in os.listdir(folder) if not n.endswith(".tmp")]) < 2:
+            time.sleep(0.01)
+        if not fail:
+            os.kill(int(front), signal.SIGINT)  # as Ctrl-C: afd serve only
+    time.sleep(60)
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_rank_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake_rank")
+    (folder / "afd_fake_rank.py").write_text(FAKE_RANK)
+    return str(folder)
+
+
+@pytest.mark.parametrize(("on_term", "status"), [("lambda *a: sys.exit(0)", 0),
+                                                 ("signal.SIG_IGN", 1)])
+def test_forked_ranks_get_torchruns_environment_and_the_stop_signals(
+        monkeypatch, capsys, tmp_path, fake_rank_path, on_term, status):
+    """afd serve's ranks forked from the rank zygote (the default): each runs the module's
+    main(ARGV) with the environment torch's launcher gives a rank (the rendezvous store this
+    process holds, reached as a client), in a session of its own, as a child of the zygote; a
+    stop signal reaches each as a SIGTERM, and ranks that ignore it are killed once
+    kill_after_s has passed (status 1)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    monkeypatch.setattr("torch.distributed.run.main",
+                        lambda argv: pytest.fail("torch's launcher started the ranks"))
+    assert cli.launch_ranks(2, [str(tmp_path), str(os.getpid()), on_term, ""],
+                            kill_after_s=0.5, module="afd_fake_rank") == status
+    err = capsys.readouterr().err
+    assert "stopping" in err and ("killing" in err) == (status == 1), err
+    seen = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    for rank, s in enumerate(seen):
+        assert s["RANK"] == s["LOCAL_RANK"] == str(rank), s
+        assert (s["WORLD_SIZE"], s["LOCAL_WORLD_SIZE"], s["MASTER_ADDR"]) == ("2", "2",
+                                                                              "127.0.0.1"), s
+        assert s["TORCHELASTIC_USE_AGENT_STORE"] == "True" and s["OMP_NUM_THREADS"], s
+        assert s["argv0"] == os.path.join(fake_rank_path, "afd_fake_rank.py")
+        assert s["session"] and s["ppid"] != os.getpid()  # the zygote's child
+    assert seen[0]["ppid"] == seen[1]["ppid"] and seen[0]["MASTER_PORT"] == seen[1]["MASTER_PORT"]
+
+
+def test_a_failed_forked_rank_stops_the_others_and_the_status_is_1(
+        monkeypatch, capsys, tmp_path, fake_rank_path):
+    """As torchrun: one rank exiting non-zero (here sys.exit with a message: status 1, the
+    message on its stderr) has the others stopped with a SIGTERM; afd serve's status is 1 and
+    names the rank."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    assert cli.launch_ranks(2, [str(tmp_path), str(os.getpid()), "lambda *a: sys.exit(0)",
+                                "fail"], kill_after_s=0.5, module="afd_fake_rank") == 1
+    err = capsys.readouterr().err
+    assert "afd serve: rank 1 (pid " in err and "exited with code 1: stopping the other ranks" \
+        in err, err
+    assert "rank 1 exit code 1" in err and "rank 0 exit code" not in err, err
+
+
+def test_a_zygote_that_refuses_leaves_the_ranks_to_torchs_launcher(monkeypatch):
+    """Where the rank zygote refuses to fork (it said why), torch's launcher starts the
+    ranks, as with AFD_RANK_START=spawn."""
+    import torch.distributed.run as torchrun
+
+    from afd import rank_zygote
+
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    monkeypatch.setattr(rank_zygote, "start_module", lambda *a, **k: None)
+    seen = []
+    monkeypatch.setattr(torchrun, "main", seen.append)
+    assert cli.launch_ranks(2, ["--ffn", "1"], kill_after_s=0.5) == 0
+    assert seen and seen[0][-3:] == ["launch.serve", "--ffn", "1"]
