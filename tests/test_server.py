@@ -489,49 +489,31 @@ def test_aborted_request_frees_kv(request, which, stream):
         pytest.fail("the aborted request kept its KV blocks")
 
 
-def test_sigterm_drains_and_leaves_no_process():
-    server = LocalServer("--grace-period", "15")
+def test_sigterm_drains_answers_503_and_leaves_no_process():
+    """SIGTERM to torchrun drains, on one server: a request in flight that fits in
+    --grace-period completes (all its tokens, a 200); meanwhile the server still listens:
+    /health and new requests get 503 (instead of uvicorn closing the port at once and giving
+    in-flight requests its own 5 s), and a request longer than the grace period runs on until
+    the grace period ends. Then every process exits (torchrun, rank 0, the front end), the
+    front end stopping every rank itself despite more SIGTERMs."""
+    server = LocalServer("--grace-period", "6")
     procs = server.tree()
     assert len(procs) >= 3  # torchrun, rank 0, front end
-    result = {}
+    results: dict[str, tuple] = {}
 
-    def long_request() -> None:
+    def request(name: str, max_tokens: int) -> None:
         r = httpx.post(server.url + "/v1/completions", timeout=60,
-                       json={"prompt": "a", "max_tokens": 200, "temperature": 0,
+                       json={"prompt": name, "max_tokens": max_tokens, "temperature": 0,
                              "ignore_eos": True})
-        result["status"], result["body"] = r.status_code, r.json()
+        results[name] = (r.status_code, r.json() if r.status_code == 200 else None)
 
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(1.0)
-    server.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    assert result.get("status") == 200 and result["body"]["usage"]["completion_tokens"] == 200
-    server.proc.wait(60)
-    left = [p.pid for p in wait_gone(procs)]
-    assert not left, f"processes left behind: {left}\n{server.tail()}"
-    server.log.close()
-
-
-def test_draining_answers_503_until_the_grace_period_ends():
-    """While SIGTERM drains, the server still listens: /health and new requests get 503 (the
-    in-flight request keeps running) instead of uvicorn closing the port at once and giving
-    in-flight requests its own 5 s."""
-    server = LocalServer("--grace-period", "4")
-    procs = server.tree()
-    result = {}
-
-    def long_request() -> None:
-        r = httpx.post(server.url + "/v1/completions", timeout=60,
-                       json={"prompt": "a", "max_tokens": 4000, "temperature": 0,
-                             "ignore_eos": True})
-        result["status"] = r.status_code
-
-    t = threading.Thread(target=long_request)
-    t.start()
+    fits = threading.Thread(target=request, args=("a", 100))  # done within the grace period
+    long = threading.Thread(target=request, args=("b", 4000))  # cut when it ends
+    fits.start(), long.start()
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not server.metric("afd:num_requests_running"):
+        while (time.monotonic() < deadline
+               and server.metric("afd:num_requests_running") < 2):
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
         health = None
@@ -542,23 +524,27 @@ def test_draining_answers_503_until_the_grace_period_ends():
             time.sleep(0.05)
         assert health.status_code == 503 and health.json()["detail"] == "draining"
         new = httpx.post(server.url + "/v1/completions", timeout=5,
-                         json={"prompt": "b", "max_tokens": 1})
+                         json={"prompt": "c", "max_tokens": 1})
         assert new.status_code == 503
-        assert t.is_alive()  # still running: not cut when the signal came
+        assert long.is_alive()  # still running: not cut when the signal came
+        fits.join(60)
+        status, body = results.get("a", (None, None))
+        assert status == 200 and body["usage"]["completion_tokens"] == 100, results
         # More SIGTERMs as it tears down (torchrun's goes to the whole process group; an
         # operator may send another), from when the grace period's end cut the request: the
         # front end still stops every rank itself, instead of dying once its event loop is
         # closed and leaving rank 0 waiting for a stop that never comes (until torchrun's
         # SIGKILL, 30 s after the stop below).
         front = next(p for p in procs if "afd.api_server" in " ".join(p.cmdline()))
-        t.join(60)
+        long.join(60)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and wait_gone([front], timeout_s=0):
             with contextlib.suppress(psutil.NoSuchProcess):
                 front.send_signal(signal.SIGTERM)
             time.sleep(0.001)
+        server.proc.wait(60)
     finally:
-        t.join(60)
+        fits.join(60), long.join(60)
         left = server.stop()
     assert not left and not [p.pid for p in wait_gone(procs)], server.tail()
     with open(server.log.name) as f:  # stop() closed it
