@@ -162,28 +162,46 @@ def assert_matches(path: str, expected, prompts, **engine) -> None:
         assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
 
 
-@pytest.mark.parametrize(("kind", "overrides", "probe"),
-                         [pytest.param(k, o, p, id=name) for name, k, o, p in VARIANTS])
-def test_variant_matches_transformers(kind, overrides, probe, tmp_path):
-    model = build_hf_model(kind, **overrides)
-    path = save_checkpoint(model, str(tmp_path))
+CHUNKED = ["v3_yarn_factor40", "qwen3_yarn", "glm4_moe_lite", "dots1"]
+
+
+@pytest.fixture(scope="module")
+def variant_oracle(tmp_path_factory):
+    """name -> (checkpoint folder, transformers' greedy tokens and logits, prompts), built once
+    per variant: the chunked test below runs the same checkpoints and prompts again."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
+            model = build_hf_model(kind, **overrides)
+            path = save_checkpoint(model, str(tmp_path_factory.mktemp(name)))
+            prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+            oracle = (path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts)
+            if name not in CHUNKED:  # used once: nothing to keep
+                return oracle
+            built[name] = oracle
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in VARIANTS])
+def test_variant_matches_transformers(name, variant_oracle):
+    probe = next(v for v in VARIANTS if v[0] == name)[3]
+    path, expected, prompts = variant_oracle(name)
     assert probe(load_config(path)), "the variant did not reach afd's config"
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts)
+    assert_matches(path, expected, prompts)
 
 
-@pytest.mark.parametrize("name", ["v3_yarn_factor40", "qwen3_yarn", "glm4_moe_lite", "dots1"])
-def test_chunked_prompts_match_transformers(name, tmp_path):
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_prompts_match_transformers(name, variant_oracle):
     """Prompts in chunks of 16 tokens over blocks of 4. YaRN: the chunks past the original
     context read their rotary keys back from the paged cache (MLA's latent and rope key; GQA's
     K). GLM-4.7-Flash and dots.llm1 chunked (GLM-4.5's run in test_oracle's chunked and
     preempted runs)."""
-    _, kind, overrides, _ = next(v for v in VARIANTS if v[0] == name)
-    model = build_hf_model(kind, **overrides)
-    path = save_checkpoint(model, str(tmp_path))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts,
-                   max_num_batched_tokens=16, block_size=4)
+    path, expected, prompts = variant_oracle(name)
+    assert_matches(path, expected, prompts, max_num_batched_tokens=16, block_size=4)
 
 
 # config.json as the hub checkpoints spell it: DeepSeek-V3's and V2-Lite's rope_scaling (their
