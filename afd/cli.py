@@ -179,7 +179,7 @@ def _run_forked(world: int, argv: list[str], kill_after_s: float, module: str, p
             if stop.is_set():
                 break
             proc = rank_zygote.start_module(module, argv, {**base, **rank_env(rank, world, port)},
-                                            base, _zygote_names(module))
+                                            base, _zygote_names(module), name=f"afd-rank{rank}")
             if proc is None:  # refused (it said why): torch's launcher starts them instead
                 return None
             ranks.append(proc)

@@ -71,18 +71,21 @@ def start_way() -> str:
 
 
 def start_module(module: str, argv: list[str], env: dict[str, str],
-                 zygote_env: dict[str, str], preload_names: tuple[str, ...]):
+                 zygote_env: dict[str, str], preload_names: tuple[str, ...],
+                 name: str | None = None):
     """``python -m MODULE ARGV`` with environment ``env`` as a ``RankProcess`` forked from a
     zygote started with ``zygote_env`` (what every rank shares: ``env`` less its own variables,
     RANK and the like) that imported ``preload_names``, in a session of its own (as torchrun
     starts a rank); None where the zygote refused to fork (the caller starts it its own way).
     The child runs ``MODULE.main(ARGV)``, ``sys.argv[0]`` the module's file, and exits with
     what a ``SystemExit`` from it says (as the interpreter would: a message is printed, status
-    1), 1 after any other exception (its traceback on stderr), else 0."""
+    1), 1 after any other exception (its traceback on stderr), else 0. ``name``: the child's
+    process name (``/proc/PID/comm``, what ``ps -o comm``, ``top`` and ``pgrep`` show; at most
+    15 bytes kept)."""
     zygote = _zygote(zygote_env, tuple(preload_names))
     if zygote is None:
         return None
-    return zygote.start(None, env, main=(module, list(argv)))
+    return zygote.start(None, env, main=(module, list(argv)), name=name)
 
 
 def fork_available() -> bool:
@@ -177,7 +180,7 @@ class Zygote:
             return bool(self.ready) and not self.gone
 
     def start(self, spec_json: str | None, env: dict[str, str],
-              main: tuple[str, list[str]] | None = None) -> RankProcess:
+              main: tuple[str, list[str]] | None = None, name: str | None = None) -> RankProcess:
         """A rank running ``spec_json`` (``afd.workers``), or, given ``main`` (a module and its
         argv), ``python -m MODULE ARGV`` in a session of its own (``start_module``)."""
         fds, where = [], []
@@ -194,6 +197,8 @@ class Zygote:
         req = {"id": rid, "spec": spec_json, "env": env, "cwd": os.getcwd(), "stdio": where}
         if main is not None:
             req["main"] = [main[0], main[1]]
+        if name:
+            req["name"] = name
         payload = json.dumps(req).encode()
         try:
             with self.send_lock:
@@ -442,6 +447,12 @@ def _child(req: dict, fds: list[int], close: list[int]) -> None:
     try:
         if "main" in req:  # first: a signal to the front end's group must not reach it
             os.setsid()
+        if req.get("name"):
+            try:
+                with open("/proc/self/comm", "w") as f:
+                    f.write(req["name"][:15])
+            except OSError:
+                pass
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1,4 +1,5 @@
-"""A real server started with torchrun, driven with the ``openai`` client and raw HTTP."""
+"""A real server started with torchrun (the P/D one with ``afd serve``), driven with the
+``openai`` client and raw HTTP."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def single():
 
 @pytest.fixture(scope="module")
 def pd():
+    """Three ranks started by ``afd serve`` (forked from its rank zygote; torchrun starts the
+    other servers here, and the ranks of several nodes in tests/test_multinode.py)."""
     server = LocalServer("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
-                         "--timeout", "20", "--disable-log-stats", nproc=3,
+                         "--timeout", "20", "--disable-log-stats", afd_serve=True,
                          env={"AFD_LOG_STATS_INTERVAL": "0.5"})
     yield server
     server.stop()
@@ -572,9 +575,7 @@ def test_requests_past_the_grace_period_are_cancelled_at_once(in_flight):
 
 def test_dead_rank_makes_health_503(pd):
     """Runs last on the P/D server: kill its FFN rank."""
-    ranks = [p for p in pd.tree() if "serve.py" in " ".join(p.cmdline()) and p.pid != pd.proc.pid]
-    ffn = max(ranks, key=lambda p: int(p.environ().get("RANK", -1)))
-    assert ffn.environ().get("RANK") == "2"
+    (ffn,) = [p for p in pd.tree() if p.name() == "afd-rank2"]  # afd serve names its ranks
     ffn.kill()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

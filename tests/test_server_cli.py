@@ -320,7 +320,10 @@ def main(argv):
     seen = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                            "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                            "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS")}
-    seen.update(argv0=sys.argv[0], session=os.getsid(0) == os.getpid(), ppid=os.getppid())
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
+    seen.update(argv0=sys.argv[0], session=os.getsid(0) == os.getpid(), ppid=os.getppid(),
+                comm=comm)
     with open(os.path.join(folder, f"rank{rank}.tmp"), "w") as f:
         json.dump(seen, f)
     os.rename(os.path.join(folder, f"rank{rank}.tmp"), os.path.join(folder, f"rank{rank}"))
@@ -348,7 +351,8 @@ def test_forked_ranks_get_torchruns_environment_and_the_stop_signals(
         monkeypatch, capsys, tmp_path, fake_rank_path, on_term, status):
     """afd serve's ranks forked from the rank zygote (the default): each runs the module's
     main(ARGV) with the environment torch's launcher gives a rank (the rendezvous store this
-    process holds, reached as a client), in a session of its own, as a child of the zygote; a
+    process holds, reached as a client), in a session of its own, as a child of the zygote,
+    its process name afd-rankN; a
     stop signal reaches each as a SIGTERM, and ranks that ignore it are killed once
     kill_after_s has passed (status 1)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
@@ -367,6 +371,7 @@ def test_forked_ranks_get_torchruns_environment_and_the_stop_signals(
         assert s["TORCHELASTIC_USE_AGENT_STORE"] == "True" and s["OMP_NUM_THREADS"], s
         assert s["argv0"] == os.path.join(fake_rank_path, "afd_fake_rank.py")
         assert s["session"] and s["ppid"] != os.getpid()  # the zygote's child
+        assert s["comm"] == f"afd-rank{rank}"  # ps -o comm, top, pgrep tell the ranks apart
     assert seen[0]["ppid"] == seen[1]["ppid"] and seen[0]["MASTER_PORT"] == seen[1]["MASTER_PORT"]
 
 
