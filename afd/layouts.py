@@ -955,7 +955,11 @@ class MultiRankClient:
             while len(gone) < self.layout.world_size and time.monotonic() < deadline:
                 if self.inbox.poll(100):
                     msg = self._recv()
-                    if isinstance(msg, (protocol.Bye, protocol.Error)):
+                    if isinstance(msg, protocol.Error):
+                        # a rank failed: as after a failure before the stop, no wait for the
+                        # others (a peer it took down, killed, says no goodbye: 10 s lost)
+                        break
+                    if isinstance(msg, protocol.Bye):
                         gone.add(msg.rank)
         # the rendezvous store's server: its port stays bound as long as this client lives
         # (an LLM kept after shutdown, a failed engine a server keeps for its error) otherwise

@@ -290,6 +290,31 @@ def test_every_silent_rank_is_named(monkeypatch):
     client._check_heartbeats()
 
 
+def test_a_rank_failing_while_the_front_end_stops_ends_its_wait_for_goodbyes():
+    """Ranks launched elsewhere (afd serve, torchrun): the front end's stop waits for each
+    rank's goodbye, except after a rank failed. A failure that arrives during that wait ends
+    it too (a rank killed with it never says goodbye: the stop took its full 10 s, where the
+    same failure a moment earlier took none)."""
+    from afd import protocol
+    from afd.layouts import MultiRankClient
+    from afd.workers import Layout
+
+    client = object.__new__(MultiRankClient)
+    client.closed, client.outboxes, client.procs, client.error = False, {}, [], None
+    client.layout = Layout(1, 1, 1)
+    said = [protocol.Bye(rank=0), protocol.Error(rank=1, role="attention", msg="peer gone")]
+
+    def recv():
+        assert said, "waited for goodbyes past a rank's failure"
+        return said.pop(0)
+
+    client._recv = recv
+    client.inbox = type("Inbox", (), {"poll": lambda self, timeout: True})()
+    client.ctx = type("Ctx", (), {"destroy": lambda self, linger: None})()
+    client.shutdown()
+    assert not said and client.closed
+
+
 def test_abort_on_a_dead_rank_is_an_error_not_a_hang(references):
     """Aborting a request whose rank just died: its socket has no peer left, and a plain send
     would wait forever."""
