@@ -280,6 +280,56 @@ def _forked_worker(env: dict, log_path: str, module_file: str, out_path: str, se
     _run_cases(module_file, out_path, seed, case_names)
 
 
+def run_script(path: str, args: list[str], env: dict[str, str],
+               timeout_s: float = 300.0) -> tuple[int, str]:
+    """``python PATH ARGS`` (a script, run as ``__main__`` with ``sys.argv`` and its folder
+    first on ``sys.path`` as Python sets them, in the repository root, with environment ``env``) in
+    a process forked from the fork server above instead of a fresh interpreter (whose torch
+    import is some 2 s of CPU). Returns its exit status, as the interpreter's (a
+    ``SystemExit`` message printed, status 1; an uncaught exception's traceback, status 1),
+    and its stdout and stderr together."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = os.path.join(tmp, "log.txt")
+        proc = forkserver_context().Process(target=_script_worker,
+                                            args=(env, log_path, path, list(args)))
+        proc.start()
+        proc.join(timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired([path, *args], timeout_s)
+        log = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
+        return proc.exitcode, log
+
+
+def _script_worker(env: dict, log_path: str, path: str, args: list[str]) -> None:
+    import runpy
+
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(_REPO_ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # a script's folder first
+    sys.argv = [path, *args]
+    code = 1
+    try:
+        runpy.run_path(path, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - as the interpreter: the traceback, status 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _run_cases(module_file: str, out_path: str, seed: int, case_names: list[str]) -> None:
     spec = importlib.util.spec_from_file_location("_kernel_cases", module_file)
     module = importlib.util.module_from_spec(spec)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from kernels.fused_moe_tuning import median_and_spread, time_interleaved
+from kernels.testing import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,14 +110,41 @@ def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) ->
     assert "switched off during capture" in bench.Timer.graph_failures[1]
 
 
-def _smoke(tmp_path, *flags: str) -> dict:
-    """``bench/kernels.py --smoke *flags`` in a subprocess on CPU: its JSON result."""
-    out = tmp_path / "kernels.json"
+def _run_bench(script: str, *args: str) -> None:
+    """``python bench/SCRIPT ARGS`` on CPU, this environment less OUT and AFD_KERNEL_BACKEND,
+    as a process forked from the test fork server (kernels.testing.run_script: torch imported
+    once, not once a script); fails with the script's output unless it exits 0."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--smoke", *flags,
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, out = run_script(os.path.join(ROOT, "bench", script), list(args), env)
+    assert code == 0, out[-6000:]
+
+
+def test_run_script_runs_a_script_as_python_would(tmp_path) -> None:
+    """kernels.testing.run_script, which runs the bench scripts here: ``__main__``, its argv,
+    its folder first on the path, the given environment, the repository root as working
+    folder; the exit status as the interpreter gives it (a SystemExit message on stderr and
+    1, a traceback and 1), the output returned."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, sys\n"
+        "print(__name__, sys.argv[1:], sys.path[0] == os.path.dirname(__file__),\n"
+        "      os.environ.get('PROBE'), os.getcwd() == sys.argv[1])\n"
+        "if sys.argv[2] == 'say': sys.exit('bad flag')\n"
+        "if sys.argv[2] == 'raise': raise ValueError('boom')\n"
+        "sys.exit(int(sys.argv[2]))\n")
+    code, out = run_script(str(script), [ROOT, "0"], {**os.environ, "PROBE": "p"})
+    assert code == 0 and out == f"__main__ {[ROOT, '0']} True p True\n", out
+    assert run_script(str(script), [ROOT, "3"], dict(os.environ))[0] == 3
+    code, out = run_script(str(script), [ROOT, "say"], dict(os.environ))
+    assert code == 1 and out.endswith("bad flag\n"), out
+    code, out = run_script(str(script), [ROOT, "raise"], dict(os.environ))
+    assert code == 1 and "Traceback" in out and "ValueError: boom" in out, out
+
+
+def _smoke(tmp_path, *flags: str) -> dict:
+    """``bench/kernels.py --smoke *flags`` on CPU: its JSON result."""
+    out = tmp_path / "kernels.json"
+    _run_bench("kernels.py", "--smoke", *flags, "--json", str(out))
     return json.loads(out.read_text())
 
 
@@ -246,11 +274,7 @@ def test_moe_profile_smoke_runs_on_cpu(tmp_path) -> None:
     """``bench/moe_profile.py`` (per-kernel device time of a MoE call, for the next GPU run)
     at tiny dims under the interpreter: both entries profiled, floors and call times there."""
     out = tmp_path / "moe_profile.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "moe_profile.py"), "--smoke", "--json",
-         str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("moe_profile.py", "--smoke", "--json", str(out))
     (cell,) = json.loads(out.read_text())["cells"]
     assert cell["floor_w13_us"] > 0 and cell["floor_w2_us"] > 0
     for entry in ("fused_moe", "grouped_moe"):
@@ -263,11 +287,7 @@ def test_ws_probe_smoke_runs_on_cpu(tmp_path) -> None:
     tiny dims under the interpreter: one JSON line per tile and GEMM, each tile's output equal
     to the table tile's, times and floors there."""
     out = tmp_path / "ws_probe.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "ws_probe.py"), "--smoke", "--experts", "8",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("ws_probe.py", "--smoke", "--experts", "8", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["gemm"] for r in rows] == ["w13", "w2"]
     for r in rows:
@@ -282,11 +302,7 @@ def test_mla_probe_smoke_runs_on_cpu(tmp_path) -> None:
     reference and timed, the default first (the others' ratios are to it); plain rows through
     the per-row kernel's variants, then verify rows (3 a sequence) through the grouped one's."""
     out = tmp_path / "mla_probe.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "mla_probe.py"), "--smoke",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("mla_probe.py", "--smoke", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["variant"], r["rows_per_seq"]) for r in rows] == [
         ("default", 1), ("bh64", 1), ("bh64 tma", 1), ("default", 3), ("tma", 3)]
