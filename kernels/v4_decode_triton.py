@@ -1,0 +1,132 @@
+"""DeepSeek-V4's paged decode attention (Triton). Reference: ``kernels.v4_decode``.
+
+``mla_decode_kernel``'s design over a row's virtual key list instead of its positions
+0..len-1: key j < window is the window's position p - window + 1 + j (its row's ``kv``
+columns), key window + i is the row of position ``entries[b, i]`` (its ``entry`` columns);
+a negative position (before the sequence's start, or a skipped entry, -1) is masked: its
+load skipped, its score -inf. One program per (block of BLOCK_H heads, row, split of the
+window + E keys), BLOCK_N keys a step, each key's D values loaded through the block table at
+its own column offset; K = V, so one load serves the scores and the output. Online softmax
+in fp32 (exp2, the scale folded in). The sinks enter as split 0's starting state (running max
+= the sink, sum = 1, accumulator 0): one more term in the denominator, none in the output,
+and the splits' combine (``triton_utils.combine_splits_kernel``) then weighs them in as any
+other key. Every shape is fixed by the inputs' shapes, nothing is read on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.mla_decode_triton import _sm_count, default_launch
+from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
+                                  online_softmax_step, split_bounds, split_count,
+                                  store_attention, unit_last_stride)
+from kernels.v4_decode import _check
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def v4_decode_kernel(
+    q_ptr,  # [B, H, D]
+    kv_ptr,  # [num_blocks, block_size, W] cache rows (q's dtype)
+    table_ptr,  # [B, max_blocks] block ids
+    pos_ptr,  # [B] each row's query position
+    entry_ptr,  # [B, E] positions of the rows holding the entries (-1: skipped)
+    sink_ptr,  # [H] fp32 sink logits
+    out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
+    lse_ptr,  # [B, H, NUM_SPLITS] fp32 log2-sum-exp2 of each split (NUM_SPLITS > 1 only)
+    num_heads, dim, block_size, window, num_entries, kv_col, entry_col, scale_log2,
+    stride_qb, stride_qh, stride_kvb, stride_kvt, stride_tb, stride_tc, stride_pb, stride_eb,
+    stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_heads
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < dim
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    pos = tl.load(pos_ptr + row * stride_pb).to(tl.int32)
+    table_row = table_ptr + row * stride_tb
+    entry_row = entry_ptr + row * stride_eb
+    lo, hi = split_bounds(window + num_entries, split, NUM_SPLITS, BLOCK_N)
+
+    # split 0 starts from the sink (max = sink, sum = exp2(0) = 1, nothing accumulated)
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=float("-inf")) * _LOG2E
+    first = (split == 0) & h_ok
+    m_i = tl.where(first, sink, float("-inf"))
+    l_i = tl.where(first, 1.0, 0.0)
+    acc = tl.zeros((BLOCK_H, D_PAD), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        in_step = j < hi
+        in_window = j < window
+        listed = tl.load(entry_row + (j - window), mask=in_step & ~in_window, other=-1)
+        tok = tl.where(in_window, pos - window + 1 + j, listed.to(tl.int32))
+        t_ok = in_step & (tok >= 0)
+        col = tl.where(in_window, kv_col, entry_col)
+        block = tl.load(table_row + (tok // block_size) * stride_tc, mask=t_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (tok % block_size) * stride_kvt + col  # [BN]
+        kv = tl.load(kv_ptr + rows[:, None] + offs_d[None, :],
+                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
+        s = dot(q, tl.trans(kv), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+        # a step may hold no visible key (a short row's window, skipped entries): ROW_MASKED
+        m_i, l_i, acc = online_softmax_step(s, kv, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
+
+    store_attention(acc, m_i, l_i, out_ptr + row * stride_ob + heads[:, None] * stride_oh,
+                    lse_ptr, row * num_heads + heads, h_ok, d_ok, offs_d, split, dim,
+                    NUM_SPLITS, INTERP_BF16)
+
+
+def v4_launch(num_heads: int, on_gpu: bool, fp32: bool = False) -> dict:
+    """Block sizes and warps: ``mla_decode_triton.default_launch``'s (its K is 576 wide, this
+    one's 512: the same register budget, less), not timed for this kernel on a GPU. Compiled for
+    sm_90a at the release's dims (tests/test_kernels_sm90.py)."""
+    return default_launch(num_heads, on_gpu, fp32=fp32)
+
+
+def v4_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
+                               block_tables: torch.Tensor, positions: torch.Tensor,
+                               entries: torch.Tensor, sinks: torch.Tensor, scale: float,
+                               window: int, kv_col: int, entry_col: int, *,
+                               num_splits: int | None = None, block_h: int | None = None,
+                               block_n: int | None = None,
+                               num_warps: int | None = None) -> torch.Tensor:
+    """Same contract as ``v4_decode.v4_decode_attention_torch`` (fp32 accumulation); the
+    keyword knobs are for tests and tuning."""
+    _check(q, kv_cache, block_tables, positions, entries, sinks, window, kv_col, entry_col)
+    batch, num_heads, dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0 or num_heads == 0:
+        return out
+    q, kv = unit_last_stride(q, kv_cache)
+    sinks = sinks.float().contiguous()
+    interp = not q.is_cuda
+    launch = v4_launch(num_heads, on_gpu=not interp, fp32=q.dtype == torch.float32)
+    block_h = block_h or launch["block_h"]
+    block_n = block_n or launch["block_n"]
+    head_blocks = cdiv(num_heads, block_h)
+    keys = window + entries.shape[1]
+    if num_splits is None:
+        sms = 4 if interp else _sm_count(q.device.index or 0)
+        num_splits = split_count(batch * head_blocks, keys, sms, 256, 16)
+    d_pad = max(16, next_pow2(dim))
+    common = {"BLOCK_H": block_h, "BLOCK_N": block_n, "D_PAD": d_pad,
+              "DOT_MODE": dot_mode(q.dtype), "num_warps": num_warps or launch["num_warps"],
+              "num_stages": launch["num_stages"]}
+    args = (q, kv, block_tables, positions, entries, sinks)
+    dims = (num_heads, dim, kv.shape[1], window, entries.shape[1], kv_col, entry_col,
+            scale * math.log2(math.e), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+            block_tables.stride(0), block_tables.stride(1), positions.stride(0),
+            entries.stride(0))
+    return launch_split_attention(v4_decode_kernel, (head_blocks, batch, num_splits), args,
+                                  dims, out, num_splits, d_pad, common)
