@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.v4_decode import v4_decode_attention
 from models.batch import ForwardBatch
 from models.config import ModelConfig, V4Config
 from models.layers import Rotary, linear
@@ -236,9 +237,9 @@ class V4Attention(nn.Module):
         window, m, block = self.v4.sliding_window, self.rate, cache.shape[1]
         nd = batch.num_decodes
         if nd:  # the decode rows, batched
-            out[:nd] = self._decode_rows(q[:nd], q_resid[:nd], x[:nd], flat,
-                                         batch.block_tables[:nd], lens[:nd], block,
-                                         cos[:nd], sin[:nd])
+            out[:nd] = self._decode_rows(q[:nd], q_resid[:nd], x[:nd], cache,
+                                         batch.block_tables[:nd], lens[:nd], cos[:nd],
+                                         sin[:nd])
         # rows read back in full before a row's first query: its window's, and (compressor
         # layers) the windows its tokens close and, on CSA, the window before each
         reach = max(window - 1, 2 * m - 1 if self.kind == CSA else m - 1)
@@ -272,7 +273,7 @@ class V4Attention(nn.Module):
         return self.o_b_proj(grouped.transpose(0, 1).reshape(t, groups * w.shape[1]))
 
     def _decode_rows(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
-                     flat: torch.Tensor, tables: torch.Tensor, lens: list[int], block: int,
+                     cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rows of one query each (position lens[b] - 1; a verifying sequence's rows in
         order), batched: the windows they close (all at once: an entry reads rows, never
@@ -280,7 +281,8 @@ class V4Attention(nn.Module):
         read from the cache, padded to the longest; in pieces of rows of at most about
         ``V4_MAX_SCORES`` scores."""
         m, rows, window = self.rate, self.rows, self.v4.sliding_window
-        dev = q.device
+        dev, block = q.device, cache.shape[1]
+        flat = cache.view(-1, cache.shape[-1])
         pos = torch.tensor(lens, device=dev) - 1  # [B]
 
         def slots(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -312,29 +314,21 @@ class V4Attention(nn.Module):
         for a in range(0, q.shape[0], piece):
             part = slice(a, min(a + piece, q.shape[0]))
             p, table = pos[part], tables[part]
-            kpos = p[:, None] - window + 1 + torch.arange(window, device=dev)  # [b, window]
-            visible = kpos >= 0
-            keys = flat[:, rows["kv"]][slots(kpos, table)].to(q.dtype)
+            entries = p.new_zeros(p.shape[0], 0)  # [b, E] positions of entry rows, -1 skipped
             if most:
                 epos = torch.arange(most, device=dev) * m + m - 1
-                eslots = slots(epos.expand(p.shape[0], -1), table)
                 closed = torch.arange(most, device=dev)[None, :] < n_entries[part, None]
-                entries = flat[:, rows["entry"]][eslots].to(q.dtype)  # [b, E, D]
                 if self.kind == CSA:
+                    eslots = slots(epos.expand(p.shape[0], -1), table)
                     ient = flat[:, rows["ientry"]][eslots].masked_fill(~closed[..., None], 0.0)
                     closed = closed & self._selected_rows(q_resid[part], x[part], ient, closed,
                                                           cos[part], sin[part])
-                keys = torch.cat((keys, entries), dim=1)
-                visible = torch.cat((visible, closed), dim=1)
-            # rows not visible may be another sequence's (padding, or block 0): never summed
-            keys = keys.masked_fill(~visible[..., None], 0.0)
-            scores = torch.einsum("bhd,bkd->bhk", q[part], keys) * self.cfg.attention_scale
-            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-            sinks = self.sinks.float()[None, :, None].expand(p.shape[0], -1, 1)
-            logits = torch.cat((scores.float(), sinks), dim=-1)
-            logits = logits - logits.max(dim=-1, keepdim=True).values
-            probs = torch.softmax(logits, dim=-1)[..., :-1].to(keys.dtype)
-            out[part] = torch.einsum("bhk,bkd->bhd", probs, keys)
+                entries = torch.where(closed, epos, -1)
+            # kernels.v4_decode: Triton on CUDA (the window's and the entries' rows read
+            # through the table in the kernel), else the torch gather, padded
+            out[part] = v4_decode_attention(
+                q[part], cache, table, p, entries, self.sinks, self.cfg.attention_scale,
+                window, rows["kv"].start, rows["entry"].start if m else 0)
         return out
 
     def _selected_rows(self, q_resid: torch.Tensor, x: torch.Tensor, ientries: torch.Tensor,
