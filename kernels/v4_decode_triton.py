@@ -87,11 +87,18 @@ def v4_decode_kernel(
                     NUM_SPLITS, INTERP_BF16)
 
 
-def v4_launch(num_heads: int, on_gpu: bool, fp32: bool = False) -> dict:
-    """Block sizes and warps: ``mla_decode_triton.default_launch``'s (its K is 576 wide, this
-    one's 512: the same register budget, less), not timed for this kernel on a GPU. Compiled for
-    sm_90a at the release's dims (tests/test_kernels_sm90.py)."""
-    return default_launch(num_heads, on_gpu, fp32=fp32)
+def v4_launch(num_heads: int, on_gpu: bool) -> dict:
+    """Block sizes and warps: ``mla_decode_triton.default_launch``'s heads and warps (32 heads a
+    program over 8 warps; 16 over 4 at 16 heads or fewer), 32 keys a step. Not timed for this
+    kernel on a GPU. Compiled for sm_90a at the release's dims (64 / 128 heads, D 512): no
+    spill under Triton 3.6 nor 3.9, 96 KiB of shared memory, the key loop pipelined; 64 keys
+    a step (MLA's bf16 default) spills 376-432 bytes a thread under 3.9's ptxas (none under
+    3.6), so not taken untimed (tests/test_kernels_sm90.py). The interpreter gets MLA's
+    small blocks, so the tests' masks stay partial."""
+    launch = default_launch(num_heads, on_gpu)
+    if on_gpu:
+        launch["block_n"] = 32
+    return launch
 
 
 def v4_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
@@ -108,10 +115,10 @@ def v4_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or num_heads == 0:
         return out
-    q, kv = unit_last_stride(q, kv_cache)
+    q, kv, entries = unit_last_stride(q, kv_cache, entries)
     sinks = sinks.float().contiguous()
     interp = not q.is_cuda
-    launch = v4_launch(num_heads, on_gpu=not interp, fp32=q.dtype == torch.float32)
+    launch = v4_launch(num_heads, on_gpu=not interp)
     block_h = block_h or launch["block_h"]
     block_n = block_n or launch["block_n"]
     head_blocks = cdiv(num_heads, block_h)

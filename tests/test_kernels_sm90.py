@@ -742,3 +742,34 @@ def test_dsa_selected_attention_compiles(heads: int, splits: int, kv: str) -> No
                   "DOT_MODE": 0, "INTERP_BF16": False}
     check(compile_sm90(dsa_triton.dsa_selected_attention_kernel, args, constexprs,
                        launch["num_warps"], launch["num_stages"]), pipelined=True)
+
+
+# ---- DeepSeek-V4's decode attention (kernels/v4_decode_triton.py) at the release's dims: K=V
+# head_dim 512, 64 (V4-Flash) or 128 (V4-Pro) heads, a window of 128, cache rows of
+# 6 * 512 + 5 * 128 = 3712 values (a CSA layer's, every layer's width), blocks of 16 ---------
+V4_ROW = 6 * 512 + 5 * 128
+
+
+@pytest.mark.parametrize(("heads", "splits"), [(64, 1), (64, 4), (128, 1), (128, 4)])
+def test_v4_decode_compiles(heads: int, splits: int) -> None:
+    """The launcher's tiles: no spill, more shared memory than a block has never asked for,
+    the key loop software-pipelined."""
+    from kernels import v4_decode_triton
+
+    dim, block = 512, 16
+    launch = v4_decode_triton.v4_launch(heads, on_gpu=True)
+    args = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i64",
+            "entry_ptr": "*i64", "sink_ptr": "*fp32",
+            "out_ptr": "*bf16" if splits == 1 else "*fp32", "lse_ptr": "*fp32",
+            "num_heads": heads, "dim": dim, "block_size": block, "window": 128,
+            "num_entries": 512, "kv_col": 0, "entry_col": 5 * dim, "scale_log2": 0.06,
+            "stride_qb": heads * dim, "stride_qh": dim, "stride_kvb": block * V4_ROW,
+            "stride_kvt": V4_ROW, "stride_tb": 1024, "stride_tc": 1, "stride_pb": 1,
+            "stride_eb": 512, "stride_ob": heads * dim * splits, "stride_oh": dim * splits}
+    constexprs = {"NUM_SPLITS": splits, "BLOCK_H": launch["block_h"],
+                  "BLOCK_N": launch["block_n"], "D_PAD": dim, "DOT_MODE": 0,
+                  "INTERP_BF16": False}
+    check(compile_sm90(v4_decode_triton.v4_decode_kernel, args, constexprs,
+                       launch["num_warps"], launch["num_stages"]), pipelined=True)
+    if splits > 1:
+        check_combine(splits, dim, dim)
