@@ -290,8 +290,10 @@ class V4Attention(nn.Module):
             return table.gather(1, p // block).long() * block + p % block
 
         if m:
-            closing = ((pos + 1) % m == 0).nonzero()[:, 0]
-            if closing.numel():
+            # from the host lengths: a nonzero() here would wait for the device
+            closing = [b for b, n in enumerate(lens) if n % m == 0]
+            if closing:
+                closing = torch.tensor(closing, device=dev)
                 windows = (pos[closing] + 1) // m - 1
                 offsets = torch.arange(-m, m, device=dev)  # the window before, the window
                 wrows = flat[slots(windows[:, None] * m + offsets, tables[closing])]
