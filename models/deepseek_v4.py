@@ -1,4 +1,5 @@
-"""DeepSeek-V4 (transformers' ``DeepseekV4ForCausalLM``, HF parameter names): torch only.
+"""DeepSeek-V4 (transformers' ``DeepseekV4ForCausalLM``, HF parameter names): torch, but for
+the decode rows' attention (``kernels.v4_decode``: Triton on CUDA).
 
 Attention (``V4Attention``): shared-KV MQA, one K=V head of ``head_dim`` per token
 (``kv_proj`` -> ``kv_norm`` -> rope), queries through q_a / q_a_norm / q_b and an unweighted
@@ -19,9 +20,10 @@ and the indexer's own on CSA); and, in the row of the token closing window w (po
 w*m + m - 1), the window's compressed entry (and the indexer's), computed in the step that
 writes that token from the window's rows (CSA: and the previous window's, its overlapping Ca
 half) read back from the cache. The rows are as wide as the widest layer type's. A step's
-decode rows run batched (``_decode_rows``), each prefill chunk on its own over the rows of its
-window and of the windows it closes and the entries before (``_attend``); a row's queries in
-pieces of at most ``V4_MAX_SCORES`` fp32 scores.
+decode rows run batched (``_decode_rows``; their attention through ``kernels.v4_decode``),
+each prefill chunk on its own over the rows of its window and of the windows it closes and the
+entries before (``_attend``); a row's queries in pieces of at most ``V4_MAX_SCORES`` fp32
+scores.
 
 Hyper-connections (``HyperConnection``): ``hc_mult`` residual streams per token. The decoder
 layer hands on, as its "residual", one fp32 row per token packing the streams with the FFN
