@@ -15,8 +15,15 @@ kept), each by CUDA-graph replay (device time; both read nothing on the host):
   triton        ``v4_decode_attention_triton``
   torch         ``v4_decode_attention_torch`` (gather, pad, bf16 einsums, fp32 softmax)
 
+and on a CSA layer the indexer's scores over every closed entry (64 index heads x 128, the
+indexer entry at the row's last 128 columns; the top-k after them is torch.topk either way):
+
+  index_triton  ``v4_index_scores_triton``
+  index_torch   ``v4_index_scores_torch`` (gather, fp32 einsum, relu, weighted head sum)
+
 beside a floor: each row's visible K=V rows (its window's and its listed entries') read once,
-q and o once, at the copy rate measured in this run. One JSON line per row as it is done, so a
+q and o once, at the copy rate measured in this run (the index cases: each closed entry's
+indexer key once). One JSON line per row as it is done, so a
 cut run keeps the rows before it. No number here was measured on a GPU yet.
 """
 
@@ -28,8 +35,9 @@ from probe_setup import (SMOKE, append_jsonl, device_us, probe_parser,  # noqa: 
                          start, stepper)  # first: sets up
 
 from kernels.testing import rel_err  # noqa: E402
-from kernels.v4_decode import v4_decode_attention_torch  # noqa: E402
-from kernels.v4_decode_triton import v4_decode_attention_triton  # noqa: E402
+from kernels.v4_decode import v4_decode_attention_torch, v4_index_scores_torch  # noqa: E402
+from kernels.v4_decode_triton import (v4_decode_attention_triton,  # noqa: E402
+                                      v4_index_scores_triton)
 
 step = stepper("v4_decode")
 
@@ -38,9 +46,9 @@ SHAPES = (("hca", 32, 4096), ("csa", 32, 4096), ("hca", 32, 65536), ("csa", 32, 
           ("hca", 64, 16384), ("csa", 64, 16384), ("csa", 8, 65536))
 SMOKE_SHAPES = (("hca", 2, 40), ("csa", 3, 72))
 DIMS = {"heads": 64, "dim": 512, "window": 128, "row": 6 * 512 + 5 * 128, "block": 16,
-        "rates": {"hca": 128, "csa": 4}, "topk": 512}
+        "rates": {"hca": 128, "csa": 4}, "topk": 512, "i_heads": 64, "d_idx": 128}
 SMOKE_DIMS = {"heads": 16, "dim": 32, "window": 8, "row": 6 * 32 + 5 * 16, "block": 16,
-              "rates": {"hca": 8, "csa": 2}, "topk": 12}
+              "rates": {"hca": 8, "csa": 2}, "topk": 12, "i_heads": 4, "d_idx": 16}
 
 
 def inputs(layer: str, batch: int, ctx: int, dims: dict, device: str) -> tuple:
@@ -82,6 +90,24 @@ def probe_shape(layer: str, batch: int, ctx: int, dims: dict, ceil: dict, cuda: 
     err = rel_err(v4_decode_attention_triton(*args), v4_decode_attention_torch(*args))
     runs = {"triton": lambda: v4_decode_attention_triton(*args),
             "torch": lambda: v4_decode_attention_torch(*args)}
+    floors = {"triton": floor, "torch": floor}
+    if layer == "csa":
+        q, cache, tables, pos = args[:4]
+        rate, d_idx = dims["rates"]["csa"], dims["d_idx"]
+        q_idx = torch.randn(q.shape[0], dims["i_heads"], d_idx, device=q.device,
+                            dtype=q.dtype)
+        weights = torch.randn(q.shape[0], dims["i_heads"], device=q.device)
+        iargs = (q_idx, weights, cache, tables, pos, rate, ctx // rate,
+                 cache.shape[-1] - d_idx, d_idx**-0.5)
+        want = v4_index_scores_torch(*iargs)
+        live = want.isfinite()
+        got = v4_index_scores_triton(*iargs)
+        err = max(err, rel_err(torch.where(live, got, 0.0), torch.where(live, want, 0.0)))
+        runs["index_triton"] = lambda: v4_index_scores_triton(*iargs)
+        runs["index_torch"] = lambda: v4_index_scores_torch(*iargs)
+        index_floor = 1e6 * (int(live.sum()) * d_idx * 2 + got.numel() * 4) \
+            / ceil["copy_bytes_per_s"]
+        floors["index_triton"] = floors["index_torch"] = index_floor
     rows: dict[str, dict] = {}
     for _ in range(1 if SMOKE else 2):  # in turn, twice: the lower of the two medians
         for name, fn in runs.items():
@@ -97,16 +123,17 @@ def probe_shape(layer: str, batch: int, ctx: int, dims: dict, ceil: dict, cuda: 
                 continue
             row = rows.setdefault(name, {})
             row["us"] = min(us, row.get("us", us))
-    triton_us = rows.get("triton", {}).get("us")
     results = []
     for name, row in rows.items():
+        triton_us = rows.get("index_triton" if name.startswith("index") else "triton",
+                             {}).get("us")
         row.update({"layer": layer, "batch": batch, "ctx": ctx, "heads": dims["heads"],
-                    "entries": args[4].shape[1], "case": name, "floor_us": floor,
+                    "entries": args[4].shape[1], "case": name, "floor_us": floors[name],
                     "rel_err_triton_vs_torch": err})
         if "us" in row:
-            row["over_floor"] = row["us"] / floor
+            row["over_floor"] = row["us"] / floors[name]
             row["over_triton"] = row["us"] / triton_us if triton_us else None
-            step(f"{layer} B={batch:3d} ctx={ctx:6d} {name:7s} {row['us']:10.1f} us "
+            step(f"{layer} B={batch:3d} ctx={ctx:6d} {name:12s} {row['us']:10.1f} us "
                  f"{row['over_floor']:7.2f}x floor"
                  + (f" {row['over_triton']:7.2f}x triton" if triton_us else ""))
         results.append(row)

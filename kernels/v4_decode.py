@@ -13,6 +13,11 @@ and adds nothing to the output). Every key is read from the paged cache [num_blo
 block_size, W] through the row's block table, at column ``kv_col`` (window) or
 ``entry_col`` (entries), D values wide (``models.deepseek_v4.RowLayout``'s slices).
 
+On a CSA layer the entries are the indexer's picks: ``v4_index_scores`` scores every closed
+entry of a row (the indexer's own entry, a cache row's ``ientry`` columns at the closing
+token's row) for its index queries, index[e] = sum_h w[h] * relu(q[h] . k[e]) * scale, fp32,
+-inf for an entry not closed yet; the caller takes the top-k (``torch.topk``).
+
 ``v4_decode_attention_torch`` is the reference: the model's former decode math (bf16 scores
 and output products, fp32 softmax with the sinks), keys not visible zeroed before they are
 summed (a stale row may hold NaN). ``kernels.v4_decode_triton`` is the Triton kernel (fp32
@@ -97,3 +102,49 @@ def v4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
 
         return v4_decode_attention_triton(*args)
     return v4_decode_attention_torch(*args)
+
+
+def v4_index_scores_torch(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+                          block_tables: torch.Tensor, positions: torch.Tensor, rate: int,
+                          num_entries: int, ientry_col: int, scale: float) -> torch.Tensor:
+    """Reference (the model's former decode math).
+
+    q_idx: [B, Hi, Di] roped index queries; weights: [B, Hi] fp32 head weights; kv_cache,
+    block_tables, positions: as ``v4_decode_attention_torch``'s; rate: the layer's compress
+    rate m (entry e lives in the row of position e*m + m - 1, closed once positions[b] >= that
+    position); num_entries: E, the entries scored per row; ientry_col: the indexer entry's
+    first column. Returns [B, E] fp32, -inf where the entry is not closed.
+    """
+    batch, _, d_idx = q_idx.shape
+    if weights.shape != q_idx.shape[:2] or block_tables.shape[0] != batch \
+            or positions.shape != (batch,):
+        raise ValueError(f"shapes disagree: q_idx {tuple(q_idx.shape)} [B, Hi, Di], weights "
+                         f"{tuple(weights.shape)} [B, Hi], block_tables "
+                         f"{tuple(block_tables.shape)}, positions {tuple(positions.shape)} [B]")
+    if not 0 <= ientry_col <= kv_cache.shape[-1] - d_idx or rate < 1:
+        raise ValueError(f"ientry_col {ientry_col} + Di {d_idx} must fit the cache rows "
+                         f"({kv_cache.shape[-1]}) and rate ({rate}) be >= 1")
+    block, dev = kv_cache.shape[1], q_idx.device
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    epos = torch.arange(num_entries, device=dev) * rate + rate - 1  # [E]
+    closed = torch.arange(num_entries, device=dev)[None, :] < ((positions + 1) // rate)[:, None]
+    p = torch.where(closed, epos, 0)  # an open entry's row may lie past the table: not read
+    eslots = block_tables.gather(1, p // block).long() * block + p % block
+    ient = flat[:, ientry_col:ientry_col + d_idx][eslots].masked_fill(~closed[..., None], 0.0)
+    scores = torch.relu(torch.einsum("bhd,bed->bhe", q_idx.float(), ient.float())) * scale
+    index = (scores * weights[..., None]).sum(dim=1)  # [B, E]
+    return index.masked_fill(~closed, float("-inf"))
+
+
+def v4_index_scores(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+                    block_tables: torch.Tensor, positions: torch.Tensor, rate: int,
+                    num_entries: int, ientry_col: int, scale: float, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """See ``v4_index_scores_torch``; the Triton path reads nothing on the host."""
+    args = (q_idx, weights, kv_cache, block_tables, positions, rate, num_entries, ientry_col,
+            scale)
+    if resolve_backend(backend, q_idx, kv_cache) == "triton":
+        from kernels.v4_decode_triton import v4_index_scores_triton
+
+        return v4_index_scores_triton(*args)
+    return v4_index_scores_torch(*args)

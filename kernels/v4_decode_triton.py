@@ -25,7 +25,7 @@ from kernels.mla_decode_triton import _sm_count, default_launch
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, split_bounds, split_count,
                                   store_attention, unit_last_stride)
-from kernels.v4_decode import _check
+from kernels.v4_decode import _check, v4_index_scores_torch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -85,6 +85,85 @@ def v4_decode_kernel(
     store_attention(acc, m_i, l_i, out_ptr + row * stride_ob + heads[:, None] * stride_oh,
                     lse_ptr, row * num_heads + heads, h_ok, d_ok, offs_d, split, dim,
                     NUM_SPLITS, INTERP_BF16)
+
+
+@triton.jit
+def v4_index_scores_kernel(
+    q_ptr,  # [B, Hi, Di] index queries
+    w_ptr,  # [B, Hi] fp32 head weights
+    kv_ptr,  # [num_blocks, block_size, W] cache rows; the indexer entry at ientry_col
+    table_ptr,  # [B, max_blocks] block ids
+    pos_ptr,  # [B] each row's query position
+    out_ptr,  # [B, E] fp32 index scores (-inf: not closed)
+    num_heads, d_idx, block_size, rate, num_entries, ientry_col, scale,
+    stride_qb, stride_qh, stride_wb, stride_kvb, stride_kvt, stride_tb, stride_tc, stride_pb,
+    stride_ob,
+    HI_PAD: tl.constexpr, DI_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """One program per (row, BLOCK_N entries): ``dsa_triton.dsa_index_keys_kernel``'s scoring
+    over entry e's row (position e*m + m - 1) instead of every position, written as the fp32
+    score; a program whose entries are all still open writes -inf without loading."""
+    row = tl.program_id(0).to(tl.int64)
+    ents = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    closed = (tl.load(pos_ptr + row * stride_pb).to(tl.int32) + 1) // rate
+    index = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    if tl.program_id(1) * BLOCK_N < closed:
+        heads = tl.arange(0, HI_PAD)
+        offs_d = tl.arange(0, DI_PAD)
+        h_ok = heads < num_heads
+        d_ok = offs_d < d_idx
+        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [HI, DI]
+        w = tl.load(w_ptr + row * stride_wb + heads, mask=h_ok, other=0.0).to(tl.float32)
+        e_ok = ents < closed
+        tok = ents * rate + rate - 1
+        block = tl.load(table_ptr + row * stride_tb + (tok // block_size) * stride_tc,
+                        mask=e_ok, other=0)
+        rows = block.to(tl.int64) * stride_kvb + (tok % block_size) * stride_kvt  # [BN]
+        k = tl.load(kv_ptr + rows[:, None] + ientry_col + offs_d[None, :],
+                    mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BN, DI]
+        s = dot(q, tl.trans(k), tl.zeros((HI_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        scored = tl.sum(tl.maximum(s, 0.0) * scale * w[:, None], 0)  # [BN] fp32
+        index = tl.where(e_ok, scored, float("-inf"))
+    tl.store(out_ptr + row * stride_ob + ents, index, mask=ents < num_entries)
+
+
+def index_launch(num_index_heads: int, on_gpu: bool) -> dict:
+    """Entries a program and warps of the index kernel: ``dsa_triton.index_launch``'s (64 a
+    program over 4 warps on a GPU, not timed; 16 under the interpreter)."""
+    from kernels.dsa_triton import index_launch as dsa_index_launch
+
+    return dsa_index_launch(num_index_heads, on_gpu)
+
+
+def v4_index_scores_triton(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+                           block_tables: torch.Tensor, positions: torch.Tensor, rate: int,
+                           num_entries: int, ientry_col: int, scale: float) -> torch.Tensor:
+    """Same contract as ``v4_decode.v4_index_scores_torch`` (fp32 accumulation)."""
+    batch, heads, d_idx = q_idx.shape
+    # the reference's checks, on an empty slice (no work)
+    v4_index_scores_torch(q_idx[:0], weights[:0], kv_cache, block_tables[:0], positions[:0],
+                          rate, 0, ientry_col, scale)
+    if weights.shape != (batch, heads) or positions.shape != (batch,) \
+            or block_tables.shape[0] != batch:
+        raise ValueError(f"shapes disagree: q_idx {tuple(q_idx.shape)} [B, Hi, Di], weights "
+                         f"{tuple(weights.shape)} [B, Hi], positions {tuple(positions.shape)}")
+    out = torch.empty(batch, num_entries, dtype=torch.float32, device=q_idx.device)
+    if batch == 0 or num_entries == 0:
+        return out
+    q_idx, kv = unit_last_stride(q_idx, kv_cache)
+    weights = weights.float().contiguous()
+    launch = index_launch(heads, on_gpu=q_idx.is_cuda)
+    block_n = launch["block_n"]
+    grid = (batch, cdiv(num_entries, block_n))
+    v4_index_scores_kernel[grid](
+        q_idx, weights, kv, block_tables, positions, out,
+        heads, d_idx, kv.shape[1], rate, num_entries, ientry_col, scale,
+        q_idx.stride(0), q_idx.stride(1), weights.stride(0), kv.stride(0), kv.stride(1),
+        block_tables.stride(0), block_tables.stride(1), positions.stride(0), out.stride(0),
+        HI_PAD=max(16, next_pow2(heads)), DI_PAD=max(16, next_pow2(d_idx)), BLOCK_N=block_n,
+        DOT_MODE=dot_mode(q_idx.dtype), num_warps=launch["num_warps"])
+    return out
 
 
 def v4_launch(num_heads: int, on_gpu: bool) -> dict:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.v4_decode import v4_decode_attention
+from kernels.v4_decode import v4_decode_attention, v4_index_scores
 from models.batch import ForwardBatch
 from models.config import ModelConfig, V4Config
 from models.layers import Rotary, linear
@@ -323,10 +323,8 @@ class V4Attention(nn.Module):
                 epos = torch.arange(most, device=dev) * m + m - 1
                 closed = torch.arange(most, device=dev)[None, :] < n_entries[part, None]
                 if self.kind == CSA:
-                    eslots = slots(epos.expand(p.shape[0], -1), table)
-                    ient = flat[:, rows["ientry"]][eslots].masked_fill(~closed[..., None], 0.0)
-                    closed = closed & self._selected_rows(q_resid[part], x[part], ient, closed,
-                                                          cos[part], sin[part])
+                    closed = closed & self._selected_rows(q_resid[part], x[part], cache, table,
+                                                          p, most, cos[part], sin[part])
                 entries = torch.where(closed, epos, -1)
             # kernels.v4_decode: Triton on CUDA (the window's and the entries' rows read
             # through the table in the kernel), else the torch gather, padded
@@ -335,19 +333,19 @@ class V4Attention(nn.Module):
                 window, rows["kv"].start, rows["entry"].start if m else 0)
         return out
 
-    def _selected_rows(self, q_resid: torch.Tensor, x: torch.Tensor, ientries: torch.Tensor,
-                       closed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                       ) -> torch.Tensor:
-        """``_selected`` for decode rows, each over its own entries ientries [B, E, Di]."""
+    def _selected_rows(self, q_resid: torch.Tensor, x: torch.Tensor, cache: torch.Tensor,
+                       tables: torch.Tensor, pos: torch.Tensor, most: int, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+        """``_selected`` for decode rows at positions pos [B], each over its own closed
+        entries of the first ``most``: bool [B, most], scored by ``kernels.v4_index_scores``
+        (Triton on CUDA) over the indexer entries in the cache."""
         ix = self.compressor.indexer
         qi = rope_tail(ix.q_b_proj(q_resid).view(q_resid.shape[0], ix.heads, ix.dim), cos, sin)
-        scores = torch.relu(torch.einsum("bhd,bed->bhe", qi.float(), ientries.float())) \
-            * ix.dim**-0.5
         weights = ix.scorer.weights_proj(x).float() * ix.heads**-0.5  # [B, Hi]
-        index = (scores * weights[..., None]).sum(dim=1)  # [B, E]
-        index = index.masked_fill(~closed, float("-inf"))
-        picked = index.topk(min(self.v4.index_topk, index.shape[1]), dim=-1).indices
-        return torch.zeros_like(closed).scatter_(1, picked, True)
+        index = v4_index_scores(qi, weights, cache, tables, pos, self.rate, most,
+                                self.rows["ientry"].start, ix.dim**-0.5)  # [B, E], -inf open
+        picked = index.topk(min(self.v4.index_topk, most), dim=-1).indices
+        return torch.zeros_like(index, dtype=torch.bool).scatter_(1, picked, True)
 
     def _close_windows(self, local: torch.Tensor, lo: int, flat: torch.Tensor,
                        slots: torch.Tensor, length: int, qlen: int) -> torch.Tensor:

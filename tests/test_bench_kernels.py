@@ -422,9 +422,9 @@ def test_gpu_recheck_header_sums_its_stage_timeouts() -> None:
 
 
 def test_v4_decode_smoke_runs_on_cpu(tmp_path) -> None:
-    """``bench/v4_decode.py`` (DeepSeek-V4's decode attention: Triton beside the torch path)
-    at tiny dims under the interpreter: one JSON line per (shape, case), both timed, the Triton
-    kernel within bf16's error of the torch path."""
+    """``bench/v4_decode.py`` (DeepSeek-V4's decode attention and CSA index scores: Triton
+    beside the torch path) at tiny dims under the interpreter: one JSON line per (shape, case),
+    every case timed, the Triton kernels within bf16's error of the torch path."""
     out = tmp_path / "v4.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run(
@@ -433,7 +433,8 @@ def test_v4_decode_smoke_runs_on_cpu(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["layer"], r["case"]) for r in rows] == [
-        (layer, n) for layer in ("hca", "csa") for n in ("triton", "torch")]
+        ("hca", "triton"), ("hca", "torch"),
+        *(("csa", n) for n in ("triton", "torch", "index_triton", "index_torch"))]
     for r in rows:
         assert "error" not in r, r
         assert r["us"] > 0 and r["floor_us"] > 0 and r["rel_err_triton_vs_torch"] < 1e-2

@@ -92,8 +92,10 @@ def test_matches_transformers_and_selection_matters(v4, monkeypatch):
     assert_matches(path, expected, prompts)
     # the indexer's selection decides the outputs: every closed CSA entry seen instead of
     # the top index_topk gives other tokens (even the 5-token prompt's: 8 entries by its end)
-    for name in ("_selected", "_selected_rows"):  # prefill chunks, decode rows
-        monkeypatch.setattr(V4Attention, name, lambda self, *args: args[3])
+    monkeypatch.setattr(V4Attention, "_selected", lambda self, *args: args[3])  # prefill
+    monkeypatch.setattr(V4Attention, "_selected_rows",  # decode rows: [B, most] all True
+                        lambda self, q_resid, *args: torch.ones(q_resid.shape[0], args[4],
+                                                                dtype=torch.bool))
     dense = tokens(LLM(path), prompts)
     assert all(d != e for d, (e, _) in zip(dense, expected, strict=True))
 

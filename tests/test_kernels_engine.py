@@ -17,8 +17,8 @@ narrower (no indexer key: the kernels read them whole); ``glm5sparse`` its index
 ``v32sparse``: the full layers' decode rows through the DSA decode kernels, the shared layers'
 through the selected-attention kernel over the full layer's indices. The ``v4`` case is the
 tiny DeepSeek-V4 of ``ckpt_utils`` (a swiglu_limit of 1 that clamps): its routed experts and its
-decode rows' attention (``kernels.v4_decode_triton``: window + entries, sinks) are its Triton
-paths. The ``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype
+decode rows' attention and CSA index scores (``kernels.v4_decode_triton``: window + entries,
+sinks) are its Triton paths. The ``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype
 "fp8"): every Triton attention kernel the engine calls reads FP8 and converts it in registers,
 the torch ones cast.
 """
@@ -48,7 +48,9 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.dsa_triton", "dsa_decode_attention_triton"),
     ("kernels.dsa_triton", "dsa_selected_attention_triton"),
     ("kernels.v4_decode_triton", "v4_decode_attention_triton"),
+    ("kernels.v4_decode_triton", "v4_index_scores_triton"),
 ]
+V4 = ("v4_decode_attention_triton", "v4_index_scores_triton")
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
 DSA = ("dsa_decode_attention_triton", "dsa_selected_attention_triton")
 UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
@@ -66,16 +68,16 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
                         "varlen_prefill_attention_triton"),
           "mtp": ("gqa_decode_attention_triton", "paged_prefill_attention_triton",
                   "gqa_decode_attention_grouped_triton", *DSA),
-          # DeepSeek-V4: its decode rows' attention (kernels.v4_decode_triton) and its routed
-          # experts (swiglu_limit in the w13 epilogue) are Triton; its prefill attention,
-          # rope, compressors, indexer and fp32-weight norms torch
-          "v4": tuple(fn for _, fn in TRITON_ENTRIES
-                      if fn not in ("fused_moe_triton", "v4_decode_attention_triton"))}
+          # DeepSeek-V4: its decode rows' attention and CSA index scores
+          # (kernels.v4_decode_triton) and its routed experts (swiglu_limit in the w13
+          # epilogue) are Triton; its prefill attention, rope, compressors, top-k and
+          # fp32-weight norms torch
+          "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn not in ("fused_moe_triton", *V4))}
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
-for _name in UNUSED:  # the V4 kernel is V4's alone
+for _name in UNUSED:  # the V4 kernels are V4's alone
     if _name != "v4":
-        UNUSED[_name] = (*UNUSED[_name], "v4_decode_attention_triton")
+        UNUSED[_name] = (*UNUSED[_name], *V4)
 
 
 FP8KV = "+fp8kv"

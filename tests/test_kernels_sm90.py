@@ -773,3 +773,20 @@ def test_v4_decode_compiles(heads: int, splits: int) -> None:
                        launch["num_warps"], launch["num_stages"]), pipelined=True)
     if splits > 1:
         check_combine(splits, dim, dim)
+
+
+def test_v4_index_scores_compiles() -> None:
+    """The CSA indexer's scores over the entries (64 index heads x 128, no loop: one step of
+    BLOCK_N entries a program): no spill."""
+    from kernels import v4_decode_triton
+
+    launch = v4_decode_triton.index_launch(64, on_gpu=True)
+    args = {"q_ptr": "*bf16", "w_ptr": "*fp32", "kv_ptr": "*bf16", "table_ptr": "*i32",
+            "pos_ptr": "*i64", "out_ptr": "*fp32", "num_heads": 64, "d_idx": 128,
+            "block_size": 16, "rate": 4, "num_entries": 16384, "ientry_col": V4_ROW - 128,
+            "scale": 0.088, "stride_qb": 64 * 128, "stride_qh": 128, "stride_wb": 64,
+            "stride_kvb": 16 * V4_ROW, "stride_kvt": V4_ROW, "stride_tb": 4096,
+            "stride_tc": 1, "stride_pb": 1, "stride_ob": 16384}
+    constexprs = {"HI_PAD": 64, "DI_PAD": 128, "BLOCK_N": launch["block_n"], "DOT_MODE": 0}
+    check(compile_sm90(v4_decode_triton.v4_index_scores_kernel, args, constexprs,
+                       launch["num_warps"], 1), pipelined=False)

@@ -17,7 +17,8 @@ import torch
 
 from kernels.testing import (check_result, paged_tables, poison_stale_rows, rel_err,
                              run_in_interpreter, seed_case, tolerance)
-from kernels.v4_decode import v4_decode_attention, v4_decode_attention_torch
+from kernels.v4_decode import (v4_decode_attention, v4_decode_attention_torch,
+                               v4_index_scores, v4_index_scores_torch)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = int(os.environ.get("AFD_TEST_SEED", random.randrange(2**31)))
@@ -73,7 +74,20 @@ def interpreter_case(name: str, seed: int) -> dict:
     # the dispatch forced to Triton takes the same path
     forced = v4_decode_attention(*args, backend="triton")
     errs.append(rel_err(forced, want))
-    return {"err": max(errs), "tol": tolerance(args[0].dtype), "dtype_ok": dtype_ok}
+    # the CSA indexer's scores over the same cache (its entry at another column): -inf exactly
+    # where an entry is not closed yet (row 0: none is), the rest within the tolerance
+    q, cache, tables, pos = args[:4]
+    rate, most = spec[7], spec[8]
+    q_idx = torch.randn(q.shape[0], 6, 16).to(q.dtype)
+    weights = torch.randn(q.shape[0], 6)
+    iargs = (q_idx, weights, cache, tables, pos, rate, max(most, 4) + 2, q.shape[-1] + 1, 0.25)
+    got = v4_index_scores(*iargs, backend="triton")
+    want = v4_index_scores_torch(*iargs)
+    live = want.isfinite()
+    mask_ok = torch.equal(live, got.isfinite()) and not live[0].any() and bool(live.any())
+    index_err = rel_err(torch.where(live, got, 0.0), torch.where(live, want, 0.0))
+    return {"err": max(errs), "tol": tolerance(q.dtype), "dtype_ok": dtype_ok,
+            "index_err": index_err, "mask_ok": mask_ok}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +97,10 @@ def interpreter_results() -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_v4_decode_interpreter(interpreter_results: dict, name: str) -> None:
-    check_result(interpreter_results[name], name, SEED)
+    result = interpreter_results[name]
+    check_result(result, name, SEED)
+    assert result["mask_ok"], f"{name}: the index scores' -inf entries are not the open ones"
+    assert result["index_err"] < result["tol"], (name, SEED, result["index_err"])
 
 
 def test_reference_is_the_per_row_softmax_with_sinks() -> None:
@@ -116,6 +133,9 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="kv_cache must be of q's dtype"):
         v4_decode_attention(q, cache.bfloat16(), tables, pos, entries, sinks, scale, window,
                             kv_col, entry_col, backend="torch")
+    with pytest.raises(ValueError, match="ientry_col"):
+        v4_index_scores(q, torch.ones(q.shape[:2]), cache, tables, pos, 2, 4, cache.shape[-1],
+                        1.0, backend="torch")
     with pytest.raises(ValueError, match="sinks"):
         v4_decode_attention(q, cache, tables, pos, entries, sinks[:2], scale, window, kv_col,
                             entry_col, backend="torch")
