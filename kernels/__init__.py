@@ -15,7 +15,8 @@ the quantization kernel in ``fp8_triton``), which the MoE GEMMs take for FP8 exp
 ``decode_groups`` the decode rows grouped by sequence (a verifying sequence's k + 1 rows), which
 the decode attentions take to read each sequence's context once, ``dsa`` DeepSeek-V3.2's sparse
 attention (its torch path, and ``dsa_decode_attention`` whose Triton kernels are in
-``dsa_triton``),
+``dsa_triton``), ``v4_decode`` DeepSeek-V4's decode attention (window + listed entries, K=V,
+sinks) and CSA index scores (their Triton kernels in ``v4_decode_triton``),
 ``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
 ``testing`` the helpers the tests use (interpreter subprocess, rel. error).
 """
