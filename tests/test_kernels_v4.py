@@ -139,3 +139,44 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="sinks"):
         v4_decode_attention(q, cache, tables, pos, entries, sinks[:2], scale, window, kv_col,
                             entry_col, backend="torch")
+
+
+def test_v4_decode_rows_read_nothing_back_from_the_device() -> None:
+    """The model around these ops (``models.deepseek_v4``, the tiny checkpoint's config): a
+    decode step's rows (windows closing on every layer type, CSA selection included) run
+    without an op whose result the host must wait for (nonzero, item): what they need to know
+    on the host comes from the batch's host lengths; the ops here read nothing on the host
+    either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ckpt_utils import build_hf_model
+
+    from models.batch import ForwardBatch
+    from models.config import config_from_dict
+    from models.deepseek_v4 import V4Attention, rope_tables
+
+    cfg = config_from_dict(build_hf_model("deepseek_v4").config.to_dict())
+    block, tables = 4, torch.tensor([[3, 1, 5, 7], [2, 6, 0, 0]], dtype=torch.int32)
+    ropes = rope_tables(cfg, "cpu")
+    waits = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+             torch.ops.aten.is_nonzero.default}
+    seen = []
+
+    class Waits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in waits:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for layer in range(3):
+        att = V4Attention(cfg, layer, torch.float32)
+        cache = torch.randn(8, block, cfg.kv_cache_dim)
+        positions = torch.tensor([11, 7])  # lengths 12 and 8: both close a window (rates 2, 4)
+        slots = tables[torch.arange(2), positions // block].long() * block + positions % block
+        batch = ForwardBatch(positions=positions, slot_mapping=slots, block_tables=tables,
+                             seq_lens=torch.tensor([12, 8]), query_lens=[1, 1], num_decodes=2,
+                             context_lens=[12, 8])
+        batch.rope_tables = {k: r.cos_sin(positions) for k, r in ropes.items()}
+        with torch.no_grad(), Waits():
+            att(torch.randn(2, cfg.hidden_size), batch, cache)
+        assert seen == [], (layer, seen)
