@@ -104,6 +104,23 @@ def v4_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
     return v4_decode_attention_torch(*args)
 
 
+def _check_index(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+                 block_tables: torch.Tensor, positions: torch.Tensor, rate: int,
+                 ientry_col: int) -> None:
+    batch, _, d_idx = q_idx.shape
+    if weights.shape != q_idx.shape[:2] or block_tables.shape[0] != batch \
+            or positions.shape != (batch,):
+        raise ValueError(f"shapes disagree: q_idx {tuple(q_idx.shape)} [B, Hi, Di], weights "
+                         f"{tuple(weights.shape)} [B, Hi], block_tables "
+                         f"{tuple(block_tables.shape)}, positions {tuple(positions.shape)} [B]")
+    if not 0 <= ientry_col <= kv_cache.shape[-1] - d_idx or rate < 1:
+        raise ValueError(f"ientry_col {ientry_col} + Di {d_idx} must fit the cache rows "
+                         f"({kv_cache.shape[-1]}) and rate ({rate}) be >= 1")
+    if kv_cache.dim() != 3 or kv_cache.dtype != q_idx.dtype:
+        raise ValueError(f"kv_cache must be [num_blocks, block_size, W] of q_idx's dtype "
+                         f"({q_idx.dtype}), got {tuple(kv_cache.shape)} {kv_cache.dtype}")
+
+
 def v4_index_scores_torch(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
                           block_tables: torch.Tensor, positions: torch.Tensor, rate: int,
                           num_entries: int, ientry_col: int, scale: float) -> torch.Tensor:
@@ -115,15 +132,8 @@ def v4_index_scores_torch(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: 
     position); num_entries: E, the entries scored per row; ientry_col: the indexer entry's
     first column. Returns [B, E] fp32, -inf where the entry is not closed.
     """
+    _check_index(q_idx, weights, kv_cache, block_tables, positions, rate, ientry_col)
     batch, _, d_idx = q_idx.shape
-    if weights.shape != q_idx.shape[:2] or block_tables.shape[0] != batch \
-            or positions.shape != (batch,):
-        raise ValueError(f"shapes disagree: q_idx {tuple(q_idx.shape)} [B, Hi, Di], weights "
-                         f"{tuple(weights.shape)} [B, Hi], block_tables "
-                         f"{tuple(block_tables.shape)}, positions {tuple(positions.shape)} [B]")
-    if not 0 <= ientry_col <= kv_cache.shape[-1] - d_idx or rate < 1:
-        raise ValueError(f"ientry_col {ientry_col} + Di {d_idx} must fit the cache rows "
-                         f"({kv_cache.shape[-1]}) and rate ({rate}) be >= 1")
     block, dev = kv_cache.shape[1], q_idx.device
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     epos = torch.arange(num_entries, device=dev) * rate + rate - 1  # [E]

@@ -25,7 +25,7 @@ from kernels.mla_decode_triton import _sm_count, default_launch
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, split_bounds, split_count,
                                   store_attention, unit_last_stride)
-from kernels.v4_decode import _check, v4_index_scores_torch
+from kernels.v4_decode import _check, _check_index
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -141,13 +141,7 @@ def v4_index_scores_triton(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache:
                            num_entries: int, ientry_col: int, scale: float) -> torch.Tensor:
     """Same contract as ``v4_decode.v4_index_scores_torch`` (fp32 accumulation)."""
     batch, heads, d_idx = q_idx.shape
-    # the reference's checks, on an empty slice (no work)
-    v4_index_scores_torch(q_idx[:0], weights[:0], kv_cache, block_tables[:0], positions[:0],
-                          rate, 0, ientry_col, scale)
-    if weights.shape != (batch, heads) or positions.shape != (batch,) \
-            or block_tables.shape[0] != batch:
-        raise ValueError(f"shapes disagree: q_idx {tuple(q_idx.shape)} [B, Hi, Di], weights "
-                         f"{tuple(weights.shape)} [B, Hi], positions {tuple(positions.shape)}")
+    _check_index(q_idx, weights, kv_cache, block_tables, positions, rate, ientry_col)
     out = torch.empty(batch, num_entries, dtype=torch.float32, device=q_idx.device)
     if batch == 0 or num_entries == 0:
         return out
