@@ -60,13 +60,18 @@ def make_inputs(spec: tuple, csa: bool, device: str = "cpu"):
 
 
 def interpreter_case(name: str, seed: int) -> dict:
+    seed_case(name, seed)
+    return run_case(CASES[name], "cpu")
+
+
+def run_case(spec: tuple, device: str) -> dict:
+    """The kernels against the references on one case's inputs (HCA- and CSA-style entries,
+    the forced dispatch, the CSA index scores)."""
     from kernels.v4_decode_triton import v4_decode_attention_triton
 
-    seed_case(name, seed)
-    spec = CASES[name]
     errs, dtype_ok = [], True
     for csa in (False, True):
-        args = make_inputs(spec, csa)
+        args = make_inputs(spec, csa, device)
         got = v4_decode_attention_triton(*args, num_splits=spec[9])
         want = v4_decode_attention_torch(*args)
         errs.append(rel_err(got, want))
@@ -78,8 +83,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     # where an entry is not closed yet (row 0: none is), the rest within the tolerance
     q, cache, tables, pos = args[:4]
     rate, most = spec[7], spec[8]
-    q_idx = torch.randn(q.shape[0], 6, 16).to(q.dtype)
-    weights = torch.randn(q.shape[0], 6)
+    q_idx = torch.randn(q.shape[0], 6, 16, device=device).to(q.dtype)
+    weights = torch.randn(q.shape[0], 6, device=device)
     iargs = (q_idx, weights, cache, tables, pos, rate, max(most, 4) + 2, q.shape[-1] + 1, 0.25)
     got = v4_index_scores(*iargs, backend="triton")
     want = v4_index_scores_torch(*iargs)
@@ -98,6 +103,26 @@ def interpreter_results() -> dict[str, dict]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_v4_decode_interpreter(interpreter_results: dict, name: str) -> None:
     result = interpreter_results[name]
+    check_result(result, name, SEED)
+    assert result["mask_ok"], f"{name}: the index scores' -inf entries are not the open ones"
+    assert result["index_err"] < result["tol"], (name, SEED, result["index_err"])
+
+
+GPU_CASES = {  # V4-Flash's attention (64 heads, head_dim 512; 128 as V4-Pro), window 128,
+    # CSA rate 4, up to 512 entries; blocks of 64, contexts up to 4096
+    "flash_bf16": ("bf16", 8, 64, 512, 64, 64, 128, 4, 512, None, "int32"),
+    "pro_splits_bf16": ("bf16", 4, 128, 512, 64, 64, 128, 4, 512, 4, "int64"),
+    "flash_fp32": ("fp32", 4, 64, 512, 64, 16, 128, 4, 256, 2, "int32"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_v4_decode_gpu(name: str) -> None:
+    """The interpreter cases' checks on a GPU at DeepSeek-V4's dims."""
+    seed_case(name, SEED)
+    result = run_case(GPU_CASES[name], "cuda")
     check_result(result, name, SEED)
     assert result["mask_ok"], f"{name}: the index scores' -inf entries are not the open ones"
     assert result["index_err"] < result["tol"], (name, SEED, result["index_err"])
