@@ -326,8 +326,10 @@ def resolve_engine_config(
     # decode op (a GLM-5 shared layer's: its selected-attention op over the full layer's picks),
     # whose Triton path reads nothing on the host (models.attention MLAttention._sparse), so
     # enforce_eager=False captures them; not the default there until a GPU has captured and
-    # timed them (never yet: docs/limits.md#dsa)
-    dsa_sparse = model_cfg.dsa and max_model_len > model_cfg.index_topk
+    # timed them (never yet: docs/limits.md#dsa). A graph's batch is sparse by its tables'
+    # width (max_model_len rounded up to whole blocks), so the default reads the same
+    dsa_sparse = (model_cfg.dsa
+                  and -(-max_model_len // block_size) * block_size > model_cfg.index_topk)
     # DeepSeek-V4's attention (models.deepseek_v4) is a torch path over each row's host length
     v4 = model_cfg.attention == "v4"
     if v4 and kv_cache_dtype == "fp8":

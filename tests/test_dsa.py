@@ -201,10 +201,11 @@ def test_cuda_graph_path_past_index_topk_matches_transformers(v32):
     llm = LLM(path, enforce_eager=False, max_model_len=128)
     assert not llm.config.enforce_eager and llm.engine.core.runner.graphs is not None
     assert tokens(llm, prompts) == [t for t, _ in expected]
-    for max_len, eager in ((128, True), (8, False)):  # on CUDA: graphs within index_topk
+    # on CUDA: graphs within index_topk (8), counted as a graph's tables hold it: whole blocks
+    for max_len, block, eager in ((128, 16, True), (8, 4, False), (8, 16, True), (7, 3, True)):
         cfg = resolve_engine_config(path, load_config(path), device="cuda", num_kv_blocks=16,
-                                    max_model_len=max_len)
-        assert cfg.enforce_eager == eager
+                                    max_model_len=max_len, block_size=block)
+        assert cfg.enforce_eager == eager, (max_len, block)
 
 
 def test_attention_and_ffn_ranks_and_pd_match_single_process(v32):
