@@ -292,10 +292,11 @@ class V4Attention(nn.Module):
             return table.gather(1, p // block).long() * block + p % block
 
         if m:
-            # from the host lengths: a nonzero() here would wait for the device
+            # from the host lengths: a nonzero() here would wait for the device; in pieces
+            # of closing rows of at most about V4_MAX_SCORES values read back
             closing = [b for b, n in enumerate(lens) if n % m == 0]
-            if closing:
-                closing = torch.tensor(closing, device=dev)
+            per_piece = max(1, V4_MAX_SCORES // (2 * m * flat.shape[-1]))
+            for closing in (torch.tensor(closing, device=dev).split(per_piece) if closing else ()):
                 windows = (pos[closing] + 1) // m - 1
                 offsets = torch.arange(-m, m, device=dev)  # the window before, the window
                 wrows = flat[slots(windows[:, None] * m + offsets, tables[closing])]
@@ -310,7 +311,10 @@ class V4Attention(nn.Module):
                     flat[own, rows[out_name]] = comp.pool(
                         kv[:, m:], gate[:, m:], kv[:, :m], gate[:, :m], windows > 0, ecos,
                         esin).to(flat.dtype)
-        heads = max(self.num_heads, self.v4.index_n_heads if self.kind == CSA else 0)
+        # a piece's widest tensor: its scores [rows, heads, keys], its keys [rows, keys, D] or
+        # (CSA) the indexer's [rows, entries, heads / Di]: each at most about V4_MAX_SCORES
+        heads = max(self.num_heads, self.head_dim, *((self.v4.index_n_heads,
+                    self.v4.index_head_dim) if self.kind == CSA else ()))
         n_entries = (pos + 1) // m if m else torch.zeros_like(pos)
         most = max(lens) // m if m else 0
         piece = max(1, V4_MAX_SCORES // (heads * (window + most)))

@@ -422,3 +422,54 @@ def test_decode_rows_batched_equal_one_by_one(v4, layer):
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, one_by_one, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_decode_pieces_bound_every_tensor(v4, monkeypatch):
+    """A piece of decode rows holds at most about V4_MAX_SCORES values in any one tensor (what
+    KV sizing's v4_activations reserves): the rows' keys [rows, keys, head_dim] and the
+    indexer's entries [rows, entries, index_head_dim] too, not only the [rows, heads, keys]
+    scores (V4-Flash: head_dim 512 over 64 heads, 8x the scores), and the rows of the
+    windows they close [rows, 2m, row width] (every sequence at once in lockstep)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import models.deepseek_v4
+    from models.batch import ForwardBatch
+    from models.deepseek_v4 import V4Attention, rope_tables
+
+    budget = 2048
+    monkeypatch.setattr(models.deepseek_v4, "V4_MAX_SCORES", budget)
+    cfg = load_config(v4[1])
+    assert cfg.v4.head_dim > max(cfg.num_heads, cfg.v4.index_n_heads)  # keys wider than scores
+    att = V4Attention(cfg, 0, torch.float32)  # CSA: the indexer's entries too
+    block, seqs, length = 4, 8, 60
+    tables = torch.arange(seqs * length // block, dtype=torch.int32).view(seqs, -1)
+    cache = torch.zeros(seqs * length // block, block, cfg.kv_cache_dim)
+    positions = torch.full((seqs,), length - 1)
+    slots = tables[:, -1].long() * block + (length - 1) % block
+    batch = ForwardBatch(positions=positions, slot_mapping=slots, block_tables=tables,
+                         seq_lens=torch.full((seqs,), length), query_lens=[1] * seqs,
+                         num_decodes=seqs, context_lens=[length] * seqs)
+    batch.rope_tables = {k: r.cos_sin(positions) for k, r in rope_tables(cfg, "cpu").items()}
+    largest = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree
+                      .tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    largest.append((t.numel(), func))
+            return out
+
+    decode = V4Attention._decode_rows
+
+    def measured(*args):
+        with Largest():
+            return decode(*args)
+
+    monkeypatch.setattr(V4Attention, "_decode_rows", measured)
+    with torch.no_grad():
+        att(torch.randn(seqs, cfg.hidden_size), batch, cache)
+    numel, func = max(largest, key=lambda f: f[0])
+    assert numel <= budget, (numel, func)
