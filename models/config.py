@@ -452,6 +452,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         return _language_model_config(raw, wrapper)
     model_type = raw.get("model_type")
     arch = resolve_architecture(raw)
+    if arch == "deepseek_v4":
+        _v4_refuse_quantized(raw)
     hidden = int(raw["hidden_size"])
     num_heads = int(raw["num_attention_heads"])
     num_layers = int(raw["num_hidden_layers"])
@@ -502,6 +504,24 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
                            moe_layers=moe_layers)
     return ModelConfig(**common, **attention,
                        **_deepseek_moe_fields(raw, arch, num_layers, num_experts, top_k))
+
+
+def _v4_refuse_quantized(raw: dict[str, Any]) -> None:
+    """DeepSeek-V4 runs from bf16 / fp32 weights only: a quantization_config (the release's:
+    block-scaled FP8 with ue8m0 ``.scale`` tensors, its routed experts MXFP4 by
+    ``expert_dtype`` "fp4"), or an expert_dtype alongside one, is refused naming them."""
+    quant = raw.get("quantization_config")
+    if not quant:
+        return
+    quant = quant if isinstance(quant, dict) else {}
+    fields = [f"{key} {quant[key]!r}" for key in ("quant_method", "fmt", "weight_block_size",
+                                                   "scale_fmt", "expert_dtype") if key in quant]
+    if "expert_dtype" not in quant and raw.get("expert_dtype") is not None:
+        fields.append(f"expert_dtype {raw['expert_dtype']!r}")
+    raise NotImplementedError(
+        "deepseek_v4: quantized checkpoints are not supported (a bf16 / fp32 one is: "
+        "dequantize the weights first); this one's quantization_config: "
+        + (", ".join(fields) or repr(raw.get("quantization_config"))))
 
 
 def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num_heads: int,
@@ -599,9 +619,6 @@ def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num
         head_dim=head_dim,
     )
     nextn = int(_first(raw, "num_nextn_predict_layers", default=0))
-    if common["fp8"] is not None:
-        raise NotImplementedError("deepseek_v4: quantized checkpoints (quantization_config) are "
-                                  "not supported; a bf16 / fp32 one is")
     common = {**common, "norm_topk_prob": True}  # transformers' V4 router always normalizes
     return ModelConfig(
         **common,
