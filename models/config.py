@@ -543,6 +543,10 @@ def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num
     types = raw.get("layer_types")
     if types is None and raw.get("compress_ratios") is not None:
         by_ratio = {0: V4_LAYER_TYPES[0], 4: V4_LAYER_TYPES[1], 128: V4_LAYER_TYPES[2]}
+        bad = [r for r in raw["compress_ratios"] if r not in by_ratio]
+        if bad:  # transformers' legacy map: these three only
+            raise ValueError(f"deepseek_v4: compress_ratios entries must be one of "
+                             f"{sorted(by_ratio)} (sliding, CSA, HCA), got {bad[0]!r}")
         types = [by_ratio[int(r)] for r in raw["compress_ratios"]]
     if types is None:
         types = (["heavily_compressed_attention"] * min(num_layers, 2)

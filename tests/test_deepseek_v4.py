@@ -77,6 +77,7 @@ def test_hub_spelled_config():
     for bad, match in ((dict(num_key_value_heads=8), "num_key_value_heads"),
                        (dict(o_groups=7), "o_groups"),
                        (dict(compress_ratios=[0, 4]), "layer_types"),
+                       (dict(compress_ratios=[0, 4, 2, 4]), r"compress_ratios .*\[0, 4, 128\]"),
                        (dict(sliding_window=0), "sliding_window"),
                        (dict(index_head_dim=32), "index_head_dim")):
         with pytest.raises(ValueError, match=match):
