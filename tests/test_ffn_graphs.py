@@ -657,3 +657,18 @@ def test_captured_graphs_match_eager_serves_on_cuda(fp8):
     assert not graphs.ensure(experts)
     graphs.capture_pending()
     assert graphs.ensure(experts) and graphs.graphs[id(experts)][8].graph is not None
+
+
+def test_swiglu_limit_reaches_the_graphs():
+    """DeepSeek-V4's experts (``kernel_args`` with swiglu_limit): a graph serves them clamped,
+    as the eager compute does, not as unclamped experts."""
+    sources, slots, held = 2, 4, [1, 3, 0]
+    experts = moe_experts(held)
+    experts.kernel_args = {"swiglu_limit": 0.5}
+    graphs = ExpertGraphs(sources, slots, H, torch.float32, torch.device("cpu"), (4, 16),
+                          capture=False)
+    graphs.add(experts)
+    counts, x = random_serve(torch.Generator().manual_seed(3), sources, slots, len(held), 11)
+    got = static_serve(graphs, experts, counts, x)
+    assert torch.equal(got, eager_compute(counts, x, experts))
+    assert not torch.allclose(got, eager_compute(counts, x, moe_experts(held)))
