@@ -185,6 +185,20 @@ def test_prefix_cache_hits_mid_window(v4):
         assert out.outputs[0].token_ids == want
 
 
+def test_prefix_cache_hit_ending_at_a_window_end(v4):
+    """A hit of 40 tokens (blocks of 5) ends where a CSA window (38, 39) and an HCA window
+    (36..39) close: their entries come from the cached row 39 (written once, by the earlier
+    prompt's step), and the first computed token opens new windows of both."""
+    model, path, prompts, _ = v4
+    other = prompts[2][:42] + prompts[0]
+    want = hf_greedy(model, other, NEW_TOKENS)[0]
+    llm = LLM(path, block_size=5, enable_prefix_caching=True)
+    tokens(llm, prompts[2:])
+    out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 40
+    assert out.outputs[0].token_ids == want
+
+
 def test_attention_and_ffn_ranks_and_pd_match_single_process(v4):
     """1A+1F (the collapsed MLP input dispatched, the hash layer routed on the attention rank,
     the clamped experts on the FFN rank) and 1P+1A (the rows travel from blocks of 8 to blocks
