@@ -499,3 +499,35 @@ def test_decode_pieces_bound_every_tensor(v4, monkeypatch):
         att(torch.randn(seqs, cfg.hidden_size), batch, cache)
     numel, func = max(largest, key=lambda f: f[0])
     assert numel <= budget, (numel, func)
+
+
+def test_bf16_hyper_connections_equal_transformers_bitwise(v4):
+    """bf16 streams: the mixing weights (fp32), the collapse (fp32 products, cast once), the
+    mix after a block (post / comb cast to bf16), the packed residual's round trip and the head's
+    collapse equal transformers' modules bit for bit."""
+    import copy
+
+    from models.deepseek_v4 import HyperConnection, HyperHead, mix, pack_state, unpack_state
+
+    model, path = v4[0], v4[1]
+    cfg = load_config(path)
+    gen, bf16 = torch.Generator().manual_seed(0), torch.bfloat16
+    streams = (torch.randn(9, 4, 64, generator=gen) * 3).to(bf16)
+    out = torch.randn(9, 64, generator=gen).to(bf16)
+    hf_hc = copy.deepcopy(model.model.layers[0].attn_hc)
+    hf_head = copy.deepcopy(model.model.hc_head)
+    with torch.no_grad():
+        for p in [*hf_hc.parameters(), *hf_head.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        ours, head = HyperConnection(cfg), HyperHead(cfg)
+        ours.load_state_dict(hf_hc.state_dict())
+        head.load_state_dict(hf_head.state_dict())
+        post, comb, collapsed = hf_hc(streams[None])
+        want = post.to(bf16).unsqueeze(-1) * out[None].unsqueeze(-2) \
+            + torch.matmul(comb.to(bf16).transpose(-1, -2), streams[None])
+        got_post, got_comb, got_collapsed = ours(streams)
+        assert torch.equal(got_collapsed, collapsed[0])
+        assert torch.equal(mix(got_post, got_comb, out, streams), want[0])
+        again = unpack_state(pack_state(streams, got_post, got_comb), 4, 64, bf16)
+        assert torch.equal(mix(again[1], again[2], out, again[0]), want[0])
+        assert torch.equal(head(streams), hf_head(streams[None])[0])
