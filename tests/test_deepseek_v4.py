@@ -257,6 +257,11 @@ def test_mtp_cuda_graphs_and_fp8_kv_refused(v4):
         LLM(path, enforce_eager=False)
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported for deepseek_v4"):
         LLM(path, kv_cache_dtype="fp8")
+    # on CUDA, left unset, enforce_eager is True for it (no graph captured of a host-length path)
+    from afd.config import resolve_engine_config
+
+    assert resolve_engine_config(path, load_config(path), num_kv_blocks=100,
+                                 device="cuda").enforce_eager
 
 
 def test_attention_in_the_activation_estimate(v4):
