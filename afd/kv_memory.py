@@ -169,8 +169,9 @@ def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     fp32 tensors (scores, masked, logits, probabilities) of at most V4_MAX_SCORES each; the
     rows a row reads back in full (a chunk of up to max_num_batched_tokens, its window and the
     windows it closes) twice (the copy its entries are written into); and the compressed
-    entries of a max_model_len sequence (K=V and the indexer's) in the model's dtype. 0 for
-    other models."""
+    entries of a max_model_len sequence in the model's dtype: the indexer's once, the K=V ones
+    twice (a piece's keys are its window's rows and those entries, concatenated). 0 for other
+    models."""
     if m.attention != "v4":
         return 0
     from models.deepseek_v4 import V4_MAX_SCORES
@@ -180,7 +181,7 @@ def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     rates = [v4.rate(i) for i in range(m.num_layers) if v4.rate(i)]
     local = (min(cfg.max_num_batched_tokens, cfg.max_model_len) + v4.sliding_window
              + 2 * max(rates, default=0))
-    entries = (cfg.max_model_len // min(rates) * (v4.head_dim + v4.index_head_dim)
+    entries = (cfg.max_model_len // min(rates) * (2 * v4.head_dim + v4.index_head_dim)
                if rates else 0)
     return 4 * V4_MAX_SCORES * 4 + (2 * local * m.kv_cache_dim + entries) * element
 

@@ -266,7 +266,9 @@ def test_mtp_cuda_graphs_and_fp8_kv_refused(v4):
 
 def test_attention_in_the_activation_estimate(v4):
     """KV sizing reserves the torch attention's score pieces and what a row reads back: a
-    chunk's rows with its window and closed windows (twice), a whole sequence's entries."""
+    chunk's rows with its window and closed windows (twice), a whole sequence's entries (the
+    K=V ones twice: a piece's keys are its window's rows and every closed entry, concatenated:
+    256 MiB more at V4-Flash's 1M context than counted once)."""
     from afd.config import resolve_engine_config
     from afd.kv_memory import step_activations, v4_activations
     from models.deepseek_v4 import V4_MAX_SCORES
@@ -277,7 +279,7 @@ def test_attention_in_the_activation_estimate(v4):
                                    max_num_batched_tokens=64, device="cpu")
     extra = v4_activations(model_cfg, engine)
     rows = (64 + 8 + 2 * 4) * model_cfg.kv_cache_dim * 2  # chunk, window, 2 HCA windows
-    entries = 512 // 2 * (32 + 16)  # every CSA window's entries
+    entries = 512 // 2 * (2 * 32 + 16)  # every CSA window's entries, K=V ones twice
     assert extra == 4 * V4_MAX_SCORES * 4 + (rows + entries) * 4
     assert step_activations(model_cfg, engine, 32, 8, prefill=True) > extra
 
