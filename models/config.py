@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from models.quant_mx import check_v4_quantization
+
 log = logging.getLogger("afd.models")
 
 # config.json "architectures" entry -> the model code afd runs for it (named by the model_type
@@ -261,6 +263,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     fp8: Fp8Config | None = None
+    expert_dtype: str | None = None  # "fp4": routed experts in MXFP4 (DeepSeek-V4's release)
     num_nextn_predict_layers: int = 0
     index_topk: int = 0
     index_n_heads: int = 0
@@ -452,8 +455,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         return _language_model_config(raw, wrapper)
     model_type = raw.get("model_type")
     arch = resolve_architecture(raw)
-    if arch == "deepseek_v4":
-        _v4_refuse_quantized(raw)
+    expert_dtype = check_v4_quantization(raw) if arch == "deepseek_v4" else None
     hidden = int(raw["hidden_size"])
     num_heads = int(raw["num_attention_heads"])
     num_layers = int(raw["num_hidden_layers"])
@@ -479,6 +481,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
         fp8=_fp8(raw),
+        expert_dtype=expert_dtype,
         extra=raw,
     )
     top_k = common["top_k"]
@@ -504,24 +507,6 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
                            moe_layers=moe_layers)
     return ModelConfig(**common, **attention,
                        **_deepseek_moe_fields(raw, arch, num_layers, num_experts, top_k))
-
-
-def _v4_refuse_quantized(raw: dict[str, Any]) -> None:
-    """DeepSeek-V4 runs from bf16 / fp32 weights only: a quantization_config (the release's:
-    block-scaled FP8 with ue8m0 ``.scale`` tensors, its routed experts MXFP4 by
-    ``expert_dtype`` "fp4"), or an expert_dtype alongside one, is refused naming them."""
-    quant = raw.get("quantization_config")
-    if not quant:
-        return
-    quant = quant if isinstance(quant, dict) else {}
-    fields = [f"{key} {quant[key]!r}" for key in ("quant_method", "fmt", "weight_block_size",
-                                                   "scale_fmt", "expert_dtype") if key in quant]
-    if "expert_dtype" not in quant and raw.get("expert_dtype") is not None:
-        fields.append(f"expert_dtype {raw['expert_dtype']!r}")
-    raise NotImplementedError(
-        "deepseek_v4: quantized checkpoints are not supported (a bf16 / fp32 one is: "
-        "dequantize the weights first); this one's quantization_config: "
-        + (", ".join(fields) or repr(raw.get("quantization_config"))))
 
 
 def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num_heads: int,

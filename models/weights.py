@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from kernels.fp8 import dequantize_blocks, quantize_blocks
+from models import quant_mx
 from models.model import MoEModel
 
 log = logging.getLogger("afd.weights")
@@ -156,7 +157,8 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
             if experts.fp8_block:  # the block scales too, gate block rows then up block rows
                 # an FP8 checkpoint stores them (weight_scale_inv); else the loader makes them
                 # as it quantizes the weight itself
-                online = model.cfg.fp8 is None
+                # (so do MXFP4 experts: converted, see models.quant_mx)
+                online = model.cfg.fp8 is None or model.cfg.expert_dtype == "fp4"
                 suffix = "" if online else _SCALE_SUFFIX
                 rows = -(-inter // experts.fp8_block[0])
                 targets.setdefault(f"{base}.gate_proj.weight{suffix}", []).append(
@@ -213,8 +215,10 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
         for old, new in cfg.weight_renames:
             if name.startswith(old):
                 name = new + name[len(old):]
-        if cfg.attention == "v4":
-            name = v4_param_name(name)
+        if cfg.attention == "v4":  # the release's X.scale: X.weight's block scales
+            weight = name.removesuffix(".scale") + ".weight"
+            name = (v4_param_name(weight) + _SCALE_SUFFIX
+                    if name.endswith(".scale") and weight in files else v4_param_name(name))
         if name in names:
             raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")
         names[name] = src
@@ -270,6 +274,11 @@ def load_weights(model: MoEModel, path: str) -> None:
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
                     tensor, scale = quantize_blocks(f.get_tensor(stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
+                elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
+                    packed, mx_scale = _read_with_scale(f, name, files, stored)
+                    tensor, scale = quant_mx.mxfp4_to_fp8_blocks(
+                        packed.to(dest.device), mx_scale.to(dest.device), cfg.expert_fp8_block,
+                        stored[name])
                 else:
                     tensor = _read_fp8(f, name, stored)  # as stored, its scale read on its own
                 for target in table[name]:
@@ -289,14 +298,29 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
     ``stored_names``), dequantized where it is FP8."""
     tensor = f.get_tensor(stored[name])
     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        scale_name = name + _SCALE_SUFFIX
-        if scale_name not in files:
-            raise WeightLoadError(f"{stored[name]} is float8 but {stored[name]}{_SCALE_SUFFIX} "
-                                  "is missing")
-        with safe_open(files[scale_name], framework="pt") as g:
-            scale = g.get_tensor(stored[scale_name])
+        tensor, scale = _read_with_scale(f, name, files, stored)
         tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
+    elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
+        tensor, scale = _read_with_scale(f, name, files, stored)
+        try:
+            tensor = quant_mx.dequantize_mxfp4(tensor, scale, dtype, stored[name])
+        except quant_mx.MxFormatError as e:
+            raise WeightLoadError(str(e)) from None
     return tensor
+
+
+def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized checkpoint tensor ``name`` and its scales (DeepSeek-V3's ``X.weight_scale_inv``,
+    V4's ``X.scale``: both ``name + _SCALE_SUFFIX`` once through ``stored_names``)."""
+    tensor = f.get_tensor(stored[name])
+    scale_name = name + _SCALE_SUFFIX
+    if scale_name not in files:
+        raise WeightLoadError(f"{stored[name]} is {tensor.dtype} (quantized) but its scales "
+                              f"({stored[name]}{_SCALE_SUFFIX}, or DeepSeek-V4's "
+                              f"{stored[name].removesuffix('.weight')}.scale) are missing")
+    with safe_open(files[scale_name], framework="pt") as g:
+        return tensor, g.get_tensor(stored[scale_name])
 
 
 def _read_fp8(f, name: str, stored: dict[str, str]) -> torch.Tensor:

@@ -82,16 +82,12 @@ def test_hub_spelled_config():
                        (dict(index_head_dim=32), "index_head_dim")):
         with pytest.raises(ValueError, match=match):
             config_from_dict({**raw, **bad})
-    # the release's: block-scaled FP8 (ue8m0 scales) with MXFP4 routed experts, named
+    # the release's: block-scaled FP8 (ue8m0 scales) with MXFP4 routed experts, loaded (see
+    # tests/test_deepseek_v4_quant.py); any other method refused as DeepSeek-V4's, naming it
     release = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-    for quant, top in ((release, {"expert_dtype": "fp4"}),
-                       ({**release, "expert_dtype": "fp4"}, {})):
-        with pytest.raises(NotImplementedError, match=r"deepseek_v4: quantized checkpoints .*"
-                           r"quant_method 'fp8', fmt 'e4m3', weight_block_size \[128, 128\], "
-                           r"scale_fmt 'ue8m0', expert_dtype 'fp4'"):
-            config_from_dict({**raw, **top, "quantization_config": quant})
-    # any other method: refused as DeepSeek-V4's (not "block-scaled fp8 is" supported)
+    quantized = config_from_dict({**raw, "expert_dtype": "fp4", "quantization_config": release})
+    assert quantized.expert_dtype == "fp4" and quantized.v4 == cfg.v4
     with pytest.raises(NotImplementedError, match="deepseek_v4: .*quant_method 'awq'"):
         config_from_dict({**raw, "quantization_config": {"quant_method": "awq", "bits": 4}})
     assert config_from_dict({**raw, "expert_dtype": "fp4"}).v4 == cfg.v4  # a bf16 conversion's
