@@ -10,6 +10,9 @@ FP8 block-scaled weights (DeepSeek-V3's release: ``X.weight`` in float8_e4m3fn b
 ``X.weight_scale_inv`` with one fp32 scale per [128, 128] block) are dequantized to the run dtype,
 except the routed experts' of a model built with ``fp8_experts``: those are copied as they are,
 float8 into ``w13``/``w2`` and their scales into ``w13_scale``/``w2_scale``.
+DeepSeek-V4's release stores the scales as ``X.scale`` (E8M0), read as ``X.weight``'s
+(``stored_names``), and its routed experts as MXFP4 int8 (``models.quant_mx``): dequantized to
+the run dtype, or, in a model built with ``fp8_experts``, converted to the FP8 layout on load.
 
 A model built with ``fp8_experts`` from a bf16/fp32 checkpoint (no FP8 ``quantization_config``;
 vLLM's online ``quantization="fp8"``) gets the same layout: each routed expert tensor is read,
