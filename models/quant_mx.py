@@ -72,14 +72,15 @@ def check_v4_quantization(raw: dict[str, Any]) -> str | None:
     return "fp4" if expert_dtype == "fp4" else None
 
 
-def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """E8M0 scales (float8_e8m0fnu, or their raw bytes as uint8) -> fp32 2^(byte - 127); the
-    byte 0xFF (NaN) is refused."""
+    byte 0xFF (NaN) is refused naming ``name``."""
     raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
     if raw.dtype != torch.uint8:
-        raise MxFormatError(f"an MXFP4 scale must be float8_e8m0fnu (or uint8), got {raw.dtype}")
+        raise MxFormatError(f"{name}: an E8M0 scale must be float8_e8m0fnu (or uint8), got "
+                            f"{raw.dtype}")
     if bool((raw == 255).any()):
-        raise MxFormatError("an E8M0 scale byte is 0xFF (NaN)")
+        raise MxFormatError(f"{name}: an E8M0 scale byte is 0xFF (NaN)")
     return torch.exp2(raw.float() - E8M0_BIAS)
 
 
@@ -98,7 +99,7 @@ def _group_scales(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch
         raise MxFormatError(f"{name}: MXFP4 needs an int8 weight [N, K/2] and its scale "
                             f"[N, K/{MX_GROUP}], got {packed.dtype} {tuple(packed.shape)} and "
                             f"{tuple(scale.shape)}")
-    return e8m0_to_float(scale)
+    return e8m0_to_float(scale, name)
 
 
 def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,

@@ -300,15 +300,17 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
     """Checkpoint tensor ``name`` (``files`` / ``stored``: by the causal LM's names, see
     ``stored_names``), dequantized where it is FP8."""
     tensor = f.get_tensor(stored[name])
-    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        tensor, scale = _read_with_scale(f, name, files, stored)
-        tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
-    elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
-        tensor, scale = _read_with_scale(f, name, files, stored)
-        try:
+    try:
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor, scale = _read_with_scale(f, name, files, stored)
+            if scale.dtype == torch.float8_e8m0fnu:  # DeepSeek-V4's ue8m0 block scales
+                scale = quant_mx.e8m0_to_float(scale, stored[name])
+            tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
+        elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
+            tensor, scale = _read_with_scale(f, name, files, stored)
             tensor = quant_mx.dequantize_mxfp4(tensor, scale, dtype, stored[name])
-        except quant_mx.MxFormatError as e:
-            raise WeightLoadError(str(e)) from None
+    except quant_mx.MxFormatError as e:
+        raise WeightLoadError(str(e)) from None
     return tensor
 
 

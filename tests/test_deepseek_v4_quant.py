@@ -226,3 +226,12 @@ def test_scale_names_through_stored_names(release, tmp_path):
                            r"torch\.(float8_e4m3fn|int8) .*\.weight_scale_inv, or .*"
                            + gone.replace(".", r"\.")):
             load_model(str(tmp_path))
+    # an E8M0 byte 0xFF (NaN) in an FP8 weight's block scales or an MXFP4 expert's: named
+    for bad in ("layers.1.attn.wq_a.scale", "layers.2.ffn.experts.5.w2.scale"):
+        tensors = load_file(f"{release[0]}/model.safetensors")
+        tensors[bad] = torch.full_like(tensors[bad].view(torch.uint8), 255).view(
+            torch.float8_e8m0fnu)
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+        with pytest.raises(WeightLoadError, match=bad.replace(".scale", r"\.weight: an E8M0 "
+                                                              r"scale byte is 0xFF \(NaN\)")):
+            load_model(str(tmp_path))
