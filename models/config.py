@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from models.quant_mx import check_v4_quantization
+from models.quant_int4 import Int4Config, int4_config
 
 log = logging.getLogger("afd.models")
 
@@ -264,6 +265,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     fp8: Fp8Config | None = None
     expert_dtype: str | None = None  # "fp4": routed experts in MXFP4 (DeepSeek-V4's release)
+    int4: Int4Config | None = None  # compressed-tensors pack-quantized (models/quant_int4.py)
     num_nextn_predict_layers: int = 0
     index_topk: int = 0
     index_n_heads: int = 0
@@ -379,12 +381,13 @@ def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
 
 def _fp8(raw: dict[str, Any]) -> Fp8Config | None:
     quant = raw.get("quantization_config")
-    if not quant:
+    if not quant or quant.get("quant_method") == "compressed-tensors":  # see int4_config
         return None
     if quant.get("quant_method") != "fp8":
         method = quant.get("quant_method")
         raise NotImplementedError(f"quantization {method!r}{_quant_detail(quant)} is not "
-                                  "supported (block-scaled fp8 is)")
+                                  "supported (block-scaled fp8 and compressed-tensors "
+                                  "pack-quantized INT4 are)")
     block = quant.get("weight_block_size") or [128, 128]
     return Fp8Config(block_size=(int(block[0]), int(block[1])))
 
@@ -482,6 +485,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         eos_token_ids=_eos_ids(raw),
         fp8=_fp8(raw),
         expert_dtype=expert_dtype,
+        int4=int4_config(raw.get("quantization_config")),
         extra=raw,
     )
     top_k = common["top_k"]

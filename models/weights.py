@@ -19,6 +19,11 @@ vLLM's online ``quantization="fp8"``) gets the same layout: each routed expert t
 moved to the model's device and quantized there to e4m3 with one fp32 scale per
 ``ModelConfig.expert_fp8_block`` block (``kernels.fp8.quantize_blocks``) before the next is
 read, so only one expert tensor is ever held in its checkpoint dtype beside the FP8 experts.
+
+compressed-tensors pack-quantized INT4 weights (Kimi K2-Thinking's and K2.5's routed experts,
+``models.quant_int4``): each packed module's ``weight_packed`` / ``weight_scale`` /
+``weight_shape`` stand for its ``weight``, dequantized on the model's device, one tensor at a
+time, into the run dtype, or (experts kept in FP8) quantized from there as a bf16 one's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from safetensors import safe_open
 from kernels.fp8 import dequantize_blocks, quantize_blocks
 from models import quant_mx
 from models.model import MoEModel
+from models.quant_int4 import split_packed
 
 log = logging.getLogger("afd.weights")
 
@@ -233,6 +239,12 @@ def load_weights(model: MoEModel, path: str) -> None:
     cfg = model.cfg
     stored_files = checkpoint_files(path)
     stored = stored_names(stored_files, cfg)
+    packed = {}
+    if cfg.int4 is not None:
+        try:
+            stored, packed = split_packed(stored, stored_files, cfg.int4, cfg.num_layers)
+        except ValueError as e:
+            raise WeightLoadError(f"{path!r}: {e}") from None
     files = {name: stored_files[src] for name, src in stored.items()}
     full = MoEModel(cfg, "full", dtype=model.dtype, device="meta")
     full_names = set(name_table(full))
@@ -271,7 +283,11 @@ def load_weights(model: MoEModel, path: str) -> None:
         with safe_open(file, framework="pt") as f:
             for name in names:
                 dest, scale = params[table[name][0].param], None
-                if dest.dtype != torch.float8_e4m3fn:
+                if name in packed:  # INT4: dequantized (fp32, exact), then FP8 or the run dtype
+                    tensor = _load_packed(packed[name], dest.device)
+                    if dest.dtype == torch.float8_e4m3fn:
+                        tensor, scale = quantize_blocks(tensor, cfg.expert_fp8_block)
+                elif dest.dtype != torch.float8_e4m3fn:
                     tensor = _read(f, name, files, stored,
                                    cfg.fp8.block_size if cfg.fp8 else None, model.dtype)
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
@@ -326,6 +342,13 @@ def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]
                               f"{stored[name].removesuffix('.weight')}.scale) are missing")
     with safe_open(files[scale_name], framework="pt") as g:
         return tensor, g.get_tensor(stored[scale_name])
+
+
+def _load_packed(weight, device) -> torch.Tensor:
+    try:
+        return weight.load(device)
+    except ValueError as e:
+        raise WeightLoadError(str(e)) from None
 
 
 def _read_fp8(f, name: str, stored: dict[str, str]) -> torch.Tensor:
