@@ -178,7 +178,8 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
     checkpoint stays as it is. "fp8" keeps them in FP8 on any device (on CPU, the FP8 torch
     reference: slow, for tests), quantizing a bf16/fp32 checkpoint's on load (vLLM's online
     FP8, routed experts only); "dequantize" dequantizes everything, as before FP8 experts
-    existed.
+    existed. An INT4 (compressed-tensors) checkpoint is a bf16 one here: its experts are
+    dequantized on load, and with "fp8" quantized from there (``models.quant_int4``).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")

@@ -167,15 +167,21 @@ class PackedWeight:
     files: tuple[tuple[str, str], ...]  # (part, file) for each of PARTS
     group_size: int
 
-    def load(self, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized weight, computed on ``device``."""
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             open_files: dict[str, Any] | None = None) -> torch.Tensor:
+        """The dequantized weight, computed on ``device``; ``open_files``: file -> its open
+        ``safe_open`` handle, used where a part is in one of them (a shard's header is read
+        again by each open: K2-Thinking has about 69,000 packed tensors)."""
         from safetensors import safe_open
 
         parts = {}
         for part, file in self.files:
+            name = f"{self.module}.{part}"
+            if open_files and file in open_files:
+                parts[part] = open_files[file].get_tensor(name)
+                continue
             with safe_open(file, framework="pt") as f:
-                parts[part] = f.get_tensor(f"{self.module}.{part}")
+                parts[part] = f.get_tensor(name)
         shape = tuple(int(v) for v in parts["weight_shape"].flatten().tolist())
         if len(shape) != 2:
             raise ValueError(f"{self.module}.weight_shape is {shape}: a Linear's (out, in) is "

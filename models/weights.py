@@ -284,7 +284,7 @@ def load_weights(model: MoEModel, path: str) -> None:
             for name in names:
                 dest, scale = params[table[name][0].param], None
                 if name in packed:  # INT4: dequantized (fp32, exact), then FP8 or the run dtype
-                    tensor = _load_packed(packed[name], dest.device)
+                    tensor = _load_packed(packed[name], dest.device, {file: f})
                     if dest.dtype == torch.float8_e4m3fn:
                         tensor, scale = quantize_blocks(tensor, cfg.expert_fp8_block)
                 elif dest.dtype != torch.float8_e4m3fn:
@@ -344,9 +344,9 @@ def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]
         return tensor, g.get_tensor(stored[scale_name])
 
 
-def _load_packed(weight, device) -> torch.Tensor:
+def _load_packed(weight, device, open_files) -> torch.Tensor:
     try:
-        return weight.load(device)
+        return weight.load(device, open_files=open_files)
     except ValueError as e:
         raise WeightLoadError(str(e)) from None
 

@@ -190,6 +190,26 @@ def test_fp8_on_load_quantizes_the_dequantized_experts(k2):
         assert torch.equal(got[name].float(), p.float()), name
 
 
+def test_parts_in_other_shards_load(k2, tmp_path):
+    """A module's scale and shape in another shard than its packed weight (an index file
+    maps them): the same weights as from one file."""
+    int4 = k2[1]
+    path = _copy(int4, str(tmp_path / "sharded"))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    shards = {"a.safetensors": {}, "b.safetensors": {}}
+    for name, t in tensors.items():
+        shards["b.safetensors" if name.endswith(("_scale", "_shape")) else "a.safetensors"][
+            name] = t
+    for file, part in shards.items():
+        save_file(part, os.path.join(path, file))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {n: file for file, part in shards.items() for n in part}}, f)
+    got = dict(load_model(path).named_parameters())
+    for name, p in load_model(int4).named_parameters():
+        assert torch.equal(got[name], p), name
+
+
 def test_k25_int4_matches_transformers(tmp_path):
     """Kimi K2.5's spelling: the config in text_config with its ignore list (names matched as
     stored: language_model.model.layers...), the vision tower's tensors never read."""
