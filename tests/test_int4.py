@@ -158,6 +158,15 @@ def test_k2_thinking_config_reads():
         assert cfg.int4.group_size(module, linear=True) is None, module
 
 
+def test_dummy_weights_run_the_int4_config(k2):
+    """load_format="dummy" (a real model's config.json alone, e.g. K2-Thinking's) builds the
+    model as a bf16 checkpoint's; with FP8 experts too."""
+    for fp8 in (False, True):
+        model = load_model(k2[1], load_format="dummy", fp8_experts=fp8)
+        w13 = model.model.layers[1].mlp.experts.w13
+        assert w13.dtype == (torch.float8_e4m3fn if fp8 else torch.float32)
+
+
 def test_k2_int4_matches_transformers(k2):
     _, int4, _, prompts, expected = k2
     assert load_config(int4).int4 is not None
