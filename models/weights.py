@@ -294,9 +294,9 @@ def load_weights(model: MoEModel, path: str) -> None:
                     tensor, scale = quantize_blocks(f.get_tensor(stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
                 elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
-                    packed, mx_scale = _read_with_scale(f, name, files, stored)
+                    mx_packed, mx_scale = _read_with_scale(f, name, files, stored)
                     tensor, scale = quant_mx.mxfp4_to_fp8_blocks(
-                        packed.to(dest.device), mx_scale.to(dest.device), cfg.expert_fp8_block,
+                        mx_packed.to(dest.device), mx_scale.to(dest.device), cfg.expert_fp8_block,
                         stored[name])
                 else:
                     tensor = _read_fp8(f, name, stored)  # as stored, its scale read on its own
