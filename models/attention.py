@@ -42,7 +42,7 @@ def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int,
                    layer: int | None = None) -> tuple[int, ...]:
     """One layer's cache tensor (``layer``: which, where the layers' widths differ; None: the
     widest). MLA and DeepSeek-V4 (models.deepseek_v4.RowLayout): one row of values per token
-    (V4's layers all one width)."""
+    (a V4 layer's as wide as its type needs)."""
     if cfg.attention in ("mla", "v4"):
         width = cfg.kv_cache_dim if layer is None else cfg.layer_kv_cache_dim(layer)
         return (num_blocks, block_size, width)

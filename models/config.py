@@ -169,12 +169,17 @@ class V4Config:
         return {"compressed_sparse_attention": self.csa_rate,
                 "heavily_compressed_attention": self.hca_rate}.get(kind, 0)
 
-    @property
-    def row_width(self) -> int:
-        """Values a cache row holds: the widest layer type's (models.deepseek_v4.RowLayout)."""
+    def layer_width(self, layer: int) -> int:
+        """Values a cache row of ``layer`` holds: its type's (models.deepseek_v4.RowLayout;
+        a sliding layer's K=V vector alone)."""
         from models.deepseek_v4 import RowLayout
 
-        return max(RowLayout(self, kind).width for kind in set(self.layer_types))
+        return RowLayout(self, self.layer_types[layer]).width
+
+    @property
+    def row_width(self) -> int:
+        """The widest layer type's row (models.deepseek_v4.RowLayout)."""
+        return max(self.layer_width(i) for i in range(len(self.layer_types)))
 
 
 @dataclass(frozen=True)
@@ -303,7 +308,10 @@ class ModelConfig:
         return 2 * self.num_kv_heads * self.head_dim
 
     def layer_kv_cache_dim(self, layer: int) -> int:
-        """``kv_cache_dim`` of one layer: a GLM-5 "shared" layer's rows hold no indexer key."""
+        """``kv_cache_dim`` of one layer: a GLM-5 "shared" layer's rows hold no indexer key;
+        a DeepSeek-V4 layer's rows are its type's (``V4Config.layer_width``)."""
+        if self.attention == "v4" and layer < len(self.v4.layer_types):
+            return self.v4.layer_width(layer)
         if layer in self.index_shared_layers:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.kv_cache_dim

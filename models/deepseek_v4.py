@@ -19,7 +19,8 @@ token's K=V vector; on compressor layers its compressor inputs (kv_proj / gate_p
 and the indexer's own on CSA); and, in the row of the token closing window w (position
 w*m + m - 1), the window's compressed entry (and the indexer's), computed in the step that
 writes that token from the window's rows (CSA: and the previous window's, its overlapping Ca
-half) read back from the cache. The rows are as wide as the widest layer type's. A step's
+half) read back from the cache. Each layer's rows are as wide as its type needs (its own cache
+tensor: a sliding layer's hold the K=V vector alone; ``ModelConfig.layer_kv_cache_dim``). A step's
 decode rows run batched (``_decode_rows``; their attention through ``kernels.v4_decode``),
 each prefill chunk on its own over the rows of its window and of the windows it closes and the
 entries before (``_attend``); a row's queries in pieces of at most ``V4_MAX_SCORES`` fp32
@@ -58,7 +59,8 @@ class RowLayout:
     kv [D] (the token's K=V vector, roped); on CSA / HCA layers ckv and cgate [c*D] (the
     compressor's kv_proj / gate_proj outputs, c = 2 on CSA: the Ca and Cb halves, 1 on HCA) and
     entry [D] (the compressed entry of the window this token closes, else unused); on CSA
-    layers ikv, igate [2*Di] and ientry [Di], the indexer's."""
+    layers ikv, igate [2*Di] and ientry [Di], the indexer's. ``width``: the row's values, the
+    width of the layer's cache tensor (models.attention.kv_cache_shape)."""
 
     def __init__(self, v4: V4Config, kind: str):
         d, di = v4.head_dim, v4.index_head_dim

@@ -53,6 +53,32 @@ def test_config_reaches_afd(v4):
     assert cfg.kv_cache_dim == 32 + 128 + 32 + 64 + 16
 
 
+def test_each_layer_caches_rows_of_its_own_type(v4):
+    """A layer's cache rows hold what its type needs (RowLayout): CSA's all of it, HCA's its
+    K=V vector, one compressor input pair and entry, a sliding layer's its K=V vector alone;
+    the engine allocates them so, and KV sizing counts them (more blocks in the same memory
+    than rows all as wide as CSA's)."""
+    from afd.config import bytes_per_block, resolve_engine_config
+    from afd.kv_cache import allocate_kv_caches
+    from models.deepseek_v4 import RowLayout
+
+    path = v4[1]
+    cfg = load_config(path)
+    widths = [32 + 128 + 32 + 64 + 16, 32 + 2 * 32 + 32, 32]  # CSA, HCA, sliding
+    assert [RowLayout(cfg.v4, kind).width for kind in cfg.v4.layer_types] == widths
+    assert [cfg.layer_kv_cache_dim(i) for i in range(3)] == widths
+    assert [c.shape for c in allocate_kv_caches(cfg, 6, 4, torch.float32, "cpu")] == [
+        (6, 4, w) for w in widths]
+    llm = LLM(path, block_size=4, num_kv_blocks=40, max_model_len=64)
+    assert [tuple(c.shape) for c in llm.engine.core.runner.kv_caches] == [
+        (40, 4, w) for w in widths]
+    assert bytes_per_block(cfg, 4, torch.float32, mtp=False) == 4 * sum(widths) * 4
+    gb = 1000 * 4 * 3 * widths[0] * 4 / 2**30  # 1000 blocks were every row CSA's width
+    engine = resolve_engine_config(path, cfg, kv_cache_memory_gb=gb, block_size=4,
+                                   device="cpu")
+    assert engine.num_kv_blocks == 1000 * 3 * widths[0] // sum(widths) > 1000
+
+
 def test_hub_spelled_config():
     """config.json as the release spells it (compress_ratios per layer, num_hash_layers,
     rope_scaling for the compress rope's YaRN) and what is refused."""
@@ -74,6 +100,14 @@ def test_hub_spelled_config():
     assert (rope.kind, rope.factor, rope.theta, rope.interleaved) == ("yarn", 16, 160000, True)
     assert rope.inv_freq_and_scale()[1] == 1.0  # transformers forces attention_factor 1
     assert cfg.rope.kind == "default" and cfg.kv_cache_dim == 6 * 512 + 5 * 128
+    # V4-Flash's layer mix (its config.json's 44 compress_ratios, the last the MTP layer's):
+    # 2 sliding layers, then CSA and HCA alternating (21 and 20); each layer's rows its type's
+    flash = config_from_dict({**raw, "num_hidden_layers": 43,
+                              "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0]})
+    csa, hca, sliding = 6 * 512 + 5 * 128, 4 * 512, 512
+    assert [flash.layer_kv_cache_dim(i) for i in range(43)] == [sliding] * 2 + [csa, hca] * 20 \
+        + [csa]
+    assert flash.kv_cache_dims() == 2 * sliding + 21 * csa + 20 * hca == 119936  # 43 * csa: 159616
     for bad, match in ((dict(num_key_value_heads=8), "num_key_value_heads"),
                        (dict(o_groups=7), "o_groups"),
                        (dict(compress_ratios=[0, 4]), "layer_types"),
@@ -168,7 +202,7 @@ def test_prefix_cache_hits_mid_window(v4):
     model, path, prompts, expected = v4
     other = prompts[2][:47] + prompts[1][:20]
     want = hf_greedy(model, other, NEW_TOKENS)[0]
-    per_block = 3 * 5 * load_config(path).kv_cache_dim * 4  # layers x tokens x fp32 values
+    per_block = 5 * load_config(path).kv_cache_dims() * 4  # tokens x layers' fp32 values
     for tier in (dict(), dict(num_kv_blocks=24, max_model_len=115,
                               kv_offload_gb=30 * per_block / 2**30)):
         llm = LLM(path, block_size=5, enable_prefix_caching=True, **tier)
@@ -428,7 +462,7 @@ def test_decode_rows_batched_equal_one_by_one(v4, layer):
         for param in att.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
     block, tables = 4, torch.tensor([[3, 1, 5, 7], [2, 6, 0, 0]], dtype=torch.int32)
-    cache = torch.full((8, block, cfg.kv_cache_dim), float("nan"))
+    cache = torch.full((8, block, cfg.layer_kv_cache_dim(layer)), float("nan"))
     ropes = rope_tables(cfg, "cpu")
 
     def step(cache, positions, query_lens, lens, num_decodes):

@@ -79,6 +79,12 @@ def run_case(spec: tuple, device: str) -> dict:
     # the dispatch forced to Triton takes the same path
     forced = v4_decode_attention(*args, backend="triton")
     errs.append(rel_err(forced, want))
+    # a sliding layer's rows: the K=V vector alone (the cache D values wide), no entries
+    q, cache, tables, pos, entries, sinks, scale, window, kv_col, _ = args
+    narrow = cache[..., kv_col:kv_col + q.shape[-1]].contiguous()
+    sargs = (q, narrow, tables, pos, entries[:, :0], sinks, scale, window, 0, 0)
+    errs.append(rel_err(v4_decode_attention_triton(*sargs, num_splits=spec[9]),
+                        v4_decode_attention_torch(*sargs)))
     # the CSA indexer's scores over the same cache (its entry at another column): -inf exactly
     # where an entry is not closed yet (row 0: none is), the rest within the tolerance
     q, cache, tables, pos = args[:4]
@@ -195,7 +201,7 @@ def test_v4_decode_rows_read_nothing_back_from_the_device() -> None:
 
     for layer in range(3):
         att = V4Attention(cfg, layer, torch.float32)
-        cache = torch.randn(8, block, cfg.kv_cache_dim)
+        cache = torch.randn(8, block, cfg.layer_kv_cache_dim(layer))
         positions = torch.tensor([11, 7])  # lengths 12 and 8: both close a window (rates 2, 4)
         slots = tables[torch.arange(2), positions // block].long() * block + positions % block
         batch = ForwardBatch(positions=positions, slot_mapping=slots, block_tables=tables,
