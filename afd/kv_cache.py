@@ -16,7 +16,8 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
     """One cache tensor per layer (see models.attention for the layouts) of ``dtype`` (the
     engine's ``cache_dtype``: the model's, or FP8 e4m3 with kv_cache_dtype "fp8"); ``num_layers``:
     cfg.num_layers unless given (one more with the MTP layer, whose cache is the last).
-    Each layer's own width (GLM-5's "shared" DSA layers cache no indexer key).
+    Each layer's own width (GLM-5's "shared" DSA layers cache no indexer key; a DeepSeek-V4
+    layer's rows its type's).
     ValueError for an FP8 cache the kernels cannot read on ``device`` (``check_fp8_kv_device``)."""
     if dtype == torch.float8_e4m3fn:
         check_fp8_kv_device(device)

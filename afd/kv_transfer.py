@@ -10,8 +10,9 @@ same message. Each transfer carries its own tag, and every wait has a deadline: 
 does not finish in time ends its request with an error and frees the blocks on both sides.
 The buffer has the caches' dtype, FP8 with kv_cache_dtype "fp8" (half of bf16's bytes): both
 sides allocate their caches from one engine config, so the dtypes agree. Layer caches of
-different widths (GLM-5's "shared" DSA layers hold no indexer key) go as one flat buffer,
-layer after layer, each layer's rows in token order.
+different widths (GLM-5's "shared" DSA layers hold no indexer key; each DeepSeek-V4 layer
+type has its own row) go as one flat buffer, layer after layer, each layer's rows in token
+order.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def _token_view(cache: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform(caches: list[torch.Tensor]) -> bool:
-    """Do all layer caches have one shape (every model but GLM-5 with shared DSA layers)?"""
+    """Do all layer caches have one shape (every model but GLM-5 with shared DSA layers and
+    DeepSeek-V4 with more than one layer type)?"""
     return all(c.shape == caches[0].shape for c in caches)
 
 
 def gather_kv(caches: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
     """Rows of ``slots`` from every layer, stacked: [layers, N, D] (MLA) or [layers, 2, N, ...];
-    MLA layers of different widths: flat, [N * sum of D], layer after layer."""
+    MLA / V4 layers of different widths: flat, [N * sum of D], layer after layer."""
     if not _uniform(caches):
         return torch.cat([_token_view(c)[slots].reshape(-1) for c in caches])
     rows = []
