@@ -1,7 +1,8 @@
 """Time DeepSeek-V4's decode attention (``kernels.v4_decode``) on one GPU: the Triton kernel
 (``kernels.v4_decode_triton``) beside the torch path it replaces (``v4_decode_attention_torch``:
 the gather the model's decode rows ran on CUDA before), at V4-Flash's attention (64 heads,
-K=V head_dim 512, a window of 128, bf16 cache rows of 3712 values in blocks of 16), on an HCA
+K=V head_dim 512, a window of 128, bf16 cache rows in blocks of 16, each layer type's own
+width: 3712 values on CSA, 2048 on HCA), on an HCA
 layer (every closed entry: rate 128) and a CSA layer (rate 4, index_topk 512 of the closed
 entries picked, -1 past a row's own), contexts of 4k, 16k and 64k tokens.
 
@@ -45,9 +46,13 @@ step = stepper("v4_decode")
 SHAPES = (("hca", 32, 4096), ("csa", 32, 4096), ("hca", 32, 65536), ("csa", 32, 65536),
           ("hca", 64, 16384), ("csa", 64, 16384), ("csa", 8, 65536))
 SMOKE_SHAPES = (("hca", 2, 40), ("csa", 3, 72))
-DIMS = {"heads": 64, "dim": 512, "window": 128, "row": 6 * 512 + 5 * 128, "block": 16,
+# a layer's cache row (models.deepseek_v4.RowLayout): HCA kv, ckv, cgate, entry (4 x dim);
+# CSA kv, 2 x dim ckv and cgate, entry, the indexer's 2 x d_idx inputs and entry
+DIMS = {"heads": 64, "dim": 512, "window": 128, "row": {"hca": 4 * 512, "csa": 6 * 512 + 5 * 128},
+        "block": 16,
         "rates": {"hca": 128, "csa": 4}, "topk": 512, "i_heads": 64, "d_idx": 128}
-SMOKE_DIMS = {"heads": 16, "dim": 32, "window": 8, "row": 6 * 32 + 5 * 16, "block": 16,
+SMOKE_DIMS = {"heads": 16, "dim": 32, "window": 8, "row": {"hca": 4 * 32, "csa": 6 * 32 + 5 * 16},
+              "block": 16,
               "rates": {"hca": 8, "csa": 2}, "topk": 12, "i_heads": 4, "d_idx": 16}
 
 
@@ -57,7 +62,8 @@ def inputs(layer: str, batch: int, ctx: int, dims: dict, device: str) -> tuple:
     kv_col, entry_col). HCA: every closed entry; CSA: ``topk`` of them at random."""
     block, heads, dim, rate = dims["block"], dims["heads"], dims["dim"], dims["rates"][layer]
     blocks = -(-ctx // block)
-    cache = torch.randn(batch * blocks, block, dims["row"], device=device, dtype=torch.bfloat16)
+    cache = torch.randn(batch * blocks, block, dims["row"][layer], device=device,
+                        dtype=torch.bfloat16)
     tables = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
     lens = ctx - torch.randint(0, block, (batch,), device=device)
     most = ctx // rate
@@ -69,7 +75,7 @@ def inputs(layer: str, batch: int, ctx: int, dims: dict, device: str) -> tuple:
         entries = torch.where(closed.gather(1, picked), entries.gather(1, picked), -1)
     q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
     sinks = torch.randn(heads, device=device)
-    entry_col = 5 * dim  # RowLayout's CSA row: kv, ckv, cgate, entry
+    entry_col = (5 if layer == "csa" else 3) * dim  # after kv, ckv, cgate (RowLayout)
     return (q, cache, tables, lens - 1, entries.int(), sinks, dim**-0.5, dims["window"], 0,
             entry_col)
 
