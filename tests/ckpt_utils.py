@@ -379,3 +379,30 @@ def run_until_done(llm, ids: list[str], limit_s: float = 120) -> dict:
             if out.finished:
                 done[out.request_id] = out
     return done
+
+
+ORACLE_NEW_TOKENS = 12
+# the first prompt crosses a tiny index_topk / sliding window while it decodes
+ORACLE_LENGTHS = [5, 40, 100]
+
+
+def greedy(n: int = ORACLE_NEW_TOKENS):
+    """Greedy sampling of ``n`` tokens, EOS ignored (the oracle tests' parameters)."""
+    from afd import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def greedy_tokens(llm, prompts: list[list[int]]) -> list[list[int]]:
+    """``llm``'s greedy tokens (``greedy()``) for each prompt of token ids."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def oracle_case(tmp_path_factory, kind: str) -> tuple:
+    """A tiny random ``kind`` checkpoint saved to disk, prompts of ``ORACLE_LENGTHS`` tokens and
+    transformers' greedy output for each: (model, path, prompts, [(tokens, logits)])."""
+    model = build_hf_model(kind)
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp(kind)))
+    prompts = mixed_prompts(len(ORACLE_LENGTHS), lengths=ORACLE_LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]

@@ -12,33 +12,22 @@ import os
 import pytest
 import torch
 
-from afd import LLM, SamplingParams
+from afd import LLM
 from afd.config import resolve_engine_config
-from ckpt_utils import build_hf_model, hf_greedy, mixed_prompts, save_checkpoint
+from ckpt_utils import (build_hf_model, greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts,
+                       oracle_case, ORACLE_LENGTHS, ORACLE_NEW_TOKENS, save_checkpoint)
 from kernels.dsa import dsa_attention_torch
 from kernels.fp8 import FP8_DTYPE
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
 
-NEW_TOKENS = 12
-LENGTHS = [5, 40, 100]  # the first prompt crosses index_topk (8) while it decodes
-
-
-def greedy(n: int = NEW_TOKENS) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-def tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+NEW_TOKENS = ORACLE_NEW_TOKENS
+LENGTHS = ORACLE_LENGTHS
 
 
 @pytest.fixture(scope="module")
 def v32(tmp_path_factory):
-    model = build_hf_model("deepseek_v32")
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("v32")))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    return oracle_case(tmp_path_factory, "deepseek_v32")
 
 
 def test_config_reaches_afd(v32):

@@ -14,36 +14,25 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from afd import LLM, SamplingParams
+from afd import LLM
 from afd.config import bytes_per_block
 from afd.kv_cache import allocate_kv_caches
 from afd.kv_memory import dsa_activations
 from afd.kv_transfer import gather_kv, scatter_kv, token_slots, transfer_shape
-from ckpt_utils import build_hf_model, edit_config, hf_greedy, mixed_prompts, save_checkpoint
+from ckpt_utils import (edit_config, greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts,
+                       oracle_case, ORACLE_LENGTHS, ORACLE_NEW_TOKENS)
 from kernels.dsa import dsa_attention_torch
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
 
-NEW_TOKENS = 12
-LENGTHS = [5, 40, 100]  # the first prompt crosses index_topk (8) while it decodes
+NEW_TOKENS = ORACLE_NEW_TOKENS
+LENGTHS = ORACLE_LENGTHS
 SHARED = (1, 2, 4)
-
-
-def greedy(n: int = NEW_TOKENS) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-def tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")
 def glm5(tmp_path_factory):
-    model = build_hf_model("glm_moe_dsa")
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("glm5")))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    return oracle_case(tmp_path_factory, "glm_moe_dsa")
 
 
 def test_config_and_cache_layout(glm5):
