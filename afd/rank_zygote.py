@@ -54,6 +54,8 @@ HEADER = struct.Struct("!I")
 # is wedged (it is alive, so no exit ends the wait)
 REPLY_TIMEOUT_S = 60.0
 STDIO = (0, 1, 2)
+# the stop signals (afd.cli.STOP_SIGNALS) the zygote ignores; each rank gets them back
+ZYGOTE_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def start_way() -> str:
@@ -374,7 +376,12 @@ def serve(fd: int, names: list[str]) -> None:
     """The zygote: import ``names`` (what a rank imports), then fork a rank per request until
     the front end's socket closes (or, retired, until its last rank exits)."""
     sock = socket.socket(fileno=fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the front end's to handle
+    # a stop signal is the front end's to handle (it drains its ranks first): one sent to its
+    # process group (Ctrl-C, Ctrl-\, a closed terminal's SIGHUP, `timeout`, `kill -- -PGID`)
+    # or to its whole cgroup (systemd's stop) reaches this zygote too, and its death would kill
+    # every rank at once; it exits when the front end's socket closes
+    for sig in ZYGOTE_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -455,6 +462,8 @@ def _child(req: dict, fds: list[int], close: list[int]) -> None:
                 pass
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in ZYGOTE_IGNORES:  # a fresh interpreter's: an ignored one stays so in a child
+            signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for f in close:
             os.close(f)

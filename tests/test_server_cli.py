@@ -403,3 +403,50 @@ def test_a_zygote_that_refuses_leaves_the_ranks_to_torchs_launcher(monkeypatch):
     monkeypatch.setattr(torchrun, "main", seen.append)
     assert cli.launch_ranks(2, ["--ffn", "1"], kill_after_s=0.5) == 0
     assert seen and seen[0][-3:] == ["launch.serve", "--ffn", "1"]
+
+
+# a stand-in rank for a stop signal sent to afd serve's whole process group (Ctrl-\, a closed
+# terminal's SIGHUP, `timeout`, systemd's stop of the cgroup): rank 0 sends it to the zygote
+# (the ranks' parent, in the front end's group) and then to the front end, as a group signal
+# reaches both; each rank records its stop signals' dispositions, then drains on SIGTERM
+GROUP_SIGNAL_RANK = """
+import json, os, signal, sys, time
+
+
+def main(argv):
+    folder, front, sig = argv
+    rank = int(os.environ["RANK"])
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    seen = {name: signal.getsignal(getattr(signal, name)) == signal.SIG_DFL
+            for name in ("SIGHUP", "SIGQUIT")}
+    with open(os.path.join(folder, f"rank{rank}.tmp"), "w") as f:
+        json.dump(seen, f)
+    os.rename(os.path.join(folder, f"rank{rank}.tmp"), os.path.join(folder, f"rank{rank}"))
+    if rank == 0:
+        while len([n for n in os.listdir(folder) if not n.endswith(".tmp")]) < 2:
+            time.sleep(0.01)
+        os.kill(os.getppid(), getattr(signal, sig))  # the zygote, in the front end's group
+        time.sleep(0.5)
+        os.kill(int(front), getattr(signal, sig))
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGTERM"])
+def test_a_stop_signal_to_the_front_ends_group_leaves_the_ranks_to_drain(
+        monkeypatch, capsys, tmp_path, sig):
+    """A stop signal sent to afd serve's process group reaches the rank zygote too (it is in
+    that group); it ignores it (the front end stops the ranks), so the ranks drain and exit 0
+    rather than being killed with it; each forked rank has those signals' default back."""
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "afd_group_rank.py").write_text(GROUP_SIGNAL_RANK)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mod"), ROOT]))
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    assert cli.launch_ranks(2, [str(tmp_path / "out"), str(os.getpid()), sig],
+                            kill_after_s=30, module="afd_group_rank") == 0
+    err = capsys.readouterr().err
+    assert "stopping" in err and "killed" not in err and "failed" not in err, err
+    for rank in range(2):
+        seen = json.loads((tmp_path / "out" / f"rank{rank}").read_text())
+        assert seen == {"SIGHUP": True, "SIGQUIT": True}, (rank, seen)
