@@ -325,6 +325,10 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
         elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
             tensor, scale = _read_with_scale(f, name, files, stored)
             tensor = quant_mx.dequantize_mxfp4(tensor, scale, dtype, stored[name])
+        elif tensor.dtype == torch.float8_e8m0fnu:  # the E8M0 scales of experts kept in FP8
+            src = stored[name]
+            tensor = quant_mx.e8m0_to_float(
+                tensor, src.removesuffix(".scale") + ".weight" if src.endswith(".scale") else src)
     except quant_mx.MxFormatError as e:
         raise WeightLoadError(str(e)) from None
     return tensor

@@ -235,3 +235,38 @@ def test_scale_names_through_stored_names(release, tmp_path):
         with pytest.raises(WeightLoadError, match=bad.replace(".scale", r"\.weight: an E8M0 "
                                                               r"scale byte is 0xFF \(NaN\)")):
             load_model(str(tmp_path))
+
+
+def test_fp8_experts_with_e8m0_scales(release, tmp_path):
+    """The routed experts converted offline to e4m3 with one E8M0 scale per [128, 128] block
+    (DeepSeek's convert.py cast_e2m1fn_to_e4m3fn; sgl-project's DeepSeek-V4-*-FP8, with
+    ``expert_dtype`` dropped) load kept in FP8 with the same numbers as the MXFP4 release's;
+    an E8M0 byte 0xFF (NaN) among those scales is refused naming the weight, as elsewhere."""
+    from models.quant_mx import mxfp4_to_fp8_blocks
+    from models.weights import WeightLoadError, load_model
+
+    tensors = load_file(f"{release[0]}/model.safetensors")
+    for name in [n for n in tensors if ".experts." in n and n.endswith(".weight")]:
+        scale = name.removesuffix(".weight") + ".scale"
+        q, s = mxfp4_to_fp8_blocks(tensors[name], tensors[scale], (128, 128))
+        tensors[name], tensors[scale] = q, e8m0(torch.log2(s))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{release[0]}/{file}", tmp_path / file)
+    with open(f"{release[0]}/config.json") as f:
+        cfg = json.load(f)
+    del cfg["expert_dtype"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    kept, mx = load_model(str(tmp_path), fp8_experts=True), load_model(release[0],
+                                                                       fp8_experts=True)
+    mx_params = dict(mx.named_parameters())
+    for name, param in kept.named_parameters():
+        assert torch.equal(param.float(), mx_params[name].float()), name
+    bad = "layers.2.ffn.experts.5.w2.scale"
+    tensors[bad] = torch.full_like(tensors[bad].view(torch.uint8), 255).view(
+        torch.float8_e8m0fnu)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"layers\.2\.ffn\.experts\.5\.w2\.weight: an "
+                                              r"E8M0 scale byte is 0xFF \(NaN\)"):
+        load_model(str(tmp_path), fp8_experts=True)
