@@ -504,9 +504,19 @@ def _run_main(module: str, argv: list[str]) -> int:
     """``MODULE.main(ARGV)`` as ``python -u -m MODULE ARGV`` (torchrun's way) runs it; returns
     the exit status the interpreter would."""
     import importlib
+    import io
 
-    for stream in (sys.stdout, sys.stderr):  # -u: nothing held back in a buffer
-        stream.reconfigure(line_buffering=True)
+    for name in ("stdout", "stderr"):  # -u: nothing held back in a buffer, not even a line's
+        old = getattr(sys, name)  # start (a rank SIGKILLed mid-line loses none of it)
+        try:
+            old.flush()
+            stream = io.TextIOWrapper(io.FileIO(old.fileno(), "w", closefd=False),
+                                      encoding=old.encoding, errors=old.errors,
+                                      write_through=True)
+        except (AttributeError, OSError, ValueError):
+            continue
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
     mod = importlib.import_module(module)
     sys.argv = [mod.__file__, *argv]
     try:

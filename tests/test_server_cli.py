@@ -450,3 +450,32 @@ def test_a_stop_signal_to_the_front_ends_group_leaves_the_ranks_to_drain(
     for rank in range(2):
         seen = json.loads((tmp_path / "out" / f"rank{rank}").read_text())
         assert seen == {"SIGHUP": True, "SIGQUIT": True}, (rank, seen)
+
+
+# a stand-in rank that writes half a line to each stream and is then SIGKILLed (the 30 s kill,
+# the OOM killer): rank 1 waits for its stop
+UNBUFFERED_RANK = """
+import os, signal, sys, time
+
+
+def main(argv):
+    if os.environ["RANK"] == "0":
+        print("rank 0 half a line on stdout", end="")
+        print("rank 0 half a line on stderr", end="", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGKILL)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    time.sleep(60)
+"""
+
+
+def test_a_forked_ranks_streams_are_unbuffered_as_python_u(monkeypatch, capfd, tmp_path):
+    """A forked rank's stdout and stderr are unbuffered, as torchrun's ``python -u`` makes a
+    rank's: what it wrote before a SIGKILL, half a line too, is not lost."""
+    (tmp_path / "afd_unbuffered_rank.py").write_text(UNBUFFERED_RANK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ROOT]))
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the zygote's streams: buffered
+    assert cli.launch_ranks(2, [], kill_after_s=30, module="afd_unbuffered_rank") == 1
+    out, err = capfd.readouterr()
+    assert "rank 0 half a line on stdout" in out, out
+    assert "rank 0 half a line on stderr" in err and "rank 0 exit code -9" in err, err
