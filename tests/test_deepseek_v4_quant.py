@@ -263,6 +263,9 @@ def test_fp8_experts_with_e8m0_scales(release, tmp_path):
     mx_params = dict(mx.named_parameters())
     for name, param in kept.named_parameters():
         assert torch.equal(param.float(), mx_params[name].float()), name
+    deq, mx_deq = load_model(str(tmp_path)), dict(load_model(release[0]).named_parameters())
+    for name, param in deq.named_parameters():  # or dequantized, as the MXFP4 experts are
+        assert torch.equal(param, mx_deq[name]), name
     bad = "layers.2.ffn.experts.5.w2.scale"
     tensors[bad] = torch.full_like(tensors[bad].view(torch.uint8), 255).view(
         torch.float8_e8m0fnu)
