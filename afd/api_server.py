@@ -54,6 +54,8 @@ from afd.openai_protocol import (APIError, AssistantToolCall, ChatCompletionRequ
                                  chat_template_variables, check_request_id)
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, check_text
+from afd.chat_encodings import VARIABLES as ENCODING_VARIABLES
+from afd.chat_encodings import encoding_of
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, marker_token_ids
 from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
@@ -171,11 +173,15 @@ class ServerState:
     @property
     def template_variables(self) -> set[str]:
         """The variables the server's chat template (--chat-template, else the tokenizer's)
-        reads (found once)."""
+        reads (found once); those a Python chat encoding reads (afd.chat_encodings) where the
+        tokenizer renders with one."""
         if self._template_variables is None:
-            self._template_variables = chat_template_variables(
-                self.options.chat_template or getattr(self.engine.engine.tokenizer,
-                                                      "chat_template", None))
+            tokenizer = self.engine.engine.tokenizer
+            if self.options.chat_template is None and encoding_of(tokenizer) is not None:
+                self._template_variables = set(ENCODING_VARIABLES)
+            else:
+                self._template_variables = chat_template_variables(
+                    self.options.chat_template or getattr(tokenizer, "chat_template", None))
         return self._template_variables
 
     def tool_markers_are_special(self) -> bool:
@@ -1347,7 +1353,8 @@ def main() -> None:
 
     engine_cfg = engine_config_from_dict(json.loads(args.engine_config))
     model_cfg = load_config(engine_cfg.model, engine_cfg.hf_overrides)
-    tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model, engine_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model, engine_cfg.trust_remote_code,
+                               model_cfg.architecture)
     defaults = generation_defaults(engine_cfg.model, args.generation_config)  # before any rank
     layout = Layout(*(int(x) for x in args.layout.split(",")))
 

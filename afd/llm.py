@@ -52,10 +52,14 @@ def gc_frozen():
         gc.unfreeze()
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The HF tokenizer in folder ``path``. ``trust_remote_code`` (vLLM's flag, off by default)
-    lets transformers import the Python code a tokenizer_config.json names in its ``auto_map``
-    (Kimi K2's tiktoken tokenizer has one); without it such a tokenizer is refused, never run.
+def load_tokenizer(path: str, trust_remote_code: bool = False,
+                   architecture: str | None = None):
+    """The HF tokenizer in folder ``path``; one without a chat template of an
+    ``architecture`` whose release ships a Python chat encoding instead (DeepSeek-V3.2, V4)
+    renders conversations with afd's (afd.chat_encodings). ``trust_remote_code`` (vLLM's
+    flag, off by default) lets transformers import the Python code a tokenizer_config.json
+    names in its ``auto_map`` (Kimi K2's tiktoken tokenizer has one); without it such a
+    tokenizer is refused, never run.
     (Weights never run checkpoint code: afd has its own model code.)"""
     from transformers import AutoTokenizer
 
@@ -64,7 +68,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise ValueError(f"no tokenizer files in {path!r}: pass tokenizer=<folder with "
                          "tokenizer.json> to LLM()")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(path,
+                                                  trust_remote_code=bool(trust_remote_code))
     except ValueError as exc:  # transformers': "... Please pass ... trust_remote_code=True"
         if trust_remote_code or "trust_remote_code" not in str(exc):
             raise
@@ -73,6 +78,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             "tokenizer_config.json), which afd runs only when asked: if you trust that code, "
             "pass trust_remote_code=True to LLM() (--trust-remote-code to launch/serve.py)"
         ) from exc
+    from afd.chat_encodings import attach
+
+    return attach(tokenizer, architecture)
 
 
 def eos_token_ids(path: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -162,7 +170,8 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
         download_dir=download_dir, load_format=engine_args.get("load_format", "auto"),
         trust_remote_code=bool(engine_args.get("trust_remote_code", False)))
     model_cfg = load_config(path, engine_args.get("hf_overrides"))
-    tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False))
+    tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False),
+                         model_cfg.architecture)
     defaults = generation_defaults(path, generation_config)
     engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,

@@ -12,6 +12,7 @@ import jinja2.ext
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr,
                       ValidationInfo, field_validator, model_validator)
 
+from afd.chat_encodings import ENCODINGS, encoding_of, thinking_on
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
 from afd.sampling_params import (MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError, SamplingParams,
@@ -542,8 +543,11 @@ class ChatTemplateFields(BoundedBody):
         """The conversation through the tokenizer's chat template, or ``template`` (a Jinja
         string: the server's --chat-template, a trusted request's own, or the offline
         ``LLM.chat``'s; this method never reads the ``chat_template`` field): (text, token
-        ids)."""
-        if template is None and not getattr(tokenizer, "chat_template", None):
+        ids). A tokenizer marked with a Python chat encoding (afd.chat_encodings: DeepSeek-V3.2,
+        V4) renders with it unless ``template`` is given."""
+        encoding = None if template is not None else encoding_of(tokenizer)
+        if template is None and encoding is None and not getattr(tokenizer, "chat_template",
+                                                                  None):
             raise APIError(400, "this model's tokenizer has no chat template", param="messages")
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both "
@@ -554,6 +558,17 @@ class ChatTemplateFields(BoundedBody):
             raise APIError(400, f"chat_template_kwargs may not set {sorted(taken)}",
                            param="chat_template_kwargs")
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        if encoding is not None:
+            try:
+                text = ENCODINGS[encoding](
+                    [m.for_template() for m in self.messages], tools, thinking_on(extra),
+                    open_last=self.continue_final_message,
+                    reasoning_effort=extra.get("reasoning_effort"),
+                    drop_thinking=bool(extra.get("drop_thinking", True)))
+            except ValueError as exc:
+                raise APIError(400, f"chat encoding ({encoding}): {exc}",
+                               param="messages") from None
+            return self._checked(text, tokenizer)
 
         def render(arguments_as_text: bool) -> str:
             return tokenizer.apply_chat_template(
@@ -575,6 +590,9 @@ class ChatTemplateFields(BoundedBody):
                 text = render(arguments_as_text=True)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:  # e.g. no final message
             raise APIError(400, f"chat template: {exc}", param="messages") from None
+        return self._checked(text, tokenizer)
+
+    def _checked(self, text: str, tokenizer) -> tuple[str, list[int]]:
         try:
             check_text(text, "messages")
         except ParamError as exc:

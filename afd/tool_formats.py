@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -435,6 +436,126 @@ class _GlmBody(CallBody):
                                           for k, v in self.args.items()) + "}"
 
 
+_DSML = "｜DSML｜"
+_PARAM, _PARAM_END = f"<{_DSML}parameter", f"</{_DSML}parameter>"
+_INVOKE_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s*')
+_PARAM_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s+string="(true|false)"\s*')
+
+
+class _DsmlBody(CallBody):
+    """DeepSeek-V3.2/V4's DSML, the body after ``<｜DSML｜invoke``: `` name="NAME">`` then
+    ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`` elements (only
+    whitespace between them). A value with ``string="true"`` is the text as written, and
+    streams as it is written (what may begin its end marker held back); any other is read
+    when it ends (``glm_value``: JSON, else a Python literal, else kept as text). The
+    arguments are the JSON object the parameters make (a name given twice: its last value,
+    in its first place; the arguments so far then stop growing, ``peek`` is None)."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
+        self.name: str | None = None
+        self.phase = "head"  # head, param-or-end, param-head, value, dead
+        self.pos = 0  # where the next thing to read starts
+        self.searched = 0  # the text read for the marker that ends the current part
+        self.key, self.is_string = "", False
+        self.args: dict[str, Any] = {}
+        self.twice = False
+        self.json = GrowingText()  # "{", the parameters so far, an open string value so far
+        self.open = -1  # an open string value: how far its text went into ``json``
+
+    @property
+    def args_text(self) -> GrowingText:
+        return self.json
+
+    def _head(self, pattern: re.Pattern[str]) -> re.Match[str] | None | bool:
+        """The element head from ``pos`` to its ``>``: its match, None (malformed) or False
+        (not whole yet)."""
+        stop = find_new(self.text, ">", self.pos, self.searched)
+        self.searched = self.text.length
+        if stop < 0:
+            return False
+        match = pattern.fullmatch(self.text.slice(self.pos, stop))
+        self.pos, self.searched = stop + 1, stop + 1
+        return match
+
+    def _read(self, piece: str, base: int) -> None:
+        text = self.text
+        while True:
+            end = text.length
+            if self.phase == "head":
+                match = self._head(_INVOKE_HEAD)
+                if match is False:
+                    return
+                if match is None:
+                    self.phase = "dead"
+                    return
+                self.name = match.group(1)
+                self.json.append("{")
+                self.phase = "param-or-end"
+            elif self.phase == "param-or-end":
+                rest = text.slice(self.pos, end)
+                kept = rest.lstrip()
+                self.pos += len(rest) - len(kept)
+                if not kept or (len(kept) < len(_PARAM) and _PARAM.startswith(kept)):
+                    return
+                if not kept.startswith(_PARAM):
+                    self.phase = "dead"
+                    return
+                self.pos += len(_PARAM)
+                self.searched = self.pos
+                self.phase = "param-head"
+            elif self.phase == "param-head":
+                match = self._head(_PARAM_HEAD)
+                if match is False:
+                    return
+                if match is None:
+                    self.phase = "dead"
+                    return
+                self.key, self.is_string = match.group(1), match.group(2) == "true"
+                self.twice = self.twice or self.key in self.args
+                if not self.twice and self.is_string:
+                    self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
+                    self.open = self.pos
+                self.phase = "value"
+            elif self.phase == "value":
+                stop = find_new(text, _PARAM_END, self.pos, self.searched)
+                self.searched = end
+                if stop < 0:
+                    if self.open >= 0:
+                        tail = text.slice(max(self.open, end - len(_PARAM_END) + 1), end)
+                        self._escape(end - partial_marker(tail, 0, (_PARAM_END,)))
+                    return
+                value = glm_value(text.slice(self.pos, stop), self.is_string)
+                if self.open >= 0:
+                    self._escape(stop)
+                    self.json.append('"')
+                    self.open = -1
+                elif not self.twice:
+                    self.json.append((", " if self.args else "") + _dumps(self.key) + ": "
+                                     + _dumps(value))
+                self.args[self.key] = value
+                self.pos = stop + len(_PARAM_END)
+                self.phase = "param-or-end"
+            else:
+                return
+
+    def _escape(self, stop: int) -> None:
+        if stop > self.open:
+            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
+            self.open = stop
+
+    def peek(self) -> Peek | None:
+        if self.name is None or self.phase == "dead" or self.twice:
+            return None
+        return Peek(self.name, 0, self.json.length)
+
+    def parse(self) -> tuple[str, str] | None:
+        if self.phase != "param-or-end" or self.text.slice(self.pos, self.text.length).strip():
+            return None
+        return self.name, "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}"
+                                          for k, v in self.args.items()) + "}"
+
+
 @dataclass(frozen=True)
 class CallFormat:
     """A model's tool-call text: each call's body sits between ``begin`` and ``end``;
@@ -468,4 +589,10 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     # glm47 (vLLM's name for it) is the same reader
     *(CallFormat(name, "<tool_call>", "</tool_call>", (), _GlmBody,
                  (_KEY, _KEY_END, _VALUE, _VALUE_END)) for name in ("glm45", "glm47")),
+    # DeepSeek-V3.2 groups its calls in <｜DSML｜function_calls>, V4 in <｜DSML｜tool_calls>;
+    # the calls inside are the same, and either name reads both
+    *(CallFormat(name, f"<{_DSML}invoke", f"</{_DSML}invoke>",
+                 tuple(f"<{end}{_DSML}{group}>" for group in ("function_calls", "tool_calls")
+                       for end in ("", "/")),
+                 _DsmlBody, (_PARAM, _PARAM_END)) for name in ("deepseek_v32", "deepseek_v4")),
 )}
