@@ -2,9 +2,9 @@
 0e72e40): each update is fed the completion's whole text so far and rescans it. Kept for the
 tests only, as the spec the incremental readers in ``afd.tool_parsers`` and
 ``afd.reasoning_parsers`` must match piece for piece (tests/test_parser_streams.py); not used
-by afd itself. Only the imports, this docstring and GLM's whole-text reader (``_glm_peek``,
-``_glm_parse``: written with afd's incremental one, which came later) differ from that
-commit's code."""
+by afd itself. Only the imports, this docstring and GLM's and DSML's whole-text readers
+(``_glm_peek``, ``_glm_parse``, ``_dsml_*``: written with afd's incremental ones, which came
+later) differ from that commit's code."""
 
 from __future__ import annotations
 
@@ -417,6 +417,66 @@ def glm_format(name: str, tools: list[dict[str, Any]] | None) -> CallFormat:
                       partial(_glm_peek, tools=tools))
 
 
+_D = "｜DSML｜"
+_DSML_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s*>')
+_DSML_PARAM = re.compile(rf'\s*<{_D}parameter\s+name="([^"<>\n]+)"\s+string="(true|false)"\s*>'
+                         rf"((?:(?!</{_D}parameter>).)*)</{_D}parameter>", re.S)
+_DSML_OPEN = re.compile(rf'\s*<{_D}parameter\s+name="([^"<>\n]+)"\s+string="(true|false)"\s*>'
+                        r"(.*)", re.S)
+
+
+def _dsml_params(body: str) -> tuple[str, list[tuple[str, Any]], str] | None:
+    """DSML's whole-text reader (written for the tests with afd's incremental one): (name, the
+    whole parameters in order, the rest) once the head ``name="..."`` is whole, else None."""
+    m = _DSML_HEAD.match(body)
+    if m is None:
+        return None
+    pos, params = m.end(), []
+    while (p := _DSML_PARAM.match(body, pos)) is not None:
+        params.append((p.group(1), glm_value(p.group(3), p.group(2) == "true")))
+        pos = p.end()
+    return m.group(1), params, body[pos:]
+
+
+def _dsml_peek(body: str) -> tuple[str, str] | None:
+    found = _dsml_params(body)
+    if found is None:
+        return None
+    name, params, rest = found
+    keys = [k for k, _ in params]
+    if len(set(keys)) < len(keys):
+        return None
+    out = "{" + _glm_json(params)
+    m = _DSML_OPEN.fullmatch(rest)
+    if m is not None:
+        if m.group(1) in keys:
+            return None
+        if m.group(2) == "true":
+            value, end = m.group(3), f"</{_D}parameter>"
+            for k in range(min(len(value), len(end)), 0, -1):
+                if end.startswith(value[-k:]):
+                    value = value[:-k]
+                    break
+            out += (", " if params else "") + json.dumps(m.group(1), ensure_ascii=False) \
+                + ': "' + json.dumps(value, ensure_ascii=False)[1:-1]
+        return name, out
+    tail, marker = rest.lstrip(), f"<{_D}parameter"
+    if marker.startswith(tail) or (tail.startswith(marker) and ">" not in tail):
+        return name, out
+    return None
+
+
+def _dsml_parse(body: str) -> tuple[str, str] | None:
+    found = _dsml_params(body)
+    if found is None or found[2].strip():
+        return None
+    return found[0], "{" + _glm_json(list(dict(found[1]).items())) + "}"
+
+
+_DSML_WRAP = tuple(f"<{end}{_D}{group}>" for group in ("function_calls", "tool_calls")
+                   for end in ("", "/"))
+
+
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
 # some K2 checkpoints write the section markers singular (vLLM accepts both)
 _KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
@@ -430,6 +490,8 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     CallFormat("kimi_k2", "<|tool_call_begin|>", "<|tool_call_end|>", _KIMI_WRAP,
                _kimi_k2_parse, _kimi_k2_peek, _kimi_k2_id),
     glm_format("glm45", None), glm_format("glm47", None),
+    *(CallFormat(name, f"<{_D}invoke", f"</{_D}invoke>", _DSML_WRAP, _dsml_parse, _dsml_peek)
+      for name in ("deepseek_v32", "deepseek_v4")),
 )}
 
 

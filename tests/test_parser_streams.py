@@ -29,6 +29,7 @@ DS_BEGIN, DS_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end
 K_SEC, K_SEC_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 K_BEGIN, K_ARGS, K_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 UNI = "héllo ✓ 𝄞 中文 \u3000"
+D = "｜DSML｜"
 
 HERMES = [
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"note": '
@@ -153,6 +154,11 @@ FRAGMENTS = {
                 '{"a": 1}', "<|tool_call", UNI, "x", "{"],
     **{glm: ["<tool_call>", "</tool_call>", G_KEY, G_KEY_END, G_VAL, G_VAL_END, "f", "\n", " ",
              "<arg_", "</arg_value", "1", '"s"', "True", "x", UNI] for glm in ("glm45", "glm47")},
+    **{ds: [f"<{D}function_calls>", f"</{D}function_calls>", f"<{D}tool_calls>",
+            f"</{D}tool_calls>", f"<{D}invoke", f"</{D}invoke>", ' name="f">', "\n",
+            f'<{D}parameter name="a" string="true">', f'<{D}parameter name="b" string="false">',
+            f"</{D}parameter>", f"</{D}param", "<｜DS", '"x"', "[1, 2]", "1", "x", " ", UNI]
+        for ds in ("deepseek_v32", "deepseek_v4")},
     "required": ["[", "]", "{", "}", ", ", '"name": ', '"parameters": ', '"f"', '{"a": "]}"}',
                  "1", " ", '"', "\\", UNI, "x"],
     "named": ["{", "}", '"a": ', "1", " ", "\u3000", '"', "\\", UNI, "[", "x"],
@@ -208,6 +214,15 @@ def random_call(rng: random.Random, kind: str) -> str:
                         f"{rng.choice([random_json(rng), 'text', ' x '])}{G_VAL_END}{nl}"
                         for k in keys)
         return f"<tool_call>{name}{nl}{pairs}</tool_call>"
+    if kind in ("deepseek_v32", "deepseek_v4"):
+        def value(string: str) -> str:
+            return rng.choice(["text", UNI, "a <b", ""] if string == "true"
+                              else [random_json(rng), "text", " x ", UNI])
+
+        params = "".join(f'<{D}parameter name="{k}" string="{s}">{value(s)}</{D}parameter>'
+                         f"{rng.choice(['', chr(10)])}"
+                         for k in keys for s in [rng.choice(["true", "false"])])
+        return f'<{D}invoke name="{name}">\n{params}</{D}invoke>'
     if kind == "required":
         return f'{{"name": "{name}", "parameters": {args}}}'
     return args  # named
@@ -241,7 +256,10 @@ def random_texts(kind: str, count: int, seed: int) -> list[str]:
         else:
             wrap = {"deepseek_v3": (DS_CALLS, DS_CALLS_END),
                     "deepseek_v31": (DS_CALLS, DS_CALLS_END),
-                    "kimi_k2": (K_SEC, K_SEC_END)}.get(kind, ("", ""))
+                    "kimi_k2": (K_SEC, K_SEC_END),
+                    "deepseek_v32": (f"\n\n<{D}function_calls>\n", f"</{D}function_calls>"),
+                    "deepseek_v4": (f"\n\n<{D}tool_calls>\n", f"</{D}tool_calls>")
+                    }.get(kind, ("", ""))
             calls = [random_call(rng, kind) + rng.choice(["", "\n"])
                      for _ in range(rng.randint(1, 3))]
             text = prose() + wrap[0] + "".join(calls) + wrap[1] + prose()
@@ -312,10 +330,21 @@ def check_tools(make_old, make_new, text: str, cuts: list[int]) -> None:
     assert result_view(new.result()) == result_view(old.result()), (text, cuts)
 
 
+DSML_CASES = [
+    f'Sure.\n\n<{D}function_calls>\n<{D}invoke name="f✓">\n<{D}parameter name="s" string="true">'
+    f'{UNI} "q" </{D}param</{D}parameter>\n<{D}parameter name="n" string="false">[1, {{"a": '
+    f'"}}"}}]</{D}parameter>\n</{D}invoke>\n<{D}invoke name="g">\n\n</{D}invoke>\n'
+    f"</{D}function_calls>",
+    f'<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="a" string="true">1</{D}param'
+    f'eter>\n<{D}parameter name="a" string="true">2</{D}parameter>\n</{D}invoke>\n'
+    f"</{D}tool_calls> after",
+    f'x <{D}invoke name="f">\n<{D}parameter name="a" string="maybe">1</{D}parameter>\n'
+    f"</{D}invoke>",
+]
 TOOL_CASES = (
     [("hermes", t) for t in HERMES] + [("deepseek_v3", t) for t in DEEPSEEK_V3]
     + [("deepseek_v31", t) for t in DEEPSEEK_V31] + [("kimi_k2", t) for t in KIMI]
-    + [("glm45", t) for t in GLM])
+    + [("glm45", t) for t in GLM] + [("deepseek_v32", t) for t in DSML_CASES])
 
 
 @pytest.mark.parametrize("parser,text", TOOL_CASES)
@@ -429,7 +458,8 @@ def test_chat_reader_deltas_match(reasoning, tools, tokenizer):
 # ---------------------------------------------------------------------------------------------
 OLD_PEEKS = {"hermes": ref._hermes_peek, "deepseek_v3": ref._deepseek_v3_peek,
              "deepseek_v31": ref._deepseek_v31_peek, "kimi_k2": ref._kimi_k2_peek,
-             "glm45": ref._glm_peek, "glm47": ref._glm_peek}
+             "glm45": ref._glm_peek, "glm47": ref._glm_peek,
+             "deepseek_v32": ref._dsml_peek, "deepseek_v4": ref._dsml_peek}
 
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))

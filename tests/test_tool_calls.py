@@ -41,6 +41,14 @@ GLM_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameter
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
                                      "opts": {"type": "object"}}}}},
              {"type": "function", "function": {"name": "get_time"}}]
+# DeepSeek-V3.2's DSML, as its encoder writes a call (parameters typed by string="true|false")
+D = "｜DSML｜"
+DSML = (f'Let me check.\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
+        f'<{D}parameter name="location" string="true">杭州 "east"</{D}parameter>\n'
+        f'<{D}parameter name="days" string="false">3</{D}parameter>\n'
+        f'<{D}parameter name="opts" string="false">{{"hourly": true, "at": [6, 18]}}'
+        f'</{D}parameter>\n<{D}parameter name="code" string="true">12345</{D}parameter>\n'
+        f'</{D}invoke>\n<{D}invoke name="get_time">\n\n</{D}invoke>\n</{D}function_calls>')
 
 
 def calls_of(out) -> list[tuple[str, str]]:
@@ -192,6 +200,15 @@ def test_glm45_string_values_stream_as_they_are_written():
     ("glm45", "<tool_call>f g\n</tool_call>"),  # a blank in the name
     ("glm45", "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"),  # none
     ("glm45", "Hi <tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_"),
+    ("deepseek_v32", f'<{D}invoke name="f">\n<{D}parameter name="a">1</{D}parameter>\n'
+                     f"</{D}invoke>"),  # no string attribute
+    ("deepseek_v32", f'<{D}invoke name="f">\njunk<{D}parameter name="a" string="true">1'
+                     f"</{D}parameter></{D}invoke>"),
+    ("deepseek_v32", f'<{D}invoke name="f">\n<{D}parameter name="a" string="true">1'
+                     f"</{D}invoke>"),  # parameter not ended
+    ("deepseek_v32", f"<{D}invoke>\n</{D}invoke>"),  # no name
+    ("deepseek_v4", f'Hi <{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="a" '
+                    'string="false">[1, '),  # cut short
 ])
 def test_malformed_calls_are_content(parser, text):
     """A call that does not parse comes back as content (its markers included, the wrappers
@@ -208,6 +225,36 @@ def test_malformed_calls_are_content(parser, text):
         streamed(MarkerStream(PARSERS[parser]), text, cuts)
 
 
+def test_dsml_format():
+    """DeepSeek-V3.2/V4's DSML: a string="true" value is its text as written, any other is
+    JSON; a call without parameters has {} arguments; the group markers (V3.2's
+    function_calls, V4's tool_calls: either parser reads both) are not content."""
+    for parser, text in (("deepseek_v32", DSML),
+                         ("deepseek_v4", DSML.replace("function_calls", "tool_calls")),
+                         ("deepseek_v4", DSML)):
+        out = parse(parser, text)
+        assert out.content == "Let me check."
+        assert [(n, json.loads(a)) for n, a in calls_of(out)] == [
+            ("get_weather", {"location": '杭州 "east"', "days": 3,
+                             "opts": {"hourly": True, "at": [6, 18]}, "code": "12345"}),
+            ("get_time", {})]
+    # a non-string value that is not JSON: a Python literal, else kept as text (as GLM's)
+    out = parse("deepseek_v32", f'<{D}invoke name="f">\n<{D}parameter name="a" string="false">'
+                f'True</{D}parameter>\n<{D}parameter name="b" string="false">x y</{D}parameter>'
+                f'\n<{D}parameter name="a" string="false">2</{D}parameter>\n</{D}invoke>')
+    assert calls_of(out) == [("f", '{"a": 2, "b": "x y"}')]  # a name given twice: its last
+
+
+def test_dsml_string_values_stream_as_they_are_written():
+    stream = MarkerStream(PARSERS["deepseek_v32"])
+    head = DSML[:DSML.index("杭州") + 1]
+    piece = stream.update(head, False)
+    assert piece.content == "Let me check."
+    assert [(p.name, p.arguments) for p in piece.calls] == [("get_weather", '{"location": "杭')]
+    piece = stream.update('州 "east"</｜DS', False)  # what may begin the end marker waits
+    assert piece.calls[0].arguments == '州 \\"east\\"'
+
+
 def test_a_good_call_beside_a_malformed_one():
     text = HERMES_ONE + '\n<tool_call>{"name": "g", "arguments": nope}</tool_call>'
     out = parse("hermes", text)
@@ -220,7 +267,8 @@ def test_a_good_call_beside_a_malformed_one():
     ("hermes", HERMES_TWO + "\nDone."),
     ("deepseek_v3", DS), ("deepseek_v3", "I will check. " + DS), ("deepseek_v31", DS31),
     ("kimi_k2", KIMI), ("kimi_k2", "Let me check. " + KIMI + "\nDone."),
-    ("glm45", GLM), ("glm45", GLM + "\nDone."), ("glm47", GLM.replace("\n<", "<"))])
+    ("glm45", GLM), ("glm45", GLM + "\nDone."), ("glm47", GLM.replace("\n<", "<")),
+    ("deepseek_v32", DSML), ("deepseek_v4", DSML.replace("function_calls", "tool_calls"))])
 def test_streaming_in_any_split_gives_the_unstreamed_answer(parser, text):
     want = parse(parser, text)
     rng = random.Random(1)
