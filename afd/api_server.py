@@ -160,15 +160,22 @@ class ServerState:
             REASONING_PARSERS[reasoning_parser], engine.engine.tokenizer)
 
     def markers_are_special(self, markers: tuple[str, ...]) -> bool:
-        """Some of a parser's markers are special tokens of this tokenizer: a request it reads
-        must keep special tokens in its text, or they vanish from it (vLLM's parsers do the
-        same)."""
+        """Some of a parser's markers are, or hold, special tokens of this tokenizer (DSML's
+        ``<｜DSML｜invoke`` holds ``｜DSML｜`` where that is one): a request it reads must keep
+        special tokens in its text, or they vanish from it (vLLM's parsers do the same).
+        Found once per set of markers."""
         if self._special_tokens is None:
             tokenizer = self.engine.engine.tokenizer
             special = {t.content for t in getattr(tokenizer, "added_tokens_decoder",
                                                   {}).values() if t.special}
             self._special_tokens = special | set(getattr(tokenizer, "all_special_tokens", ()))
-        return bool(self._special_tokens & set(markers))
+            self._special_markers: dict[tuple[str, ...], bool] = {}
+        found = self._special_markers.get(markers)
+        if found is None:
+            found = any(token and token in marker
+                        for token in self._special_tokens for marker in markers)
+            self._special_markers[markers] = found
+        return found
 
     @property
     def template_variables(self) -> set[str]:

@@ -10,7 +10,8 @@ its ``chat_template_kwargs`` as the model's chat template reads them:
 - ``qwen3``: unless ``enable_thinking`` is false (Qwen3's template then writes an empty
   ``<think></think>`` block into the prompt itself).
 - ``deepseek_v3``: only when ``thinking`` (or ``enable_thinking``) is true (DeepSeek-V3.1's
-  template then ends the prompt with ``<think>``; otherwise with ``</think>``).
+  template then ends the prompt with ``<think>``; otherwise with ``</think>``; so do the
+  DeepSeek-V3.2 and V4 encodings, afd.chat_encodings).
 - ``kimi_k2`` (Kimi K2-Thinking): unless ``thinking`` is false; otherwise as ``deepseek_r1``
   (vLLM registers kimi_k2 as DeepSeek-R1's parser, later with this switch), except that a
   tool-call section (``<|tool_calls_section_begin|>``, or its singular spelling) also ends the

@@ -13,7 +13,11 @@ Three ways a request can call tools (``tool_choice``):
   as the model wrote it, which K2's chat template expects back in the history) and ``glm45``
   (GLM-4.5/4.6; ``glm47``, GLM-4.7's, is the same reader: ``<tool_call>NAME\n<arg_key>K
   </arg_key>\n<arg_value>V</arg_value>...</tool_call>``, key/value pairs that become a JSON
-  object typed by the request's tools, which ``MarkerStream`` is given).
+  object typed by the request's tools, which ``MarkerStream`` is given) and ``deepseek_v32``
+  (DeepSeek-V3.2's DSML; ``deepseek_v4`` the same reader: ``<｜DSML｜function_calls>`` or
+  ``<｜DSML｜tool_calls>`` around ``<｜DSML｜invoke name="NAME">`` elements of
+  ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>``, which become a
+  JSON object: a string="true" value as written, any other read as JSON).
 - "required": the output is constrained (structured output) to a JSON array of
   ``{"name": one of the tools, "parameters": that tool's schema}``; each element is a call.
 - a named function: the output is constrained to that tool's parameters schema; it is the one

@@ -576,6 +576,11 @@ def test_requests_keep_special_tokens_when_the_markers_are_special(apps):
     tok = copy.deepcopy(apps["tokenizer"])
     engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
     assert not special("glm45")
+    assert not special("deepseek_v32")
+    tok.add_special_tokens({"additional_special_tokens": ["｜DSML｜"]})  # within the markers
+    assert special("deepseek_v32") and special("deepseek_v4")
+    tok = copy.deepcopy(apps["tokenizer"])
+    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
     tok.add_special_tokens({"additional_special_tokens": ["<arg_key>"]})  # inside a call
     assert special("glm45") and not special("hermes")
     with pytest.raises(ValueError, match="--tool-call-parser"):
