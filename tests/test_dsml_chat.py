@@ -64,6 +64,10 @@ def test_v32_chat_and_thinking_prompts():
     # thinking: only the last user turn opens the reasoning; earlier reasoning is dropped
     assert encode_v32(chat, None, thinking=True) == (
         f"{B}Be brief.{U}Hi{A}</think>Hello{E}{U}Bye{A}<think>")
+    # continue_final_message: the last assistant turn stays open
+    assert encode_v32(chat[:3], None, thinking=False, open_last=True) == (
+        f"{B}Be brief.{U}Hi{A}</think>Hello")
+    assert encode_v4(chat[1:3], None, thinking=False, open_last=True) == f"{B}{U}Hi{A}</think>Hello"
 
 
 def test_v32_tools_calls_and_results():
