@@ -15,9 +15,12 @@ The weight is ``q * scale[:, c // group_size]`` (symmetric: no zero point). Whic
 quantized is the config's: a module matching some ``config_groups.*.targets`` entry and no
 ``ignore`` entry (an entry "re:<regex>" matches a module name by ``re.match``, the class name
 "Linear" any linear layer, another string the module name exactly), matched against the names
-as stored (K2.5's ``language_model.model.layers...``). Anything else the format can say
-(asymmetric / zero points, other bit widths or strategies, activation ordering, activation or
-KV-cache quantization, other formats) is refused when config.json is read, naming the field.
+as stored (K2.5's ``language_model.model.layers...``); a module several groups target takes
+the group compressed-tensors gives it (an exact name's, then a pattern's, then the class's).
+Anything else the format can say (asymmetric / zero points, other bit widths or strategies,
+activation ordering "group" (g_idx: "weight" / "static" stores the same layout and is read),
+activation or KV-cache quantization, other formats) is refused when config.json is read,
+naming the field.
 
 ``models.weights`` loads a packed module through ``split_packed`` / ``PackedWeight``: each
 tensor dequantized on the model's device on its own (one expert tensor at a time in fp32, then
@@ -62,9 +65,16 @@ class Int4Config:
         ``linear``: the module is a linear layer (what the class target "Linear" matches)."""
         if any(_matches(module, pattern, linear) for pattern in self.ignore):
             return None
-        for group in self.groups:
-            if any(_matches(module, target, linear) for target in group.targets):
-                return group.group_size
+        # as compressed-tensors picks a module's scheme (apply_quantization_config,
+        # match_targets): a target listed by two groups is the later group's; of the targets
+        # that match, a name (exact, then "re:" patterns, each in sorted order) before a class
+        sizes = {target: group.group_size for group in self.groups for target in group.targets}
+        ordered = sorted(sizes, key=lambda target: ("re:" in target, target))
+        for target in ordered:
+            if _matches(module, target, linear=False):
+                return sizes[target]
+        if linear and "Linear" in sizes:
+            return sizes["Linear"]
         return None
 
 
@@ -110,13 +120,22 @@ def int4_config(quant: dict[str, Any] | None) -> Int4Config | None:
         weights = group.get("weights")
         if not isinstance(weights, dict):
             _refuse(f"{where}.weights", weights)
-        for key, want in (("num_bits", 4), ("type", "int"), ("symmetric", True)):
-            if weights.get(key) != want:
-                _refuse(f"{where}.weights.{key}", weights.get(key), f"{key} {want!r} is")
+        # unset: compressed-tensors' QuantizationArgs defaults (8 bits, int, symmetric)
+        for key, want, unset in (("num_bits", 4, 8), ("type", "int", "int"),
+                                 ("symmetric", True, True)):
+            if weights.get(key, unset) != want:
+                _refuse(f"{where}.weights.{key}", weights.get(key, unset), f"{key} {want!r} is")
         if weights.get("strategy") not in (None, "group"):  # unset: compressed-tensors infers
             _refuse(f"{where}.weights.strategy", weights["strategy"],  # it from group_size
                     "strategy 'group' is")
-        for key in ("actorder", "block_structure", "dynamic"):
+        # actorder "weight" (alias "static") only changed the order GPTQ calibrated in: the
+        # stored format is the same (compressed-tensors' ActivationOrdering); "group" needs g_idx
+        actorder = weights.get("actorder")
+        if actorder and not (isinstance(actorder, str)
+                             and actorder.lower() in ("weight", "static")):
+            _refuse(f"{where}.weights.actorder", actorder, "actorder unset, 'weight' or "
+                    "'static' is")
+        for key in ("block_structure", "dynamic"):
             if weights.get(key):
                 _refuse(f"{where}.weights.{key}", weights[key], f"{key} unset is")
         size = weights.get("group_size")

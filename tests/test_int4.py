@@ -142,7 +142,11 @@ def test_unpack_follows_the_format():
 def test_matches_the_compressed_tensors_library():
     """afd's unpacking and this file's packer against compressed-tensors' own (only where that
     library is installed: it is not a dependency)."""
-    lib = pytest.importorskip("compressed_tensors.compressors.quantized_compressors.pack_quantized")
+    try:  # the module it lives in by 0.20 (the older one below is gone there)
+        import compressed_tensors.compressors.pack_quantized.helpers as lib
+    except ImportError:
+        lib = pytest.importorskip(
+            "compressed_tensors.compressors.quantized_compressors.pack_quantized")
     q = torch.randint(-8, 8, (8, 72), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(lib.pack_to_int32(q, 4), pack(q))
     assert torch.equal(unpack_int4(lib.pack_to_int32(q, 4), (8, 72)), q)
@@ -331,3 +335,49 @@ def test_what_afd_does_not_load_is_refused(changes, field):
                        match=r"quantization 'compressed-tensors': quantization_config\."
                        + re.escape(field)):
         int4_config({**K2_THINKING, **changes})
+
+
+def test_a_module_several_groups_target_takes_compressed_tensors_group():
+    """compressed-tensors (apply_quantization_config, match_targets) gives a module the group of
+    its most specific matching target: an exact name, then a "re:" pattern (in sorted order),
+    then the class "Linear"; a target two groups list is the later group's."""
+    group = K2_THINKING["config_groups"]["group_0"]
+
+    def groups(*spec):
+        return {f"group_{i}": {**group, "targets": targets,
+                               "weights": {**group["weights"], "group_size": size}}
+                for i, (targets, size) in enumerate(spec)}
+
+    expert = "model.layers.1.mlp.experts.5.down_proj"
+    cfg = int4_config({**K2_THINKING, "config_groups": groups(
+        (["Linear"], 32), ([r"re:.*experts\.\d+\.down_proj$"], 64), ([expert], 128))})
+    assert cfg.group_size(expert, linear=True) == 128
+    assert cfg.group_size("model.layers.1.mlp.experts.4.down_proj", linear=True) == 64
+    assert cfg.group_size("model.layers.1.mlp.experts.4.up_proj", linear=True) == 32
+    cfg = int4_config({**K2_THINKING, "config_groups": groups(
+        ([r"re:.*experts.*"], 128), ([r"re:.*down_proj$"], 64))})  # sorted: "re:.*down..." first
+    assert cfg.group_size(expert, linear=True) == 64
+    cfg = int4_config({**K2_THINKING, "config_groups": groups((["Linear"], 32), (["Linear"], 64))})
+    assert cfg.group_size(expert, linear=True) == 64
+    assert cfg.group_size("model.layers.1.self_attn.q_a_proj", linear=True) is None  # ignored
+
+
+@pytest.mark.parametrize("actorder", ["weight", "static", "WEIGHT"])
+def test_gptq_static_activation_ordering_loads(actorder):
+    """actorder "weight" (alias "static", llm-compressor GPTQ's default) only changed the order
+    of calibration: the checkpoint is the usual layout (no g_idx), so it is read."""
+    assert int4_config({**K2_THINKING, "config_groups": _group(actorder=actorder)}) is not None
+    with pytest.raises(NotImplementedError, match=r"weights\.actorder=True"):
+        int4_config({**K2_THINKING, "config_groups": _group(actorder=True)})
+
+
+def test_unset_weight_fields_take_the_library_defaults():
+    """A QuantizationArgs field left out of config.json is compressed-tensors' default: int,
+    symmetric (read), 8 bits (refused)."""
+    weights = {k: v for k, v in K2_THINKING["config_groups"]["group_0"]["weights"].items()
+               if k not in ("type", "symmetric")}
+    group = {**K2_THINKING["config_groups"]["group_0"], "weights": weights}
+    assert int4_config({**K2_THINKING, "config_groups": {"group_0": group}}) is not None
+    del weights["num_bits"]
+    with pytest.raises(NotImplementedError, match=r"weights\.num_bits=8"):
+        int4_config({**K2_THINKING, "config_groups": {"group_0": group}})
