@@ -331,16 +331,15 @@ def resolve_engine_config(
     # width (max_model_len rounded up to whole blocks), so the default reads the same
     dsa_sparse = (model_cfg.dsa
                   and -(-max_model_len // block_size) * block_size > model_cfg.index_topk)
-    # DeepSeek-V4's attention (models.deepseek_v4) is a torch path over each row's host length
+    # DeepSeek-V4 (models.deepseek_v4): a graph's batch (no host lengths) runs its static
+    # decode path (every entry the table holds, every row's window pooled, nothing read on the
+    # host), so enforce_eager=False captures it; not the default until a GPU has captured it
+    # (never yet: docs/limits.md#deepseek-v4)
     v4 = model_cfg.attention == "v4"
     if v4 and kv_cache_dtype == "fp8":
         raise ValueError(f"kv_cache_dtype='fp8' is not supported for {model_cfg.architecture} "
                          "(its cache rows hold compressor inputs and entries, not only keys); "
                          "use kv_cache_dtype='auto'")
-    if v4 and enforce_eager is False:
-        raise ValueError(f"enforce_eager=False: {model_cfg.architecture}'s attention runs "
-                         "eagerly (a torch path reading each row's length on the host; no CUDA "
-                         "graphs); leave enforce_eager unset or True")
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:

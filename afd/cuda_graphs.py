@@ -35,7 +35,9 @@ graphs keep nothing per size in the pool either.
 Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
 size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
 messages on the host). Models: MLA and GQA attention, whose decode kernels read the sequence
-lengths on the device and size their grids by shapes only.
+lengths on the device and size their grids by shapes only, and DeepSeek-V4's, whose decode
+rows take a static path in a graph's batch (every entry the tables' width holds, every row's
+window pooled, its entry written only where the row closes it).
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
 and scratch-block logic is then checked against plain eager steps on CPU.
@@ -57,8 +59,9 @@ log = logging.getLogger("afd.cuda_graphs")
 
 MAX_DEFAULT_SIZE = 256
 # Attention kinds whose decode forward reads no tensor data on the host (tests/test_cuda_graphs.py
-# audits each): kernels.mla_decode_attention and kernels.gqa_decode_attention.
-CAPTURED_ATTENTION = ("mla", "gqa")
+# audits each): kernels.mla_decode_attention and kernels.gqa_decode_attention; DeepSeek-V4's
+# static decode path (models.deepseek_v4 V4Attention._decode_rows, a batch without host lengths).
+CAPTURED_ATTENTION = ("mla", "gqa", "v4")
 
 
 def default_sizes(max_rows: int) -> tuple[int, ...]:

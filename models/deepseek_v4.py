@@ -237,20 +237,24 @@ class V4Attention(nn.Module):
         flat[batch.slot_mapping] = row.to(cache.dtype)
 
         out = torch.empty_like(q)
-        lens = batch.context_lens if batch.context_lens is not None else batch.seq_lens.tolist()
         window, m, block = self.v4.sliding_window, self.rate, cache.shape[1]
         nd = batch.num_decodes
+        # a CUDA graph's batch (afd.cuda_graphs: decode rows, no host lengths): shapes fixed
+        # by the batch's and the table's, nothing read on the host (``_decode_rows``)
+        static = batch.context_lens is None and nd == batch.num_seqs
+        lens = batch.context_lens if batch.context_lens is not None else \
+            None if static else batch.seq_lens.tolist()
         if nd:  # the decode rows, batched
             out[:nd] = self._decode_rows(q[:nd], q_resid[:nd], x[:nd], cache,
-                                         batch.block_tables[:nd], lens[:nd], cos[:nd],
-                                         sin[:nd])
+                                         batch.block_tables[:nd],
+                                         batch.seq_lens[:nd] if static else lens[:nd],
+                                         cos[:nd], sin[:nd])
         # rows read back in full before a row's first query: its window's, and (compressor
         # layers) the windows its tokens close and, on CSA, the window before each
         reach = max(window - 1, 2 * m - 1 if self.kind == CSA else m - 1)
         start = nd
-        for b, (qlen, length) in enumerate(zip(batch.query_lens, lens, strict=True)):
-            if b < nd:
-                continue
+        for b in range(nd, batch.num_seqs):  # the prefill chunks (none in a graph's batch)
+            qlen, length = batch.query_lens[b], lens[b]
             tok = slice(start, start + qlen)
             start += qlen
             table = batch.block_tables[b]
@@ -277,48 +281,72 @@ class V4Attention(nn.Module):
         return self.o_b_proj(grouped.transpose(0, 1).reshape(t, groups * w.shape[1]))
 
     def _decode_rows(self, q: torch.Tensor, q_resid: torch.Tensor, x: torch.Tensor,
-                     cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
-                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                     cache: torch.Tensor, tables: torch.Tensor,
+                     lens: list[int] | torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
         """Rows of one query each (position lens[b] - 1; a verifying sequence's rows in
         order), batched: the windows they close (all at once: an entry reads rows, never
         another entry), then each row over its window's keys and its closed windows' entries
         read from the cache, padded to the longest; in pieces of rows of at most about
-        ``V4_MAX_SCORES`` scores."""
+        ``V4_MAX_SCORES`` scores.
+
+        ``lens`` a host list: shapes follow it (the longest row's entries, the closing rows).
+        A device tensor (a CUDA graph's batch, afd.cuda_graphs): every shape is fixed by the
+        rows' count and the tables' width, nothing is read on the host: every row's window is
+        pooled and its entry written back where the row closes it (elsewhere the row's own
+        columns are written back unchanged), each row lists the table's width // m entries
+        (-1 past its closed ones), and the pieces follow the rows' count."""
         m, rows, window = self.rate, self.rows, self.v4.sliding_window
         dev, block = q.device, cache.shape[1]
         flat = cache.view(-1, cache.shape[-1])
-        pos = torch.tensor(lens, device=dev) - 1  # [B]
+        static = isinstance(lens, torch.Tensor)
+        pos = lens.to(torch.long) - 1 if static else torch.tensor(lens, device=dev) - 1  # [B]
 
         def slots(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
             p = positions.clamp(min=0)
             return table.gather(1, p // block).long() * block + p % block
 
         if m:
-            # from the host lengths: a nonzero() here would wait for the device; in pieces
-            # of closing rows of at most about V4_MAX_SCORES values read back
-            closing = [b for b, n in enumerate(lens) if n % m == 0]
+            # in pieces of closing rows of at most about V4_MAX_SCORES values read back. Eager:
+            # the closing rows from the host lengths (a nonzero() would wait for the device).
+            # Static: every row, its entry written where it closes
             per_piece = max(1, V4_MAX_SCORES // (2 * m * flat.shape[-1]))
-            for closing in (torch.tensor(closing, device=dev).split(per_piece) if closing else ()):
-                windows = (pos[closing] + 1) // m - 1
+            if static:
+                pieces = [torch.arange(a, min(a + per_piece, q.shape[0]), device=dev)
+                          for a in range(0, q.shape[0], per_piece)]
+            else:
+                closing = [b for b, n in enumerate(lens) if n % m == 0]
+                pieces = torch.tensor(closing, device=dev).split(per_piece) if closing else ()
+            for closing in pieces:
+                # a row closing nothing (static): its last window closed, or none (clamped)
+                windows = ((pos[closing] + 1) // m - 1).clamp(min=0)
                 offsets = torch.arange(-m, m, device=dev)  # the window before, the window
                 wrows = flat[slots(windows[:, None] * m + offsets, tables[closing])]
                 wrows = wrows.to(x.dtype)  # [N, 2m, W]
                 ecos, esin = self.compress_rotary.cos_sin(windows * m)
                 own = slots(pos[closing, None], tables[closing])[:, 0]
+                closes = ((pos[closing] + 1) % m == 0)[:, None] if static else None
                 parts = [(self.compressor, "ckv", "cgate", "entry")]
                 if self.kind == CSA:
                     parts.append((self.compressor.indexer, "ikv", "igate", "ientry"))
                 for comp, kv_name, gate_name, out_name in parts:
                     kv, gate = wrows[..., rows[kv_name]], wrows[..., rows[gate_name]]
-                    flat[own, rows[out_name]] = comp.pool(
-                        kv[:, m:], gate[:, m:], kv[:, :m], gate[:, :m], windows > 0, ecos,
-                        esin).to(flat.dtype)
+                    entry = comp.pool(kv[:, m:], gate[:, m:], kv[:, :m], gate[:, :m],
+                                      windows > 0, ecos, esin).to(flat.dtype)
+                    if static:  # a masked write: the row's own columns where it closes none
+                        entry = torch.where(closes, entry, flat[own, rows[out_name]])
+                    flat[own, rows[out_name]] = entry
         # a piece's widest tensor: its scores [rows, heads, keys], its keys [rows, keys, D] or
         # (CSA) the indexer's [rows, entries, heads / Di]: each at most about V4_MAX_SCORES
         heads = max(self.num_heads, self.head_dim, *((self.v4.index_n_heads,
                     self.v4.index_head_dim) if self.kind == CSA else ()))
         n_entries = (pos + 1) // m if m else torch.zeros_like(pos)
-        most = max(lens) // m if m else 0
+        if not m:
+            most = 0
+        elif static:  # every entry the table's width holds
+            most = tables.shape[1] * block // m
+        else:
+            most = max(lens) // m
         piece = max(1, V4_MAX_SCORES // (heads * (window + most)))
         out = torch.empty_like(q)
         for a in range(0, q.shape[0], piece):

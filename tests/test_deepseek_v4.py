@@ -268,15 +268,13 @@ def test_dummy_weights_run(v4, tmp_path):
     assert len(tokens(LLM(str(tmp_path), load_format="dummy"), [[5, 6, 7]])[0]) == NEW_TOKENS
 
 
-def test_mtp_cuda_graphs_and_fp8_kv_refused(v4):
+def test_mtp_and_fp8_kv_refused_graphs_opt_in(v4):
     path = v4[1]
     with pytest.raises(ValueError, match="method 'mtp' is not supported for architecture"):
         LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
-    with pytest.raises(ValueError, match="deepseek_v4.*enforce_eager"):
-        LLM(path, enforce_eager=False)
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported for deepseek_v4"):
         LLM(path, kv_cache_dtype="fp8")
-    # on CUDA, left unset, enforce_eager is True for it (no graph captured of a host-length path)
+    # on CUDA, left unset, enforce_eager is True for it (no GPU has captured its graphs yet)
     from afd.config import resolve_engine_config
 
     assert resolve_engine_config(path, load_config(path), num_kv_blocks=100,
@@ -557,3 +555,49 @@ def test_bf16_hyper_connections_equal_transformers_bitwise(v4):
         again = unpack_state(pack_state(streams, got_post, got_comb), 4, 64, bf16)
         assert torch.equal(mix(again[1], again[2], out, again[0]), want[0])
         assert torch.equal(head(streams), hf_head(streams[None])[0])
+
+
+def test_cuda_graph_path_matches_transformers_and_selection_matters(v4, monkeypatch):
+    """enforce_eager=False: the decode steps go through afd.cuda_graphs' path (eagerly on CPU),
+    whose batches carry no host lengths, padded to 4 rows (3 prompts: one padding row, the
+    scratch block's), so V4Attention._decode_rows takes its static path: every row's window
+    pooled each step, its entry written where the row closes it, every entry of the table's
+    width listed (-1 past a row's closed ones), the indexer's top-k over that width. The
+    tokens are transformers'; every step ran static, windows closed in them, and the CSA
+    selection decides the tokens there too."""
+    from afd import cuda_graphs
+    from models.deepseek_v4 import V4Attention
+
+    model, path, prompts, expected = v4
+    seen = {"static": 0, "eager": 0, "closing": 0}
+    decode_rows = V4Attention._decode_rows
+
+    def spy(self, q, q_resid, x, cache, tables, lens, *args):
+        if isinstance(lens, torch.Tensor):
+            seen["static"] += 1
+            if self.rate:
+                seen["closing"] += int((lens % self.rate == 0).sum())
+        else:
+            seen["eager"] += 1
+        return decode_rows(self, q, q_resid, x, cache, tables, lens, *args)
+
+    monkeypatch.setattr(V4Attention, "_decode_rows", spy)
+    runs = []
+    run = cuda_graphs.DecodeGraphs.run
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "run",
+                        lambda self, ids, batch: runs.append(batch.num_seqs) or run(self, ids,
+                                                                                     batch))
+    llm = LLM(path, enforce_eager=False, max_model_len=128, cuda_graph_sizes=[4])
+    assert not llm.config.enforce_eager and llm.engine.core.runner.graphs is not None
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+    assert runs and set(runs) == {3}
+    assert seen["eager"] == 0 and seen["static"] > 0 and seen["closing"] > 0
+    # the graph steps' selection alone (the prefill's kept): every closed entry seen there
+    # instead of the top index_topk gives other tokens after the first (the prefill's)
+    monkeypatch.setattr(V4Attention, "_selected_rows",  # decode rows: [B, E] all True
+                        lambda self, q_resid, *args: torch.ones(q_resid.shape[0], args[4],
+                                                                dtype=torch.bool))
+    dense = tokens(LLM(path, enforce_eager=False, max_model_len=128, cuda_graph_sizes=[4]),
+                   prompts)
+    for d, (e, _) in zip(dense, expected, strict=True):
+        assert d[0] == e[0] and d != e
