@@ -601,3 +601,51 @@ def test_cuda_graph_path_matches_transformers_and_selection_matters(v4, monkeypa
                    prompts)
     for d, (e, _) in zip(dense, expected, strict=True):
         assert d[0] == e[0] and d != e
+
+
+def test_graph_padding_rows_write_nothing_into_real_rows(v4):
+    """One padded graph step (3 real rows in a graph of 8: 5 padding rows, their tables' columns
+    past the first holding real blocks, as a larger step left them) over a random cache: no
+    value outside the real rows' own slots and the scratch block changes; those slots, and the
+    logits, are the eager step's (a row closing a CSA window only, one closing both, one
+    closing none: its entry columns as the step wrote them, not a pooled entry)."""
+    from models.batch import ForwardBatch
+    from models.model import LocalExperts
+
+    path = v4[1]
+    llm = LLM(path, enforce_eager=False, max_model_len=128, cuda_graph_sizes=[8],
+              num_kv_blocks=32, block_size=8)
+    runner = llm.engine.core.runner
+    graphs, model, block = runner.graphs, runner.model, 8
+    scratch = graphs.scratch_block
+    assert scratch == 32 and graphs.width == 16
+    lens = [30, 32, 33]  # CSA (m 2) closes at 30 and 32, HCA (m 4) at 32
+    tables = torch.tensor([[0, 1, 2, 3, 0], [4, 5, 6, 7, 0], [8, 9, 10, 11, 12]],
+                          dtype=torch.int32)
+    pos = torch.tensor(lens) - 1
+    slots = tables.gather(1, (pos // block)[:, None])[:, 0].long() * block + pos % block
+    ids = torch.tensor([3, 5, 7])
+    with torch.inference_mode():
+        for cache in graphs.kv_caches:
+            cache.normal_()
+        graphs.block_tables.copy_(torch.arange(13, 29, dtype=torch.int32).repeat(8, 1))
+        before = [c.clone() for c in graphs.kv_caches]
+        eager_caches = [c.clone() for c in graphs.kv_caches]
+
+        def batch(context_lens):
+            return ForwardBatch(positions=pos, slot_mapping=slots, block_tables=tables,
+                                seq_lens=torch.tensor(lens), query_lens=[1, 1, 1],
+                                num_decodes=3, context_lens=context_lens)
+
+        logits = graphs.run(ids, batch(lens)).clone()
+        eager = model.forward(ids, batch(lens), eager_caches, torch.arange(3),
+                              LocalExperts(model))
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    for layer, (old, new, ref) in enumerate(zip(before, graphs.kv_caches, eager_caches,
+                                                strict=True)):
+        flat_old, flat_new = old.view(-1, old.shape[-1]), new.view(-1, new.shape[-1])
+        changed = (flat_old != flat_new).any(dim=-1).nonzero()[:, 0]
+        real = changed[changed // block != scratch]
+        assert set(real.tolist()) <= set(slots.tolist()), layer
+        torch.testing.assert_close(flat_new[slots], ref.view(-1, ref.shape[-1])[slots],
+                                   rtol=1e-5, atol=1e-5)
