@@ -105,8 +105,10 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     of x [T, heads, D]; cos / sin [T, R/2] fp32, rounded to x's dtype first as transformers'
     rotary hands them out. In fp32, cast back (transformers' V4 form)."""
     rd = 2 * cos.shape[-1]
-    cos = cos.to(x.dtype).repeat_interleave(2, dim=-1)[:, None, :]
-    sin = sin.to(x.dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    # each value twice (pairs); an expand, not repeat_interleave, which a CUDA graph's audit
+    # (tests/test_cuda_graphs.py) counts among the ops whose shapes may follow tensor data
+    cos = cos.to(x.dtype)[..., None].expand(*cos.shape, 2).flatten(-2)[:, None, :]
+    sin = sin.to(x.dtype)[..., None].expand(*sin.shape, 2).flatten(-2)[:, None, :]
     nope, rope = x[..., :-rd], x[..., -rd:]
     x1, x2 = rope[..., 0::2], rope[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)

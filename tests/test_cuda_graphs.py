@@ -470,6 +470,8 @@ def test_mtp_padding_entries_point_at_the_scratch_block():
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
 SHAPE_FROM_DATA = ("nonzero", "masked_select", "unique", "bincount", "repeat_interleave")
+# ops that hand a tensor's value to the host (what item() and bool() dispatch to)
+HOST_READ_OPS = ("_local_scalar_dense", "is_nonzero")
 
 
 def interpreter_case(name: str, seed: int) -> dict:
@@ -481,8 +483,10 @@ def interpreter_case(name: str, seed: int) -> dict:
     index_topk (8) is below the table's width (64: every row through the DSA decode kernels,
     lengths on both sides of it), a tiny GLM-5 likewise (layers full, shared, shared, full,
     shared: the shared layers' rows through the selected-attention kernel over the full
-    layer's indices); "*torch": the same through the torch references, which do read on the
-    host: the audit must catch them."""
+    layer's indices), a tiny DeepSeek-V4 (CSA at compress rate 2, HCA at 4, sliding; its
+    index_topk 3 below the table's 32 CSA entries; rows closing a CSA window, both, none, and
+    position 0) through its static decode path's kernels; "*torch": the same through the
+    torch references, which do read on the host: the audit must catch them."""
     import os
     import tempfile
 
@@ -492,21 +496,25 @@ def interpreter_case(name: str, seed: int) -> dict:
     import kernels.fused_moe_triton as fmt
     import kernels.gqa_decode_triton as gqa
     import kernels.mla_decode_triton as mla
+    import kernels.v4_decode_triton as v4t
     from afd.kv_cache import allocate_kv_caches
     from models.weights import load_model
 
     qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
+    v4 = name.startswith("v4")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
     os.environ["AFD_MOE_INLINE"] = "1" if name == "inline" else "0"
     fmt._env_features.cache_clear()
     found: list[str] = []
     calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0, "dsa_decode": 0,
-             "dsa_selected": 0}
+             "dsa_selected": 0, "v4_decode": 0, "v4_index": 0}
     counted_fns = ((fmt, "fused_moe_triton", "fused_moe"),
                    (mla, "mla_decode_attention_triton", "mla_decode"),
                    (gqa, "gqa_decode_attention_triton", "gqa_decode"),
                    (dsa, "dsa_decode_attention_triton", "dsa_decode"),
-                   (dsa, "dsa_selected_attention_triton", "dsa_selected"))
+                   (dsa, "dsa_selected_attention_triton", "dsa_selected"),
+                   (v4t, "v4_decode_attention_triton", "v4_decode"),
+                   (v4t, "v4_index_scores_triton", "v4_index"))
     # Patched for this case only (the cases share a process), restored at the end.
     saved = [(module, fn_name, getattr(module, fn_name)) for module, fn_name, _ in counted_fns]
     saved.append((gqa, "choose_num_splits", gqa.choose_num_splits))
@@ -533,7 +541,7 @@ def interpreter_case(name: str, seed: int) -> dict:
             bool_index = op == "index" and any(
                 isinstance(t, torch.Tensor) and t.dtype == torch.bool
                 for t in (args[1] if len(args) > 1 else ()) if t is not None)
-            if (op in SHAPE_FROM_DATA or bool_index) and ours():
+            if (op in SHAPE_FROM_DATA or op in HOST_READ_OPS or bool_index) and ours():
                 found.append(str(func))
             return func(*args, **(kwargs or {}))
 
@@ -547,7 +555,7 @@ def interpreter_case(name: str, seed: int) -> dict:
         return read
 
     mtp = name.startswith("mtp")
-    if qwen or mtp or v32 or glm5:
+    if qwen or mtp or v32 or glm5 or v4:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 
@@ -555,6 +563,7 @@ def interpreter_case(name: str, seed: int) -> dict:
             path = (mtp_checkpoint(tmp)[0] if mtp else
                     save_checkpoint(build_hf_model("deepseek_v32"), tmp) if v32 else
                     save_checkpoint(build_hf_model("glm_moe_dsa"), tmp) if glm5 else
+                    save_checkpoint(build_hf_model("deepseek_v4"), tmp) if v4 else
                     save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp))
             model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
     else:
@@ -595,13 +604,15 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 def test_decode_forward_reads_nothing_on_the_host():
     """Through the Triton kernels (MLA with the MoE routed inline and through the align kernel;
-    GQA through its split path; DeepSeek-V3.2's DSA decode past index_topk), a padded decode
-    forward reads no tensor data on the host; through the torch references it does."""
+    GQA through its split path; DeepSeek-V3.2's DSA decode past index_topk; DeepSeek-V4's
+    static decode path), a padded decode forward reads no tensor data on the host and runs no
+    op whose shape follows tensor data; through the torch references it does."""
     results = run_in_interpreter(__file__, ["inline", "aligned", "torch", "qwen3",
-                                            "qwen3_torch", "v32", "v32_torch", "glm5"], seed=0)
+                                            "qwen3_torch", "v32", "v32_torch", "glm5", "v4"],
+                                 seed=0)
     for route, attention in (("inline", "mla_decode"), ("aligned", "mla_decode"),
                              ("qwen3", "gqa_decode"), ("v32", "dsa_decode"),
-                             ("glm5", "dsa_decode")):
+                             ("glm5", "dsa_decode"), ("v4", "v4_decode")):
         result = results[route]
         assert "error" not in result, result.get("error")
         assert result["finite"] and result["shape"][0] == 4
@@ -613,6 +624,8 @@ def test_decode_forward_reads_nothing_on_the_host():
     # op), its 3 shared ones attend over their indices through that kernel alone
     glm5 = results["glm5"]["calls"]
     assert glm5["mla_decode"] == 0 and (glm5["dsa_decode"], glm5["dsa_selected"]) == (2, 5)
+    # DeepSeek-V4's 3 layers attend through its kernel, its CSA layer's indexer scores too
+    assert (results["v4"]["calls"]["v4_decode"], results["v4"]["calls"]["v4_index"]) == (3, 1)
     for name in ("torch", "qwen3_torch", "v32_torch"):
         torch_case = results[name]
         assert "error" not in torch_case, torch_case.get("error")

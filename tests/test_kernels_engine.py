@@ -18,9 +18,10 @@ narrower (no indexer key: the kernels read them whole); ``glm5sparse`` its index
 through the selected-attention kernel over the full layer's indices. The ``v4`` case is the
 tiny DeepSeek-V4 of ``ckpt_utils`` (a swiglu_limit of 1 that clamps): its routed experts and its
 decode rows' attention and CSA index scores (``kernels.v4_decode_triton``: window + entries,
-sinks) are its Triton paths. The ``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype
-"fp8"): every Triton attention kernel the engine calls reads FP8 and converts it in registers,
-the torch ones cast.
+sinks) are its Triton paths; ``v4graph`` the same with its decode steps through afd.cuda_graphs'
+path (eagerly), its decode rows' static path (every entry the table's width holds). The
+``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
+kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
           "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn not in ("fused_moe_triton", *V4))}
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
+UNUSED["v4graph"] = UNUSED["v4"]
 for _name in UNUSED:  # the V4 kernels are V4's alone
-    if _name != "v4":
+    if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
 
 
@@ -117,17 +119,18 @@ def interpreter_case(name: str, seed: int) -> dict:
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
         if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager", "glm5", "glm5sparse",
-                    "v4"):
+                    "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
-                     else build_hf_model("deepseek_v4") if name == "v4"
+                     else build_hf_model("deepseek_v4") if name.startswith("v4")
                      else build_hf_model("glm_moe_dsa" if name.startswith("glm5")
                                          else "deepseek_v32",
                                          index_topk=32 if name in ("v32", "glm5") else 8))
             path = save_checkpoint(model, tmp)
-            if name in ("v32sparse", "glm5sparse"):  # decode steps through afd.cuda_graphs' path
+            # decode steps through afd.cuda_graphs' path
+            if name in ("v32sparse", "glm5sparse", "v4graph"):
                 graphs = {"enforce_eager": False, "max_model_len": 64}
         llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
                   **graphs)
@@ -144,9 +147,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "v32sparse_eager",
-                                  "glm5", "glm5sparse", "v4", "greedy+fp8kv", "qwen3+fp8kv",
-                                  "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv", "glm5+fp8kv",
-                                  "glm5sparse+fp8kv"])
+                                  "glm5", "glm5sparse", "v4", "v4graph", "greedy+fp8kv",
+                                  "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
+                                  "glm5+fp8kv", "glm5sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
