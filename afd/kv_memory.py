@@ -168,10 +168,14 @@ def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     """DeepSeek-V4's torch attention (models.deepseek_v4): a piece's four [piece, heads, keys]
     fp32 tensors (scores, masked, logits, probabilities) of at most V4_MAX_SCORES each; the
     rows a row reads back in full (a chunk of up to max_num_batched_tokens, its window and the
-    windows it closes) twice (the copy its entries are written into); and the compressed
-    entries of a max_model_len sequence in the model's dtype: the indexer's once, the K=V ones
-    twice (a piece's keys are its window's rows and those entries, concatenated). 0 for other
-    models."""
+    windows it closes) twice (the copy its entries are written into); the compressed entries
+    of a sequence as long as a block table holds (max_model_len in whole blocks: a CUDA
+    graph's decode rows list every entry their tables hold) in the model's dtype: the
+    indexer's once, the K=V ones twice (a piece's keys are its window's rows and those
+    entries, concatenated); and a decode piece's per-entry lists [rows, entries] (entry
+    positions, the index path's positions and slots int64, index scores fp32, closed /
+    selected bools: 32 bytes an entry at most), rows * entries at most V4_MAX_SCORES over the
+    piece's widest head count, or one row's. 0 for other models."""
     if m.attention != "v4":
         return 0
     from models.deepseek_v4 import V4_MAX_SCORES
@@ -181,9 +185,12 @@ def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:
     rates = [v4.rate(i) for i in range(m.num_layers) if v4.rate(i)]
     local = (min(cfg.max_num_batched_tokens, cfg.max_model_len) + v4.sliding_window
              + 2 * max(rates, default=0))
-    entries = (cfg.max_model_len // min(rates) * (2 * v4.head_dim + v4.index_head_dim)
-               if rates else 0)
-    return 4 * V4_MAX_SCORES * 4 + (2 * local * m.kv_cache_dim + entries) * element
+    width = -(-cfg.max_model_len // cfg.block_size) * cfg.block_size  # a block table's tokens
+    n_entries = width // min(rates) if rates else 0
+    entries = n_entries * (2 * v4.head_dim + v4.index_head_dim)
+    heads = max(m.num_heads, v4.head_dim, v4.index_n_heads, v4.index_head_dim)
+    lists = max(V4_MAX_SCORES // heads, n_entries) * 32 if rates else 0
+    return 4 * V4_MAX_SCORES * 4 + (2 * local * m.kv_cache_dim + entries) * element + lists
 
 
 def dsa_activations(m: ModelConfig, cfg: EngineConfig) -> int:

@@ -283,22 +283,36 @@ def test_mtp_and_fp8_kv_refused_graphs_opt_in(v4):
 
 def test_attention_in_the_activation_estimate(v4):
     """KV sizing reserves the torch attention's score pieces and what a row reads back: a
-    chunk's rows with its window and closed windows (twice), a whole sequence's entries (the
+    chunk's rows with its window and closed windows (twice), a whole table's entries (the
     K=V ones twice: a piece's keys are its window's rows and every closed entry, concatenated:
-    256 MiB more at V4-Flash's 1M context than counted once)."""
+    256 MiB more at V4-Flash's 1M context than counted once; a graph's decode rows list every
+    entry a table of max_model_len in whole blocks holds), and a decode piece's per-entry
+    lists (as wide as the table in a graph's step)."""
+    import dataclasses
+
     from afd.config import resolve_engine_config
     from afd.kv_memory import step_activations, v4_activations
     from models.deepseek_v4 import V4_MAX_SCORES
 
     path = v4[1]
     model_cfg = load_config(path)
-    engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_model_len=512,
-                                   max_num_batched_tokens=64, device="cpu")
-    extra = v4_activations(model_cfg, engine)
     rows = (64 + 8 + 2 * 4) * model_cfg.kv_cache_dim * 2  # chunk, window, 2 HCA windows
-    entries = 512 // 2 * (2 * 32 + 16)  # every CSA window's entries, K=V ones twice
-    assert extra == 4 * V4_MAX_SCORES * 4 + (rows + entries) * 4
-    assert step_activations(model_cfg, engine, 32, 8, prefill=True) > extra
+    # a decode piece's per-entry lists: rows * entries <= V4_MAX_SCORES / 32 (the head dim,
+    # the widest), 32 bytes each
+    lists = V4_MAX_SCORES // 32 * 32
+    # max_model_len 500 in blocks of 16: a graph's tables hold 512 tokens, 256 CSA entries
+    for max_len in (512, 500):
+        engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_model_len=max_len,
+                                       max_num_batched_tokens=64, device="cpu", block_size=16)
+        extra = v4_activations(model_cfg, engine)
+        entries = 512 // 2 * (2 * 32 + 16)  # every CSA window's entries, K=V ones twice
+        assert extra == 4 * V4_MAX_SCORES * 4 + (rows + entries) * 4 + lists
+        assert step_activations(model_cfg, engine, 32, 8, prefill=True) > extra
+    # a table wider than V4_MAX_SCORES / 32 entries: one row's lists
+    engine = dataclasses.replace(engine, max_model_len=4 * V4_MAX_SCORES // 32)  # 2^23
+    entries = engine.max_model_len // 2
+    assert v4_activations(model_cfg, engine) == 4 * V4_MAX_SCORES * 4 + (
+        rows + entries * (2 * 32 + 16)) * 4 + entries * 32
 
 
 def test_swiglu_limit_clamps_gate_and_up():
