@@ -233,11 +233,13 @@ def test_attention_and_ffn_ranks_and_pd_match_single_process(v4):
             llm.shutdown()
 
 
-def test_ngram_verify_rows_match(v4, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_ngram_verify_rows_match(v4, monkeypatch, graphs):
     """Speculative verify rows (k + 1 rows of a sequence, each over its own length) close
     their windows and attend as decodes would: n-gram drafts from a proposer that knows the
     outputs (every third draft corrupted, its rows' entries rewritten by the real tokens
-    later) keep transformers' tokens."""
+    later) keep transformers' tokens; eagerly, and through the CUDA graph path's static
+    decode rows (eagerly on CPU)."""
     import afd.scheduler
     from test_spec_decode import oracle
 
@@ -245,9 +247,19 @@ def test_ngram_verify_rows_match(v4, monkeypatch):
     want = [t for t, _ in expected]
     runs = [p + t for p, t in zip(prompts, want, strict=True)]
     monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, 3))
+    from afd import cuda_graphs
+
+    replayed = []  # the rows of each step the graph path ran
+    run = cuda_graphs.DecodeGraphs.run
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "run", lambda self, ids, batch: (
+        replayed.append(batch.num_seqs) or run(self, ids, batch)))
     llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+              **(dict(enforce_eager=False, max_model_len=128) if graphs else {}))
+    assert (llm.engine.core.runner.graphs is not None) == graphs
     assert tokens(llm, prompts) == want
+    # with graphs, steps of verify rows (more rows than sequences) went through them
+    assert max(replayed) > len(prompts) if graphs else not replayed
     sched = llm.engine.core.scheduler
     assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
 
