@@ -597,14 +597,21 @@ class V4Router(nn.Module):
                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=device),
                 requires_grad=False)
 
-    def forward(self, h: torch.Tensor, input_ids: torch.Tensor) -> Routing:
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor,
+                ids_out: torch.Tensor | None = None) -> Routing:
+        """``ids_out`` [T, K] int64: where the ids are written (the CUDA graphs' shared static
+        output, afd.cuda_graphs, whose capture checks that they land there), as
+        ``models.moe.Router``'s; the Routing's topk_ids is then that tensor."""
         cfg = self.cfg
         scores = _SCORES[cfg.scoring](F.linear(h.float(), self.weight.float()))
         if self.hashed:
             ids = self.tid2eid[input_ids].long()
+            if ids_out is not None:
+                ids = ids_out.copy_(ids)
         else:
-            ids = torch.topk(scores + self.e_score_correction_bias, cfg.top_k, dim=-1,
-                             sorted=False).indices
+            choice = scores + self.e_score_correction_bias
+            out = None if ids_out is None else (choice.new_empty(ids_out.shape), ids_out)
+            ids = torch.topk(choice, cfg.top_k, dim=-1, sorted=False, out=out)[1]
         weights = scores.gather(1, ids)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(topk_ids=ids, topk_weights=weights * cfg.routed_scaling_factor)
@@ -668,7 +675,8 @@ class V4DecoderLayer(nn.Module):
         streams = mix(post, comb, attn, streams)
         post, comb, collapsed = self.ffn_hc(streams)
         h = self.post_attention_layernorm(collapsed)
-        routing = self.mlp.gate(h, batch.input_ids)
+        out = batch.topk_ids_out
+        routing = self.mlp.gate(h, batch.input_ids, None if out is None else out.get(self.index))
         return AttentionOut(hidden=h, residual=pack_state(streams, post, comb), routing=routing)
 
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor | None:

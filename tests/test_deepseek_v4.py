@@ -675,3 +675,28 @@ def test_graph_padding_rows_write_nothing_into_real_rows(v4):
         assert set(real.tolist()) <= set(slots.tolist()), layer
         torch.testing.assert_close(flat_new[slots], ref.view(-1, ref.shape[-1])[slots],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_graph_forward_writes_routing_into_the_shared_outputs(v4):
+    """A graph's forward (afd.cuda_graphs) must leave every MoE layer's routing ids in the
+    shared static output (``topk_ids_out``), which capture checks before keeping a graph: a
+    V4 router, hashed (token ids) or scored, writes its ids there, the same ids as eagerly."""
+    from afd.cuda_graphs import DecodeGraphs, _views
+    from afd.kv_cache import allocate_kv_caches
+    from models.weights import load_model
+
+    model = load_model(v4[1], "full", dtype=torch.float32, device="cpu")
+    caches = allocate_kv_caches(model.cfg, 9, 16, torch.float32, "cpu", len(model.all_layers()))
+    graphs = DecodeGraphs(model, caches, scratch_block=8, block_size=16, max_model_len=64,
+                          sizes=(4,), capture=False)
+    assert model.cfg.v4.hash_layers and len(graphs.moe_layers) > len(model.cfg.v4.hash_layers)
+    with torch.inference_mode():
+        graphs.input_ids.copy_(torch.tensor([3, 9, 17, 40]))
+        graphs._forward(4, graphs.graphs[4].batch)
+    assert len(graphs.routed) == len(graphs.moe_layers)
+    for layer, ids in graphs.routed:
+        assert _views(ids, graphs.topk_ids_out), layer
+        assert torch.equal(graphs.topk_ids_out[graphs.moe_layers.index(layer), :4], ids)
+    hashed = graphs.moe_layers.index(model.cfg.v4.hash_layers[0])
+    tid2eid = model.layers[model.cfg.v4.hash_layers[0]].mlp.gate.tid2eid
+    assert torch.equal(graphs.topk_ids_out[hashed, :4], tid2eid[torch.tensor([3, 9, 17, 40])])
