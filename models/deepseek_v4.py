@@ -305,7 +305,9 @@ class V4Attention(nn.Module):
         pos = lens.to(torch.long) - 1 if static else torch.tensor(lens, device=dev) - 1  # [B]
 
         def slots(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-            p = positions.clamp(min=0)
+            # clamped into the table: a static row before its first window's end pools a
+            # window that may reach past a table narrower than the rate (its entry unused)
+            p = positions.clamp(min=0, max=table.shape[1] * block - 1)
             return table.gather(1, p // block).long() * block + p % block
 
         if m:

@@ -700,3 +700,44 @@ def test_graph_forward_writes_routing_into_the_shared_outputs(v4):
     hashed = graphs.moe_layers.index(model.cfg.v4.hash_layers[0])
     tid2eid = model.layers[model.cfg.v4.hash_layers[0]].mlp.gate.tid2eid
     assert torch.equal(graphs.topk_ids_out[hashed, :4], tid2eid[torch.tensor([3, 9, 17, 40])])
+
+
+def test_graph_step_with_a_table_narrower_than_a_window(v4):
+    """A table narrower than a compress window (max_model_len below the rate: V4-Flash's HCA
+    128 at max_model_len 100, blocks of 16): the static path pools every row's window, a row
+    before its first window's end included (the padding rows' position 0), which reaches past
+    the table; those reads stay inside it (clamped, never used) and the step's logits are the
+    eager step's."""
+    from afd.cuda_graphs import DecodeGraphs
+    from afd.kv_cache import allocate_kv_caches
+    from models.batch import ForwardBatch
+    from models.weights import load_model
+
+    model = load_model(v4[1], "full", dtype=torch.float32, device="cpu")
+    assert max(model.cfg.v4.rate(i) for i in range(model.cfg.num_layers)) == 4
+    caches = allocate_kv_caches(model.cfg, 5, 1, torch.float32, "cpu", len(model.all_layers()))
+    # max_model_len 3 in blocks of 1: 3 columns, the HCA window (4) reaches column 3
+    graphs = DecodeGraphs(model, caches, scratch_block=4, block_size=1, max_model_len=3,
+                          sizes=(2,), capture=False)
+    ids = torch.tensor([11, 12])
+    with torch.inference_mode():  # one sequence's prompt (positions 0, 1) written eagerly
+        prefill = ForwardBatch(positions=torch.tensor([0, 1]), slot_mapping=torch.tensor([0, 1]),
+                               block_tables=torch.tensor([[0, 1]], dtype=torch.int32),
+                               seq_lens=torch.tensor([2]), query_lens=[2], num_decodes=0,
+                               context_lens=[2])
+        model.forward(ids, prefill, caches, torch.tensor([1]))
+        saved = [c.clone() for c in caches]
+
+        def step() -> ForwardBatch:  # its next token, position 2: one row, one padding row
+            return ForwardBatch(positions=torch.tensor([2]), slot_mapping=torch.tensor([2]),
+                                block_tables=torch.tensor([[0, 1, 2]], dtype=torch.int32),
+                                seq_lens=torch.tensor([3]), query_lens=[1], num_decodes=1,
+                                context_lens=[3])
+
+        want = model.forward(torch.tensor([13]), step(), caches, torch.tensor([0]))
+        for c, s in zip(caches, saved):
+            c.copy_(s)
+        batch = step()
+        batch.context_lens = None
+        got = graphs.run(torch.tensor([13]), batch)
+    torch.testing.assert_close(got, want)
