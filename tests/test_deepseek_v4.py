@@ -741,3 +741,51 @@ def test_graph_step_with_a_table_narrower_than_a_window(v4):
         batch.context_lens = None
         got = graphs.run(torch.tensor([13]), batch)
     torch.testing.assert_close(got, want)
+
+
+def test_static_decode_rows_equal_the_eager_rows_over_stale_rows(v4):
+    """Each layer's decode rows through the static path (a graph's batch: no host lengths)
+    against the eager path, over cache rows past every sequence and the scratch-like last
+    block left NaN (stale): lengths 1, at and after the CSA (2) and HCA (4) windows' ends, in
+    blocks of 2 (HCA's window spans two), k = 3 below and above the closed entries, the table
+    wider than every row. Same outputs, and the same cache after: entries only where a row
+    closes its window, nothing stale pooled into a row that does not."""
+    from models.batch import ForwardBatch
+    from models.weights import load_model
+
+    torch.manual_seed(0)
+    model = load_model(v4[1], "full", dtype=torch.float32, device="cpu")
+    cfg, block, num_blocks = model.cfg, 2, 64
+    lens = [1, 2, 3, 4, 5, 8, 9, 12, 16, 17]
+    b = len(lens)
+    tables = torch.full((b, 16), num_blocks - 1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens):
+        tables[i, :-(-n // block)] = torch.arange(used, used - (-n // block))
+        used -= -n // block
+    pos = torch.tensor(lens) - 1
+    slots = tables.gather(1, (pos // block)[:, None].long())[:, 0].long() * block + pos % block
+    kinds = set()
+    for layer in model.layers:
+        attn = layer.self_attn
+        cache = torch.randn(num_blocks, block, attn.rows.width)
+        flat = cache.view(-1, cache.shape[-1])
+        for i, n in enumerate(lens):  # the rows past each sequence's length: stale
+            for p in range(n, -(-n // block) * block):
+                flat[int(tables[i, p // block]) * block + p % block] = float("nan")
+        cache[num_blocks - 1] = float("nan")
+        x = torch.randn(b, cfg.hidden_size)
+        outs, after = [], []
+        for static in (False, True):
+            c = cache.clone()
+            batch = ForwardBatch(positions=pos, slot_mapping=slots, block_tables=tables,
+                                 seq_lens=torch.tensor(lens), query_lens=[1] * b, num_decodes=b,
+                                 context_lens=None if static else lens)
+            batch.rope_tables = {name: r.cos_sin(pos) for name, r in model.rotaries.items()}
+            with torch.inference_mode():
+                outs.append(attn(x, batch, c))
+            after.append(c)
+        kinds.add(attn.kind)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(after[0].nan_to_num(7.0), after[1].nan_to_num(7.0)), attn.kind
+    assert len(kinds) == 3
