@@ -317,7 +317,74 @@ def glm_name(head: str) -> str | None:
     return name if name and not any(c.isspace() or c == "<" for c in name) else None
 
 
-class _GlmBody(CallBody):
+class _PairsBody(CallBody):
+    """A body whose arguments are name/value elements (GLM's, DSML's): the JSON object they
+    make is written to ``json`` as each value ends, a string value streaming as it is written
+    (what may begin its end marker held back); a name given twice keeps its last value, in
+    its first place, and the arguments so far then stop growing (``peek`` is None)."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
+        self.name: str | None = None
+        self.pos = 0  # where the next thing to read starts
+        self.searched = 0  # the text read for the marker that ends the current part
+        self.key = ""
+        self.args: dict[str, Any] = {}
+        self.twice = False  # a name came twice
+        self.json = GrowingText()  # "{", the pairs so far, an open string value so far
+        self.open = -1  # an open string value: how far its text went into ``json``
+
+    @property
+    def args_text(self) -> GrowingText:
+        return self.json
+
+    def _open_value(self, is_string: bool) -> None:
+        """The value of ``key`` starts at ``pos``: a string one opens in ``json``."""
+        self.twice = self.twice or self.key in self.args
+        if not self.twice and is_string:
+            self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
+            self.open = self.pos
+
+    def _close_value(self, end_marker: str, is_string: bool) -> bool:
+        """Read the value from ``pos`` up to ``end_marker``: False while it has not ended (an
+        open string's text so far streamed), else True with the pair in ``args`` / ``json``
+        and ``pos`` past the marker."""
+        text, end = self.text, self.text.length
+        stop = find_new(text, end_marker, self.pos, self.searched)
+        self.searched = end
+        if stop < 0:
+            if self.open >= 0:
+                tail = text.slice(max(self.open, end - len(end_marker) + 1), end)
+                self._escape(end - partial_marker(tail, 0, (end_marker,)))
+            return False
+        value = glm_value(text.slice(self.pos, stop), is_string)
+        if self.open >= 0:
+            self._escape(stop)
+            self.json.append('"')
+            self.open = -1
+        elif not self.twice:
+            self.json.append((", " if self.args else "") + _dumps(self.key) + ": "
+                             + _dumps(value))
+        self.args[self.key] = value
+        self.pos = stop + len(end_marker)
+        return True
+
+    def _escape(self, stop: int) -> None:
+        """The open string value's text up to ``stop`` goes into ``json``, escaped."""
+        if stop > self.open:
+            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
+            self.open = stop
+
+    def peek(self) -> Peek | None:
+        if self.name is None or self.phase == "dead" or self.twice:
+            return None
+        return Peek(self.name, 0, self.json.length)
+
+    def _arguments(self) -> str:
+        return "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}" for k, v in self.args.items()) + "}"
+
+
+class _GlmBody(_PairsBody):
     """GLM-4.5/4.6/4.7: ``NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...`` (GLM-4.7
     leaves out the newlines). The name ends at the first newline or ``<arg_key>`` (a body
     with neither is a call without arguments); then only key/value pairs and whitespace may
@@ -329,20 +396,8 @@ class _GlmBody(CallBody):
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self.tools = tools
-        self.name: str | None = None
         self.strings: frozenset[str] = frozenset()  # the call's string parameters
         self.phase = "name"  # name, key-or-end, key, value-marker, value, dead
-        self.pos = 0  # where the next thing to read starts
-        self.searched = 0  # the text read for the marker that ends a key or value
-        self.key = ""
-        self.args: dict[str, Any] = {}
-        self.twice = False  # a key came twice
-        self.json = GrowingText()  # "{", the pairs so far, an open string value so far
-        self.open = -1  # an open string value: how far its text went into ``json``
-
-    @property
-    def args_text(self) -> GrowingText:
-        return self.json
 
     def _read(self, piece: str, base: int) -> None:
         text, end = self.text, self.text.length
@@ -379,11 +434,7 @@ class _GlmBody(CallBody):
                     self.phase = "key"
                     continue
                 self.phase = "value"
-                if self.key in self.args:
-                    self.twice = True
-                if not self.twice and self.key in self.strings:
-                    self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
-                    self.open = self.pos
+                self._open_value(self.key in self.strings)
             elif self.phase == "key":
                 stop = find_new(text, _KEY_END, self.pos, self.searched)
                 self.searched = end
@@ -393,38 +444,11 @@ class _GlmBody(CallBody):
                 self.pos = stop + len(_KEY_END)
                 self.phase = "value-marker"
             elif self.phase == "value":
-                stop = find_new(text, _VALUE_END, self.pos, self.searched)
-                self.searched = end
-                if stop < 0:
-                    if self.open >= 0:
-                        tail = text.slice(max(self.open, end - len(_VALUE_END) + 1), end)
-                        self._escape(end - partial_marker(tail, 0, (_VALUE_END,)))
+                if not self._close_value(_VALUE_END, self.key in self.strings):
                     return
-                raw = text.slice(self.pos, stop)
-                value = glm_value(raw, self.key in self.strings)
-                if self.open >= 0:
-                    self._escape(stop)
-                    self.json.append('"')
-                    self.open = -1
-                elif not self.twice:
-                    self.json.append((", " if self.args else "") + _dumps(self.key) + ": "
-                                     + _dumps(value))
-                self.args[self.key] = value
-                self.pos = stop + len(_VALUE_END)
                 self.phase = "key-or-end"
             else:
                 return
-
-    def _escape(self, stop: int) -> None:
-        """The open string value's text up to ``stop`` goes into ``json``, escaped."""
-        if stop > self.open:
-            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
-            self.open = stop
-
-    def peek(self) -> Peek | None:
-        if self.name is None or self.phase == "dead" or self.twice:
-            return None
-        return Peek(self.name, 0, self.json.length)
 
     def parse(self) -> tuple[str, str] | None:
         if self.phase == "name":  # no newline, no key: a call without arguments
@@ -432,8 +456,7 @@ class _GlmBody(CallBody):
             return None if name is None else (name, "{}")
         if self.phase != "key-or-end" or self.text.slice(self.pos, self.text.length).strip():
             return None
-        return self.name, "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}"
-                                          for k, v in self.args.items()) + "}"
+        return self.name, self._arguments()
 
 
 _DSML = "｜DSML｜"
@@ -442,7 +465,7 @@ _INVOKE_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s*')
 _PARAM_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s+string="(true|false)"\s*')
 
 
-class _DsmlBody(CallBody):
+class _DsmlBody(_PairsBody):
     """DeepSeek-V3.2/V4's DSML, the body after ``<｜DSML｜invoke``: `` name="NAME">`` then
     ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`` elements (only
     whitespace between them). A value with ``string="true"`` is the text as written, and
@@ -453,19 +476,8 @@ class _DsmlBody(CallBody):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self.name: str | None = None
         self.phase = "head"  # head, param-or-end, param-head, value, dead
-        self.pos = 0  # where the next thing to read starts
-        self.searched = 0  # the text read for the marker that ends the current part
-        self.key, self.is_string = "", False
-        self.args: dict[str, Any] = {}
-        self.twice = False
-        self.json = GrowingText()  # "{", the parameters so far, an open string value so far
-        self.open = -1  # an open string value: how far its text went into ``json``
-
-    @property
-    def args_text(self) -> GrowingText:
-        return self.json
+        self.is_string = False
 
     def _head(self, pattern: re.Pattern[str]) -> re.Match[str] | None | bool:
         """The element head from ``pos`` to its ``>``: its match, None (malformed) or False
@@ -512,48 +524,19 @@ class _DsmlBody(CallBody):
                     self.phase = "dead"
                     return
                 self.key, self.is_string = match.group(1), match.group(2) == "true"
-                self.twice = self.twice or self.key in self.args
-                if not self.twice and self.is_string:
-                    self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
-                    self.open = self.pos
+                self._open_value(self.is_string)
                 self.phase = "value"
             elif self.phase == "value":
-                stop = find_new(text, _PARAM_END, self.pos, self.searched)
-                self.searched = end
-                if stop < 0:
-                    if self.open >= 0:
-                        tail = text.slice(max(self.open, end - len(_PARAM_END) + 1), end)
-                        self._escape(end - partial_marker(tail, 0, (_PARAM_END,)))
+                if not self._close_value(_PARAM_END, self.is_string):
                     return
-                value = glm_value(text.slice(self.pos, stop), self.is_string)
-                if self.open >= 0:
-                    self._escape(stop)
-                    self.json.append('"')
-                    self.open = -1
-                elif not self.twice:
-                    self.json.append((", " if self.args else "") + _dumps(self.key) + ": "
-                                     + _dumps(value))
-                self.args[self.key] = value
-                self.pos = stop + len(_PARAM_END)
                 self.phase = "param-or-end"
             else:
                 return
 
-    def _escape(self, stop: int) -> None:
-        if stop > self.open:
-            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
-            self.open = stop
-
-    def peek(self) -> Peek | None:
-        if self.name is None or self.phase == "dead" or self.twice:
-            return None
-        return Peek(self.name, 0, self.json.length)
-
     def parse(self) -> tuple[str, str] | None:
         if self.phase != "param-or-end" or self.text.slice(self.pos, self.text.length).strip():
             return None
-        return self.name, "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}"
-                                          for k, v in self.args.items()) + "}"
+        return self.name, self._arguments()
 
 
 @dataclass(frozen=True)
