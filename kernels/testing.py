@@ -320,9 +320,11 @@ def _script_worker(env: dict, log_path: str, path: str, args: list[str]) -> None
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
-        else:
+        else:  # after what the script printed (stdout is block-buffered into the log file)
+            sys.stdout.flush()
             print(exc.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - as the interpreter: the traceback, status 1
+        sys.stdout.flush()
         traceback.print_exc()
     finally:
         sys.stdout.flush()
