@@ -57,7 +57,7 @@ def inputs(batch: int, ctx: int, dims: dict, device: str) -> tuple:
     index_scale, topk)."""
     block, heads = dims["block"], dims["heads"]
     width = dims["d_lat"] + dims["d_rope"] + dims["d_idx"]
-    blocks = ctx // block
+    blocks = -(-ctx // block)  # whole blocks holding ctx tokens (a row may end at ctx)
     kv = torch.randn(batch * blocks, block, width, device=device, dtype=torch.bfloat16)
     tables = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
     lens = ctx - torch.randint(0, block, (batch,), device=device)
