@@ -249,34 +249,50 @@ def _run_worker(module_file: str, case_names: list[str], seed: int,
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("AFD_KERNEL_BACKEND", None)
     with tempfile.TemporaryDirectory() as tmp:
-        out_path, log_path = os.path.join(tmp, "results.json"), os.path.join(tmp, "log.txt")
-        proc = forkserver_context().Process(
-            target=_forked_worker, args=(env, log_path, module_file, out_path, seed, case_names))
-        proc.start()
-        proc.join(timeout_s)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(f"interpreter worker for {module_file}", timeout_s)
-        if proc.exitcode != 0 or not os.path.exists(out_path):
-            log = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
-            raise RuntimeError(f"interpreter worker failed (rc {proc.exitcode}):\n"
-                               f"{log[-8000:]}")
+        out_path = os.path.join(tmp, "results.json")
+        code, log = _run_forked(_forked_worker, (module_file, out_path, seed, case_names), env,
+                                str(_REPO_ROOT), tmp, timeout_s,
+                                f"interpreter worker for {module_file}")
+        if code != 0 or not os.path.exists(out_path):
+            raise RuntimeError(f"interpreter worker failed (rc {code}):\n{log[-8000:]}")
         with open(out_path) as f:
             return json.load(f)
 
 
-def _forked_worker(env: dict, log_path: str, module_file: str, out_path: str, seed: int,
-                   case_names: list[str]) -> None:
-    """The worker process: the caller's environment (interpreter on, no GPU), output to
-    ``log_path``, the repository first on the path, then the cases."""
+def _run_forked(target, args: tuple, env: dict[str, str], first_path: str, tmp: str,
+                timeout_s: float, what) -> tuple[int, str]:
+    """``target(*args)`` in a process forked from the fork server, with environment ``env``,
+    ``first_path`` first on ``sys.path``, the repository root as working folder and its
+    output in a log under ``tmp``: (exit status, that output). Past ``timeout_s`` it is
+    killed (``what`` names it in the TimeoutExpired)."""
+    log_path = os.path.join(tmp, "log.txt")
+    proc = forkserver_context().Process(target=_worker_entry,
+                                        args=(env, log_path, first_path, target, args))
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise subprocess.TimeoutExpired(what, timeout_s)
+    log = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
+    return proc.exitcode, log
+
+
+def _worker_entry(env: dict, log_path: str, first_path: str, target, args: tuple) -> None:
+    """A forked worker: stdout and stderr into ``log_path``, the caller's environment, the
+    repository root as working folder, ``first_path`` first on the path, then ``target``."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(_REPO_ROOT)
-    sys.path.insert(0, str(_REPO_ROOT))
+    sys.path.insert(0, first_path)
+    target(*args)
+
+
+def _forked_worker(module_file: str, out_path: str, seed: int, case_names: list[str]) -> None:
+    """The interpreter worker (environment: the caller's, interpreter on, no GPU): the cases."""
     _run_cases(module_file, out_path, seed, case_names)
 
 
@@ -289,29 +305,14 @@ def run_script(path: str, args: list[str], env: dict[str, str],
     ``SystemExit`` message printed, status 1; an uncaught exception's traceback, status 1),
     and its stdout and stderr together."""
     with tempfile.TemporaryDirectory() as tmp:
-        log_path = os.path.join(tmp, "log.txt")
-        proc = forkserver_context().Process(target=_script_worker,
-                                            args=(env, log_path, path, list(args)))
-        proc.start()
-        proc.join(timeout_s)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired([path, *args], timeout_s)
-        log = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
-        return proc.exitcode, log
+        return _run_forked(_script_worker, (path, list(args)), env,
+                           os.path.dirname(os.path.abspath(path)),  # a script's folder first
+                           tmp, timeout_s, [path, *args])
 
 
-def _script_worker(env: dict, log_path: str, path: str, args: list[str]) -> None:
+def _script_worker(path: str, args: list[str]) -> None:
     import runpy
 
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(_REPO_ROOT)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # a script's folder first
     sys.argv = [path, *args]
     code = 1
     try:
