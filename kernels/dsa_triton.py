@@ -43,6 +43,29 @@ _LOW = tl.constexpr(2**31 - 1)  # position l's low half: _LOW - l, the earlier o
 
 
 @triton.jit
+def index_dots(q_ptr, w_ptr, kv_ptr, table_row, row, toks, t_ok, num_heads, d_idx, key_col,
+               block_size, stride_qb, stride_qh, stride_wb, stride_kvb, stride_kvt, stride_tc,
+               HI_PAD: tl.constexpr, DI_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_MODE: tl.constexpr):
+    """The lightning indexer's dots of row ``row``: its queries [HI, DI] against the index
+    keys (at column ``key_col``) of positions ``toks`` (masked by ``t_ok``), read through its
+    block table -> (fp32 dots [HI, BN], the head weights [HI] fp32). Shared by DSA's index
+    kernel (every position) and DeepSeek-V4's (the entries' rows)."""
+    heads = tl.arange(0, HI_PAD)
+    offs_d = tl.arange(0, DI_PAD)
+    h_ok = heads < num_heads
+    d_ok = offs_d < d_idx
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [HI, DI]
+    w = tl.load(w_ptr + row * stride_wb + heads, mask=h_ok, other=0.0).to(tl.float32)
+    block = tl.load(table_row + (toks // block_size) * stride_tc, mask=t_ok, other=0)
+    rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
+    k = tl.load(kv_ptr + rows[:, None] + key_col + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BN, DI]
+    return dot(q, tl.trans(k), tl.zeros((HI_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE), w
+
+
+@triton.jit
 def dsa_index_keys_kernel(
     q_ptr,  # [B, Hi, Di] index queries
     w_ptr,  # [B, Hi] fp32 head weights
@@ -60,20 +83,11 @@ def dsa_index_keys_kernel(
     seq_len = tl.load(seq_lens_ptr + row).to(tl.int32)
     key = tl.full((BLOCK_N,), _NOT_SELECTED, dtype=tl.int64)
     if start < seq_len:
-        heads = tl.arange(0, HI_PAD)
-        offs_d = tl.arange(0, DI_PAD)
-        h_ok = heads < num_heads
-        d_ok = offs_d < d_idx
-        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [HI, DI]
-        w = tl.load(w_ptr + row * stride_wb + heads, mask=h_ok, other=0.0).to(tl.float32)
         t_ok = toks < seq_len
-        block = tl.load(table_ptr + row * stride_tb + (toks // block_size) * stride_tc,
-                        mask=t_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [BN]
-        k = tl.load(kv_ptr + rows[:, None] + key_offset + offs_d[None, :],
-                    mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BN, DI]
-        s = dot(q, tl.trans(k), tl.zeros((HI_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        s, w = index_dots(q_ptr, w_ptr, kv_ptr, table_ptr + row * stride_tb, row, toks, t_ok,
+                          num_heads, d_idx, key_offset, block_size, stride_qb, stride_qh,
+                          stride_wb, stride_kvb, stride_kvt, stride_tc, HI_PAD, DI_PAD,
+                          BLOCK_N, DOT_MODE)
         index = tl.sum(tl.maximum(s * index_scale, 0.0) * w[:, None], 0)  # [BN] fp32
         index = tl.where(index == 0.0, 0.0, index)  # -0.0 ties with 0.0, as the sort sees it
         bits = index.to(tl.int32, bitcast=True)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dsa_triton import index_dots
 from kernels.mla_decode_triton import _sm_count, default_launch
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, split_bounds, split_count,
@@ -108,21 +109,11 @@ def v4_index_scores_kernel(
     closed = (tl.load(pos_ptr + row * stride_pb).to(tl.int32) + 1) // rate
     index = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     if tl.program_id(1) * BLOCK_N < closed:
-        heads = tl.arange(0, HI_PAD)
-        offs_d = tl.arange(0, DI_PAD)
-        h_ok = heads < num_heads
-        d_ok = offs_d < d_idx
-        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [HI, DI]
-        w = tl.load(w_ptr + row * stride_wb + heads, mask=h_ok, other=0.0).to(tl.float32)
         e_ok = ents < closed
-        tok = ents * rate + rate - 1
-        block = tl.load(table_ptr + row * stride_tb + (tok // block_size) * stride_tc,
-                        mask=e_ok, other=0)
-        rows = block.to(tl.int64) * stride_kvb + (tok % block_size) * stride_kvt  # [BN]
-        k = tl.load(kv_ptr + rows[:, None] + ientry_col + offs_d[None, :],
-                    mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BN, DI]
-        s = dot(q, tl.trans(k), tl.zeros((HI_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
+        s, w = index_dots(q_ptr, w_ptr, kv_ptr, table_ptr + row * stride_tb, row,
+                          ents * rate + rate - 1, e_ok, num_heads, d_idx, ientry_col,
+                          block_size, stride_qb, stride_qh, stride_wb, stride_kvb, stride_kvt,
+                          stride_tc, HI_PAD, DI_PAD, BLOCK_N, DOT_MODE)
         scored = tl.sum(tl.maximum(s, 0.0) * scale * w[:, None], 0)  # [BN] fp32
         index = tl.where(e_ok, scored, float("-inf"))
     tl.store(out_ptr + row * stride_ob + ents, index, mask=ents < num_entries)
