@@ -147,7 +147,7 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
     if m.attention == "mla":
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
     else:
-        qk = v = m.head_dim
+        qk, v = m.head_dim, m.v_head_dim if m.attention == "mimo" else m.head_dim
     attention = m.num_heads * (2 * qk + v) + m.kv_cache_dim
     dense = 3 * m.intermediate_size
     moe = (m.top_k * (2 * m.hidden_size + 3 * m.moe_intermediate_size)
@@ -161,7 +161,22 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
         context = positions * m.num_heads * (m.qk_nope_head_dim + v + qk) * element
     logits = 2 * rows * m.vocab_size * 4
     return (tokens * per_token + context + dsa_activations(m, cfg) + v4_activations(m, cfg)
-            + logits)
+            + window_activations(m, cfg) + logits)
+
+
+def window_activations(m: ModelConfig, cfg: EngineConfig) -> int:
+    """MiMo-V2-Flash's torch attention (kernels.window_attention, on every device): a piece's
+    four fp32 tensors of at most MAX_SCORES scores (scores, with the sink, probabilities and
+    the masked copy), and the cache rows it gathers, at most MAX_SCORES values or one
+    max_model_len sequence's (a full layer's query sees its whole context), in the cache's
+    dtype and as fp32 keys and values (twice: the values' masked copy). 0 for other models."""
+    if m.attention != "mimo":
+        return 0
+    from kernels.window_attention import MAX_SCORES
+
+    cache_element = torch.empty((), dtype=cfg.cache_dtype).element_size()
+    rows = max(MAX_SCORES, cfg.max_model_len * m.kv_cache_dim)
+    return 4 * MAX_SCORES * 4 + rows * (cache_element + 8)
 
 
 def v4_activations(m: ModelConfig, cfg: EngineConfig) -> int:

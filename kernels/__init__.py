@@ -17,8 +17,10 @@ the decode attentions take to read each sequence's context once, ``dsa`` DeepSee
 attention (its torch path, and ``dsa_decode_attention`` whose Triton kernels are in
 ``dsa_triton``), ``v4_decode`` DeepSeek-V4's decode attention (window + listed entries, K=V,
 sinks) and CSA index scores (their Triton kernels in ``v4_decode_triton``),
-``triton_utils`` what the Triton kernels share (dot modes, bf16 rounding, the split-K combine),
-``testing`` the helpers the tests use (interpreter subprocess, rel. error).
+``window_attention`` MiMo-V2-Flash's paged GQA with a sliding window, sinks and values narrower
+than keys (torch only, on every device), ``triton_utils`` what the Triton kernels share (dot
+modes, bf16 rounding, the split-K combine), ``testing`` the helpers the tests use (interpreter
+subprocess, rel. error).
 """
 
 from kernels.backend import resolve_backend

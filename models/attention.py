@@ -41,9 +41,10 @@ from models.layers import RMSNorm, linear
 def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int,
                    layer: int | None = None) -> tuple[int, ...]:
     """One layer's cache tensor (``layer``: which, where the layers' widths differ; None: the
-    widest). MLA and DeepSeek-V4 (models.deepseek_v4.RowLayout): one row of values per token
-    (a V4 layer's as wide as its type needs)."""
-    if cfg.attention in ("mla", "v4"):
+    widest). MLA, DeepSeek-V4 (models.deepseek_v4.RowLayout) and MiMo-V2-Flash (keys then
+    values, models.mimo_v2_flash): one row of values per token (a V4 layer's as wide as its
+    type needs, a MiMo layer's as its KV heads)."""
+    if cfg.attention in ("mla", "v4", "mimo"):
         width = cfg.kv_cache_dim if layer is None else cfg.layer_kv_cache_dim(layer)
         return (num_blocks, block_size, width)
     return (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

@@ -48,6 +48,10 @@ ARCHITECTURES = {
     # DeepSeek-V4: shared-KV MQA over a sliding window with sinks, compressed (CSA / HCA)
     # long-range entries, hyper-connections, hash-routed first MoE layers (models.deepseek_v4)
     "DeepseekV4ForCausalLM": "deepseek_v4",
+    # Xiaomi MiMo-V2-Flash: GQA over full and sliding-window layers (the sliding ones with
+    # twice the KV heads and per-head sinks), q/k wider than v, DeepSeek-V3 routing
+    # (models.mimo_v2_flash)
+    "MiMoV2FlashForCausalLM": "mimo_v2_flash",
 }
 # the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
 # whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
@@ -182,6 +186,30 @@ class V4Config:
         return max(self.layer_width(i) for i in range(len(self.layer_types)))
 
 
+MIMO_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class MiMoConfig:
+    """MiMo-V2-Flash's own fields (transformers' MiMoV2FlashConfig; models.mimo_v2_flash).
+
+    layer_types: per layer, "full_attention" (ModelConfig.num_kv_heads KV heads, rope
+    ModelConfig.rope) or "sliding_attention" (swa_num_kv_heads, rope swa_rope, a learned sink
+    logit per query head, each query seeing the last sliding_window positions, its own
+    included); value_scale: the factor values are multiplied by before they are cached
+    (attention_value_scale). Keys are ModelConfig.head_dim wide, values ModelConfig.v_head_dim.
+    """
+
+    layer_types: tuple[str, ...]
+    sliding_window: int
+    swa_num_kv_heads: int
+    swa_rope: RopeConfig
+    value_scale: float
+
+    def sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+
 @dataclass(frozen=True)
 class Fp8Config:
     """Block-scaled FP8 weights (DeepSeek-V3 release): ``weight_scale_inv`` per block."""
@@ -197,8 +225,9 @@ class ModelConfig:
     one of ``ARCHITECTURES``' values (``resolve_architecture``), read where config.json is
     parsed; the model code branches on the features below, never on model_type.
     Attributes (attention):
-      attention: "mla" (DeepSeek multi-head latent attention; GLM-4.7-Flash) or "gqa"
-      (Qwen3-MoE, GLM-4.5, dots.llm1)
+      attention: "mla" (DeepSeek multi-head latent attention; GLM-4.7-Flash), "gqa"
+      (Qwen3-MoE, GLM-4.5, dots.llm1), "v4" (DeepSeek-V4) or "mimo" (MiMo-V2-Flash's GQA
+      over full and sliding-window layers, ``mimo``; v_head_dim: its value width)
       num_heads: query heads; num_kv_heads / head_dim: GQA only
       q_lora_rank: MLA query low-rank dim, None = a plain q_proj (DeepSeek-V2-Lite)
       kv_lora_rank: MLA latent dims cached per token; qk_rope_head_dim: rope dims cached beside it
@@ -280,6 +309,7 @@ class ModelConfig:
     weight_renames: tuple[tuple[str, str], ...] = ()
     weight_skipped: tuple[str, ...] = ()
     v4: V4Config | None = None
+    mimo: MiMoConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -305,6 +335,8 @@ class ModelConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim + self.index_head_dim
         if self.attention == "v4":
             return self.v4.row_width
+        if self.attention == "mimo":
+            return max(map(self.layer_kv_cache_dim, range(self.num_layers)))
         return 2 * self.num_kv_heads * self.head_dim
 
     def layer_kv_cache_dim(self, layer: int) -> int:
@@ -312,6 +344,10 @@ class ModelConfig:
         a DeepSeek-V4 layer's rows are its type's (``V4Config.layer_width``)."""
         if self.attention == "v4" and layer < len(self.v4.layer_types):
             return self.v4.layer_width(layer)
+        if self.attention == "mimo" and layer < len(self.mimo.layer_types):  # keys, values
+            heads = (self.mimo.swa_num_kv_heads if self.mimo.sliding(layer)
+                     else self.num_kv_heads)
+            return heads * (self.head_dim + self.v_head_dim)
         if layer in self.index_shared_layers:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.kv_cache_dim
@@ -506,6 +542,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 
     if arch == "deepseek_v4":
         return _v4_config(raw, common, num_layers, num_heads, num_experts)
+    if arch == "mimo_v2_flash":
+        return _mimo_config(raw, common, num_layers, num_heads, num_experts, top_k)
     attention = (_gqa_fields(raw, arch, hidden, num_heads) if arch in GQA_ARCHITECTURES
                  else _mla_fields(raw, arch, num_heads))
     if arch == "qwen3_moe":
@@ -640,6 +678,131 @@ def _v4_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num
         weight_skipped=("mtp.",),  # the release's MTP layer: not run (transformers ignores it)
         v4=v4,
     )
+
+
+def _mimo_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, num_heads: int,
+                 num_experts: int, top_k: int) -> ModelConfig:
+    """MiMo-V2-Flash (transformers' MiMoV2FlashConfig, its defaults where config.json leaves a
+    field out). The release's own spellings are read too: ``hybrid_layer_pattern`` (0 full,
+    1 sliding) for layer_types, ``moe_layer_freq`` (0 dense, 1 sparse) for mlp_layer_types,
+    ``sliding_window_size`` (positions before the query: sliding_window is one more, as
+    transformers folds it), ``rope_theta`` / ``swa_rope_theta`` / ``partial_rotary_factor``
+    for per-type rope_parameters, ``layernorm_epsilon`` for rms_norm_eps; its ``swa_*`` head
+    counts and dims must be what transformers derives (the sliding layers: twice the KV heads,
+    the same query heads and dims). The release's MTP layers (``model.mtp.*``) are never read."""
+    arch = "mimo_v2_flash"
+    types = raw.get("layer_types")
+    field_name = "layer_types"
+    if types is None and raw.get("hybrid_layer_pattern") is not None:
+        field_name = "hybrid_layer_pattern"
+        pattern = raw["hybrid_layer_pattern"]
+        types = ([{0: "full_attention", 1: "sliding_attention"}.get(p, p) for p in pattern]
+                 if isinstance(pattern, list) else pattern)
+    if types is None:  # transformers' default: layer 0 and every sixth full
+        types = ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention"
+                 for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in MIMO_LAYER_TYPES for t in types)):
+        raise ValueError(f"{arch}: {field_name} must name one of {MIMO_LAYER_TYPES} (or 0 / 1) "
+                         f"for each of the {num_layers} layers, got {raw.get(field_name)!r}")
+    mlp = raw.get("mlp_layer_types")
+    if mlp is None and isinstance(raw.get("moe_layer_freq"), list):
+        mlp = [{0: "dense", 1: "sparse"}.get(int(f), f) if isinstance(f, (int, bool)) else f
+               for f in raw["moe_layer_freq"]]
+    if mlp is None:  # transformers' default: one dense layer first
+        mlp = ["dense"] + ["sparse"] * (num_layers - 1)
+    head_dim = int(_first(raw, "head_dim", default=192))
+    v_head_dim = int(_first(raw, "v_head_dim", default=128))
+    kv_heads = int(_first(raw, "num_key_value_heads", default=4))
+    for name, value, least in (("head_dim", head_dim, 2), ("v_head_dim", v_head_dim, 1),
+                               ("num_key_value_heads", kv_heads, 1)):
+        if value < least:
+            raise ValueError(f"{arch}: {name}={value} must be >= {least}")
+    swa_kv_heads = 2 * kv_heads
+    for name, want in (("swa_num_key_value_heads", swa_kv_heads),
+                       ("swa_num_attention_heads", num_heads), ("swa_head_dim", head_dim),
+                       ("swa_v_head_dim", v_head_dim)):
+        if raw.get(name) is not None and int(raw[name]) != want:
+            raise ValueError(f"{arch}: {name}={raw[name]} must be {want} (transformers' "
+                             "sliding layers: twice num_key_value_heads, the full layers' "
+                             "query heads and head dims)")
+    for heads, name in ((kv_heads, "num_key_value_heads"),
+                        (swa_kv_heads, "2 x num_key_value_heads (the sliding layers')")):
+        if num_heads % heads:
+            raise ValueError(f"{arch}: num_attention_heads={num_heads} is not a multiple of "
+                             f"{name}={heads}")
+    window = raw.get("sliding_window")
+    if raw.get("sliding_window_size") is not None:  # the release's: positions before the query
+        window = int(raw["sliding_window_size"]) + 1
+    window = int(129 if window is None else window)
+    if window < 1:
+        raise ValueError(f"{arch}: sliding_window={window} must be >= 1 (sliding_window_size: "
+                         ">= 0)")
+    if raw.get("add_full_attention_sink_bias"):
+        raise NotImplementedError(f"{arch}: add_full_attention_sink_bias=true is not supported "
+                                  "(transformers' full-attention layers have no sinks)")
+    if raw.get("add_swa_attention_sink_bias", True) is not True:
+        raise NotImplementedError(f"{arch}: add_swa_attention_sink_bias="
+                                  f"{raw['add_swa_attention_sink_bias']!r} is not supported "
+                                  "(transformers' sliding layers always have sinks)")
+    value_scale = raw.get("attention_value_scale", 0.707)
+    value_scale = 1.0 if value_scale is None else float(value_scale)
+    full_rope, swa_rope = _mimo_ropes(raw, head_dim)
+    if raw.get("routed_scaling_factor", 1.0) is None:  # the release's config.json: null
+        raw = {**raw, "routed_scaling_factor": 1.0}
+    common = {**common, "norm_topk_prob": bool(raw.get("norm_topk_prob", True)),
+              "rms_norm_eps": float(_first(raw, "rms_norm_eps", "layernorm_epsilon",
+                                           default=1e-5)),
+              "max_position_embeddings": int(raw.get("max_position_embeddings", 131072))}
+    moe = _deepseek_moe_fields({**raw, "mlp_layer_types": mlp, "num_nextn_predict_layers": 0,
+                                "num_mtp_layers": None, "n_shared_experts": 0},
+                               arch, num_layers, num_experts, top_k)
+    return ModelConfig(
+        **common, **moe,
+        attention="mimo",
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        rope=full_rope,
+        attention_scale=head_dim**-0.5,
+        weight_skipped=("model.mtp.",),  # the release's MTP layers: not run
+        mimo=MiMoConfig(layer_types=tuple(types), sliding_window=window,
+                        swa_num_kv_heads=swa_kv_heads, swa_rope=swa_rope,
+                        value_scale=value_scale),
+    )
+
+
+def _mimo_ropes(raw: dict[str, Any], head_dim: int) -> tuple[RopeConfig, RopeConfig]:
+    """MiMo-V2-Flash's full and sliding layers' ropes: ``rope_parameters``' "full_attention"
+    and "sliding_attention" entries (transformers), or the release's rope_theta /
+    swa_rope_theta / partial_rotary_factor; defaults transformers' (thetas 5e6 and 1e4, 0.334
+    of head_dim rotated, GPT-NeoX pairs)."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        factor = float(_first(raw, "partial_rotary_factor", default=0.334))
+        params = {"full_attention": {"rope_theta": _first(raw, "rope_theta", default=5e6),
+                                     "partial_rotary_factor": factor},
+                  "sliding_attention": {"rope_theta": _first(raw, "swa_rope_theta",
+                                                             default=1e4),
+                                        "partial_rotary_factor": factor}}
+    if not isinstance(params, dict) or not all(
+            isinstance(params.get(t), dict) for t in MIMO_LAYER_TYPES):
+        raise ValueError(f"mimo_v2_flash: rope_parameters must hold one entry per layer type "
+                         f"{MIMO_LAYER_TYPES}, got {params!r}")
+    ropes = []
+    for kind in MIMO_LAYER_TYPES:
+        entry = params[kind]
+        factor = float(entry.get("partial_rotary_factor", 0.334))
+        dim = int(head_dim * factor)
+        if not 0 < factor <= 1 or dim < 2 or dim % 2:
+            raise ValueError(f"mimo_v2_flash: rope_parameters[{kind}] partial_rotary_factor="
+                             f"{factor} rotates {dim} of head_dim={head_dim} dims: it must be "
+                             "in (0, 1] and rotate an even number (>= 2) of them")
+        ropes.append(_rope({"rope_parameters": {"rope_theta": 10000.0, **entry},
+                            "max_position_embeddings": raw.get("max_position_embeddings",
+                                                               131072)},
+                           dim, interleaved=False))
+    return ropes[0], ropes[1]
 
 
 def _partial_rotary_factor(raw: dict[str, Any], default: float) -> float:

@@ -66,8 +66,13 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
         if role != "ffn":
-            self.self_attn = (MLAttention(cfg, dtype, device, layer=index)
-                              if cfg.attention == "mla" else GQAttention(cfg, dtype, device))
+            if cfg.attention == "mimo":
+                from models.mimo_v2_flash import MiMoAttention
+
+                self.self_attn = MiMoAttention(cfg, dtype, device, layer=index)
+            else:
+                self.self_attn = (MLAttention(cfg, dtype, device, layer=index)
+                                  if cfg.attention == "mla" else GQAttention(cfg, dtype, device))
             self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                     device)
@@ -222,6 +227,10 @@ class MoEModel(nn.Module):
                 self.rotaries = rope_tables(cfg, device)
             else:
                 self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            if cfg.attention == "mimo":  # the sliding layers' rope (the full layers': rotary)
+                from models.mimo_v2_flash import rope_tables
+
+                self.rotaries = rope_tables(cfg, device)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
                                      device=device)
             self.lm_head.requires_grad_(False)
@@ -266,6 +275,7 @@ class MoEModel(nn.Module):
         batch.cos, batch.sin = self.rotary.cos_sin(batch.positions)
         if self.cfg.attention == "v4":
             batch.input_ids = input_ids
+        if self.cfg.attention in ("v4", "mimo"):
             batch.rope_tables = {name: rotary.cos_sin(batch.positions)
                                  for name, rotary in self.rotaries.items()}
         return self.model.embed_tokens(input_ids)

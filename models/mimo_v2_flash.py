@@ -1,0 +1,79 @@
+"""Xiaomi MiMo-V2-Flash's attention (transformers' ``MiMoV2FlashAttention``, HF names).
+
+Grouped-query attention on two kinds of layers (``MiMoConfig.layer_types``):
+  * "full_attention": ``num_key_value_heads`` KV heads over every earlier position, rope
+    ``ModelConfig.rope`` (theta 5e6 in the release);
+  * "sliding_attention": twice the KV heads, each query over the last ``sliding_window``
+    positions (its own included), a learned sink logit per query head joined to the softmax
+    and dropped after it (``attention_sink_bias``), rope ``MiMoConfig.swa_rope`` (theta 1e4).
+Both: q/k ``head_dim`` wide (192), v ``v_head_dim`` (128), the values times
+``attention_value_scale`` before they are cached (as transformers caches them), the first
+``partial_rotary_factor`` of q/k's dims rotated (GPT-NeoX pairs), scale head_dim^-0.5, no
+q/k norm, o_proj unbiased. The rest of the model is afd's decoder (DeepSeek-V3 routing, no
+shared experts, ``mlp_layer_types`` dense or sparse).
+
+Cache rows: one tensor per layer [num_blocks, block_size, KVH * (head_dim + v_head_dim)], keys
+then values (``ModelConfig.layer_kv_cache_dim``: a sliding layer's twice a full layer's). A
+sliding layer keeps every row of a sequence, though its queries read only the window's
+(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention`` (torch) on every
+device: the Triton GQA kernels know neither windows, sinks nor values narrower than keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from kernels.fp8 import to_kv_cache
+from kernels.window_attention import window_attention_torch
+from models.batch import ForwardBatch
+from models.config import ModelConfig
+from models.layers import Rotary, linear
+
+SLIDING = "sliding_attention"
+
+
+def rope_tables(cfg: ModelConfig, device) -> dict[str, Rotary]:
+    """The sliding layers' rotary (the full layers' is the model's ``rotary``)."""
+    return {SLIDING: Rotary(cfg.mimo.swa_rope, device)}
+
+
+class MiMoAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None, layer: int = 0):
+        super().__init__()
+        mimo = cfg.mimo
+        self.cfg = cfg
+        self.sliding = mimo.sliding(layer)
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = mimo.swa_num_kv_heads if self.sliding else cfg.num_kv_heads
+        self.head_dim, self.v_dim = cfg.head_dim, cfg.v_head_dim
+        self.window = mimo.sliding_window if self.sliding else None
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = linear(h, self.num_heads * self.head_dim, dtype, device, bias=bias)
+        self.k_proj = linear(h, self.num_kv_heads * self.head_dim, dtype, device, bias=bias)
+        self.v_proj = linear(h, self.num_kv_heads * self.v_dim, dtype, device, bias=bias)
+        self.o_proj = linear(self.num_heads * self.v_dim, h, dtype, device)
+        if self.sliding:  # the release's name (transformers' module calls it sinks)
+            self.attention_sink_bias = nn.Parameter(
+                torch.zeros(self.num_heads, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] normed activations; cache: this layer's rows -> [T, hidden]."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x) * self.cfg.mimo.value_scale
+        cos, sin = batch.rope_tables[SLIDING] if self.sliding else (batch.cos, batch.sin)
+        q = kernels.apply_rotary(q, cos, sin, interleaved=False)
+        k = kernels.apply_rotary(k, cos, sin, interleaved=False)
+        row = torch.cat((k.reshape(t, self.num_kv_heads * self.head_dim), v), dim=-1)
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(row, cache.dtype)
+        lens = batch.context_lens
+        if lens is None:  # a CUDA graph's batch: afd never captures this model's steps
+            raise RuntimeError("MiMo-V2-Flash attention needs the rows' lengths on the host")
+        out = window_attention_torch(
+            q, cache, batch.block_tables, batch.query_lens, lens, self.num_kv_heads, self.v_dim,
+            self.cfg.attention_scale, self.window,
+            self.attention_sink_bias if self.sliding else None)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

@@ -1,0 +1,338 @@
+"""Xiaomi MiMo-V2-Flash (MiMoV2FlashForCausalLM): GQA over full and sliding-window layers (the
+sliding ones with twice the KV heads and per-head sinks), q/k wider than v, values scaled
+before they are cached, per-layer-type rope, DeepSeek-V3 routing. A tiny random transformers
+checkpoint with both layer kinds, both MLP kinds and a window of 8 (prompts up to 100 tokens):
+the single-process engine against transformers' generate (greedy tokens equal, fp32 logits
+within 1e-4 relative), chunked prefill with chunk boundaries inside the window, a 1A+1F layout;
+mutants (no window, no sinks, no value scale) leave transformers' tokens; the release's config
+spelling and the refusals, naming the field; MTP tensors skipped, method 'mtp' refused."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from afd import LLM
+from afd.config import bytes_per_block
+from afd.cuda_graphs import unsupported_reason
+from afd.kv_cache import allocate_kv_caches
+from afd.kv_memory import step_activations, window_activations
+from ckpt_utils import (VOCAB, edit_config, greedy, greedy_tokens as tokens, hf_greedy,
+                        mixed_prompts, save_checkpoint)
+from kernels.window_attention import window_attention_torch
+from models.config import config_from_dict, load_config
+from models.default_model import random_tensor
+from test_oracle_variants import assert_matches
+
+NEW_TOKENS = 12
+LENGTHS = [5, 23, 40, 100]  # window 8: every prompt but the first longer, and it decodes past
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+MLP_TYPES = ["dense", "sparse", "sparse", "dense"]
+CONFIG = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+    v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+    norm_topk_prob=True, routed_scaling_factor=1.5, sliding_window=8,
+    layer_types=LAYER_TYPES, mlp_layer_types=MLP_TYPES, attention_value_scale=0.707,
+    rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 50000.0,
+                           "partial_rotary_factor": 0.334},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                              "partial_rotary_factor": 0.334}},
+    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=0, eos_token_id=1,
+)
+# cache row widths: a full layer's 1 KV head x (24 + 16), a sliding layer's 2
+WIDTHS = [80, 40, 80, 80]
+
+
+def build_hf_model(seed: int = 0):
+    """transformers' model (fp32, eager), weights scaled so greedy outputs vary; sinks of
+    about one, the size of the scores, so that they decide outputs."""
+    import transformers as tf
+
+    config = tf.MiMoV2FlashConfig(**CONFIG)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.MiMoV2FlashForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if name.endswith("sinks"):
+                tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
+            elif tensor.is_floating_point():
+                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def mimo(tmp_path_factory):
+    """(transformers' model, checkpoint folder, prompts, [(tokens, logits)]): the folder holds
+    an MTP layer's tensors too (``model.mtp.*``, as the release ships them), never read."""
+    model = build_hf_model()
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("mimo_v2_flash")))
+    gen = torch.Generator().manual_seed(9)
+    save_file({"model.mtp.layers.0.self_attn.q_proj.weight": torch.randn(96, 64, generator=gen),
+               "model.mtp.layers.0.eh_proj.weight": torch.randn(64, 128, generator=gen)},
+              os.path.join(path, "mtp.safetensors"))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def test_config_and_cache_rows(mimo):
+    """The layer kinds, dims, ropes and routing reach afd's config; each layer's cache rows
+    are its own KV heads' keys then values (a sliding layer's twice a full layer's), allocated
+    and counted in the KV sizing at those widths."""
+    cfg = load_config(mimo[1])
+    assert (cfg.architecture, cfg.attention) == ("mimo_v2_flash", "mimo")
+    assert cfg.mimo.layer_types == tuple(LAYER_TYPES) and cfg.moe_layers == (1, 2)
+    assert (cfg.num_kv_heads, cfg.mimo.swa_num_kv_heads, cfg.head_dim, cfg.v_head_dim) == (
+        1, 2, 24, 16)
+    assert (cfg.mimo.sliding_window, cfg.mimo.value_scale) == (8, 0.707)
+    assert (cfg.rope.dim, cfg.rope.theta, cfg.mimo.swa_rope.dim, cfg.mimo.swa_rope.theta) == (
+        8, 50000.0, 8, 10000.0)
+    assert not cfg.rope.interleaved and not cfg.mimo.swa_rope.interleaved
+    assert (cfg.scoring, cfg.topk_method, cfg.n_shared_experts, cfg.routed_scaling_factor) == (
+        "sigmoid", "noaux_tc", 0, 1.5)
+    assert [cfg.layer_kv_cache_dim(i) for i in range(4)] == WIDTHS
+    assert cfg.kv_cache_dim == 80 and cfg.kv_cache_dims() == sum(WIDTHS)
+    caches = allocate_kv_caches(cfg, 6, 4, torch.float32, "cpu")
+    assert [tuple(c.shape) for c in caches] == [(6, 4, w) for w in WIDTHS]
+    assert bytes_per_block(cfg, 4, torch.float32, mtp=False) == 4 * sum(WIDTHS) * 4
+
+
+def test_matches_transformers(mimo):
+    """Four prompts at once (three longer than the window, the fourth decoding past it),
+    token for token and logits within 1e-4 relative; the MTP tensors skipped."""
+    _, path, prompts, expected = mimo
+    assert_matches(path, expected, prompts)
+
+
+@pytest.mark.parametrize("chunk", [11, 16])
+def test_chunked_prefill(mimo, chunk):
+    """Chunks of 11 and of 16 over blocks of 4: each chunk's first queries see the window's
+    rows the chunk before wrote."""
+    _, path, prompts, expected = mimo
+    llm = LLM(path, block_size=4, max_model_len=128, max_num_batched_tokens=chunk)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+
+
+def test_attention_and_ffn_ranks_and_pd_match(mimo):
+    """1A+1F (the attention rank runs both layer kinds, the FFN rank the routed experts) and
+    1P+1A (rows of two widths travel flat, from blocks of 8 to blocks of 4): transformers'
+    tokens, so the single process's."""
+    _, path, prompts, expected = mimo
+    for layout in (dict(attention=1, ffn=1),
+                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4)):
+        llm = LLM(path, timeout_s=30, **layout)
+        try:
+            assert tokens(llm, prompts) == [t for t, _ in expected], layout
+        finally:
+            llm.shutdown()
+
+
+def test_prefix_cache_hit(mimo):
+    """A prompt sharing 64 tokens with an earlier one: its cached rows (every position's,
+    the sliding layers' too) serve the hit."""
+    model, path, prompts, expected = mimo
+    other = prompts[3][:64] + prompts[2][:20]
+    want = hf_greedy(model, other, NEW_TOKENS)[0]
+    llm = LLM(path, block_size=16, enable_prefix_caching=True, max_model_len=128)
+    assert tokens(llm, prompts[3:]) == [expected[3][0]]
+    out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 64 and out.outputs[0].token_ids == want
+
+
+def test_ngram_verify_rows_match(mimo, monkeypatch):
+    """Speculative verify rows (k + 1 rows of a sequence, each over its own length and
+    window): n-gram drafts from a proposer that knows the outputs (every third draft
+    corrupted) keep transformers' tokens; enforce_eager=False builds no CUDA graphs for this
+    model (its steps run eagerly)."""
+    import afd.scheduler
+    from test_spec_decode import oracle
+
+    _, path, prompts, expected = mimo
+    want = [t for t, _ in expected]
+    runs = [p + t for p, t in zip(prompts, want, strict=True)]
+    monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, 3))
+    llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+              enforce_eager=False, max_model_len=128)
+    assert llm.engine.core.runner.graphs is None
+    assert tokens(llm, prompts) == want
+    sched = llm.engine.core.scheduler
+    assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
+
+
+def _differs(path, prompts, expected, **engine) -> list[bool]:
+    got = tokens(LLM(path, **engine), prompts)
+    return [g != e for g, (e, _) in zip(got, expected, strict=True)]
+
+
+def test_window_sinks_and_value_scale_each_matter(mimo, monkeypatch):
+    """Mutants of afd's model, each leaving transformers' tokens: sliding layers attending
+    over every earlier position (sliding_window 1000), without their sinks, values not
+    scaled (attention_value_scale null: 1.0). Which prompts change is printed."""
+    import models.mimo_v2_flash as mimo_module
+
+    _, path, prompts, expected = mimo
+    seen = {}
+    seen["window"] = _differs(path, prompts, expected, hf_overrides={"sliding_window": 1000})
+    seen["value scale"] = _differs(path, prompts, expected,
+                                   hf_overrides={"attention_value_scale": None})
+    attend = mimo_module.window_attention_torch
+    monkeypatch.setattr(mimo_module, "window_attention_torch",
+                        lambda *args: attend(*args[:-1], None))
+    seen["sinks"] = _differs(path, prompts, expected)
+    print(f"prompts (lengths {LENGTHS}) whose tokens change: {seen}")
+    # the first prompt (5 tokens) never reaches past the window in its prompt
+    assert seen["window"][1:] == [True, True, True]
+    assert all(seen["sinks"]) and all(seen["value scale"])
+
+
+def test_mtp_refused(mimo):
+    """The release's MTP layers are not run: method 'mtp' is refused naming the
+    architecture (n-gram drafts remain)."""
+    path = mimo[1]
+    edit_config(path, num_nextn_predict_layers=1)
+    try:
+        with pytest.raises(ValueError, match="'mtp' is not supported for architecture "
+                                             "'mimo_v2_flash'"):
+            LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    finally:
+        edit_config(path, num_nextn_predict_layers=None)
+
+
+RELEASE = dict(  # config.json as the release spells it (sizes cut down)
+    architectures=["MiMoV2FlashForCausalLM"], model_type="mimo_v2_flash", vocab_size=1024,
+    hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=192, v_head_dim=128, swa_num_attention_heads=8, swa_num_key_value_heads=4,
+    swa_head_dim=192, swa_v_head_dim=128, hybrid_layer_pattern=[0, 1, 1, 1, 1, 0, 1, 1],
+    moe_layer_freq=[0, 1, 1, 1, 1, 1, 1, 1], sliding_window_size=128, rope_theta=5000000,
+    swa_rope_theta=10000, partial_rotary_factor=0.334, layernorm_epsilon=1e-5,
+    attention_value_scale=0.707, add_swa_attention_sink_bias=True,
+    add_full_attention_sink_bias=False, n_routed_experts=16, num_experts_per_tok=4,
+    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=None,
+    scoring_func="sigmoid", topk_method="noaux_tc", moe_intermediate_size=64,
+    intermediate_size=512, max_position_embeddings=262144,
+)
+
+
+def test_release_spelled_config():
+    """The release's spellings: hybrid_layer_pattern, moe_layer_freq, sliding_window_size
+    (one position less than transformers' sliding_window), rope_theta / swa_rope_theta,
+    layernorm_epsilon, a null routed_scaling_factor; its MTP tensors never read; transformers'
+    defaults where a field is absent."""
+    cfg = config_from_dict(RELEASE)
+    assert cfg.mimo.layer_types == ("full_attention",) + ("sliding_attention",) * 4 + (
+        "full_attention", "sliding_attention", "sliding_attention")
+    assert cfg.moe_layers == tuple(range(1, 8)) and cfg.routed_scaling_factor == 1.0
+    assert (cfg.mimo.sliding_window, cfg.mimo.swa_num_kv_heads, cfg.rms_norm_eps) == (
+        129, 4, 1e-5)
+    assert (cfg.rope.theta, cfg.rope.dim, cfg.mimo.swa_rope.theta) == (5e6, 64, 1e4)
+    assert cfg.layer_kv_cache_dim(0) == 2 * 320 and cfg.layer_kv_cache_dim(1) == 4 * 320
+    assert cfg.weight_skipped == ("model.mtp.",) and cfg.num_nextn_predict_layers == 0
+    bare = {k: v for k, v in RELEASE.items() if k not in (
+        "hybrid_layer_pattern", "moe_layer_freq", "sliding_window_size", "rope_theta",
+        "swa_rope_theta", "partial_rotary_factor", "attention_value_scale", "head_dim",
+        "v_head_dim", "swa_head_dim", "swa_v_head_dim", "layernorm_epsilon")}
+    cfg = config_from_dict(bare)  # transformers' MiMoV2FlashConfig defaults
+    assert [i for i, t in enumerate(cfg.mimo.layer_types) if t == "full_attention"] == [0, 5]
+    assert cfg.moe_layers == tuple(range(1, 8))
+    assert (cfg.mimo.sliding_window, cfg.mimo.value_scale, cfg.head_dim, cfg.v_head_dim) == (
+        129, 0.707, 192, 128)
+    assert (cfg.rope.theta, cfg.mimo.swa_rope.theta, cfg.rope.dim) == (5e6, 1e4, 64)
+    assert config_from_dict({**RELEASE, "attention_value_scale": None}).mimo.value_scale == 1.0
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(hybrid_layer_pattern=[0, 1]), ValueError, "hybrid_layer_pattern must name"),
+    (dict(hybrid_layer_pattern=None, layer_types=["full_attention"] * 7 + ["chunked"]),
+     ValueError, "layer_types must name"),
+    (dict(moe_layer_freq=None, mlp_layer_types=["dense"] * 3), ValueError, "mlp_layer_types"),
+    (dict(swa_num_key_value_heads=2), ValueError, "swa_num_key_value_heads=2 must be 4"),
+    (dict(swa_v_head_dim=64), ValueError, "swa_v_head_dim=64 must be 128"),
+    (dict(num_key_value_heads=3, swa_num_key_value_heads=None), ValueError,
+     "num_attention_heads=8 is not a multiple of num_key_value_heads=3"),
+    (dict(sliding_window_size=None, sliding_window=0), ValueError, "sliding_window=0"),
+    (dict(partial_rotary_factor=0.01), ValueError, "partial_rotary_factor=0.01"),
+    (dict(rope_parameters={"full_attention": {"rope_theta": 1e6}}), ValueError,
+     "rope_parameters must hold one entry per layer type"),
+    (dict(add_full_attention_sink_bias=True), NotImplementedError,
+     "add_full_attention_sink_bias=true"),
+    (dict(add_swa_attention_sink_bias=False), NotImplementedError,
+     "add_swa_attention_sink_bias=False"),
+    (dict(n_group=16, topk_group=8), ValueError, "n_group=16 leaves 1 expert a group"),
+])
+def test_config_errors_name_the_field(change, error, match):
+    with pytest.raises(error, match=match):
+        config_from_dict({**RELEASE, **change})
+
+
+def _reference(q, cache, tables, qlens, lens, kv_heads, v_dim, scale, window, sinks):
+    """Query by query over its visible positions, in float64."""
+    heads, k_dim = q.shape[1], q.shape[2]
+    flat_rows = []
+    for i, n in enumerate(lens):
+        slots = [int(tables[i, p // cache.shape[1]]) * cache.shape[1] + p % cache.shape[1]
+                 for p in range(n)]
+        flat_rows.append(cache.view(-1, cache.shape[-1])[slots].double())
+    out, t = [], 0
+    for i, (qn, n) in enumerate(zip(qlens, lens)):
+        rows = flat_rows[i]
+        keys = rows[:, : kv_heads * k_dim].view(n, kv_heads, k_dim)
+        values = rows[:, kv_heads * k_dim:].view(n, kv_heads, v_dim)
+        for j in range(qn):
+            p = n - qn + j
+            lo = 0 if window is None else max(0, p - window + 1)
+            o = torch.empty(heads, v_dim, dtype=torch.float64)
+            for h in range(heads):
+                kv = h // (heads // kv_heads)
+                s = keys[lo:p + 1, kv] @ q[t, h].double() * scale
+                if sinks is not None:
+                    s = torch.cat((s, sinks[h:h + 1].double()))
+                w = torch.softmax(s, 0)[: p + 1 - lo]
+                o[h] = w @ values[lo:p + 1, kv]
+            out.append(o)
+            t += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("window, sinks", [(None, False), (5, True), (5, False), (40, True)])
+@pytest.mark.parametrize("max_scores", [1 << 26, 200])
+def test_window_attention_against_reference(window, sinks, max_scores):
+    """kernels.window_attention_torch: decode rows (batched) and prefill rows (pieces of
+    queries; with max_scores 200, pieces of one or two), rows past a sequence's length
+    holding NaN, against a query-by-query float64 reference."""
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, k_dim, v_dim, bs = 4, 2, 6, 3, 4
+    qlens, lens = [1, 1, 9, 1, 4, 13], [3, 17, 9, 6, 22, 30]
+    cache = torch.randn(60, bs, kv_heads * (k_dim + v_dim), generator=gen)
+    tables = torch.randperm(60, generator=gen)[:48].view(6, 8).int()  # no block shared
+    for i, n in enumerate(lens):  # stale rows past each length: NaN
+        for p in range(n, 8 * bs):
+            cache[tables[i, p // bs], p % bs] = float("nan")
+    q = torch.randn(sum(qlens), heads, k_dim, generator=gen)
+    sink = torch.randn(heads, generator=gen) if sinks else None
+    got = window_attention_torch(q, cache, tables, qlens, lens, kv_heads, v_dim, 0.4, window,
+                                 sink, max_scores=max_scores)
+    want = _reference(q, cache, tables, qlens, lens, kv_heads, v_dim, 0.4, window, sink)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_cuda_graphs_and_activation_reserve(mimo):
+    """CUDA graphs are not captured for MiMo's attention (it reads the rows' lengths on the
+    host): decode steps run eagerly; the KV sizing reserves its torch path's pieces."""
+    cfg = load_config(mimo[1])
+    assert "mimo attention" in unsupported_reason(SimpleNamespace(cfg=cfg))
+    engine = SimpleNamespace(max_model_len=128, max_num_batched_tokens=64,
+                             cache_dtype=torch.float32, dtype=torch.float32)
+    reserve = window_activations(cfg, engine)
+    assert reserve > 4 * (1 << 26) * 4
+    assert step_activations(cfg, engine, 64, 4, prefill=True) > reserve
+    other = SimpleNamespace(attention="gqa")
+    assert window_activations(other, engine) == 0
