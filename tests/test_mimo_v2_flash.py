@@ -304,10 +304,16 @@ def _reference(q, cache, tables, qlens, lens, kv_heads, v_dim, scale, window, si
 
 @pytest.mark.parametrize("window, sinks", [(None, False), (5, True), (5, False), (40, True)])
 @pytest.mark.parametrize("max_scores", [1 << 26, 200])
-def test_window_attention_against_reference(window, sinks, max_scores):
+def test_window_attention_against_reference(window, sinks, max_scores, monkeypatch):
     """kernels.window_attention_torch: decode rows (batched) and prefill rows (pieces of
-    queries; with max_scores 200, pieces of one or two), rows past a sequence's length
-    holding NaN, against a query-by-query float64 reference."""
+    queries; with max_scores 200, pieces of one to five queries or of one or two decode rows),
+    rows past a sequence's length holding NaN, against a query-by-query float64 reference."""
+    import kernels.window_attention as module
+
+    pieces = []
+    attend = module._attend
+    monkeypatch.setattr(module, "_attend",
+                        lambda q, *args: pieces.append(q.shape[:2]) or attend(q, *args))
     gen = torch.Generator().manual_seed(5)
     heads, kv_heads, k_dim, v_dim, bs = 4, 2, 6, 3, 4
     qlens, lens = [1, 1, 9, 1, 4, 13], [3, 17, 9, 6, 22, 30]
@@ -322,6 +328,8 @@ def test_window_attention_against_reference(window, sinks, max_scores):
                                  sink, max_scores=max_scores)
     want = _reference(q, cache, tables, qlens, lens, kv_heads, v_dim, 0.4, window, sink)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # unbounded: the decode rows in two pieces (rows 0-1 batched, row 3), each prefill row in one
+    assert len(pieces) == 5 if max_scores > 1000 else len(pieces) > 5
 
 
 def test_no_cuda_graphs_and_activation_reserve(mimo):
