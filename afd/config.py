@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from afd.spec_decode import SpecConfig, parse_speculative_config
-from models.config import MTP_ARCHITECTURES, ModelConfig, parse_dtype
+from models.config import MTP_ARCHITECTURES, OTHER_MTP_MODULES, ModelConfig, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -386,10 +386,12 @@ def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True
     """ValueError unless the checkpoint at ``path`` has an MTP layer afd can draft with
     (``weights``: its tensors too, not only config.json's word)."""
     if model_cfg.architecture not in MTP_ARCHITECTURES:
+        why = OTHER_MTP_MODULES.get(model_cfg.architecture)
         raise ValueError(f"speculative_config method 'mtp' is not supported for architecture "
                          f"{model_cfg.architecture!r} (model_type {model_cfg.model_type!r}, "
                          f"{path!r}): afd runs the multi-token-prediction layer of "
-                         f"architectures {MTP_ARCHITECTURES}; use method 'ngram'")
+                         f"architectures {MTP_ARCHITECTURES}"
+                         + (f" ({why})" if why else "") + "; use method 'ngram'")
     if model_cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config method 'mtp': {path!r} has no MTP layer "
                          "(config.json: num_nextn_predict_layers is 0 or absent); use method "

@@ -247,9 +247,10 @@ class Indexer(nn.Module):
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention (Qwen3-MoE, dots.llm1, GLM-4.5), HF parameter names: optional
-    per-head q/k RMSNorm, q/k/v and o_proj biases as configured, rotary over the first
-    ``cfg.rope.dim`` dims of each head (all of them but for GLM-4.5's partial rotary)."""
+    """Grouped-query attention (Qwen3-MoE, dots.llm1, GLM-4.5, MiniMax-M2), HF parameter names:
+    optional q/k RMSNorm (per head; MiniMax-M2's over all heads at once), q/k/v and o_proj
+    biases as configured, rotary over the first ``cfg.rope.dim`` dims of each head (all of
+    them but for GLM-4.5's and MiniMax-M2's partial rotary)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
         super().__init__()
@@ -261,16 +262,20 @@ class GQAttention(nn.Module):
         self.k_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
         self.v_proj = linear(h, cfg.num_kv_heads * d, dtype, device, bias=bias)
         self.o_proj = linear(cfg.num_heads * d, h, dtype, device, bias=cfg.o_proj_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+        if cfg.qk_norm:  # per head, or (MiniMax-M2) over all of q's / k's heads at once
+            q_dim, k_dim = (cfg.num_heads * d, cfg.num_kv_heads * d) if cfg.qk_norm_flat else (d, d)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)  # [T, heads * d], [T, kv_heads * d]
+        if self.cfg.qk_norm_flat:
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.cfg.qk_norm:
+        if self.cfg.qk_norm and not self.cfg.qk_norm_flat:
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
         q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
         k = kernels.apply_rotary(k, batch.cos, batch.sin, interleaved=False)

@@ -52,14 +52,25 @@ ARCHITECTURES = {
     # twice the KV heads and per-head sinks), q/k wider than v, DeepSeek-V3 routing
     # (models.mimo_v2_flash)
     "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+    # MiniMax-M2 / M2.1 / M2.5: GQA with q/k RMSNorm over all heads at once and partial
+    # rotary, sigmoid routing with a correction bias over every layer's experts, no shared
+    # experts (its MTP modules are not run)
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 # the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
 # whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
-GQA_ARCHITECTURES = ("qwen3_moe", "glm4_moe", "dots1")
+GQA_ARCHITECTURES = ("qwen3_moe", "glm4_moe", "dots1", "minimax_m2")
 # the architectures whose multi-token-prediction layer (``model.layers.{num_layers}.*``) is
 # DeepSeek-V3's module (enorm, hnorm, eh_proj, a decoder layer of the model's own kind,
 # shared_head), which afd's MTPLayer runs: speculative_config method "mtp"
 MTP_ARCHITECTURES = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")
+# architectures whose checkpoints ship multi-token-prediction modules of their own kind, which
+# afd does not run (so method "mtp" is refused, saying why)
+OTHER_MTP_MODULES = {
+    "minimax_m2": "MiniMax-M2's MTP modules (config.json num_mtp_modules, "
+                  "mtp_transformer_layers) are MiniMax's own, not DeepSeek-V3's module; their "
+                  "tensors are skipped on load",
+}
 # the architectures with DeepSeek Sparse Attention (an indexer per layer, or per full layer)
 DSA_ARCHITECTURES = ("deepseek_v32", "glm_moe_dsa")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
@@ -233,6 +244,8 @@ class ModelConfig:
       kv_lora_rank: MLA latent dims cached per token; qk_rope_head_dim: rope dims cached beside it
       qk_nope_head_dim / v_head_dim: per-head dims after expanding the latent
       qk_norm: RMSNorm on q and k per head (Qwen3, dots.llm1; GLM-4.5's use_qk_norm)
+      qk_norm_flat: that RMSNorm over all heads' dims at once (MiniMax-M2: q's over
+      num_heads * head_dim, k's over num_kv_heads * head_dim, before the heads are split)
       attention_bias: biased q/k/v projections (MLA: q_a / kv_a); o_proj_bias: a biased
       o_proj (Qwen3's and DeepSeek's follow attention_bias, GLM-4.5's never has one)
       rope.dim: rotated dims per head; GQA rotates the first rope.dim of head_dim (GLM-4.5's
@@ -276,6 +289,7 @@ class ModelConfig:
     attention_bias: bool = False
     o_proj_bias: bool = False
     qk_norm: bool = False
+    qk_norm_flat: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -386,11 +400,13 @@ def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _rope(raw: dict[str, Any], dim: int, interleaved: bool) -> RopeConfig:
+def _rope(raw: dict[str, Any], dim: int, interleaved: bool,
+          default_theta: float = 10000.0) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or {})
     if "rope_type" not in params and raw.get("rope_scaling"):
         params.update(raw["rope_scaling"])
-    theta = float(_first(params, "rope_theta", default=_first(raw, "rope_theta", default=10000.0)))
+    theta = float(_first(params, "rope_theta",
+                         default=_first(raw, "rope_theta", default=default_theta)))
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in ("default", "yarn"):
         raise NotImplementedError(f"rope type {kind!r} is not supported (default and yarn are)")
@@ -555,6 +571,9 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         )
         return ModelConfig(**common, **attention, scoring="softmax", topk_method="greedy",
                            moe_layers=moe_layers)
+    if arch == "minimax_m2":
+        moe = _minimax_moe_fields(raw, num_layers, num_experts)
+        return ModelConfig(**{**common, **moe}, **attention)
     return ModelConfig(**common, **attention,
                        **_deepseek_moe_fields(raw, arch, num_layers, num_experts, top_k))
 
@@ -820,15 +839,25 @@ def _gqa_fields(raw: dict[str, Any], arch: str, hidden: int, num_heads: int) -> 
     dims rotated, default 0.5 as in transformers' Glm4MoeConfig)."""
     head_dim = int(raw.get("head_dim") or hidden // num_heads)
     bias = bool(raw.get("attention_bias", False))
+    flat, theta, factor_name = False, 10000.0, "partial_rotary_factor"
     if arch == "glm4_moe":
         qk_norm, o_proj_bias = bool(raw.get("use_qk_norm", False)), False
         factor = _partial_rotary_factor(raw, 0.5)
+    elif arch == "minimax_m2":
+        _check_minimax_attention(raw)
+        qk_norm, flat, o_proj_bias, theta = True, True, False, MINIMAX_ROPE_THETA
+        # the release's rotary_dim; rope_parameters' (or a top-level) partial_rotary_factor
+        # first, as transformers' MiniMaxM2Config reads them
+        rotary = raw.get("rotary_dim")
+        factor = _partial_rotary_factor(raw, int(rotary) / head_dim if rotary else 1.0)
+        if rotary and _partial_rotary_factor(raw, -1.0) == -1.0:
+            factor_name = f"rotary_dim={rotary}: partial_rotary_factor"
     else:
         qk_norm, o_proj_bias, factor = True, bias, 1.0
         _check_no_sliding_window(raw, arch)
     rotary_dim = int(head_dim * factor)
     if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"partial_rotary_factor={factor} rotates {rotary_dim} of head_dim="
+        raise ValueError(f"{factor_name}={factor} rotates {rotary_dim} of head_dim="
                          f"{head_dim} dims: it must be in (0, 1] and rotate an even number "
                          "(>= 2) of them")
     return dict(
@@ -836,9 +865,77 @@ def _gqa_fields(raw: dict[str, Any], arch: str, hidden: int, num_heads: int) -> 
         num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
         head_dim=head_dim,
         qk_norm=qk_norm,
+        qk_norm_flat=flat,
         o_proj_bias=o_proj_bias,
-        rope=_rope(raw, rotary_dim, interleaved=False),
+        rope=_rope(raw, rotary_dim, interleaved=False, default_theta=theta),
         attention_scale=head_dim**-0.5,
+    )
+
+
+MINIMAX_ROPE_THETA = 5e6  # transformers' MiniMaxM2Config.default_theta
+
+
+def _check_minimax_attention(raw: dict[str, Any]) -> None:
+    """MiniMax-M2's attention as transformers' MiniMaxM2Attention runs it: every layer full
+    softmax attention (MiniMax-Text-01's ``attn_type_list`` marks its lightning-attention
+    layers 0; M2's release lists 1 for all), q/k normed always and over all heads at once
+    (``qk_norm_type`` "per_layer"), no q/k/v bias. Anything else is refused naming the
+    field, as transformers would run it otherwise than the config says."""
+    num_layers = int(raw["num_hidden_layers"])
+    kinds = raw.get("attn_type_list")
+    if kinds is not None:
+        linear = [i for i, kind in enumerate(list(kinds)[:num_layers]) if kind != 1]
+        if linear:
+            raise NotImplementedError(
+                f"minimax_m2: attn_type_list marks layers {linear} as linear (lightning) "
+                "attention (MiniMax-Text-01's 0); afd runs full softmax attention (1) only")
+    types = raw.get("layer_types")
+    if types is not None and any(t != "full_attention" for t in list(types)[:num_layers]):
+        raise NotImplementedError(f"minimax_m2: layer_types {types!r}: afd runs "
+                                  "'full_attention' on every layer only")
+    if raw.get("use_qk_norm", True) is not True:
+        raise NotImplementedError(f"minimax_m2: use_qk_norm={raw['use_qk_norm']!r}: "
+                                  "MiniMax-M2 norms q and k (transformers' MiniMaxM2Attention "
+                                  "always does); only true is supported")
+    if raw.get("qk_norm_type", "per_layer") != "per_layer":
+        raise NotImplementedError(f"minimax_m2: qk_norm_type={raw['qk_norm_type']!r}: afd "
+                                  "norms q and k over all heads at once ('per_layer', "
+                                  "MiniMax-M2's) only")
+    if raw.get("attention_bias"):
+        raise NotImplementedError("minimax_m2: attention_bias=true: MiniMax-M2's q/k/v "
+                                  "projections have no bias (transformers' never do)")
+
+
+def _minimax_moe_fields(raw: dict[str, Any], num_layers: int,
+                        num_experts: int) -> dict[str, Any]:
+    """MiniMax-M2's MoE (transformers' MiniMaxM2SparseMoeBlock): every layer, experts of
+    ``intermediate_size``, sigmoid scores biased by ``e_score_correction_bias`` for the
+    choice (``use_routing_bias``, default true; false: no bias, as vLLM reads it), the top-k
+    weights renormalized, unscaled, no shared experts. Its MTP modules (``num_mtp_modules``
+    of ``mtp_transformer_layers`` layers, ``model.layers.{num_layers}..``) are not run."""
+    scoring = raw.get("scoring_func") or "sigmoid"
+    if scoring != "sigmoid":
+        raise NotImplementedError(f"minimax_m2: scoring_func {scoring!r} is not supported "
+                                  "(MiniMax-M2 routes by sigmoid scores)")
+    for name in ("shared_intermediate_size", "n_shared_experts"):
+        if raw.get(name):
+            raise NotImplementedError(f"minimax_m2: {name}={raw[name]}: MiniMax-M2 has no "
+                                      "shared experts (transformers' MiniMaxM2 builds none)")
+    scale = float(raw.get("routed_scaling_factor") or 1.0)
+    if scale != 1.0:
+        raise NotImplementedError(f"minimax_m2: routed_scaling_factor={scale}: MiniMax-M2's "
+                                  "top-k weights are unscaled (transformers' router never "
+                                  "scales them)")
+    if raw.get("norm_topk_prob") is False:
+        log.warning("minimax_m2 sets norm_topk_prob=false: transformers' and vLLM's "
+                    "MiniMax-M2 renormalize the top-k weights whatever it says; so does afd")
+    return dict(
+        moe_intermediate_size=int(raw["intermediate_size"]),
+        scoring="sigmoid",
+        topk_method="noaux_tc" if raw.get("use_routing_bias", True) else "greedy",
+        norm_topk_prob=True,
+        router_dtype_fp32=True,
+        moe_layers=tuple(range(num_layers)) if num_experts else (),
     )
 
 

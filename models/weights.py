@@ -101,6 +101,63 @@ _V4_TOP = {"embed.weight": "model.embed_tokens.weight",
            "norm.weight": "model.norm.weight"}
 
 
+# MiniMax-M2's checkpoint names (its release's, which transformers' save_pretrained writes back)
+# -> afd's: the MoE block is "block_sparse_moe" with experts' w1 / w3 / w2 (gate / up / down)
+# and the correction bias beside the gate; transformers' own module keeps the bias on "mlp"
+# (``mlp.e_score_correction_bias``, in a file saved with save_original_format=False)
+_MINIMAX_RENAMES = [(re.compile(a), b) for a, b in (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),
+    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+    (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+)]
+# transformers' fused routed experts (what its modules hold, and what save_pretrained writes
+# with save_original_format=False): gate_up_proj [E, 2I, H] (gate rows, then up rows) and
+# down_proj [E, H, I] per MoE layer
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class FusedPart(str):
+    """A checkpoint tensor that is part of a fused one: ``tensor[expert, rows[0]:rows[1]]``
+    (rows None: all of them). Its text names the part, for messages."""
+
+    def __new__(cls, tensor: str, expert: int, rows: tuple[int, int] | None = None):
+        part = f"{tensor}[{expert}" + (f", {rows[0]}:{rows[1]}]" if rows else "]")
+        self = super().__new__(cls, part)
+        self.tensor, self.expert, self.rows = tensor, expert, rows
+        return self
+
+
+def _source(src: str) -> str:
+    """The name the checkpoint stores ``src`` under (a fused tensor's, for a part of one)."""
+    return src.tensor if isinstance(src, FusedPart) else src
+
+
+def _get_tensor(f, src: str) -> torch.Tensor:
+    """Tensor ``src`` of the open safetensors file ``f``: a fused tensor's part read alone."""
+    if not isinstance(src, FusedPart):
+        return f.get_tensor(src)
+    part = f.get_slice(src.tensor)[src.expert]
+    return part if src.rows is None else part[src.rows[0]: src.rows[1]].contiguous()
+
+
+def _fused_parts(name: str, num_experts: int, inter: int) -> dict[str, str]:
+    """transformers' fused experts tensor ``name`` as per-expert names (``FusedPart`` each);
+    {} for any other name."""
+    m = _FUSED.match(name)
+    if m is None:
+        return {}
+    base = m.group(1)
+    if m.group(2) == "down_proj":
+        return {f"{base}.{e}.down_proj.weight": FusedPart(name, e) for e in range(num_experts)}
+    parts = {}
+    for e in range(num_experts):
+        parts[f"{base}.{e}.gate_proj.weight"] = FusedPart(name, e, (0, inter))
+        parts[f"{base}.{e}.up_proj.weight"] = FusedPart(name, e, (inter, 2 * inter))
+    return parts
+
+
 def v4_param_name(name: str) -> str:
     """afd's name for a DeepSeek-V4 checkpoint tensor (see ``_V4_RENAMES``)."""
     bare = name.removeprefix("model.")
@@ -207,7 +264,7 @@ def _is_empty(file: str, name: str) -> bool:
     """An empty tensor holds no weights: transformers saves zero-width shared experts for a
     DeepSeek config with ``n_shared_experts: 0``, which this model does not build."""
     with safe_open(file, framework="pt") as f:
-        return 0 in f.get_slice(name).get_shape()
+        return 0 in f.get_slice(_source(name)).get_shape()
 
 
 def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
@@ -215,7 +272,10 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
     but for a vision-language checkpoint (Kimi K2.5): its language model's tensors renamed by
     ``cfg.weight_renames`` (prefixes, in order), its vision tower's and projector's
     (``cfg.weight_skipped``) left out, never read; and for DeepSeek-V4: its release's names
-    renamed by ``v4_param_name``, its MTP layer (``weight_skipped``: ``mtp.``) never read."""
+    renamed by ``v4_param_name``, its MTP layer (``weight_skipped``: ``mtp.``) never read;
+    for MiniMax-M2: its release's names (``_MINIMAX_RENAMES``). transformers' fused routed
+    experts (``mlp.experts.gate_up_proj`` / ``down_proj``) stand for their per-expert
+    tensors, each read alone (``FusedPart``)."""
     names: dict[str, str] = {}
     for src in files:
         if src.startswith(cfg.weight_skipped):
@@ -228,9 +288,15 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
             weight = name.removesuffix(".scale") + ".weight"
             name = (v4_param_name(weight) + _SCALE_SUFFIX
                     if name.endswith(".scale") and weight in files else v4_param_name(name))
-        if name in names:
-            raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")
-        names[name] = src
+        elif cfg.architecture == "minimax_m2":
+            for pattern, repl in _MINIMAX_RENAMES:
+                name = pattern.sub(repl, name)
+        parts = {} if cfg.attention == "v4" else _fused_parts(name, cfg.num_experts,
+                                                                cfg.moe_intermediate_size)
+        for name, part in (parts or {name: src}).items():
+            if name in names:
+                raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")
+            names[name] = part
     return names
 
 
@@ -245,7 +311,7 @@ def load_weights(model: MoEModel, path: str) -> None:
             stored, packed = split_packed(stored, stored_files, cfg.int4, cfg.num_layers)
         except ValueError as e:
             raise WeightLoadError(f"{path!r}: {e}") from None
-    files = {name: stored_files[src] for name, src in stored.items()}
+    files = {name: stored_files[_source(src)] for name, src in stored.items()}
     full = MoEModel(cfg, "full", dtype=model.dtype, device="meta")
     full_names = set(name_table(full))
     unexpected = sorted(
@@ -291,7 +357,7 @@ def load_weights(model: MoEModel, path: str) -> None:
                     tensor = _read(f, name, files, stored,
                                    cfg.fp8.block_size if cfg.fp8 else None, model.dtype)
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
-                    tensor, scale = quantize_blocks(f.get_tensor(stored[name]).to(dest.device),
+                    tensor, scale = quantize_blocks(_get_tensor(f, stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
                 elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
                     mx_packed, mx_scale = _read_with_scale(f, name, files, stored)
@@ -315,7 +381,7 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
           block: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
     """Checkpoint tensor ``name`` (``files`` / ``stored``: by the causal LM's names, see
     ``stored_names``), dequantized where it is FP8."""
-    tensor = f.get_tensor(stored[name])
+    tensor = _get_tensor(f, stored[name])
     try:
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             tensor, scale = _read_with_scale(f, name, files, stored)
@@ -338,14 +404,14 @@ def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized checkpoint tensor ``name`` and its scales (DeepSeek-V3's ``X.weight_scale_inv``,
     V4's ``X.scale``: both ``name + _SCALE_SUFFIX`` once through ``stored_names``)."""
-    tensor = f.get_tensor(stored[name])
+    tensor = _get_tensor(f, stored[name])
     scale_name = name + _SCALE_SUFFIX
     if scale_name not in files:
         raise WeightLoadError(f"{stored[name]} is {tensor.dtype} (quantized) but its scales "
                               f"({stored[name]}{_SCALE_SUFFIX}, or DeepSeek-V4's "
                               f"{stored[name].removesuffix('.weight')}.scale) are missing")
     with safe_open(files[scale_name], framework="pt") as g:
-        return tensor, g.get_tensor(stored[scale_name])
+        return tensor, _get_tensor(g, stored[scale_name])
 
 
 def _load_packed(weight, device, open_files) -> torch.Tensor:
@@ -356,7 +422,7 @@ def _load_packed(weight, device, open_files) -> torch.Tensor:
 
 
 def _read_fp8(f, name: str, stored: dict[str, str]) -> torch.Tensor:
-    tensor = f.get_tensor(stored[name])
+    tensor = _get_tensor(f, stored[name])
     if tensor.dtype != torch.float8_e4m3fn:
         raise WeightLoadError(f"{name} is {tensor.dtype}, not float8_e4m3fn: its experts cannot "
                               "stay in FP8; load with quantization='dequantize'")

@@ -91,6 +91,15 @@ CONFIGS = {
         max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1,
     ),
+    # MiniMax-M2: GQA with q/k norm over all heads at once, a quarter of the head dims rotated
+    # (rotary_dim 4 of 16: the release rotates 64 of 128), sigmoid routing with the correction
+    # bias, top-k renormalized; every layer MoE, experts intermediate_size wide
+    "minimax_m2": dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+        num_experts_per_tok=2, rotary_dim=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    ),
     # DeepSeek-V4: every layer type (CSA, HCA, sliding) and both MLP types (hash, top-k);
     # compress rates 2 and 4, a window of 8 and index_topk 3, so that windowing, compression
     # and selection all decide outputs within tens of tokens (the release's: 4, 128, 128,
@@ -116,6 +125,8 @@ def hf_classes(kind: str):
 
     if kind == "deepseek_v4":
         return tf.DeepseekV4Config, tf.DeepseekV4ForCausalLM
+    if kind == "minimax_m2":
+        return tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM
     if kind.startswith("glm4_moe_lite"):
         return tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
     if kind.startswith("glm4_moe"):
