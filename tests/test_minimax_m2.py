@@ -70,6 +70,27 @@ def test_matches_transformers(minimax):
     assert unbiased != [tokens for tokens, _ in expected]
 
 
+def test_release_spelled_config_matches_transformers(minimax, tmp_path):
+    """config.json as the release spells it (no rope_parameters: rotary_dim at the top level;
+    attn_type_list, qk_norm_type, scoring_func, use_routing_bias, shared_intermediate_size),
+    here without rope_theta, transformers loading the same file as the oracle: the rotary
+    dims come from rotary_dim, theta is MiniMax-M2's default 5e6, on both sides."""
+    import transformers
+
+    _, path, prompts, _ = minimax
+    folder = str(tmp_path / "release")
+    shutil.copytree(path, folder)
+    edit_config(folder, rope_parameters=None, rope_theta=None, rotary_dim=4,
+                attn_type_list=[1, 1, 1], qk_norm_type="per_layer", use_qk_norm=True,
+                scoring_func="sigmoid", use_routing_bias=True, shared_intermediate_size=0)
+    assert (load_config(folder).rope.dim, load_config(folder).rope.theta) == (4, 5e6)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25
+    prompts = prompts[:2]
+    assert_matches(folder, [hf_greedy(hf, p, ORACLE_NEW_TOKENS) for p in prompts], prompts)
+
+
 def test_chunked_prompts_match_transformers(minimax):
     """Prompts in chunks of 16 tokens over blocks of 4: the chunks after the first read their
     keys (normed over all heads, a quarter rotated) back from the paged cache."""
