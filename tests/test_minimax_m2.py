@@ -128,6 +128,28 @@ def test_fused_expert_names_and_mtp_tensors(minimax, tmp_path):
         LLM(mtp, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
 
 
+def test_release_fp8_format(minimax, tmp_path):
+    """The release's FP8 layout (block-scaled e4m3 projections and experts, each
+    ``X.weight_scale_inv`` beside it, the release's expert names; gate, bias, norms and head
+    unquantized): loaded dequantized it is the same model as its dequantized weights in fp32
+    (the same tokens), and with the experts kept in FP8 their scales reach the slots."""
+    from kernels.fp8 import dequantize_blocks
+    from models.weights import load_model
+    from test_models import write_fp8_checkpoints
+
+    _, path, prompts, _ = minimax
+    folders = write_fp8_checkpoints(
+        path, tmp_path, 16, lambda n: re.search(r"(_proj|\.w[123])\.weight$", n) is not None)
+    fp8, ref = load_model(folders["fp8"]), load_model(folders["ref"])
+    assert all(torch.equal(p, q) for p, q in zip(fp8.parameters(), ref.parameters()))
+    kept = load_model(folders["fp8"], fp8_experts=True).layers[1].mlp.experts
+    assert kept.w2.dtype == torch.float8_e4m3fn
+    assert torch.equal(dequantize_blocks(kept.w2, kept.w2_scale, (16, 16)),
+                       ref.layers[1].mlp.experts.w2)
+    assert greedy_tokens(LLM(folders["fp8"], seed=0), prompts) == greedy_tokens(
+        LLM(folders["ref"], seed=0), prompts)
+
+
 def test_attention_and_ffn_ranks_match_single_process(minimax):
     """One attention rank and one FFN rank, two micro-batches: the single process's tokens
     (which test_matches_transformers checks against transformers)."""
