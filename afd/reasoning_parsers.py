@@ -24,6 +24,8 @@ its ``chat_template_kwargs`` as the model's chat template reads them:
   empty reasoning), as vLLM's ``glm45`` reads it.
 - ``glm47`` (GLM-4.7): unless ``enable_thinking`` is false; its template opens the reasoning
   (the prompt ends with ``<think>``, or ``</think>`` when thinking is off), as Qwen3's rule.
+- ``minimax_m2`` (MiniMax-M2, M2.1, M2.5): always, as ``deepseek_r1`` (vLLM's ``minimax_m2``
+  reads no switch); a ``<think>`` the model writes itself at the start is dropped, as below.
 
 Where a request thinks, the template has usually opened the reasoning in the prompt, so the
 output's text before ``</think>`` is reasoning even though no ``<think>`` was generated (one the
@@ -81,6 +83,8 @@ PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
                                     "<|tool_call_section_begin|>")),
     ReasoningFormat("glm45", lambda kw: bool(kw.get("enable_thinking", True)), model_opens=True),
     ReasoningFormat("glm47", lambda kw: bool(kw.get("enable_thinking", True))),
+    # MiniMax-M2 always thinks (vLLM's minimax_m2 reads no switch)
+    ReasoningFormat("minimax_m2", lambda kw: True),
 )}
 
 

@@ -323,6 +323,10 @@ class _PairsBody(CallBody):
     (what may begin its end marker held back); a name given twice keeps its last value, in
     its first place, and the arguments so far then stop growing (``peek`` is None)."""
 
+    # a string value less the whitespace around it (MiniMax-M2's, as vLLM reads it): streamed
+    # from its first non-blank character, blanks held back until more text follows them
+    strip_strings = False
+
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self.name: str | None = None
@@ -333,6 +337,7 @@ class _PairsBody(CallBody):
         self.twice = False  # a name came twice
         self.json = GrowingText()  # "{", the pairs so far, an open string value so far
         self.open = -1  # an open string value: how far its text went into ``json``
+        self.started = False  # strip_strings: the open value's first non-blank is in
 
     @property
     def args_text(self) -> GrowingText:
@@ -343,7 +348,7 @@ class _PairsBody(CallBody):
         self.twice = self.twice or self.key in self.args
         if not self.twice and is_string:
             self.json.append((", " if self.args else "") + _dumps(self.key) + ': "')
-            self.open = self.pos
+            self.open, self.started = self.pos, False
 
     def _close_value(self, end_marker: str, is_string: bool) -> bool:
         """Read the value from ``pos`` up to ``end_marker``: False while it has not ended (an
@@ -357,7 +362,8 @@ class _PairsBody(CallBody):
                 tail = text.slice(max(self.open, end - len(end_marker) + 1), end)
                 self._escape(end - partial_marker(tail, 0, (end_marker,)))
             return False
-        value = glm_value(text.slice(self.pos, stop), is_string)
+        raw = text.slice(self.pos, stop)
+        value = raw.strip() if is_string and self.strip_strings else glm_value(raw, is_string)
         if self.open >= 0:
             self._escape(stop)
             self.json.append('"')
@@ -370,10 +376,21 @@ class _PairsBody(CallBody):
         return True
 
     def _escape(self, stop: int) -> None:
-        """The open string value's text up to ``stop`` goes into ``json``, escaped."""
-        if stop > self.open:
-            self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
-            self.open = stop
+        """The open string value's text up to ``stop`` goes into ``json``, escaped (with
+        ``strip_strings``: none of its leading blanks, and its trailing ones not yet)."""
+        if stop <= self.open:
+            return
+        if self.strip_strings:
+            piece = self.text.slice(self.open, stop)
+            if not self.started:
+                kept = piece.lstrip()
+                self.open += len(piece) - len(kept)
+                self.started, piece = bool(kept), kept
+            stop = self.open + len(piece.rstrip())
+            if stop <= self.open:
+                return
+        self.json.append(_dumps(self.text.slice(self.open, stop))[1:-1])
+        self.open = stop
 
     def peek(self) -> Peek | None:
         if self.name is None or self.phase == "dead" or self.twice:
@@ -465,19 +482,30 @@ _INVOKE_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s*')
 _PARAM_HEAD = re.compile(r'\s+name="([^"<>\n]+)"\s+string="(true|false)"\s*')
 
 
-class _DsmlBody(_PairsBody):
-    """DeepSeek-V3.2/V4's DSML, the body after ``<｜DSML｜invoke``: `` name="NAME">`` then
-    ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`` elements (only
-    whitespace between them). A value with ``string="true"`` is the text as written, and
-    streams as it is written (what may begin its end marker held back); any other is read
-    when it ends (``glm_value``: JSON, else a Python literal, else kept as text). The
-    arguments are the JSON object the parameters make (a name given twice: its last value,
-    in its first place; the arguments so far then stop growing, ``peek`` is None)."""
+class _InvokeBody(_PairsBody):
+    """An invoke element's body after its open marker: `` name="NAME">`` then ``param``
+    elements, ``param_head`` (`` name="K"`` and whatever the format adds) up to ``>``, the value,
+    ``param_end`` (only whitespace between them). A string value (``is_string``) streams as it
+    is written (what may begin its end marker held back); any other is read when it ends
+    (``glm_value``: JSON, else a Python literal, else kept as text). The arguments are the
+    JSON object the parameters make (a name given twice: its last value, in its first place;
+    the arguments so far then stop growing, ``peek`` is None)."""
+
+    param, param_end = _PARAM, _PARAM_END
+    invoke_head, param_head = _INVOKE_HEAD, _PARAM_HEAD
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
         self.phase = "head"  # head, param-or-end, param-head, value, dead
         self.is_string = False
+        self.tools = tools
+
+    def head_name(self, match: re.Match[str]) -> str:
+        return match.group(1)
+
+    def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
+        """(the parameter's name, is its value a string) from its head."""
+        raise NotImplementedError
 
     def _head(self, pattern: re.Pattern[str]) -> re.Match[str] | None | bool:
         """The element head from ``pos`` to its ``>``: its match, None (malformed) or False
@@ -495,39 +523,40 @@ class _DsmlBody(_PairsBody):
         while True:
             end = text.length
             if self.phase == "head":
-                match = self._head(_INVOKE_HEAD)
+                match = self._head(self.invoke_head)
                 if match is False:
                     return
                 if match is None:
                     self.phase = "dead"
                     return
-                self.name = match.group(1)
+                self.name = self.head_name(match)
                 self.json.append("{")
                 self.phase = "param-or-end"
             elif self.phase == "param-or-end":
                 rest = text.slice(self.pos, end)
                 kept = rest.lstrip()
                 self.pos += len(rest) - len(kept)
-                if not kept or (len(kept) < len(_PARAM) and _PARAM.startswith(kept)):
+                param = self.param
+                if not kept or (len(kept) < len(param) and param.startswith(kept)):
                     return
-                if not kept.startswith(_PARAM):
+                if not kept.startswith(param):
                     self.phase = "dead"
                     return
-                self.pos += len(_PARAM)
+                self.pos += len(param)
                 self.searched = self.pos
                 self.phase = "param-head"
             elif self.phase == "param-head":
-                match = self._head(_PARAM_HEAD)
+                match = self._head(self.param_head)
                 if match is False:
                     return
                 if match is None:
                     self.phase = "dead"
                     return
-                self.key, self.is_string = match.group(1), match.group(2) == "true"
+                self.key, self.is_string = self.param_of(match)
                 self._open_value(self.is_string)
                 self.phase = "value"
             elif self.phase == "value":
-                if not self._close_value(_PARAM_END, self.is_string):
+                if not self._close_value(self.param_end, self.is_string):
                     return
                 self.phase = "param-or-end"
             else:
@@ -537,6 +566,68 @@ class _DsmlBody(_PairsBody):
         if self.phase != "param-or-end" or self.text.slice(self.pos, self.text.length).strip():
             return None
         return self.name, self._arguments()
+
+
+class _DsmlBody(_InvokeBody):
+    """DeepSeek-V3.2/V4's DSML, the body after ``<｜DSML｜invoke``: `` name="NAME">`` then
+    ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`` elements. A value
+    with ``string="true"`` is the text as written; any other is read as JSON (``glm_value``)."""
+
+    def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
+        return match.group(1), match.group(2) == "true"
+
+
+_MM_PARAM, _MM_PARAM_END = "<parameter", "</parameter>"
+_MM_NAME = r"""\s+name=(?:"([^"<>\n]+)"|'([^'<>\n]+)')\s*"""
+
+
+def non_string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozenset[str]:
+    """The parameters of tool ``name`` whose schema gives them a type other than string
+    (``type``, a list of them, or ``anyOf`` / ``oneOf`` members' ``type``; "null" aside): those
+    whose value vLLM's minimax_m2 parser converts; a parameter with no type, or of a tool not
+    in ``tools``, is a string there."""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        if function.get("name") != name:
+            continue
+        props = (function.get("parameters") or {}).get("properties") or {}
+        typed = set()
+        for key, schema in props.items():
+            if not isinstance(schema, dict):
+                continue
+            kinds = [schema] + [s for c in ("anyOf", "oneOf") for s in schema.get(c) or ()
+                                if isinstance(s, dict)]
+            types = {t for k in kinds for t in (k.get("type") if isinstance(k.get("type"), list)
+                                                else [k.get("type")]) if isinstance(t, str)}
+            if types - {"string", "null"}:
+                typed.add(key)
+        return frozenset(typed)
+    return frozenset()
+
+
+class _MiniMaxBody(_InvokeBody):
+    """MiniMax-M2's, the body after ``<invoke``: `` name="NAME">`` then ``<parameter
+    name="K">V</parameter>`` elements (names in double or single quotes, as vLLM reads them).
+    A value is a string, less the whitespace around it, unless the request's tool gives the
+    parameter another type (``non_string_parameters``): then it is read as JSON, else a Python
+    literal, else kept as text (``glm_value``; vLLM converts by the schema's type)."""
+
+    param, param_end = _MM_PARAM, _MM_PARAM_END
+    invoke_head = param_head = re.compile(_MM_NAME)
+    strip_strings = True
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
+        self.typed: frozenset[str] = frozenset()
+
+    def head_name(self, match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        self.typed = non_string_parameters(self.tools, name)
+        return name
+
+    def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
+        key = match.group(1) or match.group(2)
+        return key, key not in self.typed
 
 
 @dataclass(frozen=True)
@@ -578,4 +669,9 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
                  tuple(f"<{end}{_DSML}{group}>" for group in ("function_calls", "tool_calls")
                        for end in ("", "/")),
                  _DsmlBody, (_PARAM, _PARAM_END)) for name in ("deepseek_v32", "deepseek_v4")),
+    # MiniMax-M2: <minimax:tool_call> around <invoke name="NAME"> elements of
+    # <parameter name="K">V</parameter>
+    CallFormat("minimax_m2", "<invoke", "</invoke>",
+               ("<minimax:tool_call>", "</minimax:tool_call>"), _MiniMaxBody,
+               (_MM_PARAM, _MM_PARAM_END)),
 )}

@@ -2,9 +2,9 @@
 0e72e40): each update is fed the completion's whole text so far and rescans it. Kept for the
 tests only, as the spec the incremental readers in ``afd.tool_parsers`` and
 ``afd.reasoning_parsers`` must match piece for piece (tests/test_parser_streams.py); not used
-by afd itself. Only the imports, this docstring and GLM's and DSML's whole-text readers
-(``_glm_peek``, ``_glm_parse``, ``_dsml_*``: written with afd's incremental ones, which came
-later) differ from that commit's code."""
+by afd itself. Only the imports, this docstring and GLM's, DSML's and MiniMax-M2's whole-text
+readers (``_glm_peek``, ``_glm_parse``, ``_dsml_*``, ``_minimax_*``: written with afd's
+incremental ones, which came later) differ from that commit's code."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from functools import partial
 from typing import Any, Callable
 
 # the output types are afd's (unchanged by the delta readers), so pieces compare equal as objects
-from afd.tool_formats import glm_name, glm_value, is_json, string_parameters  # noqa: E402
+from afd.tool_formats import (glm_name, glm_value, is_json, non_string_parameters,  # noqa: E402
+                              string_parameters)
 from afd.tool_parsers import CallPiece, ParsedOutput, StreamPiece, ToolCall  # noqa: E402
 
 
@@ -477,6 +478,77 @@ _DSML_WRAP = tuple(f"<{end}{_D}{group}>" for group in ("function_calls", "tool_c
                    for end in ("", "/"))
 
 
+_MM_NAME = r"""\s+name=(?:"([^"<>\n]+)"|'([^'<>\n]+)')\s*>"""
+_MM_HEAD = re.compile(_MM_NAME)
+_MM_PARAM = re.compile(r"\s*<parameter" + _MM_NAME + r"((?:(?!</parameter>).)*)</parameter>",
+                       re.S)
+_MM_OPEN = re.compile(r"\s*<parameter" + _MM_NAME + r"(.*)", re.S)
+
+
+def _minimax_params(body: str, tools: list[dict[str, Any]] | None
+                    ) -> tuple[str, frozenset[str], list[tuple[str, Any]], str] | None:
+    """MiniMax-M2's whole-text reader (written for the tests with afd's incremental one):
+    (name, its typed parameters, the whole parameters in order, the rest) once the head
+    ``name="..."`` is whole, else None. A parameter not typed by ``tools`` is a string, less
+    the whitespace around it."""
+    m = _MM_HEAD.match(body)
+    if m is None:
+        return None
+    name = m.group(1) or m.group(2)
+    typed = non_string_parameters(tools, name)
+    pos, params = m.end(), []
+    while (p := _MM_PARAM.match(body, pos)) is not None:
+        key = p.group(1) or p.group(2)
+        params.append((key, glm_value(p.group(3), False) if key in typed else p.group(3).strip()))
+        pos = p.end()
+    return name, typed, params, body[pos:]
+
+
+def _minimax_peek(body: str, tools: list[dict[str, Any]] | None = None
+                  ) -> tuple[str, str] | None:
+    found = _minimax_params(body, tools)
+    if found is None:
+        return None
+    name, typed, params, rest = found
+    keys = [k for k, _ in params]
+    if len(set(keys)) < len(keys):
+        return None
+    out = "{" + _glm_json(params)
+    m = _MM_OPEN.fullmatch(rest)
+    if m is not None:
+        key = m.group(1) or m.group(2)
+        if key in keys:
+            return None
+        if key not in typed:
+            value, end = m.group(3), "</parameter>"
+            for k in range(min(len(value), len(end)), 0, -1):
+                if end.startswith(value[-k:]):
+                    value = value[:-k]
+                    break
+            out += (", " if params else "") + json.dumps(key, ensure_ascii=False) + ': "' \
+                + json.dumps(value.strip(), ensure_ascii=False)[1:-1]
+        return name, out
+    tail, marker = rest.lstrip(), "<parameter"
+    if marker.startswith(tail) or (tail.startswith(marker) and ">" not in tail):
+        return name, out
+    return None
+
+
+def _minimax_parse(body: str, tools: list[dict[str, Any]] | None = None
+                   ) -> tuple[str, str] | None:
+    found = _minimax_params(body, tools)
+    if found is None or found[3].strip():
+        return None
+    return found[0], "{" + _glm_json(list(dict(found[2]).items())) + "}"
+
+
+def minimax_format(tools: list[dict[str, Any]] | None) -> CallFormat:
+    """MiniMax-M2's format reading the parameters' types from ``tools``."""
+    return CallFormat("minimax_m2", "<invoke", "</invoke>",
+                      ("<minimax:tool_call>", "</minimax:tool_call>"),
+                      partial(_minimax_parse, tools=tools), partial(_minimax_peek, tools=tools))
+
+
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
 # some K2 checkpoints write the section markers singular (vLLM accepts both)
 _KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
@@ -492,6 +564,7 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     glm_format("glm45", None), glm_format("glm47", None),
     *(CallFormat(name, f"<{_D}invoke", f"</{_D}invoke>", _DSML_WRAP, _dsml_parse, _dsml_peek)
       for name in ("deepseek_v32", "deepseek_v4")),
+    minimax_format(None),
 )}
 
 

@@ -159,6 +159,10 @@ FRAGMENTS = {
             f'<{D}parameter name="a" string="true">', f'<{D}parameter name="b" string="false">',
             f"</{D}parameter>", f"</{D}param", "<｜DS", '"x"', "[1, 2]", "1", "x", " ", UNI]
         for ds in ("deepseek_v32", "deepseek_v4")},
+    "minimax_m2": ["<minimax:tool_call>", "</minimax:tool_call>", "<invoke", "</invoke>",
+                   ' name="f">', " name='g'>", "\n", '<parameter name="a">', "<parameter name='b'>",
+                   "</parameter>", "</param", "<minimax:", '"x"', "[1, 2]", "1", "x", " ", "\t",
+                   UNI],
     "required": ["[", "]", "{", "}", ", ", '"name": ', '"parameters": ', '"f"', '{"a": "]}"}',
                  "1", " ", '"', "\\", UNI, "x"],
     "named": ["{", "}", '"a": ', "1", " ", "\u3000", '"', "\\", UNI, "[", "x"],
@@ -223,6 +227,16 @@ def random_call(rng: random.Random, kind: str) -> str:
                          f"{rng.choice(['', chr(10)])}"
                          for k in keys for s in [rng.choice(["true", "false"])])
         return f'<{D}invoke name="{name}">\n{params}</{D}invoke>'
+    if kind == "minimax_m2":
+        def quoted(text: str) -> str:
+            return rng.choice([f'"{text}"', f"'{text}'"])
+
+        def value() -> str:
+            return rng.choice(["text", UNI, " a <b ", "", "\nx\n", " 1 ", random_json(rng)])
+
+        params = "".join(f"<parameter name={quoted(k)}>{value()}</parameter>"
+                         f"{rng.choice(['', chr(10)])}" for k in keys)
+        return f"<invoke name={quoted(name)}>\n{params}</invoke>"
     if kind == "required":
         return f'{{"name": "{name}", "parameters": {args}}}'
     return args  # named
@@ -258,7 +272,8 @@ def random_texts(kind: str, count: int, seed: int) -> list[str]:
                     "deepseek_v31": (DS_CALLS, DS_CALLS_END),
                     "kimi_k2": (K_SEC, K_SEC_END),
                     "deepseek_v32": (f"\n\n<{D}function_calls>\n", f"</{D}function_calls>"),
-                    "deepseek_v4": (f"\n\n<{D}tool_calls>\n", f"</{D}tool_calls>")
+                    "deepseek_v4": (f"\n\n<{D}tool_calls>\n", f"</{D}tool_calls>"),
+                    "minimax_m2": ("\n<minimax:tool_call>\n", "</minimax:tool_call>"),
                     }.get(kind, ("", ""))
             calls = [random_call(rng, kind) + rng.choice(["", "\n"])
                      for _ in range(rng.randint(1, 3))]
@@ -341,10 +356,22 @@ DSML_CASES = [
     f'x <{D}invoke name="f">\n<{D}parameter name="a" string="maybe">1</{D}parameter>\n'
     f"</{D}invoke>",
 ]
+# MiniMax-M2's: values with blanks and newlines around them (dropped), single quotes, a
+# partial end marker inside a value, a call without parameters, a name given twice, a head
+# with more than a name
+MINIMAX_CASES = [
+    f'Sure.\n<minimax:tool_call>\n<invoke name="f✓">\n<parameter name="s">\n {UNI} "q" </param'
+    f'\n</parameter>\n<parameter name=\'n\'>[1, {{"a": "}}"}}]</parameter>\n</invoke>\n'
+    f'<invoke name="g">\n</invoke>\n</minimax:tool_call>',
+    '<minimax:tool_call><invoke name="f"><parameter name="a">1</parameter><parameter name="a">'
+    "2</parameter></invoke></minimax:tool_call> after",
+    'x <invoke name="f">\n<parameter name="a" type="int">1</parameter>\n</invoke>',
+]
 TOOL_CASES = (
     [("hermes", t) for t in HERMES] + [("deepseek_v3", t) for t in DEEPSEEK_V3]
     + [("deepseek_v31", t) for t in DEEPSEEK_V31] + [("kimi_k2", t) for t in KIMI]
-    + [("glm45", t) for t in GLM] + [("deepseek_v32", t) for t in DSML_CASES])
+    + [("glm45", t) for t in GLM] + [("deepseek_v32", t) for t in DSML_CASES]
+    + [("minimax_m2", t) for t in MINIMAX_CASES])
 
 
 @pytest.mark.parametrize("parser,text", TOOL_CASES)
@@ -459,7 +486,8 @@ def test_chat_reader_deltas_match(reasoning, tools, tokenizer):
 OLD_PEEKS = {"hermes": ref._hermes_peek, "deepseek_v3": ref._deepseek_v3_peek,
              "deepseek_v31": ref._deepseek_v31_peek, "kimi_k2": ref._kimi_k2_peek,
              "glm45": ref._glm_peek, "glm47": ref._glm_peek,
-             "deepseek_v32": ref._dsml_peek, "deepseek_v4": ref._dsml_peek}
+             "deepseek_v32": ref._dsml_peek, "deepseek_v4": ref._dsml_peek,
+             "minimax_m2": ref._minimax_peek}
 
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))
@@ -491,19 +519,23 @@ GLM_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
         ("get_weather", {"city": {"type": "string"}, "c": {"type": "string"}}))]
 
 
-@pytest.mark.parametrize("parser", ["glm45", "glm47"])
+@pytest.mark.parametrize("parser", ["glm45", "glm47", "minimax_m2"])
 def test_glm_streams_with_the_tools_types_match_the_whole_text_reader(parser, tokenizer):
     """GLM's arguments are JSON made from key/value pairs, typed by the request's tools: a
-    string parameter's value streams as it is written, any other's when it ends. Streamed
-    in any split (and its body fed in pieces), the same as the whole-text reader."""
+    string parameter's value streams as it is written, any other's when it ends (MiniMax-M2's
+    too, its string values less the blanks around them). Streamed in any split (and its body
+    fed in pieces), the same as the whole-text reader."""
     rng = random.Random(parser)
-    texts = GLM + random_texts(parser, 200, seed=7)
-    old = ref.glm_format(parser, GLM_TOOLS)
+    hand = GLM if parser != "minimax_m2" else MINIMAX_CASES
+    texts = hand + random_texts(parser, 200, seed=7)
+    old = (ref.minimax_format(GLM_TOOLS) if parser == "minimax_m2"
+           else ref.glm_format(parser, GLM_TOOLS))
     for i, text in enumerate(texts):
-        for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(GLM) else (None, False))):
+        for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(hand)
+                                           else (None, False))):
             check_tools(lambda: ref.MarkerStream(old), lambda: MarkerStream(
                 PARSERS[parser], tools=GLM_TOOLS), text, cuts)
-        body = text.split("<tool_call>", 1)[-1].split("</tool_call>", 1)[0]
+        body = text.split(old.begin, 1)[-1].split(old.end, 1)[0]
         for cuts in [[k] for k in range(len(body) + 1)] + [list(range(1, len(body)))]:
             reader = PARSERS[parser].body(GLM_TOOLS)
             for start, end, _ in steps(body, cuts):

@@ -78,6 +78,10 @@ def test_when_a_request_thinks():
     assert mode("glm45", None) == "tag" and mode("glm45", {"enable_thinking": True}) == "tag"
     assert mode("glm45", {"enable_thinking": False}) == "off"
     assert mode("glm45", None, constrained=True) == "tag"
+    # MiniMax-M2 always thinks
+    assert mode("minimax_m2", None) == mode("minimax_m2", {"enable_thinking": False}) == "open"
+    out = ReasoningStream(PARSERS["minimax_m2"], "open").parse("<think>\nHm.\n</think>\n\nHi.")
+    assert (out.reasoning, out.content) == ("\nHm.\n", "\n\nHi.")
     # GLM-4.7's template opens <think> in the prompt itself (or closes it: thinking off)
     assert mode("glm47", None) == "open" and mode("glm47", {"enable_thinking": False}) == "off"
 

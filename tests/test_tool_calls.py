@@ -50,6 +50,20 @@ DSML = (f'Let me check.\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n
         f'</{D}parameter>\n<{D}parameter name="code" string="true">12345</{D}parameter>\n'
         f'</{D}invoke>\n<{D}invoke name="get_time">\n\n</{D}invoke>\n</{D}function_calls>')
 
+# MiniMax-M2's, as its chat template writes a call (values typed by the request's tools)
+MINIMAX = ('Let me check.\n<minimax:tool_call>\n<invoke name="get_weather">\n'
+           '<parameter name="city">\n杭州 "east"\n</parameter>\n'
+           '<parameter name="days">3</parameter>\n'
+           '<parameter name="opts">{"hourly": true, "at": [6, 18]}</parameter>\n'
+           "<parameter name='code'>12345</parameter>\n</invoke>\n"
+           "<invoke name='get_time'>\n</invoke>\n</minimax:tool_call>")
+MINIMAX_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"},
+        "opts": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "code": {"type": ["string", "null"]}}}}},
+                 {"type": "function", "function": {"name": "get_time"}}]
+
 
 def calls_of(out) -> list[tuple[str, str]]:
     return [(c.name, c.arguments) for c in out.calls]
@@ -209,6 +223,13 @@ def test_glm45_string_values_stream_as_they_are_written():
     ("deepseek_v32", f"<{D}invoke>\n</{D}invoke>"),  # no name
     ("deepseek_v4", f'Hi <{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="a" '
                     'string="false">[1, '),  # cut short
+    ("minimax_m2", '<minimax:tool_call><invoke name="f"><parameter name="a">1</invoke>'
+                   "</minimax:tool_call>"),  # parameter not ended
+    ("minimax_m2", '<invoke name="f">junk<parameter name="a">1</parameter></invoke>'),
+    ("minimax_m2", '<invoke name="f"><parameter name="a" type="x">1</parameter></invoke>'),
+    ("minimax_m2", "<invoke>\n</invoke>"),  # no name
+    ("minimax_m2", '<invoke name=f>\n</invoke>'),  # the name not quoted
+    ("minimax_m2", 'Hi <minimax:tool_call>\n<invoke name="f">\n<parameter name="a">[1, '),
 ])
 def test_malformed_calls_are_content(parser, text):
     """A call that does not parse comes back as content (its markers included, the wrappers
@@ -255,6 +276,40 @@ def test_dsml_string_values_stream_as_they_are_written():
     assert piece.calls[0].arguments == '州 \\"east\\"'
 
 
+def test_minimax_m2_format():
+    """MiniMax-M2's: a value is a string less the blanks around it unless the request's tool
+    types the parameter otherwise (then JSON, as vLLM's minimax_m2 converts it: ``anyOf``
+    and type lists count, "null" aside); without tools every value is a string; names in
+    single or double quotes; a call without parameters has {} arguments; the group markers
+    are not content."""
+    out = MarkerStream(PARSERS["minimax_m2"], tools=MINIMAX_TOOLS).parse(MINIMAX)
+    assert out.content == "Let me check."
+    assert [(n, json.loads(a)) for n, a in calls_of(out)] == [
+        ("get_weather", {"city": '杭州 "east"', "days": 3,
+                         "opts": {"hourly": True, "at": [6, 18]}, "code": "12345"}),
+        ("get_time", {})]
+    assert [(n, json.loads(a)) for n, a in calls_of(parse("minimax_m2", MINIMAX))] == [
+        ("get_weather", {"city": '杭州 "east"', "days": "3",
+                         "opts": '{"hourly": true, "at": [6, 18]}', "code": "12345"}),
+        ("get_time", {})]
+
+
+def test_minimax_m2_string_values_stream_without_their_blanks():
+    """A string value streams as it is written, less its leading blanks; blanks (and what may
+    begin </parameter>) wait until more text follows them, so a value's trailing blanks never
+    go out."""
+    stream = MarkerStream(PARSERS["minimax_m2"])
+    head = MINIMAX[:MINIMAX.index("杭州") + 1]
+    piece = stream.update(head, False)
+    assert piece.content == "Let me check."
+    assert [(p.name, p.arguments) for p in piece.calls] == [("get_weather", '{"city": "杭')]
+    assert stream.update('州 ', False).calls[0].arguments == "州"
+    assert stream.update('"east"\n</param', False).calls[0].arguments == ' \\"east\\"'
+    # no tools: every value a string
+    assert stream.update('eter>\n<parameter name="days">3', False).calls[0].arguments == (
+        '", "days": "3')
+
+
 def test_a_good_call_beside_a_malformed_one():
     text = HERMES_ONE + '\n<tool_call>{"name": "g", "arguments": nope}</tool_call>'
     out = parse("hermes", text)
@@ -268,7 +323,8 @@ def test_a_good_call_beside_a_malformed_one():
     ("deepseek_v3", DS), ("deepseek_v3", "I will check. " + DS), ("deepseek_v31", DS31),
     ("kimi_k2", KIMI), ("kimi_k2", "Let me check. " + KIMI + "\nDone."),
     ("glm45", GLM), ("glm45", GLM + "\nDone."), ("glm47", GLM.replace("\n<", "<")),
-    ("deepseek_v32", DSML), ("deepseek_v4", DSML.replace("function_calls", "tool_calls"))])
+    ("deepseek_v32", DSML), ("deepseek_v4", DSML.replace("function_calls", "tool_calls")),
+    ("minimax_m2", MINIMAX), ("minimax_m2", MINIMAX + "\nDone.")])
 def test_streaming_in_any_split_gives_the_unstreamed_answer(parser, text):
     want = parse(parser, text)
     rng = random.Random(1)
