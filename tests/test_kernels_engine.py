@@ -1,7 +1,8 @@
 """The engine's greedy tokens are the same with every kernel forced to Triton (interpreter).
 
-The embedded tiny DeepSeek-V3 model, and a tiny Qwen3-MoE, each run a short batch twice in a
-TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
+The embedded tiny DeepSeek-V3 model, a tiny Qwen3-MoE and a tiny MiniMax-M2 (``minimax``: its
+q / k RMSNorm over all heads at once, a quarter of each head rotated), each run a short batch
+twice in a TRITON_INTERPRET=1 subprocess: once with AFD_KERNEL_BACKEND=torch, once with
 AFD_KERNEL_BACKEND=triton (RMSNorm, rotary, MLA or GQA decode, MLA or GQA prefill attention and
 fused_moe all through their Triton kernels, which are counted). The embedded model with a random
 MTP layer (k = 2) runs its verify rows through the grouped MLA decode kernel too. The
@@ -74,6 +75,7 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
           # epilogue) are Triton; its prefill attention, rope, compressors, top-k and
           # fp32-weight norms torch
           "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn not in ("fused_moe_triton", *V4))}
+UNUSED["minimax"] = UNUSED["qwen3"]
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 UNUSED["v4graph"] = UNUSED["v4"]
@@ -118,12 +120,13 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name in ("qwen3", "v32", "v32sparse", "v32sparse_eager", "glm5", "glm5sparse",
-                    "v4", "v4graph"):
+        if name in ("qwen3", "minimax", "v32", "v32sparse", "v32sparse_eager", "glm5",
+                    "glm5sparse", "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
+                     else build_hf_model("minimax_m2") if name == "minimax"
                      else build_hf_model("deepseek_v4") if name.startswith("v4")
                      else build_hf_model("glm_moe_dsa" if name.startswith("glm5")
                                          else "deepseek_v32",
@@ -146,8 +149,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "mtp", "v32", "v32sparse", "v32sparse_eager",
-                                  "glm5", "glm5sparse", "v4", "v4graph", "greedy+fp8kv",
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "mtp", "v32", "v32sparse",
+                                  "v32sparse_eager", "glm5", "glm5sparse", "v4", "v4graph",
+                                  "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
                                   "glm5+fp8kv", "glm5sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
