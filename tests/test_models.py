@@ -724,3 +724,21 @@ def test_attention_prefills_all_sequences_at_once(kind, monkeypatch):
         monkeypatch.setattr(attention, "MLA_PREFILL_MAX_CONTEXT", 20)  # runs (6, 14), (11)
         torch.testing.assert_close(forward(slice(0, x.shape[0]), [0, 1, 2, 3]), together,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe"])
+def test_transformers_fused_expert_names_load(kind, tmp_path):
+    """A checkpoint saved with transformers' own names (save_original_format=False: each MoE
+    layer's experts fused into ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
+    [E, H, I]) loads as the per-expert one does, each expert's part read alone."""
+    from safetensors import safe_open
+
+    model = build_hf_model(kind)
+    per_expert = save_checkpoint(model, str(tmp_path / "per_expert"))
+    fused = str(tmp_path / "fused")
+    model.save_pretrained(fused, save_original_format=False)
+    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in set(f.keys())
+    a, b = load_model(per_expert), load_model(fused)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert any(torch.count_nonzero(p) for p in b.layers[1].mlp.experts.parameters())
