@@ -244,6 +244,42 @@ def check_prefill_expert_parallel(enabled: bool, prefill: int, num_experts: int)
                          f"prefill={prefill} ranks (each needs at least one)")
 
 
+def check_hybrid_layout(model_cfg: ModelConfig, prefill: int) -> None:
+    """A hybrid model (Qwen3-Next, Qwen3.5-MoE: models.hybrid) in a layout with a prefill
+    pool: refused, since a P/D transfer moves KV blocks and not the linear layers' states."""
+    if model_cfg.linear_attn is not None and prefill:
+        raise ValueError(f"prefill={prefill}: prefill/decode disaggregation is not supported "
+                         f"for {model_cfg.architecture} (model_type {model_cfg.model_type!r}): "
+                         "its linear-attention layers' per-sequence states are not transferred "
+                         "with the KV blocks; use prefill=0 (attention ranks prefill their own "
+                         "prompts)")
+
+
+def _hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None, kv_cache_dtype: str,
+                        enforce_eager: bool | None, kv_offload_gb: float) -> bool:
+    """The engine features a hybrid model (linear-attention layers with per-sequence states,
+    models.hybrid) cannot use yet, refused naming the feature and the model; returns
+    enforce_eager (always True: no CUDA graphs). Prefix caching is turned off by the caller
+    (a cached block holds KV, not the linear layers' state at its end)."""
+    name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
+    if spec is not None:
+        raise ValueError(f"speculative_config (method {spec.method!r}) is not supported for "
+                         f"{name}: its linear-attention layers' states cannot be rolled back "
+                         "past rejected drafts; leave speculative_config unset")
+    if kv_cache_dtype == "fp8":
+        raise ValueError(f"kv_cache_dtype='fp8' is not supported for {name} (its full-attention "
+                         "layers have not been checked with an FP8 cache); use "
+                         "kv_cache_dtype='auto'")
+    if enforce_eager is False:
+        raise ValueError(f"enforce_eager=False (CUDA graphs) is not supported for {name}: its "
+                         "linear-attention layers run eagerly; leave enforce_eager unset or True")
+    if kv_offload_gb:
+        raise ValueError(f"kv_offload_gb is not supported for {name}: it is the prefix cache's "
+                         "host tier, and prefix caching is off for this model (a cached block "
+                         "holds KV, not the linear layers' state); leave kv_offload_gb at 0")
+    return True
+
+
 def resolve_engine_config(
     model: str,
     model_cfg: ModelConfig,
@@ -340,6 +376,10 @@ def resolve_engine_config(
         raise ValueError(f"kv_cache_dtype='fp8' is not supported for {model_cfg.architecture} "
                          "(its cache rows hold compressor inputs and entries, not only keys); "
                          "use kv_cache_dtype='auto'")
+    if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
+        enforce_eager = _hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager,
+                                            kv_offload_gb)
+        enable_prefix_caching = False  # docs/limits.md#hybrid
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:
@@ -354,12 +394,16 @@ def resolve_engine_config(
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)
         if kv_cache_memory_gb is not None:  # else each rank sizes its own after loading
-            num_kv_blocks = max(1, int(kv_cache_memory_gb * 2**30 // per_block))
+            budget = kv_cache_memory_gb * 2**30 - state_bytes(model_cfg, run_dtype, max_num_seqs)
+            num_kv_blocks = max(1, int(budget // per_block))
     if num_kv_blocks is not None and num_kv_blocks < -(-max_model_len // block_size):
         raise ValueError(
             f"num_kv_blocks={num_kv_blocks} x block_size={block_size} holds fewer tokens than "
             f"max_model_len={max_model_len}: raise num_kv_blocks (or kv_cache_memory_gb) or lower "
-            "max_model_len")
+            "max_model_len" + (
+                f" or max_num_seqs (its {max_num_seqs} linear-attention state slots take "
+                f"{state_bytes(model_cfg, run_dtype, max_num_seqs) / 2**20:.1f} MiB of "
+                "kv_cache_memory_gb)" if model_cfg.linear_attn is not None else ""))
     return EngineConfig(model=model, dtype=run_dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -438,6 +482,14 @@ def _graph_sizes(sizes: list[int] | tuple[int, ...] | None, max_rows: int) -> tu
                          f"rows) in [1, max_num_seqs x (1 + num_speculative_tokens) = "
                          f"{max_rows}], got {sizes!r}")
     return tuple(sorted(set(sizes)))
+
+
+def state_bytes(model_cfg: ModelConfig, dtype: torch.dtype, max_num_seqs: int) -> int:
+    """A hybrid model's linear-attention states (one slot per sequence a step may run, each
+    every linear layer's conv state in ``dtype``, the run dtype, and fp32 recurrent state):
+    what the KV memory holds besides its blocks. 0 for every other model."""
+    lin = model_cfg.linear_attn
+    return 0 if lin is None else max_num_seqs * lin.state_bytes(dtype)
 
 
 def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype,

@@ -99,7 +99,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
                                    cfg.scheduling_policy, host=self.host,
-                                   mtp_kv=cfg.mtp)  # the runner writes the MTP layer's KV
+                                   mtp_kv=cfg.mtp,  # the runner writes the MTP layer's KV
+                                   # a hybrid model's linear layers: the runner's state slots
+                                   state_slots=(cfg.max_num_seqs if model.cfg.linear_attn
+                                                else 0))
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

@@ -12,18 +12,36 @@ from models.config import ModelConfig
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: str | torch.device,
-                       num_layers: int | None = None) -> list[torch.Tensor]:
+                       num_layers: int | None = None, state_slots: int = 0,
+                       state_dtype: torch.dtype | None = None) -> list:
     """One cache tensor per layer (see models.attention for the layouts) of ``dtype`` (the
     engine's ``cache_dtype``: the model's, or FP8 e4m3 with kv_cache_dtype "fp8"); ``num_layers``:
     cfg.num_layers unless given (one more with the MTP layer, whose cache is the last).
     Each layer's own width (GLM-5's "shared" DSA layers cache no indexer key; a DeepSeek-V4
     layer's rows its type's).
+    A hybrid model's linear layers (models.hybrid) hold ``state_slots`` sequences' states
+    instead (``LinearStates``: the conv state in ``state_dtype``, the run dtype; the recurrent
+    state fp32), one slot per sequence the scheduler runs at once.
     ValueError for an FP8 cache the kernels cannot read on ``device`` (``check_fp8_kv_device``)."""
     if dtype == torch.float8_e4m3fn:
         check_fp8_kv_device(device)
-    return [torch.zeros(kv_cache_shape(cfg, num_blocks, block_size, layer), dtype=dtype,
-                        device=device)
-            for layer in range(cfg.num_layers if num_layers is None else num_layers)]
+    lin = cfg.linear_attn
+    caches: list = []
+    for layer in range(cfg.num_layers if num_layers is None else num_layers):
+        if lin is not None and lin.is_linear(layer):
+            from models.hybrid import LinearStates
+
+            caches.append(LinearStates.allocate(lin, state_slots, state_dtype or dtype, device))
+        else:
+            caches.append(torch.zeros(kv_cache_shape(cfg, num_blocks, block_size, layer),
+                                      dtype=dtype, device=device))
+    return caches
+
+
+def cache_bytes(caches: list) -> int:
+    """Bytes of a rank's caches: every layer's KV tensor, and a hybrid model's linear layers'
+    state slots (``LinearStates.nbytes``)."""
+    return sum(c.nbytes for c in caches)
 
 
 def check_fp8_kv_device(device: str | torch.device) -> None:

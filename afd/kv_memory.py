@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afd.config import EngineConfig, bytes_per_block
+from afd.config import EngineConfig, bytes_per_block, state_bytes
 from models.attention import MLA_PREFILL_MAX_CONTEXT
 from models.config import ModelConfig
 
@@ -242,7 +242,9 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
     reserve = activation_reserve(model_cfg, cfg)
     pool = graph_pool_reserve(model_cfg, cfg) if graphs else 0
     share = int(cfg.gpu_memory_utilization * mem.total) // ranks_on_device
-    budget = min(share - mem.in_use, mem.free) - reserve - pool
+    # a hybrid model's linear-attention states: max_num_seqs slots, a fixed cost
+    states = state_bytes(model_cfg, cfg.dtype, cfg.max_num_seqs)
+    budget = min(share - mem.in_use, mem.free) - reserve - pool - states
     blocks = max(0, budget) // per_block - graphs
     need = -(-cfg.max_model_len // cfg.block_size)
     gib = 2**30
@@ -254,13 +256,16 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
                f"{cfg.max_num_batched_tokens}, minus a CUDA graph pool estimate of "
                f"{pool / gib:.2f} GiB" + (f" for decode batches up to "
                                           f"{max(cfg.cuda_graph_sizes)}" if pool else
-                                          " (no CUDA graphs)"))
+                                          " (no CUDA graphs)")
+               + (f", minus {states / gib:.2f} GiB of linear-attention states for "
+                  f"max_num_seqs={cfg.max_num_seqs}" if states else ""))
     if blocks < need:
         raise ValueError(
             f"{kind} rank on {device}: KV cache too small: {numbers} leaves {budget / gib:.2f} "
             f"GiB, {max(0, blocks)} blocks of {per_block} bytes, but one max_model_len="
             f"{cfg.max_model_len} sequence needs {need} blocks of block_size={cfg.block_size}: "
             "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens"
+            f"{' or max_num_seqs (state slots)' if states else ''}"
             f"{', give fewer or smaller cuda_graph_sizes or set enforce_eager' if pool else ''}"
             ", or give kv_cache_memory_gb / num_kv_blocks")
     log.info("%s rank on %s: %d KV blocks (%.2f GiB): %s", kind, device, blocks,

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
-                        check_prefill_expert_parallel, resolve_engine_config)
+                        check_hybrid_layout, check_prefill_expert_parallel,
+                        resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
 from afd.outputs import RequestOutput
@@ -213,6 +214,7 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_layout_options(**options)
     check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
                                   model_cfg.num_experts)
+    check_hybrid_layout(model_cfg, prefill)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         model = engine_cfg.load_model("full", engine_cfg.device)

@@ -162,8 +162,15 @@ def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.dev
     batch = ForwardBatch(positions=dev[3 * n:4 * n], slot_mapping=dev[4 * n:],
                          block_tables=torch.from_numpy(tables).to(device),
                          seq_lens=dev[n:2 * n], query_lens=[1] * n, num_decodes=n,
-                         context_lens=seq_lens)
+                         context_lens=seq_lens, state_slots=_state_slots(seqs))
     return dev[:n], batch, dev[2 * n:3 * n]
+
+
+def _state_slots(seqs: list[ScheduledSeq]) -> list[int] | None:
+    """Each sequence's state slot, in the order given (a hybrid model's; else None)."""
+    if not seqs or seqs[0].seq.state_slot is None:
+        return None
+    return [s.seq.state_slot for s in seqs]
 
 
 def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
@@ -246,6 +253,8 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
         num_decodes=sum(s.num_new_tokens for s, d in zip(seqs, decoding) if d),
         context_lens=seq_lens,
         decode_groups=None if groups is None else DecodeGroups(groups, dev[3 * t + b + n:]),
+        # per row (one per sequence: a hybrid model verifies no drafts)
+        state_slots=_state_slots([seqs[i] for i in order]),
     )
     return dev[:t], batch, dev[t + b:t + b + n]
 
@@ -274,9 +283,11 @@ class ModelRunner:
         graphs = not cfg.enforce_eager and decodes and self._graphs_apply()
         # With CUDA graphs the pool has one more block, the padding rows' scratch block, which
         # the allocator (cfg.num_kv_blocks) never hands out. The MTP layer's cache is the last.
+        # a hybrid model's linear layers: one state slot per sequence a step may run
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
                                             cfg.block_size, cfg.cache_dtype, self.device,
-                                            len(model.all_layers()))
+                                            len(model.all_layers()),
+                                            state_slots=cfg.max_num_seqs, state_dtype=cfg.dtype)
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
         self.load_record = (ExpertLoadRecorder(model.cfg.num_layers, model.cfg.num_experts,

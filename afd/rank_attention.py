@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from afd import protocol
 from afd.core import EngineCore
+from afd.kv_cache import cache_bytes
 from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
 from afd.placement import ExpertPlacement
 from afd.rebalance import all_tables, broadcast_tables, check_same_slots, tables_tensor
@@ -296,7 +297,7 @@ class AttentionWorker:
         taken at IDLE_POLL_S. Shutdown reaches every rank; a dead rank fails the vote after
         the layout's timeout as before. Without FFN ranks a rank sleeps the same way on its
         own."""
-        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
+        kv_bytes = cache_bytes(self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
         self._send([])

@@ -20,6 +20,7 @@ import torch
 
 from afd import protocol
 from afd.core import EngineCore
+from afd.kv_cache import cache_bytes
 from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
 from afd.sequence import CoreOutput
 from afd.placement import ExpertPlacement
@@ -124,7 +125,7 @@ class PrefillWorker:
                         and now - s.started < 2 * self.spec.timeout_s]
 
     def run(self) -> None:
-        kv_bytes = sum(t.numel() * t.element_size() for t in self.core.runner.kv_caches)
+        kv_bytes = cache_bytes(self.core.runner.kv_caches)
         self.link.send(protocol.Ready(describe(self.core.runner.model, kv_bytes,
                                                self.core.cfg.num_kv_blocks)))
         if self.step_group is not None:

@@ -130,9 +130,12 @@ class PrefixHit:
 class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  spec: SpecConfig | None = None, policy: str = "fcfs",
-                 host: HostKVTier | None = None, mtp_kv: bool | None = None):
+                 host: HostKVTier | None = None, mtp_kv: bool | None = None,
+                 state_slots: int = 0):
         """``mtp_kv``: does the runner write the MTP layer's KV (default: with MTP drafts;
-        a prefill rank's core writes it without verifying drafts)."""
+        a prefill rank's core writes it without verifying drafts). ``state_slots``: a hybrid
+        model's linear-attention state slots (models.hybrid; 0: none), max_num_seqs of them:
+        a sequence holds one from admission until it finishes or is preempted."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
@@ -142,6 +145,10 @@ class Scheduler:
         self.mtp_kv = (spec is not None and spec.method == "mtp") if mtp_kv is None else mtp_kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        if state_slots and state_slots < max_num_seqs:
+            raise ValueError(f"{state_slots} state slots for max_num_seqs={max_num_seqs}: a "
+                             "running sequence of a hybrid model needs one each")
+        self.free_state_slots = list(range(state_slots - 1, -1, -1)) if state_slots else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -184,6 +191,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
+        self._release_state_slot(seq)
         seq.status = Status.FINISHED
 
     def park(self, seq: Sequence) -> None:
@@ -253,6 +261,8 @@ class Scheduler:
             seq.block_ids = cached + self.allocator.allocate(need)
             if hit.host_slots:
                 self._restore_from_host(seq, len(cached), hit.host_slots)
+            if self.free_state_slots is not None:  # (admission keeps running <= slots)
+                seq.state_slot = self.free_state_slots.pop()
             seq.num_computed_tokens, seq.num_cached_blocks = num_cached, hit.num_blocks
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = num_cached
@@ -417,6 +427,7 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = seq.num_cached_blocks = 0
+        self._release_state_slot(seq)  # recomputed from its first token, from a zero state
         seq.cacheable = True  # recomputed here from its tokens
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
@@ -425,6 +436,11 @@ class Scheduler:
             self._insert_waiting(seq)
         else:
             self.waiting.appendleft(seq)
+
+    def _release_state_slot(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.free_state_slots.append(seq.state_slot)
+            seq.state_slot = None
 
     def update(self, out: SchedulerOutput) -> None:
         """After the forward (and, with drafts, verification): the scheduled tokens are now in

@@ -88,6 +88,8 @@ class Sequence:
         # rank did not compute)
         self.block_keys = BlockKeys(req.cache_salt)
         self.num_cached_blocks = 0
+        # a hybrid model's linear-attention state slot while running (afd.scheduler), else None
+        self.state_slot: int | None = None
         self.cacheable = True
         self.num_cached_tokens: int | None = None  # prompt tokens the first admission reused
         self.status = Status.WAITING

@@ -277,6 +277,13 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.cfg.qk_norm and not self.cfg.qk_norm_flat:
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+        out = self.attend(q, k, v, batch, cache)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+               cache: torch.Tensor) -> torch.Tensor:
+        """Rotary on q [T, heads, d] and k [T, kv_heads, d] (normed where configured), this
+        step's k and v [T, kv_heads, d] into the cache, attention: [T, heads, d]."""
         q = kernels.apply_rotary(q, batch.cos, batch.sin, interleaved=False)
         k = kernels.apply_rotary(k, batch.cos, batch.sin, interleaved=False)
         flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
@@ -294,5 +301,5 @@ class GQAttention(nn.Module):
         if layout is not None:
             out[nd:] = kernels.paged_prefill_attention(q[nd:], cache, batch.block_tables[nd:],
                                                        layout, scale)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return out
 

@@ -51,6 +51,9 @@ class ForwardBatch:
     # reads them) and the cos / sin of each of its ropes by name, filled with cos / sin
     input_ids: torch.Tensor | None = None
     rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Hybrid models (models.hybrid): per row, its sequence's state slot (the linear layers'
+    # conv and recurrent states), None for every other model
+    state_slots: list[int] | None = None
     # Built by prefill_layout() on the first layer's call, shared by the others.
     _prefill_layout: PrefillLayout | None = field(default=None, repr=False)
     # Decoder layer -> [T, K] int64 where that MoE layer's router writes its topk_ids (the CUDA
@@ -59,6 +62,8 @@ class ForwardBatch:
     # DSA with shared layers (GLM-5): the last full layer's top-k selection this step, which
     # the shared layers after it attend over; None before any
     dsa_selections: DsaSelections | None = field(default=None, repr=False)
+    # models.hybrid.LinearRows, built on the first linear layer's call, shared by the others
+    _linear_rows: object = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -56,6 +56,12 @@ ARCHITECTURES = {
     # rotary, sigmoid routing with a correction bias over every layer's experts, no shared
     # experts (its MTP modules are not run)
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    # hybrid linear-attention MoE (models.hybrid): Gated DeltaNet layers (a per-sequence conv
+    # and recurrent state, no KV) between gated GQA layers, Qwen3's MoE with a sigmoid-gated
+    # shared expert; Qwen3.5-MoE's language model (its own causal LM, or under
+    # Qwen3_5MoeForConditionalGeneration: LANGUAGE_MODEL_WRAPPERS)
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
 }
 # the architectures whose attention is GQA (the rest: DeepSeek's MLA), and those of them
 # whose MoE is Qwen3's (softmax top-k, no shared experts; the rest: DeepSeek-V3's)
@@ -73,6 +79,8 @@ OTHER_MTP_MODULES = {
 }
 # the architectures with DeepSeek Sparse Attention (an indexer per layer, or per full layer)
 DSA_ARCHITECTURES = ("deepseek_v32", "glm_moe_dsa")
+# the hybrid architectures: linear-attention (Gated DeltaNet) layers among full-attention ones
+HYBRID_ARCHITECTURES = ("qwen3_next", "qwen3_5_moe_text")
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 # vision-language checkpoints whose language model afd serves (config.json's text_config, an
 # architecture above), by "architectures" entry or model_type: how their checkpoint names the
@@ -87,8 +95,14 @@ KIMI_K25 = dict(
              ("model.language_model.", "model."), ("model.blocks.", "model.layers.")),
     skipped=("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector."),
 )
+# Qwen3.5-MoE's vision-language checkpoint (transformers' Qwen3_5MoeForConditionalGeneration):
+# model.language_model.*, lm_head.*, the vision tower model.visual.*, the MTP layer mtp.*
+QWEN3_5_MOE = dict(renames=(("model.language_model.", "model."),),
+                   skipped=("model.visual.", "mtp."))
 LANGUAGE_MODEL_WRAPPERS = {"KimiK25ForConditionalGeneration": KIMI_K25,
-                           "Kimi_K25ForConditionalGeneration": KIMI_K25, "kimi_k25": KIMI_K25}
+                           "Kimi_K25ForConditionalGeneration": KIMI_K25, "kimi_k25": KIMI_K25,
+                           "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE,
+                           "qwen3_5_moe": QWEN3_5_MOE}
 
 
 @dataclass(frozen=True)
@@ -221,6 +235,53 @@ class MiMoConfig:
         return self.layer_types[layer] == "sliding_attention"
 
 
+LINEAR_LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """The Gated DeltaNet layers of a hybrid model (transformers' Qwen3NextGatedDeltaNet,
+    Qwen3_5MoeGatedDeltaNet; models.hybrid).
+
+    layer_types: per layer "linear_attention" or "full_attention" (gated GQA over the paged
+    KV cache); conv_kernel: the causal depthwise conv's width over the q/k/v channels;
+    num_k_heads / k_head_dim: query and key heads (each serving num_v_heads / num_k_heads
+    consecutive value heads); num_v_heads / v_head_dim: value heads;
+    fused_projections: Qwen3-Next's in_proj_qkvz and in_proj_ba, grouped per key head;
+    False: Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a.
+    A sequence's state per linear layer: the conv's last conv_kernel - 1 inputs
+    [conv_dim, conv_kernel - 1] (the run dtype) and the recurrent state
+    [num_v_heads, k_head_dim, v_head_dim] (fp32), whatever its length.
+    """
+
+    layer_types: tuple[str, ...]
+    conv_kernel: int
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    fused_projections: bool
+
+    def is_linear(self, layer: int) -> bool:
+        return layer < len(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.layer_types)) if self.is_linear(i))
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels the conv runs over: q, k (num_k_heads x k_head_dim each) and v."""
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
+
+    def state_bytes(self, dtype: torch.dtype) -> int:
+        """One sequence's state over every linear layer (conv state in ``dtype``, the
+        recurrent state in fp32): a fixed cost per state slot."""
+        conv = self.conv_dim * (self.conv_kernel - 1) * torch.empty((), dtype=dtype).element_size()
+        recurrent = self.num_v_heads * self.k_head_dim * self.v_head_dim * 4
+        return len(self.linear_layers) * (conv + recurrent)
+
+
 @dataclass(frozen=True)
 class Fp8Config:
     """Block-scaled FP8 weights (DeepSeek-V3 release): ``weight_scale_inv`` per block."""
@@ -270,6 +331,10 @@ class ModelConfig:
       of its tensor names onto the causal LM's, and the prefixes never loaded (vision tower)
       num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers in the checkpoint
       (``model.layers.{num_layers}.*``; afd.spec_decode's "mtp" drafts use the first), 0: none
+    Attributes (hybrid, Qwen3-Next and Qwen3.5-MoE; models.hybrid):
+      linear_attn: the Gated DeltaNet layers (``LinearAttentionConfig``; they cache no KV, a
+      per-sequence state instead), None for every other model
+      shared_expert_intermediate_size, attn_output_gate, norm_zero_centred: see the fields
     """
 
     model_type: str
@@ -324,6 +389,13 @@ class ModelConfig:
     weight_skipped: tuple[str, ...] = ()
     v4: V4Config | None = None
     mimo: MiMoConfig | None = None
+    linear_attn: LinearAttentionConfig | None = None
+    # Qwen3-Next / Qwen3.5: one shared expert of this width, scaled by
+    # sigmoid(shared_expert_gate(h)); q_proj also emits a per-head sigmoid output gate;
+    # every RMSNorm (but the linear layers' gated one) scales by (1 + weight)
+    shared_expert_intermediate_size: int = 0
+    attn_output_gate: bool = False
+    norm_zero_centred: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -364,6 +436,8 @@ class ModelConfig:
             return heads * (self.head_dim + self.v_head_dim)
         if layer in self.index_shared_layers:
             return self.kv_lora_rank + self.qk_rope_head_dim
+        if self.linear_attn is not None and self.linear_attn.is_linear(layer):
+            return 0  # a per-sequence state, no per-token KV (LinearAttentionConfig)
         return self.kv_cache_dim
 
     def kv_cache_dims(self, num_layers: int | None = None) -> int:
@@ -560,6 +634,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         return _v4_config(raw, common, num_layers, num_heads, num_experts)
     if arch == "mimo_v2_flash":
         return _mimo_config(raw, common, num_layers, num_heads, num_experts, top_k)
+    if arch in HYBRID_ARCHITECTURES:
+        return _hybrid_config(raw, arch, common, hidden, num_heads, num_layers, num_experts)
     attention = (_gqa_fields(raw, arch, hidden, num_heads) if arch in GQA_ARCHITECTURES
                  else _mla_fields(raw, arch, num_heads))
     if arch == "qwen3_moe":
@@ -822,6 +898,73 @@ def _mimo_ropes(raw: dict[str, Any], head_dim: int) -> tuple[RopeConfig, RopeCon
                                                                131072)},
                            dim, interleaved=False))
     return ropes[0], ropes[1]
+
+
+def _hybrid_config(raw: dict[str, Any], arch: str, common: dict[str, Any], hidden: int,
+                   num_heads: int, num_layers: int, num_experts: int) -> ModelConfig:
+    """Qwen3-Next and Qwen3.5-MoE's language model (transformers' Qwen3NextConfig,
+    Qwen3_5MoeTextConfig: their defaults where config.json leaves a field out). The full
+    layers' attention: GQA, q/k norm, every projection biased by attention_bias, the first
+    partial_rotary_factor (default 0.25) of each head's dims rotated (GPT-NeoX pairs). Qwen3.5's
+    mrope (``mrope_section``) rotates text positions as plain rope: its three position streams
+    are one and the same position for text, so every section's angle is that position's."""
+    types = raw.get("layer_types")
+    if types is None:
+        interval = int(raw.get("full_attention_interval") or 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                 for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in LINEAR_LAYER_TYPES for t in types)):
+        raise ValueError(f"{arch}: layer_types must name one of {LINEAR_LAYER_TYPES} for each "
+                         f"of the {num_layers} layers, got {types!r}")
+    linear = LinearAttentionConfig(
+        layer_types=tuple(types),
+        conv_kernel=int(_first(raw, "linear_conv_kernel_dim", default=4)),
+        num_k_heads=int(_first(raw, "linear_num_key_heads", default=16)),
+        num_v_heads=int(_first(raw, "linear_num_value_heads", default=32)),
+        k_head_dim=int(_first(raw, "linear_key_head_dim", default=128)),
+        v_head_dim=int(_first(raw, "linear_value_head_dim", default=128)),
+        fused_projections=arch == "qwen3_next",
+    )
+    if linear.conv_kernel < 1 or linear.num_k_heads < 1 or linear.num_v_heads % linear.num_k_heads:
+        raise ValueError(f"{arch}: linear_num_value_heads={linear.num_v_heads} must be a multiple "
+                         f"of linear_num_key_heads={linear.num_k_heads} (>= 1), and "
+                         f"linear_conv_kernel_dim={linear.conv_kernel} >= 1")
+    head_dim = int(_first(raw, "head_dim", default=256))
+    factor = _partial_rotary_factor(raw, 0.25)
+    rotary_dim = int(head_dim * factor)
+    if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor={factor} rotates {rotary_dim} of head_dim="
+                         f"{head_dim} dims: it must be in (0, 1] and rotate an even number "
+                         "(>= 2) of them")
+    if arch == "qwen3_next":
+        step = int(raw.get("decoder_sparse_step", 1) or 1)
+        mlp_only = set(raw.get("mlp_only_layers") or [])
+        moe_layers = tuple(i for i in range(num_layers)
+                           if num_experts > 0 and i not in mlp_only and (i + 1) % step == 0)
+        norm_topk = bool(raw.get("norm_topk_prob", True))
+    else:  # Qwen3.5-MoE: every layer's MLP is the MoE, top-k weights always normalized
+        moe_layers = tuple(range(num_layers)) if num_experts else ()
+        norm_topk = True
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(
+        **{**common, "norm_topk_prob": norm_topk, "weight_skipped": ("mtp.",)},
+        attention="gqa",
+        num_kv_heads=int(_first(raw, "num_key_value_heads", default=2)),
+        head_dim=head_dim,
+        qk_norm=True,
+        o_proj_bias=bias,
+        rope=_rope(raw, rotary_dim, interleaved=False),
+        attention_scale=head_dim**-0.5,
+        scoring="softmax",
+        topk_method="greedy",
+        moe_layers=moe_layers,
+        linear_attn=linear,
+        shared_expert_intermediate_size=int(_first(raw, "shared_expert_intermediate_size",
+                                                   default=512)),
+        attn_output_gate=True,
+        norm_zero_centred=True,
+    )
 
 
 def _partial_rotary_factor(raw: dict[str, Any], default: float) -> float:

@@ -53,6 +53,10 @@ class MoEBlock(nn.Module):
             if cfg.n_shared_experts:
                 width = cfg.moe_intermediate_size * cfg.n_shared_experts
                 self.shared_experts = DenseMLP(cfg.hidden_size, width, dtype, device)
+            if cfg.shared_expert_intermediate_size:  # Qwen3-Next's gated one (models.hybrid)
+                from models.hybrid import GatedSharedExpert
+
+                GatedSharedExpert.attach(self, cfg, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
             block = cfg.expert_fp8_block if fp8_experts else None
@@ -65,17 +69,25 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
+        # the token mixer's attribute: a hybrid model's linear layers' is "linear_attn"
+        self.mixer_name = "self_attn"
         if role != "ffn":
-            if cfg.attention == "mimo":
+            norm = RMSNorm
+            if cfg.linear_attn is not None:  # Qwen3-Next, Qwen3.5-MoE (models.hybrid)
+                from models.hybrid import ZeroCentredRMSNorm as norm, hybrid_mixer
+
+                self.mixer_name, mixer = hybrid_mixer(cfg, index, dtype, device)
+                setattr(self, self.mixer_name, mixer)
+            elif cfg.attention == "mimo":
                 from models.mimo_v2_flash import MiMoAttention
 
                 self.self_attn = MiMoAttention(cfg, dtype, device, layer=index)
             else:
                 self.self_attn = (MLAttention(cfg, dtype, device, layer=index)
                                   if cfg.attention == "mla" else GQAttention(cfg, dtype, device))
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
-                                                    device)
+            self.input_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.post_attention_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                                 device)
             if not self.is_moe:
                 self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         if self.is_moe:
@@ -86,7 +98,7 @@ class DecoderLayer(nn.Module):
                        batch: ForwardBatch, cache: torch.Tensor) -> AttentionOut:
         """x: previous layer's MLP output [T, H] (or the embeddings, with residual None)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, batch, cache)
+        h = getattr(self, self.mixer_name)(h, batch, cache)
         h, residual = self.post_attention_layernorm(h, residual)
         routing = None
         if self.is_moe:
@@ -99,7 +111,11 @@ class DecoderLayer(nn.Module):
         if not self.is_moe:
             return self.mlp(h)
         shared = getattr(self.mlp, "shared_experts", None)
-        return shared(h) if shared is not None else None
+        if shared is not None:
+            return shared(h)
+        if hasattr(self.mlp, "shared_expert"):  # Qwen3-Next's, scaled by its sigmoid gate
+            return torch.sigmoid(self.mlp.shared_expert_gate(h)) * self.mlp.shared_expert(h)
+        return None
 
     # ---- FFN half -------------------------------------------------------------------------
     def ffn_half(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -225,6 +241,11 @@ class MoEModel(nn.Module):
                 self.model.norm = RMSNorm32(cfg.hidden_size, cfg.rms_norm_eps, device)
                 self.model.hc_head = HyperHead(cfg, device)
                 self.rotaries = rope_tables(cfg, device)
+            elif cfg.norm_zero_centred:
+                from models.hybrid import ZeroCentredRMSNorm
+
+                self.model.norm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                                     device)
             else:
                 self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             if cfg.attention == "mimo":  # the sliding layers' rope (the full layers': rotary)

@@ -117,11 +117,45 @@ CONFIGS = {
         max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1,
     ),
+    # Qwen3-Next: Gated DeltaNet layers (2 key heads, each serving 2 value heads; conv width
+    # 4) around a gated full-attention layer (a quarter of its head dims rotated), a linear
+    # layer after it; Qwen3's MoE with a gated shared expert, layer 1 a dense MLP
+    "qwen3_next": dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention",
+                     "linear_attention"],
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
+    # Qwen3.5-MoE's language model: its own projections (in_proj_qkv / z / b / a), every
+    # layer MoE, mrope over text positions
+    "qwen3_5_moe_text": dict(
+        vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "linear_attention"],
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0],
+                         "mrope_interleaved": True},
+    ),
 }
 
 
 def hf_classes(kind: str):
     import transformers as tf
+
+    if kind == "qwen3_next":
+        return tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM
+    if kind == "qwen3_5_moe_text":
+        return tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM
 
     if kind == "deepseek_v4":
         return tf.DeepseekV4Config, tf.DeepseekV4ForCausalLM

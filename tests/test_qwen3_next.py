@@ -1,0 +1,234 @@
+"""Hybrid linear-attention MoE models (models.hybrid): Qwen3-Next (Qwen3NextForCausalLM) and
+Qwen3.5-MoE's language model (Qwen3_5MoeForCausalLM, and under its vision-language wrapper
+Qwen3_5MoeForConditionalGeneration, the vision tower not loaded). Tiny random checkpoints
+built and saved by transformers, against transformers' greedy generate (fp32, tokens equal,
+logits within 1e-4 relative): whole prompts, prompts chunked inside the delta rule's chunks,
+several sequences at once, a preemption in a small KV pool, a 1 attention + 1 FFN layout.
+A mutant that forgets each sequence's state between chunks fails. The features its states
+cannot serve yet are refused, each naming itself and the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models.hybrid as hybrid
+from afd import LLM
+from afd.config import bytes_per_block, state_bytes
+from ckpt_utils import (greedy_tokens as tokens, hf_greedy, mixed_prompts, oracle_case,
+                        ORACLE_LENGTHS, ORACLE_NEW_TOKENS, save_checkpoint)
+from models.config import load_config
+from test_oracle_variants import assert_matches
+
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+              patch_size=2, spatial_merge_size=1, temporal_patch_size=1,
+              num_position_embeddings=16)
+
+
+@pytest.fixture(scope="module")
+def next_case(tmp_path_factory):
+    return oracle_case(tmp_path_factory, "qwen3_next")
+
+
+@pytest.fixture(scope="module")
+def q35_case(tmp_path_factory):
+    return oracle_case(tmp_path_factory, "qwen3_5_moe_text")
+
+
+def build_q35_vl(seed: int = 0):
+    """transformers' Qwen3_5MoeForConditionalGeneration around the tiny Qwen3.5 text model
+    (a one-block vision tower), weights scaled so greedy outputs vary (fp32, eval mode)."""
+    import transformers as tf
+
+    from ckpt_utils import CONFIGS
+    from models.default_model import random_tensor
+
+    config = tf.Qwen3_5MoeConfig(text_config=CONFIGS["qwen3_5_moe_text"], vision_config=VISION,
+                                 tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.Qwen3_5MoeForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if tensor.is_floating_point():
+                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def q35_vl_case(tmp_path_factory):
+    model = build_q35_vl()
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("q35_vl")))
+    prompts = mixed_prompts(len(ORACLE_LENGTHS), lengths=ORACLE_LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]
+
+
+def test_config_and_state_sizing(next_case, q35_case):
+    """The layer types, the linear layers' heads and projections reach afd's config; the
+    linear layers cache no KV (a block counts the full layers' K and V only) and a sequence's
+    state is a fixed cost: conv inputs and the fp32 recurrent state per linear layer."""
+    cfg = load_config(next_case[1])
+    lin = cfg.linear_attn
+    assert (cfg.architecture, cfg.attention, lin.linear_layers) == ("qwen3_next", "gqa",
+                                                                    (0, 1, 3))
+    assert (lin.num_k_heads, lin.num_v_heads, lin.k_head_dim, lin.v_head_dim,
+            lin.conv_kernel, lin.fused_projections) == (2, 4, 8, 12, 4, True)
+    assert (cfg.rope.dim, cfg.moe_layers, cfg.shared_expert_intermediate_size) == (
+        4, (0, 2, 3), 48)
+    assert cfg.attn_output_gate and cfg.norm_zero_centred and cfg.norm_topk_prob
+    assert [cfg.layer_kv_cache_dim(i) for i in range(4)] == [0, 0, 64, 0]
+    assert bytes_per_block(cfg, 16, torch.float32, mtp=False) == 16 * 64 * 4
+    conv_dim = 2 * 2 * 8 + 4 * 12
+    per_seq = 3 * (conv_dim * 3 * 4 + 4 * 8 * 12 * 4)
+    assert lin.state_bytes(torch.float32) == per_seq
+    assert state_bytes(cfg, torch.float32, 5) == 5 * per_seq
+    q35 = load_config(q35_case[1])
+    assert (q35.architecture, q35.linear_attn.linear_layers, q35.moe_layers) == (
+        "qwen3_5_moe_text", (0, 2, 3), (0, 1, 2, 3))
+    assert not q35.linear_attn.fused_projections and q35.norm_topk_prob
+    # the engine's pool holds max_num_seqs states beside its blocks
+    llm = LLM(next_case[1], max_num_seqs=3, num_kv_blocks=40)
+    caches = llm.engine.core.runner.kv_caches
+    assert [type(c).__name__ for c in caches] == ["LinearStates"] * 2 + ["Tensor",
+                                                                          "LinearStates"]
+    assert caches[0].conv.shape == (3, conv_dim, 3)
+    assert caches[0].recurrent.shape == (3, 4, 8, 12) and caches[0].recurrent.dtype == torch.float32
+    assert not llm.engine.core.cfg.enable_prefix_caching  # off for hybrid models
+
+
+def test_kv_memory_counts_the_states(next_case):
+    """kv_cache_memory_gb pays for max_num_seqs states first, then blocks; a budget the states
+    leave too small for one max_model_len sequence is refused naming max_num_seqs."""
+    from afd.config import resolve_engine_config
+
+    cfg = load_config(next_case[1])
+    per_block = bytes_per_block(cfg, 16, torch.float32, mtp=False)
+    gb = (state_bytes(cfg, torch.float32, 8) + 100 * per_block) / 2**30
+    engine = resolve_engine_config(next_case[1], cfg, kv_cache_memory_gb=gb, max_num_seqs=8,
+                                   max_model_len=256, device="cpu")
+    assert engine.num_kv_blocks == 100
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        resolve_engine_config(next_case[1], cfg, kv_cache_memory_gb=gb, max_num_seqs=64,
+                              max_model_len=256, device="cpu")
+
+
+def test_qwen3_next_matches_transformers(next_case):
+    _, path, prompts, expected = next_case
+    assert_matches(path, expected, prompts)
+
+
+def test_qwen3_5_moe_matches_transformers(q35_case):
+    _, path, prompts, expected = q35_case
+    assert_matches(path, expected, prompts)
+
+
+def test_qwen3_5_moe_vision_language_checkpoint(q35_vl_case):
+    """The wrapper's language model under model.language_model.*, the vision tower
+    (model.visual.*) never read; text generation as transformers' wrapper generates."""
+    from models.weights import checkpoint_files, stored_names
+
+    _, path, prompts, expected = q35_vl_case
+    cfg = load_config(path)
+    assert (cfg.model_type, cfg.architecture) == ("qwen3_5_moe", "qwen3_5_moe_text")
+    names = stored_names(checkpoint_files(path), cfg)
+    assert "model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    assert not [n for n in names.values() if "visual" in n]
+    assert_matches(path, expected, prompts)
+
+
+def test_image_input_refused(q35_vl_case):
+    from afd.engine import ParamError
+
+    llm = LLM(q35_vl_case[1])
+    with pytest.raises(ParamError, match="multimodal input is not supported"):
+        llm.generate([{"prompt_token_ids": q35_vl_case[2][0],
+                       "multi_modal_data": {"image": torch.zeros(3, 4, 4)}}], use_tqdm=False)
+
+
+@pytest.mark.parametrize("budget", [16, 50])
+def test_chunked_prefill_carries_the_state(next_case, budget):
+    """Chunks of 16 (boundaries inside the delta rule's 64-token chunks) or 50 (a chunk across
+    one), the three prompts prefilled beside each other's decodes: transformers' tokens."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_batched_tokens=budget)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+
+
+def test_forgetting_the_state_between_chunks_fails(next_case, monkeypatch):
+    """The mutant: every prefill chunk starts from a zero state (as if each were a new
+    sequence). Chunked, its tokens differ; so the state the chunks carry is what the chunked
+    test above checks."""
+    _, path, prompts, expected = next_case
+    real = hybrid.linear_rows
+
+    def forgetful(batch):
+        rows = real(batch)
+        rows.chunks = [(tokens, slot, True) for tokens, slot, _ in rows.chunks]
+        return rows
+
+    monkeypatch.setattr(hybrid, "linear_rows", forgetful)
+    llm = LLM(path, max_num_batched_tokens=16)
+    assert tokens(llm, prompts[1:]) != [t for t, _ in expected[1:]]
+
+
+def test_preempted_and_recomputed(next_case):
+    """Blocks of 4, a pool too small for the three at once: the latest is preempted, its state
+    slot freed, and recomputed from its first token (from a zero state) in another slot."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, block_size=4, num_kv_blocks=30, max_model_len=112,
+              max_num_batched_tokens=16)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+    core = llm.engine.core
+    assert core.stats()[0].num_preemptions > 0
+    assert sorted(core.scheduler.free_state_slots) == list(range(core.cfg.max_num_seqs))
+
+
+def test_many_sequences_share_the_slots(next_case):
+    """More prompts than state slots (max_num_seqs 2): they wait for a slot, and a slot freed
+    by a finished sequence serves the next from a zero state."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_seqs=2, max_num_batched_tokens=32)
+    assert tokens(llm, prompts + prompts[::-1]) == [t for t, _ in expected + expected[::-1]]
+
+
+def test_attention_and_ffn_ranks_match_the_single_process(next_case):
+    """1 attention + 1 FFN rank, two micro-batches: the attention rank owns the KV cache and
+    the state slots, the FFN rank the routed experts; transformers' tokens, chunked."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, attention=1, ffn=1, micro_batches=2, timeout_s=60,
+              max_num_batched_tokens=32)
+    try:
+        assert tokens(llm, prompts) == [t for t, _ in expected]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 3}), "speculative_config"),
+    (dict(speculative_config={"method": "mtp", "num_speculative_tokens": 1}),
+     "speculative_config"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
+    (dict(enforce_eager=False), "enforce_eager=False"),
+    (dict(kv_offload_gb=1), "kv_offload_gb"),
+    (dict(prefill=1, attention=1), "prefill/decode disaggregation"),
+])
+def test_refusals_name_the_feature_and_the_model(next_case, args, match):
+    """What the states cannot serve yet (rolling back drafts, FP8 KV, CUDA graphs, the prefix
+    cache's host tier, P/D transfer) is refused before anything starts, naming the model."""
+    with pytest.raises(ValueError, match=match) as err:
+        LLM(next_case[1], timeout_s=5, **args)
+    assert "qwen3_next" in str(err.value)
+
+
+def test_prefix_caching_is_off(next_case):
+    """Asked for or not, the prefix cache stays off (a cached block holds KV, not the linear
+    layers' state at its end): a second prompt sharing a long prefix is computed in full,
+    and its tokens are transformers'."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, enable_prefix_caching=True, block_size=16)
+    assert not llm.engine.core.allocator.enable_caching
+    assert tokens(llm, [prompts[2]]) == [expected[2][0]]
+    assert tokens(llm, [prompts[2]]) == [expected[2][0]]
+    assert llm.engine.core.stats()[0].prefix_cache_hits == 0
