@@ -39,6 +39,8 @@ CASES = {
     "default_splits_fp32": ("fp32", 2, 4, 1, 32, 16, 34, None, "int32"),
     "more_splits_than_tokens_fp32": ("fp32", 2, 4, 2, 16, 2, 3, 8, "int32"),
     "strided_fp32": ("fp32", 4, 4, 2, 48, 4, 10, 2, "int64", True),
+    # Qwen3-Next, Qwen3.5-MoE's full-attention layers: head_dim 256
+    "g4_d256_splits_fp32": ("fp32", 2, 8, 2, 256, 16, 3, 2, "int32"),
     # K/V in FP8 (kv_cache_dtype "fp8"): loaded as FP8, converted in registers
     "g2_splits_fp8kv_fp32": ("fp32+fp8kv", 4, 4, 2, 64, 4, 5, 3, "int64"),
     "g4_fp8kv_bf16": ("bf16+fp8kv", 4, 8, 2, 64, 16, 4, 1, "int32"),

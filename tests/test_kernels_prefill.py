@@ -38,6 +38,8 @@ PAGED = {
     "g2_d32_fp16": ("fp16", 4, 2, 32, 8, [(1, 1), (11, 27)], {}),
     "g4_strided_fp32": ("fp32", 4, 1, 32, 8, [(13, 29), (2, 2), (8, 20)], {"strided": True}),
     "g2_tiles32_fp32": ("fp32", 4, 2, 32, 4, [(40, 45), (3, 3)], {"block_m": 32, "block_n": 32}),
+    # Qwen3-Next, Qwen3.5-MoE's full-attention layers: head_dim 256
+    "g4_d256_fp32": ("fp32", 8, 2, 256, 16, [(9, 9), (5, 21)], {}),
     # K/V in FP8 (kv_cache_dtype "fp8"): loaded as FP8, converted in registers
     "g3_d80_fp8kv_fp32": ("fp32+fp8kv", 6, 2, 80, 16, [(12, 40), (1, 17), (33, 33)], {}),
     "g4_d64_fp8kv_bf16": ("bf16+fp8kv", 8, 2, 64, 16, [(9, 9), (30, 47), (1, 18)], {}),

@@ -599,6 +599,8 @@ def test_mla_grouped_check_refuses_32_heads_at_4_rows() -> None:
 @pytest.mark.parametrize(("group", "head_dim", "splits", "kv"),
                          [(8, 128, 1, "bf16"), (8, 128, 16, "bf16"), (16, 128, 4, "bf16"),
                           (64, 128, 1, "bf16"), (3, 80, 2, "bf16"),
+                          # Qwen3-Next, Qwen3.5-MoE's full-attention layers: G=8 at head_dim 256
+                          (8, 256, 1, "bf16"), (8, 256, 16, "bf16"),
                           fp8_spills(8, 128, 1, "fp8e4nv"),
                           (16, 128, 4, "fp8e4nv"), (64, 128, 1, "fp8e4nv"), (3, 80, 2, "fp8e4nv")])
 def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) -> None:
@@ -629,6 +631,7 @@ def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) ->
 @pytest.mark.parametrize(("group", "head_dim", "rows", "splits", "kv"),
                          [(8, 128, 2, 1, "bf16"), (8, 128, 4, 16, "bf16"), (8, 128, 5, 4, "bf16"),
                           (16, 128, 2, 1, "bf16"), (3, 80, 3, 2, "bf16"),
+                          (8, 256, 1, 4, "bf16"),  # Qwen3-Next, Qwen3.5-MoE
                           (8, 128, 4, 16, "fp8e4nv"), (8, 128, 5, 4, "fp8e4nv"),
                           (16, 128, 2, 1, "fp8e4nv"), (3, 80, 3, 2, "fp8e4nv")])
 def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, splits: int,
@@ -659,6 +662,11 @@ def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, split
                          [(True, 8, 128, 128, "bf16", "bf16"), (True, 16, 128, 128, "bf16", "bf16"),
                           (True, 4, 128, 128, "bf16", "bf16"), (True, 8, 64, 64, "bf16", "bf16"),
                           (True, 3, 80, 80, "bf16", "bf16"), (True, 4, 128, 128, "fp32", "fp32"),
+                          # Qwen3-Next, Qwen3.5-MoE (G=8, D=256): the default tiles spill
+                          # (104 B a thread, Triton 3.6 and 3.9); untuned, no GPU run yet
+                          # (docs/limits.md#hybrid)
+                          pytest.param(True, 8, 256, 256, "bf16", "bf16", marks=pytest.mark.xfail(
+                              strict=True, reason="spills at head_dim 256 (untuned)")),
                           (False, 1, 192, 128, "bf16", "bf16"), (False, 1, 80, 48, "fp32", "fp32"),
                           # (fp32 queries over an FP8 cache spill here: not a GPU setup)
                           (True, 8, 128, 128, "bf16", "fp8e4nv"),
