@@ -240,7 +240,8 @@ class Scheduler:
             budget -= self._add_drafts(out.seqs, budget)
         # New prompts join only when nothing had to be evicted this step (else they would thrash).
         while (self.waiting and budget > 0 and not out.num_preempted
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < self.max_num_seqs
+               and self.free_state_slots != []):  # (a hybrid model's: one a sequence)
             seq = self.waiting[0]
             hit = self._cached_prefix(seq)
             cached = hit.blocks
@@ -261,7 +262,7 @@ class Scheduler:
             seq.block_ids = cached + self.allocator.allocate(need)
             if hit.host_slots:
                 self._restore_from_host(seq, len(cached), hit.host_slots)
-            if self.free_state_slots is not None:  # (admission keeps running <= slots)
+            if self.free_state_slots is not None:
                 seq.state_slot = self.free_state_slots.pop()
             seq.num_computed_tokens, seq.num_cached_blocks = num_cached, hit.num_blocks
             if seq.num_cached_tokens is None:

@@ -15,7 +15,7 @@ import torch
 import models.hybrid as hybrid
 from afd import LLM
 from afd.config import bytes_per_block, state_bytes
-from ckpt_utils import (greedy_tokens as tokens, hf_greedy, mixed_prompts, oracle_case,
+from ckpt_utils import (greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts, oracle_case,
                         ORACLE_LENGTHS, ORACLE_NEW_TOKENS, save_checkpoint)
 from models.config import load_config
 from test_oracle_variants import assert_matches
@@ -232,3 +232,41 @@ def test_prefix_caching_is_off(next_case):
     assert tokens(llm, [prompts[2]]) == [expected[2][0]]
     assert tokens(llm, [prompts[2]]) == [expected[2][0]]
     assert llm.engine.core.stats()[0].prefix_cache_hits == 0
+
+
+def test_aborted_mid_prompt_frees_its_slot(next_case):
+    """An abort between two chunks of a prompt gives its slot back; the slot's next owner (a
+    fresh prompt) starts from a zero state, not from the aborted one's."""
+    from afd import SamplingParams
+
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_seqs=1, max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request("gone", {"prompt_token_ids": prompts[2]},
+                       SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()  # its first 16 tokens: the slot holds their state
+    assert engine.core.scheduler.free_state_slots == []
+    engine.abort_request("gone")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.core.scheduler.free_state_slots == [0]
+    assert tokens(llm, [prompts[1]]) == [expected[1][0]]
+
+
+def test_bf16_logits_close_to_transformers_bf16(next_case):
+    """In bf16 (the conv state in bf16, the recurrent state fp32): the first logits of each
+    prompt within 3% (relative to the largest) of transformers' own bf16 run, which is itself
+    2-7% from fp32 on this random model."""
+    import copy
+
+    from test_oracle import capture_logits
+
+    model, path, prompts, _ = next_case
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    llm = LLM(path, dtype="bfloat16")
+    seen = capture_logits(llm)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(1), use_tqdm=False)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want = model(torch.tensor([p])).logits[0, -1].float()
+        assert (seen[str(i)][0] - want).abs().max() / want.abs().max() < 0.03, i
