@@ -113,6 +113,30 @@ def test_kv_memory_counts_the_states(next_case):
                               max_model_len=256, device="cpu")
 
 
+def test_device_memory_sizing_pays_for_the_states(next_case, monkeypatch):
+    """Sized from a GPU's memory (faked): the states of max_num_seqs sequences come off the
+    budget before the blocks, and are named when too little is left."""
+    import json
+
+    from afd.config import resolve_engine_config
+    from afd.kv_memory import FAKE_MEMORY_ENV, activation_reserve, kv_blocks_from_memory
+
+    path = next_case[1]
+    model_cfg = load_config(path)
+    engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_num_seqs=8,
+                                   max_model_len=256, device="cpu")
+    per_block = bytes_per_block(model_cfg, 16, torch.float32, mtp=False)
+    need = (activation_reserve(model_cfg, engine) + state_bytes(model_cfg, torch.float32, 8)
+            + 100 * per_block + per_block // 2)
+    mem = {"total": 64 * 2**30, "free": need, "in_use": 0}
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
+    assert kv_blocks_from_memory(engine, model_cfg, torch.device("cpu"), "single") == 100
+    mem["free"] = need - 90 * per_block  # 10 blocks: fewer than one max_model_len of 16
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
+    with pytest.raises(ValueError, match="linear-attention states for max_num_seqs=8"):
+        kv_blocks_from_memory(engine, model_cfg, torch.device("cpu"), "single")
+
+
 def test_qwen3_next_matches_transformers(next_case):
     _, path, prompts, expected = next_case
     assert_matches(path, expected, prompts)
