@@ -172,13 +172,13 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     result as n ``delta_rule_step`` calls. q, k [n, h, dk] (normed, q scaled); v [n, h, dv];
     g, beta [n, h]; state [h, dk, dv]. Returns (out [n, h, dv], the state after the n tokens).
 
-    Within a chunk of L tokens with cumulative log decay G (G_i = g_1 + .. + g_i), the L delta
-    updates fold into one triangular solve: with D_ij = exp(G_i - G_j) (i >= j),
-    (I + strictly_lower((beta k) k^T * D)) U = beta v and ... W = beta k exp(G), the chunk's
-    corrected values are U - W S0 (S0: the state entering it), its outputs
-    (q exp(G)) S0 + ((q k^T * D) masked causal) (U - W S0), and the state leaving it
-    exp(G_L) S0 + (k exp(G_L - G))^T (U - W S0). Padding tokens (k = v = 0, g = 0) change
-    nothing."""
+    Within a chunk of L tokens with cumulative log decay G (G_i = g_1 + .. + g_i) the L delta
+    updates fold into two triangular solves: with D_ij = exp(G_i - G_j) for i >= j (0 above)
+    and T = I + strictly_lower((beta k) k^T * D), U = T^-1 (beta v) and
+    W = T^-1 (beta k exp(G)); the chunk's corrected values are U - W S0 (S0: the state
+    entering it), its outputs (q exp(G)) S0 + ((q k^T) * D) (U - W S0), and the state
+    leaving it exp(G_L) S0 + (k exp(G_L - G))^T (U - W S0). Padding tokens (k = v = 0, g = 0)
+    change nothing."""
     n = q.shape[0]
     pad = -n % chunk
     # [h, chunks, L, .]

@@ -64,6 +64,28 @@ def q35_vl_case(tmp_path_factory):
     return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]
 
 
+@pytest.mark.parametrize("n, chunk", [(1, 64), (37, 64), (64, 16), (100, 16), (100, 64)])
+def test_chunked_delta_rule_equals_the_recurrent_steps(n, chunk):
+    """The chunked rule (prefill) against n single steps (decode), from a nonzero state, over
+    lengths that fill no chunk, exactly one, and several with a ragged last."""
+    gen = torch.Generator().manual_seed(n * 100 + chunk)
+    h, dk, dv = 3, 8, 5
+    q = hybrid.l2_normed(torch.randn(n, h, dk, generator=gen)) * dk**-0.5
+    k = hybrid.l2_normed(torch.randn(n, h, dk, generator=gen))
+    v = torch.randn(n, h, dv, generator=gen)
+    g = -torch.rand(n, h, generator=gen) * 0.3
+    beta = torch.rand(n, h, generator=gen)
+    state0 = torch.randn(h, dk, dv, generator=gen)
+    out, state = hybrid.delta_rule_chunked(q, k, v, g, beta, state0, chunk)
+    step_state, want = state0[None], []
+    for t in range(n):
+        o, step_state = hybrid.delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1],
+                                               beta[t:t + 1], step_state)
+        want.append(o[0])
+    torch.testing.assert_close(out, torch.stack(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, step_state[0], atol=1e-5, rtol=1e-5)
+
+
 def test_config_and_state_sizing(next_case, q35_case):
     """The layer types, the linear layers' heads and projections reach afd's config; the
     linear layers cache no KV (a block counts the full layers' K and V only) and a sequence's
