@@ -316,3 +316,27 @@ def test_bf16_logits_close_to_transformers_bf16(next_case):
         with torch.no_grad():
             want = model(torch.tensor([p])).logits[0, -1].float()
         assert (seen[str(i)][0] - want).abs().max() / want.abs().max() < 0.03, i
+
+
+def test_parallel_samples_each_take_a_slot(next_case):
+    """n=2 greedy: two sequences of one prompt, each with its own state slot, both
+    transformers' tokens."""
+    from afd import SamplingParams
+
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_batched_tokens=32)
+    out = llm.generate([{"prompt_token_ids": prompts[1]}],
+                       SamplingParams(n=2, temperature=0.0, max_tokens=ORACLE_NEW_TOKENS,
+                                      ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [expected[1][0]] * 2
+
+
+def test_two_attention_ranks_and_an_ffn_rank(next_case):
+    """2 attention ranks (each its own KV pool and state slots) + 1 FFN rank: transformers'
+    tokens for prompts placed on both."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, attention=2, ffn=1, timeout_s=60, max_num_batched_tokens=32)
+    try:
+        assert tokens(llm, prompts + prompts[:1]) == [t for t, _ in expected + expected[:1]]
+    finally:
+        llm.shutdown()
