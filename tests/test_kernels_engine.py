@@ -21,7 +21,10 @@ tiny DeepSeek-V4 of ``ckpt_utils`` (a swiglu_limit of 1 that clamps): its routed
 decode rows' attention and CSA index scores (``kernels.v4_decode_triton``: window + entries,
 sinks) are its Triton paths; ``v4graph`` the same with its decode steps through afd.cuda_graphs'
 path (eagerly), its decode rows' static path (every entry the table's width holds). The
-``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
+``qwen3_next`` case is the tiny Qwen3-Next of ``ckpt_utils`` (models.hybrid): its full
+layer's GQA kernels (rotary over a quarter of each head's dims) and routed experts through
+Triton, its zero-centred norms and linear-attention layers in torch. The ``+fp8kv`` cases
+do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
 
@@ -76,6 +79,9 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
           # fp32-weight norms torch
           "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn not in ("fused_moe_triton", *V4))}
 UNUSED["minimax"] = UNUSED["qwen3"]
+# Qwen3-Next (models.hybrid): its GQA kernels, rotary over a quarter of each head's dims and
+# its routed experts are Triton; its zero-centred norms and linear-attention layers torch
+UNUSED["qwen3_next"] = (*UNUSED["qwen3"], "rms_norm_triton")
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 UNUSED["v4graph"] = UNUSED["v4"]
@@ -120,13 +126,14 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name in ("qwen3", "minimax", "v32", "v32sparse", "v32sparse_eager", "glm5",
+        if name in ("qwen3", "minimax", "qwen3_next", "v32", "v32sparse", "v32sparse_eager", "glm5",
                     "glm5sparse", "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import build_hf_model, save_checkpoint
 
             model = (build_hf_model("qwen3_moe") if name == "qwen3"
                      else build_hf_model("minimax_m2") if name == "minimax"
+                     else build_hf_model("qwen3_next") if name == "qwen3_next"
                      else build_hf_model("deepseek_v4") if name.startswith("v4")
                      else build_hf_model("glm_moe_dsa" if name.startswith("glm5")
                                          else "deepseek_v32",
@@ -137,7 +144,8 @@ def interpreter_case(name: str, seed: int) -> dict:
                 graphs = {"enforce_eager": False, "max_model_len": 64}
         llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
                   **graphs)
-        fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches} == {torch.float8_e4m3fn}
+        fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches
+               if isinstance(c, torch.Tensor)} == {torch.float8_e4m3fn}  # (not linear states)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens = {}
         for backend in ("torch", "triton"):
@@ -149,9 +157,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "mtp", "v32", "v32sparse",
-                                  "v32sparse_eager", "glm5", "glm5sparse", "v4", "v4graph",
-                                  "greedy+fp8kv",
+@pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "qwen3_next", "mtp", "v32",
+                                  "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
+                                  "v4graph", "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
                                   "glm5+fp8kv", "glm5sparse+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
