@@ -94,11 +94,12 @@ KIMI_K25 = dict(
     renames=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
              ("model.language_model.", "model."), ("model.blocks.", "model.layers.")),
     skipped=("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector."),
+    text_model_type="deepseek_v3",
 )
 # Qwen3.5-MoE's vision-language checkpoint (transformers' Qwen3_5MoeForConditionalGeneration):
 # model.language_model.*, lm_head.*, the vision tower model.visual.*, the MTP layer mtp.*
 QWEN3_5_MOE = dict(renames=(("model.language_model.", "model."),),
-                   skipped=("model.visual.", "mtp."))
+                   skipped=("model.visual.", "mtp."), text_model_type="qwen3_5_moe_text")
 LANGUAGE_MODEL_WRAPPERS = {"KimiK25ForConditionalGeneration": KIMI_K25,
                            "Kimi_K25ForConditionalGeneration": KIMI_K25, "kimi_k25": KIMI_K25,
                            "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE,
@@ -576,7 +577,8 @@ def _language_model_config(raw: dict[str, Any], wrapper: dict[str, Any]) -> Mode
                          f"{text!r}")
     text = dict(text)
     if not text.get("architectures") and text.get("model_type") in (None, "kimi_k2"):
-        text["model_type"] = "deepseek_v3"
+        # the language model's code where text_config does not name it (Kimi K2.5: kimi_k2)
+        text["model_type"] = wrapper["text_model_type"]
     text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
     for key in ("quantization_config", "dtype", "torch_dtype", "bos_token_id", "eos_token_id"):
         if text.get(key) is None and raw.get(key) is not None:

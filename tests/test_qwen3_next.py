@@ -183,6 +183,18 @@ def test_qwen3_5_moe_vision_language_checkpoint(q35_vl_case):
     assert_matches(path, expected, prompts)
 
 
+def test_vision_language_config_without_a_text_model_type():
+    """A Qwen3.5-MoE wrapper whose text_config names no model_type runs Qwen3.5's language
+    model (not DeepSeek-V3, Kimi K2.5's default)."""
+    from ckpt_utils import CONFIGS
+    from models.config import config_from_dict
+
+    cfg = config_from_dict(dict(architectures=["Qwen3_5MoeForConditionalGeneration"],
+                                model_type="qwen3_5_moe", text_config=CONFIGS["qwen3_5_moe_text"]))
+    assert (cfg.architecture, cfg.model_type) == ("qwen3_5_moe_text", "qwen3_5_moe")
+    assert cfg.linear_attn.linear_layers == (0, 2, 3) and cfg.weight_skipped[0] == "model.visual."
+
+
 def test_image_input_refused(q35_vl_case):
     from afd.engine import ParamError
 
