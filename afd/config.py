@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import torch
 
 from afd.spec_decode import SpecConfig, parse_speculative_config
 from models.config import MTP_ARCHITECTURES, OTHER_MTP_MODULES, ModelConfig, parse_dtype
+
+log = logging.getLogger("afd.config")
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,10 @@ def resolve_engine_config(
     if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
         enforce_eager = _hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager,
                                             kv_offload_gb)
-        enable_prefix_caching = False  # docs/limits.md#hybrid
+        if enable_prefix_caching:
+            log.info("prefix caching off for %s: a cached block holds KV, not its linear "
+                     "layers' state (docs/limits.md#hybrid)", model_cfg.architecture)
+        enable_prefix_caching = False
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:
