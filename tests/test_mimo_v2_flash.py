@@ -344,3 +344,85 @@ def test_no_cuda_graphs_and_activation_reserve(mimo):
     assert step_activations(cfg, engine, 64, 4, prefill=True) > reserve
     other = SimpleNamespace(attention="gqa")
     assert window_activations(other, engine) == 0
+
+
+class _LiveBytes:
+    """A dispatch mode counting the bytes of every tensor the ops under it allocate and hold
+    (storages, once each; ``inputs``' own storages and views of them not counted): ``peak``."""
+
+    def __init__(self, *inputs):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                owner.saw(out)
+                return out
+
+        self.mode = Mode()
+        self.skip = {t.untyped_storage()._cdata for t in inputs if t is not None}
+        self.live: dict[int, tuple] = {}
+        self.peak = 0
+
+    def saw(self, out) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s._cdata not in self.skip and s._cdata not in self.live:
+                    self.live[s._cdata] = (StorageWeakRef(s), s.nbytes())
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+
+
+def _peak_bytes(cfg, layer: int, query_lens: list[int], context_lens: list[int],
+                dtype=torch.bfloat16, block: int = 4) -> int:
+    """What window_attention_torch holds at most over one of ``cfg``'s layers' rows."""
+    sliding = cfg.mimo.sliding(layer)
+    kv_heads = cfg.mimo.swa_num_kv_heads if sliding else cfg.num_kv_heads
+    gen = torch.Generator().manual_seed(layer)
+    need = [-(-n // block) for n in context_lens]
+    cache = torch.randn(sum(need), block, cfg.layer_kv_cache_dim(layer), generator=gen).to(dtype)
+    tables = torch.zeros(len(need), max(need), dtype=torch.int32)
+    first = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.arange(first, first + n)
+        first += n
+    q = torch.randn(sum(query_lens), cfg.num_heads, cfg.head_dim, generator=gen).to(dtype)
+    sinks = torch.randn(cfg.num_heads, generator=gen).to(dtype) if sliding else None
+    counter = _LiveBytes(q, cache, tables, sinks)
+    with counter.mode:
+        window_attention_torch(q, cache, tables, query_lens, context_lens, kv_heads,
+                               cfg.v_head_dim, cfg.attention_scale,
+                               cfg.mimo.sliding_window if sliding else None, sinks)
+    return counter.peak
+
+
+def test_torch_path_memory_within_the_reserve(monkeypatch):
+    """Every tensor kernels.window_attention allocates (counted by a dispatch mode), at the
+    release's head dims with the pieces bound cut to 2^12 scores so that max_model_len's rows
+    outweigh it: a decode row over max_model_len positions on a full layer, 24 decode rows of
+    mixed lengths, prefill chunks over the whole context, on both layer kinds; the peak stays
+    within window_activations' reserve, and the single decode row alone exceeds a reserve of
+    the scores' pieces only (rows sized by MAX_SCORES, not max_model_len)."""
+    import kernels.window_attention as module
+
+    monkeypatch.setattr(module, "MAX_SCORES", 1 << 12)
+    cfg = config_from_dict({**RELEASE, "sliding_window_size": 7})  # full 0, 5; sliding others
+    engine = SimpleNamespace(max_model_len=96, max_num_batched_tokens=32,
+                             cache_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    reserve = window_activations(cfg, engine)
+    lengths = [96 - 4 * i for i in range(24)]
+    peaks = {}
+    for layer in (0, 1):
+        peaks[layer, "decode"] = _peak_bytes(cfg, layer, [1], [96])
+        peaks[layer, "decodes"] = _peak_bytes(cfg, layer, [1] * 24, lengths)
+        peaks[layer, "prefill"] = _peak_bytes(cfg, layer, [32, 1, 17], [96, 40, 17])
+    print({k: v / reserve for k, v in peaks.items()})
+    assert max(peaks.values()) <= reserve
+    scores_only = 4 * (1 << 12) * 4 + (1 << 12) * (2 + 8)
+    assert peaks[0, "decode"] > scores_only
