@@ -873,12 +873,15 @@ def _mimo_ropes(raw: dict[str, Any], head_dim: int) -> tuple[RopeConfig, RopeCon
     """MiMo-V2-Flash's full and sliding layers' ropes: ``rope_parameters``' "full_attention"
     and "sliding_attention" entries (transformers), or the release's rope_theta /
     swa_rope_theta / partial_rotary_factor; defaults transformers' (thetas 5e6 and 1e4, 0.334
-    of head_dim rotated, GPT-NeoX pairs)."""
+    of head_dim rotated, GPT-NeoX pairs). With the release's spelling a ``rope_scaling`` applies
+    to the full layers' rope alone (as transformers' conversion of the release's config.json
+    folds it)."""
     params = raw.get("rope_parameters")
     if params is None:
         factor = float(_first(raw, "partial_rotary_factor", default=0.334))
         params = {"full_attention": {"rope_theta": _first(raw, "rope_theta", default=5e6),
-                                     "partial_rotary_factor": factor},
+                                     "partial_rotary_factor": factor,
+                                     **(raw.get("rope_scaling") or {})},
                   "sliding_attention": {"rope_theta": _first(raw, "swa_rope_theta",
                                                              default=1e4),
                                         "partial_rotary_factor": factor}}

@@ -249,6 +249,20 @@ def test_release_spelled_config():
     assert config_from_dict({**RELEASE, "attention_value_scale": None}).mimo.value_scale == 1.0
 
 
+def test_release_rope_scaling_reaches_the_full_layers():
+    """The release's spelling with a ``rope_scaling`` (YaRN here): the full layers' rope is
+    scaled, the sliding layers' is not (transformers' conversion of the release's config.json
+    folds rope_scaling into rope_parameters["full_attention"] alone); it was dropped."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 65536,
+            "beta_fast": 32, "beta_slow": 1}
+    cfg = config_from_dict({**RELEASE, "rope_scaling": yarn})
+    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta, cfg.rope.dim) == (
+        "yarn", 4.0, 5e6, 64)
+    assert cfg.rope.original_max_position_embeddings == 65536
+    assert (cfg.mimo.swa_rope.kind, cfg.mimo.swa_rope.theta) == ("default", 1e4)
+    assert config_from_dict({**RELEASE, "rope_scaling": None}).rope.kind == "default"
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(hybrid_layer_pattern=[0, 1]), ValueError, "hybrid_layer_pattern must name"),
     (dict(hybrid_layer_pattern=None, layer_types=["full_attention"] * 7 + ["chunked"]),
