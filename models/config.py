@@ -803,7 +803,13 @@ def _mimo_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, n
         raise ValueError(f"{arch}: {field_name} must name one of {MIMO_LAYER_TYPES} (or 0 / 1) "
                          f"for each of the {num_layers} layers, got {raw.get(field_name)!r}")
     mlp = raw.get("mlp_layer_types")
-    if mlp is None and isinstance(raw.get("moe_layer_freq"), list):
+    freq = raw.get("moe_layer_freq")
+    if mlp is None and freq is not None and not isinstance(freq, list):
+        # DeepSeek's spelling (an int: every n-th layer) means nothing here: vLLM reads an int
+        # as no MoE layer at all, transformers' conversion of the release fails on it
+        raise ValueError(f"{arch}: moe_layer_freq must list 0 (dense) or 1 (sparse) for each "
+                         f"of the {num_layers} layers, got {freq!r}")
+    if mlp is None and isinstance(freq, list):
         mlp = [{0: "dense", 1: "sparse"}.get(int(f), f) if isinstance(f, (int, bool)) else f
                for f in raw["moe_layer_freq"]]
     if mlp is None:  # transformers' default: one dense layer first

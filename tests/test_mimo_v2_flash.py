@@ -268,6 +268,7 @@ def test_release_rope_scaling_reaches_the_full_layers():
     (dict(hybrid_layer_pattern=None, layer_types=["full_attention"] * 7 + ["chunked"]),
      ValueError, "layer_types must name"),
     (dict(moe_layer_freq=None, mlp_layer_types=["dense"] * 3), ValueError, "mlp_layer_types"),
+    (dict(moe_layer_freq=1), ValueError, r"moe_layer_freq must list 0 \(dense\) or 1"),
     (dict(swa_num_key_value_heads=2), ValueError, "swa_num_key_value_heads=2 must be 4"),
     (dict(swa_v_head_dim=64), ValueError, "swa_v_head_dim=64 must be 128"),
     (dict(num_key_value_heads=3, swa_num_key_value_heads=None), ValueError,
