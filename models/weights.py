@@ -355,7 +355,8 @@ def load_weights(model: MoEModel, path: str) -> None:
                         tensor, scale = quantize_blocks(tensor, cfg.expert_fp8_block)
                 elif dest.dtype != torch.float8_e4m3fn:
                     tensor = _read(f, name, files, stored,
-                                   cfg.fp8.block_size if cfg.fp8 else None, model.dtype)
+                                   cfg.fp8.block_size if cfg.fp8 else None, model.dtype,
+                                   _scale_head_rows(cfg, name))
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
                     tensor, scale = quantize_blocks(_get_tensor(f, stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
@@ -378,16 +379,18 @@ def load_weights(model: MoEModel, path: str) -> None:
 
 
 def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
-          block: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+          block: tuple[int, int] | None, dtype: torch.dtype,
+          head_rows: int | None = None) -> torch.Tensor:
     """Checkpoint tensor ``name`` (``files`` / ``stored``: by the causal LM's names, see
-    ``stored_names``), dequantized where it is FP8."""
+    ``stored_names``), dequantized where it is FP8 (``head_rows``: see ``_dequantize``)."""
     tensor = _get_tensor(f, stored[name])
     try:
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             tensor, scale = _read_with_scale(f, name, files, stored)
             if scale.dtype == torch.float8_e8m0fnu:  # DeepSeek-V4's ue8m0 block scales
                 scale = quant_mx.e8m0_to_float(scale, stored[name])
-            tensor = dequantize_blocks(tensor, scale, block or (128, 128), dtype)
+            tensor = _dequantize(tensor, scale, block or (128, 128), dtype, stored[name],
+                                 head_rows)
         elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
             tensor, scale = _read_with_scale(f, name, files, stored)
             tensor = quant_mx.dequantize_mxfp4(tensor, scale, dtype, stored[name])
@@ -398,6 +401,45 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
     except quant_mx.MxFormatError as e:
         raise WeightLoadError(str(e)) from None
     return tensor
+
+
+def _scale_head_rows(cfg, name: str) -> int | None:
+    """The rows of one head of ``name``'s output where its FP8 block scales may restart at each
+    head (``_dequantize``): MiMo-V2-Flash's q/k/v projections (head_dim, v_head_dim); else
+    None."""
+    if cfg.attention == "mimo":
+        m = re.search(r"\.self_attn\.([qkv])_proj\.weight$", name)
+        if m:
+            return cfg.v_head_dim if m.group(1) == "v" else cfg.head_dim
+    return None
+
+
+def _dequantize(tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                dtype: torch.dtype, source: str, head_rows: int | None) -> torch.Tensor:
+    """FP8 ``tensor`` [..., N, K] times its block scales, in ``dtype``. The scales tile the
+    tensor in ``block`` blocks: [..., ceil(N/bn), ceil(K/bk)] (DeepSeek-V3's release); or,
+    with ``head_rows`` h not a multiple of bn, a grid that restarts at each head's first row,
+    [N/h * ceil(h/bn), ceil(K/bk)] (MiMo-V2-Flash's release, quantized per attention head:
+    its full layers' k_proj, 4 heads of 192 rows, has 8 scale rows where a global grid has
+    6). Any other shape: WeightLoadError naming the tensor (a grid with rows to spare was
+    read as a global one, silently)."""
+    rows, cols = tensor.shape[-2:]
+    bn, bk = block
+    grid = (-(-rows // bn), -(-cols // bk))
+    if tuple(scale.shape[-2:]) == grid:
+        return dequantize_blocks(tensor, scale, block, dtype)
+    per_head = None
+    if head_rows and rows % head_rows == 0 and head_rows % bn:
+        heads = rows // head_rows
+        per_head = (heads * -(-head_rows // bn), grid[1])
+        if tuple(scale.shape[-2:]) == per_head and tensor.dim() == 2:
+            return dequantize_blocks(tensor.view(heads, head_rows, cols),
+                                     scale.view(heads, -1, grid[1]), block,
+                                     dtype).view(rows, cols)
+    also = (f", or {list(per_head)} restarting at each {head_rows}-row head"
+            if per_head else "")
+    raise WeightLoadError(f"{source}: block scales of shape {list(scale.shape)} do not tile its "
+                          f"{rows}x{cols} weight in {bn}x{bk} blocks (want {list(grid)}{also})")
 
 
 def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]

@@ -207,6 +207,70 @@ def test_mtp_refused(mimo):
         edit_config(path, num_nextn_predict_layers=None)
 
 
+def _fp8_per_head(w: torch.Tensor, head_rows: int, block: int):
+    """``w`` FP8-quantized one head (``head_rows`` rows) at a time, as MiMo-V2-Flash's release
+    stores its attention projections: (fp8 weight, scales [heads * ceil(h/block), ..], the
+    weight they stand for, by hand)."""
+    from kernels.fp8 import quantize_blocks
+
+    heads, cols = w.shape[0] // head_rows, w.shape[1]
+    q, scale = quantize_blocks(w.view(heads, head_rows, cols), (block, block))
+    per_head = scale.shape[1]
+    scale = scale.reshape(heads * per_head, -1)
+    rows = torch.arange(w.shape[0])
+    scale_rows = rows // head_rows * per_head + rows % head_rows // block
+    full = scale[scale_rows][:, torch.arange(cols) // block]
+    q = q.reshape(w.shape)
+    return q, scale, q.float() * full
+
+
+def test_fp8_scales_restarting_at_each_head(mimo, tmp_path):
+    """The release's FP8 attention projections carry block scales whose grid restarts at each
+    head (192-row heads, 128-row blocks: a full layer's k_proj has 8 scale rows where a grid
+    over the whole tensor has 6). Here: heads of 24 rows, blocks of 16, every q/k/v_proj so
+    quantized (a sliding layer's k_proj: 4 scale rows, not 3): afd's weights equal those
+    dequantized by hand, head by head (the loader read the grid as a global one, silently);
+    a grid of neither shape is refused naming the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from models.weights import WeightLoadError, load_model
+
+    src, block = mimo[1], 16
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    fp8, ref = dict(tensors), dict(tensors)
+    restarted = 0
+    for name, w in tensors.items():
+        kind = name.rsplit(".", 2)[-2] if ".self_attn." in name else None
+        if kind in ("q_proj", "k_proj", "v_proj"):
+            head_rows = CONFIG["v_head_dim"] if kind == "v_proj" else CONFIG["head_dim"]
+            q, scale, ref[name] = _fp8_per_head(w, head_rows, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            restarted += scale.shape[0] != -(-w.shape[0] // block)
+    assert restarted == 4 + 3  # every q_proj; the sliding layers' k_proj
+    folders = {}
+    for label, data in (("fp8", fp8), ("ref", ref)):
+        folder = tmp_path / label
+        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(data, str(folder / "model.safetensors"))
+        folders[label] = str(folder)
+    edit_config(folders["fp8"], quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [block, block]})
+    got = dict(load_model(folders["fp8"]).named_parameters())
+    want = dict(load_model(folders["ref"]).named_parameters())
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    name = "model.layers.0.self_attn.q_proj.weight"
+    fp8[name + "_scale_inv"] = fp8[name + "_scale_inv"][:7]
+    save_file(fp8, os.path.join(folders["fp8"], "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"layers\.0\.self_attn\.q_proj\.weight: block "
+                                              r"scales of shape \[7, 4\] do not tile"):
+        load_model(folders["fp8"])
+
+
 RELEASE = dict(  # config.json as the release spells it (sizes cut down)
     architectures=["MiMoV2FlashForCausalLM"], model_type="mimo_v2_flash", vocab_size=1024,
     hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
