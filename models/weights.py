@@ -419,10 +419,11 @@ def _dequantize(tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
     """FP8 ``tensor`` [..., N, K] times its block scales, in ``dtype``. The scales tile the
     tensor in ``block`` blocks: [..., ceil(N/bn), ceil(K/bk)] (DeepSeek-V3's release); or,
     with ``head_rows`` h not a multiple of bn, a grid that restarts at each head's first row,
-    [N/h * ceil(h/bn), ceil(K/bk)] (MiMo-V2-Flash's release, quantized per attention head:
-    its full layers' k_proj, 4 heads of 192 rows, has 8 scale rows where a global grid has
-    6). Any other shape: WeightLoadError naming the tensor (a grid with rows to spare was
-    read as a global one, silently)."""
+    [N/h * ceil(h/bn), ceil(K/bk)] (MiMo-V2-Flash's release, as third-party loaders describe
+    its headers: its full layers' k_proj, 4 heads of 192 rows, has 8 scale rows where a
+    global grid has 6, its other projections global grids; not checked against the release's
+    files here). Any other shape: WeightLoadError naming the tensor (a grid with rows to
+    spare was read as a global one, silently)."""
     rows, cols = tensor.shape[-2:]
     bn, bk = block
     grid = (-(-rows // bn), -(-cols // bk))
