@@ -505,3 +505,41 @@ def test_torch_path_memory_within_the_reserve(monkeypatch):
     assert max(peaks.values()) <= reserve
     scores_only = 4 * (1 << 12) * 4 + (1 << 12) * (2 + 8)
     assert peaks[0, "decode"] > scores_only
+
+
+def test_fp8_kv_cache_is_the_fp32_model_with_its_rows_rounded(mimo, monkeypatch):
+    """kv_cache_dtype='fp8' (e4m3 at scale 1.0, as for the other GQA models): token- and
+    logprob-identical to an fp32 cache whose rows (keys, and values already scaled) are
+    rounded through FP8 as they are written, over chunked prefill, preemption and prefix-cache
+    hits of both layer kinds' rows; not vacuous (the plain fp32 cache's logprobs differ)."""
+    import models.mimo_v2_flash as mimo_module
+    from afd import SamplingParams
+    from kernels.fp8 import FP8_DTYPE, to_kv_cache
+
+    path, prompts = mimo[1], mimo[2]
+    batch = [{"prompt_token_ids": p} for p in prompts + [prompts[3][:40] + [7, 8, 9]]]
+    small = dict(block_size=4, num_kv_blocks=30, max_model_len=112, max_num_batched_tokens=16,
+                 enable_prefix_caching=True, seed=0)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+
+    def run(llm):
+        outs = llm.generate(batch, params, use_tqdm=False)
+        return ([o.outputs[0].token_ids for o in outs],
+                [[{t: e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]
+                 for o in outs])
+
+    llm = LLM(path, kv_cache_dtype="fp8", **small)
+    assert {c.dtype for c in llm.engine.core.runner.kv_caches} == {FP8_DTYPE}
+    got, got_lp = run(llm)
+    assert llm.engine.core.stats()[0].num_preemptions > 0
+    assert llm.engine.core.prefix_cache_stats().hits > 0
+    plain_lp = run(LLM(path, **small))[1]
+    monkeypatch.setattr(mimo_module, "to_kv_cache",
+                        lambda x, dtype: to_kv_cache(x, FP8_DTYPE).to(dtype))
+    want, want_lp = run(LLM(path, **small))
+    assert got == want
+    diffs = [abs(a[t] - b[t]) for x, y in zip(got_lp, want_lp) for a, b in zip(x, y) for t in a]
+    assert max(diffs) < 1e-5
+    plain = [abs(a[t] - b[t]) for x, y in zip(got_lp, plain_lp) for a, b in zip(x, y)
+             for t in a.keys() & b.keys()]
+    assert max(plain) > 1e-6, "the FP8 cache rounded nothing"
