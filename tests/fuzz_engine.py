@@ -411,6 +411,10 @@ class KVWatch:
                 continue
             kv = gather_kv(self.caches, token_slots(seq.block_ids, n, size,
                                                     self.caches[0].device))
+            if kv.dim() == 1:  # layers of different widths: flat, layer after layer
+                widths = [c.shape[-1] for c in self.caches]
+                kv = torch.cat([rows.view(n, w) for rows, w in zip(
+                    kv.split([n * w for w in widths]), widths, strict=True)], dim=1)[None]
             blocks = tuple(seq.block_ids[:-(-n // size)])
             old = self.seqs.get(id(seq))
             if old is not None and old[0] is seq and old[1] == seq.metrics.num_preemptions:

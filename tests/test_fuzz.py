@@ -40,6 +40,9 @@ from fuzz_scheduler import SimCore, run_sim
 SEEDS = [4, 18, 66]
 PD_SEEDS = [40, 106]
 QWEN_SEEDS = [15]
+# MiMo-V2-Flash (layers of two cache widths, a window of 8): 9, blocks of 4, one-token chunks,
+# n-gram drafts, prefix caching; 14, one-token blocks, chunks of 7
+MIMO_SEEDS = [9, 14]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 SIM_SEEDS = range(24)
 
@@ -64,6 +67,20 @@ def test_single_process(v3, seed):
 @pytest.mark.parametrize("seed", QWEN_SEEDS)
 def test_single_process_gqa(qwen, seed):
     assert run_case(seed, qwen, mtp_ok=False).compared
+
+
+@pytest.fixture(scope="module")
+def mimo(tmp_path_factory):
+    from test_mimo_v2_flash import build_hf_model as build_mimo
+
+    return save_checkpoint(build_mimo(), str(tmp_path_factory.mktemp("fuzz-mimo")))
+
+
+@pytest.mark.parametrize("seed", MIMO_SEEDS)
+def test_single_process_layers_of_two_widths(mimo, seed):
+    """MiMo-V2-Flash's caches (a sliding layer's rows twice a full layer's): the KV watch
+    reads a sequence's computed rows across layers of different widths."""
+    assert run_case(seed, mimo, mtp_ok=False).compared
 
 
 @pytest.mark.parametrize("seed", PD_SEEDS)
