@@ -543,3 +543,28 @@ def test_fp8_kv_cache_is_the_fp32_model_with_its_rows_rounded(mimo, monkeypatch)
     plain = [abs(a[t] - b[t]) for x, y in zip(got_lp, plain_lp) for a, b in zip(x, y)
              for t in a.keys() & b.keys()]
     assert max(plain) > 1e-6, "the FP8 cache rounded nothing"
+
+
+def test_host_tier_restores_rows_of_both_widths(mimo):
+    """The prefix cache's host tier (kv_offload_gb): a 100-token prompt's blocks, evicted from
+    a pool of 9 blocks of 16 by two other prompts, come back from host memory (rows of both
+    layer widths) and give transformers' tokens again."""
+    _, path, prompts, expected = mimo
+    cfg = load_config(path)
+    gen = torch.Generator().manual_seed(3)
+    others = [torch.randint(2, VOCAB, (100,), generator=gen).tolist() for _ in range(2)]
+    llm = LLM(path, block_size=16, num_kv_blocks=9, max_model_len=128,
+              enable_prefix_caching=True,
+              kv_offload_gb=32 * bytes_per_block(cfg, 16, torch.float32, mtp=False) / 2**30)
+    try:
+        want = expected[3][0]
+        assert tokens(llm, [prompts[3]]) == [want]
+        for p in others:
+            tokens(llm, [p])
+        core = llm.engine.core
+        before = core.prefix_cache_stats().host_hits
+        out = llm.generate([{"prompt_token_ids": prompts[3]}], greedy(), use_tqdm=False)[0]
+        assert core.prefix_cache_stats().host_hits - before == 96 == out.num_cached_tokens
+        assert out.outputs[0].token_ids == want
+    finally:
+        llm.shutdown()
