@@ -327,6 +327,39 @@ def test_release_rope_scaling_reaches_the_full_layers():
     assert config_from_dict({**RELEASE, "rope_scaling": None}).rope.kind == "default"
 
 
+def test_defaults_are_transformers():
+    """Where config.json is silent, transformers' MiMoV2FlashConfig defaults, read from it:
+    sizes the engine needs given, every MiMo and routing field left out (and rope_parameters
+    entries without a partial_rotary_factor: transformers' 0.334)."""
+    import transformers as tf
+
+    want = tf.MiMoV2FlashConfig(num_hidden_layers=12)
+    raw = dict(architectures=["MiMoV2FlashForCausalLM"], model_type="mimo_v2_flash",
+               vocab_size=1024, hidden_size=256, num_hidden_layers=12, num_attention_heads=64,
+               n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+               intermediate_size=512)
+    cfg = config_from_dict(raw)
+    assert cfg.mimo.layer_types == tuple(want.layer_types)
+    assert cfg.moe_layers == tuple(i for i, t in enumerate(want.mlp_layer_types)
+                                   if t == "sparse")
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim) == (
+        want.num_key_value_heads, want.head_dim, want.v_head_dim)
+    assert (cfg.mimo.sliding_window, cfg.mimo.value_scale) == (
+        want.sliding_window, want.attention_value_scale)
+    assert (cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group) == (
+        want.norm_topk_prob, want.routed_scaling_factor, want.n_group, want.topk_group)
+    assert (cfg.rms_norm_eps, cfg.max_position_embeddings) == (
+        want.rms_norm_eps, want.max_position_embeddings)
+    for rope, kind in ((cfg.rope, "full_attention"), (cfg.mimo.swa_rope, "sliding_attention")):
+        entry = want.rope_parameters[kind]
+        assert (rope.theta, rope.dim) == (
+            entry["rope_theta"], int(want.head_dim * entry["partial_rotary_factor"]))
+    bare = {k: {"rope_type": "default", "rope_theta": 1e4} for k in ("full_attention",
+                                                                    "sliding_attention")}
+    cfg = config_from_dict({**raw, "rope_parameters": bare})
+    assert cfg.rope.dim == cfg.mimo.swa_rope.dim == int(192 * 0.334)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(hybrid_layer_pattern=[0, 1]), ValueError, "hybrid_layer_pattern must name"),
     (dict(hybrid_layer_pattern=None, layer_types=["full_attention"] * 7 + ["chunked"]),
