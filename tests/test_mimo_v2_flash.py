@@ -121,6 +121,17 @@ def test_chunked_prefill(mimo, chunk):
     assert tokens(llm, prompts) == [t for t, _ in expected]
 
 
+def test_preemption_recompute(mimo):
+    """A pool of 30 blocks of 4 cannot hold the four prompts' rows: later ones are preempted
+    and recomputed (their rows, values scaled once, written again), in chunks of 16, with
+    transformers' tokens."""
+    _, path, prompts, expected = mimo
+    llm = LLM(path, block_size=4, num_kv_blocks=30, max_model_len=112,
+              max_num_batched_tokens=16)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+    assert llm.engine.core.stats()[0].num_preemptions > 0
+
+
 def test_attention_and_ffn_ranks_and_pd_match(mimo):
     """1A+1F (the attention rank runs both layer kinds, the FFN rank the routed experts) and
     1P+1A (rows of two widths travel flat, from blocks of 8 to blocks of 4): transformers'
