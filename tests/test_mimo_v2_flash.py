@@ -287,7 +287,8 @@ RELEASE = dict(  # config.json as the release spells it (sizes cut down)
     hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
     head_dim=192, v_head_dim=128, swa_num_attention_heads=8, swa_num_key_value_heads=4,
     swa_head_dim=192, swa_v_head_dim=128, hybrid_layer_pattern=[0, 1, 1, 1, 1, 0, 1, 1],
-    moe_layer_freq=[0, 1, 1, 1, 1, 1, 1, 1], sliding_window_size=128, rope_theta=5000000,
+    moe_layer_freq=[0, 1, 1, 1, 1, 1, 1, 1], sliding_window=128, sliding_window_size=128,
+    rope_theta=5000000,
     swa_rope_theta=10000, partial_rotary_factor=0.334, layernorm_epsilon=1e-5,
     attention_value_scale=0.707, add_swa_attention_sink_bias=True,
     add_full_attention_sink_bias=False, n_routed_experts=16, num_experts_per_tok=4,
@@ -299,7 +300,8 @@ RELEASE = dict(  # config.json as the release spells it (sizes cut down)
 
 def test_release_spelled_config():
     """The release's spellings: hybrid_layer_pattern, moe_layer_freq, sliding_window_size
-    (one position less than transformers' sliding_window), rope_theta / swa_rope_theta,
+    (one position less than transformers' sliding_window; it wins over the sliding_window the
+    release's file also holds, as in transformers), rope_theta / swa_rope_theta,
     layernorm_epsilon, a null routed_scaling_factor; its MTP tensors never read; transformers'
     defaults where a field is absent."""
     cfg = config_from_dict(RELEASE)
@@ -312,7 +314,8 @@ def test_release_spelled_config():
     assert cfg.layer_kv_cache_dim(0) == 2 * 320 and cfg.layer_kv_cache_dim(1) == 4 * 320
     assert cfg.weight_skipped == ("model.mtp.",) and cfg.num_nextn_predict_layers == 0
     bare = {k: v for k, v in RELEASE.items() if k not in (
-        "hybrid_layer_pattern", "moe_layer_freq", "sliding_window_size", "rope_theta",
+        "hybrid_layer_pattern", "moe_layer_freq", "sliding_window", "sliding_window_size",
+        "rope_theta",
         "swa_rope_theta", "partial_rotary_factor", "attention_value_scale", "head_dim",
         "v_head_dim", "swa_head_dim", "swa_v_head_dim", "layernorm_epsilon")}
     cfg = config_from_dict(bare)  # transformers' MiMoV2FlashConfig defaults
