@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -285,6 +286,135 @@ def string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozense
     return frozenset()
 
 
+def tool_properties(tools: list[dict[str, Any]] | None, name: str) -> dict[str, Any]:
+    """Tool ``name``'s parameter schemas (its ``parameters``' ``properties``); {} for a tool
+    not in ``tools`` or one without them."""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        if function.get("name") == name:
+            props = (function.get("parameters") or {}).get("properties")
+            return props if isinstance(props, dict) else {}
+    return {}
+
+
+_STRING_TYPES = frozenset(("string", "str", "text"))
+_ENUM_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+               (list, "array"), (dict, "object"))
+
+
+def schema_types(schema: Any) -> frozenset[str]:
+    """A parameter schema's types as vLLM's minimax_m2 parser reads them (lower-cased):
+    ``type`` (a name or a list of them), the types of ``enum``'s values, and those of
+    ``anyOf`` / ``oneOf`` / ``allOf`` members (recursively); "string" where none is given."""
+    types: set[str] = set()
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        types.update(t.lower() for t in (kind if isinstance(kind, list) else [kind])
+                     if isinstance(t, str))
+        for value in schema.get("enum") if isinstance(schema.get("enum"), list) else ():
+            types.add("null" if value is None else next(
+                (name for cls, name in _ENUM_TYPES if isinstance(value, cls)), "string"))
+        for group in ("anyOf", "oneOf", "allOf"):
+            for member in schema.get(group) if isinstance(schema.get(group), list) else ():
+                types |= schema_types(member)  # an untyped member: "string", as vLLM's
+    return frozenset(types) or frozenset(("string",))
+
+
+def _json_value(text: str) -> Any:
+    """``text`` read as JSON (ValueError where it is none, or where it holds NaN or an
+    infinity, which JSON cannot write)."""
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is no JSON value")
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def _number(text: str) -> int | float:
+    """vLLM's "number": a float, written as an int where it is whole (ValueError where it is
+    none, or not finite)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return int(value) if value == int(value) else value
+
+
+_MINIMAX_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+                  "false": False, "0": False, "no": False, "off": False}
+_MINIMAX_ORDER = ("integer", "int", "number", "float", "boolean", "bool", "object", "array",
+                  "string", "str", "text")
+
+
+def minimax_value(raw: str, types: frozenset[str]) -> Any:
+    """A MiniMax-M2 parameter's value of schema ``types`` (``schema_types``) as vLLM's
+    minimax_m2 parser converts it: the text less the whitespace around it; "null" / "none" /
+    "nil" (any case) None; else the first of integer, number (whole: an int), boolean
+    (true/1/yes/on, false/0/no/off), object / array (JSON), string the types allow that the
+    text reads as; else JSON, else the text. (A parameter whose types are all string's is
+    not read here: its text as written, less the whitespace around it, even "null".)"""
+    text = raw.strip()
+    if text.lower() in ("null", "none", "nil"):
+        return None
+    for kind in _MINIMAX_ORDER:
+        if kind not in types:
+            continue
+        if kind in _STRING_TYPES:
+            return text
+        try:
+            if kind in ("integer", "int"):
+                return int(text)
+            if kind in ("number", "float"):
+                return _number(text)
+            if kind in ("boolean", "bool"):
+                if text.lower() in _MINIMAX_BOOLS:
+                    return _MINIMAX_BOOLS[text.lower()]
+                continue
+            return _json_value(text)
+        except ValueError:
+            continue
+    try:
+        return _json_value(text)
+    except ValueError:
+        return text
+
+
+def dsml_types(schema: Any) -> list[str]:
+    """A DSML parameter's schema types as vLLM's deepseek_v32 parser reads them: its ``type``
+    alone (a name or a list, in order; lower-cased); [] where it has none."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    return [t.lower() for t in (kind if isinstance(kind, list) else [kind]) if isinstance(t, str)]
+
+
+def dsml_value(raw: str, types: list[str]) -> Any:
+    """A DSML ``string="false"`` value: with schema ``types`` (``dsml_types``), converted as
+    vLLM's deepseek_v32 parser does: "null" (any case) None; else the first type, in order,
+    the text reads as (string: the text as written; integer; number, whole: an int; boolean:
+    true/1/false/0; any other: JSON); else the text. Without types: ``glm_value`` (JSON, as
+    DeepSeek's own encoder reads it; vLLM keeps the text)."""
+    if not types:
+        return glm_value(raw, False)
+    if raw.lower() == "null":
+        return None
+    for kind in types:
+        try:
+            if kind in _STRING_TYPES:
+                return raw
+            if kind in ("integer", "int"):
+                return int(raw)
+            if kind in ("number", "float"):
+                return _number(raw)
+            if kind in ("boolean", "bool"):
+                flag = raw.strip().lower()
+                if flag in ("true", "1", "false", "0"):
+                    return flag in ("true", "1")
+                continue
+            return _json_value(raw)
+        except ValueError:
+            continue
+    return raw
+
+
 def glm_value(raw: str, is_string: bool) -> Any:
     """A GLM argument's value: a string parameter's text as written; any other's text (less
     the whitespace around it) read as JSON, else as a Python literal (``True``, ``'x'``:
@@ -362,8 +492,7 @@ class _PairsBody(CallBody):
                 tail = text.slice(max(self.open, end - len(end_marker) + 1), end)
                 self._escape(end - partial_marker(tail, 0, (end_marker,)))
             return False
-        raw = text.slice(self.pos, stop)
-        value = raw.strip() if is_string and self.strip_strings else glm_value(raw, is_string)
+        value = self.value_of(text.slice(self.pos, stop), is_string)
         if self.open >= 0:
             self._escape(stop)
             self.json.append('"')
@@ -374,6 +503,11 @@ class _PairsBody(CallBody):
         self.args[self.key] = value
         self.pos = stop + len(end_marker)
         return True
+
+    def value_of(self, raw: str, is_string: bool) -> Any:
+        """The value of ``key`` written as ``raw`` (``glm_value``; with ``strip_strings``, a
+        string value less the whitespace around it)."""
+        return raw.strip() if is_string and self.strip_strings else glm_value(raw, is_string)
 
     def _escape(self, stop: int) -> None:
         """The open string value's text up to ``stop`` goes into ``json``, escaped (with
@@ -571,46 +705,36 @@ class _InvokeBody(_PairsBody):
 class _DsmlBody(_InvokeBody):
     """DeepSeek-V3.2/V4's DSML, the body after ``<｜DSML｜invoke``: `` name="NAME">`` then
     ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`` elements. A value
-    with ``string="true"`` is the text as written; any other is read as JSON (``glm_value``)."""
+    with ``string="true"`` is the text as written; any other is converted by the type the
+    request's tool gives the parameter, as vLLM's deepseek_v32 parser does (``dsml_value``),
+    or without one read as JSON (``glm_value``)."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(tools)
+        self.props: dict[str, Any] = {}
+
+    def head_name(self, match: re.Match[str]) -> str:
+        self.props = tool_properties(self.tools, match.group(1))
+        return match.group(1)
 
     def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
         return match.group(1), match.group(2) == "true"
+
+    def value_of(self, raw: str, is_string: bool) -> Any:
+        return raw if is_string else dsml_value(raw, dsml_types(self.props.get(self.key)))
 
 
 _MM_PARAM, _MM_PARAM_END = "<parameter", "</parameter>"
 _MM_NAME = r"""\s+name=(?:"([^"<>\n]+)"|'([^'<>\n]+)')\s*"""
 
 
-def non_string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozenset[str]:
-    """The parameters of tool ``name`` whose schema gives them a type other than string
-    (``type``, a list of them, or ``anyOf`` / ``oneOf`` members' ``type``; "null" aside): those
-    whose value vLLM's minimax_m2 parser converts; a parameter with no type, or of a tool not
-    in ``tools``, is a string there."""
-    for tool in tools or ():
-        function = tool.get("function") or {}
-        if function.get("name") != name:
-            continue
-        props = (function.get("parameters") or {}).get("properties") or {}
-        typed = set()
-        for key, schema in props.items():
-            if not isinstance(schema, dict):
-                continue
-            kinds = [schema] + [s for c in ("anyOf", "oneOf") for s in schema.get(c) or ()
-                                if isinstance(s, dict)]
-            types = {t for k in kinds for t in (k.get("type") if isinstance(k.get("type"), list)
-                                                else [k.get("type")]) if isinstance(t, str)}
-            if types - {"string", "null"}:
-                typed.add(key)
-        return frozenset(typed)
-    return frozenset()
-
-
 class _MiniMaxBody(_InvokeBody):
     """MiniMax-M2's, the body after ``<invoke``: `` name="NAME">`` then ``<parameter
     name="K">V</parameter>`` elements (names in double or single quotes, as vLLM reads them).
-    A value is a string, less the whitespace around it, unless the request's tool gives the
-    parameter another type (``non_string_parameters``): then it is read as JSON, else a Python
-    literal, else kept as text (``glm_value``; vLLM converts by the schema's type)."""
+    A parameter the request's tool types as a string alone (``schema_types``), or one it
+    does not type, is its text less the whitespace around it, streamed as it is written; any
+    other is converted by its types when it ends, as vLLM's minimax_m2 parser does
+    (``minimax_value``)."""
 
     param, param_end = _MM_PARAM, _MM_PARAM_END
     invoke_head = param_head = re.compile(_MM_NAME)
@@ -618,16 +742,21 @@ class _MiniMaxBody(_InvokeBody):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self.typed: frozenset[str] = frozenset()
+        self.props: dict[str, Any] = {}
+        self.types: frozenset[str] = frozenset()  # the open parameter's
 
     def head_name(self, match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        self.typed = non_string_parameters(self.tools, name)
+        self.props = tool_properties(self.tools, name)
         return name
 
     def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
         key = match.group(1) or match.group(2)
-        return key, key not in self.typed
+        self.types = schema_types(self.props.get(key))
+        return key, self.types <= _STRING_TYPES
+
+    def value_of(self, raw: str, is_string: bool) -> Any:
+        return raw.strip() if is_string else minimax_value(raw, self.types)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ Three ways a request can call tools (``tool_choice``):
   (DeepSeek-V3.2's DSML; ``deepseek_v4`` the same reader: ``<｜DSML｜function_calls>`` or
   ``<｜DSML｜tool_calls>`` around ``<｜DSML｜invoke name="NAME">`` elements of
   ``<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>``, which become a
-  JSON object: a string="true" value as written, any other read as JSON) and ``minimax_m2``
-  (MiniMax-M2: ``<minimax:tool_call>`` around ``<invoke name="NAME">`` elements of
-  ``<parameter name="K">V</parameter>``: a value is a string less the blanks around it
-  unless the request's tool types the parameter otherwise, then read as JSON).
+  JSON object: a string="true" value as written, any other converted by the type the
+  request's tool gives it, as vLLM does, or read as JSON) and ``minimax_m2`` (MiniMax-M2:
+  ``<minimax:tool_call>`` around ``<invoke name="NAME">`` elements of ``<parameter
+  name="K">V</parameter>``: a value is its text less the blanks around it, converted by the
+  types the request's tool gives the parameter, as vLLM does).
 - "required": the output is constrained (structured output) to a JSON array of
   ``{"name": one of the tools, "parameters": that tool's schema}``; each element is a call.
 - a named function: the output is constrained to that tool's parameters schema; it is the one

@@ -16,8 +16,9 @@ from functools import partial
 from typing import Any, Callable
 
 # the output types are afd's (unchanged by the delta readers), so pieces compare equal as objects
-from afd.tool_formats import (glm_name, glm_value, is_json, non_string_parameters,  # noqa: E402
-                              string_parameters)
+from afd.tool_formats import (dsml_types, dsml_value, glm_name, glm_value,  # noqa: E402
+                              is_json, minimax_value, schema_types, string_parameters,
+                              tool_properties)
 from afd.tool_parsers import CallPiece, ParsedOutput, StreamPiece, ToolCall  # noqa: E402
 
 
@@ -426,21 +427,25 @@ _DSML_OPEN = re.compile(rf'\s*<{_D}parameter\s+name="([^"<>\n]+)"\s+string="(tru
                         r"(.*)", re.S)
 
 
-def _dsml_params(body: str) -> tuple[str, list[tuple[str, Any]], str] | None:
+def _dsml_params(body: str, tools: list[dict[str, Any]] | None = None
+                 ) -> tuple[str, list[tuple[str, Any]], str] | None:
     """DSML's whole-text reader (written for the tests with afd's incremental one): (name, the
-    whole parameters in order, the rest) once the head ``name="..."`` is whole, else None."""
+    whole parameters in order, the rest) once the head ``name="..."`` is whole, else None. A
+    string="false" value is converted by its type in ``tools`` (``dsml_value``)."""
     m = _DSML_HEAD.match(body)
     if m is None:
         return None
+    props = tool_properties(tools, m.group(1))
     pos, params = m.end(), []
     while (p := _DSML_PARAM.match(body, pos)) is not None:
-        params.append((p.group(1), glm_value(p.group(3), p.group(2) == "true")))
+        params.append((p.group(1), p.group(3) if p.group(2) == "true"
+                       else dsml_value(p.group(3), dsml_types(props.get(p.group(1))))))
         pos = p.end()
     return m.group(1), params, body[pos:]
 
 
-def _dsml_peek(body: str) -> tuple[str, str] | None:
-    found = _dsml_params(body)
+def _dsml_peek(body: str, tools: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    found = _dsml_params(body, tools)
     if found is None:
         return None
     name, params, rest = found
@@ -467,8 +472,8 @@ def _dsml_peek(body: str) -> tuple[str, str] | None:
     return None
 
 
-def _dsml_parse(body: str) -> tuple[str, str] | None:
-    found = _dsml_params(body)
+def _dsml_parse(body: str, tools: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    found = _dsml_params(body, tools)
     if found is None or found[2].strip():
         return None
     return found[0], "{" + _glm_json(list(dict(found[1]).items())) + "}"
@@ -489,17 +494,19 @@ def _minimax_params(body: str, tools: list[dict[str, Any]] | None
                     ) -> tuple[str, frozenset[str], list[tuple[str, Any]], str] | None:
     """MiniMax-M2's whole-text reader (written for the tests with afd's incremental one):
     (name, its typed parameters, the whole parameters in order, the rest) once the head
-    ``name="..."`` is whole, else None. A parameter not typed by ``tools`` is a string, less
-    the whitespace around it."""
+    ``name="..."`` is whole, else None. A parameter ``tools`` types as a string alone, or
+    not at all, is a string, less the whitespace around it; any other ``minimax_value``."""
     m = _MM_HEAD.match(body)
     if m is None:
         return None
     name = m.group(1) or m.group(2)
-    typed = non_string_parameters(tools, name)
+    props = tool_properties(tools, name)
+    typed = frozenset(k for k in props if not schema_types(props[k]) <= {"string", "str", "text"})
     pos, params = m.end(), []
     while (p := _MM_PARAM.match(body, pos)) is not None:
         key = p.group(1) or p.group(2)
-        params.append((key, glm_value(p.group(3), False) if key in typed else p.group(3).strip()))
+        params.append((key, minimax_value(p.group(3), schema_types(props[key])) if key in typed
+                       else p.group(3).strip()))
         pos = p.end()
     return name, typed, params, body[pos:]
 
@@ -540,6 +547,12 @@ def _minimax_parse(body: str, tools: list[dict[str, Any]] | None = None
     if found is None or found[3].strip():
         return None
     return found[0], "{" + _glm_json(list(dict(found[2]).items())) + "}"
+
+
+def dsml_format(name: str, tools: list[dict[str, Any]] | None) -> CallFormat:
+    """DSML's format reading the string="false" values' types from ``tools``."""
+    return CallFormat(name, f"<{_D}invoke", f"</{_D}invoke>", _DSML_WRAP,
+                      partial(_dsml_parse, tools=tools), partial(_dsml_peek, tools=tools))
 
 
 def minimax_format(tools: list[dict[str, Any]] | None) -> CallFormat:

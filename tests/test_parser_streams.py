@@ -221,7 +221,8 @@ def random_call(rng: random.Random, kind: str) -> str:
     if kind in ("deepseek_v32", "deepseek_v4"):
         def value(string: str) -> str:
             return rng.choice(["text", UNI, "a <b", ""] if string == "true"
-                              else [random_json(rng), "text", " x ", UNI])
+                              else [random_json(rng), "text", " x ", UNI, "3.0", " 1 ",
+                                    "NULL", "yes", "{'a': 1}", "NaN"])
 
         params = "".join(f'<{D}parameter name="{k}" string="{s}">{value(s)}</{D}parameter>'
                          f"{rng.choice(['', chr(10)])}"
@@ -232,7 +233,8 @@ def random_call(rng: random.Random, kind: str) -> str:
             return rng.choice([f'"{text}"', f"'{text}'"])
 
         def value() -> str:
-            return rng.choice(["text", UNI, " a <b ", "", "\nx\n", " 1 ", random_json(rng)])
+            return rng.choice(["text", UNI, " a <b ", "", "\nx\n", " 1 ", random_json(rng),
+                               "3.0", " None ", "on", "{'a': 1}", "inf"])
 
         params = "".join(f"<parameter name={quoted(k)}>{value()}</parameter>"
                          f"{rng.choice(['', chr(10)])}" for k in keys)
@@ -519,25 +521,40 @@ GLM_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
         ("get_weather", {"city": {"type": "string"}, "c": {"type": "string"}}))]
 
 
-@pytest.mark.parametrize("parser", ["glm45", "glm47", "minimax_m2"])
+# parameters typed every way vLLM's minimax_m2 / deepseek_v32 parsers convert (the keys
+# random_call writes: a, b, c of f, get_weather and é✓)
+TYPED_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": props}}} for name, props in (
+        ("f", {"a": {"type": "string"}, "b": {"type": "integer"},
+               "c": {"type": ["number", "null"]}}),
+        ("get_weather", {"a": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                         "b": {"type": "boolean"}, "c": {"type": ["object", "array"]}}))]
+
+
+@pytest.mark.parametrize("parser", ["glm45", "glm47", "minimax_m2", "deepseek_v32",
+                                    "deepseek_v4"])
 def test_glm_streams_with_the_tools_types_match_the_whole_text_reader(parser, tokenizer):
     """GLM's arguments are JSON made from key/value pairs, typed by the request's tools: a
     string parameter's value streams as it is written, any other's when it ends (MiniMax-M2's
-    too, its string values less the blanks around them). Streamed in any split (and its body
-    fed in pieces), the same as the whole-text reader."""
+    too, its string values less the blanks around them, the others converted by their
+    schema's types; DSML's string="false" values converted by theirs). Streamed in any split
+    (and its body fed in pieces), the same as the whole-text reader."""
     rng = random.Random(parser)
-    hand = GLM if parser != "minimax_m2" else MINIMAX_CASES
+    hand = {"minimax_m2": MINIMAX_CASES, "deepseek_v32": DSML_CASES,
+            "deepseek_v4": DSML_CASES}.get(parser, GLM)
     texts = hand + random_texts(parser, 200, seed=7)
-    old = (ref.minimax_format(GLM_TOOLS) if parser == "minimax_m2"
-           else ref.glm_format(parser, GLM_TOOLS))
+    tools = GLM_TOOLS if parser.startswith("glm") else TYPED_TOOLS
+    old = (ref.minimax_format(tools) if parser == "minimax_m2"
+           else ref.dsml_format(parser, tools) if parser.startswith("deepseek")
+           else ref.glm_format(parser, tools))
     for i, text in enumerate(texts):
         for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(hand)
                                            else (None, False))):
             check_tools(lambda: ref.MarkerStream(old), lambda: MarkerStream(
-                PARSERS[parser], tools=GLM_TOOLS), text, cuts)
+                PARSERS[parser], tools=tools), text, cuts)
         body = text.split(old.begin, 1)[-1].split(old.end, 1)[0]
         for cuts in [[k] for k in range(len(body) + 1)] + [list(range(1, len(body)))]:
-            reader = PARSERS[parser].body(GLM_TOOLS)
+            reader = PARSERS[parser].body(tools)
             for start, end, _ in steps(body, cuts):
                 reader.feed(body[start:end])
                 peeked = reader.peek()

@@ -248,8 +248,9 @@ def test_malformed_calls_are_content(parser, text):
 
 def test_dsml_format():
     """DeepSeek-V3.2/V4's DSML: a string="true" value is its text as written, any other is
-    JSON; a call without parameters has {} arguments; the group markers (V3.2's
-    function_calls, V4's tool_calls: either parser reads both) are not content."""
+    JSON (without tools: no schema types); a call without parameters has {} arguments; the
+    group markers (V3.2's function_calls, V4's tool_calls: either parser reads both) are
+    not content."""
     for parser, text in (("deepseek_v32", DSML),
                          ("deepseek_v4", DSML.replace("function_calls", "tool_calls")),
                          ("deepseek_v4", DSML)):
@@ -277,9 +278,9 @@ def test_dsml_string_values_stream_as_they_are_written():
 
 
 def test_minimax_m2_format():
-    """MiniMax-M2's: a value is a string less the blanks around it unless the request's tool
-    types the parameter otherwise (then JSON, as vLLM's minimax_m2 converts it: ``anyOf``
-    and type lists count, "null" aside); without tools every value is a string; names in
+    """MiniMax-M2's: a value is its text less the blanks around it, converted by the types
+    the request's tool gives the parameter (as vLLM's minimax_m2 converts it: ``anyOf`` and
+    type lists count); without tools every value is a string; names in
     single or double quotes; a call without parameters has {} arguments; the group markers
     are not content."""
     out = MarkerStream(PARSERS["minimax_m2"], tools=MINIMAX_TOOLS).parse(MINIMAX)
@@ -656,3 +657,119 @@ def test_a_failing_reader_leaves_the_plain_text(apps, monkeypatch):
     assert plain.choices[0].message.content == want.choices[0].message.content
     assert not plain.choices[0].message.tool_calls
     _same(plain, streamed)
+
+
+# A parameter's schema, the value as written, and what vLLM's minimax_m2 parser makes of it
+# (its text less the blanks around it, converted by the schema's types in the order integer,
+# number, boolean, object / array, string; else JSON, else the text). afd's one divergence:
+# a parameter typed as a string alone (or untyped) keeps "null" as text (vLLM: None), as
+# it streams before its end is known.
+MINIMAX_TYPED = [
+    ({"type": "integer"}, " 007 ", 7),
+    ({"type": "integer"}, "3.5", 3.5),  # not an int: JSON
+    ({"type": "integer"}, "true", True),
+    ({"type": "integer"}, "abc", "abc"),
+    ({"type": "Integer"}, "5", 5),  # type names in any case
+    ({"type": "number"}, "3.0", 3),  # whole: an int
+    ({"type": "number"}, "2.5", 2.5),
+    ({"type": "number"}, "1e3", 1000),
+    ({"type": "number"}, "inf", "inf"),  # not finite: no JSON number, kept as text
+    ({"type": "number"}, "NaN", "NaN"),
+    ({"type": "boolean"}, "True", True),
+    ({"type": "boolean"}, "yes", True),
+    ({"type": "boolean"}, "off", False),
+    ({"type": "boolean"}, "0", False),
+    ({"type": "boolean"}, "maybe", "maybe"),
+    ({"type": "object"}, '{"a": [1, 2]}', {"a": [1, 2]}),
+    ({"type": "object"}, "{'a': 1}", "{'a': 1}"),  # no Python literals
+    ({"type": "array"}, "[1, 2]", [1, 2]),
+    ({"type": "array"}, "[NaN]", "[NaN]"),
+    ({"type": ["integer", "null"]}, "null", None),
+    ({"type": ["integer", "null"]}, "None", None),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, "null", None),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, " hi \n", "hi"),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, "12", "12"),
+    ({"type": ["string", "integer"]}, "12", 12),  # integer before string
+    ({"oneOf": [{"type": "object"}, {"type": "array"}]}, "[1]", [1]),
+    ({"allOf": [{"type": "integer"}]}, "4", 4),
+    ({"enum": [1, 2, 3]}, "2", 2),  # types from the enum's values
+    ({"enum": [True, False]}, "on", True),
+    ({"type": "string"}, " 5 ", "5"),
+    ({"type": "string"}, "null", "null"),
+    ({"description": "untyped"}, "[1]", "[1]"),
+    (None, "12", "12"),  # a parameter the tool does not list
+]
+
+
+def _minimax_call(schema, value: str) -> tuple[str, list[dict]]:
+    props = {"p": schema} if schema is not None else {}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {**props, "s": {"type": "string"}}}}}]
+    text = (f'<minimax:tool_call>\n<invoke name="f">\n<parameter name="p">{value}</parameter>\n'
+            '<parameter name="s">\nx\n</parameter>\n</invoke>\n</minimax:tool_call>')
+    return text, tools
+
+
+@pytest.mark.parametrize("schema,value,want", MINIMAX_TYPED)
+def test_minimax_m2_values_are_converted_by_the_schema_types_as_vllm_does(schema, value, want):
+    """MiniMax-M2's chat template writes a string value as it is and any other as JSON, so a
+    parameter's value is read by its schema's types (as vLLM's minimax_m2 parser does);
+    streamed at every split point the arguments are the same."""
+    text, tools = _minimax_call(schema, value)
+    out = MarkerStream(PARSERS["minimax_m2"], tools=tools).parse(text)
+    # as text: 3 and 3.0, True and 1 are equal in Python
+    assert calls_of(out) == [("f", json.dumps({"p": want, "s": "x"}, ensure_ascii=False))]
+    for cut in range(1, len(text)):
+        for cuts in ([cut], list(range(cut, len(text)))):
+            content, calls, _ = streamed(MarkerStream(PARSERS["minimax_m2"], tools=tools),
+                                         text, cuts)
+            assert (content, calls) == ("", calls_of(out)), cuts
+
+
+# A string="false" parameter's schema, its value, and what vLLM's deepseek_v32 parser makes of
+# it (the schema's ``type`` alone, each type in order: "null" None, string the text as
+# written, integer, number (whole: an int), boolean true/1/false/0, any other JSON; else the
+# text). Without a type afd reads JSON, as DeepSeek's encoder does (vLLM: the text).
+DSML_TYPED = [
+    ({"type": "integer"}, "3", 3),
+    ({"type": "integer"}, "abc", "abc"),
+    ({"type": "number"}, "3.0", 3),
+    ({"type": "number"}, "0.25", 0.25),
+    ({"type": "number"}, "Infinity", "Infinity"),
+    ({"type": "boolean"}, "1", True),
+    ({"type": "boolean"}, " false ", False),
+    ({"type": "boolean"}, "yes", "yes"),  # not one of DSML's four: the text
+    ({"type": "string"}, "123", "123"),
+    ({"type": "string"}, "NULL", None),
+    ({"type": "object"}, '{"a": 1}', {"a": 1}),
+    ({"type": "object"}, "{'a': 1}", "{'a': 1}"),
+    ({"type": "array"}, "[1, NaN]", "[1, NaN]"),
+    ({"type": ["integer", "string"]}, "x", "x"),
+    ({"type": ["integer", "string"]}, "7", 7),
+    ({"type": "null"}, "null", None),
+    ({"anyOf": [{"type": "integer"}]}, "5", 5),  # no type of its own: JSON
+    ({"description": "untyped"}, "True", True),  # a Python literal, as before
+    (None, '"x"', "x"),
+]
+
+
+@pytest.mark.parametrize("parser", ["deepseek_v32", "deepseek_v4"])
+@pytest.mark.parametrize("schema,value,want", DSML_TYPED)
+def test_dsml_values_are_converted_by_the_schema_types_as_vllm_does(parser, schema, value, want):
+    """A string="false" DSML value is converted by the type the request's tool gives the
+    parameter, as vLLM's deepseek_v32 / deepseek_v4 parsers do; a string="true" one is its
+    text whatever the schema says. Streamed at every split point: the same arguments."""
+    props = {"p": schema, "q": {"type": "integer"}} if schema is not None else {
+        "q": {"type": "integer"}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": props}}}]
+    group = "function_calls" if parser == "deepseek_v32" else "tool_calls"
+    text = (f'<{D}{group}>\n<{D}invoke name="f">\n<{D}parameter name="p" string="false">'
+            f'{value}</{D}parameter>\n<{D}parameter name="q" string="true">08</{D}parameter>\n'
+            f'</{D}invoke>\n</{D}{group}>')
+    out = MarkerStream(PARSERS[parser], tools=tools).parse(text)
+    assert calls_of(out) == [("f", json.dumps({"p": want, "q": "08"}, ensure_ascii=False))]
+    for cut in range(1, len(text)):
+        for cuts in ([cut], list(range(cut, len(text)))):
+            content, calls, _ = streamed(MarkerStream(PARSERS[parser], tools=tools), text, cuts)
+            assert (content, calls) == ("", calls_of(out)), cuts
