@@ -742,3 +742,30 @@ def test_transformers_fused_expert_names_load(kind, tmp_path):
     a, b = load_model(per_expert), load_model(fused)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert any(torch.count_nonzero(p) for p in b.layers[1].mlp.experts.parameters())
+
+
+def test_fused_and_per_expert_names_together_or_fp8_fused_experts_are_refused(tmp_path):
+    """A checkpoint holding an expert under both names (transformers' fused tensor and the
+    per-expert one) is refused naming both, never loaded twice or one silently; fused
+    experts in FP8 (their ``gate_up_proj_scale_inv`` beside them) are refused as unexpected,
+    never read without their scales."""
+    model = build_hf_model("deepseek_v3")
+    per_expert = load_file(os.path.join(save_checkpoint(model, str(tmp_path / "per")),
+                                        "model.safetensors"))
+    fused = str(tmp_path / "fused")
+    model.save_pretrained(fused, save_original_format=False)
+    file = os.path.join(fused, "model.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    save_file({**tensors, name: per_expert[name]}, file)
+    with pytest.raises(WeightLoadError, match=re.escape(
+            f"model.layers.1.mlp.experts.gate_up_proj and {name} are both {name}")):
+        load_model(fused)
+    gate_up = tensors["model.layers.1.mlp.experts.gate_up_proj"]
+    save_file({**tensors, "model.layers.1.mlp.experts.gate_up_proj":
+               gate_up.to(torch.float8_e4m3fn),
+               "model.layers.1.mlp.experts.gate_up_proj_scale_inv":
+               torch.ones(gate_up.shape[0], 1, 1)}, file)
+    with pytest.raises(WeightLoadError, match=re.escape(
+            "unexpected tensors in") + ".*gate_up_proj_scale_inv"):
+        load_model(fused)
