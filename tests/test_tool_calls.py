@@ -773,3 +773,38 @@ def test_dsml_values_are_converted_by_the_schema_types_as_vllm_does(parser, sche
         for cuts in ([cut], list(range(cut, len(text)))):
             content, calls, _ = streamed(MarkerStream(PARSERS[parser], tools=tools), text, cuts)
             assert (content, calls) == ("", calls_of(out)), cuts
+
+
+def test_minimax_m2_reads_back_what_its_chat_template_writes():
+    """MiniMax-M2's chat template writes an assistant's calls as ``\\n<minimax:tool_call>\\n``,
+    then per call ``<invoke name="NAME">\\n`` with a ``<parameter name="K">V</parameter>\\n``
+    per argument (a string as it is, anything else ``tojson``) and ``</invoke>\\n``, then
+    ``</minimax:tool_call>``: read with the request's tools, every argument comes back as it
+    was, None of an optional string too; streamed at every split point, the same."""
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": {
+        "type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"},
+            "ratio": {"type": "number"}, "ok": {"type": "boolean"},
+            "opts": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "code": {"type": "string"}, "when": {"type": ["string", "null"]}}}}},
+        {"type": "function", "function": {"name": "now", "parameters": {}}}]
+    calls = [("plan", {"city": "Paris\nFrance", "days": 3, "ratio": 0.5, "ok": False,
+                       "opts": {"a": [1, "x"], "b": None}, "tags": ["a", "</parameter"],
+                       "note": None, "code": "007", "when": "today"}),
+             ("now", {})]
+
+    def written(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    text = "Planning.\n<minimax:tool_call>\n" + "".join(
+        f'<invoke name="{name}">\n' + "".join(
+            f'<parameter name="{k}">{written(v)}</parameter>\n' for k, v in args.items())
+        + "</invoke>\n" for name, args in calls) + "</minimax:tool_call>"
+    out = MarkerStream(PARSERS["minimax_m2"], tools=tools).parse(text)
+    assert out.content == "Planning."
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == calls
+    for cut in range(1, len(text)):
+        content, got, _ = streamed(MarkerStream(PARSERS["minimax_m2"], tools=tools), text,
+                                   [cut])
+        assert (content, got) == ("Planning.", calls_of(out)), cut
