@@ -135,11 +135,14 @@ def _source(src: str) -> str:
 
 
 def _get_tensor(f, src: str) -> torch.Tensor:
-    """Tensor ``src`` of the open safetensors file ``f``: a fused tensor's part read alone."""
+    """Tensor ``src`` of the open safetensors file ``f``: a fused tensor's part read alone
+    (its expert's rows only: gate's and up's halves of ``gate_up_proj`` each read once)."""
     if not isinstance(src, FusedPart):
         return f.get_tensor(src)
-    part = f.get_slice(src.tensor)[src.expert]
-    return part if src.rows is None else part[src.rows[0]: src.rows[1]].contiguous()
+    fused = f.get_slice(src.tensor)
+    if src.rows is None:
+        return fused[src.expert]
+    return fused[src.expert, src.rows[0]: src.rows[1]].contiguous()
 
 
 def _fused_parts(name: str, num_experts: int, inter: int) -> dict[str, str]:

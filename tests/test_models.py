@@ -769,3 +769,34 @@ def test_fused_and_per_expert_names_together_or_fp8_fused_experts_are_refused(tm
     with pytest.raises(WeightLoadError, match=re.escape(
             "unexpected tensors in") + ".*gate_up_proj_scale_inv"):
         load_model(fused)
+
+
+def test_a_fused_expert_part_reads_only_its_rows(tmp_path):
+    """A part of transformers' fused ``gate_up_proj`` asks the file for its expert's rows
+    alone (gate's or up's half), so the fused tensor is read once in all, not twice; the
+    part is those rows."""
+    from safetensors import safe_open
+
+    from models.weights import FusedPart, _get_tensor
+
+    fused = torch.randn(3, 8, 5)
+    save_file({"m.experts.gate_up_proj": fused}, str(tmp_path / "f.safetensors"))
+    asked = []
+
+    class Recorded:
+        def __init__(self, f):
+            self.f = f
+
+        def get_slice(self, name):
+            whole = self.f.get_slice(name)
+
+            class Slice:
+                def __getitem__(self, index):
+                    asked.append(index)
+                    return whole[index]
+            return Slice()
+
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        part = _get_tensor(Recorded(f), FusedPart("m.experts.gate_up_proj", 2, (4, 8)))
+    assert torch.equal(part, fused[2, 4:8])
+    assert asked == [(2, slice(4, 8))]
