@@ -148,7 +148,7 @@ def served(tmp_path_factory):
         return build_app(ServerState(engine, "m", None, ServerMetrics("m"), **kw))
 
     try:
-        yield {"llm": llm, "plain": app(),
+        yield {"llm": llm, "engine": engine, "plain": app(),
                "dsml": app(tool_call_parser="deepseek_v32", enable_auto_tool_choice=True,
                            reasoning_parser="deepseek_v3")}
     finally:
@@ -238,14 +238,20 @@ def test_thinking_switch_reaches_prompt_and_reasoning_parser(served, kwargs, thi
 
 
 def test_chat_template_overrides_the_encoding_and_llm_chat_uses_it(served):
+    import asyncio
+
     from afd import SamplingParams
 
-    out = served["llm"].chat(ASK, SamplingParams(max_tokens=1), use_tqdm=False,
-                             chat_template_kwargs={"thinking": True})
+    def llm_chat(**kw):
+        """LLM.chat on the engine thread: the server's loop steps the same engine, and two
+        threads stepping it at once corrupt its state (an IndexError in the scheduler's
+        prefix caching, one run in two here, before)."""
+        return asyncio.run(served["engine"].call(lambda: served["llm"].chat(
+            ASK, SamplingParams(max_tokens=1), use_tqdm=False, **kw)))
+
+    out = llm_chat(chat_template_kwargs={"thinking": True})
     assert out[0].prompt == f"{B}{U}Weather in Hangzhou?{A}<think>"
-    out = served["llm"].chat(ASK, SamplingParams(max_tokens=1), use_tqdm=False,
-                             chat_template="{% for m in messages %}[{{ m.content }}]"
-                                           "{% endfor %}")
+    out = llm_chat(chat_template="{% for m in messages %}[{{ m.content }}]{% endfor %}")
     assert out[0].prompt == "[Weather in Hangzhou?]"
     # a history whose call arguments are no JSON object: a 400 naming messages
     bad = [*ASK, {"role": "assistant", "tool_calls": [
