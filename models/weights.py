@@ -145,19 +145,20 @@ def _get_tensor(f, src: str) -> torch.Tensor:
     return fused[src.expert, src.rows[0]: src.rows[1]].contiguous()
 
 
-def _fused_parts(name: str, num_experts: int, inter: int) -> dict[str, str]:
-    """transformers' fused experts tensor ``name`` as per-expert names (``FusedPart`` each);
-    {} for any other name."""
+def _fused_parts(name: str, src: str, num_experts: int, inter: int) -> dict[str, str]:
+    """transformers' fused experts tensor ``name`` (stored as ``src``: a vision-language
+    checkpoint's language model's before its renames) as per-expert names, each a
+    ``FusedPart`` of ``src``; {} for any other name."""
     m = _FUSED.match(name)
     if m is None:
         return {}
     base = m.group(1)
     if m.group(2) == "down_proj":
-        return {f"{base}.{e}.down_proj.weight": FusedPart(name, e) for e in range(num_experts)}
+        return {f"{base}.{e}.down_proj.weight": FusedPart(src, e) for e in range(num_experts)}
     parts = {}
     for e in range(num_experts):
-        parts[f"{base}.{e}.gate_proj.weight"] = FusedPart(name, e, (0, inter))
-        parts[f"{base}.{e}.up_proj.weight"] = FusedPart(name, e, (inter, 2 * inter))
+        parts[f"{base}.{e}.gate_proj.weight"] = FusedPart(src, e, (0, inter))
+        parts[f"{base}.{e}.up_proj.weight"] = FusedPart(src, e, (inter, 2 * inter))
     return parts
 
 
@@ -294,8 +295,8 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
         elif cfg.architecture == "minimax_m2":
             for pattern, repl in _MINIMAX_RENAMES:
                 name = pattern.sub(repl, name)
-        parts = {} if cfg.attention == "v4" else _fused_parts(name, cfg.num_experts,
-                                                                cfg.moe_intermediate_size)
+        parts = {} if cfg.attention == "v4" else _fused_parts(
+            name, src, cfg.num_experts, cfg.moe_intermediate_size)
         for name, part in (parts or {name: src}).items():
             if name in names:
                 raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")

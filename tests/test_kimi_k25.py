@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
@@ -193,3 +194,19 @@ def test_release_config():
     with pytest.raises(ValueError, match="needs text_config"):
         config_from_dict({k: v for k, v in K25_RELEASE.items() if k != "text_config"})
 
+
+
+def test_transformers_fused_expert_names_load(k25, tmp_path):
+    """The checkpoint saved with transformers' own names (save_original_format=False: each
+    MoE layer's experts fused into ``language_model.model.layers.N.mlp.experts.gate_up_proj``
+    / ``down_proj``, under the wrapper's prefix) loads as the per-expert one does: each part
+    read from the fused tensor by its stored name, not the renamed one."""
+    from models.weights import load_model
+
+    model, path, _, _ = k25
+    fused = str(tmp_path / "fused")
+    model.save_pretrained(fused, save_original_format=False)
+    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
+        assert any(k.endswith("layers.1.mlp.experts.gate_up_proj") for k in f.keys())
+    a, b = load_model(path), load_model(fused)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
