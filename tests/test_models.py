@@ -726,7 +726,9 @@ def test_attention_prefills_all_sequences_at_once(kind, monkeypatch):
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["deepseek_v2_lite", "deepseek_v3", "deepseek_v32",
+                                  "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1",
+                                  "qwen3_moe", "qwen3_next", "qwen3_5_moe_text"])
 def test_transformers_fused_expert_names_load(kind, tmp_path):
     """A checkpoint saved with transformers' own names (save_original_format=False: each MoE
     layer's experts fused into ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
@@ -738,10 +740,10 @@ def test_transformers_fused_expert_names_load(kind, tmp_path):
     fused = str(tmp_path / "fused")
     model.save_pretrained(fused, save_original_format=False)
     with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
-        assert "model.layers.1.mlp.experts.gate_up_proj" in set(f.keys())
+        assert any(k.endswith(".mlp.experts.gate_up_proj") for k in f.keys())
     a, b = load_model(per_expert), load_model(fused)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert any(torch.count_nonzero(p) for p in b.layers[1].mlp.experts.parameters())
+    assert any(torch.count_nonzero(p) for p in b.layers[-1].mlp.experts.parameters())
 
 
 def test_fused_and_per_expert_names_together_or_fp8_fused_experts_are_refused(tmp_path):
