@@ -295,8 +295,7 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
         elif cfg.architecture == "minimax_m2":
             for pattern, repl in _MINIMAX_RENAMES:
                 name = pattern.sub(repl, name)
-        parts = {} if cfg.attention == "v4" else _fused_parts(
-            name, src, cfg.num_experts, cfg.moe_intermediate_size)
+        parts = _fused_parts(name, src, cfg.num_experts, cfg.moe_intermediate_size)
         for name, part in (parts or {name: src}).items():
             if name in names:
                 raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")

@@ -727,7 +727,8 @@ def test_attention_prefills_all_sequences_at_once(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v2_lite", "deepseek_v3", "deepseek_v32",
-                                  "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1",
+                                  "deepseek_v4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
+                                  "dots1",
                                   "qwen3_moe", "qwen3_next", "qwen3_5_moe_text"])
 def test_transformers_fused_expert_names_load(kind, tmp_path):
     """A checkpoint saved with transformers' own names (save_original_format=False: each MoE
