@@ -141,7 +141,8 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
     gate/up and activation, shared experts, fp32 router logits), summed though attention's and
     the MLP's are not live together; with ``prefill``, MLA's expansion of up to
     MLA_PREFILL_MAX_CONTEXT context positions to per-head K and V; DeepSeek-V3.2's sparse
-    path (``dsa_activations``); the rows' fp32 logits twice (logits and probabilities)."""
+    path (``dsa_activations``); a hybrid model's linear-attention layer
+    (``linear_activations``); the rows' fp32 logits twice (logits and probabilities)."""
     m = model_cfg
     element = torch.empty((), dtype=cfg.dtype).element_size()
     if m.attention == "mla":
@@ -161,7 +162,31 @@ def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, row
         context = positions * m.num_heads * (m.qk_nope_head_dim + v + qk) * element
     logits = 2 * rows * m.vocab_size * 4
     return (tokens * per_token + context + dsa_activations(m, cfg) + v4_activations(m, cfg)
-            + window_activations(m, cfg) + logits)
+            + window_activations(m, cfg) + linear_activations(m, cfg, tokens, rows) + logits)
+
+
+def linear_activations(m: ModelConfig, cfg: EngineConfig, tokens: int, rows: int) -> int:
+    """A hybrid model's linear-attention layer (models.hybrid.GatedDeltaNet: plain torch, its
+    rule in fp32) over ``tokens`` tokens, ``rows`` of them decode rows: per token (a prefill
+    chunk padded to DELTA_CHUNK) its projections and conv in the run dtype and about 16 fp32
+    vectors of num_v_heads x max(k_head_dim, v_head_dim) (q, k, v and their chunked copies,
+    the solves' outputs, the output) and 4 of the chunk's num_v_heads x DELTA_CHUNK decays;
+    per decode row (and the chunk being computed) 4 copies of a sequence's recurrent state
+    (gathered from its slot, decayed, the update's outer product, the sum). Several times a
+    GQA layer's projections, and decode rows cost a state each: 4 x 2 MiB a row at
+    Qwen3-Next's sizes. 0 for other models."""
+    lin = m.linear_attn
+    if lin is None:
+        return 0
+    from models.hybrid import DELTA_CHUNK
+
+    element = torch.empty((), dtype=cfg.dtype).element_size()
+    key_dim, value_dim = lin.num_k_heads * lin.k_head_dim, lin.num_v_heads * lin.v_head_dim
+    wide = lin.num_v_heads * max(lin.k_head_dim, lin.v_head_dim)
+    per_token = (4 * (16 * wide + 4 * lin.num_v_heads * DELTA_CHUNK)
+                 + element * (2 * (key_dim + value_dim + lin.num_v_heads) + 4 * lin.conv_dim))
+    state = 4 * lin.num_v_heads * lin.k_head_dim * lin.v_head_dim
+    return (tokens + DELTA_CHUNK - 1) * per_token + 4 * state * (min(rows, tokens) + 1)
 
 
 def window_activations(m: ModelConfig, cfg: EngineConfig) -> int:

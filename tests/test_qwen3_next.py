@@ -9,8 +9,12 @@ cannot serve yet are refused, each naming itself and the model."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import models.hybrid as hybrid
 from afd import LLM
@@ -352,3 +356,76 @@ def test_two_attention_ranks_and_an_ffn_rank(next_case):
         assert tokens(llm, prompts + prompts[:1]) == [t for t, _ in expected + expected[:1]]
     finally:
         llm.shutdown()
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages the ops under it create, each until its last tensor
+    dies: ``peak``, the most alive at once (the CPU's stand-in for a GPU's peak allocation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+
+QWEN3_NEXT_80B = dict(  # the release's linear-attention and attention sizes, 2 layers
+    architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=1000,
+    hidden_size=2048, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, intermediate_size=5120, partial_rotary_factor=0.25,
+    max_position_embeddings=4096, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("decodes, prefill", [(16, 0), (0, 100), (8, 300)])
+def test_activation_estimate_covers_the_linear_layer(decodes, prefill):
+    """The activation reserve of a step (afd.kv_memory.step_activations, what a GPU's KV
+    sizing leaves free) holds at least what one linear layer alone keeps alive at its peak
+    (measured on CPU, at Qwen3-Next-80B's sizes, bf16): its fp32 temporaries per token, and
+    per decode row several copies of a 2 MiB recurrent state (the estimate without them:
+    2% of the decode peak, a third of a prefill's)."""
+    from afd.config import resolve_engine_config
+    from afd.kv_memory import step_activations
+    from models.batch import ForwardBatch
+    from models.config import config_from_dict
+
+    cfg = config_from_dict(QWEN3_NEXT_80B)
+    dtype, tokens = torch.bfloat16, decodes + prefill
+    torch.manual_seed(0)
+    layer = hybrid.GatedDeltaNet(cfg, dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    states = hybrid.LinearStates.allocate(cfg.linear_attn, decodes + 1, dtype, "cpu")
+    lens = [5] * decodes + ([prefill] if prefill else [])
+    batch = ForwardBatch(positions=torch.zeros(tokens, dtype=torch.long),
+                         slot_mapping=torch.zeros(tokens, dtype=torch.long),
+                         block_tables=torch.zeros(len(lens), 1, dtype=torch.int32),
+                         seq_lens=torch.tensor(lens), query_lens=[1] * decodes + lens[decodes:],
+                         num_decodes=decodes, context_lens=lens,
+                         state_slots=list(range(len(lens))))
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
+    with torch.inference_mode(), LiveBytes() as mode:
+        layer(x, batch, states)
+    engine = resolve_engine_config("q3n", cfg, num_kv_blocks=64, dtype="bfloat16", device="cpu",
+                                   max_num_seqs=max(decodes, 1), max_num_batched_tokens=tokens,
+                                   max_model_len=512)
+    assert step_activations(cfg, engine, tokens, len(lens), prefill=True) >= mode.peak
