@@ -9,6 +9,7 @@ cannot serve yet are refused, each naming itself and the model."""
 
 from __future__ import annotations
 
+import random
 import weakref
 
 import pytest
@@ -17,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import models.hybrid as hybrid
-from afd import LLM
+from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, state_bytes
+from afd.sequence import Status
 from ckpt_utils import (greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts, oracle_case,
                         ORACLE_LENGTHS, ORACLE_NEW_TOKENS, save_checkpoint)
 from models.config import load_config
@@ -356,6 +358,82 @@ def test_two_attention_ranks_and_an_ffn_rank(next_case):
         assert tokens(llm, prompts + prompts[:1]) == [t for t, _ in expected + expected[:1]]
     finally:
         llm.shutdown()
+
+
+def check_slots(core) -> None:
+    """Every slot is free or held by exactly one running sequence; no waiting or finished
+    sequence holds one."""
+    sched = core.scheduler
+    held = [s.state_slot for s in sched.running]
+    assert None not in held
+    assert sorted(held + sched.free_state_slots) == list(range(core.cfg.max_num_seqs))
+    assert all(s.state_slot is None for s in sched.waiting)
+
+
+def test_slot_churn_keeps_every_slot_owned_once(next_case):
+    """Prompts arriving between steps into a pool too small for them (preemptions), aborts
+    at random of sequences waiting, mid-prompt, decoding or preempted: after every step and
+    abort each slot is free or held by one running sequence, none by a waiting one; every
+    sequence not aborted gets transformers' tokens, and every slot is free at the end."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_seqs=3, block_size=4, num_kv_blocks=40, max_model_len=112,
+              max_num_batched_tokens=16)
+    engine, core = llm.engine, llm.engine.core
+    rng = random.Random(0)
+    want, done, live, aborted = {}, {}, [], set()
+    params = SamplingParams(temperature=0.0, max_tokens=ORACLE_NEW_TOKENS, ignore_eos=True)
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+                live.remove(out.request_id)
+        check_slots(core)
+
+    for i in range(24):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i % 3]}, params)
+        want[f"r{i}"] = expected[i % 3][0]
+        live.append(f"r{i}")
+        for _ in range(rng.randrange(1, 4)):
+            step()
+        if rng.random() < 0.5 and live:
+            preempted = [r for r in live if core.seqs[r].status is Status.WAITING
+                         and core.seqs[r].metrics.num_preemptions]
+            victim = preempted[0] if preempted else rng.choice(live)
+            seq = core.seqs[victim]
+            aborted.add((seq.status.name, seq.num_computed_tokens < seq.num_prompt_tokens,
+                         seq.metrics.num_preemptions > 0))
+            engine.abort_request(victim)
+            live.remove(victim)
+            del want[victim]
+            check_slots(core)
+    while engine.has_unfinished_requests():
+        step()
+    assert {("WAITING", True, False), ("RUNNING", True, False), ("RUNNING", False, False),
+            ("WAITING", True, True)} <= aborted
+    assert {r: done[r] for r in want} == want
+    assert sorted(core.scheduler.free_state_slots) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("budget", [2, 3, 5])
+def test_chunks_shorter_than_the_conv_window(next_case, budget):
+    """Steps of 2, 3 or 5 tokens: prompt chunks of 1 to 3 tokens (fewer than the conv's
+    kernel - 1 = 3 inputs it keeps: the kept window is part old state, part new), and
+    chunks of one token run as decode rows, beside the other prompts' decodes:
+    transformers' tokens."""
+    _, path, prompts, expected = next_case
+    llm = LLM(path, max_num_batched_tokens=budget)
+    assert tokens(llm, prompts) == [t for t, _ in expected]
+
+
+def test_one_token_prompt_in_a_used_slot(next_case):
+    """One slot: a 100-token prompt and its decodes leave their state in it; a one-token
+    prompt then runs its first step as a decode row (position 0), which must start from a
+    zero conv and recurrent state, not the slot's."""
+    model, path, prompts, expected = next_case
+    llm = LLM(path, max_num_seqs=1)
+    want = hf_greedy(model, prompts[0][:1], ORACLE_NEW_TOKENS)[0]
+    assert tokens(llm, [prompts[2], prompts[0][:1]]) == [expected[2][0], want]
 
 
 class LiveBytes(TorchDispatchMode):
