@@ -507,3 +507,27 @@ def test_activation_estimate_covers_the_linear_layer(decodes, prefill):
                                    max_num_seqs=max(decodes, 1), max_num_batched_tokens=tokens,
                                    max_model_len=512)
     assert step_activations(cfg, engine, tokens, len(lens), prefill=True) >= mode.peak
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe_vl"])
+def test_fused_expert_checkpoints_load(kind, tmp_path):
+    """Saved with transformers' own names (save_original_format=False: each MoE layer's routed
+    experts fused into ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I],
+    under the wrapper's model.language_model.* too), a checkpoint loads the weights its
+    per-expert save does."""
+    import os
+
+    from safetensors import safe_open
+
+    from ckpt_utils import build_hf_model, save_checkpoint
+    from models.weights import load_model
+
+    model = build_q35_vl() if kind == "qwen3_5_moe_vl" else build_hf_model(kind)
+    per_expert = save_checkpoint(model, str(tmp_path / "per_expert"))
+    fused = str(tmp_path / "fused")
+    model.save_pretrained(fused, save_original_format=False)
+    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
+        assert any(k.endswith("layers.0.mlp.experts.gate_up_proj") for k in f.keys())
+    a, b = load_model(per_expert), load_model(fused)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert any(torch.count_nonzero(p) for p in b.layers[0].mlp.experts.parameters())
