@@ -531,3 +531,50 @@ def test_fused_expert_checkpoints_load(kind, tmp_path):
     a, b = load_model(per_expert), load_model(fused)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert any(torch.count_nonzero(p) for p in b.layers[0].mlp.experts.parameters())
+
+
+def test_openai_server_after_a_hung_up_stream(next_case):
+    """The server (launch/serve.py, the async engine) on Qwen3-Next with two state slots: a
+    stream hung up after 5 chunks is aborted (nothing left running), then the three prompts
+    one by one and in one request (one waiting for a slot) give the single process's text."""
+    import os
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "bench"))
+    from server_proc import LocalServer
+
+    _, path, prompts, _ = next_case
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].text for o in LLM(path, max_num_seqs=2).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    server = LocalServer("--model", path, "--max-num-seqs", "2")
+    try:
+        body = {"model": path, "prompt": prompts[2], "max_tokens": 400, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if chunks == 5:
+                        break  # hang up mid-stream
+        deadline = time.monotonic() + 20
+        while server.metric("afd:num_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.metric("afd:num_requests_running") == 0
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                            timeout=60)
+        extra = {"ignore_eos": True}
+        assert [api.completions.create(model=path, prompt=p, max_tokens=12, temperature=0,
+                                       extra_body=extra).choices[0].text
+                for p in prompts] == want
+        out = api.completions.create(model=path, prompt=prompts, max_tokens=12, temperature=0,
+                                     extra_body=extra)
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want
+    finally:
+        server.stop()
