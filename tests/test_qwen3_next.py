@@ -620,3 +620,25 @@ def test_bf16_linear_layer_as_transformers_layer(kind):
         whole, pieces = run([(100, False)]), run([(37, False), (1, True), (62, False)])
     assert torch.equal(whole, want)
     assert (pieces - want).abs().mean() <= 1e-3 * want.abs().mean()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("interval", [None, 2, 3])
+def test_layer_types_from_full_attention_interval(kind, interval):
+    """A config.json without layer_types (Qwen3-Next-80B's release) places the full layers by
+    full_attention_interval (default 4) as transformers' config does: every interval-th
+    layer, counting from 1."""
+    import transformers as tf
+
+    from ckpt_utils import CONFIGS
+    from models.config import config_from_dict
+
+    raw = {k: v for k, v in CONFIGS[kind].items() if k != "layer_types"}
+    raw["num_hidden_layers"] = 8
+    if interval is not None:
+        raw["full_attention_interval"] = interval
+    hf = (tf.Qwen3NextConfig if kind == "qwen3_next" else tf.Qwen3_5MoeTextConfig)(**raw)
+    arch = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
+    cfg = config_from_dict({**raw, "architectures": [arch[kind]], "model_type": kind})
+    assert list(cfg.linear_attn.layer_types) == list(hf.layer_types)
+    assert "full_attention" in hf.layer_types and hf.layer_types[0] == "linear_attention"
