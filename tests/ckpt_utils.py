@@ -178,23 +178,37 @@ def hf_classes(kind: str):
     return tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM
 
 
-def build_hf_model(kind: str, seed: int = 0, **overrides):
-    """An HF model of ``kind`` with weights scaled so greedy outputs vary (fp32, eval mode)."""
-    config_cls, model_cls = hf_classes(kind)
-    config = config_cls(**{**CONFIGS[kind], **overrides})
+def random_hf_model(model_cls, config, seed: int = 0, fill=None):
+    """transformers' ``model_cls(config)`` (fp32, eager attention, eval mode) with every
+    floating-point weight drawn by ``random_tensor`` (scaled so greedy outputs vary);
+    ``fill(name, tensor, gen)`` may fill a tensor itself first (it returns True when it did)."""
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
+            if fill is not None and fill(name, tensor, gen):
+                continue
             if tensor.is_floating_point():
                 tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
-            elif name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct experts
-                experts = model.config.n_routed_experts
-                tensor.copy_(torch.rand(tensor.shape[0], experts, generator=gen)
-                             .argsort(dim=-1)[:, : tensor.shape[1]])
     return model
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """An HF model of ``kind`` with weights scaled so greedy outputs vary (fp32, eval mode)."""
+    config_cls, model_cls = hf_classes(kind)
+    config = config_cls(**{**CONFIGS[kind], **overrides})
+
+    def hash_routes(name: str, tensor: torch.Tensor, gen: torch.Generator) -> bool:
+        if not name.endswith("tid2eid"):
+            return False
+        experts = config.n_routed_experts  # DeepSeek-V4's hash routing: distinct experts
+        tensor.copy_(torch.rand(tensor.shape[0], experts, generator=gen)
+                     .argsort(dim=-1)[:, : tensor.shape[1]])
+        return True
+
+    return random_hf_model(model_cls, config, seed, hash_routes)
 
 
 def save_checkpoint(model, folder: str) -> str:

@@ -18,9 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
-from ckpt_utils import CONFIGS, hf_greedy, mixed_prompts, save_checkpoint
+from ckpt_utils import CONFIGS, hf_greedy, mixed_prompts, random_hf_model, save_checkpoint
 from models.config import config_from_dict, load_config
-from models.default_model import random_tensor
 from models.weights import WeightLoadError, checkpoint_files, stored_names
 from test_oracle_variants import assert_matches
 
@@ -39,15 +38,7 @@ def build_k25(seed: int = 0):
     config = tf.Kimi_K25Config(text_config=text, vision_config=VISION,
                                projection_hidden_size=VISION["hidden_size"],
                                tie_word_embeddings=False)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = tf.Kimi_K25ForConditionalGeneration(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            if tensor.is_floating_point():
-                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
-    return model
+    return random_hf_model(tf.Kimi_K25ForConditionalGeneration, config, seed)
 
 
 @pytest.fixture(scope="module")

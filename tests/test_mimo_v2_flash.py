@@ -22,10 +22,9 @@ from afd.cuda_graphs import unsupported_reason
 from afd.kv_cache import allocate_kv_caches
 from afd.kv_memory import step_activations, window_activations
 from ckpt_utils import (VOCAB, edit_config, greedy, greedy_tokens as tokens, hf_greedy,
-                        mixed_prompts, save_checkpoint)
+                        mixed_prompts, random_hf_model, save_checkpoint)
 from kernels.window_attention import window_attention_torch
 from models.config import config_from_dict, load_config
-from models.default_model import random_tensor
 from test_oracle_variants import assert_matches
 
 NEW_TOKENS = 12
@@ -55,18 +54,13 @@ def build_hf_model(seed: int = 0):
     about one, the size of the scores, so that they decide outputs."""
     import transformers as tf
 
-    config = tf.MiMoV2FlashConfig(**CONFIG)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = tf.MiMoV2FlashForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            if name.endswith("sinks"):
-                tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
-            elif tensor.is_floating_point():
-                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
-    return model
+    def sinks(name: str, tensor: torch.Tensor, gen: torch.Generator) -> bool:
+        if name.endswith("sinks"):
+            tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
+        return name.endswith("sinks")
+
+    return random_hf_model(tf.MiMoV2FlashForCausalLM, tf.MiMoV2FlashConfig(**CONFIG), seed,
+                           sinks)
 
 
 @pytest.fixture(scope="module")

@@ -46,20 +46,11 @@ def build_q35_vl(seed: int = 0):
     (a one-block vision tower), weights scaled so greedy outputs vary (fp32, eval mode)."""
     import transformers as tf
 
-    from ckpt_utils import CONFIGS
-    from models.default_model import random_tensor
+    from ckpt_utils import CONFIGS, random_hf_model
 
     config = tf.Qwen3_5MoeConfig(text_config=CONFIGS["qwen3_5_moe_text"], vision_config=VISION,
                                  tie_word_embeddings=False)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = tf.Qwen3_5MoeForConditionalGeneration(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            if tensor.is_floating_point():
-                tensor.copy_(random_tensor(name, tuple(tensor.shape), gen))
-    return model
+    return random_hf_model(tf.Qwen3_5MoeForConditionalGeneration, config, seed)
 
 
 @pytest.fixture(scope="module")
