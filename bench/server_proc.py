@@ -76,6 +76,17 @@ class LocalServer:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def hang_up(self, body: dict, headers: dict | None = None, chunks: int = 5) -> None:
+        """POST a streamed /v1/completions ``body`` and close the connection after ``chunks``
+        data events (a client hanging up mid-stream)."""
+        with httpx.stream("POST", self.url + "/v1/completions", json={**body, "stream": True},
+                          headers=headers, timeout=30) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == chunks:
+                    return
+
     def stop(self, timeout_s: float = 60) -> list[int]:
         """SIGTERM torchrun (or afd serve); returns the pids still alive afterwards (none,
         normally)."""

@@ -532,7 +532,6 @@ def test_openai_server_after_a_hung_up_stream(next_case):
     import sys
     import time
 
-    import httpx
     import openai
 
     sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -545,15 +544,8 @@ def test_openai_server_after_a_hung_up_stream(next_case):
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
     server = LocalServer("--model", path, "--max-num-seqs", "2")
     try:
-        body = {"model": path, "prompt": prompts[2], "max_tokens": 400, "temperature": 0,
-                "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-            chunks = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    chunks += 1
-                    if chunks == 5:
-                        break  # hang up mid-stream
+        server.hang_up({"model": path, "prompt": prompts[2], "max_tokens": 400,
+                        "temperature": 0, "ignore_eos": True})
         deadline = time.monotonic() + 20
         while server.metric("afd:num_requests_running") and time.monotonic() < deadline:
             time.sleep(0.2)

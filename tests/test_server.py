@@ -470,14 +470,7 @@ def test_aborted_request_frees_kv(request, which, stream):
     body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0,
             "stream": stream, "ignore_eos": True}
     if stream:
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
-                          timeout=30) as r:
-            chunks = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    chunks += 1
-                    if chunks == 5:
-                        break  # hang up mid-stream
+        server.hang_up(body, headers)
     else:  # the client gives up waiting and closes the connection
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=1.5)
