@@ -20,102 +20,124 @@ head as the M dimension, m = row * G_POW2 + g (G_POW2 = G rounded up to a power 
 key and value is read once for all of them, and each score is masked at its own row's length;
 Qwen3-30B-A3B's 8 heads per KV head make 2 rows a full 16-row tile. A group gets one tile unless
 its rows x G_POW2 pass BLOCK_M (64 on a GPU). The per-row kernel stays for plain decode.
+
+MiMo-V2-Flash (``window_decode_attention_triton``, reference ``kernels.window_attention``): the
+same two kernels over flat cache rows [num_blocks, block_size, KVH * (D + DV)] (a KV head's keys
+and values found through ``PagedKV``'s strides, values DV wide, narrower than keys), with a
+sliding window and per-head sinks. A row of length L reads only its window's positions
+[max(0, L - window), L): the splits divide that range, so the blocks before it are never read
+(O(window) per row, not O(context)); a grouped tile reads from its earliest row's window start
+and masks each row before its own. A sink enters as split 0's starting state
+(``triton_utils.softmax_start``, as DeepSeek-V4's decode): one more term in the denominator,
+joined once, which the splits' combine weighs in as any other split's mass.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
+from kernels.window_attention import check_flat_cache
 from kernels.triton_utils import (cdiv, check_paged_kv, dot, dot_mode, launch_split_attention,
                                   next_pow2, num_sms, online_softmax_step, row_masked_scores,
-                                  split_bounds, split_count, store_attention, unit_last_stride)
+                                  softmax_start, split_bounds, split_count, store_attention,
+                                  unit_last_stride)
 
 
 @triton.jit
-def kv_step(table_row, k_base, start, hi, offs_d, d_ok, block_size, stride_kv, stride_kvb,
-            stride_kvt, stride_tc, BLOCK_N: tl.constexpr):
+def kv_step(table_row, k_base, v_base, start, hi, offs_d, d_ok, offs_v, v_ok, block_size,
+            stride_kvb, stride_kvt, stride_tc, BLOCK_N: tl.constexpr):
     """Tokens [start, start + BLOCK_N) (valid below ``hi``) of a sequence whose block table row
-    is at ``table_row``: (toks, t_ok, keys [N, D], values [N, D]) of the KV head at ``k_base``."""
+    is at ``table_row``: (toks, t_ok, keys [N, D], values [N, DV]) of the KV head whose keys
+    are at ``k_base`` and values at ``v_base`` (masked tokens: no load, zeros)."""
     toks = start + tl.arange(0, BLOCK_N)
     t_ok = toks < hi
     block = tl.load(table_row + (toks // block_size) * stride_tc, mask=t_ok, other=0)
     rows = block.to(tl.int64) * stride_kvb + (toks % block_size) * stride_kvt  # [N]
-    kv_mask = t_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-    v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask,
+    k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                 other=0.0)  # [N, D]
+    v = tl.load(v_base + rows[:, None] + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                other=0.0)  # [N, DV]
     return toks, t_ok, k, v
 
 
 @triton.jit
 def gqa_decode_kernel(
     q_ptr,  # [B, H, D], query head h = kv_head * group + g
-    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values (q's dtype or FP8 e4m3)
+    kv_ptr,  # keys and values (q's dtype or FP8 e4m3), addressed by the strides below
     table_ptr,  # [B, max_blocks] block ids
     seq_lens_ptr,  # [B] tokens cached per sequence, >= 1
-    out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
+    sink_ptr,  # [H] sink logits (HAS_SINKS only)
+    out_ptr,  # [B, H, DV] (one split) or [B, H, NUM_SPLITS, DV] fp32 partials
     lse_ptr,  # [B, H, NUM_SPLITS] fp32 log2-sum-exp2 of each split (NUM_SPLITS > 1 only)
-    group, head_dim, block_size, scale_log2,
-    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kvh,
+    group, head_dim, v_dim, window, block_size, scale_log2,
+    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kh, stride_vh,
     stride_tb, stride_tc, stride_sl, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    D_PAD: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
     g_ok = offs_g < group
     d_ok = offs_d < head_dim
+    v_ok = offs_v < v_dim
     heads = kv_head * group + offs_g  # [G]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
-    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kh
+    v_base = kv_ptr + stride_kv + kv_head.to(tl.int64) * stride_vh
 
+    # the window's tokens [first, seq_len) split in whole steps: the blocks before it unread
     seq_len = tl.load(seq_lens_ptr + seq * stride_sl).to(tl.int32)
-    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    first = tl.maximum(seq_len - window, 0)
+    lo, hi = split_bounds(seq_len - first, split, NUM_SPLITS, BLOCK_N)
+    lo, hi = first + lo, first + hi
 
-    m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
-    acc = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+    m_i, l_i = softmax_start(sink_ptr, heads, g_ok, split, G_PAD, HAS_SINKS)
+    acc = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        toks, t_ok, k, v = kv_step(table_ptr + seq * stride_tb, k_base, start, hi, offs_d, d_ok,
-                                   block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
-                                   BLOCK_N)
+        toks, t_ok, k, v = kv_step(table_ptr + seq * stride_tb, k_base, v_base, start, hi,
+                                   offs_d, d_ok, offs_v, v_ok, block_size, stride_kvb,
+                                   stride_kvt, stride_tc, BLOCK_N)
         k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache: exact, in registers
         s = dot(q, tl.trans(k), tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))  # [G, N]
         # every step has a valid token
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, False, DOT_MODE, INTERP_BF16)
 
-    # A split past the sequence's end has l_i = 0: it writes zeros and a -inf lse.
+    # A split past the sequence's end has l_i = 0 (no sink): it writes zeros and a -inf lse.
     num_heads = tl.num_programs(0) * group
     store_attention(acc, m_i, l_i, out_ptr + seq * stride_ob + heads[:, None] * stride_oh,
-                    lse_ptr, seq * num_heads + heads, g_ok, d_ok, offs_d, split, head_dim,
+                    lse_ptr, seq * num_heads + heads, g_ok, v_ok, offs_v, split, v_dim,
                     NUM_SPLITS, INTERP_BF16)
 
 
 @triton.jit
 def gqa_decode_grouped_kernel(
     q_ptr,  # [B, H, D], query head h = kv_head * group + g
-    kv_ptr,  # [2, num_blocks, block_size, KVH, D]: keys, then values
+    kv_ptr,  # keys and values, addressed by the strides below
     table_ptr,  # [B, max_blocks] block ids; a group reads its first row's
     seq_lens_ptr,  # [B] per row, >= 1
     cu_rows_ptr,  # [S + 1] first row of each group, then B
-    out_ptr,  # [B, H, D] (one split) or [B, H, NUM_SPLITS, D] fp32 partials
+    sink_ptr,  # [H] sink logits (HAS_SINKS only)
+    out_ptr,  # [B, H, DV] (one split) or [B, H, NUM_SPLITS, DV] fp32 partials
     lse_ptr,  # [B, H, NUM_SPLITS] fp32 (NUM_SPLITS > 1 only)
-    group, num_heads, row_tiles, head_dim, block_size, scale_log2,
-    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kvh,
+    group, num_heads, row_tiles, head_dim, v_dim, window, block_size, scale_log2,
+    stride_qb, stride_qh, stride_kv, stride_kvb, stride_kvt, stride_kh, stride_vh,
     stride_tb, stride_tc, stride_sl, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq_group = tl.program_id(1) // row_tiles
@@ -130,31 +152,38 @@ def gqa_decode_grouped_kernel(
     row = first + r  # [M]
     heads = kv_head * group + g
     offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
     d_ok = offs_d < head_dim
+    v_ok = offs_v < v_dim
     q = tl.load(q_ptr + row[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+    k_base = kv_ptr + kv_head.to(tl.int64) * stride_kh
+    v_base = kv_ptr + stride_kv + kv_head.to(tl.int64) * stride_vh
 
     row_len = tl.load(seq_lens_ptr + row * stride_sl, mask=m_ok, other=0).to(tl.int32)  # [M]
     seq_len = tl.max(row_len, 0)  # the tile's longest row
-    lo, hi = split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    # each row's window starts at row_lo; the tile reads from its earliest row's
+    row_lo = tl.maximum(row_len - window, 0)
+    tile_lo = tl.min(tl.where(m_ok, row_lo, seq_len), 0)
+    lo, hi = split_bounds(seq_len - tile_lo, split, NUM_SPLITS, BLOCK_N)
+    lo, hi = tile_lo + lo, tile_lo + hi
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    m_i, l_i = softmax_start(sink_ptr, heads, m_ok, split, BLOCK_M, HAS_SINKS)
+    acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        toks, t_ok, k, v = kv_step(table_ptr + first * stride_tb, k_base, start, hi, offs_d, d_ok,
-                                   block_size, stride_kv, stride_kvb, stride_kvt, stride_tc,
-                                   BLOCK_N)
+        toks, t_ok, k, v = kv_step(table_ptr + first * stride_tb, k_base, v_base, start, hi,
+                                   offs_d, d_ok, offs_v, v_ok, block_size, stride_kvb,
+                                   stride_kvt, stride_tc, BLOCK_N)
         k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache: exact, in registers
         s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_MODE)
         s = row_masked_scores(s, toks, t_ok, row_len, scale_log2)
-        # a row that ends before this chunk has seen nothing yet
+        s = tl.where(toks[None, :] >= row_lo[:, None], s, float("-inf"))  # before its window
+        # a row that ends before this chunk (or whose window starts past it) sees nothing here
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, DOT_MODE, INTERP_BF16)
 
-    # A row with nothing in this split has l_i = 0: it writes zeros and a -inf lse.
+    # A row with nothing in this split (and no sink) has l_i = 0: zeros and a -inf lse.
     store_attention(acc, m_i, l_i, out_ptr + row[:, None] * stride_ob + heads[:, None] * stride_oh,
-                    lse_ptr, row * num_heads + heads, m_ok, d_ok, offs_d, split, head_dim,
+                    lse_ptr, row * num_heads + heads, m_ok, v_ok, offs_v, split, v_dim,
                     NUM_SPLITS, INTERP_BF16)
 
 
@@ -189,6 +218,22 @@ def grouped_launch(group: int, max_rows: int, head_dim: int, on_gpu: bool) -> di
             "row_tiles": cdiv(max_rows, block_m // g_pow2)}
 
 
+def decode_launch(group: int, head_dim: int, v_dim: int, on_gpu: bool,
+                  rows: int | None = None) -> dict:
+    """``default_launch`` (``rows`` None) or ``grouped_launch`` for keys ``head_dim`` and values
+    ``v_dim`` wide. MiMo-V2-Flash's keys (192, padded to 256) over 128-wide values take 32
+    tokens a step over 8 warps on a GPU, the one setting tried where neither kernel spills at
+    its dims under Triton 3.6 nor 3.9 (over a 16-bit cache, 64 tokens spill 8-16 B a thread:
+    the grouped kernel at G=8 on 4 warps under 3.9, on 8 under 3.6; 4 warps spill the per-row
+    one at G=16 with splits under 3.6; tests/test_kernels_sm90.py). Not timed on a GPU."""
+    dim = max(head_dim, v_dim)
+    launch = (default_launch(group, dim, on_gpu) if rows is None
+              else grouped_launch(group, rows, dim, on_gpu))
+    if on_gpu and v_dim != head_dim and head_dim > 128:
+        launch.update(block_n=32, num_warps=8)
+    return launch
+
+
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
     """Split each sequence until about two programs per SM, keeping >= MIN_SPLIT_TOKENS tokens
     per split of the longest context the block table can hold. Shapes only, never lengths: a
@@ -196,15 +241,94 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int
     return split_count(batch * kv_heads, max_context, sm_count, MIN_SPLIT_TOKENS, MAX_SPLITS)
 
 
+FULL = 1 << 30  # the kernels' window of full attention: no row's window starts past 0
+
+
+class PagedKV(NamedTuple):
+    """Where a KV head's keys and values are in a paged cache: the kernels' view of either the
+    GQA layout [2, num_blocks, block_size, KVH, D] or flat rows [num_blocks, block_size,
+    KVH * (D + DV)] (keys then values, ``kernels.window_attention``)."""
+
+    cache: torch.Tensor
+    block_size: int
+    kv_heads: int
+    v_dim: int
+    stride_kv: int  # from head 0's keys to head 0's values
+    stride_kvb: int
+    stride_kvt: int
+    stride_kh: int
+    stride_vh: int
+
+    @classmethod
+    def gqa(cls, kv: torch.Tensor) -> PagedKV:
+        return cls(kv, kv.shape[2], kv.shape[3], kv.shape[4], kv.stride(0), kv.stride(1),
+                   kv.stride(2), kv.stride(3), kv.stride(3))
+
+    @classmethod
+    def flat(cls, cache: torch.Tensor, kv_heads: int, head_dim: int, v_dim: int) -> PagedKV:
+        return cls(cache, cache.shape[1], kv_heads, v_dim, kv_heads * head_dim, cache.stride(0),
+                   cache.stride(1), head_dim, v_dim)
+
+
 def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, per: str) -> None:
     """ValueError unless the cache fits q (``check_paged_kv``) and block_tables and seq_lens
     have one row per ``per`` (a row of q)."""
-    batch = q.shape[0]
     check_paged_kv(q, kv_cache, "[B, H, D]")
+    _check_rows(q, block_tables, seq_lens, per)
+
+
+def _check_rows(q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                per: str) -> None:
+    batch = q.shape[0]
     if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
                          f"{tuple(seq_lens.shape)} must have one row per {per} ({batch})")
+
+
+def _decode(q: torch.Tensor, kv: PagedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+            scale: float, window: int | None, sinks: torch.Tensor | None,
+            groups: DecodeGroups | None, num_splits: int | None, block_n: int | None,
+            num_warps: int | None) -> torch.Tensor:
+    """Both kernels' launch: per row (``groups`` None) or grouped. -> [B, H, DV]."""
+    batch, num_heads, head_dim = q.shape
+    out = q.new_empty(batch, num_heads, kv.v_dim)
+    if batch == 0 or num_heads == 0:
+        return out
+    (q,) = unit_last_stride(q)
+    group = num_heads // kv.kv_heads
+    on_gpu = q.is_cuda
+    # the split count's longest context: the table's, or a window's (plus a group's rows)
+    context = block_tables.shape[1] * kv.block_size
+    if window is not None:
+        context = min(context, window + (groups.max_rows - 1 if groups is not None else 0))
+    sink_ptr = q if sinks is None else sinks.contiguous()
+    common = {"D_PAD": max(16, next_pow2(head_dim)), "DV_PAD": max(16, next_pow2(kv.v_dim)),
+              "HAS_SINKS": sinks is not None, "DOT_MODE": dot_mode(q.dtype)}
+    strides = (q.stride(0), q.stride(1), kv.stride_kv, kv.stride_kvb, kv.stride_kvt,
+               kv.stride_kh, kv.stride_vh, block_tables.stride(0), block_tables.stride(1),
+               seq_lens.stride(0))
+    shape = (head_dim, kv.v_dim, FULL if window is None else window, kv.block_size,
+             scale * math.log2(math.e))
+    if groups is None:
+        launch = decode_launch(group, head_dim, kv.v_dim, on_gpu)
+        programs, kernel = batch, gqa_decode_kernel
+        args = (q, kv.cache, block_tables, seq_lens, sink_ptr)
+        dims = (group, *shape, *strides)
+        common["G_PAD"] = max(16, next_pow2(group))
+    else:
+        groups.check(batch, "q")
+        launch = decode_launch(group, head_dim, kv.v_dim, on_gpu, groups.max_rows)
+        programs, kernel = groups.num_groups * launch["row_tiles"], gqa_decode_grouped_kernel
+        args = (q, kv.cache, block_tables, seq_lens, groups.cu_rows, sink_ptr)
+        dims = (group, num_heads, launch["row_tiles"], *shape, *strides)
+        common.update(G_POW2=launch["g_pow2"], BLOCK_M=launch["block_m"])
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, kv.kv_heads, context, num_sms(q.device))
+    common.update(BLOCK_N=block_n or launch["block_n"],
+                  num_warps=num_warps or launch["num_warps"], num_stages=launch["num_stages"])
+    return launch_split_attention(kernel, (kv.kv_heads, programs, num_splits), args, dims, out,
+                                  num_splits, common["DV_PAD"], common)
 
 
 def gqa_decode_attention_triton(
@@ -219,30 +343,10 @@ def gqa_decode_attention_triton(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Same contract as ``gqa_decode_attention_torch``. The keyword knobs are for tests/tuning."""
-    batch, num_heads, head_dim = q.shape
     _check(q, kv_cache, block_tables, seq_lens, "sequence")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if batch == 0 or num_heads == 0:
-        return out
-    q, kv = unit_last_stride(q, kv_cache)
-    block_size, kv_heads = kv.shape[2], kv.shape[3]
-    group = num_heads // kv_heads
-    interp = not q.is_cuda
-    launch = default_launch(group, head_dim, on_gpu=not interp)
-    block_n = block_n or launch["block_n"]
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, block_tables.shape[1] * block_size,
-                                       num_sms(q.device))
-    d_pad = max(16, next_pow2(head_dim))
-    common = {"G_PAD": max(16, next_pow2(group)), "BLOCK_N": block_n, "D_PAD": d_pad,
-              "DOT_MODE": dot_mode(q.dtype), "num_warps": num_warps or launch["num_warps"],
-              "num_stages": launch["num_stages"]}
-    grid = (kv_heads, batch, num_splits)
-    dims = (group, head_dim, block_size, scale * math.log2(math.e),
-            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
-            block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0))
-    return launch_split_attention(gqa_decode_kernel, grid, (q, kv, block_tables, seq_lens), dims,
-                                  out, num_splits, d_pad, common)
+    (kv,) = unit_last_stride(kv_cache)
+    return _decode(q, PagedKV.gqa(kv), block_tables, seq_lens, scale, None, None, None,
+                   num_splits, block_n, num_warps)
 
 
 def gqa_decode_attention_grouped_triton(
@@ -259,31 +363,36 @@ def gqa_decode_attention_grouped_triton(
 ) -> torch.Tensor:
     """Same contract as ``gqa_decode.gqa_decode_attention_grouped_torch``: each group's K/V read
     once for all its rows (``gqa_decode_grouped_kernel``). Nothing read on the host."""
-    batch, num_heads, head_dim = q.shape
     _check(q, kv_cache, block_tables, seq_lens, "row of q")
-    groups.check(batch, "q")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if num_heads == 0:
-        return out
-    q, kv = unit_last_stride(q, kv_cache)
-    block_size, kv_heads = kv.shape[2], kv.shape[3]
-    group = num_heads // kv_heads
-    interp = not q.is_cuda
-    launch = grouped_launch(group, groups.max_rows, head_dim, on_gpu=not interp)
-    programs = groups.num_groups * launch["row_tiles"]
-    if num_splits is None:
-        num_splits = choose_num_splits(programs, kv_heads, block_tables.shape[1] * block_size,
-                                       num_sms(q.device))
-    d_pad = max(16, next_pow2(head_dim))
-    common = {"G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
-              "BLOCK_N": block_n or launch["block_n"], "D_PAD": d_pad,
-              "DOT_MODE": dot_mode(q.dtype), "num_warps": num_warps or launch["num_warps"],
-              "num_stages": launch["num_stages"]}
-    grid = (kv_heads, programs, num_splits)
-    args = (q, kv, block_tables, seq_lens, groups.cu_rows)
-    dims = (group, num_heads, launch["row_tiles"], head_dim, block_size,
-            scale * math.log2(math.e), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-            kv.stride(2), kv.stride(3), block_tables.stride(0), block_tables.stride(1),
-            seq_lens.stride(0))
-    return launch_split_attention(gqa_decode_grouped_kernel, grid, args, dims, out, num_splits,
-                                  d_pad, common)
+    groups.check(q.shape[0], "q")
+    (kv,) = unit_last_stride(kv_cache)
+    return _decode(q, PagedKV.gqa(kv), block_tables, seq_lens, scale, None, None, groups,
+                   num_splits, block_n, num_warps)
+
+
+def window_decode_attention_triton(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_heads: int,
+    v_dim: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    *,
+    groups: DecodeGroups | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Decode rows of ``window_attention.window_attention_torch`` (MiMo-V2-Flash): q [B, H, D]
+    one query per row at its last position, seq_lens [B] on the device (nothing read on the
+    host), flat cache rows [num_blocks, block_size, KVH * (D + DV)], an optional window and
+    per-head sinks [H]. Per row, or (``groups``) each group's K/V read once for its rows. A
+    windowed row reads only its window's blocks: O(window), not O(context). -> [B, H, DV]."""
+    check_flat_cache(q, cache, kv_heads, v_dim, window, sinks)
+    _check_rows(q, block_tables, seq_lens, "row of q")
+    (cache,) = unit_last_stride(cache)
+    return _decode(q, PagedKV.flat(cache, kv_heads, q.shape[2], v_dim), block_tables, seq_lens,
+                   scale, window, sinks, groups, num_splits, block_n, num_warps)

@@ -48,6 +48,8 @@ def _scalar_index_in_the_interpreter() -> None:
 if INTERPRETING:
     _scalar_index_in_the_interpreter()
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
 DOT_NATIVE = 0  # bf16/fp16 on tensor cores, fp32 accumulation
 DOT_IEEE = 1  # fp32 operands: tensor cores would silently round them to tf32
 DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its dot multiplies raw bf16 bit patterns
@@ -131,6 +133,24 @@ def online_softmax_step(s, v, m_i, l_i, acc, ROW_MASKED: tl.constexpr, DOT_MODE:
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot(rne_bf16(p, INTERP_BF16).to(v.dtype), v, acc * alpha[:, None], DOT_MODE)
     return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_start(sink_ptr, heads, ok, split, M: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """(m_i, l_i) [M] an online softmax over rows of query heads ``heads`` [M] starts from.
+    HAS_SINKS: split 0 of each row (``ok``) starts from its head's sink logit (``sink_ptr`` [H],
+    natural log units): max = the sink in log2 units, sum = exp2(0) = 1, nothing accumulated;
+    one more term in the denominator, none in the output, joined once (the splits' combine
+    weighs split 0's lse, sink included, as any other). Else empty: max -inf, sum 0."""
+    if HAS_SINKS:
+        sink = tl.load(sink_ptr + heads, mask=ok, other=float("-inf")).to(tl.float32) * LOG2E
+        first = (split == 0) & ok
+        m_i = tl.where(first, sink, float("-inf"))
+        l_i = tl.where(first, 1.0, 0.0)
+    else:
+        m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((M,), dtype=tl.float32)
+    return m_i, l_i
 
 
 @triton.jit

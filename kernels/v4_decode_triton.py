@@ -24,12 +24,9 @@ import triton.language as tl
 from kernels.dsa_triton import index_dots
 from kernels.mla_decode_triton import _sm_count, default_launch
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
-                                  online_softmax_step, split_bounds, split_count,
-                                  store_attention, unit_last_stride)
+                                  online_softmax_step, softmax_start, split_bounds,
+                                  split_count, store_attention, unit_last_stride)
 from kernels.v4_decode import _check, _check_index
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-
 
 @triton.jit
 def v4_decode_kernel(
@@ -61,10 +58,7 @@ def v4_decode_kernel(
     lo, hi = split_bounds(window + num_entries, split, NUM_SPLITS, BLOCK_N)
 
     # split 0 starts from the sink (max = sink, sum = exp2(0) = 1, nothing accumulated)
-    sink = tl.load(sink_ptr + heads, mask=h_ok, other=float("-inf")) * _LOG2E
-    first = (split == 0) & h_ok
-    m_i = tl.where(first, sink, float("-inf"))
-    l_i = tl.where(first, 1.0, 0.0)
+    m_i, l_i = softmax_start(sink_ptr, heads, h_ok, split, BLOCK_H, True)
     acc = tl.zeros((BLOCK_H, D_PAD), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)

@@ -27,6 +27,9 @@ import math
 
 import torch
 
+from kernels.backend import resolve_backend
+from kernels.decode_groups import DecodeGroups
+
 # fp32 values in one piece's scores (and in the rows it gathers): 256 MiB
 MAX_SCORES = 1 << 26
 
@@ -42,16 +45,10 @@ def window_attention_torch(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     sinks: [H] or None. Returns [sum Q, H, Dv] in q's dtype (scores, softmax and the weighted
     sum in fp32)."""
     tokens, heads, k_dim = q.shape
-    if cache.shape[-1] != kv_heads * (k_dim + v_dim):
-        raise ValueError(f"cache rows of {cache.shape[-1]} values, but {kv_heads} KV heads of "
-                         f"keys {k_dim} and values {v_dim} wide need {kv_heads * (k_dim + v_dim)}")
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    check_flat_cache(q, cache, kv_heads, v_dim, window, sinks)
     if sum(query_lens) != tokens or len(query_lens) != len(context_lens):
         raise ValueError(f"q has {tokens} rows; query_lens {query_lens} / context_lens "
                          f"{context_lens} do not describe them")
-    if window is not None and window < 1:
-        raise ValueError(f"window={window} must be >= 1")
     limit = max_scores or MAX_SCORES
     out = q.new_empty(tokens, heads, v_dim)
     width = cache.shape[-1]
@@ -91,6 +88,44 @@ def window_attention_torch(q: torch.Tensor, cache: torch.Tensor, block_tables: t
             rows += count
         i = j
     return out
+
+
+def check_flat_cache(q: torch.Tensor, cache: torch.Tensor, kv_heads: int, v_dim: int,
+                     window: int | None, sinks: torch.Tensor | None) -> None:
+    """ValueError unless ``cache`` [num_blocks, block_size, KVH * (Dk + Dv)] holds rows for
+    ``q`` [.., H, Dk] (H a multiple of KVH), ``window`` is None or >= 1 and ``sinks`` None or
+    [H]."""
+    heads, k_dim = q.shape[-2:]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if cache.dim() != 3 or cache.shape[-1] != kv_heads * (k_dim + v_dim):
+        raise ValueError(f"cache {tuple(cache.shape)}: rows of {kv_heads} KV heads of keys "
+                         f"{k_dim} and values {v_dim} wide need [num_blocks, block_size, "
+                         f"{kv_heads * (k_dim + v_dim)}]")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    if sinks is not None and tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks {tuple(sinks.shape)} must be [{heads}]: one per query head")
+
+
+def window_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, context_lens: list[int] | None,
+                            kv_heads: int, v_dim: int, scale: float,
+                            window: int | None = None, sinks: torch.Tensor | None = None, *,
+                            groups: DecodeGroups | None = None,
+                            backend: str | None = None) -> torch.Tensor:
+    """Decode rows (one query each, at its row's last position): q [B, H, Dk], seq_lens [B] on
+    q's device, context_lens the same on the host (the torch path's; None: read from
+    seq_lens). Triton (``gqa_decode_triton.window_decode_attention_triton``, per row or by
+    ``groups``) where ``kernels.backend`` picks it, else ``window_attention_torch``."""
+    if resolve_backend(backend, q, cache) == "triton":
+        from kernels.gqa_decode_triton import window_decode_attention_triton
+
+        return window_decode_attention_triton(q, cache, block_tables, seq_lens, kv_heads, v_dim,
+                                              scale, window, sinks, groups=groups)
+    lens = context_lens if context_lens is not None else seq_lens.tolist()
+    return window_attention_torch(q, cache, block_tables, [1] * q.shape[0], lens, kv_heads,
+                                  v_dim, scale, window, sinks)
 
 
 def _visible(length: int, window: int | None) -> int:

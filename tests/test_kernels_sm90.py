@@ -596,6 +596,52 @@ def test_mla_grouped_check_refuses_32_heads_at_4_rows() -> None:
         check(compile_mla_grouped(128, 1, "bf16", launch), pipelined=True)
 
 
+def gqa_decode_args(group: int, head_dim: int, splits: int, kv: str, kv_heads: int = 4,
+                    v_dim: int | None = None, grouped: dict | None = None) -> dict:
+    """The decode kernels' arguments: the GQA cache [2, blocks, 16, KVH, D], or with ``v_dim``
+    MiMo-V2-Flash's flat rows [blocks, 16, KVH * (D + DV)]; ``grouped``: grouped_launch's."""
+    block, heads = 16, group * kv_heads
+    dv = v_dim or head_dim
+    row = kv_heads * (head_dim + dv) if v_dim else kv_heads * head_dim
+    args = {"q_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
+            "sink_ptr": "*bf16", "out_ptr": "*bf16" if splits == 1 else "*fp32",
+            "lse_ptr": "*fp32", "group": group, "head_dim": head_dim, "v_dim": dv,
+            "window": 128 if v_dim else 1 << 30, "block_size": block, "scale_log2": 0.13,
+            "stride_qb": heads * head_dim, "stride_qh": head_dim,
+            "stride_kv": kv_heads * head_dim if v_dim else 4096 * block * row,
+            "stride_kvb": block * row, "stride_kvt": row, "stride_kh": head_dim,
+            "stride_vh": dv, "stride_tb": 2048, "stride_tc": 1, "stride_sl": 1,
+            "stride_ob": heads * dv * splits, "stride_oh": dv * splits}
+    if grouped:
+        args |= {"cu_rows_ptr": "*i64", "num_heads": heads, "row_tiles": grouped["row_tiles"]}
+    return args
+
+
+def compile_gqa_decode(group: int, head_dim: int, splits: int, kv: str, kv_heads: int = 4,
+                       v_dim: int | None = None, sinks: bool = False):
+    args = gqa_decode_args(group, head_dim, splits, kv, kv_heads, v_dim)
+    defaults = gqa_decode_triton.decode_launch(group, head_dim, v_dim or head_dim, on_gpu=True)
+    constexprs = {"NUM_SPLITS": splits, "G_PAD": max(16, triton.next_power_of_2(group)),
+                  "BLOCK_N": defaults["block_n"], "D_PAD": triton.next_power_of_2(head_dim),
+                  "DV_PAD": triton.next_power_of_2(v_dim or head_dim), "HAS_SINKS": sinks,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    return compile_sm90(gqa_decode_triton.gqa_decode_kernel, args, constexprs,
+                        defaults["num_warps"], defaults["num_stages"])
+
+
+def compile_gqa_decode_grouped(group: int, head_dim: int, rows: int, splits: int, kv: str,
+                               kv_heads: int = 4, v_dim: int | None = None,
+                               sinks: bool = False):
+    launch = gqa_decode_triton.decode_launch(group, head_dim, v_dim or head_dim, True, rows)
+    args = gqa_decode_args(group, head_dim, splits, kv, kv_heads, v_dim, launch)
+    constexprs = {"NUM_SPLITS": splits, "G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
+                  "BLOCK_N": launch["block_n"], "D_PAD": triton.next_power_of_2(head_dim),
+                  "DV_PAD": triton.next_power_of_2(v_dim or head_dim), "HAS_SINKS": sinks,
+                  "DOT_MODE": 0, "INTERP_BF16": False}
+    return compile_sm90(gqa_decode_triton.gqa_decode_grouped_kernel, args, constexprs,
+                        launch["num_warps"], launch["num_stages"])
+
+
 @pytest.mark.parametrize(("group", "head_dim", "splits", "kv"),
                          [(8, 128, 1, "bf16"), (8, 128, 16, "bf16"), (16, 128, 4, "bf16"),
                           (64, 128, 1, "bf16"), (3, 80, 2, "bf16"),
@@ -606,26 +652,9 @@ def test_mla_grouped_check_refuses_32_heads_at_4_rows() -> None:
 def test_gqa_decode_compiles(group: int, head_dim: int, splits: int, kv: str) -> None:
     # Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16) at head_dim 128, a G=64 group (8 warps),
     # and an odd group with a padded head_dim.
-    kv_heads, block = 4, 16
-    heads = group * kv_heads
-    row = kv_heads * head_dim
-    out = "*bf16" if splits == 1 else "*fp32"
-    args = {"q_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
-            "out_ptr": out, "lse_ptr": "*fp32", "group": group, "head_dim": head_dim,
-            "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
-            "stride_qh": head_dim, "stride_kv": 4096 * block * row, "stride_kvb": block * row,
-            "stride_kvt": row, "stride_kvh": head_dim, "stride_tb": 2048, "stride_tc": 1,
-            "stride_sl": 1, "stride_ob": heads * head_dim * splits,
-            "stride_oh": head_dim * splits}
-    defaults = gqa_decode_triton.default_launch(group, head_dim, on_gpu=True)
-    d_pad = triton.next_power_of_2(head_dim)
-    constexprs = {"NUM_SPLITS": splits, "G_PAD": max(16, triton.next_power_of_2(group)),
-                  "BLOCK_N": defaults["block_n"], "D_PAD": d_pad, "DOT_MODE": 0,
-                  "INTERP_BF16": False}
-    check(compile_sm90(gqa_decode_triton.gqa_decode_kernel, args, constexprs,
-                       defaults["num_warps"], defaults["num_stages"]), pipelined=True)
+    check(compile_gqa_decode(group, head_dim, splits, kv), pipelined=True)
     if splits > 1:
-        check_combine(splits, head_dim, d_pad)
+        check_combine(splits, head_dim, triton.next_power_of_2(head_dim))
 
 
 @pytest.mark.parametrize(("group", "head_dim", "rows", "splits", "kv"),
@@ -638,24 +667,30 @@ def test_gqa_decode_grouped_compiles(group: int, head_dim: int, rows: int, split
                                      kv: str) -> None:
     # Verify rows at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), groups of 2 to 5 rows
     # (5 at G=8: two row tiles), and an odd group with a padded head_dim.
-    kv_heads, block = 4, 16
-    heads = group * kv_heads
-    row = kv_heads * head_dim
-    out = "*bf16" if splits == 1 else "*fp32"
-    launch = gqa_decode_triton.grouped_launch(group, rows, head_dim, on_gpu=True)
-    args = {"q_ptr": "*bf16", "kv_ptr": f"*{kv}", "table_ptr": "*i32", "seq_lens_ptr": "*i64",
-            "cu_rows_ptr": "*i64", "out_ptr": out, "lse_ptr": "*fp32", "group": group,
-            "num_heads": heads, "row_tiles": launch["row_tiles"], "head_dim": head_dim,
-            "block_size": block, "scale_log2": 0.13, "stride_qb": heads * head_dim,
-            "stride_qh": head_dim, "stride_kv": 4096 * block * row, "stride_kvb": block * row,
-            "stride_kvt": row, "stride_kvh": head_dim, "stride_tb": 2048, "stride_tc": 1,
-            "stride_sl": 1, "stride_ob": heads * head_dim * splits,
-            "stride_oh": head_dim * splits}
-    constexprs = {"NUM_SPLITS": splits, "G_POW2": launch["g_pow2"], "BLOCK_M": launch["block_m"],
-                  "BLOCK_N": launch["block_n"], "D_PAD": triton.next_power_of_2(head_dim),
-                  "DOT_MODE": 0, "INTERP_BF16": False}
-    check(compile_sm90(gqa_decode_triton.gqa_decode_grouped_kernel, args, constexprs,
-                       launch["num_warps"], launch["num_stages"]), pipelined=True)
+    check(compile_gqa_decode_grouped(group, head_dim, rows, splits, kv), pipelined=True)
+
+
+# MiMo-V2-Flash's decode rows (gqa_decode_triton.window_decode_attention_triton): 64 query
+# heads, q/k 192 and v 128 over flat cache rows; sliding layers 8 KV heads (G=8), a 128-position
+# window and sinks; full layers 4 KV heads (G=16), neither
+MIMO_DECODE = [(8, 1, True, "bf16"), (8, 2, True, "bf16"), (16, 1, False, "bf16"),
+               (16, 8, False, "bf16"), (8, 1, True, "fp8e4nv"), (16, 4, False, "fp8e4nv")]
+
+
+@pytest.mark.parametrize(("group", "splits", "sinks", "kv"), MIMO_DECODE)
+def test_mimo_decode_compiles(group: int, splits: int, sinks: bool, kv: str) -> None:
+    check(compile_gqa_decode(group, 192, splits, kv, 64 // group, 128, sinks), pipelined=True)
+    if splits > 1:
+        check_combine(splits, 128, 128)
+
+
+@pytest.mark.parametrize(("group", "rows", "splits", "sinks", "kv"),
+                         [(8, 2, 1, True, "bf16"), (8, 4, 2, True, "bf16"),
+                          (16, 2, 4, False, "bf16"), (8, 2, 1, True, "fp8e4nv")])
+def test_mimo_decode_grouped_compiles(group: int, rows: int, splits: int, sinks: bool,
+                                      kv: str) -> None:
+    check(compile_gqa_decode_grouped(group, 192, rows, splits, kv, 64 // group, 128, sinks),
+          pipelined=True)
 
 
 @pytest.mark.parametrize(("paged", "group", "dim_k", "dim_v", "dtype", "kv"),
