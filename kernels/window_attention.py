@@ -1,5 +1,8 @@
 """Paged grouped-query attention with an optional sliding window and per-head sinks, over
-flat cache rows whose keys and values differ in width (MiMo-V2-Flash). Torch only.
+flat cache rows whose keys and values differ in width (MiMo-V2-Flash). ``window_attention_torch``
+is the reference and the path of every prefill row; ``window_attention`` sends the decode rows
+to Triton where ``kernels.backend`` picks it (``gqa_decode_triton.window_decode_attention_triton``:
+the GQA decode kernels, per row or grouped, over these rows).
 
 Each token's cache row is [KVH * Dk keys | KVH * Dv values] (one tensor per layer,
 [num_blocks, block_size, KVH * (Dk + Dv)]). Query head h reads KV head h // G (G = H / KVH,
@@ -126,6 +129,32 @@ def window_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: 
     lens = context_lens if context_lens is not None else seq_lens.tolist()
     return window_attention_torch(q, cache, block_tables, [1] * q.shape[0], lens, kv_heads,
                                   v_dim, scale, window, sinks)
+
+
+def window_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                     num_decodes: int, kv_heads: int, v_dim: int, scale: float,
+                     window: int | None = None, sinks: torch.Tensor | None = None, *,
+                     groups: DecodeGroups | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """``window_attention_torch``'s contract over a ``models.batch.ForwardBatch``'s rows, the
+    first ``num_decodes`` of them decode rows (``groups``: their sequences, None: one each),
+    seq_lens [rows] the lengths on q's device. Where ``kernels.backend`` picks Triton the
+    decode rows run ``window_decode_attention`` (Triton) and the prefill rows torch; else
+    every row torch."""
+    if num_decodes == 0 or resolve_backend(backend, q, cache) != "triton":
+        return window_attention_torch(q, cache, block_tables, query_lens, context_lens,
+                                      kv_heads, v_dim, scale, window, sinks)
+    nd = num_decodes
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    out[:nd] = window_decode_attention(q[:nd], cache, block_tables[:nd], seq_lens[:nd],
+                                       context_lens[:nd], kv_heads, v_dim, scale, window, sinks,
+                                       groups=groups, backend="triton")
+    if nd < len(query_lens):
+        out[nd:] = window_attention_torch(q[nd:], cache, block_tables[nd:], query_lens[nd:],
+                                          context_lens[nd:], kv_heads, v_dim, scale, window,
+                                          sinks)
+    return out
 
 
 def _visible(length: int, window: int | None) -> int:

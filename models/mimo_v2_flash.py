@@ -15,8 +15,9 @@ shared experts, ``mlp_layer_types`` dense or sparse).
 Cache rows: one tensor per layer [num_blocks, block_size, KVH * (head_dim + v_head_dim)], keys
 then values (``ModelConfig.layer_kv_cache_dim``: a sliding layer's twice a full layer's). A
 sliding layer keeps every row of a sequence, though its queries read only the window's
-(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention`` (torch) on every
-device: the Triton GQA kernels know neither windows, sinks nor values narrower than keys.
+(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention``: its decode rows
+through the Triton GQA decode kernels where ``kernels.backend`` picks Triton (CUDA), its
+prefill rows in torch on every device. Steps stay eager (never captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 import kernels
 from kernels.fp8 import to_kv_cache
-from kernels.window_attention import window_attention_torch
+from kernels.window_attention import window_attention
 from models.batch import ForwardBatch
 from models.config import ModelConfig
 from models.layers import Rotary, linear
@@ -72,8 +73,9 @@ class MiMoAttention(nn.Module):
         lens = batch.context_lens
         if lens is None:  # a CUDA graph's batch: afd never captures this model's steps
             raise RuntimeError("MiMo-V2-Flash attention needs the rows' lengths on the host")
-        out = window_attention_torch(
-            q, cache, batch.block_tables, batch.query_lens, lens, self.num_kv_heads, self.v_dim,
-            self.cfg.attention_scale, self.window,
-            self.attention_sink_bias if self.sliding else None)
+        out = window_attention(
+            q, cache, batch.block_tables, batch.seq_lens, batch.query_lens, lens,
+            batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
+            self.window, self.attention_sink_bias if self.sliding else None,
+            groups=batch.decode_groups)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

@@ -23,7 +23,10 @@ sinks) are its Triton paths; ``v4graph`` the same with its decode steps through 
 path (eagerly), its decode rows' static path (every entry the table's width holds). The
 ``qwen3_next`` case is the tiny Qwen3-Next of ``ckpt_utils`` (models.hybrid): its full
 layer's GQA kernels (rotary over a quarter of each head's dims) and routed experts through
-Triton, its zero-centred norms and linear-attention layers in torch. The ``+fp8kv`` cases
+Triton, its zero-centred norms and linear-attention layers in torch. The ``mimo`` case is
+the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
+decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows in
+torch (``kernels.window_attention``). The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
@@ -54,6 +57,7 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.dsa_triton", "dsa_selected_attention_triton"),
     ("kernels.v4_decode_triton", "v4_decode_attention_triton"),
     ("kernels.v4_decode_triton", "v4_index_scores_triton"),
+    ("kernels.gqa_decode_triton", "window_decode_attention_triton"),
 ]
 V4 = ("v4_decode_attention_triton", "v4_index_scores_triton")
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
@@ -85,9 +89,16 @@ UNUSED["qwen3_next"] = (*UNUSED["qwen3"], "rms_norm_triton")
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 UNUSED["v4graph"] = UNUSED["v4"]
-for _name in UNUSED:  # the V4 kernels are V4's alone
+# MiMo-V2-Flash: its decode rows through the GQA decode kernel over its flat rows (a window of
+# 8 below the second prompt, sinks, values narrower than keys), its norms, rotary and routed
+# experts Triton; its prefill rows torch (kernels.window_attention)
+UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
+                  "paged_prefill_attention_triton")
+for _name in UNUSED:  # the V4 kernels are V4's alone, the window decode kernel MiMo's
     if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
+        if _name != "mimo":
+            UNUSED[_name] = (*UNUSED[_name], "window_decode_attention_triton")
 
 
 FP8KV = "+fp8kv"
@@ -126,6 +137,12 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
+        if name == "mimo":
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from ckpt_utils import save_checkpoint
+            from test_mimo_v2_flash import build_hf_model as build_mimo
+
+            path = save_checkpoint(build_mimo(), tmp)
         if name in ("qwen3", "minimax", "qwen3_next", "v32", "v32sparse", "v32sparse_eager", "glm5",
                     "glm5sparse", "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -159,9 +176,9 @@ def interpreter_case(name: str, seed: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "qwen3_next", "mtp", "v32",
                                   "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
-                                  "v4graph", "greedy+fp8kv",
+                                  "v4graph", "mimo", "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
-                                  "glm5+fp8kv", "glm5sparse+fp8kv"])
+                                  "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")

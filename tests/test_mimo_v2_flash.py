@@ -189,9 +189,9 @@ def test_window_sinks_and_value_scale_each_matter(mimo, monkeypatch):
     seen["window"] = _differs(path, prompts, expected, hf_overrides={"sliding_window": 1000})
     seen["value scale"] = _differs(path, prompts, expected,
                                    hf_overrides={"attention_value_scale": None})
-    attend = mimo_module.window_attention_torch
-    monkeypatch.setattr(mimo_module, "window_attention_torch",
-                        lambda *args: attend(*args[:-1], None))
+    attend = mimo_module.window_attention
+    monkeypatch.setattr(mimo_module, "window_attention",
+                        lambda *args, **kwargs: attend(*args[:-1], None, **kwargs))
     seen["sinks"] = _differs(path, prompts, expected)
     print(f"prompts (lengths {LENGTHS}) whose tokens change: {seen}")
     # the first prompt (5 tokens) never reaches past the window in its prompt
