@@ -14,6 +14,14 @@ through the block table, any block size) or from packed ragged tensors ([sum L, 
 ``cu_seqlens_k``). The q.k dot runs over the head dim in two power-of-two pieces (DK_A + DK_B
 when SPLIT_K, e.g. 192 = 128 + 64, 80 = 64 + 16), so MLA's 192 wastes no lanes; V's dim pads
 to a power of two.
+
+MiMo-V2-Flash (``window_prefill_attention_triton``, reference ``kernels.window_attention``):
+K and V are views of its flat cache rows (keys then values of every KV head), with a sliding
+window (WINDOWED: row r sees only positions > lim[r] - window) and per-head sinks (HAS_SINKS:
+each row's softmax starts from its head's sink, ``triton_utils.softmax_start``). A windowed
+tile starts at its first query's window start (the blocks before it are never read), masks
+the steps up to its last query's window start (the windows' lower edges; a row may see
+nothing in such a step), then runs unmasked to the causal edge as without a window.
 """
 
 from __future__ import annotations
@@ -27,18 +35,22 @@ import triton.language as tl
 from kernels.fp8 import FP8_DTYPE
 from kernels.prefill_attention import PrefillLayout, _check_layout
 from kernels.triton_utils import (check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
-                                  rne_bf16)
+                                  rne_bf16, softmax_start)
+from kernels.window_attention import check_flat_cache
+
+FULL = 1 << 30  # the kernel's window of full attention (not WINDOWED: unused)
 
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_tok0, lim,
                   ctx_len, block_size, stride_tc, stride_kb, stride_kt, stride_vb, stride_vt,
-                  offs_a, offs_b, offs_v, a_ok, b_ok, v_ok, scale_log2,
-                  PAGED: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DK_A: tl.constexpr, SPLIT_K: tl.constexpr,
-                  DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr):
+                  offs_a, offs_b, offs_v, a_ok, b_ok, v_ok, scale_log2, window,
+                  PAGED: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr,
+                  SPLIT_K: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr):
     """One step of BLOCK_N context positions from ``start``: scores, online softmax, acc += p.v.
-    MASKED: the causal edge (row r sees positions <= lim[r]) and the context's end."""
+    MASKED: the causal edge (row r sees positions <= lim[r]) and the context's end; WINDOWED
+    too: row r sees only positions > lim[r] - window, so a row may see none of a step."""
     toks = start + tl.arange(0, BLOCK_N)
     t_ok = toks < ctx_len
     if PAGED:
@@ -59,12 +71,18 @@ def _attend_block(acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_t
     s = s * scale_log2
     if MASKED:
         seen = (toks[None, :] <= lim[:, None]) & t_ok[None, :]
+        if WINDOWED:
+            seen &= toks[None, :] > lim[:, None] - window
         s = tl.where(seen, s, float("-inf"))
-    # Finite: a row's first step always holds a position it sees (the unmasked steps hold only
-    # such positions; the first masked step holds lim of the tile's first query).
+    # Without a window finite: a row's first step always holds a position it sees (the unmasked
+    # steps hold only such positions; the first masked step holds lim of the tile's first
+    # query). With one a row may have seen nothing yet (m -inf): its exponents use 0.
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_use = m_new
+    if WINDOWED:
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + v_rows[:, None] + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
                 other=0.0).to(q_a.dtype)  # [N, DV]
@@ -83,10 +101,12 @@ def prefill_attention_kernel(
     cu_k_ptr,  # [S + 1] int32 first K/V row per sequence (ragged only)
     lens_ptr,  # [S] int32 context length L per sequence
     table_ptr,  # [S, max_blocks] block ids (PAGED only)
-    num_tiles, tile_q, group, dim_k, dim_v, block_size, scale_log2,
+    sink_ptr,  # [H] sink logits (HAS_SINKS only)
+    num_tiles, tile_q, group, dim_k, dim_v, window, block_size, scale_log2,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_tb, stride_tc, stride_ot, stride_oh,
-    PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, WINDOWED: tl.constexpr, HAS_SINKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DK_A: tl.constexpr, DK_B: tl.constexpr, SPLIT_K: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
@@ -125,24 +145,38 @@ def prefill_attention_kernel(
     # Row r sees positions <= lim[r] (its query is the (L - Q + qi)-th position). Padding rows
     # past the sequence's queries see further; they are never stored.
     lim = ctx_len - q_len + qi
-    shared_end = (ctx_len - q_len + q0 + 1) // BLOCK_N * BLOCK_N  # seen by every row
+    lim0 = ctx_len - q_len + q0  # the tile's first query's position
     end = ctx_len - q_len + tl.minimum(q0 + tile_q, q_len)  # past the tile's last query's
+    if WINDOWED:  # from the first query's window start: the blocks before it never read
+        first = tl.maximum(lim0 - window + 1, 0)
+        # steps from ``mid`` on lie past the last query's window start: in every row's window
+        all_in = end - window  # the last query's window start
+        mid = first + tl.cdiv(tl.maximum(all_in - first, 0), BLOCK_N) * BLOCK_N
+    else:
+        first = 0
+        mid = 0
+    shared_end = mid + tl.maximum(lim0 + 1 - mid, 0) // BLOCK_N * BLOCK_N  # seen by every row
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i, l_i = softmax_start(sink_ptr, heads, row_ok, 0, BLOCK_M, HAS_SINKS)
     acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
-    for start in range(0, shared_end, BLOCK_N):
+    for start in range(first, tl.minimum(mid, end), BLOCK_N):  # the windows' lower edges
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_tok0, lim, ctx_len,
             block_size, stride_tc, stride_kb, stride_kt, stride_vb, stride_vt, offs_a, offs_b,
-            offs_v, a_ok, b_ok, v_ok, scale_log2, PAGED, False, BLOCK_M, BLOCK_N, DK_A, SPLIT_K,
-            DOT_MODE, INTERP_BF16)
-    for start in range(shared_end, end, BLOCK_N):
+            offs_v, a_ok, b_ok, v_ok, scale_log2, window, PAGED, True, WINDOWED, BLOCK_M,
+            BLOCK_N, DK_A, SPLIT_K, DOT_MODE, INTERP_BF16)
+    for start in range(mid, shared_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_tok0, lim, ctx_len,
             block_size, stride_tc, stride_kb, stride_kt, stride_vb, stride_vt, offs_a, offs_b,
-            offs_v, a_ok, b_ok, v_ok, scale_log2, PAGED, True, BLOCK_M, BLOCK_N, DK_A, SPLIT_K,
-            DOT_MODE, INTERP_BF16)
+            offs_v, a_ok, b_ok, v_ok, scale_log2, window, PAGED, False, WINDOWED, BLOCK_M,
+            BLOCK_N, DK_A, SPLIT_K, DOT_MODE, INTERP_BF16)
+    for start in range(tl.maximum(shared_end, mid), end, BLOCK_N):  # the causal edge
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q_a, q_b, start, k_base, v_base, table_row, k_tok0, lim, ctx_len,
+            block_size, stride_tc, stride_kb, stride_kt, stride_vb, stride_vt, offs_a, offs_b,
+            offs_v, a_ok, b_ok, v_ok, scale_log2, window, PAGED, True, WINDOWED, BLOCK_M,
+            BLOCK_N, DK_A, SPLIT_K, DOT_MODE, INTERP_BF16)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = (q_beg + qi).to(tl.int64) * stride_ot + heads * stride_oh
@@ -194,7 +228,8 @@ def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool 
 
 def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: int, paged: bool,
             block_size: int, block_m: int | None, block_n: int | None, num_warps: int | None,
-            num_stages: int | None) -> torch.Tensor:
+            num_stages: int | None, window: int | None = None,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
     if layout.num_seqs == 0 or q.shape[1] == 0:
         return out
     dim_k, dim_v = q.shape[-1], v.shape[-1]
@@ -219,10 +254,13 @@ def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: in
     stride_vt, stride_vh = (v.stride(1), v.stride(2)) if paged else (v.stride(0), v.stride(1))
     prefill_attention_kernel[(num_tiles, kv_heads)](
         q, k, v, out, tiles, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_lens, tables,
-        num_tiles, tile_q, group, dim_k, dim_v, block_size, scale * math.log2(math.e),
+        q if sinks is None else sinks.contiguous(),
+        num_tiles, tile_q, group, dim_k, dim_v, FULL if window is None else window, block_size,
+        scale * math.log2(math.e),
         q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, stride_tb, stride_tc, out.stride(0), out.stride(1),
-        PAGED=paged, BLOCK_M=block_m, BLOCK_N=block_n or launch["block_n"], DK_A=dk_a,
+        PAGED=paged, WINDOWED=window is not None, HAS_SINKS=sinks is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n or launch["block_n"], DK_A=dk_a,
         DK_B=max(16, dk_b), SPLIT_K=dk_b > 0, DV_PAD=max(16, next_pow2(dim_v)),
         DOT_MODE=dot_mode(q.dtype), INTERP_BF16=interp_bf16(out.dtype),
         num_warps=num_warps or launch["num_warps"],
@@ -255,6 +293,34 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     return _launch(_unit_last(q), kv[0], kv[1], out, block_tables, layout, scale,
                    num_heads // kv.shape[3], True, block_size, block_m, block_n, num_warps,
                    num_stages)
+
+
+def window_prefill_attention_triton(q: torch.Tensor, cache: torch.Tensor,
+                                    block_tables: torch.Tensor, layout: PrefillLayout,
+                                    kv_heads: int, v_dim: int, scale: float,
+                                    window: int | None = None, sinks: torch.Tensor | None = None,
+                                    *, block_m: int | None = None, block_n: int | None = None,
+                                    num_warps: int | None = None,
+                                    num_stages: int | None = None) -> torch.Tensor:
+    """The prefill rows of ``window_attention.window_attention_torch`` (MiMo-V2-Flash): q
+    [sum Q, H, Dk] packed as ``layout``'s queries over flat cache rows [num_blocks, block_size,
+    KVH * (Dk + Dv)], an optional window (a tile reads from its first query's window start:
+    the blocks before it never read) and per-head sinks [H] (one more term in each query's
+    softmax denominator). -> [sum Q, H, Dv]."""
+    check_flat_cache(q, cache, kv_heads, v_dim, window, sinks)
+    _check_common(q, layout)
+    block_size, k_dim = cache.shape[1], q.shape[-1]
+    if block_tables.shape[0] != layout.num_seqs or (
+            layout.num_seqs and block_tables.shape[1] * block_size < max(layout.context_lens)):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} need one row per sequence "
+                         f"({layout.num_seqs}) and {block_size}-token blocks for the longest "
+                         f"context ({max(layout.context_lens, default=0)})")
+    cache = _unit_last(cache)
+    k = cache[..., : kv_heads * k_dim].unflatten(-1, (kv_heads, k_dim))
+    v = cache[..., kv_heads * k_dim:].unflatten(-1, (kv_heads, v_dim))
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    return _launch(_unit_last(q), k, v, out, block_tables, layout, scale, q.shape[1] // kv_heads,
+                   True, block_size, block_m, block_n, num_warps, num_stages, window, sinks)
 
 
 def varlen_prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,8 +1,9 @@
 """Paged grouped-query attention with an optional sliding window and per-head sinks, over
 flat cache rows whose keys and values differ in width (MiMo-V2-Flash). ``window_attention_torch``
-is the reference and the path of every prefill row; ``window_attention`` sends the decode rows
-to Triton where ``kernels.backend`` picks it (``gqa_decode_triton.window_decode_attention_triton``:
-the GQA decode kernels, per row or grouped, over these rows).
+is the reference and the CPU path; ``window_attention`` sends the rows to Triton where
+``kernels.backend`` picks it: decode rows to ``gqa_decode_triton.window_decode_attention_triton``
+(the GQA decode kernels, per row or grouped, over these rows), prefill rows to
+``prefill_attention_triton.window_prefill_attention_triton`` (the paged prefill kernel).
 
 Each token's cache row is [KVH * Dk keys | KVH * Dv values] (one tensor per layer,
 [num_blocks, block_size, KVH * (Dk + Dv)]). Query head h reads KV head h // G (G = H / KVH,
@@ -135,22 +136,32 @@ def window_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
                      seq_lens: torch.Tensor, query_lens: list[int], context_lens: list[int],
                      num_decodes: int, kv_heads: int, v_dim: int, scale: float,
                      window: int | None = None, sinks: torch.Tensor | None = None, *,
-                     groups: DecodeGroups | None = None,
+                     groups: DecodeGroups | None = None, layout=None,
                      backend: str | None = None) -> torch.Tensor:
     """``window_attention_torch``'s contract over a ``models.batch.ForwardBatch``'s rows, the
     first ``num_decodes`` of them decode rows (``groups``: their sequences, None: one each),
-    seq_lens [rows] the lengths on q's device. Where ``kernels.backend`` picks Triton the
-    decode rows run ``window_decode_attention`` (Triton) and the prefill rows torch; else
-    every row torch."""
-    if num_decodes == 0 or resolve_backend(backend, q, cache) != "triton":
+    seq_lens [rows] the lengths on q's device; ``layout``: the prefill rows'
+    ``PrefillLayout`` (``ForwardBatch.prefill_layout``). Where ``kernels.backend`` picks
+    Triton the decode rows run ``window_decode_attention`` and the prefill rows
+    ``prefill_attention_triton.window_prefill_attention_triton`` (torch without a layout);
+    else every row torch."""
+    if resolve_backend(backend, q, cache) != "triton":
         return window_attention_torch(q, cache, block_tables, query_lens, context_lens,
                                       kv_heads, v_dim, scale, window, sinks)
     nd = num_decodes
     out = q.new_empty(q.shape[0], q.shape[1], v_dim)
-    out[:nd] = window_decode_attention(q[:nd], cache, block_tables[:nd], seq_lens[:nd],
-                                       context_lens[:nd], kv_heads, v_dim, scale, window, sinks,
-                                       groups=groups, backend="triton")
-    if nd < len(query_lens):
+    if nd:
+        out[:nd] = window_decode_attention(q[:nd], cache, block_tables[:nd], seq_lens[:nd],
+                                           context_lens[:nd], kv_heads, v_dim, scale, window,
+                                           sinks, groups=groups, backend="triton")
+    if nd == len(query_lens):
+        return out
+    if layout is not None:
+        from kernels.prefill_attention_triton import window_prefill_attention_triton
+
+        out[nd:] = window_prefill_attention_triton(q[nd:], cache, block_tables[nd:], layout,
+                                                   kv_heads, v_dim, scale, window, sinks)
+    else:
         out[nd:] = window_attention_torch(q[nd:], cache, block_tables[nd:], query_lens[nd:],
                                           context_lens[nd:], kv_heads, v_dim, scale, window,
                                           sinks)

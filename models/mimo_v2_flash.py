@@ -15,9 +15,10 @@ shared experts, ``mlp_layer_types`` dense or sparse).
 Cache rows: one tensor per layer [num_blocks, block_size, KVH * (head_dim + v_head_dim)], keys
 then values (``ModelConfig.layer_kv_cache_dim``: a sliding layer's twice a full layer's). A
 sliding layer keeps every row of a sequence, though its queries read only the window's
-(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention``: its decode rows
-through the Triton GQA decode kernels where ``kernels.backend`` picks Triton (CUDA), its
-prefill rows in torch on every device. Steps stay eager (never captured in a CUDA graph).
+(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention``: where
+``kernels.backend`` picks Triton (CUDA) its decode rows through the Triton GQA decode kernels
+and its prefill rows through the paged prefill kernel, else torch. Steps stay eager (never
+captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -77,5 +78,5 @@ class MiMoAttention(nn.Module):
             q, cache, batch.block_tables, batch.seq_lens, batch.query_lens, lens,
             batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
             self.window, self.attention_sink_bias if self.sliding else None,
-            groups=batch.decode_groups)
+            groups=batch.decode_groups, layout=batch.prefill_layout())
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

@@ -25,8 +25,8 @@ path (eagerly), its decode rows' static path (every entry the table's width hold
 layer's GQA kernels (rotary over a quarter of each head's dims) and routed experts through
 Triton, its zero-centred norms and linear-attention layers in torch. The ``mimo`` case is
 the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
-decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows in
-torch (``kernels.window_attention``). The ``+fp8kv`` cases
+decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
+through ``prefill_attention_triton.window_prefill_attention_triton``. The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
 """
@@ -58,7 +58,9 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.v4_decode_triton", "v4_decode_attention_triton"),
     ("kernels.v4_decode_triton", "v4_index_scores_triton"),
     ("kernels.gqa_decode_triton", "window_decode_attention_triton"),
+    ("kernels.prefill_attention_triton", "window_prefill_attention_triton"),
 ]
+MIMO = ("window_decode_attention_triton", "window_prefill_attention_triton")
 V4 = ("v4_decode_attention_triton", "v4_index_scores_triton")
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
 DSA = ("dsa_decode_attention_triton", "dsa_selected_attention_triton")
@@ -89,16 +91,16 @@ UNUSED["qwen3_next"] = (*UNUSED["qwen3"], "rms_norm_triton")
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
 UNUSED["v4graph"] = UNUSED["v4"]
-# MiMo-V2-Flash: its decode rows through the GQA decode kernel over its flat rows (a window of
-# 8 below the second prompt, sinks, values narrower than keys), its norms, rotary and routed
-# experts Triton; its prefill rows torch (kernels.window_attention)
+# MiMo-V2-Flash: its decode rows through the GQA decode kernel and its prefill rows through the
+# paged prefill kernel over its flat rows (a window of 8 below the second prompt, sinks, values
+# narrower than keys), its norms, rotary and routed experts Triton
 UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
                   "paged_prefill_attention_triton")
-for _name in UNUSED:  # the V4 kernels are V4's alone, the window decode kernel MiMo's
+for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's
     if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
         if _name != "mimo":
-            UNUSED[_name] = (*UNUSED[_name], "window_decode_attention_triton")
+            UNUSED[_name] = (*UNUSED[_name], *MIMO)
 
 
 FP8KV = "+fp8kv"

@@ -711,8 +711,6 @@ def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: 
                                     dtype: str, kv: str) -> None:
     # Paged GQA at Qwen3-30B-A3B (G=8) and Qwen3-235B-A22B (G=16), an odd group with a padded
     # head_dim, fp32; ragged MHA at DeepSeek-V3's MLA (192/128) and a padded fp32 shape.
-    heads = 32 if paged else 128
-    ptr = f"*{dtype}"
     defaults = prefill_attention_triton.default_launch(group, dim_k, dim_v, on_gpu=True,
                                                        fp32=dtype == "fp32", paged=paged,
                                                        fp8_kv=kv == "fp8e4nv")
@@ -721,27 +719,54 @@ def test_prefill_attention_compiles(paged: bool, group: int, dim_k: int, dim_v: 
     # MLA's ragged 192/128 (128 spills 8 B a thread there), fp32 16
     wide = paged and dtype == kv == "bf16" and max(dim_k, dim_v) <= 128
     assert defaults["block_n"] == (16 if dtype == "fp32" else 128 if wide else 64), defaults
+    compiled = compile_prefill(paged, group, dim_k, dim_v, dtype, kv, 32 if paged else 128)
+    check(compiled, pipelined=True)
+    if dtype == "bf16":
+        assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
+
+
+def compile_prefill(paged: bool, group: int, dim_k: int, dim_v: int, dtype: str, kv: str,
+                    heads: int, flat: bool = False, window: bool = False, sinks: bool = False):
+    """The prefill kernel with its launcher's defaults; ``flat``: MiMo-V2-Flash's cache rows
+    (keys then values of every KV head in one row, K and V views of it)."""
+    ptr = f"*{dtype}"
+    defaults = prefill_attention_triton.default_launch(group, dim_k, dim_v, on_gpu=True,
+                                                       fp32=dtype == "fp32", paged=paged,
+                                                       fp8_kv=kv == "fp8e4nv")
     dk_a, dk_b = prefill_attention_triton.split_head_dim(dim_k)
     k_row = (heads // group) * dim_k if paged else heads * dim_k
     v_row = (heads // group) * dim_v if paged else heads * (dim_k + dim_v)  # V a view (MLA)
+    if flat:
+        k_row = v_row = (heads // group) * (dim_k + dim_v)
     args = {"q_ptr": ptr, "k_ptr": f"*{kv}", "v_ptr": f"*{kv}", "out_ptr": ptr, "tiles_ptr": "*i32",
             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "lens_ptr": "*i32", "table_ptr": "*i32",
-            "num_tiles": 77, "tile_q": defaults["block_m"] // group, "group": group,
-            "dim_k": dim_k, "dim_v": dim_v, "block_size": 16 if paged else 0,
+            "sink_ptr": ptr, "num_tiles": 77, "tile_q": defaults["block_m"] // group,
+            "group": group, "dim_k": dim_k, "dim_v": dim_v, "window": 128 if window else 1 << 30,
+            "block_size": 16 if paged else 0,
             "scale_log2": 0.13, "stride_qt": heads * dim_k, "stride_qh": dim_k,
             "stride_kb": 16 * k_row if paged else 0, "stride_kt": k_row, "stride_kh": dim_k,
             "stride_vb": 16 * v_row if paged else 0, "stride_vt": v_row,
             "stride_vh": dim_v if paged else dim_k + dim_v, "stride_tb": 2048, "stride_tc": 1,
             "stride_ot": heads * dim_v, "stride_oh": dim_v}
-    constexprs = {"PAGED": paged, "BLOCK_M": defaults["block_m"], "BLOCK_N": defaults["block_n"],
+    constexprs = {"PAGED": paged, "WINDOWED": window, "HAS_SINKS": sinks,
+                  "BLOCK_M": defaults["block_m"], "BLOCK_N": defaults["block_n"],
                   "DK_A": dk_a, "DK_B": max(16, dk_b), "SPLIT_K": dk_b > 0,
                   "DV_PAD": triton.next_power_of_2(dim_v), "DOT_MODE": 1 if dtype == "fp32" else 0,
                   "INTERP_BF16": False}
-    compiled = compile_sm90(prefill_attention_triton.prefill_attention_kernel, args, constexprs,
-                            defaults["num_warps"], defaults["num_stages"])
+    return compile_sm90(prefill_attention_triton.prefill_attention_kernel, args, constexprs,
+                        defaults["num_warps"], defaults["num_stages"])
+
+
+@pytest.mark.parametrize(("group", "window", "kv"),
+                         [(8, True, "bf16"), (16, False, "bf16"), (8, True, "fp8e4nv")])
+def test_mimo_prefill_compiles(group: int, window: bool, kv: str) -> None:
+    """MiMo-V2-Flash's prefill chunks (prefill_attention_triton.window_prefill_attention_triton):
+    64 query heads, q/k 192 and v 128 views of its flat cache rows; sliding layers 8 KV heads,
+    a 128-position window and sinks, full layers 4 KV heads."""
+    compiled = compile_prefill(True, group, 192, 128, "bf16", kv, 64, flat=True, window=window,
+                               sinks=window)
     check(compiled, pipelined=True)
-    if dtype == "bf16":
-        assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
+    assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
 
 
 # ---- DeepSeek-V3.2's DSA decode (kernels/dsa_triton.py) at the release's dims: latent 512,

@@ -47,6 +47,31 @@ CASES = {
 }
 
 
+def poisoned_cache(tables: torch.Tensor, visible: list[tuple[int, int]], num_blocks: int,
+                   block: int, width: int) -> torch.Tensor:
+    """A random fp32 cache [num_blocks, block, width] whose rows outside every table row's
+    visible positions ``visible[i]`` = [lo, hi) hold NaN, +Inf and -Inf in turn."""
+    cache = torch.randn(num_blocks, block, width)
+    live = torch.zeros(num_blocks * block, dtype=torch.bool)
+    for table, (lo, hi) in zip(tables.tolist(), visible):
+        pos = torch.arange(lo, hi)
+        live[torch.tensor(table)[pos // block] * block + pos % block] = True
+    flat = cache.view(num_blocks * block, -1)
+    stale = (~live).nonzero().squeeze(1)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    flat[stale] = special[torch.arange(stale.numel() * width) % 3].view(stale.numel(), -1)
+    return cache
+
+
+def make_sinks(sinks: str | None, heads: int, dtype: torch.dtype, device: str):
+    if sinks is None:
+        return None
+    sink = torch.randn(heads) * 2
+    if sinks == "extreme":  # a sink far above every score (output ~ 0), one far below
+        sink[0], sink[-1] = 40.0, -40.0
+    return sink.to(dtype).to(device)
+
+
 def make_inputs(spec: tuple, device: str):
     """(q, cache, tables, seq_lens, scale, sinks, groups) with every cache row outside the rows'
     windows NaN / Inf (FP8: NaN)."""
@@ -57,26 +82,13 @@ def make_inputs(spec: tuple, device: str):
     num_blocks = len(rows) * width + 3
     perm = torch.randperm(num_blocks)[: len(rows) * width].view(len(rows), width)
     tables = perm.repeat_interleave(torch.tensor(rows), dim=0).to(torch.int32)
-    cache = torch.randn(num_blocks, block, kv_heads * (dk + dv))
-    live = torch.zeros(num_blocks * block, dtype=torch.bool)
-    for table, n in zip(tables.tolist(), lens):
-        pos = torch.arange(max(0, n - window) if window else 0, n)
-        live[torch.tensor(table)[pos // block] * block + pos % block] = True
-    flat = cache.view(num_blocks * block, -1)
-    stale = (~live).nonzero().squeeze(1)
-    special = torch.tensor([float("nan"), float("inf"), float("-inf")])
-    flat[stale] = special[torch.arange(stale.numel() * flat.shape[1]) % 3].view(stale.numel(), -1)
+    visible = [(max(0, n - window) if window else 0, n) for n in lens]
+    cache = poisoned_cache(tables, visible, num_blocks, block, kv_heads * (dk + dv))
     cache = cache.to(kv_dtype).to(device)
     q = torch.randn(len(lens), heads, dk).to(dtype).to(device)
-    sink = None
-    if sinks is not None:
-        sink = torch.randn(heads) * 2
-        if sinks == "extreme":  # a sink far above every score (output ~ 0), one far below
-            sink[0], sink[-1] = 40.0, -40.0
-        sink = sink.to(dtype).to(device)
     groups = DecodeGroups.build(rows, device) if spec[11] else None
-    return (q, cache, tables.to(device), torch.tensor(lens, device=device), dk**-0.5, sink,
-            groups)
+    return (q, cache, tables.to(device), torch.tensor(lens, device=device), dk**-0.5,
+            make_sinks(sinks, heads, dtype, device), groups)
 
 
 def run_case(spec: tuple, device: str) -> dict:
@@ -93,8 +105,58 @@ def run_case(spec: tuple, device: str) -> dict:
             "dtype_ok": out.dtype == ref.dtype and out.shape == ref.shape}
 
 
+# Prefill chunks: name -> (dtype, [(queries, context length)] per sequence, heads, kv_heads,
+#   head_dim, v_dim, block_size, window, sinks, block_m (None: the launcher's))
+# The interpreter's tiles are 16 rows (8 queries at G = 2) by 16 positions: a window of 6 is
+# shorter than a tile's queries (each row's own lower edge), one of 37 leaves unmasked steps
+# between the windows' lower edges and the causal edge.
+PREFILL_CASES = {
+    "prefill_w6_extreme_fp32": ("fp32", [(1, 1), (5, 5), (12, 30), (20, 20), (3, 40)], 4, 2,
+                                24, 16, 4, 6, "extreme", None),
+    # 32 queries a tile: its later rows' windows start past its first step (they see nothing
+    # there, and no sink starts them)
+    "prefill_w6_nosinks_bm64_fp32": ("fp32", [(40, 50), (20, 20)], 4, 2, 24, 16, 4, 6, None,
+                                     64),
+    "prefill_w37_fp32": ("fp32", [(40, 70), (9, 50), (16, 16)], 4, 2, 24, 16, 4, 37, "randn",
+                         None),
+    "prefill_w6_bm32_block5_fp32": ("fp32", [(17, 40), (6, 6)], 4, 2, 24, 16, 5, 6, "randn",
+                                    32),
+    "prefill_full_sinks_g4_bf16": ("bf16", [(7, 20), (30, 30)], 8, 2, 48, 32, 8, None,
+                                   "randn", None),
+    "prefill_w5_fp8kv_bf16": ("bf16+fp8kv", [(12, 33), (4, 4)], 6, 2, 48, 32, 8, 5, "extreme",
+                              None),
+}
+
+
+def run_prefill_case(spec: tuple, device: str) -> dict:
+    from kernels.prefill_attention import PrefillLayout
+    from kernels.prefill_attention_triton import window_prefill_attention_triton
+
+    dtype, seqs, heads, kv_heads, dk, dv, block, window, sinks, block_m = spec
+    dtype, kv_dtype = case_dtypes(dtype, DTYPES)
+    qlens, lens = [q for q, _ in seqs], [n for _, n in seqs]
+    width = -(-max(lens) // block) + 1
+    num_blocks = len(seqs) * width + 3
+    tables = torch.randperm(num_blocks)[: len(seqs) * width].view(len(seqs), width).int()
+    visible = [(max(0, n - q - window + 1) if window else 0, n) for q, n in seqs]
+    cache = poisoned_cache(tables, visible, num_blocks, block, kv_heads * (dk + dv))
+    cache, tables = cache.to(kv_dtype).to(device), tables.to(device)
+    q = torch.randn(sum(qlens), heads, dk).to(dtype).to(device)
+    sink = make_sinks(sinks, heads, dtype, device)
+    layout = PrefillLayout(qlens, lens, device)
+    out = window_prefill_attention_triton(q, cache, tables, layout, kv_heads, dv, dk**-0.5,
+                                          window, sink, block_m=block_m)
+    ref = window_attention_torch(q, cache, tables, qlens, lens, kv_heads, dv, dk**-0.5, window,
+                                 sink)
+    finite = bool(out.isfinite().all())
+    return {"err": rel_err(out, ref) if finite else float("inf"), "tol": tolerance(q.dtype),
+            "dtype_ok": out.dtype == ref.dtype and out.shape == ref.shape}
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     seed_case(name, seed)
+    if name in PREFILL_CASES:
+        return run_prefill_case(PREFILL_CASES[name], "cpu")
     if name == "dispatch_triton":  # the backend choice reaches the kernel (interpreter here)
         spec = CASES["w6_fp32"]
         q, cache, tables, lens, scale, sinks, _ = make_inputs(spec, "cpu")
@@ -108,10 +170,10 @@ def interpreter_case(name: str, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict]:
-    return run_in_interpreter(__file__, [*CASES, "dispatch_triton"], SEED)
+    return run_in_interpreter(__file__, [*CASES, "dispatch_triton", *PREFILL_CASES], SEED)
 
 
-@pytest.mark.parametrize("name", [*CASES, "dispatch_triton"])
+@pytest.mark.parametrize("name", [*CASES, "dispatch_triton", *PREFILL_CASES])
 def test_window_decode_interpreter(interpreter_results: dict, name: str) -> None:
     check_result(interpreter_results[name], name, SEED)
 
