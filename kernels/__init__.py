@@ -18,8 +18,8 @@ attention (its torch path, and ``dsa_decode_attention`` whose Triton kernels are
 ``dsa_triton``), ``v4_decode`` DeepSeek-V4's decode attention (window + listed entries, K=V,
 sinks) and CSA index scores (their Triton kernels in ``v4_decode_triton``),
 ``window_attention`` MiMo-V2-Flash's paged GQA with a sliding window, sinks and values narrower
-than keys (its decode rows through ``gqa_decode_triton``'s kernels where Triton is picked, its
-prefill rows torch), ``triton_utils`` what the Triton kernels share (dot
+than keys (where Triton is picked its decode rows through ``gqa_decode_triton``'s kernels,
+its prefill rows through ``prefill_attention_triton``'s), ``triton_utils`` what the Triton kernels share (dot
 modes, bf16 rounding, the split-K combine), ``testing`` the helpers the tests use (interpreter
 subprocess, rel. error).
 """

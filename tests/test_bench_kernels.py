@@ -441,9 +441,9 @@ def test_v4_decode_smoke_runs_on_cpu(tmp_path) -> None:
 
 
 def test_window_decode_smoke_runs_on_cpu(tmp_path) -> None:
-    """``bench/window_decode.py`` (MiMo-V2-Flash's decode rows: the Triton decode kernels beside
-    window_attention_torch) at tiny dims under the interpreter: one JSON line per (shape,
-    case), every case timed, the kernel within bf16's error of the torch path."""
+    """``bench/window_decode.py`` (MiMo-V2-Flash's decode rows and a prefill chunk: the Triton
+    kernels beside window_attention_torch) at tiny dims under the interpreter: one JSON line
+    per (shape, case), every case timed, the kernels within bf16's error of the torch path."""
     out = tmp_path / "window.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     proc = subprocess.run(
@@ -452,7 +452,9 @@ def test_window_decode_smoke_runs_on_cpu(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["layer"], r["case"]) for r in rows] == [
-        ("swa", "triton"), ("swa", "torch"), ("full", "triton"), ("full", "torch")]
+        ("swa", "triton"), ("swa", "torch"), ("full", "triton"), ("full", "torch"),
+        ("swa", "triton"), ("swa", "torch")]
+    assert [r["queries"] for r in rows] == [1, 1, 1, 1, 12, 12]
     for r in rows:
         assert "error" not in r, r
         assert r["us"] > 0 and r["floor_us"] > 0 and r["rel_err_triton_vs_torch"] < 1e-2

@@ -1,6 +1,7 @@
-"""Triton decode rows of MiMo-V2-Flash's attention (``gqa_decode_triton``'s kernels over flat
-cache rows, values narrower than keys, a sliding window, per-head sinks) against the torch
-reference ``kernels.window_attention.window_attention_torch``, per row and grouped by sequence.
+"""Triton decode rows and prefill chunks of MiMo-V2-Flash's attention (``gqa_decode_triton``'s
+kernels and ``prefill_attention_triton``'s over flat cache rows, values narrower than keys, a
+sliding window, per-head sinks) against the torch reference
+``kernels.window_attention.window_attention_torch``, decode rows per row and grouped by sequence.
 
 Every case fills each cache row that no row's window reaches (past its length, before its
 window, the free blocks) with NaN / Inf: the kernels must never read them. CPU cases run under
@@ -225,3 +226,21 @@ GPU_CASES = {
 def test_window_decode_gpu(name: str) -> None:
     torch.manual_seed(SEED + zlib.crc32(name.encode()))
     check_result(run_case(GPU_CASES[name], "cuda"), name, SEED)
+
+
+GPU_PREFILL_CASES = {  # MiMo-V2-Flash's prefill chunks at the release's dims
+    "mimo_swa_prefill_bf16": ("bf16", [(512, 512), (300, 2000), (1, 129), (128, 4096)], 64, 8,
+                              192, 128, 16, 128, "randn", None),
+    "mimo_full_prefill_bf16": ("bf16", [(512, 512), (256, 1024), (7, 300)], 64, 4, 192, 128,
+                               16, None, None, None),
+    "mimo_swa_prefill_fp8kv_bf16": ("bf16+fp8kv", [(256, 700), (64, 64)], 64, 8, 192, 128, 16,
+                                    128, "extreme", None),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_PREFILL_CASES))
+def test_window_prefill_gpu(name: str) -> None:
+    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    check_result(run_prefill_case(GPU_PREFILL_CASES[name], "cuda"), name, SEED)
