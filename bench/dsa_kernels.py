@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from probe_setup import (SMOKE, append_jsonl, device_us, probe_parser,  # noqa: E402
-                         start, stepper)  # first: sets up
+from probe_setup import (append_jsonl, device_us, probe_parser,  # noqa: E402
+                         start, stepper, time_in_turn)  # first: sets up
 
 from kernels.dsa import dsa_decode_attention_torch  # noqa: E402
 from kernels.dsa_triton import (dsa_decode_attention_triton, dsa_index_keys_triton,  # noqa: E402
@@ -115,21 +115,8 @@ def probe_shape(batch: int, ctx: int, dims: dict, ceil: dict, cuda: bool,
         "dense_mla": (lambda: mla_decode_attention_triton(q_lat, q_pe, mla_cache, tables, lens,
                                                           scale), True),
     }
-    rows: dict[str, dict] = {}
-    for _ in range(1 if SMOKE else 2):  # in turn, twice: the lower of the two medians
-        for name, (fn, graph) in runs.items():
-            if "error" in rows.get(name, {}):
-                continue
-            try:
-                us = device_us(fn, cuda) if graph else host_us(fn, cuda)
-            except Exception as exc:  # noqa: BLE001 - a case that fails is a result
-                rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                step(f"  !! {name}: {rows[name]['error']}")
-                if cuda:
-                    torch.cuda.synchronize()
-                continue
-            row = rows.setdefault(name, {})
-            row["us"] = min(us, row.get("us", us))
+    rows = time_in_turn({name: lambda fn=fn, graph=graph: (device_us if graph else host_us)(
+        fn, cuda) for name, (fn, graph) in runs.items()}, cuda, step)
     triton_us = rows.get("triton", {}).get("us")
     results = []
     for name, row in rows.items():

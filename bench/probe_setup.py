@@ -46,6 +46,28 @@ def device_us(fn, cuda: bool) -> float:
     return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
+def time_in_turn(timers: dict, cuda: bool, step) -> dict[str, dict]:
+    """Each case's time in microseconds, ``timers``: name -> a call returning one timing (us).
+    The cases in turn, twice (once under ``--smoke``), the lower kept: {name: {"us": ..}}, or
+    {"error": ..} for a case that raised (not timed again; the run goes on)."""
+    rows: dict[str, dict] = {}
+    for _ in range(1 if SMOKE else 2):  # in turn, twice: the lower of the two medians
+        for name, timer in timers.items():
+            if "error" in rows.get(name, {}):
+                continue
+            try:
+                us = timer()
+            except Exception as exc:  # noqa: BLE001 - a case that fails is a result
+                rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                step(f"  !! {name}: {rows[name]['error']}")
+                if cuda:
+                    torch.cuda.synchronize()
+                continue
+            row = rows.setdefault(name, {})
+            row["us"] = min(us, row.get("us", us))
+    return rows
+
+
 def probe_parser(doc: str, json_help: str):
     """The probes' argument parser: ``--smoke`` and ``--json``; the caller adds its own."""
     import argparse

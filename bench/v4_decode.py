@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from probe_setup import (SMOKE, append_jsonl, device_us, probe_parser,  # noqa: E402
-                         start, stepper)  # first: sets up
+from probe_setup import (append_jsonl, device_us, probe_parser,  # noqa: E402
+                         start, stepper, time_in_turn)  # first: sets up
 
 from kernels.testing import rel_err  # noqa: E402
 from kernels.v4_decode import v4_decode_attention_torch, v4_index_scores_torch  # noqa: E402
@@ -114,21 +114,8 @@ def probe_shape(layer: str, batch: int, ctx: int, dims: dict, ceil: dict, cuda: 
         index_floor = 1e6 * (int(live.sum()) * d_idx * 2 + got.numel() * 4) \
             / ceil["copy_bytes_per_s"]
         floors["index_triton"] = floors["index_torch"] = index_floor
-    rows: dict[str, dict] = {}
-    for _ in range(1 if SMOKE else 2):  # in turn, twice: the lower of the two medians
-        for name, fn in runs.items():
-            if "error" in rows.get(name, {}):
-                continue
-            try:
-                us = device_us(fn, cuda)
-            except Exception as exc:  # noqa: BLE001 - a case that fails is a result
-                rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                step(f"  !! {name}: {rows[name]['error']}")
-                if cuda:
-                    torch.cuda.synchronize()
-                continue
-            row = rows.setdefault(name, {})
-            row["us"] = min(us, row.get("us", us))
+    rows = time_in_turn({name: lambda fn=fn: device_us(fn, cuda) for name, fn in runs.items()},
+                        cuda, step)
     results = []
     for name, row in rows.items():
         triton_us = rows.get("index_triton" if name.startswith("index") else "triton",

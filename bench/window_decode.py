@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from probe_setup import (SMOKE, append_jsonl, device_us, probe_parser,  # noqa: E402
-                         start, stepper)  # first: sets up
+from probe_setup import (append_jsonl, device_us, probe_parser, start,  # noqa: E402
+                         stepper, time_in_turn)  # first: sets up
 
 
 def eager_us(fn, cuda: bool) -> float:
@@ -116,21 +116,8 @@ def probe_shape(layer: str, batch: int, chunk: int, ctx: int, dims: dict, ceil: 
             "torch": lambda: window_attention_torch(q, cache, tables, [chunk] * batch, host,
                                                     kv_heads, dv, scale, window, sinks)}
     err = rel_err(runs["triton"](), runs["torch"]())
-    rows: dict[str, dict] = {}
-    for _ in range(1 if SMOKE else 2):  # in turn, twice: the lower of the two medians
-        for name, fn in runs.items():
-            if "error" in rows.get(name, {}):
-                continue
-            try:
-                us = eager_us(fn, cuda)
-            except Exception as exc:  # noqa: BLE001 - a case that fails is a result
-                rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                step(f"  !! {name}: {rows[name]['error']}")
-                if cuda:
-                    torch.cuda.synchronize()
-                continue
-            row = rows.setdefault(name, {})
-            row["us"] = min(us, row.get("us", us))
+    rows = time_in_turn({name: lambda fn=fn: eager_us(fn, cuda) for name, fn in runs.items()},
+                        cuda, step)
     results = []
     triton_us = rows.get("triton", {}).get("us")
     for name, row in rows.items():
