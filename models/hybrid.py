@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gated_delta import (conv_decode, delta_rule_decode, delta_rule_step,  # noqa: F401
+                                 l2_normed, rule_inputs)
 from models.attention import GQAttention
 from models.batch import ForwardBatch
 from models.config import LinearAttentionConfig, ModelConfig
@@ -147,24 +149,6 @@ def linear_rows(batch: ForwardBatch) -> LinearRows:
     return rows
 
 
-def l2_normed(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(sum x^2 + 1e-6) over the last dim (FLA's and transformers' l2norm)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
-
-
-def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                    beta: torch.Tensor, state: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of the gated delta rule for B sequences, fp32. q, k [B, h, dk] (normed,
-    q scaled); v [B, h, dv]; g, beta [B, h]; state [B, h, dk, dv]. Returns (out [B, h, dv],
-    the new state)."""
-    state = state * g.exp()[..., None, None]
-    recalled = torch.einsum("bhkv,bhk->bhv", state, k)  # what S predicts for k
-    delta = (v - recalled) * beta[..., None]
-    state = state + k[..., None] * delta[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", state, q), state
-
-
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                        beta: torch.Tensor, state: torch.Tensor, chunk: int = DELTA_CHUNK
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,13 +249,7 @@ class GatedDeltaNet(nn.Module):
                ) -> tuple[torch.Tensor, ...]:
         """The conv output [T, C] -> fp32 q, k [T, nv, dk] (normed, q scaled, each key head's
         repeated for its value heads), v [T, nv, dv], g and beta [T, nv]."""
-        t, r = mixed.shape[0], self.nv // self.nk
-        q, k, v = mixed.float().split([self.nk * self.dk, self.nk * self.dk, self.nv * self.dv],
-                                      dim=-1)
-        q = l2_normed(q.view(t, self.nk, self.dk)).repeat_interleave(r, dim=1) * self.dk**-0.5
-        k = l2_normed(k.view(t, self.nk, self.dk)).repeat_interleave(r, dim=1)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        return q, k, v.reshape(t, self.nv, self.dv), g, b.sigmoid().float()
+        return rule_inputs(mixed, a, b, self.A_log, self.dt_bias, self.nk, self.dk, self.dv)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, states: LinearStates
                 ) -> torch.Tensor:
@@ -280,14 +258,12 @@ class GatedDeltaNet(nn.Module):
         mixed, z, b, a = self._project(x)
         core = x.new_empty(x.shape[0], self.nv, self.dv, dtype=torch.float32)
         nd = batch.num_decodes
-        if nd:  # one token each, batched: a conv window of kernel inputs, one recurrent step
-            slots, fresh = rows.decode_slots, rows.decode_fresh[:, None, None]
-            conv = torch.where(fresh, 0, states.conv[slots])
-            window = torch.cat((conv, mixed[:nd, :, None]), dim=-1)  # [B, C, kernel]
-            states.conv[slots] = window[..., 1:]
-            q, k, v, g, beta = self._heads(self._conv(window)[..., 0], a[:nd], b[:nd])
-            state = torch.where(fresh[..., None], 0, states.recurrent[slots])
-            core[:nd], states.recurrent[slots] = delta_rule_step(q, k, v, g, beta, state)
+        if nd:  # one token each, batched: one conv window and one recurrent step a row (Triton
+            # on CUDA: kernels.gated_delta)
+            slots, fresh = rows.decode_slots, rows.decode_fresh
+            conv = conv_decode(mixed[:nd], states.conv, self.conv1d.weight, slots, fresh)
+            core[:nd] = delta_rule_decode(conv, a[:nd], b[:nd], self.A_log, self.dt_bias,
+                                          states.recurrent, slots, fresh, self.nk)
         keep = self.lin.conv_kernel - 1
         for tokens, slot, fresh in rows.chunks:  # prefill chunks, one at a time
             conv = states.conv[slot]

@@ -22,8 +22,10 @@ decode rows' attention and CSA index scores (``kernels.v4_decode_triton``: windo
 sinks) are its Triton paths; ``v4graph`` the same with its decode steps through afd.cuda_graphs'
 path (eagerly), its decode rows' static path (every entry the table's width holds). The
 ``qwen3_next`` case is the tiny Qwen3-Next of ``ckpt_utils`` (models.hybrid): its full
-layer's GQA kernels (rotary over a quarter of each head's dims) and routed experts through
-Triton, its zero-centred norms and linear-attention layers in torch. The ``mimo`` case is
+layer's GQA kernels (rotary over a quarter of each head's dims), routed experts and its
+linear-attention layers' decode rows (``kernels.gated_delta_triton``: the conv state update and
+the recurrent gated-delta-rule step) through Triton, its zero-centred norms and its linear
+layers' prefill chunks in torch. The ``mimo`` case is
 the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
 decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
 through ``prefill_attention_triton.window_prefill_attention_triton``. The ``+fp8kv`` cases
@@ -59,9 +61,12 @@ TRITON_ENTRIES = [  # (module, launcher)
     ("kernels.v4_decode_triton", "v4_index_scores_triton"),
     ("kernels.gqa_decode_triton", "window_decode_attention_triton"),
     ("kernels.prefill_attention_triton", "window_prefill_attention_triton"),
+    ("kernels.gated_delta_triton", "conv_decode_triton"),
+    ("kernels.gated_delta_triton", "delta_rule_decode_triton"),
 ]
 MIMO = ("window_decode_attention_triton", "window_prefill_attention_triton")
 V4 = ("v4_decode_attention_triton", "v4_index_scores_triton")
+GDN = ("conv_decode_triton", "delta_rule_decode_triton")  # Qwen3-Next's linear decode rows
 GROUPED = ("mla_decode_attention_grouped_triton", "gqa_decode_attention_grouped_triton")
 DSA = ("dsa_decode_attention_triton", "dsa_selected_attention_triton")
 UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_triton", *GROUPED,
@@ -83,10 +88,12 @@ UNUSED = {"greedy": ("gqa_decode_attention_triton", "paged_prefill_attention_tri
           # (kernels.v4_decode_triton) and its routed experts (swiglu_limit in the w13
           # epilogue) are Triton; its prefill attention, rope, compressors, top-k and
           # fp32-weight norms torch
-          "v4": tuple(fn for _, fn in TRITON_ENTRIES if fn not in ("fused_moe_triton", *V4))}
+          "v4": tuple(fn for _, fn in TRITON_ENTRIES
+                      if fn not in ("fused_moe_triton", *V4, *GDN))}
 UNUSED["minimax"] = UNUSED["qwen3"]
-# Qwen3-Next (models.hybrid): its GQA kernels, rotary over a quarter of each head's dims and
-# its routed experts are Triton; its zero-centred norms and linear-attention layers torch
+# Qwen3-Next (models.hybrid): its GQA kernels, rotary over a quarter of each head's dims, its
+# routed experts and its linear layers' decode rows (conv + recurrent step) are Triton; its
+# zero-centred norms and its linear layers' prefill chunks torch
 UNUSED["qwen3_next"] = (*UNUSED["qwen3"], "rms_norm_triton")
 UNUSED["v32sparse_eager"] = UNUSED["v32sparse"]  # eager steps: the host lengths given
 UNUSED["glm5sparse"] = UNUSED["v32sparse"]
@@ -96,7 +103,10 @@ UNUSED["v4graph"] = UNUSED["v4"]
 # narrower than keys), its norms, rotary and routed experts Triton
 UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
                   "paged_prefill_attention_triton")
-for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's
+for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's, the
+    # Gated DeltaNet launchers Qwen3-Next's
+    if _name != "qwen3_next":
+        UNUSED[_name] = (*UNUSED[_name], *GDN)
     if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
         if _name != "mimo":
