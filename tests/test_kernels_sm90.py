@@ -858,3 +858,34 @@ def test_v4_index_scores_compiles() -> None:
     constexprs = {"HI_PAD": 64, "DI_PAD": 128, "BLOCK_N": launch["block_n"], "DOT_MODE": 0}
     check(compile_sm90(v4_decode_triton.v4_index_scores_kernel, args, constexprs,
                        launch["num_warps"], 1), pipelined=False)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gated_delta_decode_compiles(dtype: str) -> None:
+    """Qwen3-Next-80B's linear layers' decode rows (16 key heads, 32 value heads, 128-wide,
+    conv width 4; bf16 or fp32 inputs, fp32 state): the conv state update and the recurrent
+    step (a [128, 32] fp32 state tile a program) compile for sm_90a without a spill."""
+    from kernels import gated_delta_triton as gd
+
+    nk, nv, dk, dv, kernel = 16, 32, 128, 128, 4
+    channels = 2 * nk * dk + nv * dv
+    check(compile_sm90(gd.conv_decode_kernel,
+                       {"x_ptr": f"*{dtype}", "state_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
+                        "slot_ptr": "*i64", "fresh_ptr": "*i1", "out_ptr": f"*{dtype}",
+                        "channels": channels, "stride_x": channels,
+                        "stride_ss": channels * (kernel - 1), "stride_sc": kernel - 1,
+                        "stride_sk": 1},
+                       {"K": kernel, "BLOCK_C": gd.CONV_BLOCK, "INTERP_BF16": False},
+                       gd.CONV_WARPS), pipelined=False)
+    launch = gd.rule_launch(dk, dv)
+    assert (launch["BLOCK_K"], launch["BLOCK_V"]) == (128, 32)
+    check(compile_sm90(gd.delta_rule_decode_kernel,
+                       {"mixed_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                        "alog_ptr": f"*{dtype}", "dtb_ptr": f"*{dtype}", "state_ptr": "*fp32",
+                        "slot_ptr": "*i64", "fresh_ptr": "*i1", "out_ptr": "*fp32",
+                        "num_k_heads": nk, "k_dim": dk, "v_dim": dv, "group": nv // nk,
+                        "scale": dk**-0.5, "stride_m": channels, "stride_a": nv,
+                        "stride_b": nv, "stride_ss": nv * dk * dv, "stride_sh": dk * dv,
+                        "stride_sk": dv},
+                       {"BLOCK_K": launch["BLOCK_K"], "BLOCK_V": launch["BLOCK_V"],
+                        "INTERP_BF16": False}, launch["num_warps"]), pipelined=False)
