@@ -458,3 +458,20 @@ def test_window_decode_smoke_runs_on_cpu(tmp_path) -> None:
     for r in rows:
         assert "error" not in r, r
         assert r["us"] > 0 and r["floor_us"] > 0 and r["rel_err_triton_vs_torch"] < 1e-2
+
+
+def test_gdn_decode_smoke_runs_on_cpu(tmp_path) -> None:
+    """``bench/gdn_decode.py`` (Qwen3-Next's linear-attention decode rows: the Triton conv and
+    recurrent-step kernels beside the torch path) at tiny dims under the interpreter: one JSON
+    line per (rows, case), every case timed, Triton within bf16's error of the torch path."""
+    out = tmp_path / "gdn.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gdn_decode.py"), "--smoke",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["rows"], r["case"]) for r in rows] == [(3, "triton"), (3, "torch")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["us"] > 0 and r["floor_us"] > 0 and r["rel_err_triton_vs_torch"] < 1e-2
