@@ -19,7 +19,10 @@ attention (its torch path, and ``dsa_decode_attention`` whose Triton kernels are
 sinks) and CSA index scores (their Triton kernels in ``v4_decode_triton``),
 ``window_attention`` MiMo-V2-Flash's paged GQA with a sliding window, sinks and values narrower
 than keys (where Triton is picked its decode rows through ``gqa_decode_triton``'s kernels,
-its prefill rows through ``prefill_attention_triton``'s), ``triton_utils`` what the Triton kernels share (dot
+its prefill rows through ``prefill_attention_triton``'s), ``gated_delta`` the Gated DeltaNet
+decode rows of Qwen3-Next / Qwen3.5-MoE's linear layers (the conv state update + SiLU and one
+recurrent gated-delta-rule step over state slots, in place; Triton in ``gated_delta_triton``),
+``triton_utils`` what the Triton kernels share (dot
 modes, bf16 rounding, the split-K combine), ``testing`` the helpers the tests use (interpreter
 subprocess, rel. error).
 """
