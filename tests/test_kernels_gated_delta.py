@@ -73,8 +73,10 @@ def run_case(spec: tuple, device: str) -> dict:
                 fresh[1] = False
         x = _strided(torch.randn(rows, channels, device=device).to(dtype), strided)
         a = 3 * torch.randn(rows, nv, device=device)
-        a[0, 0] = 30.0  # past softplus' threshold (20): softplus(x) = x
-        a[-1, -1] = -30.0  # exp(x) below fp32's epsilon: log1p, not log(1 + e)
+        # softplus' edges: past its threshold (20) and exp's fp32 range (softplus(x) = x, no
+        # inf / NaN), and exp(x) below fp32's epsilon (a gate of ~0)
+        a[0, 0] = 100.0
+        a[-1, -1] = -30.0
         a = _strided(a.to(dtype), strided)
         b = _strided((2 * torch.randn(rows, nv, device=device)).to(dtype), strided)
         mixed_ref = conv_decode_torch(x, conv_ref, weight, slots, fresh)
