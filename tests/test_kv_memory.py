@@ -258,3 +258,31 @@ def test_dsa_sparse_path_is_in_the_activation_estimate(tmp_path):
     assert (step_activations(model_cfg, sparse, 32, 8, prefill=True)
             - step_activations(model_cfg, replace(sparse, max_model_len=8), 32, 8,
                                prefill=True)) >= extra
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_cpu_pool_is_zeros_the_os_hands_out_untouched(dtype):
+    """A CPU rank's KV pool (the default 0.25 GiB, afd.config) is zeros made of memory the OS
+    zeroes page by page as it is first written (calloc), so a rank's start writes none of it
+    and only the blocks written become resident; torch.zeros wrote all of it (0.35 s a rank).
+    The tensors are plain CPU tensors of the asked shape and dtype, zero, and writable."""
+    import psutil
+
+    from afd.kv_cache import allocate_kv_caches
+    from models.attention import kv_cache_shape
+    from models.default_model import default_model_path
+
+    cfg = load_config(default_model_path())
+    me = psutil.Process()
+    before = me.memory_info().rss
+    caches = allocate_kv_caches(cfg, 32768, 16, dtype, "cpu")
+    grown = me.memory_info().rss - before
+    total = sum(c.numel() * c.element_size() for c in caches)
+    assert total >= 128 * 2**20 and grown < total // 8, (total, grown)
+    small = allocate_kv_caches(cfg, 3, 2, dtype, "cpu")
+    for layer, c in enumerate(small):
+        assert c.device.type == "cpu" and c.dtype == dtype and c.is_contiguous()
+        assert c.shape == kv_cache_shape(cfg, 3, 2, layer)
+        assert not c.view(torch.uint8).any()
+        c.view(torch.uint8).view(-1)[0] = 1  # written as any tensor is
+        assert c.view(torch.uint8).sum() == 1
