@@ -307,13 +307,21 @@ def test_a_stop_signal_reaches_every_rank_and_the_status_says_how_they_ended(
     assert "stopping" in err and ("killing" in err) == (status == 1), err
 
 
-# a stand-in for launch.serve that afd serve's forked ranks run: each says what it was given,
-# then waits for a stop signal (rank 0 sends the SIGINT once both are ready: Ctrl-C), or fails
+# Stand-ins for launch.serve that afd serve's forked ranks run, one module (afd_fake_rank,
+# written once: the tests below share one rank zygote, which imports the module named and is
+# replaced for another module, PYTHONPATH or environment): its main(ARGV) runs the stand-in
+# ARGV[0] names with the rest.
+# "env": each rank says what it was given, then waits for a stop signal (rank 0 sends the
+# SIGINT once both are ready: Ctrl-C), or fails
 FAKE_RANK = """
 import json, os, signal, sys, time
 
 
 def main(argv):
+    {"env": main_env, "group": main_group, "unbuffered": main_unbuffered}[argv[0]](argv[1:])
+
+
+def main_env(argv):
     folder, front, on_term, fail = argv
     rank = int(os.environ["RANK"])
     signal.signal(signal.SIGTERM, eval(on_term))
@@ -341,25 +349,34 @@ def main(argv):
 @pytest.fixture(scope="module")
 def fake_rank_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_rank")
-    (folder / "afd_fake_rank.py").write_text(FAKE_RANK)
+    (folder / "afd_fake_rank.py").write_text(FAKE_RANK + GROUP_SIGNAL_RANK + UNBUFFERED_RANK)
     return str(folder)
+
+
+@pytest.fixture
+def fake_ranks(monkeypatch, fake_rank_path):
+    """The environment afd_fake_rank's ranks run in, the same for every test (one zygote):
+    the module first on PYTHONPATH, ranks forked (the default), and no PYTHONUNBUFFERED (the
+    zygote's streams buffered, as in a clean CI environment: a rank's must not be)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    return fake_rank_path
 
 
 @pytest.mark.parametrize(("on_term", "status"), [("lambda *a: sys.exit(0)", 0),
                                                  ("signal.SIG_IGN", 1)])
 def test_forked_ranks_get_torchruns_environment_and_the_stop_signals(
-        monkeypatch, capsys, tmp_path, fake_rank_path, on_term, status):
+        monkeypatch, capsys, tmp_path, fake_ranks, on_term, status):
     """afd serve's ranks forked from the rank zygote (the default): each runs the module's
     main(ARGV) with the environment torch's launcher gives a rank (the rendezvous store this
     process holds, reached as a client), in a session of its own, as a child of the zygote,
     its process name afd-rankN; a
     stop signal reaches each as a SIGTERM, and ranks that ignore it are killed once
     kill_after_s has passed (status 1)."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
-    monkeypatch.delenv("AFD_RANK_START", raising=False)
     monkeypatch.setattr("torch.distributed.run.main",
                         lambda argv: pytest.fail("torch's launcher started the ranks"))
-    assert cli.launch_ranks(2, [str(tmp_path), str(os.getpid()), on_term, ""],
+    assert cli.launch_ranks(2, ["env", str(tmp_path), str(os.getpid()), on_term, ""],
                             kill_after_s=0.5, module="afd_fake_rank") == status
     err = capsys.readouterr().err
     assert "stopping" in err and ("killing" in err) == (status == 1), err
@@ -369,20 +386,18 @@ def test_forked_ranks_get_torchruns_environment_and_the_stop_signals(
         assert (s["WORLD_SIZE"], s["LOCAL_WORLD_SIZE"], s["MASTER_ADDR"]) == ("2", "2",
                                                                               "127.0.0.1"), s
         assert s["TORCHELASTIC_USE_AGENT_STORE"] == "True" and s["OMP_NUM_THREADS"], s
-        assert s["argv0"] == os.path.join(fake_rank_path, "afd_fake_rank.py")
+        assert s["argv0"] == os.path.join(fake_ranks, "afd_fake_rank.py")
         assert s["session"] and s["ppid"] != os.getpid()  # the zygote's child
         assert s["comm"] == f"afd-rank{rank}"  # ps -o comm, top, pgrep tell the ranks apart
     assert seen[0]["ppid"] == seen[1]["ppid"] and seen[0]["MASTER_PORT"] == seen[1]["MASTER_PORT"]
 
 
 def test_a_failed_forked_rank_stops_the_others_and_the_status_is_1(
-        monkeypatch, capsys, tmp_path, fake_rank_path):
+        monkeypatch, capsys, tmp_path, fake_ranks):
     """As torchrun: one rank exiting non-zero (here sys.exit with a message: status 1, the
     message on its stderr) has the others stopped with a SIGTERM; afd serve's status is 1 and
     names the rank."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake_rank_path, ROOT]))
-    monkeypatch.delenv("AFD_RANK_START", raising=False)
-    assert cli.launch_ranks(2, [str(tmp_path), str(os.getpid()), "lambda *a: sys.exit(0)",
+    assert cli.launch_ranks(2, ["env", str(tmp_path), str(os.getpid()), "lambda *a: sys.exit(0)",
                                 "fail"], kill_after_s=0.5, module="afd_fake_rank") == 1
     err = capsys.readouterr().err
     assert "afd serve: rank 1 (pid " in err and "exited with code 1: stopping the other ranks" \
@@ -405,15 +420,15 @@ def test_a_zygote_that_refuses_leaves_the_ranks_to_torchs_launcher(monkeypatch):
     assert seen and seen[0][-3:] == ["launch.serve", "--ffn", "1"]
 
 
-# a stand-in rank for a stop signal sent to afd serve's whole process group (Ctrl-\, a closed
-# terminal's SIGHUP, `timeout`, systemd's stop of the cgroup): rank 0 sends it to the zygote
-# (the ranks' parent, in the front end's group) and then to the front end, as a group signal
-# reaches both; each rank records its stop signals' dispositions, then drains on SIGTERM
+# afd_fake_rank's "group": a stand-in rank for a stop signal sent to afd serve's whole process
+# group (Ctrl-\, a closed terminal's SIGHUP, `timeout`, systemd's stop of the cgroup): rank 0
+# sends it to the zygote (the ranks' parent, in the front end's group) and then to the front
+# end, as a group signal reaches both; each rank records its stop signals' dispositions, then
+# drains on SIGTERM
 GROUP_SIGNAL_RANK = """
-import json, os, signal, sys, time
 
 
-def main(argv):
+def main_group(argv):
     folder, front, sig = argv
     rank = int(os.environ["RANK"])
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
@@ -434,17 +449,13 @@ def main(argv):
 
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGTERM"])
 def test_a_stop_signal_to_the_front_ends_group_leaves_the_ranks_to_drain(
-        monkeypatch, capsys, tmp_path, sig):
+        capsys, tmp_path, fake_ranks, sig):
     """A stop signal sent to afd serve's process group reaches the rank zygote too (it is in
     that group); it ignores it (the front end stops the ranks), so the ranks drain and exit 0
     rather than being killed with it; each forked rank has those signals' default back."""
-    (tmp_path / "mod").mkdir()
-    (tmp_path / "mod" / "afd_group_rank.py").write_text(GROUP_SIGNAL_RANK)
     (tmp_path / "out").mkdir()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mod"), ROOT]))
-    monkeypatch.delenv("AFD_RANK_START", raising=False)
-    assert cli.launch_ranks(2, [str(tmp_path / "out"), str(os.getpid()), sig],
-                            kill_after_s=30, module="afd_group_rank") == 0
+    assert cli.launch_ranks(2, ["group", str(tmp_path / "out"), str(os.getpid()), sig],
+                            kill_after_s=30, module="afd_fake_rank") == 0
     err = capsys.readouterr().err
     assert "stopping" in err and "killed" not in err and "failed" not in err, err
     for rank in range(2):
@@ -452,13 +463,12 @@ def test_a_stop_signal_to_the_front_ends_group_leaves_the_ranks_to_drain(
         assert seen == {"SIGHUP": True, "SIGQUIT": True}, (rank, seen)
 
 
-# a stand-in rank that writes half a line to each stream and is then SIGKILLed (the 30 s kill,
-# the OOM killer): rank 1 waits for its stop
+# afd_fake_rank's "unbuffered": a stand-in rank that writes half a line to each stream and is
+# then SIGKILLed (the 30 s kill, the OOM killer): rank 1 waits for its stop
 UNBUFFERED_RANK = """
-import os, signal, sys, time
 
 
-def main(argv):
+def main_unbuffered(argv):
     if os.environ["RANK"] == "0":
         print("rank 0 half a line on stdout", end="")
         print("rank 0 half a line on stderr", end="", file=sys.stderr)
@@ -468,14 +478,11 @@ def main(argv):
 """
 
 
-def test_a_forked_ranks_streams_are_unbuffered_as_python_u(monkeypatch, capfd, tmp_path):
+def test_a_forked_ranks_streams_are_unbuffered_as_python_u(capfd, fake_ranks):
     """A forked rank's stdout and stderr are unbuffered, as torchrun's ``python -u`` makes a
-    rank's: what it wrote before a SIGKILL, half a line too, is not lost."""
-    (tmp_path / "afd_unbuffered_rank.py").write_text(UNBUFFERED_RANK)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ROOT]))
-    monkeypatch.delenv("AFD_RANK_START", raising=False)
-    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the zygote's streams: buffered
-    assert cli.launch_ranks(2, [], kill_after_s=30, module="afd_unbuffered_rank") == 1
+    rank's: what it wrote before a SIGKILL, half a line too, is not lost (the zygote's own
+    streams are buffered: no PYTHONUNBUFFERED, see fake_ranks)."""
+    assert cli.launch_ranks(2, ["unbuffered"], kill_after_s=30, module="afd_fake_rank") == 1
     out, err = capfd.readouterr()
     assert "rank 0 half a line on stdout" in out, out
     assert "rank 0 half a line on stderr" in err and "rank 0 exit code -9" in err, err
