@@ -110,13 +110,16 @@ def test_cuda_timer_replays_graphs_and_falls_back_to_host_launch(monkeypatch) ->
     assert "switched off during capture" in bench.Timer.graph_failures[1]
 
 
-def _run_bench(script: str, *args: str) -> None:
-    """``python bench/SCRIPT ARGS`` on CPU, this environment less OUT and AFD_KERNEL_BACKEND,
-    as a process forked from the test fork server (kernels.testing.run_script: torch imported
-    once, not once a script); fails with the script's output unless it exits 0."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
+def _run_bench(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """``python bench/SCRIPT ARGS`` on CPU (``SCRIPT`` an absolute path: that script), this
+    environment less OUT and AFD_KERNEL_BACKEND (or ``env``), as a process forked from the test
+    fork server (kernels.testing.run_script: torch imported once, not once a script); fails with
+    the script's output unless it exits 0, else returns that output."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
     code, out = run_script(os.path.join(ROOT, "bench", script), list(args), env)
     assert code == 0, out[-6000:]
+    return out
 
 
 def test_run_script_runs_a_script_as_python_would(tmp_path) -> None:
@@ -201,6 +204,7 @@ def test_bench_kernels_prefill_smoke_runs_on_cpu(tmp_path) -> None:
 
 _OTHERS_SMOKE = """
 import importlib.util, json, sys
+sys.path.insert(0, ".")  # the repository root (the working folder), as python -c has it
 sys.argv.append("--smoke")  # bench/kernels.py then loads the kernels under the interpreter
 spec = importlib.util.spec_from_file_location("bench_kernels", "bench/kernels.py")
 bench = importlib.util.module_from_spec(spec)
@@ -213,14 +217,13 @@ print(json.dumps({"rows": rows, "errors": [e["case"] for e in errors]}))
 """
 
 
-def test_bench_others_smoke_runs_on_cpu() -> None:
+def test_bench_others_smoke_runs_on_cpu(tmp_path) -> None:
     """The "other kernels" section (not in --quick): each op checked and timed beside its
     torch reference, GQA decode included."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run([sys.executable, "-c", _OTHERS_SMOKE], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    script = tmp_path / "others_smoke.py"
+    script.write_text(_OTHERS_SMOKE)
+    out = _run_bench(str(script))
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["errors"] == []
     ops = {row["op"]: row for row in result["rows"]}
     for op in ("rms_norm+residual", "rotary interleaved", "mla_decode", "gqa_decode",
@@ -254,11 +257,8 @@ def test_bench_kernels_verify_smoke_runs_on_cpu(tmp_path) -> None:
 
 def test_host_overhead_mock_runs_on_cpu(tmp_path) -> None:
     out = tmp_path / "host.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--mock", "--calls",
-         "50", "--json", str(out), "--profile", str(tmp_path / "profile.txt")],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _run_bench("host_overhead.py", "--mock", "--calls", "50", "--json", str(out), "--profile",
+               str(tmp_path / "profile.txt"), env=dict(os.environ))
     result = json.loads(out.read_text())
     assert result["fused_moe_us"] > 0 and result["grouped_moe_us"] > 0
     profile = (tmp_path / "profile.txt").read_text()
@@ -319,11 +319,7 @@ def test_dsa_kernels_smoke_runs_on_cpu(tmp_path) -> None:
     path and the dense MLA kernel) at tiny dims under the interpreter: one JSON line per
     (shape, case), every case timed, the Triton op within bf16's error of the torch path."""
     out = tmp_path / "dsa.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "dsa_kernels.py"), "--smoke",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("dsa_kernels.py", "--smoke", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cases = ["triton", "index_keys", "topk", "selected", "torch", "dense_mla"]
     assert [(r["ctx"], r["case"]) for r in rows] == [(c, n) for c in (40, 72) for n in cases]
@@ -426,11 +422,7 @@ def test_v4_decode_smoke_runs_on_cpu(tmp_path) -> None:
     beside the torch path) at tiny dims under the interpreter: one JSON line per (shape, case),
     every case timed, the Triton kernels within bf16's error of the torch path."""
     out = tmp_path / "v4.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "v4_decode.py"), "--smoke",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("v4_decode.py", "--smoke", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["layer"], r["case"]) for r in rows] == [
         ("hca", "triton"), ("hca", "torch"),
