@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 from pathlib import Path
@@ -204,25 +205,41 @@ def check_result(result: dict, name: str, seed: int) -> None:
 
 
 def run_in_interpreter(module_file: str, case_names: list[str], seed: int,
-                       timeout_s: float = 600.0) -> dict[str, dict]:
-    """Call ``<module>.interpreter_case(name, seed)`` for each name in a fresh interpreter process.
+                       timeout_s: float = 600.0, workers: int | None = None) -> dict[str, dict]:
+    """Call ``<module>.interpreter_case(name, seed)`` for each name in fresh interpreter processes.
 
-    Returns {name: result dict}; a case that raised gets {"error": traceback text}. The
-    interpreter writes through raw pointers, so an out-of-bounds kernel bug can kill the process:
-    then each case is rerun in its own process to say which one did it.
+    Returns {name: result dict}; a case that raised gets {"error": traceback text}. The cases are
+    dealt out in turn to ``workers`` processes that run at the same time (default: one per CPU
+    this process may use, at most ``MAX_INTERPRETER_WORKERS``, at most one per case): the
+    interpreter runs on one core, and the test process waiting for it leaves the others idle.
+    The interpreter writes through raw pointers, so an out-of-bounds kernel bug can kill a
+    process: then each of its cases is rerun in its own process to say which one did it.
     """
+    if workers is None:
+        workers = min(_usable_cpus(), MAX_INTERPRETER_WORKERS)
+    groups = [case_names[i::workers] for i in range(max(1, min(workers, len(case_names))))]
+    results: dict[str, dict] = {}
+    for group, outcome in zip(groups, _run_workers(module_file, groups, seed, timeout_s)):
+        if isinstance(outcome, dict):
+            results.update(outcome)
+        elif len(group) == 1:
+            results[group[0]] = {"error": str(outcome)}
+        else:
+            for name in group:
+                (alone,) = _run_workers(module_file, [[name]], seed, timeout_s)
+                results.update(alone if isinstance(alone, dict) else {name: {"error": str(alone)}})
+    return {name: results[name] for name in case_names}
+
+
+# the most interpreter workers one run_in_interpreter call starts at once
+MAX_INTERPRETER_WORKERS = 4
+
+
+def _usable_cpus() -> int:
     try:
-        return _run_worker(module_file, case_names, seed, timeout_s)
-    except RuntimeError as crash:
-        if len(case_names) == 1:
-            return {case_names[0]: {"error": str(crash)}}
-    results = {}
-    for name in case_names:
-        try:
-            results.update(_run_worker(module_file, [name], seed, timeout_s))
-        except RuntimeError as crash:
-            results[name] = {"error": str(crash)}
-    return results
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 # The worker process is forked from a fork server (one per calling process, started at the first
@@ -242,21 +259,41 @@ def forkserver_context():
     return ctx
 
 
-def _run_worker(module_file: str, case_names: list[str], seed: int,
-                timeout_s: float) -> dict[str, dict]:
+def _run_workers(module_file: str, groups: list[list[str]], seed: int,
+                 timeout_s: float) -> list[dict[str, dict] | RuntimeError]:
+    """Each group of cases in an interpreter worker of its own, all started at once: per group,
+    its results, or a RuntimeError saying how its worker failed (its log's end). Past
+    ``timeout_s`` every worker still running is killed and TimeoutExpired raised."""
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("AFD_KERNEL_BACKEND", None)
+    what = f"interpreter worker for {module_file}"
     with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "results.json")
-        code, log = _run_forked(_forked_worker, (module_file, out_path, seed, case_names), env,
-                                str(_REPO_ROOT), tmp, timeout_s,
-                                f"interpreter worker for {module_file}")
-        if code != 0 or not os.path.exists(out_path):
-            raise RuntimeError(f"interpreter worker failed (rc {code}):\n{log[-8000:]}")
-        with open(out_path) as f:
-            return json.load(f)
+        started = []
+        try:
+            for i, group in enumerate(groups):
+                folder = os.path.join(tmp, str(i))
+                os.mkdir(folder)
+                out_path = os.path.join(folder, "results.json")
+                started.append((_start_forked(_forked_worker, (module_file, out_path, seed, group),
+                                              env, str(_REPO_ROOT), folder), out_path))
+            deadline = time.monotonic() + timeout_s
+            outcomes: list[dict[str, dict] | RuntimeError] = []
+            for (proc, log_path), out_path in started:
+                code, log = _finish_forked(proc, log_path, deadline, timeout_s, what)
+                if code != 0 or not os.path.exists(out_path):
+                    outcomes.append(RuntimeError(f"interpreter worker failed (rc {code}):\n"
+                                                 f"{log[-8000:]}"))
+                    continue
+                with open(out_path) as f:
+                    outcomes.append(json.load(f))
+            return outcomes
+        finally:
+            for (proc, _), _ in started:  # a timeout: the others too
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
 
 
 def _run_forked(target, args: tuple, env: dict[str, str], first_path: str, tmp: str,
@@ -265,11 +302,26 @@ def _run_forked(target, args: tuple, env: dict[str, str], first_path: str, tmp: 
     ``first_path`` first on ``sys.path``, the repository root as working folder and its
     output in a log under ``tmp``: (exit status, that output). Past ``timeout_s`` it is
     killed (``what`` names it in the TimeoutExpired)."""
+    deadline = time.monotonic() + timeout_s
+    return _finish_forked(*_start_forked(target, args, env, first_path, tmp), deadline,
+                          timeout_s, what)
+
+
+def _start_forked(target, args: tuple, env: dict[str, str], first_path: str, tmp: str):
+    """Start ``target(*args)`` as ``_run_forked`` runs it: (the process, its log's path)."""
     log_path = os.path.join(tmp, "log.txt")
     proc = forkserver_context().Process(target=_worker_entry,
                                         args=(env, log_path, first_path, target, args))
     proc.start()
-    proc.join(timeout_s)
+    return proc, log_path
+
+
+def _finish_forked(proc, log_path: str, deadline: float, timeout_s: float,
+                   what) -> tuple[int, str]:
+    """Wait until ``deadline`` (``time.monotonic``'s) for a process ``_start_forked`` started;
+    killed past it (TimeoutExpired naming ``what`` and ``timeout_s``). Returns (exit status,
+    its output)."""
+    proc.join(max(0.0, deadline - time.monotonic()))
     if proc.is_alive():
         proc.kill()
         proc.join()

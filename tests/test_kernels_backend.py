@@ -125,3 +125,56 @@ def test_the_interpreter_patches_the_language_once_per_launch() -> None:
     # 2 launches x (the kernel + the first tl.standard helper); 62 without (every helper call)
     assert int(count) <= 4, proc.stdout
     assert "kernel" in names
+
+
+# interpreter cases for run_in_interpreter's own test: each records its process and its
+# environment; "meet_*" wait for each other (so they run at the same time or not at all),
+# "crash" kills its worker
+CASES_MODULE = '''
+import os, time
+
+
+def interpreter_case(name, seed):
+    out = {"pid": os.getpid(), "interpret": os.environ.get("TRITON_INTERPRET"), "seed": seed}
+    if name == "crash":
+        os._exit(3)
+    if name.startswith("meet_"):
+        folder = os.environ["AFD_TEST_MEET"]
+        open(os.path.join(folder, name), "w").close()
+        other = "meet_b" if name == "meet_a" else "meet_a"
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(folder, other)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["met"] = os.path.exists(os.path.join(folder, other))
+    if name == "raises":
+        raise ValueError("case broke")
+    return out
+'''
+
+
+def test_run_in_interpreter_deals_the_cases_to_workers_running_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cases go in turn to one worker per usable CPU (at most MAX_INTERPRETER_WORKERS),
+    which run at the same time; results come back by name, in the order asked; a case that
+    raises reports its traceback; a worker that dies has each of its cases rerun alone, so the
+    one that killed it is named and the others still pass."""
+    from kernels import testing
+
+    module = tmp_path / "cases.py"
+    module.write_text(CASES_MODULE)
+    monkeypatch.setenv("AFD_TEST_MEET", str(tmp_path))
+    monkeypatch.setattr(testing, "_usable_cpus", lambda: 2)
+    names = ["meet_a", "meet_b", "c", "raises"]
+    results = testing.run_in_interpreter(str(module), names, seed=7)
+    assert list(results) == names
+    assert results["meet_a"]["met"] and results["meet_b"]["met"], results  # at the same time
+    assert results["meet_a"]["pid"] == results["c"]["pid"] != results["meet_b"]["pid"]
+    assert {r["interpret"] for n, r in results.items() if n != "raises"} == {"1"}
+    assert results["c"]["seed"] == 7 and "case broke" in results["raises"]["error"]
+    monkeypatch.setattr(testing, "_usable_cpus", lambda: 64)
+    many = testing.run_in_interpreter(str(module), [f"x{i}" for i in range(9)], seed=0)
+    assert len({r["pid"] for r in many.values()}) == testing.MAX_INTERPRETER_WORKERS
+    crashed = testing.run_in_interpreter(str(module), ["a", "b", "crash", "d"], seed=0,
+                                         workers=2)
+    assert "rc 3" in crashed["crash"]["error"], crashed["crash"]
+    assert all("error" not in crashed[n] for n in ("a", "b", "d")), crashed
