@@ -101,8 +101,7 @@ class EngineCore:
                                    cfg.scheduling_policy, host=self.host,
                                    mtp_kv=cfg.mtp,  # the runner writes the MTP layer's KV
                                    # a hybrid model's linear layers: the runner's state slots
-                                   state_slots=(cfg.max_num_seqs if model.cfg.linear_attn
-                                                else 0))
+                                   state_slots=self.runner.state_slots)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

@@ -283,11 +283,13 @@ class ModelRunner:
         graphs = not cfg.enforce_eager and decodes and self._graphs_apply()
         # With CUDA graphs the pool has one more block, the padding rows' scratch block, which
         # the allocator (cfg.num_kv_blocks) never hands out. The MTP layer's cache is the last.
-        # a hybrid model's linear layers: one state slot per sequence a step may run
+        # a hybrid model's linear layers: one state slot per sequence a step may run (the
+        # scheduler hands them out: EngineCore)
+        self.state_slots = cfg.max_num_seqs if model.cfg.linear_attn is not None else 0
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
                                             cfg.block_size, cfg.cache_dtype, self.device,
                                             len(model.all_layers()),
-                                            state_slots=cfg.max_num_seqs, state_dtype=cfg.dtype)
+                                            state_slots=self.state_slots, state_dtype=cfg.dtype)
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
         self.load_record = (ExpertLoadRecorder(model.cfg.num_layers, model.cfg.num_experts,
