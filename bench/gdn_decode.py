@@ -27,18 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from probe_setup import (append_jsonl, device_us, probe_parser, start,  # noqa: E402
+from probe_setup import (append_jsonl, eager_us, probe_parser, start,  # noqa: E402
                          stepper, time_in_turn)  # first: sets up
-
-
-def eager_us(fn, cuda: bool) -> float:
-    """``fn``'s time launched eagerly in microseconds (do_bench's median); without CUDA
-    (``--smoke``) one call's wall time, which only shows the script runs."""
-    if not cuda:
-        return device_us(fn, cuda)
-    import triton.testing
-
-    return 1e3 * float(triton.testing.do_bench(fn, rep=50, return_mode="median"))
 
 
 from kernels.gated_delta import conv_decode_torch, delta_rule_decode_torch  # noqa: E402

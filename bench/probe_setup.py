@@ -46,6 +46,16 @@ def device_us(fn, cuda: bool) -> float:
     return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
+def eager_us(fn, cuda: bool) -> float:
+    """``fn``'s time launched eagerly in microseconds (do_bench's median); without CUDA
+    (``--smoke``) one call's wall time, which only shows the script runs."""
+    if not cuda:
+        return device_us(fn, cuda)
+    import triton.testing
+
+    return 1e3 * float(triton.testing.do_bench(fn, rep=50, return_mode="median"))
+
+
 def time_in_turn(timers: dict, cuda: bool, step) -> dict[str, dict]:
     """Each case's time in microseconds, ``timers``: name -> a call returning one timing (us).
     The cases in turn, twice (once under ``--smoke``), the lower kept: {name: {"us": ..}}, or
