@@ -437,11 +437,7 @@ def test_window_decode_smoke_runs_on_cpu(tmp_path) -> None:
     kernels beside window_attention_torch) at tiny dims under the interpreter: one JSON line
     per (shape, case), every case timed, the kernels within bf16's error of the torch path."""
     out = tmp_path / "window.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "window_decode.py"), "--smoke",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("window_decode.py", "--smoke", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["layer"], r["case"]) for r in rows] == [
         ("swa", "triton"), ("swa", "torch"), ("full", "triton"), ("full", "torch"),
@@ -457,11 +453,7 @@ def test_gdn_decode_smoke_runs_on_cpu(tmp_path) -> None:
     recurrent-step kernels beside the torch path) at tiny dims under the interpreter: one JSON
     line per (rows, case), every case timed, Triton within bf16's error of the torch path."""
     out = tmp_path / "gdn.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "AFD_KERNEL_BACKEND")}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "gdn_decode.py"), "--smoke",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_bench("gdn_decode.py", "--smoke", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["rows"], r["case"]) for r in rows] == [(3, "triton"), (3, "torch")]
     for r in rows:
