@@ -211,6 +211,23 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
     return random_hf_model(model_cls, config, seed, hash_routes)
 
 
+def assert_fused_names_load(model, per_expert: str, folder: str, layer: int) -> None:
+    """transformers' ``model`` saved in ``folder`` with its own names (save_original_format=
+    False: each MoE layer's routed experts fused into ``mlp.experts.gate_up_proj`` [E, 2I, H]
+    and ``down_proj`` [E, H, I], under a wrapper's prefix too; ``layer`` one of those layers)
+    loads the weights its per-expert checkpoint ``per_expert`` does, each part read alone."""
+    from safetensors import safe_open
+
+    from models.weights import load_model
+
+    model.save_pretrained(folder, save_original_format=False)
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        assert any(k.endswith(f"layers.{layer}.mlp.experts.gate_up_proj") for k in f.keys())
+    a, b = load_model(per_expert), load_model(folder)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert any(torch.count_nonzero(p) for p in b.layers[layer].mlp.experts.parameters())
+
+
 def save_checkpoint(model, folder: str) -> str:
     """save_pretrained plus the embedded tokenizer's files."""
     model.save_pretrained(folder)

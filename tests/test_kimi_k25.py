@@ -14,11 +14,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
-from ckpt_utils import CONFIGS, hf_greedy, mixed_prompts, random_hf_model, save_checkpoint
+from ckpt_utils import (CONFIGS, assert_fused_names_load, hf_greedy, mixed_prompts,
+                        random_hf_model, save_checkpoint)
 from models.config import config_from_dict, load_config
 from models.weights import WeightLoadError, checkpoint_files, stored_names
 from test_oracle_variants import assert_matches
@@ -192,12 +192,5 @@ def test_transformers_fused_expert_names_load(k25, tmp_path):
     MoE layer's experts fused into ``language_model.model.layers.N.mlp.experts.gate_up_proj``
     / ``down_proj``, under the wrapper's prefix) loads as the per-expert one does: each part
     read from the fused tensor by its stored name, not the renamed one."""
-    from models.weights import load_model
-
     model, path, _, _ = k25
-    fused = str(tmp_path / "fused")
-    model.save_pretrained(fused, save_original_format=False)
-    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
-        assert any(k.endswith("layers.1.mlp.experts.gate_up_proj") for k in f.keys())
-    a, b = load_model(path), load_model(fused)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert_fused_names_load(model, path, str(tmp_path / "fused"), 1)

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
-from ckpt_utils import (assert_same_logprobs, build_hf_model, edit_config, mixed_prompts,
-                        save_checkpoint)
+from ckpt_utils import (assert_fused_names_load, assert_same_logprobs, build_hf_model,
+                        edit_config, mixed_prompts, save_checkpoint)
 from models.config import config_from_dict
 from models.weights import WeightLoadError, load_model
 
@@ -734,17 +734,10 @@ def test_transformers_fused_expert_names_load(kind, tmp_path):
     """A checkpoint saved with transformers' own names (save_original_format=False: each MoE
     layer's experts fused into ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
     [E, H, I]) loads as the per-expert one does, each expert's part read alone."""
-    from safetensors import safe_open
-
     model = build_hf_model(kind)
     per_expert = save_checkpoint(model, str(tmp_path / "per_expert"))
-    fused = str(tmp_path / "fused")
-    model.save_pretrained(fused, save_original_format=False)
-    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
-        assert any(k.endswith(".mlp.experts.gate_up_proj") for k in f.keys())
-    a, b = load_model(per_expert), load_model(fused)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert any(torch.count_nonzero(p) for p in b.layers[-1].mlp.experts.parameters())
+    assert_fused_names_load(model, per_expert, str(tmp_path / "fused"),
+                            model.config.num_hidden_layers - 1)
 
 
 def test_fused_and_per_expert_names_together_or_fp8_fused_experts_are_refused(tmp_path):
