@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.gated_delta import check_conv, check_rule
-from kernels.triton_utils import interp_bf16, next_pow2, rne_bf16
+from kernels.triton_utils import cdiv, interp_bf16, next_pow2, rne_bf16, unit_last_stride
 
 CONV_BLOCK = 256  # channels a conv program covers (>= its 128 threads: no replicated element)
 CONV_WARPS = 4
@@ -61,11 +61,10 @@ def conv_decode_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     """Same contract as ``kernels.gated_delta.conv_decode_torch``."""
     check_conv(x, conv_state, weight, slots, fresh)
     rows, channels = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    (x,) = unit_last_stride(x)
     out = torch.empty(rows, channels, dtype=x.dtype, device=x.device)
     if rows:
-        conv_decode_kernel[(rows, -(-channels // CONV_BLOCK))](
+        conv_decode_kernel[(rows, cdiv(channels, CONV_BLOCK))](
             x, conv_state, weight.contiguous(), slots.contiguous(), fresh.contiguous(), out,
             channels, x.stride(0), *conv_state.stride(),
             K=weight.shape[2], BLOCK_C=CONV_BLOCK, INTERP_BF16=interp_bf16(x.dtype),
@@ -146,11 +145,11 @@ def delta_rule_decode_triton(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tens
     _, nv, dk, dv = state.shape
     if state.stride(-1) != 1:
         raise ValueError("state's last dim must have unit stride (it is updated in place)")
-    mixed, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed, a, b))
+    mixed, a, b = unit_last_stride(mixed, a, b)
     out = torch.empty(rows, nv, dv, dtype=torch.float32, device=mixed.device)
     if rows:
         launch = rule_launch(dk, dv)
-        delta_rule_decode_kernel[(rows, nv, -(-dv // launch["BLOCK_V"]))](
+        delta_rule_decode_kernel[(rows, nv, cdiv(dv, launch["BLOCK_V"]))](
             mixed, a, b, A_log.contiguous(), dt_bias.contiguous(), state, slots.contiguous(),
             fresh.contiguous(), out, num_k_heads, dk, dv, nv // num_k_heads, dk**-0.5,
             mixed.stride(0), a.stride(0), b.stride(0), *state.stride()[:3],
