@@ -283,11 +283,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     check_paged_kv(q, kv_cache, "[sum Q, H, D]")
     _check_common(q, layout)
     block_size = kv_cache.shape[2]
-    if block_tables.shape[0] != layout.num_seqs or (
-            layout.num_seqs and block_tables.shape[1] * block_size < max(layout.context_lens)):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} need one row per sequence "
-                         f"({layout.num_seqs}) and {block_size}-token blocks for the longest "
-                         f"context ({max(layout.context_lens, default=0)})")
+    _check_tables(block_tables, layout, block_size)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kv = _unit_last(kv_cache)
     return _launch(_unit_last(q), kv[0], kv[1], out, block_tables, layout, scale,
@@ -310,11 +306,7 @@ def window_prefill_attention_triton(q: torch.Tensor, cache: torch.Tensor,
     check_flat_cache(q, cache, kv_heads, v_dim, window, sinks)
     _check_common(q, layout)
     block_size, k_dim = cache.shape[1], q.shape[-1]
-    if block_tables.shape[0] != layout.num_seqs or (
-            layout.num_seqs and block_tables.shape[1] * block_size < max(layout.context_lens)):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} need one row per sequence "
-                         f"({layout.num_seqs}) and {block_size}-token blocks for the longest "
-                         f"context ({max(layout.context_lens, default=0)})")
+    _check_tables(block_tables, layout, block_size)
     cache = _unit_last(cache)
     k = cache[..., : kv_heads * k_dim].unflatten(-1, (kv_heads, k_dim))
     v = cache[..., kv_heads * k_dim:].unflatten(-1, (kv_heads, v_dim))
@@ -340,6 +332,16 @@ def varlen_prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     return _launch(_unit_last(q), _unit_last(k), _unit_last(v), out, None, layout, scale, 1,
                    False, 0, block_m, block_n, num_warps, num_stages)
+
+
+def _check_tables(block_tables: torch.Tensor, layout: PrefillLayout, block_size: int) -> None:
+    """ValueError unless ``block_tables`` has a row per sequence and enough ``block_size``-token
+    blocks for the longest context."""
+    if block_tables.shape[0] != layout.num_seqs or (
+            layout.num_seqs and block_tables.shape[1] * block_size < max(layout.context_lens)):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} need one row per sequence "
+                         f"({layout.num_seqs}) and {block_size}-token blocks for the longest "
+                         f"context ({max(layout.context_lens, default=0)})")
 
 
 def _check_common(q: torch.Tensor, layout: PrefillLayout) -> None:
