@@ -43,10 +43,10 @@ import triton.language as tl
 
 from kernels.decode_groups import DecodeGroups
 from kernels.window_attention import check_flat_cache
-from kernels.triton_utils import (cdiv, check_paged_kv, dot, dot_mode, launch_split_attention,
-                                  next_pow2, num_sms, online_softmax_step, row_masked_scores,
-                                  softmax_start, split_bounds, split_count, store_attention,
-                                  unit_last_stride)
+from kernels.triton_utils import (FULL, cdiv, check_paged_kv, dot, dot_mode,
+                                  launch_split_attention, next_pow2, num_sms,
+                                  online_softmax_step, row_masked_scores, softmax_start,
+                                  split_bounds, split_count, store_attention, unit_last_stride)
 
 
 @triton.jit
@@ -239,9 +239,6 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int
     per split of the longest context the block table can hold. Shapes only, never lengths: a
     CUDA graph replays the count it was captured with."""
     return split_count(batch * kv_heads, max_context, sm_count, MIN_SPLIT_TOKENS, MAX_SPLITS)
-
-
-FULL = 1 << 30  # the kernels' window of full attention: no row's window starts past 0
 
 
 class PagedKV(NamedTuple):

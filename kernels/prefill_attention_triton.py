@@ -34,11 +34,9 @@ import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE
 from kernels.prefill_attention import PrefillLayout, _check_layout
-from kernels.triton_utils import (check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
+from kernels.triton_utils import (FULL, check_paged_kv, dot, dot_mode, interp_bf16, next_pow2,
                                   rne_bf16, softmax_start)
 from kernels.window_attention import check_flat_cache
-
-FULL = 1 << 30  # the kernel's window of full attention (not WINDOWED: unused)
 
 
 @triton.jit

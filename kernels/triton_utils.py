@@ -299,6 +299,10 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+# the window a windowed attention kernel takes for full attention: no row's window starts past 0
+FULL = 1 << 30
+
+
 def pdl_kwargs(pdl: bool) -> dict:
     """Launch options for a kernel compiled with ``PDL=pdl``."""
     return {"launch_pdl": True} if pdl else {}
