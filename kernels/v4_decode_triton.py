@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dsa_triton import index_dots
+from kernels.dsa_triton import index_dots, index_launch  # the index kernel's: DSA's
 from kernels.mla_decode_triton import _sm_count, default_launch
 from kernels.triton_utils import (cdiv, dot, dot_mode, launch_split_attention, next_pow2,
                                   online_softmax_step, softmax_start, split_bounds,
@@ -111,14 +111,6 @@ def v4_index_scores_kernel(
         scored = tl.sum(tl.maximum(s, 0.0) * scale * w[:, None], 0)  # [BN] fp32
         index = tl.where(e_ok, scored, float("-inf"))
     tl.store(out_ptr + row * stride_ob + ents, index, mask=ents < num_entries)
-
-
-def index_launch(num_index_heads: int, on_gpu: bool) -> dict:
-    """Entries a program and warps of the index kernel: ``dsa_triton.index_launch``'s (64 a
-    program over 4 warps on a GPU, not timed; 16 under the interpreter)."""
-    from kernels.dsa_triton import index_launch as dsa_index_launch
-
-    return dsa_index_launch(num_index_heads, on_gpu)
 
 
 def v4_index_scores_triton(q_idx: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
