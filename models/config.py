@@ -899,11 +899,8 @@ def _mimo_ropes(raw: dict[str, Any], head_dim: int) -> tuple[RopeConfig, RopeCon
     for kind in MIMO_LAYER_TYPES:
         entry = params[kind]
         factor = float(entry.get("partial_rotary_factor", 0.334))
-        dim = int(head_dim * factor)
-        if not 0 < factor <= 1 or dim < 2 or dim % 2:
-            raise ValueError(f"mimo_v2_flash: rope_parameters[{kind}] partial_rotary_factor="
-                             f"{factor} rotates {dim} of head_dim={head_dim} dims: it must be "
-                             "in (0, 1] and rotate an even number (>= 2) of them")
+        dim = _rotary_dim(head_dim, factor,
+                          f"mimo_v2_flash: rope_parameters[{kind}] partial_rotary_factor")
         ropes.append(_rope({"rope_parameters": {"rope_theta": 10000.0, **entry},
                             "max_position_embeddings": raw.get("max_position_embeddings",
                                                                131072)},
@@ -942,12 +939,7 @@ def _hybrid_config(raw: dict[str, Any], arch: str, common: dict[str, Any], hidde
                          f"of linear_num_key_heads={linear.num_k_heads} (>= 1), and "
                          f"linear_conv_kernel_dim={linear.conv_kernel} >= 1")
     head_dim = int(_first(raw, "head_dim", default=256))
-    factor = _partial_rotary_factor(raw, 0.25)
-    rotary_dim = int(head_dim * factor)
-    if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"partial_rotary_factor={factor} rotates {rotary_dim} of head_dim="
-                         f"{head_dim} dims: it must be in (0, 1] and rotate an even number "
-                         "(>= 2) of them")
+    rotary_dim = _rotary_dim(head_dim, _partial_rotary_factor(raw, 0.25))
     if arch == "qwen3_next":
         step = int(raw.get("decoder_sparse_step", 1) or 1)
         mlp_only = set(raw.get("mlp_only_layers") or [])
@@ -976,6 +968,16 @@ def _hybrid_config(raw: dict[str, Any], arch: str, common: dict[str, Any], hidde
         attn_output_gate=True,
         norm_zero_centred=True,
     )
+
+
+def _rotary_dim(head_dim: int, factor: float, name: str = "partial_rotary_factor") -> int:
+    """The dims of each head that ``factor`` rotates; ValueError (the factor spelled ``name``)
+    unless the factor is in (0, 1] and they are an even number, at least 2."""
+    dim = int(head_dim * factor)
+    if not 0 < factor <= 1 or dim < 2 or dim % 2:
+        raise ValueError(f"{name}={factor} rotates {dim} of head_dim={head_dim} dims: it must "
+                         "be in (0, 1] and rotate an even number (>= 2) of them")
+    return dim
 
 
 def _partial_rotary_factor(raw: dict[str, Any], default: float) -> float:
@@ -1009,11 +1011,7 @@ def _gqa_fields(raw: dict[str, Any], arch: str, hidden: int, num_heads: int) -> 
     else:
         qk_norm, o_proj_bias, factor = True, bias, 1.0
         _check_no_sliding_window(raw, arch)
-    rotary_dim = int(head_dim * factor)
-    if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"{factor_name}={factor} rotates {rotary_dim} of head_dim="
-                         f"{head_dim} dims: it must be in (0, 1] and rotate an even number "
-                         "(>= 2) of them")
+    rotary_dim = _rotary_dim(head_dim, factor, factor_name)
     return dict(
         attention="gqa",
         num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),

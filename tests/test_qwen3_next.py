@@ -613,3 +613,17 @@ def test_layer_types_from_full_attention_interval(kind, interval):
     cfg = config_from_dict({**raw, "architectures": [arch[kind]], "model_type": kind})
     assert list(cfg.linear_attn.layer_types) == list(hf.layer_types)
     assert "full_attention" in hf.layer_types and hf.layer_types[0] == "linear_attention"
+
+
+@pytest.mark.parametrize("factor", [0.01, 1.5])
+def test_partial_rotary_factor_refused(factor):
+    """A partial_rotary_factor rotating no dims, an odd number, or more than a head has is
+    refused naming the field and head_dim."""
+    from ckpt_utils import CONFIGS
+    from models.config import config_from_dict
+
+    raw = {**CONFIGS["qwen3_next"], "architectures": ["Qwen3NextForCausalLM"],
+           "model_type": "qwen3_next", "partial_rotary_factor": factor}
+    with pytest.raises(ValueError, match=rf"partial_rotary_factor={factor} rotates \d+ of "
+                                         r"head_dim=\d+ dims: it must be in \(0, 1\]"):
+        config_from_dict(raw)
