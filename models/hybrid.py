@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gated_delta import (conv_decode, delta_rule_decode, delta_rule_step,  # noqa: F401
-                                 l2_normed, rule_inputs)
+from kernels.gated_delta import conv_decode, delta_rule_decode, rule_inputs
 from models.attention import GQAttention
 from models.batch import ForwardBatch
 from models.config import LinearAttentionConfig, ModelConfig
@@ -245,12 +244,6 @@ class GatedDeltaNet(nn.Module):
         """window [B, conv_dim, kernel - 1 + n] (state, then n inputs) -> SiLU(conv) [B, C, n]."""
         return F.silu(F.conv1d(window, self.conv1d.weight, groups=window.shape[1]))
 
-    def _heads(self, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-               ) -> tuple[torch.Tensor, ...]:
-        """The conv output [T, C] -> fp32 q, k [T, nv, dk] (normed, q scaled, each key head's
-        repeated for its value heads), v [T, nv, dv], g and beta [T, nv]."""
-        return rule_inputs(mixed, a, b, self.A_log, self.dt_bias, self.nk, self.dk, self.dv)
-
     def forward(self, x: torch.Tensor, batch: ForwardBatch, states: LinearStates
                 ) -> torch.Tensor:
         """x [T, H] normed -> [T, H]; each row's states read from and written to its slot."""
@@ -271,8 +264,9 @@ class GatedDeltaNet(nn.Module):
                 conv = torch.zeros_like(conv)
             window = torch.cat((conv, mixed[tokens].t()), dim=-1)  # [C, kernel - 1 + n]
             states.conv[slot] = window[:, window.shape[1] - keep:]
-            q, k, v, g, beta = self._heads(self._conv(window[None])[0].t(), a[tokens],
-                                           b[tokens])
+            q, k, v, g, beta = rule_inputs(self._conv(window[None])[0].t(), a[tokens],
+                                           b[tokens], self.A_log, self.dt_bias, self.nk,
+                                           self.dk, self.dv)
             state = states.recurrent[slot]
             if fresh:
                 state = torch.zeros_like(state)

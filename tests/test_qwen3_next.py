@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import models.hybrid as hybrid
+from kernels.gated_delta import delta_rule_step, l2_normed
 from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, state_bytes
 from afd.sequence import Status
@@ -67,8 +68,8 @@ def test_chunked_delta_rule_equals_the_recurrent_steps(n, chunk):
     lengths that fill no chunk, exactly one, and several with a ragged last."""
     gen = torch.Generator().manual_seed(n * 100 + chunk)
     h, dk, dv = 3, 8, 5
-    q = hybrid.l2_normed(torch.randn(n, h, dk, generator=gen)) * dk**-0.5
-    k = hybrid.l2_normed(torch.randn(n, h, dk, generator=gen))
+    q = l2_normed(torch.randn(n, h, dk, generator=gen)) * dk**-0.5
+    k = l2_normed(torch.randn(n, h, dk, generator=gen))
     v = torch.randn(n, h, dv, generator=gen)
     g = -torch.rand(n, h, generator=gen) * 0.3
     beta = torch.rand(n, h, generator=gen)
@@ -76,8 +77,8 @@ def test_chunked_delta_rule_equals_the_recurrent_steps(n, chunk):
     out, state = hybrid.delta_rule_chunked(q, k, v, g, beta, state0, chunk)
     step_state, want = state0[None], []
     for t in range(n):
-        o, step_state = hybrid.delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1],
-                                               beta[t:t + 1], step_state)
+        o, step_state = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1],
+                                        beta[t:t + 1], step_state)
         want.append(o[0])
     torch.testing.assert_close(out, torch.stack(want), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, step_state[0], atol=1e-5, rtol=1e-5)
