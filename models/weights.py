@@ -364,7 +364,8 @@ def load_weights(model: MoEModel, path: str) -> None:
                     tensor, scale = quantize_blocks(_get_tensor(f, stored[name]).to(dest.device),
                                                     cfg.expert_fp8_block)
                 elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
-                    mx_packed, mx_scale = _read_with_scale(f, name, files, stored)
+                    mx_packed = _get_tensor(f, stored[name])
+                    mx_scale = _read_scale(name, mx_packed, files, stored)
                     tensor, scale = quant_mx.mxfp4_to_fp8_blocks(
                         mx_packed.to(dest.device), mx_scale.to(dest.device), cfg.expert_fp8_block,
                         stored[name])
@@ -389,13 +390,13 @@ def _read(f, name: str, files: dict[str, str], stored: dict[str, str],
     tensor = _get_tensor(f, stored[name])
     try:
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            tensor, scale = _read_with_scale(f, name, files, stored)
+            scale = _read_scale(name, tensor, files, stored)
             if scale.dtype == torch.float8_e8m0fnu:  # DeepSeek-V4's ue8m0 block scales
                 scale = quant_mx.e8m0_to_float(scale, stored[name])
             tensor = _dequantize(tensor, scale, block or (128, 128), dtype, stored[name],
                                  head_rows)
         elif tensor.dtype in (torch.int8, torch.uint8):  # MXFP4 (DeepSeek-V4's routed experts)
-            tensor, scale = _read_with_scale(f, name, files, stored)
+            scale = _read_scale(name, tensor, files, stored)
             tensor = quant_mx.dequantize_mxfp4(tensor, scale, dtype, stored[name])
         elif tensor.dtype == torch.float8_e8m0fnu:  # the E8M0 scales of experts kept in FP8
             src = stored[name]
@@ -446,18 +447,18 @@ def _dequantize(tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
                           f"{rows}x{cols} weight in {bn}x{bk} blocks (want {list(grid)}{also})")
 
 
-def _read_with_scale(f, name: str, files: dict[str, str], stored: dict[str, str]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized checkpoint tensor ``name`` and its scales (DeepSeek-V3's ``X.weight_scale_inv``,
-    V4's ``X.scale``: both ``name + _SCALE_SUFFIX`` once through ``stored_names``)."""
-    tensor = _get_tensor(f, stored[name])
+def _read_scale(name: str, tensor: torch.Tensor, files: dict[str, str],
+                stored: dict[str, str]) -> torch.Tensor:
+    """The scales of quantized checkpoint tensor ``name``, read already as ``tensor`` (its dtype
+    named where they are missing): DeepSeek-V3's ``X.weight_scale_inv``, V4's ``X.scale``, both
+    ``name + _SCALE_SUFFIX`` once through ``stored_names``."""
     scale_name = name + _SCALE_SUFFIX
     if scale_name not in files:
         raise WeightLoadError(f"{stored[name]} is {tensor.dtype} (quantized) but its scales "
                               f"({stored[name]}{_SCALE_SUFFIX}, or DeepSeek-V4's "
                               f"{stored[name].removesuffix('.weight')}.scale) are missing")
     with safe_open(files[scale_name], framework="pt") as g:
-        return tensor, _get_tensor(g, stored[scale_name])
+        return _get_tensor(g, stored[scale_name])
 
 
 def _load_packed(weight, device, open_files) -> torch.Tensor:

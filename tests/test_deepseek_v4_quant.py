@@ -164,6 +164,41 @@ def test_mxfp4_bytes_by_hand():
         dequantize_mxfp4(packed, torch.ones(2, 2).to(torch.float8_e8m0fnu), torch.float32, "lm")
 
 
+def test_quantized_tensor_read_once(tmp_path):
+    """A quantized weight (FP8 with its block scales, MXFP4 with its E8M0 scales) is read from
+    its file once as it is dequantized, its scales once from theirs: a checkpoint's bytes are
+    not read twice."""
+    from safetensors import safe_open
+
+    from models import weights
+
+    packed = torch.tensor([[0x21, 0xF9] + [0] * 14], dtype=torch.uint8).view(torch.int8)
+    tensors = {"a.weight": torch.ones(4, 4).to(torch.float8_e4m3fn),
+               "a.weight_scale_inv": torch.full((1, 1), 2.0),
+               "b.weight": packed,
+               "b.weight_scale_inv": torch.tensor([[128]], dtype=torch.uint8).view(
+                   torch.float8_e8m0fnu)}
+    file = str(tmp_path / "model.safetensors")
+    save_file(tensors, file)
+    files, stored = dict.fromkeys(tensors, file), {name: name for name in tensors}
+    reads: list[str] = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.f.get_tensor(name)
+
+    with safe_open(file, framework="pt") as f:
+        a = weights._read(Counting(f), "a.weight", files, stored, None, torch.float32)
+        b = weights._read(Counting(f), "b.weight", files, stored, None, torch.float32)
+    assert torch.equal(a, torch.full((4, 4), 2.0))
+    assert b[0, :4].tolist() == [1.0, 2.0, -1.0, -12.0]
+    assert reads == ["a.weight", "b.weight"]
+
+
 def test_fp8_conversion_exact_within_span_and_loss_counted():
     """mxfp4_to_fp8_blocks is exact while a block's group exponents span <= 14 and counts the
     values it cannot keep past that (a group 2^20 below its block's largest)."""
