@@ -290,12 +290,11 @@ def hybrid_mixer(cfg: ModelConfig, layer: int, dtype: torch.dtype, device=None
     return "self_attn", GatedAttention(cfg, dtype, device)
 
 
-class GatedSharedExpert(nn.Module):
-    """The MoE's ``shared_expert`` (a SwiGLU MLP) scaled by sigmoid(``shared_expert_gate``(h)),
-    registered on the MoE block under those two HF names."""
-
-    @staticmethod
-    def attach(block: nn.Module, cfg: ModelConfig, dtype: torch.dtype, device=None) -> None:
-        block.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size,
-                                       dtype, device)
-        block.shared_expert_gate = linear(cfg.hidden_size, 1, dtype, device)
+def attach_gated_shared_expert(block: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
+                               device=None) -> None:
+    """The MoE's ``shared_expert`` (a SwiGLU MLP) scaled by sigmoid(``shared_expert_gate``(h))
+    (models.model.DecoderLayer.local_mlp), registered on the MoE block under those two HF
+    names."""
+    block.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size,
+                                   dtype, device)
+    block.shared_expert_gate = linear(cfg.hidden_size, 1, dtype, device)

@@ -54,9 +54,9 @@ class MoEBlock(nn.Module):
                 width = cfg.moe_intermediate_size * cfg.n_shared_experts
                 self.shared_experts = DenseMLP(cfg.hidden_size, width, dtype, device)
             if cfg.shared_expert_intermediate_size:  # Qwen3-Next's gated one (models.hybrid)
-                from models.hybrid import GatedSharedExpert
+                from models.hybrid import attach_gated_shared_expert
 
-                GatedSharedExpert.attach(self, cfg, dtype, device)
+                attach_gated_shared_expert(self, cfg, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
             block = cfg.expert_fp8_block if fp8_experts else None
