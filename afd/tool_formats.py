@@ -277,13 +277,8 @@ _VALUE, _VALUE_END = "<arg_value>", "</arg_value>"
 def string_parameters(tools: list[dict[str, Any]] | None, name: str) -> frozenset[str]:
     """The parameters of tool ``name`` whose schema type is "string" (vLLM's test: a
     property's ``type`` is exactly "string"); none for a tool not in ``tools``."""
-    for tool in tools or ():
-        function = tool.get("function") or {}
-        if function.get("name") == name:
-            props = (function.get("parameters") or {}).get("properties") or {}
-            return frozenset(k for k, v in props.items()
-                             if isinstance(v, dict) and v.get("type") == "string")
-    return frozenset()
+    return frozenset(k for k, v in tool_properties(tools, name).items()
+                     if isinstance(v, dict) and v.get("type") == "string")
 
 
 def tool_properties(tools: list[dict[str, Any]] | None, name: str) -> dict[str, Any]:
@@ -459,6 +454,7 @@ class _PairsBody(CallBody):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
+        self.tools = tools
         self.name: str | None = None
         self.pos = 0  # where the next thing to read starts
         self.searched = 0  # the text read for the marker that ends the current part
@@ -505,9 +501,8 @@ class _PairsBody(CallBody):
         return True
 
     def value_of(self, raw: str, is_string: bool) -> Any:
-        """The value of ``key`` written as ``raw`` (``glm_value``; with ``strip_strings``, a
-        string value less the whitespace around it)."""
-        return raw.strip() if is_string and self.strip_strings else glm_value(raw, is_string)
+        """The value of ``key`` written as ``raw`` (``glm_value``)."""
+        return glm_value(raw, is_string)
 
     def _escape(self, stop: int) -> None:
         """The open string value's text up to ``stop`` goes into ``json``, escaped (with
@@ -546,7 +541,6 @@ class _GlmBody(_PairsBody):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self.tools = tools
         self.strings: frozenset[str] = frozenset()  # the call's string parameters
         self.phase = "name"  # name, key-or-end, key, value-marker, value, dead
 
@@ -632,7 +626,7 @@ class _InvokeBody(_PairsBody):
         super().__init__(tools)
         self.phase = "head"  # head, param-or-end, param-head, value, dead
         self.is_string = False
-        self.tools = tools
+        self.props: dict[str, Any] = {}  # the called tool's parameter schemas
 
     def head_name(self, match: re.Match[str]) -> str:
         return match.group(1)
@@ -664,6 +658,7 @@ class _InvokeBody(_PairsBody):
                     self.phase = "dead"
                     return
                 self.name = self.head_name(match)
+                self.props = tool_properties(self.tools, self.name)
                 self.json.append("{")
                 self.phase = "param-or-end"
             elif self.phase == "param-or-end":
@@ -709,14 +704,6 @@ class _DsmlBody(_InvokeBody):
     request's tool gives the parameter, as vLLM's deepseek_v32 parser does (``dsml_value``),
     or without one read as JSON (``glm_value``)."""
 
-    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(tools)
-        self.props: dict[str, Any] = {}
-
-    def head_name(self, match: re.Match[str]) -> str:
-        self.props = tool_properties(self.tools, match.group(1))
-        return match.group(1)
-
     def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
         return match.group(1), match.group(2) == "true"
 
@@ -742,13 +729,10 @@ class _MiniMaxBody(_InvokeBody):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self.props: dict[str, Any] = {}
         self.types: frozenset[str] = frozenset()  # the open parameter's
 
     def head_name(self, match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        self.props = tool_properties(self.tools, name)
-        return name
+        return match.group(1) or match.group(2)
 
     def param_of(self, match: re.Match[str]) -> tuple[str, bool]:
         key = match.group(1) or match.group(2)

@@ -171,6 +171,20 @@ def test_glm45_format():
         assert calls_of(out) == [("f", json.dumps({"a": value}))], value
 
 
+def test_tool_properties_not_an_object_read_as_untyped():
+    """A request's tool whose ``properties`` is no JSON object (unchecked by the request's
+    model) types nothing: every call format reads its values as without types, as for a tool
+    not given (GLM's reader once failed on it)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": ["a"]}}}]
+    text = "<tool_call>f\n<arg_key>a</arg_key><arg_value>12</arg_value></tool_call>"
+    out = MarkerStream(PARSERS["glm45"], tools=tools).parse(text)
+    assert calls_of(out) == [("f", '{"a": 12}')]
+    out = MarkerStream(PARSERS["minimax_m2"], tools=tools).parse(
+        '<invoke name="f"><parameter name="a">12</parameter></invoke>')
+    assert calls_of(out) == [("f", '{"a": "12"}')]  # untyped: MiniMax's text
+
+
 def test_glm45_string_values_stream_as_they_are_written():
     """A string parameter's value goes out as it is written (escaped into the JSON, what may
     begin </arg_value> held back); any other value once it ends; "}" when the call ends."""
