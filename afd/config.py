@@ -258,12 +258,13 @@ def check_hybrid_layout(model_cfg: ModelConfig, prefill: int) -> None:
                          "prompts)")
 
 
-def _hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None, kv_cache_dtype: str,
-                        enforce_eager: bool | None, kv_offload_gb: float) -> bool:
+def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
+                              kv_cache_dtype: str, enforce_eager: bool | None,
+                              kv_offload_gb: float) -> None:
     """The engine features a hybrid model (linear-attention layers with per-sequence states,
-    models.hybrid) cannot use yet, refused naming the feature and the model; returns
-    enforce_eager (always True: no CUDA graphs). Prefix caching is turned off by the caller
-    (a cached block holds KV, not the linear layers' state at its end)."""
+    models.hybrid) cannot use yet, refused naming the feature and the model. The caller runs
+    it eagerly (no CUDA graphs) and turns prefix caching off (a cached block holds KV, not
+    the linear layers' state at its end)."""
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
     if spec is not None:
         raise ValueError(f"speculative_config (method {spec.method!r}) is not supported for "
@@ -280,7 +281,6 @@ def _hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None, kv_cach
         raise ValueError(f"kv_offload_gb is not supported for {name}: it is the prefix cache's "
                          "host tier, and prefix caching is off for this model (a cached block "
                          "holds KV, not the linear layers' state); leave kv_offload_gb at 0")
-    return True
 
 
 def resolve_engine_config(
@@ -380,8 +380,8 @@ def resolve_engine_config(
                          "(its cache rows hold compressor inputs and entries, not only keys); "
                          "use kv_cache_dtype='auto'")
     if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
-        enforce_eager = _hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager,
-                                            kv_offload_gb)
+        _check_hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager, kv_offload_gb)
+        enforce_eager = True
         if enable_prefix_caching:
             log.info("prefix caching off for %s: a cached block holds KV, not its linear "
                      "layers' state (docs/limits.md#hybrid)", model_cfg.architecture)
