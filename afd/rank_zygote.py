@@ -148,8 +148,7 @@ class RankProcess:
 class Zygote:
     """The front end's handle on one zygote process."""
 
-    def __init__(self, env: dict[str, str], cwd: str, names: tuple[str, ...] | None = None):
-        names = PRELOAD if names is None else names
+    def __init__(self, env: dict[str, str], cwd: str, names: tuple[str, ...]):
         self.key = _env_key(env, cwd, names)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         zenv = {k: v for k, v in env.items() if k != _key_env()}
@@ -294,8 +293,7 @@ def _key_env() -> str:
     return KEY_ENV
 
 
-def _env_key(env: dict[str, str], cwd: str, names: tuple[str, ...] | None = None) -> tuple:
-    names = PRELOAD if names is None else names
+def _env_key(env: dict[str, str], cwd: str, names: tuple[str, ...]) -> tuple:
     return (sys.executable, cwd, tuple(names), tuple(sorted((k, v) for k, v in env.items()
                                               if k not in VOLATILE_ENV and k != _key_env())))
 
