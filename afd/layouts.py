@@ -66,6 +66,18 @@ def loopback_store() -> dist.TCPStore:
                          master_listen_fd=sock.detach())
 
 
+# what a rank's collective raises when a peer's connection breaks under it (gloo's TCP pairs,
+# NCCL's transports): the peer died first
+PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe",
+             "remote process exited", "socket closed")
+
+
+def peer_lost(msg: str) -> bool:
+    """Whether a rank's error says a connection to a peer broke (the peer's death the cause)."""
+    low = msg.lower()
+    return any(m in low for m in PEER_LOST)
+
+
 class RankFailure(RuntimeError):
     """A rank died, reported an error, or stopped answering."""
 
@@ -384,8 +396,13 @@ class MultiRankClient:
             time.sleep(0.02)
 
     def _rank_error(self, rank: int, msg: str) -> None:
-        """Fail on a rank's error report; a rank killed meanwhile is named as the cause."""
-        killed = self._killed(rank)
+        """Fail on a rank's error report; a rank killed meanwhile is named as the cause. A
+        report that a peer's connection broke is a consequence, not a cause: a killed rank's
+        sockets close the instant it dies, but its exit reaches this process only once its
+        parent (the zygote) has reaped it and said so, which a loaded machine delays past
+        0.25 s (CI named the gloo reset of a rank beside a SIGKILLed one). Such a report waits
+        up to half the timeout for the killed rank; any other error a quarter second."""
+        killed = self._killed(rank, min(self.timeout_s / 2, 5.0) if peer_lost(msg) else 0.25)
         if killed is not None:
             self._fail(f"{self._exited(killed)}; then {self._describe(rank)} failed: {msg}")
         self._fail(f"{self._describe(rank)} failed: {msg}")

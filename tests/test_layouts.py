@@ -290,6 +290,50 @@ def test_every_silent_rank_is_named(monkeypatch):
     client._check_heartbeats()
 
 
+class _LateExit:
+    """A rank process whose exit (by SIGKILL) is known only ``after_s`` from now, as a rank
+    forked by the zygote is on a loaded machine: its sockets close at once, but its exit
+    reaches the front end once the zygote has reaped it and said so."""
+
+    def __init__(self, after_s: float | None, code: int = -9):
+        self.at = None if after_s is None else time.monotonic() + after_s
+        self.code, self.returncode = code, None
+
+    def poll(self):
+        if self.at is not None and time.monotonic() >= self.at:
+            self.returncode = self.code
+        return self.returncode
+
+
+@pytest.mark.parametrize("late_s", [0.0, 0.8])
+def test_a_peer_reset_names_the_rank_killed_under_it(monkeypatch, late_s):
+    """CI: prefill rank 1 SIGKILLed, and prefill rank 0's gloo read error ("Connection reset
+    by peer") was the failure named, because rank 1's exit reached the front end more than the
+    quarter second after rank 0's report that the front end waited for it. A report that a
+    peer's connection broke waits longer (half the timeout at most) for the killed rank."""
+    from afd.layouts import MultiRankClient
+    from afd.workers import Layout
+
+    client = object.__new__(MultiRankClient)
+    client.layout, client.timeout_s = Layout(3, 1, 0), 8.0
+    monkeypatch.setattr(MultiRankClient, "_fail",
+                        lambda self, message: (_ for _ in ()).throw(RankFailure(message)))
+    client.procs = [_LateExit(None), _LateExit(late_s), _LateExit(None), _LateExit(None)]
+    reset = ("RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9634: "
+             "Connection reset by peer.")
+    with pytest.raises(RankFailure) as err:
+        client._rank_error(0, reset)
+    assert str(err.value).startswith(
+        "rank 1 (prefill 1) exited with code -9 (SIGKILL); then rank 0 (prefill 0) failed: "
+        "RuntimeError: [gloo"), err.value
+    # an error of a rank's own is not held up waiting for a death that is not coming
+    client.procs = [_LateExit(None), _LateExit(None), _LateExit(None), _LateExit(None)]
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) failed: ValueError: bad$"):
+        client._rank_error(2, "ValueError: bad")
+    assert time.monotonic() - start < 2.0
+
+
 def test_a_rank_failing_while_the_front_end_stops_ends_its_wait_for_goodbyes():
     """Ranks launched elsewhere (afd serve, torchrun): the front end's stop waits for each
     rank's goodbye, except after a rank failed. A failure that arrives during that wait ends
