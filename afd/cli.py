@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's own
 KILL_AFTER_GRACE_S = 30.0  # torchrun kills its ranks 30 s after passing them a SIGTERM
@@ -166,6 +167,37 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
                                                               "1")}
 
 
+class _Stopper:
+    """Stops rank processes as torchrun does: each told once (SIGTERM to its process group,
+    also one that appears later), and every one still running ``kill_after`` seconds after
+    ``start`` killed (SIGKILL)."""
+
+    def __init__(self):
+        self.at: float | None = None  # when the ranks were told to stop
+        self.kill_after = 0.0
+        self.signalled: set[int] = set()
+        self.killed = False
+
+    def start(self, kill_after: float, announce: bool = True) -> None:
+        if announce:
+            print("afd serve: stopping (the ranks drain first; further signals change "
+                  "nothing)", file=sys.stderr, flush=True)
+        self.at, self.kill_after = time.monotonic(), kill_after
+
+    def tick(self, running: Callable[[], list[int]]) -> None:
+        """``running``: the pids of the rank processes still running."""
+        for pid in running():
+            if pid not in self.signalled:
+                self.signalled.add(pid)
+                _signal_group(pid, signal.SIGTERM)
+        if not self.killed and time.monotonic() - self.at > self.kill_after:
+            self.killed = True
+            for pid in running():
+                print(f"afd serve: rank process {pid} still running {self.kill_after:.0f}s "
+                      f"after the stop signal: killing it", file=sys.stderr, flush=True)
+                _signal_group(pid, signal.SIGKILL)
+
+
 def _run_forked(world: int, argv: list[str], kill_after_s: float, module: str, port: int,
                 stop: threading.Event) -> int | None:
     """The ranks forked from a rank zygote; None where it refused to fork (nothing started)."""
@@ -186,38 +218,22 @@ def _run_forked(world: int, argv: list[str], kill_after_s: float, module: str, p
     except rank_zygote.ZygoteError as exc:
         print(f"afd serve: {exc}", file=sys.stderr, flush=True)
         stop.set()
-    stopped_at = None  # when the ranks were told to stop: a stop signal, or a rank failed
-    kill_after = kill_after_s
-    signalled: set[int] = set()
-    killed = False
+    stopper = _Stopper()  # started by a stop signal, or a rank's failure
     while True:
         codes = [p.poll() for p in ranks]
         if all(code is not None for code in codes):
             break
-        if stopped_at is None:
+        if stopper.at is None:
             failure = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
             if stop.is_set():
-                print("afd serve: stopping (the ranks drain first; further signals change "
-                      "nothing)", file=sys.stderr, flush=True)
-                stopped_at = time.monotonic()
+                stopper.start(kill_after_s)
             elif failure is not None:  # torchrun's way: stop the others, kill them 30 s later
                 rank, code = failure
                 print(f"afd serve: rank {rank} (pid {ranks[rank].pid}) exited with code {code}: "
                       f"stopping the other ranks", file=sys.stderr, flush=True)
-                stopped_at, kill_after = time.monotonic(), KILL_AFTER_GRACE_S
-        if stopped_at is not None:
-            for p in ranks:
-                if p.pid not in signalled and p.poll() is None:
-                    signalled.add(p.pid)
-                    _signal_group(p.pid, signal.SIGTERM)
-            if not killed and time.monotonic() - stopped_at > kill_after:
-                killed = True
-                for p in ranks:
-                    if p.poll() is None:
-                        print(f"afd serve: rank process {p.pid} still running "
-                              f"{kill_after:.0f}s after the stop signal: killing it",
-                              file=sys.stderr, flush=True)
-                        _signal_group(p.pid, signal.SIGKILL)
+                stopper.start(KILL_AFTER_GRACE_S, announce=False)
+        if stopper.at is not None:
+            stopper.tick(lambda: [p.pid for p in ranks if p.poll() is None])
         time.sleep(0.1)
     bad = [(rank, code) for rank, code in enumerate(codes) if code != 0]
     if bad or len(ranks) < world:
@@ -253,27 +269,14 @@ def _run_launcher(world: int, argv: list[str], kill_after_s: float, module: str,
 
     launcher = threading.Thread(target=launch, name="afd-launcher", daemon=True)
     launcher.start()
-    signalled: set[int] = set()
-    stopped_at = None
-    killed = False
+    stopper = _Stopper()
     while launcher.is_alive():
         launcher.join(0.2)
         if not stop.is_set():
             continue
-        if stopped_at is None:
-            stopped_at = time.monotonic()
-            print("afd serve: stopping (the ranks drain first; further signals change "
-                  "nothing)", file=sys.stderr, flush=True)
-        for pid in _child_ranks():  # late-started ranks too
-            if pid not in signalled:
-                signalled.add(pid)
-                _signal_group(pid, signal.SIGTERM)
-        if not killed and time.monotonic() - stopped_at > kill_after_s:
-            killed = True
-            for pid in _child_ranks():
-                print(f"afd serve: rank process {pid} still running {kill_after_s:.0f}s "
-                      f"after the stop signal: killing it", file=sys.stderr, flush=True)
-                _signal_group(pid, signal.SIGKILL)
+        if stopper.at is None:
+            stopper.start(kill_after_s)
+        stopper.tick(_child_ranks)  # late-started ranks too
     error = outcome.get("error")
     if error is None:
         return 0
