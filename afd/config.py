@@ -71,6 +71,11 @@ class EngineConfig:
     kv_cache_dtype: "auto" (the KV cache in ``dtype``) or "fp8" (FP8 e4m3, scale 1.0: half of
         bf16's bytes a block, twice the blocks for the same memory; ``cache_dtype``,
         ``resolve_kv_cache_dtype``).
+    window_pool: the sliding-window layers' caches are a second pool (afd.window_pool: a model
+        with such layers, MiMo-V2-Flash, unless ``num_window_blocks=0`` was given), whose blocks
+        out of every query's window go back to it; then ``num_kv_blocks`` counts the main
+        pool's blocks (the other layers') and ``num_window_blocks`` the window pool's (None
+        where each rank sizes both from its memory, as ``num_kv_blocks``).
     scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
@@ -106,6 +111,8 @@ class EngineConfig:
     load_format: str = "auto"
     hf_overrides: dict | None = None
     kv_cache_dtype: str = "auto"
+    window_pool: bool = False
+    num_window_blocks: int | None = None
 
     @property
     def fp8_experts(self) -> bool:
@@ -258,6 +265,17 @@ def check_hybrid_layout(model_cfg: ModelConfig, prefill: int) -> None:
                          "prompts)")
 
 
+def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefill: int) -> None:
+    """A window pool (afd.window_pool) in a layout with a prefill pool: refused, since a P/D
+    transfer moves every row of every layer and the sliding layers keep only the window's."""
+    if engine_cfg.window_pool and prefill:
+        raise ValueError(f"prefill={prefill}: prefill/decode disaggregation is not supported "
+                         f"for {model_cfg.architecture} (model_type {model_cfg.model_type!r}) "
+                         "with its window pool (its sliding layers keep only the window's rows, "
+                         "a transfer moves every row): give num_window_blocks=0 to keep every "
+                         "row, or use prefill=0")
+
+
 def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
                               kv_cache_dtype: str, enforce_eager: bool | None,
                               kv_offload_gb: float) -> None:
@@ -312,8 +330,16 @@ def resolve_engine_config(
     load_format: str = "auto",
     hf_overrides: dict | None = None,
     kv_cache_dtype: str = "auto",
+    num_window_blocks: int | None = None,
 ) -> EngineConfig:
-    """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it."""
+    """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it.
+    ``num_window_blocks``: a model with sliding-window layers (afd.window_pool): None sizes
+    their pool, 0 keeps them in the main pool (every row kept), n > 0 gives it n blocks."""
+    if num_window_blocks is not None and (
+            not isinstance(num_window_blocks, int) or isinstance(num_window_blocks, bool)
+            or num_window_blocks < 0):
+        raise ValueError(f"num_window_blocks must be an integer >= 0 (0: no window pool), got "
+                         f"{num_window_blocks!r}")
     for name, value in (("max_model_len", max_model_len), ("block_size", block_size),
                         ("num_kv_blocks", num_kv_blocks), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -386,6 +412,12 @@ def resolve_engine_config(
             log.info("prefix caching off for %s: a cached block holds KV, not its linear "
                      "layers' state (docs/limits.md#hybrid)", model_cfg.architecture)
         enable_prefix_caching = False
+    window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb)
+    if window_pool and enable_prefix_caching:
+        log.info("prefix caching off for %s: its sliding layers keep only the window's rows "
+                 "(afd.window_pool; num_window_blocks=0 keeps every row, and the prefix cache)",
+                 model_cfg.architecture)
+        enable_prefix_caching = False
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:
@@ -396,12 +428,24 @@ def resolve_engine_config(
     per_block = bytes_per_block(model_cfg, block_size, cache_dtype(kv_cache_dtype, run_dtype),
                                 mtp)
     num_offload_blocks = _offload_blocks(kv_offload_gb, per_block, enable_prefix_caching)
+    sizes = (WindowSizes(model_cfg, block_size, cache_dtype(kv_cache_dtype, run_dtype), mtp,
+                         max_num_seqs, max_num_batched_tokens, max_model_len)
+             if window_pool else None)
     if num_kv_blocks is None:
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)
         if kv_cache_memory_gb is not None:  # else each rank sizes its own after loading
             budget = kv_cache_memory_gb * 2**30 - state_bytes(model_cfg, run_dtype, max_num_seqs)
-            num_kv_blocks = max(1, int(budget // per_block))
+            if sizes is None:
+                num_kv_blocks = max(1, int(budget // per_block))
+            elif num_window_blocks is None:
+                num_kv_blocks, num_window_blocks = sizes.split(int(budget))
+            else:  # the window pool's size given: the main pool takes the rest
+                num_kv_blocks = sizes.rest(int(budget), num_window_blocks)
+    if sizes is not None and num_kv_blocks is not None and num_window_blocks is None:
+        num_window_blocks = max(sizes.least, min(sizes.bound, num_kv_blocks))
+    if sizes is not None and num_window_blocks is not None:
+        sizes.check(num_window_blocks)
     if num_kv_blocks is not None and num_kv_blocks < -(-max_model_len // block_size):
         raise ValueError(
             f"num_kv_blocks={num_kv_blocks} x block_size={block_size} holds fewer tokens than "
@@ -429,7 +473,72 @@ def resolve_engine_config(
                         scheduling_policy=scheduling_policy,
                         gpu_memory_utilization=float(gpu_memory_utilization),
                         load_format=load_format, hf_overrides=hf_overrides,
-                        kv_cache_dtype=kv_cache_dtype)
+                        kv_cache_dtype=kv_cache_dtype, window_pool=window_pool,
+                        num_window_blocks=num_window_blocks if window_pool else None)
+
+
+def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,
+                 kv_offload_gb: float) -> bool:
+    """Does this engine give the sliding layers their own pool (afd.window_pool)? Refuses
+    what it cannot do with one, naming the model, the feature and ``num_window_blocks=0``."""
+    from afd.window_pool import window_layers
+
+    if not window_layers(model_cfg):
+        if num_window_blocks:
+            raise ValueError(f"num_window_blocks={num_window_blocks}: "
+                             f"{model_cfg.architecture} has no sliding-window layers (a "
+                             "window pool is for MiMo-V2-Flash's); leave it unset")
+        return False
+    if num_window_blocks == 0:
+        return False
+    name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
+    if kv_offload_gb:
+        raise ValueError(f"kv_offload_gb is not supported for {name} with its window pool "
+                         "(afd.window_pool: the sliding layers keep only the window's rows, "
+                         "so prefix caching and its host tier are off); give "
+                         "num_window_blocks=0 to keep every row, or leave kv_offload_gb at 0")
+    return True
+
+
+class WindowSizes:
+    """The two pools' arithmetic for one engine (afd.window_pool): a block's bytes over the
+    full layers (the MTP layer's too) and over the sliding ones, the window pool's bound and
+    the least one sequence needs."""
+
+    def __init__(self, model_cfg: ModelConfig, block_size: int, dtype: torch.dtype, mtp: bool,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        from afd.window_pool import blocks_per_seq, window_dims, window_pool_bound
+
+        element = torch.empty((), dtype=dtype).element_size()
+        self.window_bytes = block_size * window_dims(model_cfg) * element
+        self.full_bytes = bytes_per_block(model_cfg, block_size, dtype, mtp) - self.window_bytes
+        window = model_cfg.mimo.sliding_window
+        self.window, self.step = window, max_num_batched_tokens
+        self.bound = window_pool_bound(window, block_size, max_num_seqs, max_num_batched_tokens)
+        self.least = blocks_per_seq(window, block_size, max_num_batched_tokens)
+        # every sequence's whole length, where the full layers hold no rows
+        self.max_full = max_num_seqs * -(-max_model_len // block_size)
+
+    def split(self, budget: int) -> tuple[int, int]:
+        from afd.window_pool import split_kv_budget
+
+        full, window = split_kv_budget(budget, self.full_bytes, self.window_bytes, self.bound,
+                                       self.least, self.max_full)
+        return max(1, full), window
+
+    def rest(self, budget: int, num_window_blocks: int) -> int:
+        """The main pool's blocks in ``budget`` bytes beside ``num_window_blocks``."""
+        if self.full_bytes == 0:
+            return self.max_full
+        return max(1, (budget - num_window_blocks * self.window_bytes) // self.full_bytes)
+
+    def check(self, num_window_blocks: int) -> None:
+        if num_window_blocks < self.least:
+            raise ValueError(
+                f"num_window_blocks={num_window_blocks} holds fewer blocks than one sequence "
+                f"needs at once, ceil((sliding_window={self.window} + max_num_batched_tokens="
+                f"{self.step}) / block_size) + 1 = {self.least}: raise it (or the KV memory), "
+                "lower max_num_batched_tokens, or 0 for no window pool")
 
 
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True) -> None:

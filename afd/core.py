@@ -23,6 +23,7 @@ from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
 from afd.spec_decode import accept, rewind
 from afd.token_masks import NO_TOKEN
+from afd.window_pool import WindowPool
 from models.model import ExpertPath, MoEModel
 
 
@@ -96,12 +97,16 @@ class EngineCore:
                      if cfg.num_offload_blocks and cfg.enable_prefix_caching else None)
         self.allocator = BlockPool(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                    on_evict=self.host.evicted if self.host else None)
+        # MiMo-V2-Flash's sliding layers: their own pool, the runner's caches' (afd.window_pool)
+        self.window = (WindowPool(cfg.num_window_blocks, cfg.block_size,
+                                  model.cfg.mimo.sliding_window)
+                       if self.runner.window_blocks else None)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
                                    cfg.scheduling_policy, host=self.host,
                                    mtp_kv=cfg.mtp,  # the runner writes the MTP layer's KV
                                    # a hybrid model's linear layers: the runner's state slots
-                                   state_slots=self.runner.state_slots)
+                                   state_slots=self.runner.state_slots, window=self.window)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []

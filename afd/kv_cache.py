@@ -15,7 +15,7 @@ from models.config import ModelConfig
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: str | torch.device,
                        num_layers: int | None = None, state_slots: int = 0,
-                       state_dtype: torch.dtype | None = None) -> list:
+                       state_dtype: torch.dtype | None = None, window_blocks: int = 0) -> list:
     """One cache tensor per layer (see models.attention for the layouts) of ``dtype`` (the
     engine's ``cache_dtype``: the model's, or FP8 e4m3 with kv_cache_dtype "fp8"); ``num_layers``:
     cfg.num_layers unless given (one more with the MTP layer, whose cache is the last).
@@ -24,10 +24,17 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
     A hybrid model's linear layers (models.hybrid) hold ``state_slots`` sequences' states
     instead (``LinearStates``: the conv state in ``state_dtype``, the run dtype; the recurrent
     state fp32), one slot per sequence the scheduler runs at once.
+    ``window_blocks`` > 0: the sliding-window layers' caches are the window pool's
+    (afd.window_pool), that many blocks and its null block after them.
     ValueError for an FP8 cache the kernels cannot read on ``device`` (``check_fp8_kv_device``)."""
     if dtype == torch.float8_e4m3fn:
         check_fp8_kv_device(device)
     lin = cfg.linear_attn
+    windowed: tuple[int, ...] = ()
+    if window_blocks:
+        from afd.window_pool import window_layers
+
+        windowed = window_layers(cfg)
     caches: list = []
     for layer in range(cfg.num_layers if num_layers is None else num_layers):
         if lin is not None and lin.is_linear(layer):
@@ -35,8 +42,8 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int,
 
             caches.append(LinearStates.allocate(lin, state_slots, state_dtype or dtype, device))
         else:
-            caches.append(zeros(kv_cache_shape(cfg, num_blocks, block_size, layer), dtype,
-                                device))
+            blocks = window_blocks + 1 if layer in windowed else num_blocks
+            caches.append(zeros(kv_cache_shape(cfg, blocks, block_size, layer), dtype, device))
     return caches
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afd.config import EngineConfig, bytes_per_block, state_bytes
+from afd.config import EngineConfig, WindowSizes, bytes_per_block, state_bytes
 from models.attention import MLA_PREFILL_MAX_CONTEXT
 from models.config import ModelConfig
 
@@ -261,7 +261,17 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
     module docstring). ``kind``: "single", "attention" or "prefill" (the log line, and the
     test's fake numbers). ``graphs``: it may capture CUDA graphs, whose scratch block and pool
     (``graph_pool_reserve``) come out of the same memory. ValueError naming the numbers when
-    one max_model_len sequence does not fit."""
+    one max_model_len sequence does not fit. With a window pool (``cfg.window_pool``): the
+    main pool's blocks (``kv_pools_from_memory``)."""
+    return kv_pools_from_memory(cfg, model_cfg, device, kind, ranks_on_device=ranks_on_device,
+                                graphs=graphs)["num_kv_blocks"]
+
+
+def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device,
+                         kind: str, *, ranks_on_device: int = 1, graphs: bool = False) -> dict:
+    """``kv_blocks_from_memory`` as the EngineConfig fields it sizes: ``num_kv_blocks``, and
+    with a window pool (afd.window_pool) ``num_window_blocks`` too, the memory split between
+    the two (``WindowSizes.split``: the window pool its bound, the full layers the rest)."""
     mem = device_memory(device, kind)
     per_block = bytes_per_block(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp)
     reserve = activation_reserve(model_cfg, cfg)
@@ -271,6 +281,18 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
     states = state_bytes(model_cfg, cfg.dtype, cfg.max_num_seqs)
     budget = min(share - mem.in_use, mem.free) - reserve - pool - states
     blocks = max(0, budget) // per_block - graphs
+    sized = {"num_kv_blocks": blocks}
+    if cfg.window_pool:  # (MiMo-V2-Flash: never captured in CUDA graphs, no scratch block)
+        sizes = WindowSizes(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp,
+                            cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
+        if cfg.num_window_blocks is None:
+            blocks, window = sizes.split(max(0, budget))
+        else:
+            blocks, window = sizes.rest(max(0, budget), cfg.num_window_blocks), \
+                cfg.num_window_blocks
+        sizes.check(window)
+        sized = {"num_kv_blocks": blocks, "num_window_blocks": window}
+        per_block = sizes.full_bytes
     need = -(-cfg.max_model_len // cfg.block_size)
     gib = 2**30
     numbers = (f"gpu_memory_utilization={cfg.gpu_memory_utilization} of {mem.total / gib:.2f} "
@@ -293,6 +315,8 @@ def kv_blocks_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: tor
             f"{' or max_num_seqs (state slots)' if states else ''}"
             f"{', give fewer or smaller cuda_graph_sizes or set enforce_eager' if pool else ''}"
             ", or give kv_cache_memory_gb / num_kv_blocks")
-    log.info("%s rank on %s: %d KV blocks (%.2f GiB): %s", kind, device, blocks,
-             blocks * per_block / gib, numbers)
-    return blocks
+    log.info("%s rank on %s: %d KV blocks (%.2f GiB)%s: %s", kind, device, blocks,
+             blocks * per_block / gib,
+             f", the window pool {sized['num_window_blocks']} blocks of "
+             f"{sizes.window_bytes} bytes" if cfg.window_pool else "", numbers)
+    return sized

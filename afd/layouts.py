@@ -30,7 +30,7 @@ import zmq
 
 from afd import protocol
 from afd.config import (EngineConfig, check_hybrid_layout, check_layout_options,
-                        check_prefill_expert_parallel)
+                        check_prefill_expert_parallel, check_window_layout)
 from afd.core import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import from_load, resolve_placement
@@ -180,6 +180,7 @@ class MultiRankClient:
         check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, layout.prefill,
                                       model_cfg.num_experts)
         check_hybrid_layout(model_cfg, layout.prefill)
+        check_window_layout(engine_cfg, model_cfg, layout.prefill)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
-                        check_hybrid_layout, check_prefill_expert_parallel,
+                        check_hybrid_layout, check_window_layout, check_prefill_expert_parallel,
                         resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
@@ -215,13 +215,14 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
                                   model_cfg.num_experts)
     check_hybrid_layout(model_cfg, prefill)
+    check_window_layout(engine_cfg, model_cfg, prefill)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         model = engine_cfg.load_model("full", engine_cfg.device)
         if engine_cfg.num_kv_blocks is None:  # sized from the GPU's memory left after loading
-            from afd.kv_memory import kv_blocks_from_memory
+            from afd.kv_memory import kv_pools_from_memory
 
-            engine_cfg = replace(engine_cfg, num_kv_blocks=kv_blocks_from_memory(
+            engine_cfg = replace(engine_cfg, **kv_pools_from_memory(
                 engine_cfg, model.cfg, torch.device(engine_cfg.device), "single",
                 graphs=not engine_cfg.enforce_eager))
         return EngineCore(model, engine_cfg)

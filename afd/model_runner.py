@@ -163,7 +163,26 @@ def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.dev
                          block_tables=torch.from_numpy(tables).to(device),
                          seq_lens=dev[n:2 * n], query_lens=[1] * n, num_decodes=n,
                          context_lens=seq_lens, state_slots=_state_slots(seqs))
+    if seqs[0].seq.window_block_ids is not None:
+        _add_window_rows(batch, [s.seq for s in seqs], np.arange(n), pos, None, block_size,
+                         device)
     return dev[:n], batch, dev[2 * n:3 * n]
+
+
+def _add_window_rows(batch: ForwardBatch, seqs: list, token_seq: np.ndarray, pos: np.ndarray,
+                     rows_of: list[int] | None, block_size: int, device: torch.device) -> None:
+    """The window pool's block tables and slots (afd.window_pool) for a batch whose rows are
+    ``seqs``' (row order; ``rows_of``: each one's rows, None: one each), its tokens ``pos`` of
+    sequence ``token_seq``: the same layout as the main pool's, over ``window_block_ids``."""
+    width = max(len(seq.window_block_ids) for seq in seqs)
+    tables = np.zeros((len(seqs), width), dtype=np.int32)
+    for i, seq in enumerate(seqs):
+        tables[i, :len(seq.window_block_ids)] = seq.window_block_ids
+    slots = tables[token_seq, pos // block_size] * block_size + pos % block_size
+    if rows_of is not None and len(rows_of) != sum(rows_of):
+        tables = np.repeat(tables, rows_of, axis=0)
+    batch.window_block_tables = torch.from_numpy(tables).to(device)
+    batch.window_slot_mapping = torch.from_numpy(slots.astype(np.int64)).to(device)
 
 
 def _state_slots(seqs: list[ScheduledSeq]) -> list[int] | None:
@@ -256,6 +275,9 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
         # per row (one per sequence: a hybrid model verifies no drafts)
         state_slots=_state_slots([seqs[i] for i in order]),
     )
+    if seqs and seqs[0].seq.window_block_ids is not None:
+        _add_window_rows(batch, [seqs[i].seq for i in order],
+                         np.array(token_seq, dtype=np.int64), pos, rows_of, block_size, device)
     return dev[:t], batch, dev[t + b:t + b + n]
 
 
@@ -286,10 +308,13 @@ class ModelRunner:
         # a hybrid model's linear layers: one state slot per sequence a step may run (the
         # scheduler hands them out: EngineCore)
         self.state_slots = cfg.max_num_seqs if model.cfg.linear_attn is not None else 0
+        # the sliding layers' own pool (afd.window_pool), its null block after its blocks
+        self.window_blocks = cfg.num_window_blocks if cfg.window_pool else 0
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
                                             cfg.block_size, cfg.cache_dtype, self.device,
                                             len(model.all_layers()),
-                                            state_slots=self.state_slots, state_dtype=cfg.dtype)
+                                            state_slots=self.state_slots, state_dtype=cfg.dtype,
+                                            window_blocks=self.window_blocks)
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
         self.load_record = (ExpertLoadRecorder(model.cfg.num_layers, model.cfg.num_experts,

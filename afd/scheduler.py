@@ -52,6 +52,7 @@ from afd.config import SCHEDULING_POLICIES
 from afd.kv_offload import HostKVTier
 from afd.sequence import Sequence, Status
 from afd.spec_decode import SpecConfig, TokenArray, propose_ngram
+from afd.window_pool import WindowPool
 
 # Prompt positions scored for prompt logprobs per step, over all sequences: each gets a
 # full-vocabulary fp32 logits row (129,280 ids: 0.5 MB), so 2,048 of them are 1.06 GB, where a
@@ -131,11 +132,14 @@ class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  spec: SpecConfig | None = None, policy: str = "fcfs",
                  host: HostKVTier | None = None, mtp_kv: bool | None = None,
-                 state_slots: int = 0):
+                 state_slots: int = 0, window: WindowPool | None = None):
         """``mtp_kv``: does the runner write the MTP layer's KV (default: with MTP drafts;
         a prefill rank's core writes it without verifying drafts). ``state_slots``: a hybrid
         model's linear-attention state slots (models.hybrid; 0: none), max_num_seqs of them:
-        a sequence holds one from admission until it finishes or is preempted."""
+        a sequence holds one from admission until it finishes or is preempted. ``window``:
+        the sliding layers' pool (afd.window_pool; None: none): a sequence's window table
+        grows with its block table, loses the blocks out of its window after each step,
+        and is freed with it."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
@@ -149,6 +153,10 @@ class Scheduler:
             raise ValueError(f"{state_slots} state slots for max_num_seqs={max_num_seqs}: a "
                              "running sequence of a hybrid model needs one each")
         self.free_state_slots = list(range(state_slots - 1, -1, -1)) if state_slots else None
+        if window is not None and (allocator.enable_caching or host is not None):
+            raise ValueError("a window pool keeps no prefix cache: its blocks out of the "
+                             "window are gone (afd.window_pool)")
+        self.window = window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -192,6 +200,8 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         self._release_state_slot(seq)
+        if seq.window_block_ids is not None:
+            self.window.release(seq.window_block_ids)
         seq.status = Status.FINISHED
 
     def park(self, seq: Sequence) -> None:
@@ -253,13 +263,17 @@ class Scheduler:
             need = self.allocator.blocks_for(num_cached + n) - len(cached)
             # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
             reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
-            if not self.allocator.can_allocate(need + reclaimed):
+            if not self.allocator.can_allocate(need + reclaimed) or (
+                    self.window is not None and need > self.window.num_free):
                 break
             self.waiting.popleft()
             self.allocator.take(cached)  # before allocate(), which could evict them
             if hit.host_slots:  # kept from eviction by allocate()'s offloads until copied
                 self.host.hold(hit.host_slots)
             seq.block_ids = cached + self.allocator.allocate(need)
+            if self.window is not None:  # (no prefix cache: nothing cached)
+                seq.window_block_ids = []
+                self.window.grow(seq.window_block_ids, need)
             if hit.host_slots:
                 self._restore_from_host(seq, len(cached), hit.host_slots)
             if self.free_state_slots is not None:
@@ -332,8 +346,12 @@ class Scheduler:
                     drafts = forced
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
+            if self.window is not None:  # the window table grows with it
+                extra = min(extra, self.window.num_free)
             if extra > 0:
                 seq.block_ids += alloc.allocate(extra)
+                if self.window is not None:
+                    self.window.grow(seq.window_block_ids, len(seq.block_ids))
             drafts = drafts[:len(seq.block_ids) * alloc.block_size - seq.num_computed_tokens - 1]
             if drafts:
                 s.draft_token_ids = drafts
@@ -404,7 +422,8 @@ class Scheduler:
         Returns False if ``seq`` itself had to be preempted.
         """
         need = self.allocator.blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
-        while not self.allocator.can_allocate(need):
+        while not self.allocator.can_allocate(need) or (
+                self.window is not None and need > self.window.num_free):
             victim = self._victim(scheduled)
             if victim is None:
                 return False
@@ -412,6 +431,8 @@ class Scheduler:
             if victim is seq:
                 return False
         seq.block_ids += self.allocator.allocate(need)
+        if self.window is not None:
+            self.window.grow(seq.window_block_ids, len(seq.block_ids))
         return True
 
     def _victim(self, scheduled: set[int]) -> Sequence | None:
@@ -427,6 +448,8 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
+        if seq.window_block_ids is not None:
+            self.window.release(seq.window_block_ids)
         seq.num_computed_tokens = seq.num_cached_blocks = 0
         self._release_state_slot(seq)  # recomputed from its first token, from a zero state
         seq.cacheable = True  # recomputed here from its tokens
@@ -447,9 +470,12 @@ class Scheduler:
         """After the forward (and, with drafts, verification): the scheduled tokens are now in
         the cache, less the rejected drafts, whose KV is left to be overwritten."""
         caching, size = self.allocator.enable_caching, self.allocator.block_size
+        window = self.window
         for s in out.seqs:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
+            if window is not None:  # the next step's queries read from computed - window + 1
+                window.slide(seq.window_block_ids, seq.num_computed_tokens)
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
                 accepted = s.num_accepted  # always the first drafts

@@ -320,7 +320,7 @@ def core_config(spec: WorkerSpec, device: torch.device,
     as many tokens; no host tier on P/D decode ranks (they never cache the KV they receive: the
     tier is for prompt ranks). With no KV size given on a GPU, the rank sizes its pool from its
     own memory (afd.kv_memory), which needs its model's ``model_cfg``."""
-    from afd.kv_memory import kv_blocks_from_memory
+    from afd.kv_memory import kv_pools_from_memory
     from afd.sampler import rank_seed
 
     cfg = spec.engine_cfg
@@ -337,7 +337,7 @@ def core_config(spec: WorkerSpec, device: torch.device,
     local = local_config(cfg, device, **changes)
     if local.num_kv_blocks is None:
         # graphs: only a decoding rank without FFN ranks captures them (model_runner)
-        local = local_config(local, device, num_kv_blocks=kv_blocks_from_memory(
+        local = local_config(local, device, **kv_pools_from_memory(
             local, model_cfg, device, "prefill" if prefill else "attention",
             ranks_on_device=ranks_on_device(spec, device),
             graphs=not (prefill or local.enforce_eager or spec.layout.ffn)))

@@ -54,6 +54,11 @@ class ForwardBatch:
     # Hybrid models (models.hybrid): per row, its sequence's state slot (the linear layers'
     # conv and recurrent states), None for every other model
     state_slots: list[int] | None = None
+    # A window pool's (afd.window_pool: MiMo-V2-Flash's sliding layers): the rows' tables
+    # over it ([B, max_blocks] int32, blocks out of every window: its null block) and the
+    # tokens' slots in it ([T] int64); None where the sliding layers share the main pool
+    window_block_tables: torch.Tensor | None = None
+    window_slot_mapping: torch.Tensor | None = None
     # Built by prefill_layout() on the first layer's call, shared by the others.
     _prefill_layout: PrefillLayout | None = field(default=None, repr=False)
     # Decoder layer -> [T, K] int64 where that MoE layer's router writes its topk_ids (the CUDA

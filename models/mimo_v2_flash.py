@@ -14,10 +14,13 @@ shared experts, ``mlp_layer_types`` dense or sparse).
 
 Cache rows: one tensor per layer [num_blocks, block_size, KVH * (head_dim + v_head_dim)], keys
 then values (``ModelConfig.layer_kv_cache_dim``: a sliding layer's twice a full layer's). A
-sliding layer keeps every row of a sequence, though its queries read only the window's
-(docs/limits.md#mimo-v2-flash). Attention runs ``kernels.window_attention``: where
-``kernels.backend`` picks Triton (CUDA) its decode rows through the Triton GQA decode kernels
-and its prefill rows through the paged prefill kernel, else torch. Steps stay eager (never
+sliding layer's cache is the window pool's where the engine has one (afd.window_pool,
+``ForwardBatch.window_block_tables``): a sequence's blocks out of every window are freed, its
+table pointing them at a null block that no query reads; else (num_window_blocks=0) it keeps
+every row in the main pool (docs/limits.md#mimo-v2-flash). Attention runs
+``kernels.window_attention``: where ``kernels.backend`` picks Triton (CUDA) its decode rows
+through the Triton GQA decode kernels and its prefill rows through the paged prefill kernel,
+else torch. Steps stay eager (never
 captured in a CUDA graph).
 """
 
@@ -70,12 +73,15 @@ class MiMoAttention(nn.Module):
         q = kernels.apply_rotary(q, cos, sin, interleaved=False)
         k = kernels.apply_rotary(k, cos, sin, interleaved=False)
         row = torch.cat((k.reshape(t, self.num_kv_heads * self.head_dim), v), dim=-1)
-        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = to_kv_cache(row, cache.dtype)
+        tables, slots = batch.block_tables, batch.slot_mapping
+        if self.sliding and batch.window_block_tables is not None:  # the window pool's
+            tables, slots = batch.window_block_tables, batch.window_slot_mapping
+        cache.view(-1, cache.shape[-1])[slots] = to_kv_cache(row, cache.dtype)
         lens = batch.context_lens
         if lens is None:  # a CUDA graph's batch: afd never captures this model's steps
             raise RuntimeError("MiMo-V2-Flash attention needs the rows' lengths on the host")
         out = window_attention(
-            q, cache, batch.block_tables, batch.seq_lens, batch.query_lens, lens,
+            q, cache, tables, batch.seq_lens, batch.query_lens, lens,
             batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
             self.window, self.attention_sink_bias if self.sliding else None,
             groups=batch.decode_groups, layout=batch.prefill_layout())

@@ -132,7 +132,8 @@ def test_attention_and_ffn_ranks_and_pd_match(mimo):
     tokens, so the single process's."""
     _, path, prompts, expected = mimo
     for layout in (dict(attention=1, ffn=1),
-                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4)):
+                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4,
+                        num_window_blocks=0)):
         llm = LLM(path, timeout_s=30, **layout)
         try:
             assert tokens(llm, prompts) == [t for t, _ in expected], layout
@@ -146,7 +147,8 @@ def test_prefix_cache_hit(mimo):
     model, path, prompts, expected = mimo
     other = prompts[3][:64] + prompts[2][:20]
     want = hf_greedy(model, other, NEW_TOKENS)[0]
-    llm = LLM(path, block_size=16, enable_prefix_caching=True, max_model_len=128)
+    llm = LLM(path, block_size=16, enable_prefix_caching=True, max_model_len=128,
+              num_window_blocks=0)
     assert tokens(llm, prompts[3:]) == [expected[3][0]]
     out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
     assert out.num_cached_tokens == 64 and out.outputs[0].token_ids == want
@@ -560,7 +562,7 @@ def test_fp8_kv_cache_is_the_fp32_model_with_its_rows_rounded(mimo, monkeypatch)
     path, prompts = mimo[1], mimo[2]
     batch = [{"prompt_token_ids": p} for p in prompts + [prompts[3][:40] + [7, 8, 9]]]
     small = dict(block_size=4, num_kv_blocks=30, max_model_len=112, max_num_batched_tokens=16,
-                 enable_prefix_caching=True, seed=0)
+                 enable_prefix_caching=True, seed=0, num_window_blocks=0)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
 
     def run(llm):
@@ -595,7 +597,7 @@ def test_host_tier_restores_rows_of_both_widths(mimo):
     gen = torch.Generator().manual_seed(3)
     others = [torch.randint(2, VOCAB, (100,), generator=gen).tolist() for _ in range(2)]
     llm = LLM(path, block_size=16, num_kv_blocks=9, max_model_len=128,
-              enable_prefix_caching=True,
+              enable_prefix_caching=True, num_window_blocks=0,
               kv_offload_gb=32 * bytes_per_block(cfg, 16, torch.float32, mtp=False) / 2**30)
     try:
         want = expected[3][0]
