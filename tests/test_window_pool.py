@@ -1,0 +1,285 @@
+"""The window pool (afd.window_pool): MiMo-V2-Flash's sliding layers in a KV pool of their own,
+whose blocks out of every query's window go back to it. A tiny random MiMo checkpoint
+(tests/test_mimo_v2_flash.py's: window 8) over blocks of 4, prompts and generations many
+windows long: transformers' greedy tokens and those of the engine that keeps every row
+(num_window_blocks=0), chunks shorter and longer than the window, single process and 1A+1F;
+each sequence's window blocks bounded however long it grows; both pools full again after
+finish, abort and preemption (forced by a small window pool); the sizing's split (more blocks
+for the full layers in the same memory); free and null blocks poisoned with NaN after every
+step changing no token, under the torch path and under Triton's interpreter (the decode and
+paged prefill kernels)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from afd.config import bytes_per_block, resolve_engine_config
+from afd.kv_memory import FAKE_MEMORY_ENV, kv_pools_from_memory
+from afd.window_pool import blocks_per_seq, window_dims, window_layers, window_pool_bound
+from ckpt_utils import build_hf_model as build_model, greedy, hf_greedy, mixed_prompts, \
+    save_checkpoint
+from models.config import load_config
+from test_mimo_v2_flash import build_hf_model
+
+WINDOW, BLOCK = 8, 4
+NEW_TOKENS = 40
+TRITON_TOKENS = 8  # the interpreter's runs: prompts of 23 and 40 tokens, 8 new
+LENGTHS = [5, 23, 40, 70]  # with 40 new tokens: 45 .. 110 positions, 5 to 14 windows
+PATH_ENV = "AFD_TEST_WINDOW_POOL_CKPT"
+
+
+def tokens(llm, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def mimo(tmp_path_factory):
+    """(checkpoint folder, prompts, transformers' greedy tokens per prompt)."""
+    model = build_hf_model()
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("mimo_window_pool")))
+    prompts = mixed_prompts(len(LENGTHS), seed=5, lengths=LENGTHS)
+    return path, prompts, [hf_greedy(model, p, NEW_TOKENS)[0] for p in prompts]
+
+
+class Watch:
+    """After each schedule: the most window blocks any running sequence held, and whether any
+    had given blocks back (a null entry in its window table)."""
+
+    def __init__(self, core):
+        self.core, self.most, self.freed = core, 0, False
+        sched = core.scheduler
+        plan = sched.schedule
+
+        def schedule():
+            out = plan()
+            null = core.window.null
+            for seq in sched.running:
+                held = [b for b in seq.window_block_ids if b != null]
+                self.most = max(self.most, len(held))
+                self.freed |= len(held) < len(seq.window_block_ids)
+            return out
+
+        sched.schedule = schedule
+
+
+def assert_pools_full(core) -> None:
+    assert core.window.num_free == core.window.num_blocks
+    assert core.allocator.num_free == core.cfg.num_kv_blocks
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_tokens_match_transformers_and_every_row_kept(mimo, chunk):
+    """Chunks of 5 (shorter than the window: a chunk's first query reads rows two chunks
+    back) and of 16 (longer): transformers' tokens, the same as keeping every row; blocks were
+    freed, each sequence held at most its bound, and both pools are full after."""
+    path, prompts, expected = mimo
+    engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=chunk)
+    llm = LLM(path, **engine)
+    core = llm.engine.core
+    assert core.window is not None and core.runner.window_blocks == core.window.num_blocks
+    watch = Watch(core)
+    assert tokens(llm, prompts) == expected
+    assert watch.freed and watch.most <= blocks_per_seq(WINDOW, BLOCK, chunk)
+    assert_pools_full(core)
+    keep = LLM(path, num_window_blocks=0, **engine)
+    assert keep.engine.core.window is None
+    assert tokens(keep, prompts) == expected
+
+
+def test_window_blocks_stay_bounded_far_past_the_window(mimo):
+    """One sequence decoding 240 tokens (30 windows) holds at most the blocks of its window
+    and a step, the window pool's use never above that, and gives transformers' tokens (those
+    of the engine keeping every row)."""
+    path, prompts = mimo[0], mimo[1]
+    engine = dict(block_size=BLOCK, max_model_len=256, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True)
+    llm = LLM(path, **engine)
+    core = llm.engine.core
+    watch = Watch(core)
+    used = []
+    step = core.step
+
+    def counted():
+        out = step()
+        used.append(core.window.num_blocks - core.window.num_free)
+        return out
+
+    core.step = counted
+    got = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    bound = blocks_per_seq(WINDOW, BLOCK, 16)
+    assert len(used) > 200 and max(used) <= bound and watch.most <= bound
+    assert_pools_full(core)
+    want = LLM(path, num_window_blocks=0, **engine).generate(
+        [{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+
+
+def test_small_window_pool_preempts_and_every_path_frees_both_pools(mimo):
+    """A window pool of the least one sequence needs (7 blocks) for four sequences: the
+    scheduler preempts for window blocks, recomputes, and keeps transformers' tokens; after
+    finishing, and after aborting sequences mid-prefill and mid-decode, both pools are full.
+    Fewer blocks than one sequence needs is refused, naming the field."""
+    path, prompts, expected = mimo
+    least = blocks_per_seq(WINDOW, BLOCK, 16)
+    engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=16)
+    llm = LLM(path, num_window_blocks=least, **engine)
+    core = llm.engine.core
+    assert core.window.num_blocks == least
+    assert tokens(llm, prompts) == expected
+    assert core.stats()[0].num_preemptions > 0
+    assert_pools_full(core)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for steps in (1, 3, 12):  # mid-prefill (chunks of 16) and mid-decode
+        for i, p in enumerate(prompts):
+            llm.engine.add_request(f"abort{steps}-{i}", {"prompt_token_ids": p}, params)
+        for _ in range(steps):
+            llm.engine.step()
+        for i in range(len(prompts)):
+            llm.engine.abort_request(f"abort{steps}-{i}")
+        assert not core.scheduler.has_unfinished()
+        assert_pools_full(core)
+    with pytest.raises(ValueError, match=rf"num_window_blocks={least - 1} holds fewer blocks "
+                                         rf"than one sequence needs .* = {least}"):
+        LLM(path, num_window_blocks=least - 1, **engine)
+
+
+def test_attention_and_ffn_ranks_match(mimo):
+    """1A+1F: the attention rank's scheduler and runner hold both pools; chunks of 5 over
+    blocks of 4, transformers' tokens."""
+    path, prompts, expected = mimo
+    llm = LLM(path, attention=1, ffn=1, timeout_s=30, block_size=BLOCK, max_model_len=128,
+              max_num_batched_tokens=5)
+    try:
+        assert tokens(llm, prompts) == expected
+    finally:
+        llm.shutdown()
+
+
+def test_sizing_gives_the_full_layers_more_blocks(mimo, monkeypatch):
+    """In the same KV memory the main pool (full layers) holds more blocks than the one pool
+    of before held (what num_window_blocks=0 still gives), the window pool its bound; the two
+    fit the memory. The same split where a rank sizes its pools from device memory; the
+    engine features that need every row are refused or turned off, naming the model."""
+    path = mimo[0]
+    cfg = load_config(path)
+    args = dict(device="cpu", block_size=BLOCK, max_model_len=128, max_num_seqs=4,
+                max_num_batched_tokens=16, kv_cache_memory_gb=0.01)
+    budget = int(0.01 * 2**30)
+    old = budget // bytes_per_block(cfg, BLOCK, torch.float32, False)
+    split = resolve_engine_config(path, cfg, **args)
+    bound = window_pool_bound(WINDOW, BLOCK, 4, 16)
+    window_bytes = BLOCK * window_dims(cfg) * 4
+    full_bytes = bytes_per_block(cfg, BLOCK, torch.float32, False) - window_bytes
+    assert window_layers(cfg) == (0, 2, 3) and bound == 4 * (2 + 2) + 4
+    assert split.window_pool and split.num_window_blocks == bound
+    assert split.num_kv_blocks == (budget - bound * window_bytes) // full_bytes > 2 * old
+    one = resolve_engine_config(path, cfg, num_window_blocks=0, **args)
+    assert (one.window_pool, one.num_kv_blocks, one.num_window_blocks) == (False, old, None)
+    given = resolve_engine_config(path, cfg, num_kv_blocks=50, **{
+        k: v for k, v in args.items() if k != "kv_cache_memory_gb"})
+    assert (given.num_kv_blocks, given.num_window_blocks) == (50, bound)
+    # sized on the rank, from its memory (a GPU's way; faked numbers)
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": {
+        "total": 4 * 2**30, "free": 4 * 2**30, "in_use": 0}}))
+    lazy = resolve_engine_config(path, cfg, **{k: v for k, v in args.items()
+                                              if k != "kv_cache_memory_gb"})
+    assert lazy.num_kv_blocks is None and lazy.window_pool
+    sized = kv_pools_from_memory(lazy, cfg, torch.device("cpu"), "single")
+    assert sized["num_window_blocks"] == bound
+    keep = kv_pools_from_memory(resolve_engine_config(
+        path, cfg, num_window_blocks=0, **{k: v for k, v in args.items()
+                                           if k != "kv_cache_memory_gb"}),
+        cfg, torch.device("cpu"), "single")
+    assert sized["num_kv_blocks"] > 2 * keep["num_kv_blocks"]
+    monkeypatch.delenv(FAKE_MEMORY_ENV)
+    with pytest.raises(ValueError, match="kv_offload_gb is not supported for mimo_v2_flash .* "
+                                         "num_window_blocks=0"):
+        resolve_engine_config(path, cfg, kv_offload_gb=0.01, **args)
+    assert not split.enable_prefix_caching
+    with pytest.raises(ValueError, match="prefill=1: prefill/decode disaggregation is not "
+                                         "supported for mimo_v2_flash .* num_window_blocks=0"):
+        LLM(path, prefill=1, attention=1, **args)
+
+
+def test_no_window_pool_for_other_models(tmp_path):
+    """A model without sliding layers gets no second pool, and asking for one is refused."""
+    path = save_checkpoint(build_model("deepseek_v3"), str(tmp_path))
+    cfg = load_config(path)
+    args = dict(device="cpu", block_size=BLOCK, max_model_len=64, kv_cache_memory_gb=0.01)
+    plain = resolve_engine_config(path, cfg, **args)
+    assert not plain.window_pool and plain.num_window_blocks is None
+    assert plain.num_kv_blocks == int(0.01 * 2**30) // bytes_per_block(cfg, BLOCK,
+                                                                        plain.dtype, False)
+    with pytest.raises(ValueError, match="num_window_blocks=8: .* has no sliding-window"):
+        resolve_engine_config(path, cfg, num_window_blocks=8, **args)
+
+
+def poison_after_each_step(core) -> list[int]:
+    """Fill the window pool's free blocks and its null block with NaN in every sliding
+    layer's cache after every step; returns a list that counts the blocks poisoned each time."""
+    update, counts = core.scheduler.update, []
+    layers = window_layers(core.runner.model.cfg)
+
+    def poisoned(out):
+        update(out)
+        ids = list(core.window.pool._empty) + [core.window.null]
+        for layer in layers:
+            core.runner.kv_caches[layer][ids] = float("nan")
+        counts.append(len(ids))
+
+    core.scheduler.update = poisoned
+    return counts
+
+
+def run_poisoned(path: str, prompts: list[list[int]], chunk: int, n: int = NEW_TOKENS
+                 ) -> tuple[list, list]:
+    """(tokens of a clean run, tokens of a run whose free / null window blocks are NaN)."""
+    engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=chunk,
+                  max_num_seqs=4)
+    clean = tokens(LLM(path, **engine), prompts, n)
+    llm = LLM(path, **engine)
+    counts = poison_after_each_step(llm.engine.core)
+    got = tokens(llm, prompts, n)
+    assert counts and min(counts) > 1
+    return clean, got
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_poisoned_free_blocks_change_no_token_torch(mimo, chunk):
+    path, prompts, expected = mimo
+    clean, got = run_poisoned(path, prompts, chunk)
+    assert clean == got == expected
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    """Under TRITON_INTERPRET=1 (kernels.testing): MiMo's attention through the Triton decode
+    and paged prefill kernels (the rest of the model torch), clean and poisoned runs."""
+    import models.mimo_v2_flash as mimo_module
+    from kernels.window_attention import window_attention
+
+    mimo_module.window_attention = functools.partial(window_attention, backend="triton")
+    path, prompts = os.environ[PATH_ENV], json.loads(os.environ[PATH_ENV + "_PROMPTS"])
+    clean, got = run_poisoned(path, prompts, int(name.removeprefix("chunk")), TRITON_TOKENS)
+    return {"clean": clean, "poisoned": got}
+
+
+def test_poisoned_free_blocks_change_no_token_triton(mimo, monkeypatch):
+    """Two prompts (23 and 40 tokens, 8 new) through the interpreted Triton kernels, chunks
+    of 5 and 16: the poisoned run's tokens are the clean run's, and transformers'."""
+    from kernels.testing import run_in_interpreter
+
+    path, prompts, expected = mimo
+    monkeypatch.setenv(PATH_ENV, path)
+    monkeypatch.setenv(PATH_ENV + "_PROMPTS", json.dumps(prompts[1:3]))
+    results = run_in_interpreter(__file__, ["chunk5", "chunk16"], 0)
+    for name, result in results.items():
+        assert "error" not in result, result.get("error")
+        assert result["clean"] == result["poisoned"] == [e[:TRITON_TOKENS]
+                                                         for e in expected[1:3]], name
