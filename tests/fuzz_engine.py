@@ -48,6 +48,8 @@ from afd.kv_transfer import gather_kv, token_slots
 from afd.outputs import RequestOutput
 from afd.sampling_params import RequestOutputKind, StructuredOutputsParams
 from afd.sequence import Status
+from afd.window_pool import blocks_per_seq, window_layers
+from models.config import load_config
 
 VOCAB = 512
 KINDS = list(RequestOutputKind)
@@ -303,7 +305,11 @@ class KVWatch:
     def __init__(self, core):
         self.core = core
         self.seqs: dict[int, tuple] = {}  # per live sequence, its computed KV at the last check
-        self.caches = core.runner.kv_caches
+        # a window pool's layers (afd.window_pool) are watched apart, over the window tables
+        windowed = set(window_layers(core.runner.model.cfg)) if core.window is not None else ()
+        self.caches = [c for i, c in enumerate(core.runner.kv_caches) if i not in windowed]
+        self.window_caches = [core.runner.kv_caches[i] for i in sorted(windowed)]
+        self.window_seqs: dict[int, tuple] = {}
         self.dim = kv_block_dim(core.runner.model.cfg)
         self.device: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
         self.host: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
@@ -429,6 +435,37 @@ class KVWatch:
                         f"{seq.block_ids[bad // size]}) changed ({m} positions computed)")
             now[id(seq)] = (seq, seq.metrics.num_preemptions, n, blocks, kv)
         self.seqs = now
+        if self.window_caches:
+            self._check_window_seqs(where)
+
+    def _check_window_seqs(self, where: str) -> None:
+        """``_check_seqs`` for a window pool's layers: a sequence's computed positions whose
+        window blocks it still holds (from its first block not given back) are never written
+        again while it holds them; it holds every block from there to its end."""
+        window, size = self.core.window, self.core.allocator.block_size
+        now = {}
+        for seq in self.core.seqs.values():
+            n = seq.num_computed_tokens
+            if not n or seq.status is not Status.RUNNING:
+                continue
+            table = seq.window_block_ids
+            assert len(table) == len(seq.block_ids), f"{where}: window table's length"
+            lo = next(b for b, block in enumerate(table + [-1]) if block != window.null)
+            assert window.null not in table[lo:], f"{where}: a hole in the window table"
+            assert lo * size <= max(0, n - window.window + 1), (
+                f"{where}: {seq.request_id} gave back a block its next query reads")
+            lo *= size
+            slots = token_slots(table, n, size, self.window_caches[0].device)[lo:]
+            kv = torch.stack([c.view(-1, c.shape[-1])[slots] for c in self.window_caches])
+            old = self.window_seqs.get(id(seq))
+            if old is not None and old[0] is seq and old[1] == seq.metrics.num_preemptions:
+                a, b = max(lo, old[2]), min(n, old[3])
+                was = old[4][:, a - old[2]:b - old[2]]
+                if a < b and not torch.equal(kv[:, a - lo:b - lo], was):
+                    raise AssertionError(f"{where}: {seq.request_id}'s computed KV in a window "
+                                         f"layer changed ({n} positions computed)")
+            now[id(seq)] = (seq, seq.metrics.num_preemptions, lo, n, kv)
+        self.window_seqs = now
 
 
 def check_empty(core, where: str, reset: bool = True) -> None:
@@ -438,6 +475,10 @@ def check_empty(core, where: str, reset: bool = True) -> None:
         f"{where}: sequences left: {sorted(core.seqs)}")
     assert pool.num_free == pool.num_blocks and not any(pool._ref), (
         f"{where}: {pool.num_blocks - pool.num_free} blocks held with no request left")
+    if core.window is not None:
+        assert core.window.num_free == core.window.num_blocks, (
+            f"{where}: {core.window.num_blocks - core.window.num_free} window blocks held with "
+            "no request left")
     if not reset:
         return
     core.reset_prefix_cache()
@@ -481,6 +522,22 @@ def draw_engine(rng: random.Random, mtp_ok: bool) -> EngineDraw:
     elif roll < 0.6 and mtp_ok:
         spec = {"method": "mtp", "num_speculative_tokens": rng.randint(1, 4)}
     return EngineDraw(kwargs, spec)
+
+
+def draw_window(rng: random.Random, draw: EngineDraw, window: int) -> None:
+    """A model with sliding-window layers: every row kept (num_window_blocks=0, the draw as
+    it is), or a window pool (afd.window_pool) sized by the engine or of the least one
+    sequence needs, one more, or a few more (its prefix cache off: no host tier)."""
+    choice = rng.choice(["keep", "sized", "least", "least"])
+    if choice == "keep":
+        draw.kwargs["num_window_blocks"] = 0
+        return
+    draw.kwargs.pop("offload_blocks", None)
+    if choice == "least":
+        kw = draw.kwargs
+        kw["num_window_blocks"] = blocks_per_seq(window, kw["block_size"],
+                                                 kw["max_num_batched_tokens"]) + rng.choice(
+                                                     [0, 1, 3])
 
 
 @dataclass
@@ -927,6 +984,9 @@ def run_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True)
     """One case on the single-process engine (see the module docstring)."""
     rng = random.Random(seed)
     draw = draw_engine(rng, mtp_ok)
+    model_cfg = load_config(folder)
+    if window_layers(model_cfg):  # (a draw of its own: other models' draws stay the same)
+        draw_window(random.Random(seed + 1), draw, model_cfg.mimo.sliding_window)
     kwargs = sized_offload(folder, draw.kwargs, draw.speculative)
     llm = LLM(folder, speculative_config=draw.speculative, **kwargs)
     system = System(llm, kwargs["max_num_seqs"], check_kv, seed)
