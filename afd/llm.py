@@ -263,7 +263,7 @@ class LLM:
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         eplb_interval_steps=0, generation_config="auto", speculative_config=None,
         scheduling_policy="fcfs", gpu_memory_utilization=0.9, kv_cache_dtype="auto",
-        trust_remote_code=False)
+        trust_remote_code=False, num_window_blocks=None)
 
     ``model``: a local checkpoint folder, or a Hugging Face Hub repo id (``"org/name"``)
     fetched into the HF cache (config, tokenizer and safetensors files only) or read from it,
@@ -314,6 +314,9 @@ class LLM:
     ``kv_cache_dtype``: "auto" (the KV cache in ``dtype``) or "fp8" / "fp8_e4m3" (vLLM's
     names): keys/values stored as FP8 e4m3 with a scale of 1.0 (clamped to +-448), half of
     bf16's memory a block, so twice the blocks for the same memory; "fp8_e5m2" is refused.
+    ``num_window_blocks``: a model with sliding-window layers (MiMo-V2-Flash): their KV in a
+    pool of its own whose blocks out of every query's window are freed (afd.window_pool;
+    None sizes it, 0: none, every row kept in one pool; with it no prefix cache).
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     ``trust_remote_code``: let transformers run the Python code a tokenizer names in its
