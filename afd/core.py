@@ -45,6 +45,8 @@ class CoreStats:
     num_accepted_tokens: int = 0
     num_drafts: int = 0
     num_accepted_per_pos: list[int] = field(default_factory=list)
+    # a window pool's free blocks (afd.window_pool: a sliding-window model's; 0 without one)
+    num_free_window_blocks: int = 0
 
 
 @dataclass
@@ -326,6 +328,7 @@ class EngineCore:
             num_accepted_tokens=self.scheduler.num_accepted_tokens,
             num_drafts=self.scheduler.num_drafts,
             num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
+            num_free_window_blocks=self.window.num_free if self.window is not None else 0,
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

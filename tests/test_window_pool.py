@@ -152,12 +152,15 @@ def test_small_window_pool_preempts_and_every_path_frees_both_pools(mimo):
 
 def test_attention_and_ffn_ranks_match(mimo):
     """1A+1F: the attention rank's scheduler and runner hold both pools; chunks of 5 over
-    blocks of 4, transformers' tokens."""
+    blocks of 4, transformers' tokens; both pools full after (the rank's stats)."""
     path, prompts, expected = mimo
     llm = LLM(path, attention=1, ffn=1, timeout_s=30, block_size=BLOCK, max_model_len=128,
               max_num_batched_tokens=5)
     try:
         assert tokens(llm, prompts) == expected
+        (stats,) = llm.engine.core.stats()
+        assert stats.num_free_window_blocks == llm.config.num_window_blocks > 0
+        assert stats.num_free_blocks == llm.config.num_kv_blocks
     finally:
         llm.shutdown()
 
