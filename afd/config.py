@@ -453,7 +453,10 @@ def resolve_engine_config(
             "max_model_len" + (
                 f" or max_num_seqs (its {max_num_seqs} linear-attention state slots take "
                 f"{state_bytes(model_cfg, run_dtype, max_num_seqs) / 2**20:.1f} MiB of "
-                "kv_cache_memory_gb)" if model_cfg.linear_attn is not None else ""))
+                "kv_cache_memory_gb)" if model_cfg.linear_attn is not None else "")
+            + (f" or num_window_blocks (the window pool's {num_window_blocks} blocks take "
+               f"{sizes.window_bytes * num_window_blocks / 2**20:.1f} MiB of the KV memory)"
+               if sizes is not None and num_window_blocks else ""))
     return EngineConfig(model=model, dtype=run_dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, num_kv_blocks=num_kv_blocks,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

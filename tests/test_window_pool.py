@@ -202,6 +202,10 @@ def test_sizing_gives_the_full_layers_more_blocks(mimo, monkeypatch):
         cfg, torch.device("cpu"), "single")
     assert sized["num_kv_blocks"] > 2 * keep["num_kv_blocks"]
     monkeypatch.delenv(FAKE_MEMORY_ENV)
+    with pytest.raises(ValueError, match=r"num_kv_blocks=7 x block_size=4 holds fewer tokens "
+                                         r"than max_model_len=128: .* or num_window_blocks \(the "
+                                         r"window pool's 2795 blocks take 10.2 MiB"):
+        resolve_engine_config(path, cfg, num_window_blocks=2795, **args)
     with pytest.raises(ValueError, match="kv_offload_gb is not supported for mimo_v2_flash .* "
                                          "num_window_blocks=0"):
         resolve_engine_config(path, cfg, kv_offload_gb=0.01, **args)
