@@ -41,8 +41,10 @@ SEEDS = [4, 18, 66]
 PD_SEEDS = [40, 106]
 QWEN_SEEDS = [15]
 # MiMo-V2-Flash (layers of two cache widths, a window of 8): 9, blocks of 4, one-token chunks,
-# n-gram drafts, prefix caching; 14, one-token blocks, chunks of 7
-MIMO_SEEDS = [9, 14]
+# n-gram drafts, prefix caching (every row kept: num_window_blocks=0); 14, one-token blocks,
+# chunks of 7, a window pool sized by the engine; 23, a window pool of 10 blocks of 4 (the
+# least one sequence needs at chunks of 16, plus 3) for 4 sequences, n-gram drafts
+MIMO_SEEDS = [9, 14, 23]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 SIM_SEEDS = range(24)
 
