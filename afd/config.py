@@ -413,11 +413,6 @@ def resolve_engine_config(
                      "layers' state (docs/limits.md#hybrid)", model_cfg.architecture)
         enable_prefix_caching = False
     window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb)
-    if window_pool and enable_prefix_caching:
-        log.info("prefix caching off for %s: its sliding layers keep only the window's rows "
-                 "(afd.window_pool; num_window_blocks=0 keeps every row, and the prefix cache)",
-                 model_cfg.architecture)
-        enable_prefix_caching = False
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
     if max_model_len > model_cfg.max_position_embeddings:
@@ -497,9 +492,9 @@ def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
     if kv_offload_gb:
         raise ValueError(f"kv_offload_gb is not supported for {name} with its window pool "
-                         "(afd.window_pool: the sliding layers keep only the window's rows, "
-                         "so prefix caching and its host tier are off); give "
-                         "num_window_blocks=0 to keep every row, or leave kv_offload_gb at 0")
+                         "(afd.window_pool: the prefix cache's host tier keeps the main pool's "
+                         "blocks, not the window pool's); give num_window_blocks=0 to keep "
+                         "every row in one pool, or leave kv_offload_gb at 0")
     return True
 
 

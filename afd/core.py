@@ -101,7 +101,7 @@ class EngineCore:
                                    on_evict=self.host.evicted if self.host else None)
         # MiMo-V2-Flash's sliding layers: their own pool, the runner's caches' (afd.window_pool)
         self.window = (WindowPool(cfg.num_window_blocks, cfg.block_size,
-                                  model.cfg.mimo.sliding_window)
+                                  model.cfg.mimo.sliding_window, cfg.enable_prefix_caching)
                        if self.runner.window_blocks else None)
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
@@ -341,6 +341,8 @@ class EngineCore:
         their full blocks are offered to the cache again at their next step."""
         self.flush_offloads()  # restores planned but not run (none between steps) still land
         self.allocator.reset()
+        if self.window is not None:
+            self.window.pool.reset()
         if self.host is not None:
             self.host.reset()
         if self.events is not None:

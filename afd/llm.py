@@ -316,7 +316,7 @@ class LLM:
     bf16's memory a block, so twice the blocks for the same memory; "fp8_e5m2" is refused.
     ``num_window_blocks``: a model with sliding-window layers (MiMo-V2-Flash): their KV in a
     pool of its own whose blocks out of every query's window are freed (afd.window_pool;
-    None sizes it, 0: none, every row kept in one pool; with it no prefix cache).
+    None sizes it, 0: none, every row kept in one pool; no ``kv_offload_gb`` nor P/D with it).
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     ``trust_remote_code``: let transformers run the Python code a tokenizer names in its

@@ -153,9 +153,10 @@ class Scheduler:
             raise ValueError(f"{state_slots} state slots for max_num_seqs={max_num_seqs}: a "
                              "running sequence of a hybrid model needs one each")
         self.free_state_slots = list(range(state_slots - 1, -1, -1)) if state_slots else None
-        if window is not None and (allocator.enable_caching or host is not None):
-            raise ValueError("a window pool keeps no prefix cache: its blocks out of the "
-                             "window are gone (afd.window_pool)")
+        if window is not None and (host is not None
+                                   or window.pool.enable_caching != allocator.enable_caching):
+            raise ValueError("a window pool caches blocks as the main pool does, and has no "
+                             "host tier (afd.window_pool)")
         self.window = window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -255,6 +256,11 @@ class Scheduler:
             seq = self.waiting[0]
             hit = self._cached_prefix(seq)
             cached = hit.blocks
+            window_first, window_cached = 0, []
+            if self.window is not None and cached:  # the hit as far as its window is cached
+                h, window_first, window_cached = self.window.cached_window(
+                    seq.token_ids, seq.block_keys, len(cached))
+                del cached[h:]
             num_cached = hit.num_blocks * self.allocator.block_size
             n = min(seq.num_tokens - num_cached, budget)
             n, rows = self._limit_scored(seq, n, scored, num_cached)
@@ -264,16 +270,19 @@ class Scheduler:
             # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
             reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
             if not self.allocator.can_allocate(need + reclaimed) or (
-                    self.window is not None and need > self.window.num_free):
+                    self.window is not None and need + sum(
+                        1 for b in window_cached if self.window.pool.ref_count(b) == 0)
+                    > self.window.num_free):
                 break
             self.waiting.popleft()
             self.allocator.take(cached)  # before allocate(), which could evict them
             if hit.host_slots:  # kept from eviction by allocate()'s offloads until copied
                 self.host.hold(hit.host_slots)
             seq.block_ids = cached + self.allocator.allocate(need)
-            if self.window is not None:  # (no prefix cache: nothing cached)
-                seq.window_block_ids = []
-                self.window.grow(seq.window_block_ids, need)
+            if self.window is not None:  # (before allocate(), which could evict them)
+                self.window.pool.take(window_cached)
+                seq.window_block_ids = [self.window.null] * window_first + window_cached
+                self.window.grow(seq.window_block_ids, len(seq.block_ids))
             if hit.host_slots:
                 self._restore_from_host(seq, len(cached), hit.host_slots)
             if self.free_state_slots is not None:
@@ -474,8 +483,6 @@ class Scheduler:
         for s in out.seqs:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens - s.num_rejected
-            if window is not None:  # the next step's queries read from computed - window + 1
-                window.slide(seq.window_block_ids, seq.num_computed_tokens)
             if s.draft_token_ids:
                 self.num_draft_tokens += len(s.draft_token_ids)
                 accepted = s.num_accepted  # always the first drafts
@@ -490,6 +497,9 @@ class Scheduler:
             if (caching and seq.cacheable
                     and seq.num_computed_tokens // size > seq.num_cached_blocks):
                 self._cache_full_blocks(seq)
+            if window is not None:  # the next step's queries read from computed - window + 1
+                # (after caching: a block filled and out of the window at once stays cached)
+                window.slide(seq.window_block_ids, seq.num_computed_tokens)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""
@@ -498,8 +508,14 @@ class Scheduler:
         if full <= seq.num_cached_blocks:
             return
         extend_block_keys(seq.block_keys, seq.token_ids, size, full)
+        window = self.window
         for b in range(seq.num_cached_blocks, full):
+            tokens = seq.token_ids[b * size:(b + 1) * size]
             self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
-                                       seq.block_keys.parent(b),
-                                       seq.token_ids[b * size:(b + 1) * size])
+                                       seq.block_keys.parent(b), tokens)
+            # the window pool's under the same key, unless given back already (a hit's or a
+            # block that left the window before it filled: none, since update caches first)
+            if window is not None and seq.window_block_ids[b] != window.null:
+                window.pool.cache_block(seq.window_block_ids[b], seq.block_keys[b],
+                                        seq.block_keys.parent(b), tokens)
         seq.num_cached_blocks = full

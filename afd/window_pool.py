@@ -19,16 +19,23 @@ full layers take the rest of the KV memory. The scheduler (afd.scheduler) takes 
 both pools on admission and growth, preempts when either runs short, and frees both on
 finish, abort and preemption.
 
+Prefix caching: the window pool caches its full blocks under the main pool's keys, and a
+block given back stays cached (free, evictable) until its memory is needed; a prefix hit
+counts only as far as this pool still holds the blocks its first query reads
+(``WindowPool.cached_window``: vLLM's sliding-window groups match a hit the same way).
+
 vLLM (its hybrid KV cache manager's sliding-window groups) and SGLang (its SWA memory pool)
-free these rows the same way. Not yet with this pool (afd.config refuses or turns them off,
-naming the model): the prefix cache (a cached block's sliding rows may be gone) and its host
-tier, P/D transfer (it moves every row of every layer), MTP drafts (MiMo's are not read anyway).
+free these rows the same way. Not yet with this pool (afd.config refuses them, naming the
+model): the prefix cache's host tier (it keeps main-pool blocks), P/D transfer (it moves every
+row of every layer), MTP drafts (MiMo's are not read anyway).
 ``num_window_blocks=0`` keeps every row of the sliding layers in the main pool, as before.
 """
 
 from __future__ import annotations
 
-from afd.block_pool import BlockPool
+from collections.abc import Sequence
+
+from afd.block_pool import BlockKeys, BlockPool, proven_run
 from models.config import ModelConfig
 
 
@@ -77,10 +84,14 @@ def split_kv_budget(budget: int, full_bytes: int, window_bytes: int, bound: int,
 
 
 class WindowPool:
-    """The window pool's blocks (a ``BlockPool`` without caching) and the null block id."""
+    """The window pool's blocks (a ``BlockPool``) and the null block id. With prefix caching
+    its full blocks are cached under the main pool's keys as theirs are, and a block given
+    back stays cached until evicted; a prefix hit is cut to where this pool still holds the
+    window its next query reads (``cached_window``)."""
 
-    def __init__(self, num_blocks: int, block_size: int, window: int):
-        self.pool = BlockPool(num_blocks, block_size, enable_caching=False)
+    def __init__(self, num_blocks: int, block_size: int, window: int,
+                 enable_caching: bool = False):
+        self.pool = BlockPool(num_blocks, block_size, enable_caching)
         self.window = window
         self.null = num_blocks  # the cache tensors' last block: never handed out, never read
 
@@ -92,6 +103,24 @@ class WindowPool:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    def first_read(self, num_computed: int) -> int:
+        """The first block a sequence's next query reads, ``num_computed`` tokens computed."""
+        return max(0, num_computed - self.window + 1) // self.pool.block_size
+
+    def cached_window(self, token_ids: Sequence[int], keys: BlockKeys, hit: int
+                      ) -> tuple[int, int, list[int]]:
+        """A main-pool prefix hit of ``hit`` full blocks cut to the longest one, h <= hit,
+        whose window this pool holds cached (the blocks its first query reads, ``first_read``
+        of h blocks' tokens, to h): (h, that first block, those blocks). Owns nothing."""
+        size = self.pool.block_size
+        for h in range(hit, 0, -1):
+            first = self.first_read(h * size)
+            blocks = proven_run(self.pool._by_key, self.pool._content, token_ids, keys, first,
+                                h, size)
+            if len(blocks) == h - first:
+                return h, first, blocks
+        return 0, 0, []
+
     def grow(self, table: list[int], num_blocks: int) -> None:
         """Extend a sequence's window ``table`` to ``num_blocks`` entries (caller checked that
         they are free)."""
@@ -102,7 +131,7 @@ class WindowPool:
         """Give back the blocks of ``table`` wholly below what any later query of the sequence
         reads (position ``num_computed`` - window + 1 and on), pointing their entries at the
         null block."""
-        end = min(len(table), max(0, num_computed - self.window + 1) // self.pool.block_size)
+        end = min(len(table), self.first_read(num_computed))
         start = end  # the entries freed before are a prefix: walk back to it (most steps: none)
         while start and table[start - 1] != self.null:
             start -= 1

@@ -333,6 +333,23 @@ class KVWatch:
             self.device.clear()
             reset()
 
+        # the window pool's cached blocks, watched the same way (its own snapshots and keys)
+        self.window_device: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
+        self.window_by_key: dict[bytes, list[torch.Tensor]] = {}
+        if core.window is not None:
+            wpool = core.window.pool
+            wforget, wreset = wpool._forget, wpool.reset
+
+            def forget_window_block(block: int) -> None:
+                self.window_device.pop(block, None)
+                wforget(block)
+
+            def reset_window_pool() -> None:
+                self.window_device.clear()
+                wreset()
+
+            wpool._forget, wpool.reset = forget_window_block, reset_window_pool
+
         pool.reset = reset_pool
         if host is not None:
             free_slot, host_reset = host._free_slot, host.reset
@@ -367,6 +384,11 @@ class KVWatch:
         self._check(self.device, self.core.allocator._key, self.caches, "block", where)
         pool = self.core.allocator
         self._check_keys(pool._key, self.caches, "block", where)
+        if self.core.window is not None:
+            keys = self.core.window.pool._key
+            self._check(self.window_device, keys, self.window_caches, "window block", where)
+            self._check_keys(keys, self.window_caches, "window block", where,
+                             self.window_by_key)
         host = self.core.host
         if host is not None:
             self._check(self.host, host._key, host.buffers, "host slot", where)
@@ -374,7 +396,7 @@ class KVWatch:
         self._check_seqs(where)
 
     def _check_keys(self, keys: list, tensors: list[torch.Tensor], what: str,
-                    where: str) -> None:
+                    where: str, by_key: dict | None = None) -> None:
         """A key names its tokens and their whole prefix: every block or host slot cached
         under it holds the same KV (up to float noise from the batch it was computed in) in
         the target's layers, and in the MTP layer's (MLA: [block, position, dim]) but at its
@@ -382,13 +404,14 @@ class KVWatch:
         filled it."""
         layers = self.num_layers
         mtp = tensors[layers] if len(tensors) > layers else None
+        by_key = self.by_key if by_key is None else by_key
         for b, key in enumerate(keys):
             if key is None:
                 continue
             now = [t.select(self.dim, b) for t in tensors[:layers]]
-            first = self.by_key.get(key)
+            first = by_key.get(key)
             if first is None:
-                self.by_key[key] = [t.clone() for t in now]
+                by_key[key] = [t.clone() for t in now]
             else:
                 for layer, (a, c) in enumerate(zip(first, now)):
                     assert torch.allclose(a, c, rtol=1e-3, atol=1e-4), (
@@ -486,6 +509,10 @@ def check_empty(core, where: str, reset: bool = True) -> None:
         f"{where}: the pool is not empty after a reset")
     if core.host is not None:
         assert core.host.num_cached == 0 and len(core.host._empty) == core.host.num_blocks
+    if core.window is not None:
+        window = core.window.pool
+        assert window.num_empty == window.num_blocks and window.num_cached == 0, (
+            f"{where}: the window pool is not empty after a reset")
 
 
 # ---- drawing a case ---------------------------------------------------------------------------
@@ -527,7 +554,7 @@ def draw_engine(rng: random.Random, mtp_ok: bool) -> EngineDraw:
 def draw_window(rng: random.Random, draw: EngineDraw, window: int) -> None:
     """A model with sliding-window layers: every row kept (num_window_blocks=0, the draw as
     it is), or a window pool (afd.window_pool) sized by the engine or of the least one
-    sequence needs, one more, or a few more (its prefix cache off: no host tier)."""
+    sequence needs, one more, or a few more (no host tier with it)."""
     choice = rng.choice(["keep", "sized", "least", "least"])
     if choice == "keep":
         draw.kwargs["num_window_blocks"] = 0

@@ -141,14 +141,16 @@ def test_attention_and_ffn_ranks_and_pd_match(mimo):
             llm.shutdown()
 
 
-def test_prefix_cache_hit(mimo):
-    """A prompt sharing 64 tokens with an earlier one: its cached rows (every position's,
-    the sliding layers' too) serve the hit."""
+@pytest.mark.parametrize("window_blocks", [None, 0])
+def test_prefix_cache_hit(mimo, window_blocks):
+    """A prompt sharing 64 tokens with an earlier one: its cached rows serve the hit (the
+    sliding layers' from the window pool's cached blocks, or with num_window_blocks=0 every
+    position's from the one pool)."""
     model, path, prompts, expected = mimo
     other = prompts[3][:64] + prompts[2][:20]
     want = hf_greedy(model, other, NEW_TOKENS)[0]
     llm = LLM(path, block_size=16, enable_prefix_caching=True, max_model_len=128,
-              num_window_blocks=0)
+              num_window_blocks=window_blocks)
     assert tokens(llm, prompts[3:]) == [expected[3][0]]
     out = llm.generate([{"prompt_token_ids": other}], greedy(), use_tqdm=False)[0]
     assert out.num_cached_tokens == 64 and out.outputs[0].token_ids == want
@@ -562,7 +564,7 @@ def test_fp8_kv_cache_is_the_fp32_model_with_its_rows_rounded(mimo, monkeypatch)
     path, prompts = mimo[1], mimo[2]
     batch = [{"prompt_token_ids": p} for p in prompts + [prompts[3][:40] + [7, 8, 9]]]
     small = dict(block_size=4, num_kv_blocks=30, max_model_len=112, max_num_batched_tokens=16,
-                 enable_prefix_caching=True, seed=0, num_window_blocks=0)
+                 enable_prefix_caching=True, seed=0)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
 
     def run(llm):

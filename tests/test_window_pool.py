@@ -150,6 +150,30 @@ def test_small_window_pool_preempts_and_every_path_frees_both_pools(mimo):
         LLM(path, num_window_blocks=least - 1, **engine)
 
 
+def test_prefix_hits_need_the_window_cached(mimo):
+    """Prefix caching over both pools: a prompt sharing 64 tokens with an earlier one hits
+    them all where the window pool still holds the blocks its first query reads (given back,
+    but cached), and none where a window pool of 7 blocks evicted them long before (the main
+    pool still holds its blocks); the tokens of the engine keeping every row either way."""
+    path, prompts = mimo[0], mimo[1]
+    first, other = prompts[3], prompts[3][:64] + prompts[2][:10]
+    engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=16)
+    want = tokens(LLM(path, num_window_blocks=0, enable_prefix_caching=False, **engine),
+                  [first, other])
+    for size, hit in ((None, 64), (blocks_per_seq(WINDOW, BLOCK, 16), 0)):
+        llm = LLM(path, num_window_blocks=size, **engine)
+        core = llm.engine.core
+        assert core.window.pool.enable_caching
+        assert tokens(llm, [first]) == want[:1]
+        out = llm.generate([{"prompt_token_ids": other}], greedy(NEW_TOKENS),
+                           use_tqdm=False)[0]
+        assert (out.num_cached_tokens, out.outputs[0].token_ids) == (hit, want[1]), size
+        assert core.prefix_cache_stats().hits == hit
+        assert_pools_full(core)
+        llm.reset_prefix_cache()
+        assert core.window.pool.num_cached == 0
+
+
 def test_attention_and_ffn_ranks_match(mimo):
     """1A+1F: the attention rank's scheduler and runner hold both pools; chunks of 5 over
     blocks of 4, transformers' tokens; both pools full after (the rank's stats)."""
@@ -209,7 +233,7 @@ def test_sizing_gives_the_full_layers_more_blocks(mimo, monkeypatch):
     with pytest.raises(ValueError, match="kv_offload_gb is not supported for mimo_v2_flash .* "
                                          "num_window_blocks=0"):
         resolve_engine_config(path, cfg, kv_offload_gb=0.01, **args)
-    assert not split.enable_prefix_caching
+    assert split.enable_prefix_caching
     with pytest.raises(ValueError, match="prefill=1: prefill/decode disaggregation is not "
                                          "supported for mimo_v2_flash .* num_window_blocks=0"):
         LLM(path, prefill=1, attention=1, **args)
@@ -247,9 +271,11 @@ def poison_after_each_step(core) -> list[int]:
 
 def run_poisoned(path: str, prompts: list[list[int]], chunk: int, n: int = NEW_TOKENS
                  ) -> tuple[list, list]:
-    """(tokens of a clean run, tokens of a run whose free / null window blocks are NaN)."""
+    """(tokens of a clean run, tokens of a run whose free / null window blocks are NaN). No
+    prefix cache: every block given back is then free and empty (a cached one keeps its rows
+    for a later hit)."""
     engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=chunk,
-                  max_num_seqs=4)
+                  max_num_seqs=4, enable_prefix_caching=False)
     clean = tokens(LLM(path, **engine), prompts, n)
     llm = LLM(path, **engine)
     counts = poison_after_each_step(llm.engine.core)
