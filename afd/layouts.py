@@ -368,10 +368,21 @@ class MultiRankClient:
         if self.closed and self.inbox.closed:  # shut down: its sockets are gone too
             raise RuntimeError("the engine was shut down: its rank processes are gone; start a "
                                "new one")
-        for rank, p in enumerate(self.procs):
-            if p.poll() is not None:
-                self._drain_errors(rank)
-                self._fail(self._exited(rank))
+        exited = [rank for rank, p in enumerate(self.procs) if p.poll() is not None]
+        if not exited:
+            return
+        # A rank a signal ended is the cause: a rank beside it whose collective broke (a
+        # peer's connection reset) reports that and exits with code 1, and its exit can be
+        # known first, or both at once (the ranks were looked at in order: CI named the reset
+        # of prefill rank 0 beside a SIGKILLed rank 1)
+        killed = [rank for rank in exited if self.procs[rank].returncode < 0]
+        rank = killed[0] if killed else exited[0]
+        self._drain_errors(rank)
+        if not killed:
+            late = self._killed(rank)
+            if late is not None:
+                self._fail(f"{self._exited(late)}; then {self._exited(rank)}")
+        self._fail(self._exited(rank))
 
     def _exited(self, rank: int) -> str:
         code = self.procs[rank].returncode
@@ -484,12 +495,22 @@ class MultiRankClient:
     def _drain_errors(self, dead: int) -> None:
         """A dying rank usually says why first; prefer its message to a bare exit code. Other
         ranks' errors meanwhile are only its consequence (their connections to it broke): a
-        killed attention rank was reported as its FFN rank's gloo error."""
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and self.inbox.poll(50):
+        killed attention rank was reported as its FFN rank's gloo error. A rank that exited
+        with a code sent its report before it exited, but the report is read off its socket
+        by another thread than the one the exit reaches: it is waited for up to a second (an
+        empty 50 ms poll ended the wait, and a loaded machine's failure named a bare exit
+        code); one a signal ended says nothing more, and what arrived already is read."""
+        code = self.procs[dead].returncode
+        deadline = time.monotonic() + (1.0 if code is not None and code >= 0 else 0.0)
+        while True:
+            left = deadline - time.monotonic()
+            if not self.inbox.poll(max(0, int(left * 1000))):
+                if left <= 0:
+                    return
+                continue
             msg = self._recv()
             if isinstance(msg, protocol.Error) and msg.rank == dead:
-                self._fail(f"{self._describe(msg.rank)} failed: {msg.msg}")
+                self._rank_error(dead, msg.msg)  # a peer's reset: a rank killed under it named
 
     ready = False
     store: dist.TCPStore | None = None  # the ranks' rendezvous (none when a launcher starts them)

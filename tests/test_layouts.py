@@ -334,6 +334,76 @@ def test_a_peer_reset_names_the_rank_killed_under_it(monkeypatch, late_s):
     assert time.monotonic() - start < 2.0
 
 
+class _Inbox:
+    """The front end's inbox holding ``said`` (what the ranks sent), read one message a poll."""
+
+    def __init__(self, said: list, late_s: float = 0.0):
+        self.said, self.at = said, time.monotonic() + late_s
+
+    def poll(self, timeout_ms: int = 0) -> bool:
+        if time.monotonic() < self.at:  # not read off the socket yet
+            time.sleep(min(timeout_ms / 1000, self.at - time.monotonic()))
+        return time.monotonic() >= self.at and bool(self.said)
+
+    def recv(self):
+        return self.said.pop(0)
+
+
+def _client_with(procs, said, monkeypatch, late_s: float = 0.0):
+    from afd.layouts import MultiRankClient
+    from afd.workers import Layout
+
+    client = object.__new__(MultiRankClient)
+    client.layout, client.timeout_s, client.error, client.closed = Layout(3, 1, 0), 8.0, None, \
+        False
+    monkeypatch.setattr(MultiRankClient, "_fail",
+                        lambda self, message: (_ for _ in ()).throw(RankFailure(message)))
+    client.procs, client.inbox = procs, _Inbox(said, late_s)
+    client._recv = lambda flags=0: client.inbox.recv()
+    return client
+
+
+@pytest.mark.parametrize("late_s", [0.0, 0.8])
+def test_a_rank_that_exits_on_a_peer_reset_is_not_named_before_the_killed_peer(monkeypatch,
+                                                                              late_s):
+    """The same race as test_a_peer_reset_names_the_rank_killed_under_it, met when the front
+    end notices exits before it reads the reports: prefill rank 0 took the gloo reset, said
+    so and exited with code 1, and ``check_alive`` (which looks at the ranks in order) named
+    rank 0, whose exit it knew first or looked at first, not rank 1, SIGKILLed under it."""
+    from afd import protocol
+
+    reset = ("RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9634: "
+             "Connection reset by peer.")
+    client = _client_with(
+        [_LateExit(0.0, code=1), _LateExit(late_s), _LateExit(None), _LateExit(None)],
+        [protocol.Error(rank=0, role="prefill", msg=reset)], monkeypatch)
+    with pytest.raises(RankFailure) as err:
+        client.check_alive()
+    # known at once, it is named alone; known late, after rank 0's report that it waited for
+    assert str(err.value) == "rank 1 (prefill 1) exited with code -9 (SIGKILL)" + (
+        f"; then rank 0 (prefill 0) failed: {reset}" if late_s else ""), err.value
+
+
+def test_a_rank_that_exits_is_named_with_the_report_it_sent_before(monkeypatch):
+    """A rank that fails says why, then exits with code 1; its report is read off its socket by
+    the front end's ZeroMQ thread, its exit is told by the zygote: a loaded machine can know
+    the exit first and read the report later. The failure is its report, not a bare exit
+    code (an empty 50 ms poll ended the wait for it)."""
+    from afd import protocol
+
+    client = _client_with([_LateExit(None), _LateExit(None), _LateExit(0.0, code=1),
+                           _LateExit(None)],
+                          [protocol.Error(rank=2, role="prefill", msg="ValueError: bad")],
+                          monkeypatch, late_s=0.3)
+    with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) failed: ValueError: bad$"):
+        client.check_alive()
+    # no report at all: the exit code, after the wait
+    client = _client_with([_LateExit(None), _LateExit(None), _LateExit(0.0, code=1),
+                           _LateExit(None)], [], monkeypatch)
+    with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) exited with code 1$"):
+        client.check_alive()
+
+
 def test_a_rank_failing_while_the_front_end_stops_ends_its_wait_for_goodbyes():
     """Ranks launched elsewhere (afd serve, torchrun): the front end's stop waits for each
     rank's goodbye, except after a rank failed. A failure that arrives during that wait ends
