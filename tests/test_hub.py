@@ -283,12 +283,14 @@ def test_under_torchrun_a_slow_fetch_is_waited_for_and_a_gone_node_is_an_error(m
     monkeypatch.setattr(serve, "_store_client", lambda: store)
 
     def slow_resolve(args):
-        time.sleep(0.5)  # 5x --timeout below: only the beats keep the waiting rank going
+        time.sleep(1.5)  # over --timeout below: only the beats keep the waiting rank going
         return {"request": [], "model": "/cache/slow", "tokenizer": None,
                 "model_is_hub_id": True}
 
     monkeypatch.setattr(serve, "resolve_sources", slow_resolve)
-    args = serve.parse_args(["org/tiny", "--timeout", "0.1"])
+    # --timeout 50 beats: at 5 (0.1 s) a loaded machine's beat thread, held off the CPU past
+    # it, failed the waiting rank (1 run in 40)
+    args = serve.parse_args(["org/tiny", "--timeout", "1"])
     got = {}
 
     def rank(local_rank: int) -> None:
@@ -301,6 +303,7 @@ def test_under_torchrun_a_slow_fetch_is_waited_for_and_a_gone_node_is_an_error(m
     for t in threads:
         t.join(30)
     assert got[0]["model"] == got[1]["model"] == "/cache/slow"
+    args = serve.parse_args(["org/tiny", "--timeout", "0.1"])  # no beat below: failed at once
     store.data.clear()  # node 1's first rank never resolves: its other rank gives up
     with pytest.raises(SystemExit, match="node 1's first rank.*a node is gone"):
         serve.node_sources(args, 1, world=4, node="1", poll_s=0.01)
