@@ -977,12 +977,13 @@ def monitor_disconnects(sock):
     mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def count(timeout_s: float = 10.0) -> int:
-        n, deadline = 0, time.monotonic() + timeout_s
-        while time.monotonic() < deadline and mon.poll(100):
-            if recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
-                n += 1
-                break
-        return n
+        """1 once a peer is dropped, 0 if none is within ``timeout_s`` (a 100 ms poll with no
+        event ended the wait: too soon for a loaded machine's ZeroMQ thread)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if mon.poll(100) and recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                return 1
+        return 0
 
     return count
 
@@ -1374,13 +1375,19 @@ def test_work_for_one_attention_rank_wakes_the_others(monkeypatch):
             openers = {rank: sealed_as(client, rank) for rank in inboxes}
 
             def received() -> dict:
-                time.sleep(0.2)
+                """What each rank was sent since the last call: all that came before a marker
+                sent to each now (one socket keeps its order; a 0.2 s wait could miss what a
+                loaded machine had not delivered yet)."""
                 got = {}
                 for rank, sock in inboxes.items():
-                    while sock.poll(0):
+                    client.outboxes[rank].send(b"marker")
+                    while True:
+                        assert sock.poll(30_000), f"rank {rank}: no marker"
+                        frame = sock.recv()
+                        if frame == b"marker":
+                            break
                         got.setdefault(rank, []).append(
-                            type(protocol.decode_to_rank(openers[rank].open(sock.recv())[1])
-                             ).__name__)
+                            type(protocol.decode_to_rank(openers[rank].open(frame)[1])).__name__)
                 return got
 
             client.add_request(CoreRequest("a", [1, 2, 3], SamplingParams(max_tokens=4)))
