@@ -49,7 +49,7 @@ class FakeBehaviour:
     """What the fake server does; tests set it and reset it."""
 
     fail_nth: set[int] = field(default_factory=set)  # 1-based request numbers answered 400
-    stall_nth: set[int] = field(default_factory=set)  # answered after a 1 s stall
+    stall_nth: set[int] = field(default_factory=set)  # answered after a 5 s stall
     usage: bool = True  # honour stream_options.include_usage
     count: int = 0
     bodies: list[dict] = field(default_factory=list)
@@ -84,7 +84,7 @@ def make_app(state: FakeBehaviour) -> fastapi.FastAPI:
 
         async def stream():
             if stall:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(5.0)
             if chat:  # role-only first delta: must not count as the first token
                 yield event([{"index": 0, "delta": {"role": "assistant"}}])
             for i in range(max_tokens):
@@ -191,7 +191,9 @@ def test_impossible_slo_gives_zero_goodput(fake):
 def test_failed_and_timed_out_requests_are_counted(fake):
     url, state = fake
     state.fail_nth, state.stall_nth = {3}, {5}
-    res = run(bench_args(url, "--max-concurrency", "1", "--timeout", "0.3"))
+    # a whole request's budget: 1 s, some 20 times a plain request's here (at 0.3 s a loaded
+    # machine's could pass it), a fifth of the stall
+    res = run(bench_args(url, "--max-concurrency", "1", "--timeout", "1"))
     assert res["completed"] == 22 and res["failed"] == 2
     errors = [e for e in res["errors"] if e]
     assert len(errors) == 2
