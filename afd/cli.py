@@ -224,11 +224,14 @@ def _run_forked(world: int, argv: list[str], kill_after_s: float, module: str, p
         if all(code is not None for code in codes):
             break
         if stopper.at is None:
-            failure = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            # a rank a signal ended first (the OOM killer's SIGKILL): the ranks beside it
+            # whose collectives broke exit with code 1, and may be seen at the same poll
+            failure = min(((c >= 0, r, c) for r, c in enumerate(codes) if c not in (None, 0)),
+                          default=None)
             if stop.is_set():
                 stopper.start(kill_after_s)
             elif failure is not None:  # torchrun's way: stop the others, kill them 30 s later
-                rank, code = failure
+                _, rank, code = failure
                 print(f"afd serve: rank {rank} (pid {ranks[rank].pid}) exited with code {code}: "
                       f"stopping the other ranks", file=sys.stderr, flush=True)
                 stopper.start(KILL_AFTER_GRACE_S, announce=False)

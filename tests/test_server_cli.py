@@ -411,6 +411,37 @@ def test_a_failed_forked_rank_stops_the_others_and_the_status_is_1(
     assert "rank 1 exit code 1" in err and "rank 0 exit code" not in err, err
 
 
+def test_a_rank_killed_beside_one_that_failed_on_it_is_the_one_named(monkeypatch, capsys):
+    """One rank SIGKILLed (the OOM killer), one beside it exited with code 1 on the broken
+    collective, both seen at the same poll (a loaded machine's): the killed one is named as
+    the failure that stops the others, not the first in rank order."""
+    from afd import rank_zygote
+
+    class Rank:
+        def __init__(self, pid: int, code: int | None):
+            self.pid, self.returncode = pid, code
+
+        def poll(self):
+            return self.returncode
+
+    ranks = [Rank(101, 1), Rank(102, -9), Rank(103, None)]
+    started = iter(ranks)
+    stopped = []
+
+    def signal_group(pid, sig):  # rank 2 takes its SIGTERM and exits
+        stopped.append(pid)
+        ranks[2].returncode = 0
+
+    monkeypatch.delenv("AFD_RANK_START", raising=False)
+    monkeypatch.setattr(rank_zygote, "start_module", lambda *a, **k: next(started))
+    monkeypatch.setattr(cli, "_signal_group", signal_group)
+    assert cli.launch_ranks(3, ["x"], kill_after_s=30, module="afd_fake_rank") == 1
+    err = capsys.readouterr().err
+    assert "afd serve: rank 1 (pid 102) exited with code -9: stopping the other ranks" in err, \
+        err
+    assert "rank 0 (pid" not in err and stopped == [103], err
+
+
 def test_a_zygote_that_refuses_leaves_the_ranks_to_torchs_launcher(monkeypatch):
     """Where the rank zygote refuses to fork (it said why), torch's launcher starts the
     ranks, as with AFD_RANK_START=spawn."""
