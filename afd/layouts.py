@@ -414,10 +414,37 @@ class MultiRankClient:
         parent (the zygote) has reaped it and said so, which a loaded machine delays past
         0.25 s (CI named the gloo reset of a rank beside a SIGKILLed one). Such a report waits
         up to half the timeout for the killed rank; any other error a quarter second."""
-        killed = self._killed(rank, min(self.timeout_s / 2, 5.0) if peer_lost(msg) else 0.25)
-        if killed is not None:
-            self._fail(f"{self._exited(killed)}; then {self._describe(rank)} failed: {msg}")
+        if peer_lost(msg):
+            cause = self._cause(rank, min(self.timeout_s / 2, 5.0))
+        else:
+            killed = self._killed(rank)
+            cause = None if killed is None else self._exited(killed)
+        if cause is not None:
+            self._fail(f"{cause}; then {self._describe(rank)} failed: {msg}")
         self._fail(f"{self._describe(rank)} failed: {msg}")
+
+    def _cause(self, besides: int, wait_s: float) -> str | None:
+        """What took rank ``besides``'s peer away, waiting up to ``wait_s`` for it: a rank a
+        signal ended, or a rank's report of an error of its own (not a peer lost too), read
+        from the inbox meanwhile. A rank that failed on its own says so and exits, and only
+        then do its peers' connections to it break, but the reports travel on sockets of
+        their own, read in no set order: the peer's came first, and its wait (for a rank
+        killed, which none was) named it after half the timeout."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            killed = self._killed(besides, 0.0)
+            if killed is not None:
+                return self._exited(killed)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self.inbox is None:
+                time.sleep(min(left, 0.02))
+            elif self.inbox.poll(max(1, int(min(left, 0.02) * 1000))):
+                msg = self._recv()
+                if isinstance(msg, protocol.Error) and msg.rank != besides \
+                        and not peer_lost(msg.msg):
+                    return f"{self._describe(msg.rank)} failed: {msg.msg}"
 
     def _check_heartbeats(self) -> None:
         """Every rank says something at least every second (a heartbeat when it has nothing
@@ -513,6 +540,7 @@ class MultiRankClient:
                 self._rank_error(dead, msg.msg)  # a peer's reset: a rank killed under it named
 
     ready = False
+    inbox: zmq.Socket | None = None  # (set at the start)
     store: dist.TCPStore | None = None  # the ranks' rendezvous (none when a launcher starts them)
 
     def _wait_ready(self, timeout_s: float) -> None:

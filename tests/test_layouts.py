@@ -384,6 +384,25 @@ def test_a_rank_that_exits_on_a_peer_reset_is_not_named_before_the_killed_peer(m
         f"; then rank 0 (prefill 0) failed: {reset}" if late_s else ""), err.value
 
 
+def test_a_peer_reset_names_the_rank_that_failed_on_its_own_under_it(monkeypatch):
+    """Prefill rank 1 fails on its own (its report said why) and exits with code 1; prefill
+    rank 0's collective with it breaks. The two reports travel on sockets of their own: rank
+    0's read first waited half the timeout for a rank killed (none was) and was named. It is
+    the consequence of the report read meanwhile (not of rank 2's, a peer lost too)."""
+    from afd import protocol
+
+    reset = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer."
+    client = _client_with(
+        [_LateExit(None), _LateExit(0.0, code=1), _LateExit(None), _LateExit(None)],
+        [protocol.Error(rank=2, role="prefill", msg=f"{reset} (2)"),
+         protocol.Error(rank=1, role="prefill", msg="ValueError: bad")], monkeypatch,
+        late_s=0.3)
+    with pytest.raises(RankFailure) as err:
+        client._rank_error(0, reset)
+    assert str(err.value) == f"rank 1 (prefill 1) failed: ValueError: bad; then rank 0 " \
+                             f"(prefill 0) failed: {reset}", err.value
+
+
 def test_a_rank_that_exits_is_named_with_the_report_it_sent_before(monkeypatch):
     """A rank that fails says why, then exits with code 1; its report is read off its socket by
     the front end's ZeroMQ thread, its exit is told by the zygote: a loaded machine can know
