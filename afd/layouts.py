@@ -378,10 +378,10 @@ class MultiRankClient:
         killed = [rank for rank in exited if self.procs[rank].returncode < 0]
         rank = killed[0] if killed else exited[0]
         self._drain_errors(rank)
-        if not killed:
-            late = self._killed(rank)
-            if late is not None:
-                self._fail(f"{self._exited(late)}; then {self._exited(rank)}")
+        if not killed:  # exited saying nothing: perhaps on a peer lost, as a report would say
+            cause = self._cause(rank, min(self.timeout_s / 2, 5.0))
+            if cause is not None:
+                self._fail(f"{cause}; then {self._exited(rank)}")
         self._fail(self._exited(rank))
 
     def _exited(self, rank: int) -> str:

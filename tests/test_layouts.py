@@ -416,10 +416,17 @@ def test_a_rank_that_exits_is_named_with_the_report_it_sent_before(monkeypatch):
                           monkeypatch, late_s=0.3)
     with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) failed: ValueError: bad$"):
         client.check_alive()
-    # no report at all: the exit code, after the wait
+    # no report at all: the exit code after the wait, and a rank killed meanwhile (known
+    # late) before it
     client = _client_with([_LateExit(None), _LateExit(None), _LateExit(0.0, code=1),
                            _LateExit(None)], [], monkeypatch)
+    client.timeout_s = 4.0  # its wait: a second for a report, two for a cause
     with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) exited with code 1$"):
+        client.check_alive()
+    client.procs[1] = _LateExit(2.0)
+    with pytest.raises(RankFailure, match=r"^rank 1 \(prefill 1\) exited with code -9 "
+                                          r"\(SIGKILL\); then rank 2 \(prefill 2\) exited "
+                                          r"with code 1$"):
         client.check_alive()
 
 
