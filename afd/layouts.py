@@ -413,7 +413,8 @@ class MultiRankClient:
         sockets close the instant it dies, but its exit reaches this process only once its
         parent (the zygote) has reaped it and said so, which a loaded machine delays past
         0.25 s (CI named the gloo reset of a rank beside a SIGKILLed one). Such a report waits
-        up to half the timeout for the killed rank; any other error a quarter second."""
+        up to half the timeout for its cause (``_cause``: a rank killed, or another's report
+        of an error of its own); any other error a quarter second for a rank killed."""
         if peer_lost(msg):
             cause = self._cause(rank, min(self.timeout_s / 2, 5.0))
         else:
@@ -525,8 +526,9 @@ class MultiRankClient:
         killed attention rank was reported as its FFN rank's gloo error. A rank that exited
         with a code sent its report before it exited, but the report is read off its socket
         by another thread than the one the exit reaches: it is waited for up to a second (an
-        empty 50 ms poll ended the wait, and a loaded machine's failure named a bare exit
-        code); one a signal ended says nothing more, and what arrived already is read."""
+        empty 50 ms poll ended the wait, too soon for a loaded machine, and the failure named
+        a bare exit code); one a signal ended says nothing more: what arrived already is
+        read."""
         code = self.procs[dead].returncode
         deadline = time.monotonic() + (1.0 if code is not None and code >= 0 else 0.0)
         while True:
