@@ -209,9 +209,10 @@ class AsyncEngine:
                 if self.metrics:
                     for req in changed.values():
                         step_tokens += self._observe(req, now)
+                    if changed:  # counted before the outputs go: a client that has its
+                        # response and reads /metrics finds its last step there
+                        self.metrics.iteration_tokens.observe(step_tokens)
                 self._deliver_step(outputs)
-                if self.metrics and changed:
-                    self.metrics.iteration_tokens.observe(step_tokens)
                 self._observe_stats()
         except Exception as exc:  # a rank died or the engine broke: fail everything in flight
             self.error = f"{type(exc).__name__}: {exc}"

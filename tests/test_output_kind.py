@@ -228,6 +228,38 @@ def test_server_metrics_count_unstreamed_requests_every_step(llm):
         llm.get_tokenizer().encode("Hello there"))
 
 
+def test_a_steps_token_count_is_kept_before_its_outputs_go_out(llm):
+    """A client that has its response and reads /metrics finds the step that made its last
+    token among the steps' token counts: the engine thread counted the step after handing its
+    outputs to the event loop, which could answer the request (and a /metrics read) first."""
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine(llm.engine, metrics)
+    at_delivery = []
+    deliver = engine._deliver_step
+
+    def record(outputs) -> None:
+        at_delivery.append(metrics.registry.get_sample_value(
+            "afd:iteration_tokens_total_count", {"model_name": "m"}))
+        deliver(outputs)
+
+    engine._deliver_step = record  # looked up at each step (no request before this)
+
+    async def go():
+        p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        return [o async for o in engine.generate("r", "Hello there", p)]
+
+    try:
+        assert asyncio.run(go())[-1].finished
+    finally:
+        engine.shutdown()
+    steps = metrics.registry.get_sample_value("afd:iteration_tokens_total_count",
+                                              {"model_name": "m"})
+    assert steps >= 1 and at_delivery[-1] == steps, (at_delivery, steps)
+
+
 def test_streamed_echo_waits_for_the_prompt_logprobs_without_losing_pieces():
     """n = 2 with echo and logprobs: the second completion's first tokens come before the
     first completion's (and the prompt's logprobs, which come with the first's first token);
