@@ -21,3 +21,13 @@ def start_ranks(fn, args: tuple, nprocs: int) -> None:
     """``fn(rank, *args)`` on ``nprocs`` processes; raises as ``mp.spawn`` does if one fails."""
     forkserver_context()  # the server kernels.testing's interpreter workers fork from too
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+def rendezvous_store():
+    """A rendezvous store (TCPStore server) on loopback for ``start_ranks``' ranks, held by the
+    test while they run (``store.port`` to them; each joins as a client). A free port looked
+    up first and bound by rank 0 later could be taken in between (by another process's
+    connection, or a port still held from the test before)."""
+    from afd.layouts import loopback_store
+
+    return loopback_store()

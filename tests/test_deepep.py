@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from spawn_utils import start_ranks
-from test_transport import free_port
+from spawn_utils import rendezvous_store, start_ranks
 
 from afd.deepep import (
     INSTALL_HINT,
@@ -196,7 +195,7 @@ def run_rank(rank: int, port: int, runs: tuple[tuple[Case, ExpertPlacement], ...
         torch.cuda.set_device(rank)
         device, backend = torch.device("cuda", rank), "nccl"
     timeout = datetime.timedelta(seconds=120)
-    store = dist.TCPStore("127.0.0.1", port, case.world, rank == 0, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, case.world, False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=case.world,
                             timeout=timeout)
     for case, placement in runs:
@@ -286,7 +285,8 @@ def test_round_trip_over_fake_deep_ep():
     assert len({len(s) for s in placement.slots}) > 1
     per_layer = ExpertPlacement(E, layers=(placement.slots, ((7, 6, 1, 0), (5, 4), (3, 2, 1))))
     runs = ((mb1, placement), (mb2, placement), (mb2, per_layer), (mb2, (placement, per_layer)))
-    start_ranks(run_rank, (free_port(), runs), mb1.world)
+    store = rendezvous_store()
+    start_ranks(run_rank, (store.port, runs), mb1.world)
 
 
 @pytest.mark.gpu
@@ -300,4 +300,5 @@ def test_deepep_round_trip_matches_reference():
     num_attention = 1 if world < 4 else 2
     case = Case(num_attention, world - num_attention, 2, hidden=2048, fake=False)
     placement = ExpertPlacement.balanced(E, case.num_ffn, {1: 1})
-    mp.spawn(run_rank, args=(free_port(), ((case, placement),)), nprocs=case.world, join=True)
+    store = rendezvous_store()
+    mp.spawn(run_rank, args=(store.port, ((case, placement),)), nprocs=case.world, join=True)

@@ -413,14 +413,6 @@ ROUNDS = [{(0, 0): 1, (0, 1): 0, (1, 0): 0, (1, 1): 1},
           {(0, 0): 4, (0, 1): 2, (1, 0): 3, (1, 1): 1}]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def attention_inputs(num_tokens: int, seed: int) -> tuple[torch.Tensor, Routing]:
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, H, generator=gen)
@@ -433,7 +425,7 @@ def attention_inputs(num_tokens: int, seed: int) -> tuple[torch.Tensor, Routing]
 
 def run_rank(rank: int, port: int, out_dir: str) -> None:
     timeout = datetime.timedelta(seconds=30)
-    store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, rank == 0, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=ATTN + FFN,
                             timeout=timeout)
     groups = ExpertGroups(ATTN, FFN, [dist.new_group(timeout=timeout) for _ in range(2)])
@@ -477,9 +469,11 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
 def test_ffn_side_with_graphs_matches_reference(tmp_path):
     """Two attention ranks, three FFN ranks serving through the static path: every combine is
     the reference's, over serves on a bucket, padded, above the largest bucket and empty."""
-    from spawn_utils import start_ranks  # (not at the top: the interpreter worker loads this file)
+    # (not at the top: the interpreter worker loads this file)
+    from spawn_utils import rendezvous_store, start_ranks
 
-    start_ranks(run_rank, (free_port(), str(tmp_path)), ATTN + FFN)
+    store = rendezvous_store()
+    start_ranks(run_rank, (store.port, str(tmp_path)), ATTN + FFN)
     reports = [json.loads((tmp_path / f"{r}.json").read_text())
                for r in range(ATTN, ATTN + FFN)]
     served = [n for rep in reports for n in rep["served"]]

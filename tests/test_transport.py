@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_utils import start_ranks
+from spawn_utils import rendezvous_store, start_ranks
 
 from afd.placement import ExpertPlacement
 from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
@@ -20,12 +19,6 @@ from models.moe import Routing
 
 E, H, I, K = 8, 16, 12, 3
 ATTN, FFN = 2, 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def full_weights() -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +45,7 @@ def run_rank(rank: int, port: int, placements: dict[str, ExpertPlacement]) -> No
     """Every placement in turn on one process group: a spawn of fresh ranks, each importing
     torch, costs more than a round trip."""
     timeout = datetime.timedelta(seconds=30)
-    store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, rank == 0, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, ATTN + FFN, False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=ATTN + FFN,
                             timeout=timeout)
     groups = ExpertGroups(ATTN, FFN, [dist.new_group(timeout=timeout) for _ in range(2)])
@@ -104,7 +97,8 @@ def test_torch_transport_round_trip_matches_reference():
     placements["per-layer"] = per_layer_placement()
     for placement in placements.values():
         assert [len(s) for s in placement.table(3)] != [E // FFN] * FFN  # uneven split
-    start_ranks(run_rank, (free_port(), placements), ATTN + FFN)
+    store = rendezvous_store()
+    start_ranks(run_rank, (store.port, placements), ATTN + FFN)
 
 
 def test_placement_table():
@@ -219,7 +213,7 @@ def run_peer_rank(rank: int, port: int) -> None:
     from models.model import LocalExperts
 
     timeout = datetime.timedelta(seconds=30)
-    store = dist.TCPStore("127.0.0.1", port, PEERS, rank == 0, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, PEERS, False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=PEERS, timeout=timeout)
     group = dist.new_group(timeout=timeout)
     placement = ExpertPlacement.balanced(E, PEERS)  # 3 / 3 / 2 experts: uneven
@@ -261,4 +255,5 @@ def test_peer_experts_match_local_experts():
     """Expert parallelism among peers (the prefill pool's): three ranks in both roles, uneven
     expert split, a rank with no tokens in a step, ids of -1; a peer that never joins fails
     the others' all-to-all at the group's timeout (no hang)."""
-    start_ranks(run_peer_rank, (free_port(),), PEERS)
+    store = rendezvous_store()
+    start_ranks(run_peer_rank, (store.port,), PEERS)
