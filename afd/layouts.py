@@ -430,8 +430,10 @@ class MultiRankClient:
         from the inbox meanwhile. A rank that failed on its own says so and exits, and only
         then do its peers' connections to it break, but the reports travel on sockets of
         their own, read in no set order: the peer's came first, and its wait (for a rank
-        killed, which none was) named it after half the timeout."""
-        deadline = time.monotonic() + wait_s
+        killed, which none was) named it after half the timeout. Ranks launched elsewhere
+        (no process handles: no kill to wait for) wait a second at most, for a report: it
+        was sent before the peers' connections broke."""
+        deadline = time.monotonic() + (wait_s if self.procs else min(wait_s, 1.0))
         while True:
             killed = self._killed(besides, 0.0)
             if killed is not None:

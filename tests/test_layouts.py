@@ -403,6 +403,30 @@ def test_a_peer_reset_names_the_rank_that_failed_on_its_own_under_it(monkeypatch
                              f"(prefill 0) failed: {reset}", err.value
 
 
+def test_ranks_launched_elsewhere_wait_a_second_for_the_cause_of_a_reset(monkeypatch):
+    """torchrun's ranks (no process handles): no kill can be known here, only a report of a
+    rank's own error, sent before its peers' connections to it broke; a peer-reset report
+    waits a second for one (the front end's clock faked), not half the timeout."""
+    import types
+
+    import afd.layouts
+
+    now = [0.0]
+
+    class Quiet:  # an inbox nothing comes to
+        def poll(self, timeout_ms: int) -> bool:
+            now[0] += timeout_ms / 1000
+            return False
+
+    monkeypatch.setattr(afd.layouts, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    client = _client_with([], [], monkeypatch)
+    client.inbox = Quiet()
+    with pytest.raises(RankFailure, match=r"^rank 0 \(prefill 0\) failed: .*reset by peer$"):
+        client._rank_error(0, "RuntimeError: Connection reset by peer")
+    assert 1.0 <= now[0] <= 1.05, now[0]
+
+
 def test_a_rank_that_exits_is_named_with_the_report_it_sent_before(monkeypatch):
     """A rank that fails says why, then exits with code 1; its report is read off its socket by
     the front end's ZeroMQ thread, its exit is told by the zygote: a loaded machine can know
