@@ -316,3 +316,55 @@ def test_poisoned_free_blocks_change_no_token_triton(mimo, monkeypatch):
         assert "error" not in result, result.get("error")
         assert result["clean"] == result["poisoned"] == [e[:TRITON_TOKENS]
                                                          for e in expected[1:3]], name
+
+
+def _sched_seq(rid: str, prompt: list[int], max_tokens: int = 32):
+    from afd.sequence import CoreRequest, Sequence
+
+    return Sequence(CoreRequest(rid, prompt, SamplingParams(max_tokens=max_tokens,
+                                                            ignore_eos=True)), 128)
+
+
+def _step(sched, token: int | None = None):
+    """One schedule and update with no model: every scheduled token computed, no draft
+    accepted; ``token`` appended to each sequence that samples."""
+    out = sched.schedule()
+    for s in out.seqs:
+        if s.draft_token_ids:
+            s.num_rejected = len(s.draft_token_ids)
+        if s.samples and token is not None:
+            s.seq.append(token)
+    sched.update(out)
+    return out
+
+
+def test_drafts_never_evict_the_window_pools_cached_blocks():
+    """n-gram drafts take only empty blocks, never a cached one (a cached prefix is worth more
+    than drafts mostly rejected): of the window pool too, whose cached blocks a prefix hit
+    needs as much as the main pool's. A window pool whose free blocks are all cached gives
+    a draft no new block: the drafts stop at the sequence's last block, as they do where the
+    main pool has only cached blocks free."""
+    from afd.block_pool import BlockPool
+    from afd.scheduler import Scheduler
+    from afd.spec_decode import SpecConfig
+    from afd.window_pool import WindowPool
+
+    pool = BlockPool(64, BLOCK, enable_caching=True)
+    window = WindowPool(8, BLOCK, WINDOW, enable_caching=True)
+    sched = Scheduler(pool, 4, 64, SpecConfig(3, 2, 1), window=window)
+    other = _sched_seq("other", list(range(100, 131)))  # 31 tokens: every window block
+    sched.add(other)
+    _step(sched)
+    sched.finish(other)  # 7 full blocks cached in each pool, 1 empty window block
+    assert (window.pool.num_cached, window.pool.num_empty) == (7, 1)
+    seq = _sched_seq("a", [1, 2, 1, 2, 1])
+    sched.add(seq)
+    _step(sched, token=2)  # admitted: 2 window blocks (the empty one, one cached evicted;
+    # its first block, full, cached in turn)
+    assert (window.pool.num_cached, window.pool.num_empty) == (7, 0)
+    out = _step(sched, token=1)  # drafts [1, 2, 1] would need a third block
+    (s,) = out.seqs
+    assert s.draft_token_ids == [1, 2]  # to the end of its second block
+    assert window.pool.num_cached == 7 and len(seq.window_block_ids) == 2
+    sched.finish(seq)
+    assert window.num_free == window.num_blocks and pool.num_free == pool.num_blocks
