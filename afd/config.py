@@ -511,11 +511,15 @@ class WindowSizes:
         self.window_bytes = block_size * window_dims(model_cfg) * element
         self.full_bytes = bytes_per_block(model_cfg, block_size, dtype, mtp) - self.window_bytes
         window = model_cfg.mimo.sliding_window
-        self.window, self.step = window, max_num_batched_tokens
-        self.bound = window_pool_bound(window, block_size, max_num_seqs, max_num_batched_tokens)
-        self.least = blocks_per_seq(window, block_size, max_num_batched_tokens)
-        # every sequence's whole length, where the full layers hold no rows
-        self.max_full = max_num_seqs * -(-max_model_len // block_size)
+        self.window, self.step, self.block_size = window, max_num_batched_tokens, block_size
+        # a sequence's block table never passes max_model_len's blocks (its drafts neither):
+        # a window or step longer than that needs no more window blocks
+        self.max_model_len, self.most = max_model_len, -(-max_model_len // block_size)
+        # every sequence's whole length (also where the full layers hold no rows)
+        self.max_full = max_num_seqs * self.most
+        self.bound = min(self.max_full, window_pool_bound(window, block_size, max_num_seqs,
+                                                          max_num_batched_tokens))
+        self.least = min(self.most, blocks_per_seq(window, block_size, max_num_batched_tokens))
 
     def split(self, budget: int) -> tuple[int, int]:
         from afd.window_pool import split_kv_budget
@@ -532,11 +536,14 @@ class WindowSizes:
 
     def check(self, num_window_blocks: int) -> None:
         if num_window_blocks < self.least:
+            why = (f"ceil(max_model_len={self.max_model_len} / block_size={self.block_size})"
+                   if self.least == self.most else
+                   f"ceil((sliding_window={self.window} + max_num_batched_tokens={self.step}) "
+                   "/ block_size) + 1")
             raise ValueError(
                 f"num_window_blocks={num_window_blocks} holds fewer blocks than one sequence "
-                f"needs at once, ceil((sliding_window={self.window} + max_num_batched_tokens="
-                f"{self.step}) / block_size) + 1 = {self.least}: raise it (or the KV memory), "
-                "lower max_num_batched_tokens, or 0 for no window pool")
+                f"needs at once, {why} = {self.least}: raise it (or the KV memory), lower "
+                "max_num_batched_tokens, or 0 for no window pool")
 
 
 def check_mtp_checkpoint(path: str, model_cfg: ModelConfig, weights: bool = True) -> None:

@@ -314,7 +314,10 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
             "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens"
             f"{' or max_num_seqs (state slots)' if states else ''}"
             f"{', give fewer or smaller cuda_graph_sizes or set enforce_eager' if pool else ''}"
-            ", or give kv_cache_memory_gb / num_kv_blocks")
+            + (f", or lower num_window_blocks (the window pool's {sized['num_window_blocks']} "
+               f"blocks take {sizes.window_bytes * sized['num_window_blocks'] / 2**20:.1f} MiB "
+               "of it)" if cfg.window_pool else "")
+            + ", or give kv_cache_memory_gb / num_kv_blocks")
     log.info("%s rank on %s: %d KV blocks (%.2f GiB)%s: %s", kind, device, blocks,
              blocks * per_block / gib,
              f", the window pool {sized['num_window_blocks']} blocks of "

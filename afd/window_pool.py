@@ -14,8 +14,9 @@ the same length (block b of both holds positions b * block_size ..).
 Sizing (``split_kv_budget``): a running sequence holds at most the blocks over its window and
 its step's tokens, so the pool never needs more than ``window_pool_bound`` blocks
 (max_num_seqs sequences' windows plus one step's tokens; the blocks of n-gram drafts a step
-rejected are kept for the next, which can pass it: then fewer drafts, or a preemption); the
-full layers take the rest of the KV memory. The scheduler (afd.scheduler) takes blocks of
+rejected are kept for the next, which can pass it: then fewer drafts, or a preemption; a
+sequence never more than max_model_len's blocks, afd.config.WindowSizes); the full layers
+take the rest of the KV memory. The scheduler (afd.scheduler) takes blocks of
 both pools on admission and growth, preempts when either runs short, and frees both on
 finish, abort and preemption.
 

@@ -368,3 +368,43 @@ def test_drafts_never_evict_the_window_pools_cached_blocks():
     assert window.pool.num_cached == 7 and len(seq.window_block_ids) == 2
     sched.finish(seq)
     assert window.num_free == window.num_blocks and pool.num_free == pool.num_blocks
+
+
+def test_a_short_max_model_len_caps_the_window_pool(mimo):
+    """A sequence never holds more window blocks than max_model_len's (its block table's
+    length), however long its window and step: with max_model_len=16 (4 blocks of 4) and
+    chunks of 64, one sequence needs 4 window blocks, not ceil((8 + 64) / 4) + 1 = 19: 4 are
+    accepted (and run: transformers' tokens), 3 refused naming max_model_len, and the sized
+    pool is max_num_seqs x 4 blocks, no more than keeping every row would take."""
+    path, prompts, expected = mimo
+    cfg = load_config(path)
+    args = dict(device="cpu", block_size=BLOCK, max_model_len=16, max_num_seqs=4,
+                max_num_batched_tokens=64)
+    assert resolve_engine_config(path, cfg, num_window_blocks=4, num_kv_blocks=8,
+                                 **args).num_window_blocks == 4
+    with pytest.raises(ValueError, match=r"num_window_blocks=3 holds fewer blocks than one "
+                                         r"sequence needs at once, ceil\(max_model_len=16 / "
+                                         r"block_size=4\) = 4"):
+        resolve_engine_config(path, cfg, num_window_blocks=3, num_kv_blocks=8, **args)
+    sized = resolve_engine_config(path, cfg, kv_cache_memory_gb=0.01, **args)
+    assert sized.num_window_blocks == 4 * 4
+    llm = LLM(path, num_window_blocks=4, num_kv_blocks=8, block_size=BLOCK, max_model_len=16,
+              max_num_batched_tokens=64)
+    assert tokens(llm, [prompts[0]], 11) == [expected[0][:11]]
+    assert_pools_full(llm.engine.core)
+
+
+def test_a_device_too_small_for_the_pools_names_the_window_pool(mimo, monkeypatch):
+    """Sizing from device memory (a GPU's way; faked numbers) beside a given window pool that
+    leaves the main pool too little: the error names num_window_blocks and its share, as the
+    same error does where kv_cache_memory_gb is given."""
+    path = mimo[0]
+    cfg = load_config(path)
+    monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": {
+        "total": 4 * 2**30, "free": 4 * 2**30, "in_use": 0}}))
+    lazy = resolve_engine_config(path, cfg, device="cpu", block_size=BLOCK, max_model_len=128,
+                                 max_num_seqs=4, max_num_batched_tokens=16,
+                                 num_window_blocks=5_000_000)
+    with pytest.raises(ValueError, match=r"KV cache too small: .* or lower num_window_blocks "
+                                         r"\(the window pool's 5000000 blocks take 18310.5 MiB"):
+        kv_pools_from_memory(lazy, cfg, torch.device("cpu"), "single")
