@@ -9,7 +9,10 @@ would decide drawn at random instead: which drafts verification accepts, sampled
 among them, so sequences finish on accepted drafts), the MTP layer's next drafts. Between
 steps: new sequences (shared prefixes, repeated prompts, siblings as n > 1 makes them, cache
 salts, prompt logprobs, max_tokens up to max_model_len), aborts of sequences in any state, and
-prefix-cache resets.
+prefix-cache resets. Where the engine allows one (no host tier, P/D or MTP), about half the
+cases add a window pool (afd.window_pool: windows of 1 to 12 positions, from the fewest
+blocks one sequence needs up), its layers' KV simulated apart, its empty and null blocks
+poisoned after every step.
 
 The forward writes, per computed position, the value the KV would have there: the position's
 whole token prefix (and the cache salt), so a block's KV is right only if it was computed (or
@@ -19,7 +22,8 @@ has blocks, as the runner does. After every step, besides every check of tests/f
 that needs no model (block accounting, host tier, queues, blocks held, KV cache events netting
 to what the pool and tier hold, each step's plan), it checks that every running sequence's
 computed positions hold the KV of its own tokens: a prefix hit, a host restore, a preemption
-or a rejected draft that left wrong KV where a sequence counts it computed fails here. About
+or a rejected draft that left wrong KV where a sequence counts it computed fails here; with a
+window pool, its block accounting and the KV of the positions the next query reads too. About
 a thousand steps a second: many seeds are cheap.
 """
 
@@ -37,6 +41,7 @@ from afd.sampling_params import SamplingParams
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence, Status
 from afd.spec_decode import SpecConfig, accept
+from afd.window_pool import WindowPool, blocks_per_seq
 from fuzz_engine import (CacheEventsMirror, check_empty, check_host, check_plan, check_pool,
                          check_scheduler, check_sequences)
 
@@ -77,10 +82,23 @@ class SimCore:
             spec = SpecConfig(rng.randint(1, 4), 0, 0, "mtp", rng.choice([0, 0, 0, 2, 3]))
         if not self.prefill_only:
             self.mtp_kv = spec is not None and spec.method == "mtp"
-        self.scheduler = Scheduler(self.allocator, rng.choice([1, 2, 3, 4, 8]),
-                                   rng.choice([1, 2, 3, 5, 8, 16, 64]), spec,
-                                   rng.choice(["fcfs", "priority"]), host=self.host,
-                                   mtp_kv=self.mtp_kv)
+        max_num_seqs = rng.choice([1, 2, 3, 4, 8])
+        budget = rng.choice([1, 2, 3, 5, 8, 16, 64])
+        policy = rng.choice(["fcfs", "priority"])
+        # a window pool (afd.window_pool), where the engine allows one (no host tier, P/D or
+        # MTP), drawn apart so that the other draws stay as they were
+        self.window = None
+        wrng = random.Random(seed + 1)
+        if (not self.prefill_only and self.host is None and not self.mtp_kv
+                and wrng.random() < 0.5):
+            window = wrng.choice([1, 2, 3, 5, 8, 12])
+            least = min(-(-self.max_model_len // size), blocks_per_seq(window, size, budget))
+            self.window = WindowPool(least + wrng.choice([0, 0, 1, 3, 10]), size, window,
+                                     caching)
+            # the window layers' KV, the null block's last (never read: poisoned each step)
+            self.window_kv = [[None] * size for _ in range(self.window.num_blocks + 1)]
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, spec, policy,
+                                   host=self.host, mtp_kv=self.mtp_kv, window=self.window)
         self.seqs: dict[str, Sequence] = {}
         self.hit_end: dict[str, int] = {}  # per sequence, its last admission's prefix hit
         self.events = None
@@ -93,7 +111,9 @@ class SimCore:
                          f"prefill_only={self.prefill_only} mtp_kv={self.mtp_kv} "
                          f"policy={'priority' if self.scheduler.by_priority else 'fcfs'} "
                          f"budget={self.scheduler.max_num_batched_tokens} "
-                         f"max_num_seqs={self.scheduler.max_num_seqs}")
+                         f"max_num_seqs={self.scheduler.max_num_seqs}" + (
+                             f" window={self.window.window} "
+                             f"window_blocks={self.window.num_blocks}" if self.window else ""))
 
     record_kv_events = EngineCore.record_kv_events
     abort = EngineCore.abort
@@ -106,6 +126,8 @@ class SimCore:
         """Adopt ``req`` as prefilled elsewhere, with its first token (as
         afd.rank_attention's pull and start_decoding): False where it does not fit now."""
         pool, sched = self.allocator, self.scheduler
+        if self.window is not None:  # (no P/D with a window pool)
+            return False
         n = len(req.prompt_token_ids)
         need = pool.blocks_for(n + 1)
         keep = sum(max(1, pool.blocks_for(s.num_tokens + 1) - len(s.block_ids))
@@ -144,6 +166,17 @@ class SimCore:
         size = self.block_size
         cell = self.device[seq.block_ids[pos // size]]
         cell[pos % size] = (value if target else cell[pos % size][0], mtp_value)
+        if self.window is not None and target:  # the sliding layers' row, in their pool
+            block = seq.window_block_ids[pos // size]
+            assert block != self.window.null, (
+                f"{seq.request_id} writes position {pos} to the window pool's null block")
+            self.window_kv[block][pos % size] = value
+
+    def poison_window(self) -> None:
+        """The window pool's empty blocks and its null block lose their KV (what a freed
+        block holds once another sequence writes it): a later read of one fails check_kv."""
+        for block in [*self.window.pool._empty, self.window.null]:
+            self.window_kv[block] = [("poison",)] * self.block_size
 
 
 def kv_value(seq: Sequence, tokens: list[int], pos: int) -> tuple:
@@ -220,6 +253,8 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
             seq.mtp_drafts_for = len(seq.token_ids)
         done.append(seq)
     sched.update(plan)
+    if core.window is not None:
+        core.poison_window()
     for seq in done:
         if seq.finish_reason is not None:
             sched.finish(seq)
@@ -255,6 +290,43 @@ def check_kv(core: SimCore, where: str) -> None:
                 ends and got_mtp is not None and got_mtp[0] == want), (
                 f"{where}: {seq.request_id}'s computed position {pos} (block {block}) holds "
                 f"the MTP layer's KV of {got_mtp}, not of its next token {tokens[pos + 1]}")
+
+
+def check_window(core: SimCore, where: str) -> None:
+    """A window pool's accounting and KV: each block's owners are the sequences whose window
+    tables hold it; a running sequence's table is as long as its block table, the null block
+    only in a leading run no longer than what its next query no longer reads; its positions
+    that query reads (its last window - 1 computed) hold the KV of its own tokens, whether it
+    computed them or a prefix hit brought them."""
+    window = core.window
+    if window is None:
+        return
+    size, null = core.block_size, window.null
+    owners: dict[int, int] = {}
+    for seq in core.seqs.values():
+        table = seq.window_block_ids
+        if seq.status is not Status.RUNNING:
+            assert not table, f"{where}: {seq.request_id} ({seq.status}) holds {table}"
+            continue
+        assert len(table) == len(seq.block_ids), f"{where}: {seq.request_id}'s window table"
+        freed = next((b for b, block in enumerate(table) if block != null), len(table))
+        assert null not in table[freed:], f"{where}: a hole in {seq.request_id}'s {table}"
+        n = seq.num_computed_tokens
+        assert freed <= window.first_read(n), (
+            f"{where}: {seq.request_id} gave back a block its next query reads ({n} computed)")
+        for block in table[freed:]:
+            owners[block] = owners.get(block, 0) + 1
+        for pos in range(max(0, n - window.window + 1), n):
+            got = core.window_kv[table[pos // size]][pos % size]
+            assert got == kv_value(seq, seq.token_ids, pos), (
+                f"{where}: {seq.request_id}'s window position {pos} ({n} computed) holds the "
+                f"KV of {got}, not of its tokens")
+    pool = window.pool
+    for block in range(window.num_blocks):
+        assert pool._ref[block] == owners.get(block, 0), (
+            f"{where}: window block {block} counts {pool._ref[block]} owners, "
+            f"{owners.get(block, 0)} hold it")
+    assert pool.num_free == window.num_blocks - len(owners), f"{where}: window pool's free"
 
 
 def draw_request(rng: random.Random, core: SimCore, rid: str, shared: list[list[int]],
@@ -339,6 +411,8 @@ def run_sim(seed: int, steps: int = 300) -> dict:
     stats["accepted"] = core.scheduler.num_accepted_tokens
     stats["hits"] = core.scheduler.prefix_cache_hits
     stats["host_hits"] = core.scheduler.prefix_cache_host_hits
+    stats["window_hits"] = stats["hits"] if core.window is not None else 0
+    stats["window_preemptions"] = stats["preemptions"] if core.window is not None else 0
     return stats
 
 
@@ -349,3 +423,4 @@ def check(core: SimCore, mirror: CacheEventsMirror, where: str) -> None:
     check_sequences(core, where)
     mirror.check(where)
     check_kv(core, where)
+    check_window(core, where)

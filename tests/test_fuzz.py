@@ -92,12 +92,14 @@ def test_multi_rank(v3, seed):
 
 def test_scheduler_sim():
     """The model-free cases: between them, prefix hits on the device and from the host tier,
-    n-gram and MTP drafts accepted, preemption, aborts and resets."""
+    n-gram and MTP drafts accepted, preemption, aborts and resets; with window pools, prefix
+    hits and preemption."""
     total = {}
     for seed in SIM_SEEDS:
         for name, n in run_sim(seed).items():
             total[name] = total.get(name, 0) + n
-    for name in ("hits", "host_hits", "accepted", "preemptions", "aborts", "resets"):
+    for name in ("hits", "host_hits", "accepted", "preemptions", "aborts", "resets",
+                 "window_hits", "window_preemptions"):
         assert total[name] > 0, f"no {name} in the model-free cases: {total}"
 
 
