@@ -355,9 +355,10 @@ class Scheduler:
                     drafts = forced
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
-            if self.window is not None:  # the window table grows with it (empty blocks
-                # too: a hit needs the window pool's cached blocks as much as the main pool's)
-                extra = min(extra, self.window.pool.num_empty)
+            if self.window is not None:  # the window table grows with it, its cached blocks
+                # counted too: nearly every free window block is (given back full), and the
+                # block a draft takes is the one the sequence grows into next anyway
+                extra = min(extra, self.window.num_free)
             if extra > 0:
                 seq.block_ids += alloc.allocate(extra)
                 if self.window is not None:
