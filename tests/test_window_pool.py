@@ -7,7 +7,9 @@ each sequence's window blocks bounded however long it grows; both pools full aga
 finish, abort and preemption (forced by a small window pool); the sizing's split (more blocks
 for the full layers in the same memory); free and null blocks poisoned with NaN after every
 step changing no token, under the torch path and under Triton's interpreter (the decode and
-paged prefill kernels)."""
+paged prefill kernels); n-gram drafts given a window block where every free one is cached; a
+short max_model_len capping what one sequence needs; a device too small naming the window
+pool."""
 
 from __future__ import annotations
 
