@@ -398,3 +398,33 @@ def _run_cases(module_file: str, out_path: str, seed: int, case_names: list[str]
             results[name] = {"error": traceback.format_exc()}
     with open(out_path, "w") as f:
         json.dump(results, f)
+
+
+def start_calls_ahead(module_file: str, module_name: str, calls: list[tuple[int, str, dict]],
+                      reached, tmp: str):
+    """Start a helper process (forked from the fork server above) that loads the test module
+    ``module_file`` as ``module_name`` and calls ``calls`` (index, function name, keyword
+    arguments) in the order given, only for what they leave behind (Triton's on-disk cache):
+    what a call returns or raises is thrown away. It stops before a call whose index is at or
+    below ``reached.value`` (a shared int the caller moves forward: the test process has come
+    that far), and after the last. Returns the process; its output goes to a log under ``tmp``.
+    """
+    return _start_forked(_calls_ahead_worker, (module_file, module_name, calls, reached),
+                         dict(os.environ), str(_REPO_ROOT), tmp)[0]
+
+
+def _calls_ahead_worker(module_file: str, module_name: str, calls: list[tuple[int, str, dict]],
+                        reached) -> None:
+    spec = importlib.util.spec_from_file_location(module_name, module_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    for index, name, kwargs in calls:
+        if reached.value >= index:
+            break
+        try:
+            getattr(module, name)(**kwargs)
+        except BaseException:  # noqa: BLE001,S110 - a skip, a failed check: the test process's
+            pass
+    sys.stdout.flush()
+    os._exit(0)

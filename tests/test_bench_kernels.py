@@ -8,11 +8,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kernels.fused_moe_tuning import median_and_spread, time_interleaved
-from kernels.testing import run_script
+from kernels.testing import forkserver_context, run_script, start_calls_ahead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,6 +143,30 @@ def test_run_script_runs_a_script_as_python_would(tmp_path) -> None:
     assert code == 1 and out.endswith("bad flag\n"), out
     code, out = run_script(str(script), [ROOT, "raise"], dict(os.environ))
     assert code == 1 and "Traceback" in out and "ValueError: boom" in out, out
+
+
+def test_calls_ahead_run_down_to_where_the_test_process_reached(tmp_path) -> None:
+    """kernels.testing.start_calls_ahead, which compiles tests/test_kernels_sm90.py's kernels
+    ahead of its checks: the calls in the order given, in the module loaded under the given
+    name, past a call that raised or skipped, and none at or below the reached index."""
+    module = tmp_path / "ahead_probe.py"
+    module.write_text(
+        "import pytest\n"
+        "def record(out, i, how=''):\n"
+        "    with open(out, 'a') as f:\n"
+        "        f.write(f'{__name__} {i}\\n')\n"
+        "    if how == 'fail':\n"
+        "        raise AssertionError(i)\n"
+        "    if how == 'skip':\n"
+        "        pytest.skip('no')\n")
+    out = str(tmp_path / "calls.txt")
+    reached = forkserver_context().Value("i", 2)
+    calls = [(i, "record", {"out": out, "i": i, "how": how})
+             for i, how in ((6, "fail"), (5, "skip"), (4, ""), (3, ""), (2, ""), (1, ""))]
+    proc = start_calls_ahead(str(module), "probe_name", calls, reached, str(tmp_path))
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert Path(out).read_text().split("\n") == [f"probe_name {i}" for i in (6, 5, 4, 3)] + [""]
 
 
 def _smoke(tmp_path, *flags: str) -> dict:

@@ -9,6 +9,8 @@ specialization, except the ints a kernel marks ``do_not_specialize``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import re
@@ -47,6 +49,59 @@ from kernels import (  # noqa: E402
 from kernels.fused_moe_config import GPU_TABLE, GemmTile  # noqa: E402
 from kernels.fused_moe_triton import default_config  # noqa: E402
 from kernels.fused_moe_tuning import QUICK_TILES, WS_128_TILES  # noqa: E402
+from kernels.testing import _usable_cpus, forkserver_context, start_calls_ahead  # noqa: E402
+
+# Compiling ahead. Each check's ptxas run takes one core for 1-3 s on an empty Triton cache
+# (about 170 s for the file on CI's two cores, the other core idle). Helper processes (forked
+# from the test fork server; one per usable CPU but this process's, at most three) call the
+# same test functions from the file's last case backwards, only to fill Triton's on-disk cache
+# (their outcomes are thrown away); this process still runs and checks every case in order, and
+# finds the kernels the helpers got to compiled. A helper stops where this process has come to.
+MAX_AHEAD_WORKERS = 3
+
+
+class _Ahead:
+    def __init__(self, items: list) -> None:
+        self.index = {item.nodeid: i for i, item in enumerate(items)}
+        self.reached = forkserver_context().Value("i", -1)
+        self.procs = []
+
+
+def _ahead_call(index: int, item) -> tuple[int, str, dict] | None:
+    """(index, function name, arguments) for a helper, or None where a helper cannot call it:
+    skipped by a mark, or taking a fixture (a monkeypatch)."""
+    for mark in item.iter_markers("skipif"):
+        if mark.args and mark.args[0] is not False:
+            return None
+    if any(True for _ in item.iter_markers("skip")):
+        return None
+    params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+    if set(inspect.signature(item.function).parameters) - set(params):
+        return None
+    return index, item.function.__name__, params
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_ahead(request, tmp_path_factory):
+    items = [item for item in request.session.items if item.module is request.module]
+    ahead = _Ahead(items)
+    calls = [c for i, item in enumerate(items) if (c := _ahead_call(i, item)) is not None]
+    calls.reverse()
+    workers = min(_usable_cpus() - 1, MAX_AHEAD_WORKERS, len(calls) - 1)
+    for k in range(max(0, workers)):
+        ahead.procs.append(start_calls_ahead(
+            request.module.__file__, request.module.__name__, calls[k::workers],
+            ahead.reached, str(tmp_path_factory.mktemp("compile_ahead"))))
+    yield ahead
+    for proc in ahead.procs:
+        proc.kill()
+        proc.join()
+
+
+@pytest.fixture(autouse=True)
+def _reached(request, _compile_ahead: _Ahead) -> None:
+    _compile_ahead.reached.value = _compile_ahead.index[request.node.nodeid]
+
 
 MAX_SHARED = 227 * 1024  # per block on H100/H200
 H, I = 7168, 2048  # DeepSeek-V3 expert dims
@@ -275,6 +330,7 @@ def _warp_specialized(compiled, num_warps: int) -> bool:
             and "setmaxnreg" in compiled.asm["ptx"])
 
 
+@functools.cache
 def _hopper_auto_ws_reason() -> str | None:
     """None when this Triton warp-specializes a plain TMA GEMM loop for sm_90a (Triton 3.6, the
     GPU image's, does; 3.9's Hopper pass rejects it), else why not."""
