@@ -25,10 +25,13 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, *flags: str, nproc: int = 1, timeout_s: float = 180,
-                 afd_serve: bool = False, env: dict[str, str] | None = None):
+                 afd_serve: bool = False, env: dict[str, str] | None = None, wait: bool = True):
         """``afd_serve``: start ``afd serve FLAGS`` (``python -m afd.cli``, this checkout's
         afd first on its path) from a folder outside the checkout; it starts the ranks itself
-        (``nproc`` unused). ``env``: variables set for the server besides this process's."""
+        (``nproc`` unused). ``env``: variables set for the server besides this process's.
+        ``wait=False``: return once the server's process is started; ``wait_healthy`` then
+        waits for it (so that two servers, or a server and the caller's own work, start at
+        once). ``timeout_s`` counts from the start either way."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cwd, env = ROOT, {**os.environ, **(env or {})}
@@ -45,18 +48,28 @@ class LocalServer:
                                                suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
                                      env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        self._deadline, self._timeout_s = time.monotonic() + timeout_s, timeout_s
+        self._healthy = False
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> LocalServer:
+        """Wait until ``/health`` answers 200 (at most until ``timeout_s`` after the start;
+        then the server is stopped and TimeoutError raised; RuntimeError if it exited).
+        Returns the server."""
+        while not self._healthy and time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                self._healthy = httpx.get(self.url + "/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not healthy in {timeout_s}s:\n{self.tail()}")
+            if not self._healthy:
+                time.sleep(0.1)
+        if not self._healthy:
+            self.stop()
+            raise TimeoutError(f"server not healthy in {self._timeout_s}s:\n{self.tail()}")
+        return self
 
     def tail(self, chars: int = 3000) -> str:
         self.log.flush()

@@ -30,25 +30,90 @@ API_KEY = "sk-test-afd"
 BODY_LIMIT = 1 << 20  # the single server's --max-request-body-bytes
 
 
-@pytest.fixture(scope="module")
-def single():
-    server = LocalServer("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                         "--reasoning-parser", "deepseek_v3", "--max-stored-responses", "2",
-                         "--max-request-body-bytes", str(BODY_LIMIT),
-                         "--enable-request-id-headers", env={"AFD_LOG_STATS_INTERVAL": "0.5"})
-    yield server
-    server.stop()
+# The module's two servers, each started by the first test of this module that runs (the
+# one started with it: not waited for) when a test selected here uses it: the P/D server's
+# ranks and front end start while the single server and the reference engine do, on the
+# cores they leave idle, instead of after them.
+SERVERS = {
+    "single": lambda: LocalServer(
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser",
+        "deepseek_v3", "--max-stored-responses", "2", "--max-request-body-bytes", str(BODY_LIMIT),
+        "--enable-request-id-headers", env={"AFD_LOG_STATS_INTERVAL": "0.5"}, wait=False),
+    # three ranks started by ``afd serve`` (forked from its rank zygote; torchrun starts the
+    # other servers here, and the ranks of several nodes in tests/test_multinode.py)
+    "pd": lambda: LocalServer(
+        "--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
+        "--timeout", "20", "--disable-log-stats", afd_serve=True,
+        env={"AFD_LOG_STATS_INTERVAL": "0.5"}, wait=False),
+}
+
+
+def _uses(item, name: str) -> bool:
+    """Whether a test takes the server ``name`` (as a fixture, or as its ``which``)."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    return name in item.fixturenames or params.get("which") == name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _servers(request):
+    items = [item for item in request.session.items if item.module is request.module]
+    servers = {name: start() for name, start in SERVERS.items()
+               if any(_uses(item, name) for item in items)}
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def pd():
-    """Three ranks started by ``afd serve`` (forked from its rank zygote; torchrun starts the
-    other servers here, and the ranks of several nodes in tests/test_multinode.py)."""
-    server = LocalServer("--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
-                         "--timeout", "20", "--disable-log-stats", afd_serve=True,
-                         env={"AFD_LOG_STATS_INTERVAL": "0.5"})
-    yield server
-    server.stop()
+def single(_servers):
+    return _servers["single"].wait_healthy()
+
+
+@pytest.fixture(scope="module")
+def pd(_servers):
+    return _servers["pd"].wait_healthy()
+
+
+def test_a_server_started_without_waiting_is_waited_for_later(monkeypatch):
+    """bench/server_proc.LocalServer(wait=False), which starts this module's servers at once:
+    it returns once the process is started, without asking /health; wait_healthy then asks
+    until a 200 (once healthy, at once), and names a server that exited."""
+    import server_proc
+
+    asked = []
+
+    class Proc:
+        def __init__(self, cmd, **kwargs):
+            self.code = None
+
+        def poll(self):
+            return self.code
+
+    def get(url: str, timeout: float):
+        asked.append(url)
+        if len(asked) < 3:
+            raise httpx.ConnectError("not yet")
+        return httpx.Response(200)
+
+    monkeypatch.setattr(server_proc, "subprocess",
+                        type("S", (), {"Popen": Proc, "STDOUT": server_proc.subprocess.STDOUT}))
+    monkeypatch.setattr(server_proc, "httpx", type("H", (), {"get": staticmethod(get),
+                                                            "HTTPError": httpx.HTTPError}))
+    monkeypatch.setattr(server_proc, "time", type("T", (), {"monotonic": time.monotonic,
+                                                           "sleep": lambda s: None}))
+    server = LocalServer("--port-probe", wait=False)
+    exited = LocalServer("--port-probe", wait=False)
+    try:
+        assert asked == []
+        assert server.wait_healthy() is server and asked == [server.url + "/health"] * 3
+        assert server.wait_healthy() is server and len(asked) == 3
+        exited.proc.code = 1
+        with pytest.raises(RuntimeError, match="server exited early"):
+            exited.wait_healthy()
+    finally:
+        for s in (server, exited):
+            s.log.close()
+            os.unlink(s.log.name)
 
 
 def client(server: LocalServer, key: str = "none") -> openai.OpenAI:
