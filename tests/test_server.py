@@ -30,10 +30,10 @@ API_KEY = "sk-test-afd"
 BODY_LIMIT = 1 << 20  # the single server's --max-request-body-bytes
 
 
-# The module's two servers, each started by the first test of this module that runs (the
-# one started with it: not waited for) when a test selected here uses it: the P/D server's
-# ranks and front end start while the single server and the reference engine do, on the
-# cores they leave idle, instead of after them.
+# The module's servers, each started (not waited for) by the first test of this module that
+# runs when a test selected here uses it: the P/D server's ranks and front end, and the
+# SIGTERM test's server, start while the single server and the reference engine do, on the
+# cores they leave idle, instead of each after the tests before it.
 SERVERS = {
     "single": lambda: LocalServer(
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser",
@@ -45,6 +45,8 @@ SERVERS = {
         "--prefill", "1", "--attention", "1", "--ffn", "1", "--api-key", API_KEY,
         "--timeout", "20", "--disable-log-stats", afd_serve=True,
         env={"AFD_LOG_STATS_INTERVAL": "0.5"}, wait=False),
+    # test_sigterm_drains_answers_503_and_leaves_no_process's own, stopped by it
+    "draining": lambda: LocalServer("--grace-period", "6", wait=False),
 }
 
 
@@ -72,6 +74,11 @@ def single(_servers):
 @pytest.fixture(scope="module")
 def pd(_servers):
     return _servers["pd"].wait_healthy()
+
+
+@pytest.fixture(scope="module")
+def draining(_servers):
+    return _servers["draining"].wait_healthy()
 
 
 def test_a_server_started_without_waiting_is_waited_for_later(monkeypatch):
@@ -550,14 +557,14 @@ def test_aborted_request_frees_kv(request, which, stream):
         pytest.fail("the aborted request kept its KV blocks")
 
 
-def test_sigterm_drains_answers_503_and_leaves_no_process():
+def test_sigterm_drains_answers_503_and_leaves_no_process(draining):
     """SIGTERM to torchrun drains, on one server: a request in flight that fits in
     --grace-period completes (all its tokens, a 200); meanwhile the server still listens:
     /health and new requests get 503 (instead of uvicorn closing the port at once and giving
     in-flight requests its own 5 s), and a request longer than the grace period runs on until
     the grace period ends. Then every process exits (torchrun, rank 0, the front end), the
     front end stopping every rank itself despite more SIGTERMs."""
-    server = LocalServer("--grace-period", "6")
+    server = draining
     procs = server.tree()
     assert len(procs) >= 3  # torchrun, rank 0, front end
     results: dict[str, tuple] = {}
