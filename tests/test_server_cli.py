@@ -38,16 +38,46 @@ def _listening(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-def test_afd_serve_one_rank_runs_in_its_own_process(tmp_path):
+# The two real servers below start together (not waited for) at this module's first test
+# that runs, each when a selected test uses it: the disaggregated layout's ranks start while
+# the one-rank server does, instead of after its test. Each test stops its own.
+@pytest.fixture(scope="module", autouse=True)
+def _servers(request, tmp_path_factory):
+    from models.default_model import default_model_path
+
+    wanted = {name for item in request.session.items if item.module is request.module
+              for name in ("one_rank", "disaggregated") if name in item.fixturenames}
+    servers = {}
+    if "one_rank" in wanted:
+        model = tmp_path_factory.mktemp("serve") / "tiny-by-path"
+        model.symlink_to(default_model_path())
+        servers["one_rank"] = LocalServer(str(model), afd_serve=True, wait=False)
+        servers["one_rank"].model = model
+    if "disaggregated" in wanted:
+        servers["disaggregated"] = LocalServer("--attention", "1", "--ffn", "2",
+                                               "--grace-period", "15", afd_serve=True,
+                                               wait=False)
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def one_rank(_servers):
+    return _servers["one_rank"].wait_healthy()
+
+
+@pytest.fixture
+def disaggregated(_servers):
+    return _servers["disaggregated"].wait_healthy()
+
+
+def test_afd_serve_one_rank_runs_in_its_own_process(one_rank):
     """One rank (the default layout): ``afd serve MODEL`` is rank 0 itself, no launcher, the
     positional MODEL taken as --model (the model id is its folder's name, the path as given
     an alias, as vLLM names it); SIGINT (Ctrl-C) drains and stops it and its front end, exit
     status 0."""
-    from models.default_model import default_model_path
-
-    model = tmp_path / "tiny-by-path"
-    model.symlink_to(default_model_path())
-    server = LocalServer(str(model), afd_serve=True)
+    server, model = one_rank, one_rank.model
     try:
         procs = server.tree()
         cmds = [" ".join(p.cmdline()) for p in procs]
@@ -67,13 +97,12 @@ def test_afd_serve_one_rank_runs_in_its_own_process(tmp_path):
         server.stop()
 
 
-def test_afd_serve_starts_a_disaggregated_layout_and_sigterm_stops_every_rank():
+def test_afd_serve_starts_a_disaggregated_layout_and_sigterm_stops_every_rank(disaggregated):
     """--attention 1 --ffn 2 with no torchrun: afd serve starts the three ranks itself (every
     socket of the server, the launcher's rendezvous store included, on 127.0.0.1), answers a
     chat completion, and a SIGTERM drains the request in flight, then stops every rank and
     the front end; exit status 0."""
-    server = LocalServer("--attention", "1", "--ffn", "2", "--grace-period", "15",
-                         afd_serve=True)
+    server = disaggregated
     try:
         procs = server.tree()
         # forked from one rank zygote, afd serve's child; each rank leads a session of its own
