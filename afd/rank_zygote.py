@@ -431,7 +431,7 @@ def serve(fd: int, names: list[str]) -> None:
         except EOFError:
             return
         try:
-            pid = os.fork()
+            pid = fork_rank()
         except OSError as exc:
             say({"id": req["id"], "failed": f"fork: {exc}"})
             for f in fds:
@@ -443,6 +443,35 @@ def serve(fd: int, names: list[str]) -> None:
             os.close(f)
         children.add(pid)
         say({"id": req["id"], "started": pid})
+
+
+def fork_rank() -> int:
+    """``os.fork()`` with the stop signals blocked across it (unblocked again in the zygote;
+    in the child by ``child_signals``). The zygote ignores them, and a signal that comes while
+    its action is to ignore it is dropped: a stop the launcher sent to a rank in its first
+    instant, before the rank had its own actions back, was lost, and the rank ran on until the
+    kill 30 s later. Blocked, it stays pending until the rank unblocks it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, ZYGOTE_IGNORES)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ZYGOTE_IGNORES)
+        raise
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ZYGOTE_IGNORES)
+    return pid
+
+
+def child_signals() -> None:
+    """In a rank ``fork_rank`` made: a fresh interpreter's signal actions (an ignored signal
+    stays ignored in a child), then the stop signals unblocked: one sent since the fork now
+    acts."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for sig in ZYGOTE_IGNORES:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ZYGOTE_IGNORES)
 
 
 def _child(req: dict, fds: list[int], close: list[int]) -> None:
@@ -458,11 +487,7 @@ def _child(req: dict, fds: list[int], close: list[int]) -> None:
                     f.write(req["name"][:15])
             except OSError:
                 pass
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for sig in ZYGOTE_IGNORES:  # a fresh interpreter's: an ignored one stays so in a child
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        child_signals()
         for f in close:
             os.close(f)
         for target, f in zip(req["stdio"], fds):

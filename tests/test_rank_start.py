@@ -222,3 +222,28 @@ def test_a_zygote_that_refuses_leaves_the_ranks_to_spawn(model, monkeypatch, tmp
     assert rank_zygote._zygote(env) is None and rank_zygote._current is refused
     warned = [r.getMessage() for r in caplog.records if r.name == "afd.rank_zygote"]
     assert len(warned) == 1 and "2 threads after importing" in warned[0], warned
+
+
+def test_a_stop_signal_in_a_new_ranks_first_instant_is_not_lost():
+    """The zygote ignores the stop signals, and a rank it forks has them ignored until it sets
+    its own actions: a SIGTERM the launcher sent in that instant (a rank failing at once stops
+    the others) was dropped, and the rank ran on until the kill 30 s later. Forked with them
+    blocked (rank_zygote.fork_rank), the signal waits and acts once the rank has its actions
+    back (child_signals)."""
+    pid = os.fork()
+    if pid == 0:  # a stand-in zygote
+        code = 1
+        try:
+            for sig in rank_zygote.ZYGOTE_IGNORES:
+                signal.signal(sig, signal.SIG_IGN)
+            rank = rank_zygote.fork_rank()
+            if rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # the launcher's stop, in that instant
+                rank_zygote.child_signals()
+                os._exit(0)
+            status = os.waitstatus_to_exitcode(os.waitpid(rank, 0)[1])
+            code = -status if status < 0 else 100 + status
+        finally:
+            os._exit(code)
+    # the rank died of the SIGTERM (not exit status 100: it ran on)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == signal.SIGTERM
