@@ -29,6 +29,7 @@ class FakeRunner:
     def __init__(self, model, cfg, experts=None, decodes=True):
         self.kv_caches = [torch.zeros(1)]
         self.state_slots = 0  # no linear-attention layers
+        self.window_blocks = 0  # no sliding-window pool
 
     def execute(self, plan, micro_batches: int = 1) -> SamplerOutput:
         n = sum(s.samples for s in plan.seqs)
