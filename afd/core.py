@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from msgspec import Meta
 
 from afd.config import EngineConfig
 from afd.block_pool import BlockPool, CacheEvents
@@ -45,8 +47,18 @@ class CoreStats:
     num_accepted_tokens: int = 0
     num_drafts: int = 0
     num_accepted_per_pos: list[int] = field(default_factory=list)
-    # a window pool's free blocks (afd.window_pool: a sliding-window model's; 0 without one)
-    num_free_window_blocks: int = 0
+    # a window pool's blocks and of those the free ones (afd.window_pool: a sliding-window
+    # model's; 0 and 0 without one); checked >= 0 where they cross the control plane
+    num_free_window_blocks: Annotated[int, Meta(ge=0)] = 0
+    num_window_blocks: Annotated[int, Meta(ge=0)] = 0
+
+    @property
+    def window_kv_usage(self) -> float | None:
+        """Fraction of the window pool's blocks in use (as ``kv_usage``: cached free blocks
+        count as free), clamped to 0-1; None without a window pool."""
+        if not self.num_window_blocks:
+            return None
+        return min(1.0, max(0.0, 1.0 - self.num_free_window_blocks / self.num_window_blocks))
 
 
 @dataclass
@@ -329,6 +341,7 @@ class EngineCore:
             num_drafts=self.scheduler.num_drafts,
             num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
             num_free_window_blocks=self.window.num_free if self.window is not None else 0,
+            num_window_blocks=self.window.num_blocks if self.window is not None else 0,
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

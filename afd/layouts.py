@@ -913,7 +913,8 @@ class MultiRankClient:
         elif rank in self.rank_stats:
             self.rank_stats[rank] = stats
             self.router.report(rank, stats.num_free_blocks, stats.num_running,
-                               stats.num_waiting_blocks)
+                               stats.num_waiting_blocks, stats.num_window_blocks,
+                               stats.num_free_window_blocks)
         else:
             self.prefill_stats[rank] = stats
         if msg.kv is not None:  # before the outputs: a first token confirms what was sent

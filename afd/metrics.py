@@ -63,6 +63,10 @@ class ServerMetrics:
                              labels, registry=r).labels(model_name)
         self.kv_usage = Gauge("afd:kv_cache_usage_perc", "KV cache blocks in use, per attention "
                               "rank (0-1)", labels + ["rank"], registry=r)
+        self.window_kv_usage = Gauge(
+            "afd:window_kv_cache_usage_perc", "Window pool blocks in use (a sliding-window "
+            "model's second KV pool, afd.window_pool), per attention rank (0-1); only ranks "
+            "with such a pool have a sample", labels + ["rank"], registry=r)
         self.preemptions = Counter("afd:num_preemptions", "Sequences preempted for KV blocks",
                                    labels, registry=r).labels(model_name)
         self.prefix_cache_queries = Counter(
@@ -146,6 +150,9 @@ class ServerMetrics:
         total_preemptions = 0
         for i, s in enumerate(stats):
             self.kv_usage.labels(self.model_name, str(i)).set(s.kv_usage)
+            window = s.window_kv_usage
+            if window is not None:
+                self.window_kv_usage.labels(self.model_name, str(i)).set(window)
             total_preemptions += s.num_preemptions
         self._grow(self.spec_draft_tokens, sum(s.num_draft_tokens for s in stats))
         self._grow(self.spec_accepted_tokens, sum(s.num_accepted_tokens for s in stats))

@@ -53,6 +53,15 @@ class RankLoad:
     # blocks its waiting sequences (P/D decode ranks: those it preempted) need to be admitted
     # again, at its last report: it admits no transfer before they are back
     owed_blocks: int = 0
+    # its window pool (afd.window_pool; 0: none) and the free blocks of it, at its last report
+    window_blocks: int = 0
+    free_window_blocks: int = 0
+
+    def window_short(self, need: int) -> bool:
+        """Its window pool (where it has one) cannot take ``need`` more blocks now (``need``
+        at most the pool's size): it would admit the prompt only once sequences give blocks
+        back."""
+        return self.window_blocks > 0 and self.free_window_blocks < min(need, self.window_blocks)
 
 
 @dataclass
@@ -153,11 +162,16 @@ class RequestRouter:
                         cache_salt: str | None, placement: str | None) -> int:
         """The rank that holds (or was sent and has not yet reported) the longest run of the
         prompt's leading full blocks, among those not overloaded (see BALANCE_ABS); ties, and
-        no match anywhere, go to the fewest requests in flight, then the lowest rank. The keys
+        no match anywhere, go to the fewest requests in flight, then the lowest rank. A rank
+        whose window pool (afd.window_pool) has fewer free blocks than the prompt's blocks, at
+        its last report, goes after every rank that has them (the scheduler admits a prompt
+        only with its first chunk's blocks free in both pools). The keys
         carry ``cache_salt`` as the rank's do: a prompt matches only blocks of its own salt.
         ``placement``: the request's id (its wire id), under which its blocks count as sent
         to the rank chosen until ``prefilled``."""
-        least = min(loads, key=lambda r: (loads[r].in_flight, r))
+        need = -(-len(prompt) // self.block_size)
+        short = {r for r, load in loads.items() if load.window_short(need)}
+        least = min(loads, key=lambda r: (r in short, loads[r].in_flight, r))
         if not self.cache_aware or len(loads) == 1:  # one rank: nothing to choose, no hashing
             return least
         size = self.prompt_block_size
@@ -165,14 +179,15 @@ class RequestRouter:
         extend_block_keys(keys, prompt, size, len(prompt) // size)
         digests = [key_digest(k) for k in keys]
         reusable = digests[:(len(prompt) - 1) // size]  # never the last token's (it gives logits)
-        low = loads[least].in_flight
+        low = min(load.in_flight for load in loads.values())
 
         def eligible(r: int) -> bool:
             n = loads[r].in_flight
             return n - low <= self.balance_abs or n <= self.balance_rel * low
 
         rank = min((r for r in loads if eligible(r)),
-                   key=lambda r: (-self.caches[r].matched(reusable), loads[r].in_flight, r))
+                   key=lambda r: (r in short, -self.caches[r].matched(reusable),
+                                  loads[r].in_flight, r))
         if placement is not None and digests:
             self.prefilled(placement)  # (an id placed twice: the later placement counts)
             self.caches[rank].sent.update(digests)
@@ -242,6 +257,11 @@ class RequestRouter:
         load = self.attention[rank]
         load.promised_blocks = max(0, load.promised_blocks - self.blocks_for(num_kv_tokens + 1))
 
-    def report(self, rank: int, free_blocks: int, running: int, owed_blocks: int = 0) -> None:
+    def report(self, rank: int, free_blocks: int, running: int, owed_blocks: int = 0,
+               window_blocks: int = 0, free_window_blocks: int = 0) -> None:
+        """An attention rank's last step report: its free KV blocks, the sequences it runs,
+        the blocks its waiting ones need, and its window pool's size and free blocks (0, 0:
+        none)."""
         load = self.attention[rank]
         load.free_blocks, load.running, load.owed_blocks = free_blocks, running, owed_blocks
+        load.window_blocks, load.free_window_blocks = window_blocks, free_window_blocks

@@ -726,6 +726,8 @@ def test_protocol_errors_name_the_kind_and_the_field():
              ["'out'", "outs[0][6][0][0]"]),
             ({"t": "out", "rank": 0, "outs": [], "stats": {"num_running": 1}},
              ["'out'", "stats"]),
+            ({"t": "out", "rank": 0, "outs": [], "stats": {**STATS, "num_window_blocks": -1}},
+             ["'out'", "stats", "num_window_blocks", ">= 0"]),
             ({"t": "out", "rank": 0, "outs": [], "stats": STATS, "kv": [0, [], ["x"]]},
              ["'out'", "kv[2][0]"]),
             ({"t": "out", "rank": 0, "outs": [], "stats": STATS, "kv": [0, [2 ** 63]]},

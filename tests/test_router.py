@@ -311,6 +311,33 @@ def test_an_overloaded_rank_is_passed_over_despite_a_match():
     assert router.pick_attention(prefix + [4]) == 0
 
 
+def test_a_rank_whose_window_pool_is_short_is_passed_over():
+    """P=0 with window pools (afd.window_pool): a rank whose window pool cannot take the
+    prompt's blocks goes after one whose pool can, despite fewer requests in flight and a
+    prefix match; ranks without a window pool, or all short, place as before."""
+    rng = random.Random(4)
+    prefix = draw(rng, 64)  # 4 blocks, and a 5th with the token after
+    router, ranks = two()
+    assert serve(router, ranks, prefix + [1]) == 0
+    router.attention[1].in_flight = 1
+    router.report(0, free_blocks=64, running=1, window_blocks=8, free_window_blocks=4)
+    router.report(1, free_blocks=64, running=1, window_blocks=8, free_window_blocks=8)
+    assert router.pick_attention(prefix + [2]) == 1
+    # a shorter prompt (3 blocks) fits rank 0's 4 free window blocks: its match wins again
+    assert router.pick_attention(prefix[:40]) == 0
+    # a prompt longer than the pool needs at most the pool's 8 blocks: rank 1 has them all
+    assert router.pick_attention(draw(rng, 16 * 20)) == 1
+    # cache-unaware: the same, by load
+    plain = RequestRouter([], [0, 1], num_blocks=64, block_size=SIZE, cache_aware=False)
+    plain.attention[1].in_flight = 1
+    plain.report(0, free_blocks=64, running=0, window_blocks=8, free_window_blocks=0)
+    plain.report(1, free_blocks=64, running=0, window_blocks=8, free_window_blocks=8)
+    assert plain.pick_attention(prefix) == 1
+    # both short: the load decides, as without window pools
+    plain.report(1, free_blocks=64, running=0, window_blocks=8, free_window_blocks=0)
+    assert plain.pick_attention(prefix) == 0
+
+
 def test_the_caches_use_the_prefill_ranks_block_size():
     """P/D: prefill ranks key blocks by their own size (their pools hold as many tokens)."""
     router = RequestRouter([0, 1], [2], num_blocks=10, block_size=16, prefill_block_size=8)

@@ -110,3 +110,15 @@ def test_prompt_tokens_count_when_the_prompt_has_run_not_when_it_arrives():
         engine.shutdown()
     assert before == 0.0
     assert counted() == len(llm.get_tokenizer().encode("Hello there"))
+
+
+def test_window_pool_usage_is_exported_per_rank_that_has_one():
+    """afd:window_kv_cache_usage_perc: a rank's window pool (afd.window_pool) in use, 0-1, as
+    its stats report it; no sample for a rank (or a model) without one."""
+    m = ServerMetrics("m")
+    m.observe_stats([CoreStats(1, 0, 0.5, 10, 0, num_free_window_blocks=6, num_window_blocks=8),
+                     CoreStats(1, 0, 0.5, 10, 0)], running=2, waiting=0)
+    value = m.registry.get_sample_value
+    assert value("afd:window_kv_cache_usage_perc", {"model_name": "m", "rank": "0"}) == 0.25
+    assert value("afd:window_kv_cache_usage_perc", {"model_name": "m", "rank": "1"}) is None
+    assert value("afd:kv_cache_usage_perc", {"model_name": "m", "rank": "1"}) == 0.5

@@ -9,7 +9,8 @@ for the full layers in the same memory); free and null blocks poisoned with NaN 
 step changing no token, under the torch path and under Triton's interpreter (the decode and
 paged prefill kernels); n-gram drafts given a window block where every free one is cached; a
 short max_model_len capping what one sequence needs; a device too small naming the window
-pool."""
+pool; its use in afd:window_kv_cache_usage_perc (single process and 1A+1F, whose router holds
+the pool's size), and no sample for a model without one."""
 
 from __future__ import annotations
 
@@ -187,8 +188,51 @@ def test_attention_and_ffn_ranks_match(mimo):
         (stats,) = llm.engine.core.stats()
         assert stats.num_free_window_blocks == llm.config.num_window_blocks > 0
         assert stats.num_free_blocks == llm.config.num_kv_blocks
+        # the pool's size crossed with the stats: the metric has the rank's sample, 0 in use
+        assert stats.num_window_blocks == llm.config.num_window_blocks
+        assert window_usage_samples([stats]) == {"0": 0.0}
+        load = llm.engine.core.router.attention[0]  # and the router places by it (P=0)
+        assert load.window_blocks == load.free_window_blocks == llm.config.num_window_blocks
     finally:
         llm.shutdown()
+
+
+def window_usage_samples(stats) -> dict[str, float]:
+    """afd:window_kv_cache_usage_perc's samples by rank, once ``stats`` are observed."""
+    from afd.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    m.observe_stats(stats, running=0, waiting=0)
+    return {s.labels["rank"]: s.value for metric in m.registry.collect()
+            if metric.name == "afd:window_kv_cache_usage_perc" for s in metric.samples}
+
+
+def test_window_pool_usage_metric_follows_the_pool(mimo, tmp_path):
+    """afd:window_kv_cache_usage_perc (afd.metrics) after every step of a single-process
+    engine: the window pool's blocks in use over its size, above 0 while sequences run; a
+    model without sliding layers, or num_window_blocks=0, has no sample."""
+    path, prompts = mimo[0], mimo[1]
+    llm = LLM(path, block_size=BLOCK, max_model_len=128, max_num_batched_tokens=16)
+    core = llm.engine.core
+    seen, step = [], core.step
+
+    def observed():
+        out = step()
+        pool = core.window
+        seen.append((window_usage_samples(core.stats()),
+                     1 - pool.num_free / pool.num_blocks))
+        return out
+
+    core.step = observed
+    tokens(llm, prompts, 8)
+    assert seen and all(got == {"0": want} for got, want in seen)
+    assert max(want for _, want in seen) > 0
+    for other in (LLM(path, block_size=BLOCK, max_model_len=128, num_window_blocks=0),
+                  LLM(save_checkpoint(build_model("deepseek_v3"), str(tmp_path)),
+                      block_size=BLOCK, max_model_len=64)):
+        other.generate([{"prompt_token_ids": prompts[0]}], greedy(2), use_tqdm=False)
+        (stats,) = other.engine.core.stats()
+        assert stats.num_window_blocks == 0 and window_usage_samples([stats]) == {}
 
 
 def test_sizing_gives_the_full_layers_more_blocks(mimo, monkeypatch):
