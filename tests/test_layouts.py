@@ -305,6 +305,19 @@ class _LateExit:
         return self.returncode
 
 
+def _fake_clock(monkeypatch) -> list[float]:
+    """The front end's clock (afd.layouts' ``time``) faked: ``[now]``, moved on by its sleeps
+    alone, so a loaded machine's pauses cannot count."""
+    import types
+
+    import afd.layouts
+
+    now = [0.0]
+    monkeypatch.setattr(afd.layouts, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    return now
+
+
 @pytest.mark.parametrize("late_s", [0.0, 0.8])
 def test_a_peer_reset_names_the_rank_killed_under_it(monkeypatch, late_s):
     """CI: prefill rank 1 SIGKILLed, and prefill rank 0's gloo read error ("Connection reset
@@ -329,13 +342,7 @@ def test_a_peer_reset_names_the_rank_killed_under_it(monkeypatch, late_s):
     # an error of a rank's own is not held up waiting for a death that is not coming: a
     # quarter second for a rank killed, not half the timeout (the front end's clock faked, so
     # a loaded machine's pauses cannot count)
-    import types
-
-    import afd.layouts
-
-    now = [0.0]
-    monkeypatch.setattr(afd.layouts, "time", types.SimpleNamespace(
-        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    now = _fake_clock(monkeypatch)
     client.procs = [_LateExit(None), _LateExit(None), _LateExit(None), _LateExit(None)]
     with pytest.raises(RankFailure, match=r"^rank 2 \(prefill 2\) failed: ValueError: bad$"):
         client._rank_error(2, "ValueError: bad")
@@ -415,19 +422,13 @@ def test_ranks_launched_elsewhere_wait_a_second_for_the_cause_of_a_reset(monkeyp
     """torchrun's ranks (no process handles): no kill can be known here, only a report of a
     rank's own error, sent before its peers' connections to it broke; a peer-reset report
     waits a second for one (the front end's clock faked), not half the timeout."""
-    import types
-
-    import afd.layouts
-
-    now = [0.0]
+    now = _fake_clock(monkeypatch)
 
     class Quiet:  # an inbox nothing comes to
         def poll(self, timeout_ms: int) -> bool:
             now[0] += timeout_ms / 1000
             return False
 
-    monkeypatch.setattr(afd.layouts, "time", types.SimpleNamespace(
-        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
     client = _client_with([], [], monkeypatch)
     client.inbox = Quiet()
     with pytest.raises(RankFailure, match=r"^rank 0 \(prefill 0\) failed: .*reset by peer$"):
