@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 import torch
@@ -123,7 +122,7 @@ def test_gated_delta_decode_interpreter(interpreter_results: dict, name: str) ->
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gated_delta_decode_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     _check(run_case(GPU_CASES[name], "cuda"), name)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 import torch
@@ -221,7 +220,7 @@ GPU_CASES = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gqa_decode_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     check_result(run_case(GPU_CASES[name], "cuda", "triton"), name, SEED)
 
 
@@ -239,7 +238,7 @@ GPU_GROUPED_CASES = {  # Qwen3-30B-A3B's attention: 32 sequences verifying 1 or 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_GROUPED_CASES))
 def test_gqa_decode_grouped_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     check_result(run_grouped_case(GPU_GROUPED_CASES[name], "cuda"), name, SEED)
 
 

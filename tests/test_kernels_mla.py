@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 import torch
@@ -421,7 +420,7 @@ GPU_CASES = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_mla_decode_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     _check(run_case(GPU_CASES[name], "cuda", "triton"), name)
 
 
@@ -442,7 +441,7 @@ GPU_GROUPED_CASES = {  # DeepSeek-V3's dims: 32 sequences verifying 1 or 3 draft
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_GROUPED_CASES))
 def test_mla_decode_grouped_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     _check(run_grouped_case(GPU_GROUPED_CASES[name], "cuda"), name)
 
 

@@ -22,6 +22,7 @@ from kernels.testing import (
     moe_weights,
     rel_err,
     run_in_interpreter,
+    seed_case,
     tolerance,
 )
 
@@ -416,7 +417,7 @@ def recorded_launches():
 
 def interpreter_case(name: str, seed: int) -> dict:
     """Entry point of the interpreter worker process (kernels.testing._run_cases)."""
-    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    seed_case(name, seed)
     if name in ALIGN_CASES:
         return run_align_case(*ALIGN_CASES[name])
     if name in QUANT_CASES:
@@ -698,7 +699,7 @@ GPU_GROUPED = {
 @gpu
 @pytest.mark.parametrize("name", list(GPU_FUSED))
 def test_fused_moe_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     with recorded_launches() as launches:
         result = run_fused_case(GPU_FUSED[name], "cuda")
     _check_gpu(result, launches, name, GPU_FUSED[name].ws)
@@ -708,7 +709,7 @@ def test_fused_moe_gpu(name: str) -> None:
 @gpu
 @pytest.mark.parametrize("name", list(GPU_GROUPED))
 def test_grouped_moe_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     with recorded_launches() as launches:
         result = run_grouped_case(GPU_GROUPED[name], "cuda")
     _check_gpu(result, launches, name, GPU_GROUPED[name].ws)
@@ -720,7 +721,7 @@ def test_grouped_moe_gpu(name: str) -> None:
 def test_fp8_quant_gpu(name: str) -> None:
     # The compiled quantization kernel against the torch reference on the same GPU, bit for bit:
     # the first stage of every FP8 GEMM, where the two must agree before the GEMMs can.
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     rows, cols, group, dtype, *_ = QUANT_CASES[name]
     _check(run_quant_case(rows, cols, group, dtype, device="cuda"), name)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 import torch
@@ -87,5 +86,5 @@ GPU_CASES = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_rotary_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     _check(run_case(GPU_CASES[name], "cuda", "triton"), name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 import torch
@@ -224,7 +223,7 @@ GPU_CASES = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_window_decode_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     check_result(run_case(GPU_CASES[name], "cuda"), name, SEED)
 
 
@@ -242,5 +241,5 @@ GPU_PREFILL_CASES = {  # MiMo-V2-Flash's prefill chunks at the release's dims
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_PREFILL_CASES))
 def test_window_prefill_gpu(name: str) -> None:
-    torch.manual_seed(SEED + zlib.crc32(name.encode()))
+    seed_case(name, SEED)
     check_result(run_prefill_case(GPU_PREFILL_CASES[name], "cuda"), name, SEED)
