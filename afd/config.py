@@ -433,10 +433,8 @@ def resolve_engine_config(
             budget = kv_cache_memory_gb * 2**30 - state_bytes(model_cfg, run_dtype, max_num_seqs)
             if sizes is None:
                 num_kv_blocks = max(1, int(budget // per_block))
-            elif num_window_blocks is None:
-                num_kv_blocks, num_window_blocks = sizes.split(int(budget))
-            else:  # the window pool's size given: the main pool takes the rest
-                num_kv_blocks = sizes.rest(int(budget), num_window_blocks)
+            else:
+                num_kv_blocks, num_window_blocks = sizes.pools(int(budget), num_window_blocks)
     if sizes is not None and num_kv_blocks is not None and num_window_blocks is None:
         num_window_blocks = max(sizes.least, min(sizes.bound, num_kv_blocks))
     if sizes is not None and num_window_blocks is not None:
@@ -527,6 +525,13 @@ class WindowSizes:
         full, window = split_kv_budget(budget, self.full_bytes, self.window_bytes, self.bound,
                                        self.least, self.max_full)
         return max(1, full), window
+
+    def pools(self, budget: int, num_window_blocks: int | None) -> tuple[int, int]:
+        """(main pool blocks, window pool blocks) in ``budget`` bytes: ``split`` where
+        ``num_window_blocks`` is None, else the main pool takes the rest (``rest``)."""
+        if num_window_blocks is None:
+            return self.split(budget)
+        return self.rest(budget, num_window_blocks), num_window_blocks
 
     def rest(self, budget: int, num_window_blocks: int) -> int:
         """The main pool's blocks in ``budget`` bytes beside ``num_window_blocks``."""

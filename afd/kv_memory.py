@@ -285,11 +285,7 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
     if cfg.window_pool:  # (MiMo-V2-Flash: never captured in CUDA graphs, no scratch block)
         sizes = WindowSizes(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp,
                             cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
-        if cfg.num_window_blocks is None:
-            blocks, window = sizes.split(max(0, budget))
-        else:
-            blocks, window = sizes.rest(max(0, budget), cfg.num_window_blocks), \
-                cfg.num_window_blocks
+        blocks, window = sizes.pools(max(0, budget), cfg.num_window_blocks)
         sizes.check(window)
         sized = {"num_kv_blocks": blocks, "num_window_blocks": window}
         per_block = sizes.full_bytes
