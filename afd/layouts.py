@@ -379,7 +379,7 @@ class MultiRankClient:
         rank = killed[0] if killed else exited[0]
         self._drain_errors(rank)
         if not killed:  # exited saying nothing: perhaps on a peer lost, as a report would say
-            cause = self._cause(rank, min(self.timeout_s / 2, 5.0))
+            cause = self._cause(rank)
             if cause is not None:
                 self._fail(f"{cause}; then {self._exited(rank)}")
         self._fail(self._exited(rank))
@@ -416,7 +416,7 @@ class MultiRankClient:
         up to half the timeout for its cause (``_cause``: a rank killed, or another's report
         of an error of its own); any other error a quarter second for a rank killed."""
         if peer_lost(msg):
-            cause = self._cause(rank, min(self.timeout_s / 2, 5.0))
+            cause = self._cause(rank)
         else:
             killed = self._killed(rank)
             cause = None if killed is None else self._exited(killed)
@@ -424,15 +424,16 @@ class MultiRankClient:
             self._fail(f"{cause}; then {self._describe(rank)} failed: {msg}")
         self._fail(f"{self._describe(rank)} failed: {msg}")
 
-    def _cause(self, besides: int, wait_s: float) -> str | None:
-        """What took rank ``besides``'s peer away, waiting up to ``wait_s`` for it: a rank a
-        signal ended, or a rank's report of an error of its own (not a peer lost too), read
-        from the inbox meanwhile. A rank that failed on its own says so and exits, and only
-        then do its peers' connections to it break, but the reports travel on sockets of
-        their own, read in no set order: the peer's came first, and its wait (for a rank
-        killed, which none was) named it after half the timeout. Ranks launched elsewhere
-        (no process handles: no kill to wait for) wait a second at most, for a report: it
-        was sent before the peers' connections broke."""
+    def _cause(self, besides: int) -> str | None:
+        """What took rank ``besides``'s peer away, waiting up to half the timeout (5 s at most) for
+        it: a rank a signal ended, or a rank's report of an error of its own (not a peer lost too),
+        read from the inbox meanwhile. A rank that failed on its own says so and exits, and only
+        then do its peers' connections to it break, but the reports travel on sockets of their own,
+        read in no set order: the peer's came first, and its wait (for a rank killed, which none
+        was) named it after half the timeout. Ranks launched elsewhere (no process handles: no kill
+        to wait for) wait a second at most, for a report: it was sent before the peers' connections
+        broke."""
+        wait_s = min(self.timeout_s / 2, 5.0)
         deadline = time.monotonic() + (wait_s if self.procs else min(wait_s, 1.0))
         while True:
             killed = self._killed(besides, 0.0)
