@@ -270,9 +270,8 @@ class Scheduler:
             # cached blocks nobody owns are counted free: taking them leaves fewer for ``need``
             reclaimed = sum(1 for b in cached if self.allocator.ref_count(b) == 0)
             if not self.allocator.can_allocate(need + reclaimed) or (
-                    self.window is not None and need + sum(
-                        1 for b in window_cached if self.window.pool.ref_count(b) == 0)
-                    > self.window.num_free):
+                    self.window is not None and not self.window.pool.can_allocate(need + sum(
+                        1 for b in window_cached if self.window.pool.ref_count(b) == 0))):
                 break
             self.waiting.popleft()
             self.allocator.take(cached)  # before allocate(), which could evict them
@@ -434,7 +433,7 @@ class Scheduler:
         """
         need = self.allocator.blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
         while not self.allocator.can_allocate(need) or (
-                self.window is not None and need > self.window.num_free):
+                self.window is not None and not self.window.pool.can_allocate(need)):
             victim = self._victim(scheduled)
             if victim is None:
                 return False
