@@ -215,10 +215,11 @@ class StatLogger:
             "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
             "spec_decode_num_drafts")}
 
-    def _kv_usage(self) -> list[float]:
+    def _usage(self, name: str) -> list[float]:
+        """Per-rank values of a usage gauge (an empty list where no rank exports it)."""
         usage = []
         for metric in self.metrics.registry.collect():
-            if metric.name == "afd:kv_cache_usage_perc":
+            if metric.name == name:
                 usage += [s.value for s in metric.samples
                           if s.labels.get("model_name") == self.metrics.model_name]
         return usage
@@ -235,12 +236,14 @@ class StatLogger:
         parts = [f"Avg prompt throughput: {delta['prompt_tokens'] / elapsed:.1f} tokens/s",
                  f"Avg generation throughput: {delta['generation_tokens'] / elapsed:.1f} "
                  f"tokens/s", f"Running: {running:.0f} reqs", f"Waiting: {waiting:.0f} reqs"]
-        usage = self._kv_usage()
-        if usage:
-            kv = f"KV cache usage: {100 * sum(usage) / len(usage):.1f}%"
-            if len(usage) > 1:
-                kv += f" (fullest rank {100 * max(usage):.1f}%)"
-            parts.append(kv)
+        for label, name in (("KV cache usage", "afd:kv_cache_usage_perc"),
+                            ("Window KV cache usage", "afd:window_kv_cache_usage_perc")):
+            usage = self._usage(name)  # the window pool's: MiMo-V2-Flash's sliding layers
+            if usage:
+                kv = f"{label}: {100 * sum(usage) / len(usage):.1f}%"
+                if len(usage) > 1:
+                    kv += f" (fullest rank {100 * max(usage):.1f}%)"
+                parts.append(kv)
         if delta["prefix_cache_queries"] > 0:
             parts.append(f"Prefix cache hit rate: "
                          f"{100 * delta['prefix_cache_hits'] / delta['prefix_cache_queries']:.1f}%")

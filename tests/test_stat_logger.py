@@ -37,6 +37,25 @@ def test_the_line_reports_the_interval_not_the_totals():
     assert "Prefix cache" not in text and "Draft" not in text
 
 
+def test_the_window_pools_usage_follows_the_main_pools_where_a_rank_has_one():
+    """MiMo-V2-Flash's sliding layers keep their KV in a window pool of its own
+    (afd.window_pool): the line shows its use beside the main pool's, as the metric
+    afd:window_kv_cache_usage_perc does, and leaves it out where no rank has one."""
+    m = ServerMetrics("m")
+    stat = StatLogger(m, now=0.0)
+    m.observe_stats([CoreStats(1, 0, 0.5, 10, 0, num_free_window_blocks=1,
+                               num_window_blocks=4),
+                     CoreStats(1, 0, 0.25, 10, 0, num_free_window_blocks=3,
+                               num_window_blocks=4)], running=2, waiting=0)
+    text, _ = stat.line(now=1.0)
+    assert text.endswith("KV cache usage: 37.5% (fullest rank 50.0%), "
+                         "Window KV cache usage: 50.0% (fullest rank 75.0%)")
+    plain = ServerMetrics("p")
+    plain.observe_stats([CoreStats(1, 0, 0.5, 10, 0)], running=1, waiting=0)
+    text, _ = StatLogger(plain, now=0.0).line(now=1.0)
+    assert text.endswith("KV cache usage: 50.0%") and "Window" not in text
+
+
 def test_an_idle_interval_after_an_idle_one_is_not_worth_an_info_line():
     m = ServerMetrics("m")
     stat = StatLogger(m, now=0.0)
