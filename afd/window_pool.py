@@ -113,13 +113,21 @@ class WindowPool:
         """A main-pool prefix hit of ``hit`` full blocks cut to the longest one, h <= hit,
         whose window this pool holds cached (the blocks its first query reads, ``first_read``
         of h blocks' tokens, to h): (h, that first block, those blocks). Owns nothing."""
-        size = self.pool.block_size
-        for h in range(hit, 0, -1):
-            first = self.first_read(h * size)
-            blocks = proven_run(self.pool._by_key, self.pool._content, token_ids, keys, first,
-                                h, size)
-            if len(blocks) == h - first:
-                return h, first, blocks
+        size, h = self.pool.block_size, hit
+        while h > 0:
+            first, places = self.first_read(h * size), []
+            # from the hit's end back: a block this pool lacks, m, rules out every h' > m too
+            # (each reads m: first_read grows with h'), so the next try is h = m and no block
+            # is looked up twice (O(hit) in all, not O(hit x window))
+            for b in range(h - 1, first - 1, -1):
+                place = proven_run(self.pool._by_key, self.pool._content, token_ids, keys, b,
+                                   b + 1, size)
+                if not place:
+                    h = b
+                    break
+                places += place
+            else:
+                return h, first, places[::-1]
         return 0, 0, []
 
     def grow(self, table: list[int], num_blocks: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ import torch
 from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, resolve_engine_config
 from afd.kv_memory import FAKE_MEMORY_ENV, kv_pools_from_memory
-from afd.window_pool import blocks_per_seq, window_dims, window_layers, window_pool_bound
+from afd.window_pool import (WindowPool, blocks_per_seq, window_dims, window_layers,
+                             window_pool_bound)
 from ckpt_utils import build_hf_model as build_model, greedy, hf_greedy, mixed_prompts, \
     save_checkpoint
 from models.config import load_config
@@ -455,3 +457,46 @@ def test_a_device_too_small_for_the_pools_names_the_window_pool(mimo, monkeypatc
     with pytest.raises(ValueError, match=r"KV cache too small: .* or lower num_window_blocks "
                                          r"\(the window pool's 5000000 blocks take 18310.5 MiB"):
         kv_pools_from_memory(lazy, cfg, torch.device("cpu"), "single")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cached_window_cuts_a_hit_as_the_exhaustive_search_does_in_linear_lookups(seed):
+    """``WindowPool.cached_window`` on random patterns of cached and evicted window blocks:
+    the hit it keeps is the longest h <= hit whose window (``first_read(h x block)`` to h)
+    is all cached, as trying every h from the top finds; and it proves each block at most
+    once (the search that tried every h proved up to hit x window blocks)."""
+    from afd.block_pool import BlockKeys, extend_block_keys
+
+    rng = random.Random(seed)
+    size, window, hit = 4, rng.choice([5, 9, 17, 33]), rng.randint(1, 40)
+    pool = WindowPool(hit, size, window, enable_caching=True)
+    token_ids = [rng.randrange(50) for _ in range(hit * size)]
+    keys = BlockKeys()
+    extend_block_keys(keys, token_ids, size, hit)
+    blocks = pool.pool.allocate(hit)
+    for b in range(hit):
+        pool.pool.cache_block(blocks[b], keys[b], keys.parent(b), token_ids[b * size:][:size])
+    pool.pool.free(blocks)
+    evict = {b for b in range(hit) if rng.random() < rng.choice([0.05, 0.2, 0.5])}
+    for b in evict:  # forget the evicted ones' cached content
+        pool.pool.take([blocks[b]])
+        pool.pool._forget(blocks[b])
+        pool.pool.free([blocks[b]])
+
+    def exhaustive():
+        for h in range(hit, 0, -1):
+            first = pool.first_read(h * size)
+            if not any(b in evict for b in range(first, h)):
+                return h, first, blocks[first:h]
+        return 0, 0, []
+
+    looked = []
+
+    class Counted(dict):  # every block the search looks up, in order
+        def get(self, key, default=None):
+            looked.append(keys.index(key))
+            return super().get(key, default)
+
+    pool.pool._by_key = Counted(pool.pool._by_key)
+    assert pool.cached_window(token_ids, keys, hit) == exhaustive()
+    assert len(looked) == len(set(looked)) <= hit
