@@ -242,11 +242,12 @@ class RequestRouter:
 
     def pick_decode(self, num_kv_tokens: int) -> int:
         """The decode rank with the most KV blocks left once the transfers already promised to
-        it land and its preempted sequences are back, then the lightest running load. It
-        admits the transfer only when it has room."""
+        it land, its preempted sequences are back and each running sequence keeps a block for
+        its next token (as the rank's admission does: afd.rank_attention ``_admit``), then the
+        lightest running load. It admits the transfer only when it has room."""
         def score(r: int) -> tuple:
             load = self.attention[r]
-            room = load.free_blocks - load.promised_blocks - load.owed_blocks
+            room = load.free_blocks - load.promised_blocks - load.owed_blocks - load.running
             return (-room, load.running, load.in_flight, r)
 
         rank = min(self.attention, key=score)

@@ -382,6 +382,16 @@ def test_decode_rank_with_preempted_demand_is_not_picked():
     assert router.pick_decode(16 * 8) == 3
 
 
+def test_decode_rank_whose_running_sequences_keep_its_blocks_is_not_picked():
+    """A decode rank admits a transfer only where each running sequence keeps a block for its
+    next token (rank_attention's ``_admit``): rank 2 has two blocks more free than rank 3, but
+    runs 30 sequences to rank 3's one, so the transfer would wait there; rank 3 admits it."""
+    router = RequestRouter([0, 1], [2, 3], num_blocks=100, block_size=SIZE)
+    router.report(2, free_blocks=42, running=30)
+    router.report(3, free_blocks=40, running=1)
+    assert router.pick_decode(16 * 8) == 3
+
+
 def test_scheduler_reports_what_its_waiting_sequences_need():
     pool = BlockPool(8, 4)
     sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64)
