@@ -194,6 +194,10 @@ class BlockPool:
         self._empty: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free and cached, LRU first
         self.on_evict = on_evict
+        # called with a key as its block leaves the cache (evicted for new KV; not on
+        # ``reset``): a hybrid model's state snapshot of that prefix is then dropped
+        # (afd.state_snapshots)
+        self.on_forget: Callable[[bytes], None] | None = None
         self.events: CacheEvents | None = None  # KV cache events, where the front end asks
 
     # ---- capacity ---------------------------------------------------------------------------
@@ -205,6 +209,9 @@ class BlockPool:
     def num_empty(self) -> int:
         """Free blocks that hold nothing cached (allocating them evicts nothing)."""
         return len(self._empty)
+
+    def is_cached(self, key: bytes) -> bool:
+        return key in self._by_key
 
     @property
     def num_cached(self) -> int:
@@ -309,3 +316,5 @@ class BlockPool:
         self._key[block] = self._content[block] = None
         if self.events is not None:
             self.events.remove(key, self._by_key)
+        if self.on_forget is not None:
+            self.on_forget(key)

@@ -43,6 +43,10 @@ class EngineConfig:
         (``auto_map``; afd.llm.load_tokenizer); every process that loads it reads this.
     enable_prefix_caching: keep the KV of full blocks of tokens after their sequence ends and
         reuse it for later sequences that start with the same tokens (afd.block_pool).
+    num_state_snapshots: a hybrid model's (models.hybrid) prefix cache: snapshots of its linear
+        layers' states kept at block boundaries (afd.state_snapshots), each one sequence's
+        conv and recurrent states, beside the max_num_seqs running sequences' slots and
+        counted in the KV memory; 0 for every other model, and where prefix caching is off.
     num_offload_blocks: blocks of the host-memory tier of each rank's prefix cache
         (afd.kv_offload; from ``kv_offload_gb``), where evicted cached blocks' KV goes; 0: none.
     cache_aware_routing: with several prefill (or, without a prefill pool, attention) ranks,
@@ -113,6 +117,13 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     window_pool: bool = False
     num_window_blocks: int | None = None
+    num_state_snapshots: int = 0
+
+    @property
+    def num_state_slots(self) -> int:
+        """A hybrid model's linear-attention state slots: the running sequences' and the
+        snapshots' (``state_bytes`` counts them; 0 bytes for other models)."""
+        return self.max_num_seqs + self.num_state_snapshots
 
     @property
     def fp8_experts(self) -> bool:
@@ -281,8 +292,7 @@ def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
                               kv_offload_gb: float) -> None:
     """The engine features a hybrid model (linear-attention layers with per-sequence states,
     models.hybrid) cannot use yet, refused naming the feature and the model. The caller runs
-    it eagerly (no CUDA graphs) and turns prefix caching off (a cached block holds KV, not
-    the linear layers' state at its end)."""
+    it eagerly (no CUDA graphs) and sizes its state snapshots (``_state_snapshots``)."""
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
     if spec is not None:
         raise ValueError(f"speculative_config (method {spec.method!r}) is not supported for "
@@ -297,8 +307,8 @@ def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
                          "linear-attention layers run eagerly; leave enforce_eager unset or True")
     if kv_offload_gb:
         raise ValueError(f"kv_offload_gb is not supported for {name}: it is the prefix cache's "
-                         "host tier, and prefix caching is off for this model (a cached block "
-                         "holds KV, not the linear layers' state); leave kv_offload_gb at 0")
+                         "host tier, which keeps KV blocks and not the linear layers' state "
+                         "snapshots (num_state_snapshots); leave kv_offload_gb at 0")
 
 
 def resolve_engine_config(
@@ -331,10 +341,13 @@ def resolve_engine_config(
     hf_overrides: dict | None = None,
     kv_cache_dtype: str = "auto",
     num_window_blocks: int | None = None,
+    num_state_snapshots: int | None = None,
 ) -> EngineConfig:
     """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it.
     ``num_window_blocks``: a model with sliding-window layers (afd.window_pool): None sizes
-    their pool, 0 keeps them in the main pool (every row kept), n > 0 gives it n blocks."""
+    their pool, 0 keeps them in the main pool (every row kept), n > 0 gives it n blocks.
+    ``num_state_snapshots``: a hybrid model with prefix caching: None keeps
+    DEFAULT_STATE_SNAPSHOTS (afd.state_snapshots), 0 turns its prefix caching off."""
     if num_window_blocks is not None and (
             not isinstance(num_window_blocks, int) or isinstance(num_window_blocks, bool)
             or num_window_blocks < 0):
@@ -408,10 +421,10 @@ def resolve_engine_config(
     if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
         _check_hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager, kv_offload_gb)
         enforce_eager = True
-        if enable_prefix_caching:
-            log.info("prefix caching off for %s: a cached block holds KV, not its linear "
-                     "layers' state (docs/limits.md#hybrid)", model_cfg.architecture)
-        enable_prefix_caching = False
+    num_state_snapshots = _state_snapshots(model_cfg, num_state_snapshots,
+                                           enable_prefix_caching)
+    if model_cfg.linear_attn is not None and not num_state_snapshots:
+        enable_prefix_caching = False  # (a cached block holds KV, not the states)
     window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb)
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
@@ -426,11 +439,13 @@ def resolve_engine_config(
     sizes = (WindowSizes(model_cfg, block_size, cache_dtype(kv_cache_dtype, run_dtype), mtp,
                          max_num_seqs, max_num_batched_tokens, max_model_len)
              if window_pool else None)
+    # a hybrid model's linear-attention state slots (0 bytes for other models)
+    states = state_bytes(model_cfg, run_dtype, max_num_seqs + num_state_snapshots)
     if num_kv_blocks is None:
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)
         if kv_cache_memory_gb is not None:  # else each rank sizes its own after loading
-            budget = kv_cache_memory_gb * 2**30 - state_bytes(model_cfg, run_dtype, max_num_seqs)
+            budget = kv_cache_memory_gb * 2**30 - states
             if sizes is None:
                 num_kv_blocks = max(1, int(budget // per_block))
             else:
@@ -444,9 +459,10 @@ def resolve_engine_config(
             f"num_kv_blocks={num_kv_blocks} x block_size={block_size} holds fewer tokens than "
             f"max_model_len={max_model_len}: raise num_kv_blocks (or kv_cache_memory_gb) or lower "
             "max_model_len" + (
-                f" or max_num_seqs (its {max_num_seqs} linear-attention state slots take "
-                f"{state_bytes(model_cfg, run_dtype, max_num_seqs) / 2**20:.1f} MiB of "
-                "kv_cache_memory_gb)" if model_cfg.linear_attn is not None else "")
+                f" or max_num_seqs / num_state_snapshots (their {max_num_seqs} + "
+                f"{num_state_snapshots} linear-attention state slots take "
+                f"{states / 2**20:.1f} MiB of kv_cache_memory_gb)"
+                if model_cfg.linear_attn is not None else "")
             + (f" or num_window_blocks (the window pool's {num_window_blocks} blocks take "
                f"{sizes.window_bytes * num_window_blocks / 2**20:.1f} MiB of the KV memory)"
                if sizes is not None and num_window_blocks else ""))
@@ -470,7 +486,36 @@ def resolve_engine_config(
                         gpu_memory_utilization=float(gpu_memory_utilization),
                         load_format=load_format, hf_overrides=hf_overrides,
                         kv_cache_dtype=kv_cache_dtype, window_pool=window_pool,
-                        num_window_blocks=num_window_blocks if window_pool else None)
+                        num_window_blocks=num_window_blocks if window_pool else None,
+                        num_state_snapshots=num_state_snapshots)
+
+
+def _state_snapshots(model_cfg: ModelConfig, num: int | None, caching: bool) -> int:
+    """A hybrid model's state snapshots (afd.state_snapshots): ``num``, or by default
+    DEFAULT_STATE_SNAPSHOTS with prefix caching on; 0 turns its prefix caching off. ValueError
+    for a bad count, snapshots without prefix caching, or a model with no linear layers."""
+    from afd.state_snapshots import DEFAULT_STATE_SNAPSHOTS
+
+    if num is not None and (not isinstance(num, int) or isinstance(num, bool) or num < 0):
+        raise ValueError(f"num_state_snapshots must be an integer >= 0 (0: no prefix caching "
+                         f"for a hybrid model), got {num!r}")
+    if model_cfg.linear_attn is None:
+        if num:
+            raise ValueError(f"num_state_snapshots={num}: {model_cfg.architecture} has no "
+                             "linear-attention layers (state snapshots are a hybrid model's "
+                             "prefix cache: Qwen3-Next, Qwen3.5-MoE); leave it unset")
+        return 0
+    if not caching:
+        if num:
+            raise ValueError(f"num_state_snapshots={num} needs enable_prefix_caching: the "
+                             "snapshots serve prefix cache hits; leave it unset or 0")
+        return 0
+    if num is None:
+        return DEFAULT_STATE_SNAPSHOTS
+    if num == 0:
+        log.info("prefix caching off for %s: num_state_snapshots=0 (a cached block holds KV, "
+                 "not its linear layers' state: docs/limits.md#hybrid)", model_cfg.architecture)
+    return num
 
 
 def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,

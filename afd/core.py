@@ -24,6 +24,7 @@ from afd.sampling_params import check_token_ids
 from afd.scheduler import Scheduler, SchedulerOutput
 from afd.sequence import CoreOutput, CoreRequest, Sequence
 from afd.spec_decode import accept, rewind
+from afd.state_snapshots import StateSnapshots
 from afd.token_masks import NO_TOKEN
 from afd.window_pool import WindowPool
 from models.model import ExpertPath, MoEModel
@@ -115,12 +116,20 @@ class EngineCore:
         self.window = (WindowPool(cfg.num_window_blocks, cfg.block_size,
                                   model.cfg.mimo.sliding_window, cfg.enable_prefix_caching)
                        if self.runner.window_blocks else None)
+        # a hybrid model's prefix cache: snapshots of its linear layers' states, in the
+        # runner's state tensors after the sequences' slots (afd.state_snapshots)
+        self.snapshots = None
+        if self.runner.state_snapshots and cfg.enable_prefix_caching:
+            self.snapshots = StateSnapshots(self.runner.state_slots,
+                                            self.runner.state_snapshots)
+            self.allocator.on_forget = self.snapshots.drop
         self.scheduler = Scheduler(self.allocator, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    None if prefill_only else cfg.speculative,
                                    cfg.scheduling_policy, host=self.host,
                                    mtp_kv=cfg.mtp,  # the runner writes the MTP layer's KV
                                    # a hybrid model's linear layers: the runner's state slots
-                                   state_slots=self.runner.state_slots, window=self.window)
+                                   state_slots=self.runner.state_slots, window=self.window,
+                                   snapshots=self.snapshots)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         self.newly_parked: list[Sequence] = []
@@ -205,6 +214,7 @@ class EngineCore:
         states = ([s.seq.generator.get_state() if s.draft_token_ids and s.seq.generator else None
                    for s in sampling] if speculating else None)
         self.flush_offloads()  # before the forward writes the blocks the plan reclaimed
+        self.flush_state_copies()  # the plan's snapshot restores, into the slots it reads
         sampled = self.runner.execute(plan, micro_batches)
         if sampled.prompt_logprobs:
             for s in plan.seqs:
@@ -226,6 +236,7 @@ class EngineCore:
         if sampled.draft_tokens:
             self._keep_mtp_drafts(taken, sampled.draft_tokens)
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
+        self.flush_state_copies()  # the snapshots update took, before a slot changes hands
         outputs, prefill_only = [], self.prefill_only
         for seq, new, logprobs, error, spec in taken:
             out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason, None, None,
@@ -306,6 +317,12 @@ class EngineCore:
         if self.host is not None:
             self.host.flush(self.runner.kv_caches)
 
+    def flush_state_copies(self) -> None:
+        """Run the state snapshots' pending copies (afd.state_snapshots) on the runner's
+        linear-attention state tensors, in order."""
+        if self.snapshots is not None and self.snapshots.copies:
+            self.runner.copy_states(self.snapshots.take_copies())
+
     def release(self, request_id: str) -> Sequence | None:
         """Free a parked sequence (its KV was sent, or is no longer wanted)."""
         seq = self.seqs.pop(request_id, None)
@@ -353,7 +370,10 @@ class EngineCore:
         """Forget every cached block, the host tier's too; running sequences keep theirs, and
         their full blocks are offered to the cache again at their next step."""
         self.flush_offloads()  # restores planned but not run (none between steps) still land
+        self.flush_state_copies()
         self.allocator.reset()
+        if self.snapshots is not None:
+            self.snapshots.clear()
         if self.window is not None:
             self.window.pool.reset()
         if self.host is not None:

@@ -277,8 +277,9 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
     reserve = activation_reserve(model_cfg, cfg)
     pool = graph_pool_reserve(model_cfg, cfg) if graphs else 0
     share = int(cfg.gpu_memory_utilization * mem.total) // ranks_on_device
-    # a hybrid model's linear-attention states: max_num_seqs slots, a fixed cost
-    states = state_bytes(model_cfg, cfg.dtype, cfg.max_num_seqs)
+    # a hybrid model's linear-attention states: max_num_seqs slots and the state snapshots'
+    # (num_state_snapshots), a fixed cost
+    states = state_bytes(model_cfg, cfg.dtype, cfg.num_state_slots)
     budget = min(share - mem.in_use, mem.free) - reserve - pool - states
     blocks = max(0, budget) // per_block - graphs
     sized = {"num_kv_blocks": blocks}
@@ -301,14 +302,16 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
                                           f"{max(cfg.cuda_graph_sizes)}" if pool else
                                           " (no CUDA graphs)")
                + (f", minus {states / gib:.2f} GiB of linear-attention states for "
-                  f"max_num_seqs={cfg.max_num_seqs}" if states else ""))
+                  f"max_num_seqs={cfg.max_num_seqs}"
+                  + (f" and num_state_snapshots={cfg.num_state_snapshots}"
+                     if cfg.num_state_snapshots else "") if states else ""))
     if blocks < need:
         raise ValueError(
             f"{kind} rank on {device}: KV cache too small: {numbers} leaves {budget / gib:.2f} "
             f"GiB, {max(0, blocks)} blocks of {per_block} bytes, but one max_model_len="
             f"{cfg.max_model_len} sequence needs {need} blocks of block_size={cfg.block_size}: "
             "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens"
-            f"{' or max_num_seqs (state slots)' if states else ''}"
+            f"{' or max_num_seqs / num_state_snapshots (state slots)' if states else ''}"
             f"{', give fewer or smaller cuda_graph_sizes or set enforce_eager' if pool else ''}"
             + (f", or lower num_window_blocks (the window pool's {sized['num_window_blocks']} "
                f"blocks take {sizes.window_bytes * sized['num_window_blocks'] / 2**20:.1f} MiB "

@@ -308,17 +308,32 @@ class ModelRunner:
         # a hybrid model's linear layers: one state slot per sequence a step may run (the
         # scheduler hands them out: EngineCore)
         self.state_slots = cfg.max_num_seqs if model.cfg.linear_attn is not None else 0
+        # and after them, with prefix caching, the state snapshots' (afd.state_snapshots)
+        self.state_snapshots = cfg.num_state_snapshots if self.state_slots else 0
         # the sliding layers' own pool (afd.window_pool), its null block after its blocks
         self.window_blocks = cfg.num_window_blocks if cfg.window_pool else 0
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
                                             cfg.block_size, cfg.cache_dtype, self.device,
                                             len(model.all_layers()),
-                                            state_slots=self.state_slots, state_dtype=cfg.dtype,
+                                            state_slots=self.state_slots + self.state_snapshots,
+                                            state_dtype=cfg.dtype,
                                             window_blocks=self.window_blocks)
         self.graphs = self._build_graphs() if graphs else None
         self.sampler = Sampler(cfg.seed)
         self.load_record = (ExpertLoadRecorder(model.cfg.num_layers, model.cfg.num_experts,
                                                self.device) if model.cfg.num_experts else None)
+
+    @torch.inference_mode()
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole state slots (source, destination), in order, in every linear layer:
+        a hybrid model's state snapshots taken and restored (afd.state_snapshots)."""
+        from models.hybrid import LinearStates
+
+        for cache in self.kv_caches:
+            if isinstance(cache, LinearStates):
+                for src, dst in copies:
+                    cache.conv[dst].copy_(cache.conv[src])
+                    cache.recurrent[dst].copy_(cache.recurrent[src])
 
     def _graphs_apply(self) -> bool:
         reason = ("experts on FFN ranks (the all_to_all sizes its messages on the host)"

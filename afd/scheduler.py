@@ -27,6 +27,12 @@ they meet, the MTP KV at the earlier block's last position may come from another
 That changes drafts only; cutting the hit there instead cost followers of such a prompt
 their whole cached history on every turn.
 
+A hybrid model (models.hybrid) also needs its linear layers' state at the hit's end: its hit
+is the longest run of cached blocks whose last block has a state snapshot
+(afd.state_snapshots), copied into its state slot before its first step. Its prefill chunks
+are cut to end on its snapshot targets (where its cached run ended, and its last full block
+boundary), and the step that reaches one snapshots its state under that block's key.
+
 Speculative decoding (afd.spec_decode): after the running sequences have their tokens, each
 decoding one that may speculate gets drafts (n-gram, or MTP: those the MTP layer made after its
 last token, ``Sequence.mtp_drafts``; a structured-output sequence whose grammar forces its next
@@ -51,6 +57,7 @@ from afd.block_pool import BlockPool, extend_block_keys
 from afd.config import SCHEDULING_POLICIES
 from afd.kv_offload import HostKVTier
 from afd.sequence import Sequence, Status
+from afd.state_snapshots import StateSnapshots
 from afd.spec_decode import SpecConfig, TokenArray, propose_ngram
 from afd.window_pool import WindowPool
 
@@ -132,14 +139,16 @@ class Scheduler:
     def __init__(self, allocator: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  spec: SpecConfig | None = None, policy: str = "fcfs",
                  host: HostKVTier | None = None, mtp_kv: bool | None = None,
-                 state_slots: int = 0, window: WindowPool | None = None):
+                 state_slots: int = 0, window: WindowPool | None = None,
+                 snapshots: StateSnapshots | None = None):
         """``mtp_kv``: does the runner write the MTP layer's KV (default: with MTP drafts;
         a prefill rank's core writes it without verifying drafts). ``state_slots``: a hybrid
         model's linear-attention state slots (models.hybrid; 0: none), max_num_seqs of them:
         a sequence holds one from admission until it finishes or is preempted. ``window``:
         the sliding layers' pool (afd.window_pool; None: none): a sequence's window table
         grows with its block table, loses the blocks out of its window after each step,
-        and is freed with it."""
+        and is freed with it. ``snapshots``: a hybrid model's state snapshots, without which
+        its prefix cache must be off (afd.state_snapshots)."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
         self.allocator = allocator
@@ -153,6 +162,13 @@ class Scheduler:
             raise ValueError(f"{state_slots} state slots for max_num_seqs={max_num_seqs}: a "
                              "running sequence of a hybrid model needs one each")
         self.free_state_slots = list(range(state_slots - 1, -1, -1)) if state_slots else None
+        if state_slots and allocator.enable_caching and snapshots is None:
+            raise ValueError("a hybrid model's prefix cache needs state snapshots (a cached "
+                             "block holds KV, not the linear layers' state at its end)")
+        if snapshots is not None and (not state_slots or host is not None):
+            raise ValueError("state snapshots are a hybrid model's (state slots), without a "
+                             "host tier")
+        self.snapshots = snapshots
         if window is not None and (host is not None
                                    or window.pool.enable_caching != allocator.enable_caching):
             raise ValueError("a window pool caches blocks as the main pool does, and has no "
@@ -233,6 +249,8 @@ class Scheduler:
             if seq.status is not running:
                 continue  # preempted earlier in this loop
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if seq.snapshot_targets:  # a chunk ends on the next one
+                n = self._to_target(seq, seq.num_computed_tokens, n)
             rows = 0
             if seq.params.prompt_logprobs is not None:
                 n, rows = self._limit_scored(seq, n, scored)
@@ -261,8 +279,14 @@ class Scheduler:
                 h, window_first, window_cached = self.window.cached_window(
                     seq.token_ids, seq.block_keys, len(cached))
                 del cached[h:]
+            if self.snapshots is not None:  # the hit as far as a state snapshot is kept
+                matched = len(cached)
+                del cached[self.snapshots.longest(seq.block_keys, matched):]
+                seq.snapshot_targets = self._snapshot_targets(seq, matched, len(cached))
             num_cached = hit.num_blocks * self.allocator.block_size
             n = min(seq.num_tokens - num_cached, budget)
+            if seq.snapshot_targets:
+                n = self._to_target(seq, num_cached, n)
             n, rows = self._limit_scored(seq, n, scored, num_cached)
             if not n:
                 break  # its prompt logprobs wait for the next step; nobody overtakes it
@@ -286,6 +310,8 @@ class Scheduler:
                 self._restore_from_host(seq, len(cached), hit.host_slots)
             if self.free_state_slots is not None:
                 seq.state_slot = self.free_state_slots.pop()
+                if cached and self.snapshots is not None:  # copied in before the forward
+                    self.snapshots.restore(seq.block_keys[len(cached) - 1], seq.state_slot)
             seq.num_computed_tokens, seq.num_cached_blocks = num_cached, hit.num_blocks
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = num_cached
@@ -416,6 +442,38 @@ class Scheduler:
             (hit.host_slots or hit.blocks).pop()
         return hit
 
+    def _snapshot_targets(self, seq: Sequence, matched: int, hit: int) -> list[int]:
+        """Where ``seq``, admitted with a hit of ``hit`` blocks (``matched`` found cached
+        before the snapshot cut them), snapshots its state: the end of the cached run (where
+        it branches off what the cache holds) and its last full block boundary before its
+        last token, those past the hit. None for a sequence whose KV is not cached."""
+        if not (self.allocator.enable_caching and seq.cacheable):
+            return []
+        size = self.allocator.block_size
+        last = (seq.num_tokens - 1) // size
+        return sorted({b * size for b in (matched, last) if b > hit})
+
+    @staticmethod
+    def _to_target(seq: Sequence, start: int, n: int) -> int:
+        """``n`` new tokens from ``start`` cut to end on ``seq``'s next snapshot target."""
+        for target in seq.snapshot_targets:
+            if target > start:
+                return min(n, target - start)
+        return n
+
+    def _snapshot(self, seq: Sequence) -> None:
+        """After a step: snapshot ``seq``'s state if its computed tokens reached its next
+        target (its block cached by now: ``_cache_full_blocks`` ran)."""
+        targets, done = seq.snapshot_targets, seq.num_computed_tokens
+        while targets and targets[0] < done:  # (none: every chunk is cut to end on one)
+            targets.pop(0)
+        if not targets or targets[0] != done:
+            return
+        targets.pop(0)
+        key = seq.block_keys[done // self.allocator.block_size - 1]
+        if self.allocator.is_cached(key):
+            self.snapshots.save(key, seq.state_slot)
+
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
         """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied
         before this step's forward, and join the device cache as any computed block."""
@@ -462,6 +520,7 @@ class Scheduler:
             self.window.release(seq.window_block_ids)
         seq.num_computed_tokens = seq.num_cached_blocks = 0
         self._release_state_slot(seq)  # recomputed from its first token, from a zero state
+        seq.snapshot_targets = []  # (set again when readmitted)
         seq.cacheable = True  # recomputed here from its tokens
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
@@ -498,6 +557,8 @@ class Scheduler:
             if (caching and seq.cacheable
                     and seq.num_computed_tokens // size > seq.num_cached_blocks):
                 self._cache_full_blocks(seq)
+            if seq.snapshot_targets:  # (a hybrid model's, with prefix caching)
+                self._snapshot(seq)
             if window is not None:  # the next step's queries read from computed - window + 1
                 # (after caching: a block filled and out of the window at once stays cached)
                 window.slide(seq.window_block_ids, seq.num_computed_tokens)

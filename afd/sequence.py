@@ -90,6 +90,9 @@ class Sequence:
         self.num_cached_blocks = 0
         # a hybrid model's linear-attention state slot while running (afd.scheduler), else None
         self.state_slot: int | None = None
+        # with state snapshots (afd.state_snapshots): the block boundaries (token counts) still
+        # ahead where its state is to be snapshotted, ascending, set at each admission
+        self.snapshot_targets: list[int] = []
         # with a window pool (afd.window_pool) the sliding layers' block table, as long as
         # block_ids, its blocks out of every window the pool's null block; else None
         self.window_block_ids: list[int] | None = None

@@ -107,14 +107,15 @@ def test_config_and_state_sizing(next_case, q35_case):
     assert (q35.architecture, q35.linear_attn.linear_layers, q35.moe_layers) == (
         "qwen3_5_moe_text", (0, 2, 3), (0, 1, 2, 3))
     assert not q35.linear_attn.fused_projections and q35.norm_topk_prob
-    # the engine's pool holds max_num_seqs states beside its blocks
-    llm = LLM(next_case[1], max_num_seqs=3, num_kv_blocks=40)
+    # the engine's pool holds max_num_seqs states beside its blocks (with prefix caching off:
+    # no state snapshots, tests/test_hybrid_prefix_cache.py)
+    llm = LLM(next_case[1], max_num_seqs=3, num_kv_blocks=40, enable_prefix_caching=False)
     caches = llm.engine.core.runner.kv_caches
     assert [type(c).__name__ for c in caches] == ["LinearStates"] * 2 + ["Tensor",
                                                                           "LinearStates"]
     assert caches[0].conv.shape == (3, conv_dim, 3)
     assert caches[0].recurrent.shape == (3, 4, 8, 12) and caches[0].recurrent.dtype == torch.float32
-    assert not llm.engine.core.cfg.enable_prefix_caching  # off for hybrid models
+    assert not llm.engine.core.cfg.enable_prefix_caching
 
 
 def test_kv_memory_counts_the_states(next_case):
@@ -126,11 +127,11 @@ def test_kv_memory_counts_the_states(next_case):
     per_block = bytes_per_block(cfg, 16, torch.float32, mtp=False)
     gb = (state_bytes(cfg, torch.float32, 8) + 100 * per_block) / 2**30
     engine = resolve_engine_config(next_case[1], cfg, kv_cache_memory_gb=gb, max_num_seqs=8,
-                                   max_model_len=256, device="cpu")
+                                   max_model_len=256, device="cpu", num_state_snapshots=0)
     assert engine.num_kv_blocks == 100
     with pytest.raises(ValueError, match="max_num_seqs"):
         resolve_engine_config(next_case[1], cfg, kv_cache_memory_gb=gb, max_num_seqs=64,
-                              max_model_len=256, device="cpu")
+                              max_model_len=256, device="cpu", num_state_snapshots=0)
 
 
 def test_device_memory_sizing_pays_for_the_states(next_case, monkeypatch):
@@ -144,16 +145,17 @@ def test_device_memory_sizing_pays_for_the_states(next_case, monkeypatch):
     path = next_case[1]
     model_cfg = load_config(path)
     engine = resolve_engine_config(path, model_cfg, num_kv_blocks=1000, max_num_seqs=8,
-                                   max_model_len=256, device="cpu")
+                                   max_model_len=256, device="cpu", num_state_snapshots=2)
     per_block = bytes_per_block(model_cfg, 16, torch.float32, mtp=False)
-    need = (activation_reserve(model_cfg, engine) + state_bytes(model_cfg, torch.float32, 8)
+    need = (activation_reserve(model_cfg, engine) + state_bytes(model_cfg, torch.float32, 8 + 2)
             + 100 * per_block + per_block // 2)
     mem = {"total": 64 * 2**30, "free": need, "in_use": 0}
     monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
     assert kv_blocks_from_memory(engine, model_cfg, torch.device("cpu"), "single") == 100
     mem["free"] = need - 90 * per_block  # 10 blocks: fewer than one max_model_len of 16
     monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps({"single": mem}))
-    with pytest.raises(ValueError, match="linear-attention states for max_num_seqs=8"):
+    with pytest.raises(ValueError, match="linear-attention states for max_num_seqs=8 and "
+                                         "num_state_snapshots=2"):
         kv_blocks_from_memory(engine, model_cfg, torch.device("cpu"), "single")
 
 
@@ -278,12 +280,13 @@ def test_refusals_name_the_feature_and_the_model(next_case, args, match):
     assert "qwen3_next" in str(err.value)
 
 
-def test_prefix_caching_is_off(next_case):
-    """Asked for or not, the prefix cache stays off (a cached block holds KV, not the linear
-    layers' state at its end): a second prompt sharing a long prefix is computed in full,
-    and its tokens are transformers'."""
+def test_prefix_caching_off_without_snapshots(next_case):
+    """With no state snapshots the prefix cache is off (a cached block holds KV, not the
+    linear layers' state at its end): a second prompt sharing a long prefix is computed in
+    full, and its tokens are transformers'. (With snapshots, the default:
+    tests/test_hybrid_prefix_cache.py.)"""
     _, path, prompts, expected = next_case
-    llm = LLM(path, enable_prefix_caching=True, block_size=16)
+    llm = LLM(path, enable_prefix_caching=True, block_size=16, num_state_snapshots=0)
     assert not llm.engine.core.allocator.enable_caching
     assert tokens(llm, [prompts[2]]) == [expected[2][0]]
     assert tokens(llm, [prompts[2]]) == [expected[2][0]]
