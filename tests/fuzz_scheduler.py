@@ -12,19 +12,25 @@ salts, prompt logprobs, max_tokens up to max_model_len), aborts of sequences in 
 prefix-cache resets. Where the engine allows one (no host tier, P/D or MTP), about half the
 cases add a window pool (afd.window_pool: windows of 1 to 12 positions, from the fewest
 blocks one sequence needs up), its layers' KV simulated apart, its empty and null blocks
-poisoned after every step.
+poisoned after every step. Where the engine allows a hybrid model (no host tier, P/D, drafts
+or window pool), about half the cases have linear-attention state slots, and with prefix
+caching state snapshots (afd.state_snapshots: 1 to 8 of them), the states simulated too.
 
 The forward writes, per computed position, the value the KV would have there: the position's
 whole token prefix (and the cache salt), so a block's KV is right only if it was computed (or
 copied from the host) for the same tokens. Drafts write their own tokens' values (wrong ones
 when rejected), and chained MTP rows write garbage past the step's tokens where the sequence
-has blocks, as the runner does. After every step, besides every check of tests/fuzz_engine.py
-that needs no model (block accounting, host tier, queues, blocks held, KV cache events netting
-to what the pool and tier hold, each step's plan), it checks that every running sequence's
-computed positions hold the KV of its own tokens: a prefix hit, a host restore, a preemption
-or a rejected draft that left wrong KV where a sequence counts it computed fails here; with a
-window pool, its block accounting and the KV of the positions the next query reads too. About
-a thousand steps a second: many seeds are cheap.
+has blocks, as the runner does. A hybrid's state slot holds the tokens its state has taken
+in (a prefill chunk or decode row not at position 0 must find exactly its computed tokens
+there), copied with the snapshots' copies. After every step, besides every check of
+tests/fuzz_engine.py that needs no model (block accounting, host tier, queues, blocks held,
+KV cache events netting to what the pool and tier hold, each step's plan), it checks that
+every running sequence's computed positions hold the KV of its own tokens: a prefix hit, a
+host restore, a preemption or a rejected draft that left wrong KV where a sequence counts it
+computed fails here; with a window pool, its block accounting and the KV of the positions the
+next query reads too; with snapshots, their accounting, and that each holds the state of the
+prefix its key names, its block still cached. ``run_sim(seed, hybrid=True)`` makes every case
+a hybrid one. About a thousand steps a second: many seeds are cheap.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import random
 from types import SimpleNamespace
 
 import afd.scheduler as scheduler_module
-from afd.block_pool import BlockPool
+from afd.block_pool import BlockKeys, BlockPool, extend_block_keys
 from afd.core import EngineCore
 from afd.kv_offload import HostKVTier
 from afd.sampler import PromptLogprobs, SamplerOutput
@@ -41,6 +47,7 @@ from afd.sampling_params import SamplingParams
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence, Status
 from afd.spec_decode import SpecConfig, accept
+from afd.state_snapshots import StateSnapshots
 from afd.window_pool import WindowPool, blocks_per_seq
 from fuzz_engine import (CacheEventsMirror, check_empty, check_host, check_plan, check_pool,
                          check_scheduler, check_sequences)
@@ -58,8 +65,10 @@ class SimCore:
     released later, no drafts, the MTP KV written or not); the others adopt transferred
     sequences now and then, as a decode rank does."""
 
-    def __init__(self, rng: random.Random, seed: int):
-        self.prefill_only = rng.random() < 0.2
+    def __init__(self, rng: random.Random, seed: int, hybrid: bool | None = None):
+        """``hybrid``: True makes the case a hybrid model's (its other draws bent to allow
+        it); None draws it where the case allows."""
+        self.prefill_only = rng.random() < 0.2 and not hybrid
         self.block_size = size = rng.choice([1, 2, 2, 4, 4, 8])
         self.max_model_len = rng.choice([8, 16, 24, 40])
         least = -(-self.max_model_len // size)
@@ -67,7 +76,7 @@ class SimCore:
         caching = rng.random() < 0.8
         self.cfg = SimpleNamespace(enable_prefix_caching=caching)
         self.host = None
-        if caching and rng.random() < 0.5:
+        if caching and rng.random() < 0.5 and not hybrid:
             self.host = HostKVTier(rng.choice([1, 2, 3, 8, 32]), size)
         self.allocator = BlockPool(num_blocks, size, caching,
                                    on_evict=self.host.evicted if self.host else None)
@@ -75,6 +84,8 @@ class SimCore:
         roll = rng.random()
         if self.prefill_only:
             self.mtp_kv = rng.random() < 0.5
+        elif hybrid:
+            pass
         elif roll < 0.35:
             spec = SpecConfig(rng.randint(1, 4), 3, 1, "ngram",
                               rng.choice([0, 0, 0, 2, 3]))
@@ -90,15 +101,30 @@ class SimCore:
         self.window = None
         wrng = random.Random(seed + 1)
         if (not self.prefill_only and self.host is None and not self.mtp_kv
-                and wrng.random() < 0.5):
+                and wrng.random() < 0.5 and not hybrid):
             window = wrng.choice([1, 2, 3, 5, 8, 12])
             least = min(-(-self.max_model_len // size), blocks_per_seq(window, size, budget))
             self.window = WindowPool(least + wrng.choice([0, 0, 1, 3, 10]), size, window,
                                      caching)
             # the window layers' KV, the null block's last (never read: poisoned each step)
             self.window_kv = [[None] * size for _ in range(self.window.num_blocks + 1)]
+        # a hybrid model's state slots (and with caching its snapshots), where the engine
+        # allows one (no host tier, P/D, drafts or window pool), drawn apart as well
+        hrng = random.Random(seed + 2)
+        self.snapshots, self.states = None, None
+        state_slots = 0
+        if hybrid or (not self.prefill_only and self.host is None and spec is None
+                      and self.window is None and hrng.random() < 0.5):
+            state_slots = max_num_seqs
+            if caching:
+                self.snapshots = StateSnapshots(max_num_seqs, hrng.choice([1, 2, 3, 8]))
+                self.allocator.on_forget = self.snapshots.drop
+            # per slot, what its state has taken in: (root key, tokens), or None (garbage)
+            extra = self.snapshots.num if self.snapshots is not None else 0
+            self.states = [None] * (max_num_seqs + extra)
         self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, spec, policy,
-                                   host=self.host, mtp_kv=self.mtp_kv, window=self.window)
+                                   host=self.host, mtp_kv=self.mtp_kv, window=self.window,
+                                   state_slots=state_slots, snapshots=self.snapshots)
         self.seqs: dict[str, Sequence] = {}
         self.hit_end: dict[str, int] = {}  # per sequence, its last admission's prefix hit
         self.events = None
@@ -113,7 +139,9 @@ class SimCore:
                          f"budget={self.scheduler.max_num_batched_tokens} "
                          f"max_num_seqs={self.scheduler.max_num_seqs}" + (
                              f" window={self.window.window} "
-                             f"window_blocks={self.window.num_blocks}" if self.window else ""))
+                             f"window_blocks={self.window.num_blocks}" if self.window else "")
+                         + (f" hybrid snapshots={len(self.states) - max_num_seqs}"
+                            if self.states is not None else ""))
 
     record_kv_events = EngineCore.record_kv_events
     abort = EngineCore.abort
@@ -160,6 +188,26 @@ class SimCore:
         for slot, block in restores:
             self.device[block] = list(self.hostkv[slot])
 
+    def flush_state_copies(self) -> None:
+        """The snapshots' copies, on the simulated states, in order (EngineCore's)."""
+        if self.snapshots is not None:
+            for src, dst in self.snapshots.take_copies():
+                self.states[dst] = self.states[src]
+
+    def run_states(self, seq: Sequence, start: int, n: int, where: str) -> None:
+        """A hybrid's forward over ``seq``'s tokens ``start .. start + n - 1``: from a zero
+        state at position 0, else from its slot's, which must hold its first ``start``."""
+        if self.states is None:
+            return
+        slot, root = seq.state_slot, seq.block_keys.root
+        assert slot is not None and slot < self.scheduler.max_num_seqs, (
+            f"{where}: {seq.request_id} runs in state slot {slot}")
+        if start:
+            got = self.states[slot]
+            assert got == (root, tuple(seq.token_ids[:start])), (
+                f"{where}: {seq.request_id} resumes at {start} from the state of {got}")
+        self.states[slot] = (root, tuple(seq.token_ids[:start + n]))
+
     def write(self, seq: Sequence, pos: int, value, mtp_value, target: bool = True) -> None:
         """KV at ``seq``'s position ``pos``: the target layers' (unless not ``target``) and
         the MTP layer's."""
@@ -195,6 +243,7 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
             core.hit_end[s.seq.request_id] = s.seq.num_computed_tokens
     check_plan(core, plan, where + " (plan)")
     core.flush_offloads()
+    core.flush_state_copies()
     spec, mtp = sched.spec, core.mtp_kv
     lookahead = spec.num_speculative_tokens - 1 if mtp and spec is not None else 0
     # what the model samples at each sampling row: the first ``good`` drafts, then another
@@ -211,6 +260,7 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
     # the MTP layer's chained rows past the step's tokens
     for s in plan.seqs:
         seq, start = s.seq, s.seq.num_computed_tokens
+        core.run_states(seq, start, s.num_new_tokens, where)  # (no drafts with a hybrid)
         tokens = seq.token_ids + s.draft_token_ids
         last = start + s.num_new_tokens - len(s.draft_token_ids) - 1  # its first sampling row
         for pos in range(start, start + s.num_new_tokens):
@@ -253,6 +303,7 @@ def step(core: SimCore, rng: random.Random, where: str) -> int:
             seq.mtp_drafts_for = len(seq.token_ids)
         done.append(seq)
     sched.update(plan)
+    core.flush_state_copies()
     if core.window is not None:
         core.poison_window()
     for seq in done:
@@ -352,10 +403,11 @@ def draw_request(rng: random.Random, core: SimCore, rid: str, shared: list[list[
                        cache_salt=rng.choice(["a", "b"]) if rng.random() < 0.1 else None)
 
 
-def run_sim(seed: int, steps: int = 300) -> dict:
-    """One case (see the module docstring); returns what it exercised, by count."""
+def run_sim(seed: int, steps: int = 300, hybrid: bool | None = None) -> dict:
+    """One case (see the module docstring); returns what it exercised, by count.
+    ``hybrid``: True for a hybrid model's case (SimCore)."""
     rng = random.Random(seed)
-    core = SimCore(rng, seed)
+    core = SimCore(rng, seed, hybrid)
     mirror = CacheEventsMirror(core, seed)
     saved = scheduler_module.propose_ngram, scheduler_module.MAX_PROMPT_LOGPROB_ROWS
     # n-gram drafts: random tokens (EOS among them), as many as asked or fewer; verification
@@ -385,7 +437,8 @@ def run_sim(seed: int, steps: int = 300) -> dict:
             parked = sorted(r for r, q in core.seqs.items() if q.status is Status.PARKED)
             if parked and rng.random() < 0.3:  # its KV sent (or no longer wanted)
                 core.release(rng.choice(parked))
-            if not core.prefill_only and rng.random() < 0.05 and len(core.seqs) < 12:
+            if (not core.prefill_only and rng.random() < 0.05 and len(core.seqs) < 12
+                    and core.states is None):  # (no P/D with a hybrid model)
                 req = draw_request(rng, core, f"t{i}", shared, earlier)
                 stats["transfers"] += core.receive(req, rng.randrange(2, VOCAB))
             if core.seqs and rng.random() < abort_rate:
@@ -413,6 +466,9 @@ def run_sim(seed: int, steps: int = 300) -> dict:
     stats["host_hits"] = core.scheduler.prefix_cache_host_hits
     stats["window_hits"] = stats["hits"] if core.window is not None else 0
     stats["window_preemptions"] = stats["preemptions"] if core.window is not None else 0
+    snaps = core.snapshots
+    stats["snapshot_hits"] = snaps.num_restored if snaps is not None else 0
+    stats["snapshot_preemptions"] = stats["preemptions"] if snaps is not None else 0
     return stats
 
 
@@ -424,3 +480,30 @@ def check(core: SimCore, mirror: CacheEventsMirror, where: str) -> None:
     mirror.check(where)
     check_kv(core, where)
     check_window(core, where)
+    check_snapshots(core, where)
+
+
+def check_snapshots(core: SimCore, where: str) -> None:
+    """Each snapshot slot free or one key's; each key's block cached, and its snapshot the
+    state of exactly the tokens that key names; no copy left pending between steps; every
+    running sequence of a hybrid in a slot of its own."""
+    if core.states is None:
+        return
+    held = [s.state_slot for s in core.scheduler.running]
+    assert None not in held and len(set(held)) == len(held), f"{where}: state slots {held}"
+    snaps = core.snapshots
+    if snaps is None:
+        return
+    snaps.check()
+    assert not snaps.copies, f"{where}: snapshot copies left pending"
+    size = core.block_size
+    for key, slot in snaps._by_key.items():
+        assert core.allocator.is_cached(key), f"{where}: a snapshot of an evicted block"
+        state = core.states[slot]
+        assert state is not None and len(state[1]) % size == 0, (
+            f"{where}: snapshot slot {slot} holds {state}")
+        keys = BlockKeys()
+        keys.root = state[0]
+        extend_block_keys(keys, state[1], size, len(state[1]) // size)
+        assert keys and keys[-1] == key, (
+            f"{where}: snapshot slot {slot} holds the state of other tokens than its key's")

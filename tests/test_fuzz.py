@@ -45,6 +45,11 @@ QWEN_SEEDS = [15]
 # chunks of 7, a window pool sized by the engine; 23, a window pool of 10 blocks of 4 (the
 # least one sequence needs at chunks of 16, plus 3) for 4 sequences, n-gram drafts
 MIMO_SEEDS = [9, 14, 23]
+# Qwen3-Next (a hybrid: linear-attention state slots; its prefix cache restores their state
+# snapshots, afd.state_snapshots): 0, blocks of 4 in a pool of 24 for 4 sequences under
+# priority scheduling, 37 restores and 54 preemptions; 22, blocks of 2, 2 sequences, 24
+# restores and 18 preemptions
+HYBRID_SEEDS = [0, 22]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 SIM_SEEDS = range(24)
 
@@ -69,6 +74,18 @@ def test_single_process(v3, seed):
 @pytest.mark.parametrize("seed", QWEN_SEEDS)
 def test_single_process_gqa(qwen, seed):
     assert run_case(seed, qwen, mtp_ok=False).compared
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    return save_checkpoint(build_hf_model("qwen3_next"), str(tmp_path_factory.mktemp("fuzz-h")))
+
+
+@pytest.mark.parametrize("seed", HYBRID_SEEDS)
+def test_single_process_hybrid(hybrid, seed):
+    """Qwen3-Next with prefix caching: prefix hits restore state snapshots (outputs against
+    each request's run alone, the full-attention layers' KV watched)."""
+    assert run_case(seed, hybrid, mtp_ok=False).compared
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +118,25 @@ def test_scheduler_sim():
     for name in ("hits", "host_hits", "accepted", "preemptions", "aborts", "resets",
                  "window_hits", "window_preemptions"):
         assert total[name] > 0, f"no {name} in the model-free cases: {total}"
+
+
+def test_scheduler_sim_hybrid():
+    """Model-free hybrid cases (state slots, and with caching state snapshots): snapshot
+    hits, preemption, aborts and resets, the simulated states checked at every forward."""
+    total = {}
+    for seed in SIM_SEEDS[:16]:
+        for name, n in run_sim(seed, hybrid=True).items():
+            total[name] = total.get(name, 0) + n
+    for name in ("snapshot_hits", "snapshot_preemptions", "aborts", "resets"):
+        assert total[name] > 0, f"no {name} in the hybrid model-free cases: {total}"
+
+
+@pytest.mark.slow
+def test_hybrid_many_seeds(hybrid):
+    for seed in range(1000, 1000 + MANY // 2):
+        run_case(seed, hybrid, mtp_ok=False)
+    for seed in range(1000, 1000 + 5 * MANY):
+        run_sim(seed, hybrid=True)
 
 
 @pytest.mark.slow
@@ -185,6 +221,27 @@ def _sim_fails(match: str) -> None:
     with pytest.raises(AssertionError, match=match):
         for seed in SIM_SEEDS:
             run_sim(seed)
+
+
+def test_sim_notices_a_lost_snapshot_restore(monkeypatch):
+    """A prefix hit whose snapshot is never copied into its slot: the sequence resumes from
+    another state."""
+    from afd.state_snapshots import StateSnapshots
+
+    monkeypatch.setattr(StateSnapshots, "restore", lambda self, key, slot: None)
+    with pytest.raises(AssertionError, match="resumes at"):
+        for seed in SIM_SEEDS:
+            run_sim(seed, hybrid=True)
+
+
+def test_sim_notices_a_snapshot_kept_past_its_block(monkeypatch):
+    """Snapshots not dropped when their block's KV is evicted: caught by the accounting."""
+    from afd.state_snapshots import StateSnapshots
+
+    monkeypatch.setattr(StateSnapshots, "drop", lambda self, key: None)
+    with pytest.raises(AssertionError, match="snapshot of an evicted block"):
+        for seed in SIM_SEEDS:
+            run_sim(seed, hybrid=True)
 
 
 def test_sim_notices_a_lost_host_restore(monkeypatch):
