@@ -263,7 +263,7 @@ class LLM:
         timeout_s=60.0, prefill_block_size=None, expert_placement=None, num_redundant_experts=0,
         eplb_interval_steps=0, generation_config="auto", speculative_config=None,
         scheduling_policy="fcfs", gpu_memory_utilization=0.9, kv_cache_dtype="auto",
-        trust_remote_code=False, num_window_blocks=None)
+        trust_remote_code=False, num_window_blocks=None, num_state_snapshots=None)
 
     ``model``: a local checkpoint folder, or a Hugging Face Hub repo id (``"org/name"``)
     fetched into the HF cache (config, tokenizer and safetensors files only) or read from it,
@@ -317,6 +317,10 @@ class LLM:
     ``num_window_blocks``: a model with sliding-window layers (MiMo-V2-Flash): their KV in a
     pool of its own whose blocks out of every query's window are freed (afd.window_pool;
     None sizes it, 0: none, every row kept in one pool; no ``kv_offload_gb`` nor P/D with it).
+    ``num_state_snapshots``: a hybrid linear-attention model (Qwen3-Next, Qwen3.5-MoE) with
+    prefix caching: how many snapshots of its linear layers' states it keeps for prefix hits
+    (afd.state_snapshots; each one sequence's states, counted in the KV memory; None: 16, 0:
+    its prefix caching off).
     ``scheduling_policy``: "fcfs" or "priority" (vLLM's; ``generate(..., priority=[...])``,
     lower values first; see afd.scheduler).
     ``trust_remote_code``: let transformers run the Python code a tokenizer names in its

@@ -109,6 +109,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="a model with sliding-window layers (MiMo-V2-Flash): blocks of their "
                          "own pool, whose blocks out of the window are freed (default: sized "
                          "from the KV memory; 0: no such pool, every row kept)")
+    ap.add_argument("--num-state-snapshots", type=int, default=None,
+                    help="a hybrid linear-attention model (Qwen3-Next, Qwen3.5-MoE) with "
+                         "prefix caching: snapshots of its linear layers' states kept for "
+                         "prefix hits, each one sequence's states, counted in the KV memory "
+                         "(default: 16; 0: no prefix caching for it)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="with no --num-kv-blocks / --kv-cache-memory-gb on a GPU: the "
                          "fraction of each GPU's memory a rank may use; what its weights and "
@@ -568,6 +573,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             max_model_len=args.max_model_len, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
             num_window_blocks=args.num_window_blocks,
+            num_state_snapshots=args.num_state_snapshots,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
