@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 # snapshots a hybrid model's engine keeps when prefix caching is on and num_state_snapshots is
-# not given (each is one sequence's states: docs/kv-cache.md#state-snapshots for the bytes)
+# not given (each is one sequence's states: docs/kv-cache.md, "State snapshots", for the bytes)
 DEFAULT_STATE_SNAPSHOTS = 16
 
 
