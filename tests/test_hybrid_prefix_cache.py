@@ -129,17 +129,19 @@ def test_same_prompt_twice_and_a_prefix_ending_mid_block(case):
     """A 64-token prompt twice: the second starts at 48 (its last full block boundary before
     its last token). Its first 40 tokens (a prefix ending in the middle of block 2) find 2
     cached blocks but no snapshot at their end: computed in full, snapshotted at 32; another
-    prompt sharing those 40 tokens then starts at 32."""
+    prompt sharing those 40 tokens then starts at 32. The 64 tokens and one more start at 48,
+    then, sent again, at 64: their one token left runs as a decode row from the restored
+    state."""
     model, path = case
     long = rand_tokens(64, 2)
     short = long[:40]
     other = short + rand_tokens(20, 3)
-    prompts = [long, long, short, other]
+    prompts = [long, long, short, other, long + [7], long + [7]]
     want = [hf_greedy(model, p, ORACLE_NEW_TOKENS)[0] for p in prompts]
     llm = LLM(path, block_size=BLOCK)
     got, cached = run(llm, prompts)
     assert got == want
-    assert cached == [0, 48, 0, 32]
+    assert cached == [0, 48, 0, 32, 48, 64]
     check_consistent(llm.engine.core)
 
 

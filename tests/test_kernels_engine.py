@@ -25,7 +25,9 @@ path (eagerly), its decode rows' static path (every entry the table's width hold
 layer's GQA kernels (rotary over a quarter of each head's dims), routed experts and its
 linear-attention layers' decode rows (``kernels.gated_delta_triton``: the conv state update and
 the recurrent gated-delta-rule step) through Triton, its zero-centred norms and its linear
-layers' prefill chunks in torch. The ``mimo`` case is
+layers' prefill chunks in torch; with prefix caching (on: state snapshots), its second prompt's
+Triton run restores the snapshot the torch run took at its block boundary and runs its last
+token as a decode row through those kernels from the restored state. The ``mimo`` case is
 the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
 decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
 through ``prefill_attention_triton.window_prefill_attention_triton``. The ``+fp8kv`` cases
@@ -176,13 +178,14 @@ def interpreter_case(name: str, seed: int) -> dict:
         fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches
                if isinstance(c, torch.Tensor)} == {torch.float8_e4m3fn}  # (not linear states)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        tokens = {}
+        tokens, cached = {}, {}
         for backend in ("torch", "triton"):
             os.environ["AFD_KERNEL_BACKEND"] = backend
             outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
                                 use_tqdm=False)
             tokens[backend] = [o.outputs[0].token_ids for o in outs]
-    return {"tokens": tokens, "calls": calls, "fp8": fp8}
+            cached[backend] = [o.num_cached_tokens for o in outs]
+    return {"tokens": tokens, "calls": calls, "fp8": fp8, "cached": cached}
 
 
 @pytest.mark.slow
@@ -204,3 +207,5 @@ def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
         assert calls[DSA[1]] == calls[DSA[0]] * 5 // 2, calls
     assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]
+    if name == "qwen3_next":  # the 17-token prompt again: a state snapshot restored at 16
+        assert result["cached"] == {"torch": [0, 0], "triton": [0, 16]}, result["cached"]
