@@ -271,3 +271,19 @@ def test_snapshot_pool_lru():
     snaps.check()
     snaps.clear()
     assert len(snaps) == 0 and snaps.num_free == 2
+
+
+def test_attention_and_ffn_ranks(tmp_path_factory):
+    """1 attention + 1 FFN rank, two micro-batches: the attention rank's scheduler keeps the
+    snapshots and its core copies them; the same prompt again and a shared prefix hit there,
+    with transformers' tokens."""
+    model, path, _, _ = oracle_case(tmp_path_factory, "qwen3_next")
+    long = rand_tokens(64, 2)
+    prompts = [long, long, long[:40], long[:40] + rand_tokens(20, 3)]
+    want = [hf_greedy(model, p, ORACLE_NEW_TOKENS)[0] for p in prompts]
+    llm = LLM(path, attention=1, ffn=1, micro_batches=2, timeout_s=60, block_size=BLOCK,
+              max_num_batched_tokens=32)
+    try:
+        assert run(llm, prompts) == (want, [0, 48, 0, 32])
+    finally:
+        llm.shutdown()
