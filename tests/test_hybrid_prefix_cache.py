@@ -287,3 +287,20 @@ def test_attention_and_ffn_ranks(tmp_path_factory):
         assert run(llm, prompts) == (want, [0, 48, 0, 32])
     finally:
         llm.shutdown()
+
+
+def test_serve_flag_and_the_config_every_rank_gets(case, monkeypatch):
+    """launch/serve.py's --num-state-snapshots (unset by default: the engine's default), and
+    the field's round trip through the dict the ranks are sent."""
+    import sys
+
+    from afd.config import engine_config_from_dict, engine_config_to_dict
+    from launch import serve
+
+    for argv, want in ((["serve.py"], None), (["serve.py", "--num-state-snapshots", "3"], 3)):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert serve.parse_args().num_state_snapshots == want
+    _, path = case
+    cfg = resolve_engine_config(path, load_config(path), num_state_snapshots=3, device="cpu")
+    back = engine_config_from_dict(engine_config_to_dict(cfg))
+    assert (back.num_state_snapshots, back.enable_prefix_caching) == (3, True)
