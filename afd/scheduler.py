@@ -446,7 +446,7 @@ class Scheduler:
         """Where ``seq``, admitted with a hit of ``hit`` blocks (``matched`` found cached
         before the snapshot cut them), snapshots its state: the end of the cached run (where
         it branches off what the cache holds) and its last full block boundary before its
-        last token, those past the hit. None for a sequence whose KV is not cached."""
+        last token, those past the hit; none for a sequence whose KV is not cached."""
         if not (self.allocator.enable_caching and seq.cacheable):
             return []
         size = self.allocator.block_size
