@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -1358,15 +1359,24 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
 
-    engine_cfg = engine_config_from_dict(json.loads(args.engine_config))
+    # dtype as its name: this process runs no model (its own imports leave torch out)
+    engine_cfg = engine_config_from_dict(json.loads(args.engine_config), torch_dtype=False)
     model_cfg = load_config(engine_cfg.model, engine_cfg.hf_overrides)
-    tokenizer = load_tokenizer(args.tokenizer or engine_cfg.model, engine_cfg.trust_remote_code,
-                               model_cfg.architecture)
     defaults = generation_defaults(engine_cfg.model, args.generation_config)  # before any rank
     layout = Layout(*(int(x) for x in args.layout.split(",")))
+    # The tokenizer loads while the ranks start, not before: transformers' AutoTokenizer
+    # imports torch (seconds), which would delay the rank spec, and so every rank, that long
+    loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="afd-tokenizer")
+    loading: list[concurrent.futures.Future] = []
 
     def publish(template) -> None:
         print(SPEC_MARKER + template.to_json(), flush=True)
+        loading.append(loader.submit(load_tokenizer, args.tokenizer or engine_cfg.model,
+                                     engine_cfg.trust_remote_code, model_cfg.architecture))
+
+    def tokenizer_failed() -> None:  # while the ranks start: a failed load stops the start
+        if loading and loading[0].done() and loading[0].exception() is not None:
+            raise loading[0].exception()
 
     client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
                              transport=args.transport, timeout_s=args.timeout, attach=publish,
@@ -1374,7 +1384,10 @@ def main() -> None:
                              num_redundant_experts=args.num_redundant_experts,
                              eplb_interval_steps=args.eplb_interval_steps,
                              control_host=args.control_host,
-                             control_key=protocol.key_from_env())  # launch/serve.py's
+                             control_key=protocol.key_from_env(),  # launch/serve.py's
+                             while_waiting=tokenizer_failed)
+    tokenizer = loading[0].result()
+    loader.shutdown()
     engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
                        eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
                        default_sampling=defaults)

@@ -6,12 +6,13 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from afd.spec_decode import SpecConfig, parse_speculative_config
 from models.config import MTP_ARCHITECTURES, OTHER_MTP_MODULES, ModelConfig, parse_dtype
+
+if TYPE_CHECKING:  # torch is imported where it is used: the HTTP front end runs no model
+    import torch
 
 log = logging.getLogger("afd.config")
 
@@ -185,6 +186,8 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str) -> str:
 def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type: ``dtype`` for "auto", float8_e4m3fn for "fp8" (or
     "fp8_e4m3": a config made without ``resolve_kv_cache_dtype``); ValueError for any other."""
+    import torch
+
     return torch.float8_e4m3fn if resolve_kv_cache_dtype(kv_cache_dtype) == "fp8" else dtype
 
 
@@ -396,6 +399,8 @@ def resolve_engine_config(
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
         # what torch.Generator.manual_seed takes; found otherwise only at the first sample
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    import torch
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     quantization = resolve_quantization(quantization, model_cfg, device)
     run_dtype = model_cfg.torch_dtype if dtype == "auto" else parse_dtype(dtype)
@@ -550,7 +555,7 @@ class WindowSizes:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         from afd.window_pool import blocks_per_seq, window_dims, window_pool_bound
 
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         self.window_bytes = block_size * window_dims(model_cfg) * element
         self.full_bytes = bytes_per_block(model_cfg, block_size, dtype, mtp) - self.window_bytes
         window = model_cfg.mimo.sliding_window
@@ -667,7 +672,7 @@ def bytes_per_block(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype,
     """Bytes of one KV block over every layer that caches (the MTP layer's too, when on);
     ``dtype``: the cache's (``EngineConfig.cache_dtype``: 1 byte an element in FP8)."""
     return (block_size * model_cfg.kv_cache_dims(model_cfg.num_layers + mtp)
-            * torch.empty((), dtype=dtype).element_size())
+            * dtype.itemsize)
 
 
 def _default_kv_memory_gb(device: str) -> float | None:
@@ -687,6 +692,9 @@ def engine_config_to_dict(cfg: EngineConfig) -> dict:
     return {**cfg.__dict__, "dtype": str(cfg.dtype).removeprefix("torch.")}
 
 
-def engine_config_from_dict(d: dict) -> EngineConfig:
-    return EngineConfig(**{**d, "dtype": parse_dtype(d["dtype"]),
+def engine_config_from_dict(d: dict, torch_dtype: bool = True) -> EngineConfig:
+    """``engine_config_to_dict``'s inverse. ``torch_dtype=False`` (a process that runs no
+    model: the HTTP front end, which would otherwise import torch for it alone) leaves
+    ``dtype`` its name, a str ("bfloat16"), which ``engine_config_to_dict`` writes back."""
+    return EngineConfig(**{**d, "dtype": parse_dtype(d["dtype"]) if torch_dtype else d["dtype"],
                            "cuda_graph_sizes": tuple(d.get("cuda_graph_sizes", ()))})

@@ -46,14 +46,14 @@ and scratch-block logic is then checked against plain eager steps on CPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from afd.expert_load import RoutedTap
 from models.batch import ForwardBatch
-from models.model import LocalExperts, MoEModel, run_stages
+from models.model import Dispatch, ExpertPath, LocalExperts, MoEModel, run_stages
 
 log = logging.getLogger("afd.cuda_graphs")
 
@@ -78,6 +78,23 @@ def unsupported_reason(model: MoEModel) -> str | None:
         return (f"{model.cfg.attention} attention has no decode path known to read nothing on "
                 f"the host; decode steps are captured for {', '.join(CAPTURED_ATTENTION)}")
     return None
+
+
+class RoutedTap(ExpertPath):
+    """An ExpertPath that shows every dispatch's (layer, topk_ids [T, K]) to ``on_route``, then
+    hands it on: how a step's routing reaches a recorder with no change to the model. (Here,
+    beside its users, not in afd.expert_load: the front end imports that, and ExpertPath's
+    module, models.model, imports torch.)"""
+
+    def __init__(self, inner: ExpertPath, on_route: Callable[[int, torch.Tensor], None]):
+        self.inner, self.on_route = inner, on_route
+
+    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> object:
+        self.on_route(req.layer, req.routing.topk_ids)
+        return self.inner.dispatch(req, micro_batch)
+
+    def combine(self, handle: object) -> torch.Tensor:
+        return self.inner.combine(handle)
 
 
 @dataclass

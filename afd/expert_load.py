@@ -10,11 +10,11 @@ a dump reads them. Only the front end sums the attention ranks' records (afd.lay
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
-from models.model import Dispatch, ExpertPath
 
 
 class NoExpertLoadRecord(ValueError):
@@ -25,6 +25,8 @@ class ExpertLoadRecorder:
     """Per-layer token counts of one routing process."""
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device):
+        import torch
+
         self.num_layers, self.num_experts = num_layers, num_experts
         # one spare column takes the -1 ids, so masking them needs no host sync
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.long, device=device)
@@ -42,6 +44,8 @@ class ExpertLoadRecorder:
         """topk_ids [T, K] logical ids of decoder layer ``layer`` (-1: no expert). Layers past
         the decoder layers (DeepSeek's MTP layer) are not recorded: placements from a record
         cover the decoder layers (afd.placement.ExpertPlacement.table)."""
+        import torch
+
         if layer >= self.num_layers:
             return
         ids = topk_ids.flatten().long()
@@ -51,21 +55,6 @@ class ExpertLoadRecorder:
     def snapshot(self) -> list[list[int]] | None:
         """[layers][experts] counts so far; None if no record was ever started."""
         return self.counts[:, :self.num_experts].tolist() if self.started else None
-
-
-class RoutedTap(ExpertPath):
-    """An ExpertPath that shows every dispatch's (layer, topk_ids [T, K]) to ``on_route``, then
-    hands it on: how a step's routing reaches a recorder with no change to the model."""
-
-    def __init__(self, inner: ExpertPath, on_route: Callable[[int, torch.Tensor], None]):
-        self.inner, self.on_route = inner, on_route
-
-    def dispatch(self, req: Dispatch, micro_batch: int = 0) -> object:
-        self.on_route(req.layer, req.routing.topk_ids)
-        return self.inner.dispatch(req, micro_batch)
-
-    def combine(self, handle: object) -> torch.Tensor:
-        return self.inner.combine(handle)
 
 
 def record_dict(num_layers: int, num_experts: int, counts: list[list[int]]) -> dict:

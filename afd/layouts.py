@@ -23,15 +23,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
 import zmq
 
 from afd import protocol
 from afd.config import (EngineConfig, check_hybrid_layout, check_layout_options,
                         check_prefill_expert_parallel, check_window_layout)
-from afd.core import CoreStats, PrefixCacheStats
+from afd.core_stats import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import from_load, resolve_placement
 from afd.placement import ExpertPlacement
@@ -44,6 +43,9 @@ from afd.workers import (IDLE_POLL_S, DropLog, Layout, WorkerSpec, loopback_gloo
                          recv_sealed)
 from models.config import ModelConfig
 
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch.distributed as dist
+
 log = logging.getLogger("afd.layouts")
 
 LOOPBACK = "127.0.0.1"
@@ -53,6 +55,8 @@ def loopback_store() -> dist.TCPStore:
     """A rendezvous store (TCPStore server) for ranks on this machine that listens on loopback
     only: given a host, TCPStore still binds its own server socket to every interface, so it
     is handed a socket already bound to 127.0.0.1."""
+    import torch.distributed as dist
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((LOOPBACK, 0))
@@ -157,14 +161,19 @@ class MultiRankClient:
                  eplb_interval_steps: int = 0,
                  startup_timeout_s: float = 300.0,
                  attach: Callable[[WorkerSpec], None] | None = None,
-                 control_host: str = LOOPBACK, control_key: bytes | None = None):
+                 control_host: str = LOOPBACK, control_key: bytes | None = None,
+                 while_waiting: Callable[[], None] | None = None):
         """Starts the P+A+F rank processes itself, or with ``attach`` leaves that to a launcher
         (torchrun): ``attach`` gets the spec every rank needs (rank -1) once the sockets are
         bound, and liveness then comes from the ranks' heartbeats instead of process handles.
         ``control_host``: the address the control sockets bind (loopback unless ranks run on
         other nodes). ``control_key``: the secret every control message is sealed with
         (afd.protocol); the ranks this starts get a new random one in their environment when
-        none is given, and a launcher's ranks (``attach``) need it given to them and here."""
+        none is given, and a launcher's ranks (``attach``) need it given to them and here.
+        ``while_waiting``: called every 100 ms while the ranks start; what it raises fails the
+        start as a rank's failure would (the front end's check of its tokenizer, which loads
+        meanwhile)."""
+        self._while_waiting = while_waiting
         if control_key is None:
             if attach is not None:
                 raise ValueError("control_key: ranks started by a launcher (attach) must be "
@@ -557,6 +566,11 @@ class MultiRankClient:
                            f"ready after {timeout_s:.0f}s")
             if not self.inbox.poll(100):
                 self.check_alive()
+                if self._while_waiting is not None:
+                    try:
+                        self._while_waiting()
+                    except Exception as exc:  # noqa: BLE001 - named in the failure
+                        self._fail(f"while the ranks started: {type(exc).__name__}: {exc}")
                 continue
             msg = self._recv()
             if msg is None:

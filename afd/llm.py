@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
@@ -202,6 +201,8 @@ def check_local_ranks(world: int, what: str) -> None:
 def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: int, attention: int,
                  ffn: int, **options: Any):
     """The core client for a layout: in-process for the colocated reference."""
+    import torch
+
     for name, value, low in (("prefill", prefill, 0), ("attention", attention, 1), ("ffn", ffn, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

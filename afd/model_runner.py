@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from afd.config import EngineConfig
-from afd.cuda_graphs import DecodeGraphs, mtp_host_inputs, unsupported_reason
-from afd.expert_load import ExpertLoadRecorder, RoutedTap
+from afd.cuda_graphs import DecodeGraphs, RoutedTap, mtp_host_inputs, unsupported_reason
+from afd.expert_load import ExpertLoadRecorder
 from afd.kv_cache import allocate_kv_caches
 from afd.sampler import Sampler, SamplerOutput, gather_prompt_logprobs
 from afd.pingpong import drive_micro_batches, run_micro_batches, split_evenly

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-
-import torch
+from typing import TYPE_CHECKING
 
 from afd.sampling_params import SamplingParams
 from afd.token_masks import row_drafts
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 PAGE_SIZE = 256  # distinct tokens per page
 
@@ -60,6 +62,8 @@ class PenaltyPool:
     for a prompt-only token). Grows by doubling; pages of dropped states are reused."""
 
     def __init__(self, device: torch.device | str, page_size: int = PAGE_SIZE):
+        import torch
+
         self.device = torch.device(device)
         self.page_size = page_size
         self.tokens = torch.zeros(0, page_size, dtype=torch.long, device=self.device)
@@ -87,6 +91,8 @@ class PenaltyPool:
 
     def _bind(self, state: PenaltyState) -> None:
         """Start ``state`` afresh in this pool (first use, or it was another pool's)."""
+        import torch
+
         if state.pool is not None:  # it was another pool's: give those pages back now
             state.release()
         state.pool, state.slots, state.folded = self, {}, 0
@@ -99,6 +105,8 @@ class PenaltyPool:
         prompt tokens, ...)): the whole history the first time, then what was appended. A
         verify row's drafts (histories[i][3]) are not in its ids: never folded in, they may be
         rejected (``draft_corrections`` counts them for the row)."""
+        import torch
+
         new_pos, new_tok, new_cnt = [], [], []  # entries created now: written whole
         added: dict[int, int] = {}  # entries that existed before: position -> count to add
         size = self.page_size
@@ -142,6 +150,8 @@ class PenaltyPool:
         (folded up to date) with params[r]: repetition over every listed token, then
         frequency and presence by output count, the arithmetic of ``afd.sampler.apply_penalties``
         on just those entries. Host work is O(rows); device work O(listed entries)."""
+        import torch
+
         sizes = [s.num_entries for s in states]
         total = sum(sizes)
         if total == 0:
@@ -179,6 +189,8 @@ class PenaltyPool:
         [N, V] logits and t's entry in the pool (0 if unlisted); [5, D] fp32: repetition,
         frequency, presence, t's occurrences among the drafts, whether the state lists t), or
         None when no row has drafts. Host work O(drafts)."""
+        import torch
+
         flat, slot, has, add, rep, freq, pres = [], [], [], [], [], [], []
         for row, state, p, history in zip(rows, states, params, histories):
             drafts = row_drafts(history)
@@ -203,6 +215,8 @@ class PenaltyPool:
         their penalised values from ``before`` (the values there before ``apply``): the
         arithmetic of ``afd.sampler.apply_penalties``, seen, with count = the state's count +
         the occurrences among the drafts (integers: exact in fp32)."""
+        import torch
+
         index, (rep, freq, pres, add, has) = corrections
         counts = torch.where(has > 0, self.counts.view(-1)[index[1]], 0.0) + add
         _penalise(out, index[0], before, rep, freq, pres, counts)
@@ -214,6 +228,8 @@ def _penalise(out: torch.Tensor, places: torch.Tensor, v: torch.Tensor, rep: tor
     arithmetic, in its order: repetition, then frequency x count, then presence): the one
     body behind ``PenaltyPool.apply`` and ``apply_drafts``, so verify rows stay bit for bit
     the plain step's."""
+    import torch
+
     v = torch.where(v > 0, v / rep, v * rep)
     v = v - freq * counts
     v = v - pres * (counts > 0)

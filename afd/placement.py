@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 
 Table = tuple[tuple[int, ...], ...]  # [rank][slot] -> logical expert
@@ -181,6 +183,8 @@ class ExpertPlacement:
 
         A replicated expert's copy is picked by token index, spreading its load evenly.
         """
+        import torch
+
         rank, slot, copies = tables or self.lookup_tables(layer)
         ids = topk_ids.long()
         token = torch.arange(ids.shape[0], device=ids.device)[:, None]
@@ -189,6 +193,8 @@ class ExpertPlacement:
 
 
 def _lookup(table: Table, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torch
+
     copies = [[] for _ in range(num_experts)]
     for r, held in enumerate(table):
         for s, e in enumerate(held):

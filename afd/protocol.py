@@ -34,7 +34,7 @@ from typing import Annotated, Any, NamedTuple, NotRequired, TypedDict, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from afd.core import CoreStats
+from afd.core_stats import CoreStats
 from afd.sampling_params import SamplingParams, TokenId
 from afd.sequence import CoreOutput, CoreRequest
 

@@ -13,11 +13,13 @@ Nothing is read from disk, so a dummy or FP8 model moves its weights as they are
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from afd.eplb import check_counts, from_load, imbalance
 from afd.placement import ExpertPlacement, Table
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 NO_EPOCH = -(2**62)  # what FFN ranks vote for the attention ranks' lowest pending epoch
 
@@ -92,6 +94,8 @@ def width(tables: list[Table]) -> int:
 def tables_tensor(tables: list[Table]) -> torch.Tensor:
     """[layers, F, width] int64: every MoE layer's table (``all_tables``), -1 past a rank's
     last slot (what attention rank 0 broadcasts to the FFN ranks)."""
+    import torch
+
     out = torch.full((len(tables), len(tables[0]), width(tables)), -1, dtype=torch.long)
     for layer, table in enumerate(tables):
         for r, held in enumerate(table):
@@ -107,6 +111,8 @@ def tables_of(tensor: torch.Tensor) -> list[Table]:
 
 def broadcast_tables(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
     """The tables from global rank ``src`` (attention rank 0) to every rank of ``group``."""
+    import torch.distributed as dist
+
     dist.broadcast(tensor, src, group=group)
     return tensor
 
@@ -143,6 +149,9 @@ def move_experts(tensors: list[torch.Tensor], plan: list[tuple[int, int, int, in
     Only the slots that change are built beside the old (at most one layer's slots of extra
     memory; a few slots for a rebalance that moves a few), from the old contents, and copied
     in once every transfer is done. Returns how many slots this rank received from others."""
+    import torch
+    import torch.distributed as dist
+
     mine = [step for step in plan if me in (step[0], step[2])]
     if not mine:
         return 0
@@ -172,4 +181,6 @@ def move_experts(tensors: list[torch.Tensor], plan: list[tuple[int, int, int, in
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous slot's storage as uint8 (gloo moves no float8)."""
+    import torch
+
     return t.view(torch.uint8) if t.dtype != torch.uint8 else t

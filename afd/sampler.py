@@ -24,15 +24,17 @@ with ``draw_step_seed``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
-import torch
 
 from afd.penalties import PenaltyPool, PenaltyState
 from afd.sampling_params import MAX_LOGPROBS, SamplingParams, TokenId
 from afd.token_masks import (NO_TOKEN, apply_bans, apply_grammar_masks, no_token_left,
                               row_drafts)
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -45,6 +47,8 @@ def rank_seed(seed: int, rank: int) -> int:
 def draw_step_seed(generator: torch.Generator) -> int:
     """The seed of one sampling step of a seeded request: what each step takes from its
     generator."""
+    import torch
+
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
@@ -54,6 +58,8 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
     output tokens, its stop ids (histories[i][2]: EOS unless ignored, stop_token_ids) at -inf
     (a verify row's drafts before it, histories[i][3], count as output). Returns a new fp32
     tensor, or ``logits`` itself when there is nothing to add."""
+    import torch
+
     rows, cols, values = [], [], []
     for i, p in enumerate(params):
         for token, bias in (p.logit_bias or {}).items():
@@ -79,6 +85,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
 
     The plain reference, rebuilt from each row's whole history over the whole vocabulary; the
     sampler keeps per-sequence state instead (``afd.penalties``) and must match this."""
+    import torch
+
     rows = [i for i, p in enumerate(params) if p.penalized]
     vocab, dev = logits.shape[1], logits.device
     out = logits.float().clone()
@@ -170,6 +178,8 @@ def score_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tens
     at least as likely, itself included), then the ids of the k likeliest and their logprobs.
     float64 holds ids and ranks (below 2**53) exactly beside the fp32 values, so one transfer
     brings everything to the host."""
+    import torch
+
     logprobs = logits.float().log_softmax(dim=-1)
     # A NaN row's -1 reads column 0: its request fails, its logprobs are never looked at.
     chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])
@@ -183,6 +193,8 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     """The sampled ``tokens`` [N] with the logprobs their params ask for, from the raw
     ``logits`` [N, V] (vLLM's default: before penalties, temperature and filters). Only the rows
     that ask pay for a log_softmax (in fp32); everything comes to the host in one transfer."""
+    import torch
+
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     sampled = tokens
     if len(rows) < len(params):
@@ -255,6 +267,8 @@ class Sampler:
         """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
         logits: before logit_bias, penalties, temperature and the filters, as vLLM; after the
         grammar's mask, which vLLM applies before its sampler too)."""
+        import torch
+
         # What the rows ask for, in one pass over them (a batch usually shares a few params
         # objects: each is looked at once).
         rows, banned, biased, penalized, logprobs = [], set(), False, False, False
@@ -309,6 +323,8 @@ class Sampler:
         state without its drafts, then its draft tokens are corrected to what the history with
         them gives (``PenaltyPool.draft_corrections``). Without a state for every penalised
         row, the reference (``apply_penalties``) counts each history whole."""
+        import torch
+
         rows = [i for i, p in enumerate(params) if p.penalized]
         states = [penalties[i] for i in rows] if penalties is not None else [None]
         if any(s is None for s in states):
@@ -330,6 +346,8 @@ class Sampler:
         return out
 
     def _generator(self, table: dict, device: torch.device) -> torch.Generator:
+        import torch
+
         gen = table.get(device)
         if gen is None:
             gen = table[device] = torch.Generator(device=device).manual_seed(self.seed)
@@ -337,6 +355,8 @@ class Sampler:
 
     def _noise(self, shape: torch.Size, device: torch.device,
                generators: list[torch.Generator | None]) -> torch.Tensor:
+        import torch
+
         noise = torch.empty(shape, device=device)
         if any(g is None for g in generators):
             noise.exponential_(generator=self._generator(self._shared, device))
@@ -350,6 +370,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
+        import torch
+
         n, vocab = logits.shape
         dev = logits.device
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, TypedDict
+from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 
 import msgspec
-import torch
 
 from afd.block_pool import BlockKeys
 from afd.outputs import RequestMetrics
 from afd.penalties import PenaltyState
 from afd.sampler import PromptLogprobs
 from afd.sampling_params import SamplingParams, TokenId
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 
 class Status(enum.Enum):
@@ -77,6 +79,8 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
 
 class Sequence:
     def __init__(self, req: CoreRequest, max_model_len: int):
+        import torch
+
         self.request_id = req.request_id
         self.token_ids: list[int] = list(req.prompt_token_ids)
         self.num_prompt_tokens = len(req.prompt_token_ids)

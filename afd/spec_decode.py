@@ -67,12 +67,14 @@ the target's (``afd.kv_transfer``) and the draft after the first token goes with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from afd.sampler import draw_step_seed
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 METHODS = ("ngram", "mtp")
 _SPELLINGS = {"[ngram]": "ngram", "deepseek_mtp": "mtp"}  # vLLM's other names

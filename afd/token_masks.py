@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from afd.sampling_params import MAX_BAD_WORDS, ParamError, SamplingParams
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
+
     from afd.structured_output import GrammarState
 
 NO_TOKEN = -2  # the sampler's token for a row whose masks allow nothing
@@ -29,6 +29,8 @@ def apply_grammar_masks(logits: torch.Tensor,
     """``logits`` [N, V] with each grammar row's disallowed tokens at -inf, as a new fp32
     tensor. The matchers write a bitmask on the host ([rows, ceil(V'/32)] int32, V' the
     tokenizer's vocabulary); it crosses to the device in one copy and is unpacked there."""
+    import torch
+
     rows = [i for i, g in enumerate(grammars) if g is not None]
     n, vocab = logits.shape
     words = grammars[rows[0]].words
@@ -67,6 +69,8 @@ def apply_bans(logits: torch.Tensor, params: list[SamplingParams], histories: li
     bad_words ban next at -inf. ``own``: ``logits`` is this step's own fp32 copy (changed in
     place); otherwise a copy is made. histories[i]: (token ids, number of prompt tokens, stop
     ids[, a verify row's drafts before it: output tokens after the ids])."""
+    import torch
+
     out = logits if own else logits.to(torch.float32, copy=True)
     dev, vocab = out.device, out.shape[1]
     allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
@@ -95,6 +99,8 @@ def apply_bans(logits: torch.Tensor, params: list[SamplingParams], histories: li
 
 def no_token_left(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """[N] bool: which of ``rows`` have every logit at -inf (their masks allow nothing)."""
+    import torch
+
     dead = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     index = torch.tensor(rows).to(logits.device, non_blocking=True)
     dead[index] = torch.isneginf(logits.index_select(0, index)).all(dim=-1)

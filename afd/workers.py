@@ -23,16 +23,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
 import zmq
 
 from afd import protocol
 from afd.config import EngineConfig, engine_config_from_dict, engine_config_to_dict
 from afd.placement import ExpertPlacement
-from afd.transport import ExpertGroups, TorchExpertServer, TorchTransport
 from models.config import ModelConfig
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
+
+    from afd.transport import ExpertGroups
 
 log = logging.getLogger("afd.worker")
 
@@ -113,6 +116,10 @@ class Groups:
 
     def __init__(self, layout: Layout, micro_batches: int, timeout: datetime.timedelta,
                  device: torch.device | None = None, prefill_expert_parallel: bool = False):
+        import torch.distributed as dist
+
+        from afd.transport import ExpertGroups
+
         self.step = None
         self.experts: ExpertGroups | None = None
         self.prefill_step = self.prefill_experts = None
@@ -137,6 +144,9 @@ def start_device_backend(group, device: torch.device) -> None:
     rebalance's expert moves (afd.rebalance.move_experts), which are batched point-to-point
     between FFN ranks alone: torch leaves a first NCCL call of the group that not every rank
     joins undefined (the communicator's creation waits for all of them: a hang)."""
+    import torch
+    import torch.distributed as dist
+
     if device.type == "cuda" and "nccl" in str(dist.get_backend(group)):
         dist.all_reduce(torch.zeros(1, device=device), group=group)
 
@@ -347,6 +357,8 @@ def core_config(spec: WorkerSpec, device: torch.device,
 def ranks_on_device(spec: WorkerSpec, device: torch.device) -> int:
     """How many ranks of this node use ``device`` (``_device``: local rank modulo the GPU
     count): several ranks on one GPU (a one-GPU run of a layout) split its memory."""
+    import torch
+
     if device.type != "cuda":
         return 1
     if spec.local_rank is None:  # the front end started every rank on this node
@@ -390,6 +402,8 @@ def loopback_gloo_env() -> dict[str, str]:
 
 
 def _device(cfg: EngineConfig, local_rank: int) -> torch.device:
+    import torch
+
     if cfg.device.startswith("cuda"):
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -401,6 +415,8 @@ def backend_for(device: torch.device) -> str:
     device (torch's "cpu:gloo,cuda:nccl"): the step vote and a rebalance's tables are small
     host tensors, which NCCL refuses. Plain NCCL failed the first vote of any layout with FFN
     ranks. gloo alone on CPU, and where ranks share one GPU (NCCL refuses that)."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         return "cpu:gloo,cuda:nccl"
     return "gloo"
@@ -410,6 +426,9 @@ def join_process_group(device: torch.device, **kwargs) -> None:
     """``dist.init_process_group`` with ``backend_for(device)``; where that takes NCCL, this
     process's current CUDA device is set to ``device`` first (NCCL's batched point-to-point
     and barriers run on the current device: cuda:0 on every rank otherwise)."""
+    import torch
+    import torch.distributed as dist
+
     backend = backend_for(device)
     if "nccl" in backend:
         torch.cuda.set_device(device)
@@ -455,6 +474,9 @@ def worker_main(spec: WorkerSpec, key: bytes, init_distributed: bool = True,
     engine's control key (every message to and from the front end is sealed with it).
     ``before_exit`` may return a non-zero exit status, taken where the rank itself ended
     cleanly (launch/serve.py's rank 0: its front end failed)."""
+    import torch
+    import torch.distributed as dist
+
     watch_parent()
     torch.set_num_threads(spec.threads)
     role, index = spec.layout.role_of(spec.rank)
@@ -553,6 +575,8 @@ def freeze_gc(who: str) -> int:
 def _transport_classes(name: str) -> tuple[type, type]:
     """(attention side, FFN side) of the transport called ``name``."""
     if name == "torch":
+        from afd.transport import TorchExpertServer, TorchTransport
+
         return TorchTransport, TorchExpertServer
     if name == "deepep":
         from afd.deepep import DeepEPExpertServer, DeepEPTransport

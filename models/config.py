@@ -19,12 +19,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models.quant_mx import check_v4_quantization
 from models.quant_int4 import Int4Config, int4_config
+
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 log = logging.getLogger("afd.models")
 
@@ -125,6 +126,8 @@ class RopeConfig:
 
     def inv_freq_and_scale(self) -> tuple[torch.Tensor, float]:
         """Inverse frequencies [dim/2] (fp32) and the factor cos/sin are multiplied by."""
+        import torch
+
         exponents = torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim
         pos_freqs = self.theta**exponents
         if self.kind == "default":
@@ -278,7 +281,7 @@ class LinearAttentionConfig:
     def state_bytes(self, dtype: torch.dtype) -> int:
         """One sequence's state over every linear layer (conv state in ``dtype``, the
         recurrent state in fp32): a fixed cost per state slot."""
-        conv = self.conv_dim * (self.conv_kernel - 1) * torch.empty((), dtype=dtype).element_size()
+        conv = self.conv_dim * (self.conv_kernel - 1) * dtype.itemsize
         recurrent = self.num_v_heads * self.k_head_dim * self.v_head_dim * 4
         return len(self.linear_layers) * (conv + recurrent)
 
@@ -452,18 +455,22 @@ class ModelConfig:
         return parse_dtype(self.dtype)
 
 
+# dtype names afd takes -> torch's (getattr(torch, name)): names, so that parsing a config needs
+# no torch (the HTTP front end runs no model)
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     try:
-        return _DTYPES[str(name).removeprefix("torch.")]
+        return getattr(torch, _DTYPES[str(name).removeprefix("torch.")])
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
 

@@ -15,9 +15,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 VERSION = "1"
 
@@ -165,6 +166,8 @@ def build_tokenizer_files(folder: str, vocab_size: int,
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """A random weight whose scale keeps activations O(1) so outputs vary from token to token."""
+    import torch
+
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name.endswith("e_score_correction_bias"):
@@ -210,6 +213,9 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def build_checkpoint(folder: str, cfg: dict | None = None, seed: int = 0) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     cfg = dict(cfg or TINY_DEEPSEEK_V3)
     gen = torch.Generator().manual_seed(seed)
     tensors = {name: random_tensor(name, shape, gen)
@@ -229,6 +235,9 @@ def add_mtp_layer(folder: str, seed: int = 1, constant: bool = False) -> None:
     the target's and the MTP layer's final norms, so every logit is 0, greedy emits token 0
     forever and every MTP draft is right (a best case for benchmarks, not a real model). The
     embedded default model itself has no MTP layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     layers, h, vocab = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]

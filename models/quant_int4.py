@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 PACK = 8  # 4-bit values per int32
 PARTS = ("weight_packed", "weight_scale", "weight_shape")
@@ -154,6 +155,8 @@ def int4_config(quant: dict[str, Any] | None) -> Int4Config | None:
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """int32 [out, ceil(in / 8)] -> int8 [out, in] values in -8..7 (see the module docstring)."""
+    import torch
+
     rows, cols = shape
     if packed.dtype != torch.int32 or tuple(packed.shape) != (rows, -(-cols // PACK)):
         raise ValueError(f"weight_packed is {packed.dtype} {tuple(packed.shape)}; weight_shape "
@@ -164,10 +167,13 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
-                    group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [out, in] in ``dtype``: each unpacked value times its row's scale of its
-    group of ``group_size`` input columns (computed in fp32: a 4-bit value times a bf16 or
-    fp32 scale is exact there, so the result is the scale dtype's product, rounded once)."""
+                    group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight [out, in] in ``dtype`` (None: fp32): each unpacked value times its row's
+    scale of its group of ``group_size`` input columns (computed in fp32: a 4-bit value times a
+    bf16 or fp32 scale is exact there, so the result is the scale dtype's product, rounded
+    once)."""
+    import torch
+
     rows, cols = shape
     groups = -(-cols // group_size)
     if tuple(scale.shape) != (rows, groups):
@@ -175,7 +181,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int,
                          f"of {group_size} input columns needs {(rows, groups)}")
     q = unpack_int4(packed, shape).float()
     per_column = scale.float().repeat_interleave(group_size, dim=1)[:, :cols]
-    return (q * per_column).to(dtype)
+    return (q * per_column).to(torch.float32 if dtype is None else dtype)
 
 
 @dataclass(frozen=True)
@@ -186,11 +192,12 @@ class PackedWeight:
     files: tuple[tuple[str, str], ...]  # (part, file) for each of PARTS
     group_size: int
 
-    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              open_files: dict[str, Any] | None = None) -> torch.Tensor:
-        """The dequantized weight, computed on ``device``; ``open_files``: file -> its open
-        ``safe_open`` handle, used where a part is in one of them (a shard's header is read
-        again by each open: K2-Thinking has about 69,000 packed tensors)."""
+        """The dequantized weight (in ``dtype``; None: fp32), computed on ``device``;
+        ``open_files``: file -> its open ``safe_open`` handle, used where a part is in one of
+        them (a shard's header is read again by each open: K2-Thinking has about 69,000 packed
+        tensors)."""
         from safetensors import safe_open
 
         parts = {}

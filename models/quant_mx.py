@@ -26,13 +26,14 @@ the low bits of the smaller groups (e4m3 rounds them to nearest even, to 0 past 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
+    import torch
 
 # e2m1 by nibble (bit 3 the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_GROUP = 32  # values along the input dim that share one E8M0 scale
 E8M0_BIAS = 127
 E4M3_SPAN = 14  # group exponents a block may span for the FP8 conversion to be exact (above)
@@ -75,6 +76,8 @@ def check_v4_quantization(raw: dict[str, Any]) -> str | None:
 def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """E8M0 scales (float8_e8m0fnu, or their raw bytes as uint8) -> fp32 2^(byte - 127); the
     byte 0xFF (NaN) is refused naming ``name``."""
+    import torch
+
     raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
     if raw.dtype != torch.uint8:
         raise MxFormatError(f"{name}: an E8M0 scale must be float8_e8m0fnu (or uint8), got "
@@ -87,12 +90,16 @@ def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """int8/uint8 [..., K/2] -> fp32 [..., K]: column 2j from byte j's low nibble, 2j+1 from its
     high nibble."""
+    import torch
+
     raw = packed.view(torch.uint8).long()
-    table = E2M1.to(packed.device)
+    table = torch.tensor(E2M1, device=packed.device)
     return torch.stack([table[raw & 0xF], table[raw >> 4]], dim=-1).flatten(-2)
 
 
 def _group_scales(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    import torch
+
     cols = 2 * packed.shape[-1]
     if (packed.dtype not in (torch.int8, torch.uint8) or cols % MX_GROUP
             or tuple(scale.shape) != (*packed.shape[:-1], cols // MX_GROUP)):
@@ -113,6 +120,8 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 def _block_exponents(groups: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Group scales [N, K/32] -> each [bn, bk] block's largest group exponent [nr, nc]."""
+    import torch
+
     bn, bk = block
     per = bk // MX_GROUP
     rows, gcols = groups.shape
@@ -127,6 +136,8 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, scale: torch.Tensor, block: tuple[
     """MXFP4 [N, K/2] + scales [N, K/32] -> (e4m3 [N, K], fp32 block scales [ceil(N/bn),
     ceil(K/bk)]) in ``kernels.fp8``'s layout; exact where a block's group exponents span at most
     ``E4M3_SPAN`` (module docstring). ``block``'s columns: a multiple of 32."""
+    import torch
+
     if block[1] % MX_GROUP:
         raise MxFormatError(f"{name}: FP8 block {block} must have a multiple of {MX_GROUP} "
                             "columns to hold whole MXFP4 groups")
@@ -142,6 +153,8 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, scale: torch.Tensor, block: tuple[
 def conversion_loss(packed: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> int:
     """How many values ``mxfp4_to_fp8_blocks`` does not keep exactly (0 where every block's
     group exponents span at most ``E4M3_SPAN``)."""
+    import torch
+
     from kernels.fp8 import dequantize_blocks
 
     q, s = mxfp4_to_fp8_blocks(packed, scale, block)

@@ -198,7 +198,7 @@ def test_outputs_land_in_the_shared_buffers_unchanged(dtype):
     static outputs every size shares, equal to what a forward that allocates them gives."""
     from dataclasses import replace
 
-    from afd.expert_load import RoutedTap
+    from afd.cuda_graphs import RoutedTap
     from afd.kv_cache import allocate_kv_caches
     from models.model import LocalExperts
     from models.weights import load_model

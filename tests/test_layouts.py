@@ -2028,6 +2028,35 @@ def test_a_failed_start_leaves_no_control_socket_folder(tmp_path, monkeypatch):
     assert os.listdir(deep) == []
 
 
+def test_work_done_while_the_ranks_start_fails_the_start_when_it_fails(tmp_path, monkeypatch):
+    """``while_waiting`` (the front end's check of the tokenizer it loads while the ranks
+    start): what it raises fails the start at once, named, as a rank's failure would, and the
+    control sockets' folder goes with it; called while no rank has said it is ready."""
+    import tempfile
+
+    from afd import protocol
+    from afd.layouts import MultiRankClient, RankFailure
+    from afd.workers import Layout
+
+    engine_cfg, model_cfg = _client_args(tmp_path)
+    short = tmp_path / "t"
+    short.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    calls = []
+
+    def tokenizer_failed():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("no tokenizer files in '/x'")
+
+    with pytest.raises(RankFailure, match=r"while the ranks started: ValueError: no tokenizer "
+                                          r"files in '/x'"):
+        MultiRankClient(engine_cfg, model_cfg, Layout(0, 1, 0), attach=lambda t: None,
+                        control_key=protocol.new_key(), startup_timeout_s=600,
+                        while_waiting=tokenizer_failed)
+    assert len(calls) == 2 and os.listdir(short) == []
+
+
 def test_a_rank_on_another_machine_than_the_control_sockets_says_so(tmp_path):
     """A rank given one node's Unix-domain control sockets (a loopback control host) that
     are not on its machine fails at once naming --control-host, instead of waiting at a path

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1409,3 +1411,65 @@ def test_deeply_nested_bodies_are_400s_on_every_route():
     finally:
         engine.shutdown()
         llm.shutdown()
+
+
+FRONT_END_IMPORTS = """
+import runpy, sys
+sys.argv = ["afd.api_server", "--help"]
+try:
+    runpy.run_module("afd.api_server", run_name="__main__")  # as python -m afd.api_server
+except SystemExit:
+    pass
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_the_front_end_entry_imports_no_torch():
+    """``python -m afd.api_server`` (the front end rank 0 starts, in every layout) runs no
+    model: its imports (the module's and main's, which run before its flags are read) leave
+    torch out, about 2 s of its start on a CPU (docs/measured.md)."""
+    done = subprocess.run([sys.executable, "-c", FRONT_END_IMPORTS], capture_output=True,
+                          text=True, timeout=120, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
+def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, capsys):
+    """The front end publishes the rank spec (which every rank waits for) before it loads its
+    tokenizer, which loads while the ranks start: transformers' AutoTokenizer imports torch,
+    seconds the ranks would otherwise wait. Its main() run to the point where it builds the
+    client of the ranks (a stand-in here, which stops it)."""
+    import afd.layouts
+    import afd.llm
+    import afd.workers
+    from afd import api_server, protocol
+    from afd.config import engine_config_to_dict, resolve_engine_config
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    cfg = engine_config_to_dict(resolve_engine_config(path, load_config(path)))
+    events, loaded = [], threading.Event()
+
+    def load_tokenizer(*args):
+        events.append("tokenizer")
+        loaded.set()
+
+    class Client:
+        def __init__(self, *args, attach, while_waiting, **kwargs):
+            events.append("spec")
+            attach(type("Spec", (), {"to_json": lambda self: "{}"})())
+            assert loaded.wait(60)  # the front end loads it in a thread of its own
+            raise SystemExit(7)
+
+    monkeypatch.setattr(afd.llm, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(afd.layouts, "MultiRankClient", Client)
+    monkeypatch.setattr(afd.workers, "watch_parent", lambda: None)
+    monkeypatch.setenv(protocol.KEY_ENV, protocol.new_key().hex())
+    monkeypatch.setattr(sys, "argv", ["afd.api_server", "--engine-config", json.dumps(cfg),
+                                      "--layout", "0,1,0"])
+    with pytest.raises(SystemExit) as stopped:
+        api_server.main()
+    assert stopped.value.code == 7
+    assert events == ["spec", "tokenizer"]
+    assert capsys.readouterr().out.startswith(api_server.SPEC_MARKER + "{}")
