@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -1415,9 +1416,9 @@ def main() -> None:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # listening: only now is the server ready
-                log.info("afd serving %s on %s://%s:%d%s (layout P=%d A=%d F=%d); ready", name,
-                         "https" if options.ssl_certfile else "http", args.host, args.port,
-                         options.root_path, layout.prefill, layout.attention, layout.ffn)
+                log.info("%s", serving_line(name, "https" if options.ssl_certfile else "http",
+                                            args.host, listening_port(self, args.port),
+                                            options.root_path, layout))
 
     server = Server(uvicorn_config(build_app(state), options, args.host, args.port))
 
@@ -1450,6 +1451,26 @@ def main() -> None:
         state.engine.shutdown()
         log.info("front end stopped")
     sys.exit(0)
+
+
+SERVING_LINE = re.compile(r"afd serving .* on (https?)://(\S+):(\d+)\S* \(layout P=")
+
+
+def serving_line(name: str, scheme: str, host: str, port: int, root_path: str,
+                 layout) -> str:
+    """The front end's "ready" log line, naming the port it listens on (the one the OS picked
+    for --port 0), which ``SERVING_LINE`` finds (bench/server_proc.py reads it)."""
+    return (f"afd serving {name} on {scheme}://{host}:{port}{root_path} (layout "
+            f"P={layout.prefill} A={layout.attention} F={layout.ffn}); ready")
+
+
+def listening_port(server, asked: int) -> int:
+    """The port a started uvicorn ``server`` listens on: ``asked``, or for 0 the one the OS
+    picked."""
+    for srv in getattr(server, "servers", ()):
+        for sock in srv.sockets:
+            return sock.getsockname()[1]
+    return asked
 
 
 def log_stats_interval() -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +14,9 @@ import httpx
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # this checkout's afd
+from afd.api_server import SERVING_LINE  # noqa: E402
 
 
 class LocalServer:
@@ -31,21 +27,28 @@ class LocalServer:
         (``nproc`` unused). ``env``: variables set for the server besides this process's.
         ``wait=False``: return once the server's process is started; ``wait_healthy`` then
         waits for it (so that two servers, or a server and the caller's own work, start at
-        once). ``timeout_s`` counts from the start either way."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        once). ``timeout_s`` counts from the start either way.
+
+        No port is picked here: the server is started with ``--port 0`` and binds one the OS
+        picks, which its front end logs (``SERVING_LINE``); ``wait_healthy`` reads it from the
+        log into ``port`` and ``url`` (None until then). A port picked here and closed for the
+        server to bind later (minutes later: once every rank is up) could be taken meanwhile
+        by another process, another test's server among them. torchrun's rendezvous store
+        takes an OS-picked port too (``--standalone``, on 127.0.0.1)."""
+        self.port: int | None = None
+        self.url: str | None = None
         cwd, env = ROOT, {**os.environ, **(env or {})}
         if afd_serve:
-            cmd = [sys.executable, "-m", "afd.cli", "serve", "--port", str(self.port), *flags]
+            cmd = [sys.executable, "-m", "afd.cli", "serve", "--port", "0", *flags]
             cwd = tempfile.gettempdir()
             env["PYTHONPATH"] = os.pathsep.join(
                 [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(free_port()), os.path.join(ROOT, "launch", "serve.py"),
-                   "--port", str(self.port), *flags]
-        self.log = tempfile.NamedTemporaryFile("w", prefix=f"afd-server-{self.port}-",
-                                               suffix=".log", delete=False)
+                   "--standalone", "--local-addr", "127.0.0.1",
+                   os.path.join(ROOT, "launch", "serve.py"), "--port", "0", *flags]
+        self.log = tempfile.NamedTemporaryFile("w", prefix="afd-server-", suffix=".log",
+                                               delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
                                      env=env)
         self._deadline, self._timeout_s = time.monotonic() + timeout_s, timeout_s
@@ -54,22 +57,34 @@ class LocalServer:
             self.wait_healthy()
 
     def wait_healthy(self) -> LocalServer:
-        """Wait until ``/health`` answers 200 (at most until ``timeout_s`` after the start;
-        then the server is stopped and TimeoutError raised; RuntimeError if it exited).
-        Returns the server."""
+        """Wait until the front end has logged its port and ``/health`` answers 200 (at most
+        until ``timeout_s`` after the start; then the server is stopped and TimeoutError
+        raised; RuntimeError if it exited). Returns the server."""
         while not self._healthy and time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.tail()}")
-            try:
-                self._healthy = httpx.get(self.url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                pass
+            if self.port is None:
+                self._read_port()
+            if self.port is not None:
+                try:
+                    self._healthy = httpx.get(self.url + "/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    pass
             if not self._healthy:
                 time.sleep(0.1)
         if not self._healthy:
             self.stop()
             raise TimeoutError(f"server not healthy in {self._timeout_s}s:\n{self.tail()}")
         return self
+
+    def _read_port(self) -> None:
+        """``port`` and ``url`` from the front end's ready line in the log, once it is there."""
+        self.log.flush()
+        with open(self.log.name) as f:
+            found = SERVING_LINE.search(f.read())
+        if found is not None:
+            self.port = int(found.group(3))
+            self.url = f"http://127.0.0.1:{self.port}"
 
     def tail(self, chars: int = 3000) -> str:
         self.log.flush()

@@ -95,7 +95,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--attention", type=int, default=1)
     ap.add_argument("--ffn", type=int, default=0)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=int, default=8000,
+                    help="the HTTP port (default 8000); 0: a free one the OS picks, which the "
+                         "front end logs ('afd serving MODEL on http://HOST:PORT ...; ready')")
     ap.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"),
                     help="key clients send as 'Authorization: Bearer KEY' (default: "
                          "$AFD_API_KEY; unset: no key checked)")
@@ -271,6 +273,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                              ("--ffn", args.ffn, 0)):
         if value < low:
             ap.error(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in [0, 65535] (0: a free port the OS picks), got {args.port}")
     if not args.disable_log_stats:
         try:  # read by the front end, which starts once every rank is up: checked now
             log_stats_interval()

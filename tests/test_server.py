@@ -85,15 +85,21 @@ def draining(_servers):
 
 def test_a_server_started_without_waiting_is_waited_for_later(monkeypatch):
     """bench/server_proc.LocalServer(wait=False), which starts this module's servers at once:
-    it returns once the process is started, without asking /health; wait_healthy then asks
-    until a 200 (once healthy, at once), and names a server that exited."""
+    it returns once the process is started, without asking /health; wait_healthy then reads
+    the port from the front end's ready line, asks until a 200 (once healthy, at once), and
+    names a server that exited."""
     import server_proc
+
+    from afd.api_server import serving_line
+    from afd.workers import Layout
 
     asked = []
 
     class Proc:
-        def __init__(self, cmd, **kwargs):
+        def __init__(self, cmd, **kwargs):  # the front end's ready line, at once
             self.code = None
+            kwargs["stdout"].write(serving_line("m", "http", "127.0.0.1", 1234, "",
+                                                Layout(0, 1, 0)) + "\n")
 
         def poll(self):
             return self.code
@@ -114,7 +120,9 @@ def test_a_server_started_without_waiting_is_waited_for_later(monkeypatch):
     exited = LocalServer("--port-probe", wait=False)
     try:
         assert asked == []
+        assert server.url is None  # until the front end says which port it got
         assert server.wait_healthy() is server and asked == [server.url + "/health"] * 3
+        assert server.url == "http://127.0.0.1:1234"
         assert server.wait_healthy() is server and len(asked) == 3
         exited.proc.code = 1
         with pytest.raises(RuntimeError, match="server exited early"):
@@ -123,6 +131,71 @@ def test_a_server_started_without_waiting_is_waited_for_later(monkeypatch):
         for s in (server, exited):
             s.log.close()
             os.unlink(s.log.name)
+
+
+# a stand-in for a server: binds --port as uvicorn does (SO_REUSEADDR: a port another process
+# listens on is refused), logs the front end's ready line, answers every GET with 200
+STAND_IN = r"""
+import http.server, sys
+from afd.api_server import serving_line
+from afd.workers import Layout
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+try:
+    srv = http.server.HTTPServer(("127.0.0.1", port), Health)
+except OSError as exc:
+    sys.exit(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}")
+print(serving_line("m", "http", "127.0.0.1", srv.server_address[1], "", Layout(0, 1, 0)),
+      flush=True)
+srv.serve_forever()
+"""
+
+
+@pytest.mark.parametrize("afd_serve", [False, True])
+def test_no_port_is_picked_for_a_server_that_another_process_could_take(afd_serve,
+                                                                         monkeypatch):
+    """bench/server_proc.LocalServer used to pick a free port (bind 0, close) and pass it to
+    the server, whose front end binds it only once every rank is up: meanwhile another process
+    (another server starting beside it) could take it. Here another process takes every port
+    named on the server's command line the moment the server starts (that window, made
+    certain); the server still comes up, on the port the OS gave it, which LocalServer reads
+    from its ready line."""
+    import server_proc
+
+    taken = []
+
+    def popen(cmd, **kwargs):
+        port = int(cmd[cmd.index("--port") + 1])
+        if port:  # a port picked beforehand: someone else binds it first
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1)
+            taken.append(sock)
+        return subprocess.Popen([sys.executable, "-c", STAND_IN, "--port", str(port)], **kwargs)
+
+    monkeypatch.setattr(server_proc, "subprocess", type("S", (), {
+        "Popen": staticmethod(popen), "STDOUT": subprocess.STDOUT,
+        "TimeoutExpired": subprocess.TimeoutExpired}))
+    server = LocalServer(afd_serve=afd_serve, timeout_s=60, wait=False)
+    try:
+        server.wait_healthy()
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+        os.unlink(server.log.name)
+        for sock in taken:
+            sock.close()
 
 
 def client(server: LocalServer, key: str = "none") -> openai.OpenAI:
