@@ -36,6 +36,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
+from afd.api_server import SERVING_LINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Hello, my name is", "The capital of France is"]
@@ -97,8 +98,10 @@ class Nodes:
     def __init__(self, flags: list[str], nprocs: list[int], master: str,
                  node_env: list[dict[str, str]] | None = None,
                  node_cwd: list[str] | None = None):
-        self.master, self.port = master, free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port}"
+        # the HTTP port: the OS picks it (--port 0) and the front end logs it (read into
+        # port and url once healthy); the rendezvous port must be known to every node before
+        # any starts, so it is picked here, and could be taken before node 0's torchrun binds it
+        self.master, self.port, self.url = master, None, None
         master_port = free_port(master)
         self.procs: list[subprocess.Popen] = []
         self.logs = []
@@ -115,7 +118,7 @@ class Nodes:
                        "--nnodes", str(len(nprocs)), "--node-rank", str(node),
                        "--nproc-per-node", str(nproc), "--master-addr", master,
                        "--master-port", str(master_port),
-                       os.path.join(ROOT, "launch", "serve.py"), "--port", str(self.port),
+                       os.path.join(ROOT, "launch", "serve.py"), "--port", "0",
                        "--timeout", "30", "--grace-period", "20", *key_flag, *flags]
                 log = tempfile.NamedTemporaryFile("w", prefix=f"afd-node{node}-", suffix=".log",
                                                   delete=False)
@@ -138,8 +141,15 @@ class Nodes:
                 if p.poll() is not None:
                     raise RuntimeError(f"node {node} exited early ({p.returncode}):\n"
                                        f"{self.tail()}")
+            if self.port is None:
+                self.logs[0].flush()
+                with open(self.logs[0].name) as f:  # the front end is rank 0's, on node 0
+                    found = SERVING_LINE.search(f.read())
+                if found is not None:
+                    self.port = int(found.group(3))
+                    self.url = f"http://127.0.0.1:{self.port}"
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if self.url and httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
