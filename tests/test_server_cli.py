@@ -222,6 +222,20 @@ def test_help_lists_the_commands_and_their_flags(capsys):
     assert exc.value.code == 2 and "COMMAND" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_a_port_out_of_range_is_refused_naming_the_range(port, capsys):
+    """--port outside [0, 65535]: an argparse error naming --port and the range, before
+    anything starts (it was getaddrinfo's 'Servname not supported' under --host)."""
+    from launch import serve as launch_serve
+
+    with pytest.raises(SystemExit) as exc:
+        launch_serve.parse_args(["--port", port], "afd serve")
+    assert exc.value.code == 2
+    assert f"--port must be in [0, 65535] (0: a free port the OS picks), got {port}" in \
+        capsys.readouterr().err
+    assert launch_serve.parse_args(["--port", "0"], "afd serve").port == 0
+
+
 def test_afd_generate_is_python_m_afd(monkeypatch, capsys):
     """``afd generate ARGS`` runs ``python -m afd ARGS`` (afd/__main__.py's main)."""
     import afd.__main__ as m
