@@ -268,17 +268,6 @@ def check_prefill_expert_parallel(enabled: bool, prefill: int, num_experts: int)
                          f"prefill={prefill} ranks (each needs at least one)")
 
 
-def check_hybrid_layout(model_cfg: ModelConfig, prefill: int) -> None:
-    """A hybrid model (Qwen3-Next, Qwen3.5-MoE: models.hybrid) in a layout with a prefill
-    pool: refused, since a P/D transfer moves KV blocks and not the linear layers' states."""
-    if model_cfg.linear_attn is not None and prefill:
-        raise ValueError(f"prefill={prefill}: prefill/decode disaggregation is not supported "
-                         f"for {model_cfg.architecture} (model_type {model_cfg.model_type!r}): "
-                         "its linear-attention layers' per-sequence states are not transferred "
-                         "with the KV blocks; use prefill=0 (attention ranks prefill their own "
-                         "prompts)")
-
-
 def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefill: int) -> None:
     """A window pool (afd.window_pool) in a layout with a prefill pool: refused, since a P/D
     transfer moves every row of every layer and the sliding layers keep only the window's."""

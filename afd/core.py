@@ -308,6 +308,7 @@ class EngineCore:
             num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
             num_free_window_blocks=self.window.num_free if self.window is not None else 0,
             num_window_blocks=self.window.num_blocks if self.window is not None else 0,
+            num_free_state_slots=len(self.scheduler.free_state_slots or ()),
         )]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

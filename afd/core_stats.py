@@ -32,6 +32,9 @@ class CoreStats:
     # model's; 0 and 0 without one); checked >= 0 where they cross the control plane
     num_free_window_blocks: Annotated[int, Meta(ge=0)] = 0
     num_window_blocks: Annotated[int, Meta(ge=0)] = 0
+    # a hybrid model's free state slots (models.hybrid: of max_num_seqs; a P/D decode rank's
+    # receives hold theirs), 0 for other models
+    num_free_state_slots: Annotated[int, Meta(ge=0)] = 0
 
     @property
     def window_kv_usage(self) -> float | None:

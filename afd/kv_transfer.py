@@ -13,10 +13,21 @@ sides allocate their caches from one engine config, so the dtypes agree. Layer c
 different widths (GLM-5's "shared" DSA layers hold no indexer key; each DeepSeek-V4 layer
 type has its own row) go as one flat buffer, layer after layer, each layer's rows in token
 order.
+
+A hybrid linear-attention model's (models.hybrid) message also carries the sequence's state
+slot: each linear layer's conv state (run dtype) and recurrent state (fp32) as they stood after
+the prompt, which the decode rank copies into the state slot it reserved at admission. KV and
+states have different dtypes, so that message is bytes (uint8): the full-attention layers' KV
+as above, then per linear layer its conv then its recurrent state, each part starting on a
+16-byte boundary (``_parts``). One message, one tag: the deadline, the error paths, the filler
+a cancelled receive gets and the buffer sizes cover the states as they cover the KV. At
+Qwen3-Next-80B's dims (36 linear layers; conv 8192 x 3 bf16, recurrent 32 x 128 x 128 fp32)
+that is 73.7 MiB per sequence beside its KV (docs/limits.md#msg-size-caps).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from afd.sequence import CoreRequest
+
+_ALIGN = 16  # bytes: where each part of a hybrid model's message starts (any dtype's view)
 
 
 def token_slots(block_ids: list[int], num_tokens: int, block_size: int,
@@ -76,7 +89,94 @@ def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tens
             view[:, slots] = rows
 
 
-def transfer_shape(caches: list[torch.Tensor], num_tokens: int) -> tuple[int, ...]:
+def kv_layers(caches: list) -> list[torch.Tensor]:
+    """The layer caches that hold KV rows: all of them but a hybrid model's linear layers'
+    state slots (``models.hybrid.LinearStates``)."""
+    return [c for c in caches if isinstance(c, torch.Tensor)]
+
+
+def state_layers(caches: list) -> list:
+    """A hybrid model's linear layers' state slots (``LinearStates``), in layer order; []."""
+    return [c for c in caches if not isinstance(c, torch.Tensor)]
+
+
+def _parts(caches: list, num_tokens: int) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
+    """A hybrid model's message: (byte offset, shape, dtype) of its KV, then of each linear
+    layer's conv and recurrent state (one slot's)."""
+    kv = kv_layers(caches)
+    parts = [(kv_shape(kv, num_tokens), kv[0].dtype)]
+    for states in state_layers(caches):
+        parts += [(tuple(states.conv.shape[1:]), states.conv.dtype),
+                  (tuple(states.recurrent.shape[1:]), states.recurrent.dtype)]
+    out, offset = [], 0
+    for shape, dtype in parts:
+        out.append((offset, shape, dtype))
+        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    out.append((offset, (), torch.uint8))  # the end
+    return out
+
+
+def transfer_shape(caches: list, num_tokens: int) -> tuple[int, ...]:
+    """The shape of a transfer's buffer (``transfer_dtype`` its dtype): a hybrid model's is
+    bytes, its KV and states (``_parts``)."""
+    if state_layers(caches):
+        return (_parts(caches, num_tokens)[-1][0],)
+    return kv_shape(caches, num_tokens)
+
+
+def transfer_dtype(caches: list) -> torch.dtype:
+    return torch.uint8 if state_layers(caches) else caches[0].dtype
+
+
+def transfer_buffer(caches: list, num_tokens: int, device: torch.device,
+                    zeros: bool = False) -> torch.Tensor:
+    """An empty (or zeroed: a filler's) buffer of a transfer's shape and dtype on ``device``."""
+    make = torch.zeros if zeros else torch.empty
+    return make(transfer_shape(caches, num_tokens), dtype=transfer_dtype(caches), device=device)
+
+
+def gather_transfer(caches: list, slots: torch.Tensor, state_slot: int | None) -> torch.Tensor:
+    """A transfer's buffer: ``gather_kv`` of the KV layers; a hybrid model's also holds state
+    slot ``state_slot`` of each linear layer, as bytes (``_parts``)."""
+    kv = gather_kv(kv_layers(caches), slots).contiguous()
+    states = state_layers(caches)
+    if not states:
+        return kv
+    if state_slot is None:
+        raise ValueError("a hybrid model's KV transfer needs the sequence's state slot")
+    parts = _parts(caches, slots.numel())
+    buffer = torch.empty(parts[-1][0], dtype=torch.uint8, device=kv.device)
+    tensors = [kv] + [t[state_slot] for s in states for t in (s.conv, s.recurrent)]
+    for (offset, shape, dtype), tensor in zip(parts, tensors):
+        _part(buffer, offset, shape, dtype).copy_(tensor)
+    return buffer
+
+
+def scatter_states(caches: list, num_tokens: int, buffer: torch.Tensor, state_slot: int) -> None:
+    """A hybrid model's received states (``buffer``, as ``gather_transfer`` packed it) into
+    each linear layer's state slot ``state_slot``."""
+    parts = _parts(caches, num_tokens)[1:-1]
+    for i, states in enumerate(state_layers(caches)):
+        for (offset, shape, dtype), tensor in zip(parts[2 * i:2 * i + 2],
+                                                  (states.conv, states.recurrent)):
+            tensor[state_slot].copy_(_part(buffer, offset, shape, dtype))
+
+
+def transfer_kv(caches: list, num_tokens: int, buffer: torch.Tensor) -> torch.Tensor:
+    """The KV of a received buffer, as ``scatter_kv`` takes it (the whole buffer but a hybrid
+    model's, whose KV is its first part)."""
+    if not state_layers(caches):
+        return buffer
+    offset, shape, dtype = _parts(caches, num_tokens)[0]
+    return _part(buffer, offset, shape, dtype)
+
+
+def _part(buffer: torch.Tensor, offset: int, shape: tuple[int, ...],
+          dtype: torch.dtype) -> torch.Tensor:
+    return buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
+def kv_shape(caches: list[torch.Tensor], num_tokens: int) -> tuple[int, ...]:
     if not _uniform(caches):
         return (num_tokens * sum(c.shape[-1] for c in caches),)
     cache = caches[0]
@@ -135,6 +235,7 @@ class Receiving:
     buffer: torch.Tensor
     work: Completion
     started: float = field(default_factory=time.monotonic)
+    state_slot: int | None = None  # a hybrid model's: the slot its states go to, held till then
 
 
 @dataclass
@@ -145,10 +246,12 @@ class Sending:
     started: float = field(default_factory=time.monotonic)
 
 
-def post_send(caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
-              block_size: int, dst: int, tag: int, request_id: str) -> Sending:
-    slots = token_slots(block_ids, num_tokens, block_size, caches[0].device)
-    return send_buffer(gather_kv(caches, slots).contiguous(), dst, tag, request_id)
+def post_send(caches: list, block_ids: list[int], num_tokens: int, block_size: int, dst: int,
+              tag: int, request_id: str, state_slot: int | None = None) -> Sending:
+    """Send a prompt's KV (and a hybrid model's states, from ``state_slot``): the buffer is a
+    copy, so the caller may free the blocks and the slot as soon as this returns."""
+    slots = token_slots(block_ids, num_tokens, block_size, kv_layers(caches)[0].device)
+    return send_buffer(gather_transfer(caches, slots, state_slot), dst, tag, request_id)
 
 
 def sync_device(device: torch.device, backend: str) -> torch.device | None:
@@ -178,10 +281,10 @@ def send_buffer(buffer: torch.Tensor, dst: int, tag: int, request_id: str) -> Se
                               sync_device(buffer.device, backend)))
 
 
-def post_recv(caches: list[torch.Tensor], pull: Pull, block_ids: list[int]) -> Receiving:
+def post_recv(caches: list, pull: Pull, block_ids: list[int]) -> Receiving:
     backend = dist.get_backend()
-    buffer = torch.empty(transfer_shape(caches, pull.num_kv_tokens), dtype=caches[0].dtype,
-                         device=wire_device(caches[0].device, backend))
+    buffer = transfer_buffer(caches, pull.num_kv_tokens,
+                             wire_device(kv_layers(caches)[0].device, backend))
     return Receiving(pull, block_ids, buffer,
                      Completion(dist.irecv(buffer, pull.src, tag=pull.tag),
                                 sync_device(buffer.device, backend)))

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from afd import protocol
-from afd.config import (EngineConfig, check_hybrid_layout, check_layout_options,
-                        check_prefill_expert_parallel, check_window_layout)
+from afd.config import (EngineConfig, check_layout_options, check_prefill_expert_parallel,
+                        check_window_layout)
 from afd.core_stats import CoreStats, PrefixCacheStats
 from afd.expert_load import NoExpertLoadRecord, sum_records
 from afd.eplb import from_load, resolve_placement
@@ -188,7 +188,6 @@ class MultiRankClient:
                              eplb_interval_steps=eplb_interval_steps)
         check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, layout.prefill,
                                       model_cfg.num_experts)
-        check_hybrid_layout(model_cfg, layout.prefill)
         check_window_layout(engine_cfg, model_cfg, layout.prefill)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most

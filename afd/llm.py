@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
-                        check_hybrid_layout, check_window_layout, check_prefill_expert_parallel,
+                        check_window_layout, check_prefill_expert_parallel,
                         resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
@@ -215,7 +215,6 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_layout_options(**options)
     check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
                                   model_cfg.num_experts)
-    check_hybrid_layout(model_cfg, prefill)
     check_window_layout(engine_cfg, model_cfg, prefill)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from afd import protocol
 from afd.core import EngineCore
 from afd.kv_cache import cache_bytes
-from afd.kv_transfer import Pull, Receiving, post_recv, scatter_kv, token_slots
+from afd.kv_transfer import (Pull, Receiving, kv_layers, post_recv, scatter_kv, scatter_states,
+                             token_slots, transfer_kv)
 from afd.placement import ExpertPlacement
 from afd.rebalance import all_tables, broadcast_tables, check_same_slots, tables_tensor
 from afd.profiling import StageTimers
@@ -33,19 +34,24 @@ log = logging.getLogger("afd.worker")
 
 
 
-def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: torch.Tensor
-                   ) -> list[CoreOutput]:
+def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: torch.Tensor,
+                   state_slot: int | None = None) -> list[CoreOutput]:
     """A received transfer becomes a running sequence of ``core``: its KV (``buffer``, token
-    order, every layer: ``afd.kv_transfer``) scattered into ``block_ids``, its first token and,
-    with MTP, the drafts after it as the prefill rank made them; the error output of a
-    request that fails here (its blocks freed)."""
+    order, every layer: ``afd.kv_transfer``) scattered into ``block_ids``, a hybrid model's
+    linear layers' states into ``state_slot`` (reserved at admission; the sequence holds it
+    from here), its first token and, with MTP, the drafts after it as the prefill rank made
+    them; the error output of a request that fails here (its blocks and slot freed)."""
     caches = core.runner.kv_caches
-    scatter_kv(caches, token_slots(block_ids, pull.num_kv_tokens, core.cfg.block_size,
-                                   caches[0].device), buffer)
+    kv = kv_layers(caches)
+    scatter_kv(kv, token_slots(block_ids, pull.num_kv_tokens, core.cfg.block_size,
+                               kv[0].device), transfer_kv(caches, pull.num_kv_tokens, buffer))
+    if state_slot is not None:
+        scatter_states(caches, pull.num_kv_tokens, buffer, state_slot)
     seq = Sequence(pull.request, core.cfg.max_model_len)
     seq.token_ids.append(pull.first_token)  # sampled on the prefill rank
     seq.num_computed_tokens = pull.num_kv_tokens
     seq.block_ids = block_ids
+    seq.state_slot = state_slot
     if pull.drafts:  # the MTP drafts after the first token: this step verifies them
         seq.mtp_drafts, seq.mtp_drafts_for = list(pull.drafts), len(seq.token_ids)
     if seq.generator is not None:  # the prefill rank drew once from this seed
@@ -54,8 +60,15 @@ def start_decoding(core: EngineCore, pull: Pull, block_ids: list[int], buffer: t
         core.add_transferred(seq)
     except ValueError as exc:  # its grammar does not build here: this request fails alone
         core.allocator.free(seq.block_ids)
+        free_state_slot(core, state_slot)
         return [CoreOutput(seq.request_id, [], "error", None, str(exc))]
     return []
+
+
+def free_state_slot(core: EngineCore, slot: int | None) -> None:
+    """Give back a state slot a transfer reserved (``AttentionWorker._admit``)."""
+    if slot is not None:
+        core.scheduler.free_state_slots.append(slot)
 
 
 class AttentionWorker:
@@ -226,6 +239,9 @@ class AttentionWorker:
         least one, so decodes can grow; more for a resumed one mid-recompute). At most
         max_num_seqs sequences live here: a pull needs running + receiving below it and none
         waiting, and preemption and resumption only move sequences between running and waiting.
+        A hybrid model's pull also takes a state slot (one of max_num_seqs: the running
+        sequences hold the others) for its linear layers' states, held by the receive until
+        it becomes a running sequence, freed with its blocks on every failure.
         """
         alloc, sched = self.core.allocator, self.core.scheduler
         keep = sum(max(1, alloc.blocks_for(seq.num_tokens + 1) - len(seq.block_ids))
@@ -234,7 +250,8 @@ class AttentionWorker:
             pull = self.pulls[0]
             need = alloc.blocks_for(pull.num_kv_tokens + 1)
             if (sched.waiting or alloc.num_free - need < keep
-                    or len(sched.running) + len(self.receiving) >= self.core.cfg.max_num_seqs):
+                    or len(sched.running) + len(self.receiving) >= self.core.cfg.max_num_seqs
+                    or sched.free_state_slots == []):  # (a hybrid model's: one a sequence)
                 if not pull.waited:
                     pull.waited = True
                     self.timers.count("admission_waits")
@@ -242,14 +259,18 @@ class AttentionWorker:
             self.pulls.popleft()
             blocks = alloc.allocate(need)
             self.core.flush_offloads()  # what it evicted goes to the host before KV arrives
-            self.receiving[pull.request.request_id] = post_recv(self.core.runner.kv_caches, pull,
-                                                                blocks)
+            recv = post_recv(self.core.runner.kv_caches, pull, blocks)
+            if sched.free_state_slots is not None:  # its states arrive with its KV
+                recv.state_slot = sched.free_state_slots.pop()
+            self.receiving[pull.request.request_id] = recv
             self.link.send(protocol.Admitted(pull.request.request_id, pull.tag, pull.src,
                                              pull.num_kv_tokens))
 
     def _drop_receive(self, rid: str) -> None:
         recv = self.receiving.pop(rid)
         self.core.allocator.free(recv.block_ids)
+        free_state_slot(self.core, recv.state_slot)  # the buffer is written, not the slot
+        recv.state_slot = None
         self.abandoned.append(recv)
 
     def _progress_receives(self) -> list[CoreOutput]:
@@ -272,7 +293,8 @@ class AttentionWorker:
         return failed
 
     def _start_decoding(self, recv: Receiving) -> list[CoreOutput]:
-        failed = start_decoding(self.core, recv.pull, recv.block_ids, recv.buffer)
+        failed = start_decoding(self.core, recv.pull, recv.block_ids, recv.buffer,
+                                recv.state_slot)
         self.link.send(protocol.Transferred(recv.pull.request.request_id,
                                             time.monotonic() - recv.started))
         return failed

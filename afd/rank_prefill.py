@@ -21,7 +21,7 @@ import torch
 from afd import protocol
 from afd.core import EngineCore
 from afd.kv_cache import cache_bytes
-from afd.kv_transfer import Sending, post_send, send_buffer, transfer_shape
+from afd.kv_transfer import Sending, kv_layers, post_send, send_buffer, transfer_buffer
 from afd.sequence import CoreOutput
 from afd.placement import ExpertPlacement
 from afd.transport import PeerExperts
@@ -109,15 +109,19 @@ class PrefillWorker:
         elif seq is None:
             self._send_filler(rid, dst, tag, num_tokens)
         else:
+            # a hybrid model's linear layers' states (its state slot) go in the same message
             self.sending.append(post_send(self.core.runner.kv_caches, seq.block_ids,
-                                          num_tokens, self.core.cfg.block_size, dst, tag, rid))
-        self.core.release(rid)  # the rows are copied into the send buffer: blocks are free now
+                                          num_tokens, self.core.cfg.block_size, dst, tag, rid,
+                                          state_slot=seq.state_slot))
+        # the rows (and states) are copied into the send buffer: the blocks and the state
+        # slot are free now
+        self.core.release(rid)
 
     def _send_filler(self, rid: str, dst: int, tag: int, num_tokens: int) -> None:
         caches = self.core.runner.kv_caches
-        self.sending.append(send_buffer(torch.zeros(transfer_shape(caches, num_tokens),
-                                                    dtype=caches[0].dtype,
-                                                    device=caches[0].device), dst, tag, rid))
+        self.sending.append(send_buffer(transfer_buffer(caches, num_tokens,
+                                                        kv_layers(caches)[0].device, zeros=True),
+                                        dst, tag, rid))
 
     def _progress_sends(self) -> None:
         now = time.monotonic()

@@ -270,11 +270,10 @@ def test_attention_and_ffn_ranks_match_the_single_process(next_case):
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
     (dict(enforce_eager=False), "enforce_eager=False"),
     (dict(kv_offload_gb=1), "kv_offload_gb"),
-    (dict(prefill=1, attention=1), "prefill/decode disaggregation"),
 ])
 def test_refusals_name_the_feature_and_the_model(next_case, args, match):
     """What the states cannot serve yet (rolling back drafts, FP8 KV, CUDA graphs, the prefix
-    cache's host tier, P/D transfer) is refused before anything starts, naming the model."""
+    cache's host tier) is refused before anything starts, naming the model."""
     with pytest.raises(ValueError, match=match) as err:
         LLM(next_case[1], timeout_s=5, **args)
     assert "qwen3_next" in str(err.value)
