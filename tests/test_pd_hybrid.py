@@ -13,7 +13,6 @@ import time
 import pytest
 
 from afd import LLM, SamplingParams, protocol
-from afd.kv_transfer import _parts, gather_transfer, scatter_states, token_slots, transfer_kv
 from ckpt_utils import greedy, greedy_tokens, oracle_case, run_until_done
 
 # the decode rank's pool holds a couple of these prompts at a time; the prefill rank chunks
@@ -56,6 +55,8 @@ def test_states_pack_and_unpack_into_another_slot(next_case):
     recurrent state of one slot, back into another slot of another core's states."""
     import torch
 
+    from afd.kv_transfer import _parts, gather_transfer, scatter_states, token_slots, transfer_kv
+
     path = next_case[1]
     src, dst = (LLM(path, max_num_seqs=3, num_kv_blocks=8, block_size=4, max_model_len=32)
                 .engine.core.runner.kv_caches for _ in range(2))
@@ -85,6 +86,8 @@ def test_states_at_qwen3_next_80b_dims():
     bf16, recurrent 32 x 128 x 128 fp32): 73.7 MiB in the message beside its KV (the figure
     in docs/limits.md#msg-size-caps)."""
     import torch
+
+    from afd.kv_transfer import _parts
 
     from models.hybrid import LinearStates
 
