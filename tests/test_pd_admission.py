@@ -24,16 +24,36 @@ from afd.sequence import CoreRequest
 
 
 class FakeRunner:
-    """Stands in for the model: samples token 1 for every row that samples."""
+    """Stands in for the model: samples token 1 for every row that samples. ``hybrid``: a
+    hybrid model's (max_num_seqs state slots, which the scheduler and the rank hand out; no
+    state tensors: the fake transfer carries nothing)."""
+
+    hybrid = False
 
     def __init__(self, model, cfg, experts=None, decodes=True):
         self.kv_caches = [torch.zeros(1)]
-        self.state_slots = 0  # no linear-attention layers
+        self.state_slots = cfg.max_num_seqs if self.hybrid else 0  # linear-attention layers
+        self.state_snapshots = 0  # no prefix-cache state snapshots
         self.window_blocks = 0  # no sliding-window pool
 
     def execute(self, plan, micro_batches: int = 1) -> SamplerOutput:
         n = sum(s.samples for s in plan.seqs)
         return SamplerOutput([1] * n, [None] * n)
+
+
+class Failing:
+    """A receive that failed (its peer died, say) by the rank's first look."""
+
+    error = "RuntimeError: connection closed"
+
+    def __init__(self):
+        self.done = self
+
+    def is_set(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return False
 
 
 class Arriving:
@@ -65,9 +85,13 @@ def make_worker(monkeypatch):
     monkeypatch.setattr(rank_attention, "scatter_kv", lambda *args: None)
     monkeypatch.setattr(rank_attention, "token_slots", lambda *args: None)
 
-    def make(transfer_steps: int = 0, **cfg) -> AttentionWorker:
+    def make(transfer_steps: int = 0, hybrid: bool = False, fail: tuple[str, ...] = (),
+             **cfg) -> AttentionWorker:
+        """``fail``: the requests whose receive fails."""
+        monkeypatch.setattr(FakeRunner, "hybrid", hybrid)
         monkeypatch.setattr(rank_attention, "post_recv", lambda caches, pull, blocks: Receiving(
-            pull, blocks, None, Arriving(transfer_steps)))
+            pull, blocks, None, Failing() if pull.request.request_id in fail
+            else Arriving(transfer_steps)))
         cfg = {"max_model_len": 64, "block_size": 4, "num_kv_blocks": 16, "max_num_seqs": 64,
                "max_num_batched_tokens": 16, **cfg}
         # Only the state _admit, _progress_receives and _start_decoding use (no model, no ranks).
@@ -197,3 +221,49 @@ def test_preempted_sequences_needing_the_whole_pool_do_not_stall_transfers(make_
     assert len(trace.admitted_past_waiting) == 0
     assert_all_finished(trace, arrivals)
     assert worker.core.allocator.num_free == 8
+
+
+def check_state_slots(worker: AttentionWorker) -> None:
+    """Each of a hybrid model's max_num_seqs state slots is free, or held by one running
+    sequence or one receive; a preempted (waiting) sequence holds none."""
+    sched = worker.core.scheduler
+    held = ([s.state_slot for s in sched.running]
+            + [r.state_slot for r in worker.receiving.values()])
+    assert None not in held, "a running sequence or a receive holds no state slot"
+    assert sorted(held + sched.free_state_slots) == list(range(worker.core.cfg.max_num_seqs))
+    assert all(s.state_slot is None for s in sched.waiting)
+
+
+def test_hybrid_receives_hold_a_state_slot_each(make_worker):
+    """A hybrid model's decode rank (P/D): an admitted transfer reserves a state slot for the
+    states that come with its KV, the sequence it becomes keeps it, and a receive that fails
+    or is aborted gives it back with its blocks. Under a stream of transfers with
+    preemptions, failures and aborts mid-receive, every slot is owned once after every step,
+    and all are free at the end."""
+    from afd import protocol
+
+    worker = make_worker(transfer_steps=2, hybrid=True, fail=("r3", "r7"), max_num_seqs=3,
+                         enable_prefix_caching=False)  # (a decode rank caches nothing it gets)
+    sched, queue = worker.core.scheduler, deque(pull(f"r{i}", 4, 24) for i in range(30))
+    aborted, failed = set(), set()
+    for _ in range(3000):
+        if queue:
+            worker.pulls.append(queue.popleft())
+        worker._admit()
+        for rid in ("r5", "r11"):  # aborted while its KV and states are on the way
+            if rid in worker.receiving and rid not in aborted:
+                worker._handle(protocol.Abort([rid]))
+                aborted.add(rid)
+        check_state_slots(worker)
+        failed |= {o.request_id for o in worker._progress_receives()}
+        check_state_slots(worker)
+        worker.core.execute(sched.schedule())
+        check_state_slots(worker)
+        if not (queue or worker.pulls or worker.receiving or sched.has_unfinished()):
+            break
+    else:
+        pytest.fail("the rank did not drain")
+    assert aborted == {"r5", "r11"} and failed == {"r3", "r7"}
+    assert sched.num_preemptions > 0, "the pool was meant to force preemptions"
+    assert sorted(sched.free_state_slots) == [0, 1, 2]
+    assert worker.core.allocator.num_free == worker.core.cfg.num_kv_blocks
