@@ -6,12 +6,14 @@ ranks, aborts, releases), each rank a real ``PrefillWorker`` / ``AttentionWorker
 EngineCore and model, stepped by the body of its ``run`` loop; the control sockets are FIFO
 queues that deliver a random number of their messages at each tick (so messages cross: an abort
 meets a transfer being admitted, a release a prefill finishing), and the KV transfers are
-in-process copies through ``gather_kv``/``scatter_kv`` that take a random number of ticks, some
-of them failing (as a timed-out receive does) or withheld by the prefill rank (the client's
-``drop_transfer`` fault). After every front-end step the checks of ``fuzz_engine`` run on every
-rank, with the front end's own bookkeeping (its placements against the engine's live requests,
-the router's in-flight and promised counts); after the run the ranks are drained and must hold
-nothing.
+in-process copies through ``gather_transfer`` (a hybrid model's states with its KV) that take
+a random number of ticks, some of them failing (as a timed-out receive does) or withheld by
+the prefill rank (the client's ``drop_transfer`` fault). After every front-end step the checks
+of ``fuzz_engine`` run on every rank, with the front end's own bookkeeping (its placements
+against the engine's live requests, the router's in-flight and promised counts); after the run
+the ranks are drained and must hold nothing. A hybrid model's (Qwen3-Next) cases also check
+each rank's state slots: each free or held once (a running or parked sequence's, a decode
+rank's receive's), none by a waiting one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from afd.config import resolve_engine_config
 from afd.block_pool import key_digest
 from afd.core import CoreStats, EngineCore
 from afd.engine import LLMEngine
-from afd.kv_transfer import Receiving, Sending, gather_kv, token_slots, transfer_shape
+from afd.kv_transfer import Receiving, Sending, gather_transfer, token_slots, transfer_buffer
 from afd.layouts import MultiRankClient
 from afd.llm import eos_token_ids, load_tokenizer
 from afd.profiling import StageTimers
@@ -38,8 +40,8 @@ from afd.rank_attention import AttentionWorker
 from afd.rank_prefill import PrefillWorker
 from afd.router import RequestRouter
 from afd.workers import Layout, WorkerSpec, core_config
-from fuzz_engine import (CaseReport, EngineDraw, System, draw_engine, request_of,
-                         run_on, sized_offload, small_limits)
+from fuzz_engine import (CaseReport, EngineDraw, System, draw_engine, draw_hybrid,
+                         request_of, run_on, sized_offload, small_limits)
 from models.config import load_config
 
 
@@ -143,8 +145,9 @@ class Wire:
         self.failed += fail
         work = SimWork(self.rng.randint(0, self.max_delay),
                        self.rng.randint(0, 4) if fail else None)
-        buffer = torch.full(transfer_shape(caches, pull.num_kv_tokens), float("nan"),
-                            dtype=caches[0].dtype, device=caches[0].device)
+        # NaN (a hybrid model's bytes: all ones, NaN in every float dtype) till it arrives
+        buffer = transfer_buffer(caches, pull.num_kv_tokens, torch.device("cpu"))
+        buffer.fill_(255 if buffer.dtype == torch.uint8 else float("nan"))
         recv = Receiving(pull, block_ids, buffer, work)
         assert pull.tag not in self.recvs, f"tag {pull.tag} received twice"
         self.recvs[pull.tag] = recv
@@ -162,10 +165,11 @@ class Wire:
         work.done.flag = True
         return Sending(request_id, buffer, work)
 
-    def post_send(self, caches: list[torch.Tensor], block_ids: list[int], num_tokens: int,
-                  block_size: int, dst: int, tag: int, request_id: str) -> Sending:
-        slots = token_slots(block_ids, num_tokens, block_size, caches[0].device)
-        return self.send_buffer(gather_kv(caches, slots).contiguous(), dst, tag, request_id)
+    def post_send(self, caches: list, block_ids: list[int], num_tokens: int, block_size: int,
+                  dst: int, tag: int, request_id: str, state_slot: int | None = None) -> Sending:
+        slots = token_slots(block_ids, num_tokens, block_size, torch.device("cpu"))
+        return self.send_buffer(gather_transfer(caches, slots, state_slot), dst, tag,
+                                request_id)
 
     def tick(self) -> None:
         for work in self.works:
@@ -322,6 +326,21 @@ class PDSim:
                     or self.wire.works)
 
 
+def check_state_slots(where: str, core, receiving=()) -> None:
+    """A hybrid model's state slots on one rank: each free, or held by one live sequence
+    (running, or parked on a prefill rank) or one receive; a running sequence holds one, a
+    waiting (preempted) one none."""
+    free = core.scheduler.free_state_slots
+    if free is None:
+        return
+    held = ([s.state_slot for s in core.seqs.values() if s.state_slot is not None]
+            + [r.state_slot for r in receiving])
+    assert sorted(held + free) == list(range(core.cfg.max_num_seqs)), (
+        f"{where}: state slots held {sorted(held)}, free {sorted(free)}")
+    assert all(s.state_slot is not None for s in core.scheduler.running), where
+    assert all(s.state_slot is None for s in core.scheduler.waiting), where
+
+
 class PDSystem(System):
     """``fuzz_engine.System`` over a PDSim: every rank's core checked, and the front end's."""
 
@@ -363,6 +382,8 @@ class PDSystem(System):
             assert load.promised_blocks == promised, (
                 f"{where}: attention rank {r} promised {load.promised_blocks} blocks, "
                 f"{promised} by the placements")
+        for w in sim.prefill + sim.attention:
+            check_state_slots(where, w.core, getattr(w, "receiving", {}).values())
         if sim.layout.prefill:
             for w in sim.attention:
                 live = len(w.core.seqs) + len(w.receiving)
@@ -462,6 +483,8 @@ def run_pd_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = Tr
     """One fuzz case (``fuzz_engine.run_on``) on a PDSim layout drawn from the seed."""
     rng = random.Random(seed)
     draw = draw_engine(rng, mtp_ok)
+    if load_config(folder).linear_attn is not None:  # (its own draw, as run_case's)
+        draw_hybrid(random.Random(seed + 2), draw)
     layout = rng.choice(LAYOUTS)
     kwargs = dict(draw.kwargs)
     prefill_block_size = None

@@ -50,6 +50,7 @@ MIMO_SEEDS = [9, 14, 23]
 # priority scheduling, 37 restores and 54 preemptions; 22, blocks of 2, 2 sequences, 24
 # restores and 18 preemptions
 HYBRID_SEEDS = [0, 22]
+HYBRID_PD_SEEDS = [2, 5]  # 2P+1A and 1P+2A, transfers failing
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 SIM_SEEDS = range(24)
 
@@ -105,6 +106,13 @@ def test_single_process_layers_of_two_widths(mimo, seed):
 @pytest.mark.parametrize("seed", PD_SEEDS)
 def test_multi_rank(v3, seed):
     assert run_pd_case(seed, v3).compared
+
+
+@pytest.mark.parametrize("seed", HYBRID_PD_SEEDS)
+def test_multi_rank_hybrid(hybrid, seed):
+    """Qwen3-Next on P/D layouts: its linear layers' states go with the KV; every rank's
+    state slots owned once after every step (fuzz_pd.check_state_slots)."""
+    assert run_pd_case(seed, hybrid, mtp_ok=False).compared
 
 
 def test_scheduler_sim():
