@@ -89,15 +89,21 @@ def scatter_kv(caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tens
             view[:, slots] = rows
 
 
+def _is_states(cache) -> bool:
+    """A hybrid model's linear layer's state slots (``models.hybrid.LinearStates``: its conv
+    and recurrent tensors), told apart by its fields (that module is not imported here)."""
+    return hasattr(cache, "recurrent") and hasattr(cache, "conv")
+
+
 def kv_layers(caches: list) -> list[torch.Tensor]:
     """The layer caches that hold KV rows: all of them but a hybrid model's linear layers'
-    state slots (``models.hybrid.LinearStates``)."""
-    return [c for c in caches if isinstance(c, torch.Tensor)]
+    state slots."""
+    return [c for c in caches if not _is_states(c)]
 
 
 def state_layers(caches: list) -> list:
     """A hybrid model's linear layers' state slots (``LinearStates``), in layer order; []."""
-    return [c for c in caches if not isinstance(c, torch.Tensor)]
+    return [c for c in caches if _is_states(c)]
 
 
 def _parts(caches: list, num_tokens: int) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
