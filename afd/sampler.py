@@ -161,12 +161,15 @@ class SamplerOutput:
     prompt_logprobs: per request id, the prompt logprobs this step's logits gave (filled by the
     model runner for sequences whose params ask for ``prompt_logprobs``). draft_tokens: with
     MTP drafts, per sampling sequence the MTP layer's drafts (1 to k) after the last token it
-    emits (empty otherwise)."""
+    emits (empty otherwise). device_tokens: with ``keep_device`` (async scheduling), the
+    sampled ids [N] int64 still on the device (the next step's inputs are built from them);
+    ``tokens`` is then empty unless logprobs brought them to the host anyway."""
 
     tokens: list[int]
     logprobs: list[tuple | None]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     draft_tokens: list[list[int]] = field(default_factory=list)
+    device_tokens: torch.Tensor | None = None
 
 
 SCORE_SLICE = 512  # prompt-logprob rows scored at a time (fp32 log_softmax of [512, V])
@@ -263,10 +266,11 @@ class Sampler:
                generators: list[torch.Generator | None],
                histories: list[tuple] | None = None,
                penalties: list[PenaltyState | None] | None = None,
-               grammars: list | None = None) -> SamplerOutput:
+               grammars: list | None = None, keep_device: bool = False) -> SamplerOutput:
         """As ``__call__``, with the logprobs of the rows whose params ask for them (of the raw
         logits: before logit_bias, penalties, temperature and the filters, as vLLM; after the
-        grammar's mask, which vLLM applies before its sampler too)."""
+        grammar's mask, which vLLM applies before its sampler too). ``keep_device``: leave
+        the ids on the device (``SamplerOutput.device_tokens``), no host read for them."""
         import torch
 
         # What the rows ask for, in one pass over them (a batch usually shares a few params
@@ -309,6 +313,11 @@ class Sampler:
         tokens = tokens.masked_fill(logits.isnan().any(dim=-1), -1)
         if constrained:
             tokens = tokens.masked_fill(no_token_left(logits, constrained), NO_TOKEN)
+        if keep_device:
+            out = (gather_logprobs(raw, tokens, params) if logprobs
+                   else SamplerOutput([], [None] * len(params)))
+            out.device_tokens = tokens
+            return out
         if not logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(params))
         return gather_logprobs(raw, tokens, params)

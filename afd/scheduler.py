@@ -210,16 +210,26 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks and drop it from the queues."""
+        self.detach(seq)
+        self.release(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """``finish``'s first half: drop it from the queues (never scheduled again), keeping
+        its blocks and state slot; async scheduling (afd.core) releases them once the step in
+        flight that still writes them is done."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def release(self, seq: Sequence) -> None:
+        """``finish``'s second half: give back its blocks, window blocks and state slot."""
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         self._release_state_slot(seq)
         if seq.window_block_ids is not None:
             self.window.release(seq.window_block_ids)
-        seq.status = Status.FINISHED
 
     def park(self, seq: Sequence) -> None:
         """Stop stepping a running sequence but keep its blocks (prefill ranks, until transfer)."""
