@@ -118,16 +118,26 @@ class DraftChain:
         return batch, dev[3 * n:]
 
 
-def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device
-            ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+def to_device(host: torch.Tensor, device: torch.device, pinned: bool = False) -> torch.Tensor:
+    """``host`` copied to ``device``. ``pinned`` (async scheduling, afd.core): on CUDA through
+    pinned memory without waiting, so that the copy queues behind the step in flight instead
+    of the host waiting for that step to end (a pageable copy synchronizes the stream)."""
+    if pinned and device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def flatten(seqs: list[ScheduledSeq], block_size: int, device: torch.device,
+            pinned: bool = False) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
     """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]):
-    ``flatten_decodes`` where it applies (most steps), else ``flatten_rows``."""
-    return (flatten_decodes(seqs, block_size, device)
-            or flatten_rows(seqs, block_size, device))
+    ``flatten_decodes`` where it applies (most steps), else ``flatten_rows``. ``pinned``: the
+    host-to-device copies as ``to_device``'s."""
+    return (flatten_decodes(seqs, block_size, device, pinned)
+            or flatten_rows(seqs, block_size, device, pinned))
 
 
-def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.device
-                    ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor] | None:
+def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.device,
+                    pinned: bool = False) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor] | None:
     """``flatten_rows`` for a step of plain decodes only: every sequence computes its last
     token alone (no drafts) and samples. Then there is one token, one row and one logits row
     per sequence, in plan order, and the per-token lists are the per-sequence ones; no prompt
@@ -157,20 +167,22 @@ def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.dev
     slots = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
     seq_lens = [p + 1 for p in starts]
     # flatten_rows' one copy: ids, seq_lens, logits_index (0..n-1), positions, slots
-    dev = torch.from_numpy(np.concatenate((np.array(ids + seq_lens, dtype=np.int64),
-                                           np.arange(n, dtype=np.int64), pos, slots))).to(device)
+    dev = to_device(torch.from_numpy(np.concatenate((np.array(ids + seq_lens, dtype=np.int64),
+                                                     np.arange(n, dtype=np.int64), pos,
+                                                     slots))), device, pinned)
     batch = ForwardBatch(positions=dev[3 * n:4 * n], slot_mapping=dev[4 * n:],
-                         block_tables=torch.from_numpy(tables).to(device),
+                         block_tables=to_device(torch.from_numpy(tables), device, pinned),
                          seq_lens=dev[n:2 * n], query_lens=[1] * n, num_decodes=n,
                          context_lens=seq_lens, state_slots=_state_slots(seqs))
     if seqs[0].seq.window_block_ids is not None:
         _add_window_rows(batch, [s.seq for s in seqs], np.arange(n), pos, None, block_size,
-                         device)
+                         device, pinned)
     return dev[:n], batch, dev[2 * n:3 * n]
 
 
 def _add_window_rows(batch: ForwardBatch, seqs: list, token_seq: np.ndarray, pos: np.ndarray,
-                     rows_of: list[int] | None, block_size: int, device: torch.device) -> None:
+                     rows_of: list[int] | None, block_size: int, device: torch.device,
+                     pinned: bool = False) -> None:
     """The window pool's block tables and slots (afd.window_pool) for a batch whose rows are
     ``seqs``' (row order; ``rows_of``: each one's rows, None: one each), its tokens ``pos`` of
     sequence ``token_seq``: the same layout as the main pool's, over ``window_block_ids``."""
@@ -181,8 +193,9 @@ def _add_window_rows(batch: ForwardBatch, seqs: list, token_seq: np.ndarray, pos
     slots = tables[token_seq, pos // block_size] * block_size + pos % block_size
     if rows_of is not None and len(rows_of) != sum(rows_of):
         tables = np.repeat(tables, rows_of, axis=0)
-    batch.window_block_tables = torch.from_numpy(tables).to(device)
-    batch.window_slot_mapping = torch.from_numpy(slots.astype(np.int64)).to(device)
+    batch.window_block_tables = to_device(torch.from_numpy(tables), device, pinned)
+    batch.window_slot_mapping = to_device(torch.from_numpy(slots.astype(np.int64)), device,
+                                          pinned)
 
 
 def _state_slots(seqs: list[ScheduledSeq]) -> list[int] | None:
@@ -192,8 +205,8 @@ def _state_slots(seqs: list[ScheduledSeq]) -> list[int] | None:
     return [s.seq.state_slot for s in seqs]
 
 
-def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
-                 ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device,
+                 pinned: bool = False) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
     """Flatten scheduled sequences into (input_ids [T], ForwardBatch, logits_index [N]).
 
     Attention rows (``models.batch``): decode rows first, a plain decode's one token and each
@@ -262,11 +275,11 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     host = [np.array(ids + seq_lens + logits_index, dtype=np.int64), pos, slots]
     if groups is not None:
         host.append(DecodeGroups.host_index(groups))
-    dev = torch.from_numpy(np.concatenate(host)).to(device)
+    dev = to_device(torch.from_numpy(np.concatenate(host)), device, pinned)
     batch = ForwardBatch(
         positions=dev[t + b + n:2 * t + b + n],
         slot_mapping=dev[2 * t + b + n:3 * t + b + n],
-        block_tables=torch.from_numpy(tables).to(device),
+        block_tables=to_device(torch.from_numpy(tables), device, pinned),
         seq_lens=dev[t:t + b],
         query_lens=query_lens,
         num_decodes=sum(s.num_new_tokens for s, d in zip(seqs, decoding) if d),
@@ -277,7 +290,8 @@ def flatten_rows(seqs: list[ScheduledSeq], block_size: int, device: torch.device
     )
     if seqs and seqs[0].seq.window_block_ids is not None:
         _add_window_rows(batch, [seqs[i].seq for i in order],
-                         np.array(token_seq, dtype=np.int64), pos, rows_of, block_size, device)
+                         np.array(token_seq, dtype=np.int64), pos, rows_of, block_size, device,
+                         pinned)
     return dev[:t], batch, dev[t + b:t + b + n]
 
 
@@ -395,6 +409,37 @@ class ModelRunner:
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._sample(logits, plan.seqs)
 
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, placeholders: list[tuple[int, int]],
+               prev_tokens: torch.Tensor | None) -> SamplerOutput:
+        """Async scheduling (afd.core ``EngineCore``): ``execute`` of one micro-batch without
+        MTP, its samples left on the device (``SamplerOutput.device_tokens``; host ids only
+        where logprobs were asked for). ``placeholders``: (plan index, row of ``prev_tokens``)
+        per sequence whose last token is the previous step's sample, still unknown on the
+        host: its input id is taken from ``prev_tokens`` (that step's ``device_tokens``) on
+        the device. Such a sequence decodes that one token, so its index among the decode
+        rows, which come first in the plan and in the input ids, is its plan index. A NaN
+        row's -1 becomes id 0 there: its request fails when that step's samples are read,
+        and this row's sample is dropped. Host-to-device copies go through pinned memory on
+        CUDA, so nothing here waits for the step in flight."""
+        if plan.empty:
+            return SamplerOutput([], [], device_tokens=torch.empty(0, dtype=torch.long))
+        record = self.load_record.add if self.load_record and self.load_record.recording else None
+        experts = self.experts if record is None else RoutedTap(self.experts, record)
+        ids, batch, index = flatten(plan.seqs, self.cfg.block_size, self.device, pinned=True)
+        if placeholders:
+            where = to_device(torch.tensor([i for i, _ in placeholders]
+                                           + [r for _, r in placeholders], dtype=torch.long),
+                              self.device, pinned=True)
+            n = len(placeholders)
+            ids.index_copy_(0, where[:n], prev_tokens.index_select(0, where[n:]).clamp(min=0))
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self._replay(ids, batch, index, record)
+        else:
+            logits = run_micro_batches(self.model, [(ids, batch, index)], self.kv_caches,
+                                       experts)[0]
+        return self._sample(logits, plan.seqs, keep_device=True)
+
     def _micro_batches(self, seqs: list[ScheduledSeq], micro_batches: int
                        ) -> tuple[list[list[ScheduledSeq]], list[tuple]]:
         """``seqs`` split into ``micro_batches`` parts of about equal tokens, and each part's
@@ -405,16 +450,22 @@ class ModelRunner:
         parts = [seqs[a:b] for a, b in split_evenly(sizes, micro_batches)]
         return parts, [self.prepare(part) for part in parts]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> SamplerOutput:
-        """The step's samples (and prompt logprobs) from its logits (``prepare``'s rows)."""
+    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq], keep_device: bool = False
+                ) -> SamplerOutput:
+        """The step's samples (and prompt logprobs) from its logits (``prepare``'s rows);
+        ``keep_device``: the sampler's (``launch``)."""
         logits, prompt_logprobs = self._prompt_logprobs(logits, seqs)
         sampling = [s for s in seqs if s.samples]
         if not sampling:
-            return SamplerOutput([], [], prompt_logprobs)
+            return SamplerOutput([], [], prompt_logprobs,
+                                 device_tokens=(torch.empty(0, dtype=torch.long,
+                                                            device=logits.device)
+                                                if keep_device else None))
         # one row per sampling sequence, or 1 + drafts for a speculating one (its rows in
         # order: a seeded one's take consecutive step seeds from its generator)
         rows = expand_rows([s.seq for s in sampling], [s.draft_token_ids for s in sampling])
-        out = self.sampler.sample(logits, *rows)
+        out = (self.sampler.sample(logits, *rows, keep_device=True) if keep_device
+               else self.sampler.sample(logits, *rows))
         out.prompt_logprobs = prompt_logprobs
         return out
 
