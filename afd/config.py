@@ -85,6 +85,13 @@ class EngineConfig:
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
         priority value, latest arrived among equals).
+    async_scheduling: overlap a step's host work with the device's forward (vLLM's
+        ``--async-scheduling``; afd.core ``EngineCore``): step N + 1 is scheduled and launched
+        before step N's samples are read on the host, each sequence that samples in N counted
+        as having one more token whose input id the runner takes from N's samples on the
+        device. Single-process engine only, without speculative decoding; the steps that need
+        their samples on the host before the next is built run synchronously
+        (docs/limits.md#async-scheduling). Off: every step synchronous.
     """
 
     model: str
@@ -119,6 +126,7 @@ class EngineConfig:
     window_pool: bool = False
     num_window_blocks: int | None = None
     num_state_snapshots: int = 0
+    async_scheduling: bool = False
 
     @property
     def num_state_slots(self) -> int:
@@ -334,6 +342,7 @@ def resolve_engine_config(
     kv_cache_dtype: str = "auto",
     num_window_blocks: int | None = None,
     num_state_snapshots: int | None = None,
+    async_scheduling: bool = False,
 ) -> EngineConfig:
     """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it.
     ``num_window_blocks``: a model with sliding-window layers (afd.window_pool): None sizes
@@ -380,9 +389,14 @@ def resolve_engine_config(
     for name, flag in (("enable_prefix_caching", enable_prefix_caching),
                        ("cache_aware_routing", cache_aware_routing),
                        ("prefill_expert_parallel", prefill_expert_parallel),
-                       ("trust_remote_code", trust_remote_code)):
+                       ("trust_remote_code", trust_remote_code),
+                       ("async_scheduling", async_scheduling)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if async_scheduling and spec is not None:
+        raise ValueError(f"async_scheduling=True with speculative_config (method "
+                         f"{spec.method!r}): a step's drafts need the previous step's tokens "
+                         "on the host; use one or the other (docs/limits.md#async-scheduling)")
     if seed is None:  # as vLLM: a random seed, drawn once here for every rank
         seed = secrets.randbits(63)
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
@@ -481,7 +495,8 @@ def resolve_engine_config(
                         load_format=load_format, hf_overrides=hf_overrides,
                         kv_cache_dtype=kv_cache_dtype, window_pool=window_pool,
                         num_window_blocks=num_window_blocks if window_pool else None,
-                        num_state_snapshots=num_state_snapshots)
+                        num_state_snapshots=num_state_snapshots,
+                        async_scheduling=async_scheduling)
 
 
 def _state_snapshots(model_cfg: ModelConfig, num: int | None, caching: bool) -> int:

@@ -20,7 +20,7 @@ from afd.kv_offload import HostKVTier
 from afd.model_runner import ModelRunner
 from afd.sampling_params import check_token_ids
 from afd.scheduler import Scheduler, SchedulerOutput
-from afd.sequence import CoreOutput, CoreRequest, Sequence
+from afd.sequence import CoreOutput, CoreRequest, Sequence, Status
 from afd.spec_decode import accept, rewind
 from afd.state_snapshots import StateSnapshots
 from afd.token_masks import NO_TOKEN
@@ -45,11 +45,76 @@ def _row_error(token: int, seq: Sequence, row: int | None = None) -> str:
     return "structured_outputs, allowed_token_ids and bad_words leave no token to sample"
 
 
+# Async scheduling: the token id a sequence holds, last, for a sample of the step in flight
+# (never a real id; never read as one: the runner takes that input from the device)
+PLACEHOLDER = -1
+
+
+class HostTokens:
+    """A step's sampled ids on their way to the host: on CUDA a non-blocking copy into pinned
+    memory and an event recorded after it, waited on only when they are read (``tolist``);
+    elsewhere the ids themselves (the step ran synchronously)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.event = None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class InFlight:
+    """Async scheduling: a step launched whose samples the host has not read yet.
+    ``sampling``: its sampling sequences (plan order), one sample row each. ``rows``: id of
+    each of them -> its row (the next step's inputs for a placeholder come from there).
+    ``members``: ids of every sequence of the plan. ``release``: sequences that finished or
+    were aborted after it was launched, their blocks and state slot kept until it is done.
+    ``sync``: read its samples right after launching it (the next plan needs them)."""
+
+    plan: SchedulerOutput
+    sampling: list
+    sampled: object  # afd.sampler.SamplerOutput, device_tokens set
+    host: HostTokens
+    rows: dict[int, int]
+    members: set[int]
+    release: list[Sequence] = field(default_factory=list)
+    sync: bool = False
+
+
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Does sampling ``seq`` read its output tokens on the host (so its next step cannot be
+    built before its sample is read)? Penalties, bad_words and a grammar do."""
+    p = seq.params
+    return p.penalized or bool(p.bad_words_token_ids) or seq.grammar is not None
+
+
 class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
-    (blocks kept, no more steps) until its KV moves to a decode rank (``release``)."""
+    (blocks kept, no more steps) until its KV moves to a decode rank (``release``).
+
+    ``cfg.async_scheduling`` (the single-process engine only): ``step`` launches step N + 1
+    before reading step N's samples (``_step_async``). After launching a step, every sequence
+    that samples in it is advanced as if its sample were known: ``Scheduler.update`` counts
+    its tokens computed and it holds ``PLACEHOLDER`` as its last token, so the next plan
+    decodes that position; the runner takes its input id from the step's samples on the
+    device. The host then reads the previous step's samples (waiting for that step alone),
+    puts each in its placeholder's place and emits the outputs, the stops it finds one step
+    late: a sequence that stopped in step N has a row in step N + 1 (launched already), which
+    is dropped; it leaves the queues at once and its blocks are freed once N + 1 is done. A
+    step whose next plan needs its samples on the host (a sampling sequence with penalties,
+    bad_words or a grammar; prompt logprobs scored in it) is read right after its launch."""
 
     closed = False  # ``shutdown``
+    _inflight: InFlight | None = None  # async scheduling: the step launched, not yet read
 
     def __init__(self, model: MoEModel, cfg: EngineConfig, experts: ExpertPath | None = None,
                  prefill_only: bool = False):
@@ -81,6 +146,9 @@ class EngineCore:
                                    snapshots=self.snapshots)
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
+        if cfg.async_scheduling and (prefill_only or self.runner.collective):
+            raise ValueError("async_scheduling=True needs the single-process engine (prefill=0, "
+                             "attention=1, ffn=0): rank processes step synchronously")
         self.newly_parked: list[Sequence] = []
         self._grammars = None  # afd.structured_output.GrammarCompiler, at first use
         self.events: CacheEvents | None = None  # KV cache events (``record_kv_events``)
@@ -146,14 +214,109 @@ class EngineCore:
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
-                self.scheduler.finish(seq)
+                self._retire(seq)
+        self._drain_if_idle()
+
+    def _retire(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out (``Scheduler.finish``); one that the step
+        in flight (async scheduling) still computes keeps its blocks until that step is read."""
+        inflight = self._inflight
+        if inflight is not None and id(seq) in inflight.members:
+            self.scheduler.detach(seq)
+            inflight.release.append(seq)
+        else:
+            self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def step(self) -> list[CoreOutput]:
         self.check_open()
+        if self.cfg.async_scheduling:
+            return self._step_async()
         return self.execute(self.scheduler.schedule())
+
+    # ---- async scheduling ------------------------------------------------------------------
+    def _step_async(self) -> list[CoreOutput]:
+        """Schedule and launch step N + 1, then read and emit step N (the one in flight)."""
+        prev = self._inflight
+        plan = self.scheduler.schedule()
+        launched = None
+        if not plan.empty:
+            self.flush_offloads()
+            launched = self._launch(plan, prev)
+        self._inflight = launched  # sequences N finishes that N + 1 computes: freed after it
+        outputs = self._read(prev) if prev is not None else []
+        if launched is not None:
+            self._advance(launched)
+            if launched.sync:
+                self._inflight = None
+                outputs += self._read(launched)
+        return outputs + self._drain_if_idle()
+
+    def _drain_if_idle(self) -> list[CoreOutput]:
+        """With nothing left to schedule, read the step in flight now (only retired
+        sequences' rows remain in it: no output), so that its blocks come back without a
+        further ``step``, which a caller with no request left never makes."""
+        step = self._inflight
+        if step is None or self.scheduler.has_unfinished():
+            return []
+        self._inflight = None
+        return self._read(step)
+
+    def _launch(self, plan: SchedulerOutput, prev: InFlight | None) -> InFlight:
+        sampling = [s for s in plan.seqs if s.samples]  # before the counts move
+        placeholders = []
+        if prev is not None:
+            for i, s in enumerate(plan.seqs):
+                row = prev.rows.get(id(s.seq))
+                # (a sequence that sampled in prev and is scheduled again decodes its sample)
+                if row is not None and s.seq.status is Status.RUNNING:
+                    placeholders.append((i, row))
+        sampled = self.runner.launch(plan, placeholders,
+                                     prev.sampled.device_tokens if prev is not None else None)
+        sync = bool(sampled.prompt_logprobs) or any(needs_host_tokens(s.seq) for s in sampling)
+        return InFlight(plan, sampling, sampled, HostTokens(sampled.device_tokens),
+                        {id(s.seq): k for k, s in enumerate(sampling)},
+                        {id(s.seq) for s in plan.seqs}, sync=sync)
+
+    def _advance(self, step: InFlight) -> None:
+        """After launching ``step``: its tokens count as computed, and each sequence sampling
+        in it holds a placeholder for its sample (a sequence retired meanwhile: neither)."""
+        seqs = step.plan.seqs
+        live = [s for s in seqs if s.seq.status is not Status.FINISHED]
+        self.scheduler.update(step.plan if len(live) == len(seqs) else SchedulerOutput(live))
+        for s in step.sampling:
+            if s.seq.status is not Status.FINISHED:
+                s.seq.token_ids.append(PLACEHOLDER)
+
+    def _read(self, step: InFlight) -> list[CoreOutput]:
+        """Read a launched step's samples: each replaces its sequence's placeholder (stops
+        checked as ``Sequence.append`` does), outputs as ``execute``'s; then the blocks of the
+        sequences retired while it ran are freed."""
+        sampled = step.sampled
+        tokens = sampled.tokens or step.host.tolist()
+        for rid, scored in sampled.prompt_logprobs.items():
+            seq = self.seqs.get(rid)
+            if seq is not None and id(seq) in step.members:
+                seq.add_prompt_logprobs(scored)
+        taken = []
+        for s, token, logprobs in zip(step.sampling, tokens, sampled.logprobs):
+            seq = s.seq
+            if seq.status is Status.FINISHED:  # stopped a step earlier, or aborted: dropped
+                continue
+            assert seq.token_ids[-1] == PLACEHOLDER
+            seq.token_ids.pop()
+            if token < 0:  # fail this request, not the rank
+                taken.append((seq, [], None, _row_error(token, seq), None))
+            else:
+                seq.append(token)
+                taken.append((seq, [token], None if logprobs is None else [logprobs], None,
+                              None))
+        outputs = self._outputs(taken)
+        for seq in step.release:
+            self.scheduler.release(seq)
+        return outputs
 
     def execute(self, plan: SchedulerOutput, micro_batches: int = 1) -> list[CoreOutput]:
         """Run a plan (possibly empty, when other ranks have work) and emit the new tokens."""
@@ -186,6 +349,12 @@ class EngineCore:
             self._keep_mtp_drafts(taken, sampled.draft_tokens)
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
         self.flush_state_copies()  # the snapshots update took, before a slot changes hands
+        return self._outputs(taken)
+
+    def _outputs(self, taken: list[tuple]) -> list[CoreOutput]:
+        """Each sampling sequence's output of a step (``taken``: per sequence (seq, new
+        tokens, their logprobs or None, error or None, [drafts, accepted] or None)); the
+        finished ones leave, a prefill rank's others are parked."""
         outputs, prefill_only = [], self.prefill_only
         for seq, new, logprobs, error, spec in taken:
             out = CoreOutput(seq.request_id, new, seq.finish_reason, seq.stop_reason, None, None,
@@ -207,7 +376,7 @@ class EngineCore:
                 out.metrics = {**(out.metrics or {}), "num_preemptions": preempted}
             outputs.append(out)
             if out.finish_reason is not None:
-                self.scheduler.finish(seq)
+                self._retire(seq)
                 del self.seqs[seq.request_id]
             elif prefill_only:
                 self.scheduler.park(seq)

@@ -216,6 +216,11 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
                                   model_cfg.num_experts)
     check_window_layout(engine_cfg, model_cfg, prefill)
+    if engine_cfg.async_scheduling and (prefill, attention, ffn) != (0, 1, 0):
+        raise ValueError(f"async_scheduling=True needs the single-process layout (prefill=0, "
+                         f"attention=1, ffn=0), got prefill={prefill}, attention={attention}, "
+                         f"ffn={ffn}: the rank processes step synchronously "
+                         "(docs/limits.md#async-scheduling)")
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         model = engine_cfg.load_model("full", engine_cfg.device)
