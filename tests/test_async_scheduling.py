@@ -1,0 +1,212 @@
+"""Async scheduling (EngineConfig.async_scheduling, afd.core): the same greedy and seeded tokens
+as synchronous steps over mixed batches, with aborts, preemption, prefix-cache hits and
+requests arriving mid-run; the KV pool full again at the end; what falls back or is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from afd import LLM, SamplingParams
+from afd.core import PLACEHOLDER, EngineCore
+
+# prompts as token ids: short, long (chunked at max_num_batched_tokens=48), shared prefixes
+BASE = [(7 * i + 3) % 900 + 5 for i in range(70)]
+PROMPTS = [BASE[:3], BASE[:60], BASE[:25], [11], BASE[:60] + [42, 43], BASE[5:45], BASE[:33]]
+
+
+def make(async_scheduling: bool, **kw) -> LLM:
+    return LLM(seed=0, max_num_batched_tokens=48, async_scheduling=async_scheduling, **kw)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    llms = make(False), make(True)
+    yield llms
+    for llm in llms:
+        llm.shutdown()
+
+
+def pool_full(llm: LLM) -> bool:
+    core = llm.engine.core
+    alloc = core.allocator
+    return (alloc.num_free == alloc.num_blocks and not core.seqs and core._inflight is None
+            and not core.scheduler.running and not core.scheduler.waiting)
+
+
+def drive(llm: LLM, arrivals: list[tuple[int, str, list[int], SamplingParams]],
+          aborts: dict[int, list[str]] = ()) -> dict[str, list[list[int]]]:
+    """Step ``llm``'s engine: request (step, id, prompt, params) added before that step,
+    ``aborts`` {step: ids} aborted before it; every completion's final tokens by request."""
+    engine, out, step = llm.engine, {}, 0
+    pending = sorted(arrivals, key=lambda a: a[0])
+    aborts = dict(aborts)
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        for rid in aborts.pop(step, []):
+            engine.abort_request(rid)
+        for r in engine.step():
+            out[r.request_id] = [list(c.token_ids) for c in r.outputs]
+        step += 1
+        assert step < 2000
+    return out
+
+
+def mixed(stop_ids: list[int]) -> list[tuple[int, str, list[int], SamplingParams]]:
+    """Greedy and seeded requests: max_tokens 1, 2 and many, stop tokens mid-batch, n=2,
+    the same prompt twice (prefix-cache hits), some arriving while others run."""
+    g = dict(temperature=0, ignore_eos=True)
+    s = dict(temperature=0.9, top_p=0.9, ignore_eos=True)
+    return [
+        (0, "g1", PROMPTS[0], SamplingParams(max_tokens=1, **g)),
+        (0, "g2", PROMPTS[1], SamplingParams(max_tokens=2, **g)),
+        (0, "g3", PROMPTS[2], SamplingParams(max_tokens=17, **g)),
+        (0, "s1", PROMPTS[3], SamplingParams(max_tokens=12, seed=5, **s)),
+        (0, "stop", PROMPTS[2], SamplingParams(max_tokens=30, stop_token_ids=stop_ids, **g)),
+        (1, "n2", PROMPTS[4], SamplingParams(max_tokens=9, n=2, seed=3, **s)),
+        (2, "hit", PROMPTS[1], SamplingParams(max_tokens=6, **g)),
+        (3, "late", PROMPTS[5], SamplingParams(max_tokens=1, **g)),
+        (5, "late2", PROMPTS[6], SamplingParams(max_tokens=8, seed=9, **s)),
+        (9, "after", PROMPTS[1], SamplingParams(max_tokens=4, **g)),
+    ]
+
+
+def stop_ids_for(llm: LLM) -> list[int]:
+    """A token the 'stop' request's greedy output reaches mid-way (its 6th)."""
+    [ref] = llm.generate({"prompt_token_ids": PROMPTS[2]},
+                         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                         use_tqdm=False)
+    return [ref.outputs[0].token_ids[5]]
+
+
+def test_mixed_batches_match_sync(pair):
+    sync, async_ = pair
+    stop = stop_ids_for(sync)
+    want = drive(sync, mixed(stop))
+    got = drive(async_, mixed(stop))
+    assert got == want
+    assert len(want["g1"][0]) == 1 and len(want["g2"][0]) == 2 and len(want["n2"]) == 2
+    assert want["stop"][0][-1] == stop[0] and len(want["stop"][0]) < 30  # stopped mid-run
+    assert pool_full(sync) and pool_full(async_)
+    assert async_.engine.core.scheduler.prefix_cache_hits > 0
+
+
+def test_steps_overlap(pair, monkeypatch):
+    """Step N + 1 is launched before step N's samples are read on the host, and its input id
+    for a placeholder comes from step N's samples on the device."""
+    _, llm = pair
+    core = llm.engine.core
+    events, launch, read = [], core.runner.launch, EngineCore._read
+
+    def spy_launch(plan, placeholders, prev_tokens):
+        events.append(("launch", len(placeholders)))
+        for i, _ in placeholders:
+            assert plan.seqs[i].seq.token_ids[-1] == PLACEHOLDER
+        return launch(plan, placeholders, prev_tokens)
+
+    def spy_read(self, step):
+        events.append(("read",))
+        return read(self, step)
+
+    monkeypatch.setattr(core.runner, "launch", spy_launch)
+    monkeypatch.setattr(EngineCore, "_read", spy_read)
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]],
+                 SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    # launch 1, launch 2 (placeholders from 1), read 1, launch 3, read 2, ...
+    assert events[:3] == [("launch", 0), ("launch", 3), ("read",)]
+    assert events.count(("read",)) == sum(1 for e in events if e[0] == "launch")
+    assert pool_full(llm)
+
+
+def test_aborts_while_in_flight(pair):
+    """An aborted request emits nothing after its abort; the others keep their tokens; an
+    abort of the last request frees every block at once (no further step)."""
+    sync, async_ = pair
+    g = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    arrivals = [(0, f"r{i}", p, g) for i, p in enumerate(PROMPTS[:5])]
+    want = drive(sync, arrivals)
+    got = drive(async_, arrivals, {4: ["r1"], 6: ["r3", "r0"]})
+    for rid in ("r2", "r4"):
+        assert got[rid] == want[rid]
+    for rid in ("r0", "r1", "r3"):  # cut short, never past what it had
+        assert want[rid][0][:len(got[rid][0])] == got[rid][0]
+        assert len(got[rid][0]) < 20
+    assert pool_full(async_)
+    engine = async_.engine
+    engine.add_request("last", {"prompt_token_ids": PROMPTS[1]}, g)
+    for _ in range(4):
+        engine.step()
+    assert async_.engine.core._inflight is not None
+    engine.abort_request("last")
+    assert pool_full(async_)
+
+
+def test_preemption_on_a_tiny_pool():
+    """A pool too small for every sequence at once: preemptions, the same tokens, every block
+    back at the end."""
+    g = dict(temperature=0, ignore_eos=True)
+    arrivals = [(0, f"p{i}", p, SamplingParams(max_tokens=40, seed=i, temperature=0.8,
+                                               ignore_eos=True) if i % 2 else
+                 SamplingParams(max_tokens=40, **g)) for i, p in enumerate(PROMPTS)]
+    runs = []
+    for flag in (False, True):
+        llm = make(flag, num_kv_blocks=24, max_model_len=128)
+        runs.append(drive(llm, arrivals))
+        assert llm.engine.core.scheduler.num_preemptions > 0
+        assert pool_full(llm)
+        llm.shutdown()
+    assert runs[0] == runs[1]
+
+
+def test_fallbacks_keep_tokens(pair):
+    """Requests whose sampling reads their output tokens (penalties, bad_words), or that ask
+    for prompt logprobs or logprobs, run beside plain ones: the same tokens and logprobs."""
+    sync, async_ = pair
+    g = dict(temperature=0, ignore_eos=True)
+    arrivals = [
+        (0, "plain", PROMPTS[1], SamplingParams(max_tokens=10, **g)),
+        (0, "pen", PROMPTS[2], SamplingParams(max_tokens=10, repetition_penalty=1.3,
+                                              frequency_penalty=0.5, **g)),
+        (1, "plp", PROMPTS[6], SamplingParams(max_tokens=3, prompt_logprobs=2, **g)),
+        (1, "lp", PROMPTS[0], SamplingParams(max_tokens=6, logprobs=2, **g)),
+        (2, "minp", PROMPTS[5], SamplingParams(max_tokens=6, min_tokens=4, **g)),
+    ]
+    probe = drive(sync, [(0, "probe", PROMPTS[3], SamplingParams(max_tokens=8, **g))])
+    word = sync.get_tokenizer().decode(probe["probe"][0][2:4])  # what it would say
+    arrivals.append((0, "bad", PROMPTS[3], SamplingParams(max_tokens=8, bad_words=[word], **g)))
+    want = drive(sync, arrivals)
+    got = drive(async_, arrivals)
+    assert got == want
+    assert pool_full(async_)
+
+
+def test_logprobs_match(pair):
+    sync, async_ = pair
+    p = SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=1,
+                       ignore_eos=True)
+    prompts = [{"prompt_token_ids": q} for q in PROMPTS[:4]]
+    a = sync.generate(prompts, p, use_tqdm=False)
+    b = async_.generate(prompts, p, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        # (float rounding: the batches differ by the rows of sequences that stopped)
+        for step_x, step_y in zip(x.outputs[0].logprobs, y.outputs[0].logprobs,
+                                  strict=True):
+            assert step_x.keys() == step_y.keys()
+            for tid, lp in step_x.items():
+                assert (lp.rank, lp.logprob) == (step_y[tid].rank,
+                                                 pytest.approx(step_y[tid].logprob, abs=1e-4))
+        assert x.prompt_logprobs == y.prompt_logprobs
+    assert pool_full(async_)
+
+
+def test_refused_where_unsupported():
+    with pytest.raises(ValueError, match="async_scheduling must be True or False"):
+        LLM(async_scheduling="yes")
+    with pytest.raises(ValueError, match="async_scheduling=True with speculative_config"):
+        LLM(async_scheduling=True, speculative_config={"method": "ngram",
+                                                       "num_speculative_tokens": 2,
+                                                       "prompt_lookup_max": 3})
+    with pytest.raises(ValueError, match="async_scheduling=True needs the single-process"):
+        LLM(async_scheduling=True, ffn=1)
