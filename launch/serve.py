@@ -154,6 +154,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="fcfs: arrival order (a request's priority must be 0); priority: "
                          "lower request priority first, and the largest is preempted first "
                          "(as vLLM)")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="vLLM's: refused here (the server's ranks step synchronously); the "
+                         "single-process engine (LLM, python -m afd) has it "
+                         "(docs/limits.md#async-scheduling)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -320,6 +324,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
+    if args.async_scheduling:
+        ap.error("--async-scheduling is not supported by the server yet: its ranks (one "
+                 "attention rank included) step synchronously; the single-process engine "
+                 "(LLM(async_scheduling=True), python -m afd --async-scheduling) has it "
+                 "(docs/limits.md#async-scheduling)")
     return args
 
 

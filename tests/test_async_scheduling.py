@@ -210,3 +210,17 @@ def test_refused_where_unsupported():
                                                        "prompt_lookup_max": 3})
     with pytest.raises(ValueError, match="async_scheduling=True needs the single-process"):
         LLM(async_scheduling=True, ffn=1)
+
+
+def test_cli_flags(capsys):
+    """``python -m afd --async-scheduling`` generates; ``afd serve --async-scheduling`` is
+    refused by name (the server's ranks step synchronously)."""
+    from afd.__main__ import main
+
+    main(["--async-scheduling", "--max-tokens", "3", "Hello"])
+    assert "[3 tokens, finish_reason=length]" in capsys.readouterr().out
+    from launch import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--async-scheduling"])
+    assert "--async-scheduling is not supported by the server" in capsys.readouterr().err
