@@ -224,3 +224,49 @@ def test_cli_flags(capsys):
     with pytest.raises(SystemExit):
         serve.parse_args(["--async-scheduling"])
     assert "--async-scheduling is not supported by the server" in capsys.readouterr().err
+
+
+def checkpoint(kind: str, tmp_path_factory) -> str | None:
+    """The embedded model (None), or a tiny random checkpoint of a model with per-sequence
+    state (Qwen3-Next: linear-attention state slots) or a window pool (MiMo-V2-Flash)."""
+    from ckpt_utils import build_hf_model, save_checkpoint
+
+    if kind == "qwen3_next":
+        model = build_hf_model("qwen3_next")
+    elif kind == "mimo":
+        from test_mimo_v2_flash import build_hf_model as build_mimo
+
+        model = build_mimo()
+    else:
+        return None
+    return save_checkpoint(model, str(tmp_path_factory.mktemp(kind)))
+
+
+@pytest.mark.parametrize("kind", ["graphs", "qwen3_next", "mimo"])
+def test_other_paths_match_sync(kind, tmp_path_factory):
+    """The CUDA-graph path (run eagerly on CPU, the same static buffers), a hybrid model's
+    state slots and a window pool: the same tokens, preemption included, pools full after."""
+    path = checkpoint(kind, tmp_path_factory)
+    kw = dict(dtype="float32", max_num_batched_tokens=32, max_num_seqs=4, block_size=4,
+              num_kv_blocks=28, max_model_len=112)
+    if kind == "graphs":
+        kw["enforce_eager"] = False
+    runs = []
+    for flag in (False, True):
+        llm = LLM(path, seed=0, async_scheduling=flag, **kw)
+        assert (llm.engine.core.runner.graphs is not None) == (kind == "graphs")
+        vocab = llm.engine.model_cfg.vocab_size
+        prompts = [[t % (vocab - 2) + 1 for t in p] for p in PROMPTS]
+        arrivals = [(i // 2, f"q{i}", p, SamplingParams(
+            max_tokens=(1, 2, 40)[i % 3], temperature=0.8 if i % 2 else 0, seed=i,
+            ignore_eos=True)) for i, p in enumerate(prompts)]
+        runs.append(drive(llm, arrivals))
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions > 0
+        assert pool_full(llm)
+        if core.window is not None:
+            assert core.window.num_free == core.window.num_blocks
+        if core.scheduler.free_state_slots is not None:
+            assert len(core.scheduler.free_state_slots) == kw["max_num_seqs"]
+        llm.shutdown()
+    assert runs[0] == runs[1]
