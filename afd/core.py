@@ -78,7 +78,10 @@ class InFlight:
     each of them -> its row (the next step's inputs for a placeholder come from there).
     ``members``: ids of every sequence of the plan. ``release``: sequences that finished or
     were aborted after it was launched, their blocks and state slot kept until it is done.
-    ``sync``: read its samples right after launching it (the next plan needs them)."""
+    ``final``: ids of those whose sample in it is their last (max_tokens or the context
+    reached, whatever the token): out of the queues since its launch, so that no later step
+    gives them a row, still to be emitted. ``sync``: read its samples right after launching
+    it (the next plan needs them)."""
 
     plan: SchedulerOutput
     sampling: list
@@ -87,14 +90,8 @@ class InFlight:
     rows: dict[int, int]
     members: set[int]
     release: list[Sequence] = field(default_factory=list)
+    final: set[int] = field(default_factory=set)
     sync: bool = False
-
-
-def needs_host_tokens(seq: Sequence) -> bool:
-    """Does sampling ``seq`` read its output tokens on the host (so its next step cannot be
-    built before its sample is read)? Penalties, bad_words and a grammar do."""
-    p = seq.params
-    return p.penalized or bool(p.bad_words_token_ids) or seq.grammar is not None
 
 
 class EngineCore:
@@ -111,7 +108,9 @@ class EngineCore:
     late: a sequence that stopped in step N has a row in step N + 1 (launched already), which
     is dropped; it leaves the queues at once and its blocks are freed once N + 1 is done. A
     step whose next plan needs its samples on the host (a sampling sequence with penalties,
-    bad_words or a grammar; prompt logprobs scored in it) is read right after its launch."""
+    bad_words or a grammar: ``Sequence.reads_outputs``; prompt logprobs scored in it) is read
+    right after its launch. A sequence whose sample is its last by length leaves the queues
+    when that step is launched (no dropped row for it)."""
 
     closed = False  # ``shutdown``
     _inflight: InFlight | None = None  # async scheduling: the step launched, not yet read
@@ -150,6 +149,7 @@ class EngineCore:
             raise ValueError("async_scheduling=True needs the single-process engine (prefill=0, "
                              "attention=1, ffn=0): rank processes step synchronously")
         self.newly_parked: list[Sequence] = []
+        self._ready: list[CoreOutput] = []  # async: outputs read outside a step, for the next
         self._grammars = None  # afd.structured_output.GrammarCompiler, at first use
         self.events: CacheEvents | None = None  # KV cache events (``record_kv_events``)
 
@@ -215,7 +215,7 @@ class EngineCore:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
                 self._retire(seq)
-        self._drain_if_idle()
+        self._ready += self._drain_if_idle()
 
     def _retire(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out (``Scheduler.finish``); one that the step
@@ -228,12 +228,16 @@ class EngineCore:
             self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return (self.scheduler.has_unfinished() or self._inflight is not None
+                or bool(self._ready))
 
     def step(self) -> list[CoreOutput]:
         self.check_open()
         if self.cfg.async_scheduling:
-            return self._step_async()
+            outputs = self._step_async()
+            if self._ready:
+                outputs, self._ready = self._ready + outputs, []
+            return outputs
         return self.execute(self.scheduler.schedule())
 
     # ---- async scheduling ------------------------------------------------------------------
@@ -275,20 +279,25 @@ class EngineCore:
                     placeholders.append((i, row))
         sampled = self.runner.launch(plan, placeholders,
                                      prev.sampled.device_tokens if prev is not None else None)
-        sync = bool(sampled.prompt_logprobs) or any(needs_host_tokens(s.seq) for s in sampling)
+        sync = bool(sampled.prompt_logprobs) or any(s.seq.reads_outputs for s in sampling)
         return InFlight(plan, sampling, sampled, HostTokens(sampled.device_tokens),
                         {id(s.seq): k for k, s in enumerate(sampling)},
                         {id(s.seq) for s in plan.seqs}, sync=sync)
 
     def _advance(self, step: InFlight) -> None:
         """After launching ``step``: its tokens count as computed, and each sequence sampling
-        in it holds a placeholder for its sample (a sequence retired meanwhile: neither)."""
+        in it holds a placeholder for its sample (a sequence retired meanwhile: neither); one
+        whose sample is its last leaves the queues (``InFlight.final``)."""
         seqs = step.plan.seqs
         live = [s for s in seqs if s.seq.status is not Status.FINISHED]
         self.scheduler.update(step.plan if len(live) == len(seqs) else SchedulerOutput(live))
         for s in step.sampling:
-            if s.seq.status is not Status.FINISHED:
-                s.seq.token_ids.append(PLACEHOLDER)
+            seq = s.seq
+            if seq.status is not Status.FINISHED:
+                seq.token_ids.append(PLACEHOLDER)
+                if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_output:
+                    self.scheduler.detach(seq)
+                    step.final.add(id(seq))
 
     def _read(self, step: InFlight) -> list[CoreOutput]:
         """Read a launched step's samples: each replaces its sequence's placeholder (stops
@@ -301,9 +310,12 @@ class EngineCore:
             if seq is not None and id(seq) in step.members:
                 seq.add_prompt_logprobs(scored)
         taken = []
+        final, live = step.final, self.seqs
         for s, token, logprobs in zip(step.sampling, tokens, sampled.logprobs):
             seq = s.seq
-            if seq.status is Status.FINISHED:  # stopped a step earlier, or aborted: dropped
+            # stopped a step earlier, or aborted: dropped (a last sample, unless aborted: kept)
+            if seq.status is Status.FINISHED and (
+                    id(seq) not in final or live.get(seq.request_id) is not seq):
                 continue
             assert seq.token_ids[-1] == PLACEHOLDER
             seq.token_ids.pop()

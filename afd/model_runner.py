@@ -427,11 +427,13 @@ class ModelRunner:
         record = self.load_record.add if self.load_record and self.load_record.recording else None
         experts = self.experts if record is None else RoutedTap(self.experts, record)
         ids, batch, index = flatten(plan.seqs, self.cfg.block_size, self.device, pinned=True)
-        if placeholders:
+        n = len(placeholders)
+        if n and all(i == r for i, r in placeholders):  # most decode steps: row i from row i
+            ids[:n].copy_(prev_tokens[:n].clamp(min=0))
+        elif n:
             where = to_device(torch.tensor([i for i, _ in placeholders]
                                            + [r for _, r in placeholders], dtype=torch.long),
                               self.device, pinned=True)
-            n = len(placeholders)
             ids.index_copy_(0, where[:n], prev_tokens.index_select(0, where[n:]).clamp(min=0))
         if self.graphs is not None and self.graphs.fits(batch):
             logits = self._replay(ids, batch, index, record)

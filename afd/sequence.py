@@ -119,6 +119,10 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(req.params.seed)
         # the sampler's per-step penalty bookkeeping (dropped with the sequence)
         self.penalties = PenaltyState() if req.params.penalized else None
+        # does sampling it read its output tokens on the host (penalties, bad_words, a
+        # grammar)? Async scheduling (afd.core) reads such a sequence's samples at once
+        self.reads_outputs = bool(req.params.penalized or req.params.bad_words_token_ids
+                                  or req.params.structured_outputs is not None)
         # structured output: the grammar's matcher (afd.structured_output.GrammarState), set by
         # the core of the rank that samples this sequence; it ends in the model's EOS ids,
         # ignore_eos or not

@@ -270,3 +270,52 @@ def test_other_paths_match_sync(kind, tmp_path_factory):
             assert len(core.scheduler.free_state_slots) == kw["max_num_seqs"]
         llm.shutdown()
     assert runs[0] == runs[1]
+
+
+def test_no_dropped_row_at_max_tokens(pair, monkeypatch):
+    """A sequence whose next sample is its last by length leaves the queues when that step
+    is launched: greedy requests that all end by max_tokens take as many rows as sync."""
+    rows = []
+    for llm in pair:
+        sched = llm.engine.core.scheduler
+        schedule, count = sched.schedule, []
+
+        def spy(schedule=schedule, count=count):
+            plan = schedule()
+            count.append(len(plan.seqs))
+            return plan
+
+        monkeypatch.setattr(sched, "schedule", spy)
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                     [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                      for m in (1, 2, 3, 9, 1, 5, 2)], use_tqdm=False)
+        rows.append(sum(count))
+        assert pool_full(llm)
+    assert rows[0] == rows[1]
+
+
+def test_abort_keeps_a_last_token_in_flight(pair):
+    """Aborting the only other request while a sequence's last token is in flight leaves
+    nothing to schedule: that token is read at once and comes with the next step."""
+    _, llm = pair
+    engine, core = llm.engine, llm.engine.core
+    g = dict(temperature=0, ignore_eos=True)
+    engine.add_request("short", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4,
+                                                                                 **g))
+    engine.add_request("long", {"prompt_token_ids": PROMPTS[2]}, SamplingParams(max_tokens=40,
+                                                                                **g))
+    got = {}
+    for _ in range(20):
+        for r in engine.step():
+            got[r.request_id] = r
+        if core._inflight is not None and core._inflight.final:
+            break
+    assert [s.request_id for s in core.scheduler.running] == ["long"]
+    engine.abort_request("long")
+    assert core._ready and core._inflight is None  # read, kept for the next step
+    for _ in range(5):
+        for r in engine.step():
+            got[r.request_id] = r
+    assert not engine.has_unfinished_requests()
+    assert got["short"].finished and len(got["short"].outputs[0].token_ids) == 4
+    assert pool_full(llm)
