@@ -122,7 +122,13 @@ def check_scheduler(core, where: str, max_num_seqs: int) -> None:
         f"{where}: a sequence is queued twice")
     parked = [s for s in core.seqs.values() if s.status is Status.PARKED]
     assert not parked or core.prefill_only, f"{where}: parked sequences on a decoding rank"
-    assert {id(s) for s in running + waiting + parked} == {id(s) for s in core.seqs.values()}, (
+    # async scheduling: sequences whose last token is the step in flight's are out already
+    inflight = getattr(core, "_inflight", None)
+    last = [s for s in core.seqs.values() if s.status is Status.FINISHED]
+    assert {id(s) for s in last} <= (inflight.final if inflight is not None else set()), (
+        f"{where}: finished {[s.request_id for s in last]} still live")
+    assert {id(s) for s in running + waiting + parked + last} == {
+            id(s) for s in core.seqs.values()}, (
         f"{where}: the queues {[s.request_id for s in running + waiting]} are not the live "
         f"sequences {sorted(core.seqs)}")
     assert len(running) <= max_num_seqs, f"{where}: {len(running)} running > {max_num_seqs}"
@@ -900,6 +906,8 @@ class System:
     def split(self, micro_batches: int) -> None:
         """Run each step in ``micro_batches`` ping-pong parts (as attention ranks with FFN
         ranks do; one process runs them in turn)."""
+        if any(core.cfg.async_scheduling for core in self.cores):
+            return  # a single-process engine's steps, one micro-batch each
         self.micro_batches = micro_batches
         for core in self.cores:
             if not core.prefill_only:
@@ -925,8 +933,10 @@ class System:
             sched.schedule = schedule
 
     def held(self, core) -> list[list[int]]:
-        """Blocks of ``core`` held outside its sequences."""
-        return []
+        """Blocks of ``core`` held outside its sequences: with async scheduling, those of the
+        sequences retired while the step in flight still computes them."""
+        inflight = getattr(core, "_inflight", None)
+        return [seq.block_ids for seq in inflight.release] if inflight is not None else []
 
     def check(self, where: str) -> None:
         for i, core in enumerate(self.cores):
@@ -1027,10 +1037,20 @@ def small_limits(rng: random.Random, report_to: list[str]):
             setattr(module, name, value)
 
 
-def run_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True) -> CaseReport:
-    """One case on the single-process engine (see the module docstring)."""
+def run_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True,
+             async_scheduling: bool | None = False) -> CaseReport:
+    """One case on the single-process engine (see the module docstring). ``async_scheduling``
+    (afd.core): True runs it so (no drafts then: the draw's speculative config is dropped),
+    None draws it (from a generator of its own, so the rest of the seed's draw stays the
+    same) for a case without drafts, a third of the time."""
     rng = random.Random(seed)
     draw = draw_engine(rng, mtp_ok)
+    if async_scheduling is None:
+        async_scheduling = (draw.speculative is None
+                            and random.Random(seed + 2).random() < 1 / 3)
+    if async_scheduling:
+        draw.speculative = None
+        draw.kwargs["async_scheduling"] = True
     model_cfg = load_config(folder)
     if window_layers(model_cfg):  # (a draw of its own: other models' draws stay the same)
         draw_window(random.Random(seed + 1), draw, model_cfg.mimo.sliding_window)

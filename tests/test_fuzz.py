@@ -51,6 +51,9 @@ MIMO_SEEDS = [9, 14, 23]
 # restores and 18 preemptions
 HYBRID_SEEDS = [0, 22]
 HYBRID_PD_SEEDS = [2, 5]  # 2P+1A and 1P+2A, transfers failing
+# async scheduling (afd.core; no drafts): 66 and 5 with it forced on (aborts, preemption, a
+# host tier), MiMo 14 (a window pool)
+ASYNC_SEEDS = [66, 5]
 MANY = int(os.environ.get("AFD_FUZZ_SEEDS", "200"))
 SIM_SEEDS = range(24)
 
@@ -70,6 +73,13 @@ def qwen(tmp_path_factory):
 def test_single_process(v3, seed):
     report = run_case(seed, v3)
     assert report.compared, "no request was compared with its run alone"
+
+
+@pytest.mark.parametrize("seed", ASYNC_SEEDS)
+def test_single_process_async(v3, seed):
+    report = run_case(seed, v3, async_scheduling=True)
+    assert report.compared, "no request was compared with its run alone"
+    assert "async_scheduling" in report.engine
 
 
 @pytest.mark.parametrize("seed", QWEN_SEEDS)
@@ -101,6 +111,10 @@ def test_single_process_layers_of_two_widths(mimo, seed):
     """MiMo-V2-Flash's caches (a sliding layer's rows twice a full layer's): the KV watch
     reads a sequence's computed rows across layers of different widths."""
     assert run_case(seed, mimo, mtp_ok=False).compared
+
+
+def test_single_process_async_window_pool(mimo):
+    assert run_case(14, mimo, mtp_ok=False, async_scheduling=True).compared
 
 
 @pytest.mark.parametrize("seed", PD_SEEDS)
@@ -157,7 +171,7 @@ def test_scheduler_sim_many_seeds():
 def test_single_process_many_seeds(v3, qwen):
     for seed in range(1000, 1000 + MANY):
         gqa = seed % 4 == 3
-        run_case(seed, qwen if gqa else v3, mtp_ok=not gqa)
+        run_case(seed, qwen if gqa else v3, mtp_ok=not gqa, async_scheduling=None)
 
 
 @pytest.mark.slow
