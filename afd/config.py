@@ -276,6 +276,16 @@ def check_prefill_expert_parallel(enabled: bool, prefill: int, num_experts: int)
                          f"prefill={prefill} ranks (each needs at least one)")
 
 
+def check_async_layout(async_scheduling: bool, prefill: int, ffn: int) -> None:
+    """Async scheduling runs in the single-process engine and on attention ranks without FFN
+    ranks; prefill ranks and the ranks of a layout with FFN ranks step synchronously."""
+    if async_scheduling and (prefill or ffn):
+        raise ValueError(f"async_scheduling=True needs prefill=0 and ffn=0 (the single-process "
+                         f"engine, or attention ranks alone), got prefill={prefill}, ffn={ffn}: "
+                         "prefill ranks and a layout with FFN ranks step synchronously "
+                         "(docs/limits.md#async-scheduling)")
+
+
 def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefill: int) -> None:
     """A window pool (afd.window_pool) in a layout with a prefill pool: refused, since a P/D
     transfer moves every row of every layer and the sliding layers keep only the window's."""

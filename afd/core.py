@@ -98,8 +98,9 @@ class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
     (blocks kept, no more steps) until its KV moves to a decode rank (``release``).
 
-    ``cfg.async_scheduling`` (the single-process engine only): ``step`` launches step N + 1
-    before reading step N's samples (``_step_async``). After launching a step, every sequence
+    ``cfg.async_scheduling`` (the single-process engine, attention ranks without FFN ranks):
+    ``step`` launches step N + 1 before reading step N's samples (``execute_async``). After
+    launching a step, every sequence
     that samples in it is advanced as if its sample were known: ``Scheduler.update`` counts
     its tokens computed and it holds ``PLACEHOLDER`` as its last token, so the next plan
     decodes that position; the runner takes its input id from the step's samples on the
@@ -146,8 +147,8 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         if cfg.async_scheduling and (prefill_only or self.runner.collective):
-            raise ValueError("async_scheduling=True needs the single-process engine (prefill=0, "
-                             "attention=1, ffn=0): rank processes step synchronously")
+            raise ValueError("async_scheduling=True needs a layout without prefill and FFN "
+                             "ranks (prefill=0, ffn=0): their ranks step synchronously")
         self.newly_parked: list[Sequence] = []
         self._ready: list[CoreOutput] = []  # async: outputs read outside a step, for the next
         self._grammars = None  # afd.structured_output.GrammarCompiler, at first use
@@ -234,17 +235,27 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         self.check_open()
         if self.cfg.async_scheduling:
-            outputs = self._step_async()
-            if self._ready:
-                outputs, self._ready = self._ready + outputs, []
-            return outputs
+            return self.execute_async(self.scheduler.schedule())
         return self.execute(self.scheduler.schedule())
 
     # ---- async scheduling ------------------------------------------------------------------
-    def _step_async(self) -> list[CoreOutput]:
-        """Schedule and launch step N + 1, then read and emit step N (the one in flight)."""
+    @property
+    def in_flight(self) -> bool:
+        """Async scheduling: is a step launched whose samples are not read yet (so a step,
+        even of an empty plan, has outputs to give)?"""
+        return self._inflight is not None or bool(self._ready)
+
+    def execute_async(self, plan: SchedulerOutput) -> list[CoreOutput]:
+        """Async scheduling's step (``step``, or an attention rank's loop, which schedules
+        itself): launch ``plan`` (step N + 1; possibly empty), then read and emit step N, the
+        one in flight."""
+        outputs = self._step_async(plan)
+        if self._ready:
+            outputs, self._ready = self._ready + outputs, []
+        return outputs
+
+    def _step_async(self, plan: SchedulerOutput) -> list[CoreOutput]:
         prev = self._inflight
-        plan = self.scheduler.schedule()
         launched = None
         if not plan.empty:
             self.flush_offloads()

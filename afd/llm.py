@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_layout_options,
-                        check_window_layout, check_prefill_expert_parallel,
+from afd.config import (VLLM_NEUTRAL, VLLM_PARALLELISM, EngineConfig, check_async_layout,
+                        check_layout_options, check_prefill_expert_parallel, check_window_layout,
                         resolve_engine_config)
 from afd.engine import LLMEngine
 from afd.hub import resolve_sources
@@ -216,11 +216,7 @@ def start_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, *, prefill: i
     check_prefill_expert_parallel(engine_cfg.prefill_expert_parallel, prefill,
                                   model_cfg.num_experts)
     check_window_layout(engine_cfg, model_cfg, prefill)
-    if engine_cfg.async_scheduling and (prefill, attention, ffn) != (0, 1, 0):
-        raise ValueError(f"async_scheduling=True needs the single-process layout (prefill=0, "
-                         f"attention=1, ffn=0), got prefill={prefill}, attention={attention}, "
-                         f"ffn={ffn}: the rank processes step synchronously "
-                         "(docs/limits.md#async-scheduling)")
+    check_async_layout(engine_cfg.async_scheduling, prefill, ffn)
     if prefill == 0 and attention == 1 and ffn == 0:
         from afd.core import EngineCore
         model = engine_cfg.load_model("full", engine_cfg.device)

@@ -337,7 +337,8 @@ class AttentionWorker:
             if self.groups.step is None:  # no FFN ranks: this rank steps on its own
                 if self.stopping:
                     return
-                has_work, micro_batches = not plan.empty, 1
+                # (async scheduling: a step in flight is read by the next, empty plan or not)
+                has_work, micro_batches = not plan.empty or self.core.in_flight, 1
             else:
                 # the last two: the highest and (negated) lowest rebalance epoch the attention
                 # ranks hold; equal and new, every rank switches before this step
@@ -357,7 +358,8 @@ class AttentionWorker:
             idle = not has_work and not self.receiving
             if has_work:
                 with self.timers.time("step"):
-                    outputs += self.core.execute(plan, micro_batches)
+                    outputs += (self.core.execute_async(plan) if self.core.cfg.async_scheduling
+                                else self.core.execute(plan, micro_batches))
                 self.timers.steps += 1
             if outputs or has_work or self._stats_changed() or self.core.kv_events_pending:
                 self._send(outputs)

@@ -155,9 +155,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "lower request priority first, and the largest is preempted first "
                          "(as vLLM)")
     ap.add_argument("--async-scheduling", action="store_true",
-                    help="vLLM's: refused here (the server's ranks step synchronously); the "
-                         "single-process engine (LLM, python -m afd) has it "
-                         "(docs/limits.md#async-scheduling)")
+                    help="schedule and launch each step before the previous step's tokens are "
+                         "read on the host (vLLM's); attention ranks only: refused with "
+                         "--prefill or --ffn (docs/limits.md#async-scheduling)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -324,11 +324,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
-    if args.async_scheduling:
-        ap.error("--async-scheduling is not supported by the server yet: its ranks (one "
-                 "attention rank included) step synchronously; the single-process engine "
-                 "(LLM(async_scheduling=True), python -m afd --async-scheduling) has it "
-                 "(docs/limits.md#async-scheduling)")
+    if args.async_scheduling and (args.prefill or args.ffn):
+        ap.error(f"--async-scheduling needs --prefill 0 and --ffn 0 (attention ranks alone), "
+                 f"got --prefill {args.prefill} --ffn {args.ffn}: prefill ranks and a layout "
+                 "with FFN ranks step synchronously (docs/limits.md#async-scheduling)")
     return args
 
 
@@ -597,7 +596,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
             speculative_config=args.speculative_config, load_format=args.load_format,
             hf_overrides=args.hf_overrides, kv_cache_dtype=args.kv_cache_dtype,
-            scheduling_policy=args.scheduling_policy)
+            scheduling_policy=args.scheduling_policy, async_scheduling=args.async_scheduling)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg, control_host, key)
