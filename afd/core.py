@@ -216,7 +216,8 @@ class EngineCore:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
                 self._retire(seq)
-        self._ready += self._drain_if_idle()
+        if self._inflight is not None:  # async scheduling
+            self._ready += self._drain_if_idle()
 
     def _retire(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out (``Scheduler.finish``); one that the step

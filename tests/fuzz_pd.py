@@ -28,7 +28,7 @@ import torch
 import afd.rank_attention as rank_attention
 import afd.rank_prefill as rank_prefill
 from afd import LLM, protocol
-from afd.config import resolve_engine_config
+from afd.config import check_async_layout, resolve_engine_config
 from afd.block_pool import key_digest
 from afd.core import CoreStats, EngineCore
 from afd.engine import LLMEngine
@@ -283,9 +283,10 @@ class PDSim:
         w._admit()
         outputs += w._progress_receives()
         plan = w.core.scheduler.schedule()
-        has_work = not plan.empty
+        has_work = not plan.empty or w.core.in_flight
         if has_work:
-            outputs += w.core.execute(plan, self.micro_batches)
+            outputs += (w.core.execute_async(plan) if w.core.cfg.async_scheduling
+                        else w.core.execute(plan, self.micro_batches))
         if outputs or has_work or w._stats_changed():
             w._send(outputs)
 
@@ -322,7 +323,7 @@ class PDSim:
                     or any(w.core.has_unfinished() or w.core.seqs or w.sending
                            for w in self.prefill)
                     or any(w.pulls or w.receiving or w.abandoned or w.core.seqs
-                           for w in self.attention)
+                           or w.core.in_flight for w in self.attention)
                     or self.wire.works)
 
 
@@ -352,13 +353,16 @@ class PDSystem(System):
                    check_kv)
 
     def split(self, micro_batches: int) -> None:
-        """The attention ranks' steps in ``micro_batches`` parts (prefill ranks run one)."""
+        """The attention ranks' steps in ``micro_batches`` parts (prefill ranks run one; with
+        async scheduling, one each)."""
+        if any(w.core.cfg.async_scheduling for w in self.sim.attention):
+            return
         self.micro_batches = self.sim.micro_batches = micro_batches
 
     def held(self, core) -> list[list[int]]:
         for w in self.sim.attention:
             if w.core is core:
-                return [r.block_ids for r in w.receiving.values()]
+                return [r.block_ids for r in w.receiving.values()] + super().held(core)
         return []
 
     def check(self, where: str) -> None:
@@ -478,14 +482,23 @@ class PDSystem(System):
 LAYOUTS = [Layout(1, 1, 0), Layout(2, 1, 0), Layout(1, 2, 0), Layout(0, 2, 0)]
 
 
-def run_pd_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True
-                ) -> CaseReport:
-    """One fuzz case (``fuzz_engine.run_on``) on a PDSim layout drawn from the seed."""
+def run_pd_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True,
+                async_scheduling: bool | None = False) -> CaseReport:
+    """One fuzz case (``fuzz_engine.run_on``) on a PDSim layout drawn from the seed.
+    ``async_scheduling``: as ``run_case``'s, for a layout of attention ranks alone (True on
+    another layout: ValueError)."""
     rng = random.Random(seed)
     draw = draw_engine(rng, mtp_ok)
     if load_config(folder).linear_attn is not None:  # (its own draw, as run_case's)
         draw_hybrid(random.Random(seed + 2), draw)
     layout = rng.choice(LAYOUTS)
+    if async_scheduling is None:
+        async_scheduling = (not layout.prefill and draw.speculative is None
+                            and random.Random(seed + 2).random() < 1 / 3)
+    if async_scheduling:
+        check_async_layout(True, layout.prefill, layout.ffn)
+        draw.speculative = None
+        draw.kwargs["async_scheduling"] = True
     kwargs = dict(draw.kwargs)
     prefill_block_size = None
     if layout.prefill and rng.random() < 0.3:

@@ -145,6 +145,8 @@ class SimCore:
 
     record_kv_events = EngineCore.record_kv_events
     abort = EngineCore.abort
+    _retire = EngineCore._retire
+    _inflight = None  # (async scheduling's step in flight: never here)
     reset_prefix_cache = EngineCore.reset_prefix_cache
     release = EngineCore.release
     attach_grammar = EngineCore.attach_grammar

@@ -129,6 +129,14 @@ def test_multi_rank_hybrid(hybrid, seed):
     assert run_pd_case(seed, hybrid, mtp_ok=False).compared
 
 
+@pytest.mark.parametrize("seed", [0, 14])
+def test_multi_rank_async(v3, seed):
+    """Async scheduling on two attention ranks (no prefill or FFN ranks): 0, preemption and
+    aborts queued and mid-prefill; 14, preemption, an abort after finishing."""
+    report = run_pd_case(seed, v3, async_scheduling=True)
+    assert report.compared and "async_scheduling" in report.engine
+
+
 def test_scheduler_sim():
     """The model-free cases: between them, prefix hits on the device and from the host tier,
     n-gram and MTP drafts accepted, preemption, aborts and resets; with window pools, prefix
@@ -186,7 +194,7 @@ def test_multi_rank_found_seeds(v3, seed):
 def test_multi_rank_many_seeds(v3, qwen):
     for seed in range(1000, 1000 + MANY // 2):
         gqa = seed % 4 == 3
-        run_pd_case(seed, qwen if gqa else v3, mtp_ok=not gqa)
+        run_pd_case(seed, qwen if gqa else v3, mtp_ok=not gqa, async_scheduling=None)
 
 
 # ---- the fuzzer notices broken engines ------------------------------------------------------
