@@ -100,18 +100,17 @@ class EngineCore:
 
     ``cfg.async_scheduling`` (the single-process engine, attention ranks without FFN ranks):
     ``step`` launches step N + 1 before reading step N's samples (``execute_async``). After
-    launching a step, every sequence
-    that samples in it is advanced as if its sample were known: ``Scheduler.update`` counts
-    its tokens computed and it holds ``PLACEHOLDER`` as its last token, so the next plan
-    decodes that position; the runner takes its input id from the step's samples on the
-    device. The host then reads the previous step's samples (waiting for that step alone),
-    puts each in its placeholder's place and emits the outputs, the stops it finds one step
-    late: a sequence that stopped in step N has a row in step N + 1 (launched already), which
-    is dropped; it leaves the queues at once and its blocks are freed once N + 1 is done. A
-    step whose next plan needs its samples on the host (a sampling sequence with penalties,
-    bad_words or a grammar: ``Sequence.reads_outputs``; prompt logprobs scored in it) is read
-    right after its launch. A sequence whose sample is its last by length leaves the queues
-    when that step is launched (no dropped row for it)."""
+    launching a step, every sequence that samples in it is advanced as if its sample were
+    known: ``Scheduler.update`` counts its tokens computed and it holds ``PLACEHOLDER`` as its
+    last token, so the next plan decodes that position; the runner takes its input id from
+    the step's samples on the device. The host then reads the previous step's samples
+    (waiting for that step alone), puts each in its placeholder's place and emits the
+    outputs, the stops it finds one step late: a sequence that stopped in step N has a row
+    in step N + 1 (launched already), which is dropped; it leaves the queues at once and its
+    blocks are freed once N + 1 is done. A step whose next plan needs its samples on the host
+    (a sampling sequence with penalties, bad_words or a grammar: ``Sequence.reads_outputs``;
+    prompt logprobs scored in it) is read right after its launch. A sequence whose sample is
+    its last by length leaves the queues when that step is launched (no dropped row)."""
 
     closed = False  # ``shutdown``
     _inflight: InFlight | None = None  # async scheduling: the step launched, not yet read
@@ -271,9 +270,10 @@ class EngineCore:
         return outputs + self._drain_if_idle()
 
     def _drain_if_idle(self) -> list[CoreOutput]:
-        """With nothing left to schedule, read the step in flight now (only retired
-        sequences' rows remain in it: no output), so that its blocks come back without a
-        further ``step``, which a caller with no request left never makes."""
+        """With nothing left to schedule, read the step in flight now (what remains in it:
+        retired sequences' rows, and the last tokens of ``InFlight.final`` ones), so that its
+        blocks come back, and those tokens out, without waiting for a further step: a caller
+        with no request left makes none, and a rank's loop idles."""
         step = self._inflight
         if step is None or self.scheduler.has_unfinished():
             return []
