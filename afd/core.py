@@ -259,6 +259,7 @@ class EngineCore:
         launched = None
         if not plan.empty:
             self.flush_offloads()
+            self.flush_state_copies()  # the plan's snapshot restores, into the slots it reads
             launched = self._launch(plan, prev)
         self._inflight = launched  # sequences N finishes that N + 1 computes: freed after it
         outputs = self._read(prev) if prev is not None else []
@@ -303,6 +304,9 @@ class EngineCore:
         seqs = step.plan.seqs
         live = [s for s in seqs if s.seq.status is not Status.FINISHED]
         self.scheduler.update(step.plan if len(live) == len(seqs) else SchedulerOutput(live))
+        # the snapshots update took (of the states after this step, queued after it), before
+        # a slot changes hands
+        self.flush_state_copies()
         for s in step.sampling:
             seq = s.seq
             if seq.status is not Status.FINISHED:

@@ -269,7 +269,8 @@ def checkpoint(kind: str, tmp_path_factory) -> str | None:
 @pytest.mark.parametrize("kind", ["graphs", "qwen3_next", "mimo"])
 def test_other_paths_match_sync(kind, tmp_path_factory):
     """The CUDA-graph path (run eagerly on CPU, the same static buffers), a hybrid model's
-    state slots and a window pool: the same tokens, preemption included, pools full after."""
+    state slots (and its prefix cache's state snapshots) and a window pool: the same tokens,
+    preemption and prefix hits included, pools full after."""
     path = checkpoint(kind, tmp_path_factory)
     kw = dict(dtype="float32", max_num_batched_tokens=32, max_num_seqs=4, block_size=4,
               num_kv_blocks=28, max_model_len=112)
@@ -287,6 +288,7 @@ def test_other_paths_match_sync(kind, tmp_path_factory):
         runs.append(drive(llm, arrivals))
         core = llm.engine.core
         assert core.scheduler.num_preemptions > 0
+        assert core.scheduler.prefix_cache_hits > 0  # (a hybrid's: restored state snapshots)
         assert pool_full(llm)
         if core.window is not None:
             assert core.window.num_free == core.window.num_blocks
