@@ -304,8 +304,8 @@ class EngineCore:
         seqs = step.plan.seqs
         live = [s for s in seqs if s.seq.status is not Status.FINISHED]
         self.scheduler.update(step.plan if len(live) == len(seqs) else SchedulerOutput(live))
-        # the snapshots update took (of the states after this step, queued after it), before
-        # a slot changes hands
+        # the snapshots update took (of the states after this step, queued after it), as
+        # execute's (else the next launch's flush runs them first, in the same order)
         self.flush_state_copies()
         for s in step.sampling:
             seq = s.seq

@@ -99,6 +99,12 @@ def test_single_process_hybrid(hybrid, seed):
     assert run_case(seed, hybrid, mtp_ok=False).compared
 
 
+def test_single_process_async_hybrid(hybrid):
+    """Async scheduling with a hybrid's state slots and snapshots (seed 0: restores and
+    preemptions)."""
+    assert run_case(0, hybrid, mtp_ok=False, async_scheduling=True).compared
+
+
 @pytest.fixture(scope="module")
 def mimo(tmp_path_factory):
     from test_mimo_v2_flash import build_hf_model as build_mimo
