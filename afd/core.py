@@ -8,6 +8,7 @@ stop strings. ``step`` is the loop body every layout runs:
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass, field
 
 import torch
 
