@@ -480,8 +480,13 @@ class Scheduler:
         if not targets or targets[0] != done:
             return
         targets.pop(0)
-        key = seq.block_keys[done // self.allocator.block_size - 1]
-        if self.allocator.is_cached(key):
+        size = self.allocator.block_size
+        b = done // size - 1
+        # its block's key cached for its own tokens (a key another prefix's block holds, a
+        # hash collision, would hand this state to hits on those other tokens)
+        key = seq.block_keys[b]
+        if self.allocator.holds(key, seq.block_keys.parent(b),
+                                seq.token_ids[b * size:done]):
             self.snapshots.save(key, seq.state_slot)
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
