@@ -49,6 +49,7 @@ class Driver:
         for s in plan.seqs:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             slot = seq.state_slot
+            assert n > 0, f"{seq.request_id}: an empty chunk"
             assert slot is not None and slot < self.sched.max_num_seqs
             if start:
                 assert self.states[slot] == tuple(seq.token_ids[:start]), (
@@ -113,3 +114,37 @@ def test_a_key_collision_snapshots_nothing_for_the_other_tokens(monkeypatch):
     z = d.add("z", [5, 7, 8, 8, 8])  # hits [5, 7]: restores only a state of [5, 7]
     d.run()
     assert z.status is Status.FINISHED
+
+
+def test_restored_then_preempted_resumes_from_a_fresh_restore():
+    """b restores a's snapshot at 4, is preempted mid-prefill (c's decode takes the blocks)
+    and readmitted: each admission restores again, and every forward resumes from exactly
+    its computed tokens (the driver checks the states at every step)."""
+    d = Driver(num_blocks=9, size=2, max_num_seqs=2, num_snapshots=2, budget=3)
+    a = list(range(10, 16))
+    d.add("a", a)
+    d.run()
+    c = d.add("c", [50, 51, 52], max_tokens=12)
+    b = d.add("b", a[:4] + [7, 8, 9, 10, 11, 12], max_tokens=4)
+    d.run()
+    assert b.metrics.num_preemptions >= 2 and c.metrics.num_preemptions == 0
+    assert d.snaps.num_restored >= 2
+
+
+def test_one_token_chunks_and_identical_prompts_in_one_step():
+    """A budget of one token: every chunk is one token (none empty), each target still
+    reached; two identical prompts admitted in one step snapshot the same key once."""
+    d = Driver(num_blocks=32, size=4, max_num_seqs=3, num_snapshots=3, budget=1)
+    d.add("a", list(range(20, 31)))
+    d.run()
+    assert d.snaps.num_saved == 1  # at 8, its last full block boundary before its last token
+    d = Driver(num_blocks=32, size=4, max_num_seqs=3, num_snapshots=3, budget=64)
+    x = d.add("x", list(range(20, 31)))
+    y = d.add("y", list(range(20, 31)))
+    rows = d.step()
+    assert [(s.request_id, start, n) for s, start, n in rows] == [("x", 0, 8), ("y", 0, 8)]
+    d.run()
+    assert d.snaps.num_saved == 1 and x.num_cached_tokens == y.num_cached_tokens == 0
+    z = d.add("z", list(range(20, 31)))
+    d.run()
+    assert z.num_cached_tokens == 8 and d.snaps.num_restored == 1
