@@ -213,12 +213,6 @@ class BlockPool:
     def is_cached(self, key: bytes) -> bool:
         return key in self._by_key
 
-    def holds(self, key: bytes, parent_key: bytes, tokens: Sequence[int]) -> bool:
-        """Is ``key`` cached for exactly these ``tokens`` after ``parent_key``: proven by the
-        stored content, as a hit is (``proven_run``), not taken on the hash alone."""
-        block = self._by_key.get(key)
-        return block is not None and self._content[block] == block_content(parent_key, tokens)
-
     @property
     def num_cached(self) -> int:
         """Blocks whose KV is in the prefix cache (owned or not)."""

@@ -480,14 +480,12 @@ class Scheduler:
         if not targets or targets[0] != done:
             return
         targets.pop(0)
-        size = self.allocator.block_size
-        b = done // size - 1
-        # its block's key cached for its own tokens (a key another prefix's block holds, a
-        # hash collision, would hand this state to hits on those other tokens)
-        key = seq.block_keys[b]
-        if self.allocator.holds(key, seq.block_keys.parent(b),
-                                seq.token_ids[b * size:done]):
-            self.snapshots.save(key, seq.state_slot)
+        # its whole prefix cached for its own tokens, each block proven by its stored tokens
+        # as a hit is (a key that another prefix's block holds, a hash collision there or at
+        # any block before, would hand this state to hits on those other tokens)
+        b = done // self.allocator.block_size
+        if len(self.allocator.cached_prefix(seq.token_ids, seq.block_keys, b)) == b:
+            self.snapshots.save(seq.block_keys[b - 1], seq.state_slot)
 
     def _restore_from_host(self, seq: Sequence, start: int, slots: list[int]) -> None:
         """``seq``'s blocks ``start ..`` (just allocated) get the KV of host ``slots``, copied

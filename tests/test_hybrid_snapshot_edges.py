@@ -10,7 +10,7 @@ import hashlib
 import struct
 
 from afd import block_pool
-from afd.block_pool import BlockPool
+from afd.block_pool import BlockKeys, BlockPool, extend_block_keys
 from afd.sampling_params import SamplingParams
 from afd.scheduler import Scheduler
 from afd.sequence import CoreRequest, Sequence, Status
@@ -81,20 +81,17 @@ class Driver:
             assert self.pool.is_cached(key)
             assert keys_of(state, size)[-1] == key, (
                 f"snapshot slot {slot} holds the state of {state}, not its key's prefix")
-            block = self.pool._by_key[key]
-            # the cached block under that key holds the same tokens as the state took in
-            assert self.pool._content[block] == block_pool.block_content(
-                keys_of(state, size)[-2] if len(state) > size else b"", state[-size:]), (
-                f"snapshot slot {slot} holds the state of {state}, its key's cached block "
+            # and the prefix cache holds that key's whole prefix for exactly those tokens
+            # (each block proven by its stored tokens, as a hit is)
+            n = len(state) // size
+            assert len(self.pool.cached_prefix(state, keys_of(state, size), n)) == n, (
+                f"snapshot slot {slot} holds the state of {state}, its key's cached prefix "
                 "other tokens")
 
 
-def keys_of(tokens, size: int) -> list[bytes]:
-    keys, parent = [], b""
-    for b in range(len(tokens) // size):
-        parent = block_pool.block_key(block_pool.block_content(
-            parent, tokens[b * size:(b + 1) * size]))
-        keys.append(parent)
+def keys_of(tokens, size: int) -> BlockKeys:
+    keys = BlockKeys()
+    extend_block_keys(keys, tokens, size, len(tokens) // size)
     return keys
 
 
@@ -112,6 +109,24 @@ def test_a_key_collision_snapshots_nothing_for_the_other_tokens(monkeypatch):
     d.add("x", [5, 6, 9])  # no hit ([5, 6] is not [5, 7]); its target at 2, the collided key
     d.run()
     z = d.add("z", [5, 7, 8, 8, 8])  # hits [5, 7]: restores only a state of [5, 7]
+    d.run()
+    assert z.status is Status.FINISHED
+
+
+def test_a_key_collision_before_the_snapshot_block_snapshots_nothing(monkeypatch):
+    """The collision one block earlier: x's block [5, 6] shares its key with y's cached
+    [5, 7], so x's next block [1, 2] has the same key and stored content (parent key and
+    tokens) as y's cached one. The snapshot there needs x's whole prefix proven, not only its
+    last block, or a hit on [5, 7, 1, 2] restores the state of [5, 6, 1, 2]."""
+    six, seven = struct.pack("<q", 6), struct.pack("<q", 7)
+    monkeypatch.setattr(block_pool, "block_key",
+                        lambda content: hashlib.sha256(content.replace(six, seven)).digest())
+    d = Driver(num_blocks=16, size=2, max_num_seqs=2, num_snapshots=4, budget=16)
+    d.add("y", [5, 7, 1, 2, 3, 4, 9])  # caches [5, 7], [1, 2], [3, 4]; a snapshot at 6 only
+    d.run()
+    d.add("x", [5, 6, 1, 2, 8])  # no hit; its target at 4: the key of y's [5, 7, 1, 2]
+    d.run()
+    z = d.add("z", [5, 7, 1, 2, 8, 8])  # hits [5, 7, 1, 2]: only that prefix's state
     d.run()
     assert z.status is Status.FINISHED
 
