@@ -284,19 +284,25 @@ class BlockPool:
                           self.block_size)
 
     def cache_block(self, block: int, key: bytes, parent_key: bytes,
-                    tokens: Sequence[int]) -> None:
+                    tokens: Sequence[int]) -> bool:
         """Offer an owned block whose ``tokens`` (all ``block_size`` of them) have their KV
         written; ``key`` is theirs (extend_block_keys made it: not hashed again here). A block
-        already cached, or content another block already holds, is left as is."""
+        already cached, or content another block already holds, is left as is. False where
+        another block holds ``key`` for other content (a hash collision): the caller's next
+        blocks, whose keys chain onto ``key``, must not be cached either (their stored content
+        would prove them after that other content, their KV computed after these tokens)."""
         if not self.enable_caching or self._key[block] is not None:
-            return
+            return True
         assert self._ref[block] > 0 and len(tokens) == self.block_size, (block, len(tokens))
-        if key in self._by_key:
-            return
-        self._key[block], self._content[block] = key, block_content(parent_key, tokens)
+        content = block_content(parent_key, tokens)
+        held = self._by_key.get(key)
+        if held is not None:
+            return self._content[held] == content
+        self._key[block], self._content[block] = key, content
         self._by_key[key] = block
         if self.events is not None:
             self.events.store(key, self._by_key)
+        return True
 
     def reset(self) -> None:
         """Forget every cached block (owned blocks keep their KV and owners). No events: the

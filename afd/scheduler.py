@@ -586,8 +586,13 @@ class Scheduler:
         window = self.window
         for b in range(seq.num_cached_blocks, full):
             tokens = seq.token_ids[b * size:(b + 1) * size]
-            self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
-                                       seq.block_keys.parent(b), tokens)
+            if not self.allocator.cache_block(seq.block_ids[b], seq.block_keys[b],
+                                              seq.block_keys.parent(b), tokens):
+                # its key is cached for other tokens (a hash collision): the blocks after it
+                # would chain onto that other prefix, so none of this sequence's is cached
+                # (until a preemption recomputes it from its tokens)
+                seq.num_cached_blocks, seq.cacheable = b, False
+                return
             # the window pool's under the same key, unless given back already (a hit's or a
             # block that left the window before it filled: none, since update caches first)
             if window is not None and seq.window_block_ids[b] != window.null:

@@ -284,6 +284,35 @@ def test_blocks_are_cached_only_once_their_kv_is_written():
     assert pool.num_free == pool.num_blocks
 
 
+def test_a_key_collision_stops_caching_the_blocks_after_it(monkeypatch):
+    """Blocks [5, 6] and [5, 7] share one key (a hash collision): x's [5, 6] is not cached,
+    y's [5, 7] holding the key, and neither may x's next block be: its key and stored content
+    (parent key and tokens) are those of y's prefix's next block, but its KV was computed
+    after [5, 6], so a hit on [5, 7, 1, 2] would be handed it."""
+    import hashlib
+    import struct
+
+    six, seven = struct.pack("<q", 6), struct.pack("<q", 7)
+    monkeypatch.setattr(block_pool, "block_key",
+                        lambda content: hashlib.sha256(content.replace(six, seven)).digest())
+    pool = BlockPool(16, 2)
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=16)
+    y = seq_of("y", [5, 7, 3])
+    sched.add(y)
+    step(sched)
+    y_first = y.block_ids[0]
+    sched.finish(y)
+    x = seq_of("x", [5, 6, 1, 2, 9])
+    sched.add(x)
+    step(sched)  # its two full blocks computed
+    assert x.num_cached_tokens == 0
+    z = [5, 7, 1, 2, 8]
+    assert pool.cached_prefix(z, keys_of(z, 2), 2) == [y_first]
+    # x's own tokens still find nothing past the collision, and after it is done neither
+    sched.finish(x)
+    assert pool.cached_prefix(z, keys_of(z, 2), 2) == [y_first]
+
+
 def test_admission_counts_the_cached_blocks_it_takes():
     """Cached free blocks are counted free: a sequence reusing them leaves fewer for its own
     new blocks. Admitting on the free count alone would find the pool exhausted."""
