@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m afd") -> None:
     ap.add_argument("--ffn", type=int, default=0, help="expert-parallel FFN ranks (F)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="schedule and launch each step before the previous step's tokens "
-                         "are read on the host (vLLM's; single-process layout only, no "
-                         "speculative decoding: docs/limits.md#async-scheduling)")
+                         "are read on the host (vLLM's; attention ranks only: no --prefill or "
+                         "--ffn ranks, no speculative decoding: docs/limits.md#async-scheduling)")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
     llm = LLM(args.model, revision=args.revision, download_dir=args.download_dir,
               dtype=args.dtype, prefill=args.prefill, attention=args.attention, ffn=args.ffn,
-              async_scheduling=args.async_scheduling)
+              **({"async_scheduling": True} if args.async_scheduling else {}))
     print(f"loaded {llm.config.model} on {llm.config.device} ({llm.config.dtype}) "
           f"layout P={args.prefill} A={args.attention} F={args.ffn} "
           f"in {time.perf_counter() - start:.1f}s")
