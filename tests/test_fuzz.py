@@ -50,7 +50,9 @@ MIMO_SEEDS = [9, 14, 23]
 # priority scheduling, 37 restores and 54 preemptions; 22, blocks of 2, 2 sequences, 24
 # restores and 18 preemptions
 HYBRID_SEEDS = [0, 22]
-HYBRID_PD_SEEDS = [2, 5]  # 2P+1A and 1P+2A, transfers failing
+# 2P+1A and 1P+2A, transfers failing; 1002, 2 attention ranks: a block computed on its own
+# and in a batch of others 1.4e-4 of its largest value apart (fp32 noise: HYBRID_ATOL)
+HYBRID_PD_SEEDS = [2, 5, 1002]
 # async scheduling (afd.core; no drafts): 66 and 5 with it forced on (aborts, preemption, a
 # host tier), MiMo 14 (a window pool)
 ASYNC_SEEDS = [66, 5]
@@ -257,6 +259,28 @@ def _sim_fails(match: str) -> None:
     with pytest.raises(AssertionError, match=match):
         for seed in SIM_SEEDS:
             run_sim(seed)
+
+
+def test_notices_a_snapshot_one_block_off(hybrid, monkeypatch):
+    """Each state snapshot taken under the key of the block before its own: a hit restores a
+    state one block ahead of where the sequence resumes. In seed 22 only the KV check sees it
+    (its outputs pass): a block 1.35x its largest value away from its key's first block, far
+    past fp32's noise (fuzz_engine.HYBRID_ATOL)."""
+    def one_block_off(self, seq):
+        targets, done = seq.snapshot_targets, seq.num_computed_tokens
+        while targets and targets[0] < done:
+            targets.pop(0)
+        if not targets or targets[0] != done:
+            return
+        targets.pop(0)
+        n = done // self.allocator.block_size
+        key = seq.block_keys[max(n - 2, 0)]
+        if self.allocator.is_cached(key):
+            self.snapshots.save(key, seq.state_slot)
+
+    monkeypatch.setattr(Scheduler, "_snapshot", one_block_off)
+    with pytest.raises(AssertionError, match="other KV than its key"):
+        run_case(HYBRID_SEEDS[1], hybrid, mtp_ok=False)
 
 
 def test_sim_notices_a_lost_snapshot_restore(monkeypatch):
