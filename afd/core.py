@@ -216,6 +216,10 @@ class EngineCore:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
                 self._retire(seq)
+        if self._ready:  # async scheduling: read already, not emitted (nothing after an abort:
+            # the id may be taken again at once, and outputs go by request id)
+            gone = set(request_ids)
+            self._ready = [out for out in self._ready if out.request_id not in gone]
         if self._inflight is not None:  # async scheduling
             self._ready += self._drain_if_idle()
 

@@ -345,3 +345,27 @@ def test_abort_keeps_a_last_token_in_flight(pair):
     assert not engine.has_unfinished_requests()
     assert got["short"].finished and len(got["short"].outputs[0].token_ids) == 4
     assert pool_full(llm)
+
+
+def test_abort_drops_a_read_output(pair):
+    """An output read at an abort (kept for the next step) of a request aborted after it is
+    never emitted: a request added again under its id at once gets none of the old one's
+    tokens (in-process, outputs go by request id), the tokens it gets alone."""
+    sync, llm = pair
+    engine, core = llm.engine, llm.engine.core
+    g = dict(temperature=0, ignore_eos=True)
+    engine.add_request("short", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4,
+                                                                                 **g))
+    engine.add_request("long", {"prompt_token_ids": PROMPTS[2]}, SamplingParams(max_tokens=40,
+                                                                                **g))
+    for _ in range(20):
+        engine.step()
+        if core._inflight is not None and core._inflight.final:
+            break
+    engine.abort_request("long")
+    assert [o.request_id for o in core._ready] == ["short"]  # its last token, read
+    engine.abort_request("short")
+    again = SamplingParams(max_tokens=7, **g)
+    want = drive(sync, [(0, "short", PROMPTS[5], again)])
+    assert drive(llm, [(0, "short", PROMPTS[5], again)]) == want
+    assert pool_full(llm)
