@@ -428,7 +428,9 @@ class ModelRunner:
         experts = self.experts if record is None else RoutedTap(self.experts, record)
         ids, batch, index = flatten(plan.seqs, self.cfg.block_size, self.device, pinned=True)
         n = len(placeholders)
-        if n and all(i == r for i, r in placeholders):  # most decode steps: row i from row i
+        # most decode steps: rows 0..n-1 from rows 0..n-1 (not merely i from i: a row between
+        # them, say a prompt's last chunk of one token, keeps its own input)
+        if n and all(i == r == k for k, (i, r) in enumerate(placeholders)):
             ids[:n].copy_(prev_tokens[:n].clamp(min=0))
         elif n:
             where = to_device(torch.tensor([i for i, _ in placeholders]

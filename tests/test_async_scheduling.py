@@ -369,3 +369,26 @@ def test_abort_drops_a_read_output(pair):
     want = drive(sync, [(0, "short", PROMPTS[5], again)])
     assert drive(llm, [(0, "short", PROMPTS[5], again)]) == want
     assert pool_full(llm)
+
+
+def test_placeholder_rows_after_a_one_token_chunk(tmp_path_factory):
+    """A prompt's last chunk of one token (a hybrid's prefill cut at its last full block
+    boundary) in a decode row before a sequence whose input is the step in flight's sample,
+    at the same row there (a sequence before both ended by max_tokens): each row takes its
+    own input, the same tokens as sync."""
+    path = checkpoint("qwen3_next", tmp_path_factory)
+    runs = []
+    for flag in (False, True):
+        llm = LLM(path, seed=0, async_scheduling=flag, dtype="float32", block_size=4,
+                  max_num_batched_tokens=32, max_num_seqs=4, num_kv_blocks=32,
+                  max_model_len=64)
+        vocab = llm.engine.model_cfg.vocab_size
+        prompts = [[t % (vocab - 2) + 1 for t in p] for p in (BASE[:3], BASE[10:19], BASE[30:33])]
+        g = dict(temperature=0, ignore_eos=True)
+        arrivals = [(0, "z", prompts[0], SamplingParams(max_tokens=1, **g)),
+                    (0, "w", prompts[1], SamplingParams(max_tokens=5, **g)),
+                    (0, "a", prompts[2], SamplingParams(max_tokens=5, **g))]
+        runs.append(drive(llm, arrivals))
+        assert pool_full(llm)
+        llm.shutdown()
+    assert runs[0] == runs[1]
