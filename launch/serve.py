@@ -157,7 +157,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--async-scheduling", action="store_true",
                     help="schedule and launch each step before the previous step's tokens are "
                          "read on the host (vLLM's); attention ranks only: refused with "
-                         "--prefill or --ffn (docs/limits.md#async-scheduling)")
+                         "--prefill, --ffn or --speculative-config "
+                         "(docs/limits.md#async-scheduling)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
                          "(as vLLM); vllm: SamplingParams' own defaults")
@@ -328,6 +329,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         ap.error(f"--async-scheduling needs --prefill 0 and --ffn 0 (attention ranks alone), "
                  f"got --prefill {args.prefill} --ffn {args.ffn}: prefill ranks and a layout "
                  "with FFN ranks step synchronously (docs/limits.md#async-scheduling)")
+    if args.async_scheduling and args.speculative_config is not None:
+        ap.error(f"--async-scheduling with --speculative-config (method "
+                 f"{args.speculative_config.get('method')!r}): drafts need the previous step's "
+                 "tokens on the host; use one or the other (docs/limits.md#async-scheduling)")
     return args
 
 

@@ -392,3 +392,16 @@ def test_placeholder_rows_after_a_one_token_chunk(tmp_path_factory):
         assert pool_full(llm)
         llm.shutdown()
     assert runs[0] == runs[1]
+
+
+def test_serve_refuses_drafts_by_name(capsys):
+    """``afd serve --async-scheduling --speculative-config ...``: a usage error naming both
+    flags, before any rank starts (not the engine config's ValueError on rank 0)."""
+    from launch import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--async-scheduling", "--speculative-config",
+                          '{"method": "ngram", "num_speculative_tokens": 2, '
+                          '"prompt_lookup_max": 3}'])
+    assert ("--async-scheduling with --speculative-config (method 'ngram')"
+            in capsys.readouterr().err)
