@@ -147,6 +147,7 @@ class SimCore:
     abort = EngineCore.abort
     _retire = EngineCore._retire
     _inflight = None  # (async scheduling's step in flight: never here)
+    _ready = ()  # (nor its outputs read at an abort)
     reset_prefix_cache = EngineCore.reset_prefix_cache
     release = EngineCore.release
     attach_grammar = EngineCore.attach_grammar
