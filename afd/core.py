@@ -95,6 +95,15 @@ class InFlight:
     sync: bool = False
 
 
+def _take_one(seq: Sequence, token: int, logprobs) -> tuple:
+    """A one-row step's sample for ``seq``: appended, or (a negative id) this request failed,
+    not the rank. (seq, new tokens, their logprobs or None, error or None, None)."""
+    if token < 0:
+        return seq, [], None, _row_error(token, seq), None
+    seq.append(token)
+    return seq, [token], None if logprobs is None else [logprobs], None, None
+
+
 class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
     (blocks kept, no more steps) until its KV moves to a decode rank (``release``).
@@ -340,12 +349,7 @@ class EngineCore:
                 continue
             assert seq.token_ids[-1] == PLACEHOLDER
             seq.token_ids.pop()
-            if token < 0:  # fail this request, not the rank
-                taken.append((seq, [], None, _row_error(token, seq), None))
-            else:
-                seq.append(token)
-                taken.append((seq, [token], None if logprobs is None else [logprobs], None,
-                              None))
+            taken.append(_take_one(seq, token, logprobs))
         outputs = self._outputs(taken)
         for seq in step.release:
             self.scheduler.release(seq)
@@ -369,15 +373,8 @@ class EngineCore:
         if speculating:
             taken = self._verify(sampling, sampled, states)
         else:  # one row per sequence
-            taken = []
-            for s, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
-                seq = s.seq
-                if token < 0:  # fail this request, not the rank
-                    taken.append((seq, [], None, _row_error(token, seq), None))
-                else:
-                    seq.append(token)
-                    taken.append((seq, [token], None if logprobs is None else [logprobs], None,
-                                  None))
+            taken = [_take_one(s.seq, token, logprobs)
+                     for s, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs)]
         if sampled.draft_tokens:
             self._keep_mtp_drafts(taken, sampled.draft_tokens)
         self.scheduler.update(plan)  # after the appends: accepted drafts' blocks may be cached
