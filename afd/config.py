@@ -298,20 +298,17 @@ def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefil
 
 
 def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
-                              kv_cache_dtype: str, enforce_eager: bool | None,
-                              kv_offload_gb: float) -> None:
+                              enforce_eager: bool | None, kv_offload_gb: float) -> None:
     """The engine features a hybrid model (linear-attention layers with per-sequence states,
     models.hybrid) cannot use yet, refused naming the feature and the model. The caller runs
-    it eagerly (no CUDA graphs) and sizes its state snapshots (``_state_snapshots``)."""
+    it eagerly (no CUDA graphs) and sizes its state snapshots (``_state_snapshots``). The FP8
+    KV cache is not refused: it holds the full-attention layers' KV only, the states keep their
+    dtypes (docs/limits.md#hybrid)."""
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
     if spec is not None:
         raise ValueError(f"speculative_config (method {spec.method!r}) is not supported for "
                          f"{name}: its linear-attention layers' states cannot be rolled back "
                          "past rejected drafts; leave speculative_config unset")
-    if kv_cache_dtype == "fp8":
-        raise ValueError(f"kv_cache_dtype='fp8' is not supported for {name} (its full-attention "
-                         "layers have not been checked with an FP8 cache); use "
-                         "kv_cache_dtype='auto'")
     if enforce_eager is False:
         raise ValueError(f"enforce_eager=False (CUDA graphs) is not supported for {name}: its "
                          "linear-attention layers run eagerly; leave enforce_eager unset or True")
@@ -437,7 +434,7 @@ def resolve_engine_config(
                          "(its cache rows hold compressor inputs and entries, not only keys); "
                          "use kv_cache_dtype='auto'")
     if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
-        _check_hybrid_engine_args(model_cfg, spec, kv_cache_dtype, enforce_eager, kv_offload_gb)
+        _check_hybrid_engine_args(model_cfg, spec, enforce_eager, kv_offload_gb)
         enforce_eager = True
     num_state_snapshots = _state_snapshots(model_cfg, num_state_snapshots,
                                            enable_prefix_caching)

@@ -32,7 +32,9 @@ the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 
 decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
 through ``prefill_attention_triton.window_prefill_attention_triton``. The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
-kernel the engine calls reads FP8 and converts it in registers, the torch ones cast.
+kernel the engine calls reads FP8 and converts it in registers, the torch ones cast
+(``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as they were,
+the snapshot restored as above).
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def interpreter_case(name: str, seed: int) -> dict:
                                   "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
                                   "v4graph", "mimo", "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
-                                  "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv"])
+                                  "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv",
+                                  "qwen3_next+fp8kv"])
 def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")

@@ -267,13 +267,13 @@ def test_attention_and_ffn_ranks_match_the_single_process(next_case):
                               "prompt_lookup_max": 3}), "speculative_config"),
     (dict(speculative_config={"method": "mtp", "num_speculative_tokens": 1}),
      "speculative_config"),
-    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
     (dict(enforce_eager=False), "enforce_eager=False"),
     (dict(kv_offload_gb=1), "kv_offload_gb"),
 ])
 def test_refusals_name_the_feature_and_the_model(next_case, args, match):
-    """What the states cannot serve yet (rolling back drafts, FP8 KV, CUDA graphs, the prefix
-    cache's host tier) is refused before anything starts, naming the model."""
+    """What the states cannot serve yet (rolling back drafts, CUDA graphs, the prefix cache's
+    host tier) is refused before anything starts, naming the model. (The FP8 KV cache is
+    served: tests/test_hybrid_fp8kv.py.)"""
     with pytest.raises(ValueError, match=match) as err:
         LLM(next_case[1], timeout_s=5, **args)
     assert "qwen3_next" in str(err.value)
