@@ -44,6 +44,8 @@ CASES = {
     "g2_splits_fp8kv_fp32": ("fp32+fp8kv", 4, 4, 2, 64, 4, 5, 3, "int64"),
     "g4_fp8kv_bf16": ("bf16+fp8kv", 4, 8, 2, 64, 16, 4, 1, "int32"),
     "strided_fp8kv_fp32": ("fp32+fp8kv", 4, 4, 2, 48, 4, 10, 2, "int64", True),
+    # Qwen3-Next, Qwen3.5-MoE's full layers over an FP8 cache (kv_cache_dtype "fp8")
+    "g4_d256_splits_fp8kv_bf16": ("bf16+fp8kv", 2, 8, 2, 256, 16, 3, 2, "int32"),
 }
 
 
@@ -90,6 +92,7 @@ GROUPED_CASES = {
     "grouped_all_ones_fp32": ("fp32", [1, 1, 1, 1], 4, 2, 32, 4, 5, 2, "int32"),
     "grouped_g2_splits_fp8kv_fp32": ("fp32+fp8kv", [2, 1, 4, 3], 4, 2, 64, 4, 5, 3, "int64"),
     "grouped_g4_fp8kv_bf16": ("bf16+fp8kv", [2, 2, 4, 1, 3], 8, 2, 64, 16, 4, 1, "int32"),
+    "grouped_g4_d256_fp8kv_bf16": ("bf16+fp8kv", [2, 1, 3], 8, 2, 256, 16, 3, 2, "int32"),
     # lengths 30..34 in 2 splits of 32 tokens: three rows see nothing in the second split
     "grouped_rows_end_before_a_split_fp32": ("fp32", [5, 2], 4, 2, 32, 4, 10, 2, "int32",
                                              False, [29, 3]),

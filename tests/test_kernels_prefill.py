@@ -44,6 +44,8 @@ PAGED = {
     "g3_d80_fp8kv_fp32": ("fp32+fp8kv", 6, 2, 80, 16, [(12, 40), (1, 17), (33, 33)], {}),
     "g4_d64_fp8kv_bf16": ("bf16+fp8kv", 8, 2, 64, 16, [(9, 9), (30, 47), (1, 18)], {}),
     "g2_d32_fp8kv_fp16": ("fp16+fp8kv", 4, 2, 32, 8, [(1, 1), (11, 27)], {}),
+    # Qwen3-Next, Qwen3.5-MoE's full layers over an FP8 cache (kv_cache_dtype "fp8")
+    "g4_d256_fp8kv_bf16": ("bf16+fp8kv", 8, 2, 256, 16, [(9, 9), (5, 21)], {}),
 }
 # varlen (MLA-shaped MHA): name -> (dtype, heads, Dqk, Dv, seqs, options)
 VARLEN = {
