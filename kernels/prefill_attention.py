@@ -91,7 +91,9 @@ class PrefillLayout:
             q = torch.tensor(self.query_lens, dtype=torch.int64)
             ctx = torch.tensor(self.context_lens, dtype=torch.int64)
             n = (q + tile_q - 1) // tile_q
-            seq = torch.repeat_interleave(torch.arange(self.num_seqs), n)
+            # (the tiles' count from the host lists: no op whose output's size follows data)
+            seq = torch.repeat_interleave(torch.arange(self.num_seqs), n, output_size=sum(
+                (length + tile_q - 1) // tile_q for length in self.query_lens))
             first = torch.cumsum(n, 0) - n
             q0 = (torch.arange(seq.numel()) - first[seq]) * tile_q
             span = ctx[seq] - q[seq] + torch.minimum(q0 + tile_q, q[seq])

@@ -8,6 +8,7 @@ forward cannot). On a GPU the same engine comparison runs with real graphs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -474,6 +475,148 @@ SHAPE_FROM_DATA = ("nonzero", "masked_select", "unique", "bincount", "repeat_int
 HOST_READ_OPS = ("_local_scalar_dense", "is_nonzero")
 
 
+@contextlib.contextmanager
+def host_read_audit(record):
+    """Inside: ``record(what)`` for every read of tensor data on the host (``HOST_READS``, and
+    the ops they dispatch to) and every op whose output shape depends on tensor data, outside
+    Triton's own interpreter (which reads tensors to emulate the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def ours() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "/triton/" in frame.f_code.co_filename.replace("\\", "/"):
+                return False  # Triton's interpreter reads tensors to emulate the GPU
+            frame = frame.f_back
+        return True
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.__name__.split(".")[0]
+            bool_index = op == "index" and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                for t in (args[1] if len(args) > 1 else ()) if t is not None)
+            sized = op == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
+            if (op in SHAPE_FROM_DATA and not sized or op in HOST_READ_OPS or bool_index) \
+                    and ours():
+                record(str(func))
+            return func(*args, **(kwargs or {}))
+
+    originals = {m: getattr(torch.Tensor, m) for m in HOST_READS}
+
+    def watch(method: str):
+        def read(self, *args, **kwargs):
+            if ours():
+                record(f"Tensor.{method}")
+            return originals[method](self, *args, **kwargs)
+        return read
+
+    for method in HOST_READS:
+        setattr(torch.Tensor, method, watch(method))
+    try:
+        with Audit():
+            yield
+    finally:
+        for method, fn in originals.items():
+            setattr(torch.Tensor, method, fn)
+
+
+# host reads of data that lives on the host by construction, allowed while a step is in flight:
+# a seeded request's CPU generator's draw of its step seed (afd.sampler.draw_step_seed)
+HOST_SIDE = {"afd/sampler.py:draw_step_seed"}
+
+
+def _reader() -> str:
+    """The innermost afd / models / kernels frame of the stack: "path:function"."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(root) and path[len(root):].split(os.sep)[0] in ("afd", "models",
+                                                                             "kernels"):
+            return f"{path[len(root):]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+def async_case(seed: int) -> dict:
+    """An async-scheduled engine (the embedded model, every kernel through Triton) run through
+    two batches, recording each host read of tensor data (``host_read_audit``) made while a
+    step is in flight: in ``EngineCore.step`` outside ``_read``, the one place that reads the
+    previous step's samples (the placeholders' gather, the inputs, the forward and the sampler
+    in between). ``mixed``: 8 rows, greedy, seeded, temperature + top-p, top-k, min_p,
+    min_tokens, logit_bias and allowed_token_ids, ending at different lengths (later steps'
+    placeholders move rows), eager steps (wider than the one graph size); ``both``: 3 rows with
+    top_p and top_k both, decode steps through afd.cuda_graphs' path (eagerly). Returns per
+    batch the reads of each step as "op @ path:function", and whether each row's tokens are
+    within its allowed_token_ids (where it has them)."""
+    import os
+
+    from afd.core import EngineCore
+
+    os.environ["AFD_KERNEL_BACKEND"] = "triton"
+    llm = LLM(seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
+              enforce_eager=False, cuda_graph_sizes=[4])
+    live = {"on": False, "reads": []}
+    steps: list[list[str]] = []
+    replay, replays = llm.engine.core.runner._replay, []
+    llm.engine.core.runner._replay = lambda *args: replays.append(1) or replay(*args)
+
+    def record(what: str) -> None:
+        if live["on"]:
+            live["reads"].append(f"{what} @ {_reader()}")
+
+    read, step = EngineCore._read, EngineCore.step
+
+    def unaudited_read(self, *args):
+        live["on"] = False
+        try:
+            return read(self, *args)
+        finally:
+            live["on"] = True
+
+    def audited_step(self):
+        live["on"], live["reads"] = True, []
+        try:
+            return step(self)
+        finally:
+            live["on"] = False
+            steps.append(live["reads"])
+
+    go = dict(ignore_eos=True, max_tokens=4)
+    allowed = [3, 8, 40, 41]
+    batches = {"mixed": [SamplingParams(temperature=0, ignore_eos=True, max_tokens=2),
+                         SamplingParams(temperature=0.9, seed=11, **go),
+                         SamplingParams(temperature=0.8, top_p=0.7, ignore_eos=True,
+                                        max_tokens=3),
+                         SamplingParams(temperature=1.0, top_k=7, **go),
+                         SamplingParams(temperature=1.0, min_p=0.2, **go),
+                         SamplingParams(temperature=0, min_tokens=3, max_tokens=4),
+                         SamplingParams(temperature=0.5, logit_bias={5: 3.0, 9: -2.0}, **go),
+                         SamplingParams(temperature=1.0, allowed_token_ids=allowed, **go)],
+               "both": [SamplingParams(temperature=0.8, top_p=0.9, top_k=5, seed=7, **go),
+                        SamplingParams(temperature=1.0, top_p=0.5, top_k=20, **go),
+                        SamplingParams(temperature=0.7, top_p=0.95, top_k=3, min_p=0.05,
+                                       **go)]}
+    result = {}
+    EngineCore._read, EngineCore.step = unaudited_read, audited_step
+    try:
+        with torch.inference_mode(), host_read_audit(record):
+            for batch, params in batches.items():
+                steps.clear(), replays.clear()
+                outs = llm.generate([{"prompt_token_ids": [0, 17 + i, 4 * i + 3]}
+                                     for i in range(len(params))], params, use_tqdm=False)
+                result[batch], result[batch + "_replays"] = list(steps), len(replays)
+                result[batch + "_tokens"] = [o.outputs[0].token_ids for o in outs]
+    finally:
+        EngineCore._read, EngineCore.step = read, step
+        llm.shutdown()
+    result["allowed_kept"] = set(result["mixed_tokens"][-1]) <= set(allowed)
+    return result
+
+
 def interpreter_case(name: str, seed: int) -> dict:
     """One padded decode forward through the Triton kernels, recording every read of tensor data
     on the host and every op whose output shape depends on tensor data, outside Triton's own
@@ -490,8 +633,6 @@ def interpreter_case(name: str, seed: int) -> dict:
     import os
     import tempfile
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import kernels.dsa_triton as dsa
     import kernels.fused_moe_triton as fmt
     import kernels.gqa_decode_triton as gqa
@@ -500,6 +641,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     from afd.kv_cache import allocate_kv_caches
     from models.weights import load_model
 
+    if name == "async":
+        return async_case(seed)
     qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
     v4 = name.startswith("v4")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
@@ -526,33 +669,6 @@ def interpreter_case(name: str, seed: int) -> dict:
     splits: list[int] = []
     choose = gqa.choose_num_splits
     gqa.choose_num_splits = lambda *args: splits.append(choose(*args)) or splits[-1]
-
-    def ours() -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            if "/triton/" in frame.f_code.co_filename.replace("\\", "/"):
-                return False  # Triton's interpreter reads tensors to emulate the GPU
-            frame = frame.f_back
-        return True
-
-    class Audit(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            op = func.__name__.split(".")[0]
-            bool_index = op == "index" and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                for t in (args[1] if len(args) > 1 else ()) if t is not None)
-            if (op in SHAPE_FROM_DATA or op in HOST_READ_OPS or bool_index) and ours():
-                found.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    originals = {m: getattr(torch.Tensor, m) for m in HOST_READS}
-
-    def watch(method: str):
-        def read(self, *args, **kwargs):
-            if ours():
-                found.append(f"Tensor.{method}")
-            return originals[method](self, *args, **kwargs)
-        return read
 
     mtp = name.startswith("mtp")
     if qwen or mtp or v32 or glm5 or v4:
@@ -584,17 +700,13 @@ def interpreter_case(name: str, seed: int) -> dict:
         graphs.set_mtp_inputs(cuda_graphs.mtp_host_inputs(
             4, 3, [5, 6, 7, 8], [0, 2, 3], [1, 0], [2, 1], np.array([29, 10]), tables, 16, 256),
             tables)
-    for method in HOST_READS:
-        setattr(torch.Tensor, method, watch(method))
     drafts = None
     try:
-        with torch.inference_mode(), Audit():
+        with torch.inference_mode(), host_read_audit(found.append):
             logits = graphs._forward(4, graphs.graphs[4].batch)
             if mtp:  # the MTP graph's region, after the target's
                 drafts = graphs._mtp_forward(4, graphs.hidden)
     finally:
-        for method, fn in originals.items():
-            setattr(torch.Tensor, method, fn)
         for module, fn_name, fn in saved:
             setattr(module, fn_name, fn)
     return {"found": found, "finite": bool(torch.isfinite(logits).all()),
@@ -655,6 +767,29 @@ def test_mtp_graph_forward_reads_nothing_on_the_host():
     assert "error" not in torch_case, torch_case.get("error")
     assert torch_case["drafts"] == [3, 4]
     assert {"Tensor.__int__", "Tensor.tolist"} <= set(torch_case["found"]), torch_case["found"]
+
+
+def test_async_steps_read_nothing_in_flight_on_the_host():
+    """Async scheduling through the Triton kernels: while a step is in flight (from launching
+    the next one until reading its samples), neither the next step's inputs (placeholder ids
+    gathered from the previous samples), its forward (eager, or the graph path) nor its
+    sampler reads tensor data on the host, over greedy, seeded, top-p, top-k, min_p,
+    min_tokens, logit_bias and allowed_token_ids rows; rows with top_p and top_k both read one
+    value a step, the sampler's tie check (docs/limits.md#async-scheduling)."""
+    result = run_in_interpreter(__file__, ["async"], seed=0, workers=1)["async"]
+    assert "error" not in result, result.get("error")
+
+    def in_flight(reads: list[str]) -> list[str]:
+        return [r for r in reads if r.split(" @ ")[1] not in HOST_SIDE]
+
+    # a prefill step and three decode steps each; the 3-row batch's decode steps replayed
+    assert len(result["mixed"]) == len(result["both"]) == 4 and result["both_replays"] == 3
+    assert result["mixed_replays"] == 0 and result["allowed_kept"]
+    assert [in_flight(s) for s in result["mixed"]] == [[]] * 4, result["mixed"]
+    tie_check = ["Tensor.__bool__ @ afd/sampler.py:_sample",
+                 "aten.is_nonzero.default @ afd/sampler.py:_sample"]  # one bool(): one read
+    assert [in_flight(s) for s in result["both"]] == [tie_check] * 4, result["both"]
+    assert all(len(t) == 4 for t in result["both_tokens"])
 
 
 def test_pd_decode_rank_with_graphs_matches_single_process():
