@@ -496,7 +496,10 @@ def host_read_audit(record):
             bool_index = op == "index" and any(
                 isinstance(t, torch.Tensor) and t.dtype == torch.bool
                 for t in (args[1] if len(args) > 1 else ()) if t is not None)
-            sized = op == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
+            # repeat_interleave by an int, or given its output_size: a shape known on the host
+            sized = op == "repeat_interleave" and (
+                func.__name__.split(".")[1] == "self_int"
+                or (kwargs or {}).get("output_size") is not None)
             if (op in SHAPE_FROM_DATA and not sized or op in HOST_READ_OPS or bool_index) \
                     and ours():
                 record(str(func))
@@ -541,24 +544,44 @@ def _reader() -> str:
     return "?"
 
 
-def async_case(seed: int) -> dict:
-    """An async-scheduled engine (the embedded model, every kernel through Triton) run through
-    two batches, recording each host read of tensor data (``host_read_audit``) made while a
-    step is in flight: in ``EngineCore.step`` outside ``_read``, the one place that reads the
-    previous step's samples (the placeholders' gather, the inputs, the forward and the sampler
-    in between). ``mixed``: 8 rows, greedy, seeded, temperature + top-p, top-k, min_p,
+def async_case(name: str, seed: int) -> dict:
+    """An async-scheduled engine (every kernel through Triton) run through two batches,
+    recording each host read of tensor data (``host_read_audit``) made while a step is in
+    flight: in ``EngineCore.step`` outside ``_read``, the one place that reads the previous
+    step's samples (the placeholders' gather, the inputs, the forward and the sampler in
+    between). ``mixed``: 8 rows, greedy, seeded, temperature + top-p, top-k, min_p,
     min_tokens, logit_bias and allowed_token_ids, ending at different lengths (later steps'
-    placeholders move rows), eager steps (wider than the one graph size); ``both``: 3 rows with
-    top_p and top_k both, decode steps through afd.cuda_graphs' path (eagerly). Returns per
-    batch the reads of each step as "op @ path:function", and whether each row's tokens are
-    within its allowed_token_ids (where it has them)."""
+    placeholders move rows), eager steps; then ``both``: 3 rows with top_p and top_k both.
+    ``async``: the embedded model, the 3-row batch's decode steps through afd.cuda_graphs'
+    path (eagerly; 8 rows are wider than its one size). ``async_window``: a tiny
+    MiMo-V2-Flash with its window pool (window 8, blocks of 4, prompts of 19 in chunks of
+    16); ``async_hybrid``: a tiny Qwen3-Next (state slots, prefix caching's snapshots); in
+    both, ``again``: the first 2 rows of ``both``, whose prompts hit the prefix cache. Returns
+    per batch the reads of each step as "op @ path:function", its graph replays and tokens."""
     import os
 
     from afd.core import EngineCore
 
     os.environ["AFD_KERNEL_BACKEND"] = "triton"
-    llm = LLM(seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
-              enforce_eager=False, cuda_graph_sizes=[4])
+    if name == "async":
+        llm = LLM(seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
+                  enforce_eager=False, cuda_graph_sizes=[4])
+    else:
+        import tempfile
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ckpt_utils import build_hf_model, save_checkpoint
+
+        tmp = tempfile.mkdtemp()
+        if name == "async_window":
+            from test_mimo_v2_flash import build_hf_model as build_mimo
+
+            path = save_checkpoint(build_mimo(), tmp)
+            llm = LLM(path, seed=seed, async_scheduling=True, block_size=4, max_model_len=64,
+                      max_num_batched_tokens=16)
+        else:
+            path = save_checkpoint(build_hf_model("qwen3_next"), tmp)
+            llm = LLM(path, seed=seed, async_scheduling=True, max_model_len=64)
     live = {"on": False, "reads": []}
     steps: list[list[str]] = []
     replay, replays = llm.engine.core.runner._replay, []
@@ -585,31 +608,39 @@ def async_case(seed: int) -> dict:
             live["on"] = False
             steps.append(live["reads"])
 
-    go = dict(ignore_eos=True, max_tokens=4)
+    go = dict(ignore_eos=True, max_tokens=3)
     allowed = [3, 8, 40, 41]
     batches = {"mixed": [SamplingParams(temperature=0, ignore_eos=True, max_tokens=2),
                          SamplingParams(temperature=0.9, seed=11, **go),
                          SamplingParams(temperature=0.8, top_p=0.7, ignore_eos=True,
-                                        max_tokens=3),
+                                        max_tokens=2),
                          SamplingParams(temperature=1.0, top_k=7, **go),
                          SamplingParams(temperature=1.0, min_p=0.2, **go),
-                         SamplingParams(temperature=0, min_tokens=3, max_tokens=4),
+                         SamplingParams(temperature=0, min_tokens=3, max_tokens=3),
                          SamplingParams(temperature=0.5, logit_bias={5: 3.0, 9: -2.0}, **go),
                          SamplingParams(temperature=1.0, allowed_token_ids=allowed, **go)],
                "both": [SamplingParams(temperature=0.8, top_p=0.9, top_k=5, seed=7, **go),
                         SamplingParams(temperature=1.0, top_p=0.5, top_k=20, **go),
                         SamplingParams(temperature=0.7, top_p=0.95, top_k=3, min_p=0.05,
                                        **go)]}
+    if name == "async":
+        def prompt(i: int) -> list[int]:
+            return [0, 17 + i, 4 * i + 3]
+    else:  # past the window (8) and a block of 16, a shared start: the second batch's hits
+        def prompt(i: int) -> list[int]:
+            return [*range(100, 118), 4 * i + 3]
+        batches["again"] = batches.pop("both")[:2]
     result = {}
     EngineCore._read, EngineCore.step = unaudited_read, audited_step
     try:
         with torch.inference_mode(), host_read_audit(record):
             for batch, params in batches.items():
                 steps.clear(), replays.clear()
-                outs = llm.generate([{"prompt_token_ids": [0, 17 + i, 4 * i + 3]}
+                outs = llm.generate([{"prompt_token_ids": prompt(i)}
                                      for i in range(len(params))], params, use_tqdm=False)
                 result[batch], result[batch + "_replays"] = list(steps), len(replays)
                 result[batch + "_tokens"] = [o.outputs[0].token_ids for o in outs]
+        result["hits"] = llm.engine.core.scheduler.prefix_cache_hits
     finally:
         EngineCore._read, EngineCore.step = read, step
         llm.shutdown()
@@ -641,8 +672,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     from afd.kv_cache import allocate_kv_caches
     from models.weights import load_model
 
-    if name == "async":
-        return async_case(seed)
+    if name.startswith("async"):
+        return async_case(name, seed)
     qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
     v4 = name.startswith("v4")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
@@ -774,22 +805,31 @@ def test_async_steps_read_nothing_in_flight_on_the_host():
     the next one until reading its samples), neither the next step's inputs (placeholder ids
     gathered from the previous samples), its forward (eager, or the graph path) nor its
     sampler reads tensor data on the host, over greedy, seeded, top-p, top-k, min_p,
-    min_tokens, logit_bias and allowed_token_ids rows; rows with top_p and top_k both read one
-    value a step, the sampler's tie check (docs/limits.md#async-scheduling)."""
-    result = run_in_interpreter(__file__, ["async"], seed=0, workers=1)["async"]
-    assert "error" not in result, result.get("error")
+    min_tokens, logit_bias and allowed_token_ids rows; nor, over the same rows, a window pool's
+    steps (MiMo-V2-Flash, chunked prompts past its window) or a hybrid model's (Qwen3-Next,
+    its state slots, a second batch restoring a prefix's state snapshot). Rows with top_p and
+    top_k both read one value a step, the sampler's tie check (docs/limits.md#async-scheduling)."""
+    # two workers (the default here): three engines, each its own model
+    results = run_in_interpreter(__file__, ["async", "async_window", "async_hybrid"], seed=0)
 
     def in_flight(reads: list[str]) -> list[str]:
         return [r for r in reads if r.split(" @ ")[1] not in HOST_SIDE]
 
-    # a prefill step and three decode steps each; the 3-row batch's decode steps replayed
-    assert len(result["mixed"]) == len(result["both"]) == 4 and result["both_replays"] == 3
-    assert result["mixed_replays"] == 0 and result["allowed_kept"]
-    assert [in_flight(s) for s in result["mixed"]] == [[]] * 4, result["mixed"]
     tie_check = ["Tensor.__bool__ @ afd/sampler.py:_sample",
                  "aten.is_nonzero.default @ afd/sampler.py:_sample"]  # one bool(): one read
-    assert [in_flight(s) for s in result["both"]] == [tie_check] * 4, result["both"]
-    assert all(len(t) == 4 for t in result["both_tokens"])
+    for name, result in results.items():
+        assert "error" not in result, (name, result.get("error"))
+        both = "both" if name == "async" else "again"
+        # a prefill step (a window pool's: chunks) and two decode steps each
+        assert len(result["mixed"]) >= 3 and len(result[both]) == 3, (name, result)
+        assert result["allowed_kept"] and all(len(t) == 3 for t in result[both + "_tokens"])
+        assert [in_flight(s) for s in result["mixed"]] == [[]] * len(result["mixed"]), \
+            (name, result["mixed"])
+        assert [in_flight(s) for s in result[both]] == [tie_check] * 3, (name, result[both])
+    # the 8-row batch's steps eager (wider than the one graph size), the 3-row one's decode
+    # steps through the graph path
+    assert results["async"]["mixed_replays"] == 0 and results["async"]["both_replays"] == 2
+    assert results["async_hybrid"]["hits"] > 0  # a state snapshot restored
 
 
 def test_pd_decode_rank_with_graphs_matches_single_process():
