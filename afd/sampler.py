@@ -10,7 +10,9 @@ whatever the batch: top-k keeps the tokens at or above a row's k-th largest logi
 smallest prefix reaching its mass in the order (value descending, token id ascending), min-p
 the tokens at or above a fraction of the largest probability. Only top-p sorts: the whole
 vocabulary, or, when every row has a top-k, just the k_max + 1 largest logits
-(``torch.topk``) unless ties at some row's k-th value reach past them.
+(``torch.topk``); a row whose ties at its k-th value reach past them takes, by a
+``torch.where`` on the device (no read on the host: async scheduling), the full sort's sample
+computed without a sort (``_past_ties``).
 
 Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
 batch took (up to float rounding of the softmax); one draw for all unseeded rows from the
@@ -394,18 +396,20 @@ class Sampler:
         # batch takes, a row's sample is the same.
         noise = self._noise(logits.shape, dev, generators)
         order = None  # token order of the sorted paths: value descending, then token id
+        past = None  # the candidates' path: its rows whose k-th value's ties reach past them
         if any(p.top_p < 1 for p in params):  # top-p needs the sorted order
             if max(top_k) < vocab:
-                # Every row keeps at most its top-k: sort just the k_max + 1 largest, unless a
-                # row's ties at its k-th value reach past them.
+                # Every row keeps at most its top-k: sort just the k_max + 1 largest. A row
+                # whose ties at its k-th value reach past them takes ``_past_ties``' sample
+                # (a torch.where: no read on the host).
                 vals, idx = torch.topk(scaled, k_max + 1, dim=-1)
                 kth = vals.gather(1, column([k - 1 for k in top_k], torch.long))
-                if not bool((vals[:, -1:] >= kth).any()):
-                    idx, by_id = idx.sort(dim=-1)  # ties in token id order, then by value
-                    scaled, by_value = vals.gather(1, by_id).sort(dim=-1, descending=True,
-                                                                  stable=True)
-                    order = idx.gather(1, by_value)
-            if order is None:
+                past = (vals[:, -1:] >= kth, scaled, noise, kth)
+                idx, by_id = idx.sort(dim=-1)  # ties in token id order, then by value
+                scaled, by_value = vals.gather(1, by_id).sort(dim=-1, descending=True,
+                                                              stable=True)
+                order = idx.gather(1, by_value)
+            else:
                 scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
             noise = noise.gather(1, order)
         if k_max < vocab:  # top-k: a threshold at each row's k-th largest logit (ties stay)
@@ -428,4 +432,46 @@ class Sampler:
             peak = probs[:, :1] if order is not None else probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < column([p.min_p for p in params]) * peak, 0.0)
         choice = (probs / noise).argmax(dim=-1)
-        return choice if order is None else order.gather(1, choice[:, None])[:, 0]
+        if order is None:
+            return choice
+        tokens = order.gather(1, choice[:, None])[:, 0]
+        if past is None:
+            return tokens
+        tied, full, full_noise, kth = past
+        return torch.where(tied[:, 0], _past_ties(scaled, order, noise, full, full_noise, kth,
+                                                  column([p.top_p if p.top_p < 1 else 2.0
+                                                          for p in params]),
+                                                  column([p.min_p for p in params])), tokens)
+
+
+def _past_ties(window: torch.Tensor, order: torch.Tensor, window_noise: torch.Tensor,
+               scaled: torch.Tensor, noise: torch.Tensor, kth: torch.Tensor,
+               top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Each row's sample as the full sort would give it, for the rows of the candidates' path
+    whose ties at their k-th value ``kth`` [N, 1] reach past the k_max + 1 candidates (the
+    others' values are not looked at), without sorting the vocabulary. ``window`` [N, W]: the
+    candidates' values in the sorted order (value descending, token id ascending), ``order``
+    their ids, ``window_noise`` their noise; ``scaled`` [N, V] and ``noise`` [N, V] the whole
+    rows. Every value above the k-th is among the candidates (fewer than k of them), so
+    their probabilities and the top-p mass before each are the window's; the tokens tied at
+    the k-th value, found by a compare over the vocabulary, come after them by token id, each
+    with one probability: the mass before the j-th of them is the mass above plus j times it.
+    The sample is the larger of the best kept candidate above the k-th value and the best
+    kept tied token (probability over noise, as the sorted paths)."""
+    import torch
+
+    peak = window[:, :1]
+    above = window > kth
+    weights = torch.exp(window - peak).masked_fill(~above, 0.0)
+    tie = scaled == kth
+    rank = tie.cumsum(dim=-1)  # 1-based among the tied tokens, by token id
+    tie_weight = torch.exp(kth - peak)
+    total = weights.sum(dim=-1, keepdim=True) + rank[:, -1:] * tie_weight
+    probs, tie_prob = weights / total, tie_weight / total
+    mass_above = probs.sum(dim=-1, keepdim=True)
+    top = torch.where(above[:, :1], probs[:, :1], tie_prob)  # the likeliest token's
+    keep = above & (probs.cumsum(dim=-1) - probs < top_p) & (probs >= min_p * top)
+    keep_tie = tie & (mass_above + (rank - 1) * tie_prob < top_p) & (tie_prob >= min_p * top)
+    best, at = (probs / window_noise).masked_fill(~keep, -1.0).max(dim=-1)
+    best_tie, at_tie = (tie_prob / noise).masked_fill(~keep_tie, -1.0).max(dim=-1)
+    return torch.where(best_tie > best, at_tie, order.gather(1, at[:, None])[:, 0])

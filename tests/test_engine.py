@@ -653,6 +653,44 @@ class TestSampler:
         assert run([p] + mates) == alone
 
     @pytest.mark.parametrize("device", DEVICES)
+    def test_ties_past_the_candidates_sample_as_the_full_sort(self, device):
+        """Rows with top_k and top_p whose ties at the k-th value reach past the k_max + 1
+        candidates (logits of few distinct values: wide ties; one tied class at the very top)
+        take, without a read on the host, the samples the full sort gives them (a mate row
+        without top_k sends the batch down that path): the same seeded tokens, with min_p and
+        temperatures, the tied tokens past the candidates among them."""
+        gen = torch.Generator().manual_seed(3)
+        logits = torch.randint(0, 3, (6, 64), generator=gen).float()
+        for i in range(5):  # a few distinct values above the ties
+            logits[i, torch.randperm(64, generator=gen)[:i]] = torch.arange(3.0, 3.0 + i)
+        logits[5] = 1.0  # every token tied: the k-th value is the largest
+        logits[5, :3] = 0.0
+        logits = torch.cat([logits, logits[:1]]).to(device)  # the mate's row: row 0's
+        rows = [SamplingParams(top_k=5, top_p=0.9, seed=1),
+                SamplingParams(top_k=3, top_p=0.6, temperature=0.7, seed=2),
+                SamplingParams(top_k=9, top_p=0.99, min_p=0.3, seed=3),
+                SamplingParams(top_k=4, top_p=0.4, temperature=2.0, seed=4),
+                SamplingParams(top_k=7, top_p=0.95, temperature=0.5, seed=7),
+                SamplingParams(top_k=4, top_p=0.5, seed=5)]
+        values = logits.sort(dim=-1, descending=True).values
+        for i, p in enumerate(rows):  # each row's ties reach past the 9 + 1 candidates
+            assert values[i, p.top_k - 1] == values[i, 9], i
+        mate = SamplingParams(top_p=0.99, seed=6)
+
+        def run(batch: list[SamplingParams], n: int) -> list[list[int]]:
+            gens = [torch.Generator().manual_seed(9 + i) for i in range(len(batch))]
+            sampler = Sampler(seed=0)
+            return [sampler(logits[:len(batch)], batch, gens)[:n] for _ in range(200)]
+
+        want = run(rows + [mate], len(rows))
+        got = run(rows, len(rows))
+        assert got == want
+        tied = [sum(logits[i, t] == values[i, rows[i].top_k - 1] for t in set(col))
+                for i, col in enumerate(zip(*got))]
+        # several tied tokens sampled (rows 2 and 4 cut them: min_p, a low temperature)
+        assert [t > 1 for t in tied] == [True, True, False, True, False, True], tied
+
+    @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("seeded", [SamplingParams(temperature=5.0, top_k=50, seed=1),
                                         SamplingParams(temperature=5.0, top_k=50, top_p=0.9,
                                                        seed=1)],
