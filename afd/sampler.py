@@ -10,9 +10,9 @@ whatever the batch: top-k keeps the tokens at or above a row's k-th largest logi
 smallest prefix reaching its mass in the order (value descending, token id ascending), min-p
 the tokens at or above a fraction of the largest probability. Only top-p sorts: the whole
 vocabulary, or, when every row has a top-k, just the k_max + 1 largest logits
-(``torch.topk``); a row whose ties at its k-th value reach past them takes, by a
-``torch.where`` on the device (no read on the host: async scheduling), the full sort's sample
-computed without a sort (``_past_ties``).
+(``torch.topk``) unless ties at some row's k-th value reach past them; with ``keep_device``
+(async scheduling), which reads nothing on the host, such a row takes by a ``torch.where``
+the full sort's sample computed without a sort (``_past_ties``; the same up to float rounding).
 
 Noise: one Exp(1) per token id, so a row's sample does not depend on which of those paths its
 batch took (up to float rounding of the softmax); one draw for all unseeded rows from the
@@ -304,13 +304,14 @@ class Sampler:
         if histories is not None and penalized:
             logits = self._penalize(logits, params, histories, penalties, logits is not raw)
         if len(rows) == len(params):
-            tokens = self._sample(logits.float(), params, generators)
+            tokens = self._sample(logits.float(), params, generators, keep_device)
         else:
             tokens = logits.argmax(dim=-1)
             if rows:
                 index = torch.tensor(rows).to(logits.device, non_blocking=True)
                 sampled = self._sample(logits.index_select(0, index).float(),
-                                       [params[i] for i in rows], [generators[i] for i in rows])
+                                       [params[i] for i in rows], [generators[i] for i in rows],
+                                       keep_device)
                 tokens.index_copy_(0, index, sampled)
         tokens = tokens.masked_fill(logits.isnan().any(dim=-1), -1)
         if constrained:
@@ -380,7 +381,11 @@ class Sampler:
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
+                generators: list[torch.Generator | None], on_device: bool = False
+                ) -> torch.Tensor:
+        """The sampled rows' ids. ``on_device`` (``keep_device``: async scheduling): no read
+        on the host, at the cost of ``_past_ties``' passes over the vocabulary on every step
+        of the top-k candidates' path."""
         import torch
 
         n, vocab = logits.shape
@@ -399,17 +404,20 @@ class Sampler:
         past = None  # the candidates' path: its rows whose k-th value's ties reach past them
         if any(p.top_p < 1 for p in params):  # top-p needs the sorted order
             if max(top_k) < vocab:
-                # Every row keeps at most its top-k: sort just the k_max + 1 largest. A row
-                # whose ties at its k-th value reach past them takes ``_past_ties``' sample
-                # (a torch.where: no read on the host).
+                # Every row keeps at most its top-k: sort just the k_max + 1 largest. Where a
+                # row's ties at its k-th value reach past them: the full sort, found by a
+                # read on the host, or ``on_device`` that row's ``_past_ties`` sample.
                 vals, idx = torch.topk(scaled, k_max + 1, dim=-1)
                 kth = vals.gather(1, column([k - 1 for k in top_k], torch.long))
-                past = (vals[:, -1:] >= kth, scaled, noise, kth)
-                idx, by_id = idx.sort(dim=-1)  # ties in token id order, then by value
-                scaled, by_value = vals.gather(1, by_id).sort(dim=-1, descending=True,
-                                                              stable=True)
-                order = idx.gather(1, by_value)
-            else:
+                tied = vals[:, -1:] >= kth
+                if on_device:
+                    past = (tied, scaled, noise, kth)
+                if on_device or not bool(tied.any()):
+                    idx, by_id = idx.sort(dim=-1)  # ties in token id order, then by value
+                    scaled, by_value = vals.gather(1, by_id).sort(dim=-1, descending=True,
+                                                                  stable=True)
+                    order = idx.gather(1, by_value)
+            if order is None:
                 scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
             noise = noise.gather(1, order)
         if k_max < vocab:  # top-k: a threshold at each row's k-th largest logit (ties stay)
@@ -464,7 +472,7 @@ def _past_ties(window: torch.Tensor, order: torch.Tensor, window_noise: torch.Te
     above = window > kth
     weights = torch.exp(window - peak).masked_fill(~above, 0.0)
     tie = scaled == kth
-    rank = tie.cumsum(dim=-1)  # 1-based among the tied tokens, by token id
+    rank = tie.cumsum(dim=-1, dtype=torch.int32)  # 1-based among the tied, by token id
     tie_weight = torch.exp(kth - peak)
     total = weights.sum(dim=-1, keepdim=True) + rank[:, -1:] * tie_weight
     probs, tie_prob = weights / total, tie_weight / total

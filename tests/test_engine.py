@@ -656,9 +656,10 @@ class TestSampler:
     def test_ties_past_the_candidates_sample_as_the_full_sort(self, device):
         """Rows with top_k and top_p whose ties at the k-th value reach past the k_max + 1
         candidates (logits of few distinct values: wide ties; one tied class at the very top)
-        take, without a read on the host, the samples the full sort gives them (a mate row
-        without top_k sends the batch down that path): the same seeded tokens, with min_p and
-        temperatures, the tied tokens past the candidates among them."""
+        take, on the device (``keep_device``, async scheduling: no read on the host), the
+        samples the full sort gives them (as without it, or a mate row without top_k sends the
+        batch down that path): the same seeded tokens, with min_p and temperatures, the tied
+        tokens past the candidates among them."""
         gen = torch.Generator().manual_seed(3)
         logits = torch.randint(0, 3, (6, 64), generator=gen).float()
         for i in range(5):  # a few distinct values above the ties
@@ -677,14 +678,19 @@ class TestSampler:
             assert values[i, p.top_k - 1] == values[i, 9], i
         mate = SamplingParams(top_p=0.99, seed=6)
 
-        def run(batch: list[SamplingParams], n: int) -> list[list[int]]:
+        def run(batch: list[SamplingParams], n: int, on_device: bool = False
+                ) -> list[list[int]]:
             gens = [torch.Generator().manual_seed(9 + i) for i in range(len(batch))]
             sampler = Sampler(seed=0)
+            if on_device:
+                return [sampler.sample(logits[:len(batch)], batch, gens,
+                                       keep_device=True).device_tokens.tolist()[:n]
+                        for _ in range(200)]
             return [sampler(logits[:len(batch)], batch, gens)[:n] for _ in range(200)]
 
         want = run(rows + [mate], len(rows))
-        got = run(rows, len(rows))
-        assert got == want
+        got = run(rows, len(rows), on_device=True)
+        assert got == want == run(rows, len(rows))
         tied = [sum(logits[i, t] == values[i, rows[i].top_k - 1] for t in set(col))
                 for i, col in enumerate(zip(*got))]
         # several tied tokens sampled (rows 2 and 4 cut them: min_p, a low temperature)
