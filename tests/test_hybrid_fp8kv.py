@@ -26,7 +26,8 @@ from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, resolve_engine_config, state_bytes
 from afd.kv_cache import cache_bytes
 from ckpt_utils import build_hf_model, mixed_prompts, save_checkpoint
-from kernels.fp8 import FP8_DTYPE, to_kv_cache
+from fp8kv_utils import assert_rounded_reference, qdq
+from kernels.fp8 import to_kv_cache
 from models.config import load_config
 
 FP8 = torch.float8_e4m3fn
@@ -55,21 +56,10 @@ def prompts() -> list[list[dict]]:
             [{"prompt_token_ids": p} for p in extra[2:]]]
 
 
-def qdq(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """The reference's KV write: rounded through FP8 as the FP8 cache stores it, kept in the
-    (fp32) cache's dtype."""
-    return to_kv_cache(x, FP8_DTYPE).to(cache_dtype)
-
-
 def run(llm: LLM, batches: list[list[dict]], params: SamplingParams = GREEDY):
     """The batches one after the other: (token ids, outputs) over all of them."""
     outs = [o for batch in batches for o in llm.generate(batch, params, use_tqdm=False)]
     return [o.outputs[0].token_ids for o in outs], outs
-
-
-def logprob_rows(outs) -> list[list[dict[int, float]]]:
-    return [[{t: e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]
-            for o in outs]
 
 
 def kv_and_states(llm: LLM) -> tuple[list[torch.Tensor], list]:
@@ -114,14 +104,7 @@ def test_fp8_cache_is_the_fp32_model_with_its_kv_rounded(hybrid, monkeypatch):
         assert plain.engine.core.prefix_cache_stats().hits > 0
     finally:
         plain.shutdown()
-    assert got == want
-    for mine, ref in zip(logprob_rows(outs), logprob_rows(ref_outs)):
-        for a, b in zip(mine, ref):
-            assert a.keys() == b.keys()
-            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
-    diff = max(abs(a[t] - b[t]) for mine, fp32 in zip(logprob_rows(outs), logprob_rows(plain_outs))
-               for a, b in zip(mine, fp32) for t in a.keys() & b.keys())
-    assert diff > 1e-6, "the FP8 cache rounded nothing"
+    assert_rounded_reference(got, want, outs, ref_outs, plain_outs)
 
 
 def test_pd_matches_the_single_process(hybrid):

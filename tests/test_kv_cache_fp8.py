@@ -21,7 +21,8 @@ from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, resolve_engine_config
 from afd.kv_memory import FAKE_MEMORY_ENV, activation_reserve, kv_blocks_from_memory
 from ckpt_utils import build_hf_model, mixed_prompts, mtp_checkpoint, save_checkpoint
-from kernels.fp8 import FP8_DTYPE, FP8_MAX, to_kv_cache
+from fp8kv_utils import assert_rounded_reference, qdq
+from kernels.fp8 import FP8_MAX, to_kv_cache
 from models.config import load_config
 
 FP8 = torch.float8_e4m3fn
@@ -51,20 +52,9 @@ def prompts() -> list[dict]:
     return [{"prompt_token_ids": p} for p in [shared + [7, 8], *base, *extra]]
 
 
-def qdq(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """The reference's KV write: rounded through FP8 as the FP8 cache stores it, kept in the
-    (fp32) cache's dtype."""
-    return to_kv_cache(x, FP8_DTYPE).to(cache_dtype)
-
-
 def run(llm: LLM, batch: list[dict], params: SamplingParams = GREEDY):
     outs = llm.generate(batch, params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], outs
-
-
-def logprob_rows(outs) -> list[list[dict[int, float]]]:
-    return [[{t: e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]
-            for o in outs]
 
 
 def no_leak(llm: LLM) -> bool:
@@ -128,15 +118,7 @@ def test_fp8_cache_is_the_fp32_model_with_its_kv_rounded(kind, request, monkeypa
         want, ref_outs = run(plain, batch)
     finally:
         plain.shutdown()
-    assert got == want
-    for mine, ref, fp32 in zip(logprob_rows(outs), logprob_rows(ref_outs),
-                               logprob_rows(plain_outs)):
-        for a, b in zip(mine, ref):
-            assert a.keys() == b.keys()
-            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
-    diff = max(abs(a[t] - b[t]) for mine, fp32 in zip(logprob_rows(outs), logprob_rows(plain_outs))
-               for a, b in zip(mine, fp32) for t in a.keys() & b.keys())
-    assert diff > 1e-6, "the FP8 cache rounded nothing"
+    assert_rounded_reference(got, want, outs, ref_outs, plain_outs)
 
 
 def test_pd_host_tier_and_graph_path_match_the_single_process(v3):
