@@ -249,7 +249,8 @@ class MultiRankClient:
             list(range(layout.prefill)), attn_ranks, num_blocks,
             engine_cfg.block_size, prefill_block_size=prefill_block_size,
             host_blocks=engine_cfg.num_offload_blocks,
-            cache_aware=engine_cfg.cache_aware_routing and engine_cfg.enable_prefix_caching)
+            cache_aware=engine_cfg.cache_aware_routing and engine_cfg.enable_prefix_caching,
+            max_num_seqs=engine_cfg.max_num_seqs)
         self.rank_stats = {r: CoreStats(0, 0, 0.0, num_blocks, 0)
                            for r in attn_ranks}
         self.prefill_stats: dict[int, CoreStats] = {}

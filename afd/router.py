@@ -117,13 +117,15 @@ class RequestRouter:
     ``prefill_block_size``: the prefill ranks' block size where it differs (their pools hold
     as many tokens). ``host_blocks``: the blocks (of ``block_size``) each prompt rank's host
     tier holds (``kv_offload_gb``): a prefix evicted there is still a hit. ``cache_aware``:
-    place prompts by prefix as well as load (False: least load only)."""
+    place prompts by prefix as well as load (False: least load only). ``max_num_seqs``: the
+    sequences a decode rank holds at most (None: not counted), which P/D placement counts."""
 
     def __init__(self, prefill_ranks: list[int], attention_ranks: list[int],
                  num_blocks: int, block_size: int, *, prefill_block_size: int | None = None,
                  host_blocks: int = 0, cache_aware: bool = True, balance_abs: int = BALANCE_ABS,
-                 balance_rel: float = BALANCE_REL):
+                 balance_rel: float = BALANCE_REL, max_num_seqs: int | None = None):
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
         self.prefill = {r: RankLoad() for r in prefill_ranks}
         self.attention = {r: RankLoad(free_blocks=num_blocks) for r in attention_ranks}
         self.cache_aware = cache_aware
@@ -244,11 +246,16 @@ class RequestRouter:
         """The decode rank with the most KV blocks left once the transfers already promised to
         it land, its preempted sequences are back and each running sequence keeps a block for
         its next token (as the rank's admission does: afd.rank_attention ``_admit``), then the
-        lightest running load. It admits the transfer only when it has room."""
+        lightest running load. It admits the transfer only when it has room, and only while
+        it holds fewer than max_num_seqs sequences (running, preempted, received or queued
+        there: its ``in_flight``; a hybrid model's state slots are max_num_seqs too), so a
+        rank that holds that many comes after every rank that does not, whatever its blocks:
+        a transfer placed there would wait for one of its sequences to finish."""
         def score(r: int) -> tuple:
             load = self.attention[r]
             room = load.free_blocks - load.promised_blocks - load.owed_blocks - load.running
-            return (-room, load.running, load.in_flight, r)
+            full = self.max_num_seqs is not None and load.in_flight >= self.max_num_seqs
+            return (full, -room, load.running, load.in_flight, r)
 
         rank = min(self.attention, key=score)
         self.attention[rank].promised_blocks += self.blocks_for(num_kv_tokens + 1)

@@ -251,7 +251,8 @@ class PDSim:
                                  cfg.block_size, prefill_block_size=prefill_block_size,
                                  host_blocks=cfg.num_offload_blocks,
                                  cache_aware=cfg.cache_aware_routing
-                                 and cfg.enable_prefix_caching)
+                                 and cfg.enable_prefix_caching,
+                                 max_num_seqs=cfg.max_num_seqs)
         c.rank_stats = {r: CoreStats(0, 0, 0.0, cfg.num_kv_blocks, 0) for r in attn}
         c.prefill_stats, c.rank_timers, c.rank_info = {}, {}, {}
         c.procs, c.last_seen = [], {}

@@ -392,6 +392,27 @@ def test_decode_rank_whose_running_sequences_keep_its_blocks_is_not_picked():
     assert router.pick_decode(16 * 8) == 3
 
 
+def test_decode_rank_at_max_num_seqs_is_not_picked():
+    """A decode rank admits a transfer only while it holds fewer than max_num_seqs sequences
+    (running, preempted, being received or queued: its ``in_flight``; a hybrid model's state
+    slots are max_num_seqs too): rank 2 has far more free blocks, but holds max_num_seqs
+    already, so the transfer would wait there for one of them to finish while rank 3 admits it
+    now. Before the fix the router looked at blocks alone and picked rank 2 every time."""
+    router = RequestRouter([0, 1], [2, 3], num_blocks=100, block_size=SIZE, max_num_seqs=4)
+    router.report(2, free_blocks=90, running=4)
+    router.report(3, free_blocks=20, running=1)
+    router.attention[2].in_flight, router.attention[3].in_flight = 4, 1
+    assert router.pick_decode(16 * 3) == 3
+    # rank 3 full too (transfers queued there count): the blocks decide again
+    router.attention[3].in_flight = 4
+    assert router.pick_decode(16 * 3) == 2
+    # and without max_num_seqs (the router's default) they always did
+    plain = RequestRouter([0, 1], [2, 3], num_blocks=100, block_size=SIZE)
+    plain.report(2, free_blocks=90, running=4)
+    plain.report(3, free_blocks=20, running=1)
+    assert plain.pick_decode(16 * 3) == 2
+
+
 def test_scheduler_reports_what_its_waiting_sequences_need():
     pool = BlockPool(8, 4)
     sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64)
