@@ -267,3 +267,29 @@ def test_hybrid_receives_hold_a_state_slot_each(make_worker):
     assert sched.num_preemptions > 0, "the pool was meant to force preemptions"
     assert sorted(sched.free_state_slots) == [0, 1, 2]
     assert worker.core.allocator.num_free == worker.core.cfg.num_kv_blocks
+
+
+def test_hybrid_transfer_failing_at_start_gives_its_slot_back(make_worker, monkeypatch):
+    """A received transfer whose request fails as it becomes a sequence (its grammar does not
+    build on this rank: ``start_decoding``) ends alone with an error; its blocks and the state
+    slot its receive held are free again, and the next transfer takes them."""
+    worker = make_worker(hybrid=True, max_num_seqs=1, enable_prefix_caching=False)
+    sched, attach = worker.core.scheduler, worker.core.attach_grammar
+
+    def attach_grammar(seq):
+        if seq.request_id == "bad":
+            raise ValueError("grammar does not build")
+        attach(seq)
+
+    monkeypatch.setattr(worker.core, "attach_grammar", attach_grammar)
+    worker.pulls += [pull("bad", 4, 3), pull("good", 4, 3)]
+    worker._admit()
+    assert list(worker.receiving) == ["bad"] and sched.free_state_slots == []
+    failed = worker._progress_receives()
+    assert [(o.request_id, o.finish_reason) for o in failed] == [("bad", "error")]
+    check_state_slots(worker)
+    assert sched.free_state_slots == [0]
+    assert worker.core.allocator.num_free == worker.core.cfg.num_kv_blocks
+    trace = drive(worker, [])
+    assert_all_finished(trace, [pull("good", 4, 3)])
+    assert sched.free_state_slots == [0]
