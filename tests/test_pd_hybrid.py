@@ -134,6 +134,12 @@ def test_one_token_and_two_samples(next_case, next_pd):
     wait_all_free(next_pd)
 
 
+def test_router_places_transfers_by_max_num_seqs(next_pd):
+    """The front end's router knows the decode ranks' max_num_seqs (their state slots), so it
+    places a transfer on a rank that holds fewer sequences (tests/test_router.py)."""
+    assert next_pd.engine.core.router.max_num_seqs == POOL["max_num_seqs"]
+
+
 def test_failed_transfer_frees_the_slot(next_case, next_pd):
     """A transfer the prefill rank never sends: the decode rank gives up at its deadline,
     the request fails alone, its blocks and state slot are freed on both sides, and the
