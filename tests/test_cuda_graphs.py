@@ -552,8 +552,8 @@ def async_case(name: str, seed: int) -> dict:
     between). ``mixed``: 8 rows, greedy, seeded, temperature + top-p, top-k, min_p,
     min_tokens, logit_bias and allowed_token_ids, ending at different lengths (later steps'
     placeholders move rows), eager steps; then ``both``: 3 rows with top_p and top_k both.
-    ``async``: the embedded model, the 3-row batch's decode steps through afd.cuda_graphs'
-    path (eagerly; 8 rows are wider than its one size). ``async_window``: a tiny
+    ``async``: a tiny DeepSeek-V3 (MLA, MoE), the 3-row batch's decode steps through
+    afd.cuda_graphs' path (eagerly; 8 rows are wider than its one size). ``async_window``: a tiny
     MiMo-V2-Flash with its window pool (window 8, blocks of 4, prompts of 19 in chunks of
     16); ``async_hybrid``: a tiny Qwen3-Next (state slots, prefix caching's snapshots); in
     both, ``again``: the first 2 rows of ``both``, whose prompts hit the prefix cache. Returns
@@ -562,17 +562,18 @@ def async_case(name: str, seed: int) -> dict:
 
     from afd.core import EngineCore
 
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ckpt_utils import build_hf_model, save_checkpoint
+
     os.environ["AFD_KERNEL_BACKEND"] = "triton"
+    tmp = tempfile.mkdtemp()
     if name == "async":
-        llm = LLM(seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
+        path = save_checkpoint(build_hf_model("deepseek_v3"), tmp)
+        llm = LLM(path, seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
                   enforce_eager=False, cuda_graph_sizes=[4])
     else:
-        import tempfile
-
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from ckpt_utils import build_hf_model, save_checkpoint
-
-        tmp = tempfile.mkdtemp()
         if name == "async_window":
             from test_mimo_v2_flash import build_hf_model as build_mimo
 
