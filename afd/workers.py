@@ -328,8 +328,11 @@ def core_config(spec: WorkerSpec, device: torch.device,
     """The config of a prefill or attention rank's EngineCore, once its weights are loaded: its
     own sampling seed; a prefill rank's KV pool and host tier at ``prefill_block_size`` holding
     as many tokens; no host tier on P/D decode ranks (they never cache the KV they receive: the
-    tier is for prompt ranks). With no KV size given on a GPU, the rank sizes its pool from its
-    own memory (afd.kv_memory), which needs its model's ``model_cfg``."""
+    tier is for prompt ranks), nor a hybrid model's state snapshots there (its prefix cache
+    off: only a sequence preempted and recomputed there could have used them, and they take
+    memory from the pool: 16 snapshots are 1.15 GiB at Qwen3-Next-80B's dims). With no KV size
+    given on a GPU, the rank sizes its pool from its own memory (afd.kv_memory), which needs
+    its model's ``model_cfg``."""
     from afd.kv_memory import kv_pools_from_memory
     from afd.sampler import rank_seed
 
@@ -344,6 +347,8 @@ def core_config(spec: WorkerSpec, device: torch.device,
             changes["num_kv_blocks"] = -(-cfg.num_kv_blocks * cfg.block_size // block)
     elif spec.layout.prefill:
         changes["num_offload_blocks"] = 0
+        if cfg.num_state_snapshots:  # a hybrid model's: no snapshot slots, no prefix cache
+            changes.update(num_state_snapshots=0, enable_prefix_caching=False)
     local = local_config(cfg, device, **changes)
     if local.num_kv_blocks is None:
         # graphs: only a decoding rank without FFN ranks captures them (model_runner)

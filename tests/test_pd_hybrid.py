@@ -201,3 +201,30 @@ def test_two_prefill_ranks_expert_parallel(next_case):
         wait_all_free(llm)
     finally:
         llm.shutdown()
+
+
+def test_decode_ranks_keep_no_state_snapshots(next_case):
+    """A P/D decode rank never caches what it receives, so it keeps no state snapshots (their
+    slots would take memory from its pool) and its prefix cache is off; the prefill rank and
+    attention ranks that run prompts (no prefill pool) keep both."""
+    import torch
+
+    from afd.config import resolve_engine_config
+    from afd.workers import Layout, WorkerSpec, core_config
+    from models.config import load_config
+
+    path = next_case[1]
+    cfg = resolve_engine_config(path, load_config(path), **POOL)
+    assert cfg.num_state_snapshots > 0 and cfg.enable_prefix_caching
+
+    def local(rank: int, layout: Layout):
+        spec = WorkerSpec(rank, layout, cfg, None, 1, "torch", 5.0, "127.0.0.1", 0, "", ())
+        return core_config(spec, torch.device("cpu"))
+
+    pd = Layout(1, 1, 0)
+    for kept in (local(0, pd), local(0, Layout(0, 2, 0))):
+        assert kept.num_state_snapshots == cfg.num_state_snapshots
+        assert kept.enable_prefix_caching
+    decode = local(1, pd)
+    assert decode.num_state_snapshots == 0 and not decode.enable_prefix_caching
+    assert decode.num_state_slots == cfg.max_num_seqs
