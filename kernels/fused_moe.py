@@ -10,6 +10,12 @@ Two entries:
                       FFN rank receives from dispatch; no sort needed.
 The torch functions here are the references the Triton kernels are tested against.
 
+gpt-oss's experts (``swiglu_alpha``, ``w13_bias`` [E, 2I], ``w2_bias`` [E, H], see ``swiglu``):
+``y[t] = sum_k w[t,k] * (W2[e] @ act(W13[e] x + b13[e]) + b2[e])``, the bias inside the weighted
+sum (transformers' GptOssExperts). The Triton kernels have neither the activation nor the
+biases: every entry runs the torch path for them (``moe_backend``), and refuses an explicit
+``backend="triton"``.
+
 FP8 block-scaled experts (DeepSeek-V3's release format, ``kernels.fp8``), through the optional
 ``w13_scale``, ``w2_scale`` and ``block_shape`` [bn, bk] of every entry:
   w13: [E, 2I, H] float8_e4m3fn, w13_scale: [E, 2 * ceil(I/bn), ceil(H/bk)] fp32 (the gate
@@ -81,47 +87,93 @@ def dequantize_w13(w13: torch.Tensor, scale: torch.Tensor, block_shape: tuple[in
                       dequantize_blocks(up, up_s, block_shape, dtype)], dim=-2)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """SiLU(gate) * up; with ``limit`` (DeepSeek-V4's swiglu_limit) gate clamped to <= limit
-    and up to [-limit, limit] first."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
+           alpha: float | None = None) -> torch.Tensor:
+    """SiLU(gate) * up; with ``limit`` (DeepSeek-V4's and gpt-oss's swiglu_limit) gate clamped
+    to <= limit and up to [-limit, limit] first; with ``alpha`` (gpt-oss's swiglu_alpha)
+    (up + 1) * gate * sigmoid(alpha * gate) instead."""
     if limit is not None:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
+    if alpha is not None:
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     return F.silu(gate) * up
 
 
+TORCH_ONLY = ("swiglu_alpha", "w13_bias", "w2_bias")  # options the Triton kernels lack
+
+
+def moe_backend(backend: str | None, *tensors: torch.Tensor, swiglu_alpha: float | None = None,
+                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                **_: object) -> str:
+    """The backend ``fused_moe`` / ``grouped_moe`` run (``resolve_backend``), but "torch"
+    wherever gpt-oss's options (``TORCH_ONLY``) are given: the Triton kernels compute neither
+    that activation nor the biases. NotImplementedError for an explicit ``backend="triton"``
+    with them."""
+    if swiglu_alpha is None and w13_bias is None and w2_bias is None:
+        return resolve_backend(backend, *tensors)
+    if backend == "triton":
+        raise NotImplementedError("backend='triton': the Triton MoE kernels have no swiglu_alpha "
+                                  "activation and no expert biases (gpt-oss's experts, "
+                                  "w13_bias / w2_bias); use backend='torch' or None")
+    return resolve_backend("torch" if backend is None else backend, *tensors)
+
+
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               limit: float | None = None) -> torch.Tensor:
-    """One expert on its tokens: x [M, H], w13 [2I, H], w2 [H, I] -> [M, H] (x's dtype)."""
-    gate_up = F.linear(x, w13)  # [M, 2I]
+               limit: float | None = None, alpha: float | None = None,
+               b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert on its tokens: x [M, H], w13 [2I, H], w2 [H, I], biases b13 [2I] and b2 [H]
+    or None -> [M, H] (x's dtype)."""
+    gate_up = F.linear(x, w13, b13)  # [M, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.linear(swiglu(gate, up, limit), w2)
+    return F.linear(swiglu(gate, up, limit, alpha), w2, b2)
 
 
 def expert_ffn_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    w13_scale: torch.Tensor, w2_scale: torch.Tensor,
-                   block_shape: tuple[int, int], limit: float | None = None) -> torch.Tensor:
+                   block_shape: tuple[int, int], limit: float | None = None,
+                   alpha: float | None = None, b13: torch.Tensor | None = None,
+                   b2: torch.Tensor | None = None) -> torch.Tensor:
     """``expert_ffn`` for one FP8 expert (w13 [2I, H], w2 [H, I] float8 with their scales): each
     GEMM in fp32 on quantized-dequantized activations and dequantized weights, its output
-    rounded to x's dtype where ``expert_ffn`` rounds (and the kernels' epilogues do)."""
+    rounded to x's dtype where ``expert_ffn`` rounds (and the kernels' epilogues do); the
+    biases (if any) added in fp32 before that rounding."""
     group = block_shape[1]
     w13_f = dequantize_w13(w13, w13_scale, block_shape)
-    gate_up = F.linear(quant_dequant(x, group), w13_f).to(x.dtype)  # [M, 2I]
+    b13 = None if b13 is None else b13.float()
+    gate_up = F.linear(quant_dequant(x, group), w13_f, b13).to(x.dtype)  # [M, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    h = swiglu(gate, up, limit)  # [M, I] x's dtype
+    h = swiglu(gate, up, limit, alpha)  # [M, I] x's dtype
     w2_f = dequantize_blocks(w2, w2_scale, block_shape)
-    return F.linear(quant_dequant(h, group), w2_f).to(x.dtype)
+    b2 = None if b2 is None else b2.float()
+    return F.linear(quant_dequant(h, group), w2_f, b2).to(x.dtype)
 
 
 def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
                w2_scale: torch.Tensor | None, block_shape: tuple[int, int] | None,
-               limit: float | None = None):
+               limit: float | None = None, alpha: float | None = None,
+               w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
     """fn(x, e): expert e's FFN on rows x, bf16/fp32 or FP8 as the weights are."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
+    _check_biases(w13, w2, w13_bias, w2_bias)
+
+    def bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+        return None if b is None else b[e]
+
     if block is None:
-        return lambda x, e: expert_ffn(x, w13[e], w2[e], limit)
+        return lambda x, e: expert_ffn(x, w13[e], w2[e], limit, alpha, bias(w13_bias, e),
+                                       bias(w2_bias, e))
     return lambda x, e: expert_ffn_fp8(x, w13[e], w2[e], w13_scale[e], w2_scale[e], block,
-                                       limit)
+                                       limit, alpha, bias(w13_bias, e), bias(w2_bias, e))
+
+
+def _check_biases(w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tensor | None,
+                  w2_bias: torch.Tensor | None) -> None:
+    for name, b, want in (("w13_bias", w13_bias, w13.shape[:2]), ("w2_bias", w2_bias,
+                                                                   w2.shape[:2])):
+        if b is not None and tuple(b.shape) != tuple(want):
+            raise ValueError(f"{name} {tuple(b.shape)} must be {list(want)}: one bias row per "
+                             "expert, as wide as its projection's output")
 
 
 def fused_moe_torch(
@@ -134,11 +186,15 @@ def fused_moe_torch(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: (token, slot) pairs sorted by expert, one matmul pair per expert with tokens."""
     num_tokens, hidden = hidden_states.shape
     num_experts, _ = _check_weights(w13, w2, hidden)
-    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit, swiglu_alpha,
+                     w13_bias, w2_bias)
     top_k = topk_ids.shape[1]
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
@@ -172,6 +228,9 @@ def grouped_moe_torch(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference for expert-grouped input.
 
@@ -183,7 +242,8 @@ def grouped_moe_torch(
     """
     hidden = x.shape[-1]
     num_experts, _ = _check_weights(w13, w2, hidden)
-    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit)
+    ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit, swiglu_alpha,
+                     w13_bias, w2_bias)
     counts = expert_counts.tolist()
     if len(counts) != num_experts:
         raise ValueError(f"expert_counts has {len(counts)} entries for {num_experts} experts")
@@ -219,6 +279,9 @@ def fused_moe(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts for tokens in natural order.
 
@@ -226,7 +289,9 @@ def fused_moe(
     w13: [E, 2I, H], w2: [E, H, I] (same dtype as hidden_states, or float8_e4m3fn with
     w13_scale, w2_scale and block_shape, default [128, 128]: see the module docstring)
     topk_weights: [T, K] float routing weights; topk_ids: [T, K] int expert ids, -1 = skip
-    swiglu_limit: DeepSeek-V4's clamp before SiLU(gate) * up (``swiglu``), None: none
+    swiglu_limit: DeepSeek-V4's / gpt-oss's clamp before the activation (``swiglu``), None: none
+    swiglu_alpha, w13_bias [E, 2I], w2_bias [E, H]: gpt-oss's activation and biases (module
+    docstring; the torch path always, ``moe_backend``)
     Returns [T, H] in hidden_states' dtype.
     """
     if hidden_states.dim() != 2:
@@ -236,14 +301,15 @@ def fused_moe(
                          f"{tuple(topk_weights.shape)} must both be [T, K] with T = "
                          f"{hidden_states.shape[0]}")
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
-    if resolve_backend(backend, hidden_states, w13, w2) == "triton":
+    gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
+    if moe_backend(backend, hidden_states, w13, w2, **gpt_oss) == "triton":
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
                                 w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block,
                                 swiglu_limit=swiglu_limit)
     return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
-                           block, swiglu_limit)
+                           block, swiglu_limit, **gpt_oss)
 
 
 def grouped_moe(
@@ -258,15 +324,19 @@ def grouped_moe(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | list[int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts for rows already grouped by local expert (see ``grouped_moe_torch``);
-    FP8 weights and swiglu_limit as in ``fused_moe``."""
+    FP8 weights, swiglu_limit and gpt-oss's options as in ``fused_moe``."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
-    if resolve_backend(backend, x, w13, w2) == "triton":
+    gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
+    if moe_backend(backend, x, w13, w2, **gpt_oss) == "triton":
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
                                   w2_scale=w2_scale, block_shape=block,
                                   swiglu_limit=swiglu_limit)
     return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block,
-                             swiglu_limit)
+                             swiglu_limit, **gpt_oss)

@@ -57,6 +57,11 @@ ARCHITECTURES = {
     # rotary, sigmoid routing with a correction bias over every layer's experts, no shared
     # experts (its MTP modules are not run)
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    # OpenAI gpt-oss (20b / 120b): MiMo's attention kind (full and sliding-window GQA layers)
+    # with sinks on every layer and biased q/k/v/o, YaRN; a biased router (top-k of the
+    # logits, softmax over the k), experts with biases and a clamped SwiGLU
+    # (swiglu_alpha / swiglu_limit), no shared experts
+    "GptOssForCausalLM": "gpt_oss",
     # hybrid linear-attention MoE (models.hybrid): Gated DeltaNet layers (a per-sequence conv
     # and recurrent state, no KV) between gated GQA layers, Qwen3's MoE with a sigmoid-gated
     # shared expert; Qwen3.5-MoE's language model (its own causal LM, or under
@@ -227,6 +232,8 @@ class MiMoConfig:
     logit per query head, each query seeing the last sliding_window positions, its own
     included); value_scale: the factor values are multiplied by before they are cached
     (attention_value_scale). Keys are ModelConfig.head_dim wide, values ModelConfig.v_head_dim.
+    gpt-oss runs the same attention (``_gpt_oss_config``): as many KV heads and the same rope
+    on both kinds, values unscaled, and (``full_sinks``) a sink per query head on every layer.
     """
 
     layer_types: tuple[str, ...]
@@ -234,6 +241,7 @@ class MiMoConfig:
     swa_num_kv_heads: int
     swa_rope: RopeConfig
     value_scale: float
+    full_sinks: bool = False  # gpt-oss: the full layers have their sinks too
 
     def sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -303,7 +311,8 @@ class ModelConfig:
     Attributes (attention):
       attention: "mla" (DeepSeek multi-head latent attention; GLM-4.7-Flash), "gqa"
       (Qwen3-MoE, GLM-4.5, dots.llm1), "v4" (DeepSeek-V4) or "mimo" (MiMo-V2-Flash's GQA
-      over full and sliding-window layers, ``mimo``; v_head_dim: its value width)
+      over full and sliding-window layers with sinks, ``mimo``; v_head_dim: its value width;
+      gpt-oss's too)
       num_heads: query heads; num_kv_heads / head_dim: GQA only
       q_lora_rank: MLA query low-rank dim, None = a plain q_proj (DeepSeek-V2-Lite)
       kv_lora_rank: MLA latent dims cached per token; qk_rope_head_dim: rope dims cached beside it
@@ -322,6 +331,11 @@ class ModelConfig:
       scoring: "softmax" or "sigmoid"; topk_method: "greedy", "group_limited_greedy" (V2, group
       score = max) or "noaux_tc" (V3, group score = sum of top-2, biased by e_score_correction_bias)
       n_group / topk_group: group-limited routing; norm_topk_prob; routed_scaling_factor
+      router_bias: the router is a biased linear (gpt-oss's ``mlp.router.bias``)
+      expert_bias: routed experts with biased gate/up and down projections (gpt-oss)
+      swiglu_limit: the experts' gate clamped to <= it, up to [-it, it] (gpt-oss; DeepSeek-V4
+      keeps its own in ``v4``); swiglu_alpha: gpt-oss's activation (up + 1) * gate *
+      sigmoid(alpha * gate) in place of SiLU(gate) * up (kernels.fused_moe.swiglu)
       moe_layers: indices of layers whose MLP is the routed MoE (DeepSeek: the MTP layers'
       indices num_layers.. too, by the same rule)
       index_topk: DeepSeek Sparse Attention (DeepSeek-V3.2): each query attends to the
@@ -376,6 +390,10 @@ class ModelConfig:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     router_dtype_fp32: bool = False  # DeepSeek routes in fp32 whatever the model dtype
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     moe_layers: tuple[int, ...] = ()
     dtype: str = "float32"  # the checkpoint's own dtype
     bos_token_id: int | None = None
@@ -643,6 +661,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         return _v4_config(raw, common, num_layers, num_heads, num_experts)
     if arch == "mimo_v2_flash":
         return _mimo_config(raw, common, num_layers, num_heads, num_experts, top_k)
+    if arch == "gpt_oss":
+        return _gpt_oss_config(raw, common, num_layers, num_heads, num_experts)
     if arch in HYBRID_ARCHITECTURES:
         return _hybrid_config(raw, arch, common, hidden, num_heads, num_layers, num_experts)
     attention = (_gqa_fields(raw, arch, hidden, num_heads) if arch in GQA_ARCHITECTURES
@@ -879,6 +899,78 @@ def _mimo_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, n
         mimo=MiMoConfig(layer_types=tuple(types), sliding_window=window,
                         swa_num_kv_heads=swa_kv_heads, swa_rope=swa_rope,
                         value_scale=value_scale),
+    )
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096}
+
+
+def _gpt_oss_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int,
+                    num_heads: int, num_experts: int) -> ModelConfig:
+    """OpenAI gpt-oss (transformers' GptOssConfig, its defaults where config.json leaves a
+    field out): GQA on every layer, every projection biased (``attention_bias``, default
+    true), a sink logit per query head on every layer, ``layer_types`` sliding (a window of
+    ``sliding_window`` positions, the query's own included) and full, alternating from a
+    sliding one by default; one YaRN rope (GPT-NeoX pairs, every head dim); every layer's MLP
+    the MoE: a biased router, top-k of its logits, softmax over the k (afd's softmax over all
+    then renormalized over the k: the same weights), experts ``intermediate_size`` wide with
+    biases and gpt-oss's clamped SwiGLU (``swiglu_limit`` 7.0, ``swiglu_alpha`` 1.702)."""
+    arch = "gpt_oss"
+    types = raw.get("layer_types")
+    if types is None:
+        types = [GPT_OSS_LAYER_TYPES[i % 2] for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in GPT_OSS_LAYER_TYPES for t in types)):
+        raise ValueError(f"{arch}: layer_types must name one of {GPT_OSS_LAYER_TYPES} for each "
+                         f"of the {num_layers} layers, got {types!r}")
+    head_dim = int(_first(raw, "head_dim", default=64))
+    kv_heads = int(_first(raw, "num_key_value_heads", default=num_heads))
+    window = int(_first(raw, "sliding_window", default=128))
+    limit = float(_first(raw, "swiglu_limit", default=7.0))
+    alpha = float(_first(raw, "swiglu_alpha", default=1.702))
+    for name, value, least in (("head_dim", head_dim, 2), ("num_key_value_heads", kv_heads, 1),
+                               ("sliding_window", window, 1)):
+        if value < least:
+            raise ValueError(f"{arch}: {name}={value} must be >= {least}")
+    if head_dim % 2:
+        raise ValueError(f"{arch}: head_dim={head_dim} must be even (every dim is rotated)")
+    if num_heads % kv_heads:
+        raise ValueError(f"{arch}: num_attention_heads={num_heads} is not a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+    if not num_experts:
+        raise ValueError(f"{arch}: num_local_experts must be >= 1 (every layer is MoE)")
+    if limit <= 0:
+        raise ValueError(f"{arch}: swiglu_limit={limit} must be > 0")
+    rope_raw = {**raw, "max_position_embeddings": raw.get("max_position_embeddings", 131072)}
+    if not raw.get("rope_parameters") and not raw.get("rope_scaling"):
+        rope_raw["rope_parameters"] = GPT_OSS_ROPE  # transformers' default: the release's
+    rope = _rope(rope_raw, head_dim, interleaved=False, default_theta=150000.0)
+    bias = bool(raw.get("attention_bias", True))
+    common = {**common, "attention_bias": bias, "norm_topk_prob": True,
+              "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-5)),
+              "max_position_embeddings": int(raw.get("max_position_embeddings", 131072)),
+              "moe_intermediate_size": int(_first(raw, "intermediate_size", default=2880))}
+    return ModelConfig(
+        **common,
+        attention="mimo",
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        o_proj_bias=bias,
+        rope=rope,
+        attention_scale=head_dim**-0.5,
+        scoring="softmax",
+        topk_method="greedy",
+        moe_layers=tuple(range(num_layers)),
+        router_bias=True,
+        expert_bias=True,
+        swiglu_limit=limit,
+        swiglu_alpha=alpha,
+        mimo=MiMoConfig(layer_types=tuple(types), sliding_window=window,
+                        swa_num_kv_heads=kv_heads, swa_rope=rope, value_scale=1.0,
+                        full_sinks=True),
     )
 
 

@@ -12,6 +12,11 @@ Both: q/k ``head_dim`` wide (192), v ``v_head_dim`` (128), the values times
 q/k norm, o_proj unbiased. The rest of the model is afd's decoder (DeepSeek-V3 routing, no
 shared experts, ``mlp_layer_types`` dense or sparse).
 
+gpt-oss runs this attention too (``MiMoConfig.full_sinks``): the same KV heads and rope on
+both kinds, q/k/v as wide, values unscaled (1.0), a sink per query head on every layer
+(``self_attn.sinks``, loaded as ``attention_sink_bias``) and a biased o_proj
+(``ModelConfig.o_proj_bias``).
+
 Cache rows: one tensor per layer [num_blocks, block_size, KVH * (head_dim + v_head_dim)], keys
 then values (``ModelConfig.layer_kv_cache_dim``: a sliding layer's twice a full layer's). A
 sliding layer's cache is the window pool's where the engine has one (afd.window_pool,
@@ -58,8 +63,9 @@ class MiMoAttention(nn.Module):
         self.q_proj = linear(h, self.num_heads * self.head_dim, dtype, device, bias=bias)
         self.k_proj = linear(h, self.num_kv_heads * self.head_dim, dtype, device, bias=bias)
         self.v_proj = linear(h, self.num_kv_heads * self.v_dim, dtype, device, bias=bias)
-        self.o_proj = linear(self.num_heads * self.v_dim, h, dtype, device)
-        if self.sliding:  # the release's name (transformers' module calls it sinks)
+        self.o_proj = linear(self.num_heads * self.v_dim, h, dtype, device, bias=cfg.o_proj_bias)
+        self.has_sinks = self.sliding or mimo.full_sinks
+        if self.has_sinks:  # the release's name (transformers' module calls it sinks)
             self.attention_sink_bias = nn.Parameter(
                 torch.zeros(self.num_heads, dtype=dtype, device=device), requires_grad=False)
 
@@ -83,6 +89,6 @@ class MiMoAttention(nn.Module):
         out = window_attention(
             q, cache, tables, batch.seq_lens, batch.query_lens, lens,
             batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
-            self.window, self.attention_sink_bias if self.sliding else None,
+            self.window, self.attention_sink_bias if self.has_sinks else None,
             groups=batch.decode_groups, layout=batch.prefill_layout())
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

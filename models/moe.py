@@ -23,7 +23,8 @@ class Routing:
 class Router(nn.Module):
     """Scores experts and picks top-k, with DeepSeek's group limits and bias correction.
 
-    HF name: ``mlp.gate.weight`` [E, H] (and ``mlp.gate.e_score_correction_bias`` [E] for V3).
+    HF name: ``mlp.gate.weight`` [E, H] (and ``mlp.gate.e_score_correction_bias`` [E] for V3;
+    ``mlp.gate.bias`` [E] with ``ModelConfig.router_bias``: gpt-oss's ``mlp.router.*``).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device=None):
@@ -33,6 +34,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size,
                                                dtype=weight_dtype, device=device),
                                    requires_grad=False)
+        self.bias = None
+        if cfg.router_bias:  # a biased linear: the bias joins the logits
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=weight_dtype,
+                                                 device=device), requires_grad=False)
         if cfg.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=device),
@@ -44,9 +49,10 @@ class Router(nn.Module):
         Routing's topk_ids is then that tensor."""
         cfg = self.cfg
         if cfg.router_dtype_fp32:
-            logits = F.linear(h.float(), self.weight.float())  # [T, E] fp32
+            bias = None if self.bias is None else self.bias.float()
+            logits = F.linear(h.float(), self.weight.float(), bias)  # [T, E] fp32
         else:
-            logits = F.linear(h, self.weight)
+            logits = F.linear(h, self.weight, self.bias)
         if cfg.scoring == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -95,12 +101,17 @@ class RoutedExperts(nn.Module):
     quantized a bf16/fp32 checkpoint's, the same layout), beside their block
     scales ``w13_scale`` [S, 2 * ceil(I/bn), ceil(H/bk)] (gate block rows, then up block rows)
     and ``w2_scale`` [S, ceil(H/bn), ceil(I/bk)], fp32 (the checkpoint's ``weight_scale_inv``).
+
+    ``ModelConfig.expert_bias`` (gpt-oss): ``w13_bias`` [S, 2I] (gate's, then up's) and
+    ``w2_bias`` [S, H] in the run dtype; ``swiglu_limit`` / ``swiglu_alpha`` (the config's,
+    or DeepSeek-V4's limit given here): the activation ``kernels.fused_moe.swiglu`` computes.
     """
 
     def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype, device=None,
                  fp8_block: tuple[int, int] | None = None, swiglu_limit: float | None = None):
         super().__init__()
-        self.swiglu_limit = swiglu_limit
+        self.swiglu_limit = cfg.swiglu_limit if swiglu_limit is None else swiglu_limit
+        self.swiglu_alpha = cfg.swiglu_alpha
         self.num_experts = cfg.num_experts
         self.expert_ids = list(expert_ids)
         self.fp8_block = fp8_block
@@ -110,6 +121,12 @@ class RoutedExperts(nn.Module):
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(slots, h, i, dtype=weight_dtype, device=device),
                                requires_grad=False)
+        self.has_bias = cfg.expert_bias
+        if self.has_bias:
+            self.w13_bias = nn.Parameter(torch.zeros(slots, 2 * i, dtype=dtype, device=device),
+                                         requires_grad=False)
+            self.w2_bias = nn.Parameter(torch.zeros(slots, h, dtype=dtype, device=device),
+                                        requires_grad=False)
         if fp8_block:
             bn, bk = fp8_block
             self.w13_scale = nn.Parameter(torch.empty(slots, 2 * -(-i // bn), -(-h // bk),
@@ -135,9 +152,10 @@ class RoutedExperts(nn.Module):
         self.holds_all = self.expert_ids == list(range(self.num_experts))
 
     def expert_tensors(self) -> list[torch.Tensor]:
-        """Every [S, ...] tensor of the slots: w13, w2, and their FP8 scales if any."""
+        """Every [S, ...] tensor of the slots: w13, w2, their FP8 scales and biases if any."""
         scales = [self.w13_scale, self.w2_scale] if self.fp8_block else []
-        return [self.w13.data, self.w2.data, *(s.data for s in scales)]
+        biases = [self.w13_bias, self.w2_bias] if self.has_bias else []
+        return [self.w13.data, self.w2.data, *(s.data for s in scales + biases)]
 
     @property
     def fp8_args(self) -> dict:
@@ -150,9 +168,16 @@ class RoutedExperts(nn.Module):
     @property
     def kernel_args(self) -> dict:
         """Every keyword argument of ``kernels.fused_moe`` / ``grouped_moe`` these experts
-        need: ``fp8_args`` and DeepSeek-V4's ``swiglu_limit`` where set."""
-        limit = {} if self.swiglu_limit is None else {"swiglu_limit": self.swiglu_limit}
-        return {**self.fp8_args, **limit}
+        need: ``fp8_args``, ``swiglu_limit`` where set, and gpt-oss's ``swiglu_alpha`` and
+        biases (which run the torch path: ``kernels.fused_moe.moe_backend``)."""
+        args = dict(self.fp8_args)
+        if self.swiglu_limit is not None:
+            args["swiglu_limit"] = self.swiglu_limit
+        if self.swiglu_alpha is not None:
+            args["swiglu_alpha"] = self.swiglu_alpha
+        if self.has_bias:
+            args.update(w13_bias=self.w13_bias, w2_bias=self.w2_bias)
+        return args
 
     def forward(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """h [T, H] -> sum over the held experts of weight * expert(h), [T, H]."""

@@ -46,7 +46,7 @@ from models.quant_int4 import split_packed
 log = logging.getLogger("afd.weights")
 
 _EXPERT = re.compile(
-    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 
@@ -118,14 +118,33 @@ _MINIMAX_RENAMES = [(re.compile(a), b) for a, b in (
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
+# gpt-oss's fused routed experts (transformers' GptOssExperts, its save_pretrained's names):
+# gate_up_proj [E, H, 2I] with the gate's and up's output columns interleaved (gate even, up
+# odd), gate_up_proj_bias [E, 2I] alike, down_proj [E, I, H], down_proj_bias [E, H]
+_GPT_OSS_FUSED = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?$")
+# gpt-oss's other names -> afd's: the router is the MoE block's gate; the sinks are loaded as
+# MiMo's (models.mimo_v2_flash)
+_GPT_OSS_RENAMES = [(re.compile(a), b) for a, b in (
+    (r"\.mlp\.router\.", ".mlp.gate."),
+    (r"\.self_attn\.sinks$", ".self_attn.attention_sink_bias"),
+)]
+
+
 class FusedPart(str):
     """A checkpoint tensor that is part of a fused one: ``tensor[expert, rows[0]:rows[1]]``
-    (rows None: all of them). Its text names the part, for messages."""
+    (rows None: all of them); ``interleave`` k (0 or 1): of that, the last dim's entries
+    k, k + 2, ... (gpt-oss's gate / up); ``transposed``: its last two dims swapped
+    (gpt-oss's [in, out] weights). Its text names the part, for messages."""
 
-    def __new__(cls, tensor: str, expert: int, rows: tuple[int, int] | None = None):
-        part = f"{tensor}[{expert}" + (f", {rows[0]}:{rows[1]}]" if rows else "]")
+    def __new__(cls, tensor: str, expert: int, rows: tuple[int, int] | None = None,
+                interleave: int | None = None, transposed: bool = False):
+        part = (f"{tensor}[{expert}" + (f", {rows[0]}:{rows[1]}" if rows else "")
+                + (f", ..., {interleave}::2" if interleave is not None else "") + "]"
+                + (".T" if transposed else ""))
         self = super().__new__(cls, part)
         self.tensor, self.expert, self.rows = tensor, expert, rows
+        self.interleave, self.transposed = interleave, transposed
         return self
 
 
@@ -141,8 +160,14 @@ def _get_tensor(f, src: str) -> torch.Tensor:
         return f.get_tensor(src)
     fused = f.get_slice(src.tensor)
     if src.rows is None:
-        return fused[src.expert]
-    return fused[src.expert, src.rows[0]: src.rows[1]].contiguous()
+        part = fused[src.expert]
+    else:
+        part = fused[src.expert, src.rows[0]: src.rows[1]]
+    if src.interleave is not None:
+        part = part[..., src.interleave::2]
+    if src.transposed:
+        part = part.transpose(-2, -1)
+    return part.contiguous()
 
 
 def _fused_parts(name: str, src: str, num_experts: int, inter: int) -> dict[str, str]:
@@ -159,6 +184,26 @@ def _fused_parts(name: str, src: str, num_experts: int, inter: int) -> dict[str,
     for e in range(num_experts):
         parts[f"{base}.{e}.gate_proj.weight"] = FusedPart(src, e, (0, inter))
         parts[f"{base}.{e}.up_proj.weight"] = FusedPart(src, e, (inter, 2 * inter))
+    return parts
+
+
+def _gpt_oss_parts(name: str, src: str, num_experts: int) -> dict[str, str]:
+    """gpt-oss's fused experts tensor ``name`` (``_GPT_OSS_FUSED``) as per-expert names in
+    afd's layout (``{gate,up,down}_proj.{weight,bias}``, weights [out, in]), each a
+    ``FusedPart`` of ``src`` (the gate's and up's halves de-interleaved); {} for any other."""
+    m = _GPT_OSS_FUSED.match(name)
+    if m is None:
+        return {}
+    base, suffix = m.group(1), "bias" if m.group(3) else "weight"
+    weight = suffix == "weight"
+    parts = {}
+    for e in range(num_experts):
+        if m.group(2) == "down_proj":
+            parts[f"{base}.{e}.down_proj.{suffix}"] = FusedPart(src, e, transposed=weight)
+            continue
+        for half, proj in enumerate(("gate_proj", "up_proj")):
+            parts[f"{base}.{e}.{proj}.{suffix}"] = FusedPart(src, e, interleave=half,
+                                                             transposed=weight)
     return parts
 
 
@@ -224,6 +269,13 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
             targets.setdefault(f"{base}.up_proj.weight", []).append(
                 Target(f"{prefix}.w13", slot, (inter, 2 * inter)))
             targets.setdefault(f"{base}.down_proj.weight", []).append(Target(f"{prefix}.w2", slot))
+            if experts.has_bias:  # gpt-oss: gate's bias then up's, as w13's rows
+                targets.setdefault(f"{base}.gate_proj.bias", []).append(
+                    Target(f"{prefix}.w13_bias", slot, (0, inter)))
+                targets.setdefault(f"{base}.up_proj.bias", []).append(
+                    Target(f"{prefix}.w13_bias", slot, (inter, 2 * inter)))
+                targets.setdefault(f"{base}.down_proj.bias", []).append(
+                    Target(f"{prefix}.w2_bias", slot))
             if experts.fp8_block:  # the block scales too, gate block rows then up block rows
                 # an FP8 checkpoint stores them (weight_scale_inv); else the loader makes them
                 # as it quantizes the weight itself
@@ -244,7 +296,7 @@ def name_table(model: MoEModel) -> dict[str, list[Target]]:
     """Checkpoint name -> targets for the tensors this model (role) needs."""
     table: dict[str, list[Target]] = {}
     for name, _ in model.named_parameters():
-        if re.search(r"\.experts\.(w13|w2)(_scale)?$", name):
+        if re.search(r"\.experts\.(w13|w2)(_scale|_bias)?$", name):
             continue
         table[checkpoint_name(name, model.cfg.num_layers)] = [Target(name)]
     table.update(_expert_targets(model))
@@ -256,8 +308,8 @@ def _is_known(name: str, full_names: set[str], num_layers: int, num_experts: int
     if name in full_names:
         return True
     m = _EXPERT.match(name)
-    if m and int(m.group(1)) < num_layers:
-        return int(m.group(2)) < num_experts
+    if m and int(m.group(1)) < num_layers:  # an expert's bias only where the model has them
+        return int(m.group(2)) < num_experts and m.group(4) == "weight"
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= num_layers:
         return True  # extra layers, e.g. DeepSeek-V3's multi-token-prediction layer 61
@@ -277,7 +329,8 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
     ``cfg.weight_renames`` (prefixes, in order), its vision tower's and projector's
     (``cfg.weight_skipped``) left out, never read; and for DeepSeek-V4: its release's names
     renamed by ``v4_param_name``, its MTP layer (``weight_skipped``: ``mtp.``) never read;
-    for MiniMax-M2: its release's names (``_MINIMAX_RENAMES``). transformers' fused routed
+    for MiniMax-M2: its release's names (``_MINIMAX_RENAMES``); for gpt-oss
+    ``_GPT_OSS_RENAMES`` and its fused experts (``_gpt_oss_parts``). transformers' fused routed
     experts (``mlp.experts.gate_up_proj`` / ``down_proj``) stand for their per-expert
     tensors, each read alone (``FusedPart``)."""
     names: dict[str, str] = {}
@@ -295,7 +348,13 @@ def stored_names(files: dict[str, str], cfg) -> dict[str, str]:
         elif cfg.architecture == "minimax_m2":
             for pattern, repl in _MINIMAX_RENAMES:
                 name = pattern.sub(repl, name)
-        parts = _fused_parts(name, src, cfg.num_experts, cfg.moe_intermediate_size)
+        elif cfg.architecture == "gpt_oss":
+            for pattern, repl in _GPT_OSS_RENAMES:
+                name = pattern.sub(repl, name)
+        if cfg.architecture == "gpt_oss":
+            parts = _gpt_oss_parts(name, src, cfg.num_experts)
+        else:
+            parts = _fused_parts(name, src, cfg.num_experts, cfg.moe_intermediate_size)
         for name, part in (parts or {name: src}).items():
             if name in names:
                 raise WeightLoadError(f"{src} and {names[name]} are both {name} once renamed")

@@ -1,0 +1,180 @@
+"""OpenAI gpt-oss (GptOssForCausalLM): GQA with biased q/k/v/o and a sink per query head on
+every layer, layers alternating sliding-window and full attention, YaRN; a biased router (top-k
+of the logits, softmax over the k) and experts with biases and a clamped SwiGLU, stored fused
+and interleaved. A tiny random transformers checkpoint with a window of 8 (prompts up to 100
+tokens) and swiglu_limit 2.0 (about a fifth of the experts' gate/up values clamped; the
+release's 7.0 clamps none at these sizes): the single-process engine against transformers'
+generate (greedy tokens equal, fp32 logits within 1e-4 relative); mutants (no window, no sinks,
+no sinks on the full layers, no clamp) leave transformers' tokens; the experts' torch path
+against transformers' own module, and the Triton backend refused for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afd import LLM
+from ckpt_utils import VOCAB, greedy_tokens as tokens, hf_greedy, mixed_prompts, random_hf_model
+from ckpt_utils import save_checkpoint
+from models.config import config_from_dict, load_config
+from test_oracle_variants import assert_matches
+
+NEW_TOKENS = 12
+LENGTHS = [5, 23, 40, 100]  # window 8: every prompt but the first longer, and it decodes past
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+CONFIG = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+    num_experts_per_tok=2, sliding_window=8, swiglu_limit=2.0, layer_types=LAYER_TYPES,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 64},
+    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=0, eos_token_id=1,
+)
+
+
+def build_hf_model(seed: int = 0):
+    """transformers' model (fp32, eager), weights scaled so greedy outputs vary; sinks of
+    about one, the size of the scores, so that they decide outputs."""
+    import transformers as tf
+
+    def sinks(name: str, tensor: torch.Tensor, gen: torch.Generator) -> bool:
+        if name.endswith("sinks"):
+            tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
+        return name.endswith("sinks")
+
+    return random_hf_model(tf.GptOssForCausalLM, tf.GptOssConfig(**CONFIG), seed, sinks)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """(transformers' model, checkpoint folder, prompts, [(tokens, logits)])."""
+    model = build_hf_model()
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp("gpt_oss")))
+    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
+    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def test_config(gpt_oss):
+    """The layer kinds, window, sinks, biases, rope and routing reach afd's config: MiMo's
+    attention kind with one KV head count and rope for both layer kinds, every layer MoE."""
+    cfg = load_config(gpt_oss[1])
+    assert (cfg.architecture, cfg.attention) == ("gpt_oss", "mimo")
+    mimo = cfg.mimo
+    assert mimo.layer_types == tuple(LAYER_TYPES) and mimo.sliding_window == 8
+    assert mimo.full_sinks and mimo.value_scale == 1.0 and mimo.swa_num_kv_heads == 2
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim) == (2, 16, 16)
+    assert cfg.attention_bias and cfg.o_proj_bias
+    assert (cfg.rope.kind, cfg.rope.dim, cfg.rope.factor, cfg.rope.truncate) == (
+        "yarn", 16, 8.0, False)
+    assert mimo.swa_rope == cfg.rope and not cfg.rope.interleaved
+    assert cfg.moe_layers == (0, 1, 2) and cfg.moe_intermediate_size == 32
+    assert (cfg.scoring, cfg.topk_method, cfg.norm_topk_prob, cfg.n_shared_experts) == (
+        "softmax", "greedy", True, 0)
+    assert cfg.router_bias and cfg.expert_bias
+    assert (cfg.swiglu_limit, cfg.swiglu_alpha) == (2.0, 1.702)
+    assert [cfg.layer_kv_cache_dim(i) for i in range(3)] == [64] * 3
+
+
+def test_defaults_are_transformers():
+    """A config.json with only the required fields: transformers' GptOssConfig defaults
+    (layers sliding then full, window 128, 7.0 / 1.702, biased attention, theta 150000)."""
+    import transformers as tf
+
+    raw = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=VOCAB,
+               hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    cfg, hf = config_from_dict(raw), tf.GptOssConfig(**raw)
+    assert list(cfg.mimo.layer_types) == hf.layer_types
+    assert (cfg.mimo.sliding_window, cfg.head_dim, cfg.moe_intermediate_size) == (
+        hf.sliding_window, hf.head_dim, hf.intermediate_size)
+    assert (cfg.swiglu_limit, cfg.swiglu_alpha, cfg.attention_bias) == (
+        hf.swiglu_limit, hf.swiglu_alpha, hf.attention_bias)
+    params = hf.rope_parameters
+    assert (cfg.rope.kind, cfg.rope.theta, cfg.rope.factor, cfg.rope.truncate) == (
+        params["rope_type"], params["rope_theta"], params["factor"], params["truncate"])
+    assert cfg.rope.original_max_position_embeddings == params["original_max_position_embeddings"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(layer_types=["sliding_attention"]), "layer_types"),
+    (dict(num_key_value_heads=3), "num_key_value_heads=3"),
+    (dict(sliding_window=0), "sliding_window=0"),
+    (dict(swiglu_limit=0.0), "swiglu_limit=0.0"),
+])
+def test_config_errors_name_the_field(change, match):
+    raw = dict(architectures=["GptOssForCausalLM"], vocab_size=VOCAB, hidden_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match=match):
+        config_from_dict({**raw, **change})
+
+
+def test_matches_transformers(gpt_oss):
+    """Four prompts at once (three longer than the window, the fourth decoding past it),
+    token for token and logits within 1e-4 relative."""
+    _, path, prompts, expected = gpt_oss
+    assert_matches(path, expected, prompts)
+
+
+def _differs(path, prompts, expected, **engine) -> list[bool]:
+    got = tokens(LLM(path, **engine), prompts)
+    return [g != e for g, (e, _) in zip(got, expected, strict=True)]
+
+
+def test_window_sinks_and_clamp_each_matter(gpt_oss, monkeypatch):
+    """Mutants of afd's model, each leaving transformers' tokens: sliding layers attending
+    over every earlier position (sliding_window 1000), the experts' clamp dropped
+    (swiglu_limit 1e9), no sinks on the full layers, no sinks at all. Which prompts change
+    is printed."""
+    import models.mimo_v2_flash as mimo_module
+
+    _, path, prompts, expected = gpt_oss
+    seen = {}
+    seen["window"] = _differs(path, prompts, expected, hf_overrides={"sliding_window": 1000})
+    seen["clamp"] = _differs(path, prompts, expected, hf_overrides={"swiglu_limit": 1e9})
+    attend = mimo_module.window_attention
+
+    def no_full_sinks(*args, **kwargs):
+        window = args[-2]
+        return attend(*args[:-1], args[-1] if window is not None else None, **kwargs)
+
+    monkeypatch.setattr(mimo_module, "window_attention", no_full_sinks)
+    seen["full-layer sinks"] = _differs(path, prompts, expected)
+    monkeypatch.setattr(mimo_module, "window_attention",
+                        lambda *args, **kwargs: attend(*args[:-1], None, **kwargs))
+    seen["sinks"] = _differs(path, prompts, expected)
+    print(f"prompts (lengths {LENGTHS}) whose tokens change: {seen}")
+    # the first prompt (5 tokens) never reaches past the window in its prompt
+    assert seen["window"][1:] == [True, True, True]
+    assert all(seen["clamp"]) and all(seen["sinks"]) and any(seen["full-layer sinks"])
+
+
+def test_experts_torch_path_is_transformers_module(gpt_oss):
+    """kernels.fused_moe and grouped_moe with gpt-oss's activation and biases (afd's loaded
+    layer) against transformers' GptOssExperts on the same tokens and routing; an explicit
+    backend='triton' is refused (the Triton kernels have neither), never run."""
+    import kernels
+    from models.weights import load_model
+
+    model, path = gpt_oss[0], gpt_oss[1]
+    experts = load_model(path).layers[1].mlp.experts
+    hf = model.model.layers[1].mlp.experts
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 64, generator=gen) * 2
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        want = hf(x, ids, weights)
+    got = kernels.fused_moe(x, experts.w13, experts.w2, weights, ids, **experts.kernel_args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    counts = torch.bincount(ids.reshape(-1), minlength=8)
+    rows = kernels.grouped_moe(x[order // 2], counts, experts.w13, experts.w2,
+                               weights.reshape(-1)[order], **experts.kernel_args)
+    grouped = torch.zeros_like(x).index_add_(0, order // 2, rows)
+    torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="no swiglu_alpha"):
+        kernels.fused_moe(x, experts.w13, experts.w2, weights, ids, backend="triton",
+                          **experts.kernel_args)
