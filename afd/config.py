@@ -77,10 +77,11 @@ class EngineConfig:
         bf16's bytes a block, twice the blocks for the same memory; ``cache_dtype``,
         ``resolve_kv_cache_dtype``).
     window_pool: the sliding-window layers' caches are a second pool (afd.window_pool: a model
-        with such layers, MiMo-V2-Flash, unless ``num_window_blocks=0`` was given), whose blocks
-        out of every query's window go back to it; then ``num_kv_blocks`` counts the main
-        pool's blocks (the other layers') and ``num_window_blocks`` the window pool's (None
-        where each rank sizes both from its memory, as ``num_kv_blocks``).
+        with such layers, MiMo-V2-Flash and gpt-oss, unless ``num_window_blocks=0`` was
+        given), whose blocks out of every query's window go back to it; then
+        ``num_kv_blocks`` counts the main pool's blocks (the other layers') and
+        ``num_window_blocks`` the window pool's (None where each rank sizes both from its
+        memory, as ``num_kv_blocks``).
     scheduling_policy: "fcfs" (requests in arrival order; a request's ``priority`` must be 0)
         or "priority" (vLLM's: the waiting queue in (priority, arrival) order, lower values
         first; the running sequence preempted for KV blocks is the one with the largest
@@ -544,7 +545,8 @@ def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,
         if num_window_blocks:
             raise ValueError(f"num_window_blocks={num_window_blocks}: "
                              f"{model_cfg.architecture} has no sliding-window layers (a "
-                             "window pool is for MiMo-V2-Flash's); leave it unset")
+                             "window pool is for MiMo-V2-Flash's and gpt-oss's); leave it "
+                             "unset")
         return False
     if num_window_blocks == 0:
         return False

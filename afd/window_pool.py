@@ -1,4 +1,5 @@
-"""The window pool: a second KV block pool for a model's sliding-window layers (MiMo-V2-Flash).
+"""The window pool: a second KV block pool for a model's sliding-window layers (MiMo-V2-Flash,
+gpt-oss).
 
 A sliding layer's query at position p reads only positions p - window + 1 .. p, so once a
 sequence has computed c tokens no later query reads a position below c - window + 1 (the next
@@ -41,7 +42,8 @@ from models.config import ModelConfig
 
 
 def window_layers(model_cfg: ModelConfig) -> tuple[int, ...]:
-    """The layers whose caches live in the window pool: MiMo-V2-Flash's sliding layers; ()
+    """The layers whose caches live in the window pool: MiMo-V2-Flash's and gpt-oss's sliding
+    layers (``ModelConfig.mimo``); ()
     for every other model (no window pool)."""
     mimo = model_cfg.mimo
     if mimo is None:
