@@ -399,7 +399,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     fp8: Fp8Config | None = None
-    expert_dtype: str | None = None  # "fp4": routed experts in MXFP4 (DeepSeek-V4's release)
+    # "fp4": routed experts in MXFP4 (DeepSeek-V4's release); "mxfp4": gpt-oss's release's
+    # MXFP4 experts, dequantized on load
+    expert_dtype: str | None = None
     int4: Int4Config | None = None  # compressed-tensors pack-quantized (models/quant_int4.py)
     num_nextn_predict_layers: int = 0
     index_topk: int = 0
@@ -620,6 +622,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type")
     arch = resolve_architecture(raw)
     expert_dtype = check_v4_quantization(raw) if arch == "deepseek_v4" else None
+    if arch == "gpt_oss":
+        expert_dtype = _gpt_oss_quantization(raw)
     hidden = int(raw["hidden_size"])
     num_heads = int(raw["num_attention_heads"])
     num_layers = int(raw["num_hidden_layers"])
@@ -644,7 +648,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         dtype=str(_first(raw, "dtype", "torch_dtype", default="float32")).removeprefix("torch."),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
-        fp8=_fp8(raw),
+        fp8=None if expert_dtype == "mxfp4" else _fp8(raw),
         expert_dtype=expert_dtype,
         int4=int4_config(raw.get("quantization_config")),
         extra=raw,
@@ -905,6 +909,17 @@ def _mimo_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int, n
 GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 4096}
+
+
+def _gpt_oss_quantization(raw: dict[str, Any]) -> str | None:
+    """gpt-oss's release: ``quantization_config`` {quant_method "mxfp4"}, the routed experts'
+    weights MXFP4 (``*_blocks`` / ``*_scales``, models.weights), every other weight bf16:
+    "mxfp4" (dequantized on load to the run dtype, as transformers does without its kernels),
+    or None (no quantization_config; any other is read, and refused, as for every model)."""
+    quant = raw.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4":
+        return None
+    return "mxfp4"
 
 
 def _gpt_oss_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int,

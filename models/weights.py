@@ -121,8 +121,11 @@ _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_pr
 # gpt-oss's fused routed experts (transformers' GptOssExperts, its save_pretrained's names):
 # gate_up_proj [E, H, 2I] with the gate's and up's output columns interleaved (gate even, up
 # odd), gate_up_proj_bias [E, 2I] alike, down_proj [E, I, H], down_proj_bias [E, H]
+# (the release's MXFP4 experts: gate_up_proj_blocks [E, 2I, H/32, 16] uint8 and
+# gate_up_proj_scales [E, 2I, H/32] uint8, [out, in] with the gate's and up's rows interleaved;
+# down_proj_blocks [E, H, I/32, 16], down_proj_scales [E, H, I/32]; models.quant_mx reads them)
 _GPT_OSS_FUSED = re.compile(
-    r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?$")
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
 # gpt-oss's other names -> afd's: the router is the MoE block's gate; the sinks are loaded as
 # MiMo's (models.mimo_v2_flash)
 _GPT_OSS_RENAMES = [(re.compile(a), b) for a, b in (
@@ -133,18 +136,23 @@ _GPT_OSS_RENAMES = [(re.compile(a), b) for a, b in (
 
 class FusedPart(str):
     """A checkpoint tensor that is part of a fused one: ``tensor[expert, rows[0]:rows[1]]``
-    (rows None: all of them); ``interleave`` k (0 or 1): of that, the last dim's entries
-    k, k + 2, ... (gpt-oss's gate / up); ``transposed``: its last two dims swapped
-    (gpt-oss's [in, out] weights). Its text names the part, for messages."""
+    (rows None: all of them); ``flatten``: of that, its last two dims flattened into one
+    (gpt-oss's MXFP4 blocks [N, K/32, 16] -> [N, K/2]); ``interleave`` k (0 or 1): the entries
+    k, k + 2, ... of its first dim (``interleave_rows``) or of its last (gpt-oss's gate / up);
+    ``transposed``: its last two dims swapped (gpt-oss's [in, out] weights). Its text names
+    the part, for messages."""
 
     def __new__(cls, tensor: str, expert: int, rows: tuple[int, int] | None = None,
-                interleave: int | None = None, transposed: bool = False):
+                interleave: int | None = None, transposed: bool = False,
+                interleave_rows: bool = False, flatten: bool = False):
+        every = "" if interleave is None else f"{interleave}::2"
+        picked = f"{every}, ..." if interleave_rows else f"..., {every}"
         part = (f"{tensor}[{expert}" + (f", {rows[0]}:{rows[1]}" if rows else "")
-                + (f", ..., {interleave}::2" if interleave is not None else "") + "]"
-                + (".T" if transposed else ""))
+                + (f"][{picked}" if every else "") + "]" + (".T" if transposed else ""))
         self = super().__new__(cls, part)
         self.tensor, self.expert, self.rows = tensor, expert, rows
         self.interleave, self.transposed = interleave, transposed
+        self.interleave_rows, self.flatten = interleave_rows, flatten
         return self
 
 
@@ -163,8 +171,10 @@ def _get_tensor(f, src: str) -> torch.Tensor:
         part = fused[src.expert]
     else:
         part = fused[src.expert, src.rows[0]: src.rows[1]]
+    if src.flatten:
+        part = part.flatten(-2)
     if src.interleave is not None:
-        part = part[..., src.interleave::2]
+        part = part[src.interleave::2] if src.interleave_rows else part[..., src.interleave::2]
     if src.transposed:
         part = part.transpose(-2, -1)
     return part.contiguous()
@@ -189,21 +199,29 @@ def _fused_parts(name: str, src: str, num_experts: int, inter: int) -> dict[str,
 
 def _gpt_oss_parts(name: str, src: str, num_experts: int) -> dict[str, str]:
     """gpt-oss's fused experts tensor ``name`` (``_GPT_OSS_FUSED``) as per-expert names in
-    afd's layout (``{gate,up,down}_proj.{weight,bias}``, weights [out, in]), each a
-    ``FusedPart`` of ``src`` (the gate's and up's halves de-interleaved); {} for any other."""
+    afd's layout (``{gate,up,down}_proj.{weight,bias}``, weights [out, in]; an MXFP4
+    weight's packed values as ``.weight`` and its scales as ``.weight_scale_inv``, which
+    ``_read`` dequantizes), each a ``FusedPart`` of ``src`` (the gate's and up's halves
+    de-interleaved); {} for any other name."""
     m = _GPT_OSS_FUSED.match(name)
     if m is None:
         return {}
-    base, suffix = m.group(1), "bias" if m.group(3) else "weight"
-    weight = suffix == "weight"
+    base, kind = m.group(1), m.group(3) or ""
+    suffix = {"": "weight", "_bias": "bias", "_blocks": "weight",
+              "_scales": "weight" + _SCALE_SUFFIX}[kind]
+    # bf16 / fp32 weights are stored [in, out]: transposed; MXFP4's [out, in]: rows picked
+    transposed, by_rows = kind == "", kind in ("_blocks", "_scales")
+    flatten = kind == "_blocks"
     parts = {}
     for e in range(num_experts):
         if m.group(2) == "down_proj":
-            parts[f"{base}.{e}.down_proj.{suffix}"] = FusedPart(src, e, transposed=weight)
+            parts[f"{base}.{e}.down_proj.{suffix}"] = FusedPart(src, e, transposed=transposed,
+                                                                flatten=flatten)
             continue
         for half, proj in enumerate(("gate_proj", "up_proj")):
-            parts[f"{base}.{e}.{proj}.{suffix}"] = FusedPart(src, e, interleave=half,
-                                                             transposed=weight)
+            parts[f"{base}.{e}.{proj}.{suffix}"] = FusedPart(
+                src, e, interleave=half, transposed=transposed, interleave_rows=by_rows,
+                flatten=flatten)
     return parts
 
 
@@ -420,8 +438,10 @@ def load_weights(model: MoEModel, path: str) -> None:
                                    cfg.fp8.block_size if cfg.fp8 else None, model.dtype,
                                    _scale_head_rows(cfg, name))
                 elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
-                    tensor, scale = quantize_blocks(_get_tensor(f, stored[name]).to(dest.device),
-                                                    cfg.expert_fp8_block)
+                    source = (_read(f, name, files, stored, None, torch.float32)
+                              if cfg.expert_dtype == "mxfp4"  # gpt-oss's: dequantized first
+                              else _get_tensor(f, stored[name]))
+                    tensor, scale = quantize_blocks(source.to(dest.device), cfg.expert_fp8_block)
                 elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
                     mx_packed = _get_tensor(f, stored[name])
                     mx_scale = _read_scale(name, mx_packed, files, stored)

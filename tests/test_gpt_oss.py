@@ -6,9 +6,14 @@ tokens) and swiglu_limit 2.0 (about a fifth of the experts' gate/up values clamp
 release's 7.0 clamps none at these sizes): the single-process engine against transformers'
 generate (greedy tokens equal, fp32 logits within 1e-4 relative); mutants (no window, no sinks,
 no sinks on the full layers, no clamp) leave transformers' tokens; the experts' torch path
-against transformers' own module, and the Triton backend refused for them."""
+against transformers' own module, and the Triton backend refused for them; 1A+1F and 1P+1A;
+the release's MXFP4 experts (``*_blocks`` / ``*_scales``) dequantized on load as transformers
+dequantizes them."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
@@ -196,3 +201,54 @@ def test_attention_and_ffn_ranks_and_pd_match(gpt_oss):
             assert tokens(llm, prompts) == [t for t, _ in expected], layout
         finally:
             llm.shutdown()
+
+
+def _mxfp4_checkpoint(model, folder: str) -> str:
+    """``model`` saved with its routed experts as the release stores them: MXFP4 blocks
+    [E, N, K/32, 16] uint8 and scales [E, N, K/32] uint8 ([out, in], gate/up rows interleaved),
+    random codes and exponents 2^-7 .. 2^-3; quantization_config quant_method "mxfp4"."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(model, folder)
+    file = os.path.join(path, "model.safetensors")
+    tensors, gen = load_file(file), torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, k, n = tensors.pop(name).shape  # [E, in, out]
+        tensors[name + "_blocks"] = torch.randint(0, 256, (experts, n, k // 32, 16),
+                                                  generator=gen, dtype=torch.uint8)
+        tensors[name + "_scales"] = torch.randint(120, 125, (experts, n, k // 32),
+                                                  generator=gen, dtype=torch.uint8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def test_mxfp4_experts_dequantized_as_transformers(gpt_oss, tmp_path):
+    """The release's MXFP4 experts: transformers' own dequantization (Mxfp4Config
+    dequantize=True, fp32) is the oracle: afd's tokens and logits equal its greedy generate;
+    kept in FP8 (quantization='fp8') they are the dequantized weights quantized to FP8 blocks."""
+    import transformers as tf
+
+    from kernels.fp8 import quantize_blocks
+    from models.weights import load_model
+
+    model, _, prompts, _ = gpt_oss
+    path = _mxfp4_checkpoint(model, str(tmp_path))
+    assert load_config(path).expert_dtype == "mxfp4"
+    hf = tf.GptOssForCausalLM.from_pretrained(
+        path, quantization_config=tf.Mxfp4Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="eager").eval()
+    assert_matches(path, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts], prompts)
+    plain = load_model(path).layers[2].mlp.experts
+    fp8 = load_model(path, fp8_experts=True).layers[2].mlp.experts
+    for e in (0, 7):  # w13's scales: the gate's block rows, then the up's
+        halves = zip(plain.w13[e].chunk(2), fp8.w13[e].chunk(2), fp8.w13_scale[e].chunk(2))
+        for w, q, s in [*halves, (plain.w2[e], fp8.w2[e], fp8.w2_scale[e])]:
+            want, want_scale = quantize_blocks(w, fp8.fp8_block)
+            assert torch.equal(q.float(), want.float()) and torch.equal(s, want_scale)

@@ -30,7 +30,10 @@ Triton run restores the snapshot the torch run took at its block boundary and ru
 token as a decode row through those kernels from the restored state. The ``mimo`` case is
 the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
 decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
-through ``prefill_attention_triton.window_prefill_attention_triton``. The ``+fp8kv`` cases
+through ``prefill_attention_triton.window_prefill_attention_triton``. The ``gpt_oss`` case
+(``test_gpt_oss``'s: sinks on its full layers too) runs those kernels with its routed experts
+on torch even under AFD_KERNEL_BACKEND=triton (no ``fused_moe_triton`` call: that kernel
+lacks its biases and activation). The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast
 (``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as they were,
@@ -107,13 +110,17 @@ UNUSED["v4graph"] = UNUSED["v4"]
 # narrower than keys), its norms, rotary and routed experts Triton
 UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
                   "paged_prefill_attention_triton")
+# gpt-oss: MiMo's attention kernels (sinks on the full layers too, q/k/v as wide), its norms and
+# rotary Triton; its routed experts torch (the Triton MoE kernels have neither its biases nor
+# its activation: kernels.fused_moe.moe_backend)
+UNUSED["gpt_oss"] = (*UNUSED["mimo"], "fused_moe_triton")
 for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's, the
     # Gated DeltaNet launchers Qwen3-Next's
     if _name != "qwen3_next":
         UNUSED[_name] = (*UNUSED[_name], *GDN)
     if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
-        if _name != "mimo":
+        if _name not in ("mimo", "gpt_oss"):
             UNUSED[_name] = (*UNUSED[_name], *MIMO)
 
 
@@ -159,6 +166,12 @@ def interpreter_case(name: str, seed: int) -> dict:
             from test_mimo_v2_flash import build_hf_model as build_mimo
 
             path = save_checkpoint(build_mimo(), tmp)
+        if name == "gpt_oss":
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from ckpt_utils import save_checkpoint
+            from test_gpt_oss import build_hf_model as build_gpt_oss
+
+            path = save_checkpoint(build_gpt_oss(), tmp)
         if name in ("qwen3", "minimax", "qwen3_next", "v32", "v32sparse", "v32sparse_eager", "glm5",
                     "glm5sparse", "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +206,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "qwen3_next", "mtp", "v32",
                                   "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
-                                  "v4graph", "mimo", "greedy+fp8kv",
+                                  "v4graph", "mimo", "gpt_oss", "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
                                   "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv",
                                   "qwen3_next+fp8kv"])
