@@ -102,6 +102,35 @@ def test_defaults_are_transformers():
     assert cfg.rope.original_max_position_embeddings == params["original_max_position_embeddings"]
 
 
+def test_release_spelled_config():
+    """The release's config.json spelling (rope_theta beside a yarn rope_scaling, MXFP4
+    quantization_config, bf16, its eos and pad ids) reads as transformers reads it."""
+    import transformers as tf
+
+    raw = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=VOCAB,
+               hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+               num_experts_per_tok=2, experts_per_token=2, sliding_window=8,
+               initial_context_length=64, max_position_embeddings=512, rope_theta=150000,
+               rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                             "original_max_position_embeddings": 64, "rope_type": "yarn",
+                             "truncate": False},
+               quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+                   "model.layers.*.self_attn", "model.layers.*.mlp.router",
+                   "model.embed_tokens", "lm_head"]},
+               swiglu_limit=7.0, torch_dtype="bfloat16", eos_token_id=1, pad_token_id=2,
+               attention_bias=True, hidden_act="silu")
+    cfg, hf = config_from_dict(raw), tf.GptOssConfig(**raw)
+    want, got = hf.rope_parameters, cfg.rope
+    assert (got.kind, got.theta, got.factor, got.truncate) == (
+        want["rope_type"], want["rope_theta"], want["factor"], want["truncate"])
+    assert (got.beta_fast, got.beta_slow, got.original_max_position_embeddings) == (
+        want["beta_fast"], want["beta_slow"], want["original_max_position_embeddings"])
+    assert (cfg.expert_dtype, cfg.fp8, cfg.dtype, cfg.eos_token_ids) == (
+        "mxfp4", None, "bfloat16", (1,))
+    assert list(cfg.mimo.layer_types) == hf.layer_types
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(layer_types=["sliding_attention"]), "layer_types"),
     (dict(num_key_value_heads=3), "num_key_value_heads=3"),
