@@ -7,6 +7,7 @@ release's 7.0 clamps none at these sizes): the single-process engine against tra
 generate (greedy tokens equal, fp32 logits within 1e-4 relative); mutants (no window, no sinks,
 no sinks on the full layers, no clamp) leave transformers' tokens; the experts' torch path
 against transformers' own module, and the Triton backend refused for them; 1A+1F and 1P+1A;
+a live rebalance over two FFN ranks moving the experts' biases with their weights;
 the release's MXFP4 experts (``*_blocks`` / ``*_scales``) dequantized on load as transformers
 dequantizes them."""
 
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from afd import LLM
-from ckpt_utils import VOCAB, greedy_tokens as tokens, hf_greedy, mixed_prompts, random_hf_model
+from ckpt_utils import (VOCAB, greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts,
+                        random_hf_model)
 from ckpt_utils import save_checkpoint
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
@@ -281,3 +283,28 @@ def test_mxfp4_experts_dequantized_as_transformers(gpt_oss, tmp_path):
         for w, q, s in [*halves, (plain.w2[e], fp8.w2[e], fp8.w2_scale[e])]:
             want, want_scale = quantize_blocks(w, fp8.fp8_block)
             assert torch.equal(q.float(), want.float()) and torch.equal(s, want_scale)
+
+
+def test_rebalance_moves_expert_biases(gpt_oss):
+    """1A+2F with 2 redundant experts: a rebalance that swaps the two FFN ranks' tables (every
+    slot but the copies crosses ranks) across running requests keeps transformers' tokens, so
+    each slot's biases moved with its weights (RoutedExperts.expert_tensors)."""
+    from afd.placement import ExpertPlacement
+    from ckpt_utils import run_until_done
+
+    _, path, prompts, expected = gpt_oss
+    with LLM(path, attention=1, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
+             timeout_s=30) as llm:
+        ids = [f"r{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts, strict=True):
+            llm.engine.add_request(rid, {"prompt_token_ids": prompt}, greedy())
+        seen: dict[str, int] = {}
+        while len(seen) < len(ids) or min(seen.values()) < 3:
+            for out in llm.engine.step():
+                seen[out.request_id] = len(out.outputs[0].token_ids)
+        old = llm.engine.core.placement
+        swapped = ExpertPlacement(8, layers=tuple(t[::-1] for t in old.layers))
+        report = llm.rebalance_experts(placement=swapped)
+        done = run_until_done(llm, ids)
+    assert report["moved"] > 0
+    assert [done[rid].outputs[0].token_ids for rid in ids] == [t for t, _ in expected]
