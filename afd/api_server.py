@@ -1387,23 +1387,28 @@ def main() -> None:
                              control_host=args.control_host,
                              control_key=protocol.key_from_env(),  # launch/serve.py's
                              while_waiting=tokenizer_failed)
-    tokenizer = loading[0].result()
-    loader.shutdown()
-    engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
-                       eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
-                       default_sampling=defaults)
-    names = args.served_model_name or default_served_names(engine_cfg.model)
-    name = names[0]  # answers' "model" and the metrics' label, as vLLM's first name
-    metrics = ServerMetrics(name)
-    state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
-                        args.api_key, metrics, tool_call_parser=args.tool_call_parser,
-                        enable_auto_tool_choice=args.enable_auto_tool_choice,
-                        reasoning_parser=args.reasoning_parser,
-                        max_stored_responses=args.max_stored_responses,
-                        max_stored_response_bytes=args.max_stored_responses_mb << 20,
-                        max_request_body_bytes=args.max_request_body_bytes,
-                        enable_request_id_headers=args.enable_request_id_headers,
-                        options=options, served_model_names=names)
+    try:  # every rank is up: what fails before the engine serves stops them, as a rank would
+        # (left alone they would wait for rank 0's watch of this process: 15 s, then exit 1)
+        tokenizer = loading[0].result()  # a load that failed after every rank was ready
+        loader.shutdown()
+        engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
+                           eos_token_ids(engine_cfg.model, model_cfg, tokenizer),
+                           default_sampling=defaults)
+        names = args.served_model_name or default_served_names(engine_cfg.model)
+        name = names[0]  # answers' "model" and the metrics' label, as vLLM's first name
+        metrics = ServerMetrics(name)
+        state = ServerState(AsyncEngine(engine, metrics, stall_timeout_s=2 * args.timeout), name,
+                            args.api_key, metrics, tool_call_parser=args.tool_call_parser,
+                            enable_auto_tool_choice=args.enable_auto_tool_choice,
+                            reasoning_parser=args.reasoning_parser,
+                            max_stored_responses=args.max_stored_responses,
+                            max_stored_response_bytes=args.max_stored_responses_mb << 20,
+                            max_request_body_bytes=args.max_request_body_bytes,
+                            enable_request_id_headers=args.enable_request_id_headers,
+                            options=options, served_model_names=names)
+    except BaseException:
+        client.shutdown()
+        raise
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
     class Server(uvicorn.Server):

@@ -1546,3 +1546,43 @@ def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, ca
     assert stopped.value.code == 7
     assert events == ["spec", "tokenizer"]
     assert capsys.readouterr().out.startswith(api_server.SPEC_MARKER + "{}")
+
+
+def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(monkeypatch):
+    """The tokenizer loads while the ranks start: a load that fails after every rank is ready
+    (the ranks were quicker; ``while_waiting`` no longer looks) fails the start as one that
+    fails before, named, and the ranks are told to stop instead of being left to rank 0's
+    watch of this process (15 s, then an exit code 1 that names no cause)."""
+    import afd.layouts
+    import afd.llm
+    import afd.workers
+    from afd import api_server, protocol
+    from afd.config import engine_config_to_dict, resolve_engine_config
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    cfg = engine_config_to_dict(resolve_engine_config(path, load_config(path)))
+    failing, stopped = threading.Event(), []
+
+    def load_tokenizer(*args):
+        failing.set()
+        raise ValueError("no tokenizer files in '/x'")
+
+    class Client:  # every rank ready once the load has failed
+        def __init__(self, *args, attach, while_waiting, **kwargs):
+            attach(type("Spec", (), {"to_json": lambda self: "{}"})())
+            assert failing.wait(60)
+
+        def shutdown(self):
+            stopped.append(1)
+
+    monkeypatch.setattr(afd.llm, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(afd.layouts, "MultiRankClient", Client)
+    monkeypatch.setattr(afd.workers, "watch_parent", lambda: None)
+    monkeypatch.setenv(protocol.KEY_ENV, protocol.new_key().hex())
+    monkeypatch.setattr(sys, "argv", ["afd.api_server", "--engine-config", json.dumps(cfg),
+                                      "--layout", "0,1,0"])
+    with pytest.raises(ValueError, match=r"no tokenizer files in '/x'"):
+        api_server.main()
+    assert stopped == [1]
