@@ -1313,8 +1313,6 @@ SPEC_MARKER = "AFD_FRONT_SPEC "
 
 
 def main() -> None:
-    import uvicorn
-
     from afd import protocol
     from afd.config import engine_config_from_dict
     from afd.engine import LLMEngine
@@ -1411,21 +1409,11 @@ def main() -> None:
         raise
     freeze_gc("front end")  # the ranks are ready, the tokenizer and engine built
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # ours drain first (below); uvicorn's (signal.signal, over the event loop's) would
-            # close the port at once and give in-flight requests only its own 5 s
-            yield
+    def ready(port: int) -> None:  # listening: only now is the server ready
+        log.info("%s", serving_line(name, "https" if options.ssl_certfile else "http",
+                                    args.host, port, options.root_path, layout))
 
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:  # listening: only now is the server ready
-                log.info("%s", serving_line(name, "https" if options.ssl_certfile else "http",
-                                            args.host, listening_port(self, args.port),
-                                            options.root_path, layout))
-
-    server = Server(uvicorn_config(build_app(state), options, args.host, args.port))
+    server = http_server(uvicorn_config(build_app(state), options, args.host, args.port), ready)
 
     def drain():
         return drain_then_stop(state, server, args.grace_period)
@@ -1456,6 +1444,69 @@ def main() -> None:
         state.engine.shutdown()
         log.info("front end stopped")
     sys.exit(0)
+
+
+def http_server(config, ready: Callable[[int], None]):
+    """The front end's uvicorn server for ``config``: it leaves the signals to the front end
+    (whose handlers drain first; uvicorn's would close the port at once and give in-flight
+    requests only its own 5 s), and calls ``ready`` with the port it listens on once it does.
+    A --host that resolves to several addresses (``localhost`` to 127.0.0.1 and ::1) with
+    --port 0 listens on one port the OS picks on all of them (``listen_sockets``), not on a
+    port of its own each, of which the ready line could name one only."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+        async def serve(self, sockets=None) -> None:
+            if sockets is None:
+                sockets = listen_sockets(self.config.host, self.config.port)
+            await super().serve(sockets=sockets)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                ready(listening_port(self, self.config.port))
+
+    return Server(config)
+
+
+def listen_sockets(host: str, port: int, tries: int = 10) -> list | None:
+    """For --port 0 and a ``host`` that resolves to several addresses: a socket bound on each,
+    all on one port the OS picks for the first (another is tried where a later address has
+    that port taken); None otherwise (uvicorn binds ``host``:``port`` itself, as asyncio's
+    create_server, which for port 0 gives each address a port of its own)."""
+    import errno
+    import socket
+
+    if port != 0:
+        return None
+    infos = list(dict.fromkeys(
+        (family, kind, proto, addr) for family, kind, proto, _name, addr in
+        socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
+    if len(infos) < 2:
+        return None
+    for attempt in range(tries):
+        socks: list[socket.socket] = []
+        try:
+            picked = 0
+            for family, kind, proto, addr in infos:
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio's: no dual stack, 0.0.0.0 binds too
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((addr[0], picked, *addr[2:]))
+                picked = sock.getsockname()[1]
+            return socks
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            if exc.errno != errno.EADDRINUSE or attempt == tries - 1:
+                raise
+    return None
 
 
 SERVING_LINE = re.compile(r"afd serving .* on (https?)://(\S+):(\d+)\S* \(layout P=")

@@ -1586,3 +1586,45 @@ def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(monkeypatch):
     with pytest.raises(ValueError, match=r"no tokenizer files in '/x'"):
         api_server.main()
     assert stopped == [1]
+
+
+def test_port_0_on_a_host_of_several_addresses_is_one_port_on_all(monkeypatch):
+    """--port 0 with a --host that resolves to several addresses (``localhost``: 127.0.0.1
+    and ::1 on most machines): asyncio's create_server gave each address a port of its own,
+    and the ready line named the first only (a client reaching the host's other address found
+    no server there, or another's). The front end's server listens on one port on all of them
+    and names it."""
+    import asyncio
+
+    import uvicorn
+
+    from afd.api_server import http_server
+
+    real = socket.getaddrinfo
+    addrs = ["127.0.0.1", "127.0.0.2"]  # (two of the IPv4 loopback's: every CI has them)
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "afd-two-addresses":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addrs]
+
+    async def app(scope, receive, send):
+        raise AssertionError("no request is sent")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    named = []
+    server = http_server(uvicorn.Config(app, host="afd-two-addresses", port=0, lifespan="off",
+                                        log_level="warning"), named.append)
+
+    async def run():
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        bound = [sock.getsockname() for srv in server.servers for sock in srv.sockets]
+        server.should_exit = True
+        await serving
+        return bound
+
+    bound = asyncio.run(run())
+    assert sorted(a for a, _ in bound) == addrs
+    assert {p for _, p in bound} == set(named) and len(named) == 1 and named[0] > 0
