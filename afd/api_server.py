@@ -1515,7 +1515,10 @@ SERVING_LINE = re.compile(r"afd serving .* on (https?)://(\S+):(\d+)\S* \(layout
 def serving_line(name: str, scheme: str, host: str, port: int, root_path: str,
                  layout) -> str:
     """The front end's "ready" log line, naming the port it listens on (the one the OS picked
-    for --port 0), which ``SERVING_LINE`` finds (bench/server_proc.py reads it)."""
+    for --port 0), which ``SERVING_LINE`` finds (bench/server_proc.py reads it). An IPv6
+    ``host`` in brackets, as a URL has it."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
     return (f"afd serving {name} on {scheme}://{host}:{port}{root_path} (layout "
             f"P={layout.prefill} A={layout.attention} F={layout.ffn}); ready")
 

@@ -1628,3 +1628,18 @@ def test_port_0_on_a_host_of_several_addresses_is_one_port_on_all(monkeypatch):
     bound = asyncio.run(run())
     assert sorted(a for a, _ in bound) == addrs
     assert {p for _, p in bound} == set(named) and len(named) == 1 and named[0] > 0
+
+
+@pytest.mark.parametrize("host,url", [("127.0.0.1", "http://127.0.0.1:8000"),
+                                      ("::1", "http://[::1]:8000"),
+                                      ("::", "http://[::]:8000"),
+                                      ("node-7.example", "http://node-7.example:8000")])
+def test_the_ready_line_names_a_url_a_client_can_use(host, url):
+    """The front end's ready line: an IPv6 --host in brackets (``http://::1:8000`` is no URL),
+    and SERVING_LINE, which bench/server_proc.LocalServer reads, finds its port either way."""
+    from afd.api_server import SERVING_LINE, serving_line
+    from afd.workers import Layout
+
+    line = serving_line("m", "http", host, 8000, "", Layout(0, 1, 0))
+    assert f" on {url} (layout P=0 A=1 F=0); ready" in line
+    assert int(SERVING_LINE.search("x\n" + line + "\n").group(3)) == 8000
