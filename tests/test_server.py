@@ -1487,24 +1487,51 @@ def test_deeply_nested_bodies_are_400s_on_every_route():
 
 
 FRONT_END_IMPORTS = """
-import runpy, sys
-sys.argv = ["afd.api_server", "--help"]
+import os, runpy, sys
+from afd import protocol
+
+os.environ[protocol.KEY_ENV] = protocol.new_key().hex()
+real = sys.stdout
+
+
+class Out:  # stops the front end as it publishes the rank spec, which every rank waits for
+    def write(self, text):
+        if text.startswith("AFD_FRONT_SPEC "):
+            real.write("torch imported: %s\\n" % ("torch" in sys.modules))
+            raise SystemExit(0)  # (its client stops: no control socket left behind)
+        return real.write(text)
+
+    def flush(self):
+        real.flush()
+
+
+sys.stdout = Out()
+sys.argv = ["afd.api_server", "--engine-config", sys.argv[1], "--layout", "0,1,0"]
 try:
     runpy.run_module("afd.api_server", run_name="__main__")  # as python -m afd.api_server
 except SystemExit:
     pass
-print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
 
 def test_the_front_end_entry_imports_no_torch():
     """``python -m afd.api_server`` (the front end rank 0 starts, in every layout) runs no
-    model: its imports (the module's and main's, which run before its flags are read) leave
-    torch out (2.37 -> 0.78 s on the 2-core CPU, docs/measured.md)."""
-    done = subprocess.run([sys.executable, "-c", FRONT_END_IMPORTS], capture_output=True,
-                          text=True, timeout=120, check=True,
+    model: what it imports up to publishing the rank spec (the module's imports, main's, and
+    those of what main calls first: the configs, the generation defaults, the client of the
+    ranks up to their spec) leaves torch out (2.37 -> 0.78 s on the 2-core CPU,
+    docs/measured.md); the tokenizer (transformers imports torch) loads after, while the
+    ranks start."""
+    from afd.config import engine_config_to_dict, resolve_engine_config
+    from models.config import load_config
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    cfg = engine_config_to_dict(resolve_engine_config(path, load_config(path)))
+    done = subprocess.run([sys.executable, "-c", FRONT_END_IMPORTS, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=120, check=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+    assert "torch imported: False" in done.stdout.splitlines(), (done.stdout[-2000:]
+                                                                  + done.stderr[-2000:])
 
 
 def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, capsys):
