@@ -1357,6 +1357,21 @@ def main() -> None:
         ap.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     watch_parent()  # rank 0 started us: go when it goes
+    # A stop signal while the server starts (Ctrl-C; rank 0 passes its SIGTERM on) stops the
+    # start: the ranks are told to stop, and this exits 0. Dying of it (the default) left
+    # rank 0, which had passed it on, waiting for this process's word forever.
+    stop_asked: list[int] = []
+
+    def stop_starting(signum, frame) -> None:
+        stop_asked.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_starting)
+
+    def stopped_starting() -> None:
+        log.info("%s while the server started: every rank told to stop",
+                 signal.Signals(stop_asked[0]).name)
+        sys.exit(0)
 
     # dtype as its name: this process runs no model (its own imports leave torch out)
     engine_cfg = engine_config_from_dict(json.loads(args.engine_config), torch_dtype=False)
@@ -1373,20 +1388,31 @@ def main() -> None:
         loading.append(loader.submit(load_tokenizer, args.tokenizer or engine_cfg.model,
                                      engine_cfg.trust_remote_code, model_cfg.architecture))
 
-    def tokenizer_failed() -> None:  # while the ranks start: a failed load stops the start
+    def while_waiting() -> None:  # while the ranks start: a stop, or a failed load, stops it
+        if stop_asked:
+            raise InterruptedError(f"{signal.Signals(stop_asked[0]).name} received")
         if loading and loading[0].done() and loading[0].exception() is not None:
             raise loading[0].exception()
 
-    client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
-                             transport=args.transport, timeout_s=args.timeout, attach=publish,
-                             placement=args.expert_placement,
-                             num_redundant_experts=args.num_redundant_experts,
-                             eplb_interval_steps=args.eplb_interval_steps,
-                             control_host=args.control_host,
-                             control_key=protocol.key_from_env(),  # launch/serve.py's
-                             while_waiting=tokenizer_failed)
+    try:
+        client = MultiRankClient(engine_cfg, model_cfg, layout, micro_batches=args.micro_batches,
+                                 transport=args.transport, timeout_s=args.timeout, attach=publish,
+                                 placement=args.expert_placement,
+                                 num_redundant_experts=args.num_redundant_experts,
+                                 eplb_interval_steps=args.eplb_interval_steps,
+                                 control_host=args.control_host,
+                                 control_key=protocol.key_from_env(),  # launch/serve.py's
+                                 while_waiting=while_waiting)
+    except Exception:  # (the client has stopped the ranks started)
+        if stop_asked:
+            stopped_starting()
+        raise
     try:  # every rank is up: what fails before the engine serves stops them, as a rank would
         # (left alone they would wait for rank 0's watch of this process: 15 s, then exit 1)
+        while not (stop_asked or loading[0].done()):
+            concurrent.futures.wait(loading, timeout=0.1)
+        if stop_asked:
+            stopped_starting()
         tokenizer = loading[0].result()  # a load that failed after every rank was ready
         loader.shutdown()
         engine = LLMEngine(tokenizer, model_cfg, engine_cfg, client,
@@ -1434,6 +1460,8 @@ def main() -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
+        if stop_asked:  # one after the start's last look (the engine built meanwhile)
+            on_signal(stop_asked[0], None)
         if not args.disable_log_stats:
             asyncio.ensure_future(log_stats(state.metrics, log_stats_interval()))
         await server.serve()

@@ -1534,11 +1534,11 @@ def test_the_front_end_entry_imports_no_torch():
                                                                   + done.stderr[-2000:])
 
 
-def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, capsys):
-    """The front end publishes the rank spec (which every rank waits for) before it loads its
-    tokenizer, which loads while the ranks start: transformers' AutoTokenizer imports torch,
-    seconds the ranks would otherwise wait. Its main() run to the point where it builds the
-    client of the ranks (a stand-in here, which stops it)."""
+@pytest.fixture
+def front_end_main(monkeypatch):
+    """Run the front end's main() here with a stand-in ``client`` class for the ranks and a
+    stand-in ``load_tokenizer`` (the default model's engine config, the 1A layout); the
+    signal handlers main installs are put back after."""
     import afd.layouts
     import afd.llm
     import afd.workers
@@ -1549,6 +1549,34 @@ def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, ca
 
     path = default_model_path()
     cfg = engine_config_to_dict(resolve_engine_config(path, load_config(path)))
+    monkeypatch.setattr(afd.workers, "watch_parent", lambda: None)
+    monkeypatch.setenv(protocol.KEY_ENV, protocol.new_key().hex())
+    monkeypatch.setattr(sys, "argv", ["afd.api_server", "--engine-config", json.dumps(cfg),
+                                      "--layout", "0,1,0"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def run(client, load_tokenizer):
+        monkeypatch.setattr(afd.llm, "load_tokenizer", load_tokenizer)
+        monkeypatch.setattr(afd.layouts, "MultiRankClient", client)
+        api_server.main()
+
+    try:
+        yield run
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+SPEC = type("Spec", (), {"to_json": lambda self: "{}"})()
+
+
+def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(front_end_main, capsys):
+    """The front end publishes the rank spec (which every rank waits for) before it loads its
+    tokenizer, which loads while the ranks start: transformers' AutoTokenizer imports torch,
+    seconds the ranks would otherwise wait. Its main() run to the point where it builds the
+    client of the ranks (a stand-in here, which stops it)."""
+    from afd import api_server
+
     events, loaded = [], threading.Event()
 
     def load_tokenizer(*args):
@@ -1558,38 +1586,22 @@ def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(monkeypatch, ca
     class Client:
         def __init__(self, *args, attach, while_waiting, **kwargs):
             events.append("spec")
-            attach(type("Spec", (), {"to_json": lambda self: "{}"})())
+            attach(SPEC)
             assert loaded.wait(60)  # the front end loads it in a thread of its own
             raise SystemExit(7)
 
-    monkeypatch.setattr(afd.llm, "load_tokenizer", load_tokenizer)
-    monkeypatch.setattr(afd.layouts, "MultiRankClient", Client)
-    monkeypatch.setattr(afd.workers, "watch_parent", lambda: None)
-    monkeypatch.setenv(protocol.KEY_ENV, protocol.new_key().hex())
-    monkeypatch.setattr(sys, "argv", ["afd.api_server", "--engine-config", json.dumps(cfg),
-                                      "--layout", "0,1,0"])
     with pytest.raises(SystemExit) as stopped:
-        api_server.main()
+        front_end_main(Client, load_tokenizer)
     assert stopped.value.code == 7
     assert events == ["spec", "tokenizer"]
     assert capsys.readouterr().out.startswith(api_server.SPEC_MARKER + "{}")
 
 
-def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(monkeypatch):
+def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(front_end_main):
     """The tokenizer loads while the ranks start: a load that fails after every rank is ready
     (the ranks were quicker; ``while_waiting`` no longer looks) fails the start as one that
     fails before, named, and the ranks are told to stop instead of being left to rank 0's
     watch of this process (15 s, then an exit code 1 that names no cause)."""
-    import afd.layouts
-    import afd.llm
-    import afd.workers
-    from afd import api_server, protocol
-    from afd.config import engine_config_to_dict, resolve_engine_config
-    from models.config import load_config
-    from models.default_model import default_model_path
-
-    path = default_model_path()
-    cfg = engine_config_to_dict(resolve_engine_config(path, load_config(path)))
     failing, stopped = threading.Event(), []
 
     def load_tokenizer(*args):
@@ -1598,21 +1610,57 @@ def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(monkeypatch):
 
     class Client:  # every rank ready once the load has failed
         def __init__(self, *args, attach, while_waiting, **kwargs):
-            attach(type("Spec", (), {"to_json": lambda self: "{}"})())
+            attach(SPEC)
             assert failing.wait(60)
 
         def shutdown(self):
             stopped.append(1)
 
-    monkeypatch.setattr(afd.llm, "load_tokenizer", load_tokenizer)
-    monkeypatch.setattr(afd.layouts, "MultiRankClient", Client)
-    monkeypatch.setattr(afd.workers, "watch_parent", lambda: None)
-    monkeypatch.setenv(protocol.KEY_ENV, protocol.new_key().hex())
-    monkeypatch.setattr(sys, "argv", ["afd.api_server", "--engine-config", json.dumps(cfg),
-                                      "--layout", "0,1,0"])
     with pytest.raises(ValueError, match=r"no tokenizer files in '/x'"):
-        api_server.main()
+        front_end_main(Client, load_tokenizer)
     assert stopped == [1]
+
+
+@pytest.mark.parametrize("when", ["ranks starting", "tokenizer loading"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_server_starts_stops_every_rank(front_end_main, signum, when):
+    """SIGTERM or SIGINT (Ctrl-C; rank 0 passes a SIGTERM on) to the front end while the ranks
+    start or its tokenizer loads: it tells the ranks to stop and exits 0. It used to die of
+    the signal there (its handlers came with serving), while rank 0, having passed it on,
+    waited for the front end's word forever. (main's handler called as the signal would.)"""
+    from afd.layouts import RankFailure
+
+    loaded, stopped = threading.Event(), []
+
+    def load_tokenizer(*args):
+        assert loaded.wait(60)
+        return object()
+
+    class Client:  # as MultiRankClient: while_waiting polled until every rank is ready
+        def __init__(self, *args, attach, while_waiting, **kwargs):
+            attach(SPEC)
+            handler = signal.getsignal(signum)  # the default's, before: death, or
+            assert handler is not signal.default_int_handler  # KeyboardInterrupt anywhere
+            handler(signum, None)
+            if when == "ranks starting":
+                try:
+                    for _ in range(100):
+                        while_waiting()
+                except Exception as exc:
+                    stopped.append(1)
+                    raise RankFailure(f"while the ranks started: {exc}") from exc
+                raise AssertionError("while_waiting did not stop the start")
+            # every rank ready; the tokenizer still loading (until the test ends)
+
+        def shutdown(self):
+            stopped.append(1)
+
+    try:
+        with pytest.raises(SystemExit) as exited:
+            front_end_main(Client, load_tokenizer)
+    finally:
+        loaded.set()
+    assert exited.value.code in (0, None) and stopped == [1]
 
 
 def test_port_0_on_a_host_of_several_addresses_is_one_port_on_all(monkeypatch):
