@@ -1408,7 +1408,8 @@ def main() -> None:
             stopped_starting()
         raise
     try:  # every rank is up: what fails before the engine serves stops them, as a rank would
-        # (left alone they would wait for rank 0's watch of this process: 15 s, then exit 1)
+        # (left alone, this process did not exit until rank 0 killed it, 30 s later: exit
+        # code -9)
         while not (stop_asked or loading[0].done()):
             concurrent.futures.wait(loading, timeout=0.1)
         if stop_asked:

@@ -1600,8 +1600,8 @@ def test_the_front_end_loads_its_tokenizer_while_the_ranks_start(front_end_main,
 def test_a_tokenizer_that_fails_once_the_ranks_are_up_stops_them(front_end_main):
     """The tokenizer loads while the ranks start: a load that fails after every rank is ready
     (the ranks were quicker; ``while_waiting`` no longer looks) fails the start as one that
-    fails before, named, and the ranks are told to stop instead of being left to rank 0's
-    watch of this process (15 s, then an exit code 1 that names no cause)."""
+    fails before, named, and the ranks are told to stop (the front end's exit used to hang
+    until rank 0 killed it, 30 s later)."""
     failing, stopped = threading.Event(), []
 
     def load_tokenizer(*args):
