@@ -59,7 +59,7 @@ from afd.sampling_params import ParamError, RequestOutputKind, SamplingParams, c
 from afd.chat_encodings import VARIABLES as ENCODING_VARIABLES
 from afd.chat_encodings import encoding_of
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.reasoning_parsers import ReasoningStream, marker_token_ids
+from afd.reasoning_parsers import HarmonyStream, ReasoningStream, marker_token_ids
 from afd.responses import (OutputItems, ResponsesRequest, ResponseStore, chat_delta, new_id,
                            reasoning_tokens, rename_chat_error, usage)
 from afd.tool_parsers import PARSERS, ToolCallStream
@@ -780,7 +780,7 @@ class _ChatReaders:
     new reader per completion."""
 
     tools: Callable[[], ToolCallStream] | None = None
-    reasoning: Callable[[], ReasoningStream] | None = None
+    reasoning: Callable[[], ReasoningStream | HarmonyStream] | None = None
     include_reasoning: bool = True  # vLLM's: false splits the reasoning off and drops it
 
     @property
@@ -800,7 +800,7 @@ class _ChatReaders:
 class _ChoiceReader:
     """One streamed chat choice's readers: tool calls are read from the content only."""
 
-    reasoning: ReasoningStream | None
+    reasoning: ReasoningStream | HarmonyStream | None
     tools: ToolCallStream | None
     include_reasoning: bool = True
 

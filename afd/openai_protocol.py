@@ -14,7 +14,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, Stri
 
 from afd.chat_encodings import ENCODINGS, encoding_of, thinking_on
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
-from afd.reasoning_parsers import ReasoningStream, grammar_waits_for, reasoning_mode
+from afd.reasoning_parsers import (HarmonyStream, ReasoningStream, grammar_waits_for,
+                                   reasoning_mode, reasoning_stream)
 from afd.sampling_params import (MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError, SamplingParams,
                                  StructuredOutputsParams, check_text, json_depth)
 from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
@@ -704,7 +705,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
                                  prompt_ids)
 
     def reasoning_streams(self, parser: str | None, grammar_waits: bool
-                          ) -> Callable[[], ReasoningStream] | None:
+                          ) -> Callable[[], ReasoningStream | HarmonyStream] | None:
         """A new reasoning splitter for each completion (None: the server has no
         --reasoning-parser). Whether the request thinks comes from its chat_template_kwargs;
         under a structured-output grammar that applies from the first token (it could not
@@ -715,7 +716,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         fmt = REASONING_PARSERS[parser]
         constrained = self.structured_output_field() is not None and not grammar_waits
         mode = reasoning_mode(fmt, self.chat_template_kwargs, constrained)
-        return lambda: ReasoningStream(fmt, mode)
+        return lambda: reasoning_stream(fmt, mode)
 
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
         found = super()._constraints()

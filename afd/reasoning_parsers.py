@@ -26,6 +26,10 @@ its ``chat_template_kwargs`` as the model's chat template reads them:
   (the prompt ends with ``<think>``, or ``</think>`` when thinking is off), as Qwen3's rule.
 - ``minimax_m2`` (MiniMax-M2, M2.1, M2.5): always, as ``deepseek_r1`` (vLLM's ``minimax_m2``
   reads no switch); a ``<think>`` the model writes itself at the start is dropped, as below.
+- ``gpt_oss`` (gpt-oss; ``openai_gptoss``, vLLM's name, the same): always; no ``<think>``
+  at all: its output is harmony messages (afd.harmony), the ``analysis`` channel's bodies
+  the reasoning, the ``final`` channel's the content (``HarmonyStream``), a tool call's
+  message passed on to the content as written for ``--tool-call-parser gpt_oss``.
 
 Where a request thinks, the template has usually opened the reasoning in the prompt, so the
 output's text before ``</think>`` is reasoning even though no ``<think>`` was generated (one the
@@ -50,6 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from afd import harmony
 from afd.stream_scan import GrowingText, partial_marker
 
 Mode = Literal["open", "tag", "off"]
@@ -67,9 +72,13 @@ class ReasoningFormat:
     # the model opens the reasoning itself (GLM-4.5's template leaves <think> to it): an
     # answer holds reasoning only if it starts with ``start``
     model_opens: bool = False
+    # gpt-oss: harmony channels (afd.harmony), not <think> markers: read by HarmonyStream
+    harmony: bool = False
 
     @property
     def markers(self) -> tuple[str, ...]:
+        if self.harmony:
+            return harmony.MARKERS
         return (self.start, self.end, *self.content_starts)
 
 
@@ -85,6 +94,10 @@ PARSERS: dict[str, ReasoningFormat] = {f.name: f for f in (
     ReasoningFormat("glm47", lambda kw: bool(kw.get("enable_thinking", True))),
     # MiniMax-M2 always thinks (vLLM's minimax_m2 reads no switch)
     ReasoningFormat("minimax_m2", lambda kw: True),
+    # gpt-oss always reasons (reasoning_effort sets how much); openai_gptoss is vLLM's name.
+    # ``end`` closes the analysis message (the reasoning tokens /v1/responses counts)
+    *(ReasoningFormat(name, lambda kw: True, start=harmony.CHANNEL + "analysis" + harmony.MESSAGE,
+                      end=harmony.END, harmony=True) for name in ("gpt_oss", "openai_gptoss")),
 )}
 
 
@@ -175,6 +188,72 @@ class ReasoningStream:
         return self.result()
 
 
+class HarmonyStream:
+    """Splits a gpt-oss completion (harmony messages, afd.harmony) into reasoning and
+    content, as ``ReasoningStream`` does: the bodies of ``analysis`` messages are the
+    reasoning (two joined by a newline, as vLLM joins them), those of the other messages
+    without a recipient (``final``, a ``commentary`` preamble) the content, their markers
+    dropped; a message with a recipient (a tool call, ``to=functions.NAME``) goes into the
+    content as written, markers and all, for the tool-call reader (``--tool-call-parser
+    gpt_oss``). Text outside any message (an output with no channel markers at all) is
+    content; a header the text ends in (max_tokens) is dropped. Mode "off" (the request does
+    not think): all of the text is content, as written."""
+
+    def __init__(self, fmt: ReasoningFormat, mode: Mode):
+        self.fmt, self.mode = fmt, mode
+        self.scan = harmony.MessageScan()
+        self.thought = False  # an analysis message came (else the reasoning is None)
+        self.reasoning = GrowingText()
+        self.content = GrowingText()
+        self._kind = ""  # the open message's: "reasoning", "content" or "pass" (as written)
+
+    def update(self, delta: str, final: bool) -> ReasoningPiece:
+        if self.mode == "off":
+            self.content.append(delta)
+            return ReasoningPiece(content=delta)
+        reasoning, content = [], []
+        for event in self.scan.feed(delta, final):
+            if isinstance(event, harmony.Text):
+                content.append(event.text)
+            elif isinstance(event, harmony.Open):
+                header = event.header
+                if header.recipient is not None:
+                    self._kind = "pass"
+                    content.append(header.raw + harmony.MESSAGE)
+                elif header.channel == "analysis":
+                    self._kind = "reasoning"
+                    if self.thought:
+                        reasoning.append("\n")
+                    self.thought = True
+                else:
+                    self._kind = "content"
+            elif isinstance(event, harmony.Body):
+                if self._kind == "reasoning":
+                    reasoning.append(event.text)
+                else:
+                    content.append(event.text)
+            elif isinstance(event, harmony.Close) and self._kind == "pass":
+                content.append(event.marker)
+        piece = ReasoningPiece("".join(reasoning), "".join(content))
+        self.reasoning.append(piece.reasoning)
+        self.content.append(piece.content)
+        return piece
+
+    def result(self) -> SplitOutput:
+        return SplitOutput(str(self.reasoning) if self.thought else None,
+                           str(self.content) or None)
+
+    def parse(self, text: str) -> SplitOutput:
+        """The whole, unstreamed answer."""
+        self.update(text, final=True)
+        return self.result()
+
+
+def reasoning_stream(fmt: ReasoningFormat, mode: Mode) -> ReasoningStream | HarmonyStream:
+    """A new splitter of one completion in ``fmt``'s markers."""
+    return HarmonyStream(fmt, mode) if fmt.harmony else ReasoningStream(fmt, mode)
+
+
 def reasoning_mode(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | None,
                    constrained: bool) -> Mode:
     """How a request's output holds reasoning: "off" when the request does not think, "tag"
@@ -188,7 +267,9 @@ def reasoning_mode(fmt: ReasoningFormat, chat_template_kwargs: dict[str, Any] | 
 def marker_token_ids(fmt: ReasoningFormat, tokenizer) -> tuple[int, int] | None:
     """(start, end): the ids of the markers where each is one token of ``tokenizer`` (as in
     DeepSeek-R1's, DeepSeek-V3.1's and Qwen3's tokenizers); None otherwise: a grammar cannot
-    wait for a token then, and applies from the first token."""
+    wait for a token then, and applies from the first token. None for gpt-oss too (its
+    ``start`` is three tokens): its reasoning ends at a sequence
+    (``<|end|><|start|>assistant<|channel|>final<|message|>``), not at one token."""
     ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in (fmt.start, fmt.end)]
     return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 

@@ -172,8 +172,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                     help="split the model's <think> ... </think> off its chat answers into "
                          "the message's reasoning field: deepseek_r1, qwen3, deepseek_v3 "
-                         "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking) or "
-                         "kimi_k2 (K2-Thinking)")
+                         "(DeepSeek-V3.1, thinking when chat_template_kwargs sets thinking), "
+                         "kimi_k2 (K2-Thinking), ...; gpt_oss (or openai_gptoss) reads "
+                         "gpt-oss's harmony channels: analysis is the reasoning, final the "
+                         "content (docs/serving.md)")
     ap.add_argument("--max-stored-responses", type=int, default=1000,
                     help="/v1/responses: how many responses (with their conversations) the "
                          "front end keeps in memory for previous_response_id and GET, least "

@@ -20,7 +20,7 @@ import pytest
 
 from afd.api_server import _ChoiceReader
 from afd.reasoning_parsers import PARSERS as REASONING
-from afd.reasoning_parsers import ReasoningStream
+from afd.reasoning_parsers import ReasoningStream, reasoning_stream
 from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker
 from afd.tool_parsers import PARSERS, MarkerStream, NamedStream, RequiredStream
 
@@ -141,6 +141,30 @@ REASONING_TEXTS = [
     "I look." + "<|tool_call_section_begin|>" + K_BEGIN + "f:0" + K_ARGS + "{}" + K_END,
     "</think></think>", "<think><think></think>",
 ]
+# gpt-oss's harmony messages (afd.harmony): the prompt ends with <|start|>assistant
+H_ANALYSIS = "<|channel|>analysis<|message|>"
+H_FINAL = "<|start|>assistant<|channel|>final<|message|>"
+H_CALL = "<|start|>assistant<|channel|>commentary to=functions.{} <|constrain|>json<|message|>"
+H_CALL_ROLE = "<|start|>assistant to=functions.{}<|channel|>commentary json<|message|>"
+HARMONY = [
+    H_ANALYSIS + "Let me think.<|end|>" + H_FINAL + "It is 4.<|return|>",
+    H_ANALYSIS + "Let me think.<|end|>" + H_FINAL + "It is 4.",  # <|return|> left out (EOS)
+    H_ANALYSIS + "cut short by max_to",  # no final channel: max_tokens hit while reasoning
+    H_ANALYSIS + "only analysis<|end|>", "no channel markers at all <| channel |> <|chan",
+    "<|channel|>final<|message|>Direct.", "", "<|chan", "<|channel|>analysis<|mess",
+    H_ANALYSIS + "a<|end|><|start|>assistant<|channel|>analysis<|message|>b<|end|>" + H_FINAL + UNI,
+    H_ANALYSIS + "I call.<|end|>" + H_CALL.format("get_weather") + '{"city": "Paris"}<|call|>',
+    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}",  # first, no <|call|>
+    H_ANALYSIS + "x<|end|>" + H_CALL_ROLE.format("f✓") + '{"a": [1, "<|x"]}<|call|>'
+    + H_CALL.format("g") + '{"b": 2}',
+    H_ANALYSIS + "x<|end|><|start|>assistant<|channel|>fin",  # cut inside the final's header
+    "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>" + H_CALL.format("f")
+    + "{}<|call|>",  # a preamble, then the call
+    H_ANALYSIS + "a<|channel|>final<|message|>b",  # no <|end|><|start|> between
+    H_FINAL + "Hi<|end|>" + H_CALL.format("f") + '{"a": nope}<|call|> after',
+    H_ANALYSIS + "x<|end|>" + H_CALL.format("f") + '{"a": 1',  # the call cut short
+    "<|start|>assistant<|channel|>analysis to=browser.search<|message|>{}<|call|>",
+]
 # fragments of random texts, per reader
 FRAGMENTS = {
     "hermes": ["<tool_call>", "</tool_call>", "<tool_c", "</tool_", '{"name": "f", ',
@@ -168,6 +192,9 @@ FRAGMENTS = {
     "named": ["{", "}", '"a": ', "1", " ", "\u3000", '"', "\\", UNI, "[", "x"],
     "reasoning": ["<think>", "</think>", "<th", "</thi", " ", "\n", "\u3000", UNI, "x", K_SEC,
                   "<|tool_call", "<|tool_call_section_begin|>"],
+    "harmony": ["<|start|>", "assistant", "<|channel|>", "analysis", "final", "commentary",
+                " to=functions.f", " <|constrain|>json", "<|message|>", "<|end|>", "<|return|>",
+                "<|call|>", "<|chan", "<|mess", '{"a": 1}', "{", " ", "\n", UNI, "x"],
 }
 
 
@@ -265,6 +292,12 @@ def random_texts(kind: str, count: int, seed: int) -> list[str]:
             text = (rng.choice(["", "<think>", " \n<think>"]) + prose() + prose()
                     + rng.choice(["</think>", K_SEC, "<|tool_call_section_begin|>", ""]) + prose()
                     + rng.choice(["", "</think>", K_BEGIN]) + prose())
+        elif kind == "harmony":
+            heads = [H_ANALYSIS, H_FINAL, H_CALL.format("f"), H_CALL_ROLE.format("g"),
+                     "<|start|>assistant<|channel|>commentary<|message|>"]
+            text = "".join(rng.choice(heads) + rng.choice(['{"a": 1}', "{}", prose()])
+                           + rng.choice(["<|end|>", "<|call|>", "<|return|>", ""])
+                           for _ in range(rng.randint(1, 4)))
         elif kind == "required":
             text = "[" + ", ".join(random_call(rng, kind) for _ in range(rng.randint(1, 3))) + "]"
         elif kind == "named":
@@ -413,6 +446,9 @@ def test_constrained_streams_match_the_whole_text_reader(kind, tokenizer):
 @pytest.mark.parametrize("fmt", sorted(REASONING))
 def test_reasoning_streams_match_the_whole_text_reader(fmt, tokenizer):
     rng = random.Random(fmt)
+    if REASONING[fmt].harmony:
+        check_harmony_reasoning(REASONING[fmt], rng, tokenizer)
+        return
     texts = REASONING_TEXTS + random_texts("reasoning", 200, seed=4)
     for i, text in enumerate(texts):
         for mode in ("open", "tag", "off"):
@@ -426,6 +462,24 @@ def test_reasoning_streams_match_the_whole_text_reader(fmt, tokenizer):
                     assert (got.reasoning, got.content) == (want.reasoning, want.content), (
                         text, mode, cuts, end)
                 assert vars(new.result()) == vars(old.result()), (text, mode, cuts)
+
+
+def check_harmony_reasoning(fmt, rng: random.Random, tokenizer) -> None:
+    """gpt-oss's splitter has no older reader: fed any split, its pieces add up to what it
+    makes of the whole text in one update, and its result is that one's."""
+    texts = HARMONY + random_texts("harmony", 100, seed=4)
+    for i, text in enumerate(texts):
+        for mode in ("open", "off"):
+            whole = reasoning_stream(fmt, mode)
+            want = whole.update(text, True)
+            for cuts in chunkings(text, rng, *((tokenizer, True) if i < len(HARMONY)
+                                               else (None, False))):
+                new, reasoning, content = reasoning_stream(fmt, mode), "", ""
+                for start, end, final in steps(text, cuts):
+                    got = new.update(text[start:end], final)
+                    reasoning, content = reasoning + got.reasoning, content + got.content
+                assert (reasoning, content) == (want.reasoning, want.content), (text, cuts)
+                assert vars(new.result()) == vars(whole.result()), (text, mode, cuts)
 
 
 class OldChoiceReader:

@@ -213,10 +213,47 @@ QWEN3_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %
               "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
+H_ANALYSIS = "<|channel|>analysis<|message|>"
+H_FINAL = "<|start|>assistant<|channel|>final<|message|>"
+H_CALL = "<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>"
+
+
+@pytest.mark.parametrize("text,want", [
+    (H_ANALYSIS + "Think.<|end|>" + H_FINAL + "It is 4.<|return|>", ("Think.", "It is 4.")),
+    # <|return|> is a stop token: its text is usually left out
+    (H_ANALYSIS + "Think.<|end|>" + H_FINAL + "It is 4.", ("Think.", "It is 4.")),
+    # max_tokens hit while reasoning (no final channel), or inside the final's header
+    (H_ANALYSIS + "Let me se", ("Let me se", None)),
+    (H_ANALYSIS + "a<|end|><|start|>assistant<|channel|>fi", ("a", None)),
+    (H_ANALYSIS + "Only analysis.<|end|>", ("Only analysis.", None)),
+    (H_ANALYSIS, ("", None)),
+    # no channel markers at all (a grammar from the first token): all content
+    ("It is 4.", (None, "It is 4.")), ("", (None, None)), ("<|chan", (None, "<|chan")),
+    ("<|channel|>final<|message|>It is 4.", (None, "It is 4.")),
+    # two analysis messages: joined by a newline (vLLM's); a model that skips <|end|>
+    (H_ANALYSIS + "a<|end|>" + H_ANALYSIS.replace("<|ch", "<|start|>assistant<|ch") + "b<|end|>"
+     + H_FINAL + "c", ("a\nb", "c")),
+    (H_ANALYSIS + "a<|channel|>final<|message|>b", ("a", "b")),
+    # a preamble (commentary, no recipient) is content; a call passes as written, for the
+    # tool-call parser
+    ("<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>" + H_CALL + "{}<|call|>",
+     (None, "Checking." + H_CALL + "{}<|call|>")),
+    (H_ANALYSIS + "x<|end|>" + H_CALL + '{"a": 1}', ("x", H_CALL + '{"a": 1}')),
+])
+def test_gpt_oss_reads_harmony_channels(text, want):
+    from afd.reasoning_parsers import reasoning_stream
+
+    for mode in ("open", "tag"):
+        out = reasoning_stream(PARSERS["gpt_oss"], mode).parse(text)
+        assert (out.reasoning, out.content) == want
+    out = reasoning_stream(PARSERS["openai_gptoss"], "off").parse(text)  # vLLM's name
+    assert (out.reasoning, out.content) == (None, text or None)
+
+
 @pytest.fixture(scope="module")
 def apps():
     """Front ends over one engine: no reasoning parser, deepseek_r1, qwen3 with hermes, glm45
-    with glm45."""
+    with glm45, gpt_oss."""
     from afd import LLM
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
@@ -233,6 +270,7 @@ def apps():
     try:
         yield {"plain": app(None), "deepseek_r1": app("deepseek_r1"),
                "qwen3": app("qwen3", "hermes"), "glm45": app("glm45", "glm45"),
+               "gpt_oss": app("gpt_oss"),
                "tokenizer": llm.engine.tokenizer}
     finally:
         engine.shutdown()
@@ -384,6 +422,21 @@ def test_enable_thinking_false_gives_content_only(apps):
         tok.chat_template = saved
 
 
+def test_gpt_oss_splits_the_channels_on_the_server(apps):
+    """The server reads a gpt-oss answer's channels (streamed too); a grammar from the first
+    token (no single end-of-reasoning token: ``marker_token_ids`` None) leaves it alone."""
+    text = H_ANALYSIS + "Let me see.<|end|>" + H_FINAL + "It is 4."
+    plain, streamed = chat(apps["gpt_oss"], text)
+    assert message_of(plain) == ("Let me see.", "It is 4.", [], "stop") == streamed
+    # max_tokens hit in the analysis: all reasoning, no content
+    size = len(apps["tokenizer"].encode(H_ANALYSIS, add_special_tokens=False))
+    plain, streamed = chat(apps["gpt_oss"], text, max_tokens=size + 3)
+    reasoning, content, calls, finish = message_of(plain)
+    assert reasoning and "Let me see.".startswith(reasoning)
+    assert (content, calls, finish) == (None, [], "length") and streamed == message_of(plain)
+    assert marker_token_ids(PARSERS["gpt_oss"], apps["tokenizer"]) is None
+
+
 def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):
     import copy
     import sys
@@ -401,6 +454,12 @@ def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):
     tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
     state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="qwen3")
     assert state.reasoning_markers_are_special()
+    state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="gpt_oss")
+    assert not state.reasoning_markers_are_special()
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>"]})
+    state = ServerState(engine, "m", None, ServerMetrics("m"), reasoning_parser="gpt_oss")
+    assert state.reasoning_markers_are_special()
+    assert marker_token_ids(PARSERS["gpt_oss"], tok) is None  # a grammar cannot wait
     from launch import serve
 
     saved = sys.argv
