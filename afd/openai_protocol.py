@@ -18,7 +18,7 @@ from afd.reasoning_parsers import (HarmonyStream, ReasoningStream, grammar_waits
                                    reasoning_mode, reasoning_stream)
 from afd.sampling_params import (MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError, SamplingParams,
                                  StructuredOutputsParams, check_text, json_depth)
-from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
+from afd.tool_parsers import (PARSERS, NamedStream, RequiredStream, ToolCallStream, auto_stream,
                               named_schema, required_schema)
 
 
@@ -685,7 +685,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         max_calls = 1 if self.parallel_tool_calls is False else None
         if mode == "auto":
             fmt, tools = PARSERS[auto_parser], [t.model_dump() for t in self.tools]
-            return lambda: MarkerStream(fmt, max_calls, tools)
+            return lambda: auto_stream(fmt, max_calls, tools)
         if mode == "required":
             return lambda: RequiredStream(max_calls)
         if mode == "named":

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from afd import harmony
 from afd.stream_scan import GrowingText, ObjectScan, find_new, partial_marker
 
 
@@ -761,11 +762,23 @@ class CallFormat:
         return (self.begin, self.end, *self.wrappers, *self.inner)
 
 
+@dataclass(frozen=True)
+class HarmonyFormat:
+    """gpt-oss's calls: harmony messages to ``functions.NAME`` (afd.harmony), read by
+    afd.tool_parsers.HarmonyCallStream rather than by markers around each call."""
+
+    name: str
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return harmony.MARKERS
+
+
 _DS_WRAP = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
 # some K2 checkpoints write the section markers singular (vLLM accepts both)
 _KIMI_WRAP = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
               "<|tool_call_section_begin|>", "<|tool_call_section_end|>")
-PARSERS: dict[str, CallFormat] = {f.name: f for f in (
+PARSERS: dict[str, CallFormat | HarmonyFormat] = {f.name: f for f in (
     CallFormat("hermes", "<tool_call>", "</tool_call>", (), _HermesBody),
     CallFormat("deepseek_v3", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", _DS_WRAP,
                _DeepSeekV3Body),
@@ -787,4 +800,6 @@ PARSERS: dict[str, CallFormat] = {f.name: f for f in (
     CallFormat("minimax_m2", "<invoke", "</invoke>",
                ("<minimax:tool_call>", "</minimax:tool_call>"), _MiniMaxBody,
                (_MM_PARAM, _MM_PARAM_END)),
+    # gpt-oss: harmony's commentary channel, `` to=functions.NAME``; openai is vLLM's name
+    HarmonyFormat("gpt_oss"), HarmonyFormat("openai"),
 )}

@@ -21,7 +21,9 @@ Three ways a request can call tools (``tool_choice``):
   request's tool gives it, as vLLM does, or read as JSON) and ``minimax_m2`` (MiniMax-M2:
   ``<minimax:tool_call>`` around ``<invoke name="NAME">`` elements of ``<parameter
   name="K">V</parameter>``: a value is its text less the blanks around it, converted by the
-  types the request's tool gives the parameter, as vLLM does).
+  types the request's tool gives the parameter, as vLLM does) and ``gpt_oss`` (gpt-oss;
+  ``openai``, vLLM's name, the same: harmony messages to ``functions.NAME``, their body the
+  JSON arguments, read by ``HarmonyCallStream`` rather than by markers around each call).
 - "required": the output is constrained (structured output) to a JSON array of
   ``{"name": one of the tools, "parameters": that tool's schema}``; each element is a call.
 - a named function: the output is constrained to that tool's parameters schema; it is the one
@@ -49,8 +51,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from afd import harmony
 from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker, skip_ws
-from afd.tool_formats import PARSERS, CallBody, CallFormat, is_json  # noqa: F401 - re-exported
+from afd.tool_formats import (PARSERS, CallBody, CallFormat,  # noqa: F401 - re-exported
+                              HarmonyFormat, is_json)
 
 
 @dataclass
@@ -306,6 +310,80 @@ class MarkerStream(ToolCallStream):
                 return
         self._args(self.body.args_text.slice(start + done, stop))
         self.sent = (start, stop)
+
+
+class HarmonyCallStream(ToolCallStream):
+    """gpt-oss's calls (``--tool-call-parser gpt_oss``): harmony messages (afd.harmony) whose
+    recipient is ``functions.NAME``, their body the JSON arguments (from its first non-blank
+    character, streamed as written; ``<|constrain|>json`` or not). Everything else, other
+    messages with their markers and text outside messages, is content as written (with
+    ``--reasoning-parser gpt_oss`` in front, that is the final channel's text alone). A call
+    whose body is not JSON (cut short, malformed) is content, as ``MarkerStream``'s."""
+
+    def __init__(self, max_calls: int | None = None):
+        super().__init__(max_calls)
+        self.scan = harmony.MessageScan()
+        self.name: str | None = None  # the open message's call (None: not a call)
+        self.head = ""  # the open call's header as written, with its <|message|>
+        self.body = GrowingText()  # the open call's body
+        self.start = -1  # where its arguments start in it (-1: all blank so far)
+        self.sent = 0  # how much of its arguments went out
+        self.begun = False  # its first piece went out
+
+    def _advance(self, delta: str, final: bool) -> None:
+        for event in self.scan.feed(delta, final):
+            if isinstance(event, harmony.Open):
+                recipient = event.header.recipient or ""
+                head = event.header.raw + harmony.MESSAGE
+                if recipient.startswith("functions.") and len(recipient) > len("functions."):
+                    self.name, self.head = recipient[len("functions."):], head
+                    self.body, self.start, self.sent, self.begun = GrowingText(), -1, 0, False
+                else:
+                    self.name = None
+                    self._text(head)
+            elif isinstance(event, harmony.Body) and self.name is not None:
+                base = self.body.length
+                self.body.append(event.text)
+                if self.start < 0 and event.text.strip():
+                    self.start = base + len(event.text) - len(event.text.lstrip())
+            elif isinstance(event, harmony.Close) and self.name is not None:
+                self._close_call(event.marker)
+            elif isinstance(event, (harmony.Text, harmony.Body)):
+                self._text(event.text)  # outside messages, or the body of no call
+            elif isinstance(event, harmony.Close):
+                self._text(event.marker)
+            else:  # a header the text ended in
+                self._text(event.raw)
+        if self.name is not None and self.start >= 0:
+            self._stream_open_call()
+
+    def _stream_open_call(self) -> None:
+        if self.max_calls is not None and len(self.calls) >= self.max_calls and not self.begun:
+            return  # past the limit: read whole when it closes, as unstreamed
+        if not self.begun:
+            self._begin(self.name)
+            self.begun = True
+        stop = self.body.length
+        self._args(self.body.slice(self.start + self.sent, stop))
+        self.sent = stop - self.start
+
+    def _close_call(self, marker: str) -> None:
+        args = self.body.slice(self.start, self.body.length) if self.start >= 0 else ""
+        if is_json(args):
+            if not self.begun:
+                self._begin(self.name)
+            self._args(args[self.sent:])
+        else:
+            self._broken(self.head + str(self.body) + marker, self.begun)
+        self.name = None
+
+
+def auto_stream(fmt: CallFormat | HarmonyFormat, max_calls: int | None = None,
+                tools: list[dict[str, Any]] | None = None) -> ToolCallStream:
+    """The reader of tool_choice "auto" calls in ``fmt`` (a ``PARSERS`` entry)."""
+    if isinstance(fmt, HarmonyFormat):
+        return HarmonyCallStream(max_calls)
+    return MarkerStream(fmt, max_calls, tools)
 
 
 # ---------------------------------------------------------------------------------------------

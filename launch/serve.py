@@ -168,7 +168,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "--tool-call-parser")
     ap.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                     help="the model's tool-call format: hermes (Qwen3), deepseek_v3, "
-                         "deepseek_v31 or kimi_k2")
+                         "deepseek_v31, kimi_k2, ...; gpt_oss (or openai) for gpt-oss's "
+                         "harmony calls (docs/serving.md)")
     ap.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                     help="split the model's <think> ... </think> off its chat answers into "
                          "the message's reasoning field: deepseek_r1, qwen3, deepseek_v3 "

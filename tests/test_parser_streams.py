@@ -22,7 +22,8 @@ from afd.api_server import _ChoiceReader
 from afd.reasoning_parsers import PARSERS as REASONING
 from afd.reasoning_parsers import ReasoningStream, reasoning_stream
 from afd.stream_scan import GrowingText, ObjectScan, ValueScan, partial_marker
-from afd.tool_parsers import PARSERS, MarkerStream, NamedStream, RequiredStream
+from afd.tool_parsers import (PARSERS, CallFormat, HarmonyCallStream, MarkerStream, NamedStream,
+                              RequiredStream)
 
 DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_BEGIN, DS_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -165,6 +166,8 @@ HARMONY = [
     H_ANALYSIS + "x<|end|>" + H_CALL.format("f") + '{"a": 1',  # the call cut short
     "<|start|>assistant<|channel|>analysis to=browser.search<|message|>{}<|call|>",
 ]
+# the formats read by markers around each call (gpt-oss's harmony calls are read apart)
+MARKER_PARSERS = sorted(name for name, fmt in PARSERS.items() if isinstance(fmt, CallFormat))
 # fragments of random texts, per reader
 FRAGMENTS = {
     "hermes": ["<tool_call>", "</tool_call>", "<tool_c", "</tool_", '{"name": "f", ',
@@ -418,13 +421,53 @@ def test_marker_streams_match_the_whole_text_reader(parser, text, tokenizer):
                         lambda: MarkerStream(PARSERS[parser], max_calls), text, cuts)
 
 
-@pytest.mark.parametrize("parser", sorted(PARSERS))
+@pytest.mark.parametrize("parser", MARKER_PARSERS)
 def test_marker_streams_match_on_random_texts(parser):
     rng = random.Random(parser)
     for text in random_texts(parser, 300, seed=len(parser)):
         for cuts in chunkings(text, rng, every_split=False):
             check_tools(lambda: ref.MarkerStream(ref.PARSERS[parser]),
                         lambda: MarkerStream(PARSERS[parser]), text, cuts)
+
+
+def harmony_view(pieces) -> tuple:
+    """Streamed tool pieces added up: the content, and each call's id, name and arguments."""
+    content, calls = "", {}
+    for piece in pieces:
+        content += piece.content
+        for p in piece.calls:
+            if p.id is not None:
+                assert p.index not in calls
+                calls[p.index] = [call_id(p.id), p.name, ""]
+            calls[p.index][2] += p.arguments
+    return content, [call for _, call in sorted(calls.items())]
+
+
+@pytest.mark.parametrize("parser", sorted(n for n in PARSERS if n not in MARKER_PARSERS))
+def test_harmony_call_streams_add_up_to_the_whole_text_reader(parser, tokenizer):
+    """gpt-oss's call reader has no older reader: fed any split (of the raw answer, or of the
+    content the gpt_oss reasoning splitter leaves), its pieces add up to those of the whole
+    text in one update, and its result is that one's (unless a call that went out broke:
+    it cannot be taken back, as ``MarkerStream``'s)."""
+    rng = random.Random(parser)
+    split = [reasoning_stream(REASONING["gpt_oss"], "open").parse(t).content or ""
+             for t in HARMONY]
+    texts, checked = HARMONY + split + random_texts("harmony", 60, seed=6), 0
+    for i, text in enumerate(texts):
+        for max_calls in (None, 1):
+            whole = HarmonyCallStream(max_calls)
+            want = harmony_view([whole.update(text, True)])
+            for cuts in chunkings(text, rng, *((tokenizer, True) if i < 2 * len(HARMONY)
+                                               else (None, False))):
+                new = HarmonyCallStream(max_calls)
+                got = harmony_view([new.update(text[start:end], final)
+                                    for start, end, final in steps(text, cuts)])
+                if not all(c.valid for c in new.calls):
+                    continue  # a call broke after its first delta went out: it stays sent
+                checked += 1
+                assert got == want, (text, cuts)
+                assert result_view(new.result()) == result_view(whole.result()), (text, cuts)
+    assert checked > 5000
 
 
 @pytest.mark.parametrize("kind", ["required", "named"])
@@ -480,6 +523,36 @@ def check_harmony_reasoning(fmt, rng: random.Random, tokenizer) -> None:
                     reasoning, content = reasoning + got.reasoning, content + got.content
                 assert (reasoning, content) == (want.reasoning, want.content), (text, cuts)
                 assert vars(new.result()) == vars(whole.result()), (text, mode, cuts)
+
+
+def test_gpt_oss_chat_reader_deltas_add_up(tokenizer):
+    """The server's per-choice reader with gpt_oss for both: any split's deltas add up to
+    the whole answer's (reasoning, content, calls)."""
+    rng = random.Random(1)
+
+    def reader():
+        return _ChoiceReader(reasoning_stream(REASONING["gpt_oss"], "open"),
+                             HarmonyCallStream())
+
+    def added(deltas) -> tuple:
+        reasoning, content, calls = "", "", {}
+        for delta in deltas:
+            reasoning += delta.get("reasoning", "")
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                entry = calls.setdefault(call["index"], [call_id(call.get("id")), "", ""])
+                entry[1] += call["function"].get("name", "")
+                entry[2] += call["function"]["arguments"]
+        return reasoning, content, calls
+
+    for text in HARMONY:
+        want = added([reader().delta(text, True)])
+        for cuts in chunkings(text, rng, tokenizer)[-23:]:
+            new = reader()
+            got = added([new.delta(text[start:end], final)
+                         for start, end, final in steps(text, cuts)])
+            if all(c.valid for c in new.tools.calls):  # else a call broke after it went out
+                assert got == want, (text, cuts)
 
 
 class OldChoiceReader:
@@ -546,7 +619,7 @@ OLD_PEEKS = {"hermes": ref._hermes_peek, "deepseek_v3": ref._deepseek_v3_peek,
              "minimax_m2": ref._minimax_peek}
 
 
-@pytest.mark.parametrize("parser", sorted(PARSERS))
+@pytest.mark.parametrize("parser", MARKER_PARSERS)
 def test_call_bodies_peek_and_parse_as_the_whole_text_functions(parser):
     """A body fed piece by piece says at each point what the old peek said of the body so
     far, and at the end what the old parse said of all of it."""
@@ -795,7 +868,7 @@ def test_readers_keep_what_they_read_compactly():
         assert per_step < 16, (name, per_step)
 
 
-@pytest.mark.parametrize("parser", sorted(PARSERS))
+@pytest.mark.parametrize("parser", MARKER_PARSERS)
 def test_calls_past_the_limit_stream_as_they_parse_unstreamed(parser):
     """parallel_tool_calls=false (one call): the deltas add up to the unstreamed answer
     whenever the call that goes out parses (one that breaks after its first delta cannot be

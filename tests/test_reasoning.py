@@ -253,7 +253,7 @@ def test_gpt_oss_reads_harmony_channels(text, want):
 @pytest.fixture(scope="module")
 def apps():
     """Front ends over one engine: no reasoning parser, deepseek_r1, qwen3 with hermes, glm45
-    with glm45, gpt_oss."""
+    with glm45, gpt_oss with gpt_oss."""
     from afd import LLM
     from afd.api_server import ServerState, build_app
     from afd.async_engine import AsyncEngine
@@ -270,7 +270,7 @@ def apps():
     try:
         yield {"plain": app(None), "deepseek_r1": app("deepseek_r1"),
                "qwen3": app("qwen3", "hermes"), "glm45": app("glm45", "glm45"),
-               "gpt_oss": app("gpt_oss"),
+               "gpt_oss": app("gpt_oss", "gpt_oss"),
                "tokenizer": llm.engine.tokenizer}
     finally:
         engine.shutdown()
@@ -428,13 +428,12 @@ def test_gpt_oss_splits_the_channels_on_the_server(apps):
     text = H_ANALYSIS + "Let me see.<|end|>" + H_FINAL + "It is 4."
     plain, streamed = chat(apps["gpt_oss"], text)
     assert message_of(plain) == ("Let me see.", "It is 4.", [], "stop") == streamed
-    # max_tokens hit in the analysis: all reasoning, no content
-    size = len(apps["tokenizer"].encode(H_ANALYSIS, add_special_tokens=False))
-    plain, streamed = chat(apps["gpt_oss"], text, max_tokens=size + 3)
-    reasoning, content, calls, finish = message_of(plain)
-    assert reasoning and "Let me see.".startswith(reasoning)
-    assert (content, calls, finish) == (None, [], "length") and streamed == message_of(plain)
     assert marker_token_ids(PARSERS["gpt_oss"], apps["tokenizer"]) is None
+    # a call on the commentary channel, through --tool-call-parser gpt_oss
+    call = H_CALL.replace("functions.f", "functions.get_weather") + '{"city": "Paris"}'
+    plain, streamed = chat(apps["gpt_oss"], H_ANALYSIS + "I look.<|end|>" + call, tools=TOOLS)
+    want = ("I look.", None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
+    assert message_of(plain) == want == streamed
 
 
 def test_reasoning_parser_name_is_checked_and_special_markers_kept(apps):

@@ -14,8 +14,8 @@ import pytest
 
 from asgi_utils import call_app
 
-from afd.tool_parsers import (PARSERS, MarkerStream, NamedStream, RequiredStream, ToolCallStream,
-                              required_schema)
+from afd.tool_parsers import (PARSERS, HarmonyCallStream, HarmonyFormat, MarkerStream,
+                              NamedStream, RequiredStream, ToolCallStream, required_schema)
 
 HERMES_ONE = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
               '"days": [1, {"note": "a } and \\" and </tool_call"}]}}\n</tool_call>')
@@ -139,6 +139,39 @@ def test_kimi_k2_format():
                            "<|tool_call_section_end|>")
     assert calls_of(out) == [("ping", "{}")] and out.calls[0].id == "ping:3" and not out.content
     assert parse("kimi_k2", "No call here.").calls == []
+
+
+H_ANALYSIS = "<|channel|>analysis<|message|>"
+H_CALL = "<|start|>assistant<|channel|>commentary to=functions.{} <|constrain|>json<|message|>"
+
+
+@pytest.mark.parametrize("text,want", [
+    # gpt-oss's raw answer (no reasoning parser): the call read, the rest content as written
+    (H_ANALYSIS + "I look.<|end|>" + H_CALL.format("get_weather") + '{"city": "Paris"}<|call|>',
+     (H_ANALYSIS + "I look.<|end|>", [("get_weather", '{"city": "Paris"}')])),
+    # what --reasoning-parser gpt_oss leaves: a preamble, then calls (<|call|> is a stop
+    # token: usually not in the text); the recipient in the role part; a first message
+    ("Checking." + H_CALL.format("get_weather") + ' {"city": "Paris"}\n<|call|>'
+     + '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}',
+     ("Checking.", [("get_weather", '{"city": "Paris"}\n'), ("get_time", "{}")])),
+    ('<|channel|>commentary to=functions.f<|message|>{"a": [1]}', (None, [("f", '{"a": [1]}')])),
+    # no call: a final answer, a built-in tool's message, cut short, malformed, blank
+    ("<|start|>assistant<|channel|>final<|message|>It is 4.",
+     ("<|start|>assistant<|channel|>final<|message|>It is 4.", [])),
+    ("<|channel|>analysis to=browser.search<|message|>{}<|call|>",
+     ("<|channel|>analysis to=browser.search<|message|>{}<|call|>", [])),
+    (H_CALL.format("f") + '{"a": 1', (H_CALL.format("f") + '{"a": 1', [])),
+    ("x " + H_CALL.format("f") + "nope<|call|>", ("x " + H_CALL.format("f") + "nope<|call|>", [])),
+    (H_CALL.format("f") + " ", (H_CALL.format("f") + " ", [])),
+    ("<|channel|>commentary to=functions.<|message|>{}", (
+        "<|channel|>commentary to=functions.<|message|>{}", [])),
+])
+def test_gpt_oss_format(text, want):
+    out = HarmonyCallStream().parse(text)
+    assert (out.content, calls_of(out)) == want
+    assert PARSERS["openai"] == HarmonyFormat("openai")  # vLLM's name, the same reader
+    one = HarmonyCallStream(max_calls=1).parse(text)  # parallel_tool_calls=false
+    assert (one.content, calls_of(one)) == (want[0], want[1][:1])
 
 
 def test_glm45_format():
@@ -653,7 +686,9 @@ def test_requests_keep_special_tokens_when_the_markers_are_special(apps):
     tok = copy.deepcopy(apps["tokenizer"])
     engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
     tok.add_special_tokens({"additional_special_tokens": ["<arg_key>"]})  # inside a call
-    assert special("glm45") and not special("hermes")
+    assert special("glm45") and not special("hermes") and not special("gpt_oss")
+    tok.add_special_tokens({"additional_special_tokens": ["<|call|>"]})  # harmony's
+    assert special("gpt_oss") and special("openai")
     with pytest.raises(ValueError, match="--tool-call-parser"):
         ServerState(engine, "m", None, ServerMetrics("m"), enable_auto_tool_choice=True)
 
