@@ -199,9 +199,8 @@ class ExpertGraphs:
         if not self.capture:
             return _Graph(bucket, weights, n_slots, None)
         if moe_backend(None, self.x, weights[0], weights[1], **weights[2]) != "triton":
-            raise RuntimeError("the torch kernel backend (AFD_KERNEL_BACKEND=torch, or gpt-oss's "
-                               "experts, which only it runs) reads the expert counts on the "
-                               "host, which a capture cannot hold")
+            raise RuntimeError("the torch kernel backend (AFD_KERNEL_BACKEND=torch) reads the "
+                               "expert counts on the host, which a capture cannot hold")
         saved = self.counts.clone()
         stream = torch.cuda.current_stream()
         try:

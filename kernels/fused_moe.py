@@ -12,9 +12,9 @@ The torch functions here are the references the Triton kernels are tested agains
 
 gpt-oss's experts (``swiglu_alpha``, ``w13_bias`` [E, 2I], ``w2_bias`` [E, H], see ``swiglu``):
 ``y[t] = sum_k w[t,k] * (W2[e] @ act(W13[e] x + b13[e]) + b2[e])``, the bias inside the weighted
-sum (transformers' GptOssExperts). The Triton kernels have neither the activation nor the
-biases: every entry runs the torch path for them (``moe_backend``), and refuses an explicit
-``backend="triton"``.
+sum (transformers' GptOssExperts). The Triton kernels add the biases and compute that
+activation in their GEMM epilogues (``kernels.moe_tile_triton``: options compiled in only where
+given), FP8 experts included.
 
 FP8 block-scaled experts (DeepSeek-V3's release format, ``kernels.fp8``), through the optional
 ``w13_scale``, ``w2_scale`` and ``block_shape`` [bn, bk] of every entry:
@@ -100,23 +100,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
     return F.silu(gate) * up
 
 
-TORCH_ONLY = ("swiglu_alpha", "w13_bias", "w2_bias")  # options the Triton kernels lack
-
-
-def moe_backend(backend: str | None, *tensors: torch.Tensor, swiglu_alpha: float | None = None,
-                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-                **_: object) -> str:
-    """The backend ``fused_moe`` / ``grouped_moe`` run (``resolve_backend``), but "torch"
-    wherever gpt-oss's options (``TORCH_ONLY``) are given: the Triton kernels compute neither
-    that activation nor the biases. NotImplementedError for an explicit ``backend="triton"``
-    with them."""
-    if swiglu_alpha is None and w13_bias is None and w2_bias is None:
-        return resolve_backend(backend, *tensors)
-    if backend == "triton":
-        raise NotImplementedError("backend='triton': the Triton MoE kernels have no swiglu_alpha "
-                                  "activation and no expert biases (gpt-oss's experts, "
-                                  "w13_bias / w2_bias); use backend='torch' or None")
-    return resolve_backend("torch" if backend is None else backend, *tensors)
+def moe_backend(backend: str | None, *tensors: torch.Tensor, **_: object) -> str:
+    """The backend ``fused_moe`` / ``grouped_moe`` run for ``tensors`` (``resolve_backend``);
+    the keyword arguments (the entries' options: FP8 scales, swiglu_limit, gpt-oss's alpha and
+    biases) do not change it: the Triton kernels take every one of them."""
+    return resolve_backend(backend, *tensors)
 
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -155,7 +143,7 @@ def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | No
                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
     """fn(x, e): expert e's FFN on rows x, bf16/fp32 or FP8 as the weights are."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
-    _check_biases(w13, w2, w13_bias, w2_bias)
+    check_biases(w13, w2, w13_bias, w2_bias)
 
     def bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
         return None if b is None else b[e]
@@ -167,7 +155,7 @@ def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | No
                                        limit, alpha, bias(w13_bias, e), bias(w2_bias, e))
 
 
-def _check_biases(w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tensor | None,
+def check_biases(w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tensor | None,
                   w2_bias: torch.Tensor | None) -> None:
     for name, b, want in (("w13_bias", w13_bias, w13.shape[:2]), ("w2_bias", w2_bias,
                                                                    w2.shape[:2])):
@@ -291,7 +279,7 @@ def fused_moe(
     topk_weights: [T, K] float routing weights; topk_ids: [T, K] int expert ids, -1 = skip
     swiglu_limit: DeepSeek-V4's / gpt-oss's clamp before the activation (``swiglu``), None: none
     swiglu_alpha, w13_bias [E, 2I], w2_bias [E, H]: gpt-oss's activation and biases (module
-    docstring; the torch path always, ``moe_backend``)
+    docstring)
     Returns [T, H] in hidden_states' dtype.
     """
     if hidden_states.dim() != 2:
@@ -302,12 +290,12 @@ def fused_moe(
                          f"{hidden_states.shape[0]}")
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
-    if moe_backend(backend, hidden_states, w13, w2, **gpt_oss) == "triton":
+    if moe_backend(backend, hidden_states, w13, w2) == "triton":
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
                                 w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block,
-                                swiglu_limit=swiglu_limit)
+                                swiglu_limit=swiglu_limit, **gpt_oss)
     return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
                            block, swiglu_limit, **gpt_oss)
 
@@ -332,11 +320,11 @@ def grouped_moe(
     FP8 weights, swiglu_limit and gpt-oss's options as in ``fused_moe``."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
-    if moe_backend(backend, x, w13, w2, **gpt_oss) == "triton":
+    if moe_backend(backend, x, w13, w2) == "triton":
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
                                   w2_scale=w2_scale, block_shape=block,
-                                  swiglu_limit=swiglu_limit)
+                                  swiglu_limit=swiglu_limit, **gpt_oss)
     return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block,
                              swiglu_limit, **gpt_oss)

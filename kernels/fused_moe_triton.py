@@ -35,6 +35,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.fp8 import FP8_DTYPE, BlockScales
 from kernels.fp8_triton import per_token_group_quant_triton
+from kernels.fused_moe import check_biases
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -179,6 +180,28 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return num_experts, hidden, two_i // 2
 
 
+def _epilogues(w13: torch.Tensor, w2: torch.Tensor, swiglu_limit: float | None,
+               swiglu_alpha: float | None, w13_bias: torch.Tensor | None,
+               w2_bias: torch.Tensor | None) -> tuple[dict, dict]:
+    """The epilogue options of ``launch_w13`` and ``launch_w2`` (only those given, so other
+    models' launches compile as before): the activation's limit and alpha, and gpt-oss's
+    biases, checked ([E, 2I] / [E, H], floating point) and made contiguous."""
+    check_biases(w13, w2, w13_bias, w2_bias)
+    epi13: dict = {"swiglu_limit": swiglu_limit}
+    if swiglu_alpha is not None:
+        epi13["swiglu_alpha"] = swiglu_alpha
+    epi2: dict = {}
+    for name, b, epi in (("w13_bias", w13_bias, epi13), ("w2_bias", w2_bias, epi2)):
+        if b is None:
+            continue
+        if not b.is_floating_point() or b.dtype == FP8_DTYPE:
+            raise ValueError(f"{name} must be fp32/bf16/fp16, got {b.dtype}")
+        if b.device != w13.device:
+            raise ValueError(f"{name} is on {b.device}, the weights on {w13.device}")
+        epi["bias"] = b.contiguous()
+    return epi13, epi2
+
+
 def default_config(rows: int, num_experts: int, hidden: int, inter: int,
                    dtype: torch.dtype, group_k: int | None = None) -> MoEConfig:
     """The table's tiles for ``rows`` grouped rows (or routed slots) over ``num_experts``;
@@ -257,6 +280,9 @@ def fused_moe_triton(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``fused_moe_torch``; ``config`` overrides the tile table and
     ``features`` the environment's ``MoEFeatures`` (tests, A/B timing). FP8 weights come with
@@ -267,6 +293,7 @@ def fused_moe_triton(
     """
     fp8 = w13_scale is not None
     num_experts, hidden, inter = _check(hidden_states, w13, w2, fp8)
+    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias)
     num_tokens, top_k = topk_ids.shape
     out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     if num_tokens == 0 or top_k == 0:
@@ -292,10 +319,10 @@ def fused_moe_triton(
         flags = torch.empty(w2_flags(hidden, cfg.w2), dtype=torch.int32, device=x.device)
         try:
             _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
-                    flags=flags, ladder=False, scales=scales13, swiglu_limit=swiglu_limit)
+                    flags=flags, ladder=False, scales=scales13, **epi13)
             h_in, scales2 = w2_input(h)
             _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
-                    flags=flags, sum_out=out, ladder=False, scales=scales2)
+                    flags=flags, sum_out=out, ladder=False, scales=scales2, **epi2)
             return out
         except Exception as exc:  # noqa: BLE001 - redo the call on the aligned path below
             _disable("inline", "the inline-routed GEMMs", exc)
@@ -318,13 +345,13 @@ def fused_moe_triton(
         # sorted_slots past sum(counts) are unwritten: clamped, they copy rows never stored.
         src = torch.div(sorted_slots, top_k, rounding_mode="floor").clamp_(0, num_tokens - 1)
         _launch("w13", cfg.w13, x.dtype, feats, launch_w13, x.index_select(0, src), w13, h,
-                rows, swiglu_limit=swiglu_limit)
+                rows, **epi13)
     else:
         _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups,
-                scales=scales13, swiglu_limit=swiglu_limit)
+                scales=scales13, **epi13)
     h_in, scales2 = w2_input(h)
     _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, h_in, w2, buf, groups, weights,
-            scales=scales2)
+            scales=scales2, **epi2)
     block_h = 128 if INTERPRETING else 1024
     _with_pdl("moe_sum", feats.pdl, lambda pdl: launch_sum(buf, flat_ids, out, num_experts,
                                                              top_k, block_h=block_h, pdl=pdl))
@@ -344,6 +371,9 @@ def grouped_moe_triton(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``grouped_moe_torch``: x [N, H] contiguous groups or [E, M, H] slabs.
     FP8 weights as in ``fused_moe_triton``.
@@ -355,6 +385,7 @@ def grouped_moe_triton(
     """
     fp8 = w13_scale is not None
     num_experts, hidden, inter = _check(x, w13, w2, fp8)
+    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias)
     if expert_counts.numel() != num_experts:
         raise ValueError(f"expert_counts has {expert_counts.numel()} entries for {num_experts} "
                          "experts")
@@ -389,8 +420,8 @@ def grouped_moe_triton(
     # FP8: every row is quantized, slab padding too (never read: the GEMMs skip those rows).
     a, scales = _quantized(rows, w13_scale, block) if fp8 else (rows, None)
     _launch("w13", cfg.w13, w13.dtype, feats, launch_w13, a, w13, h, groups, scales=scales,
-            swiglu_limit=swiglu_limit)
+            **epi13)
     a, scales = _quantized(h, w2_scale, block) if fp8 else (h, None)
     _launch("w2", cfg.w2, w13.dtype, feats, launch_w2, a, w2, out, groups, weights,
-            scales=scales)
+            scales=scales, **epi2)
     return out.view_as(x)

@@ -174,6 +174,7 @@ def moe_w13_kernel(
     flags_ptr,  # [num_flags] int32 zeroed here for moe_w2_kernel's top-k sum (INLINE)
     as_ptr,  # FP8: [tokens or rows, ceil(H/GROUP_K)] fp32 scales of x's rows
     ws_ptr,  # FP8: [E, 2 * scale_rows, ceil(H/GROUP_K)] fp32 weight block scales
+    bias_ptr,  # HAS_BIAS: [E, 2I] contiguous per-expert biases (gate's I, then up's I)
     num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_flags, scale_rows,
     stride_xm, stride_we, stride_wn, stride_hm, stride_asm, stride_wse, stride_wsn,
     ROUTE: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, S_PAD: tl.constexpr,
@@ -182,6 +183,7 @@ def moe_w13_kernel(
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
     FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
     swiglu_limit=0.0, CLAMP: tl.constexpr = False,
+    swiglu_alpha=0.0, ALPHA: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     gdc_wait(PDL)
     if WS:
@@ -213,7 +215,8 @@ def moe_w13_kernel(
                                     BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8, GROUP_N,
                                     GROUP_K)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
-                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP)
+                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP, bias_ptr, expert, swiglu_alpha,
+                      HAS_BIAS, ALPHA)
         gdc_launch_dependents(PDL)
     else:
         pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -236,7 +239,8 @@ def moe_w13_kernel(
                                         FP8, GROUP_N, GROUP_K)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
-                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP)
+                      BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP, bias_ptr, expert, swiglu_alpha,
+                      HAS_BIAS, ALPHA)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -252,6 +256,7 @@ def moe_w2_kernel(
     sum_ptr,  # [T, H] out: the top-k sum (INLINE)
     as_ptr,  # FP8: [num_rows, ceil(I/GROUP_K)] fp32 scales of h's rows
     ws_ptr,  # FP8: [E, ceil(H/GROUP_N), ceil(I/GROUP_K)] fp32 weight block scales
+    bias_ptr,  # HAS_BIAS: [E, H] contiguous per-expert biases, added before the routing weight
     num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_tokens,
     stride_hm, stride_we, stride_wn, stride_om, stride_sm, stride_asm, stride_wse, stride_wsn,
     ROUTE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
@@ -260,6 +265,7 @@ def moe_w2_kernel(
     EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
     FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
+    HAS_BIAS: tl.constexpr = False,
 ):
     gdc_wait(PDL)
     if WS:  # as in moe_w13_kernel
@@ -279,7 +285,8 @@ def moe_w2_kernel(
                               stride_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE,
                               FP8, GROUP_N, GROUP_K)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
-                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
+                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16, bias_ptr, expert,
+                     HAS_BIAS)
         gdc_launch_dependents(PDL)
     else:
         pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -301,7 +308,8 @@ def moe_w2_kernel(
                                   GROUP_N, GROUP_K)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
-                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16)
+                     stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16, bias_ptr, expert,
+                     HAS_BIAS)
             if ROUTE == 3:
                 # Count this m-block done for its n-block once every thread's stores are issued
                 # (the barrier; the atomic's release orders them before the count). The program
@@ -432,9 +440,12 @@ def tma_compatible(w: torch.Tensor) -> bool:
 def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowGroups, *,
                tile: GemmTile, flags: torch.Tensor | None = None, tma: bool = False,
                pdl: bool = False, scales: BlockScales | None = None,
-               swiglu_limit: float | None = None) -> None:
+               swiglu_limit: float | None = None, swiglu_alpha: float | None = None,
+               bias: torch.Tensor | None = None) -> None:
     """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e
-    (with ``swiglu_limit``: the gate clamped to <= it, the up projection to +-it first).
+    (with ``bias`` [E, 2I] contiguous: bias[e] added to the gate and up columns first; with
+    ``swiglu_limit``: the gate clamped to <= it, the up projection to +-it; with
+    ``swiglu_alpha``: (up + 1) * gate * sigmoid(alpha * gate) instead; kernels.fused_moe.swiglu).
 
     flags: [w2_flags] int32 for the INLINE route (zeroed here). tma: read w13 through a TMA
     descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter). scales: with x and
@@ -462,7 +473,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         groups.sorted_slots if groups.sorted_slots is not None else placeholder,
         groups.ids if groups.ids is not None else placeholder,
         flags if flags is not None else placeholder,
-        *_scale_args(scales, placeholder),
+        *_scale_args(scales, placeholder), bias if bias is not None else placeholder,
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m,
         flags.numel() if flags is not None else 0,
         cdiv(inter, scales.group_n) if scales is not None else 0,
@@ -473,6 +484,8 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         DOT_MODE=dot_mode(x.dtype), INTERP_BF16=interp_bf16(h.dtype),
         **_fp8_constexprs(scales),
         swiglu_limit=float(swiglu_limit or 0.0), CLAMP=swiglu_limit is not None,
+        swiglu_alpha=float(swiglu_alpha or 0.0), ALPHA=swiglu_alpha is not None,
+        HAS_BIAS=bias is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 
@@ -480,8 +493,9 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
 def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowGroups,
               weights: torch.Tensor | None, *, tile: GemmTile, flags: torch.Tensor | None = None,
               sum_out: torch.Tensor | None = None, tma: bool = False, pdl: bool = False,
-              scales: BlockScales | None = None) -> None:
-    """out[dest(p)] = weight * (h[p] W2[e]^T) for every grouped row p of expert e.
+              scales: BlockScales | None = None, bias: torch.Tensor | None = None) -> None:
+    """out[dest(p)] = weight * (h[p] W2[e]^T + bias[e]) for every grouped row p of expert e
+    (``bias`` [E, H] contiguous, or None: no bias).
 
     INLINE route: flags as zeroed by ``launch_w13``, and sum_out [T, H] receives the top-k sum.
     scales: as ``launch_w13``'s, with ``scales.w`` [E, ceil(H/group_n), ceil(I/group_k)].
@@ -506,7 +520,7 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         flags if flags is not None else placeholder,
         weights if weights is not None else placeholder,
         sum_out if sum_out is not None else out,
-        *_scale_args(scales, placeholder),
+        *_scale_args(scales, placeholder), bias if bias is not None else placeholder,
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m, num_tokens,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         sum_out.stride(0) if sum_out is not None else 0, *_scale_strides(scales),
@@ -516,7 +530,7 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         EVEN_K=inter % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(out.dtype),
-        **_fp8_constexprs(scales),
+        **_fp8_constexprs(scales), HAS_BIAS=bias is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 

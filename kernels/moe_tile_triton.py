@@ -122,20 +122,34 @@ def w13_mainloop_ws(x, w, first, expert, n0, hidden, inter, num_rows, stride_xm,
 @triton.jit
 def w13_store(gate, up, h_ptr, first, rows, n0, inter, stride_hm, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr, limit=0.0,
-              CLAMP: tl.constexpr = False):
+              CLAMP: tl.constexpr = False, bias_ptr=None, expert=0, alpha=0.0,
+              HAS_BIAS: tl.constexpr = False, ALPHA: tl.constexpr = False):
     # Round where the reference (Hugging Face's eager expert) materializes a tensor in the
     # activation dtype: gate and up, SiLU(gate), the product. Free in the epilogue, and the
-    # engine's greedy tokens then track the reference's closely. CLAMP (DeepSeek-V4's
-    # swiglu_limit): gate clamped to <= limit, up to [-limit, limit], after that rounding.
+    # engine's greedy tokens then track the reference's closely. HAS_BIAS (gpt-oss): expert's
+    # row of bias_ptr [E, 2I] (gate's I, then up's I) added in fp32 before that rounding, as
+    # F.linear with a bias. CLAMP (DeepSeek-V4's and gpt-oss's swiglu_limit): gate clamped to
+    # <= limit, up to [-limit, limit], after it. ALPHA (gpt-oss's swiglu_alpha): the activation
+    # (up + 1) * gate * sigmoid(alpha * gate), rounded after each op as torch computes it.
     dtype = h_ptr.dtype.element_ty
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        b_ptrs = bias_ptr + expert.to(tl.int64) * 2 * inter + offs_n  # [BN]
+        n_ok = offs_n < inter
+        gate += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptrs + inter, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     gate = round_to(gate, dtype, INTERP_BF16)
     up = round_to(up, dtype, INTERP_BF16)
     if CLAMP:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-    act = round_to(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * up
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if ALPHA:
+        sig = round_to(tl.sigmoid(round_to(gate * alpha, dtype, INTERP_BF16)), dtype,
+                       INTERP_BF16)
+        act = round_to(up + 1.0, dtype, INTERP_BF16) * round_to(gate * sig, dtype, INTERP_BF16)
+    else:
+        act = round_to(gate * tl.sigmoid(gate), dtype, INTERP_BF16) * up
     h_ptrs = h_ptr + (first + offs_m).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, rne_bf16(act, INTERP_BF16).to(dtype),
              mask=(offs_m < rows)[:, None] & (offs_n < inter)[None, :])
@@ -199,10 +213,17 @@ def w2_mainloop_ws(h, w, first, expert, n0, num_k, num_rows, inter, stride_hm,
 @triton.jit
 def w2_store(acc, out_ptr, weights_ptr, dest, rows, room, n0, hidden, stride_om,
              HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             INTERP_BF16: tl.constexpr):
+             INTERP_BF16: tl.constexpr, bias_ptr=None, expert=0,
+             HAS_BIAS: tl.constexpr = False):
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < rows
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        # gpt-oss: expert's row of bias_ptr [E, H], inside the routing-weighted product below
+        # (y = w * (h W2^T + b)), in fp32 before the expert output's rounding, as F.linear.
+        b = tl.load(bias_ptr + expert.to(tl.int64) * hidden + offs_n, mask=offs_n < hidden,
+                    other=0.0)
+        acc += b.to(tl.float32)[None, :]
     if HAS_WEIGHTS:
         # As the reference: expert output and routing weight in the output dtype, then multiply.
         dtype = out_ptr.dtype.element_ty

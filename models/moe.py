@@ -169,7 +169,7 @@ class RoutedExperts(nn.Module):
     def kernel_args(self) -> dict:
         """Every keyword argument of ``kernels.fused_moe`` / ``grouped_moe`` these experts
         need: ``fp8_args``, ``swiglu_limit`` where set, and gpt-oss's ``swiglu_alpha`` and
-        biases (which run the torch path: ``kernels.fused_moe.moe_backend``)."""
+        biases."""
         args = dict(self.fp8_args)
         if self.swiglu_limit is not None:
             args["swiglu_limit"] = self.swiglu_limit

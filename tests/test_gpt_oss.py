@@ -189,8 +189,8 @@ def test_window_sinks_and_clamp_each_matter(gpt_oss, monkeypatch):
 
 def test_experts_torch_path_is_transformers_module(gpt_oss):
     """kernels.fused_moe and grouped_moe with gpt-oss's activation and biases (afd's loaded
-    layer) against transformers' GptOssExperts on the same tokens and routing; an explicit
-    backend='triton' is refused (the Triton kernels have neither), never run."""
+    layer) against transformers' GptOssExperts on the same tokens and routing (the Triton
+    kernels against this path: tests/test_kernels_moe.py's gpt_oss cases)."""
     import kernels
     from models.weights import load_model
 
@@ -211,9 +211,6 @@ def test_experts_torch_path_is_transformers_module(gpt_oss):
                                weights.reshape(-1)[order], **experts.kernel_args)
     grouped = torch.zeros_like(x).index_add_(0, order // 2, rows)
     torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="no swiglu_alpha"):
-        kernels.fused_moe(x, experts.w13, experts.w2, weights, ids, backend="triton",
-                          **experts.kernel_args)
 
 
 def test_attention_and_ffn_ranks_and_pd_match(gpt_oss):

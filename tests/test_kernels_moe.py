@@ -69,6 +69,7 @@ class Fused:
     # The reference as a GPU computes it: CUDA's rounding of divisions by a scalar (on CPU)
     cuda_ref: bool = False
     swiglu_limit: float | None = None  # DeepSeek-V4's clamp in the w13 epilogue
+    gpt_oss: bool = False  # gpt-oss's expert biases and activation (``gpt_oss_options``)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Grouped:
     strided_counts: bool = False  # counts as a view with stride 2 (a column of [E, 2])
     fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
     swiglu_limit: float | None = None
+    gpt_oss: bool = False
 
 
 FUSED_CASES = {
@@ -151,6 +153,20 @@ FUSED_CASES = {
                                          tile=16, ws=True, swiglu_limit=0.5),
     "swiglu_limit_fp8_bf16": Fused("bf16", T=11, H=64, I=48, E=5, K=2, fp8=(32, 32),
                                    swiglu_limit=0.5),
+    # gpt-oss's experts (biases in both epilogues, its clamped (up + 1) * gate * sigmoid(alpha
+    # gate)) on each path: inline (an expert with no token, -1 ids), sorted, one token,
+    # warp-specialized w13 on a grouped copy, FP8; H, I no multiples of the blocks
+    "gpt_oss_fp32": Fused("fp32", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
+                          swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_sorted_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
+                                 inline=False, swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_one_token_bf16": Fused("bf16", T=1, H=40, I=24, E=4, K=3, swiglu_limit=1.0,
+                                    gpt_oss=True),
+    "gpt_oss_ws_sorted_bf16": Fused("bf16", T=29, H=56, I=40, E=6, K=2, skip=0.15,
+                                    unused=(2,), inline=False, tile=16, ws=True,
+                                    swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_fp8_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
+                              fp8=(16, 32), swiglu_limit=1.0, gpt_oss=True),
 }
 
 GROUPED_CASES = {
@@ -198,6 +214,16 @@ GROUPED_CASES = {
     "swiglu_limit_persistent_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=56, I=40,
                                             weights=True, tile=16, persistent=1,
                                             swiglu_limit=0.5),
+    # gpt-oss's experts on an FFN rank's layouts: contiguous rows (empty experts), padded slabs
+    # (the down bias must not reach a padding row), persistent and warp-specialized tiles
+    "gpt_oss_contiguous_fp32": Grouped("fp32", (3, 0, 17, 1, 0, 40), H=56, I=24, weights=True,
+                                       swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_slab_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=48, I=40, weights=True,
+                                 swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_persistent_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=56, I=40, weights=False,
+                                       tile=16, persistent=1, swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_ws_slab_fp16": Grouped("fp16", (3, 0, 20, 1, 17), M=20, H=56, I=40, weights=True,
+                                    tile=16, ws=True, swiglu_limit=1.0, gpt_oss=True),
 }
 
 # FP8 tolerances. Against the FP8 reference (tight): both see bit-identical float8 activations,
@@ -247,32 +273,48 @@ def dequantized(fp8: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
             dequantize_blocks(fp8["w2"], fp8["w2_scale"], fp8["block_shape"], dtype))
 
 
+def gpt_oss_options(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                    device: str) -> dict:
+    """gpt-oss's expert options: its swiglu_alpha and random biases in the activation dtype,
+    large enough that leaving either out moves the output well past the tolerances."""
+    return {"swiglu_alpha": 1.702,
+            "w13_bias": (torch.randn(num_experts, 2 * inter, device=device) / 2).to(dtype),
+            "w2_bias": (torch.randn(num_experts, hidden, device=device) / 2).to(dtype)}
+
+
+# the entries' epilogue options (the rest of a case's keyword arguments are FP8 scales)
+EPILOGUE = ("swiglu_limit", "swiglu_alpha", "w13_bias", "w2_bias")
+
+
 def _weights(case, num_experts: int, dtype: torch.dtype, device: str
              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(w13, w2, the FP8 keyword arguments and swiglu_limit, or {})."""
-    limit = {} if case.swiglu_limit is None else {"swiglu_limit": case.swiglu_limit}
+    """(w13, w2, the FP8 keyword arguments, swiglu_limit and gpt-oss's options, or {})."""
+    options = {} if case.swiglu_limit is None else {"swiglu_limit": case.swiglu_limit}
+    if case.gpt_oss:
+        options |= gpt_oss_options(num_experts, case.H, case.I, dtype, device)
     if case.fp8 is None:
-        return (*moe_weights(num_experts, case.H, case.I, dtype, device), limit)
+        return (*moe_weights(num_experts, case.H, case.I, dtype, device), options)
     fp8 = fp8_weights(num_experts, case.H, case.I, case.fp8, device)
     scales = {k: fp8[k] for k in ("w13_scale", "w2_scale", "block_shape")}
-    return fp8["w13"], fp8["w2"], {**scales, **limit}
+    return fp8["w13"], fp8["w2"], {**scales, **options}
 
 
 def _result(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case, reference,
             w13: torch.Tensor, w2: torch.Tensor, scales: dict) -> dict:
     """The result dict of a case; FP8 cases also carry the error of their FP8 reference against
     the unquantized one (``reference`` called on the dequantized weights, with the case's
-    swiglu_limit), swiglu_limit cases whether the clamp changed the reference."""
-    limit = {k: v for k, v in scales.items() if k == "swiglu_limit"}
-    scales = {k: v for k, v in scales.items() if k != "swiglu_limit"}
+    epilogue options), and ``bites`` says for each epilogue option (swiglu_limit, gpt-oss's
+    alpha and biases) whether leaving it out changes the reference."""
+    options = {k: v for k, v in scales.items() if k in EPILOGUE}
+    scales = {k: v for k, v in scales.items() if k not in EPILOGUE}
     result = {"err": rel_err(out, ref), "tol": FP8_TOL if scales else tolerance(dtype),
               "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
-              "fallbacks": _fallback_events()}
-    if limit:
-        plain = reference(w13, w2, **scales)
-        result["clamp_bites"] = rel_err(ref, plain) > 0.05
+              "fallbacks": _fallback_events(), "bites": {}}
+    for key in options:
+        without = {k: v for k, v in options.items() if k != key}
+        result["bites"][key] = rel_err(ref, reference(w13, w2, **scales, **without)) > 0.05
     if scales:
-        plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype), **limit)
+        plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype), **options)
         result["loose_err"] = rel_err(ref, plain)
         result["loose_tol"] = FP8_LOOSE_TOL if ref.numel() >= FEW_ELEMENTS else \
             FP8_LOOSE_TOL_FEW
@@ -442,7 +484,8 @@ def _check(result: dict, name: str) -> None:
     assert not result.get("fallbacks"), f"{name}: fell back: {result['fallbacks']}"
     assert result["dtype_ok"], f"{name}: output dtype differs from the reference's"
     assert result.get("padding_zero", True), f"{name}: slab padding rows are not zero"
-    assert result.get("clamp_bites", True), f"{name}: swiglu_limit changes nothing here"
+    idle = [key for key, bites in result.get("bites", {}).items() if not bites]
+    assert not idle, f"{name}: leaving out {idle} changes nothing here"
     assert result["err"] < result["tol"], f"{name} (seed {SEED}): rel err {result['err']:.3g}"
     # FP8: the reference itself is within FP8's own error of the unquantized reference.
     assert result.get("loose_err", 0.0) < result.get("loose_tol", FP8_LOOSE_TOL), \
@@ -474,11 +517,17 @@ EXPECTED_PATHS = {
     "fp8_sorted_fp32": ("sorted", False, False), "fp8_e256_top8_bf16": ("sorted", False, False),
     "fp8_persistent_bf16": ("rows", True, False), "fp8_slab_bf16": ("slabs", False, False),
     "fp8_ws_asked_bf16": ("rows", True, False),  # FP8 tiles run plain
+    "gpt_oss_fp32": ("inline", False, False), "gpt_oss_sorted_bf16": ("sorted", True, False),
+    "gpt_oss_one_token_bf16": ("inline", True, False),
+    "gpt_oss_ws_sorted_bf16": ("rows", True, True), "gpt_oss_fp8_bf16": ("inline", False, False),
+    "gpt_oss_contiguous_fp32": ("rows", False, False), "gpt_oss_slab_bf16": ("slabs", True, False),
+    "gpt_oss_persistent_bf16": ("rows", True, False), "gpt_oss_ws_slab_fp16": ("slabs", True, True),
 }
 # w2's path where it differs from w13's: on the sorted route it reads h in grouped order, so a
 # ws tile warp-specializes there too.
 EXPECTED_W2_PATHS = {"ws_sorted_bf16": ("sorted", True, True),
-                     "sorted_route_bf16": ("sorted", True, False)}
+                     "sorted_route_bf16": ("sorted", True, False),
+                     "gpt_oss_ws_sorted_bf16": ("sorted", True, True)}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_PATHS))
@@ -556,6 +605,27 @@ def test_inline_route_limit_and_feature_switches(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("AFD_MOE_WS", "0")
     assert MoEFeatures.from_env() == MoEFeatures(pdl=True, tma=False, inline_route=False,
                                                  persistent=False, ws=False)
+
+
+def test_gpt_oss_options_take_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # gpt-oss's activation and biases once sent every call to the torch loop (on CUDA too); the
+    # entries now choose their backend as for any model and hand the options to the kernels.
+    import kernels.fused_moe_triton as backend
+
+    calls = []
+    for entry in ("fused_moe_triton", "grouped_moe_triton"):
+        monkeypatch.setattr(backend, entry, lambda *a, entry=entry, **kw: calls.append(
+            (entry, sorted(k for k, v in kw.items() if v is not None))))
+    # what resolve_backend takes for a CUDA run, without one: the Triton default, interpreted
+    monkeypatch.setenv("AFD_KERNEL_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w13, w2 = moe_weights(3, 24, 16, torch.float32)
+    options = gpt_oss_options(3, 24, 16, torch.float32, "cpu") | {"swiglu_limit": 7.0}
+    x, ids, weights = torch.randn(2, 24), torch.tensor([[0, 2], [1, -1]]), torch.rand(2, 2)
+    fused_moe(x, w13, w2, weights, ids, **options)
+    grouped_moe(x, torch.tensor([1, 1, 0]), w13, w2, None, backend="triton", **options)
+    given = sorted(options)  # (the FP8 arguments are given as None)
+    assert calls == [("fused_moe_triton", given), ("grouped_moe_triton", given)]
 
 
 def test_fp8_entries_check_their_arguments() -> None:
