@@ -31,9 +31,9 @@ token as a decode row through those kernels from the restored state. The ``mimo`
 the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
 decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
 through ``prefill_attention_triton.window_prefill_attention_triton``. The ``gpt_oss`` case
-(``test_gpt_oss``'s: sinks on its full layers too) runs those kernels with its routed experts
-on torch even under AFD_KERNEL_BACKEND=triton (no ``fused_moe_triton`` call: that kernel
-lacks its biases and activation). The ``+fp8kv`` cases
+(``test_gpt_oss``'s: sinks on its full layers too) runs those kernels and its routed experts
+through ``fused_moe_triton`` (their biases and clamped ``(up + 1) * gate * sigmoid(alpha *
+gate)`` in the GEMM epilogues). The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast
 (``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as they were,
@@ -110,10 +110,9 @@ UNUSED["v4graph"] = UNUSED["v4"]
 # narrower than keys), its norms, rotary and routed experts Triton
 UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
                   "paged_prefill_attention_triton")
-# gpt-oss: MiMo's attention kernels (sinks on the full layers too, q/k/v as wide), its norms and
-# rotary Triton; its routed experts torch (the Triton MoE kernels have neither its biases nor
-# its activation: kernels.fused_moe.moe_backend)
-UNUSED["gpt_oss"] = (*UNUSED["mimo"], "fused_moe_triton")
+# gpt-oss: MiMo's attention kernels (sinks on the full layers too, q/k/v as wide), its norms,
+# rotary and routed experts (biases and its activation in the epilogues) Triton
+UNUSED["gpt_oss"] = UNUSED["mimo"]
 for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's, the
     # Gated DeltaNet launchers Qwen3-Next's
     if _name != "qwen3_next":

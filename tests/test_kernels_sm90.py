@@ -172,13 +172,13 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
     a = f"*{op}"
     dims = {"num_experts": experts, "num_rows": 1000, "slab_rows": 0, "hidden": H, "inter": I,
             "num_pid_m": 77, "counts_ptr": "*i32", "slots_ptr": "*i32", "ids_ptr": "*i64",
-            "flags_ptr": "*i32", "as_ptr": "*fp32", "ws_ptr": "*fp32"}
+            "flags_ptr": "*i32", "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": ptr}
     bn, bk = tile.block_n, tile.block_k
     if gemm == "w13":
         w = (f"tensordesc<{op}[1, {bn}, {bk}]>" if ws else
              f"tensordesc<{op}[1, 2, {bn}, {bk}]>" if tma else f"*{op}")
         return dims | {"x_ptr": a, "w": w, "h_ptr": ptr, "num_flags": 56, "stride_xm": H,
-                       "swiglu_limit": 10.0,
+                       "swiglu_limit": 10.0, "swiglu_alpha": 1.702,
                        "stride_we": 2 * I * H, "stride_wn": H, "stride_hm": I,
                        "scale_rows": I // 128, "stride_asm": H // 128,
                        "stride_wse": 2 * I // 128 * H // 128, "stride_wsn": H // 128}
@@ -191,7 +191,8 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
 
 def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                  experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0,
-                 fp8: bool = False, clamp: bool = False):
+                 fp8: bool = False, clamp: bool = False, gpt_oss: bool = False):
+    """gpt_oss: its expert biases in both epilogues and (w13) its activation, clamped."""
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
@@ -204,9 +205,10 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                   "W_TMA": tma, "WS": ws, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
                   "INTERP_BF16": False, "FP8": fp8, "GROUP_N": 128, "GROUP_K": 128}
     if gemm == "w2":
-        constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16}
+        constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16,
+                       "HAS_BIAS": gpt_oss}
     else:  # clamp: DeepSeek-V4's swiglu_limit in the epilogue
-        constexprs |= {"CLAMP": clamp}
+        constexprs |= {"CLAMP": clamp or gpt_oss, "ALPHA": gpt_oss, "HAS_BIAS": gpt_oss}
     return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8), constexprs,
                         tile.num_warps, tile.num_stages)
 
@@ -273,6 +275,23 @@ def test_moe_w13_swiglu_limit_fits_hopper(limit: float, route: str, tma: bool,
     s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
     check_gemm(compile_gemm("w13", tile, route=ROUTES[route], tma=tma, s_pad=s_pad, fp8=fp8,
                             clamp=True), tma)
+
+
+@pytest.mark.parametrize(("limit", "gemm", "route", "tma", "fp8"),
+                         [(16, gemm, "inline", True, False) for gemm in ("w13", "w2")]
+                         + [(math.inf, gemm, "rows", True, False) for gemm in ("w13", "w2")]
+                         + [(128, gemm, "sorted", True, False) for gemm in ("w13", "w2")]
+                         + [(64, gemm, "rows", True, True) for gemm in ("w13", "w2")])
+def test_moe_gpt_oss_epilogues_fit_hopper(limit: float, gemm: str, route: str, tma: bool,
+                                          fp8: bool) -> None:
+    # gpt-oss's expert biases (both GEMMs) and clamped (up + 1) * gate * sigmoid(alpha gate)
+    # (w13) in the epilogues of a small, a large (persistent / warp-specialized where the table
+    # says so) and an FP8 tile: still no spills, the same loads
+    row = next(r for r in GPU_TABLE if r[0] == limit)
+    tile = fp8_tile(limit, gemm) if fp8 else row[1] if gemm == "w13" else row[2]
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    check_gemm(compile_gemm(gemm, tile, route=ROUTES[route], tma=tma, s_pad=s_pad, fp8=fp8,
+                            gpt_oss=True), tma)
 
 
 def fp8_tile(limit: float, gemm: str) -> GemmTile:
