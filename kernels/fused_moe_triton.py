@@ -19,6 +19,9 @@ FP8 block-scaled weights (``w13_scale``/``w2_scale``, ``kernels.fp8``): the toke
 quantized per K group first (``fp8_triton``, one launch), and h between the GEMMs (one more); the
 GEMMs then read float8 operands and apply the scales per K step.
 
+gpt-oss's experts (``w13_bias``, ``w2_bias``, ``swiglu_alpha``; ``kernels.fused_moe``) take the
+same launches: the biases and the activation are epilogue options of the two GEMMs.
+
 ``MoEFeatures`` (PDL, TMA weight loads, inline routing) apply where the GPU supports them. A
 feature that fails to compile or launch here is switched off for the process, with a warning
 and an entry in ``fallback_events()``, and the call goes on without it.

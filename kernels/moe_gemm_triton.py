@@ -30,7 +30,9 @@ TMA loads and two consumer warp groups for the MMAs).
 With ``BlockScales`` (FP8 block-scaled weights, ``kernels.fp8``) both kernels read float8
 activations (quantized per row and K group by ``fp8_triton``) and float8 weights, and scale each K
 step's product in fp32 (``moe_tile_triton.scaled_dot``); routes, epilogues and outputs are the
-same. FP8 tiles do not warp-specialize (they run ``plain()``).
+same. FP8 tiles do not warp-specialize (they run ``plain()``). The epilogues
+(``moe_tile_triton.w13_store`` / ``w2_store``) take gpt-oss's per-expert biases and activation
+on every route.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ _RUNTIME_INTS = ["num_rows", "slab_rows", "num_pid_m", "num_tokens", "num_flags"
 def moe_w13_kernel(
     x_ptr,  # [tokens or rows, H] activations, unit stride along H
     w,  # [E, 2I, H] gate rows then up rows; with W_TMA a [E, 2, I, H] TMA descriptor
-    h_ptr,  # [num_rows, I] out: SiLU(x W1^T) * (x W3^T) per grouped row
+    h_ptr,  # [num_rows, I] out: act(x W1^T + b1, x W3^T + b3) per grouped row (w13_store)
     counts_ptr,  # [E] rows per expert (not INLINE)
     slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
     ids_ptr,  # [num_rows] expert id per slot (INLINE)

@@ -4,7 +4,9 @@ Used by the kernels in ``moe_gemm_triton``, which decide which tiles a program c
 a persistent loop of them) and where their rows are. Operands: activation rows through pointers
 (they may be gathered), expert weights through pointers or a TMA descriptor (W_TMA); fp32
 accumulation. The epilogues round where the torch reference materializes a tensor in the
-activation dtype.
+activation dtype. Their options are constexpr flags, so a kernel without them compiles the code
+it did before: swiglu_limit's clamp (CLAMP), gpt-oss's activation (ALPHA) and per-expert biases
+(HAS_BIAS: w13's before the activation, w2's before the routing weight).
 
 FP8 (block-scaled e4m3, ``kernels.fp8``): activations and weights are both float8 and each K
 step multiplies its fp32 dot product by the row's activation scale times each column's weight

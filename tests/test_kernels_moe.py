@@ -744,6 +744,15 @@ GPU_FUSED = {
     "fp8_ragged_bf16": Fused("bf16", T=77, H=1000, I=300, E=16, K=4, skip=0.2, unused=(2,),
                              fp8=(128, 128)),
     "fp8_e256_top8_bf16": Fused("bf16", T=64, H=512, I=256, E=256, K=8, fp8=(128, 128)),
+    # gpt-oss-20b's expert dims (32 experts of 2880, top-4) with its biases and activation (a
+    # limit of 1 rather than 7, so that the clamp bites on these random inputs): decode
+    # (inline), 256 tokens (sorted), FP8 with partial [128, 128] blocks
+    "gpt_oss_dims_decode_bf16": Fused("bf16", T=4, H=2880, I=2880, E=32, K=4, skip=0.1,
+                                      swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_dims_256tok_bf16": Fused("bf16", T=256, H=2880, I=2880, E=32, K=4,
+                                      swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_fp8_dims_bf16": Fused("bf16", T=64, H=2880, I=2880, E=32, K=4, fp8=(128, 128),
+                                   swiglu_limit=1.0, gpt_oss=True),
 }
 GPU_GROUPED = {
     "contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
@@ -762,6 +771,10 @@ GPU_GROUPED = {
                                          I=2048, weights=True, fp8=(128, 128)),
     "fp8_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=7168, I=2048, weights=True,
                              fp8=(128, 128)),
+    "gpt_oss_contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=2880, I=2880,
+                                       weights=True, swiglu_limit=1.0, gpt_oss=True),
+    "gpt_oss_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=2880, I=2880, weights=True,
+                                 swiglu_limit=1.0, gpt_oss=True),
 }
 
 
