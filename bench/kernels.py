@@ -5,6 +5,7 @@ hot-path kernels against their torch references.
     python bench/kernels.py --quick [--budget-s 100] [--rounds 3]          # MoE only, A/B
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
     python bench/kernels.py --fp8-only [--smoke]                           # FP8 MoE only
+    python bench/kernels.py --gpt-oss-only [--smoke]                       # gpt-oss experts
     python bench/kernels.py --prefill-only [--smoke]                       # prefill attention
     python bench/kernels.py --verify-only [--smoke]                        # verify-row decode
 
@@ -42,6 +43,16 @@ at the FP8 rate, measured with ``torch._scaled_mm`` where it runs, else taken as
 rate, which is what Hopper's tensor cores give). Checked first on the device: Triton against the
 FP8 torch reference (rel. err < 1e-2) and the FP8 reference against bf16 (< 0.1, FP8's own
 error). ``--fp8-only`` runs just those checks and that table; ``--no-fp8`` skips them.
+
+gpt-oss's experts (``--gpt-oss`` after the MoE tables, or ``--gpt-oss-only``): hidden =
+intermediate = 2880, top-4, bf16, 8, 32 and 128 local experts (20b over 4 FFN ranks; 20b on
+one or 120b over 4; 120b on one), m = 1..512 tokens per expert. Checked first: Triton with the
+expert biases, swiglu_alpha 1.702 and swiglu_limit 7 against the torch reference with them
+(rel. err < 1e-2), which must differ from the one without them (> 0.1). Then, timed in turn,
+``fused_moe`` with them beside the same call without them (the epilogue's cost), the torch path
+with them (what gpt-oss ran before: ``fused_moe_torch`` host-launched, and the per-expert loop
+on grouped rows replayed like the table's ``loop``) and ``grouped_moe`` with and without them,
+each to its floor (``floor_ms`` plus the biases' bytes).
 
 Prefill attention (the full run, after the other kernels, or ``--prefill-only``): the varlen
 Triton kernel, one launch for all sequences, beside the per-sequence SDPA loop it replaced, at
@@ -282,8 +293,9 @@ def grouped_mm_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return slots.view(tokens, top_k, -1).sum(dim=1)  # [T, H]
 
 
-def moe_inputs(num_experts: int, m: int, hidden: int, device: str, w13, w2) -> dict:
-    top_k = min(8, num_experts)
+def moe_inputs(num_experts: int, m: int, hidden: int, device: str, w13, w2,
+               top_k: int = 8) -> dict:
+    top_k = min(top_k, num_experts)
     rows = m * num_experts
     tokens = rows // top_k
     # Token t's slots go to experts (t*K + j) % E: distinct per token, exactly m per expert.
@@ -566,6 +578,150 @@ def format_fp8_row(r: dict) -> str:
             f"fp8/bf16 {_ratio(r.get('fused_fp8_ms'), r.get('fused_bf16_ms'))} | grouped fp8 "
             f"{ms(r.get('grouped_fp8_ms'))} "
             f"{_ratio(r.get('grouped_fp8_ms'), r['floor_fp8_grouped_ms'])}")
+
+
+# gpt-oss's experts (20b: 32 experts, 120b: 128; both top-4, hidden = expert intermediate =
+# 2880, bf16 after the MXFP4 release weights are dequantized on load): swiglu_alpha and
+# swiglu_limit of their config, biases on both projections (kernels.fused_moe's docstring).
+GPT_OSS_HIDDEN, GPT_OSS_INTER, GPT_OSS_TOP_K = 2880, 2880, 4
+GPT_OSS_ACT = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+# Local experts per FFN rank: 8 (20b over 4 ranks), 32 (20b on one, 120b over 4), 128 (120b on
+# one); the table's m = tokens per local expert.
+GPT_OSS_EXPERTS = (8, 32, 128)
+
+
+def gpt_oss_experts(num_experts: int, hidden: int, inter: int, device: str) -> dict:
+    """Random bf16 experts with gpt-oss's options: {"w13", "w2", "opts"}, ``opts`` the keyword
+    arguments of the entries (biases [E, 2I] and [E, H], alpha, limit). The biases are large
+    enough (std 0.5 and 0.1) that leaving one out shows in the output, as in the kernel tests."""
+    w13, w2 = moe_weights(num_experts, hidden, inter, torch.bfloat16, device)
+    opts = {"w13_bias": (0.5 * torch.randn(num_experts, 2 * inter, device=device)
+                         ).to(torch.bfloat16),
+            "w2_bias": (0.1 * torch.randn(num_experts, hidden, device=device)).to(torch.bfloat16),
+            **GPT_OSS_ACT}
+    return {"w13": w13, "w2": w2, "opts": opts}
+
+
+def gpt_oss_floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int,
+                     inter: int) -> float:
+    """``floor_ms`` with the biases' bytes added (bf16 [E, 2I] and [E, H]): the activation and
+    the bias adds are elementwise, no floor of their own."""
+    moved = (num_experts * (3 * hidden * inter + 2 * inter + hidden) + 2 * act_rows * hidden) * 2
+    return _roofline_ms(ceil, moved, 6 * rows * hidden * inter)
+
+
+def check_gpt_oss(errors: list, device: str, hidden: int, inter: int, smoke: bool,
+                  results: list) -> list:
+    """Triton with gpt-oss's options against the torch reference with them (bf16, < 1e-2),
+    and that reference against the one without them (> 0.1: the options reach it), for
+    ``fused_moe`` at a decode size (inline routing) and past the inline limit (sorted), and
+    ``grouped_moe`` (past m = 128: persistent w2 tiles)."""
+    torch.manual_seed(2)
+    cases = ([(4, 8, ("fused_moe", "grouped_moe"))] if smoke else
+             [(8, 16, ("fused_moe", "grouped_moe")), (8, 40, ("fused_moe",)),
+              (8, 256, ("grouped_moe",))])
+    for num_experts, m, entries in cases:
+        w = gpt_oss_experts(num_experts, hidden, inter, device)
+        d = moe_inputs(num_experts, m, hidden, device, w["w13"], w["w2"], GPT_OSS_TOP_K)
+
+        def fused(d=d, w=w):
+            args = (d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"])
+            ref = fused_moe_torch(*args, **w["opts"])
+            return (rel_err(fused_moe_triton(*args, **w["opts"]), ref),
+                    rel_err(fused_moe_torch(*args), ref))
+
+        def grouped(d=d, w=w):
+            ref = grouped_moe_torch(d["x_rows"], d["counts_cpu"], w["w13"], w["w2"], **w["opts"])
+            out = grouped_moe_triton(d["x_rows"], d["counts"], w["w13"], w["w2"], **w["opts"])
+            plain = grouped_moe_torch(d["x_rows"], d["counts_cpu"], w["w13"], w["w2"])
+            return rel_err(out, ref), rel_err(plain, ref)
+
+        for name in entries:
+            fn = fused if name == "fused_moe" else grouped
+            errs = guarded(errors, f"check gpt-oss {name} E={num_experts} m={m}", fn)
+            ok = errs is not None and errs[0] < 1e-2 and errs[1] > 0.1
+            log(f"check gpt-oss {name:12s} E={num_experts:3d} m={m:3d}: rel err to the torch "
+                f"reference {errs and errs[0]}, reference without the options to it "
+                f"{errs and errs[1]}  {'ok' if ok else 'FAIL'}")
+            results.append({"op": f"{name} gpt-oss", "experts": num_experts, "m": m,
+                            "rel_err": errs and errs[0],
+                            "rel_err_without_options": errs and errs[1], "ok": ok})
+        del w, d
+    return results
+
+
+def bench_gpt_oss(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
+                  experts: tuple[int, ...], ms: tuple[int, ...], rounds: int, deadline: float,
+                  rows_out: list) -> list:
+    """Per (E, m) cell, timed in turn (``rounds`` times, medians): ``fused_moe`` on Triton with
+    gpt-oss's options (``fused_oss``) beside the same call without them (``fused_plain``: the
+    epilogue's cost), the torch path with them (``torch_fused``: fused_moe_torch, what gpt-oss
+    ran before, host-launched as the engine ran it, since its per-expert counts go through the
+    host; ``torch_loop``: grouped_moe_torch's per-expert loop on grouped rows, replayed like the
+    table's ``loop``), and ``grouped_moe`` with and without them (an FFN rank's entry); each
+    beside its floor (``gpt_oss_floor_ms``: ``floor_ms`` is the tokens' activations in and
+    out for fused, the rows' for grouped and the loop). Appended to ``rows_out`` as it goes;
+    cells past ``deadline`` are skipped (and say so)."""
+    for num_experts in experts:
+        torch.manual_seed(num_experts)
+        if time.time() > deadline:
+            log(f"  gpt-oss E={num_experts}: skipped, past the time budget")
+            continue
+        w = gpt_oss_experts(num_experts, hidden, inter, device)
+        opts = w["opts"]
+        for m in ms:
+            label = f"gpt-oss E={num_experts} m={m}"
+            if time.time() > deadline:
+                log(f"  {label}: skipped, past the time budget")
+                continue
+            d = moe_inputs(num_experts, m, hidden, device, w["w13"], w["w2"], GPT_OSS_TOP_K)
+            cfg = default_config(d["rows"], num_experts, hidden, inter, torch.bfloat16)
+            inline = inline_route_fits(d["rows"], num_experts,
+                                       max(cfg.w13.block_m, cfg.w2.block_m))
+            row = {"experts": num_experts, "m": m, "tokens": d["tokens"], "top_k": d["top_k"],
+                   "config": repr(cfg), "fused_route": "inline" if inline else "sorted",
+                   "rounds": rounds,
+                   "floor_ms": gpt_oss_floor_ms(ceil, num_experts, d["tokens"], d["rows"],
+                                                hidden, inter),
+                   "floor_grouped_ms": gpt_oss_floor_ms(ceil, num_experts, d["rows"], d["rows"],
+                                                        hidden, inter)}
+            tok = (d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"])
+            grp = (d["x_rows"], d["counts"], w["w13"], w["w2"])
+            loop = (d["x_rows"], d["counts_cpu"], w["w13"], w["w2"])
+            fns = {
+                "fused_oss": lambda a=tok, o=opts: fused_moe_triton(*a, **o),
+                "fused_plain": lambda a=tok: fused_moe_triton(*a),
+                "torch_fused": eager(lambda a=tok, o=opts: fused_moe_torch(*a, **o)),
+                "torch_loop": lambda a=loop, o=opts: grouped_moe_torch(*a, **o),
+                "grouped_oss": lambda a=grp, o=opts: grouped_moe_triton(*a, **o),
+                "grouped_plain": lambda a=grp: grouped_moe_triton(*a),
+            }
+            for name, (median, spread) in timed_in_turn(timer, errors, label, fns,
+                                                        rounds).items():
+                row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
+            rows_out.append(row)
+            log(format_gpt_oss_row(row))
+            del d, tok, grp, loop, fns
+        del w, opts
+    return rows_out
+
+
+GPT_OSS_HEADER = ("gpt-oss  E    m | floor ms | fused+opts  /floor | /plain | torch fused "
+                  "(host)  /floor opts/torch | torch loop /floor | grouped+opts /floor /plain")
+
+
+def format_gpt_oss_row(r: dict) -> str:
+    get = r.get
+    return (f"gpt-oss {r['experts']:3d} {r['m']:4d} | {_ms(r['floor_ms'])} | "
+            f"{_ms(get('fused_oss_ms'))} {_ratio(get('fused_oss_ms'), r['floor_ms'])} | "
+            f"{_ratio(get('fused_oss_ms'), get('fused_plain_ms'))} | "
+            f"{_ms(get('torch_fused_ms'))} {_ratio(get('torch_fused_ms'), r['floor_ms'])} "
+            f"{_ratio(get('fused_oss_ms'), get('torch_fused_ms'))} | "
+            f"{_ms(get('torch_loop_ms'))} {_ratio(get('torch_loop_ms'), r['floor_grouped_ms'])} | "
+            f"{_ms(get('grouped_oss_ms'))} "
+            f"{_ratio(get('grouped_oss_ms'), r['floor_grouped_ms'])} "
+            f"{_ratio(get('grouped_oss_ms'), get('grouped_plain_ms'))} "
+            f"({r['fused_route']})")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -1132,6 +1288,11 @@ def main() -> None:
     parser.add_argument("--fp8-only", action="store_true",
                         help="only the FP8 MoE checks and table (and the ceilings)")
     parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 MoE rows")
+    parser.add_argument("--gpt-oss", action="store_true",
+                        help="add the gpt-oss rows (expert biases, clamped SwiGLU) after the "
+                             "MoE tables")
+    parser.add_argument("--gpt-oss-only", action="store_true",
+                        help="only the gpt-oss MoE checks and rows (and the ceilings)")
     parser.add_argument("--prefill-only", action="store_true",
                         help="only the varlen prefill attention rows (and the ceilings)")
     parser.add_argument("--verify-only", action="store_true",
@@ -1163,14 +1324,14 @@ def main() -> None:
             else "CUDA graph replay (do_bench_cudagraph); grouped_eager_ms host-launched"}
     log(f"{info}")
     result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": [], "prefill": [],
-              "verify": []}
+              "verify": [], "gpt_oss": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
     try:
         result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-        only = args.fp8_only or args.prefill_only or args.verify_only
+        only = args.fp8_only or args.prefill_only or args.verify_only or args.gpt_oss_only
         if args.prefill_only:
             log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
             result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
@@ -1179,19 +1340,32 @@ def main() -> None:
             log(f"[{time.time() - start:.0f}s] verify rows, per row and grouped (ratios: to "
                 f"the floor)")
             result["verify"] = bench_verify(timer, ceil, errors, device, args.smoke)
-        elif not args.fp8_only:
+        elif not (args.fp8_only or args.gpt_oss_only):
             check_moe(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] MoE timings (ratios: to the floor; last two: to "
                 f"gmm)")
             bench_moe(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                       result["moe"])  # filled as it goes: a killed run keeps it
             result["summary"] = summarize(result["moe"])
-        if not args.no_fp8 and not (args.prefill_only or args.verify_only):
+        if not args.no_fp8 and not (args.prefill_only or args.verify_only
+                                    or args.gpt_oss_only):
             check_fp8(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] FP8 MoE timings (block-scaled [128, 128]; each "
                 f"to its own floor)")
             bench_fp8(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                       deadline, result["fp8"])
+        if args.gpt_oss_only or (args.gpt_oss and not (args.prefill_only or args.verify_only
+                                                       or args.fp8_only)):
+            oss_dims = (hidden, inter) if args.smoke else (GPT_OSS_HIDDEN, GPT_OSS_INTER)
+            check_gpt_oss(errors, device, *oss_dims, args.smoke, result["checks"])
+            log(f"[{time.time() - start:.0f}s] gpt-oss MoE timings (top-{GPT_OSS_TOP_K}, hidden "
+                f"= intermediate = {oss_dims[0]}; +opts: biases, alpha, limit; ratios to the "
+                f"floor, /plain: to the same call without the options, opts/torch: Triton "
+                f"with them to the torch path with them)")
+            log(GPT_OSS_HEADER)
+            bench_gpt_oss(timer, ceil, errors, device, *oss_dims,
+                          experts if args.smoke else GPT_OSS_EXPERTS,
+                          (8,) if args.smoke else ms, args.rounds, deadline, result["gpt_oss"])
         # Kept now: a later stage can hang the device (a kill -9 skips the finally below).
         write_json(result, [os.environ.get("OUT") and os.path.join(os.environ["OUT"],
                                                                    "kernels.json")])

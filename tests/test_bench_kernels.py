@@ -212,6 +212,26 @@ def test_bench_kernels_fp8_smoke_runs_on_cpu(tmp_path) -> None:
             assert row[f"{entry}_ms"] > 0
 
 
+def test_bench_kernels_gpt_oss_smoke_runs_on_cpu(tmp_path) -> None:
+    """The gpt-oss section (``GPT_OSS=1 bash bench/gpu_kernels.sh``): Triton with the expert
+    biases, alpha and limit checked against the torch reference (which the options must
+    change), then each cell's six variants timed beside the floor, at tiny dims under the
+    interpreter, top-4."""
+    result = _smoke(tmp_path, "--gpt-oss-only")
+    assert result["errors"] == [] and result["moe"] == [] and result["fp8"] == []
+    checks = result["checks"]
+    assert {c["op"] for c in checks} == {"fused_moe gpt-oss", "grouped_moe gpt-oss"}
+    assert all(c["ok"] and c["rel_err"] < 1e-2 and c["rel_err_without_options"] > 0.1
+               for c in checks)
+    rows = result["gpt_oss"]
+    assert [(r["experts"], r["m"], r["top_k"]) for r in rows] == [(4, 8, 4)]  # smoke: one cell
+    for row in rows:
+        assert 0 < row["floor_ms"] <= row["floor_grouped_ms"]
+        for entry in ("fused_oss", "fused_plain", "torch_fused", "torch_loop", "grouped_oss",
+                      "grouped_plain"):
+            assert row[f"{entry}_ms"] > 0, entry
+
+
 def test_bench_kernels_prefill_smoke_runs_on_cpu(tmp_path) -> None:
     """The prefill attention section (full run, or ``PREFILL=1 bash bench/gpu_kernels.sh``):
     checked against the per-sequence loop, timed beside it and the floor, a launch variant."""
