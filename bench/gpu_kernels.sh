@@ -20,6 +20,16 @@
 #                                        # DeepSeek-V3 dims), then bench/kernels.py --fp8-only
 #                                        # (checks, then FP8 fused/grouped beside bf16 fused
 #                                        # and the FP8 floor, E = 8 and 32, m = 1..512)
+#   GPT_OSS=1 bash bench/gpu_kernels.sh  # gpt-oss's experts only, ~5-6 min (at most 105+245 s
+#                                        # and ~10 s of setup; timeout_s=380): the gpt-oss
+#                                        # GPU MoE tests (biases, clamped SwiGLU; small dims
+#                                        # and gpt-oss-20b's), then bench/kernels.py
+#                                        # --gpt-oss-only (checks, then fused_moe with the
+#                                        # options beside the same call without them, the
+#                                        # torch path with them and the floor, hidden =
+#                                        # intermediate = 2880, top-4, E = 8, 32, 128 local
+#                                        # experts, m = 1..512; cells past the 200 s budget
+#                                        # are skipped, E = 128 last)
 #   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 125+245 s;
 #                                        # timeout_s=400):
 #                                        # its GPU tests, then bench/kernels.py --prefill-only
@@ -53,6 +63,7 @@ QUICK=${QUICK:-0}
 FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
+GPT_OSS=${GPT_OSS:-0}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
 WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the ws probe (70 s) for more tile A/B time
 ROUNDS=${ROUNDS:-3}
@@ -64,7 +75,7 @@ source bench/gpu_env.sh gpu_kernels
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL verify $VERIFY"
+  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL verify $VERIFY gpt_oss $GPT_OSS"
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
@@ -101,6 +112,10 @@ elif [ "$FP8" = 1 ]; then
   run_tests 100 "FP8 GPU MoE tests" -k fp8 tests/test_kernels_moe.py
   run_bench 170 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 140 \
     --rounds "$ROUNDS"
+elif [ "$GPT_OSS" = 1 ]; then
+  run_tests 100 "gpt-oss GPU MoE tests" -k gpt_oss tests/test_kernels_moe.py
+  run_bench 240 "benchmark --gpt-oss-only (writes $OUT/kernels.json)" --gpt-oss-only \
+    --budget-s 200 --rounds "$ROUNDS"
 elif [ "$QUICK" = 1 ]; then
   run_tests 90 "GPU MoE tests" -k "not fp8" tests/test_kernels_moe.py
   stamp "host time per MoE call (writes $OUT/host_overhead.json, host_profile.txt)"

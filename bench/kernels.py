@@ -661,7 +661,8 @@ def bench_gpt_oss(timer: Timer, ceil: dict, errors: list, device: str, hidden: i
     table's ``loop``), and ``grouped_moe`` with and without them (an FFN rank's entry); each
     beside its floor (``gpt_oss_floor_ms``: ``floor_ms`` is the tokens' activations in and
     out for fused, the rows' for grouped and the loop). Appended to ``rows_out`` as it goes;
-    cells past ``deadline`` are skipped (and say so)."""
+    cells past ``deadline`` are skipped (and say so), and no round after a cell's first starts
+    past it."""
     for num_experts in experts:
         torch.manual_seed(num_experts)
         if time.time() > deadline:
@@ -696,8 +697,8 @@ def bench_gpt_oss(timer: Timer, ceil: dict, errors: list, device: str, hidden: i
                 "grouped_oss": lambda a=grp, o=opts: grouped_moe_triton(*a, **o),
                 "grouped_plain": lambda a=grp: grouped_moe_triton(*a),
             }
-            for name, (median, spread) in timed_in_turn(timer, errors, label, fns,
-                                                        rounds).items():
+            for name, (median, spread) in timed_in_turn(timer, errors, label, fns, rounds,
+                                                        deadline).items():
                 row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
             rows_out.append(row)
             log(format_gpt_oss_row(row))
