@@ -28,8 +28,9 @@
 #                                        # options beside the same call without them, the
 #                                        # torch path with them and the floor, hidden =
 #                                        # intermediate = 2880, top-4, E = 8, 32, 128 local
-#                                        # experts, m = 1..512; cells past the 200 s budget
-#                                        # are skipped, E = 128 last)
+#                                        # experts, m = 1..512; cells past the 200 s budget,
+#                                        # GPT_OSS_BUDGET_S, are skipped, E = 128 last;
+#                                        # its timeout is that budget + 40 s)
 #   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 125+245 s;
 #                                        # timeout_s=400):
 #                                        # its GPU tests, then bench/kernels.py --prefill-only
@@ -64,6 +65,7 @@ FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
 GPT_OSS=${GPT_OSS:-0}
+GPT_OSS_BUDGET_S=${GPT_OSS_BUDGET_S:-200}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
 WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the ws probe (70 s) for more tile A/B time
 ROUNDS=${ROUNDS:-3}
@@ -114,8 +116,8 @@ elif [ "$FP8" = 1 ]; then
     --rounds "$ROUNDS"
 elif [ "$GPT_OSS" = 1 ]; then
   run_tests 100 "gpt-oss GPU MoE tests" -k gpt_oss tests/test_kernels_moe.py
-  run_bench 240 "benchmark --gpt-oss-only (writes $OUT/kernels.json)" --gpt-oss-only \
-    --budget-s 200 --rounds "$ROUNDS"
+  run_bench $((GPT_OSS_BUDGET_S + 40)) "benchmark --gpt-oss-only (writes $OUT/kernels.json)" \
+    --gpt-oss-only --budget-s "$GPT_OSS_BUDGET_S" --rounds "$ROUNDS"
 elif [ "$QUICK" = 1 ]; then
   run_tests 90 "GPU MoE tests" -k "not fp8" tests/test_kernels_moe.py
   stamp "host time per MoE call (writes $OUT/host_overhead.json, host_profile.txt)"
