@@ -177,8 +177,11 @@ def _smoke(tmp_path, *flags: str) -> dict:
 
 
 def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
-    result = _smoke(tmp_path, "--quick", "--rounds", "1", "--no-fp8")  # FP8: the test below
+    # FP8: the test below; --gpt-oss adds its rows after the MoE table (the test below too)
+    result = _smoke(tmp_path, "--quick", "--rounds", "1", "--no-fp8", "--gpt-oss")
     assert result["errors"] == []
+    assert [(r["experts"], r["m"]) for r in result["gpt_oss"]] == [(4, 8)]
+    assert {c["op"] for c in result["checks"]} >= {"fused_moe", "fused_moe gpt-oss"}
     assert result["ceilings_end"]["copy_bytes_per_s"] > 0  # measured again at the end: drift
     assert result["checks"] and all(c["ok"] for c in result["checks"])
     for row in result["moe"]:
