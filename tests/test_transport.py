@@ -186,7 +186,8 @@ def peer_experts(ids: list[int]):
     """A RoutedExperts of ``ids`` with ``full_weights``' rows (the colocated layer's, sliced)."""
     from models.moe import RoutedExperts
 
-    cfg = SimpleNamespace(num_experts=E, moe_intermediate_size=I, hidden_size=H)
+    cfg = SimpleNamespace(num_experts=E, moe_intermediate_size=I, hidden_size=H, swiglu_limit=None,
+                          swiglu_alpha=None, expert_bias=False)
     experts = RoutedExperts(cfg, ids, torch.float32)
     w13, w2 = full_weights()
     experts.w13.data.copy_(w13[ids])
