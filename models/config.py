@@ -963,7 +963,10 @@ def _gpt_oss_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int
         rope_raw["rope_parameters"] = GPT_OSS_ROPE  # transformers' default: the release's
     rope = _rope(rope_raw, head_dim, interleaved=False, default_theta=150000.0)
     bias = bool(raw.get("attention_bias", True))
-    common = {**common, "attention_bias": bias, "norm_topk_prob": True,
+    # the release's config.json names no dtype: its weights (all but the MXFP4 experts) are
+    # bf16, which vLLM's "auto" dtype runs too (afd's float32 default would run 4x the bytes)
+    dtype = common["dtype"] if _first(raw, "dtype", "torch_dtype") else "bfloat16"
+    common = {**common, "dtype": dtype, "attention_bias": bias, "norm_topk_prob": True,
               "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-5)),
               "max_position_embeddings": int(raw.get("max_position_embeddings", 131072)),
               "moe_intermediate_size": int(_first(raw, "intermediate_size", default=2880))}

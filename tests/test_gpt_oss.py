@@ -106,7 +106,9 @@ def test_defaults_are_transformers():
 
 def test_release_spelled_config():
     """The release's config.json spelling (rope_theta beside a yarn rope_scaling, MXFP4
-    quantization_config, bf16, its eos and pad ids) reads as transformers reads it."""
+    quantization_config, its eos and pad ids, and no ``torch_dtype``: the release's weights
+    are bf16, which afd then runs, as vLLM's "auto" dtype does) reads as transformers reads
+    it; a dtype given still wins."""
     import transformers as tf
 
     raw = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=VOCAB,
@@ -120,7 +122,7 @@ def test_release_spelled_config():
                quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
                    "model.layers.*.self_attn", "model.layers.*.mlp.router",
                    "model.embed_tokens", "lm_head"]},
-               swiglu_limit=7.0, torch_dtype="bfloat16", eos_token_id=1, pad_token_id=2,
+               swiglu_limit=7.0, eos_token_id=1, pad_token_id=2,
                attention_bias=True, hidden_act="silu")
     cfg, hf = config_from_dict(raw), tf.GptOssConfig(**raw)
     want, got = hf.rope_parameters, cfg.rope
@@ -131,6 +133,7 @@ def test_release_spelled_config():
     assert (cfg.expert_dtype, cfg.fp8, cfg.dtype, cfg.eos_token_ids) == (
         "mxfp4", None, "bfloat16", (1,))
     assert list(cfg.mimo.layer_types) == hf.layer_types
+    assert config_from_dict({**raw, "torch_dtype": "float32"}).dtype == "float32"
 
 
 @pytest.mark.parametrize("change, match", [
