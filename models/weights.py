@@ -437,12 +437,11 @@ def load_weights(model: MoEModel, path: str) -> None:
                     tensor = _read(f, name, files, stored,
                                    cfg.fp8.block_size if cfg.fp8 else None, model.dtype,
                                    _scale_head_rows(cfg, name))
-                elif cfg.fp8 is None:  # quantized here, on the model's device, on its own
-                    source = (_read(f, name, files, stored, None, torch.float32)
-                              if cfg.expert_dtype == "mxfp4"  # gpt-oss's: dequantized first
-                              else _get_tensor(f, stored[name]))
+                elif cfg.fp8 is None and cfg.expert_dtype != "mxfp4":  # quantized here, on
+                    source = _get_tensor(f, stored[name])  # the model's device, on its own
                     tensor, scale = quantize_blocks(source.to(dest.device), cfg.expert_fp8_block)
-                elif cfg.expert_dtype == "fp4":  # MXFP4 -> FP8 blocks, on the model's device
+                elif cfg.expert_dtype in ("fp4", "mxfp4"):  # MXFP4 (DeepSeek-V4's, gpt-oss's)
+                    # -> FP8 blocks exactly (power-of-two block scales), on the model's device
                     mx_packed = _get_tensor(f, stored[name])
                     mx_scale = _read_scale(name, mx_packed, files, stored)
                     tensor, scale = quant_mx.mxfp4_to_fp8_blocks(
