@@ -941,7 +941,7 @@ def _gpt_oss_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int
         raise ValueError(f"{arch}: layer_types must name one of {GPT_OSS_LAYER_TYPES} for each "
                          f"of the {num_layers} layers, got {types!r}")
     head_dim = int(_first(raw, "head_dim", default=64))
-    kv_heads = int(_first(raw, "num_key_value_heads", default=num_heads))
+    kv_heads = int(_first(raw, "num_key_value_heads", default=8))  # GptOssConfig's default
     window = int(_first(raw, "sliding_window", default=128))
     limit = float(_first(raw, "swiglu_limit", default=7.0))
     alpha = float(_first(raw, "swiglu_alpha", default=1.702))

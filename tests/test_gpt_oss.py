@@ -90,9 +90,10 @@ def test_defaults_are_transformers():
     import transformers as tf
 
     raw = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=VOCAB,
-               hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+               hidden_size=64, num_hidden_layers=4, num_attention_heads=16,
+               num_local_experts=4, num_experts_per_tok=2)
     cfg, hf = config_from_dict(raw), tf.GptOssConfig(**raw)
+    assert cfg.num_kv_heads == cfg.mimo.swa_num_kv_heads == hf.num_key_value_heads == 8
     assert list(cfg.mimo.layer_types) == hf.layer_types
     assert (cfg.mimo.sliding_window, cfg.head_dim, cfg.moe_intermediate_size) == (
         hf.sliding_window, hf.head_dim, hf.intermediate_size)
