@@ -197,7 +197,7 @@ def split_head_dim(dim: int) -> tuple[int, int]:
 
 
 def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool = False,
-                   paged: bool = False, fp8_kv: bool = False) -> dict:
+                   paged: bool = False, fp8_kv: bool = False, windowed: bool = False) -> dict:
     """Rows per program, positions per step, warps and stages.
 
     On a GPU: 128 rows (queries x group), 8 warps, two stages, as the flash-attention
@@ -208,7 +208,9 @@ def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool 
     compiled for sm_90a, no spill, 160 KiB of shared memory at D = 128. Not 128 elsewhere: over
     an FP8 cache it spills 8 bytes a thread (G = 8, Triton 3.6), at MLA's 192/128 (ragged) 8
     as well (though it timed faster there, same file: 0.7263 vs 0.8526 ms and 8.1703 vs
-    9.7647), past D = 128 it needs more shared memory than a block has. 64 positions: no
+    9.7647), past D = 128 it needs more shared memory than a block has, and with a sliding
+    window (``windowed``: gpt-oss's sliding layers, D = 64) it spills too (8 bytes a thread at
+    D = 64, 64 at D = 128: Triton 3.9, sm_90a compile check; untimed). 64 positions: no
     spills, 96 KiB at D = 128 and 128 KiB at MLA's 192/128 (the sm_90a compile check). fp32
     runs its dots on the FMA units (tensor cores would round to tf32): 32 x 16 tiles keep it
     out of local memory. The interpreter gets 16 x 16, so the tests' tiles and masks stay
@@ -219,7 +221,7 @@ def default_launch(group: int, dim_k: int, dim_v: int, on_gpu: bool, fp32: bool 
         return {"block_m": rows_min, "block_n": 16, "num_warps": 4, "num_stages": 1}
     if fp32:
         return {"block_m": max(32, rows_min), "block_n": 16, "num_warps": 8, "num_stages": 2}
-    wide = paged and not fp8_kv and max(dim_k, dim_v) <= 128
+    wide = paged and not fp8_kv and not windowed and max(dim_k, dim_v) <= 128
     return {"block_m": max(128, rows_min), "block_n": 128 if wide else 64, "num_warps": 8,
             "num_stages": 2}
 
@@ -232,7 +234,7 @@ def _launch(q, k, v, out, tables, layout: PrefillLayout, scale: float, group: in
         return out
     dim_k, dim_v = q.shape[-1], v.shape[-1]
     launch = default_launch(group, dim_k, dim_v, on_gpu=q.is_cuda, fp32=q.dtype == torch.float32,
-                            paged=paged, fp8_kv=k.dtype == FP8_DTYPE)
+                            paged=paged, fp8_kv=k.dtype == FP8_DTYPE, windowed=window is not None)
     block_m = block_m or launch["block_m"]
     if block_m < group:
         raise ValueError(f"block_m {block_m} must hold a whole group of {group} query heads")

@@ -816,7 +816,7 @@ def compile_prefill(paged: bool, group: int, dim_k: int, dim_v: int, dtype: str,
     ptr = f"*{dtype}"
     defaults = prefill_attention_triton.default_launch(group, dim_k, dim_v, on_gpu=True,
                                                        fp32=dtype == "fp32", paged=paged,
-                                                       fp8_kv=kv == "fp8e4nv")
+                                                       fp8_kv=kv == "fp8e4nv", windowed=window)
     dk_a, dk_b = prefill_attention_triton.split_head_dim(dim_k)
     k_row = (heads // group) * dim_k if paged else heads * dim_k
     v_row = (heads // group) * dim_v if paged else heads * (dim_k + dim_v)  # V a view (MLA)
@@ -849,6 +849,28 @@ def test_mimo_prefill_compiles(group: int, window: bool, kv: str) -> None:
     a 128-position window and sinks, full layers 4 KV heads."""
     compiled = compile_prefill(True, group, 192, 128, "bf16", kv, 64, flat=True, window=window,
                                sinks=window)
+    check(compiled, pipelined=True)
+    assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
+
+
+# gpt-oss's attention through MiMo's kernels at the release's dims: 64 query heads, 8 KV heads
+# (G=8), q/k/v 64 wide over flat cache rows, sinks on every layer (full layers too: no window,
+# and with splits the sink is split 0's starting state); sliding layers a 128-position window
+GPT_OSS_DECODE = [(1, "bf16"), (4, "bf16"), (16, "bf16"), (4, "fp8e4nv")]
+
+
+@pytest.mark.parametrize(("splits", "kv"), GPT_OSS_DECODE)
+def test_gpt_oss_decode_compiles(splits: int, kv: str) -> None:
+    check(compile_gqa_decode(8, 64, splits, kv, 8, 64, sinks=True), pipelined=True)
+    check(compile_gqa_decode_grouped(8, 64, 4, splits, kv, 8, 64, sinks=True), pipelined=True)
+    if splits > 1:
+        check_combine(splits, 64, 64)
+
+
+@pytest.mark.parametrize(("window", "kv"), [(True, "bf16"), (False, "bf16"), (False, "fp8e4nv")])
+def test_gpt_oss_prefill_compiles(window: bool, kv: str) -> None:
+    compiled = compile_prefill(True, 8, 64, 64, "bf16", kv, 64, flat=True, window=window,
+                               sinks=True)
     check(compiled, pipelined=True)
     assert "wgmma" in compiled.asm["ptx"], "q.k and p.v do not run as wgmma"
 
