@@ -191,6 +191,7 @@ class MultiRankClient:
         check_window_layout(engine_cfg, model_cfg, layout.prefill)
         if transport == "deepep" and layout.ffn:
             from afd.deepep import DEFAULT_MAX_DISPATCH_TOKENS as most
+            from afd.deepep import LL_HIDDEN_SIZES
 
             # A step's tokens on an attention rank, unsplit (one prefill chunk is one micro-batch),
             # must fit DeepEP's fixed receive slabs; found mid-step, it would fail the engine.
@@ -200,6 +201,12 @@ class MultiRankClient:
                     f"(DeepEP's low-latency receive slabs), but a step may hold "
                     f"max_num_batched_tokens={engine_cfg.max_num_batched_tokens}: set "
                     f"max_num_batched_tokens <= {most}")
+            # found on the FFN ranks, it fails them once every rank has loaded its weights
+            if model_cfg.hidden_size not in LL_HIDDEN_SIZES:
+                raise ValueError(
+                    f"transport='deepep': DeepEP's low-latency kernels are compiled for hidden "
+                    f"sizes {LL_HIDDEN_SIZES}, the model's hidden_size is "
+                    f"{model_cfg.hidden_size} (gpt-oss: 2880); use transport='torch'")
         self.layout, self.timeout_s = layout, timeout_s
         self.prefill_ep = engine_cfg.prefill_expert_parallel  # the prefill pool steps together
         self.model_shape = (model_cfg.num_layers, model_cfg.num_experts)  # expert load records

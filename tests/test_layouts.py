@@ -568,6 +568,10 @@ def test_bad_layout_options_are_refused_before_start():
                             ({"transport": "deepep"}, "max_num_batched_tokens")):
         with pytest.raises(ValueError, match=field):
             LLM(attention=1, ffn=1, timeout_s=5, **options)
+    # DeepEP's kernels exist for a few hidden sizes (not the default model's 256, nor gpt-oss's
+    # 2880): refused here, not on the FFN ranks once every rank has loaded its weights
+    with pytest.raises(ValueError, match="hidden_size is 256"):
+        LLM(attention=1, ffn=1, timeout_s=5, transport="deepep", max_num_batched_tokens=128)
     # the single-process layout checks them too (it uses none of them)
     for options, field in (({"transport": "deep_ep"}, "transport"),
                             ({"micro_batches": 0}, "micro_batches"),
