@@ -41,9 +41,10 @@ CONFIG = dict(
 )
 
 
-def build_hf_model(seed: int = 0):
+def build_hf_model(seed: int = 0, **overrides):
     """transformers' model (fp32, eager), weights scaled so greedy outputs vary; sinks of
-    about one, the size of the scores, so that they decide outputs."""
+    about one, the size of the scores, so that they decide outputs; ``overrides``: CONFIG's
+    fields changed."""
     import transformers as tf
 
     def sinks(name: str, tensor: torch.Tensor, gen: torch.Generator) -> bool:
@@ -51,7 +52,8 @@ def build_hf_model(seed: int = 0):
             tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
         return name.endswith("sinks")
 
-    return random_hf_model(tf.GptOssForCausalLM, tf.GptOssConfig(**CONFIG), seed, sinks)
+    return random_hf_model(tf.GptOssForCausalLM, tf.GptOssConfig(**{**CONFIG, **overrides}),
+                           seed, sinks)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,16 @@ def test_matches_transformers(gpt_oss):
     token for token and logits within 1e-4 relative."""
     _, path, prompts, expected = gpt_oss
     assert_matches(path, expected, prompts)
+
+
+def test_query_width_other_than_hidden(tmp_path):
+    """The release's q/o width, 64 heads x 64 = 4096, is not its hidden size 2880: here 4
+    heads x 24 = 96 over a hidden size of 64 (and the KV heads' 48), transformers' tokens and
+    logits (checked once at the release's own dims, 2 layers and 4 experts: the same)."""
+    model = build_hf_model(head_dim=24)
+    path = save_checkpoint(model, str(tmp_path))
+    prompts = mixed_prompts(2, lengths=[5, 40])
+    assert_matches(path, [hf_greedy(model, p, NEW_TOKENS) for p in prompts], prompts)
 
 
 def _differs(path, prompts, expected, **engine) -> list[bool]:
