@@ -931,7 +931,8 @@ def _gpt_oss_config(raw: dict[str, Any], common: dict[str, Any], num_layers: int
     sliding one by default; one YaRN rope (GPT-NeoX pairs, every head dim); every layer's MLP
     the MoE: a biased router, top-k of its logits, softmax over the k (afd's softmax over all
     then renormalized over the k: the same weights), experts ``intermediate_size`` wide with
-    biases and gpt-oss's clamped SwiGLU (``swiglu_limit`` 7.0, ``swiglu_alpha`` 1.702)."""
+    biases and gpt-oss's clamped SwiGLU (``swiglu_limit`` 7.0, ``swiglu_alpha`` 1.702). No
+    ``dtype`` / ``torch_dtype`` (the release names none): bf16, its weights' dtype."""
     arch = "gpt_oss"
     types = raw.get("layer_types")
     if types is None:
