@@ -115,7 +115,28 @@ class SplitOutput:
     content: str | None  # None: nothing after the reasoning
 
 
-class ReasoningStream:
+class _Split:
+    """What both streams give once updated: the reasoning (None if none came) and the content
+    read so far; ``parse`` reads a whole answer at once."""
+
+    thought: bool
+    reasoning: GrowingText
+    content: GrowingText
+
+    def update(self, delta: str, final: bool) -> ReasoningPiece:
+        raise NotImplementedError
+
+    def result(self) -> SplitOutput:
+        return SplitOutput(str(self.reasoning) if self.thought else None,
+                           str(self.content) or None)
+
+    def parse(self, text: str) -> SplitOutput:
+        """The whole, unstreamed answer."""
+        self.update(text, final=True)
+        return self.result()
+
+
+class ReasoningStream(_Split):
     """Splits one completion's text into reasoning and content.
 
     ``mode``: "open": the prompt opened the reasoning (text is reasoning until ``</think>``);
@@ -178,17 +199,8 @@ class ReasoningStream:
             self.content.append(piece.content)
         return piece
 
-    def result(self) -> SplitOutput:
-        return SplitOutput(str(self.reasoning) if self.thought else None,
-                           str(self.content) or None)
 
-    def parse(self, text: str) -> SplitOutput:
-        """The whole, unstreamed answer."""
-        self.update(text, final=True)
-        return self.result()
-
-
-class HarmonyStream:
+class HarmonyStream(_Split):
     """Splits a gpt-oss completion (harmony messages, afd.harmony) into reasoning and
     content, as ``ReasoningStream`` does: the bodies of ``analysis`` messages are the
     reasoning (two joined by a newline, as vLLM joins them), those of the other messages
@@ -239,14 +251,6 @@ class HarmonyStream:
         self.content.append(piece.content)
         return piece
 
-    def result(self) -> SplitOutput:
-        return SplitOutput(str(self.reasoning) if self.thought else None,
-                           str(self.content) or None)
-
-    def parse(self, text: str) -> SplitOutput:
-        """The whole, unstreamed answer."""
-        self.update(text, final=True)
-        return self.result()
 
 
 def reasoning_stream(fmt: ReasoningFormat, mode: Mode) -> ReasoningStream | HarmonyStream:
