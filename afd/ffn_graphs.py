@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.fused_moe import moe_backend
+from kernels.backend import resolve_backend
 
 log = logging.getLogger("afd.ffn_graphs")
 
@@ -164,7 +164,7 @@ class ExpertGraphs:
         xs = self.x[:bucket].index_select(0, by_slot)
         slot_counts = full.sum(dim=0)[:n_slots]  # the real slots only: padding is never computed
         w13, w2, fp8 = weights
-        if moe_backend(None, xs, w13, w2, **fp8) == "triton":
+        if resolve_backend(None, xs, w13, w2) == "triton":
             y = kernels.grouped_moe(xs, slot_counts, w13, w2, **fp8)  # rows past sum: unwritten
         else:  # the torch reference reads counts on the host: never captured (CPU emulation)
             real = int(slot_counts.sum())
@@ -198,7 +198,7 @@ class ExpertGraphs:
         then restored): nothing is compiled or retried while capturing."""
         if not self.capture:
             return _Graph(bucket, weights, n_slots, None)
-        if moe_backend(None, self.x, weights[0], weights[1], **weights[2]) != "triton":
+        if resolve_backend(None, self.x, weights[0], weights[1]) != "triton":
             raise RuntimeError("the torch kernel backend (AFD_KERNEL_BACKEND=torch) reads the "
                                "expert counts on the host, which a capture cannot hold")
         saved = self.counts.clone()

@@ -100,13 +100,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
     return F.silu(gate) * up
 
 
-def moe_backend(backend: str | None, *tensors: torch.Tensor, **_: object) -> str:
-    """The backend ``fused_moe`` / ``grouped_moe`` run for ``tensors`` (``resolve_backend``);
-    the keyword arguments (the entries' options: FP8 scales, swiglu_limit, gpt-oss's alpha and
-    biases) do not change it: the Triton kernels take every one of them."""
-    return resolve_backend(backend, *tensors)
-
-
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                limit: float | None = None, alpha: float | None = None,
                b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,7 +283,7 @@ def fused_moe(
                          f"{hidden_states.shape[0]}")
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
-    if moe_backend(backend, hidden_states, w13, w2) == "triton":
+    if resolve_backend(backend, hidden_states, w13, w2) == "triton":
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
@@ -320,7 +313,7 @@ def grouped_moe(
     FP8 weights, swiglu_limit and gpt-oss's options as in ``fused_moe``."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
-    if moe_backend(backend, x, w13, w2) == "triton":
+    if resolve_backend(backend, x, w13, w2) == "triton":
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,

@@ -240,7 +240,7 @@ def test_a_failed_capture_leaves_the_serving_stream_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
     import afd.ffn_graphs as fg
 
-    monkeypatch.setattr(fg, "moe_backend", lambda *args, **kwargs: "triton")  # the one captured
+    monkeypatch.setattr(fg, "resolve_backend", lambda *args: "triton")  # the one captured
     monkeypatch.setattr(kernels, "grouped_moe", lambda xs, counts, *a, **k: xs * 2)
     graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=True)
     a = moe_experts([0, 1])
@@ -277,7 +277,7 @@ def test_the_torch_kernel_backend_is_not_captured(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "graph", Recorder)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
-    monkeypatch.setattr(fg, "moe_backend", lambda *a, **k: "torch")
+    monkeypatch.setattr(fg, "resolve_backend", lambda *a: "torch")
     graphs = ExpertGraphs(2, 2, H, torch.float32, torch.device("cpu"), (1, 2), capture=True)
     a = moe_experts([0, 1])
     graphs.pending = [a]
@@ -331,7 +331,7 @@ def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     calls = []
-    monkeypatch.setattr(fg, "moe_backend", lambda *args, **kwargs: "triton")
+    monkeypatch.setattr(fg, "resolve_backend", lambda *args: "triton")
     monkeypatch.setattr(kernels, "grouped_moe",
                         lambda xs, counts, *a, **k: calls.append(counts.shape) or xs * 2)
     for method in HOST_READS:
