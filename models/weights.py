@@ -162,19 +162,24 @@ def _source(src: str) -> str:
 
 
 def _get_tensor(f, src: str) -> torch.Tensor:
-    """Tensor ``src`` of the open safetensors file ``f``: a fused tensor's part read alone
-    (its expert's rows only: gate's and up's halves of ``gate_up_proj`` each read once)."""
+    """Tensor ``src`` of the open safetensors file ``f``: a fused tensor's part read alone,
+    its expert's rows only and, where it is a de-interleaved half (gpt-oss's gate or up), only
+    that half's rows or columns (a strided slice), so a fused tensor is read once in all."""
     if not isinstance(src, FusedPart):
         return f.get_tensor(src)
     fused = f.get_slice(src.tensor)
-    if src.rows is None:
-        part = fused[src.expert]
-    else:
-        part = fused[src.expert, src.rows[0]: src.rows[1]]
+    index = [src.expert, slice(*src.rows) if src.rows else slice(None)]
+    index += [slice(None)] * (len(fused.get_shape()) - 2)
+    every = None if src.interleave is None else slice(src.interleave, None, 2)
+    if every is not None and src.interleave_rows and src.rows is None:
+        index[1], every = every, None  # rows of [E, N, ...]
+    elif every is not None and not src.flatten and (len(index) > 2 or src.rows is None):
+        index[-1], every = every, None  # columns of [E, K, N], entries of a bias [E, N]
+    part = fused[tuple(index)]
     if src.flatten:
         part = part.flatten(-2)
-    if src.interleave is not None:
-        part = part[src.interleave::2] if src.interleave_rows else part[..., src.interleave::2]
+    if every is not None:
+        part = part[every] if src.interleave_rows else part[..., every]
     if src.transposed:
         part = part.transpose(-2, -1)
     return part.contiguous()

@@ -767,17 +767,22 @@ def test_fused_and_per_expert_names_together_or_fp8_fused_experts_are_refused(tm
         load_model(fused)
 
 
-def test_a_fused_expert_part_reads_only_its_rows(tmp_path):
-    """A part of transformers' fused ``gate_up_proj`` asks the file for its expert's rows
-    alone (gate's or up's half), so the fused tensor is read once in all, not twice; the
-    part is those rows."""
+@pytest.mark.parametrize("layout", ["rows", "gpt_oss", "gpt_oss_mxfp4", "gpt_oss_bias"])
+def test_a_fused_expert_part_reads_only_its_rows(tmp_path, layout):
+    """Each part of a fused experts tensor asks the file for its own entries alone: the
+    expert's rows (transformers' ``gate_up_proj``: gate's or up's half) or, for gpt-oss's
+    interleaved gate/up, every other column (bf16 [E, H, 2I]), row (MXFP4 blocks
+    [E, 2I, K/32, 16]) or entry (bias [E, 2I]) - so the fused tensor is read once in all, not
+    twice - and the part equals those entries of the whole."""
     from safetensors import safe_open
 
     from models.weights import FusedPart, _get_tensor
 
-    fused = torch.randn(3, 8, 5)
+    shape = {"rows": (3, 8, 5), "gpt_oss": (3, 5, 8), "gpt_oss_mxfp4": (3, 8, 2, 4),
+             "gpt_oss_bias": (3, 8)}[layout]
+    fused = torch.randn(shape)
     save_file({"m.experts.gate_up_proj": fused}, str(tmp_path / "f.safetensors"))
-    asked = []
+    read = []
 
     class Recorded:
         def __init__(self, f):
@@ -787,12 +792,31 @@ def test_a_fused_expert_part_reads_only_its_rows(tmp_path):
             whole = self.f.get_slice(name)
 
             class Slice:
+                def get_shape(self):
+                    return whole.get_shape()
+
                 def __getitem__(self, index):
-                    asked.append(index)
-                    return whole[index]
+                    got = whole[index]
+                    read.append(got.numel())
+                    return got
             return Slice()
 
-    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
-        part = _get_tensor(Recorded(f), FusedPart("m.experts.gate_up_proj", 2, (4, 8)))
-    assert torch.equal(part, fused[2, 4:8])
-    assert asked == [(2, slice(4, 8))]
+    name = "m.experts.gate_up_proj"
+    for expert in range(3):
+        for half in (0, 1):
+            if layout == "rows":
+                src, want = FusedPart(name, expert, (4 * half, 4 * half + 4)), \
+                    fused[expert, 4 * half: 4 * half + 4]
+            elif layout == "gpt_oss":
+                src = FusedPart(name, expert, interleave=half, transposed=True)
+                want = fused[expert, :, half::2].T
+            elif layout == "gpt_oss_mxfp4":
+                src = FusedPart(name, expert, interleave=half, interleave_rows=True,
+                                flatten=True)
+                want = fused[expert, half::2].flatten(-2)
+            else:
+                src, want = FusedPart(name, expert, interleave=half), fused[expert, half::2]
+            with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+                part = _get_tensor(Recorded(f), src)
+            assert torch.equal(part, want), (layout, expert, half)
+    assert sum(read) == fused.numel(), read
