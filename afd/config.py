@@ -33,7 +33,8 @@ class EngineConfig:
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes (in decode rows: a sequence
     verifying k drafts is k + 1 rows). Given as None: False on CUDA (as vLLM), True elsewhere
-    (on CPU the graph path runs eagerly and gains nothing).
+    (on CPU the graph path runs eagerly and gains nothing), and True for DeepSeek-V4 and
+    MiMo-V2-Flash / gpt-oss until a GPU has captured them (False opts in).
     ffn_cuda_graphs: on FFN ranks, capture the expert compute of each MoE layer (regroup by
         slot, ``kernels.grouped_moe``, scatter back; not the all_to_all) once per row bucket and
         replay it (afd.ffn_graphs). Opt-in: it has not run on a GPU yet. On CPU nothing is
@@ -442,8 +443,12 @@ def resolve_engine_config(
     if model_cfg.linear_attn is not None and not num_state_snapshots:
         enable_prefix_caching = False  # (a cached block holds KV, not the states)
     window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb)
+    # MiMo-V2-Flash / gpt-oss ("mimo", models.mimo_v2_flash): a graph's batch runs the window
+    # decode kernels with the lengths on the device (the window pool's tables static too), so
+    # enforce_eager=False captures it; not the default until a GPU has captured it (never yet)
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
-        enforce_eager = torch.device(device).type != "cuda" or dsa_sparse or v4
+        enforce_eager = (torch.device(device).type != "cuda" or dsa_sparse or v4
+                         or model_cfg.attention == "mimo")
     if max_model_len > model_cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")

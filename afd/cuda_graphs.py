@@ -35,9 +35,17 @@ graphs keep nothing per size in the pool either.
 Which steps replay (``fits``): decode rows only (no prefill chunk), no more than the largest
 size, one micro-batch, and experts in this process (an all_to_all to FFN ranks sizes its
 messages on the host). Models: MLA and GQA attention, whose decode kernels read the sequence
-lengths on the device and size their grids by shapes only, and DeepSeek-V4's, whose decode
+lengths on the device and size their grids by shapes only; DeepSeek-V4's, whose decode
 rows take a static path in a graph's batch (every entry the tables' width holds, every row's
-window pooled, its entry written only where the row closes it).
+window pooled, its entry written only where the row closes it); and MiMo-V2-Flash's / gpt-oss's
+("mimo": full and sliding-window GQA with sinks), whose decode rows run the window decode
+kernels (``kernels.gqa_decode_triton.window_decode_attention_triton``: lengths on the device,
+splits from the window and the tables' width), their sliding layers' rope computed in the
+forward from the static positions. With a window pool (afd.window_pool) the sliding layers
+read and write through its own tables: those are static buffers too (``window_block_tables``,
+``window_slot_mapping``), their padding rows on the window pool's null block, which no real
+sequence's query reads (its entries there are out of every window) and which the pool never
+hands out, so padding never writes a real sequence's window blocks either.
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
 and scratch-block logic is then checked against plain eager steps on CPU.
@@ -60,8 +68,10 @@ log = logging.getLogger("afd.cuda_graphs")
 MAX_DEFAULT_SIZE = 256
 # Attention kinds whose decode forward reads no tensor data on the host (tests/test_cuda_graphs.py
 # audits each): kernels.mla_decode_attention and kernels.gqa_decode_attention; DeepSeek-V4's
-# static decode path (models.deepseek_v4 V4Attention._decode_rows, a batch without host lengths).
-CAPTURED_ATTENTION = ("mla", "gqa", "v4")
+# static decode path (models.deepseek_v4 V4Attention._decode_rows, a batch without host lengths);
+# MiMo-V2-Flash's / gpt-oss's window decode (models.mimo_v2_flash, kernels.window_attention's
+# window_decode_attention).
+CAPTURED_ATTENTION = ("mla", "gqa", "v4", "mimo")
 
 
 def default_sizes(max_rows: int) -> tuple[int, ...]:
@@ -127,9 +137,12 @@ class DecodeGraphs:
 
     def __init__(self, model: MoEModel, kv_caches: list[torch.Tensor], *, scratch_block: int,
                  block_size: int, max_model_len: int, sizes: tuple[int, ...], capture: bool,
-                 mtp_tokens: int = 0):
+                 mtp_tokens: int = 0, window_null_block: int | None = None):
         """``mtp_tokens``: k, the MTP drafts a step makes (0: no MTP layer; see the module
-        doc); the model's MTP layer writes its KV to the last of ``kv_caches``."""
+        doc); the model's MTP layer writes its KV to the last of ``kv_caches``.
+        ``window_null_block``: with a window pool (afd.window_pool), its null block
+        (``WindowPool.null``), the padding rows' block there; None: no window pool (every
+        step's batch then has no window tables, and with one every step's has them)."""
         if mtp_tokens and getattr(model, "mtp", None) is None:
             raise ValueError(f"mtp_tokens={mtp_tokens} needs a model with its MTP layer")
         if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
@@ -151,6 +164,14 @@ class DecodeGraphs:
                                            device=device)
             self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
             self.logits_index = torch.arange(n, dtype=torch.long, device=device)
+            self.window_null_block = window_null_block
+            self.window_block_tables = self.window_slot_mapping = None
+            if window_null_block is not None:  # the window pool's, as the main pool's above
+                self.window_null_slot = window_null_block * block_size
+                self.window_block_tables = torch.full((n, self.width), window_null_block,
+                                                      dtype=torch.int32, device=device)
+                self.window_slot_mapping = torch.full((n,), self.window_null_slot,
+                                                      dtype=torch.long, device=device)
             # The static outputs every size shares (rows [:size]): outside the graphs' pool, so
             # a size's outputs are never memory another capture may reuse; each step's are
             # read (the runner copies its logits rows out) before the next step's run.
@@ -198,10 +219,14 @@ class DecodeGraphs:
     def _batch(self, size: int) -> ForwardBatch:
         # context_lens stays None: decode attention reads the lengths on the device only.
         out = {layer: self.topk_ids_out[i, :size] for i, layer in enumerate(self.moe_layers)}
-        return ForwardBatch(positions=self.positions[:size],
-                            slot_mapping=self.slot_mapping[:size],
-                            block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
-                            query_lens=[1] * size, num_decodes=size, topk_ids_out=out)
+        batch = ForwardBatch(positions=self.positions[:size],
+                             slot_mapping=self.slot_mapping[:size],
+                             block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
+                             query_lens=[1] * size, num_decodes=size, topk_ids_out=out)
+        if self.window_block_tables is not None:
+            batch.window_block_tables = self.window_block_tables[:size]
+            batch.window_slot_mapping = self.window_slot_mapping[:size]
+        return batch
 
     def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
         """The forward a graph holds; its MoE layers' routing lands in ``self.routed`` (and,
@@ -275,9 +300,10 @@ class DecodeGraphs:
                     and all(_views(ids, self.topk_ids_out) for _, ids in self.routed)):
                 raise RuntimeError(f"the size-{size} decode graph's logits or routing are not "
                                    "in the shared static outputs")
-            # cos/sin: read within a replay only, so their pool memory may be another
-            # capture's; kept on the batch they would stay one allocation per size
-            batch.cos = batch.sin = None
+            # cos/sin (and the rope tables of MiMo's sliding layers, DeepSeek-V4's ropes): read
+            # within a replay only, so their pool memory may be another capture's; kept on the
+            # batch they would stay one allocation per size
+            batch.cos = batch.sin = batch.rope_tables = None
             entry = self.graphs[size] = _Graph(size, batch, graph, self.logits_out[:size],
                                                self.routed)
             if self.mtp_tokens:  # its input: this size's hidden output (the shared one's rows)
@@ -315,6 +341,10 @@ class DecodeGraphs:
         per row. The result is a view of the static output every size shares: read it (and
         ``last_routing``) before the next ``run``, of any size."""
         num, cols = batch.num_seqs, batch.block_tables.shape[1]
+        if (batch.window_block_tables is None) != (self.window_block_tables is None):
+            raise ValueError("a step's window_block_tables (afd.window_pool) must be given "
+                             "exactly when the graphs were built with window_null_block "
+                             f"(here {self.window_null_block})")
         entry = self.graphs[self.padded_size(num)]
         size = entry.size
         self.input_ids[:num].copy_(input_ids)
@@ -323,12 +353,20 @@ class DecodeGraphs:
         self.seq_lens[:num].copy_(batch.seq_lens)
         # Columns past a sequence's blocks keep older ids: valid blocks, never read (seq_lens).
         self.block_tables[:num, :cols].copy_(batch.block_tables)
+        windowed = self.window_block_tables is not None
+        if windowed:  # the same, over the window pool (its null block: no real row reads it)
+            self.window_block_tables[:num, :batch.window_block_tables.shape[1]].copy_(
+                batch.window_block_tables)
+            self.window_slot_mapping[:num].copy_(batch.window_slot_mapping)
         if num < size:  # rows a larger step used go back to padding
             self.input_ids[num:size].zero_()
             self.positions[num:size].zero_()
             self.slot_mapping[num:size].fill_(self.scratch_slot)
             self.seq_lens[num:size].fill_(1)
             self.block_tables[num:size, 0].fill_(self.scratch_block)
+            if windowed:
+                self.window_slot_mapping[num:size].fill_(self.window_null_slot)
+                self.window_block_tables[num:size, 0].fill_(self.window_null_block)
         self.last = (entry, num)
         if entry.graph is None:
             logits = self._forward(size, entry.batch)

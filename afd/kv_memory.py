@@ -113,9 +113,11 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     order), three int64 [k - 1, largest] (the chained rounds' positions, slots, lengths) and
     the chain's block tables int32 [largest, max_model_len / block_size]; in the pool, the
     MTP graph's k passes' fp32 logits [largest, V] as if all were live at once (its one
-    layer's other intermediates reuse what the target's capture freed). 0 when the runner
-    would not capture (model_runner._graphs_apply: an attention kind not in
-    CAPTURED_ATTENTION)."""
+    layer's other intermediates reuse what the target's capture freed). MiMo-V2-Flash /
+    gpt-oss: its torch attention's pieces (``window_activations``) left out, as a captured
+    step's decode rows run the window decode kernels (a capture through the torch path fails:
+    it reads the lengths on the host). 0 when the runner would not capture
+    (model_runner._graphs_apply: an attention kind not in CAPTURED_ATTENTION)."""
     from afd.cuda_graphs import CAPTURED_ATTENTION
 
     if not cfg.cuda_graph_sizes or model_cfg.attention not in CAPTURED_ATTENTION:
@@ -130,7 +132,8 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
         outputs = model_cfg.hidden_size * element + k * 8
         inputs = (3 + 3 * (k - 1)) * 8 + table
         kept += largest * (outputs + inputs) + k * largest * model_cfg.vocab_size * 4
-    return step_activations(model_cfg, cfg, largest, largest, prefill=False) + kept
+    return (step_activations(model_cfg, cfg, largest, largest, prefill=False)
+            - window_activations(model_cfg, cfg) + kept)
 
 
 def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, rows: int,
@@ -283,11 +286,13 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
     budget = min(share - mem.in_use, mem.free) - reserve - pool - states
     blocks = max(0, budget) // per_block - graphs
     sized = {"num_kv_blocks": blocks}
-    if cfg.window_pool:  # (MiMo-V2-Flash: never captured in CUDA graphs, no scratch block)
+    if cfg.window_pool:  # MiMo-V2-Flash / gpt-oss: the main pool's and the window pool's
         sizes = WindowSizes(model_cfg, cfg.block_size, cfg.cache_dtype, cfg.mtp,
                             cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
         blocks, window = sizes.pools(max(0, budget), cfg.num_window_blocks)
         sizes.check(window)
+        if sizes.full_bytes:  # the graphs' scratch block, in the main pool (the window pool's
+            blocks -= graphs  # padding rows use its null block, there anyway)
         sized = {"num_kv_blocks": blocks, "num_window_blocks": window}
         per_block = sizes.full_bytes
     need = -(-cfg.max_model_len // cfg.block_size)

@@ -363,7 +363,9 @@ class ModelRunner:
                                   block_size=self.cfg.block_size,
                                   max_model_len=self.cfg.max_model_len,
                                   sizes=self.cfg.cuda_graph_sizes, capture=capture,
-                                  mtp_tokens=self.cfg.num_speculative_tokens if self.mtp else 0)
+                                  mtp_tokens=self.cfg.num_speculative_tokens if self.mtp else 0,
+                                  # the window pool's null block (WindowPool.null: its last)
+                                  window_null_block=self.window_blocks or None)
         except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager steps
             log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s",
                         type(exc).__name__, exc)

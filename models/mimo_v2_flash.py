@@ -25,8 +25,12 @@ table pointing them at a null block that no query reads; else (num_window_blocks
 every row in the main pool (docs/limits.md#mimo-v2-flash). Attention runs
 ``kernels.window_attention``: where ``kernels.backend`` picks Triton (CUDA) its decode rows
 through the Triton GQA decode kernels and its prefill rows through the paged prefill kernel,
-else torch. Steps stay eager (never
-captured in a CUDA graph).
+else torch. Decode steps may be captured in CUDA graphs (afd.cuda_graphs): a graph's batch
+has no host lengths (``ForwardBatch.context_lens`` None), and its decode rows then go straight
+to ``window_decode_attention``, which under Triton reads the lengths on the device only; the
+sliding layers' rope tables are computed in the forward from the batch's positions
+(``MoEModel.embed``), the value scale is a Python float and the sinks a parameter, so nothing
+in the decode forward reads tensor data on the host (tests/test_cuda_graphs.py audits it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import nn
 
 import kernels
 from kernels.fp8 import to_kv_cache
-from kernels.window_attention import window_attention
+from kernels.window_attention import window_attention, window_decode_attention
 from models.batch import ForwardBatch
 from models.config import ModelConfig
 from models.layers import Rotary, linear
@@ -83,12 +87,18 @@ class MiMoAttention(nn.Module):
         if self.sliding and batch.window_block_tables is not None:  # the window pool's
             tables, slots = batch.window_block_tables, batch.window_slot_mapping
         cache.view(-1, cache.shape[-1])[slots] = to_kv_cache(row, cache.dtype)
-        lens = batch.context_lens
-        if lens is None:  # a CUDA graph's batch: afd never captures this model's steps
-            raise RuntimeError("MiMo-V2-Flash attention needs the rows' lengths on the host")
-        out = window_attention(
-            q, cache, tables, batch.seq_lens, batch.query_lens, lens,
-            batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
-            self.window, self.attention_sink_bias if self.has_sinks else None,
-            groups=batch.decode_groups, layout=batch.prefill_layout())
+        sinks = self.attention_sink_bias if self.has_sinks else None
+        if batch.context_lens is None:  # a CUDA graph's batch (afd.cuda_graphs): decode rows
+            if batch.num_decodes != t:
+                raise ValueError(f"a batch without context_lens must be decode rows only, got "
+                                 f"{batch.num_decodes} of {t} tokens")
+            out = window_decode_attention(q, cache, tables, batch.seq_lens, None,
+                                          self.num_kv_heads, self.v_dim,
+                                          self.cfg.attention_scale, self.window, sinks,
+                                          groups=batch.decode_groups)
+        else:
+            out = window_attention(
+                q, cache, tables, batch.seq_lens, batch.query_lens, batch.context_lens,
+                batch.num_decodes, self.num_kv_heads, self.v_dim, self.cfg.attention_scale,
+                self.window, sinks, groups=batch.decode_groups, layout=batch.prefill_layout())
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

@@ -261,6 +261,130 @@ def test_padding_rows_point_at_the_scratch_block():
         assert torch.equal(table[:num, :2], tables) and (table[num:, 0] == 10).all()
 
 
+@pytest.mark.parametrize("windowed", [False, True])
+def test_padding_rows_point_at_the_scratch_blocks_of_both_pools(windowed):
+    """With a window pool (afd.window_pool: MiMo-V2-Flash's / gpt-oss's sliding layers) the
+    padding rows' window tables and slots are its null block's, whatever a larger step left
+    there, and the real rows' are theirs; without one the graphs hold no window buffers. A
+    step whose window tables do not match how the graphs were built is refused."""
+    from types import SimpleNamespace
+
+    from models.batch import ForwardBatch
+
+    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=1, is_moe_layer=bool, vocab_size=5,
+                                                top_k=2))
+    graphs = DecodeGraphs(model, [torch.zeros(11, 4, 3)], scratch_block=10, block_size=4,
+                          max_model_len=16, sizes=(2, 4, 8), capture=False,
+                          window_null_block=6 if windowed else None)
+    assert (graphs.window_block_tables is None) == (not windowed)
+    seen = []
+    graphs._forward = lambda size, batch: seen.append(
+        (size, batch.window_block_tables is None or batch.window_block_tables.clone(),
+         batch.window_slot_mapping is None or batch.window_slot_mapping.clone())
+    ) or torch.zeros(size, 5)
+    for num in (7, 3, 8, 1, 5):
+        tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
+        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
+                             block_tables=tables, seq_lens=torch.full((num,), 7),
+                             query_lens=[1] * num, num_decodes=num)
+        window = (tables + 1) % 6  # a window pool of 6 blocks (its null block: 6)
+        window[::2, 0] = 6  # some rows' first block out of the window
+        if windowed:
+            batch.window_block_tables, batch.window_slot_mapping = window, window[:, 1] * 4 + 2
+        graphs.run(torch.arange(1, num + 1), batch)
+        size, got_tables, got_slots = seen[-1]
+        assert size == graphs.padded_size(num)
+        if not windowed:
+            assert got_tables is True and got_slots is True  # (no window buffers on the batch)
+            continue
+        assert got_tables.shape == (size, graphs.width)
+        assert torch.equal(got_tables[:num, :2], window)
+        assert torch.equal(got_slots[:num], window[:, 1].long() * 4 + 2)
+        assert (got_tables[num:, 0] == 6).all() and (got_slots[num:] == 24).all()
+    other = ForwardBatch(positions=torch.zeros(1, dtype=torch.long),
+                         slot_mapping=torch.zeros(1, dtype=torch.long),
+                         block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                         seq_lens=torch.ones(1, dtype=torch.long), query_lens=[1], num_decodes=1)
+    if not windowed:
+        other.window_block_tables = torch.zeros(1, 1, dtype=torch.int32)
+        other.window_slot_mapping = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="window_block_tables"):
+        graphs.run(torch.zeros(1, dtype=torch.long), other)
+
+
+# ---- MiMo-V2-Flash and gpt-oss: full and sliding-window layers, with and without the window
+# pool ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["gpt_oss", "mimo_v2_flash"])
+def window_model(request, tmp_path_factory) -> str:
+    """A tiny gpt-oss (sinks on every layer, window 8) or MiMo-V2-Flash (sliding layers with
+    twice the KV heads and sinks, values scaled, window 8) checkpoint."""
+    from ckpt_utils import save_checkpoint
+
+    if request.param == "gpt_oss":
+        from test_gpt_oss import build_hf_model
+    else:
+        from test_mimo_v2_flash import build_hf_model
+    return save_checkpoint(build_hf_model(), str(tmp_path_factory.mktemp(request.param)))
+
+
+def _run_window(path: str, eager: bool, window_blocks: int | None, prompts, params):
+    """An engine over a window model: its tokens, caches (per layer: is it in the window
+    pool, its rows), free blocks of both pools, and the graph path's steps."""
+    from afd.window_pool import window_layers
+
+    llm = LLM(path, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=4, block_size=4,
+              num_kv_blocks=40, num_window_blocks=window_blocks, max_model_len=96,
+              cuda_graph_sizes=[1, 2, 4])
+    core = llm.engine.core
+    runner = core.runner
+    steps = _spy_outputs(runner.graphs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        pooled = window_layers(runner.model.cfg) if core.window else ()
+        caches = [(i in pooled, c.clone()) for i, c in enumerate(runner.kv_caches)]
+        free = (core.allocator.num_free, core.window.num_free if core.window else None)
+    finally:
+        llm.shutdown()
+    return ([[c.token_ids for c in o.outputs] for o in outs], caches, free, steps,
+            runner.graphs, llm.config.num_window_blocks or 0)
+
+
+@pytest.mark.parametrize("window_blocks", [None, 0], ids=["window_pool", "one_pool"])
+def test_window_model_graph_steps_match_eager_steps(window_model, window_blocks):
+    """gpt-oss and MiMo-V2-Flash decode steps through the graph path (eagerly on CPU: the
+    static buffers, padding and scratch blocks), prompts and decodes past the sliding window
+    (8), with the window pool (its own static tables, padding on its null block) and without
+    (num_window_blocks=0: every layer in the main pool): greedy and seeded tokens are eager
+    steps'; the real blocks of both pools hold eager's KV, and the padding rows wrote only
+    the main pool's scratch block and the window pool's null block."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = mixed_prompts(6, seed=2, lengths=[30, 5, 23, 9, 12, 3])
+    params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+              for i in range(6)]
+    params[1] = SamplingParams(temperature=0.9, seed=11, max_tokens=14, ignore_eos=True, n=2)
+    want, eager_kv, eager_free, _, none, pool = _run_window(window_model, True, window_blocks,
+                                                           prompts, params)
+    got, graph_kv, free, steps, graphs, _ = _run_window(window_model, False, window_blocks,
+                                                        prompts, params)
+    assert none is None and graphs is not None and graphs.graphs[1].graph is None
+    assert (graphs.window_null_block is not None) == (window_blocks is None) == (pool > 0)
+    assert got == want
+    assert free == eager_free == (40, pool or None)  # every real block back, in both pools
+    assert any(n < size for n, size, *_ in steps) and any(n == size for n, size, *_ in steps)
+    assert len({size for _, size, *_ in steps}) == 3, steps
+    assert_one_set_of_outputs(graphs, steps)
+    for (pooled, eager), (_, graph) in zip(eager_kv, graph_kv, strict=True):
+        real = pool if pooled else 40  # the pool's real blocks; after them its null / scratch
+        assert eager.shape[0] == real + pooled and graph.shape[0] == real + 1
+        torch.testing.assert_close(graph[:real], eager[:real], atol=1e-4, rtol=1e-4)
+        assert graph[real].abs().sum() > 0  # the padding rows wrote there
+        if pooled:  # no real row writes the null block
+            assert not eager[real].any()
+    assert any(pooled for pooled, _ in graph_kv) == (pool > 0)
+
+
 def test_graphs_only_where_they_apply():
     """Prefill ranks and layouts with FFN ranks step eagerly; so does enforce_eager (default).
     On CPU, with the device said (left out, a GPU box resolves to cuda, and capture of the
@@ -660,8 +784,12 @@ def interpreter_case(name: str, seed: int) -> dict:
     shared: the shared layers' rows through the selected-attention kernel over the full
     layer's indices), a tiny DeepSeek-V4 (CSA at compress rate 2, HCA at 4, sliding; its
     index_topk 3 below the table's 32 CSA entries; rows closing a CSA window, both, none, and
-    position 0) through its static decode path's kernels; "*torch": the same through the
-    torch references, which do read on the host: the audit must catch them."""
+    position 0) through its static decode path's kernels; a tiny MiMo-V2-Flash ("mimo": full
+    and sliding layers, sinks, scaled values) with its window pool (the sliding layers' own
+    tables, blocks out of the window on the null block) and a tiny gpt-oss ("gpt_oss": sinks
+    on every layer, biased attention and experts, one pool), rows past the window (8), through
+    the window decode kernels; "*torch": the same through the torch references, which do read
+    on the host: the audit must catch them."""
     import os
     import tempfile
 
@@ -677,19 +805,21 @@ def interpreter_case(name: str, seed: int) -> dict:
         return async_case(name, seed)
     qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
     v4 = name.startswith("v4")
+    windowed = name.startswith(("mimo", "gpt_oss"))  # (not "mtp": it starts "mt")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
     os.environ["AFD_MOE_INLINE"] = "1" if name == "inline" else "0"
     fmt._env_features.cache_clear()
     found: list[str] = []
     calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0, "dsa_decode": 0,
-             "dsa_selected": 0, "v4_decode": 0, "v4_index": 0}
+             "dsa_selected": 0, "v4_decode": 0, "v4_index": 0, "window_decode": 0}
     counted_fns = ((fmt, "fused_moe_triton", "fused_moe"),
                    (mla, "mla_decode_attention_triton", "mla_decode"),
                    (gqa, "gqa_decode_attention_triton", "gqa_decode"),
                    (dsa, "dsa_decode_attention_triton", "dsa_decode"),
                    (dsa, "dsa_selected_attention_triton", "dsa_selected"),
                    (v4t, "v4_decode_attention_triton", "v4_decode"),
-                   (v4t, "v4_index_scores_triton", "v4_index"))
+                   (v4t, "v4_index_scores_triton", "v4_index"),
+                   (gqa, "window_decode_attention_triton", "window_decode"))
     # Patched for this case only (the cases share a process), restored at the end.
     saved = [(module, fn_name, getattr(module, fn_name)) for module, fn_name, _ in counted_fns]
     saved.append((gqa, "choose_num_splits", gqa.choose_num_splits))
@@ -703,7 +833,18 @@ def interpreter_case(name: str, seed: int) -> dict:
     gqa.choose_num_splits = lambda *args: splits.append(choose(*args)) or splits[-1]
 
     mtp = name.startswith("mtp")
-    if qwen or mtp or v32 or glm5 or v4:
+    if windowed:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ckpt_utils import save_checkpoint
+
+        if name.startswith("gpt_oss"):
+            from test_gpt_oss import build_hf_model as build_window_model
+        else:
+            from test_mimo_v2_flash import build_hf_model as build_window_model
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(build_window_model(), tmp)
+            model = load_model(path, "full", dtype=torch.float32, device="cpu")
+    elif qwen or mtp or v32 or glm5 or v4:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 
@@ -716,16 +857,21 @@ def interpreter_case(name: str, seed: int) -> dict:
             model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
     else:
         model = load_model(default_model_path(), "full", dtype=torch.float32, device="cpu")
+    # MiMo-V2-Flash's window pool: 9 blocks, its null block 9
+    window_null = 9 if name.startswith("mimo") else None
     caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu",
-                                len(model.all_layers()))
+                                len(model.all_layers()), window_blocks=window_null or 0)
     for cache in caches:
         cache.normal_()
     graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16,
                           max_model_len=1024 if qwen else 64, sizes=(4,), capture=False,
-                          mtp_tokens=3 if mtp else 0)
+                          mtp_tokens=3 if mtp else 0, window_null_block=window_null)
     with torch.inference_mode():  # four sequences of 1-4 blocks (the buffers' own mode)
         graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
         graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+        if window_null is not None:  # window 8: the blocks below each row's window are null
+            graphs.window_block_tables[:, :4].copy_(torch.tensor(
+                [[0, 9, 9, 9], [1, 2, 9, 9], [9, 3, 4, 9], [9, 9, 5, 6]]))
     if mtp:  # drafting rows 0, 2, 3; chained entries (rows 2, 0) of 2 and 1 rounds, a padding one
         graphs.last = (graphs.graphs[4], 4)
         tables = np.arange(8, dtype=np.int32).reshape(2, 4)
@@ -781,6 +927,26 @@ def test_decode_forward_reads_nothing_on_the_host():
         host = "Tensor.tolist" if name == "v32_torch" else "Tensor.__int__"
         assert {host, "aten.index.Tensor", "aten.bincount.default",
                 "Tensor.tolist"} <= set(torch_case["found"]), (name, torch_case["found"])
+
+
+def test_window_model_decode_forward_reads_nothing_on_the_host():
+    """MiMo-V2-Flash (with its window pool's tables) and gpt-oss (one pool), rows past the
+    sliding window: a padded decode forward through the Triton kernels (every layer's
+    attention through the window decode kernels, full and sliding; rope, routing, experts)
+    reads no tensor data on the host and runs no op whose shape follows tensor data; through
+    the torch references it does (the window attention's lengths read back)."""
+    results = run_in_interpreter(__file__, ["mimo", "gpt_oss", "mimo_torch"], seed=0,
+                                 workers=1)
+    for name, layers in (("mimo", 4), ("gpt_oss", 3)):
+        result = results[name]
+        assert "error" not in result, (name, result.get("error"))
+        assert result["finite"] and result["shape"][0] == 4
+        assert result["calls"]["window_decode"] == layers and result["calls"]["fused_moe"] > 0
+        assert result["found"] == [], (name, result["found"])
+    torch_case = results["mimo_torch"]
+    assert "error" not in torch_case, torch_case.get("error")
+    assert set(torch_case["calls"].values()) == {0}, torch_case["calls"]
+    assert "Tensor.tolist" in torch_case["found"], torch_case["found"]
 
 
 def test_mtp_graph_forward_reads_nothing_on_the_host():

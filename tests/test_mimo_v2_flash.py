@@ -159,8 +159,8 @@ def test_prefix_cache_hit(mimo, window_blocks):
 def test_ngram_verify_rows_match(mimo, monkeypatch):
     """Speculative verify rows (k + 1 rows of a sequence, each over its own length and
     window): n-gram drafts from a proposer that knows the outputs (every third draft
-    corrupted) keep transformers' tokens; enforce_eager=False builds no CUDA graphs for this
-    model (its steps run eagerly)."""
+    corrupted) keep transformers' tokens, with enforce_eager=False the verify steps through
+    the CUDA graphs' path (eagerly on CPU; the window pool's tables per row)."""
     import afd.scheduler
     from test_spec_decode import oracle
 
@@ -170,9 +170,14 @@ def test_ngram_verify_rows_match(mimo, monkeypatch):
     monkeypatch.setattr(afd.scheduler, "propose_ngram", oracle(runs, 3))
     llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                         "prompt_lookup_max": 3, "prompt_lookup_min": 1},
-              enforce_eager=False, max_model_len=128)
-    assert llm.engine.core.runner.graphs is None
+              enforce_eager=False, max_model_len=128, max_num_seqs=4)
+    graphs, replays = llm.engine.core.runner.graphs, []
+    assert graphs is not None and graphs.window_null_block is not None
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda ids, batch: replays.append(
+        (batch.num_seqs, len(set(batch.block_tables[:, 0].tolist())))) or run(ids, batch))
     assert tokens(llm, prompts) == want
+    assert any(rows > seqs for rows, seqs in replays), replays  # verify rows replayed
     sched = llm.engine.core.scheduler
     assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
 
@@ -456,11 +461,20 @@ def test_window_attention_against_reference(window, sinks, max_scores, monkeypat
     assert len(pieces) == 5 if max_scores > 1000 else len(pieces) > 5
 
 
-def test_no_cuda_graphs_and_activation_reserve(mimo):
-    """CUDA graphs are not captured for MiMo's attention (it reads the rows' lengths on the
-    host): decode steps run eagerly; the KV sizing reserves its torch path's pieces."""
-    cfg = load_config(mimo[1])
-    assert "mimo attention" in unsupported_reason(SimpleNamespace(cfg=cfg))
+def test_cuda_graphs_and_activation_reserve(mimo, monkeypatch):
+    """CUDA graphs capture MiMo's decode steps (tests/test_cuda_graphs.py: the graph path and
+    its host-read audit); opt-in on CUDA (enforce_eager unset: eager until a GPU has captured
+    them). The KV sizing reserves the torch path's pieces for eager steps, but not in the
+    graphs' pool (a captured step's decode rows run the window decode kernels); with a window
+    pool the graphs' scratch block comes off the main pool, as without one."""
+    import json
+
+    from afd.config import resolve_engine_config
+    from afd.kv_memory import FAKE_MEMORY_ENV, graph_pool_reserve, kv_pools_from_memory
+
+    path = mimo[1]
+    cfg = load_config(path)
+    assert unsupported_reason(SimpleNamespace(cfg=cfg)) is None
     engine = SimpleNamespace(max_model_len=128, max_num_batched_tokens=64,
                              cache_dtype=torch.float32, dtype=torch.float32)
     reserve = window_activations(cfg, engine)
@@ -468,6 +482,25 @@ def test_no_cuda_graphs_and_activation_reserve(mimo):
     assert step_activations(cfg, engine, 64, 4, prefill=True) > reserve
     other = SimpleNamespace(attention="gqa")
     assert window_activations(other, engine) == 0
+    for device, given, want in (("cuda", None, True), ("cuda", False, False), ("cpu", None, True)):
+        assert resolve_engine_config(path, cfg, device=device, enforce_eager=given,
+                                     num_kv_blocks=64, max_model_len=128).enforce_eager is want
+    sized = resolve_engine_config(path, cfg, device="cpu", num_kv_blocks=64, block_size=4,
+                                  max_model_len=96, max_num_batched_tokens=32, max_num_seqs=8)
+    pool = graph_pool_reserve(cfg, sized)
+    assert sized.window_pool and 0 < pool < window_activations(cfg, sized)
+    assert pool == (step_activations(cfg, sized, 8, 8, prefill=False)
+                    - window_activations(cfg, sized) + 8 * (2 * 2 * 8 + 5 * 8 + 24 * 4))
+
+    def main_blocks(free: int, graphs: bool) -> dict:
+        monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps(
+            {"single": {"total": 64 * 2**30, "free": free, "in_use": 0}}))
+        return kv_pools_from_memory(sized, cfg, torch.device("cpu"), "single", graphs=graphs)
+
+    free = 3 * 2**30  # above the activation reserve (the torch path's pieces: 2.25 GiB)
+    plain, graphs = main_blocks(free, False), main_blocks(free + pool, True)
+    assert graphs["num_window_blocks"] == plain["num_window_blocks"] == sized.num_window_blocks
+    assert graphs["num_kv_blocks"] == plain["num_kv_blocks"] - 1  # the scratch block
 
 
 class _LiveBytes:
