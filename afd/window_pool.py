@@ -7,8 +7,9 @@ step's first query is at c; a prefill chunk's first query reads window - 1 rows 
 verifying sequence's rows start at c too, and a rejected draft is never counted in c). The
 sliding layers' blocks wholly below that line are given back to this pool and their entries
 in the sequence's window table point at the null block (``WindowPool.null``, one block past
-the pool's, never handed out) that no kernel reads (kernels.window_attention: a row reads from
-its first query's window start, every path). The full layers keep every row in the main pool,
+the pool's, never handed out) that no real row reads (kernels.window_attention: a row reads from
+its first query's window start, every path); a CUDA graph's padding rows write and read it
+(afd.cuda_graphs: the window pool's scratch block). The full layers keep every row in the main pool,
 as before: one block table per pool, ``Sequence.block_ids`` and ``Sequence.window_block_ids``,
 the same length (block b of both holds positions b * block_size ..).
 
@@ -96,7 +97,9 @@ class WindowPool:
                  enable_caching: bool = False):
         self.pool = BlockPool(num_blocks, block_size, enable_caching)
         self.window = window
-        self.null = num_blocks  # the cache tensors' last block: never handed out, never read
+        # the cache tensors' last block: never handed out, never read by a real row (CUDA
+        # graphs' padding rows use it: afd.cuda_graphs)
+        self.null = num_blocks
 
     @property
     def num_free(self) -> int:
