@@ -33,7 +33,9 @@ decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its pr
 through ``prefill_attention_triton.window_prefill_attention_triton``. The ``gpt_oss`` case
 (``test_gpt_oss``'s: sinks on its full layers too) runs those kernels and its routed experts
 through ``fused_moe_triton`` (their biases and clamped ``(up + 1) * gate * sigmoid(alpha *
-gate)`` in the GEMM epilogues). The ``+fp8kv`` cases
+gate)`` in the GEMM epilogues). ``mimograph`` and ``gpt_ossgraph``: the same with their decode
+steps through afd.cuda_graphs' path (eagerly; the window pool's tables static buffers, no host
+lengths: the decode rows straight to the window decode kernel). The ``+fp8kv`` cases
 do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
 kernel the engine calls reads FP8 and converts it in registers, the torch ones cast
 (``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as they were,
@@ -113,13 +115,15 @@ UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
 # gpt-oss: MiMo's attention kernels (sinks on the full layers too, q/k/v as wide), its norms,
 # rotary and routed experts (biases and its activation in the epilogues) Triton
 UNUSED["gpt_oss"] = UNUSED["mimo"]
+# their decode steps through afd.cuda_graphs' path (eagerly), the window pool's tables static
+UNUSED["mimograph"] = UNUSED["gpt_ossgraph"] = UNUSED["mimo"]
 for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's, the
     # Gated DeltaNet launchers Qwen3-Next's
     if _name != "qwen3_next":
         UNUSED[_name] = (*UNUSED[_name], *GDN)
     if not _name.startswith("v4"):
         UNUSED[_name] = (*UNUSED[_name], *V4)
-        if _name not in ("mimo", "gpt_oss"):
+        if not _name.startswith(("mimo", "gpt_oss")):
             UNUSED[_name] = (*UNUSED[_name], *MIMO)
 
 
@@ -159,13 +163,15 @@ def interpreter_case(name: str, seed: int) -> dict:
             add_mtp_layer(path)
             spec = {"method": "mtp", "num_speculative_tokens": 2}
         graphs = {}
-        if name == "mimo":
+        if name in ("mimograph", "gpt_ossgraph"):  # decode steps through afd.cuda_graphs'
+            graphs = {"enforce_eager": False, "max_model_len": 64}
+        if name.startswith("mimo"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import save_checkpoint
             from test_mimo_v2_flash import build_hf_model as build_mimo
 
             path = save_checkpoint(build_mimo(), tmp)
-        if name == "gpt_oss":
+        if name.startswith("gpt_oss"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import save_checkpoint
             from test_gpt_oss import build_hf_model as build_gpt_oss
@@ -191,6 +197,10 @@ def interpreter_case(name: str, seed: int) -> dict:
                   **graphs)
         fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches
                if isinstance(c, torch.Tensor)} == {torch.float8_e4m3fn}  # (not linear states)
+        replays = []  # the decode steps through the graph path
+        if llm.engine.core.runner.graphs is not None:
+            run = llm.engine.core.runner.graphs.run
+            llm.engine.core.runner.graphs.run = lambda *a: replays.append(1) or run(*a)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         tokens, cached = {}, {}
         for backend in ("torch", "triton"):
@@ -199,13 +209,15 @@ def interpreter_case(name: str, seed: int) -> dict:
                                 use_tqdm=False)
             tokens[backend] = [o.outputs[0].token_ids for o in outs]
             cached[backend] = [o.num_cached_tokens for o in outs]
-    return {"tokens": tokens, "calls": calls, "fp8": fp8, "cached": cached}
+    return {"tokens": tokens, "calls": calls, "fp8": fp8, "cached": cached,
+            "replays": len(replays), "graph_path": bool(graphs)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "qwen3_next", "mtp", "v32",
                                   "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
-                                  "v4graph", "mimo", "gpt_oss", "greedy+fp8kv",
+                                  "v4graph", "mimo", "gpt_oss", "mimograph", "gpt_ossgraph",
+                                  "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
                                   "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv",
                                   "qwen3_next+fp8kv"])
@@ -222,5 +234,6 @@ def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
         assert calls[DSA[1]] == calls[DSA[0]] * 5 // 2, calls
     assert all(n > 0 for n in calls.values()), calls
     assert tokens["triton"] == tokens["torch"]
+    assert (result["replays"] > 0) == result["graph_path"], result["replays"]
     if name == "qwen3_next":  # the 17-token prompt again: a state snapshot restored at 16
         assert result["cached"] == {"torch": [0, 0], "triton": [0, 16]}, result["cached"]
