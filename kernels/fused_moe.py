@@ -25,6 +25,14 @@ Activations are quantized per token and group of bk columns before each GEMM (th
 and h = SiLU(gate) * up in the activation dtype), products accumulate in fp32 with the scales
 applied per K block. The torch reference does the same in fp32: it quantizes and dequantizes
 the activations exactly as the kernels do and multiplies by the dequantized weights.
+
+MXFP4 experts (gpt-oss's and DeepSeek-V4's release format, ``kernels.mxfp4``), weights only:
+uint8 weights with uint8 E8M0 ``w13_scale`` / ``w2_scale`` and no ``block_shape``:
+  w13: [E, 2I, H/2] uint8 (two e2m1 values a byte), w13_scale: [E, 2I, H/32] uint8
+  w2:  [E, H, I/2] uint8,                           w2_scale:  [E, H, I/32] uint8
+(H and I multiples of 32). The activations stay unquantized: each expert's weights are
+dequantized (exactly) to the activation dtype and its GEMMs run as unquantized ones do, so an
+MXFP4 expert gives what its weights dequantized on load give.
 """
 
 from __future__ import annotations
@@ -33,25 +41,69 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import resolve_backend
+from kernels import mxfp4
 from kernels.fp8 import FP8_DTYPE, check_block_shape, dequantize_blocks, quant_dequant
+
+MXFP4_DTYPE = torch.uint8  # packed MXFP4 expert weights (module docstring)
 
 
 def _check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[int, int]:
+    """(E, I) of experts for inputs ``hidden`` wide: w13 [E, 2I, H], w2 [E, H, I] (MXFP4's
+    packed uint8: [E, 2I, H/2], [E, H, I/2]); ValueError naming the shapes otherwise."""
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w13 and w2 must be 3-D [E, 2I, H] / [E, H, I], got {tuple(w13.shape)}, "
                          f"{tuple(w2.shape)}")
     num_experts, two_i, h = w13.shape
-    if h != hidden or two_i % 2 or w2.shape != (num_experts, hidden, two_i // 2):
+    per_byte = 2 if w13.dtype == MXFP4_DTYPE else 1  # values a stored element holds
+    inter = two_i // 2
+    if (h * per_byte != hidden or two_i % 2
+            or w2.shape != (num_experts, hidden, inter // per_byte)
+            or inter % per_byte):
+        packed = " (MXFP4: [E, 2I, H/2] and [E, H, I/2] bytes)" if per_byte == 2 else ""
         raise ValueError(f"weight shapes do not match: w13 {tuple(w13.shape)}, "
-                         f"w2 {tuple(w2.shape)}, hidden {hidden}")
-    return num_experts, two_i // 2
+                         f"w2 {tuple(w2.shape)}, hidden {hidden}{packed}")
+    return num_experts, inter
+
+
+def is_mxfp4(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+             w2_scale: torch.Tensor | None,
+             block_shape: tuple[int, int] | list[int] | None) -> bool:
+    """True when the weights are MXFP4 (uint8) with matching E8M0 scales (module docstring),
+    False when neither weight is uint8; ValueError naming what is wrong otherwise."""
+    if w13.dtype != MXFP4_DTYPE and w2.dtype != MXFP4_DTYPE:
+        return False
+    if w13.dtype != w2.dtype:
+        raise ValueError(f"MXFP4 experts need both w13 and w2 uint8, got {w13.dtype}, {w2.dtype}")
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("uint8 (MXFP4) expert weights need w13_scale and w2_scale (their E8M0 "
+                         "scale bytes)")
+    if block_shape is not None:
+        raise ValueError(f"block_shape {list(block_shape)} is for FP8 experts; MXFP4's groups "
+                         f"are {mxfp4.MX_GROUP} values along the input dim")
+    num_experts, two_i, half_h = w13.shape
+    inter = two_i // 2
+    if (2 * half_h) % mxfp4.MX_GROUP or inter % mxfp4.MX_GROUP:
+        raise ValueError(f"MXFP4 experts need hidden ({2 * half_h}) and intermediate ({inter}) "
+                         f"sizes that are multiples of {mxfp4.MX_GROUP}")
+    want13 = (num_experts, two_i, 2 * half_h // mxfp4.MX_GROUP)
+    want2 = (num_experts, 2 * half_h, inter // mxfp4.MX_GROUP)
+    if tuple(w13_scale.shape) != want13 or tuple(w2_scale.shape) != want2:
+        raise ValueError(f"MXFP4 w13_scale must be {list(want13)} and w2_scale {list(want2)}, "
+                         f"got {list(w13_scale.shape)} and {list(w2_scale.shape)}")
+    if w13_scale.dtype != torch.uint8 or w2_scale.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 scales must be uint8 (E8M0 bytes), got {w13_scale.dtype}, "
+                         f"{w2_scale.dtype}")
+    return True
 
 
 def check_fp8(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
               w2_scale: torch.Tensor | None,
               block_shape: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     """The block shape (bn, bk) when the weights are FP8 with matching scales, None when they
-    are not FP8 (and no scales were given); ValueError naming what is wrong otherwise."""
+    are not FP8 (and no scales were given, or the weights are MXFP4: ``is_mxfp4``); ValueError
+    naming what is wrong otherwise."""
+    if is_mxfp4(w13, w2, w13_scale, w2_scale, block_shape):
+        return None
     if w13_scale is None and w2_scale is None:
         if w13.dtype == FP8_DTYPE or w2.dtype == FP8_DTYPE:
             raise ValueError("float8 expert weights need w13_scale and w2_scale (their block "
@@ -134,12 +186,17 @@ def _expert_fn(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | No
                w2_scale: torch.Tensor | None, block_shape: tuple[int, int] | None,
                limit: float | None = None, alpha: float | None = None,
                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
-    """fn(x, e): expert e's FFN on rows x, bf16/fp32 or FP8 as the weights are."""
+    """fn(x, e): expert e's FFN on rows x, bf16/fp32, FP8 or MXFP4 as the weights are."""
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     check_biases(w13, w2, w13_bias, w2_bias)
 
     def bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
         return None if b is None else b[e]
+
+    if w13.dtype == MXFP4_DTYPE:  # dequantized to the activations' dtype, then as plain ones
+        return lambda x, e: expert_ffn(x, mxfp4.dequantize(w13[e], w13_scale[e], x.dtype),
+                                       mxfp4.dequantize(w2[e], w2_scale[e], x.dtype), limit,
+                                       alpha, bias(w13_bias, e), bias(w2_bias, e))
 
     if block is None:
         return lambda x, e: expert_ffn(x, w13[e], w2[e], limit, alpha, bias(w13_bias, e),
@@ -284,6 +341,7 @@ def fused_moe(
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
     if resolve_backend(backend, hidden_states, w13, w2) == "triton":
+        _no_mxfp4_triton(w13)
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
@@ -314,6 +372,7 @@ def grouped_moe(
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
     if resolve_backend(backend, x, w13, w2) == "triton":
+        _no_mxfp4_triton(w13)
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
@@ -321,3 +380,9 @@ def grouped_moe(
                                   swiglu_limit=swiglu_limit, **gpt_oss)
     return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block,
                              swiglu_limit, **gpt_oss)
+
+
+def _no_mxfp4_triton(w13: torch.Tensor) -> None:
+    if w13.dtype == MXFP4_DTYPE:
+        raise NotImplementedError("MXFP4 (uint8) experts have no Triton route yet: "
+                                  "backend='torch' runs them")

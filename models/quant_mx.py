@@ -8,7 +8,7 @@ weight_block_size [128, 128], scale_fmt "ue8m0"} and a top-level ``expert_dtype`
   its fp32 ``weight_scale_inv`` stored as E8M0). ``models.weights`` dequantizes them on load.
 * Routed experts, MXFP4 (the OCP MX spec's, as gpt-oss's): ``X.weight`` int8 [N, K/2], two
   e2m1 values a byte, the value of column 2j in the low nibble and of column 2j+1 in the high
-  one (bits 3..0 of a nibble: sign, 2 exponent bits, 1 mantissa bit; ``E2M1``), beside
+  one (bits 3..0 of a nibble: sign, 2 exponent bits, 1 mantissa bit; ``kernels.mxfp4.E2M1``), beside
   ``X.scale`` float8_e8m0fnu [N, K/32]: one scale 2^(byte - 127) per 32 consecutive values
   along the input dim (DeepSeek-V4's inference/convert.py reads them so; so do vLLM's and
   SGLang's V4 loaders).
@@ -31,11 +31,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
     import torch
 
-# e2m1 by nibble (bit 3 the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-MX_GROUP = 32  # values along the input dim that share one E8M0 scale
-E8M0_BIAS = 127
+# kernels.mxfp4's (which imports torch): values along the input dim that share one E8M0 scale
+MX_GROUP = 32
+
 E4M3_SPAN = 14  # group exponents a block may span for the FP8 conversion to be exact (above)
 SCALE_FMTS = (None, "ue8m0")
 EXPERT_DTYPES = (None, "fp8", "fp4")
@@ -84,17 +82,9 @@ def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
                             f"{raw.dtype}")
     if bool((raw == 255).any()):
         raise MxFormatError(f"{name}: an E8M0 scale byte is 0xFF (NaN)")
-    return torch.exp2(raw.float() - E8M0_BIAS)
+    from kernels import mxfp4
 
-
-def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
-    """int8/uint8 [..., K/2] -> fp32 [..., K]: column 2j from byte j's low nibble, 2j+1 from its
-    high nibble."""
-    import torch
-
-    raw = packed.view(torch.uint8).long()
-    table = torch.tensor(E2M1, device=packed.device)
-    return torch.stack([table[raw & 0xF], table[raw >> 4]], dim=-1).flatten(-2)
+    return mxfp4.e8m0_values(raw)
 
 
 def _group_scales(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
@@ -113,9 +103,10 @@ def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
                      name: str = "weight") -> torch.Tensor:
     """MXFP4 weight [N, K/2] and its E8M0 scales [N, K/32] -> [N, K] in ``dtype`` (the fp32
     products are exact: e2m1 times a power of two)."""
-    groups = _group_scales(packed, scale, name)
-    values = unpack_e2m1(packed)
-    return (values * groups.repeat_interleave(MX_GROUP, -1)).to(dtype)
+    from kernels import mxfp4
+
+    _group_scales(packed, scale, name)
+    return mxfp4.dequantize(packed, scale, dtype)
 
 
 def _block_exponents(groups: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -138,6 +129,8 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, scale: torch.Tensor, block: tuple[
     ``E4M3_SPAN`` (module docstring). ``block``'s columns: a multiple of 32."""
     import torch
 
+    from kernels import mxfp4
+
     if block[1] % MX_GROUP:
         raise MxFormatError(f"{name}: FP8 block {block} must have a multiple of {MX_GROUP} "
                             "columns to hold whole MXFP4 groups")
@@ -146,7 +139,7 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, scale: torch.Tensor, block: tuple[
     rows, cols = packed.shape[0], 2 * packed.shape[1]
     full = block_scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)
     offset = groups.repeat_interleave(MX_GROUP, -1) / full[:, :cols]  # 2^(e - e_max + 6)
-    q = (unpack_e2m1(packed) * offset).to(torch.float8_e4m3fn)
+    q = (mxfp4.unpack_e2m1(packed) * offset).to(torch.float8_e4m3fn)
     return q, block_scale
 
 
