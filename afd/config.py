@@ -61,9 +61,11 @@ class EngineConfig:
         whole model and steps on its own.
     quantization: "fp8" when the routed experts are in FP8 on every rank that holds them
         (kernels.fused_moe's w8a8 block path): an FP8 checkpoint's as stored, a bf16/fp32
-        checkpoint's quantized on load (models.weights). None when every weight is in
-        ``dtype``. Only the routed experts: attention, dense MLP, shared experts and lm_head
-        are in ``dtype``.
+        checkpoint's quantized on load (models.weights). "mxfp4" when a checkpoint's MXFP4
+        routed experts (gpt-oss's, DeepSeek-V4's releases) stay packed on every rank that
+        holds them (uint8 with E8M0 scale bytes, kernels.fused_moe's weight-only MXFP4 path).
+        None when every weight is in ``dtype``. Only the routed experts: attention, dense
+        MLP, shared experts and lm_head are in ``dtype``.
     num_speculative_tokens: draft tokens verified per decoding sequence and step (0: no
         speculative decoding; afd.spec_decode). prompt_lookup_max / prompt_lookup_min: the
         longest and shortest n-gram looked up. speculative_method: "ngram", or "mtp" (drafts
@@ -141,6 +143,10 @@ class EngineConfig:
         return self.quantization == "fp8"
 
     @property
+    def mxfp4_experts(self) -> bool:
+        return self.quantization == "mxfp4"
+
+    @property
     def cache_dtype(self) -> torch.dtype:
         """The element type of every layer's KV cache (``kv_cache_dtype``)."""
         return cache_dtype(self.kv_cache_dtype, self.dtype)
@@ -151,7 +157,8 @@ class EngineConfig:
 
         return load_model(self.model, role, expert_ids, dtype=self.dtype, device=device,
                           fp8_experts=self.fp8_experts, mtp=self.mtp,
-                          hf_overrides=self.hf_overrides, load_format=self.load_format)
+                          hf_overrides=self.hf_overrides, load_format=self.load_format,
+                          mxfp4_experts=self.mxfp4_experts)
 
     @property
     def speculative(self) -> SpecConfig | None:
@@ -167,7 +174,7 @@ class EngineConfig:
         return bool(self.num_speculative_tokens) and self.speculative_method == "mtp"
 
 
-QUANTIZATIONS = (None, "fp8", "dequantize")
+QUANTIZATIONS = (None, "fp8", "mxfp4", "dequantize")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # vLLM's --kv-cache-dtype names afd takes; "fp8" and "fp8_e4m3" are one format
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -204,7 +211,8 @@ def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
 def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
                          device: str) -> str | None:
     """What ``quantization`` (as given to LLM/serve) means for this checkpoint and device:
-    "fp8" (routed experts kept in FP8) or None (every weight dequantized to the run dtype).
+    "fp8" (routed experts kept in FP8), "mxfp4" (a checkpoint's MXFP4 routed experts kept
+    packed) or None (every weight dequantized to the run dtype).
 
     None (the default) follows the checkpoint: an FP8 ``quantization_config`` keeps the experts
     in FP8 where the MoE runs as Triton kernels (CUDA, unless AFD_KERNEL_BACKEND=torch), and
@@ -214,9 +222,20 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
     FP8, routed experts only); "dequantize" dequantizes everything, as before FP8 experts
     existed. An INT4 (compressed-tensors) checkpoint is a bf16 one here: its experts are
     dequantized on load, and with "fp8" quantized from there (``models.quant_int4``).
+
+    "mxfp4" keeps the MXFP4 routed experts of gpt-oss's and DeepSeek-V4's releases as stored
+    (about a quarter of bf16's bytes, half of FP8's), weight-only: each expert is dequantized
+    exactly to the run dtype as it runs, so outputs equal the dequantized load's. Not the
+    default (the default dequantizes them, or converts V4's to FP8 where FP8 is kept): it is
+    refused for a checkpoint without MXFP4 experts, for hidden / expert sizes not multiples
+    of 32, and on CUDA with Triton kernels while ``kernels.fused_moe`` has no Triton route for
+    them (AFD_KERNEL_BACKEND=torch runs them there).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "mxfp4":
+        _check_mxfp4(model_cfg, device)
+        return "mxfp4"
     if quantization == "fp8" and model_cfg.fp8 is None:
         if not model_cfg.num_experts:
             raise ValueError("quantization='fp8' on a checkpoint without FP8 weights quantizes "
@@ -232,6 +251,26 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
     triton_moe = (device.startswith("cuda") and os.environ.get("AFD_KERNEL_BACKEND") != "torch"
                   and triton_available())
     return "fp8" if triton_moe else None
+
+
+def _check_mxfp4(model_cfg: ModelConfig, device: str) -> None:
+    """quantization='mxfp4' for this checkpoint and device, or ValueError /
+    NotImplementedError naming why not (``resolve_quantization``)."""
+    from models.moe import MXFP4_EXPERT_DTYPES, check_mxfp4_sizes, no_mxfp4_experts
+
+    if not model_cfg.num_experts or model_cfg.expert_dtype not in MXFP4_EXPERT_DTYPES:
+        raise ValueError(no_mxfp4_experts(model_cfg))
+    check_mxfp4_sizes(model_cfg)
+    from kernels import fused_moe
+    from kernels.backend import triton_available
+
+    triton_moe = (device.startswith("cuda") and os.environ.get("AFD_KERNEL_BACKEND") != "torch"
+                  and triton_available())
+    if triton_moe and hasattr(fused_moe, "_no_mxfp4_triton"):  # until its Triton route lands
+        raise NotImplementedError("quantization='mxfp4' on CUDA: kernels.fused_moe has no Triton "
+                                  "route for MXFP4 experts yet; set AFD_KERNEL_BACKEND=torch (the "
+                                  "torch path, slow) or leave quantization unset (dequantized "
+                                  "on load)")
 
 
 def _positive(name: str, value: int | None) -> None:

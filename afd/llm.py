@@ -295,8 +295,9 @@ class LLM:
     stay in FP8 where the MoE runs as Triton kernels, on CUDA; every other weight, and the
     experts elsewhere, are dequantized to ``dtype``; a bf16 checkpoint loads as it is); "fp8"
     keeps the experts in FP8 on any device, quantizing a bf16/fp32 checkpoint's on load
-    ([128, 128] blocks); "dequantize" dequantizes every weight
-    (``afd.config.resolve_quantization``).
+    ([128, 128] blocks); "mxfp4" keeps a checkpoint's MXFP4 routed experts (gpt-oss's,
+    DeepSeek-V4's releases) packed, weight-only (outputs equal the dequantized load's);
+    "dequantize" dequantizes every weight (``afd.config.resolve_quantization``).
     ``speculative_config``: speculative decoding, vLLM's dict: n-gram drafts (``{"method":
     "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...}``)
     or the checkpoint's MTP layer (``{"method": "mtp", "num_speculative_tokens": k}``, k <= 4);

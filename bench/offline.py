@@ -126,7 +126,8 @@ def main() -> None:
                     help="dummy: random weights from config.json alone (needs --skip-hf)")
     ap.add_argument("--hf-overrides", default=None, metavar="JSON",
                     help="config.json keys replaced, e.g. '{\"num_hidden_layers\": 5}'")
-    ap.add_argument("--quantization", default=None, choices=["fp8", "dequantize"])
+    ap.add_argument("--quantization", default=None,
+                    choices=["fp8", "mxfp4", "dequantize"])
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                     help="fp8 / fp8_e4m3: the KV cache in FP8 e4m3 (scale 1.0, see README)")
     ap.add_argument("--json", default=None, help="where to write the result JSON")

@@ -211,11 +211,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "use, prefix cache hit rate: every AFD_LOG_STATS_INTERVAL seconds, "
                          "default 10), as vLLM's")
     vllm.add_argument("--disable-log-requests", action="store_true", help="no effect")
-    ap.add_argument("--quantization", "-q", default=None, choices=["fp8", "dequantize"],
+    ap.add_argument("--quantization", "-q", default=None,
+                    choices=["fp8", "mxfp4", "dequantize"],
                     help="default: follow the checkpoint (an FP8 block-scaled checkpoint keeps "
-                         "its routed experts in FP8 on CUDA, dequantizes them elsewhere); fp8: "
-                         "keep them in FP8 on any device (a bf16 checkpoint's quantized on "
-                         "load, 128x128 blocks); dequantize: every weight in --dtype. "
+                         "its routed experts in FP8 on CUDA, dequantizes them elsewhere; "
+                         "MXFP4 experts are dequantized); fp8: keep them in FP8 on any device "
+                         "(a bf16 checkpoint's quantized on load, 128x128 blocks; MXFP4 ones "
+                         "converted); mxfp4: keep a checkpoint's MXFP4 routed experts packed "
+                         "(gpt-oss's, DeepSeek-V4's releases; weight-only, dequantized "
+                         "exactly as each runs); dequantize: every weight in --dtype. "
                          "Other weights are always dequantized")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                     help="auto: the KV cache in --dtype; fp8 / fp8_e4m3: FP8 e4m3, scale 1.0 "

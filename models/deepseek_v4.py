@@ -633,9 +633,9 @@ class V4DecoderLayer(nn.Module):
     routed experts with the clamped SwiGLU. The residual handed on is ``pack_state``'s row."""
 
     def __init__(self, cfg: ModelConfig, index: int, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
+                 dtype: torch.dtype, device=None, expert_format: str | None = None):
         super().__init__()
-        from models.moe import RoutedExperts
+        from models.moe import build_experts
 
         self.cfg, self.index, self.is_moe = cfg, index, True
         v4 = cfg.v4
@@ -654,8 +654,7 @@ class V4DecoderLayer(nn.Module):
                     v4.swiglu_limit, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
-            block = cfg.expert_fp8_block if fp8_experts else None
-            self.mlp.experts = RoutedExperts(cfg, ids, dtype, device, fp8_block=block,
+            self.mlp.experts = build_experts(cfg, ids, dtype, device, expert_format,
                                              swiglu_limit=v4.swiglu_limit)
 
     def streams_in(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

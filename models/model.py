@@ -28,7 +28,8 @@ from models.attention import GQAttention, MLAttention
 from models.batch import ForwardBatch
 from models.config import MTP_ARCHITECTURES, ModelConfig
 from models.layers import DenseMLP, RMSNorm, Rotary, embedding, linear
-from models.moe import RoutedExperts, Router, Routing
+from models.moe import (MXFP4_EXPERT_DTYPES, Router, Routing, build_experts,
+                        no_mxfp4_experts)
 
 ROLES = ("full", "attention", "ffn")
 
@@ -46,7 +47,7 @@ class MoEBlock(nn.Module):
     """HF ``mlp`` of a MoE layer: ``gate`` (router), ``shared_experts``, ``experts``."""
 
     def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
+                 dtype: torch.dtype, device=None, expert_format: str | None = None):
         super().__init__()
         if role != "ffn":
             self.gate = Router(cfg, dtype, device)
@@ -59,13 +60,12 @@ class MoEBlock(nn.Module):
                 attach_gated_shared_expert(self, cfg, dtype, device)
         if role != "attention":
             ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
-            block = cfg.expert_fp8_block if fp8_experts else None
-            self.experts = RoutedExperts(cfg, ids, dtype, device, fp8_block=block)
+            self.experts = build_experts(cfg, ids, dtype, device, expert_format)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
+                 dtype: torch.dtype, device=None, expert_format: str | None = None):
         super().__init__()
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
@@ -91,7 +91,7 @@ class DecoderLayer(nn.Module):
             if not self.is_moe:
                 self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         if self.is_moe:
-            self.mlp = MoEBlock(cfg, role, expert_ids, dtype, device, fp8_experts)
+            self.mlp = MoEBlock(cfg, role, expert_ids, dtype, device, expert_format)
 
     # ---- attention half -------------------------------------------------------------------
     def attention_half(self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -151,8 +151,8 @@ class MTPLayer(DecoderLayer):
     only, as for any MoE layer."""
 
     def __init__(self, cfg: ModelConfig, role: str, expert_ids: list[int] | None,
-                 dtype: torch.dtype, device=None, fp8_experts: bool = False):
-        super().__init__(cfg, cfg.num_layers, role, expert_ids, dtype, device, fp8_experts)
+                 dtype: torch.dtype, device=None, expert_format: str | None = None):
+        super().__init__(cfg, cfg.num_layers, role, expert_ids, dtype, device, expert_format)
         if role == "ffn":
             return
         hidden = cfg.hidden_size
@@ -199,7 +199,9 @@ class MoEModel(nn.Module):
 
     ``fp8_experts``: keep the routed experts in FP8 with their block scales (as an FP8
     checkpoint stores them, or quantized on load from a bf16/fp32 one: ``models.weights``);
-    every other weight is in ``dtype``. ``mtp``: build the checkpoint's first
+    ``mxfp4_experts``: keep a checkpoint's MXFP4 routed experts packed (uint8 with their E8M0
+    scale bytes, ``RoutedExperts``; gpt-oss's and DeepSeek-V4's releases); every other weight
+    is in ``dtype``. ``mtp``: build the checkpoint's first
     multi-token-prediction layer too (``self.mtp``; DeepSeek only).
     ``expert_ids``: the routed experts held (slot order), in every MoE layer or per layer
     ({layer index: ids}, an FFN rank's per-layer placement; the MTP layer is index
@@ -209,20 +211,26 @@ class MoEModel(nn.Module):
     def __init__(self, cfg: ModelConfig, role: str = "full",
                  expert_ids: list[int] | dict[int, list[int]] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 fp8_experts: bool = False, mtp: bool = False):
+                 fp8_experts: bool = False, mtp: bool = False, mxfp4_experts: bool = False):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if fp8_experts and mxfp4_experts:
+            raise ValueError("fp8_experts and mxfp4_experts are two expert formats, give one")
+        if mxfp4_experts and cfg.expert_dtype not in MXFP4_EXPERT_DTYPES:
+            raise ValueError(no_mxfp4_experts(cfg))
         dtype = dtype or cfg.torch_dtype
         device = torch.device(device or "cpu")
         self.cfg, self.role, self.dtype, self.device = cfg, role, dtype, device
-        self.fp8_experts = fp8_experts
+        self.fp8_experts, self.mxfp4_experts = fp8_experts, mxfp4_experts
+        expert_format = "fp8" if fp8_experts else "mxfp4" if mxfp4_experts else None
         self.model = nn.Module()
         layer_cls = DecoderLayer
         if cfg.attention == "v4":
             from models.deepseek_v4 import V4DecoderLayer as layer_cls
         self.model.layers = nn.ModuleList(
-            layer_cls(cfg, i, role, _layer_experts(expert_ids, i), dtype, device, fp8_experts)
+            layer_cls(cfg, i, role, _layer_experts(expert_ids, i), dtype, device,
+                      expert_format)
             for i in range(cfg.num_layers)
         )
         if mtp and (cfg.architecture not in MTP_ARCHITECTURES
@@ -232,7 +240,7 @@ class MoEModel(nn.Module):
                              f"{cfg.architecture!r}, model_type {cfg.model_type!r}, "
                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers})")
         self.mtp = (MTPLayer(cfg, role, _layer_experts(expert_ids, cfg.num_layers), dtype,
-                             device, fp8_experts) if mtp else None)
+                             device, expert_format) if mtp else None)
         if role != "ffn":
             self.model.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
             if cfg.attention == "v4":  # fp32 norm weight; the streams' final collapse

@@ -13,6 +13,9 @@ float8 into ``w13``/``w2`` and their scales into ``w13_scale``/``w2_scale``.
 DeepSeek-V4's release stores the scales as ``X.scale`` (E8M0), read as ``X.weight``'s
 (``stored_names``), and its routed experts as MXFP4 int8 (``models.quant_mx``): dequantized to
 the run dtype, or, in a model built with ``fp8_experts``, converted to the FP8 layout on load.
+A model built with ``mxfp4_experts`` (quantization="mxfp4") keeps MXFP4 routed experts (V4's
+and gpt-oss's) as stored: their packed bytes into the uint8 ``w13``/``w2`` and their E8M0
+scale bytes into ``w13_scale``/``w2_scale``, nothing dequantized (``_read_mxfp4``).
 
 A model built with ``fp8_experts`` from a bf16/fp32 checkpoint (no FP8 ``quantization_config``;
 vLLM's online ``quantization="fp8"``) gets the same layout: each routed expert tensor is read,
@@ -299,6 +302,13 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
                     Target(f"{prefix}.w13_bias", slot, (inter, 2 * inter)))
                 targets.setdefault(f"{base}.down_proj.bias", []).append(
                     Target(f"{prefix}.w2_bias", slot))
+            if experts.mxfp4:  # the E8M0 scale bytes, read as stored (gate's rows, then up's)
+                targets.setdefault(f"{base}.gate_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (0, inter)))
+                targets.setdefault(f"{base}.up_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w13_scale", slot, (inter, 2 * inter)))
+                targets.setdefault(f"{base}.down_proj.weight{_SCALE_SUFFIX}", []).append(
+                    Target(f"{prefix}.w2_scale", slot))
             if experts.fp8_block:  # the block scales too, gate block rows then up block rows
                 # an FP8 checkpoint stores them (weight_scale_inv); else the loader makes them
                 # as it quantizes the weight itself
@@ -438,6 +448,8 @@ def load_weights(model: MoEModel, path: str) -> None:
                     tensor = _load_packed(packed[name], dest.device, {file: f})
                     if dest.dtype == torch.float8_e4m3fn:
                         tensor, scale = quantize_blocks(tensor, cfg.expert_fp8_block)
+                elif dest.dtype == torch.uint8:  # MXFP4 experts kept packed: bytes as stored
+                    tensor = _read_mxfp4(f, name, stored)
                 elif dest.dtype != torch.float8_e4m3fn:
                     tensor = _read(f, name, files, stored,
                                    cfg.fp8.block_size if cfg.fp8 else None, model.dtype,
@@ -551,6 +563,28 @@ def _load_packed(weight, device, open_files) -> torch.Tensor:
         raise WeightLoadError(str(e)) from None
 
 
+def _read_mxfp4(f, name: str, stored: dict[str, str]) -> torch.Tensor:
+    """An MXFP4 routed expert's tensor as uint8 bytes, not dequantized: its packed e2m1 pairs
+    (``X.weight``: DeepSeek-V4's int8, gpt-oss's flattened uint8 blocks) or its E8M0 scales
+    (``X.weight_scale_inv``: V4's float8_e8m0fnu ``X.scale``, gpt-oss's uint8 ``*_scales``;
+    the byte 0xFF, NaN, refused as the dequantizing loader refuses it)."""
+    tensor = _get_tensor(f, stored[name])
+    if name.endswith(_SCALE_SUFFIX):
+        if tensor.dtype not in (torch.uint8, torch.float8_e8m0fnu):
+            raise WeightLoadError(f"{stored[name]} is {tensor.dtype}, not E8M0 (uint8 or "
+                                  "float8_e8m0fnu): not an MXFP4 scale, so its experts cannot "
+                                  "stay in MXFP4; load with quantization='dequantize'")
+        tensor = tensor.view(torch.uint8)
+        if bool((tensor == 255).any()):
+            raise WeightLoadError(f"{stored[name]}: an E8M0 scale byte is 0xFF (NaN)")
+        return tensor
+    if tensor.dtype not in (torch.int8, torch.uint8):
+        raise WeightLoadError(f"{stored[name]} is {tensor.dtype}, not MXFP4 (int8/uint8 packed "
+                              "e2m1 pairs): its experts cannot stay in MXFP4; load with "
+                              "quantization='dequantize'")
+    return tensor.view(torch.uint8)
+
+
 def _read_fp8(f, name: str, stored: dict[str, str]) -> torch.Tensor:
     tensor = _get_tensor(f, stored[name])
     if tensor.dtype != torch.float8_e4m3fn:
@@ -613,10 +647,25 @@ def _dummy_source(name: str, cfg) -> str:
     return name
 
 
+DUMMY_E8M0 = 119  # 2^-8: e2m1's values (up to 6) at DUMMY_STD's size
+
+
+def _dummy_mxfp4(name: str, shape: torch.Size, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dummy MXFP4 expert tensor ``name`` kept packed, [N, K/2] uint8 random bytes (from a
+    generator seeded by the name, as ``_dummy_tensor``), and its E8M0 scales [N, K/32], every
+    one ``DUMMY_E8M0``."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    packed = torch.randint(0, 256, tuple(shape), generator=gen, dtype=torch.uint8)
+    scale = torch.full((*shape[:-1], 2 * shape[-1] // 32), DUMMY_E8M0, dtype=torch.uint8)
+    return packed.to(device), scale.to(device)
+
+
 def init_dummy_weights(model: MoEModel) -> None:
     """``load_format="dummy"`` (vLLM's): fill the parameters ``load_weights`` would fill, by
     checkpoint name, with ``_dummy_tensor`` values; no weight file is read. Routed experts kept
-    in FP8 get their dummy values quantized as a bf16 checkpoint's would be on load. For
+    in FP8 get their dummy values quantized as a bf16 checkpoint's would be on load; MXFP4
+    ones kept packed, random bytes (``_dummy_mxfp4``). For
     benchmarks at a real model's shapes with only its config.json (the text is gibberish)."""
     table = name_table(model)
     if model.cfg.tie_word_embeddings:
@@ -635,6 +684,8 @@ def init_dummy_weights(model: MoEModel) -> None:
         scale = None
         if dest.dtype == torch.float8_e4m3fn:
             tensor, scale = quantize_blocks(tensor, model.cfg.expert_fp8_block)
+        elif dest.dtype == torch.uint8:  # MXFP4 kept packed: random e2m1 pairs at 2^-8
+            tensor, scale = _dummy_mxfp4(name, dest.shape, dest.device)
         for target in targets:
             _copy_into(params[target.param], target, scale if target.quantized_scale else tensor,
                        name)
@@ -650,9 +701,11 @@ def load_model(path: str, role: str = "full",
                expert_ids: list[int] | dict[int, list[int]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                fp8_experts: bool = False, mtp: bool = False,
-               hf_overrides: dict | None = None, load_format: str = "auto") -> MoEModel:
+               hf_overrides: dict | None = None, load_format: str = "auto",
+               mxfp4_experts: bool = False) -> MoEModel:
     """Build the model for ``role`` from the checkpoint folder and load its weights
-    (``fp8_experts``: routed experts kept in FP8; ``mtp``: with the MTP layer; see
+    (``fp8_experts``: routed experts kept in FP8; ``mxfp4_experts``: a checkpoint's MXFP4
+    routed experts kept packed; ``mtp``: with the MTP layer; see
     ``MoEModel``; ``hf_overrides``: config.json keys replaced; ``load_format`` "dummy": no
     weights read, see ``init_dummy_weights``)."""
     from models.config import load_config
@@ -661,7 +714,7 @@ def load_model(path: str, role: str = "full",
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     cfg = load_config(path, hf_overrides)
     model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts,
-                     mtp=mtp)
+                     mtp=mtp, mxfp4_experts=mxfp4_experts)
     if load_format == "dummy":
         with torch.no_grad():
             init_dummy_weights(model)
