@@ -113,8 +113,8 @@ def test_attention_and_ffn_ranks(gpt_oss_mx):
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                 use_tqdm=False)
         got[quant] = [(o.outputs[0].token_ids,
-                       [[(t, lp.logprob) for t, lp in step.items()] for step in o.outputs[0].logprobs])
-                      for o in outs]
+                       [[(t, lp.logprob) for t, lp in step.items()]
+                        for step in o.outputs[0].logprobs]) for o in outs]
     assert got["mxfp4"] == got[None]
     assert [t for t, _ in got[None]] == gpt_oss_mx[2]["float32"][0]
 
