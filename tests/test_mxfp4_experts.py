@@ -233,3 +233,32 @@ def test_deepseek_v4_equals_dequantized_load(v4_mx):
     uint8): tokens and logits equal to the bit to the default load's (dequantized on CPU)."""
     path, prompts = v4_mx
     assert_same(run(path, prompts, quantization="mxfp4"), run(path, prompts))
+
+
+def test_loader_refuses_what_is_not_mxfp4(tmp_path):
+    """An expert tensor kept packed must be int8/uint8 bytes and its scale E8M0 (uint8 or
+    float8_e8m0fnu) without the byte 0xFF: anything else is a WeightLoadError naming the
+    tensor and quantization='dequantize'."""
+    from safetensors import safe_open
+
+    from models.weights import WeightLoadError, _read_mxfp4
+
+    save_file({"a.weight": torch.zeros(2, 16, dtype=torch.bfloat16),
+               "a.weight_scale_inv": torch.ones(2, 1),
+               "b.weight": torch.zeros(2, 16, dtype=torch.int8),
+               "b.weight_scale_inv": torch.tensor([[255], [127]], dtype=torch.uint8),
+               "c.weight_scale_inv": torch.tensor([[128]], dtype=torch.uint8).view(
+                   torch.float8_e8m0fnu)}, str(tmp_path / "x.safetensors"))
+    stored = {n: n for n in ("a.weight", "a.weight_scale_inv", "b.weight",
+                             "b.weight_scale_inv", "c.weight_scale_inv")}
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        with pytest.raises(WeightLoadError, match=r"a.weight is torch.bfloat16, not MXFP4 .*"
+                                                  r"quantization='dequantize'"):
+            _read_mxfp4(f, "a.weight", stored)
+        with pytest.raises(WeightLoadError, match=r"a.weight_scale_inv is torch.float32, not "
+                                                  r"E8M0"):
+            _read_mxfp4(f, "a.weight_scale_inv", stored)
+        with pytest.raises(WeightLoadError, match=r"b.weight_scale_inv: .* 0xFF"):
+            _read_mxfp4(f, "b.weight_scale_inv", stored)
+        assert _read_mxfp4(f, "b.weight", stored).dtype == torch.uint8
+        assert _read_mxfp4(f, "c.weight_scale_inv", stored).tolist() == [[128]]
