@@ -32,7 +32,9 @@ uint8 weights with uint8 E8M0 ``w13_scale`` / ``w2_scale`` and no ``block_shape`
   w2:  [E, H, I/2] uint8,                           w2_scale:  [E, H, I/32] uint8
 (H and I multiples of 32). The activations stay unquantized: each expert's weights are
 dequantized (exactly) to the activation dtype and its GEMMs run as unquantized ones do, so an
-MXFP4 expert gives what its weights dequantized on load give.
+MXFP4 expert gives what its weights dequantized on load give. The Triton kernels do the same
+per K tile (``kernels.moe_tile_triton.mx_weight_tile``), never materializing the dequantized
+weights.
 """
 
 from __future__ import annotations
@@ -341,7 +343,6 @@ def fused_moe(
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
     if resolve_backend(backend, hidden_states, w13, w2) == "triton":
-        _no_mxfp4_triton(w13)
         from kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden_states, w13, w2, topk_weights, topk_ids,
@@ -372,7 +373,6 @@ def grouped_moe(
     block = check_fp8(w13, w2, w13_scale, w2_scale, block_shape)
     gpt_oss = dict(swiglu_alpha=swiglu_alpha, w13_bias=w13_bias, w2_bias=w2_bias)
     if resolve_backend(backend, x, w13, w2) == "triton":
-        _no_mxfp4_triton(w13)
         from kernels.fused_moe_triton import grouped_moe_triton
 
         return grouped_moe_triton(x, expert_counts, w13, w2, weights, w13_scale=w13_scale,
@@ -380,9 +380,3 @@ def grouped_moe(
                                   swiglu_limit=swiglu_limit, **gpt_oss)
     return grouped_moe_torch(x, expert_counts, w13, w2, weights, w13_scale, w2_scale, block,
                              swiglu_limit, **gpt_oss)
-
-
-def _no_mxfp4_triton(w13: torch.Tensor) -> None:
-    if w13.dtype == MXFP4_DTYPE:
-        raise NotImplementedError("MXFP4 (uint8) experts have no Triton route yet: "
-                                  "backend='torch' runs them")

@@ -19,6 +19,14 @@ FP8 block-scaled weights (``w13_scale``/``w2_scale``, ``kernels.fp8``): the toke
 quantized per K group first (``fp8_triton``, one launch), and h between the GEMMs (one more); the
 GEMMs then read float8 operands and apply the scales per K step.
 
+MXFP4 weights (uint8 w13/w2 with uint8 E8M0 ``w13_scale``/``w2_scale``, ``kernels.mxfp4``):
+weight-only, so the same launches as unquantized experts; each GEMM's K loop dequantizes its
+weight tile from the packed bytes and scales (``moe_tile_triton.mx_weight_tile``) and runs the
+plain dot on the unquantized activations. Those tiles load through pointers and run plain: TMA
+would need a descriptor per packed layout and Hopper's auto-WS does not partition the dequant, so
+neither TMA, warp specialization nor persistent programs apply (``_features``); the tiles are
+fitted as FP8's, block_k 32 or 64 (``_mx_config``).
+
 gpt-oss's experts (``w13_bias``, ``w2_bias``, ``swiglu_alpha``; ``kernels.fused_moe``) take the
 same launches: the biases and the activation are epilogue options of the two GEMMs.
 
@@ -38,7 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.fp8 import FP8_DTYPE, BlockScales
 from kernels.fp8_triton import per_token_group_quant_triton
-from kernels.fused_moe import check_biases
+from kernels.fused_moe import MXFP4_DTYPE, check_biases, is_mxfp4
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -93,17 +101,19 @@ def _features(requested: MoEFeatures | None, x: torch.Tensor, w13: torch.Tensor,
     """The requested features, less those this device, these weights or earlier failures rule
     out. The interpreter emulates TMA descriptors (so both load paths are testable on CPU) but
     not PDL. TMA is for 16-bit and FP8 weights: fp32 tiles read from its swizzled shared memory
-    into the fp32 (non tensor-core) dot spill registers. FP8 weights do not warp-specialize."""
+    into the fp32 (non tensor-core) dot spill registers. FP8 weights do not warp-specialize.
+    MXFP4 weights take none of TMA, ws or persistent tiles (module docstring)."""
     req = requested or _env_features()
+    mx = w13.dtype == MXFP4_DTYPE
     hopper = x.is_cuda and _hopper(x.device.index if x.device.index is not None else
                                    torch.cuda.current_device())
     return MoEFeatures(
         pdl=req.pdl and hopper and "pdl" not in _disabled,
-        tma=(req.tma and (hopper or INTERPRETING) and "tma" not in _disabled
+        tma=(req.tma and (hopper or INTERPRETING) and "tma" not in _disabled and not mx
              and w13.element_size() <= 2 and tma_compatible(w13) and tma_compatible(w2)),
         inline_route=req.inline_route and "inline" not in _disabled,
-        persistent=req.persistent,
-        ws=req.ws and "ws" not in _disabled and w13.dtype != FP8_DTYPE,
+        persistent=req.persistent and not mx,
+        ws=req.ws and "ws" not in _disabled and w13.dtype != FP8_DTYPE and not mx,
     )
 
 
@@ -171,24 +181,28 @@ def _with_pdl(where: str, pdl: bool, fn) -> None:
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-           fp8: bool) -> tuple[int, int, int]:
+           quantized: bool) -> tuple[int, int, int]:
+    """(E, H, I); ``quantized``: FP8 or MXFP4 weights (checked by the caller)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"triton fused_moe supports fp32/bf16/fp16 activations, got {x.dtype}")
-    if not fp8 and (w13.dtype != x.dtype or w2.dtype != x.dtype):
+    if not quantized and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"weights must have the activations' dtype {x.dtype}, got w13 "
                          f"{w13.dtype}, w2 {w2.dtype}; cast them once at load time")
     num_experts, two_i, hidden = w13.shape
     if w13.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("w13 and w2 need unit stride along their last dim; call .contiguous()")
-    return num_experts, hidden, two_i // 2
+    per_byte = 2 if w13.dtype == MXFP4_DTYPE else 1  # MXFP4: two values a byte
+    return num_experts, hidden * per_byte, two_i // 2
 
 
 def _epilogues(w13: torch.Tensor, w2: torch.Tensor, swiglu_limit: float | None,
                swiglu_alpha: float | None, w13_bias: torch.Tensor | None,
-               w2_bias: torch.Tensor | None) -> tuple[dict, dict]:
+               w2_bias: torch.Tensor | None, w13_scale: torch.Tensor | None = None,
+               w2_scale: torch.Tensor | None = None, mx: bool = False) -> tuple[dict, dict]:
     """The epilogue options of ``launch_w13`` and ``launch_w2`` (only those given, so other
     models' launches compile as before): the activation's limit and alpha, and gpt-oss's
-    biases, checked ([E, 2I] / [E, H], floating point) and made contiguous."""
+    biases, checked ([E, 2I] / [E, H], floating point) and made contiguous; with ``mx``, the
+    MXFP4 scale bytes (``mx_scale``, contiguous) too."""
     check_biases(w13, w2, w13_bias, w2_bias)
     epi13: dict = {"swiglu_limit": swiglu_limit}
     if swiglu_alpha is not None:
@@ -202,6 +216,8 @@ def _epilogues(w13: torch.Tensor, w2: torch.Tensor, swiglu_limit: float | None,
         if b.device != w13.device:
             raise ValueError(f"{name} is on {b.device}, the weights on {w13.device}")
         epi["bias"] = b.contiguous()
+    if mx:
+        epi13["mx_scale"], epi2["mx_scale"] = w13_scale.contiguous(), w2_scale.contiguous()
     return epi13, epi2
 
 
@@ -225,9 +241,15 @@ _FP8_MMA_SYNC_BLOCK_K = 64
 
 
 def _config(config: MoEConfig | None, rows: int, num_experts: int, hidden: int, inter: int,
-            dtype: torch.dtype, block: tuple[int, int] | None) -> MoEConfig:
+            dtype: torch.dtype, block: tuple[int, int] | None, mx: bool = False) -> MoEConfig:
     """The caller's config or the table's; with FP8 weights (``block``) block_k at most the K
-    block either way (the table's tiles are further fitted, ``_fp8_config``)."""
+    block either way (the table's tiles are further fitted, ``_fp8_config``). MXFP4 (``mx``,
+    ``dtype`` the activations'): the table's tiles fitted by ``_mx_config``; a caller's block_k
+    must be a multiple of 32 (checked at launch)."""
+    if mx:
+        if config is not None:
+            return config
+        return _mx_config(default_config(rows, num_experts, hidden, inter, dtype))
     if config is None:
         return default_config(rows, num_experts, hidden, inter, dtype,
                               block[1] if block else None)
@@ -253,6 +275,17 @@ def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
         return tile
 
     return MoEConfig(w13=fit(cfg.w13, 2), w2=fit(cfg.w2, 1))
+
+
+# MXFP4 K steps: whole scale groups (32 values), at most 64 columns (the dequantized [2BN, BK]
+# weight tile sits in registers beside the accumulator, as FP8's scaled product does).
+_MX_BLOCK_K = 64
+
+
+def _mx_config(cfg: MoEConfig) -> MoEConfig:
+    """A table config for MXFP4 weights: ``_fp8_config``'s fitting with block_k 32 or 64."""
+    fitted = _fp8_config(cfg, _MX_BLOCK_K)
+    return MoEConfig(*(replace(t, block_k=max(t.block_k, 32)) for t in (fitted.w13, fitted.w2)))
 
 
 def _quantized(a: torch.Tensor, w_scale: torch.Tensor,
@@ -290,13 +323,16 @@ def fused_moe_triton(
     """Same contract as ``fused_moe_torch``; ``config`` overrides the tile table and
     ``features`` the environment's ``MoEFeatures`` (tests, A/B timing). FP8 weights come with
     their scales and block shape (checked by ``kernels.fused_moe``); tiles then run plain with
-    block_k at most block_shape[1].
+    block_k at most block_shape[1]. MXFP4 weights (uint8) come with their E8M0 scale bytes
+    and no block shape (module docstring).
 
     Expert ids outside [0, E) (including -1) are skipped.
     """
-    fp8 = w13_scale is not None
-    num_experts, hidden, inter = _check(hidden_states, w13, w2, fp8)
-    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias)
+    mx = is_mxfp4(w13, w2, w13_scale, w2_scale, block_shape)
+    fp8 = w13_scale is not None and not mx
+    num_experts, hidden, inter = _check(hidden_states, w13, w2, fp8 or mx)
+    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias, w13_scale,
+                             w2_scale, mx)
     num_tokens, top_k = topk_ids.shape
     out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     if num_tokens == 0 or top_k == 0:
@@ -304,7 +340,8 @@ def fused_moe_triton(
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     num_slots = num_tokens * top_k
     block = block_shape if fp8 else None
-    cfg = _config(config, num_slots, num_experts, hidden, inter, w13.dtype, block)
+    cfg = _config(config, num_slots, num_experts, hidden, inter,
+                  x.dtype if mx else w13.dtype, block, mx)
     feats = _features(features, x, w13, w2)
     a, scales13 = _quantized(x, w13_scale, block) if fp8 else (x, None)
 
@@ -379,16 +416,18 @@ def grouped_moe_triton(
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``grouped_moe_torch``: x [N, H] contiguous groups or [E, M, H] slabs.
-    FP8 weights as in ``fused_moe_triton``.
+    FP8 and MXFP4 weights as in ``fused_moe_triton``.
 
     expert_counts [E] may live on the host or the device; it is never read on the host when it is
     on the device (no sync), so on the device counts summing to more than N are clipped rather
     than reported. Counts of [N, H] rows may sum to fewer than N: the rows past their sum are
     neither read into a real row nor written (afd.ffn_graphs pads its static buffers so).
     """
-    fp8 = w13_scale is not None
-    num_experts, hidden, inter = _check(x, w13, w2, fp8)
-    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias)
+    mx = is_mxfp4(w13, w2, w13_scale, w2_scale, block_shape)
+    fp8 = w13_scale is not None and not mx
+    num_experts, hidden, inter = _check(x, w13, w2, fp8 or mx)
+    epi13, epi2 = _epilogues(w13, w2, swiglu_limit, swiglu_alpha, w13_bias, w2_bias, w13_scale,
+                             w2_scale, mx)
     if expert_counts.numel() != num_experts:
         raise ValueError(f"expert_counts has {expert_counts.numel()} entries for {num_experts} "
                          "experts")
@@ -415,7 +454,8 @@ def grouped_moe_triton(
     if weights is not None:
         weights = weights.to(device=x.device).contiguous().view(-1)  # [N] or [E*M]
     block = block_shape if fp8 else None
-    cfg = _config(config, num_rows, num_experts, hidden, inter, w13.dtype, block)
+    cfg = _config(config, num_rows, num_experts, hidden, inter,
+                  x.dtype if mx else w13.dtype, block, mx)
     feats = _features(features, x, w13, w2)
     groups = RowGroups(SLABS if slab_rows else ROWS, num_rows, counts=counts,
                        slab_rows=slab_rows)

@@ -30,7 +30,11 @@ TMA loads and two consumer warp groups for the MMAs).
 With ``BlockScales`` (FP8 block-scaled weights, ``kernels.fp8``) both kernels read float8
 activations (quantized per row and K group by ``fp8_triton``) and float8 weights, and scale each K
 step's product in fp32 (``moe_tile_triton.scaled_dot``); routes, epilogues and outputs are the
-same. FP8 tiles do not warp-specialize (they run ``plain()``). The epilogues
+same. FP8 tiles do not warp-specialize (they run ``plain()``). With ``mx_scale`` (MXFP4
+weights, ``kernels.mxfp4``: w13 [E, 2I, H/2] / w2 [E, H, I/2] bytes, E8M0 scale bytes [E, N,
+K/32]) the activations stay unquantized and each K step dequantizes its weight tile in registers
+(``moe_tile_triton.mx_weight_tile``): pointer loads only (no TMA, no ws), block_k a multiple
+of 32. The epilogues
 (``moe_tile_triton.w13_store`` / ``w2_store``) take gpt-oss's per-expert biases and activation
 on every route.
 """
@@ -46,6 +50,7 @@ import triton.language as tl
 
 from kernels.fp8 import BlockScales
 from kernels.fused_moe_config import GemmTile
+from kernels.mxfp4 import MX_GROUP
 from kernels.moe_align_triton import expert_block, expert_block_scan, route_block
 from kernels.moe_sum_triton import topk_sum_columns
 from kernels.moe_tile_triton import (
@@ -168,14 +173,16 @@ _RUNTIME_INTS = ["num_rows", "slab_rows", "num_pid_m", "num_tokens", "num_flags"
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w13_kernel(
     x_ptr,  # [tokens or rows, H] activations, unit stride along H
-    w,  # [E, 2I, H] gate rows then up rows; with W_TMA a [E, 2, I, H] TMA descriptor
+    w,  # [E, 2I, H] gate rows then up rows; with W_TMA a [E, 2, I, H] TMA descriptor; MX:
+    #     [E, 2I, H/2] uint8
     h_ptr,  # [num_rows, I] out: act(x W1^T + b1, x W3^T + b3) per grouped row (w13_store)
     counts_ptr,  # [E] rows per expert (not INLINE)
     slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
     ids_ptr,  # [num_rows] expert id per slot (INLINE)
     flags_ptr,  # [num_flags] int32 zeroed here for moe_w2_kernel's top-k sum (INLINE)
     as_ptr,  # FP8: [tokens or rows, ceil(H/GROUP_K)] fp32 scales of x's rows
-    ws_ptr,  # FP8: [E, 2 * scale_rows, ceil(H/GROUP_K)] fp32 weight block scales
+    ws_ptr,  # FP8: [E, 2 * scale_rows, ceil(H/GROUP_K)] fp32 weight block scales;
+    #          MX: [E, 2I, H/32] uint8 E8M0
     bias_ptr,  # HAS_BIAS: [E, 2I] contiguous per-expert biases (gate's I, then up's I)
     num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_flags, scale_rows,
     stride_xm, stride_we, stride_wn, stride_hm, stride_asm, stride_wse, stride_wsn,
@@ -186,6 +193,7 @@ def moe_w13_kernel(
     FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
     swiglu_limit=0.0, CLAMP: tl.constexpr = False,
     swiglu_alpha=0.0, ALPHA: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    MX: tl.constexpr = False,
 ):
     gdc_wait(PDL)
     if WS:
@@ -215,7 +223,7 @@ def moe_w13_kernel(
                                     stride_xm, stride_we, stride_wn, as_ptr, ws_ptr,
                                     stride_asm, stride_wse, stride_wsn, scale_rows, BLOCK_M,
                                     BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8, GROUP_N,
-                                    GROUP_K)
+                                    GROUP_K, MX)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP, bias_ptr, expert, swiglu_alpha,
                       HAS_BIAS, ALPHA)
@@ -238,7 +246,7 @@ def moe_w13_kernel(
                                         stride_xm, stride_we, stride_wn, as_ptr, ws_ptr,
                                         stride_asm, stride_wse, stride_wsn, scale_rows,
                                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE,
-                                        FP8, GROUP_N, GROUP_K)
+                                        FP8, GROUP_N, GROUP_K, MX)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w13_store(gate, up, h_ptr, first, rows, pid_n * BLOCK_N, inter, stride_hm, BLOCK_M,
                       BLOCK_N, INTERP_BF16, swiglu_limit, CLAMP, bias_ptr, expert, swiglu_alpha,
@@ -248,7 +256,7 @@ def moe_w13_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def moe_w2_kernel(
     h_ptr,  # [num_rows, I] from moe_w13_kernel
-    w,  # [E, H, I]; with W_TMA a TMA descriptor of it
+    w,  # [E, H, I]; with W_TMA a TMA descriptor of it; MX: [E, H, I/2] uint8
     out_ptr,  # [T*K, H] slot rows (SORTED, INLINE) or [num_rows, H] out
     counts_ptr,  # [E] rows per expert (not INLINE)
     slots_ptr,  # [num_rows] int32 sorted slot ids (SORTED)
@@ -257,7 +265,8 @@ def moe_w2_kernel(
     weights_ptr,  # routing weight per output row (HAS_WEIGHTS only)
     sum_ptr,  # [T, H] out: the top-k sum (INLINE)
     as_ptr,  # FP8: [num_rows, ceil(I/GROUP_K)] fp32 scales of h's rows
-    ws_ptr,  # FP8: [E, ceil(H/GROUP_N), ceil(I/GROUP_K)] fp32 weight block scales
+    ws_ptr,  # FP8: [E, ceil(H/GROUP_N), ceil(I/GROUP_K)] fp32 weight block scales;
+    #          MX: [E, H, I/32] uint8 E8M0
     bias_ptr,  # HAS_BIAS: [E, H] contiguous per-expert biases, added before the routing weight
     num_experts, num_rows, slab_rows, hidden, inter, num_pid_m, num_tokens,
     stride_hm, stride_we, stride_wn, stride_om, stride_sm, stride_asm, stride_wse, stride_wsn,
@@ -267,7 +276,7 @@ def moe_w2_kernel(
     EVEN_K: tl.constexpr, W_TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
     PDL: tl.constexpr, DOT_MODE: tl.constexpr, INTERP_BF16: tl.constexpr,
     FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128, GROUP_K: tl.constexpr = 128,
-    HAS_BIAS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, MX: tl.constexpr = False,
 ):
     gdc_wait(PDL)
     if WS:  # as in moe_w13_kernel
@@ -285,7 +294,7 @@ def moe_w2_kernel(
                               tl.cdiv(inter, BLOCK_K), num_rows, hidden, inter, stride_hm,
                               stride_we, stride_wn, as_ptr, ws_ptr, stride_asm, stride_wse,
                               stride_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE,
-                              FP8, GROUP_N, GROUP_K)
+                              FP8, GROUP_N, GROUP_K, MX)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
                      stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16, bias_ptr, expert,
                      HAS_BIAS)
@@ -307,7 +316,7 @@ def moe_w2_kernel(
                                   num_rows, hidden, inter, stride_hm, stride_we, stride_wn,
                                   as_ptr, ws_ptr, stride_asm, stride_wse, stride_wsn,
                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA, DOT_MODE, FP8,
-                                  GROUP_N, GROUP_K)
+                                  GROUP_N, GROUP_K, MX)
                 gdc_launch_dependents(PDL)  # (a ws kernel's is at its top)
             w2_store(acc, out_ptr, weights_ptr, slots, rows, room, pid_n * BLOCK_N, hidden,
                      stride_om, HAS_WEIGHTS, BLOCK_M, BLOCK_N, INTERP_BF16, bias_ptr, expert,
@@ -401,16 +410,36 @@ def w2_flags(hidden: int, tile: GemmTile) -> int:
     return cdiv(hidden, tile.block_n)
 
 
-def _scale_args(scales: BlockScales | None, placeholder: torch.Tensor) -> tuple:
-    """The kernels' (as_ptr, ws_ptr): the scales, or any tensor where they are not read."""
+def _scale_args(scales: BlockScales | None, placeholder: torch.Tensor,
+                mx_scale: torch.Tensor | None = None) -> tuple:
+    """The kernels' (as_ptr, ws_ptr): the scales (MXFP4: its weight scales only), or any
+    tensor where they are not read."""
+    if mx_scale is not None:
+        return placeholder, mx_scale
     return (scales.a, scales.w) if scales is not None else (placeholder, placeholder)
 
 
-def _scale_strides(scales: BlockScales | None) -> tuple[int, int, int]:
+def _scale_strides(scales: BlockScales | None,
+                   mx_scale: torch.Tensor | None = None) -> tuple[int, int, int]:
     """(stride_asm, stride_wse, stride_wsn); the last K-group stride of both is 1."""
+    if mx_scale is not None:
+        return 0, mx_scale.stride(0), mx_scale.stride(1)
     if scales is None:
         return 0, 0, 0
     return scales.a.stride(0), scales.w.stride(0), scales.w.stride(1)
+
+
+def _check_mx(mx_scale: torch.Tensor | None, tile: GemmTile, tma: bool) -> None:
+    """MXFP4 weights: unit-stride scale bytes, pointer loads, K steps of whole scale groups."""
+    if mx_scale is None:
+        return
+    if mx_scale.stride(-1) != 1:
+        raise ValueError("mx_scale needs unit stride along its last dim; call .contiguous()")
+    if tma:
+        raise ValueError("MXFP4 weights are read through pointers, not TMA (tma=False)")
+    if tile.block_k % MX_GROUP:
+        raise ValueError(f"block_k {tile.block_k} must be a multiple of {MX_GROUP} for MXFP4 "
+                         "weights (one E8M0 scale per 32 values)")
 
 
 def _fp8_constexprs(scales: BlockScales | None) -> dict:
@@ -443,7 +472,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
                tile: GemmTile, flags: torch.Tensor | None = None, tma: bool = False,
                pdl: bool = False, scales: BlockScales | None = None,
                swiglu_limit: float | None = None, swiglu_alpha: float | None = None,
-               bias: torch.Tensor | None = None) -> None:
+               bias: torch.Tensor | None = None, mx_scale: torch.Tensor | None = None) -> None:
     """h[p] = SiLU(x[src(p)] W1[e]^T) * (x[src(p)] W3[e]^T) for every grouped row p of expert e
     (with ``bias`` [E, 2I] contiguous: bias[e] added to the gate and up columns first; with
     ``swiglu_limit``: the gate clamped to <= it, the up projection to +-it; with
@@ -452,11 +481,15 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
     flags: [w2_flags] int32 for the INLINE route (zeroed here). tma: read w13 through a TMA
     descriptor (needs ``tma_compatible(w13)`` and sm90+ or the interpreter). scales: with x and
     w13 in float8, their block scales (``scales.w`` [E, 2 * ceil(I/group_n), ceil(H/group_k)]);
-    tile.block_k must divide group_k, and ws tiles run plain.
+    tile.block_k must divide group_k, and ws tiles run plain. mx_scale: w13 is MXFP4 ([E, 2I,
+    H/2] uint8) with these [E, 2I, H/32] E8M0 bytes; x stays unquantized; tile.block_k a
+    multiple of 32, no TMA, ws tiles run plain.
     """
+    _check_mx(mx_scale, tile, tma)
     num_experts, two_i, hidden = w13.shape
+    hidden *= 2 if mx_scale is not None else 1  # two MXFP4 values a byte
     inter = two_i // 2
-    ws = scales is None and warp_specialized("w13", groups, tile, tma, x)
+    ws = scales is None and mx_scale is None and warp_specialized("w13", groups, tile, tma, x)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * cdiv(inter, tile.block_n), x.device)
@@ -475,11 +508,12 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         groups.sorted_slots if groups.sorted_slots is not None else placeholder,
         groups.ids if groups.ids is not None else placeholder,
         flags if flags is not None else placeholder,
-        *_scale_args(scales, placeholder), bias if bias is not None else placeholder,
+        *_scale_args(scales, placeholder, mx_scale), bias if bias is not None else placeholder,
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m,
         flags.numel() if flags is not None else 0,
         cdiv(inter, scales.group_n) if scales is not None else 0,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *_scale_strides(scales),
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        *_scale_strides(scales, mx_scale),
         ROUTE=groups.route, TOP_K=groups.top_k, E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         EVEN_K=hidden % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
@@ -487,7 +521,7 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
         **_fp8_constexprs(scales),
         swiglu_limit=float(swiglu_limit or 0.0), CLAMP=swiglu_limit is not None,
         swiglu_alpha=float(swiglu_alpha or 0.0), ALPHA=swiglu_alpha is not None,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, **({"MX": True} if mx_scale is not None else {}),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 
@@ -495,15 +529,19 @@ def launch_w13(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, groups: RowG
 def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowGroups,
               weights: torch.Tensor | None, *, tile: GemmTile, flags: torch.Tensor | None = None,
               sum_out: torch.Tensor | None = None, tma: bool = False, pdl: bool = False,
-              scales: BlockScales | None = None, bias: torch.Tensor | None = None) -> None:
+              scales: BlockScales | None = None, bias: torch.Tensor | None = None,
+              mx_scale: torch.Tensor | None = None) -> None:
     """out[dest(p)] = weight * (h[p] W2[e]^T + bias[e]) for every grouped row p of expert e
     (``bias`` [E, H] contiguous, or None: no bias).
 
     INLINE route: flags as zeroed by ``launch_w13``, and sum_out [T, H] receives the top-k sum.
     scales: as ``launch_w13``'s, with ``scales.w`` [E, ceil(H/group_n), ceil(I/group_k)].
+    mx_scale: as ``launch_w13``'s, w2 [E, H, I/2] uint8 with [E, H, I/32] E8M0 bytes.
     """
+    _check_mx(mx_scale, tile, tma)
     num_experts, hidden, inter = w2.shape
-    ws = scales is None and warp_specialized("w2", groups, tile, tma, h)
+    inter *= 2 if mx_scale is not None else 1  # two MXFP4 values a byte
+    ws = scales is None and mx_scale is None and warp_specialized("w2", groups, tile, tma, h)
     tile = tile if ws else tile.plain()
     num_pid_m = _m_blocks(groups, num_experts, tile.block_m)
     persistent, grid = _grid(groups, tile, num_pid_m * cdiv(hidden, tile.block_n), h.device)
@@ -522,10 +560,10 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         flags if flags is not None else placeholder,
         weights if weights is not None else placeholder,
         sum_out if sum_out is not None else out,
-        *_scale_args(scales, placeholder), bias if bias is not None else placeholder,
+        *_scale_args(scales, placeholder, mx_scale), bias if bias is not None else placeholder,
         num_experts, groups.num_rows, groups.slab_rows, hidden, inter, num_pid_m, num_tokens,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        sum_out.stride(0) if sum_out is not None else 0, *_scale_strides(scales),
+        sum_out.stride(0) if sum_out is not None else 0, *_scale_strides(scales, mx_scale),
         ROUTE=groups.route, HAS_WEIGHTS=weights is not None, TOP_K=groups.top_k,
         E_PAD=_e_pad(num_experts), S_PAD=_s_pad(groups),
         SUM_T=max(1, min(64, 4096 // tile.block_n)),
@@ -533,6 +571,7 @@ def launch_w2(h: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, groups: RowG
         EVEN_K=inter % tile.block_k == 0, W_TMA=tma, WS=ws, PERSISTENT=persistent, PDL=pdl,
         DOT_MODE=dot_mode(h.dtype), INTERP_BF16=interp_bf16(out.dtype),
         **_fp8_constexprs(scales), HAS_BIAS=bias is not None,
+        **({"MX": True} if mx_scale is not None else {}),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_kwargs(pdl),
     )
 

@@ -12,6 +12,14 @@ FP8 (block-scaled e4m3, ``kernels.fp8``): activations and weights are both float
 step multiplies its fp32 dot product by the row's activation scale times each column's weight
 block scale before adding it to the accumulator (as vLLM's and SGLang's w8a8 block kernels do);
 BLOCK_K divides GROUP_K, so a step never straddles two scale groups.
+
+MXFP4 (MX: weight-only, ``kernels.mxfp4``): the weights are packed e2m1 bytes [N, K/2] with one
+E8M0 byte per 32 values along K. Each K step loads its [BLOCK_N, BLOCK_K/2] bytes and their
+[BLOCK_N, BLOCK_K/32] scale bytes through pointers, decodes both nibbles from their bits (low
+nibble = even column, ``tl.interleave``), multiplies by 2^(scale - 127) in fp32 (exact), casts to
+the activation dtype (exact wherever the torch reference's cast is) and runs the plain dot, so a
+tile computes what the weights dequantized by ``kernels.mxfp4.dequantize`` give. BLOCK_K is a
+multiple of 32 (K is, too), so a step never splits a scale group.
 """
 
 from __future__ import annotations
@@ -55,23 +63,69 @@ def scaled_dot(a, b, acc, k, a_scales, w_scales, FP8: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
+def e2m1_values(nibbles):
+    """uint32 e2m1 codes (bit 3 sign, bits 2..1 exponent with bias 1, bit 0 mantissa) -> fp32,
+    built from their bits: exponent field 0 is 0 or 0.5, otherwise 2^(e-1) * (1 + m/2) (fp32
+    exponent e + 126, the mantissa bit at bit 22)."""
+    exp = (nibbles >> 1) & 3
+    man = nibbles & 1
+    mag = tl.where(exp == 0, man * 0x3F000000, ((exp + 126) << 23) | (man << 22))
+    return (mag | ((nibbles & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e8m0_values(s):
+    """uint32 E8M0 bytes -> fp32 2^(s - 127) from the bits (byte 0: 2^-127, an fp32 subnormal;
+    0xFF, NaN in the spec, is refused where checkpoints are read)."""
+    return tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mx_weight_tile(b_ptrs, s_ptrs, k_left, dtype: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BLOCK_K, ROWS] in ``dtype``: the K step's MXFP4 weights dequantized, from ``b_ptrs``
+    [ROWS, BLOCK_K/2] packed bytes (column 2j in byte j's low nibble) and ``s_ptrs`` [ROWS,
+    BLOCK_K/32] E8M0 bytes; ``k_left`` columns remain (a multiple of 32; zeros past it)."""
+    if EVEN_K:
+        packed = tl.load(b_ptrs)
+        s = tl.load(s_ptrs)
+    else:
+        packed = tl.load(b_ptrs, mask=(tl.arange(0, BLOCK_K // 2) < k_left // 2)[None, :],
+                         other=0)
+        s = tl.load(s_ptrs, mask=(tl.arange(0, BLOCK_K // 32) < k_left // 32)[None, :],
+                    other=0)
+    packed = packed.to(tl.uint32)
+    values = tl.interleave(e2m1_values(packed & 0xF), e2m1_values(packed >> 4))  # [ROWS, BK]
+    scale = e8m0_values(s.to(tl.uint32))  # [ROWS, BK/32]
+    w = tl.reshape(values, (ROWS, BLOCK_K // 32, 32)) * scale[:, :, None]
+    return tl.reshape(w, (ROWS, BLOCK_K)).to(dtype).T
+
+
+@triton.jit
 def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we, stride_wn,
                  as_ptr, ws_ptr, stride_asm, stride_wse, stride_wsn, scale_rows,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_MODE: tl.constexpr,
                  FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
-                 GROUP_K: tl.constexpr = 128):
+                 GROUP_K: tl.constexpr = 128, MX: tl.constexpr = False):
     """Two [BM, BN] fp32: x rows ``src`` times gate columns n0.., and times up columns n0..
     (K = H), from one dot over a [BK, 2BN] weight tile. FP8: ``as_ptr`` [rows, H/GROUP_K]
     scales of x's rows, ``ws_ptr`` [E, 2 * scale_rows, H/GROUP_K] of the weight blocks (gate
-    block rows, then up block rows)."""
+    block rows, then up block rows). MX: ``w`` [E, 2I, H/2] packed MXFP4 bytes (strides in
+    bytes) and ``ws_ptr`` [E, 2I, H/32] their E8M0 bytes (unit stride along the last dim)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     # Column c of the [BK, 2*BN] weight tile: gate row n0 + c, then up row I + n0 + c - BN.
     # Columns past I wrap to valid rows; their results are never stored.
     cols = tl.arange(0, 2 * BLOCK_N)
     half, col_rows = cols // BLOCK_N, (n0 + cols % BLOCK_N) % inter
-    if not W_TMA:
+    if MX:  # [2BN, BK/2] bytes and [2BN, BK/32] scales of the tile's weight rows
+        w_rows = (half * inter + col_rows).to(tl.int64)
+        b_ptrs = (w + expert.to(tl.int64) * stride_we + w_rows[:, None] * stride_wn
+                  + tl.arange(0, BLOCK_K // 2)[None, :])
+        mx_scales = (ws_ptr + expert.to(tl.int64) * stride_wse + w_rows[:, None] * stride_wsn
+                     + tl.arange(0, BLOCK_K // 32)[None, :])
+    elif not W_TMA:
         b_ptrs = (w + expert.to(tl.int64) * stride_we + (half * inter + col_rows)[None, :]
                   * stride_wn + offs_k[:, None])  # [BK, 2BN]
     a_scales = as_ptr + src.to(tl.int64) * stride_asm  # [BM] (FP8 only)
@@ -83,17 +137,24 @@ def w13_mainloop(x_ptr, w, src, expert, n0, hidden, inter, stride_xm, stride_we,
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[None, :], other=0.0)
-        if W_TMA:
-            # [1, 2, BN, BK] -> [2BN, BK]: gate rows then up rows; zeros past I and past H.
-            b = w.load([expert, 0, n0, k * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K).T
-        elif EVEN_K:
-            b = tl.load(b_ptrs)
+        if MX:
+            b = mx_weight_tile(b_ptrs, mx_scales, hidden - k * BLOCK_K,
+                               x_ptr.dtype.element_ty, 2 * BLOCK_N, BLOCK_K, EVEN_K)
+            acc = dot(a, b, acc, DOT_MODE)
+            b_ptrs += BLOCK_K // 2
+            mx_scales += BLOCK_K // 32
         else:
-            b = tl.load(b_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[:, None], other=0.0)
-        acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
+            if W_TMA:
+                # [1, 2, BN, BK] -> [2BN, BK]: gate rows then up rows; zeros past I and past H.
+                b = w.load([expert, 0, n0, k * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=(offs_k < hidden - k * BLOCK_K)[:, None], other=0.0)
+            acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
+            if not W_TMA:
+                b_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-        if not W_TMA:
-            b_ptrs += BLOCK_K
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
 
 
@@ -163,17 +224,24 @@ def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inte
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
                 DOT_MODE: tl.constexpr, FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
-                GROUP_K: tl.constexpr = 128):
+                GROUP_K: tl.constexpr = 128, MX: tl.constexpr = False):
     """[BM, BN] fp32: h rows first.. (grouped order) times W2[expert] columns n0.. (K = I).
     FP8: ``as_ptr`` [num_rows, I/GROUP_K] scales of h's rows, ``ws_ptr`` [E, H/GROUP_N,
-    I/GROUP_K] of the weight blocks."""
+    I/GROUP_K] of the weight blocks. MX: ``w`` [E, H, I/2] packed MXFP4 bytes and ``ws_ptr``
+    [E, H, I/32] their E8M0 bytes (``w13_mainloop``)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Padding rows re-read a valid row instead of masking every load; they are never stored.
     a_rows = tl.where(offs_m < rows, first + offs_m, tl.minimum(first, num_rows - 1))
     a_ptrs = h_ptr + a_rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]  # [BM, BK]
     w_cols = (n0 + tl.arange(0, BLOCK_N)) % hidden  # columns past H wrap, never stored
-    if not W_TMA:
+    if MX:  # [BN, BK/2] bytes and [BN, BK/32] scales of the tile's weight rows
+        b_ptrs = (w + expert.to(tl.int64) * stride_we + w_cols.to(tl.int64)[:, None] * stride_wn
+                  + tl.arange(0, BLOCK_K // 2)[None, :])
+        mx_scales = (ws_ptr + expert.to(tl.int64) * stride_wse
+                     + w_cols.to(tl.int64)[:, None] * stride_wsn
+                     + tl.arange(0, BLOCK_K // 32)[None, :])
+    elif not W_TMA:
         b_ptrs = (w + expert.to(tl.int64) * stride_we
                   + w_cols[None, :] * stride_wn + offs_k[:, None])  # [BK, BN]
     a_scales = as_ptr + a_rows.to(tl.int64) * stride_asm  # [BM] (FP8 only)
@@ -184,16 +252,24 @@ def w2_mainloop(h_ptr, w, first, rows, expert, n0, num_k, num_rows, hidden, inte
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=(offs_k < inter - k * BLOCK_K)[None, :], other=0.0)
-        if W_TMA:
-            b = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T  # zeros past H, I
-        elif EVEN_K:
-            b = tl.load(b_ptrs)
+        if MX:
+            b = mx_weight_tile(b_ptrs, mx_scales, inter - k * BLOCK_K, h_ptr.dtype.element_ty,
+                               BLOCK_N, BLOCK_K, EVEN_K)
+            acc = dot(a, b, acc, DOT_MODE)
+            b_ptrs += BLOCK_K // 2
+            mx_scales += BLOCK_K // 32
         else:
-            b = tl.load(b_ptrs, mask=(offs_k < inter - k * BLOCK_K)[:, None], other=0.0)
-        acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
+            if W_TMA:
+                # zeros past H and past I
+                b = w.load([expert, n0, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=(offs_k < inter - k * BLOCK_K)[:, None], other=0.0)
+            acc = scaled_dot(a, b, acc, k, a_scales, w_scales, FP8, BLOCK_K, GROUP_K, DOT_MODE)
+            if not W_TMA:
+                b_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-        if not W_TMA:
-            b_ptrs += BLOCK_K
     return acc
 
 
