@@ -70,6 +70,7 @@ class Fused:
     cuda_ref: bool = False
     swiglu_limit: float | None = None  # DeepSeek-V4's clamp in the w13 epilogue
     gpt_oss: bool = False  # gpt-oss's expert biases and activation (``gpt_oss_options``)
+    mxfp4: bool = False  # MXFP4 weights (``mxfp4_weights``), the activations unquantized
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Grouped:
     fp8: tuple[int, int] | None = None  # FP8 block-scaled weights with this block shape
     swiglu_limit: float | None = None
     gpt_oss: bool = False
+    mxfp4: bool = False
 
 
 FUSED_CASES = {
@@ -167,6 +169,24 @@ FUSED_CASES = {
                                     swiglu_limit=1.0, gpt_oss=True),
     "gpt_oss_fp8_bf16": Fused("bf16", T=13, H=72, I=40, E=6, K=2, skip=0.15, unused=(3,),
                               fp8=(16, 32), swiglu_limit=1.0, gpt_oss=True),
+    # MXFP4 weights (dequantized per K tile in the kernels) against the torch route: an expert
+    # with no token and -1 ids on the inline and sorted routes, one token, K (I = 96) no
+    # multiple of the table's block_k (64), 32-wide tiles over several m-blocks, gpt-oss's
+    # options on both routes
+    "mxfp4_ragged_fp32": Fused("fp32", T=13, H=64, I=96, E=6, K=2, skip=0.15, unused=(3,),
+                               mxfp4=True),
+    "mxfp4_ragged_bf16": Fused("bf16", T=13, H=64, I=96, E=6, K=2, skip=0.15, unused=(3,),
+                               mxfp4=True),
+    "mxfp4_sorted_bf16": Fused("bf16", T=9, H=96, I=64, E=4, K=3, skip=0.1, unused=(1,),
+                               inline=False, mxfp4=True),
+    "mxfp4_one_token_fp32": Fused("fp32", T=1, H=64, I=32, E=4, K=3, mxfp4=True),
+    "mxfp4_tiles32_bf16": Fused("bf16", T=37, H=64, I=64, E=3, K=2, unused=(1,), tile=32,
+                                mxfp4=True),
+    "mxfp4_gpt_oss_fp32": Fused("fp32", T=13, H=64, I=96, E=6, K=2, skip=0.15, unused=(3,),
+                                swiglu_limit=1.0, gpt_oss=True, mxfp4=True),
+    "mxfp4_gpt_oss_sorted_bf16": Fused("bf16", T=13, H=64, I=96, E=6, K=2, skip=0.15,
+                                       unused=(3,), inline=False, swiglu_limit=1.0,
+                                       gpt_oss=True, mxfp4=True),
 }
 
 GROUPED_CASES = {
@@ -224,6 +244,20 @@ GROUPED_CASES = {
                                        tile=16, persistent=1, swiglu_limit=1.0, gpt_oss=True),
     "gpt_oss_ws_slab_fp16": Grouped("fp16", (3, 0, 20, 1, 17), M=20, H=56, I=40, weights=True,
                                     tile=16, ws=True, swiglu_limit=1.0, gpt_oss=True),
+    # MXFP4 on an FFN rank's layouts: contiguous rows with empty experts, padded slabs, gpt-oss's
+    # options on both; a persistent ws tile asked for runs plain with pointer loads
+    "mxfp4_contiguous_fp32": Grouped("fp32", (3, 0, 17, 1, 0, 9), H=64, I=96, weights=True,
+                                     mxfp4=True),
+    "mxfp4_slab_bf16": Grouped("bf16", (3, 0, 20, 1, 17), M=20, H=96, I=64, weights=True,
+                               mxfp4=True),
+    "mxfp4_gpt_oss_contiguous_bf16": Grouped("bf16", (3, 0, 17, 1, 0, 9), H=64, I=96,
+                                             weights=False, swiglu_limit=1.0, gpt_oss=True,
+                                             mxfp4=True),
+    "mxfp4_gpt_oss_slab_fp32": Grouped("fp32", (3, 0, 20, 1, 17), M=20, H=96, I=64,
+                                       weights=True, swiglu_limit=1.0, gpt_oss=True,
+                                       mxfp4=True),
+    "mxfp4_ws_asked_bf16": Grouped("bf16", (3, 0, 37, 1, 0, 20), H=64, I=64, weights=True,
+                                   tile=32, persistent=1, ws=True, mxfp4=True),
 }
 
 # FP8 tolerances. Against the FP8 reference (tight): both see bit-identical float8 activations,
@@ -264,6 +298,18 @@ def fp8_weights(num_experts: int, hidden: int, inter: int, block: tuple[int, int
             "w2_scale": w2_s, "block_shape": block}
 
 
+def mxfp4_weights(num_experts: int, hidden: int, inter: int, device: str) -> dict:
+    """Random MXFP4 experts: every byte (so every e2m1 code, both nibbles) and E8M0 scales
+    around the releases' (2^-9 .. 2^0), as the entries take them."""
+    def randint(low: int, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(low, high, shape, dtype=torch.uint8, device=device)
+
+    return {"w13": randint(0, 256, num_experts, 2 * inter, hidden // 2),
+            "w2": randint(0, 256, num_experts, hidden, inter // 2),
+            "w13_scale": randint(118, 128, num_experts, 2 * inter, hidden // 32),
+            "w2_scale": randint(118, 128, num_experts, hidden, inter // 32)}
+
+
 def dequantized(fp8: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8 experts' weights in ``dtype`` (what a dequantizing loader holds)."""
     from kernels.fp8 import dequantize_blocks
@@ -292,6 +338,10 @@ def _weights(case, num_experts: int, dtype: torch.dtype, device: str
     options = {} if case.swiglu_limit is None else {"swiglu_limit": case.swiglu_limit}
     if case.gpt_oss:
         options |= gpt_oss_options(num_experts, case.H, case.I, dtype, device)
+    if case.mxfp4:
+        mx = mxfp4_weights(num_experts, case.H, case.I, device)
+        return mx["w13"], mx["w2"], {"w13_scale": mx["w13_scale"],
+                                     "w2_scale": mx["w2_scale"], **options}
     if case.fp8 is None:
         return (*moe_weights(num_experts, case.H, case.I, dtype, device), options)
     fp8 = fp8_weights(num_experts, case.H, case.I, case.fp8, device)
@@ -303,17 +353,20 @@ def _result(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case, refe
             w13: torch.Tensor, w2: torch.Tensor, scales: dict) -> dict:
     """The result dict of a case; FP8 cases also carry the error of their FP8 reference against
     the unquantized one (``reference`` called on the dequantized weights, with the case's
-    epilogue options), and ``bites`` says for each epilogue option (swiglu_limit, gpt-oss's
-    alpha and biases) whether leaving it out changes the reference."""
+    epilogue options; MXFP4 cases are held to the unquantized tolerances, their reference
+    being exactly the dequantized weights' result), and ``bites`` says for each epilogue
+    option (swiglu_limit, gpt-oss's alpha and biases) whether leaving it out changes the
+    reference."""
     options = {k: v for k, v in scales.items() if k in EPILOGUE}
     scales = {k: v for k, v in scales.items() if k not in EPILOGUE}
-    result = {"err": rel_err(out, ref), "tol": FP8_TOL if scales else tolerance(dtype),
+    fp8 = "block_shape" in scales
+    result = {"err": rel_err(out, ref), "tol": FP8_TOL if fp8 else tolerance(dtype),
               "dtype_ok": out.dtype == ref.dtype, "ref_norm": ref.float().norm().item(),
               "fallbacks": _fallback_events(), "bites": {}}
     for key in options:
         without = {k: v for k, v in options.items() if k != key}
         result["bites"][key] = rel_err(ref, reference(w13, w2, **scales, **without)) > 0.05
-    if scales:
+    if fp8:
         plain = reference(*dequantized({"w13": w13, "w2": w2, **scales}, dtype), **options)
         result["loose_err"] = rel_err(ref, plain)
         result["loose_tol"] = FP8_LOOSE_TOL if ref.numel() >= FEW_ELEMENTS else \
@@ -522,6 +575,12 @@ EXPECTED_PATHS = {
     "gpt_oss_ws_sorted_bf16": ("rows", True, True), "gpt_oss_fp8_bf16": ("inline", False, False),
     "gpt_oss_contiguous_fp32": ("rows", False, False), "gpt_oss_slab_bf16": ("slabs", True, False),
     "gpt_oss_persistent_bf16": ("rows", True, False), "gpt_oss_ws_slab_fp16": ("slabs", True, True),
+    # MXFP4 weights load through pointers and never warp-specialize
+    "mxfp4_ragged_bf16": ("inline", False, False), "mxfp4_sorted_bf16": ("sorted", False, False),
+    "mxfp4_tiles32_bf16": ("inline", False, False), "mxfp4_slab_bf16": ("slabs", False, False),
+    "mxfp4_gpt_oss_sorted_bf16": ("sorted", False, False),
+    "mxfp4_gpt_oss_contiguous_bf16": ("rows", False, False),
+    "mxfp4_ws_asked_bf16": ("rows", False, False),
 }
 # w2's path where it differs from w13's: on the sorted route it reads h in grouped order, so a
 # ws tile warp-specializes there too.
