@@ -25,7 +25,7 @@ weight tile from the packed bytes and scales (``moe_tile_triton.mx_weight_tile``
 plain dot on the unquantized activations. Those tiles load through pointers and run plain: TMA
 would need a descriptor per packed layout and Hopper's auto-WS does not partition the dequant, so
 neither TMA, warp specialization nor persistent programs apply (``_features``); the tiles are
-fitted as FP8's, block_k 32 or 64 (``_mx_config``).
+fitted as FP8's, block_k 64 (32 for fp32 activations; ``_mx_config``).
 
 gpt-oss's experts (``w13_bias``, ``w2_bias``, ``swiglu_alpha``; ``kernels.fused_moe``) take the
 same launches: the biases and the activation are epilogue options of the two GEMMs.
@@ -63,6 +63,7 @@ from kernels.moe_gemm_triton import (
     ws_wanted,
 )
 from kernels.moe_sum_triton import launch_sum
+from kernels.mxfp4 import MX_GROUP
 from kernels.triton_utils import INTERPRETING
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
@@ -245,11 +246,17 @@ def _config(config: MoEConfig | None, rows: int, num_experts: int, hidden: int, 
     """The caller's config or the table's; with FP8 weights (``block``) block_k at most the K
     block either way (the table's tiles are further fitted, ``_fp8_config``). MXFP4 (``mx``,
     ``dtype`` the activations'): the table's tiles fitted by ``_mx_config``; a caller's block_k
-    must be a multiple of 32 (checked at launch)."""
+    must be a multiple of 32 (checked here, before any launch: the inline route takes a failed
+    launch for its own and switches itself off)."""
     if mx:
         if config is not None:
+            for name, tile in (("w13", config.w13), ("w2", config.w2)):
+                if tile.block_k % MX_GROUP:
+                    raise ValueError(f"config.{name}.block_k {tile.block_k} must be a multiple "
+                                     f"of {MX_GROUP} for MXFP4 weights (one scale per 32 values)")
             return config
-        return _mx_config(default_config(rows, num_experts, hidden, inter, dtype))
+        return _mx_config(default_config(rows, num_experts, hidden, inter, dtype),
+                          dtype.itemsize)
     if config is None:
         return default_config(rows, num_experts, hidden, inter, dtype,
                               block[1] if block else None)
@@ -278,14 +285,29 @@ def _fp8_config(cfg: MoEConfig, group_k: int) -> MoEConfig:
 
 
 # MXFP4 K steps: whole scale groups (32 values), at most 64 columns (the dequantized [2BN, BK]
-# weight tile sits in registers beside the accumulator, as FP8's scaled product does).
-_MX_BLOCK_K = 64
+# weight tile sits in registers beside the accumulator, as FP8's scaled product does). fp32
+# activations (tests and the CPU more than a GPU's serving) run an FMA dot holding both
+# operands in registers: block_k 32 and at most 16 accumulator elements a thread (compiled for
+# sm_90a under Triton 3.6, block_k 64 spilled 5 KB and 32 elements a thread 0.4 KB;
+# tests/test_kernels_sm90.py).
+_MX_BLOCK_K = {2: 64, 4: 32}
+_MX_FP32_ACC_PER_THREAD = 16
 
 
-def _mx_config(cfg: MoEConfig) -> MoEConfig:
-    """A table config for MXFP4 weights: ``_fp8_config``'s fitting with block_k 32 or 64."""
-    fitted = _fp8_config(cfg, _MX_BLOCK_K)
-    return MoEConfig(*(replace(t, block_k=max(t.block_k, 32)) for t in (fitted.w13, fitted.w2)))
+def _mx_config(cfg: MoEConfig, act_bytes: int = 2) -> MoEConfig:
+    """A table config for MXFP4 weights and activations ``act_bytes`` wide: ``_fp8_config``'s
+    fitting with block_k ``_MX_BLOCK_K`` (never under 32); fp32: block_n halved further until
+    the accumulator fits ``_MX_FP32_ACC_PER_THREAD``."""
+    fitted = _fp8_config(cfg, _MX_BLOCK_K[act_bytes])
+
+    def fit(tile: GemmTile, width: int) -> GemmTile:
+        tile = replace(tile, block_k=max(tile.block_k, 32))
+        while (act_bytes == 4 and tile.block_n > 16 and tile.block_m * tile.block_n * width
+               > _MX_FP32_ACC_PER_THREAD * 32 * tile.num_warps):
+            tile = replace(tile, block_n=tile.block_n // 2)
+        return tile
+
+    return MoEConfig(w13=fit(fitted.w13, 2), w2=fit(fitted.w2, 1))
 
 
 def _quantized(a: torch.Tensor, w_scale: torch.Tensor,

@@ -705,6 +705,25 @@ def test_fp8_entries_check_their_arguments() -> None:
         fused_moe(x, w13, w2, weights, ids, **scales)
 
 
+def test_mxfp4_tiles_run_plain_in_whole_scale_groups() -> None:
+    # MXFP4 K steps never split a scale group (32 values) and its tiles run plain, whatever
+    # the table row or activation dtype; a caller's tile that would split one is refused
+    # before any launch.
+    from kernels.fused_moe_config import GPU_TABLE
+    from kernels.fused_moe_triton import _config, grouped_moe_triton
+
+    for limit, _, _ in GPU_TABLE:
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = _config(None, 32 * int(min(limit, 512)), 32, 2880, 2880, dtype, None, mx=True)
+            for tile in (cfg.w13, cfg.w2):
+                assert tile.block_k in (32, 64) and not tile.persistent and not tile.ws, tile
+    mx = mxfp4_weights(2, 64, 32, "cpu")
+    with pytest.raises(ValueError, match=r"config\.w13\.block_k 16 must be a multiple of 32"):
+        grouped_moe_triton(torch.zeros(3, 64), torch.tensor([1, 2]), mx["w13"], mx["w2"],
+                           config=_tile_config(16), w13_scale=mx["w13_scale"],
+                           w2_scale=mx["w2_scale"])
+
+
 def test_cuda_scalar_division_rounds_as_cuda() -> None:
     # The emulation the cuda_ref cases rely on: a division by a number becomes a multiply by its
     # fp32 reciprocal (one ulp off the quotient for most inputs), a division by a tensor of the

@@ -164,9 +164,12 @@ def check(compiled, pipelined: bool) -> None:
 
 
 def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = False,
-              fp8: bool = False) -> dict:
+              fp8: bool = False, mx: bool = False) -> dict:
     """fp8: float8 e4m3 operands (activations and weights) with their fp32 block scales
-    (DeepSeek-V3's [128, 128] blocks); the outputs stay ``dtype``."""
+    (DeepSeek-V3's [128, 128] blocks); the outputs stay ``dtype``. mx: MXFP4 weights (packed
+    uint8 with uint8 E8M0 scales, ``mx_args``), ``dtype`` activations."""
+    if mx:
+        return mx_args(gemm, dtype, experts, tile)
     ptr = f"*{dtype}"
     op = "fp8e4nv" if fp8 else dtype  # operand element type
     a = f"*{op}"
@@ -189,28 +192,38 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
                    "stride_wse": H // 128 * I // 128, "stride_wsn": I // 128}
 
 
+def mx_args(gemm: str, dtype: str, experts: int, tile) -> dict:
+    """``gemm_args`` for MXFP4 weights: [E, N, K/2] bytes and [E, N, K/32] scale bytes."""
+    args = gemm_args(gemm, dtype, experts, tile, tma=False)
+    n, k = (2 * I, H) if gemm == "w13" else (H, I)
+    return args | {"w": "*u8", "ws_ptr": "*u8", "stride_we": n * k // 2, "stride_wn": k // 2,
+                   "stride_asm": 0, "stride_wse": n * k // 32, "stride_wsn": k // 32}
+
+
 def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                  experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0,
-                 fp8: bool = False, clamp: bool = False, gpt_oss: bool = False):
-    """gpt_oss: its expert biases in both epilogues and (w13) its activation, clamped."""
+                 fp8: bool = False, clamp: bool = False, gpt_oss: bool = False,
+                 mx: bool = False):
+    """gpt_oss: its expert biases in both epilogues and (w13) its activation, clamped.
+    mx: MXFP4 weights (pointer loads, plain tiles)."""
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
-    ws = not fp8 and moe_gemm_triton.ws_wanted(gemm, moe_gemm_triton.RowGroups(route, 1), tile,
-                                               tma)
+    ws = not (fp8 or mx) and moe_gemm_triton.ws_wanted(gemm, moe_gemm_triton.RowGroups(route, 1),
+                                                       tile, tma)
     tile = tile if ws else tile.plain()  # as the launchers
     constexprs = {"ROUTE": route, "TOP_K": 8, "E_PAD": max(16, triton.next_power_of_2(experts)),
                   "S_PAD": s_pad, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m, "EVEN_K": even_k,
                   "W_TMA": tma, "WS": ws, "PERSISTENT": persistent, "PDL": True, "DOT_MODE": dot,
-                  "INTERP_BF16": False, "FP8": fp8, "GROUP_N": 128, "GROUP_K": 128}
+                  "INTERP_BF16": False, "FP8": fp8, "GROUP_N": 128, "GROUP_K": 128, "MX": mx}
     if gemm == "w2":
         constexprs |= {"HAS_WEIGHTS": route >= moe_gemm_triton.SORTED, "SUM_T": 16,
                        "HAS_BIAS": gpt_oss}
     else:  # clamp: DeepSeek-V4's swiglu_limit in the epilogue
         constexprs |= {"CLAMP": clamp or gpt_oss, "ALPHA": gpt_oss, "HAS_BIAS": gpt_oss}
-    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8), constexprs,
-                        tile.num_warps, tile.num_stages)
+    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8, mx),
+                        constexprs, tile.num_warps, tile.num_stages)
 
 
 ROUTES = {"rows": moe_gemm_triton.ROWS, "sorted": moe_gemm_triton.SORTED,
@@ -322,6 +335,39 @@ def test_moe_fp8_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bool
         assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx), "no fp8 wgmma"
     else:
         assert "mma.sync" in ptx
+
+
+def mx_tile(limit: float, gemm: str, dtype=torch.bfloat16) -> GemmTile:
+    """The tile the launchers run for MXFP4 weights at the table row ``limit`` (8 experts;
+    m = 512 for the last row): ``fused_moe_triton._mx_config``."""
+    from kernels.fused_moe_triton import _mx_config
+
+    cfg = _mx_config(default_config(8 * int(min(limit, 512)), 8, H, I, dtype), dtype.itemsize)
+    return cfg.w13 if gemm == "w13" else cfg.w2
+
+
+# Every table row's MXFP4 tiles on the grouped route; the inline route's small tiles and the
+# sorted route's at 128 with gpt-oss's epilogues; K no multiple of block_k; fp32 activations.
+MX_CASES = ([(limit, gemm, "rows", False, True, "bf16") for limit, _, _ in GPU_TABLE
+             for gemm in ("w13", "w2")]
+            + [(16, gemm, "inline", True, True, "bf16") for gemm in ("w13", "w2")]
+            + [(128, gemm, "sorted", True, True, "bf16") for gemm in ("w13", "w2")]
+            + [(64, gemm, "rows", False, False, "bf16") for gemm in ("w13", "w2")]
+            + [(limit, gemm, "rows", False, True, "fp32") for limit in (32, 128, math.inf)
+               for gemm in ("w13", "w2")])
+
+
+@pytest.mark.parametrize(("limit", "gemm", "route", "gpt_oss", "even_k", "dtype"), MX_CASES)
+def test_moe_mxfp4_tiles_fit_hopper(limit: float, gemm: str, route: str, gpt_oss: bool,
+                                    even_k: bool, dtype: str) -> None:
+    # MXFP4 weights dequantized per K step in registers (moe_tile_triton.mx_weight_tile):
+    # no spills with the fitted tiles, the activation loads pipelined, no TMA.
+    tile = mx_tile(limit, gemm, getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    compiled = compile_gemm(gemm, tile, route=ROUTES[route], tma=False, s_pad=s_pad,
+                            dtype=dtype, even_k=even_k, dot=1 if dtype == "fp32" else 0,
+                            gpt_oss=gpt_oss, mx=True)
+    check_gemm(compiled, tma=False)
 
 
 def test_fp8_quant_compiles() -> None:
