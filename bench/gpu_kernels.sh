@@ -31,6 +31,13 @@
 #                                        # experts, m = 1..512; cells past the 200 s budget,
 #                                        # GPT_OSS_BUDGET_S, are skipped, E = 128 last;
 #                                        # its timeout is that budget + 40 s)
+#   MXFP4=1 bash bench/gpu_kernels.sh    # MXFP4 experts only, ~3-4 min (at most 105+205 s
+#                                        # and ~10 s of setup; timeout_s=340): the MXFP4 GPU
+#                                        # MoE tests (gpt-oss dims), then bench/kernels.py
+#                                        # --mxfp4 (checks, then MXFP4 fused/grouped beside
+#                                        # bf16 on the same weights dequantized and the
+#                                        # floors, gpt-oss-120b over 4 ranks: E = 32 of 2880,
+#                                        # top-4, m = 1..512; 160 s budget)
 #   PREFILL=1 bash bench/gpu_kernels.sh  # prefill attention only, ~2-3 min (at most 125+245 s;
 #                                        # timeout_s=400):
 #                                        # its GPU tests, then bench/kernels.py --prefill-only
@@ -65,6 +72,7 @@ FP8=${FP8:-0}
 PREFILL=${PREFILL:-0}
 VERIFY=${VERIFY:-0}
 GPT_OSS=${GPT_OSS:-0}
+MXFP4=${MXFP4:-0}
 GPT_OSS_BUDGET_S=${GPT_OSS_BUDGET_S:-200}
 QUICK_BUDGET_S=${QUICK_BUDGET_S:-290}
 WS_PROBES=${WS_PROBES:-1}  # QUICK: 0 skips the ws probe (70 s) for more tile A/B time
@@ -77,7 +85,7 @@ source bench/gpu_env.sh gpu_kernels
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())" 2>&1
-  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL verify $VERIFY gpt_oss $GPT_OSS"
+  echo "commit $AFD_COMMIT quick $QUICK fp8 $FP8 prefill $PREFILL verify $VERIFY gpt_oss $GPT_OSS mxfp4 $MXFP4"
   env | grep '^AFD_MOE_' || true
 } | tee "$OUT/kernels_env.txt"
 
@@ -113,6 +121,10 @@ elif [ "$PREFILL" = 1 ]; then
 elif [ "$FP8" = 1 ]; then
   run_tests 100 "FP8 GPU MoE tests" -k fp8 tests/test_kernels_moe.py
   run_bench 170 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 140 \
+    --rounds "$ROUNDS"
+elif [ "$MXFP4" = 1 ]; then
+  run_tests 100 "MXFP4 GPU MoE tests" -k mxfp4 tests/test_kernels_moe.py
+  run_bench 200 "benchmark --mxfp4 (writes $OUT/kernels.json)" --mxfp4 --budget-s 160 \
     --rounds "$ROUNDS"
 elif [ "$GPT_OSS" = 1 ]; then
   run_tests 100 "gpt-oss GPU MoE tests" -k gpt_oss tests/test_kernels_moe.py

@@ -6,6 +6,7 @@ hot-path kernels against their torch references.
     python bench/kernels.py --smoke [--quick]                              # CPU, tiny dims
     python bench/kernels.py --fp8-only [--smoke]                           # FP8 MoE only
     python bench/kernels.py --gpt-oss-only [--smoke]                       # gpt-oss experts
+    python bench/kernels.py --mxfp4 [--smoke]                              # MXFP4 experts
     python bench/kernels.py --prefill-only [--smoke]                       # prefill attention
     python bench/kernels.py --verify-only [--smoke]                        # verify-row decode
 
@@ -54,6 +55,15 @@ with them (what gpt-oss ran before: ``fused_moe_torch`` host-launched, and the p
 on grouped rows replayed like the table's ``loop``) and ``grouped_moe`` with and without them,
 each to its floor (``floor_ms`` plus the biases' bytes).
 
+MXFP4 experts (``--mxfp4``, that section only): gpt-oss-120b's experts as one of 4 FFN ranks
+holds them (32 local experts of hidden = intermediate = 2880, top-4, bf16 activations, its
+biases, alpha and limit), the weights kept packed (uint8 e2m1 pairs and E8M0 scales,
+``kernels.mxfp4``) and dequantized per K tile in the GEMMs. Checked first: Triton against the
+torch route (which dequantizes each expert to bf16; rel. err < 1e-2). Then per m = 1..512
+tokens per expert, timed in turn: ``fused_moe`` and ``grouped_moe`` with the MXFP4 weights
+beside the same calls on the same weights dequantized to bf16, each to its floor
+(``mxfp4_floor_ms``: 4.25 bits a weight; ``gpt_oss_floor_ms`` for bf16), and mx/bf16.
+
 Prefill attention (the full run, after the other kernels, or ``--prefill-only``): the varlen
 Triton kernel, one launch for all sequences, beside the per-sequence SDPA loop it replaced, at
 DeepSeek-V3's MLA (128 heads, q.k 192, v 128, K/V packed ragged) and Qwen3-30B-A3B's GQA (32
@@ -91,6 +101,7 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # appended: never s
 
 from results_io import commit_id  # noqa: E402
 from kernels.fp8 import dequantize_blocks, quantize_blocks  # noqa: E402
+from kernels import mxfp4  # noqa: E402
 from kernels.fused_moe import dequantize_w13, fused_moe_torch, grouped_moe_torch  # noqa: E402
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures  # noqa: E402
 from kernels.fused_moe_triton import (  # noqa: E402
@@ -725,6 +736,113 @@ def format_gpt_oss_row(r: dict) -> str:
             f"({r['fused_route']})")
 
 
+# MXFP4 rows: gpt-oss-120b's 128 experts over 4 FFN ranks (``--mxfp4``)
+MXFP4_EXPERTS = 32
+MXFP4_BITS = 4.25  # a weight's bits: its e2m1 nibble and 1/32 of its group's E8M0 byte
+
+
+def mxfp4_experts(num_experts: int, hidden: int, inter: int, device: str) -> dict:
+    """Random MXFP4 experts with gpt-oss's options: {"w13", "w2", "w13_scale", "w2_scale"}
+    (every byte, scales 2^-9..2^0 as the releases'), the same weights dequantized to bf16
+    ("w13_bf16", "w2_bf16", one expert at a time) and "opts" (``gpt_oss_experts``')."""
+    def randint(low: int, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(low, high, shape, dtype=torch.uint8, device=device)
+
+    w = {"w13": randint(0, 256, num_experts, 2 * inter, hidden // 2),
+         "w2": randint(0, 256, num_experts, hidden, inter // 2),
+         "w13_scale": randint(118, 128, num_experts, 2 * inter, hidden // 32),
+         "w2_scale": randint(118, 128, num_experts, hidden, inter // 32)}
+    for name in ("w13", "w2"):
+        w[f"{name}_bf16"] = torch.stack([
+            mxfp4.dequantize(w[name][e], w[f"{name}_scale"][e], torch.bfloat16)
+            for e in range(num_experts)])
+    opts = gpt_oss_experts(num_experts, hidden, inter, "cpu")["opts"]
+    w["opts"] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+    return w
+
+
+def mxfp4_floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int,
+                   inter: int) -> float:
+    """``gpt_oss_floor_ms`` with the weights at ``MXFP4_BITS`` a weight (the biases and the
+    activations in and out stay bf16; the matmul at the bf16 rate, as the kernels run it)."""
+    weights = num_experts * 3 * hidden * inter * MXFP4_BITS / 8
+    moved = weights + (num_experts * (2 * inter + hidden) + 2 * act_rows * hidden) * 2
+    return _roofline_ms(ceil, moved, 6 * rows * hidden * inter)
+
+
+def bench_mxfp4(timer: Timer, ceil: dict, errors: list, device: str, hidden: int, inter: int,
+                num_experts: int, ms: tuple[int, ...], rounds: int, deadline: float,
+                checks: list, rows_out: list) -> list:
+    """The MXFP4 check (both entries against the torch route at m = 8), then per m the MXFP4
+    entries beside bf16 on the same weights dequantized, timed in turn, with gpt-oss's
+    options; appended to ``rows_out`` as it goes, cells past ``deadline`` skipped."""
+    torch.manual_seed(3)
+    w = mxfp4_experts(num_experts, hidden, inter, device)
+    mx = {"w13_scale": w["w13_scale"], "w2_scale": w["w2_scale"], **w["opts"]}
+    plain = {**w["opts"]}
+    d = moe_inputs(num_experts, 8, hidden, device, w["w13"], w["w2"], GPT_OSS_TOP_K)
+    tok = (d["x_tok"], w["w13"], w["w2"], d["weights"], d["ids"])
+    for name, fn in (
+            ("fused_moe", lambda tok=tok: rel_err(fused_moe_triton(*tok, **mx),
+                                                  fused_moe_torch(*tok, **mx))),
+            ("grouped_moe", lambda d=d: rel_err(
+                grouped_moe_triton(d["x_rows"], d["counts"], w["w13"], w["w2"], **mx),
+                grouped_moe_torch(d["x_rows"], d["counts_cpu"], w["w13"], w["w2"], **mx)))):
+        err = guarded(errors, f"check mxfp4 {name}", fn)
+        ok = err is not None and err < 1e-2
+        log(f"check mxfp4 {name:12s} E={num_experts:3d} m=  8: rel err to the torch route "
+            f"{err}  {'ok' if ok else 'FAIL'}")
+        checks.append({"op": f"{name} mxfp4", "experts": num_experts, "m": 8, "rel_err": err,
+                       "ok": ok})
+    del d, tok
+    log(MXFP4_HEADER)
+    for m in ms:
+        label = f"mxfp4 E={num_experts} m={m}"
+        if time.time() > deadline:
+            log(f"  {label}: skipped, past the time budget")
+            continue
+        d = moe_inputs(num_experts, m, hidden, device, w["w13"], w["w2"], GPT_OSS_TOP_K)
+        row = {"experts": num_experts, "m": m, "tokens": d["tokens"], "top_k": d["top_k"],
+               "rounds": rounds}
+        for kind, fn in (("floor", gpt_oss_floor_ms), ("floor_mx", mxfp4_floor_ms)):
+            row[f"{kind}_ms"] = fn(ceil, num_experts, d["tokens"], d["rows"], hidden, inter)
+            row[f"{kind}_grouped_ms"] = fn(ceil, num_experts, d["rows"], d["rows"], hidden,
+                                           inter)
+        tok = (d["x_tok"], d["weights"], d["ids"])
+        grp = (d["x_rows"], d["counts"])
+        fns = {
+            "fused_mx": lambda a=tok: fused_moe_triton(a[0], w["w13"], w["w2"], *a[1:], **mx),
+            "fused_bf16": lambda a=tok: fused_moe_triton(a[0], w["w13_bf16"], w["w2_bf16"],
+                                                         *a[1:], **plain),
+            "grouped_mx": lambda a=grp: grouped_moe_triton(*a, w["w13"], w["w2"], **mx),
+            "grouped_bf16": lambda a=grp: grouped_moe_triton(*a, w["w13_bf16"], w["w2_bf16"],
+                                                             **plain),
+        }
+        for name, (median, spread) in timed_in_turn(timer, errors, label, fns, rounds,
+                                                    deadline).items():
+            row[f"{name}_ms"], row[f"{name}_spread"] = median, spread
+        rows_out.append(row)
+        log(format_mxfp4_row(row))
+        del d, tok, grp, fns
+    return rows_out
+
+
+MXFP4_HEADER = ("mxfp4    E    m | floor mx     bf16 | fused mx  /floor     bf16  /floor mx/bf16 "
+                "| grouped mx /floor     bf16  /floor mx/bf16")
+
+
+def format_mxfp4_row(r: dict) -> str:
+    get = r.get
+    cells = []
+    for entry, floor in (("fused", "floor"), ("grouped", "floor_grouped")):
+        mx_ms, bf_ms = get(f"{entry}_mx_ms"), get(f"{entry}_bf16_ms")
+        mx_floor = r[floor.replace("floor", "floor_mx") + "_ms"]
+        cells.append(f"{_ms(mx_ms)} {_ratio(mx_ms, mx_floor)} {_ms(bf_ms)} "
+                     f"{_ratio(bf_ms, r[f'{floor}_ms'])} {_ratio(mx_ms, bf_ms)}")
+    return (f"mxfp4 {r['experts']:4d} {r['m']:4d} | {_ms(r['floor_mx_ms'])} "
+            f"{_ms(r['floor_ms'])} | {cells[0]} | {cells[1]}")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:5.2f}x" if a and b else "   -  "
 
@@ -1294,6 +1412,9 @@ def main() -> None:
                              "MoE tables")
     parser.add_argument("--gpt-oss-only", action="store_true",
                         help="only the gpt-oss MoE checks and rows (and the ceilings)")
+    parser.add_argument("--mxfp4", action="store_true",
+                        help="only the MXFP4 MoE check and rows at gpt-oss-120b's expert dims, "
+                             "beside bf16 on the same weights (and the ceilings)")
     parser.add_argument("--prefill-only", action="store_true",
                         help="only the varlen prefill attention rows (and the ceilings)")
     parser.add_argument("--verify-only", action="store_true",
@@ -1325,15 +1446,24 @@ def main() -> None:
             else "CUDA graph replay (do_bench_cudagraph); grouped_eager_ms host-launched"}
     log(f"{info}")
     result = {"info": info, "errors": errors, "checks": [], "moe": [], "fp8": [], "prefill": [],
-              "verify": [], "gpt_oss": []}
+              "verify": [], "gpt_oss": [], "mxfp4": []}
     # A timeout's SIGTERM becomes an exception, so the finally below still writes the JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM: stopped early"))
     deadline = start + args.budget_s
     try:
         result["features"] = dataclasses.asdict(MoEFeatures.from_env())
         result["ceilings"] = ceil = measure_ceilings(timer, device, args.smoke)
-        only = args.fp8_only or args.prefill_only or args.verify_only or args.gpt_oss_only
-        if args.prefill_only:
+        only = (args.fp8_only or args.prefill_only or args.verify_only or args.gpt_oss_only
+                or args.mxfp4)
+        if args.mxfp4:
+            mx_dims = (hidden, inter) if args.smoke else (GPT_OSS_HIDDEN, GPT_OSS_INTER)
+            log(f"[{time.time() - start:.0f}s] MXFP4 MoE (hidden = intermediate = "
+                f"{mx_dims[0]}, top-{GPT_OSS_TOP_K}, gpt-oss's options; ratios to each one's "
+                f"floor, mx/bf16: MXFP4 to bf16 on the same weights dequantized)")
+            bench_mxfp4(timer, ceil, errors, device, *mx_dims,
+                        experts[0] if args.smoke else MXFP4_EXPERTS, (8,) if args.smoke else ms,
+                        args.rounds, deadline, result["checks"], result["mxfp4"])
+        elif args.prefill_only:
             log(f"[{time.time() - start:.0f}s] prefill attention (ratios: to the floor)")
             result["prefill"] = bench_prefill(timer, ceil, errors, device, args.smoke,
                                               args.rounds, deadline, result["checks"])
@@ -1349,14 +1479,14 @@ def main() -> None:
                       result["moe"])  # filled as it goes: a killed run keeps it
             result["summary"] = summarize(result["moe"])
         if not args.no_fp8 and not (args.prefill_only or args.verify_only
-                                    or args.gpt_oss_only):
+                                    or args.gpt_oss_only or args.mxfp4):
             check_fp8(errors, device, hidden, inter, result["checks"])
             log(f"[{time.time() - start:.0f}s] FP8 MoE timings (block-scaled [128, 128]; each "
                 f"to its own floor)")
             bench_fp8(timer, ceil, errors, device, hidden, inter, experts, ms, args.rounds,
                       deadline, result["fp8"])
         if args.gpt_oss_only or (args.gpt_oss and not (args.prefill_only or args.verify_only
-                                                       or args.fp8_only)):
+                                                       or args.fp8_only or args.mxfp4)):
             oss_dims = (hidden, inter) if args.smoke else (GPT_OSS_HIDDEN, GPT_OSS_INTER)
             check_gpt_oss(errors, device, *oss_dims, args.smoke, result["checks"])
             log(f"[{time.time() - start:.0f}s] gpt-oss MoE timings (top-{GPT_OSS_TOP_K}, hidden "

@@ -235,6 +235,22 @@ def test_bench_kernels_gpt_oss_smoke_runs_on_cpu(tmp_path) -> None:
             assert row[f"{entry}_ms"] > 0, entry
 
 
+def test_bench_kernels_mxfp4_smoke_runs_on_cpu(tmp_path) -> None:
+    """The MXFP4 section (``--mxfp4``): both entries checked against the torch route, then
+    MXFP4 beside bf16 on the same weights dequantized, each beside its floor (MXFP4's at 4.25
+    bits a weight), at tiny dims under the interpreter, top-4."""
+    result = _smoke(tmp_path, "--mxfp4")
+    assert result["errors"] == [] and result["moe"] == [] and result["fp8"] == []
+    checks = result["checks"]
+    assert {c["op"] for c in checks} == {"fused_moe mxfp4", "grouped_moe mxfp4"}
+    assert all(c["ok"] and c["rel_err"] < 1e-2 for c in checks)
+    (row,) = result["mxfp4"]
+    assert (row["experts"], row["m"], row["top_k"]) == (4, 8, 4)
+    assert 0 < row["floor_mx_ms"] <= row["floor_ms"] <= row["floor_grouped_ms"]
+    for entry in ("fused_mx", "fused_bf16", "grouped_mx", "grouped_bf16"):
+        assert row[f"{entry}_ms"] > 0, entry
+
+
 def test_bench_kernels_prefill_smoke_runs_on_cpu(tmp_path) -> None:
     """The prefill attention section (full run, or ``PREFILL=1 bash bench/gpu_kernels.sh``):
     checked against the per-sequence loop, timed beside it and the floor, a launch variant."""

@@ -831,6 +831,14 @@ GPU_FUSED = {
                                       swiglu_limit=1.0, gpt_oss=True),
     "gpt_oss_fp8_dims_bf16": Fused("bf16", T=64, H=2880, I=2880, E=32, K=4, fp8=(128, 128),
                                    swiglu_limit=1.0, gpt_oss=True),
+    # MXFP4 experts at gpt-oss's dims (the release format): decode (inline), 256 tokens
+    # (sorted); fp32 activations on ragged dims
+    "mxfp4_gpt_oss_dims_decode_bf16": Fused("bf16", T=4, H=2880, I=2880, E=32, K=4, skip=0.1,
+                                            swiglu_limit=1.0, gpt_oss=True, mxfp4=True),
+    "mxfp4_gpt_oss_dims_256tok_bf16": Fused("bf16", T=256, H=2880, I=2880, E=32, K=4,
+                                            swiglu_limit=1.0, gpt_oss=True, mxfp4=True),
+    "mxfp4_ragged_fp32": Fused("fp32", T=77, H=992, I=288, E=16, K=4, skip=0.2, unused=(2,),
+                               mxfp4=True),
 }
 GPU_GROUPED = {
     "contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=7168, I=2048,
@@ -853,6 +861,12 @@ GPU_GROUPED = {
                                        weights=True, swiglu_limit=1.0, gpt_oss=True),
     "gpt_oss_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=2880, I=2880, weights=True,
                                  swiglu_limit=1.0, gpt_oss=True),
+    "mxfp4_gpt_oss_contiguous_bf16": Grouped("bf16", (0, 130, 1, 64, 0, 7, 300, 2), H=2880,
+                                             I=2880, weights=True, swiglu_limit=1.0,
+                                             gpt_oss=True, mxfp4=True),
+    "mxfp4_gpt_oss_slab_bf16": Grouped("bf16", (0, 128, 3, 77), M=128, H=2880, I=2880,
+                                       weights=True, swiglu_limit=1.0, gpt_oss=True,
+                                       mxfp4=True),
 }
 
 
