@@ -606,11 +606,15 @@ def gpt_oss_experts(num_experts: int, hidden: int, inter: int, device: str) -> d
     arguments of the entries (biases [E, 2I] and [E, H], alpha, limit). The biases are large
     enough (std 0.5 and 0.1) that leaving one out shows in the output, as in the kernel tests."""
     w13, w2 = moe_weights(num_experts, hidden, inter, torch.bfloat16, device)
-    opts = {"w13_bias": (0.5 * torch.randn(num_experts, 2 * inter, device=device)
+    return {"w13": w13, "w2": w2, "opts": gpt_oss_opts(num_experts, hidden, inter, device)}
+
+
+def gpt_oss_opts(num_experts: int, hidden: int, inter: int, device: str) -> dict:
+    """``gpt_oss_experts``' "opts": random biases and gpt-oss's alpha and limit."""
+    return {"w13_bias": (0.5 * torch.randn(num_experts, 2 * inter, device=device)
                          ).to(torch.bfloat16),
             "w2_bias": (0.1 * torch.randn(num_experts, hidden, device=device)).to(torch.bfloat16),
             **GPT_OSS_ACT}
-    return {"w13": w13, "w2": w2, "opts": opts}
 
 
 def gpt_oss_floor_ms(ceil: dict, num_experts: int, act_rows: int, rows: int, hidden: int,
@@ -756,8 +760,7 @@ def mxfp4_experts(num_experts: int, hidden: int, inter: int, device: str) -> dic
         w[f"{name}_bf16"] = torch.stack([
             mxfp4.dequantize(w[name][e], w[f"{name}_scale"][e], torch.bfloat16)
             for e in range(num_experts)])
-    opts = gpt_oss_experts(num_experts, hidden, inter, "cpu")["opts"]
-    w["opts"] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+    w["opts"] = gpt_oss_opts(num_experts, hidden, inter, device)
     return w
 
 
