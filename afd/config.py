@@ -227,14 +227,13 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
     (about a quarter of bf16's bytes, half of FP8's), weight-only: each expert is dequantized
     exactly to the run dtype as it runs, so outputs equal the dequantized load's. Not the
     default (the default dequantizes them, or converts V4's to FP8 where FP8 is kept): it is
-    refused for a checkpoint without MXFP4 experts, for hidden / expert sizes not multiples
-    of 32, and on CUDA with Triton kernels while ``kernels.fused_moe`` has no Triton route for
-    them (AFD_KERNEL_BACKEND=torch runs them there).
+    refused for a checkpoint without MXFP4 experts and for hidden / expert sizes not
+    multiples of 32. On CUDA the Triton MoE kernels run them (``kernels.fused_moe``).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "mxfp4":
-        _check_mxfp4(model_cfg, device)
+        _check_mxfp4(model_cfg)
         return "mxfp4"
     if quantization == "fp8" and model_cfg.fp8 is None:
         if not model_cfg.num_experts:
@@ -253,24 +252,14 @@ def resolve_quantization(quantization: str | None, model_cfg: ModelConfig,
     return "fp8" if triton_moe else None
 
 
-def _check_mxfp4(model_cfg: ModelConfig, device: str) -> None:
-    """quantization='mxfp4' for this checkpoint and device, or ValueError /
-    NotImplementedError naming why not (``resolve_quantization``)."""
+def _check_mxfp4(model_cfg: ModelConfig) -> None:
+    """quantization='mxfp4' for this checkpoint, or ValueError naming why not
+    (``resolve_quantization``)."""
     from models.moe import MXFP4_EXPERT_DTYPES, check_mxfp4_sizes, no_mxfp4_experts
 
     if not model_cfg.num_experts or model_cfg.expert_dtype not in MXFP4_EXPERT_DTYPES:
         raise ValueError(no_mxfp4_experts(model_cfg))
     check_mxfp4_sizes(model_cfg)
-    from kernels import fused_moe
-    from kernels.backend import triton_available
-
-    triton_moe = (device.startswith("cuda") and os.environ.get("AFD_KERNEL_BACKEND") != "torch"
-                  and triton_available())
-    if triton_moe and hasattr(fused_moe, "_no_mxfp4_triton"):  # until its Triton route lands
-        raise NotImplementedError("quantization='mxfp4' on CUDA: kernels.fused_moe has no Triton "
-                                  "route for MXFP4 experts yet; set AFD_KERNEL_BACKEND=torch (the "
-                                  "torch path, slow) or leave quantization unset (dequantized "
-                                  "on load)")
 
 
 def _positive(name: str, value: int | None) -> None:

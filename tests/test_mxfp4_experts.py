@@ -165,10 +165,10 @@ def test_dummy_weights_packed(gpt_oss_mx):
     assert bool((a.layers[0].mlp.experts.w2_scale == 119).all())
 
 
-def test_bad_uses_are_named(gpt_oss_mx, tmp_path):
+def test_bad_uses_are_named(gpt_oss_mx, tmp_path, monkeypatch):
     """No MXFP4 experts in the checkpoint (a bf16 gpt-oss; a model with none), sizes not
-    multiples of 32, two formats at once, and CUDA while fused_moe has no Triton route."""
-    import kernels.fused_moe
+    multiples of 32, two formats at once; CUDA is not refused (the Triton MoE kernels run
+    MXFP4 experts, tests/test_kernels_moe.py)."""
 
     plain = save_checkpoint(build_hf_model(), str(tmp_path / "bf16"))
     with pytest.raises(ValueError, match=r"quantization='mxfp4' .* gpt_oss checkpoint has "
@@ -189,9 +189,8 @@ def test_bad_uses_are_named(gpt_oss_mx, tmp_path):
         resolve_quantization("mxfp4", odd, "cpu")
     assert resolve_quantization("mxfp4", cfg, "cpu") == "mxfp4"
     assert resolve_quantization(None, cfg, "cpu") is None  # the default still dequantizes
-    if hasattr(kernels.fused_moe, "_no_mxfp4_triton"):  # until the Triton route lands
-        with pytest.raises(NotImplementedError, match="no Triton route for MXFP4"):
-            resolve_quantization("mxfp4", cfg, "cuda")
+    monkeypatch.delenv("AFD_KERNEL_BACKEND", raising=False)  # CUDA's default: Triton
+    assert resolve_quantization("mxfp4", cfg, "cuda") == "mxfp4"
     from launch.serve import parse_args
 
     assert parse_args(["m", "--quantization", "mxfp4"]).quantization == "mxfp4"
