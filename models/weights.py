@@ -290,38 +290,28 @@ def _expert_targets(model: MoEModel) -> dict[str, list[Target]]:
                   ) + ".mlp.experts"  # the parameters' names
         for slot, e in enumerate(experts.expert_ids):
             base = f"model.layers.{layer.index}.mlp.experts.{e}"  # the checkpoint's
-            targets.setdefault(f"{base}.gate_proj.weight", []).append(
-                Target(f"{prefix}.w13", slot, (0, inter)))
-            targets.setdefault(f"{base}.up_proj.weight", []).append(
-                Target(f"{prefix}.w13", slot, (inter, 2 * inter)))
-            targets.setdefault(f"{base}.down_proj.weight", []).append(Target(f"{prefix}.w2", slot))
+
+            def add(suffix: str, w13: str, w2: str, rows: int, online: bool = False) -> None:
+                """gate_proj / up_proj ``suffix`` -> rows [0, rows) / [rows, 2 rows) of slot
+                ``slot`` of ``w13``, down_proj's -> the slot of ``w2``."""
+                for proj, part in (("gate_proj", (0, rows)), ("up_proj", (rows, 2 * rows)),
+                                   ("down_proj", None)):
+                    param = w2 if part is None else w13
+                    targets.setdefault(f"{base}.{proj}.{suffix}", []).append(
+                        Target(f"{prefix}.{param}", slot, part, online))
+
+            add("weight", "w13", "w2", inter)
             if experts.has_bias:  # gpt-oss: gate's bias then up's, as w13's rows
-                targets.setdefault(f"{base}.gate_proj.bias", []).append(
-                    Target(f"{prefix}.w13_bias", slot, (0, inter)))
-                targets.setdefault(f"{base}.up_proj.bias", []).append(
-                    Target(f"{prefix}.w13_bias", slot, (inter, 2 * inter)))
-                targets.setdefault(f"{base}.down_proj.bias", []).append(
-                    Target(f"{prefix}.w2_bias", slot))
+                add("bias", "w13_bias", "w2_bias", inter)
             if experts.mxfp4:  # the E8M0 scale bytes, read as stored (gate's rows, then up's)
-                targets.setdefault(f"{base}.gate_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (0, inter)))
-                targets.setdefault(f"{base}.up_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (inter, 2 * inter)))
-                targets.setdefault(f"{base}.down_proj.weight{_SCALE_SUFFIX}", []).append(
-                    Target(f"{prefix}.w2_scale", slot))
+                add("weight" + _SCALE_SUFFIX, "w13_scale", "w2_scale", inter)
             if experts.fp8_block:  # the block scales too, gate block rows then up block rows
                 # an FP8 checkpoint stores them (weight_scale_inv); else the loader makes them
                 # as it quantizes the weight itself
                 # (so do MXFP4 experts: converted, see models.quant_mx)
                 online = model.cfg.fp8 is None or model.cfg.expert_dtype == "fp4"
-                suffix = "" if online else _SCALE_SUFFIX
-                rows = -(-inter // experts.fp8_block[0])
-                targets.setdefault(f"{base}.gate_proj.weight{suffix}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (0, rows), online))
-                targets.setdefault(f"{base}.up_proj.weight{suffix}", []).append(
-                    Target(f"{prefix}.w13_scale", slot, (rows, 2 * rows), online))
-                targets.setdefault(f"{base}.down_proj.weight{suffix}", []).append(
-                    Target(f"{prefix}.w2_scale", slot, None, online))
+                add("weight" + ("" if online else _SCALE_SUFFIX), "w13_scale", "w2_scale",
+                    -(-inter // experts.fp8_block[0]), online)
     return targets
 
 

@@ -301,19 +301,18 @@ def test_mxfp4_experts_dequantized_as_transformers(gpt_oss, tmp_path):
             assert torch.equal(s, torch.exp2(s.log2().round()))  # powers of two
 
 
-def test_rebalance_moves_expert_biases(gpt_oss):
-    """1A+2F with 2 redundant experts: a rebalance that swaps the two FFN ranks' tables (every
-    slot but the copies crosses ranks) across running requests keeps transformers' tokens, so
-    each slot's biases moved with its weights (RoutedExperts.expert_tensors)."""
+def rebalanced_tokens(path: str, prompts: list[list[int]], params, **llm_kwargs) -> list:
+    """1A+2F with 2 redundant experts: each prompt's tokens where a rebalance that swaps the
+    two FFN ranks' tables (every slot but the copies crosses ranks) runs once every request has
+    3 tokens; asserts the rebalance moved slots."""
     from afd.placement import ExpertPlacement
     from ckpt_utils import run_until_done
 
-    _, path, prompts, expected = gpt_oss
     with LLM(path, attention=1, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
-             timeout_s=30) as llm:
+             timeout_s=30, **llm_kwargs) as llm:
         ids = [f"r{i}" for i in range(len(prompts))]
         for rid, prompt in zip(ids, prompts, strict=True):
-            llm.engine.add_request(rid, {"prompt_token_ids": prompt}, greedy())
+            llm.engine.add_request(rid, {"prompt_token_ids": prompt}, params)
         seen: dict[str, int] = {}
         while len(seen) < len(ids) or min(seen.values()) < 3:
             for out in llm.engine.step():
@@ -323,4 +322,11 @@ def test_rebalance_moves_expert_biases(gpt_oss):
         report = llm.rebalance_experts(placement=swapped)
         done = run_until_done(llm, ids)
     assert report["moved"] > 0
-    assert [done[rid].outputs[0].token_ids for rid in ids] == [t for t, _ in expected]
+    return [done[rid].outputs[0].token_ids for rid in ids]
+
+
+def test_rebalance_moves_expert_biases(gpt_oss):
+    """A rebalance across running requests (``rebalanced_tokens``) keeps transformers' tokens,
+    so each slot's biases moved with its weights (RoutedExperts.expert_tensors)."""
+    _, path, prompts, expected = gpt_oss
+    assert rebalanced_tokens(path, prompts, greedy()) == [t for t, _ in expected]

@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from afd import LLM, SamplingParams
 from afd.config import resolve_quantization
 from ckpt_utils import (build_hf_model as build_ckpt_model, greedy, mixed_prompts,
-                        run_until_done, save_checkpoint)
+                        save_checkpoint)
 from models.config import config_from_dict, load_config
 from models.weights import load_model
-from test_gpt_oss import LENGTHS, NEW_TOKENS, _mxfp4_checkpoint, build_hf_model
+from test_gpt_oss import (LENGTHS, NEW_TOKENS, _mxfp4_checkpoint, build_hf_model,
+                          rebalanced_tokens)
 from test_oracle import capture_logits
 
 
@@ -131,28 +132,12 @@ def test_prefill_expert_parallel(gpt_oss_mx):
 
 
 def test_rebalance_moves_packed_experts_with_their_scales(gpt_oss_mx):
-    """1A+2F with 2 redundant experts, packed: a rebalance swapping the two FFN ranks' tables
-    (every slot but the copies crosses ranks) across running requests keeps the dequantized
-    load's tokens, so each slot's E8M0 scales (and biases) moved with its bytes
-    (RoutedExperts.expert_tensors)."""
-    from afd.placement import ExpertPlacement
-
+    """Packed, a rebalance swapping the two FFN ranks' tables across running requests
+    (``test_gpt_oss.rebalanced_tokens``) keeps the dequantized load's tokens, so each slot's
+    E8M0 scales (and biases) moved with its bytes (RoutedExperts.expert_tensors)."""
     path, prompts, want = gpt_oss_mx
-    with LLM(path, attention=1, ffn=2, num_redundant_experts=2, enable_prefix_caching=False,
-             timeout_s=30, quantization="mxfp4") as llm:
-        ids = [f"r{i}" for i in range(len(prompts))]
-        for rid, prompt in zip(ids, prompts, strict=True):
-            llm.engine.add_request(rid, {"prompt_token_ids": prompt}, greedy(NEW_TOKENS))
-        seen: dict[str, int] = {}
-        while len(seen) < len(ids) or min(seen.values()) < 3:
-            for out in llm.engine.step():
-                seen[out.request_id] = len(out.outputs[0].token_ids)
-        old = llm.engine.core.placement
-        swapped = ExpertPlacement(8, layers=tuple(t[::-1] for t in old.layers))
-        report = llm.rebalance_experts(placement=swapped)
-        done = run_until_done(llm, ids)
-    assert report["moved"] > 0
-    assert [done[rid].outputs[0].token_ids for rid in ids] == want["float32"][0]
+    assert rebalanced_tokens(path, prompts, greedy(NEW_TOKENS),
+                             quantization="mxfp4") == want["float32"][0]
 
 
 def test_dummy_weights_packed(gpt_oss_mx):
