@@ -27,19 +27,21 @@ linear-attention layers' decode rows (``kernels.gated_delta_triton``: the conv s
 the recurrent gated-delta-rule step) through Triton, its zero-centred norms and its linear
 layers' prefill chunks in torch; with prefix caching (on: state snapshots), its second prompt's
 Triton run restores the snapshot the torch run took at its block boundary and runs its last
-token as a decode row through those kernels from the restored state. The ``mimo`` case is
-the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24 and v 16 wide): its
-decode rows through ``gqa_decode_triton.window_decode_attention_triton``, its prefill rows
-through ``prefill_attention_triton.window_prefill_attention_triton``. The ``gpt_oss`` case
-(``test_gpt_oss``'s: sinks on its full layers too) runs those kernels and its routed experts
-through ``fused_moe_triton`` (their biases and clamped ``(up + 1) * gate * sigmoid(alpha *
-gate)`` in the GEMM epilogues). ``mimograph`` and ``gpt_ossgraph``: the same with their decode
-steps through afd.cuda_graphs' path (eagerly; the window pool's tables static buffers, no host
-lengths: the decode rows straight to the window decode kernel). The ``+fp8kv`` cases
-do the same over an FP8 KV cache (kv_cache_dtype "fp8"): every Triton attention
-kernel the engine calls reads FP8 and converts it in registers, the torch ones cast
-(``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as they were,
-the snapshot restored as above).
+token as a decode row through those kernels from the restored state.
+The ``mimo`` case is the tiny MiMo-V2-Flash of ``test_mimo_v2_flash`` (window 8, sinks, q/k 24
+and v 16 wide): its decode rows through ``gqa_decode_triton.window_decode_attention_triton``,
+its prefill rows through ``prefill_attention_triton.window_prefill_attention_triton``. The
+``gpt_oss`` case (``test_gpt_oss``'s: sinks on its full layers too) runs those kernels and its
+routed experts through ``fused_moe_triton`` (their biases and clamped ``(up + 1) * gate *
+sigmoid(alpha * gate)`` in the GEMM epilogues); ``gpt_oss_mxfp4`` the same from the release's
+MXFP4 experts kept packed (quantization "mxfp4": uint8 weights and E8M0 scales, each K tile
+dequantized in the kernels against the torch path's per-expert unpack). ``mimograph`` and
+``gpt_ossgraph``: the same with their decode steps through afd.cuda_graphs' path (eagerly; the
+window pool's tables static buffers, no host lengths: the decode rows straight to the window
+decode kernel). The ``+fp8kv`` cases do the same over an FP8 KV cache (kv_cache_dtype "fp8"):
+every Triton attention kernel the engine calls reads FP8 and converts it in registers, the
+torch ones cast (``qwen3_next+fp8kv``: its full layer's cache FP8, its linear layers' states as
+they were, the snapshot restored as above).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ UNUSED["mimo"] = (*UNUSED["qwen3"], "gqa_decode_attention_triton",
                   "paged_prefill_attention_triton")
 # gpt-oss: MiMo's attention kernels (sinks on the full layers too, q/k/v as wide), its norms,
 # rotary and routed experts (biases and its activation in the epilogues) Triton
-UNUSED["gpt_oss"] = UNUSED["mimo"]
+UNUSED["gpt_oss"] = UNUSED["gpt_oss_mxfp4"] = UNUSED["mimo"]
 # their decode steps through afd.cuda_graphs' path (eagerly), the window pool's tables static
 UNUSED["mimograph"] = UNUSED["gpt_ossgraph"] = UNUSED["mimo"]
 for _name in UNUSED:  # the V4 kernels are V4's alone, the window launchers MiMo's, the
@@ -171,12 +173,16 @@ def interpreter_case(name: str, seed: int) -> dict:
             from test_mimo_v2_flash import build_hf_model as build_mimo
 
             path = save_checkpoint(build_mimo(), tmp)
+        quantization = None
         if name.startswith("gpt_oss"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from ckpt_utils import save_checkpoint
-            from test_gpt_oss import build_hf_model as build_gpt_oss
+            from test_gpt_oss import _mxfp4_checkpoint, build_hf_model as build_gpt_oss
 
-            path = save_checkpoint(build_gpt_oss(), tmp)
+            if name == "gpt_oss_mxfp4":  # the release's MXFP4 experts, kept packed
+                path, quantization = _mxfp4_checkpoint(build_gpt_oss(), tmp), "mxfp4"
+            else:
+                path = save_checkpoint(build_gpt_oss(), tmp)
         if name in ("qwen3", "minimax", "qwen3_next", "v32", "v32sparse", "v32sparse_eager", "glm5",
                     "glm5sparse", "v4", "v4graph"):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +200,9 @@ def interpreter_case(name: str, seed: int) -> dict:
             if name in ("v32sparse", "glm5sparse", "v4graph"):
                 graphs = {"enforce_eager": False, "max_model_len": 64}
         llm = LLM(path, seed=seed, speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
-                  **graphs)
+                  quantization=quantization, **graphs)
+        packed = {p.dtype for n, p in llm.engine.core.runner.model.named_parameters()
+                  if n.endswith((".w13", ".w2"))} == {torch.uint8}
         fp8 = {c.dtype for c in llm.engine.core.runner.kv_caches
                if isinstance(c, torch.Tensor)} == {torch.float8_e4m3fn}  # (not linear states)
         replays = []  # the decode steps through the graph path
@@ -210,13 +218,14 @@ def interpreter_case(name: str, seed: int) -> dict:
             tokens[backend] = [o.outputs[0].token_ids for o in outs]
             cached[backend] = [o.num_cached_tokens for o in outs]
     return {"tokens": tokens, "calls": calls, "fp8": fp8, "cached": cached,
-            "replays": len(replays), "graph_path": bool(graphs)}
+            "replays": len(replays), "graph_path": bool(graphs), "packed": packed}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["greedy", "qwen3", "minimax", "qwen3_next", "mtp", "v32",
                                   "v32sparse", "v32sparse_eager", "glm5", "glm5sparse", "v4",
-                                  "v4graph", "mimo", "gpt_oss", "mimograph", "gpt_ossgraph",
+                                  "v4graph", "mimo", "gpt_oss", "gpt_oss_mxfp4", "mimograph",
+                                  "gpt_ossgraph",
                                   "greedy+fp8kv",
                                   "qwen3+fp8kv", "mtp+fp8kv", "v32+fp8kv", "v32sparse+fp8kv",
                                   "glm5+fp8kv", "glm5sparse+fp8kv", "mimo+fp8kv",
@@ -225,6 +234,7 @@ def test_greedy_tokens_match_with_triton_kernels(name: str) -> None:
     result = run_in_interpreter(__file__, [name], seed=0)[name]
     assert "error" not in result, result.get("error")
     assert result["fp8"] == name.endswith(FP8KV)
+    assert result["packed"] == (name == "gpt_oss_mxfp4")
     name = name.removesuffix(FP8KV)
     tokens = result["tokens"]
     assert all(len(t) == NEW_TOKENS for t in tokens["torch"])
