@@ -174,11 +174,20 @@ def _get_tensor(f, src: str) -> torch.Tensor:
     index = [src.expert, slice(*src.rows) if src.rows else slice(None)]
     index += [slice(None)] * (len(fused.get_shape()) - 2)
     every = None if src.interleave is None else slice(src.interleave, None, 2)
+    stepped = None  # the dim of ``index`` read as a strided slice
     if every is not None and src.interleave_rows and src.rows is None:
-        index[1], every = every, None  # rows of [E, N, ...]
+        index[1], every, stepped = every, None, 1  # rows of [E, N, ...]
     elif every is not None and not src.flatten and (len(index) > 2 or src.rows is None):
-        index[-1], every = every, None  # columns of [E, K, N], entries of a bias [E, N]
+        # columns of [E, K, N], entries of a bias [E, N]
+        index[-1], every, stepped = every, None, len(index) - 1
     part = fused[tuple(index)]
+    if stepped is not None:
+        # safetensors before 0.8 reads a slice's start:stop and drops its step: take every
+        # other entry of what it read here (the whole range read then, as before the strided
+        # read)
+        size = fused.get_shape()[stepped]
+        if part.shape[stepped - 1] != len(range(*index[stepped].indices(size))):
+            part = part[(slice(None),) * (stepped - 1) + (slice(None, None, 2),)]
     if src.flatten:
         part = part.flatten(-2)
     if every is not None:
