@@ -696,6 +696,37 @@ def init_dummy_weights(model: MoEModel) -> None:
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
+def weight_bytes(model: MoEModel) -> int:
+    """The bytes of ``model``'s parameters and buffers (a meta-device model's too)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_weights_fit(model: MoEModel, device: str | torch.device) -> None:
+    """ValueError when the weights of ``model`` (built on the meta device for a rank's role and
+    experts) exceed what ``device`` has free, naming both and what shrinks them: packed MXFP4
+    or FP8 experts, more FFN ranks (a layout's experts split over them), fewer layers."""
+    need = weight_bytes(model)
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    if need <= free:
+        return
+    cfg, gib = model.cfg, 2 ** 30
+    experts = [m.experts for m in model.modules() if hasattr(m, "experts")]
+    held = sum(weight_bytes(e) for e in experts if isinstance(e, torch.nn.Module))
+    ways = []
+    if held and cfg.expert_dtype in ("fp4", "mxfp4") and not model.mxfp4_experts:
+        ways.append("--quantization mxfp4 (this checkpoint's MXFP4 experts kept packed)")
+    if held and not model.fp8_experts and not model.mxfp4_experts:
+        ways.append("--quantization fp8 (routed experts in FP8)")
+    if held:
+        ways.append("FFN ranks (--ffn N: the experts split over them, each rank its own GPU)")
+    raise ValueError(
+        f"the {model.role!r} weights of this {cfg.architecture} checkpoint need "
+        f"{need / gib:.1f} GiB ({held / gib:.1f} GiB of them routed experts), but {device} has "
+        f"{free / gib:.1f} GiB free of {total / gib:.1f} GiB"
+        + (f"; to fit: {'; '.join(ways)}" if ways else ""))
+
+
 def load_model(path: str, role: str = "full",
                expert_ids: list[int] | dict[int, list[int]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -712,8 +743,10 @@ def load_model(path: str, role: str = "full",
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     cfg = load_config(path, hf_overrides)
-    model = MoEModel(cfg, role, expert_ids, dtype=dtype, device=device, fp8_experts=fp8_experts,
-                     mtp=mtp, mxfp4_experts=mxfp4_experts)
+    build = dict(dtype=dtype, fp8_experts=fp8_experts, mtp=mtp, mxfp4_experts=mxfp4_experts)
+    if torch.device(device).type == "cuda":  # a clear refusal before an out-of-memory midway
+        check_weights_fit(MoEModel(cfg, role, expert_ids, device="meta", **build), device)
+    model = MoEModel(cfg, role, expert_ids, device=device, **build)
     if load_format == "dummy":
         with torch.no_grad():
             init_dummy_weights(model)

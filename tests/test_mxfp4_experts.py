@@ -253,3 +253,30 @@ def test_loader_refuses_what_is_not_mxfp4(tmp_path):
             _read_mxfp4(f, "b.weight_scale_inv", stored)
         assert _read_mxfp4(f, "b.weight", stored).dtype == torch.uint8
         assert _read_mxfp4(f, "c.weight_scale_inv", stored).tolist() == [[128]]
+
+
+def test_weights_past_the_free_gpu_memory_are_refused_before_loading(gpt_oss_mx, monkeypatch):
+    """On CUDA, a rank whose weights exceed the device's free memory is refused before any is
+    allocated, naming both sizes and what shrinks them (here: the MXFP4 experts kept packed);
+    the meta-device count is the loaded model's."""
+    from models.weights import weight_bytes
+
+    path = gpt_oss_mx[0]
+    need = weight_bytes(load_model(path))
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(device)
+        return need - 1, 80 * 2 ** 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with pytest.raises(ValueError, match=r"'full' weights .* need .*GiB free of 80.0 GiB; to "
+                                         r"fit: --quantization mxfp4"):
+        load_model(path, device="cuda")
+    assert [torch.device(d).type for d in asked] == ["cuda"]
+    packed = weight_bytes(load_model(path, mxfp4_experts=True))
+    assert packed < need
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (packed - 1, 2 ** 30))
+    with pytest.raises(ValueError, match="fit: FFN ranks") as err:  # packed: no format left
+        load_model(path, device="cuda", mxfp4_experts=True)
+    assert "--quantization" not in str(err.value)
