@@ -323,8 +323,8 @@ def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefil
         raise ValueError(f"prefill={prefill}: prefill/decode disaggregation is not supported "
                          f"for {model_cfg.architecture} (model_type {model_cfg.model_type!r}) "
                          "with its window pool (its sliding layers keep only the window's rows, "
-                         "a transfer moves every row): give num_window_blocks=0 to keep every "
-                         "row, or use prefill=0")
+                         "a transfer moves every row): leave num_window_blocks unset or give 0 "
+                         "to keep every row, or use prefill=0")
 
 
 def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
@@ -380,10 +380,13 @@ def resolve_engine_config(
     num_window_blocks: int | None = None,
     num_state_snapshots: int | None = None,
     async_scheduling: bool = False,
+    prefill: int = 0,
 ) -> EngineConfig:
     """``model_cfg``: ``model``'s config.json as ``load_config(model, hf_overrides)`` reads it.
     ``num_window_blocks``: a model with sliding-window layers (afd.window_pool): None sizes
-    their pool, 0 keeps them in the main pool (every row kept), n > 0 gives it n blocks.
+    their pool (none in a layout with ``prefill`` ranks or with ``kv_offload_gb``: they need
+    every row), 0 keeps them in the main pool (every row kept), n > 0 gives it n blocks.
+    ``prefill``: the layout's prefill ranks (the caller checks the layout itself).
     ``num_state_snapshots``: a hybrid model with prefix caching: None keeps
     DEFAULT_STATE_SNAPSHOTS (afd.state_snapshots), 0 turns its prefix caching off."""
     if num_window_blocks is not None and (
@@ -470,7 +473,7 @@ def resolve_engine_config(
                                            enable_prefix_caching)
     if model_cfg.linear_attn is not None and not num_state_snapshots:
         enable_prefix_caching = False  # (a cached block holds KV, not the states)
-    window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb)
+    window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb, prefill)
     # MiMo-V2-Flash / gpt-oss ("mimo", models.mimo_v2_flash): a graph's batch runs the window
     # decode kernels with the lengths on the device (the window pool's tables static too), so
     # enforce_eager=False captures it; not the default until a GPU has captured it (never yet)
@@ -569,9 +572,11 @@ def _state_snapshots(model_cfg: ModelConfig, num: int | None, caching: bool) -> 
 
 
 def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,
-                 kv_offload_gb: float) -> bool:
-    """Does this engine give the sliding layers their own pool (afd.window_pool)? Refuses
-    what it cannot do with one, naming the model, the feature and ``num_window_blocks=0``."""
+                 kv_offload_gb: float, prefill: int = 0) -> bool:
+    """Does this engine give the sliding layers their own pool (afd.window_pool)? Not where
+    P/D transfers (``prefill`` ranks) or the host tier (``kv_offload_gb``) need every row:
+    left unset, ``num_window_blocks`` then keeps every row in the main pool (logged), asked
+    for (n > 0) it is refused, naming the model, the feature and ``num_window_blocks=0``."""
     from afd.window_pool import window_layers
 
     if not window_layers(model_cfg):
@@ -584,11 +589,17 @@ def _window_pool(model_cfg: ModelConfig, num_window_blocks: int | None,
     if num_window_blocks == 0:
         return False
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
-    if kv_offload_gb:
-        raise ValueError(f"kv_offload_gb is not supported for {name} with its window pool "
-                         "(afd.window_pool: the prefix cache's host tier keeps the main pool's "
-                         "blocks, not the window pool's); give num_window_blocks=0 to keep "
-                         "every row in one pool, or leave kv_offload_gb at 0")
+    needs_rows = ([f"prefill={prefill} (a P/D transfer moves every row)"] if prefill else []) + (
+        [f"kv_offload_gb={kv_offload_gb} (the prefix cache's host tier keeps the main pool's "
+         "blocks, not the window pool's)"] if kv_offload_gb else [])
+    if needs_rows and num_window_blocks is None:
+        log.info("%s: no window pool for its sliding layers (every row in the main pool, as "
+                 "num_window_blocks=0), since %s", name, " and ".join(needs_rows))
+        return False
+    if needs_rows:
+        raise ValueError(f"num_window_blocks={num_window_blocks}: a window pool for {name} is "
+                         f"not supported with {' and '.join(needs_rows)}: leave "
+                         "num_window_blocks unset or give 0 to keep every row in one pool")
     return True
 
 

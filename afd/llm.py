@@ -173,7 +173,8 @@ def build_engine(model: str | None = None, *, tokenizer: str | None = None,
     tok = load_tokenizer(tokenizer or path, engine_args.get("trust_remote_code", False),
                          model_cfg.architecture)
     defaults = generation_defaults(path, generation_config)
-    engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, **engine_args)
+    engine_cfg = resolve_engine_config(path, model_cfg, tokenizer=tokenizer, prefill=prefill,
+                                       **engine_args)
     core = start_layout(engine_cfg, model_cfg, prefill=prefill, attention=attention, ffn=ffn,
                         **(layout_options or {}))
     from afd.core import EngineCore

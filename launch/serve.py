@@ -608,7 +608,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             trust_remote_code=args.trust_remote_code, quantization=args.quantization,
             speculative_config=args.speculative_config, load_format=args.load_format,
             hf_overrides=args.hf_overrides, kv_cache_dtype=args.kv_cache_dtype,
-            scheduling_policy=args.scheduling_policy, async_scheduling=args.async_scheduling)
+            scheduling_policy=args.scheduling_policy, async_scheduling=args.async_scheduling,
+            prefill=layout.prefill)
         log.info("layout P=%d A=%d F=%d over %d ranks; model %s; starting the front end",
                  layout.prefill, layout.attention, layout.ffn, world, model)
         front, template = start_front(args, layout, engine_cfg, control_host, key)

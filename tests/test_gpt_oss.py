@@ -232,14 +232,14 @@ def test_experts_torch_path_is_transformers_module(gpt_oss):
 def test_attention_and_ffn_ranks_and_pd_match(gpt_oss):
     """1A+1F (the attention rank runs both layer kinds and the biased router, the FFN rank the
     experts with their biases and clamped SwiGLU) and 1P+1A (no window pool: P/D moves every
-    row, afd.window_pool): transformers' tokens, so the single process's. P/D with the
-    window pool is refused, naming the model and num_window_blocks=0 (MiMo-V2-Flash's rule)."""
+    row, afd.window_pool: none by default there): transformers' tokens, so the single
+    process's. P/D with a window pool asked for is refused, naming the model and
+    num_window_blocks=0 (MiMo-V2-Flash's rule)."""
     _, path, prompts, expected = gpt_oss
-    with pytest.raises(ValueError, match=r"not supported for gpt_oss .*num_window_blocks=0"):
-        LLM(path, prefill=1, attention=1, ffn=0)
+    with pytest.raises(ValueError, match=r"window pool for gpt_oss .*prefill=1.* give 0"):
+        LLM(path, prefill=1, attention=1, ffn=0, num_window_blocks=16)
     for layout in (dict(attention=1, ffn=1),
-                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4,
-                        num_window_blocks=0)):
+                   dict(prefill=1, attention=1, ffn=0, prefill_block_size=8, block_size=4)):
         llm = LLM(path, timeout_s=30, **layout)
         try:
             assert tokens(llm, prompts) == [t for t, _ in expected], layout

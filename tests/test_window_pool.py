@@ -278,13 +278,19 @@ def test_sizing_gives_the_full_layers_more_blocks(mimo, monkeypatch):
                                          r"than max_model_len=128: .* or num_window_blocks \(the "
                                          r"window pool's 2795 blocks take 10.2 MiB"):
         resolve_engine_config(path, cfg, num_window_blocks=2795, **args)
-    with pytest.raises(ValueError, match="kv_offload_gb is not supported for mimo_v2_flash .* "
-                                         "num_window_blocks=0"):
-        resolve_engine_config(path, cfg, kv_offload_gb=0.01, **args)
+    # the host tier and P/D need every row: left unset, no window pool (as num_window_blocks=0);
+    # asked for, refused naming both
+    for need in (dict(kv_offload_gb=0.01), dict(prefill=1)):
+        plain = resolve_engine_config(path, cfg, **need, **args)
+        assert (plain.window_pool, plain.num_kv_blocks) == (False, old), need
+        with pytest.raises(ValueError, match=r"num_window_blocks=8: a window pool for "
+                                             r"mimo_v2_flash .* not supported with "
+                                             + next(iter(need))):
+            resolve_engine_config(path, cfg, num_window_blocks=8, **need, **args)
     assert split.enable_prefix_caching
-    with pytest.raises(ValueError, match="prefill=1: prefill/decode disaggregation is not "
-                                         "supported for mimo_v2_flash .* num_window_blocks=0"):
-        LLM(path, prefill=1, attention=1, **args)
+    with pytest.raises(ValueError, match="num_window_blocks=8: .* prefill=1 .* leave "
+                                         "num_window_blocks unset or give 0"):
+        LLM(path, prefill=1, attention=1, num_window_blocks=8, **args)
 
 
 def test_no_window_pool_for_other_models(tmp_path):
