@@ -12,6 +12,8 @@ files with them, ``kernels.fused_moe`` runs experts kept in this format.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # e2m1 by nibble (bit 3 the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
@@ -21,11 +23,18 @@ MX_GROUP = 32  # values along the input dim that share one E8M0 scale
 E8M0_BIAS = 127
 
 
+@functools.cache
+def _table(device: torch.device) -> torch.Tensor:
+    """``E2M1`` as an fp32 tensor on ``device``, made once (a copy from the host in every call
+    could not be captured in a CUDA graph)."""
+    return torch.tensor(E2M1, device=device)
+
+
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """int8/uint8 [..., K/2] -> fp32 [..., K]: column 2j from byte j's low nibble, 2j+1 from its
     high nibble."""
     raw = packed.view(torch.uint8).long()
-    table = torch.tensor(E2M1, device=packed.device)
+    table = _table(packed.device)
     return torch.stack([table[raw & 0xF], table[raw >> 4]], dim=-1).flatten(-2)
 
 
