@@ -33,8 +33,9 @@ class EngineConfig:
     enforce_eager: run every step eagerly; False captures CUDA graphs of decode steps
     (afd.cuda_graphs), one per batch size in cuda_graph_sizes (in decode rows: a sequence
     verifying k drafts is k + 1 rows). Given as None: False on CUDA (as vLLM), True elsewhere
-    (on CPU the graph path runs eagerly and gains nothing), and True for DeepSeek-V4 and
-    MiMo-V2-Flash / gpt-oss until a GPU has captured them (False opts in).
+    (on CPU the graph path runs eagerly and gains nothing), and True for DeepSeek-V4,
+    MiMo-V2-Flash / gpt-oss and the hybrid linear-attention models (Qwen3-Next, Qwen3.5-MoE)
+    until a GPU has captured them (False opts in).
     ffn_cuda_graphs: on FFN ranks, capture the expert compute of each MoE layer (regroup by
         slot, ``kernels.grouped_moe``, scatter back; not the all_to_all) once per row bucket and
         replay it (afd.ffn_graphs). Opt-in: it has not run on a GPU yet. On CPU nothing is
@@ -328,10 +329,10 @@ def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefil
 
 
 def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
-                              enforce_eager: bool | None, kv_offload_gb: float) -> None:
+                              kv_offload_gb: float) -> None:
     """The engine features a hybrid model (linear-attention layers with per-sequence states,
-    models.hybrid) cannot use yet, refused naming the feature and the model. The caller runs
-    it eagerly (no CUDA graphs) and sizes its state snapshots (``_state_snapshots``). The FP8
+    models.hybrid) cannot use yet, refused naming the feature and the model. The caller
+    leaves CUDA graphs opt-in for it and sizes its state snapshots (``_state_snapshots``). The FP8
     KV cache is not refused: it holds the full-attention layers' KV only, the states keep their
     dtypes (docs/limits.md#hybrid)."""
     name = f"{model_cfg.architecture} (model_type {model_cfg.model_type!r})"
@@ -339,9 +340,6 @@ def _check_hybrid_engine_args(model_cfg: ModelConfig, spec: SpecConfig | None,
         raise ValueError(f"speculative_config (method {spec.method!r}) is not supported for "
                          f"{name}: its linear-attention layers' states cannot be rolled back "
                          "past rejected drafts; leave speculative_config unset")
-    if enforce_eager is False:
-        raise ValueError(f"enforce_eager=False (CUDA graphs) is not supported for {name}: its "
-                         "linear-attention layers run eagerly; leave enforce_eager unset or True")
     if kv_offload_gb:
         raise ValueError(f"kv_offload_gb is not supported for {name}: it is the prefix cache's "
                          "host tier, which keeps KV blocks and not the linear layers' state "
@@ -467,8 +465,7 @@ def resolve_engine_config(
                          "(its cache rows hold compressor inputs and entries, not only keys); "
                          "use kv_cache_dtype='auto'")
     if model_cfg.linear_attn is not None:  # hybrid: what its states cannot do yet, refused
-        _check_hybrid_engine_args(model_cfg, spec, enforce_eager, kv_offload_gb)
-        enforce_eager = True
+        _check_hybrid_engine_args(model_cfg, spec, kv_offload_gb)
     num_state_snapshots = _state_snapshots(model_cfg, num_state_snapshots,
                                            enable_prefix_caching)
     if model_cfg.linear_attn is not None and not num_state_snapshots:
@@ -476,10 +473,14 @@ def resolve_engine_config(
     window_pool = _window_pool(model_cfg, num_window_blocks, kv_offload_gb, prefill)
     # MiMo-V2-Flash / gpt-oss ("mimo", models.mimo_v2_flash): a graph's batch runs the window
     # decode kernels with the lengths on the device (the window pool's tables static too), so
-    # enforce_eager=False captures it; not the default until a GPU has captured it (never yet)
+    # enforce_eager=False captures it; not the default until a GPU has captured it (never yet).
+    # Hybrid linear-attention models (models.hybrid) likewise: a graph's batch carries the
+    # rows' state slots on the device and its linear layers' decode rows run the Gated
+    # DeltaNet decode kernels, nothing read on the host (afd.cuda_graphs); opt-in until a GPU
+    # has captured them (never yet: docs/limits.md#hybrid)
     if enforce_eager is None:  # graphs where they capture: CUDA (bench/results/h100_20261127)
         enforce_eager = (torch.device(device).type != "cuda" or dsa_sparse or v4
-                         or model_cfg.attention == "mimo")
+                         or model_cfg.attention == "mimo" or model_cfg.linear_attn is not None)
     if max_model_len > model_cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings={model_cfg.max_position_embeddings}")
@@ -491,8 +492,10 @@ def resolve_engine_config(
     sizes = (WindowSizes(model_cfg, block_size, cache_dtype(kv_cache_dtype, run_dtype), mtp,
                          max_num_seqs, max_num_batched_tokens, max_model_len)
              if window_pool else None)
-    # a hybrid model's linear-attention state slots (0 bytes for other models)
-    states = state_bytes(model_cfg, run_dtype, max_num_seqs + num_state_snapshots)
+    # a hybrid model's linear-attention state slots (0 bytes for other models), with CUDA
+    # graphs one more (their padding rows' scratch slot)
+    states = state_bytes(model_cfg, run_dtype,
+                         max_num_seqs + num_state_snapshots + (not enforce_eager))
     if num_kv_blocks is None:
         if kv_cache_memory_gb is None:
             kv_cache_memory_gb = _default_kv_memory_gb(device)

@@ -45,7 +45,15 @@ forward from the static positions. With a window pool (afd.window_pool) the slid
 read and write through its own tables: those are static buffers too (``window_block_tables``,
 ``window_slot_mapping``), their padding rows on the window pool's null block, which no real
 sequence's query reads (its entries there are out of every window) and which the pool never
-hands out, so padding never writes a real sequence's window blocks either.
+hands out, so padding never writes a real sequence's window blocks either. Hybrid
+linear-attention models (Qwen3-Next, Qwen3.5-MoE: models.hybrid, "gqa" attention beside Gated
+DeltaNet layers) too: their full layers run the GQA decode kernel, and their linear layers'
+decode rows the Gated DeltaNet decode kernels (``kernels.gated_delta_triton``), which read
+each row's state slot from a static buffer (``state_slot_ids``: a graph's batch carries the
+slots on the device, not the host list) and start a row's states from zero where its position
+is 0, both on the device. Padding rows (position 0: fresh, so they read no state) write the
+scratch state slot (``scratch_state_slot``: one slot past the sequences' and the state
+snapshots', which neither the scheduler nor the snapshot pool hands out).
 
 Without CUDA (tests) the same static-buffer path runs eagerly (``capture=False``): the padding
 and scratch-block logic is then checked against plain eager steps on CPU.
@@ -137,12 +145,21 @@ class DecodeGraphs:
 
     def __init__(self, model: MoEModel, kv_caches: list[torch.Tensor], *, scratch_block: int,
                  block_size: int, max_model_len: int, sizes: tuple[int, ...], capture: bool,
-                 mtp_tokens: int = 0, window_null_block: int | None = None):
+                 mtp_tokens: int = 0, window_null_block: int | None = None,
+                 scratch_state_slot: int | None = None):
         """``mtp_tokens``: k, the MTP drafts a step makes (0: no MTP layer; see the module
         doc); the model's MTP layer writes its KV to the last of ``kv_caches``.
         ``window_null_block``: with a window pool (afd.window_pool), its null block
         (``WindowPool.null``), the padding rows' block there; None: no window pool (every
-        step's batch then has no window tables, and with one every step's has them)."""
+        step's batch then has no window tables, and with one every step's has them).
+        ``scratch_state_slot``: a hybrid model's (models.hybrid), the linear layers' state slot
+        its padding rows write (one no sequence or snapshot holds); required there, refused
+        for other models."""
+        hybrid = model.cfg.linear_attn is not None
+        if hybrid != (scratch_state_slot is not None):
+            raise ValueError(f"scratch_state_slot ({scratch_state_slot}) must be given exactly "
+                             "for a hybrid linear-attention model (models.hybrid), whose "
+                             "padding rows write it")
         if mtp_tokens and getattr(model, "mtp", None) is None:
             raise ValueError(f"mtp_tokens={mtp_tokens} needs a model with its MTP layer")
         if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
@@ -153,7 +170,8 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size  # its first slot: every padding row's
         self.width = -(-max_model_len // block_size)  # block-table columns
-        device = kv_caches[0].device
+        # (a hybrid model's first layer may be a linear one: its LinearStates is no tensor)
+        device = next(c for c in kv_caches if isinstance(c, torch.Tensor)).device
         n = self.max_size
         with torch.inference_mode():
             self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -172,6 +190,11 @@ class DecodeGraphs:
                                                       dtype=torch.int32, device=device)
                 self.window_slot_mapping = torch.full((n,), self.window_null_slot,
                                                       dtype=torch.long, device=device)
+            self.scratch_state_slot = scratch_state_slot
+            self.state_slot_ids = None
+            if hybrid:  # each row's state slot (models.hybrid.linear_rows reads it on the device)
+                self.state_slot_ids = torch.full((n,), scratch_state_slot, dtype=torch.long,
+                                                 device=device)
             # The static outputs every size shares (rows [:size]): outside the graphs' pool, so
             # a size's outputs are never memory another capture may reuse; each step's are
             # read (the runner copies its logits rows out) before the next step's run.
@@ -226,6 +249,8 @@ class DecodeGraphs:
         if self.window_block_tables is not None:
             batch.window_block_tables = self.window_block_tables[:size]
             batch.window_slot_mapping = self.window_slot_mapping[:size]
+        if self.state_slot_ids is not None:
+            batch.state_slot_ids = self.state_slot_ids[:size]
         return batch
 
     def _forward(self, size: int, batch: ForwardBatch) -> torch.Tensor:
@@ -358,6 +383,14 @@ class DecodeGraphs:
             self.window_block_tables[:num, :batch.window_block_tables.shape[1]].copy_(
                 batch.window_block_tables)
             self.window_slot_mapping[:num].copy_(batch.window_slot_mapping)
+        if self.state_slot_ids is not None:  # a hybrid model's rows' state slots
+            ids = batch.state_slot_ids
+            if ids is None:  # (a batch built without the device copy: one made here)
+                if batch.state_slots is None:
+                    raise ValueError("a hybrid model's decode step needs its rows' state "
+                                     "slots (ForwardBatch.state_slots or state_slot_ids)")
+                ids = torch.tensor(batch.state_slots, dtype=torch.long)
+            self.state_slot_ids[:num].copy_(ids[:num])
         if num < size:  # rows a larger step used go back to padding
             self.input_ids[num:size].zero_()
             self.positions[num:size].zero_()
@@ -367,6 +400,8 @@ class DecodeGraphs:
             if windowed:
                 self.window_slot_mapping[num:size].fill_(self.window_null_slot)
                 self.window_block_tables[num:size, 0].fill_(self.window_null_block)
+            if self.state_slot_ids is not None:
+                self.state_slot_ids[num:size].fill_(self.scratch_state_slot)
         self.last = (entry, num)
         if entry.graph is None:
             logits = self._forward(size, entry.batch)

@@ -116,7 +116,10 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     layer's other intermediates reuse what the target's capture freed). MiMo-V2-Flash /
     gpt-oss: its torch attention's pieces (``window_activations``) left out, as a captured
     step's decode rows run the window decode kernels (a capture through the torch path fails:
-    it reads the lengths on the host). 0 when the runner would not capture
+    it reads the lengths on the host). A hybrid model (models.hybrid): its linear layers'
+    per-row state copies (``linear_activations``' torch decode path) left out likewise, as a
+    captured step's decode rows run the Gated DeltaNet decode kernels. 0 when the runner
+    would not capture
     (model_runner._graphs_apply: an attention kind not in CAPTURED_ATTENTION)."""
     from afd.cuda_graphs import CAPTURED_ATTENTION
 
@@ -126,14 +129,21 @@ def graph_pool_reserve(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     routing = model_cfg.top_k * 8 * sum(map(model_cfg.is_moe_layer,
                                             range(model_cfg.num_layers)))
     table = -(-cfg.max_model_len // cfg.block_size) * 4  # one row's block table
-    kept = largest * (routing + 5 * 8 + table)
+    # per row: five int64 inputs (ids, positions, slots, lengths, logits index), a hybrid
+    # model's sixth (its state slot), the routing ids and a block table row
+    inputs = 5 + (model_cfg.linear_attn is not None)
+    kept = largest * (routing + inputs * 8 + table)
     if cfg.mtp:
         k, element = cfg.num_speculative_tokens, torch.empty((), dtype=cfg.dtype).element_size()
         outputs = model_cfg.hidden_size * element + k * 8
         inputs = (3 + 3 * (k - 1)) * 8 + table
         kept += largest * (outputs + inputs) + k * largest * model_cfg.vocab_size * 4
+    # a hybrid model's decode rows: the Gated DeltaNet decode kernels update the states in
+    # their slots, none of linear_activations' per-row state copies (the torch path's)
+    lin = model_cfg.linear_attn
+    states = 0 if lin is None else 16 * lin.num_v_heads * lin.k_head_dim * lin.v_head_dim * largest
     return (step_activations(model_cfg, cfg, largest, largest, prefill=False)
-            - window_activations(model_cfg, cfg) + kept)
+            - window_activations(model_cfg, cfg) - states + kept)
 
 
 def step_activations(model_cfg: ModelConfig, cfg: EngineConfig, tokens: int, rows: int,
@@ -281,8 +291,9 @@ def kv_pools_from_memory(cfg: EngineConfig, model_cfg: ModelConfig, device: torc
     pool = graph_pool_reserve(model_cfg, cfg) if graphs else 0
     share = int(cfg.gpu_memory_utilization * mem.total) // ranks_on_device
     # a hybrid model's linear-attention states: max_num_seqs slots and the state snapshots'
-    # (num_state_snapshots), a fixed cost
-    states = state_bytes(model_cfg, cfg.dtype, cfg.num_state_slots)
+    # (num_state_snapshots), a fixed cost; with CUDA graphs one more, their padding rows'
+    # scratch slot (afd.model_runner)
+    states = state_bytes(model_cfg, cfg.dtype, cfg.num_state_slots + graphs)
     budget = min(share - mem.in_use, mem.free) - reserve - pool - states
     blocks = max(0, budget) // per_block - graphs
     sized = {"num_kv_blocks": blocks}

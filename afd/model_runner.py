@@ -166,14 +166,18 @@ def flatten_decodes(seqs: list[ScheduledSeq], block_size: int, device: torch.dev
     pos = np.array(starts, dtype=np.int64)
     slots = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
     seq_lens = [p + 1 for p in starts]
-    # flatten_rows' one copy: ids, seq_lens, logits_index (0..n-1), positions, slots
-    dev = to_device(torch.from_numpy(np.concatenate((np.array(ids + seq_lens, dtype=np.int64),
-                                                     np.arange(n, dtype=np.int64), pos,
-                                                     slots))), device, pinned)
-    batch = ForwardBatch(positions=dev[3 * n:4 * n], slot_mapping=dev[4 * n:],
+    state_slots = _state_slots(seqs)
+    # flatten_rows' one copy: ids, seq_lens, logits_index (0..n-1), positions, slots, and a
+    # hybrid model's state slots (the CUDA graphs read them on the device: afd.cuda_graphs)
+    host = [np.array(ids + seq_lens, dtype=np.int64), np.arange(n, dtype=np.int64), pos, slots]
+    if state_slots is not None:
+        host.append(np.array(state_slots, dtype=np.int64))
+    dev = to_device(torch.from_numpy(np.concatenate(host)), device, pinned)
+    batch = ForwardBatch(positions=dev[3 * n:4 * n], slot_mapping=dev[4 * n:5 * n],
                          block_tables=to_device(torch.from_numpy(tables), device, pinned),
                          seq_lens=dev[n:2 * n], query_lens=[1] * n, num_decodes=n,
-                         context_lens=seq_lens, state_slots=_state_slots(seqs))
+                         context_lens=seq_lens, state_slots=state_slots,
+                         state_slot_ids=None if state_slots is None else dev[5 * n:])
     if seqs[0].seq.window_block_ids is not None:
         _add_window_rows(batch, [s.seq for s in seqs], np.arange(n), pos, None, block_size,
                          device, pinned)
@@ -324,12 +328,17 @@ class ModelRunner:
         self.state_slots = cfg.max_num_seqs if model.cfg.linear_attn is not None else 0
         # and after them, with prefix caching, the state snapshots' (afd.state_snapshots)
         self.state_snapshots = cfg.num_state_snapshots if self.state_slots else 0
+        # and after those, with CUDA graphs, the padding rows' scratch state slot (as the
+        # scratch block: neither the scheduler nor the snapshot pool hands it out)
+        self.scratch_state_slot = (self.state_slots + self.state_snapshots
+                                   if self.state_slots and graphs else None)
         # the sliding layers' own pool (afd.window_pool), its null block after its blocks
         self.window_blocks = cfg.num_window_blocks if cfg.window_pool else 0
         self.kv_caches = allocate_kv_caches(model.cfg, cfg.num_kv_blocks + graphs,
                                             cfg.block_size, cfg.cache_dtype, self.device,
                                             len(model.all_layers()),
-                                            state_slots=self.state_slots + self.state_snapshots,
+                                            state_slots=(self.state_slots + self.state_snapshots
+                                                         + (self.scratch_state_slot is not None)),
                                             state_dtype=cfg.dtype,
                                             window_blocks=self.window_blocks)
         self.graphs = self._build_graphs() if graphs else None
@@ -365,7 +374,8 @@ class ModelRunner:
                                   sizes=self.cfg.cuda_graph_sizes, capture=capture,
                                   mtp_tokens=self.cfg.num_speculative_tokens if self.mtp else 0,
                                   # the window pool's null block (WindowPool.null: its last)
-                                  window_null_block=self.window_blocks or None)
+                                  window_null_block=self.window_blocks or None,
+                                  scratch_state_slot=self.scratch_state_slot)
         except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager steps
             log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s",
                         type(exc).__name__, exc)

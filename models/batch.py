@@ -54,6 +54,11 @@ class ForwardBatch:
     # Hybrid models (models.hybrid): per row, its sequence's state slot (the linear layers'
     # conv and recurrent states), None for every other model
     state_slots: list[int] | None = None
+    # the same on the device ([B] int64, afd.model_runner's one host-to-device copy): what a
+    # CUDA graph's batch carries instead of the host list (afd.cuda_graphs), its decode rows'
+    # state slots read on the device only (models.hybrid.linear_rows); None: built from
+    # ``state_slots`` where needed
+    state_slot_ids: torch.Tensor | None = None
     # A window pool's (afd.window_pool: MiMo-V2-Flash's sliding layers): the rows' tables
     # over it ([B, max_blocks] int32, blocks out of every window: its null block) and the
     # tokens' slots in it ([T] int64); None where the sliding layers share the main pool

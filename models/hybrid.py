@@ -124,7 +124,17 @@ class LinearRows:
 
 
 def linear_rows(batch: ForwardBatch) -> LinearRows:
-    """Built once per forward from the host lists (ValueError without state slots)."""
+    """Built once per forward from the host lists (ValueError without state slots); a CUDA
+    graph's batch (afd.cuda_graphs: no host lengths, its rows' slots on the device in
+    ``state_slot_ids``, decode rows only) from its device tensors alone, anew on each call
+    (its buffers change between runs of the same batch; a row starts its sequence where its
+    position is 0), so nothing is read on the host."""
+    if batch.context_lens is None and batch.state_slot_ids is not None:
+        if batch.num_decodes != batch.num_seqs:
+            raise ValueError(f"a batch without context_lens must be decode rows only, got "
+                             f"{batch.num_decodes} of {batch.num_seqs} rows")
+        nd = batch.num_decodes
+        return LinearRows(batch.state_slot_ids[:nd], batch.positions[:nd] == 0, [])
     if batch._linear_rows is not None:
         return batch._linear_rows
     slots = batch.state_slots
@@ -141,7 +151,9 @@ def linear_rows(batch: ForwardBatch) -> LinearRows:
         n = batch.query_lens[row]
         chunks.append((slice(token, token + n), slots[row], starts[row] == 0))
         token += n
-    rows = LinearRows(torch.tensor(slots[:nd], dtype=torch.long, device=device),
+    ids = batch.state_slot_ids  # the host list's device copy, where the engine made one
+    rows = LinearRows(ids[:nd] if ids is not None
+                      else torch.tensor(slots[:nd], dtype=torch.long, device=device),
                       torch.tensor([s == 0 for s in starts[:nd]], dtype=torch.bool,
                                    device=device), chunks)
     batch._linear_rows = rows

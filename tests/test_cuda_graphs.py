@@ -385,6 +385,74 @@ def test_window_model_graph_steps_match_eager_steps(window_model, window_blocks)
     assert any(pooled for pooled, _ in graph_kv) == (pool > 0)
 
 
+@pytest.fixture(scope="module")
+def next_path(tmp_path_factory) -> str:
+    """A tiny Qwen3-Next checkpoint (Gated DeltaNet layers 0, 1, 3; gated GQA layer 2)."""
+    from ckpt_utils import build_hf_model, save_checkpoint
+
+    return save_checkpoint(build_hf_model("qwen3_next"), str(tmp_path_factory.mktemp("next")))
+
+
+def _run_hybrid(path: str, eager: bool, prompts, params):
+    """An engine over a hybrid model: its tokens, KV caches (full layers), the linear layers'
+    state tensors (conv, recurrent; every slot), free blocks and state slots, the scratch
+    state slot and the graph path's steps."""
+    from models.hybrid import LinearStates
+
+    llm = LLM(path, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=4, block_size=4,
+              num_kv_blocks=40, max_model_len=96, cuda_graph_sizes=[1, 2, 4])
+    core = llm.engine.core
+    runner = core.runner
+    steps = _spy_outputs(runner.graphs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        kv = [c.clone() for c in runner.kv_caches if isinstance(c, torch.Tensor)]
+        states = [(c.conv.clone(), c.recurrent.clone()) for c in runner.kv_caches
+                  if isinstance(c, LinearStates)]
+        free = (core.allocator.num_free, len(core.scheduler.free_state_slots))
+    finally:
+        llm.shutdown()
+    return ([[c.token_ids for c in o.outputs] for o in outs], kv, states, free,
+            runner.scratch_state_slot, steps, runner.graphs)
+
+
+def test_hybrid_graph_steps_match_eager_steps(next_path):
+    """Qwen3-Next decode steps through the graph path (eagerly on CPU: the static buffers,
+    each row's state slot among them, padding rows on the scratch block and a scratch state
+    slot past the sequences' and the snapshots'), a one-token prompt among them (a decode row
+    at position 0: fresh states), greedy and seeded n=2: the tokens are eager steps'; the
+    real blocks' KV and every real state slot (the sequences' and the snapshots') hold
+    eager's, and the padding rows wrote only the scratch block and the scratch slot."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = mixed_prompts(6, seed=2, lengths=[30, 5, 23, 9, 12, 1])
+    params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+              for i in range(6)]
+    params[1] = SamplingParams(temperature=0.9, seed=11, max_tokens=14, ignore_eos=True, n=2)
+    want, eager_kv, eager_states, eager_free, none, _, no_graphs = _run_hybrid(
+        next_path, True, prompts, params)
+    got, graph_kv, graph_states, free, scratch, steps, graphs = _run_hybrid(
+        next_path, False, prompts, params)
+    assert none is None and no_graphs is None and graphs is not None
+    assert graphs.graphs[1].graph is None
+    assert scratch == 4 + 16  # max_num_seqs, then the default 16 snapshots, then it
+    assert got == want
+    assert free == eager_free == (40, 4)  # every block and state slot back
+    assert any(n < size for n, size, *_ in steps) and any(n == size for n, size, *_ in steps)
+    assert len({size for _, size, *_ in steps}) == 3, steps
+    assert_one_set_of_outputs(graphs, steps)
+    assert len(eager_kv) == len(graph_kv) == 1 and len(eager_states) == len(graph_states) == 3
+    for eager, graph in zip(eager_kv, graph_kv):  # [2 (K, V), blocks, ...]
+        assert eager.shape[1] == 40 and graph.shape[1] == 41
+        torch.testing.assert_close(graph[:, :40], eager, atol=1e-4, rtol=1e-4)
+        assert graph[:, 40].abs().sum() > 0  # the padding rows wrote their scratch block
+    for eager, graph in zip(eager_states, graph_states):
+        for e, g in zip(eager, graph):  # conv, recurrent
+            assert e.shape[0] == scratch and g.shape[0] == scratch + 1
+            torch.testing.assert_close(g[:scratch], e, atol=1e-4, rtol=1e-4)
+            assert g[scratch].abs().sum() > 0  # the padding rows wrote the scratch slot
+
+
 def test_graphs_only_where_they_apply():
     """Prefill ranks and layouts with FFN ranks step eagerly; so does enforce_eager (default).
     On CPU, with the device said (left out, a GPU box resolves to cuda, and capture of the

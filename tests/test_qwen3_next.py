@@ -267,13 +267,12 @@ def test_attention_and_ffn_ranks_match_the_single_process(next_case):
                               "prompt_lookup_max": 3}), "speculative_config"),
     (dict(speculative_config={"method": "mtp", "num_speculative_tokens": 1}),
      "speculative_config"),
-    (dict(enforce_eager=False), "enforce_eager=False"),
     (dict(kv_offload_gb=1), "kv_offload_gb"),
 ])
 def test_refusals_name_the_feature_and_the_model(next_case, args, match):
-    """What the states cannot serve yet (rolling back drafts, CUDA graphs, the prefix cache's
-    host tier) is refused before anything starts, naming the model. (The FP8 KV cache is
-    served: tests/test_hybrid_fp8kv.py.)"""
+    """What the states cannot serve yet (rolling back drafts, the prefix cache's host tier)
+    is refused before anything starts, naming the model. (The FP8 KV cache is served:
+    tests/test_hybrid_fp8kv.py; CUDA graphs too, opt-in: tests/test_cuda_graphs.py.)"""
     with pytest.raises(ValueError, match=match) as err:
         LLM(next_case[1], timeout_s=5, **args)
     assert "qwen3_next" in str(err.value)
