@@ -863,6 +863,7 @@ def interpreter_case(name: str, seed: int) -> dict:
 
     import kernels.dsa_triton as dsa
     import kernels.fused_moe_triton as fmt
+    import kernels.gated_delta_triton as gdt
     import kernels.gqa_decode_triton as gqa
     import kernels.mla_decode_triton as mla
     import kernels.v4_decode_triton as v4t
@@ -872,6 +873,7 @@ def interpreter_case(name: str, seed: int) -> dict:
     if name.startswith("async"):
         return async_case(name, seed)
     qwen, v32, glm5 = name.startswith("qwen3"), name.startswith("v32"), name.startswith("glm5")
+    hybrid = name.startswith("next")  # a tiny Qwen3-Next (models.hybrid)
     v4 = name.startswith("v4")
     windowed = name.startswith(("mimo", "gpt_oss"))  # (not "mtp": it starts "mt")
     os.environ["AFD_KERNEL_BACKEND"] = "torch" if name.endswith("torch") else "triton"
@@ -879,7 +881,8 @@ def interpreter_case(name: str, seed: int) -> dict:
     fmt._env_features.cache_clear()
     found: list[str] = []
     calls = {"fused_moe": 0, "mla_decode": 0, "gqa_decode": 0, "dsa_decode": 0,
-             "dsa_selected": 0, "v4_decode": 0, "v4_index": 0, "window_decode": 0}
+             "dsa_selected": 0, "v4_decode": 0, "v4_index": 0, "window_decode": 0,
+             "conv_decode": 0, "delta_decode": 0}
     counted_fns = ((fmt, "fused_moe_triton", "fused_moe"),
                    (mla, "mla_decode_attention_triton", "mla_decode"),
                    (gqa, "gqa_decode_attention_triton", "gqa_decode"),
@@ -887,7 +890,9 @@ def interpreter_case(name: str, seed: int) -> dict:
                    (dsa, "dsa_selected_attention_triton", "dsa_selected"),
                    (v4t, "v4_decode_attention_triton", "v4_decode"),
                    (v4t, "v4_index_scores_triton", "v4_index"),
-                   (gqa, "window_decode_attention_triton", "window_decode"))
+                   (gqa, "window_decode_attention_triton", "window_decode"),
+                   (gdt, "conv_decode_triton", "conv_decode"),
+                   (gdt, "delta_rule_decode_triton", "delta_decode"))
     # Patched for this case only (the cases share a process), restored at the end.
     saved = [(module, fn_name, getattr(module, fn_name)) for module, fn_name, _ in counted_fns]
     saved.append((gqa, "choose_num_splits", gqa.choose_num_splits))
@@ -912,7 +917,7 @@ def interpreter_case(name: str, seed: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(build_window_model(), tmp)
             model = load_model(path, "full", dtype=torch.float32, device="cpu")
-    elif qwen or mtp or v32 or glm5 or v4:
+    elif qwen or mtp or v32 or glm5 or v4 or hybrid:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ckpt_utils import build_hf_model, mtp_checkpoint, save_checkpoint
 
@@ -921,22 +926,32 @@ def interpreter_case(name: str, seed: int) -> dict:
                     save_checkpoint(build_hf_model("deepseek_v32"), tmp) if v32 else
                     save_checkpoint(build_hf_model("glm_moe_dsa"), tmp) if glm5 else
                     save_checkpoint(build_hf_model("deepseek_v4"), tmp) if v4 else
+                    save_checkpoint(build_hf_model("qwen3_next"), tmp) if hybrid else
                     save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp))
             model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
     else:
         model = load_model(default_model_path(), "full", dtype=torch.float32, device="cpu")
     # MiMo-V2-Flash's window pool: 9 blocks, its null block 9
     window_null = 9 if name.startswith("mimo") else None
+    # Qwen3-Next: 6 state slots, the last (5) the scratch one
     caches = allocate_kv_caches(model.cfg, 17, 16, torch.float32, "cpu",
-                                len(model.all_layers()), window_blocks=window_null or 0)
+                                len(model.all_layers()), window_blocks=window_null or 0,
+                                state_slots=6 if hybrid else 0)
     for cache in caches:
-        cache.normal_()
+        for t in (cache.conv, cache.recurrent) if hasattr(cache, "conv") else (cache,):
+            t.normal_()
     graphs = DecodeGraphs(model, caches, scratch_block=16, block_size=16,
                           max_model_len=1024 if qwen else 64, sizes=(4,), capture=False,
-                          mtp_tokens=3 if mtp else 0, window_null_block=window_null)
+                          mtp_tokens=3 if mtp else 0, window_null_block=window_null,
+                          scratch_state_slot=5 if hybrid else None)
     with torch.inference_mode():  # four sequences of 1-4 blocks (the buffers' own mode)
         graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 64]))
         graphs.block_tables[:, :4].copy_(torch.arange(16).view(4, 4))
+        if hybrid:  # rows 0-2 of sequences in slots 3, 0, 4 (row 0 at position 0: fresh),
+            # row 3 padding (position 0, the scratch slot)
+            graphs.seq_lens.copy_(torch.tensor([1, 17, 30, 1]))
+            graphs.positions.copy_(graphs.seq_lens - 1)
+            graphs.state_slot_ids.copy_(torch.tensor([3, 0, 4, 5]))
         if window_null is not None:  # window 8: the blocks below each row's window are null
             graphs.window_block_tables[:, :4].copy_(torch.tensor(
                 [[0, 9, 9, 9], [1, 2, 9, 9], [9, 3, 4, 9], [9, 9, 5, 6]]))
@@ -1015,6 +1030,27 @@ def test_window_model_decode_forward_reads_nothing_on_the_host():
     assert "error" not in torch_case, torch_case.get("error")
     assert set(torch_case["calls"].values()) == {0}, torch_case["calls"]
     assert "Tensor.tolist" in torch_case["found"], torch_case["found"]
+
+
+def test_hybrid_decode_forward_reads_nothing_on_the_host():
+    """Qwen3-Next (Gated DeltaNet layers 0, 1, 3; a gated GQA layer 2): a padded decode forward
+    through the Triton kernels (the linear layers' decode rows through the conv and delta-rule
+    decode kernels, their state slots and fresh rows from the graph's static buffers; the full
+    layer through the GQA decode kernel) reads no tensor data on the host and runs no op
+    whose shape follows tensor data; through the torch references it does (the GQA
+    reference's lengths read back)."""
+    results = run_in_interpreter(__file__, ["next", "next_torch"], seed=0, workers=1)
+    result = results["next"]
+    assert "error" not in result, result.get("error")
+    assert result["finite"] and result["shape"][0] == 4
+    calls = result["calls"]
+    assert (calls["conv_decode"], calls["delta_decode"], calls["gqa_decode"]) == (3, 3, 1)
+    assert calls["fused_moe"] > 0
+    assert result["found"] == [], result["found"]
+    torch_case = results["next_torch"]
+    assert "error" not in torch_case, torch_case.get("error")
+    assert set(torch_case["calls"].values()) == {0}, torch_case["calls"]
+    assert "Tensor.__int__" in torch_case["found"], torch_case["found"]
 
 
 def test_mtp_graph_forward_reads_nothing_on_the_host():
