@@ -78,7 +78,8 @@ MAX_DEFAULT_SIZE = 256
 # audits each): kernels.mla_decode_attention and kernels.gqa_decode_attention; DeepSeek-V4's
 # static decode path (models.deepseek_v4 V4Attention._decode_rows, a batch without host lengths);
 # MiMo-V2-Flash's / gpt-oss's window decode (models.mimo_v2_flash, kernels.window_attention's
-# window_decode_attention).
+# window_decode_attention). A hybrid model's ("gqa" beside its Gated DeltaNet layers,
+# models.hybrid) linear layers read their rows' state slots from a static buffer (DecodeGraphs).
 CAPTURED_ATTENTION = ("mla", "gqa", "v4", "mimo")
 
 

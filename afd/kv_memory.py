@@ -6,6 +6,8 @@ its weights are loaded, on its own GPU:
 
     budget = min(gpu_memory_utilization x total / ranks on this GPU - in use by this process,
                  free on the GPU now) - activation reserve - CUDA graph pool reserve
+             - a hybrid model's state slots (with CUDA graphs one more: their padding
+               rows' scratch slot)
     blocks = budget // bytes per block (every layer that caches, the MTP layer's too, in the
              cache's dtype: kv_cache_dtype "fp8" holds twice bf16's blocks)
              - 1 with CUDA graphs (their padding rows' scratch block)

@@ -22,6 +22,13 @@ chunk of ``DELTA_CHUNK`` tokens in a few matmuls, between chunks through the sta
 from the state the previous chunk left, so a prompt cut anywhere gives what it gives whole; a
 decode row runs one recurrent step. Both in fp32, as transformers' torch path.
 
+Decode steps may be captured in CUDA graphs (afd.cuda_graphs, opt-in): a graph's batch has no
+host lengths and carries its rows' state slots on the device (``ForwardBatch.state_slot_ids``,
+a static buffer); ``linear_rows`` then takes the slots from there and a row's freshness from
+its position (0: a zero state), so the decode rows' kernels (``kernels.gated_delta``, Triton on
+CUDA) and the full layers' GQA decode kernel read nothing on the host (tests/test_cuda_graphs.py
+audits it).
+
 Every RMSNorm here but the linear layers' gated one is zero-centred: it scales by
 (1 + weight), in fp32, as transformers' Qwen3NextRMSNorm. The MoE is Qwen3's (softmax top-k)
 with one shared expert scaled by sigmoid(shared_expert_gate(h)) (models.model.MoEBlock).

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
-from afd.config import resolve_engine_config
+from afd.config import bytes_per_block, resolve_engine_config
 from afd import cuda_graphs
 from afd.cuda_graphs import DecodeGraphs, default_sizes
 from kernels.testing import run_in_interpreter
@@ -451,6 +451,63 @@ def test_hybrid_graph_steps_match_eager_steps(next_path):
             assert e.shape[0] == scratch and g.shape[0] == scratch + 1
             torch.testing.assert_close(g[:scratch], e, atol=1e-4, rtol=1e-4)
             assert g[scratch].abs().sum() > 0  # the padding rows wrote the scratch slot
+
+
+def test_hybrid_graphs_opt_in_and_sizing(next_path, monkeypatch):
+    """Hybrid models: CUDA graphs opt-in on CUDA (enforce_eager unset: eager until a GPU has
+    captured them), speculative decoding still refused; with graphs the KV memory holds one
+    state slot more (the padding rows' scratch slot), and the graphs' pool estimate leaves
+    out the torch decode path's per-row state copies but keeps a state slot id a row."""
+    from types import SimpleNamespace
+
+    from afd.config import state_bytes
+    from afd.cuda_graphs import unsupported_reason
+    import json
+
+    from afd.kv_memory import (FAKE_MEMORY_ENV, activation_reserve, graph_pool_reserve,
+                               kv_pools_from_memory, step_activations)
+
+    cfg = load_config(next_path)
+    assert cfg.linear_attn is not None and unsupported_reason(SimpleNamespace(cfg=cfg)) is None
+    for device, given, want in (("cuda", None, True), ("cuda", False, False), ("cpu", None, True),
+                                ("cpu", False, False)):
+        assert resolve_engine_config(next_path, cfg, device=device, enforce_eager=given,
+                                     num_kv_blocks=64, max_model_len=128).enforce_eager is want
+    with pytest.raises(ValueError, match="speculative_config"):
+        resolve_engine_config(next_path, cfg, device="cpu", enforce_eager=False,
+                              speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                  "prompt_lookup_max": 3})
+    one = cfg.linear_attn.state_bytes(torch.float32)
+    per = {}
+    for eager in (True, False):  # 1 GiB of KV memory, 4 sequences' slots and 16 snapshots'
+        sized = resolve_engine_config(next_path, cfg, device="cpu", dtype="float32",
+                                      enforce_eager=eager, kv_cache_memory_gb=1, block_size=4,
+                                      max_num_seqs=4, max_model_len=96)
+        per_block = bytes_per_block(cfg, 4, torch.float32, False)
+        slots = 4 + 16 + (not eager)
+        assert sized.num_kv_blocks == (2**30 - slots * one) // per_block
+        per[eager] = sized
+    assert state_bytes(cfg, torch.float32, 1) == one > 0
+    sized = per[False]
+    lin, largest = cfg.linear_attn, max(sized.cuda_graph_sizes)
+    copies = 16 * lin.num_v_heads * lin.k_head_dim * lin.v_head_dim * largest
+    routing = cfg.top_k * 8 * sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
+    kept = largest * (routing + 6 * 8 + -(-sized.max_model_len // 4) * 4)
+    pool = graph_pool_reserve(cfg, sized)
+    assert pool == step_activations(cfg, sized, largest, largest, prefill=False) - copies + kept
+
+    def rank_blocks(free: int, graphs: bool) -> int:  # a rank sizing its own pool
+        monkeypatch.setenv(FAKE_MEMORY_ENV, json.dumps(
+            {"single": {"total": 64 * 2**30, "free": free, "in_use": 0}}))
+        return kv_pools_from_memory(sized, cfg, torch.device("cpu"), "single",
+                                    graphs=graphs)["num_kv_blocks"]
+
+    per_block, free = bytes_per_block(cfg, 4, torch.float32, False), 2**30
+    # with graphs (their pool given on top): the scratch block and, as its blocks, the
+    # scratch state slot's bytes come off
+    left = free - activation_reserve(cfg, sized)
+    assert rank_blocks(free + pool, True) == (left - 21 * one) // per_block - 1
+    assert rank_blocks(free, False) == (left - 20 * one) // per_block
 
 
 def test_graphs_only_where_they_apply():
