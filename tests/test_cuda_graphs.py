@@ -453,6 +453,64 @@ def test_hybrid_graph_steps_match_eager_steps(next_path):
             assert g[scratch].abs().sum() > 0  # the padding rows wrote the scratch slot
 
 
+def test_hybrid_graph_steps_from_a_restored_snapshot(next_path):
+    """Qwen3-Next with prefix caching: a prompt whose cached prefix (its linear layers' states
+    restored from a snapshot into its slot) leaves one token to compute replays a decode graph
+    from its first step, reading the restored states through the static slot buffer; its
+    tokens (and the prompts' before it) equal eager steps'."""
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(2, 500, (48,), generator=gen).tolist()
+    prompts = [shared + torch.randint(2, 500, (n,), generator=gen).tolist() for n in (1, 5)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    results = {}
+    for eager in (True, False):
+        llm = LLM(next_path, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=4,
+                  block_size=16, num_kv_blocks=40, max_model_len=96, cuda_graph_sizes=[1, 2, 4])
+        graphs, replays = llm.engine.core.runner.graphs, []
+        if graphs is not None:
+            run = graphs.run
+            graphs.run = lambda ids, batch: replays.append(batch.seq_lens.tolist()) or run(
+                ids, batch)
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                use_tqdm=False)
+            before = len(replays)
+            hit = llm.generate({"prompt_token_ids": shared + [7]}, params, use_tqdm=False)[0]
+            assert hit.num_cached_tokens == 48
+            assert llm.engine.core.snapshots.num_restored >= 1
+        finally:
+            llm.shutdown()
+        if graphs is not None:  # every step of the hit, its first included, replayed
+            assert replays[before:] == [[49 + i] for i in range(8)], replays[before:]
+        results[eager] = [o.outputs[0].token_ids for o in outs + [hit]]
+    assert results[False] == results[True]
+
+
+def test_pd_hybrid_decode_rank_with_graphs_matches_single_process(next_path, capfd):
+    """A P/D decode rank of Qwen3-Next steps through the graph path: each prompt's states,
+    moved in from the prefill rank into a state slot the decode rank gives it, are read
+    through the static slot buffer (the scratch slot never handed out); greedy and seeded
+    tokens equal a single eager process's."""
+    from ckpt_utils import mixed_prompts
+
+    prompts = mixed_prompts(5, seed=3, lengths=[20, 3, 11, 7, 1])
+    params = [SamplingParams(temperature=0, max_tokens=5 + 2 * i, ignore_eos=True)
+              for i in range(5)]
+    params[2] = SamplingParams(temperature=0.9, seed=5, max_tokens=9, ignore_eos=True)
+    want = _run_hybrid(next_path, True, prompts, params)[0]
+    capfd.readouterr()
+    llm = LLM(next_path, device="cpu", dtype="float32", seed=3, prefill=1, attention=1,
+              enforce_eager=False, max_num_seqs=4, block_size=4, num_kv_blocks=40,
+              max_model_len=96, cuda_graph_sizes=[1, 2, 4], timeout_s=120)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    logged = capfd.readouterr().err  # the decode rank's log: it took the graph path
+    assert "no CUDA graphs" not in logged and "for batch sizes (1, 2, 4)" in logged, logged
+    assert [[c.token_ids for c in o.outputs] for o in outs] == want
+
+
 def test_hybrid_graphs_opt_in_and_sizing(next_path, monkeypatch):
     """Hybrid models: CUDA graphs opt-in on CUDA (enforce_eager unset: eager until a GPU has
     captured them), speculative decoding still refused; with graphs the KV memory holds one
