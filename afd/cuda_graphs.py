@@ -156,7 +156,7 @@ class DecodeGraphs:
         ``scratch_state_slot``: a hybrid model's (models.hybrid), the linear layers' state slot
         its padding rows write (one no sequence or snapshot holds); required there, refused
         for other models."""
-        hybrid = model.cfg.linear_attn is not None
+        hybrid = getattr(model.cfg, "linear_attn", None) is not None
         if hybrid != (scratch_state_slot is not None):
             raise ValueError(f"scratch_state_slot ({scratch_state_slot}) must be given exactly "
                              "for a hybrid linear-attention model (models.hybrid), whose "

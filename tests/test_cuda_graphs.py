@@ -261,6 +261,42 @@ def test_padding_rows_point_at_the_scratch_block():
         assert torch.equal(table[:num, :2], tables) and (table[num:, 0] == 10).all()
 
 
+def test_padding_rows_point_at_the_scratch_state_slot():
+    """A hybrid model's graphs: whatever earlier, larger steps left in the static buffers, the
+    rows past a step's sequences carry the scratch state slot and position 0 (fresh: they
+    read no state), the real rows their own slots, from the batch's device copy or, without
+    one, its host list; a scratch slot is required exactly for a hybrid model."""
+    from types import SimpleNamespace
+
+    from models.batch import ForwardBatch
+
+    cache = torch.zeros(11, 4, 3)
+    cfg = dict(num_layers=1, is_moe_layer=bool, vocab_size=5, top_k=2)
+    hybrid = SimpleNamespace(cfg=SimpleNamespace(linear_attn=object(), **cfg))
+    for model, scratch in ((hybrid, None), (SimpleNamespace(cfg=SimpleNamespace(**cfg)), 9)):
+        with pytest.raises(ValueError, match="scratch_state_slot"):
+            DecodeGraphs(model, [cache], scratch_block=10, block_size=4, max_model_len=16,
+                         sizes=(2,), capture=False, scratch_state_slot=scratch)
+    graphs = DecodeGraphs(hybrid, [cache], scratch_block=10, block_size=4, max_model_len=16,
+                          sizes=(2, 4, 8), capture=False, scratch_state_slot=9)
+    seen = []
+    graphs._forward = lambda size, batch: seen.append(
+        (size, batch.state_slot_ids.clone(), graphs.positions[:size].clone())
+    ) or torch.zeros(size, 5)
+    for num, device_copy in ((7, True), (3, True), (8, False), (1, True), (5, False)):
+        slots = [(2 * i + num) % 9 for i in range(num)]
+        tables = torch.zeros(num, 2, dtype=torch.int32)
+        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=torch.full((num,), 2),
+                             block_tables=tables, seq_lens=torch.full((num,), 7),
+                             query_lens=[1] * num, num_decodes=num, state_slots=slots,
+                             state_slot_ids=torch.tensor(slots) if device_copy else None)
+        graphs.run(torch.arange(1, num + 1), batch)
+        size, ids, pos = seen[-1]
+        assert size == graphs.padded_size(num) and ids.shape == (size,)
+        assert ids[:num].tolist() == slots and (ids[num:] == 9).all()
+        assert (pos[:num] == 6).all() and not pos[num:].any()
+
+
 @pytest.mark.parametrize("windowed", [False, True])
 def test_padding_rows_point_at_the_scratch_blocks_of_both_pools(windowed):
     """With a window pool (afd.window_pool: MiMo-V2-Flash's / gpt-oss's sliding layers) the
@@ -393,14 +429,14 @@ def next_path(tmp_path_factory) -> str:
     return save_checkpoint(build_hf_model("qwen3_next"), str(tmp_path_factory.mktemp("next")))
 
 
-def _run_hybrid(path: str, eager: bool, prompts, params):
+def _run_hybrid(path: str, eager: bool, prompts, params, **engine_args):
     """An engine over a hybrid model: its tokens, KV caches (full layers), the linear layers'
     state tensors (conv, recurrent; every slot), free blocks and state slots, the scratch
     state slot and the graph path's steps."""
     from models.hybrid import LinearStates
 
     llm = LLM(path, dtype="float32", seed=3, enforce_eager=eager, max_num_seqs=4, block_size=4,
-              num_kv_blocks=40, max_model_len=96, cuda_graph_sizes=[1, 2, 4])
+              num_kv_blocks=40, max_model_len=96, cuda_graph_sizes=[1, 2, 4], **engine_args)
     core = llm.engine.core
     runner = core.runner
     steps = _spy_outputs(runner.graphs)
@@ -416,13 +452,16 @@ def _run_hybrid(path: str, eager: bool, prompts, params):
             runner.scratch_state_slot, steps, runner.graphs)
 
 
-def test_hybrid_graph_steps_match_eager_steps(next_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_hybrid_graph_steps_match_eager_steps(next_path, async_scheduling):
     """Qwen3-Next decode steps through the graph path (eagerly on CPU: the static buffers,
     each row's state slot among them, padding rows on the scratch block and a scratch state
     slot past the sequences' and the snapshots'), a one-token prompt among them (a decode row
     at position 0: fresh states), greedy and seeded n=2: the tokens are eager steps'; the
     real blocks' KV and every real state slot (the sequences' and the snapshots') hold
-    eager's, and the padding rows wrote only the scratch block and the scratch slot."""
+    eager's, and the padding rows wrote only the scratch block and the scratch slot. With
+    async scheduling too, against eager async steps (the rows' state slots come in the
+    step's pinned copy)."""
     from ckpt_utils import mixed_prompts
 
     prompts = mixed_prompts(6, seed=2, lengths=[30, 5, 23, 9, 12, 1])
@@ -430,9 +469,9 @@ def test_hybrid_graph_steps_match_eager_steps(next_path):
               for i in range(6)]
     params[1] = SamplingParams(temperature=0.9, seed=11, max_tokens=14, ignore_eos=True, n=2)
     want, eager_kv, eager_states, eager_free, none, _, no_graphs = _run_hybrid(
-        next_path, True, prompts, params)
+        next_path, True, prompts, params, async_scheduling=async_scheduling)
     got, graph_kv, graph_states, free, scratch, steps, graphs = _run_hybrid(
-        next_path, False, prompts, params)
+        next_path, False, prompts, params, async_scheduling=async_scheduling)
     assert none is None and no_graphs is None and graphs is not None
     assert graphs.graphs[1].graph is None
     assert scratch == 4 + 16  # max_num_seqs, then the default 16 snapshots, then it
