@@ -255,7 +255,7 @@ def checkpoint(kind: str, tmp_path_factory) -> str | None:
     state (Qwen3-Next: linear-attention state slots) or a window pool (MiMo-V2-Flash)."""
     from ckpt_utils import build_hf_model, save_checkpoint
 
-    if kind == "qwen3_next":
+    if kind.startswith("qwen3_next"):
         model = build_hf_model("qwen3_next")
     elif kind == "mimo":
         from test_mimo_v2_flash import build_hf_model as build_mimo
@@ -266,20 +266,21 @@ def checkpoint(kind: str, tmp_path_factory) -> str | None:
     return save_checkpoint(model, str(tmp_path_factory.mktemp(kind)))
 
 
-@pytest.mark.parametrize("kind", ["graphs", "qwen3_next", "mimo"])
+@pytest.mark.parametrize("kind", ["graphs", "qwen3_next", "qwen3_next_graphs", "mimo"])
 def test_other_paths_match_sync(kind, tmp_path_factory):
     """The CUDA-graph path (run eagerly on CPU, the same static buffers), a hybrid model's
-    state slots (and its prefix cache's state snapshots) and a window pool: the same tokens,
-    preemption and prefix hits included, pools full after."""
+    state slots (and its prefix cache's state snapshots; also through the graph path, whose
+    tokens are then eager steps' too) and a window pool: the same tokens, preemption and
+    prefix hits included, pools full after."""
     path = checkpoint(kind, tmp_path_factory)
     kw = dict(dtype="float32", max_num_batched_tokens=32, max_num_seqs=4, block_size=4,
               num_kv_blocks=28, max_model_len=112)
-    if kind == "graphs":
-        kw["enforce_eager"] = False
+    graphs = kind.endswith("graphs")
     runs = []
-    for flag in (False, True):
-        llm = LLM(path, seed=0, async_scheduling=flag, **kw)
-        assert (llm.engine.core.runner.graphs is not None) == (kind == "graphs")
+    # (the graph path: also eager sync steps, last)
+    for flag, eager in ((False, not graphs), (True, not graphs), (False, True))[:2 + graphs]:
+        llm = LLM(path, seed=0, async_scheduling=flag, enforce_eager=eager, **kw)
+        assert (llm.engine.core.runner.graphs is not None) == (not eager)
         vocab = llm.engine.model_cfg.vocab_size
         prompts = [[t % (vocab - 2) + 1 for t in p] for p in PROMPTS]
         arrivals = [(i // 2, f"q{i}", p, SamplingParams(
@@ -295,7 +296,7 @@ def test_other_paths_match_sync(kind, tmp_path_factory):
         if core.scheduler.free_state_slots is not None:
             assert len(core.scheduler.free_state_slots) == kw["max_num_seqs"]
         llm.shutdown()
-    assert runs[0] == runs[1]
+    assert all(run == runs[0] for run in runs[1:])
 
 
 def test_no_dropped_row_at_max_tokens(pair, monkeypatch):
