@@ -156,15 +156,15 @@ class DecodeGraphs:
         ``scratch_state_slot``: a hybrid model's (models.hybrid), the linear layers' state slot
         its padding rows write (one no sequence or snapshot holds); required there, refused
         for other models."""
+        if mtp_tokens and getattr(model, "mtp", None) is None:
+            raise ValueError(f"mtp_tokens={mtp_tokens} needs a model with its MTP layer")
+        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
         hybrid = getattr(model.cfg, "linear_attn", None) is not None
         if hybrid != (scratch_state_slot is not None):
             raise ValueError(f"scratch_state_slot ({scratch_state_slot}) must be given exactly "
                              "for a hybrid linear-attention model (models.hybrid), whose "
                              "padding rows write it")
-        if mtp_tokens and getattr(model, "mtp", None) is None:
-            raise ValueError(f"mtp_tokens={mtp_tokens} needs a model with its MTP layer")
-        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"cuda_graph_sizes must be positive integers, got {sizes!r}")
         self.model, self.kv_caches = model, kv_caches
         self.sizes = tuple(sorted(set(sizes)))
         self.max_size = self.sizes[-1]
