@@ -515,7 +515,8 @@ def resolve_engine_config(
             f"max_model_len={max_model_len}: raise num_kv_blocks (or kv_cache_memory_gb) or lower "
             "max_model_len" + (
                 f" or max_num_seqs / num_state_snapshots (their {max_num_seqs} + "
-                f"{num_state_snapshots} linear-attention state slots take "
+                f"{num_state_snapshots} linear-attention state slots"
+                f"{'' if enforce_eager else ' and the CUDA graph scratch slot'} take "
                 f"{states / 2**20:.1f} MiB of kv_cache_memory_gb)"
                 if model_cfg.linear_attn is not None else "")
             + (f" or num_window_blocks (the window pool's {num_window_blocks} blocks take "
