@@ -453,6 +453,33 @@ def _run_hybrid(path: str, eager: bool, prompts, params, **engine_args):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_hybrid_graph_steps_from_the_host_list(next_path, monkeypatch, async_scheduling):
+    """Decode-only steps built from one-token prompt chunks (``max_num_batched_tokens=2``:
+    ``flatten_rows``, no device copy of the rows' state slots) reach the graph path with the
+    slots as a host list, which ``DecodeGraphs.run`` copies in row order: a row mid-prompt at
+    position 0 among them; the tokens are eager steps'."""
+    from ckpt_utils import mixed_prompts
+
+    host_list = []
+    run = DecodeGraphs.run
+
+    def spied(self, input_ids, batch):
+        host_list.append(batch.state_slot_ids is None)
+        return run(self, input_ids, batch)
+
+    monkeypatch.setattr(DecodeGraphs, "run", spied)
+    prompts = mixed_prompts(4, seed=2, lengths=[3, 2, 9, 1])
+    params = [SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True)
+              for i in range(4)]
+    engine = dict(max_num_batched_tokens=2, async_scheduling=async_scheduling,
+                  enable_chunked_prefill=True)
+    want = _run_hybrid(next_path, True, prompts, params, **engine)[0]
+    got = _run_hybrid(next_path, False, prompts, params, **engine)[0]
+    assert any(host_list) and not all(host_list), host_list
+    assert got == want
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_hybrid_graph_steps_match_eager_steps(next_path, async_scheduling):
     """Qwen3-Next decode steps through the graph path (eagerly on CPU: the static buffers,
     each row's state slot among them, padding rows on the scratch block and a scratch state
