@@ -475,10 +475,15 @@ def greedy_tokens(llm, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+def model_case(tmp_path_factory, model, name: str, lengths=ORACLE_LENGTHS,
+               new_tokens: int = ORACLE_NEW_TOKENS) -> tuple:
+    """transformers' ``model`` saved to a folder named after ``name``, prompts of ``lengths``
+    tokens and its greedy output for each: (model, path, prompts, [(tokens, logits)])."""
+    path = save_checkpoint(model, str(tmp_path_factory.mktemp(name)))
+    prompts = mixed_prompts(len(lengths), lengths=lengths)
+    return model, path, prompts, [hf_greedy(model, p, new_tokens) for p in prompts]
+
+
 def oracle_case(tmp_path_factory, kind: str) -> tuple:
-    """A tiny random ``kind`` checkpoint saved to disk, prompts of ``ORACLE_LENGTHS`` tokens and
-    transformers' greedy output for each: (model, path, prompts, [(tokens, logits)])."""
-    model = build_hf_model(kind)
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp(kind)))
-    prompts = mixed_prompts(len(ORACLE_LENGTHS), lengths=ORACLE_LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]
+    """``model_case`` of a tiny random ``kind`` checkpoint, prompts of ``ORACLE_LENGTHS``."""
+    return model_case(tmp_path_factory, build_hf_model(kind), kind)

@@ -21,7 +21,7 @@ import torch
 
 from afd import LLM
 from ckpt_utils import (VOCAB, greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts,
-                        random_hf_model)
+                        model_case, random_hf_model)
 from ckpt_utils import save_checkpoint
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
@@ -59,10 +59,7 @@ def build_hf_model(seed: int = 0, **overrides):
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(transformers' model, checkpoint folder, prompts, [(tokens, logits)])."""
-    model = build_hf_model()
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("gpt_oss")))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    return model_case(tmp_path_factory, build_hf_model(), "gpt_oss", LENGTHS, NEW_TOKENS)
 
 
 def test_config(gpt_oss):

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
-from ckpt_utils import (CONFIGS, assert_fused_names_load, hf_greedy, mixed_prompts,
-                        random_hf_model, save_checkpoint)
+from ckpt_utils import (CONFIGS, assert_fused_names_load, model_case, random_hf_model)
 from models.config import config_from_dict, load_config
 from models.weights import WeightLoadError, checkpoint_files, stored_names
 from test_oracle_variants import assert_matches
@@ -43,10 +42,7 @@ def build_k25(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def k25(tmp_path_factory):
-    model = build_k25()
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("k25")))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    return model_case(tmp_path_factory, build_k25(), "k25", LENGTHS, NEW_TOKENS)
 
 
 def test_config_and_names(k25):

@@ -22,7 +22,7 @@ from afd.cuda_graphs import unsupported_reason
 from afd.kv_cache import allocate_kv_caches
 from afd.kv_memory import step_activations, window_activations
 from ckpt_utils import (VOCAB, edit_config, greedy, greedy_tokens as tokens, hf_greedy,
-                        mixed_prompts, random_hf_model, save_checkpoint)
+                        model_case, random_hf_model)
 from kernels.window_attention import window_attention_torch
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
@@ -67,14 +67,12 @@ def build_hf_model(seed: int = 0):
 def mimo(tmp_path_factory):
     """(transformers' model, checkpoint folder, prompts, [(tokens, logits)]): the folder holds
     an MTP layer's tensors too (``model.mtp.*``, as the release ships them), never read."""
-    model = build_hf_model()
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("mimo_v2_flash")))
+    case = model_case(tmp_path_factory, build_hf_model(), "mimo_v2_flash", LENGTHS, NEW_TOKENS)
     gen = torch.Generator().manual_seed(9)
     save_file({"model.mtp.layers.0.self_attn.q_proj.weight": torch.randn(96, 64, generator=gen),
                "model.mtp.layers.0.eh_proj.weight": torch.randn(64, 128, generator=gen)},
-              os.path.join(path, "mtp.safetensors"))
-    prompts = mixed_prompts(len(LENGTHS), lengths=LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+              os.path.join(case[1], "mtp.safetensors"))
+    return case
 
 
 def test_config_and_cache_rows(mimo):

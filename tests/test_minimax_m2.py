@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from afd import LLM
 from ckpt_utils import (build_hf_model, edit_config, greedy_tokens, hf_greedy,
-                        mixed_prompts, save_checkpoint, ORACLE_LENGTHS, ORACLE_NEW_TOKENS)
+                        mixed_prompts, model_case, ORACLE_NEW_TOKENS)
 from models.config import config_from_dict, load_config
 from test_oracle_variants import assert_matches
 
@@ -34,9 +34,7 @@ def minimax(tmp_path_factory):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.e_score_correction_bias.mul_(BIAS_SCALE)
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("minimax_m2")))
-    prompts = mixed_prompts(len(ORACLE_LENGTHS), lengths=ORACLE_LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]
+    return model_case(tmp_path_factory, model, "minimax_m2")
 
 
 def test_matches_transformers(minimax):

@@ -22,8 +22,9 @@ from kernels.gated_delta import delta_rule_step, l2_normed
 from afd import LLM, SamplingParams
 from afd.config import bytes_per_block, state_bytes
 from afd.sequence import Status
-from ckpt_utils import (greedy, greedy_tokens as tokens, hf_greedy, mixed_prompts, oracle_case,
-                        ORACLE_LENGTHS, ORACLE_NEW_TOKENS, save_checkpoint)
+from ckpt_utils import (greedy, greedy_tokens as tokens, hf_greedy, model_case,
+                        oracle_case,
+                        ORACLE_NEW_TOKENS, save_checkpoint)
 from models.config import load_config
 from test_oracle_variants import assert_matches
 
@@ -56,10 +57,7 @@ def build_q35_vl(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def q35_vl_case(tmp_path_factory):
-    model = build_q35_vl()
-    path = save_checkpoint(model, str(tmp_path_factory.mktemp("q35_vl")))
-    prompts = mixed_prompts(len(ORACLE_LENGTHS), lengths=ORACLE_LENGTHS)
-    return model, path, prompts, [hf_greedy(model, p, ORACLE_NEW_TOKENS) for p in prompts]
+    return model_case(tmp_path_factory, build_q35_vl(), "q35_vl")
 
 
 @pytest.mark.parametrize("n, chunk", [(1, 64), (37, 64), (64, 16), (100, 16), (100, 64)])
@@ -507,7 +505,7 @@ def test_fused_expert_checkpoints_load_under_the_wrapper(tmp_path):
     vision-language checkpoint, its routed experts fused under model.language_model.*, loads
     the weights its per-expert save does (Qwen3-Next's and Qwen3.5's text models: in
     tests/test_models.py's test_transformers_fused_expert_names_load)."""
-    from ckpt_utils import assert_fused_names_load, save_checkpoint
+    from ckpt_utils import assert_fused_names_load
 
     model = build_q35_vl()
     per_expert = save_checkpoint(model, str(tmp_path / "per_expert"))
