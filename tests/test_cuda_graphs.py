@@ -230,28 +230,40 @@ def test_outputs_land_in_the_shared_buffers_unchanged(dtype):
                 assert torch.equal(ids, fresh_ids) and ids.data_ptr() == row.data_ptr()
 
 
+def _stand_in_graphs(cfg_fields: dict | None = None, **graph_args) -> DecodeGraphs:
+    """Graphs of sizes 2, 4, 8 (uncaptured) over a stand-in model (what the static outputs
+    need, and ``cfg_fields``) and one cache of 10 blocks of 4 slots, block 10 the scratch."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_layers=1, is_moe_layer=bool, vocab_size=5, top_k=2,
+                          **(cfg_fields or {}))
+    return DecodeGraphs(SimpleNamespace(cfg=cfg), [torch.zeros(11, 4, 3)], scratch_block=10,
+                        block_size=4, max_model_len=16, sizes=(2, 4, 8), capture=False,
+                        **graph_args)
+
+
+def _decode_rows(num: int, **fields) -> tuple:
+    """A batch of ``num`` decode rows at position 6 (7 cached tokens), row i's block table
+    (2i, 2i + 1) mod 10 and its slot in the second block: (batch, block tables)."""
+    from models.batch import ForwardBatch
+
+    tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
+    return ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
+                        block_tables=tables, seq_lens=torch.full((num,), 7),
+                        query_lens=[1] * num, num_decodes=num, **fields), tables
+
+
 def test_padding_rows_point_at_the_scratch_block():
     """Whatever earlier, larger steps left in the static buffers, the rows past a step's
     sequences read and write only the scratch block, one token long."""
-    from models.batch import ForwardBatch
-
-    from types import SimpleNamespace
-
-    cache = torch.zeros(11, 4, 3)  # 10 blocks of 4 slots, block 10 the scratch block
-    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=1, is_moe_layer=bool, vocab_size=5,
-                                                top_k=2))  # what the static outputs need
-    graphs = DecodeGraphs(model, [cache], scratch_block=10, block_size=4,
-                          max_model_len=16, sizes=(2, 4, 8), capture=False)
+    graphs = _stand_in_graphs()
     seen = []
     graphs._forward = lambda size, batch: seen.append(
         (size, graphs.input_ids[:size].clone(), graphs.slot_mapping[:size].clone(),
          graphs.seq_lens[:size].clone(), graphs.block_tables[:size].clone())
     ) or torch.zeros(size, 5)
     for num in (7, 3, 8, 1, 5):
-        tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
-        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
-                             block_tables=tables, seq_lens=torch.full((num,), 7),
-                             query_lens=[1] * num, num_decodes=num)
+        batch, tables = _decode_rows(num)
         assert graphs.run(torch.arange(1, num + 1), batch).shape == (num, 5)
         size, ids, slots, lens, table = seen[-1]
         assert size == graphs.padded_size(num) == next(s for s in (2, 4, 8) if s >= num)
@@ -266,30 +278,19 @@ def test_padding_rows_point_at_the_scratch_state_slot():
     rows past a step's sequences carry the scratch state slot and position 0 (fresh: they
     read no state), the real rows their own slots, from the batch's device copy or, without
     one, its host list; a scratch slot is required exactly for a hybrid model."""
-    from types import SimpleNamespace
-
-    from models.batch import ForwardBatch
-
-    cache = torch.zeros(11, 4, 3)
-    cfg = dict(num_layers=1, is_moe_layer=bool, vocab_size=5, top_k=2)
-    hybrid = SimpleNamespace(cfg=SimpleNamespace(linear_attn=object(), **cfg))
-    for model, scratch in ((hybrid, None), (SimpleNamespace(cfg=SimpleNamespace(**cfg)), 9)):
+    hybrid = {"linear_attn": object()}
+    for cfg_fields, scratch in ((hybrid, None), (None, 9)):
         with pytest.raises(ValueError, match="scratch_state_slot"):
-            DecodeGraphs(model, [cache], scratch_block=10, block_size=4, max_model_len=16,
-                         sizes=(2,), capture=False, scratch_state_slot=scratch)
-    graphs = DecodeGraphs(hybrid, [cache], scratch_block=10, block_size=4, max_model_len=16,
-                          sizes=(2, 4, 8), capture=False, scratch_state_slot=9)
+            _stand_in_graphs(cfg_fields, scratch_state_slot=scratch)
+    graphs = _stand_in_graphs(hybrid, scratch_state_slot=9)
     seen = []
     graphs._forward = lambda size, batch: seen.append(
         (size, batch.state_slot_ids.clone(), graphs.positions[:size].clone())
     ) or torch.zeros(size, 5)
     for num, device_copy in ((7, True), (3, True), (8, False), (1, True), (5, False)):
         slots = [(2 * i + num) % 9 for i in range(num)]
-        tables = torch.zeros(num, 2, dtype=torch.int32)
-        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=torch.full((num,), 2),
-                             block_tables=tables, seq_lens=torch.full((num,), 7),
-                             query_lens=[1] * num, num_decodes=num, state_slots=slots,
-                             state_slot_ids=torch.tensor(slots) if device_copy else None)
+        batch, _ = _decode_rows(num, state_slots=slots,
+                                state_slot_ids=torch.tensor(slots) if device_copy else None)
         graphs.run(torch.arange(1, num + 1), batch)
         size, ids, pos = seen[-1]
         assert size == graphs.padded_size(num) and ids.shape == (size,)
@@ -303,15 +304,9 @@ def test_padding_rows_point_at_the_scratch_blocks_of_both_pools(windowed):
     padding rows' window tables and slots are its null block's, whatever a larger step left
     there, and the real rows' are theirs; without one the graphs hold no window buffers. A
     step whose window tables do not match how the graphs were built is refused."""
-    from types import SimpleNamespace
-
     from models.batch import ForwardBatch
 
-    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=1, is_moe_layer=bool, vocab_size=5,
-                                                top_k=2))
-    graphs = DecodeGraphs(model, [torch.zeros(11, 4, 3)], scratch_block=10, block_size=4,
-                          max_model_len=16, sizes=(2, 4, 8), capture=False,
-                          window_null_block=6 if windowed else None)
+    graphs = _stand_in_graphs(window_null_block=6 if windowed else None)
     assert (graphs.window_block_tables is None) == (not windowed)
     seen = []
     graphs._forward = lambda size, batch: seen.append(
@@ -319,10 +314,7 @@ def test_padding_rows_point_at_the_scratch_blocks_of_both_pools(windowed):
          batch.window_slot_mapping is None or batch.window_slot_mapping.clone())
     ) or torch.zeros(size, 5)
     for num in (7, 3, 8, 1, 5):
-        tables = torch.arange(num * 2, dtype=torch.int32).view(num, 2) % 10
-        batch = ForwardBatch(positions=torch.full((num,), 6), slot_mapping=tables[:, 1] * 4 + 2,
-                             block_tables=tables, seq_lens=torch.full((num,), 7),
-                             query_lens=[1] * num, num_decodes=num)
+        batch, tables = _decode_rows(num)
         window = (tables + 1) % 6  # a window pool of 6 blocks (its null block: 6)
         window[::2, 0] = 6  # some rows' first block out of the window
         if windowed:
