@@ -71,9 +71,9 @@ def check_v4_quantization(raw: dict[str, Any]) -> str | None:
     return "fp4" if expert_dtype == "fp4" else None
 
 
-def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """E8M0 scales (float8_e8m0fnu, or their raw bytes as uint8) -> fp32 2^(byte - 127); the
-    byte 0xFF (NaN) is refused naming ``name``."""
+def e8m0_bytes(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """E8M0 scales (float8_e8m0fnu, or their raw bytes as uint8) as uint8 bytes; another dtype
+    or the byte 0xFF (NaN) is refused naming ``name``."""
     import torch
 
     raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
@@ -82,9 +82,14 @@ def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
                             f"{raw.dtype}")
     if bool((raw == 255).any()):
         raise MxFormatError(f"{name}: an E8M0 scale byte is 0xFF (NaN)")
+    return raw
+
+
+def e8m0_to_float(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """E8M0 scales (``e8m0_bytes``, checked) -> fp32 2^(byte - 127)."""
     from kernels import mxfp4
 
-    return mxfp4.e8m0_values(raw)
+    return mxfp4.e8m0_values(e8m0_bytes(scale, name))
 
 
 def _group_scales(packed: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:

@@ -573,10 +573,10 @@ def _read_mxfp4(f, name: str, stored: dict[str, str]) -> torch.Tensor:
             raise WeightLoadError(f"{stored[name]} is {tensor.dtype}, not E8M0 (uint8 or "
                                   "float8_e8m0fnu): not an MXFP4 scale, so its experts cannot "
                                   "stay in MXFP4; load with quantization='dequantize'")
-        tensor = tensor.view(torch.uint8)
-        if bool((tensor == 255).any()):
-            raise WeightLoadError(f"{stored[name]}: an E8M0 scale byte is 0xFF (NaN)")
-        return tensor
+        try:
+            return quant_mx.e8m0_bytes(tensor, stored[name])
+        except quant_mx.MxFormatError as e:
+            raise WeightLoadError(str(e)) from None
     if tensor.dtype not in (torch.int8, torch.uint8):
         raise WeightLoadError(f"{stored[name]} is {tensor.dtype}, not MXFP4 (int8/uint8 packed "
                               "e2m1 pairs): its experts cannot stay in MXFP4; load with "
