@@ -94,9 +94,10 @@ class EngineConfig:
         ``--async-scheduling``; afd.core ``EngineCore``): step N + 1 is scheduled and launched
         before step N's samples are read on the host, each sequence that samples in N counted
         as having one more token whose input id the runner takes from N's samples on the
-        device. Single-process engine only, without speculative decoding; the steps that need
-        their samples on the host before the next is built run synchronously
-        (docs/limits.md#async-scheduling). Off: every step synchronous.
+        device. The single-process engine and attention ranks (P/D decode ranks among them;
+        prefill ranks and layouts with FFN ranks step synchronously), without speculative
+        decoding; the steps that need their samples on the host before the next is built run
+        synchronously (docs/limits.md#async-scheduling). Off: every step synchronous.
     """
 
     model: str
@@ -308,13 +309,14 @@ def check_prefill_expert_parallel(enabled: bool, prefill: int, num_experts: int)
 
 
 def check_async_layout(async_scheduling: bool, prefill: int, ffn: int) -> None:
-    """Async scheduling runs in the single-process engine and on attention ranks without FFN
-    ranks; prefill ranks and the ranks of a layout with FFN ranks step synchronously."""
-    if async_scheduling and (prefill or ffn):
-        raise ValueError(f"async_scheduling=True needs prefill=0 and ffn=0 (the single-process "
-                         f"engine, or attention ranks alone), got prefill={prefill}, ffn={ffn}: "
-                         "prefill ranks and a layout with FFN ranks step synchronously "
-                         "(docs/limits.md#async-scheduling)")
+    """Async scheduling runs in the single-process engine, on attention ranks alone and on the
+    decode ranks of a P/D layout (its prefill ranks step synchronously: each parks a sequence
+    after its first token); a layout with FFN ranks steps synchronously."""
+    if async_scheduling and ffn:
+        raise ValueError(f"async_scheduling=True needs ffn=0 (the single-process engine, "
+                         f"attention ranks alone, or P/D without FFN ranks), got ffn={ffn}: "
+                         "every step of a layout with FFN ranks is a collective sized on the "
+                         "host (docs/limits.md#async-scheduling)")
 
 
 def check_window_layout(engine_cfg: EngineConfig, model_cfg: ModelConfig, prefill: int) -> None:

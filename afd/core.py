@@ -108,7 +108,8 @@ class EngineCore:
     """``prefill_only``: a prefill rank's core. A sequence that has its first token is parked
     (blocks kept, no more steps) until its KV moves to a decode rank (``release``).
 
-    ``cfg.async_scheduling`` (the single-process engine, attention ranks without FFN ranks):
+    ``cfg.async_scheduling`` (the single-process engine, attention ranks without FFN ranks,
+    P/D decode ranks among them):
     ``step`` launches step N + 1 before reading step N's samples (``execute_async``). After
     launching a step, every sequence that samples in it is advanced as if its sample were
     known: ``Scheduler.update`` counts its tokens computed and it holds ``PLACEHOLDER`` as its
@@ -156,8 +157,9 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.prefill_only = prefill_only
         if cfg.async_scheduling and (prefill_only or self.runner.collective):
-            raise ValueError("async_scheduling=True needs a layout without prefill and FFN "
-                             "ranks (prefill=0, ffn=0): their ranks step synchronously")
+            raise ValueError("async_scheduling=True on a prefill rank or a rank of a layout "
+                             "with FFN ranks: they step synchronously (workers.core_config "
+                             "turns it off on prefill ranks)")
         self.newly_parked: list[Sequence] = []
         self._ready: list[CoreOutput] = []  # async: outputs read outside a step, for the next
         self._grammars = None  # afd.structured_output.GrammarCompiler, at first use

@@ -341,7 +341,9 @@ def core_config(spec: WorkerSpec, device: torch.device,
     changes: dict = {"seed": rank_seed(cfg.seed, spec.rank)}
     if prefill:
         block = spec.prefill_block_size or cfg.block_size
-        changes.update(block_size=block,
+        # (async scheduling: the decode ranks'; a prefill rank parks each sequence after its
+        # first token, read at once)
+        changes.update(block_size=block, async_scheduling=False,
                        num_offload_blocks=cfg.num_offload_blocks * cfg.block_size // block)
         if cfg.num_kv_blocks is not None:
             changes["num_kv_blocks"] = -(-cfg.num_kv_blocks * cfg.block_size // block)

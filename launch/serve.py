@@ -156,8 +156,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          "(as vLLM)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="schedule and launch each step before the previous step's tokens are "
-                         "read on the host (vLLM's); attention ranks only: refused with "
-                         "--prefill, --ffn or --speculative-config "
+                         "read on the host (vLLM's); attention ranks, P/D decode ranks "
+                         "among them (prefill ranks step synchronously); refused with --ffn "
+                         "or --speculative-config "
                          "(docs/limits.md#async-scheduling)")
     ap.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                     help="auto: sampling defaults from the checkpoint's generation_config.json "
@@ -332,10 +333,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (one of "
                  f"{', '.join(sorted(PARSERS))})")
-    if args.async_scheduling and (args.prefill or args.ffn):
-        ap.error(f"--async-scheduling needs --prefill 0 and --ffn 0 (attention ranks alone), "
-                 f"got --prefill {args.prefill} --ffn {args.ffn}: prefill ranks and a layout "
-                 "with FFN ranks step synchronously (docs/limits.md#async-scheduling)")
+    if args.async_scheduling and args.ffn:
+        ap.error(f"--async-scheduling needs --ffn 0, got --ffn {args.ffn}: every step of a "
+                 "layout with FFN ranks is a collective sized on the host "
+                 "(docs/limits.md#async-scheduling)")
     if args.async_scheduling and args.speculative_config is not None:
         ap.error(f"--async-scheduling with --speculative-config (method "
                  f"{args.speculative_config.get('method')!r}): drafts need the previous step's "

@@ -330,13 +330,15 @@ class PDSim:
 
 def check_state_slots(where: str, core, receiving=()) -> None:
     """A hybrid model's state slots on one rank: each free, or held by one live sequence
-    (running, or parked on a prefill rank) or one receive; a running sequence holds one, a
-    waiting (preempted) one none."""
+    (running, or parked on a prefill rank), one receive or (async scheduling) one sequence
+    retired while the step in flight computes it; a running sequence holds one, a waiting
+    (preempted) one none."""
     free = core.scheduler.free_state_slots
     if free is None:
         return
-    held = ([s.state_slot for s in core.seqs.values() if s.state_slot is not None]
-            + [r.state_slot for r in receiving])
+    retired = core._inflight.release if core._inflight is not None else ()
+    held = [s.state_slot for s in (*core.seqs.values(), *retired) if s.state_slot is not None]
+    held += [r.state_slot for r in receiving]
     assert sorted(held + free) == list(range(core.cfg.max_num_seqs)), (
         f"{where}: state slots held {sorted(held)}, free {sorted(free)}")
     assert all(s.state_slot is not None for s in core.scheduler.running), where
@@ -486,15 +488,15 @@ LAYOUTS = [Layout(1, 1, 0), Layout(2, 1, 0), Layout(1, 2, 0), Layout(0, 2, 0)]
 def run_pd_case(seed: int, folder: str, mtp_ok: bool = True, check_kv: bool = True,
                 async_scheduling: bool | None = False) -> CaseReport:
     """One fuzz case (``fuzz_engine.run_on``) on a PDSim layout drawn from the seed.
-    ``async_scheduling``: as ``run_case``'s, for a layout of attention ranks alone (True on
-    another layout: ValueError)."""
+    ``async_scheduling``: as ``run_case``'s (the attention ranks'; prefill ranks step
+    synchronously)."""
     rng = random.Random(seed)
     draw = draw_engine(rng, mtp_ok)
     if load_config(folder).linear_attn is not None:  # (its own draw, as run_case's)
         draw_hybrid(random.Random(seed + 2), draw)
     layout = rng.choice(LAYOUTS)
     if async_scheduling is None:
-        async_scheduling = (not layout.prefill and draw.speculative is None
+        async_scheduling = (not layout.ffn and draw.speculative is None
                             and random.Random(seed + 2).random() < 1 / 3)
     if async_scheduling:
         check_async_layout(True, layout.prefill, layout.ffn)

@@ -208,14 +208,14 @@ def test_refused_where_unsupported():
         LLM(async_scheduling=True, speculative_config={"method": "ngram",
                                                        "num_speculative_tokens": 2,
                                                        "prompt_lookup_max": 3})
-    for layout in (dict(ffn=1), dict(prefill=1), dict(attention=2, ffn=1)):
-        with pytest.raises(ValueError, match="async_scheduling=True needs prefill=0 and ffn=0"):
+    for layout in (dict(ffn=1), dict(prefill=1, ffn=1), dict(attention=2, ffn=1)):
+        with pytest.raises(ValueError, match="async_scheduling=True needs ffn=0 .*got ffn=1"):
             LLM(async_scheduling=True, **layout)
 
 
 def test_cli_flags(capsys):
     """``python -m afd --async-scheduling`` generates; ``afd serve --async-scheduling`` is
-    taken with attention ranks alone, refused by name with prefill or FFN ranks."""
+    taken with attention ranks alone and with prefill ranks, refused by name with FFN ranks."""
     from afd.__main__ import main
 
     main(["--async-scheduling", "--max-tokens", "3", "Hello"])
@@ -223,10 +223,11 @@ def test_cli_flags(capsys):
     from launch import serve
 
     assert serve.parse_args(["--async-scheduling", "--attention", "2"]).async_scheduling
-    for layout in (["--ffn", "1"], ["--prefill", "1"]):
+    assert serve.parse_args(["--async-scheduling", "--prefill", "1"]).async_scheduling
+    for layout in (["--ffn", "1"], ["--prefill", "1", "--ffn", "1"]):
         with pytest.raises(SystemExit):
             serve.parse_args(["--async-scheduling", *layout])
-        assert "--async-scheduling needs --prefill 0 and --ffn 0" in capsys.readouterr().err
+        assert "--async-scheduling needs --ffn 0, got --ffn 1" in capsys.readouterr().err
 
 
 def test_attention_ranks_match_sync(pair):
@@ -236,6 +237,28 @@ def test_attention_ranks_match_sync(pair):
     stop = stop_ids_for(sync)
     want = drive(sync, mixed(stop))
     llm = make(True, attention=2, timeout_s=60)
+    try:
+        assert drive(llm, mixed(stop)) == want
+        g = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        arrivals = [(0, f"r{i}", p, g) for i, p in enumerate(PROMPTS[:5])]
+        full = drive(sync, arrivals)
+        got = drive(llm, arrivals, {4: ["r1"], 6: ["r3"]})
+        for rid in ("r0", "r2", "r4"):
+            assert got[rid] == full[rid]
+        stats = llm.engine.core.stats()
+        assert all(s.num_free_blocks == llm.engine.engine_cfg.num_kv_blocks for s in stats)
+    finally:
+        llm.shutdown()
+
+
+def test_pd_decode_ranks_match_sync(pair):
+    """P/D (one prefill rank, two decode ranks; rank processes): the decode ranks step
+    asynchronously, the prefill rank synchronously; the single-process engine's greedy and
+    seeded tokens, aborts included, and every decode rank's pool full again after."""
+    sync, _ = pair
+    stop = stop_ids_for(sync)
+    want = drive(sync, mixed(stop))
+    llm = make(True, prefill=1, attention=2, timeout_s=60)
     try:
         assert drive(llm, mixed(stop)) == want
         g = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

@@ -20,6 +20,7 @@ import torch
 
 from afd import protocol
 from afd.block_pool import BlockPool, CacheEvents
+from afd.core import EngineCore
 from afd.kv_offload import HostKVTier
 from afd.rank_attention import AttentionWorker
 from afd.scheduler import Scheduler
@@ -137,12 +138,39 @@ def test_multi_rank_hybrid(hybrid, seed):
     assert run_pd_case(seed, hybrid, mtp_ok=False).compared
 
 
-@pytest.mark.parametrize("seed", [0, 14])
-def test_multi_rank_async(v3, seed):
+@pytest.mark.parametrize("seed", [2, 9])
+def test_multi_rank_hybrid_async(hybrid, seed):
+    """Qwen3-Next with async scheduling: 2, on the decode rank of 2P+1A (preemption, failed
+    transfers); 9, two attention ranks (a state slot held by a sequence retired while the
+    step in flight computes it counts as held: fuzz_pd.check_state_slots)."""
+    report = run_pd_case(seed, hybrid, mtp_ok=False, async_scheduling=True)
+    assert report.compared and "async_scheduling" in report.engine
+
+
+@pytest.mark.parametrize("seed", [0, 14, 2, 16])
+def test_multi_rank_async(v3, seed, monkeypatch):
     """Async scheduling on two attention ranks (no prefill or FFN ranks): 0, preemption and
-    aborts queued and mid-prefill; 14, preemption, an abort after finishing."""
+    aborts queued and mid-prefill; 14, preemption, an abort after finishing. On the decode
+    ranks of P/D layouts (prefill ranks step synchronously): 2 (2P+1A), preemption on the
+    decode rank, aborts, failed transfers, prefix cache resets; 16 (1P+2A, prefill blocks of
+    4), the same."""
+    launches, cores = [], {}  # (a prefill rank's core?, launched with a step in flight?)
+    launch = EngineCore._launch
+
+    def spy(core, plan, prev):
+        launches.append((core.prefill_only, prev is not None))
+        cores[id(core)] = core
+        return launch(core, plan, prev)
+
+    monkeypatch.setattr(EngineCore, "_launch", spy)
     report = run_pd_case(seed, v3, async_scheduling=True)
     assert report.compared and "async_scheduling" in report.engine
+    assert not any(prefill for prefill, _ in launches)
+    assert any(overlapped for _, overlapped in launches)
+    if seed in (2, 16):
+        assert "prefill=0" not in report.engine and report.transfer_failures
+        assert report.aborted
+        assert any(core.scheduler.num_preemptions for core in cores.values())
 
 
 def test_scheduler_sim():
