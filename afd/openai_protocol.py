@@ -53,7 +53,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     "logits_processors": ([],),
     # vLLM's structured-output extensions afd has no counterpart for (its structured_outputs
     # refuses them by name too)
-    "structural_tag": (), "guided_whitespace_pattern": (),
+    "guided_whitespace_pattern": (),
     "thinking_token_budget": (),  # vLLM's cap on the reasoning (docs/limits.md)
     # vLLM's external prefill/decode connector's parameters and its custom logits processors'
     # arguments: afd has neither (its own P/D transfer is internal, afd/kv_transfer.py)
@@ -174,6 +174,7 @@ class _SamplingFields(BoundedBody):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structural_tag: str | None = None  # vLLM's older field: the JSON text of one
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
 
@@ -194,15 +195,19 @@ class _SamplingFields(BoundedBody):
                     raise APIError(400, "response_format.json_schema.schema must be a JSON "
                                    "schema object", param="response_format")
                 found.append(("response_format", {"json": spec["schema"]}))
+            elif kind == "structural_tag":  # vLLM's: {"type", "structures", "triggers"}
+                found.append(("response_format", {"structural_tag": fmt}))
             elif kind != "text":
-                raise APIError(400, "response_format.type must be 'text', 'json_object' or "
-                               f"'json_schema', got {kind!r}", param="response_format")
+                raise APIError(400, "response_format.type must be 'text', 'json_object', "
+                               f"'json_schema' or 'structural_tag', got {kind!r}",
+                               param="response_format")
         if self.structured_outputs is not None:
             # vLLM clients may send every field, the unused ones as null
             found.append(("structured_outputs", {k: v for k, v in self.structured_outputs.items()
                                                  if v is not None}))
         for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
-                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar"),
+                          ("structural_tag", "structural_tag")):
             value = getattr(self, name)
             if value is not None:
                 found.append((name, {key: value}))

@@ -80,7 +80,58 @@ def check_token_ids(prompt_token_ids: Sequence[int], params: SamplingParams, voc
                              f"[0, {vocab})")
 
 
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def structural_tags(value: dict | str) -> list[tuple[str, str, dict, str]]:
+    """A ``structural_tag`` constraint (vLLM's and xgrammar's ``{"structures": [{"begin",
+    "schema", "end"}, ...], "triggers": [...]}``, or its JSON text) as (trigger, begin, schema,
+    end) per structure, each structure's trigger the first of ``triggers`` its ``begin``
+    starts with. ParamError("structured_outputs") naming the part that is wrong."""
+    def bad(message: str) -> ParamError:
+        return ParamError("structured_outputs", f"structured_outputs.structural_tag{message}")
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise bad(f" is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise bad(f" nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if not isinstance(value, dict):
+        raise bad(f" must be an object, got {value!r:.80}")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise bad(f" nests deeper than {MAX_JSON_DEPTH} levels")
+    if "format" in value:
+        raise bad(": xgrammar's newer form ({\"format\": ...}) is not supported; send "
+                  "{\"structures\": [{\"begin\", \"schema\", \"end\"}], \"triggers\": [...]}")
+    extra = sorted(set(value) - {"type", "structures", "triggers"})
+    if extra:
+        raise bad(f" has unknown fields {extra}: it takes structures and triggers")
+    triggers, structures = value.get("triggers"), value.get("structures")
+    if not isinstance(triggers, list) or not triggers or not all(
+            isinstance(t, str) and t for t in triggers):
+        raise bad(f".triggers must be a non-empty list of non-empty strings, got "
+                  f"{triggers!r:.80}")
+    if not isinstance(structures, list) or not structures:
+        raise bad(f".structures must be a non-empty list, got {structures!r:.80}")
+    tags = []
+    for i, item in enumerate(structures):
+        where = f".structures[{i}]"
+        if not isinstance(item, dict) or set(item) - {"begin", "schema", "end"}:
+            raise bad(f"{where} must be an object of begin, schema and end, got {item!r:.80}")
+        begin, schema, end = item.get("begin"), item.get("schema"), item.get("end")
+        if not isinstance(begin, str) or not isinstance(end, str):
+            raise bad(f"{where}.begin and .end must be strings, got {begin!r:.40} and "
+                      f"{end!r:.40}")
+        if not isinstance(schema, dict):
+            raise bad(f"{where}.schema must be a JSON schema (an object), got {schema!r:.80}")
+        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        if trigger is None:
+            raise bad(f"{where}.begin {begin!r:.40} starts with none of the triggers "
+                      f"{triggers!r:.80}")
+        tags.append((trigger, begin, schema, end))
+    return tags
 
 
 def json_depth(value: Any) -> int:
@@ -109,8 +160,13 @@ class StructuredOutputsParams:
     json: a JSON schema (a dict, or its JSON text). regex: a regular expression the whole output
     matches (Rust ``regex`` syntax). choice: the output is one of these strings. grammar: a
     context-free grammar, in Lark syntax (llguidance's) or GBNF/EBNF (llama.cpp's and
-    xgrammar's; converted). json_object: True: any JSON object.
-    disable_any_whitespace: JSON without free whitespace between tokens (json, json_object).
+    xgrammar's; converted). json_object: True: any JSON object. structural_tag: free text in
+    which each trigger starts a tagged part (vLLM's: ``{"structures": [{"begin": "<f=x>",
+    "schema": {...}, "end": "</f>"}], "triggers": ["<f="]}``, or its JSON text): once the
+    output reaches a trigger, it must go on with a structure's ``begin``, JSON matching its
+    ``schema``, and its ``end``, then is free again (``structural_tags``).
+    disable_any_whitespace: JSON without free whitespace between tokens (json, json_object,
+    structural_tag's schemas).
     """
 
     json: dict | str | None = None
@@ -118,6 +174,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: dict | str | None = None
     disable_any_whitespace: bool = False
 
     def validate(self) -> None:
@@ -153,6 +210,8 @@ class StructuredOutputsParams:
                                                    for c in self.choice)):
             raise bad(f"choice must be a non-empty list of non-empty strings, got "
                       f"{self.choice!r:.80}")
+        if self.structural_tag is not None:
+            structural_tags(self.structural_tag)
         if self.json_object is not None and self.json_object is not True:
             raise bad(f"json_object must be true when set, got {self.json_object!r}")
         if not isinstance(self.disable_any_whitespace, bool):

@@ -1,9 +1,9 @@
 """Structured output (guided decoding) through llguidance.
 
-A request's constraint (``StructuredOutputsParams``: JSON schema, regex, choice, grammar or any
-JSON object) becomes an llguidance grammar; each sequence that has one owns a matcher
-(``GrammarState``) that says which tokens may come next (a bitmask the sampler applies to the
-logits) and advances with every token the sequence takes.
+A request's constraint (``StructuredOutputsParams``: JSON schema, regex, choice, grammar, any
+JSON object or structural tags) becomes an llguidance grammar; each sequence that has one owns
+a matcher (``GrammarState``) that says which tokens may come next (a bitmask the sampler
+applies to the logits) and advances with every token the sequence takes.
 
 Who does what. The front end only checks a constraint (``check``: a ParamError naming
 ``structured_outputs``, so a bad schema is a 400, not a rank's problem); it builds no matcher.
@@ -29,7 +29,8 @@ from functools import lru_cache
 import llguidance
 import torch
 
-from afd.sampling_params import _CONSTRAINTS, ParamError, StructuredOutputsParams
+from afd.sampling_params import (_CONSTRAINTS, ParamError, StructuredOutputsParams,
+                                 structural_tags)
 
 log = logging.getLogger("afd.structured_output")
 
@@ -53,6 +54,13 @@ def grammar_source(so: StructuredOutputsParams) -> str:
             return llguidance.LLMatcher.grammar_from_regex(so.regex)
         if so.choice is not None:
             return llguidance.grammar_from("choice", so.choice)
+        if so.structural_tag is not None:
+            # each tag's JSON under the request's whitespace rule, unless its schema sets one
+            flexible = {"whitespace_flexible": not so.disable_any_whitespace}
+            return llguidance.StructTag.to_grammar([
+                llguidance.StructTag(trigger=trigger, begin=begin, end=end,
+                                     grammar={"x-guidance": flexible, **schema})
+                for trigger, begin, schema, end in structural_tags(so.structural_tag)])
         # Lark as is; GBNF/EBNF (xgrammar's and llama.cpp's syntax) converted to Lark
         return llguidance.grammar_from("grammar", so.grammar)
     except (ValueError, TypeError) as exc:

@@ -265,6 +265,11 @@ def test_params_cross_msgpack_as_plain_data():
                        reasoning_end_token_ids=[5])
     wire = msgpack.unpackb(msgpack.packb(p.to_dict()), strict_map_key=False)
     assert SamplingParams.from_dict(wire) == p
+    tag = {"structures": [{"begin": "<f=a>", "schema": SCHEMA, "end": "</f>"}],
+           "triggers": ["<f="]}
+    p = SamplingParams(structured_outputs=SO(structural_tag=tag))
+    wire = msgpack.unpackb(msgpack.packb(p.to_dict()), strict_map_key=False)
+    assert SamplingParams.from_dict(wire) == p
 
 
 def _chat(app, **body):
@@ -357,3 +362,132 @@ def test_bad_words_ban_a_last_token_only_after_the_rest_of_its_word():
     assert torch.equal(logits, torch.zeros(2, 10))
     assert torch.isinf(out[0]).nonzero().flatten().tolist() == [5, 8]
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [4, 8]
+
+
+TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+
+
+def tagged_parts(text: str, trigger: str) -> list[dict]:
+    """Every part of ``text`` a structural tag ``trigger + "(" JSON ")"`` made, parsed and
+    checked against TAG_SCHEMA (AssertionError where one breaks it; a last one cut by the
+    token limit is left out)."""
+    parts, at = [], text.find(trigger)
+    while at >= 0:
+        rest = at + len(trigger)
+        if rest == len(text):
+            break  # cut right after the trigger
+        assert text[rest] == "(", (text, rest)
+        try:
+            value, end = json.JSONDecoder().raw_decode(text, rest + 1)
+        except ValueError:
+            assert len(text) - rest < 40, (text, rest)  # only a cut at the end
+            break
+        jsonschema.validate(value, TAG_SCHEMA)
+        if end < len(text):
+            assert text[end] == ")", (text, end)
+        parts.append(value)
+        at = text.find(trigger, end)
+    return parts
+
+
+def free_trigger(llm, prompt: str) -> tuple[str, str]:
+    """(the greedy free text, a trigger it reaches: the text of its first token of three or
+    more letters after the first token), so that a structural tag on it must fire."""
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    tok = llm.engine.tokenizer
+    for t in free.token_ids[1:]:
+        piece = tok.decode([t])
+        if len(piece) >= 3 and piece.isalpha():
+            return free.text, piece
+    raise AssertionError(f"no usable trigger in {free.text!r}")
+
+
+def test_structural_tag_constrains_after_its_trigger(llm):
+    """vLLM's structural tags: free text until the trigger (the same greedy tokens as without
+    the tag), then begin + JSON matching the schema + end, every time the trigger comes;
+    given as a dict or its JSON text, the same tokens."""
+    text, trigger = free_trigger(llm, PROMPTS[0])
+    tag = {"structures": [{"begin": trigger + "(", "schema": TAG_SCHEMA, "end": ")"}],
+           "triggers": [trigger]}
+    outs = llm.generate([PROMPTS[0]] * 3, [
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+                       structured_outputs=SO(structural_tag=tag, disable_any_whitespace=True)),
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+                       structured_outputs=SO(structural_tag=json.dumps(tag),
+                                             disable_any_whitespace=True)),
+        SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=60, ignore_eos=True,
+                       structured_outputs=SO(structural_tag=tag, disable_any_whitespace=True))],
+        use_tqdm=False)
+    greedy = outs[0].outputs[0]
+    first = text.index(trigger) + len(trigger)
+    assert greedy.text[:first] == text[:first]  # free before the trigger
+    assert greedy.text != text and tagged_parts(greedy.text, trigger)  # the tag fired
+    assert outs[1].outputs[0].token_ids == greedy.token_ids
+    for c in outs[2].outputs:  # sampled: wherever the trigger comes, the structure follows
+        tagged_parts(c.text, trigger)
+
+
+@pytest.mark.parametrize("tag, says", [
+    ({"structures": [{"begin": "x(", "schema": TAG_SCHEMA, "end": ")"}], "triggers": []},
+     "structural_tag.triggers must be a non-empty list"),
+    ({"structures": [{"begin": "x(", "schema": TAG_SCHEMA, "end": ")"}], "triggers": ["y"]},
+     "structural_tag.structures[0].begin 'x(' starts with none of the triggers"),
+    ({"structures": [{"begin": "x(", "schema": "int", "end": ")"}], "triggers": ["x"]},
+     "structural_tag.structures[0].schema must be a JSON schema"),
+    ({"structures": [], "triggers": ["x"]}, "structural_tag.structures must be a non-empty"),
+    ({"structures": [{"begin": "x(", "schema": {}, "end": ")", "more": 1}], "triggers": ["x"]},
+     "structural_tag.structures[0] must be an object of begin, schema and end"),
+    ({"type": "structural_tag", "format": {"type": "triggered_tags"}},
+     "xgrammar's newer form"),
+    ('{"structures": [', "structural_tag is not valid JSON"),
+    ({"structures": [{"begin": "x(", "schema": {"type": "foo"}, "end": ")"}],
+      "triggers": ["x"]}, "structural_tag is invalid"),
+])
+def test_bad_structural_tags_are_refused_by_field(llm, tag, says):
+    with pytest.raises(ParamError) as err:
+        llm.generate(PROMPTS[0], SamplingParams(structured_outputs=SO(structural_tag=tag)),
+                     use_tqdm=False)
+    assert err.value.param == "structured_outputs" and says in str(err.value), err.value
+
+
+def test_server_structural_tag():
+    """response_format {"type": "structural_tag", ...} and vLLM's older top-level
+    structural_tag (JSON text): the engine's tokens; a bad one a 400 naming the field."""
+    from afd.api_server import ServerState, build_app
+    from afd.async_engine import AsyncEngine
+    from afd.metrics import ServerMetrics
+
+    llm = LLM()
+    engine = AsyncEngine(llm.engine)
+    try:
+        app = build_app(ServerState(engine, "m", None, ServerMetrics("m")))
+        free = _chat(app, max_tokens=12, temperature=0).choices[0].message.content
+        tok = llm.engine.tokenizer
+        trigger = next(p for p in (tok.decode([t]) for t in tok.encode(free)[1:])
+                       if len(p) >= 3 and p.isalpha())
+        # (compact JSON by the schema's own llguidance option: no field of these bodies
+        # turns free whitespace off, and the random model spends its tokens on it)
+        schema = {**TAG_SCHEMA, "x-guidance": {"whitespace_flexible": False}}
+        tag = {"structures": [{"begin": trigger + "(", "schema": schema, "end": ")"}],
+               "triggers": [trigger]}
+        texts = []
+        for body in ({"response_format": {"type": "structural_tag", **tag}},
+                     {"extra_body": {"structural_tag": json.dumps(tag)}}):
+            r = _chat(app, max_tokens=60, temperature=0, **body)
+            texts.append(r.choices[0].message.content)
+            assert tagged_parts(texts[-1], trigger), texts[-1]
+        assert texts[0] == texts[1]
+        for body, param in (
+                ({"response_format": {"type": "structural_tag", "structures": [],
+                                      "triggers": ["x"]}}, "response_format"),
+                ({"extra_body": {"structural_tag": "{"}}, "structural_tag"),
+                ({"response_format": {"type": "json_object"},
+                  "extra_body": {"structural_tag": json.dumps(tag)}}, "structural_tag")):
+            with pytest.raises(openai.BadRequestError) as err:
+                _chat(app, max_tokens=4, **body)
+            assert err.value.status_code == 400 and err.value.body["param"] == param, err.value
+    finally:
+        engine.shutdown()
