@@ -138,10 +138,10 @@ def test_multi_rank_hybrid(hybrid, seed):
     assert run_pd_case(seed, hybrid, mtp_ok=False).compared
 
 
-@pytest.mark.parametrize("seed", [2, 9])
+@pytest.mark.parametrize("seed", [2, 3])
 def test_multi_rank_hybrid_async(hybrid, seed):
     """Qwen3-Next with async scheduling: 2, on the decode rank of 2P+1A (preemption, failed
-    transfers); 9, two attention ranks (a state slot held by a sequence retired while the
+    transfers); 3, two attention ranks (a state slot held by a sequence retired while the
     step in flight computes it counts as held: fuzz_pd.check_state_slots)."""
     report = run_pd_case(seed, hybrid, mtp_ok=False, async_scheduling=True)
     assert report.compared and "async_scheduling" in report.engine
