@@ -49,7 +49,7 @@ from kernels.fp8 import FP8_DTYPE, check_block_shape, dequantize_blocks, quant_d
 MXFP4_DTYPE = torch.uint8  # packed MXFP4 expert weights (module docstring)
 
 
-def _check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[int, int]:
+def check_weights(w13: torch.Tensor, w2: torch.Tensor, hidden: int) -> tuple[int, int]:
     """(E, I) of experts for inputs ``hidden`` wide: w13 [E, 2I, H], w2 [E, H, I] (MXFP4's
     packed uint8: [E, 2I, H/2], [E, H, I/2]); ValueError naming the shapes otherwise."""
     if w13.dim() != 3 or w2.dim() != 3:
@@ -232,7 +232,7 @@ def fused_moe_torch(
 ) -> torch.Tensor:
     """Reference: (token, slot) pairs sorted by expert, one matmul pair per expert with tokens."""
     num_tokens, hidden = hidden_states.shape
-    num_experts, _ = _check_weights(w13, w2, hidden)
+    num_experts, _ = check_weights(w13, w2, hidden)
     ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit, swiglu_alpha,
                      w13_bias, w2_bias)
     top_k = topk_ids.shape[1]
@@ -281,7 +281,7 @@ def grouped_moe_torch(
     Returns the same layout as x; padding rows of slabs are zero.
     """
     hidden = x.shape[-1]
-    num_experts, _ = _check_weights(w13, w2, hidden)
+    num_experts, _ = check_weights(w13, w2, hidden)
     ffn = _expert_fn(w13, w2, w13_scale, w2_scale, block_shape, swiglu_limit, swiglu_alpha,
                      w13_bias, w2_bias)
     counts = expert_counts.tolist()

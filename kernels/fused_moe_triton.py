@@ -46,7 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.fp8 import FP8_DTYPE, BlockScales
 from kernels.fp8_triton import per_token_group_quant_triton
-from kernels.fused_moe import MXFP4_DTYPE, check_biases, is_mxfp4
+from kernels.fused_moe import MXFP4_DTYPE, check_biases, check_weights, is_mxfp4
 from kernels.fused_moe_config import GemmTile, MoEConfig, MoEFeatures, select_moe_config
 from kernels.moe_align_triton import align_by_expert, inline_route_fits
 from kernels.moe_gemm_triton import (
@@ -183,17 +183,18 @@ def _with_pdl(where: str, pdl: bool, fn) -> None:
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
            quantized: bool) -> tuple[int, int, int]:
-    """(E, H, I); ``quantized``: FP8 or MXFP4 weights (checked by the caller)."""
+    """(E, H, I); ``quantized``: FP8 or MXFP4 weights (checked by the caller). The shapes of
+    w13, w2 and x's rows are checked as the torch route checks them (``check_weights``): the
+    kernels index w2 and x with w13's sizes, so a mismatch would read past their ends."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"triton fused_moe supports fp32/bf16/fp16 activations, got {x.dtype}")
     if not quantized and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"weights must have the activations' dtype {x.dtype}, got w13 "
                          f"{w13.dtype}, w2 {w2.dtype}; cast them once at load time")
-    num_experts, two_i, hidden = w13.shape
+    num_experts, inter = check_weights(w13, w2, x.shape[-1])
     if w13.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("w13 and w2 need unit stride along their last dim; call .contiguous()")
-    per_byte = 2 if w13.dtype == MXFP4_DTYPE else 1  # MXFP4: two values a byte
-    return num_experts, hidden * per_byte, two_i // 2
+    return num_experts, x.shape[-1], inter
 
 
 def _epilogues(w13: torch.Tensor, w2: torch.Tensor, swiglu_limit: float | None,
@@ -453,8 +454,6 @@ def grouped_moe_triton(
     if expert_counts.numel() != num_experts:
         raise ValueError(f"expert_counts has {expert_counts.numel()} entries for {num_experts} "
                          "experts")
-    if x.shape[-1] != hidden:
-        raise ValueError(f"x has hidden size {x.shape[-1]}, weights expect {hidden}")
     if x.dim() == 3:
         if x.shape[0] != num_experts:
             raise ValueError(f"slab input has {x.shape[0]} slabs for {num_experts} experts")

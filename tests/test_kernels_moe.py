@@ -705,6 +705,32 @@ def test_fp8_entries_check_their_arguments() -> None:
         fused_moe(x, w13, w2, weights, ids, **scales)
 
 
+@pytest.mark.parametrize("mx", [False, True])
+def test_triton_entries_check_the_weight_shapes(mx: bool) -> None:
+    # The kernels size every GEMM from w13 and read w2 and x with those sizes: a w2 one scale
+    # group narrower, or x rows of another width, once ran (reading past their ends on a GPU;
+    # garbage in the interpreter). Both entries refuse them before any launch, as the torch
+    # route does.
+    from kernels.fused_moe_triton import fused_moe_triton, grouped_moe_triton
+
+    num_experts, hidden, inter = 2, 64, 64
+    if mx:
+        w = mxfp4_weights(num_experts, hidden, inter, "cpu")
+        w13, w2 = w["w13"], w["w2"]
+        scales = {"w13_scale": w["w13_scale"], "w2_scale": w["w2_scale"]}
+    else:
+        w13, w2 = moe_weights(num_experts, hidden, inter, torch.float32)
+        scales = {}
+    x, ids, weights = torch.randn(3, hidden), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    counts = torch.tensor([3, 0])
+    narrow = w2[..., :-16].contiguous()  # one scale group (MXFP4: 16 bytes) short
+    for bad_w2, bad_x in ((narrow, x), (w2, torch.randn(3, hidden - 32))):
+        with pytest.raises(ValueError, match="weight shapes do not match"):
+            fused_moe_triton(bad_x, w13, bad_w2, weights, ids, **scales)
+        with pytest.raises(ValueError, match="weight shapes do not match"):
+            grouped_moe_triton(bad_x, counts, w13, bad_w2, **scales)
+
+
 def test_mxfp4_tiles_run_plain_in_whole_scale_groups() -> None:
     # MXFP4 K steps never split a scale group (32 values) and its tiles run plain, whatever
     # the table row or activation dtype; a caller's tile that would split one is refused
