@@ -67,8 +67,9 @@ from kernels.mxfp4 import MX_GROUP
 from kernels.triton_utils import INTERPRETING
 
 # A table tile that does not fit a smaller GPU's shared memory is retried with fewer stages, then
-# a smaller block_k; what worked is remembered per (tile, dtype, features) so the failure costs
-# one compile.
+# a smaller block_k; what worked is remembered per (tile, weight and activation dtypes, features)
+# so the failure costs one compile (MXFP4's uint8 weights run with fp32 or 16-bit activations,
+# whose tiles need different shared memory).
 _working_tile: dict[tuple, GemmTile] = {}
 # Features ("pdl", "tma", "inline") that failed on this GPU / Triton build: not tried again.
 _disabled: set[str] = set()
@@ -156,8 +157,8 @@ def _launch(which: str, tile: GemmTile, dtype: torch.dtype, feats: MoEFeatures, 
     tma, pdl = feats.tma, feats.pdl
     while True:
         try:
-            _launch_tile((which, tile, dtype, tma, pdl), tile, launch, a, w, out, groups, *args,
-                         **kwargs, tma=tma, pdl=pdl)
+            _launch_tile((which, tile, dtype, a.dtype, tma, pdl), tile, launch, a, w, out,
+                         groups, *args, **kwargs, tma=tma, pdl=pdl)
             return
         except Exception as exc:  # a new path failing must not fail the call
             if not (ladder and (tile.ws or tma or pdl)):

@@ -632,6 +632,39 @@ def test_fallback_ladder_blames_ws_only_where_it_applies(monkeypatch: pytest.Mon
         assert backend._disabled == {"tma"}
 
 
+def test_mxfp4_tile_fallbacks_are_kept_per_activation_dtype(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tile that fits shared memory with bf16 activations may not with fp32 ones (MXFP4's
+    # weights are uint8 either way): what worked for bf16 once served fp32 calls too, whose
+    # OutOfResources then escaped instead of taking the next fallback (fewer stages).
+    from triton.runtime.errors import OutOfResources
+
+    import kernels.fused_moe_triton as backend
+    from kernels.fused_moe_config import GemmTile, MoEConfig
+
+    monkeypatch.setattr(backend, "_working_tile", {})
+    launched = []
+
+    def launch(a, w, out, groups, *args, tile, tma, pdl, **kwargs):
+        launched.append((a.dtype, tile.num_stages))
+        if a.dtype == torch.float32 and tile.num_stages > 2:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(backend, "launch_w13", launch)
+    monkeypatch.setattr(backend, "launch_w2", launch)
+    tile = GemmTile(32, 32, 64, num_warps=4, num_stages=3, group_m=2)
+    mx = mxfp4_weights(2, 64, 32, "cpu")
+    for dtype in (torch.bfloat16, torch.float32):
+        launched.clear()
+        backend.grouped_moe_triton(torch.zeros(3, 64, dtype=dtype), torch.tensor([1, 2]),
+                                   mx["w13"], mx["w2"], config=MoEConfig(tile, tile),
+                                   w13_scale=mx["w13_scale"], w2_scale=mx["w2_scale"])
+        if dtype == torch.bfloat16:
+            assert launched == [(dtype, 3), (dtype, 3)]
+        else:  # each GEMM: the 3-stage tile fails, the 2-stage one runs
+            assert launched == [(dtype, 3), (dtype, 2), (dtype, 3), (dtype, 2)]
+
+
 def test_large_ws_tiles_run_plain() -> None:
     # A 128-row ws tile hung an H100 (moe_gemm_triton.WS_MAX_BLOCK_M); only 64-row ones
     # warp-specialize, and the tiles the benchmark times keep to that.
