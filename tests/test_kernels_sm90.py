@@ -370,6 +370,20 @@ def test_moe_mxfp4_tiles_fit_hopper(limit: float, gemm: str, route: str, gpt_oss
     check_gemm(compiled, tma=False)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_mxfp4_tile_keeps_subnormals(dtype: str) -> None:
+    # E8M0 bytes 0 and 1 give fp32 (and bf16) subnormal weights, which the torch decoder keeps:
+    # the dequantizing multiply and the cast to the activation dtype must not flush them
+    # (no .ftz), which the interpreter (tests/test_mxfp4_moe.py) cannot show.
+    from test_mxfp4_moe import mx_tile_kernel
+
+    compiled = compile_sm90(mx_tile_kernel, {"packed_ptr": "*u8", "scale_ptr": "*u8",
+                                             "out_ptr": f"*{dtype}", "k_left": 32},
+                            {"ROWS": 64, "BLOCK_K": 64, "EVEN_K": False}, 4)
+    ptx = compiled.asm["ptx"]
+    assert "mul.f32" in ptx and ".ftz" not in ptx
+
+
 def test_fp8_quant_compiles() -> None:
     for dtype, group in (("bf16", 128), ("fp32", 128), ("bf16", 64)):
         check(compile_sm90(fp8_triton.per_token_group_quant_kernel,

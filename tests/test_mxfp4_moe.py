@@ -1,14 +1,20 @@
 """MXFP4 experts in kernels.fused_moe (kernels.mxfp4): the torch route's format, shapes and
 errors. Each expert's packed weights must give exactly what the same weights dequantized by
-an independent decoder (the e2m1 bit layout written out here) give through the plain route."""
+an independent decoder (the e2m1 bit layout written out here) give through the plain route.
+The Triton kernels' dequantized K tile (``moe_tile_triton.mx_weight_tile``) is held to the
+torch decoder bit for bit over every code and E8M0 byte, in the interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import mxfp4
 from kernels.fused_moe import fused_moe, grouped_moe
+from kernels.moe_tile_triton import mx_weight_tile
+from kernels.testing import run_in_interpreter
 
 
 def _e2m1_by_bits(nibble: int) -> float:
@@ -106,3 +112,54 @@ def test_sizes_off_the_group_are_refused():
         fused_moe(torch.zeros(1, 64), w13, w2, torch.ones(1, 1),
                   torch.zeros(1, 1, dtype=torch.long), backend="torch", w13_scale=s13,
                   w2_scale=s2)
+
+
+@triton.jit
+def mx_tile_kernel(packed_ptr, scale_ptr, out_ptr, k_left, ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """out [BLOCK_K, ROWS] = mx_weight_tile of packed [ROWS, BLOCK_K/2] and scale [ROWS,
+    BLOCK_K/32] (contiguous), as the GEMMs' K loops call it."""
+    rows = tl.arange(0, ROWS)
+    b_ptrs = packed_ptr + rows[:, None] * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
+    s_ptrs = scale_ptr + rows[:, None] * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[None, :]
+    w = mx_weight_tile(b_ptrs, s_ptrs, k_left, out_ptr.dtype.element_ty, ROWS, BLOCK_K, EVEN_K)
+    tl.store(out_ptr + tl.arange(0, BLOCK_K)[:, None] * ROWS + rows[None, :], w)
+
+
+TILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def interpreter_case(name: str, seed: int) -> dict:
+    """Entry point of the interpreter worker process: ``mx_tile_kernel`` in dtype ``name`` on
+    256 rows of two scale groups (every E8M0 byte 0..254 twice, each under 16 bytes that give
+    every low-nibble code; every byte in both nibbles over the tile), whole and with its second
+    group past k_left. Returns the elements that differ from ``mxfp4.dequantize`` bit for bit.
+    bf16 leaves out its subnormal results (E8M0 bytes 0 and 1): the interpreter's fp32 -> bf16
+    cast loses them, the GPU's (cvt.rn.bf16x2.f32, no .ftz: test_kernels_sm90) keeps them."""
+    dtype = TILE_DTYPES[name]
+    rows, block_k = 256, 64
+    packed = (torch.arange(rows * block_k // 2) % 256).to(torch.uint8).view(rows, block_k // 2)
+    scale = (torch.arange(rows * 2) % 255).to(torch.uint8).view(rows, 2)
+    want = mxfp4.dequantize(packed, scale, dtype).T  # [BK, ROWS]
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    checked = torch.ones_like(want, dtype=torch.bool)
+    if dtype == torch.bfloat16:
+        checked = (want == 0) | (want.abs() >= torch.finfo(torch.bfloat16).tiny)
+    out = {}
+    for even_k, k_left in ((True, block_k), (False, 32)):
+        got = torch.empty(block_k, rows, dtype=dtype)
+        mx_tile_kernel[(1,)](packed, scale, got, k_left, rows, block_k, even_k)
+        expect = want.clone()
+        expect[k_left:] = 0
+        differ = (got.view(bits) != expect.view(bits)) & checked
+        out[f"even_k={even_k}"] = {"differ": int(differ.sum()),
+                                   "checked": int(checked[:k_left].sum())}
+    return out
+
+
+def test_triton_tile_decodes_every_code_and_scale_byte():
+    results = run_in_interpreter(__file__, list(TILE_DTYPES), seed=0)
+    for name, result in results.items():
+        assert "error" not in result, f"{name}:\n{result['error']}"
+        for variant, counts in result.items():
+            assert counts["checked"] > 4000 and counts["differ"] == 0, (name, variant, counts)
