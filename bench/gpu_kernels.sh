@@ -33,7 +33,8 @@
 #                                        # its timeout is that budget + 40 s)
 #   MXFP4=1 bash bench/gpu_kernels.sh    # MXFP4 experts only, ~3-4 min (at most 105+205 s
 #                                        # and ~10 s of setup; timeout_s=340): the MXFP4 GPU
-#                                        # MoE tests (gpt-oss dims), then bench/kernels.py
+#                                        # MoE tests (gpt-oss dims) and the dequantized K
+#                                        # tile's bit-exact check, then bench/kernels.py
 #                                        # --mxfp4 (checks, then MXFP4 fused/grouped beside
 #                                        # bf16 on the same weights dequantized and the
 #                                        # floors, gpt-oss-120b over 4 ranks: E = 32 of 2880,
@@ -123,7 +124,7 @@ elif [ "$FP8" = 1 ]; then
   run_bench 170 "benchmark --fp8-only (writes $OUT/kernels.json)" --fp8-only --budget-s 140 \
     --rounds "$ROUNDS"
 elif [ "$MXFP4" = 1 ]; then
-  run_tests 100 "MXFP4 GPU MoE tests" -k mxfp4 tests/test_kernels_moe.py
+  run_tests 100 "MXFP4 GPU MoE tests" -k mxfp4 tests/test_kernels_moe.py tests/test_mxfp4_moe.py
   run_bench 200 "benchmark --mxfp4 (writes $OUT/kernels.json)" --mxfp4 --budget-s 160 \
     --rounds "$ROUNDS"
 elif [ "$GPT_OSS" = 1 ]; then

@@ -129,37 +129,54 @@ def mx_tile_kernel(packed_ptr, scale_ptr, out_ptr, k_left, ROWS: tl.constexpr,
 TILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def interpreter_case(name: str, seed: int) -> dict:
-    """Entry point of the interpreter worker process: ``mx_tile_kernel`` in dtype ``name`` on
-    256 rows of two scale groups (every E8M0 byte 0..254 twice, each under 16 bytes that give
-    every low-nibble code; every byte in both nibbles over the tile), whole and with its second
-    group past k_left. Returns the elements that differ from ``mxfp4.dequantize`` bit for bit.
-    bf16 leaves out its subnormal results (E8M0 bytes 0 and 1): the interpreter's fp32 -> bf16
-    cast loses them, the GPU's (cvt.rn.bf16x2.f32, no .ftz: test_kernels_sm90) keeps them."""
+def tile_case(name: str, device: str) -> dict:
+    """``mx_tile_kernel`` in dtype ``name`` on 256 rows of two scale groups (every E8M0 byte
+    0..254 twice, each under 16 bytes that give every low-nibble code; every byte in both
+    nibbles over the tile), whole and with its second group past k_left: the elements that
+    differ from ``mxfp4.dequantize`` bit for bit. In the interpreter bf16 leaves out its
+    subnormal results (E8M0 bytes 0 and 1): the interpreter's fp32 -> bf16 cast loses them, a
+    GPU's (cvt.rn.bf16x2.f32, no .ftz: test_kernels_sm90) keeps them."""
     dtype = TILE_DTYPES[name]
     rows, block_k = 256, 64
     packed = (torch.arange(rows * block_k // 2) % 256).to(torch.uint8).view(rows, block_k // 2)
     scale = (torch.arange(rows * 2) % 255).to(torch.uint8).view(rows, 2)
-    want = mxfp4.dequantize(packed, scale, dtype).T  # [BK, ROWS]
+    want = mxfp4.dequantize(packed, scale, dtype).T  # [BK, ROWS], on the host
     bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
     checked = torch.ones_like(want, dtype=torch.bool)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and device == "cpu":
         checked = (want == 0) | (want.abs() >= torch.finfo(torch.bfloat16).tiny)
     out = {}
     for even_k, k_left in ((True, block_k), (False, 32)):
-        got = torch.empty(block_k, rows, dtype=dtype)
-        mx_tile_kernel[(1,)](packed, scale, got, k_left, rows, block_k, even_k)
+        got = torch.empty(block_k, rows, dtype=dtype, device=device)
+        mx_tile_kernel[(1,)](packed.to(device), scale.to(device), got, k_left, rows, block_k,
+                             even_k)
         expect = want.clone()
         expect[k_left:] = 0
-        differ = (got.view(bits) != expect.view(bits)) & checked
+        differ = (got.cpu().view(bits) != expect.view(bits)) & checked
         out[f"even_k={even_k}"] = {"differ": int(differ.sum()),
                                    "checked": int(checked[:k_left].sum())}
     return out
 
 
+def interpreter_case(name: str, seed: int) -> dict:
+    """Entry point of the interpreter worker process (kernels.testing._run_cases)."""
+    return tile_case(name, "cpu")
+
+
+def _check_tile(name: str, result: dict) -> None:
+    assert "error" not in result, f"{name}:\n{result['error']}"
+    for variant, counts in result.items():
+        assert counts["checked"] > 4000 and counts["differ"] == 0, (name, variant, counts)
+
+
 def test_triton_tile_decodes_every_code_and_scale_byte():
-    results = run_in_interpreter(__file__, list(TILE_DTYPES), seed=0)
-    for name, result in results.items():
-        assert "error" not in result, f"{name}:\n{result['error']}"
-        for variant, counts in result.items():
-            assert counts["checked"] > 4000 and counts["differ"] == 0, (name, variant, counts)
+    for name, result in run_in_interpreter(__file__, list(TILE_DTYPES), seed=0).items():
+        _check_tile(name, result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(TILE_DTYPES))
+def test_triton_tile_decodes_every_code_and_scale_byte_gpu(name: str):
+    # compiled: bf16's subnormal weights (E8M0 bytes 0 and 1) are held to the decoder too
+    _check_tile(name, tile_case(name, "cuda"))
