@@ -164,12 +164,14 @@ def check(compiled, pipelined: bool) -> None:
 
 
 def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = False,
-              fp8: bool = False, mx: bool = False) -> dict:
+              fp8: bool = False, mx: bool = False, sizes: tuple[int, int] = (H, I)) -> dict:
     """fp8: float8 e4m3 operands (activations and weights) with their fp32 block scales
     (DeepSeek-V3's [128, 128] blocks); the outputs stay ``dtype``. mx: MXFP4 weights (packed
-    uint8 with uint8 E8M0 scales, ``mx_args``), ``dtype`` activations."""
+    uint8 with uint8 E8M0 scales, ``mx_args``), ``dtype`` activations. sizes: the experts'
+    (hidden, intermediate)."""
     if mx:
-        return mx_args(gemm, dtype, experts, tile)
+        return mx_args(gemm, dtype, experts, tile, sizes)
+    H, I = sizes
     ptr = f"*{dtype}"
     op = "fp8e4nv" if fp8 else dtype  # operand element type
     a = f"*{op}"
@@ -192,9 +194,10 @@ def gemm_args(gemm: str, dtype: str, experts: int, tile, tma: bool, ws: bool = F
                    "stride_wse": H // 128 * I // 128, "stride_wsn": I // 128}
 
 
-def mx_args(gemm: str, dtype: str, experts: int, tile) -> dict:
+def mx_args(gemm: str, dtype: str, experts: int, tile, sizes: tuple[int, int] = (H, I)) -> dict:
     """``gemm_args`` for MXFP4 weights: [E, N, K/2] bytes and [E, N, K/32] scale bytes."""
-    args = gemm_args(gemm, dtype, experts, tile, tma=False)
+    args = gemm_args(gemm, dtype, experts, tile, tma=False, sizes=sizes)
+    H, I = sizes
     n, k = (2 * I, H) if gemm == "w13" else (H, I)
     return args | {"w": "*u8", "ws_ptr": "*u8", "stride_we": n * k // 2, "stride_wn": k // 2,
                    "stride_asm": 0, "stride_wse": n * k // 32, "stride_wsn": k // 32}
@@ -203,9 +206,10 @@ def mx_args(gemm: str, dtype: str, experts: int, tile) -> dict:
 def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                  experts: int = 8, s_pad: int = 1, even_k: bool = True, dot: int = 0,
                  fp8: bool = False, clamp: bool = False, gpt_oss: bool = False,
-                 mx: bool = False):
+                 mx: bool = False, sizes: tuple[int, int] = (H, I)):
     """gpt_oss: its expert biases in both epilogues and (w13) its activation, clamped.
-    mx: MXFP4 weights (pointer loads, plain tiles)."""
+    mx: MXFP4 weights (pointer loads, plain tiles). sizes: the experts' (hidden,
+    intermediate)."""
     kernel = moe_gemm_triton.moe_w13_kernel if gemm == "w13" else moe_gemm_triton.moe_w2_kernel
     # As moe_gemm_triton._grid: persistent tiles loop on the ROWS route only.
     persistent = bool(tile.persistent) and route == moe_gemm_triton.ROWS
@@ -222,7 +226,7 @@ def compile_gemm(gemm: str, tile, *, route: int, tma: bool, dtype: str = "bf16",
                        "HAS_BIAS": gpt_oss}
     else:  # clamp: DeepSeek-V4's swiglu_limit in the epilogue
         constexprs |= {"CLAMP": clamp or gpt_oss, "ALPHA": gpt_oss, "HAS_BIAS": gpt_oss}
-    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8, mx),
+    return compile_sm90(kernel, gemm_args(gemm, dtype, experts, tile, tma, ws, fp8, mx, sizes),
                         constexprs, tile.num_warps, tile.num_stages)
 
 
@@ -337,12 +341,13 @@ def test_moe_fp8_tiles_fit_hopper(limit: float, gemm: str, route: str, tma: bool
         assert "mma.sync" in ptx
 
 
-def mx_tile(limit: float, gemm: str, dtype=torch.bfloat16) -> GemmTile:
+def mx_tile(limit: float, gemm: str, dtype=torch.bfloat16,
+            sizes: tuple[int, int] = (H, I)) -> GemmTile:
     """The tile the launchers run for MXFP4 weights at the table row ``limit`` (8 experts;
     m = 512 for the last row): ``fused_moe_triton._mx_config``."""
     from kernels.fused_moe_triton import _mx_config
 
-    cfg = _mx_config(default_config(8 * int(min(limit, 512)), 8, H, I, dtype), dtype.itemsize)
+    cfg = _mx_config(default_config(8 * int(min(limit, 512)), 8, *sizes, dtype), dtype.itemsize)
     return cfg.w13 if gemm == "w13" else cfg.w2
 
 
@@ -367,6 +372,23 @@ def test_moe_mxfp4_tiles_fit_hopper(limit: float, gemm: str, route: str, gpt_oss
     compiled = compile_gemm(gemm, tile, route=ROUTES[route], tma=False, s_pad=s_pad,
                             dtype=dtype, even_k=even_k, dot=1 if dtype == "fp32" else 0,
                             gpt_oss=gpt_oss, mx=True)
+    check_gemm(compiled, tma=False)
+
+
+GPT_OSS_SIZES = (2880, 2880)  # hidden, intermediate
+
+
+@pytest.mark.parametrize(("limit", "gemm", "route"), [
+    (16, "w13", "inline"), (16, "w2", "inline"),
+    (math.inf, "w13", "sorted"), (math.inf, "w2", "sorted")])
+def test_moe_mxfp4_tiles_fit_hopper_at_gpt_oss_sizes(limit: float, gemm: str,
+                                                     route: str) -> None:
+    # gpt-oss's experts, the MXFP4 release: their scale rows (2880/32 = 90 bytes) are not a
+    # multiple of 16 bytes, unlike the DeepSeek-V3 sizes above, so their loads compile apart.
+    tile = mx_tile(limit, gemm, sizes=GPT_OSS_SIZES)
+    s_pad = moe_align_triton._INLINE_ELEMS // max(16, tile.block_m) if route == "inline" else 1
+    compiled = compile_gemm(gemm, tile, route=ROUTES[route], tma=False, s_pad=s_pad,
+                            gpt_oss=True, mx=True, sizes=GPT_OSS_SIZES)
     check_gemm(compiled, tma=False)
 
 
