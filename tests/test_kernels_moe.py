@@ -776,6 +776,9 @@ def test_mxfp4_tiles_run_plain_in_whole_scale_groups() -> None:
             cfg = _config(None, 32 * int(min(limit, 512)), 32, 2880, 2880, dtype, None, mx=True)
             for tile in (cfg.w13, cfg.w2):
                 assert tile.block_k in (32, 64) and not tile.persistent and not tile.ws, tile
+    # the fitting is looked up once per shape, as FP8's (host time before every launch)
+    assert _config(None, 64, 8, 2880, 2880, torch.bfloat16, None, mx=True) is \
+        _config(None, 64, 8, 2880, 2880, torch.bfloat16, None, mx=True)
     mx = mxfp4_weights(2, 64, 32, "cpu")
     with pytest.raises(ValueError, match=r"config\.w13\.block_k 16 must be a multiple of 32"):
         grouped_moe_triton(torch.zeros(3, 64), torch.tensor([1, 2]), mx["w13"], mx["w2"],
