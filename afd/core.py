@@ -43,7 +43,8 @@ def _row_error(token: int, seq: Sequence, row: int | None = None) -> str:
     if failed is not None:
         return (f"structured_outputs: the grammar failed after {seq.num_output_tokens} output "
                 f"tokens: {failed}")
-    return "structured_outputs, allowed_token_ids and bad_words leave no token to sample"
+    return ("structured_outputs, allowed_token_ids, bad_words and thinking_token_budget leave "
+            "no token to sample")
 
 
 # Async scheduling: the token id a sequence holds, last, for a sample of the step in flight

@@ -54,7 +54,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     # vLLM's structured-output extensions afd has no counterpart for (its structured_outputs
     # refuses them by name too)
     "guided_whitespace_pattern": (),
-    "thinking_token_budget": (),  # vLLM's cap on the reasoning (docs/limits.md)
     # vLLM's external prefill/decode connector's parameters and its custom logits processors'
     # arguments: afd has neither (its own P/D transfer is internal, afd/kv_transfer.py)
     "kv_transfer_params": ({},), "vllm_xargs": ({},),
@@ -175,6 +174,8 @@ class _SamplingFields(BoundedBody):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structural_tag: str | None = None  # vLLM's older field: the JSON text of one
+    # vLLM's cap on a reasoning model's thinking (chat with --reasoning-parser; SamplingParams)
+    thinking_token_budget: StrictInt | None = None
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
 
@@ -315,13 +316,19 @@ class _SamplingFields(BoundedBody):
             structured_outputs=self.structured_output(), allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words, prompt_logprobs=prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
-            reasoning_end_token_ids=reasoning_end_token_ids)
+            reasoning_end_token_ids=reasoning_end_token_ids,
+            # (a request that does not think, or whose prompt closed the reasoning, has
+            # nothing to cap: no reasoning_end_token_ids)
+            thinking_token_budget=(self.thinking_token_budget
+                                   if reasoning_end_token_ids is not None else None))
 
 
 class CompletionRequest(_SamplingFields):
     unsupported_here: ClassVar[dict[str, tuple]] = {
         "tools": ([],),  # chat completions have them
         "prompt_embeds": (),  # vLLM's: embeddings in place of a prompt's tokens
+        # chat only here: a completion's prompt says nothing of whether the model thinks
+        "thinking_token_budget": (),
     }
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # no bools, no 5.0
@@ -701,10 +708,19 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     def reasoning_end_token_ids(self, parser: str | None, markers: tuple[int, int] | None,
                                 prompt_ids: list[int]) -> list[int] | None:
         """What this request's structured-output grammar (tool_choice "required" or a named
-        function included) waits for before it constrains (``grammar_waits_for``; None: no
-        parser, no grammar, or the grammar applies from the first token). ``markers``: the
-        reasoning markers' token ids (None where they are not one token each)."""
-        if parser is None or self.structured_output_field() is None:
+        function included) waits for before it constrains, and the token its
+        thinking_token_budget forces (``grammar_waits_for``; None: no parser, neither of them,
+        or the request does not think). ``markers``: the reasoning markers' token ids (None
+        where they are not one token each)."""
+        if self.thinking_token_budget is not None:
+            if parser is None:
+                raise APIError(400, "thinking_token_budget needs a reasoning parser: start "
+                               "the server with --reasoning-parser", param="thinking_token_budget")
+            if markers is None or not REASONING_PARSERS[parser].forcible:
+                raise APIError(400, f"thinking_token_budget needs the reasoning parser's end "
+                               f"marker to be one token that ends the thinking; {parser!r}'s "
+                               "is not here", param="thinking_token_budget")
+        elif parser is None or self.structured_output_field() is None:
             return None
         return grammar_waits_for(REASONING_PARSERS[parser], self.chat_template_kwargs, markers,
                                  prompt_ids)

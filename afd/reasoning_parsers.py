@@ -76,6 +76,13 @@ class ReasoningFormat:
     harmony: bool = False
 
     @property
+    def forcible(self) -> bool:
+        """Can thinking_token_budget end the reasoning by forcing ``end``? Not where the model
+        opens it itself (an answer may hold none: a forced end would land in the answer),
+        nor under harmony (its end token closes a message, not the analysis channel)."""
+        return not (self.harmony or self.model_opens)
+
+    @property
     def markers(self) -> tuple[str, ...]:
         if self.harmony:
             return harmony.MARKERS

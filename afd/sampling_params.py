@@ -269,7 +269,7 @@ class RequestOutputKind(IntEnum):
 
 
 _INT_FIELDS = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs",
-               "truncate_prompt_tokens")
+               "truncate_prompt_tokens", "thinking_token_budget")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty")
 _ID_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "reasoning_end_token_ids")
@@ -338,7 +338,12 @@ class SamplingParams:
     reasoning_end_token_ids: None, or token ids that end a reasoning model's thinking (its
     ``</think>``): the structured_outputs grammar then waits for one of them in the output (no
     mask until then, vLLM's rule with a reasoning parser) and constrains the tokens after it.
-    The server sets it for a constrained chat request that thinks (``--reasoning-parser``).
+    The server sets it for a constrained chat request that thinks (``--reasoning-parser``),
+    and for one with a ``thinking_token_budget``.
+    thinking_token_budget: None (off) or k >= 0 (vLLM's): a reasoning model's thinking gets at
+    most k output tokens: if none of the first k is one of ``reasoning_end_token_ids`` (which
+    it needs), the next token is forced to the first of them, and the answer follows. Counted
+    from the output's first token (the reasoning is taken to start with the output).
     truncate_prompt_tokens: None (off), -1 (max_model_len, as vLLM) or k >= 1: keep only the
     last k prompt tokens (left truncation; the engine applies it after tokenizing).
     output_kind: a ``RequestOutputKind`` (or its name): CUMULATIVE (the default) gives
@@ -378,6 +383,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     detokenize: bool = True
     spaces_between_special_tokens: bool = True
+    thinking_token_budget: int | None = None
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     reasoning_end_token_ids: list[int] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -509,6 +515,15 @@ class SamplingParams:
                 is_int(t) and 0 <= t <= INT64_MAX for t in ends)):
             raise bad("reasoning_end_token_ids", ends,
                       "None or a non-empty list of non-negative token ids")
+        budget = self.thinking_token_budget
+        if budget is not None:
+            if not is_int(budget) or not 0 <= budget <= INT64_MAX:
+                raise bad("thinking_token_budget", budget, "None or an integer >= 0")
+            if ends is None:
+                raise ParamError("thinking_token_budget", "thinking_token_budget needs "
+                                 "reasoning_end_token_ids (the token that ends the thinking, "
+                                 "which it forces; the server sets them with "
+                                 "--reasoning-parser)")
         ids = self.bad_words_token_ids
         if ids is not None and (not isinstance(ids, list) or len(ids) > MAX_BAD_WORDS
                                 or not all(isinstance(s, list) and s and all(

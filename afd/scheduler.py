@@ -388,6 +388,9 @@ class Scheduler:
                 forced = seq.grammar.forced(room)
                 if drafts[:len(forced)] != forced:
                     drafts = forced
+            think = seq.budget_room()  # thinking_token_budget: no draft past its forced token
+            if think is not None:
+                drafts = drafts[:think]
             end = seq.num_computed_tokens + 1 + len(drafts)
             extra = min(alloc.blocks_for(end) - len(seq.block_ids), alloc.num_empty)
             if self.window is not None:  # the window table grows with it, its cached blocks

@@ -122,7 +122,12 @@ class Sequence:
         # does sampling it read its output tokens on the host (penalties, bad_words, a
         # grammar)? Async scheduling (afd.core) reads such a sequence's samples at once
         self.reads_outputs = bool(req.params.penalized or req.params.bad_words_token_ids
-                                  or req.params.structured_outputs is not None)
+                                  or req.params.structured_outputs is not None
+                                  or req.params.thinking_token_budget is not None)
+        # thinking_token_budget: output tokens scanned for a reasoning end id so far, and
+        # whether one came (``thinking``)
+        self._think_scanned = self.num_prompt_tokens
+        self._think_ended = req.params.thinking_token_budget is None
         # structured output: the grammar's matcher (afd.structured_output.GrammarState), set by
         # the core of the rank that samples this sequence; it ends in the model's EOS ids,
         # ignore_eos or not
@@ -175,6 +180,32 @@ class Sequence:
         """Computed elsewhere (a P/D prefill rank): never compute or send them here."""
         self.num_prompt_logprobs = max(0, self.num_prompt_tokens - 1)
         self.prompt_logprobs = None
+
+    def thinking(self) -> bool:
+        """thinking_token_budget: is the reasoning still open (no reasoning end id among the
+        output tokens)? Scans only the tokens added since the last call."""
+        if not self._think_ended:
+            ends = self.params.reasoning_end_token_ids
+            self._think_ended = any(t in ends for t in self.token_ids[self._think_scanned:])
+            self._think_scanned = len(self.token_ids)
+        return not self._think_ended
+
+    def budget_room(self) -> int | None:
+        """thinking_token_budget: how many more tokens the open reasoning may take before the
+        one forced to end it (drafts stop there); None without a budget or once it ended."""
+        if not self.thinking():
+            return None
+        return max(0, self.params.thinking_token_budget - self.num_output_tokens)
+
+    def forced_token(self, drafts=()) -> int | None:
+        """thinking_token_budget: the token the row after ``drafts`` must take, the first
+        reasoning end id, where that row is the budget's position and no end id came before
+        it (output or drafts); else None."""
+        room = self.budget_room()
+        if room is None or room != len(drafts):
+            return None
+        ends = self.params.reasoning_end_token_ids
+        return None if any(t in ends for t in drafts) else ends[0]
 
     def append(self, token: int) -> None:
         """Add a sampled token and decide whether the sequence is done."""

@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from afd.sampler import draw_step_seed
+from afd.token_masks import ForcedToken
 
 if TYPE_CHECKING:  # torch imported where used: the HTTP front end imports this module
     import torch
@@ -234,11 +235,15 @@ def expand_rows(seqs: list, drafts: list[list[int]]) -> tuple[list, list, list, 
             pens.append(seq.penalties)
         grammar = seq.grammar
         if grammar is None:
-            grams += [None] * (len(d) + 1)
+            masks = [None] * (len(d) + 1)
         elif d:
-            grams += grammar.draft_masks(d)
+            masks = grammar.draft_masks(d)
         else:
-            grams.append(grammar if grammar.reasoning_ended else None)
+            masks = [grammar if grammar.reasoning_ended else None]
+        forced = seq.forced_token(d)  # (drafts stop at the budget: only the last row)
+        if forced is not None:
+            masks[-1] = ForcedToken(forced)
+        grams += masks
     return params, gens, hists, pens, grams
 
 
@@ -247,9 +252,17 @@ def one_row_each(seqs: list) -> tuple[list, list, list, list, list]:
     return ([seq.params for seq in seqs], [seq.generator for seq in seqs],
             [(seq.token_ids, seq.num_prompt_tokens, (*seq.eos_token_ids, *seq.stop_token_ids))
              for seq in seqs],
-            [seq.penalties for seq in seqs],
-            [g if (g := seq.grammar) is not None and g.reasoning_ended else None
-             for seq in seqs])
+            [seq.penalties for seq in seqs], [row_mask(seq) for seq in seqs])
+
+
+def row_mask(seq):
+    """A one-row step's mask source for ``seq``: thinking_token_budget's forced token where it
+    is due, else its grammar once the reasoning ended (``GrammarState``), else None."""
+    forced = seq.forced_token()
+    if forced is not None:
+        return ForcedToken(forced)
+    g = seq.grammar
+    return g if g is not None and g.reasoning_ended else None
 
 
 def accept(rows: list[int], drafts: list[int]) -> int:

@@ -1,7 +1,8 @@
-"""Masks that take tokens out of a row's logits: a structured-output grammar's, allowed_token_ids
-and bad_words. Each sets the banned logits to -inf in a copy (never the model's own logits) and
-touches only the rows that ask. A row left with no allowed token ends its request (the sampler
-marks it ``NO_TOKEN``) rather than sampling a banned one.
+"""Masks that take tokens out of a row's logits: a structured-output grammar's (and
+thinking_token_budget's forced token, through the same path), allowed_token_ids and bad_words.
+Each sets the banned logits to -inf in a copy (never the model's own logits) and touches only
+the rows that ask. A row left with no allowed token ends its request (the sampler marks it
+``NO_TOKEN``) rather than sampling a banned one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,22 @@ def row_drafts(history: tuple) -> tuple | list:
     return history[3] if len(history) > 3 else ()
 
 
+class ForcedToken:
+    """A row that must take one token (thinking_token_budget's reasoning end), masked as a
+    grammar row is (``apply_grammar_masks``): its bitmask allows that token alone."""
+
+    def __init__(self, token: int):
+        self.token = token
+        self.words = token // 32 + 1
+
+    def fill(self, row) -> None:
+        row.zero_()
+        bit = 1 << (self.token % 32)
+        row[self.token // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit
+
+
 def apply_grammar_masks(logits: torch.Tensor,
-                        grammars: list[GrammarState | None]) -> torch.Tensor:
+                        grammars: list[GrammarState | ForcedToken | None]) -> torch.Tensor:
     """``logits`` [N, V] with each grammar row's disallowed tokens at -inf, as a new fp32
     tensor. The matchers write a bitmask on the host ([rows, ceil(V'/32)] int32, V' the
     tokenizer's vocabulary); it crosses to the device in one copy and is unpacked there."""
@@ -33,8 +48,9 @@ def apply_grammar_masks(logits: torch.Tensor,
 
     rows = [i for i, g in enumerate(grammars) if g is not None]
     n, vocab = logits.shape
-    words = grammars[rows[0]].words
-    bitmask = torch.empty(len(rows), words, dtype=torch.int32)
+    # (a forced row's width may differ: each row writes its own words, the rest stay 0)
+    words = max(grammars[i].words for i in rows)
+    bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
     for r, i in enumerate(rows):
         grammars[i].fill(bitmask[r])
     dev = logits.device

@@ -633,3 +633,41 @@ def test_tool_choice_named_calls_after_the_reasoning(thinking):
     [(name, arguments)] = calls
     assert name == "answer" and set(json.loads(arguments)) == {"ok", "n"}
     assert streamed == (reasoning, content, calls, finish)
+
+
+def test_thinking_token_budget_forces_the_end_of_the_reasoning(thinking):
+    """vLLM's thinking_token_budget: the model pushed to write "a" for ever thinks for exactly
+    the budget's tokens, then </think> is forced and the rest is the answer (streamed the
+    same); 0 ends it at once; without a budget it never ends; a prompt that closed the
+    reasoning has nothing to cap; without a parser, or on completions, a 400 naming it."""
+    tok = thinking["tokenizer"]
+    a = tok.encode("a", add_special_tokens=False)[0]
+    push = {"logit_bias": {str(a): 100}, "max_tokens": 10}
+    r1 = thinking["deepseek_r1"]
+    for budget, want in ((3, ("aaa", "a" * 6)), (0, (None, "a" * 9))):
+        plain, streamed = chat(r1, None, **push, extra_body={"thinking_token_budget": budget})
+        reasoning, content, calls, finish = message_of(plain)
+        assert (reasoning or None, content, calls, finish) == (*want, [], "length"), budget
+        assert (streamed[0] or None, *streamed[1:]) == (*want, [], "length")
+        assert plain.usage.completion_tokens == 10
+    plain, _ = chat(r1, None, **push)
+    assert message_of(plain) == ("a" * 10, None, [], "length")
+    off = {"chat_template_kwargs": {"enable_thinking": False}, "thinking_token_budget": 2}
+    plain, _ = chat(thinking["qwen3"], None, **push, extra_body=off)
+    assert message_of(plain) == (None, "a" * 10, [], "length")
+
+    async def refused(c, http):
+        return (await http.post("/v1/chat/completions", json={
+                    "model": "m", "messages": ASK, "max_tokens": 4, "thinking_token_budget": 2}),
+                await http.post("/v1/completions", json={
+                    "model": "m", "prompt": "Hi", "max_tokens": 4, "thinking_token_budget": 2}),
+                await http.post("/v1/chat/completions", json={
+                    "model": "m", "messages": ASK, "max_tokens": 4,
+                    "thinking_token_budget": -1}))
+
+    no_parser, _, _ = call_app(thinking["plain"], refused)
+    _, completions, negative = call_app(r1, refused)
+    for r, says in ((no_parser, "needs a reasoning parser"), (completions, "not supported"),
+                    (negative, "thinking_token_budget")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
+        assert says in r.json()["error"]["message"], r.text
