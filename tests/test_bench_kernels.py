@@ -184,6 +184,18 @@ def test_bench_kernels_quick_smoke_runs_on_cpu(tmp_path) -> None:
     assert {c["op"] for c in result["checks"]} >= {"fused_moe", "fused_moe gpt-oss"}
     assert result["ceilings_end"]["copy_bytes_per_s"] > 0  # measured again at the end: drift
     assert result["checks"] and all(c["ok"] for c in result["checks"])
+    # every cell's feature sets have a row; a set is run again only where its kernels differ
+    # from those of a set run before it in the cell: on the CPU no set has PDL, and grouped_moe
+    # never takes the inline route, so no_tma (both entries) and fused no_inline still run
+    sets = {"default", "no_pdl", "no_tma", "no_inline"}
+    for cell in ((8, 16), (32, 3)):
+        rows = [c for c in result["checks"] if (c.get("experts"), c.get("m")) == cell
+                and c["op"] in ("fused_moe", "grouped_moe")]
+        assert {(c["op"], c["features"]) for c in rows} == {
+            (op, s) for op in ("fused_moe", "grouped_moe") for s in sets}, cell
+        assert {(c["op"], c["features"], c["same_as"]) for c in rows if "same_as" in c} == {
+            ("fused_moe", "no_pdl", "default"), ("grouped_moe", "no_pdl", "default"),
+            ("grouped_moe", "no_inline", "default")}, cell
     for row in result["moe"]:
         for entry in ("fused", "grouped", "grouped_eager", "loop"):
             assert row[f"{entry}_ms"] > 0 and row[f"{entry}_spread"] >= 1.0
