@@ -934,19 +934,25 @@ def async_case(name: str, seed: int) -> dict:
 
     os.environ["AFD_KERNEL_BACKEND"] = "triton"
     tmp = tempfile.mkdtemp()
-    if name == "async":
-        path = save_checkpoint(build_hf_model("deepseek_v3"), tmp)
+    # Two layers each, one of every kind the model has (attention, MLP): a third layer would
+    # run the same code again, under the interpreter a third more of each step's time.
+    if name == "async":  # dense, then MoE
+        path = save_checkpoint(build_hf_model("deepseek_v3", num_hidden_layers=2), tmp)
         llm = LLM(path, seed=seed, async_scheduling=True, dtype="float32", max_model_len=64,
                   enforce_eager=False, cuda_graph_sizes=[4])
     else:
         if name == "async_window":
             from test_mimo_v2_flash import build_hf_model as build_mimo
 
-            path = save_checkpoint(build_mimo(), tmp)
+            # sliding with a dense MLP, then full with the MoE
+            path = save_checkpoint(build_mimo(layers=2), tmp)
             llm = LLM(path, seed=seed, async_scheduling=True, block_size=4, max_model_len=64,
                       max_num_batched_tokens=16)
         else:
-            path = save_checkpoint(build_hf_model("qwen3_next"), tmp)
+            # linear attention (state slots) with the MoE, then full attention with a dense MLP
+            path = save_checkpoint(build_hf_model(
+                "qwen3_next", num_hidden_layers=2, mlp_only_layers=[1],
+                layer_types=["linear_attention", "full_attention"]), tmp)
             llm = LLM(path, seed=seed, async_scheduling=True, max_model_len=64)
     live = {"on": False, "reads": []}
     steps: list[list[str]] = []

@@ -49,9 +49,10 @@ CONFIG = dict(
 WIDTHS = [80, 40, 80, 80]
 
 
-def build_hf_model(seed: int = 0):
+def build_hf_model(seed: int = 0, layers: int = 4):
     """transformers' model (fp32, eager), weights scaled so greedy outputs vary; sinks of
-    about one, the size of the scores, so that they decide outputs."""
+    about one, the size of the scores, so that they decide outputs. ``layers``: the first
+    that many of ``LAYER_TYPES`` and ``MLP_TYPES``."""
     import transformers as tf
 
     def sinks(name: str, tensor: torch.Tensor, gen: torch.Generator) -> bool:
@@ -59,8 +60,10 @@ def build_hf_model(seed: int = 0):
             tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen))
         return name.endswith("sinks")
 
-    return random_hf_model(tf.MiMoV2FlashForCausalLM, tf.MiMoV2FlashConfig(**CONFIG), seed,
-                           sinks)
+    config = tf.MiMoV2FlashConfig(**{**CONFIG, "num_hidden_layers": layers,
+                                     "layer_types": LAYER_TYPES[:layers],
+                                     "mlp_layer_types": MLP_TYPES[:layers]})
+    return random_hf_model(tf.MiMoV2FlashForCausalLM, config, seed, sinks)
 
 
 @pytest.fixture(scope="module")
