@@ -1021,22 +1021,22 @@ def async_case(name: str, seed: int) -> dict:
 
 
 def interpreter_case(name: str, seed: int) -> dict:
-    """One padded decode forward through the Triton kernels, recording every read of tensor data
-    on the host and every op whose output shape depends on tensor data, outside Triton's own
-    interpreter (which reads tensors to emulate the GPU). Cases: the embedded MLA model with the
-    MoE routed inline or through the align kernel, a tiny Qwen3-MoE (GQA, one KV head for four
-    query heads, a table wide enough that the GQA kernel splits), a tiny DeepSeek-V3.2 whose
-    index_topk (8) is below the table's width (64: every row through the DSA decode kernels,
-    lengths on both sides of it), a tiny GLM-5 likewise (layers full, shared, shared, full,
-    shared: the shared layers' rows through the selected-attention kernel over the full
-    layer's indices), a tiny DeepSeek-V4 (CSA at compress rate 2, HCA at 4, sliding; its
+    """One padded decode forward through the Triton kernels, recording every read of tensor data on
+    the host and every op whose output shape depends on tensor data, outside Triton's own
+    interpreter (which reads tensors to emulate the GPU). Cases: a tiny DeepSeek-V3 (MLA; a dense
+    layer, then a MoE one) with the MoE routed inline or through the align kernel, a tiny Qwen3-MoE
+    (GQA, one KV head for four query heads, a table wide enough that the GQA kernel splits), a tiny
+    DeepSeek-V3.2 whose index_topk (8) is below the table's width (64: every row through the DSA
+    decode kernels, lengths on both sides of it), a tiny GLM-5 likewise (layers full, shared,
+    shared, full, shared: the shared layers' rows through the selected-attention kernel over the
+    full layer's indices), a tiny DeepSeek-V4 (CSA at compress rate 2, HCA at 4, sliding; its
     index_topk 3 below the table's 32 CSA entries; rows closing a CSA window, both, none, and
-    position 0) through its static decode path's kernels; a tiny MiMo-V2-Flash ("mimo": full
-    and sliding layers, sinks, scaled values) with its window pool (the sliding layers' own
-    tables, blocks out of the window on the null block) and a tiny gpt-oss ("gpt_oss": sinks
-    on every layer, biased attention and experts, one pool), rows past the window (8), through
-    the window decode kernels; "*torch": the same through the torch references, which do read
-    on the host: the audit must catch them."""
+    position 0) through its static decode path's kernels; a tiny MiMo-V2-Flash ("mimo": full and
+    sliding layers, sinks, scaled values) with its window pool (the sliding layers' own tables,
+    blocks out of the window on the null block) and a tiny gpt-oss ("gpt_oss": sinks on every layer,
+    biased attention and experts, one pool), rows past the window (8), through the window decode
+    kernels; "*torch": the same through the torch references, which do read on the host: the audit
+    must catch them."""
     import os
     import tempfile
 
@@ -1108,8 +1108,14 @@ def interpreter_case(name: str, seed: int) -> dict:
                     save_checkpoint(build_hf_model("qwen3_next"), tmp) if hybrid else
                     save_checkpoint(build_hf_model("qwen3_moe", num_key_value_heads=1), tmp))
             model = load_model(path, "full", dtype=torch.float32, device="cpu", mtp=mtp)
-    else:
-        model = load_model(default_model_path(), "full", dtype=torch.float32, device="cpu")
+    else:  # MLA and the MoE: a tiny DeepSeek-V3 of two layers, dense then MoE (the embedded
+        # model's four, wider, ran the same code three times over, ~2 s more a case)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ckpt_utils import build_hf_model, save_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(build_hf_model("deepseek_v3", num_hidden_layers=2), tmp)
+            model = load_model(path, "full", dtype=torch.float32, device="cpu")
     # MiMo-V2-Flash's window pool: 9 blocks, its null block 9
     window_null = 9 if name.startswith("mimo") else None
     # Qwen3-Next: 6 state slots, the last (5) the scratch one
