@@ -323,19 +323,19 @@ def poison_after_each_step(core) -> list[int]:
     return counts
 
 
-def run_poisoned(path: str, prompts: list[list[int]], chunk: int, n: int = NEW_TOKENS
-                 ) -> tuple[list, list]:
-    """(tokens of a clean run, tokens of a run whose free / null window blocks are NaN). No
-    prefix cache: every block given back is then free and empty (a cached one keeps its rows
-    for a later hit)."""
+def run_poisoned(path: str, prompts: list[list[int]], chunk: int, n: int = NEW_TOKENS,
+                 clean: bool = True) -> tuple[list | None, list]:
+    """(tokens of a clean run, or None without ``clean``; tokens of a run whose free / null
+    window blocks are NaN). No prefix cache: every block given back is then free and empty (a
+    cached one keeps its rows for a later hit)."""
     engine = dict(block_size=BLOCK, max_model_len=128, max_num_batched_tokens=chunk,
                   max_num_seqs=4, enable_prefix_caching=False)
-    clean = tokens(LLM(path, **engine), prompts, n)
+    clean_tokens = tokens(LLM(path, **engine), prompts, n) if clean else None
     llm = LLM(path, **engine)
     counts = poison_after_each_step(llm.engine.core)
     got = tokens(llm, prompts, n)
     assert counts and min(counts) > 1
-    return clean, got
+    return clean_tokens, got
 
 
 @pytest.mark.parametrize("chunk", [5, 16])
@@ -347,19 +347,22 @@ def test_poisoned_free_blocks_change_no_token_torch(mimo, chunk):
 
 def interpreter_case(name: str, seed: int) -> dict:
     """Under TRITON_INTERPRET=1 (kernels.testing): MiMo's attention through the Triton decode
-    and paged prefill kernels (the rest of the model torch), clean and poisoned runs."""
+    and paged prefill kernels (the rest of the model torch), the poisoned run only, its tokens
+    held to transformers': a clean run beside it doubled the interpreter's time and caught
+    nothing more (a token the poison changed differs from transformers' all the same)."""
     import models.mimo_v2_flash as mimo_module
     from kernels.window_attention import window_attention
 
     mimo_module.window_attention = functools.partial(window_attention, backend="triton")
     path, prompts = os.environ[PATH_ENV], json.loads(os.environ[PATH_ENV + "_PROMPTS"])
-    clean, got = run_poisoned(path, prompts, int(name.removeprefix("chunk")), TRITON_TOKENS)
-    return {"clean": clean, "poisoned": got}
+    _, got = run_poisoned(path, prompts, int(name.removeprefix("chunk")), TRITON_TOKENS,
+                          clean=False)
+    return {"poisoned": got}
 
 
 def test_poisoned_free_blocks_change_no_token_triton(mimo, monkeypatch):
     """Two prompts (23 and 40 tokens, 8 new) through the interpreted Triton kernels, chunks
-    of 5 and 16: the poisoned run's tokens are the clean run's, and transformers'."""
+    of 5 and 16: the poisoned run's tokens are transformers'."""
     from kernels.testing import run_in_interpreter
 
     path, prompts, expected = mimo
@@ -368,8 +371,7 @@ def test_poisoned_free_blocks_change_no_token_triton(mimo, monkeypatch):
     results = run_in_interpreter(__file__, ["chunk5", "chunk16"], 0)
     for name, result in results.items():
         assert "error" not in result, result.get("error")
-        assert result["clean"] == result["poisoned"] == [e[:TRITON_TOKENS]
-                                                         for e in expected[1:3]], name
+        assert result["poisoned"] == [e[:TRITON_TOKENS] for e in expected[1:3]], name
 
 
 def _sched_seq(rid: str, prompt: list[int], max_tokens: int = 32):
