@@ -1588,6 +1588,8 @@ async def drain_then_stop(state, server, grace_period_s: float) -> None:
     uvicorn's own graceful wait (``timeout_graceful_shutdown``, 5 s, for the connections of
     requests that are done) held them, and the stop, 5 s past the grace period."""
     state.draining = True
+    log.info("draining: %d requests in flight, %.0f s to finish", state.engine.num_in_flight,
+             grace_period_s)
     deadline = time.monotonic() + grace_period_s
     while state.engine.num_in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.1)

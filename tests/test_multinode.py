@@ -332,6 +332,8 @@ def run_layout(flags: list[str], nprocs: list[int], reference: dict[str, str],
             assert done["body"]["usage"]["completion_tokens"] == 200
             log = nodes.tail(chars=100_000)
             assert re.search(r"rank \d+ got SIGTERM: draining", log), log
+            # the request was still running when the drain began, and finished in it
+            assert "draining: 1 requests in flight" in log, log
             assert "drained (0 requests still in flight); stopping every rank" in log, log
             assert "failed" not in log.split("--- node 1 ---")[0], log
             stopped_cleanly = nodes.procs[1:stop_node] + nodes.procs[stop_node + 1:]
