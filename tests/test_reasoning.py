@@ -671,3 +671,19 @@ def test_thinking_token_budget_forces_the_end_of_the_reasoning(thinking):
                     (negative, "thinking_token_budget")):
         assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
         assert says in r.json()["error"]["message"], r.text
+
+
+def test_a_bad_thinking_token_budget_is_refused_where_nothing_thinks(thinking):
+    """A negative (or past 64-bit) thinking_token_budget is a 400 naming it even where the
+    request does not think (the prompt closed the reasoning: the budget has nothing to cap),
+    as it is where it does."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+
+    async def send(c, http):
+        return [await http.post("/v1/chat/completions", json={
+                    "model": "m", "messages": ASK, "max_tokens": 2, **off,
+                    "thinking_token_budget": budget}) for budget in (-1, 2**63)]
+
+    for r in call_app(thinking["qwen3"], send):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "thinking_token_budget", r.text
