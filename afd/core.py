@@ -43,6 +43,12 @@ def _row_error(token: int, seq: Sequence, row: int | None = None) -> str:
     if failed is not None:
         return (f"structured_outputs: the grammar failed after {seq.num_output_tokens} output "
                 f"tokens: {failed}")
+    forced = seq.forced_token()  # (the row after the tokens taken so far)
+    if forced is not None:
+        return (f"thinking_token_budget={seq.params.thinking_token_budget} forces the "
+                f"reasoning's end token {forced} (reasoning_end_token_ids[0]) next, and "
+                "allowed_token_ids, bad_words or min_tokens (where it is a stop token) ban it: "
+                "allow that token")
     return ("structured_outputs, allowed_token_ids, bad_words and thinking_token_budget leave "
             "no token to sample")
 

@@ -147,3 +147,13 @@ def test_with_a_grammar_after_it_and_beside_it(llm):
     assert list(both.token_ids[:3]) == free[:3] and both.token_ids[3] == end
     tok = llm.engine.tokenizer
     assert tok.decode(both.token_ids[4:]) in ("red", "green")
+
+
+def test_a_forced_end_token_that_is_banned_fails_the_request_naming_it(llm):
+    """allowed_token_ids without the end token: the request fails at the budget, the error
+    naming thinking_token_budget and the token (not a list of every mask)."""
+    out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(
+        temperature=0, max_tokens=8, allowed_token_ids=list(range(20, 60)),
+        reasoning_end_token_ids=[300], thinking_token_budget=2), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error" and len(out.outputs[0].token_ids) == 2
+    assert "thinking_token_budget=2 forces the reasoning's end token 300" in out.error, out.error
