@@ -244,10 +244,10 @@ def test_return_tokens_as_token_ids(app):
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_vllm_fields_afd_does_not_implement_are_400s(app, path):
     """vLLM fields that would change the answer and that afd does not implement are a 400
-    naming the field, not silently ignored: guided_whitespace_pattern and
-    thinking_token_budget (both endpoints), a per-request chat_template (chat; vLLM too
-    refuses it unless started with --trust-request-chat-template), prompt_embeds
-    (completions)."""
+    naming the field, not silently ignored: guided_whitespace_pattern (both endpoints),
+    thinking_token_budget (on completions; on chat without --reasoning-parser, as here), a
+    per-request chat_template (chat; vLLM too refuses it unless started with
+    --trust-request-chat-template), prompt_embeds (completions)."""
     base = {"prompt": "Hi", "max_tokens": 2} if "chat" not in path else {
         "messages": CHAT, "max_tokens": 2}
     fields = {"guided_whitespace_pattern": r"[ ]?", "thinking_token_budget": 8,
