@@ -120,10 +120,9 @@ class Sequence:
         # the sampler's per-step penalty bookkeeping (dropped with the sequence)
         self.penalties = PenaltyState() if req.params.penalized else None
         # does sampling it read its output tokens on the host (penalties, bad_words, a
-        # grammar)? Async scheduling (afd.core) reads such a sequence's samples at once
-        self.reads_outputs = bool(req.params.penalized or req.params.bad_words_token_ids
-                                  or req.params.structured_outputs is not None
-                                  or req.params.thinking_token_budget is not None)
+        # grammar; a thinking_token_budget while the thinking lasts: ``reads_outputs``)?
+        self._reads_outputs = bool(req.params.penalized or req.params.bad_words_token_ids
+                                   or req.params.structured_outputs is not None)
         # thinking_token_budget: output tokens scanned for a reasoning end id so far, and
         # whether one came (``thinking``)
         self._think_scanned = self.num_prompt_tokens
@@ -180,6 +179,14 @@ class Sequence:
         """Computed elsewhere (a P/D prefill rank): never compute or send them here."""
         self.num_prompt_logprobs = max(0, self.num_prompt_tokens - 1)
         self.prompt_logprobs = None
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Does sampling it read its output tokens on the host? Async scheduling (afd.core)
+        reads such a sequence's samples right after their step's launch. A budget's
+        sequence does while its thinking is open (as last found by ``thinking``, which the
+        step's rows ask before this): so ``thinking`` never scans a placeholder."""
+        return self._reads_outputs or not self._think_ended
 
     def thinking(self) -> bool:
         """thinking_token_budget: is the reasoning still open (no reasoning end id among the

@@ -11,6 +11,7 @@ import pytest
 
 import afd.scheduler
 from afd import LLM, SamplingParams
+from afd.core import EngineCore
 from afd.sampling_params import ParamError
 
 PROMPT = [(5 * j + 3) % 400 + 20 for j in range(12)]
@@ -75,8 +76,20 @@ def test_async_scheduling_and_drafts_past_the_budget(llm, monkeypatch):
     kw = dict(reasoning_end_token_ids=[end], thinking_token_budget=6)
     want = greedy(llm, **kw)
     asy = LLM(seed=0, dtype="float32", async_scheduling=True)
+    launch, syncs = EngineCore._launch, []
+
+    def spy(core, plan, prev):
+        step = launch(core, plan, prev)
+        syncs.append(step.sync)
+        return step
+
+    monkeypatch.setattr(EngineCore, "_launch", spy)
     try:
         assert greedy(asy, **kw) == want
+        # read at once while it thinks (the steps of its 6 tokens, the first the prompt's,
+        # and the forced one's), then overlapped: after the end token nothing is read early
+        assert syncs[:7] == [True] * 7 and syncs[7:] and not any(syncs[7:]), syncs
+        monkeypatch.setattr(EngineCore, "_launch", launch)
         # the model's own end token just before the budget, read before the next plan
         assert greedy(asy, reasoning_end_token_ids=[free[3]], thinking_token_budget=4) == free
     finally:
