@@ -230,35 +230,17 @@ def test_cli_flags(capsys):
         assert "--async-scheduling needs --ffn 0, got --ffn 1" in capsys.readouterr().err
 
 
-def test_attention_ranks_match_sync(pair):
-    """Two attention ranks without FFN ranks (rank processes, each stepping on its own):
-    the single-process engine's greedy and seeded tokens, aborts included."""
+@pytest.mark.parametrize("layout", [dict(attention=2), dict(prefill=1, attention=2)],
+                         ids=["attention", "pd"])
+def test_ranks_match_sync(pair, layout):
+    """Rank processes: two attention ranks without FFN ranks (each stepping on its own), or
+    P/D with one prefill rank and two decode ranks (the decode ranks step asynchronously, the
+    prefill rank synchronously): the single-process engine's greedy and seeded tokens,
+    aborts included, and every (decode) rank's pool full again after."""
     sync, _ = pair
     stop = stop_ids_for(sync)
     want = drive(sync, mixed(stop))
-    llm = make(True, attention=2, timeout_s=60)
-    try:
-        assert drive(llm, mixed(stop)) == want
-        g = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-        arrivals = [(0, f"r{i}", p, g) for i, p in enumerate(PROMPTS[:5])]
-        full = drive(sync, arrivals)
-        got = drive(llm, arrivals, {4: ["r1"], 6: ["r3"]})
-        for rid in ("r0", "r2", "r4"):
-            assert got[rid] == full[rid]
-        stats = llm.engine.core.stats()
-        assert all(s.num_free_blocks == llm.engine.engine_cfg.num_kv_blocks for s in stats)
-    finally:
-        llm.shutdown()
-
-
-def test_pd_decode_ranks_match_sync(pair):
-    """P/D (one prefill rank, two decode ranks; rank processes): the decode ranks step
-    asynchronously, the prefill rank synchronously; the single-process engine's greedy and
-    seeded tokens, aborts included, and every decode rank's pool full again after."""
-    sync, _ = pair
-    stop = stop_ids_for(sync)
-    want = drive(sync, mixed(stop))
-    llm = make(True, prefill=1, attention=2, timeout_s=60)
+    llm = make(True, timeout_s=60, **layout)
     try:
         assert drive(llm, mixed(stop)) == want
         g = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
