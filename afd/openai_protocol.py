@@ -16,8 +16,9 @@ from afd.chat_encodings import ENCODINGS, encoding_of, thinking_on
 from afd.reasoning_parsers import PARSERS as REASONING_PARSERS
 from afd.reasoning_parsers import (HarmonyStream, ReasoningStream, grammar_waits_for,
                                    reasoning_mode, reasoning_stream)
-from afd.sampling_params import (INT64_MAX, MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError,
-                                 SamplingParams, StructuredOutputsParams, check_text, json_depth)
+from afd.sampling_params import (MAX_JSON_DEPTH, MAX_LOGPROBS, ParamError, SamplingParams,
+                                 StructuredOutputsParams, check_text, check_thinking_token_budget,
+                                 json_depth)
 from afd.tool_parsers import (PARSERS, NamedStream, RequiredStream, ToolCallStream, auto_stream,
                               named_schema, required_schema)
 
@@ -714,9 +715,10 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         where they are not one token each)."""
         budget = self.thinking_token_budget
         if budget is not None:
-            if not 0 <= budget <= INT64_MAX:  # (refused even where it would be dropped)
-                raise APIError(400, f"thinking_token_budget must be an integer in [0, 2**63), "
-                               f"got {budget}", param="thinking_token_budget")
+            try:  # (refused even where it would be dropped)
+                check_thinking_token_budget(budget)
+            except ParamError as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
             if parser is None:
                 raise APIError(400, "thinking_token_budget needs a reasoning parser: start "
                                "the server with --reasoning-parser", param="thinking_token_budget")

@@ -83,6 +83,15 @@ def check_token_ids(prompt_token_ids: Sequence[int], params: SamplingParams, voc
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
+def check_thinking_token_budget(budget: Any) -> None:
+    """ParamError("thinking_token_budget") unless None or an integer in [0, 2**63): the
+    engine's check, and the server's where a request that does not think drops it."""
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                               or not 0 <= budget <= INT64_MAX):
+        raise ParamError("thinking_token_budget", "thinking_token_budget must be None or an "
+                         f"integer in [0, 2**63), got {budget!r}")
+
+
 def structural_tags(value: dict | str) -> list[tuple[str, str, dict, str]]:
     """A ``structural_tag`` constraint (vLLM's and xgrammar's ``{"structures": [{"begin",
     "schema", "end"}, ...], "triggers": [...]}``, or its JSON text) as (trigger, begin, schema,
@@ -515,15 +524,11 @@ class SamplingParams:
                 is_int(t) and 0 <= t <= INT64_MAX for t in ends)):
             raise bad("reasoning_end_token_ids", ends,
                       "None or a non-empty list of non-negative token ids")
-        budget = self.thinking_token_budget
-        if budget is not None:
-            if not is_int(budget) or not 0 <= budget <= INT64_MAX:
-                raise bad("thinking_token_budget", budget, "None or an integer >= 0")
-            if ends is None:
-                raise ParamError("thinking_token_budget", "thinking_token_budget needs "
-                                 "reasoning_end_token_ids (the token that ends the thinking, "
-                                 "which it forces; the server sets them with "
-                                 "--reasoning-parser)")
+        check_thinking_token_budget(self.thinking_token_budget)
+        if self.thinking_token_budget is not None and ends is None:
+            raise ParamError("thinking_token_budget", "thinking_token_budget needs "
+                             "reasoning_end_token_ids (the token that ends the thinking, which "
+                             "it forces; the server sets them with --reasoning-parser)")
         ids = self.bad_words_token_ids
         if ids is not None and (not isinstance(ids, list) or len(ids) > MAX_BAD_WORDS
                                 or not all(isinstance(s, list) and s and all(
